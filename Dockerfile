@@ -1,0 +1,68 @@
+# syntax=docker/dockerfile:1
+#
+# keyward container image.
+#
+#   docker build -t keyward:0.1.0 .
+#   docker run --rm -p 8080:8080 -p 9901:9901 \
+#     -v "$PWD/my-keyward.yaml:/etc/keyward/keyward.yaml:ro" \
+#     -v "$PWD/my-keys.yaml:/etc/keyward/keys.yaml:ro" \
+#     keyward:0.1.0
+#
+# The image carries a default config (deploy/docker/keyward.yaml) but no keys: until a
+# snapshot is mounted at /etc/keyward/keys.yaml, keyward fails closed (503 auth_unavailable,
+# /readyz 503). `docker run --rm keyward:0.1.0 demo` runs the built-in demo instead.
+
+ARG RUST_VERSION=1.95
+
+############################ build ############################
+FROM rust:${RUST_VERSION}-slim-bookworm AS builder
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+WORKDIR /build
+
+# 1. Dependencies only: build the dependency graph against stub sources, so this layer
+#    stays cached until Cargo.toml or Cargo.lock change. Targets that Cargo.toml declares
+#    by name only (e.g. [[bench]] name = "x") get an empty stub too, or cargo refuses the
+#    manifest.
+COPY Cargo.toml Cargo.lock ./
+RUN set -eu; \
+    mkdir -p src; \
+    echo 'fn main() {}' > src/main.rs; \
+    : > src/lib.rs; \
+    awk ' \
+      function flush() { if (dir != "" && name != "" && !haspath) print dir "/" name ".rs" } \
+      /^\[\[(bench|test|example|bin)\]\]/ { flush(); kind = $0; gsub(/[][ ]/, "", kind); \
+        dir = (kind == "bench") ? "benches" : (kind == "test") ? "tests" : (kind == "example") ? "examples" : "src/bin"; \
+        name = ""; haspath = 0; next } \
+      /^\[/ { flush(); dir = ""; next } \
+      dir != "" && /^name[ \t]*=/ { name = $0; sub(/^name[ \t]*=[ \t]*"/, "", name); sub(/".*/, "", name) } \
+      dir != "" && /^path[ \t]*=/ { haspath = 1 } \
+      END { flush() }' Cargo.toml \
+    | while read -r stub; do mkdir -p "$(dirname "$stub")"; echo 'fn main() {}' > "$stub"; done; \
+    cargo build --release --locked; \
+    rm -rf src target/release/keyward target/release/deps/keyward-* \
+           target/release/deps/libkeyward-* target/release/.fingerprint/keyward-*
+
+# 2. The real sources. COPY keeps the files' original mtimes, which can be older than the
+#    stub build: touch them so cargo rebuilds the crate itself.
+COPY src ./src
+RUN set -eu; \
+    find src -type f -exec touch {} +; \
+    cargo build --release --locked; \
+    install -D -m 0755 target/release/keyward /out/usr/local/bin/keyward
+
+COPY deploy/docker/keyward.yaml /out/etc/keyward/keyward.yaml
+
+############################ runtime ############################
+# distroless/cc: glibc + libgcc + CA certificates, no shell, no package manager.
+# The :nonroot tag runs as uid/gid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot
+
+COPY --from=builder /out/ /
+
+ENV KEYWARD_CONFIG=/etc/keyward/keyward.yaml
+USER 65532:65532
+# 8080: traffic (the Service targets this port). 9901: admin (metrics, health, control API).
+EXPOSE 8080 9901
+
+ENTRYPOINT ["/usr/local/bin/keyward"]
+CMD ["run", "--config", "/etc/keyward/keyward.yaml"]

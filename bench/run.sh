@@ -1,0 +1,473 @@
+#!/usr/bin/env bash
+# Side-by-side proxy load benchmark: direct upstream, nginx, haproxy and keyward doing the
+# same job (x-api-key lookup in a key table, 401 or forward with x-auth-subject-id).
+# See bench/README.md for the method. Run from anywhere: bench/run.sh --help
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
+LIB="$BENCH_DIR/benchlib.py"
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin:${CARGO_HOME:-$HOME/.cargo}/bin"
+
+usage() {
+  cat <<'EOF'
+Usage: bench/run.sh [options]
+
+  --duration N     seconds per wrk run and per oha run (default 10)
+  --rounds N       interleaved rounds; the median round is reported (default 3)
+  --keys N         keys in each peer's table (default 10000)
+  --peers LIST     comma-separated subset of direct,nginx,haproxy,keyward (default: all)
+  --connections N  concurrent connections for wrk and oha (default 32)
+  --smoke          quick check for CI: 1 round x 2 s, 1000 keys, no fixed-rate part,
+                   report written to bench/results/smoke.md
+  --no-oha         skip the fixed-rate latency part
+  --no-install     never install missing tools (apt-get, cargo install oha)
+  --out FILE       where to write the markdown report
+                   (default bench/results/latest.md, or smoke.md with --smoke)
+  -h, --help       this text
+
+Environment: KEYWARD_BIN (default target/release/keyward; built with
+`cargo build --release --locked` when missing).
+
+Ports used on 127.0.0.1: 18000 upstream (= direct), 18010 nginx, 18020 haproxy,
+18030 keyward (admin 18031).
+EOF
+}
+
+ORIG_ARGS="$*"
+DURATION="" ROUNDS="" KEYS="" PEERS="direct,nginx,haproxy,keyward" CONNECTIONS=32
+SMOKE=0 OHA=1 INSTALL=1 OUT=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --duration) DURATION="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --keys) KEYS="$2"; shift 2 ;;
+    --peers) PEERS="$2"; shift 2 ;;
+    --connections) CONNECTIONS="$2"; shift 2 ;;
+    --smoke) SMOKE=1; shift ;;
+    --no-oha) OHA=0; shift ;;
+    --no-install) INSTALL=0; shift ;;
+    --out) OUT="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+if [[ $SMOKE == 1 ]]; then
+  : "${DURATION:=2}" "${ROUNDS:=1}" "${KEYS:=1000}" "${OUT:=$BENCH_DIR/results/smoke.md}"
+  OHA=0
+fi
+: "${DURATION:=10}" "${ROUNDS:=3}" "${KEYS:=10000}" "${OUT:=$BENCH_DIR/results/latest.md}"
+for v in DURATION ROUNDS KEYS CONNECTIONS; do
+  [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "--${v,,} must be a positive integer" >&2; exit 2; }
+done
+
+UPSTREAM_PORT=18000
+declare -A PORT=([direct]=18000 [nginx]=18010 [haproxy]=18020 [keyward]=18030)
+KEYWARD_ADMIN_PORT=18031
+
+IFS=, read -r -a PEER_LIST <<<"$PEERS"
+[[ ${#PEER_LIST[@]} -gt 0 ]] || { echo "--peers is empty" >&2; exit 2; }
+for p in "${PEER_LIST[@]}"; do
+  [[ -n ${PORT[$p]:-} ]] || { echo "unknown peer: $p (known: direct,nginx,haproxy,keyward)" >&2; exit 2; }
+done
+has_peer() { local p; for p in "${PEER_LIST[@]}"; do [[ $p == "$1" ]] && return 0; done; return 1; }
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [[ $(id -u) == 0 ]]; then "$@"
+  elif command -v sudo >/dev/null; then sudo -n "$@"
+  else die "need root to run: $*"
+  fi
+}
+
+# ---------------------------------------------------------------- tools
+install_tools() {
+  local need=() t
+  for t in nginx wrk curl python3; do command -v "$t" >/dev/null || need+=("$t"); done
+  if has_peer haproxy; then command -v haproxy >/dev/null || need+=(haproxy); fi
+  [[ ${#need[@]} -eq 0 ]] && return 0
+  [[ $INSTALL == 1 ]] || die "missing tools: ${need[*]} (and --no-install given)"
+  log "installing: ${need[*]}"
+  # Keep Debian's maintainer scripts from starting a system nginx/haproxy on install.
+  local made_policy=0
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
+    made_policy=1
+  fi
+  local rc=0
+  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || rc=$?
+  [[ $made_policy == 1 ]] && as_root rm -f /usr/sbin/policy-rc.d
+  [[ $rc == 0 ]] || die "apt-get install failed"
+  for t in "${need[@]}"; do command -v "$t" >/dev/null || die "$t still missing after install"; done
+}
+
+OHA_BIN=""
+OHA_SKIP_REASON=""
+find_oha() {
+  if [[ $OHA == 0 ]]; then
+    OHA_SKIP_REASON="disabled (--smoke or --no-oha)"; return
+  fi
+  if ! has_peer nginx; then
+    OHA_SKIP_REASON="needs the nginx peer to set the rate"; return
+  fi
+  if ! command -v oha >/dev/null; then
+    if [[ $INSTALL == 1 ]]; then
+      log "oha not found: cargo install oha --locked (takes several minutes)"
+      cargo install oha --locked >&2 || log "cargo install oha failed"
+    fi
+  fi
+  if command -v oha >/dev/null; then
+    OHA_BIN=$(command -v oha)
+  else
+    OHA_SKIP_REASON="oha is not installed (cargo install oha --locked)"
+  fi
+}
+
+# ---------------------------------------------------------------- processes
+TMP=""
+PIDS=()
+cleanup() {
+  local rc=$? pid i
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  [[ -n $TMP && -d $TMP ]] && rm -rf "$TMP"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start NAME LOGFILE CMD...: run CMD in the background, remember its pid.
+start() {
+  local name=$1 logf=$2; shift 2
+  "$@" >"$logf" 2>&1 &
+  PIDS+=("$!")
+  eval "PID_${name}=$!"
+}
+
+# wait_http NAME PID URL [WANT]: poll URL until it answers (or answers WANT), 30 s at most.
+wait_http() {
+  local name=$1 pid=$2 url=$3 want=${4:-} code i
+  for ((i = 0; i < 300; i++)); do
+    kill -0 "$pid" 2>/dev/null || die "$name exited during start-up (log: $(tail -n 20 "$TMP/$name.log" 2>/dev/null))"
+    code=$(curl -s -o /dev/null -m 1 -w '%{http_code}' "$url" 2>/dev/null || true)
+    if [[ -n $want ]]; then [[ $code == "$want" ]] && return 0
+    else [[ -n $code && $code != 000 ]] && return 0
+    fi
+    sleep 0.1
+  done
+  die "$name did not become ready at $url (last status: ${code:-none}; log: $(tail -n 20 "$TMP/$name.log" 2>/dev/null))"
+}
+
+nginx_temp_paths() {
+  local d=$1
+  cat <<EOF
+    client_body_temp_path $d/tmp/body;
+    proxy_temp_path $d/tmp/proxy;
+    fastcgi_temp_path $d/tmp/fastcgi;
+    uwsgi_temp_path $d/tmp/uwsgi;
+    scgi_temp_path $d/tmp/scgi;
+EOF
+}
+
+start_upstream() {
+  local d=$TMP/upstream
+  mkdir -p "$d/tmp"
+  cat >"$d/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+$(nginx_temp_paths "$d")
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    default_type text/plain;
+    server {
+        listen 127.0.0.1:$UPSTREAM_PORT;
+        # Used once per peer by the correctness check: echoes the injected identity.
+        location = /__subject { return 200 "\$http_x_auth_subject_id"; }
+        location / { return 200 "ok"; }
+    }
+}
+EOF
+  start upstream "$TMP/upstream.log" nginx -e "$d/error.log" -p "$d" -c "$d/nginx.conf"
+  wait_http upstream "$PID_upstream" "http://127.0.0.1:$UPSTREAM_PORT/"
+}
+
+start_nginx() {
+  local d=$TMP/nginx
+  mkdir -p "$d/tmp"
+  cat >"$d/nginx.conf" <<EOF
+worker_processes 2;
+daemon off;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+$(nginx_temp_paths "$d")
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    map_hash_max_size 262144;
+    map_hash_bucket_size 128;
+    map \$http_x_api_key \$subject {
+        default "";
+        include $TMP/nginx-keys.map;
+    }
+    upstream app {
+        server 127.0.0.1:$UPSTREAM_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:${PORT[nginx]};
+        location / {
+            if (\$subject = "") { return 401; }
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header x-auth-subject-id \$subject;
+        }
+    }
+}
+EOF
+  start nginx "$TMP/nginx.log" nginx -e "$d/error.log" -p "$d" -c "$d/nginx.conf"
+  wait_http nginx "$PID_nginx" "http://127.0.0.1:${PORT[nginx]}/"
+}
+
+start_haproxy() {
+  cat >"$TMP/haproxy.cfg" <<EOF
+global
+    nbthread 2
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 10s
+    timeout http-keep-alive 60s
+
+frontend bench
+    bind 127.0.0.1:${PORT[haproxy]}
+    http-request set-var(txn.subject) req.hdr(x-api-key),map($TMP/haproxy-keys.map)
+    http-request deny deny_status 401 if !{ var(txn.subject) -m found }
+    http-request set-header x-auth-subject-id %[var(txn.subject)]
+    default_backend app
+
+backend app
+    server app 127.0.0.1:$UPSTREAM_PORT
+EOF
+  haproxy -c -q -f "$TMP/haproxy.cfg" >"$TMP/haproxy-check.log" 2>&1 \
+    || die "haproxy config check failed: $(cat "$TMP/haproxy-check.log")"
+  start haproxy "$TMP/haproxy.log" haproxy -db -f "$TMP/haproxy.cfg"
+  wait_http haproxy "$PID_haproxy" "http://127.0.0.1:${PORT[haproxy]}/"
+}
+
+KEYWARD_BIN_DEFAULT="$REPO_DIR/target/release/keyward"
+build_keyward() {
+  if [[ -n ${KEYWARD_BIN:-} ]]; then
+    [[ -x $KEYWARD_BIN ]] || die "KEYWARD_BIN=$KEYWARD_BIN is not an executable"
+    return
+  fi
+  KEYWARD_BIN=$KEYWARD_BIN_DEFAULT
+  if [[ ! -x $KEYWARD_BIN ]]; then
+    log "building keyward: cargo build --release --locked"
+    (cd "$REPO_DIR" && cargo build --release --locked) >&2 || die "cargo build failed"
+    [[ -x $KEYWARD_BIN ]] || die "no binary at $KEYWARD_BIN after the build"
+  fi
+}
+
+start_keyward() {
+  # Same fields as config/keyward.yaml; only what the benchmark needs differs.
+  cat >"$TMP/keyward.yaml" <<EOF
+listen: 127.0.0.1:${PORT[keyward]}
+upstream: http://127.0.0.1:$UPSTREAM_PORT
+admin_listen: 127.0.0.1:$KEYWARD_ADMIN_PORT
+environment: production
+trusted_proxies: []
+tls: null
+credentials:
+  - { header: x-api-key }
+forward_credential: false
+keys:
+  file: $TMP/keys.yaml
+  poll_interval: 1s
+prefixes: {}
+scopes:
+  - { methods: [GET, HEAD, OPTIONS], any_of: [read, write] }
+  - { methods: [POST, PUT, PATCH, DELETE], any_of: [write] }
+routes: []
+introspection_path: /auth
+identity_headers:
+  prefix: x-auth-
+  echo_to_client: false
+admin:
+  token_sha256: 3f9967c81c5db39ca184a821f85aec50cb0d3ef30ecf1de704d001f48f998d35
+limits:
+  header_read_timeout: 10s
+  upstream_connect_timeout: 2s
+  upstream_timeout: 60s
+  max_header_bytes: 16384
+  max_headers: 100
+  max_connections: 10000
+  h2_max_concurrent_streams: 256
+shutdown:
+  drain_delay: 0s
+  grace: 1s
+log:
+  format: json
+  level: warn
+metrics:
+  per_key: false
+EOF
+  start keyward "$TMP/keyward.log" "$KEYWARD_BIN" run --config "$TMP/keyward.yaml"
+  wait_http keyward "$PID_keyward" "http://127.0.0.1:$KEYWARD_ADMIN_PORT/readyz" 200
+}
+
+# ---------------------------------------------------------------- checks
+# http_check PEER PATH WANT_STATUS [KEY] [WANT_BODY]
+http_check() {
+  local peer=$1 path=$2 want=$3 key=${4:-} want_body=${5:-} code body args=()
+  [[ -n $key ]] && args=(-H "x-api-key: $key")
+  code=$(curl -s -o "$TMP/check.body" -m 5 -w '%{http_code}' "${args[@]}" \
+    "http://127.0.0.1:${PORT[$peer]}$path" || true)
+  body=$(cat "$TMP/check.body" 2>/dev/null || true)
+  [[ $code == "$want" ]] || die "$peer: GET $path ${key:+with a key }answered $code, expected $want"
+  if [[ -n $want_body && $body != "$want_body" ]]; then
+    die "$peer: GET $path answered body '$body', expected '$want_body'"
+  fi
+}
+
+verify_peer() {
+  local peer=$1
+  http_check "$peer" / 200 "$BENCH_KEY" ok
+  if [[ $peer != direct ]]; then
+    http_check "$peer" / 401 "$BENCH_UNKNOWN_KEY"
+    http_check "$peer" / 401
+    http_check "$peer" /__subject 200 "$BENCH_KEY" "$BENCH_SUBJECT"
+    log "$peer: valid key -> 200 (subject forwarded), unknown/missing key -> 401"
+  else
+    log "$peer: upstream answers 200"
+  fi
+}
+
+# ---------------------------------------------------------------- main
+install_tools
+find_oha
+has_peer keyward && build_keyward
+
+ports=("$UPSTREAM_PORT")
+for p in "${PEER_LIST[@]}"; do [[ $p == direct ]] || ports+=("${PORT[$p]}"); done
+has_peer keyward && ports+=("$KEYWARD_ADMIN_PORT")
+python3 "$LIB" ports-free "${ports[@]}" || die "a benchmark port is in use"
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/keyward-bench.XXXXXX")
+chmod 755 "$TMP" # nginx workers drop privileges when started as root
+log "generating $KEYS keys in $TMP"
+python3 "$LIB" gen "$TMP" "$KEYS"
+# shellcheck disable=SC1091
+source "$TMP/bench.env"
+
+start_upstream
+has_peer nginx && start_nginx
+has_peer haproxy && start_haproxy
+has_peer keyward && start_keyward
+for p in "${PEER_LIST[@]}"; do verify_peer "$p"; done
+
+: >"$TMP/results.tsv"
+n=${#PEER_LIST[@]}
+log "load: wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS round(s) x $n peer(s)"
+for ((r = 0; r < ROUNDS; r++)); do
+  for ((i = 0; i < n; i++)); do
+    peer=${PEER_LIST[(r + i) % n]}
+    out="$TMP/wrk-$peer-$r.txt"
+    wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "x-api-key: $BENCH_KEY" \
+      "http://127.0.0.1:${PORT[$peer]}/" >"$out" 2>&1 || die "wrk failed against $peer: $(cat "$out")"
+    read -r rps p50 p99 non2xx sockerr < <(python3 "$LIB" wrk-summary "$out")
+    printf '%s %d %s %s %s %s %s\n' "$peer" "$((r + 1))" "$rps" "$p50" "$p99" "$non2xx" "$sockerr" \
+      >>"$TMP/results.tsv"
+    log "round $((r + 1))/$ROUNDS $peer: $rps req/s, p50 ${p50} ms, p99 ${p99} ms$( ((non2xx + sockerr)) && echo ", non-2xx $non2xx, socket errors $sockerr")"
+  done
+done
+
+: >"$TMP/fixed.tsv"
+if [[ -n $OHA_BIN ]]; then
+  help=$("$OHA_BIN" --help 2>&1 || true)
+  oha_fmt=()
+  if grep -q -- '--output-format' <<<"$help"; then oha_fmt=(--output-format json)
+  elif grep -q -- '--json' <<<"$help"; then oha_fmt=(--json)
+  fi
+  if [[ ${#oha_fmt[@]} -eq 0 ]] || ! grep -q -- '--latency-correction' <<<"$help" \
+    || ! grep -q -- '--no-tui' <<<"$help"; then
+    OHA_SKIP_REASON="$OHA_BIN lacks --latency-correction/--no-tui/JSON output; upgrade oha"
+  else
+    sat=$(python3 "$LIB" median "$TMP" nginx)
+    for pct in 50 80; do
+      rate=$(python3 -c "print(max(1, round($sat * $pct / 100)))")
+      for peer in nginx haproxy keyward; do
+        has_peer "$peer" || continue
+        out="$TMP/oha-$peer-$pct.json"
+        "$OHA_BIN" -z "${DURATION}s" -q "$rate" -c "$CONNECTIONS" --latency-correction --no-tui \
+          -H "x-api-key: $BENCH_KEY" "${oha_fmt[@]}" "http://127.0.0.1:${PORT[$peer]}/" \
+          >"$out" 2>"$TMP/oha-$peer-$pct.err" || die "oha failed against $peer: $(cat "$TMP/oha-$peer-$pct.err")"
+        read -r achieved p50 p99 success non2xx < <(python3 "$LIB" oha-summary "$out")
+        printf '%s %s %s %s %s %s %s %s\n' "$peer" "$pct" "$rate" "$achieved" "$p50" "$p99" \
+          "$success" "$non2xx" >>"$TMP/fixed.tsv"
+        log "fixed rate $rate req/s ($pct% of nginx) $peer: p50 ${p50} ms, p99 ${p99} ms"
+      done
+    done
+  fi
+fi
+if [[ -z $OHA_BIN || -n $OHA_SKIP_REASON ]]; then
+  log "fixed-rate latency skipped: $OHA_SKIP_REASON"
+  echo "$OHA_SKIP_REASON" >"$TMP/fixed.skipped"
+fi
+
+# ---------------------------------------------------------------- report
+first_line() { "$@" 2>&1 | head -n 1 || true; }
+versions=("$(first_line nginx -v)" "$(first_line wrk -v)")
+has_peer haproxy && versions+=("$(first_line haproxy -v)")
+[[ -n $OHA_BIN ]] && versions+=("$(first_line "$OHA_BIN" --version)")
+if has_peer keyward; then
+  kwv=$(first_line timeout 5 "$KEYWARD_BIN" --version)
+  [[ $kwv == keyward* ]] || kwv=keyward
+  rev=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || true)
+  dirty=$(git -C "$REPO_DIR" --no-optional-locks status --porcelain --untracked-files=no 2>/dev/null | head -c1 || true)
+  versions+=("$kwv${rev:+ (commit $rev${dirty:+, with uncommitted changes})}")
+fi
+cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)
+
+mkdir -p "$(dirname "$OUT")"
+{
+  echo "# keyward proxy benchmark"
+  echo
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "- machine: $(nproc) CPU(s)${cpu:+, $cpu}, $(uname -sr)"
+  echo "- load: wrk -t1 -c$CONNECTIONS, $ROUNDS interleaved round(s) x ${DURATION}s per peer, $KEYS keys per table"
+  echo "- peers: ${PEER_LIST[*]}"
+  echo "- tools: $(IFS=';'; echo "${versions[*]}" | sed 's/;/; /g')"
+  echo "- command: bench/run.sh${ORIG_ARGS:+ $ORIG_ARGS}"
+  echo
+  python3 "$LIB" report "$TMP"
+} >"$TMP/report.md"
+
+cp "$TMP/report.md" "$OUT"
+echo
+cat "$TMP/report.md"
+echo
+log "report written to ${OUT#"$REPO_DIR"/}"

@@ -1,0 +1,237 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, and the control API under `/v1`
+//! (bearer admin token, compared by SHA-256 digest). Never shares a port with traffic.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::keys::source::{self, DisableError, KeySource, LoadError};
+use crate::keys::{digest, Snapshot};
+use crate::App;
+
+/// Largest snapshot accepted by `PUT /v1/snapshot` (about a million keys).
+const MAX_SNAPSHOT_BYTES: usize = 512 * 1024 * 1024;
+
+type AdminBody = Full<Bytes>;
+
+/// Serve the admin API until `stop` resolves.
+pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let app = app.clone();
+        let service = service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(route(&app, req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(std::time::Duration::from_secs(10))
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "admin connection error");
+            }
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<AdminBody> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<AdminBody> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response<AdminBody> {
+    json(
+        status,
+        json!({"status": status.as_u16(), "code": code, "error": message.to_string()}),
+    )
+}
+
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    match (&method, path.as_str()) {
+        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/readyz") => readyz(app),
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        (_, p) if p.starts_with("/v1/") => {
+            if !authorized(app, &req) {
+                let mut r = error(StatusCode::UNAUTHORIZED, "unauthorized", "admin token required");
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer realm="keyward-admin""#),
+                );
+                return r;
+            }
+            let r = control(app, req).await;
+            info!(target: "keyward::admin", %method, path, status = r.status().as_u16(), "admin request");
+            r
+        }
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+    }
+}
+
+fn readyz(app: &App) -> Response<AdminBody> {
+    if app.is_ready() {
+        text(StatusCode::OK, "ready\n")
+    } else if app.draining.load(std::sync::atomic::Ordering::Acquire) {
+        text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, "no key snapshot loaded\n")
+    }
+}
+
+/// `Authorization: Bearer <token>` whose SHA-256 equals `admin.token_sha256`. Compared in
+/// constant time; without a configured token every call is refused.
+fn authorized(app: &App, req: &Request<Incoming>) -> bool {
+    let Some(expected) = app.config.admin.token_sha256.as_deref() else {
+        return false;
+    };
+    let mut want = [0u8; 32];
+    if hex::decode_to_slice(expected, &mut want).is_err() {
+        return false;
+    }
+    let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let Some(token) = value
+        .as_bytes()
+        .split_at_checked(7)
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer "))
+        .map(|(_, t)| t)
+    else {
+        return false;
+    };
+    let got = digest(token);
+    got.iter().zip(want.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["v1", "snapshot"]) => match app.store.load() {
+            Some(s) => json(StatusCode::OK, snapshot_info(&s)),
+            None => error(StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable", "no key snapshot loaded"),
+        },
+        (&Method::PUT, ["v1", "snapshot"]) => put_snapshot(app, req).await,
+        (&Method::POST, ["v1", "keys", id, "disable"]) => disable(app, id),
+        (&Method::GET, ["v1", "keys", "usage"]) => {
+            json(StatusCode::OK, json!({"keys": app.usage.report()}))
+        }
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+    }
+}
+
+fn snapshot_info(s: &Snapshot) -> serde_json::Value {
+    json!({
+        "version": s.version,
+        "keys": s.len(),
+        "digest": s.content_digest,
+        "source": s.source.as_str(),
+        "loaded_at": humantime::format_rfc3339_millis(s.loaded_at).to_string(),
+    })
+}
+
+async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
+    if !matches!(app.key_source, KeySource::Control { .. }) {
+        return error(
+            StatusCode::CONFLICT,
+            "file_source",
+            "keys come from a file; configure keys.control.state_file to push snapshots",
+        );
+    }
+    let json_body = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("application/json"));
+    let body = match Limited::new(req.into_body(), MAX_SNAPSHOT_BYTES).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_snapshot", e),
+    };
+    // Parsing a large snapshot is CPU work: keep it off the async workers.
+    let app2 = app.clone();
+    let result = tokio::task::spawn_blocking(move || source::apply_pushed(&app2, &body, json_body))
+        .await
+        .unwrap_or_else(|e| {
+            Err(LoadError::Io {
+                path: "state_file".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+    match result {
+        Ok(s) => json(StatusCode::OK, snapshot_info(&s)),
+        Err(LoadError::Invalid(e)) => {
+            app.metrics.snapshot_failed(crate::keys::Source::Control);
+            warn!(error = %e, "pushed snapshot refused; keeping the last good one");
+            error(StatusCode::BAD_REQUEST, "bad_snapshot", e)
+        }
+        Err(e @ LoadError::Io { .. }) => {
+            app.metrics.snapshot_failed(crate::keys::Source::Control);
+            warn!(error = %e, "pushed snapshot not persisted; keeping the last good one");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e)
+        }
+    }
+}
+
+fn disable(app: &App, id: &str) -> Response<AdminBody> {
+    match source::disable_key(app, id) {
+        Ok(s) => json(
+            StatusCode::OK,
+            json!({"key_id": id, "status": "disabled", "snapshot": snapshot_info(&s)}),
+        ),
+        Err(e @ DisableError::FileSource) => error(StatusCode::CONFLICT, "file_source", e),
+        Err(e @ DisableError::NotFound(_)) => error(StatusCode::NOT_FOUND, "unknown_key", e),
+        Err(e @ DisableError::NoSnapshot) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable", e)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e),
+    }
+}

@@ -1,0 +1,255 @@
+//! Credential extraction (SPEC 3): find exactly one API key in the request, or say why not.
+
+use std::borrow::Cow;
+
+use http::HeaderMap;
+
+use crate::config::CredentialSource;
+
+pub const MIN_KEY_LEN: usize = 8;
+pub const MAX_KEY_LEN: usize = 512;
+
+/// Why no usable credential was found. All are 401 `invalid_auth_header`; `Missing` omits
+/// the `error` attribute of `WWW-Authenticate` (RFC 6750 3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialError {
+    Missing,
+    Malformed,
+    Ambiguous,
+}
+
+/// Find the key in the configured sources, in order. Every source is inspected, so two
+/// different keys in two places are refused instead of silently picking one.
+pub fn extract<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    sources: &[CredentialSource],
+) -> Result<Cow<'a, [u8]>, CredentialError> {
+    let mut found: Option<Cow<'a, [u8]>> = None;
+    let mut malformed = false;
+    for source in sources {
+        let candidate = match source {
+            CredentialSource::Scheme { header, scheme } => from_scheme(headers, header, scheme),
+            CredentialSource::Header { header } => from_header(headers, header),
+            CredentialSource::Query { name } => from_query(query, name),
+        };
+        match candidate {
+            Candidate::Absent => {}
+            Candidate::Malformed => malformed = true,
+            Candidate::Duplicate => return Err(CredentialError::Ambiguous),
+            Candidate::Key(k) => match &found {
+                Some(prev) if *prev != k => return Err(CredentialError::Ambiguous),
+                Some(_) => {}
+                None => found = Some(k),
+            },
+        }
+    }
+    match (found, malformed) {
+        (Some(k), false) => Ok(k),
+        (_, true) => Err(CredentialError::Malformed),
+        (None, false) => Err(CredentialError::Missing),
+    }
+}
+
+enum Candidate<'a> {
+    Absent,
+    Malformed,
+    Duplicate,
+    Key(Cow<'a, [u8]>),
+}
+
+fn single<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Result<Option<&'a [u8]>, ()> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(());
+    }
+    Ok(first.map(|v| v.as_bytes()))
+}
+
+fn from_scheme<'a>(headers: &'a HeaderMap, name: &http::HeaderName, scheme: &str) -> Candidate<'a> {
+    let value = match single(headers, name) {
+        Err(()) => return Candidate::Duplicate,
+        Ok(None) => return Candidate::Absent,
+        Ok(Some(v)) => v,
+    };
+    let Some(space) = value.iter().position(|b| *b == b' ') else {
+        // A bare word: either a scheme with no token, or something else entirely.
+        return if value.eq_ignore_ascii_case(scheme.as_bytes()) {
+            Candidate::Malformed
+        } else {
+            Candidate::Absent
+        };
+    };
+    let (given, rest) = value.split_at(space);
+    if !given.eq_ignore_ascii_case(scheme.as_bytes()) {
+        // Another scheme (e.g. Basic, or the next configured one): not ours to judge.
+        return Candidate::Absent;
+    }
+    checked(&rest[1..])
+}
+
+fn from_header<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Candidate<'a> {
+    match single(headers, name) {
+        Err(()) => Candidate::Duplicate,
+        Ok(None) => Candidate::Absent,
+        Ok(Some(v)) => checked(v),
+    }
+}
+
+fn from_query<'a>(query: Option<&'a str>, name: &str) -> Candidate<'a> {
+    let mut found = None;
+    for pair in query.unwrap_or("").split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == name {
+            if found.is_some() {
+                return Candidate::Duplicate;
+            }
+            found = Some(v);
+        }
+    }
+    match found {
+        None => Candidate::Absent,
+        Some(v) => match percent_decode(v) {
+            Some(bytes) if well_formed(&bytes) => Candidate::Key(Cow::Owned(bytes)),
+            _ => Candidate::Malformed,
+        },
+    }
+}
+
+/// Exactly one token of visible ASCII, `MIN_KEY_LEN..=MAX_KEY_LEN` bytes.
+fn checked(token: &[u8]) -> Candidate<'_> {
+    if well_formed(token) {
+        Candidate::Key(Cow::Borrowed(token))
+    } else {
+        Candidate::Malformed
+    }
+}
+
+fn well_formed(token: &[u8]) -> bool {
+    (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&token.len())
+        && token.iter().all(|b| (0x21..0x7f).contains(b))
+}
+
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Remove the `name` parameter from a query string (for forwarding without the key).
+pub fn strip_query_param(query: &str, name: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderName, HeaderValue};
+
+    const KEY: &str = "sta_0123456789abcdef";
+
+    fn sources() -> Vec<CredentialSource> {
+        let auth = HeaderName::from_static("authorization");
+        vec![
+            CredentialSource::Scheme { header: auth.clone(), scheme: "Token".into() },
+            CredentialSource::Scheme { header: auth, scheme: "Bearer".into() },
+            CredentialSource::Header { header: HeaderName::from_static("x-api-key") },
+        ]
+    }
+
+    fn map(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn run(pairs: &[(&'static str, &str)]) -> Result<String, CredentialError> {
+        let h = map(pairs);
+        extract(&h, None, &sources()).map(|k| String::from_utf8(k.into_owned()).unwrap())
+    }
+
+    #[test]
+    fn each_source_works() {
+        assert_eq!(run(&[("authorization", &format!("Token {KEY}"))]).unwrap(), KEY);
+        assert_eq!(run(&[("authorization", &format!("bearer {KEY}"))]).unwrap(), KEY);
+        assert_eq!(run(&[("authorization", &format!("BEARER {KEY}"))]).unwrap(), KEY);
+        assert_eq!(run(&[("x-api-key", KEY)]).unwrap(), KEY);
+    }
+
+    #[test]
+    fn missing_and_malformed() {
+        assert_eq!(run(&[]), Err(CredentialError::Missing));
+        assert_eq!(run(&[("authorization", "Basic dXNlcjpwYXNz")]), Err(CredentialError::Missing));
+        assert_eq!(run(&[("authorization", "Bearer")]), Err(CredentialError::Malformed));
+        assert_eq!(run(&[("authorization", "Bearer short")]), Err(CredentialError::Malformed));
+        assert_eq!(
+            run(&[("authorization", &format!("Bearer {KEY} extra"))]),
+            Err(CredentialError::Malformed)
+        );
+        assert_eq!(
+            run(&[("authorization", &format!("Bearer  {KEY}"))]),
+            Err(CredentialError::Malformed)
+        );
+        assert_eq!(run(&[("x-api-key", &"k".repeat(513))]), Err(CredentialError::Malformed));
+        assert_eq!(run(&[("x-api-key", &"k".repeat(512))]).unwrap().len(), 512);
+        assert_eq!(run(&[("x-api-key", "")]), Err(CredentialError::Malformed));
+    }
+
+    #[test]
+    fn ambiguity_is_refused() {
+        assert_eq!(
+            run(&[("authorization", &format!("Token {KEY}")), ("x-api-key", "sta_other_key_123")]),
+            Err(CredentialError::Ambiguous)
+        );
+        assert_eq!(
+            run(&[("authorization", &format!("Token {KEY}")), ("authorization", &format!("Token {KEY}"))]),
+            Err(CredentialError::Ambiguous)
+        );
+        assert_eq!(
+            run(&[("x-api-key", KEY), ("x-api-key", KEY)]),
+            Err(CredentialError::Ambiguous)
+        );
+        // The same key in two places is not ambiguous.
+        assert_eq!(
+            run(&[("authorization", &format!("Token {KEY}")), ("x-api-key", KEY)]).unwrap(),
+            KEY
+        );
+    }
+
+    #[test]
+    fn query_source() {
+        let h = HeaderMap::new();
+        let q = vec![CredentialSource::Query { name: "api_key".into() }];
+        let k = extract(&h, Some("a=1&api_key=sta_%41bcdefgh"), &q).unwrap();
+        assert_eq!(&*k, b"sta_Abcdefgh");
+        assert_eq!(extract(&h, Some("api_key=a&api_key=b"), &q), Err(CredentialError::Ambiguous));
+        assert_eq!(extract(&h, Some("api_key=%zz"), &q), Err(CredentialError::Malformed));
+        assert_eq!(extract(&h, Some("x=1"), &q), Err(CredentialError::Missing));
+        assert_eq!(strip_query_param("a=1&api_key=k&b=2", "api_key"), "a=1&b=2");
+    }
+}

@@ -1,0 +1,334 @@
+//! The auth decision: a pure function of the request head, the snapshot, the policy and
+//! the clock. No I/O, so every row of the error table is unit-tested here and the whole
+//! decision is benchmarked alone.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+use super::credential::{self, CredentialError};
+use super::policy::{Policy, PrefixRule};
+use super::reject::{BadRequest, Reject};
+use crate::keys::{self, Delegation, Key, PrincipalType, Snapshot, Status};
+
+/// The header a delegating enterprise key names the account it acts for in. Read by keyward
+/// and never forwarded.
+pub const DELEGATE_HEADER: HeaderName = HeaderName::from_static("x-delegate-account-id");
+
+/// Who is calling, once allowed.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub key: Arc<Key>,
+    /// The account acted for, when delegating.
+    pub delegated_account: Option<HeaderValue>,
+}
+
+impl Principal {
+    /// The account the request acts as.
+    pub fn effective_account(&self) -> &str {
+        self.delegated_account
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(&self.key.account_id)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Decision {
+    Allow(Principal),
+    Deny(Reject),
+}
+
+/// What the decision looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthRequest<'a> {
+    pub method: &'a Method,
+    pub headers: &'a HeaderMap,
+    pub query: Option<&'a str>,
+    /// A route rule's extra `any_of` requirement.
+    pub route_scopes: Option<&'a [String]>,
+    /// Off for introspection, which checks the key, not what it may do.
+    pub check_scope: bool,
+}
+
+/// SPEC 1 step 6, in order: found → active → time window → environment → delegation → scope.
+/// (Rate limiting needs mutable state and is applied by the caller after an `Allow`.)
+pub fn decide(
+    req: &AuthRequest<'_>,
+    snapshot: Option<&Snapshot>,
+    policy: &Policy,
+    now: SystemTime,
+) -> Decision {
+    match decide_inner(req, snapshot, policy, now) {
+        Ok(p) => Decision::Allow(p),
+        Err(r) => Decision::Deny(r),
+    }
+}
+
+fn decide_inner(
+    req: &AuthRequest<'_>,
+    snapshot: Option<&Snapshot>,
+    policy: &Policy,
+    now: SystemTime,
+) -> Result<Principal, Reject> {
+    let snapshot = snapshot.ok_or(Reject::AuthUnavailable)?;
+    let raw = credential::extract(req.headers, req.query, &policy.credentials).map_err(|e| {
+        Reject::InvalidAuthHeader {
+            missing: e == CredentialError::Missing,
+        }
+    })?;
+    let prefix = policy.prefix_rule(&raw);
+    if prefix == PrefixRule::Unknown {
+        return Err(Reject::InvalidApiKey);
+    }
+    // Unknown and near-miss keys both end here: one hash, one map miss, one answer.
+    let key = snapshot
+        .lookup(&keys::digest(&raw))
+        .ok_or(Reject::InvalidApiKey)?;
+    if let PrefixRule::Types(types) = prefix {
+        if !types.contains(&key.principal_type) {
+            return Err(Reject::InvalidApiKey);
+        }
+    }
+    check_key_state(key, policy, now)?;
+    let delegated_account = delegation(req.headers, key)?;
+    if req.check_scope {
+        check_scopes(key, policy, req)?;
+    }
+    Ok(Principal {
+        key: key.clone(),
+        delegated_account,
+    })
+}
+
+fn check_key_state(key: &Key, policy: &Policy, now: SystemTime) -> Result<(), Reject> {
+    if key.status == Status::Disabled {
+        return Err(Reject::DisabledApiKey);
+    }
+    let too_early = key.not_before.is_some_and(|nb| now < nb);
+    let too_late = key.expires_at.is_some_and(|exp| now >= exp);
+    if too_early || too_late {
+        return Err(Reject::ExpiredApiKey);
+    }
+    if key
+        .environment
+        .as_deref()
+        .is_some_and(|env| env != policy.environment)
+    {
+        return Err(Reject::WrongEnvironment);
+    }
+    Ok(())
+}
+
+/// `x-delegate-account-id`: only enterprise keys, only listed accounts (or `*`).
+fn delegation(headers: &HeaderMap, key: &Key) -> Result<Option<HeaderValue>, Reject> {
+    let mut values = headers.get_all(DELEGATE_HEADER).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Reject::BadRequest(BadRequest::DelegateHeader));
+    }
+    let account = value
+        .to_str()
+        .ok()
+        .filter(|a| valid_account_id(a))
+        .ok_or(Reject::BadRequest(BadRequest::DelegateHeader))?;
+    if key.principal_type != PrincipalType::EnterpriseServiceAccount {
+        return Err(Reject::DelegationNotAllowed);
+    }
+    if account == key.account_id {
+        return Ok(None);
+    }
+    let allowed = match &key.delegation {
+        Delegation::Any => true,
+        Delegation::Only(set) => set.contains(account),
+        Delegation::None => false,
+    };
+    if allowed {
+        Ok(Some(value.clone()))
+    } else {
+        Err(Reject::DelegationNotAllowed)
+    }
+}
+
+fn valid_account_id(a: &str) -> bool {
+    (1..=128).contains(&a.len())
+        && a.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+}
+
+fn check_scopes(key: &Key, policy: &Policy, req: &AuthRequest<'_>) -> Result<(), Reject> {
+    let method_scopes = policy.method_scopes(req.method).unwrap_or(&[]);
+    if !key.has_any_scope(method_scopes) {
+        return Err(Reject::InsufficientScope {
+            required: method_scopes.to_vec(),
+        });
+    }
+    if let Some(extra) = req.route_scopes {
+        if !key.has_any_scope(extra) {
+            return Err(Reject::InsufficientScope {
+                required: extra.to_vec(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::reject::Code;
+    use crate::config::Config;
+    use crate::keys::{IdentityNames, Source};
+    use std::time::Duration;
+
+    const SERVICE: &str = "sta_demo_service_key_0123456789abcdef";
+    const ENTERPRISE: &str = "ste_demo_enterprise_key_0123456789abcdef";
+    const PERSONAL: &str = "pat_demo_personal_key_0123456789abcdef";
+
+    struct Fixture {
+        policy: Policy,
+        snapshot: Snapshot,
+    }
+
+    fn fixture() -> Fixture {
+        let config = Config::from_yaml(include_str!("../../config/keyward.yaml")).unwrap();
+        let names = IdentityNames::new("x-auth-", "production").unwrap();
+        let snapshot =
+            Snapshot::parse(include_str!("../../config/keys.yaml"), &names, Source::File).unwrap();
+        Fixture {
+            policy: Policy::new(&config),
+            snapshot,
+        }
+    }
+
+    fn now() -> SystemTime {
+        humantime::parse_rfc3339("2026-06-01T00:00:00Z").unwrap()
+    }
+
+    fn run_at(f: &Fixture, method: Method, headers: &[(&'static str, &str)], at: SystemTime) -> Decision {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        let route_scopes = ["admin".to_string()];
+        let admin = headers.iter().any(|(k, _)| *k == "x-test-admin-route");
+        let req = AuthRequest {
+            method: &method,
+            headers: &h,
+            query: None,
+            route_scopes: admin.then_some(&route_scopes[..]),
+            check_scope: true,
+        };
+        decide(&req, Some(&f.snapshot), &f.policy, at)
+    }
+
+    fn code(f: &Fixture, method: Method, headers: &[(&'static str, &str)]) -> Code {
+        match run_at(f, method, headers, now()) {
+            Decision::Allow(_) => Code::Ok,
+            Decision::Deny(r) => r.code(),
+        }
+    }
+
+    fn with_key(key: &str) -> Vec<(&'static str, String)> {
+        vec![("x-api-key", key.to_string())]
+    }
+
+    fn code_key(f: &Fixture, method: Method, key: &str, more: &[(&'static str, &str)]) -> Code {
+        let base = with_key(key);
+        let mut all: Vec<(&'static str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        all.extend_from_slice(more);
+        code(f, method, &all)
+    }
+
+    #[test]
+    fn allow_and_every_deny_row() {
+        let f = fixture();
+        assert_eq!(code_key(&f, Method::GET, SERVICE, &[]), Code::Ok);
+        assert_eq!(code(&f, Method::GET, &[]), Code::InvalidAuthHeader);
+        assert_eq!(code_key(&f, Method::GET, "sta_not_a_real_key_at_all", &[]), Code::InvalidApiKey);
+        assert_eq!(code_key(&f, Method::GET, "zzz_unknown_prefix_key", &[]), Code::InvalidApiKey);
+        assert_eq!(code_key(&f, Method::GET, "sta_demo_expired_key_0123456789abcdef", &[]), Code::ExpiredApiKey);
+        assert_eq!(code_key(&f, Method::GET, "sta_demo_disabled_key_0123456789abcdef", &[]), Code::DisabledApiKey);
+        assert_eq!(code_key(&f, Method::GET, "sta_demo_staging_key_0123456789abcdef", &[]), Code::WrongEnvironment);
+        assert_eq!(code_key(&f, Method::POST, PERSONAL, &[]), Code::InsufficientScope);
+        assert_eq!(
+            code_key(&f, Method::GET, SERVICE, &[("x-delegate-account-id", "507f1f77bc")]),
+            Code::DelegationNotAllowed
+        );
+        assert_eq!(code_key(&f, Method::GET, SERVICE, &[("x-test-admin-route", "1")]), Code::InsufficientScope);
+        assert_eq!(code_key(&f, Method::GET, ENTERPRISE, &[("x-test-admin-route", "1")]), Code::Ok);
+        assert_eq!(code_key(&f, Method::TRACE, SERVICE, &[]), Code::InsufficientScope);
+    }
+
+    #[test]
+    fn no_snapshot_fails_closed() {
+        let f = fixture();
+        let h = HeaderMap::new();
+        let req = AuthRequest { method: &Method::GET, headers: &h, query: None, route_scopes: None, check_scope: true };
+        assert!(matches!(decide(&req, None, &f.policy, now()), Decision::Deny(Reject::AuthUnavailable)));
+    }
+
+    #[test]
+    fn near_miss_is_the_same_as_unknown() {
+        let f = fixture();
+        let mut near = SERVICE.to_string();
+        near.pop();
+        near.push('0');
+        assert_eq!(code_key(&f, Method::GET, &near, &[]), Code::InvalidApiKey);
+    }
+
+    #[test]
+    fn prefix_must_fit_type() {
+        let mut f = fixture();
+        // Give the personal key's digest to a key under the sta_ prefix: type mismatch.
+        let config = Config::from_yaml(&include_str!("../../config/keyward.yaml").replace(
+            "pat_: [personal]",
+            "pat_: [service_account]",
+        ))
+        .unwrap();
+        f.policy = Policy::new(&config);
+        assert_eq!(code_key(&f, Method::GET, PERSONAL, &[]), Code::InvalidApiKey);
+    }
+
+    #[test]
+    fn time_window_edges() {
+        let f = fixture();
+        let expired = "sta_demo_expired_key_0123456789abcdef";
+        let nb = humantime::parse_rfc3339("2024-01-01T00:00:00Z").unwrap();
+        let exp = humantime::parse_rfc3339("2025-01-01T00:00:00Z").unwrap();
+        let h = with_key(expired);
+        let h: Vec<(&'static str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let at = |t| matches!(run_at(&f, Method::GET, &h, t), Decision::Allow(_));
+        assert!(!at(nb - Duration::from_secs(1)));
+        assert!(at(nb));
+        assert!(at(exp - Duration::from_secs(1)));
+        assert!(!at(exp));
+    }
+
+    #[test]
+    fn delegation_rules() {
+        let f = fixture();
+        let h = with_key(ENTERPRISE);
+        let mut h: Vec<(&'static str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        h.push(("x-delegate-account-id", "507f1f77bc"));
+        match run_at(&f, Method::GET, &h, now()) {
+            Decision::Allow(p) => assert_eq!(p.effective_account(), "507f1f77bc"),
+            d => panic!("{d:?}"),
+        }
+        h.pop();
+        h.push(("x-delegate-account-id", "someone_else"));
+        assert_eq!(code(&f, Method::GET, &h), Code::DelegationNotAllowed);
+        h.pop();
+        h.push(("x-delegate-account-id", "bad value!"));
+        assert_eq!(code(&f, Method::GET, &h), Code::BadRequest);
+        h.pop();
+        h.push(("x-delegate-account-id", "68c584136b9b08b8fc53a85e"));
+        match run_at(&f, Method::GET, &h, now()) {
+            Decision::Allow(p) => assert!(p.delegated_account.is_none()),
+            d => panic!("{d:?}"),
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! What the config says about requests: routes, method scopes, key prefixes. Built once
+//! from the [`Config`] so the hot path does no parsing.
+
+use http::Method;
+
+use crate::config::{Config, CredentialSource, RouteRule, ScopeRule};
+use crate::keys::PrincipalType;
+
+/// Where a normalized path goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// Forwarded without a key (identity headers still stripped).
+    Public,
+    /// Answered by keyward itself (SPEC 9).
+    Introspection,
+    /// Needs a key; `extra` is a route rule's `any_of`, required on top of method scopes.
+    Protected { extra: Option<&'a [String]> },
+}
+
+/// How a key's prefix relates to the `prefixes` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixRule<'a> {
+    /// No `prefixes` configured: any key, any type.
+    Unrestricted,
+    /// The prefix is unknown: the key is refused before lookup.
+    Unknown,
+    /// The key's type must be one of these.
+    Types(&'a [PrincipalType]),
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub environment: String,
+    pub credentials: Vec<CredentialSource>,
+    /// Longest prefix first, so `sta_x_` wins over `sta_`.
+    prefixes: Vec<(String, Vec<PrincipalType>)>,
+    scopes: Vec<ScopeRule>,
+    routes: Vec<RouteRule>,
+    introspection_path: Option<String>,
+}
+
+impl Policy {
+    pub fn new(config: &Config) -> Self {
+        let mut prefixes: Vec<_> = config
+            .prefixes
+            .iter()
+            .map(|(p, t)| (p.clone(), t.clone()))
+            .collect();
+        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Self {
+            environment: config.environment.clone(),
+            credentials: config.credentials.clone(),
+            prefixes,
+            scopes: config.scopes.clone(),
+            routes: config.routes.clone(),
+            introspection_path: config.introspection_path.clone(),
+        }
+    }
+
+    /// First matching route rule wins; the introspection path comes before all rules.
+    pub fn route(&self, path: &str) -> Route<'_> {
+        if self.introspection_path.as_deref() == Some(path) {
+            return Route::Introspection;
+        }
+        for rule in &self.routes {
+            if rule_matches(rule, path) {
+                return if rule.public {
+                    Route::Public
+                } else {
+                    Route::Protected {
+                        extra: Some(&rule.any_of),
+                    }
+                };
+            }
+        }
+        Route::Protected { extra: None }
+    }
+
+    /// The scopes (any of) that allow `method`; `None`: no rule names the method, so no key
+    /// may use it (fail closed).
+    pub fn method_scopes(&self, method: &Method) -> Option<&[String]> {
+        self.scopes
+            .iter()
+            .find(|r| r.methods.contains(method))
+            .map(|r| r.any_of.as_slice())
+    }
+
+    pub fn prefix_rule(&self, key: &[u8]) -> PrefixRule<'_> {
+        if self.prefixes.is_empty() {
+            return PrefixRule::Unrestricted;
+        }
+        self.prefixes
+            .iter()
+            .find(|(p, _)| key.starts_with(p.as_bytes()))
+            .map_or(PrefixRule::Unknown, |(_, t)| PrefixRule::Types(t))
+    }
+
+    /// Names of every header a credential may arrive in (stripped before forwarding).
+    pub fn credential_headers(&self) -> impl Iterator<Item = &http::HeaderName> {
+        self.credentials.iter().filter_map(|c| match c {
+            CredentialSource::Scheme { header, .. } | CredentialSource::Header { header } => {
+                Some(header)
+            }
+            CredentialSource::Query { .. } => None,
+        })
+    }
+
+    /// The query parameter a credential may arrive in, if configured.
+    pub fn credential_query(&self) -> Option<&str> {
+        self.credentials.iter().find_map(|c| match c {
+            CredentialSource::Query { name } => Some(name.as_str()),
+            _ => None,
+        })
+    }
+}
+
+/// `path` matches exactly; `prefix` matches by string prefix, and a prefix ending in `/`
+/// also covers the bare directory (`/admin/` covers `/admin`), so the rule cannot be
+/// side-stepped by dropping the slash.
+fn rule_matches(rule: &RouteRule, path: &str) -> bool {
+    if let Some(p) = &rule.path {
+        return p == path;
+    }
+    match &rule.prefix {
+        Some(p) => path.starts_with(p.as_str()) || p.strip_suffix('/') == Some(path),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy::new(&Config::from_yaml(include_str!("../../config/keyward.yaml")).unwrap())
+    }
+
+    #[test]
+    fn routes() {
+        let p = policy();
+        assert_eq!(p.route("/healthz"), Route::Public);
+        assert_eq!(p.route("/healthz/x"), Route::Protected { extra: None });
+        assert_eq!(p.route("/auth"), Route::Introspection);
+        assert!(matches!(p.route("/admin/users"), Route::Protected { extra: Some(s) } if s == ["admin"]));
+        assert!(matches!(p.route("/admin"), Route::Protected { extra: Some(_) }));
+        assert_eq!(p.route("/administrator"), Route::Protected { extra: None });
+        assert_eq!(p.route("/Admin/users"), Route::Protected { extra: None });
+    }
+
+    #[test]
+    fn method_scopes() {
+        let p = policy();
+        assert_eq!(p.method_scopes(&Method::GET).unwrap(), ["read", "write"]);
+        assert_eq!(p.method_scopes(&Method::DELETE).unwrap(), ["write"]);
+        assert!(p.method_scopes(&Method::TRACE).is_none());
+    }
+
+    #[test]
+    fn prefixes() {
+        let p = policy();
+        assert_eq!(p.prefix_rule(b"sta_abc"), PrefixRule::Types(&[PrincipalType::ServiceAccount]));
+        assert_eq!(p.prefix_rule(b"xyz_abc"), PrefixRule::Unknown);
+        let open = Policy { prefixes: vec![], ..p };
+        assert_eq!(open.prefix_rule(b"xyz"), PrefixRule::Unrestricted);
+    }
+}

@@ -1,0 +1,231 @@
+//! The error table of SPEC 6, in one place: every client-visible failure is a [`Reject`],
+//! and its status, code, message and `WWW-Authenticate` follow from one `match`.
+
+use http::{HeaderValue, StatusCode};
+
+use super::path::PathError;
+
+/// The `code` of a response, as used in error bodies, logs and the `code` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    Ok,
+    InvalidAuthHeader,
+    InvalidApiKey,
+    ExpiredApiKey,
+    DisabledApiKey,
+    WrongEnvironment,
+    InsufficientScope,
+    DelegationNotAllowed,
+    RateLimited,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    AuthUnavailable,
+    BadRequest,
+}
+
+impl Code {
+    /// Every code, in a fixed order (metrics pre-create one series each).
+    pub const ALL: [Code; 13] = [
+        Code::Ok,
+        Code::InvalidAuthHeader,
+        Code::InvalidApiKey,
+        Code::ExpiredApiKey,
+        Code::DisabledApiKey,
+        Code::WrongEnvironment,
+        Code::InsufficientScope,
+        Code::DelegationNotAllowed,
+        Code::RateLimited,
+        Code::UpstreamUnavailable,
+        Code::UpstreamTimeout,
+        Code::AuthUnavailable,
+        Code::BadRequest,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Ok => "ok",
+            Code::InvalidAuthHeader => "invalid_auth_header",
+            Code::InvalidApiKey => "invalid_api_key",
+            Code::ExpiredApiKey => "expired_api_key",
+            Code::DisabledApiKey => "disabled_api_key",
+            Code::WrongEnvironment => "wrong_environment",
+            Code::InsufficientScope => "insufficient_scope",
+            Code::DelegationNotAllowed => "delegation_not_allowed",
+            Code::RateLimited => "rate_limited",
+            Code::UpstreamUnavailable => "upstream_unavailable",
+            Code::UpstreamTimeout => "upstream_timeout",
+            Code::AuthUnavailable => "auth_unavailable",
+            Code::BadRequest => "bad_request",
+        }
+    }
+
+    /// Position in [`Code::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A request keyward answers itself, with the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reject {
+    /// No credential (`missing`), or a malformed or ambiguous one.
+    InvalidAuthHeader { missing: bool },
+    /// Unknown key, unknown prefix, or a prefix that does not fit the key's type.
+    InvalidApiKey,
+    ExpiredApiKey,
+    DisabledApiKey,
+    WrongEnvironment,
+    /// `required`: any one of these scopes would have been enough.
+    InsufficientScope { required: Vec<String> },
+    DelegationNotAllowed,
+    RateLimited { retry_after_secs: u64, limit: u32 },
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    AuthUnavailable,
+    BadRequest(BadRequest),
+}
+
+/// What made a request a 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadRequest {
+    #[error("{0}")]
+    Path(#[from] PathError),
+    #[error("invalid x-delegate-account-id header")]
+    DelegateHeader,
+}
+
+impl Reject {
+    pub fn code(&self) -> Code {
+        match self {
+            Reject::InvalidAuthHeader { .. } => Code::InvalidAuthHeader,
+            Reject::InvalidApiKey => Code::InvalidApiKey,
+            Reject::ExpiredApiKey => Code::ExpiredApiKey,
+            Reject::DisabledApiKey => Code::DisabledApiKey,
+            Reject::WrongEnvironment => Code::WrongEnvironment,
+            Reject::InsufficientScope { .. } => Code::InsufficientScope,
+            Reject::DelegationNotAllowed => Code::DelegationNotAllowed,
+            Reject::RateLimited { .. } => Code::RateLimited,
+            Reject::UpstreamUnavailable => Code::UpstreamUnavailable,
+            Reject::UpstreamTimeout => Code::UpstreamTimeout,
+            Reject::AuthUnavailable => Code::AuthUnavailable,
+            Reject::BadRequest(_) => Code::BadRequest,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self.code() {
+            Code::Ok => StatusCode::OK,
+            Code::InvalidAuthHeader
+            | Code::InvalidApiKey
+            | Code::ExpiredApiKey
+            | Code::DisabledApiKey
+            | Code::WrongEnvironment => StatusCode::UNAUTHORIZED,
+            Code::InsufficientScope | Code::DelegationNotAllowed => StatusCode::FORBIDDEN,
+            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Code::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Code::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The human message. Deliberately generic for key failures: it must not help an
+    /// attacker tell a near-miss key from an unknown one.
+    pub fn message(&self) -> &'static str {
+        match self {
+            Reject::InvalidAuthHeader { missing: true } => "Missing API key",
+            Reject::InvalidAuthHeader { missing: false } => "Malformed or ambiguous credentials",
+            Reject::InvalidApiKey => "Invalid or missing API key",
+            Reject::ExpiredApiKey => "API key expired or not yet valid",
+            Reject::DisabledApiKey => "API key disabled",
+            Reject::WrongEnvironment => "API key not valid in this environment",
+            Reject::InsufficientScope { .. } => "API key lacks the scope for this request",
+            Reject::DelegationNotAllowed => "API key may not act for this account",
+            Reject::RateLimited { .. } => "Rate limit exceeded",
+            Reject::UpstreamUnavailable => "Upstream unavailable",
+            Reject::UpstreamTimeout => "Upstream timed out",
+            Reject::AuthUnavailable => "Authentication unavailable: no key snapshot loaded",
+            Reject::BadRequest(BadRequest::Path(_)) => "Request path refused",
+            Reject::BadRequest(BadRequest::DelegateHeader) => "Malformed x-delegate-account-id",
+        }
+    }
+
+    /// RFC 6750 3: a challenge on every 401, and on 403 insufficient_scope.
+    pub fn www_authenticate(&self) -> Option<HeaderValue> {
+        match self {
+            Reject::InvalidAuthHeader { missing: true } => {
+                Some(HeaderValue::from_static(r#"Bearer realm="keyward""#))
+            }
+            Reject::InsufficientScope { required } => HeaderValue::from_str(&format!(
+                r#"Bearer realm="keyward", error="insufficient_scope", scope="{}""#,
+                required.join(" ")
+            ))
+            .ok(),
+            r if r.status() == StatusCode::UNAUTHORIZED => Some(HeaderValue::from_static(
+                r#"Bearer realm="keyward", error="invalid_token""#,
+            )),
+            _ => None,
+        }
+    }
+
+    /// The JSON error body of SPEC 6.
+    pub fn body(&self, correlation_id: &str) -> serde_json::Value {
+        let mut body = serde_json::json!({
+            "status": self.status().as_u16(),
+            "code": self.code().as_str(),
+            "error": self.message(),
+            "correlation_id": correlation_id,
+        });
+        match self {
+            Reject::InsufficientScope { required } => {
+                body["required"] = serde_json::json!(required);
+            }
+            Reject::BadRequest(reason) => {
+                body["detail"] = serde_json::json!(reason.to_string());
+            }
+            Reject::RateLimited { retry_after_secs, .. } => {
+                body["retry_after"] = serde_json::json!(retry_after_secs);
+            }
+            _ => {}
+        }
+        body
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_order_matches_index() {
+        for (i, c) in Code::ALL.iter().enumerate() {
+            assert_eq!(c.index(), i);
+        }
+    }
+
+    #[test]
+    fn challenges_follow_rfc6750() {
+        let missing = Reject::InvalidAuthHeader { missing: true }.www_authenticate().unwrap();
+        assert_eq!(missing, r#"Bearer realm="keyward""#);
+        let bad = Reject::InvalidApiKey.www_authenticate().unwrap();
+        assert!(bad.to_str().unwrap().contains(r#"error="invalid_token""#));
+        let scope = Reject::InsufficientScope { required: vec!["write".into(), "admin".into()] };
+        assert_eq!(
+            scope.www_authenticate().unwrap(),
+            r#"Bearer realm="keyward", error="insufficient_scope", scope="write admin""#
+        );
+        assert!(Reject::UpstreamTimeout.www_authenticate().is_none());
+        assert!(Reject::DelegationNotAllowed.www_authenticate().is_none());
+    }
+
+    #[test]
+    fn body_has_contract_fields() {
+        let b = Reject::InsufficientScope { required: vec!["write".into()] }.body("cid");
+        assert_eq!(b["status"], 403);
+        assert_eq!(b["code"], "insufficient_scope");
+        assert_eq!(b["correlation_id"], "cid");
+        assert_eq!(b["required"][0], "write");
+        assert_eq!(Reject::UpstreamUnavailable.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(Reject::AuthUnavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+}

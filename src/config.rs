@@ -1,0 +1,699 @@
+//! `keyward.yaml` → [`Config`]: parsed once at the edge, then checked by [`Config::validate`].
+//!
+//! serde_yaml is deprecated upstream, so it is only ever called from [`parse_yaml`]: swapping
+//! it for a maintained YAML crate touches this one function.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Method, Uri};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::keys::PrincipalType;
+
+/// A config problem, always naming the field it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Deserialize YAML (JSON is a subset) reporting the dotted path of a failing field.
+pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path.is_empty() || path == "." {
+            inner
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    #[serde(deserialize_with = "de_uri")]
+    pub upstream: Uri,
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    pub environment: String,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default = "default_credentials")]
+    pub credentials: Vec<CredentialSource>,
+    #[serde(default)]
+    pub forward_credential: bool,
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub prefixes: BTreeMap<String, Vec<PrincipalType>>,
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<ScopeRule>,
+    #[serde(default)]
+    pub routes: Vec<RouteRule>,
+    #[serde(default = "default_introspection")]
+    pub introspection_path: Option<String>,
+    #[serde(default)]
+    pub identity_headers: IdentityHeaders,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub shutdown: Shutdown,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// How often the certificate files are checked for rotation.
+    #[serde(default = "one_second", deserialize_with = "de_duration")]
+    pub poll_interval: Duration,
+}
+
+/// Where a credential is read from: `{header, scheme?}` or `{query}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawCredentialSource")]
+pub enum CredentialSource {
+    /// `Authorization: <scheme> <key>`-style header (scheme compared case-insensitively).
+    Scheme { header: HeaderName, scheme: String },
+    /// The whole header value is the key (`X-API-KEY`).
+    Header { header: HeaderName },
+    /// A query parameter (off by default: query strings end up in logs).
+    Query { name: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredentialSource {
+    header: Option<String>,
+    scheme: Option<String>,
+    query: Option<String>,
+}
+
+impl TryFrom<RawCredentialSource> for CredentialSource {
+    type Error = String;
+    fn try_from(raw: RawCredentialSource) -> Result<Self, String> {
+        match (raw.header, raw.scheme, raw.query) {
+            (Some(h), scheme, None) => {
+                let header = HeaderName::try_from(h.to_ascii_lowercase())
+                    .map_err(|_| format!("header: {h:?} is not a valid header name"))?;
+                match scheme {
+                    Some(s) if s.is_empty() || !s.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+                        Err(format!("scheme: {s:?} must be a single word"))
+                    }
+                    Some(scheme) => Ok(Self::Scheme { header, scheme }),
+                    None => Ok(Self::Header { header }),
+                }
+            }
+            (None, None, Some(q)) if !q.is_empty() => Ok(Self::Query { name: q }),
+            _ => Err("exactly one of `header` (with optional `scheme`) or `query` is required".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    #[serde(default)]
+    pub control: Option<ControlConfig>,
+    /// How often the file's content hash is checked.
+    #[serde(default = "one_second", deserialize_with = "de_duration")]
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    pub state_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeRule {
+    #[serde(deserialize_with = "de_methods")]
+    pub methods: Vec<Method>,
+    pub any_of: Vec<String>,
+}
+
+/// A path rule. Exactly one of `path` (exact match) or `prefix`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub public: bool,
+    #[serde(default)]
+    pub any_of: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityHeaders {
+    pub prefix: String,
+    pub echo_to_client: bool,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        Self {
+            prefix: "x-auth-".into(),
+            echo_to_client: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// SHA-256 (hex) of the control API bearer token. Absent: the control API refuses all.
+    pub token_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_connect_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_idle_timeout: Duration,
+    pub upstream_max_idle_per_host: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            upstream_connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_connections: 10_000,
+            h2_max_concurrent_streams: 256,
+            upstream_idle_timeout: Duration::from_secs(60),
+            upstream_max_idle_per_host: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shutdown {
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_delay: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub grace: Duration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::from_secs(5),
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Export `keyward_key_expiry_timestamp_seconds{key_id}` (one series per key).
+    pub per_key: bool,
+}
+
+/// An IP network for `trusted_proxies`: `10.0.0.0/8`, `::1/128` or a bare address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Cidr {
+    addr: IpAddr,
+    bits: u8,
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let (ip, bits) = match s.split_once('/') {
+            Some((ip, bits)) => (ip, Some(bits)),
+            None => (s.as_str(), None),
+        };
+        let addr: IpAddr = ip.parse().map_err(|_| format!("{s:?} is not an IP or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            Some(b) => b
+                .parse::<u8>()
+                .ok()
+                .filter(|b| *b <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Self { addr, bits })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.bits)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+fn default_credentials() -> Vec<CredentialSource> {
+    let auth = HeaderName::from_static("authorization");
+    vec![
+        CredentialSource::Scheme {
+            header: auth.clone(),
+            scheme: "Token".into(),
+        },
+        CredentialSource::Scheme {
+            header: auth,
+            scheme: "Bearer".into(),
+        },
+        CredentialSource::Header {
+            header: HeaderName::from_static("x-api-key"),
+        },
+    ]
+}
+
+fn default_scopes() -> Vec<ScopeRule> {
+    vec![
+        ScopeRule {
+            methods: vec![Method::GET, Method::HEAD, Method::OPTIONS],
+            any_of: vec!["read".into(), "write".into()],
+        },
+        ScopeRule {
+            methods: vec![Method::POST, Method::PUT, Method::PATCH, Method::DELETE],
+            any_of: vec!["write".into()],
+        },
+    ]
+}
+
+fn default_introspection() -> Option<String> {
+    Some("/auth".into())
+}
+
+fn one_second() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// `10s`, `250ms`, `1m 30s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like 10s or 250ms ({e})"))
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Uri, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse::<Uri>()
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a URL ({e})")))
+}
+
+fn de_methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Method>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    names
+        .iter()
+        .map(|m| {
+            Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| serde::de::Error::custom(format!("{m:?} is not an HTTP method")))
+        })
+        .collect()
+}
+
+impl Config {
+    /// Read, parse and validate a config file. Relative paths inside it (such as
+    /// `keys.file`) are relative to the working directory, like the shipped example.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Parse and validate config text.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = parse_yaml(text).map_err(ConfigError::Parse)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every rule that serde cannot express. Errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_upstream()?;
+        if self.environment.trim().is_empty() {
+            return Err(invalid("environment", "must not be empty"));
+        }
+        if self.credentials.is_empty() {
+            return Err(invalid("credentials", "at least one credential source is required"));
+        }
+        if self.keys.file.is_none() && self.keys.control.is_none() {
+            return Err(invalid(
+                "keys",
+                "set `file` or `control.state_file` (or both) so keys can be loaded",
+            ));
+        }
+        if self.keys.poll_interval.is_zero() {
+            return Err(invalid("keys.poll_interval", "must be greater than zero"));
+        }
+        for (prefix, types) in &self.prefixes {
+            if prefix.is_empty() {
+                return Err(invalid("prefixes", "a prefix must not be empty"));
+            }
+            if types.is_empty() {
+                return Err(invalid(format!("prefixes.{prefix}"), "list at least one type"));
+            }
+        }
+        self.validate_scopes()?;
+        self.validate_routes()?;
+        if let Some(p) = &self.introspection_path {
+            check_route_path("introspection_path", p)?;
+        }
+        self.validate_identity_prefix()?;
+        if let Some(t) = &self.admin.token_sha256 {
+            if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid("admin.token_sha256", "must be 64 hex characters"));
+            }
+        }
+        self.validate_limits()?;
+        let level = self.log.level.to_ascii_lowercase();
+        let plain_level = ["trace", "debug", "info", "warn", "error", "off"].contains(&level.as_str());
+        let directives = level.contains('=') || level.contains(',');
+        if !(plain_level || directives) || tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            return Err(invalid("log.level", format!("{:?} is not a level", self.log.level)));
+        }
+        Ok(())
+    }
+
+    fn validate_upstream(&self) -> Result<(), ConfigError> {
+        let u = &self.upstream;
+        if u.scheme_str() != Some("http") {
+            return Err(invalid("upstream", "must be an http:// URL (the app on loopback)"));
+        }
+        if u.authority().is_none() {
+            return Err(invalid("upstream", "must name a host and port"));
+        }
+        if !matches!(u.path(), "" | "/") || u.query().is_some() {
+            return Err(invalid("upstream", "must not carry a path or query"));
+        }
+        Ok(())
+    }
+
+    fn validate_scopes(&self) -> Result<(), ConfigError> {
+        for (i, rule) in self.scopes.iter().enumerate() {
+            if rule.methods.is_empty() {
+                return Err(invalid(format!("scopes[{i}].methods"), "must not be empty"));
+            }
+            if rule.any_of.is_empty() {
+                return Err(invalid(format!("scopes[{i}].any_of"), "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        for (i, r) in self.routes.iter().enumerate() {
+            let field = format!("routes[{i}]");
+            match (&r.path, &r.prefix) {
+                (Some(p), None) => check_route_path(&format!("{field}.path"), p)?,
+                (None, Some(p)) => check_route_path(&format!("{field}.prefix"), p)?,
+                _ => return Err(invalid(field, "set exactly one of `path` or `prefix`")),
+            }
+            if r.public && !r.any_of.is_empty() {
+                return Err(invalid(
+                    format!("{field}.any_of"),
+                    "a public route takes no scopes",
+                ));
+            }
+            if !r.public && r.any_of.is_empty() {
+                return Err(invalid(field, "set `public: true` or a non-empty `any_of`"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_identity_prefix(&self) -> Result<(), ConfigError> {
+        let p = &self.identity_headers.prefix;
+        let ok = p.len() >= 2
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(invalid(
+                "identity_headers.prefix",
+                "must be lowercase letters, digits and '-', like x-auth-",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let durations = [
+            ("limits.header_read_timeout", l.header_read_timeout),
+            ("limits.upstream_connect_timeout", l.upstream_connect_timeout),
+            ("limits.upstream_timeout", l.upstream_timeout),
+        ];
+        for (field, d) in durations {
+            if d.is_zero() {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        if l.max_header_bytes < 1024 {
+            return Err(invalid("limits.max_header_bytes", "must be at least 1024"));
+        }
+        let counts = [
+            ("limits.max_headers", l.max_headers),
+            ("limits.max_connections", l.max_connections),
+            ("limits.h2_max_concurrent_streams", l.h2_max_concurrent_streams as usize),
+        ];
+        for (field, n) in counts {
+            if n == 0 {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_route_path(field: &str, p: &str) -> Result<(), ConfigError> {
+    let normalized = crate::auth::path::normalize(p).ok();
+    if !p.starts_with('/') || normalized.as_deref() != Some(p) {
+        return Err(invalid(
+            field,
+            format!("{p:?} must be an absolute, already-normalized path"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "listen: 127.0.0.1:8080\nupstream: http://127.0.0.1:3000\nenvironment: test\nkeys: { file: k.yaml }\n";
+
+    fn err(extra: &str) -> String {
+        Config::from_yaml(&format!("{MINIMAL}{extra}"))
+            .expect_err("config should be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let c = Config::from_yaml(include_str!("../config/keyward.yaml")).unwrap();
+        assert_eq!(c.environment, "production");
+        assert_eq!(c.credentials.len(), 3);
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.prefixes["sta_"], vec![PrincipalType::ServiceAccount]);
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.introspection_path.as_deref(), Some("/auth"));
+        assert_eq!(c.identity_headers.prefix, "x-auth-");
+        assert_eq!(c.admin_listen.port(), 9901);
+        assert_eq!(c.scopes.len(), 2);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        assert!(err("colour: blue\n").contains("colour"));
+        assert!(err("limits: { max_header_byte: 1 }\n").contains("max_header_byte"));
+    }
+
+    #[test]
+    fn bad_duration_names_field() {
+        let e = err("limits: { upstream_timeout: soon }\n");
+        assert!(e.contains("limits.upstream_timeout"), "{e}");
+        assert_eq!(
+            Config::from_yaml(&format!("{MINIMAL}shutdown: {{ drain_delay: 250ms }}\n"))
+                .unwrap()
+                .shutdown
+                .drain_delay,
+            Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn missing_required_field_is_named() {
+        let e = Config::from_yaml("listen: 127.0.0.1:1\nupstream: http://a:1\nkeys: {file: k}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("environment"), "{e}");
+    }
+
+    #[test]
+    fn upstream_must_be_plain_http_without_path() {
+        let base = "listen: 127.0.0.1:8080\nenvironment: t\nkeys: { file: k }\n";
+        for u in ["https://a:1", "http://a:1/app", "ftp://a"] {
+            let e = Config::from_yaml(&format!("{base}upstream: {u}\n")).unwrap_err();
+            assert!(e.to_string().starts_with("upstream"), "{u}: {e}");
+        }
+    }
+
+    #[test]
+    fn credential_sources_are_checked() {
+        assert!(err("credentials: [{ scheme: Token }]\n").contains("credentials[0]"));
+        assert!(err("credentials: [{ header: authorization, query: k }]\n").contains("credentials"));
+        assert!(err("credentials: []\n").contains("credentials"));
+        let c = Config::from_yaml(&format!("{MINIMAL}credentials: [{{ query: api_key }}]\n"))
+            .unwrap();
+        assert_eq!(c.credentials[0], CredentialSource::Query { name: "api_key".into() });
+    }
+
+    #[test]
+    fn routes_are_checked() {
+        assert!(err("routes: [{ path: /a, prefix: /b, public: true }]\n").contains("routes[0]"));
+        assert!(err("routes: [{ path: /a }]\n").contains("routes[0]"));
+        assert!(err("routes: [{ path: /a, public: true, any_of: [x] }]\n").contains("routes[0].any_of"));
+        assert!(err("routes: [{ prefix: /a/../b, any_of: [x] }]\n").contains("routes[0].prefix"));
+        assert!(err("routes: [{ prefix: admin, any_of: [x] }]\n").contains("routes[0].prefix"));
+    }
+
+    #[test]
+    fn scopes_methods_and_prefixes_are_checked() {
+        assert!(err("scopes: [{ methods: [GET], any_of: [] }]\n").contains("scopes[0].any_of"));
+        assert!(err("scopes: [{ methods: [\"G T\"], any_of: [r] }]\n").contains("scopes[0].methods"));
+        assert!(err("prefixes: { sta_: [robot] }\n").contains("prefixes"));
+        assert!(err("prefixes: { sta_: [] }\n").contains("prefixes.sta_"));
+    }
+
+    #[test]
+    fn admin_identity_and_limits_are_checked() {
+        assert!(err("admin: { token_sha256: abc }\n").contains("admin.token_sha256"));
+        assert!(err("identity_headers: { prefix: X_Auth }\n").contains("identity_headers.prefix"));
+        assert!(err("limits: { max_connections: 0 }\n").contains("limits.max_connections"));
+        assert!(err("limits: { max_header_bytes: 10 }\n").contains("limits.max_header_bytes"));
+        assert!(err("log: { level: loud }\n").contains("log.level"));
+        assert!(err("log: { format: xml }\n").contains("log.format"));
+        assert!(err("environment: \"\"\n").contains("environment"));
+    }
+
+    #[test]
+    fn keys_need_a_source() {
+        let e = Config::from_yaml("listen: 127.0.0.1:1\nupstream: http://a:1\nenvironment: t\nkeys: {}\n")
+            .unwrap_err();
+        assert!(e.to_string().starts_with("keys"), "{e}");
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let net = Cidr::try_from("10.0.0.0/8".to_string()).unwrap();
+        assert!(net.contains("10.1.2.3".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        let one = Cidr::try_from("::1".to_string()).unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(Cidr::try_from("10.0.0.0/33".to_string()).is_err());
+        let all = Cidr::try_from("0.0.0.0/0".to_string()).unwrap();
+        assert!(all.contains("1.2.3.4".parse().unwrap()));
+    }
+}

@@ -1,0 +1,701 @@
+//! The key snapshot: parsed, validated and indexed by SHA-256 digest off the request path,
+//! then published whole through the [`KeyStore`](super::KeyStore).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// A SHA-256 digest of a raw key.
+pub type Digest = [u8; 32];
+
+/// Hash a presented key. The only thing ever done with a raw key.
+pub fn digest(raw: &[u8]) -> Digest {
+    Sha256::digest(raw).into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrincipalType {
+    ServiceAccount,
+    EnterpriseServiceAccount,
+    Personal,
+}
+
+impl PrincipalType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ServiceAccount => "service_account",
+            Self::EnterpriseServiceAccount => "enterprise_service_account",
+            Self::Personal => "personal",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "service_account" => Some(Self::ServiceAccount),
+            "enterprise_service_account" => Some(Self::EnterpriseServiceAccount),
+            "personal" => Some(Self::Personal),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Active,
+    Disabled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Disabled => "disabled",
+        }
+    }
+}
+
+/// Which accounts an enterprise key may act for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delegation {
+    None,
+    Any,
+    Only(HashSet<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// The snapshot file as written by people and by `PUT /v1/snapshot`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    #[serde(default)]
+    pub keys: Vec<KeyDoc>,
+}
+
+/// One entry of the snapshot file. Loosely typed on purpose: [`Key::from_doc`] checks each
+/// field so that an error can name the entry and the field.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyDoc {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub sha256: String,
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub subject_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_email: Option<String>,
+    #[serde(default)]
+    pub account_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_short_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enterprise_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegate_accounts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A refused snapshot: which entry, which field, why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot: {0}")]
+    Parse(String),
+    #[error("keys[{index}] id={id}: {field}: {reason}")]
+    Entry {
+        index: usize,
+        id: String,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+/// A validated key with everything a request needs pre-built.
+#[derive(Clone)]
+pub struct Key {
+    pub id: Arc<str>,
+    pub principal_type: PrincipalType,
+    pub subject_id: String,
+    pub subject_email: Option<String>,
+    pub account_id: String,
+    pub account_short_id: Option<String>,
+    pub enterprise_id: Option<String>,
+    pub org_id: Option<String>,
+    pub scopes: Vec<String>,
+    pub environment: Option<String>,
+    pub status: Status,
+    pub not_before: Option<SystemTime>,
+    pub expires_at: Option<SystemTime>,
+    pub delegation: Delegation,
+    pub rate_limit: Option<RateLimit>,
+    /// The identity headers for direct access, built once per snapshot load.
+    pub identity: Vec<(HeaderName, HeaderValue)>,
+    /// The entry as loaded, so an edited snapshot (emergency revoke) can be written back.
+    pub doc: KeyDoc,
+}
+
+/// Keys and digests never print: `Debug` shows the public id only.
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Key")
+            .field("id", &self.id)
+            .field("type", &self.principal_type)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Names of the identity headers, derived from the configured prefix.
+#[derive(Debug, Clone)]
+pub struct IdentityNames {
+    pub subject_id: HeaderName,
+    pub account_id: HeaderName,
+    pub enterprise_id: HeaderName,
+    pub subject_email: HeaderName,
+    pub account_short_id: HeaderName,
+    pub org_id: HeaderName,
+    pub principal_type: HeaderName,
+    pub access_type: HeaderName,
+    pub delegated_by: HeaderName,
+    pub key_id: HeaderName,
+    pub scopes: HeaderName,
+    pub environment: HeaderName,
+    /// The sidecar's environment, the value of `<prefix>environment`.
+    pub environment_value: HeaderValue,
+}
+
+impl IdentityNames {
+    /// `prefix` was validated by the config (lowercase token characters).
+    pub fn new(prefix: &str, environment: &str) -> Result<Self, String> {
+        let name = |suffix: &str| {
+            HeaderName::try_from(format!("{prefix}{suffix}"))
+                .map_err(|_| format!("{prefix}{suffix} is not a header name"))
+        };
+        Ok(Self {
+            subject_id: name("subject-id")?,
+            account_id: name("account-id")?,
+            enterprise_id: name("enterprise-id")?,
+            subject_email: name("subject-email")?,
+            account_short_id: name("account-short-id")?,
+            org_id: name("org-id")?,
+            principal_type: name("principal-type")?,
+            access_type: name("access-type")?,
+            delegated_by: name("delegated-by")?,
+            key_id: name("key-id")?,
+            scopes: name("scopes")?,
+            environment: name("environment")?,
+            environment_value: HeaderValue::try_from(environment)
+                .map_err(|_| "environment is not a valid header value".to_string())?,
+        })
+    }
+}
+
+/// Build-time identity hasher: map keys are SHA-256 digests, already uniform, and an
+/// attacker cannot choose a digest, so the first 8 bytes are a perfect hash.
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(buf);
+            if chunk.len() == 8 {
+                // Only the first word matters for distribution; the rest are mixed in cheaply.
+                self.0 = self.0.rotate_left(5);
+            }
+        }
+    }
+    fn write_usize(&mut self, _: usize) {
+        // The array length prefix carries no information.
+    }
+}
+
+type DigestMap = HashMap<Digest, Arc<Key>, BuildHasherDefault<DigestHasher>>;
+
+/// Where a snapshot came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    File,
+    Control,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::File => "file",
+            Self::Control => "control",
+        }
+    }
+}
+
+/// An immutable, validated set of keys.
+pub struct Snapshot {
+    by_digest: DigestMap,
+    by_id: HashMap<Arc<str>, Arc<Key>>,
+    pub version: Option<u64>,
+    /// SHA-256 of the content it was parsed from (hex), to tell snapshots apart.
+    pub content_digest: String,
+    pub source: Source,
+    pub loaded_at: SystemTime,
+}
+
+/// Digests never print: `Debug` shows the metadata only.
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("keys", &self.len())
+            .field("version", &self.version)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    /// Parse YAML or JSON (JSON is valid YAML) and validate every entry.
+    pub fn parse(
+        text: &str,
+        names: &IdentityNames,
+        source: Source,
+    ) -> Result<Snapshot, SnapshotError> {
+        let doc: SnapshotDoc = crate::config::parse_yaml(text).map_err(SnapshotError::Parse)?;
+        let content_digest = hex::encode(digest(text.as_bytes()));
+        Self::from_doc(doc, names, source, content_digest)
+    }
+
+    pub fn from_doc(
+        doc: SnapshotDoc,
+        names: &IdentityNames,
+        source: Source,
+        content_digest: String,
+    ) -> Result<Snapshot, SnapshotError> {
+        let mut by_digest = DigestMap::with_capacity_and_hasher(doc.keys.len(), Default::default());
+        let mut by_id = HashMap::with_capacity(doc.keys.len());
+        for (index, kd) in doc.keys.into_iter().enumerate() {
+            let entry_err = |field: &'static str, reason: String| SnapshotError::Entry {
+                index,
+                id: kd.id.clone(),
+                field,
+                reason,
+            };
+            let (d, key) = Key::from_doc(kd.clone(), names).map_err(|(f, r)| entry_err(f, r))?;
+            let key = Arc::new(key);
+            if by_id.insert(key.id.clone(), key.clone()).is_some() {
+                return Err(entry_err("id", "duplicate id".into()));
+            }
+            if by_digest.insert(d, key).is_some() {
+                return Err(entry_err("sha256", "duplicate sha256".into()));
+            }
+        }
+        Ok(Snapshot {
+            by_digest,
+            by_id,
+            version: doc.version,
+            content_digest,
+            source,
+            loaded_at: SystemTime::now(),
+        })
+    }
+
+    /// An empty snapshot (for tests and benchmarks).
+    pub fn empty(source: Source) -> Snapshot {
+        Snapshot {
+            by_digest: DigestMap::default(),
+            by_id: HashMap::new(),
+            version: None,
+            content_digest: hex::encode(digest(b"")),
+            source,
+            loaded_at: SystemTime::now(),
+        }
+    }
+
+    pub fn lookup(&self, d: &Digest) -> Option<&Arc<Key>> {
+        self.by_digest.get(d)
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Arc<Key>> {
+        self.by_id.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<Key>> {
+        self.by_id.values()
+    }
+
+    /// The document form, entries ordered by id, for persisting an edited snapshot.
+    pub fn to_doc(&self) -> SnapshotDoc {
+        let mut keys: Vec<KeyDoc> = self.by_id.values().map(|k| k.doc.clone()).collect();
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        SnapshotDoc {
+            version: self.version,
+            keys,
+        }
+    }
+}
+
+type FieldError = (&'static str, String);
+
+impl Key {
+    fn from_doc(doc: KeyDoc, names: &IdentityNames) -> Result<(Digest, Key), FieldError> {
+        check_id("id", &doc.id)?;
+        let d = parse_digest(&doc.sha256)?;
+        let principal_type = PrincipalType::parse(&doc.kind).ok_or_else(|| {
+            (
+                "type",
+                format!(
+                    "unknown type {:?} (service_account | enterprise_service_account | personal)",
+                    doc.kind
+                ),
+            )
+        })?;
+        let status = match doc.status.as_deref() {
+            None | Some("active") => Status::Active,
+            Some("disabled") => Status::Disabled,
+            Some(other) => {
+                return Err(("status", format!("unknown status {other:?} (active | disabled)")))
+            }
+        };
+        check_value("subject_id", &doc.subject_id, true)?;
+        check_value("account_id", &doc.account_id, true)?;
+        for (field, v) in [
+            ("subject_email", &doc.subject_email),
+            ("account_short_id", &doc.account_short_id),
+            ("enterprise_id", &doc.enterprise_id),
+            ("org_id", &doc.org_id),
+            ("environment", &doc.environment),
+        ] {
+            if let Some(v) = v {
+                check_value(field, v, true)?;
+            }
+        }
+        for s in &doc.scopes {
+            check_id("scopes", s)?;
+        }
+        let not_before = parse_time("not_before", doc.not_before.as_deref())?;
+        let expires_at = parse_time("expires_at", doc.expires_at.as_deref())?;
+        if let (Some(nb), Some(exp)) = (not_before, expires_at) {
+            if exp <= nb {
+                return Err(("expires_at", "must be later than not_before".into()));
+            }
+        }
+        let delegation = parse_delegation(principal_type, doc.delegate_accounts.as_deref())?;
+        if let Some(rl) = doc.rate_limit {
+            if !(rl.per_second.is_finite() && rl.per_second > 0.0) || rl.burst == 0 {
+                return Err(("rate_limit", "per_second and burst must be positive".into()));
+            }
+        }
+        let mut key = Key {
+            id: Arc::from(doc.id.as_str()),
+            principal_type,
+            subject_id: doc.subject_id.clone(),
+            subject_email: doc.subject_email.clone(),
+            account_id: doc.account_id.clone(),
+            account_short_id: doc.account_short_id.clone(),
+            enterprise_id: doc.enterprise_id.clone(),
+            org_id: doc.org_id.clone(),
+            scopes: doc.scopes.clone(),
+            environment: doc.environment.clone(),
+            status,
+            not_before,
+            expires_at,
+            delegation,
+            rate_limit: doc.rate_limit,
+            identity: Vec::new(),
+            doc,
+        };
+        key.identity = key.identity_headers(names, None);
+        Ok((d, key))
+    }
+
+    /// The identity headers for this key; `delegated` is the account acted for.
+    pub fn identity_headers(
+        &self,
+        names: &IdentityNames,
+        delegated: Option<&HeaderValue>,
+    ) -> Vec<(HeaderName, HeaderValue)> {
+        // Every value was checked to be visible ASCII, so conversion cannot fail.
+        let v = |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
+        let mut h = Vec::with_capacity(12);
+        h.push((names.subject_id.clone(), v(&self.subject_id)));
+        match delegated {
+            Some(account) => {
+                h.push((names.account_id.clone(), account.clone()));
+                h.push((names.access_type.clone(), HeaderValue::from_static("delegated")));
+                h.push((names.delegated_by.clone(), v(&self.account_id)));
+            }
+            None => {
+                h.push((names.account_id.clone(), v(&self.account_id)));
+                h.push((names.access_type.clone(), HeaderValue::from_static("access")));
+            }
+        }
+        let optional = [
+            (&names.enterprise_id, &self.enterprise_id),
+            (&names.subject_email, &self.subject_email),
+            (&names.account_short_id, &self.account_short_id),
+            (&names.org_id, &self.org_id),
+        ];
+        for (name, value) in optional {
+            if let Some(value) = value {
+                h.push((name.clone(), v(value)));
+            }
+        }
+        h.push((
+            names.principal_type.clone(),
+            HeaderValue::from_static(self.principal_type.as_str()),
+        ));
+        h.push((names.key_id.clone(), v(&self.id)));
+        h.push((names.scopes.clone(), v(&self.scopes.join(" "))));
+        h.push((names.environment.clone(), names.environment_value.clone()));
+        h
+    }
+
+    pub fn has_any_scope(&self, wanted: &[String]) -> bool {
+        wanted.iter().any(|w| self.scopes.iter().any(|s| s == w))
+    }
+}
+
+fn parse_digest(s: &str) -> Result<Digest, FieldError> {
+    let mut d = [0u8; 32];
+    if s.len() != 64 || hex::decode_to_slice(s, &mut d).is_err() {
+        // The value itself is not echoed: it may be a pasted raw key.
+        return Err(("sha256", "must be 64 hex characters".into()));
+    }
+    Ok(d)
+}
+
+/// Ids and scopes: short tokens that are safe in headers, logs and metric labels.
+fn check_id(field: &'static str, s: &str) -> Result<(), FieldError> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        Err((field, format!("{s:?} must be 1..128 of [A-Za-z0-9_.:/-]")))
+    }
+}
+
+/// Values copied into identity headers: visible ASCII, so nothing can inject a header.
+fn check_value(field: &'static str, s: &str, required: bool) -> Result<(), FieldError> {
+    if s.is_empty() {
+        return if required {
+            Err((field, "is required".into()))
+        } else {
+            Ok(())
+        };
+    }
+    if s.len() > 256 || !s.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err((field, "must be 1..256 visible ASCII characters".into()));
+    }
+    Ok(())
+}
+
+fn parse_time(field: &'static str, s: Option<&str>) -> Result<Option<SystemTime>, FieldError> {
+    s.map(|s| {
+        humantime::parse_rfc3339_weak(s.trim()).map_err(|_| {
+            (
+                field,
+                format!("{s:?} is not an RFC 3339 UTC time like 2027-01-01T00:00:00Z"),
+            )
+        })
+    })
+    .transpose()
+}
+
+fn parse_delegation(
+    principal_type: PrincipalType,
+    accounts: Option<&[String]>,
+) -> Result<Delegation, FieldError> {
+    let Some(accounts) = accounts else {
+        return Ok(Delegation::None);
+    };
+    if principal_type != PrincipalType::EnterpriseServiceAccount {
+        return Err((
+            "delegate_accounts",
+            "only enterprise_service_account keys may delegate".into(),
+        ));
+    }
+    if accounts.iter().any(|a| a == "*") {
+        return Ok(Delegation::Any);
+    }
+    for a in accounts {
+        check_id("delegate_accounts", a)?;
+    }
+    Ok(Delegation::Only(accounts.iter().cloned().collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> IdentityNames {
+        IdentityNames::new("x-auth-", "production").unwrap()
+    }
+
+    const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn entry(extra: &str) -> String {
+        format!(
+            "keys:\n  - id: key_a\n    sha256: {SHA}\n    type: service_account\n    subject_id: s1\n    account_id: a1\n    scopes: [read]\n{extra}"
+        )
+    }
+
+    fn refuse(text: &str) -> String {
+        Snapshot::parse(text, &names(), Source::File)
+            .expect_err("snapshot should be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn shipped_demo_keys_parse() {
+        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), &names(), Source::File)
+            .unwrap();
+        assert_eq!(s.len(), 6);
+        assert_eq!(s.version, Some(1));
+        let k = s.lookup(&digest(b"sta_demo_service_key_0123456789abcdef")).unwrap();
+        assert_eq!(&*k.id, "key_demo_service");
+    }
+
+    #[test]
+    fn json_is_accepted() {
+        let json = format!(
+            r#"{{"version": 3, "keys": [{{"id": "k", "sha256": "{SHA}", "type": "personal", "subject_id": "s", "account_id": "a", "scopes": ["read"]}}]}}"#
+        );
+        let s = Snapshot::parse(&json, &names(), Source::Control).unwrap();
+        assert_eq!(s.version, Some(3));
+        assert!(s.lookup(&digest(b"test")).is_some());
+    }
+
+    #[test]
+    fn identity_headers_are_prebuilt() {
+        let s = Snapshot::parse(&entry("    org_id: o1\n"), &names(), Source::File).unwrap();
+        let k = s.by_id("key_a").unwrap();
+        let get = |n: &str| {
+            k.identity
+                .iter()
+                .find(|(h, _)| h == n)
+                .map(|(_, v)| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(get("x-auth-subject-id").as_deref(), Some("s1"));
+        assert_eq!(get("x-auth-access-type").as_deref(), Some("access"));
+        assert_eq!(get("x-auth-org-id").as_deref(), Some("o1"));
+        assert_eq!(get("x-auth-environment").as_deref(), Some("production"));
+        assert_eq!(get("x-auth-enterprise-id"), None);
+    }
+
+    #[test]
+    fn duplicate_id_and_digest_are_refused() {
+        let two = format!(
+            "{}  - id: key_a\n    sha256: {}\n    type: personal\n    subject_id: s\n    account_id: a\n",
+            entry(""),
+            "0".repeat(64)
+        );
+        assert_eq!(refuse(&two), "keys[1] id=key_a: id: duplicate id");
+        let two = format!(
+            "{}  - id: key_b\n    sha256: {SHA}\n    type: personal\n    subject_id: s\n    account_id: a\n",
+            entry("")
+        );
+        assert_eq!(refuse(&two), "keys[1] id=key_b: sha256: duplicate sha256");
+    }
+
+    #[test]
+    fn bad_fields_name_entry_and_field() {
+        let bad_digest = entry("").replace(SHA, "abc");
+        assert!(refuse(&bad_digest).starts_with("keys[0] id=key_a: sha256"));
+        let bad_type = entry("").replace("service_account", "robot");
+        assert!(refuse(&bad_type).starts_with("keys[0] id=key_a: type"));
+        assert!(refuse(&entry("    status: paused\n")).starts_with("keys[0] id=key_a: status"));
+        assert!(refuse(&entry("    expires_at: tomorrow\n")).contains("expires_at"));
+        let e = refuse(&entry(
+            "    not_before: 2027-01-01T00:00:00Z\n    expires_at: 2026-01-01T00:00:00Z\n",
+        ));
+        assert!(e.starts_with("keys[0] id=key_a: expires_at"), "{e}");
+        let e = refuse(&entry("    delegate_accounts: [\"*\"]\n"));
+        assert!(e.starts_with("keys[0] id=key_a: delegate_accounts"), "{e}");
+        assert!(refuse(&entry("    subject_email: \"a\\nb\"\n")).contains("subject_email"));
+        assert!(refuse(&entry("    rate_limit: { per_second: 0, burst: 1 }\n")).contains("rate_limit"));
+        assert!(refuse(&entry("    colour: red\n")).contains("colour"));
+        let no_subject = entry("").replace("    subject_id: s1\n", "");
+        assert!(refuse(&no_subject).contains("subject_id"));
+    }
+
+    #[test]
+    fn digest_errors_do_not_echo_the_value() {
+        let raw = "sta_this_is_a_pasted_raw_key_not_a_digest";
+        let e = refuse(&entry("").replace(SHA, raw));
+        assert!(!e.contains(raw), "{e}");
+    }
+
+    #[test]
+    fn delegation_forms() {
+        let ent = |d: &str| {
+            entry(&format!("    delegate_accounts: {d}\n")).replace(
+                "type: service_account",
+                "type: enterprise_service_account",
+            )
+        };
+        let s = Snapshot::parse(&ent("[\"*\"]"), &names(), Source::File).unwrap();
+        assert_eq!(s.by_id("key_a").unwrap().delegation, Delegation::Any);
+        let s = Snapshot::parse(&ent("[c1, c2]"), &names(), Source::File).unwrap();
+        assert!(matches!(&s.by_id("key_a").unwrap().delegation, Delegation::Only(set) if set.len() == 2));
+    }
+
+    #[test]
+    fn to_doc_round_trips() {
+        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), &names(), Source::File)
+            .unwrap();
+        let text = serde_yaml::to_string(&s.to_doc()).unwrap();
+        let again = Snapshot::parse(&text, &names(), Source::Control).unwrap();
+        assert_eq!(again.len(), s.len());
+        assert_eq!(again.version, s.version);
+    }
+
+    #[test]
+    fn debug_hides_material() {
+        let s = Snapshot::parse(&entry(""), &names(), Source::File).unwrap();
+        let dbg = format!("{:?}", s.by_id("key_a").unwrap());
+        assert!(!dbg.contains(SHA) && dbg.contains("key_a"));
+    }
+}

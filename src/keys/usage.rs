@@ -1,0 +1,96 @@
+//! Last-used time and request count per key id (SPEC 5). Lives beside the snapshot, not in
+//! it, so counts survive reloads; updated with atomics under a `DashMap` shard read lock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use serde::Serialize;
+
+use super::Snapshot;
+
+#[derive(Default)]
+struct Counter {
+    last_used_unix_ms: AtomicU64,
+    requests: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct Usage {
+    by_id: DashMap<Arc<str>, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyUsage {
+    pub key_id: String,
+    /// RFC 3339, UTC.
+    pub last_used: String,
+    pub requests: u64,
+}
+
+impl Usage {
+    /// Record one authenticated request. The common case takes only a shard read lock.
+    pub fn record(&self, id: &Arc<str>, now: SystemTime) {
+        let ms = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if let Some(c) = self.by_id.get(id) {
+            c.last_used_unix_ms.fetch_max(ms, Ordering::Relaxed);
+            c.requests.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let c = self.by_id.entry(id.clone()).or_default();
+        c.last_used_unix_ms.fetch_max(ms, Ordering::Relaxed);
+        c.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Forget keys that left the snapshot; the rest keep their history.
+    pub fn retain(&self, snapshot: &Snapshot) {
+        self.by_id.retain(|id, _| snapshot.by_id(id).is_some());
+    }
+
+    /// Every key used so far, ordered by id.
+    pub fn report(&self) -> Vec<KeyUsage> {
+        let mut out: Vec<KeyUsage> = self
+            .by_id
+            .iter()
+            .map(|e| {
+                let ms = e.last_used_unix_ms.load(Ordering::Relaxed);
+                let t = UNIX_EPOCH + std::time::Duration::from_millis(ms);
+                KeyUsage {
+                    key_id: e.key().to_string(),
+                    last_used: humantime::format_rfc3339_millis(t).to_string(),
+                    requests: e.requests.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{IdentityNames, Source};
+
+    #[test]
+    fn counts_and_prunes() {
+        let u = Usage::default();
+        let a: Arc<str> = Arc::from("key_demo_service");
+        let gone: Arc<str> = Arc::from("key_gone");
+        let t = humantime::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        u.record(&a, t);
+        u.record(&a, t);
+        u.record(&gone, t);
+        let r = u.report();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].requests, 2);
+        assert_eq!(r[0].last_used, "2026-01-01T00:00:00.000Z");
+        let names = IdentityNames::new("x-auth-", "p").unwrap();
+        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), &names, Source::File).unwrap();
+        u.retain(&s);
+        assert_eq!(u.report().len(), 1);
+    }
+}

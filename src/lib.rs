@@ -1,0 +1,215 @@
+//! keyward: an API-key authentication sidecar.
+//!
+//! The request path, file by file: [`proxy::server`] accepts → [`proxy::handler`] runs the
+//! phases → [`auth::path`] normalizes → [`auth::policy`] routes → [`auth::decision`] decides
+//! (with [`auth::credential`] and the [`keys::KeyStore`] snapshot) → [`proxy::headers`] and
+//! [`proxy::forward`] send it upstream → [`proxy::respond`] writes keyward's own answers.
+//! The admin listener ([`admin`]) serves health, [`metrics`] and the control API.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod keygen;
+pub mod keys;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tracing::info;
+
+use crate::auth::ratelimit::RateLimiter;
+use crate::auth::Policy;
+use crate::config::Config;
+use crate::keys::source::KeySource;
+use crate::keys::usage::Usage;
+use crate::keys::{IdentityNames, KeyStore};
+use crate::metrics::Metrics;
+use crate::proxy::forward::Upstream;
+
+/// Everything a request or an admin call needs, shared as `Arc<App>`.
+pub struct App {
+    pub config: Config,
+    pub policy: Policy,
+    pub names: IdentityNames,
+    pub store: KeyStore,
+    pub key_source: KeySource,
+    pub usage: Usage,
+    pub limiter: RateLimiter,
+    pub metrics: Metrics,
+    pub upstream: Upstream,
+    /// Set on SIGTERM: `/readyz` fails from then on.
+    pub draining: AtomicBool,
+    /// Fired by SIGHUP: reload the key file now.
+    pub reload: Arc<Notify>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+impl App {
+    /// Build the shared state. Does not load keys (see [`keys::source::load_initial`]).
+    pub fn new(config: Config) -> Result<Self, StartError> {
+        let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)
+            .map_err(StartError::Config)?;
+        let key_source = KeySource::from_config(&config.keys)
+            .ok_or_else(|| StartError::Config("keys: no source configured".into()))?;
+        let metrics = Metrics::new(config.metrics.per_key)
+            .map_err(|e| StartError::Config(format!("metrics: {e}")))?;
+        Ok(Self {
+            policy: Policy::new(&config),
+            upstream: Upstream::new(&config.upstream, &config.limits),
+            names,
+            store: KeyStore::new(),
+            key_source,
+            usage: Usage::default(),
+            limiter: RateLimiter::default(),
+            metrics,
+            draining: AtomicBool::new(false),
+            reload: Arc::new(Notify::new()),
+            config,
+        })
+    }
+
+    /// Ready: a snapshot is loaded and we are not draining.
+    pub fn is_ready(&self) -> bool {
+        self.store.is_loaded() && !self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// A keyward instance with both listeners bound, ready to [`run`](Keyward::run).
+pub struct Keyward {
+    pub app: Arc<App>,
+    listener: TcpListener,
+    admin: TcpListener,
+    tls: Option<tls::TlsAcceptor>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+impl Keyward {
+    /// Bind the listeners and load the first snapshot. Once this returns, both addresses
+    /// accept connections, so tests and probes need no sleep.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let tls = match &config.tls {
+            Some(t) => Some(tls::TlsAcceptor::new(tls::load_server_config(t)?)),
+            None => None,
+        };
+        let listener = bind(config.listen).await?;
+        let admin = bind(config.admin_listen).await?;
+        let app = Arc::new(App::new(config)?);
+        let app2 = app.clone();
+        tokio::task::spawn_blocking(move || keys::source::load_initial(&app2))
+            .await
+            .map_err(|e| StartError::Config(format!("snapshot load: {e}")))?;
+        Ok(Self {
+            app,
+            listener,
+            admin,
+            tls,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.app.config.listen)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.app.config.admin_listen)
+    }
+
+    /// Serve until `shutdown` resolves, then drain (SPEC 12): `/readyz` fails at once,
+    /// traffic is still served for `drain_delay`, the listener closes, and in-flight
+    /// requests get up to `grace` to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let Keyward {
+            app,
+            listener,
+            admin,
+            tls,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut background = Vec::new();
+        if let KeySource::File(path) = &app.key_source {
+            background.push(tokio::spawn(keys::source::watch_file(
+                app.clone(),
+                path.clone(),
+                app.reload.clone(),
+            )));
+        }
+        if let (Some(acceptor), Some(t)) = (&tls, &app.config.tls) {
+            background.push(tokio::spawn(tls::watch(acceptor.clone(), t.clone())));
+        }
+        let admin_task = tokio::spawn(admin::serve(app.clone(), admin, wait_true(stop_rx.clone())));
+        let drain_delay = app.config.shutdown.drain_delay;
+        let grace = app.config.shutdown.grace;
+        let app2 = app.clone();
+        let stop_traffic = async move {
+            shutdown.await;
+            app2.draining.store(true, Ordering::Release);
+            info!(?drain_delay, "shutdown requested: readyz now fails; draining");
+            tokio::time::sleep(drain_delay).await;
+        };
+        proxy::server::serve(app.clone(), listener, tls, stop_traffic, grace).await;
+        let _ = stop_tx.send(true);
+        let _ = admin_task.await;
+        for task in background {
+            task.abort();
+        }
+        info!("keyward stopped");
+    }
+}
+
+async fn wait_true(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Resolves on SIGTERM or SIGINT; SIGHUP meanwhile triggers a key reload.
+pub async fn shutdown_signal(reload: Arc<Notify>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut hup)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+        else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM received"); return; }
+                _ = tokio::signal::ctrl_c() => { info!("SIGINT received"); return; }
+                _ = hup.recv() => { info!("SIGHUP received: reloading keys"); reload.notify_one(); }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = reload;
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,223 @@
+//! The `keyward` command: wiring only. All behaviour lives in the library.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use keyward::config::Config;
+use keyward::keys::{IdentityNames, PrincipalType, Snapshot, Source};
+use keyward::{demo, keygen, logging, Keyward};
+
+#[derive(Parser)]
+#[command(name = "keyward", version, about = "API-key authentication sidecar")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: ConfigArg,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArg {
+    /// Config file.
+    #[arg(long, short, env = "KEYWARD_CONFIG", default_value = "config/keyward.yaml", global = true)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar (the default).
+    Run,
+    /// Validate the config and the key snapshot; exit 1 on the first error.
+    Check,
+    /// The shipped config and demo keys in front of a built-in echo upstream.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+    /// Key tooling.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new random key (once) and its snapshot entry.
+    Generate {
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long = "type", value_parser = parse_type)]
+        principal_type: PrincipalType,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        id: Option<String>,
+        /// Comma-separated scopes.
+        #[arg(long, value_delimiter = ',', default_value = "read")]
+        scopes: Vec<String>,
+        #[arg(long)]
+        environment: Option<String>,
+        /// RFC 3339 UTC, e.g. 2027-01-01T00:00:00Z.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// Read a key on stdin, print its SHA-256 digest.
+    Hash,
+}
+
+fn parse_type(s: &str) -> Result<PrincipalType, String> {
+    serde_yaml::from_str(s)
+        .map_err(|_| "service_account | enterprise_service_account | personal".to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(&cli.run.config),
+        Command::Check => check(&cli.run.config),
+        Command::Demo { listen, admin } => run_demo(listen, admin),
+        Command::Keys(k) => keys(k),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyward: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start runtime: {e}"))
+}
+
+fn load_config(path: &PathBuf) -> Result<Config, String> {
+    Config::load(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn run(path: &PathBuf) -> Result<(), String> {
+    let config = load_config(path)?;
+    logging::init(config.log.format, &config.log.level);
+    serve(config)
+}
+
+fn serve(config: Config) -> Result<(), String> {
+    runtime()?.block_on(async {
+        let server = Keyward::bind(config).await.map_err(|e| e.to_string())?;
+        let c = &server.app.config;
+        tracing::info!(
+            listen = %server.local_addr(),
+            admin = %server.admin_addr(),
+            upstream = %c.upstream,
+            environment = %c.environment,
+            tls = c.tls.is_some(),
+            mtls = c.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+            credentials = c.credentials.len(),
+            routes = c.routes.len(),
+            keys_ready = server.app.store.is_loaded(),
+            control_api = c.admin.token_sha256.is_some(),
+            "keyward started"
+        );
+        let reload = server.app.reload.clone();
+        server.run(keyward::shutdown_signal(reload)).await;
+        Ok(())
+    })
+}
+
+fn check(path: &PathBuf) -> Result<(), String> {
+    let config = load_config(path)?;
+    let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
+    if let Some(tls) = &config.tls {
+        keyward::tls::load_server_config(tls).map_err(|e| e.to_string())?;
+    }
+    let mut files = Vec::new();
+    if let Some(c) = &config.keys.control {
+        if c.state_file.exists() {
+            files.push((c.state_file.clone(), Source::Control));
+        }
+    }
+    if let Some(f) = &config.keys.file {
+        files.push((f.clone(), Source::File));
+    }
+    for (file, source) in files {
+        let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let s = Snapshot::parse(&text, &names, source).map_err(|e| format!("{}: {e}", file.display()))?;
+        println!("{}: {} keys, version {:?}: ok", file.display(), s.len(), s.version);
+    }
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("keyward-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let keys_file = dir.join("keys.yaml");
+    std::fs::write(&keys_file, demo::DEMO_KEYS).map_err(|e| e.to_string())?;
+    let rt = runtime()?;
+    let upstream = rt
+        .block_on(demo::spawn_echo("127.0.0.1:0".parse().map_err(|_| "addr")?))
+        .map_err(|e| format!("echo upstream: {e}"))?;
+    let config = demo::config(listen, admin, upstream, &keys_file).map_err(|e| e.to_string())?;
+    logging::init(config.log.format, &config.log.level);
+    println!("{}", demo::instructions(listen, admin, &keys_file));
+    let result = rt.block_on(async {
+        let server = Keyward::bind(config).await.map_err(|e| e.to_string())?;
+        let reload = server.app.reload.clone();
+        server.run(keyward::shutdown_signal(reload)).await;
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn keys(cmd: KeysCommand) -> Result<(), String> {
+    match cmd {
+        KeysCommand::Hash => {
+            let mut raw = String::new();
+            std::io::stdin()
+                .read_to_string(&mut raw)
+                .map_err(|e| format!("stdin: {e}"))?;
+            if raw.trim_end_matches(['\r', '\n']).is_empty() {
+                return Err("no key on stdin".into());
+            }
+            println!("{}", keygen::hash_key(&raw));
+            Ok(())
+        }
+        KeysCommand::Generate {
+            prefix,
+            principal_type,
+            subject,
+            account,
+            id,
+            scopes,
+            environment,
+            expires_at,
+        } => {
+            let raw = keygen::generate_key(&prefix).map_err(|e| format!("randomness: {e}"))?;
+            let new = keygen::NewKey {
+                id,
+                principal_type,
+                subject_id: subject,
+                account_id: account,
+                scopes,
+                environment,
+                expires_at,
+            };
+            let entry = keygen::entry_yaml(&raw, &new)?;
+            println!("# The key, shown once. Give it to the client; it is not stored anywhere.");
+            println!("{raw}");
+            println!("# Snapshot entry (add under `keys:`):");
+            print!("{entry}");
+            Ok(())
+        }
+    }
+}

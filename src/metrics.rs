@@ -1,0 +1,256 @@
+//! Prometheus instruments (SPEC 10), owned by the [`App`](crate::App) in its own
+//! `Registry` so several instances can live in one process (tests). Every labelled series on
+//! the request path is created up front and indexed, so recording is a few atomic adds.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::auth::Code;
+use crate::keys::{Snapshot, Source};
+
+/// From 25 µs (a cached auth decision) to 10 s (a slow upstream).
+const BUCKETS: &[f64] = &[
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Upstream failure kinds (`keyward_upstream_errors_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Timeout,
+    Other,
+}
+
+impl UpstreamErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// `allowed` when auth let the request through (even if the upstream then failed), so the
+/// denial ratio measures auth, not the app.
+pub fn decision_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok | Code::UpstreamUnavailable | Code::UpstreamTimeout => "allowed",
+        _ => "denied",
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Vec<IntCounter>,
+    request_duration: [Histogram; 2],
+    auth_duration: Histogram,
+    upstream_duration: [Histogram; 5],
+    upstream_errors: [IntCounter; 3],
+    in_flight: IntGauge,
+    snapshot_keys: IntGauge,
+    snapshot_version: IntGauge,
+    reloads: IntCounterVec,
+    last_reload: Gauge,
+    key_expiry: Option<GaugeVec>,
+}
+
+fn histogram(name: &str, help: &str) -> HistogramOpts {
+    HistogramOpts::new(name, help).buckets(BUCKETS.to_vec())
+}
+
+impl Metrics {
+    pub fn new(per_key: bool) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests_vec = IntCounterVec::new(
+            Opts::new("keyward_requests_total", "Requests by auth decision and code."),
+            &["decision", "code"],
+        )?;
+        let request_duration_vec = HistogramVec::new(
+            histogram(
+                "keyward_request_duration_seconds",
+                "Time from request head to response head, by decision.",
+            ),
+            &["decision"],
+        )?;
+        let auth_duration = Histogram::with_opts(histogram(
+            "keyward_auth_duration_seconds",
+            "Time spent on the auth decision alone (no upstream).",
+        ))?;
+        let upstream_duration_vec = HistogramVec::new(
+            histogram(
+                "keyward_upstream_duration_seconds",
+                "Time until the upstream's response head, by status class.",
+            ),
+            &["status_class"],
+        )?;
+        let upstream_errors_vec = IntCounterVec::new(
+            Opts::new("keyward_upstream_errors_total", "Failed upstream exchanges by kind."),
+            &["kind"],
+        )?;
+        let in_flight = IntGauge::new("keyward_in_flight_requests", "Requests being served.")?;
+        let snapshot_keys = IntGauge::new("keyward_snapshot_keys", "Keys in the current snapshot.")?;
+        let snapshot_version = IntGauge::new(
+            "keyward_snapshot_version",
+            "The current snapshot's version field (0 when absent).",
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new("keyward_snapshot_reloads_total", "Snapshot loads by source and result."),
+            &["source", "result"],
+        )?;
+        let last_reload = Gauge::new(
+            "keyward_snapshot_last_reload_timestamp_seconds",
+            "Unix time of the last successful snapshot load.",
+        )?;
+        let key_expiry = per_key
+            .then(|| {
+                GaugeVec::new(
+                    Opts::new(
+                        "keyward_key_expiry_timestamp_seconds",
+                        "Unix time at which a key expires (keys with expires_at only).",
+                    ),
+                    &["key_id"],
+                )
+            })
+            .transpose()?;
+
+        registry.register(Box::new(requests_vec.clone()))?;
+        registry.register(Box::new(request_duration_vec.clone()))?;
+        registry.register(Box::new(auth_duration.clone()))?;
+        registry.register(Box::new(upstream_duration_vec.clone()))?;
+        registry.register(Box::new(upstream_errors_vec.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(snapshot_keys.clone()))?;
+        registry.register(Box::new(snapshot_version.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(last_reload.clone()))?;
+        if let Some(k) = &key_expiry {
+            registry.register(Box::new(k.clone()))?;
+        }
+
+        let requests = Code::ALL
+            .iter()
+            .map(|c| requests_vec.with_label_values(&[decision_label(*c), c.as_str()]))
+            .collect();
+        for source in [Source::File, Source::Control] {
+            for result in ["ok", "error"] {
+                reloads.with_label_values(&[source.as_str(), result]);
+            }
+        }
+        Ok(Self {
+            registry,
+            requests,
+            request_duration: ["allowed", "denied"]
+                .map(|d| request_duration_vec.with_label_values(&[d])),
+            auth_duration,
+            upstream_duration: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|c| upstream_duration_vec.with_label_values(&[c])),
+            upstream_errors: [
+                UpstreamErrorKind::Connect,
+                UpstreamErrorKind::Timeout,
+                UpstreamErrorKind::Other,
+            ]
+            .map(|k| upstream_errors_vec.with_label_values(&[k.as_str()])),
+            in_flight,
+            snapshot_keys,
+            snapshot_version,
+            reloads,
+            last_reload,
+            key_expiry,
+        })
+    }
+
+    /// One finished request.
+    pub fn record_request(&self, code: Code, elapsed: Duration) {
+        self.requests[code.index()].inc();
+        let d = usize::from(decision_label(code) == "denied");
+        self.request_duration[d].observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_auth(&self, elapsed: Duration) {
+        self.auth_duration.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_upstream(&self, status: u16, elapsed: Duration) {
+        let class = usize::from((status / 100).clamp(1, 5) - 1);
+        self.upstream_duration[class].observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].inc();
+    }
+
+    pub fn in_flight(&self) -> &IntGauge {
+        &self.in_flight
+    }
+
+    /// A snapshot was loaded and published.
+    pub fn snapshot_loaded(&self, snapshot: &Snapshot) {
+        self.reloads
+            .with_label_values(&[snapshot.source.as_str(), "ok"])
+            .inc();
+        self.snapshot_keys.set(snapshot.len() as i64);
+        self.snapshot_version
+            .set(snapshot.version.map_or(0, |v| v.min(i64::MAX as u64) as i64));
+        self.last_reload.set(unix_seconds(SystemTime::now()));
+        if let Some(expiry) = &self.key_expiry {
+            expiry.reset();
+            for key in snapshot.keys() {
+                if let Some(exp) = key.expires_at {
+                    expiry.with_label_values(&[&key.id]).set(unix_seconds(exp));
+                }
+            }
+        }
+    }
+
+    /// A snapshot was refused; the previous one stays.
+    pub fn snapshot_failed(&self, source: Source) {
+        self.reloads.with_label_values(&[source.as_str(), "error"]).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_is_exported_up_front() {
+        let m = Metrics::new(false).unwrap();
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(r#"keyward_requests_total{code="invalid_api_key",decision="denied"} 0"#));
+        assert!(text.contains(r#"keyward_requests_total{code="ok",decision="allowed"} 0"#));
+        assert!(text.contains(r#"keyward_upstream_errors_total{kind="timeout"} 0"#));
+        assert!(text.contains("keyward_auth_duration_seconds_bucket{le=\"0.000025\"} 0"));
+        assert!(!text.contains("keyward_key_expiry_timestamp_seconds"));
+    }
+
+    #[test]
+    fn recording_moves_the_right_series() {
+        let m = Metrics::new(false).unwrap();
+        m.record_request(Code::InsufficientScope, Duration::from_millis(1));
+        m.record_upstream(503, Duration::from_millis(2));
+        m.record_upstream_error(UpstreamErrorKind::Connect);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(r#"keyward_requests_total{code="insufficient_scope",decision="denied"} 1"#));
+        assert!(text.contains(r#"keyward_request_duration_seconds_count{decision="denied"} 1"#));
+        assert!(text.contains(r#"keyward_upstream_duration_seconds_count{status_class="5xx"} 1"#));
+        assert!(text.contains(r#"keyward_upstream_errors_total{kind="connect"} 1"#));
+    }
+}

@@ -1,0 +1,250 @@
+//! One request, as named phases: normalize → route → authenticate → forward → respond → log.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tracing::{info, warn};
+
+use super::forward::{self, ProxyError};
+use super::headers;
+use super::{respond, Body};
+use crate::auth::credential::strip_query_param;
+use crate::auth::ratelimit::RateDecision;
+use crate::auth::reject::BadRequest;
+use crate::auth::{self, AuthRequest, Code, Decision, Principal, Reject, Route};
+use crate::App;
+
+/// The accepted connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// What the access log line says about a request.
+#[derive(Default)]
+struct Trace {
+    path: Option<String>,
+    principal: Option<Principal>,
+    upstream: Option<Duration>,
+}
+
+/// Serve one request. Never fails: every error becomes a response here.
+pub async fn handle(
+    app: Arc<App>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let in_flight = app.metrics.in_flight();
+    in_flight.inc();
+    let cid = respond::correlation_id(req.headers());
+    let method = req.method().clone();
+    let raw_path = req.uri().path().to_owned();
+    let mut trace = Trace::default();
+
+    let result = serve(&app, conn, req, &cid, &mut trace).await;
+    let (mut resp, code) = match result {
+        Ok(resp) => (resp, Code::Ok),
+        Err(reject) => {
+            let cid = cid.to_str().unwrap_or_default();
+            (respond::error(&reject, cid), reject.code())
+        }
+    };
+    headers::set_correlation(resp.headers_mut(), &cid);
+    let elapsed = start.elapsed();
+    app.metrics.record_request(code, elapsed);
+    in_flight.dec();
+    access_log(&cid, &method, trace.path.as_deref().unwrap_or(&raw_path), resp.status(), code, &trace, elapsed);
+    Ok(resp)
+}
+
+async fn serve(
+    app: &App,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+    cid: &HeaderValue,
+    trace: &mut Trace,
+) -> Result<Response<Body>, Reject> {
+    // Normalize once: this string is what is authorized and what is forwarded.
+    let path = auth::path::normalize(req.uri().path())
+        .map_err(|e| Reject::BadRequest(BadRequest::Path(e)))?;
+    trace.path = Some(path.clone());
+    match app.policy.route(&path) {
+        Route::Public => forward(app, conn, req, &path, None, cid, trace).await,
+        Route::Introspection => {
+            let principal = authenticate(app, &req, None, false)?;
+            let body = introspection_body(app, &principal, cid);
+            trace.principal = Some(principal);
+            Ok(respond::json(StatusCode::OK, &body))
+        }
+        Route::Protected { extra } => {
+            let principal = authenticate(app, &req, extra, true)?;
+            trace.principal = Some(principal.clone());
+            rate_limit(app, &principal)?;
+            app.usage.record(&principal.key.id, SystemTime::now());
+            forward(app, conn, req, &path, Some(&principal), cid, trace).await
+        }
+    }
+}
+
+fn authenticate(
+    app: &App,
+    req: &Request<Incoming>,
+    route_scopes: Option<&[String]>,
+    check_scope: bool,
+) -> Result<Principal, Reject> {
+    let start = Instant::now();
+    let snapshot = app.store.guard();
+    let input = AuthRequest {
+        method: req.method(),
+        headers: req.headers(),
+        query: req.uri().query(),
+        route_scopes,
+        check_scope,
+    };
+    let decision = auth::decide(&input, snapshot.as_deref(), &app.policy, SystemTime::now());
+    app.metrics.record_auth(start.elapsed());
+    match decision {
+        Decision::Allow(p) => Ok(p),
+        Decision::Deny(r) => Err(r),
+    }
+}
+
+fn rate_limit(app: &App, principal: &Principal) -> Result<(), Reject> {
+    match app.limiter.check(&principal.key, Instant::now()) {
+        RateDecision::Limited {
+            quota,
+            retry_after_secs,
+        } => Err(Reject::RateLimited {
+            retry_after_secs,
+            limit: quota.limit,
+        }),
+        RateDecision::Unlimited | RateDecision::Allowed(_) => Ok(()),
+    }
+}
+
+/// Prepare the request for the upstream and send it. Order matters: hop-by-hop headers go
+/// first, then anything a client could forge, and keyward's identity headers go in last.
+async fn forward(
+    app: &App,
+    conn: ConnInfo,
+    mut req: Request<Incoming>,
+    path: &str,
+    principal: Option<&Principal>,
+    cid: &HeaderValue,
+    trace: &mut Trace,
+) -> Result<Response<Body>, Reject> {
+    let upgrade = forward::wants_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let host = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| req.headers().get(header::HOST).cloned());
+    let query = forwarded_query(app, req.uri().query());
+    let uri = app.upstream.uri(path, query.as_deref()).map_err(|e| upstream_failed(app, &e))?;
+
+    let h = req.headers_mut();
+    headers::strip_hop_by_hop(h, upgrade);
+    headers::strip_trusted(h, &app.config.identity_headers.prefix);
+    if !app.config.forward_credential {
+        for name in app.policy.credential_headers() {
+            h.remove(name);
+        }
+    }
+    if let Some(host) = &host {
+        h.insert(header::HOST, host.clone());
+    }
+    headers::set_forwarded(h, conn.peer, conn.tls, host, &app.config.trusted_proxies);
+    let delegated_identity;
+    if let Some(p) = principal {
+        let identity = match &p.delegated_account {
+            None => &p.key.identity,
+            Some(account) => {
+                delegated_identity = p.key.identity_headers(&app.names, Some(account));
+                &delegated_identity
+            }
+        };
+        headers::add_identity(h, identity);
+    }
+    headers::set_correlation(h, cid);
+    *req.uri_mut() = uri;
+
+    let (mut resp, took) = app.upstream.send(req).await.map_err(|e| upstream_failed(app, &e))?;
+    trace.upstream = Some(took);
+    app.metrics.record_upstream(resp.status().as_u16(), took);
+    if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
+        forward::spawn_tunnel(down, &mut resp);
+    }
+    let mut resp = forward::downstream_response(resp);
+    if app.config.identity_headers.echo_to_client {
+        if let Some(p) = principal {
+            headers::add_identity(resp.headers_mut(), &p.key.identity);
+        }
+    }
+    Ok(resp)
+}
+
+/// The query as forwarded: unchanged, unless the key may arrive in it and must not leave.
+fn forwarded_query<'a>(app: &App, query: Option<&'a str>) -> Option<std::borrow::Cow<'a, str>> {
+    let query = query?;
+    match app.policy.credential_query() {
+        Some(name) if !app.config.forward_credential => {
+            Some(std::borrow::Cow::Owned(strip_query_param(query, name)))
+        }
+        _ => Some(std::borrow::Cow::Borrowed(query)),
+    }
+}
+
+fn upstream_failed(app: &App, e: &ProxyError) -> Reject {
+    warn!(error = %e, "upstream request failed");
+    app.metrics.record_upstream_error(e.kind());
+    e.reject()
+}
+
+fn introspection_body(app: &App, p: &Principal, cid: &HeaderValue) -> serde_json::Value {
+    let k = &p.key;
+    serde_json::json!({
+        "principal_type": k.principal_type.as_str(),
+        "subject_id": k.subject_id,
+        "account_id": p.effective_account(),
+        "org_id": k.org_id,
+        "enterprise_id": k.enterprise_id,
+        "key_id": &*k.id,
+        "scopes": k.scopes,
+        "environment": app.config.environment,
+        "expires_at": k.expires_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        "correlation_id": cid.to_str().unwrap_or_default(),
+    })
+}
+
+/// One line per request (SPEC 11). Never headers, never the query: that is where keys live.
+fn access_log(
+    cid: &HeaderValue,
+    method: &http::Method,
+    path: &str,
+    status: StatusCode,
+    code: Code,
+    trace: &Trace,
+    elapsed: Duration,
+) {
+    let key = trace.principal.as_ref().map(|p| &p.key);
+    info!(
+        target: "keyward::access",
+        correlation_id = cid.to_str().unwrap_or_default(),
+        method = method.as_str(),
+        path,
+        status = status.as_u16(),
+        code = code.as_str(),
+        key_id = key.map(|k| &*k.id),
+        principal_type = key.map(|k| k.principal_type.as_str()),
+        upstream_ms = trace.upstream.map(|d| d.as_secs_f64() * 1e3),
+        total_ms = elapsed.as_secs_f64() * 1e3,
+    );
+}

@@ -1,0 +1,241 @@
+//! Header surgery on the forwarded request and the returned response (SPEC 8), in place on
+//! the `HeaderMap` so repeated headers such as `Set-Cookie` survive.
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::auth::decision::DELEGATE_HEADER;
+use crate::config::Cidr;
+
+pub const X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Remove hop-by-hop headers (RFC 9110 7.6.1): those a `Connection` header names, then the
+/// fixed list. With `keep_upgrade`, the `Upgrade` header survives and `Connection: upgrade`
+/// is re-added, for an authenticated WebSocket handshake.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| *n != header::HOST)
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+    if headers.keys().any(|n| n.as_str().starts_with("proxy-")) {
+        let proxy: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| n.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for n in proxy {
+            headers.remove(n);
+        }
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Compare a header name with `target` reading `_` and `.` as `-`, as CGI/WSGI and nginx
+/// backends do, so `X_Auth_Subject_Id` and `x.auth.subject.id` count as identity headers.
+fn alias_starts_with(name: &str, target: &str) -> bool {
+    name.len() >= target.len()
+        && name
+            .bytes()
+            .zip(target.bytes())
+            .all(|(a, b)| a == b || (b == b'-' && (a == b'_' || a == b'.')))
+}
+
+fn is_trusted_alias(name: &str, identity_prefix: &str) -> bool {
+    alias_starts_with(name, identity_prefix)
+        || (name.len() == DELEGATE_HEADER.as_str().len()
+            && alias_starts_with(name, DELEGATE_HEADER.as_str()))
+}
+
+/// Remove every header a client could use to impersonate keyward: identity headers and
+/// their `_`/`.` aliases, and the delegation header (consumed by keyward).
+pub fn strip_trusted(headers: &mut HeaderMap, identity_prefix: &str) {
+    if !headers.keys().any(|n| is_trusted_alias(n.as_str(), identity_prefix)) {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_trusted_alias(n.as_str(), identity_prefix))
+        .cloned()
+        .collect();
+    for n in doomed {
+        headers.remove(n);
+    }
+}
+
+/// Set `x-forwarded-*`. Client-sent values are kept (and appended to) only when the peer is
+/// a trusted proxy; otherwise they, `Forwarded` and `X-Real-IP` are replaced or removed.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    tls: bool,
+    host: Option<HeaderValue>,
+    trusted_proxies: &[Cidr],
+) {
+    let trusted = trusted_proxies.iter().any(|c| c.contains(peer.ip()));
+    let peer_ip = peer.ip().to_string();
+    if trusted {
+        let chain = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let value = if chain.is_empty() {
+            peer_ip
+        } else {
+            format!("{chain}, {peer_ip}")
+        };
+        if let Ok(v) = HeaderValue::try_from(value) {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+    } else {
+        headers.remove(FORWARDED);
+        headers.remove(X_REAL_IP);
+        if let Ok(v) = HeaderValue::try_from(peer_ip) {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+    }
+    if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
+        let proto = if tls { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !trusted || !headers.contains_key(&X_FORWARDED_HOST) {
+        match host {
+            Some(h) => {
+                headers.insert(X_FORWARDED_HOST, h);
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+}
+
+/// Add identity headers last, with `insert` so nothing a client sent can sit beside them.
+pub fn add_identity(headers: &mut HeaderMap, identity: &[(HeaderName, HeaderValue)]) {
+    for (name, value) in identity {
+        headers.insert(name.clone(), value.clone());
+    }
+}
+
+pub fn set_correlation(headers: &mut HeaderMap, id: &HeaderValue) {
+    headers.insert(X_CORRELATION_ID, id.clone());
+    headers.insert(X_REQUEST_ID, id.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn connection_named_headers_go() {
+        let mut h = map(&[
+            ("connection", "close, x-foo"),
+            ("x-foo", "1"),
+            ("keep-alive", "5"),
+            ("te", "trailers"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+    }
+
+    #[test]
+    fn upgrade_kept_when_allowed() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn identity_aliases_go() {
+        let mut h = map(&[
+            ("x-auth-subject-id", "evil"),
+            ("X_Auth_Subject_Id", "evil"),
+            ("x.auth.account.id", "evil"),
+            ("x-auth_scopes", "evil"),
+            ("x-delegate-account-id", "evil"),
+            ("x_delegate_account_id", "evil"),
+            ("x-authority", "keep"),
+            ("x-other", "keep"),
+        ]);
+        strip_trusted(&mut h, "x-auth-");
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        left.sort();
+        assert_eq!(left, ["x-authority", "x-other"]);
+    }
+
+    #[test]
+    fn forwarded_headers_from_untrusted_peer_are_replaced() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=1.2.3.4"),
+        ]);
+        let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
+        set_forwarded(&mut h, peer, false, Some(HeaderValue::from_static("app")), &[]);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app");
+        assert!(h.get("forwarded").is_none());
+    }
+
+    #[test]
+    fn trusted_peer_chain_is_appended() {
+        let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
+        let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
+        let trusted = [Cidr::try_from("10.0.0.0/8".to_string()).unwrap()];
+        set_forwarded(&mut h, peer, false, None, &trusted);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+}

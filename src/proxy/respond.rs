@@ -1,0 +1,90 @@
+//! Responses keyward writes itself: the one place a [`Reject`] becomes what the client sees,
+//! and the correlation id every response carries.
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use super::Body;
+use crate::auth::Reject;
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(bytes))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// The JSON error of SPEC 6 with its RFC 6750 challenge and retry headers.
+pub fn error(reject: &Reject, correlation_id: &str) -> Response<Body> {
+    let mut resp = json(reject.status(), &reject.body(correlation_id));
+    let h = resp.headers_mut();
+    if let Some(challenge) = reject.www_authenticate() {
+        h.insert(header::WWW_AUTHENTICATE, challenge);
+    }
+    if let Reject::RateLimited { retry_after_secs, limit } = reject {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        h.insert("ratelimit-limit", HeaderValue::from(*limit));
+        h.insert("ratelimit-remaining", HeaderValue::from_static("0"));
+        h.insert("ratelimit-reset", HeaderValue::from(*retry_after_secs));
+    }
+    resp
+}
+
+/// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
+/// `[A-Za-z0-9._:-]`, otherwise mint a UUID v4.
+pub fn correlation_id(headers: &HeaderMap) -> HeaderValue {
+    [&super::headers::X_CORRELATION_ID, &super::headers::X_REQUEST_ID]
+        .into_iter()
+        .filter_map(|name| headers.get(name))
+        .find(|v| valid_correlation_id(v.as_bytes()))
+        .cloned()
+        .unwrap_or_else(|| {
+            let id = uuid::Uuid::new_v4();
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        })
+}
+
+fn valid_correlation_id(v: &[u8]) -> bool {
+    (1..=128).contains(&v.len())
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn correlation_id_rules() {
+        let mut h = HeaderMap::new();
+        let minted = correlation_id(&h);
+        assert_eq!(minted.len(), 36);
+        h.insert("x-request-id", HeaderValue::from_static("req-1"));
+        assert_eq!(correlation_id(&h), "req-1");
+        h.insert("x-correlation-id", HeaderValue::from_static("corr:2"));
+        assert_eq!(correlation_id(&h), "corr:2");
+        h.insert("x-correlation-id", HeaderValue::from_static("bad value"));
+        assert_eq!(correlation_id(&h), "req-1");
+        h.insert("x-request-id", HeaderValue::from_str(&"a".repeat(129)).unwrap());
+        assert_eq!(correlation_id(&h).len(), 36);
+    }
+
+    #[test]
+    fn error_carries_challenge_and_retry() {
+        let r = error(&Reject::RateLimited { retry_after_secs: 3, limit: 10 }, "c");
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "3");
+        assert_eq!(r.headers()["ratelimit-limit"], "10");
+        let r = error(&Reject::InvalidApiKey, "c");
+        assert_eq!(r.headers()["content-type"], "application/json");
+        assert!(r.headers().contains_key("www-authenticate"));
+    }
+}
