@@ -73,8 +73,10 @@ fn text(status: StatusCode, body: &'static str) -> Response<AdminBody> {
 fn json(status: StatusCode, value: serde_json::Value) -> Response<AdminBody> {
     let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -101,7 +103,11 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
         }
         (_, p) if p.starts_with("/v1/") => {
             if !authorized(app, &req) {
-                let mut r = error(StatusCode::UNAUTHORIZED, "unauthorized", "admin token required");
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "admin token required",
+                );
                 r.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static(r#"Bearer realm="keyward-admin""#),
@@ -149,7 +155,10 @@ fn authorized(app: &App, req: &Request<Incoming>) -> bool {
         return false;
     };
     let got = digest(token);
-    got.iter().zip(want.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    got.iter()
+        .zip(want.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
 }
 
 async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
@@ -158,7 +167,11 @@ async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["v1", "snapshot"]) => match app.store.load() {
             Some(s) => json(StatusCode::OK, snapshot_info(&s)),
-            None => error(StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable", "no key snapshot loaded"),
+            None => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "auth_unavailable",
+                "no key snapshot loaded",
+            ),
         },
         (&Method::PUT, ["v1", "snapshot"]) => put_snapshot(app, req).await,
         (&Method::POST, ["v1", "keys", id, "disable"]) => disable(app, id),
@@ -191,8 +204,15 @@ async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminB
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("application/json"));
-    let body = match Limited::new(req.into_body(), MAX_SNAPSHOT_BYTES).collect().await {
+        .is_some_and(|ct| {
+            ct.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    let body = match Limited::new(req.into_body(), MAX_SNAPSHOT_BYTES)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_snapshot", e),
     };

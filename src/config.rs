@@ -137,7 +137,9 @@ impl TryFrom<RawCredentialSource> for CredentialSource {
                 }
             }
             (None, None, Some(q)) if !q.is_empty() => Ok(Self::Query { name: q }),
-            _ => Err("exactly one of `header` (with optional `scheme`) or `query` is required".into()),
+            _ => Err(
+                "exactly one of `header` (with optional `scheme`) or `query` is required".into(),
+            ),
         }
     }
 }
@@ -303,7 +305,9 @@ impl TryFrom<String> for Cidr {
             Some((ip, bits)) => (ip, Some(bits)),
             None => (s.as_str(), None),
         };
-        let addr: IpAddr = ip.parse().map_err(|_| format!("{s:?} is not an IP or CIDR"))?;
+        let addr: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP or CIDR"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let bits = match bits {
             Some(b) => b
@@ -329,7 +333,9 @@ impl Cidr {
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.bits)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -432,7 +438,10 @@ impl Config {
             return Err(invalid("environment", "must not be empty"));
         }
         if self.credentials.is_empty() {
-            return Err(invalid("credentials", "at least one credential source is required"));
+            return Err(invalid(
+                "credentials",
+                "at least one credential source is required",
+            ));
         }
         if self.keys.file.is_none() && self.keys.control.is_none() {
             return Err(invalid(
@@ -448,7 +457,10 @@ impl Config {
                 return Err(invalid("prefixes", "a prefix must not be empty"));
             }
             if types.is_empty() {
-                return Err(invalid(format!("prefixes.{prefix}"), "list at least one type"));
+                return Err(invalid(
+                    format!("prefixes.{prefix}"),
+                    "list at least one type",
+                ));
             }
         }
         self.validate_scopes()?;
@@ -464,10 +476,14 @@ impl Config {
         }
         self.validate_limits()?;
         let level = self.log.level.to_ascii_lowercase();
-        let plain_level = ["trace", "debug", "info", "warn", "error", "off"].contains(&level.as_str());
+        let plain_level =
+            ["trace", "debug", "info", "warn", "error", "off"].contains(&level.as_str());
         let directives = level.contains('=') || level.contains(',');
         if !(plain_level || directives) || tracing_subscriber::EnvFilter::try_new(&level).is_err() {
-            return Err(invalid("log.level", format!("{:?} is not a level", self.log.level)));
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a level", self.log.level),
+            ));
         }
         Ok(())
     }
@@ -475,7 +491,10 @@ impl Config {
     fn validate_upstream(&self) -> Result<(), ConfigError> {
         let u = &self.upstream;
         if u.scheme_str() != Some("http") {
-            return Err(invalid("upstream", "must be an http:// URL (the app on loopback)"));
+            return Err(invalid(
+                "upstream",
+                "must be an http:// URL (the app on loopback)",
+            ));
         }
         if u.authority().is_none() {
             return Err(invalid("upstream", "must name a host and port"));
@@ -537,7 +556,10 @@ impl Config {
         let l = &self.limits;
         let durations = [
             ("limits.header_read_timeout", l.header_read_timeout),
-            ("limits.upstream_connect_timeout", l.upstream_connect_timeout),
+            (
+                "limits.upstream_connect_timeout",
+                l.upstream_connect_timeout,
+            ),
             ("limits.upstream_timeout", l.upstream_timeout),
         ];
         for (field, d) in durations {
@@ -551,7 +573,10 @@ impl Config {
         let counts = [
             ("limits.max_headers", l.max_headers),
             ("limits.max_connections", l.max_connections),
-            ("limits.h2_max_concurrent_streams", l.h2_max_concurrent_streams as usize),
+            (
+                "limits.h2_max_concurrent_streams",
+                l.h2_max_concurrent_streams as usize,
+            ),
         ];
         for (field, n) in counts {
             if n == 0 {
@@ -644,16 +669,23 @@ mod tests {
         assert!(err("credentials: [{ scheme: Token }]\n").contains("credentials[0]"));
         assert!(err("credentials: [{ header: authorization, query: k }]\n").contains("credentials"));
         assert!(err("credentials: []\n").contains("credentials"));
-        let c = Config::from_yaml(&format!("{MINIMAL}credentials: [{{ query: api_key }}]\n"))
-            .unwrap();
-        assert_eq!(c.credentials[0], CredentialSource::Query { name: "api_key".into() });
+        let c =
+            Config::from_yaml(&format!("{MINIMAL}credentials: [{{ query: api_key }}]\n")).unwrap();
+        assert_eq!(
+            c.credentials[0],
+            CredentialSource::Query {
+                name: "api_key".into()
+            }
+        );
     }
 
     #[test]
     fn routes_are_checked() {
         assert!(err("routes: [{ path: /a, prefix: /b, public: true }]\n").contains("routes[0]"));
         assert!(err("routes: [{ path: /a }]\n").contains("routes[0]"));
-        assert!(err("routes: [{ path: /a, public: true, any_of: [x] }]\n").contains("routes[0].any_of"));
+        assert!(
+            err("routes: [{ path: /a, public: true, any_of: [x] }]\n").contains("routes[0].any_of")
+        );
         assert!(err("routes: [{ prefix: /a/../b, any_of: [x] }]\n").contains("routes[0].prefix"));
         assert!(err("routes: [{ prefix: admin, any_of: [x] }]\n").contains("routes[0].prefix"));
     }
@@ -661,7 +693,9 @@ mod tests {
     #[test]
     fn scopes_methods_and_prefixes_are_checked() {
         assert!(err("scopes: [{ methods: [GET], any_of: [] }]\n").contains("scopes[0].any_of"));
-        assert!(err("scopes: [{ methods: [\"G T\"], any_of: [r] }]\n").contains("scopes[0].methods"));
+        assert!(
+            err("scopes: [{ methods: [\"G T\"], any_of: [r] }]\n").contains("scopes[0].methods")
+        );
         assert!(err("prefixes: { sta_: [robot] }\n").contains("prefixes"));
         assert!(err("prefixes: { sta_: [] }\n").contains("prefixes.sta_"));
     }
@@ -679,8 +713,10 @@ mod tests {
 
     #[test]
     fn keys_need_a_source() {
-        let e = Config::from_yaml("listen: 127.0.0.1:1\nupstream: http://a:1\nenvironment: t\nkeys: {}\n")
-            .unwrap_err();
+        let e = Config::from_yaml(
+            "listen: 127.0.0.1:1\nupstream: http://a:1\nenvironment: t\nkeys: {}\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().starts_with("keys"), "{e}");
     }
 

@@ -23,12 +23,30 @@ pub const DEMO_ADMIN_TOKEN: &str = "keyward-demo-admin-token";
 
 /// The raw demo keys and what each shows. Demo only: their digests are public.
 pub const DEMO_KEY_LIST: &[(&str, &str)] = &[
-    ("sta_demo_service_key_0123456789abcdef", "service account, read+write → 200"),
-    ("ste_demo_enterprise_key_0123456789abcdef", "enterprise key, admin scope, may delegate to 507f1f77bc"),
-    ("pat_demo_personal_key_0123456789abcdef", "personal key, read only → POST is 403 insufficient_scope"),
-    ("sta_demo_disabled_key_0123456789abcdef", "disabled → 401 disabled_api_key"),
-    ("sta_demo_expired_key_0123456789abcdef", "expired → 401 expired_api_key"),
-    ("sta_demo_staging_key_0123456789abcdef", "bound to staging → 401 wrong_environment"),
+    (
+        "sta_demo_service_key_0123456789abcdef",
+        "service account, read+write → 200",
+    ),
+    (
+        "ste_demo_enterprise_key_0123456789abcdef",
+        "enterprise key, admin scope, may delegate to 507f1f77bc",
+    ),
+    (
+        "pat_demo_personal_key_0123456789abcdef",
+        "personal key, read only → POST is 403 insufficient_scope",
+    ),
+    (
+        "sta_demo_disabled_key_0123456789abcdef",
+        "disabled → 401 disabled_api_key",
+    ),
+    (
+        "sta_demo_expired_key_0123456789abcdef",
+        "expired → 401 expired_api_key",
+    ),
+    (
+        "sta_demo_staging_key_0123456789abcdef",
+        "bound to staging → 401 wrong_environment",
+    ),
 ];
 
 /// An upstream that answers every request with a JSON echo of what it received.

@@ -46,7 +46,10 @@ struct Entry<'a> {
 pub fn entry_yaml(raw: &str, new: &NewKey) -> Result<String, String> {
     let digest_hex = hash_key(raw);
     let doc = KeyDoc {
-        id: new.id.clone().unwrap_or_else(|| format!("key_{}", &digest_hex[..12])),
+        id: new
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("key_{}", &digest_hex[..12])),
         sha256: digest_hex,
         kind: new.principal_type.as_str().to_string(),
         subject_id: new.subject_id.clone(),
@@ -79,7 +82,9 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with("sta_"));
         assert_eq!(a.len(), 4 + 43);
-        assert!(a[4..].bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert!(a[4..]
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
     }
 
     #[test]
@@ -105,7 +110,10 @@ mod tests {
         let yaml = entry_yaml(&raw, &new).unwrap();
         assert!(yaml.contains(&hash_key(&raw)));
         assert!(!yaml.contains(&raw));
-        let bad = NewKey { expires_at: Some("soon".into()), ..new };
+        let bad = NewKey {
+            expires_at: Some("soon".into()),
+            ..new
+        };
         assert!(entry_yaml(&raw, &bad).unwrap_err().contains("expires_at"));
     }
 }

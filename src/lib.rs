@@ -139,7 +139,9 @@ impl Keyward {
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().unwrap_or(self.app.config.admin_listen)
+        self.admin
+            .local_addr()
+            .unwrap_or(self.app.config.admin_listen)
     }
 
     /// Serve until `shutdown` resolves, then drain (SPEC 12): `/readyz` fails at once,
@@ -171,7 +173,10 @@ impl Keyward {
         let stop_traffic = async move {
             shutdown.await;
             app2.draining.store(true, Ordering::Release);
-            info!(?drain_delay, "shutdown requested: readyz now fails; draining");
+            info!(
+                ?drain_delay,
+                "shutdown requested: readyz now fails; draining"
+            );
             tokio::time::sleep(drain_delay).await;
         };
         proxy::server::serve(app.clone(), listener, tls, stop_traffic, grace).await;
@@ -193,9 +198,10 @@ pub async fn shutdown_signal(reload: Arc<Notify>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut hup)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::hangup()))
-        else {
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
             let _ = tokio::signal::ctrl_c().await;
             return;
         };

@@ -22,7 +22,13 @@ struct Cli {
 #[derive(Args, Clone)]
 struct ConfigArg {
     /// Config file.
-    #[arg(long, short, env = "KEYWARD_CONFIG", default_value = "config/keyward.yaml", global = true)]
+    #[arg(
+        long,
+        short,
+        env = "KEYWARD_CONFIG",
+        default_value = "config/keyward.yaml",
+        global = true
+    )]
     config: PathBuf,
 }
 
@@ -149,9 +155,16 @@ fn check(path: &PathBuf) -> Result<(), String> {
         files.push((f.clone(), Source::File));
     }
     for (file, source) in files {
-        let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let s = Snapshot::parse(&text, &names, source).map_err(|e| format!("{}: {e}", file.display()))?;
-        println!("{}: {} keys, version {:?}: ok", file.display(), s.len(), s.version);
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let s = Snapshot::parse(&text, &names, source)
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        println!(
+            "{}: {} keys, version {:?}: ok",
+            file.display(),
+            s.len(),
+            s.version
+        );
     }
     println!("{}: ok", path.display());
     Ok(())

@@ -14,8 +14,8 @@ use crate::keys::{Snapshot, Source};
 
 /// From 25 µs (a cached auth decision) to 10 s (a slow upstream).
 const BUCKETS: &[f64] = &[
-    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Upstream failure kinds (`keyward_upstream_errors_total{kind}`).
@@ -68,7 +68,10 @@ impl Metrics {
     pub fn new(per_key: bool) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let requests_vec = IntCounterVec::new(
-            Opts::new("keyward_requests_total", "Requests by auth decision and code."),
+            Opts::new(
+                "keyward_requests_total",
+                "Requests by auth decision and code.",
+            ),
             &["decision", "code"],
         )?;
         let request_duration_vec = HistogramVec::new(
@@ -90,17 +93,24 @@ impl Metrics {
             &["status_class"],
         )?;
         let upstream_errors_vec = IntCounterVec::new(
-            Opts::new("keyward_upstream_errors_total", "Failed upstream exchanges by kind."),
+            Opts::new(
+                "keyward_upstream_errors_total",
+                "Failed upstream exchanges by kind.",
+            ),
             &["kind"],
         )?;
         let in_flight = IntGauge::new("keyward_in_flight_requests", "Requests being served.")?;
-        let snapshot_keys = IntGauge::new("keyward_snapshot_keys", "Keys in the current snapshot.")?;
+        let snapshot_keys =
+            IntGauge::new("keyward_snapshot_keys", "Keys in the current snapshot.")?;
         let snapshot_version = IntGauge::new(
             "keyward_snapshot_version",
             "The current snapshot's version field (0 when absent).",
         )?;
         let reloads = IntCounterVec::new(
-            Opts::new("keyward_snapshot_reloads_total", "Snapshot loads by source and result."),
+            Opts::new(
+                "keyward_snapshot_reloads_total",
+                "Snapshot loads by source and result.",
+            ),
             &["source", "result"],
         )?;
         let last_reload = Gauge::new(
@@ -195,8 +205,11 @@ impl Metrics {
             .with_label_values(&[snapshot.source.as_str(), "ok"])
             .inc();
         self.snapshot_keys.set(snapshot.len() as i64);
-        self.snapshot_version
-            .set(snapshot.version.map_or(0, |v| v.min(i64::MAX as u64) as i64));
+        self.snapshot_version.set(
+            snapshot
+                .version
+                .map_or(0, |v| v.min(i64::MAX as u64) as i64),
+        );
         self.last_reload.set(unix_seconds(SystemTime::now()));
         if let Some(expiry) = &self.key_expiry {
             expiry.reset();
@@ -210,7 +223,9 @@ impl Metrics {
 
     /// A snapshot was refused; the previous one stays.
     pub fn snapshot_failed(&self, source: Source) {
-        self.reloads.with_label_values(&[source.as_str(), "error"]).inc();
+        self.reloads
+            .with_label_values(&[source.as_str(), "error"])
+            .inc();
     }
 
     /// The Prometheus text exposition.
@@ -223,7 +238,8 @@ impl Metrics {
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]
@@ -234,7 +250,9 @@ mod tests {
     fn every_series_is_exported_up_front() {
         let m = Metrics::new(false).unwrap();
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains(r#"keyward_requests_total{code="invalid_api_key",decision="denied"} 0"#));
+        assert!(
+            text.contains(r#"keyward_requests_total{code="invalid_api_key",decision="denied"} 0"#)
+        );
         assert!(text.contains(r#"keyward_requests_total{code="ok",decision="allowed"} 0"#));
         assert!(text.contains(r#"keyward_upstream_errors_total{kind="timeout"} 0"#));
         assert!(text.contains("keyward_auth_duration_seconds_bucket{le=\"0.000025\"} 0"));
@@ -248,7 +266,8 @@ mod tests {
         m.record_upstream(503, Duration::from_millis(2));
         m.record_upstream_error(UpstreamErrorKind::Connect);
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains(r#"keyward_requests_total{code="insufficient_scope",decision="denied"} 1"#));
+        assert!(text
+            .contains(r#"keyward_requests_total{code="insufficient_scope",decision="denied"} 1"#));
         assert!(text.contains(r#"keyward_request_duration_seconds_count{decision="denied"} 1"#));
         assert!(text.contains(r#"keyward_upstream_duration_seconds_count{status_class="5xx"} 1"#));
         assert!(text.contains(r#"keyward_upstream_errors_total{kind="connect"} 1"#));

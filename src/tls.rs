@@ -52,7 +52,9 @@ pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| file_err("client_ca", ca, e))? {
+            for cert in
+                CertificateDer::pem_file_iter(ca).map_err(|e| file_err("client_ca", ca, e))?
+            {
                 let cert = cert.map_err(|e| file_err("client_ca", ca, e))?;
                 roots.add(cert).map_err(|e| file_err("client_ca", ca, e))?;
             }
@@ -130,7 +132,9 @@ pub async fn watch(acceptor: TlsAcceptor, tls: TlsConfig) {
                 last = now;
                 tracing::info!(cert = %tls.cert.display(), "TLS certificate reloaded");
             }
-            Err(e) => tracing::warn!(error = %e, "TLS reload refused; keeping the current certificate"),
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS reload refused; keeping the current certificate")
+            }
         }
     }
 }

@@ -174,9 +174,17 @@ mod tests {
     fn sources() -> Vec<CredentialSource> {
         let auth = HeaderName::from_static("authorization");
         vec![
-            CredentialSource::Scheme { header: auth.clone(), scheme: "Token".into() },
-            CredentialSource::Scheme { header: auth, scheme: "Bearer".into() },
-            CredentialSource::Header { header: HeaderName::from_static("x-api-key") },
+            CredentialSource::Scheme {
+                header: auth.clone(),
+                scheme: "Token".into(),
+            },
+            CredentialSource::Scheme {
+                header: auth,
+                scheme: "Bearer".into(),
+            },
+            CredentialSource::Header {
+                header: HeaderName::from_static("x-api-key"),
+            },
         ]
     }
 
@@ -195,18 +203,36 @@ mod tests {
 
     #[test]
     fn each_source_works() {
-        assert_eq!(run(&[("authorization", &format!("Token {KEY}"))]).unwrap(), KEY);
-        assert_eq!(run(&[("authorization", &format!("bearer {KEY}"))]).unwrap(), KEY);
-        assert_eq!(run(&[("authorization", &format!("BEARER {KEY}"))]).unwrap(), KEY);
+        assert_eq!(
+            run(&[("authorization", &format!("Token {KEY}"))]).unwrap(),
+            KEY
+        );
+        assert_eq!(
+            run(&[("authorization", &format!("bearer {KEY}"))]).unwrap(),
+            KEY
+        );
+        assert_eq!(
+            run(&[("authorization", &format!("BEARER {KEY}"))]).unwrap(),
+            KEY
+        );
         assert_eq!(run(&[("x-api-key", KEY)]).unwrap(), KEY);
     }
 
     #[test]
     fn missing_and_malformed() {
         assert_eq!(run(&[]), Err(CredentialError::Missing));
-        assert_eq!(run(&[("authorization", "Basic dXNlcjpwYXNz")]), Err(CredentialError::Missing));
-        assert_eq!(run(&[("authorization", "Bearer")]), Err(CredentialError::Malformed));
-        assert_eq!(run(&[("authorization", "Bearer short")]), Err(CredentialError::Malformed));
+        assert_eq!(
+            run(&[("authorization", "Basic dXNlcjpwYXNz")]),
+            Err(CredentialError::Missing)
+        );
+        assert_eq!(
+            run(&[("authorization", "Bearer")]),
+            Err(CredentialError::Malformed)
+        );
+        assert_eq!(
+            run(&[("authorization", "Bearer short")]),
+            Err(CredentialError::Malformed)
+        );
         assert_eq!(
             run(&[("authorization", &format!("Bearer {KEY} extra"))]),
             Err(CredentialError::Malformed)
@@ -215,7 +241,10 @@ mod tests {
             run(&[("authorization", &format!("Bearer  {KEY}"))]),
             Err(CredentialError::Malformed)
         );
-        assert_eq!(run(&[("x-api-key", &"k".repeat(513))]), Err(CredentialError::Malformed));
+        assert_eq!(
+            run(&[("x-api-key", &"k".repeat(513))]),
+            Err(CredentialError::Malformed)
+        );
         assert_eq!(run(&[("x-api-key", &"k".repeat(512))]).unwrap().len(), 512);
         assert_eq!(run(&[("x-api-key", "")]), Err(CredentialError::Malformed));
     }
@@ -223,11 +252,17 @@ mod tests {
     #[test]
     fn ambiguity_is_refused() {
         assert_eq!(
-            run(&[("authorization", &format!("Token {KEY}")), ("x-api-key", "sta_other_key_123")]),
+            run(&[
+                ("authorization", &format!("Token {KEY}")),
+                ("x-api-key", "sta_other_key_123")
+            ]),
             Err(CredentialError::Ambiguous)
         );
         assert_eq!(
-            run(&[("authorization", &format!("Token {KEY}")), ("authorization", &format!("Token {KEY}"))]),
+            run(&[
+                ("authorization", &format!("Token {KEY}")),
+                ("authorization", &format!("Token {KEY}"))
+            ]),
             Err(CredentialError::Ambiguous)
         );
         assert_eq!(
@@ -236,7 +271,11 @@ mod tests {
         );
         // The same key in two places is not ambiguous.
         assert_eq!(
-            run(&[("authorization", &format!("Token {KEY}")), ("x-api-key", KEY)]).unwrap(),
+            run(&[
+                ("authorization", &format!("Token {KEY}")),
+                ("x-api-key", KEY)
+            ])
+            .unwrap(),
             KEY
         );
     }
@@ -244,11 +283,19 @@ mod tests {
     #[test]
     fn query_source() {
         let h = HeaderMap::new();
-        let q = vec![CredentialSource::Query { name: "api_key".into() }];
+        let q = vec![CredentialSource::Query {
+            name: "api_key".into(),
+        }];
         let k = extract(&h, Some("a=1&api_key=sta_%41bcdefgh"), &q).unwrap();
         assert_eq!(&*k, b"sta_Abcdefgh");
-        assert_eq!(extract(&h, Some("api_key=a&api_key=b"), &q), Err(CredentialError::Ambiguous));
-        assert_eq!(extract(&h, Some("api_key=%zz"), &q), Err(CredentialError::Malformed));
+        assert_eq!(
+            extract(&h, Some("api_key=a&api_key=b"), &q),
+            Err(CredentialError::Ambiguous)
+        );
+        assert_eq!(
+            extract(&h, Some("api_key=%zz"), &q),
+            Err(CredentialError::Malformed)
+        );
         assert_eq!(extract(&h, Some("x=1"), &q), Err(CredentialError::Missing));
         assert_eq!(strip_query_param("a=1&api_key=k&b=2", "api_key"), "a=1&b=2");
     }

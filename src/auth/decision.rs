@@ -208,7 +208,12 @@ mod tests {
         humantime::parse_rfc3339("2026-06-01T00:00:00Z").unwrap()
     }
 
-    fn run_at(f: &Fixture, method: Method, headers: &[(&'static str, &str)], at: SystemTime) -> Decision {
+    fn run_at(
+        f: &Fixture,
+        method: Method,
+        headers: &[(&'static str, &str)],
+        at: SystemTime,
+    ) -> Decision {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
             h.append(*k, HeaderValue::from_str(v).unwrap());
@@ -238,7 +243,8 @@ mod tests {
 
     fn code_key(f: &Fixture, method: Method, key: &str, more: &[(&'static str, &str)]) -> Code {
         let base = with_key(key);
-        let mut all: Vec<(&'static str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut all: Vec<(&'static str, &str)> =
+            base.iter().map(|(k, v)| (*k, v.as_str())).collect();
         all.extend_from_slice(more);
         code(f, method, &all)
     }
@@ -248,27 +254,83 @@ mod tests {
         let f = fixture();
         assert_eq!(code_key(&f, Method::GET, SERVICE, &[]), Code::Ok);
         assert_eq!(code(&f, Method::GET, &[]), Code::InvalidAuthHeader);
-        assert_eq!(code_key(&f, Method::GET, "sta_not_a_real_key_at_all", &[]), Code::InvalidApiKey);
-        assert_eq!(code_key(&f, Method::GET, "zzz_unknown_prefix_key", &[]), Code::InvalidApiKey);
-        assert_eq!(code_key(&f, Method::GET, "sta_demo_expired_key_0123456789abcdef", &[]), Code::ExpiredApiKey);
-        assert_eq!(code_key(&f, Method::GET, "sta_demo_disabled_key_0123456789abcdef", &[]), Code::DisabledApiKey);
-        assert_eq!(code_key(&f, Method::GET, "sta_demo_staging_key_0123456789abcdef", &[]), Code::WrongEnvironment);
-        assert_eq!(code_key(&f, Method::POST, PERSONAL, &[]), Code::InsufficientScope);
         assert_eq!(
-            code_key(&f, Method::GET, SERVICE, &[("x-delegate-account-id", "507f1f77bc")]),
+            code_key(&f, Method::GET, "sta_not_a_real_key_at_all", &[]),
+            Code::InvalidApiKey
+        );
+        assert_eq!(
+            code_key(&f, Method::GET, "zzz_unknown_prefix_key", &[]),
+            Code::InvalidApiKey
+        );
+        assert_eq!(
+            code_key(
+                &f,
+                Method::GET,
+                "sta_demo_expired_key_0123456789abcdef",
+                &[]
+            ),
+            Code::ExpiredApiKey
+        );
+        assert_eq!(
+            code_key(
+                &f,
+                Method::GET,
+                "sta_demo_disabled_key_0123456789abcdef",
+                &[]
+            ),
+            Code::DisabledApiKey
+        );
+        assert_eq!(
+            code_key(
+                &f,
+                Method::GET,
+                "sta_demo_staging_key_0123456789abcdef",
+                &[]
+            ),
+            Code::WrongEnvironment
+        );
+        assert_eq!(
+            code_key(&f, Method::POST, PERSONAL, &[]),
+            Code::InsufficientScope
+        );
+        assert_eq!(
+            code_key(
+                &f,
+                Method::GET,
+                SERVICE,
+                &[("x-delegate-account-id", "507f1f77bc")]
+            ),
             Code::DelegationNotAllowed
         );
-        assert_eq!(code_key(&f, Method::GET, SERVICE, &[("x-test-admin-route", "1")]), Code::InsufficientScope);
-        assert_eq!(code_key(&f, Method::GET, ENTERPRISE, &[("x-test-admin-route", "1")]), Code::Ok);
-        assert_eq!(code_key(&f, Method::TRACE, SERVICE, &[]), Code::InsufficientScope);
+        assert_eq!(
+            code_key(&f, Method::GET, SERVICE, &[("x-test-admin-route", "1")]),
+            Code::InsufficientScope
+        );
+        assert_eq!(
+            code_key(&f, Method::GET, ENTERPRISE, &[("x-test-admin-route", "1")]),
+            Code::Ok
+        );
+        assert_eq!(
+            code_key(&f, Method::TRACE, SERVICE, &[]),
+            Code::InsufficientScope
+        );
     }
 
     #[test]
     fn no_snapshot_fails_closed() {
         let f = fixture();
         let h = HeaderMap::new();
-        let req = AuthRequest { method: &Method::GET, headers: &h, query: None, route_scopes: None, check_scope: true };
-        assert!(matches!(decide(&req, None, &f.policy, now()), Decision::Deny(Reject::AuthUnavailable)));
+        let req = AuthRequest {
+            method: &Method::GET,
+            headers: &h,
+            query: None,
+            route_scopes: None,
+            check_scope: true,
+        };
+        assert!(matches!(
+            decide(&req, None, &f.policy, now()),
+            Decision::Deny(Reject::AuthUnavailable)
+        ));
     }
 
     #[test]
@@ -284,13 +346,16 @@ mod tests {
     fn prefix_must_fit_type() {
         let mut f = fixture();
         // Give the personal key's digest to a key under the sta_ prefix: type mismatch.
-        let config = Config::from_yaml(&include_str!("../../config/keyward.yaml").replace(
-            "pat_: [personal]",
-            "pat_: [service_account]",
-        ))
+        let config = Config::from_yaml(
+            &include_str!("../../config/keyward.yaml")
+                .replace("pat_: [personal]", "pat_: [service_account]"),
+        )
         .unwrap();
         f.policy = Policy::new(&config);
-        assert_eq!(code_key(&f, Method::GET, PERSONAL, &[]), Code::InvalidApiKey);
+        assert_eq!(
+            code_key(&f, Method::GET, PERSONAL, &[]),
+            Code::InvalidApiKey
+        );
     }
 
     #[test]

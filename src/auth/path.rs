@@ -127,7 +127,16 @@ mod tests {
 
     #[test]
     fn plain_paths_are_unchanged() {
-        for p in ["/", "/a", "/a/b/", "/v1/items/42", "/a%20b", "/caf%C3%A9", "/a:b@c", "/Admin"] {
+        for p in [
+            "/",
+            "/a",
+            "/a/b/",
+            "/v1/items/42",
+            "/a%20b",
+            "/caf%C3%A9",
+            "/a:b@c",
+            "/Admin",
+        ] {
             assert_eq!(ok(p), p);
         }
     }
@@ -177,7 +186,12 @@ mod tests {
 
     #[test]
     fn idempotent_on_samples() {
-        for p in ["/a/../b/./c//d/", "/%7Euser/%41", "/x%20y/../z", "/a/b/c/../.."] {
+        for p in [
+            "/a/../b/./c//d/",
+            "/%7Euser/%41",
+            "/x%20y/../z",
+            "/a/b/c/../..",
+        ] {
             let once = ok(p);
             assert_eq!(ok(&once), once, "{p}");
         }

@@ -141,8 +141,13 @@ mod tests {
         assert_eq!(p.route("/healthz"), Route::Public);
         assert_eq!(p.route("/healthz/x"), Route::Protected { extra: None });
         assert_eq!(p.route("/auth"), Route::Introspection);
-        assert!(matches!(p.route("/admin/users"), Route::Protected { extra: Some(s) } if s == ["admin"]));
-        assert!(matches!(p.route("/admin"), Route::Protected { extra: Some(_) }));
+        assert!(
+            matches!(p.route("/admin/users"), Route::Protected { extra: Some(s) } if s == ["admin"])
+        );
+        assert!(matches!(
+            p.route("/admin"),
+            Route::Protected { extra: Some(_) }
+        ));
         assert_eq!(p.route("/administrator"), Route::Protected { extra: None });
         assert_eq!(p.route("/Admin/users"), Route::Protected { extra: None });
     }
@@ -158,9 +163,15 @@ mod tests {
     #[test]
     fn prefixes() {
         let p = policy();
-        assert_eq!(p.prefix_rule(b"sta_abc"), PrefixRule::Types(&[PrincipalType::ServiceAccount]));
+        assert_eq!(
+            p.prefix_rule(b"sta_abc"),
+            PrefixRule::Types(&[PrincipalType::ServiceAccount])
+        );
         assert_eq!(p.prefix_rule(b"xyz_abc"), PrefixRule::Unknown);
-        let open = Policy { prefixes: vec![], ..p };
+        let open = Policy {
+            prefixes: vec![],
+            ..p
+        };
         assert_eq!(open.prefix_rule(b"xyz"), PrefixRule::Unrestricted);
     }
 }

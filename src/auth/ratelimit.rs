@@ -53,22 +53,40 @@ impl RateLimiter {
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos();
         let interval = (1e9 / limit.per_second) as u128;
         let tolerance = interval * u128::from(limit.burst);
-        let mut cell = self.cells.entry(key.id.clone()).or_insert(Cell { limit, tat: now_ns });
+        let mut cell = self
+            .cells
+            .entry(key.id.clone())
+            .or_insert(Cell { limit, tat: now_ns });
         if cell.limit != limit {
             // The key's limit changed in a reload: start it afresh.
             *cell = Cell { limit, tat: now_ns };
         }
         let new_tat = cell.tat.max(now_ns) + interval;
         let ahead = new_tat - now_ns;
-        let secs = |ns: u128| Duration::from_nanos(ns.min(u64::MAX as u128) as u64).as_secs_f64().ceil() as u64;
+        let secs = |ns: u128| {
+            Duration::from_nanos(ns.min(u64::MAX as u128) as u64)
+                .as_secs_f64()
+                .ceil() as u64
+        };
         if ahead > tolerance {
             let wait = ahead - tolerance;
-            let quota = Quota { limit: limit.burst, remaining: 0, reset_secs: secs(ahead - interval) };
-            return RateDecision::Limited { quota, retry_after_secs: secs(wait).max(1) };
+            let quota = Quota {
+                limit: limit.burst,
+                remaining: 0,
+                reset_secs: secs(ahead - interval),
+            };
+            return RateDecision::Limited {
+                quota,
+                retry_after_secs: secs(wait).max(1),
+            };
         }
         cell.tat = new_tat;
         let remaining = ((tolerance - ahead) / interval.max(1)) as u32;
-        RateDecision::Allowed(Quota { limit: limit.burst, remaining, reset_secs: secs(ahead) })
+        RateDecision::Allowed(Quota {
+            limit: limit.burst,
+            remaining,
+            reset_secs: secs(ahead),
+        })
     }
 
     /// Drop state of keys no longer in the snapshot.
@@ -88,7 +106,11 @@ mod tests {
             "keys:\n  - {{ id: k1, sha256: {}, type: personal, subject_id: s, account_id: a, rate_limit: {{ per_second: {per_second}, burst: {burst} }} }}\n",
             "a".repeat(64)
         );
-        Snapshot::parse(&text, &names, Source::File).unwrap().by_id("k1").unwrap().clone()
+        Snapshot::parse(&text, &names, Source::File)
+            .unwrap()
+            .by_id("k1")
+            .unwrap()
+            .clone()
     }
 
     #[test]
@@ -97,18 +119,30 @@ mod tests {
         let k = key(10.0, 5);
         let t0 = Instant::now();
         for i in 0..5 {
-            assert!(matches!(rl.check(&k, t0), RateDecision::Allowed(q) if q.remaining == 4 - i), "{i}");
+            assert!(
+                matches!(rl.check(&k, t0), RateDecision::Allowed(q) if q.remaining == 4 - i),
+                "{i}"
+            );
         }
         match rl.check(&k, t0) {
-            RateDecision::Limited { retry_after_secs, quota } => {
+            RateDecision::Limited {
+                retry_after_secs,
+                quota,
+            } => {
                 assert_eq!(retry_after_secs, 1);
                 assert_eq!(quota.remaining, 0);
             }
             d => panic!("{d:?}"),
         }
         // 100 ms later one token is back.
-        assert!(matches!(rl.check(&k, t0 + Duration::from_millis(100)), RateDecision::Allowed(_)));
-        assert!(matches!(rl.check(&k, t0 + Duration::from_millis(100)), RateDecision::Limited { .. }));
+        assert!(matches!(
+            rl.check(&k, t0 + Duration::from_millis(100)),
+            RateDecision::Allowed(_)
+        ));
+        assert!(matches!(
+            rl.check(&k, t0 + Duration::from_millis(100)),
+            RateDecision::Limited { .. }
+        ));
     }
 
     #[test]
@@ -121,7 +155,8 @@ mod tests {
         let k2 = key(1.0, 2);
         assert!(matches!(rl.check(&k2, t0), RateDecision::Allowed(_)));
         let names = IdentityNames::new("x-auth-", "p").unwrap();
-        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), &names, Source::File).unwrap();
+        let s =
+            Snapshot::parse(include_str!("../../config/keys.yaml"), &names, Source::File).unwrap();
         let free = s.keys().next().unwrap();
         assert_eq!(rl.check(free, t0), RateDecision::Unlimited);
         rl.retain(&s);

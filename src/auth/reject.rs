@@ -69,16 +69,23 @@ impl Code {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reject {
     /// No credential (`missing`), or a malformed or ambiguous one.
-    InvalidAuthHeader { missing: bool },
+    InvalidAuthHeader {
+        missing: bool,
+    },
     /// Unknown key, unknown prefix, or a prefix that does not fit the key's type.
     InvalidApiKey,
     ExpiredApiKey,
     DisabledApiKey,
     WrongEnvironment,
     /// `required`: any one of these scopes would have been enough.
-    InsufficientScope { required: Vec<String> },
+    InsufficientScope {
+        required: Vec<String>,
+    },
     DelegationNotAllowed,
-    RateLimited { retry_after_secs: u64, limit: u32 },
+    RateLimited {
+        retry_after_secs: u64,
+        limit: u32,
+    },
     UpstreamUnavailable,
     UpstreamTimeout,
     AuthUnavailable,
@@ -183,7 +190,9 @@ impl Reject {
             Reject::BadRequest(reason) => {
                 body["detail"] = serde_json::json!(reason.to_string());
             }
-            Reject::RateLimited { retry_after_secs, .. } => {
+            Reject::RateLimited {
+                retry_after_secs, ..
+            } => {
                 body["retry_after"] = serde_json::json!(retry_after_secs);
             }
             _ => {}
@@ -205,11 +214,15 @@ mod tests {
 
     #[test]
     fn challenges_follow_rfc6750() {
-        let missing = Reject::InvalidAuthHeader { missing: true }.www_authenticate().unwrap();
+        let missing = Reject::InvalidAuthHeader { missing: true }
+            .www_authenticate()
+            .unwrap();
         assert_eq!(missing, r#"Bearer realm="keyward""#);
         let bad = Reject::InvalidApiKey.www_authenticate().unwrap();
         assert!(bad.to_str().unwrap().contains(r#"error="invalid_token""#));
-        let scope = Reject::InsufficientScope { required: vec!["write".into(), "admin".into()] };
+        let scope = Reject::InsufficientScope {
+            required: vec!["write".into(), "admin".into()],
+        };
         assert_eq!(
             scope.www_authenticate().unwrap(),
             r#"Bearer realm="keyward", error="insufficient_scope", scope="write admin""#
@@ -220,12 +233,21 @@ mod tests {
 
     #[test]
     fn body_has_contract_fields() {
-        let b = Reject::InsufficientScope { required: vec!["write".into()] }.body("cid");
+        let b = Reject::InsufficientScope {
+            required: vec!["write".into()],
+        }
+        .body("cid");
         assert_eq!(b["status"], 403);
         assert_eq!(b["code"], "insufficient_scope");
         assert_eq!(b["correlation_id"], "cid");
         assert_eq!(b["required"][0], "write");
-        assert_eq!(Reject::UpstreamUnavailable.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(Reject::AuthUnavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            Reject::UpstreamUnavailable.status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            Reject::AuthUnavailable.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

@@ -393,7 +393,10 @@ impl Key {
             None | Some("active") => Status::Active,
             Some("disabled") => Status::Disabled,
             Some(other) => {
-                return Err(("status", format!("unknown status {other:?} (active | disabled)")))
+                return Err((
+                    "status",
+                    format!("unknown status {other:?} (active | disabled)"),
+                ))
             }
         };
         check_value("subject_id", &doc.subject_id, true)?;
@@ -461,12 +464,18 @@ impl Key {
         match delegated {
             Some(account) => {
                 h.push((names.account_id.clone(), account.clone()));
-                h.push((names.access_type.clone(), HeaderValue::from_static("delegated")));
+                h.push((
+                    names.access_type.clone(),
+                    HeaderValue::from_static("delegated"),
+                ));
                 h.push((names.delegated_by.clone(), v(&self.account_id)));
             }
             None => {
                 h.push((names.account_id.clone(), v(&self.account_id)));
-                h.push((names.access_type.clone(), HeaderValue::from_static("access")));
+                h.push((
+                    names.access_type.clone(),
+                    HeaderValue::from_static("access"),
+                ));
             }
         }
         let optional = [
@@ -590,11 +599,17 @@ mod tests {
 
     #[test]
     fn shipped_demo_keys_parse() {
-        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), &names(), Source::File)
-            .unwrap();
+        let s = Snapshot::parse(
+            include_str!("../../config/keys.yaml"),
+            &names(),
+            Source::File,
+        )
+        .unwrap();
         assert_eq!(s.len(), 6);
         assert_eq!(s.version, Some(1));
-        let k = s.lookup(&digest(b"sta_demo_service_key_0123456789abcdef")).unwrap();
+        let k = s
+            .lookup(&digest(b"sta_demo_service_key_0123456789abcdef"))
+            .unwrap();
         assert_eq!(&*k.id, "key_demo_service");
     }
 
@@ -655,7 +670,9 @@ mod tests {
         let e = refuse(&entry("    delegate_accounts: [\"*\"]\n"));
         assert!(e.starts_with("keys[0] id=key_a: delegate_accounts"), "{e}");
         assert!(refuse(&entry("    subject_email: \"a\\nb\"\n")).contains("subject_email"));
-        assert!(refuse(&entry("    rate_limit: { per_second: 0, burst: 1 }\n")).contains("rate_limit"));
+        assert!(
+            refuse(&entry("    rate_limit: { per_second: 0, burst: 1 }\n")).contains("rate_limit")
+        );
         assert!(refuse(&entry("    colour: red\n")).contains("colour"));
         let no_subject = entry("").replace("    subject_id: s1\n", "");
         assert!(refuse(&no_subject).contains("subject_id"));
@@ -671,21 +688,25 @@ mod tests {
     #[test]
     fn delegation_forms() {
         let ent = |d: &str| {
-            entry(&format!("    delegate_accounts: {d}\n")).replace(
-                "type: service_account",
-                "type: enterprise_service_account",
-            )
+            entry(&format!("    delegate_accounts: {d}\n"))
+                .replace("type: service_account", "type: enterprise_service_account")
         };
         let s = Snapshot::parse(&ent("[\"*\"]"), &names(), Source::File).unwrap();
         assert_eq!(s.by_id("key_a").unwrap().delegation, Delegation::Any);
         let s = Snapshot::parse(&ent("[c1, c2]"), &names(), Source::File).unwrap();
-        assert!(matches!(&s.by_id("key_a").unwrap().delegation, Delegation::Only(set) if set.len() == 2));
+        assert!(
+            matches!(&s.by_id("key_a").unwrap().delegation, Delegation::Only(set) if set.len() == 2)
+        );
     }
 
     #[test]
     fn to_doc_round_trips() {
-        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), &names(), Source::File)
-            .unwrap();
+        let s = Snapshot::parse(
+            include_str!("../../config/keys.yaml"),
+            &names(),
+            Source::File,
+        )
+        .unwrap();
         let text = serde_yaml::to_string(&s.to_doc()).unwrap();
         let again = Snapshot::parse(&text, &names(), Source::Control).unwrap();
         assert_eq!(again.len(), s.len());

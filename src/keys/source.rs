@@ -176,9 +176,8 @@ pub fn apply_pushed(app: &App, body: &[u8], json: bool) -> Result<Arc<Snapshot>,
     let KeySource::Control { state_file, .. } = &app.key_source else {
         unreachable!("callers check for a control source first")
     };
-    let text = std::str::from_utf8(body).map_err(|_| {
-        LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into()))
-    })?;
+    let text = std::str::from_utf8(body)
+        .map_err(|_| LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into())))?;
     let snapshot = if json {
         let doc = serde_json::from_str(text)
             .map_err(|e| LoadError::Invalid(SnapshotError::Parse(e.to_string())))?;
@@ -225,7 +224,9 @@ pub fn persist(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
     std::fs::create_dir_all(dir).map_err(io)?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("snapshot"),
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("snapshot"),
         std::process::id()
     ));
     let mut f = std::fs::File::create(&tmp).map_err(io)?;

@@ -89,7 +89,8 @@ mod tests {
         assert_eq!(r[0].requests, 2);
         assert_eq!(r[0].last_used, "2026-01-01T00:00:00.000Z");
         let names = IdentityNames::new("x-auth-", "p").unwrap();
-        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), &names, Source::File).unwrap();
+        let s =
+            Snapshot::parse(include_str!("../../config/keys.yaml"), &names, Source::File).unwrap();
         u.retain(&s);
         assert_eq!(u.report().len(), 1);
     }

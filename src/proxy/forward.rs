@@ -130,10 +130,7 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// After a `101` from the upstream, splice the two upgraded connections together.
-pub fn spawn_tunnel(
-    downstream: hyper::upgrade::OnUpgrade,
-    upstream_resp: &mut Response<Incoming>,
-) {
+pub fn spawn_tunnel(downstream: hyper::upgrade::OnUpgrade, upstream_resp: &mut Response<Incoming>) {
     let upstream = hyper::upgrade::on(upstream_resp);
     tokio::spawn(async move {
         let (down, up) = match tokio::try_join!(downstream, upstream) {
@@ -157,7 +154,9 @@ pub fn downstream_response(resp: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     super::headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     if upgrade {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     Response::from_parts(parts, http_body_util::Either::Left(body))
 }

@@ -60,7 +60,15 @@ pub async fn handle(
     let elapsed = start.elapsed();
     app.metrics.record_request(code, elapsed);
     in_flight.dec();
-    access_log(&cid, &method, trace.path.as_deref().unwrap_or(&raw_path), resp.status(), code, &trace, elapsed);
+    access_log(
+        &cid,
+        &method,
+        trace.path.as_deref().unwrap_or(&raw_path),
+        resp.status(),
+        code,
+        &trace,
+        elapsed,
+    );
     Ok(resp)
 }
 
@@ -148,7 +156,10 @@ async fn forward(
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         .or_else(|| req.headers().get(header::HOST).cloned());
     let query = forwarded_query(app, req.uri().query());
-    let uri = app.upstream.uri(path, query.as_deref()).map_err(|e| upstream_failed(app, &e))?;
+    let uri = app
+        .upstream
+        .uri(path, query.as_deref())
+        .map_err(|e| upstream_failed(app, &e))?;
 
     let h = req.headers_mut();
     headers::strip_hop_by_hop(h, upgrade);
@@ -176,7 +187,11 @@ async fn forward(
     headers::set_correlation(h, cid);
     *req.uri_mut() = uri;
 
-    let (mut resp, took) = app.upstream.send(req).await.map_err(|e| upstream_failed(app, &e))?;
+    let (mut resp, took) = app
+        .upstream
+        .send(req)
+        .await
+        .map_err(|e| upstream_failed(app, &e))?;
     trace.upstream = Some(took);
     app.metrics.record_upstream(resp.status().as_u16(), took);
     if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {

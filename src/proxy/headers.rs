@@ -82,7 +82,10 @@ fn is_trusted_alias(name: &str, identity_prefix: &str) -> bool {
 /// Remove every header a client could use to impersonate keyward: identity headers and
 /// their `_`/`.` aliases, and the delegation header (consumed by keyward).
 pub fn strip_trusted(headers: &mut HeaderMap, identity_prefix: &str) {
-    if !headers.keys().any(|n| is_trusted_alias(n.as_str(), identity_prefix)) {
+    if !headers
+        .keys()
+        .any(|n| is_trusted_alias(n.as_str(), identity_prefix))
+    {
         return;
     }
     let doomed: Vec<HeaderName> = headers
@@ -222,7 +225,13 @@ mod tests {
             ("forwarded", "for=1.2.3.4"),
         ]);
         let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
-        set_forwarded(&mut h, peer, false, Some(HeaderValue::from_static("app")), &[]);
+        set_forwarded(
+            &mut h,
+            peer,
+            false,
+            Some(HeaderValue::from_static("app")),
+            &[],
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app");
@@ -231,7 +240,10 @@ mod tests {
 
     #[test]
     fn trusted_peer_chain_is_appended() {
-        let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ]);
         let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
         let trusted = [Cidr::try_from("10.0.0.0/8".to_string()).unwrap()];
         set_forwarded(&mut h, peer, false, None, &trusted);

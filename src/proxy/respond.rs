@@ -15,7 +15,10 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(bytes))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
@@ -27,7 +30,11 @@ pub fn error(reject: &Reject, correlation_id: &str) -> Response<Body> {
     if let Some(challenge) = reject.www_authenticate() {
         h.insert(header::WWW_AUTHENTICATE, challenge);
     }
-    if let Reject::RateLimited { retry_after_secs, limit } = reject {
+    if let Reject::RateLimited {
+        retry_after_secs,
+        limit,
+    } = reject
+    {
         h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
         h.insert("ratelimit-limit", HeaderValue::from(*limit));
         h.insert("ratelimit-remaining", HeaderValue::from_static("0"));
@@ -39,17 +46,20 @@ pub fn error(reject: &Reject, correlation_id: &str) -> Response<Body> {
 /// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
 /// `[A-Za-z0-9._:-]`, otherwise mint a UUID v4.
 pub fn correlation_id(headers: &HeaderMap) -> HeaderValue {
-    [&super::headers::X_CORRELATION_ID, &super::headers::X_REQUEST_ID]
-        .into_iter()
-        .filter_map(|name| headers.get(name))
-        .find(|v| valid_correlation_id(v.as_bytes()))
-        .cloned()
-        .unwrap_or_else(|| {
-            let id = uuid::Uuid::new_v4();
-            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
-                .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-        })
+    [
+        &super::headers::X_CORRELATION_ID,
+        &super::headers::X_REQUEST_ID,
+    ]
+    .into_iter()
+    .filter_map(|name| headers.get(name))
+    .find(|v| valid_correlation_id(v.as_bytes()))
+    .cloned()
+    .unwrap_or_else(|| {
+        let id = uuid::Uuid::new_v4();
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    })
 }
 
 fn valid_correlation_id(v: &[u8]) -> bool {
@@ -73,13 +83,22 @@ mod tests {
         assert_eq!(correlation_id(&h), "corr:2");
         h.insert("x-correlation-id", HeaderValue::from_static("bad value"));
         assert_eq!(correlation_id(&h), "req-1");
-        h.insert("x-request-id", HeaderValue::from_str(&"a".repeat(129)).unwrap());
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_str(&"a".repeat(129)).unwrap(),
+        );
         assert_eq!(correlation_id(&h).len(), 36);
     }
 
     #[test]
     fn error_carries_challenge_and_retry() {
-        let r = error(&Reject::RateLimited { retry_after_secs: 3, limit: 10 }, "c");
+        let r = error(
+            &Reject::RateLimited {
+                retry_after_secs: 3,
+                limit: 10,
+            },
+            "c",
+        );
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "3");
         assert_eq!(r.headers()["ratelimit-limit"], "10");

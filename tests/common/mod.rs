@@ -1,0 +1,354 @@
+//! Front-door test harness: a real recording upstream on loopback, a real keyward on
+//! `127.0.0.1:0` in front of it, and plain HTTP clients (hyper, or raw bytes over TCP).
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+pub use keyward::demo::DEMO_ADMIN_TOKEN;
+
+pub const SERVICE_KEY: &str = "sta_demo_service_key_0123456789abcdef";
+pub const ENTERPRISE_KEY: &str = "ste_demo_enterprise_key_0123456789abcdef";
+pub const PERSONAL_KEY: &str = "pat_demo_personal_key_0123456789abcdef";
+pub const DISABLED_KEY: &str = "sta_demo_disabled_key_0123456789abcdef";
+pub const EXPIRED_KEY: &str = "sta_demo_expired_key_0123456789abcdef";
+pub const STAGING_KEY: &str = "sta_demo_staging_key_0123456789abcdef";
+pub const DEMO_KEYS: &str = include_str!("../../config/keys.yaml");
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query as received.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body_len: usize,
+}
+
+/// A real HTTP server on loopback that records every request and answers 200 with a small
+/// body. Paths starting with `/slow/<ms>` wait that long; `/big/<bytes>` answers with that
+/// many bytes; `/ws` accepts an HTTP upgrade and echoes bytes.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.requests()
+            .last()
+            .cloned()
+            .expect("upstream saw no request")
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+pub async fn spawn_upstream() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| upstream_handle(seen.clone(), req));
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, seen }
+}
+
+async fn upstream_handle(
+    seen: Arc<Mutex<Vec<Seen>>>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let method = req.method().to_string();
+    let headers = req.headers().clone();
+    if target == "/ws" {
+        let on = hyper::upgrade::on(&mut req);
+        seen.lock().unwrap().push(Seen {
+            method,
+            target,
+            headers,
+            body_len: 0,
+        });
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let resp = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        return Ok(resp);
+    }
+    // Stream the body through, counting it, without holding it all.
+    let mut body_len = 0;
+    let mut body = req.into_body();
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(d) = frame.data_ref() {
+            body_len += d.len();
+        }
+    }
+    seen.lock().unwrap().push(Seen {
+        method,
+        target: target.clone(),
+        headers,
+        body_len,
+    });
+    if let Some(ms) = target.strip_prefix("/slow/") {
+        let ms: u64 = ms.split('?').next().unwrap_or("0").parse().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let body = match target.strip_prefix("/big/") {
+        Some(n) => Bytes::from(vec![b'x'; n.parse().unwrap_or(0)]),
+        None => Bytes::from(format!("upstream ok, body_len={body_len}")),
+    };
+    let resp = Response::builder()
+        .header("set-cookie", "a=1")
+        .header("set-cookie", "b=2")
+        .header("x-upstream", "yes")
+        .body(Full::new(body))
+        .unwrap();
+    Ok(resp)
+}
+
+/// A keyward instance running in this process.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub app: Arc<keyward::App>,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn keys_file(&self) -> PathBuf {
+        self.dir.path().join("keys.yaml")
+    }
+
+    /// Trigger shutdown and wait for `run` to return.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The test config: loopback listeners on port 0, the given upstream, a temp copy of the
+/// demo keys, and `extra` YAML appended. `extra` may only add top-level fields this base
+/// does not set (credentials, scopes, limits, tls, metrics, identity_headers, ...).
+pub fn config_yaml(upstream: SocketAddr, keys_file: &std::path::Path, extra: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:0\n\
+         admin_listen: 127.0.0.1:0\n\
+         upstream: http://{upstream}\n\
+         environment: production\n\
+         keys: {{ file: {keys}, poll_interval: 50ms }}\n\
+         prefixes: {{ sta_: [service_account], ste_: [enterprise_service_account], pat_: [personal] }}\n\
+         routes:\n  - {{ path: /healthz, public: true }}\n  - {{ prefix: /public/, public: true }}\n  - {{ prefix: /admin/, any_of: [admin] }}\n\
+         admin: {{ token_sha256: 3f9967c81c5db39ca184a821f85aec50cb0d3ef30ecf1de704d001f48f998d35 }}\n\
+         shutdown: {{ drain_delay: 0s, grace: 5s }}\n\
+         log: {{ format: json, level: warn }}\n\
+         {extra}",
+        keys = keys_file.display()
+    )
+}
+
+/// Start keyward in front of `upstream` with the demo keys; `extra` adds config fields.
+pub async fn spawn_proxy(upstream: SocketAddr, extra: &str) -> Proxy {
+    spawn_proxy_with(upstream, extra, Some(DEMO_KEYS)).await
+}
+
+/// Like [`spawn_proxy`], with a chosen key file content (`None`: no file at all).
+pub async fn spawn_proxy_with(upstream: SocketAddr, extra: &str, keys: Option<&str>) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    if let Some(k) = keys {
+        std::fs::write(&keys_file, k).unwrap();
+    }
+    let yaml = config_yaml(upstream, &keys_file, extra);
+    let config = keyward::config::Config::from_yaml(&yaml).expect("test config");
+    start(config, dir).await
+}
+
+/// Start keyward from a ready config (which may point into `dir`).
+pub async fn start(config: keyward::config::Config, dir: tempfile::TempDir) -> Proxy {
+    let server = keyward::Keyward::bind(config).await.expect("keyward binds");
+    let addr = server.local_addr();
+    let admin = server.admin_addr();
+    let app = server.app.clone();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    Proxy {
+        addr,
+        admin,
+        app,
+        dir,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// A response, fully read.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or_default().to_string()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// An HTTP/1.1 client (pooled), for well-formed requests.
+pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Send a request with headers and an optional body; read the whole response.
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Got {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
+    let resp = client().request(req).await.expect("request");
+    read(resp).await
+}
+
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Got {
+    send("GET", url, headers, b"").await
+}
+
+pub async fn read(resp: Response<Incoming>) -> Got {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// An h2c (prior knowledge) GET.
+pub async fn get_h2c(url: &str, headers: &[(&str, &str)]) -> Got {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let mut b = Request::builder().uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = client
+        .request(b.body(Empty::new()).unwrap())
+        .await
+        .expect("h2c request");
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    read(resp).await
+}
+
+/// Write raw bytes on a fresh connection and read until the server closes or `wait` passes.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of the first response in a raw HTTP/1.1 reply.
+pub fn raw_status(reply: &str) -> u16 {
+    reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The admin bearer header.
+pub fn admin_auth() -> String {
+    format!("Bearer {DEMO_ADMIN_TOKEN}")
+}
+
+/// Wait (bounded) until `cond` holds, polling; for state with no push signal, such as a
+/// file watcher picking up a change.
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
