@@ -37,3 +37,519 @@ async fn allowed_request_reaches_upstream_with_identity() {
     assert_eq!(r.headers.get_all("set-cookie").iter().count(), 2);
     kw.shutdown().await;
 }
+
+fn www(r: &Got) -> String {
+    r.headers
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn every_auth_error_code_through_the_front_door() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let u = kw.url("/v1/items");
+    let cases: Vec<(&str, Vec<(&str, String)>, u16, &str)> = vec![
+        ("GET", vec![], 401, "invalid_auth_header"),
+        (
+            "GET",
+            vec![("authorization", "Bearer".into())],
+            401,
+            "invalid_auth_header",
+        ),
+        (
+            "GET",
+            vec![("authorization", "Bearer short".into())],
+            401,
+            "invalid_auth_header",
+        ),
+        (
+            "GET",
+            vec![
+                ("authorization", format!("Bearer {SERVICE_KEY}")),
+                ("x-api-key", PERSONAL_KEY.into()),
+            ],
+            401,
+            "invalid_auth_header",
+        ),
+        (
+            "GET",
+            vec![
+                ("authorization", format!("Token {SERVICE_KEY}")),
+                ("authorization", format!("Token {SERVICE_KEY}")),
+            ],
+            401,
+            "invalid_auth_header",
+        ),
+        (
+            "GET",
+            vec![("x-api-key", "sta_unknown_key_000000000000".into())],
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "GET",
+            vec![("x-api-key", "zzz_unknown_prefix_0000000".into())],
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "GET",
+            vec![("x-api-key", EXPIRED_KEY.into())],
+            401,
+            "expired_api_key",
+        ),
+        (
+            "GET",
+            vec![("x-api-key", DISABLED_KEY.into())],
+            401,
+            "disabled_api_key",
+        ),
+        (
+            "GET",
+            vec![("x-api-key", STAGING_KEY.into())],
+            401,
+            "wrong_environment",
+        ),
+        (
+            "POST",
+            vec![("authorization", format!("Token {PERSONAL_KEY}"))],
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "GET",
+            vec![
+                ("x-api-key", SERVICE_KEY.into()),
+                ("x-delegate-account-id", "507f1f77bc".into()),
+            ],
+            403,
+            "delegation_not_allowed",
+        ),
+        (
+            "GET",
+            vec![
+                ("x-api-key", ENTERPRISE_KEY.into()),
+                ("x-delegate-account-id", "not_listed".into()),
+            ],
+            403,
+            "delegation_not_allowed",
+        ),
+    ];
+    for (method, headers, status, code) in &cases {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = send(method, &u, &h, b"").await;
+        assert_eq!(r.status, *status, "{method} {headers:?}: {}", r.text());
+        assert_eq!(r.headers["content-type"], "application/json");
+        let body = r.json();
+        assert_eq!(body["code"], *code, "{headers:?}");
+        assert_eq!(body["status"], *status);
+        assert!(body["error"].is_string());
+        assert_eq!(
+            body["correlation_id"],
+            r.headers["x-correlation-id"].to_str().unwrap()
+        );
+        if *status == 401 {
+            let w = www(&r);
+            if headers.is_empty() {
+                assert_eq!(w, r#"Bearer realm="keyward""#);
+            } else {
+                assert_eq!(
+                    w, r#"Bearer realm="keyward", error="invalid_token""#,
+                    "{headers:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(up.count(), 0, "no denied request may reach the upstream");
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn insufficient_scope_lists_required_scopes() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let r = send(
+        "DELETE",
+        &kw.url("/v1/items/1"),
+        &[("x-api-key", PERSONAL_KEY)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["required"], serde_json::json!(["write"]));
+    assert_eq!(
+        www(&r),
+        r#"Bearer realm="keyward", error="insufficient_scope", scope="write""#
+    );
+    // A route rule adds its own requirement on top of the method's.
+    let r = get(&kw.url("/admin/users"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["required"], serde_json::json!(["admin"]));
+    let r = get(&kw.url("/admin"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(
+        r.status, 403,
+        "the bare directory is covered by the prefix rule"
+    );
+    let r = get(&kw.url("/admin/users"), &[("x-api-key", ENTERPRISE_KEY)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.count(), 1);
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_slow_upstream_is_504() {
+    // A port with nothing listening: bind, note, drop.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let kw = spawn_proxy(closed, "").await;
+    let r = get(&kw.url("/x"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.code(), "upstream_unavailable");
+    kw.shutdown().await;
+
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { upstream_timeout: 200ms }\n").await;
+    let r = get(&kw.url("/slow/3000"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.code(), "upstream_timeout");
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn forged_identity_headers_are_stripped_in_every_spelling() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let forged = [
+        ("x-auth-subject-id", "evil"),
+        ("X-Auth-Account-Id", "evil"),
+        ("X_Auth_Subject_Id", "evil"),
+        ("x.auth.subject.id", "evil"),
+        ("x-auth_key_id", "evil"),
+        ("x-auth-made-up", "evil"),
+        ("x_delegate_account_id", "evil"),
+    ];
+    let mut h: Vec<(&str, &str)> = forged.to_vec();
+    h.push(("x-api-key", SERVICE_KEY));
+    h.push(("connection", "x-auth-subject-id, x-auth-account-id"));
+    let r = get(&kw.url("/v1/me"), &h).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = up.last();
+    for (name, value) in seen.headers.iter() {
+        assert_ne!(value, "evil", "forged {name} reached the upstream");
+    }
+    // keyward's own values arrive even though the client's Connection header named them.
+    assert_eq!(
+        seen.headers["x-auth-subject-id"],
+        "507f1f77bcf86cd799439015"
+    );
+    assert_eq!(
+        seen.headers["x-auth-account-id"],
+        "507f1f77bcf86cd799439012"
+    );
+    assert!(seen.headers.get("x-auth-made-up").is_none());
+
+    // Public routes need no key, and still lose forged identity.
+    let r = get(&kw.url("/healthz"), &forged).await;
+    assert_eq!(r.status, 200);
+    let seen = up.last();
+    assert_eq!(seen.target, "/healthz");
+    assert!(
+        seen.headers.keys().all(|k| !k.as_str().contains("auth")),
+        "{:?}",
+        seen.headers
+    );
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn delegation_sets_effective_account() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let r = get(
+        &kw.url("/v1/items"),
+        &[
+            ("authorization", &format!("Bearer {ENTERPRISE_KEY}")),
+            ("x-delegate-account-id", "507f1f77bc"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = up.last().headers;
+    assert_eq!(h["x-auth-account-id"], "507f1f77bc");
+    assert_eq!(h["x-auth-access-type"], "delegated");
+    assert_eq!(h["x-auth-delegated-by"], "68c584136b9b08b8fc53a85e");
+    assert_eq!(h["x-auth-enterprise-id"], "68c584136b9b08b8fc53a85e");
+    assert_eq!(h["x-auth-principal-type"], "enterprise_service_account");
+    assert!(
+        h.get("x-delegate-account-id").is_none(),
+        "delegation header is consumed"
+    );
+    assert!(h.get("authorization").is_none());
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn path_tricks_are_refused_or_denied_never_forwarded() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let tricks = [
+        ("/v1/../admin/users", 403),
+        ("//admin/users", 403),
+        ("/x/%2e%2e/admin/users", 403),
+        ("/%61dmin/users", 403),
+        ("/admin%2fusers", 400),
+        ("/admin%2Fusers", 400),
+        ("/admin%5cusers", 400),
+        ("/admin;jsessionid=1/users", 400),
+        ("/../admin/users", 400),
+        ("/admin/%00", 400),
+        ("/admin/%zz", 400),
+        ("http://evil.example/admin/users", 403),
+    ];
+    for (target, want) in tricks {
+        let req = format!(
+            "GET {target} HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\nconnection: close\r\n\r\n"
+        );
+        let reply = raw(kw.addr, req.as_bytes(), std::time::Duration::from_secs(5)).await;
+        assert_eq!(raw_status(&reply), want, "{target}: {reply}");
+        let code = if want == 400 {
+            "bad_request"
+        } else {
+            "insufficient_scope"
+        };
+        assert!(reply.contains(code), "{target}: {reply}");
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.requests());
+    // What is authorized is what is forwarded: the normalized path.
+    let req = format!(
+        "GET /v1/./a//b/../c?q=%2e%2e HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\nconnection: close\r\n\r\n"
+    );
+    let reply = raw(kw.addr, req.as_bytes(), std::time::Duration::from_secs(5)).await;
+    assert_eq!(raw_status(&reply), 200, "{reply}");
+    assert_eq!(up.last().target, "/v1/a/c?q=%2e%2e");
+    kw.shutdown().await;
+}
+
+/// A fragment is never sent upstream: the request target's parser drops it, and the
+/// path before it is what is authorized and forwarded.
+#[tokio::test]
+async fn fragment_in_target_is_dropped_not_a_bypass() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let send_raw = |target: &str| {
+        format!("GET {target} HTTP/1.1\r\nhost: a\r\nx-api-key: {SERVICE_KEY}\r\nconnection: close\r\n\r\n")
+    };
+    let reply = raw(
+        kw.addr,
+        send_raw("/v1/x#/../admin").as_bytes(),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(raw_status(&reply), 200, "{reply}");
+    assert_eq!(up.last().target, "/v1/x");
+    let reply = raw(
+        kw.addr,
+        send_raw("/admin/x#frag").as_bytes(),
+        std::time::Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(raw_status(&reply), 403, "{reply}");
+    assert_eq!(up.count(), 1);
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let body = vec![7u8; 8 * 1024 * 1024];
+    let r = send(
+        "POST",
+        &kw.url("/upload"),
+        &[("x-api-key", SERVICE_KEY)],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.last().body_len, body.len());
+    let r = get(&kw.url("/big/6000000"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 6_000_000);
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2c_is_served() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let r = get_h2c(&kw.url("/v1/h2"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(r.status, 200);
+    let seen = up.last();
+    assert_eq!(seen.target, "/v1/h2");
+    assert_eq!(seen.headers["x-auth-key-id"], "key_demo_service");
+    let r = get_h2c(&kw.url("/v1/h2"), &[]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.code(), "invalid_auth_header");
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_authenticated_then_tunnelled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let handshake = |key: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nhost: app\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nx-api-key: {key}\r\n\r\n"
+        )
+    };
+    let reply = raw(
+        kw.addr,
+        handshake("sta_wrong_key_00000000000").as_bytes(),
+        std::time::Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(raw_status(&reply), 401);
+    assert_eq!(up.count(), 0);
+
+    let mut s = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
+    s.write_all(handshake(SERVICE_KEY).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed during handshake");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert_eq!(
+        up.last().headers["x-auth-subject-id"],
+        "507f1f77bcf86cd799439015"
+    );
+    s.write_all(b"ping through the tunnel").await.unwrap();
+    let mut echoed = vec![0u8; 23];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping through the tunnel");
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn introspection_answers_locally() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let r = get(
+        &kw.url("/auth"),
+        &[
+            ("x-api-key", ENTERPRISE_KEY),
+            ("x-correlation-id", "intro-1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let b = r.json();
+    assert_eq!(b["principal_type"], "enterprise_service_account");
+    assert_eq!(b["subject_id"], "68c5841f6b9b08b8fc53a001");
+    assert_eq!(b["account_id"], "68c584136b9b08b8fc53a85e");
+    assert_eq!(b["enterprise_id"], "68c584136b9b08b8fc53a85e");
+    assert_eq!(b["key_id"], "key_demo_enterprise");
+    assert_eq!(b["scopes"], serde_json::json!(["read", "write", "admin"]));
+    assert_eq!(b["environment"], "production");
+    assert_eq!(b["correlation_id"], "intro-1");
+    assert!(b["expires_at"].is_null());
+    assert!(b.get("org_id").is_some());
+    let r = get(&kw.url("/auth"), &[("x-api-key", EXPIRED_KEY)]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.code(), "expired_api_key");
+    let r = get(&kw.url("/auth"), &[]).await;
+    assert_eq!(r.code(), "invalid_auth_header");
+    assert_eq!(up.count(), 0, "introspection never reaches the upstream");
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn correlation_id_is_taken_or_minted() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let r = get(
+        &kw.url("/x"),
+        &[("x-api-key", SERVICE_KEY), ("x-request-id", "req-42")],
+    )
+    .await;
+    assert_eq!(r.headers["x-correlation-id"], "req-42");
+    assert_eq!(up.last().headers["x-correlation-id"], "req-42");
+    let r = get(&kw.url("/x"), &[("x-correlation-id", "bad id with spaces")]).await;
+    let cid = r.headers["x-correlation-id"].to_str().unwrap().to_string();
+    assert_eq!(cid.len(), 36, "{cid}");
+    assert_eq!(r.json()["correlation_id"], cid.as_str());
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn forward_credential_and_echo_to_client_options() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(
+        up.addr,
+        "forward_credential: true\nidentity_headers: { prefix: x-auth-, echo_to_client: true }\n",
+    )
+    .await;
+    let r = get(
+        &kw.url("/x"),
+        &[("authorization", &format!("Token {SERVICE_KEY}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        up.last().headers["authorization"],
+        format!("Token {SERVICE_KEY}").as_str()
+    );
+    assert_eq!(r.headers["x-auth-key-id"], "key_demo_service");
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn query_credential_when_enabled_is_not_forwarded() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(
+        up.addr,
+        "credentials: [{ header: x-api-key }, { query: api_key }]\n",
+    )
+    .await;
+    let r = get(&kw.url(&format!("/x?a=1&api_key={SERVICE_KEY}&b=2")), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.last().target, "/x?a=1&b=2");
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn forwarded_headers_trust_only_configured_proxies() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let h = [
+        ("x-api-key", SERVICE_KEY),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("host", "app.example"),
+    ];
+    get(&kw.url("/x"), &h).await;
+    let seen = up.last().headers;
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "app.example");
+    assert_eq!(seen["host"], "app.example");
+    kw.shutdown().await;
+
+    let kw = spawn_proxy(up.addr, "trusted_proxies: [127.0.0.0/8]\n").await;
+    get(&kw.url("/x"), &h).await;
+    let seen = up.last().headers;
+    assert_eq!(seen["x-forwarded-for"], "6.6.6.6, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    kw.shutdown().await;
+}
