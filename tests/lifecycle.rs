@@ -1,0 +1,524 @@
+//! Key snapshot lifecycle: reload from file (change, symlink swap, SIGHUP), bad files, the
+//! control API, fail-closed start, usage tracking, reload storms, graceful shutdown.
+
+mod common;
+use common::*;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+const NEW_KEY: &str = "sta_rotated_key_0123456789abcdef";
+
+/// The demo keys plus one more, with a new version.
+fn keys_with_new_key(version: u64) -> String {
+    let digest = hex::encode(keyward::keys::digest(NEW_KEY.as_bytes()));
+    DEMO_KEYS.replace("version: 1", &format!("version: {version}"))
+        + &format!(
+            "  - id: key_rotated\n    sha256: {digest}\n    type: service_account\n    subject_id: s_rot\n    account_id: a_rot\n    scopes: [read]\n"
+        )
+}
+
+async fn status_with(kw: &Proxy, key: &str) -> u16 {
+    get(&kw.url("/v1/x"), &[("x-api-key", key)])
+        .await
+        .status
+        .as_u16()
+}
+
+async fn metric(kw: &Proxy, series: &str) -> f64 {
+    let text = get(&kw.admin_url("/metrics"), &[]).await.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn file_change_is_reloaded_and_bad_file_keeps_last_good() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    assert_eq!(status_with(&kw, NEW_KEY).await, 401);
+    std::fs::write(kw.keys_file(), keys_with_new_key(2)).unwrap();
+    eventually("new key accepted", || async {
+        status_with(&kw, NEW_KEY).await == 200
+    })
+    .await;
+    assert_eq!(metric(&kw, "keyward_snapshot_version ").await, 2.0);
+
+    // A broken file is refused whole; the last good snapshot stays in force.
+    let errors = r#"keyward_snapshot_reloads_total{result="error",source="file"} "#;
+    let before = metric(&kw, errors).await;
+    let broken = keys_with_new_key(3).replace("type: personal", "type: robot");
+    std::fs::write(kw.keys_file(), broken).unwrap();
+    eventually("reload error counted", || async {
+        metric(&kw, errors).await > before
+    })
+    .await;
+    assert_eq!(status_with(&kw, NEW_KEY).await, 200);
+    assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
+    assert_eq!(metric(&kw, "keyward_snapshot_version ").await, 2.0);
+
+    // Removing a key revokes it on the next reload.
+    std::fs::write(kw.keys_file(), DEMO_KEYS).unwrap();
+    eventually("rotated key removed", || async {
+        status_with(&kw, NEW_KEY).await == 401
+    })
+    .await;
+    kw.shutdown().await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn kubernetes_style_symlink_swap_is_seen() {
+    use std::os::unix::fs::symlink;
+    let up = spawn_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The kubelet layout: keys.yaml -> ..data/keys.yaml, ..data -> ..v1 (swapped by rename).
+    let v1 = dir.path().join("..v1");
+    let v2 = dir.path().join("..v2");
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::write(v1.join("keys.yaml"), DEMO_KEYS).unwrap();
+    std::fs::write(v2.join("keys.yaml"), keys_with_new_key(5)).unwrap();
+    symlink("..v1", dir.path().join("..data")).unwrap();
+    let link = dir.path().join("keys.yaml");
+    symlink("..data/keys.yaml", &link).unwrap();
+    let yaml = config_yaml(up.addr, &link, "");
+    let config = keyward::config::Config::from_yaml(&yaml).unwrap();
+    let kw = start(config, dir).await;
+    assert_eq!(status_with(&kw, NEW_KEY).await, 401);
+    let tmp = kw.dir.path().join("..data_tmp");
+    symlink("..v2", &tmp).unwrap();
+    std::fs::rename(&tmp, kw.dir.path().join("..data")).unwrap();
+    eventually("swapped Secret seen", || async {
+        status_with(&kw, NEW_KEY).await == 200
+    })
+    .await;
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn fail_closed_until_a_snapshot_arrives() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy_with(up.addr, "", None).await;
+    let r = get(&kw.url("/v1/x"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.code(), "auth_unavailable");
+    assert_eq!(get(&kw.admin_url("/readyz"), &[]).await.status, 503);
+    assert_eq!(get(&kw.admin_url("/healthz"), &[]).await.status, 200);
+    // Public routes need no snapshot.
+    assert_eq!(get(&kw.url("/healthz"), &[]).await.status, 200);
+    assert_eq!(up.count(), 1);
+
+    std::fs::write(kw.keys_file(), DEMO_KEYS).unwrap();
+    eventually("ready once the file appears", || async {
+        get(&kw.admin_url("/readyz"), &[]).await.status == 200
+    })
+    .await;
+    assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
+    kw.shutdown().await;
+}
+
+async fn spawn_control(up: std::net::SocketAddr, state: &std::path::Path, seed: bool) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    if seed {
+        std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    }
+    let yaml = config_yaml(up, &keys_file, "").replace(
+        "keys: { file:",
+        &format!(
+            "keys: {{ control: {{ state_file: {} }}, file:",
+            state.display()
+        ),
+    );
+    let config = keyward::config::Config::from_yaml(&yaml).unwrap();
+    start(config, dir).await
+}
+
+#[tokio::test]
+async fn control_api_put_get_disable_and_persistence() {
+    let up = spawn_upstream().await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("state/snapshot.yaml");
+    let kw = spawn_control(up.addr, &state, false).await;
+    let auth = admin_auth();
+    let admin = |p: &str| kw.admin_url(p);
+
+    // Fail closed until pushed.
+    assert_eq!(status_with(&kw, SERVICE_KEY).await, 503);
+    // No token or a wrong one: 401.
+    assert_eq!(get(&admin("/v1/snapshot"), &[]).await.status, 401);
+    let wrong = [("authorization", "Bearer not-the-token")];
+    assert_eq!(
+        send("PUT", &admin("/v1/snapshot"), &wrong, DEMO_KEYS.as_bytes())
+            .await
+            .status,
+        401
+    );
+
+    let ah = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/yaml"),
+    ];
+    let r = send("PUT", &admin("/v1/snapshot"), &ah, DEMO_KEYS.as_bytes()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["keys"], 6);
+    assert!(state.exists(), "persisted before answering");
+    assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
+    assert_eq!(get(&admin("/readyz"), &[]).await.status, 200);
+
+    let info = get(&admin("/v1/snapshot"), &[("authorization", &auth)])
+        .await
+        .json();
+    assert_eq!(info["version"], 1);
+    assert_eq!(info["keys"], 6);
+    assert_eq!(info["source"], "control");
+    assert_eq!(info["digest"].as_str().unwrap().len(), 64);
+    assert!(info["loaded_at"].as_str().unwrap().ends_with('Z'));
+
+    // JSON by content-type; an invalid one is refused with the entry named.
+    let digest = hex::encode(keyward::keys::digest(NEW_KEY.as_bytes()));
+    let json = serde_json::json!({"version": 9, "keys": [
+        {"id": "key_json", "sha256": digest, "type": "service_account", "subject_id": "s", "account_id": "a", "scopes": ["read"]},
+        {"id": "key_svc", "sha256": hex::encode(keyward::keys::digest(SERVICE_KEY.as_bytes())), "type": "service_account", "subject_id": "s2", "account_id": "a", "scopes": ["read"]}
+    ]});
+    let jh = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let r = send(
+        "PUT",
+        &admin("/v1/snapshot"),
+        &jh,
+        json.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, NEW_KEY).await, 200);
+    let mut bad = json.clone();
+    bad["keys"][1]["sha256"] = serde_json::json!("nothex");
+    let r = send(
+        "PUT",
+        &admin("/v1/snapshot"),
+        &jh,
+        bad.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("keys[1] id=key_svc: sha256"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        status_with(&kw, NEW_KEY).await,
+        200,
+        "last good snapshot stays"
+    );
+
+    // Usage is tracked per key id.
+    let usage = get(&admin("/v1/keys/usage"), &[("authorization", &auth)])
+        .await
+        .json();
+    let entry = usage["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == "key_json")
+        .cloned()
+        .unwrap();
+    assert!(entry["requests"].as_u64().unwrap() >= 2);
+
+    // Emergency revoke: next request is refused, and it is persisted.
+    let r = send(
+        "POST",
+        &admin("/v1/keys/key_json/disable"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(&kw.url("/v1/x"), &[("x-api-key", NEW_KEY)]).await;
+    assert_eq!(r.code(), "disabled_api_key");
+    let r = send(
+        "POST",
+        &admin("/v1/keys/nope/disable"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    kw.shutdown().await;
+
+    // A restart loads the persisted state, revocation included.
+    let kw = spawn_control(up.addr, &state, true).await;
+    let r = get(&kw.url("/v1/x"), &[("x-api-key", NEW_KEY)]).await;
+    assert_eq!(r.code(), "disabled_api_key");
+    assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
+    assert_eq!(
+        status_with(&kw, PERSONAL_KEY).await,
+        401,
+        "the seed file is not used once state exists"
+    );
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn file_source_refuses_control_writes() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let auth = admin_auth();
+    let r = send(
+        "POST",
+        &kw.admin_url("/v1/keys/key_demo_service/disable"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 409);
+    let r = send(
+        "PUT",
+        &kw.admin_url("/v1/snapshot"),
+        &[("authorization", &auth)],
+        DEMO_KEYS.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 409);
+    assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
+    // /metrics, /healthz and /readyz need no token.
+    assert_eq!(get(&kw.admin_url("/metrics"), &[]).await.status, 200);
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn usage_survives_reload_and_drops_removed_keys() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let auth = admin_auth();
+    std::fs::write(kw.keys_file(), keys_with_new_key(2)).unwrap();
+    eventually("new key", || async {
+        status_with(&kw, NEW_KEY).await == 200
+    })
+    .await;
+    assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
+    let usage = || async {
+        get(&kw.admin_url("/v1/keys/usage"), &[("authorization", &auth)])
+            .await
+            .json()["keys"]
+            .clone()
+    };
+    let u = usage().await;
+    assert!(u
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["key_id"] == "key_rotated"));
+    std::fs::write(
+        kw.keys_file(),
+        DEMO_KEYS.replace("version: 1", "version: 3"),
+    )
+    .unwrap();
+    eventually("rotated key gone", || async {
+        status_with(&kw, NEW_KEY).await == 401
+    })
+    .await;
+    let u = usage().await;
+    let ids: Vec<&str> = u
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["key_demo_service"],
+        "kept across reload; removed keys drop out"
+    );
+    assert_eq!(u[0]["requests"], 1);
+    kw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_storm_loses_no_request() {
+    let up = spawn_upstream().await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("snapshot.yaml");
+    let kw = Arc::new(spawn_control(up.addr, &state, true).await);
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (kw, ok, failed, stop) = (kw.clone(), ok.clone(), failed.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                let req = http::Request::get(kw.url("/v1/storm"))
+                    .header("x-api-key", SERVICE_KEY)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                match c.request(req).await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let auth = admin_auth();
+    let ah = [("authorization", auth.as_str())];
+    for v in 0..40u64 {
+        let body = keys_with_new_key(v + 10);
+        let r = send("PUT", &kw.admin_url("/v1/snapshot"), &ah, body.as_bytes()).await;
+        assert_eq!(r.status, 200);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("reload storm: {ok} requests ok, {failed} failed, 40 reloads");
+    assert_eq!(failed, 0);
+    assert!(ok > 40, "clients made progress during the storm: {ok}");
+    assert_eq!(metric(&kw, "keyward_snapshot_version ").await, 49.0);
+}
+
+// ---- real process, real signals ----
+
+/// The real binary, with the test config rewritten by `tweak`.
+struct Process {
+    child: Child,
+    admin: std::net::SocketAddr,
+    listen: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+impl Process {
+    async fn start(upstream: std::net::SocketAddr, tweak: impl Fn(String) -> String) -> Process {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys.yaml");
+        std::fs::write(&keys, DEMO_KEYS).unwrap();
+        let (listen, admin) = (free_port(), free_port());
+        let yaml = tweak(config_yaml(upstream, &keys, ""))
+            .replacen(
+                "admin_listen: 127.0.0.1:0",
+                &format!("admin_listen: {admin}"),
+                1,
+            )
+            .replacen("listen: 127.0.0.1:0", &format!("listen: {listen}"), 1);
+        let cfg = dir.path().join("keyward.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let p = Process {
+            child,
+            admin,
+            listen,
+            dir,
+        };
+        eventually("process ready", || async {
+            client_status(&format!("http://{admin}/readyz")).await == Some(200)
+        })
+        .await;
+        p
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A GET's status, or `None` while nothing listens yet.
+async fn client_status(url: &str) -> Option<u16> {
+    let req = http::Request::get(url)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    client()
+        .request(req)
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+#[tokio::test]
+async fn sighup_reloads_keys() {
+    let up = spawn_upstream().await;
+    // Polling every hour: only the signal can explain a reload.
+    let p = Process::start(up.addr, |c| {
+        c.replace("poll_interval: 50ms", "poll_interval: 1h")
+    })
+    .await;
+    let url = format!("http://{}/v1/x", p.listen);
+    std::fs::write(p.dir.path().join("keys.yaml"), keys_with_new_key(2)).unwrap();
+    assert_eq!(
+        get(&url, &[("x-api-key", NEW_KEY)]).await.status,
+        401,
+        "no reload without the signal"
+    );
+    p.signal("-HUP");
+    eventually("SIGHUP reload", || async {
+        get(&url, &[("x-api-key", NEW_KEY)]).await.status == 200
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_finishes_in_flight_requests() {
+    let up = spawn_upstream().await;
+    let mut p = Process::start(up.addr, |c| {
+        c.replace(
+            "drain_delay: 0s, grace: 5s",
+            "drain_delay: 300ms, grace: 10s",
+        )
+    })
+    .await;
+    let (listen, admin) = (p.listen, p.admin);
+    let slow = tokio::spawn(async move {
+        get(
+            &format!("http://{listen}/slow/1500"),
+            &[("x-api-key", SERVICE_KEY)],
+        )
+        .await
+    });
+    eventually("slow request reached upstream", || async {
+        up.count() >= 1
+    })
+    .await;
+    p.signal("-TERM");
+    eventually("readyz fails at once", || async {
+        client_status(&format!("http://{admin}/readyz")).await == Some(503)
+    })
+    .await;
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200, "in-flight request completes");
+    let status = tokio::task::spawn_blocking(move || p.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
+}
