@@ -41,15 +41,20 @@ fn bench_decision(c: &mut Criterion) {
         let mut headers = HeaderMap::new();
         headers.insert("x-api-key", HeaderValue::from_str(&raw_key(n / 2)).unwrap());
         let mut unknown = HeaderMap::new();
-        unknown.insert("authorization", HeaderValue::from_static("Bearer sta_unknown_key_0000000000000000"));
+        unknown.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer sta_unknown_key_0000000000000000"),
+        );
         let now = SystemTime::now();
-        let req = |h: &HeaderMap| AuthRequest {
-            method: &Method::GET,
-            headers: h,
-            query: None,
-            route_scopes: None,
-            check_scope: true,
-        };
+        fn req(h: &HeaderMap) -> AuthRequest<'_> {
+            AuthRequest {
+                method: &Method::GET,
+                headers: h,
+                query: None,
+                route_scopes: None,
+                check_scope: true,
+            }
+        }
         group.bench_with_input(BenchmarkId::new("allow", n), &n, |b, _| {
             b.iter(|| {
                 let d = decide(black_box(&req(&headers)), Some(&snapshot), &policy, now);
@@ -71,7 +76,11 @@ fn bench_snapshot_parse(c: &mut Criterion) {
     for n in [10_000usize, 200_000] {
         let text = snapshot_yaml(n);
         group.bench_with_input(BenchmarkId::from_parameter(n), &text, |b, text| {
-            b.iter(|| Snapshot::parse(black_box(text), &names, Source::File).unwrap().len())
+            b.iter(|| {
+                Snapshot::parse(black_box(text), &names, Source::File)
+                    .unwrap()
+                    .len()
+            })
         });
     }
     group.finish();
