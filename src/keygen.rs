@@ -2,7 +2,6 @@
 //! once, to the operator who asked for it.
 
 use base64::Engine as _;
-use serde::Serialize;
 
 use crate::keys::snapshot::KeyDoc;
 use crate::keys::{digest, PrincipalType};
@@ -37,20 +36,27 @@ pub struct NewKey {
     pub expires_at: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Entry<'a> {
-    keys: [&'a KeyDoc; 1],
+/// A fresh public key id, `key_` + 12 hex characters of OS randomness. It is independent
+/// of the key, so nothing about the key or its digest can be read from the id (which shows
+/// up in logs, metrics and upstream headers).
+pub fn generate_id() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 6];
+    getrandom::getrandom(&mut bytes)?;
+    Ok(format!("key_{}", hex::encode(bytes)))
 }
 
-/// The snapshot entry for a generated key, as YAML to paste under `keys:`.
+/// The snapshot entry for a generated key: a YAML list item, indented to go under the
+/// `keys:` list of a snapshot file. The text is checked by parsing it exactly as a loaded
+/// snapshot would be, so an entry that would be refused (a bad `expires_at`, say) is an
+/// error here rather than at the next reload.
 pub fn entry_yaml(raw: &str, new: &NewKey) -> Result<String, String> {
-    let digest_hex = hash_key(raw);
+    let id = match &new.id {
+        Some(id) => id.clone(),
+        None => generate_id().map_err(|e| format!("randomness: {e}"))?,
+    };
     let doc = KeyDoc {
-        id: new
-            .id
-            .clone()
-            .unwrap_or_else(|| format!("key_{}", &digest_hex[..12])),
-        sha256: digest_hex,
+        id,
+        sha256: hash_key(raw),
         kind: new.principal_type.as_str().to_string(),
         subject_id: new.subject_id.clone(),
         account_id: new.account_id.clone(),
@@ -60,15 +66,17 @@ pub fn entry_yaml(raw: &str, new: &NewKey) -> Result<String, String> {
         expires_at: new.expires_at.clone(),
         ..KeyDoc::default()
     };
-    // Validate exactly as a loaded snapshot would be.
+    let list = serde_yaml::to_string(&[&doc]).map_err(|e| e.to_string())?;
+    let mut item = String::with_capacity(list.len() + 64);
+    for line in list.lines() {
+        item.push_str("  ");
+        item.push_str(line);
+        item.push('\n');
+    }
     let names = crate::keys::IdentityNames::new("x-auth-", "check").map_err(|e| e.to_string())?;
-    let snapshot = crate::keys::SnapshotDoc {
-        version: None,
-        keys: vec![doc.clone()],
-    };
-    crate::keys::Snapshot::from_doc(snapshot, &names, crate::keys::Source::File, String::new())
+    crate::keys::Snapshot::parse(&format!("keys:\n{item}"), &names, crate::keys::Source::File)
         .map_err(|e| e.to_string())?;
-    serde_yaml::to_string(&Entry { keys: [&doc] }).map_err(|e| e.to_string())
+    Ok(item)
 }
 
 #[cfg(test)]
@@ -108,8 +116,27 @@ mod tests {
             expires_at: Some("2030-01-01T00:00:00Z".into()),
         };
         let yaml = entry_yaml(&raw, &new).unwrap();
-        assert!(yaml.contains(&hash_key(&raw)));
+        assert!(yaml.starts_with("  - id: key_ci\n"), "{yaml}");
+        assert!(yaml.contains(&format!("    sha256: {}\n", hash_key(&raw))));
         assert!(!yaml.contains(&raw));
+        let generated = entry_yaml(
+            &raw,
+            &NewKey {
+                id: None,
+                ..new.clone()
+            },
+        )
+        .unwrap();
+        let id = generated
+            .lines()
+            .next()
+            .unwrap()
+            .trim_start_matches("  - id: ");
+        assert!(id.starts_with("key_") && id.len() == 16, "{id}");
+        assert!(
+            !hash_key(&raw).contains(&id[4..]),
+            "the id says nothing about the key"
+        );
         let bad = NewKey {
             expires_at: Some("soon".into()),
             ..new

@@ -116,7 +116,10 @@ impl Keyward {
     /// accept connections, so tests and probes need no sleep.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let tls = match &config.tls {
-            Some(t) => Some(tls::TlsAcceptor::new(tls::load_server_config(t)?)),
+            Some(t) => Some(tls::TlsAcceptor::load(
+                t,
+                config.limits.header_read_timeout,
+            )?),
             None => None,
         };
         let listener = bind(config.listen).await?;

@@ -1,18 +1,30 @@
-//! Downstream TLS (rustls): PEM certificate and key, ALPN `h2`/`http/1.1`, optional client
-//! certificates. The server config sits behind an `ArcSwap` so a rotated certificate is
-//! used by the next handshake while existing connections keep theirs.
+//! Downstream TLS (rustls): PEM certificate and key, ALPN `h2`/`http/1.1`, TLS 1.2 and 1.3,
+//! optional client certificates (mTLS). The server config sits behind an `ArcSwap`, so a
+//! rotated certificate is used by the next handshake while existing connections keep theirs.
+//!
+//! Rotation: [`watch`] re-reads the files every `tls.poll_interval` and compares a hash of
+//! their content (not mtimes: Kubernetes swaps a mounted Secret through a `..data` symlink).
+//! The files are read once per check, and the config is built from exactly the bytes that
+//! were hashed. A pair that does not load (say, a new certificate beside the old key while
+//! a rotation is half-written) is refused and the current certificate stays in use; the
+//! next change is tried again.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use sha2::{Digest as _, Sha256};
 use tokio::net::TcpStream;
 
 use crate::config::TlsConfig;
+
+/// Handshake deadline used by [`TlsAcceptor::new`] when none is given.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -22,6 +34,8 @@ pub enum TlsError {
         path: String,
         reason: String,
     },
+    #[error("tls.{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
     #[error("tls: {0}")]
     Config(String),
 }
@@ -34,54 +48,138 @@ fn file_err(field: &'static str, path: &Path, reason: impl ToString) -> TlsError
     }
 }
 
-/// Build a rustls server config from the files named in `tls`.
-pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
-        .map_err(|e| file_err("cert", &tls.cert, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| file_err("cert", &tls.cert, e))?;
-    if certs.is_empty() {
-        return Err(file_err("cert", &tls.cert, "no certificate found"));
+/// The raw content of the files a TLS config is built from, read once.
+struct TlsFiles {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl TlsFiles {
+    fn read(tls: &TlsConfig) -> Result<Self, TlsError> {
+        let read = |field, path: &Path| std::fs::read(path).map_err(|e| file_err(field, path, e));
+        Ok(Self {
+            cert: read("cert", &tls.cert)?,
+            key: read("key", &tls.key)?,
+            client_ca: match &tls.client_ca {
+                Some(ca) => Some(read("client_ca", ca)?),
+                None => None,
+            },
+        })
     }
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| file_err("key", &tls.key, e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let builder = match &tls.client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for cert in
-                CertificateDer::pem_file_iter(ca).map_err(|e| file_err("client_ca", ca, e))?
-            {
-                let cert = cert.map_err(|e| file_err("client_ca", ca, e))?;
-                roots.add(cert).map_err(|e| file_err("client_ca", ca, e))?;
+
+    /// SHA-256 over all files, length-prefixed so that content moving between files counts
+    /// as a change.
+    fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for part in [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()] {
+            match part {
+                Some(bytes) => {
+                    h.update((bytes.len() as u64 + 1).to_be_bytes());
+                    h.update(bytes);
+                }
+                None => h.update(0u64.to_be_bytes()),
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| file_err("client_ca", ca, e))?;
-            builder.with_client_cert_verifier(verifier)
         }
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Config(format!("certificate and key do not match: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+        h.finalize().into()
+    }
+
+    fn build(&self, tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<_, _>>()
+            .map_err(|e| file_err("cert", &tls.cert, e))?;
+        if certs.is_empty() {
+            return Err(file_err("cert", &tls.cert, "no PEM certificate found"));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key)
+            .map_err(|e| file_err("key", &tls.key, format!("no usable PEM private key ({e})")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let builder = match (&tls.client_ca, &self.client_ca) {
+            (Some(path), Some(pem)) => {
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| file_err("client_ca", path, e))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| file_err("client_ca", path, e))?;
+                }
+                if roots.is_empty() {
+                    return Err(file_err("client_ca", path, "no PEM certificate found"));
+                }
+                // Client certificates are mandatory: `build()` without
+                // `allow_unauthenticated()` refuses a client that presents none.
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| file_err("client_ca", path, e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        // Fails when the key cannot be used or does not belong to the certificate.
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+            file_err(
+                "key",
+                &tls.key,
+                format!("does not go with tls.cert {}: {e}", tls.cert.display()),
+            )
+        })?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+fn check_settings(tls: &TlsConfig) -> Result<(), TlsError> {
+    if tls.poll_interval.is_zero() {
+        return Err(TlsError::Invalid {
+            field: "poll_interval",
+            reason: "must be greater than zero".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Build a rustls server config from the files named in `tls`. Errors name the field
+/// (`tls.cert`, `tls.key`, `tls.client_ca`, ...) and the file.
+pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
+    check_settings(tls)?;
+    TlsFiles::read(tls)?.build(tls)
 }
 
 /// Accepts TLS connections with the current server config.
 #[derive(Clone)]
 pub struct TlsAcceptor {
     config: Arc<ArcSwap<ServerConfig>>,
+    /// Fingerprint of the files `config` was built from, when known (see [`watch`]).
+    loaded: Arc<ArcSwap<Option<[u8; 32]>>>,
+    handshake_timeout: Duration,
 }
 
 impl TlsAcceptor {
+    /// An acceptor for a ready server config, with [`DEFAULT_HANDSHAKE_TIMEOUT`].
     pub fn new(config: ServerConfig) -> Self {
         Self {
             config: Arc::new(ArcSwap::from_pointee(config)),
+            loaded: Arc::new(ArcSwap::from_pointee(None)),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
+    }
+
+    /// Load the files named in `tls`. The TLS handshake must complete within
+    /// `handshake_timeout`, or the connection is closed (a client that connects and sends
+    /// nothing does not hold a connection slot).
+    pub fn load(tls: &TlsConfig, handshake_timeout: Duration) -> Result<Self, TlsError> {
+        check_settings(tls)?;
+        let files = TlsFiles::read(tls)?;
+        let acceptor = Self::new(files.build(tls)?);
+        acceptor.loaded.store(Arc::new(Some(files.fingerprint())));
+        Ok(Self {
+            handshake_timeout,
+            ..acceptor
+        })
     }
 
     /// Replace the server config; later handshakes use it.
@@ -93,48 +191,159 @@ impl TlsAcceptor {
         &self,
         stream: TcpStream,
     ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
-        tokio_rustls::TlsAcceptor::from(self.config.load_full())
-            .accept(stream)
-            .await
+        let handshake = tokio_rustls::TlsAcceptor::from(self.config.load_full()).accept(stream);
+        match tokio::time::timeout(self.handshake_timeout, handshake).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            )),
+        }
     }
 }
 
-/// The content of the files a TLS config is built from, to notice rotation.
-fn fingerprint(tls: &TlsConfig) -> Option<Vec<u8>> {
-    let mut all = Vec::new();
-    for p in [Some(&tls.cert), Some(&tls.key), tls.client_ca.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        all.extend_from_slice(&crate::keys::digest(&std::fs::read(p).ok()?));
-    }
-    Some(all)
-}
-
-/// Poll the certificate files; when their content changes and the new pair loads, the next
-/// handshake uses it. A broken pair (say, a half-written rotation) keeps the old one.
+/// Poll the certificate files; when their content changes and the new set loads, the next
+/// handshake uses it. A set that does not load keeps the current certificate, and is
+/// reported once (not on every poll) until the files change again.
 pub async fn watch(acceptor: TlsAcceptor, tls: TlsConfig) {
-    let mut last = fingerprint(&tls);
-    let mut tick = tokio::time::interval(tls.poll_interval);
+    let mut last = **acceptor.loaded.load();
+    let interval = tls.poll_interval.max(Duration::from_millis(1));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let tls2 = tls.clone();
-        let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&tls2)).await else {
-            continue;
+        let read = tokio::task::spawn_blocking(move || {
+            let files = TlsFiles::read(&tls2)?;
+            let fingerprint = files.fingerprint();
+            Ok::<_, TlsError>((files, fingerprint))
+        })
+        .await;
+        let (files, now) = match read {
+            Ok(Ok(pair)) => pair,
+            // A file missing for a moment (mid-rotation): look again on the next tick.
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS files not readable; keeping the current certificate");
+                continue;
+            }
+            Err(_) => continue,
         };
-        if now.is_none() || now == last {
+        if last == Some(now) {
             continue;
         }
-        match load_server_config(&tls) {
+        last = Some(now);
+        match files.build(&tls) {
             Ok(config) => {
                 acceptor.replace(config);
-                last = now;
+                acceptor.loaded.store(Arc::new(Some(now)));
                 tracing::info!(cert = %tls.cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
                 tracing::warn!(error = %e, "TLS reload refused; keeping the current certificate")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn config(dir: &Path, client_ca: bool) -> TlsConfig {
+        TlsConfig {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            client_ca: client_ca.then(|| dir.join("ca.crt")),
+            poll_interval: Duration::from_millis(50),
+        }
+    }
+
+    #[test]
+    fn loads_a_pair_with_alpn() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair("localhost");
+        std::fs::write(dir.path().join("tls.crt"), &cert).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key).unwrap();
+        let c = load_server_config(&config(dir.path(), false)).unwrap();
+        assert_eq!(c.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        std::fs::write(dir.path().join("ca.crt"), &cert).unwrap();
+        load_server_config(&config(dir.path(), true)).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = |c: &TlsConfig| load_server_config(c).unwrap_err().to_string();
+        let c = config(dir.path(), false);
+        assert!(err(&c).starts_with("tls.cert: "), "{}", err(&c));
+
+        let (cert, key) = pair("localhost");
+        std::fs::write(&c.cert, &cert).unwrap();
+        assert!(err(&c).starts_with("tls.key: "), "{}", err(&c));
+        std::fs::write(&c.key, "not a key").unwrap();
+        assert!(err(&c).starts_with("tls.key: "), "{}", err(&c));
+
+        // A key that belongs to another certificate.
+        let (_, other_key) = pair("localhost");
+        std::fs::write(&c.key, other_key).unwrap();
+        assert!(err(&c).contains("does not go with tls.cert"), "{}", err(&c));
+        std::fs::write(&c.key, key).unwrap();
+
+        std::fs::write(&c.cert, "garbage").unwrap();
+        assert!(err(&c).starts_with("tls.cert: "), "{}", err(&c));
+        std::fs::write(&c.cert, &cert).unwrap();
+
+        let with_ca = config(dir.path(), true);
+        assert!(err(&with_ca).starts_with("tls.client_ca: "));
+        std::fs::write(dir.path().join("ca.crt"), "").unwrap();
+        assert!(err(&with_ca).starts_with("tls.client_ca: "));
+
+        let zero = TlsConfig {
+            poll_interval: Duration::ZERO,
+            ..c
+        };
+        assert!(err(&zero).starts_with("tls.poll_interval: "));
+    }
+
+    #[test]
+    fn fingerprint_follows_content() {
+        let a = TlsFiles {
+            cert: b"ab".to_vec(),
+            key: b"c".to_vec(),
+            client_ca: None,
+        };
+        let b = TlsFiles {
+            cert: b"a".to_vec(),
+            key: b"bc".to_vec(),
+            client_ca: None,
+        };
+        let c = TlsFiles {
+            client_ca: Some(Vec::new()),
+            ..TlsFiles {
+                cert: b"ab".to_vec(),
+                key: b"c".to_vec(),
+                client_ca: None,
+            }
+        };
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_ne!(a.fingerprint(), c.fingerprint());
+        assert_eq!(
+            a.fingerprint(),
+            TlsFiles {
+                cert: b"ab".to_vec(),
+                key: b"c".to_vec(),
+                client_ca: None
+            }
+            .fingerprint()
+        );
     }
 }

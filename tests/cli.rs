@@ -1,0 +1,297 @@
+//! The `keyward` command line, run as a process: `keys generate`, `keys hash` and `check`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use base64::Engine as _;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// `keyward <args>` from the repository root, with no `KEYWARD_CONFIG` from outside.
+fn keyward(args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .current_dir(ROOT)
+        .env_remove("KEYWARD_CONFIG")
+        .env_remove("RUST_LOG");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    keyward(args).output().expect("run keyward")
+}
+
+fn run_stdin(args: &[&str], input: &[u8]) -> Output {
+    let mut child = keyward(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keyward");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// What `keys generate` printed: the raw key line and the snapshot entry.
+struct Generated {
+    raw: String,
+    entry_text: String,
+    entry: serde_yaml::Value,
+}
+
+fn generate(args: &[&str]) -> Generated {
+    let mut all = vec!["keys", "generate"];
+    all.extend_from_slice(args);
+    let out = run(&all);
+    assert!(out.status.success(), "generate failed: {}", stderr(&out));
+    let text = stdout(&out);
+    // Comment lines, one line with the key, then the entry (a list item for `keys:`).
+    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
+    let raw = lines.next().expect("a key line").to_string();
+    let entry_text: String = lines.map(|l| format!("{l}\n")).collect();
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&format!("keys:\n{entry_text}")).expect("entry is YAML");
+    let entry = doc["keys"][0].clone();
+    Generated {
+        raw,
+        entry_text,
+        entry,
+    }
+}
+
+fn hash(input: &[u8]) -> String {
+    let out = run_stdin(&["keys", "hash"], input);
+    assert!(out.status.success(), "hash failed: {}", stderr(&out));
+    stdout(&out).trim_end().to_string()
+}
+
+/// The shipped config with `keys.file` pointing at `keys` and `edit` applied, in `dir`.
+fn config_with(dir: &Path, keys: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let base = std::fs::read_to_string(Path::new(ROOT).join("config/keyward.yaml")).unwrap();
+    let text = base.replace(
+        "file: config/keys.yaml",
+        &format!("file: {}", keys.display()),
+    );
+    assert_ne!(
+        text, base,
+        "config/keyward.yaml names keys.file config/keys.yaml"
+    );
+    let path = dir.join("keyward.yaml");
+    std::fs::write(&path, edit(text)).unwrap();
+    path
+}
+
+#[test]
+fn generate_then_hash_round_trip() {
+    let g = generate(&[
+        "--prefix",
+        "sta_",
+        "--type",
+        "service_account",
+        "--subject",
+        "507f1f77bcf86cd799439099",
+        "--account",
+        "507f1f77bcf86cd799439012",
+        "--scopes",
+        "read,write",
+        "--expires-at",
+        "2030-01-01T00:00:00Z",
+        "--environment",
+        "production",
+        "--id",
+        "key_ci_bot",
+    ]);
+    let digest = g.entry["sha256"].as_str().unwrap().to_string();
+    // `keys hash` of the printed key, as `keyward keys hash < key.txt` with or without a
+    // trailing newline, gives the digest of the entry.
+    assert_eq!(hash(format!("{}\n", g.raw).as_bytes()), digest);
+    assert_eq!(hash(g.raw.as_bytes()), digest);
+    assert_eq!(digest.len(), 64);
+
+    let e = &g.entry;
+    assert_eq!(e["id"], "key_ci_bot");
+    assert_eq!(e["type"], "service_account");
+    assert_eq!(e["subject_id"], "507f1f77bcf86cd799439099");
+    assert_eq!(e["account_id"], "507f1f77bcf86cd799439012");
+    assert_eq!(e["scopes"][0], "read");
+    assert_eq!(e["scopes"][1], "write");
+    assert_eq!(e["expires_at"], "2030-01-01T00:00:00Z");
+    assert_eq!(e["environment"], "production");
+    assert_eq!(e["status"], "active");
+    assert!(
+        !g.entry_text.contains(&g.raw),
+        "the entry never holds the key"
+    );
+
+    // The entry, pasted under `keys:`, is a snapshot `keyward check` accepts.
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, format!("version: 2\nkeys:\n{}", g.entry_text)).unwrap();
+    let config = config_with(dir.path(), &keys, |t| t);
+    let out = run(&["check", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("1 keys"), "{}", stdout(&out));
+}
+
+#[test]
+fn generated_keys_are_random_urlsafe_and_prefixed() {
+    let args = [
+        "--prefix",
+        "pat_",
+        "--type",
+        "personal",
+        "--subject",
+        "s",
+        "--account",
+        "a",
+    ];
+    let (a, b) = (generate(&args), generate(&args));
+    assert_ne!(a.raw, b.raw);
+    assert_ne!(a.entry["id"], b.entry["id"], "ids are generated per key");
+    for g in [&a, &b] {
+        let body = g.raw.strip_prefix("pat_").expect("prefix");
+        assert!(
+            body.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
+            "URL-safe: {body}"
+        );
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .expect("base64url");
+        assert!(bytes.len() >= 32, "{} bytes of randomness", bytes.len());
+        assert_eq!(g.entry["type"], "personal");
+        // Defaults: read scope, active, no expiry.
+        assert_eq!(g.entry["scopes"][0], "read");
+        assert_eq!(g.entry["status"], "active");
+        assert!(g.entry.get("expires_at").is_none());
+    }
+}
+
+#[test]
+fn generate_and_hash_refuse_bad_input() {
+    let out = run(&[
+        "keys",
+        "generate",
+        "--prefix",
+        "sta_",
+        "--type",
+        "service_account",
+        "--subject",
+        "s",
+        "--account",
+        "a",
+        "--expires-at",
+        "next week",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("expires_at"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "no key printed for a refused entry");
+
+    let out = run(&[
+        "keys",
+        "generate",
+        "--type",
+        "robot",
+        "--subject",
+        "s",
+        "--account",
+        "a",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--type"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+
+    let out = run_stdin(&["keys", "hash"], b"\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no key on stdin"), "{}", stderr(&out));
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let out = run(&["check", "--config", "config/keyward.yaml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("config/keys.yaml: 6 keys"), "{text}");
+    assert!(text.contains("config/keyward.yaml: ok"), "{text}");
+
+    // KEYWARD_CONFIG names the file when --config is absent.
+    let out = keyward(&["check"])
+        .env("KEYWARD_CONFIG", "config/keyward.yaml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn check_rejects_bad_configs_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    let demo = std::fs::read_to_string(Path::new(ROOT).join("config/keys.yaml")).unwrap();
+    std::fs::write(&keys, &demo).unwrap();
+
+    let refuse = |edit: &dyn Fn(String) -> String| -> String {
+        let config = config_with(dir.path(), &keys, edit);
+        let out = run(&["check", "--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "stdout: {}", stdout(&out));
+        stderr(&out)
+    };
+    let sub = |from: &'static str, to: &'static str| {
+        move |t: String| {
+            assert!(t.contains(from), "{from}");
+            t.replacen(from, to, 1)
+        }
+    };
+
+    let e = refuse(&sub("max_connections: 10000", "max_conections: 10000"));
+    assert!(e.contains("limits.max_conections"), "{e}");
+    assert!(e.contains("unknown field"), "{e}");
+
+    let e = refuse(&|t| format!("{t}\nlisten_port: 8080\n"));
+    assert!(e.contains("unknown field `listen_port`"), "{e}");
+
+    let e = refuse(&sub("upstream_timeout: 60s", "upstream_timeout: sixty"));
+    assert!(e.contains("limits.upstream_timeout"), "{e}");
+
+    let e = refuse(&sub("drain_delay: 5s", "drain_delay: 5"));
+    assert!(e.contains("shutdown.drain_delay"), "{e}");
+
+    let e = refuse(&sub(
+        "tls: null",
+        "tls: { cert: /nonexistent/tls.crt, key: /nonexistent/tls.key }",
+    ));
+    assert!(e.contains("tls.cert: /nonexistent/tls.crt"), "{e}");
+
+    // A bad entry in the key snapshot names the entry and the field.
+    let bad_digest = demo.replacen(
+        "sha256: 451b4043e4598c8b59570fe2073d3749196be7b9db7e0101cac04fdef07f0363",
+        "sha256: 451b4043e4598c8b",
+        1,
+    );
+    assert_ne!(bad_digest, demo);
+    std::fs::write(&keys, bad_digest).unwrap();
+    let e = refuse(&|t| t);
+    assert!(e.contains("keys[1] id=key_demo_enterprise: sha256"), "{e}");
+
+    let duplicate = demo.replacen("id: key_demo_enterprise", "id: key_demo_service", 1);
+    std::fs::write(&keys, duplicate).unwrap();
+    let e = refuse(&|t| t);
+    assert!(
+        e.contains("keys[1] id=key_demo_service: id: duplicate id"),
+        "{e}"
+    );
+
+    // A key file that does not exist.
+    std::fs::remove_file(&keys).unwrap();
+    let e = refuse(&|t| t);
+    assert!(e.contains(&keys.display().to_string()), "{e}");
+}

@@ -1,0 +1,483 @@
+//! Downstream TLS through the front door: certificates made here with rcgen, keyward on
+//! `127.0.0.1:0` with `tls:` set, real rustls clients (HTTP/1.1 and h2 by ALPN), rotation of
+//! the certificate files the way the kubelet updates a mounted Secret, and mTLS.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode, Version};
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+// ---------------------------------------------------------------------------------------
+// Certificates
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+/// A certificate issued by a [`Ca`], as PEM and DER.
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+    der: CertificateDer<'static>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    fn issue(&self, cn: &str, purpose: ExtendedKeyUsagePurpose) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![purpose];
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
+    fn server(&self, cn: &str) -> Leaf {
+        self.issue(cn, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    fn client(&self, cn: &str) -> Leaf {
+        self.issue(cn, ExtendedKeyUsagePurpose::ClientAuth)
+    }
+}
+
+/// Certificate files laid out like a Kubernetes Secret volume: `tls.crt` and `tls.key`
+/// are symlinks into `..data`, itself a symlink to a versioned directory that is replaced
+/// atomically on update.
+struct CertDir {
+    dir: tempfile::TempDir,
+    version: u32,
+}
+
+impl CertDir {
+    fn new(leaf: &Leaf) -> CertDir {
+        let mut d = CertDir {
+            dir: tempfile::tempdir().unwrap(),
+            version: 0,
+        };
+        d.publish(&leaf.cert_pem, &leaf.key_pem);
+        for name in ["tls.crt", "tls.key"] {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), d.path(name)).unwrap();
+        }
+        d
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Write a new version and swap `..data` to it in one rename.
+    fn publish(&mut self, cert_pem: &str, key_pem: &str) {
+        self.version += 1;
+        let v = format!("..v{}", self.version);
+        std::fs::create_dir(self.path(&v)).unwrap();
+        std::fs::write(self.path(&v).join("tls.crt"), cert_pem).unwrap();
+        std::fs::write(self.path(&v).join("tls.key"), key_pem).unwrap();
+        let tmp = self.path("..data_tmp");
+        std::os::unix::fs::symlink(&v, &tmp).unwrap();
+        std::fs::rename(&tmp, self.path("..data")).unwrap();
+    }
+
+    fn write_ca(&self, pem: &str) -> PathBuf {
+        let p = self.path("ca.crt");
+        std::fs::write(&p, pem).unwrap();
+        p
+    }
+
+    /// The `tls:` config block.
+    fn yaml(&self, client_ca: Option<&Path>) -> String {
+        let ca = client_ca.map_or("null".to_string(), |p| p.display().to_string());
+        format!(
+            "tls: {{ cert: {}, key: {}, client_ca: {ca}, poll_interval: 50ms }}\n",
+            self.path("tls.crt").display(),
+            self.path("tls.key").display()
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca: &Ca) -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    roots
+}
+
+/// A client trusting `ca`, offering `alpn`, optionally with a client certificate.
+fn connector(ca: &Ca, alpn: &[&[u8]], client_cert: Option<&Leaf>) -> TlsConnector {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots(ca));
+    let mut config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some(leaf) => builder
+            .with_client_auth_cert(
+                vec![leaf.der.clone()],
+                PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+async fn handshake(
+    connector: &TlsConnector,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await
+}
+
+fn peer_cert(tls: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .expect("server certificate")[0]
+        .clone()
+}
+
+/// An HTTP/1.1 connection over an established TLS stream.
+async fn http1(tls: TlsStream<TcpStream>) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn authed_get(path: &str) -> Request<Empty<Bytes>> {
+    Request::get(path)
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {SERVICE_KEY}"))
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// One authenticated GET on a new TLS connection; any TLS or HTTP failure is an `Err`.
+async fn try_get(
+    connector: &TlsConnector,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> Result<Got, String> {
+    let tls = handshake(connector, addr)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(authed_get(path))
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    Ok(read(resp).await)
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+
+#[tokio::test]
+async fn http1_over_tls_forwards_with_https_proto() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+
+    let tls = handshake(&connector(&ca, &[b"http/1.1"], None), proxy.addr)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let mut h1 = http1(tls).await;
+    let got = read(h1.send_request(authed_get("/tls/one")).await.unwrap()).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    let seen = upstream.last();
+    assert_eq!(seen.target, "/tls/one");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["x-auth-key-id"], "key_demo_service");
+    assert!(!seen.headers.contains_key("authorization"));
+
+    // Still authenticated like plain HTTP: no key, no forwarding.
+    let no_key = Request::get("/tls/two")
+        .header("host", "localhost")
+        .body(Empty::new())
+        .unwrap();
+    let got = read(h1.send_request(no_key).await.unwrap()).await;
+    assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(got.code(), "invalid_auth_header");
+    assert_eq!(upstream.count(), 1);
+
+    // The plain-text port is TLS only: an HTTP/1.1 request in clear text gets no answer.
+    let reply = raw(
+        proxy.addr,
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(!reply.starts_with("HTTP/"), "{reply:?}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2_is_negotiated_by_alpn() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+
+    let tls = handshake(&connector(&ca, &[b"h2", b"http/1.1"], None), proxy.addr)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // Two streams on the one connection.
+    for path in ["/h2/a", "/h2/b"] {
+        let req = Request::get(format!("https://localhost{path}"))
+            .header("x-api-key", SERVICE_KEY)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), Version::HTTP_2);
+        let got = read(resp).await;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+        let seen = upstream.last();
+        assert_eq!(seen.target, path);
+        assert_eq!(seen.headers["x-forwarded-proto"], "https");
+        assert_eq!(
+            seen.headers["x-auth-subject-id"],
+            "507f1f77bcf86cd799439015"
+        );
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn tls_1_2_and_1_3_are_accepted() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots(&ca))
+            .with_no_client_auth();
+        let tls = handshake(&TlsConnector::from(Arc::new(config)), proxy.addr)
+            .await
+            .expect("TLS handshake");
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+        let got = read(
+            http1(tls)
+                .await
+                .send_request(authed_get("/v"))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn rotated_certificate_is_used_by_new_handshakes() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let first = ca.server("keyward-a");
+    let second = ca.server("keyward-b");
+    let mut certs = CertDir::new(&first);
+    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let client = connector(&ca, &[b"http/1.1"], None);
+
+    // A connection opened before the rotation.
+    let tls = handshake(&client, proxy.addr).await.unwrap();
+    assert_eq!(peer_cert(&tls), first.der);
+    let mut old = http1(tls).await;
+    let got = read(old.send_request(authed_get("/before")).await.unwrap()).await;
+    assert_eq!(got.status, StatusCode::OK);
+
+    // Half a rotation: the new certificate beside the old key. It is refused, and
+    // handshakes keep getting the first certificate for several poll intervals.
+    certs.publish(&second.cert_pem, &first.key_pem);
+    for _ in 0..8 {
+        let tls = handshake(&client, proxy.addr).await.expect("still served");
+        assert_eq!(peer_cert(&tls), first.der);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+
+    // The complete pair: new handshakes see it once the watcher has polled.
+    certs.publish(&second.cert_pem, &second.key_pem);
+    let (c, addr, want) = (client.clone(), proxy.addr, second.der.clone());
+    eventually(
+        "new handshakes present the rotated certificate",
+        move || {
+            let (c, want) = (c.clone(), want.clone());
+            async move {
+                match handshake(&c, addr).await {
+                    Ok(tls) => peer_cert(&tls) == want,
+                    Err(_) => false,
+                }
+            }
+        },
+    )
+    .await;
+
+    // The connection opened before the rotation still works.
+    let got = read(old.send_request(authed_get("/after")).await.unwrap()).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(upstream.last().target, "/after");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn mtls_requires_a_client_certificate_from_the_ca() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let client_ca = Ca::new("client ca");
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&client_ca.pem());
+    let proxy = spawn_proxy(upstream.addr, &certs.yaml(Some(&ca_file))).await;
+
+    let no_cert = try_get(&connector(&ca, &[], None), proxy.addr, "/m/none").await;
+    assert!(no_cert.is_err(), "no client certificate: {no_cert:?}");
+
+    let stranger = Ca::new("other ca").client("intruder");
+    let wrong = try_get(
+        &connector(&ca, &[], Some(&stranger)),
+        proxy.addr,
+        "/m/wrong",
+    )
+    .await;
+    assert!(wrong.is_err(), "certificate from another CA: {wrong:?}");
+    assert_eq!(upstream.count(), 0, "nothing reached the upstream");
+
+    let good = client_ca.client("ci-bot");
+    let got = try_get(&connector(&ca, &[], Some(&good)), proxy.addr, "/m/ok")
+        .await
+        .expect("CA-signed client certificate accepted");
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert_eq!(upstream.last().target, "/m/ok");
+    // A client certificate does not replace the API key.
+    let tls = handshake(&connector(&ca, &[], Some(&good)), proxy.addr)
+        .await
+        .unwrap();
+    let no_key = Request::get("/m/nokey")
+        .header("host", "localhost")
+        .body(Empty::new())
+        .unwrap();
+    let got = read(http1(tls).await.send_request(no_key).await.unwrap()).await;
+    assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_client_is_dropped_after_the_handshake_timeout() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let extra = format!(
+        "{}limits: {{ header_read_timeout: 200ms }}\n",
+        certs.yaml(None)
+    );
+    let proxy = spawn_proxy(upstream.addr, &extra).await;
+    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "connection still open: {closed:?}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_certificate_path_fails_bind_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, DEMO_KEYS).unwrap();
+    let missing = dir.path().join("missing.crt");
+    let extra = format!(
+        "tls: {{ cert: {}, key: {} }}\n",
+        missing.display(),
+        dir.path().join("missing.key").display()
+    );
+    let upstream: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let config = keyward::config::Config::from_yaml(&config_yaml(upstream, &keys, &extra))
+        .expect("the config itself is valid");
+    let err = match keyward::Keyward::bind(config).await {
+        Ok(_) => panic!("bind succeeded without a certificate"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.starts_with("tls.cert: "), "{err}");
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+
+    // A key that does not belong to the certificate names tls.key.
+    let ca = Ca::new("test ca");
+    let (a, b) = (ca.server("a"), ca.server("b"));
+    std::fs::write(dir.path().join("a.crt"), &a.cert_pem).unwrap();
+    std::fs::write(dir.path().join("b.key"), &b.key_pem).unwrap();
+    let extra = format!(
+        "tls: {{ cert: {}, key: {} }}\n",
+        dir.path().join("a.crt").display(),
+        dir.path().join("b.key").display()
+    );
+    let config = keyward::config::Config::from_yaml(&config_yaml(upstream, &keys, &extra)).unwrap();
+    let err = match keyward::Keyward::bind(config).await {
+        Ok(_) => panic!("bind succeeded with a mismatched key"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.starts_with("tls.key: "), "{err}");
+}
