@@ -103,6 +103,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
         }
         (_, p) if p.starts_with("/v1/") => {
             if !authorized(app, &req) {
+                warn!(target: "keyward::admin", %method, path, status = 401u16, outcome = "unauthorized", "admin request refused");
                 let mut r = error(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
@@ -115,10 +116,21 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
                 return r;
             }
             let r = control(app, req).await;
-            info!(target: "keyward::admin", %method, path, status = r.status().as_u16(), "admin request");
+            info!(target: "keyward::admin", %method, path, status = r.status().as_u16(), outcome = outcome(r.status()), "admin request");
             r
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+    }
+}
+
+/// The `outcome` of an admin call in its log line.
+fn outcome(status: StatusCode) -> &'static str {
+    if status.is_success() {
+        "ok"
+    } else if status.is_client_error() {
+        "refused"
+    } else {
+        "error"
     }
 }
 

@@ -112,18 +112,26 @@ fn load_config(path: &PathBuf) -> Result<Config, String> {
 
 fn run(path: &PathBuf) -> Result<(), String> {
     let config = load_config(path)?;
-    logging::init(config.log.format, &config.log.level);
-    serve(config)
+    let log = logging::init(config.log.format, &config.log.level);
+    serve(config, &log)
 }
 
-fn serve(config: Config) -> Result<(), String> {
+fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), String> {
     runtime()?.block_on(async {
         let server = Keyward::bind(config).await.map_err(|e| e.to_string())?;
         let c = &server.app.config;
+        // Scheme, host and port only: never userinfo from the upstream URL.
+        let upstream = c
+            .upstream
+            .authority()
+            .map_or_else(String::new, |a| match a.port_u16() {
+                Some(port) => format!("http://{}:{port}", a.host()),
+                None => format!("http://{}", a.host()),
+            });
         tracing::info!(
             listen = %server.local_addr(),
             admin = %server.admin_addr(),
-            upstream = %c.upstream,
+            upstream,
             environment = %c.environment,
             tls = c.tls.is_some(),
             mtls = c.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
@@ -131,6 +139,9 @@ fn serve(config: Config) -> Result<(), String> {
             routes = c.routes.len(),
             keys_ready = server.app.store.is_loaded(),
             control_api = c.admin.token_sha256.is_some(),
+            per_key_metrics = c.metrics.per_key,
+            log_filter = %log.directives,
+            log_filter_source = log.source,
             "keyward started"
         );
         let reload = server.app.reload.clone();

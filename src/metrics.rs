@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, Opts, Registry, TextEncoder,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::auth::Code;
@@ -42,6 +42,17 @@ pub fn decision_label(code: Code) -> &'static str {
     match code {
         Code::Ok | Code::UpstreamUnavailable | Code::UpstreamTimeout => "allowed",
         _ => "denied",
+    }
+}
+
+/// Counts one request in `keyward_in_flight_requests` until dropped, so a request whose
+/// future is dropped (the client went away mid-flight) does not stay counted forever.
+#[must_use = "the request stops counting as in flight when this is dropped"]
+pub struct InFlight<'a>(&'a IntGauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -117,6 +128,16 @@ impl Metrics {
             "keyward_snapshot_last_reload_timestamp_seconds",
             "Unix time of the last successful snapshot load.",
         )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "keyward_build_info",
+                "Always 1; the version label says which keyward is running.",
+            ),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let key_expiry = per_key
             .then(|| {
                 GaugeVec::new(
@@ -139,6 +160,7 @@ impl Metrics {
         registry.register(Box::new(snapshot_version.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(last_reload.clone()))?;
+        registry.register(Box::new(build_info))?;
         if let Some(k) = &key_expiry {
             registry.register(Box::new(k.clone()))?;
         }
@@ -199,6 +221,12 @@ impl Metrics {
         &self.in_flight
     }
 
+    /// Count a request as in flight for as long as the returned guard lives.
+    pub fn track_in_flight(&self) -> InFlight<'_> {
+        self.in_flight.inc();
+        InFlight(&self.in_flight)
+    }
+
     /// A snapshot was loaded and published.
     pub fn snapshot_loaded(&self, snapshot: &Snapshot) {
         self.reloads
@@ -257,6 +285,51 @@ mod tests {
         assert!(text.contains(r#"keyward_upstream_errors_total{kind="timeout"} 0"#));
         assert!(text.contains("keyward_auth_duration_seconds_bucket{le=\"0.000025\"} 0"));
         assert!(!text.contains("keyward_key_expiry_timestamp_seconds"));
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(text.contains(&format!("keyward_build_info{{version=\"{version}\"}} 1")));
+    }
+
+    #[test]
+    fn in_flight_guard_decrements_when_dropped() {
+        let m = Metrics::new(false).unwrap();
+        let a = m.track_in_flight();
+        let b = m.track_in_flight();
+        assert_eq!(m.in_flight().get(), 2);
+        drop(a);
+        assert_eq!(m.in_flight().get(), 1);
+        // A request future dropped mid-flight drops its guard with it.
+        let fut = async move {
+            let _b = b;
+            std::future::pending::<()>().await;
+        };
+        drop(fut);
+        assert_eq!(m.in_flight().get(), 0);
+    }
+
+    #[test]
+    fn per_key_exports_only_keys_with_an_expiry() {
+        let names = crate::keys::IdentityNames::new("x-auth-", "production").unwrap();
+        let snapshot = Snapshot::parse(
+            include_str!("../config/keys.yaml"),
+            &names,
+            crate::keys::Source::File,
+        )
+        .unwrap();
+        let m = Metrics::new(true).unwrap();
+        m.snapshot_loaded(&snapshot);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(
+            r#"keyward_key_expiry_timestamp_seconds{key_id="key_demo_expired"} 1735689600"#
+        ));
+        assert_eq!(
+            text.matches("keyward_key_expiry_timestamp_seconds{")
+                .count(),
+            1
+        );
+        assert!(text.contains("keyward_snapshot_keys 6"));
+        assert!(text.contains("keyward_snapshot_version 1"));
+        assert!(text.contains(r#"keyward_snapshot_reloads_total{result="ok",source="file"} 1"#));
+        assert!(!text.contains("@example.com"));
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub fn install(app: &App, snapshot: Snapshot) -> Arc<Snapshot> {
     app.metrics.snapshot_loaded(&snapshot);
     info!(
         source = snapshot.source.as_str(),
+        outcome = "ok",
         keys = snapshot.len(),
         version = snapshot.version,
         digest = &snapshot.content_digest[..12],
@@ -86,7 +87,7 @@ pub fn install(app: &App, snapshot: Snapshot) -> Arc<Snapshot> {
 
 fn refused(app: &App, source: Source, what: &dyn std::fmt::Display) {
     app.metrics.snapshot_failed(source);
-    error!(source = source.as_str(), error = %what, "key snapshot refused; keeping the last good one");
+    error!(source = source.as_str(), outcome = "error", error = %what, "key snapshot refused; keeping the last good one");
 }
 
 fn read(path: &Path) -> Result<String, LoadError> {
