@@ -87,6 +87,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Worker threads serving traffic (thread per core); default: one per CPU.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -475,6 +478,12 @@ impl Config {
             }
         }
         self.validate_limits()?;
+        if self.workers == Some(0) {
+            return Err(invalid(
+                "workers",
+                "must be at least 1 (omit it for one per CPU)",
+            ));
+        }
         let level = self.log.level.to_ascii_lowercase();
         let plain_level =
             ["trace", "debug", "info", "warn", "error", "off"].contains(&level.as_str());
@@ -709,6 +718,7 @@ mod tests {
         assert!(err("log: { level: loud }\n").contains("log.level"));
         assert!(err("log: { format: xml }\n").contains("log.format"));
         assert!(err("environment: \"\"\n").contains("environment"));
+        assert!(err("workers: 0\n").contains("workers"));
     }
 
     #[test]

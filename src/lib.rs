@@ -182,7 +182,7 @@ impl Keyward {
             );
             tokio::time::sleep(drain_delay).await;
         };
-        proxy::server::serve(app.clone(), listener, tls, stop_traffic, grace).await;
+        serve_on_workers(app.clone(), listener, tls, stop_traffic, grace).await;
         let _ = stop_tx.send(true);
         let _ = admin_task.await;
         for task in background {
@@ -192,33 +192,130 @@ impl Keyward {
     }
 }
 
+/// Thread per core: each worker thread runs its own single-threaded runtime accepting on
+/// the shared listener, so a request (and its upstream connection) stays on one thread.
+async fn serve_on_workers(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<tls::TlsAcceptor>,
+    stop: impl Future<Output = ()> + Send,
+    grace: std::time::Duration,
+) {
+    let workers = app
+        .config
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let std_listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot share the listener");
+            return;
+        }
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // One set of connection slots for all workers: `max_connections` is per process.
+    let slots = proxy::server::connection_slots(&app.config.limits);
+    let mut threads = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let listener = match std_listener.try_clone() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot share the listener");
+                break;
+            }
+        };
+        let (app, tls, stop_rx) = (app.clone(), tls.clone(), stop_rx.clone());
+        let slots = slots.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("keyward-worker-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a worker runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot register the listener");
+                            return;
+                        }
+                    };
+                    proxy::server::serve_with_slots(
+                        app,
+                        listener,
+                        tls,
+                        slots,
+                        wait_true(stop_rx),
+                        grace,
+                    )
+                    .await;
+                });
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
+        }
+    }
+    drop(std_listener);
+    stop.await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
+}
+
 async fn wait_true(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// Resolves on SIGTERM or SIGINT; SIGHUP meanwhile triggers a key reload.
-pub async fn shutdown_signal(reload: Arc<Notify>) {
+/// The process signals keyward reacts to. Installed before the listeners bind, so a
+/// SIGTERM that arrives while starting is not lost (nor kills the process).
+pub struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Must be called inside the runtime.
+    pub fn install() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                term: signal(SignalKind::terminate())?,
+                hup: signal(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Resolves on SIGTERM or SIGINT; SIGHUP meanwhile triggers a key reload.
+    pub async fn shutdown(mut self, reload: Arc<Notify>) {
+        #[cfg(unix)]
         loop {
             tokio::select! {
-                _ = term.recv() => { info!("SIGTERM received"); return; }
+                _ = self.term.recv() => { info!("SIGTERM received"); return; }
                 _ = tokio::signal::ctrl_c() => { info!("SIGINT received"); return; }
-                _ = hup.recv() => { info!("SIGHUP received: reloading keys"); reload.notify_one(); }
+                _ = self.hup.recv() => { info!("SIGHUP received: reloading keys"); reload.notify_one(); }
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = reload;
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        {
+            let _ = reload;
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

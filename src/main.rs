@@ -2,7 +2,7 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -100,17 +100,19 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
+    // Traffic runs on keyward's own worker threads (see `Keyward::run`); this runtime only
+    // carries the admin listener, watchers and signals.
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start runtime: {e}"))
 }
 
-fn load_config(path: &PathBuf) -> Result<Config, String> {
+fn load_config(path: &Path) -> Result<Config, String> {
     Config::load(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn run(path: &PathBuf) -> Result<(), String> {
+fn run(path: &Path) -> Result<(), String> {
     let config = load_config(path)?;
     let log = logging::init(config.log.format, &config.log.level);
     serve(config, &log)
@@ -118,6 +120,7 @@ fn run(path: &PathBuf) -> Result<(), String> {
 
 fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), String> {
     runtime()?.block_on(async {
+        let signals = keyward::Signals::install().map_err(|e| format!("signals: {e}"))?;
         let server = Keyward::bind(config).await.map_err(|e| e.to_string())?;
         let c = &server.app.config;
         // Scheme, host and port only: never userinfo from the upstream URL.
@@ -145,12 +148,12 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), String> {
             "keyward started"
         );
         let reload = server.app.reload.clone();
-        server.run(keyward::shutdown_signal(reload)).await;
+        server.run(signals.shutdown(reload)).await;
         Ok(())
     })
 }
 
-fn check(path: &PathBuf) -> Result<(), String> {
+fn check(path: &Path) -> Result<(), String> {
     let config = load_config(path)?;
     let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
     if let Some(tls) = &config.tls {
@@ -194,9 +197,10 @@ fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), String> {
     logging::init(config.log.format, &config.log.level);
     println!("{}", demo::instructions(listen, admin, &keys_file));
     let result = rt.block_on(async {
+        let signals = keyward::Signals::install().map_err(|e| format!("signals: {e}"))?;
         let server = Keyward::bind(config).await.map_err(|e| e.to_string())?;
         let reload = server.app.reload.clone();
-        server.run(keyward::shutdown_signal(reload)).await;
+        server.run(signals.shutdown(reload)).await;
         Ok(())
     });
     let _ = std::fs::remove_dir_all(&dir);

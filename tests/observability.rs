@@ -151,6 +151,17 @@ fn closed_port() -> SocketAddr {
 
 // --- metrics, in process -------------------------------------------------------------------
 
+/// method, path, request headers, expected status, expected code.
+type CodeCase = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    u16,
+    Code,
+);
+/// method, path, request headers, expected status.
+type ExtraCase = (&'static str, &'static str, Vec<(&'static str, String)>, u16);
+
 #[tokio::test]
 async fn requests_total_moves_code_by_code() {
     let up = spawn_upstream().await;
@@ -158,7 +169,7 @@ async fn requests_total_moves_code_by_code() {
     let before = scrape(&kw.admin_url("/metrics")).await;
 
     let unknown = "sta_unknown_key_0123456789abcdef";
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, u16, Code)> = vec![
+    let cases: Vec<CodeCase> = vec![
         ("GET", "/v1/items", vec![], 401, Code::InvalidAuthHeader),
         (
             "GET",
@@ -444,7 +455,6 @@ async fn in_flight_counts_requests_being_served() {
 }
 
 #[tokio::test]
-#[ignore = "needs proxy::handler to hold Metrics::track_in_flight() instead of inc()/dec()"]
 async fn in_flight_returns_to_zero_when_the_client_goes_away() {
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;
@@ -1144,7 +1154,7 @@ async fn the_real_binary_never_logs_or_exports_a_secret() {
         v.push(("x-correlation-id".into(), cid.to_string()));
         v
     };
-    let extra: Vec<(&str, &str, Vec<(&'static str, String)>, u16)> = vec![
+    let extra: Vec<ExtraCase> = vec![
         // Introspection, answered by keyward.
         (
             "GET",

@@ -38,6 +38,9 @@ async fn allowed_request_reaches_upstream_with_identity() {
     kw.shutdown().await;
 }
 
+/// method, request headers, expected status, expected code.
+type Case = (&'static str, Vec<(&'static str, String)>, u16, &'static str);
+
 fn www(r: &Got) -> String {
     r.headers
         .get("www-authenticate")
@@ -50,7 +53,7 @@ async fn every_auth_error_code_through_the_front_door() {
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;
     let u = kw.url("/v1/items");
-    let cases: Vec<(&str, Vec<(&str, String)>, u16, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("GET", vec![], 401, "invalid_auth_header"),
         (
             "GET",

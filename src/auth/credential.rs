@@ -299,4 +299,49 @@ mod tests {
         assert_eq!(extract(&h, Some("x=1"), &q), Err(CredentialError::Missing));
         assert_eq!(strip_query_param("a=1&api_key=k&b=2", "api_key"), "a=1&b=2");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 1024,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        #[test]
+        fn prop_accepted_keys_are_one_visible_ascii_token(
+            auth in proptest::collection::vec(0x20u8..0x7f, 0..600),
+            api in proptest::option::of(proptest::collection::vec(0x09u8..0xff, 0..600)),
+            query in proptest::option::of("[a-z_=&%0-9A-F+]{0,64}"),
+        ) {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_bytes(&auth) {
+                h.insert("authorization", v);
+            }
+            if let Some(Ok(v)) = api.as_deref().map(HeaderValue::from_bytes) {
+                h.insert("x-api-key", v);
+            }
+            let mut all = sources();
+            all.push(CredentialSource::Query { name: "api_key".into() });
+            if let Ok(k) = extract(&h, query.as_deref(), &all) {
+                proptest::prop_assert!((MIN_KEY_LEN..=MAX_KEY_LEN).contains(&k.len()));
+                proptest::prop_assert!(k.iter().all(|b| (0x21..0x7f).contains(b)));
+            }
+        }
+
+        #[test]
+        fn prop_scheme_is_case_insensitive_and_token_exact(
+            key in "[!-~]{8,64}",
+            upper in proptest::collection::vec(proptest::bool::ANY, 6),
+        ) {
+            let scheme: String = "bearer"
+                .chars()
+                .zip(&upper)
+                .map(|(c, u)| if *u { c.to_ascii_uppercase() } else { c })
+                .collect();
+            let got = run(&[("authorization", &format!("{scheme} {key}"))]);
+            proptest::prop_assert_eq!(got, Ok(key.clone()));
+            let padded = run(&[("authorization", &format!("{scheme} {key} "))]);
+            proptest::prop_assert_eq!(padded, Err(CredentialError::Malformed));
+        }
+    }
 }

@@ -19,6 +19,10 @@ pub enum PathError {
     PathParameter,
     #[error("fragment in request target")]
     Fragment,
+    /// Only reachable through the library API: a request's path never holds a raw `?`, and
+    /// forwarding one would move the rest of the path into the query.
+    #[error("'?' in path")]
+    Query,
     #[error("'..' above the root")]
     AboveRoot,
 }
@@ -64,6 +68,7 @@ fn decode_unreserved(input: &[u8]) -> Result<String, PathError> {
             b'\\' => return Err(PathError::Backslash),
             b';' => return Err(PathError::PathParameter),
             b'#' => return Err(PathError::Fragment),
+            b'?' => return Err(PathError::Query),
             0..=0x20 | 0x7f..=0xff => return Err(PathError::Control),
             _ => {
                 out.push(b as char);
@@ -179,6 +184,10 @@ mod tests {
         assert_eq!(normalize("/admin%3bx"), Err(PathError::PathParameter));
         assert_eq!(normalize("/a\\admin"), Err(PathError::Backslash));
         assert_eq!(normalize("/a#frag"), Err(PathError::Fragment));
+        // Found by proptest: a raw `?` was kept, and `Upstream::uri` would have forwarded
+        // `/a?x/../admin` as path `/a` + query: not the path that was authorized.
+        assert_eq!(normalize("/a?x/../admin"), Err(PathError::Query));
+        assert_eq!(ok("/a%3Fx"), "/a%3Fx");
         assert_eq!(normalize("admin"), Err(PathError::NotAbsolute));
         assert_eq!(normalize("*"), Err(PathError::NotAbsolute));
         assert_eq!(normalize("/a\u{1}"), Err(PathError::Control));
@@ -194,6 +203,147 @@ mod tests {
         ] {
             let once = ok(p);
             assert_eq!(ok(&once), once, "{p}");
+        }
+    }
+
+    /// Decode every `%XX` once, as an upstream framework typically does.
+    fn decode_once(p: &str) -> Vec<u8> {
+        let b = p.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                let v = u8::from_str_radix(&p[i + 1..i + 3], 16).unwrap();
+                out.push(v);
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// What must hold for every path `normalize` accepts.
+    fn check_normalized(
+        input: &str,
+        out: &str,
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        use proptest::{prop_assert, prop_assert_eq};
+        prop_assert!(out.starts_with('/'), "{input:?} -> {out:?}");
+        prop_assert!(!out.contains("//"), "{input:?} -> {out:?}");
+        let segments: Vec<&str> = out.split('/').skip(1).collect();
+        prop_assert!(
+            segments.iter().all(|s| *s != "." && *s != ".."),
+            "{input:?} -> {out:?}"
+        );
+        prop_assert!(
+            !out.contains(['\\', ';', '#', '?']) && out.bytes().all(|b| b > 0x20 && b < 0x7f),
+            "{input:?} -> {out:?}"
+        );
+        // Idempotent: normalizing what is forwarded changes nothing.
+        let again = normalize(out);
+        prop_assert_eq!(again.as_deref(), Ok(out), "{:?}", input);
+        // An upstream that percent-decodes once sees the same segments, none of them a
+        // dot segment: no encoding survives that could become `/`, `\` or `..` later.
+        let decoded = decode_once(out);
+        let decoded_segments: Vec<&[u8]> = decoded.split(|b| *b == b'/').skip(1).collect();
+        prop_assert_eq!(decoded_segments.len(), segments.len(), "{:?}", input);
+        prop_assert!(
+            decoded_segments
+                .iter()
+                .all(|s| *s != b"." && *s != b".." && !s.contains(&b'\\')),
+            "{input:?} -> {out:?}"
+        );
+        // What is authorized is what is forwarded: the URI keyward sends upstream carries
+        // exactly this path (for any input hyper could have delivered as a request path).
+        if http::uri::PathAndQuery::try_from(input).is_err() {
+            return Ok(());
+        }
+        let upstream = crate::proxy::forward::Upstream::new(
+            &http::Uri::from_static("http://127.0.0.1:9"),
+            &crate::config::Limits::default(),
+        );
+        let uri = upstream.uri(out, Some("q=%2e%2e/x")).unwrap();
+        prop_assert_eq!(uri.path(), out);
+        Ok(())
+    }
+
+    /// Path-like strings: the pieces every traversal trick is made of.
+    fn path_like() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let piece = prop::sample::select(vec![
+            "/", "/", "/", "a", "b", "admin", ".", "..", "...", "%2e", "%2E", "%2e%2e", ".%2e",
+            "%2f", "%2F", "%5c", "\\", ";", "%3b", "#", "%", "%4", "%41", "%7e", "~", "%25",
+            "%252e", "%20", "%00", "%ff", "%C3%A9", "-", "_", ":", "@", "!", "$", "&", "'", "(",
+            "*", "+", ",", "=", "\u{0}", "\t", "é",
+        ]);
+        prop::collection::vec(piece, 0..24).prop_map(|v| format!("/{}", v.concat()))
+    }
+
+    proptest::proptest! {
+        // Found cases become unit tests above, so no regression file is written.
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 2048,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        #[test]
+        fn prop_normalized_paths_are_dot_free_and_idempotent(p in path_like()) {
+            if let Ok(out) = normalize(&p) {
+                check_normalized(&p, &out)?;
+            }
+        }
+
+        #[test]
+        fn prop_any_string_is_normalized_or_refused(p in "\\PC*") {
+            // Never panics; whatever is accepted keeps every invariant.
+            if let Ok(out) = normalize(&p) {
+                check_normalized(&p, &out)?;
+            }
+        }
+
+        #[test]
+        fn prop_dot_segments_and_slashes_cannot_change_the_target(
+            segs in proptest::collection::vec("[a-z]{1,3}", 1..6),
+            at in 0usize..6,
+            junk in proptest::sample::select(vec!["/zz/..", "/.", "/", "/./zz/../.", "/%2e", "/zz/%2E%2e"]),
+        ) {
+            let plain = format!("/{}", segs.join("/"));
+            let at = at.min(segs.len());
+            let tricked = format!(
+                "/{}{}/{}",
+                segs[..at].join("/"),
+                junk,
+                segs[at..].join("/")
+            );
+            let plain_out = normalize(&plain).unwrap();
+            let tricked_out = normalize(&tricked).unwrap();
+            // Same route, give or take the trailing slash of a directory.
+            proptest::prop_assert_eq!(
+                plain_out.trim_end_matches('/'),
+                tricked_out.trim_end_matches('/'),
+                "{:?} vs {:?}", plain, tricked
+            );
+        }
+
+        #[test]
+        fn prop_percent_encoded_unreserved_is_the_same_path(
+            p in "/[a-zA-Z0-9._~/-]{0,24}",
+            mask in proptest::collection::vec(proptest::bool::ANY, 24),
+            lower in proptest::bool::ANY,
+        ) {
+            let encoded: String = p
+                .chars()
+                .zip(mask.iter().chain(std::iter::repeat(&false)))
+                .map(|(c, enc)| match (c, enc) {
+                    ('/', _) | (_, false) => c.to_string(),
+                    (c, true) if lower => format!("%{:02x}", c as u8),
+                    (c, true) => format!("%{:02X}", c as u8),
+                })
+                .collect();
+            proptest::prop_assert_eq!(normalize(&p), normalize(&encoded), "{:?}", encoded);
         }
     }
 }

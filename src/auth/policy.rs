@@ -46,7 +46,7 @@ impl Policy {
             .iter()
             .map(|(p, t)| (p.clone(), t.clone()))
             .collect();
-        prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         Self {
             environment: config.environment.clone(),
             credentials: config.credentials.clone(),

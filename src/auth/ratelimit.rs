@@ -51,8 +51,10 @@ impl RateLimiter {
             return RateDecision::Unlimited;
         };
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos();
-        let interval = (1e9 / limit.per_second) as u128;
-        let tolerance = interval * u128::from(limit.burst);
+        // `as` saturates (a huge rate gives 0); a vanishing one is capped at ~584 years per
+        // request, which keeps every sum below far from overflowing (they saturate anyway).
+        let interval = ((1e9 / limit.per_second) as u128).min(u128::from(u64::MAX));
+        let tolerance = interval.saturating_mul(u128::from(limit.burst));
         let mut cell = self
             .cells
             .entry(key.id.clone())
@@ -61,7 +63,7 @@ impl RateLimiter {
             // The key's limit changed in a reload: start it afresh.
             *cell = Cell { limit, tat: now_ns };
         }
-        let new_tat = cell.tat.max(now_ns) + interval;
+        let new_tat = cell.tat.max(now_ns).saturating_add(interval);
         let ahead = new_tat - now_ns;
         let secs = |ns: u128| {
             Duration::from_nanos(ns.min(u64::MAX as u128) as u64)
@@ -81,7 +83,7 @@ impl RateLimiter {
             };
         }
         cell.tat = new_tat;
-        let remaining = ((tolerance - ahead) / interval.max(1)) as u32;
+        let remaining = u32::try_from((tolerance - ahead) / interval.max(1)).unwrap_or(u32::MAX);
         RateDecision::Allowed(Quota {
             limit: limit.burst,
             remaining,
@@ -161,5 +163,74 @@ mod tests {
         assert_eq!(rl.check(free, t0), RateDecision::Unlimited);
         rl.retain(&s);
         assert!(rl.cells.is_empty());
+    }
+
+    #[test]
+    fn extreme_rates_do_not_overflow() {
+        // Regression: 1e9 / 1e-300 saturates to u128::MAX and `interval * burst` overflowed.
+        let rl = RateLimiter::default();
+        let t0 = Instant::now();
+        let slow = key(1e-300, u32::MAX);
+        for _ in 0..3 {
+            assert!(matches!(rl.check(&slow, t0), RateDecision::Allowed(_)));
+        }
+        let rl = RateLimiter::default();
+        let one = key(1e-300, 1);
+        assert!(matches!(rl.check(&one, t0), RateDecision::Allowed(_)));
+        match rl.check(&one, t0 + Duration::from_secs(3600)) {
+            RateDecision::Limited {
+                retry_after_secs, ..
+            } => assert!(retry_after_secs > 1_000_000),
+            d => panic!("{d:?}"),
+        }
+        // A rate above one per nanosecond never limits.
+        let rl = RateLimiter::default();
+        let fast = key(1e300, 1);
+        for _ in 0..100 {
+            assert!(matches!(rl.check(&fast, t0), RateDecision::Allowed(_)));
+        }
+    }
+
+    #[test]
+    fn concurrent_checks_allow_exactly_the_burst() {
+        let rl = Arc::new(RateLimiter::default());
+        let k = key(0.001, 50);
+        let t0 = Instant::now();
+        let allowed: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let (rl, k) = (rl.clone(), k.clone());
+                    s.spawn(move || {
+                        (0..100)
+                            .filter(|_| matches!(rl.check(&k, t0), RateDecision::Allowed(_)))
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(allowed, 50);
+    }
+
+    #[test]
+    fn state_survives_a_reload_that_keeps_the_key() {
+        let rl = RateLimiter::default();
+        let k = key(0.001, 1);
+        let t0 = Instant::now();
+        assert!(matches!(rl.check(&k, t0), RateDecision::Allowed(_)));
+        // A new snapshot with the same key (same id, same limit) and another key.
+        let names = IdentityNames::new("x-auth-", "p").unwrap();
+        let text = format!(
+            "version: 2\nkeys:\n  - {{ id: k1, sha256: {}, type: personal, subject_id: s, account_id: a, rate_limit: {{ per_second: 0.001, burst: 1 }} }}\n  - {{ id: k2, sha256: {}, type: personal, subject_id: s, account_id: a }}\n",
+            "a".repeat(64),
+            "b".repeat(64)
+        );
+        let next = Snapshot::parse(&text, &names, Source::File).unwrap();
+        rl.retain(&next);
+        let reloaded = next.by_id("k1").unwrap();
+        assert!(matches!(
+            rl.check(reloaded, t0 + Duration::from_secs(1)),
+            RateDecision::Limited { .. }
+        ));
     }
 }

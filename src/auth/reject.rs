@@ -99,6 +99,12 @@ pub enum BadRequest {
     Path(#[from] PathError),
     #[error("invalid x-delegate-account-id header")]
     DelegateHeader,
+    /// HTTP/1.1 without `Host`, or several or an invalid one (RFC 9112 3.2).
+    #[error("missing, repeated or invalid Host header")]
+    Host,
+    /// The client's request body broke off or was malformed (e.g. bad chunked framing).
+    #[error("malformed or incomplete request body")]
+    Body,
 }
 
 impl Reject {
@@ -154,6 +160,8 @@ impl Reject {
             Reject::AuthUnavailable => "Authentication unavailable: no key snapshot loaded",
             Reject::BadRequest(BadRequest::Path(_)) => "Request path refused",
             Reject::BadRequest(BadRequest::DelegateHeader) => "Malformed x-delegate-account-id",
+            Reject::BadRequest(BadRequest::Host) => "Malformed request head",
+            Reject::BadRequest(BadRequest::Body) => "Malformed or incomplete request body",
         }
     }
 

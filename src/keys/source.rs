@@ -134,6 +134,8 @@ pub async fn watch_file(app: Arc<App>, path: PathBuf, trigger: Arc<Notify>) {
     let mut read_error_reported = false;
     let mut tick = tokio::time::interval(app.config.keys.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate; the initial load already covered it.
+    tick.tick().await;
     loop {
         let forced = tokio::select! {
             _ = tick.tick() => false,

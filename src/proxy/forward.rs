@@ -25,6 +25,10 @@ pub enum ProxyError {
     Timeout(Duration),
     #[error("upstream exchange failed: {0}")]
     Other(String),
+    /// The client's request body failed while it was streamed upstream: the client's fault
+    /// (400), not the upstream's.
+    #[error("request body from the client failed: {0}")]
+    RequestBody(String),
 }
 
 impl ProxyError {
@@ -32,45 +36,68 @@ impl ProxyError {
         match self {
             ProxyError::Connect(_) => UpstreamErrorKind::Connect,
             ProxyError::Timeout(_) => UpstreamErrorKind::Timeout,
-            ProxyError::Other(_) => UpstreamErrorKind::Other,
+            ProxyError::Other(_) | ProxyError::RequestBody(_) => UpstreamErrorKind::Other,
         }
+    }
+
+    /// Did the upstream fail (counted and logged as an upstream error), or the client?
+    pub fn is_upstream_fault(&self) -> bool {
+        !matches!(self, ProxyError::RequestBody(_))
     }
 
     pub fn reject(&self) -> crate::auth::Reject {
         match self {
             ProxyError::Timeout(_) => crate::auth::Reject::UpstreamTimeout,
+            ProxyError::RequestBody(_) => {
+                crate::auth::Reject::BadRequest(crate::auth::reject::BadRequest::Body)
+            }
             _ => crate::auth::Reject::UpstreamUnavailable,
         }
     }
 }
 
-/// The app behind keyward, and the one client that reaches it.
+type UpstreamClient = Client<HttpConnector, Incoming>;
+
+static NEXT_UPSTREAM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+thread_local! {
+    /// One pool per worker thread: a pooled connection is then driven by the same thread
+    /// that uses it, so forwarding a request wakes no other thread.
+    static CLIENTS: std::cell::RefCell<Vec<(u64, UpstreamClient)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The app behind keyward, and the clients that reach it (one pool per worker thread).
 pub struct Upstream {
+    id: u64,
     authority: Authority,
-    client: Client<HttpConnector, Incoming>,
+    limits: Limits,
     timeout: Duration,
 }
 
 impl Upstream {
-    /// Built once at start: the pool, `TCP_NODELAY`, and the connect timeout.
     pub fn new(uri: &Uri, limits: &Limits) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(limits.upstream_idle_timeout)
-            .pool_max_idle_per_host(limits.upstream_max_idle_per_host)
-            .build(connector);
         Self {
+            id: NEXT_UPSTREAM_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             authority: uri
                 .authority()
                 .cloned()
                 .unwrap_or_else(|| Authority::from_static("127.0.0.1")),
-            client,
+            limits: limits.clone(),
             timeout: limits.upstream_timeout,
         }
+    }
+
+    /// This thread's client for this upstream, built on first use.
+    fn client(&self) -> UpstreamClient {
+        CLIENTS.with(|c| {
+            let mut clients = c.borrow_mut();
+            if let Some((_, client)) = clients.iter().find(|(id, _)| *id == self.id) {
+                return client.clone();
+            }
+            let client = build_client(&self.limits);
+            clients.push((self.id, client.clone()));
+            client
+        })
     }
 
     /// The absolute URI the client needs: upstream authority + the normalized path + query.
@@ -96,13 +123,30 @@ impl Upstream {
     ) -> Result<(Response<Incoming>, Duration), ProxyError> {
         *req.version_mut() = Version::HTTP_11;
         let start = Instant::now();
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+        match tokio::time::timeout(self.timeout, self.client().request(req)).await {
             Err(_) => Err(ProxyError::Timeout(self.timeout)),
             Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect(error_chain(&e))),
+            Ok(Err(e)) if request_body_failed(&e) => Err(ProxyError::RequestBody(error_chain(&e))),
             Ok(Err(e)) => Err(ProxyError::Other(error_chain(&e))),
             Ok(Ok(resp)) => Ok((resp, start.elapsed())),
         }
     }
+}
+
+/// hyper reports a failing request body as a "user" error whose cause is the error the
+/// downstream connection gave while reading that body.
+fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut src = Some(e);
+    while let Some(err) = src {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_user() {
+                let cause = std::error::Error::source(h);
+                return cause.is_some_and(|c| c.downcast_ref::<hyper::Error>().is_some());
+            }
+        }
+        src = err.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -116,10 +160,31 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Is this an HTTP/1.1 upgrade handshake (`Connection: upgrade` + `Upgrade`)?
+/// A pooled keep-alive client with `TCP_NODELAY` and the connect timeout.
+fn build_client(limits: &Limits) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(limits.upstream_idle_timeout)
+        .pool_max_idle_per_host(limits.upstream_max_idle_per_host)
+        .build(connector)
+}
+
+/// Is this an HTTP/1.1 WebSocket handshake (`Connection: upgrade` + `Upgrade: websocket`)?
+/// Only WebSocket is tunnelled: any other `Upgrade` (above all `h2c`, which would turn the
+/// tunnel into an HTTP/2 connection to the upstream that keyward no longer sees) is dropped
+/// with the other hop-by-hop headers and the request is forwarded as plain HTTP/1.1.
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    let mut upgrades = req.headers().get_all(header::UPGRADE).iter();
+    let websocket = matches!(
+        (upgrades.next(), upgrades.next()),
+        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket")
+    );
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && websocket
         && req
             .headers()
             .get_all(header::CONNECTION)

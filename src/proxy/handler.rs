@@ -14,7 +14,7 @@ use super::forward::{self, ProxyError};
 use super::headers;
 use super::{respond, Body};
 use crate::auth::credential::strip_query_param;
-use crate::auth::ratelimit::RateDecision;
+use crate::auth::ratelimit::{Quota, RateDecision};
 use crate::auth::reject::BadRequest;
 use crate::auth::{self, AuthRequest, Code, Decision, Principal, Reject, Route};
 use crate::App;
@@ -41,11 +41,10 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let in_flight = app.metrics.in_flight();
-    in_flight.inc();
+    // A guard, so a request whose client goes away (the future is dropped) still leaves.
+    let in_flight = app.metrics.track_in_flight();
     let cid = respond::correlation_id(req.headers());
     let method = req.method().clone();
-    let raw_path = req.uri().path().to_owned();
     let mut trace = Trace::default();
 
     let result = serve(&app, conn, req, &cid, &mut trace).await;
@@ -59,11 +58,11 @@ pub async fn handle(
     headers::set_correlation(resp.headers_mut(), &cid);
     let elapsed = start.elapsed();
     app.metrics.record_request(code, elapsed);
-    in_flight.dec();
+    drop(in_flight);
     access_log(
         &cid,
         &method,
-        trace.path.as_deref().unwrap_or(&raw_path),
+        trace.path.as_deref().unwrap_or("-"),
         resp.status(),
         code,
         &trace,
@@ -80,11 +79,28 @@ async fn serve(
     trace: &mut Trace,
 ) -> Result<Response<Body>, Reject> {
     // Normalize once: this string is what is authorized and what is forwarded.
-    let path = auth::path::normalize(req.uri().path())
-        .map_err(|e| Reject::BadRequest(BadRequest::Path(e)))?;
-    trace.path = Some(path.clone());
-    match app.policy.route(&path) {
-        Route::Public => forward(app, conn, req, &path, None, cid, trace).await,
+    let path = match auth::path::normalize(req.uri().path()) {
+        Ok(path) => path,
+        Err(e) => {
+            trace.path = Some(req.uri().path().to_owned());
+            return Err(Reject::BadRequest(BadRequest::Path(e)));
+        }
+    };
+    let result = route(app, conn, req, &path, cid, trace).await;
+    trace.path = Some(path);
+    result
+}
+
+async fn route(
+    app: &App,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+    path: &str,
+    cid: &HeaderValue,
+    trace: &mut Trace,
+) -> Result<Response<Body>, Reject> {
+    match app.policy.route(path) {
+        Route::Public => forward(app, conn, req, path, None, cid, trace).await,
         Route::Introspection => {
             let principal = authenticate(app, &req, None, false)?;
             let body = introspection_body(app, &principal, cid);
@@ -94,9 +110,13 @@ async fn serve(
         Route::Protected { extra } => {
             let principal = authenticate(app, &req, extra, true)?;
             trace.principal = Some(principal.clone());
-            rate_limit(app, &principal)?;
+            let quota = rate_limit(app, &principal)?;
             app.usage.record(&principal.key.id, SystemTime::now());
-            forward(app, conn, req, &path, Some(&principal), cid, trace).await
+            let mut resp = forward(app, conn, req, path, Some(&principal), cid, trace).await?;
+            if let Some(quota) = quota {
+                set_rate_limit_headers(resp.headers_mut(), &quota);
+            }
+            Ok(resp)
         }
     }
 }
@@ -124,7 +144,8 @@ fn authenticate(
     }
 }
 
-fn rate_limit(app: &App, principal: &Principal) -> Result<(), Reject> {
+/// The key's quota after this request (`None`: the key has no limit), or 429.
+fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, Reject> {
     match app.limiter.check(&principal.key, Instant::now()) {
         RateDecision::Limited {
             quota,
@@ -133,8 +154,19 @@ fn rate_limit(app: &App, principal: &Principal) -> Result<(), Reject> {
             retry_after_secs,
             limit: quota.limit,
         }),
-        RateDecision::Unlimited | RateDecision::Allowed(_) => Ok(()),
+        RateDecision::Unlimited => Ok(None),
+        RateDecision::Allowed(quota) => Ok(Some(quota)),
     }
+}
+
+/// `RateLimit-Limit/Remaining/Reset` on an allowed response, unless the upstream set its own.
+fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
+    if h.contains_key("ratelimit-limit") {
+        return;
+    }
+    h.insert("ratelimit-limit", HeaderValue::from(quota.limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(quota.remaining));
+    h.insert("ratelimit-reset", HeaderValue::from(quota.reset_secs));
 }
 
 /// Prepare the request for the upstream and send it. Order matters: hop-by-hop headers go
@@ -194,7 +226,12 @@ async fn forward(
         .map_err(|e| upstream_failed(app, &e))?;
     trace.upstream = Some(took);
     app.metrics.record_upstream(resp.status().as_u16(), took);
-    if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status()) {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // Only an allowed upgrade that keyward itself forwarded may switch protocols.
+        let Some(down) = downstream_upgrade else {
+            let e = ProxyError::Other("101 Switching Protocols without an allowed upgrade".into());
+            return Err(upstream_failed(app, &e));
+        };
         forward::spawn_tunnel(down, &mut resp);
     }
     let mut resp = forward::downstream_response(resp);
@@ -218,8 +255,10 @@ fn forwarded_query<'a>(app: &App, query: Option<&'a str>) -> Option<std::borrow:
 }
 
 fn upstream_failed(app: &App, e: &ProxyError) -> Reject {
-    warn!(error = %e, "upstream request failed");
-    app.metrics.record_upstream_error(e.kind());
+    if e.is_upstream_fault() {
+        warn!(error = %e, "upstream request failed");
+        app.metrics.record_upstream_error(e.kind());
+    }
     e.reject()
 }
 

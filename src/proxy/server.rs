@@ -1,22 +1,42 @@
-//! The public listener: accept, connection limit, HTTP/1.1 + h2c (+ TLS), and draining.
+//! The public listener: accept, connection limit, HTTP/1.1 + h2c (+ TLS), request-head
+//! limits, idle connections, and draining.
+//!
+//! Limits that hold a connection slot are all bounded by time: hyper's HTTP/1 parser cuts a
+//! request head that is not complete within `header_read_timeout`, and a connection with no
+//! request in flight for that long (one that never sends a byte, stops inside the HTTP/2
+//! preface, or idles after a request, HTTP/1.1 or HTTP/2) is shut down gracefully here.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::handler::{self, ConnInfo};
+use super::{headers, respond, Body};
+use crate::auth::reject::BadRequest;
+use crate::auth::Reject;
 use crate::config::Limits;
 use crate::tls::TlsAcceptor;
 use crate::App;
+
+/// HTTP/2 streams the client reset before keyward accepted them; more is a rapid-reset
+/// flood (CVE-2023-44487) and the connection is closed with `ENHANCE_YOUR_CALM`.
+pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// HTTP/2 streams keyward had to reset because the client broke the protocol on them;
+/// more and the connection is closed (CVE-2024-27316-style floods).
+pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
 /// The HTTP/1.1 + HTTP/2 server settings, built once.
 pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -25,16 +45,27 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        // hyper's read buffer is at least 8 KiB; a smaller `max_header_bytes` is enforced
+        // exactly by `check_head`.
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .max_header_list_size(limits.max_header_bytes as u32)
-        .max_pending_accept_reset_streams(Some(20))
-        .max_local_error_reset_streams(Some(1024));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(Some(H2_MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESET_STREAMS));
     builder
+}
+
+/// The `limits.max_connections` slots. One set per process: every accept loop that serves
+/// the listener must draw from the same one.
+pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
+    // tokio's semaphore panics above MAX_PERMITS (about 2^61), far beyond any real limit.
+    Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ))
 }
 
 /// Accept until `stop` resolves, then wait up to `grace` for open connections to finish.
@@ -45,9 +76,23 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
     grace: Duration,
 ) {
+    let slots = connection_slots(&app.config.limits);
+    serve_with_slots(app, listener, tls, slots, stop, grace).await;
+}
+
+/// [`serve`], taking connection slots from `slots`, which accept loops on other threads
+/// share, so that `max_connections` holds for the whole process.
+pub async fn serve_with_slots(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    slots: Arc<Semaphore>,
+    stop: impl Future<Output = ()>,
+    grace: Duration,
+) {
     let builder = Arc::new(http_builder(&app.config.limits));
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(app.config.limits.max_connections));
+    // Every connection task holds a receiver: `drain_tx.closed()` resolves when all are gone.
+    let (drain_tx, drain_rx) = watch::channel(false);
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -70,19 +115,19 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let drain = drain_rx.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match tls {
                 None => {
                     let conn = ConnInfo { peer, tls: false };
-                    serve_conn(app, &builder, watcher, stream, conn).await;
+                    serve_conn(app, &builder, drain, stream, conn).await;
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
                         let conn = ConnInfo { peer, tls: true };
-                        serve_conn(app, &builder, watcher, stream, conn).await;
+                        serve_conn(app, &builder, drain, stream, conn).await;
                     }
                     Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
                 },
@@ -90,9 +135,11 @@ pub async fn serve(
         });
     }
     drop(listener);
+    drop(drain_rx);
     info!("listener closed; waiting for in-flight requests");
+    let _ = drain_tx.send(true);
     tokio::select! {
-        () = graceful.shutdown() => info!("all connections finished"),
+        () = drain_tx.closed() => info!("all connections finished"),
         () = tokio::time::sleep(grace) => warn!(?grace, "grace period over; closing remaining connections"),
     }
 }
@@ -100,15 +147,307 @@ pub async fn serve(
 async fn serve_conn<I>(
     app: Arc<App>,
     builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    mut drain: watch::Receiver<bool>,
     io: I,
     conn: ConnInfo,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| handler::handle(app.clone(), conn, req));
+    let idle_timeout = app.config.limits.header_read_timeout;
+    let activity = Arc::new(Activity::new());
+    let requests = activity.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        // In flight from the request head until the response body is done or dropped.
+        let in_flight = requests.begin();
+        let app = app.clone();
+        async move {
+            let resp = match check_head(&req, &app.config.limits) {
+                Ok(()) => handler::handle(app, conn, req).await?,
+                Err(refusal) => refusal.response(&req),
+            };
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
+                inner: body,
+                in_flight: Some(in_flight),
+            }))
+        }
+    });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(connection.into_owned()).await {
-        debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+    tokio::pin!(connection);
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break Some(result),
+            _ = drain.wait_for(|draining| *draining), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+                activity.touch();
+            }
+            () = activity.idle_for(idle_timeout) => {
+                if closing {
+                    // A graceful close needs the peer (HTTP/2 waits for a PING ack); one
+                    // that never answers is not waited for.
+                    break None;
+                }
+                debug!(peer = %conn.peer, "connection idle; closing");
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+                activity.touch();
+            }
+        }
+    };
+    match result {
+        Some(Err(e)) => debug!(peer = %conn.peer, error = %e, "connection ended with an error"),
+        None => debug!(peer = %conn.peer, "connection did not close in time; dropped"),
+        Some(Ok(())) => {}
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in flight until it is finished.
+    struct Tracked<B> {
+        #[pin]
+        inner: B,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let std::task::Poll::Ready(None | Some(Err(_))) = frame {
+            this.in_flight.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Requests in flight on one connection, and since when it has had none.
+struct Activity {
+    start: Instant,
+    in_flight: AtomicUsize,
+    /// Nanoseconds after `start` at which the connection last became idle.
+    idle_since: AtomicU64,
+}
+
+/// Held while a request is being served.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Restart the idle clock now.
+    fn touch(&self) {
+        let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.idle_since.store(now, Ordering::Release);
+    }
+
+    /// Resolves once the connection has had no request in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let since = self.idle_since.load(Ordering::Acquire);
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                let deadline = self.start + Duration::from_nanos(since) + timeout;
+                tokio::time::sleep_until(deadline).await;
+                if self.in_flight.load(Ordering::Acquire) == 0
+                    && self.idle_since.load(Ordering::Acquire) == since
+                {
+                    return;
+                }
+            } else {
+                tokio::time::sleep(timeout).await;
+            }
+        }
+    }
+}
+
+/// A request head refused before the handler sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadRefusal {
+    /// The request line and header fields exceed `limits.max_header_bytes`.
+    TooLarge,
+    /// HTTP/1.1 without `Host`, several `Host` fields, or a value that is no authority
+    /// (RFC 9112 3.2): a front proxy and the upstream could read a different host.
+    Host,
+}
+
+impl HeadRefusal {
+    fn response(self, req: &Request<Incoming>) -> Response<Body> {
+        let cid = respond::correlation_id(req.headers());
+        let cid_str = cid.to_str().unwrap_or_default();
+        let mut resp = match self {
+            HeadRefusal::TooLarge => {
+                let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+                let body = serde_json::json!({
+                    "status": status.as_u16(),
+                    "code": "request_header_fields_too_large",
+                    "error": "Request header fields too large",
+                    "correlation_id": cid_str,
+                });
+                respond::json(status, &body)
+            }
+            HeadRefusal::Host => respond::error(&Reject::BadRequest(BadRequest::Host), cid_str),
+        };
+        headers::set_correlation(resp.headers_mut(), &cid);
+        if req.version() != Version::HTTP_2 {
+            // The client misbehaved at the framing level: read no further request from it.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+/// Limits on the request head that hold for HTTP/1.1 and HTTP/2 alike.
+fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), HeadRefusal> {
+    if head_size(req) > limits.max_header_bytes {
+        return Err(HeadRefusal::TooLarge);
+    }
+    if matches!(req.version(), Version::HTTP_10 | Version::HTTP_11) {
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (Some(_), Some(_)) => return Err(HeadRefusal::Host),
+            (Some(host), None) if !valid_host(host) => return Err(HeadRefusal::Host),
+            (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
+                return Err(HeadRefusal::Host)
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of the request line and header fields, counted as HTTP/1.1 would send them.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    req.method().as_str().len() + target + fields
+}
+
+/// `host[:port]` with a numeric port, no user info, nothing after the authority.
+fn valid_host(value: &HeaderValue) -> bool {
+    if value.is_empty() || value.as_bytes().contains(&b'@') {
+        return false;
+    }
+    let Ok(authority) = http::uri::Authority::try_from(value.as_bytes()) else {
+        return false;
+    };
+    let after_ipv6 = authority
+        .as_str()
+        .rsplit_once(']')
+        .map_or(authority.as_str(), |(_, rest)| rest);
+    !after_ipv6.contains(':') || authority.port_u16().is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: Version, target: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().version(version).uri(target);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn host_rules() {
+        let limits = Limits::default();
+        let ok = |r: Request<()>| check_head(&r, &limits);
+        let v11 = Version::HTTP_11;
+        for good in ["a.example:8080", "a", "[::1]:80", "[::1]", "10.0.0.1"] {
+            assert_eq!(ok(req(v11, "/a", &[("host", good)])), Ok(()), "{good}");
+        }
+        assert_eq!(ok(req(v11, "/a", &[])), Err(HeadRefusal::Host));
+        assert_eq!(ok(req(Version::HTTP_10, "/a", &[])), Ok(()));
+        assert_eq!(ok(req(v11, "http://a/x", &[])), Ok(()));
+        assert_eq!(
+            ok(req(v11, "/a", &[("host", "a"), ("host", "b")])),
+            Err(HeadRefusal::Host)
+        );
+        for bad in [
+            "", "a/b", "u@a", "a b", "a:x", "a:", "a:99999", "a?b", "a#b",
+        ] {
+            assert_eq!(
+                ok(req(v11, "/a", &[("host", bad)])),
+                Err(HeadRefusal::Host),
+                "{bad:?}"
+            );
+        }
+        // HTTP/2 carries :authority; a repeated `host` is h2's business, not HTTP/1.1 rules.
+        assert_eq!(ok(req(Version::HTTP_2, "http://a/x", &[])), Ok(()));
+    }
+
+    #[test]
+    fn head_size_is_enforced_exactly() {
+        let limits = Limits {
+            max_header_bytes: 1024,
+            ..Limits::default()
+        };
+        let value = "v".repeat(1000);
+        let fits = req(Version::HTTP_11, "/", &[("host", "a"), ("x", &value)]);
+        assert_eq!(head_size(&fits), 3 + 1 + (4 + 1 + 4) + (1 + 1000 + 4));
+        assert_eq!(check_head(&fits, &limits), Ok(()));
+        let value = "v".repeat(1010);
+        let over = req(Version::HTTP_11, "/", &[("host", "a"), ("x", &value)]);
+        assert_eq!(check_head(&over, &limits), Err(HeadRefusal::TooLarge));
+    }
+
+    #[tokio::test]
+    async fn idle_waits_for_requests_to_finish() {
+        let a = Arc::new(Activity::new());
+        let t = Duration::from_millis(50);
+        let start = Instant::now();
+        a.idle_for(t).await;
+        assert!(start.elapsed() >= t);
+        // A request in flight keeps the connection; the clock restarts when it ends.
+        let held = a.begin();
+        let a2 = a.clone();
+        let waiter = tokio::spawn(async move { a2.idle_for(t).await });
+        tokio::time::sleep(t * 3).await;
+        assert!(!waiter.is_finished());
+        let ended = Instant::now();
+        drop(held);
+        waiter.await.unwrap();
+        assert!(ended.elapsed() >= t, "{:?}", ended.elapsed());
     }
 }

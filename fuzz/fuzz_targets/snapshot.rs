@@ -1,0 +1,50 @@
+//! Key snapshot parsing (YAML and JSON), validation, and what is done with a valid one:
+//! identity headers, rate-limit state, and the YAML/JSON round trip that the control API
+//! relies on to persist an edited snapshot (`POST /v1/keys/{id}/disable`).
+#![no_main]
+
+use std::time::{Duration, Instant};
+
+use keyward::auth::ratelimit::{RateDecision, RateLimiter};
+use keyward::keys::{IdentityNames, Snapshot, Source};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let names = IdentityNames::new("x-auth-", "production").expect("valid names");
+    let Ok(snapshot) = Snapshot::parse(text, &names, Source::File) else {
+        return;
+    };
+    let limiter = RateLimiter::default();
+    let t0 = Instant::now();
+    for key in snapshot.keys() {
+        assert_eq!(
+            snapshot.by_id(&key.id).map(|k| k.id.clone()),
+            Some(key.id.clone())
+        );
+        let _ = key.identity_headers(&names, None);
+        for t in [t0, t0, t0 + Duration::from_secs(3600)] {
+            if let RateDecision::Limited {
+                retry_after_secs, ..
+            } = limiter.check(key, t)
+            {
+                assert!(retry_after_secs >= 1);
+            }
+        }
+    }
+    limiter.retain(&snapshot);
+
+    // What was accepted survives being written back out, in both formats.
+    let doc = snapshot.to_doc();
+    let yaml = serde_yaml::to_string(&doc).expect("snapshot serializes to YAML");
+    let again = Snapshot::parse(&yaml, &names, Source::Control)
+        .unwrap_or_else(|e| panic!("YAML round trip refused: {e}\n{yaml}"));
+    assert_eq!(again.len(), snapshot.len());
+    assert_eq!(again.to_doc().keys.len(), doc.keys.len());
+    let json = serde_json::to_string(&doc).expect("snapshot serializes to JSON");
+    let again = Snapshot::parse(&json, &names, Source::Control)
+        .unwrap_or_else(|e| panic!("JSON round trip refused: {e}\n{json}"));
+    assert_eq!(again.len(), snapshot.len());
+});

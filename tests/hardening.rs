@@ -1,0 +1,936 @@
+//! Hostile input through the front door: raw HTTP/1.1 framing attacks over TCP, path
+//! tricks, header and connection limits, HTTP/2 limits, and garbage. Every case checks what
+//! the client gets back and what the real upstream behind keyward saw.
+
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const KEY: &str = SERVICE_KEY;
+
+/// What came back on one raw connection.
+struct Reply {
+    text: String,
+    /// The server closed the connection (rather than the wait running out).
+    closed: bool,
+}
+
+impl Reply {
+    fn status(&self) -> u16 {
+        raw_status(&self.text)
+    }
+
+    /// Status codes of every response on the connection, in order.
+    fn statuses(&self) -> Vec<u16> {
+        self.text
+            .match_indices("HTTP/1.1 ")
+            .filter_map(|(i, _)| self.text[i + 9..].get(..3)?.parse().ok())
+            .collect()
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        let head = self.text.split("\r\n\r\n").next()?;
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let body = self.text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text))
+    }
+}
+
+/// Send `bytes` on a fresh connection and read until the server closes (or 5 s pass).
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .is_ok();
+    Reply {
+        text: String::from_utf8_lossy(&out).into_owned(),
+        closed,
+    }
+}
+
+/// Wait until the upstream has seen a fresh sentinel request, so anything keyward forwarded
+/// before it has been recorded, then check that no smuggled request got through.
+async fn assert_nothing_smuggled(kw: &Proxy, up: &Upstream) {
+    let sentinel = format!("/sentinel-{}", up.count());
+    let r = get(&kw.url(&sentinel), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = up.requests();
+    assert!(seen.iter().any(|s| s.target == sentinel));
+    for s in &seen {
+        assert!(
+            !s.target.contains("smuggled") && !s.target.starts_with("/admin"),
+            "upstream saw {} {}",
+            s.method,
+            s.target
+        );
+    }
+}
+
+fn head(method: &str, target: &str, extra: &str) -> String {
+    format!("{method} {target} HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n{extra}\r\n")
+}
+
+/// A complete second request, which must never reach the upstream as a request.
+fn smuggled() -> String {
+    format!("GET /smuggled HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n\r\n")
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_read_as_chunked_and_closed() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let hidden = smuggled();
+
+    // CL.TE: Content-Length would swallow the smuggled request as body; chunked ends the
+    // body at `0`, after which the smuggled bytes would be the next request.
+    let body = format!("0\r\n\r\n{hidden}");
+    let req = head(
+        "POST",
+        "/v1/clte",
+        &format!(
+            "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+            body.len()
+        ),
+    ) + &body;
+    // TE.CL: the same conflict in the other order, the smuggled request inside a chunk.
+    let chunk = format!("{:x}\r\n{hidden}\r\n0\r\n\r\n", hidden.len());
+    let tecl = head(
+        "POST",
+        "/v1/tecl",
+        "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
+    ) + &chunk;
+
+    for (req, target, body_len) in [(req, "/v1/clte", 0), (tecl, "/v1/tecl", hidden.len())] {
+        let before = up.count();
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        // RFC 9112 6.1: Transfer-Encoding wins, Content-Length is dropped, and the
+        // connection is closed after the response, so no byte after the chunked body is
+        // ever read as a request.
+        assert_eq!(r.statuses(), [200], "{}", r.text);
+        assert_eq!(r.header("connection").as_deref(), Some("close"));
+        assert!(r.closed, "connection must be closed");
+        let seen = &up.requests()[before..];
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].target, target);
+        assert_eq!(seen[0].body_len, body_len);
+        assert!(seen[0].headers.get("content-length").is_none());
+    }
+    assert_nothing_smuggled(&kw, &up).await;
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn conflicting_or_malformed_content_length_is_refused() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let hidden = smuggled();
+    for cl in [
+        "Content-Length: 0\r\nContent-Length: 5\r\n",
+        "Content-Length: 5\r\nContent-Length: 0\r\n",
+        "Content-Length: 0, 5\r\n",
+        "Content-Length: 5, 5\r\n",
+        "Content-Length: +5\r\n",
+        "Content-Length: -5\r\n",
+        "Content-Length: 0x5\r\n",
+        "Content-Length: 5.0\r\n",
+        "Content-Length: 99999999999999999999999\r\n",
+    ] {
+        let req = head("POST", "/v1/cl", cl) + "hello" + &hidden;
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        assert_eq!(r.statuses(), [400], "{cl:?}: {}", r.text);
+        assert!(r.closed, "{cl:?}");
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.requests());
+    // Identical repeated values are one length (RFC 9110 8.6), not a conflict.
+    let req = head(
+        "POST",
+        "/v1/same",
+        "Content-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n",
+    ) + "hello";
+    let r = exchange(kw.addr, req.as_bytes()).await;
+    assert_eq!(r.statuses(), [200], "{}", r.text);
+    assert_eq!(up.last().body_len, 5);
+    assert_nothing_smuggled(&kw, &up).await;
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn transfer_encoding_other_than_final_chunked_is_refused() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    for (version, te) in [
+        ("HTTP/1.1", "Transfer-Encoding: chunked, identity\r\n"),
+        ("HTTP/1.1", "Transfer-Encoding: identity\r\n"),
+        ("HTTP/1.1", "Transfer-Encoding: xchunked\r\n"),
+        ("HTTP/1.1", "Transfer-Encoding : chunked\r\n"),
+        ("HTTP/1.1", "Transfer-Encoding:\x0bchunked\r\n"),
+        ("HTTP/1.0", "Transfer-Encoding: chunked\r\n"),
+    ] {
+        let req = format!(
+            "POST /v1/te {version}\r\nHost: app\r\nx-api-key: {KEY}\r\n{te}\r\n0\r\n\r\n{}",
+            smuggled()
+        );
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        assert_eq!(r.statuses(), [400], "{te:?}: {}", r.text);
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.requests());
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn obs_fold_is_refused() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    for fold in [
+        "X-Folded: a\r\n b\r\n",
+        "X-Folded: a\r\n\tb\r\n",
+        // A fold that would hide a Transfer-Encoding from a lenient front proxy.
+        "X-Folded: a\r\n Transfer-Encoding: chunked\r\nContent-Length: 3\r\n",
+    ] {
+        let req = head("POST", "/v1/fold", fold) + "abc";
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        assert_eq!(r.statuses(), [400], "{fold:?}: {}", r.text);
+        assert!(r.closed);
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.requests());
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn bare_lf_in_the_head_is_reframed_and_in_chunks_refused() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    // RFC 9112 2.2 lets a recipient read a bare LF as a line end; keyward re-frames the
+    // request with CRLF, so the upstream sees exactly one well-formed request.
+    let req = format!("GET /v1/lf HTTP/1.1\nHost: app\nx-api-key: {KEY}\nConnection: close\n\n");
+    let r = exchange(kw.addr, req.as_bytes()).await;
+    assert_eq!(r.statuses(), [200], "{}", r.text);
+    let seen = up.last();
+    assert_eq!(seen.target, "/v1/lf");
+    assert_eq!(up.count(), 1);
+    // In chunked framing a bare LF is refused: the body is not forwarded as a guess.
+    let req = head("POST", "/v1/lf-chunk", "Transfer-Encoding: chunked\r\n")
+        + "3\nabc\n0\n\n"
+        + &smuggled();
+    let r = exchange(kw.addr, req.as_bytes()).await;
+    assert_eq!(r.status(), 400, "{}", r.text);
+    assert_eq!(r.json()["code"], "bad_request");
+    assert!(r.closed);
+    assert_nothing_smuggled(&kw, &up).await;
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn nul_and_cr_in_header_fields_are_refused() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    for bad in [
+        "X-Nul: a\0b\r\n",
+        "X-Cr: a\rb\r\n",
+        "X-Cr: a\rTransfer-Encoding: chunked\r\n",
+        "X-Nul\0: a\r\n",
+        "X-Tail: a\r\r\n",
+        "X-Empty-Name\r\n",
+        ": no-name\r\n",
+        "X Space: a\r\n",
+    ] {
+        let req = head("GET", "/v1/ctl", bad);
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        assert_eq!(r.statuses(), [400], "{bad:?}: {}", r.text);
+        assert!(r.closed, "{bad:?}");
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.requests());
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn overflowing_chunk_size_is_refused() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    for size in ["ffffffffffffffffff1", "10000000000000000", "-1", "1 2", "g"] {
+        let req = head("POST", "/v1/chunk", "Transfer-Encoding: chunked\r\n")
+            + &format!("{size}\r\nx\r\n0\r\n\r\n")
+            + &smuggled();
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        // The client's body is broken: its fault (400), never reported as an upstream error.
+        assert_eq!(r.statuses(), [400], "{size:?}: {}", r.text);
+        assert_eq!(r.json()["code"], "bad_request", "{size:?}");
+        assert!(r.closed, "{size:?}");
+    }
+    let metrics = get(&kw.admin_url("/metrics"), &[]).await.text();
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("keyward_upstream_errors_total{") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // Unauthenticated, the body is never read: 401 before any framing error.
+    let req = "POST /v1/chunk HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff1\r\n";
+    let r = exchange(kw.addr, req.as_bytes()).await;
+    assert_eq!(r.status(), 401, "{}", r.text);
+    assert_nothing_smuggled(&kw, &up).await;
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn absolute_form_target_is_authorized_by_its_path() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    for (target, status, code) in [
+        ("http://app/admin/x", 403, "insufficient_scope"),
+        ("http://app/admin", 403, "insufficient_scope"),
+        ("http://app:80/a/../admin/x", 403, "insufficient_scope"),
+        ("http://app/%2e%2e/admin/x", 400, "bad_request"),
+        ("http://app/admin%2fx", 400, "bad_request"),
+        ("http://app", 401, ""),
+        ("*", 400, "bad_request"),
+    ] {
+        let req = format!(
+            "GET {target} HTTP/1.1\r\nHost: other\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n"
+        );
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        if status == 401 {
+            // `http://app` is the path `/`: protected, allowed, forwarded as `/`.
+            assert_eq!(r.status(), 200, "{target}: {}", r.text);
+            assert_eq!(up.last().target, "/");
+            continue;
+        }
+        assert_eq!(r.status(), status, "{target}: {}", r.text);
+        assert_eq!(r.json()["code"], code, "{target}");
+    }
+    let r = exchange(
+        kw.addr,
+        format!("CONNECT app:443 HTTP/1.1\r\nHost: app:443\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status(), 400, "{}", r.text);
+    // An allowed absolute-form request is forwarded by its normalized path, and the
+    // target's authority is the host (RFC 9112 3.2.2).
+    let req = format!("GET http://app/v1/./x HTTP/1.1\r\nHost: other\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n");
+    let r = exchange(kw.addr, req.as_bytes()).await;
+    assert_eq!(r.status(), 200, "{}", r.text);
+    let seen = up.last();
+    assert_eq!(seen.target, "/v1/x");
+    assert_eq!(seen.headers["host"], "app");
+    assert_nothing_smuggled(&kw, &up).await;
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn more_than_max_headers_gets_431() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let fields = |n: usize| (0..n).map(|i| format!("X-H{i}: v\r\n")).collect::<String>();
+    // Well under the limit (keyward adds its own identity headers before forwarding, and
+    // the test upstream has hyper's default limit of 100 too).
+    let ok = head("GET", "/v1/many", &(fields(80) + "Connection: close\r\n"));
+    let r = exchange(kw.addr, ok.as_bytes()).await;
+    assert_eq!(r.status(), 200, "{}", r.text);
+    // Host and x-api-key count: 99 more make 101 (the default limit is 100).
+    let over = head("GET", "/v1/too-many", &fields(99));
+    let r = exchange(kw.addr, over.as_bytes()).await;
+    assert_eq!(r.statuses(), [431], "{}", r.text);
+    assert!(
+        r.header("x-correlation-id").is_none(),
+        "refused by the parser"
+    );
+    assert!(r.closed);
+    assert!(up.requests().iter().all(|s| s.target != "/v1/too-many"));
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_header_section_gets_431() {
+    let up = spawn_upstream().await;
+    // Default limit (16 KiB): refused by hyper's parser before keyward sees the request.
+    let kw = spawn_proxy(up.addr, "").await;
+    let big = head(
+        "GET",
+        "/v1/big",
+        &format!("X-Big: {}\r\n", "a".repeat(17_000)),
+    );
+    let r = exchange(kw.addr, big.as_bytes()).await;
+    assert_eq!(r.statuses(), [431], "{}", r.text);
+    assert!(r.closed);
+    let fits = head(
+        "GET",
+        "/v1/fits",
+        &format!("X-Big: {}\r\nConnection: close\r\n", "a".repeat(15_000)),
+    );
+    let r = exchange(kw.addr, fits.as_bytes()).await;
+    assert_eq!(r.status(), 200, "{}", r.text);
+    kw.shutdown().await;
+
+    // A limit below hyper's 8 KiB minimum buffer is enforced exactly by keyward.
+    let kw = spawn_proxy(up.addr, "limits: { max_header_bytes: 2048 }\n").await;
+    let big = head(
+        "GET",
+        "/v1/big",
+        &format!("X-Big: {}\r\n", "a".repeat(3000)),
+    );
+    let r = exchange(kw.addr, big.as_bytes()).await;
+    assert_eq!(r.statuses(), [431], "{}", r.text);
+    assert_eq!(r.json()["code"], "request_header_fields_too_large");
+    assert!(r.header("x-correlation-id").is_some());
+    assert!(r.closed);
+    let fits = head(
+        "GET",
+        "/v1/fits",
+        &format!("X-Big: {}\r\nConnection: close\r\n", "a".repeat(1500)),
+    );
+    let r = exchange(kw.addr, fits.as_bytes()).await;
+    assert_eq!(r.status(), 200, "{}", r.text);
+    assert!(up.requests().iter().all(|s| s.target != "/v1/big"));
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn host_header_must_be_single_and_valid() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    for hosts in [
+        "",
+        "Host: a\r\nHost: b\r\n",
+        "Host: a\r\nHost: a\r\n",
+        "Host: a/b\r\n",
+        "Host: user@a\r\n",
+        "Host: \r\n",
+    ] {
+        let req = format!("GET /v1/host HTTP/1.1\r\n{hosts}x-api-key: {KEY}\r\n\r\n");
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        assert_eq!(r.status(), 400, "{hosts:?}: {}", r.text);
+        assert_eq!(r.json()["code"], "bad_request");
+        assert_eq!(r.header("connection").as_deref(), Some("close"));
+        assert!(r.closed);
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.requests());
+    // HTTP/1.0 may omit Host.
+    let req = format!("GET /v1/host HTTP/1.0\r\nx-api-key: {KEY}\r\n\r\n");
+    let r = exchange(kw.addr, req.as_bytes()).await;
+    assert_eq!(r.status(), 200, "{}", r.text);
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn path_tricks_never_reach_admin_routes() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    for (target, status, code) in [
+        ("/a/../admin/x", 403, "insufficient_scope"),
+        ("//admin/x", 403, "insufficient_scope"),
+        ("/./admin/x", 403, "insufficient_scope"),
+        ("/x/%2e%2e/admin/x", 403, "insufficient_scope"),
+        ("/x/%2E%2e/admin/x", 403, "insufficient_scope"),
+        ("/%61dmin/x", 403, "insufficient_scope"),
+        ("/admin", 403, "insufficient_scope"),
+        ("/admin/", 403, "insufficient_scope"),
+        ("/public/../admin/x", 403, "insufficient_scope"),
+        ("/healthz/../admin/x", 403, "insufficient_scope"),
+        ("/%2e%2e/admin", 400, "bad_request"),
+        ("/..", 400, "bad_request"),
+        ("/admin%2fx", 400, "bad_request"),
+        ("/admin%2Fx", 400, "bad_request"),
+        ("/admin%5cx", 400, "bad_request"),
+        ("/admin%5Cx", 400, "bad_request"),
+        ("/admin;x/y", 400, "bad_request"),
+        ("/admin%3bx/y", 400, "bad_request"),
+        ("/admin%00/x", 400, "bad_request"),
+        ("/admin%zz", 400, "bad_request"),
+        ("/public%2f..%2fadmin/x", 400, "bad_request"),
+    ] {
+        let req = head("GET", target, "Connection: close\r\n");
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        assert_eq!(r.status(), status, "{target}: {}", r.text);
+        assert_eq!(r.json()["code"], code, "{target}");
+    }
+    // A raw backslash (hyper lets it through; some upstreams read it as `/`).
+    for target in ["/admin\\x", "/x\\..\\admin\\x"] {
+        let r = exchange(
+            kw.addr,
+            head("GET", target, "Connection: close\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status(), 400, "{target}: {}", r.text);
+        assert_eq!(r.json()["detail"], "backslash in path", "{target}");
+    }
+    // A fragment is never part of the path that is matched or forwarded.
+    let r = exchange(
+        kw.addr,
+        head("GET", "/v1/x#/../../admin/x", "Connection: close\r\n").as_bytes(),
+    )
+    .await;
+    // hyper's URI parser drops it: `/v1/x` is authorized and `/v1/x` is forwarded.
+    assert_eq!(r.status(), 200, "{}", r.text);
+    assert_eq!(up.last().target, "/v1/x");
+    assert_nothing_smuggled(&kw, &up).await;
+    // The query never takes part in route matching.
+    let r = exchange(
+        kw.addr,
+        head("GET", "/v1/x?/../admin/x", "Connection: close\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{}", r.text);
+    assert_eq!(up.last().target, "/v1/x?/../admin/x");
+    // An admin key reaches the same normalized path.
+    let r = exchange(
+        kw.addr,
+        format!("GET /x/%2e%2e/admin/x HTTP/1.1\r\nHost: app\r\nx-api-key: {ENTERPRISE_KEY}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{}", r.text);
+    assert_eq!(up.last().target, "/admin/x");
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2c_upgrade_is_not_tunnelled_but_websocket_is() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    // An h2c upgrade through an authenticating proxy would hand the client an HTTP/2
+    // connection to the upstream that keyward never sees again. It is forwarded as a plain
+    // request without the upgrade.
+    let h2c = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: close\r\n";
+    let r = exchange(kw.addr, head("GET", "/v1/h2c", h2c).as_bytes()).await;
+    assert_eq!(r.statuses(), [200], "{}", r.text);
+    let seen = up.last();
+    assert_eq!(seen.target, "/v1/h2c");
+    for h in ["upgrade", "connection", "http2-settings"] {
+        assert!(
+            seen.headers.get(h).is_none(),
+            "{h} forwarded: {:?}",
+            seen.headers
+        );
+    }
+    // An upstream that switches protocols anyway (the test upstream's /ws always does) is
+    // not passed on: no tunnel is ever opened without an allowed upgrade.
+    let r = exchange(kw.addr, head("GET", "/ws", h2c).as_bytes()).await;
+    assert_eq!(r.statuses(), [502], "{}", r.text);
+    assert!(up.last().headers.get("upgrade").is_none());
+    for upgrade in ["h2c, websocket", "websocket, h2c", "websocket/13 h2c"] {
+        let req = head(
+            "GET",
+            "/v1/up",
+            &format!("Connection: Upgrade\r\nUpgrade: {upgrade}\r\nConnection: close\r\n"),
+        );
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        assert_eq!(r.status(), 200, "{upgrade}: {}", r.text);
+        assert!(up.last().headers.get("upgrade").is_none(), "{upgrade}");
+    }
+    // WebSocket is the allowed upgrade: authenticated at the handshake, then tunnelled.
+    let req = head(
+        "GET",
+        "/ws",
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+    );
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(raw_status(&String::from_utf8_lossy(&got)), 101);
+    assert_eq!(up.last().headers["upgrade"], "websocket");
+    s.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    kw.shutdown().await;
+}
+
+/// Open a connection, send `first`, optionally keep trickling header lines, and return
+/// how long the server took to close it (`None`: still open after `max`).
+async fn time_to_close(
+    addr: SocketAddr,
+    first: &[u8],
+    trickle: bool,
+    max: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(first).await.unwrap();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < max {
+        if trickle && s.write_all(b"X-Slow: 1\r\n").await.is_err() {
+            return Some(start.elapsed());
+        }
+        let read = tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            return Some(start.elapsed());
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_at_header_read_timeout() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { header_read_timeout: 200ms }\n").await;
+    let max = Duration::from_secs(3);
+    let partial = format!("GET /v1/slow HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n");
+    // A head that trickles in a line at a time never completes in time.
+    let took = time_to_close(kw.addr, partial.as_bytes(), true, max)
+        .await
+        .expect("slowloris connection left open");
+    assert!(
+        took >= Duration::from_millis(150) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    // A head that stops half way.
+    let took = time_to_close(kw.addr, partial.as_bytes(), false, max)
+        .await
+        .expect("stalled head left open");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(up.count(), 0);
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_and_idle_connections_are_closed() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { header_read_timeout: 200ms }\n").await;
+    let max = Duration::from_secs(3);
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    let mut h2_idle = preface.to_vec();
+    h2_idle.extend_from_slice(&settings);
+    let keep_alive = head("GET", "/v1/idle", "");
+    for (what, first) in [
+        ("no bytes at all", &b""[..]),
+        ("one byte", b"P"),
+        ("half the HTTP/2 preface", &preface[..16]),
+        ("HTTP/2 preface and SETTINGS, then nothing", &h2_idle),
+        (
+            "HTTP/1.1 keep-alive after a response",
+            keep_alive.as_bytes(),
+        ),
+    ] {
+        let took = time_to_close(kw.addr, first, false, max).await;
+        let took = took.unwrap_or_else(|| panic!("{what}: still open after {max:?}"));
+        assert!(took < Duration::from_secs(2), "{what}: {took:?}");
+    }
+    // HTTP/2 after a request: idle again, told to go away, and closed even though this
+    // client never acknowledges the GOAWAY's PING.
+    let start = Instant::now();
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello.extend(frame(
+        HEADERS,
+        0x4 | 0x1,
+        1,
+        &h2_get_block("/v1/h2-idle", KEY),
+    ));
+    s.write_all(&hello).await.unwrap();
+    let mut answered = false;
+    let goaway = read_frames(&mut s, |kind, _, stream, _| {
+        answered |= kind == HEADERS && stream == 1;
+        (kind == GOAWAY).then_some(())
+    })
+    .await;
+    assert!(answered, "no response on stream 1");
+    assert!(goaway.is_some(), "no GOAWAY");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "HTTP/2 connection left open");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(up.last().target, "/v1/h2-idle");
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_connections_refuses_the_extra_connection() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { max_connections: 2 }\n").await;
+    // Two keep-alive connections, each proven accepted by a full exchange.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut s = TcpStream::connect(kw.addr).await.unwrap();
+        s.write_all(head("GET", &format!("/v1/held-{i}"), "").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert_eq!(raw_status(&String::from_utf8_lossy(&buf[..n])), 200);
+        held.push(s);
+    }
+    // The third is accepted by the kernel and closed at once, unanswered.
+    let r = exchange(kw.addr, head("GET", "/v1/third", "").as_bytes()).await;
+    assert!(r.closed, "extra connection left open");
+    assert_eq!(r.text, "", "extra connection was served");
+    assert!(up.requests().iter().all(|s| s.target != "/v1/third"));
+    // The held connections still work.
+    held[0]
+        .write_all(head("GET", "/v1/again", "").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = held[0].read(&mut buf).await.unwrap();
+    assert_eq!(raw_status(&String::from_utf8_lossy(&buf[..n])), 200);
+    // Closing one frees its slot.
+    drop(held.pop());
+    let addr = kw.addr;
+    eventually("a slot frees up", || async move {
+        let r = exchange(
+            addr,
+            head("GET", "/v1/after", "Connection: close\r\n").as_bytes(),
+        )
+        .await;
+        r.status() == 200
+    })
+    .await;
+    kw.shutdown().await;
+
+    // Regression: a limit above tokio's semaphore maximum panicked the accept loop.
+    let kw = spawn_proxy(
+        up.addr,
+        "limits: { max_connections: 18446744073709551615 }\n",
+    )
+    .await;
+    let r = get(&kw.url("/v1/unbounded"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    kw.shutdown().await;
+}
+
+/// xorshift64*: a deterministic byte source (no seed file, no dependency).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_garbage_connections_leave_it_serving() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { header_read_timeout: 300ms }\n").await;
+    let addr = kw.addr;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let prefixes: [&[u8]; 5] = [
+        b"",
+        b"GET / HTTP/1.1\r\n",
+        b"POST /v1/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"GET /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nX-A: ",
+    ];
+    let payloads: Vec<Vec<u8>> = (0..1000)
+        .map(|i| {
+            let len = (rng.next() % 2048) as usize + 1;
+            let mut p = prefixes[i % prefixes.len()].to_vec();
+            p.extend(rng.bytes(len));
+            p
+        })
+        .collect();
+    let start = Instant::now();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for p in payloads {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let Ok(mut s) = TcpStream::connect(addr).await else {
+                return;
+            };
+            let _ = s.write_all(&p).await;
+            let _ = s.shutdown().await;
+            let mut sink = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut sink)).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert_eq!(
+        up.count(),
+        0,
+        "garbage reached the upstream: {:?}",
+        up.requests()
+    );
+    let r = get(&kw.url("/v1/after-garbage"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get_h2c(&kw.url("/v1/after-garbage-h2"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    kw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP/2
+
+/// One HTTP/2 frame header + payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const SETTINGS: u8 = 0x4;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const GOAWAY: u8 = 0x7;
+
+/// Read frames until `want` returns a value or the connection ends.
+async fn read_frames<T>(
+    s: &mut TcpStream,
+    mut want: impl FnMut(u8, u8, u32, &[u8]) -> Option<T>,
+) -> Option<T> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    loop {
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            if let Some(v) = want(buf[3], buf[4], stream, &buf[9..9 + len]) {
+                return Some(v);
+            }
+            buf.drain(..9 + len);
+        }
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// HPACK block for `GET http://a{path}` with an `x-api-key`, all literals, no Huffman.
+fn h2_get_block(path: &str, key: &str) -> Vec<u8> {
+    let mut b = vec![0x82, 0x86, 0x04, path.len() as u8];
+    b.extend(path.as_bytes());
+    b.extend([0x01, 0x01, b'a', 0x00, 9]);
+    b.extend(b"x-api-key");
+    b.push(key.len() as u8);
+    b.extend(key.as_bytes());
+    b
+}
+
+#[tokio::test]
+async fn h2_settings_advertise_the_configured_limits() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(
+        up.addr,
+        "limits: { h2_max_concurrent_streams: 7, max_header_bytes: 4096 }\n",
+    )
+    .await;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    s.write_all(&hello).await.unwrap();
+    let settings = read_frames(&mut s, |kind, flags, _, payload| {
+        (kind == SETTINGS && flags & 1 == 0).then(|| {
+            payload
+                .chunks(6)
+                .map(|c| {
+                    (
+                        u16::from_be_bytes([c[0], c[1]]),
+                        u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                    )
+                })
+                .collect::<std::collections::HashMap<_, _>>()
+        })
+    })
+    .await
+    .expect("server SETTINGS");
+    assert_eq!(
+        settings.get(&0x3),
+        Some(&7),
+        "MAX_CONCURRENT_STREAMS: {settings:?}"
+    );
+    assert_eq!(
+        settings.get(&0x6),
+        Some(&4096),
+        "MAX_HEADER_LIST_SIZE: {settings:?}"
+    );
+    drop(s);
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2_header_list_beyond_the_limit_is_refused() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let mut b = http::Request::get(kw.url("/v1/h2-big")).header("x-api-key", KEY);
+    for i in 0..20 {
+        b = b.header(format!("x-big-{i}"), "a".repeat(1000));
+    }
+    // h2 answers 431 on the stream (then resets it); the request never reaches keyward's
+    // handler, let alone the upstream.
+    let resp = client
+        .request(b.body(Empty::new()).unwrap())
+        .await
+        .expect("a response, not a connection error");
+    assert_eq!(resp.status(), 431);
+    assert!(up.requests().iter().all(|s| s.target != "/v1/h2-big"));
+    let r = get_h2c(&kw.url("/v1/h2-small"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2_rapid_reset_flood_gets_goaway() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let mut flood = PREFACE.to_vec();
+    flood.extend(frame(SETTINGS, 0, 0, &[]));
+    // GET / with :authority "a": indexed :method, :scheme, :path; literal :authority.
+    let block = [0x82, 0x86, 0x84, 0x01, 0x01, b'a'];
+    for i in 0..200u32 {
+        let id = 2 * i + 1;
+        flood.extend(frame(HEADERS, 0x4 | 0x1, id, &block));
+        flood.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+    }
+    s.write_all(&flood).await.unwrap();
+    let code = read_frames(&mut s, |kind, _, _, payload| {
+        (kind == GOAWAY)
+            .then(|| u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]))
+    })
+    .await
+    .expect("GOAWAY");
+    assert_eq!(code, 0xb, "ENHANCE_YOUR_CALM expected");
+    // The listener is unaffected.
+    let r = get_h2c(&kw.url("/v1/after-flood"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    kw.shutdown().await;
+}
