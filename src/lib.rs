@@ -111,6 +111,21 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
+/// A traffic listener with `SO_REUSEPORT` (on Unix), so each worker thread can have its
+/// own socket on the same port and the kernel spreads connections across them.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 impl Keyward {
     /// Bind the listeners and load the first snapshot. Once this returns, both addresses
     /// accept connections, so tests and probes need no sleep.
@@ -122,7 +137,8 @@ impl Keyward {
             )?),
             None => None,
         };
-        let listener = bind(config.listen).await?;
+        let addr = config.listen;
+        let listener = bind_shared(addr).map_err(|source| StartError::Bind { addr, source })?;
         let admin = bind(config.admin_listen).await?;
         let app = Arc::new(App::new(config)?);
         let app2 = app.clone();
@@ -217,7 +233,7 @@ async fn serve_on_workers(
     let slots = proxy::server::connection_slots(&app.config.limits);
     let mut threads = Vec::with_capacity(workers);
     for i in 0..workers {
-        let listener = match std_listener.try_clone() {
+        let listener = match worker_listener(&std_listener, i) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "cannot share the listener");
@@ -272,6 +288,24 @@ async fn serve_on_workers(
         }
     })
     .await;
+}
+
+/// Worker 0 accepts on the bound listener; the others get their own `SO_REUSEPORT` socket
+/// on the same address (or, where that fails, a handle to the same socket).
+fn worker_listener(
+    bound: &std::net::TcpListener,
+    worker: usize,
+) -> std::io::Result<std::net::TcpListener> {
+    if worker > 0 {
+        let own = bound
+            .local_addr()
+            .and_then(bind_shared)
+            .and_then(|l| l.into_std());
+        if let Ok(own) = own {
+            return Ok(own);
+        }
+    }
+    bound.try_clone()
 }
 
 async fn wait_true(mut rx: watch::Receiver<bool>) {
