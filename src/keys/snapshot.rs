@@ -158,7 +158,7 @@ pub struct Key {
     pub delegation: Delegation,
     pub rate_limit: Option<RateLimit>,
     /// The identity headers for direct access, built once per snapshot load.
-    pub identity: Vec<(HeaderName, HeaderValue)>,
+    pub identity: Box<[(HeaderName, HeaderValue)]>,
     /// The stored digest, kept so an edited snapshot (emergency revoke) can be written back.
     digest: Digest,
     delegate_accounts: Option<Vec<String>>,
@@ -247,6 +247,69 @@ impl Hasher for DigestHasher {
 
 type DigestMap = HashMap<Digest, Arc<Key>, BuildHasherDefault<DigestHasher>>;
 
+/// Below this many keys a snapshot is built on the calling thread.
+const KEYS_PER_BUILD_THREAD: usize = 20_000;
+
+/// Validate and build every key, in parallel for large snapshots (key building is mostly
+/// allocation, which glibc serves per thread). Errors name the first bad entry.
+fn build_keys(
+    docs: Vec<KeyDoc>,
+    names: &IdentityNames,
+    per_thread: usize,
+) -> Result<Vec<(Digest, Arc<Key>)>, SnapshotError> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .max(2)
+        .min(docs.len().div_ceil(per_thread))
+        .max(1);
+    let build_chunk = |offset: usize, chunk: Vec<KeyDoc>| {
+        chunk
+            .into_iter()
+            .enumerate()
+            .map(|(i, kd)| {
+                Key::from_doc(kd, names)
+                    .map(|(d, k)| (d, Arc::new(k)))
+                    .map_err(|((field, reason), id)| SnapshotError::Entry {
+                        index: offset + i,
+                        id,
+                        field,
+                        reason,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    if threads == 1 {
+        return build_chunk(0, docs);
+    }
+    let size = docs.len().div_ceil(threads);
+    let mut chunks = Vec::with_capacity(threads);
+    let mut rest = docs;
+    while rest.len() > size {
+        let tail = rest.split_off(rest.len() - size);
+        chunks.push((rest.len(), tail));
+    }
+    chunks.push((0, rest));
+    chunks.reverse();
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|(offset, chunk)| scope.spawn(move || build_chunk(offset, chunk)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(SnapshotError::Parse("key builder failed".into())))
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(results.iter().map(|r| r.as_ref().map_or(0, Vec::len)).sum());
+    for r in results {
+        out.extend(r?);
+    }
+    Ok(out)
+}
+
 /// Where a snapshot came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -309,23 +372,24 @@ impl Snapshot {
         source: Source,
         content_digest: String,
     ) -> Result<Snapshot, SnapshotError> {
-        let mut by_digest = DigestMap::with_capacity_and_hasher(doc.keys.len(), Default::default());
-        let mut by_id = HashMap::with_capacity(doc.keys.len());
-        for (index, kd) in doc.keys.into_iter().enumerate() {
-            let id = kd.id.clone();
-            let entry_err = |field: &'static str, reason: String| SnapshotError::Entry {
+        let total = doc.keys.len();
+        let mut by_digest = DigestMap::with_capacity_and_hasher(total, Default::default());
+        let mut by_id = HashMap::with_capacity(total);
+        for (index, (d, key)) in build_keys(doc.keys, names, KEYS_PER_BUILD_THREAD)?
+            .into_iter()
+            .enumerate()
+        {
+            let entry_err = |field: &'static str, reason: &str| SnapshotError::Entry {
                 index,
-                id: id.clone(),
+                id: key.id.to_string(),
                 field,
-                reason,
+                reason: reason.into(),
             };
-            let (d, key) = Key::from_doc(kd, names).map_err(|(f, r)| entry_err(f, r))?;
-            let key = Arc::new(key);
             if by_id.insert(key.id.clone(), key.clone()).is_some() {
-                return Err(entry_err("id", "duplicate id".into()));
+                return Err(entry_err("id", "duplicate id"));
             }
-            if by_digest.insert(d, key).is_some() {
-                return Err(entry_err("sha256", "duplicate sha256".into()));
+            if by_digest.insert(d, key.clone()).is_some() {
+                return Err(entry_err("sha256", "duplicate sha256"));
             }
         }
         Ok(Snapshot {
@@ -384,57 +448,25 @@ impl Snapshot {
 type FieldError = (&'static str, String);
 
 impl Key {
-    fn from_doc(doc: KeyDoc, names: &IdentityNames) -> Result<(Digest, Key), FieldError> {
-        check_id("id", &doc.id)?;
-        let d = parse_digest(&doc.sha256)?;
-        let principal_type = PrincipalType::parse(&doc.kind).ok_or_else(|| {
-            (
-                "type",
-                format!(
-                    "unknown type {:?} (service_account | enterprise_service_account | personal)",
-                    doc.kind
-                ),
-            )
-        })?;
-        let status = match doc.status.as_deref() {
-            None | Some("active") => Status::Active,
-            Some("disabled") => Status::Disabled,
-            Some(other) => {
-                return Err((
-                    "status",
-                    format!("unknown status {other:?} (active | disabled)"),
-                ))
-            }
-        };
-        check_value("subject_id", &doc.subject_id, true)?;
-        check_value("account_id", &doc.account_id, true)?;
-        for (field, v) in [
-            ("subject_email", &doc.subject_email),
-            ("account_short_id", &doc.account_short_id),
-            ("enterprise_id", &doc.enterprise_id),
-            ("org_id", &doc.org_id),
-            ("environment", &doc.environment),
-        ] {
-            if let Some(v) = v {
-                check_value(field, v, true)?;
-            }
+    /// Checks every field by reference (so a refusal can name the entry without copying
+    /// its id up front), then builds the key by moving the document's strings.
+    fn from_doc(doc: KeyDoc, names: &IdentityNames) -> Result<(Digest, Key), (FieldError, String)> {
+        match Checked::of(&doc) {
+            Ok(c) => Ok(Self::build(doc, c, names)),
+            Err(e) => Err((e, doc.id)),
         }
-        for s in &doc.scopes {
-            check_id("scopes", s)?;
-        }
-        let not_before = parse_time("not_before", doc.not_before.as_deref())?;
-        let expires_at = parse_time("expires_at", doc.expires_at.as_deref())?;
-        if let (Some(nb), Some(exp)) = (not_before, expires_at) {
-            if exp <= nb {
-                return Err(("expires_at", "must be later than not_before".into()));
-            }
-        }
-        let delegation = parse_delegation(principal_type, doc.delegate_accounts.as_deref())?;
-        if let Some(rl) = doc.rate_limit {
-            if !(rl.per_second.is_finite() && rl.per_second > 0.0) || rl.burst == 0 {
-                return Err(("rate_limit", "per_second and burst must be positive".into()));
-            }
-        }
+    }
+
+    fn build(doc: KeyDoc, c: Checked, names: &IdentityNames) -> (Digest, Key) {
+        let Checked {
+            digest: d,
+            principal_type,
+            status,
+            not_before,
+            expires_at,
+            delegation,
+        } = c;
+
         let mut key = Key {
             id: Arc::from(doc.id.as_str()),
             principal_type,
@@ -451,12 +483,12 @@ impl Key {
             expires_at,
             delegation,
             rate_limit: doc.rate_limit,
-            identity: Vec::new(),
+            identity: Box::new([]),
             digest: d,
             delegate_accounts: doc.delegate_accounts,
         };
-        key.identity = key.identity_headers(names, None);
-        Ok((d, key))
+        key.identity = key.identity_headers(names, None).into_boxed_slice();
+        (d, key)
     }
 
     /// The identity headers for this key; `delegated` is the account acted for.
@@ -533,6 +565,79 @@ impl Key {
 
     pub fn has_any_scope(&self, wanted: &[String]) -> bool {
         wanted.iter().any(|w| self.scopes.iter().any(|s| s == w))
+    }
+}
+
+/// The fields of a key document that needed parsing, once every check has passed.
+struct Checked {
+    digest: Digest,
+    principal_type: PrincipalType,
+    status: Status,
+    not_before: Option<SystemTime>,
+    expires_at: Option<SystemTime>,
+    delegation: Delegation,
+}
+
+impl Checked {
+    fn of(doc: &KeyDoc) -> Result<Checked, FieldError> {
+        check_id("id", &doc.id)?;
+        let d = parse_digest(&doc.sha256)?;
+        let principal_type = PrincipalType::parse(&doc.kind).ok_or_else(|| {
+            (
+                "type",
+                format!(
+                    "unknown type {:?} (service_account | enterprise_service_account | personal)",
+                    doc.kind
+                ),
+            )
+        })?;
+        let status = match doc.status.as_deref() {
+            None | Some("active") => Status::Active,
+            Some("disabled") => Status::Disabled,
+            Some(other) => {
+                return Err((
+                    "status",
+                    format!("unknown status {other:?} (active | disabled)"),
+                ))
+            }
+        };
+        check_value("subject_id", &doc.subject_id, true)?;
+        check_value("account_id", &doc.account_id, true)?;
+        for (field, v) in [
+            ("subject_email", &doc.subject_email),
+            ("account_short_id", &doc.account_short_id),
+            ("enterprise_id", &doc.enterprise_id),
+            ("org_id", &doc.org_id),
+            ("environment", &doc.environment),
+        ] {
+            if let Some(v) = v {
+                check_value(field, v, true)?;
+            }
+        }
+        for s in &doc.scopes {
+            check_id("scopes", s)?;
+        }
+        let not_before = parse_time("not_before", doc.not_before.as_deref())?;
+        let expires_at = parse_time("expires_at", doc.expires_at.as_deref())?;
+        if let (Some(nb), Some(exp)) = (not_before, expires_at) {
+            if exp <= nb {
+                return Err(("expires_at", "must be later than not_before".into()));
+            }
+        }
+        let delegation = parse_delegation(principal_type, doc.delegate_accounts.as_deref())?;
+        if let Some(rl) = doc.rate_limit {
+            if !(rl.per_second.is_finite() && rl.per_second > 0.0) || rl.burst == 0 {
+                return Err(("rate_limit", "per_second and burst must be positive".into()));
+            }
+        }
+        Ok(Checked {
+            digest: d,
+            principal_type,
+            status,
+            not_before,
+            expires_at,
+            delegation,
+        })
     }
 }
 
@@ -743,6 +848,27 @@ mod tests {
         let again = Snapshot::parse(&text, &names(), Source::Control).unwrap();
         assert_eq!(again.len(), s.len());
         assert_eq!(again.version, s.version);
+    }
+
+    #[test]
+    fn parallel_build_keeps_order_and_names_the_first_bad_entry() {
+        let doc = |i: usize| KeyDoc {
+            id: format!("k{i}"),
+            sha256: hex::encode(digest(format!("key-{i}").as_bytes())),
+            kind: "personal".into(),
+            subject_id: "s".into(),
+            account_id: "a".into(),
+            ..KeyDoc::default()
+        };
+        let docs: Vec<KeyDoc> = (0..7).map(doc).collect();
+        let built = build_keys(docs.clone(), &names(), 2).unwrap();
+        let ids: Vec<&str> = built.iter().map(|(_, k)| &*k.id).collect();
+        assert_eq!(ids, ["k0", "k1", "k2", "k3", "k4", "k5", "k6"]);
+        let mut bad = docs;
+        bad[5].sha256 = "nope".into();
+        bad[6].kind = "robot".into();
+        let e = build_keys(bad, &names(), 2).unwrap_err().to_string();
+        assert!(e.starts_with("keys[5] id=k5: sha256"), "{e}");
     }
 
     #[test]

@@ -208,7 +208,7 @@ async fn forward(
     let delegated_identity;
     if let Some(p) = principal {
         let identity = match &p.delegated_account {
-            None => &p.key.identity,
+            None => &p.key.identity[..],
             Some(account) => {
                 delegated_identity = p.key.identity_headers(&app.names, Some(account));
                 &delegated_identity
