@@ -350,7 +350,8 @@ fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9901))
 }
 
-fn default_credentials() -> Vec<CredentialSource> {
+/// `Authorization: Token`, `Authorization: Bearer`, then `X-API-KEY` (SPEC 2's default).
+pub fn default_credentials() -> Vec<CredentialSource> {
     let auth = HeaderName::from_static("authorization");
     vec![
         CredentialSource::Scheme {

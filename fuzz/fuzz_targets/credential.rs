@@ -24,23 +24,10 @@ fuzz_target!(|data: &[u8]| {
             headers.append(n, v);
         }
     }
-    let auth = HeaderName::from_static("authorization");
-    let sources = [
-        CredentialSource::Scheme {
-            header: auth.clone(),
-            scheme: "Token".into(),
-        },
-        CredentialSource::Scheme {
-            header: auth,
-            scheme: "Bearer".into(),
-        },
-        CredentialSource::Header {
-            header: HeaderName::from_static("x-api-key"),
-        },
-        CredentialSource::Query {
-            name: "api_key".into(),
-        },
-    ];
+    let mut sources = keyward::config::default_credentials();
+    sources.push(CredentialSource::Query {
+        name: "api_key".into(),
+    });
     if let Ok(key) = extract(&headers, query, &sources) {
         assert!((MIN_KEY_LEN..=MAX_KEY_LEN).contains(&key.len()), "{key:?}");
         assert!(key.iter().all(|b| (0x21..0x7f).contains(b)), "{key:?}");

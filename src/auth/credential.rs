@@ -172,20 +172,7 @@ mod tests {
     const KEY: &str = "sta_0123456789abcdef";
 
     fn sources() -> Vec<CredentialSource> {
-        let auth = HeaderName::from_static("authorization");
-        vec![
-            CredentialSource::Scheme {
-                header: auth.clone(),
-                scheme: "Token".into(),
-            },
-            CredentialSource::Scheme {
-                header: auth,
-                scheme: "Bearer".into(),
-            },
-            CredentialSource::Header {
-                header: HeaderName::from_static("x-api-key"),
-            },
-        ]
+        crate::config::default_credentials()
     }
 
     fn map(pairs: &[(&'static str, &str)]) -> HeaderMap {
