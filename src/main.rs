@@ -173,11 +173,13 @@ fn check(path: &Path) -> Result<(), String> {
             std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
         let s = Snapshot::parse(&text, &names, source)
             .map_err(|e| format!("{}: {e}", file.display()))?;
+        let version = s
+            .version
+            .map_or_else(|| "none".to_string(), |v| v.to_string());
         println!(
-            "{}: {} keys, version {:?}: ok",
+            "{}: {} keys, version {version}: ok",
             file.display(),
-            s.len(),
-            s.version
+            s.len()
         );
     }
     println!("{}: ok", path.display());

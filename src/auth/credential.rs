@@ -167,7 +167,7 @@ pub fn strip_query_param(query: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{HeaderName, HeaderValue};
+    use http::HeaderValue;
 
     const KEY: &str = "sta_0123456789abcdef";
 

@@ -37,7 +37,9 @@ impl Principal {
 #[derive(Debug, Clone)]
 pub enum Decision {
     Allow(Principal),
-    Deny(Reject),
+    /// Refused; the key when it was found (for the access log), never for key-lookup
+    /// failures.
+    Deny(Reject, Option<Arc<Key>>),
 }
 
 /// What the decision looks at.
@@ -60,18 +62,26 @@ pub fn decide(
     policy: &Policy,
     now: SystemTime,
 ) -> Decision {
-    match decide_inner(req, snapshot, policy, now) {
-        Ok(p) => Decision::Allow(p),
-        Err(r) => Decision::Deny(r),
+    let key = match identify(req, snapshot, policy) {
+        Ok(key) => key,
+        Err(r) => return Decision::Deny(r, None),
+    };
+    match authorize(req, key, policy, now) {
+        Ok(delegated_account) => Decision::Allow(Principal {
+            key: key.clone(),
+            delegated_account,
+        }),
+        Err(r) => Decision::Deny(r, Some(key.clone())),
     }
 }
 
-fn decide_inner(
+/// Which key is presented: credential, prefix, digest lookup, prefix/type match. Failures
+/// here name no key: an unknown key and a near-miss get the same answer.
+fn identify<'s>(
     req: &AuthRequest<'_>,
-    snapshot: Option<&Snapshot>,
+    snapshot: Option<&'s Snapshot>,
     policy: &Policy,
-    now: SystemTime,
-) -> Result<Principal, Reject> {
+) -> Result<&'s Arc<Key>, Reject> {
     let snapshot = snapshot.ok_or(Reject::AuthUnavailable)?;
     let raw = credential::extract(req.headers, req.query, &policy.credentials).map_err(|e| {
         Reject::InvalidAuthHeader {
@@ -91,15 +101,23 @@ fn decide_inner(
             return Err(Reject::InvalidApiKey);
         }
     }
+    Ok(key)
+}
+
+/// What a known key may do here: state, time window, environment, delegation, scope.
+/// Returns the delegated account, if any.
+fn authorize(
+    req: &AuthRequest<'_>,
+    key: &Key,
+    policy: &Policy,
+    now: SystemTime,
+) -> Result<Option<HeaderValue>, Reject> {
     check_key_state(key, policy, now)?;
     let delegated_account = delegation(req.headers, key)?;
     if req.check_scope {
         check_scopes(key, policy, req)?;
     }
-    Ok(Principal {
-        key: key.clone(),
-        delegated_account,
-    })
+    Ok(delegated_account)
 }
 
 fn check_key_state(key: &Key, policy: &Policy, now: SystemTime) -> Result<(), Reject> {
@@ -233,7 +251,7 @@ mod tests {
     fn code(f: &Fixture, method: Method, headers: &[(&'static str, &str)]) -> Code {
         match run_at(f, method, headers, now()) {
             Decision::Allow(_) => Code::Ok,
-            Decision::Deny(r) => r.code(),
+            Decision::Deny(r, _) => r.code(),
         }
     }
 
@@ -329,7 +347,26 @@ mod tests {
         };
         assert!(matches!(
             decide(&req, None, &f.policy, now()),
-            Decision::Deny(Reject::AuthUnavailable)
+            Decision::Deny(Reject::AuthUnavailable, None)
+        ));
+    }
+
+    #[test]
+    fn denials_of_a_known_key_name_it_lookup_failures_do_not() {
+        let f = fixture();
+        let h = with_key("sta_demo_expired_key_0123456789abcdef");
+        let h: Vec<(&'static str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match run_at(&f, Method::GET, &h, now()) {
+            Decision::Deny(Reject::ExpiredApiKey, Some(k)) => {
+                assert_eq!(&*k.id, "key_demo_expired")
+            }
+            d => panic!("{d:?}"),
+        }
+        let h = with_key("sta_not_a_real_key_at_all");
+        let h: Vec<(&'static str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert!(matches!(
+            run_at(&f, Method::GET, &h, now()),
+            Decision::Deny(Reject::InvalidApiKey, None)
         ));
     }
 

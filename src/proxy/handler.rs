@@ -17,6 +17,7 @@ use crate::auth::credential::strip_query_param;
 use crate::auth::ratelimit::{Quota, RateDecision};
 use crate::auth::reject::BadRequest;
 use crate::auth::{self, AuthRequest, Code, Decision, Principal, Reject, Route};
+use crate::keys::Key;
 use crate::App;
 
 /// The accepted connection a request arrived on.
@@ -30,7 +31,8 @@ pub struct ConnInfo {
 #[derive(Default)]
 struct Trace {
     path: Option<String>,
-    principal: Option<Principal>,
+    /// The key presented, once identified (allowed or not).
+    key: Option<Arc<Key>>,
     upstream: Option<Duration>,
 }
 
@@ -102,14 +104,12 @@ async fn route(
     match app.policy.route(path) {
         Route::Public => forward(app, conn, req, path, None, cid, trace).await,
         Route::Introspection => {
-            let principal = authenticate(app, &req, None, false)?;
+            let principal = authenticate(app, &req, None, false, trace)?;
             let body = introspection_body(app, &principal, cid);
-            trace.principal = Some(principal);
             Ok(respond::json(StatusCode::OK, &body))
         }
         Route::Protected { extra } => {
-            let principal = authenticate(app, &req, extra, true)?;
-            trace.principal = Some(principal.clone());
+            let principal = authenticate(app, &req, extra, true, trace)?;
             let quota = rate_limit(app, &principal)?;
             app.usage.record(&principal.key.id, SystemTime::now());
             let mut resp = forward(app, conn, req, path, Some(&principal), cid, trace).await?;
@@ -126,6 +126,7 @@ fn authenticate(
     req: &Request<Incoming>,
     route_scopes: Option<&[String]>,
     check_scope: bool,
+    trace: &mut Trace,
 ) -> Result<Principal, Reject> {
     let start = Instant::now();
     let snapshot = app.store.guard();
@@ -139,8 +140,14 @@ fn authenticate(
     let decision = auth::decide(&input, snapshot.as_deref(), &app.policy, SystemTime::now());
     app.metrics.record_auth(start.elapsed());
     match decision {
-        Decision::Allow(p) => Ok(p),
-        Decision::Deny(r) => Err(r),
+        Decision::Allow(p) => {
+            trace.key = Some(p.key.clone());
+            Ok(p)
+        }
+        Decision::Deny(r, key) => {
+            trace.key = key;
+            Err(r)
+        }
     }
 }
 
@@ -288,7 +295,7 @@ fn access_log(
     trace: &Trace,
     elapsed: Duration,
 ) {
-    let key = trace.principal.as_ref().map(|p| &p.key);
+    let key = trace.key.as_ref();
     info!(
         target: "keyward::access",
         correlation_id = cid.to_str().unwrap_or_default(),
