@@ -37,6 +37,7 @@ pub struct Policy {
     scopes: Vec<ScopeRule>,
     routes: Vec<RouteRule>,
     introspection_path: Option<String>,
+    credential_headers: Vec<http::HeaderName>,
 }
 
 impl Policy {
@@ -47,7 +48,17 @@ impl Policy {
             .map(|(p, t)| (p.clone(), t.clone()))
             .collect();
         prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        let mut credential_headers: Vec<http::HeaderName> = Vec::new();
+        for c in &config.credentials {
+            if let CredentialSource::Scheme { header, .. } | CredentialSource::Header { header } = c
+            {
+                if !credential_headers.contains(header) {
+                    credential_headers.push(header.clone());
+                }
+            }
+        }
         Self {
+            credential_headers,
             environment: config.environment.clone(),
             credentials: config.credentials.clone(),
             prefixes,
@@ -95,14 +106,10 @@ impl Policy {
             .map_or(PrefixRule::Unknown, |(_, t)| PrefixRule::Types(t))
     }
 
-    /// Names of every header a credential may arrive in (stripped before forwarding).
-    pub fn credential_headers(&self) -> impl Iterator<Item = &http::HeaderName> {
-        self.credentials.iter().filter_map(|c| match c {
-            CredentialSource::Scheme { header, .. } | CredentialSource::Header { header } => {
-                Some(header)
-            }
-            CredentialSource::Query { .. } => None,
-        })
+    /// Names of every header a credential may arrive in, each once (stripped before
+    /// forwarding).
+    pub fn credential_headers(&self) -> &[http::HeaderName] {
+        &self.credential_headers
     }
 
     /// The query parameter a credential may arrive in, if configured.

@@ -153,6 +153,9 @@ fn authenticate(
 
 /// The key's quota after this request (`None`: the key has no limit), or 429.
 fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, Reject> {
+    if principal.key.rate_limit.is_none() {
+        return Ok(None);
+    }
     match app.limiter.check(&principal.key, Instant::now()) {
         RateDecision::Limited {
             quota,
@@ -204,8 +207,11 @@ async fn forward(
     headers::strip_hop_by_hop(h, upgrade);
     headers::strip_trusted(h, &app.config.identity_headers.prefix);
     if !app.config.forward_credential {
-        for name in app.policy.credential_headers() {
-            h.remove(name);
+        let names = app.policy.credential_headers();
+        if h.keys().any(|k| names.contains(k)) {
+            for name in names {
+                h.remove(name);
+            }
         }
     }
     if let Some(host) = &host {

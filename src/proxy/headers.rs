@@ -17,50 +17,44 @@ const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
-/// Remove hop-by-hop headers (RFC 9110 7.6.1): those a `Connection` header names, then the
-/// fixed list. With `keep_upgrade`, the `Upgrade` header survives and `Connection: upgrade`
+/// Remove hop-by-hop headers (RFC 9110 7.6.1): those a `Connection` header names, and the
+/// fixed list (`Connection`, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
+/// `Proxy-*`). With `keep_upgrade`, the `Upgrade` header survives and `Connection: upgrade`
 /// is re-added, for an authenticated WebSocket handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| *n != header::HOST)
-        .collect();
-    for name in named {
-        if !(keep_upgrade && name == header::UPGRADE) {
-            headers.remove(&name);
-        }
-    }
-    for name in [
-        header::CONNECTION,
-        KEEP_ALIVE,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
-    }
-    if !keep_upgrade {
-        headers.remove(header::UPGRADE);
-    }
-    if headers.keys().any(|n| n.as_str().starts_with("proxy-")) {
-        let proxy: Vec<HeaderName> = headers
+    // One pass over the names first: most messages carry nothing to remove, and a scan is
+    // cheaper than a hashed lookup per listed name.
+    if headers.keys().any(|n| is_hop_by_hop(n, keep_upgrade)) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| *n != header::HOST && !(keep_upgrade && *n == header::UPGRADE))
+            .collect();
+        let listed: Vec<HeaderName> = headers
             .keys()
-            .filter(|n| n.as_str().starts_with("proxy-"))
+            .filter(|n| is_hop_by_hop(n, keep_upgrade))
             .cloned()
             .collect();
-        for n in proxy {
-            headers.remove(n);
+        for name in named.iter().chain(&listed) {
+            headers.remove(name);
         }
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName, keep_upgrade: bool) -> bool {
+    *name == header::CONNECTION
+        || *name == KEEP_ALIVE
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || (*name == header::UPGRADE && !keep_upgrade)
+        || name.as_str().starts_with("proxy-")
 }
 
 /// Compare a header name with `target` reading `_` and `.` as `-`, as CGI/WSGI and nginx
@@ -125,8 +119,10 @@ pub fn set_forwarded(
             headers.insert(X_FORWARDED_FOR, v);
         }
     } else {
-        headers.remove(FORWARDED);
-        headers.remove(X_REAL_IP);
+        if headers.keys().any(|n| *n == FORWARDED || *n == X_REAL_IP) {
+            headers.remove(FORWARDED);
+            headers.remove(X_REAL_IP);
+        }
         if let Ok(v) = HeaderValue::try_from(peer_ip) {
             headers.insert(X_FORWARDED_FOR, v);
         }
@@ -149,6 +145,8 @@ pub fn set_forwarded(
 
 /// Add identity headers last, with `insert` so nothing a client sent can sit beside them.
 pub fn add_identity(headers: &mut HeaderMap, identity: &[(HeaderName, HeaderValue)]) {
+    // Room for the identity and the x-forwarded/correlation headers, in one growth.
+    headers.reserve(identity.len() + 6);
     for (name, value) in identity {
         headers.insert(name.clone(), value.clone());
     }
