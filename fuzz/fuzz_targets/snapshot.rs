@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
             snapshot.by_id(&key.id).map(|k| k.id.clone()),
             Some(key.id.clone())
         );
-        let _ = key.identity_headers(&names, None);
+        assert!(key.identity_headers(&names, None).count() >= 7);
         for t in [t0, t0, t0 + Duration::from_secs(3600)] {
             if let RateDecision::Limited {
                 retry_after_secs, ..

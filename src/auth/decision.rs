@@ -156,7 +156,7 @@ fn delegation(headers: &HeaderMap, key: &Key) -> Result<Option<HeaderValue>, Rej
     if key.principal_type != PrincipalType::EnterpriseServiceAccount {
         return Err(Reject::DelegationNotAllowed);
     }
-    if account == key.account_id {
+    if account == key.account_id.as_str() {
         return Ok(None);
     }
     let allowed = match &key.delegation {

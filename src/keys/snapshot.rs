@@ -36,6 +36,18 @@ impl PrincipalType {
         }
     }
 
+    /// The `x-auth-principal-type` value.
+    pub fn header_value(self) -> &'static HeaderValue {
+        static SERVICE: HeaderValue = HeaderValue::from_static("service_account");
+        static ENTERPRISE: HeaderValue = HeaderValue::from_static("enterprise_service_account");
+        static PERSONAL: HeaderValue = HeaderValue::from_static("personal");
+        match self {
+            Self::ServiceAccount => &SERVICE,
+            Self::EnterpriseServiceAccount => &ENTERPRISE,
+            Self::Personal => &PERSONAL,
+        }
+    }
+
     fn parse(s: &str) -> Option<Self> {
         match s {
             "service_account" => Some(Self::ServiceAccount),
@@ -139,17 +151,58 @@ pub enum SnapshotError {
     },
 }
 
+/// A checked identity value (visible ASCII), stored once as the header value it is sent as,
+/// so a key holds no second copy of its identity for the headers.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Text(HeaderValue);
+
+impl Text {
+    /// `s` must already be checked (visible ASCII); the buffer is moved, not copied.
+    fn new(s: String) -> Text {
+        let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        Text(v)
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// A validated key with everything a request needs pre-built.
 #[derive(Clone)]
 pub struct Key {
     pub id: Arc<str>,
     pub principal_type: PrincipalType,
-    pub subject_id: String,
-    pub subject_email: Option<String>,
-    pub account_id: String,
-    pub account_short_id: Option<String>,
-    pub enterprise_id: Option<String>,
-    pub org_id: Option<String>,
+    pub subject_id: Text,
+    pub subject_email: Option<Text>,
+    pub account_id: Text,
+    pub account_short_id: Option<Text>,
+    pub enterprise_id: Option<Text>,
+    pub org_id: Option<Text>,
     pub scopes: Vec<String>,
     pub environment: Option<String>,
     pub status: Status,
@@ -157,8 +210,9 @@ pub struct Key {
     pub expires_at: Option<SystemTime>,
     pub delegation: Delegation,
     pub rate_limit: Option<RateLimit>,
-    /// The identity headers for direct access, built once per snapshot load.
-    pub identity: Box<[(HeaderName, HeaderValue)]>,
+    /// `x-auth-key-id` and `x-auth-scopes` values, built once per snapshot load.
+    key_id_value: HeaderValue,
+    scopes_value: HeaderValue,
     /// The stored digest, kept so an edited snapshot (emergency revoke) can be written back.
     digest: Digest,
     delegate_accounts: Option<Vec<String>>,
@@ -467,15 +521,20 @@ impl Key {
             delegation,
         } = c;
 
-        let mut key = Key {
+        let _ = names;
+        let value =
+            |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
+        let key = Key {
             id: Arc::from(doc.id.as_str()),
+            key_id_value: value(&doc.id),
+            scopes_value: value(&doc.scopes.join(" ")),
             principal_type,
-            subject_id: doc.subject_id,
-            subject_email: doc.subject_email,
-            account_id: doc.account_id,
-            account_short_id: doc.account_short_id,
-            enterprise_id: doc.enterprise_id,
-            org_id: doc.org_id,
+            subject_id: Text::new(doc.subject_id),
+            subject_email: doc.subject_email.map(Text::new),
+            account_id: Text::new(doc.account_id),
+            account_short_id: doc.account_short_id.map(Text::new),
+            enterprise_id: doc.enterprise_id.map(Text::new),
+            org_id: doc.org_id.map(Text::new),
             scopes: doc.scopes,
             environment: doc.environment,
             status,
@@ -483,60 +542,50 @@ impl Key {
             expires_at,
             delegation,
             rate_limit: doc.rate_limit,
-            identity: Box::new([]),
             digest: d,
             delegate_accounts: doc.delegate_accounts,
         };
-        key.identity = key.identity_headers(names, None).into_boxed_slice();
         (d, key)
     }
 
-    /// The identity headers for this key; `delegated` is the account acted for.
-    pub fn identity_headers(
-        &self,
-        names: &IdentityNames,
-        delegated: Option<&HeaderValue>,
-    ) -> Vec<(HeaderName, HeaderValue)> {
-        // Every value was checked to be visible ASCII, so conversion cannot fail.
-        let v = |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
-        let mut h = Vec::with_capacity(12);
-        h.push((names.subject_id.clone(), v(&self.subject_id)));
-        match delegated {
-            Some(account) => {
-                h.push((names.account_id.clone(), account.clone()));
-                h.push((
-                    names.access_type.clone(),
-                    HeaderValue::from_static("delegated"),
-                ));
-                h.push((names.delegated_by.clone(), v(&self.account_id)));
-            }
-            None => {
-                h.push((names.account_id.clone(), v(&self.account_id)));
-                h.push((
-                    names.access_type.clone(),
-                    HeaderValue::from_static("access"),
-                ));
-            }
-        }
+    /// The identity headers for this key; `delegated` is the account acted for. Values are
+    /// shared with the key (cloning one is a reference-count increment).
+    pub fn identity_headers<'a>(
+        &'a self,
+        names: &'a IdentityNames,
+        delegated: Option<&'a HeaderValue>,
+    ) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + 'a {
+        static ACCESS: HeaderValue = HeaderValue::from_static("access");
+        static DELEGATED: HeaderValue = HeaderValue::from_static("delegated");
+        let account = match delegated {
+            Some(account) => [
+                Some((&names.account_id, account)),
+                Some((&names.access_type, &DELEGATED)),
+                Some((&names.delegated_by, self.account_id.header_value())),
+            ],
+            None => [
+                Some((&names.account_id, self.account_id.header_value())),
+                Some((&names.access_type, &ACCESS)),
+                None,
+            ],
+        };
         let optional = [
             (&names.enterprise_id, &self.enterprise_id),
             (&names.subject_email, &self.subject_email),
             (&names.account_short_id, &self.account_short_id),
             (&names.org_id, &self.org_id),
-        ];
-        for (name, value) in optional {
-            if let Some(value) = value {
-                h.push((name.clone(), v(value)));
-            }
-        }
-        h.push((
-            names.principal_type.clone(),
-            HeaderValue::from_static(self.principal_type.as_str()),
-        ));
-        h.push((names.key_id.clone(), v(&self.id)));
-        h.push((names.scopes.clone(), v(&self.scopes.join(" "))));
-        h.push((names.environment.clone(), names.environment_value.clone()));
-        h
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| v.as_ref().map(|v| (n, v.header_value())));
+        std::iter::once((&names.subject_id, self.subject_id.header_value()))
+            .chain(account.into_iter().flatten())
+            .chain(optional)
+            .chain([
+                (&names.principal_type, self.principal_type.header_value()),
+                (&names.key_id, &self.key_id_value),
+                (&names.scopes, &self.scopes_value),
+                (&names.environment, &names.environment_value),
+            ])
     }
 
     /// The snapshot entry this key was loaded from (times in canonical RFC 3339 form).
@@ -547,12 +596,12 @@ impl Key {
             id: self.id.to_string(),
             sha256: hex::encode(self.digest),
             kind: self.principal_type.as_str().to_string(),
-            subject_id: self.subject_id.clone(),
-            subject_email: self.subject_email.clone(),
-            account_id: self.account_id.clone(),
-            account_short_id: self.account_short_id.clone(),
-            enterprise_id: self.enterprise_id.clone(),
-            org_id: self.org_id.clone(),
+            subject_id: self.subject_id.to_string(),
+            subject_email: self.subject_email.as_deref().map(str::to_string),
+            account_id: self.account_id.to_string(),
+            account_short_id: self.account_short_id.as_deref().map(str::to_string),
+            enterprise_id: self.enterprise_id.as_deref().map(str::to_string),
+            org_id: self.org_id.as_deref().map(str::to_string),
             scopes: self.scopes.clone(),
             environment: self.environment.clone(),
             status: Some(self.status.as_str().to_string()),
@@ -765,9 +814,8 @@ mod tests {
         let s = Snapshot::parse(&entry("    org_id: o1\n"), &names(), Source::File).unwrap();
         let k = s.by_id("key_a").unwrap();
         let get = |n: &str| {
-            k.identity
-                .iter()
-                .find(|(h, _)| h == n)
+            k.identity_headers(&names(), None)
+                .find(|(h, _)| *h == n)
                 .map(|(_, v)| v.to_str().unwrap().to_string())
         };
         assert_eq!(get("x-auth-subject-id").as_deref(), Some("s1"));

@@ -218,16 +218,9 @@ async fn forward(
         h.insert(header::HOST, host.clone());
     }
     headers::set_forwarded(h, conn.peer, conn.tls, host, &app.config.trusted_proxies);
-    let delegated_identity;
     if let Some(p) = principal {
-        let identity = match &p.delegated_account {
-            None => &p.key.identity[..],
-            Some(account) => {
-                delegated_identity = p.key.identity_headers(&app.names, Some(account));
-                &delegated_identity
-            }
-        };
-        headers::add_identity(h, identity);
+        let delegated = p.delegated_account.as_ref();
+        headers::add_identity(h, p.key.identity_headers(&app.names, delegated));
     }
     headers::set_correlation(h, cid);
     *req.uri_mut() = uri;
@@ -250,7 +243,9 @@ async fn forward(
     let mut resp = forward::downstream_response(resp);
     if app.config.identity_headers.echo_to_client {
         if let Some(p) = principal {
-            headers::add_identity(resp.headers_mut(), &p.key.identity);
+            let delegated = p.delegated_account.as_ref();
+            let identity = p.key.identity_headers(&app.names, delegated);
+            headers::add_identity(resp.headers_mut(), identity);
         }
     }
     Ok(resp)

@@ -144,9 +144,12 @@ pub fn set_forwarded(
 }
 
 /// Add identity headers last, with `insert` so nothing a client sent can sit beside them.
-pub fn add_identity(headers: &mut HeaderMap, identity: &[(HeaderName, HeaderValue)]) {
-    // Room for the identity and the x-forwarded/correlation headers, in one growth.
-    headers.reserve(identity.len() + 6);
+pub fn add_identity<'a>(
+    headers: &mut HeaderMap,
+    identity: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) {
+    // Room for the identity (at most 12) and the correlation headers, in one growth.
+    headers.reserve(14);
     for (name, value) in identity {
         headers.insert(name.clone(), value.clone());
     }
