@@ -21,11 +21,12 @@ pub enum Code {
     UpstreamTimeout,
     AuthUnavailable,
     BadRequest,
+    HeadersTooLarge,
 }
 
 impl Code {
     /// Every code, in a fixed order (metrics pre-create one series each).
-    pub const ALL: [Code; 13] = [
+    pub const ALL: [Code; 14] = [
         Code::Ok,
         Code::InvalidAuthHeader,
         Code::InvalidApiKey,
@@ -39,6 +40,7 @@ impl Code {
         Code::UpstreamTimeout,
         Code::AuthUnavailable,
         Code::BadRequest,
+        Code::HeadersTooLarge,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +58,7 @@ impl Code {
             Code::UpstreamTimeout => "upstream_timeout",
             Code::AuthUnavailable => "auth_unavailable",
             Code::BadRequest => "bad_request",
+            Code::HeadersTooLarge => "request_header_fields_too_large",
         }
     }
 
@@ -90,6 +93,8 @@ pub enum Reject {
     UpstreamTimeout,
     AuthUnavailable,
     BadRequest(BadRequest),
+    /// The request head is larger than `limits.max_header_bytes` (431; not in SPEC 6).
+    HeadersTooLarge,
 }
 
 /// What made a request a 400.
@@ -108,6 +113,15 @@ pub enum BadRequest {
 }
 
 impl Reject {
+    /// Framing-level refusals: on HTTP/1 the connection is closed after the answer, since
+    /// the client's idea of where the next request starts cannot be trusted.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            Reject::HeadersTooLarge | Reject::BadRequest(BadRequest::Host)
+        )
+    }
+
     pub fn code(&self) -> Code {
         match self {
             Reject::InvalidAuthHeader { .. } => Code::InvalidAuthHeader,
@@ -122,6 +136,7 @@ impl Reject {
             Reject::UpstreamTimeout => Code::UpstreamTimeout,
             Reject::AuthUnavailable => Code::AuthUnavailable,
             Reject::BadRequest(_) => Code::BadRequest,
+            Reject::HeadersTooLarge => Code::HeadersTooLarge,
         }
     }
 
@@ -139,6 +154,7 @@ impl Reject {
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Code::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::BadRequest => StatusCode::BAD_REQUEST,
+            Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -161,6 +177,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::Path(_)) => "Request path refused",
             Reject::BadRequest(BadRequest::DelegateHeader) => "Malformed x-delegate-account-id",
             Reject::BadRequest(BadRequest::Host) => "Malformed request head",
+            Reject::HeadersTooLarge => "Request header fields too large",
             Reject::BadRequest(BadRequest::Body) => "Malformed or incomplete request body",
         }
     }

@@ -49,12 +49,17 @@ pub async fn handle(
     let method = req.method().clone();
     let mut trace = Trace::default();
 
+    let http2 = req.version() == http::Version::HTTP_2;
     let result = serve(&app, conn, req, &cid, &mut trace).await;
     let (mut resp, code) = match result {
         Ok(resp) => (resp, Code::Ok),
         Err(reject) => {
-            let cid = cid.to_str().unwrap_or_default();
-            (respond::error(&reject, cid), reject.code())
+            let mut resp = respond::error(&reject, cid.to_str().unwrap_or_default());
+            if reject.closes_connection() && !http2 {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            (resp, reject.code())
         }
     };
     headers::set_correlation(resp.headers_mut(), &cid);
@@ -80,6 +85,7 @@ async fn serve(
     cid: &HeaderValue,
     trace: &mut Trace,
 ) -> Result<Response<Body>, Reject> {
+    super::server::check_head(&req, &app.config.limits)?;
     // Normalize once: this string is what is authorized and what is forwarded.
     let path = match auth::path::normalize(req.uri().path()) {
         Ok(path) => path,

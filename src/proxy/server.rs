@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -24,7 +24,6 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::handler::{self, ConnInfo};
-use super::{headers, respond, Body};
 use crate::auth::reject::BadRequest;
 use crate::auth::Reject;
 use crate::config::Limits;
@@ -161,10 +160,7 @@ async fn serve_conn<I>(
         let in_flight = requests.begin();
         let app = app.clone();
         async move {
-            let resp = match check_head(&req, &app.config.limits) {
-                Ok(()) => handler::handle(app, conn, req).await?,
-                Err(refusal) => refusal.response(&req),
-            };
+            let resp = handler::handle(app, conn, req).await?;
             Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
                 inner: body,
                 in_flight: Some(in_flight),
@@ -293,55 +289,22 @@ impl Activity {
     }
 }
 
-/// A request head refused before the handler sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HeadRefusal {
-    /// The request line and header fields exceed `limits.max_header_bytes`.
-    TooLarge,
-    /// HTTP/1.1 without `Host`, several `Host` fields, or a value that is no authority
-    /// (RFC 9112 3.2): a front proxy and the upstream could read a different host.
-    Host,
-}
-
-impl HeadRefusal {
-    fn response(self, req: &Request<Incoming>) -> Response<Body> {
-        let cid = respond::correlation_id(req.headers());
-        let cid_str = cid.to_str().unwrap_or_default();
-        let mut resp = match self {
-            HeadRefusal::TooLarge => {
-                let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-                let body = serde_json::json!({
-                    "status": status.as_u16(),
-                    "code": "request_header_fields_too_large",
-                    "error": "Request header fields too large",
-                    "correlation_id": cid_str,
-                });
-                respond::json(status, &body)
-            }
-            HeadRefusal::Host => respond::error(&Reject::BadRequest(BadRequest::Host), cid_str),
-        };
-        headers::set_correlation(resp.headers_mut(), &cid);
-        if req.version() != Version::HTTP_2 {
-            // The client misbehaved at the framing level: read no further request from it.
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        resp
-    }
-}
-
-/// Limits on the request head that hold for HTTP/1.1 and HTTP/2 alike.
-fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), HeadRefusal> {
+/// Limits on the request head that hold for HTTP/1.1 and HTTP/2 alike: the size of the
+/// head (`limits.max_header_bytes`, exactly, below hyper's 8 KiB buffer floor), and for
+/// HTTP/1.x one valid `Host` (RFC 9112 3.2: a front proxy and the upstream could otherwise
+/// read a different host).
+pub(crate) fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
+    const HOST: Reject = Reject::BadRequest(BadRequest::Host);
     if head_size(req) > limits.max_header_bytes {
-        return Err(HeadRefusal::TooLarge);
+        return Err(Reject::HeadersTooLarge);
     }
     if matches!(req.version(), Version::HTTP_10 | Version::HTTP_11) {
         let mut hosts = req.headers().get_all(header::HOST).iter();
         match (hosts.next(), hosts.next()) {
-            (Some(_), Some(_)) => return Err(HeadRefusal::Host),
-            (Some(host), None) if !valid_host(host) => return Err(HeadRefusal::Host),
+            (Some(_), Some(_)) => return Err(HOST),
+            (Some(host), None) if !valid_host(host) => return Err(HOST),
             (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
-                return Err(HeadRefusal::Host)
+                return Err(HOST)
             }
             _ => {}
         }
@@ -397,19 +360,22 @@ mod tests {
         for good in ["a.example:8080", "a", "[::1]:80", "[::1]", "10.0.0.1"] {
             assert_eq!(ok(req(v11, "/a", &[("host", good)])), Ok(()), "{good}");
         }
-        assert_eq!(ok(req(v11, "/a", &[])), Err(HeadRefusal::Host));
+        assert_eq!(
+            ok(req(v11, "/a", &[])),
+            Err(Reject::BadRequest(BadRequest::Host))
+        );
         assert_eq!(ok(req(Version::HTTP_10, "/a", &[])), Ok(()));
         assert_eq!(ok(req(v11, "http://a/x", &[])), Ok(()));
         assert_eq!(
             ok(req(v11, "/a", &[("host", "a"), ("host", "b")])),
-            Err(HeadRefusal::Host)
+            Err(Reject::BadRequest(BadRequest::Host))
         );
         for bad in [
             "", "a/b", "u@a", "a b", "a:x", "a:", "a:99999", "a?b", "a#b",
         ] {
             assert_eq!(
                 ok(req(v11, "/a", &[("host", bad)])),
-                Err(HeadRefusal::Host),
+                Err(Reject::BadRequest(BadRequest::Host)),
                 "{bad:?}"
             );
         }
@@ -429,7 +395,7 @@ mod tests {
         assert_eq!(check_head(&fits, &limits), Ok(()));
         let value = "v".repeat(1010);
         let over = req(Version::HTTP_11, "/", &[("host", "a"), ("x", &value)]);
-        assert_eq!(check_head(&over, &limits), Err(HeadRefusal::TooLarge));
+        assert_eq!(check_head(&over, &limits), Err(Reject::HeadersTooLarge));
     }
 
     #[tokio::test]
