@@ -130,7 +130,12 @@ fn load_file(app: &App, path: &Path, source: Source) -> Result<Arc<Snapshot>, Lo
 /// Watch `path`: reload when its content hash changes (polled, so renames and Kubernetes'
 /// `..data` symlink swaps are seen) or when `trigger` fires (SIGHUP). Runs until dropped.
 pub async fn watch_file(app: Arc<App>, path: PathBuf, trigger: Arc<Notify>) {
+    /// Even when `stat` shows no change, the content is re-hashed this often (in polls), for
+    /// filesystems whose timestamps are too coarse to show a quick rewrite.
+    const FULL_CHECK_EVERY: u32 = 10;
     let mut last_seen = app.store.load().map(|s| s.content_digest.clone());
+    let mut last_stamp = stamp(&path);
+    let mut polls_since_read = 0;
     let mut read_error_reported = false;
     let mut tick = tokio::time::interval(app.config.keys.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -141,11 +146,25 @@ pub async fn watch_file(app: Arc<App>, path: PathBuf, trigger: Arc<Notify>) {
             _ = tick.tick() => false,
             () = trigger.notified() => true,
         };
+        // A `stat` per poll; the file is read and hashed only when it may have changed.
+        let now = stamp(&path);
+        polls_since_read += 1;
+        if !forced && now.is_some() && now == last_stamp && polls_since_read < FULL_CHECK_EVERY {
+            continue;
+        }
+        polls_since_read = 0;
+        last_stamp = now;
         let app2 = app.clone();
         let path2 = path.clone();
-        // File I/O and parsing stay off the async workers.
-        let text = match tokio::task::spawn_blocking(move || read(&path2)).await {
-            Ok(Ok(text)) => text,
+        // File I/O, hashing and parsing stay off the async threads.
+        let loaded = tokio::task::spawn_blocking(move || {
+            read(&path2).map(|text| {
+                let digest_hex = hex::encode(digest(text.as_bytes()));
+                (text, digest_hex)
+            })
+        });
+        let (text, digest_hex) = match loaded.await {
+            Ok(Ok(pair)) => pair,
             Ok(Err(e)) => {
                 // A missing file is reported once (and on each SIGHUP), not every second.
                 if forced || !read_error_reported {
@@ -157,7 +176,6 @@ pub async fn watch_file(app: Arc<App>, path: PathBuf, trigger: Arc<Notify>) {
             Err(_) => continue,
         };
         read_error_reported = false;
-        let digest_hex = hex::encode(digest(text.as_bytes()));
         if !forced && last_seen.as_deref() == Some(digest_hex.as_str()) {
             continue;
         }
@@ -172,6 +190,28 @@ pub async fn watch_file(app: Arc<App>, path: PathBuf, trigger: Arc<Notify>) {
             Err(e) => error!(error = %e, "snapshot reload task failed"),
         }
     }
+}
+
+/// What `stat` says of the file behind `path`, symlinks followed (so a Kubernetes `..data`
+/// swap, which points the path at another inode, shows as a change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some(Stamp {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        inode,
+    })
 }
 
 /// `PUT /v1/snapshot`: validate, persist atomically, then publish.
