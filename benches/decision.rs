@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
 use keyward::auth::{decide, AuthRequest, Decision, Policy};
 use keyward::config::Config;
-use keyward::keys::{IdentityNames, Snapshot, Source};
+use keyward::keys::{Snapshot, Source};
 
 fn raw_key(i: usize) -> String {
     format!("sta_bench_{i:012}_abcdefghijklmnopqrstuvwxyz")
@@ -29,8 +29,7 @@ fn snapshot_yaml(n: usize) -> String {
 
 fn setup(n: usize) -> (Snapshot, Policy) {
     let config = Config::from_yaml(include_str!("../config/keyward.yaml")).unwrap();
-    let names = IdentityNames::new("x-auth-", "production").unwrap();
-    let snapshot = Snapshot::parse(&snapshot_yaml(n), &names, Source::File).unwrap();
+    let snapshot = Snapshot::parse(&snapshot_yaml(n), Source::File).unwrap();
     (snapshot, Policy::new(&config))
 }
 
@@ -70,14 +69,13 @@ fn bench_decision(c: &mut Criterion) {
 }
 
 fn bench_snapshot_parse(c: &mut Criterion) {
-    let names = IdentityNames::new("x-auth-", "production").unwrap();
     let mut group = c.benchmark_group("snapshot_parse");
     group.sample_size(10);
     for n in [10_000usize, 200_000] {
         let text = snapshot_yaml(n);
         group.bench_with_input(BenchmarkId::from_parameter(n), &text, |b, text| {
             b.iter(|| {
-                Snapshot::parse(black_box(text), &names, Source::File)
+                Snapshot::parse(black_box(text), Source::File)
                     .unwrap()
                     .len()
             })

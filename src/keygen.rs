@@ -73,8 +73,7 @@ pub fn entry_yaml(raw: &str, new: &NewKey) -> Result<String, String> {
         item.push_str(line);
         item.push('\n');
     }
-    let names = crate::keys::IdentityNames::new("x-auth-", "check").map_err(|e| e.to_string())?;
-    crate::keys::Snapshot::parse(&format!("keys:\n{item}"), &names, crate::keys::Source::File)
+    crate::keys::Snapshot::parse(&format!("keys:\n{item}"), crate::keys::Source::File)
         .map_err(|e| e.to_string())?;
     Ok(item)
 }

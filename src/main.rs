@@ -155,7 +155,8 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), String> {
 
 fn check(path: &Path) -> Result<(), String> {
     let config = load_config(path)?;
-    let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
+    // The same check `run` makes: the environment must be usable as a header value.
+    IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
     if let Some(tls) = &config.tls {
         keyward::tls::load_server_config(tls).map_err(|e| e.to_string())?;
     }
@@ -171,8 +172,7 @@ fn check(path: &Path) -> Result<(), String> {
     for (file, source) in files {
         let text =
             std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let s = Snapshot::parse(&text, &names, source)
-            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let s = Snapshot::parse(&text, source).map_err(|e| format!("{}: {e}", file.display()))?;
         let version = s
             .version
             .map_or_else(|| "none".to_string(), |v| v.to_string());

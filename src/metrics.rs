@@ -308,10 +308,8 @@ mod tests {
 
     #[test]
     fn per_key_exports_only_keys_with_an_expiry() {
-        let names = crate::keys::IdentityNames::new("x-auth-", "production").unwrap();
         let snapshot = Snapshot::parse(
             include_str!("../config/keys.yaml"),
-            &names,
             crate::keys::Source::File,
         )
         .unwrap();

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let names = IdentityNames::new("x-auth-", "production").expect("valid names");
-    let Ok(snapshot) = Snapshot::parse(text, &names, Source::File) else {
+    let Ok(snapshot) = Snapshot::parse(text, Source::File) else {
         return;
     };
     let limiter = RateLimiter::default();
@@ -39,12 +39,12 @@ fuzz_target!(|data: &[u8]| {
     // What was accepted survives being written back out, in both formats.
     let doc = snapshot.to_doc();
     let yaml = serde_yaml::to_string(&doc).expect("snapshot serializes to YAML");
-    let again = Snapshot::parse(&yaml, &names, Source::Control)
+    let again = Snapshot::parse(&yaml, Source::Control)
         .unwrap_or_else(|e| panic!("YAML round trip refused: {e}\n{yaml}"));
     assert_eq!(again.len(), snapshot.len());
     assert_eq!(again.to_doc().keys.len(), doc.keys.len());
     let json = serde_json::to_string(&doc).expect("snapshot serializes to JSON");
-    let again = Snapshot::parse(&json, &names, Source::Control)
+    let again = Snapshot::parse(&json, Source::Control)
         .unwrap_or_else(|e| panic!("JSON round trip refused: {e}\n{json}"));
     assert_eq!(again.len(), snapshot.len());
 });

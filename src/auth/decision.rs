@@ -199,7 +199,7 @@ mod tests {
     use super::*;
     use crate::auth::reject::Code;
     use crate::config::Config;
-    use crate::keys::{IdentityNames, Source};
+    use crate::keys::Source;
     use std::time::Duration;
 
     const SERVICE: &str = "sta_demo_service_key_0123456789abcdef";
@@ -213,9 +213,8 @@ mod tests {
 
     fn fixture() -> Fixture {
         let config = Config::from_yaml(include_str!("../../config/keyward.yaml")).unwrap();
-        let names = IdentityNames::new("x-auth-", "production").unwrap();
         let snapshot =
-            Snapshot::parse(include_str!("../../config/keys.yaml"), &names, Source::File).unwrap();
+            Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
         Fixture {
             policy: Policy::new(&config),
             snapshot,

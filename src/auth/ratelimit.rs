@@ -100,15 +100,14 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{IdentityNames, Source};
+    use crate::keys::Source;
 
     fn key(per_second: f64, burst: u32) -> Arc<Key> {
-        let names = IdentityNames::new("x-auth-", "p").unwrap();
         let text = format!(
             "keys:\n  - {{ id: k1, sha256: {}, type: personal, subject_id: s, account_id: a, rate_limit: {{ per_second: {per_second}, burst: {burst} }} }}\n",
             "a".repeat(64)
         );
-        Snapshot::parse(&text, &names, Source::File)
+        Snapshot::parse(&text, Source::File)
             .unwrap()
             .by_id("k1")
             .unwrap()
@@ -156,9 +155,7 @@ mod tests {
         assert!(matches!(rl.check(&k, t0), RateDecision::Limited { .. }));
         let k2 = key(1.0, 2);
         assert!(matches!(rl.check(&k2, t0), RateDecision::Allowed(_)));
-        let names = IdentityNames::new("x-auth-", "p").unwrap();
-        let s =
-            Snapshot::parse(include_str!("../../config/keys.yaml"), &names, Source::File).unwrap();
+        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
         let free = s.keys().next().unwrap();
         assert_eq!(rl.check(free, t0), RateDecision::Unlimited);
         rl.retain(&s);
@@ -219,13 +216,12 @@ mod tests {
         let t0 = Instant::now();
         assert!(matches!(rl.check(&k, t0), RateDecision::Allowed(_)));
         // A new snapshot with the same key (same id, same limit) and another key.
-        let names = IdentityNames::new("x-auth-", "p").unwrap();
         let text = format!(
             "version: 2\nkeys:\n  - {{ id: k1, sha256: {}, type: personal, subject_id: s, account_id: a, rate_limit: {{ per_second: 0.001, burst: 1 }} }}\n  - {{ id: k2, sha256: {}, type: personal, subject_id: s, account_id: a }}\n",
             "a".repeat(64),
             "b".repeat(64)
         );
-        let next = Snapshot::parse(&text, &names, Source::File).unwrap();
+        let next = Snapshot::parse(&text, Source::File).unwrap();
         rl.retain(&next);
         let reloaded = next.by_id("k1").unwrap();
         assert!(matches!(

@@ -308,7 +308,6 @@ const KEYS_PER_BUILD_THREAD: usize = 20_000;
 /// allocation, which glibc serves per thread). Errors name the first bad entry.
 fn build_keys(
     docs: Vec<KeyDoc>,
-    names: &IdentityNames,
     per_thread: usize,
 ) -> Result<Vec<(Digest, Arc<Key>)>, SnapshotError> {
     let threads = std::thread::available_parallelism()
@@ -321,7 +320,7 @@ fn build_keys(
             .into_iter()
             .enumerate()
             .map(|(i, kd)| {
-                Key::from_doc(kd, names)
+                Key::from_doc(kd)
                     .map(|(d, k)| (d, Arc::new(k)))
                     .map_err(|((field, reason), id)| SnapshotError::Entry {
                         index: offset + i,
@@ -405,11 +404,7 @@ impl fmt::Debug for Snapshot {
 
 impl Snapshot {
     /// Parse YAML or JSON (JSON is valid YAML) and validate every entry.
-    pub fn parse(
-        text: &str,
-        names: &IdentityNames,
-        source: Source,
-    ) -> Result<Snapshot, SnapshotError> {
+    pub fn parse(text: &str, source: Source) -> Result<Snapshot, SnapshotError> {
         // JSON (what a control plane usually pushes) parses several times faster than YAML.
         let doc: SnapshotDoc = if text.trim_start().starts_with('{') {
             serde_json::from_str(text).map_err(|e| SnapshotError::Parse(e.to_string()))?
@@ -417,19 +412,18 @@ impl Snapshot {
             crate::config::parse_yaml(text).map_err(SnapshotError::Parse)?
         };
         let content_digest = hex::encode(digest(text.as_bytes()));
-        Self::from_doc(doc, names, source, content_digest)
+        Self::from_doc(doc, source, content_digest)
     }
 
     pub fn from_doc(
         doc: SnapshotDoc,
-        names: &IdentityNames,
         source: Source,
         content_digest: String,
     ) -> Result<Snapshot, SnapshotError> {
         let total = doc.keys.len();
         let mut by_digest = DigestMap::with_capacity_and_hasher(total, Default::default());
         let mut by_id = HashMap::with_capacity(total);
-        for (index, (d, key)) in build_keys(doc.keys, names, KEYS_PER_BUILD_THREAD)?
+        for (index, (d, key)) in build_keys(doc.keys, KEYS_PER_BUILD_THREAD)?
             .into_iter()
             .enumerate()
         {
@@ -504,14 +498,14 @@ type FieldError = (&'static str, String);
 impl Key {
     /// Checks every field by reference (so a refusal can name the entry without copying
     /// its id up front), then builds the key by moving the document's strings.
-    fn from_doc(doc: KeyDoc, names: &IdentityNames) -> Result<(Digest, Key), (FieldError, String)> {
+    fn from_doc(doc: KeyDoc) -> Result<(Digest, Key), (FieldError, String)> {
         match Checked::of(&doc) {
-            Ok(c) => Ok(Self::build(doc, c, names)),
+            Ok(c) => Ok(Self::build(doc, c)),
             Err(e) => Err((e, doc.id)),
         }
     }
 
-    fn build(doc: KeyDoc, c: Checked, names: &IdentityNames) -> (Digest, Key) {
+    fn build(doc: KeyDoc, c: Checked) -> (Digest, Key) {
         let Checked {
             digest: d,
             principal_type,
@@ -521,7 +515,6 @@ impl Key {
             delegation,
         } = c;
 
-        let _ = names;
         let value =
             |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
         let key = Key {
@@ -778,19 +771,14 @@ mod tests {
     }
 
     fn refuse(text: &str) -> String {
-        Snapshot::parse(text, &names(), Source::File)
+        Snapshot::parse(text, Source::File)
             .expect_err("snapshot should be refused")
             .to_string()
     }
 
     #[test]
     fn shipped_demo_keys_parse() {
-        let s = Snapshot::parse(
-            include_str!("../../config/keys.yaml"),
-            &names(),
-            Source::File,
-        )
-        .unwrap();
+        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
         assert_eq!(s.len(), 6);
         assert_eq!(s.version, Some(1));
         let k = s
@@ -804,14 +792,14 @@ mod tests {
         let json = format!(
             r#"{{"version": 3, "keys": [{{"id": "k", "sha256": "{SHA}", "type": "personal", "subject_id": "s", "account_id": "a", "scopes": ["read"]}}]}}"#
         );
-        let s = Snapshot::parse(&json, &names(), Source::Control).unwrap();
+        let s = Snapshot::parse(&json, Source::Control).unwrap();
         assert_eq!(s.version, Some(3));
         assert!(s.lookup(&digest(b"test")).is_some());
     }
 
     #[test]
     fn identity_headers_are_prebuilt() {
-        let s = Snapshot::parse(&entry("    org_id: o1\n"), &names(), Source::File).unwrap();
+        let s = Snapshot::parse(&entry("    org_id: o1\n"), Source::File).unwrap();
         let k = s.by_id("key_a").unwrap();
         let get = |n: &str| {
             k.identity_headers(&names(), None)
@@ -876,9 +864,9 @@ mod tests {
             entry(&format!("    delegate_accounts: {d}\n"))
                 .replace("type: service_account", "type: enterprise_service_account")
         };
-        let s = Snapshot::parse(&ent("[\"*\"]"), &names(), Source::File).unwrap();
+        let s = Snapshot::parse(&ent("[\"*\"]"), Source::File).unwrap();
         assert_eq!(s.by_id("key_a").unwrap().delegation, Delegation::Any);
-        let s = Snapshot::parse(&ent("[c1, c2]"), &names(), Source::File).unwrap();
+        let s = Snapshot::parse(&ent("[c1, c2]"), Source::File).unwrap();
         assert!(
             matches!(&s.by_id("key_a").unwrap().delegation, Delegation::Only(set) if set.len() == 2)
         );
@@ -886,14 +874,9 @@ mod tests {
 
     #[test]
     fn to_doc_round_trips() {
-        let s = Snapshot::parse(
-            include_str!("../../config/keys.yaml"),
-            &names(),
-            Source::File,
-        )
-        .unwrap();
+        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
         let text = serde_yaml::to_string(&s.to_doc()).unwrap();
-        let again = Snapshot::parse(&text, &names(), Source::Control).unwrap();
+        let again = Snapshot::parse(&text, Source::Control).unwrap();
         assert_eq!(again.len(), s.len());
         assert_eq!(again.version, s.version);
     }
@@ -909,19 +892,19 @@ mod tests {
             ..KeyDoc::default()
         };
         let docs: Vec<KeyDoc> = (0..7).map(doc).collect();
-        let built = build_keys(docs.clone(), &names(), 2).unwrap();
+        let built = build_keys(docs.clone(), 2).unwrap();
         let ids: Vec<&str> = built.iter().map(|(_, k)| &*k.id).collect();
         assert_eq!(ids, ["k0", "k1", "k2", "k3", "k4", "k5", "k6"]);
         let mut bad = docs;
         bad[5].sha256 = "nope".into();
         bad[6].kind = "robot".into();
-        let e = build_keys(bad, &names(), 2).unwrap_err().to_string();
+        let e = build_keys(bad, 2).unwrap_err().to_string();
         assert!(e.starts_with("keys[5] id=k5: sha256"), "{e}");
     }
 
     #[test]
     fn debug_hides_material() {
-        let s = Snapshot::parse(&entry(""), &names(), Source::File).unwrap();
+        let s = Snapshot::parse(&entry(""), Source::File).unwrap();
         let dbg = format!("{:?}", s.by_id("key_a").unwrap());
         assert!(!dbg.contains(SHA) && dbg.contains("key_a"));
     }

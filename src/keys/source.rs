@@ -61,11 +61,6 @@ impl KeySource {
     }
 }
 
-/// Parse and validate a snapshot text with the app's identity header names.
-pub fn parse(app: &App, text: &str, source: Source) -> Result<Snapshot, SnapshotError> {
-    Snapshot::parse(text, &app.names, source)
-}
-
 /// Publish a validated snapshot: swap, update metrics, prune per-key state of removed keys.
 pub fn install(app: &App, snapshot: Snapshot) -> Arc<Snapshot> {
     let snapshot = Arc::new(snapshot);
@@ -124,7 +119,7 @@ pub fn load_initial(app: &App) {
 
 fn load_file(app: &App, path: &Path, source: Source) -> Result<Arc<Snapshot>, LoadError> {
     let text = read(path)?;
-    Ok(install(app, parse(app, &text, source)?))
+    Ok(install(app, Snapshot::parse(&text, source)?))
 }
 
 /// Watch `path`: reload when its content hash changes (polled, so renames and Kubernetes'
@@ -181,7 +176,7 @@ pub async fn watch_file(app: Arc<App>, path: PathBuf, trigger: Arc<Notify>) {
         }
         last_seen = Some(digest_hex);
         let result = tokio::task::spawn_blocking(move || {
-            parse(&app2, &text, Source::File).map(|s| install(&app2, s))
+            Snapshot::parse(&text, Source::File).map(|s| install(&app2, s))
         })
         .await;
         match result {
@@ -224,9 +219,9 @@ pub fn apply_pushed(app: &App, body: &[u8], json: bool) -> Result<Arc<Snapshot>,
     let snapshot = if json {
         let doc = serde_json::from_str(text)
             .map_err(|e| LoadError::Invalid(SnapshotError::Parse(e.to_string())))?;
-        Snapshot::from_doc(doc, &app.names, Source::Control, hex::encode(digest(body)))?
+        Snapshot::from_doc(doc, Source::Control, hex::encode(digest(body)))?
     } else {
-        parse(app, text, Source::Control)?
+        Snapshot::parse(text, Source::Control)?
     };
     persist(state_file, body)?;
     Ok(install(app, snapshot))
@@ -247,7 +242,7 @@ pub fn disable_key(app: &App, id: &str) -> Result<Arc<Snapshot>, DisableError> {
     }
     let text = serde_yaml::to_string(&doc)
         .map_err(|e| LoadError::Invalid(SnapshotError::Parse(e.to_string())))?;
-    let snapshot = parse(app, &text, Source::Control).map_err(LoadError::from)?;
+    let snapshot = Snapshot::parse(&text, Source::Control).map_err(LoadError::from)?;
     persist(state_file, text.as_bytes())?;
     info!(key_id = id, "key disabled through the control API");
     Ok(install(app, snapshot))

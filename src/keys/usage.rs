@@ -73,7 +73,7 @@ impl Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{IdentityNames, Source};
+    use crate::keys::Source;
 
     #[test]
     fn counts_and_prunes() {
@@ -88,9 +88,7 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].requests, 2);
         assert_eq!(r[0].last_used, "2026-01-01T00:00:00.000Z");
-        let names = IdentityNames::new("x-auth-", "p").unwrap();
-        let s =
-            Snapshot::parse(include_str!("../../config/keys.yaml"), &names, Source::File).unwrap();
+        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
         u.retain(&s);
         assert_eq!(u.report().len(), 1);
     }
