@@ -263,15 +263,8 @@ async fn serve_on_workers(
                             return;
                         }
                     };
-                    proxy::server::serve_with_slots(
-                        app,
-                        listener,
-                        tls,
-                        slots,
-                        wait_true(stop_rx),
-                        grace,
-                    )
-                    .await;
+                    proxy::server::serve(app, listener, tls, slots, wait_true(stop_rx), grace)
+                        .await;
                 });
             });
         match spawned {

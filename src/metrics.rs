@@ -48,9 +48,9 @@ pub fn decision_label(code: Code) -> &'static str {
 /// Counts one request in `keyward_in_flight_requests` until dropped, so a request whose
 /// future is dropped (the client went away mid-flight) does not stay counted forever.
 #[must_use = "the request stops counting as in flight when this is dropped"]
-pub struct InFlight<'a>(&'a IntGauge);
+pub struct InFlight(IntGauge);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
     }
@@ -222,9 +222,9 @@ impl Metrics {
     }
 
     /// Count a request as in flight for as long as the returned guard lives.
-    pub fn track_in_flight(&self) -> InFlight<'_> {
+    pub fn track_in_flight(&self) -> InFlight {
         self.in_flight.inc();
-        InFlight(&self.in_flight)
+        InFlight(self.in_flight.clone())
     }
 
     /// A snapshot was loaded and published.

@@ -43,8 +43,6 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    // A guard, so a request whose client goes away (the future is dropped) still leaves.
-    let in_flight = app.metrics.track_in_flight();
     let cid = respond::correlation_id(req.headers());
     let method = req.method().clone();
     let mut trace = Trace::default();
@@ -65,7 +63,6 @@ pub async fn handle(
     headers::set_correlation(resp.headers_mut(), &cid);
     let elapsed = start.elapsed();
     app.metrics.record_request(code, elapsed);
-    drop(in_flight);
     access_log(
         &cid,
         &method,

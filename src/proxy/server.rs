@@ -37,6 +37,9 @@ pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// more and the connection is closed (CVE-2024-27316-style floods).
 pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
+/// hyper's smallest HTTP/1 read buffer: it also caps the request head.
+const HYPER_MIN_BUF: usize = 8192;
+
 /// The HTTP/1.1 + HTTP/2 server settings, built once.
 pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -46,7 +49,7 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(limits.header_read_timeout)
         // hyper's read buffer is at least 8 KiB; a smaller `max_header_bytes` is enforced
         // exactly by `check_head`.
-        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF))
         .max_headers(limits.max_headers);
     builder
         .http2()
@@ -68,20 +71,9 @@ pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
 }
 
 /// Accept until `stop` resolves, then wait up to `grace` for open connections to finish.
+/// Connection slots come from `slots`, which the accept loops of every worker thread share,
+/// so that `max_connections` holds for the whole process.
 pub async fn serve(
-    app: Arc<App>,
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    stop: impl Future<Output = ()>,
-    grace: Duration,
-) {
-    let slots = connection_slots(&app.config.limits);
-    serve_with_slots(app, listener, tls, slots, stop, grace).await;
-}
-
-/// [`serve`], taking connection slots from `slots`, which accept loops on other threads
-/// share, so that `max_connections` holds for the whole process.
-pub async fn serve_with_slots(
     app: Arc<App>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -156,8 +148,9 @@ async fn serve_conn<I>(
     let activity = Arc::new(Activity::new());
     let requests = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        // In flight from the request head until the response body is done or dropped.
-        let in_flight = requests.begin();
+        // In flight from the request head until the response body is done or dropped: for
+        // the idle cut-off and for `keyward_in_flight_requests` alike.
+        let in_flight = requests.begin(app.metrics.track_in_flight());
         let app = app.clone();
         async move {
             let resp = handler::handle(app, conn, req).await?;
@@ -240,13 +233,16 @@ struct Activity {
     idle_since: AtomicU64,
 }
 
-/// Held while a request is being served.
-struct InFlight(Arc<Activity>);
+/// Held while a request is being served, with its count in the process-wide gauge.
+struct InFlight {
+    activity: Arc<Activity>,
+    _counted: crate::metrics::InFlight,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.activity.touch();
+        self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -259,9 +255,12 @@ impl Activity {
         }
     }
 
-    fn begin(self: &Arc<Self>) -> InFlight {
+    fn begin(self: &Arc<Self>, metric: crate::metrics::InFlight) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(self.clone())
+        InFlight {
+            activity: self.clone(),
+            _counted: metric,
+        }
     }
 
     /// Restart the idle clock now.
@@ -295,7 +294,11 @@ impl Activity {
 /// read a different host).
 pub(crate) fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
     const HOST: Reject = Reject::BadRequest(BadRequest::Host);
-    if head_size(req) > limits.max_header_bytes {
+    // Above the floor hyper's HTTP/1 buffer enforces the limit, and h2 always does
+    // (`max_header_list_size`): only then is the head measured here.
+    let http1 = matches!(req.version(), Version::HTTP_10 | Version::HTTP_11);
+    if http1 && limits.max_header_bytes < HYPER_MIN_BUF && head_size(req) > limits.max_header_bytes
+    {
         return Err(Reject::HeadersTooLarge);
     }
     if matches!(req.version(), Version::HTTP_10 | Version::HTTP_11) {
@@ -401,18 +404,21 @@ mod tests {
     #[tokio::test]
     async fn idle_waits_for_requests_to_finish() {
         let a = Arc::new(Activity::new());
+        let metrics = crate::metrics::Metrics::new(false).unwrap();
         let t = Duration::from_millis(50);
         let start = Instant::now();
         a.idle_for(t).await;
         assert!(start.elapsed() >= t);
         // A request in flight keeps the connection; the clock restarts when it ends.
-        let held = a.begin();
+        let held = a.begin(metrics.track_in_flight());
+        assert_eq!(metrics.in_flight().get(), 1);
         let a2 = a.clone();
         let waiter = tokio::spawn(async move { a2.idle_for(t).await });
         tokio::time::sleep(t * 3).await;
         assert!(!waiter.is_finished());
         let ended = Instant::now();
         drop(held);
+        assert_eq!(metrics.in_flight().get(), 0);
         waiter.await.unwrap();
         assert!(ended.elapsed() >= t, "{:?}", ended.elapsed());
     }
