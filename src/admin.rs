@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+use crate::keys::snapshot::Format;
 use crate::keys::source::{self, DisableError, KeySource, LoadError};
 use crate::keys::{digest, Snapshot};
 use crate::App;
@@ -205,12 +206,9 @@ fn snapshot_info(s: &Snapshot) -> serde_json::Value {
 }
 
 async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
+    // Refused before the body is read: it may be hundreds of megabytes.
     if !matches!(app.key_source, KeySource::Control { .. }) {
-        return error(
-            StatusCode::CONFLICT,
-            "file_source",
-            "keys come from a file; configure keys.control.state_file to push snapshots",
-        );
+        return error(StatusCode::CONFLICT, "file_source", LoadError::FileSource);
     }
     let json_body = req
         .headers()
@@ -221,6 +219,11 @@ async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminB
                 .to_ascii_lowercase()
                 .starts_with("application/json")
         });
+    let format = if json_body {
+        Format::Json
+    } else {
+        Format::Yaml
+    };
     let body = match Limited::new(req.into_body(), MAX_SNAPSHOT_BYTES)
         .collect()
         .await
@@ -230,7 +233,7 @@ async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminB
     };
     // Parsing a large snapshot is CPU work: keep it off the async workers.
     let app2 = app.clone();
-    let result = tokio::task::spawn_blocking(move || source::apply_pushed(&app2, &body, json_body))
+    let result = tokio::task::spawn_blocking(move || source::apply_pushed(&app2, &body, format))
         .await
         .unwrap_or_else(|e| {
             Err(LoadError::Io {
@@ -245,6 +248,7 @@ async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminB
             warn!(error = %e, "pushed snapshot refused; keeping the last good one");
             error(StatusCode::BAD_REQUEST, "bad_snapshot", e)
         }
+        Err(e @ LoadError::FileSource) => error(StatusCode::CONFLICT, "file_source", e),
         Err(e @ LoadError::Io { .. }) => {
             app.metrics.snapshot_failed(crate::keys::Source::Control);
             warn!(error = %e, "pushed snapshot not persisted; keeping the last good one");

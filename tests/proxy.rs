@@ -478,6 +478,19 @@ async fn introspection_answers_locally() {
 }
 
 #[tokio::test]
+async fn introspection_can_be_turned_off() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "introspection_path: null\n").await;
+    let r = get(&kw.url("/auth"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().starts_with("upstream ok"), "{}", r.text());
+    assert_eq!(up.last().target, "/auth");
+    // An ordinary protected path: no key, no pass.
+    assert_eq!(get(&kw.url("/auth"), &[]).await.status, 401);
+    kw.shutdown().await;
+}
+
+#[tokio::test]
 async fn correlation_id_is_taken_or_minted() {
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;

@@ -370,6 +370,25 @@ mod tests {
     }
 
     #[test]
+    fn wildcard_delegation_allows_any_account() {
+        let mut f = fixture();
+        let key = "ste_wildcard_key_0123456789abcdef";
+        let text = format!(
+            "keys:\n  - {{ id: k_any, sha256: {}, type: enterprise_service_account, subject_id: s, account_id: a, scopes: [read], delegate_accounts: [\"*\"] }}\n",
+            hex::encode(keys::digest(key.as_bytes()))
+        );
+        f.snapshot = Snapshot::parse(&text, Source::File).unwrap();
+        let h = [
+            ("x-api-key", key),
+            ("x-delegate-account-id", "any_child_42"),
+        ];
+        match run_at(&f, Method::GET, &h, now()) {
+            Decision::Allow(p) => assert_eq!(p.effective_account(), "any_child_42"),
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
     fn near_miss_is_the_same_as_unknown() {
         let f = fixture();
         let mut near = SERVICE.to_string();

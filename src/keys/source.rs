@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tracing::{error, info};
 
+use super::snapshot::Format;
 use super::{digest, Snapshot, SnapshotError, Source};
 use crate::App;
 
@@ -21,6 +22,8 @@ pub enum LoadError {
     },
     #[error("{0}")]
     Invalid(#[from] SnapshotError),
+    #[error("keys come from a file; configure keys.control.state_file to push snapshots")]
+    FileSource,
 }
 
 /// Why an emergency revoke failed.
@@ -210,19 +213,13 @@ fn stamp(path: &Path) -> Option<Stamp> {
 }
 
 /// `PUT /v1/snapshot`: validate, persist atomically, then publish.
-pub fn apply_pushed(app: &App, body: &[u8], json: bool) -> Result<Arc<Snapshot>, LoadError> {
+pub fn apply_pushed(app: &App, body: &[u8], format: Format) -> Result<Arc<Snapshot>, LoadError> {
     let KeySource::Control { state_file, .. } = &app.key_source else {
-        unreachable!("callers check for a control source first")
+        return Err(LoadError::FileSource);
     };
     let text = std::str::from_utf8(body)
         .map_err(|_| LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into())))?;
-    let snapshot = if json {
-        let doc = serde_json::from_str(text)
-            .map_err(|e| LoadError::Invalid(SnapshotError::Parse(e.to_string())))?;
-        Snapshot::from_doc(doc, Source::Control, hex::encode(digest(body)))?
-    } else {
-        Snapshot::parse(text, Source::Control)?
-    };
+    let snapshot = Snapshot::parse_as(text, format, Source::Control)?;
     persist(state_file, body)?;
     Ok(install(app, snapshot))
 }
