@@ -453,6 +453,9 @@ impl Config {
                 "set `file` or `control.state_file` (or both) so keys can be loaded",
             ));
         }
+        if self.tls.as_ref().is_some_and(|t| t.poll_interval.is_zero()) {
+            return Err(invalid("tls.poll_interval", "must be greater than zero"));
+        }
         if self.keys.poll_interval.is_zero() {
             return Err(invalid("keys.poll_interval", "must be greater than zero"));
         }
@@ -720,6 +723,8 @@ mod tests {
         assert!(err("log: { format: xml }\n").contains("log.format"));
         assert!(err("environment: \"\"\n").contains("environment"));
         assert!(err("workers: 0\n").contains("workers"));
+        let zero = err("tls: { cert: c.pem, key: k.pem, poll_interval: 0s }\n");
+        assert!(zero.starts_with("tls.poll_interval: "), "{zero}");
     }
 
     #[test]

@@ -34,8 +34,6 @@ pub enum TlsError {
         path: String,
         reason: String,
     },
-    #[error("tls.{field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
     #[error("tls: {0}")]
     Config(String),
 }
@@ -132,20 +130,9 @@ impl TlsFiles {
     }
 }
 
-fn check_settings(tls: &TlsConfig) -> Result<(), TlsError> {
-    if tls.poll_interval.is_zero() {
-        return Err(TlsError::Invalid {
-            field: "poll_interval",
-            reason: "must be greater than zero".into(),
-        });
-    }
-    Ok(())
-}
-
 /// Build a rustls server config from the files named in `tls`. Errors name the field
 /// (`tls.cert`, `tls.key`, `tls.client_ca`, ...) and the file.
 pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
-    check_settings(tls)?;
     TlsFiles::read(tls)?.build(tls)
 }
 
@@ -153,8 +140,9 @@ pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
 #[derive(Clone)]
 pub struct TlsAcceptor {
     config: Arc<ArcSwap<ServerConfig>>,
-    /// Fingerprint of the files `config` was built from, when known (see [`watch`]).
-    loaded: Arc<ArcSwap<Option<[u8; 32]>>>,
+    /// Fingerprint of the files the first config was built from, so [`watch`] also sees a
+    /// rotation that happened between start-up and its first poll.
+    loaded: Option<[u8; 32]>,
     handshake_timeout: Duration,
 }
 
@@ -163,7 +151,7 @@ impl TlsAcceptor {
     pub fn new(config: ServerConfig) -> Self {
         Self {
             config: Arc::new(ArcSwap::from_pointee(config)),
-            loaded: Arc::new(ArcSwap::from_pointee(None)),
+            loaded: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
@@ -172,13 +160,11 @@ impl TlsAcceptor {
     /// `handshake_timeout`, or the connection is closed (a client that connects and sends
     /// nothing does not hold a connection slot).
     pub fn load(tls: &TlsConfig, handshake_timeout: Duration) -> Result<Self, TlsError> {
-        check_settings(tls)?;
         let files = TlsFiles::read(tls)?;
-        let acceptor = Self::new(files.build(tls)?);
-        acceptor.loaded.store(Arc::new(Some(files.fingerprint())));
         Ok(Self {
             handshake_timeout,
-            ..acceptor
+            loaded: Some(files.fingerprint()),
+            ..Self::new(files.build(tls)?)
         })
     }
 
@@ -206,7 +192,7 @@ impl TlsAcceptor {
 /// handshake uses it. A set that does not load keeps the current certificate, and is
 /// reported once (not on every poll) until the files change again.
 pub async fn watch(acceptor: TlsAcceptor, tls: TlsConfig) {
-    let mut last = **acceptor.loaded.load();
+    let mut last = acceptor.loaded;
     let interval = tls.poll_interval.max(Duration::from_millis(1));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -235,7 +221,6 @@ pub async fn watch(acceptor: TlsAcceptor, tls: TlsConfig) {
         match files.build(&tls) {
             Ok(config) => {
                 acceptor.replace(config);
-                acceptor.loaded.store(Arc::new(Some(now)));
                 tracing::info!(cert = %tls.cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
@@ -306,12 +291,6 @@ mod tests {
         assert!(err(&with_ca).starts_with("tls.client_ca: "));
         std::fs::write(dir.path().join("ca.crt"), "").unwrap();
         assert!(err(&with_ca).starts_with("tls.client_ca: "));
-
-        let zero = TlsConfig {
-            poll_interval: Duration::ZERO,
-            ..c
-        };
-        assert!(err(&zero).starts_with("tls.poll_interval: "));
     }
 
     #[test]
