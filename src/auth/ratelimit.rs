@@ -71,15 +71,16 @@ impl RateLimiter {
                 .ceil() as u64
         };
         if ahead > tolerance {
-            let wait = ahead - tolerance;
+            // Empty: the quota "resets" (holds a request again) when a retry would pass.
+            let retry_after_secs = secs(ahead - tolerance).max(1);
             let quota = Quota {
                 limit: limit.burst,
                 remaining: 0,
-                reset_secs: secs(ahead - interval),
+                reset_secs: retry_after_secs,
             };
             return RateDecision::Limited {
                 quota,
-                retry_after_secs: secs(wait).max(1),
+                retry_after_secs,
             };
         }
         cell.tat = new_tat;

@@ -87,7 +87,7 @@ pub enum Reject {
     DelegationNotAllowed,
     RateLimited {
         retry_after_secs: u64,
-        limit: u32,
+        quota: super::ratelimit::Quota,
     },
     UpstreamUnavailable,
     UpstreamTimeout,

@@ -165,7 +165,7 @@ fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, Reject>
             retry_after_secs,
         } => Err(Reject::RateLimited {
             retry_after_secs,
-            limit: quota.limit,
+            quota,
         }),
         RateDecision::Unlimited => Ok(None),
         RateDecision::Allowed(quota) => Ok(Some(quota)),
@@ -174,12 +174,9 @@ fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, Reject>
 
 /// `RateLimit-Limit/Remaining/Reset` on an allowed response, unless the upstream set its own.
 fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
-    if h.contains_key("ratelimit-limit") {
-        return;
+    if !h.contains_key("ratelimit-limit") {
+        respond::set_quota(h, quota);
     }
-    h.insert("ratelimit-limit", HeaderValue::from(quota.limit));
-    h.insert("ratelimit-remaining", HeaderValue::from(quota.remaining));
-    h.insert("ratelimit-reset", HeaderValue::from(quota.reset_secs));
 }
 
 /// Prepare the request for the upstream and send it. Order matters: hop-by-hop headers go

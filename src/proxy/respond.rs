@@ -7,6 +7,7 @@ use http::{HeaderMap, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::Body;
+use crate::auth::ratelimit::Quota;
 use crate::auth::Reject;
 
 /// A JSON response.
@@ -32,15 +33,20 @@ pub fn error(reject: &Reject, correlation_id: &str) -> Response<Body> {
     }
     if let Reject::RateLimited {
         retry_after_secs,
-        limit,
+        quota,
     } = reject
     {
         h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
-        h.insert("ratelimit-limit", HeaderValue::from(*limit));
-        h.insert("ratelimit-remaining", HeaderValue::from_static("0"));
-        h.insert("ratelimit-reset", HeaderValue::from(*retry_after_secs));
+        set_quota(h, quota);
     }
     resp
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` for a key's quota.
+pub fn set_quota(h: &mut HeaderMap, quota: &Quota) {
+    h.insert("ratelimit-limit", HeaderValue::from(quota.limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(quota.remaining));
+    h.insert("ratelimit-reset", HeaderValue::from(quota.reset_secs));
 }
 
 /// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
@@ -95,13 +101,19 @@ mod tests {
         let r = error(
             &Reject::RateLimited {
                 retry_after_secs: 3,
-                limit: 10,
+                quota: Quota {
+                    limit: 10,
+                    remaining: 0,
+                    reset_secs: 3,
+                },
             },
             "c",
         );
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "3");
         assert_eq!(r.headers()["ratelimit-limit"], "10");
+        assert_eq!(r.headers()["ratelimit-remaining"], "0");
+        assert_eq!(r.headers()["ratelimit-reset"], "3");
         let r = error(&Reject::InvalidApiKey, "c");
         assert_eq!(r.headers()["content-type"], "application/json");
         assert!(r.headers().contains_key("www-authenticate"));
