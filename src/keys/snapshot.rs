@@ -525,22 +525,13 @@ impl Key {
     }
 
     fn build(doc: KeyDoc, c: Checked) -> (Digest, Key) {
-        let Checked {
-            digest: d,
-            principal_type,
-            status,
-            not_before,
-            expires_at,
-            delegation,
-        } = c;
-
         let value =
             |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
         let key = Key {
             id: Arc::from(doc.id.as_str()),
             key_id_value: value(&doc.id),
             scopes_value: value(&doc.scopes.join(" ")),
-            principal_type,
+            principal_type: c.principal_type,
             subject_id: Text::new(doc.subject_id),
             subject_email: doc.subject_email.map(Text::new),
             account_id: Text::new(doc.account_id),
@@ -549,15 +540,15 @@ impl Key {
             org_id: doc.org_id.map(Text::new),
             scopes: doc.scopes,
             environment: doc.environment,
-            status,
-            not_before,
-            expires_at,
-            delegation,
+            status: c.status,
+            not_before: c.not_before,
+            expires_at: c.expires_at,
+            delegation: c.delegation,
             rate_limit: doc.rate_limit,
-            digest: d,
+            digest: c.digest,
             delegate_accounts: doc.delegate_accounts,
         };
-        (d, key)
+        (c.digest, key)
     }
 
     /// The identity headers for this key; `delegated` is the account acted for. Values are
