@@ -263,6 +263,7 @@ async fn serve_on_workers(
                             return;
                         }
                     };
+                    app.upstream.spawn_reaper();
                     proxy::server::serve(app, listener, tls, slots, wait_true(stop_rx), grace)
                         .await;
                 });

@@ -569,3 +569,59 @@ async fn forwarded_headers_trust_only_configured_proxies() {
     assert_eq!(seen["x-forwarded-proto"], "https");
     kw.shutdown().await;
 }
+
+/// An upstream that answers one request per connection and then closes it, without saying
+/// so: the pooled connection keyward kept is dead by the next request, which must still
+/// reach the upstream (on a new connection), never fail with 502.
+#[tokio::test]
+async fn upstream_closing_kept_alive_connections_is_not_an_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let kw = spawn_proxy(addr, "workers: 1\n").await;
+    for i in 0..20 {
+        let r = get(&kw.url("/x"), &[("x-api-key", SERVICE_KEY)]).await;
+        assert_eq!((i, r.status.as_u16(), r.text()), (i, 200, "ok".into()));
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 20);
+    kw.shutdown().await;
+}
+
+/// Sequential requests share one upstream connection: the pool hands a connection back
+/// once its response is read, instead of opening one per request.
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "workers: 1\n").await;
+    for _ in 0..10 {
+        let r = get(&kw.url("/x"), &[("x-api-key", SERVICE_KEY)]).await;
+        assert_eq!(r.status, 200);
+    }
+    let peers: std::collections::HashSet<_> = up.requests().iter().map(|s| s.peer).collect();
+    assert_eq!(
+        peers.len(),
+        1,
+        "one upstream connection for sequential requests"
+    );
+    kw.shutdown().await;
+}

@@ -1,17 +1,16 @@
-//! The upstream leg: one pooled keep-alive client, the forwarded request, the returned
+//! The upstream leg: the per-thread keep-alive pool, the forwarded request, the returned
 //! response, and upgrade tunnels.
 
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use super::pool::{self, PoolConfig};
 use super::Body;
 use crate::config::Limits;
 use crate::metrics::UpstreamErrorKind;
@@ -56,63 +55,61 @@ impl ProxyError {
     }
 }
 
-type UpstreamClient = Client<HttpConnector, Incoming>;
-
 static NEXT_UPSTREAM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-thread_local! {
-    /// One pool per worker thread: a pooled connection is then driven by the same thread
-    /// that uses it, so forwarding a request wakes no other thread.
-    static CLIENTS: std::cell::RefCell<Vec<(u64, UpstreamClient)>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// The app behind keyward, and the clients that reach it (one pool per worker thread).
+/// The app behind keyward, reached over this worker thread's keep-alive pool.
 pub struct Upstream {
+    /// Names this upstream's pool on every worker thread.
     id: u64,
-    authority: Authority,
-    limits: Limits,
+    /// The `Host` sent when the client's request named none.
+    host: HeaderValue,
+    pool: PoolConfig,
     timeout: Duration,
 }
 
 impl Upstream {
     pub fn new(uri: &Uri, limits: &Limits) -> Self {
+        let host = uri.host().unwrap_or("127.0.0.1");
+        let port = uri.port_u16().unwrap_or(80);
+        let authority = match uri.authority() {
+            Some(a) if a.port().is_some() => a.as_str().to_owned(),
+            Some(a) => format!("{}:{port}", a.as_str()),
+            None => format!("{host}:{port}"),
+        };
+        let host = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("127.0.0.1"));
         Self {
             id: NEXT_UPSTREAM_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            authority: uri
-                .authority()
-                .cloned()
-                .unwrap_or_else(|| Authority::from_static("127.0.0.1")),
-            limits: limits.clone(),
+            host,
+            pool: PoolConfig::new(authority, limits),
             timeout: limits.upstream_timeout,
         }
     }
 
-    /// This thread's client for this upstream, built on first use.
-    fn client(&self) -> UpstreamClient {
-        CLIENTS.with(|c| {
-            let mut clients = c.borrow_mut();
-            if let Some((_, client)) = clients.iter().find(|(id, _)| *id == self.id) {
-                return client.clone();
+    /// Start this thread's reaper of idle upstream connections, so a quiet pool does not
+    /// hold sockets forever. Each worker calls it once; it ends with the worker's runtime.
+    pub fn spawn_reaper(&self) {
+        let (id, idle) = (self.id, self.pool.idle_timeout);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(idle.max(Duration::from_millis(100)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                pool::reap(id, idle);
             }
-            let client = build_client(&self.limits);
-            clients.push((self.id, client.clone()));
-            client
-        })
+        });
     }
 
-    /// The absolute URI the client needs: upstream authority + the normalized path + query.
+    /// The origin-form target sent upstream: the normalized path + query.
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
         let pq = match query {
             Some(q) if !q.is_empty() => PathAndQuery::try_from(format!("{path}?{q}")),
             _ => PathAndQuery::try_from(path),
         }
         .map_err(|e| ProxyError::Other(format!("bad target: {e}")))?;
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| ProxyError::Other(format!("bad target: {e}")))
+        Ok(Uri::from(pq))
     }
 
     /// Send the prepared request; the response head must arrive within `upstream_timeout`.
@@ -122,14 +119,49 @@ impl Upstream {
         mut req: Request<Incoming>,
     ) -> Result<(Response<Incoming>, Duration), ProxyError> {
         *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut().insert(header::HOST, self.host.clone());
+        }
         let start = Instant::now();
-        match tokio::time::timeout(self.timeout, self.client().request(req)).await {
+        match tokio::time::timeout(self.timeout, self.exchange(req)).await {
             Err(_) => Err(ProxyError::Timeout(self.timeout)),
-            Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect(error_chain(&e))),
-            Ok(Err(e)) if request_body_failed(&e) => Err(ProxyError::RequestBody(error_chain(&e))),
-            Ok(Err(e)) => Err(ProxyError::Other(error_chain(&e))),
+            Ok(Err(e)) => Err(e),
             Ok(Ok(resp)) => Ok((resp, start.elapsed())),
         }
+    }
+
+    /// One exchange over a pooled connection. A pooled connection the upstream closed while
+    /// idle hands the unsent request back; it is sent once more, on a new connection.
+    async fn exchange(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let mut req = req;
+        let mut pooled = pool::checkout(self.id, &self.pool);
+        loop {
+            let reused = pooled.is_some();
+            let mut sender = match pooled.take() {
+                Some(sender) => sender,
+                None => pool::connect(&self.pool)
+                    .await
+                    .map_err(|e| ProxyError::Connect(error_chain(&e)))?,
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    pool::checkin(self.id, &self.pool, sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(send_error(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+fn send_error(e: hyper::Error) -> ProxyError {
+    if request_body_failed(&e) {
+        ProxyError::RequestBody(error_chain(&e))
+    } else {
+        ProxyError::Other(error_chain(&e))
     }
 }
 
@@ -158,19 +190,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
-}
-
-/// A pooled keep-alive client with `TCP_NODELAY` and the connect timeout.
-fn build_client(limits: &Limits) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(limits.upstream_idle_timeout)
-        .pool_max_idle_per_host(limits.upstream_max_idle_per_host)
-        .build(connector)
 }
 
 /// Is this an HTTP/1.1 WebSocket handshake (`Connection: upgrade` + `Upgrade: websocket`)?

@@ -1,11 +1,12 @@
 //! The traffic listener and the upstream leg.
 //!
 //! `server` accepts connections, `handler` runs a request's phases, `headers` prepares what
-//! is forwarded, `forward` talks to the upstream, `respond` writes keyward's own answers.
+//! is forwarded, `forward` talks to the upstream over `pool`'s connections, `respond` writes keyward's own answers.
 
 pub mod forward;
 pub mod handler;
 pub mod headers;
+pub mod pool;
 pub mod respond;
 pub mod server;
 

@@ -38,6 +38,8 @@ pub struct Seen {
     pub target: String,
     pub headers: HeaderMap,
     pub body_len: usize,
+    /// The upstream connection it came on (keyward's side of it).
+    pub peer: SocketAddr,
 }
 
 /// A real HTTP server on loopback that records every request and answers 200 with a small
@@ -71,10 +73,10 @@ pub async fn spawn_upstream() -> Upstream {
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let seen2 = seen.clone();
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        while let Ok((stream, peer)) = listener.accept().await {
             let seen = seen2.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| upstream_handle(seen.clone(), req));
+                let svc = service_fn(move |req| upstream_handle(seen.clone(), peer, req));
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
@@ -86,6 +88,7 @@ pub async fn spawn_upstream() -> Upstream {
 
 async fn upstream_handle(
     seen: Arc<Mutex<Vec<Seen>>>,
+    peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let target = req
@@ -102,6 +105,7 @@ async fn upstream_handle(
             target,
             headers,
             body_len: 0,
+            peer,
         });
         tokio::spawn(async move {
             if let Ok(up) = on.await {
@@ -135,6 +139,7 @@ async fn upstream_handle(
         target: target.clone(),
         headers,
         body_len,
+        peer,
     });
     if let Some(ms) = target.strip_prefix("/slow/") {
         let ms: u64 = ms.split('?').next().unwrap_or("0").parse().unwrap_or(0);

@@ -1,0 +1,246 @@
+//! Keep-alive HTTP/1.1 connections to the upstream, one pool per worker thread.
+//!
+//! Each worker runs its own current-thread runtime, so a pool needs no lock and a pooled
+//! connection is driven by the thread that uses it. A connection goes back to the pool as
+//! soon as its response head is in; it is handed out again only once hyper reports it ready
+//! (the previous response fully read), so a slow download never blocks the next request and
+//! no task is spawned per request to wait for that moment.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::config::Limits;
+
+/// How to reach the upstream and how long to keep its connections.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// `host:port`, resolved on every new connection (a DNS change is picked up).
+    pub authority: String,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+impl PoolConfig {
+    pub fn new(authority: String, limits: &Limits) -> Self {
+        Self {
+            authority,
+            connect_timeout: limits.upstream_connect_timeout,
+            idle_timeout: limits.upstream_idle_timeout,
+            max_idle: limits.upstream_max_idle_per_host,
+        }
+    }
+}
+
+/// A pooled connection's sending half and when it last carried a request.
+struct Pooled {
+    sender: SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// One thread's connections to one upstream, most recently used last.
+#[derive(Default)]
+struct Pool {
+    conns: VecDeque<Pooled>,
+}
+
+impl Pool {
+    /// The most recently used connection that is ready for a request. Closed and expired
+    /// connections met on the way are dropped; busy ones stay.
+    fn checkout(&mut self, now: Instant, idle_timeout: Duration) -> Option<SendRequest<Incoming>> {
+        self.reap(now, idle_timeout);
+        let ready = self.conns.iter().rposition(|c| c.sender.is_ready())?;
+        self.conns.remove(ready).map(|c| c.sender)
+    }
+
+    fn checkin(&mut self, sender: SendRequest<Incoming>, now: Instant, max_idle: usize) {
+        if sender.is_closed() || max_idle == 0 {
+            return;
+        }
+        if self.conns.len() >= max_idle {
+            self.conns.pop_front();
+        }
+        self.conns.push_back(Pooled { sender, since: now });
+    }
+
+    /// Drop connections that are closed, or idle for longer than `idle_timeout`.
+    fn reap(&mut self, now: Instant, idle_timeout: Duration) {
+        self.conns.retain(|c| {
+            !c.sender.is_closed()
+                && (!c.sender.is_ready() || now.duration_since(c.since) < idle_timeout)
+        });
+    }
+}
+
+thread_local! {
+    /// Pools by upstream id (one upstream per `App`; tests run several on one thread).
+    static POOLS: RefCell<Vec<(u64, Pool)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_pool<R>(id: u64, f: impl FnOnce(&mut Pool) -> R) -> R {
+    POOLS.with(|pools| {
+        let mut pools = pools.borrow_mut();
+        let at = match pools.iter().position(|(pid, _)| *pid == id) {
+            Some(at) => at,
+            None => {
+                pools.push((id, Pool::default()));
+                pools.len() - 1
+            }
+        };
+        f(&mut pools[at].1)
+    })
+}
+
+/// A ready connection from this thread's pool for upstream `id`, if one is idle.
+pub fn checkout(id: u64, cfg: &PoolConfig) -> Option<SendRequest<Incoming>> {
+    let now = Instant::now();
+    with_pool(id, |p| p.checkout(now, cfg.idle_timeout))
+}
+
+/// Return a connection whose response head has arrived; it is reused once ready.
+pub fn checkin(id: u64, cfg: &PoolConfig, sender: SendRequest<Incoming>) {
+    let now = Instant::now();
+    with_pool(id, |p| p.checkin(sender, now, cfg.max_idle));
+}
+
+/// Close this thread's idle connections to upstream `id` that outlived `idle_timeout`.
+/// Called from a periodic task, so an idle pool does not hold upstream sockets forever.
+pub fn reap(id: u64, idle_timeout: Duration) {
+    let now = Instant::now();
+    with_pool(id, |p| p.reap(now, idle_timeout));
+}
+
+/// Why a new connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("resolving {authority}: {source}")]
+    Resolve {
+        authority: String,
+        source: io::Error,
+    },
+    #[error("{authority} resolves to no address")]
+    NoAddress { authority: String },
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    #[error("HTTP/1.1 handshake: {0}")]
+    Handshake(hyper::Error),
+}
+
+/// Open a new connection (`TCP_NODELAY`, TCP keepalive) and start driving it on this thread.
+pub async fn connect(cfg: &PoolConfig) -> Result<SendRequest<Incoming>, ConnectError> {
+    let stream = tokio::time::timeout(cfg.connect_timeout, tcp_connect(&cfg.authority))
+        .await
+        .map_err(|_| ConnectError::Timeout(cfg.connect_timeout))??;
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(ConnectError::Handshake)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            debug!(error = %e, "upstream connection closed");
+        }
+    });
+    Ok(sender)
+}
+
+/// Try each resolved address in turn; the last failure is the one reported.
+async fn tcp_connect(authority: &str) -> Result<TcpStream, ConnectError> {
+    let addrs =
+        tokio::net::lookup_host(authority)
+            .await
+            .map_err(|source| ConnectError::Resolve {
+                authority: authority.to_owned(),
+                source,
+            })?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(source) => last = Some(ConnectError::Connect { addr, source }),
+        }
+    }
+    Err(last.unwrap_or_else(|| ConnectError::NoAddress {
+        authority: authority.to_owned(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ready client connection over an in-memory pipe; the server end is returned.
+    async fn conn() -> (SendRequest<Incoming>, tokio::io::DuplexStream) {
+        let (client, server) = tokio::io::duplex(1024);
+        let (sender, conn) = http1::handshake(TokioIo::new(client)).await.unwrap();
+        tokio::spawn(conn);
+        // Ready once the connection task has run and asked for a request.
+        while !sender.is_ready() {
+            tokio::task::yield_now().await;
+        }
+        (sender, server)
+    }
+
+    #[tokio::test]
+    async fn hands_out_the_most_recent_ready_connection() {
+        let mut pool = Pool::default();
+        let now = Instant::now();
+        let idle = Duration::from_secs(60);
+        assert!(pool.checkout(now, idle).is_none());
+        let (a, _sa) = conn().await;
+        let (b, _sb) = conn().await;
+        pool.checkin(a, now, 8);
+        pool.checkin(b, now, 8);
+        assert_eq!(pool.conns.len(), 2);
+        assert!(pool.checkout(now, idle).is_some());
+        assert_eq!(pool.conns.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_expiry_and_the_size_cap_close_connections() {
+        let mut pool = Pool::default();
+        let now = Instant::now();
+        let idle = Duration::from_secs(60);
+        let mut servers = Vec::new();
+        for _ in 0..3 {
+            let (s, server) = conn().await;
+            servers.push(server);
+            pool.checkin(s, now, 2);
+        }
+        assert_eq!(pool.conns.len(), 2, "the cap drops the oldest");
+        pool.reap(now + idle, idle);
+        assert!(pool.conns.is_empty(), "idle past the timeout");
+        let (s, _server) = conn().await;
+        pool.checkin(s, now, 0);
+        assert!(pool.conns.is_empty(), "max_idle 0 keeps nothing");
+    }
+
+    #[tokio::test]
+    async fn closed_connections_are_never_handed_out() {
+        let mut pool = Pool::default();
+        let (s, server) = conn().await;
+        pool.checkin(s, Instant::now(), 8);
+        drop(server);
+        // The connection task sees EOF on its next poll; until then it may look ready.
+        while pool.conns.iter().any(|c| !c.sender.is_closed()) {
+            tokio::task::yield_now().await;
+        }
+        assert!(pool
+            .checkout(Instant::now(), Duration::from_secs(60))
+            .is_none());
+        assert!(pool.conns.is_empty());
+    }
+}
