@@ -5,6 +5,7 @@ pub mod snapshot;
 pub mod source;
 pub mod store;
 pub mod usage;
+mod yaml_chunks;
 
 pub use snapshot::{
     digest, Delegation, Digest, IdentityNames, Key, PrincipalType, RateLimit, Snapshot,

@@ -304,35 +304,37 @@ type DigestMap = HashMap<Digest, Arc<Key>, BuildHasherDefault<DigestHasher>>;
 /// Below this many keys a snapshot is built on the calling thread.
 const KEYS_PER_BUILD_THREAD: usize = 20_000;
 
+/// A validated key, under its digest.
+type Built = (Digest, Arc<Key>);
+
+/// Validate and build a run of keys; `offset` is the first one's index in the document, so
+/// that an error names the entry.
+fn build_run(offset: usize, docs: Vec<KeyDoc>) -> Result<Vec<Built>, SnapshotError> {
+    docs.into_iter()
+        .enumerate()
+        .map(|(i, kd)| {
+            Key::from_doc(kd)
+                .map(|(d, k)| (d, Arc::new(k)))
+                .map_err(|((field, reason), id)| SnapshotError::Entry {
+                    index: offset + i,
+                    id,
+                    field,
+                    reason,
+                })
+        })
+        .collect()
+}
+
 /// Validate and build every key, in parallel for large snapshots (key building is mostly
 /// allocation, which glibc serves per thread). Errors name the first bad entry.
-fn build_keys(
-    docs: Vec<KeyDoc>,
-    per_thread: usize,
-) -> Result<Vec<(Digest, Arc<Key>)>, SnapshotError> {
+fn build_keys(docs: Vec<KeyDoc>, per_thread: usize) -> Result<Vec<Built>, SnapshotError> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .max(2)
         .min(docs.len().div_ceil(per_thread))
         .max(1);
-    let build_chunk = |offset: usize, chunk: Vec<KeyDoc>| {
-        chunk
-            .into_iter()
-            .enumerate()
-            .map(|(i, kd)| {
-                Key::from_doc(kd)
-                    .map(|(d, k)| (d, Arc::new(k)))
-                    .map_err(|((field, reason), id)| SnapshotError::Entry {
-                        index: offset + i,
-                        id,
-                        field,
-                        reason,
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()
-    };
     if threads == 1 {
-        return build_chunk(0, docs);
+        return build_run(0, docs);
     }
     let size = docs.len().div_ceil(threads);
     let mut chunks = Vec::with_capacity(threads);
@@ -346,7 +348,7 @@ fn build_keys(
     let results: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = chunks
             .into_iter()
-            .map(|(offset, chunk)| scope.spawn(move || build_chunk(offset, chunk)))
+            .map(|(offset, chunk)| scope.spawn(move || build_run(offset, chunk)))
             .collect();
         handles
             .into_iter()
@@ -356,8 +358,13 @@ fn build_keys(
             })
             .collect()
     });
-    let mut out = Vec::with_capacity(results.iter().map(|r| r.as_ref().map_or(0, Vec::len)).sum());
-    for r in results {
+    concat_runs(results)
+}
+
+/// The runs in document order, or the first run's error.
+fn concat_runs(runs: Vec<Result<Vec<Built>, SnapshotError>>) -> Result<Vec<Built>, SnapshotError> {
+    let mut out = Vec::with_capacity(runs.iter().map(|r| r.as_ref().map_or(0, Vec::len)).sum());
+    for r in runs {
         out.extend(r?);
     }
     Ok(out)
@@ -424,13 +431,17 @@ impl Snapshot {
 
     /// Parse in a known format (`PUT /v1/snapshot` goes by `content-type`).
     pub fn parse_as(text: &str, format: Format, source: Source) -> Result<Snapshot, SnapshotError> {
+        let content_digest = hex::encode(digest(text.as_bytes()));
         let doc: SnapshotDoc = match format {
             Format::Json => {
                 serde_json::from_str(text).map_err(|e| SnapshotError::Parse(e.to_string()))?
             }
-            Format::Yaml => crate::config::parse_yaml(text).map_err(SnapshotError::Parse)?,
+            // Large snapshots are parsed on every core; anything else, whole.
+            Format::Yaml => match super::yaml_chunks::parse(text) {
+                Some(doc) => doc,
+                None => crate::config::parse_yaml(text).map_err(SnapshotError::Parse)?,
+            },
         };
-        let content_digest = hex::encode(digest(text.as_bytes()));
         Self::from_doc(doc, source, content_digest)
     }
 
@@ -439,13 +450,21 @@ impl Snapshot {
         source: Source,
         content_digest: String,
     ) -> Result<Snapshot, SnapshotError> {
-        let total = doc.keys.len();
+        let keys = build_keys(doc.keys, KEYS_PER_BUILD_THREAD)?;
+        Self::assemble(doc.version, keys, source, content_digest)
+    }
+
+    /// Index built keys by digest and by id; a duplicate of either refuses the snapshot.
+    fn assemble(
+        version: Option<u64>,
+        keys: Vec<Built>,
+        source: Source,
+        content_digest: String,
+    ) -> Result<Snapshot, SnapshotError> {
+        let total = keys.len();
         let mut by_digest = DigestMap::with_capacity_and_hasher(total, Default::default());
         let mut by_id = HashMap::with_capacity(total);
-        for (index, (d, key)) in build_keys(doc.keys, KEYS_PER_BUILD_THREAD)?
-            .into_iter()
-            .enumerate()
-        {
+        for (index, (d, key)) in keys.into_iter().enumerate() {
             let entry_err = |field: &'static str, reason: &str| SnapshotError::Entry {
                 index,
                 id: key.id.to_string(),
@@ -462,7 +481,7 @@ impl Snapshot {
         Ok(Snapshot {
             by_digest,
             by_id,
-            version: doc.version,
+            version,
             content_digest,
             source,
             loaded_at: SystemTime::now(),
@@ -910,6 +929,38 @@ mod tests {
         bad[6].kind = "robot".into();
         let e = build_keys(bad, 2).unwrap_err().to_string();
         assert!(e.starts_with("keys[5] id=k5: sha256"), "{e}");
+    }
+
+    /// A large YAML snapshot takes the parallel parser; its keys, and the error naming a
+    /// bad entry, are the same as with the whole-document parser.
+    #[test]
+    fn large_yaml_snapshot_loads_and_names_a_bad_entry() {
+        let n = super::super::yaml_chunks::MIN_ITEMS + 5;
+        let item = |i: usize, scopes: &str| {
+            format!(
+                "  - id: k{i}\n    sha256: {}\n    type: personal\n    subject_id: s{i}\n    account_id: a\n    scopes: {scopes}\n",
+                hex::encode(digest(format!("key-{i}").as_bytes()))
+            )
+        };
+        let good: String = (0..n).map(|i| item(i, "[read]")).collect();
+        let s = Snapshot::parse(&format!("version: 4\nkeys:\n{good}"), Source::File).unwrap();
+        assert_eq!((s.len(), s.version), (n, Some(4)));
+        let k = s
+            .lookup(&digest(format!("key-{}", n - 1).as_bytes()))
+            .unwrap();
+        assert_eq!(k.subject_id.as_str(), format!("s{}", n - 1));
+
+        let bad: String = (0..n)
+            .map(|i| item(i, if i == 12_345 { "5" } else { "[read]" }))
+            .collect();
+        let e = refuse(&format!("keys:\n{bad}"));
+        assert!(e.contains("keys[12345].scopes"), "a YAML error: {e}");
+        let bad = good.replace(&hex::encode(digest(b"key-17000")), "nope");
+        let e = refuse(&format!("keys:\n{bad}"));
+        assert!(
+            e.starts_with("keys[17000] id=k17000: sha256"),
+            "a bad field: {e}"
+        );
     }
 
     #[test]
