@@ -139,7 +139,9 @@ impl Upstream {
             let reused = pooled.is_some();
             let mut sender = match pooled.take() {
                 Some(sender) => sender,
-                None => pool::connect(&self.pool)
+                // Boxed: connecting is rare, and its future would otherwise grow every
+                // request's state.
+                None => Box::pin(pool::connect(&self.pool))
                     .await
                     .map_err(|e| ProxyError::Connect(error_chain(&e)))?,
             };

@@ -1,4 +1,5 @@
-//! One request, as named phases: normalize → route → authenticate → forward → respond → log.
+//! One request, as named phases: normalize → route → authenticate → prepare → exchange with
+//! the upstream → respond → log. Only the exchange awaits.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -36,7 +37,28 @@ struct Trace {
     upstream: Option<Duration>,
 }
 
+/// Where the synchronous phases send a request.
+enum Next {
+    /// Answered by keyward itself (introspection).
+    Local(Response<Body>),
+    /// Allowed: to the upstream, prepared.
+    Upstream(Outbound),
+}
+
+/// A request ready for the upstream, and what the response needs from the phases before.
+struct Outbound {
+    req: Request<Incoming>,
+    principal: Option<Principal>,
+    /// The key's quota after this request, sent back as `RateLimit-*`.
+    quota: Option<Quota>,
+    /// The client's side of an allowed WebSocket upgrade.
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
 /// Serve one request. Never fails: every error becomes a response here.
+///
+/// Every phase but the upstream exchange is synchronous, so this future holds one await
+/// and stays small (hyper moves it into place once per request).
 pub async fn handle(
     app: Arc<App>,
     conn: ConnInfo,
@@ -48,7 +70,11 @@ pub async fn handle(
     let mut trace = Trace::default();
 
     let http2 = req.version() == http::Version::HTTP_2;
-    let result = serve(&app, conn, req, &cid, &mut trace).await;
+    let result = match prepare(&app, conn, req, &cid, &mut trace) {
+        Ok(Next::Upstream(out)) => exchange(&app, out, &mut trace).await,
+        Ok(Next::Local(resp)) => Ok(resp),
+        Err(reject) => Err(reject),
+    };
     let (mut resp, code) = match result {
         Ok(resp) => (resp, Code::Ok),
         Err(reject) => {
@@ -75,15 +101,16 @@ pub async fn handle(
     Ok(resp)
 }
 
-async fn serve(
+/// Head checks, then normalize the path once: that string is what is authorized and what
+/// is forwarded.
+fn prepare(
     app: &App,
     conn: ConnInfo,
     req: Request<Incoming>,
     cid: &HeaderValue,
     trace: &mut Trace,
-) -> Result<Response<Body>, Reject> {
+) -> Result<Next, Reject> {
     super::server::check_head(&req, &app.config.limits)?;
-    // Normalize once: this string is what is authorized and what is forwarded.
     let path = match auth::path::normalize(req.uri().path()) {
         Ok(path) => path,
         Err(e) => {
@@ -91,35 +118,31 @@ async fn serve(
             return Err(Reject::BadRequest(BadRequest::Path(e)));
         }
     };
-    let result = route(app, conn, req, &path, cid, trace).await;
+    let next = route(app, conn, req, &path, cid, trace);
     trace.path = Some(path);
-    result
+    next
 }
 
-async fn route(
+fn route(
     app: &App,
     conn: ConnInfo,
     req: Request<Incoming>,
     path: &str,
     cid: &HeaderValue,
     trace: &mut Trace,
-) -> Result<Response<Body>, Reject> {
+) -> Result<Next, Reject> {
     match app.policy.route(path) {
-        Route::Public => forward(app, conn, req, path, None, cid, trace).await,
+        Route::Public => outbound(app, conn, req, path, None, None, cid),
         Route::Introspection => {
             let principal = authenticate(app, &req, None, false, trace)?;
             let body = introspection_body(app, &principal, cid);
-            Ok(respond::json(StatusCode::OK, &body))
+            Ok(Next::Local(respond::json(StatusCode::OK, &body)))
         }
         Route::Protected { extra } => {
             let principal = authenticate(app, &req, extra, true, trace)?;
             let quota = rate_limit(app, &principal)?;
             app.usage.record(&principal.key.id, SystemTime::now());
-            let mut resp = forward(app, conn, req, path, Some(&principal), cid, trace).await?;
-            if let Some(quota) = quota {
-                set_rate_limit_headers(resp.headers_mut(), &quota);
-            }
-            Ok(resp)
+            outbound(app, conn, req, path, Some(principal), quota, cid)
         }
     }
 }
@@ -179,17 +202,17 @@ fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
     }
 }
 
-/// Prepare the request for the upstream and send it. Order matters: hop-by-hop headers go
-/// first, then anything a client could forge, and keyward's identity headers go in last.
-async fn forward(
+/// Prepare the request for the upstream. Order matters: hop-by-hop headers go first, then
+/// anything a client could forge, and keyward's identity headers go in last.
+fn outbound(
     app: &App,
     conn: ConnInfo,
     mut req: Request<Incoming>,
     path: &str,
-    principal: Option<&Principal>,
+    principal: Option<Principal>,
+    quota: Option<Quota>,
     cid: &HeaderValue,
-    trace: &mut Trace,
-) -> Result<Response<Body>, Reject> {
+) -> Result<Next, Reject> {
     let upgrade = forward::wants_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let host = req
@@ -218,13 +241,28 @@ async fn forward(
         h.insert(header::HOST, host.clone());
     }
     headers::set_forwarded(h, conn.peer, conn.tls, host, &app.config.trusted_proxies);
-    if let Some(p) = principal {
+    if let Some(p) = &principal {
         let delegated = p.delegated_account.as_ref();
         headers::add_identity(h, p.key.identity_headers(&app.names, delegated));
     }
     headers::set_correlation(h, cid);
     *req.uri_mut() = uri;
+    Ok(Next::Upstream(Outbound {
+        req,
+        principal,
+        quota,
+        upgrade: downstream_upgrade,
+    }))
+}
 
+/// The one await: send upstream, then shape the response for the client.
+async fn exchange(app: &App, out: Outbound, trace: &mut Trace) -> Result<Response<Body>, Reject> {
+    let Outbound {
+        req,
+        principal,
+        quota,
+        upgrade,
+    } = out;
     let (mut resp, took) = app
         .upstream
         .send(req)
@@ -234,19 +272,22 @@ async fn forward(
     app.metrics.record_upstream(resp.status().as_u16(), took);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only an allowed upgrade that keyward itself forwarded may switch protocols.
-        let Some(down) = downstream_upgrade else {
+        let Some(down) = upgrade else {
             let e = ProxyError::Other("101 Switching Protocols without an allowed upgrade".into());
             return Err(upstream_failed(app, &e));
         };
         forward::spawn_tunnel(down, &mut resp);
     }
     let mut resp = forward::downstream_response(resp);
-    if app.config.identity_headers.echo_to_client {
-        if let Some(p) = principal {
+    if let Some(p) = &principal {
+        if app.config.identity_headers.echo_to_client {
             let delegated = p.delegated_account.as_ref();
             let identity = p.key.identity_headers(&app.names, delegated);
             headers::add_identity(resp.headers_mut(), identity);
         }
+    }
+    if let Some(quota) = quota {
+        set_rate_limit_headers(resp.headers_mut(), &quota);
     }
     Ok(resp)
 }
