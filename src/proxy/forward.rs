@@ -123,7 +123,7 @@ impl Upstream {
             req.headers_mut().insert(header::HOST, self.host.clone());
         }
         let start = Instant::now();
-        match tokio::time::timeout(self.timeout, self.exchange(req)).await {
+        match tokio::time::timeout(self.timeout, self.exchange(req, start)).await {
             Err(_) => Err(ProxyError::Timeout(self.timeout)),
             Ok(Err(e)) => Err(e),
             Ok(Ok(resp)) => Ok((resp, start.elapsed())),
@@ -132,9 +132,13 @@ impl Upstream {
 
     /// One exchange over a pooled connection. A pooled connection the upstream closed while
     /// idle hands the unsent request back; it is sent once more, on a new connection.
-    async fn exchange(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    async fn exchange(
+        &self,
+        req: Request<Incoming>,
+        start: Instant,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req;
-        let mut pooled = pool::checkout(self.id, &self.pool);
+        let mut pooled = pool::checkout(self.id, &self.pool, start);
         loop {
             let reused = pooled.is_some();
             let mut sender = match pooled.take() {
@@ -147,7 +151,7 @@ impl Upstream {
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    pool::checkin(self.id, &self.pool, sender);
+                    pool::checkin(self.id, &self.pool, sender, start);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {

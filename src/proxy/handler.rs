@@ -22,10 +22,21 @@ use crate::keys::Key;
 use crate::App;
 
 /// The accepted connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer's address as the `X-Forwarded-For` value: formatted once per connection,
+    /// not once per request.
+    pub peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { peer, tls, peer_ip }
+    }
 }
 
 /// What the access log line says about a request.
@@ -134,14 +145,15 @@ fn route(
     match app.policy.route(path) {
         Route::Public => outbound(app, conn, req, path, None, None, cid),
         Route::Introspection => {
-            let principal = authenticate(app, &req, None, false, trace)?;
+            let principal = authenticate(app, &req, None, false, SystemTime::now(), trace)?;
             let body = introspection_body(app, &principal, cid);
             Ok(Next::Local(respond::json(StatusCode::OK, &body)))
         }
         Route::Protected { extra } => {
-            let principal = authenticate(app, &req, extra, true, trace)?;
+            let now = SystemTime::now();
+            let principal = authenticate(app, &req, extra, true, now, trace)?;
             let quota = rate_limit(app, &principal)?;
-            app.usage.record(&principal.key.id, SystemTime::now());
+            app.usage.record(&principal.key.id, now);
             outbound(app, conn, req, path, Some(principal), quota, cid)
         }
     }
@@ -152,6 +164,7 @@ fn authenticate(
     req: &Request<Incoming>,
     route_scopes: Option<&[String]>,
     check_scope: bool,
+    now: SystemTime,
     trace: &mut Trace,
 ) -> Result<Principal, Reject> {
     let start = Instant::now();
@@ -163,7 +176,7 @@ fn authenticate(
         route_scopes,
         check_scope,
     };
-    let decision = auth::decide(&input, snapshot.as_deref(), &app.policy, SystemTime::now());
+    let decision = auth::decide(&input, snapshot.as_deref(), &app.policy, now);
     app.metrics.record_auth(start.elapsed());
     match decision {
         Decision::Allow(p) => {
@@ -240,7 +253,7 @@ fn outbound(
     if let Some(host) = &host {
         h.insert(header::HOST, host.clone());
     }
-    headers::set_forwarded(h, conn.peer, conn.tls, host, &app.config.trusted_proxies);
+    headers::set_forwarded(h, &conn, host, &app.config.trusted_proxies);
     if let Some(p) = &principal {
         let delegated = p.delegated_account.as_ref();
         headers::add_identity(h, p.key.identity_headers(&app.names, delegated));

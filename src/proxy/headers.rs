@@ -1,9 +1,9 @@
 //! Header surgery on the forwarded request and the returned response (SPEC 8), in place on
 //! the `HeaderMap` so repeated headers such as `Set-Cookie` survive.
 
-use std::net::SocketAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use super::handler::ConnInfo;
 
 use crate::auth::decision::DELEGATE_HEADER;
 use crate::config::Cidr;
@@ -22,24 +22,55 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// `Proxy-*`). With `keep_upgrade`, the `Upgrade` header survives and `Connection: upgrade`
 /// is re-added, for an authenticated WebSocket handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the names first: most messages carry nothing to remove, and a scan is
+    // One pass over the names first: most requests carry nothing to remove, and a scan is
     // cheaper than a hashed lookup per listed name.
-    if headers.keys().any(|n| is_hop_by_hop(n, keep_upgrade)) {
-        let named: Vec<HeaderName> = headers
+    let (mut found, mut proxy) = (false, false);
+    for name in headers.keys() {
+        if is_hop_by_hop(name, keep_upgrade) {
+            found = true;
+            proxy |= name.as_str().starts_with("proxy-");
+        }
+    }
+    if found {
+        // Most responses say `Connection: keep-alive`: removing by `&str` allocates nothing.
+        let options: Vec<HeaderValue> = headers
             .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        for token in options
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| *n != header::HOST && !(keep_upgrade && *n == header::UPGRADE))
-            .collect();
-        let listed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| is_hop_by_hop(n, keep_upgrade))
-            .cloned()
-            .collect();
-        for name in named.iter().chain(&listed) {
+            .map(str::trim)
+        {
+            let kept = token.eq_ignore_ascii_case("host")
+                || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"));
+            if !kept && !token.is_empty() {
+                headers.remove(token);
+            }
+        }
+        for name in [
+            header::CONNECTION,
+            KEEP_ALIVE,
+            header::TE,
+            header::TRAILER,
+            header::TRANSFER_ENCODING,
+        ] {
             headers.remove(name);
+        }
+        if !keep_upgrade {
+            headers.remove(header::UPGRADE);
+        }
+        if proxy {
+            let listed: Vec<HeaderName> = headers
+                .keys()
+                .filter(|n| n.as_str().starts_with("proxy-"))
+                .cloned()
+                .collect();
+            for name in listed {
+                headers.remove(name);
+            }
         }
     }
     if keep_upgrade {
@@ -48,6 +79,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 fn is_hop_by_hop(name: &HeaderName, keep_upgrade: bool) -> bool {
+    // Every hop-by-hop name starts with one of these letters; most headers are out at once.
+    if !matches!(
+        name.as_str().as_bytes().first(),
+        Some(b'c' | b'k' | b't' | b'u' | b'p')
+    ) {
+        return false;
+    }
     *name == header::CONNECTION
         || *name == KEEP_ALIVE
         || *name == header::TE
@@ -96,13 +134,11 @@ pub fn strip_trusted(headers: &mut HeaderMap, identity_prefix: &str) {
 /// a trusted proxy; otherwise they, `Forwarded` and `X-Real-IP` are replaced or removed.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    peer: SocketAddr,
-    tls: bool,
+    conn: &ConnInfo,
     host: Option<HeaderValue>,
     trusted_proxies: &[Cidr],
 ) {
-    let trusted = trusted_proxies.iter().any(|c| c.contains(peer.ip()));
-    let peer_ip = peer.ip().to_string();
+    let trusted = trusted_proxies.iter().any(|c| c.contains(conn.peer.ip()));
     if trusted {
         let chain = headers
             .get_all(&X_FORWARDED_FOR)
@@ -111,11 +147,11 @@ pub fn set_forwarded(
             .collect::<Vec<_>>()
             .join(", ");
         let value = if chain.is_empty() {
-            peer_ip
+            Ok(conn.peer_ip.clone())
         } else {
-            format!("{chain}, {peer_ip}")
+            HeaderValue::try_from(format!("{chain}, {}", conn.peer.ip()))
         };
-        if let Ok(v) = HeaderValue::try_from(value) {
+        if let Ok(v) = value {
             headers.insert(X_FORWARDED_FOR, v);
         }
     } else {
@@ -123,12 +159,10 @@ pub fn set_forwarded(
             headers.remove(FORWARDED);
             headers.remove(X_REAL_IP);
         }
-        if let Ok(v) = HeaderValue::try_from(peer_ip) {
-            headers.insert(X_FORWARDED_FOR, v);
-        }
+        headers.insert(X_FORWARDED_FOR, conn.peer_ip.clone());
     }
     if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
-        let proto = if tls { "https" } else { "http" };
+        let proto = if conn.tls { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if !trusted || !headers.contains_key(&X_FORWARDED_HOST) {
@@ -178,8 +212,10 @@ mod tests {
     #[test]
     fn connection_named_headers_go() {
         let mut h = map(&[
-            ("connection", "close, x-foo"),
+            ("connection", "close, X-Foo"),
+            ("connection", "x-bar"),
             ("x-foo", "1"),
+            ("x-bar", "1"),
             ("keep-alive", "5"),
             ("te", "trailers"),
             ("proxy-connection", "keep-alive"),
@@ -225,14 +261,8 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("forwarded", "for=1.2.3.4"),
         ]);
-        let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
-        set_forwarded(
-            &mut h,
-            peer,
-            false,
-            Some(HeaderValue::from_static("app")),
-            &[],
-        );
+        let conn = ConnInfo::new("10.0.0.9:5555".parse().unwrap(), false);
+        set_forwarded(&mut h, &conn, Some(HeaderValue::from_static("app")), &[]);
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app");
@@ -245,9 +275,9 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
+        let conn = ConnInfo::new("10.0.0.9:5555".parse().unwrap(), false);
         let trusted = [Cidr::try_from("10.0.0.0/8".to_string()).unwrap()];
-        set_forwarded(&mut h, peer, false, None, &trusted);
+        set_forwarded(&mut h, &conn, None, &trusted);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
     }

@@ -100,16 +100,16 @@ fn with_pool<R>(id: u64, f: impl FnOnce(&mut Pool) -> R) -> R {
     })
 }
 
-/// A ready connection from this thread's pool for upstream `id`, if one is idle.
-pub fn checkout(id: u64, cfg: &PoolConfig) -> Option<SendRequest<Incoming>> {
-    let now = Instant::now();
+/// A ready connection from this thread's pool for upstream `id`, if one is idle. `now` is
+/// the caller's clock reading (one per request is enough).
+pub fn checkout(id: u64, cfg: &PoolConfig, now: Instant) -> Option<SendRequest<Incoming>> {
     with_pool(id, |p| p.checkout(now, cfg.idle_timeout))
 }
 
-/// Return a connection whose response head has arrived; it is reused once ready.
-pub fn checkin(id: u64, cfg: &PoolConfig, sender: SendRequest<Incoming>) {
-    let now = Instant::now();
-    with_pool(id, |p| p.checkin(sender, now, cfg.max_idle));
+/// Return a connection whose response head has arrived; it is reused once ready. Its idle
+/// time counts from `used`, when its last request started.
+pub fn checkin(id: u64, cfg: &PoolConfig, sender: SendRequest<Incoming>, used: Instant) {
+    with_pool(id, |p| p.checkin(sender, used, cfg.max_idle));
 }
 
 /// Close this thread's idle connections to upstream `id` that outlived `idle_timeout`.

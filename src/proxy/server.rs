@@ -112,12 +112,12 @@ pub async fn serve(
             let _permit = permit;
             match tls {
                 None => {
-                    let conn = ConnInfo { peer, tls: false };
+                    let conn = ConnInfo::new(peer, false);
                     serve_conn(app, &builder, drain, stream, conn).await;
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
-                        let conn = ConnInfo { peer, tls: true };
+                        let conn = ConnInfo::new(peer, true);
                         serve_conn(app, &builder, drain, stream, conn).await;
                     }
                     Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
@@ -145,13 +145,14 @@ async fn serve_conn<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let idle_timeout = app.config.limits.header_read_timeout;
+    let peer = conn.peer;
     let activity = Arc::new(Activity::new());
     let requests = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         // In flight from the request head until the response body is done or dropped: for
         // the idle cut-off and for `keyward_in_flight_requests` alike.
         let in_flight = requests.begin(app.metrics.track_in_flight());
-        let app = app.clone();
+        let (app, conn) = (app.clone(), conn.clone());
         async move {
             let resp = handler::handle(app, conn, req).await?;
             Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
@@ -177,7 +178,7 @@ async fn serve_conn<I>(
                     // that never answers is not waited for.
                     break None;
                 }
-                debug!(peer = %conn.peer, "connection idle; closing");
+                debug!(peer = %peer, "connection idle; closing");
                 connection.as_mut().graceful_shutdown();
                 closing = true;
                 activity.touch();
@@ -185,8 +186,8 @@ async fn serve_conn<I>(
         }
     };
     match result {
-        Some(Err(e)) => debug!(peer = %conn.peer, error = %e, "connection ended with an error"),
-        None => debug!(peer = %conn.peer, "connection did not close in time; dropped"),
+        Some(Err(e)) => debug!(peer = %peer, error = %e, "connection ended with an error"),
+        None => debug!(peer = %peer, "connection did not close in time; dropped"),
         Some(Ok(())) => {}
     }
 }
