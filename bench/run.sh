@@ -320,6 +320,7 @@ admin:
   token_sha256: 3f9967c81c5db39ca184a821f85aec50cb0d3ef30ecf1de704d001f48f998d35
 limits:
   header_read_timeout: 10s
+  idle_timeout: 75s
   upstream_connect_timeout: 2s
   upstream_timeout: 60s
   max_header_bytes: 16384

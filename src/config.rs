@@ -49,6 +49,10 @@ pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     })
 }
 
+/// More worker threads than this is a typo, not a machine: each one holds a runtime, a
+/// listener and an upstream pool.
+pub const MAX_WORKERS: usize = 1024;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -215,6 +219,9 @@ pub struct AdminConfig {
 pub struct Limits {
     #[serde(deserialize_with = "de_duration")]
     pub header_read_timeout: Duration,
+    /// How long a connection that has served a request may sit with none in flight.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
     #[serde(deserialize_with = "de_duration")]
     pub upstream_connect_timeout: Duration,
     #[serde(deserialize_with = "de_duration")]
@@ -232,6 +239,9 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(10),
+            // nginx's keepalive_timeout: longer than the 60 s idle timeout of common load
+            // balancers, so the client side closes first.
+            idle_timeout: Duration::from_secs(75),
             upstream_connect_timeout: Duration::from_secs(2),
             upstream_timeout: Duration::from_secs(60),
             max_header_bytes: 16 * 1024,
@@ -482,11 +492,13 @@ impl Config {
             }
         }
         self.validate_limits()?;
-        if self.workers == Some(0) {
-            return Err(invalid(
-                "workers",
-                "must be at least 1 (omit it for one per CPU)",
-            ));
+        if let Some(n) = self.workers {
+            if !(1..=MAX_WORKERS).contains(&n) {
+                return Err(invalid(
+                    "workers",
+                    format!("must be 1 to {MAX_WORKERS} (omit it for one per CPU)"),
+                ));
+            }
         }
         let level = self.log.level.to_ascii_lowercase();
         let plain_level =
@@ -509,8 +521,13 @@ impl Config {
                 "must be an http:// URL (the app on loopback)",
             ));
         }
-        if u.authority().is_none() {
+        let Some(authority) = u.authority() else {
             return Err(invalid("upstream", "must name a host and port"));
+        };
+        if authority.as_str().contains('@') {
+            // Credentials in the URL would be sent nowhere (keyward adds no Authorization)
+            // and would sit in config dumps and logs.
+            return Err(invalid("upstream", "must not carry user:password@"));
         }
         if !matches!(u.path(), "" | "/") || u.query().is_some() {
             return Err(invalid("upstream", "must not carry a path or query"));
@@ -569,6 +586,7 @@ impl Config {
         let l = &self.limits;
         let durations = [
             ("limits.header_read_timeout", l.header_read_timeout),
+            ("limits.idle_timeout", l.idle_timeout),
             (
                 "limits.upstream_connect_timeout",
                 l.upstream_connect_timeout,
@@ -671,9 +689,15 @@ mod tests {
     #[test]
     fn upstream_must_be_plain_http_without_path() {
         let base = "listen: 127.0.0.1:8080\nenvironment: t\nkeys: { file: k }\n";
-        for u in ["https://a:1", "http://a:1/app", "ftp://a"] {
+        for u in [
+            "https://a:1",
+            "http://a:1/app",
+            "ftp://a",
+            "http://user:pw@a:1",
+        ] {
             let e = Config::from_yaml(&format!("{base}upstream: {u}\n")).unwrap_err();
             assert!(e.to_string().starts_with("upstream"), "{u}: {e}");
+            assert!(!e.to_string().contains("pw"), "no secret echoed: {e}");
         }
     }
 
@@ -723,6 +747,7 @@ mod tests {
         assert!(err("log: { format: xml }\n").contains("log.format"));
         assert!(err("environment: \"\"\n").contains("environment"));
         assert!(err("workers: 0\n").contains("workers"));
+        assert!(err("workers: 100000\n").contains("workers: must be 1 to 1024"));
         let zero = err("tls: { cert: c.pem, key: k.pem, poll_interval: 0s }\n");
         assert!(zero.starts_with("tls.poll_interval: "), "{zero}");
     }

@@ -607,13 +607,15 @@ async fn slowloris_is_cut_at_header_read_timeout() {
 #[tokio::test]
 async fn silent_and_idle_connections_are_closed() {
     let up = spawn_upstream().await;
-    let kw = spawn_proxy(up.addr, "limits: { header_read_timeout: 200ms }\n").await;
+    let limits = "limits: { header_read_timeout: 200ms, idle_timeout: 300ms }\n";
+    let kw = spawn_proxy(up.addr, limits).await;
     let max = Duration::from_secs(3);
     let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
     let mut h2_idle = preface.to_vec();
     h2_idle.extend_from_slice(&settings);
     let keep_alive = head("GET", "/v1/idle", "");
+    let then_stalled = format!("{keep_alive}GET /v1/stalled HTTP/1.1\r\nHo");
     for (what, first) in [
         ("no bytes at all", &b""[..]),
         ("one byte", b"P"),
@@ -622,6 +624,10 @@ async fn silent_and_idle_connections_are_closed() {
         (
             "HTTP/1.1 keep-alive after a response",
             keep_alive.as_bytes(),
+        ),
+        (
+            "HTTP/1.1 keep-alive, then half a head",
+            then_stalled.as_bytes(),
         ),
     ] {
         let took = time_to_close(kw.addr, first, false, max).await;
@@ -658,6 +664,32 @@ async fn silent_and_idle_connections_are_closed() {
         start.elapsed()
     );
     assert_eq!(up.last().target, "/v1/h2-idle");
+    kw.shutdown().await;
+}
+
+/// A keep-alive client may idle between requests for `idle_timeout`, longer than the
+/// `header_read_timeout` a new connection gets for its first request.
+#[tokio::test]
+async fn keep_alive_outlives_header_read_timeout_up_to_idle_timeout() {
+    let up = spawn_upstream().await;
+    let limits = "limits: { header_read_timeout: 200ms, idle_timeout: 10s }\n";
+    let kw = spawn_proxy(up.addr, limits).await;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    for i in 0..2 {
+        s.write_all(head("GET", &format!("/v1/kept-{i}"), "").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert_eq!(
+            raw_status(&String::from_utf8_lossy(&buf[..n])),
+            200,
+            "request {i}"
+        );
+        // Idle for three header_read_timeouts: the subject of the test, not a wait.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert_eq!(up.count(), 2);
     kw.shutdown().await;
 }
 

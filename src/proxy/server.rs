@@ -2,12 +2,13 @@
 //! limits, idle connections, and draining.
 //!
 //! Limits that hold a connection slot are all bounded by time: hyper's HTTP/1 parser cuts a
-//! request head that is not complete within `header_read_timeout`, and a connection with no
-//! request in flight for that long (one that never sends a byte, stops inside the HTTP/2
-//! preface, or idles after a request, HTTP/1.1 or HTTP/2) is shut down gracefully here.
+//! request head that is not complete within `header_read_timeout`, a connection that has not
+//! sent a first request within it (never a byte, or stopped inside the HTTP/2 preface) is
+//! shut down here, and so is one with no request in flight for `idle_timeout` after that
+//! (keep-alive, HTTP/1.1 or HTTP/2).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,7 +47,10 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // hyper starts this clock whenever it waits for a head, keep-alive idle time
+        // included; the first head and idle connections are timed in `serve_conn`, so
+        // here it is only a backstop.
+        .header_read_timeout(limits.header_read_timeout.max(limits.idle_timeout))
         // hyper's read buffer is at least 8 KiB; a smaller `max_header_bytes` is enforced
         // exactly by `check_head`.
         .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF))
@@ -144,7 +148,12 @@ async fn serve_conn<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let idle_timeout = app.config.limits.header_read_timeout;
+    // Until its first request a connection gets `header_read_timeout`; once it has served
+    // one, a keep-alive client may hold it idle for `idle_timeout`.
+    let (first_request, idle_timeout) = (
+        app.config.limits.header_read_timeout,
+        app.config.limits.idle_timeout,
+    );
     let peer = conn.peer;
     let activity = Arc::new(Activity::new());
     let requests = activity.clone();
@@ -172,7 +181,7 @@ async fn serve_conn<I>(
                 closing = true;
                 activity.touch();
             }
-            () = activity.idle_for(idle_timeout) => {
+            () = activity.idle_for(first_request, idle_timeout) => {
                 if closing {
                     // A graceful close needs the peer (HTTP/2 waits for a PING ack); one
                     // that never answers is not waited for.
@@ -230,6 +239,8 @@ impl<B: http_body::Body> http_body::Body for Tracked<B> {
 struct Activity {
     start: Instant,
     in_flight: AtomicUsize,
+    /// Has a request head arrived yet?
+    served: AtomicBool,
     /// Nanoseconds after `start` at which the connection last became idle.
     idle_since: AtomicU64,
 }
@@ -252,12 +263,14 @@ impl Activity {
         Self {
             start: Instant::now(),
             in_flight: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
         }
     }
 
     fn begin(self: &Arc<Self>, metric: crate::metrics::InFlight) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.served.store(true, Ordering::Release);
         InFlight {
             activity: self.clone(),
             _counted: metric,
@@ -270,9 +283,15 @@ impl Activity {
         self.idle_since.store(now, Ordering::Release);
     }
 
-    /// Resolves once the connection has had no request in flight for `timeout`.
-    async fn idle_for(&self, timeout: Duration) {
+    /// Resolves once the connection has had no request in flight for `first` (before its
+    /// first request) or `then` (after it).
+    async fn idle_for(&self, first: Duration, then: Duration) {
         loop {
+            let timeout = if self.served.load(Ordering::Acquire) {
+                then
+            } else {
+                first
+            };
             let since = self.idle_since.load(Ordering::Acquire);
             if self.in_flight.load(Ordering::Acquire) == 0 {
                 let deadline = self.start + Duration::from_nanos(since) + timeout;
@@ -408,13 +427,13 @@ mod tests {
         let metrics = crate::metrics::Metrics::new(false).unwrap();
         let t = Duration::from_millis(50);
         let start = Instant::now();
-        a.idle_for(t).await;
+        a.idle_for(t, t).await;
         assert!(start.elapsed() >= t);
         // A request in flight keeps the connection; the clock restarts when it ends.
         let held = a.begin(metrics.track_in_flight());
         assert_eq!(metrics.in_flight().get(), 1);
         let a2 = a.clone();
-        let waiter = tokio::spawn(async move { a2.idle_for(t).await });
+        let waiter = tokio::spawn(async move { a2.idle_for(t, t).await });
         tokio::time::sleep(t * 3).await;
         assert!(!waiter.is_finished());
         let ended = Instant::now();
