@@ -3,7 +3,7 @@
 //! The request path, file by file: [`proxy::server`] accepts → [`proxy::handler`] runs the
 //! phases → [`auth::path`] normalizes → [`auth::policy`] routes → [`auth::decision`] decides
 //! (with [`auth::credential`] and the [`keys::KeyStore`] snapshot) → [`proxy::headers`] and
-//! [`proxy::forward`] send it upstream → [`proxy::respond`] writes keyward's own answers.
+//! [`proxy::forward`] send it upstream over a [`proxy::pool`] connection → [`proxy::respond`] writes keyward's own answers.
 //! The admin listener ([`admin`]) serves health, [`metrics`] and the control API.
 
 #![forbid(unsafe_code)]
