@@ -444,6 +444,50 @@ async fn websocket_upgrade_is_authenticated_then_tunnelled() {
     kw.shutdown().await;
 }
 
+/// An open tunnel still counts against `limits.max_connections`: with one slot, a second
+/// client is turned away until the tunnel closes.
+#[tokio::test]
+async fn websocket_tunnel_holds_its_connection_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { max_connections: 1 }\n").await;
+    let mut s = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
+    let handshake = format!(
+        "GET /ws HTTP/1.1\r\nhost: app\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nx-api-key: {SERVICE_KEY}\r\n\r\n"
+    );
+    s.write_all(handshake.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed during handshake");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+    // The tunnel works, so hyper's connection task has handed the socket over.
+    s.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    s.read_exact(&mut echoed).await.unwrap();
+
+    let req = format!(
+        "GET /v1/x HTTP/1.1\r\nhost: app\r\nconnection: close\r\nx-api-key: {SERVICE_KEY}\r\n\r\n"
+    );
+    let reply = raw(kw.addr, req.as_bytes(), std::time::Duration::from_secs(2)).await;
+    assert!(
+        reply.is_empty(),
+        "second client served while the tunnel is open: {reply}"
+    );
+
+    drop(s);
+    let addr = kw.addr;
+    let req = &req;
+    eventually("the closed tunnel frees its slot", || async move {
+        raw_status(&raw(addr, req.as_bytes(), std::time::Duration::from_secs(2)).await) == 200
+    })
+    .await;
+    kw.shutdown().await;
+}
+
 #[tokio::test]
 async fn introspection_answers_locally() {
     let up = spawn_upstream().await;

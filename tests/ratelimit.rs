@@ -93,6 +93,14 @@ async fn burst_is_served_then_429_with_retry_after_and_ratelimit_headers() {
     // Refused requests (bad key) do not spend the bucket of a real one.
     let r = call(&kw, "sta_not_a_real_key_0123456789abcdef", "/v1/x").await;
     assert_eq!(r.status, 401);
+    // Introspection is a request by the key: limited like any other, quota shown.
+    let r = call(&kw, LIMITED, "/auth").await;
+    assert_eq!((r.status.as_u16(), r.code()), (429, "rate_limited".into()));
+    let r = call(&kw, SLOW, "/auth").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(header(&r, "ratelimit-remaining"), "1");
+    assert_eq!(call(&kw, SLOW, "/v1/slow").await.status, 200);
+    assert_eq!(call(&kw, SLOW, "/auth").await.status, 429);
     kw.shutdown().await;
 }
 

@@ -219,10 +219,16 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// After a `101` from the upstream, splice the two upgraded connections together.
-pub fn spawn_tunnel(downstream: hyper::upgrade::OnUpgrade, upstream_resp: &mut Response<Incoming>) {
+/// After a `101` from the upstream, splice the two upgraded connections together. The
+/// tunnel holds the client connection's `slot` until it closes.
+pub fn spawn_tunnel<S: Send + Sync + 'static>(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream_resp: &mut Response<Incoming>,
+    slot: S,
+) {
     let upstream = hyper::upgrade::on(upstream_resp);
     tokio::spawn(async move {
+        let _slot = slot;
         let (down, up) = match tokio::try_join!(downstream, upstream) {
             Ok(pair) => pair,
             Err(e) => {

@@ -29,13 +29,27 @@ pub struct ConnInfo {
     /// The peer's address as the `X-Forwarded-For` value: formatted once per connection,
     /// not once per request.
     pub peer_ip: HeaderValue,
+    /// The connection's `max_connections` slot. A WebSocket tunnel holds it too: the
+    /// upgraded connection outlives hyper's connection task and must still count.
+    pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, tls: bool) -> Self {
         let peer_ip = HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { peer, tls, peer_ip }
+        Self {
+            peer,
+            tls,
+            peer_ip,
+            slot: None,
+        }
+    }
+
+    /// The same connection, holding `slot` for as long as any copy of it lives.
+    pub fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self.slot = Some(Arc::new(slot));
+        self
     }
 }
 
@@ -62,8 +76,9 @@ struct Outbound {
     principal: Option<Principal>,
     /// The key's quota after this request, sent back as `RateLimit-*`.
     quota: Option<Quota>,
-    /// The client's side of an allowed WebSocket upgrade.
-    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The client's side of an allowed WebSocket upgrade, and the connection slot the
+    /// tunnel keeps (boxed: upgrades are rare, and this travels with every request).
+    upgrade: Option<Box<(hyper::upgrade::OnUpgrade, ConnInfo)>>,
 }
 
 /// Serve one request. Never fails: every error becomes a response here.
@@ -145,9 +160,15 @@ fn route(
     match app.policy.route(path) {
         Route::Public => outbound(app, conn, req, path, None, None, cid),
         Route::Introspection => {
+            // A question asked with a key is a request by that key: it spends its quota.
             let principal = authenticate(app, &req, None, false, SystemTime::now(), trace)?;
+            let quota = rate_limit(app, &principal)?;
             let body = introspection_body(app, &principal, cid);
-            Ok(Next::Local(respond::json(StatusCode::OK, &body)))
+            let mut resp = respond::json(StatusCode::OK, &body);
+            if let Some(quota) = quota {
+                set_rate_limit_headers(resp.headers_mut(), &quota);
+            }
+            Ok(Next::Local(resp))
         }
         Route::Protected { extra } => {
             let now = SystemTime::now();
@@ -227,7 +248,8 @@ fn outbound(
     cid: &HeaderValue,
 ) -> Result<Next, Reject> {
     let upgrade = forward::wants_upgrade(&req);
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let downstream_upgrade =
+        upgrade.then(|| Box::new((hyper::upgrade::on(&mut req), conn.clone())));
     let host = req
         .uri()
         .authority()
@@ -285,11 +307,11 @@ async fn exchange(app: &App, out: Outbound, trace: &mut Trace) -> Result<Respons
     app.metrics.record_upstream(resp.status().as_u16(), took);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only an allowed upgrade that keyward itself forwarded may switch protocols.
-        let Some(down) = upgrade else {
+        let Some((down, conn)) = upgrade.map(|b| *b) else {
             let e = ProxyError::Other("101 Switching Protocols without an allowed upgrade".into());
             return Err(upstream_failed(app, &e));
         };
-        forward::spawn_tunnel(down, &mut resp);
+        forward::spawn_tunnel(down, &mut resp, conn.slot);
     }
     let mut resp = forward::downstream_response(resp);
     if let Some(p) = &principal {

@@ -113,15 +113,14 @@ pub async fn serve(
         let drain = drain_rx.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             match tls {
                 None => {
-                    let conn = ConnInfo::new(peer, false);
+                    let conn = ConnInfo::new(peer, false).holding(permit);
                     serve_conn(app, &builder, drain, stream, conn).await;
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
-                        let conn = ConnInfo::new(peer, true);
+                        let conn = ConnInfo::new(peer, true).holding(permit);
                         serve_conn(app, &builder, drain, stream, conn).await;
                     }
                     Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
