@@ -96,9 +96,10 @@ def _to_ms(text):
 def parse_wrk(path):
     text = open(path).read()
     rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
+    requests = re.search(r"^\s*(\d+) requests in", text, re.M)
     p50 = re.search(r"^\s+50%\s+(\S+)", text, re.M)
     p99 = re.search(r"^\s+99%\s+(\S+)", text, re.M)
-    if not (rps and p50 and p99):
+    if not (rps and p50 and p99 and requests):
         raise SystemExit(f"{path}: not a wrk --latency report:\n{text}")
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     sock = re.search(
@@ -106,6 +107,7 @@ def parse_wrk(path):
     )
     return {
         "rps": float(rps.group(1)),
+        "requests": int(requests.group(1)),
         "p50": _to_ms(p50.group(1)),
         "p99": _to_ms(p99.group(1)),
         "non2xx": int(non2xx.group(1)) if non2xx else 0,
@@ -115,7 +117,10 @@ def parse_wrk(path):
 
 def cmd_wrk_summary(path):
     r = parse_wrk(path)
-    print(f"{r['rps']:.2f} {r['p50']:.3f} {r['p99']:.3f} {r['non2xx']} {r['sockerr']}")
+    print(
+        f"{r['rps']:.2f} {r['p50']:.3f} {r['p99']:.3f} {r['non2xx']} {r['sockerr']} "
+        f"{r['requests']}"
+    )
 
 
 def cmd_oha_summary(path):
@@ -138,7 +143,7 @@ def _read_results(run_dir):
     rows = {}
     with open(os.path.join(run_dir, "results.tsv")) as f:
         for line in f:
-            peer, rnd, rps, p50, p99, non2xx, sockerr = line.split()
+            peer, rnd, rps, p50, p99, non2xx, sockerr, reqs, utime, stime = line.split()
             rows.setdefault(peer, []).append(
                 {
                     "round": int(rnd),
@@ -147,6 +152,9 @@ def _read_results(run_dir):
                     "p99": float(p99),
                     "non2xx": int(non2xx),
                     "sockerr": int(sockerr),
+                    "requests": int(reqs),
+                    "utime": int(utime),
+                    "stime": int(stime),
                 }
             )
     return rows
@@ -165,12 +173,17 @@ def cmd_median(run_dir, peer):
     print(f"{_median_round(rows[peer])['rps']:.2f}")
 
 
+def _clk_tck(run_dir):
+    path = os.path.join(run_dir, "clk_tck")
+    return int(open(path).read()) if os.path.exists(path) else 100
+
+
 def _ratio(a, b):
     return f"{a / b:.2f}" if b else "n/a"
 
 
 def cmd_report(run_dir):
-    """results.tsv lines: peer round rps p50 p99 non2xx sockerr
+    """results.tsv lines: peer round rps p50 p99 non2xx sockerr requests utime stime
     fixed.tsv lines:   peer pct target_rate achieved_rps p50 p99 success non2xx"""
     rows = _read_results(run_dir)
     order = list(rows)
@@ -191,23 +204,33 @@ def cmd_report(run_dir):
     out.append("### Throughput (wrk, closed loop, median round)")
     out.append("")
     out.append(
-        "| peer | req/s | p50 | p99 | ratio vs nginx | ratio vs haproxy | fraction of direct |"
+        "| peer | req/s | p50 | p99 | ratio vs nginx | ratio vs haproxy | fraction of direct "
+        "| CPU/req user | CPU/req kernel |"
     )
-    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    tick_us = 1e6 / _clk_tck(run_dir)
     for peer in order:
         m = median[peer]
         nginx, haproxy, direct = rps_of("nginx"), rps_of("haproxy"), rps_of("direct")
+        reqs = max(m["requests"], 1)
         out.append(
             f"| {peer} | {m['rps']:.0f} | {m['p50']:.3f} ms | {m['p99']:.3f} ms "
             f"| {_ratio(m['rps'], nginx) if nginx else 'n/a'} "
             f"| {_ratio(m['rps'], haproxy) if haproxy else 'n/a'} "
-            f"| {_ratio(m['rps'], direct) if direct else 'n/a'} |"
+            f"| {_ratio(m['rps'], direct) if direct else 'n/a'} "
+            f"| {m['utime'] * tick_us / reqs:.1f} µs | {m['stime'] * tick_us / reqs:.1f} µs |"
         )
     out.append("")
     spread = ", ".join(
         f"{p}: " + " / ".join(f"{x:.0f}" for x in median[p]["all"]) for p in order
     )
     out.append(f"Per-round req/s: {spread}.")
+    out.append("")
+    out.append(
+        "CPU/req: user and kernel CPU time of the peer's own processes (all threads; for "
+        "direct, the upstream) over its median round, divided by the requests wrk completed. "
+        "The load generator and, for proxies, the upstream are not counted."
+    )
     bad = [
         f"{p} ({median[p]['non2xx_total']} non-2xx, {median[p]['sockerr_total']} socket errors)"
         for p in order

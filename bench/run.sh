@@ -367,6 +367,18 @@ verify_peer() {
   fi
 }
 
+# ---------------------------------------------------------------- CPU accounting
+# cpu_ticks PEER: "user system" clock ticks so far of the processes doing PEER's job (all
+# threads; for nginx the master and its workers; for direct, the upstream).
+cpu_ticks() {
+  local name=$1 pids p
+  [[ $name == direct ]] && name=upstream
+  local var="PID_$name"
+  pids="${!var} $({ pgrep -P "${!var}" || true; } | tr "\n" " ")"
+  for p in $pids; do cat "/proc/$p/stat" 2>/dev/null; done \
+    | awk '{ sub(/^.*\) /, ""); u += $12; s += $13 } END { print u + 0, s + 0 }'
+}
+
 # ---------------------------------------------------------------- main
 install_tools
 find_oha
@@ -381,6 +393,7 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/keyward-bench.XXXXXX")
 chmod 755 "$TMP" # nginx workers drop privileges when started as root
 log "generating $KEYS keys in $TMP"
 python3 "$LIB" gen "$TMP" "$KEYS"
+getconf CLK_TCK >"$TMP/clk_tck"
 # shellcheck disable=SC1091
 source "$TMP/bench.env"
 
@@ -397,11 +410,13 @@ for ((r = 0; r < ROUNDS; r++)); do
   for ((i = 0; i < n; i++)); do
     peer=${PEER_LIST[(r + i) % n]}
     out="$TMP/wrk-$peer-$r.txt"
+    read -r u0 s0 < <(cpu_ticks "$peer")
     wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "x-api-key: $BENCH_KEY" \
       "http://127.0.0.1:${PORT[$peer]}/" >"$out" 2>&1 || die "wrk failed against $peer: $(cat "$out")"
-    read -r rps p50 p99 non2xx sockerr < <(python3 "$LIB" wrk-summary "$out")
-    printf '%s %d %s %s %s %s %s\n' "$peer" "$((r + 1))" "$rps" "$p50" "$p99" "$non2xx" "$sockerr" \
-      >>"$TMP/results.tsv"
+    read -r u1 s1 < <(cpu_ticks "$peer")
+    read -r rps p50 p99 non2xx sockerr requests < <(python3 "$LIB" wrk-summary "$out")
+    printf '%s %d %s %s %s %s %s %s %s %s\n' "$peer" "$((r + 1))" "$rps" "$p50" "$p99" \
+      "$non2xx" "$sockerr" "$requests" "$((u1 - u0))" "$((s1 - s0))" >>"$TMP/results.tsv"
     log "round $((r + 1))/$ROUNDS $peer: $rps req/s, p50 ${p50} ms, p99 ${p99} ms$( ((non2xx + sockerr)) && echo ", non-2xx $non2xx, socket errors $sockerr")"
   done
 done
