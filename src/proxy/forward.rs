@@ -93,7 +93,10 @@ impl Upstream {
     pub fn spawn_reaper(&self) {
         let (id, idle) = (self.id, self.pool.idle_timeout);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(idle.max(Duration::from_millis(100)));
+            // Often enough that connections the upstream closed do not pile up in the pool
+            // (checkout skips them but does not sweep).
+            let period = idle.clamp(Duration::from_millis(100), Duration::from_secs(5));
+            let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;

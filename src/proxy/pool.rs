@@ -54,12 +54,17 @@ struct Pool {
 }
 
 impl Pool {
-    /// The most recently used connection that is ready for a request. Closed and expired
-    /// connections met on the way are dropped; busy ones stay.
+    /// The most recently used connection that is ready for a request (a closed one never
+    /// is); one found idle past `idle_timeout` is dropped and the search goes on. Busy and
+    /// closed connections stay for the reaper: no pass over the whole pool per request.
     fn checkout(&mut self, now: Instant, idle_timeout: Duration) -> Option<SendRequest<Incoming>> {
-        self.reap(now, idle_timeout);
-        let ready = self.conns.iter().rposition(|c| c.sender.is_ready())?;
-        self.conns.remove(ready).map(|c| c.sender)
+        while let Some(at) = self.conns.iter().rposition(|c| c.sender.is_ready()) {
+            let c = self.conns.remove(at)?;
+            if now.duration_since(c.since) < idle_timeout {
+                return Some(c.sender);
+            }
+        }
+        None
     }
 
     fn checkin(&mut self, sender: SendRequest<Incoming>, now: Instant, max_idle: usize) {
@@ -221,6 +226,11 @@ mod tests {
             pool.checkin(s, now, 2);
         }
         assert_eq!(pool.conns.len(), 2, "the cap drops the oldest");
+        assert!(
+            pool.checkout(now + idle, idle).is_none(),
+            "expired ones are not handed out"
+        );
+        assert!(pool.conns.is_empty(), "and are dropped on the way");
         pool.reap(now + idle, idle);
         assert!(pool.conns.is_empty(), "idle past the timeout");
         let (s, _server) = conn().await;
@@ -241,6 +251,7 @@ mod tests {
         assert!(pool
             .checkout(Instant::now(), Duration::from_secs(60))
             .is_none());
-        assert!(pool.conns.is_empty());
+        pool.reap(Instant::now(), Duration::from_secs(60));
+        assert!(pool.conns.is_empty(), "the reaper drops it");
     }
 }
