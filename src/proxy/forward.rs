@@ -69,13 +69,13 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(uri: &Uri, limits: &Limits) -> Self {
-        let host = uri.host().unwrap_or("127.0.0.1");
-        let port = uri.port_u16().unwrap_or(80);
-        let authority = match uri.authority() {
-            Some(a) if a.port().is_some() => a.as_str().to_owned(),
-            Some(a) => format!("{}:{port}", a.as_str()),
-            None => format!("{host}:{port}"),
-        };
+        // `Config::validate` ensures an authority without userinfo; `host()` keeps the
+        // brackets of an IPv6 literal, so this is always a `host:port` to resolve.
+        let authority = format!(
+            "{}:{}",
+            uri.host().unwrap_or("127.0.0.1"),
+            uri.port_u16().unwrap_or(80)
+        );
         let host = uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
@@ -224,10 +224,10 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
 
 /// After a `101` from the upstream, splice the two upgraded connections together. The
 /// tunnel holds the client connection's `slot` until it closes.
-pub fn spawn_tunnel<S: Send + Sync + 'static>(
+pub fn spawn_tunnel(
     downstream: hyper::upgrade::OnUpgrade,
     upstream_resp: &mut Response<Incoming>,
-    slot: S,
+    slot: Option<super::handler::Slot>,
 ) {
     let upstream = hyper::upgrade::on(upstream_resp);
     tokio::spawn(async move {
@@ -258,4 +258,21 @@ pub fn downstream_response(resp: Response<Incoming>) -> Response<Body> {
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     Response::from_parts(parts, http_body_util::Either::Left(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_address_is_host_and_port() {
+        let at = |u: &str| {
+            Upstream::new(&u.parse().unwrap(), &Limits::default())
+                .pool
+                .authority
+        };
+        assert_eq!(at("http://127.0.0.1:3000"), "127.0.0.1:3000");
+        assert_eq!(at("http://app"), "app:80");
+        assert_eq!(at("http://[::1]:3000"), "[::1]:3000");
+    }
 }

@@ -21,6 +21,9 @@ use crate::auth::{self, AuthRequest, Code, Decision, Principal, Reject, Route};
 use crate::keys::Key;
 use crate::App;
 
+/// A connection's `max_connections` permit, shared by the connection and its tunnel.
+pub type Slot = Arc<tokio::sync::OwnedSemaphorePermit>;
+
 /// The accepted connection a request arrived on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -31,7 +34,7 @@ pub struct ConnInfo {
     pub peer_ip: HeaderValue,
     /// The connection's `max_connections` slot. A WebSocket tunnel holds it too: the
     /// upgraded connection outlives hyper's connection task and must still count.
-    pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    pub slot: Option<Slot>,
 }
 
 impl ConnInfo {
@@ -78,7 +81,7 @@ struct Outbound {
     quota: Option<Quota>,
     /// The client's side of an allowed WebSocket upgrade, and the connection slot the
     /// tunnel keeps (boxed: upgrades are rare, and this travels with every request).
-    upgrade: Option<Box<(hyper::upgrade::OnUpgrade, ConnInfo)>>,
+    upgrade: Option<Box<(hyper::upgrade::OnUpgrade, Option<Slot>)>>,
 }
 
 /// Serve one request. Never fails: every error becomes a response here.
@@ -249,7 +252,7 @@ fn outbound(
 ) -> Result<Next, Reject> {
     let upgrade = forward::wants_upgrade(&req);
     let downstream_upgrade =
-        upgrade.then(|| Box::new((hyper::upgrade::on(&mut req), conn.clone())));
+        upgrade.then(|| Box::new((hyper::upgrade::on(&mut req), conn.slot.clone())));
     let host = req
         .uri()
         .authority()
@@ -307,11 +310,11 @@ async fn exchange(app: &App, out: Outbound, trace: &mut Trace) -> Result<Respons
     app.metrics.record_upstream(resp.status().as_u16(), took);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only an allowed upgrade that keyward itself forwarded may switch protocols.
-        let Some((down, conn)) = upgrade.map(|b| *b) else {
+        let Some((down, slot)) = upgrade.map(|u| *u) else {
             let e = ProxyError::Other("101 Switching Protocols without an allowed upgrade".into());
             return Err(upstream_failed(app, &e));
         };
-        forward::spawn_tunnel(down, &mut resp, conn.slot);
+        forward::spawn_tunnel(down, &mut resp, slot);
     }
     let mut resp = forward::downstream_response(resp);
     if let Some(p) = &principal {
