@@ -328,37 +328,22 @@ fn build_run(offset: usize, docs: Vec<KeyDoc>) -> Result<Vec<Built>, SnapshotErr
 /// Validate and build every key, in parallel for large snapshots (key building is mostly
 /// allocation, which glibc serves per thread). Errors name the first bad entry.
 fn build_keys(docs: Vec<KeyDoc>, per_thread: usize) -> Result<Vec<Built>, SnapshotError> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .max(2)
-        .min(docs.len().div_ceil(per_thread))
-        .max(1);
-    if threads == 1 {
-        return build_run(0, docs);
-    }
-    let size = docs.len().div_ceil(threads);
-    let mut chunks = Vec::with_capacity(threads);
+    let threads = super::parallel::threads_for(docs.len(), per_thread);
+    // Split from the back, so each split moves only the part it cuts off.
+    let size = docs.len().div_ceil(threads).max(1);
+    let mut parts = Vec::with_capacity(threads);
     let mut rest = docs;
     while rest.len() > size {
         let tail = rest.split_off(rest.len() - size);
-        chunks.push((rest.len(), tail));
+        parts.push((rest.len(), tail));
     }
-    chunks.push((0, rest));
-    chunks.reverse();
-    let results: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = chunks
-            .into_iter()
-            .map(|(offset, chunk)| scope.spawn(move || build_run(offset, chunk)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(SnapshotError::Parse("key builder failed".into())))
-            })
-            .collect()
-    });
-    concat_runs(results)
+    parts.push((0, rest));
+    parts.reverse();
+    let runs = super::parallel::map_parts(parts, |(offset, docs)| build_run(offset, docs))
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(SnapshotError::Parse("key builder failed".into()))))
+        .collect();
+    concat_runs(runs)
 }
 
 /// The runs in document order, or the first run's error.

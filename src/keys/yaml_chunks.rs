@@ -10,9 +10,6 @@
 //! documents, directives, too few keys) or any chunk that fails to parse goes back to the
 //! ordinary whole-document parser, whose error messages name the entry exactly.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
-
 use super::snapshot::{KeyDoc, SnapshotDoc};
 
 /// Below this many items the whole document is parsed on the calling thread.
@@ -46,38 +43,21 @@ pub fn parse(text: &str) -> Option<SnapshotDoc> {
     Some(doc)
 }
 
-/// Every chunk's items, parsed on all cores, in document order; `None` if any fails.
+/// Every chunk's items, parsed on all cores (each thread a contiguous run of chunks), in
+/// document order; `None` if any fails.
 fn parse_chunks(chunks: &[&str]) -> Option<Vec<KeyDoc>> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(chunks.len());
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let slots: Vec<Mutex<Option<Vec<KeyDoc>>>> = chunks.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= chunks.len() || failed.load(Ordering::Relaxed) {
-                    return;
-                }
-                match serde_yaml::from_str::<Vec<KeyDoc>>(chunks[i]) {
-                    Ok(docs) => {
-                        if let Ok(mut slot) = slots[i].lock() {
-                            *slot = Some(docs);
-                        }
-                    }
-                    Err(_) => failed.store(true, Ordering::Relaxed),
-                }
-            });
+    let threads = super::parallel::threads_for(chunks.len(), 1);
+    let parts: Vec<&[&str]> = chunks.chunks(chunks.len().div_ceil(threads).max(1)).collect();
+    let parsed = super::parallel::map_parts(parts, |run| {
+        let mut docs = Vec::with_capacity(run.len() * ITEMS_PER_CHUNK);
+        for chunk in run {
+            docs.extend(serde_yaml::from_str::<Vec<KeyDoc>>(chunk).ok()?);
         }
+        Some(docs)
     });
-    if failed.into_inner() {
-        return None;
-    }
     let mut keys = Vec::with_capacity(chunks.len() * ITEMS_PER_CHUNK);
-    for slot in slots {
-        keys.extend(slot.into_inner().ok()??);
+    for docs in parsed {
+        keys.extend(docs??);
     }
     Some(keys)
 }
