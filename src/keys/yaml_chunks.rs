@@ -47,7 +47,9 @@ pub fn parse(text: &str) -> Option<SnapshotDoc> {
 /// document order; `None` if any fails.
 fn parse_chunks(chunks: &[&str]) -> Option<Vec<KeyDoc>> {
     let threads = super::parallel::threads_for(chunks.len(), 1);
-    let parts: Vec<&[&str]> = chunks.chunks(chunks.len().div_ceil(threads).max(1)).collect();
+    let parts: Vec<&[&str]> = chunks
+        .chunks(chunks.len().div_ceil(threads).max(1))
+        .collect();
     let parsed = super::parallel::map_parts(parts, |run| {
         let mut docs = Vec::with_capacity(run.len() * ITEMS_PER_CHUNK);
         for chunk in run {

@@ -231,11 +231,18 @@ mod tests {
             "expired ones are not handed out"
         );
         assert!(pool.conns.is_empty(), "and are dropped on the way");
+        // The reaper: an idle connection past the timeout goes, a fresher one stays.
+        for since in [now, now + idle] {
+            let (s, server) = conn().await;
+            servers.push(server);
+            pool.checkin(s, since, 2);
+        }
         pool.reap(now + idle, idle);
-        assert!(pool.conns.is_empty(), "idle past the timeout");
+        assert_eq!(pool.conns.len(), 1, "idle past the timeout");
+        assert_eq!(pool.conns[0].since, now + idle);
         let (s, _server) = conn().await;
         pool.checkin(s, now, 0);
-        assert!(pool.conns.is_empty(), "max_idle 0 keeps nothing");
+        assert_eq!(pool.conns.len(), 1, "max_idle 0 keeps nothing more");
     }
 
     #[tokio::test]
