@@ -541,14 +541,8 @@ async fn h2c_upgrade_is_not_tunnelled_but_websocket_is() {
     );
     let mut s = TcpStream::connect(kw.addr).await.unwrap();
     s.write_all(req.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    assert_eq!(raw_status(&String::from_utf8_lossy(&got)), 101);
+    let got = read_head(&mut s).await.expect("closed before the 101");
+    assert_eq!(raw_status(&got), 101);
     assert_eq!(up.last().headers["upgrade"], "websocket");
     s.write_all(b"ping").await.unwrap();
     let mut echo = [0u8; 4];
@@ -679,13 +673,8 @@ async fn keep_alive_outlives_header_read_timeout_up_to_idle_timeout() {
         s.write_all(head("GET", &format!("/v1/kept-{i}"), "").as_bytes())
             .await
             .unwrap();
-        let mut buf = vec![0u8; 4096];
-        let n = s.read(&mut buf).await.unwrap();
-        assert_eq!(
-            raw_status(&String::from_utf8_lossy(&buf[..n])),
-            200,
-            "request {i}"
-        );
+        let reply = read_head(&mut s).await.expect("connection closed");
+        assert_eq!(raw_status(&reply), 200, "request {i}");
         // Idle for three header_read_timeouts: the subject of the test, not a wait.
         tokio::time::sleep(Duration::from_millis(600)).await;
     }

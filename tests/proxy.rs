@@ -405,14 +405,9 @@ async fn websocket_upgrade_is_authenticated_then_tunnelled() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;
-    let handshake = |key: &str| {
-        format!(
-            "GET /ws HTTP/1.1\r\nhost: app\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nx-api-key: {key}\r\n\r\n"
-        )
-    };
     let reply = raw(
         kw.addr,
-        handshake("sta_wrong_key_00000000000").as_bytes(),
+        ws_handshake("sta_wrong_key_00000000000").as_bytes(),
         std::time::Duration::from_secs(2),
     )
     .await;
@@ -420,17 +415,13 @@ async fn websocket_upgrade_is_authenticated_then_tunnelled() {
     assert_eq!(up.count(), 0);
 
     let mut s = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
-    s.write_all(handshake(SERVICE_KEY).as_bytes())
+    s.write_all(ws_handshake(SERVICE_KEY).as_bytes())
         .await
         .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut head = Vec::new();
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed during handshake");
-        head.extend_from_slice(&buf[..n]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let head = read_head(&mut s)
+        .await
+        .expect("closed during handshake")
+        .to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert_eq!(
@@ -452,18 +443,11 @@ async fn websocket_tunnel_holds_its_connection_slot() {
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "limits: { max_connections: 1 }\n").await;
     let mut s = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
-    let handshake = format!(
-        "GET /ws HTTP/1.1\r\nhost: app\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nx-api-key: {SERVICE_KEY}\r\n\r\n"
-    );
-    s.write_all(handshake.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed during handshake");
-        head.extend_from_slice(&buf[..n]);
-    }
-    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"));
+    s.write_all(ws_handshake(SERVICE_KEY).as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.expect("closed during handshake");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     // The tunnel works, so hyper's connection task has handed the socket over.
     s.write_all(b"ping").await.unwrap();
     let mut echoed = [0u8; 4];
@@ -619,7 +603,7 @@ async fn forwarded_headers_trust_only_configured_proxies() {
 /// reach the upstream (on a new connection), never fail with 502.
 #[tokio::test]
 async fn upstream_closing_kept_alive_connections_is_not_an_error() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -628,13 +612,8 @@ async fn upstream_closing_kept_alive_connections_is_not_an_error() {
         while let Ok((mut s, _)) = listener.accept().await {
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut s).await.is_none() {
+                    return;
                 }
                 let _ = s
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")

@@ -329,6 +329,27 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
 }
 
 /// The status code of the first response in a raw HTTP/1.1 reply.
+/// Read until a whole response head has arrived; `None` if the peer closes first. Bytes
+/// after the head (a body, tunnelled data) may come with it.
+pub async fn read_head(s: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A WebSocket handshake for the test upstream's `/ws`, presenting `key`.
+pub fn ws_handshake(key: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nhost: app\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nx-api-key: {key}\r\n\r\n"
+    )
+}
+
 pub fn raw_status(reply: &str) -> u16 {
     reply
         .split_whitespace()
