@@ -17,60 +17,55 @@ const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
+/// The fixed hop-by-hop names (RFC 9110 7.6.1), `Upgrade` last: it is kept for an
+/// authenticated WebSocket handshake.
+static HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
 /// Remove hop-by-hop headers (RFC 9110 7.6.1): those a `Connection` header names, and the
 /// fixed list (`Connection`, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
 /// `Proxy-*`). With `keep_upgrade`, the `Upgrade` header survives and `Connection: upgrade`
 /// is re-added, for an authenticated WebSocket handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the names first: most requests carry nothing to remove, and a scan is
-    // cheaper than a hashed lookup per listed name.
-    let (mut found, mut proxy) = (false, false);
+    // One pass over the names notes which are present: most requests carry none, nearly
+    // every response just `Connection: keep-alive`, and a scan is cheaper than the hashed
+    // lookup each removal costs.
+    let fixed = if keep_upgrade { 5 } else { 6 };
+    let (mut present, mut proxy) = (0u8, false);
     for name in headers.keys() {
-        if is_hop_by_hop(name, keep_upgrade) {
-            found = true;
-            proxy |= name.as_str().starts_with("proxy-");
+        // Every hop-by-hop name starts with one of these letters: most names are out at once.
+        match name.as_str().as_bytes().first() {
+            Some(b'c' | b'k' | b't' | b'u') => {
+                if let Some(i) = HOP_BY_HOP[..fixed].iter().position(|h| h == name) {
+                    present |= 1 << i;
+                }
+            }
+            Some(b'p') => proxy |= name.as_str().starts_with("proxy-"),
+            _ => {}
         }
     }
-    if found {
-        // Most responses say `Connection: keep-alive`: removing by `&str` allocates nothing.
-        let options: Vec<HeaderValue> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .cloned()
-            .collect();
-        for token in options
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-        {
-            let kept = token.eq_ignore_ascii_case("host")
-                || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"));
-            if !kept && !token.is_empty() {
-                headers.remove(token);
-            }
-        }
-        for name in [
-            header::CONNECTION,
-            KEEP_ALIVE,
-            header::TE,
-            header::TRAILER,
-            header::TRANSFER_ENCODING,
-        ] {
+    if present & 1 != 0 {
+        remove_connection_options(headers, keep_upgrade);
+    }
+    for (i, name) in HOP_BY_HOP[..fixed].iter().enumerate() {
+        if present & (1 << i) != 0 {
             headers.remove(name);
         }
-        if !keep_upgrade {
-            headers.remove(header::UPGRADE);
-        }
-        if proxy {
-            let listed: Vec<HeaderName> = headers
-                .keys()
-                .filter(|n| n.as_str().starts_with("proxy-"))
-                .cloned()
-                .collect();
-            for name in listed {
-                headers.remove(name);
-            }
+    }
+    if proxy {
+        let listed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| n.as_str().starts_with("proxy-"))
+            .cloned()
+            .collect();
+        for name in listed {
+            headers.remove(name);
         }
     }
     if keep_upgrade {
@@ -78,21 +73,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName, keep_upgrade: bool) -> bool {
-    // Every hop-by-hop name starts with one of these letters; most headers are out at once.
-    if !matches!(
-        name.as_str().as_bytes().first(),
-        Some(b'c' | b'k' | b't' | b'u' | b'p')
-    ) {
-        return false;
+/// Remove the headers the `Connection` options name, except `Host` (and `Upgrade` when it
+/// is kept). The fixed names are left to the caller, which knows if they are present.
+fn remove_connection_options(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    // Most messages carry one `Connection` header; only more than one needs a `Vec`.
+    let first = values.next().cloned();
+    let rest: Vec<HeaderValue> = values.cloned().collect();
+    for token in first
+        .iter()
+        .chain(&rest)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+    {
+        let kept = token.is_empty()
+            || token.eq_ignore_ascii_case("host")
+            || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"))
+            || HOP_BY_HOP
+                .iter()
+                .any(|h| token.eq_ignore_ascii_case(h.as_str()));
+        if !kept {
+            headers.remove(token);
+        }
     }
-    *name == header::CONNECTION
-        || *name == KEEP_ALIVE
-        || *name == header::TE
-        || *name == header::TRAILER
-        || *name == header::TRANSFER_ENCODING
-        || (*name == header::UPGRADE && !keep_upgrade)
-        || name.as_str().starts_with("proxy-")
 }
 
 /// Compare a header name with `target` reading `_` and `.` as `-`, as CGI/WSGI and nginx
@@ -226,6 +230,35 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+    }
+
+    #[test]
+    fn only_hop_by_hop_names_go_from_a_typical_response() {
+        let mut h = map(&[
+            ("server", "nginx"),
+            ("content-length", "2"),
+            ("connection", "keep-alive"),
+            ("proxy-authenticate", "Basic"),
+            ("trailer", "x-checksum"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        left.sort();
+        assert_eq!(left, ["content-length", "server"]);
+    }
+
+    #[test]
+    fn upgrade_handshake_loses_other_connection_options() {
+        let mut h = map(&[
+            ("connection", "Upgrade, X-Foo"),
+            ("x-foo", "1"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.get("x-foo").is_none() && h.get("te").is_none(), "{h:?}");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
     }
 
     #[test]
