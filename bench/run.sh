@@ -16,7 +16,8 @@ Usage: bench/run.sh [options]
   --duration N     seconds per wrk run and per oha run (default 10)
   --rounds N       interleaved rounds; the median round is reported (default 3)
   --keys N         keys in each peer's table (default 10000)
-  --peers LIST     comma-separated subset of direct,nginx,haproxy,keyward (default: all)
+  --peers LIST     comma-separated subset of direct,relay,nginx,haproxy,keyward
+                   (default: all; relay is HAProxy in TCP mode: the hop alone)
   --connections N  concurrent connections for wrk and oha (default 32)
   --smoke          quick check for CI: 1 round x 2 s, 1000 keys, no fixed-rate part,
                    report written to bench/results/smoke.md
@@ -30,12 +31,12 @@ Environment: KEYWARD_BIN (default target/release/keyward; built with
 `cargo build --release --locked` when missing).
 
 Ports used on 127.0.0.1: 18000 upstream (= direct), 18010 nginx, 18020 haproxy,
-18030 keyward (admin 18031).
+18030 keyward (admin 18031), 18040 relay.
 EOF
 }
 
 ORIG_ARGS="$*"
-DURATION="" ROUNDS="" KEYS="" PEERS="direct,nginx,haproxy,keyward" CONNECTIONS=32
+DURATION="" ROUNDS="" KEYS="" PEERS="direct,relay,nginx,haproxy,keyward" CONNECTIONS=32
 SMOKE=0 OHA=1 INSTALL=1 OUT=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -62,13 +63,13 @@ for v in DURATION ROUNDS KEYS CONNECTIONS; do
 done
 
 UPSTREAM_PORT=18000
-declare -A PORT=([direct]=18000 [nginx]=18010 [haproxy]=18020 [keyward]=18030)
+declare -A PORT=([direct]=18000 [nginx]=18010 [haproxy]=18020 [keyward]=18030 [relay]=18040)
 KEYWARD_ADMIN_PORT=18031
 
 IFS=, read -r -a PEER_LIST <<<"$PEERS"
 [[ ${#PEER_LIST[@]} -gt 0 ]] || { echo "--peers is empty" >&2; exit 2; }
 for p in "${PEER_LIST[@]}"; do
-  [[ -n ${PORT[$p]:-} ]] || { echo "unknown peer: $p (known: direct,nginx,haproxy,keyward)" >&2; exit 2; }
+  [[ -n ${PORT[$p]:-} ]] || { echo "unknown peer: $p (known: direct,relay,nginx,haproxy,keyward)" >&2; exit 2; }
 done
 has_peer() { local p; for p in "${PEER_LIST[@]}"; do [[ $p == "$1" ]] && return 0; done; return 1; }
 
@@ -86,7 +87,7 @@ as_root() {
 install_tools() {
   local need=() t
   for t in nginx wrk curl python3; do command -v "$t" >/dev/null || need+=("$t"); done
-  if has_peer haproxy; then command -v haproxy >/dev/null || need+=(haproxy); fi
+  if has_peer haproxy || has_peer relay; then command -v haproxy >/dev/null || need+=(haproxy); fi
   [[ ${#need[@]} -eq 0 ]] && return 0
   [[ $INSTALL == 1 ]] || die "missing tools: ${need[*]} (and --no-install given)"
   log "installing: ${need[*]}"
@@ -278,6 +279,35 @@ EOF
   wait_http haproxy "$PID_haproxy" "http://127.0.0.1:${PORT[haproxy]}/"
 }
 
+# The hop alone: HAProxy relaying bytes in TCP mode, with no HTTP parsing, no key check and
+# no header work, over one connection per client connection. It makes the same four socket
+# calls per request as an HTTP proxy (two reads, two writes), so its req/s is the ceiling
+# for any proxy here that forwards each request over its own loopback hop.
+start_relay() {
+  cat >"$TMP/relay.cfg" <<EOF
+global
+    nbthread 2
+    maxconn 4096
+
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+
+frontend relay
+    bind 127.0.0.1:${PORT[relay]}
+    default_backend app
+
+backend app
+    server app 127.0.0.1:$UPSTREAM_PORT
+EOF
+  haproxy -c -q -f "$TMP/relay.cfg" >"$TMP/relay-check.log" 2>&1 \
+    || die "relay (haproxy) config check failed: $(cat "$TMP/relay-check.log")"
+  start relay "$TMP/relay.log" haproxy -db -f "$TMP/relay.cfg"
+  wait_http relay "$PID_relay" "http://127.0.0.1:${PORT[relay]}/"
+}
+
 KEYWARD_BIN_DEFAULT="$REPO_DIR/target/release/keyward"
 build_keyward() {
   if [[ -n ${KEYWARD_BIN:-} ]]; then
@@ -357,13 +387,13 @@ http_check() {
 verify_peer() {
   local peer=$1
   http_check "$peer" / 200 "$BENCH_KEY" ok
-  if [[ $peer != direct ]]; then
+  if [[ $peer != direct && $peer != relay ]]; then
     http_check "$peer" / 401 "$BENCH_UNKNOWN_KEY"
     http_check "$peer" / 401
     http_check "$peer" /__subject 200 "$BENCH_KEY" "$BENCH_SUBJECT"
     log "$peer: valid key -> 200 (subject forwarded), unknown/missing key -> 401"
   else
-    log "$peer: upstream answers 200"
+    log "$peer: upstream answers 200$([[ $peer == relay ]] && echo " through the relay (no key check)")"
   fi
 }
 
@@ -400,6 +430,7 @@ source "$TMP/bench.env"
 start_upstream
 has_peer nginx && start_nginx
 has_peer haproxy && start_haproxy
+has_peer relay && start_relay
 has_peer keyward && start_keyward
 for p in "${PEER_LIST[@]}"; do verify_peer "$p"; done
 
@@ -433,18 +464,24 @@ if [[ -n $OHA_BIN ]]; then
     OHA_SKIP_REASON="$OHA_BIN lacks --latency-correction/--no-tui/JSON output; upgrade oha"
   else
     sat=$(python3 "$LIB" median "$TMP" nginx)
-    for pct in 50 80; do
-      rate=$(python3 -c "print(max(1, round($sat * $pct / 100)))")
-      for peer in nginx haproxy keyward; do
-        has_peer "$peer" || continue
-        out="$TMP/oha-$peer-$pct.json"
-        "$OHA_BIN" -z "${DURATION}s" -q "$rate" -c "$CONNECTIONS" --latency-correction --no-tui \
-          -H "x-api-key: $BENCH_KEY" "${oha_fmt[@]}" "http://127.0.0.1:${PORT[$peer]}/" \
-          >"$out" 2>"$TMP/oha-$peer-$pct.err" || die "oha failed against $peer: $(cat "$TMP/oha-$peer-$pct.err")"
-        read -r achieved p50 p99 success non2xx < <(python3 "$LIB" oha-summary "$out")
-        printf '%s %s %s %s %s %s %s %s\n' "$peer" "$pct" "$rate" "$achieved" "$p50" "$p99" \
-          "$success" "$non2xx" >>"$TMP/fixed.tsv"
-        log "fixed rate $rate req/s ($pct% of nginx) $peer: p50 ${p50} ms, p99 ${p99} ms"
+    fixed_peers=()
+    for peer in nginx haproxy keyward; do has_peer "$peer" && fixed_peers+=("$peer"); done
+    m=${#fixed_peers[@]}
+    # Interleaved rounds, as for throughput: the report gives each peer's median p99.
+    for ((r = 0; r < ROUNDS; r++)); do
+      for pct in 50 80; do
+        rate=$(python3 -c "print(max(1, round($sat * $pct / 100)))")
+        for ((i = 0; i < m; i++)); do
+          peer=${fixed_peers[(r + i) % m]}
+          out="$TMP/oha-$peer-$pct-$r.json"
+          "$OHA_BIN" -z "${DURATION}s" -q "$rate" -c "$CONNECTIONS" --latency-correction --no-tui \
+            -H "x-api-key: $BENCH_KEY" "${oha_fmt[@]}" "http://127.0.0.1:${PORT[$peer]}/" \
+            >"$out" 2>"$out.err" || die "oha failed against $peer: $(cat "$out.err")"
+          read -r achieved p50 p99 success non2xx < <(python3 "$LIB" oha-summary "$out")
+          printf '%s %s %s %s %s %s %s %s %s\n' "$peer" "$pct" "$rate" "$achieved" "$p50" "$p99" \
+            "$success" "$non2xx" "$((r + 1))" >>"$TMP/fixed.tsv"
+          log "round $((r + 1))/$ROUNDS fixed rate $rate req/s ($pct% of nginx) $peer: p50 ${p50} ms, p99 ${p99} ms"
+        done
       done
     done
   fi
