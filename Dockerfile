@@ -19,6 +19,13 @@ FROM rust:${RUST_VERSION}-slim-bookworm AS builder
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /build
 
+# jemalloc (the global allocator) is built from C sources with make. Builder stage only:
+# the version follows the base image.
+# hadolint ignore=DL3008
+RUN apt-get update -qq \
+    && apt-get install -y -qq --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
+
 # 1. Dependencies only: build the dependency graph against stub sources, so this layer
 #    stays cached until Cargo.toml or Cargo.lock change. Targets that Cargo.toml declares
 #    by name only (e.g. [[bench]] name = "x") get an empty stub too, or cargo refuses the
