@@ -251,12 +251,8 @@ pub fn spawn_tunnel(
 pub fn downstream_response(resp: Response<Incoming>) -> Response<Body> {
     let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
+    // An upgrade keeps `Upgrade` and gets `Connection: upgrade` back.
     super::headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    if upgrade {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
     Response::from_parts(parts, http_body_util::Either::Left(body))
 }
 

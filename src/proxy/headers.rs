@@ -33,27 +33,13 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 /// `Proxy-*`). With `keep_upgrade`, the `Upgrade` header survives and `Connection: upgrade`
 /// is re-added, for an authenticated WebSocket handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the names notes which are present: most requests carry none, nearly
-    // every response just `Connection: keep-alive`, and a scan is cheaper than the hashed
-    // lookup each removal costs.
-    let fixed = if keep_upgrade { 5 } else { 6 };
-    let (mut present, mut proxy) = (0u8, false);
-    for name in headers.keys() {
-        // Every hop-by-hop name starts with one of these letters: most names are out at once.
-        match name.as_str().as_bytes().first() {
-            Some(b'c' | b'k' | b't' | b'u') => {
-                if let Some(i) = HOP_BY_HOP[..fixed].iter().position(|h| h == name) {
-                    present |= 1 << i;
-                }
-            }
-            Some(b'p') => proxy |= name.as_str().starts_with("proxy-"),
-            _ => {}
-        }
-    }
+    let fixed = &HOP_BY_HOP[..if keep_upgrade { 5 } else { 6 }];
+    let (present, proxy) = scan_hop_by_hop(headers, fixed);
+    // `Connection` is the first fixed name.
     if present & 1 != 0 {
         remove_connection_options(headers, keep_upgrade);
     }
-    for (i, name) in HOP_BY_HOP[..fixed].iter().enumerate() {
+    for (i, name) in fixed.iter().enumerate() {
         if present & (1 << i) != 0 {
             headers.remove(name);
         }
@@ -71,6 +57,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// Which of the `fixed` names are present (bit i for `fixed[i]`), and whether any `Proxy-*`
+/// is. One pass over the names: most requests carry none, nearly every response just
+/// `Connection: keep-alive`, and a scan is cheaper than the hashed lookup a removal costs.
+fn scan_hop_by_hop(headers: &HeaderMap, fixed: &[HeaderName]) -> (u8, bool) {
+    let (mut present, mut proxy) = (0u8, false);
+    for name in headers.keys() {
+        // Every hop-by-hop name starts with one of these letters: most names are out at once.
+        match name.as_str().as_bytes().first() {
+            Some(b'c' | b'k' | b't' | b'u') => {
+                if let Some(i) = fixed.iter().position(|h| h == name) {
+                    present |= 1 << i;
+                }
+            }
+            Some(b'p') => proxy |= name.as_str().starts_with("proxy-"),
+            _ => {}
+        }
+    }
+    (present, proxy)
 }
 
 /// Remove the headers the `Connection` options name, except `Host` (and `Upgrade` when it
