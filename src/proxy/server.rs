@@ -1,11 +1,11 @@
 //! The public listener: accept, connection limit, HTTP/1.1 + h2c (+ TLS), request-head
 //! limits, idle connections, and draining.
 //!
-//! Limits that hold a connection slot are all bounded by time: hyper's HTTP/1 parser cuts a
-//! request head that is not complete within `header_read_timeout`, a connection that has not
-//! sent a first request within it (never a byte, or stopped inside the HTTP/2 preface) is
-//! shut down here, and so is one with no request in flight for `idle_timeout` after that
-//! (keep-alive, HTTP/1.1 or HTTP/2).
+//! Limits that hold a connection slot are all bounded by time, by one watchdog per
+//! connection rather than a timer per request: a connection without a complete first request
+//! head within `header_read_timeout` (silent, trickling a slowloris head, or stopped inside
+//! the HTTP/2 preface) is dropped, and one with no request in flight for `idle_timeout` after
+//! that (keep-alive, or a later head that stalls; HTTP/1.1 or HTTP/2) is shut down.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -47,10 +47,10 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        // hyper starts this clock whenever it waits for a head, keep-alive idle time
-        // included; the first head and idle connections are timed in `serve_conn`, so
-        // here it is only a backstop.
-        .header_read_timeout(limits.header_read_timeout.max(limits.idle_timeout))
+        // hyper would arm a timer for every request head, keep-alive idle time included;
+        // `serve_conn`'s watchdog bounds heads instead, once per connection (callgrind: 2.6%
+        // of the instructions per proxied request).
+        .header_read_timeout(None)
         // hyper's read buffer is at least 8 KiB; a smaller `max_header_bytes` is enforced
         // exactly by `check_head`.
         .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF))
@@ -181,6 +181,12 @@ async fn serve_conn<I>(
                 activity.touch();
             }
             () = activity.idle_for(first_request, idle_timeout) => {
+                if !activity.has_served() {
+                    // No complete request head within `header_read_timeout`: there is
+                    // nothing to close gracefully (hyper would still wait for the head).
+                    debug!(peer = %peer, "no request head in time; closing");
+                    break None;
+                }
                 if closing {
                     // A graceful close needs the peer (HTTP/2 waits for a PING ack); one
                     // that never answers is not waited for.
@@ -195,7 +201,7 @@ async fn serve_conn<I>(
     };
     match result {
         Some(Err(e)) => debug!(peer = %peer, error = %e, "connection ended with an error"),
-        None => debug!(peer = %peer, "connection did not close in time; dropped"),
+        None => debug!(peer = %peer, "connection dropped"),
         Some(Ok(())) => {}
     }
 }
@@ -276,6 +282,11 @@ impl Activity {
         }
     }
 
+    /// Has a complete request head arrived?
+    fn has_served(&self) -> bool {
+        self.served.load(Ordering::Acquire)
+    }
+
     /// Restart the idle clock now.
     fn touch(&self) {
         let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -286,11 +297,7 @@ impl Activity {
     /// first request) or `then` (after it).
     async fn idle_for(&self, first: Duration, then: Duration) {
         loop {
-            let timeout = if self.served.load(Ordering::Acquire) {
-                then
-            } else {
-                first
-            };
+            let timeout = if self.has_served() { then } else { first };
             let since = self.idle_since.load(Ordering::Acquire);
             if self.in_flight.load(Ordering::Acquire) == 0 {
                 let deadline = self.start + Duration::from_nanos(since) + timeout;
