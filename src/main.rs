@@ -12,22 +12,24 @@ use keyward::{demo, keygen, logging, Keyward};
 
 /// jemalloc instead of glibc's malloc: hyper allocates a fresh read buffer per message, and
 /// glibc served those 8 KiB blocks through `malloc_consolidate`. The proxy spends about 4%
-/// less CPU per request, and snapshots load faster in less peak memory.
+/// less CPU per request, and snapshots load faster.
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's start-up options (overridable with `_RJEM_MALLOC_CONF`). Memory freed after a
-/// snapshot load is returned to the OS within a second or two by jemalloc's own thread;
-/// without it, pages freed by an idle thread stay resident.
-#[export_name = "_rjem_malloc_conf"]
-static MALLOC_CONF: MallocConf =
-    MallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
-
-/// A C string pointer jemalloc reads once at start-up.
-#[repr(transparent)]
-struct MallocConf(*const std::ffi::c_char);
-// SAFETY: it points to an immutable static byte string.
-unsafe impl Sync for MallocConf {}
+/// After a snapshot install, return the pages the load freed (parse trees, the previous
+/// snapshot) to the OS now. jemalloc would otherwise keep them until its decay ran on the
+/// same arena, which an idle loader thread never does, and its background purge thread
+/// raises the peak of a large load instead (200k keys: 440 MB against 334 MB).
+fn release_freed_memory() {
+    // jemalloc's MALLCTL_ARENAS_ALL: the purge applies to every arena.
+    const PURGE_ALL: &std::ffi::CStr = c"arena.4096.purge";
+    let none = std::ptr::null_mut();
+    // SAFETY: both controls take no input and give no output, so every pointer is null.
+    unsafe {
+        tikv_jemalloc_sys::mallctl(c"thread.tcache.flush".as_ptr(), none, none.cast(), none, 0);
+        tikv_jemalloc_sys::mallctl(PURGE_ALL.as_ptr(), none, none.cast(), none, 0);
+    }
+}
 
 #[derive(Parser)]
 #[command(name = "keyward", version, about = "API-key authentication sidecar")]
@@ -102,6 +104,7 @@ fn parse_type(s: &str) -> Result<PrincipalType, String> {
 }
 
 fn main() -> ExitCode {
+    keyward::keys::source::after_install(release_freed_memory);
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&cli.run.config),

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::Notify;
 use tracing::{error, info};
@@ -65,6 +65,15 @@ impl KeySource {
 }
 
 /// Publish a validated snapshot: swap, update metrics, prune per-key state of removed keys.
+/// Run after every install, once the previous snapshot is dropped: the binary uses it to
+/// hand the memory a load freed back to the OS at once (`main.rs`). Unset in tests.
+static AFTER_INSTALL: OnceLock<fn()> = OnceLock::new();
+
+/// Set the hook run after every snapshot install (the first call wins).
+pub fn after_install(hook: fn()) {
+    let _ = AFTER_INSTALL.set(hook);
+}
+
 pub fn install(app: &App, snapshot: Snapshot) -> Arc<Snapshot> {
     let snapshot = Arc::new(snapshot);
     let previous = app.store.store(snapshot.clone());
@@ -80,6 +89,10 @@ pub fn install(app: &App, snapshot: Snapshot) -> Arc<Snapshot> {
         previous_keys = previous.as_ref().map(|p| p.len()),
         "key snapshot loaded"
     );
+    drop(previous);
+    if let Some(hook) = AFTER_INSTALL.get() {
+        hook();
+    }
     snapshot
 }
 
