@@ -273,10 +273,17 @@ frontend bench
 backend app
     server app 127.0.0.1:$UPSTREAM_PORT
 EOF
-  haproxy -c -q -f "$TMP/haproxy.cfg" >"$TMP/haproxy-check.log" 2>&1 \
-    || die "haproxy config check failed: $(cat "$TMP/haproxy-check.log")"
-  start haproxy "$TMP/haproxy.log" haproxy -db -f "$TMP/haproxy.cfg"
-  wait_http haproxy "$PID_haproxy" "http://127.0.0.1:${PORT[haproxy]}/"
+  run_haproxy haproxy
+}
+
+# run_haproxy NAME: check $TMP/NAME.cfg, start HAProxy on it and wait for PORT[NAME].
+run_haproxy() {
+  local name=$1 pid
+  haproxy -c -q -f "$TMP/$name.cfg" >"$TMP/$name-check.log" 2>&1 \
+    || die "$name (haproxy) config check failed: $(cat "$TMP/$name-check.log")"
+  start "$name" "$TMP/$name.log" haproxy -db -f "$TMP/$name.cfg"
+  pid="PID_$name"
+  wait_http "$name" "${!pid}" "http://127.0.0.1:${PORT[$name]}/"
 }
 
 # The hop alone: HAProxy relaying bytes in TCP mode, with no HTTP parsing, no key check and
@@ -302,10 +309,7 @@ frontend relay
 backend app
     server app 127.0.0.1:$UPSTREAM_PORT
 EOF
-  haproxy -c -q -f "$TMP/relay.cfg" >"$TMP/relay-check.log" 2>&1 \
-    || die "relay (haproxy) config check failed: $(cat "$TMP/relay-check.log")"
-  start relay "$TMP/relay.log" haproxy -db -f "$TMP/relay.cfg"
-  wait_http relay "$PID_relay" "http://127.0.0.1:${PORT[relay]}/"
+  run_haproxy relay
 }
 
 KEYWARD_BIN_DEFAULT="$REPO_DIR/target/release/keyward"

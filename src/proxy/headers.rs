@@ -219,6 +219,13 @@ mod tests {
         h
     }
 
+    /// The header names left, sorted.
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        left
+    }
+
     #[test]
     fn connection_named_headers_go() {
         let mut h = map(&[
@@ -248,9 +255,7 @@ mod tests {
             ("trailer", "x-checksum"),
         ]);
         strip_hop_by_hop(&mut h, false);
-        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
-        left.sort();
-        assert_eq!(left, ["content-length", "server"]);
+        assert_eq!(names(&h), ["content-length", "server"]);
     }
 
     #[test]
@@ -288,9 +293,7 @@ mod tests {
             ("x-other", "keep"),
         ]);
         strip_trusted(&mut h, "x-auth-");
-        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
-        left.sort();
-        assert_eq!(left, ["x-authority", "x-other"]);
+        assert_eq!(names(&h), ["x-authority", "x-other"]);
     }
 
     #[test]
