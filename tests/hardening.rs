@@ -661,6 +661,23 @@ async fn silent_and_idle_connections_are_closed() {
     kw.shutdown().await;
 }
 
+/// An HTTP/2 client that opens a connection and sends no request within
+/// `header_read_timeout` is told to go away (GOAWAY, so it knows nothing was processed),
+/// not just cut off; a half-sent HTTP/1 head gets no such courtesy.
+#[tokio::test]
+async fn unused_h2_connection_is_told_to_go_away() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { header_read_timeout: 200ms }\n").await;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    s.write_all(&hello).await.unwrap();
+    let goaway = read_frames(&mut s, |kind, _, _, _| (kind == GOAWAY).then_some(())).await;
+    assert!(goaway.is_some(), "closed without a GOAWAY");
+    assert_eq!(up.count(), 0);
+    kw.shutdown().await;
+}
+
 /// A keep-alive client may idle between requests for `idle_timeout`, longer than the
 /// `header_read_timeout` a new connection gets for its first request.
 #[tokio::test]

@@ -64,7 +64,6 @@ impl KeySource {
     }
 }
 
-/// Publish a validated snapshot: swap, update metrics, prune per-key state of removed keys.
 /// Run after every install, once the previous snapshot is dropped: the binary uses it to
 /// hand the memory a load freed back to the OS at once (`main.rs`). Unset in tests.
 static AFTER_INSTALL: OnceLock<fn()> = OnceLock::new();
@@ -74,6 +73,7 @@ pub fn after_install(hook: fn()) {
     let _ = AFTER_INSTALL.set(hook);
 }
 
+/// Publish a validated snapshot: swap, update metrics, prune per-key state of removed keys.
 pub fn install(app: &App, snapshot: Snapshot) -> Arc<Snapshot> {
     let snapshot = Arc::new(snapshot);
     let previous = app.store.store(snapshot.clone());

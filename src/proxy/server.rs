@@ -4,8 +4,9 @@
 //! Limits that hold a connection slot are all bounded by time, by one watchdog per
 //! connection rather than a timer per request: a connection without a complete first request
 //! head within `header_read_timeout` (silent, trickling a slowloris head, or stopped inside
-//! the HTTP/2 preface) is dropped, and one with no request in flight for `idle_timeout` after
-//! that (keep-alive, or a later head that stalls; HTTP/1.1 or HTTP/2) is shut down.
+//! the HTTP/2 preface) is shut down and dropped at most a second later, and one with no
+//! request in flight for `idle_timeout` after that (keep-alive, or a later head that stalls;
+//! HTTP/1.1 or HTTP/2) is shut down.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -37,6 +38,9 @@ pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// HTTP/2 streams keyward had to reset because the client broke the protocol on them;
 /// more and the connection is closed (CVE-2024-27316-style floods).
 pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+/// How long a connection that never completed a request head may take to close once told.
+const UNSERVED_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// hyper's smallest HTTP/1 read buffer: it also caps the request head.
 const HYPER_MIN_BUF: usize = 8192;
@@ -173,20 +177,15 @@ async fn serve_conn<I>(
     tokio::pin!(connection);
     let mut closing = false;
     let result = loop {
-        tokio::select! {
+        let unserved = tokio::select! {
             result = connection.as_mut() => break Some(result),
             _ = drain.wait_for(|draining| *draining), if !closing => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
                 activity.touch();
+                false
             }
             () = activity.idle_for(first_request, idle_timeout) => {
-                if !activity.has_served() {
-                    // No complete request head within `header_read_timeout`: there is
-                    // nothing to close gracefully (hyper would still wait for the head).
-                    debug!(peer = %peer, "no request head in time; closing");
-                    break None;
-                }
                 if closing {
                     // A graceful close needs the peer (HTTP/2 waits for a PING ack); one
                     // that never answers is not waited for.
@@ -196,7 +195,16 @@ async fn serve_conn<I>(
                 connection.as_mut().graceful_shutdown();
                 closing = true;
                 activity.touch();
+                !activity.has_served()
             }
+        };
+        if unserved {
+            // No complete request head within `header_read_timeout`. An HTTP/2 client that
+            // only opened the connection gets its GOAWAY; hyper would go on waiting for a
+            // half-sent HTTP/1 head, which gets a moment more, not another
+            // `header_read_timeout`.
+            let grace = first_request.min(UNSERVED_CLOSE_GRACE);
+            break tokio::time::timeout(grace, connection.as_mut()).await.ok();
         }
     };
     match result {
