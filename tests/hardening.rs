@@ -604,16 +604,13 @@ async fn silent_and_idle_connections_are_closed() {
     let limits = "limits: { header_read_timeout: 200ms, idle_timeout: 300ms }\n";
     let kw = spawn_proxy(up.addr, limits).await;
     let max = Duration::from_secs(3);
-    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
-    let mut h2_idle = preface.to_vec();
-    h2_idle.extend_from_slice(&settings);
+    let h2_idle = h2_hello();
     let keep_alive = head("GET", "/v1/idle", "");
     let then_stalled = format!("{keep_alive}GET /v1/stalled HTTP/1.1\r\nHo");
     for (what, first) in [
         ("no bytes at all", &b""[..]),
         ("one byte", b"P"),
-        ("half the HTTP/2 preface", &preface[..16]),
+        ("half the HTTP/2 preface", &PREFACE[..16]),
         ("HTTP/2 preface and SETTINGS, then nothing", &h2_idle),
         (
             "HTTP/1.1 keep-alive after a response",
@@ -632,8 +629,7 @@ async fn silent_and_idle_connections_are_closed() {
     // client never acknowledges the GOAWAY's PING.
     let start = Instant::now();
     let mut s = TcpStream::connect(kw.addr).await.unwrap();
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    let mut hello = h2_hello();
     hello.extend(frame(
         HEADERS,
         0x4 | 0x1,
@@ -669,9 +665,7 @@ async fn unused_h2_connection_is_told_to_go_away() {
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "limits: { header_read_timeout: 200ms }\n").await;
     let mut s = TcpStream::connect(kw.addr).await.unwrap();
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(SETTINGS, 0, 0, &[]));
-    s.write_all(&hello).await.unwrap();
+    s.write_all(&h2_hello()).await.unwrap();
     let goaway = read_frames(&mut s, |kind, _, _, _| (kind == GOAWAY).then_some(())).await;
     assert!(goaway.is_some(), "closed without a GOAWAY");
     assert_eq!(up.count(), 0);
@@ -838,6 +832,13 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What an HTTP/2 client sends first: the connection preface and an empty SETTINGS frame.
+fn h2_hello() -> Vec<u8> {
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello
+}
 const SETTINGS: u8 = 0x4;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
@@ -889,9 +890,7 @@ async fn h2_settings_advertise_the_configured_limits() {
     )
     .await;
     let mut s = TcpStream::connect(kw.addr).await.unwrap();
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(SETTINGS, 0, 0, &[]));
-    s.write_all(&hello).await.unwrap();
+    s.write_all(&h2_hello()).await.unwrap();
     let settings = read_frames(&mut s, |kind, flags, _, payload| {
         (kind == SETTINGS && flags & 1 == 0).then(|| {
             payload
@@ -950,8 +949,7 @@ async fn h2_rapid_reset_flood_gets_goaway() {
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;
     let mut s = TcpStream::connect(kw.addr).await.unwrap();
-    let mut flood = PREFACE.to_vec();
-    flood.extend(frame(SETTINGS, 0, 0, &[]));
+    let mut flood = h2_hello();
     // GET / with :authority "a": indexed :method, :scheme, :path; literal :authority.
     let block = [0x82, 0x86, 0x84, 0x01, 0x01, b'a'];
     for i in 0..200u32 {
