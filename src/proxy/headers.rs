@@ -33,11 +33,12 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 /// `Proxy-*`). With `keep_upgrade`, the `Upgrade` header survives and `Connection: upgrade`
 /// is re-added, for an authenticated WebSocket handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let fixed = &HOP_BY_HOP[..if keep_upgrade { 5 } else { 6 }];
+    // `Upgrade` is the last fixed name.
+    let fixed = &HOP_BY_HOP[..HOP_BY_HOP.len() - usize::from(keep_upgrade)];
     let (present, proxy) = scan_hop_by_hop(headers, fixed);
     // `Connection` is the first fixed name.
     if present & 1 != 0 {
-        remove_connection_options(headers, keep_upgrade);
+        remove_connection_options(headers);
     }
     for (i, name) in fixed.iter().enumerate() {
         if present & (1 << i) != 0 {
@@ -79,9 +80,9 @@ fn scan_hop_by_hop(headers: &HeaderMap, fixed: &[HeaderName]) -> (u8, bool) {
     (present, proxy)
 }
 
-/// Remove the headers the `Connection` options name, except `Host` (and `Upgrade` when it
-/// is kept). The fixed names are left to the caller, which knows if they are present.
-fn remove_connection_options(headers: &mut HeaderMap, keep_upgrade: bool) {
+/// Remove the headers the `Connection` options name, except `Host`. The fixed names
+/// (`Upgrade` included) are left to the caller, which knows if they are present.
+fn remove_connection_options(headers: &mut HeaderMap) {
     let mut values = headers.get_all(header::CONNECTION).iter();
     // Most messages carry one `Connection` header; only more than one needs a `Vec`.
     let first = values.next().cloned();
@@ -95,7 +96,6 @@ fn remove_connection_options(headers: &mut HeaderMap, keep_upgrade: bool) {
     {
         let kept = token.is_empty()
             || token.eq_ignore_ascii_case("host")
-            || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"))
             || HOP_BY_HOP
                 .iter()
                 .any(|h| token.eq_ignore_ascii_case(h.as_str()));
