@@ -130,8 +130,7 @@ fn check_key_state(key: &Key, policy: &Policy, now: SystemTime) -> Result<(), Re
         return Err(Reject::ExpiredApiKey);
     }
     if key
-        .environment
-        .as_deref()
+        .environment()
         .is_some_and(|env| env != policy.environment)
     {
         return Err(Reject::WrongEnvironment);
@@ -159,7 +158,7 @@ fn delegation(headers: &HeaderMap, key: &Key) -> Result<Option<HeaderValue>, Rej
     if account == key.account_id.as_str() {
         return Ok(None);
     }
-    let allowed = match &key.delegation {
+    let allowed = match key.delegation() {
         Delegation::Any => true,
         Delegation::Only(set) => set.contains(account),
         Delegation::None => false,

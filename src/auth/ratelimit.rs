@@ -47,7 +47,7 @@ impl Default for RateLimiter {
 
 impl RateLimiter {
     pub fn check(&self, key: &Key, now: Instant) -> RateDecision {
-        let Some(limit) = key.rate_limit else {
+        let Some(limit) = key.rate_limit() else {
             return RateDecision::Unlimited;
         };
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos();

@@ -74,8 +74,9 @@ impl Status {
 }
 
 /// Which accounts an enterprise key may act for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Delegation {
+    #[default]
     None,
     Any,
     Only(HashSet<String>),
@@ -193,29 +194,82 @@ impl Serialize for Text {
 }
 
 /// A validated key with everything a request needs pre-built.
+///
+/// Kept small because a snapshot holds one per key (a million, at the high end): fields most
+/// keys leave unset live behind one pointer, and keys with the same scopes share them.
 #[derive(Clone)]
 pub struct Key {
     pub id: Arc<str>,
-    pub principal_type: PrincipalType,
     pub subject_id: Text,
-    pub subject_email: Option<Text>,
     pub account_id: Text,
-    pub account_short_id: Option<Text>,
-    pub enterprise_id: Option<Text>,
-    pub org_id: Option<Text>,
-    pub scopes: Vec<String>,
-    pub environment: Option<String>,
-    pub status: Status,
+    /// The `x-auth-key-id` value, built once per snapshot load.
+    key_id_value: HeaderValue,
+    scopes: Arc<Scopes>,
     pub not_before: Option<SystemTime>,
     pub expires_at: Option<SystemTime>,
-    pub delegation: Delegation,
-    pub rate_limit: Option<RateLimit>,
-    /// `x-auth-key-id` and `x-auth-scopes` values, built once per snapshot load.
-    key_id_value: HeaderValue,
-    scopes_value: HeaderValue,
     /// The stored digest, kept so an edited snapshot (emergency revoke) can be written back.
     digest: Digest,
+    /// `None` when the entry sets none of the optional fields.
+    extra: Option<Box<Extra>>,
+    pub principal_type: PrincipalType,
+    pub status: Status,
+}
+
+/// The optional fields of a key.
+#[derive(Clone, Default)]
+struct Extra {
+    subject_email: Option<Text>,
+    account_short_id: Option<Text>,
+    enterprise_id: Option<Text>,
+    org_id: Option<Text>,
+    environment: Option<String>,
+    rate_limit: Option<RateLimit>,
+    delegation: Delegation,
     delegate_accounts: Option<Vec<String>>,
+}
+
+impl Extra {
+    fn is_empty(&self) -> bool {
+        self.subject_email.is_none()
+            && self.account_short_id.is_none()
+            && self.enterprise_id.is_none()
+            && self.org_id.is_none()
+            && self.environment.is_none()
+            && self.rate_limit.is_none()
+            && self.delegation == Delegation::None
+            && self.delegate_accounts.is_none()
+    }
+}
+
+/// A key's scopes and their `x-auth-scopes` value, shared by the keys of one snapshot that
+/// list the same scopes.
+#[derive(Debug)]
+pub struct Scopes {
+    list: Vec<String>,
+    value: HeaderValue,
+}
+
+impl Scopes {
+    fn new(list: Vec<String>) -> Scopes {
+        let value =
+            HeaderValue::from_str(&list.join(" ")).unwrap_or_else(|_| HeaderValue::from_static(""));
+        Scopes { list, value }
+    }
+}
+
+/// While one run of keys is built: each distinct scope list, built once.
+#[derive(Default)]
+struct ScopeCache(HashMap<Vec<String>, Arc<Scopes>>);
+
+impl ScopeCache {
+    fn get(&mut self, list: Vec<String>) -> Arc<Scopes> {
+        if let Some(s) = self.0.get(&list) {
+            return s.clone();
+        }
+        let scopes = Arc::new(Scopes::new(list.clone()));
+        self.0.insert(list, scopes.clone());
+        scopes
+    }
 }
 
 /// Keys and digests never print: `Debug` shows the public id only.
@@ -310,10 +364,11 @@ type Built = (Digest, Arc<Key>);
 /// Validate and build a run of keys; `offset` is the first one's index in the document, so
 /// that an error names the entry.
 fn build_run(offset: usize, docs: Vec<KeyDoc>) -> Result<Vec<Built>, SnapshotError> {
+    let mut scopes = ScopeCache::default();
     docs.into_iter()
         .enumerate()
         .map(|(i, kd)| {
-            Key::from_doc(kd)
+            Key::from_doc(kd, &mut scopes)
                 .map(|(d, k)| (d, Arc::new(k)))
                 .map_err(|((field, reason), id)| SnapshotError::Entry {
                     index: offset + i,
@@ -521,38 +576,80 @@ type FieldError = (&'static str, String);
 impl Key {
     /// Checks every field by reference (so a refusal can name the entry without copying
     /// its id up front), then builds the key by moving the document's strings.
-    fn from_doc(doc: KeyDoc) -> Result<(Digest, Key), (FieldError, String)> {
+    fn from_doc(
+        doc: KeyDoc,
+        scopes: &mut ScopeCache,
+    ) -> Result<(Digest, Key), (FieldError, String)> {
         match Checked::of(&doc) {
-            Ok(c) => Ok(Self::build(doc, c)),
+            Ok(c) => Ok(Self::build(doc, c, scopes)),
             Err(e) => Err((e, doc.id)),
         }
     }
 
-    fn build(doc: KeyDoc, c: Checked) -> (Digest, Key) {
-        let value =
-            |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
-        let key = Key {
-            id: Arc::from(doc.id.as_str()),
-            key_id_value: value(&doc.id),
-            scopes_value: value(&doc.scopes.join(" ")),
-            principal_type: c.principal_type,
-            subject_id: Text::new(doc.subject_id),
+    fn build(doc: KeyDoc, c: Checked, scopes: &mut ScopeCache) -> (Digest, Key) {
+        let extra = Extra {
             subject_email: doc.subject_email.map(Text::new),
-            account_id: Text::new(doc.account_id),
             account_short_id: doc.account_short_id.map(Text::new),
             enterprise_id: doc.enterprise_id.map(Text::new),
             org_id: doc.org_id.map(Text::new),
-            scopes: doc.scopes,
             environment: doc.environment,
-            status: c.status,
-            not_before: c.not_before,
-            expires_at: c.expires_at,
-            delegation: c.delegation,
             rate_limit: doc.rate_limit,
-            digest: c.digest,
+            delegation: c.delegation,
             delegate_accounts: doc.delegate_accounts,
         };
+        let key = Key {
+            key_id_value: HeaderValue::from_str(&doc.id)
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
+            id: Arc::from(doc.id),
+            subject_id: Text::new(doc.subject_id),
+            account_id: Text::new(doc.account_id),
+            scopes: scopes.get(doc.scopes),
+            not_before: c.not_before,
+            expires_at: c.expires_at,
+            digest: c.digest,
+            extra: (!extra.is_empty()).then(|| Box::new(extra)),
+            principal_type: c.principal_type,
+            status: c.status,
+        };
         (c.digest, key)
+    }
+
+    fn extra(&self) -> Option<&Extra> {
+        self.extra.as_deref()
+    }
+
+    pub fn subject_email(&self) -> Option<&Text> {
+        self.extra()?.subject_email.as_ref()
+    }
+
+    pub fn account_short_id(&self) -> Option<&Text> {
+        self.extra()?.account_short_id.as_ref()
+    }
+
+    pub fn enterprise_id(&self) -> Option<&Text> {
+        self.extra()?.enterprise_id.as_ref()
+    }
+
+    pub fn org_id(&self) -> Option<&Text> {
+        self.extra()?.org_id.as_ref()
+    }
+
+    /// The one environment this key is valid in; `None`: any.
+    pub fn environment(&self) -> Option<&str> {
+        self.extra()?.environment.as_deref()
+    }
+
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        self.extra()?.rate_limit
+    }
+
+    pub fn delegation(&self) -> &Delegation {
+        static NONE: Delegation = Delegation::None;
+        self.extra().map_or(&NONE, |e| &e.delegation)
+    }
+
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes.list
     }
 
     /// The identity headers for this key; `delegated` is the account acted for. Values are
@@ -577,20 +674,20 @@ impl Key {
             ],
         };
         let optional = [
-            (&names.enterprise_id, &self.enterprise_id),
-            (&names.subject_email, &self.subject_email),
-            (&names.account_short_id, &self.account_short_id),
-            (&names.org_id, &self.org_id),
+            (&names.enterprise_id, self.enterprise_id()),
+            (&names.subject_email, self.subject_email()),
+            (&names.account_short_id, self.account_short_id()),
+            (&names.org_id, self.org_id()),
         ]
         .into_iter()
-        .filter_map(|(n, v)| v.as_ref().map(|v| (n, v.header_value())));
+        .filter_map(|(n, v)| v.map(|v| (n, v.header_value())));
         std::iter::once((&names.subject_id, self.subject_id.header_value()))
             .chain(account.into_iter().flatten())
             .chain(optional)
             .chain([
                 (&names.principal_type, self.principal_type.header_value()),
                 (&names.key_id, &self.key_id_value),
-                (&names.scopes, &self.scopes_value),
+                (&names.scopes, &self.scopes.value),
                 (&names.environment, &names.environment_value),
             ])
     }
@@ -604,23 +701,23 @@ impl Key {
             sha256: hex::encode(self.digest),
             kind: self.principal_type.as_str().to_string(),
             subject_id: self.subject_id.to_string(),
-            subject_email: self.subject_email.as_deref().map(str::to_string),
+            subject_email: self.subject_email().map(|t| t.to_string()),
             account_id: self.account_id.to_string(),
-            account_short_id: self.account_short_id.as_deref().map(str::to_string),
-            enterprise_id: self.enterprise_id.as_deref().map(str::to_string),
-            org_id: self.org_id.as_deref().map(str::to_string),
-            scopes: self.scopes.clone(),
-            environment: self.environment.clone(),
+            account_short_id: self.account_short_id().map(|t| t.to_string()),
+            enterprise_id: self.enterprise_id().map(|t| t.to_string()),
+            org_id: self.org_id().map(|t| t.to_string()),
+            scopes: self.scopes().to_vec(),
+            environment: self.environment().map(str::to_string),
             status: Some(self.status.as_str().to_string()),
             not_before: time(self.not_before),
             expires_at: time(self.expires_at),
-            delegate_accounts: self.delegate_accounts.clone(),
-            rate_limit: self.rate_limit,
+            delegate_accounts: self.extra().and_then(|e| e.delegate_accounts.clone()),
+            rate_limit: self.rate_limit(),
         }
     }
 
     pub fn has_any_scope(&self, wanted: &[String]) -> bool {
-        wanted.iter().any(|w| self.scopes.iter().any(|s| s == w))
+        wanted.iter().any(|w| self.scopes().iter().any(|s| s == w))
     }
 }
 
@@ -873,16 +970,41 @@ mod tests {
     }
 
     #[test]
+    fn a_key_fits_a_small_allocation() {
+        // `Arc<Key>` (two counters + the key) must stay within jemalloc's 256-byte class:
+        // a snapshot holds one per key, a million at the high end.
+        assert!(
+            std::mem::size_of::<Key>() + 16 <= 256,
+            "{}",
+            std::mem::size_of::<Key>()
+        );
+    }
+
+    #[test]
+    fn keys_with_the_same_scopes_share_them_and_unset_fields_cost_nothing() {
+        let second = format!(
+            "  - id: key_b\n    sha256: {}\n    type: service_account\n    subject_id: s2\n    account_id: a1\n    scopes: [read]\n    org_id: o1\n",
+            hex::encode(digest(b"b"))
+        );
+        let s = Snapshot::parse(&(entry("") + &second), Source::File).unwrap();
+        let (a, b) = (s.by_id("key_a").unwrap(), s.by_id("key_b").unwrap());
+        assert!(Arc::ptr_eq(&a.scopes, &b.scopes));
+        assert_eq!(a.scopes(), ["read"]);
+        assert!(a.extra.is_none() && a.org_id().is_none());
+        assert_eq!(b.org_id().map(|t| t.as_str()), Some("o1"));
+    }
+
+    #[test]
     fn delegation_forms() {
         let ent = |d: &str| {
             entry(&format!("    delegate_accounts: {d}\n"))
                 .replace("type: service_account", "type: enterprise_service_account")
         };
         let s = Snapshot::parse(&ent("[\"*\"]"), Source::File).unwrap();
-        assert_eq!(s.by_id("key_a").unwrap().delegation, Delegation::Any);
+        assert_eq!(*s.by_id("key_a").unwrap().delegation(), Delegation::Any);
         let s = Snapshot::parse(&ent("[c1, c2]"), Source::File).unwrap();
         assert!(
-            matches!(&s.by_id("key_a").unwrap().delegation, Delegation::Only(set) if set.len() == 2)
+            matches!(s.by_id("key_a").unwrap().delegation(), Delegation::Only(set) if set.len() == 2)
         );
     }
 

@@ -216,7 +216,7 @@ fn authenticate(
 
 /// The key's quota after this request (`None`: the key has no limit), or 429.
 fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, Reject> {
-    if principal.key.rate_limit.is_none() {
+    if principal.key.rate_limit().is_none() {
         return Ok(None);
     }
     match app.limiter.check(&principal.key, Instant::now()) {
@@ -355,10 +355,10 @@ fn introspection_body(app: &App, p: &Principal, cid: &HeaderValue) -> serde_json
         "principal_type": k.principal_type.as_str(),
         "subject_id": k.subject_id,
         "account_id": p.effective_account(),
-        "org_id": k.org_id,
-        "enterprise_id": k.enterprise_id,
+        "org_id": k.org_id(),
+        "enterprise_id": k.enterprise_id(),
         "key_id": &*k.id,
-        "scopes": k.scopes,
+        "scopes": k.scopes(),
         "environment": app.config.environment,
         "expires_at": k.expires_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         "correlation_id": cid.to_str().unwrap_or_default(),
