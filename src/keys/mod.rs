@@ -1,6 +1,7 @@
 //! API keys: the immutable [`Snapshot`], the [`KeyStore`] that publishes it, where
 //! snapshots come from ([`source`]), and per-key state that outlives a snapshot ([`usage`]).
 
+mod index;
 mod parallel;
 pub mod snapshot;
 pub mod source;

@@ -3,13 +3,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+
+use super::index::{Duplicate, KeyIndex};
 
 /// A SHA-256 digest of a raw key.
 pub type Digest = [u8; 32];
@@ -328,38 +329,11 @@ impl IdentityNames {
     }
 }
 
-/// Build-time identity hasher: map keys are SHA-256 digests, already uniform, and an
-/// attacker cannot choose a digest, so the first 8 bytes are a perfect hash.
-#[derive(Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut buf = [0u8; 8];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(buf);
-            if chunk.len() == 8 {
-                // Only the first word matters for distribution; the rest are mixed in cheaply.
-                self.0 = self.0.rotate_left(5);
-            }
-        }
-    }
-    fn write_usize(&mut self, _: usize) {
-        // The array length prefix carries no information.
-    }
-}
-
-type DigestMap = HashMap<Digest, Arc<Key>, BuildHasherDefault<DigestHasher>>;
-
 /// Below this many keys a snapshot is built on the calling thread.
 const KEYS_PER_BUILD_THREAD: usize = 20_000;
 
-/// A validated key, under its digest.
-type Built = (Digest, Arc<Key>);
+/// A validated key.
+type Built = Arc<Key>;
 
 /// Validate and build a run of keys; `offset` is the first one's index in the document, so
 /// that an error names the entry.
@@ -369,7 +343,7 @@ fn build_run(offset: usize, docs: Vec<KeyDoc>) -> Result<Vec<Built>, SnapshotErr
         .enumerate()
         .map(|(i, kd)| {
             Key::from_doc(kd, &mut scopes)
-                .map(|(d, k)| (d, Arc::new(k)))
+                .map(Arc::new)
                 .map_err(|((field, reason), id)| SnapshotError::Entry {
                     index: offset + i,
                     id,
@@ -437,8 +411,7 @@ impl Source {
 
 /// An immutable, validated set of keys.
 pub struct Snapshot {
-    by_digest: DigestMap,
-    by_id: HashMap<Arc<str>, Arc<Key>>,
+    index: KeyIndex,
     pub version: Option<u64>,
     /// SHA-256 of the content it was parsed from (hex), to tell snapshots apart.
     pub content_digest: String,
@@ -501,26 +474,24 @@ impl Snapshot {
         source: Source,
         content_digest: String,
     ) -> Result<Snapshot, SnapshotError> {
-        let total = keys.len();
-        let mut by_digest = DigestMap::with_capacity_and_hasher(total, Default::default());
-        let mut by_id = HashMap::with_capacity(total);
-        for (index, (d, key)) in keys.into_iter().enumerate() {
-            let entry_err = |field: &'static str, reason: &str| SnapshotError::Entry {
-                index,
-                id: key.id.to_string(),
-                field,
-                reason: reason.into(),
-            };
-            if by_id.insert(key.id.clone(), key.clone()).is_some() {
-                return Err(entry_err("id", "duplicate id"));
-            }
-            if by_digest.insert(d, key.clone()).is_some() {
-                return Err(entry_err("sha256", "duplicate sha256"));
+        let mut index = KeyIndex::with_capacity(keys.len());
+        for (i, key) in keys.into_iter().enumerate() {
+            let id = key.id.to_string();
+            if let Err(dup) = index.insert(key) {
+                let (field, reason) = match dup {
+                    Duplicate::Id => ("id", "duplicate id"),
+                    Duplicate::Digest => ("sha256", "duplicate sha256"),
+                };
+                return Err(SnapshotError::Entry {
+                    index: i,
+                    id,
+                    field,
+                    reason: reason.into(),
+                });
             }
         }
         Ok(Snapshot {
-            by_digest,
-            by_id,
+            index,
             version,
             content_digest,
             source,
@@ -531,8 +502,7 @@ impl Snapshot {
     /// An empty snapshot (for tests and benchmarks).
     pub fn empty(source: Source) -> Snapshot {
         Snapshot {
-            by_digest: DigestMap::default(),
-            by_id: HashMap::new(),
+            index: KeyIndex::default(),
             version: None,
             content_digest: hex::encode(digest(b"")),
             source,
@@ -541,28 +511,28 @@ impl Snapshot {
     }
 
     pub fn lookup(&self, d: &Digest) -> Option<&Arc<Key>> {
-        self.by_digest.get(d)
+        self.index.by_digest(d)
     }
 
     pub fn by_id(&self, id: &str) -> Option<&Arc<Key>> {
-        self.by_id.get(id)
+        self.index.by_id(id)
     }
 
     pub fn len(&self) -> usize {
-        self.by_id.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
+        self.index.is_empty()
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &Arc<Key>> {
-        self.by_id.values()
+        self.index.iter()
     }
 
     /// The document form, entries ordered by id, for persisting an edited snapshot.
     pub fn to_doc(&self) -> SnapshotDoc {
-        let mut keys: Vec<KeyDoc> = self.by_id.values().map(|k| k.to_doc()).collect();
+        let mut keys: Vec<KeyDoc> = self.index.iter().map(|k| k.to_doc()).collect();
         keys.sort_by(|a, b| a.id.cmp(&b.id));
         SnapshotDoc {
             version: self.version,
@@ -576,17 +546,14 @@ type FieldError = (&'static str, String);
 impl Key {
     /// Checks every field by reference (so a refusal can name the entry without copying
     /// its id up front), then builds the key by moving the document's strings.
-    fn from_doc(
-        doc: KeyDoc,
-        scopes: &mut ScopeCache,
-    ) -> Result<(Digest, Key), (FieldError, String)> {
+    fn from_doc(doc: KeyDoc, scopes: &mut ScopeCache) -> Result<Key, (FieldError, String)> {
         match Checked::of(&doc) {
             Ok(c) => Ok(Self::build(doc, c, scopes)),
             Err(e) => Err((e, doc.id)),
         }
     }
 
-    fn build(doc: KeyDoc, c: Checked, scopes: &mut ScopeCache) -> (Digest, Key) {
+    fn build(doc: KeyDoc, c: Checked, scopes: &mut ScopeCache) -> Key {
         let extra = Extra {
             subject_email: doc.subject_email.map(Text::new),
             account_short_id: doc.account_short_id.map(Text::new),
@@ -597,7 +564,7 @@ impl Key {
             delegation: c.delegation,
             delegate_accounts: doc.delegate_accounts,
         };
-        let key = Key {
+        Key {
             key_id_value: HeaderValue::from_str(&doc.id)
                 .unwrap_or_else(|_| HeaderValue::from_static("")),
             id: Arc::from(doc.id),
@@ -610,8 +577,12 @@ impl Key {
             extra: (!extra.is_empty()).then(|| Box::new(extra)),
             principal_type: c.principal_type,
             status: c.status,
-        };
-        (c.digest, key)
+        }
+    }
+
+    /// The stored SHA-256 digest (never logged: `Debug` leaves it out).
+    pub fn digest(&self) -> &Digest {
+        &self.digest
     }
 
     fn extra(&self) -> Option<&Extra> {
@@ -1029,7 +1000,7 @@ mod tests {
         };
         let docs: Vec<KeyDoc> = (0..7).map(doc).collect();
         let built = build_keys(docs.clone(), 2).unwrap();
-        let ids: Vec<&str> = built.iter().map(|(_, k)| &*k.id).collect();
+        let ids: Vec<&str> = built.iter().map(|k| &*k.id).collect();
         assert_eq!(ids, ["k0", "k1", "k2", "k3", "k4", "k5", "k6"]);
         let mut bad = docs;
         bad[5].sha256 = "nope".into();

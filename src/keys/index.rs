@@ -1,0 +1,155 @@
+//! A snapshot's two lookups, by digest (every request) and by id (control API, per-key
+//! state), over one set of keys.
+//!
+//! Each table holds only the `Arc<Key>`: a key carries its own digest and id, so neither is
+//! stored a second time as a map key. At a million keys that is about 100 MB less than two
+//! `HashMap`s keyed by digest and by id.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use hashbrown::hash_table::{Entry, HashTable};
+
+use super::snapshot::{Digest, Key};
+
+/// Which of a key's two unique names another key already has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Duplicate {
+    Id,
+    Digest,
+}
+
+#[derive(Default)]
+pub struct KeyIndex {
+    by_digest: HashTable<Arc<Key>>,
+    by_id: HashTable<Arc<Key>>,
+    /// Ids are chosen by whoever writes the snapshot: hashed with a per-process seed.
+    ids: std::hash::RandomState,
+}
+
+/// Digests are SHA-256 outputs, uniform whatever the key, so their first 8 bytes are as
+/// good a hash as any.
+fn digest_hash(d: &Digest) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(first)
+}
+
+impl KeyIndex {
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            by_digest: HashTable::with_capacity(n),
+            by_id: HashTable::with_capacity(n),
+            ids: Default::default(),
+        }
+    }
+
+    /// Add a key, unless another one has its id or its digest (then nothing changes).
+    pub fn insert(&mut self, key: Arc<Key>) -> Result<(), Duplicate> {
+        let ids = &self.ids;
+        let id_hash = ids.hash_one(&*key.id);
+        let id_slot = match self
+            .by_id
+            .entry(id_hash, |k| k.id == key.id, |k| ids.hash_one(&*k.id))
+        {
+            Entry::Occupied(_) => return Err(Duplicate::Id),
+            Entry::Vacant(slot) => slot,
+        };
+        let d = key.digest();
+        match self.by_digest.entry(
+            digest_hash(d),
+            |k| k.digest() == d,
+            |k| digest_hash(k.digest()),
+        ) {
+            Entry::Occupied(_) => return Err(Duplicate::Digest),
+            Entry::Vacant(slot) => {
+                slot.insert(key.clone());
+            }
+        }
+        id_slot.insert(key);
+        Ok(())
+    }
+
+    pub fn by_digest(&self, d: &Digest) -> Option<&Arc<Key>> {
+        self.by_digest.find(digest_hash(d), |k| k.digest() == d)
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<&Arc<Key>> {
+        self.by_id.find(self.ids.hash_one(id), |k| &*k.id == id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Key>> {
+        self.by_id.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{digest, Snapshot, Source};
+
+    /// Keys `a`, `b` and `c` (raw keys "a", "b", "c"), and a second `a` with the digest of "x".
+    fn keys() -> Vec<Arc<Key>> {
+        let entry = |id: &str, raw: &str| {
+            format!(
+                "  - {{id: {id}, sha256: {}, type: service_account, subject_id: s, account_id: a, scopes: [read]}}\n",
+                hex::encode(digest(raw.as_bytes()))
+            )
+        };
+        let text = format!(
+            "keys:\n{}{}{}",
+            entry("a", "a"),
+            entry("b", "b"),
+            entry("c", "c")
+        );
+        let s = Snapshot::parse(&text, Source::File).unwrap();
+        let other = Snapshot::parse(&format!("keys:\n{}", entry("a", "x")), Source::File).unwrap();
+        let mut keys: Vec<_> = ["a", "b", "c"]
+            .map(|id| s.by_id(id).unwrap().clone())
+            .into();
+        keys.push(other.by_id("a").unwrap().clone());
+        keys
+    }
+
+    #[test]
+    fn finds_every_key_both_ways() {
+        let mut index = KeyIndex::with_capacity(3);
+        for k in &keys()[..3] {
+            index.insert(k.clone()).unwrap();
+        }
+        assert_eq!(index.len(), 3);
+        for raw in ["a", "b", "c"] {
+            let k = index.by_digest(&digest(raw.as_bytes())).expect("by digest");
+            assert_eq!(&*k.id, raw);
+            assert!(Arc::ptr_eq(k, index.by_id(raw).expect("by id")));
+        }
+        assert!(index.by_digest(&digest(b"x")).is_none());
+        assert!(index.by_id("x").is_none());
+    }
+
+    #[test]
+    fn a_refused_key_changes_nothing() {
+        let keys = keys();
+        let mut index = KeyIndex::default();
+        index.insert(keys[0].clone()).unwrap();
+        index.insert(keys[1].clone()).unwrap();
+        // Same id as `a`, another digest: refused, and its digest is not indexed either.
+        assert_eq!(index.insert(keys[3].clone()), Err(Duplicate::Id));
+        assert!(index.by_digest(&digest(b"x")).is_none());
+        // Another id, `b`'s digest: refused, and the id is not indexed either.
+        let mut renamed = Key::clone(&keys[1]);
+        renamed.id = "d".into();
+        assert_eq!(index.insert(Arc::new(renamed)), Err(Duplicate::Digest));
+        assert!(index.by_id("d").is_none());
+        assert_eq!(index.len(), 2);
+        assert_eq!(index.iter().count(), 2);
+    }
+}
