@@ -1028,15 +1028,21 @@ mod tests {
             .unwrap();
         assert_eq!(k.subject_id.as_str(), format!("s{}", n - 1));
 
+        // Entries past the first parse job, in different jobs.
+        let (wrong_type, wrong_field) = (n * 3 / 5, n - 3);
         let bad: String = (0..n)
-            .map(|i| item(i, if i == 12_345 { "5" } else { "[read]" }))
+            .map(|i| item(i, if i == wrong_type { "5" } else { "[read]" }))
             .collect();
         let e = refuse(&format!("keys:\n{bad}"));
-        assert!(e.contains("keys[12345].scopes"), "a YAML error: {e}");
-        let bad = good.replace(&hex::encode(digest(b"key-17000")), "nope");
+        assert!(
+            e.contains(&format!("keys[{wrong_type}].scopes")),
+            "a YAML error: {e}"
+        );
+        let raw = format!("key-{wrong_field}");
+        let bad = good.replace(&hex::encode(digest(raw.as_bytes())), "nope");
         let e = refuse(&format!("keys:\n{bad}"));
         assert!(
-            e.starts_with("keys[17000] id=k17000: sha256"),
+            e.starts_with(&format!("keys[{wrong_field}] id=k{wrong_field}: sha256")),
             "a bad field: {e}"
         );
     }
