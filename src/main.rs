@@ -194,7 +194,8 @@ fn check(path: &Path) -> Result<(), String> {
     for (file, source) in files {
         let text =
             std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let s = Snapshot::parse(&text, source).map_err(|e| format!("{}: {e}", file.display()))?;
+        let s =
+            Snapshot::parse_owned(text, source).map_err(|e| format!("{}: {e}", file.display()))?;
         let version = s
             .version
             .map_or_else(|| "none".to_string(), |v| v.to_string());

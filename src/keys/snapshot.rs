@@ -392,6 +392,18 @@ pub enum Format {
     Yaml,
 }
 
+impl Format {
+    /// A document starting with `{` is read as JSON (what a control plane usually pushes;
+    /// several times faster than YAML).
+    fn of(text: &str) -> Format {
+        if text.trim_start().starts_with('{') {
+            Format::Json
+        } else {
+            Format::Yaml
+        }
+    }
+}
+
 /// Where a snapshot came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -434,16 +446,25 @@ impl Snapshot {
     /// Parse YAML or JSON and validate every entry. A document starting with `{` is read as
     /// JSON (what a control plane usually pushes; several times faster than YAML).
     pub fn parse(text: &str, source: Source) -> Result<Snapshot, SnapshotError> {
-        let format = if text.trim_start().starts_with('{') {
-            Format::Json
-        } else {
-            Format::Yaml
-        };
-        Self::parse_as(text, format, source)
+        Self::parse_as(text, Format::of(text), source)
     }
 
     /// Parse in a known format (`PUT /v1/snapshot` goes by `content-type`).
     pub fn parse_as(text: &str, format: Format, source: Source) -> Result<Snapshot, SnapshotError> {
+        let (doc, content_digest) = Self::read_doc(text, format)?;
+        Self::from_doc(doc, source, content_digest)
+    }
+
+    /// [`Snapshot::parse`], taking the text: it is freed as soon as it is parsed, before the
+    /// keys are built, so a large load never holds the document and all its keys at once.
+    pub fn parse_owned(text: String, source: Source) -> Result<Snapshot, SnapshotError> {
+        let (doc, content_digest) = Self::read_doc(&text, Format::of(&text))?;
+        drop(text);
+        Self::from_doc(doc, source, content_digest)
+    }
+
+    /// The document's entries, unchecked, and the digest of its text.
+    fn read_doc(text: &str, format: Format) -> Result<(SnapshotDoc, String), SnapshotError> {
         let content_digest = hex::encode(digest(text.as_bytes()));
         let doc: SnapshotDoc = match format {
             Format::Json => {
@@ -455,7 +476,7 @@ impl Snapshot {
                 None => crate::config::parse_yaml(text).map_err(SnapshotError::Parse)?,
             },
         };
-        Self::from_doc(doc, source, content_digest)
+        Ok((doc, content_digest))
     }
 
     pub fn from_doc(
@@ -1044,6 +1065,29 @@ mod tests {
         assert!(
             e.starts_with(&format!("keys[{wrong_field}] id=k{wrong_field}: sha256")),
             "a bad field: {e}"
+        );
+    }
+
+    #[test]
+    fn owned_text_parses_the_same() {
+        let yaml = include_str!("../../config/keys.yaml");
+        let json =
+            serde_json::to_string(&Snapshot::parse(yaml, Source::File).unwrap().to_doc()).unwrap();
+        for text in [yaml, json.as_str()] {
+            let a = Snapshot::parse(text, Source::File).unwrap();
+            let b = Snapshot::parse_owned(text.to_string(), Source::File).unwrap();
+            assert_eq!(a.content_digest, b.content_digest);
+            assert_eq!((a.len(), a.version), (b.len(), b.version));
+            assert!(b
+                .lookup(&digest(b"sta_demo_service_key_0123456789abcdef"))
+                .is_some());
+        }
+        let bad = refuse("keys: {");
+        assert_eq!(
+            Snapshot::parse_owned("keys: {".into(), Source::File)
+                .unwrap_err()
+                .to_string(),
+            bad
         );
     }
 

@@ -135,7 +135,7 @@ pub fn load_initial(app: &App) {
 
 fn load_file(app: &App, path: &Path, source: Source) -> Result<Arc<Snapshot>, LoadError> {
     let text = read(path)?;
-    Ok(install(app, Snapshot::parse(&text, source)?))
+    Ok(install(app, Snapshot::parse_owned(text, source)?))
 }
 
 /// Watch `path`: reload when its content hash changes (polled, so renames and Kubernetes'
@@ -192,7 +192,7 @@ pub async fn watch_file(app: Arc<App>, path: PathBuf, trigger: Arc<Notify>) {
         }
         last_seen = Some(digest_hex);
         let result = tokio::task::spawn_blocking(move || {
-            Snapshot::parse(&text, Source::File).map(|s| install(&app2, s))
+            Snapshot::parse_owned(text, Source::File).map(|s| install(&app2, s))
         })
         .await;
         match result {
