@@ -8,6 +8,7 @@
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use foldhash::fast::RandomState;
 use hashbrown::hash_table::{Entry, HashTable};
 
 use super::snapshot::{Digest, Key};
@@ -23,16 +24,10 @@ pub enum Duplicate {
 pub struct KeyIndex {
     by_digest: HashTable<Arc<Key>>,
     by_id: HashTable<Arc<Key>>,
-    /// Ids are chosen by whoever writes the snapshot: hashed with a per-process seed.
-    ids: std::hash::RandomState,
-}
-
-/// Digests are SHA-256 outputs, uniform whatever the key, so their first 8 bytes are as
-/// good a hash as any.
-fn digest_hash(d: &Digest) -> u64 {
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&d[..8]);
-    u64::from_le_bytes(first)
+    /// A seeded hash of every byte, for digests as for ids. A stored digest is whatever the
+    /// snapshot's writer put there (fixtures like `00…01`, `00…02` included), so no part of
+    /// it can be trusted to be uniform: hashing only a prefix made such a load quadratic.
+    hasher: RandomState,
 }
 
 impl KeyIndex {
@@ -40,26 +35,26 @@ impl KeyIndex {
         Self {
             by_digest: HashTable::with_capacity(n),
             by_id: HashTable::with_capacity(n),
-            ids: Default::default(),
+            hasher: RandomState::default(),
         }
     }
 
     /// Add a key, unless another one has its id or its digest (then nothing changes).
     pub fn insert(&mut self, key: Arc<Key>) -> Result<(), Duplicate> {
-        let ids = &self.ids;
-        let id_hash = ids.hash_one(&*key.id);
-        let id_slot = match self
-            .by_id
-            .entry(id_hash, |k| k.id == key.id, |k| ids.hash_one(&*k.id))
-        {
+        let h = &self.hasher;
+        let id_slot = match self.by_id.entry(
+            h.hash_one(&*key.id),
+            |k| k.id == key.id,
+            |k| h.hash_one(&*k.id),
+        ) {
             Entry::Occupied(_) => return Err(Duplicate::Id),
             Entry::Vacant(slot) => slot,
         };
         let d = key.digest();
         match self.by_digest.entry(
-            digest_hash(d),
+            h.hash_one(d),
             |k| k.digest() == d,
-            |k| digest_hash(k.digest()),
+            |k| h.hash_one(k.digest()),
         ) {
             Entry::Occupied(_) => return Err(Duplicate::Digest),
             Entry::Vacant(slot) => {
@@ -71,11 +66,12 @@ impl KeyIndex {
     }
 
     pub fn by_digest(&self, d: &Digest) -> Option<&Arc<Key>> {
-        self.by_digest.find(digest_hash(d), |k| k.digest() == d)
+        self.by_digest
+            .find(self.hasher.hash_one(d), |k| k.digest() == d)
     }
 
     pub fn by_id(&self, id: &str) -> Option<&Arc<Key>> {
-        self.by_id.find(self.ids.hash_one(id), |k| &*k.id == id)
+        self.by_id.find(self.hasher.hash_one(id), |k| &*k.id == id)
     }
 
     pub fn len(&self) -> usize {
@@ -133,6 +129,21 @@ mod tests {
         }
         assert!(index.by_digest(&digest(b"x")).is_none());
         assert!(index.by_id("x").is_none());
+    }
+
+    /// Digests that differ only in their last bytes, as a fixture's `{i:064x}` do, must not
+    /// share buckets: the load would turn quadratic.
+    #[test]
+    fn structured_digests_spread_across_buckets() {
+        let index = KeyIndex::default();
+        let mut buckets = std::collections::HashSet::new();
+        for i in 0..4096u64 {
+            let mut d = [0u8; 32];
+            d[24..].copy_from_slice(&i.to_be_bytes());
+            buckets.insert(index.hasher.hash_one(d) & 0xffff);
+        }
+        // 4096 uniform draws from 65536 buckets give about 3970 distinct ones.
+        assert!(buckets.len() > 3500, "{} buckets", buckets.len());
     }
 
     #[test]

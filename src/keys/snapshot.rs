@@ -1,8 +1,9 @@
 //! The key snapshot: parsed, validated and indexed by SHA-256 digest off the request path,
 //! then published whole through the [`KeyStore`](super::KeyStore).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -75,9 +76,8 @@ impl Status {
 }
 
 /// Which accounts an enterprise key may act for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delegation {
-    #[default]
     None,
     Any,
     Only(HashSet<String>),
@@ -217,7 +217,7 @@ pub struct Key {
 }
 
 /// The optional fields of a key.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Extra {
     subject_email: Option<Text>,
     account_short_id: Option<Text>,
@@ -231,19 +231,30 @@ struct Extra {
 
 impl Extra {
     fn is_empty(&self) -> bool {
-        self.subject_email.is_none()
-            && self.account_short_id.is_none()
-            && self.enterprise_id.is_none()
-            && self.org_id.is_none()
-            && self.environment.is_none()
-            && self.rate_limit.is_none()
-            && self.delegation == Delegation::None
-            && self.delegate_accounts.is_none()
+        // No `..`: a new field must be counted here.
+        let Extra {
+            subject_email,
+            account_short_id,
+            enterprise_id,
+            org_id,
+            environment,
+            rate_limit,
+            delegation,
+            delegate_accounts,
+        } = self;
+        subject_email.is_none()
+            && account_short_id.is_none()
+            && enterprise_id.is_none()
+            && org_id.is_none()
+            && environment.is_none()
+            && rate_limit.is_none()
+            && *delegation == Delegation::None
+            && delegate_accounts.is_none()
     }
 }
 
-/// A key's scopes and their `x-auth-scopes` value, shared by the keys of one snapshot that
-/// list the same scopes.
+/// A key's scopes and their `x-auth-scopes` value, shared by the keys of one build run (a
+/// few thousand keys, built on one thread) that list the same scopes.
 #[derive(Debug)]
 pub struct Scopes {
     list: Vec<String>,
@@ -258,18 +269,25 @@ impl Scopes {
     }
 }
 
-/// While one run of keys is built: each distinct scope list, built once.
+/// While one run of keys is built: each distinct scope list, built once and held once.
 #[derive(Default)]
-struct ScopeCache(HashMap<Vec<String>, Arc<Scopes>>);
+struct ScopeCache {
+    built: hashbrown::HashTable<Arc<Scopes>>,
+    hasher: foldhash::fast::RandomState,
+}
 
 impl ScopeCache {
     fn get(&mut self, list: Vec<String>) -> Arc<Scopes> {
-        if let Some(s) = self.0.get(&list) {
-            return s.clone();
-        }
-        let scopes = Arc::new(Scopes::new(list.clone()));
-        self.0.insert(list, scopes.clone());
-        scopes
+        let h = &self.hasher;
+        self.built
+            .entry(
+                h.hash_one(&list),
+                |s| s.list == list,
+                |s| h.hash_one(&s.list),
+            )
+            .or_insert_with(|| Arc::new(Scopes::new(list)))
+            .get()
+            .clone()
     }
 }
 
@@ -332,12 +350,9 @@ impl IdentityNames {
 /// Below this many keys a snapshot is built on the calling thread.
 const KEYS_PER_BUILD_THREAD: usize = 20_000;
 
-/// A validated key.
-type Built = Arc<Key>;
-
 /// Validate and build a run of keys; `offset` is the first one's index in the document, so
 /// that an error names the entry.
-fn build_run(offset: usize, docs: Vec<KeyDoc>) -> Result<Vec<Built>, SnapshotError> {
+fn build_run(offset: usize, docs: Vec<KeyDoc>) -> Result<Vec<Arc<Key>>, SnapshotError> {
     let mut scopes = ScopeCache::default();
     docs.into_iter()
         .enumerate()
@@ -356,7 +371,7 @@ fn build_run(offset: usize, docs: Vec<KeyDoc>) -> Result<Vec<Built>, SnapshotErr
 
 /// Validate and build every key, in parallel for large snapshots (key building is mostly
 /// allocation, which glibc serves per thread). Errors name the first bad entry.
-fn build_keys(docs: Vec<KeyDoc>, per_thread: usize) -> Result<Vec<Built>, SnapshotError> {
+fn build_keys(docs: Vec<KeyDoc>, per_thread: usize) -> Result<Vec<Arc<Key>>, SnapshotError> {
     let threads = super::parallel::threads_for(docs.len(), per_thread);
     // Split from the back, so each split moves only the part it cuts off.
     let size = docs.len().div_ceil(threads).max(1);
@@ -376,7 +391,9 @@ fn build_keys(docs: Vec<KeyDoc>, per_thread: usize) -> Result<Vec<Built>, Snapsh
 }
 
 /// The runs in document order, or the first run's error.
-fn concat_runs(runs: Vec<Result<Vec<Built>, SnapshotError>>) -> Result<Vec<Built>, SnapshotError> {
+fn concat_runs(
+    runs: Vec<Result<Vec<Arc<Key>>, SnapshotError>>,
+) -> Result<Vec<Arc<Key>>, SnapshotError> {
     let mut out = Vec::with_capacity(runs.iter().map(|r| r.as_ref().map_or(0, Vec::len)).sum());
     for r in runs {
         out.extend(r?);
@@ -443,8 +460,7 @@ impl fmt::Debug for Snapshot {
 }
 
 impl Snapshot {
-    /// Parse YAML or JSON and validate every entry. A document starting with `{` is read as
-    /// JSON (what a control plane usually pushes; several times faster than YAML).
+    /// Parse YAML or JSON (told apart by [`Format::of`]) and validate every entry.
     pub fn parse(text: &str, source: Source) -> Result<Snapshot, SnapshotError> {
         Self::parse_as(text, Format::of(text), source)
     }
@@ -491,13 +507,13 @@ impl Snapshot {
     /// Index built keys by digest and by id; a duplicate of either refuses the snapshot.
     fn assemble(
         version: Option<u64>,
-        keys: Vec<Built>,
+        keys: Vec<Arc<Key>>,
         source: Source,
         content_digest: String,
     ) -> Result<Snapshot, SnapshotError> {
         let mut index = KeyIndex::with_capacity(keys.len());
         for (i, key) in keys.into_iter().enumerate() {
-            let id = key.id.to_string();
+            let id = key.id.clone();
             if let Err(dup) = index.insert(key) {
                 let (field, reason) = match dup {
                     Duplicate::Id => ("id", "duplicate id"),
@@ -505,7 +521,7 @@ impl Snapshot {
                 };
                 return Err(SnapshotError::Entry {
                     index: i,
-                    id,
+                    id: id.to_string(),
                     field,
                     reason: reason.into(),
                 });
@@ -929,6 +945,28 @@ mod tests {
             entry("")
         );
         assert_eq!(refuse(&two), "keys[1] id=key_b: sha256: duplicate sha256");
+        // The same entry twice: its id is what is reported.
+        let two = entry("") + &entry("").replacen("keys:\n", "", 1);
+        assert_eq!(refuse(&two), "keys[1] id=key_a: id: duplicate id");
+    }
+
+    /// Stored digests are whatever the writer put there: ones that differ only in their
+    /// last bytes are all distinct keys, each found by its own digest.
+    #[test]
+    fn digests_alike_but_for_their_last_bytes_are_distinct_keys() {
+        let n = 3000;
+        let text: String = (0..n)
+            .map(|i| {
+                format!("  - {{id: k{i}, sha256: {i:064x}, type: personal, subject_id: s, account_id: a}}\n")
+            })
+            .collect();
+        let s = Snapshot::parse(&format!("keys:\n{text}"), Source::File).unwrap();
+        assert_eq!(s.len(), n);
+        for i in [0, 1, 255, 256, n - 1] {
+            let mut d = [0u8; 32];
+            d[24..].copy_from_slice(&(i as u64).to_be_bytes());
+            assert_eq!(&*s.lookup(&d).unwrap().id, format!("k{i}"));
+        }
     }
 
     #[test]
@@ -962,6 +1000,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(all(unix, target_pointer_width = "64"))] // sizes of `SystemTime`, `Arc`, `Bytes`
     fn a_key_fits_a_small_allocation() {
         // `Arc<Key>` (two counters + the key) must stay within jemalloc's 256-byte class:
         // a snapshot holds one per key, a million at the high end.
