@@ -55,15 +55,15 @@ pub fn entry_yaml(raw: &str, new: &NewKey) -> Result<String, String> {
         None => generate_id().map_err(|e| format!("randomness: {e}"))?,
     };
     let doc = KeyDoc {
-        id,
-        sha256: hash_key(raw),
-        kind: new.principal_type.as_str().to_string(),
-        subject_id: new.subject_id.clone(),
-        account_id: new.account_id.clone(),
+        id: id.into(),
+        sha256: hash_key(raw).into(),
+        kind: new.principal_type.as_str().into(),
+        subject_id: new.subject_id.as_str().into(),
+        account_id: new.account_id.as_str().into(),
         scopes: new.scopes.clone(),
-        environment: new.environment.clone(),
+        environment: new.environment.as_deref().map(Into::into),
         status: Some("active".into()),
-        expires_at: new.expires_at.clone(),
+        expires_at: new.expires_at.as_deref().map(Into::into),
         ..KeyDoc::default()
     };
     let list = serde_yaml::to_string(&[&doc]).map_err(|e| e.to_string())?;

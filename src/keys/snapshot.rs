@@ -101,38 +101,40 @@ pub struct SnapshotDoc {
 }
 
 /// One entry of the snapshot file. Loosely typed on purpose: [`Key::from_doc`] checks each
-/// field so that an error can name the entry and the field.
+/// field so that an error can name the entry and the field. Text is `Box<str>`, not
+/// `String`: a large load holds every entry at once, and the spare capacity word is 8 bytes
+/// per field.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyDoc {
     #[serde(default)]
-    pub id: String,
+    pub id: Box<str>,
     #[serde(default)]
-    pub sha256: String,
+    pub sha256: Box<str>,
     #[serde(default, rename = "type")]
-    pub kind: String,
+    pub kind: Box<str>,
     #[serde(default)]
-    pub subject_id: String,
+    pub subject_id: Box<str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject_email: Option<String>,
+    pub subject_email: Option<Box<str>>,
     #[serde(default)]
-    pub account_id: String,
+    pub account_id: Box<str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub account_short_id: Option<String>,
+    pub account_short_id: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub enterprise_id: Option<String>,
+    pub enterprise_id: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub org_id: Option<String>,
+    pub org_id: Option<Box<str>>,
     #[serde(default)]
     pub scopes: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub environment: Option<String>,
+    pub environment: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
+    pub status: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_before: Option<String>,
+    pub not_before: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<String>,
+    pub expires_at: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delegate_accounts: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,8 +162,8 @@ pub struct Text(HeaderValue);
 
 impl Text {
     /// `s` must already be checked (visible ASCII); the buffer is moved, not copied.
-    fn new(s: String) -> Text {
-        let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
+    fn new(s: Box<str>) -> Text {
+        let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(s.into_boxed_bytes()))
             .unwrap_or_else(|_| HeaderValue::from_static(""));
         Text(v)
     }
@@ -223,7 +225,7 @@ struct Extra {
     account_short_id: Option<Text>,
     enterprise_id: Option<Text>,
     org_id: Option<Text>,
-    environment: Option<String>,
+    environment: Option<Box<str>>,
     rate_limit: Option<RateLimit>,
     delegation: Delegation,
     delegate_accounts: Option<Vec<String>>,
@@ -586,7 +588,7 @@ impl Key {
     fn from_doc(doc: KeyDoc, scopes: &mut ScopeCache) -> Result<Key, (FieldError, String)> {
         match Checked::of(&doc) {
             Ok(c) => Ok(Self::build(doc, c, scopes)),
-            Err(e) => Err((e, doc.id)),
+            Err(e) => Err((e, doc.id.into())),
         }
     }
 
@@ -702,21 +704,23 @@ impl Key {
 
     /// The snapshot entry this key was loaded from (times in canonical RFC 3339 form).
     pub fn to_doc(&self) -> KeyDoc {
-        let time =
-            |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_seconds(t).to_string());
+        let time = |t: Option<SystemTime>| {
+            t.map(|t| humantime::format_rfc3339_seconds(t).to_string().into())
+        };
+        let text = |t: Option<&Text>| t.map(|t| t.as_str().into());
         KeyDoc {
-            id: self.id.to_string(),
-            sha256: hex::encode(self.digest),
-            kind: self.principal_type.as_str().to_string(),
-            subject_id: self.subject_id.to_string(),
-            subject_email: self.subject_email().map(|t| t.to_string()),
-            account_id: self.account_id.to_string(),
-            account_short_id: self.account_short_id().map(|t| t.to_string()),
-            enterprise_id: self.enterprise_id().map(|t| t.to_string()),
-            org_id: self.org_id().map(|t| t.to_string()),
+            id: (*self.id).into(),
+            sha256: hex::encode(self.digest).into(),
+            kind: self.principal_type.as_str().into(),
+            subject_id: self.subject_id.as_str().into(),
+            subject_email: text(self.subject_email()),
+            account_id: self.account_id.as_str().into(),
+            account_short_id: text(self.account_short_id()),
+            enterprise_id: text(self.enterprise_id()),
+            org_id: text(self.org_id()),
             scopes: self.scopes().to_vec(),
-            environment: self.environment().map(str::to_string),
-            status: Some(self.status.as_str().to_string()),
+            environment: self.environment().map(Into::into),
+            status: Some(self.status.as_str().into()),
             not_before: time(self.not_before),
             expires_at: time(self.expires_at),
             delegate_accounts: self.extra().and_then(|e| e.delegate_accounts.clone()),
@@ -1051,8 +1055,8 @@ mod tests {
     #[test]
     fn parallel_build_keeps_order_and_names_the_first_bad_entry() {
         let doc = |i: usize| KeyDoc {
-            id: format!("k{i}"),
-            sha256: hex::encode(digest(format!("key-{i}").as_bytes())),
+            id: format!("k{i}").into(),
+            sha256: hex::encode(digest(format!("key-{i}").as_bytes())).into(),
             kind: "personal".into(),
             subject_id: "s".into(),
             account_id: "a".into(),

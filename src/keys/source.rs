@@ -247,7 +247,7 @@ pub fn disable_key(app: &App, id: &str) -> Result<Arc<Snapshot>, DisableError> {
         return Err(DisableError::NotFound(id.to_string()));
     }
     let mut doc = current.to_doc();
-    for k in doc.keys.iter_mut().filter(|k| k.id == id) {
+    for k in doc.keys.iter_mut().filter(|k| &*k.id == id) {
         k.status = Some("disabled".into());
     }
     let text = serde_yaml::to_string(&doc)
