@@ -258,7 +258,7 @@ impl Extra {
 /// A key's scopes and their `x-auth-scopes` value, shared by the keys of one build run (a
 /// few thousand keys, built on one thread) that list the same scopes.
 #[derive(Debug)]
-pub struct Scopes {
+struct Scopes {
     list: Vec<String>,
     value: HeaderValue,
 }
