@@ -39,15 +39,16 @@ impl KeyIndex {
         }
     }
 
-    /// Add a key, unless another one has its id or its digest (then nothing changes).
-    pub fn insert(&mut self, key: Arc<Key>) -> Result<(), Duplicate> {
+    /// Add a key, unless another one has its id or its digest: then nothing changes and
+    /// the key comes back, for the refusal to name it.
+    pub fn insert(&mut self, key: Arc<Key>) -> Result<(), (Duplicate, Arc<Key>)> {
         let h = &self.hasher;
         let id_slot = match self.by_id.entry(
             h.hash_one(&*key.id),
             |k| k.id == key.id,
             |k| h.hash_one(&*k.id),
         ) {
-            Entry::Occupied(_) => return Err(Duplicate::Id),
+            Entry::Occupied(_) => return Err((Duplicate::Id, key)),
             Entry::Vacant(slot) => slot,
         };
         let d = key.digest();
@@ -56,7 +57,7 @@ impl KeyIndex {
             |k| k.digest() == d,
             |k| h.hash_one(k.digest()),
         ) {
-            Entry::Occupied(_) => return Err(Duplicate::Digest),
+            Entry::Occupied(_) => return Err((Duplicate::Digest, key)),
             Entry::Vacant(slot) => {
                 slot.insert(key.clone());
             }
@@ -153,12 +154,13 @@ mod tests {
         index.insert(keys[0].clone()).unwrap();
         index.insert(keys[1].clone()).unwrap();
         // Same id as `a`, another digest: refused, and its digest is not indexed either.
-        assert_eq!(index.insert(keys[3].clone()), Err(Duplicate::Id));
+        assert_eq!(index.insert(keys[3].clone()).unwrap_err().0, Duplicate::Id);
         assert!(index.by_digest(&digest(b"x")).is_none());
         // Another id, `b`'s digest: refused, and the id is not indexed either.
         let mut renamed = Key::clone(&keys[1]);
         renamed.id = "d".into();
-        assert_eq!(index.insert(Arc::new(renamed)), Err(Duplicate::Digest));
+        let (dup, refused) = index.insert(Arc::new(renamed)).unwrap_err();
+        assert_eq!((dup, &*refused.id), (Duplicate::Digest, "d"));
         assert!(index.by_id("d").is_none());
         assert_eq!(index.len(), 2);
         assert_eq!(index.iter().count(), 2);

@@ -515,15 +515,14 @@ impl Snapshot {
     ) -> Result<Snapshot, SnapshotError> {
         let mut index = KeyIndex::with_capacity(keys.len());
         for (i, key) in keys.into_iter().enumerate() {
-            let id = key.id.clone();
-            if let Err(dup) = index.insert(key) {
+            if let Err((dup, key)) = index.insert(key) {
                 let (field, reason) = match dup {
                     Duplicate::Id => ("id", "duplicate id"),
                     Duplicate::Digest => ("sha256", "duplicate sha256"),
                 };
                 return Err(SnapshotError::Entry {
                     index: i,
-                    id: id.to_string(),
+                    id: key.id.to_string(),
                     field,
                     reason: reason.into(),
                 });
