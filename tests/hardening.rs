@@ -598,6 +598,26 @@ async fn slowloris_is_cut_at_header_read_timeout() {
     kw.shutdown().await;
 }
 
+/// Past `header_read_timeout` a connection whose head never completed gets at most one more
+/// second, not another full timeout: hyper would go on waiting for the rest of the head
+/// after a graceful shutdown.
+#[tokio::test]
+async fn a_stalled_first_head_is_dropped_a_second_after_its_timeout() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { header_read_timeout: 3s }\n").await;
+    let partial = format!("GET /v1/stalled HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n");
+    let took = time_to_close(kw.addr, partial.as_bytes(), false, Duration::from_secs(8))
+        .await
+        .expect("stalled head left open");
+    // About 4 s; twice the timeout (6 s) was the bound before.
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert_eq!(up.count(), 0);
+    kw.shutdown().await;
+}
+
 #[tokio::test]
 async fn silent_and_idle_connections_are_closed() {
     let up = spawn_upstream().await;
