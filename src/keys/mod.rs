@@ -6,6 +6,7 @@ mod parallel;
 pub mod snapshot;
 pub mod source;
 pub mod store;
+mod stream;
 pub mod usage;
 mod yaml_chunks;
 

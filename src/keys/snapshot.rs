@@ -273,7 +273,7 @@ impl Scopes {
 
 /// While one run of keys is built: each distinct scope list, built once and held once.
 #[derive(Default)]
-struct ScopeCache {
+pub(super) struct ScopeCache {
     built: hashbrown::HashTable<Arc<Scopes>>,
     hasher: foldhash::fast::RandomState,
 }
@@ -358,17 +358,24 @@ fn build_run(offset: usize, docs: Vec<KeyDoc>) -> Result<Vec<Arc<Key>>, Snapshot
     let mut scopes = ScopeCache::default();
     docs.into_iter()
         .enumerate()
-        .map(|(i, kd)| {
-            Key::from_doc(kd, &mut scopes)
-                .map(Arc::new)
-                .map_err(|((field, reason), id)| SnapshotError::Entry {
-                    index: offset + i,
-                    id,
-                    field,
-                    reason,
-                })
-        })
+        .map(|(i, kd)| build_entry(offset + i, kd, &mut scopes))
         .collect()
+}
+
+/// Validate and build entry `index` of the document.
+pub(super) fn build_entry(
+    index: usize,
+    doc: KeyDoc,
+    scopes: &mut ScopeCache,
+) -> Result<Arc<Key>, SnapshotError> {
+    Key::from_doc(doc, scopes)
+        .map(Arc::new)
+        .map_err(|((field, reason), id)| SnapshotError::Entry {
+            index,
+            id,
+            field,
+            reason,
+        })
 }
 
 /// Validate and build every key, in parallel for large snapshots (key building is mostly
@@ -401,6 +408,12 @@ fn concat_runs(
         out.extend(r?);
     }
     Ok(out)
+}
+
+/// A document as read: its entries still to be checked and built, or already built.
+enum Read {
+    Doc(SnapshotDoc),
+    Built(Option<u64>, Vec<Arc<Key>>),
 }
 
 /// A snapshot document's syntax.
@@ -469,32 +482,48 @@ impl Snapshot {
 
     /// Parse in a known format (`PUT /v1/snapshot` goes by `content-type`).
     pub fn parse_as(text: &str, format: Format, source: Source) -> Result<Snapshot, SnapshotError> {
-        let (doc, content_digest) = Self::read_doc(text, format)?;
-        Self::from_doc(doc, source, content_digest)
+        let (read, content_digest) = Self::read(text, format)?;
+        Self::finish(read, source, content_digest)
     }
 
-    /// [`Snapshot::parse`], taking the text: it is freed as soon as it is parsed, before the
-    /// keys are built, so a large load never holds the document and all its keys at once.
+    /// [`Snapshot::parse`], taking the text: it is freed as soon as it is read, so a large
+    /// load never holds the document and all its keys at once.
     pub fn parse_owned(text: String, source: Source) -> Result<Snapshot, SnapshotError> {
-        let (doc, content_digest) = Self::read_doc(&text, Format::of(&text))?;
+        let (read, content_digest) = Self::read(&text, Format::of(&text))?;
         drop(text);
-        Self::from_doc(doc, source, content_digest)
+        Self::finish(read, source, content_digest)
     }
 
-    /// The document's entries, unchecked, and the digest of its text.
-    fn read_doc(text: &str, format: Format) -> Result<(SnapshotDoc, String), SnapshotError> {
+    /// The document read (JSON: with its keys already built, entry by entry), and the
+    /// digest of its text.
+    fn read(text: &str, format: Format) -> Result<(Read, String), SnapshotError> {
         let content_digest = hex::encode(digest(text.as_bytes()));
-        let doc: SnapshotDoc = match format {
+        let read = match format {
             Format::Json => {
-                serde_json::from_str(text).map_err(|e| SnapshotError::Parse(e.to_string()))?
+                let (version, keys) = super::stream::parse_json(text)?;
+                Read::Built(version, keys)
             }
-            // Large snapshots are parsed on every core; anything else, whole.
+            // Large snapshots are read on every core; anything else, whole.
             Format::Yaml => match super::yaml_chunks::parse(text) {
-                Some(doc) => doc,
-                None => crate::config::parse_yaml(text).map_err(SnapshotError::Parse)?,
+                Some(built) => {
+                    let (version, keys) = built?;
+                    Read::Built(version, keys)
+                }
+                None => Read::Doc(crate::config::parse_yaml(text).map_err(SnapshotError::Parse)?),
             },
         };
-        Ok((doc, content_digest))
+        Ok((read, content_digest))
+    }
+
+    fn finish(
+        read: Read,
+        source: Source,
+        content_digest: String,
+    ) -> Result<Snapshot, SnapshotError> {
+        match read {
+            Read::Doc(doc) => Self::from_doc(doc, source, content_digest),
+            Read::Built(version, keys) => Self::assemble(version, keys, source, content_digest),
+        }
     }
 
     pub fn from_doc(

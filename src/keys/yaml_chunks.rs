@@ -3,14 +3,20 @@
 //! The YAML scanner is the cost of loading a big snapshot (JSON parses about three times
 //! faster), and it is single-threaded. A snapshot has one big part, the block sequence under
 //! the top-level `keys:`, whose items start at a fixed indentation. This module finds those
-//! item boundaries by looking at line starts only, parses runs of items on all cores, and
-//! parses what is left (`version:` and the rest) with `keys:` emptied.
+//! item boundaries by looking at line starts only, reads runs of items on all cores (each
+//! item built into its key as soon as it is parsed, see `stream`), and parses what is left
+//! (`version:` and the rest) with `keys:` emptied.
 //!
 //! It never decides alone: any document it does not recognise (flow style, several
 //! documents, directives, too few keys) or any chunk that fails to parse goes back to the
 //! ordinary whole-document parser, whose error messages name the entry exactly.
 
-use super::snapshot::{KeyDoc, SnapshotDoc};
+use std::sync::Arc;
+
+use serde::de::DeserializeSeed;
+
+use super::snapshot::{Key, SnapshotDoc, SnapshotError};
+use super::stream::Entries;
 
 /// Below this many items the whole document is parsed on the calling thread.
 pub const MIN_ITEMS: usize = 2_000;
@@ -26,43 +32,66 @@ struct Split<'a> {
     envelope: String,
     /// Runs of whole items, in document order; each a valid YAML block sequence.
     chunks: Vec<&'a str>,
+    /// Items in all runs.
+    items: usize,
 }
 
-/// Parse `text` in parallel when it has the plain shape of a large snapshot; `None` when it
-/// does not, or when any part fails to parse (the caller then parses it whole).
+/// A large YAML snapshot read on every core: its `version` and its keys, built, or the
+/// first refused entry, named. `None` when the document does not have the plain shape, or
+/// when any part fails to parse (the caller then parses it whole).
 ///
-/// Keys are built afterwards, not by the thread that parsed them: interleaving the
-/// parser's short-lived allocations with long-lived keys fragments glibc's heap, and
-/// measured 1.4 s → 2.0 s for 200k keys.
-pub fn parse(text: &str) -> Option<SnapshotDoc> {
+/// Each run's entries become keys on the thread that parsed them, as they are read, so a
+/// load never holds every parsed entry at once.
+pub fn parse(text: &str) -> Option<Result<Built, SnapshotError>> {
     let split = split(text, MIN_ITEMS, ITEMS_PER_CHUNK)?;
-    let mut doc: SnapshotDoc = serde_yaml::from_str(&split.envelope).ok()?;
-    if !doc.keys.is_empty() {
+    let envelope: SnapshotDoc = serde_yaml::from_str(&split.envelope).ok()?;
+    if !envelope.keys.is_empty() {
         return None;
     }
-    doc.keys = parse_chunks(&split.chunks)?;
-    Some(doc)
+    let keys = build_chunks(&split.chunks, split.items)?;
+    Some(keys.map(|keys| (envelope.version, keys)))
 }
 
-/// Every chunk's items, parsed on all cores (each thread a contiguous run of chunks), in
-/// document order; `None` if any fails.
-fn parse_chunks(chunks: &[&str]) -> Option<Vec<KeyDoc>> {
+/// A snapshot's version and keys.
+pub type Built = (Option<u64>, Vec<Arc<Key>>);
+
+/// Every chunk's keys, read and built on all cores (each thread a contiguous run of
+/// chunks), in document order; the first refused entry; or `None` if any chunk fails to
+/// parse or holds another number of items than its boundaries said.
+fn build_chunks(chunks: &[&str], items: usize) -> Option<Result<Vec<Arc<Key>>, SnapshotError>> {
     let threads = super::parallel::threads_for(chunks.len(), 1);
-    let parts: Vec<&[&str]> = chunks
-        .chunks(chunks.len().div_ceil(threads).max(1))
+    let per_thread = chunks.len().div_ceil(threads).max(1);
+    let parts: Vec<(usize, &[&str])> = chunks
+        .chunks(per_thread)
+        .enumerate()
+        .map(|(i, run)| (i * per_thread, run))
         .collect();
-    let parsed = super::parallel::map_parts(parts, |run| {
-        let mut docs = Vec::with_capacity(run.len() * ITEMS_PER_CHUNK);
-        for chunk in run {
-            docs.extend(serde_yaml::from_str::<Vec<KeyDoc>>(chunk).ok()?);
+    let built = super::parallel::map_parts(parts, |(first, run)| {
+        let mut keys = Vec::with_capacity(run.len() * ITEMS_PER_CHUNK);
+        for (i, chunk) in run.iter().enumerate() {
+            let offset = (first + i) * ITEMS_PER_CHUNK;
+            let expected = ITEMS_PER_CHUNK.min(items - offset);
+            let mut refused = None;
+            let entries = Entries {
+                offset,
+                refused: &mut refused,
+            };
+            match entries.deserialize(serde_yaml::Deserializer::from_str(chunk)) {
+                Ok(run_keys) if run_keys.len() == expected => keys.extend(run_keys),
+                Ok(_) => return None,
+                Err(_) => return refused.map(Err),
+            }
         }
-        Some(docs)
+        Some(Ok(keys))
     });
-    let mut keys = Vec::with_capacity(chunks.len() * ITEMS_PER_CHUNK);
-    for docs in parsed {
-        keys.extend(docs??);
+    let mut keys = Vec::with_capacity(items);
+    for run in built {
+        match run?? {
+            Ok(run) => keys.extend(run),
+            Err(refused) => return Some(Err(refused)),
+        }
     }
-    Some(keys)
+    Some(Ok(keys))
 }
 
 /// A line's content without its line break, and where it starts in `text`.
@@ -140,7 +169,11 @@ fn split(text: &str, min_items: usize, per_chunk: usize) -> Option<Split<'_>> {
         })
         .collect();
     let envelope = format!("{}  []\n{}", &text[..first], &text[end..]);
-    Some(Split { envelope, chunks })
+    Some(Split {
+        envelope,
+        chunks,
+        items: items.len(),
+    })
 }
 
 #[cfg(test)]
@@ -148,7 +181,9 @@ mod tests {
     use super::*;
 
     fn item(i: usize) -> String {
-        format!("  - id: key_{i}\n    sha256: {i:064x}\n    scopes: [read]\n")
+        format!(
+            "  - id: key_{i}\n    sha256: {i:064x}\n    type: personal\n    subject_id: s{i}\n    account_id: a\n    scopes: [read]\n"
+        )
     }
 
     #[test]
@@ -200,15 +235,36 @@ mod tests {
                 text.push_str("  # a comment between items\n\n");
             }
         }
-        let fast = parse(&text).expect("parsed in chunks");
+        let (version, fast) = parse(&text).expect("parsed in chunks").unwrap();
         let whole: SnapshotDoc = serde_yaml::from_str(&text).unwrap();
-        assert_eq!(fast.version, Some(2));
-        assert_eq!(fast.keys.len(), whole.keys.len());
-        assert!(fast
-            .keys
-            .iter()
-            .zip(&whole.keys)
-            .all(|(a, b)| a.id == b.id && a.sha256 == b.sha256 && a.scopes == b.scopes));
+        assert_eq!(version, Some(2));
+        assert_eq!(fast.len(), whole.keys.len());
+        assert!(fast.iter().zip(&whole.keys).all(|(a, b)| *a.id == *b.id
+            && hex::encode(a.digest()) == *b.sha256
+            && a.scopes().iter().eq(b.scopes.iter())));
+    }
+
+    /// A refused entry in a later run is named by its index in the whole list.
+    #[test]
+    fn a_refused_entry_is_named_in_the_whole_list() {
+        let mut text = String::from("keys:\n");
+        for i in 0..(MIN_ITEMS + 10) {
+            let entry = item(i);
+            text.push_str(&if i == 1500 {
+                entry.replace("personal", "robot")
+            } else {
+                entry
+            });
+        }
+        match parse(&text) {
+            Some(Err(SnapshotError::Entry {
+                index, id, field, ..
+            })) => {
+                assert_eq!((index, field), (1500, "type"));
+                assert_eq!(id, "key_1500");
+            }
+            other => panic!("{:?}", other.map(|r| r.map(|(v, k)| (v, k.len())))),
+        }
     }
 
     #[test]
@@ -219,10 +275,8 @@ mod tests {
         }
         text.push_str("  - id: bad\n    unknown_field: 1\n");
         assert!(parse(&text).is_none());
-        let alias = format!(
-            "keys:\n  - &a {{id: x}}\n{}  - *a\n",
-            item(0).repeat(MIN_ITEMS)
-        );
+        let first = item(MIN_ITEMS).replacen("  - ", "  - &a\n    ", 1);
+        let alias = format!("keys:\n{first}{}  - *a\n", item(0).repeat(MIN_ITEMS));
         assert!(parse(&alias).is_none(), "an alias across chunks");
     }
 }

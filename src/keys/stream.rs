@@ -1,0 +1,207 @@
+//! Snapshots built entry by entry as they are read: each parsed entry becomes a key at once,
+//! so a load holds the document text and the keys, never every parsed entry as well (those
+//! take more memory than the keys they become). JSON documents are read this way whole;
+//! large YAML ones run by run (`yaml_chunks`).
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+
+use super::snapshot::{build_entry, Key, KeyDoc, ScopeCache, SnapshotError};
+
+/// A JSON snapshot's `version` and its keys, built. A refused entry is reported as
+/// [`SnapshotError::Entry`] naming it, exactly as when the whole document is parsed first.
+pub fn parse_json(text: &str) -> Result<(Option<u64>, Vec<Arc<Key>>), SnapshotError> {
+    let mut refused = None;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let doc = Doc {
+        refused: &mut refused,
+    };
+    let parsed = doc
+        .deserialize(&mut de)
+        .and_then(|doc| de.end().map(|()| doc));
+    match (parsed, refused) {
+        (_, Some(entry)) => Err(entry),
+        (Ok(doc), None) => Ok(doc),
+        (Err(e), None) => Err(SnapshotError::Parse(e.to_string())),
+    }
+}
+
+/// The document, with where the first refused entry is kept while serde unwinds.
+struct Doc<'a> {
+    refused: &'a mut Option<SnapshotError>,
+}
+
+impl<'de> DeserializeSeed<'de> for Doc<'_> {
+    type Value = (Option<u64>, Vec<Arc<Key>>);
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+const FIELDS: &[&str] = &["version", "keys"];
+
+impl<'de> Visitor<'de> for Doc<'_> {
+    type Value = (Option<u64>, Vec<Arc<Key>>);
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a snapshot with `version` and `keys`")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut version, mut keys) = (None, None);
+        while let Some(field) = map.next_key::<Field>()? {
+            match field {
+                Field::Version if version.is_some() => {
+                    return Err(de::Error::duplicate_field("version"))
+                }
+                Field::Keys if keys.is_some() => return Err(de::Error::duplicate_field("keys")),
+                Field::Version => version = Some(map.next_value::<Option<u64>>()?),
+                Field::Keys => {
+                    keys = Some(map.next_value_seed(Entries {
+                        offset: 0,
+                        refused: &mut *self.refused,
+                    })?)
+                }
+            }
+        }
+        Ok((version.flatten(), keys.unwrap_or_default()))
+    }
+}
+
+/// A field of the document; anything else is refused, as `SnapshotDoc` refuses it.
+enum Field {
+    Version,
+    Keys,
+}
+
+impl<'de> de::Deserialize<'de> for Field {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl Visitor<'_> for Name {
+            type Value = Field;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`version` or `keys`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Field, E> {
+                match v {
+                    "version" => Ok(Field::Version),
+                    "keys" => Ok(Field::Keys),
+                    other => Err(E::unknown_field(other, FIELDS)),
+                }
+            }
+        }
+        d.deserialize_identifier(Name)
+    }
+}
+
+/// A list of snapshot entries, each checked and built as soon as it is parsed. The first
+/// refused entry is kept in `refused` (the deserializer's own error only says that one was).
+pub struct Entries<'a> {
+    /// The first entry's index in the whole `keys` list.
+    pub offset: usize,
+    pub refused: &'a mut Option<SnapshotError>,
+}
+
+impl<'de> DeserializeSeed<'de> for Entries<'_> {
+    type Value = Vec<Arc<Key>>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Entries<'_> {
+    type Value = Vec<Arc<Key>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of keys")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut keys = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        let mut scopes = ScopeCache::default();
+        while let Some(doc) = seq.next_element::<KeyDoc>()? {
+            match build_entry(self.offset + keys.len(), doc, &mut scopes) {
+                Ok(key) => keys.push(key),
+                Err(entry) => {
+                    *self.refused = Some(entry);
+                    return Err(de::Error::custom("refused entry"));
+                }
+            }
+        }
+        Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::snapshot::{digest, SnapshotDoc};
+    use crate::keys::{Snapshot, Source};
+
+    fn item(id: &str, secret: &str) -> String {
+        let sha = hex::encode(digest(secret.as_bytes()));
+        format!(
+            r#"{{"id": "{id}", "sha256": "{sha}", "type": "personal", "subject_id": "s-{id}", "account_id": "a", "scopes": ["read"]}}"#
+        )
+    }
+
+    fn doc(items: &[String]) -> String {
+        format!(r#"{{"version": 7, "keys": [{}]}}"#, items.join(", "))
+    }
+
+    #[test]
+    fn builds_the_same_keys_as_the_parsed_document() {
+        let items: Vec<_> = (0..50)
+            .map(|i| item(&format!("k{i}"), &format!("secret-{i}")))
+            .collect();
+        let text = doc(&items);
+        let (version, keys) = parse_json(&text).unwrap();
+        let whole: SnapshotDoc = serde_json::from_str(&text).unwrap();
+        let whole = Snapshot::from_doc(whole, Source::Control, String::new()).unwrap();
+        assert_eq!(version, Some(7));
+        assert_eq!(keys.len(), whole.len());
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(&*k.id, format!("k{i}"));
+            let same = whole.lookup(k.digest()).expect("same digest");
+            assert_eq!(same.id, k.id);
+            assert_eq!(same.scopes(), k.scopes());
+        }
+        assert_eq!(parse_json(r#"{"keys": []}"#).unwrap().1.len(), 0);
+        let (version, keys) = parse_json("{}").unwrap();
+        assert!(version.is_none() && keys.is_empty());
+    }
+
+    #[test]
+    fn a_refused_entry_is_named_and_stops_the_read() {
+        let bad = item("k1", "x").replace("personal", "robot");
+        let text = doc(&[item("k0", "a"), bad, "not json at all".into()]);
+        match parse_json(&text) {
+            Err(SnapshotError::Entry {
+                index, id, field, ..
+            }) => assert_eq!((index, id.as_str(), field), (1, "k1", "type")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn anything_but_a_snapshot_is_a_parse_error() {
+        for text in [
+            r#"{"keys": [], "extra": 1}"#,
+            r#"{"keys": [], "keys": []}"#,
+            r#"{"keys": null}"#,
+            r#"{"keys": [{"id": 5}]}"#,
+            r#"{"keys": []} trailing"#,
+            r#"["keys"]"#,
+            r#"{"keys": ["#,
+        ] {
+            assert!(
+                matches!(parse_json(text), Err(SnapshotError::Parse(_))),
+                "{text}"
+            );
+        }
+    }
+}
