@@ -102,8 +102,9 @@ pub struct SnapshotDoc {
 
 /// One entry of the snapshot file. Loosely typed on purpose: [`Key::from_doc`] checks each
 /// field so that an error can name the entry and the field. Text is `Box<str>`, not
-/// `String`: a large load holds every entry at once, and the spare capacity word is 8 bytes
-/// per field.
+/// `String` (the spare capacity word is 8 bytes per field): a YAML document read whole, or
+/// one that `keys:` cannot be split in, holds every entry at once (see `stream` for the
+/// others).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyDoc {
