@@ -414,7 +414,7 @@ fn concat_runs(
 /// A document as read: its entries still to be checked and built, or already built.
 enum Read {
     Doc(SnapshotDoc),
-    Built(Option<u64>, Vec<Arc<Key>>),
+    Built(super::stream::Built),
 }
 
 /// A snapshot document's syntax.
@@ -500,16 +500,10 @@ impl Snapshot {
     fn read(text: &str, format: Format) -> Result<(Read, String), SnapshotError> {
         let content_digest = hex::encode(digest(text.as_bytes()));
         let read = match format {
-            Format::Json => {
-                let (version, keys) = super::stream::parse_json(text)?;
-                Read::Built(version, keys)
-            }
+            Format::Json => Read::Built(super::stream::parse_json(text)?),
             // Large snapshots are read on every core; anything else, whole.
             Format::Yaml => match super::yaml_chunks::parse(text) {
-                Some(built) => {
-                    let (version, keys) = built?;
-                    Read::Built(version, keys)
-                }
+                Some(built) => Read::Built(built?),
                 None => Read::Doc(crate::config::parse_yaml(text).map_err(SnapshotError::Parse)?),
             },
         };
@@ -523,7 +517,7 @@ impl Snapshot {
     ) -> Result<Snapshot, SnapshotError> {
         match read {
             Read::Doc(doc) => Self::from_doc(doc, source, content_digest),
-            Read::Built(version, keys) => Self::assemble(version, keys, source, content_digest),
+            Read::Built((version, keys)) => Self::assemble(version, keys, source, content_digest),
         }
     }
 

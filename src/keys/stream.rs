@@ -10,9 +10,12 @@ use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 use super::snapshot::{build_entry, Key, KeyDoc, ScopeCache, SnapshotError};
 
+/// A snapshot's `version` and its keys, built.
+pub type Built = (Option<u64>, Vec<Arc<Key>>);
+
 /// A JSON snapshot's `version` and its keys, built. A refused entry is reported as
 /// [`SnapshotError::Entry`] naming it, exactly as when the whole document is parsed first.
-pub fn parse_json(text: &str) -> Result<(Option<u64>, Vec<Arc<Key>>), SnapshotError> {
+pub fn parse_json(text: &str) -> Result<Built, SnapshotError> {
     let mut refused = None;
     let mut de = serde_json::Deserializer::from_str(text);
     let doc = Doc {
@@ -34,7 +37,7 @@ struct Doc<'a> {
 }
 
 impl<'de> DeserializeSeed<'de> for Doc<'_> {
-    type Value = (Option<u64>, Vec<Arc<Key>>);
+    type Value = Built;
 
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
@@ -44,7 +47,7 @@ impl<'de> DeserializeSeed<'de> for Doc<'_> {
 const FIELDS: &[&str] = &["version", "keys"];
 
 impl<'de> Visitor<'de> for Doc<'_> {
-    type Value = (Option<u64>, Vec<Arc<Key>>);
+    type Value = Built;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a snapshot with `version` and `keys`")

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::de::DeserializeSeed;
 
 use super::snapshot::{Key, SnapshotDoc, SnapshotError};
-use super::stream::Entries;
+use super::stream::{Built, Entries};
 
 /// Below this many items the whole document is parsed on the calling thread.
 pub const MIN_ITEMS: usize = 2_000;
@@ -51,9 +51,6 @@ pub fn parse(text: &str) -> Option<Result<Built, SnapshotError>> {
     let keys = build_chunks(&split.chunks, split.items)?;
     Some(keys.map(|keys| (envelope.version, keys)))
 }
-
-/// A snapshot's version and keys.
-pub type Built = (Option<u64>, Vec<Arc<Key>>);
 
 /// Every chunk's keys, read and built on all cores (each thread a contiguous run of
 /// chunks), in document order; the first refused entry; or `None` if any chunk fails to
