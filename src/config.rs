@@ -38,15 +38,23 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 /// Deserialize YAML (JSON is a subset) reporting the dotted path of a failing field.
 pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     let de = serde_yaml::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        if path.is_empty() || path == "." {
-            inner
-        } else {
-            format!("{path}: {inner}")
-        }
-    })
+    serde_path_to_error::deserialize(de).map_err(|e| located(e.path(), e.inner()))
+}
+
+/// An error message led by where in the document it is (`keys[3].scopes: ...`), once:
+/// serde_yaml's own message often starts with the same path already. Where its path is
+/// shorter (custom errors, unknown fields), the exact one goes first.
+pub fn located(path: &serde_path_to_error::Path, e: &impl std::fmt::Display) -> String {
+    let path = path.to_string();
+    let message = e.to_string();
+    let named = message
+        .split_once(": ")
+        .is_some_and(|(head, _)| head == path);
+    if path.is_empty() || path == "." || named {
+        message
+    } else {
+        format!("{path}: {message}")
+    }
 }
 
 /// More worker threads than this is a typo, not a machine: each one holds a runtime, a
@@ -669,6 +677,18 @@ mod tests {
     fn bad_duration_names_field() {
         let e = err("limits: { upstream_timeout: soon }\n");
         assert!(e.contains("limits.upstream_timeout"), "{e}");
+        assert_eq!(
+            e.matches("limits.upstream_timeout").count(),
+            1,
+            "named once: {e}"
+        );
+        let e = err("limits: { max_connections: -3 }\n");
+        assert!(e.starts_with("limits.max_connections: invalid type"), "{e}");
+        let e = err("log: { bogus: 1 }\n");
+        assert!(
+            e.starts_with("log.bogus: log: unknown field `bogus`"),
+            "{e}"
+        );
         assert_eq!(
             Config::from_yaml(&format!("{MINIMAL}shutdown: {{ drain_delay: 250ms }}\n"))
                 .unwrap()

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::index::{Duplicate, KeyIndex};
+use super::stream::Built;
 
 /// A SHA-256 digest of a raw key.
 pub type Digest = [u8; 32];
@@ -350,19 +351,6 @@ impl IdentityNames {
     }
 }
 
-/// Below this many keys a snapshot is built on the calling thread.
-const KEYS_PER_BUILD_THREAD: usize = 20_000;
-
-/// Validate and build a run of keys; `offset` is the first one's index in the document, so
-/// that an error names the entry.
-fn build_run(offset: usize, docs: Vec<KeyDoc>) -> Result<Vec<Arc<Key>>, SnapshotError> {
-    let mut scopes = ScopeCache::default();
-    docs.into_iter()
-        .enumerate()
-        .map(|(i, kd)| build_entry(offset + i, kd, &mut scopes))
-        .collect()
-}
-
 /// Validate and build entry `index` of the document.
 pub(super) fn build_entry(
     index: usize,
@@ -377,44 +365,6 @@ pub(super) fn build_entry(
             field,
             reason,
         })
-}
-
-/// Validate and build every key, in parallel for large snapshots (key building is mostly
-/// allocation, which glibc serves per thread). Errors name the first bad entry.
-fn build_keys(docs: Vec<KeyDoc>, per_thread: usize) -> Result<Vec<Arc<Key>>, SnapshotError> {
-    let threads = super::parallel::threads_for(docs.len(), per_thread);
-    // Split from the back, so each split moves only the part it cuts off.
-    let size = docs.len().div_ceil(threads).max(1);
-    let mut parts = Vec::with_capacity(threads);
-    let mut rest = docs;
-    while rest.len() > size {
-        let tail = rest.split_off(rest.len() - size);
-        parts.push((rest.len(), tail));
-    }
-    parts.push((0, rest));
-    parts.reverse();
-    let runs = super::parallel::map_parts(parts, |(offset, docs)| build_run(offset, docs))
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(SnapshotError::Parse("key builder failed".into()))))
-        .collect();
-    concat_runs(runs)
-}
-
-/// The runs in document order, or the first run's error.
-fn concat_runs(
-    runs: Vec<Result<Vec<Arc<Key>>, SnapshotError>>,
-) -> Result<Vec<Arc<Key>>, SnapshotError> {
-    let mut out = Vec::with_capacity(runs.iter().map(|r| r.as_ref().map_or(0, Vec::len)).sum());
-    for r in runs {
-        out.extend(r?);
-    }
-    Ok(out)
-}
-
-/// A document as read: its entries still to be checked and built, or already built.
-enum Read {
-    Doc(SnapshotDoc),
-    Built(super::stream::Built),
 }
 
 /// A snapshot document's syntax.
@@ -483,51 +433,31 @@ impl Snapshot {
 
     /// Parse in a known format (`PUT /v1/snapshot` goes by `content-type`).
     pub fn parse_as(text: &str, format: Format, source: Source) -> Result<Snapshot, SnapshotError> {
-        let (read, content_digest) = Self::read(text, format)?;
-        Self::finish(read, source, content_digest)
+        let ((version, keys), content_digest) = Self::read(text, format)?;
+        Self::assemble(version, keys, source, content_digest)
     }
 
     /// [`Snapshot::parse`], taking the text: it is freed as soon as it is read, so a large
     /// load never holds the document and all its keys at once.
     pub fn parse_owned(text: String, source: Source) -> Result<Snapshot, SnapshotError> {
-        let (read, content_digest) = Self::read(&text, Format::of(&text))?;
+        let ((version, keys), content_digest) = Self::read(&text, Format::of(&text))?;
         drop(text);
-        Self::finish(read, source, content_digest)
+        Self::assemble(version, keys, source, content_digest)
     }
 
-    /// The document read (JSON: with its keys already built, entry by entry), and the
-    /// digest of its text.
-    fn read(text: &str, format: Format) -> Result<(Read, String), SnapshotError> {
+    /// The document's version and keys, each entry built as it is read (see `stream`), and
+    /// the digest of its text.
+    fn read(text: &str, format: Format) -> Result<(Built, String), SnapshotError> {
         let content_digest = hex::encode(digest(text.as_bytes()));
-        let read = match format {
-            Format::Json => Read::Built(super::stream::parse_json(text)?),
+        let built = match format {
+            Format::Json => super::stream::parse_json(text)?,
             // Large snapshots are read on every core; anything else, whole.
             Format::Yaml => match super::yaml_chunks::parse(text) {
-                Some(built) => Read::Built(built?),
-                None => Read::Doc(crate::config::parse_yaml(text).map_err(SnapshotError::Parse)?),
+                Some(built) => built?,
+                None => super::stream::parse_yaml(text)?,
             },
         };
-        Ok((read, content_digest))
-    }
-
-    fn finish(
-        read: Read,
-        source: Source,
-        content_digest: String,
-    ) -> Result<Snapshot, SnapshotError> {
-        match read {
-            Read::Doc(doc) => Self::from_doc(doc, source, content_digest),
-            Read::Built((version, keys)) => Self::assemble(version, keys, source, content_digest),
-        }
-    }
-
-    pub fn from_doc(
-        doc: SnapshotDoc,
-        source: Source,
-        content_digest: String,
-    ) -> Result<Snapshot, SnapshotError> {
-        let keys = build_keys(doc.keys, KEYS_PER_BUILD_THREAD)?;
-        Self::assemble(doc.version, keys, source, content_digest)
+        Ok((built, content_digest))
     }
 
     /// Index built keys by digest and by id; a duplicate of either refuses the snapshot.
@@ -1073,27 +1003,6 @@ mod tests {
         let again = Snapshot::parse(&text, Source::Control).unwrap();
         assert_eq!(again.len(), s.len());
         assert_eq!(again.version, s.version);
-    }
-
-    #[test]
-    fn parallel_build_keeps_order_and_names_the_first_bad_entry() {
-        let doc = |i: usize| KeyDoc {
-            id: format!("k{i}").into(),
-            sha256: hex::encode(digest(format!("key-{i}").as_bytes())).into(),
-            kind: "personal".into(),
-            subject_id: "s".into(),
-            account_id: "a".into(),
-            ..KeyDoc::default()
-        };
-        let docs: Vec<KeyDoc> = (0..7).map(doc).collect();
-        let built = build_keys(docs.clone(), 2).unwrap();
-        let ids: Vec<&str> = built.iter().map(|k| &*k.id).collect();
-        assert_eq!(ids, ["k0", "k1", "k2", "k3", "k4", "k5", "k6"]);
-        let mut bad = docs;
-        bad[5].sha256 = "nope".into();
-        bad[6].kind = "robot".into();
-        let e = build_keys(bad, 2).unwrap_err().to_string();
-        assert!(e.starts_with("keys[5] id=k5: sha256"), "{e}");
     }
 
     /// A large YAML snapshot takes the parallel parser; its keys, and the error naming a

@@ -1,7 +1,7 @@
 //! Snapshots built entry by entry as they are read: each parsed entry becomes a key at once,
 //! so a load holds the document text and the keys, never every parsed entry as well (those
-//! take more memory than the keys they become). JSON documents are read this way whole;
-//! large YAML ones run by run (`yaml_chunks`).
+//! take more memory than the keys they become). JSON and small YAML documents are read this
+//! way whole, large YAML ones run by run on every core (`yaml_chunks`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use super::snapshot::{build_entry, Key, KeyDoc, ScopeCache, SnapshotError};
 pub type Built = (Option<u64>, Vec<Arc<Key>>);
 
 /// A JSON snapshot's `version` and its keys, built. A refused entry is reported as
-/// [`SnapshotError::Entry`] naming it, exactly as when the whole document is parsed first.
+/// [`SnapshotError::Entry`] naming it.
 pub fn parse_json(text: &str) -> Result<Built, SnapshotError> {
     let mut refused = None;
     let mut de = serde_json::Deserializer::from_str(text);
@@ -24,10 +24,38 @@ pub fn parse_json(text: &str) -> Result<Built, SnapshotError> {
     let parsed = doc
         .deserialize(&mut de)
         .and_then(|doc| de.end().map(|()| doc));
+    outcome(parsed.map_err(|e| e.to_string()), refused)
+}
+
+/// A YAML snapshot read whole, the same way; a syntax or type error names where it is
+/// (`keys[3].scopes: invalid type ...`).
+pub fn parse_yaml(text: &str) -> Result<Built, SnapshotError> {
+    let mut refused = None;
+    let mut track = serde_path_to_error::Track::new();
+    let de = serde_path_to_error::Deserializer::new(
+        serde_yaml::Deserializer::from_str(text),
+        &mut track,
+    );
+    let doc = Doc {
+        refused: &mut refused,
+    };
+    let parsed = doc.deserialize(de);
+    outcome(
+        parsed.map_err(|e| crate::config::located(&track.path(), &e)),
+        refused,
+    )
+}
+
+/// A refused entry, when there was one, is the error: the deserializer's own only says that
+/// one was refused.
+fn outcome(
+    parsed: Result<Built, String>,
+    refused: Option<SnapshotError>,
+) -> Result<Built, SnapshotError> {
     match (parsed, refused) {
         (_, Some(entry)) => Err(entry),
-        (Ok(doc), None) => Ok(doc),
-        (Err(e), None) => Err(SnapshotError::Parse(e.to_string())),
+        (Ok(built), None) => Ok(built),
+        (Err(e), None) => Err(SnapshotError::Parse(e)),
     }
 }
 
@@ -143,7 +171,6 @@ impl<'de> Visitor<'de> for Entries<'_> {
 mod tests {
     use super::*;
     use crate::keys::snapshot::{digest, SnapshotDoc};
-    use crate::keys::{Snapshot, Source};
 
     fn item(id: &str, secret: &str) -> String {
         let sha = hex::encode(digest(secret.as_bytes()));
@@ -164,15 +191,20 @@ mod tests {
         let text = doc(&items);
         let (version, keys) = parse_json(&text).unwrap();
         let whole: SnapshotDoc = serde_json::from_str(&text).unwrap();
-        let whole = Snapshot::from_doc(whole, Source::Control, String::new()).unwrap();
         assert_eq!(version, Some(7));
-        assert_eq!(keys.len(), whole.len());
-        for (i, k) in keys.iter().enumerate() {
-            assert_eq!(&*k.id, format!("k{i}"));
-            let same = whole.lookup(k.digest()).expect("same digest");
-            assert_eq!(same.id, k.id);
-            assert_eq!(same.scopes(), k.scopes());
+        assert_eq!(keys.len(), whole.keys.len());
+        for (k, d) in keys.iter().zip(&whole.keys) {
+            assert_eq!(*k.id, *d.id);
+            assert_eq!(hex::encode(k.digest()), *d.sha256);
+            assert!(k.scopes().iter().eq(d.scopes.iter()));
         }
+        // JSON is YAML too: the YAML reader builds the same keys.
+        let (yaml_version, from_yaml) = parse_yaml(&text).unwrap();
+        assert_eq!(yaml_version, version);
+        assert!(keys
+            .iter()
+            .zip(&from_yaml)
+            .all(|(a, b)| a.id == b.id && a.digest() == b.digest()));
         assert_eq!(parse_json(r#"{"keys": []}"#).unwrap().1.len(), 0);
         let (version, keys) = parse_json("{}").unwrap();
         assert!(version.is_none() && keys.is_empty());
