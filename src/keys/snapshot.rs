@@ -102,10 +102,8 @@ pub struct SnapshotDoc {
 }
 
 /// One entry of the snapshot file. Loosely typed on purpose: [`Key::from_doc`] checks each
-/// field so that an error can name the entry and the field. Text is `Box<str>`, not
-/// `String` (the spare capacity word is 8 bytes per field): a YAML document read whole, or
-/// one that `keys:` cannot be split in, holds every entry at once (see `stream` for the
-/// others).
+/// field so that an error can name the entry and the field. Entries are read one at a time
+/// and built into keys at once (`stream`); `Snapshot::to_doc` writes them back.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyDoc {
