@@ -224,12 +224,7 @@ async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminB
     } else {
         Format::Yaml
     };
-    let announced = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .unwrap_or(0);
-    let body = match read_body(req.into_body(), announced, MAX_SNAPSHOT_BYTES).await {
+    let body = match read_body(req.into_body(), MAX_SNAPSHOT_BYTES).await {
         Ok(body) => body,
         Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_snapshot", e),
     };
@@ -259,14 +254,15 @@ async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminB
     }
 }
 
-/// The whole body, up to `limit` bytes, in one buffer sized from `content-length`
-/// (`announced`): each frame is copied in and freed at once, so a large push is held once,
-/// not as a list of frames and then a copy of them.
-async fn read_body<B>(body: B, announced: usize, limit: usize) -> Result<Vec<u8>, BoxError>
+/// The whole body, up to `limit` bytes, in one buffer sized from its size hint (hyper's
+/// checked `content-length`): each frame is copied in and freed at once, so a large push is
+/// held once, not as a list of frames and then a copy of them.
+async fn read_body<B>(body: B, limit: usize) -> Result<Vec<u8>, BoxError>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
+    let announced = usize::try_from(body.size_hint().lower()).unwrap_or(usize::MAX);
     let mut body = std::pin::pin!(Limited::new(body, limit));
     let mut out = Vec::with_capacity(announced.min(limit));
     while let Some(frame) = body.frame().await {
@@ -299,33 +295,57 @@ mod tests {
     use super::*;
     use http_body_util::StreamBody;
 
-    /// A body arriving in `n` frames of `size` bytes, frame `i` filled with byte `i`.
-    fn frames(n: u8, size: usize) -> impl http_body::Body<Data = Bytes, Error = Infallible> {
-        StreamBody::new(futures_util::stream::iter(
+    /// A body arriving in `n` frames of `size` bytes, frame `i` filled with byte `i`, that
+    /// announces `announced` bytes (what hyper takes from `content-length`).
+    fn frames(
+        n: u8,
+        size: usize,
+        announced: u64,
+    ) -> impl http_body::Body<Data = Bytes, Error = Infallible> {
+        let stream = StreamBody::new(futures_util::stream::iter(
             (0..n).map(move |i| Ok(http_body::Frame::data(Bytes::from(vec![i; size])))),
-        ))
+        ));
+        Announced(stream, announced)
+    }
+
+    struct Announced<B>(B, u64);
+
+    impl<B: http_body::Body + Unpin> http_body::Body for Announced<B> {
+        type Data = B::Data;
+        type Error = B::Error;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+            std::pin::Pin::new(&mut self.0).poll_frame(cx)
+        }
+
+        fn size_hint(&self) -> http_body::SizeHint {
+            http_body::SizeHint::with_exact(self.1)
+        }
     }
 
     #[tokio::test]
     async fn a_body_is_read_whole_into_one_buffer_of_the_announced_size() {
-        let got = read_body(frames(4, 1000), 4000, 10_000).await.unwrap();
+        let got = read_body(frames(4, 1000, 4000), 10_000).await.unwrap();
         assert_eq!(got.len(), 4000);
         assert_eq!(got.capacity(), 4000, "no regrowth");
         assert!(got
             .chunks(1000)
             .enumerate()
             .all(|(i, c)| c.iter().all(|&b| b as usize == i)));
-        // Without (or with a wrong) content-length it still reads everything.
+        // Without (or with a wrong) size announced it still reads everything.
         assert_eq!(
-            read_body(frames(4, 1000), 0, 10_000).await.unwrap().len(),
+            read_body(frames(4, 1000, 0), 10_000).await.unwrap().len(),
             4000
         );
     }
 
     #[tokio::test]
     async fn a_body_over_the_limit_is_refused_and_never_buffered_past_it() {
-        assert!(read_body(frames(4, 1000), 4000, 3500).await.is_err());
-        let announced_huge = read_body(frames(1, 10), usize::MAX, 100).await.unwrap();
+        assert!(read_body(frames(4, 1000, 0), 3500).await.is_err());
+        let announced_huge = read_body(frames(1, 10, u64::MAX), 100).await.unwrap();
         assert!(
             announced_huge.capacity() <= 100,
             "capacity capped at the limit"
