@@ -56,14 +56,7 @@ pub fn parse(text: &str) -> Option<Result<Built, SnapshotError>> {
 /// chunks), in document order; the first refused entry; or `None` if any chunk fails to
 /// parse or holds another number of items than its boundaries said.
 fn build_chunks(chunks: &[&str], items: usize) -> Option<Result<Vec<Arc<Key>>, SnapshotError>> {
-    let threads = super::parallel::threads_for(chunks.len(), 1);
-    let per_thread = chunks.len().div_ceil(threads).max(1);
-    let parts: Vec<(usize, &[&str])> = chunks
-        .chunks(per_thread)
-        .enumerate()
-        .map(|(i, run)| (i * per_thread, run))
-        .collect();
-    let built = super::parallel::map_parts(parts, |(first, run)| {
+    let built = super::parallel::map_parts(super::parallel::runs(chunks), |(first, run)| {
         let mut keys = Vec::with_capacity(run.len() * ITEMS_PER_CHUNK);
         for (i, chunk) in run.iter().enumerate() {
             let offset = (first + i) * ITEMS_PER_CHUNK;
