@@ -243,7 +243,9 @@ impl Metrics {
             expiry.reset();
             for key in snapshot.keys() {
                 if let Some(exp) = key.expires_at {
-                    expiry.with_label_values(&[&key.id]).set(unix_seconds(exp));
+                    expiry
+                        .with_label_values(&[key.id.as_str()])
+                        .set(unix_seconds(exp));
                 }
             }
         }

@@ -1,12 +1,11 @@
 //! Per-key rate limits (GCRA), state in a `DashMap` keyed by key id so it survives snapshot
 //! reloads for unchanged keys and needs no global lock.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
-use crate::keys::{Key, RateLimit, Snapshot};
+use crate::keys::{Key, RateLimit, Snapshot, Text};
 
 /// Outcome of a limited request.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -33,7 +32,7 @@ struct Cell {
 
 pub struct RateLimiter {
     epoch: Instant,
-    cells: DashMap<Arc<str>, Cell>,
+    cells: DashMap<Text, Cell>,
 }
 
 impl Default for RateLimiter {
@@ -100,6 +99,8 @@ impl RateLimiter {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::keys::Source;
 

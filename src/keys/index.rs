@@ -91,7 +91,7 @@ impl KeyIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{digest, Snapshot, Source};
+    use crate::keys::{digest, Snapshot, Source, Text};
 
     /// Keys `a`, `b` and `c` (raw keys "a", "b", "c"), and a second `a` with the digest of "x".
     fn keys() -> Vec<Arc<Key>> {
@@ -158,7 +158,7 @@ mod tests {
         assert!(index.by_digest(&digest(b"x")).is_none());
         // Another id, `b`'s digest: refused, and the id is not indexed either.
         let mut renamed = Key::clone(&keys[1]);
-        renamed.id = "d".into();
+        renamed.id = Text::for_test("d");
         let (dup, refused) = index.insert(Arc::new(renamed)).unwrap_err();
         assert_eq!((dup, &*refused.id), (Duplicate::Digest, "d"));
         assert!(index.by_id("d").is_none());

@@ -12,6 +12,6 @@ mod yaml_chunks;
 
 pub use snapshot::{
     digest, Delegation, Digest, IdentityNames, Key, PrincipalType, RateLimit, Snapshot,
-    SnapshotDoc, SnapshotError, Source, Status,
+    SnapshotDoc, SnapshotError, Source, Status, Text,
 };
 pub use store::KeyStore;

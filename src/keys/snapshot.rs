@@ -160,12 +160,37 @@ pub enum SnapshotError {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Text(HeaderValue);
 
+/// Hashed as its text, so maps keyed by `Text` can be searched with a `&str`.
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for Text {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Text {
     /// `s` must already be checked (visible ASCII); the buffer is moved, not copied.
     fn new(s: Box<str>) -> Text {
         let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(s.into_boxed_bytes()))
             .unwrap_or_else(|_| HeaderValue::from_static(""));
         Text(v)
+    }
+
+    /// For tests: `s` must be visible ASCII.
+    #[cfg(test)]
+    pub(crate) fn for_test(s: &str) -> Text {
+        Text::new(s.into())
     }
 
     pub fn as_str(&self) -> &str {
@@ -202,11 +227,10 @@ impl Serialize for Text {
 /// keys leave unset live behind one pointer, and keys with the same scopes share them.
 #[derive(Clone)]
 pub struct Key {
-    pub id: Arc<str>,
+    /// The public id, stored once as the `x-auth-key-id` value it is sent as.
+    pub id: Text,
     pub subject_id: Text,
     pub account_id: Text,
-    /// The `x-auth-key-id` value, built once per snapshot load.
-    key_id_value: HeaderValue,
     scopes: Arc<Scopes>,
     pub not_before: Option<SystemTime>,
     pub expires_at: Option<SystemTime>,
@@ -555,9 +579,7 @@ impl Key {
             delegate_accounts: doc.delegate_accounts,
         };
         Key {
-            key_id_value: HeaderValue::from_str(&doc.id)
-                .unwrap_or_else(|_| HeaderValue::from_static("")),
-            id: Arc::from(doc.id),
+            id: Text::new(doc.id),
             subject_id: Text::new(doc.subject_id),
             account_id: Text::new(doc.account_id),
             scopes: scopes.get(doc.scopes),
@@ -647,7 +669,7 @@ impl Key {
             .chain(optional)
             .chain([
                 (&names.principal_type, self.principal_type.header_value()),
-                (&names.key_id, &self.key_id_value),
+                (&names.key_id, self.id.header_value()),
                 (&names.scopes, &self.scopes.value),
                 (&names.environment, &names.environment_value),
             ])
@@ -660,7 +682,7 @@ impl Key {
         };
         let text = |t: Option<&Text>| t.map(|t| t.as_str().into());
         KeyDoc {
-            id: (*self.id).into(),
+            id: self.id.as_str().into(),
             sha256: hex::encode(self.digest).into(),
             kind: self.principal_type.as_str().into(),
             subject_id: self.subject_id.as_str().into(),
@@ -957,13 +979,30 @@ mod tests {
     #[test]
     #[cfg(all(unix, target_pointer_width = "64"))] // sizes of `SystemTime`, `Arc`, `Bytes`
     fn a_key_fits_a_small_allocation() {
-        // `Arc<Key>` (two counters + the key) must stay within jemalloc's 256-byte class:
+        // `Arc<Key>` (two counters + the key) must stay within jemalloc's 224-byte class:
         // a snapshot holds one per key, a million at the high end.
         assert!(
-            std::mem::size_of::<Key>() + 16 <= 256,
+            std::mem::size_of::<Key>() + 16 <= 224,
             "{}",
             std::mem::size_of::<Key>()
         );
+    }
+
+    #[test]
+    fn an_id_is_stored_once_as_its_header_value_and_found_by_its_text() {
+        use std::hash::BuildHasher;
+        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
+        let k = s.by_id("key_demo_service").unwrap();
+        assert_eq!(k.id.header_value(), "key_demo_service");
+        let names = IdentityNames::new("x-auth-", "production").unwrap();
+        let sent: Vec<_> = k.identity_headers(&names, None).collect();
+        assert!(sent.contains(&(&names.key_id, k.id.header_value())));
+        // Hashed as its text: a map keyed by `Text` is searched with a `&str`.
+        let h = std::collections::hash_map::RandomState::new();
+        assert_eq!(h.hash_one(&k.id), h.hash_one("key_demo_service"));
+        let map: std::collections::HashMap<Text, u8> = [(k.id.clone(), 1)].into();
+        assert_eq!(map.get("key_demo_service"), Some(&1));
+        assert_eq!(map.get("key_demo"), None);
     }
 
     #[test]

@@ -2,13 +2,12 @@
 //! it, so counts survive reloads; updated with atomics under a `DashMap` shard read lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use serde::Serialize;
 
-use super::Snapshot;
+use super::{Snapshot, Text};
 
 #[derive(Default)]
 struct Counter {
@@ -18,7 +17,7 @@ struct Counter {
 
 #[derive(Default)]
 pub struct Usage {
-    by_id: DashMap<Arc<str>, Counter>,
+    by_id: DashMap<Text, Counter>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -31,7 +30,7 @@ pub struct KeyUsage {
 
 impl Usage {
     /// Record one authenticated request. The common case takes only a shard read lock.
-    pub fn record(&self, id: &Arc<str>, now: SystemTime) {
+    pub fn record(&self, id: &Text, now: SystemTime) {
         let ms = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -78,8 +77,8 @@ mod tests {
     #[test]
     fn counts_and_prunes() {
         let u = Usage::default();
-        let a: Arc<str> = Arc::from("key_demo_service");
-        let gone: Arc<str> = Arc::from("key_gone");
+        let a = Text::for_test("key_demo_service");
+        let gone = Text::for_test("key_gone");
         let t = humantime::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
         u.record(&a, t);
         u.record(&a, t);
