@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use keyward::config::Config;
-use keyward::keys::{IdentityNames, PrincipalType, Snapshot, Source};
+use keyward::keys::source::LoadError;
+use keyward::keys::{IdentityNames, PrincipalType, Source};
 use keyward::{demo, keygen, logging, Keyward};
 
 /// jemalloc instead of glibc's malloc: hyper allocates a fresh read buffer per message, and
@@ -202,10 +203,11 @@ fn check(path: &Path) -> Result<(), String> {
         files.push((f.clone(), Source::File));
     }
     for (file, source) in files {
-        let text =
-            std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let s =
-            Snapshot::parse_owned(text, source).map_err(|e| format!("{}: {e}", file.display()))?;
+        let s = keyward::keys::source::read_file(&file, source).map_err(|e| match e {
+            // An I/O error already names the file.
+            LoadError::Io { .. } => e.to_string(),
+            e => format!("{}: {e}", file.display()),
+        })?;
         let version = s
             .version
             .map_or_else(|| "none".to_string(), |v| v.to_string());

@@ -467,6 +467,16 @@ impl Snapshot {
         Self::assemble(version, keys, source, content_digest)
     }
 
+    /// A document read elsewhere (as a stream from a file, see `source`), whose text had
+    /// the digest `content_digest`.
+    pub(super) fn from_built(
+        (version, keys): Built,
+        source: Source,
+        content_digest: String,
+    ) -> Result<Snapshot, SnapshotError> {
+        Self::assemble(version, keys, source, content_digest)
+    }
+
     /// The document's version and keys, each entry built as it is read (see `stream`), and
     /// the digest of its text.
     fn read(text: &str, format: Format) -> Result<(Built, String), SnapshotError> {

@@ -2,15 +2,19 @@
 //! persisted to `state_file`. Everything here runs off the request path; the result is one
 //! atomic swap in the [`KeyStore`](super::KeyStore).
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::Notify;
 use tracing::{error, info};
 
+use sha2::{Digest as _, Sha256};
+
 use super::snapshot::Format;
-use super::{digest, Snapshot, SnapshotError, Source};
+use super::yaml_chunks::{self, Keep, Streamed};
+use super::{Snapshot, SnapshotError, Source};
 use crate::App;
 
 #[derive(Debug, thiserror::Error)]
@@ -101,11 +105,97 @@ fn refused(app: &App, source: Source, what: &dyn std::fmt::Display) {
     error!(source = source.as_str(), outcome = "error", error = %what, "key snapshot refused; keeping the last good one");
 }
 
-fn read(path: &Path) -> Result<String, LoadError> {
-    std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+/// Snapshot files are read in pieces of this size.
+const READ_BUF: usize = 64 * 1024;
+
+/// A reader that hashes every byte it reads: the digest of a file read as a stream.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl<R> Hashing<R> {
+    fn hex_digest(self) -> String {
+        hex::encode(self.hasher.finalize())
+    }
+}
+
+fn open(path: &Path) -> Result<BufReader<Hashing<File>>, LoadError> {
+    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    Ok(BufReader::with_capacity(
+        READ_BUF,
+        Hashing {
+            inner: file,
+            hasher: Sha256::new(),
+        },
+    ))
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> LoadError {
+    LoadError::Io {
         path: path.to_owned(),
         source,
-    })
+    }
+}
+
+/// The SHA-256 of a file's content (hex), read in pieces: to tell whether it changed.
+fn file_digest(path: &Path) -> Result<String, LoadError> {
+    let mut reader = open(path)?;
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| io_error(path, e))?;
+    Ok(reader.into_inner().hex_digest())
+}
+
+/// Read and validate the snapshot in `path` as a stream: a JSON document, or a large YAML
+/// one, is never held whole, so a reload holds the old snapshot and the new keys but not the
+/// file's text. A small or unusual YAML document is read whole and parsed as such.
+pub fn read_file(path: &Path, source: Source) -> Result<Snapshot, LoadError> {
+    let mut reader = open(path)?;
+    let built = match sniff(&mut reader).map_err(|e| io_error(path, e))? {
+        Format::Json => super::stream::read_json(&mut reader),
+        Format::Yaml => {
+            match yaml_chunks::read(&mut reader, Keep::Text).map_err(|e| io_error(path, e))? {
+                Streamed::Built(built) => built,
+                Streamed::Whole(text) => return Ok(Snapshot::parse_owned(text, source)?),
+                Streamed::GaveUp => {
+                    let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
+                    return Ok(Snapshot::parse_owned(text, source)?);
+                }
+            }
+        }
+    }?;
+    Ok(Snapshot::from_built(
+        built,
+        source,
+        reader.into_inner().hex_digest(),
+    )?)
+}
+
+/// A document's format from its first byte that is not white space (`{`: JSON), without
+/// consuming it, as `Format::of` decides for a text held whole.
+fn sniff(reader: &mut impl BufRead) -> std::io::Result<Format> {
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(Format::Yaml);
+        }
+        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(at) if buf[at] == b'{' => return Ok(Format::Json),
+            Some(_) => return Ok(Format::Yaml),
+            // Only white space so far: it means nothing to either parser.
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+            }
+        }
+    }
 }
 
 /// Load the initial snapshot. A missing or bad source is logged and counted, and keyward
@@ -134,8 +224,7 @@ pub fn load_initial(app: &App) {
 }
 
 fn load_file(app: &App, path: &Path, source: Source) -> Result<Arc<Snapshot>, LoadError> {
-    let text = read(path)?;
-    Ok(install(app, Snapshot::parse_owned(text, source)?))
+    Ok(install(app, read_file(path, source)?))
 }
 
 /// Watch `path`: reload when its content hash changes (polled, so renames and Kubernetes'
@@ -165,17 +254,11 @@ pub async fn watch_file(app: Arc<App>, path: PathBuf, trigger: Arc<Notify>) {
         }
         polls_since_read = 0;
         last_stamp = now;
-        let app2 = app.clone();
         let path2 = path.clone();
         // File I/O, hashing and parsing stay off the async threads.
-        let loaded = tokio::task::spawn_blocking(move || {
-            read(&path2).map(|text| {
-                let digest_hex = hex::encode(digest(text.as_bytes()));
-                (text, digest_hex)
-            })
-        });
-        let (text, digest_hex) = match loaded.await {
-            Ok(Ok(pair)) => pair,
+        let hashed = tokio::task::spawn_blocking(move || file_digest(&path2));
+        let digest_hex = match hashed.await {
+            Ok(Ok(digest_hex)) => digest_hex,
             Ok(Err(e)) => {
                 // A missing file is reported once (and on each SIGHUP), not every second.
                 if forced || !read_error_reported {
@@ -190,13 +273,16 @@ pub async fn watch_file(app: Arc<App>, path: PathBuf, trigger: Arc<Notify>) {
         if !forced && last_seen.as_deref() == Some(digest_hex.as_str()) {
             continue;
         }
+        // A refused file is not read again until it changes.
         last_seen = Some(digest_hex);
+        let (app2, path2) = (app.clone(), path.clone());
         let result = tokio::task::spawn_blocking(move || {
-            Snapshot::parse_owned(text, Source::File).map(|s| install(&app2, s))
+            read_file(&path2, Source::File).map(|s| install(&app2, s))
         })
         .await;
         match result {
-            Ok(Ok(_)) => {}
+            // What was read may be newer than what was hashed a moment before.
+            Ok(Ok(snapshot)) => last_seen = Some(snapshot.content_digest.clone()),
             Ok(Err(e)) => refused(&app, Source::File, &e),
             Err(e) => error!(error = %e, "snapshot reload task failed"),
         }
@@ -286,4 +372,104 @@ pub fn persist(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::digest;
+
+    fn item(i: usize) -> String {
+        format!(
+            "  - id: key_{i}\n    sha256: {}\n    type: personal\n    subject_id: s{i}\n    account_id: a\n    scopes: [read]\n",
+            hex::encode(digest(format!("secret-{i}").as_bytes()))
+        )
+    }
+
+    fn yaml(n: usize) -> String {
+        format!(
+            "version: 4\nkeys:\n{}",
+            (0..n).map(item).collect::<String>()
+        )
+    }
+
+    /// Every shape of file reads to the snapshot its text parses to, with the digest of the
+    /// file's bytes (what the watcher compares).
+    #[test]
+    fn a_file_reads_as_its_text_parses_with_the_digest_of_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let large = yaml(5_000);
+        let json = serde_json::to_string(&Snapshot::parse(&large, Source::File).unwrap().to_doc())
+            .unwrap();
+        let flow = format!(
+            "keys: [{}]\n",
+            (0..3_000)
+                .map(|i| serde_json::to_string(
+                    &Snapshot::parse(&format!("keys:\n{}", item(i)), Source::File)
+                        .unwrap()
+                        .to_doc()
+                        .keys[0]
+                )
+                .unwrap())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for (name, text) in [
+            ("large.yaml", large.clone()),
+            ("small.yaml", yaml(10)),
+            ("large.json", format!("\n  {json}\n")),
+            ("flow.yaml", flow),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, &text).unwrap();
+            let read = read_file(&path, Source::File).unwrap();
+            let parsed = Snapshot::parse(&text, Source::File).unwrap();
+            assert_eq!(
+                read.content_digest,
+                hex::encode(digest(text.as_bytes())),
+                "{name}"
+            );
+            assert_eq!(read.content_digest, file_digest(&path).unwrap(), "{name}");
+            assert_eq!(read.version, parsed.version, "{name}");
+            assert_eq!(read.len(), parsed.len(), "{name}");
+            assert!(
+                parsed
+                    .keys()
+                    .all(|k| read.lookup(k.digest()).is_some_and(|r| r.id == k.id)),
+                "{name}"
+            );
+        }
+    }
+
+    /// A large file whose streamed read gives up (an entry with an unknown field, far into
+    /// the list) is read again whole, and the error names the entry.
+    #[test]
+    fn a_read_that_gives_up_is_done_again_whole_and_names_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.yaml");
+        let text = yaml(4_000).replacen(
+            "  - id: key_3500\n",
+            "  - id: key_3500\n    colour: blue\n",
+            1,
+        );
+        std::fs::write(&path, text).unwrap();
+        let e = read_file(&path, Source::File).unwrap_err().to_string();
+        assert!(e.contains("keys[3500]") && e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn unreadable_files_are_io_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.yaml");
+        let e = read_file(&missing, Source::File).unwrap_err();
+        assert!(matches!(e, LoadError::Io { .. }));
+        assert!(e.to_string().contains("missing.yaml"), "{e}");
+        let binary = dir.path().join("binary.yaml");
+        let mut bytes = yaml(3_000).into_bytes();
+        bytes.extend_from_slice(b"  - id: \xff\n");
+        std::fs::write(&binary, bytes).unwrap();
+        let e = read_file(&binary, Source::File).unwrap_err();
+        assert!(matches!(e, LoadError::Io { .. }), "{e}");
+        assert!(e.to_string().contains("binary.yaml"), "{e}");
+    }
 }
