@@ -2,7 +2,9 @@
 //! snapshots come from ([`source`]), and per-key state that outlives a snapshot ([`usage`]).
 
 mod index;
+mod json_chunks;
 mod parallel;
+mod runs;
 pub mod snapshot;
 pub mod source;
 pub mod store;

@@ -481,9 +481,12 @@ impl Snapshot {
     /// the digest of its text.
     fn read(text: &str, format: Format) -> Result<(Built, String), SnapshotError> {
         let content_digest = hex::encode(digest(text.as_bytes()));
+        // Large snapshots are read on every core; anything else, whole.
         let built = match format {
-            Format::Json => super::stream::parse_json(text)?,
-            // Large snapshots are read on every core; anything else, whole.
+            Format::Json => match super::json_chunks::parse(text) {
+                Some(built) => built?,
+                None => super::stream::parse_json(text)?,
+            },
             Format::Yaml => match super::yaml_chunks::parse(text) {
                 Some(built) => built?,
                 None => super::stream::parse_yaml(text)?,
@@ -1056,7 +1059,7 @@ mod tests {
     /// bad entry, are the same as with the whole-document parser.
     #[test]
     fn large_yaml_snapshot_loads_and_names_a_bad_entry() {
-        let n = super::super::yaml_chunks::MIN_ITEMS + 5;
+        let n = super::super::runs::MIN_ITEMS + 5;
         let item = |i: usize, scopes: &str| {
             format!(
                 "  - id: k{i}\n    sha256: {}\n    type: personal\n    subject_id: s{i}\n    account_id: a\n    scopes: {scopes}\n",

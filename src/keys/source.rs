@@ -12,8 +12,9 @@ use tracing::{error, info};
 
 use sha2::{Digest as _, Sha256};
 
+use super::runs::{Keep, Streamed};
 use super::snapshot::Format;
-use super::yaml_chunks::{self, Keep, Streamed};
+use super::{json_chunks, yaml_chunks};
 use super::{Snapshot, SnapshotError, Source};
 use crate::App;
 
@@ -153,29 +154,26 @@ fn file_digest(path: &Path) -> Result<String, LoadError> {
     Ok(reader.into_inner().hex_digest())
 }
 
-/// Read and validate the snapshot in `path` as a stream: a JSON document, or a large YAML
-/// one, is never held whole, so a reload holds the old snapshot and the new keys but not the
-/// file's text. A small or unusual YAML document is read whole and parsed as such.
+/// Read and validate the snapshot in `path` as a stream: a large document is never held
+/// whole, so a reload holds the old snapshot and the new keys but not the file's text (see
+/// `runs`). A small or unusual document is read whole and parsed as such; one whose
+/// streamed read gave up is read again, whole.
 pub fn read_file(path: &Path, source: Source) -> Result<Snapshot, LoadError> {
     let mut reader = open(path)?;
-    let built = match sniff(&mut reader).map_err(|e| io_error(path, e))? {
-        Format::Json => super::stream::read_json(&mut reader),
-        Format::Yaml => {
-            match yaml_chunks::read(&mut reader, Keep::Text).map_err(|e| io_error(path, e))? {
-                Streamed::Built(built) => built,
-                Streamed::Whole(text) => return Ok(Snapshot::parse_owned(text, source)?),
-                Streamed::GaveUp => {
-                    let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
-                    return Ok(Snapshot::parse_owned(text, source)?);
-                }
-            }
+    let streamed = match sniff(&mut reader) {
+        Ok(Format::Json) => json_chunks::read(&mut reader, Keep::Text),
+        Ok(Format::Yaml) => yaml_chunks::read(&mut reader, Keep::Text),
+        Err(e) => Err(e),
+    };
+    let text = match streamed.map_err(|e| io_error(path, e))? {
+        Streamed::Built(built) => {
+            let digest = reader.into_inner().hex_digest();
+            return Ok(Snapshot::from_built(built?, source, digest)?);
         }
-    }?;
-    Ok(Snapshot::from_built(
-        built,
-        source,
-        reader.into_inner().hex_digest(),
-    )?)
+        Streamed::Whole(text) => text,
+        Streamed::GaveUp => std::fs::read_to_string(path).map_err(|e| io_error(path, e))?,
+    };
+    Ok(Snapshot::parse_owned(text, source)?)
 }
 
 /// A document's format from its first byte that is not white space (`{`: JSON), without

@@ -1,8 +1,7 @@
 //! Snapshots built entry by entry as they are read: each parsed entry becomes a key at once,
 //! so a load never holds every parsed entry as well as the keys (entries take more memory
-//! than the keys they become). JSON documents are read this way whole (from a file, as a
-//! stream), small YAML ones whole, large YAML ones run by run on every core
-//! (`yaml_chunks`).
+//! than the keys they become). Small documents are read this way whole, large ones run by
+//! run on every core (`runs`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -17,19 +16,8 @@ pub type Built = (Option<u64>, Vec<Arc<Key>>);
 /// A JSON snapshot's `version` and its keys, built. A refused entry is reported as
 /// [`SnapshotError::Entry`] naming it.
 pub fn parse_json(text: &str) -> Result<Built, SnapshotError> {
-    json(serde_json::Deserializer::from_str(text))
-}
-
-/// [`parse_json`] as the document is read from `reader` (buffered by the caller), so the
-/// text is never held whole.
-pub fn read_json(reader: impl std::io::Read) -> Result<Built, SnapshotError> {
-    json(serde_json::Deserializer::from_reader(reader))
-}
-
-fn json<'de, R: serde_json::de::Read<'de>>(
-    mut de: serde_json::Deserializer<R>,
-) -> Result<Built, SnapshotError> {
     let mut refused = None;
+    let mut de = serde_json::Deserializer::from_str(text);
     let doc = Doc {
         refused: &mut refused,
     };
