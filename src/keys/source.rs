@@ -176,24 +176,16 @@ pub fn read_file(path: &Path, source: Source) -> Result<Snapshot, LoadError> {
     Ok(Snapshot::parse_owned(text, source)?)
 }
 
-/// A document's format from its first byte that is not white space (`{`: JSON), without
-/// consuming it, as `Format::of` decides for a text held whole.
+/// A document's format from its first byte that is not white space (`{`: JSON), as
+/// `Format::of` decides for a text held whole. Nothing is consumed, so that a document read
+/// whole after all is the file's exact text; one whose first read holds only white space is
+/// read as YAML, which reads JSON too.
 fn sniff(reader: &mut impl BufRead) -> std::io::Result<Format> {
-    loop {
-        let buf = reader.fill_buf()?;
-        if buf.is_empty() {
-            return Ok(Format::Yaml);
-        }
-        match buf.iter().position(|b| !b.is_ascii_whitespace()) {
-            Some(at) if buf[at] == b'{' => return Ok(Format::Json),
-            Some(_) => return Ok(Format::Yaml),
-            // Only white space so far: it means nothing to either parser.
-            None => {
-                let n = buf.len();
-                reader.consume(n);
-            }
-        }
-    }
+    let buf = reader.fill_buf()?;
+    Ok(match buf.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Format::Json,
+        _ => Format::Yaml,
+    })
 }
 
 /// Load the initial snapshot. A missing or bad source is logged and counted, and keyward
@@ -416,6 +408,11 @@ mod tests {
             ("large.yaml", large.clone()),
             ("small.yaml", yaml(10)),
             ("large.json", format!("\n  {json}\n")),
+            // Nothing but white space in the first read: taken for YAML, which reads JSON.
+            (
+                "spaced.json",
+                format!("{}{json}", " ".repeat(READ_BUF + 10)),
+            ),
             ("flow.yaml", flow),
         ] {
             let path = dir.path().join(name);
@@ -453,6 +450,17 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let e = read_file(&path, Source::File).unwrap_err().to_string();
         assert!(e.contains("keys[3500]") && e.contains("colour"), "{e}");
+        let doc = Snapshot::parse(&yaml(4_000), Source::File)
+            .unwrap()
+            .to_doc();
+        let json = serde_json::to_string(&doc).unwrap().replacen(
+            r#"{"id":"key_3500","#,
+            r#"{"id":"key_3500","colour":"blue","#,
+            1,
+        );
+        std::fs::write(&path, json).unwrap();
+        let e = read_file(&path, Source::File).unwrap_err().to_string();
+        assert!(e.contains("unknown field `colour`"), "{e}");
     }
 
     #[test]
