@@ -14,6 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
@@ -206,10 +207,6 @@ fn snapshot_info(s: &Snapshot) -> serde_json::Value {
 }
 
 async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
-    // Refused before the body is read: it may be hundreds of megabytes.
-    if !matches!(app.key_source, KeySource::Control { .. }) {
-        return error(StatusCode::CONFLICT, "file_source", LoadError::FileSource);
-    }
     let json_body = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -224,13 +221,25 @@ async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminB
     } else {
         Format::Yaml
     };
-    let body = match read_body(req.into_body(), MAX_SNAPSHOT_BYTES).await {
-        Ok(body) => body,
-        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_snapshot", e),
+    // Refused before the body is read: it may be hundreds of megabytes.
+    let KeySource::Control { state_file, .. } = &app.key_source else {
+        return error(StatusCode::CONFLICT, "file_source", LoadError::FileSource);
     };
+    let (spool, file) = match source::Spool::create(state_file) {
+        Ok(created) => created,
+        Err(e) => return persist_failed(app, e),
+    };
+    match write_body(req.into_body(), MAX_SNAPSHOT_BYTES, file).await {
+        Ok(()) => {}
+        Err(BodyError::Body(e)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_snapshot", e),
+        Err(BodyError::Write(e)) => {
+            let path = spool.path().to_owned();
+            return persist_failed(app, LoadError::Io { path, source: e });
+        }
+    }
     // Parsing a large snapshot is CPU work: keep it off the async workers.
     let app2 = app.clone();
-    let result = tokio::task::spawn_blocking(move || source::apply_pushed(&app2, &body, format))
+    let result = tokio::task::spawn_blocking(move || source::apply_pushed(&app2, spool, format))
         .await
         .unwrap_or_else(|e| {
             Err(LoadError::Io {
@@ -246,31 +255,41 @@ async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminB
             error(StatusCode::BAD_REQUEST, "bad_snapshot", e)
         }
         Err(e @ LoadError::FileSource) => error(StatusCode::CONFLICT, "file_source", e),
-        Err(e @ LoadError::Io { .. }) => {
-            app.metrics.snapshot_failed(crate::keys::Source::Control);
-            warn!(error = %e, "pushed snapshot not persisted; keeping the last good one");
-            error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e)
-        }
+        Err(e @ LoadError::Io { .. }) => persist_failed(app, e),
     }
 }
 
-/// The whole body, up to `limit` bytes, in one buffer sized from its size hint (hyper's
-/// checked `content-length`): each frame is copied in and freed at once, so a large push is
-/// held once, not as a list of frames and then a copy of them.
-async fn read_body<B>(body: B, limit: usize) -> Result<Vec<u8>, BoxError>
+fn persist_failed(app: &App, e: LoadError) -> Response<AdminBody> {
+    app.metrics.snapshot_failed(crate::keys::Source::Control);
+    warn!(error = %e, "pushed snapshot not persisted; keeping the last good one");
+    error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e)
+}
+
+/// Why a pushed body did not reach its spool file.
+#[derive(Debug)]
+enum BodyError {
+    /// Over the limit, or the client's body broke off.
+    Body(BoxError),
+    Write(std::io::Error),
+}
+
+/// Write the whole body, up to `limit` bytes, to `file` as it arrives: a push is never held
+/// in memory, whatever its size.
+async fn write_body<B>(body: B, limit: usize, file: std::fs::File) -> Result<(), BodyError>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
-    let announced = usize::try_from(body.size_hint().lower()).unwrap_or(usize::MAX);
+    let mut file = tokio::fs::File::from_std(file);
     let mut body = std::pin::pin!(Limited::new(body, limit));
-    let mut out = Vec::with_capacity(announced.min(limit));
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            out.extend_from_slice(data.chunk());
+        if let Ok(data) = frame.map_err(BodyError::Body)?.into_data() {
+            file.write_all(data.chunk())
+                .await
+                .map_err(BodyError::Write)?;
         }
     }
-    Ok(out)
+    file.flush().await.map_err(BodyError::Write)
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -295,60 +314,34 @@ mod tests {
     use super::*;
     use http_body_util::StreamBody;
 
-    /// A body arriving in `n` frames of `size` bytes, frame `i` filled with byte `i`, that
-    /// announces `announced` bytes (what hyper takes from `content-length`).
-    fn frames(
-        n: u8,
-        size: usize,
-        announced: u64,
-    ) -> impl http_body::Body<Data = Bytes, Error = Infallible> {
-        let stream = StreamBody::new(futures_util::stream::iter(
+    /// A body arriving in `n` frames of `size` bytes, frame `i` filled with byte `i`.
+    fn frames(n: u8, size: usize) -> impl http_body::Body<Data = Bytes, Error = Infallible> {
+        StreamBody::new(futures_util::stream::iter(
             (0..n).map(move |i| Ok(http_body::Frame::data(Bytes::from(vec![i; size])))),
-        ));
-        Announced(stream, announced)
-    }
-
-    struct Announced<B>(B, u64);
-
-    impl<B: http_body::Body + Unpin> http_body::Body for Announced<B> {
-        type Data = B::Data;
-        type Error = B::Error;
-
-        fn poll_frame(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-            std::pin::Pin::new(&mut self.0).poll_frame(cx)
-        }
-
-        fn size_hint(&self) -> http_body::SizeHint {
-            http_body::SizeHint::with_exact(self.1)
-        }
+        ))
     }
 
     #[tokio::test]
-    async fn a_body_is_read_whole_into_one_buffer_of_the_announced_size() {
-        let got = read_body(frames(4, 1000, 4000), 10_000).await.unwrap();
+    async fn a_body_is_written_whole_to_its_spool_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("body");
+        let file = std::fs::File::create(&path).unwrap();
+        write_body(frames(4, 1000), 10_000, file).await.unwrap();
+        let got = std::fs::read(&path).unwrap();
         assert_eq!(got.len(), 4000);
-        assert_eq!(got.capacity(), 4000, "no regrowth");
         assert!(got
             .chunks(1000)
             .enumerate()
             .all(|(i, c)| c.iter().all(|&b| b as usize == i)));
-        // Without (or with a wrong) size announced it still reads everything.
-        assert_eq!(
-            read_body(frames(4, 1000, 0), 10_000).await.unwrap().len(),
-            4000
-        );
     }
 
     #[tokio::test]
-    async fn a_body_over_the_limit_is_refused_and_never_buffered_past_it() {
-        assert!(read_body(frames(4, 1000, 0), 3500).await.is_err());
-        let announced_huge = read_body(frames(1, 10, u64::MAX), 100).await.unwrap();
-        assert!(
-            announced_huge.capacity() <= 100,
-            "capacity capped at the limit"
-        );
+    async fn a_body_over_the_limit_is_refused_before_it_is_all_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("body");
+        let file = std::fs::File::create(&path).unwrap();
+        let e = write_body(frames(8, 1000), 3500, file).await.unwrap_err();
+        assert!(matches!(e, BodyError::Body(_)), "{e:?}");
+        assert!(std::fs::metadata(&path).unwrap().len() <= 3500);
     }
 }

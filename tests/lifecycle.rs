@@ -342,6 +342,89 @@ async fn usage_survives_reload_and_drops_removed_keys() {
     kw.shutdown().await;
 }
 
+/// A large push is read from disk as a stream, in YAML and in JSON; a refused or broken-off
+/// one leaves neither a stray file nor a changed state file behind.
+#[tokio::test]
+async fn large_pushes_are_spooled_and_refused_ones_leave_nothing_behind() {
+    let up = spawn_upstream().await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("snapshot.yaml");
+    let kw = spawn_control(up.addr, &state, false).await;
+    let auth = admin_auth();
+    let entry = |i: usize| {
+        serde_json::json!({"id": format!("key_{i}"), "sha256": hex::encode(keyward::keys::digest(format!("bulk-{i}").as_bytes())),
+            "type": "service_account", "subject_id": format!("s{i}"), "account_id": "a", "scopes": ["read"]})
+    };
+    let mut keys: Vec<_> = (0..5_000).map(entry).collect();
+    keys.push(serde_json::json!({"id": "key_svc", "sha256": hex::encode(keyward::keys::digest(SERVICE_KEY.as_bytes())),
+        "type": "service_account", "subject_id": "svc", "account_id": "a", "scopes": ["read"]}));
+    let doc = serde_json::json!({"version": 5, "keys": keys});
+    for (content_type, body) in [
+        ("application/json", doc.to_string()),
+        ("application/yaml", serde_yaml::to_string(&doc).unwrap()),
+    ] {
+        let h = [
+            ("authorization", auth.as_str()),
+            ("content-type", content_type),
+        ];
+        let r = send("PUT", &kw.admin_url("/v1/snapshot"), &h, body.as_bytes()).await;
+        assert_eq!(r.status, 200, "{content_type}: {}", r.text());
+        assert_eq!(r.json()["keys"], 5_001);
+        assert_eq!(
+            std::fs::read_to_string(&state).unwrap(),
+            body,
+            "{content_type}"
+        );
+        assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
+    }
+    let stored = std::fs::read(&state).unwrap();
+    let mut bad = doc.clone();
+    bad["keys"][4_500]["sha256"] = serde_json::json!("nothex");
+    let h = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let r = send(
+        "PUT",
+        &kw.admin_url("/v1/snapshot"),
+        &h,
+        bad.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.text().contains("keys[4500] id=key_4500: sha256"),
+        "{}",
+        r.text()
+    );
+    let r = send(
+        "PUT",
+        &kw.admin_url("/v1/snapshot"),
+        &h,
+        b"{\"keys\": [\"\xff\"]}",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.code(), "bad_snapshot");
+    assert!(r.text().contains("not UTF-8"), "{}", r.text());
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        stored,
+        "state file untouched"
+    );
+    let left: Vec<_> = std::fs::read_dir(state_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["snapshot.yaml"], "no spool file left behind");
+    assert_eq!(
+        status_with(&kw, SERVICE_KEY).await,
+        200,
+        "last good snapshot stays"
+    );
+    kw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_storm_loses_no_request() {
     let up = spawn_upstream().await;

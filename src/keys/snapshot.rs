@@ -462,7 +462,17 @@ impl Snapshot {
     /// [`Snapshot::parse`], taking the text: it is freed as soon as it is read, so a large
     /// load never holds the document and all its keys at once.
     pub fn parse_owned(text: String, source: Source) -> Result<Snapshot, SnapshotError> {
-        let ((version, keys), content_digest) = Self::read(&text, Format::of(&text))?;
+        let format = Format::of(&text);
+        Self::parse_owned_as(text, format, source)
+    }
+
+    /// [`Snapshot::parse_owned`] in a known format.
+    pub fn parse_owned_as(
+        text: String,
+        format: Format,
+        source: Source,
+    ) -> Result<Snapshot, SnapshotError> {
+        let ((version, keys), content_digest) = Self::read(&text, format)?;
         drop(text);
         Self::assemble(version, keys, source, content_digest)
     }

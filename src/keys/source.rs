@@ -5,7 +5,8 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::Notify;
 use tracing::{error, info};
@@ -159,11 +160,23 @@ fn file_digest(path: &Path) -> Result<String, LoadError> {
 /// `runs`). A small or unusual document is read whole and parsed as such; one whose
 /// streamed read gave up is read again, whole.
 pub fn read_file(path: &Path, source: Source) -> Result<Snapshot, LoadError> {
+    read_file_as(path, source, None)
+}
+
+/// [`read_file`] in a known format, or the one its first byte says.
+fn read_file_as(
+    path: &Path,
+    source: Source,
+    format: Option<Format>,
+) -> Result<Snapshot, LoadError> {
     let mut reader = open(path)?;
-    let streamed = match sniff(&mut reader) {
-        Ok(Format::Json) => json_chunks::read(&mut reader, Keep::Text),
-        Ok(Format::Yaml) => yaml_chunks::read(&mut reader, Keep::Text),
-        Err(e) => Err(e),
+    let format = match format {
+        Some(format) => format,
+        None => sniff(&mut reader).map_err(|e| io_error(path, e))?,
+    };
+    let streamed = match format {
+        Format::Json => json_chunks::read(&mut reader, Keep::Text),
+        Format::Yaml => yaml_chunks::read(&mut reader, Keep::Text),
     };
     let text = match streamed.map_err(|e| io_error(path, e))? {
         Streamed::Built(built) => {
@@ -173,7 +186,7 @@ pub fn read_file(path: &Path, source: Source) -> Result<Snapshot, LoadError> {
         Streamed::Whole(text) => text,
         Streamed::GaveUp => std::fs::read_to_string(path).map_err(|e| io_error(path, e))?,
     };
-    Ok(Snapshot::parse_owned(text, source)?)
+    Ok(Snapshot::parse_owned_as(text, format, source)?)
 }
 
 /// A document's format from its first byte that is not white space (`{`: JSON), as
@@ -301,15 +314,92 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
-/// `PUT /v1/snapshot`: validate, persist atomically, then publish.
-pub fn apply_pushed(app: &App, body: &[u8], format: Format) -> Result<Arc<Snapshot>, LoadError> {
+/// Taken while a new snapshot is persisted and installed, so that the state file and the
+/// snapshot in force always come from the same push or revoke.
+static COMMIT: Mutex<()> = Mutex::new(());
+
+fn committing() -> MutexGuard<'static, ()> {
+    COMMIT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A file beside the state file that a new snapshot is written to before it replaces the
+/// state file by a rename. A pushed body is written here as it arrives, so a push is never
+/// held in memory; the file is removed unless it is committed.
+#[derive(Debug)]
+pub struct Spool {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Spool {
+    /// A new, empty file in `state_file`'s directory (created if missing), named for this
+    /// process and this spool: pushes may overlap.
+    pub fn create(state_file: &Path) -> Result<(Spool, File), LoadError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = parent_dir(state_file);
+        std::fs::create_dir_all(dir).map_err(|e| io_error(state_file, e))?;
+        let name = state_file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("snapshot");
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+        let file = File::create(&path).map_err(|e| io_error(&path, e))?;
+        let spool = Spool {
+            path,
+            committed: false,
+        };
+        Ok((spool, file))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Make the written file `target`, atomically: fsync, rename, fsync the directory. A
+    /// crash leaves the old file or the new one, never half of either.
+    fn commit(mut self, target: &Path) -> Result<(), LoadError> {
+        File::open(&self.path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_error(&self.path, e))?;
+        std::fs::rename(&self.path, target).map_err(|e| io_error(target, e))?;
+        self.committed = true;
+        if let Ok(d) = File::open(parent_dir(target)) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// `PUT /v1/snapshot`, once the body is in `spool`: validate it (read as a stream, see
+/// [`read_file`]), make it the state file, then publish.
+pub fn apply_pushed(app: &App, spool: Spool, format: Format) -> Result<Arc<Snapshot>, LoadError> {
     let KeySource::Control { state_file, .. } = &app.key_source else {
         return Err(LoadError::FileSource);
     };
-    let text = std::str::from_utf8(body)
-        .map_err(|_| LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into())))?;
-    let snapshot = Snapshot::parse_as(text, format, Source::Control)?;
-    persist(state_file, body)?;
+    let snapshot =
+        read_file_as(spool.path(), Source::Control, Some(format)).map_err(|e| match e {
+            LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData => {
+                LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into()))
+            }
+            e => e,
+        })?;
+    let _commit = committing();
+    spool.commit(state_file)?;
     Ok(install(app, snapshot))
 }
 
@@ -318,6 +408,9 @@ pub fn disable_key(app: &App, id: &str) -> Result<Arc<Snapshot>, DisableError> {
     let KeySource::Control { state_file, .. } = &app.key_source else {
         return Err(DisableError::FileSource);
     };
+    // From reading the snapshot in force to installing its successor: a push in between
+    // would be lost.
+    let _commit = committing();
     let current = app.store.load().ok_or(DisableError::NoSnapshot)?;
     if current.by_id(id).is_none() {
         return Err(DisableError::NotFound(id.to_string()));
@@ -334,34 +427,13 @@ pub fn disable_key(app: &App, id: &str) -> Result<Arc<Snapshot>, DisableError> {
     Ok(install(app, snapshot))
 }
 
-/// Write `bytes` to `path` atomically: temp file in the same directory, fsync, rename,
-/// fsync the directory. A crash leaves the old file or the new one, never half of either.
+/// Write `bytes` to `path` atomically, through a [`Spool`].
 pub fn persist(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
-    let io = |source| LoadError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("snapshot"),
-        std::process::id()
-    ));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    let (spool, mut file) = Spool::create(path)?;
+    file.write_all(bytes)
+        .map_err(|e| io_error(spool.path(), e))?;
+    drop(file);
+    spool.commit(path)
 }
 
 #[cfg(test)]
@@ -461,6 +533,29 @@ mod tests {
         std::fs::write(&path, json).unwrap();
         let e = read_file(&path, Source::File).unwrap_err().to_string();
         assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn a_spool_is_removed_unless_committed_and_overlapping_ones_never_meet() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("sub/state.yaml");
+        let (a, mut fa) = Spool::create(&state).unwrap();
+        let (b, _fb) = Spool::create(&state).unwrap();
+        assert_ne!(a.path(), b.path());
+        assert_eq!(a.path().parent(), state.parent(), "beside the state file");
+        fa.write_all(b"keys: []\n").unwrap();
+        drop(fa);
+        let b_path = b.path().to_owned();
+        drop(b);
+        assert!(!b_path.exists(), "an uncommitted spool is removed");
+        a.commit(&state).unwrap();
+        assert_eq!(std::fs::read_to_string(&state).unwrap(), "keys: []\n");
+        persist(&state, b"version: 2\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&state).unwrap(), "version: 2\n");
+        let left: Vec<_> = std::fs::read_dir(state.parent().unwrap())
+            .unwrap()
+            .collect();
+        assert_eq!(left.len(), 1, "only the state file");
     }
 
     #[test]
