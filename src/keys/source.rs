@@ -5,7 +5,6 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::Notify;
@@ -332,18 +331,17 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// A new, empty file in `state_file`'s directory (created if missing), named for this
-    /// process and this spool: pushes may overlap.
+    /// A new, empty file in `state_file`'s directory (created if missing), with a random
+    /// name: pushes may overlap, and processes in containers of a shared volume all have
+    /// the same pid.
     pub fn create(state_file: &Path) -> Result<(Spool, File), LoadError> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
         let dir = parent_dir(state_file);
         std::fs::create_dir_all(dir).map_err(|e| io_error(state_file, e))?;
         let name = state_file
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("snapshot");
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+        let path = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
         let file = File::create(&path).map_err(|e| io_error(&path, e))?;
         let spool = Spool {
             path,
