@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tracing::{error, info};
@@ -206,6 +207,7 @@ pub fn load_initial(app: &App) {
     let result = match &app.key_source {
         KeySource::File(path) => load_file(app, path, Source::File),
         KeySource::Control { state_file, seed } => {
+            Spool::remove_stale(state_file, STALE_SPOOL);
             if state_file.exists() {
                 load_file(app, state_file, Source::Control)
             } else if let Some(seed) = seed {
@@ -313,6 +315,9 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+/// A spool untouched for this long at start-up is left from a push that never finished.
+const STALE_SPOOL: Duration = Duration::from_secs(3600);
+
 /// Taken while a new snapshot is persisted and installed, so that the state file and the
 /// snapshot in force always come from the same push or revoke.
 static COMMIT: Mutex<()> = Mutex::new(());
@@ -337,11 +342,11 @@ impl Spool {
     pub fn create(state_file: &Path) -> Result<(Spool, File), LoadError> {
         let dir = parent_dir(state_file);
         std::fs::create_dir_all(dir).map_err(|e| io_error(state_file, e))?;
-        let name = state_file
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("snapshot");
-        let path = dir.join(format!(".{name}.tmp-{}", uuid::Uuid::new_v4().simple()));
+        let path = dir.join(format!(
+            "{}{}",
+            Self::prefix(state_file),
+            uuid::Uuid::new_v4().simple()
+        ));
         let file = File::create(&path).map_err(|e| io_error(&path, e))?;
         let spool = Spool {
             path,
@@ -352,6 +357,39 @@ impl Spool {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The name prefix of `state_file`'s spools.
+    fn prefix(state_file: &Path) -> String {
+        let name = state_file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("snapshot");
+        format!(".{name}.tmp-")
+    }
+
+    /// Remove spools of `state_file` last written more than `age` ago: left by a process
+    /// that stopped in the middle of a push. A push in progress writes its spool every few
+    /// milliseconds, so one that old belongs to nobody, even on a volume shared with other
+    /// processes.
+    fn remove_stale(state_file: &Path, age: Duration) {
+        let prefix = Self::prefix(state_file);
+        let Ok(entries) = std::fs::read_dir(parent_dir(state_file)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let ours = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix));
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|e| e > age));
+            if ours && old && std::fs::remove_file(entry.path()).is_ok() {
+                info!(file = %entry.path().display(), "removed the spool of an unfinished push");
+            }
+        }
     }
 
     /// Make the written file `target`, atomically: fsync, rename, fsync the directory. A
@@ -436,6 +474,8 @@ pub fn persist(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
     use crate::keys::digest;
 
@@ -554,6 +594,31 @@ mod tests {
             .unwrap()
             .collect();
         assert_eq!(left.len(), 1, "only the state file");
+    }
+
+    #[test]
+    fn spools_left_by_an_unfinished_push_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.yaml");
+        let (fresh, _f) = Spool::create(&state).unwrap();
+        let (stale, f) = Spool::create(&state).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+        let other = dir.path().join(".other.yaml.tmp-1");
+        std::fs::write(&other, "x").unwrap();
+        File::options()
+            .write(true)
+            .open(&other)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+        Spool::remove_stale(&state, STALE_SPOOL);
+        assert!(
+            !stale.path().exists(),
+            "an old spool of this state file goes"
+        );
+        assert!(fresh.path().exists(), "a push in progress keeps its spool");
+        assert!(other.exists(), "another file's spool is not ours");
     }
 
     #[test]
