@@ -7,25 +7,8 @@
 //! extra comma, a truncated document) it leaves to the runs or the envelope to fail, and so
 //! to the whole-document parser.
 
-use std::io::{self, BufRead};
-
-use super::runs::{self, Cutter, Keep, Run, Streamed, Unusual, ITEMS_PER_RUN};
-use super::snapshot::{Format, SnapshotError};
-use super::stream::Built;
-
-/// Read a JSON snapshot from `reader` as a stream, on every core when it is large.
-pub fn read(reader: impl BufRead, keep: Keep) -> io::Result<Streamed> {
-    runs::read(reader, Scanner::new(ITEMS_PER_RUN), keep)
-}
-
-/// A JSON snapshot held in memory, read the same way: `None` when it should be parsed
-/// whole.
-pub fn parse(text: &str) -> Option<Result<Built, SnapshotError>> {
-    match read(text.as_bytes(), Keep::Nothing) {
-        Ok(Streamed::Built(built)) => Some(built),
-        _ => None,
-    }
-}
+use super::runs::{Cutter, Run, Unusual};
+use super::snapshot::Format;
 
 /// Where the scanner is in the document.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,7 +34,7 @@ enum Item {
 
 /// Cuts a JSON document, fed byte by byte, into runs of whole items of the top-level `keys`
 /// array (each run an array of its own) and the envelope: the rest, with `keys` emptied.
-struct Scanner {
+pub(super) struct Scanner {
     part: Part,
     per_run: usize,
     /// Nesting of objects and arrays; the document itself is at 1, the items at 2.
@@ -100,7 +83,7 @@ impl Cutter for Scanner {
 }
 
 impl Scanner {
-    fn new(per_run: usize) -> Self {
+    pub(super) fn new(per_run: usize) -> Self {
         Scanner {
             part: Part::Head,
             per_run,
@@ -223,7 +206,20 @@ impl Scanner {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
     use super::*;
+    use crate::keys::runs::{self, Keep, Streamed};
+    use crate::keys::stream::Built;
+    use crate::keys::SnapshotError;
+
+    fn read(reader: &[u8], keep: Keep) -> io::Result<Streamed> {
+        runs::read(reader, Format::Json, keep)
+    }
+
+    fn parse(text: &str) -> Option<Result<Built, SnapshotError>> {
+        runs::parse(text, Format::Json)
+    }
     use crate::keys::{digest, SnapshotDoc};
 
     fn item(i: usize) -> String {

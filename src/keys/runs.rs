@@ -126,14 +126,33 @@ fn envelope_version(envelope: &[u8], format: Format) -> Option<Option<u64>> {
     doc.keys.is_empty().then_some(doc.version)
 }
 
-/// Read a snapshot from `reader` to its end (unless it gives up), on every core once it has
-/// more than [`MIN_ITEMS`] items. Each run's entries become keys on the thread that parsed
-/// them, so a load never holds every parsed entry at once.
-pub fn read<C: Cutter>(
-    mut reader: impl BufRead,
-    mut cutter: C,
-    keep: Keep,
-) -> io::Result<Streamed> {
+/// Read a snapshot in `format` from `reader` to its end (unless it gives up), on every core
+/// once it has more than [`MIN_ITEMS`] items. Each run's entries become keys on the thread
+/// that parsed them, so a load never holds every parsed entry at once.
+pub fn read(reader: impl BufRead, format: Format, keep: Keep) -> io::Result<Streamed> {
+    match format {
+        Format::Json => stream(
+            reader,
+            super::json_chunks::Scanner::new(ITEMS_PER_RUN),
+            keep,
+        ),
+        Format::Yaml => stream(
+            reader,
+            super::yaml_chunks::Splitter::new(ITEMS_PER_RUN),
+            keep,
+        ),
+    }
+}
+
+/// A snapshot held in memory, read the same way: `None` when it should be parsed whole.
+pub fn parse(text: &str, format: Format) -> Option<Result<Built, SnapshotError>> {
+    match read(text.as_bytes(), format, Keep::Nothing) {
+        Ok(Streamed::Built(built)) => Some(built),
+        _ => None,
+    }
+}
+
+fn stream<C: Cutter>(mut reader: impl BufRead, mut cutter: C, keep: Keep) -> io::Result<Streamed> {
     let mut held = Vec::new();
     let mut first = Vec::new();
     // Hold the text until there are enough items to be worth the threads.

@@ -492,15 +492,10 @@ impl Snapshot {
     fn read(text: &str, format: Format) -> Result<(Built, String), SnapshotError> {
         let content_digest = hex::encode(digest(text.as_bytes()));
         // Large snapshots are read on every core; anything else, whole.
-        let built = match format {
-            Format::Json => match super::json_chunks::parse(text) {
-                Some(built) => built?,
-                None => super::stream::parse_json(text)?,
-            },
-            Format::Yaml => match super::yaml_chunks::parse(text) {
-                Some(built) => built?,
-                None => super::stream::parse_yaml(text)?,
-            },
+        let built = match (super::runs::parse(text, format), format) {
+            (Some(built), _) => built?,
+            (None, Format::Json) => super::stream::parse_json(text)?,
+            (None, Format::Yaml) => super::stream::parse_yaml(text)?,
         };
         Ok((built, content_digest))
     }

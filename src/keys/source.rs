@@ -13,9 +13,8 @@ use tracing::{error, info};
 
 use sha2::{Digest as _, Sha256};
 
-use super::runs::{Keep, Streamed};
+use super::runs::{self, Keep, Streamed};
 use super::snapshot::Format;
-use super::{json_chunks, yaml_chunks};
 use super::{Snapshot, SnapshotError, Source};
 use crate::App;
 
@@ -174,10 +173,7 @@ fn read_file_as(
         Some(format) => format,
         None => sniff(&mut reader).map_err(|e| io_error(path, e))?,
     };
-    let streamed = match format {
-        Format::Json => json_chunks::read(&mut reader, Keep::Text),
-        Format::Yaml => yaml_chunks::read(&mut reader, Keep::Text),
-    };
+    let streamed = runs::read(&mut reader, format, Keep::Text);
     let text = match streamed.map_err(|e| io_error(path, e))? {
         Streamed::Built(built) => {
             let digest = reader.into_inner().hex_digest();

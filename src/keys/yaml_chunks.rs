@@ -6,25 +6,8 @@
 //! their boundaries show in the line starts alone. Flow style, several documents and
 //! directives are left to the whole-document parser.
 
-use std::io::{self, BufRead};
-
-use super::runs::{self, Cutter, Keep, Run, Streamed, Unusual, ITEMS_PER_RUN};
-use super::snapshot::{Format, SnapshotError};
-use super::stream::Built;
-
-/// Read a YAML snapshot from `reader` as a stream, on every core when it is large.
-pub fn read(reader: impl BufRead, keep: Keep) -> io::Result<Streamed> {
-    runs::read(reader, Splitter::new(ITEMS_PER_RUN), keep)
-}
-
-/// A YAML snapshot held in memory, read the same way: `None` when it should be parsed
-/// whole.
-pub fn parse(text: &str) -> Option<Result<Built, SnapshotError>> {
-    match read(text.as_bytes(), Keep::Nothing) {
-        Ok(Streamed::Built(built)) => Some(built),
-        _ => None,
-    }
-}
+use super::runs::{Cutter, Run, Unusual};
+use super::snapshot::Format;
 
 /// Where the splitter is in the document.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -41,7 +24,7 @@ enum Part {
 
 /// Cuts a document, fed line by line, into runs of whole items of the top-level `keys:`
 /// block sequence and the envelope: the rest, with the sequence replaced by `[]`.
-struct Splitter {
+pub(super) struct Splitter {
     part: Part,
     per_run: usize,
     envelope: Vec<u8>,
@@ -88,7 +71,7 @@ impl Cutter for Splitter {
 }
 
 impl Splitter {
-    fn new(per_run: usize) -> Self {
+    pub(super) fn new(per_run: usize) -> Self {
         Splitter {
             part: Part::Head,
             per_run,
@@ -186,7 +169,20 @@ fn indent_of(line: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
     use super::*;
+    use crate::keys::runs::{self, Keep, Streamed};
+    use crate::keys::stream::Built;
+    use crate::keys::SnapshotError;
+
+    fn read(reader: &[u8], keep: Keep) -> io::Result<Streamed> {
+        runs::read(reader, Format::Yaml, keep)
+    }
+
+    fn parse(text: &str) -> Option<Result<Built, SnapshotError>> {
+        runs::parse(text, Format::Yaml)
+    }
     use crate::keys::SnapshotDoc;
 
     fn item(i: usize) -> String {
