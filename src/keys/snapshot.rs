@@ -459,24 +459,6 @@ impl Snapshot {
         Self::assemble(version, keys, source, content_digest)
     }
 
-    /// [`Snapshot::parse`], taking the text: it is freed as soon as it is read, so a large
-    /// load never holds the document and all its keys at once.
-    pub fn parse_owned(text: String, source: Source) -> Result<Snapshot, SnapshotError> {
-        let format = Format::of(&text);
-        Self::parse_owned_as(text, format, source)
-    }
-
-    /// [`Snapshot::parse_owned`] in a known format.
-    pub fn parse_owned_as(
-        text: String,
-        format: Format,
-        source: Source,
-    ) -> Result<Snapshot, SnapshotError> {
-        let ((version, keys), content_digest) = Self::read(&text, format)?;
-        drop(text);
-        Self::assemble(version, keys, source, content_digest)
-    }
-
     /// A document read elsewhere (as a stream from a file, see `source`), whose text had
     /// the digest `content_digest`.
     pub(super) fn from_built(
@@ -492,10 +474,9 @@ impl Snapshot {
     fn read(text: &str, format: Format) -> Result<(Built, String), SnapshotError> {
         let content_digest = hex::encode(digest(text.as_bytes()));
         // Large snapshots are read on every core; anything else, whole.
-        let built = match (super::runs::parse(text, format), format) {
-            (Some(built), _) => built?,
-            (None, Format::Json) => super::stream::parse_json(text)?,
-            (None, Format::Yaml) => super::stream::parse_yaml(text)?,
+        let built = match super::runs::parse(text, format) {
+            Some(built) => built?,
+            None => super::stream::parse_whole(text, format)?,
         };
         Ok((built, content_digest))
     }
@@ -1095,29 +1076,6 @@ mod tests {
         assert!(
             e.starts_with(&format!("keys[{wrong_field}] id=k{wrong_field}: sha256")),
             "a bad field: {e}"
-        );
-    }
-
-    #[test]
-    fn owned_text_parses_the_same() {
-        let yaml = include_str!("../../config/keys.yaml");
-        let json =
-            serde_json::to_string(&Snapshot::parse(yaml, Source::File).unwrap().to_doc()).unwrap();
-        for text in [yaml, json.as_str()] {
-            let a = Snapshot::parse(text, Source::File).unwrap();
-            let b = Snapshot::parse_owned(text.to_string(), Source::File).unwrap();
-            assert_eq!(a.content_digest, b.content_digest);
-            assert_eq!((a.len(), a.version), (b.len(), b.version));
-            assert!(b
-                .lookup(&digest(b"sta_demo_service_key_0123456789abcdef"))
-                .is_some());
-        }
-        let bad = refuse("keys: {");
-        assert_eq!(
-            Snapshot::parse_owned("keys: {".into(), Source::File)
-                .unwrap_err()
-                .to_string(),
-            bad
         );
     }
 

@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::runs::{self, Keep, Streamed};
 use super::snapshot::Format;
-use super::{Snapshot, SnapshotError, Source};
+use super::{digest, stream, Snapshot, SnapshotError, Source};
 use crate::App;
 
 #[derive(Debug, thiserror::Error)]
@@ -174,15 +174,20 @@ fn read_file_as(
         None => sniff(&mut reader).map_err(|e| io_error(path, e))?,
     };
     let streamed = runs::read(&mut reader, format, Keep::Text);
-    let text = match streamed.map_err(|e| io_error(path, e))? {
-        Streamed::Built(built) => {
-            let digest = reader.into_inner().hex_digest();
+    let built = match streamed.map_err(|e| io_error(path, e))? {
+        Streamed::Built(built) => built,
+        // Read to its end: the reader's digest is the text's.
+        Streamed::Whole(text) => stream::parse_whole(&text, format),
+        Streamed::GaveUp => {
+            let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
+            let digest = hex::encode(digest(text.as_bytes()));
+            let built = stream::parse_whole(&text, format);
+            drop(text);
             return Ok(Snapshot::from_built(built?, source, digest)?);
         }
-        Streamed::Whole(text) => text,
-        Streamed::GaveUp => std::fs::read_to_string(path).map_err(|e| io_error(path, e))?,
     };
-    Ok(Snapshot::parse_owned_as(text, format, source)?)
+    let digest = reader.into_inner().hex_digest();
+    Ok(Snapshot::from_built(built?, source, digest)?)
 }
 
 /// A document's format from its first byte that is not white space (`{`: JSON), as
@@ -513,6 +518,19 @@ mod tests {
         for (name, text) in [
             ("large.yaml", large.clone()),
             ("small.yaml", yaml(10)),
+            (
+                "demo.yaml",
+                include_str!("../../config/keys.yaml").to_string(),
+            ),
+            (
+                "demo.json",
+                serde_json::to_string(
+                    &Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File)
+                        .unwrap()
+                        .to_doc(),
+                )
+                .unwrap(),
+            ),
             ("large.json", format!("\n  {json}\n")),
             // Nothing but white space in the first read: taken for YAML, which reads JSON.
             (
@@ -615,6 +633,18 @@ mod tests {
         );
         assert!(fresh.path().exists(), "a push in progress keeps its spool");
         assert!(other.exists(), "another file's spool is not ours");
+    }
+
+    /// A small file refused is refused as its text is.
+    #[test]
+    fn a_file_is_refused_as_its_text_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, "keys: {").unwrap();
+        let e = read_file(&path, Source::File).unwrap_err();
+        assert!(matches!(e, LoadError::Invalid(_)), "{e}");
+        let whole = Snapshot::parse("keys: {", Source::File).unwrap_err();
+        assert_eq!(e.to_string(), whole.to_string());
     }
 
     #[test]

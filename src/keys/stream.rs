@@ -8,10 +8,19 @@ use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
-use super::snapshot::{build_entry, Key, KeyDoc, ScopeCache, SnapshotError};
+use super::snapshot::{build_entry, Format, Key, KeyDoc, ScopeCache, SnapshotError};
 
 /// A snapshot's `version` and its keys, built.
 pub type Built = (Option<u64>, Vec<Arc<Key>>);
+
+/// A snapshot read whole, on the calling thread, in `format` (what a streamed read falls
+/// back to, see `runs`).
+pub fn parse_whole(text: &str, format: Format) -> Result<Built, SnapshotError> {
+    match format {
+        Format::Json => parse_json(text),
+        Format::Yaml => parse_yaml(text),
+    }
+}
 
 /// A JSON snapshot's `version` and its keys, built. A refused entry is reported as
 /// [`SnapshotError::Entry`] naming it.
