@@ -157,21 +157,16 @@ fn stream<C: Cutter>(mut reader: impl BufRead, mut cutter: C, keep: Keep) -> io:
     let mut first = Vec::new();
     // Hold the text until there are enough items to be worth the threads.
     while first.len() * ITEMS_PER_RUN < MIN_ITEMS {
-        let buf = reader.fill_buf()?;
-        if buf.is_empty() {
-            return whole(held);
-        }
-        let n = buf.len().min(STEP);
-        if keep == Keep::Text {
-            held.extend_from_slice(&buf[..n]);
-        }
-        let fed = cutter.feed(&buf[..n], &mut first);
-        reader.consume(n);
-        if fed.is_err() {
-            if keep == Keep::Text {
-                reader.read_to_end(&mut held)?;
+        let kept = (keep == Keep::Text).then_some(&mut held);
+        match step(&mut reader, &mut cutter, &mut first, kept)? {
+            None => return whole(held),
+            Some(Ok(())) => {}
+            Some(Err(Unusual)) => {
+                if keep == Keep::Text {
+                    reader.read_to_end(&mut held)?;
+                }
+                return whole(held);
             }
-            return whole(held);
         }
     }
     drop(held);
@@ -199,6 +194,27 @@ fn stream<C: Cutter>(mut reader: impl BufRead, mut cutter: C, keep: Keep) -> io:
     Ok(Streamed::Built(Ok((version, keys))))
 }
 
+/// Feed `cutter` the next piece of the document (copied to `held` too, if given); `None`
+/// at its end.
+fn step<C: Cutter>(
+    reader: &mut impl BufRead,
+    cutter: &mut C,
+    done: &mut Vec<Run>,
+    held: Option<&mut Vec<u8>>,
+) -> io::Result<Option<Result<(), Unusual>>> {
+    let buf = reader.fill_buf()?;
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let n = buf.len().min(STEP);
+    if let Some(held) = held {
+        held.extend_from_slice(&buf[..n]);
+    }
+    let fed = cutter.feed(&buf[..n], done);
+    reader.consume(n);
+    Ok(Some(fed))
+}
+
 /// The text held, as text: a document that is not UTF-8 is a read error, as it is when read
 /// whole.
 fn whole(held: Vec<u8>) -> io::Result<Streamed> {
@@ -215,14 +231,7 @@ fn feed_rest<C: Cutter>(
     send: &mut dyn FnMut(Run),
 ) -> io::Result<Result<Vec<u8>, Unusual>> {
     let mut done = Vec::new();
-    loop {
-        let buf = reader.fill_buf()?;
-        if buf.is_empty() {
-            break;
-        }
-        let n = buf.len().min(STEP);
-        let fed = cutter.feed(&buf[..n], &mut done);
-        reader.consume(n);
+    while let Some(fed) = step(&mut reader, &mut cutter, &mut done, None)? {
         done.drain(..).for_each(&mut *send);
         if fed.is_err() {
             return Ok(Err(Unusual));
