@@ -254,6 +254,16 @@ def cmd_report(run_dir):
     out.append("### Latency at a fixed rate (oha, open loop, latency-corrected)")
     out.append("")
     if os.path.exists(fixed_path) and os.path.getsize(fixed_path) > 0:
+        sat_path = os.path.join(run_dir, "saturation")
+        if os.path.exists(sat_path):
+            under_oha, under_wrk = (float(v) for v in open(sat_path).read().split())
+            out.append(
+                f"Rates are fractions of nginx's saturation in open loop (oha asked for four "
+                f"times nginx's wrk rate; median of the rounds): {under_oha:.0f} req/s, "
+                f"against {under_wrk:.0f} under wrk. Open-loop oha takes more of the shared "
+                f"cores than wrk, so a fraction of the wrk figure would overload every peer."
+            )
+            out.append("")
         runs = {}
         with open(fixed_path) as f:
             for line in f:
