@@ -467,6 +467,12 @@ if [[ -n $OHA_BIN ]]; then
     || ! grep -q -- '--no-tui' <<<"$help"; then
     OHA_SKIP_REASON="$OHA_BIN lacks --latency-correction/--no-tui/JSON output; upgrade oha"
   else
+    # run_oha PEER RATE OUT: one open-loop oha run at RATE req/s, its JSON report in OUT.
+    run_oha() {
+      "$OHA_BIN" -z "${DURATION}s" -q "$2" -c "$CONNECTIONS" --latency-correction --no-tui \
+        -H "x-api-key: $BENCH_KEY" "${oha_fmt[@]}" "http://127.0.0.1:${PORT[$1]}/" \
+        >"$3" 2>"$3.err" || die "oha failed against $1: $(cat "$3.err")"
+    }
     # The rates are fractions of nginx's saturation in the mode they are run in: oha, open
     # loop, asked for four times what nginx did under wrk, so what it achieves is nginx's
     # limit. Open-loop oha takes more of the shared cores than wrk (and than oha's closed
@@ -476,10 +482,7 @@ if [[ -n $OHA_BIN ]]; then
     flood=$(python3 -c "print(round($wrk_sat * 4))")
     for ((r = 0; r < ROUNDS; r++)); do
       out="$TMP/oha-saturation-$r.json"
-      "$OHA_BIN" -z "${DURATION}s" -q "$flood" -c "$CONNECTIONS" --latency-correction --no-tui \
-        -H "x-api-key: $BENCH_KEY" "${oha_fmt[@]}" "http://127.0.0.1:${PORT[nginx]}/" \
-        >"$out" 2>"$out.err" \
-        || die "oha failed against nginx: $(cat "$out.err")"
+      run_oha nginx "$flood" "$out"
       read -r achieved _ < <(python3 "$LIB" oha-summary "$out")
       echo "$achieved" >>"$TMP/saturation-oha"
       log "round $((r + 1))/$ROUNDS nginx saturation under oha (open loop): $achieved req/s"
@@ -496,9 +499,7 @@ if [[ -n $OHA_BIN ]]; then
         for ((i = 0; i < m; i++)); do
           peer=${fixed_peers[(r + i) % m]}
           out="$TMP/oha-$peer-$pct-$r.json"
-          "$OHA_BIN" -z "${DURATION}s" -q "$rate" -c "$CONNECTIONS" --latency-correction --no-tui \
-            -H "x-api-key: $BENCH_KEY" "${oha_fmt[@]}" "http://127.0.0.1:${PORT[$peer]}/" \
-            >"$out" 2>"$out.err" || die "oha failed against $peer: $(cat "$out.err")"
+          run_oha "$peer" "$rate" "$out"
           read -r achieved p50 p99 success non2xx < <(python3 "$LIB" oha-summary "$out")
           printf '%s %s %s %s %s %s %s %s %s\n' "$peer" "$pct" "$rate" "$achieved" "$p50" "$p99" \
             "$success" "$non2xx" "$((r + 1))" >>"$TMP/fixed.tsv"
