@@ -342,7 +342,8 @@ async fn usage_survives_reload_and_drops_removed_keys() {
     kw.shutdown().await;
 }
 
-/// A large push is read from disk as a stream, in YAML and in JSON; a refused or broken-off
+/// A large push is read from disk as a stream, in YAML and in JSON, and one changing a single
+/// key changes that key (the rest are kept from the snapshot in force); a refused or broken-off
 /// one leaves neither a stray file nor a changed state file behind.
 #[tokio::test]
 async fn large_pushes_are_spooled_and_refused_ones_leave_nothing_behind() {
@@ -384,26 +385,16 @@ async fn large_pushes_are_spooled_and_refused_ones_leave_nothing_behind() {
         ("authorization", auth.as_str()),
         ("content-type", "application/json"),
     ];
-    let r = send(
-        "PUT",
-        &kw.admin_url("/v1/snapshot"),
-        &h,
-        bad.to_string().as_bytes(),
-    )
-    .await;
+    let url = kw.admin_url("/v1/snapshot");
+    let put_json = async |body: &[u8]| send("PUT", &url, &h, body).await;
+    let r = put_json(bad.to_string().as_bytes()).await;
     assert_eq!(r.status, 400);
     assert!(
         r.text().contains("keys[4500] id=key_4500: sha256"),
         "{}",
         r.text()
     );
-    let r = send(
-        "PUT",
-        &kw.admin_url("/v1/snapshot"),
-        &h,
-        b"{\"keys\": [\"\xff\"]}",
-    )
-    .await;
+    let r = put_json(b"{\"keys\": [\"\xff\"]}").await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.code(), "bad_snapshot");
     assert!(r.text().contains("not UTF-8"), "{}", r.text());
@@ -422,6 +413,13 @@ async fn large_pushes_are_spooled_and_refused_ones_leave_nothing_behind() {
         200,
         "last good snapshot stays"
     );
+    // The keys that did not change are kept from the snapshot in force; the one that did
+    // is the push's.
+    let mut revoked = doc.clone();
+    revoked["keys"][5_000]["status"] = serde_json::json!("disabled");
+    let r = put_json(revoked.to_string().as_bytes()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, SERVICE_KEY).await, 401, "changed key");
     kw.shutdown().await;
 }
 

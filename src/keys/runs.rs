@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeSeed;
 
-use super::snapshot::{Format, Key, SnapshotDoc, SnapshotError};
+use super::snapshot::{Format, Key, Snapshot, SnapshotDoc, SnapshotError};
 use super::stream::{Built, Entries};
 
 /// A document with at most this many items is parsed whole, on the calling thread.
@@ -128,31 +128,45 @@ fn envelope_version(envelope: &[u8], format: Format) -> Option<Option<u64>> {
 
 /// Read a snapshot in `format` from `reader` to its end (unless it gives up), on every core
 /// once it has more than [`MIN_ITEMS`] items. Each run's entries become keys on the thread
-/// that parsed them, so a load never holds every parsed entry at once.
-pub fn read(reader: impl BufRead, format: Format, keep: Keep) -> io::Result<Streamed> {
+/// that parsed them, so a load never holds every parsed entry at once; a key equal to one
+/// of `prior` (the snapshot in force, on a reload) is that one, so a reload does not hold
+/// two copies of the keys that did not change.
+pub fn read(
+    reader: impl BufRead,
+    format: Format,
+    keep: Keep,
+    prior: Option<&Snapshot>,
+) -> io::Result<Streamed> {
     match format {
         Format::Json => stream(
             reader,
             super::json_chunks::Scanner::new(ITEMS_PER_RUN),
             keep,
+            prior,
         ),
         Format::Yaml => stream(
             reader,
             super::yaml_chunks::Splitter::new(ITEMS_PER_RUN),
             keep,
+            prior,
         ),
     }
 }
 
 /// A snapshot held in memory, read the same way: `None` when it should be parsed whole.
 pub fn parse(text: &str, format: Format) -> Option<Result<Built, SnapshotError>> {
-    match read(text.as_bytes(), format, Keep::Nothing) {
+    match read(text.as_bytes(), format, Keep::Nothing, None) {
         Ok(Streamed::Built(built)) => Some(built),
         _ => None,
     }
 }
 
-fn stream<C: Cutter>(mut reader: impl BufRead, mut cutter: C, keep: Keep) -> io::Result<Streamed> {
+fn stream<C: Cutter>(
+    mut reader: impl BufRead,
+    mut cutter: C,
+    keep: Keep,
+    prior: Option<&Snapshot>,
+) -> io::Result<Streamed> {
     let mut held = Vec::new();
     let mut first = Vec::new();
     // Hold the text until there are enough items to be worth the threads.
@@ -175,7 +189,12 @@ fn stream<C: Cutter>(mut reader: impl BufRead, mut cutter: C, keep: Keep) -> io:
             first.into_iter().for_each(&mut *send);
             feed_rest(reader, cutter, send)
         },
-        |run: Run| run.build(C::FORMAT),
+        |run: Run| {
+            Some(
+                run.build(C::FORMAT)?
+                    .map(|keys| Snapshot::reuse(prior, keys)),
+            )
+        },
     );
     let Ok(envelope) = rest? else {
         return Ok(Streamed::GaveUp);

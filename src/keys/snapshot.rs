@@ -225,7 +225,9 @@ impl Serialize for Text {
 ///
 /// Kept small because a snapshot holds one per key (a million, at the high end): fields most
 /// keys leave unset live behind one pointer, and keys with the same scopes share them.
-#[derive(Clone)]
+/// Equality is every field's (derived, so a new field counts): a reload keeps the keys that
+/// did not change (see [`Snapshot::reuse`]).
+#[derive(Clone, PartialEq)]
 pub struct Key {
     /// The public id, stored once as the `x-auth-key-id` value it is sent as.
     pub id: Text,
@@ -243,7 +245,7 @@ pub struct Key {
 }
 
 /// The optional fields of a key.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 struct Extra {
     subject_email: Option<Text>,
     account_short_id: Option<Text>,
@@ -281,7 +283,7 @@ impl Extra {
 
 /// A key's scopes and their `x-auth-scopes` value, shared by the keys of one build run (a
 /// few thousand keys, built on one thread) that list the same scopes.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 struct Scopes {
     list: Vec<String>,
     value: HeaderValue,
@@ -529,6 +531,21 @@ impl Snapshot {
 
     pub fn by_id(&self, id: &str) -> Option<&Arc<Key>> {
         self.index.by_id(id)
+    }
+
+    /// `keys`, each replaced by this snapshot's key of the same id where the two are equal
+    /// in every field: a reload built against the snapshot in force holds one copy of each
+    /// unchanged key, not two, and the new copy is freed as soon as it is built.
+    pub(super) fn reuse(prior: Option<&Snapshot>, keys: Vec<Arc<Key>>) -> Vec<Arc<Key>> {
+        let Some(prior) = prior else {
+            return keys;
+        };
+        keys.into_iter()
+            .map(|key| match prior.by_id(&key.id) {
+                Some(old) if **old == *key => old.clone(),
+                _ => key,
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -15,6 +15,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::runs::{self, Keep, Streamed};
 use super::snapshot::Format;
+use super::stream::Built;
 use super::{digest, stream, Snapshot, SnapshotError, Source};
 use crate::App;
 
@@ -159,35 +160,42 @@ fn file_digest(path: &Path) -> Result<String, LoadError> {
 /// `runs`). A small or unusual document is read whole and parsed as such; one whose
 /// streamed read gave up is read again, whole.
 pub fn read_file(path: &Path, source: Source) -> Result<Snapshot, LoadError> {
-    read_file_as(path, source, None)
+    read_file_as(path, source, None, None)
 }
 
-/// [`read_file`] in a known format, or the one its first byte says.
+/// [`read_file`] in a known format, or the one its first byte says; keys equal to those
+/// of `prior`, the snapshot in force, are shared with it (see `runs::read`).
 fn read_file_as(
     path: &Path,
     source: Source,
     format: Option<Format>,
+    prior: Option<&Snapshot>,
 ) -> Result<Snapshot, LoadError> {
     let mut reader = open(path)?;
     let format = match format {
         Some(format) => format,
         None => sniff(&mut reader).map_err(|e| io_error(path, e))?,
     };
-    let streamed = runs::read(&mut reader, format, Keep::Text);
+    let streamed = runs::read(&mut reader, format, Keep::Text, prior);
     let built = match streamed.map_err(|e| io_error(path, e))? {
         Streamed::Built(built) => built,
         // Read to its end: the reader's digest is the text's.
-        Streamed::Whole(text) => stream::parse_whole(&text, format),
+        Streamed::Whole(text) => whole(&text, format, prior),
         Streamed::GaveUp => {
             let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
             let digest = hex::encode(digest(text.as_bytes()));
-            let built = stream::parse_whole(&text, format);
+            let built = whole(&text, format, prior);
             drop(text);
             return Ok(Snapshot::from_built(built?, source, digest)?);
         }
     };
     let digest = reader.into_inner().hex_digest();
     Ok(Snapshot::from_built(built?, source, digest)?)
+}
+
+/// A document parsed whole, its unchanged keys shared with `prior` as a streamed read's are.
+fn whole(text: &str, format: Format, prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
+    stream::parse_whole(text, format).map(|(version, keys)| (version, Snapshot::reuse(prior, keys)))
 }
 
 /// A document's format from its first byte that is not white space (`{`: JSON), as
@@ -282,7 +290,13 @@ pub async fn watch_file(app: Arc<App>, path: PathBuf, trigger: Arc<Notify>) {
         last_seen = Some(digest_hex);
         let (app2, path2) = (app.clone(), path.clone());
         let result = tokio::task::spawn_blocking(move || {
-            read_file(&path2, Source::File).map(|s| install(&app2, s))
+            // The snapshot in force is let go before the install, which returns what the
+            // replaced one frees to the OS.
+            let read = {
+                let prior = app2.store.load();
+                read_file_as(&path2, Source::File, None, prior.as_deref())
+            };
+            read.map(|s| install(&app2, s))
         })
         .await;
         match result {
@@ -428,13 +442,18 @@ pub fn apply_pushed(app: &App, spool: Spool, format: Format) -> Result<Arc<Snaps
     let KeySource::Control { state_file, .. } = &app.key_source else {
         return Err(LoadError::FileSource);
     };
-    let snapshot =
-        read_file_as(spool.path(), Source::Control, Some(format)).map_err(|e| match e {
-            LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData => {
-                LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into()))
-            }
-            e => e,
-        })?;
+    let snapshot = read_file_as(
+        spool.path(),
+        Source::Control,
+        Some(format),
+        app.store.load().as_deref(),
+    )
+    .map_err(|e| match e {
+        LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData => {
+            LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into()))
+        }
+        e => e,
+    })?;
     let _commit = committing();
     spool.commit(state_file)?;
     Ok(install(app, snapshot))
@@ -478,7 +497,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::keys::digest;
+    use crate::keys::{digest, Status};
 
     fn item(i: usize) -> String {
         format!(
@@ -492,6 +511,49 @@ mod tests {
             "version: 4\nkeys:\n{}",
             (0..n).map(item).collect::<String>()
         )
+    }
+
+    /// A reload against the snapshot in force keeps the keys that did not change (one copy
+    /// of each, not two); a key changed in any field, and a new one, are the file's. Large
+    /// documents (read in runs on every core) and small ones (read whole) alike.
+    #[test]
+    fn a_reread_file_shares_the_unchanged_keys_with_the_snapshot_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.yaml");
+        for n in [5_000, 10] {
+            std::fs::write(&path, yaml(n)).unwrap();
+            let prior = read_file(&path, Source::File).unwrap();
+            let changed = yaml(n + 1).replace(
+                "id: key_7\n    sha256",
+                "id: key_7\n    status: disabled\n    sha256",
+            );
+            let json =
+                serde_json::to_string(&Snapshot::parse(&changed, Source::File).unwrap().to_doc())
+                    .unwrap();
+            for (format, text) in [(Format::Yaml, changed), (Format::Json, json)] {
+                std::fs::write(&path, text).unwrap();
+                let next = read_file_as(&path, Source::File, Some(format), Some(&prior)).unwrap();
+                let case = format!("{n} keys, {format:?}");
+                assert_eq!(next.len(), n + 1, "{case}");
+                let shared =
+                    |id: &str| Arc::ptr_eq(next.by_id(id).unwrap(), prior.by_id(id).unwrap());
+                assert!(
+                    shared("key_0") && shared("key_9"),
+                    "{case}: unchanged keys are shared"
+                );
+                assert!(!shared("key_7"), "{case}: a changed key is not");
+                assert_eq!(
+                    next.by_id("key_7").unwrap().status,
+                    Status::Disabled,
+                    "{case}"
+                );
+                let new = format!("key_{n}");
+                assert!(
+                    prior.by_id(&new).is_none() && next.by_id(&new).is_some(),
+                    "{case}"
+                );
+            }
+        }
     }
 
     /// Every shape of file reads to the snapshot its text parses to, with the digest of the

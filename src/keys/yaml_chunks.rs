@@ -177,7 +177,7 @@ mod tests {
     use crate::keys::SnapshotError;
 
     fn read(reader: &[u8], keep: Keep) -> io::Result<Streamed> {
-        runs::read(reader, Format::Yaml, keep)
+        runs::read(reader, Format::Yaml, keep, None)
     }
 
     fn parse(text: &str) -> Option<Result<Built, SnapshotError>> {
