@@ -237,7 +237,20 @@ pub fn load_initial(app: &App) {
 }
 
 fn load_file(app: &App, path: &Path, source: Source) -> Result<Arc<Snapshot>, LoadError> {
-    Ok(install(app, read_file(path, source)?))
+    Ok(install(app, read_for(app, path, source, None)?))
+}
+
+/// [`read_file_as`] sharing unchanged keys with `app`'s snapshot in force, which is let go
+/// when the read is done: an install right after it then returns to the OS what the
+/// replaced snapshot frees.
+fn read_for(
+    app: &App,
+    path: &Path,
+    source: Source,
+    format: Option<Format>,
+) -> Result<Snapshot, LoadError> {
+    let prior = app.store.load();
+    read_file_as(path, source, format, prior.as_deref())
 }
 
 /// Watch `path`: reload when its content hash changes (polled, so renames and Kubernetes'
@@ -289,16 +302,8 @@ pub async fn watch_file(app: Arc<App>, path: PathBuf, trigger: Arc<Notify>) {
         // A refused file is not read again until it changes.
         last_seen = Some(digest_hex);
         let (app2, path2) = (app.clone(), path.clone());
-        let result = tokio::task::spawn_blocking(move || {
-            // The snapshot in force is let go before the install, which returns what the
-            // replaced one frees to the OS.
-            let read = {
-                let prior = app2.store.load();
-                read_file_as(&path2, Source::File, None, prior.as_deref())
-            };
-            read.map(|s| install(&app2, s))
-        })
-        .await;
+        let result =
+            tokio::task::spawn_blocking(move || load_file(&app2, &path2, Source::File)).await;
         match result {
             // What was read may be newer than what was hashed a moment before.
             Ok(Ok(snapshot)) => last_seen = Some(snapshot.content_digest.clone()),
@@ -442,18 +447,13 @@ pub fn apply_pushed(app: &App, spool: Spool, format: Format) -> Result<Arc<Snaps
     let KeySource::Control { state_file, .. } = &app.key_source else {
         return Err(LoadError::FileSource);
     };
-    let snapshot = read_file_as(
-        spool.path(),
-        Source::Control,
-        Some(format),
-        app.store.load().as_deref(),
-    )
-    .map_err(|e| match e {
-        LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData => {
-            LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into()))
-        }
-        e => e,
-    })?;
+    let snapshot =
+        read_for(app, spool.path(), Source::Control, Some(format)).map_err(|e| match e {
+            LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData => {
+                LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into()))
+            }
+            e => e,
+        })?;
     let _commit = committing();
     spool.commit(state_file)?;
     Ok(install(app, snapshot))
