@@ -135,7 +135,7 @@ def cmd_oha_summary(path):
         raise SystemExit(f"{path}: no latencyPercentiles in oha output")
     print(
         f"{summary.get('requestsPerSec', 0):.2f} {p50 * 1000:.3f} {p99 * 1000:.3f} "
-        f"{summary.get('successRate', 0):.4f} {non2xx}"
+        f"{summary.get('successRate', 0):.4f} {non2xx} {summary.get('total', 0):.3f}"
     )
 
 
@@ -184,7 +184,8 @@ def _ratio(a, b):
 
 def cmd_report(run_dir):
     """results.tsv lines: peer round rps p50 p99 non2xx sockerr requests utime stime
-    fixed.tsv lines:   peer pct target_rate achieved_rps p50 p99 success non2xx round"""
+    fixed.tsv lines:   peer pct target_rate achieved_rps p50 p99 success non2xx round
+                       cpu_ticks seconds"""
     rows = _read_results(run_dir)
     order = list(rows)
     canonical = ["direct", "relay", "nginx", "haproxy", "keyward"]
@@ -265,9 +266,11 @@ def cmd_report(run_dir):
             )
             out.append("")
         runs = {}
+        clk = _clk_tck(run_dir)
         with open(fixed_path) as f:
             for line in f:
-                peer, pct, target, achieved, p50, p99, success, non2xx, rnd = line.split()
+                f = line.split()
+                peer, pct, target, achieved, p50, p99, success, non2xx, rnd, ticks, secs = f
                 runs.setdefault((int(pct), peer), []).append(
                     {
                         "target": float(target),
@@ -276,13 +279,15 @@ def cmd_report(run_dir):
                         "p99": float(p99),
                         "success": float(success),
                         "non2xx": int(non2xx),
+                        # Cores the peer's processes used over the run (user + kernel).
+                        "cores": int(ticks) / clk / float(secs) if float(secs) else 0.0,
                     }
                 )
         out.append(
             "| peer | load | target req/s | achieved req/s | p50 | p99 | success "
-            "| p99 per round |"
+            "| p99 per round | CPU cores per round |"
         )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for (pct, peer), rs in sorted(
             runs.items(), key=lambda kv: (kv[0][0], canonical.index(kv[0][1]))
         ):
@@ -291,15 +296,21 @@ def cmd_report(run_dir):
             non2xx = sum(r["non2xx"] for r in rs)
             note = f" ({non2xx} non-2xx)" if non2xx else ""
             per_round = " / ".join(f"{r['p99']:.1f}" for r in rs)
+            cores = " / ".join(f"{r['cores']:.2f}" for r in rs)
             out.append(
                 f"| {peer} | {pct}% of nginx | {m['target']:.0f} | {m['achieved']:.0f} "
                 f"| {m['p50']:.3f} ms | {m['p99']:.3f} ms "
-                f"| {min(r['success'] for r in rs) * 100:.2f}%{note} | {per_round} ms |"
+                f"| {min(r['success'] for r in rs) * 100:.2f}%{note} | {per_round} ms "
+                f"| {cores} |"
             )
         out.append("")
         out.append(
             "Each peer's round with the median p99 is shown; success is the lowest of its "
-            "rounds."
+            "rounds. CPU cores: user and kernel CPU time of the peer's own processes over "
+            "each round, divided by the round's length. At a fixed rate every peer does the "
+            "same work, so this is what each needs for it; it varies far less from round to "
+            "round than p99, which on two cores shared with the load generator and the "
+            "upstream follows how long a request waits for a core."
         )
     else:
         reason_path = os.path.join(run_dir, "fixed.skipped")

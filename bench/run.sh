@@ -499,10 +499,13 @@ if [[ -n $OHA_BIN ]]; then
         for ((i = 0; i < m; i++)); do
           peer=${fixed_peers[(r + i) % m]}
           out="$TMP/oha-$peer-$pct-$r.json"
+          read -r u0 s0 < <(cpu_ticks "$peer")
           run_oha "$peer" "$rate" "$out"
-          read -r achieved p50 p99 success non2xx < <(python3 "$LIB" oha-summary "$out")
-          printf '%s %s %s %s %s %s %s %s %s\n' "$peer" "$pct" "$rate" "$achieved" "$p50" "$p99" \
-            "$success" "$non2xx" "$((r + 1))" >>"$TMP/fixed.tsv"
+          read -r u1 s1 < <(cpu_ticks "$peer")
+          read -r achieved p50 p99 success non2xx secs < <(python3 "$LIB" oha-summary "$out")
+          printf '%s %s %s %s %s %s %s %s %s %s %s\n' "$peer" "$pct" "$rate" "$achieved" "$p50" \
+            "$p99" "$success" "$non2xx" "$((r + 1))" "$((u1 - u0 + s1 - s0))" "$secs" \
+            >>"$TMP/fixed.tsv"
           log "round $((r + 1))/$ROUNDS fixed rate $rate req/s ($pct% of nginx) $peer: p50 ${p50} ms, p99 ${p99} ms"
         done
       done
