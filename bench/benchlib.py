@@ -269,8 +269,8 @@ def cmd_report(run_dir):
         clk = _clk_tck(run_dir)
         with open(fixed_path) as f:
             for line in f:
-                f = line.split()
-                peer, pct, target, achieved, p50, p99, success, non2xx, rnd, ticks, secs = f
+                fields = line.split()
+                peer, pct, target, achieved, p50, p99, success, non2xx, rnd, ticks, secs = fields
                 runs.setdefault((int(pct), peer), []).append(
                     {
                         "target": float(target),
