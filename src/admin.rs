@@ -190,7 +190,9 @@ async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
         (&Method::PUT, ["v1", "snapshot"]) => put_snapshot(app, req).await,
         (&Method::POST, ["v1", "keys", id, "disable"]) => disable(app, id),
         (&Method::GET, ["v1", "keys", "usage"]) => {
-            json(StatusCode::OK, json!({"keys": app.usage.report()}))
+            let snapshot = app.store.load();
+            let keys = app.usage.report(snapshot.as_deref());
+            json(StatusCode::OK, json!({ "keys": keys }))
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
     }

@@ -44,16 +44,24 @@ impl Usage {
         c.requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Forget keys that left the snapshot; the rest keep their history.
+    /// Forget keys that left the snapshot; the rest keep their history. Frees their
+    /// entries; what is reported is filtered by `report` itself (a request that passed on
+    /// the previous snapshot may record its key just after this runs).
     pub fn retain(&self, snapshot: &Snapshot) {
         self.by_id.retain(|id, _| snapshot.by_id(id).is_some());
     }
 
-    /// Every key used so far, ordered by id.
-    pub fn report(&self) -> Vec<KeyUsage> {
+    /// Every key of `snapshot` (the one in force) used so far, ordered by id. Keys that left
+    /// it are never reported, even in the moment between a swap and its `retain`, or when
+    /// a request allowed by the previous snapshot recorded its key after that `retain`.
+    pub fn report(&self, snapshot: Option<&Snapshot>) -> Vec<KeyUsage> {
+        let Some(snapshot) = snapshot else {
+            return Vec::new();
+        };
         let mut out: Vec<KeyUsage> = self
             .by_id
             .iter()
+            .filter(|e| snapshot.by_id(e.key()).is_some())
             .map(|e| {
                 let ms = e.last_used_unix_ms.load(Ordering::Relaxed);
                 let t = UNIX_EPOCH + std::time::Duration::from_millis(ms);
@@ -83,12 +91,21 @@ mod tests {
         u.record(&a, t);
         u.record(&a, t);
         u.record(&gone, t);
-        let r = u.report();
-        assert_eq!(r.len(), 2);
+        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
+        let r = u.report(Some(&s));
+        assert_eq!(
+            r.len(),
+            1,
+            "a key not in the snapshot in force is not reported"
+        );
         assert_eq!(r[0].requests, 2);
         assert_eq!(r[0].last_used, "2026-01-01T00:00:00.000Z");
-        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
+        assert_eq!(u.by_id.len(), 2);
         u.retain(&s);
-        assert_eq!(u.report().len(), 1);
+        assert_eq!(u.by_id.len(), 1, "retain frees the entries of removed keys");
+        // A request allowed by the previous snapshot records its key after the retain.
+        u.record(&gone, t);
+        assert_eq!(u.report(Some(&s)).len(), 1);
+        assert!(u.report(None).is_empty());
     }
 }
