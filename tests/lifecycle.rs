@@ -43,7 +43,11 @@ async fn file_change_is_reloaded_and_bad_file_keeps_last_good() {
         status_with(&kw, NEW_KEY).await == 200
     })
     .await;
-    assert_eq!(metric(&kw, "keyward_snapshot_version ").await, 2.0);
+    // The metrics are published just after the swap that lets the key in.
+    eventually("version 2 published", || async {
+        metric(&kw, "keyward_snapshot_version ").await == 2.0
+    })
+    .await;
 
     // A broken file is refused whole; the last good snapshot stays in force.
     let errors = r#"keyward_snapshot_reloads_total{result="error",source="file"} "#;
