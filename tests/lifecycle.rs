@@ -357,7 +357,7 @@ async fn large_pushes_are_spooled_and_refused_ones_leave_nothing_behind() {
     let kw = spawn_control(up.addr, &state, false).await;
     let auth = admin_auth();
     let entry = |i: usize| {
-        serde_json::json!({"id": format!("key_{i}"), "sha256": hex::encode(keyward::keys::digest(format!("bulk-{i}").as_bytes())),
+        serde_json::json!({"id": format!("key_{i}"), "sha256": hex::encode(keyward::keys::digest(format!("sta_bulk_{i}").as_bytes())),
             "type": "service_account", "subject_id": format!("s{i}"), "account_id": "a", "scopes": ["read"]})
     };
     let mut keys: Vec<_> = (0..5_000).map(entry).collect();
@@ -424,6 +424,11 @@ async fn large_pushes_are_spooled_and_refused_ones_leave_nothing_behind() {
     let r = put_json(revoked.to_string().as_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(status_with(&kw, SERVICE_KEY).await, 401, "changed key");
+    assert_eq!(
+        status_with(&kw, "sta_bulk_7").await,
+        200,
+        "unchanged key, kept"
+    );
     kw.shutdown().await;
 }
 
