@@ -129,9 +129,12 @@ pub fn from_slice(
     prior: Option<&Snapshot>,
 ) -> Result<Built, SnapshotError> {
     let body = strip_bom(bytes);
-    let start = body.iter().position(|b| !b.is_ascii_whitespace());
-    let json_like = start.is_some_and(|i| body[i] == b'{');
-    if format == Format::Json || json_like {
+    // Leading white space skipped as a stream read skips it, so errors point alike.
+    let body = match body.iter().position(|b| !b.is_ascii_whitespace()) {
+        Some(start) => &body[start..],
+        None => &[],
+    };
+    if format == Format::Json || body.first() == Some(&b'{') {
         let mut de = serde_json::Deserializer::from_slice(body);
         match json(&mut de, prior) {
             Ok(built) => return Ok(built),
@@ -186,11 +189,11 @@ fn neither(json: &SnapshotError, yaml: &SnapshotError) -> SnapshotError {
         SnapshotError::Parse(m) => m.clone(),
         other => other.to_string(),
     };
-    SnapshotError::Parse(format!(
+    SnapshotError::Parse(excerpt(&format!(
         "not YAML ({}) nor JSON ({})",
         strip(yaml),
         strip(json)
-    ))
+    )))
 }
 
 const BOM: &[u8] = b"\xef\xbb\xbf";
@@ -491,6 +494,35 @@ mod tests {
         for not_json in [&flow, &block] {
             assert!(load(not_json, Format::Json).is_err());
             assert!(from_file(not_json, Format::Json).is_err());
+        }
+    }
+
+    /// Held in memory or read as a stream, every prefix of every style loads alike: the
+    /// same keys, or the same error.
+    #[test]
+    fn a_document_loads_alike_held_or_streamed() {
+        let sha = hex::encode(digest(b"secret"));
+        let json = doc(&[item("k1", "secret"), item("k2", "other")]);
+        let flow = format!(
+            "\u{feff} {{version: 7, keys: [{{id: k1, sha256: {sha}, type: personal, subject_id: s, account_id: a}}]}}"
+        );
+        for text in [json.clone(), format!("\r\n {json}"), flow] {
+            for end in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+                let part = &text[..end];
+                for format in [Format::Json, Format::Yaml] {
+                    let held = load(part, format);
+                    let streamed = from_file(part, format);
+                    match (&held, &streamed) {
+                        (Ok((v1, k1)), Ok((v2, k2))) => {
+                            assert_eq!(v1, v2, "{part:?}");
+                            assert!(k1.iter().zip(k2).all(|(a, b)| **a == **b), "{part:?}");
+                            assert_eq!(k1.len(), k2.len(), "{part:?}");
+                        }
+                        (Err(a), Err(b)) => assert_eq!(a, b, "{part:?}"),
+                        _ => panic!("{part:?}: {held:?} / {streamed:?}"),
+                    }
+                }
+            }
         }
     }
 
