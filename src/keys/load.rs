@@ -151,15 +151,19 @@ pub fn from_slice(
 
 /// Read a document from `reader`, never holding it whole unless it is YAML: then
 /// `reopen` gives the whole document again from its start (the reader has moved on).
+///
+/// On success a JSON document has been read to its end (nothing may follow it). The reader
+/// is taken by value: serde_json reads it byte by byte, which the standard library makes
+/// cheap for a `BufReader` it owns.
 pub fn from_reader<R: BufRead>(
-    reader: &mut R,
+    mut reader: R,
     format: Format,
     prior: Option<&Snapshot>,
     reopen: impl FnOnce() -> io::Result<Vec<u8>>,
 ) -> Result<Built, ReadError> {
-    let json_like = skip_bom_and_space(reader).map_err(ReadError::Io)? == Some(b'{');
+    let json_like = skip_bom_and_space(&mut reader).map_err(ReadError::Io)? == Some(b'{');
     if format == Format::Json || json_like {
-        let mut de = serde_json::Deserializer::from_reader(&mut *reader);
+        let mut de = serde_json::Deserializer::from_reader(reader);
         match json(&mut de, prior) {
             Ok(built) => return Ok(built),
             Err(Json::Failed(e)) => return Err(e.into()),
@@ -237,23 +241,34 @@ enum Json {
     Io(io::Error),
 }
 
+/// A JSON document. Read without tracking the path of every value (that doubles the
+/// time of a bulk load): an error inside an entry is named by the entry's index, which
+/// the list visitor keeps, and the parser's line and column.
 fn json<'de, R: serde_json::de::Read<'de>>(
     de: &mut serde_json::Deserializer<R>,
     prior: Option<&Snapshot>,
 ) -> Result<Built, Json> {
-    let mut refused = None;
-    let mut track = serde_path_to_error::Track::new();
+    let mut progress = Progress::default();
     let parsed = Doc {
         prior,
-        refused: &mut refused,
+        progress: &mut progress,
     }
-    .deserialize(serde_path_to_error::Deserializer::new(&mut *de, &mut track))
+    .deserialize(&mut *de)
     .and_then(|built| de.end().map(|()| built));
-    match (parsed, refused) {
-        (_, Some(entry)) => Err(Json::Failed(entry)),
-        (Ok(built), None) => Ok(built),
-        (Err(e), None) => {
-            let located = parse_error(located(&track.path(), &e));
+    match (parsed, progress) {
+        (
+            _,
+            Progress {
+                refused: Some(entry),
+                ..
+            },
+        ) => Err(Json::Failed(entry)),
+        (Ok(built), _) => Ok(built),
+        (Err(e), Progress { entry, .. }) => {
+            let located = parse_error(match entry {
+                Some(i) => format!("keys[{i}]: {e}"),
+                None => e.to_string(),
+            });
             Err(match e.classify() {
                 serde_json::error::Category::Io => Json::Io(io::Error::from(e)),
                 serde_json::error::Category::Data => Json::Failed(located),
@@ -263,6 +278,14 @@ fn json<'de, R: serde_json::de::Read<'de>>(
             })
         }
     }
+}
+
+/// Where a read of the `keys` list is: the entry being read, and the first refused entry
+/// (the deserializer's own error only says that one was).
+#[derive(Default)]
+struct Progress {
+    entry: Option<usize>,
+    refused: Option<SnapshotError>,
 }
 
 /// A YAML document, parsed whole: refused above [`YAML_MAX_BYTES`] or when not UTF-8.
@@ -281,7 +304,7 @@ fn yaml_bytes(bytes: &[u8], prior: Option<&Snapshot>) -> Result<Built, SnapshotE
 /// A YAML document read whole; a syntax or type error names where it is
 /// (`keys[3].scopes: invalid type ...`).
 fn yaml(text: &str, prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
-    let mut refused = None;
+    let mut progress = Progress::default();
     let mut track = serde_path_to_error::Track::new();
     let de = serde_path_to_error::Deserializer::new(
         serde_yaml::Deserializer::from_str(text),
@@ -289,10 +312,10 @@ fn yaml(text: &str, prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
     );
     let parsed = Doc {
         prior,
-        refused: &mut refused,
+        progress: &mut progress,
     }
     .deserialize(de);
-    match (parsed, refused) {
+    match (parsed, progress.refused) {
         (_, Some(entry)) => Err(entry),
         (Ok(built), None) => Ok(built),
         (Err(e), None) => Err(parse_error(located(&track.path(), &e))),
@@ -301,11 +324,10 @@ fn yaml(text: &str, prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
 
 /// The snapshot document: `version` (optional) and `keys` (required; `keys: []` is an
 /// explicit empty snapshot), nothing else. The one definition of the document read by
-/// every loader; `SnapshotDoc` writes it. The first refused entry is kept in `refused`
-/// (the deserializer's own error only says that one was).
+/// every loader; `SnapshotDoc` writes it.
 struct Doc<'a> {
     prior: Option<&'a Snapshot>,
-    refused: &'a mut Option<SnapshotError>,
+    progress: &'a mut Progress,
 }
 
 const FIELDS: &[&str] = &["version", "keys"];
@@ -346,7 +368,7 @@ impl<'de> Visitor<'de> for Doc<'_> {
                 Field::Keys => {
                     keys = Some(map.next_value_seed(Entries {
                         prior: self.prior,
-                        refused: &mut *self.refused,
+                        progress: &mut *self.progress,
                     })?)
                 }
             }
@@ -387,7 +409,7 @@ impl<'de> de::Deserialize<'de> for Field {
 /// that one at once, so a reload holds one copy of each unchanged key.
 struct Entries<'a> {
     prior: Option<&'a Snapshot>,
-    refused: &'a mut Option<SnapshotError>,
+    progress: &'a mut Progress,
 }
 
 impl<'de> DeserializeSeed<'de> for Entries<'_> {
@@ -408,17 +430,22 @@ impl<'de> Visitor<'de> for Entries<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut keys = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
         let mut scopes = ScopeCache::default();
-        while let Some(doc) = seq.next_element()? {
+        loop {
+            self.progress.entry = Some(keys.len());
+            let Some(doc) = seq.next_element()? else {
+                break;
+            };
             match build_entry(keys.len(), doc, &mut scopes) {
                 Ok(key) => keys.push(Snapshot::reuse(self.prior, key)),
                 Err(entry) => {
-                    *self.refused = Some(entry);
+                    self.progress.refused = Some(entry);
                     // The rest is read (not built) so the error is this entry's, named.
                     while seq.next_element::<IgnoredAny>()?.is_some() {}
                     return Err(de::Error::custom("refused entry"));
                 }
             }
         }
+        self.progress.entry = None;
         Ok(keys)
     }
 }
@@ -445,8 +472,8 @@ mod tests {
 
     fn from_file(text: &str, format: Format) -> Result<Built, SnapshotError> {
         let bytes = text.as_bytes();
-        let mut reader = io::BufReader::with_capacity(16, bytes);
-        from_reader(&mut reader, format, None, || Ok(bytes.to_vec())).map_err(|e| match e {
+        let reader = io::BufReader::with_capacity(16, bytes);
+        from_reader(reader, format, None, || Ok(bytes.to_vec())).map_err(|e| match e {
             ReadError::Invalid(e) => e,
             ReadError::Io(e) => panic!("{e}"),
         })
@@ -583,6 +610,8 @@ mod tests {
             }
         }
         let e = load(r#"{"keys": [{"id": "k", "scopes": 5}]}"#, Format::Yaml).unwrap_err();
+        assert!(e.to_string().contains("keys[0]: invalid type"), "{e}");
+        let e = load("keys: [{id: k, scopes: 5}]", Format::Yaml).unwrap_err();
         assert!(e.to_string().contains("keys[0].scopes"), "{e}");
     }
 

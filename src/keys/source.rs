@@ -110,12 +110,12 @@ fn refused(app: &App, source: Source, what: &dyn std::fmt::Display) {
 const READ_BUF: usize = 64 * 1024;
 
 /// A reader that hashes every byte it reads: the digest of a file read as a stream.
-struct Hashing<R> {
+struct Hashing<'h, R> {
     inner: R,
-    hasher: Sha256,
+    hasher: &'h mut Sha256,
 }
 
-impl<R: Read> Read for Hashing<R> {
+impl<R: Read> Read for Hashing<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
@@ -123,19 +123,16 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-impl<R> Hashing<R> {
-    fn hex_digest(self) -> String {
-        hex::encode(self.hasher.finalize())
-    }
-}
-
-fn open(path: &Path) -> Result<BufReader<Hashing<File>>, LoadError> {
+fn open<'h>(
+    path: &Path,
+    hasher: &'h mut Sha256,
+) -> Result<BufReader<Hashing<'h, File>>, LoadError> {
     let file = File::open(path).map_err(|e| io_error(path, e))?;
     Ok(BufReader::with_capacity(
         READ_BUF,
         Hashing {
             inner: file,
-            hasher: Sha256::new(),
+            hasher,
         },
     ))
 }
@@ -149,9 +146,11 @@ fn io_error(path: &Path, source: std::io::Error) -> LoadError {
 
 /// The SHA-256 of a file's content (hex), read in pieces: to tell whether it changed.
 fn file_digest(path: &Path) -> Result<String, LoadError> {
-    let mut reader = open(path)?;
+    let mut hasher = Sha256::new();
+    let mut reader = open(path, &mut hasher)?;
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| io_error(path, e))?;
-    Ok(reader.into_inner().hex_digest())
+    drop(reader);
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Read and validate the snapshot in `path`: JSON as a stream (a large document is never
@@ -170,27 +169,21 @@ fn read_file_as(
     format: Format,
     prior: Option<&Snapshot>,
 ) -> Result<Snapshot, LoadError> {
-    let mut reader = open(path)?;
+    let mut hasher = Sha256::new();
+    let reader = open(path, &mut hasher)?;
     // A document read whole (YAML) is read again from the file, and its digest is that
-    // read's; a JSON one's is the stream's.
+    // read's; a JSON one's is the stream's, read to its end.
     let mut whole_digest = None;
     let reopen = || {
         let bytes = load::read_bounded(File::open(path)?, YAML_MAX_BYTES)?;
         whole_digest = Some(hex::encode(digest(&bytes)));
         Ok(bytes)
     };
-    let built = load::from_reader(&mut reader, format, prior, reopen).map_err(|e| match e {
+    let built = load::from_reader(reader, format, prior, reopen).map_err(|e| match e {
         ReadError::Invalid(e) => LoadError::Invalid(e),
         ReadError::Io(e) => io_error(path, e),
     })?;
-    let digest = match whole_digest {
-        Some(d) => d,
-        None => {
-            // Read to its end (serde_json checks that nothing follows the document).
-            std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| io_error(path, e))?;
-            reader.into_inner().hex_digest()
-        }
-    };
+    let digest = whole_digest.unwrap_or_else(|| hex::encode(hasher.finalize()));
     Ok(Snapshot::from_built(built, source, digest)?)
 }
 
