@@ -1,15 +1,31 @@
 //! Key snapshot parsing (YAML and JSON), validation, and what is done with a valid one:
 //! identity headers, rate-limit state, and the YAML/JSON round trip that the control API
-//! relies on to persist an edited snapshot (`POST /v1/keys/{id}/disable`).
+//! relies on to persist an edited snapshot (`POST /v1/keys/{id}/disable`). A document read
+//! as a stream (a file, a push) loads exactly as the same bytes held in memory do.
 #![no_main]
 
 use std::time::{Duration, Instant};
 
 use keyward::auth::ratelimit::{RateDecision, RateLimiter};
+use keyward::keys::load::{self, Format, ReadError};
 use keyward::keys::{IdentityNames, Snapshot, Source};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    for format in [Format::Yaml, Format::Json] {
+        let held = load::from_slice(data, format, None);
+        let mut reader = std::io::BufReader::with_capacity(7, data);
+        let streamed = load::from_reader(&mut reader, format, None, || Ok(data.to_vec()));
+        match (held, streamed) {
+            (Ok((v1, k1)), Ok((v2, k2))) => {
+                assert_eq!(v1, v2);
+                assert_eq!(k1.len(), k2.len());
+                assert!(k1.iter().zip(&k2).all(|(a, b)| **a == **b));
+            }
+            (Err(a), Err(ReadError::Invalid(b))) => assert_eq!(a, b),
+            (held, streamed) => panic!("held {held:?}, streamed {streamed:?}"),
+        }
+    }
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };

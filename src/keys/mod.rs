@@ -2,15 +2,11 @@
 //! snapshots come from ([`source`]), and per-key state that outlives a snapshot ([`usage`]).
 
 mod index;
-mod json_chunks;
-mod parallel;
-mod runs;
+pub mod load;
 pub mod snapshot;
 pub mod source;
 pub mod store;
-mod stream;
 pub mod usage;
-mod yaml_chunks;
 
 pub use snapshot::{
     digest, Delegation, Digest, IdentityNames, Key, PrincipalType, RateLimit, Snapshot,

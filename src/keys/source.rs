@@ -3,7 +3,7 @@
 //! atomic swap in the [`KeyStore`](super::KeyStore).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -13,10 +13,9 @@ use tracing::{error, info};
 
 use sha2::{Digest as _, Sha256};
 
-use super::runs::{self, Keep, Streamed};
+use super::load::{self, ReadError, YAML_MAX_BYTES};
 use super::snapshot::Format;
-use super::stream::Built;
-use super::{digest, stream, Snapshot, SnapshotError, Source};
+use super::{digest, Snapshot, SnapshotError, Source};
 use crate::App;
 
 #[derive(Debug, thiserror::Error)]
@@ -111,12 +110,12 @@ fn refused(app: &App, source: Source, what: &dyn std::fmt::Display) {
 const READ_BUF: usize = 64 * 1024;
 
 /// A reader that hashes every byte it reads: the digest of a file read as a stream.
-struct Hashing<R> {
+struct Hashing<'h, R> {
     inner: R,
-    hasher: Sha256,
+    hasher: &'h mut Sha256,
 }
 
-impl<R: Read> Read for Hashing<R> {
+impl<R: Read> Read for Hashing<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
@@ -124,19 +123,16 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-impl<R> Hashing<R> {
-    fn hex_digest(self) -> String {
-        hex::encode(self.hasher.finalize())
-    }
-}
-
-fn open(path: &Path) -> Result<BufReader<Hashing<File>>, LoadError> {
+fn open<'h>(
+    path: &Path,
+    hasher: &'h mut Sha256,
+) -> Result<BufReader<Hashing<'h, File>>, LoadError> {
     let file = File::open(path).map_err(|e| io_error(path, e))?;
     Ok(BufReader::with_capacity(
         READ_BUF,
         Hashing {
             inner: file,
-            hasher: Sha256::new(),
+            hasher,
         },
     ))
 }
@@ -150,64 +146,45 @@ fn io_error(path: &Path, source: std::io::Error) -> LoadError {
 
 /// The SHA-256 of a file's content (hex), read in pieces: to tell whether it changed.
 fn file_digest(path: &Path) -> Result<String, LoadError> {
-    let mut reader = open(path)?;
+    let mut hasher = Sha256::new();
+    let mut reader = open(path, &mut hasher)?;
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| io_error(path, e))?;
-    Ok(reader.into_inner().hex_digest())
+    drop(reader);
+    Ok(hex::encode(hasher.finalize()))
 }
 
-/// Read and validate the snapshot in `path` as a stream: a large document is never held
-/// whole, so a reload holds the old snapshot and the new keys but not the file's text (see
-/// `runs`). A small or unusual document is read whole and parsed as such; one whose
-/// streamed read gave up is read again, whole.
+/// Read and validate the snapshot in `path`: JSON as a stream (a large document is never
+/// held whole, so a reload holds the old snapshot and the new keys but not the file's
+/// text), YAML whole. How the syntax is decided, from the document alone, is `load`'s: the
+/// same bytes load the same way whether pushed, reloaded or read at start.
 pub fn read_file(path: &Path, source: Source) -> Result<Snapshot, LoadError> {
-    read_file_as(path, source, None, None)
+    read_file_as(path, source, Format::Yaml, None)
 }
 
-/// [`read_file`] in a known format, or the one its first byte says; keys equal to those
-/// of `prior`, the snapshot in force, are shared with it (see `runs::read`).
+/// [`read_file`] in a declared format ([`Format::Json`]: JSON only); keys equal to those
+/// of `prior`, the snapshot in force, are shared with it.
 fn read_file_as(
     path: &Path,
     source: Source,
-    format: Option<Format>,
+    format: Format,
     prior: Option<&Snapshot>,
 ) -> Result<Snapshot, LoadError> {
-    let mut reader = open(path)?;
-    let format = match format {
-        Some(format) => format,
-        None => sniff(&mut reader).map_err(|e| io_error(path, e))?,
+    let mut hasher = Sha256::new();
+    let reader = open(path, &mut hasher)?;
+    // A document read whole (YAML) is read again from the file, and its digest is that
+    // read's; a JSON one's is the stream's, read to its end.
+    let mut whole_digest = None;
+    let reopen = || {
+        let bytes = load::read_bounded(File::open(path)?, YAML_MAX_BYTES)?;
+        whole_digest = Some(hex::encode(digest(&bytes)));
+        Ok(bytes)
     };
-    let streamed = runs::read(&mut reader, format, Keep::Text, prior);
-    let built = match streamed.map_err(|e| io_error(path, e))? {
-        Streamed::Built(built) => built,
-        // Read to its end: the reader's digest is the text's.
-        Streamed::Whole(text) => whole(&text, format, prior),
-        Streamed::GaveUp => {
-            let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
-            let digest = hex::encode(digest(text.as_bytes()));
-            let built = whole(&text, format, prior);
-            drop(text);
-            return Ok(Snapshot::from_built(built?, source, digest)?);
-        }
-    };
-    let digest = reader.into_inner().hex_digest();
-    Ok(Snapshot::from_built(built?, source, digest)?)
-}
-
-/// A document parsed whole, its unchanged keys shared with `prior` as a streamed read's are.
-fn whole(text: &str, format: Format, prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
-    stream::parse_whole(text, format).map(|(version, keys)| (version, Snapshot::reuse(prior, keys)))
-}
-
-/// A document's format from its first byte that is not white space (`{`: JSON), as
-/// `Format::of` decides for a text held whole. Nothing is consumed, so that a document read
-/// whole after all is the file's exact text; one whose first read holds only white space is
-/// read as YAML, which reads JSON too.
-fn sniff(reader: &mut impl BufRead) -> std::io::Result<Format> {
-    let buf = reader.fill_buf()?;
-    Ok(match buf.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => Format::Json,
-        _ => Format::Yaml,
-    })
+    let built = load::from_reader(reader, format, prior, reopen).map_err(|e| match e {
+        ReadError::Invalid(e) => LoadError::Invalid(e),
+        ReadError::Io(e) => io_error(path, e),
+    })?;
+    let digest = whole_digest.unwrap_or_else(|| hex::encode(hasher.finalize()));
+    Ok(Snapshot::from_built(built, source, digest)?)
 }
 
 /// Load the initial snapshot. A missing or bad source is logged and counted, and keyward
@@ -237,18 +214,13 @@ pub fn load_initial(app: &App) {
 }
 
 fn load_file(app: &App, path: &Path, source: Source) -> Result<Arc<Snapshot>, LoadError> {
-    Ok(install(app, read_for(app, path, source, None)?))
+    Ok(install(app, read_for(app, path, source, Format::Yaml)?))
 }
 
 /// [`read_file_as`] sharing unchanged keys with `app`'s snapshot in force, which is let go
 /// when the read is done: an install right after it then returns to the OS what the
 /// replaced snapshot frees.
-fn read_for(
-    app: &App,
-    path: &Path,
-    source: Source,
-    format: Option<Format>,
-) -> Result<Snapshot, LoadError> {
+fn read_for(app: &App, path: &Path, source: Source, format: Format) -> Result<Snapshot, LoadError> {
     let prior = app.store.load();
     read_file_as(path, source, format, prior.as_deref())
 }
@@ -447,13 +419,14 @@ pub fn apply_pushed(app: &App, spool: Spool, format: Format) -> Result<Arc<Snaps
     let KeySource::Control { state_file, .. } = &app.key_source else {
         return Err(LoadError::FileSource);
     };
-    let snapshot =
-        read_for(app, spool.path(), Source::Control, Some(format)).map_err(|e| match e {
-            LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData => {
-                LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into()))
-            }
-            e => e,
-        })?;
+    // Read by the function that reads the state file at start, so what is accepted here
+    // is what loads then.
+    let snapshot = read_for(app, spool.path(), Source::Control, format).map_err(|e| match e {
+        LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData => {
+            LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into()))
+        }
+        e => e,
+    })?;
     let _commit = committing();
     spool.commit(state_file)?;
     Ok(install(app, snapshot))
@@ -475,9 +448,11 @@ pub fn disable_key(app: &App, id: &str) -> Result<Arc<Snapshot>, DisableError> {
     for k in doc.keys.iter_mut().filter(|k| &*k.id == id) {
         k.status = Some("disabled".into());
     }
-    let text = serde_yaml::to_string(&doc)
+    // JSON: read as a stream at start, whatever the snapshot's size.
+    let text = serde_json::to_string(&doc)
         .map_err(|e| LoadError::Invalid(SnapshotError::Parse(e.to_string())))?;
-    let snapshot = Snapshot::parse(&text, Source::Control).map_err(LoadError::from)?;
+    let snapshot =
+        Snapshot::parse_as(&text, Format::Json, Source::Control).map_err(LoadError::from)?;
     persist(state_file, text.as_bytes())?;
     info!(key_id = id, "key disabled through the control API");
     Ok(install(app, snapshot))
@@ -514,8 +489,8 @@ mod tests {
     }
 
     /// A reload against the snapshot in force keeps the keys that did not change (one copy
-    /// of each, not two); a key changed in any field, and a new one, are the file's. Large
-    /// documents (read in runs on every core) and small ones (read whole) alike.
+    /// of each, not two); a key changed in any field, and a new one, are the file's. YAML
+    /// and JSON, large and small, alike.
     #[test]
     fn a_reread_file_shares_the_unchanged_keys_with_the_snapshot_in_force() {
         let dir = tempfile::tempdir().unwrap();
@@ -532,7 +507,7 @@ mod tests {
                     .unwrap();
             for (format, text) in [(Format::Yaml, changed), (Format::Json, json)] {
                 std::fs::write(&path, text).unwrap();
-                let next = read_file_as(&path, Source::File, Some(format), Some(&prior)).unwrap();
+                let next = read_file_as(&path, Source::File, format, Some(&prior)).unwrap();
                 let case = format!("{n} keys, {format:?}");
                 assert_eq!(next.len(), n + 1, "{case}");
                 let shared =
@@ -622,10 +597,9 @@ mod tests {
         }
     }
 
-    /// A large file whose streamed read gives up (an entry with an unknown field, far into
-    /// the list) is read again whole, and the error names the entry.
+    /// An entry refused far into a large file is named, in YAML and in JSON.
     #[test]
-    fn a_read_that_gives_up_is_done_again_whole_and_names_the_entry() {
+    fn a_refused_entry_far_into_a_large_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys.yaml");
         let text = yaml(4_000).replacen(
@@ -639,6 +613,7 @@ mod tests {
         let doc = Snapshot::parse(&yaml(4_000), Source::File)
             .unwrap()
             .to_doc();
+        let at = doc.keys.iter().position(|k| &*k.id == "key_3500").unwrap();
         let json = serde_json::to_string(&doc).unwrap().replacen(
             r#"{"id":"key_3500","#,
             r#"{"id":"key_3500","colour":"blue","#,
@@ -647,6 +622,7 @@ mod tests {
         std::fs::write(&path, json).unwrap();
         let e = read_file(&path, Source::File).unwrap_err().to_string();
         assert!(e.contains("unknown field `colour`"), "{e}");
+        assert!(e.contains(&format!("keys[{at}]")), "{e}");
     }
 
     #[test]
@@ -710,7 +686,7 @@ mod tests {
     }
 
     #[test]
-    fn unreadable_files_are_io_errors_naming_the_file() {
+    fn unreadable_files_are_io_errors_naming_the_file_and_bytes_not_utf8_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.yaml");
         let e = read_file(&missing, Source::File).unwrap_err();
@@ -721,7 +697,7 @@ mod tests {
         bytes.extend_from_slice(b"  - id: \xff\n");
         std::fs::write(&binary, bytes).unwrap();
         let e = read_file(&binary, Source::File).unwrap_err();
-        assert!(matches!(e, LoadError::Io { .. }), "{e}");
-        assert!(e.to_string().contains("binary.yaml"), "{e}");
+        assert!(matches!(e, LoadError::Invalid(_)), "{e}");
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
     }
 }
