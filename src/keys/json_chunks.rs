@@ -304,7 +304,7 @@ mod tests {
             let text = doc(runs::MIN_ITEMS * 2 + 7, sep);
             let (version, fast) = parse(&text).expect("parsed in runs").unwrap();
             let whole: SnapshotDoc = serde_json::from_str(&text).unwrap();
-            assert_eq!(version, Some(9));
+            assert_eq!(version.version, Some(9));
             assert_eq!(fast.len(), whole.keys.len());
             assert!(fast.iter().zip(&whole.keys).all(|(a, b)| *a.id == *b.id
                 && hex::encode(a.digest()) == *b.sha256

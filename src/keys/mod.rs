@@ -1,6 +1,8 @@
 //! API keys: the immutable [`Snapshot`], the [`KeyStore`] that publishes it, where
 //! snapshots come from ([`source`]), and per-key state that outlives a snapshot ([`usage`]).
 
+pub mod diff;
+pub mod guard;
 mod index;
 mod json_chunks;
 mod parallel;

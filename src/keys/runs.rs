@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeSeed;
 
-use super::snapshot::{Format, Key, Snapshot, SnapshotDoc, SnapshotError};
+use super::snapshot::{Format, Key, Meta, Snapshot, SnapshotDoc, SnapshotError};
 use super::stream::{Built, Entries};
 
 /// A document with at most this many items is parsed whole, on the calling thread.
@@ -117,13 +117,14 @@ impl Run {
     }
 }
 
-/// The envelope's `version`, if it parses and its `keys` list is empty.
-fn envelope_version(envelope: &[u8], format: Format) -> Option<Option<u64>> {
+/// The envelope's own fields, if it parses and its `keys` list is empty.
+fn envelope_version(envelope: &[u8], format: Format) -> Option<Meta> {
     let doc: SnapshotDoc = match format {
         Format::Yaml => serde_yaml::from_slice(envelope).ok()?,
         Format::Json => serde_json::from_slice(envelope).ok()?,
     };
-    doc.keys.is_empty().then_some(doc.version)
+    let meta = Meta::new(doc.version, doc.generated_at.as_deref()).ok()?;
+    doc.keys.is_empty().then_some(meta)
 }
 
 /// Read a snapshot in `format` from `reader` to its end (unless it gives up), on every core

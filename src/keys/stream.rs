@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
-use super::snapshot::{build_entry, Format, Key, KeyDoc, ScopeCache, SnapshotError};
+use super::snapshot::{build_entry, Format, Key, KeyDoc, Meta, ScopeCache, SnapshotError};
 
-/// A snapshot's `version` and its keys, built.
-pub type Built = (Option<u64>, Vec<Arc<Key>>);
+/// A snapshot's own fields (`version`, `generated_at`) and its keys, built.
+pub type Built = (Meta, Vec<Arc<Key>>);
 
 /// A snapshot read whole, on the calling thread, in `format` (what a streamed read falls
 /// back to, see `runs`).
@@ -81,7 +81,7 @@ impl<'de> DeserializeSeed<'de> for Doc<'_> {
     }
 }
 
-const FIELDS: &[&str] = &["version", "keys"];
+const FIELDS: &[&str] = &["version", "generated_at", "keys"];
 
 impl<'de> Visitor<'de> for Doc<'_> {
     type Value = Built;
@@ -91,14 +91,18 @@ impl<'de> Visitor<'de> for Doc<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let (mut version, mut keys) = (None, None);
+        let (mut version, mut keys, mut generated_at) = (None, None, None);
         while let Some(field) = map.next_key::<Field>()? {
             match field {
                 Field::Version if version.is_some() => {
                     return Err(de::Error::duplicate_field("version"))
                 }
                 Field::Keys if keys.is_some() => return Err(de::Error::duplicate_field("keys")),
+                Field::GeneratedAt if generated_at.is_some() => {
+                    return Err(de::Error::duplicate_field("generated_at"))
+                }
                 Field::Version => version = Some(map.next_value::<Option<u64>>()?),
+                Field::GeneratedAt => generated_at = Some(map.next_value::<Option<String>>()?),
                 Field::Keys => {
                     keys = Some(map.next_value_seed(Entries {
                         offset: 0,
@@ -107,13 +111,16 @@ impl<'de> Visitor<'de> for Doc<'_> {
                 }
             }
         }
-        Ok((version.flatten(), keys.unwrap_or_default()))
+        let meta = Meta::new(version.flatten(), generated_at.flatten().as_deref())
+            .map_err(de::Error::custom)?;
+        Ok((meta, keys.unwrap_or_default()))
     }
 }
 
 /// A field of the document; anything else is refused, as `SnapshotDoc` refuses it.
 enum Field {
     Version,
+    GeneratedAt,
     Keys,
 }
 
@@ -128,6 +135,7 @@ impl<'de> de::Deserialize<'de> for Field {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Field, E> {
                 match v {
                     "version" => Ok(Field::Version),
+                    "generated_at" => Ok(Field::GeneratedAt),
                     "keys" => Ok(Field::Keys),
                     other => Err(E::unknown_field(other, FIELDS)),
                 }
@@ -200,7 +208,7 @@ mod tests {
         let text = doc(&items);
         let (version, keys) = parse_json(&text).unwrap();
         let whole: SnapshotDoc = serde_json::from_str(&text).unwrap();
-        assert_eq!(version, Some(7));
+        assert_eq!(version.version, Some(7));
         assert_eq!(keys.len(), whole.keys.len());
         for (k, d) in keys.iter().zip(&whole.keys) {
             assert_eq!(*k.id, *d.id);
@@ -216,7 +224,7 @@ mod tests {
             .all(|(a, b)| a.id == b.id && a.digest() == b.digest()));
         assert_eq!(parse_json(r#"{"keys": []}"#).unwrap().1.len(), 0);
         let (version, keys) = parse_json("{}").unwrap();
-        assert!(version.is_none() && keys.is_empty());
+        assert!(version.version.is_none() && keys.is_empty());
     }
 
     #[test]

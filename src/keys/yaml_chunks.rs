@@ -284,7 +284,7 @@ mod tests {
         }
         let (version, fast) = parse(&text).expect("parsed in runs").unwrap();
         let whole: SnapshotDoc = serde_yaml::from_str(&text).unwrap();
-        assert_eq!(version, Some(2));
+        assert_eq!(version.version, Some(2));
         assert_eq!(fast.len(), whole.keys.len());
         assert!(fast.iter().zip(&whole.keys).all(|(a, b)| *a.id == *b.id
             && hex::encode(a.digest()) == *b.sha256
