@@ -6,6 +6,7 @@ pub mod guard;
 mod index;
 mod json_chunks;
 mod parallel;
+pub mod review;
 mod runs;
 pub mod snapshot;
 pub mod source;
