@@ -141,6 +141,11 @@ fn readyz(app: &App) -> Response<AdminBody> {
         text(StatusCode::OK, "ready\n")
     } else if app.draining.load(std::sync::atomic::Ordering::Acquire) {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if app.store.is_loaded() {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "key snapshot older than keys.max_age\n",
+        )
     } else {
         text(StatusCode::SERVICE_UNAVAILABLE, "no key snapshot loaded\n")
     }
@@ -187,7 +192,9 @@ async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
                 "no key snapshot loaded",
             ),
         },
+        (&Method::PUT, ["v1", "snapshot"]) if flag(&req, "dry_run") => dry_run(app, req).await,
         (&Method::PUT, ["v1", "snapshot"]) => put_snapshot(app, req).await,
+        (&Method::POST, ["v1", "snapshot", "reload"]) => reload(app, &req).await,
         (&Method::POST, ["v1", "keys", id, "disable"]) => disable(app, id),
         (&Method::GET, ["v1", "keys", "usage"]) => {
             let snapshot = app.store.load();
@@ -205,10 +212,12 @@ fn snapshot_info(s: &Snapshot) -> serde_json::Value {
         "digest": s.content_digest,
         "source": s.source.as_str(),
         "loaded_at": humantime::format_rfc3339_millis(s.loaded_at).to_string(),
+        "generated_at": s.generated_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
     })
 }
 
-async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
+/// The format of a pushed body, by its `content-type`.
+fn body_format(req: &Request<Incoming>) -> Format {
     let json_body = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -218,11 +227,16 @@ async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminB
                 .to_ascii_lowercase()
                 .starts_with("application/json")
         });
-    let format = if json_body {
+    if json_body {
         Format::Json
     } else {
         Format::Yaml
-    };
+    }
+}
+
+async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
+    let format = body_format(&req);
+    let admission = admission(&req);
     // Refused before the body is read: it may be hundreds of megabytes.
     let KeySource::Control { state_file, .. } = &app.key_source else {
         return error(StatusCode::CONFLICT, "file_source", LoadError::FileSource);
@@ -241,14 +255,15 @@ async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminB
     }
     // Parsing a large snapshot is CPU work: keep it off the async workers.
     let app2 = app.clone();
-    let result = tokio::task::spawn_blocking(move || source::apply_pushed(&app2, spool, format))
-        .await
-        .unwrap_or_else(|e| {
-            Err(LoadError::Io {
-                path: "state_file".into(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        });
+    let result =
+        tokio::task::spawn_blocking(move || source::apply_pushed(&app2, spool, format, admission))
+            .await
+            .unwrap_or_else(|e| {
+                Err(LoadError::Io {
+                    path: "state_file".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            });
     match result {
         Ok(s) => json(StatusCode::OK, snapshot_info(&s)),
         Err(LoadError::Invalid(e)) => {
@@ -256,8 +271,117 @@ async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminB
             warn!(error = %e, "pushed snapshot refused; keeping the last good one");
             error(StatusCode::BAD_REQUEST, "bad_snapshot", e)
         }
-        Err(e @ LoadError::FileSource) => error(StatusCode::CONFLICT, "file_source", e),
+        Err(LoadError::Guarded(verdict)) => {
+            app.metrics.snapshot_guarded(crate::keys::Source::Control);
+            warn!(in_force = verdict.in_force, removed = verdict.removed, disabled = verdict.disabled, error = %verdict, "pushed snapshot held back by the guard; keeping the last good one");
+            guarded(&verdict)
+        }
+        Err(e @ (LoadError::FileSource | LoadError::ControlSource)) => {
+            error(StatusCode::CONFLICT, "file_source", e)
+        }
         Err(e @ LoadError::Io { .. }) => persist_failed(app, e),
+    }
+}
+
+/// 409 `snapshot_guard` with the guard's counts (SPEC 16).
+fn guarded(verdict: &crate::keys::guard::Verdict) -> Response<AdminBody> {
+    let status = StatusCode::CONFLICT;
+    json(
+        status,
+        json!({"status": status.as_u16(), "code": "snapshot_guard", "error": verdict.to_string(),
+               "in_force": verdict.in_force, "removed": verdict.removed,
+               "disabled": verdict.disabled, "fraction": verdict.fraction,
+               "limit": verdict.limit, "min_keys": verdict.min_keys, "reason": verdict.reason}),
+    )
+}
+
+/// A query flag: `name`, `name=true` or `name=1`.
+fn flag(req: &Request<Incoming>, name: &str) -> bool {
+    req.uri().query().unwrap_or("").split('&').any(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+        k == name && matches!(v, "true" | "1")
+    })
+}
+
+/// `?force=true` takes a snapshot the guard would refuse.
+fn admission(req: &Request<Incoming>) -> source::Admission {
+    if flag(req, "force") {
+        source::Admission::Forced
+    } else {
+        source::Admission::Guarded
+    }
+}
+
+/// `POST /v1/snapshot/reload[?force=true]`: read the key file now (file source).
+async fn reload(app: &Arc<App>, req: &Request<Incoming>) -> Response<AdminBody> {
+    let admission = admission(req);
+    let app2 = app.clone();
+    let result = tokio::task::spawn_blocking(move || source::reload_file(&app2, admission))
+        .await
+        .unwrap_or_else(|e| {
+            Err(LoadError::Io {
+                path: "keys.file".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+    match result {
+        Ok(s) => json(
+            StatusCode::OK,
+            json!({"result": "ok", "forced": admission == source::Admission::Forced,
+                   "snapshot": snapshot_info(&s)}),
+        ),
+        Err(LoadError::Guarded(verdict)) => guarded(&verdict),
+        Err(e @ LoadError::ControlSource) => error(StatusCode::CONFLICT, "control_source", e),
+        Err(e @ LoadError::Invalid(_)) => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, "bad_snapshot", e)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "read_failed", e),
+    }
+}
+
+/// `PUT /v1/snapshot?dry_run=true`: validate the body and answer its diff against the
+/// snapshot in force, the guard's verdict and the recently used keys it would deny.
+/// Nothing is installed, persisted or counted; the spool is removed. Works for either source.
+async fn dry_run(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
+    let format = body_format(&req);
+    let spool_beside = match &app.key_source {
+        KeySource::Control { state_file, .. } => state_file.clone(),
+        KeySource::File(_) => std::env::temp_dir().join("keyward-dry-run"),
+    };
+    let (spool, file) = match source::Spool::create(&spool_beside) {
+        Ok(created) => created,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e),
+    };
+    match write_body(req.into_body(), MAX_SNAPSHOT_BYTES, file).await {
+        Ok(()) => {}
+        Err(BodyError::Body(e)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_snapshot", e),
+        Err(BodyError::Write(e)) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e)
+        }
+    }
+    let app2 = app.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let new = source::read_pushed(&app2, &spool, format)?;
+        drop(spool);
+        let current = app2.store.load();
+        Ok::<_, LoadError>(crate::keys::review::dry_run(
+            current.as_deref(),
+            &new,
+            &app2.config.keys.guard,
+            &app2.usage,
+            std::time::SystemTime::now(),
+        ))
+    })
+    .await;
+    match result {
+        Ok(Ok(review)) => {
+            let mut body = serde_json::to_value(&review).unwrap_or_default();
+            body["dry_run"] = json!(true);
+            json(StatusCode::OK, body)
+        }
+        Ok(Err(e @ LoadError::Invalid(_))) => error(StatusCode::BAD_REQUEST, "bad_snapshot", e),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, "read_failed", e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "read_failed", e),
     }
 }
 

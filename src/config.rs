@@ -169,6 +169,30 @@ pub struct KeysConfig {
     /// How often the file's content hash is checked.
     #[serde(default = "one_second", deserialize_with = "de_duration")]
     pub poll_interval: Duration,
+    /// The blast-radius guard on new snapshots (SPEC 16).
+    #[serde(default)]
+    pub guard: GuardConfig,
+    /// A snapshot whose `generated_at` is older than this fails closed (SPEC 16).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_age: Option<Duration>,
+}
+
+/// `keys.guard`: a new snapshot that removes or disables more than `max_removed_fraction`
+/// of the keys in force (when at least `min_keys` are) is refused unless forced.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    pub max_removed_fraction: f64,
+    pub min_keys: usize,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            max_removed_fraction: 0.5,
+            min_keys: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -304,11 +328,22 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Export `keyward_key_expiry_timestamp_seconds{key_id}` (one series per key).
     pub per_key: bool,
+    /// At most this many of those series: the keys expiring soonest.
+    pub per_key_limit: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            per_key: false,
+            per_key_limit: 1000,
+        }
+    }
 }
 
 /// An IP network for `trusted_proxies`: `10.0.0.0/8`, `::1/128` or a bare address.
@@ -418,6 +453,12 @@ fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Er
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
 fn de_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Uri, D::Error> {
     let s = String::deserialize(d)?;
     s.parse::<Uri>()
@@ -477,6 +518,7 @@ impl Config {
         if self.keys.poll_interval.is_zero() {
             return Err(invalid("keys.poll_interval", "must be greater than zero"));
         }
+        self.validate_snapshot_safety()?;
         for (prefix, types) in &self.prefixes {
             if prefix.is_empty() {
                 return Err(invalid("prefixes", "a prefix must not be empty"));
@@ -516,6 +558,28 @@ impl Config {
             return Err(invalid(
                 "log.level",
                 format!("{:?} is not a level", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `keys.guard`, `keys.max_age`, `metrics.per_key_limit` (SPEC 16). `min_keys` is
+    /// unsigned: a negative value is refused by the parser, naming the field.
+    fn validate_snapshot_safety(&self) -> Result<(), ConfigError> {
+        let f = self.keys.guard.max_removed_fraction;
+        if !(f > 0.0 && f <= 1.0) {
+            return Err(invalid(
+                "keys.guard.max_removed_fraction",
+                format!("{f} must be greater than 0 and at most 1"),
+            ));
+        }
+        if self.keys.max_age.is_some_and(|a| a.is_zero()) {
+            return Err(invalid("keys.max_age", "must be greater than zero"));
+        }
+        if self.metrics.per_key_limit == 0 {
+            return Err(invalid(
+                "metrics.per_key_limit",
+                "must be at least 1 (turn the series off with metrics.per_key: false)",
             ));
         }
         Ok(())
@@ -770,6 +834,62 @@ mod tests {
         assert!(err("workers: 100000\n").contains("workers: must be 1 to 1024"));
         let zero = err("tls: { cert: c.pem, key: k.pem, poll_interval: 0s }\n");
         assert!(zero.starts_with("tls.poll_interval: "), "{zero}");
+    }
+
+    /// The error for MINIMAL with `keys: { file: k.yaml, <extra> }`.
+    fn err_keys(extra: &str) -> String {
+        let text = MINIMAL.replace(
+            "keys: { file: k.yaml }",
+            &format!("keys: {{ file: k.yaml, {extra} }}"),
+        );
+        Config::from_yaml(&text)
+            .expect_err("config should be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn guard_fraction_must_be_in_zero_one() {
+        let e = err_keys("guard: { max_removed_fraction: 0 }");
+        assert!(e.starts_with("keys.guard.max_removed_fraction"), "{e}");
+        let e = err_keys("guard: { max_removed_fraction: 1.5 }");
+        assert!(e.starts_with("keys.guard.max_removed_fraction"), "{e}");
+        let c = Config::from_yaml(&MINIMAL.replace(
+            "keys: { file: k.yaml }",
+            "keys: { file: k.yaml, guard: { max_removed_fraction: 1, min_keys: 0 } }",
+        ))
+        .unwrap();
+        assert_eq!(c.keys.guard.max_removed_fraction, 1.0);
+        assert_eq!(c.keys.guard.min_keys, 0);
+        let defaults = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(defaults.keys.guard, GuardConfig::default());
+        assert_eq!(defaults.metrics.per_key_limit, 1000);
+        assert!(defaults.keys.max_age.is_none());
+    }
+
+    #[test]
+    fn guard_min_keys_must_not_be_negative() {
+        let e = err_keys("guard: { min_keys: -1 }");
+        assert!(e.starts_with("keys.guard.min_keys"), "{e}");
+    }
+
+    #[test]
+    fn max_age_must_be_a_positive_duration() {
+        let e = err_keys("max_age: 0s");
+        assert!(e.starts_with("keys.max_age"), "{e}");
+        let e = err_keys("max_age: soon");
+        assert!(e.starts_with("keys.max_age"), "{e}");
+        let c = Config::from_yaml(&MINIMAL.replace(
+            "keys: { file: k.yaml }",
+            "keys: { file: k.yaml, max_age: 6h }",
+        ))
+        .unwrap();
+        assert_eq!(c.keys.max_age, Some(Duration::from_secs(6 * 3600)));
+    }
+
+    #[test]
+    fn per_key_limit_must_be_positive() {
+        let e = err("metrics: { per_key: true, per_key_limit: 0 }\n");
+        assert!(e.starts_with("metrics.per_key_limit"), "{e}");
     }
 
     #[test]

@@ -75,7 +75,8 @@ impl App {
         let key_source = KeySource::from_config(&config.keys)
             .ok_or_else(|| StartError::Config("keys: no source configured".into()))?;
         let metrics = Metrics::new(config.metrics.per_key)
-            .map_err(|e| StartError::Config(format!("metrics: {e}")))?;
+            .map_err(|e| StartError::Config(format!("metrics: {e}")))?
+            .with_snapshot_safety(config.metrics.per_key_limit, config.keys.max_age);
         Ok(Self {
             policy: Policy::new(&config),
             upstream: Upstream::new(&config.upstream, &config.limits),
@@ -91,9 +92,14 @@ impl App {
         })
     }
 
-    /// Ready: a snapshot is loaded and we are not draining.
+    /// Ready: a snapshot is loaded, not older than `keys.max_age`, and we are not draining.
     pub fn is_ready(&self) -> bool {
-        self.store.is_loaded() && !self.draining.load(Ordering::Acquire)
+        let fresh = self
+            .store
+            .guard()
+            .as_ref()
+            .is_some_and(|s| !s.is_stale(std::time::SystemTime::now()));
+        fresh && !self.draining.load(Ordering::Acquire)
     }
 }
 

@@ -80,6 +80,16 @@ enum Command {
     /// Key tooling.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// What snapshot NEW changes against OLD (added, removed, changed keys; no digests), and
+    /// whether the blast-radius guard would refuse it: exit 1 if so, 2 if a file cannot be
+    /// read. The guard settings are the defaults, or keys.guard of an explicit --config.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -116,12 +126,19 @@ fn parse_type(s: &str) -> Result<PrincipalType, String> {
 
 fn main() -> ExitCode {
     keyward::keys::source::after_install(release_freed_memory);
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let config_given =
+        matches.value_source("config") != Some(clap::parser::ValueSource::DefaultValue);
+    let cli =
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(&cli.run.config),
         Command::Check => check(&cli.run.config),
         Command::Demo { listen, admin } => run_demo(listen, admin),
         Command::Keys(k) => keys(k),
+        Command::Diff { old, new, json } => {
+            return diff(&old, &new, json, config_given.then_some(&cli.run.config))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -219,6 +236,43 @@ fn check(path: &Path) -> Result<(), String> {
     }
     println!("{}: ok", path.display());
     Ok(())
+}
+
+/// `keyward diff OLD NEW`: exit 0 when the guard lets NEW replace OLD, 1 when it would
+/// refuse it, 2 when a file (or the config) cannot be read or parsed.
+fn diff(old: &Path, new: &Path, json: bool, config: Option<&PathBuf>) -> ExitCode {
+    let guard = match config.map(|p| load_config(p)) {
+        None => keyward::config::GuardConfig::default(),
+        Some(Ok(c)) => c.keys.guard,
+        Some(Err(e)) => {
+            eprintln!("keyward: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match keyward::keys::review::diff_files(old, new, &guard) {
+        Ok(review) => {
+            if json {
+                match serde_json::to_string_pretty(&review) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("keyward: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                print!("{}", review.to_text());
+            }
+            if review.guard.would_refuse {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("keyward: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), String> {

@@ -69,6 +69,10 @@ pub struct Metrics {
     reloads: IntCounterVec,
     last_reload: Gauge,
     key_expiry: Option<GaugeVec>,
+    /// `metrics.per_key_limit`: the most `key_expiry` series.
+    per_key_limit: usize,
+    generated: Gauge,
+    max_age: Gauge,
 }
 
 fn histogram(name: &str, help: &str) -> HistogramOpts {
@@ -128,6 +132,14 @@ impl Metrics {
             "keyward_snapshot_last_reload_timestamp_seconds",
             "Unix time of the last successful snapshot load.",
         )?;
+        let generated = Gauge::new(
+            "keyward_snapshot_generated_timestamp_seconds",
+            "The current snapshot's generated_at as Unix time (0 when absent).",
+        )?;
+        let max_age = Gauge::new(
+            "keyward_snapshot_max_age_seconds",
+            "keys.max_age: past generated_at + this, keyward fails closed (0 when unset).",
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "keyward_build_info",
@@ -161,6 +173,8 @@ impl Metrics {
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(last_reload.clone()))?;
         registry.register(Box::new(build_info))?;
+        registry.register(Box::new(generated.clone()))?;
+        registry.register(Box::new(max_age.clone()))?;
         if let Some(k) = &key_expiry {
             registry.register(Box::new(k.clone()))?;
         }
@@ -170,7 +184,7 @@ impl Metrics {
             .map(|c| requests_vec.with_label_values(&[decision_label(*c), c.as_str()]))
             .collect();
         for source in [Source::File, Source::Control] {
-            for result in ["ok", "error"] {
+            for result in ["ok", "error", "guarded"] {
                 reloads.with_label_values(&[source.as_str(), result]);
             }
         }
@@ -194,7 +208,17 @@ impl Metrics {
             reloads,
             last_reload,
             key_expiry,
+            per_key_limit: usize::MAX,
+            generated,
+            max_age,
         })
+    }
+
+    /// `metrics.per_key_limit` and `keys.max_age` (SPEC 16).
+    pub fn with_snapshot_safety(mut self, per_key_limit: usize, max_age: Option<Duration>) -> Self {
+        self.per_key_limit = per_key_limit;
+        self.max_age.set(max_age.map_or(0.0, |a| a.as_secs_f64()));
+        self
     }
 
     /// One finished request.
@@ -239,16 +263,22 @@ impl Metrics {
                 .map_or(0, |v| v.min(i64::MAX as u64) as i64),
         );
         self.last_reload.set(unix_seconds(SystemTime::now()));
+        self.generated
+            .set(snapshot.generated_at.map_or(0.0, unix_seconds));
         if let Some(expiry) = &self.key_expiry {
             expiry.reset();
-            for key in snapshot.keys() {
-                if let Some(exp) = key.expires_at {
-                    expiry
-                        .with_label_values(&[key.id.as_str()])
-                        .set(unix_seconds(exp));
-                }
+            let soonest = soonest_expiring(snapshot, self.per_key_limit, SystemTime::now());
+            for (id, exp) in soonest {
+                expiry.with_label_values(&[id]).set(unix_seconds(exp));
             }
         }
+    }
+
+    /// A snapshot was held back by the blast-radius guard; the previous one stays.
+    pub fn snapshot_guarded(&self, source: Source) {
+        self.reloads
+            .with_label_values(&[source.as_str(), "guarded"])
+            .inc();
     }
 
     /// A snapshot was refused; the previous one stays.
@@ -265,6 +295,26 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+/// At most `limit` keys with an `expires_at`: those still valid at `now` first, soonest
+/// expiry first, then (if room is left) those already expired, most recent first.
+fn soonest_expiring(snapshot: &Snapshot, limit: usize, now: SystemTime) -> Vec<(&str, SystemTime)> {
+    let mut keys: Vec<(&str, SystemTime)> = snapshot
+        .keys()
+        .filter_map(|k| Some((k.id.as_str(), k.expires_at?)))
+        .collect();
+    fn rank<'a>(now: SystemTime, &(id, exp): &(&'a str, SystemTime)) -> (bool, Duration, &'a str) {
+        match exp.duration_since(now) {
+            Ok(ahead) => (false, ahead, id),
+            Err(past) => (true, past.duration(), id),
+        }
+    }
+    if keys.len() > limit {
+        keys.select_nth_unstable_by_key(limit, |k| rank(now, k));
+        keys.truncate(limit);
+    }
+    keys
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
@@ -330,6 +380,53 @@ mod tests {
         assert!(text.contains("keyward_snapshot_version 1"));
         assert!(text.contains(r#"keyward_snapshot_reloads_total{result="ok",source="file"} 1"#));
         assert!(!text.contains("@example.com"));
+    }
+
+    #[test]
+    fn per_key_series_are_bounded_to_the_keys_expiring_soonest() {
+        let entry = |i: usize, expires: &str| {
+            format!(
+                "  - {{id: k{i}, sha256: {}, type: personal, subject_id: s, account_id: a, expires_at: {expires}}}\n",
+                hex::encode(crate::keys::digest(format!("key-{i}").as_bytes()))
+            )
+        };
+        let mut text = String::from("generated_at: 2026-06-01T00:00:00Z\nkeys:\n");
+        // k0..k9 expire in 2040 + i years; k10 expired long ago; k11 has no expiry.
+        for i in 0..10 {
+            text += &entry(i, &format!("{}-01-01T00:00:00Z", 2049 - i));
+        }
+        text += &entry(10, "2001-01-01T00:00:00Z");
+        text += "  - {id: k11, sha256: 0000000000000000000000000000000000000000000000000000000000000011, type: personal, subject_id: s, account_id: a}\n";
+        let snapshot = Snapshot::parse(&text, crate::keys::Source::File).unwrap();
+        let m = Metrics::new(true)
+            .unwrap()
+            .with_snapshot_safety(3, Some(Duration::from_secs(3600)));
+        m.snapshot_loaded(&snapshot);
+        let out = String::from_utf8(m.render()).unwrap();
+        let series: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("keyward_key_expiry_timestamp_seconds{"))
+            .collect();
+        assert_eq!(series.len(), 3, "{series:?}");
+        for soonest in ["k9", "k8", "k7"] {
+            assert!(out.contains(&format!("{{key_id=\"{soonest}\"}}")), "{out}");
+        }
+        assert!(out.contains("keyward_snapshot_generated_timestamp_seconds 1780272000"));
+        assert!(out.contains("keyward_snapshot_max_age_seconds 3600"));
+        // Room to spare: every key with an expiry, the expired one too.
+        let m = Metrics::new(true).unwrap().with_snapshot_safety(1000, None);
+        m.snapshot_loaded(&snapshot);
+        let out = String::from_utf8(m.render()).unwrap();
+        assert_eq!(
+            out.matches("keyward_key_expiry_timestamp_seconds{").count(),
+            11
+        );
+        m.snapshot_guarded(crate::keys::Source::Control);
+        let out = String::from_utf8(m.render()).unwrap();
+        assert!(
+            out.contains(r#"keyward_snapshot_reloads_total{result="guarded",source="control"} 1"#)
+        );
+        assert!(out.contains(r#"keyward_snapshot_reloads_total{result="guarded",source="file"} 0"#));
     }
 
     #[test]

@@ -417,6 +417,8 @@ const METRICS: &[&str] = &[
     "keyward_snapshot_reloads_total",
     "keyward_snapshot_last_reload_timestamp_seconds",
     "keyward_key_expiry_timestamp_seconds",
+    "keyward_snapshot_generated_timestamp_seconds",
+    "keyward_snapshot_max_age_seconds",
 ];
 
 fn unknown_metrics(expr: &str) -> Vec<String> {
@@ -472,6 +474,8 @@ fn alerts_and_dashboard_use_the_contract_metrics() {
         "KeywardSnapshotReloadFailing",
         "KeywardDeniedRatioHigh",
         "KeywardUpstreamErrors",
+        "KeywardSnapshotGuarded",
+        "KeywardSnapshotTooOld",
     ] {
         assert!(alerts.contains(needed), "alert {needed} missing");
     }

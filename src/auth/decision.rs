@@ -62,6 +62,8 @@ pub fn decide(
     policy: &Policy,
     now: SystemTime,
 ) -> Decision {
+    // A snapshot older than `keys.max_age` is as good as none (SPEC 16): one comparison.
+    let snapshot = snapshot.filter(|s| !s.is_stale(now));
     let key = match identify(req, snapshot, policy) {
         Ok(key) => key,
         Err(r) => return Decision::Deny(r, None),

@@ -16,10 +16,10 @@ use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::snapshot::{build_entry, Key, ScopeCache, Snapshot, SnapshotError};
+use super::snapshot::{build_entry, Key, Meta, ScopeCache, Snapshot, SnapshotError};
 
-/// A snapshot's `version` and its keys, built.
-pub type Built = (Option<u64>, Vec<Arc<Key>>);
+/// A snapshot's own fields (`version`, `generated_at`) and its keys, built.
+pub type Built = (Meta, Vec<Arc<Key>>);
 
 /// Largest YAML document read (pushed or from a file): a YAML parse holds the whole
 /// document's events, several KB per key, so bulk snapshots are written as JSON, which is
@@ -322,7 +322,7 @@ fn yaml(text: &str, prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
     }
 }
 
-/// The snapshot document: `version` (optional) and `keys` (required; `keys: []` is an
+/// The snapshot document: `version` and `generated_at` (optional) and `keys` (required; `keys: []` is an
 /// explicit empty snapshot), nothing else. The one definition of the document read by
 /// every loader; `SnapshotDoc` writes it.
 struct Doc<'a> {
@@ -330,7 +330,7 @@ struct Doc<'a> {
     progress: &'a mut Progress,
 }
 
-const FIELDS: &[&str] = &["version", "keys"];
+const FIELDS: &[&str] = &["version", "generated_at", "keys"];
 
 impl<'de> DeserializeSeed<'de> for Doc<'_> {
     type Value = Built;
@@ -357,14 +357,18 @@ impl<'de> Visitor<'de> for Doc<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let (mut version, mut keys) = (None, None);
+        let (mut version, mut generated_at, mut keys) = (None, None, None);
         while let Some(field) = map.next_key::<Field>()? {
             match field {
                 Field::Version if version.is_some() => {
                     return Err(de::Error::duplicate_field("version"))
                 }
+                Field::GeneratedAt if generated_at.is_some() => {
+                    return Err(de::Error::duplicate_field("generated_at"))
+                }
                 Field::Keys if keys.is_some() => return Err(de::Error::duplicate_field("keys")),
                 Field::Version => version = Some(map.next_value::<Option<u64>>()?),
+                Field::GeneratedAt => generated_at = Some(map.next_value::<Option<String>>()?),
                 Field::Keys => {
                     keys = Some(map.next_value_seed(Entries {
                         prior: self.prior,
@@ -374,13 +378,16 @@ impl<'de> Visitor<'de> for Doc<'_> {
             }
         }
         let keys = keys.ok_or_else(|| de::Error::missing_field("keys"))?;
-        Ok((version.flatten(), keys))
+        let meta = Meta::new(version.flatten(), generated_at.flatten().as_deref())
+            .map_err(de::Error::custom)?;
+        Ok((meta, keys))
     }
 }
 
 /// A field of the document; anything else is refused.
 enum Field {
     Version,
+    GeneratedAt,
     Keys,
 }
 
@@ -390,11 +397,12 @@ impl<'de> de::Deserialize<'de> for Field {
         impl Visitor<'_> for Name {
             type Value = Field;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("`version` or `keys`")
+                f.write_str("`version`, `generated_at` or `keys`")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Field, E> {
                 match v {
                     "version" => Ok(Field::Version),
+                    "generated_at" => Ok(Field::GeneratedAt),
                     "keys" => Ok(Field::Keys),
                     other => Err(E::unknown_field(other, FIELDS)),
                 }
@@ -510,7 +518,7 @@ mod tests {
                 ("as a stream", from_file(&text, Format::Yaml)),
             ] {
                 let (version, keys) = got.unwrap_or_else(|e| panic!("{name}, {how}: {e}"));
-                assert_eq!(version, Some(7), "{name}, {how}");
+                assert_eq!(version.version, Some(7), "{name}, {how}");
                 assert_eq!(keys.len(), 1, "{name}, {how}");
                 assert_eq!(*keys[0].digest(), digest(b"secret"), "{name}, {how}");
             }

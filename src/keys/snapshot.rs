@@ -98,7 +98,29 @@ pub struct RateLimit {
 pub struct SnapshotDoc {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// When the snapshot's source generated it (RFC 3339); see `keys.max_age`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generated_at: Option<Box<str>>,
     pub keys: Vec<KeyDoc>,
+}
+
+/// A snapshot document's own fields, besides its keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub version: Option<u64>,
+    pub generated_at: Option<SystemTime>,
+}
+
+impl Meta {
+    /// `generated_at` as written in the document, checked.
+    pub fn new(version: Option<u64>, generated_at: Option<&str>) -> Result<Meta, SnapshotError> {
+        let generated_at = parse_time("generated_at", generated_at)
+            .map_err(|(field, reason)| SnapshotError::Parse(format!("{field}: {reason}")))?;
+        Ok(Meta {
+            version,
+            generated_at,
+        })
+    }
 }
 
 /// One entry of the snapshot file. Loosely typed on purpose: [`Key::from_doc`] checks each
@@ -414,6 +436,10 @@ pub struct Snapshot {
     pub content_digest: String,
     pub source: Source,
     pub loaded_at: SystemTime,
+    /// The document's `generated_at`.
+    pub generated_at: Option<SystemTime>,
+    /// From this time on the snapshot is too old to authenticate with (`keys.max_age`).
+    stale_at: Option<SystemTime>,
 }
 
 /// Digests never print: `Debug` shows the metadata only.
@@ -436,23 +462,23 @@ impl Snapshot {
     /// Parse in a declared format ([`Format::Json`]: JSON only).
     pub fn parse_as(text: &str, format: Format, source: Source) -> Result<Snapshot, SnapshotError> {
         let content_digest = hex::encode(digest(text.as_bytes()));
-        let (version, keys) = load::from_slice(text.as_bytes(), format, None)?;
-        Self::assemble(version, keys, source, content_digest)
+        let (meta, keys) = load::from_slice(text.as_bytes(), format, None)?;
+        Self::assemble(meta, keys, source, content_digest)
     }
 
     /// A document read elsewhere (as a stream from a file, see `source`), whose text had
     /// the digest `content_digest`.
     pub(super) fn from_built(
-        (version, keys): Built,
+        (meta, keys): Built,
         source: Source,
         content_digest: String,
     ) -> Result<Snapshot, SnapshotError> {
-        Self::assemble(version, keys, source, content_digest)
+        Self::assemble(meta, keys, source, content_digest)
     }
 
     /// Index built keys by digest and by id; a duplicate of either refuses the snapshot.
     fn assemble(
-        version: Option<u64>,
+        meta: Meta,
         keys: Vec<Arc<Key>>,
         source: Source,
         content_digest: String,
@@ -474,10 +500,12 @@ impl Snapshot {
         }
         Ok(Snapshot {
             index,
-            version,
+            version: meta.version,
             content_digest,
             source,
             loaded_at: SystemTime::now(),
+            generated_at: meta.generated_at,
+            stale_at: None,
         })
     }
 
@@ -489,7 +517,25 @@ impl Snapshot {
             content_digest: hex::encode(digest(b"")),
             source,
             loaded_at: SystemTime::now(),
+            generated_at: None,
+            stale_at: None,
         }
+    }
+
+    /// With `keys.max_age`: the snapshot fails closed once its `generated_at` is older than
+    /// that. One without `generated_at` never ages (its age is unknown).
+    pub fn set_max_age(&mut self, max_age: Option<std::time::Duration>) {
+        self.stale_at = max_age.and_then(|age| self.generated_at?.checked_add(age));
+    }
+
+    /// When this snapshot becomes too old to authenticate with, if ever.
+    pub fn stale_at(&self) -> Option<SystemTime> {
+        self.stale_at
+    }
+
+    /// Too old at `now` (see [`set_max_age`](Self::set_max_age)): one comparison.
+    pub fn is_stale(&self, now: SystemTime) -> bool {
+        self.stale_at.is_some_and(|at| now >= at)
     }
 
     pub fn lookup(&self, d: &Digest) -> Option<&Arc<Key>> {
@@ -528,6 +574,9 @@ impl Snapshot {
         keys.sort_by(|a, b| a.id.cmp(&b.id));
         SnapshotDoc {
             version: self.version,
+            generated_at: self
+                .generated_at
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string().into()),
             keys,
         }
     }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use sha2::{Digest as _, Sha256};
 
@@ -29,6 +29,27 @@ pub enum LoadError {
     Invalid(#[from] SnapshotError),
     #[error("keys come from a file; configure keys.control.state_file to push snapshots")]
     FileSource,
+    #[error("keys are pushed (keys.control); use PUT /v1/snapshot?force=true")]
+    ControlSource,
+    /// Held back by the blast-radius guard (SPEC 16); the counts are in the verdict.
+    #[error("{0}")]
+    Guarded(Box<super::guard::Verdict>),
+}
+
+/// Whether a new snapshot goes through the blast-radius guard or is taken on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Guarded,
+    Forced,
+}
+
+/// The guard's check of `new` against the snapshot in force, unless forced.
+fn admit(app: &App, new: &Snapshot, admission: Admission) -> Result<(), LoadError> {
+    if admission == Admission::Forced {
+        return Ok(());
+    }
+    let current = app.store.load();
+    super::guard::admit(current.as_deref(), new, &app.config.keys.guard).map_err(LoadError::Guarded)
 }
 
 /// Why an emergency revoke failed.
@@ -79,7 +100,8 @@ pub fn after_install(hook: fn()) {
 }
 
 /// Publish a validated snapshot: swap, update metrics, prune per-key state of removed keys.
-pub fn install(app: &App, snapshot: Snapshot) -> Arc<Snapshot> {
+pub fn install(app: &App, mut snapshot: Snapshot) -> Arc<Snapshot> {
+    snapshot.set_max_age(app.config.keys.max_age);
     let snapshot = Arc::new(snapshot);
     let previous = app.store.store(snapshot.clone());
     app.usage.retain(&snapshot);
@@ -101,7 +123,12 @@ pub fn install(app: &App, snapshot: Snapshot) -> Arc<Snapshot> {
     snapshot
 }
 
-fn refused(app: &App, source: Source, what: &dyn std::fmt::Display) {
+fn refused(app: &App, source: Source, what: &LoadError) {
+    if let LoadError::Guarded(verdict) = what {
+        app.metrics.snapshot_guarded(source);
+        warn!(source = source.as_str(), outcome = "guarded", in_force = verdict.in_force, removed = verdict.removed, disabled = verdict.disabled, error = %what, "key snapshot held back by the guard; keeping the last good one");
+        return;
+    }
     app.metrics.snapshot_failed(source);
     error!(source = source.as_str(), outcome = "error", error = %what, "key snapshot refused; keeping the last good one");
 }
@@ -214,7 +241,27 @@ pub fn load_initial(app: &App) {
 }
 
 fn load_file(app: &App, path: &Path, source: Source) -> Result<Arc<Snapshot>, LoadError> {
-    Ok(install(app, read_for(app, path, source, Format::Yaml)?))
+    load_file_as(app, path, source, Admission::Guarded)
+}
+
+fn load_file_as(
+    app: &App,
+    path: &Path,
+    source: Source,
+    admission: Admission,
+) -> Result<Arc<Snapshot>, LoadError> {
+    let snapshot = read_for(app, path, source, Format::Yaml)?;
+    admit(app, &snapshot, admission)?;
+    Ok(install(app, snapshot))
+}
+
+/// `POST /v1/snapshot/reload`: read the key file once now, through the guard unless
+/// forced. A refusal is logged and counted as a watched reload's is.
+pub fn reload_file(app: &App, admission: Admission) -> Result<Arc<Snapshot>, LoadError> {
+    let KeySource::File(path) = &app.key_source else {
+        return Err(LoadError::ControlSource);
+    };
+    load_file_as(app, path, Source::File, admission).inspect_err(|e| refused(app, Source::File, e))
 }
 
 /// [`read_file_as`] sharing unchanged keys with `app`'s snapshot in force, which is let go
@@ -415,21 +462,34 @@ fn parent_dir(path: &Path) -> &Path {
 
 /// `PUT /v1/snapshot`, once the body is in `spool`: validate it (read as a stream, see
 /// [`read_file`]), make it the state file, then publish.
-pub fn apply_pushed(app: &App, spool: Spool, format: Format) -> Result<Arc<Snapshot>, LoadError> {
+pub fn apply_pushed(
+    app: &App,
+    spool: Spool,
+    format: Format,
+    admission: Admission,
+) -> Result<Arc<Snapshot>, LoadError> {
     let KeySource::Control { state_file, .. } = &app.key_source else {
         return Err(LoadError::FileSource);
     };
-    // Read by the function that reads the state file at start, so what is accepted here
-    // is what loads then.
-    let snapshot = read_for(app, spool.path(), Source::Control, format).map_err(|e| match e {
+    let snapshot = read_pushed(app, &spool, format)?;
+    let _commit = committing();
+    // Judged against the snapshot it replaces; a refused one never reaches the state file.
+    admit(app, &snapshot, admission)?;
+    spool.commit(state_file)?;
+    Ok(install(app, snapshot))
+}
+
+/// A pushed body in `spool`, validated (and its unchanged keys shared with the snapshot in
+/// force); nothing is installed or persisted.
+/// Read by the function that reads the state file at start, so what is accepted here is
+/// what loads then.
+pub fn read_pushed(app: &App, spool: &Spool, format: Format) -> Result<Snapshot, LoadError> {
+    read_for(app, spool.path(), Source::Control, format).map_err(|e| match e {
         LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData => {
             LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into()))
         }
         e => e,
-    })?;
-    let _commit = committing();
-    spool.commit(state_file)?;
-    Ok(install(app, snapshot))
+    })
 }
 
 /// `POST /v1/keys/{id}/disable`: a new snapshot with that key disabled, persisted first.

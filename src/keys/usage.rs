@@ -44,6 +44,14 @@ impl Usage {
         c.requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// When the key with this id was last used, and how many requests it made.
+    pub fn last_used(&self, id: &str) -> Option<(SystemTime, u64)> {
+        let c = self.by_id.get(id)?;
+        let ms = c.last_used_unix_ms.load(Ordering::Relaxed);
+        let at = UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        Some((at, c.requests.load(Ordering::Relaxed)))
+    }
+
     /// Forget keys that left the snapshot; the rest keep their history. Frees their
     /// entries; what is reported is filtered by `report` itself (a request that passed on
     /// the previous snapshot may record its key just after this runs).

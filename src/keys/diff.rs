@@ -1,0 +1,244 @@
+//! What a new snapshot changes against the one in force: one pure function over two
+//! snapshots. The blast-radius guard ([`super::guard`]), the dry run of `PUT /v1/snapshot`
+//! and `keyward diff` all call [`diff`]; none of them ever shows a digest or a raw key (a
+//! changed `sha256` is reported by its field name only).
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::snapshot::KeyDoc;
+use super::{Snapshot, Status};
+
+/// One key present in both snapshots whose entry differs, and the names of its fields that
+/// differ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Changed {
+    pub id: String,
+    pub fields: Vec<&'static str>,
+}
+
+/// The difference between the snapshot in force (`old`) and a new one. Lists are ordered by
+/// key id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SnapshotDiff {
+    /// Keys in the snapshot in force.
+    pub in_force: usize,
+    /// Keys in the new snapshot.
+    pub keys: usize,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<Changed>,
+    /// Keys active in force and disabled in the new snapshot (also listed in `changed`).
+    pub disabled: Vec<String>,
+    pub unchanged: usize,
+}
+
+/// Compare two snapshots key by key (by id), field by field.
+pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
+    let mut d = SnapshotDiff {
+        in_force: old.len(),
+        keys: new.len(),
+        ..SnapshotDiff::default()
+    };
+    for key in old.keys() {
+        if new.by_id(&key.id).is_none() {
+            d.removed.push(key.id.to_string());
+        }
+    }
+    for key in new.keys() {
+        let Some(before) = old.by_id(&key.id) else {
+            d.added.push(key.id.to_string());
+            continue;
+        };
+        // Unchanged keys are usually shared with the snapshot in force (`Snapshot::reuse`):
+        // the pointer test, then equality, before any field is compared.
+        if std::sync::Arc::ptr_eq(before, key) || **before == **key {
+            d.unchanged += 1;
+            continue;
+        }
+        if before.status == Status::Active && key.status == Status::Disabled {
+            d.disabled.push(key.id.to_string());
+        }
+        d.changed.push(Changed {
+            id: key.id.to_string(),
+            fields: changed_fields(&before.to_doc(), &key.to_doc()),
+        });
+    }
+    d.added.sort_unstable();
+    d.removed.sort_unstable();
+    d.disabled.sort_unstable();
+    d.changed.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    d
+}
+
+/// The names of the entry fields that differ. Values are compared, never returned.
+fn changed_fields(a: &KeyDoc, b: &KeyDoc) -> Vec<&'static str> {
+    // No `..`: a field added to `KeyDoc` must be listed here.
+    let KeyDoc {
+        id: _,
+        sha256,
+        kind,
+        subject_id,
+        subject_email,
+        account_id,
+        account_short_id,
+        enterprise_id,
+        org_id,
+        scopes,
+        environment,
+        status,
+        not_before,
+        expires_at,
+        delegate_accounts,
+        rate_limit,
+    } = a;
+    [
+        ("sha256", *sha256 != b.sha256),
+        ("type", *kind != b.kind),
+        ("subject_id", *subject_id != b.subject_id),
+        ("subject_email", *subject_email != b.subject_email),
+        ("account_id", *account_id != b.account_id),
+        ("account_short_id", *account_short_id != b.account_short_id),
+        ("enterprise_id", *enterprise_id != b.enterprise_id),
+        ("org_id", *org_id != b.org_id),
+        ("scopes", *scopes != b.scopes),
+        ("environment", *environment != b.environment),
+        ("status", *status != b.status),
+        ("not_before", *not_before != b.not_before),
+        ("expires_at", *expires_at != b.expires_at),
+        (
+            "delegate_accounts",
+            *delegate_accounts != b.delegate_accounts,
+        ),
+        ("rate_limit", *rate_limit != b.rate_limit),
+    ]
+    .into_iter()
+    .filter_map(|(name, differs)| differs.then_some(name))
+    .collect()
+}
+
+impl SnapshotDiff {
+    /// The diff for people: counts, then one line per key (`+` added, `-` removed, `~`
+    /// changed with its field names).
+    pub fn to_text(&self) -> String {
+        let mut out = format!(
+            "keys: {} in force, {} new; added {}, removed {}, changed {} (disabled {}), unchanged {}\n",
+            self.in_force,
+            self.keys,
+            self.added.len(),
+            self.removed.len(),
+            self.changed.len(),
+            self.disabled.len(),
+            self.unchanged
+        );
+        for id in &self.added {
+            let _ = writeln!(out, "+ {id}");
+        }
+        for id in &self.removed {
+            let _ = writeln!(out, "- {id}");
+        }
+        for c in &self.changed {
+            let _ = writeln!(out, "~ {}: {}", c.id, c.fields.join(", "));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{digest, Source};
+
+    fn entry(id: &str, secret: &str, extra: &str) -> String {
+        format!(
+            "  - id: {id}\n    sha256: {}\n    type: service_account\n    subject_id: s\n    account_id: a\n    scopes: [read]\n{extra}",
+            hex::encode(digest(secret.as_bytes()))
+        )
+    }
+
+    fn snap(entries: &[String]) -> Snapshot {
+        Snapshot::parse(&format!("keys:\n{}", entries.concat()), Source::File).unwrap()
+    }
+
+    #[test]
+    fn added_removed_changed_and_disabled_by_id_with_field_names() {
+        let old = snap(&[
+            entry("k1", "a", ""),
+            entry("k2", "b", ""),
+            entry("k3", "c", ""),
+            entry("k4", "d", ""),
+        ]);
+        let new = snap(&[
+            entry("k1", "a", ""),
+            entry("k2", "rotated", "    scopes: [read, write]\n")
+                .replace("    scopes: [read]\n", ""),
+            entry("k3", "c", "    status: disabled\n"),
+            entry("k5", "e", ""),
+        ]);
+        let d = diff(&old, &new);
+        assert_eq!((d.in_force, d.keys, d.unchanged), (4, 4, 1));
+        assert_eq!(d.added, ["k5"]);
+        assert_eq!(d.removed, ["k4"]);
+        assert_eq!(d.disabled, ["k3"]);
+        assert_eq!(
+            d.changed,
+            [
+                Changed {
+                    id: "k2".into(),
+                    fields: vec!["sha256", "scopes"]
+                },
+                Changed {
+                    id: "k3".into(),
+                    fields: vec!["status"]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn identical_snapshots_differ_in_nothing() {
+        let a = snap(&[entry("k1", "a", ""), entry("k2", "b", "")]);
+        let b = snap(&[entry("k2", "b", ""), entry("k1", "a", "")]);
+        let d = diff(&a, &b);
+        assert!(d.added.is_empty() && d.removed.is_empty() && d.changed.is_empty());
+        assert_eq!(d.unchanged, 2);
+    }
+
+    #[test]
+    fn every_optional_field_is_named_when_it_changes() {
+        let old = snap(&[entry("k", "a", "")]);
+        let new = snap(&[entry(
+            "k",
+            "a",
+            "    subject_email: x@y\n    org_id: o\n    environment: staging\n    expires_at: 2030-01-01T00:00:00Z\n    rate_limit: { per_second: 1, burst: 1 }\n",
+        )]);
+        let d = diff(&old, &new);
+        assert_eq!(
+            d.changed[0].fields,
+            [
+                "subject_email",
+                "org_id",
+                "environment",
+                "expires_at",
+                "rate_limit"
+            ]
+        );
+        assert!(d.disabled.is_empty());
+    }
+
+    #[test]
+    fn text_and_json_never_show_a_digest() {
+        let old = snap(&[entry("k1", "a", ""), entry("k2", "b", "")]);
+        let new = snap(&[entry("k1", "rotated", ""), entry("k3", "c", "")]);
+        let d = diff(&old, &new);
+        let text = d.to_text();
+        let json = serde_json::to_string(&d).unwrap();
+        for secret in ["a", "b", "rotated", "c"] {
+            let hex = hex::encode(digest(secret.as_bytes()));
+            assert!(!text.contains(&hex) && !json.contains(&hex));
+        }
+        assert!(text.contains("+ k3\n") && text.contains("- k2\n"), "{text}");
+        assert!(text.contains("~ k1: sha256\n"), "{text}");
+    }
+}

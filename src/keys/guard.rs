@@ -1,0 +1,179 @@
+//! The blast-radius guard (SPEC 16): a new snapshot that removes or disables too large a
+//! share of the keys in force, or an empty one replacing a non-empty one, is refused like an
+//! invalid one unless it is forced. The verdict is drawn from [`diff`](super::diff::diff).
+
+use std::fmt;
+
+use serde::Serialize;
+
+use super::diff::{diff, SnapshotDiff};
+use super::Snapshot;
+use crate::config::GuardConfig;
+
+/// Why the guard refuses a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// An empty snapshot would replace a non-empty one.
+    Empty,
+    /// Too large a fraction of the keys in force would be removed or disabled.
+    Fraction,
+}
+
+/// The guard's verdict on a diff, with the counts it was drawn from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    pub would_refuse: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// Keys in the snapshot in force.
+    pub in_force: usize,
+    pub removed: usize,
+    /// Keys active in force and disabled in the new snapshot.
+    pub disabled: usize,
+    /// `(removed + disabled) / in_force` (0 when nothing is in force).
+    pub fraction: f64,
+    /// `keys.guard.max_removed_fraction`.
+    pub limit: f64,
+    /// `keys.guard.min_keys`: below this many keys in force, only the empty rule applies.
+    pub min_keys: usize,
+}
+
+/// Judge a diff by the guard's settings.
+pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
+    let (removed, disabled) = (d.removed.len(), d.disabled.len());
+    let fraction = if d.in_force == 0 {
+        0.0
+    } else {
+        (removed + disabled) as f64 / d.in_force as f64
+    };
+    let reason = if d.keys == 0 && d.in_force > 0 {
+        Some(Reason::Empty)
+    } else if d.in_force >= cfg.min_keys && fraction > cfg.max_removed_fraction {
+        Some(Reason::Fraction)
+    } else {
+        None
+    };
+    Verdict {
+        would_refuse: reason.is_some(),
+        reason,
+        in_force: d.in_force,
+        removed,
+        disabled,
+        fraction,
+        limit: cfg.max_removed_fraction,
+        min_keys: cfg.min_keys,
+    }
+}
+
+/// `Ok` when `new` may replace `current` (nothing in force, or the guard lets it through);
+/// otherwise the refusing verdict.
+pub fn admit(
+    current: Option<&Snapshot>,
+    new: &Snapshot,
+    cfg: &GuardConfig,
+) -> Result<(), Box<Verdict>> {
+    let Some(current) = current else {
+        return Ok(());
+    };
+    let verdict = judge(&diff(current, new), cfg);
+    if verdict.would_refuse {
+        Err(Box::new(verdict))
+    } else {
+        Ok(())
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.reason {
+            Some(Reason::Empty) => write!(
+                f,
+                "snapshot guard: an empty snapshot would replace {} keys in force",
+                self.in_force
+            ),
+            Some(Reason::Fraction) => write!(
+                f,
+                "snapshot guard: the new snapshot removes {} and disables {} of {} keys in force \
+                 ({:.2} > keys.guard.max_removed_fraction {:.2})",
+                self.removed, self.disabled, self.in_force, self.fraction, self.limit
+            ),
+            None => write!(
+                f,
+                "snapshot guard: passes (removes {} and disables {} of {} keys in force, {:.2} <= {:.2})",
+                self.removed, self.disabled, self.in_force, self.fraction, self.limit
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(in_force: usize, keys: usize, removed: usize, disabled: usize) -> SnapshotDiff {
+        SnapshotDiff {
+            in_force,
+            keys,
+            removed: (0..removed).map(|i| format!("r{i}")).collect(),
+            disabled: (0..disabled).map(|i| format!("d{i}")).collect(),
+            ..SnapshotDiff::default()
+        }
+    }
+
+    const DEFAULTS: GuardConfig = GuardConfig {
+        max_removed_fraction: 0.5,
+        min_keys: 10,
+    };
+
+    #[test]
+    fn removing_or_disabling_more_than_the_fraction_is_refused() {
+        assert!(
+            !judge(&d(10, 5, 5, 0), &DEFAULTS).would_refuse,
+            "0.5 is allowed"
+        );
+        let v = judge(&d(10, 5, 5, 1), &DEFAULTS);
+        assert!(v.would_refuse);
+        assert_eq!(v.reason, Some(Reason::Fraction));
+        assert_eq!((v.removed, v.disabled), (5, 1));
+        assert!((v.fraction - 0.6).abs() < 1e-9);
+        assert!(
+            judge(&d(10, 10, 0, 6), &DEFAULTS).would_refuse,
+            "disabling counts"
+        );
+    }
+
+    #[test]
+    fn below_min_keys_only_the_empty_rule_applies() {
+        assert!(!judge(&d(9, 1, 8, 0), &DEFAULTS).would_refuse);
+        let v = judge(&d(3, 0, 3, 0), &DEFAULTS);
+        assert_eq!(v.reason, Some(Reason::Empty));
+        let zero = GuardConfig {
+            min_keys: 0,
+            ..DEFAULTS
+        };
+        assert!(judge(&d(1, 1, 1, 0), &zero).would_refuse);
+        assert!(
+            !judge(&d(0, 0, 0, 0), &zero).would_refuse,
+            "nothing in force"
+        );
+    }
+
+    #[test]
+    fn an_empty_snapshot_replacing_a_non_empty_one_is_refused_whatever_the_settings() {
+        let lax = GuardConfig {
+            max_removed_fraction: 1.0,
+            min_keys: 1000,
+        };
+        let v = judge(&d(1, 0, 1, 0), &lax);
+        assert!(v.would_refuse, "{v}");
+        assert!(v.to_string().contains("empty"));
+        assert!(!judge(&d(10, 1, 9, 0), &lax).would_refuse);
+    }
+
+    #[test]
+    fn nothing_in_force_admits_anything() {
+        let empty = Snapshot::empty(crate::keys::Source::File);
+        assert!(admit(None, &empty, &DEFAULTS).is_ok());
+    }
+}

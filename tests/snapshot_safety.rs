@@ -1,0 +1,611 @@
+//! Snapshot safety (SPEC 16) through the front door, for the file source and the control
+//! source: the blast-radius guard and its force, the dry run, `keyward diff`, the maximum
+//! age, and the bounded per-key series.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+/// Raw key number `i` (a `sta_` service key, as the test config's prefixes want).
+fn raw(i: usize) -> String {
+    format!("sta_bulk_key_{i:04}_0123456789abcdef")
+}
+
+fn sha(i: usize) -> String {
+    hex::encode(keyward::keys::digest(raw(i).as_bytes()))
+}
+
+/// Entry `i`, with `extra` fields.
+fn entry(i: usize, extra: &str) -> String {
+    format!(
+        "  - {{ id: key_{i}, sha256: {}, type: service_account, subject_id: s{i}, account_id: a, scopes: [read]{extra} }}\n",
+        sha(i)
+    )
+}
+
+/// A snapshot of keys `ids`, each with `extra(i)` fields, and a document header `head`.
+fn snapshot(
+    head: &str,
+    ids: impl IntoIterator<Item = usize>,
+    extra: impl Fn(usize) -> String,
+) -> String {
+    let entries: String = ids.into_iter().map(|i| entry(i, &extra(i))).collect();
+    format!("{head}keys:\n{entries}")
+}
+
+fn plain(ids: impl IntoIterator<Item = usize>) -> String {
+    snapshot("", ids, |_| String::new())
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Start keyward with a file source holding `keys`, and `keys_extra` added to `keys:`.
+async fn spawn_file(up: std::net::SocketAddr, keys: &str, keys_extra: &str, extra: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    std::fs::write(&keys_file, keys).unwrap();
+    let yaml = config_yaml(up, &keys_file, extra).replace(
+        "poll_interval: 50ms }",
+        &format!("poll_interval: 50ms{keys_extra} }}"),
+    );
+    start(keyward::config::Config::from_yaml(&yaml).unwrap(), dir).await
+}
+
+/// Start keyward with a control source: `state` (written first when `initial` is given).
+async fn spawn_control(up: std::net::SocketAddr, initial: Option<&str>, keys_extra: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.yaml");
+    if let Some(text) = initial {
+        std::fs::write(&state, text).unwrap();
+    }
+    let keys_file = dir.path().join("unused.yaml");
+    let yaml = config_yaml(up, &keys_file, "").replace(
+        "keys: { file:",
+        &format!(
+            "keys: {{ control: {{ state_file: {} }}{keys_extra}, file:",
+            state.display()
+        ),
+    );
+    start(keyward::config::Config::from_yaml(&yaml).unwrap(), dir).await
+}
+
+fn state_file(kw: &Proxy) -> std::path::PathBuf {
+    kw.dir.path().join("state.yaml")
+}
+
+async fn status_with(kw: &Proxy, key: &str) -> u16 {
+    get(&kw.url("/v1/x"), &[("x-api-key", key)])
+        .await
+        .status
+        .as_u16()
+}
+
+async fn metric(kw: &Proxy, series: &str) -> f64 {
+    let text = get(&kw.admin_url("/metrics"), &[]).await.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+fn guarded_series(source: &str) -> String {
+    format!(r#"keyward_snapshot_reloads_total{{result="guarded",source="{source}"}} "#)
+}
+
+async fn admin(kw: &Proxy, method: &str, path: &str, body: &str) -> Got {
+    let auth = admin_auth();
+    let h = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/yaml"),
+    ];
+    send(method, &kw.admin_url(path), &h, body.as_bytes()).await
+}
+
+async fn readyz(kw: &Proxy) -> u16 {
+    get(&kw.admin_url("/readyz"), &[]).await.status.as_u16()
+}
+
+#[tokio::test]
+async fn file_source_guarded_reload_keeps_the_old_keys_and_force_takes_it() {
+    let up = spawn_upstream().await;
+    let kw = spawn_file(up.addr, &plain(0..20), "", "").await;
+    assert_eq!(status_with(&kw, &raw(19)).await, 200);
+
+    // 15 of 20 removed: 0.75 > 0.5.
+    std::fs::write(kw.keys_file(), plain(0..5)).unwrap();
+    let guarded = guarded_series("file");
+    eventually("guarded reload counted", || async {
+        metric(&kw, &guarded).await == 1.0
+    })
+    .await;
+    assert_eq!(
+        status_with(&kw, &raw(19)).await,
+        200,
+        "the last good snapshot stays"
+    );
+    assert_eq!(readyz(&kw).await, 200);
+    assert_eq!(metric(&kw, "keyward_snapshot_keys ").await, 20.0);
+
+    // A reload asked for is guarded too, and answers with the counts.
+    let r = admin(&kw, "POST", "/v1/snapshot/reload", "").await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["code"], "snapshot_guard");
+    assert_eq!(
+        (body["in_force"].as_u64(), body["removed"].as_u64()),
+        (Some(20), Some(15))
+    );
+    assert_eq!(body["limit"], 0.5);
+    assert_eq!(metric(&kw, &guarded).await, 2.0);
+    assert_eq!(status_with(&kw, &raw(19)).await, 200);
+    // Without the admin token: refused.
+    let r = send(
+        "POST",
+        &kw.admin_url("/v1/snapshot/reload?force=true"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 401);
+
+    let r = admin(&kw, "POST", "/v1/snapshot/reload?force=true", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["result"], "ok");
+    assert_eq!(r.json()["snapshot"]["keys"], 5);
+    assert_eq!(
+        status_with(&kw, &raw(19)).await,
+        401,
+        "forced: the file is in force"
+    );
+    assert_eq!(status_with(&kw, &raw(0)).await, 200);
+
+    // Disabling counts as removing: 11 of 20 disabled is refused as well.
+    std::fs::write(kw.keys_file(), plain(0..20)).unwrap();
+    assert_eq!(
+        admin(&kw, "POST", "/v1/snapshot/reload", "").await.status,
+        200
+    );
+    let disabled = snapshot("", 0..20, |i| {
+        if i < 11 {
+            ", status: disabled".into()
+        } else {
+            String::new()
+        }
+    });
+    std::fs::write(kw.keys_file(), disabled).unwrap();
+    let r = admin(&kw, "POST", "/v1/snapshot/reload", "").await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(
+        (r.json()["disabled"].as_u64(), r.json()["removed"].as_u64()),
+        (Some(11), Some(0))
+    );
+    assert_eq!(status_with(&kw, &raw(0)).await, 200);
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn file_source_empty_snapshot_is_refused_even_below_min_keys() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await; // the 6 demo keys, under min_keys (10)
+    std::fs::write(kw.keys_file(), "keys: []\n").unwrap();
+    let guarded = guarded_series("file");
+    eventually("empty file held back", || async {
+        metric(&kw, &guarded).await == 1.0
+    })
+    .await;
+    assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
+    assert_eq!(readyz(&kw).await, 200);
+    // Below min_keys, anything short of empty passes.
+    let one = DEMO_KEYS
+        .split("  - id: key_demo_enterprise")
+        .next()
+        .unwrap()
+        .to_string();
+    std::fs::write(kw.keys_file(), one).unwrap();
+    eventually("one key left", || async {
+        metric(&kw, "keyward_snapshot_keys ").await == 1.0
+    })
+    .await;
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn reload_endpoint_errors_are_named() {
+    let up = spawn_upstream().await;
+    let kw = spawn_file(up.addr, DEMO_KEYS, "", "").await;
+    std::fs::write(kw.keys_file(), "keys: {").unwrap();
+    let r = admin(&kw, "POST", "/v1/snapshot/reload", "").await;
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (422, "bad_snapshot"),
+        "{}",
+        r.text()
+    );
+    std::fs::remove_file(kw.keys_file()).unwrap();
+    let r = admin(&kw, "POST", "/v1/snapshot/reload?force=true", "").await;
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (500, "read_failed"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
+    kw.shutdown().await;
+
+    let kw = spawn_control(up.addr, Some(DEMO_KEYS), "").await;
+    let r = admin(&kw, "POST", "/v1/snapshot/reload", "").await;
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (409, "control_source")
+    );
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn control_source_guarded_push_is_409_and_leaves_the_state_file_and_force_takes_it() {
+    let up = spawn_upstream().await;
+    let kw = spawn_control(up.addr, Some(&plain(0..20)), "").await;
+    assert_eq!(status_with(&kw, &raw(19)).await, 200);
+    let before = std::fs::read(state_file(&kw)).unwrap();
+
+    let r = admin(&kw, "PUT", "/v1/snapshot", &plain(0..5)).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["code"], "snapshot_guard");
+    assert_eq!(body["in_force"], 20);
+    assert_eq!(body["removed"], 15);
+    assert_eq!(body["disabled"], 0);
+    assert_eq!(body["fraction"], 0.75);
+    assert_eq!(body["limit"], 0.5);
+    assert_eq!(
+        std::fs::read(state_file(&kw)).unwrap(),
+        before,
+        "state file untouched"
+    );
+    let left: Vec<_> = std::fs::read_dir(kw.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "no spool left: {left:?}");
+    assert_eq!(status_with(&kw, &raw(19)).await, 200);
+    assert_eq!(metric(&kw, &guarded_series("control")).await, 1.0);
+
+    // Disabling 11 of 20 is refused the same way.
+    let disabled = snapshot("", 0..20, |i| {
+        if i < 11 {
+            ", status: disabled".into()
+        } else {
+            String::new()
+        }
+    });
+    let r = admin(&kw, "PUT", "/v1/snapshot", &disabled).await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.json()["disabled"], 11);
+    assert_eq!(status_with(&kw, &raw(0)).await, 200);
+
+    let r = admin(&kw, "PUT", "/v1/snapshot?force=true", &plain(0..5)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["keys"], 5);
+    assert_eq!(
+        std::fs::read_to_string(state_file(&kw)).unwrap(),
+        plain(0..5)
+    );
+    assert_eq!(status_with(&kw, &raw(19)).await, 401);
+    assert_eq!(status_with(&kw, &raw(4)).await, 200);
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn control_source_empty_push_is_refused_even_below_min_keys() {
+    let up = spawn_upstream().await;
+    let kw = spawn_control(up.addr, Some(&plain(0..2)), "").await;
+    let r = admin(&kw, "PUT", "/v1/snapshot", "keys: []\n").await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["reason"], "empty");
+    assert_eq!(status_with(&kw, &raw(1)).await, 200);
+    // Guard settings of the config: everything may go but the last key.
+    kw.shutdown().await;
+    let kw = spawn_control(
+        up.addr,
+        Some(&plain(0..20)),
+        ", guard: { max_removed_fraction: 1, min_keys: 0 }",
+    )
+    .await;
+    assert_eq!(
+        admin(&kw, "PUT", "/v1/snapshot", &plain(0..1)).await.status,
+        200
+    );
+    assert_eq!(
+        admin(&kw, "PUT", "/v1/snapshot", "keys: []\n").await.status,
+        409
+    );
+    assert_eq!(
+        admin(&kw, "PUT", "/v1/snapshot?force=true", "keys: []\n")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        readyz(&kw).await,
+        200,
+        "an empty snapshot taken on purpose is a snapshot"
+    );
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn dry_run_answers_the_diff_and_installs_nothing() {
+    let up = spawn_upstream().await;
+    let kw = spawn_control(up.addr, Some(&plain(0..20)), "").await;
+    assert_eq!(status_with(&kw, &raw(3)).await, 200, "key_3 is used");
+    assert_eq!(status_with(&kw, &raw(18)).await, 200, "key_18 is used");
+    let before = std::fs::read(state_file(&kw)).unwrap();
+    // Keys 0..11 removed, 16 gets new scopes, 17 a new digest, 18 disabled, 20 added.
+    let new: String = format!(
+        "keys:\n{}{}{}{}{}{}",
+        (12..16).map(|i| entry(i, "")).collect::<String>(),
+        entry(16, "").replace("[read]", "[read, write]"),
+        entry(17, "").replace(&sha(17), &sha(99)),
+        entry(18, ", status: disabled"),
+        entry(19, ""),
+        entry(20, ""),
+    );
+    let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", &new).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["dry_run"], true);
+    assert_eq!(body["added"], serde_json::json!(["key_20"]));
+    assert_eq!(body["removed"].as_array().unwrap().len(), 12);
+    assert_eq!(
+        body["changed"],
+        serde_json::json!([
+            {"id": "key_16", "fields": ["scopes"]},
+            {"id": "key_17", "fields": ["sha256"]},
+            {"id": "key_18", "fields": ["status"]},
+        ])
+    );
+    assert_eq!(body["guard"]["would_refuse"], true);
+    assert_eq!(body["guard"]["removed"], 12);
+    assert_eq!(body["guard"]["disabled"], 1);
+    let used: Vec<_> = body["would_deny_recently_used"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["key_id"].as_str().unwrap().to_string(),
+                u["change"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(used.len(), 2, "{used:?}");
+    assert!(
+        used.contains(&("key_3".into(), "removed".into())),
+        "{used:?}"
+    );
+    assert!(
+        used.contains(&("key_18".into(), "disabled".into())),
+        "{used:?}"
+    );
+    let text = r.text();
+    for i in (0..21).chain([99]) {
+        assert!(
+            !text.contains(&sha(i)) && !text.contains(&raw(i)),
+            "no digest, no key"
+        );
+    }
+    // Nothing installed, persisted or counted.
+    assert_eq!(status_with(&kw, &raw(3)).await, 200);
+    assert_eq!(status_with(&kw, &raw(20)).await, 401);
+    assert_eq!(std::fs::read(state_file(&kw)).unwrap(), before);
+    assert_eq!(metric(&kw, &guarded_series("control")).await, 0.0);
+    let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", "keys: {").await;
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (400, "bad_snapshot")
+    );
+    kw.shutdown().await;
+
+    // A file source answers a dry run too (and still refuses real pushes).
+    let kw = spawn_file(up.addr, &plain(0..3), "", "").await;
+    let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=1", &plain(1..4)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["added"], serde_json::json!(["key_3"]));
+    assert_eq!(r.json()["removed"], serde_json::json!(["key_0"]));
+    assert_eq!(r.json()["guard"]["would_refuse"], false);
+    assert_eq!(status_with(&kw, &raw(3)).await, 401);
+    assert_eq!(
+        admin(&kw, "PUT", "/v1/snapshot", &plain(1..4)).await.status,
+        409
+    );
+    kw.shutdown().await;
+}
+
+fn keyward_diff(args: &[&str], dir: &Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("KEYWARD_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run keyward");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+#[test]
+fn keyward_diff_prints_the_diff_and_exits_by_the_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write("old.yaml", &plain(0..20));
+    let small = format!("{}{}", plain(0..9), entry(9, "").replace(&sha(9), &sha(99)));
+    write("small_change.yaml", &small);
+    write("cut.yaml", &plain(0..5));
+    write("empty.yaml", "keys: []\n");
+    write("bad.yaml", "keys: {");
+
+    let (code, out, _) = keyward_diff(&["diff", "old.yaml", "small_change.yaml"], dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("- key_10\n") && out.contains("~ key_9: sha256\n"),
+        "{out}"
+    );
+    assert!(out.contains("passes"), "{out}");
+
+    let (code, out, _) = keyward_diff(&["diff", "old.yaml", "cut.yaml"], dir.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("removes 15 and disables 0 of 20"), "{out}");
+
+    let (code, out, _) = keyward_diff(&["diff", "--json", "old.yaml", "empty.yaml"], dir.path());
+    assert_eq!(code, 1);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["guard"]["reason"], "empty");
+    assert_eq!(json["removed"].as_array().unwrap().len(), 20);
+
+    for (old, new) in [("old.yaml", "small_change.yaml"), ("old.yaml", "cut.yaml")] {
+        for json in [true, false] {
+            let mut args = vec!["diff", old, new];
+            if json {
+                args.push("--json");
+            }
+            let (_, out, err) = keyward_diff(&args, dir.path());
+            for i in (0..20).chain([99]) {
+                assert!(
+                    !out.contains(&sha(i)) && !err.contains(&sha(i)),
+                    "no digest in {out}"
+                );
+            }
+        }
+    }
+
+    let (code, _, err) = keyward_diff(&["diff", "old.yaml", "bad.yaml"], dir.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("bad.yaml"), "{err}");
+    let (code, _, err) = keyward_diff(&["diff", "missing.yaml", "old.yaml"], dir.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("missing.yaml"), "{err}");
+
+    // keys.guard read from an explicit --config.
+    let config = "listen: 127.0.0.1:8080\nupstream: http://127.0.0.1:3000\nenvironment: t\n\
+                  keys: { file: old.yaml, guard: { max_removed_fraction: 0.8 } }\n";
+    write("keyward.yaml", config);
+    let args = ["diff", "--config", "keyward.yaml", "old.yaml", "cut.yaml"];
+    assert_eq!(keyward_diff(&args, dir.path()).0, 0, "0.75 <= 0.8");
+    let args = ["diff", "--config", "nope.yaml", "old.yaml", "cut.yaml"];
+    assert_eq!(keyward_diff(&args, dir.path()).0, 2);
+}
+
+#[tokio::test]
+async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
+    let up = spawn_upstream().await;
+    let old = SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+    let stale = plain(0..3).replace("keys:", &format!("generated_at: {}\nkeys:", rfc3339(old)));
+    let kw = spawn_control(up.addr, Some(&stale), ", max_age: 1h").await;
+    let r = get(&kw.url("/v1/x"), &[("x-api-key", &raw(0))]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (503, "auth_unavailable")
+    );
+    assert_eq!(readyz(&kw).await, 503);
+    let generated = metric(&kw, "keyward_snapshot_generated_timestamp_seconds ").await;
+    assert_eq!(
+        generated,
+        humantime::parse_rfc3339(&rfc3339(old))
+            .unwrap()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    );
+    assert_eq!(
+        metric(&kw, "keyward_snapshot_max_age_seconds ").await,
+        3600.0
+    );
+
+    let fresh = plain(0..3).replace(
+        "keys:",
+        &format!("generated_at: {}\nkeys:", rfc3339(SystemTime::now())),
+    );
+    let r = admin(&kw, "PUT", "/v1/snapshot", &fresh).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(0)).await, 200);
+    assert_eq!(readyz(&kw).await, 200);
+    kw.shutdown().await;
+
+    // File source; the age is checked against the clock on every request, not only at load:
+    // a snapshot fresh when loaded turns stale with no reload.
+    let about_now = plain(0..3).replace(
+        "keys:",
+        &format!("generated_at: {}\nkeys:", rfc3339(SystemTime::now())),
+    );
+    let kw = spawn_file(up.addr, &about_now, ", max_age: 3s", "").await;
+    assert_eq!(status_with(&kw, &raw(0)).await, 200);
+    assert_eq!(readyz(&kw).await, 200);
+    eventually("snapshot turns stale", || async {
+        status_with(&kw, &raw(0)).await == 503
+    })
+    .await;
+    assert_eq!(readyz(&kw).await, 503);
+    assert_eq!(
+        metric(
+            &kw,
+            r#"keyward_snapshot_reloads_total{result="ok",source="file"} "#
+        )
+        .await,
+        1.0
+    );
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let renewed = plain(0..3).replace("keys:", &format!("generated_at: {}\nkeys:", rfc3339(later)));
+    std::fs::write(kw.keys_file(), renewed).unwrap();
+    eventually("fresh file restores auth", || async {
+        status_with(&kw, &raw(0)).await == 200
+    })
+    .await;
+    assert_eq!(readyz(&kw).await, 200);
+    kw.shutdown().await;
+
+    // Without generated_at a snapshot has no known age and never goes stale.
+    let kw = spawn_file(up.addr, &plain(0..3), ", max_age: 1s", "").await;
+    assert_eq!(status_with(&kw, &raw(0)).await, 200);
+    assert_eq!(
+        metric(&kw, "keyward_snapshot_generated_timestamp_seconds ").await,
+        0.0
+    );
+    kw.shutdown().await;
+}
+
+#[tokio::test]
+async fn per_key_limit_bounds_the_expiry_series_to_the_soonest() {
+    let up = spawn_upstream().await;
+    let keys = snapshot("", 0..30, |i| {
+        format!(", expires_at: {}-01-01T00:00:00Z", 2100 - i)
+    });
+    let kw = spawn_file(
+        up.addr,
+        &keys,
+        "",
+        "metrics: { per_key: true, per_key_limit: 4 }\n",
+    )
+    .await;
+    let text = get(&kw.admin_url("/metrics"), &[]).await.text();
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("keyward_key_expiry_timestamp_seconds{"))
+        .collect();
+    assert_eq!(series.len(), 4, "{series:?}");
+    for soonest in 26..30 {
+        assert!(
+            text.contains(&format!("{{key_id=\"key_{soonest}\"}}")),
+            "{series:?}"
+        );
+    }
+    kw.shutdown().await;
+}
