@@ -241,6 +241,10 @@ pub struct Limits {
     #[serde(deserialize_with = "de_duration")]
     pub upstream_idle_timeout: Duration,
     pub upstream_max_idle_per_host: usize,
+    /// How long a response may wait for the client to take its next bytes (HTTP/2 flow
+    /// control window, or an unread HTTP/1.1 socket) before it is cut off.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -258,6 +262,7 @@ impl Default for Limits {
             h2_max_concurrent_streams: 256,
             upstream_idle_timeout: Duration::from_secs(60),
             upstream_max_idle_per_host: 256,
+            write_stall_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -600,6 +605,7 @@ impl Config {
                 l.upstream_connect_timeout,
             ),
             ("limits.upstream_timeout", l.upstream_timeout),
+            ("limits.write_stall_timeout", l.write_stall_timeout),
         ];
         for (field, d) in durations {
             if d.is_zero() {
@@ -763,6 +769,8 @@ mod tests {
         assert!(err("identity_headers: { prefix: X_Auth }\n").contains("identity_headers.prefix"));
         assert!(err("limits: { max_connections: 0 }\n").contains("limits.max_connections"));
         assert!(err("limits: { max_header_bytes: 10 }\n").contains("limits.max_header_bytes"));
+        let stall = err("limits: { write_stall_timeout: 0s }\n");
+        assert!(stall.starts_with("limits.write_stall_timeout: "), "{stall}");
         assert!(err("log: { level: loud }\n").contains("log.level"));
         assert!(err("log: { format: xml }\n").contains("log.format"));
         assert!(err("environment: \"\"\n").contains("environment"));

@@ -9,6 +9,7 @@ pub mod headers;
 pub mod pool;
 pub mod respond;
 pub mod server;
+pub mod writing;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};

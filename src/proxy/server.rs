@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{Request, Version};
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,6 +26,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::handler::{self, ConnInfo};
+use super::respond;
+use super::writing::Responses;
 use crate::auth::reject::BadRequest;
 use crate::auth::Reject;
 use crate::config::Limits;
@@ -152,24 +154,27 @@ async fn serve_conn<I>(
 {
     // Until its first request a connection gets `header_read_timeout`; once it has served
     // one, a keep-alive client may hold it idle for `idle_timeout`.
-    let (first_request, idle_timeout) = (
+    let (first_request, idle_timeout, write_stall) = (
         app.config.limits.header_read_timeout,
         app.config.limits.idle_timeout,
+        app.config.limits.write_stall_timeout,
     );
     let peer = conn.peer;
     let activity = Arc::new(Activity::new());
     let requests = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        // In flight from the request head until the response body is done or dropped: for
-        // the idle cut-off and for `keyward_in_flight_requests` alike.
+        // In flight from the request head until the response body is done, dropped or cut
+        // off: for the idle cut-off and for `keyward_in_flight_requests` alike.
         let in_flight = requests.begin(app.metrics.track_in_flight());
-        let (app, conn) = (app.clone(), conn.clone());
+        let (app, conn, requests) = (app.clone(), conn.clone(), requests.clone());
         async move {
             let resp = handler::handle(app, conn, req).await?;
-            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
-                inner: body,
-                in_flight: Some(in_flight),
-            }))
+            if resp.extensions().get::<respond::Refused>().is_none() {
+                requests.allowed.store(true, Ordering::Release);
+            }
+            let (parts, body) = resp.into_parts();
+            let body = requests.responses.track(body, in_flight);
+            Ok::<_, std::convert::Infallible>(Response::from_parts(parts, body))
         }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -184,7 +189,13 @@ async fn serve_conn<I>(
                 activity.touch();
                 false
             }
-            () = activity.idle_for(first_request, idle_timeout) => {
+            wake = activity.idle_for(first_request, idle_timeout, write_stall) => {
+                if wake == Wake::Stalled {
+                    // Every response left was cut off: the peer reads nothing, so a
+                    // graceful close (which needs it to) is not tried.
+                    debug!(peer = %peer, "every response stalled; closing");
+                    break None;
+                }
                 if closing {
                     // A graceful close needs the peer (HTTP/2 waits for a PING ack); one
                     // that never answers is not waited for.
@@ -213,46 +224,19 @@ async fn serve_conn<I>(
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted as in flight until it is finished.
-    struct Tracked<B> {
-        #[pin]
-        inner: B,
-        in_flight: Option<InFlight>,
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = this.inner.poll_frame(cx);
-        if let std::task::Poll::Ready(None | Some(Err(_))) = frame {
-            this.in_flight.take();
-        }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// Requests in flight on one connection, and since when it has had none.
 struct Activity {
     start: Instant,
     in_flight: AtomicUsize,
     /// Has a request head arrived yet?
     served: AtomicBool,
+    /// Has a request been answered other than by a refusal? Until then the connection
+    /// gets `header_read_timeout`, not `idle_timeout`, between requests.
+    allowed: AtomicBool,
+    /// The responses being written, which a stalled peer may not hold for ever.
+    responses: Responses<InFlight>,
+    /// Wakes the watchdog when the connection turns busy or idle.
+    changed: tokio::sync::Notify,
     /// Nanoseconds after `start` at which the connection last became idle.
     idle_since: AtomicU64,
 }
@@ -266,22 +250,30 @@ struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.activity.touch();
-        self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.activity.changed.notify_one();
+        }
     }
 }
 
 impl Activity {
     fn new() -> Self {
+        let start = Instant::now();
         Self {
-            start: Instant::now(),
+            start,
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
+            allowed: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
+            responses: Responses::new(start),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
     fn begin(self: &Arc<Self>, metric: crate::metrics::InFlight) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.changed.notify_one();
+        }
         self.served.store(true, Ordering::Release);
         InFlight {
             activity: self.clone(),
@@ -300,25 +292,52 @@ impl Activity {
         self.idle_since.store(now, Ordering::Release);
     }
 
-    /// Resolves once the connection has had no request in flight for `first` (before its
-    /// first request) or `then` (after it).
-    async fn idle_for(&self, first: Duration, then: Duration) {
+    /// Resolves once the connection has had no request in flight for `first` (until a
+    /// request of it was allowed) or `then` (after that), or once every response in
+    /// flight was cut off for waiting `stall` on the peer.
+    async fn idle_for(&self, first: Duration, then: Duration, stall: Duration) -> Wake {
+        // Stalled responses are looked for a few times per `stall`: cut off within 1.25 of it.
+        let check = (stall / 4).max(Duration::from_millis(10));
         loop {
-            let timeout = if self.has_served() { then } else { first };
+            let allowed = self.allowed.load(Ordering::Acquire);
+            let timeout = if allowed { then } else { first };
             let since = self.idle_since.load(Ordering::Acquire);
             if self.in_flight.load(Ordering::Acquire) == 0 {
                 let deadline = self.start + Duration::from_nanos(since) + timeout;
-                tokio::time::sleep_until(deadline).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => {}
+                    // A request began: from now on its response is watched for stalls.
+                    () = self.changed.notified() => continue,
+                }
                 if self.in_flight.load(Ordering::Acquire) == 0
                     && self.idle_since.load(Ordering::Acquire) == since
+                    && self.allowed.load(Ordering::Acquire) == allowed
                 {
-                    return;
+                    return Wake::Idle;
                 }
             } else {
-                tokio::time::sleep(timeout).await;
+                tokio::select! {
+                    () = tokio::time::sleep(check) => {}
+                    // The last request ended: the idle clock starts.
+                    () = self.changed.notified() => continue,
+                }
+                if self.responses.cut_stalled(stall) > 0
+                    && self.in_flight.load(Ordering::Acquire) == 0
+                {
+                    return Wake::Stalled;
+                }
             }
         }
     }
+}
+
+/// Why a connection's watchdog woke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// Nothing in flight for the idle timeout.
+    Idle,
+    /// The responses in flight were all cut off: the peer takes nothing.
+    Stalled,
 }
 
 /// Limits on the request head that hold for HTTP/1.1 and HTTP/2 alike: the size of the
@@ -440,19 +459,19 @@ mod tests {
         let metrics = crate::metrics::Metrics::new(false).unwrap();
         let t = Duration::from_millis(50);
         let start = Instant::now();
-        a.idle_for(t, t).await;
+        assert_eq!(a.idle_for(t, t, t).await, Wake::Idle);
         assert!(start.elapsed() >= t);
         // A request in flight keeps the connection; the clock restarts when it ends.
         let held = a.begin(metrics.track_in_flight());
         assert_eq!(metrics.in_flight().get(), 1);
         let a2 = a.clone();
-        let waiter = tokio::spawn(async move { a2.idle_for(t, t).await });
+        let waiter = tokio::spawn(async move { a2.idle_for(t, t, t).await });
         tokio::time::sleep(t * 3).await;
         assert!(!waiter.is_finished());
         let ended = Instant::now();
         drop(held);
         assert_eq!(metrics.in_flight().get(), 0);
-        waiter.await.unwrap();
+        assert_eq!(waiter.await.unwrap(), Wake::Idle);
         assert!(ended.elapsed() >= t, "{:?}", ended.elapsed());
     }
 }

@@ -1,0 +1,206 @@
+//! Hostile input through the front door, second round: clients that stop reading (HTTP/2
+//! zero flow-control window, HTTP/1.1 unread sockets), connections that are only ever
+//! refused, and what reaches the upstream of forwarding, override, Host and framing headers.
+
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const KEY: &str = SERVICE_KEY;
+
+/// A stream whose response body can never be sent: the client advertised a zero window.
+struct Stalled {
+    status: u16,
+    /// Ends when keyward closes the connection.
+    conn: tokio::task::JoinHandle<()>,
+    /// The client and the unread body, kept so that the client itself closes nothing.
+    _held: (h2::client::SendRequest<Bytes>, h2::RecvStream),
+}
+
+/// An HTTP/2 client that advertises `INITIAL_WINDOW_SIZE = 0`, so no response body can
+/// ever be sent to it, sends one GET and waits for the response head.
+async fn zero_window_get(addr: SocketAddr, path: &str, key: Option<&str>) -> Stalled {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = http::Request::get(format!("http://{addr}{path}"));
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    let (resp, _) = client
+        .send_request(req.body(()).unwrap(), true)
+        .expect("send");
+    let resp = resp.await.expect("response head");
+    Stalled {
+        status: resp.status().as_u16(),
+        conn,
+        _held: (client, resp.into_body()),
+    }
+}
+
+/// The requests keyward counts as in flight.
+fn in_flight(kw: &Proxy) -> i64 {
+    kw.app.metrics.in_flight().get()
+}
+
+/// HTTP/2 zero-window pinning: streams whose bodies cannot be written stop counting as in
+/// flight within `write_stall_timeout`, their connections are closed, the upstream
+/// connections they held are let go, and the connection slots they held serve others.
+#[tokio::test]
+async fn h2_zero_window_streams_are_cut_and_free_their_slots() {
+    let up = spawn_upstream().await;
+    let limits = "limits: { max_connections: 4, write_stall_timeout: 300ms }\n";
+    let kw = spawn_proxy(up.addr, limits).await;
+    let start = Instant::now();
+    let mut stalled = Vec::new();
+    // Two refused without a key, two on a public route (each holding an upstream response).
+    for (path, key) in [
+        ("/v1/stall-a", None),
+        ("/v1/stall-b", None),
+        ("/public/big/200000", None),
+        ("/big/200000", Some(KEY)),
+    ] {
+        stalled.push(zero_window_get(kw.addr, path, key).await);
+    }
+    let statuses: Vec<u16> = stalled.iter().map(|s| s.status).collect();
+    assert_eq!(statuses, [401, 401, 200, 200]);
+    for s in stalled {
+        tokio::time::timeout(Duration::from_secs(3), s.conn)
+            .await
+            .expect("a connection of stalled streams left open")
+            .unwrap();
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    eventually("stalled streams no longer in flight", || async {
+        in_flight(&kw) == 0
+    })
+    .await;
+    // Every slot is free again: four ordinary clients in a row get in.
+    for i in 0..4 {
+        let r = get_h2c(&kw.url(&format!("/v1/after-{i}")), &[("x-api-key", KEY)]).await;
+        assert_eq!(r.status, 200);
+    }
+    kw.shutdown().await;
+}
+
+/// An HTTP/1.1 response nobody reads is cut off like an HTTP/2 one: the connection is
+/// closed and the request stops counting as in flight.
+#[tokio::test]
+async fn unread_http1_response_is_cut_off() {
+    let up = spawn_upstream().await;
+    let limits = "limits: { max_connections: 1, write_stall_timeout: 300ms }\n";
+    let kw = spawn_proxy(up.addr, limits).await;
+    // Far more than the socket buffers of both legs hold.
+    const SIZE: usize = 64 << 20;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let req = format!("GET /big/{SIZE} HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    eventually("the upstream answered", || async { up.count() == 1 }).await;
+    eventually("unread response no longer in flight", || async {
+        in_flight(&kw) == 0
+    })
+    .await;
+    // What was buffered can still be read, then the connection ends short of the body.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "connection left open");
+    assert!(got < SIZE, "the whole body arrived");
+    // The one slot is free again.
+    let r = get(&kw.url("/v1/after"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    kw.shutdown().await;
+}
+
+/// A client that reads slowly but keeps reading is not cut off.
+#[tokio::test]
+async fn slow_reader_is_not_cut_off() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { write_stall_timeout: 300ms }\n").await;
+    const SIZE: usize = 16 << 20;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let req = format!(
+        "GET /big/{SIZE} HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let start = Instant::now();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        // Under the stall bound between reads, for longer than it overall.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(
+        got > SIZE,
+        "body cut at {got} bytes: {:?}",
+        String::from_utf8_lossy(&buf[..300])
+    );
+    assert!(start.elapsed() > Duration::from_millis(300));
+    kw.shutdown().await;
+}
+
+/// A connection that has only ever been refused gets `header_read_timeout` between its
+/// requests, not `idle_timeout`; one that had a request allowed keeps `idle_timeout`.
+#[tokio::test]
+async fn a_connection_only_ever_refused_is_held_to_header_read_timeout() {
+    let up = spawn_upstream().await;
+    let limits = "limits: { header_read_timeout: 200ms, idle_timeout: 30s }\n";
+    let kw = spawn_proxy(up.addr, limits).await;
+    let start = Instant::now();
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    s.write_all(b"GET /v1/refused HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.expect("a response");
+    assert_eq!(raw_status(&head), 401);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+        .await
+        .expect("refused-only connection held open")
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let ok = format!("GET /v1/allowed HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n\r\n");
+    s.write_all(ok.as_bytes()).await.unwrap();
+    assert_eq!(raw_status(&read_head(&mut s).await.unwrap()), 200);
+    let mut one = [0u8; 1];
+    let open = tokio::time::timeout(Duration::from_millis(800), s.read(&mut one)).await;
+    assert!(
+        open.is_err(),
+        "allowed connection closed before idle_timeout"
+    );
+    kw.shutdown().await;
+}
