@@ -85,6 +85,10 @@ pub struct Config {
     pub scopes: Vec<ScopeRule>,
     #[serde(default)]
     pub routes: Vec<RouteRule>,
+    /// Match route rules ignoring ASCII case, for upstreams that route that way (Express,
+    /// ASP.NET Core), so `/ADMIN/x` cannot pass a rule for `/admin/`.
+    #[serde(default)]
+    pub routes_case_insensitive: bool,
     #[serde(default = "default_introspection")]
     pub introspection_path: Option<String>,
     #[serde(default)]

@@ -204,3 +204,62 @@ async fn a_connection_only_ever_refused_is_held_to_header_read_timeout() {
     );
     kw.shutdown().await;
 }
+
+/// keyward with `rules` put before the test config's own route rules.
+async fn spawn_with_routes(upstream: SocketAddr, rules: &str, extra: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    let yaml = config_yaml(upstream, &keys_file, extra).replacen(
+        "routes:\n",
+        &format!("routes:\n{rules}"),
+        1,
+    );
+    let config = keyward::config::Config::from_yaml(&yaml).expect("test config");
+    start(config, dir).await
+}
+
+/// An exact path rule also covers the path with a trailing slash (and the spellings that
+/// normalize to it), which Express and Spring route to the same handler.
+#[tokio::test]
+async fn exact_rule_covers_the_trailing_slash() {
+    let up = spawn_upstream().await;
+    let rule = "  - { path: /reports/export, any_of: [admin] }\n";
+    let kw = spawn_with_routes(up.addr, rule, "").await;
+    for path in [
+        "/reports/export",
+        "/reports/export/",
+        "/reports/export/.",
+        "/reports//export/",
+    ] {
+        let r = get(&kw.url(path), &[("x-api-key", KEY)]).await;
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+        assert_eq!(r.code(), "insufficient_scope");
+    }
+    let r = get(&kw.url("/reports/exported"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    assert!(up
+        .requests()
+        .iter()
+        .all(|s| !s.target.starts_with("/reports/export/") && s.target != "/reports/export"));
+    kw.shutdown().await;
+}
+
+/// `routes_case_insensitive: true` makes `/ADMIN/users` meet the `/admin/` rule, for
+/// upstreams that route without regard to case.
+#[tokio::test]
+async fn case_insensitive_routes_are_opt_in() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "routes_case_insensitive: true\n").await;
+    for path in ["/ADMIN/users", "/Admin", "/aDmIn/x/"] {
+        let r = get(&kw.url(path), &[("x-api-key", KEY)]).await;
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+    }
+    assert_eq!(up.count(), 0);
+    kw.shutdown().await;
+    // The default is case-sensitive, like SPEC 7 and most upstreams.
+    let kw = spawn_proxy(up.addr, "").await;
+    let r = get(&kw.url("/ADMIN/users"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    kw.shutdown().await;
+}
