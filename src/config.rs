@@ -72,6 +72,10 @@ pub struct Config {
     pub environment: String,
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,
+    /// Route, method and host override headers (`X-HTTP-Method-Override`, ...) the app
+    /// relies on and may receive; every other one is removed.
+    #[serde(default, deserialize_with = "de_header_names")]
+    pub allow_override_headers: Vec<HeaderName>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     #[serde(default = "default_credentials")]
@@ -433,6 +437,17 @@ fn de_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Uri, D::Error> {
         .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a URL ({e})")))
 }
 
+fn de_header_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<HeaderName>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    names
+        .iter()
+        .map(|n| {
+            HeaderName::try_from(n.to_ascii_lowercase())
+                .map_err(|_| serde::de::Error::custom(format!("{n:?} is not a header name")))
+        })
+        .collect()
+}
+
 fn de_methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Method>, D::Error> {
     let names = Vec::<String>::deserialize(d)?;
     names
@@ -782,6 +797,16 @@ mod tests {
         assert!(err("workers: 100000\n").contains("workers: must be 1 to 1024"));
         let zero = err("tls: { cert: c.pem, key: k.pem, poll_interval: 0s }\n");
         assert!(zero.starts_with("tls.poll_interval: "), "{zero}");
+    }
+
+    #[test]
+    fn override_headers_to_allow_are_header_names() {
+        let c = Config::from_yaml(&format!(
+            "{MINIMAL}allow_override_headers: [X-HTTP-Method-Override]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.allow_override_headers, ["x-http-method-override"]);
+        assert!(err("allow_override_headers: [\"a b\"]\n").contains("allow_override_headers"));
     }
 
     #[test]

@@ -263,3 +263,62 @@ async fn case_insensitive_routes_are_opt_in() {
     assert_eq!(r.status, 200);
     kw.shutdown().await;
 }
+
+/// From a peer that is not a trusted proxy no forwarding header reaches the app but the
+/// three keyward sets; route, method and host overrides never do, unless allowed by name.
+#[tokio::test]
+async fn forwarding_and_override_headers_are_stripped() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let forged = [
+        ("x-forwarded-ssl", "on"),
+        ("x-forwarded-scheme", "https"),
+        ("x-forwarded-port", "443"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-forwarded-server", "evil"),
+        ("x-forwarded-uri", "/admin/x"),
+        ("x_forwarded_proto", "https"),
+        ("forwarded", "for=6.6.6.6;proto=https"),
+        ("x-real-ip", "6.6.6.6"),
+        ("true-client-ip", "6.6.6.6"),
+        ("x-client-ip", "6.6.6.6"),
+        ("front-end-https", "on"),
+        ("x-original-url", "/admin/x"),
+        ("x-rewrite-url", "/admin/x"),
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-middleware-subrequest", "middleware"),
+        ("x-original-host", "evil.example"),
+    ];
+    let mut h: Vec<(&str, &str)> = forged.to_vec();
+    h.push(("x-api-key", KEY));
+    let r = get(&kw.url("/v1/forged"), &h).await;
+    assert_eq!(r.status, 200);
+    let seen = up.last().headers;
+    for (name, _) in forged {
+        assert!(!seen.contains_key(name), "{name} reached the upstream");
+    }
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    kw.shutdown().await;
+
+    // A trusted proxy's forwarding headers are kept; an allowed override passes, as spelled.
+    let extra = "trusted_proxies: [127.0.0.1]\nallow_override_headers: [X-HTTP-Method-Override]\n";
+    let kw = spawn_proxy(up.addr, extra).await;
+    let r = get(&kw.url("/v1/trusted"), &h).await;
+    assert_eq!(r.status, 200);
+    let seen = up.last().headers;
+    assert_eq!(seen["x-forwarded-ssl"], "on");
+    assert_eq!(seen["x-real-ip"], "6.6.6.6");
+    assert_eq!(seen["x-http-method-override"], "DELETE");
+    for name in [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method",
+        "x-middleware-subrequest",
+    ] {
+        assert!(!seen.contains_key(name), "{name} reached the upstream");
+    }
+    kw.shutdown().await;
+}

@@ -267,6 +267,8 @@ fn outbound(
     let h = req.headers_mut();
     headers::strip_hop_by_hop(h, upgrade);
     headers::strip_trusted(h, &app.config.identity_headers.prefix);
+    let peer_trusted = headers::is_trusted(&conn, &app.config.trusted_proxies);
+    headers::strip_untrusted(h, peer_trusted, &app.config.allow_override_headers);
     if !app.config.forward_credential {
         let names = app.policy.credential_headers();
         if h.keys().any(|k| names.contains(k)) {
