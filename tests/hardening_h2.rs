@@ -322,3 +322,67 @@ async fn forwarding_and_override_headers_are_stripped() {
     }
     kw.shutdown().await;
 }
+
+/// Send one HTTP/2 request built by `req` over a fresh connection; its status (or 0 if the
+/// stream was reset without one).
+async fn h2_status(addr: SocketAddr, req: http::Request<()>) -> u16 {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let (resp, _) = client.send_request(req, true).expect("send");
+    match resp.await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// One host per request, never user info: the upstream is sent exactly one well-defined
+/// `Host`, and a request whose host fields could be read two ways is 400.
+#[tokio::test]
+async fn host_and_authority_must_be_single_and_agree() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    // HTTP/1.1 absolute-form with user info: 400, never `Host: user:pw@evil.example`.
+    let userinfo = format!(
+        "GET http://user:pw@evil.example/hello HTTP/1.1\r\nHost: a\r\nx-api-key: {KEY}\r\n\r\n"
+    );
+    let reply = raw(kw.addr, userinfo.as_bytes(), Duration::from_secs(2)).await;
+    assert_eq!(raw_status(&reply), 400, "{reply}");
+    // Absolute-form names the host; the Host field is ignored (RFC 9112 3.2.2).
+    let absolute =
+        format!("GET http://app.example/hello HTTP/1.1\r\nHost: other\r\nx-api-key: {KEY}\r\n\r\n");
+    let reply = raw(kw.addr, absolute.as_bytes(), Duration::from_millis(500)).await;
+    assert_eq!(raw_status(&reply), 200, "{reply}");
+    assert_eq!(up.last().headers["host"], "app.example");
+    let forwarded = up.count();
+
+    let h2 = |uri: &str, hosts: &[&str]| {
+        let mut b = http::Request::get(uri).header("x-api-key", KEY);
+        for h in hosts {
+            b = b.header("host", *h);
+        }
+        b.body(()).unwrap()
+    };
+    let addr = kw.addr;
+    // :authority with user info (RFC 9113 8.3.1).
+    let with_userinfo = h2(&format!("http://user:pw@{addr}/x"), &[]);
+    assert_eq!(h2_status(addr, with_userinfo).await, 400);
+    // No :authority and two host fields (RFC 9110 7.2).
+    assert_eq!(h2_status(addr, h2("/x", &["a", "b"])).await, 400);
+    // :authority and host that disagree.
+    assert_eq!(
+        h2_status(addr, h2(&format!("http://{addr}/x"), &["evil.example"])).await,
+        400
+    );
+    assert_eq!(
+        up.count(),
+        forwarded,
+        "a refused request reached the upstream"
+    );
+    // One host field and no :authority is that host.
+    assert_eq!(h2_status(addr, h2("/x", &["app.example"])).await, 200);
+    assert_eq!(up.last().headers["host"], "app.example");
+    kw.shutdown().await;
+}

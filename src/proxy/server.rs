@@ -341,9 +341,15 @@ enum Wake {
 }
 
 /// Limits on the request head that hold for HTTP/1.1 and HTTP/2 alike: the size of the
-/// head (`limits.max_header_bytes`, exactly, below hyper's 8 KiB buffer floor), and for
-/// HTTP/1.x one valid `Host` (RFC 9112 3.2: a front proxy and the upstream could otherwise
-/// read a different host).
+/// head (`limits.max_header_bytes`, exactly, below hyper's 8 KiB buffer floor), and one
+/// well-defined host. The host the upstream is sent (`Host`) is the request target's
+/// authority (absolute-form, or HTTP/2 `:authority`) when there is one, else the `Host`
+/// field; whichever it is, it must be a valid `host[:port]` without user info, and there
+/// must be no second candidate a front proxy or the upstream could read instead: HTTP/1.1
+/// needs exactly one `Host` (RFC 9112 3.2; with an absolute-form target it is ignored, as
+/// 3.2.2 says, but must still be single and valid), and HTTP/2 allows at most one `host`
+/// field, which must name the same host as `:authority` when both are present (RFC 9113
+/// 8.3.1).
 pub(crate) fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
     const HOST: Reject = Reject::BadRequest(BadRequest::Host);
     // Above the floor hyper's HTTP/1 buffer enforces the limit, and h2 always does
@@ -353,18 +359,27 @@ pub(crate) fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Rej
     {
         return Err(Reject::HeadersTooLarge);
     }
-    if matches!(req.version(), Version::HTTP_10 | Version::HTTP_11) {
-        let mut hosts = req.headers().get_all(header::HOST).iter();
-        match (hosts.next(), hosts.next()) {
-            (Some(_), Some(_)) => return Err(HOST),
-            (Some(host), None) if !valid_host(host) => return Err(HOST),
-            (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
-                return Err(HOST)
-            }
-            _ => {}
-        }
+    let authority = req.uri().authority();
+    if authority.is_some_and(|a| !valid_authority(a.as_str().as_bytes())) {
+        return Err(HOST);
     }
-    Ok(())
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err(HOST),
+        (Some(host), None) if !valid_host(host) => return Err(HOST),
+        (host, _) => host,
+    };
+    match (http1, host, authority) {
+        (true, None, None) if req.version() == Version::HTTP_11 => Err(HOST),
+        (false, Some(host), Some(authority))
+            if !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+        {
+            Err(HOST)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Bytes of the request line and header fields, counted as HTTP/1.1 would send them.
@@ -382,10 +397,14 @@ fn head_size<B>(req: &Request<B>) -> usize {
 
 /// `host[:port]` with a numeric port, no user info, nothing after the authority.
 fn valid_host(value: &HeaderValue) -> bool {
-    if value.is_empty() || value.as_bytes().contains(&b'@') {
+    valid_authority(value.as_bytes())
+}
+
+fn valid_authority(value: &[u8]) -> bool {
+    if value.is_empty() || value.contains(&b'@') {
         return false;
     }
-    let Ok(authority) = http::uri::Authority::try_from(value.as_bytes()) else {
+    let Ok(authority) = http::uri::Authority::try_from(value) else {
         return false;
     };
     let after_ipv6 = authority
@@ -434,8 +453,21 @@ mod tests {
                 "{bad:?}"
             );
         }
-        // HTTP/2 carries :authority; a repeated `host` is h2's business, not HTTP/1.1 rules.
-        assert_eq!(ok(req(Version::HTTP_2, "http://a/x", &[])), Ok(()));
+        const HOST: Result<(), Reject> = Err(Reject::BadRequest(BadRequest::Host));
+        // Absolute-form: the target's authority is the host (Host is ignored, but single).
+        assert_eq!(ok(req(v11, "http://a/x", &[("host", "b")])), Ok(()));
+        assert_eq!(ok(req(v11, "http://u:p@a/x", &[("host", "a")])), HOST);
+        assert_eq!(ok(req(v11, "http://a:x/x", &[("host", "a")])), HOST);
+        // HTTP/2: :authority, at most one `host`, and the two agree.
+        let v2 = Version::HTTP_2;
+        assert_eq!(ok(req(v2, "http://a/x", &[])), Ok(()));
+        assert_eq!(ok(req(v2, "http://a/x", &[("host", "A")])), Ok(()));
+        assert_eq!(ok(req(v2, "http://u@a/x", &[])), HOST);
+        assert_eq!(ok(req(v2, "http://a/x", &[("host", "b")])), HOST);
+        assert_eq!(ok(req(v2, "/x", &[("host", "a")])), Ok(()));
+        assert_eq!(ok(req(v2, "/x", &[("host", "a"), ("host", "a")])), HOST);
+        assert_eq!(ok(req(v2, "/x", &[("host", "a b")])), HOST);
+        assert_eq!(ok(req(v2, "/x", &[])), Ok(()));
     }
 
     #[test]
