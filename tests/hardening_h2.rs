@@ -386,3 +386,132 @@ async fn host_and_authority_must_be_single_and_agree() {
     assert_eq!(up.last().headers["host"], "app.example");
     kw.shutdown().await;
 }
+
+/// One HTTP/2 frame header + payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK literal field (never indexed, no Huffman); names and values under 127 bytes.
+fn hpack_literal(name: &str, value: &str) -> Vec<u8> {
+    let mut b = vec![0x10, name.len() as u8];
+    b.extend(name.as_bytes());
+    b.push(value.len() as u8);
+    b.extend(value.as_bytes());
+    b
+}
+
+/// The preface, SETTINGS, and one HEADERS frame (END_STREAM | END_HEADERS) per field list.
+fn h2_requests(requests: &[Vec<(&str, String)>]) -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    for (i, fields) in requests.iter().enumerate() {
+        let block: Vec<u8> = fields
+            .iter()
+            .flat_map(|(n, v)| hpack_literal(n, v))
+            .collect();
+        out.extend(h2_frame(0x1, 0x5, 2 * i as u32 + 1, &block));
+    }
+    out
+}
+
+/// The real binary at `KEYWARD_LOG=trace` with a query credential source: a raw key in a
+/// malformed HTTP/2 `:path`, `:authority`, `:scheme` or `TE` never reaches its log.
+#[tokio::test]
+async fn a_key_in_malformed_h2_pseudo_headers_never_reaches_the_log() {
+    use std::process::{Command, Stdio};
+    let up = spawn_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, DEMO_KEYS).unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (addr, admin) = (free(), free());
+    let yaml = config_yaml(
+        up.addr,
+        &keys,
+        "credentials: [{ query: api_key }, { header: x-api-key }]\n",
+    )
+    .replace(
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n",
+        &format!("listen: {addr}\nadmin_listen: {admin}\n"),
+    );
+    let config = dir.path().join("keyward.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("KEYWARD_LOG", "trace")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("keyward starts");
+    let ready = format!("http://{admin}/readyz");
+    eventually("keyward ready", || {
+        let ready = ready.clone();
+        async move {
+            let req = http::Request::get(ready)
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap();
+            matches!(client().request(req).await, Ok(r) if r.status() == 200)
+        }
+    })
+    .await;
+
+    let q = format!("api_key={KEY}");
+    let base = |path: String, authority: &str, scheme: &str| {
+        vec![
+            (":method", "GET".to_string()),
+            (":scheme", scheme.to_string()),
+            (":path", path),
+            (":authority", authority.to_string()),
+        ]
+    };
+    let mut te = base(format!("/v1/te?{q}"), "a", "http");
+    te.push(("te", format!("gzip {KEY}")));
+    let requests = [
+        base(format!("/v1/bad path?{q}"), "a", "http"),
+        base(format!("v1?{q}"), "a", "http"),
+        base("/v1/x".into(), &format!("a b?{q}"), "http"),
+        base("/v1/x".into(), "a", &format!("ht tp{KEY}")),
+        te,
+    ];
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&h2_requests(&requests)).await.unwrap();
+    let mut sink = vec![0u8; 1 << 16];
+    let _ = tokio::time::timeout(Duration::from_millis(500), s.read(&mut sink)).await;
+    drop(s);
+    // A served request after them, to see its trace lines flushed.
+    let r = get(&format!("http://{addr}/v1/after?{q}"), &[]).await;
+    assert_eq!(r.status, 200);
+    eventually("the access log line of the last request", || {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        async move { text.contains("/v1/after") }
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.contains(r#""log_filter":"trace""#),
+        "not at trace level:\n{text}"
+    );
+    assert!(!text.contains(KEY), "the raw key is in the log:\n{text}");
+    assert!(
+        !text.contains("\"target\":\"h2"),
+        "h2 below warn in the log:\n{text}"
+    );
+}
