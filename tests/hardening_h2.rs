@@ -515,3 +515,57 @@ async fn a_key_in_malformed_h2_pseudo_headers_never_reaches_the_log() {
         "h2 below warn in the log:\n{text}"
     );
 }
+
+/// A request body is forwarded as it was sent or refused, never changed in silence:
+/// `Transfer-Encoding: gzip, chunked` is 400 (keyward would strip the chunks and hand on a
+/// gzip body as plain), and a GET body of unknown length (HTTP/2 DATA without
+/// content-length, or HTTP/1.1 chunked) reaches the app rather than being dropped.
+#[tokio::test]
+async fn request_bodies_are_forwarded_as_sent_or_refused() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let gzip = format!(
+        "POST /v1/gzip HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let reply = raw(kw.addr, gzip.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&reply), 400, "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("connection: close"),
+        "{reply}"
+    );
+    assert_eq!(up.count(), 0);
+
+    // HTTP/1.1 GET with a chunked body.
+    let chunked = format!(
+        "GET /v1/chunked-get HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let reply = raw(kw.addr, chunked.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&reply), 200, "{reply}");
+    let seen = up.last();
+    assert_eq!(
+        (seen.target.as_str(), seen.body_len),
+        ("/v1/chunked-get", 5)
+    );
+
+    // HTTP/2 GET with DATA frames and no content-length.
+    let tcp = TcpStream::connect(kw.addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get(format!("http://{}/v1/h2-get-body", kw.addr))
+        .header("x-api-key", KEY)
+        .body(())
+        .unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(Bytes::from_static(b"hello h2"), true)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = up.last();
+    assert_eq!(
+        (seen.target.as_str(), seen.body_len),
+        ("/v1/h2-get-body", 8)
+    );
+    kw.shutdown().await;
+}

@@ -264,6 +264,9 @@ fn outbound(
         .uri(path, query.as_deref())
         .map_err(|e| upstream_failed(app, &e))?;
 
+    let body = req.body();
+    let unknown_length =
+        !http_body::Body::is_end_stream(body) && http_body::Body::size_hint(body).exact().is_none();
     let h = req.headers_mut();
     headers::strip_hop_by_hop(h, upgrade);
     headers::strip_trusted(h, &app.config.identity_headers.prefix);
@@ -279,6 +282,15 @@ fn outbound(
     }
     if let Some(host) = &host {
         h.insert(header::HOST, host.clone());
+    }
+    if unknown_length {
+        // A body of unknown length (HTTP/1.1 chunked, HTTP/2 DATA without content-length)
+        // goes on chunked. Said explicitly: on a GET, HEAD or CONNECT hyper would otherwise
+        // send no body at all, and the app would silently get none.
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
     }
     headers::set_forwarded(h, &conn, host, &app.config.trusted_proxies);
     if let Some(p) = &principal {

@@ -359,6 +359,9 @@ pub(crate) fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Rej
     {
         return Err(Reject::HeadersTooLarge);
     }
+    if http1 && !single_chunked(req.headers()) {
+        return Err(Reject::BadRequest(BadRequest::TransferCoding));
+    }
     let authority = req.uri().authority();
     if authority.is_some_and(|a| !valid_authority(a.as_str().as_bytes())) {
         return Err(HOST);
@@ -379,6 +382,23 @@ pub(crate) fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Rej
             Err(HOST)
         }
         _ => Ok(()),
+    }
+}
+
+/// No `Transfer-Encoding`, or exactly one `chunked` coding (RFC 9112 6.1). hyper refuses a
+/// list that does not end in `chunked`, but accepts `gzip, chunked`, strips the chunks and
+/// hands on a body that is still gzip-coded; keyward would forward it with the hop-by-hop
+/// `Transfer-Encoding` removed, so the upstream would read it as plain. Refused instead.
+fn single_chunked(headers: &http::HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    match (codings.next(), codings.next()) {
+        (None, _) => true,
+        (Some(only), None) => only.eq_ignore_ascii_case(b"chunked"),
+        _ => false,
     }
 }
 
@@ -468,6 +488,33 @@ mod tests {
         assert_eq!(ok(req(v2, "/x", &[("host", "a"), ("host", "a")])), HOST);
         assert_eq!(ok(req(v2, "/x", &[("host", "a b")])), HOST);
         assert_eq!(ok(req(v2, "/x", &[])), Ok(()));
+    }
+
+    #[test]
+    fn only_a_single_chunked_coding_is_accepted() {
+        let limits = Limits::default();
+        let v11 = Version::HTTP_11;
+        for good in ["chunked", "Chunked", " chunked "] {
+            let r = req(v11, "/a", &[("host", "a"), ("transfer-encoding", good)]);
+            assert_eq!(check_head(&r, &limits), Ok(()), "{good:?}");
+        }
+        let refused = Err(Reject::BadRequest(BadRequest::TransferCoding));
+        for bad in [
+            "gzip, chunked",
+            "chunked, chunked",
+            "identity, chunked",
+            "gzip",
+            "",
+        ] {
+            let r = req(v11, "/a", &[("host", "a"), ("transfer-encoding", bad)]);
+            assert_eq!(check_head(&r, &limits), refused, "{bad:?}");
+        }
+        let two = [
+            ("host", "a"),
+            ("transfer-encoding", "gzip"),
+            ("transfer-encoding", "chunked"),
+        ];
+        assert_eq!(check_head(&req(v11, "/a", &two), &limits), refused);
     }
 
     #[test]
