@@ -569,3 +569,39 @@ async fn request_bodies_are_forwarded_as_sent_or_refused() {
     );
     kw.shutdown().await;
 }
+
+/// Every error body, from the traffic listener and the admin listener, carries `message`
+/// with the text of `error`, for clients of the `{status, message}` convention (SPEC 6).
+#[tokio::test]
+async fn every_error_body_has_message_beside_error() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let bad_path = raw(
+        kw.addr,
+        format!(
+            "GET /a/%2f HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(2),
+    )
+    .await;
+    let bad_path: serde_json::Value =
+        serde_json::from_str(bad_path.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let answers = [
+        bad_path,
+        get(&kw.url("/v1/x"), &[]).await.json(),
+        get(&kw.url("/admin/x"), &[("x-api-key", KEY)]).await.json(),
+        get(&kw.admin_url("/v1/nope"), &[]).await.json(),
+        get(
+            &kw.admin_url("/v1/snapshot"),
+            &[("authorization", "Bearer wrong")],
+        )
+        .await
+        .json(),
+    ];
+    for body in answers {
+        assert!(body["error"].is_string(), "{body}");
+        assert_eq!(body["message"], body["error"], "{body}");
+    }
+    kw.shutdown().await;
+}

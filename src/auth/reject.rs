@@ -212,6 +212,8 @@ impl Reject {
             "status": self.status().as_u16(),
             "code": self.code().as_str(),
             "error": self.message(),
+            // The same text for clients of the `{status, message}` convention (SPEC 6).
+            "message": self.message(),
             "correlation_id": correlation_id,
         });
         match self {
@@ -272,6 +274,7 @@ mod tests {
         assert_eq!(b["code"], "insufficient_scope");
         assert_eq!(b["correlation_id"], "cid");
         assert_eq!(b["required"][0], "write");
+        assert_eq!(b["message"], b["error"]);
         assert_eq!(
             Reject::UpstreamUnavailable.status(),
             StatusCode::BAD_GATEWAY
