@@ -99,6 +99,52 @@ async fn h2_zero_window_streams_are_cut_and_free_their_slots() {
     kw.shutdown().await;
 }
 
+/// A stalled stream is cut off while another stream of its connection is still being
+/// served: it stops counting at once, and the connection closes when the other is done.
+#[tokio::test]
+async fn a_stalled_stream_is_cut_while_its_connection_serves_another() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { write_stall_timeout: 300ms }\n").await;
+    let tcp = TcpStream::connect(kw.addr).await.unwrap();
+    let (mut client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let start = Instant::now();
+    let slow = http::Request::get(format!("http://{}/slow/2000", kw.addr))
+        .header("x-api-key", KEY)
+        .body(())
+        .unwrap();
+    let (slow, _) = client.send_request(slow, true).unwrap();
+    let stalled = http::Request::get(format!("http://{}/v1/stall", kw.addr))
+        .body(())
+        .unwrap();
+    let (stalled, _) = client.send_request(stalled, true).unwrap();
+    assert_eq!(stalled.await.unwrap().status(), 401);
+    // The 401 is cut off long before the slow upstream answers the other stream.
+    eventually("the stalled stream stops counting", || async {
+        in_flight(&kw) == 1
+    })
+    .await;
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+    // The slow one answers, cannot be written either, and then the connection goes.
+    let _slow = slow.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("connection left open")
+        .unwrap();
+    assert_eq!(in_flight(&kw), 0);
+    kw.shutdown().await;
+}
+
 /// An HTTP/1.1 response nobody reads is cut off like an HTTP/2 one: the connection is
 /// closed and the request stops counting as in flight.
 #[tokio::test]

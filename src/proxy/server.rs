@@ -293,8 +293,8 @@ impl Activity {
     }
 
     /// Resolves once the connection has had no request in flight for `first` (until a
-    /// request of it was allowed) or `then` (after that), or once every response in
-    /// flight was cut off for waiting `stall` on the peer.
+    /// request of it was allowed) or `then` (after that), or, with nothing in flight, once
+    /// a response was cut off for waiting `stall` on the peer.
     async fn idle_for(&self, first: Duration, then: Duration, stall: Duration) -> Wake {
         // Stalled responses are looked for a few times per `stall`: cut off within 1.25 of it.
         let check = (stall / 4).max(Duration::from_millis(10));
@@ -302,7 +302,12 @@ impl Activity {
             let allowed = self.allowed.load(Ordering::Acquire);
             let timeout = if allowed { then } else { first };
             let since = self.idle_since.load(Ordering::Acquire);
-            if self.in_flight.load(Ordering::Acquire) == 0 {
+            let idle = self.in_flight.load(Ordering::Acquire) == 0;
+            if idle && self.responses.any_cut() {
+                // Responses were cut off earlier while others went on; those are done now.
+                return Wake::Stalled;
+            }
+            if idle {
                 let deadline = self.start + Duration::from_nanos(since) + timeout;
                 tokio::select! {
                     () = tokio::time::sleep_until(deadline) => {}
@@ -321,11 +326,7 @@ impl Activity {
                     // The last request ended: the idle clock starts.
                     () = self.changed.notified() => continue,
                 }
-                if self.responses.cut_stalled(stall) > 0
-                    && self.in_flight.load(Ordering::Acquire) == 0
-                {
-                    return Wake::Stalled;
-                }
+                self.responses.cut_stalled(stall);
             }
         }
     }
@@ -336,7 +337,7 @@ impl Activity {
 enum Wake {
     /// Nothing in flight for the idle timeout.
     Idle,
-    /// The responses in flight were all cut off: the peer takes nothing.
+    /// A response was cut off and nothing else is in flight: the peer takes nothing.
     Stalled,
 }
 

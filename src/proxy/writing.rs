@@ -11,7 +11,7 @@
 //! the peer; a body whose own source is not ready (`Pending`) is not.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -85,6 +85,8 @@ fn duration_nanos(d: Duration) -> u64 {
 pub struct Responses<G> {
     origin: Instant,
     live: Mutex<Live<G>>,
+    /// Has any response of this connection been cut off?
+    any_cut: AtomicBool,
 }
 
 struct Live<G> {
@@ -101,6 +103,7 @@ impl<G> Responses<G> {
                 list: Vec::new(),
                 prune_at: 8,
             }),
+            any_cut: AtomicBool::new(false),
         }
     }
 
@@ -133,11 +136,23 @@ impl<G> Responses<G> {
         let now = Instant::now();
         let mut live = self.live();
         live.list.retain(|w| w.strong_count() > 0);
-        live.list
+        let cut = live
+            .list
             .iter()
             .filter_map(Weak::upgrade)
             .filter(|w| w.cut_if_stalled(now, bound))
-            .count()
+            .count();
+        if cut > 0 {
+            self.any_cut.store(true, Ordering::Release);
+        }
+        cut
+    }
+
+    /// Has a response of this connection been cut off? Its HTTP/2 stream may linger
+    /// (hyper waits for send capacity the peer never gives), so such a connection is
+    /// closed, not drained, once nothing else is in flight.
+    pub fn any_cut(&self) -> bool {
+        self.any_cut.load(Ordering::Acquire)
     }
 }
 
