@@ -253,6 +253,10 @@ pub struct Limits {
     /// control window, or an unread HTTP/1.1 socket) before it is cut off.
     #[serde(deserialize_with = "de_duration")]
     pub write_stall_timeout: Duration,
+    /// How long an upgraded (WebSocket) tunnel may move no byte either way before it is
+    /// closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -271,6 +275,7 @@ impl Default for Limits {
             upstream_idle_timeout: Duration::from_secs(60),
             upstream_max_idle_per_host: 256,
             write_stall_timeout: Duration::from_secs(30),
+            tunnel_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -625,6 +630,7 @@ impl Config {
             ),
             ("limits.upstream_timeout", l.upstream_timeout),
             ("limits.write_stall_timeout", l.write_stall_timeout),
+            ("limits.tunnel_idle_timeout", l.tunnel_idle_timeout),
         ];
         for (field, d) in durations {
             if d.is_zero() {

@@ -651,3 +651,42 @@ async fn every_error_body_has_message_beside_error() {
     }
     kw.shutdown().await;
 }
+
+/// An upgraded tunnel that moves no byte for `limits.tunnel_idle_timeout` is closed and
+/// gives its connection slot back; one in use is not.
+#[tokio::test]
+async fn idle_websocket_tunnel_is_closed_and_frees_its_slot() {
+    let up = spawn_upstream().await;
+    let limits = "limits: { max_connections: 1, tunnel_idle_timeout: 400ms }\n";
+    let kw = spawn_proxy(up.addr, limits).await;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    s.write_all(ws_handshake(KEY).as_bytes()).await.unwrap();
+    let head = read_head(&mut s)
+        .await
+        .expect("closed during the handshake");
+    assert_eq!(raw_status(&head), 101, "{head}");
+    // In use for twice the timeout: kept open.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(800) {
+        s.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        s.read_exact(&mut echo).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Then idle: closed within about the timeout.
+    let idle = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+        .await
+        .expect("idle tunnel left open")
+        .unwrap();
+    assert!(
+        idle.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        idle.elapsed()
+    );
+    // The one slot serves the next client.
+    let r = get(&kw.url("/v1/after-tunnel"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    kw.shutdown().await;
+}

@@ -328,7 +328,8 @@ async fn exchange(app: &App, out: Outbound, trace: &mut Trace) -> Result<Respons
             let e = ProxyError::Other("101 Switching Protocols without an allowed upgrade".into());
             return Err(upstream_failed(app, &e));
         };
-        forward::spawn_tunnel(down, &mut resp, slot);
+        let idle = app.config.limits.tunnel_idle_timeout;
+        forward::spawn_tunnel(down, &mut resp, slot, idle);
     }
     let mut resp = forward::downstream_response(resp);
     if let Some(p) = &principal {

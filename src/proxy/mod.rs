@@ -9,6 +9,7 @@ pub mod headers;
 pub mod pool;
 pub mod respond;
 pub mod server;
+pub mod tunnel;
 pub mod writing;
 
 use bytes::Bytes;
