@@ -83,9 +83,11 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<AdminBody> {
 }
 
 fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Response<AdminBody> {
+    let message = message.to_string();
+    // `message` repeats `error`, as on the traffic listener (SPEC 6).
     json(
         status,
-        json!({"status": status.as_u16(), "code": code, "error": message.to_string()}),
+        json!({"status": status.as_u16(), "code": code, "error": &message, "message": &message}),
     )
 }
 

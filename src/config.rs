@@ -72,6 +72,10 @@ pub struct Config {
     pub environment: String,
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,
+    /// Route, method and host override headers (`X-HTTP-Method-Override`, ...) the app
+    /// relies on and may receive; every other one is removed.
+    #[serde(default, deserialize_with = "de_header_names")]
+    pub allow_override_headers: Vec<HeaderName>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     #[serde(default = "default_credentials")]
@@ -85,6 +89,10 @@ pub struct Config {
     pub scopes: Vec<ScopeRule>,
     #[serde(default)]
     pub routes: Vec<RouteRule>,
+    /// Match route rules ignoring ASCII case, for upstreams that route that way (Express,
+    /// ASP.NET Core), so `/ADMIN/x` cannot pass a rule for `/admin/`.
+    #[serde(default)]
+    pub routes_case_insensitive: bool,
     #[serde(default = "default_introspection")]
     pub introspection_path: Option<String>,
     #[serde(default)]
@@ -265,6 +273,14 @@ pub struct Limits {
     #[serde(deserialize_with = "de_duration")]
     pub upstream_idle_timeout: Duration,
     pub upstream_max_idle_per_host: usize,
+    /// How long a response may wait for the client to take its next bytes (HTTP/2 flow
+    /// control window, or an unread HTTP/1.1 socket) before it is cut off.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_stall_timeout: Duration,
+    /// How long an upgraded (WebSocket) tunnel may move no byte either way before it is
+    /// closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -282,6 +298,8 @@ impl Default for Limits {
             h2_max_concurrent_streams: 256,
             upstream_idle_timeout: Duration::from_secs(60),
             upstream_max_idle_per_host: 256,
+            write_stall_timeout: Duration::from_secs(30),
+            tunnel_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -463,6 +481,17 @@ fn de_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Uri, D::Error> {
     let s = String::deserialize(d)?;
     s.parse::<Uri>()
         .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a URL ({e})")))
+}
+
+fn de_header_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<HeaderName>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    names
+        .iter()
+        .map(|n| {
+            HeaderName::try_from(n.to_ascii_lowercase())
+                .map_err(|_| serde::de::Error::custom(format!("{n:?} is not a header name")))
+        })
+        .collect()
 }
 
 fn de_methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Method>, D::Error> {
@@ -664,6 +693,8 @@ impl Config {
                 l.upstream_connect_timeout,
             ),
             ("limits.upstream_timeout", l.upstream_timeout),
+            ("limits.write_stall_timeout", l.write_stall_timeout),
+            ("limits.tunnel_idle_timeout", l.tunnel_idle_timeout),
         ];
         for (field, d) in durations {
             if d.is_zero() {
@@ -827,6 +858,8 @@ mod tests {
         assert!(err("identity_headers: { prefix: X_Auth }\n").contains("identity_headers.prefix"));
         assert!(err("limits: { max_connections: 0 }\n").contains("limits.max_connections"));
         assert!(err("limits: { max_header_bytes: 10 }\n").contains("limits.max_header_bytes"));
+        let stall = err("limits: { write_stall_timeout: 0s }\n");
+        assert!(stall.starts_with("limits.write_stall_timeout: "), "{stall}");
         assert!(err("log: { level: loud }\n").contains("log.level"));
         assert!(err("log: { format: xml }\n").contains("log.format"));
         assert!(err("environment: \"\"\n").contains("environment"));
@@ -890,6 +923,16 @@ mod tests {
     fn per_key_limit_must_be_positive() {
         let e = err("metrics: { per_key: true, per_key_limit: 0 }\n");
         assert!(e.starts_with("metrics.per_key_limit"), "{e}");
+    }
+
+    #[test]
+    fn override_headers_to_allow_are_header_names() {
+        let c = Config::from_yaml(&format!(
+            "{MINIMAL}allow_override_headers: [X-HTTP-Method-Override]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.allow_override_headers, ["x-http-method-override"]);
+        assert!(err("allow_override_headers: [\"a b\"]\n").contains("allow_override_headers"));
     }
 
     #[test]

@@ -1,6 +1,12 @@
 //! tracing-subscriber setup: JSON (for containers) or pretty, level from the config unless
 //! `KEYWARD_LOG` or `RUST_LOG` says otherwise.
 
+use tracing::level_filters::LevelFilter;
+use tracing::Subscriber;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -45,25 +51,114 @@ pub fn choose_filter(
     }
 }
 
+/// Libraries that, at debug or trace level, echo request bytes they could not parse (h2's
+/// "malformed headers: malformed path ..." carries the whole `:path`, query credential
+/// included; a malformed `:authority` or `:scheme` and, at trace, a `TE` value are echoed
+/// the same way; rustls and hyper log protocol details). They are held at `warn`
+/// whatever `KEYWARD_LOG`, `RUST_LOG` or `log.level` say: SPEC 11 promises no key in the
+/// logs at any level.
+pub const CAPPED_TARGETS: [&str; 6] = [
+    "h2",
+    "hyper",
+    "hyper_util",
+    "rustls",
+    "tokio_rustls",
+    "tower",
+];
+
+/// The filter that holds [`CAPPED_TARGETS`] at `warn` and lets everything else through to
+/// the user's filter.
+pub fn dependency_cap() -> Targets {
+    CAPPED_TARGETS.iter().fold(
+        Targets::new().with_default(LevelFilter::TRACE),
+        |t, target| t.with_target(*target, LevelFilter::WARN),
+    )
+}
+
+/// The subscriber: `directives` (a user's filter), then [`dependency_cap`], which no
+/// directive can lift, writing to `writer`.
+pub fn subscriber<W>(
+    format: LogFormat,
+    directives: &str,
+    writer: W,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Json => Box::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .finish()
+                .with(dependency_cap()),
+        ),
+        LogFormat::Pretty => Box::new(builder.compact().finish().with(dependency_cap())),
+    }
+}
+
 /// Install the global subscriber. Safe to call twice (the second call is ignored).
 pub fn init(format: LogFormat, level: &str) -> FilterChoice {
     let keyward_log = std::env::var("KEYWARD_LOG").ok();
     let rust_log = std::env::var("RUST_LOG").ok();
     let choice = choose_filter(level, keyward_log.as_deref(), rust_log.as_deref());
-    let filter = EnvFilter::try_new(&choice.directives).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
-    };
+    let _ = subscriber(format, &choice.directives, std::io::stderr).try_init();
     for (variable, value) in &choice.ignored {
         tracing::warn!(variable, value, "log filter does not parse; ignored");
     }
     choice
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> MakeWriter<'w> for Buffer {
+        type Writer = Buffer;
+        fn make_writer(&'w self) -> Buffer {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn no_filter_lifts_the_dependency_cap() {
+        for directives in [
+            "trace",
+            "trace,h2=trace,hyper=trace,rustls=trace",
+            "trace,h2::proto=trace",
+        ] {
+            let buf = Buffer::default();
+            let sub = subscriber(LogFormat::Json, directives, buf.clone());
+            tracing::subscriber::with_default(sub, || {
+                tracing::debug!(target: "h2::proto::streams", "malformed path SECRET-1");
+                tracing::trace!(target: "hyper::proto::h1", "SECRET-2");
+                tracing::debug!(target: "rustls::server", "SECRET-3");
+                tracing::warn!(target: "h2::codec", "kept warning");
+                tracing::trace!(target: "keyward::proxy", "keyward trace");
+            });
+            let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+            assert!(!out.contains("SECRET"), "{directives}: {out}");
+            assert!(out.contains("kept warning"), "{directives}: {out}");
+            assert!(out.contains("keyward trace"), "{directives}: {out}");
+        }
+    }
 }

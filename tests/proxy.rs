@@ -150,6 +150,10 @@ async fn every_auth_error_code_through_the_front_door() {
         assert_eq!(body["status"], *status);
         assert!(body["error"].is_string());
         assert_eq!(
+            body["message"], body["error"],
+            "SPEC 6: message repeats error"
+        );
+        assert_eq!(
             body["correlation_id"],
             r.headers["x-correlation-id"].to_str().unwrap()
         );

@@ -36,6 +36,8 @@ pub struct Policy {
     prefixes: Vec<(String, Vec<PrincipalType>)>,
     scopes: Vec<ScopeRule>,
     routes: Vec<RouteRule>,
+    /// `routes_case_insensitive`: rules compare ignoring ASCII case.
+    fold_case: bool,
     introspection_path: Option<String>,
     credential_headers: Vec<http::HeaderName>,
 }
@@ -64,6 +66,7 @@ impl Policy {
             prefixes,
             scopes: config.scopes.clone(),
             routes: config.routes.clone(),
+            fold_case: config.routes_case_insensitive,
             introspection_path: config.introspection_path.clone(),
         }
     }
@@ -74,7 +77,7 @@ impl Policy {
             return Route::Introspection;
         }
         for rule in &self.routes {
-            if rule_matches(rule, path) {
+            if rule_matches(rule, path, self.fold_case) {
                 return if rule.public {
                     Route::Public
                 } else {
@@ -121,15 +124,28 @@ impl Policy {
     }
 }
 
-/// `path` matches exactly; `prefix` matches by string prefix, and a prefix ending in `/`
-/// also covers the bare directory (`/admin/` covers `/admin`), so the rule cannot be
-/// side-stepped by dropping the slash.
-fn rule_matches(rule: &RouteRule, path: &str) -> bool {
+/// `path` matches exactly, with or without one trailing slash (`/reports/export` also covers
+/// `/reports/export/`, which Express, Spring and most routers send to the same handler);
+/// `prefix` matches by string prefix, and a prefix ending in `/` also covers the bare
+/// directory (`/admin/` covers `/admin`), so neither rule can be side-stepped by adding or
+/// dropping the slash. With `fold_case`, ASCII case is ignored.
+fn rule_matches(rule: &RouteRule, path: &str, fold_case: bool) -> bool {
+    let same = |a: &str, b: &str| {
+        if fold_case {
+            a.eq_ignore_ascii_case(b)
+        } else {
+            a == b
+        }
+    };
     if let Some(p) = &rule.path {
-        return p == path;
+        let bare = |s: &str| -> usize { s.len() - usize::from(s.len() > 1 && s.ends_with('/')) };
+        return same(&p[..bare(p)], &path[..bare(path)]);
     }
     match &rule.prefix {
-        Some(p) => path.starts_with(p.as_str()) || p.strip_suffix('/') == Some(path),
+        Some(p) => {
+            let starts = path.get(..p.len()).is_some_and(|head| same(head, p));
+            starts || p.strip_suffix('/').is_some_and(|dir| same(dir, path))
+        }
         None => false,
     }
 }
@@ -157,6 +173,66 @@ mod tests {
         ));
         assert_eq!(p.route("/administrator"), Route::Protected { extra: None });
         assert_eq!(p.route("/Admin/users"), Route::Protected { extra: None });
+    }
+
+    fn with_routes(extra: &str) -> Policy {
+        let yaml = format!(
+            "listen: 127.0.0.1:1\nupstream: http://a:1\nenvironment: t\nkeys: {{ file: k }}\n{extra}"
+        );
+        Policy::new(&Config::from_yaml(&yaml).unwrap())
+    }
+
+    #[test]
+    fn exact_rules_cover_one_trailing_slash() {
+        let p = with_routes(
+            "routes: [{ path: /reports/export, any_of: [admin] }, { path: /dir/, any_of: [x] }]\n",
+        );
+        for covered in ["/reports/export", "/reports/export/"] {
+            assert!(
+                matches!(p.route(covered), Route::Protected { extra: Some(s) } if s == ["admin"]),
+                "{covered}"
+            );
+        }
+        for other in [
+            "/reports/export//x",
+            "/reports/exports",
+            "/reports/export/x",
+            "/reports",
+        ] {
+            assert_eq!(p.route(other), Route::Protected { extra: None }, "{other}");
+        }
+        assert!(matches!(p.route("/dir"), Route::Protected { extra: Some(s) } if s == ["x"]));
+        assert!(matches!(p.route("/dir/"), Route::Protected { extra: Some(s) } if s == ["x"]));
+        let root = with_routes("routes: [{ path: /, public: true }]\n");
+        assert_eq!(root.route("/"), Route::Public);
+        assert_eq!(root.route("/x"), Route::Protected { extra: None });
+    }
+
+    #[test]
+    fn case_insensitive_matching_is_opt_in() {
+        let rules = "routes: [{ prefix: /admin/, any_of: [admin] }, { path: /Reports/Export, any_of: [admin] }]\n";
+        let exact = with_routes(rules);
+        assert_eq!(
+            exact.route("/ADMIN/users"),
+            Route::Protected { extra: None }
+        );
+        let folded = with_routes(&format!("{rules}routes_case_insensitive: true\n"));
+        for path in [
+            "/ADMIN/users",
+            "/Admin",
+            "/admin/",
+            "/reports/export",
+            "/REPORTS/EXPORT/",
+        ] {
+            assert!(
+                matches!(folded.route(path), Route::Protected { extra: Some(s) } if s == ["admin"]),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            folded.route("/administrator"),
+            Route::Protected { extra: None }
+        );
     }
 
     #[test]

@@ -110,6 +110,10 @@ pub enum BadRequest {
     /// The client's request body broke off or was malformed (e.g. bad chunked framing).
     #[error("malformed or incomplete request body")]
     Body,
+    /// A transfer coding other than one `chunked` (`gzip, chunked`): keyward would forward
+    /// the body decoded of its chunks but still gzip-coded, with nothing saying so.
+    #[error("transfer codings other than a single chunked are not accepted")]
+    TransferCoding,
 }
 
 impl Reject {
@@ -118,7 +122,8 @@ impl Reject {
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
-            Reject::HeadersTooLarge | Reject::BadRequest(BadRequest::Host)
+            Reject::HeadersTooLarge
+                | Reject::BadRequest(BadRequest::Host | BadRequest::TransferCoding)
         )
     }
 
@@ -179,6 +184,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::Host) => "Malformed request head",
             Reject::HeadersTooLarge => "Request header fields too large",
             Reject::BadRequest(BadRequest::Body) => "Malformed or incomplete request body",
+            Reject::BadRequest(BadRequest::TransferCoding) => "Unsupported transfer coding",
         }
     }
 
@@ -206,6 +212,8 @@ impl Reject {
             "status": self.status().as_u16(),
             "code": self.code().as_str(),
             "error": self.message(),
+            // The same text for clients of the `{status, message}` convention (SPEC 6).
+            "message": self.message(),
             "correlation_id": correlation_id,
         });
         match self {
@@ -266,6 +274,7 @@ mod tests {
         assert_eq!(b["code"], "insufficient_scope");
         assert_eq!(b["correlation_id"], "cid");
         assert_eq!(b["required"][0], "write");
+        assert_eq!(b["message"], b["error"]);
         assert_eq!(
             Reject::UpstreamUnavailable.status(),
             StatusCode::BAD_GATEWAY

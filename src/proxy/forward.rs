@@ -11,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::pool::{self, PoolConfig};
+use super::tunnel::{LastActive, Watched};
 use super::Body;
 use crate::config::Limits;
 use crate::metrics::UpstreamErrorKind;
@@ -223,11 +224,13 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// After a `101` from the upstream, splice the two upgraded connections together. The
-/// tunnel holds the client connection's `slot` until it closes.
+/// tunnel holds the client connection's `slot` until it closes, or until it has moved no
+/// byte either way for `idle` (`limits.tunnel_idle_timeout`).
 pub fn spawn_tunnel(
     downstream: hyper::upgrade::OnUpgrade,
     upstream_resp: &mut Response<Incoming>,
     slot: Option<super::handler::Slot>,
+    idle: Duration,
 ) {
     let upstream = hyper::upgrade::on(upstream_resp);
     tokio::spawn(async move {
@@ -239,10 +242,16 @@ pub fn spawn_tunnel(
                 return;
             }
         };
-        let mut down = TokioIo::new(down);
-        let mut up = TokioIo::new(up);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-            debug!(error = %e, "tunnel closed");
+        let last = LastActive::new();
+        let mut down = Watched::new(TokioIo::new(down), last.clone());
+        let mut up = Watched::new(TokioIo::new(up), last.clone());
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut down, &mut up) => {
+                if let Err(e) = copied {
+                    debug!(error = %e, "tunnel closed");
+                }
+            }
+            () = last.idle_for(idle) => debug!(?idle, "tunnel idle; closed"),
         }
     });
 }

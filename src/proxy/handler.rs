@@ -264,9 +264,14 @@ fn outbound(
         .uri(path, query.as_deref())
         .map_err(|e| upstream_failed(app, &e))?;
 
+    let body = req.body();
+    let unknown_length =
+        !http_body::Body::is_end_stream(body) && http_body::Body::size_hint(body).exact().is_none();
     let h = req.headers_mut();
     headers::strip_hop_by_hop(h, upgrade);
     headers::strip_trusted(h, &app.config.identity_headers.prefix);
+    let peer_trusted = headers::is_trusted(&conn, &app.config.trusted_proxies);
+    headers::strip_untrusted(h, peer_trusted, &app.config.allow_override_headers);
     if !app.config.forward_credential {
         let names = app.policy.credential_headers();
         if h.keys().any(|k| names.contains(k)) {
@@ -277,6 +282,15 @@ fn outbound(
     }
     if let Some(host) = &host {
         h.insert(header::HOST, host.clone());
+    }
+    if unknown_length {
+        // A body of unknown length (HTTP/1.1 chunked, HTTP/2 DATA without content-length)
+        // goes on chunked. Said explicitly: on a GET, HEAD or CONNECT hyper would otherwise
+        // send no body at all, and the app would silently get none.
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
     }
     headers::set_forwarded(h, &conn, host, &app.config.trusted_proxies);
     if let Some(p) = &principal {
@@ -314,7 +328,8 @@ async fn exchange(app: &App, out: Outbound, trace: &mut Trace) -> Result<Respons
             let e = ProxyError::Other("101 Switching Protocols without an allowed upgrade".into());
             return Err(upstream_failed(app, &e));
         };
-        forward::spawn_tunnel(down, &mut resp, slot);
+        let idle = app.config.limits.tunnel_idle_timeout;
+        forward::spawn_tunnel(down, &mut resp, slot, idle);
     }
     let mut resp = forward::downstream_response(resp);
     if let Some(p) = &principal {

@@ -140,6 +140,91 @@ pub fn strip_trusted(headers: &mut HeaderMap, identity_prefix: &str) {
     }
 }
 
+/// Headers that tell an app where a request came from or how it arrived, which only a
+/// proxy in `trusted_proxies` may set: besides `x-forwarded-*` (every one of them: `-ssl`,
+/// `-scheme`, `-port`, `-prefix`, `-server`, `-uri`, ... which Rack, Spring and others
+/// read), the client-address headers of CDNs and load balancers, and the HTTPS markers of
+/// IIS/ARR and nginx setups.
+const FORWARDING: [&str; 14] = [
+    "forwarded",
+    "x-forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
+    "x-proxyuser-ip",
+    "front-end-https",
+    "x-url-scheme",
+    "x-scheme",
+];
+const FORWARDING_PREFIX: &str = "x-forwarded-";
+
+/// Headers that make an app (or a framework in front of it) route by something other than
+/// the request line: a URL or path override (IIS/Symfony/Laravel `X-Original-URL`,
+/// `X-Rewrite-URL`), a method override (`X-HTTP-Method-Override` and its variants), a host
+/// override, or the Next.js internal-subrequest marker (CVE-2025-29927). keyward authorized
+/// the request line; none of these may change what the app serves, so they are removed
+/// from every request unless named in `allow_override_headers`.
+pub const OVERRIDES: [&str; 14] = [
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-envoy-original-path",
+    "x-original-method",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-host",
+    "x-original-host",
+    "x-http-host-override",
+    "x-forwarded-method",
+    "x-middleware-subrequest",
+];
+
+/// `name` equals `target` reading `_` and `.` as `-`.
+fn alias_eq(name: &str, target: &str) -> bool {
+    name.len() == target.len() && alias_starts_with(name, target)
+}
+
+fn is_forwarding(name: &str) -> bool {
+    alias_starts_with(name, FORWARDING_PREFIX) || FORWARDING.iter().any(|t| alias_eq(name, t))
+}
+
+fn is_override(name: &HeaderName, allowed: &[HeaderName]) -> bool {
+    OVERRIDES.iter().any(|t| alias_eq(name.as_str(), t)) && !allowed.contains(name)
+}
+
+/// Remove what a client could use to change how the app reads the request: route, method
+/// and host overrides always (except the `allowed` names, exactly as spelled), and every
+/// forwarding header when the peer is not a trusted proxy. `_` and `.` spellings go too,
+/// since CGI/WSGI and nginx backends read them as the same header.
+pub fn strip_untrusted(headers: &mut HeaderMap, peer_trusted: bool, allowed: &[HeaderName]) {
+    let doomed = |n: &HeaderName| {
+        // Every name of both lists starts with one of these letters.
+        matches!(
+            n.as_str().as_bytes().first(),
+            Some(b'x' | b'f' | b'c' | b't')
+        ) && ((!peer_trusted && is_forwarding(n.as_str())) || is_override(n, allowed))
+    };
+    if !headers.keys().any(doomed) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
+    for n in names {
+        headers.remove(n);
+    }
+}
+
+/// Is `peer` one of the `trusted_proxies`?
+pub fn is_trusted(conn: &ConnInfo, trusted_proxies: &[Cidr]) -> bool {
+    trusted_proxies.iter().any(|c| c.contains(conn.peer.ip()))
+}
+
 /// Set `x-forwarded-*`. Client-sent values are kept (and appended to) only when the peer is
 /// a trusted proxy; otherwise they, `Forwarded` and `X-Real-IP` are replaced or removed.
 pub fn set_forwarded(
@@ -148,7 +233,7 @@ pub fn set_forwarded(
     host: Option<HeaderValue>,
     trusted_proxies: &[Cidr],
 ) {
-    let trusted = trusted_proxies.iter().any(|c| c.contains(conn.peer.ip()));
+    let trusted = is_trusted(conn, trusted_proxies);
     if trusted {
         let chain = headers
             .get_all(&X_FORWARDED_FOR)
@@ -309,6 +394,47 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app");
         assert!(h.get("forwarded").is_none());
+    }
+
+    #[test]
+    fn forwarding_and_override_headers_from_untrusted_peers_go() {
+        let mut h = map(&[
+            ("x-forwarded-ssl", "on"),
+            ("x-forwarded-scheme", "https"),
+            ("X_Forwarded_Proto", "https"),
+            ("x-forwarded-port", "443"),
+            ("x-forwarded-prefix", "/admin"),
+            ("forwarded", "proto=https"),
+            ("x-real-ip", "1.2.3.4"),
+            ("true-client-ip", "1.2.3.4"),
+            ("front-end-https", "on"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("x_http_method", "DELETE"),
+            ("x-middleware-subrequest", "middleware"),
+            ("x-forwardedness", "keep"),
+            ("x-other", "keep"),
+        ]);
+        strip_untrusted(&mut h, false, &[]);
+        assert_eq!(names(&h), ["x-forwardedness", "x-other"]);
+    }
+
+    #[test]
+    fn trusted_peers_keep_forwarding_and_allowed_overrides_pass() {
+        let mut h = map(&[
+            ("x-forwarded-ssl", "on"),
+            ("forwarded", "proto=https"),
+            ("x-http-method-override", "PATCH"),
+            ("x_http_method_override", "DELETE"),
+            ("x-original-url", "/admin"),
+        ]);
+        let allowed = [HeaderName::from_static("x-http-method-override")];
+        strip_untrusted(&mut h, true, &allowed);
+        assert_eq!(
+            names(&h),
+            ["forwarded", "x-forwarded-ssl", "x-http-method-override"]
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub mod headers;
 pub mod pool;
 pub mod respond;
 pub mod server;
+pub mod tunnel;
+pub mod writing;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};

@@ -24,9 +24,15 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     resp
 }
 
+/// Marks a response keyward refused the request with (a response extension): a connection
+/// that has only ever been refused is held to `header_read_timeout`, not `idle_timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused;
+
 /// The JSON error of SPEC 6 with its RFC 6750 challenge and retry headers.
 pub fn error(reject: &Reject, correlation_id: &str) -> Response<Body> {
     let mut resp = json(reject.status(), &reject.body(correlation_id));
+    resp.extensions_mut().insert(Refused);
     let h = resp.headers_mut();
     if let Some(challenge) = reject.www_authenticate() {
         h.insert(header::WWW_AUTHENTICATE, challenge);

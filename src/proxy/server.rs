@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{Request, Version};
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,6 +26,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::handler::{self, ConnInfo};
+use super::respond;
+use super::writing::Responses;
 use crate::auth::reject::BadRequest;
 use crate::auth::Reject;
 use crate::config::Limits;
@@ -152,24 +154,27 @@ async fn serve_conn<I>(
 {
     // Until its first request a connection gets `header_read_timeout`; once it has served
     // one, a keep-alive client may hold it idle for `idle_timeout`.
-    let (first_request, idle_timeout) = (
+    let (first_request, idle_timeout, write_stall) = (
         app.config.limits.header_read_timeout,
         app.config.limits.idle_timeout,
+        app.config.limits.write_stall_timeout,
     );
     let peer = conn.peer;
     let activity = Arc::new(Activity::new());
     let requests = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        // In flight from the request head until the response body is done or dropped: for
-        // the idle cut-off and for `keyward_in_flight_requests` alike.
+        // In flight from the request head until the response body is done, dropped or cut
+        // off: for the idle cut-off and for `keyward_in_flight_requests` alike.
         let in_flight = requests.begin(app.metrics.track_in_flight());
-        let (app, conn) = (app.clone(), conn.clone());
+        let (app, conn, requests) = (app.clone(), conn.clone(), requests.clone());
         async move {
             let resp = handler::handle(app, conn, req).await?;
-            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked {
-                inner: body,
-                in_flight: Some(in_flight),
-            }))
+            if resp.extensions().get::<respond::Refused>().is_none() {
+                requests.allowed.store(true, Ordering::Release);
+            }
+            let (parts, body) = resp.into_parts();
+            let body = requests.responses.track(body, in_flight);
+            Ok::<_, std::convert::Infallible>(Response::from_parts(parts, body))
         }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -184,7 +189,13 @@ async fn serve_conn<I>(
                 activity.touch();
                 false
             }
-            () = activity.idle_for(first_request, idle_timeout) => {
+            wake = activity.idle_for(first_request, idle_timeout, write_stall) => {
+                if wake == Wake::Stalled {
+                    // Every response left was cut off: the peer reads nothing, so a
+                    // graceful close (which needs it to) is not tried.
+                    debug!(peer = %peer, "every response stalled; closing");
+                    break None;
+                }
                 if closing {
                     // A graceful close needs the peer (HTTP/2 waits for a PING ack); one
                     // that never answers is not waited for.
@@ -213,46 +224,19 @@ async fn serve_conn<I>(
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted as in flight until it is finished.
-    struct Tracked<B> {
-        #[pin]
-        inner: B,
-        in_flight: Option<InFlight>,
-    }
-}
-
-impl<B: http_body::Body> http_body::Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = this.inner.poll_frame(cx);
-        if let std::task::Poll::Ready(None | Some(Err(_))) = frame {
-            this.in_flight.take();
-        }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// Requests in flight on one connection, and since when it has had none.
 struct Activity {
     start: Instant,
     in_flight: AtomicUsize,
     /// Has a request head arrived yet?
     served: AtomicBool,
+    /// Has a request been answered other than by a refusal? Until then the connection
+    /// gets `header_read_timeout`, not `idle_timeout`, between requests.
+    allowed: AtomicBool,
+    /// The responses being written, which a stalled peer may not hold for ever.
+    responses: Responses<InFlight>,
+    /// Wakes the watchdog when the connection turns busy or idle.
+    changed: tokio::sync::Notify,
     /// Nanoseconds after `start` at which the connection last became idle.
     idle_since: AtomicU64,
 }
@@ -266,22 +250,30 @@ struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.activity.touch();
-        self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.activity.changed.notify_one();
+        }
     }
 }
 
 impl Activity {
     fn new() -> Self {
+        let start = Instant::now();
         Self {
-            start: Instant::now(),
+            start,
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
+            allowed: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
+            responses: Responses::new(start),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
     fn begin(self: &Arc<Self>, metric: crate::metrics::InFlight) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.changed.notify_one();
+        }
         self.served.store(true, Ordering::Release);
         InFlight {
             activity: self.clone(),
@@ -300,31 +292,65 @@ impl Activity {
         self.idle_since.store(now, Ordering::Release);
     }
 
-    /// Resolves once the connection has had no request in flight for `first` (before its
-    /// first request) or `then` (after it).
-    async fn idle_for(&self, first: Duration, then: Duration) {
+    /// Resolves once the connection has had no request in flight for `first` (until a
+    /// request of it was allowed) or `then` (after that), or, with nothing in flight, once
+    /// a response was cut off for waiting `stall` on the peer.
+    async fn idle_for(&self, first: Duration, then: Duration, stall: Duration) -> Wake {
+        // Stalled responses are looked for a few times per `stall`: cut off within 1.25 of it.
+        let check = (stall / 4).max(Duration::from_millis(10));
         loop {
-            let timeout = if self.has_served() { then } else { first };
+            let allowed = self.allowed.load(Ordering::Acquire);
+            let timeout = if allowed { then } else { first };
             let since = self.idle_since.load(Ordering::Acquire);
-            if self.in_flight.load(Ordering::Acquire) == 0 {
+            let idle = self.in_flight.load(Ordering::Acquire) == 0;
+            if idle && self.responses.any_cut() {
+                // Responses were cut off earlier while others went on; those are done now.
+                return Wake::Stalled;
+            }
+            if idle {
                 let deadline = self.start + Duration::from_nanos(since) + timeout;
-                tokio::time::sleep_until(deadline).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => {}
+                    // A request began: from now on its response is watched for stalls.
+                    () = self.changed.notified() => continue,
+                }
                 if self.in_flight.load(Ordering::Acquire) == 0
                     && self.idle_since.load(Ordering::Acquire) == since
+                    && self.allowed.load(Ordering::Acquire) == allowed
                 {
-                    return;
+                    return Wake::Idle;
                 }
             } else {
-                tokio::time::sleep(timeout).await;
+                tokio::select! {
+                    () = tokio::time::sleep(check) => {}
+                    // The last request ended: the idle clock starts.
+                    () = self.changed.notified() => continue,
+                }
+                self.responses.cut_stalled(stall);
             }
         }
     }
 }
 
+/// Why a connection's watchdog woke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// Nothing in flight for the idle timeout.
+    Idle,
+    /// A response was cut off and nothing else is in flight: the peer takes nothing.
+    Stalled,
+}
+
 /// Limits on the request head that hold for HTTP/1.1 and HTTP/2 alike: the size of the
-/// head (`limits.max_header_bytes`, exactly, below hyper's 8 KiB buffer floor), and for
-/// HTTP/1.x one valid `Host` (RFC 9112 3.2: a front proxy and the upstream could otherwise
-/// read a different host).
+/// head (`limits.max_header_bytes`, exactly, below hyper's 8 KiB buffer floor), and one
+/// well-defined host. The host the upstream is sent (`Host`) is the request target's
+/// authority (absolute-form, or HTTP/2 `:authority`) when there is one, else the `Host`
+/// field; whichever it is, it must be a valid `host[:port]` without user info, and there
+/// must be no second candidate a front proxy or the upstream could read instead: HTTP/1.1
+/// needs exactly one `Host` (RFC 9112 3.2; with an absolute-form target it is ignored, as
+/// 3.2.2 says, but must still be single and valid), and HTTP/2 allows at most one `host`
+/// field, which must name the same host as `:authority` when both are present (RFC 9113
+/// 8.3.1).
 pub(crate) fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
     const HOST: Reject = Reject::BadRequest(BadRequest::Host);
     // Above the floor hyper's HTTP/1 buffer enforces the limit, and h2 always does
@@ -334,18 +360,47 @@ pub(crate) fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Rej
     {
         return Err(Reject::HeadersTooLarge);
     }
-    if matches!(req.version(), Version::HTTP_10 | Version::HTTP_11) {
-        let mut hosts = req.headers().get_all(header::HOST).iter();
-        match (hosts.next(), hosts.next()) {
-            (Some(_), Some(_)) => return Err(HOST),
-            (Some(host), None) if !valid_host(host) => return Err(HOST),
-            (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
-                return Err(HOST)
-            }
-            _ => {}
-        }
+    if http1 && !single_chunked(req.headers()) {
+        return Err(Reject::BadRequest(BadRequest::TransferCoding));
     }
-    Ok(())
+    let authority = req.uri().authority();
+    if authority.is_some_and(|a| !valid_authority(a.as_str().as_bytes())) {
+        return Err(HOST);
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err(HOST),
+        (Some(host), None) if !valid_host(host) => return Err(HOST),
+        (host, _) => host,
+    };
+    match (http1, host, authority) {
+        (true, None, None) if req.version() == Version::HTTP_11 => Err(HOST),
+        (false, Some(host), Some(authority))
+            if !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+        {
+            Err(HOST)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// No `Transfer-Encoding`, or exactly one `chunked` coding (RFC 9112 6.1). hyper refuses a
+/// list that does not end in `chunked`, but accepts `gzip, chunked`, strips the chunks and
+/// hands on a body that is still gzip-coded; keyward would forward it with the hop-by-hop
+/// `Transfer-Encoding` removed, so the upstream would read it as plain. Refused instead.
+fn single_chunked(headers: &http::HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
+    match (codings.next(), codings.next()) {
+        (None, _) => true,
+        (Some(only), None) => only.eq_ignore_ascii_case(b"chunked"),
+        _ => false,
+    }
 }
 
 /// Bytes of the request line and header fields, counted as HTTP/1.1 would send them.
@@ -363,10 +418,14 @@ fn head_size<B>(req: &Request<B>) -> usize {
 
 /// `host[:port]` with a numeric port, no user info, nothing after the authority.
 fn valid_host(value: &HeaderValue) -> bool {
-    if value.is_empty() || value.as_bytes().contains(&b'@') {
+    valid_authority(value.as_bytes())
+}
+
+fn valid_authority(value: &[u8]) -> bool {
+    if value.is_empty() || value.contains(&b'@') {
         return false;
     }
-    let Ok(authority) = http::uri::Authority::try_from(value.as_bytes()) else {
+    let Ok(authority) = http::uri::Authority::try_from(value) else {
         return false;
     };
     let after_ipv6 = authority
@@ -415,8 +474,48 @@ mod tests {
                 "{bad:?}"
             );
         }
-        // HTTP/2 carries :authority; a repeated `host` is h2's business, not HTTP/1.1 rules.
-        assert_eq!(ok(req(Version::HTTP_2, "http://a/x", &[])), Ok(()));
+        const HOST: Result<(), Reject> = Err(Reject::BadRequest(BadRequest::Host));
+        // Absolute-form: the target's authority is the host (Host is ignored, but single).
+        assert_eq!(ok(req(v11, "http://a/x", &[("host", "b")])), Ok(()));
+        assert_eq!(ok(req(v11, "http://u:p@a/x", &[("host", "a")])), HOST);
+        assert_eq!(ok(req(v11, "http://a:x/x", &[("host", "a")])), HOST);
+        // HTTP/2: :authority, at most one `host`, and the two agree.
+        let v2 = Version::HTTP_2;
+        assert_eq!(ok(req(v2, "http://a/x", &[])), Ok(()));
+        assert_eq!(ok(req(v2, "http://a/x", &[("host", "A")])), Ok(()));
+        assert_eq!(ok(req(v2, "http://u@a/x", &[])), HOST);
+        assert_eq!(ok(req(v2, "http://a/x", &[("host", "b")])), HOST);
+        assert_eq!(ok(req(v2, "/x", &[("host", "a")])), Ok(()));
+        assert_eq!(ok(req(v2, "/x", &[("host", "a"), ("host", "a")])), HOST);
+        assert_eq!(ok(req(v2, "/x", &[("host", "a b")])), HOST);
+        assert_eq!(ok(req(v2, "/x", &[])), Ok(()));
+    }
+
+    #[test]
+    fn only_a_single_chunked_coding_is_accepted() {
+        let limits = Limits::default();
+        let v11 = Version::HTTP_11;
+        for good in ["chunked", "Chunked", " chunked "] {
+            let r = req(v11, "/a", &[("host", "a"), ("transfer-encoding", good)]);
+            assert_eq!(check_head(&r, &limits), Ok(()), "{good:?}");
+        }
+        let refused = Err(Reject::BadRequest(BadRequest::TransferCoding));
+        for bad in [
+            "gzip, chunked",
+            "chunked, chunked",
+            "identity, chunked",
+            "gzip",
+            "",
+        ] {
+            let r = req(v11, "/a", &[("host", "a"), ("transfer-encoding", bad)]);
+            assert_eq!(check_head(&r, &limits), refused, "{bad:?}");
+        }
+        let two = [
+            ("host", "a"),
+            ("transfer-encoding", "gzip"),
+            ("transfer-encoding", "chunked"),
+        ];
+        assert_eq!(check_head(&req(v11, "/a", &two), &limits), refused);
     }
 
     #[test]
@@ -440,19 +539,19 @@ mod tests {
         let metrics = crate::metrics::Metrics::new(false).unwrap();
         let t = Duration::from_millis(50);
         let start = Instant::now();
-        a.idle_for(t, t).await;
+        assert_eq!(a.idle_for(t, t, t).await, Wake::Idle);
         assert!(start.elapsed() >= t);
         // A request in flight keeps the connection; the clock restarts when it ends.
         let held = a.begin(metrics.track_in_flight());
         assert_eq!(metrics.in_flight().get(), 1);
         let a2 = a.clone();
-        let waiter = tokio::spawn(async move { a2.idle_for(t, t).await });
+        let waiter = tokio::spawn(async move { a2.idle_for(t, t, t).await });
         tokio::time::sleep(t * 3).await;
         assert!(!waiter.is_finished());
         let ended = Instant::now();
         drop(held);
         assert_eq!(metrics.in_flight().get(), 0);
-        waiter.await.unwrap();
+        assert_eq!(waiter.await.unwrap(), Wake::Idle);
         assert!(ended.elapsed() >= t, "{:?}", ended.elapsed());
     }
 }

@@ -1,0 +1,126 @@
+//! An upgraded (WebSocket) tunnel's idle bound: a tunnel that moves no byte in either
+//! direction for `limits.tunnel_idle_timeout` is closed, so an idle tunnel cannot hold its
+//! connection slot for ever (nginx's `proxy_read_timeout`, HAProxy's `timeout tunnel`).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+/// When a tunnel last moved a byte, shared by its two ends.
+#[derive(Clone)]
+pub struct LastActive {
+    origin: Instant,
+    /// Nanoseconds after `origin`.
+    at: Arc<AtomicU64>,
+}
+
+impl LastActive {
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            at: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.at.store(now, Ordering::Release);
+    }
+
+    /// Resolves once no byte has moved for `timeout`.
+    pub async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let at = self.at.load(Ordering::Acquire);
+            tokio::time::sleep_until(self.origin + Duration::from_nanos(at) + timeout).await;
+            if self.at.load(Ordering::Acquire) == at {
+                return;
+            }
+        }
+    }
+}
+
+impl Default for LastActive {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One end of a tunnel; every byte read from it counts as activity.
+    pub struct Watched<T> {
+        #[pin]
+        io: T,
+        last: LastActive,
+    }
+}
+
+impl<T> Watched<T> {
+    pub fn new(io: T, last: LastActive) -> Self {
+        Self { io, last }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Watched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let read = this.io.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last.touch();
+        }
+        read
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn reads_keep_it_active_and_silence_ends_it() {
+        let last = LastActive::new();
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut a = Watched::new(a, last.clone());
+        let t = Duration::from_millis(60);
+        let start = Instant::now();
+        for _ in 0..4 {
+            b.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            a.read_exact(&mut one).await.unwrap();
+            tokio::time::sleep(t / 2).await;
+        }
+        let active = start.elapsed();
+        last.idle_for(t).await;
+        assert!(active >= t * 2, "{active:?}");
+        assert!(start.elapsed() >= active + t / 2, "{:?}", start.elapsed());
+    }
+}

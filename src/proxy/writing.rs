@@ -1,0 +1,264 @@
+//! Responses being written, as the connection watchdog sees them: a response body that
+//! waits for the client to take its next frame (an HTTP/2 stream whose flow-control window
+//! stays shut, an HTTP/1.1 socket nobody reads) for `limits.write_stall_timeout` is cut
+//! off: its body (and with it any upstream connection) is dropped, it stops counting as in
+//! flight, and if it is ever polled again it fails, which resets the HTTP/2 stream or
+//! closes the HTTP/1.1 connection.
+//!
+//! hyper polls a response body only when it can write what the body yields (HTTP/2: once
+//! the stream has send capacity; HTTP/1.1: once its write buffer has room). So a body that
+//! has yielded a frame, or has not been polled yet, and is not polled again, is waiting for
+//! the peer; a body whose own source is not ready (`Pending`) is not.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tokio::time::Instant;
+
+use super::Body;
+
+/// `waiting_since` when the response is not waiting for the peer.
+const NOT_WAITING: u64 = u64::MAX;
+
+/// The error a cut-off body yields if hyper polls it again.
+#[derive(Debug, thiserror::Error)]
+#[error("response cut off: the client took none of it for the write stall timeout")]
+pub struct Stalled;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+enum State<G> {
+    /// Being written: the body, and what keeps the request counted as in flight.
+    Writing(Body, G),
+    Done,
+    Cut,
+}
+
+/// One response's body, shared by the connection (which may cut it off) and hyper (which
+/// writes it).
+pub struct Writing<G> {
+    /// The connection's clock origin.
+    origin: Instant,
+    /// Nanoseconds after `origin` since which the body waits for the peer.
+    waiting_since: AtomicU64,
+    state: Mutex<State<G>>,
+}
+
+impl<G> Writing<G> {
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<G>> {
+        // A panic while the lock is held cannot leave the state half-changed: every
+        // change is one assignment.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cut the response off if it has waited for the peer since before `now - bound`.
+    fn cut_if_stalled(&self, now: Instant, bound: Duration) -> bool {
+        let since = self.waiting_since.load(Ordering::Acquire);
+        let limit = self.nanos(now).saturating_sub(duration_nanos(bound));
+        if since == NOT_WAITING || since > limit {
+            return false;
+        }
+        let mut state = self.state();
+        if !matches!(*state, State::Writing(..)) {
+            return false;
+        }
+        // Drops the body (and an upstream connection with it) and the in-flight guard.
+        *state = State::Cut;
+        true
+    }
+}
+
+fn duration_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The responses of one connection.
+pub struct Responses<G> {
+    origin: Instant,
+    live: Mutex<Live<G>>,
+    /// Has any response of this connection been cut off?
+    any_cut: AtomicBool,
+}
+
+struct Live<G> {
+    list: Vec<Weak<Writing<G>>>,
+    /// Prune finished entries when the list reaches this length.
+    prune_at: usize,
+}
+
+impl<G> Responses<G> {
+    pub fn new(origin: Instant) -> Self {
+        Self {
+            origin,
+            live: Mutex::new(Live {
+                list: Vec::new(),
+                prune_at: 8,
+            }),
+            any_cut: AtomicBool::new(false),
+        }
+    }
+
+    fn live(&self) -> MutexGuard<'_, Live<G>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Track `body`, holding `guard` until it is finished, dropped or cut off.
+    pub fn track(&self, body: Body, guard: G) -> Tracked<G> {
+        let writing = Arc::new(Writing {
+            origin: self.origin,
+            waiting_since: AtomicU64::new(NOT_WAITING),
+            state: Mutex::new(State::Writing(body, guard)),
+        });
+        // Not yet polled: waiting for hyper to start writing it.
+        writing
+            .waiting_since
+            .store(writing.nanos(Instant::now()), Ordering::Release);
+        let mut live = self.live();
+        if live.list.len() >= live.prune_at {
+            live.list.retain(|w| w.strong_count() > 0);
+            live.prune_at = (live.list.len() * 2).max(8);
+        }
+        live.list.push(Arc::downgrade(&writing));
+        Tracked { writing }
+    }
+
+    /// Cut off every response that has waited for the peer for `bound`; how many were.
+    pub fn cut_stalled(&self, bound: Duration) -> usize {
+        let now = Instant::now();
+        let mut live = self.live();
+        live.list.retain(|w| w.strong_count() > 0);
+        let cut = live
+            .list
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|w| w.cut_if_stalled(now, bound))
+            .count();
+        if cut > 0 {
+            self.any_cut.store(true, Ordering::Release);
+        }
+        cut
+    }
+
+    /// Has a response of this connection been cut off? Its HTTP/2 stream may linger
+    /// (hyper waits for send capacity the peer never gives), so such a connection is
+    /// closed, not drained, once nothing else is in flight.
+    pub fn any_cut(&self) -> bool {
+        self.any_cut.load(Ordering::Acquire)
+    }
+}
+
+/// A response body as handed to hyper.
+pub struct Tracked<G> {
+    writing: Arc<Writing<G>>,
+}
+
+impl<G> http_body::Body for Tracked<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let writing = &self.writing;
+        let mut state = writing.state();
+        let body = match &mut *state {
+            State::Writing(body, _) => body,
+            State::Done => return Poll::Ready(None),
+            State::Cut => return Poll::Ready(Some(Err(Stalled.into()))),
+        };
+        let frame = Pin::new(body).poll_frame(cx);
+        let waiting = match &frame {
+            // The source is not ready: waiting for it, not for the peer.
+            Poll::Pending => NOT_WAITING,
+            Poll::Ready(Some(Ok(_))) => writing.nanos(Instant::now()),
+            Poll::Ready(None | Some(Err(_))) => {
+                *state = State::Done;
+                NOT_WAITING
+            }
+        };
+        writing.waiting_since.store(waiting, Ordering::Release);
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &*self.writing.state() {
+            State::Writing(body, _) => body.is_end_stream(),
+            State::Done => true,
+            State::Cut => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &*self.writing.state() {
+            State::Writing(body, _) => body.size_hint(),
+            State::Done => SizeHint::with_exact(0),
+            State::Cut => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Either, Full};
+    use std::sync::atomic::AtomicUsize;
+
+    struct Guard(Arc<AtomicUsize>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn body(text: &'static str) -> Body {
+        Either::Right(Full::new(Bytes::from_static(text.as_bytes())))
+    }
+
+    #[tokio::test]
+    async fn a_body_never_polled_is_cut_and_fails_after() {
+        let responses = Responses::new(Instant::now());
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let tracked = responses.track(body("never read"), Guard(dropped.clone()));
+        assert_eq!(responses.cut_stalled(Duration::from_secs(60)), 0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(responses.cut_stalled(Duration::from_millis(10)), 1);
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            1,
+            "in-flight guard released"
+        );
+        assert!(tracked.collect().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_finished_body_is_not_cut_and_releases_its_guard() {
+        let responses = Responses::new(Instant::now());
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let tracked = responses.track(body("read"), Guard(dropped.clone()));
+        let got = tracked.collect().await.unwrap().to_bytes();
+        assert_eq!(got, "read");
+        assert_eq!(dropped.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(responses.cut_stalled(Duration::from_millis(1)), 0);
+    }
+
+    #[tokio::test]
+    async fn finished_entries_are_pruned() {
+        let responses = Responses::new(Instant::now());
+        for _ in 0..100 {
+            let t = responses.track(body("x"), ());
+            drop(t);
+        }
+        assert!(responses.live().list.len() <= 8);
+    }
+}

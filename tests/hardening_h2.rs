@@ -1,0 +1,692 @@
+//! Hostile input through the front door, second round: clients that stop reading (HTTP/2
+//! zero flow-control window, HTTP/1.1 unread sockets), connections that are only ever
+//! refused, and what reaches the upstream of forwarding, override, Host and framing headers.
+
+mod common;
+use common::*;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const KEY: &str = SERVICE_KEY;
+
+/// A stream whose response body can never be sent: the client advertised a zero window.
+struct Stalled {
+    status: u16,
+    /// Ends when keyward closes the connection.
+    conn: tokio::task::JoinHandle<()>,
+    /// The client and the unread body, kept so that the client itself closes nothing.
+    _held: (h2::client::SendRequest<Bytes>, h2::RecvStream),
+}
+
+/// An HTTP/2 client that advertises `INITIAL_WINDOW_SIZE = 0`, so no response body can
+/// ever be sent to it, sends one GET and waits for the response head.
+async fn zero_window_get(addr: SocketAddr, path: &str, key: Option<&str>) -> Stalled {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = http::Request::get(format!("http://{addr}{path}"));
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    let (resp, _) = client
+        .send_request(req.body(()).unwrap(), true)
+        .expect("send");
+    let resp = resp.await.expect("response head");
+    Stalled {
+        status: resp.status().as_u16(),
+        conn,
+        _held: (client, resp.into_body()),
+    }
+}
+
+/// The requests keyward counts as in flight.
+fn in_flight(kw: &Proxy) -> i64 {
+    kw.app.metrics.in_flight().get()
+}
+
+/// HTTP/2 zero-window pinning: streams whose bodies cannot be written stop counting as in
+/// flight within `write_stall_timeout`, their connections are closed, the upstream
+/// connections they held are let go, and the connection slots they held serve others.
+#[tokio::test]
+async fn h2_zero_window_streams_are_cut_and_free_their_slots() {
+    let up = spawn_upstream().await;
+    let limits = "limits: { max_connections: 4, write_stall_timeout: 300ms }\n";
+    let kw = spawn_proxy(up.addr, limits).await;
+    let start = Instant::now();
+    let mut stalled = Vec::new();
+    // Two refused without a key, two on a public route (each holding an upstream response).
+    for (path, key) in [
+        ("/v1/stall-a", None),
+        ("/v1/stall-b", None),
+        ("/public/big/200000", None),
+        ("/big/200000", Some(KEY)),
+    ] {
+        stalled.push(zero_window_get(kw.addr, path, key).await);
+    }
+    let statuses: Vec<u16> = stalled.iter().map(|s| s.status).collect();
+    assert_eq!(statuses, [401, 401, 200, 200]);
+    for s in stalled {
+        tokio::time::timeout(Duration::from_secs(3), s.conn)
+            .await
+            .expect("a connection of stalled streams left open")
+            .unwrap();
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    eventually("stalled streams no longer in flight", || async {
+        in_flight(&kw) == 0
+    })
+    .await;
+    // Every slot is free again: four ordinary clients in a row get in.
+    for i in 0..4 {
+        let r = get_h2c(&kw.url(&format!("/v1/after-{i}")), &[("x-api-key", KEY)]).await;
+        assert_eq!(r.status, 200);
+    }
+    kw.shutdown().await;
+}
+
+/// A stalled stream is cut off while another stream of its connection is still being
+/// served: it stops counting at once, and the connection closes when the other is done.
+#[tokio::test]
+async fn a_stalled_stream_is_cut_while_its_connection_serves_another() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { write_stall_timeout: 300ms }\n").await;
+    let tcp = TcpStream::connect(kw.addr).await.unwrap();
+    let (mut client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let start = Instant::now();
+    let slow = http::Request::get(format!("http://{}/slow/2000", kw.addr))
+        .header("x-api-key", KEY)
+        .body(())
+        .unwrap();
+    let (slow, _) = client.send_request(slow, true).unwrap();
+    let stalled = http::Request::get(format!("http://{}/v1/stall", kw.addr))
+        .body(())
+        .unwrap();
+    let (stalled, _) = client.send_request(stalled, true).unwrap();
+    assert_eq!(stalled.await.unwrap().status(), 401);
+    // The 401 is cut off long before the slow upstream answers the other stream.
+    eventually("the stalled stream stops counting", || async {
+        in_flight(&kw) == 1
+    })
+    .await;
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+    // The slow one answers, cannot be written either, and then the connection goes.
+    let _slow = slow.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("connection left open")
+        .unwrap();
+    assert_eq!(in_flight(&kw), 0);
+    kw.shutdown().await;
+}
+
+/// An HTTP/1.1 response nobody reads is cut off like an HTTP/2 one: the connection is
+/// closed and the request stops counting as in flight.
+#[tokio::test]
+async fn unread_http1_response_is_cut_off() {
+    let up = spawn_upstream().await;
+    let limits = "limits: { max_connections: 1, write_stall_timeout: 300ms }\n";
+    let kw = spawn_proxy(up.addr, limits).await;
+    // Far more than the socket buffers of both legs hold.
+    const SIZE: usize = 64 << 20;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let req = format!("GET /big/{SIZE} HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    eventually("the upstream answered", || async { up.count() == 1 }).await;
+    eventually("unread response no longer in flight", || async {
+        in_flight(&kw) == 0
+    })
+    .await;
+    // What was buffered can still be read, then the connection ends short of the body.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "connection left open");
+    assert!(got < SIZE, "the whole body arrived");
+    // The one slot is free again.
+    let r = get(&kw.url("/v1/after"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    kw.shutdown().await;
+}
+
+/// A client that reads slowly but keeps reading is not cut off.
+#[tokio::test]
+async fn slow_reader_is_not_cut_off() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { write_stall_timeout: 300ms }\n").await;
+    const SIZE: usize = 16 << 20;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let req = format!(
+        "GET /big/{SIZE} HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let start = Instant::now();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        // Under the stall bound between reads, for longer than it overall.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(
+        got > SIZE,
+        "body cut at {got} bytes: {:?}",
+        String::from_utf8_lossy(&buf[..300])
+    );
+    assert!(start.elapsed() > Duration::from_millis(300));
+    kw.shutdown().await;
+}
+
+/// A connection that has only ever been refused gets `header_read_timeout` between its
+/// requests, not `idle_timeout`; one that had a request allowed keeps `idle_timeout`.
+#[tokio::test]
+async fn a_connection_only_ever_refused_is_held_to_header_read_timeout() {
+    let up = spawn_upstream().await;
+    let limits = "limits: { header_read_timeout: 200ms, idle_timeout: 30s }\n";
+    let kw = spawn_proxy(up.addr, limits).await;
+    let start = Instant::now();
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    s.write_all(b"GET /v1/refused HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.expect("a response");
+    assert_eq!(raw_status(&head), 401);
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+        .await
+        .expect("refused-only connection held open")
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let ok = format!("GET /v1/allowed HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n\r\n");
+    s.write_all(ok.as_bytes()).await.unwrap();
+    assert_eq!(raw_status(&read_head(&mut s).await.unwrap()), 200);
+    let mut one = [0u8; 1];
+    let open = tokio::time::timeout(Duration::from_millis(800), s.read(&mut one)).await;
+    assert!(
+        open.is_err(),
+        "allowed connection closed before idle_timeout"
+    );
+    kw.shutdown().await;
+}
+
+/// keyward with `rules` put before the test config's own route rules.
+async fn spawn_with_routes(upstream: SocketAddr, rules: &str, extra: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    let yaml = config_yaml(upstream, &keys_file, extra).replacen(
+        "routes:\n",
+        &format!("routes:\n{rules}"),
+        1,
+    );
+    let config = keyward::config::Config::from_yaml(&yaml).expect("test config");
+    start(config, dir).await
+}
+
+/// An exact path rule also covers the path with a trailing slash (and the spellings that
+/// normalize to it), which Express and Spring route to the same handler.
+#[tokio::test]
+async fn exact_rule_covers_the_trailing_slash() {
+    let up = spawn_upstream().await;
+    let rule = "  - { path: /reports/export, any_of: [admin] }\n";
+    let kw = spawn_with_routes(up.addr, rule, "").await;
+    for path in [
+        "/reports/export",
+        "/reports/export/",
+        "/reports/export/.",
+        "/reports//export/",
+    ] {
+        let r = get(&kw.url(path), &[("x-api-key", KEY)]).await;
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+        assert_eq!(r.code(), "insufficient_scope");
+    }
+    let r = get(&kw.url("/reports/exported"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    assert!(up
+        .requests()
+        .iter()
+        .all(|s| !s.target.starts_with("/reports/export/") && s.target != "/reports/export"));
+    kw.shutdown().await;
+}
+
+/// `routes_case_insensitive: true` makes `/ADMIN/users` meet the `/admin/` rule, for
+/// upstreams that route without regard to case.
+#[tokio::test]
+async fn case_insensitive_routes_are_opt_in() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "routes_case_insensitive: true\n").await;
+    for path in ["/ADMIN/users", "/Admin", "/aDmIn/x/"] {
+        let r = get(&kw.url(path), &[("x-api-key", KEY)]).await;
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+    }
+    assert_eq!(up.count(), 0);
+    kw.shutdown().await;
+    // The default is case-sensitive, like SPEC 7 and most upstreams.
+    let kw = spawn_proxy(up.addr, "").await;
+    let r = get(&kw.url("/ADMIN/users"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    kw.shutdown().await;
+}
+
+/// From a peer that is not a trusted proxy no forwarding header reaches the app but the
+/// three keyward sets; route, method and host overrides never do, unless allowed by name.
+#[tokio::test]
+async fn forwarding_and_override_headers_are_stripped() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let forged = [
+        ("x-forwarded-ssl", "on"),
+        ("x-forwarded-scheme", "https"),
+        ("x-forwarded-port", "443"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-forwarded-server", "evil"),
+        ("x-forwarded-uri", "/admin/x"),
+        ("x_forwarded_proto", "https"),
+        ("forwarded", "for=6.6.6.6;proto=https"),
+        ("x-real-ip", "6.6.6.6"),
+        ("true-client-ip", "6.6.6.6"),
+        ("x-client-ip", "6.6.6.6"),
+        ("front-end-https", "on"),
+        ("x-original-url", "/admin/x"),
+        ("x-rewrite-url", "/admin/x"),
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-middleware-subrequest", "middleware"),
+        ("x-original-host", "evil.example"),
+    ];
+    let mut h: Vec<(&str, &str)> = forged.to_vec();
+    h.push(("x-api-key", KEY));
+    let r = get(&kw.url("/v1/forged"), &h).await;
+    assert_eq!(r.status, 200);
+    let seen = up.last().headers;
+    for (name, _) in forged {
+        assert!(!seen.contains_key(name), "{name} reached the upstream");
+    }
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    kw.shutdown().await;
+
+    // A trusted proxy's forwarding headers are kept; an allowed override passes, as spelled.
+    let extra = "trusted_proxies: [127.0.0.1]\nallow_override_headers: [X-HTTP-Method-Override]\n";
+    let kw = spawn_proxy(up.addr, extra).await;
+    let r = get(&kw.url("/v1/trusted"), &h).await;
+    assert_eq!(r.status, 200);
+    let seen = up.last().headers;
+    assert_eq!(seen["x-forwarded-ssl"], "on");
+    assert_eq!(seen["x-real-ip"], "6.6.6.6");
+    assert_eq!(seen["x-http-method-override"], "DELETE");
+    for name in [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method",
+        "x-middleware-subrequest",
+    ] {
+        assert!(!seen.contains_key(name), "{name} reached the upstream");
+    }
+    kw.shutdown().await;
+}
+
+/// Send one HTTP/2 request built by `req` over a fresh connection; its status (or 0 if the
+/// stream was reset without one).
+async fn h2_status(addr: SocketAddr, req: http::Request<()>) -> u16 {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let (resp, _) = client.send_request(req, true).expect("send");
+    match resp.await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// One host per request, never user info: the upstream is sent exactly one well-defined
+/// `Host`, and a request whose host fields could be read two ways is 400.
+#[tokio::test]
+async fn host_and_authority_must_be_single_and_agree() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    // HTTP/1.1 absolute-form with user info: 400, never `Host: user:pw@evil.example`.
+    let userinfo = format!(
+        "GET http://user:pw@evil.example/hello HTTP/1.1\r\nHost: a\r\nx-api-key: {KEY}\r\n\r\n"
+    );
+    let reply = raw(kw.addr, userinfo.as_bytes(), Duration::from_secs(2)).await;
+    assert_eq!(raw_status(&reply), 400, "{reply}");
+    // Absolute-form names the host; the Host field is ignored (RFC 9112 3.2.2).
+    let absolute =
+        format!("GET http://app.example/hello HTTP/1.1\r\nHost: other\r\nx-api-key: {KEY}\r\n\r\n");
+    let reply = raw(kw.addr, absolute.as_bytes(), Duration::from_millis(500)).await;
+    assert_eq!(raw_status(&reply), 200, "{reply}");
+    assert_eq!(up.last().headers["host"], "app.example");
+    let forwarded = up.count();
+
+    let h2 = |uri: &str, hosts: &[&str]| {
+        let mut b = http::Request::get(uri).header("x-api-key", KEY);
+        for h in hosts {
+            b = b.header("host", *h);
+        }
+        b.body(()).unwrap()
+    };
+    let addr = kw.addr;
+    // :authority with user info (RFC 9113 8.3.1).
+    let with_userinfo = h2(&format!("http://user:pw@{addr}/x"), &[]);
+    assert_eq!(h2_status(addr, with_userinfo).await, 400);
+    // No :authority and two host fields (RFC 9110 7.2).
+    assert_eq!(h2_status(addr, h2("/x", &["a", "b"])).await, 400);
+    // :authority and host that disagree.
+    assert_eq!(
+        h2_status(addr, h2(&format!("http://{addr}/x"), &["evil.example"])).await,
+        400
+    );
+    assert_eq!(
+        up.count(),
+        forwarded,
+        "a refused request reached the upstream"
+    );
+    // One host field and no :authority is that host.
+    assert_eq!(h2_status(addr, h2("/x", &["app.example"])).await, 200);
+    assert_eq!(up.last().headers["host"], "app.example");
+    kw.shutdown().await;
+}
+
+/// One HTTP/2 frame header + payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK literal field (never indexed, no Huffman); names and values under 127 bytes.
+fn hpack_literal(name: &str, value: &str) -> Vec<u8> {
+    let mut b = vec![0x10, name.len() as u8];
+    b.extend(name.as_bytes());
+    b.push(value.len() as u8);
+    b.extend(value.as_bytes());
+    b
+}
+
+/// The preface, SETTINGS, and one HEADERS frame (END_STREAM | END_HEADERS) per field list.
+fn h2_requests(requests: &[Vec<(&str, String)>]) -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    for (i, fields) in requests.iter().enumerate() {
+        let block: Vec<u8> = fields
+            .iter()
+            .flat_map(|(n, v)| hpack_literal(n, v))
+            .collect();
+        out.extend(h2_frame(0x1, 0x5, 2 * i as u32 + 1, &block));
+    }
+    out
+}
+
+/// The real binary at `KEYWARD_LOG=trace` with a query credential source: a raw key in a
+/// malformed HTTP/2 `:path`, `:authority`, `:scheme` or `TE` never reaches its log.
+#[tokio::test]
+async fn a_key_in_malformed_h2_pseudo_headers_never_reaches_the_log() {
+    use std::process::{Command, Stdio};
+    let up = spawn_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, DEMO_KEYS).unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (addr, admin) = (free(), free());
+    let yaml = config_yaml(
+        up.addr,
+        &keys,
+        "credentials: [{ query: api_key }, { header: x-api-key }]\n",
+    )
+    .replace(
+        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n",
+        &format!("listen: {addr}\nadmin_listen: {admin}\n"),
+    );
+    let config = dir.path().join("keyward.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("KEYWARD_LOG", "trace")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("keyward starts");
+    let ready = format!("http://{admin}/readyz");
+    eventually("keyward ready", || {
+        let ready = ready.clone();
+        async move {
+            let req = http::Request::get(ready)
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap();
+            matches!(client().request(req).await, Ok(r) if r.status() == 200)
+        }
+    })
+    .await;
+
+    let q = format!("api_key={KEY}");
+    let base = |path: String, authority: &str, scheme: &str| {
+        vec![
+            (":method", "GET".to_string()),
+            (":scheme", scheme.to_string()),
+            (":path", path),
+            (":authority", authority.to_string()),
+        ]
+    };
+    let mut te = base(format!("/v1/te?{q}"), "a", "http");
+    te.push(("te", format!("gzip {KEY}")));
+    let requests = [
+        base(format!("/v1/bad path?{q}"), "a", "http"),
+        base(format!("v1?{q}"), "a", "http"),
+        base("/v1/x".into(), &format!("a b?{q}"), "http"),
+        base("/v1/x".into(), "a", &format!("ht tp{KEY}")),
+        te,
+    ];
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&h2_requests(&requests)).await.unwrap();
+    let mut sink = vec![0u8; 1 << 16];
+    let _ = tokio::time::timeout(Duration::from_millis(500), s.read(&mut sink)).await;
+    drop(s);
+    // A served request after them, to see its trace lines flushed.
+    let r = get(&format!("http://{addr}/v1/after?{q}"), &[]).await;
+    assert_eq!(r.status, 200);
+    eventually("the access log line of the last request", || {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        async move { text.contains("/v1/after") }
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.contains(r#""log_filter":"trace""#),
+        "not at trace level:\n{text}"
+    );
+    assert!(!text.contains(KEY), "the raw key is in the log:\n{text}");
+    assert!(
+        !text.contains("\"target\":\"h2"),
+        "h2 below warn in the log:\n{text}"
+    );
+}
+
+/// A request body is forwarded as it was sent or refused, never changed in silence:
+/// `Transfer-Encoding: gzip, chunked` is 400 (keyward would strip the chunks and hand on a
+/// gzip body as plain), and a GET body of unknown length (HTTP/2 DATA without
+/// content-length, or HTTP/1.1 chunked) reaches the app rather than being dropped.
+#[tokio::test]
+async fn request_bodies_are_forwarded_as_sent_or_refused() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let gzip = format!(
+        "POST /v1/gzip HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let reply = raw(kw.addr, gzip.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&reply), 400, "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("connection: close"),
+        "{reply}"
+    );
+    assert_eq!(up.count(), 0);
+
+    // HTTP/1.1 GET with a chunked body.
+    let chunked = format!(
+        "GET /v1/chunked-get HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let reply = raw(kw.addr, chunked.as_bytes(), Duration::from_secs(3)).await;
+    assert_eq!(raw_status(&reply), 200, "{reply}");
+    let seen = up.last();
+    assert_eq!(
+        (seen.target.as_str(), seen.body_len),
+        ("/v1/chunked-get", 5)
+    );
+
+    // HTTP/2 GET with DATA frames and no content-length.
+    let tcp = TcpStream::connect(kw.addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get(format!("http://{}/v1/h2-get-body", kw.addr))
+        .header("x-api-key", KEY)
+        .body(())
+        .unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(Bytes::from_static(b"hello h2"), true)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = up.last();
+    assert_eq!(
+        (seen.target.as_str(), seen.body_len),
+        ("/v1/h2-get-body", 8)
+    );
+    kw.shutdown().await;
+}
+
+/// Every error body, from the traffic listener and the admin listener, carries `message`
+/// with the text of `error`, for clients of the `{status, message}` convention (SPEC 6).
+#[tokio::test]
+async fn every_error_body_has_message_beside_error() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let bad_path = raw(
+        kw.addr,
+        format!(
+            "GET /a/%2f HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(2),
+    )
+    .await;
+    let bad_path: serde_json::Value =
+        serde_json::from_str(bad_path.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let answers = [
+        bad_path,
+        get(&kw.url("/v1/x"), &[]).await.json(),
+        get(&kw.url("/admin/x"), &[("x-api-key", KEY)]).await.json(),
+        get(&kw.admin_url("/v1/nope"), &[]).await.json(),
+        get(
+            &kw.admin_url("/v1/snapshot"),
+            &[("authorization", "Bearer wrong")],
+        )
+        .await
+        .json(),
+    ];
+    for body in answers {
+        assert!(body["error"].is_string(), "{body}");
+        assert_eq!(body["message"], body["error"], "{body}");
+    }
+    kw.shutdown().await;
+}
+
+/// An upgraded tunnel that moves no byte for `limits.tunnel_idle_timeout` is closed and
+/// gives its connection slot back; one in use is not.
+#[tokio::test]
+async fn idle_websocket_tunnel_is_closed_and_frees_its_slot() {
+    let up = spawn_upstream().await;
+    let limits = "limits: { max_connections: 1, tunnel_idle_timeout: 400ms }\n";
+    let kw = spawn_proxy(up.addr, limits).await;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    s.write_all(ws_handshake(KEY).as_bytes()).await.unwrap();
+    let head = read_head(&mut s)
+        .await
+        .expect("closed during the handshake");
+    assert_eq!(raw_status(&head), 101, "{head}");
+    // In use for twice the timeout: kept open.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(800) {
+        s.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        s.read_exact(&mut echo).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Then idle: closed within about the timeout.
+    let idle = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+        .await
+        .expect("idle tunnel left open")
+        .unwrap();
+    assert!(
+        idle.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        idle.elapsed()
+    );
+    // The one slot serves the next client.
+    let r = get(&kw.url("/v1/after-tunnel"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    kw.shutdown().await;
+}
