@@ -110,6 +110,9 @@ pub enum BadRequest {
     /// The client's request body broke off or was malformed (e.g. bad chunked framing).
     #[error("malformed or incomplete request body")]
     Body,
+    /// A decision request (SPEC 15) without one original method and one original URI.
+    #[error("missing, repeated or invalid original {0}")]
+    Original(&'static str),
 }
 
 impl Reject {
@@ -179,6 +182,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::Host) => "Malformed request head",
             Reject::HeadersTooLarge => "Request header fields too large",
             Reject::BadRequest(BadRequest::Body) => "Malformed or incomplete request body",
+            Reject::BadRequest(BadRequest::Original(_)) => "Original method or URI missing",
         }
     }
 
