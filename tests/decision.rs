@@ -375,8 +375,8 @@ fn keyward_check_accepts_a_decision_only_config() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let shipped =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/decision/keyward.yaml");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/decision/kubernetes/keyward.yaml");
     let text = std::fs::read_to_string(&shipped).unwrap();
     let c = keyward::config::Config::from_yaml(&text).expect("shipped decision config");
     assert!(c.listen.is_none() && c.decision.is_some());
