@@ -4,7 +4,8 @@
 //! phases → [`auth::path`] normalizes → [`auth::policy`] routes → [`auth::decision`] decides
 //! (with [`auth::credential`] and the [`keys::KeyStore`] snapshot) → [`proxy::headers`] and
 //! [`proxy::forward`] send it upstream over a [`proxy::pool`] connection → [`proxy::respond`] writes keyward's own answers.
-//! The admin listener ([`admin`]) serves health, [`metrics`] and the control API.
+//! The admin listener ([`admin`]) serves health, [`metrics`] and the control API. In decision
+//! mode, [`decision`] answers an existing proxy's auth question through the same phases.
 
 #![forbid(unsafe_code)]
 

@@ -166,8 +166,8 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), String> {
                     None => format!("http://{}", a.host()),
                 });
         tracing::info!(
-            listen = ?server.app.config.listen.map(|_| server.local_addr()),
-            decision = ?server.decision_addr(),
+            listen = %c.listen.map_or_else(|| "none".into(), |_| server.local_addr().to_string()),
+            decision = %server.decision_addr().map_or_else(|| "none".into(), |a| a.to_string()),
             admin = %server.admin_addr(),
             upstream,
             environment = %c.environment,
