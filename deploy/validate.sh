@@ -40,6 +40,24 @@ else
   echo "kubectl not found: skipped"
 fi
 
+step "kubectl kustomize deploy/decision/example (decision mode Component)"
+if command -v kubectl >/dev/null 2>&1; then
+  if kubectl kustomize deploy/decision/example > "$work/decision.yaml"; then
+    echo "rendered $(grep -c '^kind:' "$work/decision.yaml") objects"
+  else
+    fail "kubectl kustomize deploy/decision/example"
+  fi
+else
+  echo "kubectl not found: skipped"
+fi
+python3 - <<'PY' || fail "deploy/decision YAML"
+import glob
+import yaml
+for path in sorted(glob.glob("deploy/decision/**/*.yaml", recursive=True)):
+    list(yaml.safe_load_all(open(path)))
+print("deploy/decision: YAML parses")
+PY
+
 # 2 ----------------------------------------------------------------------------------------
 step "config and snapshot consistency"
 python3 - "$work" <<'PY' || fail "config and snapshot consistency"
@@ -214,7 +232,7 @@ fi
 [ -z "$bin" ] && bin="$(command -v keyward || true)"
 if [ -n "$bin" ]; then
   echo "using $bin"
-  for cfg in deploy/kubernetes/keyward.yaml deploy/docker/keyward.yaml; do
+  for cfg in deploy/kubernetes/keyward.yaml deploy/docker/keyward.yaml deploy/decision/kubernetes/keyward.yaml; do
     # Point keys.file at the Secret's snapshot in the scratch directory.
     python3 - "$cfg" "$work/keys.yaml" "$work/check.yaml" <<'PY'
 import sys

@@ -64,9 +64,11 @@ pub const MAX_WORKERS: usize = 1024;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub listen: SocketAddr,
-    #[serde(deserialize_with = "de_uri")]
-    pub upstream: Uri,
+    /// The proxy listener; optional when `decision.listen` is set (SPEC 15).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "de_opt_uri")]
+    pub upstream: Option<Uri>,
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
     pub environment: String,
@@ -110,6 +112,16 @@ pub struct Config {
     /// Worker threads serving traffic (thread per core); default: one per CPU.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Decision mode (SPEC 15): answer an existing proxy's auth question.
+    #[serde(default)]
+    pub decision: Option<DecisionConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionConfig {
+    /// The decision listener (`/v1/decide/...`).
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -494,6 +506,10 @@ fn de_header_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<HeaderN
         .collect()
 }
 
+fn de_opt_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Uri>, D::Error> {
+    de_uri(d).map(Some)
+}
+
 fn de_methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Method>, D::Error> {
     let names = Vec::<String>::deserialize(d)?;
     names
@@ -615,7 +631,19 @@ impl Config {
     }
 
     fn validate_upstream(&self) -> Result<(), ConfigError> {
-        let u = &self.upstream;
+        match (self.listen, &self.upstream, &self.decision) {
+            (Some(_), Some(u), _) => Self::validate_upstream_url(u),
+            (Some(_), None, _) => Err(invalid("upstream", "required with `listen`")),
+            (None, Some(_), _) => Err(invalid("listen", "required with `upstream`")),
+            (None, None, Some(_)) => Ok(()),
+            (None, None, None) => Err(invalid(
+                "listen",
+                "set `listen` and `upstream` (proxy), or `decision.listen` (decision mode), or both",
+            )),
+        }
+    }
+
+    fn validate_upstream_url(u: &Uri) -> Result<(), ConfigError> {
         if u.scheme_str() != Some("http") {
             return Err(invalid(
                 "upstream",
@@ -942,6 +970,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().starts_with("keys"), "{e}");
+    }
+
+    #[test]
+    fn decision_mode_makes_the_proxy_optional() {
+        let base = "environment: t\nkeys: { file: k }\n";
+        let c =
+            Config::from_yaml(&format!("{base}decision: {{ listen: 127.0.0.1:9002 }}\n")).unwrap();
+        assert_eq!(c.decision.unwrap().listen.port(), 9002);
+        assert!(c.listen.is_none() && c.upstream.is_none());
+        let both = format!("{MINIMAL}decision: {{ listen: 127.0.0.1:9002 }}\n");
+        assert!(Config::from_yaml(&both).unwrap().listen.is_some());
+        let e = Config::from_yaml(base).unwrap_err().to_string();
+        assert!(
+            e.starts_with("listen: ") && e.contains("decision.listen"),
+            "{e}"
+        );
+        let e = Config::from_yaml(&format!("{base}listen: 127.0.0.1:1\n")).unwrap_err();
+        assert!(e.to_string().starts_with("upstream: "), "{e}");
+        let e = Config::from_yaml(&format!("{base}upstream: http://a:1\n")).unwrap_err();
+        assert!(e.to_string().starts_with("listen: "), "{e}");
+        let e = err("decision: { listen: 127.0.0.1:1, port: 2 }\n");
+        assert!(e.contains("port"), "{e}");
+        let e = err("decision: {}\n");
+        assert!(e.contains("decision") && e.contains("listen"), "{e}");
     }
 
     #[test]

@@ -96,11 +96,13 @@ pub fn config(
     keys_file: &Path,
 ) -> Result<Config, ConfigError> {
     let mut c = Config::from_yaml(DEMO_CONFIG)?;
-    c.listen = listen;
+    c.listen = Some(listen);
     c.admin_listen = admin;
-    c.upstream = format!("http://{upstream}")
-        .parse()
-        .map_err(|e| ConfigError::Parse(format!("upstream: {e}")))?;
+    c.upstream = Some(
+        format!("http://{upstream}")
+            .parse()
+            .map_err(|e| ConfigError::Parse(format!("upstream: {e}")))?,
+    );
     c.keys.file = Some(keys_file.to_owned());
     c.log.format = LogFormat::Pretty;
     c.shutdown.drain_delay = std::time::Duration::ZERO;

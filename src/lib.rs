@@ -4,13 +4,15 @@
 //! phases → [`auth::path`] normalizes → [`auth::policy`] routes → [`auth::decision`] decides
 //! (with [`auth::credential`] and the [`keys::KeyStore`] snapshot) → [`proxy::headers`] and
 //! [`proxy::forward`] send it upstream over a [`proxy::pool`] connection → [`proxy::respond`] writes keyward's own answers.
-//! The admin listener ([`admin`]) serves health, [`metrics`] and the control API.
+//! The admin listener ([`admin`]) serves health, [`metrics`] and the control API. In decision
+//! mode, [`decision`] answers an existing proxy's auth question through the same phases.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod decision;
 pub mod demo;
 pub mod keygen;
 pub mod keys;
@@ -79,7 +81,11 @@ impl App {
             .with_snapshot_safety(config.metrics.per_key_limit, config.keys.max_age);
         Ok(Self {
             policy: Policy::new(&config),
-            upstream: Upstream::new(&config.upstream, &config.limits),
+            // Decision mode without a proxy listener has no upstream: the pool is never used.
+            upstream: Upstream::new(
+                config.upstream.as_ref().unwrap_or(&http::Uri::default()),
+                &config.limits,
+            ),
             names,
             store: KeyStore::new(),
             key_source,
@@ -106,7 +112,10 @@ impl App {
 /// A keyward instance with both listeners bound, ready to [`run`](Keyward::run).
 pub struct Keyward {
     pub app: Arc<App>,
-    listener: TcpListener,
+    /// The proxy listener (absent in decision mode without `listen`).
+    listener: Option<TcpListener>,
+    /// The decision listener (SPEC 15), with `decision.listen`.
+    decision: Option<TcpListener>,
     admin: TcpListener,
     tls: Option<tls::TlsAcceptor>,
 }
@@ -143,8 +152,16 @@ impl Keyward {
             )?),
             None => None,
         };
-        let addr = config.listen;
-        let listener = bind_shared(addr).map_err(|source| StartError::Bind { addr, source })?;
+        let listener = match config.listen {
+            Some(addr) => {
+                Some(bind_shared(addr).map_err(|source| StartError::Bind { addr, source })?)
+            }
+            None => None,
+        };
+        let decision = match &config.decision {
+            Some(d) => Some(bind(d.listen).await?),
+            None => None,
+        };
         let admin = bind(config.admin_listen).await?;
         let app = Arc::new(App::new(config)?);
         let app2 = app.clone();
@@ -154,13 +171,28 @@ impl Keyward {
         Ok(Self {
             app,
             listener,
+            decision,
             admin,
             tls,
         })
     }
 
+    /// The proxy listener's address (`0.0.0.0:0` when there is none: decision mode only).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.app.config.listen)
+        self.listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .or(self.app.config.listen)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The decision listener's address, with `decision.listen`.
+    pub fn decision_addr(&self) -> Option<SocketAddr> {
+        let configured = self.app.config.decision.as_ref().map(|d| d.listen);
+        self.decision
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .or(configured)
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -176,6 +208,7 @@ impl Keyward {
         let Keyward {
             app,
             listener,
+            decision,
             admin,
             tls,
         } = self;
@@ -195,6 +228,7 @@ impl Keyward {
         let drain_delay = app.config.shutdown.drain_delay;
         let grace = app.config.shutdown.grace;
         let app2 = app.clone();
+        let (decision_tx, decision_rx) = watch::channel(false);
         let stop_traffic = async move {
             shutdown.await;
             app2.draining.store(true, Ordering::Release);
@@ -203,8 +237,24 @@ impl Keyward {
                 "shutdown requested: readyz now fails; draining"
             );
             tokio::time::sleep(drain_delay).await;
+            let _ = decision_tx.send(true);
         };
-        serve_on_workers(app.clone(), listener, tls, stop_traffic, grace).await;
+        let decision_task = decision.map(|l| {
+            let stop = wait_true(decision_rx);
+            tokio::spawn(decision::server::serve_on_threads(
+                app.clone(),
+                l,
+                stop,
+                grace,
+            ))
+        });
+        match listener {
+            Some(l) => serve_on_workers(app.clone(), l, tls, stop_traffic, grace).await,
+            None => stop_traffic.await,
+        }
+        if let Some(task) = decision_task {
+            let _ = task.await;
+        }
         let _ = stop_tx.send(true);
         let _ = admin_task.await;
         for task in background {

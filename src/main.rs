@@ -174,15 +174,17 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), String> {
         let server = Keyward::bind(config).await.map_err(|e| e.to_string())?;
         let c = &server.app.config;
         // Scheme, host and port only: never userinfo from the upstream URL.
-        let upstream = c
-            .upstream
-            .authority()
-            .map_or_else(String::new, |a| match a.port_u16() {
-                Some(port) => format!("http://{}:{port}", a.host()),
-                None => format!("http://{}", a.host()),
-            });
+        let upstream =
+            c.upstream
+                .as_ref()
+                .and_then(|u| u.authority())
+                .map_or_else(String::new, |a| match a.port_u16() {
+                    Some(port) => format!("http://{}:{port}", a.host()),
+                    None => format!("http://{}", a.host()),
+                });
         tracing::info!(
-            listen = %server.local_addr(),
+            listen = %c.listen.map_or_else(|| "none".into(), |_| server.local_addr().to_string()),
+            decision = %server.decision_addr().map_or_else(|| "none".into(), |a| a.to_string()),
             admin = %server.admin_addr(),
             upstream,
             environment = %c.environment,

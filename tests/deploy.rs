@@ -174,7 +174,7 @@ fn deployment_service_config_and_secret_agree() {
 
     // Ports: the container's named ports are keyward's listeners.
     let kw = container(pod, "keyward");
-    assert_eq!(named_port(kw, "http"), config.listen.port());
+    assert_eq!(named_port(kw, "http"), config.listen.unwrap().port());
     assert_eq!(named_port(kw, "admin"), config.admin_listen.port());
     assert!(
         config.admin_listen.ip().is_unspecified(),
@@ -196,7 +196,11 @@ fn deployment_service_config_and_secret_agree() {
             .as_u64()
             .map(|p| p as u16)
             .unwrap_or_else(|| named_port(kw, s(t)));
-        assert_eq!(port, config.listen.port(), "Service app targets {t:?}");
+        assert_eq!(
+            port,
+            config.listen.unwrap().port(),
+            "Service app targets {t:?}"
+        );
     }
 
     // The ServiceMonitor scrapes /metrics on the admin Service's admin port.
@@ -236,7 +240,7 @@ fn deployment_service_config_and_secret_agree() {
         .flat_map(|rule| rule["ports"].as_sequence().unwrap().iter())
         .map(|p| p["port"].as_u64().expect("numeric port"))
         .collect();
-    let expected: BTreeSet<u64> = [config.listen.port(), config.admin_listen.port()]
+    let expected: BTreeSet<u64> = [config.listen.unwrap().port(), config.admin_listen.port()]
         .into_iter()
         .map(u64::from)
         .collect();
@@ -288,7 +292,14 @@ fn deployment_service_config_and_secret_agree() {
     assert!(secret["stringData"][secret_key.as_str()].is_string());
 
     // The app is reachable only on loopback, where `upstream` points.
-    let upstream = config.upstream.authority().unwrap().as_str().to_string();
+    let upstream = config
+        .upstream
+        .as_ref()
+        .unwrap()
+        .authority()
+        .unwrap()
+        .as_str()
+        .to_string();
     assert!(upstream.starts_with("127.0.0.1:"), "{upstream}");
     let app = container(pod, "app");
     let app_args = serde_yaml::to_string(&app["args"]).unwrap();
@@ -575,7 +586,7 @@ fn dockerfile_builds_a_locked_release_and_runs_as_non_root() {
         .flat_map(|e| e.split_whitespace())
         .map(|p| p.trim_end_matches("/tcp").parse().unwrap())
         .collect();
-    let ports: BTreeSet<u16> = [config.listen.port(), config.admin_listen.port()].into();
+    let ports: BTreeSet<u16> = [config.listen.unwrap().port(), config.admin_listen.port()].into();
     assert_eq!(exposed, ports);
 
     // The config lands where KEYWARD_CONFIG and the command look for it.

@@ -114,6 +114,9 @@ pub enum BadRequest {
     /// the body decoded of its chunks but still gzip-coded, with nothing saying so.
     #[error("transfer codings other than a single chunked are not accepted")]
     TransferCoding,
+    /// A decision request (SPEC 15) without one original method and one original URI.
+    #[error("missing, repeated or invalid original {0}")]
+    Original(&'static str),
 }
 
 impl Reject {
@@ -185,6 +188,7 @@ impl Reject {
             Reject::HeadersTooLarge => "Request header fields too large",
             Reject::BadRequest(BadRequest::Body) => "Malformed or incomplete request body",
             Reject::BadRequest(BadRequest::TransferCoding) => "Unsupported transfer coding",
+            Reject::BadRequest(BadRequest::Original(_)) => "Original method or URI missing",
         }
     }
 

@@ -58,11 +58,18 @@ impl ConnInfo {
 
 /// What the access log line says about a request.
 #[derive(Default)]
-struct Trace {
+pub struct Trace {
     path: Option<String>,
     /// The key presented, once identified (allowed or not).
     key: Option<Arc<Key>>,
     upstream: Option<Duration>,
+}
+
+impl Trace {
+    /// The request's path: normalized once [`decide`] got that far, else as sent.
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("-")
+    }
 }
 
 /// Where the synchronous phases send a request.
@@ -118,19 +125,11 @@ pub async fn handle(
     headers::set_correlation(resp.headers_mut(), &cid);
     let elapsed = start.elapsed();
     app.metrics.record_request(code, elapsed);
-    access_log(
-        &cid,
-        &method,
-        trace.path.as_deref().unwrap_or("-"),
-        resp.status(),
-        code,
-        &trace,
-        elapsed,
-    );
+    access_log(&cid, &method, resp.status(), code, &trace, elapsed);
     Ok(resp)
 }
 
-/// Head checks, then normalize the path once: that string is what is authorized and what
+/// Head checks, then the shared phases: the normalized path is what is authorized and what
 /// is forwarded.
 fn prepare(
     app: &App,
@@ -140,32 +139,11 @@ fn prepare(
     trace: &mut Trace,
 ) -> Result<Next, Reject> {
     super::server::check_head(&req, &app.config.limits)?;
-    let path = match auth::path::normalize(req.uri().path()) {
-        Ok(path) => path,
-        Err(e) => {
-            trace.path = Some(req.uri().path().to_owned());
-            return Err(Reject::BadRequest(BadRequest::Path(e)));
-        }
-    };
-    let next = route(app, conn, req, &path, cid, trace);
-    trace.path = Some(path);
-    next
-}
-
-fn route(
-    app: &App,
-    conn: ConnInfo,
-    req: Request<Incoming>,
-    path: &str,
-    cid: &HeaderValue,
-    trace: &mut Trace,
-) -> Result<Next, Reject> {
-    match app.policy.route(path) {
-        Route::Public => outbound(app, conn, req, path, None, None, cid),
-        Route::Introspection => {
-            // A question asked with a key is a request by that key: it spends its quota.
-            let principal = authenticate(app, &req, None, false, SystemTime::now(), trace)?;
-            let quota = rate_limit(app, &principal)?;
+    let verdict = decide(app, &Head::of(&req), req.uri().path(), trace)?;
+    let path = trace.path();
+    match verdict {
+        Verdict::Public => outbound(app, conn, req, path, None, None, cid),
+        Verdict::Introspection(principal, quota) => {
             let body = introspection_body(app, &principal, cid);
             let mut resp = respond::json(StatusCode::OK, &body);
             if let Some(quota) = quota {
@@ -173,19 +151,84 @@ fn route(
             }
             Ok(Next::Local(resp))
         }
+        Verdict::Protected(principal, quota) => {
+            outbound(app, conn, req, path, Some(principal), quota, cid)
+        }
+    }
+}
+
+/// The request facts every front door turns its protocol into: the original method, the
+/// headers the credential and the delegation are read from, and the original query.
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    pub method: &'a http::Method,
+    pub headers: &'a http::HeaderMap,
+    pub query: Option<&'a str>,
+}
+
+impl<'a> Head<'a> {
+    fn of<B>(req: &'a Request<B>) -> Self {
+        Self {
+            method: req.method(),
+            headers: req.headers(),
+            query: req.uri().query(),
+        }
+    }
+}
+
+/// What the phases decided for an allowed request.
+pub enum Verdict {
+    /// A public route: no key asked for.
+    Public,
+    /// The introspection path, with a valid key (its scopes are not checked).
+    Introspection(Principal, Option<Quota>),
+    /// A protected route the key may use; the key's quota after this request.
+    Protected(Principal, Option<Quota>),
+}
+
+/// The phases shared by every front door: normalize → route → credential → decide →
+/// rate-limit. `raw_path` is the path as the client sent it; the normalized path, the one
+/// that was authorized, is then [`Trace::path`].
+pub fn decide(
+    app: &App,
+    head: &Head<'_>,
+    raw_path: &str,
+    trace: &mut Trace,
+) -> Result<Verdict, Reject> {
+    let path = match auth::path::normalize(raw_path) {
+        Ok(path) => path,
+        Err(e) => {
+            trace.path = Some(raw_path.to_owned());
+            return Err(Reject::BadRequest(BadRequest::Path(e)));
+        }
+    };
+    let verdict = route(app, head, &path, trace);
+    trace.path = Some(path);
+    verdict
+}
+
+fn route(app: &App, head: &Head<'_>, path: &str, trace: &mut Trace) -> Result<Verdict, Reject> {
+    match app.policy.route(path) {
+        Route::Public => Ok(Verdict::Public),
+        Route::Introspection => {
+            // A question asked with a key is a request by that key: it spends its quota.
+            let principal = authenticate(app, head, None, false, SystemTime::now(), trace)?;
+            let quota = rate_limit(app, &principal)?;
+            Ok(Verdict::Introspection(principal, quota))
+        }
         Route::Protected { extra } => {
             let now = SystemTime::now();
-            let principal = authenticate(app, &req, extra, true, now, trace)?;
+            let principal = authenticate(app, head, extra, true, now, trace)?;
             let quota = rate_limit(app, &principal)?;
             app.usage.record(&principal.key.id, now);
-            outbound(app, conn, req, path, Some(principal), quota, cid)
+            Ok(Verdict::Protected(principal, quota))
         }
     }
 }
 
 fn authenticate(
     app: &App,
-    req: &Request<Incoming>,
+    head: &Head<'_>,
     route_scopes: Option<&[String]>,
     check_scope: bool,
     now: SystemTime,
@@ -194,9 +237,9 @@ fn authenticate(
     let start = Instant::now();
     let snapshot = app.store.guard();
     let input = AuthRequest {
-        method: req.method(),
-        headers: req.headers(),
-        query: req.uri().query(),
+        method: head.method,
+        headers: head.headers,
+        query: head.query,
         route_scopes,
         check_scope,
     };
@@ -233,7 +276,7 @@ fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, Reject>
 }
 
 /// `RateLimit-Limit/Remaining/Reset` on an allowed response, unless the upstream set its own.
-fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
+pub fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
     if !h.contains_key("ratelimit-limit") {
         respond::set_quota(h, quota);
     }
@@ -381,15 +424,15 @@ fn introspection_body(app: &App, p: &Principal, cid: &HeaderValue) -> serde_json
 }
 
 /// One line per request (SPEC 11). Never headers, never the query: that is where keys live.
-fn access_log(
+pub fn access_log(
     cid: &HeaderValue,
     method: &http::Method,
-    path: &str,
     status: StatusCode,
     code: Code,
     trace: &Trace,
     elapsed: Duration,
 ) {
+    let path = trace.path();
     let key = trace.key.as_ref();
     info!(
         target: "keyward::access",

@@ -1,0 +1,369 @@
+//! Decision mode (SPEC 15): keyward as the auth service of a proxy that already fronts the
+//! app (nginx `auth_request`, Traefik / Caddy forward auth, Envoy / Istio HTTP `ext_authz`).
+//!
+//! A thin adapter: each endpoint turns its protocol into the request facts the proxy's own
+//! phases take ([`handler::Head`] and the original path), calls [`handler::decide`], and turns
+//! the verdict into its answer: `200` with every identity header, or the proxy's own error.
+//! No rule lives here, and nothing is ever sent to an upstream.
+
+pub mod server;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use crate::auth::ratelimit::Quota;
+use crate::auth::reject::BadRequest;
+use crate::auth::{Code, Principal, Reject};
+use crate::keys::IdentityNames;
+use crate::proxy::handler::{self, Head, Trace, Verdict};
+use crate::proxy::{headers, respond, Body};
+use crate::App;
+
+/// Where the endpoints live on the decision listener.
+pub const AUTH_REQUEST: &str = "/v1/decide/auth-request";
+pub const FORWARD_AUTH: &str = "/v1/decide/forward-auth";
+/// Envoy's `path_prefix`: the original path follows it.
+pub const EXT_AUTHZ: &str = "/v1/decide/ext-authz";
+
+const X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
+const X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
+const X_FORWARDED_METHOD: HeaderName = HeaderName::from_static("x-forwarded-method");
+const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
+
+/// Which proxy protocol a decision request speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// nginx `auth_request`, ingress-nginx `auth-url`.
+    AuthRequest,
+    /// Traefik ForwardAuth, Caddy `forward_auth`.
+    ForwardAuth,
+    /// Envoy / Istio HTTP `ext_authz`.
+    ExtAuthz,
+}
+
+impl Endpoint {
+    /// The endpoint a decision request's own path names.
+    pub fn of(path: &str) -> Option<Self> {
+        match path {
+            AUTH_REQUEST => Some(Self::AuthRequest),
+            FORWARD_AUTH => Some(Self::ForwardAuth),
+            _ if path
+                .strip_prefix(EXT_AUTHZ)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')) =>
+            {
+                Some(Self::ExtAuthz)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The request the proxy asks about: its method, path as sent, and query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Original {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+}
+
+/// Read the original request from the endpoint's own protocol, and nothing else: an
+/// `auth-request` call ignores `X-Forwarded-*`, a `forward-auth` call ignores `X-Original-*`.
+pub fn original<B>(endpoint: Endpoint, req: &Request<B>) -> Result<Original, Reject> {
+    let (method, uri) = match endpoint {
+        Endpoint::AuthRequest => (&X_ORIGINAL_METHOD, &X_ORIGINAL_URI),
+        Endpoint::ForwardAuth => (&X_FORWARDED_METHOD, &X_FORWARDED_URI),
+        Endpoint::ExtAuthz => {
+            let rest = req.uri().path().get(EXT_AUTHZ.len()..).unwrap_or_default();
+            if rest.is_empty() {
+                return Err(missing("URI"));
+            }
+            return Ok(Original {
+                method: req.method().clone(),
+                path: rest.to_owned(),
+                query: req.uri().query().map(str::to_owned),
+            });
+        }
+    };
+    let method = one(req.headers(), method)
+        .and_then(|v| Method::from_bytes(v.as_bytes()).ok())
+        .ok_or_else(|| missing("method"))?;
+    // Parsed as hyper parses a request target, so an absolute-form or odd URI means here
+    // what it would mean to the proxy.
+    let uri = one(req.headers(), uri)
+        .and_then(|v| http::Uri::try_from(v.as_bytes()).ok())
+        .ok_or_else(|| missing("URI"))?;
+    Ok(Original {
+        method,
+        path: uri.path().to_owned(),
+        query: uri.query().map(str::to_owned),
+    })
+}
+
+fn missing(what: &'static str) -> Reject {
+    Reject::BadRequest(BadRequest::Original(what))
+}
+
+/// The header's only value; absent, repeated or empty is none.
+fn one<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    let mut values = h.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) if !v.is_empty() => Some(v),
+        _ => None,
+    }
+}
+
+/// Answer one decision request. Never fails: every error becomes a response here.
+pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let _in_flight = app.metrics.track_in_flight();
+    let cid = respond::correlation_id(req.headers());
+    let mut trace = Trace::default();
+    let mut method = req.method().clone();
+    let result = match Endpoint::of(req.uri().path()) {
+        None => {
+            let mut resp = not_found(&cid);
+            headers::set_correlation(resp.headers_mut(), &cid);
+            return Ok(resp);
+        }
+        Some(endpoint) => decide(&app, endpoint, &req, &mut method, &mut trace),
+    };
+    let (mut resp, code) = match result {
+        Ok(allowed) => (allowed, Code::Ok),
+        Err(reject) => {
+            let mut resp = respond::error(&reject, cid.to_str().unwrap_or_default());
+            if reject.closes_connection() && req.version() != http::Version::HTTP_2 {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            (resp, reject.code())
+        }
+    };
+    headers::set_correlation(resp.headers_mut(), &cid);
+    let elapsed = start.elapsed();
+    app.metrics.record_request(code, elapsed);
+    handler::access_log(&cid, &method, resp.status(), code, &trace, elapsed);
+    Ok(resp)
+}
+
+/// The proxy's phases on the original request; `method` becomes the original method.
+fn decide<B>(
+    app: &App,
+    endpoint: Endpoint,
+    req: &Request<B>,
+    method: &mut Method,
+    trace: &mut Trace,
+) -> Result<Response<Body>, Reject> {
+    crate::proxy::server::check_head(req, &app.config.limits)?;
+    let original = original(endpoint, req)?;
+    *method = original.method.clone();
+    let head = Head {
+        method: &original.method,
+        headers: req.headers(),
+        query: original.query.as_deref(),
+    };
+    Ok(match handler::decide(app, &head, &original.path, trace)? {
+        Verdict::Public => allowed(&app.names, None, None),
+        Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
+            allowed(&app.names, Some(&p), quota.as_ref())
+        }
+    }
+    .map(|()| Either::Right(Full::new(Bytes::new()))))
+}
+
+/// `200`, no body, every identity header name (empty where the key has no value, so a proxy
+/// that copies them overwrites whatever the client sent), and the quota when limited.
+pub fn allowed(
+    names: &IdentityNames,
+    principal: Option<&Principal>,
+    quota: Option<&Quota>,
+) -> Response<()> {
+    let mut resp = Response::new(());
+    let h = resp.headers_mut();
+    h.reserve(16);
+    for name in identity_names(names) {
+        h.insert(name.clone(), HeaderValue::from_static(""));
+    }
+    if let Some(p) = principal {
+        let delegated = p.delegated_account.as_ref();
+        headers::add_identity(h, p.key.identity_headers(names, delegated));
+    }
+    if let Some(quota) = quota {
+        respond::set_quota(h, quota);
+    }
+    resp
+}
+
+/// Every identity header of SPEC 8.
+pub fn identity_names(n: &IdentityNames) -> [&HeaderName; 12] {
+    [
+        &n.subject_id,
+        &n.account_id,
+        &n.enterprise_id,
+        &n.subject_email,
+        &n.account_short_id,
+        &n.org_id,
+        &n.principal_type,
+        &n.access_type,
+        &n.delegated_by,
+        &n.key_id,
+        &n.scopes,
+        &n.environment,
+    ]
+}
+
+fn not_found(cid: &HeaderValue) -> Response<Body> {
+    let body = serde_json::json!({
+        "status": 404,
+        "code": "not_found",
+        "error": "Not a decision endpoint",
+        "message": "Not a decision endpoint",
+        "endpoints": [AUTH_REQUEST, FORWARD_AUTH, format!("{EXT_AUTHZ}/<path>")],
+        "correlation_id": cid.to_str().unwrap_or_default(),
+    });
+    respond::json(StatusCode::NOT_FOUND, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, target: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(target);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn orig(m: &str, p: &str, q: Option<&str>) -> Original {
+        Original {
+            method: Method::from_bytes(m.as_bytes()).unwrap(),
+            path: p.into(),
+            query: q.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn endpoints_by_path() {
+        assert_eq!(Endpoint::of(AUTH_REQUEST), Some(Endpoint::AuthRequest));
+        assert_eq!(Endpoint::of(FORWARD_AUTH), Some(Endpoint::ForwardAuth));
+        assert_eq!(
+            Endpoint::of("/v1/decide/ext-authz/a"),
+            Some(Endpoint::ExtAuthz)
+        );
+        assert_eq!(
+            Endpoint::of("/v1/decide/ext-authz"),
+            Some(Endpoint::ExtAuthz)
+        );
+        for other in [
+            "/",
+            "/v1/decide/ext-authzx",
+            "/v1/decide/auth-request/x",
+            "/v1/decide",
+        ] {
+            assert_eq!(Endpoint::of(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn each_endpoint_reads_its_own_headers() {
+        let both = [
+            ("x-original-method", "POST"),
+            ("x-original-uri", "/o?x=1"),
+            ("x-forwarded-method", "PUT"),
+            ("x-forwarded-uri", "/f"),
+        ];
+        let r = req("GET", AUTH_REQUEST, &both);
+        assert_eq!(
+            original(Endpoint::AuthRequest, &r),
+            Ok(orig("POST", "/o", Some("x=1")))
+        );
+        assert_eq!(
+            original(Endpoint::ForwardAuth, &r),
+            Ok(orig("PUT", "/f", None))
+        );
+        let only_forwarded = req("GET", AUTH_REQUEST, &both[2..]);
+        assert_eq!(
+            original(Endpoint::AuthRequest, &only_forwarded),
+            Err(missing("method"))
+        );
+        let only_original = req("GET", FORWARD_AUTH, &both[..2]);
+        assert_eq!(
+            original(Endpoint::ForwardAuth, &only_original),
+            Err(missing("method"))
+        );
+    }
+
+    #[test]
+    fn original_must_be_one_valid_method_and_uri() {
+        let m = ("x-original-method", "GET");
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (&[m], "URI"),
+            (&[m, ("x-original-uri", "")], "URI"),
+            (
+                &[m, ("x-original-uri", "/a"), ("x-original-uri", "/b")],
+                "URI",
+            ),
+            (
+                &[("x-original-method", "G T"), ("x-original-uri", "/a")],
+                "method",
+            ),
+            (&[m, ("x-original-uri", "/a b")], "URI"),
+        ];
+        for (headers, what) in cases {
+            let r = req("GET", AUTH_REQUEST, headers);
+            assert_eq!(
+                original(Endpoint::AuthRequest, &r),
+                Err(missing(what)),
+                "{headers:?}"
+            );
+        }
+        // Absolute form: the path, as hyper would give the proxy.
+        let r = req(
+            "GET",
+            AUTH_REQUEST,
+            &[m, ("x-original-uri", "http://h/admin?q")],
+        );
+        assert_eq!(
+            original(Endpoint::AuthRequest, &r),
+            Ok(orig("GET", "/admin", Some("q")))
+        );
+    }
+
+    #[test]
+    fn ext_authz_takes_the_path_after_the_prefix_and_its_own_method() {
+        let r = req("DELETE", "/v1/decide/ext-authz/a/../b?k=v", &[]);
+        assert_eq!(
+            original(Endpoint::ExtAuthz, &r),
+            Ok(orig("DELETE", "/a/../b", Some("k=v")))
+        );
+        let r = req("GET", "/v1/decide/ext-authz", &[]);
+        assert_eq!(original(Endpoint::ExtAuthz, &r), Err(missing("URI")));
+        let r = req("GET", "/v1/decide/ext-authz?x", &[]);
+        assert_eq!(original(Endpoint::ExtAuthz, &r), Err(missing("URI")));
+    }
+
+    #[test]
+    fn an_allow_names_every_identity_header() {
+        let names = IdentityNames::new("x-auth-", "test").unwrap();
+        let resp = allowed(&names, None, None);
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers().len(), 12);
+        for name in identity_names(&names) {
+            assert_eq!(resp.headers()[name], "", "{name}");
+        }
+        let quota = Quota {
+            limit: 5,
+            remaining: 4,
+            reset_secs: 1,
+        };
+        let resp = allowed(&names, None, Some(&quota));
+        assert_eq!(resp.headers()["ratelimit-remaining"], "4");
+    }
+}

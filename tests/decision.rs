@@ -1,0 +1,383 @@
+//! Decision mode (SPEC 15) through its front door: the three endpoints over HTTP, each
+//! answer compared with what the proxy listener of the same keyward answers for the same
+//! request, and the listener's limits and shutdown.
+
+mod common;
+mod decision_support;
+
+use std::time::Duration;
+
+use common::*;
+use decision_support::*;
+use keyward::decision::{AUTH_REQUEST, EXT_AUTHZ, FORWARD_AUTH};
+
+/// A decision request for `method path` (path with its query) through `endpoint`.
+fn ask(
+    d: &Decider,
+    endpoint: &str,
+    method: &'static str,
+    path: &str,
+) -> (&'static str, String, Vec<(&'static str, String)>) {
+    match endpoint {
+        AUTH_REQUEST => (
+            "GET",
+            d.url(AUTH_REQUEST),
+            vec![
+                ("x-original-method", method.to_string()),
+                ("x-original-uri", path.to_string()),
+            ],
+        ),
+        FORWARD_AUTH => (
+            "GET",
+            d.url(FORWARD_AUTH),
+            vec![
+                ("x-forwarded-method", method.to_string()),
+                ("x-forwarded-uri", path.to_string()),
+            ],
+        ),
+        _ => (method, d.url(&format!("{EXT_AUTHZ}{path}")), vec![]),
+    }
+}
+
+async fn decide(
+    d: &Decider,
+    endpoint: &str,
+    method: &'static str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Got {
+    let (m, url, mut h) = ask(d, endpoint, method, path);
+    let mut all: Vec<(&str, &str)> = h.iter_mut().map(|(k, v)| (*k, v.as_str())).collect();
+    all.extend_from_slice(headers);
+    send(m, &url, &all, b"").await
+}
+
+const ENDPOINTS: [&str; 3] = [AUTH_REQUEST, FORWARD_AUTH, EXT_AUTHZ];
+
+fn header(r: &Got, name: &str) -> String {
+    r.headers
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no {name} in {:?}", r.headers))
+}
+
+#[tokio::test]
+async fn allowed_answers_200_with_every_identity_header_and_never_calls_the_upstream() {
+    let up = spawn_upstream().await;
+    let d = spawn_decider(Some(up.addr), "").await;
+    for endpoint in ENDPOINTS {
+        let key = [("x-api-key", SERVICE_KEY), ("x-correlation-id", "corr-1")];
+        let r = decide(&d, endpoint, "GET", "/v1/items?x=1", &key).await;
+        assert_eq!(r.status, 200, "{endpoint}: {}", r.text());
+        assert!(r.body.is_empty(), "{endpoint}");
+        for name in IDENTITY {
+            assert!(r.headers.contains_key(name), "{endpoint}: {name}");
+        }
+        assert_eq!(header(&r, "x-auth-subject-id"), "507f1f77bcf86cd799439015");
+        assert_eq!(header(&r, "x-auth-key-id"), "key_demo_service");
+        assert_eq!(header(&r, "x-auth-access-type"), "access");
+        assert_eq!(header(&r, "x-auth-scopes"), "read write");
+        assert_eq!(header(&r, "x-auth-environment"), "production");
+        assert_eq!(header(&r, "x-auth-org-id"), "org_123");
+        // Values the key does not have are present and empty.
+        assert_eq!(header(&r, "x-auth-enterprise-id"), "");
+        assert_eq!(header(&r, "x-auth-delegated-by"), "");
+        assert_eq!(header(&r, "x-correlation-id"), "corr-1");
+        assert_eq!(header(&r, "x-request-id"), "corr-1");
+        assert!(!r.headers.contains_key("ratelimit-limit"), "no limit");
+    }
+    // A delegating enterprise key: the delegation header is read as the proxy reads it.
+    let r = decide(
+        &d,
+        FORWARD_AUTH,
+        "DELETE",
+        "/v1/items/7",
+        &[
+            ("authorization", &format!("Bearer {ENTERPRISE_KEY}")),
+            ("x-delegate-account-id", "507f1f77bc"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(header(&r, "x-auth-account-id"), "507f1f77bc");
+    assert_eq!(header(&r, "x-auth-access-type"), "delegated");
+    assert_eq!(
+        header(&r, "x-auth-delegated-by"),
+        "68c584136b9b08b8fc53a85e"
+    );
+    assert_eq!(
+        header(&r, "x-auth-enterprise-id"),
+        "68c584136b9b08b8fc53a85e"
+    );
+    assert_eq!(up.count(), 0, "a decision never contacts the upstream");
+    d.shutdown().await;
+}
+
+/// Original method, path, request headers: the decision and the proxy must agree.
+type Case = (&'static str, &'static str, Vec<(&'static str, String)>);
+
+fn cases() -> Vec<Case> {
+    let key = |k: &str| vec![("x-api-key", k.to_string())];
+    vec![
+        ("GET", "/v1/items", vec![]),
+        ("GET", "/v1/items", vec![("authorization", "Bearer".into())]),
+        ("GET", "/v1/items", key("sta_unknown_key_000000000000")),
+        ("GET", "/v1/items", key(EXPIRED_KEY)),
+        ("GET", "/v1/items", key(DISABLED_KEY)),
+        ("GET", "/v1/items", key(STAGING_KEY)),
+        ("POST", "/v1/items", key(PERSONAL_KEY)),
+        ("GET", "/admin/users", key(SERVICE_KEY)),
+        ("GET", "/public/../admin/users", key(SERVICE_KEY)),
+        ("GET", "/v1/%2e%2e/%2e%2e/admin/users", key(SERVICE_KEY)),
+        ("GET", "/v1/%2fadmin", key(SERVICE_KEY)),
+        ("GET", "/v1/a;b", key(SERVICE_KEY)),
+        ("GET", "/v1/a%5cb", key(SERVICE_KEY)),
+        ("GET", "//admin/users", key(SERVICE_KEY)),
+        (
+            "GET",
+            "/v1/items",
+            vec![
+                ("x-api-key", SERVICE_KEY.into()),
+                ("x-delegate-account-id", "507f1f77bc".into()),
+            ],
+        ),
+        (
+            "GET",
+            "/v1/items",
+            vec![
+                ("x-api-key", ENTERPRISE_KEY.into()),
+                ("x-delegate-account-id", "not_listed".into()),
+            ],
+        ),
+        ("GET", "/v1/items", key(SERVICE_KEY)),
+        ("GET", "/admin/users", key(ENTERPRISE_KEY)),
+        ("GET", "/healthz", vec![]),
+        ("GET", "/auth", key(PERSONAL_KEY)),
+        ("GET", "/auth", vec![]),
+    ]
+}
+
+#[tokio::test]
+async fn every_answer_matches_the_proxy_for_each_endpoint() {
+    let up = spawn_upstream().await;
+    let d = spawn_decider(Some(up.addr), "").await;
+    for (method, path, headers) in cases() {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let proxied = send(method, &d.proxy_url(path), &h, b"").await;
+        for endpoint in ENDPOINTS {
+            let r = decide(&d, endpoint, method, path, &h).await;
+            let what = format!("{endpoint} {method} {path} {headers:?}");
+            assert_eq!(r.status, proxied.status, "{what}: {}", r.text());
+            assert_eq!(
+                r.headers.get("www-authenticate"),
+                proxied.headers.get("www-authenticate"),
+                "{what}"
+            );
+            if r.status == 200 {
+                assert!(r.body.is_empty(), "{what}");
+                continue;
+            }
+            assert_eq!(header(&r, "content-type"), "application/json", "{what}");
+            let (mut got, mut want) = (r.json(), proxied.json());
+            for body in [&mut got, &mut want] {
+                body.as_object_mut().unwrap().remove("correlation_id");
+            }
+            assert_eq!(got, want, "{what}");
+        }
+    }
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn public_routes_and_introspection_are_allowed_with_the_proxys_rules() {
+    let d = spawn_decider(None, "").await;
+    let r = decide(&d, AUTH_REQUEST, "POST", "/public/form", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for name in IDENTITY {
+        assert_eq!(header(&r, name), "", "a public route names no one: {name}");
+    }
+    let r = decide(
+        &d,
+        EXT_AUTHZ,
+        "GET",
+        "/auth",
+        &[("x-api-key", PERSONAL_KEY)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(header(&r, "x-auth-key-id"), "key_demo_personal");
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limited_keys_get_ratelimit_headers_then_429() {
+    let d = spawn_decider(None, "").await;
+    let key = [("x-api-key", LIMITED_KEY)];
+    for (endpoint, remaining) in [(AUTH_REQUEST, "1"), (EXT_AUTHZ, "0")] {
+        let r = decide(&d, endpoint, "GET", "/v1/x", &key).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(header(&r, "ratelimit-limit"), "2");
+        assert_eq!(header(&r, "ratelimit-remaining"), remaining);
+    }
+    // The bucket is the key's, whichever endpoint asks.
+    let r = decide(&d, FORWARD_AUTH, "GET", "/v1/x", &key).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.code(), "rate_limited");
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(header(&r, "ratelimit-remaining"), "0");
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn missing_original_method_or_uri_is_400_and_each_endpoint_reads_only_its_own() {
+    let d = spawn_decider(None, "").await;
+    let key = ("x-api-key", SERVICE_KEY);
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        (AUTH_REQUEST, vec![key]),
+        (AUTH_REQUEST, vec![key, ("x-original-uri", "/v1/x")]),
+        (AUTH_REQUEST, vec![key, ("x-original-method", "GET")]),
+        (
+            AUTH_REQUEST,
+            vec![
+                key,
+                ("x-forwarded-method", "GET"),
+                ("x-forwarded-uri", "/v1/x"),
+            ],
+        ),
+        (FORWARD_AUTH, vec![key, ("x-forwarded-method", "GET")]),
+        (FORWARD_AUTH, vec![key, ("x-forwarded-uri", "/v1/x")]),
+        (
+            FORWARD_AUTH,
+            vec![
+                key,
+                ("x-original-method", "GET"),
+                ("x-original-uri", "/v1/x"),
+            ],
+        ),
+        (EXT_AUTHZ, vec![key]),
+    ];
+    for (endpoint, headers) in cases {
+        let r = get(&d.url(endpoint), &headers).await;
+        assert_eq!(r.status, 400, "{endpoint} {headers:?}: {}", r.text());
+        assert_eq!(r.code(), "bad_request");
+        assert!(r.json()["correlation_id"].is_string());
+    }
+    let r = get(&d.url("/v1/decide/other"), &[key]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.code(), "not_found");
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn decisions_are_counted_and_logged_like_proxied_requests() {
+    let d = spawn_decider(None, "").await;
+    let key = [("x-api-key", SERVICE_KEY)];
+    assert_eq!(
+        decide(&d, AUTH_REQUEST, "GET", "/v1/x", &key).await.status,
+        200
+    );
+    assert_eq!(
+        decide(&d, EXT_AUTHZ, "GET", "/admin/x", &key).await.status,
+        403
+    );
+    let m = get(&format!("http://{}/metrics", d.admin), &[])
+        .await
+        .text();
+    let line = |series: &str| {
+        m.lines()
+            .find(|l| l.starts_with(series))
+            .unwrap_or_else(|| panic!("no {series} in\n{m}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        line(r#"keyward_requests_total{code="ok",decision="allowed"}"#),
+        "1"
+    );
+    assert_eq!(
+        line(r#"keyward_requests_total{code="insufficient_scope",decision="denied"}"#),
+        "1"
+    );
+    assert_eq!(line("keyward_auth_duration_seconds_count"), "2");
+    assert_eq!(line("keyward_in_flight_requests"), "0");
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn decision_listener_speaks_h2c() {
+    let d = spawn_decider(None, "").await;
+    let r = get_h2c(
+        &d.url("/v1/decide/ext-authz/v1/items"),
+        &[("authorization", &format!("Token {SERVICE_KEY}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(header(&r, "x-auth-key-id"), "key_demo_service");
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn decision_listener_enforces_head_timeout_and_connection_limit() {
+    let d = spawn_decider(None, "limits: { header_read_timeout: 200ms }\n").await;
+    // A head that never completes is cut off by header_read_timeout.
+    let started = std::time::Instant::now();
+    let head = b"GET /v1/decide/auth-request HTTP/1.1\r\nhost: a\r\n";
+    let reply = raw(d.decision, head, Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(4), "{reply:?}");
+    d.shutdown().await;
+
+    let d = spawn_decider(None, "limits: { max_connections: 1 }\n").await;
+    // One connection held open (accepted first: the accept loop takes them in order); a
+    // second is closed at once, without an answer.
+    let held = tokio::net::TcpStream::connect(d.decision).await.unwrap();
+    let ask = b"GET /v1/decide/ext-authz/healthz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n";
+    let reply = raw(d.decision, ask, Duration::from_secs(2)).await;
+    assert_eq!(reply, "", "over max_connections: closed without an answer");
+    drop(held);
+    // The slot is free again once keyward has seen the close (no push signal: poll).
+    eventually("the slot is free again", || async {
+        raw_status(&raw(d.decision, ask, Duration::from_millis(500)).await) == 200
+    })
+    .await;
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn decision_only_keyward_has_no_proxy_listener_and_shuts_down() {
+    let d = spawn_decider(None, "").await;
+    assert!(d.proxy.is_none());
+    let addr = d.decision;
+    let r = decide(&d, AUTH_REQUEST, "GET", "/healthz", &[]).await;
+    assert_eq!(r.status, 200);
+    d.shutdown().await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener closed after shutdown"
+    );
+}
+
+#[test]
+fn keyward_check_accepts_a_decision_only_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, keys_yaml()).unwrap();
+    let config = dir.path().join("keyward.yaml");
+    std::fs::write(&config, decision_config(None, &keys, "")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/decision/kubernetes/keyward.yaml");
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    let c = keyward::config::Config::from_yaml(&text).expect("shipped decision config");
+    assert!(c.listen.is_none() && c.decision.is_some());
+}

@@ -1,0 +1,322 @@
+//! Decision mode behind the real proxies: nginx (`auth_request`) and Caddy (`forward_auth`)
+//! run the configs shipped in `deploy/decision/`, in front of a recording upstream, with
+//! keyward deciding; and Envoy / Istio HTTP `ext_authz` is spoken exactly as Envoy speaks it.
+//!
+//! Each proves: an allowed request reaches the app with its identity; no key is 401; a wrong
+//! scope is 403; a route rule is 403; path tricks are denied; the rate limit is 429; and a
+//! client's forged `x-auth-*` never reaches the app, including a header the key has no value
+//! for. A proxy whose binary is not installed is skipped with a message (CI installs both).
+
+mod common;
+mod decision_support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use decision_support::*;
+
+fn shipped(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/decision")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A proxy process, killed when dropped.
+struct Running {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    /// Wait until the proxy accepts connections on `addr` (or fail with its log).
+    async fn ready(&mut self, addr: SocketAddr) {
+        for _ in 0..400 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("proxy exited ({status}): {}", self.log_text());
+            }
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("proxy did not listen on {addr}: {}", self.log_text());
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn installed(binary: &str) -> bool {
+    let found = Path::new(binary).exists()
+        || Command::new("sh")
+            .args(["-c", &format!("command -v {binary}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !found {
+        println!("SKIPPED: {binary} is not installed (CI installs it: apt-get install nginx-light caddy)");
+    }
+    found
+}
+
+/// nginx with the shipped `deploy/decision/nginx.conf`, its placeholders substituted,
+/// included in a minimal main config that runs it in the foreground from a temp prefix.
+fn start_nginx(dir: &Path, keyward: SocketAddr, app: SocketAddr, listen: SocketAddr) -> Running {
+    let site = shipped("nginx.conf")
+        .replace("${KEYWARD}", &keyward.to_string())
+        .replace("${APP}", &app.to_string())
+        .replace("${LISTEN}", &listen.to_string());
+    assert!(!site.contains("${"), "every placeholder substituted");
+    std::fs::write(dir.join("decision.conf"), site).unwrap();
+    let d = dir.display();
+    let main = format!(
+        "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         include {d}/decision.conf;\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), main).unwrap();
+    let log = dir.join("error.log");
+    let child = Command::new("/usr/sbin/nginx")
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-e")
+        .arg(&log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    Running { child, log }
+}
+
+/// Caddy with the shipped `deploy/decision/Caddyfile` (its `{$...}` placeholders are Caddy's
+/// own environment variables).
+fn start_caddy(dir: &Path, keyward: SocketAddr, app: SocketAddr, listen: SocketAddr) -> Running {
+    let file = dir.join("Caddyfile");
+    std::fs::write(&file, shipped("Caddyfile")).unwrap();
+    let log = dir.join("caddy.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new("caddy")
+        .args(["run", "--adapter", "caddyfile", "--config"])
+        .arg(&file)
+        .env("KEYWARD", keyward.to_string())
+        .env("APP", app.to_string())
+        .env("LISTEN", listen.to_string())
+        .env("HOME", dir)
+        .env("XDG_DATA_HOME", dir)
+        .env("XDG_CONFIG_HOME", dir)
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("start caddy");
+    Running { child, log }
+}
+
+/// The identity headers a client tries to forge (one the key has, two it has no value for)
+/// and their CGI-style aliases.
+const FORGED: [(&str, &str); 6] = [
+    ("x-auth-subject-id", "forged-subject"),
+    ("x-auth-enterprise-id", "forged-enterprise"),
+    ("x-auth-delegated-by", "forged-delegator"),
+    ("x-auth-account-short-id", "forged-short"),
+    ("x-auth-key-id", "forged-key"),
+    ("x_auth_org_id", "forged-underscore-alias"),
+];
+
+/// A name that is not one of keyward's twelve: only a proxy that strips by prefix (Caddy,
+/// here) removes it; with nginx, the app must not trust it (README, Decision mode).
+const FORGED_OTHER: (&str, &str) = ("x-auth-admin", "forged-unknown-name");
+
+fn assert_nothing_forged(seen: &Seen, what: &str) {
+    for (name, value) in &seen.headers {
+        let v = value.to_str().unwrap_or_default();
+        assert!(
+            !v.starts_with("forged"),
+            "{what}: forged {name}: {v} reached the app ({:?})",
+            seen.headers
+        );
+    }
+}
+
+/// Method, path, headers, the statuses that count as refused.
+type Refused = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    &'static [u16],
+);
+
+/// The scenario every proxy must pass; `front` is the proxy's address.
+async fn scenario(front: SocketAddr, up: &Upstream, name: &str, strips_prefix: bool) {
+    let url = |p: &str| format!("http://{front}{p}");
+
+    // Allowed, with forged identity headers alongside the key.
+    let mut h: Vec<(&str, &str)> = FORGED.to_vec();
+    h.push(("x-api-key", PERSONAL_KEY));
+    if strips_prefix {
+        h.push(FORGED_OTHER);
+    }
+    let r = get(&url("/v1/items?x=1"), &h).await;
+    assert_eq!(r.status, 200, "{name}: {}", r.text());
+    let seen = up.last();
+    assert_eq!(seen.target, "/v1/items?x=1", "{name}");
+    let id = |n: &str| {
+        seen.headers
+            .get(n)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        id("x-auth-subject-id"),
+        "65a0c0ffee0000000000beef",
+        "{name}"
+    );
+    assert_eq!(id("x-auth-key-id"), "key_demo_personal", "{name}");
+    assert_eq!(
+        id("x-auth-account-id"),
+        "507f1f77bcf86cd799439012",
+        "{name}"
+    );
+    assert_eq!(id("x-auth-principal-type"), "personal", "{name}");
+    assert_eq!(id("x-auth-scopes"), "read", "{name}");
+    assert_eq!(id("x-auth-environment"), "production", "{name}");
+    assert_eq!(id("x-auth-enterprise-id"), "", "{name}: the key has none");
+    assert_eq!(id("x-auth-delegated-by"), "", "{name}: the key has none");
+    assert!(!id("x-correlation-id").is_empty(), "{name}");
+    assert_nothing_forged(&seen, name);
+    assert!(
+        seen.headers.get("x-api-key").is_none(),
+        "{name}: key kept from the app"
+    );
+    let served = up.count();
+
+    // Refused: nothing reaches the app.
+    let refused: [Refused; 6] = [
+        ("GET", "/v1/items", vec![], &[401]),
+        (
+            "POST",
+            "/v1/items",
+            vec![("x-api-key", PERSONAL_KEY)],
+            &[403],
+        ),
+        (
+            "GET",
+            "/admin/users",
+            vec![("x-api-key", SERVICE_KEY)],
+            &[403],
+        ),
+        (
+            "GET",
+            "/public/../admin/users",
+            vec![("x-api-key", SERVICE_KEY)],
+            &[400, 403],
+        ),
+        (
+            "GET",
+            "/v1/%2e%2e/%2e%2e/admin/users",
+            vec![("x-api-key", SERVICE_KEY)],
+            &[400, 403],
+        ),
+        (
+            "GET",
+            "/v1/..%2fadmin/users",
+            vec![("x-api-key", SERVICE_KEY)],
+            &[400, 403],
+        ),
+    ];
+    for (method, path, headers, statuses) in refused {
+        let r = send(method, &url(path), &headers, b"").await;
+        assert!(
+            statuses.contains(&r.status.as_u16()),
+            "{name}: {method} {path}: {} {}",
+            r.status,
+            r.text()
+        );
+        if r.status == 401 {
+            assert!(r.headers.contains_key("www-authenticate"), "{name}");
+        }
+        if statuses.len() > 1 {
+            // A path trick: the proxy may refuse it itself, before asking keyward.
+            continue;
+        }
+        let json = r.headers.get("content-type").and_then(|v| v.to_str().ok());
+        assert!(
+            json.is_some_and(|t| t.starts_with("application/json")),
+            "{name}: {method} {path}: {:?}",
+            r.headers
+        );
+        assert_eq!(r.json()["status"], r.status.as_u16(), "{name}");
+        assert!(
+            r.headers.contains_key("x-correlation-id"),
+            "{name}: {:?}",
+            r.headers
+        );
+    }
+    assert_eq!(
+        up.count(),
+        served,
+        "{name}: a refused request reached the app"
+    );
+
+    // A public route needs no key; forged identity is still kept out.
+    let r = get(&url("/healthz"), &FORGED).await;
+    assert_eq!(r.status, 200, "{name}: {}", r.text());
+    assert_nothing_forged(&up.last(), name);
+
+    // The rate limit (burst 2) answers 429 through the proxy.
+    for expect in [200, 200, 429] {
+        let r = get(&url("/v1/limited"), &[("x-api-key", LIMITED_KEY)]).await;
+        assert_eq!(r.status, expect, "{name}: {}", r.text());
+        if expect == 429 {
+            assert!(
+                r.headers.contains_key("retry-after"),
+                "{name}: {:?}",
+                r.headers
+            );
+        }
+    }
+}
+
+async fn behind(
+    proxy: &str,
+    start: fn(&Path, SocketAddr, SocketAddr, SocketAddr) -> Running,
+    strips_prefix: bool,
+) {
+    let up = spawn_upstream().await;
+    let d = spawn_decider(None, "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut running = start(dir.path(), d.decision, up.addr, listen);
+    running.ready(listen).await;
+    scenario(listen, &up, proxy, strips_prefix).await;
+    drop(running);
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn nginx_auth_request_with_the_shipped_config() {
+    if installed("/usr/sbin/nginx") {
+        behind("nginx", start_nginx, false).await;
+    }
+}
+
+#[tokio::test]
+async fn caddy_forward_auth_with_the_shipped_caddyfile() {
+    if installed("caddy") {
+        behind("caddy", start_caddy, true).await;
+    }
+}
