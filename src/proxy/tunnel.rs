@@ -111,16 +111,28 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(64);
         let mut a = Watched::new(a, last.clone());
         let t = Duration::from_millis(60);
-        let start = Instant::now();
+        let watcher = {
+            let last = last.clone();
+            tokio::spawn(async move {
+                last.idle_for(t).await;
+                Instant::now()
+            })
+        };
+        let mut last_read = Instant::now();
+        // Reads every half timeout, for twice the timeout.
         for _ in 0..4 {
             b.write_all(b"x").await.unwrap();
             let mut one = [0u8; 1];
             a.read_exact(&mut one).await.unwrap();
+            last_read = Instant::now();
             tokio::time::sleep(t / 2).await;
         }
-        let active = start.elapsed();
-        last.idle_for(t).await;
-        assert!(active >= t * 2, "{active:?}");
-        assert!(start.elapsed() >= active + t / 2, "{:?}", start.elapsed());
+        let ended = watcher.await.unwrap();
+        // The touch comes just before `last_read`: the idle end is a timeout after it.
+        assert!(
+            ended + Duration::from_millis(5) >= last_read + t,
+            "ended {:?} before the last read + timeout",
+            (last_read + t).saturating_duration_since(ended)
+        );
     }
 }
