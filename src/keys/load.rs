@@ -138,10 +138,10 @@ pub fn from_slice(
         let mut de = serde_json::Deserializer::from_slice(body);
         match json(&mut de, prior) {
             Ok(built) => return Ok(built),
-            Err(Json::Failed(e)) => return Err(e),
-            Err(Json::Io(e)) => return Err(parse_error(e)),
-            Err(Json::NotJson(e)) if format == Format::Json => return Err(e),
-            Err(Json::NotJson(json_error)) => {
+            Err(JsonError::Failed(e)) => return Err(e),
+            Err(JsonError::Io(e)) => return Err(parse_error(e)),
+            Err(JsonError::NotJson(e)) if format == Format::Json => return Err(e),
+            Err(JsonError::NotJson(json_error)) => {
                 return yaml_bytes(bytes, prior).map_err(|e| neither(&json_error, &e))
             }
         }
@@ -166,10 +166,10 @@ pub fn from_reader<R: BufRead>(
         let mut de = serde_json::Deserializer::from_reader(reader);
         match json(&mut de, prior) {
             Ok(built) => return Ok(built),
-            Err(Json::Failed(e)) => return Err(e.into()),
-            Err(Json::Io(e)) => return Err(ReadError::Io(e)),
-            Err(Json::NotJson(e)) if format == Format::Json => return Err(e.into()),
-            Err(Json::NotJson(json_error)) => {
+            Err(JsonError::Failed(e)) => return Err(e.into()),
+            Err(JsonError::Io(e)) => return Err(ReadError::Io(e)),
+            Err(JsonError::NotJson(e)) if format == Format::Json => return Err(e.into()),
+            Err(JsonError::NotJson(json_error)) => {
                 let bytes = reopen().map_err(ReadError::Io)?;
                 return yaml_bytes(&bytes, prior).map_err(|e| neither(&json_error, &e).into());
             }
@@ -232,7 +232,7 @@ fn skip_bom_and_space<R: BufRead>(reader: &mut R) -> io::Result<Option<u8>> {
 }
 
 /// How a JSON read failed.
-enum Json {
+enum JsonError {
     /// The document is JSON up to a value that is wrong (a refused entry, a field of the
     /// wrong type, an unknown field): that is the answer.
     Failed(SnapshotError),
@@ -247,7 +247,7 @@ enum Json {
 fn json<'de, R: serde_json::de::Read<'de>>(
     de: &mut serde_json::Deserializer<R>,
     prior: Option<&Snapshot>,
-) -> Result<Built, Json> {
+) -> Result<Built, JsonError> {
     let mut progress = Progress::default();
     let parsed = Doc {
         prior,
@@ -262,7 +262,7 @@ fn json<'de, R: serde_json::de::Read<'de>>(
                 refused: Some(entry),
                 ..
             },
-        ) => Err(Json::Failed(entry)),
+        ) => Err(JsonError::Failed(entry)),
         (Ok(built), _) => Ok(built),
         (Err(e), Progress { entry, .. }) => {
             let located = parse_error(match entry {
@@ -270,10 +270,10 @@ fn json<'de, R: serde_json::de::Read<'de>>(
                 None => e.to_string(),
             });
             Err(match e.classify() {
-                serde_json::error::Category::Io => Json::Io(io::Error::from(e)),
-                serde_json::error::Category::Data => Json::Failed(located),
+                serde_json::error::Category::Io => JsonError::Io(io::Error::from(e)),
+                serde_json::error::Category::Data => JsonError::Failed(located),
                 serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                    Json::NotJson(located)
+                    JsonError::NotJson(located)
                 }
             })
         }
