@@ -168,7 +168,7 @@ run_wrk() {
 for ((r = 0; r < ROUNDS; r++)); do
   run_wrk decision "$PID_keyward" "$DECIDE_URL" "x-original-method: GET" \
     "x-original-uri: /v1/items" "x-api-key: $BENCH_KEY"
-  run_wrk proxy "$PID_keyward $PID_up" "http://127.0.0.1:$KW/v1/items" "x-api-key: $BENCH_KEY"
+  run_wrk proxy "$PID_keyward" "http://127.0.0.1:$KW/v1/items" "x-api-key: $BENCH_KEY"
   run_wrk nginx_alone "$PID_alone $PID_up" "http://127.0.0.1:$NGX_ALONE/v1/items" \
     "x-api-key: $BENCH_KEY"
   run_wrk nginx_auth "$PID_auth $PID_keyward $PID_up" "http://127.0.0.1:$NGX_AUTH/v1/items" \
@@ -242,9 +242,11 @@ mkdir -p "$(dirname "$OUT")"
     echo "| $n | $(median "$n" 3) | $(median "$n" 4) | $(median "$n" 5) | $(cpu_us "$n") | $rounds |"
   done
   echo
-  echo "decision: keyward alone, GET /v1/decide/auth-request; proxy: keyward + upstream;"
-  echo "nginx_alone: nginx + upstream; nginx_auth: nginx + keyward + upstream (shipped nginx.conf)."
-  echo "Decisions per proxied request: $(python3 -c "print(f'{$(median decision 3) / $(median proxy 3):.2f}')")x."
+  echo "CPU counted: decision and proxy, keyward's process; nginx_alone, nginx + upstream;"
+  echo "nginx_auth, nginx + keyward + upstream (the shipped nginx.conf)."
+  echo "Decisions/s over proxied req/s (median rounds): $(python3 -c "print(f'{$(median decision 3) / $(median proxy 3):.2f}')")x;"
+  echo "keyward CPU per proxied request over CPU per decision: $(python3 -c "print(f'{$(cpu_us proxy) / $(cpu_us decision):.2f}')")x."
+  echo "nginx + auth_request + keyward against nginx alone: +$(python3 -c "print(f'{$(cpu_us nginx_auth) - $(cpu_us nginx_alone):.1f}')") µs CPU per request (closed loop)."
   if [[ -s $TMP/oha.tsv ]]; then
     echo
     echo "Fixed rate: oha --latency-correction (open loop), or wrk paced (1 ms pause per"
