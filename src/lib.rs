@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod keygen;
@@ -28,8 +29,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tracing::info;
 
-use crate::auth::ratelimit::RateLimiter;
 use crate::auth::Policy;
+use crate::cluster::limiter::Limiter;
+use crate::cluster::revocations::Revocations;
+use crate::cluster::usage::FleetUsage;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::keys::source::KeySource;
 use crate::keys::usage::Usage;
@@ -45,7 +49,11 @@ pub struct App {
     pub store: KeyStore,
     pub key_source: KeySource,
     pub usage: Usage,
-    pub limiter: RateLimiter,
+    pub limiter: Limiter,
+    /// Redis, when `cluster` is configured (SPEC 14).
+    pub cluster: Option<Arc<Cluster>>,
+    pub revocations: Arc<Revocations>,
+    pub fleet_usage: Option<Arc<FleetUsage>>,
     pub metrics: Metrics,
     pub upstream: Upstream,
     /// Set on SIGTERM: `/readyz` fails from then on.
@@ -76,6 +84,12 @@ impl App {
             .ok_or_else(|| StartError::Config("keys: no source configured".into()))?;
         let metrics = Metrics::new(config.metrics.per_key)
             .map_err(|e| StartError::Config(format!("metrics: {e}")))?;
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(
+                Cluster::new(c, metrics.registry()).map_err(StartError::Config)?,
+            )),
+            None => None,
+        };
         Ok(Self {
             policy: Policy::new(&config),
             upstream: Upstream::new(&config.upstream, &config.limits),
@@ -83,7 +97,10 @@ impl App {
             store: KeyStore::new(),
             key_source,
             usage: Usage::default(),
-            limiter: RateLimiter::default(),
+            limiter: Limiter::new(cluster.as_ref()),
+            revocations: Arc::new(Revocations::new(cluster.as_ref())),
+            fleet_usage: cluster.as_ref().map(|c| Arc::new(FleetUsage::new(c))),
+            cluster,
             metrics,
             draining: AtomicBool::new(false),
             reload: Arc::new(Notify::new()),
@@ -91,9 +108,12 @@ impl App {
         })
     }
 
-    /// Ready: a snapshot is loaded and we are not draining.
+    /// Ready: a snapshot is loaded, the fleet's revocations are read (with `cluster`), and
+    /// we are not draining.
     pub fn is_ready(&self) -> bool {
-        self.store.is_loaded() && !self.draining.load(Ordering::Acquire)
+        self.store.is_loaded()
+            && self.revocations.is_ready()
+            && !self.draining.load(Ordering::Acquire)
     }
 }
 
@@ -182,6 +202,7 @@ impl Keyward {
                 app.reload.clone(),
             )));
         }
+        background.extend(cluster::spawn(&app));
         if let (Some(acceptor), Some(t)) = (&tls, &app.config.tls) {
             background.push(tokio::spawn(tls::watch(acceptor.clone(), t.clone())));
         }

@@ -198,6 +198,11 @@ impl Metrics {
     }
 
     /// One finished request.
+    /// The registry, for instruments owned by other components (the cluster's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn record_request(&self, code: Code, elapsed: Duration) {
         self.requests[code.index()].inc();
         let d = usize::from(decision_label(code) == "denied");

@@ -1,5 +1,5 @@
 //! One request, as named phases: normalize → route → authenticate → prepare → exchange with
-//! the upstream → respond → log. Only the exchange awaits.
+//! the upstream → respond → log. Only the exchange (and a limit shared through Redis) awaits.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -99,7 +99,7 @@ pub async fn handle(
     let mut trace = Trace::default();
 
     let http2 = req.version() == http::Version::HTTP_2;
-    let result = match prepare(&app, conn, req, &cid, &mut trace) {
+    let result = match prepare(&app, conn, req, &cid, &mut trace).await {
         Ok(Next::Upstream(out)) => exchange(&app, out, &mut trace).await,
         Ok(Next::Local(resp)) => Ok(resp),
         Err(reject) => Err(reject),
@@ -132,7 +132,7 @@ pub async fn handle(
 
 /// Head checks, then normalize the path once: that string is what is authorized and what
 /// is forwarded.
-fn prepare(
+async fn prepare(
     app: &App,
     conn: ConnInfo,
     req: Request<Incoming>,
@@ -147,12 +147,12 @@ fn prepare(
             return Err(Reject::BadRequest(BadRequest::Path(e)));
         }
     };
-    let next = route(app, conn, req, &path, cid, trace);
+    let next = route(app, conn, req, &path, cid, trace).await;
     trace.path = Some(path);
     next
 }
 
-fn route(
+async fn route(
     app: &App,
     conn: ConnInfo,
     req: Request<Incoming>,
@@ -165,7 +165,7 @@ fn route(
         Route::Introspection => {
             // A question asked with a key is a request by that key: it spends its quota.
             let principal = authenticate(app, &req, None, false, SystemTime::now(), trace)?;
-            let quota = rate_limit(app, &principal)?;
+            let quota = rate_limit(app, &principal).await?;
             let body = introspection_body(app, &principal, cid);
             let mut resp = respond::json(StatusCode::OK, &body);
             if let Some(quota) = quota {
@@ -176,7 +176,7 @@ fn route(
         Route::Protected { extra } => {
             let now = SystemTime::now();
             let principal = authenticate(app, &req, extra, true, now, trace)?;
-            let quota = rate_limit(app, &principal)?;
+            let quota = rate_limit(app, &principal).await?;
             app.usage.record(&principal.key.id, now);
             outbound(app, conn, req, path, Some(principal), quota, cid)
         }
@@ -201,6 +201,7 @@ fn authenticate(
         check_scope,
     };
     let decision = auth::decide(&input, snapshot.as_deref(), &app.policy, now);
+    let decision = app.revocations.overlay(decision);
     app.metrics.record_auth(start.elapsed());
     match decision {
         Decision::Allow(p) => {
@@ -214,12 +215,14 @@ fn authenticate(
     }
 }
 
-/// The key's quota after this request (`None`: the key has no limit), or 429.
-fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, Reject> {
+/// The key's quota after this request (`None`: the key has no limit), 429, or 503 when a
+/// shared limit cannot be checked and `cluster.on_error` is `deny`.
+async fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, Reject> {
     if principal.key.rate_limit().is_none() {
         return Ok(None);
     }
-    match app.limiter.check(&principal.key, Instant::now()) {
+    let checked = app.limiter.check(&principal.key).await;
+    match checked.map_err(|_| Reject::AuthUnavailable)? {
         RateDecision::Limited {
             quota,
             retry_after_secs,
