@@ -417,6 +417,11 @@ const METRICS: &[&str] = &[
     "keyward_snapshot_reloads_total",
     "keyward_snapshot_last_reload_timestamp_seconds",
     "keyward_key_expiry_timestamp_seconds",
+    // SPEC 14 (with `cluster`).
+    "keyward_cluster_up",
+    "keyward_cluster_errors_total",
+    "keyward_cluster_call_duration_seconds",
+    "keyward_revocation_lag_seconds",
 ];
 
 fn unknown_metrics(expr: &str) -> Vec<String> {
