@@ -30,9 +30,13 @@ fn keys() -> String {
 async fn three_replicas_share_one_limit() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
+    // deny, and a timeout no loaded test machine reaches: every answer is Redis's.
+    let config = cluster_yaml_with(redis.port, "deny", "2s");
     let mut fleet = Vec::new();
     for _ in 0..3 {
-        fleet.push(ready_replica(up.addr, redis.port, "deny", &keys()).await);
+        let kw = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+        wait_ready(&kw).await;
+        fleet.push(kw);
     }
     // Four clients, each cycling through the replicas, for two seconds.
     let start = Instant::now();
@@ -152,7 +156,8 @@ async fn a_revoke_reaches_every_replica_and_enable_lifts_it() {
         "revoke/enable to effect on the other replicas: {} samples, p50 {p50:?}, p99 {p99:?}",
         samples.len()
     );
-    assert!(p99 < Duration::from_millis(200), "p99 {p99:?}");
+    // SPEC 14 promises 1 s; on an idle loopback p99 is a few ms (README, Fleet figures).
+    assert!(p99 < Duration::from_secs(1), "p99 {p99:?}");
     let lag = metric(&fleet[1], "keyward_revocation_lag_seconds_count").await;
     assert!(
         lag.unwrap_or(0.0) > 0.0,

@@ -64,8 +64,12 @@ async fn revoke_and_lift(kw: &Proxy) {
 async fn killed_under_load(on_error: &str, check: fn(&str, u16, &str)) {
     let mut redis = Redis::start().await;
     let up = spawn_upstream().await;
-    let a = ready_replica(up.addr, redis.port, on_error, &keys()).await;
-    let b = ready_replica(up.addr, redis.port, on_error, &keys()).await;
+    // A timeout a busy test machine does not reach: the outage is the only failure.
+    let config = cluster_yaml_with(redis.port, on_error, "500ms");
+    let a = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+    let b = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
     revoke_and_lift(&a).await;
     eventually("revoked on b", || async {
         call(&b, REVOKED).await.status == 401
@@ -157,28 +161,28 @@ async fn redis_restarted_empty_is_restored_by_the_replicas() {
     let port = redis.port;
     redis.kill();
     let redis = Redis::start_on(port).await;
-    // Restored from what the replicas hold: the revoke, and the lift (a newer tombstone).
-    eventually("restored", || async {
-        let v: Option<String> = redis
-            .cmd(&["HGET", "keyward:revocations", "key_revoked"])
-            .await;
-        v.is_some_and(|v| v.contains("|1|"))
-    })
-    .await;
-    let lifted: Option<String> = redis
-        .cmd(&["HGET", "keyward:revocations", "key_lifted"])
-        .await;
-    assert!(
-        lifted.is_some_and(|v| v.contains("|0|")),
-        "tombstone restored"
-    );
-    // A replica started after the restart reads the restored set.
-    let c = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    // A replica started at once, before anything is restored: its first read finds the
+    // set empty, so it waits for the others to write theirs back before it is ready.
+    let c = replica(up.addr, redis.port, "local", &keys()).await;
+    wait_ready(&c).await;
     assert_eq!(call(&c, REVOKED).await.code(), "disabled_api_key");
     assert_eq!(
         call(&c, LIFTED).await.status,
         200,
         "a lifted revoke stays lifted"
+    );
+    // Restored from what the replicas hold: the revoke, and the lift (a newer tombstone).
+    let stored = |id: &'static str| {
+        let redis = &redis;
+        async move {
+            let v: Option<String> = redis.cmd(&["HGET", "keyward:revocations", id]).await;
+            v.unwrap_or_default()
+        }
+    };
+    assert!(stored("key_revoked").await.contains("|1|"));
+    assert!(
+        stored("key_lifted").await.contains("|0|"),
+        "tombstone restored"
     );
     stop.store(true, Ordering::Relaxed);
     for l in loads {
@@ -221,6 +225,63 @@ async fn a_replica_started_while_redis_is_down_is_not_ready_until_it_reads_the_s
             .cmd(&["HGET", "keyward:revocations", "key_revoked"])
             .await;
         v.is_some()
+    })
+    .await;
+}
+
+/// A Redis that stops answering (`DEBUG SLEEP`): each limited request waits at most
+/// `cluster.timeout` once, then the policy applies without waiting; unlimited keys never
+/// wait at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_costs_at_most_the_timeout_then_the_policy_applies() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let config = cluster_yaml_with(redis.port, "deny", "100ms");
+    let kw = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+    wait_ready(&kw).await;
+    assert_eq!(call(&kw, LIMITED).await.status, 200);
+    let sleeper = {
+        let client = redis.client();
+        tokio::spawn(async move {
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let _: () = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg("2")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = std::time::Instant::now();
+    let r = call(&kw, LIMITED).await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (503, "auth_unavailable".into())
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        assert_eq!(call(&kw, FREE).await.status, 200);
+        assert_eq!(call(&kw, LIMITED).await.status, 503);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "no waiting on a Redis marked down"
+        );
+    }
+    let timeouts = metric(&kw, "keyward_cluster_errors_total{op=\"ratelimit\"}").await;
+    assert_eq!(
+        timeouts,
+        Some(1.0),
+        "one call timed out; the rest did not ask"
+    );
+    sleeper.await.unwrap();
+    eventually("limited key shared again", || async {
+        call(&kw, LIMITED).await.status == 200
     })
     .await;
 }

@@ -46,6 +46,8 @@ pub struct Cluster {
     /// Set once the first connection is made; redis-rs reconnects it from then on.
     conn: ArcSwapOption<ConnectionManager>,
     up: AtomicBool,
+    /// Woken when Redis answers again after an outage (the revocation sync runs at once).
+    pub back: tokio::sync::Notify,
     pub metrics: ClusterMetrics,
 }
 
@@ -67,6 +69,7 @@ impl Cluster {
             client,
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
+            back: tokio::sync::Notify::new(),
             metrics,
         })
     }
@@ -87,6 +90,7 @@ impl Cluster {
         self.metrics.up.set(i64::from(up));
         if was != up {
             if up {
+                self.back.notify_waiters();
                 info!("redis reachable: fleet state shared");
             } else {
                 warn!("redis unreachable: cluster.on_error applies to rate-limited keys");
@@ -111,7 +115,14 @@ impl Cluster {
                 }
                 return Ok(v);
             }
-            Ok(Err(e)) => ClusterError::Redis(e),
+            Ok(Err(e)) => {
+                if e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error() {
+                    // Start afresh (the probe reconnects at once) rather than wait out the
+                    // connection's own reconnect backoff.
+                    self.conn.store(None);
+                }
+                ClusterError::Redis(e)
+            }
             Err(_) => ClusterError::Timeout,
         };
         self.metrics.error(op);

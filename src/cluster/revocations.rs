@@ -32,6 +32,11 @@ use super::{now_micros, Cluster, ClusterError};
 /// The longest a lost pub/sub message can delay a revocation on a replica.
 pub const FULL_READ_INTERVAL: Duration = Duration::from_millis(500);
 
+/// A replica whose first read finds no revocation at all waits this long, reading again,
+/// before it is ready: if Redis just came back empty, the replicas that hold the set write
+/// it back within a full-read interval or two, and a newcomer must not serve before that.
+pub const EMPTY_SET_SETTLE: Duration = Duration::from_millis(1200);
+
 /// Store `ARGV[2]` under `ARGV[1]` unless Redis holds an entry at least as new
 /// (`ARGV[3]`, µs), and publish it on `ARGV[4]`. Returns 1 when stored.
 const WRITE: &str = r"
@@ -108,6 +113,8 @@ pub struct Revocations {
     loaded: AtomicBool,
     /// Serializes merges (copy, change, swap). Never held across an await.
     merging: Mutex<()>,
+    /// When the first read found Redis without any revocation (see [`EMPTY_SET_SETTLE`]).
+    empty_since: Mutex<Option<std::time::Instant>>,
     write: redis::Script,
 }
 
@@ -127,6 +134,7 @@ impl Revocations {
             set: ArcSwap::from_pointee(Set::new()),
             loaded: AtomicBool::new(false),
             merging: Mutex::new(()),
+            empty_since: Mutex::new(None),
             write: redis::Script::new(WRITE),
         }
     }
@@ -268,6 +276,9 @@ impl Revocations {
             Origin::Initial
         };
         self.merge(remote.iter().map(|(k, v)| (k.clone(), *v)), origin);
+        if origin == Origin::Initial && self.settling(remote.is_empty()) {
+            return Ok(());
+        }
         self.loaded.store(true, Ordering::Release);
         let ours = self.set.load_full();
         for (id, entry) in ours.iter() {
@@ -277,6 +288,17 @@ impl Revocations {
             }
         }
         Ok(())
+    }
+
+    /// Before the first complete read: true while an empty set has been seen for less
+    /// than [`EMPTY_SET_SETTLE`].
+    fn settling(&self, empty: bool) -> bool {
+        let mut since = self.empty_since.lock().unwrap_or_else(|e| e.into_inner());
+        if !empty {
+            return false;
+        }
+        let first = *since.get_or_insert_with(std::time::Instant::now);
+        first.elapsed() < EMPTY_SET_SETTLE
     }
 
     /// Full reads every [`FULL_READ_INTERVAL`], for the life of the process.
@@ -291,7 +313,15 @@ impl Revocations {
             } else {
                 Duration::from_millis(50)
             };
-            tokio::time::sleep(wait).await;
+            match &self.cluster {
+                Some(c) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = c.back.notified() => {}
+                    }
+                }
+                None => return,
+            }
         }
     }
 

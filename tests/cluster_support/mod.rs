@@ -31,6 +31,8 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            // DEBUG SLEEP makes a slow Redis.
+            .args(["--enable-debug-command", "yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -117,9 +119,15 @@ pub fn snapshot(entries: &[String]) -> String {
     format!("version: 1\nkeys:\n{}", entries.concat())
 }
 
-/// The `cluster` section for `port`.
+/// The `cluster` section for `port`, with a timeout a busy test machine does not reach
+/// (the tests kill Redis to make it fail; a slow call is `cluster::limiter`'s unit of
+/// policy, not theirs).
 pub fn cluster_yaml(port: u16, on_error: &str) -> String {
-    format!("cluster: {{ redis: \"redis://127.0.0.1:{port}/0\", timeout: 50ms, on_error: {on_error} }}\n")
+    cluster_yaml_with(port, on_error, "1s")
+}
+
+pub fn cluster_yaml_with(port: u16, on_error: &str, timeout: &str) -> String {
+    format!("cluster: {{ redis: \"redis://127.0.0.1:{port}/0\", timeout: {timeout}, on_error: {on_error} }}\n")
 }
 
 /// A replica sharing Redis on `port`, not yet necessarily ready.
