@@ -280,3 +280,39 @@ async fn usage_is_reported_for_the_whole_fleet() {
         .await;
     assert_eq!(count.as_deref(), Some("6"));
 }
+
+/// `keyward check` validates `cluster` (and `KEYWARD_REDIS_URL`), naming the field and
+/// never printing the URL, which may hold a password.
+#[test]
+fn keyward_check_validates_the_cluster_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    std::fs::write(&keys_file, keys()).unwrap();
+    let up: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let check = |cluster: &str, env: Option<&str>| {
+        let cfg = dir.path().join("keyward.yaml");
+        std::fs::write(&cfg, config_yaml(up, &keys_file, cluster)).unwrap();
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"));
+        c.args(["check", "--config"]).arg(&cfg);
+        c.env_remove("KEYWARD_REDIS_URL");
+        if let Some(url) = env {
+            c.env("KEYWARD_REDIS_URL", url);
+        }
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = check(&cluster_yaml(6379, "deny"), None);
+    assert!(ok, "{text}");
+    let (ok, text) = check("cluster: { redis: \"http://:hunter2@r:1\" }\n", None);
+    assert!(!ok && text.contains("cluster.redis"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    let (ok, text) = check("cluster: { redis: \"redis://r\", timeout: 0ms }\n", None);
+    assert!(!ok && text.contains("cluster.timeout"), "{text}");
+    let (ok, text) = check("", Some("memcached://:hunter2@r"));
+    assert!(!ok && text.contains("cluster.redis"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    let (ok, text) = check("", Some("rediss://:pw@r:6380/0"));
+    assert!(ok, "{text}");
+}
