@@ -6,7 +6,7 @@
 #
 #   bench/fleet.sh [--duration S] [--rounds N]     (KEYWARD_BIN: default target/release/keyward)
 #
-# Ports on 127.0.0.1: 18100 upstream, 18110 keyward (admin 18111), 18120 redis.
+# Ports on 127.0.0.1: 28400 upstream, 28410 keyward (admin 28411), 28420 redis.
 set -euo pipefail
 
 DURATION=10 ROUNDS=3
@@ -39,11 +39,11 @@ pid nginx.pid;
 events {}
 http {
   access_log off;
-  server { listen 127.0.0.1:18100; location / { return 200 "ok\n"; } }
+  server { listen 127.0.0.1:28400; location / { return 200 "ok\n"; } }
 }
 EOF
 nginx -p "$work/nginx" -c nginx.conf & pids+=($!)
-redis-server --port 18120 --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
+redis-server --port 28420 --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
 
 LIMITED=sta_fleet_bench_limited_key_0123456789abcdef
 FREE=sta_fleet_bench_free_key_0123456789abcdef
@@ -55,21 +55,21 @@ keys:
 EOF
 config() {
   cat <<EOF
-listen: 127.0.0.1:18110
-admin_listen: 127.0.0.1:18111
-upstream: http://127.0.0.1:18100
+listen: 127.0.0.1:28410
+admin_listen: 127.0.0.1:28411
+upstream: http://127.0.0.1:28400
 environment: production
 keys: { file: $work/keys.yaml }
 log: { format: json, level: warn }
 shutdown: { drain_delay: 0s, grace: 1s }
 EOF
-  [ "$1" = redis ] && echo 'cluster: { redis: "redis://127.0.0.1:18120/0", timeout: 50ms }'
+  [ "$1" = redis ] && echo 'cluster: { redis: "redis://127.0.0.1:28420/0", timeout: 50ms }'
   return 0
 }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 redis_calls() {
-  redis-cli -p 18120 info commandstats | tr -d '\r' |
+  redis-cli -p 28420 info commandstats | tr -d '\r' |
     awk -F'[:=,]' -v c="cmdstat_$1" '$1 == c {print $3; found=1} END {if (!found) print 0}'
 }
 
@@ -78,13 +78,13 @@ run() {
   config "$1" > "$work/keyward.yaml"
   "$BIN" run --config "$work/keyward.yaml" 2>"$work/keyward.log" & local kw=$!
   for _ in $(seq 100); do
-    curl -fs http://127.0.0.1:18111/readyz >/dev/null 2>&1 && break
+    curl -fs http://127.0.0.1:28411/readyz >/dev/null 2>&1 && break
     sleep 0.1
   done
-  wrk -t1 -c16 -d2s -H "x-api-key: $2" http://127.0.0.1:18110/ >/dev/null   # warm-up
+  wrk -t1 -c16 -d2s -H "x-api-key: $2" http://127.0.0.1:28410/ >/dev/null   # warm-up
   local t0 c0 out n t1 c1 hz
   t0=$(cpu_ticks $kw); c0=$(redis_calls time)
-  out=$(wrk -t1 -c16 -d"${DURATION}s" -H "x-api-key: $2" http://127.0.0.1:18110/)
+  out=$(wrk -t1 -c16 -d"${DURATION}s" -H "x-api-key: $2" http://127.0.0.1:28410/)
   t1=$(cpu_ticks $kw); c1=$(redis_calls time)
   kill $kw; wait $kw 2>/dev/null || true
   n=$(echo "$out" | awk '/requests in/ {print $1}')
@@ -94,7 +94,7 @@ run() {
     'BEGIN { printf "%d %.1f %d\n", n, t * 1e6 / hz / n, c }'
 }
 
-for _ in $(seq 50); do redis-cli -p 18120 ping >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 50); do redis-cli -p 28420 ping >/dev/null 2>&1 && break; sleep 0.1; done
 printf '| round | limiter | key | requests | keyward CPU µs/request | Redis TIME calls (limiter scripts) |\n|---|---|---|---|---|---|\n'
 for round in $(seq "$ROUNDS"); do
   for case in "local $LIMITED" "redis $LIMITED" "redis $FREE"; do

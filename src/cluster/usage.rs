@@ -72,7 +72,9 @@ impl FleetUsage {
         let todo = {
             let mut flushed = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
             // Keys that left the snapshot (and the local map): start them afresh.
-            flushed.retain(|id, _| counts.iter().any(|(c, _, _)| c == id));
+            let present: std::collections::HashSet<&Text> =
+                counts.iter().map(|(id, _, _)| id).collect();
+            flushed.retain(|id, _| present.contains(id));
             pending(&counts, &flushed)
         };
         if todo.is_empty() {
