@@ -173,7 +173,7 @@ impl Reject {
             Reject::RateLimited { .. } => "Rate limit exceeded",
             Reject::UpstreamUnavailable => "Upstream unavailable",
             Reject::UpstreamTimeout => "Upstream timed out",
-            Reject::AuthUnavailable => "Authentication unavailable: no key snapshot loaded",
+            Reject::AuthUnavailable => "Authentication unavailable: no key snapshot loaded, or shared state (cluster) not ready",
             Reject::BadRequest(BadRequest::Path(_)) => "Request path refused",
             Reject::BadRequest(BadRequest::DelegateHeader) => "Malformed x-delegate-account-id",
             Reject::BadRequest(BadRequest::Host) => "Malformed request head",
