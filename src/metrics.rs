@@ -197,12 +197,12 @@ impl Metrics {
         })
     }
 
-    /// One finished request.
     /// The registry, for instruments owned by other components (the cluster's).
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
+    /// One finished request.
     pub fn record_request(&self, code: Code, elapsed: Duration) {
         self.requests[code.index()].inc();
         let d = usize::from(decision_label(code) == "denied");
