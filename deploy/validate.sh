@@ -36,6 +36,13 @@ if command -v kubectl >/dev/null 2>&1; then
   else
     fail "kubectl kustomize"
   fi
+  # The base with the components/redis component (shared fleet state).
+  if kubectl kustomize deploy/overlays/fleet > "$work/fleet.yaml" \
+    && grep -q KEYWARD_REDIS_URL "$work/fleet.yaml"; then
+    echo "deploy/overlays/fleet: rendered $(grep -c '^kind:' "$work/fleet.yaml") objects"
+  else
+    fail "kubectl kustomize deploy/overlays/fleet"
+  fi
 else
   echo "kubectl not found: skipped"
 fi

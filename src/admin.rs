@@ -143,6 +143,11 @@ fn readyz(app: &App) -> Response<AdminBody> {
         text(StatusCode::OK, "ready\n")
     } else if app.draining.load(std::sync::atomic::Ordering::Acquire) {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if !app.revocations.is_ready() {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fleet revocations not read from redis yet\n",
+        )
     } else if app.store.is_loaded() {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -197,12 +202,19 @@ async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
         (&Method::PUT, ["v1", "snapshot"]) if flag(&req, "dry_run") => dry_run(app, req).await,
         (&Method::PUT, ["v1", "snapshot"]) => put_snapshot(app, req).await,
         (&Method::POST, ["v1", "snapshot", "reload"]) => reload(app, &req).await,
-        (&Method::POST, ["v1", "keys", id, "disable"]) => disable(app, id),
-        (&Method::GET, ["v1", "keys", "usage"]) => {
-            let snapshot = app.store.load();
-            let keys = app.usage.report(snapshot.as_deref());
-            json(StatusCode::OK, json!({ "keys": keys }))
+        (&Method::POST, ["v1", "keys", id, "disable"]) if app.revocations.is_shared() => {
+            revoke(app, id, true).await
         }
+        (&Method::POST, ["v1", "keys", id, "enable"]) if app.revocations.is_shared() => {
+            revoke(app, id, false).await
+        }
+        (&Method::POST, ["v1", "keys", _, "enable"]) => error(
+            StatusCode::CONFLICT,
+            "cluster_required",
+            "enable lifts a fleet revoke and needs `cluster`; without it, edit the snapshot",
+        ),
+        (&Method::POST, ["v1", "keys", id, "disable"]) => disable(app, id),
+        (&Method::GET, ["v1", "keys", "usage"]) => usage(app).await,
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
     }
 }
@@ -421,6 +433,53 @@ where
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `disable`/`enable` with `cluster`: a fleet revoke (or its lifting) of the key in force
+/// under `id`, for any key source (SPEC 14).
+async fn revoke(app: &App, id: &str, disabled: bool) -> Response<AdminBody> {
+    let Some(snapshot) = app.store.load() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "auth_unavailable",
+            "no key snapshot loaded",
+        );
+    };
+    let Some(key) = snapshot.by_id(id) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_key",
+            DisableError::NotFound(id.to_string()),
+        );
+    };
+    let status = if disabled { "disabled" } else { "enabled" };
+    match app.revocations.set(key, disabled).await {
+        Ok(_) => json(
+            StatusCode::OK,
+            json!({"key_id": id, "status": status, "scope": "fleet"}),
+        ),
+        Err(e) => {
+            warn!(key_id = id, error = %e, "revocation not stored in redis yet");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cluster_unavailable",
+                "applied on this replica; stored for the fleet once Redis is reachable",
+            )
+        }
+    }
+}
+
+/// Usage of the whole fleet with `cluster` (this replica's alone if Redis cannot be read).
+async fn usage(app: &App) -> Response<AdminBody> {
+    let snapshot = app.store.load();
+    if let Some(fleet) = &app.fleet_usage {
+        match fleet.report(&app.usage, snapshot.as_deref()).await {
+            Ok(keys) => return json(StatusCode::OK, json!({ "keys": keys, "scope": "fleet" })),
+            Err(e) => warn!(error = %e, "fleet usage unavailable; reporting this replica's"),
+        }
+    }
+    let keys = app.usage.report(snapshot.as_deref());
+    json(StatusCode::OK, json!({ "keys": keys, "scope": "replica" }))
+}
 
 fn disable(app: &App, id: &str) -> Response<AdminBody> {
     match source::disable_key(app, id) {

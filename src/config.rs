@@ -115,6 +115,9 @@ pub struct Config {
     /// Decision mode (SPEC 15): answer an existing proxy's auth question.
     #[serde(default)]
     pub decision: Option<DecisionConfig>,
+    /// Shared state for a fleet of replicas (SPEC 14); off when absent.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -376,6 +379,63 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `cluster` (SPEC 14): where replicas share rate limits, revocations and usage.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://` or `rediss://` (TLS); credentials in the URL or `KEYWARD_REDIS_URL`.
+    pub redis: String,
+    /// Every Redis key keyward writes starts with it.
+    #[serde(default = "default_cluster_prefix")]
+    pub prefix: String,
+    /// One Redis call; past it the call has failed.
+    #[serde(default = "default_cluster_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+impl ClusterConfig {
+    fn with_url(redis: String) -> Self {
+        Self {
+            redis,
+            prefix: default_cluster_prefix(),
+            timeout: default_cluster_timeout(),
+            on_error: OnError::default(),
+        }
+    }
+}
+
+/// The URL may hold a password: `Debug` leaves it out.
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a rate-limited key gets while Redis is unreachable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Enforce the limit per replica.
+    #[default]
+    Local,
+    /// 503 `auth_unavailable`.
+    Deny,
+}
+
+fn default_cluster_prefix() -> String {
+    "keyward:".into()
+}
+
+fn default_cluster_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+
 /// An IP network for `trusted_proxies`: `10.0.0.0/8`, `::1/128` or a bare address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -529,7 +589,22 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_yaml(&text)
+        let mut config = Self::from_yaml(&text)?;
+        config.redis_url_from_env(std::env::var("KEYWARD_REDIS_URL").ok())?;
+        Ok(config)
+    }
+
+    /// `KEYWARD_REDIS_URL` (credentials stay out of the config file): replaces
+    /// `cluster.redis`, or turns `cluster` on with its defaults. Empty means unset.
+    pub fn redis_url_from_env(&mut self, url: Option<String>) -> Result<(), ConfigError> {
+        let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
+            return Ok(());
+        };
+        match &mut self.cluster {
+            Some(c) => c.redis = url,
+            None => self.cluster = Some(ClusterConfig::with_url(url)),
+        }
+        self.validate_cluster()
     }
 
     /// Parse and validate config text.
@@ -587,6 +662,7 @@ impl Config {
             }
         }
         self.validate_limits()?;
+        self.validate_cluster()?;
         if let Some(n) = self.workers {
             if !(1..=MAX_WORKERS).contains(&n) {
                 return Err(invalid(
@@ -625,6 +701,34 @@ impl Config {
             return Err(invalid(
                 "metrics.per_key_limit",
                 "must be at least 1 (turn the series off with metrics.per_key: false)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        // Never echo the URL: it may hold a password.
+        let rest = ["redis://", "rediss://"].iter().find_map(|scheme| {
+            let head = c.redis.get(..scheme.len())?;
+            head.eq_ignore_ascii_case(scheme)
+                .then(|| &c.redis[scheme.len()..])
+        });
+        if rest.map_or(true, str::is_empty) {
+            return Err(invalid(
+                "cluster.redis",
+                "must be a redis:// or rediss:// URL with a host",
+            ));
+        }
+        if c.timeout.is_zero() {
+            return Err(invalid("cluster.timeout", "must be greater than zero"));
+        }
+        if c.prefix.is_empty() || c.prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "cluster.prefix",
+                "must not be empty nor contain `{` or `}`",
             ));
         }
         Ok(())
@@ -1007,5 +1111,38 @@ mod tests {
         assert!(Cidr::try_from("10.0.0.0/33".to_string()).is_err());
         let all = Cidr::try_from("0.0.0.0/0".to_string()).unwrap();
         assert!(all.contains("1.2.3.4".parse().unwrap()));
+    }
+
+    #[test]
+    fn cluster_defaults_rules_and_env_override() {
+        let c = Config::from_yaml(&format!(
+            "{MINIMAL}cluster: {{ redis: \"redis://r:6379/0\" }}\n"
+        ))
+        .unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(
+            (cl.prefix.as_str(), cl.timeout, cl.on_error),
+            ("keyward:", Duration::from_millis(50), OnError::Local)
+        );
+        assert!(err("cluster: { redis: \"http://r:1\" }\n").starts_with("cluster.redis: "));
+        assert!(err("cluster: { redis: \"rediss://\" }\n").starts_with("cluster.redis: "));
+        let zero = err("cluster: { redis: \"redis://r\", timeout: 0s }\n");
+        assert!(zero.starts_with("cluster.timeout: "), "{zero}");
+        assert!(err("cluster: { redis: \"redis://r\", on_error: open }\n").contains("on_error"));
+        assert!(
+            err("cluster: { redis: \"redis://r\", prefix: \"\" }\n").starts_with("cluster.prefix")
+        );
+        // The URL (it may hold a password) is never in an error or in Debug.
+        let secret = err("cluster: { redis: \"http://:hunter2@r\" }\n");
+        assert!(!secret.contains("hunter2"), "{secret}");
+        let mut c = Config::from_yaml(MINIMAL).unwrap();
+        c.redis_url_from_env(Some(String::new())).unwrap();
+        assert!(c.cluster.is_none(), "an empty variable is unset");
+        c.redis_url_from_env(Some("rediss://:pw@r:6380".into()))
+            .unwrap();
+        let cl = c.cluster.as_ref().unwrap();
+        assert_eq!(cl.redis, "rediss://:pw@r:6380");
+        assert!(!format!("{cl:?}").contains("pw"));
+        assert!(c.redis_url_from_env(Some("tcp://r".into())).is_err());
     }
 }

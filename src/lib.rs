@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod decision;
 pub mod demo;
@@ -30,8 +31,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tracing::info;
 
-use crate::auth::ratelimit::RateLimiter;
 use crate::auth::Policy;
+use crate::cluster::limiter::Limiter;
+use crate::cluster::revocations::Revocations;
+use crate::cluster::usage::FleetUsage;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::keys::source::KeySource;
 use crate::keys::usage::Usage;
@@ -47,7 +51,11 @@ pub struct App {
     pub store: KeyStore,
     pub key_source: KeySource,
     pub usage: Usage,
-    pub limiter: RateLimiter,
+    pub limiter: Limiter,
+    /// Redis, when `cluster` is configured (SPEC 14).
+    pub cluster: Option<Arc<Cluster>>,
+    pub revocations: Arc<Revocations>,
+    pub fleet_usage: Option<Arc<FleetUsage>>,
     pub metrics: Metrics,
     pub upstream: Upstream,
     /// Set on SIGTERM: `/readyz` fails from then on.
@@ -79,6 +87,12 @@ impl App {
         let metrics = Metrics::new(config.metrics.per_key)
             .map_err(|e| StartError::Config(format!("metrics: {e}")))?
             .with_snapshot_safety(config.metrics.per_key_limit, config.keys.max_age);
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(
+                Cluster::new(c, metrics.registry()).map_err(StartError::Config)?,
+            )),
+            None => None,
+        };
         Ok(Self {
             policy: Policy::new(&config),
             // Decision mode without a proxy listener has no upstream: the pool is never used.
@@ -90,7 +104,10 @@ impl App {
             store: KeyStore::new(),
             key_source,
             usage: Usage::default(),
-            limiter: RateLimiter::default(),
+            limiter: Limiter::new(cluster.as_ref()),
+            revocations: Arc::new(Revocations::new(cluster.as_ref())),
+            fleet_usage: cluster.as_ref().map(|c| Arc::new(FleetUsage::new(c))),
+            cluster,
             metrics,
             draining: AtomicBool::new(false),
             reload: Arc::new(Notify::new()),
@@ -98,14 +115,15 @@ impl App {
         })
     }
 
-    /// Ready: a snapshot is loaded, not older than `keys.max_age`, and we are not draining.
+    /// Ready: a snapshot is loaded and not older than `keys.max_age`, the fleet's
+    /// revocations are read (with `cluster`), and we are not draining.
     pub fn is_ready(&self) -> bool {
         let fresh = self
             .store
             .guard()
             .as_ref()
             .is_some_and(|s| !s.is_stale(std::time::SystemTime::now()));
-        fresh && !self.draining.load(Ordering::Acquire)
+        fresh && self.revocations.is_ready() && !self.draining.load(Ordering::Acquire)
     }
 }
 
@@ -221,6 +239,7 @@ impl Keyward {
                 app.reload.clone(),
             )));
         }
+        background.extend(cluster::spawn(&app));
         if let (Some(acceptor), Some(t)) = (&tls, &app.config.tls) {
             background.push(tokio::spawn(tls::watch(acceptor.clone(), t.clone())));
         }

@@ -212,6 +212,9 @@ fn check(path: &Path) -> Result<(), String> {
     if let Some(tls) = &config.tls {
         keyward::tls::load_server_config(tls).map_err(|e| e.to_string())?;
     }
+    if let Some(c) = &config.cluster {
+        keyward::cluster::check_url(&c.redis)?;
+    }
     let mut files = Vec::new();
     if let Some(c) = &config.keys.control {
         if c.state_file.exists() {

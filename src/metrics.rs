@@ -221,6 +221,11 @@ impl Metrics {
         self
     }
 
+    /// The registry, for instruments owned by other components (the cluster's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// One finished request.
     pub fn record_request(&self, code: Code, elapsed: Duration) {
         self.requests[code.index()].inc();

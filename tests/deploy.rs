@@ -430,6 +430,11 @@ const METRICS: &[&str] = &[
     "keyward_key_expiry_timestamp_seconds",
     "keyward_snapshot_generated_timestamp_seconds",
     "keyward_snapshot_max_age_seconds",
+    // SPEC 14 (with `cluster`).
+    "keyward_cluster_up",
+    "keyward_cluster_errors_total",
+    "keyward_cluster_call_duration_seconds",
+    "keyward_revocation_lag_seconds",
 ];
 
 fn unknown_metrics(expr: &str) -> Vec<String> {

@@ -686,7 +686,9 @@ fn exported(s: &Scrape) -> Exported {
 #[tokio::test]
 async fn dashboard_and_alerts_use_real_metric_names_and_labels() {
     let up = spawn_upstream().await;
-    let kw = spawn_proxy(up.addr, "metrics: { per_key: true }\n").await;
+    // With `cluster` (no Redis needed to export its series) for the fleet panels and alert.
+    let extra = "metrics: { per_key: true }\ncluster: { redis: \"redis://127.0.0.1:1/0\" }\n";
+    let kw = spawn_proxy(up.addr, extra).await;
     let scrape = scrape(&kw.admin_url("/metrics")).await;
     kw.shutdown().await;
     let exported = exported(&scrape);

@@ -181,7 +181,9 @@ impl Reject {
             Reject::RateLimited { .. } => "Rate limit exceeded",
             Reject::UpstreamUnavailable => "Upstream unavailable",
             Reject::UpstreamTimeout => "Upstream timed out",
-            Reject::AuthUnavailable => "Authentication unavailable: no usable key snapshot",
+            Reject::AuthUnavailable => {
+                "Authentication unavailable: no usable key snapshot, or shared state (cluster) not ready"
+            }
             Reject::BadRequest(BadRequest::Path(_)) => "Request path refused",
             Reject::BadRequest(BadRequest::DelegateHeader) => "Malformed x-delegate-account-id",
             Reject::BadRequest(BadRequest::Host) => "Malformed request head",

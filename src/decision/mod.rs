@@ -131,7 +131,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
             headers::set_correlation(resp.headers_mut(), &cid);
             return Ok(resp);
         }
-        Some(endpoint) => decide(&app, endpoint, &req, &mut method, &mut trace),
+        Some(endpoint) => decide(&app, endpoint, &req, &mut method, &mut trace).await,
     };
     let (mut resp, code) = match result {
         Ok(allowed) => (allowed, Code::Ok),
@@ -152,7 +152,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
 }
 
 /// The proxy's phases on the original request; `method` becomes the original method.
-fn decide<B>(
+async fn decide<B>(
     app: &App,
     endpoint: Endpoint,
     req: &Request<B>,
@@ -167,7 +167,7 @@ fn decide<B>(
         headers: req.headers(),
         query: original.query.as_deref(),
     };
-    Ok(match handler::decide(app, &head, &original.path, trace)? {
+    Ok(match handler::decide(app, &head, &original.path, trace).await? {
         Verdict::Public => allowed(&app.names, None, None),
         Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
             allowed(&app.names, Some(&p), quota.as_ref())

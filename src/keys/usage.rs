@@ -63,26 +63,56 @@ impl Usage {
     /// it are never reported, even in the moment between a swap and its `retain`, or when
     /// a request allowed by the previous snapshot recorded its key after that `retain`.
     pub fn report(&self, snapshot: Option<&Snapshot>) -> Vec<KeyUsage> {
-        let Some(snapshot) = snapshot else {
-            return Vec::new();
-        };
-        let mut out: Vec<KeyUsage> = self
-            .by_id
-            .iter()
-            .filter(|e| snapshot.by_id(e.key()).is_some())
-            .map(|e| {
-                let ms = e.last_used_unix_ms.load(Ordering::Relaxed);
-                let t = UNIX_EPOCH + std::time::Duration::from_millis(ms);
-                KeyUsage {
-                    key_id: e.key().to_string(),
-                    last_used: humantime::format_rfc3339_millis(t).to_string(),
-                    requests: e.requests.load(Ordering::Relaxed),
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| a.key_id.cmp(&b.key_id));
-        out
+        report_entries(
+            snapshot,
+            self.by_id.iter().map(|e| {
+                (
+                    e.key().to_string(),
+                    e.last_used_unix_ms.load(Ordering::Relaxed),
+                    e.requests.load(Ordering::Relaxed),
+                )
+            }),
+        )
     }
+
+    /// Every key's `(id, last used (ms since the epoch), requests)` counted here so far (the
+    /// fleet's usage flush reads this).
+    pub fn counts(&self) -> Vec<(Text, u64, u64)> {
+        self.by_id
+            .iter()
+            .map(|e| {
+                (
+                    e.key().clone(),
+                    e.last_used_unix_ms.load(Ordering::Relaxed),
+                    e.requests.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The report of `(id, last used ms, requests)` entries: only keys of `snapshot` (the one in
+/// force), ordered by id.
+pub fn report_entries(
+    snapshot: Option<&Snapshot>,
+    entries: impl Iterator<Item = (String, u64, u64)>,
+) -> Vec<KeyUsage> {
+    let Some(snapshot) = snapshot else {
+        return Vec::new();
+    };
+    let mut out: Vec<KeyUsage> = entries
+        .filter(|(id, _, _)| snapshot.by_id(id).is_some())
+        .map(|(key_id, ms, requests)| {
+            let t = UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            KeyUsage {
+                key_id,
+                last_used: humantime::format_rfc3339_millis(t).to_string(),
+                requests,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+    out
 }
 
 #[cfg(test)]

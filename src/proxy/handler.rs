@@ -1,5 +1,5 @@
 //! One request, as named phases: normalize → route → authenticate → prepare → exchange with
-//! the upstream → respond → log. Only the exchange awaits.
+//! the upstream → respond → log. Only the exchange (and a limit shared through Redis) awaits.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -93,8 +93,8 @@ struct Outbound {
 
 /// Serve one request. Never fails: every error becomes a response here.
 ///
-/// Every phase but the upstream exchange is synchronous, so this future holds one await
-/// and stays small (hyper moves it into place once per request).
+/// Every phase but the upstream exchange (and a rate limit shared through Redis) is
+/// synchronous, so this future stays small (hyper moves it into place once per request).
 pub async fn handle(
     app: Arc<App>,
     conn: ConnInfo,
@@ -106,7 +106,7 @@ pub async fn handle(
     let mut trace = Trace::default();
 
     let http2 = req.version() == http::Version::HTTP_2;
-    let result = match prepare(&app, conn, req, &cid, &mut trace) {
+    let result = match prepare(&app, conn, req, &cid, &mut trace).await {
         Ok(Next::Upstream(out)) => exchange(&app, out, &mut trace).await,
         Ok(Next::Local(resp)) => Ok(resp),
         Err(reject) => Err(reject),
@@ -131,7 +131,7 @@ pub async fn handle(
 
 /// Head checks, then the shared phases: the normalized path is what is authorized and what
 /// is forwarded.
-fn prepare(
+async fn prepare(
     app: &App,
     conn: ConnInfo,
     req: Request<Incoming>,
@@ -139,7 +139,7 @@ fn prepare(
     trace: &mut Trace,
 ) -> Result<Next, Reject> {
     super::server::check_head(&req, &app.config.limits)?;
-    let verdict = decide(app, &Head::of(&req), req.uri().path(), trace)?;
+    let verdict = decide(app, &Head::of(&req), req.uri().path(), trace).await?;
     let path = trace.path();
     match verdict {
         Verdict::Public => outbound(app, conn, req, path, None, None, cid),
@@ -189,7 +189,7 @@ pub enum Verdict {
 /// The phases shared by every front door: normalize → route → credential → decide →
 /// rate-limit. `raw_path` is the path as the client sent it; the normalized path, the one
 /// that was authorized, is then [`Trace::path`].
-pub fn decide(
+pub async fn decide(
     app: &App,
     head: &Head<'_>,
     raw_path: &str,
@@ -202,24 +202,29 @@ pub fn decide(
             return Err(Reject::BadRequest(BadRequest::Path(e)));
         }
     };
-    let verdict = route(app, head, &path, trace);
+    let verdict = route(app, head, &path, trace).await;
     trace.path = Some(path);
     verdict
 }
 
-fn route(app: &App, head: &Head<'_>, path: &str, trace: &mut Trace) -> Result<Verdict, Reject> {
+async fn route(
+    app: &App,
+    head: &Head<'_>,
+    path: &str,
+    trace: &mut Trace,
+) -> Result<Verdict, Reject> {
     match app.policy.route(path) {
         Route::Public => Ok(Verdict::Public),
         Route::Introspection => {
             // A question asked with a key is a request by that key: it spends its quota.
             let principal = authenticate(app, head, None, false, SystemTime::now(), trace)?;
-            let quota = rate_limit(app, &principal)?;
+            let quota = rate_limit(app, &principal).await?;
             Ok(Verdict::Introspection(principal, quota))
         }
         Route::Protected { extra } => {
             let now = SystemTime::now();
             let principal = authenticate(app, head, extra, true, now, trace)?;
-            let quota = rate_limit(app, &principal)?;
+            let quota = rate_limit(app, &principal).await?;
             app.usage.record(&principal.key.id, now);
             Ok(Verdict::Protected(principal, quota))
         }
@@ -244,6 +249,7 @@ fn authenticate(
         check_scope,
     };
     let decision = auth::decide(&input, snapshot.as_deref(), &app.policy, now);
+    let decision = app.revocations.overlay(decision);
     app.metrics.record_auth(start.elapsed());
     match decision {
         Decision::Allow(p) => {
@@ -257,12 +263,14 @@ fn authenticate(
     }
 }
 
-/// The key's quota after this request (`None`: the key has no limit), or 429.
-fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, Reject> {
+/// The key's quota after this request (`None`: the key has no limit), 429, or 503 when a
+/// shared limit cannot be checked and `cluster.on_error` is `deny`.
+async fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, Reject> {
     if principal.key.rate_limit().is_none() {
         return Ok(None);
     }
-    match app.limiter.check(&principal.key, Instant::now()) {
+    let checked = app.limiter.check(&principal.key).await;
+    match checked.map_err(|_| Reject::AuthUnavailable)? {
         RateDecision::Limited {
             quota,
             retry_after_secs,

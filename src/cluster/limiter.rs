@@ -1,0 +1,188 @@
+//! The rate-limit seam: the per-replica GCRA ([`RateLimiter`]) or one shared through Redis
+//! (GCRA as one Lua script, Redis `TIME` as the clock), chosen once at start.
+//!
+//! A key without a limit never reaches here (no Redis call). A limited key costs one round
+//! trip: `EVALSHA` (redis-rs `Script` falls back to `EVAL` once on `NOSCRIPT`). While Redis
+//! is down or slow, `cluster.on_error` decides: `local` enforces the limit on this replica,
+//! `deny` refuses (503 `auth_unavailable`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::auth::ratelimit::{Quota, RateDecision, RateLimiter};
+use crate::config::OnError;
+use crate::keys::{Key, Snapshot};
+
+use super::metrics::Op;
+use super::Cluster;
+
+/// GCRA over microseconds. KEYS[1]: the key's state (its theoretical arrival time).
+/// ARGV: emission interval (µs), burst. Returns {allowed, remaining, retry_after_us, reset_us}.
+const GCRA: &str = r"
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local new_tat = tat + interval
+local ahead = new_tat - now
+local tolerance = interval * burst
+if ahead > tolerance then
+  return {0, 0, ahead - tolerance, tat - now}
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil(ahead / 1000) + 1)
+local remaining = 0
+if interval > 0 then remaining = math.floor((tolerance - ahead) / interval) end
+return {1, remaining, 0, ahead}
+";
+
+/// Longest emission interval sent to Redis (~31 years): keeps every sum exact in Lua's
+/// doubles however slow a rate is configured.
+const MAX_INTERVAL_US: f64 = 1e15;
+
+/// Why a limited key could not be checked (`deny` while Redis is unreachable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+pub enum Limiter {
+    Local(RateLimiter),
+    Redis(RedisLimiter),
+}
+
+pub struct RedisLimiter {
+    cluster: Arc<Cluster>,
+    script: redis::Script,
+    /// Used while Redis is unreachable (`on_error: local`).
+    fallback: RateLimiter,
+}
+
+impl Limiter {
+    pub fn new(cluster: Option<&Arc<Cluster>>) -> Self {
+        match cluster {
+            None => Self::Local(RateLimiter::default()),
+            Some(c) => Self::Redis(RedisLimiter {
+                cluster: c.clone(),
+                script: redis::Script::new(GCRA),
+                fallback: RateLimiter::default(),
+            }),
+        }
+    }
+
+    /// The key's decision. Unlimited keys answer at once, without any I/O.
+    pub async fn check(&self, key: &Key) -> Result<RateDecision, Unavailable> {
+        match self {
+            Self::Local(l) => Ok(l.check(key, Instant::now())),
+            Self::Redis(r) => {
+                if key.rate_limit().is_none() {
+                    return Ok(RateDecision::Unlimited);
+                }
+                // Boxed: keeps the request's future small when no Redis call is made.
+                Box::pin(r.check(key)).await
+            }
+        }
+    }
+
+    /// Drop per-replica state of keys no longer in the snapshot.
+    pub fn retain(&self, snapshot: &Snapshot) {
+        match self {
+            Self::Local(l) => l.retain(snapshot),
+            Self::Redis(r) => r.fallback.retain(snapshot),
+        }
+    }
+}
+
+impl RedisLimiter {
+    async fn check(&self, key: &Key) -> Result<RateDecision, Unavailable> {
+        let Some(limit) = key.rate_limit() else {
+            return Ok(RateDecision::Unlimited);
+        };
+        if self.cluster.is_up() {
+            let interval = (1e6 / limit.per_second).clamp(0.0, MAX_INTERVAL_US).round();
+            let name = self.cluster.key(&format!("rl:{{{}}}", &*key.id));
+            let script = &self.script;
+            let r = self
+                .cluster
+                .call(Op::RateLimit, |mut c| async move {
+                    script
+                        .key(name)
+                        .arg(interval as u64)
+                        .arg(limit.burst)
+                        .invoke_async::<(i64, i64, i64, i64)>(&mut c)
+                        .await
+                })
+                .await;
+            if let Ok(reply) = r {
+                return Ok(decision(limit.burst, reply));
+            }
+        }
+        match self.cluster.config.on_error {
+            OnError::Local => Ok(self.fallback.check(key, Instant::now())),
+            OnError::Deny => Err(Unavailable),
+        }
+    }
+}
+
+/// The script's reply as a decision.
+fn decision(
+    burst: u32,
+    (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64),
+) -> RateDecision {
+    let secs = |us: i64| u64::try_from(us).unwrap_or(0).div_ceil(1_000_000);
+    if allowed == 1 {
+        return RateDecision::Allowed(Quota {
+            limit: burst,
+            remaining: u32::try_from(remaining).unwrap_or(if remaining < 0 { 0 } else { u32::MAX }),
+            reset_secs: secs(reset_us),
+        });
+    }
+    let retry_after_secs = secs(retry_us).max(1);
+    RateDecision::Limited {
+        quota: Quota {
+            limit: burst,
+            remaining: 0,
+            reset_secs: retry_after_secs,
+        },
+        retry_after_secs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_map_to_decisions() {
+        assert_eq!(
+            decision(10, (1, 9, 0, 100_000)),
+            RateDecision::Allowed(Quota {
+                limit: 10,
+                remaining: 9,
+                reset_secs: 1
+            })
+        );
+        assert_eq!(
+            decision(10, (0, 0, 2_500_000, 0)),
+            RateDecision::Limited {
+                quota: Quota {
+                    limit: 10,
+                    remaining: 0,
+                    reset_secs: 3
+                },
+                retry_after_secs: 3
+            }
+        );
+        // A nonsense reply never panics: it clamps.
+        assert!(matches!(
+            decision(1, (0, -5, -1, -1)),
+            RateDecision::Limited {
+                retry_after_secs: 1,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decision(1, (1, -5, -1, -1)),
+            RateDecision::Allowed(Quota { remaining: 0, .. })
+        ));
+    }
+}

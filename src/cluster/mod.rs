@@ -1,0 +1,250 @@
+//! Shared state for a fleet of replicas (SPEC 14): rate limits, revocations and usage in
+//! Redis. Each kind of state has one seam with a local implementation and a Redis one,
+//! chosen once at start ([`limiter::Limiter`], [`revocations::Revocations`],
+//! [`usage::FleetUsage`]); the request path does not know which it has.
+//!
+//! Every Redis call goes through [`Cluster::call`]: over one multiplexed connection
+//! (redis-rs `ConnectionManager`), bounded by `cluster.timeout`, timed and counted. A failed
+//! call is a value ([`ClusterError`]) the caller maps to its policy; it also marks Redis
+//! down, so the request path stops waiting on it until the background probe sees it back.
+
+pub mod limiter;
+pub mod metrics;
+pub mod revocations;
+pub mod usage;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tracing::{info, warn};
+
+use crate::config::ClusterConfig;
+use metrics::{ClusterMetrics, Op};
+
+/// How often a replica probes a Redis it has marked down (and reconnects).
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Why a Redis call did not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("redis is not connected")]
+    NotConnected,
+    #[error("redis call took longer than cluster.timeout")]
+    Timeout,
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// The connection to Redis and its health, shared by the three kinds of state.
+pub struct Cluster {
+    pub config: ClusterConfig,
+    client: redis::Client,
+    /// Set once the first connection is made; redis-rs reconnects it from then on.
+    conn: ArcSwapOption<ConnectionManager>,
+    up: AtomicBool,
+    /// Woken when Redis answers again after an outage (the revocation sync runs at once).
+    pub back: tokio::sync::Notify,
+    pub metrics: ClusterMetrics,
+}
+
+/// Check a Redis URL without connecting (`keyward check`). The error never repeats the URL.
+pub fn check_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url)
+        .map(|_| ())
+        .map_err(|e| format!("cluster.redis: not a usable Redis URL ({:?})", e.kind()))
+}
+
+impl Cluster {
+    pub fn new(config: &ClusterConfig, registry: &prometheus::Registry) -> Result<Self, String> {
+        check_url(&config.redis)?;
+        let client = redis::Client::open(config.redis.as_str())
+            .map_err(|e| format!("cluster.redis: {:?}", e.kind()))?;
+        let metrics = ClusterMetrics::new(registry).map_err(|e| format!("metrics: {e}"))?;
+        Ok(Self {
+            config: config.clone(),
+            client,
+            conn: ArcSwapOption::empty(),
+            up: AtomicBool::new(false),
+            back: tokio::sync::Notify::new(),
+            metrics,
+        })
+    }
+
+    /// A Redis key name: `{prefix}{name}`. Per-key names put the key id in a hash tag
+    /// (`{...}`) so one key's state stays on one Redis Cluster shard.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.config.prefix)
+    }
+
+    /// Redis answered the last call (or probe).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    fn set_up(&self, up: bool) {
+        let was = self.up.swap(up, Ordering::AcqRel);
+        self.metrics.up.set(i64::from(up));
+        if was != up {
+            if up {
+                self.back.notify_waiters();
+                info!("redis reachable: fleet state shared");
+            } else {
+                warn!("redis unreachable: cluster.on_error applies to rate-limited keys");
+            }
+        }
+    }
+
+    /// One Redis call, bounded by `cluster.timeout`. Failure marks Redis down.
+    pub async fn call<T, F, Fut>(&self, op: Op, f: F) -> Result<T, ClusterError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.conn.load_full().ok_or(ClusterError::NotConnected)?;
+        let start = Instant::now();
+        let result = tokio::time::timeout(self.config.timeout, f((*conn).clone())).await;
+        self.metrics.observe(op, start.elapsed());
+        let err = match result {
+            Ok(Ok(v)) => {
+                if !self.is_up() {
+                    self.set_up(true);
+                }
+                return Ok(v);
+            }
+            Ok(Err(e)) => {
+                if e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error() {
+                    // Start afresh (the probe reconnects at once) rather than wait out the
+                    // connection's own reconnect backoff.
+                    self.conn.store(None);
+                }
+                ClusterError::Redis(e)
+            }
+            Err(_) => ClusterError::Timeout,
+        };
+        self.metrics.error(op);
+        self.set_up(false);
+        Err(err)
+    }
+
+    /// Connect (once) and probe: keeps `up` true while Redis answers. Runs for the life of
+    /// the process.
+    pub async fn maintain(self: Arc<Self>) {
+        loop {
+            if self.conn.load().is_none() {
+                match self.connect().await {
+                    Ok(c) => self.conn.store(Some(Arc::new(c))),
+                    Err(e) => {
+                        self.metrics.error(Op::Connect);
+                        tracing::debug!(error = %e, "redis connect failed");
+                    }
+                }
+            }
+            if self.conn.load().is_some() && !self.is_up() {
+                let pong = self
+                    .call(Op::Ping, |mut c| async move {
+                        redis::cmd("PING").query_async::<String>(&mut c).await
+                    })
+                    .await;
+                if pong.is_ok() {
+                    self.set_up(true);
+                }
+            }
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
+
+    async fn connect(&self) -> Result<ConnectionManager, ClusterError> {
+        let t = self.config.timeout;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(t.max(Duration::from_millis(200)))
+            .set_response_timeout(t)
+            .set_number_of_retries(1)
+            .set_max_delay(100);
+        let start = Instant::now();
+        let r = tokio::time::timeout(
+            t.max(Duration::from_millis(500)),
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await;
+        self.metrics.observe(Op::Connect, start.elapsed());
+        match r {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(ClusterError::Timeout),
+        }
+    }
+
+    /// A dedicated pub/sub connection (subscriptions cannot share the multiplexed one).
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, ClusterError> {
+        let r = tokio::time::timeout(
+            self.config.timeout.max(Duration::from_millis(500)),
+            self.client.get_async_pubsub(),
+        )
+        .await;
+        match r {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(ClusterError::Timeout),
+        }
+    }
+}
+
+/// Start the cluster's background tasks (none without `cluster`): connection upkeep,
+/// revocation reads and subscription, usage flushes.
+pub fn spawn(app: &Arc<crate::App>) -> Vec<tokio::task::JoinHandle<()>> {
+    let Some(cluster) = &app.cluster else {
+        return Vec::new();
+    };
+    let mut tasks = vec![
+        tokio::spawn(cluster.clone().maintain()),
+        tokio::spawn(app.revocations.clone().run_sync()),
+        tokio::spawn(app.revocations.clone().run_subscriber()),
+    ];
+    if let Some(fleet) = &app.fleet_usage {
+        tasks.push(tokio::spawn(fleet.clone().run(app.clone())));
+    }
+    tasks
+}
+
+/// Microseconds since the Unix epoch, by this host's clock.
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_urls_are_refused_without_echoing_them() {
+        assert!(check_url("redis://127.0.0.1:6379/0").is_ok());
+        assert!(check_url("rediss://:secret@example.com:6380").is_ok());
+        let e = check_url("redis://:secret@[::1").unwrap_err();
+        assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_call_before_any_connection_fails_fast_as_a_value() {
+        let config = crate::config::ClusterConfig {
+            redis: "redis://127.0.0.1:1".into(),
+            prefix: "t:".into(),
+            timeout: Duration::from_millis(50),
+            on_error: crate::config::OnError::Local,
+        };
+        let c = Cluster::new(&config, &prometheus::Registry::new()).unwrap();
+        let r = c
+            .call(Op::Ping, |mut c| async move {
+                redis::cmd("PING").query_async::<String>(&mut c).await
+            })
+            .await;
+        assert!(matches!(r, Err(ClusterError::NotConnected)));
+        assert!(!c.is_up());
+        assert_eq!(c.key("rl:{k}"), "t:rl:{k}");
+    }
+}

@@ -1,0 +1,287 @@
+//! Fleet state when Redis fails (SPEC 14): killed under load (`on_error: local` and
+//! `deny`), restarted empty (revocations restored by the replicas, nothing revoked let
+//! through, a lifted revoke stays lifted), and a replica started while Redis is down (not
+//! ready until it has read the revocation set).
+
+mod cluster_support;
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster_support::*;
+use common::*;
+
+const LIMITED: &str = "sta_failover_limited_key_0123456789abcdef";
+const FREE: &str = "sta_failover_free_key_0123456789abcdef";
+const REVOKED: &str = "sta_failover_revoked_key_0123456789abcdef";
+const LIFTED: &str = "sta_failover_lifted_key_0123456789abcdef";
+
+fn keys() -> String {
+    snapshot(&[
+        entry(
+            "key_limited",
+            LIMITED,
+            Some("{ per_second: 10000, burst: 10000 }"),
+        ),
+        entry("key_free", FREE, None),
+        entry("key_revoked", REVOKED, None),
+        entry("key_lifted", LIFTED, None),
+    ])
+}
+
+/// Load on `kw` until `stop`: every answer for each key, as (status, code) counts.
+fn load(
+    kw: &Proxy,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(&'static str, u16, String)>> {
+    let url = kw.url("/v1/thing");
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            for key in [LIMITED, FREE, REVOKED] {
+                let r = get(&url, &[("x-api-key", key)]).await;
+                let code = if r.status == 200 {
+                    String::new()
+                } else {
+                    r.code()
+                };
+                seen.push((key, r.status.as_u16(), code));
+            }
+        }
+        seen
+    })
+}
+
+async fn revoke_and_lift(kw: &Proxy) {
+    assert_eq!(admin_post(kw, "key_revoked", "disable").await.status, 200);
+    assert_eq!(admin_post(kw, "key_lifted", "disable").await.status, 200);
+    assert_eq!(admin_post(kw, "key_lifted", "enable").await.status, 200);
+}
+
+/// Kill Redis under load, then bring it back; `check` judges every answer.
+async fn killed_under_load(on_error: &str, check: fn(&str, u16, &str)) {
+    let mut redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    // A timeout a busy test machine does not reach: the outage is the only failure.
+    let config = cluster_yaml_with(redis.port, on_error, "500ms");
+    let a = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+    let b = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    revoke_and_lift(&a).await;
+    eventually("revoked on b", || async {
+        call(&b, REVOKED).await.status == 401
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = [load(&a, stop.clone()), load(&b, stop.clone())];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill();
+    eventually("cluster down", || async {
+        metric(&a, "keyward_cluster_up").await == Some(0.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = call(&b, LIMITED).await;
+    // Replicas that lost Redis stay ready and keep the set they hold.
+    assert_eq!(get(&b.admin_url("/readyz"), &[]).await.status, 200);
+    let redis = Redis::start_on(redis.port).await;
+    eventually("cluster up again", || async {
+        metric(&a, "keyward_cluster_up").await == Some(1.0)
+            && metric(&b, "keyward_cluster_up").await == Some(1.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for l in loads {
+        for (key, status, code) in l.await.unwrap() {
+            check(key, status, &code);
+            total += 1;
+        }
+    }
+    assert!(total > 100, "only {total} requests");
+    assert_eq!(call(&a, LIMITED).await.status, 200, "shared again");
+    let errors = metric(&a, "keyward_cluster_errors_total{op=\"ratelimit\"}").await;
+    println!(
+        "{on_error}: {total} requests; during the outage a limited key got {}; ratelimit errors {errors:?}",
+        during.status
+    );
+    drop(redis);
+}
+
+fn never_lets_a_revoked_key_through(key: &str, status: u16, code: &str) {
+    if key == REVOKED {
+        assert_eq!((status, code), (401, "disabled_api_key"));
+    }
+    if key == FREE {
+        assert_eq!(status, 200, "an unlimited key is never affected: {code}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_with_on_error_local() {
+    killed_under_load("local", |key, status, code| {
+        never_lets_a_revoked_key_through(key, status, code);
+        if key == LIMITED {
+            assert_eq!(
+                status, 200,
+                "local: enforced per replica, not refused: {code}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_with_on_error_deny() {
+    killed_under_load("deny", |key, status, code| {
+        never_lets_a_revoked_key_through(key, status, code);
+        if key == LIMITED {
+            assert!(
+                status == 200 || (status, code) == (503, "auth_unavailable"),
+                "deny: {status} {code}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_is_restored_by_the_replicas() {
+    let mut redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    revoke_and_lift(&b).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = [load(&a, stop.clone()), load(&b, stop.clone())];
+    let port = redis.port;
+    redis.kill();
+    let redis = Redis::start_on(port).await;
+    // A replica started at once, before anything is restored: its first read finds the
+    // set empty, so it waits for the others to write theirs back before it is ready.
+    let c = replica(up.addr, redis.port, "local", &keys()).await;
+    wait_ready(&c).await;
+    assert_eq!(call(&c, REVOKED).await.code(), "disabled_api_key");
+    assert_eq!(
+        call(&c, LIFTED).await.status,
+        200,
+        "a lifted revoke stays lifted"
+    );
+    // Restored from what the replicas hold: the revoke, and the lift (a newer tombstone).
+    let stored = |id: &'static str| {
+        let redis = &redis;
+        async move {
+            let v: Option<String> = redis.cmd(&["HGET", "keyward:revocations", id]).await;
+            v.unwrap_or_default()
+        }
+    };
+    assert!(stored("key_revoked").await.contains("|1|"));
+    assert!(
+        stored("key_lifted").await.contains("|0|"),
+        "tombstone restored"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for l in loads {
+        for (key, status, code) in l.await.unwrap() {
+            never_lets_a_revoked_key_through(key, status, &code);
+        }
+    }
+    assert_eq!(call(&a, LIFTED).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_redis_is_down_is_not_ready_until_it_reads_the_set() {
+    let port = free_port();
+    let up = spawn_upstream().await;
+    let kw = replica(up.addr, port, "local", &keys()).await;
+    for _ in 0..5 {
+        let r = get(&kw.admin_url("/readyz"), &[]).await;
+        assert_eq!(r.status, 503);
+        assert!(r.text().contains("revocations"), "{}", r.text());
+        let r = call(&kw, FREE).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (503, "auth_unavailable".into())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A revoke on this replica holds here even though Redis cannot store it yet...
+    let r = admin_post(&kw, "key_revoked", "disable").await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (503, "cluster_unavailable".into())
+    );
+    let redis = Redis::start_on(port).await;
+    wait_ready(&kw).await;
+    assert_eq!(call(&kw, FREE).await.status, 200);
+    assert_eq!(call(&kw, REVOKED).await.code(), "disabled_api_key");
+    // ... and reaches Redis once it is there.
+    eventually("written back", || async {
+        let v: Option<String> = redis
+            .cmd(&["HGET", "keyward:revocations", "key_revoked"])
+            .await;
+        v.is_some()
+    })
+    .await;
+}
+
+/// A Redis that stops answering (`DEBUG SLEEP`): each limited request waits at most
+/// `cluster.timeout` once, then the policy applies without waiting; unlimited keys never
+/// wait at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_costs_at_most_the_timeout_then_the_policy_applies() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let config = cluster_yaml_with(redis.port, "deny", "100ms");
+    let kw = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+    wait_ready(&kw).await;
+    assert_eq!(call(&kw, LIMITED).await.status, 200);
+    let sleeper = {
+        let client = redis.client();
+        tokio::spawn(async move {
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let _: () = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg("2")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = std::time::Instant::now();
+    let r = call(&kw, LIMITED).await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (503, "auth_unavailable".into())
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        assert_eq!(call(&kw, FREE).await.status, 200);
+        assert_eq!(call(&kw, LIMITED).await.status, 503);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "no waiting on a Redis marked down"
+        );
+    }
+    let timeouts = metric(&kw, "keyward_cluster_errors_total{op=\"ratelimit\"}").await;
+    assert_eq!(
+        timeouts,
+        Some(1.0),
+        "one call timed out; the rest did not ask"
+    );
+    sleeper.await.unwrap();
+    eventually("limited key shared again", || async {
+        call(&kw, LIMITED).await.status == 200
+    })
+    .await;
+}
