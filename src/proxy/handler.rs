@@ -1,5 +1,6 @@
 //! One request, as named phases: normalize → route → authenticate → prepare → exchange with
-//! the upstream → respond → log. Only the exchange awaits.
+//! the upstream → respond → log. Only the exchange awaits. The phases up to the decision
+//! ([`decide`]) are shared with the decision listener (`crate::decision`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -276,7 +277,7 @@ fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, Reject>
 }
 
 /// `RateLimit-Limit/Remaining/Reset` on an allowed response, unless the upstream set its own.
-pub fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
+fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
     if !h.contains_key("ratelimit-limit") {
         respond::set_quota(h, quota);
     }
