@@ -1,5 +1,7 @@
 //! One request, as named phases: normalize → route → authenticate → prepare → exchange with
-//! the upstream → respond → log. Only the exchange (and a limit shared through Redis) awaits.
+//! the upstream → respond → log. Only the exchange (and a rate limit shared through Redis)
+//! awaits. The phases up to the decision ([`decide`]) are shared with the decision listener
+//! (`crate::decision`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -284,7 +286,7 @@ async fn rate_limit(app: &App, principal: &Principal) -> Result<Option<Quota>, R
 }
 
 /// `RateLimit-Limit/Remaining/Reset` on an allowed response, unless the upstream set its own.
-pub fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
+fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
     if !h.contains_key("ratelimit-limit") {
         respond::set_quota(h, quota);
     }
