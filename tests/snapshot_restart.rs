@@ -204,7 +204,14 @@ async fn keys_is_required_and_the_last_good_snapshot_stays() {
         assert_eq!(status_with(&kw, ROTATED_KEY).await, 200, "{text:?}");
         assert_eq!(ready(&kw).await, 200, "{text:?}");
     }
+    // An explicit empty snapshot is a valid document; replacing keys in force with it is
+    // the guard's to refuse (SPEC 16) unless forced.
     let r = push(&kw, None, b"keys: []\n").await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["code"], "snapshot_guard");
+    let auth = admin_auth();
+    let url = kw.admin_url("/v1/snapshot?force=true");
+    let r = send("PUT", &url, &[("authorization", auth.as_str())], b"keys: []\n").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["keys"], 0);
     kw.shutdown().await;
