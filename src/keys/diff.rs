@@ -41,11 +41,6 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
         keys: new.len(),
         ..SnapshotDiff::default()
     };
-    for key in old.keys() {
-        if new.by_id(&key.id).is_none() {
-            d.removed.push(key.id.to_string());
-        }
-    }
     for key in new.keys() {
         let Some(before) = old.by_id(&key.id) else {
             d.added.push(key.id.to_string());
@@ -64,6 +59,15 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
             id: key.id.to_string(),
             fields: changed_fields(&before.to_doc(), &key.to_doc()),
         });
+    }
+    // Ids are unique, so every key in force was found unless some were removed: the
+    // second pass over the keys in force is needed only then.
+    if new.len() - d.added.len() < old.len() {
+        d.removed = old
+            .keys()
+            .filter(|k| new.by_id(&k.id).is_none())
+            .map(|k| k.id.to_string())
+            .collect();
     }
     d.added.sort_unstable();
     d.removed.sort_unstable();
