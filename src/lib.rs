@@ -19,6 +19,7 @@ pub mod keygen;
 pub mod keys;
 pub mod logging;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod tls;
 
