@@ -1,7 +1,7 @@
 //! keyward: an API-key authentication sidecar.
 //!
 //! The request path, file by file: [`proxy::server`] accepts → [`proxy::handler`] runs the
-//! phases → [`auth::path`] normalizes → [`auth::policy`] routes → [`auth::decision`] decides
+//! phases → [`path`] normalizes → [`auth::policy`] routes → [`auth::decision`] decides
 //! (with [`auth::credential`] and the [`keys::KeyStore`] snapshot) → [`proxy::headers`] and
 //! [`proxy::forward`] send it upstream over a [`proxy::pool`] connection → [`proxy::respond`] writes keyward's own answers.
 //! The admin listener ([`admin`]) serves health, [`metrics`] and the control API. In decision
