@@ -1,8 +1,8 @@
 //! `keyward.yaml` → [`Config`]: parsed once at the edge, then checked by [`Config::validate`].
 //!
 //! One file per concern, all re-exported here so `crate::config::X` names every type:
-//! [`yaml`] parses (the only caller of serde_yaml), [`error`] is [`ConfigError`],
-//! `validate` ([`Config::validate`]) holds the cross-field rules in the order they are reported, and each
+//! [`yaml`] parses (the only caller of serde_yaml), [`error`] is [`ConfigError`], `validate`
+//! holds [`Config::validate`]'s cross-field rules in the order they are reported, and each
 //! section has its own file: [`credentials`], [`keys`], [`rules`] (`scopes`, `routes`),
 //! [`limits`] (`limits`, `shutdown`), [`cluster`], [`cidr`] (`trusted_proxies`) and
 //! [`sections`] (the small ones).
