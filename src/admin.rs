@@ -14,6 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
+use subtle::ConstantTimeEq;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
@@ -180,11 +181,7 @@ fn authorized(app: &App, req: &Request<Incoming>) -> bool {
     else {
         return false;
     };
-    let got = digest(token);
-    got.iter()
-        .zip(want.iter())
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
+    digest(token).ct_eq(&want).into()
 }
 
 async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {

@@ -45,14 +45,26 @@ pub fn generate_id() -> Result<String, getrandom::Error> {
     Ok(format!("key_{}", hex::encode(bytes)))
 }
 
+/// Why a snapshot entry could not be made for a generated key.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("randomness: {0}")]
+    Randomness(getrandom::Error),
+    #[error(transparent)]
+    Yaml(serde_yaml::Error),
+    /// The entry would be refused by a snapshot load (a bad `expires_at`, say).
+    #[error(transparent)]
+    Refused(crate::keys::SnapshotError),
+}
+
 /// The snapshot entry for a generated key: a YAML list item, indented to go under the
 /// `keys:` list of a snapshot file. The text is checked by parsing it exactly as a loaded
 /// snapshot would be, so an entry that would be refused (a bad `expires_at`, say) is an
 /// error here rather than at the next reload.
-pub fn entry_yaml(raw: &str, new: &NewKey) -> Result<String, String> {
+pub fn entry_yaml(raw: &str, new: &NewKey) -> Result<String, EntryError> {
     let id = match &new.id {
         Some(id) => id.clone(),
-        None => generate_id().map_err(|e| format!("randomness: {e}"))?,
+        None => generate_id().map_err(EntryError::Randomness)?,
     };
     let doc = KeyDoc {
         id: id.into(),
@@ -66,7 +78,7 @@ pub fn entry_yaml(raw: &str, new: &NewKey) -> Result<String, String> {
         expires_at: new.expires_at.as_deref().map(Into::into),
         ..KeyDoc::default()
     };
-    let list = serde_yaml::to_string(&[&doc]).map_err(|e| e.to_string())?;
+    let list = serde_yaml::to_string(&[&doc]).map_err(EntryError::Yaml)?;
     let mut item = String::with_capacity(list.len() + 64);
     for line in list.lines() {
         item.push_str("  ");
@@ -74,7 +86,7 @@ pub fn entry_yaml(raw: &str, new: &NewKey) -> Result<String, String> {
         item.push('\n');
     }
     crate::keys::Snapshot::parse(&format!("keys:\n{item}"), crate::keys::Source::File)
-        .map_err(|e| e.to_string())?;
+        .map_err(EntryError::Refused)?;
     Ok(item)
 }
 
@@ -140,6 +152,9 @@ mod tests {
             expires_at: Some("soon".into()),
             ..new
         };
-        assert!(entry_yaml(&raw, &bad).unwrap_err().contains("expires_at"));
+        assert!(entry_yaml(&raw, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("expires_at"));
     }
 }

@@ -1,7 +1,7 @@
 //! keyward: an API-key authentication sidecar.
 //!
 //! The request path, file by file: [`proxy::server`] accepts → [`proxy::handler`] runs the
-//! phases → [`auth::path`] normalizes → [`auth::policy`] routes → [`auth::decision`] decides
+//! phases → [`path`] normalizes → [`auth::policy`] routes → [`auth::decision`] decides
 //! (with [`auth::credential`] and the [`keys::KeyStore`] snapshot) → [`proxy::headers`] and
 //! [`proxy::forward`] send it upstream over a [`proxy::pool`] connection → [`proxy::respond`] writes keyward's own answers.
 //! The admin listener ([`admin`]) serves health, [`metrics`] and the control API. In decision
@@ -19,6 +19,7 @@ pub mod keygen;
 pub mod keys;
 pub mod logging;
 pub mod metrics;
+pub mod path;
 pub mod proxy;
 pub mod tls;
 
@@ -64,33 +65,41 @@ pub struct App {
     pub reload: Arc<Notify>,
 }
 
+/// Why keyward could not start. Each variant says which step failed and keeps the
+/// underlying error as its `source()`.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
-    Config(String),
+    /// The identity header names or the environment value cannot be built.
+    #[error(transparent)]
+    Identity(#[from] keys::IdentityError),
+    #[error("keys: no source configured")]
+    NoKeySource,
+    #[error("metrics: {0}")]
+    Metrics(#[source] prometheus::Error),
+    #[error(transparent)]
+    Cluster(#[from] cluster::SetupError),
+    /// The first snapshot load did not finish (its thread panicked or was cancelled).
+    #[error("snapshot load: {0}")]
+    SnapshotLoad(#[source] tokio::task::JoinError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
 
 impl App {
     /// Build the shared state. Does not load keys (see [`keys::source::load_initial`]).
     pub fn new(config: Config) -> Result<Self, StartError> {
-        let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)
-            .map_err(StartError::Config)?;
-        let key_source = KeySource::from_config(&config.keys)
-            .ok_or_else(|| StartError::Config("keys: no source configured".into()))?;
+        let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
+        let key_source = KeySource::from_config(&config.keys).ok_or(StartError::NoKeySource)?;
         let metrics = Metrics::new(config.metrics.per_key)
-            .map_err(|e| StartError::Config(format!("metrics: {e}")))?
+            .map_err(StartError::Metrics)?
             .with_snapshot_safety(config.metrics.per_key_limit, config.keys.max_age);
         let cluster = match &config.cluster {
-            Some(c) => Some(Arc::new(
-                Cluster::new(c, metrics.registry()).map_err(StartError::Config)?,
-            )),
+            Some(c) => Some(Arc::new(Cluster::new(c, metrics.registry())?)),
             None => None,
         };
         Ok(Self {
@@ -185,7 +194,7 @@ impl Keyward {
         let app2 = app.clone();
         tokio::task::spawn_blocking(move || keys::source::load_initial(&app2))
             .await
-            .map_err(|e| StartError::Config(format!("snapshot load: {e}")))?;
+            .map_err(StartError::SnapshotLoad)?;
         Ok(Self {
             app,
             listener,

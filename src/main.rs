@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use keyward::config::Config;
+use keyward::config::{Config, ConfigError};
 use keyward::keys::source::LoadError;
-use keyward::keys::{IdentityNames, PrincipalType, Source};
-use keyward::{demo, keygen, logging, Keyward};
+use keyward::keys::{IdentityError, IdentityNames, PrincipalType, Source};
+use keyward::{cluster, demo, keygen, logging, tls, Keyward, StartError};
 
 /// jemalloc instead of glibc's malloc: hyper allocates a fresh read buffer per message, and
 /// glibc served those 8 KiB blocks through `malloc_consolidate`. The proxy spends about 4%
@@ -40,6 +40,45 @@ fn release_freed_memory() {
         tikv_jemalloc_sys::mallctl(c"thread.tcache.flush".as_ptr(), none, none.cast(), none, 0);
         tikv_jemalloc_sys::mallctl(PURGE_ALL.as_ptr(), none, none.cast(), none, 0);
     }
+}
+
+/// Why a command failed: printed as `keyward: <message>`, exit status 1.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{}: {source}", path.display())]
+    Config { path: PathBuf, source: ConfigError },
+    #[error("cannot start runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("signals: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::SetupError),
+    /// A snapshot that cannot be read (the I/O error already names the file).
+    #[error(transparent)]
+    SnapshotIo(LoadError),
+    #[error("{}: {source}", file.display())]
+    Snapshot { file: PathBuf, source: LoadError },
+    /// The demo's scratch directory or key file.
+    #[error(transparent)]
+    DemoFiles(std::io::Error),
+    #[error("echo upstream: {0}")]
+    EchoUpstream(#[source] std::io::Error),
+    #[error(transparent)]
+    DemoConfig(ConfigError),
+    #[error("stdin: {0}")]
+    Stdin(#[source] std::io::Error),
+    #[error("no key on stdin")]
+    NoKeyOnStdin,
+    #[error("randomness: {0}")]
+    Randomness(getrandom::Error),
+    #[error(transparent)]
+    Entry(#[from] keygen::EntryError),
 }
 
 #[derive(Parser)]
@@ -119,9 +158,12 @@ enum KeysCommand {
     Hash,
 }
 
-fn parse_type(s: &str) -> Result<PrincipalType, String> {
-    serde_yaml::from_str(s)
-        .map_err(|_| "service_account | enterprise_service_account | personal".to_string())
+#[derive(Debug, thiserror::Error)]
+#[error("service_account | enterprise_service_account | personal")]
+struct UnknownType;
+
+fn parse_type(s: &str) -> Result<PrincipalType, UnknownType> {
+    serde_yaml::from_str(s).map_err(|_| UnknownType)
 }
 
 fn main() -> ExitCode {
@@ -149,29 +191,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     // Traffic runs on keyward's own worker threads (see `Keyward::run`); this runtime only
     // carries the admin listener, watchers and signals.
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start runtime: {e}"))
+        .map_err(CliError::Runtime)
 }
 
-fn load_config(path: &Path) -> Result<Config, String> {
-    Config::load(path).map_err(|e| format!("{}: {e}", path.display()))
+fn load_config(path: &Path) -> Result<Config, CliError> {
+    Config::load(path).map_err(|source| CliError::Config {
+        path: path.to_owned(),
+        source,
+    })
 }
 
-fn run(path: &Path) -> Result<(), String> {
+fn run(path: &Path) -> Result<(), CliError> {
     let config = load_config(path)?;
     let log = logging::init(config.log.format, &config.log.level);
     serve(config, &log)
 }
 
-fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), String> {
+fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
     runtime()?.block_on(async {
-        let signals = keyward::Signals::install().map_err(|e| format!("signals: {e}"))?;
-        let server = Keyward::bind(config).await.map_err(|e| e.to_string())?;
+        let signals = keyward::Signals::install().map_err(CliError::Signals)?;
+        let server = Keyward::bind(config).await?;
         let c = &server.app.config;
         // Scheme, host and port only: never userinfo from the upstream URL.
         let upstream =
@@ -205,15 +250,15 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), String> {
     })
 }
 
-fn check(path: &Path) -> Result<(), String> {
+fn check(path: &Path) -> Result<(), CliError> {
     let config = load_config(path)?;
     // The same check `run` makes: the environment must be usable as a header value.
     IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
     if let Some(tls) = &config.tls {
-        keyward::tls::load_server_config(tls).map_err(|e| e.to_string())?;
+        tls::load_server_config(tls)?;
     }
     if let Some(c) = &config.cluster {
-        keyward::cluster::check_url(&c.redis)?;
+        cluster::check_url(&c.redis)?;
     }
     let mut files = Vec::new();
     if let Some(c) = &config.keys.control {
@@ -227,8 +272,11 @@ fn check(path: &Path) -> Result<(), String> {
     for (file, source) in files {
         let s = keyward::keys::source::read_file(&file, source).map_err(|e| match e {
             // An I/O error already names the file.
-            LoadError::Io { .. } => e.to_string(),
-            e => format!("{}: {e}", file.display()),
+            LoadError::Io { .. } => CliError::SnapshotIo(e),
+            source => CliError::Snapshot {
+                file: file.clone(),
+                source,
+            },
         })?;
         let version = s
             .version
@@ -280,21 +328,21 @@ fn diff(old: &Path, new: &Path, json: bool, config: Option<&PathBuf>) -> ExitCod
     }
 }
 
-fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), String> {
+fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), CliError> {
     let dir = std::env::temp_dir().join(format!("keyward-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir).map_err(CliError::DemoFiles)?;
     let keys_file = dir.join("keys.yaml");
-    std::fs::write(&keys_file, demo::DEMO_KEYS).map_err(|e| e.to_string())?;
+    std::fs::write(&keys_file, demo::DEMO_KEYS).map_err(CliError::DemoFiles)?;
     let rt = runtime()?;
     let upstream = rt
-        .block_on(demo::spawn_echo("127.0.0.1:0".parse().map_err(|_| "addr")?))
-        .map_err(|e| format!("echo upstream: {e}"))?;
-    let config = demo::config(listen, admin, upstream, &keys_file).map_err(|e| e.to_string())?;
+        .block_on(demo::spawn_echo(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .map_err(CliError::EchoUpstream)?;
+    let config = demo::config(listen, admin, upstream, &keys_file).map_err(CliError::DemoConfig)?;
     logging::init(config.log.format, &config.log.level);
     println!("{}", demo::instructions(listen, admin, &keys_file));
     let result = rt.block_on(async {
-        let signals = keyward::Signals::install().map_err(|e| format!("signals: {e}"))?;
-        let server = Keyward::bind(config).await.map_err(|e| e.to_string())?;
+        let signals = keyward::Signals::install().map_err(CliError::Signals)?;
+        let server = Keyward::bind(config).await?;
         let reload = server.app.reload.clone();
         server.run(signals.shutdown(reload)).await;
         Ok(())
@@ -303,15 +351,15 @@ fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), String> {
     result
 }
 
-fn keys(cmd: KeysCommand) -> Result<(), String> {
+fn keys(cmd: KeysCommand) -> Result<(), CliError> {
     match cmd {
         KeysCommand::Hash => {
             let mut raw = String::new();
             std::io::stdin()
                 .read_to_string(&mut raw)
-                .map_err(|e| format!("stdin: {e}"))?;
+                .map_err(CliError::Stdin)?;
             if raw.trim_end_matches(['\r', '\n']).is_empty() {
-                return Err("no key on stdin".into());
+                return Err(CliError::NoKeyOnStdin);
             }
             println!("{}", keygen::hash_key(&raw));
             Ok(())
@@ -326,7 +374,7 @@ fn keys(cmd: KeysCommand) -> Result<(), String> {
             environment,
             expires_at,
         } => {
-            let raw = keygen::generate_key(&prefix).map_err(|e| format!("randomness: {e}"))?;
+            let raw = keygen::generate_key(&prefix).map_err(CliError::Randomness)?;
             let new = keygen::NewKey {
                 id,
                 principal_type,
@@ -343,5 +391,41 @@ fn keys(cmd: KeysCommand) -> Result<(), String> {
             print!("{entry}");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn start_errors_are_typed_and_keep_their_message() {
+        let config = Config::from_yaml(
+            "listen: 127.0.0.1:0\nupstream: http://127.0.0.1:1\nenvironment: \"a\\x01b\"\nkeys: { file: k.yaml }\n",
+        )
+        .unwrap();
+        let err = keyward::App::new(config).err().unwrap();
+        assert!(matches!(
+            err,
+            StartError::Identity(IdentityError::Environment)
+        ));
+        let err = CliError::from(err);
+        assert_eq!(err.to_string(), "environment is not a valid header value");
+    }
+
+    #[test]
+    fn a_config_error_names_the_file_and_keeps_its_source() {
+        let err = load_config(Path::new("/nonexistent/keyward.yaml")).unwrap_err();
+        assert!(matches!(err, CliError::Config { .. }));
+        assert!(err
+            .to_string()
+            .starts_with("/nonexistent/keyward.yaml: cannot read /nonexistent/keyward.yaml: "));
+        let source = err.source().and_then(|s| s.source());
+        assert!(
+            source.is_some_and(|io| io.is::<std::io::Error>()),
+            "{err:?}"
+        );
     }
 }

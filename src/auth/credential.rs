@@ -131,28 +131,18 @@ fn well_formed(token: &[u8]) -> bool {
         && token.iter().all(|b| (0x21..0x7f).contains(b))
 }
 
+/// Decode a query value as a form does: `+` is a space, `%XX` a byte. A `%` not followed
+/// by two hex digits is refused (percent-encoding would pass it through as it is).
 fn percent_decode(s: &str) -> Option<Vec<u8>> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
+    let escapes_ok = s.split('%').skip(1).all(|rest| {
+        rest.get(..2)
+            .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    });
+    if !escapes_ok {
+        return None;
     }
-    Some(out)
+    let spaced = s.replace('+', " ");
+    Some(percent_encoding::percent_decode_str(&spaced).collect())
 }
 
 /// Remove the `name` parameter from a query string (for forwarding without the key).
@@ -284,6 +274,20 @@ mod tests {
             Err(CredentialError::Malformed)
         );
         assert_eq!(extract(&h, Some("x=1"), &q), Err(CredentialError::Missing));
+        let k = extract(&h, Some("api_key=sta_%2B%25%7e12345"), &q).unwrap();
+        assert_eq!(&*k, b"sta_+%~12345", "escapes decode once; `%2B` is a plus");
+        for bad in [
+            "sta_abc+defgh",
+            "sta_abcdefgh%",
+            "sta_abcdefgh%4",
+            "sta_%+1bcdefgh",
+        ] {
+            assert_eq!(
+                extract(&h, Some(&format!("api_key={bad}")), &q),
+                Err(CredentialError::Malformed),
+                "{bad}"
+            );
+        }
         assert_eq!(strip_query_param("a=1&api_key=k&b=2", "api_key"), "a=1&b=2");
     }
 

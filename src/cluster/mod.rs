@@ -51,19 +51,33 @@ pub struct Cluster {
     pub metrics: ClusterMetrics,
 }
 
+/// Why the cluster cannot be set up at start. Never repeats the URL: it may hold a password.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cluster.redis: not a usable Redis URL ({0:?})")]
+    Url(redis::ErrorKind),
+    #[error("cluster.redis: {0:?}")]
+    Client(redis::ErrorKind),
+    #[error("metrics: {0}")]
+    Metrics(#[source] prometheus::Error),
+}
+
 /// Check a Redis URL without connecting (`keyward check`). The error never repeats the URL.
-pub fn check_url(url: &str) -> Result<(), String> {
+pub fn check_url(url: &str) -> Result<(), SetupError> {
     redis::Client::open(url)
         .map(|_| ())
-        .map_err(|e| format!("cluster.redis: not a usable Redis URL ({:?})", e.kind()))
+        .map_err(|e| SetupError::Url(e.kind()))
 }
 
 impl Cluster {
-    pub fn new(config: &ClusterConfig, registry: &prometheus::Registry) -> Result<Self, String> {
+    pub fn new(
+        config: &ClusterConfig,
+        registry: &prometheus::Registry,
+    ) -> Result<Self, SetupError> {
         check_url(&config.redis)?;
-        let client = redis::Client::open(config.redis.as_str())
-            .map_err(|e| format!("cluster.redis: {:?}", e.kind()))?;
-        let metrics = ClusterMetrics::new(registry).map_err(|e| format!("metrics: {e}"))?;
+        let client =
+            redis::Client::open(config.redis.as_str()).map_err(|e| SetupError::Client(e.kind()))?;
+        let metrics = ClusterMetrics::new(registry).map_err(SetupError::Metrics)?;
         Ok(Self {
             config: config.clone(),
             client,
@@ -225,7 +239,7 @@ mod tests {
     fn bad_urls_are_refused_without_echoing_them() {
         assert!(check_url("redis://127.0.0.1:6379/0").is_ok());
         assert!(check_url("rediss://:secret@example.com:6380").is_ok());
-        let e = check_url("redis://:secret@[::1").unwrap_err();
+        let e = check_url("redis://:secret@[::1").unwrap_err().to_string();
         assert!(!e.contains("secret"), "{e}");
     }
 

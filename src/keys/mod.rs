@@ -11,6 +11,7 @@ pub mod source;
 pub mod store;
 pub mod usage;
 
+pub use snapshot::IdentityError;
 pub use snapshot::{
     digest, Delegation, Digest, IdentityNames, Key, PrincipalType, RateLimit, Snapshot,
     SnapshotDoc, SnapshotError, Source, Status, Text,

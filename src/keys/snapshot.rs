@@ -371,12 +371,21 @@ pub struct IdentityNames {
     pub environment_value: HeaderValue,
 }
 
+/// Why the identity headers cannot be built from the config.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{0} is not a header name")]
+    HeaderName(String),
+    #[error("environment is not a valid header value")]
+    Environment,
+}
+
 impl IdentityNames {
     /// `prefix` was validated by the config (lowercase token characters).
-    pub fn new(prefix: &str, environment: &str) -> Result<Self, String> {
+    pub fn new(prefix: &str, environment: &str) -> Result<Self, IdentityError> {
         let name = |suffix: &str| {
-            HeaderName::try_from(format!("{prefix}{suffix}"))
-                .map_err(|_| format!("{prefix}{suffix} is not a header name"))
+            let name = format!("{prefix}{suffix}");
+            HeaderName::try_from(name.as_str()).map_err(|_| IdentityError::HeaderName(name))
         };
         Ok(Self {
             subject_id: name("subject-id")?,
@@ -392,7 +401,7 @@ impl IdentityNames {
             scopes: name("scopes")?,
             environment: name("environment")?,
             environment_value: HeaderValue::try_from(environment)
-                .map_err(|_| "environment is not a valid header value".to_string())?,
+                .map_err(|_| IdentityError::Environment)?,
         })
     }
 }

@@ -1,0 +1,24 @@
+//! [`ConfigError`]: every config problem names the field it is about.
+
+use std::path::PathBuf;
+
+/// A config problem, always naming the field it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+pub(super) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}

@@ -1,0 +1,116 @@
+//! `limits` and `shutdown`: timeouts, sizes and counts, and how a drain goes.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::error::{invalid, ConfigError};
+use super::yaml::de_duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+    /// How long a connection that has served a request may sit with none in flight.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_connect_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_connections: usize,
+    pub h2_max_concurrent_streams: u32,
+    #[serde(deserialize_with = "de_duration")]
+    pub upstream_idle_timeout: Duration,
+    pub upstream_max_idle_per_host: usize,
+    /// How long a response may wait for the client to take its next bytes (HTTP/2 flow
+    /// control window, or an unread HTTP/1.1 socket) before it is cut off.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_stall_timeout: Duration,
+    /// How long an upgraded (WebSocket) tunnel may move no byte either way before it is
+    /// closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub tunnel_idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            // nginx's keepalive_timeout: longer than the 60 s idle timeout of common load
+            // balancers, so the client side closes first.
+            idle_timeout: Duration::from_secs(75),
+            upstream_connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_connections: 10_000,
+            h2_max_concurrent_streams: 256,
+            upstream_idle_timeout: Duration::from_secs(60),
+            upstream_max_idle_per_host: 256,
+            write_stall_timeout: Duration::from_secs(30),
+            tunnel_idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shutdown {
+    #[serde(deserialize_with = "de_duration")]
+    pub drain_delay: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub grace: Duration,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::from_secs(5),
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Limits {
+    /// Zero durations and counts, and a header budget too small for any request.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let l = self;
+        let durations = [
+            ("limits.header_read_timeout", l.header_read_timeout),
+            ("limits.idle_timeout", l.idle_timeout),
+            (
+                "limits.upstream_connect_timeout",
+                l.upstream_connect_timeout,
+            ),
+            ("limits.upstream_timeout", l.upstream_timeout),
+            ("limits.write_stall_timeout", l.write_stall_timeout),
+            ("limits.tunnel_idle_timeout", l.tunnel_idle_timeout),
+        ];
+        for (field, d) in durations {
+            if d.is_zero() {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        if l.max_header_bytes < 1024 {
+            return Err(invalid("limits.max_header_bytes", "must be at least 1024"));
+        }
+        let counts = [
+            ("limits.max_headers", l.max_headers),
+            ("limits.max_connections", l.max_connections),
+            (
+                "limits.h2_max_concurrent_streams",
+                l.h2_max_concurrent_streams as usize,
+            ),
+        ];
+        for (field, n) in counts {
+            if n == 0 {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,150 @@
+//! `keyward.yaml` → [`Config`]: parsed once at the edge, then checked by [`Config::validate`].
+//!
+//! One file per concern, all re-exported here so `crate::config::X` names every type:
+//! [`yaml`] parses (the only caller of serde_yaml), [`error`] is [`ConfigError`], `validate`
+//! holds [`Config::validate`]'s cross-field rules in the order they are reported, and each
+//! section has its own file: [`credentials`], [`keys`], [`rules`] (`scopes`, `routes`),
+//! [`limits`] (`limits`, `shutdown`), [`cluster`], [`cidr`] (`trusted_proxies`) and
+//! [`sections`] (the small ones).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use http::{HeaderName, Uri};
+use serde::Deserialize;
+
+use crate::keys::PrincipalType;
+
+pub mod cidr;
+pub mod cluster;
+pub mod credentials;
+pub mod error;
+pub mod keys;
+pub mod limits;
+pub mod rules;
+pub mod sections;
+mod validate;
+pub mod yaml;
+
+pub use cidr::Cidr;
+pub use cluster::{ClusterConfig, OnError};
+pub use credentials::{default_credentials, CredentialSource};
+pub use error::ConfigError;
+pub use keys::{ControlConfig, GuardConfig, KeysConfig};
+pub use limits::{Limits, Shutdown};
+pub use rules::{RouteRule, ScopeRule};
+pub use sections::{
+    AdminConfig, DecisionConfig, IdentityHeaders, LogConfig, LogFormat, MetricsConfig, TlsConfig,
+};
+pub use yaml::{located, parse_duration, parse_yaml};
+
+use yaml::{de_header_names, de_opt_uri};
+
+/// More worker threads than this is a typo, not a machine: each one holds a runtime, a
+/// listener and an upstream pool.
+pub const MAX_WORKERS: usize = 1024;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The proxy listener; optional when `decision.listen` is set (SPEC 15).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "de_opt_uri")]
+    pub upstream: Option<Uri>,
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    pub environment: String,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+    /// Route, method and host override headers (`X-HTTP-Method-Override`, ...) the app
+    /// relies on and may receive; every other one is removed.
+    #[serde(default, deserialize_with = "de_header_names")]
+    pub allow_override_headers: Vec<HeaderName>,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default = "default_credentials")]
+    pub credentials: Vec<CredentialSource>,
+    #[serde(default)]
+    pub forward_credential: bool,
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub prefixes: BTreeMap<String, Vec<PrincipalType>>,
+    #[serde(default = "rules::default_scopes")]
+    pub scopes: Vec<ScopeRule>,
+    #[serde(default)]
+    pub routes: Vec<RouteRule>,
+    /// Match route rules ignoring ASCII case, for upstreams that route that way (Express,
+    /// ASP.NET Core), so `/ADMIN/x` cannot pass a rule for `/admin/`.
+    #[serde(default)]
+    pub routes_case_insensitive: bool,
+    #[serde(default = "default_introspection")]
+    pub introspection_path: Option<String>,
+    #[serde(default)]
+    pub identity_headers: IdentityHeaders,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub shutdown: Shutdown,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Worker threads serving traffic (thread per core); default: one per CPU.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Decision mode (SPEC 15): answer an existing proxy's auth question.
+    #[serde(default)]
+    pub decision: Option<DecisionConfig>,
+    /// Shared state for a fleet of replicas (SPEC 14); off when absent.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+fn default_introspection() -> Option<String> {
+    Some("/auth".into())
+}
+
+impl Config {
+    /// Read, parse and validate a config file. Relative paths inside it (such as
+    /// `keys.file`) are relative to the working directory, like the shipped example.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::from_yaml(&text)?;
+        config.redis_url_from_env(std::env::var("KEYWARD_REDIS_URL").ok())?;
+        Ok(config)
+    }
+
+    /// `KEYWARD_REDIS_URL` (credentials stay out of the config file): replaces
+    /// `cluster.redis`, or turns `cluster` on with its defaults. Empty means unset.
+    pub fn redis_url_from_env(&mut self, url: Option<String>) -> Result<(), ConfigError> {
+        let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
+            return Ok(());
+        };
+        match &mut self.cluster {
+            Some(c) => c.redis = url,
+            None => self.cluster = Some(ClusterConfig::with_url(url)),
+        }
+        self.validate_cluster()
+    }
+
+    /// Parse and validate config text.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = parse_yaml(text).map_err(ConfigError::Parse)?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,261 @@
+//! The config document as a whole: defaults, and errors that name their field.
+
+use std::time::Duration;
+
+use super::*;
+
+const MINIMAL: &str = "listen: 127.0.0.1:8080\nupstream: http://127.0.0.1:3000\nenvironment: test\nkeys: { file: k.yaml }\n";
+
+fn err(extra: &str) -> String {
+    Config::from_yaml(&format!("{MINIMAL}{extra}"))
+        .expect_err("config should be refused")
+        .to_string()
+}
+
+#[test]
+fn shipped_example_is_valid() {
+    let c = Config::from_yaml(include_str!("../../config/keyward.yaml")).unwrap();
+    assert_eq!(c.environment, "production");
+    assert_eq!(c.credentials.len(), 3);
+    assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(c.prefixes["sta_"], vec![PrincipalType::ServiceAccount]);
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = Config::from_yaml(MINIMAL).unwrap();
+    assert_eq!(c.introspection_path.as_deref(), Some("/auth"));
+    assert_eq!(c.identity_headers.prefix, "x-auth-");
+    assert_eq!(c.admin_listen.port(), 9901);
+    assert_eq!(c.scopes.len(), 2);
+}
+
+#[test]
+fn unknown_field_is_named() {
+    assert!(err("colour: blue\n").contains("colour"));
+    assert!(err("limits: { max_header_byte: 1 }\n").contains("max_header_byte"));
+}
+
+#[test]
+fn bad_duration_names_field() {
+    let e = err("limits: { upstream_timeout: soon }\n");
+    assert!(e.contains("limits.upstream_timeout"), "{e}");
+    assert_eq!(
+        e.matches("limits.upstream_timeout").count(),
+        1,
+        "named once: {e}"
+    );
+    let e = err("limits: { max_connections: -3 }\n");
+    assert!(e.starts_with("limits.max_connections: invalid type"), "{e}");
+    let e = err("log: { bogus: 1 }\n");
+    assert!(
+        e.starts_with("log.bogus: log: unknown field `bogus`"),
+        "{e}"
+    );
+    assert_eq!(
+        Config::from_yaml(&format!("{MINIMAL}shutdown: {{ drain_delay: 250ms }}\n"))
+            .unwrap()
+            .shutdown
+            .drain_delay,
+        Duration::from_millis(250)
+    );
+}
+
+#[test]
+fn missing_required_field_is_named() {
+    let e = Config::from_yaml("listen: 127.0.0.1:1\nupstream: http://a:1\nkeys: {file: k}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("environment"), "{e}");
+}
+
+#[test]
+fn upstream_must_be_plain_http_without_path() {
+    let base = "listen: 127.0.0.1:8080\nenvironment: t\nkeys: { file: k }\n";
+    for u in [
+        "https://a:1",
+        "http://a:1/app",
+        "ftp://a",
+        "http://user:pw@a:1",
+    ] {
+        let e = Config::from_yaml(&format!("{base}upstream: {u}\n")).unwrap_err();
+        assert!(e.to_string().starts_with("upstream"), "{u}: {e}");
+        assert!(!e.to_string().contains("pw"), "no secret echoed: {e}");
+    }
+}
+
+#[test]
+fn credential_sources_are_checked() {
+    assert!(err("credentials: [{ scheme: Token }]\n").contains("credentials[0]"));
+    assert!(err("credentials: [{ header: authorization, query: k }]\n").contains("credentials"));
+    assert!(err("credentials: []\n").contains("credentials"));
+    let c = Config::from_yaml(&format!("{MINIMAL}credentials: [{{ query: api_key }}]\n")).unwrap();
+    assert_eq!(
+        c.credentials[0],
+        CredentialSource::Query {
+            name: "api_key".into()
+        }
+    );
+}
+
+#[test]
+fn routes_are_checked() {
+    assert!(err("routes: [{ path: /a, prefix: /b, public: true }]\n").contains("routes[0]"));
+    assert!(err("routes: [{ path: /a }]\n").contains("routes[0]"));
+    assert!(err("routes: [{ path: /a, public: true, any_of: [x] }]\n").contains("routes[0].any_of"));
+    assert!(err("routes: [{ prefix: /a/../b, any_of: [x] }]\n").contains("routes[0].prefix"));
+    assert!(err("routes: [{ prefix: admin, any_of: [x] }]\n").contains("routes[0].prefix"));
+}
+
+#[test]
+fn scopes_methods_and_prefixes_are_checked() {
+    assert!(err("scopes: [{ methods: [GET], any_of: [] }]\n").contains("scopes[0].any_of"));
+    assert!(err("scopes: [{ methods: [\"G T\"], any_of: [r] }]\n").contains("scopes[0].methods"));
+    assert!(err("prefixes: { sta_: [robot] }\n").contains("prefixes"));
+    assert!(err("prefixes: { sta_: [] }\n").contains("prefixes.sta_"));
+}
+
+#[test]
+fn admin_identity_and_limits_are_checked() {
+    assert!(err("admin: { token_sha256: abc }\n").contains("admin.token_sha256"));
+    assert!(err("identity_headers: { prefix: X_Auth }\n").contains("identity_headers.prefix"));
+    assert!(err("limits: { max_connections: 0 }\n").contains("limits.max_connections"));
+    assert!(err("limits: { max_header_bytes: 10 }\n").contains("limits.max_header_bytes"));
+    let stall = err("limits: { write_stall_timeout: 0s }\n");
+    assert!(stall.starts_with("limits.write_stall_timeout: "), "{stall}");
+    assert!(err("log: { level: loud }\n").contains("log.level"));
+    assert!(err("log: { format: xml }\n").contains("log.format"));
+    assert!(err("environment: \"\"\n").contains("environment"));
+    assert!(err("workers: 0\n").contains("workers"));
+    assert!(err("workers: 100000\n").contains("workers: must be 1 to 1024"));
+    let zero = err("tls: { cert: c.pem, key: k.pem, poll_interval: 0s }\n");
+    assert!(zero.starts_with("tls.poll_interval: "), "{zero}");
+}
+
+/// The error for MINIMAL with `keys: { file: k.yaml, <extra> }`.
+fn err_keys(extra: &str) -> String {
+    let text = MINIMAL.replace(
+        "keys: { file: k.yaml }",
+        &format!("keys: {{ file: k.yaml, {extra} }}"),
+    );
+    Config::from_yaml(&text)
+        .expect_err("config should be refused")
+        .to_string()
+}
+
+#[test]
+fn guard_fraction_must_be_in_zero_one() {
+    let e = err_keys("guard: { max_removed_fraction: 0 }");
+    assert!(e.starts_with("keys.guard.max_removed_fraction"), "{e}");
+    let e = err_keys("guard: { max_removed_fraction: 1.5 }");
+    assert!(e.starts_with("keys.guard.max_removed_fraction"), "{e}");
+    let c = Config::from_yaml(&MINIMAL.replace(
+        "keys: { file: k.yaml }",
+        "keys: { file: k.yaml, guard: { max_removed_fraction: 1, min_keys: 0 } }",
+    ))
+    .unwrap();
+    assert_eq!(c.keys.guard.max_removed_fraction, 1.0);
+    assert_eq!(c.keys.guard.min_keys, 0);
+    let defaults = Config::from_yaml(MINIMAL).unwrap();
+    assert_eq!(defaults.keys.guard, GuardConfig::default());
+    assert_eq!(defaults.metrics.per_key_limit, 1000);
+    assert!(defaults.keys.max_age.is_none());
+}
+
+#[test]
+fn guard_min_keys_must_not_be_negative() {
+    let e = err_keys("guard: { min_keys: -1 }");
+    assert!(e.starts_with("keys.guard.min_keys"), "{e}");
+}
+
+#[test]
+fn max_age_must_be_a_positive_duration() {
+    let e = err_keys("max_age: 0s");
+    assert!(e.starts_with("keys.max_age"), "{e}");
+    let e = err_keys("max_age: soon");
+    assert!(e.starts_with("keys.max_age"), "{e}");
+    let c = Config::from_yaml(&MINIMAL.replace(
+        "keys: { file: k.yaml }",
+        "keys: { file: k.yaml, max_age: 6h }",
+    ))
+    .unwrap();
+    assert_eq!(c.keys.max_age, Some(Duration::from_secs(6 * 3600)));
+}
+
+#[test]
+fn per_key_limit_must_be_positive() {
+    let e = err("metrics: { per_key: true, per_key_limit: 0 }\n");
+    assert!(e.starts_with("metrics.per_key_limit"), "{e}");
+}
+
+#[test]
+fn override_headers_to_allow_are_header_names() {
+    let c = Config::from_yaml(&format!(
+        "{MINIMAL}allow_override_headers: [X-HTTP-Method-Override]\n"
+    ))
+    .unwrap();
+    assert_eq!(c.allow_override_headers, ["x-http-method-override"]);
+    assert!(err("allow_override_headers: [\"a b\"]\n").contains("allow_override_headers"));
+}
+
+#[test]
+fn keys_need_a_source() {
+    let e =
+        Config::from_yaml("listen: 127.0.0.1:1\nupstream: http://a:1\nenvironment: t\nkeys: {}\n")
+            .unwrap_err();
+    assert!(e.to_string().starts_with("keys"), "{e}");
+}
+
+#[test]
+fn decision_mode_makes_the_proxy_optional() {
+    let base = "environment: t\nkeys: { file: k }\n";
+    let c = Config::from_yaml(&format!("{base}decision: {{ listen: 127.0.0.1:9002 }}\n")).unwrap();
+    assert_eq!(c.decision.unwrap().listen.port(), 9002);
+    assert!(c.listen.is_none() && c.upstream.is_none());
+    let both = format!("{MINIMAL}decision: {{ listen: 127.0.0.1:9002 }}\n");
+    assert!(Config::from_yaml(&both).unwrap().listen.is_some());
+    let e = Config::from_yaml(base).unwrap_err().to_string();
+    assert!(
+        e.starts_with("listen: ") && e.contains("decision.listen"),
+        "{e}"
+    );
+    let e = Config::from_yaml(&format!("{base}listen: 127.0.0.1:1\n")).unwrap_err();
+    assert!(e.to_string().starts_with("upstream: "), "{e}");
+    let e = Config::from_yaml(&format!("{base}upstream: http://a:1\n")).unwrap_err();
+    assert!(e.to_string().starts_with("listen: "), "{e}");
+    let e = err("decision: { listen: 127.0.0.1:1, port: 2 }\n");
+    assert!(e.contains("port"), "{e}");
+    let e = err("decision: {}\n");
+    assert!(e.contains("decision") && e.contains("listen"), "{e}");
+}
+
+#[test]
+fn cluster_defaults_rules_and_env_override() {
+    let c = Config::from_yaml(&format!(
+        "{MINIMAL}cluster: {{ redis: \"redis://r:6379/0\" }}\n"
+    ))
+    .unwrap();
+    let cl = c.cluster.unwrap();
+    assert_eq!(
+        (cl.prefix.as_str(), cl.timeout, cl.on_error),
+        ("keyward:", Duration::from_millis(50), OnError::Local)
+    );
+    assert!(err("cluster: { redis: \"http://r:1\" }\n").starts_with("cluster.redis: "));
+    assert!(err("cluster: { redis: \"rediss://\" }\n").starts_with("cluster.redis: "));
+    let zero = err("cluster: { redis: \"redis://r\", timeout: 0s }\n");
+    assert!(zero.starts_with("cluster.timeout: "), "{zero}");
+    assert!(err("cluster: { redis: \"redis://r\", on_error: open }\n").contains("on_error"));
+    assert!(err("cluster: { redis: \"redis://r\", prefix: \"\" }\n").starts_with("cluster.prefix"));
+    // The URL (it may hold a password) is never in an error or in Debug.
+    let secret = err("cluster: { redis: \"http://:hunter2@r\" }\n");
+    assert!(!secret.contains("hunter2"), "{secret}");
+    let mut c = Config::from_yaml(MINIMAL).unwrap();
+    c.redis_url_from_env(Some(String::new())).unwrap();
+    assert!(c.cluster.is_none(), "an empty variable is unset");
+    c.redis_url_from_env(Some("rediss://:pw@r:6380".into()))
+        .unwrap();
+    let cl = c.cluster.as_ref().unwrap();
+    assert_eq!(cl.redis, "rediss://:pw@r:6380");
+    assert!(!format!("{cl:?}").contains("pw"));
+    assert!(c.redis_url_from_env(Some("tcp://r".into())).is_err());
+}

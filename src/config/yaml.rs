@@ -1,0 +1,90 @@
+//! YAML and field parsing shared by every section: [`parse_yaml`] with the failing field's
+//! path, durations, URLs, header names and methods.
+//!
+//! serde_yaml is deprecated upstream, so it is only ever called from [`parse_yaml`]: swapping
+//! it for a maintained YAML crate touches this one function.
+
+use std::time::Duration;
+
+use http::{HeaderName, Method, Uri};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// Deserialize YAML (JSON is a subset) reporting the dotted path of a failing field.
+pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| located(e.path(), e.inner()))
+}
+
+/// An error message led by where in the document it is (`keys[3].scopes: ...`), once:
+/// serde_yaml's own message often starts with the same path already. Where its path is
+/// shorter (custom errors, unknown fields), the exact one goes first.
+pub fn located(path: &serde_path_to_error::Path, e: &impl std::fmt::Display) -> String {
+    let path = path.to_string();
+    let message = e.to_string();
+    let named = message
+        .split_once(": ")
+        .is_some_and(|(head, _)| head == path);
+    if path.is_empty() || path == "." || named {
+        message
+    } else {
+        format!("{path}: {message}")
+    }
+}
+
+pub(super) fn one_second() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// `10s`, `250ms`, `1m 30s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like 10s or 250ms ({e})"))
+}
+
+pub(super) fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+pub(super) fn de_opt_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+pub(super) fn de_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Uri, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse::<Uri>()
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a URL ({e})")))
+}
+
+pub(super) fn de_header_names<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<HeaderName>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    names
+        .iter()
+        .map(|n| {
+            HeaderName::try_from(n.to_ascii_lowercase())
+                .map_err(|_| serde::de::Error::custom(format!("{n:?} is not a header name")))
+        })
+        .collect()
+}
+
+pub(super) fn de_opt_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Uri>, D::Error> {
+    de_uri(d).map(Some)
+}
+
+pub(super) fn de_methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Method>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    names
+        .iter()
+        .map(|m| {
+            Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| serde::de::Error::custom(format!("{m:?} is not an HTTP method")))
+        })
+        .collect()
+}

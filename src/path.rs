@@ -1,0 +1,352 @@
+//! Path normalization (SPEC 7): the path is normalized once, and that one string is both
+//! authorized and forwarded, so no spelling of a path can reach the upstream un-checked.
+//!
+//! A leaf: it knows neither the config (whose route rules must already be normalized)
+//! nor the auth phases that use it.
+
+/// Why a path was refused (400 `bad_request`): it cannot be normalized without guessing
+/// what the upstream would make of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path must start with '/'")]
+    NotAbsolute,
+    #[error("invalid percent-encoding")]
+    BadPercent,
+    #[error("encoded '/' or '\\' in path")]
+    EncodedSeparator,
+    #[error("backslash in path")]
+    Backslash,
+    #[error("NUL or control character in path")]
+    Control,
+    #[error("path parameters (';') are not accepted")]
+    PathParameter,
+    #[error("fragment in request target")]
+    Fragment,
+    /// Only reachable through the library API: a request's path never holds a raw `?`, and
+    /// forwarding one would move the rest of the path into the query.
+    #[error("'?' in path")]
+    Query,
+    #[error("'..' above the root")]
+    AboveRoot,
+}
+
+/// Normalize an origin-form path (no query):
+/// percent-decode unreserved characters (and upper-case the hex of the rest), merge
+/// repeated slashes, and remove dot segments as in RFC 3986 5.2.4 — refusing anything
+/// an upstream could read differently (encoded separators, `\`, `;`, NUL, `..` above root).
+pub fn normalize(path: &str) -> Result<String, PathError> {
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let decoded = decode_unreserved(path.as_bytes())?;
+    remove_dot_segments(&decoded)
+}
+
+fn decode_unreserved(input: &[u8]) -> Result<String, PathError> {
+    let mut out = String::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        let b = input[i];
+        match b {
+            b'%' => {
+                let hi = input.get(i + 1).and_then(|c| hex_val(*c));
+                let lo = input.get(i + 2).and_then(|c| hex_val(*c));
+                let (Some(hi), Some(lo)) = (hi, lo) else {
+                    return Err(PathError::BadPercent);
+                };
+                let v = hi << 4 | lo;
+                match v {
+                    b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+                    b';' => return Err(PathError::PathParameter),
+                    0..=0x1f | 0x7f => return Err(PathError::Control),
+                    _ if is_unreserved(v) => out.push(v as char),
+                    _ => {
+                        out.push('%');
+                        out.push(HEX[usize::from(hi)] as char);
+                        out.push(HEX[usize::from(lo)] as char);
+                    }
+                }
+                i += 3;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            b';' => return Err(PathError::PathParameter),
+            b'#' => return Err(PathError::Fragment),
+            b'?' => return Err(PathError::Query),
+            0..=0x20 | 0x7f..=0xff => return Err(PathError::Control),
+            _ => {
+                out.push(b as char);
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Dot-segment removal over `/`-separated segments, merging empty segments (`//`), keeping
+/// a trailing slash. `..` that would climb above the root is an error, not clamped: a
+/// request that tries it is not a mistake worth guessing about.
+fn remove_dot_segments(path: &str) -> Result<String, PathError> {
+    let mut stack: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for seg in path.split('/').skip(1) {
+        trailing_slash = false;
+        match seg {
+            "" | "." => trailing_slash = true,
+            ".." => {
+                stack.pop().ok_or(PathError::AboveRoot)?;
+                trailing_slash = true;
+            }
+            s => stack.push(s),
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for seg in &stack {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if trailing_slash || out.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(p: &str) -> String {
+        normalize(p).unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+
+    #[test]
+    fn plain_paths_are_unchanged() {
+        for p in [
+            "/",
+            "/a",
+            "/a/b/",
+            "/v1/items/42",
+            "/a%20b",
+            "/caf%C3%A9",
+            "/a:b@c",
+            "/Admin",
+        ] {
+            assert_eq!(ok(p), p);
+        }
+    }
+
+    #[test]
+    fn dot_segments_and_slashes() {
+        assert_eq!(ok("/a/../admin"), "/admin");
+        assert_eq!(ok("/a/./b"), "/a/b");
+        assert_eq!(ok("//admin"), "/admin");
+        assert_eq!(ok("/a//b///c"), "/a/b/c");
+        assert_eq!(ok("/a/b/.."), "/a/");
+        assert_eq!(ok("/a/."), "/a/");
+        assert_eq!(ok("/."), "/");
+        assert_eq!(ok("/a/b/../../c"), "/c");
+        assert_eq!(ok("/a/..."), "/a/...");
+    }
+
+    #[test]
+    fn percent_encoding() {
+        assert_eq!(ok("/%61dmin"), "/admin");
+        assert_eq!(ok("/x/%2e%2e/admin"), "/admin");
+        assert_eq!(ok("/x/%2E./admin"), "/admin");
+        assert_eq!(ok("/a%7eb"), "/a~b");
+        assert_eq!(ok("/a%3fb"), "/a%3Fb");
+        assert_eq!(normalize("/a%2fb"), Err(PathError::EncodedSeparator));
+        assert_eq!(normalize("/a%2Fb"), Err(PathError::EncodedSeparator));
+        assert_eq!(normalize("/a%5cb"), Err(PathError::EncodedSeparator));
+        assert_eq!(normalize("/a%00"), Err(PathError::Control));
+        assert_eq!(normalize("/a%zz"), Err(PathError::BadPercent));
+        assert_eq!(normalize("/a%2"), Err(PathError::BadPercent));
+        assert_eq!(normalize("/a%"), Err(PathError::BadPercent));
+    }
+
+    #[test]
+    fn refused_forms() {
+        assert_eq!(normalize("/.."), Err(PathError::AboveRoot));
+        assert_eq!(normalize("/a/../../admin"), Err(PathError::AboveRoot));
+        assert_eq!(normalize("/%2e%2e/admin"), Err(PathError::AboveRoot));
+        assert_eq!(normalize("/admin;x=1"), Err(PathError::PathParameter));
+        assert_eq!(normalize("/admin%3bx"), Err(PathError::PathParameter));
+        assert_eq!(normalize("/a\\admin"), Err(PathError::Backslash));
+        assert_eq!(normalize("/a#frag"), Err(PathError::Fragment));
+        // Found by proptest: a raw `?` was kept, and `Upstream::uri` would have forwarded
+        // `/a?x/../admin` as path `/a` + query: not the path that was authorized.
+        assert_eq!(normalize("/a?x/../admin"), Err(PathError::Query));
+        assert_eq!(ok("/a%3Fx"), "/a%3Fx");
+        assert_eq!(normalize("admin"), Err(PathError::NotAbsolute));
+        assert_eq!(normalize("*"), Err(PathError::NotAbsolute));
+        assert_eq!(normalize("/a\u{1}"), Err(PathError::Control));
+    }
+
+    #[test]
+    fn idempotent_on_samples() {
+        for p in [
+            "/a/../b/./c//d/",
+            "/%7Euser/%41",
+            "/x%20y/../z",
+            "/a/b/c/../..",
+        ] {
+            let once = ok(p);
+            assert_eq!(ok(&once), once, "{p}");
+        }
+    }
+
+    /// Decode every `%XX` once, as an upstream framework typically does.
+    fn decode_once(p: &str) -> Vec<u8> {
+        let b = p.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                let v = u8::from_str_radix(&p[i + 1..i + 3], 16).unwrap();
+                out.push(v);
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// What must hold for every path `normalize` accepts.
+    fn check_normalized(
+        input: &str,
+        out: &str,
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        use proptest::{prop_assert, prop_assert_eq};
+        prop_assert!(out.starts_with('/'), "{input:?} -> {out:?}");
+        prop_assert!(!out.contains("//"), "{input:?} -> {out:?}");
+        let segments: Vec<&str> = out.split('/').skip(1).collect();
+        prop_assert!(
+            segments.iter().all(|s| *s != "." && *s != ".."),
+            "{input:?} -> {out:?}"
+        );
+        prop_assert!(
+            !out.contains(['\\', ';', '#', '?']) && out.bytes().all(|b| b > 0x20 && b < 0x7f),
+            "{input:?} -> {out:?}"
+        );
+        // Idempotent: normalizing what is forwarded changes nothing.
+        let again = normalize(out);
+        prop_assert_eq!(again.as_deref(), Ok(out), "{:?}", input);
+        // An upstream that percent-decodes once sees the same segments, none of them a
+        // dot segment: no encoding survives that could become `/`, `\` or `..` later.
+        let decoded = decode_once(out);
+        let decoded_segments: Vec<&[u8]> = decoded.split(|b| *b == b'/').skip(1).collect();
+        prop_assert_eq!(decoded_segments.len(), segments.len(), "{:?}", input);
+        prop_assert!(
+            decoded_segments
+                .iter()
+                .all(|s| *s != b"." && *s != b".." && !s.contains(&b'\\')),
+            "{input:?} -> {out:?}"
+        );
+        // What is authorized is what is forwarded: the URI keyward sends upstream carries
+        // exactly this path (for any input hyper could have delivered as a request path).
+        if http::uri::PathAndQuery::try_from(input).is_err() {
+            return Ok(());
+        }
+        let upstream = crate::proxy::forward::Upstream::new(
+            &http::Uri::from_static("http://127.0.0.1:9"),
+            &crate::config::Limits::default(),
+        );
+        let uri = upstream.uri(out, Some("q=%2e%2e/x")).unwrap();
+        prop_assert_eq!(uri.path(), out);
+        Ok(())
+    }
+
+    /// Path-like strings: the pieces every traversal trick is made of.
+    fn path_like() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let piece = prop::sample::select(vec![
+            "/", "/", "/", "a", "b", "admin", ".", "..", "...", "%2e", "%2E", "%2e%2e", ".%2e",
+            "%2f", "%2F", "%5c", "\\", ";", "%3b", "#", "%", "%4", "%41", "%7e", "~", "%25",
+            "%252e", "%20", "%00", "%ff", "%C3%A9", "-", "_", ":", "@", "!", "$", "&", "'", "(",
+            "*", "+", ",", "=", "\u{0}", "\t", "é",
+        ]);
+        prop::collection::vec(piece, 0..24).prop_map(|v| format!("/{}", v.concat()))
+    }
+
+    proptest::proptest! {
+        // Found cases become unit tests above, so no regression file is written.
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 2048,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        #[test]
+        fn prop_normalized_paths_are_dot_free_and_idempotent(p in path_like()) {
+            if let Ok(out) = normalize(&p) {
+                check_normalized(&p, &out)?;
+            }
+        }
+
+        #[test]
+        fn prop_any_string_is_normalized_or_refused(p in "\\PC*") {
+            // Never panics; whatever is accepted keeps every invariant.
+            if let Ok(out) = normalize(&p) {
+                check_normalized(&p, &out)?;
+            }
+        }
+
+        #[test]
+        fn prop_dot_segments_and_slashes_cannot_change_the_target(
+            segs in proptest::collection::vec("[a-z]{1,3}", 1..6),
+            at in 0usize..6,
+            junk in proptest::sample::select(vec!["/zz/..", "/.", "/", "/./zz/../.", "/%2e", "/zz/%2E%2e"]),
+        ) {
+            let plain = format!("/{}", segs.join("/"));
+            let at = at.min(segs.len());
+            let tricked = format!(
+                "/{}{}/{}",
+                segs[..at].join("/"),
+                junk,
+                segs[at..].join("/")
+            );
+            let plain_out = normalize(&plain).unwrap();
+            let tricked_out = normalize(&tricked).unwrap();
+            // Same route, give or take the trailing slash of a directory.
+            proptest::prop_assert_eq!(
+                plain_out.trim_end_matches('/'),
+                tricked_out.trim_end_matches('/'),
+                "{:?} vs {:?}", plain, tricked
+            );
+        }
+
+        #[test]
+        fn prop_percent_encoded_unreserved_is_the_same_path(
+            p in "/[a-zA-Z0-9._~/-]{0,24}",
+            mask in proptest::collection::vec(proptest::bool::ANY, 24),
+            lower in proptest::bool::ANY,
+        ) {
+            let encoded: String = p
+                .chars()
+                .zip(mask.iter().chain(std::iter::repeat(&false)))
+                .map(|(c, enc)| match (c, enc) {
+                    ('/', _) | (_, false) => c.to_string(),
+                    (c, true) if lower => format!("%{:02x}", c as u8),
+                    (c, true) => format!("%{:02X}", c as u8),
+                })
+                .collect();
+            proptest::prop_assert_eq!(normalize(&p), normalize(&encoded), "{:?}", encoded);
+        }
+    }
+}
