@@ -13,8 +13,8 @@ use tracing::{error, info, warn};
 
 use sha2::{Digest as _, Sha256};
 
+use super::load::Format;
 use super::load::{self, ReadError, YAML_MAX_BYTES};
-use super::snapshot::Format;
 use super::{digest, Snapshot, SnapshotError, Source};
 use crate::App;
 
