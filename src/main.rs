@@ -125,7 +125,6 @@ fn parse_type(s: &str) -> Result<PrincipalType, String> {
 }
 
 fn main() -> ExitCode {
-    keyward::keys::source::after_install(release_freed_memory);
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let config_given =
         matches.value_source("config") != Some(clap::parser::ValueSource::DefaultValue);
@@ -171,7 +170,9 @@ fn run(path: &Path) -> Result<(), String> {
 fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), String> {
     runtime()?.block_on(async {
         let signals = keyward::Signals::install().map_err(|e| format!("signals: {e}"))?;
-        let server = Keyward::bind(config).await.map_err(|e| e.to_string())?;
+        let server = Keyward::bind_with(config, Some(release_freed_memory))
+            .await
+            .map_err(|e| e.to_string())?;
         let c = &server.app.config;
         // Scheme, host and port only: never userinfo from the upstream URL.
         let upstream =
@@ -294,7 +295,9 @@ fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), String> {
     println!("{}", demo::instructions(listen, admin, &keys_file));
     let result = rt.block_on(async {
         let signals = keyward::Signals::install().map_err(|e| format!("signals: {e}"))?;
-        let server = Keyward::bind(config).await.map_err(|e| e.to_string())?;
+        let server = Keyward::bind_with(config, Some(release_freed_memory))
+            .await
+            .map_err(|e| e.to_string())?;
         let reload = server.app.reload.clone();
         server.run(signals.shutdown(reload)).await;
         Ok(())

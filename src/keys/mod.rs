@@ -6,7 +6,8 @@
 //! `identity` (identity header names and values), `index`, `snapshot`, `entries` (the
 //! document as serde reads it), `excerpt` (parser messages fit to show), `load` (the one
 //! loader), `diff`, `guard`, `store`, `usage`, then where snapshots come from: `spool`,
-//! `read` (a snapshot file read and hashed), `source` (file and control sources, install).
+//! `load_error`, `read` (a snapshot file read and hashed), `review`, `source` (the file and
+//! control sources, install, the key file's watch).
 
 pub mod diff;
 mod entries;
@@ -17,11 +18,14 @@ pub mod identity;
 mod index;
 pub mod key;
 pub mod load;
+mod load_error;
+mod read;
 pub mod review;
 pub mod schema;
 mod scopes;
 pub mod snapshot;
 pub mod source;
+mod spool;
 pub mod store;
 pub mod text;
 pub mod usage;
