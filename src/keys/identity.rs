@@ -105,3 +105,47 @@ impl Key {
             ])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::fixtures::entry;
+    use crate::keys::{Snapshot, Source, Text};
+
+    fn names() -> IdentityNames {
+        IdentityNames::new("x-auth-", "production").unwrap()
+    }
+
+    #[test]
+    fn identity_headers_are_prebuilt() {
+        let s = Snapshot::parse(&entry("    org_id: o1\n"), Source::File).unwrap();
+        let k = s.by_id("key_a").unwrap();
+        let get = |n: &str| {
+            k.identity_headers(&names(), None)
+                .find(|(h, _)| *h == n)
+                .map(|(_, v)| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(get("x-auth-subject-id").as_deref(), Some("s1"));
+        assert_eq!(get("x-auth-access-type").as_deref(), Some("access"));
+        assert_eq!(get("x-auth-org-id").as_deref(), Some("o1"));
+        assert_eq!(get("x-auth-environment").as_deref(), Some("production"));
+        assert_eq!(get("x-auth-enterprise-id"), None);
+    }
+
+    #[test]
+    fn an_id_is_stored_once_as_its_header_value_and_found_by_its_text() {
+        use std::hash::BuildHasher;
+        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
+        let k = s.by_id("key_demo_service").unwrap();
+        assert_eq!(k.id.header_value(), "key_demo_service");
+        let names = IdentityNames::new("x-auth-", "production").unwrap();
+        let sent: Vec<_> = k.identity_headers(&names, None).collect();
+        assert!(sent.contains(&(&names.key_id, k.id.header_value())));
+        // Hashed as its text: a map keyed by `Text` is searched with a `&str`.
+        let h = std::collections::hash_map::RandomState::new();
+        assert_eq!(h.hash_one(&k.id), h.hash_one("key_demo_service"));
+        let map: std::collections::HashMap<Text, u8> = [(k.id.clone(), 1)].into();
+        assert_eq!(map.get("key_demo_service"), Some(&1));
+        assert_eq!(map.get("key_demo"), None);
+    }
+}

@@ -197,3 +197,43 @@ impl Key {
         wanted.iter().any(|w| self.scopes().iter().any(|s| s == w))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::fixtures::{entry, SHA};
+    use crate::keys::{Snapshot, Source};
+
+    #[test]
+    #[cfg(all(unix, target_pointer_width = "64"))] // sizes of `SystemTime`, `Arc`, `Bytes`
+    fn a_key_fits_a_small_allocation() {
+        // `Arc<Key>` (two counters + the key) must stay within jemalloc's 224-byte class:
+        // a snapshot holds one per key, a million at the high end.
+        assert!(
+            std::mem::size_of::<Key>() + 16 <= 224,
+            "{}",
+            std::mem::size_of::<Key>()
+        );
+    }
+
+    #[test]
+    fn keys_with_the_same_scopes_share_them_and_unset_fields_cost_nothing() {
+        let second = format!(
+            "  - id: key_b\n    sha256: {}\n    type: service_account\n    subject_id: s2\n    account_id: a1\n    scopes: [read]\n    org_id: o1\n",
+            hex::encode(digest(b"b"))
+        );
+        let s = Snapshot::parse(&(entry("") + &second), Source::File).unwrap();
+        let (a, b) = (s.by_id("key_a").unwrap(), s.by_id("key_b").unwrap());
+        assert!(Arc::ptr_eq(&a.scopes, &b.scopes));
+        assert_eq!(a.scopes(), ["read"]);
+        assert!(a.extra.is_none() && a.org_id().is_none());
+        assert_eq!(b.org_id().map(|t| t.as_str()), Some("o1"));
+    }
+
+    #[test]
+    fn debug_hides_material() {
+        let s = Snapshot::parse(&entry(""), Source::File).unwrap();
+        let dbg = format!("{:?}", s.by_id("key_a").unwrap());
+        assert!(!dbg.contains(SHA) && dbg.contains("key_a"));
+    }
+}

@@ -13,6 +13,8 @@ pub mod diff;
 mod entries;
 pub mod error;
 mod excerpt;
+#[cfg(test)]
+mod fixtures;
 pub mod guard;
 pub mod identity;
 mod index;

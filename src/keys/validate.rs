@@ -209,3 +209,53 @@ fn parse_delegation(
     }
     Ok(Delegation::Only(accounts.iter().cloned().collect()))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::keys::fixtures::{entry, refuse, SHA};
+    use crate::keys::{Delegation, Snapshot, Source};
+
+    #[test]
+    fn bad_fields_name_entry_and_field() {
+        let bad_digest = entry("").replace(SHA, "abc");
+        assert!(refuse(&bad_digest).starts_with("keys[0] id=key_a: sha256"));
+        let bad_type = entry("").replace("service_account", "robot");
+        assert!(refuse(&bad_type).starts_with("keys[0] id=key_a: type"));
+        assert!(refuse(&entry("    status: paused\n")).starts_with("keys[0] id=key_a: status"));
+        assert!(refuse(&entry("    expires_at: tomorrow\n")).contains("expires_at"));
+        let e = refuse(&entry(
+            "    not_before: 2027-01-01T00:00:00Z\n    expires_at: 2026-01-01T00:00:00Z\n",
+        ));
+        assert!(e.starts_with("keys[0] id=key_a: expires_at"), "{e}");
+        let e = refuse(&entry("    delegate_accounts: [\"*\"]\n"));
+        assert!(e.starts_with("keys[0] id=key_a: delegate_accounts"), "{e}");
+        assert!(refuse(&entry("    subject_email: \"a\\nb\"\n")).contains("subject_email"));
+        assert!(
+            refuse(&entry("    rate_limit: { per_second: 0, burst: 1 }\n")).contains("rate_limit")
+        );
+        assert!(refuse(&entry("    colour: red\n")).contains("colour"));
+        let no_subject = entry("").replace("    subject_id: s1\n", "");
+        assert!(refuse(&no_subject).contains("subject_id"));
+    }
+
+    #[test]
+    fn digest_errors_do_not_echo_the_value() {
+        let raw = "sta_this_is_a_pasted_raw_key_not_a_digest";
+        let e = refuse(&entry("").replace(SHA, raw));
+        assert!(!e.contains(raw), "{e}");
+    }
+
+    #[test]
+    fn delegation_forms() {
+        let ent = |d: &str| {
+            entry(&format!("    delegate_accounts: {d}\n"))
+                .replace("type: service_account", "type: enterprise_service_account")
+        };
+        let s = Snapshot::parse(&ent("[\"*\"]"), Source::File).unwrap();
+        assert_eq!(*s.by_id("key_a").unwrap().delegation(), Delegation::Any);
+        let s = Snapshot::parse(&ent("[c1, c2]"), Source::File).unwrap();
+        assert!(
+            matches!(s.by_id("key_a").unwrap().delegation(), Delegation::Only(set) if set.len() == 2)
+        );
+    }
+}
