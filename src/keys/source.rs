@@ -168,7 +168,7 @@ fn refused(host: &impl Host, source: Source, what: &LoadError) {
 /// Load the initial snapshot. A missing or bad source is logged and counted, and keyward
 /// starts fail-closed (`503 auth_unavailable`) until a good one arrives.
 pub fn load_initial(host: &impl Host) {
-    let result = match &host.key_source() {
+    let result = match host.key_source() {
         KeySource::File(path) => load_file(host, path, Source::File),
         KeySource::Control { state_file, seed } => {
             Spool::remove_stale(state_file, STALE_SPOOL);
@@ -209,7 +209,7 @@ fn load_file_as(
 /// `POST /v1/snapshot/reload`: read the key file once now, through the guard unless
 /// forced. A refusal is logged and counted as a watched reload's is.
 pub fn reload_file(host: &impl Host, admission: Admission) -> Result<Arc<Snapshot>, LoadError> {
-    let KeySource::File(path) = &host.key_source() else {
+    let KeySource::File(path) = host.key_source() else {
         return Err(LoadError::ControlSource);
     };
     load_file_as(host, path, Source::File, admission)
@@ -290,7 +290,7 @@ pub fn apply_pushed(
     format: Format,
     admission: Admission,
 ) -> Result<Arc<Snapshot>, LoadError> {
-    let KeySource::Control { state_file, .. } = &host.key_source() else {
+    let KeySource::Control { state_file, .. } = host.key_source() else {
         return Err(LoadError::FileSource);
     };
     let snapshot = read_pushed(host, &spool, format)?;
@@ -316,7 +316,7 @@ pub fn read_pushed(host: &impl Host, spool: &Spool, format: Format) -> Result<Sn
 
 /// `POST /v1/keys/{id}/disable`: a new snapshot with that key disabled, persisted first.
 pub fn disable_key(host: &impl Host, id: &str) -> Result<Arc<Snapshot>, DisableError> {
-    let KeySource::Control { state_file, .. } = &host.key_source() else {
+    let KeySource::Control { state_file, .. } = host.key_source() else {
         return Err(DisableError::FileSource);
     };
     // From reading the snapshot in force to installing its successor: a push in between
@@ -338,4 +338,100 @@ pub fn disable_key(host: &impl Host, id: &str) -> Result<Arc<Snapshot>, DisableE
     persist(state_file, text.as_bytes())?;
     info!(key_id = id, "key disabled through the control API");
     Ok(install(host, snapshot))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::keys::fixtures::entry;
+    use crate::keys::Status;
+
+    /// Runs of the after-install hook (this test's only: the hook is a plain `fn`).
+    static HOOK_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+    fn count_hook_run() {
+        HOOK_RUNS.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A host with a control source in `dir`, counting what the sources report.
+    struct TestHost {
+        store: KeyStore,
+        source: KeySource,
+        loader: KeyLoader,
+        config: KeysConfig,
+        installed: AtomicUsize,
+        failed: AtomicUsize,
+    }
+
+    impl TestHost {
+        fn control(dir: &Path) -> Self {
+            let state = dir.join("state.yaml");
+            let yaml = format!("control: {{state_file: {}}}", state.display());
+            let config: KeysConfig = serde_yaml::from_str(&yaml).unwrap();
+            TestHost {
+                store: KeyStore::new(),
+                source: KeySource::from_config(&config).unwrap(),
+                loader: KeyLoader::new(Some(count_hook_run)),
+                config,
+                installed: AtomicUsize::new(0),
+                failed: AtomicUsize::new(0),
+            }
+        }
+    }
+
+    impl Host for TestHost {
+        fn key_store(&self) -> &KeyStore {
+            &self.store
+        }
+        fn key_source(&self) -> &KeySource {
+            &self.source
+        }
+        fn key_loader(&self) -> &KeyLoader {
+            &self.loader
+        }
+        fn keys_config(&self) -> &KeysConfig {
+            &self.config
+        }
+        fn installed(&self, snapshot: &Snapshot) {
+            assert!(std::ptr::eq(
+                snapshot,
+                &*self.store.load().expect("published first")
+            ));
+            self.installed.fetch_add(1, Ordering::SeqCst);
+        }
+        fn snapshot_failed(&self, _: Source) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+        }
+        fn snapshot_guarded(&self, _: Source) {}
+    }
+
+    /// The host's hook runs after every install (the initial load, a revoke), once the
+    /// snapshot is published; a refused state file is counted and installs nothing.
+    #[test]
+    fn every_install_reaches_the_host_and_runs_its_after_install_hook() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = TestHost::control(dir.path());
+        let KeySource::Control { state_file, .. } = host.key_source().clone() else {
+            unreachable!("a control source")
+        };
+        std::fs::write(&state_file, "keys: {").unwrap();
+        load_initial(&host);
+        assert_eq!(host.failed.load(Ordering::SeqCst), 1);
+        assert!(!host.store.is_loaded());
+        assert_eq!(HOOK_RUNS.load(Ordering::SeqCst), 0);
+
+        persist(&state_file, entry("").as_bytes()).unwrap();
+        load_initial(&host);
+        assert_eq!(HOOK_RUNS.load(Ordering::SeqCst), 1);
+        disable_key(&host, "key_a").unwrap();
+        assert_eq!(HOOK_RUNS.load(Ordering::SeqCst), 2);
+        assert_eq!(host.installed.load(Ordering::SeqCst), 2);
+        let in_force = host.store.load().unwrap();
+        assert_eq!(in_force.by_id("key_a").unwrap().status, Status::Disabled);
+        // What is in force is what a restart loads.
+        let persisted = read_file(&state_file, Source::Control).unwrap();
+        assert_eq!(persisted.content_digest, in_force.content_digest);
+    }
 }
