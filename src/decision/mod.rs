@@ -167,15 +167,13 @@ async fn decide<B>(
         headers: req.headers(),
         query: original.query.as_deref(),
     };
-    Ok(
-        match handler::decide(app, &head, &original.path, trace).await? {
-            Verdict::Public => allowed(&app.names, None, None),
-            Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
-                allowed(&app.names, Some(&p), quota.as_ref())
-            }
+    Ok(match handler::decide(app, &head, &original.path, trace).await? {
+        Verdict::Public => allowed(&app.names, None, None),
+        Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
+            allowed(&app.names, Some(&p), quota.as_ref())
         }
-        .map(|()| Either::Right(Full::new(Bytes::new()))),
-    )
+    }
+    .map(|()| Either::Right(Full::new(Bytes::new()))))
 }
 
 /// `200`, no body, every identity header name (empty where the key has no value, so a proxy
