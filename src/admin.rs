@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::keys::snapshot::Format;
+use crate::keys::load::Format;
 use crate::keys::source::{self, DisableError, KeySource, LoadError};
 use crate::keys::{digest, Snapshot};
 use crate::App;

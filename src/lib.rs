@@ -15,6 +15,8 @@ pub mod cluster;
 pub mod config;
 pub mod decision;
 pub mod demo;
+pub mod file_watch;
+mod key_host;
 pub mod keygen;
 pub mod keys;
 pub mod logging;
@@ -38,7 +40,7 @@ use crate::cluster::revocations::Revocations;
 use crate::cluster::usage::FleetUsage;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::keys::source::KeySource;
+use crate::keys::source::{KeyLoader, KeySource};
 use crate::keys::usage::Usage;
 use crate::keys::{IdentityNames, KeyStore};
 use crate::metrics::Metrics;
@@ -51,6 +53,8 @@ pub struct App {
     pub names: IdentityNames,
     pub store: KeyStore,
     pub key_source: KeySource,
+    /// The key sources' commit lock and after-install hook.
+    pub key_loader: KeyLoader,
     pub usage: Usage,
     pub limiter: Limiter,
     /// Redis, when `cluster` is configured (SPEC 14).
@@ -112,6 +116,7 @@ impl App {
             names,
             store: KeyStore::new(),
             key_source,
+            key_loader: KeyLoader::default(),
             usage: Usage::default(),
             limiter: Limiter::new(cluster.as_ref()),
             revocations: Arc::new(Revocations::new(cluster.as_ref())),
@@ -172,6 +177,14 @@ impl Keyward {
     /// Bind the listeners and load the first snapshot. Once this returns, both addresses
     /// accept connections, so tests and probes need no sleep.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
+        Self::bind_with(config, None).await
+    }
+
+    /// [`bind`](Self::bind), with `after_install` run after every snapshot install.
+    pub async fn bind_with(
+        config: Config,
+        after_install: Option<fn()>,
+    ) -> Result<Self, StartError> {
         let tls = match &config.tls {
             Some(t) => Some(tls::TlsAcceptor::load(
                 t,
@@ -190,7 +203,9 @@ impl Keyward {
             None => None,
         };
         let admin = bind(config.admin_listen).await?;
-        let app = Arc::new(App::new(config)?);
+        let mut app = App::new(config)?;
+        app.key_loader = KeyLoader::new(after_install);
+        let app = Arc::new(app);
         let app2 = app.clone();
         tokio::task::spawn_blocking(move || keys::source::load_initial(&app2))
             .await

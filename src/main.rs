@@ -167,7 +167,6 @@ fn parse_type(s: &str) -> Result<PrincipalType, UnknownType> {
 }
 
 fn main() -> ExitCode {
-    keyward::keys::source::after_install(release_freed_memory);
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let config_given =
         matches.value_source("config") != Some(clap::parser::ValueSource::DefaultValue);
@@ -216,7 +215,7 @@ fn run(path: &Path) -> Result<(), CliError> {
 fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
     runtime()?.block_on(async {
         let signals = keyward::Signals::install().map_err(CliError::Signals)?;
-        let server = Keyward::bind(config).await?;
+        let server = Keyward::bind_with(config, Some(release_freed_memory)).await?;
         let c = &server.app.config;
         // Scheme, host and port only: never userinfo from the upstream URL.
         let upstream =
@@ -342,7 +341,7 @@ fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), CliError> {
     println!("{}", demo::instructions(listen, admin, &keys_file));
     let result = rt.block_on(async {
         let signals = keyward::Signals::install().map_err(CliError::Signals)?;
-        let server = Keyward::bind(config).await?;
+        let server = Keyward::bind_with(config, Some(release_freed_memory)).await?;
         let reload = server.app.reload.clone();
         server.run(signals.shutdown(reload)).await;
         Ok(())

@@ -2,14 +2,14 @@
 //! optional client certificates (mTLS). The server config sits behind an `ArcSwap`, so a
 //! rotated certificate is used by the next handshake while existing connections keep theirs.
 //!
-//! Rotation: [`watch`] re-reads the files every `tls.poll_interval` and compares a hash of
-//! their content (not mtimes: Kubernetes swaps a mounted Secret through a `..data` symlink).
-//! The files are read once per check, and the config is built from exactly the bytes that
-//! were hashed. A pair that does not load (say, a new certificate beside the old key while
+//! Rotation: [`watch`] re-reads the files every `tls.poll_interval` (through the one file
+//! watcher, `file_watch`) and compares a hash of their content (not mtimes: Kubernetes
+//! swaps a mounted Secret through a `..data` symlink). The files are read once per check,
+//! and the config is built from exactly the bytes that were hashed. A pair that does not load (say, a new certificate beside the old key while
 //! a rotation is half-written) is refused and the current certificate stays in use; the
 //! next change is tried again.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::net::TcpStream;
 
 use crate::config::TlsConfig;
+use crate::file_watch::{Watch, Watched};
 
 /// Handshake deadline used by [`TlsAcceptor::new`] when none is given.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -192,41 +193,64 @@ impl TlsAcceptor {
 /// handshake uses it. A set that does not load keeps the current certificate, and is
 /// reported once (not on every poll) until the files change again.
 pub async fn watch(acceptor: TlsAcceptor, tls: TlsConfig) {
-    let mut last = acceptor.loaded;
-    let interval = tls.poll_interval.max(Duration::from_millis(1));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let tls2 = tls.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let files = TlsFiles::read(&tls2)?;
-            let fingerprint = files.fingerprint();
-            Ok::<_, TlsError>((files, fingerprint))
-        })
-        .await;
-        let (files, now) = match read {
-            Ok(Ok(pair)) => pair,
-            // A file missing for a moment (mid-rotation): look again on the next tick.
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS files not readable; keeping the current certificate");
-                continue;
-            }
-            Err(_) => continue,
-        };
-        if last == Some(now) {
-            continue;
-        }
-        last = Some(now);
-        match files.build(&tls) {
+    let last = acceptor.loaded;
+    let interval = tls.poll_interval;
+    let paths = [Some(&tls.cert), Some(&tls.key), tls.client_ca.as_ref()]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    Watch::new(
+        TlsWatch {
+            acceptor,
+            tls,
+            paths,
+        },
+        interval,
+        last,
+    )
+    .run()
+    .await
+}
+
+/// The TLS files, as the watcher sees them: read whole on every poll, and the config built
+/// from exactly the bytes that were hashed.
+struct TlsWatch {
+    acceptor: TlsAcceptor,
+    tls: TlsConfig,
+    paths: Vec<PathBuf>,
+}
+
+impl Watched for TlsWatch {
+    type Digest = [u8; 32];
+    type Content = TlsFiles;
+    type Error = TlsError;
+
+    fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    fn read(&self) -> Result<([u8; 32], TlsFiles), TlsError> {
+        let files = TlsFiles::read(&self.tls)?;
+        Ok((files.fingerprint(), files))
+    }
+
+    fn changed(&self, files: TlsFiles) -> Option<[u8; 32]> {
+        match files.build(&self.tls) {
             Ok(config) => {
-                acceptor.replace(config);
-                tracing::info!(cert = %tls.cert.display(), "TLS certificate reloaded");
+                self.acceptor.replace(config);
+                tracing::info!(cert = %self.tls.cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
                 tracing::warn!(error = %e, "TLS reload refused; keeping the current certificate")
             }
         }
+        None
+    }
+
+    /// A file missing for a moment (mid-rotation): look again on the next poll.
+    fn unreadable(&self, error: TlsError, _report: bool) {
+        tracing::debug!(error = %error, "TLS files not readable; keeping the current certificate");
     }
 }
 

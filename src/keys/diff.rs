@@ -1,5 +1,5 @@
 //! What a new snapshot changes against the one in force: one pure function over two
-//! snapshots. The blast-radius guard ([`super::guard`]), the dry run of `PUT /v1/snapshot`
+//! snapshots. The blast-radius guard (`guard`), the dry run of `PUT /v1/snapshot`
 //! and `keyward diff` all call [`diff`]; none of them ever shows a digest or a raw key (a
 //! changed `sha256` is reported by its field name only).
 
@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::snapshot::KeyDoc;
+use super::schema::KeyDoc;
 use super::{Snapshot, Status};
 
 /// One key present in both snapshots whose entry differs, and the names of its fields that

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use foldhash::fast::RandomState;
 use hashbrown::hash_table::{Entry, HashTable};
 
-use super::snapshot::{Digest, Key};
+use super::key::{Digest, Key};
 
 /// Which of a key's two unique names another key already has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,23 +12,21 @@
 
 use std::fmt;
 use std::io::{self, BufRead, Read};
-use std::sync::Arc;
 
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::DeserializeSeed;
 
-use super::snapshot::{build_entry, Key, Meta, ScopeCache, Snapshot, SnapshotError};
-
-/// A snapshot's own fields (`version`, `generated_at`) and its keys, built.
-pub type Built = (Meta, Vec<Arc<Key>>);
+pub use super::entries::Built;
+use super::entries::{Doc, Progress};
+use super::error::SnapshotError;
+use super::excerpt::located;
+pub use super::excerpt::{excerpt, MAX_ERROR_CHARS};
+use super::key::digest;
+use super::snapshot::{Snapshot, Source};
 
 /// Largest YAML document read (pushed or from a file): a YAML parse holds the whole
 /// document's events, several KB per key, so bulk snapshots are written as JSON, which is
 /// read as a stream. About 250k keys of YAML.
 pub const YAML_MAX_BYTES: u64 = 64 * 1024 * 1024;
-
-/// How long an error message about a document may be: it goes into logs and into the
-/// answer to a push, and must never carry the document with it.
-pub const MAX_ERROR_CHARS: usize = 200;
 
 /// A document's syntax, as a push declares it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,72 +52,6 @@ impl From<SnapshotError> for ReadError {
 
 fn parse_error(message: impl fmt::Display) -> SnapshotError {
     SnapshotError::Parse(excerpt(&message.to_string()))
-}
-
-/// `message` fit to show: every double-quoted value replaced by `"…"` (a value the parser
-/// quotes may be a pasted raw key or digest), back-quoted names longer than 32 characters
-/// likewise, and the whole cut to [`MAX_ERROR_CHARS`].
-pub fn excerpt(message: &str) -> String {
-    let mut out = String::with_capacity(message.len().min(MAX_ERROR_CHARS + 4));
-    let mut rest = message;
-    while let Some(at) = rest.find(['"', '`']) {
-        out.push_str(&rest[..at]);
-        let quote = &rest[at..at + 1];
-        let after = &rest[at + 1..];
-        let Some(len) = after.find(quote) else {
-            out.push_str(quote);
-            out.push('…');
-            rest = "";
-            break;
-        };
-        let inner = &after[..len];
-        out.push_str(quote);
-        out.push_str(if quote == "`" && inner.chars().count() <= 32 {
-            inner
-        } else {
-            "…"
-        });
-        out.push_str(quote);
-        rest = &after[len + 1..];
-        if out.len() > MAX_ERROR_CHARS * 4 {
-            break;
-        }
-    }
-    out.push_str(rest);
-    match out.char_indices().nth(MAX_ERROR_CHARS) {
-        Some((cut, _)) => {
-            out.truncate(cut);
-            out.push('…');
-            out
-        }
-        None => out,
-    }
-}
-
-/// The error with where it is (`keys[3].scopes: ...`), as the config's errors are; a
-/// segment of the path is a name from the document, so a long one is not echoed.
-fn located(path: &serde_path_to_error::Path, e: &impl fmt::Display) -> String {
-    let path: Vec<String> = path
-        .to_string()
-        .split('.')
-        .map(|s| {
-            if s.chars().count() > 32 {
-                "…".into()
-            } else {
-                s.to_string()
-            }
-        })
-        .collect();
-    let path = path.join(".");
-    let message = e.to_string();
-    let named = message
-        .split_once(": ")
-        .is_some_and(|(head, _)| head == path);
-    if path.is_empty() || path == "." || named {
-        message
-    } else {
-        format!("{path}: {message}")
-    }
 }
 
 /// Read a document held in memory (see the module doc for how its syntax is decided).
@@ -280,14 +212,6 @@ fn json<'de, R: serde_json::de::Read<'de>>(
     }
 }
 
-/// Where a read of the `keys` list is: the entry being read, and the first refused entry
-/// (the deserializer's own error only says that one was).
-#[derive(Default)]
-struct Progress {
-    entry: Option<usize>,
-    refused: Option<SnapshotError>,
-}
-
 /// A YAML document, parsed whole: refused above [`YAML_MAX_BYTES`] or when not UTF-8.
 fn yaml_bytes(bytes: &[u8], prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
     if bytes.len() as u64 > YAML_MAX_BYTES {
@@ -322,146 +246,34 @@ fn yaml(text: &str, prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
     }
 }
 
-/// The snapshot document: `version` and `generated_at` (optional) and `keys` (required; `keys: []` is an
-/// explicit empty snapshot), nothing else. The one definition of the document read by
-/// every loader; `SnapshotDoc` writes it.
-struct Doc<'a> {
-    prior: Option<&'a Snapshot>,
-    progress: &'a mut Progress,
-}
-
-const FIELDS: &[&str] = &["version", "generated_at", "keys"];
-
-impl<'de> DeserializeSeed<'de> for Doc<'_> {
-    type Value = Built;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_struct("Snapshot", FIELDS, self)
-    }
-}
-
-impl<'de> Visitor<'de> for Doc<'_> {
-    type Value = Built;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a snapshot with `keys` (and an optional `version`)")
+impl Snapshot {
+    /// Parse YAML or JSON (JSON when it is JSON, see `load`) and validate every entry.
+    pub fn parse(text: &str, source: Source) -> Result<Snapshot, SnapshotError> {
+        Self::parse_as(text, Format::Yaml, source)
     }
 
-    /// An empty document (or one of comments only).
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Err(E::missing_field("keys"))
+    /// Parse in a declared format ([`Format::Json`]: JSON only).
+    pub fn parse_as(text: &str, format: Format, source: Source) -> Result<Snapshot, SnapshotError> {
+        let content_digest = hex::encode(digest(text.as_bytes()));
+        let (meta, keys) = from_slice(text.as_bytes(), format, None)?;
+        Self::assemble(meta, keys, source, content_digest)
     }
 
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Err(E::missing_field("keys"))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let (mut version, mut generated_at, mut keys) = (None, None, None);
-        while let Some(field) = map.next_key::<Field>()? {
-            match field {
-                Field::Version if version.is_some() => {
-                    return Err(de::Error::duplicate_field("version"))
-                }
-                Field::GeneratedAt if generated_at.is_some() => {
-                    return Err(de::Error::duplicate_field("generated_at"))
-                }
-                Field::Keys if keys.is_some() => return Err(de::Error::duplicate_field("keys")),
-                Field::Version => version = Some(map.next_value::<Option<u64>>()?),
-                Field::GeneratedAt => generated_at = Some(map.next_value::<Option<String>>()?),
-                Field::Keys => {
-                    keys = Some(map.next_value_seed(Entries {
-                        prior: self.prior,
-                        progress: &mut *self.progress,
-                    })?)
-                }
-            }
-        }
-        let keys = keys.ok_or_else(|| de::Error::missing_field("keys"))?;
-        let meta = Meta::new(version.flatten(), generated_at.flatten().as_deref())
-            .map_err(de::Error::custom)?;
-        Ok((meta, keys))
-    }
-}
-
-/// A field of the document; anything else is refused.
-enum Field {
-    Version,
-    GeneratedAt,
-    Keys,
-}
-
-impl<'de> de::Deserialize<'de> for Field {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Name;
-        impl Visitor<'_> for Name {
-            type Value = Field;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("`version`, `generated_at` or `keys`")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Field, E> {
-                match v {
-                    "version" => Ok(Field::Version),
-                    "generated_at" => Ok(Field::GeneratedAt),
-                    "keys" => Ok(Field::Keys),
-                    other => Err(E::unknown_field(other, FIELDS)),
-                }
-            }
-        }
-        d.deserialize_identifier(Name)
-    }
-}
-
-/// The `keys` list, each entry checked and built as soon as it is parsed, and a key equal
-/// in every field to the one of the same id in `prior` (the snapshot in force) replaced by
-/// that one at once, so a reload holds one copy of each unchanged key.
-struct Entries<'a> {
-    prior: Option<&'a Snapshot>,
-    progress: &'a mut Progress,
-}
-
-impl<'de> DeserializeSeed<'de> for Entries<'_> {
-    type Value = Vec<Arc<Key>>;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Entries<'_> {
-    type Value = Vec<Arc<Key>>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a list of keys")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut keys = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
-        let mut scopes = ScopeCache::default();
-        loop {
-            self.progress.entry = Some(keys.len());
-            let Some(doc) = seq.next_element()? else {
-                break;
-            };
-            match build_entry(keys.len(), doc, &mut scopes) {
-                Ok(key) => keys.push(Snapshot::reuse(self.prior, key)),
-                Err(entry) => {
-                    self.progress.refused = Some(entry);
-                    // The rest is read (not built) so the error is this entry's, named.
-                    while seq.next_element::<IgnoredAny>()?.is_some() {}
-                    return Err(de::Error::custom("refused entry"));
-                }
-            }
-        }
-        self.progress.entry = None;
-        Ok(keys)
+    /// A document read elsewhere (as a stream from a file, see `source`), whose text had
+    /// the digest `content_digest`.
+    pub(super) fn from_built(
+        (meta, keys): Built,
+        source: Source,
+        content_digest: String,
+    ) -> Result<Snapshot, SnapshotError> {
+        Self::assemble(meta, keys, source, content_digest)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::snapshot::digest;
+    use crate::keys::digest;
 
     fn item(id: &str, secret: &str) -> String {
         let sha = hex::encode(digest(secret.as_bytes()));

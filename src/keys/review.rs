@@ -9,7 +9,8 @@ use serde::Serialize;
 
 use super::diff::{diff, SnapshotDiff};
 use super::guard::{judge, Verdict};
-use super::source::{read_file, LoadError};
+use super::load_error::LoadError;
+use super::read::read_file;
 use super::usage::Usage;
 use super::{Snapshot, Source};
 use crate::config::GuardConfig;

@@ -1,0 +1,267 @@
+//! One file watcher, for the key file and the TLS files: files that may be rewritten in
+//! place, renamed over, or swapped through a symlink (Kubernetes mounts a ConfigMap or a
+//! Secret through a `..data` symlink that is repointed at once).
+//!
+//! Polled, not notified: every interval (or when a trigger fires, e.g. SIGHUP) each path is
+//! `stat`ed with symlinks followed, and the files are read and their content hashed when a
+//! stat changed, when triggered, or every `full_check_every` polls (for filesystems whose
+//! timestamps are too coarse to show a quick rewrite). What is watched is acted on only
+//! when the content hash differs from the last one acted on, or when triggered. Reading,
+//! hashing and acting run off the async threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+
+/// What a [`Watch`] watches, and what it does on a change.
+pub trait Watched: Send + Sync + 'static {
+    /// A hash of the files' content, compared between looks.
+    type Digest: PartialEq + Send + 'static;
+    /// What a look read (handed to [`changed`](Self::changed), so what is acted on is
+    /// exactly what was hashed, where the watched thing wants that).
+    type Content: Send + 'static;
+    type Error: Send + 'static;
+
+    /// The files whose `stat` is checked on every poll.
+    fn paths(&self) -> &[PathBuf];
+
+    /// Read the files and hash their content (blocking).
+    fn read(&self) -> Result<(Self::Digest, Self::Content), Self::Error>;
+
+    /// The content changed (or a look was triggered): act on it (blocking). Returns the
+    /// digest of what was taken when it is not the one read (a file read again may have
+    /// changed in between).
+    fn changed(&self, content: Self::Content) -> Option<Self::Digest>;
+
+    /// The files could not be read. `report` is true on the first failure after a good
+    /// read and on triggered looks, so a missing file is not reported on every poll.
+    fn unreadable(&self, error: Self::Error, report: bool);
+}
+
+/// A polling watcher over a [`Watched`]; [`run`](Self::run) until dropped.
+pub struct Watch<W: Watched> {
+    watched: Arc<W>,
+    interval: Duration,
+    full_check_every: u32,
+    trigger: Option<Arc<Notify>>,
+    last: Option<W::Digest>,
+    /// The files' stamps when the watch was made: a change after that is seen.
+    stamps: Vec<Option<Stamp>>,
+}
+
+impl<W: Watched> Watch<W> {
+    /// Poll every `interval`, reading the files on every poll; `last` is the digest of the
+    /// content already acted on, if any.
+    pub fn new(watched: W, interval: Duration, last: Option<W::Digest>) -> Self {
+        Self {
+            stamps: stamps(watched.paths()),
+            watched: Arc::new(watched),
+            interval: interval.max(Duration::from_millis(1)),
+            full_check_every: 1,
+            trigger: None,
+            last,
+        }
+    }
+
+    /// Read the files only when a `stat` changed, or once in `polls` polls.
+    pub fn stat_first(mut self, polls: u32) -> Self {
+        self.full_check_every = polls.max(1);
+        self
+    }
+
+    /// Also look (and act even if nothing changed) whenever `trigger` fires.
+    pub fn triggered_by(mut self, trigger: Arc<Notify>) -> Self {
+        self.trigger = Some(trigger);
+        self
+    }
+
+    pub async fn run(mut self) {
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.interval, self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_stamps = std::mem::take(&mut self.stamps);
+        let mut polls_since_read = 0;
+        let mut error_reported = false;
+        loop {
+            let forced = match &self.trigger {
+                Some(trigger) => tokio::select! {
+                    _ = tick.tick() => false,
+                    () = trigger.notified() => true,
+                },
+                None => {
+                    tick.tick().await;
+                    false
+                }
+            };
+            // A `stat` per poll; the files are read and hashed only when they may have changed.
+            let now = stamps(self.watched.paths());
+            polls_since_read += 1;
+            let seen = now.iter().all(Option::is_some) && now == last_stamps;
+            if !forced && seen && polls_since_read < self.full_check_every {
+                continue;
+            }
+            polls_since_read = 0;
+            last_stamps = now;
+            let watched = self.watched.clone();
+            let (digest, content) = match tokio::task::spawn_blocking(move || watched.read()).await
+            {
+                Ok(Ok(read)) => read,
+                Ok(Err(e)) => {
+                    self.watched.unreadable(e, forced || !error_reported);
+                    error_reported = true;
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            error_reported = false;
+            if !forced && self.last.as_ref() == Some(&digest) {
+                continue;
+            }
+            // Content that was refused is not acted on again until it changes.
+            self.last = Some(digest);
+            let watched = self.watched.clone();
+            match tokio::task::spawn_blocking(move || watched.changed(content)).await {
+                Ok(Some(taken)) => self.last = Some(taken),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "watched file reload task failed"),
+            }
+        }
+    }
+}
+
+/// What `stat` says of the file behind a path, symlinks followed (so a `..data` swap, which
+/// points the path at another inode, shows as a change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some(Stamp {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        inode,
+    })
+}
+
+fn stamps(paths: &[PathBuf]) -> Vec<Option<Stamp>> {
+    paths.iter().map(|p| stamp(p)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Counts reads and records every content acted on.
+    struct Probe {
+        paths: Vec<PathBuf>,
+        reads: AtomicUsize,
+        taken: Mutex<Vec<String>>,
+        changed: Arc<Notify>,
+    }
+
+    impl Watched for Probe {
+        type Digest = String;
+        type Content = String;
+        type Error = std::io::Error;
+        fn paths(&self) -> &[PathBuf] {
+            &self.paths
+        }
+        fn read(&self) -> std::io::Result<(String, String)> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let text = std::fs::read_to_string(&self.paths[0])?;
+            Ok((text.clone(), text))
+        }
+        fn changed(&self, content: String) -> Option<String> {
+            self.taken.lock().unwrap().push(content);
+            self.changed.notify_one();
+            None
+        }
+        fn unreadable(&self, _: std::io::Error, _: bool) {}
+    }
+
+    fn probe(dir: &Path) -> Probe {
+        Probe {
+            paths: vec![dir.join("f")],
+            reads: AtomicUsize::new(0),
+            taken: Mutex::new(Vec::new()),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    async fn next_change(changed: &Notify) {
+        tokio::time::timeout(Duration::from_secs(10), changed.notified())
+            .await
+            .expect("the change is seen");
+    }
+
+    /// A rewrite in place and a symlink swap are both seen; unchanged content is acted on
+    /// once; a trigger acts even when nothing changed.
+    #[tokio::test]
+    async fn sees_rewrites_and_symlink_swaps_and_acts_once_per_content() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "one").unwrap();
+        std::fs::write(dir.path().join("b"), "two").unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(dir.path().join("a"), dir.path().join("f")).unwrap();
+        #[cfg(not(unix))]
+        std::fs::write(dir.path().join("f"), "one").unwrap();
+        let p = probe(dir.path());
+        let changed = p.changed.clone();
+        let trigger = Arc::new(Notify::new());
+        let watched = Watch::new(p, Duration::from_millis(10), Some("one".to_string()))
+            .stat_first(1000)
+            .triggered_by(trigger.clone());
+        let probe = watched.watched.clone();
+        let task = tokio::spawn(watched.run());
+
+        #[cfg(unix)]
+        {
+            let tmp = dir.path().join("f.new");
+            std::os::unix::fs::symlink(dir.path().join("b"), &tmp).unwrap();
+            std::fs::rename(&tmp, dir.path().join("f")).unwrap();
+        }
+        #[cfg(not(unix))]
+        std::fs::write(dir.path().join("f"), "two").unwrap();
+        next_change(&changed).await;
+        std::fs::write(dir.path().join("b"), "three!").unwrap();
+        next_change(&changed).await;
+        trigger.notify_one();
+        next_change(&changed).await;
+        task.abort();
+        assert_eq!(*probe.taken.lock().unwrap(), ["two", "three!", "three!"]);
+    }
+
+    /// With `stat_first`, an unchanged file is not read on every poll.
+    #[tokio::test]
+    async fn an_unchanged_stat_skips_the_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), "one").unwrap();
+        let watched =
+            Watch::new(probe(dir.path()), Duration::from_millis(5), None).stat_first(1000);
+        let probe = watched.watched.clone();
+        let task = tokio::spawn(watched.run());
+        std::fs::write(dir.path().join("f"), "two").unwrap();
+        next_change(&probe.changed).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        task.abort();
+        assert_eq!(
+            probe.reads.load(Ordering::SeqCst),
+            1,
+            "read once, then stat only"
+        );
+        assert_eq!(*probe.taken.lock().unwrap(), ["two"]);
+    }
+}

@@ -1,0 +1,39 @@
+//! The application as the key sources' [`Host`]: the store they publish into, and the
+//! per-key state and metrics an install or a refusal updates.
+
+use crate::config::KeysConfig;
+use crate::keys::source::{Host, KeyLoader, KeySource};
+use crate::keys::{KeyStore, Snapshot, Source};
+use crate::App;
+
+impl Host for App {
+    fn key_store(&self) -> &KeyStore {
+        &self.store
+    }
+
+    fn key_source(&self) -> &KeySource {
+        &self.key_source
+    }
+
+    fn key_loader(&self) -> &KeyLoader {
+        &self.key_loader
+    }
+
+    fn keys_config(&self) -> &KeysConfig {
+        &self.config.keys
+    }
+
+    fn installed(&self, snapshot: &Snapshot) {
+        self.usage.retain(snapshot);
+        self.limiter.retain(snapshot);
+        self.metrics.snapshot_loaded(snapshot);
+    }
+
+    fn snapshot_failed(&self, source: Source) {
+        self.metrics.snapshot_failed(source);
+    }
+
+    fn snapshot_guarded(&self, source: Source) {
+        self.metrics.snapshot_guarded(source);
+    }
+}

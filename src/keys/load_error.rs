@@ -1,0 +1,44 @@
+//! Why a snapshot from a source was not taken, and why an emergency revoke failed.
+
+use std::path::{Path, PathBuf};
+
+use super::error::SnapshotError;
+use super::guard::Verdict;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(#[from] SnapshotError),
+    #[error("keys come from a file; configure keys.control.state_file to push snapshots")]
+    FileSource,
+    #[error("keys are pushed (keys.control); use PUT /v1/snapshot?force=true")]
+    ControlSource,
+    /// Held back by the blast-radius guard (SPEC 16); the counts are in the verdict.
+    #[error("{0}")]
+    Guarded(Box<Verdict>),
+}
+
+/// Why an emergency revoke failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DisableError {
+    #[error("no snapshot loaded")]
+    NoSnapshot,
+    #[error("no key with id {0:?}")]
+    NotFound(String),
+    #[error("keys come from a file: edit the file to disable a key")]
+    FileSource,
+    #[error("{0}")]
+    Load(#[from] LoadError),
+}
+
+pub(super) fn io_error(path: &Path, source: std::io::Error) -> LoadError {
+    LoadError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}

@@ -1,0 +1,173 @@
+//! Spools: a new state file written beside the old one and put in its place by a rename,
+//! so a crash leaves the old file or the new one, never half of either.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::info;
+
+use super::load_error::{io_error, LoadError};
+
+/// A spool untouched for this long at start-up is left from a push that never finished.
+pub(super) const STALE_SPOOL: Duration = Duration::from_secs(3600);
+
+/// A file beside the state file that a new snapshot is written to before it replaces the
+/// state file by a rename. A pushed body is written here as it arrives, so a push is never
+/// held in memory; the file is removed unless it is committed.
+#[derive(Debug)]
+pub struct Spool {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Spool {
+    /// A new, empty file in `state_file`'s directory (created if missing), with a random
+    /// name: pushes may overlap, and processes in containers of a shared volume all have
+    /// the same pid.
+    pub fn create(state_file: &Path) -> Result<(Spool, File), LoadError> {
+        let dir = parent_dir(state_file);
+        std::fs::create_dir_all(dir).map_err(|e| io_error(state_file, e))?;
+        let path = dir.join(format!(
+            "{}{}",
+            Self::prefix(state_file),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = File::create(&path).map_err(|e| io_error(&path, e))?;
+        let spool = Spool {
+            path,
+            committed: false,
+        };
+        Ok((spool, file))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The name prefix of `state_file`'s spools.
+    fn prefix(state_file: &Path) -> String {
+        let name = state_file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("snapshot");
+        format!(".{name}.tmp-")
+    }
+
+    /// Remove spools of `state_file` last written more than `age` ago: left by a process
+    /// that stopped in the middle of a push. A push in progress writes its spool every few
+    /// milliseconds, so one that old belongs to nobody, even on a volume shared with other
+    /// processes.
+    pub(super) fn remove_stale(state_file: &Path, age: Duration) {
+        let prefix = Self::prefix(state_file);
+        let Ok(entries) = std::fs::read_dir(parent_dir(state_file)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let ours = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix));
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|e| e > age));
+            if ours && old && std::fs::remove_file(entry.path()).is_ok() {
+                info!(file = %entry.path().display(), "removed the spool of an unfinished push");
+            }
+        }
+    }
+
+    /// Make the written file `target`, atomically: fsync, rename, fsync the directory. A
+    /// crash leaves the old file or the new one, never half of either.
+    pub(super) fn commit(mut self, target: &Path) -> Result<(), LoadError> {
+        File::open(&self.path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_error(&self.path, e))?;
+        std::fs::rename(&self.path, target).map_err(|e| io_error(target, e))?;
+        self.committed = true;
+        if let Ok(d) = File::open(parent_dir(target)) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Write `bytes` to `path` atomically, through a [`Spool`].
+pub fn persist(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    let (spool, mut file) = Spool::create(path)?;
+    file.write_all(bytes)
+        .map_err(|e| io_error(spool.path(), e))?;
+    drop(file);
+    spool.commit(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    #[test]
+    fn a_spool_is_removed_unless_committed_and_overlapping_ones_never_meet() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("sub/state.yaml");
+        let (a, mut fa) = Spool::create(&state).unwrap();
+        let (b, _fb) = Spool::create(&state).unwrap();
+        assert_ne!(a.path(), b.path());
+        assert_eq!(a.path().parent(), state.parent(), "beside the state file");
+        fa.write_all(b"keys: []\n").unwrap();
+        drop(fa);
+        let b_path = b.path().to_owned();
+        drop(b);
+        assert!(!b_path.exists(), "an uncommitted spool is removed");
+        a.commit(&state).unwrap();
+        assert_eq!(std::fs::read_to_string(&state).unwrap(), "keys: []\n");
+        persist(&state, b"version: 2\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&state).unwrap(), "version: 2\n");
+        let left: Vec<_> = std::fs::read_dir(state.parent().unwrap())
+            .unwrap()
+            .collect();
+        assert_eq!(left.len(), 1, "only the state file");
+    }
+
+    #[test]
+    fn spools_left_by_an_unfinished_push_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.yaml");
+        let (fresh, _f) = Spool::create(&state).unwrap();
+        let (stale, f) = Spool::create(&state).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+        let other = dir.path().join(".other.yaml.tmp-1");
+        std::fs::write(&other, "x").unwrap();
+        File::options()
+            .write(true)
+            .open(&other)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+        Spool::remove_stale(&state, STALE_SPOOL);
+        assert!(
+            !stale.path().exists(),
+            "an old spool of this state file goes"
+        );
+        assert!(fresh.path().exists(), "a push in progress keeps its spool");
+        assert!(other.exists(), "another file's spool is not ours");
+    }
+}

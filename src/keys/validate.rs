@@ -1,0 +1,261 @@
+//! Every field of a document entry checked, and the entry built into its [`Key`]. A
+//! refusal names the entry and the field and never echoes a value that may be secret.
+
+use std::time::SystemTime;
+
+use super::error::SnapshotError;
+use super::key::{Delegation, Digest, Extra, Key, PrincipalType, Status};
+use super::schema::{KeyDoc, Meta};
+use super::scopes::ScopeCache;
+use super::text::Text;
+
+/// Validate and build entry `index` of the document.
+pub(super) fn build_entry(
+    index: usize,
+    doc: KeyDoc,
+    scopes: &mut ScopeCache,
+) -> Result<Key, SnapshotError> {
+    from_doc(doc, scopes).map_err(|((field, reason), id)| SnapshotError::Entry {
+        index,
+        id,
+        field,
+        reason,
+    })
+}
+
+impl Meta {
+    /// `generated_at` as written in the document, checked.
+    pub fn new(version: Option<u64>, generated_at: Option<&str>) -> Result<Meta, SnapshotError> {
+        let generated_at = parse_time("generated_at", generated_at)
+            .map_err(|(field, reason)| SnapshotError::Parse(format!("{field}: {reason}")))?;
+        Ok(Meta {
+            version,
+            generated_at,
+        })
+    }
+}
+
+type FieldError = (&'static str, String);
+
+/// Checks every field by reference (so a refusal can name the entry without copying
+/// its id up front), then builds the key by moving the document's strings.
+fn from_doc(doc: KeyDoc, scopes: &mut ScopeCache) -> Result<Key, (FieldError, String)> {
+    match Checked::of(&doc) {
+        Ok(c) => Ok(build(doc, c, scopes)),
+        // An id that is not one is not echoed: it may be anything, of any length.
+        Err(e) if check_id("id", &doc.id).is_err() => Err((e, "(invalid)".into())),
+        Err(e) => Err((e, doc.id.into())),
+    }
+}
+
+fn build(doc: KeyDoc, c: Checked, scopes: &mut ScopeCache) -> Key {
+    let extra = Extra {
+        subject_email: doc.subject_email.map(Text::new),
+        account_short_id: doc.account_short_id.map(Text::new),
+        enterprise_id: doc.enterprise_id.map(Text::new),
+        org_id: doc.org_id.map(Text::new),
+        environment: doc.environment,
+        rate_limit: doc.rate_limit,
+        delegation: c.delegation,
+        delegate_accounts: doc.delegate_accounts,
+    };
+    Key {
+        id: Text::new(doc.id),
+        subject_id: Text::new(doc.subject_id),
+        account_id: Text::new(doc.account_id),
+        scopes: scopes.get(doc.scopes),
+        not_before: c.not_before,
+        expires_at: c.expires_at,
+        digest: c.digest,
+        extra: (!extra.is_empty()).then(|| Box::new(extra)),
+        principal_type: c.principal_type,
+        status: c.status,
+    }
+}
+
+/// The fields of a key document that needed parsing, once every check has passed.
+struct Checked {
+    digest: Digest,
+    principal_type: PrincipalType,
+    status: Status,
+    not_before: Option<SystemTime>,
+    expires_at: Option<SystemTime>,
+    delegation: Delegation,
+}
+
+impl Checked {
+    fn of(doc: &KeyDoc) -> Result<Checked, FieldError> {
+        check_id("id", &doc.id)?;
+        let d = parse_digest(&doc.sha256)?;
+        let principal_type = PrincipalType::parse(&doc.kind).ok_or_else(|| {
+            (
+                "type",
+                "unknown type (service_account | enterprise_service_account | personal)".into(),
+            )
+        })?;
+        let status = match doc.status.as_deref() {
+            None | Some("active") => Status::Active,
+            Some("disabled") => Status::Disabled,
+            Some(_) => return Err(("status", "unknown status (active | disabled)".into())),
+        };
+        check_value("subject_id", &doc.subject_id, true)?;
+        check_value("account_id", &doc.account_id, true)?;
+        for (field, v) in [
+            ("subject_email", &doc.subject_email),
+            ("account_short_id", &doc.account_short_id),
+            ("enterprise_id", &doc.enterprise_id),
+            ("org_id", &doc.org_id),
+            ("environment", &doc.environment),
+        ] {
+            if let Some(v) = v {
+                check_value(field, v, true)?;
+            }
+        }
+        for s in &doc.scopes {
+            check_id("scopes", s)?;
+        }
+        let not_before = parse_time("not_before", doc.not_before.as_deref())?;
+        let expires_at = parse_time("expires_at", doc.expires_at.as_deref())?;
+        if let (Some(nb), Some(exp)) = (not_before, expires_at) {
+            if exp <= nb {
+                return Err(("expires_at", "must be later than not_before".into()));
+            }
+        }
+        let delegation = parse_delegation(principal_type, doc.delegate_accounts.as_deref())?;
+        if let Some(rl) = doc.rate_limit {
+            if !(rl.per_second.is_finite() && rl.per_second > 0.0) || rl.burst == 0 {
+                return Err(("rate_limit", "per_second and burst must be positive".into()));
+            }
+        }
+        Ok(Checked {
+            digest: d,
+            principal_type,
+            status,
+            not_before,
+            expires_at,
+            delegation,
+        })
+    }
+}
+
+fn parse_digest(s: &str) -> Result<Digest, FieldError> {
+    let mut d = [0u8; 32];
+    if s.len() != 64 || hex::decode_to_slice(s, &mut d).is_err() {
+        // The value itself is not echoed: it may be a pasted raw key.
+        return Err(("sha256", "must be 64 hex characters".into()));
+    }
+    Ok(d)
+}
+
+/// Ids and scopes: short tokens that are safe in headers, logs and metric labels.
+fn check_id(field: &'static str, s: &str) -> Result<(), FieldError> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        // The value is not echoed: it may be anything, of any length (a pasted raw key).
+        Err((field, "must be 1..128 of [A-Za-z0-9_.:/-]".into()))
+    }
+}
+
+/// Values copied into identity headers: visible ASCII, so nothing can inject a header.
+fn check_value(field: &'static str, s: &str, required: bool) -> Result<(), FieldError> {
+    if s.is_empty() {
+        return if required {
+            Err((field, "is required".into()))
+        } else {
+            Ok(())
+        };
+    }
+    if s.len() > 256 || !s.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err((field, "must be 1..256 visible ASCII characters".into()));
+    }
+    Ok(())
+}
+
+fn parse_time(field: &'static str, s: Option<&str>) -> Result<Option<SystemTime>, FieldError> {
+    s.map(|s| {
+        humantime::parse_rfc3339_weak(s.trim()).map_err(|_| {
+            (
+                field,
+                "is not an RFC 3339 UTC time like 2027-01-01T00:00:00Z".into(),
+            )
+        })
+    })
+    .transpose()
+}
+
+fn parse_delegation(
+    principal_type: PrincipalType,
+    accounts: Option<&[String]>,
+) -> Result<Delegation, FieldError> {
+    let Some(accounts) = accounts else {
+        return Ok(Delegation::None);
+    };
+    if principal_type != PrincipalType::EnterpriseServiceAccount {
+        return Err((
+            "delegate_accounts",
+            "only enterprise_service_account keys may delegate".into(),
+        ));
+    }
+    if accounts.iter().any(|a| a == "*") {
+        return Ok(Delegation::Any);
+    }
+    for a in accounts {
+        check_id("delegate_accounts", a)?;
+    }
+    Ok(Delegation::Only(accounts.iter().cloned().collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::keys::fixtures::{entry, refuse, SHA};
+    use crate::keys::{Delegation, Snapshot, Source};
+
+    #[test]
+    fn bad_fields_name_entry_and_field() {
+        let bad_digest = entry("").replace(SHA, "abc");
+        assert!(refuse(&bad_digest).starts_with("keys[0] id=key_a: sha256"));
+        let bad_type = entry("").replace("service_account", "robot");
+        assert!(refuse(&bad_type).starts_with("keys[0] id=key_a: type"));
+        assert!(refuse(&entry("    status: paused\n")).starts_with("keys[0] id=key_a: status"));
+        assert!(refuse(&entry("    expires_at: tomorrow\n")).contains("expires_at"));
+        let e = refuse(&entry(
+            "    not_before: 2027-01-01T00:00:00Z\n    expires_at: 2026-01-01T00:00:00Z\n",
+        ));
+        assert!(e.starts_with("keys[0] id=key_a: expires_at"), "{e}");
+        let e = refuse(&entry("    delegate_accounts: [\"*\"]\n"));
+        assert!(e.starts_with("keys[0] id=key_a: delegate_accounts"), "{e}");
+        assert!(refuse(&entry("    subject_email: \"a\\nb\"\n")).contains("subject_email"));
+        assert!(
+            refuse(&entry("    rate_limit: { per_second: 0, burst: 1 }\n")).contains("rate_limit")
+        );
+        assert!(refuse(&entry("    colour: red\n")).contains("colour"));
+        let no_subject = entry("").replace("    subject_id: s1\n", "");
+        assert!(refuse(&no_subject).contains("subject_id"));
+    }
+
+    #[test]
+    fn digest_errors_do_not_echo_the_value() {
+        let raw = "sta_this_is_a_pasted_raw_key_not_a_digest";
+        let e = refuse(&entry("").replace(SHA, raw));
+        assert!(!e.contains(raw), "{e}");
+    }
+
+    #[test]
+    fn delegation_forms() {
+        let ent = |d: &str| {
+            entry(&format!("    delegate_accounts: {d}\n"))
+                .replace("type: service_account", "type: enterprise_service_account")
+        };
+        let s = Snapshot::parse(&ent("[\"*\"]"), Source::File).unwrap();
+        assert_eq!(*s.by_id("key_a").unwrap().delegation(), Delegation::Any);
+        let s = Snapshot::parse(&ent("[c1, c2]"), Source::File).unwrap();
+        assert!(
+            matches!(s.by_id("key_a").unwrap().delegation(), Delegation::Only(set) if set.len() == 2)
+        );
+    }
+}
