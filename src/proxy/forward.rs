@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use super::conn::Slot;
 use super::pool::{self, PoolConfig};
 use super::tunnel::{LastActive, Watched};
 use super::Body;
@@ -229,7 +230,7 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
 pub fn spawn_tunnel(
     downstream: hyper::upgrade::OnUpgrade,
     upstream_resp: &mut Response<Incoming>,
-    slot: Option<super::handler::Slot>,
+    slot: Option<Slot>,
     idle: Duration,
 ) {
     let upstream = hyper::upgrade::on(upstream_resp);
