@@ -1,4 +1,4 @@
-//! Prometheus instruments (SPEC 10), owned by the [`App`](crate::App) in its own
+//! Prometheus instruments (SPEC 10), owned by the `App` in its own
 //! `Registry` so several instances can live in one process (tests). Every labelled series on
 //! the request path is created up front and indexed, so recording is a few atomic adds.
 

@@ -211,7 +211,13 @@ async fn keys_is_required_and_the_last_good_snapshot_stays() {
     assert_eq!(r.json()["code"], "snapshot_guard");
     let auth = admin_auth();
     let url = kw.admin_url("/v1/snapshot?force=true");
-    let r = send("PUT", &url, &[("authorization", auth.as_str())], b"keys: []\n").await;
+    let r = send(
+        "PUT",
+        &url,
+        &[("authorization", auth.as_str())],
+        b"keys: []\n",
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["keys"], 0);
     kw.shutdown().await;

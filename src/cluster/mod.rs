@@ -207,23 +207,6 @@ impl Cluster {
     }
 }
 
-/// Start the cluster's background tasks (none without `cluster`): connection upkeep,
-/// revocation reads and subscription, usage flushes.
-pub fn spawn(app: &Arc<crate::App>) -> Vec<tokio::task::JoinHandle<()>> {
-    let Some(cluster) = &app.cluster else {
-        return Vec::new();
-    };
-    let mut tasks = vec![
-        tokio::spawn(cluster.clone().maintain()),
-        tokio::spawn(app.revocations.clone().run_sync()),
-        tokio::spawn(app.revocations.clone().run_subscriber()),
-    ];
-    if let Some(fleet) = &app.fleet_usage {
-        tasks.push(tokio::spawn(fleet.clone().run(app.clone())));
-    }
-    tasks
-}
-
 /// Microseconds since the Unix epoch, by this host's clock.
 pub fn now_micros() -> u64 {
     std::time::SystemTime::now()

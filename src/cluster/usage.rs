@@ -143,10 +143,10 @@ impl FleetUsage {
     }
 
     /// Flush every [`FLUSH_INTERVAL`], for the life of the process.
-    pub async fn run(self: Arc<Self>, app: Arc<crate::App>) {
+    pub async fn run(self: Arc<Self>, usage: &Usage) {
         loop {
             tokio::time::sleep(FLUSH_INTERVAL).await;
-            if let Err(e) = self.flush(&app.usage).await {
+            if let Err(e) = self.flush(usage).await {
                 tracing::debug!(error = %e, "usage flush failed; retried next time");
             }
         }

@@ -159,7 +159,7 @@ async fn decide<B>(
     method: &mut Method,
     trace: &mut Trace,
 ) -> Result<Response<Body>, Reject> {
-    crate::proxy::server::check_head(req, &app.config.limits)?;
+    crate::proxy::head::check_head(req, &app.config.limits)?;
     let original = original(endpoint, req)?;
     *method = original.method.clone();
     let head = Head {
@@ -167,13 +167,15 @@ async fn decide<B>(
         headers: req.headers(),
         query: original.query.as_deref(),
     };
-    Ok(match handler::decide(app, &head, &original.path, trace).await? {
-        Verdict::Public => allowed(&app.names, None, None),
-        Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
-            allowed(&app.names, Some(&p), quota.as_ref())
+    Ok(
+        match handler::decide(app, &head, &original.path, trace).await? {
+            Verdict::Public => allowed(&app.names, None, None),
+            Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
+                allowed(&app.names, Some(&p), quota.as_ref())
+            }
         }
-    }
-    .map(|()| Either::Right(Full::new(Bytes::new()))))
+        .map(|()| Either::Right(Full::new(Bytes::new()))),
+    )
 }
 
 /// `200`, no body, every identity header name (empty where the key has no value, so a proxy

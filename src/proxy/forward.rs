@@ -1,6 +1,7 @@
 //! The upstream leg: the per-thread keep-alive pool, the forwarded request, the returned
 //! response, and upgrade tunnels.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
@@ -10,6 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use super::conn::Slot;
 use super::pool::{self, PoolConfig};
 use super::tunnel::{LastActive, Watched};
 use super::Body;
@@ -56,15 +58,12 @@ impl ProxyError {
     }
 }
 
-static NEXT_UPSTREAM_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// The app behind keyward, reached over this worker thread's keep-alive pool.
 pub struct Upstream {
-    /// Names this upstream's pool on every worker thread.
-    id: u64,
     /// The `Host` sent when the client's request named none.
     host: HeaderValue,
-    pool: PoolConfig,
+    /// Also names this upstream's pool on every worker thread.
+    pool: Arc<PoolConfig>,
     timeout: Duration,
 }
 
@@ -82,9 +81,8 @@ impl Upstream {
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             .unwrap_or_else(|| HeaderValue::from_static("127.0.0.1"));
         Self {
-            id: NEXT_UPSTREAM_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             host,
-            pool: PoolConfig::new(authority, limits),
+            pool: Arc::new(PoolConfig::new(authority, limits)),
             timeout: limits.upstream_timeout,
         }
     }
@@ -92,7 +90,7 @@ impl Upstream {
     /// Start this thread's reaper of idle upstream connections, so a quiet pool does not
     /// hold sockets forever. Each worker calls it once; it ends with the worker's runtime.
     pub fn spawn_reaper(&self) {
-        let (id, idle) = (self.id, self.pool.idle_timeout);
+        let (cfg, idle) = (Arc::downgrade(&self.pool), self.pool.idle_timeout);
         tokio::spawn(async move {
             // Often enough that connections the upstream closed do not pile up in the pool
             // (checkout skips them but does not sweep).
@@ -101,7 +99,9 @@ impl Upstream {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                pool::reap(id, idle);
+                // Ends once the upstream is gone (only ever in tests: one per `App`).
+                let Some(cfg) = cfg.upgrade() else { break };
+                pool::reap(&cfg);
             }
         });
     }
@@ -142,7 +142,7 @@ impl Upstream {
         start: Instant,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req;
-        let mut pooled = pool::checkout(self.id, &self.pool, start);
+        let mut pooled = pool::checkout(&self.pool, start);
         loop {
             let reused = pooled.is_some();
             let mut sender = match pooled.take() {
@@ -155,7 +155,7 @@ impl Upstream {
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    pool::checkin(self.id, &self.pool, sender, start);
+                    pool::checkin(&self.pool, sender, start);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -229,7 +229,7 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
 pub fn spawn_tunnel(
     downstream: hyper::upgrade::OnUpgrade,
     upstream_resp: &mut Response<Incoming>,
-    slot: Option<super::handler::Slot>,
+    slot: Option<Slot>,
     idle: Duration,
 ) {
     let upstream = hyper::upgrade::on(upstream_resp);
@@ -275,6 +275,7 @@ mod tests {
             Upstream::new(&u.parse().unwrap(), &Limits::default())
                 .pool
                 .authority
+                .clone()
         };
         assert_eq!(at("http://127.0.0.1:3000"), "127.0.0.1:3000");
         assert_eq!(at("http://app"), "app:80");

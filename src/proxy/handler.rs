@@ -1,10 +1,8 @@
 //! One request, as named phases: normalize → route → authenticate → prepare → exchange with
 //! the upstream → respond → log. Only the exchange (and a rate limit shared through Redis)
-//! awaits. The phases up to the decision ([`decide`]) are shared with the decision listener
-//! (`crate::decision`).
+//! awaits. The phases up to the decision ([`decide`]) are shared with the decision listener.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,6 +11,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
+use super::conn::{ConnInfo, Slot};
 use super::forward::{self, ProxyError};
 use super::headers;
 use super::{respond, Body};
@@ -22,41 +21,6 @@ use crate::auth::reject::BadRequest;
 use crate::auth::{self, AuthRequest, Code, Decision, Principal, Reject, Route};
 use crate::keys::Key;
 use crate::App;
-
-/// A connection's `max_connections` permit, shared by the connection and its tunnel.
-pub type Slot = Arc<tokio::sync::OwnedSemaphorePermit>;
-
-/// The accepted connection a request arrived on.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    pub tls: bool,
-    /// The peer's address as the `X-Forwarded-For` value: formatted once per connection,
-    /// not once per request.
-    pub peer_ip: HeaderValue,
-    /// The connection's `max_connections` slot. A WebSocket tunnel holds it too: the
-    /// upgraded connection outlives hyper's connection task and must still count.
-    pub slot: Option<Slot>,
-}
-
-impl ConnInfo {
-    pub fn new(peer: SocketAddr, tls: bool) -> Self {
-        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self {
-            peer,
-            tls,
-            peer_ip,
-            slot: None,
-        }
-    }
-
-    /// The same connection, holding `slot` for as long as any copy of it lives.
-    pub fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
-        self.slot = Some(Arc::new(slot));
-        self
-    }
-}
 
 /// What the access log line says about a request.
 #[derive(Default)]
@@ -140,7 +104,7 @@ async fn prepare(
     cid: &HeaderValue,
     trace: &mut Trace,
 ) -> Result<Next, Reject> {
-    super::server::check_head(&req, &app.config.limits)?;
+    super::head::check_head(&req, &app.config.limits)?;
     let verdict = decide(app, &Head::of(&req), req.uri().path(), trace).await?;
     let path = trace.path();
     match verdict {

@@ -3,13 +3,12 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use super::handler::ConnInfo;
+use super::conn::ConnInfo;
 
 use crate::auth::decision::DELEGATE_HEADER;
 use crate::config::Cidr;
 
-pub const X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use super::respond::{X_CORRELATION_ID, X_REQUEST_ID};
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");

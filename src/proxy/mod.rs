@@ -3,8 +3,10 @@
 //! `server` accepts connections, `handler` runs a request's phases, `headers` prepares what
 //! is forwarded, `forward` talks to the upstream over `pool`'s connections, `respond` writes keyward's own answers.
 
+pub mod conn;
 pub mod forward;
 pub mod handler;
+pub mod head;
 pub mod headers;
 pub mod pool;
 pub mod respond;

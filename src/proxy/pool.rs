@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -87,17 +88,24 @@ impl Pool {
 }
 
 thread_local! {
-    /// Pools by upstream id (one upstream per `App`; tests run several on one thread).
-    static POOLS: RefCell<Vec<(u64, Pool)>> = const { RefCell::new(Vec::new()) };
+    /// This thread's pools, one per upstream (one upstream per `App`; tests run several on
+    /// one thread). An upstream is named by its `PoolConfig` allocation: the `Weak` keeps
+    /// that address from being reused while the entry lives, so no id counter is needed.
+    static POOLS: RefCell<Vec<(Weak<PoolConfig>, Pool)>> = const { RefCell::new(Vec::new()) };
 }
 
-fn with_pool<R>(id: u64, f: impl FnOnce(&mut Pool) -> R) -> R {
+fn with_pool<R>(cfg: &Arc<PoolConfig>, f: impl FnOnce(&mut Pool) -> R) -> R {
     POOLS.with(|pools| {
         let mut pools = pools.borrow_mut();
-        let at = match pools.iter().position(|(pid, _)| *pid == id) {
+        let at = match pools
+            .iter()
+            .position(|(key, _)| std::ptr::eq(key.as_ptr(), Arc::as_ptr(cfg)))
+        {
             Some(at) => at,
             None => {
-                pools.push((id, Pool::default()));
+                // A new upstream on this thread: the pools of dropped ones go first.
+                pools.retain(|(key, _)| key.strong_count() > 0);
+                pools.push((Arc::downgrade(cfg), Pool::default()));
                 pools.len() - 1
             }
         };
@@ -105,23 +113,24 @@ fn with_pool<R>(id: u64, f: impl FnOnce(&mut Pool) -> R) -> R {
     })
 }
 
-/// A ready connection from this thread's pool for upstream `id`, if one is idle. `now` is
-/// the caller's clock reading (one per request is enough).
-pub fn checkout(id: u64, cfg: &PoolConfig, now: Instant) -> Option<SendRequest<Incoming>> {
-    with_pool(id, |p| p.checkout(now, cfg.idle_timeout))
+/// A ready connection from this thread's pool for the upstream `cfg` describes, if one is
+/// idle. `now` is the caller's clock reading (one per request is enough).
+pub fn checkout(cfg: &Arc<PoolConfig>, now: Instant) -> Option<SendRequest<Incoming>> {
+    with_pool(cfg, |p| p.checkout(now, cfg.idle_timeout))
 }
 
 /// Return a connection whose response head has arrived; it is reused once ready. Its idle
 /// time counts from `used`, when its last request started.
-pub fn checkin(id: u64, cfg: &PoolConfig, sender: SendRequest<Incoming>, used: Instant) {
-    with_pool(id, |p| p.checkin(sender, used, cfg.max_idle));
+pub fn checkin(cfg: &Arc<PoolConfig>, sender: SendRequest<Incoming>, used: Instant) {
+    with_pool(cfg, |p| p.checkin(sender, used, cfg.max_idle));
 }
 
-/// Close this thread's idle connections to upstream `id` that outlived `idle_timeout`.
-/// Called from a periodic task, so an idle pool does not hold upstream sockets forever.
-pub fn reap(id: u64, idle_timeout: Duration) {
+/// Close this thread's idle connections to the upstream `cfg` describes that outlived
+/// `idle_timeout`. Called from a periodic task, so an idle pool does not hold upstream
+/// sockets forever.
+pub fn reap(cfg: &Arc<PoolConfig>) {
     let now = Instant::now();
-    with_pool(id, |p| p.reap(now, idle_timeout));
+    with_pool(cfg, |p| p.reap(now, cfg.idle_timeout));
 }
 
 /// Why a new connection could not be made.

@@ -2,13 +2,16 @@
 //! and the correlation id every response carries.
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::Body;
 use crate::auth::ratelimit::Quota;
 use crate::auth::Reject;
+
+pub const X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A JSON response.
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
@@ -58,20 +61,17 @@ pub fn set_quota(h: &mut HeaderMap, quota: &Quota) {
 /// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
 /// `[A-Za-z0-9._:-]`, otherwise mint a UUID v4.
 pub fn correlation_id(headers: &HeaderMap) -> HeaderValue {
-    [
-        &super::headers::X_CORRELATION_ID,
-        &super::headers::X_REQUEST_ID,
-    ]
-    .into_iter()
-    .filter_map(|name| headers.get(name))
-    .find(|v| valid_correlation_id(v.as_bytes()))
-    .cloned()
-    .unwrap_or_else(|| {
-        let id = uuid::Uuid::new_v4();
-        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
-            .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-    })
+    [&X_CORRELATION_ID, &X_REQUEST_ID]
+        .into_iter()
+        .filter_map(|name| headers.get(name))
+        .find(|v| valid_correlation_id(v.as_bytes()))
+        .cloned()
+        .unwrap_or_else(|| {
+            let id = uuid::Uuid::new_v4();
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        })
 }
 
 fn valid_correlation_id(v: &[u8]) -> bool {

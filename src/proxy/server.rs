@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
-use http::{Request, Response, Version};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,11 +24,11 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::handler::{self, ConnInfo};
+use super::conn::ConnInfo;
+use super::handler;
+use super::head::HYPER_MIN_BUF;
 use super::respond;
 use super::writing::Responses;
-use crate::auth::reject::BadRequest;
-use crate::auth::Reject;
 use crate::config::Limits;
 use crate::tls::TlsAcceptor;
 use crate::App;
@@ -43,9 +42,6 @@ pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
 /// How long a connection that never completed a request head may take to close once told.
 const UNSERVED_CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// hyper's smallest HTTP/1 read buffer: it also caps the request head.
-const HYPER_MIN_BUF: usize = 8192;
 
 /// The HTTP/1.1 + HTTP/2 server settings, built once.
 pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -341,197 +337,9 @@ enum Wake {
     Stalled,
 }
 
-/// Limits on the request head that hold for HTTP/1.1 and HTTP/2 alike: the size of the
-/// head (`limits.max_header_bytes`, exactly, below hyper's 8 KiB buffer floor), and one
-/// well-defined host. The host the upstream is sent (`Host`) is the request target's
-/// authority (absolute-form, or HTTP/2 `:authority`) when there is one, else the `Host`
-/// field; whichever it is, it must be a valid `host[:port]` without user info, and there
-/// must be no second candidate a front proxy or the upstream could read instead: HTTP/1.1
-/// needs exactly one `Host` (RFC 9112 3.2; with an absolute-form target it is ignored, as
-/// 3.2.2 says, but must still be single and valid), and HTTP/2 allows at most one `host`
-/// field, which must name the same host as `:authority` when both are present (RFC 9113
-/// 8.3.1).
-pub(crate) fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
-    const HOST: Reject = Reject::BadRequest(BadRequest::Host);
-    // Above the floor hyper's HTTP/1 buffer enforces the limit, and h2 always does
-    // (`max_header_list_size`): only then is the head measured here.
-    let http1 = matches!(req.version(), Version::HTTP_10 | Version::HTTP_11);
-    if http1 && limits.max_header_bytes < HYPER_MIN_BUF && head_size(req) > limits.max_header_bytes
-    {
-        return Err(Reject::HeadersTooLarge);
-    }
-    if http1 && !single_chunked(req.headers()) {
-        return Err(Reject::BadRequest(BadRequest::TransferCoding));
-    }
-    let authority = req.uri().authority();
-    if authority.is_some_and(|a| !valid_authority(a.as_str().as_bytes())) {
-        return Err(HOST);
-    }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let host = match (hosts.next(), hosts.next()) {
-        (Some(_), Some(_)) => return Err(HOST),
-        (Some(host), None) if !valid_host(host) => return Err(HOST),
-        (host, _) => host,
-    };
-    match (http1, host, authority) {
-        (true, None, None) if req.version() == Version::HTTP_11 => Err(HOST),
-        (false, Some(host), Some(authority))
-            if !host
-                .as_bytes()
-                .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
-        {
-            Err(HOST)
-        }
-        _ => Ok(()),
-    }
-}
-
-/// No `Transfer-Encoding`, or exactly one `chunked` coding (RFC 9112 6.1). hyper refuses a
-/// list that does not end in `chunked`, but accepts `gzip, chunked`, strips the chunks and
-/// hands on a body that is still gzip-coded; keyward would forward it with the hop-by-hop
-/// `Transfer-Encoding` removed, so the upstream would read it as plain. Refused instead.
-fn single_chunked(headers: &http::HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii);
-    match (codings.next(), codings.next()) {
-        (None, _) => true,
-        (Some(only), None) => only.eq_ignore_ascii_case(b"chunked"),
-        _ => false,
-    }
-}
-
-/// Bytes of the request line and header fields, counted as HTTP/1.1 would send them.
-fn head_size<B>(req: &Request<B>) -> usize {
-    let uri = req.uri();
-    let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
-        + uri.authority().map_or(0, |a| a.as_str().len());
-    let fields: usize = req
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    req.method().as_str().len() + target + fields
-}
-
-/// `host[:port]` with a numeric port, no user info, nothing after the authority.
-fn valid_host(value: &HeaderValue) -> bool {
-    valid_authority(value.as_bytes())
-}
-
-fn valid_authority(value: &[u8]) -> bool {
-    if value.is_empty() || value.contains(&b'@') {
-        return false;
-    }
-    let Ok(authority) = http::uri::Authority::try_from(value) else {
-        return false;
-    };
-    let after_ipv6 = authority
-        .as_str()
-        .rsplit_once(']')
-        .map_or(authority.as_str(), |(_, rest)| rest);
-    !after_ipv6.contains(':') || authority.port_u16().is_some()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn req(version: Version, target: &str, headers: &[(&str, &str)]) -> Request<()> {
-        let mut b = Request::builder().version(version).uri(target);
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        b.body(()).unwrap()
-    }
-
-    #[test]
-    fn host_rules() {
-        let limits = Limits::default();
-        let ok = |r: Request<()>| check_head(&r, &limits);
-        let v11 = Version::HTTP_11;
-        for good in ["a.example:8080", "a", "[::1]:80", "[::1]", "10.0.0.1"] {
-            assert_eq!(ok(req(v11, "/a", &[("host", good)])), Ok(()), "{good}");
-        }
-        assert_eq!(
-            ok(req(v11, "/a", &[])),
-            Err(Reject::BadRequest(BadRequest::Host))
-        );
-        assert_eq!(ok(req(Version::HTTP_10, "/a", &[])), Ok(()));
-        assert_eq!(ok(req(v11, "http://a/x", &[])), Ok(()));
-        assert_eq!(
-            ok(req(v11, "/a", &[("host", "a"), ("host", "b")])),
-            Err(Reject::BadRequest(BadRequest::Host))
-        );
-        for bad in [
-            "", "a/b", "u@a", "a b", "a:x", "a:", "a:99999", "a?b", "a#b",
-        ] {
-            assert_eq!(
-                ok(req(v11, "/a", &[("host", bad)])),
-                Err(Reject::BadRequest(BadRequest::Host)),
-                "{bad:?}"
-            );
-        }
-        const HOST: Result<(), Reject> = Err(Reject::BadRequest(BadRequest::Host));
-        // Absolute-form: the target's authority is the host (Host is ignored, but single).
-        assert_eq!(ok(req(v11, "http://a/x", &[("host", "b")])), Ok(()));
-        assert_eq!(ok(req(v11, "http://u:p@a/x", &[("host", "a")])), HOST);
-        assert_eq!(ok(req(v11, "http://a:x/x", &[("host", "a")])), HOST);
-        // HTTP/2: :authority, at most one `host`, and the two agree.
-        let v2 = Version::HTTP_2;
-        assert_eq!(ok(req(v2, "http://a/x", &[])), Ok(()));
-        assert_eq!(ok(req(v2, "http://a/x", &[("host", "A")])), Ok(()));
-        assert_eq!(ok(req(v2, "http://u@a/x", &[])), HOST);
-        assert_eq!(ok(req(v2, "http://a/x", &[("host", "b")])), HOST);
-        assert_eq!(ok(req(v2, "/x", &[("host", "a")])), Ok(()));
-        assert_eq!(ok(req(v2, "/x", &[("host", "a"), ("host", "a")])), HOST);
-        assert_eq!(ok(req(v2, "/x", &[("host", "a b")])), HOST);
-        assert_eq!(ok(req(v2, "/x", &[])), Ok(()));
-    }
-
-    #[test]
-    fn only_a_single_chunked_coding_is_accepted() {
-        let limits = Limits::default();
-        let v11 = Version::HTTP_11;
-        for good in ["chunked", "Chunked", " chunked "] {
-            let r = req(v11, "/a", &[("host", "a"), ("transfer-encoding", good)]);
-            assert_eq!(check_head(&r, &limits), Ok(()), "{good:?}");
-        }
-        let refused = Err(Reject::BadRequest(BadRequest::TransferCoding));
-        for bad in [
-            "gzip, chunked",
-            "chunked, chunked",
-            "identity, chunked",
-            "gzip",
-            "",
-        ] {
-            let r = req(v11, "/a", &[("host", "a"), ("transfer-encoding", bad)]);
-            assert_eq!(check_head(&r, &limits), refused, "{bad:?}");
-        }
-        let two = [
-            ("host", "a"),
-            ("transfer-encoding", "gzip"),
-            ("transfer-encoding", "chunked"),
-        ];
-        assert_eq!(check_head(&req(v11, "/a", &two), &limits), refused);
-    }
-
-    #[test]
-    fn head_size_is_enforced_exactly() {
-        let limits = Limits {
-            max_header_bytes: 1024,
-            ..Limits::default()
-        };
-        let value = "v".repeat(1000);
-        let fits = req(Version::HTTP_11, "/", &[("host", "a"), ("x", &value)]);
-        assert_eq!(head_size(&fits), 3 + 1 + (4 + 1 + 4) + (1 + 1000 + 4));
-        assert_eq!(check_head(&fits, &limits), Ok(()));
-        let value = "v".repeat(1010);
-        let over = req(Version::HTTP_11, "/", &[("host", "a"), ("x", &value)]);
-        assert_eq!(check_head(&over, &limits), Err(Reject::HeadersTooLarge));
-    }
 
     #[tokio::test]
     async fn idle_waits_for_requests_to_finish() {

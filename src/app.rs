@@ -1,0 +1,89 @@
+//! [`App`]: the state every request, admin call and background task shares.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::auth::Policy;
+use crate::cluster::limiter::Limiter;
+use crate::cluster::revocations::Revocations;
+use crate::cluster::usage::FleetUsage;
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::keys::source::{KeyLoader, KeySource};
+use crate::keys::usage::Usage;
+use crate::keys::{IdentityNames, KeyStore};
+use crate::metrics::Metrics;
+use crate::proxy::forward::Upstream;
+use crate::StartError;
+
+/// Everything a request or an admin call needs, shared as `Arc<App>`.
+pub struct App {
+    pub config: Config,
+    pub policy: Policy,
+    pub names: IdentityNames,
+    pub store: KeyStore,
+    pub key_source: KeySource,
+    /// The key sources' commit lock and after-install hook.
+    pub key_loader: KeyLoader,
+    pub usage: Usage,
+    pub limiter: Limiter,
+    /// Redis, when `cluster` is configured (SPEC 14).
+    pub cluster: Option<Arc<Cluster>>,
+    pub revocations: Arc<Revocations>,
+    pub fleet_usage: Option<Arc<FleetUsage>>,
+    pub metrics: Metrics,
+    pub upstream: Upstream,
+    /// Set on SIGTERM: `/readyz` fails from then on.
+    pub draining: AtomicBool,
+    /// Fired by SIGHUP: reload the key file now.
+    pub reload: Arc<Notify>,
+}
+
+impl App {
+    /// Build the shared state. Does not load keys (see [`keys::source::load_initial`]).
+    pub fn new(config: Config) -> Result<Self, StartError> {
+        let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
+        let key_source = KeySource::from_config(&config.keys).ok_or(StartError::NoKeySource)?;
+        let metrics = Metrics::new(config.metrics.per_key)
+            .map_err(StartError::Metrics)?
+            .with_snapshot_safety(config.metrics.per_key_limit, config.keys.max_age);
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(Cluster::new(c, metrics.registry())?)),
+            None => None,
+        };
+        Ok(Self {
+            policy: Policy::new(&config),
+            // Decision mode without a proxy listener has no upstream: the pool is never used.
+            upstream: Upstream::new(
+                config.upstream.as_ref().unwrap_or(&http::Uri::default()),
+                &config.limits,
+            ),
+            names,
+            store: KeyStore::new(),
+            key_source,
+            key_loader: KeyLoader::default(),
+            usage: Usage::default(),
+            limiter: Limiter::new(cluster.as_ref()),
+            revocations: Arc::new(Revocations::new(cluster.as_ref())),
+            fleet_usage: cluster.as_ref().map(|c| Arc::new(FleetUsage::new(c))),
+            cluster,
+            metrics,
+            draining: AtomicBool::new(false),
+            reload: Arc::new(Notify::new()),
+            config,
+        })
+    }
+
+    /// Ready: a snapshot is loaded and not older than `keys.max_age`, the fleet's
+    /// revocations are read (with `cluster`), and we are not draining.
+    pub fn is_ready(&self) -> bool {
+        let fresh = self
+            .store
+            .guard()
+            .as_ref()
+            .is_some_and(|s| !s.is_stale(std::time::SystemTime::now()));
+        fresh && self.revocations.is_ready() && !self.draining.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,342 @@
+//! The process around [`App`]: binding the listeners ([`Keyward::bind`]), the worker
+//! threads that serve traffic, the admin and decision listeners, background tasks, the
+//! drain on shutdown ([`Keyward::run`]), and the signals that drive it ([`Signals`]).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tracing::info;
+
+use crate::app::App;
+use crate::config::Config;
+use crate::keys::source::{KeyLoader, KeySource};
+use crate::StartError;
+use crate::{admin, decision, keys, proxy, tls};
+
+/// A keyward instance with both listeners bound, ready to [`run`](Keyward::run).
+pub struct Keyward {
+    pub app: Arc<App>,
+    /// The proxy listener (absent in decision mode without `listen`).
+    listener: Option<TcpListener>,
+    /// The decision listener (SPEC 15), with `decision.listen`.
+    decision: Option<TcpListener>,
+    admin: TcpListener,
+    tls: Option<tls::TlsAcceptor>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// A traffic listener with `SO_REUSEPORT` (on Unix), so each worker thread can have its
+/// own socket on the same port and the kernel spreads connections across them.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+impl Keyward {
+    /// Bind the listeners and load the first snapshot. Once this returns, both addresses
+    /// accept connections, so tests and probes need no sleep.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        Self::bind_with(config, None).await
+    }
+
+    /// [`bind`](Self::bind), with `after_install` run after every snapshot install.
+    pub async fn bind_with(
+        config: Config,
+        after_install: Option<fn()>,
+    ) -> Result<Self, StartError> {
+        let tls = match &config.tls {
+            Some(t) => Some(tls::TlsAcceptor::load(
+                t,
+                config.limits.header_read_timeout,
+            )?),
+            None => None,
+        };
+        let listener = match config.listen {
+            Some(addr) => {
+                Some(bind_shared(addr).map_err(|source| StartError::Bind { addr, source })?)
+            }
+            None => None,
+        };
+        let decision = match &config.decision {
+            Some(d) => Some(bind(d.listen).await?),
+            None => None,
+        };
+        let admin = bind(config.admin_listen).await?;
+        let mut app = App::new(config)?;
+        app.key_loader = KeyLoader::new(after_install);
+        let app = Arc::new(app);
+        let app2 = app.clone();
+        tokio::task::spawn_blocking(move || keys::source::load_initial(&app2))
+            .await
+            .map_err(StartError::SnapshotLoad)?;
+        Ok(Self {
+            app,
+            listener,
+            decision,
+            admin,
+            tls,
+        })
+    }
+
+    /// The proxy listener's address (`0.0.0.0:0` when there is none: decision mode only).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .or(self.app.config.listen)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The decision listener's address, with `decision.listen`.
+    pub fn decision_addr(&self) -> Option<SocketAddr> {
+        let configured = self.app.config.decision.as_ref().map(|d| d.listen);
+        self.decision
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .or(configured)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or(self.app.config.admin_listen)
+    }
+
+    /// Serve until `shutdown` resolves, then drain (SPEC 12): `/readyz` fails at once,
+    /// traffic is still served for `drain_delay`, the listener closes, and in-flight
+    /// requests get up to `grace` to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let Keyward {
+            app,
+            listener,
+            decision,
+            admin,
+            tls,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut background = Vec::new();
+        if let KeySource::File(path) = &app.key_source {
+            background.push(tokio::spawn(keys::source::watch_file(
+                app.clone(),
+                path.clone(),
+                app.reload.clone(),
+            )));
+        }
+        background.extend(spawn_cluster(&app));
+        if let (Some(acceptor), Some(t)) = (&tls, &app.config.tls) {
+            background.push(tokio::spawn(tls::watch(acceptor.clone(), t.clone())));
+        }
+        let admin_task = tokio::spawn(admin::serve(app.clone(), admin, wait_true(stop_rx.clone())));
+        let drain_delay = app.config.shutdown.drain_delay;
+        let grace = app.config.shutdown.grace;
+        let app2 = app.clone();
+        let (decision_tx, decision_rx) = watch::channel(false);
+        let stop_traffic = async move {
+            shutdown.await;
+            app2.draining.store(true, Ordering::Release);
+            info!(
+                ?drain_delay,
+                "shutdown requested: readyz now fails; draining"
+            );
+            tokio::time::sleep(drain_delay).await;
+            let _ = decision_tx.send(true);
+        };
+        let decision_task = decision.map(|l| {
+            let stop = wait_true(decision_rx);
+            tokio::spawn(decision::server::serve_on_threads(
+                app.clone(),
+                l,
+                stop,
+                grace,
+            ))
+        });
+        match listener {
+            Some(l) => serve_on_workers(app.clone(), l, tls, stop_traffic, grace).await,
+            None => stop_traffic.await,
+        }
+        if let Some(task) = decision_task {
+            let _ = task.await;
+        }
+        let _ = stop_tx.send(true);
+        let _ = admin_task.await;
+        for task in background {
+            task.abort();
+        }
+        info!("keyward stopped");
+    }
+}
+
+/// Thread per core: each worker thread runs its own single-threaded runtime accepting on
+/// the shared listener, so a request (and its upstream connection) stays on one thread.
+async fn serve_on_workers(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<tls::TlsAcceptor>,
+    stop: impl Future<Output = ()> + Send,
+    grace: std::time::Duration,
+) {
+    let workers = app
+        .config
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let std_listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot share the listener");
+            return;
+        }
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // One set of connection slots for all workers: `max_connections` is per process.
+    let slots = proxy::server::connection_slots(&app.config.limits);
+    let mut threads = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let listener = match worker_listener(&std_listener, i) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot share the listener");
+                break;
+            }
+        };
+        let (app, tls, stop_rx) = (app.clone(), tls.clone(), stop_rx.clone());
+        let slots = slots.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("keyward-worker-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a worker runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot register the listener");
+                            return;
+                        }
+                    };
+                    app.upstream.spawn_reaper();
+                    proxy::server::serve(app, listener, tls, slots, wait_true(stop_rx), grace)
+                        .await;
+                });
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
+        }
+    }
+    drop(std_listener);
+    stop.await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
+}
+
+/// Worker 0 accepts on the bound listener; the others get their own `SO_REUSEPORT` socket
+/// on the same address (or, where that fails, a handle to the same socket).
+fn worker_listener(
+    bound: &std::net::TcpListener,
+    worker: usize,
+) -> std::io::Result<std::net::TcpListener> {
+    if worker > 0 {
+        let own = bound
+            .local_addr()
+            .and_then(bind_shared)
+            .and_then(|l| l.into_std());
+        if let Ok(own) = own {
+            return Ok(own);
+        }
+    }
+    bound.try_clone()
+}
+
+/// Start the cluster's background tasks (none without `cluster`): connection upkeep,
+/// revocation reads and subscription, usage flushes.
+fn spawn_cluster(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
+    let Some(cluster) = &app.cluster else {
+        return Vec::new();
+    };
+    let mut tasks = vec![
+        tokio::spawn(cluster.clone().maintain()),
+        tokio::spawn(app.revocations.clone().run_sync()),
+        tokio::spawn(app.revocations.clone().run_subscriber()),
+    ];
+    if let Some(fleet) = &app.fleet_usage {
+        let (fleet, app) = (fleet.clone(), app.clone());
+        tasks.push(tokio::spawn(async move { fleet.run(&app.usage).await }));
+    }
+    tasks
+}
+
+async fn wait_true(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The process signals keyward reacts to. Installed before the listeners bind, so a
+/// SIGTERM that arrives while starting is not lost (nor kills the process).
+pub struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Must be called inside the runtime.
+    pub fn install() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                term: signal(SignalKind::terminate())?,
+                hup: signal(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Resolves on SIGTERM or SIGINT; SIGHUP meanwhile triggers a key reload.
+    pub async fn shutdown(mut self, reload: Arc<Notify>) {
+        #[cfg(unix)]
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { info!("SIGTERM received"); return; }
+                _ = tokio::signal::ctrl_c() => { info!("SIGINT received"); return; }
+                _ = self.hup.recv() => { info!("SIGHUP received: reloading keys"); reload.notify_one(); }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = reload;
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
