@@ -3,12 +3,12 @@
 //! call for an unlimited key. Several keyward replicas in one test, one `redis-server`.
 
 mod cluster_support;
-mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use cluster_support::*;
-use common::*;
+use support::*;
 
 const LIMITED: &str = "sta_cluster_limited_key_0123456789abcdef";
 const FREE: &str = "sta_cluster_free_key_0123456789abcdef";

@@ -2,14 +2,14 @@
 //! answer compared with what the proxy listener of the same keyward answers for the same
 //! request, and the listener's limits and shutdown.
 
-mod common;
 mod decision_support;
+mod support;
 
 use std::time::Duration;
 
-use common::*;
 use decision_support::*;
 use keyward::decision::{AUTH_REQUEST, EXT_AUTHZ, FORWARD_AUTH};
+use support::*;
 
 /// A decision request for `method path` (path with its query) through `endpoint`.
 fn ask(

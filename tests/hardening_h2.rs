@@ -2,8 +2,8 @@
 //! zero flow-control window, HTTP/1.1 unread sockets), connections that are only ever
 //! refused, and what reaches the upstream of forwarding, override, Host and framing headers.
 
-mod common;
-use common::*;
+mod support;
+use support::*;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -256,12 +256,10 @@ async fn spawn_with_routes(upstream: SocketAddr, rules: &str, extra: &str) -> Pr
     let dir = tempfile::tempdir().unwrap();
     let keys_file = dir.path().join("keys.yaml");
     std::fs::write(&keys_file, DEMO_KEYS).unwrap();
-    let yaml = config_yaml(upstream, &keys_file, extra).replacen(
-        "routes:\n",
-        &format!("routes:\n{rules}"),
-        1,
-    );
-    let config = keyward::config::Config::from_yaml(&yaml).expect("test config");
+    let config = config::ConfigBuilder::new(upstream, &keys_file)
+        .extra(extra)
+        .prepend_routes(rules)
+        .config();
     start(config, dir).await
 }
 

@@ -1,8 +1,8 @@
 //! Key snapshot lifecycle: reload from file (change, symlink swap, SIGHUP), bad files, the
 //! control API, fail-closed start, usage tracking, reload storms, graceful shutdown.
 
-mod common;
-use common::*;
+mod support;
+use support::*;
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -129,14 +129,9 @@ async fn spawn_control(up: std::net::SocketAddr, state: &std::path::Path, seed: 
     if seed {
         std::fs::write(&keys_file, DEMO_KEYS).unwrap();
     }
-    let yaml = config_yaml(up, &keys_file, "").replace(
-        "keys: { file:",
-        &format!(
-            "keys: {{ control: {{ state_file: {} }}, file:",
-            state.display()
-        ),
-    );
-    let config = keyward::config::Config::from_yaml(&yaml).unwrap();
+    let config = config::ConfigBuilder::new(up, &keys_file)
+        .control(state)
+        .config();
     start(config, dir).await
 }
 

@@ -1,7 +1,7 @@
 //! Issue: the authenticating reverse proxy, end to end through the front door.
 
-mod common;
-use common::*;
+mod support;
+use support::*;
 
 #[tokio::test]
 async fn allowed_request_reaches_upstream_with_identity() {

@@ -2,8 +2,8 @@
 //! source: the blast-radius guard and its force, the dry run, `keyward diff`, the maximum
 //! age, and the bounded per-key series.
 
-mod common;
-use common::*;
+mod support;
+use support::*;
 
 use std::path::Path;
 use std::process::Command;
@@ -49,11 +49,11 @@ async fn spawn_file(up: std::net::SocketAddr, keys: &str, keys_extra: &str, extr
     let dir = tempfile::tempdir().unwrap();
     let keys_file = dir.path().join("keys.yaml");
     std::fs::write(&keys_file, keys).unwrap();
-    let yaml = config_yaml(up, &keys_file, extra).replace(
-        "poll_interval: 50ms }",
-        &format!("poll_interval: 50ms{keys_extra} }}"),
-    );
-    start(keyward::config::Config::from_yaml(&yaml).unwrap(), dir).await
+    let config = config::ConfigBuilder::new(up, &keys_file)
+        .extra(extra)
+        .merge_in("keys", &keys_fragment(keys_extra))
+        .config();
+    start(config, dir).await
 }
 
 /// Start keyward with a control source: `state` (written first when `initial` is given).
@@ -64,14 +64,16 @@ async fn spawn_control(up: std::net::SocketAddr, initial: Option<&str>, keys_ext
         std::fs::write(&state, text).unwrap();
     }
     let keys_file = dir.path().join("unused.yaml");
-    let yaml = config_yaml(up, &keys_file, "").replace(
-        "keys: { file:",
-        &format!(
-            "keys: {{ control: {{ state_file: {} }}{keys_extra}, file:",
-            state.display()
-        ),
-    );
-    start(keyward::config::Config::from_yaml(&yaml).unwrap(), dir).await
+    let config = config::ConfigBuilder::new(up, &keys_file)
+        .control(&state)
+        .merge_in("keys", &keys_fragment(keys_extra))
+        .config();
+    start(config, dir).await
+}
+
+/// `keys_extra` (`", guard: { ... }"`, fields to add to `keys:`) as a flow mapping.
+fn keys_fragment(keys_extra: &str) -> String {
+    format!("{{ {} }}", keys_extra.trim_start_matches(','))
 }
 
 fn state_file(kw: &Proxy) -> std::path::PathBuf {

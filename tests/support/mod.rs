@@ -1,6 +1,14 @@
 //! Front-door test harness: a real recording upstream on loopback, a real keyward on
 //! `127.0.0.1:0` in front of it, and plain HTTP clients (hyper, or raw bytes over TCP).
+//! Submodules: `child` (the real binary as a child process), `config` (a typed config
+//! builder), `prom` (a Prometheus text parser), `promql` (a PromQL scanner) and `promtool`.
 #![allow(dead_code)]
+
+pub mod child;
+pub mod config;
+pub mod prom;
+pub mod promql;
+pub mod promtool;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +24,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -193,23 +202,11 @@ impl Proxy {
 }
 
 /// The test config: loopback listeners on port 0, the given upstream, a temp copy of the
-/// demo keys, and `extra` YAML appended. `extra` may only add top-level fields this base
-/// does not set (credentials, scopes, limits, tls, metrics, identity_headers, ...).
+/// demo keys, and `extra` YAML merged over it (see [`config::ConfigBuilder`]).
 pub fn config_yaml(upstream: SocketAddr, keys_file: &std::path::Path, extra: &str) -> String {
-    format!(
-        "listen: 127.0.0.1:0\n\
-         admin_listen: 127.0.0.1:0\n\
-         upstream: http://{upstream}\n\
-         environment: production\n\
-         keys: {{ file: {keys}, poll_interval: 50ms }}\n\
-         prefixes: {{ sta_: [service_account], ste_: [enterprise_service_account], pat_: [personal] }}\n\
-         routes:\n  - {{ path: /healthz, public: true }}\n  - {{ prefix: /public/, public: true }}\n  - {{ prefix: /admin/, any_of: [admin] }}\n\
-         admin: {{ token_sha256: 3f9967c81c5db39ca184a821f85aec50cb0d3ef30ecf1de704d001f48f998d35 }}\n\
-         shutdown: {{ drain_delay: 0s, grace: 5s }}\n\
-         log: {{ format: json, level: warn }}\n\
-         {extra}",
-        keys = keys_file.display()
-    )
+    config::ConfigBuilder::new(upstream, keys_file)
+        .extra(extra)
+        .yaml()
 }
 
 /// Start keyward in front of `upstream` with the demo keys; `extra` adds config fields.
@@ -224,8 +221,9 @@ pub async fn spawn_proxy_with(upstream: SocketAddr, extra: &str, keys: Option<&s
     if let Some(k) = keys {
         std::fs::write(&keys_file, k).unwrap();
     }
-    let yaml = config_yaml(upstream, &keys_file, extra);
-    let config = keyward::config::Config::from_yaml(&yaml).expect("test config");
+    let config = config::ConfigBuilder::new(upstream, &keys_file)
+        .extra(extra)
+        .config();
     start(config, dir).await
 }
 
@@ -377,4 +375,23 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// Replace a file the way a careful writer (and the kubelet) does: write aside, rename.
+pub fn replace_file(path: &std::path::Path, content: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A loopback address nothing listens on (bound, then released): an upstream that refuses.
+pub fn closed_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
