@@ -467,53 +467,15 @@ fn h2_requests(requests: &[Vec<(&str, String)>]) -> Vec<u8> {
 /// malformed HTTP/2 `:path`, `:authority`, `:scheme` or `TE` never reaches its log.
 #[tokio::test]
 async fn a_key_in_malformed_h2_pseudo_headers_never_reaches_the_log() {
-    use std::process::{Command, Stdio};
     let up = spawn_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.yaml");
     std::fs::write(&keys, DEMO_KEYS).unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (addr, admin) = (free(), free());
-    let yaml = config_yaml(
-        up.addr,
-        &keys,
-        "credentials: [{ query: api_key }, { header: x-api-key }]\n",
-    )
-    .replace(
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n",
-        &format!("listen: {addr}\nadmin_listen: {admin}\n"),
-    );
-    let config = dir.path().join("keyward.yaml");
-    std::fs::write(&config, yaml).unwrap();
-    let log_path = dir.path().join("stderr.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("KEYWARD_LOG", "trace")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("keyward starts");
-    let ready = format!("http://{admin}/readyz");
-    eventually("keyward ready", || {
-        let ready = ready.clone();
-        async move {
-            let req = http::Request::get(ready)
-                .body(http_body_util::Full::new(Bytes::new()))
-                .unwrap();
-            matches!(client().request(req).await, Ok(r) if r.status() == 200)
-        }
-    })
-    .await;
+    let yaml = config::ConfigBuilder::new(up.addr, &keys)
+        .set("credentials", "[{ query: api_key }, { header: x-api-key }]")
+        .yaml();
+    let kw = support::child::Keyward::start(dir, &yaml, &[("KEYWARD_LOG", "trace")]).await;
+    let addr = kw.addr();
 
     let q = format!("api_key={KEY}");
     let base = |path: String, authority: &str, scheme: &str| {
@@ -542,13 +504,11 @@ async fn a_key_in_malformed_h2_pseudo_headers_never_reaches_the_log() {
     let r = get(&format!("http://{addr}/v1/after?{q}"), &[]).await;
     assert_eq!(r.status, 200);
     eventually("the access log line of the last request", || {
-        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        async move { text.contains("/v1/after") }
+        let seen = kw.logs().iter().any(|l| l.contains("/v1/after"));
+        async move { seen }
     })
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let text = std::fs::read_to_string(&log_path).unwrap();
+    let text = kw.logs().join("\n");
     assert!(
         text.contains(r#""log_filter":"trace""#),
         "not at trace level:\n{text}"

@@ -6,7 +6,6 @@ mod support;
 use support::*;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 /// Raw key number `i` (a `sta_` service key, as the test config's prefixes want).
@@ -429,11 +428,8 @@ async fn dry_run_answers_the_diff_and_installs_nothing() {
 }
 
 fn keyward_diff(args: &[&str], dir: &Path) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .args(args)
+    let out = support::child::command(args)
         .current_dir(dir)
-        .env_remove("KEYWARD_CONFIG")
-        .env_remove("RUST_LOG")
         .output()
         .expect("run keyward");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
