@@ -7,6 +7,7 @@ use support::*;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 const NEW_KEY: &str = "sta_rotated_key_0123456789abcdef";
 
@@ -531,12 +532,15 @@ async fn sighup_reloads_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_finishes_in_flight_requests() {
-    let up = spawn_upstream().await;
+    let up = upstream()
+        .route("/slow", Reply::After(Duration::from_millis(1500)))
+        .spawn()
+        .await;
     let p = process(up.addr, |c| c.shutdown("300ms", "10s")).await;
     let listen = p.addr();
     let slow = tokio::spawn(async move {
         get(
-            &format!("http://{listen}/slow/1500"),
+            &format!("http://{listen}/slow"),
             &[("x-api-key", SERVICE_KEY)],
         )
         .await

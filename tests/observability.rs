@@ -8,7 +8,7 @@ use support::promql::*;
 use support::promtool::*;
 use support::*;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keyward::auth::Code;
 
@@ -195,10 +195,13 @@ async fn upstream_failures_count_as_allowed_with_their_kind() {
     kw.shutdown().await;
 
     // No answer within upstream_timeout: 504, kind="timeout".
-    let up = spawn_upstream().await;
+    let up = upstream()
+        .route("/slow", Reply::After(Duration::from_millis(5000)))
+        .spawn()
+        .await;
     let kw = spawn_proxy(up.addr, "limits: { upstream_timeout: 100ms }\n").await;
     let before = scrape(&kw.admin_url("/metrics")).await;
-    let r = get(&kw.url("/slow/5000"), &[("x-api-key", SERVICE_KEY)]).await;
+    let r = get(&kw.url("/slow"), &[("x-api-key", SERVICE_KEY)]).await;
     assert_eq!(r.status, 504);
     assert_eq!(r.code(), "upstream_timeout");
     let after = scrape(&kw.admin_url("/metrics")).await;
@@ -273,7 +276,10 @@ async fn rate_limited_and_auth_unavailable_are_counted() {
 
 #[tokio::test]
 async fn in_flight_counts_requests_being_served() {
-    let up = spawn_upstream().await;
+    let up = upstream()
+        .route("/slow", Reply::After(Duration::from_millis(400)))
+        .spawn()
+        .await;
     let kw = spawn_proxy(up.addr, "").await;
     let metrics = kw.admin_url("/metrics");
     assert_eq!(
@@ -282,7 +288,7 @@ async fn in_flight_counts_requests_being_served() {
             .get("keyward_in_flight_requests", &[]),
         0.0
     );
-    let url = kw.url("/slow/400");
+    let url = kw.url("/slow");
     let slow = tokio::spawn(async move { get(&url, &[("x-api-key", SERVICE_KEY)]).await });
     eventually("in_flight = 1 while the slow request runs", || {
         let metrics = metrics.clone();
@@ -317,10 +323,13 @@ async fn in_flight_counts_requests_being_served() {
 
 #[tokio::test]
 async fn in_flight_returns_to_zero_when_the_client_goes_away() {
-    let up = spawn_upstream().await;
+    let up = upstream()
+        .route("/slow", Reply::After(Duration::from_millis(2000)))
+        .spawn()
+        .await;
     let kw = spawn_proxy(up.addr, "").await;
     let metrics = kw.admin_url("/metrics");
-    let url = kw.url("/slow/2000");
+    let url = kw.url("/slow");
     let slow = tokio::spawn(async move { get(&url, &[("x-api-key", SERVICE_KEY)]).await });
     eventually("in_flight = 1 while the slow request runs", || {
         let metrics = metrics.clone();
