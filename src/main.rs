@@ -216,6 +216,7 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
     runtime()?.block_on(async {
         let signals = keyward::Signals::install().map_err(CliError::Signals)?;
         let server = Keyward::bind_with(config, Some(release_freed_memory)).await?;
+        report_bound(&server);
         let c = &server.app.config;
         // Scheme, host and port only: never userinfo from the upstream URL.
         let upstream =
@@ -247,6 +248,29 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
         server.run(signals.shutdown(reload)).await;
         Ok(())
     })
+}
+
+/// One line on stdout, at every log level, naming the addresses the listeners bound (the real
+/// ports when the config says port 0), so a supervisor or test harness need not guess them:
+/// `keyward listening proxy=127.0.0.1:41234 admin=127.0.0.1:41235 decision=none`.
+fn report_bound(server: &Keyward) {
+    use std::io::Write;
+    let proxy = server
+        .app
+        .config
+        .listen
+        .map_or_else(|| "none".into(), |_| server.local_addr().to_string());
+    let decision = server
+        .decision_addr()
+        .map_or_else(|| "none".into(), |a| a.to_string());
+    let mut out = std::io::stdout().lock();
+    // A closed stdout must not stop the server: the line is a courtesy.
+    let _ = writeln!(
+        out,
+        "keyward listening proxy={proxy} admin={} decision={decision}",
+        server.admin_addr()
+    );
+    let _ = out.flush();
 }
 
 fn check(path: &Path) -> Result<(), CliError> {

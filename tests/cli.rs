@@ -1,38 +1,12 @@
 //! The `keyward` command line, run as a process: `keys generate`, `keys hash` and `check`.
 
-use std::io::Write;
+mod support;
+use support::child::{run, run_stdin, ROOT};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use base64::Engine as _;
-
-const BIN: &str = env!("CARGO_BIN_EXE_keyward");
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-/// `keyward <args>` from the repository root, with no `KEYWARD_CONFIG` from outside.
-fn keyward(args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .current_dir(ROOT)
-        .env_remove("KEYWARD_CONFIG")
-        .env_remove("RUST_LOG");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    keyward(args).output().expect("run keyward")
-}
-
-fn run_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = keyward(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn keyward");
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
-}
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -225,7 +199,7 @@ fn check_accepts_the_shipped_config() {
     assert!(text.contains("config/keyward.yaml: ok"), "{text}");
 
     // KEYWARD_CONFIG names the file when --config is absent.
-    let out = keyward(&["check"])
+    let out = support::child::command(&["check"])
         .env("KEYWARD_CONFIG", "config/keyward.yaml")
         .output()
         .unwrap();

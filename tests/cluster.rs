@@ -3,12 +3,12 @@
 //! call for an unlimited key. Several keyward replicas in one test, one `redis-server`.
 
 mod cluster_support;
-mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use cluster_support::*;
-use common::*;
+use support::*;
 
 const LIMITED: &str = "sta_cluster_limited_key_0123456789abcdef";
 const FREE: &str = "sta_cluster_free_key_0123456789abcdef";
@@ -292,9 +292,8 @@ fn keyward_check_validates_the_cluster_config() {
     let check = |cluster: &str, env: Option<&str>| {
         let cfg = dir.path().join("keyward.yaml");
         std::fs::write(&cfg, config_yaml(up, &keys_file, cluster)).unwrap();
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"));
-        c.args(["check", "--config"]).arg(&cfg);
-        c.env_remove("KEYWARD_REDIS_URL");
+        let mut c = support::child::command(&["check", "--config"]);
+        c.arg(&cfg);
         if let Some(url) = env {
             c.env("KEYWARD_REDIS_URL", url);
         }

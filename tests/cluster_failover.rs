@@ -4,14 +4,14 @@
 //! ready until it has read the revocation set).
 
 mod cluster_support;
-mod common;
+mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cluster_support::*;
-use common::*;
+use support::*;
 
 const LIMITED: &str = "sta_failover_limited_key_0123456789abcdef";
 const FREE: &str = "sta_failover_free_key_0123456789abcdef";

@@ -2,14 +2,14 @@
 //! answer compared with what the proxy listener of the same keyward answers for the same
 //! request, and the listener's limits and shutdown.
 
-mod common;
 mod decision_support;
+mod support;
 
 use std::time::Duration;
 
-use common::*;
 use decision_support::*;
 use keyward::decision::{AUTH_REQUEST, EXT_AUTHZ, FORWARD_AUTH};
+use support::*;
 
 /// A decision request for `method path` (path with its query) through `endpoint`.
 fn ask(
@@ -365,8 +365,7 @@ fn keyward_check_accepts_a_decision_only_config() {
     std::fs::write(&keys, keys_yaml()).unwrap();
     let config = dir.path().join("keyward.yaml");
     std::fs::write(&config, decision_config(None, &keys, "")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .args(["check", "--config"])
+    let out = support::child::command(&["check", "--config"])
         .arg(&config)
         .output()
         .unwrap();
@@ -380,4 +379,31 @@ fn keyward_check_accepts_a_decision_only_config() {
     let text = std::fs::read_to_string(&shipped).unwrap();
     let c = keyward::config::Config::from_yaml(&text).expect("shipped decision config");
     assert!(c.listen.is_none() && c.decision.is_some());
+}
+
+/// A decision-only `keyward run` names its bound decision and admin ports in its start-up
+/// line, says `proxy=none`, and the decision port it names answers.
+#[tokio::test]
+async fn the_start_up_line_names_the_bound_decision_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, keys_yaml()).unwrap();
+    let config = decision_config(None, &keys, "");
+    let kw = support::child::Keyward::start(dir, &config, &[]).await;
+    assert_eq!(kw.proxy, None);
+    let decision = kw.decision.expect("decision listener reported");
+    assert_ne!(decision.port(), 0);
+    assert_ne!(kw.admin.port(), 0);
+    let line = format!(
+        "keyward listening proxy=none admin={} decision={decision}",
+        kw.admin
+    );
+    assert_eq!(kw.stdout.lock().unwrap().first(), Some(&line));
+    let r = get(
+        &format!("http://{decision}{FORWARD_AUTH}"),
+        &[("x-forwarded-method", "GET"), ("x-forwarded-uri", "/v1/x")],
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(!r.code().is_empty(), "keyward's error body: {}", r.text());
 }

@@ -16,8 +16,8 @@
 //!
 //! `envoy()` below does exactly those steps, so the test proves what Envoy would deliver.
 
-mod common;
 mod decision_support;
+mod support;
 
 use std::net::SocketAddr;
 
@@ -25,8 +25,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use http_body_util::Full;
 
-use common::*;
 use decision_support::*;
+use support::*;
 
 /// `authorization_request.allowed_headers` of the shipped snippet, plus Envoy's always-sent
 /// `authorization` (Host, method and path travel as the check request's own).

@@ -7,15 +7,15 @@
 //! client's forged `x-auth-*` never reaches the app, including a header the key has no value
 //! for. A proxy whose binary is not installed is skipped with a message (CI installs both).
 
-mod common;
 mod decision_support;
+mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::*;
 use decision_support::*;
+use support::*;
 
 fn shipped(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -4,6 +4,8 @@
 //! Dockerfile builds the way the release build does. `kubectl kustomize` runs when kubectl
 //! is installed.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +16,6 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 
 fn path(rel: &str) -> PathBuf {
     Path::new(ROOT).join(rel)
@@ -379,10 +380,8 @@ fn check_with_keys(config_rel: &str, keys: &Path, dir: &Path) -> String {
     cfg["keys"]["file"] = Value::from(keys.display().to_string());
     let copy = dir.join(config_rel.replace('/', "_"));
     std::fs::write(&copy, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
+    let out = support::child::command(&["check", "--config"])
         .arg(&copy)
-        .env_remove("KEYWARD_CONFIG")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -2,8 +2,8 @@
 //! tricks, header and connection limits, HTTP/2 limits, and garbage. Every case checks what
 //! the client gets back and what the real upstream behind keyward saw.
 
-mod common;
-use common::*;
+mod support;
+use support::*;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

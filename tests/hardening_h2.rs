@@ -2,8 +2,8 @@
 //! zero flow-control window, HTTP/1.1 unread sockets), connections that are only ever
 //! refused, and what reaches the upstream of forwarding, override, Host and framing headers.
 
-mod common;
-use common::*;
+mod support;
+use support::*;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -60,7 +60,11 @@ fn in_flight(kw: &Proxy) -> i64 {
 /// connections they held are let go, and the connection slots they held serve others.
 #[tokio::test]
 async fn h2_zero_window_streams_are_cut_and_free_their_slots() {
-    let up = spawn_upstream().await;
+    let up = upstream()
+        .route("/public/big", Reply::Bytes(200_000))
+        .route("/big", Reply::Bytes(200_000))
+        .spawn()
+        .await;
     let limits = "limits: { max_connections: 4, write_stall_timeout: 300ms }\n";
     let kw = spawn_proxy(up.addr, limits).await;
     let start = Instant::now();
@@ -69,8 +73,8 @@ async fn h2_zero_window_streams_are_cut_and_free_their_slots() {
     for (path, key) in [
         ("/v1/stall-a", None),
         ("/v1/stall-b", None),
-        ("/public/big/200000", None),
-        ("/big/200000", Some(KEY)),
+        ("/public/big", None),
+        ("/big", Some(KEY)),
     ] {
         stalled.push(zero_window_get(kw.addr, path, key).await);
     }
@@ -103,7 +107,10 @@ async fn h2_zero_window_streams_are_cut_and_free_their_slots() {
 /// served: it stops counting at once, and the connection closes when the other is done.
 #[tokio::test]
 async fn a_stalled_stream_is_cut_while_its_connection_serves_another() {
-    let up = spawn_upstream().await;
+    let up = upstream()
+        .route("/slow", Reply::After(Duration::from_secs(2)))
+        .spawn()
+        .await;
     let kw = spawn_proxy(up.addr, "limits: { write_stall_timeout: 300ms }\n").await;
     let tcp = TcpStream::connect(kw.addr).await.unwrap();
     let (mut client, conn) = h2::client::Builder::new()
@@ -115,7 +122,7 @@ async fn a_stalled_stream_is_cut_while_its_connection_serves_another() {
         let _ = conn.await;
     });
     let start = Instant::now();
-    let slow = http::Request::get(format!("http://{}/slow/2000", kw.addr))
+    let slow = http::Request::get(format!("http://{}/slow", kw.addr))
         .header("x-api-key", KEY)
         .body(())
         .unwrap();
@@ -149,13 +156,13 @@ async fn a_stalled_stream_is_cut_while_its_connection_serves_another() {
 /// closed and the request stops counting as in flight.
 #[tokio::test]
 async fn unread_http1_response_is_cut_off() {
-    let up = spawn_upstream().await;
+    let up = upstream().route("/big", Reply::Bytes(SIZE)).spawn().await;
     let limits = "limits: { max_connections: 1, write_stall_timeout: 300ms }\n";
     let kw = spawn_proxy(up.addr, limits).await;
     // Far more than the socket buffers of both legs hold.
     const SIZE: usize = 64 << 20;
     let mut s = TcpStream::connect(kw.addr).await.unwrap();
-    let req = format!("GET /big/{SIZE} HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n\r\n");
+    let req = format!("GET /big HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     eventually("the upstream answered", || async { up.count() == 1 }).await;
     eventually("unread response no longer in flight", || async {
@@ -185,13 +192,12 @@ async fn unread_http1_response_is_cut_off() {
 /// A client that reads slowly but keeps reading is not cut off.
 #[tokio::test]
 async fn slow_reader_is_not_cut_off() {
-    let up = spawn_upstream().await;
+    let up = upstream().route("/big", Reply::Bytes(SIZE)).spawn().await;
     let kw = spawn_proxy(up.addr, "limits: { write_stall_timeout: 300ms }\n").await;
     const SIZE: usize = 16 << 20;
     let mut s = TcpStream::connect(kw.addr).await.unwrap();
-    let req = format!(
-        "GET /big/{SIZE} HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\nconnection: close\r\n\r\n"
-    );
+    let req =
+        format!("GET /big HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\nconnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let start = Instant::now();
     let mut got = 0usize;
@@ -256,12 +262,10 @@ async fn spawn_with_routes(upstream: SocketAddr, rules: &str, extra: &str) -> Pr
     let dir = tempfile::tempdir().unwrap();
     let keys_file = dir.path().join("keys.yaml");
     std::fs::write(&keys_file, DEMO_KEYS).unwrap();
-    let yaml = config_yaml(upstream, &keys_file, extra).replacen(
-        "routes:\n",
-        &format!("routes:\n{rules}"),
-        1,
-    );
-    let config = keyward::config::Config::from_yaml(&yaml).expect("test config");
+    let config = config::ConfigBuilder::new(upstream, &keys_file)
+        .extra(extra)
+        .prepend_routes(rules)
+        .config();
     start(config, dir).await
 }
 
@@ -469,53 +473,15 @@ fn h2_requests(requests: &[Vec<(&str, String)>]) -> Vec<u8> {
 /// malformed HTTP/2 `:path`, `:authority`, `:scheme` or `TE` never reaches its log.
 #[tokio::test]
 async fn a_key_in_malformed_h2_pseudo_headers_never_reaches_the_log() {
-    use std::process::{Command, Stdio};
     let up = spawn_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.yaml");
     std::fs::write(&keys, DEMO_KEYS).unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (addr, admin) = (free(), free());
-    let yaml = config_yaml(
-        up.addr,
-        &keys,
-        "credentials: [{ query: api_key }, { header: x-api-key }]\n",
-    )
-    .replace(
-        "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n",
-        &format!("listen: {addr}\nadmin_listen: {admin}\n"),
-    );
-    let config = dir.path().join("keyward.yaml");
-    std::fs::write(&config, yaml).unwrap();
-    let log_path = dir.path().join("stderr.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("KEYWARD_LOG", "trace")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("keyward starts");
-    let ready = format!("http://{admin}/readyz");
-    eventually("keyward ready", || {
-        let ready = ready.clone();
-        async move {
-            let req = http::Request::get(ready)
-                .body(http_body_util::Full::new(Bytes::new()))
-                .unwrap();
-            matches!(client().request(req).await, Ok(r) if r.status() == 200)
-        }
-    })
-    .await;
+    let yaml = config::ConfigBuilder::new(up.addr, &keys)
+        .set("credentials", "[{ query: api_key }, { header: x-api-key }]")
+        .yaml();
+    let kw = support::child::Keyward::start(dir, &yaml, &[("KEYWARD_LOG", "trace")]).await;
+    let addr = kw.addr();
 
     let q = format!("api_key={KEY}");
     let base = |path: String, authority: &str, scheme: &str| {
@@ -544,13 +510,11 @@ async fn a_key_in_malformed_h2_pseudo_headers_never_reaches_the_log() {
     let r = get(&format!("http://{addr}/v1/after?{q}"), &[]).await;
     assert_eq!(r.status, 200);
     eventually("the access log line of the last request", || {
-        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        async move { text.contains("/v1/after") }
+        let seen = kw.logs().iter().any(|l| l.contains("/v1/after"));
+        async move { seen }
     })
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let text = std::fs::read_to_string(&log_path).unwrap();
+    let text = kw.logs().join("\n");
     assert!(
         text.contains(r#""log_filter":"trace""#),
         "not at trace level:\n{text}"

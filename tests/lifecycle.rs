@@ -1,12 +1,13 @@
 //! Key snapshot lifecycle: reload from file (change, symlink swap, SIGHUP), bad files, the
 //! control API, fail-closed start, usage tracking, reload storms, graceful shutdown.
 
-mod common;
-use common::*;
+mod support;
+use support::child::Keyward;
+use support::*;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 const NEW_KEY: &str = "sta_rotated_key_0123456789abcdef";
 
@@ -129,14 +130,9 @@ async fn spawn_control(up: std::net::SocketAddr, state: &std::path::Path, seed: 
     if seed {
         std::fs::write(&keys_file, DEMO_KEYS).unwrap();
     }
-    let yaml = config_yaml(up, &keys_file, "").replace(
-        "keys: { file:",
-        &format!(
-            "keys: {{ control: {{ state_file: {} }}, file:",
-            state.display()
-        ),
-    );
-    let config = keyward::config::Config::from_yaml(&yaml).unwrap();
+    let config = config::ConfigBuilder::new(up, &keys_file)
+        .control(state)
+        .config();
     start(config, dir).await
 }
 
@@ -482,94 +478,46 @@ async fn reload_storm_loses_no_request() {
 
 // ---- real process, real signals ----
 
-/// The real binary, with the test config rewritten by `tweak`.
-struct Process {
-    child: Child,
-    admin: std::net::SocketAddr,
-    listen: std::net::SocketAddr,
-    dir: tempfile::TempDir,
+/// The real binary on the test config (with the demo keys), edited by `tweak`.
+async fn process(
+    upstream: std::net::SocketAddr,
+    tweak: impl Fn(config::ConfigBuilder) -> config::ConfigBuilder,
+) -> Keyward {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, DEMO_KEYS).unwrap();
+    let yaml = tweak(config::ConfigBuilder::new(upstream, &keys)).yaml();
+    Keyward::start(dir, &yaml, &[]).await
 }
 
-fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-impl Process {
-    async fn start(upstream: std::net::SocketAddr, tweak: impl Fn(String) -> String) -> Process {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = dir.path().join("keys.yaml");
-        std::fs::write(&keys, DEMO_KEYS).unwrap();
-        let (listen, admin) = (free_port(), free_port());
-        let yaml = tweak(config_yaml(upstream, &keys, ""))
-            .replacen(
-                "admin_listen: 127.0.0.1:0",
-                &format!("admin_listen: {admin}"),
-                1,
-            )
-            .replacen("listen: 127.0.0.1:0", &format!("listen: {listen}"), 1);
-        let cfg = dir.path().join("keyward.yaml");
-        std::fs::write(&cfg, yaml).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let p = Process {
-            child,
-            admin,
-            listen,
-            dir,
-        };
-        eventually("process ready", || async {
-            client_status(&format!("http://{admin}/readyz")).await == Some(200)
-        })
-        .await;
-        p
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A GET's status, or `None` while nothing listens yet.
-async fn client_status(url: &str) -> Option<u16> {
-    let req = http::Request::get(url)
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    client()
-        .request(req)
-        .await
-        .ok()
-        .map(|r| r.status().as_u16())
+/// Configured on port 0, `keyward run` prints the ports it bound, once, on stdout, and they
+/// are the ones that answer.
+#[tokio::test]
+async fn the_start_up_line_names_the_bound_ports() {
+    let up = spawn_upstream().await;
+    let p = process(up.addr, |c| c.log("json", "error")).await;
+    let (proxy, admin) = (p.addr(), p.admin);
+    assert!(proxy.port() != 0 && admin.port() != 0 && proxy != admin);
+    assert_eq!(p.decision, None);
+    let ok = get(&p.url("/v1/x"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(ok.status, 200);
+    let (status, _, stdout) = p.terminate().await;
+    assert!(status.success());
+    assert_eq!(
+        stdout,
+        [format!(
+            "keyward listening proxy={proxy} admin={admin} decision=none"
+        )]
+    );
 }
 
 #[tokio::test]
 async fn sighup_reloads_keys() {
     let up = spawn_upstream().await;
     // Polling every hour: only the signal can explain a reload.
-    let p = Process::start(up.addr, |c| {
-        c.replace("poll_interval: 50ms", "poll_interval: 1h")
-    })
-    .await;
-    let url = format!("http://{}/v1/x", p.listen);
-    std::fs::write(p.dir.path().join("keys.yaml"), keys_with_new_key(2)).unwrap();
+    let p = process(up.addr, |c| c.poll_interval("1h")).await;
+    let url = p.url("/v1/x");
+    std::fs::write(p.path("keys.yaml"), keys_with_new_key(2)).unwrap();
     assert_eq!(
         get(&url, &[("x-api-key", NEW_KEY)]).await.status,
         401,
@@ -584,18 +532,15 @@ async fn sighup_reloads_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_finishes_in_flight_requests() {
-    let up = spawn_upstream().await;
-    let mut p = Process::start(up.addr, |c| {
-        c.replace(
-            "drain_delay: 0s, grace: 5s",
-            "drain_delay: 300ms, grace: 10s",
-        )
-    })
-    .await;
-    let (listen, admin) = (p.listen, p.admin);
+    let up = upstream()
+        .route("/slow", Reply::After(Duration::from_millis(1500)))
+        .spawn()
+        .await;
+    let p = process(up.addr, |c| c.shutdown("300ms", "10s")).await;
+    let listen = p.addr();
     let slow = tokio::spawn(async move {
         get(
-            &format!("http://{listen}/slow/1500"),
+            &format!("http://{listen}/slow"),
             &[("x-api-key", SERVICE_KEY)],
         )
         .await
@@ -606,13 +551,14 @@ async fn sigterm_drains_and_finishes_in_flight_requests() {
     .await;
     p.signal("-TERM");
     eventually("readyz fails at once", || async {
-        client_status(&format!("http://{admin}/readyz")).await == Some(503)
+        p.readyz().await == Some(503)
     })
     .await;
     let r = slow.await.unwrap();
     assert_eq!(r.status, 200, "in-flight request completes");
-    let status = tokio::task::spawn_blocking(move || p.child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
+    let (status, logs, _) = p.wait_exit().await;
+    assert!(
+        status.success(),
+        "exit 0 after SIGTERM: {status:?}\n{logs:?}"
+    );
 }

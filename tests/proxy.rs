@@ -1,7 +1,9 @@
 //! Issue: the authenticating reverse proxy, end to end through the front door.
 
-mod common;
-use common::*;
+mod support;
+use support::*;
+
+use std::time::Duration;
 
 #[tokio::test]
 async fn allowed_request_reaches_upstream_with_identity() {
@@ -218,9 +220,12 @@ async fn upstream_down_is_502_and_slow_upstream_is_504() {
     assert_eq!(r.code(), "upstream_unavailable");
     kw.shutdown().await;
 
-    let up = spawn_upstream().await;
+    let up = upstream()
+        .route("/slow", Reply::After(Duration::from_secs(3)))
+        .spawn()
+        .await;
     let kw = spawn_proxy(up.addr, "limits: { upstream_timeout: 200ms }\n").await;
-    let r = get(&kw.url("/slow/3000"), &[("x-api-key", SERVICE_KEY)]).await;
+    let r = get(&kw.url("/slow"), &[("x-api-key", SERVICE_KEY)]).await;
     assert_eq!(r.status, 504);
     assert_eq!(r.code(), "upstream_timeout");
     kw.shutdown().await;
@@ -371,7 +376,10 @@ async fn fragment_in_target_is_dropped_not_a_bypass() {
 
 #[tokio::test]
 async fn large_bodies_stream_both_ways() {
-    let up = spawn_upstream().await;
+    let up = upstream()
+        .route("/big", Reply::Bytes(6_000_000))
+        .spawn()
+        .await;
     let kw = spawn_proxy(up.addr, "").await;
     let body = vec![7u8; 8 * 1024 * 1024];
     let r = send(
@@ -383,7 +391,7 @@ async fn large_bodies_stream_both_ways() {
     .await;
     assert_eq!(r.status, 200);
     assert_eq!(up.last().body_len, body.len());
-    let r = get(&kw.url("/big/6000000"), &[("x-api-key", SERVICE_KEY)]).await;
+    let r = get(&kw.url("/big"), &[("x-api-key", SERVICE_KEY)]).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), 6_000_000);
     kw.shutdown().await;

@@ -1,8 +1,8 @@
 //! Per-key rate limits through the front door: GCRA per key id, 429 `rate_limited` with
 //! `Retry-After` and `RateLimit-*` headers, and state that survives snapshot reloads.
 
-mod common;
-use common::*;
+mod support;
+use support::*;
 
 const LIMITED: &str = "sta_ratelimit_burst_key_0123456789abcdef";
 const SLOW: &str = "sta_ratelimit_slow_key_0123456789abcdef";

@@ -3,8 +3,8 @@
 //! is the one loaded at the next start; a document without `keys` is refused and the last
 //! good snapshot stays; a refused push answers a short error that does not echo its body.
 
-mod common;
-use common::*;
+mod support;
+use support::*;
 
 use std::path::Path;
 
@@ -59,14 +59,10 @@ fn styles(id: &str, key: &str) -> Vec<(&'static str, String)> {
 async fn spawn_control(up: std::net::SocketAddr, state: &Path) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let keys_file = dir.path().join("no-seed.yaml");
-    let yaml = config_yaml(up, &keys_file, "").replace(
-        "keys: { file:",
-        &format!(
-            "keys: {{ control: {{ state_file: {} }}, file:",
-            state.display()
-        ),
-    );
-    start(keyward::config::Config::from_yaml(&yaml).unwrap(), dir).await
+    let config = config::ConfigBuilder::new(up, &keys_file)
+        .control(state)
+        .config();
+    start(config, dir).await
 }
 
 async fn push(kw: &Proxy, content_type: Option<&str>, body: &[u8]) -> Got {

@@ -2,11 +2,10 @@
 //! source: the blast-radius guard and its force, the dry run, `keyward diff`, the maximum
 //! age, and the bounded per-key series.
 
-mod common;
-use common::*;
+mod support;
+use support::*;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 /// Raw key number `i` (a `sta_` service key, as the test config's prefixes want).
@@ -49,11 +48,11 @@ async fn spawn_file(up: std::net::SocketAddr, keys: &str, keys_extra: &str, extr
     let dir = tempfile::tempdir().unwrap();
     let keys_file = dir.path().join("keys.yaml");
     std::fs::write(&keys_file, keys).unwrap();
-    let yaml = config_yaml(up, &keys_file, extra).replace(
-        "poll_interval: 50ms }",
-        &format!("poll_interval: 50ms{keys_extra} }}"),
-    );
-    start(keyward::config::Config::from_yaml(&yaml).unwrap(), dir).await
+    let config = config::ConfigBuilder::new(up, &keys_file)
+        .extra(extra)
+        .merge_in("keys", &keys_fragment(keys_extra))
+        .config();
+    start(config, dir).await
 }
 
 /// Start keyward with a control source: `state` (written first when `initial` is given).
@@ -64,14 +63,16 @@ async fn spawn_control(up: std::net::SocketAddr, initial: Option<&str>, keys_ext
         std::fs::write(&state, text).unwrap();
     }
     let keys_file = dir.path().join("unused.yaml");
-    let yaml = config_yaml(up, &keys_file, "").replace(
-        "keys: { file:",
-        &format!(
-            "keys: {{ control: {{ state_file: {} }}{keys_extra}, file:",
-            state.display()
-        ),
-    );
-    start(keyward::config::Config::from_yaml(&yaml).unwrap(), dir).await
+    let config = config::ConfigBuilder::new(up, &keys_file)
+        .control(&state)
+        .merge_in("keys", &keys_fragment(keys_extra))
+        .config();
+    start(config, dir).await
+}
+
+/// `keys_extra` (`", guard: { ... }"`, fields to add to `keys:`) as a flow mapping.
+fn keys_fragment(keys_extra: &str) -> String {
+    format!("{{ {} }}", keys_extra.trim_start_matches(','))
 }
 
 fn state_file(kw: &Proxy) -> std::path::PathBuf {
@@ -427,11 +428,8 @@ async fn dry_run_answers_the_diff_and_installs_nothing() {
 }
 
 fn keyward_diff(args: &[&str], dir: &Path) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .args(args)
+    let out = support::child::command(args)
         .current_dir(dir)
-        .env_remove("KEYWARD_CONFIG")
-        .env_remove("RUST_LOG")
         .output()
         .expect("run keyward");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();

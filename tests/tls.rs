@@ -2,14 +2,13 @@
 //! `127.0.0.1:0` with `tls:` set, real rustls clients (HTTP/1.1 and h2 by ALPN), rotation of
 //! the certificate files the way the kubelet updates a mounted Secret, and mTLS.
 
-mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode, Version};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -20,6 +19,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
+use support::*;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::*;
+use crate::support::*;
 
 /// A `redis-server` child process on `127.0.0.1:port`.
 pub struct Redis {

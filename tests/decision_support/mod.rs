@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::common::DEMO_KEYS;
+use super::support::DEMO_KEYS;
 
 /// A key limited to a burst of 2 (and 1 more every 100 s).
 pub const LIMITED_KEY: &str = "sta_decision_limited_key_0123456789abcdef";

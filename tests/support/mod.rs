@@ -1,23 +1,30 @@
 //! Front-door test harness: a real recording upstream on loopback, a real keyward on
 //! `127.0.0.1:0` in front of it, and plain HTTP clients (hyper, or raw bytes over TCP).
+//! Submodules: `child` (the real binary as a child process), `config` (a typed config
+//! builder), `prom` (a Prometheus text parser), `promql` (a PromQL scanner) and `promtool`.
 #![allow(dead_code)]
 
-use std::convert::Infallible;
+pub mod child;
+pub mod config;
+pub mod prom;
+pub mod promql;
+pub mod promtool;
+pub mod upstream;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioExecutor;
+use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 pub use keyward::demo::DEMO_ADMIN_TOKEN;
@@ -30,133 +37,8 @@ pub const EXPIRED_KEY: &str = "sta_demo_expired_key_0123456789abcdef";
 pub const STAGING_KEY: &str = "sta_demo_staging_key_0123456789abcdef";
 pub const DEMO_KEYS: &str = include_str!("../../config/keys.yaml");
 
-/// What the upstream saw of one request.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: String,
-    /// Path and query as received.
-    pub target: String,
-    pub headers: HeaderMap,
-    pub body_len: usize,
-    /// The upstream connection it came on (keyward's side of it).
-    pub peer: SocketAddr,
-}
-
-/// A real HTTP server on loopback that records every request and answers 200 with a small
-/// body. Paths starting with `/slow/<ms>` wait that long; `/big/<bytes>` answers with that
-/// many bytes; `/ws` accepts an HTTP upgrade and echoes bytes.
-pub struct Upstream {
-    pub addr: SocketAddr,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl Upstream {
-    pub fn requests(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    pub fn last(&self) -> Seen {
-        self.requests()
-            .last()
-            .cloned()
-            .expect("upstream saw no request")
-    }
-
-    pub fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-}
-
-pub async fn spawn_upstream() -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let seen2 = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, peer)) = listener.accept().await {
-            let seen = seen2.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| upstream_handle(seen.clone(), peer, req));
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Upstream { addr, seen }
-}
-
-async fn upstream_handle(
-    seen: Arc<Mutex<Vec<Seen>>>,
-    peer: SocketAddr,
-    mut req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let target = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.to_string())
-        .unwrap_or_default();
-    let method = req.method().to_string();
-    let headers = req.headers().clone();
-    if target == "/ws" {
-        let on = hyper::upgrade::on(&mut req);
-        seen.lock().unwrap().push(Seen {
-            method,
-            target,
-            headers,
-            body_len: 0,
-            peer,
-        });
-        tokio::spawn(async move {
-            if let Ok(up) = on.await {
-                let mut io = TokioIo::new(up);
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = io.read(&mut buf).await {
-                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        let resp = Response::builder()
-            .status(StatusCode::SWITCHING_PROTOCOLS)
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        return Ok(resp);
-    }
-    // Stream the body through, counting it, without holding it all.
-    let mut body_len = 0;
-    let mut body = req.into_body();
-    while let Some(Ok(frame)) = body.frame().await {
-        if let Some(d) = frame.data_ref() {
-            body_len += d.len();
-        }
-    }
-    seen.lock().unwrap().push(Seen {
-        method,
-        target: target.clone(),
-        headers,
-        body_len,
-        peer,
-    });
-    if let Some(ms) = target.strip_prefix("/slow/") {
-        let ms: u64 = ms.split('?').next().unwrap_or("0").parse().unwrap_or(0);
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
-    let body = match target.strip_prefix("/big/") {
-        Some(n) => Bytes::from(vec![b'x'; n.parse().unwrap_or(0)]),
-        None => Bytes::from(format!("upstream ok, body_len={body_len}")),
-    };
-    let resp = Response::builder()
-        .header("set-cookie", "a=1")
-        .header("set-cookie", "b=2")
-        .header("x-upstream", "yes")
-        .body(Full::new(body))
-        .unwrap();
-    Ok(resp)
-}
+#[allow(unused_imports)]
+pub use upstream::{spawn_upstream, upstream, Reply, Seen, Upstream, UpstreamBuilder};
 
 /// A keyward instance running in this process.
 pub struct Proxy {
@@ -193,23 +75,11 @@ impl Proxy {
 }
 
 /// The test config: loopback listeners on port 0, the given upstream, a temp copy of the
-/// demo keys, and `extra` YAML appended. `extra` may only add top-level fields this base
-/// does not set (credentials, scopes, limits, tls, metrics, identity_headers, ...).
+/// demo keys, and `extra` YAML merged over it (see [`config::ConfigBuilder`]).
 pub fn config_yaml(upstream: SocketAddr, keys_file: &std::path::Path, extra: &str) -> String {
-    format!(
-        "listen: 127.0.0.1:0\n\
-         admin_listen: 127.0.0.1:0\n\
-         upstream: http://{upstream}\n\
-         environment: production\n\
-         keys: {{ file: {keys}, poll_interval: 50ms }}\n\
-         prefixes: {{ sta_: [service_account], ste_: [enterprise_service_account], pat_: [personal] }}\n\
-         routes:\n  - {{ path: /healthz, public: true }}\n  - {{ prefix: /public/, public: true }}\n  - {{ prefix: /admin/, any_of: [admin] }}\n\
-         admin: {{ token_sha256: 3f9967c81c5db39ca184a821f85aec50cb0d3ef30ecf1de704d001f48f998d35 }}\n\
-         shutdown: {{ drain_delay: 0s, grace: 5s }}\n\
-         log: {{ format: json, level: warn }}\n\
-         {extra}",
-        keys = keys_file.display()
-    )
+    config::ConfigBuilder::new(upstream, keys_file)
+        .extra(extra)
+        .yaml()
 }
 
 /// Start keyward in front of `upstream` with the demo keys; `extra` adds config fields.
@@ -224,8 +94,9 @@ pub async fn spawn_proxy_with(upstream: SocketAddr, extra: &str, keys: Option<&s
     if let Some(k) = keys {
         std::fs::write(&keys_file, k).unwrap();
     }
-    let yaml = config_yaml(upstream, &keys_file, extra);
-    let config = keyward::config::Config::from_yaml(&yaml).expect("test config");
+    let config = config::ConfigBuilder::new(upstream, &keys_file)
+        .extra(extra)
+        .config();
     start(config, dir).await
 }
 
@@ -377,4 +248,23 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+/// Replace a file the way a careful writer (and the kubelet) does: write aside, rename.
+pub fn replace_file(path: &std::path::Path, content: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A loopback address nothing listens on (bound, then released): an upstream that refuses.
+pub fn closed_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
