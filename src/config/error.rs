@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use super::yaml::YamlError;
+
 /// A config problem, always naming the field it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -10,8 +12,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Parse(String),
+    #[error(transparent)]
+    Parse(#[from] YamlError),
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
 }

@@ -37,7 +37,7 @@ pub use rules::{RouteRule, ScopeRule};
 pub use sections::{
     AdminConfig, DecisionConfig, IdentityHeaders, LogConfig, LogFormat, MetricsConfig, TlsConfig,
 };
-pub use yaml::{located, parse_duration, parse_yaml};
+pub use yaml::{located, parse_duration, parse_yaml, YamlError};
 
 use yaml::{de_header_names, de_opt_uri};
 
@@ -140,7 +140,7 @@ impl Config {
 
     /// Parse and validate config text.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = parse_yaml(text).map_err(ConfigError::Parse)?;
+        let config: Config = parse_yaml(text)?;
         config.validate()?;
         Ok(config)
     }

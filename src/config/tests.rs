@@ -259,3 +259,15 @@ fn cluster_defaults_rules_and_env_override() {
     assert!(!format!("{cl:?}").contains("pw"));
     assert!(c.redis_url_from_env(Some("tcp://r".into())).is_err());
 }
+
+#[test]
+fn a_parse_error_keeps_its_path_and_source() {
+    let e =
+        Config::from_yaml(&format!("{MINIMAL}limits: {{ upstream_timeout: soon }}\n")).unwrap_err();
+    let ConfigError::Parse(p) = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(p.path(), "limits.upstream_timeout");
+    let source = std::error::Error::source(&e);
+    assert!(source.is_some_and(|s| s.is::<serde_yaml::Error>()), "{e:?}");
+}

@@ -10,18 +10,49 @@ use http::{HeaderName, Method, Uri};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+/// A document that does not deserialize: where in it (`limits.upstream_timeout`) and why.
+#[derive(Debug)]
+pub struct YamlError {
+    path: String,
+    source: serde_yaml::Error,
+}
+
+impl YamlError {
+    /// The dotted path of the failing field (`.` or empty for the document itself).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl std::fmt::Display for YamlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&locate(&self.path, self.source.to_string()))
+    }
+}
+
+impl std::error::Error for YamlError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 /// Deserialize YAML (JSON is a subset) reporting the dotted path of a failing field.
-pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
     let de = serde_yaml::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| located(e.path(), e.inner()))
+    serde_path_to_error::deserialize(de).map_err(|e| YamlError {
+        path: e.path().to_string(),
+        source: e.into_inner(),
+    })
 }
 
 /// An error message led by where in the document it is (`keys[3].scopes: ...`), once:
 /// serde_yaml's own message often starts with the same path already. Where its path is
 /// shorter (custom errors, unknown fields), the exact one goes first.
 pub fn located(path: &serde_path_to_error::Path, e: &impl std::fmt::Display) -> String {
-    let path = path.to_string();
-    let message = e.to_string();
+    locate(&path.to_string(), e.to_string())
+}
+
+fn locate(path: &str, message: String) -> String {
     let named = message
         .split_once(": ")
         .is_some_and(|(head, _)| head == path);
