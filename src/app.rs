@@ -42,7 +42,7 @@ pub struct App {
 }
 
 impl App {
-    /// Build the shared state. Does not load keys (see [`keys::source::load_initial`]).
+    /// Build the shared state. Does not load keys: `Keyward::bind` does, before serving.
     pub fn new(config: Config) -> Result<Self, StartError> {
         let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
         let key_source = KeySource::from_config(&config.keys).ok_or(StartError::NoKeySource)?;

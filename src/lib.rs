@@ -1,9 +1,11 @@
 //! keyward: an API-key authentication sidecar.
 //!
 //! The request path, file by file: [`proxy::server`] accepts → [`proxy::handler`] runs the
-//! phases → [`path`] normalizes → [`auth::policy`] routes → [`auth::decision`] decides
-//! (with [`auth::credential`] and the [`keys::KeyStore`] snapshot) → [`proxy::headers`] and
-//! [`proxy::forward`] send it upstream over a [`proxy::pool`] connection → [`proxy::respond`] writes keyward's own answers.
+//! phases in order: [`proxy::head`] checks the head → [`path`] normalizes →
+//! [`auth::policy`] routes → [`auth::decision`] authenticates (with [`auth::credential`] and
+//! the [`keys::KeyStore`] snapshot) → [`auth::ratelimit`] → [`proxy::headers`] builds the
+//! upstream request → [`proxy::forward`] sends it over a [`proxy::pool`] connection →
+//! [`proxy::respond`] writes keyward's own answers.
 //! The admin listener ([`admin`]) serves health, [`metrics`] and the control API. In decision
 //! mode, [`decision`] answers an existing proxy's auth question through the same phases.
 //! [`app::App`] is the state they share; [`runtime`] binds the listeners, runs the worker

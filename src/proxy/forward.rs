@@ -21,16 +21,21 @@ use crate::metrics::UpstreamErrorKind;
 /// Why the upstream leg failed; the status follows from it (connect → 502, timeout → 504).
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("upstream connect failed: {0}")]
-    Connect(String),
+    #[error("upstream connect failed")]
+    Connect(#[source] pool::ConnectError),
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("upstream exchange failed: {0}")]
-    Other(String),
+    #[error("bad upstream target")]
+    Target(#[source] http::uri::InvalidUri),
+    #[error("upstream exchange failed")]
+    Exchange(#[source] hyper::Error),
+    /// The upstream switched protocols on a request keyward did not forward as an upgrade.
+    #[error("101 Switching Protocols without an allowed upgrade")]
+    UnexpectedUpgrade,
     /// The client's request body failed while it was streamed upstream: the client's fault
     /// (400), not the upstream's.
-    #[error("request body from the client failed: {0}")]
-    RequestBody(String),
+    #[error("request body from the client failed")]
+    RequestBody(#[source] hyper::Error),
 }
 
 impl ProxyError {
@@ -38,7 +43,10 @@ impl ProxyError {
         match self {
             ProxyError::Connect(_) => UpstreamErrorKind::Connect,
             ProxyError::Timeout(_) => UpstreamErrorKind::Timeout,
-            ProxyError::Other(_) | ProxyError::RequestBody(_) => UpstreamErrorKind::Other,
+            ProxyError::Target(_)
+            | ProxyError::Exchange(_)
+            | ProxyError::UnexpectedUpgrade
+            | ProxyError::RequestBody(_) => UpstreamErrorKind::Other,
         }
     }
 
@@ -112,7 +120,7 @@ impl Upstream {
             Some(q) if !q.is_empty() => PathAndQuery::try_from(format!("{path}?{q}")),
             _ => PathAndQuery::try_from(path),
         }
-        .map_err(|e| ProxyError::Other(format!("bad target: {e}")))?;
+        .map_err(ProxyError::Target)?;
         Ok(Uri::from(pq))
     }
 
@@ -151,7 +159,7 @@ impl Upstream {
                 // request's state.
                 None => Box::pin(pool::connect(&self.pool))
                     .await
-                    .map_err(|e| ProxyError::Connect(error_chain(&e)))?,
+                    .map_err(ProxyError::Connect)?,
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -169,9 +177,9 @@ impl Upstream {
 
 fn send_error(e: hyper::Error) -> ProxyError {
     if request_body_failed(&e) {
-        ProxyError::RequestBody(error_chain(&e))
+        ProxyError::RequestBody(e)
     } else {
-        ProxyError::Other(error_chain(&e))
+        ProxyError::Exchange(e)
     }
 }
 
@@ -191,7 +199,8 @@ fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// The error and its causes, `: `-separated, for the log line (error path only).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {

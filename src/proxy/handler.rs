@@ -1,6 +1,8 @@
-//! One request, as named phases: normalize → route → authenticate → prepare → exchange with
-//! the upstream → respond → log. Only the exchange (and a rate limit shared through Redis)
-//! awaits. The phases up to the decision ([`decide`]) are shared with the decision listener.
+//! One request, as a flat list of named phases, read top to bottom in [`proxy`]:
+//! check the head → [`decide`] (normalize → route → authenticate → rate-limit, shared with
+//! the decision listener) → build the upstream request → send it upstream → shape the
+//! client's response; [`handle`] then maps any refusal onto its answer and logs the line.
+//! Only the upstream exchange (and a rate limit shared through Redis) awaits.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use tracing::{info, warn};
 
 use super::conn::{ConnInfo, Slot};
 use super::forward::{self, ProxyError};
+use super::head::check_head;
 use super::headers;
 use super::{respond, Body};
 use crate::auth::credential::strip_query_param;
@@ -38,20 +41,9 @@ impl Trace {
     }
 }
 
-/// Where the synchronous phases send a request.
-enum Next {
-    /// Answered by keyward itself (introspection).
-    Local(Response<Body>),
-    /// Allowed: to the upstream, prepared.
-    Upstream(Outbound),
-}
-
 /// A request ready for the upstream, and what the response needs from the phases before.
-struct Outbound {
+struct UpstreamRequest {
     req: Request<Incoming>,
-    principal: Option<Principal>,
-    /// The key's quota after this request, sent back as `RateLimit-*`.
-    quota: Option<Quota>,
     /// The client's side of an allowed WebSocket upgrade, and the connection slot the
     /// tunnel keeps (boxed: upgrades are rare, and this travels with every request).
     upgrade: Option<Box<(hyper::upgrade::OnUpgrade, Option<Slot>)>>,
@@ -69,24 +61,11 @@ pub async fn handle(
     let start = Instant::now();
     let cid = respond::correlation_id(req.headers());
     let method = req.method().clone();
-    let mut trace = Trace::default();
-
     let http2 = req.version() == http::Version::HTTP_2;
-    let result = match prepare(&app, conn, req, &cid, &mut trace).await {
-        Ok(Next::Upstream(out)) => exchange(&app, out, &mut trace).await,
-        Ok(Next::Local(resp)) => Ok(resp),
-        Err(reject) => Err(reject),
-    };
-    let (mut resp, code) = match result {
+    let mut trace = Trace::default();
+    let (mut resp, code) = match proxy(&app, conn, req, &cid, &mut trace).await {
         Ok(resp) => (resp, Code::Ok),
-        Err(reject) => {
-            let mut resp = respond::error(&reject, cid.to_str().unwrap_or_default());
-            if reject.closes_connection() && !http2 {
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            (resp, reject.code())
-        }
+        Err(reject) => (refusal(&reject, &cid, http2), reject.code()),
     };
     headers::set_correlation(resp.headers_mut(), &cid);
     let elapsed = start.elapsed();
@@ -95,32 +74,53 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// Head checks, then the shared phases: the normalized path is what is authorized and what
-/// is forwarded.
-async fn prepare(
+/// The phases, in order. The normalized path is both what is authorized and what is
+/// forwarded.
+async fn proxy(
     app: &App,
     conn: ConnInfo,
     req: Request<Incoming>,
     cid: &HeaderValue,
     trace: &mut Trace,
-) -> Result<Next, Reject> {
-    super::head::check_head(&req, &app.config.limits)?;
+) -> Result<Response<Body>, Reject> {
+    check_head(&req, &app.config.limits)?;
     let verdict = decide(app, &Head::of(&req), req.uri().path(), trace).await?;
-    let path = trace.path();
-    match verdict {
-        Verdict::Public => outbound(app, conn, req, path, None, None, cid),
+    let (principal, quota) = match verdict {
         Verdict::Introspection(principal, quota) => {
-            let body = introspection_body(app, &principal, cid);
-            let mut resp = respond::json(StatusCode::OK, &body);
-            if let Some(quota) = quota {
-                set_rate_limit_headers(resp.headers_mut(), &quota);
-            }
-            Ok(Next::Local(resp))
+            return Ok(introspect(app, &principal, quota, cid))
         }
-        Verdict::Protected(principal, quota) => {
-            outbound(app, conn, req, path, Some(principal), quota, cid)
-        }
+        Verdict::Public => (None, None),
+        Verdict::Protected(principal, quota) => (Some(principal), quota),
+    };
+    let out = upstream_request(app, conn, req, trace.path(), principal.as_ref(), cid)?;
+    let resp = send_upstream(app, out, trace).await?;
+    Ok(client_response(app, resp, principal.as_ref(), quota))
+}
+
+/// keyward's answer to a refused request; `Connection: close` where the refusal asks for it
+/// (HTTP/1 only: HTTP/2 has no such header).
+fn refusal(reject: &Reject, cid: &HeaderValue, http2: bool) -> Response<Body> {
+    let mut resp = respond::error(reject, cid.to_str().unwrap_or_default());
+    if reject.closes_connection() && !http2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    resp
+}
+
+/// The introspection answer (SPEC 9): who the key is, with its quota.
+fn introspect(
+    app: &App,
+    principal: &Principal,
+    quota: Option<Quota>,
+    cid: &HeaderValue,
+) -> Response<Body> {
+    let body = introspection_body(app, principal, cid);
+    let mut resp = respond::json(StatusCode::OK, &body);
+    if let Some(quota) = quota {
+        set_rate_limit_headers(resp.headers_mut(), &quota);
+    }
+    resp
 }
 
 /// The request facts every front door turns its protocol into: the original method, the
@@ -152,9 +152,9 @@ pub enum Verdict {
     Protected(Principal, Option<Quota>),
 }
 
-/// The phases shared by every front door: normalize → route → credential → decide →
-/// rate-limit. `raw_path` is the path as the client sent it; the normalized path, the one
-/// that was authorized, is then [`Trace::path`].
+/// The phases shared by every front door: normalize → route → authenticate → rate-limit.
+/// `raw_path` is the path as the client sent it; the normalized path, the one that was
+/// authorized, is then [`Trace::path`].
 pub async fn decide(
     app: &App,
     head: &Head<'_>,
@@ -168,33 +168,23 @@ pub async fn decide(
             return Err(Reject::BadRequest(BadRequest::Path(e)));
         }
     };
-    let verdict = route(app, head, &path, trace).await;
+    let route = app.policy.route(&path);
     trace.path = Some(path);
-    verdict
-}
-
-async fn route(
-    app: &App,
-    head: &Head<'_>,
-    path: &str,
-    trace: &mut Trace,
-) -> Result<Verdict, Reject> {
-    match app.policy.route(path) {
-        Route::Public => Ok(Verdict::Public),
-        Route::Introspection => {
-            // A question asked with a key is a request by that key: it spends its quota.
-            let principal = authenticate(app, head, None, false, SystemTime::now(), trace)?;
-            let quota = rate_limit(app, &principal).await?;
-            Ok(Verdict::Introspection(principal, quota))
-        }
-        Route::Protected { extra } => {
-            let now = SystemTime::now();
-            let principal = authenticate(app, head, extra, true, now, trace)?;
-            let quota = rate_limit(app, &principal).await?;
-            app.usage.record(&principal.key.id, now);
-            Ok(Verdict::Protected(principal, quota))
-        }
+    // Introspection asks for a valid key but not its scopes.
+    let (route_scopes, check_scope) = match route {
+        Route::Public => return Ok(Verdict::Public),
+        Route::Introspection => (None, false),
+        Route::Protected { extra } => (extra, true),
+    };
+    let now = SystemTime::now();
+    let principal = authenticate(app, head, route_scopes, check_scope, now, trace)?;
+    // A question asked with a key is a request by that key: it spends its quota.
+    let quota = rate_limit(app, &principal).await?;
+    if !check_scope {
+        return Ok(Verdict::Introspection(principal, quota));
     }
+    app.usage.record(&principal.key.id, now);
+    Ok(Verdict::Protected(principal, quota))
 }
 
 fn authenticate(
@@ -256,17 +246,16 @@ fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
     }
 }
 
-/// Prepare the request for the upstream. Order matters: hop-by-hop headers go first, then
+/// Build the request sent upstream. Order matters: hop-by-hop headers go first, then
 /// anything a client could forge, and keyward's identity headers go in last.
-fn outbound(
+fn upstream_request(
     app: &App,
     conn: ConnInfo,
     mut req: Request<Incoming>,
     path: &str,
-    principal: Option<Principal>,
-    quota: Option<Quota>,
+    principal: Option<&Principal>,
     cid: &HeaderValue,
-) -> Result<Next, Reject> {
+) -> Result<UpstreamRequest, Reject> {
     let upgrade = forward::wants_upgrade(&req);
     let downstream_upgrade =
         upgrade.then(|| Box::new((hyper::upgrade::on(&mut req), conn.slot.clone())));
@@ -310,28 +299,25 @@ fn outbound(
         );
     }
     headers::set_forwarded(h, &conn, host, &app.config.trusted_proxies);
-    if let Some(p) = &principal {
+    if let Some(p) = principal {
         let delegated = p.delegated_account.as_ref();
         headers::add_identity(h, p.key.identity_headers(&app.names, delegated));
     }
     headers::set_correlation(h, cid);
     *req.uri_mut() = uri;
-    Ok(Next::Upstream(Outbound {
+    Ok(UpstreamRequest {
         req,
-        principal,
-        quota,
         upgrade: downstream_upgrade,
-    }))
+    })
 }
 
-/// The one await: send upstream, then shape the response for the client.
-async fn exchange(app: &App, out: Outbound, trace: &mut Trace) -> Result<Response<Body>, Reject> {
-    let Outbound {
-        req,
-        principal,
-        quota,
-        upgrade,
-    } = out;
+/// The one await: send upstream, and splice an allowed upgrade into a tunnel.
+async fn send_upstream(
+    app: &App,
+    out: UpstreamRequest,
+    trace: &mut Trace,
+) -> Result<Response<Incoming>, Reject> {
+    let UpstreamRequest { req, upgrade } = out;
     let (mut resp, took) = app
         .upstream
         .send(req)
@@ -342,14 +328,24 @@ async fn exchange(app: &App, out: Outbound, trace: &mut Trace) -> Result<Respons
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only an allowed upgrade that keyward itself forwarded may switch protocols.
         let Some((down, slot)) = upgrade.map(|u| *u) else {
-            let e = ProxyError::Other("101 Switching Protocols without an allowed upgrade".into());
-            return Err(upstream_failed(app, &e));
+            return Err(upstream_failed(app, &ProxyError::UnexpectedUpgrade));
         };
         let idle = app.config.limits.tunnel_idle_timeout;
         forward::spawn_tunnel(down, &mut resp, slot, idle);
     }
+    Ok(resp)
+}
+
+/// The upstream's response as the client gets it: hop-by-hop headers gone, identity echoed
+/// when configured, the key's quota added.
+fn client_response(
+    app: &App,
+    resp: Response<Incoming>,
+    principal: Option<&Principal>,
+    quota: Option<Quota>,
+) -> Response<Body> {
     let mut resp = forward::downstream_response(resp);
-    if let Some(p) = &principal {
+    if let Some(p) = principal {
         if app.config.identity_headers.echo_to_client {
             let delegated = p.delegated_account.as_ref();
             let identity = p.key.identity_headers(&app.names, delegated);
@@ -359,7 +355,7 @@ async fn exchange(app: &App, out: Outbound, trace: &mut Trace) -> Result<Respons
     if let Some(quota) = quota {
         set_rate_limit_headers(resp.headers_mut(), &quota);
     }
-    Ok(resp)
+    resp
 }
 
 /// The query as forwarded: unchanged, unless the key may arrive in it and must not leave.
@@ -375,7 +371,7 @@ fn forwarded_query<'a>(app: &App, query: Option<&'a str>) -> Option<std::borrow:
 
 fn upstream_failed(app: &App, e: &ProxyError) -> Reject {
     if e.is_upstream_fault() {
-        warn!(error = %e, "upstream request failed");
+        warn!(error = %forward::error_chain(e), "upstream request failed");
         app.metrics.record_upstream_error(e.kind());
     }
     e.reject()

@@ -1,7 +1,10 @@
 //! The traffic listener and the upstream leg.
 //!
-//! `server` accepts connections, `handler` runs a request's phases, `headers` prepares what
-//! is forwarded, `forward` talks to the upstream over `pool`'s connections, `respond` writes keyward's own answers.
+//! `server` accepts connections (`conn`: what a request knows of its connection),
+//! `handler` runs a request's phases in order, `head` checks the request head, `headers`
+//! builds what is forwarded, `forward` talks to the upstream over `pool`'s connections
+//! (`tunnel` for upgrades), `respond` writes keyward's own answers, `writing` bounds a
+//! stalled client.
 
 pub mod conn;
 pub mod forward;
