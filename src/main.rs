@@ -23,7 +23,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// slabs (7 pages for the 224-byte class a `Key` takes) could not be carved from those
 /// freed, scattered pages, so every slab of new keys took fresh memory. Measured with a
 /// 200k-key YAML snapshot: load peak 149–184 MB without, 114–118 MB with.
-#[allow(non_upper_case_globals)]
+#[allow(non_upper_case_globals, unsafe_code)]
 #[export_name = "_rjem_malloc_conf"]
 static malloc_conf: &[u8; 19] = b"slab_sizes:1-512:1\0";
 
@@ -31,6 +31,7 @@ static malloc_conf: &[u8; 19] = b"slab_sizes:1-512:1\0";
 /// snapshot) to the OS now. jemalloc would otherwise keep them until its decay ran on the
 /// same arena, which an idle loader thread never does, and its background purge thread
 /// raises the peak of a large load instead (200k keys: 440 MB against 334 MB).
+#[allow(unsafe_code)]
 fn release_freed_memory() {
     // jemalloc's MALLCTL_ARENAS_ALL: the purge applies to every arena.
     const PURGE_ALL: &std::ffi::CStr = c"arena.4096.purge";

@@ -282,7 +282,7 @@ impl Revocations {
         self.loaded.store(true, Ordering::Release);
         let ours = self.set.load_full();
         for (id, entry) in ours.iter() {
-            if !remote.get(id).is_some_and(|r| !entry.supersedes(r)) {
+            if remote.get(id).is_none_or(|r| entry.supersedes(r)) {
                 self.store(cluster, id, entry).await?;
                 info!(key_id = &**id, "revocation written back to redis");
             }

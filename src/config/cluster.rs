@@ -73,7 +73,7 @@ impl ClusterConfig {
             head.eq_ignore_ascii_case(scheme)
                 .then(|| &c.redis[scheme.len()..])
         });
-        if rest.map_or(true, str::is_empty) {
+        if rest.is_none_or(str::is_empty) {
             return Err(invalid(
                 "cluster.redis",
                 "must be a redis:// or rediss:// URL with a host",
