@@ -121,7 +121,6 @@ fn one<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
 /// Answer one decision request. Never fails: every error becomes a response here.
 pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let _in_flight = app.metrics.track_in_flight();
     let cid = respond::correlation_id(req.headers());
     let mut trace = Trace::default();
     let mut method = req.method().clone();

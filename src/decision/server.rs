@@ -1,77 +1,31 @@
-//! The decision listener: plain HTTP/1.1 + h2c, with the proxy listener's limits
-//! (`max_connections`, `header_read_timeout`, `max_header_bytes`, HTTP/2 stream limits) and
-//! the same draining on shutdown.
-//!
-//! Its callers are proxies holding a few keep-alive connections each, not the internet, so
-//! hyper's own HTTP/1 head timer bounds a request head here (idle keep-alive included), and
-//! `hyper_util`'s graceful shutdown drains it.
+//! The decision listener: plain HTTP/1.1 + h2c, served by the proxy listener's connection
+//! code ([`server::serve_door`]): the same limits (`max_connections`, `header_read_timeout`,
+//! `idle_timeout`, `write_stall_timeout`, `max_header_bytes`, HTTP/2 stream limits) and the
+//! same draining on shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+
+use crate::proxy::server;
 
 use crate::App;
 
-/// Accept until `stop` resolves, then give open connections up to `grace` to finish.
+/// Accept until `stop` resolves, then give open connections up to `grace` to finish. The
+/// proxy listener's connection serving, with the decision endpoints as the front door: the
+/// same `max_connections` (slots of its own), head, idle and write-stall bounds, so a
+/// caller that stops reading (an HTTP/2 window of zero) cannot pin a decision.
 pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
     stop: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let limits = &app.config.limits;
-    let mut builder = crate::proxy::server::http_builder(limits);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    let builder = Arc::new(builder);
-    // The decision listener's own `max_connections` slots.
-    let slots = crate::proxy::server::connection_slots(limits);
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(stop);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    warn!(error = %e, "decision listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            debug!(%peer, "decision listener: max_connections reached; closing");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service =
-            service_fn(move |req: hyper::Request<Incoming>| super::handle(app.clone(), req));
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "decision connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    info!("decision listener closed; waiting for in-flight decisions");
-    tokio::select! {
-        () = graceful.shutdown() => info!("all decision connections finished"),
-        () = tokio::time::sleep(grace) => warn!(?grace, "grace period over; closing remaining decision connections"),
-    }
+    let slots = server::connection_slots(&app.config.limits);
+    let door = |app, _conn, req| super::handle(app, req);
+    server::serve_door(app, listener, None, slots, stop, grace, door).await;
 }
 
 /// Run [`serve`] on its own multi-threaded runtime (one thread per worker), so decisions

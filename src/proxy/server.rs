@@ -86,6 +86,24 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
     grace: Duration,
 ) {
+    serve_door(app, listener, tls, slots, stop, grace, handler::handle).await
+}
+
+/// [`serve`] with the front door `door` answering each request: the proxy's handler, or
+/// the decision listener's. Both get the same connection limits, watchdog (head, idle and
+/// write-stall bounds) and drain.
+pub async fn serve_door<D, F>(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    slots: Arc<Semaphore>,
+    stop: impl Future<Output = ()>,
+    grace: Duration,
+    door: D,
+) where
+    D: Fn(Arc<App>, ConnInfo, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<super::Body>, std::convert::Infallible>> + Send + 'static,
+{
     let builder = Arc::new(http_builder(&app.config.limits));
     // Every connection task holds a receiver: `drain_tx.closed()` resolves when all are gone.
     let (drain_tx, drain_rx) = watch::channel(false);
@@ -113,16 +131,17 @@ pub async fn serve(
         let builder = builder.clone();
         let drain = drain_rx.clone();
         let tls = tls.clone();
+        let door = door.clone();
         tokio::spawn(async move {
             match tls {
                 None => {
                     let conn = ConnInfo::new(peer, false).holding(permit);
-                    serve_conn(app, &builder, drain, stream, conn).await;
+                    serve_conn(app, &builder, drain, stream, conn, door).await;
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
                         let conn = ConnInfo::new(peer, true).holding(permit);
-                        serve_conn(app, &builder, drain, stream, conn).await;
+                        serve_conn(app, &builder, drain, stream, conn, door).await;
                     }
                     Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
                 },
@@ -139,14 +158,17 @@ pub async fn serve(
     }
 }
 
-async fn serve_conn<I>(
+async fn serve_conn<I, D, F>(
     app: Arc<App>,
     builder: &auto::Builder<TokioExecutor>,
     mut drain: watch::Receiver<bool>,
     io: I,
     conn: ConnInfo,
+    door: D,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: Fn(Arc<App>, ConnInfo, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<super::Body>, std::convert::Infallible>> + Send + 'static,
 {
     // Until its first request a connection gets `header_read_timeout`; once it has served
     // one, a keep-alive client may hold it idle for `idle_timeout`.
@@ -163,8 +185,9 @@ async fn serve_conn<I>(
         // off: for the idle cut-off and for `keyward_in_flight_requests` alike.
         let in_flight = requests.begin(app.metrics.track_in_flight());
         let (app, conn, requests) = (app.clone(), conn.clone(), requests.clone());
+        let answer = door(app, conn, req);
         async move {
-            let resp = handler::handle(app, conn, req).await?;
+            let resp = answer.await?;
             if resp.extensions().get::<respond::Refused>().is_none() {
                 requests.allowed.store(true, Ordering::Release);
             }
