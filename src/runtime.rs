@@ -239,8 +239,16 @@ async fn serve_on_workers(
                         }
                     };
                     app.upstream.spawn_reaper();
-                    proxy::server::serve(app, listener, tls, slots, wait_true(stop_rx), grace)
-                        .await;
+                    proxy::server::serve(
+                        app,
+                        listener,
+                        tls,
+                        slots,
+                        wait_true(stop_rx),
+                        grace,
+                        proxy::handler::handle,
+                    )
+                    .await;
                 });
             });
         match spawned {

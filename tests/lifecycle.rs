@@ -20,20 +20,6 @@ fn keys_with_new_key(version: u64) -> String {
         )
 }
 
-async fn status_with(kw: &Proxy, key: &str) -> u16 {
-    get(&kw.url("/v1/x"), &[("x-api-key", key)])
-        .await
-        .status
-        .as_u16()
-}
-
-async fn metric(kw: &Proxy, series: &str) -> f64 {
-    let text = get(&kw.admin_url("/metrics"), &[]).await.text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn file_change_is_reloaded_and_bad_file_keeps_last_good() {
     let up = spawn_upstream().await;
@@ -46,22 +32,22 @@ async fn file_change_is_reloaded_and_bad_file_keeps_last_good() {
     .await;
     // The metrics are published just after the swap that lets the key in.
     eventually("version 2 published", || async {
-        metric(&kw, "keyward_snapshot_version ").await == 2.0
+        metric_value(&kw, "keyward_snapshot_version ").await == 2.0
     })
     .await;
 
     // A broken file is refused whole; the last good snapshot stays in force.
     let errors = r#"keyward_snapshot_reloads_total{result="error",source="file"} "#;
-    let before = metric(&kw, errors).await;
+    let before = metric_value(&kw, errors).await;
     let broken = keys_with_new_key(3).replace("type: personal", "type: robot");
     std::fs::write(kw.keys_file(), broken).unwrap();
     eventually("reload error counted", || async {
-        metric(&kw, errors).await > before
+        metric_value(&kw, errors).await > before
     })
     .await;
     assert_eq!(status_with(&kw, NEW_KEY).await, 200);
     assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
-    assert_eq!(metric(&kw, "keyward_snapshot_version ").await, 2.0);
+    assert_eq!(metric_value(&kw, "keyward_snapshot_version ").await, 2.0);
 
     // Removing a key revokes it on the next reload.
     std::fs::write(kw.keys_file(), DEMO_KEYS).unwrap();
@@ -473,7 +459,7 @@ async fn reload_storm_loses_no_request() {
     println!("reload storm: {ok} requests ok, {failed} failed, 40 reloads");
     assert_eq!(failed, 0);
     assert!(ok > 40, "clients made progress during the storm: {ok}");
-    assert_eq!(metric(&kw, "keyward_snapshot_version ").await, 49.0);
+    assert_eq!(metric_value(&kw, "keyward_snapshot_version ").await, 49.0);
 }
 
 // ---- real process, real signals ----

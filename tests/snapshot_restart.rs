@@ -10,13 +10,6 @@ use std::path::Path;
 
 const ROTATED_KEY: &str = "sta_restart_key_0123456789abcdef";
 
-async fn status_with(kw: &Proxy, key: &str) -> u16 {
-    get(&kw.url("/v1/x"), &[("x-api-key", key)])
-        .await
-        .status
-        .as_u16()
-}
-
 async fn ready(kw: &Proxy) -> u16 {
     get(&kw.admin_url("/readyz"), &[]).await.status.as_u16()
 }

@@ -79,20 +79,6 @@ fn state_file(kw: &Proxy) -> std::path::PathBuf {
     kw.dir.path().join("state.yaml")
 }
 
-async fn status_with(kw: &Proxy, key: &str) -> u16 {
-    get(&kw.url("/v1/x"), &[("x-api-key", key)])
-        .await
-        .status
-        .as_u16()
-}
-
-async fn metric(kw: &Proxy, series: &str) -> f64 {
-    let text = get(&kw.admin_url("/metrics"), &[]).await.text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 fn guarded_series(source: &str) -> String {
     format!(r#"keyward_snapshot_reloads_total{{result="guarded",source="{source}"}} "#)
 }
@@ -120,7 +106,7 @@ async fn file_source_guarded_reload_keeps_the_old_keys_and_force_takes_it() {
     std::fs::write(kw.keys_file(), plain(0..5)).unwrap();
     let guarded = guarded_series("file");
     eventually("guarded reload counted", || async {
-        metric(&kw, &guarded).await == 1.0
+        metric_value(&kw, &guarded).await == 1.0
     })
     .await;
     assert_eq!(
@@ -129,7 +115,7 @@ async fn file_source_guarded_reload_keeps_the_old_keys_and_force_takes_it() {
         "the last good snapshot stays"
     );
     assert_eq!(readyz(&kw).await, 200);
-    assert_eq!(metric(&kw, "keyward_snapshot_keys ").await, 20.0);
+    assert_eq!(metric_value(&kw, "keyward_snapshot_keys ").await, 20.0);
 
     // A reload asked for is guarded too, and answers with the counts.
     let r = admin(&kw, "POST", "/v1/snapshot/reload", "").await;
@@ -141,7 +127,7 @@ async fn file_source_guarded_reload_keeps_the_old_keys_and_force_takes_it() {
         (Some(20), Some(15))
     );
     assert_eq!(body["limit"], 0.5);
-    assert_eq!(metric(&kw, &guarded).await, 2.0);
+    assert_eq!(metric_value(&kw, &guarded).await, 2.0);
     assert_eq!(status_with(&kw, &raw(19)).await, 200);
     // Without the admin token: refused.
     let r = send(
@@ -195,7 +181,7 @@ async fn file_source_empty_snapshot_is_refused_even_below_min_keys() {
     std::fs::write(kw.keys_file(), "keys: []\n").unwrap();
     let guarded = guarded_series("file");
     eventually("empty file held back", || async {
-        metric(&kw, &guarded).await == 1.0
+        metric_value(&kw, &guarded).await == 1.0
     })
     .await;
     assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
@@ -208,7 +194,7 @@ async fn file_source_empty_snapshot_is_refused_even_below_min_keys() {
         .to_string();
     std::fs::write(kw.keys_file(), one).unwrap();
     eventually("one key left", || async {
-        metric(&kw, "keyward_snapshot_keys ").await == 1.0
+        metric_value(&kw, "keyward_snapshot_keys ").await == 1.0
     })
     .await;
     kw.shutdown().await;
@@ -274,7 +260,7 @@ async fn control_source_guarded_push_is_409_and_leaves_the_state_file_and_force_
         .collect();
     assert_eq!(left.len(), 1, "no spool left: {left:?}");
     assert_eq!(status_with(&kw, &raw(19)).await, 200);
-    assert_eq!(metric(&kw, &guarded_series("control")).await, 1.0);
+    assert_eq!(metric_value(&kw, &guarded_series("control")).await, 1.0);
 
     // Disabling 11 of 20 is refused the same way.
     let disabled = snapshot("", 0..20, |i| {
@@ -404,7 +390,7 @@ async fn dry_run_answers_the_diff_and_installs_nothing() {
     assert_eq!(status_with(&kw, &raw(3)).await, 200);
     assert_eq!(status_with(&kw, &raw(20)).await, 401);
     assert_eq!(std::fs::read(state_file(&kw)).unwrap(), before);
-    assert_eq!(metric(&kw, &guarded_series("control")).await, 0.0);
+    assert_eq!(metric_value(&kw, &guarded_series("control")).await, 0.0);
     let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", "keys: {").await;
     assert_eq!(
         (r.status.as_u16(), r.code().as_str()),
@@ -514,7 +500,7 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
         (503, "auth_unavailable")
     );
     assert_eq!(readyz(&kw).await, 503);
-    let generated = metric(&kw, "keyward_snapshot_generated_timestamp_seconds ").await;
+    let generated = metric_value(&kw, "keyward_snapshot_generated_timestamp_seconds ").await;
     assert_eq!(
         generated,
         humantime::parse_rfc3339(&rfc3339(old))
@@ -524,7 +510,7 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
             .as_secs_f64()
     );
     assert_eq!(
-        metric(&kw, "keyward_snapshot_max_age_seconds ").await,
+        metric_value(&kw, "keyward_snapshot_max_age_seconds ").await,
         3600.0
     );
 
@@ -553,7 +539,7 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
     .await;
     assert_eq!(readyz(&kw).await, 503);
     assert_eq!(
-        metric(
+        metric_value(
             &kw,
             r#"keyward_snapshot_reloads_total{result="ok",source="file"} "#
         )
@@ -574,7 +560,7 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
     let kw = spawn_file(up.addr, &plain(0..3), ", max_age: 1s", "").await;
     assert_eq!(status_with(&kw, &raw(0)).await, 200);
     assert_eq!(
-        metric(&kw, "keyward_snapshot_generated_timestamp_seconds ").await,
+        metric_value(&kw, "keyward_snapshot_generated_timestamp_seconds ").await,
         0.0
     );
     kw.shutdown().await;

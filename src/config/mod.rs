@@ -37,6 +37,7 @@ pub use rules::{RouteRule, ScopeRule};
 pub use sections::{
     AdminConfig, DecisionConfig, IdentityHeaders, LogConfig, LogFormat, MetricsConfig, TlsConfig,
 };
+pub(crate) use yaml::locate;
 pub use yaml::{located, parse_duration, parse_yaml, YamlError};
 
 use yaml::{de_header_names, de_opt_uri};

@@ -52,7 +52,9 @@ pub fn located(path: &serde_path_to_error::Path, e: &impl std::fmt::Display) -> 
     locate(&path.to_string(), e.to_string())
 }
 
-fn locate(path: &str, message: String) -> String {
+/// `message` prefixed with `path` unless it already starts with it; the one shape of a
+/// located error, for the config's errors and the snapshot's.
+pub(crate) fn locate(path: &str, message: String) -> String {
     let named = message
         .split_once(": ")
         .is_some_and(|(head, _)| head == path);

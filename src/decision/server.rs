@@ -1,5 +1,5 @@
 //! The decision listener: plain HTTP/1.1 + h2c, served by the proxy listener's connection
-//! code ([`server::serve_door`]): the same limits (`max_connections`, `header_read_timeout`,
+//! code ([`server::serve`]): the same limits (`max_connections`, `header_read_timeout`,
 //! `idle_timeout`, `write_stall_timeout`, `max_header_bytes`, HTTP/2 stream limits) and the
 //! same draining on shutdown.
 
@@ -25,7 +25,7 @@ pub async fn serve(
 ) {
     let slots = server::connection_slots(&app.config.limits);
     let door = |app, _conn, req| super::handle(app, req);
-    server::serve_door(app, listener, None, slots, stop, grace, door).await;
+    server::serve(app, listener, None, slots, stop, grace, door).await;
 }
 
 /// Run [`serve`] on its own multi-threaded runtime (one thread per worker), so decisions

@@ -61,14 +61,5 @@ pub(super) fn located(path: &serde_path_to_error::Path, e: &impl fmt::Display) -
             }
         })
         .collect();
-    let path = path.join(".");
-    let message = e.to_string();
-    let named = message
-        .split_once(": ")
-        .is_some_and(|(head, _)| head == path);
-    if path.is_empty() || path == "." || named {
-        message
-    } else {
-        format!("{path}: {message}")
-    }
+    crate::config::locate(&path.join("."), e.to_string())
 }

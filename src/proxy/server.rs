@@ -25,7 +25,6 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::conn::ConnInfo;
-use super::handler;
 use super::head::HYPER_MIN_BUF;
 use super::respond;
 use super::writing::Responses;
@@ -78,21 +77,10 @@ pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
 /// Accept until `stop` resolves, then wait up to `grace` for open connections to finish.
 /// Connection slots come from `slots`, which the accept loops of every worker thread share,
 /// so that `max_connections` holds for the whole process.
-pub async fn serve(
-    app: Arc<App>,
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    slots: Arc<Semaphore>,
-    stop: impl Future<Output = ()>,
-    grace: Duration,
-) {
-    serve_door(app, listener, tls, slots, stop, grace, handler::handle).await
-}
-
-/// [`serve`] with the front door `door` answering each request: the proxy's handler, or
-/// the decision listener's. Both get the same connection limits, watchdog (head, idle and
-/// write-stall bounds) and drain.
-pub async fn serve_door<D, F>(
+/// `door` answers each request: the proxy's [`super::handler::handle`], or the decision
+/// listener's. Both get the same connection limits, watchdog (head, idle and write-stall
+/// bounds) and drain.
+pub async fn serve<D, F>(
     app: Arc<App>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,

@@ -96,12 +96,14 @@ fn collect(
     let handle = std::thread::spawn(move || {
         for line in std::io::BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
-            if let Some(b) = parse_listening(&line) {
+            // Kept before the addresses are handed over: a test that has them reads it.
+            let listening = parse_listening(&line);
+            lines2.lock().unwrap().push(line);
+            if let Some(b) = listening {
                 if let Some(tx) = bound.take() {
                     let _ = tx.send(b);
                 }
             }
-            lines2.lock().unwrap().push(line);
         }
     });
     (lines, handle)

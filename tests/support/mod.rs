@@ -268,3 +268,20 @@ pub fn closed_port() -> SocketAddr {
         .local_addr()
         .unwrap()
 }
+
+/// The status `key` gets on a protected path.
+pub async fn status_with(kw: &Proxy, key: &str) -> u16 {
+    get(&kw.url("/v1/x"), &[("x-api-key", key)])
+        .await
+        .status
+        .as_u16()
+}
+
+/// The value of one series (name and labels as exposed, then a space) on `/metrics`; 0 when
+/// it is absent.
+pub async fn metric_value(kw: &Proxy, series: &str) -> f64 {
+    let text = get(&kw.admin_url("/metrics"), &[]).await.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
