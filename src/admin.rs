@@ -353,6 +353,8 @@ async fn reload(app: &Arc<App>, req: &Request<Incoming>) -> Response<AdminBody> 
 /// `PUT /v1/snapshot?dry_run=true`: validate the body and answer its diff against the
 /// snapshot in force, the guard's verdict and the recently used keys it would deny.
 /// Nothing is installed, persisted or counted; the spool is removed. Works for either source.
+/// "Recently used" is the fleet's with `cluster` (this replica's alone if Redis cannot be
+/// read), as `GET /v1/keys/usage` reports it.
 async fn dry_run(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
     let format = body_format(&req);
     let spool_beside = match &app.key_source {
@@ -370,16 +372,21 @@ async fn dry_run(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
             return error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e)
         }
     }
+    let fleet = fleet_last_used(app).await;
     let app2 = app.clone();
     let result = tokio::task::spawn_blocking(move || {
         let new = source::read_pushed(&app2, &spool, format)?;
         drop(spool);
         let current = app2.store.load();
+        let last_used = |id: &str| match &fleet {
+            Some(fleet) => fleet.get(id).copied(),
+            None => app2.usage.last_used(id),
+        };
         Ok::<_, LoadError>(crate::keys::review::dry_run(
             current.as_deref(),
             &new,
             &app2.config.keys.guard,
-            &app2.usage,
+            &last_used,
             std::time::SystemTime::now(),
         ))
     })
@@ -466,6 +473,27 @@ async fn revoke(app: &App, id: &str, disabled: bool) -> Response<AdminBody> {
 }
 
 /// Usage of the whole fleet with `cluster` (this replica's alone if Redis cannot be read).
+/// Per key id of the snapshot in force, the fleet's last use and request count; `None`
+/// without `cluster`, or when Redis cannot be read.
+async fn fleet_last_used(
+    app: &App,
+) -> Option<std::collections::HashMap<String, (std::time::SystemTime, u64)>> {
+    let fleet = app.fleet_usage.as_ref()?;
+    let snapshot = app.store.load();
+    let keys = match fleet.report(&app.usage, snapshot.as_deref()).await {
+        Ok(keys) => keys,
+        Err(e) => {
+            warn!(error = %e, "fleet usage unavailable; the dry run uses this replica's");
+            return None;
+        }
+    };
+    let entries = keys.into_iter().filter_map(|k| {
+        let at = humantime::parse_rfc3339(&k.last_used).ok()?;
+        Some((k.key_id, (at, k.requests)))
+    });
+    Some(entries.collect())
+}
+
 async fn usage(app: &App) -> Response<AdminBody> {
     let snapshot = app.store.load();
     if let Some(fleet) = &app.fleet_usage {

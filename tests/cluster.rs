@@ -281,6 +281,49 @@ async fn usage_is_reported_for_the_whole_fleet() {
     assert_eq!(count.as_deref(), Some("6"));
 }
 
+/// A dry run's `would_deny_recently_used` is the fleet's (SPEC 16 with SPEC 14): a key
+/// used only on another replica is listed when a push would remove it.
+#[tokio::test]
+async fn a_dry_run_lists_keys_used_on_other_replicas() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    assert_eq!(call(&a, FREE).await.status, 200);
+    let asked = || async {
+        let without_free = snapshot(&[
+            entry(
+                "key_limited",
+                LIMITED,
+                Some("{ per_second: 20, burst: 10 }"),
+            ),
+            entry("key_other", OTHER, None),
+        ]);
+        let r = send(
+            "PUT",
+            &b.admin_url("/v1/snapshot?dry_run=true"),
+            &[("authorization", &admin_auth())],
+            without_free.as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    // Replica b saw no request of key_free; once a has flushed, b's dry run names it.
+    eventually("b's dry run lists a key used on a", || async {
+        let review = asked().await;
+        assert_eq!(
+            review["removed"],
+            serde_json::json!(["key_free"]),
+            "{review}"
+        );
+        review["would_deny_recently_used"]
+            .as_array()
+            .is_some_and(|used| used.iter().any(|u| u["key_id"] == "key_free"))
+    })
+    .await;
+}
+
 /// `keyward check` validates `cluster` (and `KEYWARD_REDIS_URL`), naming the field and
 /// never printing the URL, which may hold a password.
 #[test]

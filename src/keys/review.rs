@@ -11,7 +11,6 @@ use super::diff::{diff, SnapshotDiff};
 use super::guard::{judge, Verdict};
 use super::load_error::LoadError;
 use super::read::read_file;
-use super::usage::Usage;
 use super::{Snapshot, Source};
 use crate::config::GuardConfig;
 
@@ -58,13 +57,14 @@ pub fn review(current: Option<&Snapshot>, new: &Snapshot, guard: &GuardConfig) -
     }
 }
 
-/// The dry run of a push: [`review`] plus the removed or disabled keys that `usage` saw
-/// since `now - RECENT`, most recently used first.
+/// The dry run of a push: [`review`] plus the removed or disabled keys used since
+/// `now - RECENT`, most recently used first. `last_used` gives a key id's last use and
+/// request count: this replica's [`super::usage::Usage`], or the fleet's with `cluster`.
 pub fn dry_run(
     current: Option<&Snapshot>,
     new: &Snapshot,
     guard: &GuardConfig,
-    usage: &Usage,
+    last_used: &dyn Fn(&str) -> Option<(SystemTime, u64)>,
     now: SystemTime,
 ) -> Review {
     let mut r = review(current, new, guard);
@@ -74,7 +74,7 @@ pub fn dry_run(
     let mut recent: Vec<(SystemTime, RecentUse)> = removed
         .chain(disabled)
         .filter_map(|(id, change)| {
-            let (last, requests) = usage.last_used(id)?;
+            let (last, requests) = last_used(id)?;
             (last >= since).then(|| {
                 let used = RecentUse {
                     key_id: id.clone(),
@@ -145,14 +145,15 @@ mod tests {
     fn dry_run_lists_recently_used_keys_it_would_deny() {
         let old = snap(&["a", "b", "c", "d"], &[]);
         let new = snap(&["a", "c"], &["c"]);
-        let usage = Usage::default();
+        let usage = crate::keys::usage::Usage::default();
         let now = SystemTime::now();
         let text = |s: &str| old.by_id(s).unwrap().id.clone();
         usage.record(&text("a"), now);
         usage.record(&text("b"), now - Duration::from_secs(60));
         usage.record(&text("c"), now - Duration::from_secs(3600));
         usage.record(&text("d"), now - Duration::from_secs(3 * 24 * 3600));
-        let r = dry_run(Some(&old), &new, &GuardConfig::default(), &usage, now);
+        let last_used = |id: &str| usage.last_used(id);
+        let r = dry_run(Some(&old), &new, &GuardConfig::default(), &last_used, now);
         let used = r.would_deny_recently_used.clone().unwrap();
         let ids: Vec<_> = used.iter().map(|u| (u.key_id.as_str(), u.change)).collect();
         assert_eq!(
