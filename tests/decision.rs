@@ -414,30 +414,17 @@ async fn the_start_up_line_names_the_bound_decision_port() {
 /// the next caller.
 #[tokio::test]
 async fn a_caller_that_reads_nothing_cannot_pin_the_decision_listener() {
-    use bytes::Bytes;
     let limits = "limits: { max_connections: 2, write_stall_timeout: 300ms }\n";
     let d = spawn_decider(None, limits).await;
     let started = std::time::Instant::now();
     let mut held = Vec::new();
     for _ in 0..2 {
-        let tcp = tokio::net::TcpStream::connect(d.decision).await.unwrap();
-        let (mut client, conn) = h2::client::Builder::new()
-            .initial_window_size(0)
-            .handshake::<_, Bytes>(tcp)
-            .await
-            .expect("h2 handshake");
-        let conn = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let url = format!("http://{}/v1/decide/ext-authz/v1/items", d.decision);
-        let req = http::Request::get(url).body(()).unwrap();
-        let (resp, _) = client.send_request(req, true).expect("send");
-        let resp = resp.await.expect("the denial's head");
-        assert_eq!(resp.status(), 401);
-        held.push((conn, client, resp.into_body()));
+        let stalled = zero_window_get(d.decision, "/v1/decide/ext-authz/v1/items", None).await;
+        assert_eq!(stalled.status, 401, "the denial's head");
+        held.push(stalled);
     }
-    for (conn, _client, _body) in held {
-        tokio::time::timeout(Duration::from_secs(3), conn)
+    for stalled in held {
+        tokio::time::timeout(Duration::from_secs(3), stalled.conn)
             .await
             .expect("a connection whose only stream stalled is closed")
             .unwrap();

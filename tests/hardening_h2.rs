@@ -14,42 +14,6 @@ use tokio::net::TcpStream;
 
 const KEY: &str = SERVICE_KEY;
 
-/// A stream whose response body can never be sent: the client advertised a zero window.
-struct Stalled {
-    status: u16,
-    /// Ends when keyward closes the connection.
-    conn: tokio::task::JoinHandle<()>,
-    /// The client and the unread body, kept so that the client itself closes nothing.
-    _held: (h2::client::SendRequest<Bytes>, h2::RecvStream),
-}
-
-/// An HTTP/2 client that advertises `INITIAL_WINDOW_SIZE = 0`, so no response body can
-/// ever be sent to it, sends one GET and waits for the response head.
-async fn zero_window_get(addr: SocketAddr, path: &str, key: Option<&str>) -> Stalled {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut client, conn) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .expect("h2 handshake");
-    let conn = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut req = http::Request::get(format!("http://{addr}{path}"));
-    if let Some(k) = key {
-        req = req.header("x-api-key", k);
-    }
-    let (resp, _) = client
-        .send_request(req.body(()).unwrap(), true)
-        .expect("send");
-    let resp = resp.await.expect("response head");
-    Stalled {
-        status: resp.status().as_u16(),
-        conn,
-        _held: (client, resp.into_body()),
-    }
-}
-
 /// The requests keyward counts as in flight.
 fn in_flight(kw: &Proxy) -> i64 {
     kw.app.metrics.in_flight().get()
