@@ -238,7 +238,11 @@ async fn serve_on_workers(
                             return;
                         }
                     };
-                    app.upstream.spawn_reaper();
+                    // This worker's upstream connections: its requests use no other.
+                    let pool = proxy::pool::Pool::default();
+                    app.upstream.spawn_reaper(pool.clone());
+                    let door =
+                        move |app, conn, req| proxy::handler::handle(app, pool.clone(), conn, req);
                     proxy::server::serve(
                         app,
                         listener,
@@ -246,7 +250,7 @@ async fn serve_on_workers(
                         slots,
                         wait_true(stop_rx),
                         grace,
-                        proxy::handler::handle,
+                        door,
                     )
                     .await;
                 });

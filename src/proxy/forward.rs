@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::conn::Slot;
-use super::pool::{self, PoolConfig};
+use super::pool::{self, Pool, PoolConfig};
 use super::tunnel::{LastActive, Watched};
 use super::Body;
 use crate::config::Limits;
@@ -95,9 +95,10 @@ impl Upstream {
         }
     }
 
-    /// Start this thread's reaper of idle upstream connections, so a quiet pool does not
-    /// hold sockets forever. Each worker calls it once; it ends with the worker's runtime.
-    pub fn spawn_reaper(&self) {
+    /// Start the reaper of a worker's idle upstream connections, so a quiet pool does not
+    /// hold sockets forever. Each worker calls it once for its pool; it ends with the
+    /// worker's runtime.
+    pub fn spawn_reaper(&self, pool: Pool) {
         let (cfg, idle) = (Arc::downgrade(&self.pool), self.pool.idle_timeout);
         tokio::spawn(async move {
             // Often enough that connections the upstream closed do not pile up in the pool
@@ -109,7 +110,7 @@ impl Upstream {
                 tick.tick().await;
                 // Ends once the upstream is gone (only ever in tests: one per `App`).
                 let Some(cfg) = cfg.upgrade() else { break };
-                pool::reap(&cfg);
+                pool.reap(&cfg);
             }
         });
     }
@@ -125,9 +126,10 @@ impl Upstream {
     }
 
     /// Send the prepared request; the response head must arrive within `upstream_timeout`.
-    /// Returns the response and the time to its head.
+    /// Returns the response and the time to its head. `pool` is the serving worker's.
     pub async fn send(
         &self,
+        pool: &Pool,
         mut req: Request<Incoming>,
     ) -> Result<(Response<Incoming>, Duration), ProxyError> {
         *req.version_mut() = Version::HTTP_11;
@@ -135,7 +137,7 @@ impl Upstream {
             req.headers_mut().insert(header::HOST, self.host.clone());
         }
         let start = Instant::now();
-        match tokio::time::timeout(self.timeout, self.exchange(req, start)).await {
+        match tokio::time::timeout(self.timeout, self.exchange(pool, req, start)).await {
             Err(_) => Err(ProxyError::Timeout(self.timeout)),
             Ok(Err(e)) => Err(e),
             Ok(Ok(resp)) => Ok((resp, start.elapsed())),
@@ -146,11 +148,12 @@ impl Upstream {
     /// idle hands the unsent request back; it is sent once more, on a new connection.
     async fn exchange(
         &self,
+        pool: &Pool,
         req: Request<Incoming>,
         start: Instant,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req;
-        let mut pooled = pool::checkout(&self.pool, start);
+        let mut pooled = pool.checkout(&self.pool, start);
         loop {
             let reused = pooled.is_some();
             let mut sender = match pooled.take() {
@@ -163,7 +166,7 @@ impl Upstream {
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    pool::checkin(&self.pool, sender, start);
+                    pool.checkin(&self.pool, sender, start);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {

@@ -17,6 +17,7 @@ use super::conn::{ConnInfo, Slot};
 use super::forward::{self, ProxyError};
 use super::head::check_head;
 use super::headers;
+use super::pool::Pool;
 use super::{respond, Body};
 use crate::auth::credential::strip_query_param;
 use crate::auth::ratelimit::{Quota, RateDecision};
@@ -49,12 +50,14 @@ struct UpstreamRequest {
     upgrade: Option<Box<(hyper::upgrade::OnUpgrade, Option<Slot>)>>,
 }
 
-/// Serve one request. Never fails: every error becomes a response here.
+/// Serve one request over the serving worker's upstream `pool`. Never fails: every error
+/// becomes a response here.
 ///
 /// Every phase but the upstream exchange (and a rate limit shared through Redis) is
 /// synchronous, so this future stays small (hyper moves it into place once per request).
 pub async fn handle(
     app: Arc<App>,
+    pool: Pool,
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -63,7 +66,7 @@ pub async fn handle(
     let method = req.method().clone();
     let http2 = req.version() == http::Version::HTTP_2;
     let mut trace = Trace::default();
-    let (mut resp, code) = match proxy(&app, conn, req, &cid, &mut trace).await {
+    let (mut resp, code) = match proxy(&app, &pool, conn, req, &cid, &mut trace).await {
         Ok(resp) => (resp, Code::Ok),
         Err(reject) => (refusal(&reject, &cid, http2), reject.code()),
     };
@@ -78,6 +81,7 @@ pub async fn handle(
 /// forwarded.
 async fn proxy(
     app: &App,
+    pool: &Pool,
     conn: ConnInfo,
     req: Request<Incoming>,
     cid: &HeaderValue,
@@ -93,7 +97,7 @@ async fn proxy(
         Verdict::Protected(principal, quota) => (Some(principal), quota),
     };
     let out = upstream_request(app, conn, req, trace.path(), principal.as_ref(), cid)?;
-    let resp = send_upstream(app, out, trace).await?;
+    let resp = send_upstream(app, pool, out, trace).await?;
     Ok(client_response(app, resp, principal.as_ref(), quota))
 }
 
@@ -314,13 +318,14 @@ fn upstream_request(
 /// The one await: send upstream, and splice an allowed upgrade into a tunnel.
 async fn send_upstream(
     app: &App,
+    pool: &Pool,
     out: UpstreamRequest,
     trace: &mut Trace,
 ) -> Result<Response<Incoming>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
     let (mut resp, took) = app
         .upstream
-        .send(req)
+        .send(pool, req)
         .await
         .map_err(|e| upstream_failed(app, &e))?;
     trace.upstream = Some(took);

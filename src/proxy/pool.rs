@@ -1,16 +1,15 @@
 //! Keep-alive HTTP/1.1 connections to the upstream, one pool per worker thread.
 //!
-//! Each worker runs its own current-thread runtime, so a pool needs no lock and a pooled
-//! connection is driven by the thread that uses it. A connection goes back to the pool as
+//! Each worker runs its own current-thread runtime and owns its [`Pool`], so a pooled
+//! connection is driven by the thread that uses it and the pool's lock is never contended. A connection goes back to the pool as
 //! soon as its response head is in; it is handed out again only once hyper reports it ready
 //! (the previous response fully read), so a slow download never blocks the next request and
 //! no task is spawned per request to wait for that moment.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -48,13 +47,13 @@ struct Pooled {
     since: Instant,
 }
 
-/// One thread's connections to one upstream, most recently used last.
+/// One worker's idle connections to the upstream, most recently used last.
 #[derive(Default)]
-struct Pool {
+struct Idle {
     conns: VecDeque<Pooled>,
 }
 
-impl Pool {
+impl Idle {
     /// The most recently used connection that is ready for a request (a closed one never
     /// is); one found idle past `idle_timeout` is dropped and the search goes on. Busy and
     /// closed connections stay for the reaper: no pass over the whole pool per request.
@@ -87,50 +86,34 @@ impl Pool {
     }
 }
 
-thread_local! {
-    /// This thread's pools, one per upstream (one upstream per `App`; tests run several on
-    /// one thread). An upstream is named by its `PoolConfig` allocation: the `Weak` keeps
-    /// that address from being reused while the entry lives, so no id counter is needed.
-    static POOLS: RefCell<Vec<(Weak<PoolConfig>, Pool)>> = const { RefCell::new(Vec::new()) };
-}
+/// One worker's keep-alive connections to the upstream. The worker owns it and hands it to
+/// each request it serves: no pool is shared between threads. (The mutex is never
+/// contended; it is there because hyper's service futures must be `Send`.)
+#[derive(Clone, Default)]
+pub struct Pool(Arc<Mutex<Idle>>);
 
-fn with_pool<R>(cfg: &Arc<PoolConfig>, f: impl FnOnce(&mut Pool) -> R) -> R {
-    POOLS.with(|pools| {
-        let mut pools = pools.borrow_mut();
-        let at = match pools
-            .iter()
-            .position(|(key, _)| std::ptr::eq(key.as_ptr(), Arc::as_ptr(cfg)))
-        {
-            Some(at) => at,
-            None => {
-                // A new upstream on this thread: the pools of dropped ones go first.
-                pools.retain(|(key, _)| key.strong_count() > 0);
-                pools.push((Arc::downgrade(cfg), Pool::default()));
-                pools.len() - 1
-            }
-        };
-        f(&mut pools[at].1)
-    })
-}
+impl Pool {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
-/// A ready connection from this thread's pool for the upstream `cfg` describes, if one is
-/// idle. `now` is the caller's clock reading (one per request is enough).
-pub fn checkout(cfg: &Arc<PoolConfig>, now: Instant) -> Option<SendRequest<Incoming>> {
-    with_pool(cfg, |p| p.checkout(now, cfg.idle_timeout))
-}
+    /// A ready connection, if one is idle. `now` is the caller's clock reading (one per
+    /// request is enough).
+    pub fn checkout(&self, cfg: &PoolConfig, now: Instant) -> Option<SendRequest<Incoming>> {
+        self.idle().checkout(now, cfg.idle_timeout)
+    }
 
-/// Return a connection whose response head has arrived; it is reused once ready. Its idle
-/// time counts from `used`, when its last request started.
-pub fn checkin(cfg: &Arc<PoolConfig>, sender: SendRequest<Incoming>, used: Instant) {
-    with_pool(cfg, |p| p.checkin(sender, used, cfg.max_idle));
-}
+    /// Return a connection whose response head has arrived; it is reused once ready. Its
+    /// idle time counts from `used`, when its last request started.
+    pub fn checkin(&self, cfg: &PoolConfig, sender: SendRequest<Incoming>, used: Instant) {
+        self.idle().checkin(sender, used, cfg.max_idle);
+    }
 
-/// Close this thread's idle connections to the upstream `cfg` describes that outlived
-/// `idle_timeout`. Called from a periodic task, so an idle pool does not hold upstream
-/// sockets forever.
-pub fn reap(cfg: &Arc<PoolConfig>) {
-    let now = Instant::now();
-    with_pool(cfg, |p| p.reap(now, cfg.idle_timeout));
+    /// Close idle connections that outlived `idle_timeout`. Called from a periodic task,
+    /// so an idle pool does not hold upstream sockets forever.
+    pub fn reap(&self, cfg: &PoolConfig) {
+        self.idle().reap(Instant::now(), cfg.idle_timeout);
+    }
 }
 
 /// Why a new connection could not be made.
@@ -210,7 +193,7 @@ mod tests {
 
     #[tokio::test]
     async fn hands_out_the_most_recent_ready_connection() {
-        let mut pool = Pool::default();
+        let mut pool = Idle::default();
         let now = Instant::now();
         let idle = Duration::from_secs(60);
         assert!(pool.checkout(now, idle).is_none());
@@ -225,7 +208,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_expiry_and_the_size_cap_close_connections() {
-        let mut pool = Pool::default();
+        let mut pool = Idle::default();
         let now = Instant::now();
         let idle = Duration::from_secs(60);
         let mut servers = Vec::new();
@@ -256,7 +239,7 @@ mod tests {
 
     #[tokio::test]
     async fn closed_connections_are_never_handed_out() {
-        let mut pool = Pool::default();
+        let mut pool = Idle::default();
         let (s, server) = conn().await;
         pool.checkin(s, Instant::now(), 8);
         drop(server);
