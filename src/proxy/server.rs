@@ -166,7 +166,7 @@ async fn serve_conn<I, D, F>(
         app.config.limits.write_stall_timeout,
     );
     let peer = conn.peer;
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(first_request, idle_timeout));
     let requests = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         // In flight from the request head until the response body is done, dropped or cut
@@ -196,7 +196,7 @@ async fn serve_conn<I, D, F>(
                 activity.touch();
                 false
             }
-            wake = activity.idle_for(first_request, idle_timeout, write_stall) => {
+            wake = activity.idle_for(write_stall) => {
                 if wake == Wake::Stalled {
                     // Every response left was cut off: the peer reads nothing, so a
                     // graceful close (which needs it to) is not tried.
@@ -232,6 +232,12 @@ async fn serve_conn<I, D, F>(
 }
 
 /// Requests in flight on one connection, and since when it has had none.
+///
+/// The watchdog is a sleeper that wakes at least every `check` (a quarter of the write-stall
+/// bound) and otherwise at the idle deadline. A request starting or ending does not wake it:
+/// it reads the state when it wakes. Only a request whose end brings the idle deadline
+/// before the watchdog's next wake (an idle timeout shorter than `check`) notifies it. So a
+/// keep-alive request costs no timer of its own and no wake-up of the watchdog.
 struct Activity {
     start: Instant,
     in_flight: AtomicUsize,
@@ -242,10 +248,14 @@ struct Activity {
     allowed: AtomicBool,
     /// The responses being written, which a stalled peer may not hold for ever.
     responses: Responses<InFlight>,
-    /// Wakes the watchdog when the connection turns busy or idle.
+    /// Wakes the watchdog when a deadline moved before its next wake.
     changed: tokio::sync::Notify,
     /// Nanoseconds after `start` at which the connection last became idle.
     idle_since: AtomicU64,
+    /// Nanoseconds after `start` at which the watchdog wakes next.
+    wake_at: AtomicU64,
+    /// `header_read_timeout` and `idle_timeout`, for the deadline a request's end sets.
+    timeouts: (Duration, Duration),
 }
 
 /// Held while a request is being served, with its count in the process-wide gauge.
@@ -256,15 +266,24 @@ struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.activity.touch();
-        if self.activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.activity.changed.notify_one();
+        let a = &self.activity;
+        a.touch();
+        if a.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let deadline = a.idle_since.load(Ordering::SeqCst) + nanos(a.timeout());
+            if deadline < a.wake_at.load(Ordering::SeqCst) {
+                a.changed.notify_one();
+            }
         }
     }
 }
 
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl Activity {
-    fn new() -> Self {
+    /// `first` bounds the wait for a request head until one was allowed, `then` after.
+    fn new(first: Duration, then: Duration) -> Self {
         let start = Instant::now();
         Self {
             start,
@@ -272,15 +291,15 @@ impl Activity {
             served: AtomicBool::new(false),
             allowed: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
+            wake_at: AtomicU64::new(0),
             responses: Responses::new(start),
             changed: tokio::sync::Notify::new(),
+            timeouts: (first, then),
         }
     }
 
     fn begin(self: &Arc<Self>, metric: crate::metrics::InFlight) -> InFlight {
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.changed.notify_one();
-        }
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.served.store(true, Ordering::Release);
         InFlight {
             activity: self.clone(),
@@ -293,47 +312,58 @@ impl Activity {
         self.served.load(Ordering::Acquire)
     }
 
-    /// Restart the idle clock now.
-    fn touch(&self) {
-        let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.idle_since.store(now, Ordering::Release);
+    /// The idle bound in force: `first` until a request was allowed, `then` after.
+    fn timeout(&self) -> Duration {
+        if self.allowed.load(Ordering::SeqCst) {
+            self.timeouts.1
+        } else {
+            self.timeouts.0
+        }
     }
 
-    /// Resolves once the connection has had no request in flight for `first` (until a
-    /// request of it was allowed) or `then` (after that), or, with nothing in flight, once
-    /// a response was cut off for waiting `stall` on the peer.
-    async fn idle_for(&self, first: Duration, then: Duration, stall: Duration) -> Wake {
+    fn since_start(&self, at: Instant) -> u64 {
+        nanos(at.saturating_duration_since(self.start))
+    }
+
+    /// Restart the idle clock now.
+    fn touch(&self) {
+        let now = self.since_start(Instant::now());
+        self.idle_since.store(now, Ordering::SeqCst);
+    }
+
+    /// Resolves once the connection has had no request in flight for the idle bound in
+    /// force, or, with nothing in flight, once a response was cut off for waiting `stall`
+    /// on the peer.
+    async fn idle_for(&self, stall: Duration) -> Wake {
         // Stalled responses are looked for a few times per `stall`: cut off within 1.25 of it.
         let check = (stall / 4).max(Duration::from_millis(10));
         loop {
-            let allowed = self.allowed.load(Ordering::Acquire);
-            let timeout = if allowed { then } else { first };
-            let since = self.idle_since.load(Ordering::Acquire);
-            let idle = self.in_flight.load(Ordering::Acquire) == 0;
-            if idle && self.responses.any_cut() {
-                // Responses were cut off earlier while others went on; those are done now.
-                return Wake::Stalled;
-            }
-            if idle {
-                let deadline = self.start + Duration::from_nanos(since) + timeout;
-                tokio::select! {
-                    () = tokio::time::sleep_until(deadline) => {}
-                    // A request began: from now on its response is watched for stalls.
-                    () = self.changed.notified() => continue,
+            let now = Instant::now();
+            // The next wake is published before the state is read, so a request that ends
+            // meanwhile either sees it (and notifies, if its deadline comes sooner) or ended
+            // before the read below (which then sees its deadline).
+            let mut wake = now + check;
+            self.wake_at.store(self.since_start(wake), Ordering::SeqCst);
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                if self.responses.any_cut() {
+                    // Responses were cut off earlier while others went on; those are done.
+                    return Wake::Stalled;
                 }
-                if self.in_flight.load(Ordering::Acquire) == 0
-                    && self.idle_since.load(Ordering::Acquire) == since
-                    && self.allowed.load(Ordering::Acquire) == allowed
-                {
+                let since = self.idle_since.load(Ordering::SeqCst);
+                let deadline = self.start + Duration::from_nanos(since) + self.timeout();
+                if deadline <= now {
                     return Wake::Idle;
                 }
-            } else {
-                tokio::select! {
-                    () = tokio::time::sleep(check) => {}
-                    // The last request ended: the idle clock starts.
-                    () = self.changed.notified() => continue,
+                if deadline < wake {
+                    wake = deadline;
+                    self.wake_at.store(self.since_start(wake), Ordering::SeqCst);
                 }
+            } else {
                 self.responses.cut_stalled(stall);
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {}
+                () = self.changed.notified() => {}
             }
         }
     }
@@ -354,17 +384,17 @@ mod tests {
 
     #[tokio::test]
     async fn idle_waits_for_requests_to_finish() {
-        let a = Arc::new(Activity::new());
-        let metrics = crate::metrics::Metrics::new(false).unwrap();
         let t = Duration::from_millis(50);
+        let a = Arc::new(Activity::new(t, t));
+        let metrics = crate::metrics::Metrics::new(false).unwrap();
         let start = Instant::now();
-        assert_eq!(a.idle_for(t, t, t).await, Wake::Idle);
+        assert_eq!(a.idle_for(t).await, Wake::Idle);
         assert!(start.elapsed() >= t);
         // A request in flight keeps the connection; the clock restarts when it ends.
         let held = a.begin(metrics.track_in_flight());
         assert_eq!(metrics.in_flight().get(), 1);
         let a2 = a.clone();
-        let waiter = tokio::spawn(async move { a2.idle_for(t, t, t).await });
+        let waiter = tokio::spawn(async move { a2.idle_for(t).await });
         tokio::time::sleep(t * 3).await;
         assert!(!waiter.is_finished());
         let ended = Instant::now();
