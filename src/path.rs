@@ -4,6 +4,8 @@
 //! A leaf: it knows neither the config (whose route rules must already be normalized)
 //! nor the auth phases that use it.
 
+use std::borrow::Cow;
+
 /// Why a path was refused (400 `bad_request`): it cannot be normalized without guessing
 /// what the upstream would make of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -34,12 +36,36 @@ pub enum PathError {
 /// percent-decode unreserved characters (and upper-case the hex of the rest), merge
 /// repeated slashes, and remove dot segments as in RFC 3986 5.2.4 — refusing anything
 /// an upstream could read differently (encoded separators, `\`, `;`, NUL, `..` above root).
-pub fn normalize(path: &str) -> Result<String, PathError> {
+///
+/// A path that is already normal (most are) comes back borrowed: nothing to decode, merge
+/// or remove, so nothing is allocated.
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     if !path.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
+    if is_normal(path.as_bytes()) {
+        return Ok(Cow::Borrowed(path));
+    }
     let decoded = decode_unreserved(path.as_bytes())?;
-    remove_dot_segments(&decoded)
+    remove_dot_segments(&decoded).map(Cow::Owned)
+}
+
+/// Would normalizing `path` (which starts with `/`) give it back unchanged? Only plain
+/// characters (no `%`, nothing refused), no empty segment but a trailing one, no `.` or `..`
+/// segment.
+fn is_normal(path: &[u8]) -> bool {
+    let plain = |b: &u8| !matches!(b, b'%' | b'\\' | b';' | b'#' | b'?' | 0..=0x20 | 0x7f..=0xff);
+    if !path.iter().all(plain) {
+        return false;
+    }
+    let mut segments = path[1..].split(|b| *b == b'/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if (seg.is_empty() && !last) || seg == b"." || seg == b".." {
+            return false;
+        }
+    }
+    true
 }
 
 fn decode_unreserved(input: &[u8]) -> Result<String, PathError> {
@@ -130,7 +156,24 @@ mod tests {
     use super::*;
 
     fn ok(p: &str) -> String {
-        normalize(p).unwrap_or_else(|e| panic!("{p}: {e}"))
+        let fast = normalize(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        // The borrowed answer is only ever what the full normalization gives.
+        let full = decode_unreserved(p.as_bytes()).and_then(|d| remove_dot_segments(&d));
+        assert_eq!(full.as_deref(), Ok(&*fast), "{p}");
+        fast.into_owned()
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed() {
+        for p in ["/", "/a", "/a/b/", "/v1/items/42", "/a:b@c", "/a.b/..c/.d"] {
+            assert!(
+                matches!(normalize(p), Ok(Cow::Borrowed(b)) if b == p),
+                "{p}"
+            );
+        }
+        for p in ["//a", "/a/./b", "/a/..", "/a%41", "/a/.", "/."] {
+            assert!(matches!(normalize(p), Ok(Cow::Owned(_))), "{p}");
+        }
     }
 
     #[test]

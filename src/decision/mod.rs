@@ -122,15 +122,22 @@ fn one<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
 pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let cid = respond::correlation_id(req.headers());
-    let mut trace = Trace::default();
+    let Some(endpoint) = Endpoint::of(req.uri().path()) else {
+        let mut resp = not_found(&cid);
+        headers::set_correlation(resp.headers_mut(), &cid);
+        return Ok(resp);
+    };
+    // The original request lives here, so the trace can borrow its path.
+    let original = crate::proxy::head::check_head(&req, &app.config.limits)
+        .and_then(|()| original(endpoint, &req));
     let mut method = req.method().clone();
-    let result = match Endpoint::of(req.uri().path()) {
-        None => {
-            let mut resp = not_found(&cid);
-            headers::set_correlation(resp.headers_mut(), &cid);
-            return Ok(resp);
+    let mut trace = Trace::default();
+    let result = match &original {
+        Ok(original) => {
+            method = original.method.clone();
+            decide(&app, &req, original, &mut trace).await
         }
-        Some(endpoint) => decide(&app, endpoint, &req, &mut method, &mut trace).await,
+        Err(reject) => Err(reject.clone()),
     };
     let (mut resp, code) = match result {
         Ok(allowed) => (allowed, Code::Ok),
@@ -150,17 +157,13 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
     Ok(resp)
 }
 
-/// The proxy's phases on the original request; `method` becomes the original method.
-async fn decide<B>(
+/// The proxy's phases on the original request.
+async fn decide<'a, B>(
     app: &App,
-    endpoint: Endpoint,
     req: &Request<B>,
-    method: &mut Method,
-    trace: &mut Trace,
+    original: &'a Original,
+    trace: &mut Trace<'a>,
 ) -> Result<Response<Body>, Reject> {
-    crate::proxy::head::check_head(req, &app.config.limits)?;
-    let original = original(endpoint, req)?;
-    *method = original.method.clone();
     let head = Head {
         method: &original.method,
         headers: req.headers(),

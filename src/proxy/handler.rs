@@ -4,6 +4,7 @@
 //! client's response; [`handle`] then maps any refusal onto its answer and logs the line.
 //! Only the upstream exchange (and a rate limit shared through Redis) awaits.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -26,16 +27,17 @@ use crate::auth::{self, AuthRequest, Code, Decision, Principal, Reject, Route};
 use crate::keys::Key;
 use crate::App;
 
-/// What the access log line says about a request.
+/// What the access log line says about a request. The path borrows from the request's
+/// target when normalizing left it as it was.
 #[derive(Default)]
-pub struct Trace {
-    path: Option<String>,
+pub struct Trace<'a> {
+    path: Option<Cow<'a, str>>,
     /// The key presented, once identified (allowed or not).
     key: Option<Arc<Key>>,
     upstream: Option<Duration>,
 }
 
-impl Trace {
+impl Trace<'_> {
     /// The request's path: normalized once [`decide`] got that far, else as sent.
     pub fn path(&self) -> &str {
         self.path.as_deref().unwrap_or("-")
@@ -65,8 +67,11 @@ pub async fn handle(
     let cid = respond::correlation_id(req.headers());
     let method = req.method().clone();
     let http2 = req.version() == http::Version::HTTP_2;
+    // The target is kept (a reference count, not a copy) so the path can be borrowed while
+    // the request itself moves on upstream.
+    let target = req.uri().clone();
     let mut trace = Trace::default();
-    let (mut resp, code) = match proxy(&app, &pool, conn, req, &cid, &mut trace).await {
+    let (mut resp, code) = match proxy(&app, &pool, conn, req, &target, &cid, &mut trace).await {
         Ok(resp) => (resp, Code::Ok),
         Err(reject) => (refusal(&reject, &cid, http2), reject.code()),
     };
@@ -79,16 +84,17 @@ pub async fn handle(
 
 /// The phases, in order. The normalized path is both what is authorized and what is
 /// forwarded.
-async fn proxy(
+async fn proxy<'a>(
     app: &App,
     pool: &Pool,
     conn: ConnInfo,
     req: Request<Incoming>,
+    target: &'a http::Uri,
     cid: &HeaderValue,
-    trace: &mut Trace,
+    trace: &mut Trace<'a>,
 ) -> Result<Response<Body>, Reject> {
     check_head(&req, &app.config.limits)?;
-    let verdict = decide(app, &Head::of(&req), req.uri().path(), trace).await?;
+    let verdict = decide(app, &Head::of(&req), target.path(), trace).await?;
     let (principal, quota) = match verdict {
         Verdict::Introspection(principal, quota) => {
             return Ok(introspect(app, &principal, quota, cid))
@@ -96,7 +102,7 @@ async fn proxy(
         Verdict::Public => (None, None),
         Verdict::Protected(principal, quota) => (Some(principal), quota),
     };
-    let out = upstream_request(app, conn, req, trace.path(), principal.as_ref(), cid)?;
+    let out = upstream_request(app, conn, req, target, trace, principal.as_ref(), cid)?;
     let resp = send_upstream(app, pool, out, trace).await?;
     Ok(client_response(app, resp, principal.as_ref(), quota))
 }
@@ -159,16 +165,16 @@ pub enum Verdict {
 /// The phases shared by every front door: normalize → route → authenticate → rate-limit.
 /// `raw_path` is the path as the client sent it; the normalized path, the one that was
 /// authorized, is then [`Trace::path`].
-pub async fn decide(
+pub async fn decide<'a>(
     app: &App,
     head: &Head<'_>,
-    raw_path: &str,
-    trace: &mut Trace,
+    raw_path: &'a str,
+    trace: &mut Trace<'a>,
 ) -> Result<Verdict, Reject> {
     let path = match auth::path::normalize(raw_path) {
         Ok(path) => path,
         Err(e) => {
-            trace.path = Some(raw_path.to_owned());
+            trace.path = Some(Cow::Borrowed(raw_path));
             return Err(Reject::BadRequest(BadRequest::Path(e)));
         }
     };
@@ -197,7 +203,7 @@ fn authenticate(
     route_scopes: Option<&[String]>,
     check_scope: bool,
     now: SystemTime,
-    trace: &mut Trace,
+    trace: &mut Trace<'_>,
 ) -> Result<Principal, Reject> {
     let start = Instant::now();
     let snapshot = app.store.guard();
@@ -256,7 +262,8 @@ fn upstream_request(
     app: &App,
     conn: ConnInfo,
     mut req: Request<Incoming>,
-    path: &str,
+    target: &http::Uri,
+    trace: &Trace<'_>,
     principal: Option<&Principal>,
     cid: &HeaderValue,
 ) -> Result<UpstreamRequest, Reject> {
@@ -268,11 +275,7 @@ fn upstream_request(
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         .or_else(|| req.headers().get(header::HOST).cloned());
-    let query = forwarded_query(app, req.uri().query());
-    let uri = app
-        .upstream
-        .uri(path, query.as_deref())
-        .map_err(|e| upstream_failed(app, &e))?;
+    let uri = upstream_target(app, target, trace).map_err(|e| upstream_failed(app, &e))?;
 
     let body = req.body();
     let unknown_length =
@@ -320,7 +323,7 @@ async fn send_upstream(
     app: &App,
     pool: &Pool,
     out: UpstreamRequest,
-    trace: &mut Trace,
+    trace: &mut Trace<'_>,
 ) -> Result<Response<Incoming>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
     let (mut resp, took) = app
@@ -361,6 +364,25 @@ fn client_response(
         set_rate_limit_headers(resp.headers_mut(), &quota);
     }
     resp
+}
+
+/// The origin-form target sent upstream: the normalized path and the forwarded query. When
+/// both are as the client sent them, the client's target is reused (no copy).
+fn upstream_target(
+    app: &App,
+    target: &http::Uri,
+    trace: &Trace<'_>,
+) -> Result<http::Uri, ProxyError> {
+    let query = forwarded_query(app, target.query());
+    let unchanged_query = match &query {
+        None => true,
+        Some(Cow::Borrowed(q)) => !q.is_empty(),
+        Some(Cow::Owned(_)) => false,
+    };
+    match (&trace.path, target.path_and_query()) {
+        (Some(Cow::Borrowed(_)), Some(pq)) if unchanged_query => Ok(http::Uri::from(pq.clone())),
+        _ => app.upstream.uri(trace.path(), query.as_deref()),
+    }
 }
 
 /// The query as forwarded: unchanged, unless the key may arrive in it and must not leave.
@@ -404,7 +426,7 @@ pub fn access_log(
     method: &http::Method,
     status: StatusCode,
     code: Code,
-    trace: &Trace,
+    trace: &Trace<'_>,
     elapsed: Duration,
 ) {
     let path = trace.path();

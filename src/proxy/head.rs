@@ -92,6 +92,29 @@ fn valid_host(value: &HeaderValue) -> bool {
 }
 
 fn valid_authority(value: &[u8]) -> bool {
+    plain_host_port(value) || parsed_authority(value)
+}
+
+/// The common case, checked without copying: a name or IPv4 address of letters, digits,
+/// `.` and `-`, and maybe a port that fits 16 bits. Anything else is left to `http`'s parser.
+fn plain_host_port(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().position(|b| *b == b':') {
+        Some(at) => (&value[..at], Some(&value[at + 1..])),
+        None => (value, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+    let port_ok = port.is_none_or(|p| {
+        (1..=5).contains(&p.len())
+            && p.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(p).is_ok_and(|p| p.parse::<u16>().is_ok())
+    });
+    host_ok && port_ok
+}
+
+fn parsed_authority(value: &[u8]) -> bool {
     if value.is_empty() || value.contains(&b'@') {
         return false;
     }
@@ -159,6 +182,35 @@ mod tests {
         assert_eq!(ok(req(v2, "/x", &[("host", "a"), ("host", "a")])), HOST);
         assert_eq!(ok(req(v2, "/x", &[("host", "a b")])), HOST);
         assert_eq!(ok(req(v2, "/x", &[])), Ok(()));
+    }
+
+    #[test]
+    fn the_plain_host_check_never_accepts_what_the_parser_refuses() {
+        for v in [
+            "a",
+            "a.example",
+            "a-b.c:0",
+            "a:65535",
+            "10.0.0.1:080",
+            "a:65536",
+            "a:",
+            ":80",
+            "a:1:2",
+            "-",
+            ".",
+            "a..b",
+            "a:-1",
+            "a:+1",
+            "[::1]:80",
+            "a b",
+            "a_b",
+            "xn--bcher-kva.example",
+        ] {
+            if plain_host_port(v.as_bytes()) {
+                assert!(parsed_authority(v.as_bytes()), "{v}");
+            }
+        }
+        assert!(!plain_host_port(b"a:65536") && !plain_host_port(b"a:"));
     }
 
     #[test]
