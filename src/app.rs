@@ -46,7 +46,8 @@ impl App {
     pub fn new(config: Config) -> Result<Self, StartError> {
         let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
         let key_source = KeySource::from_config(&config.keys).ok_or(StartError::NoKeySource)?;
-        let metrics = Metrics::new(config.metrics.per_key)
+        // A shard per proxy worker, and a spare for the decision listener.
+        let metrics = Metrics::sharded(config.metrics.per_key, worker_count(&config) + 1)
             .map_err(StartError::Metrics)?
             .with_snapshot_safety(config.metrics.per_key_limit, config.keys.max_age);
         let cluster = match &config.cluster {
@@ -76,6 +77,11 @@ impl App {
         })
     }
 
+    /// Proxy worker threads: `workers`, or one per CPU.
+    pub fn workers(&self) -> usize {
+        worker_count(&self.config)
+    }
+
     /// Ready: a snapshot is loaded and not older than `keys.max_age`, the fleet's
     /// revocations are read (with `cluster`), and we are not draining.
     pub fn is_ready(&self) -> bool {
@@ -86,4 +92,10 @@ impl App {
             .is_some_and(|s| !s.is_stale(std::time::SystemTime::now()));
         fresh && self.revocations.is_ready() && !self.draining.load(Ordering::Acquire)
     }
+}
+
+fn worker_count(config: &Config) -> usize {
+    config
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }

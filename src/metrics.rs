@@ -1,12 +1,19 @@
 //! Prometheus instruments (SPEC 10), owned by the `App` in its own
 //! `Registry` so several instances can live in one process (tests). Every labelled series on
-//! the request path is created up front and indexed, so recording is a few atomic adds.
+//! the request path is created up front and indexed, so recording is a few atomic adds, on
+//! the recording worker's own [`Shard`].
+
+mod shard;
+
+pub use shard::{InFlight, Shard};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::auth::Code;
@@ -45,25 +52,11 @@ pub fn decision_label(code: Code) -> &'static str {
     }
 }
 
-/// Counts one request in `keyward_in_flight_requests` until dropped, so a request whose
-/// future is dropped (the client went away mid-flight) does not stay counted forever.
-#[must_use = "the request stops counting as in flight when this is dropped"]
-pub struct InFlight(IntGauge);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 pub struct Metrics {
     registry: Registry,
-    requests: Vec<IntCounter>,
-    request_duration: [Histogram; 2],
-    auth_duration: Histogram,
-    upstream_duration: [Histogram; 5],
+    /// Requests, their durations and those in flight, one shard per worker.
+    requests: Arc<shard::Sharded>,
     upstream_errors: [IntCounter; 3],
-    in_flight: IntGauge,
     snapshot_keys: IntGauge,
     snapshot_version: IntGauge,
     reloads: IntCounterVec,
@@ -75,38 +68,16 @@ pub struct Metrics {
     max_age: Gauge,
 }
 
-fn histogram(name: &str, help: &str) -> HistogramOpts {
-    HistogramOpts::new(name, help).buckets(BUCKETS.to_vec())
-}
-
 impl Metrics {
+    /// One shard: for tests and tools that record from one thread.
     pub fn new(per_key: bool) -> Result<Self, prometheus::Error> {
+        Self::sharded(per_key, 1)
+    }
+
+    /// `shards` request-path shards: one per proxy worker, and one spare for the rest.
+    pub fn sharded(per_key: bool, shards: usize) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let requests_vec = IntCounterVec::new(
-            Opts::new(
-                "keyward_requests_total",
-                "Requests by auth decision and code.",
-            ),
-            &["decision", "code"],
-        )?;
-        let request_duration_vec = HistogramVec::new(
-            histogram(
-                "keyward_request_duration_seconds",
-                "Time from request head to response head, by decision.",
-            ),
-            &["decision"],
-        )?;
-        let auth_duration = Histogram::with_opts(histogram(
-            "keyward_auth_duration_seconds",
-            "Time spent on the auth decision alone (no upstream).",
-        ))?;
-        let upstream_duration_vec = HistogramVec::new(
-            histogram(
-                "keyward_upstream_duration_seconds",
-                "Time until the upstream's response head, by status class.",
-            ),
-            &["status_class"],
-        )?;
+        let requests = Arc::new(shard::Sharded::new(shards)?);
         let upstream_errors_vec = IntCounterVec::new(
             Opts::new(
                 "keyward_upstream_errors_total",
@@ -114,7 +85,6 @@ impl Metrics {
             ),
             &["kind"],
         )?;
-        let in_flight = IntGauge::new("keyward_in_flight_requests", "Requests being served.")?;
         let snapshot_keys =
             IntGauge::new("keyward_snapshot_keys", "Keys in the current snapshot.")?;
         let snapshot_version = IntGauge::new(
@@ -162,12 +132,8 @@ impl Metrics {
             })
             .transpose()?;
 
-        registry.register(Box::new(requests_vec.clone()))?;
-        registry.register(Box::new(request_duration_vec.clone()))?;
-        registry.register(Box::new(auth_duration.clone()))?;
-        registry.register(Box::new(upstream_duration_vec.clone()))?;
+        registry.register(Box::new(shard::Registered(requests.clone())))?;
         registry.register(Box::new(upstream_errors_vec.clone()))?;
-        registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(snapshot_keys.clone()))?;
         registry.register(Box::new(snapshot_version.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
@@ -179,10 +145,6 @@ impl Metrics {
             registry.register(Box::new(k.clone()))?;
         }
 
-        let requests = Code::ALL
-            .iter()
-            .map(|c| requests_vec.with_label_values(&[decision_label(*c), c.as_str()]))
-            .collect();
         for source in [Source::File, Source::Control] {
             for result in ["ok", "error", "guarded"] {
                 reloads.with_label_values(&[source.as_str(), result]);
@@ -191,18 +153,12 @@ impl Metrics {
         Ok(Self {
             registry,
             requests,
-            request_duration: ["allowed", "denied"]
-                .map(|d| request_duration_vec.with_label_values(&[d])),
-            auth_duration,
-            upstream_duration: ["1xx", "2xx", "3xx", "4xx", "5xx"]
-                .map(|c| upstream_duration_vec.with_label_values(&[c])),
             upstream_errors: [
                 UpstreamErrorKind::Connect,
                 UpstreamErrorKind::Timeout,
                 UpstreamErrorKind::Other,
             ]
             .map(|k| upstream_errors_vec.with_label_values(&[k.as_str()])),
-            in_flight,
             snapshot_keys,
             snapshot_version,
             reloads,
@@ -226,34 +182,23 @@ impl Metrics {
         &self.registry
     }
 
-    /// One finished request.
-    pub fn record_request(&self, code: Code, elapsed: Duration) {
-        self.requests[code.index()].inc();
-        let d = usize::from(decision_label(code) == "denied");
-        self.request_duration[d].observe(elapsed.as_secs_f64());
+    /// The request-path shard of worker `i`.
+    pub fn shard(&self, i: usize) -> Arc<Shard> {
+        self.requests.shard(i)
     }
 
-    pub fn record_auth(&self, elapsed: Duration) {
-        self.auth_duration.observe(elapsed.as_secs_f64());
-    }
-
-    pub fn record_upstream(&self, status: u16, elapsed: Duration) {
-        let class = usize::from((status / 100).clamp(1, 5) - 1);
-        self.upstream_duration[class].observe(elapsed.as_secs_f64());
+    /// The shard for what does not run on a proxy worker (the decision listener).
+    pub fn spare_shard(&self) -> Arc<Shard> {
+        self.requests.spare()
     }
 
     pub fn record_upstream_error(&self, kind: UpstreamErrorKind) {
         self.upstream_errors[kind as usize].inc();
     }
 
-    pub fn in_flight(&self) -> &IntGauge {
-        &self.in_flight
-    }
-
-    /// Count a request as in flight for as long as the returned guard lives.
-    pub fn track_in_flight(&self) -> InFlight {
-        self.in_flight.inc();
-        InFlight(self.in_flight.clone())
+    /// Requests in flight, over every shard.
+    pub fn in_flight(&self) -> i64 {
+        self.requests.in_flight()
     }
 
     /// A snapshot was loaded and published.
@@ -348,19 +293,19 @@ mod tests {
 
     #[test]
     fn in_flight_guard_decrements_when_dropped() {
-        let m = Metrics::new(false).unwrap();
-        let a = m.track_in_flight();
-        let b = m.track_in_flight();
-        assert_eq!(m.in_flight().get(), 2);
+        let m = Metrics::sharded(false, 2).unwrap();
+        let a = m.shard(0).track_in_flight();
+        let b = m.shard(1).track_in_flight();
+        assert_eq!(m.in_flight(), 2);
         drop(a);
-        assert_eq!(m.in_flight().get(), 1);
+        assert_eq!(m.in_flight(), 1);
         // A request future dropped mid-flight drops its guard with it.
         let fut = async move {
             let _b = b;
             std::future::pending::<()>().await;
         };
         drop(fut);
-        assert_eq!(m.in_flight().get(), 0);
+        assert_eq!(m.in_flight(), 0);
     }
 
     #[test]
@@ -436,9 +381,11 @@ mod tests {
 
     #[test]
     fn recording_moves_the_right_series() {
-        let m = Metrics::new(false).unwrap();
-        m.record_request(Code::InsufficientScope, Duration::from_millis(1));
-        m.record_upstream(503, Duration::from_millis(2));
+        let m = Metrics::sharded(false, 3).unwrap();
+        m.shard(1)
+            .record_request(Code::InsufficientScope, Duration::from_millis(1));
+        m.spare_shard()
+            .record_upstream(503, Duration::from_millis(2));
         m.record_upstream_error(UpstreamErrorKind::Connect);
         let text = String::from_utf8(m.render()).unwrap();
         assert!(text

@@ -192,10 +192,7 @@ async fn serve_on_workers(
     stop: impl Future<Output = ()> + Send,
     grace: std::time::Duration,
 ) {
-    let workers = app
-        .config
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = app.workers();
     let std_listener = match listener.into_std() {
         Ok(l) => l,
         Err(e) => {
@@ -238,19 +235,18 @@ async fn serve_on_workers(
                             return;
                         }
                     };
-                    // This worker's upstream connections: its requests use no other.
-                    let pool = proxy::pool::Pool::default();
-                    app.upstream.spawn_reaper(pool.clone());
-                    let door =
-                        move |app, conn, req| proxy::handler::handle(app, pool.clone(), conn, req);
+                    // What this worker owns: its requests use no other pool or shard.
+                    let worker = proxy::worker::Worker::new(app.metrics.shard(i));
+                    app.upstream.spawn_reaper(worker.pool().clone());
                     proxy::server::serve(
                         app,
+                        worker,
                         listener,
                         tls,
                         slots,
                         wait_true(stop_rx),
                         grace,
-                        door,
+                        proxy::handler::handle,
                     )
                     .await;
                 });

@@ -22,6 +22,7 @@ use crate::auth::reject::BadRequest;
 use crate::auth::{Code, Principal, Reject};
 use crate::keys::IdentityNames;
 use crate::proxy::handler::{self, Head, Trace, Verdict};
+use crate::proxy::worker::Worker;
 use crate::proxy::{headers, respond, Body};
 use crate::App;
 
@@ -119,7 +120,11 @@ fn one<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
 }
 
 /// Answer one decision request. Never fails: every error becomes a response here.
-pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>, Infallible> {
+pub async fn handle<B>(
+    app: Arc<App>,
+    worker: Worker,
+    req: Request<B>,
+) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let cid = respond::correlation_id(req.headers());
     let Some(endpoint) = Endpoint::of(req.uri().path()) else {
@@ -135,7 +140,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
     let result = match &original {
         Ok(original) => {
             method = original.method.clone();
-            decide(&app, &req, original, &mut trace).await
+            decide(&app, &worker, &req, original, &mut trace).await
         }
         Err(reject) => Err(reject.clone()),
     };
@@ -152,7 +157,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
     };
     headers::set_correlation(resp.headers_mut(), &cid);
     let elapsed = start.elapsed();
-    app.metrics.record_request(code, elapsed);
+    worker.metrics().record_request(code, elapsed);
     handler::access_log(&cid, &method, resp.status(), code, &trace, elapsed);
     Ok(resp)
 }
@@ -160,6 +165,7 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>) -> Result<Response<Body>,
 /// The proxy's phases on the original request.
 async fn decide<'a, B>(
     app: &App,
+    worker: &Worker,
     req: &Request<B>,
     original: &'a Original,
     trace: &mut Trace<'a>,
@@ -170,7 +176,7 @@ async fn decide<'a, B>(
         query: original.query.as_deref(),
     };
     Ok(
-        match handler::decide(app, &head, &original.path, trace).await? {
+        match handler::decide(app, worker.metrics(), &head, &original.path, trace).await? {
             Verdict::Public => allowed(&app.names, None, None),
             Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
                 allowed(&app.names, Some(&p), quota.as_ref())

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::proxy::server;
+use crate::proxy::worker::Worker;
 
 use crate::App;
 
@@ -24,8 +25,9 @@ pub async fn serve(
     grace: Duration,
 ) {
     let slots = server::connection_slots(&app.config.limits);
-    let door = |app, _conn, req| super::handle(app, req);
-    server::serve(app, listener, None, slots, stop, grace, door).await;
+    let door = |app, worker, _conn, req| super::handle(app, worker, req);
+    let worker = Worker::new(app.metrics.spare_shard());
+    server::serve(app, worker, listener, None, slots, stop, grace, door).await;
 }
 
 /// Run [`serve`] on its own multi-threaded runtime (one thread per worker), so decisions
@@ -36,10 +38,7 @@ pub async fn serve_on_threads(
     stop: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) {
-    let workers = app
-        .config
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = app.workers();
     let listener = match listener.into_std() {
         Ok(l) => l,
         Err(e) => {

@@ -18,13 +18,14 @@ use super::conn::{ConnInfo, Slot};
 use super::forward::{self, ProxyError};
 use super::head::check_head;
 use super::headers;
-use super::pool::Pool;
+use super::worker::Worker;
 use super::{respond, Body};
 use crate::auth::credential::strip_query_param;
 use crate::auth::ratelimit::{Quota, RateDecision};
 use crate::auth::reject::BadRequest;
 use crate::auth::{self, AuthRequest, Code, Decision, Principal, Reject, Route};
 use crate::keys::Key;
+use crate::metrics::Shard;
 use crate::App;
 
 /// What the access log line says about a request. The path borrows from the request's
@@ -52,14 +53,14 @@ struct UpstreamRequest {
     upgrade: Option<Box<(hyper::upgrade::OnUpgrade, Option<Slot>)>>,
 }
 
-/// Serve one request over the serving worker's upstream `pool`. Never fails: every error
-/// becomes a response here.
+/// Serve one request with what the serving `worker` owns (its upstream connections, its
+/// metrics shard). Never fails: every error becomes a response here.
 ///
 /// Every phase but the upstream exchange (and a rate limit shared through Redis) is
 /// synchronous, so this future stays small (hyper moves it into place once per request).
 pub async fn handle(
     app: Arc<App>,
-    pool: Pool,
+    worker: Worker,
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -71,13 +72,13 @@ pub async fn handle(
     // the request itself moves on upstream.
     let target = req.uri().clone();
     let mut trace = Trace::default();
-    let (mut resp, code) = match proxy(&app, &pool, conn, req, &target, &cid, &mut trace).await {
+    let (mut resp, code) = match proxy(&app, &worker, conn, req, &target, &cid, &mut trace).await {
         Ok(resp) => (resp, Code::Ok),
         Err(reject) => (refusal(&reject, &cid, http2), reject.code()),
     };
     headers::set_correlation(resp.headers_mut(), &cid);
     let elapsed = start.elapsed();
-    app.metrics.record_request(code, elapsed);
+    worker.metrics().record_request(code, elapsed);
     access_log(&cid, &method, resp.status(), code, &trace, elapsed);
     Ok(resp)
 }
@@ -86,7 +87,7 @@ pub async fn handle(
 /// forwarded.
 async fn proxy<'a>(
     app: &App,
-    pool: &Pool,
+    worker: &Worker,
     conn: ConnInfo,
     req: Request<Incoming>,
     target: &'a http::Uri,
@@ -94,7 +95,7 @@ async fn proxy<'a>(
     trace: &mut Trace<'a>,
 ) -> Result<Response<Body>, Reject> {
     check_head(&req, &app.config.limits)?;
-    let verdict = decide(app, &Head::of(&req), target.path(), trace).await?;
+    let verdict = decide(app, worker.metrics(), &Head::of(&req), target.path(), trace).await?;
     let (principal, quota) = match verdict {
         Verdict::Introspection(principal, quota) => {
             return Ok(introspect(app, &principal, quota, cid))
@@ -103,7 +104,7 @@ async fn proxy<'a>(
         Verdict::Protected(principal, quota) => (Some(principal), quota),
     };
     let out = upstream_request(app, conn, req, target, trace, principal.as_ref(), cid)?;
-    let resp = send_upstream(app, pool, out, trace).await?;
+    let resp = send_upstream(app, worker, out, trace).await?;
     Ok(client_response(app, resp, principal.as_ref(), quota))
 }
 
@@ -167,6 +168,7 @@ pub enum Verdict {
 /// authorized, is then [`Trace::path`].
 pub async fn decide<'a>(
     app: &App,
+    metrics: &Shard,
     head: &Head<'_>,
     raw_path: &'a str,
     trace: &mut Trace<'a>,
@@ -187,7 +189,7 @@ pub async fn decide<'a>(
         Route::Protected { extra } => (extra, true),
     };
     let now = SystemTime::now();
-    let principal = authenticate(app, head, route_scopes, check_scope, now, trace)?;
+    let principal = authenticate(app, metrics, head, route_scopes, check_scope, now, trace)?;
     // A question asked with a key is a request by that key: it spends its quota.
     let quota = rate_limit(app, &principal).await?;
     if !check_scope {
@@ -197,8 +199,10 @@ pub async fn decide<'a>(
     Ok(Verdict::Protected(principal, quota))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn authenticate(
     app: &App,
+    metrics: &Shard,
     head: &Head<'_>,
     route_scopes: Option<&[String]>,
     check_scope: bool,
@@ -216,7 +220,7 @@ fn authenticate(
     };
     let decision = auth::decide(&input, snapshot.as_deref(), &app.policy, now);
     let decision = app.revocations.overlay(decision);
-    app.metrics.record_auth(start.elapsed());
+    metrics.record_auth(start.elapsed());
     match decision {
         Decision::Allow(p) => {
             trace.key = Some(p.key.clone());
@@ -321,18 +325,20 @@ fn upstream_request(
 /// The one await: send upstream, and splice an allowed upgrade into a tunnel.
 async fn send_upstream(
     app: &App,
-    pool: &Pool,
+    worker: &Worker,
     out: UpstreamRequest,
     trace: &mut Trace<'_>,
 ) -> Result<Response<Incoming>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
     let (mut resp, took) = app
         .upstream
-        .send(pool, req)
+        .send(worker.pool(), req)
         .await
         .map_err(|e| upstream_failed(app, &e))?;
     trace.upstream = Some(took);
-    app.metrics.record_upstream(resp.status().as_u16(), took);
+    worker
+        .metrics()
+        .record_upstream(resp.status().as_u16(), took);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only an allowed upgrade that keyward itself forwarded may switch protocols.
         let Some((down, slot)) = upgrade.map(|u| *u) else {

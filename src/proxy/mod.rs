@@ -4,7 +4,7 @@
 //! `handler` runs a request's phases in order, `head` checks the request head, `headers`
 //! builds what is forwarded, `forward` talks to the upstream over `pool`'s connections
 //! (`tunnel` for upgrades), `respond` writes keyward's own answers, `writing` bounds a
-//! stalled client.
+//! stalled client, `worker` is what one worker thread owns (its pool, its metrics shard).
 
 pub mod conn;
 pub mod forward;
@@ -15,6 +15,7 @@ pub mod pool;
 pub mod respond;
 pub mod server;
 pub mod tunnel;
+pub mod worker;
 pub mod writing;
 
 use bytes::Bytes;

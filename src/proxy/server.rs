@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use super::conn::ConnInfo;
 use super::head::HYPER_MIN_BUF;
 use super::respond;
+use super::worker::Worker;
 use super::writing::Responses;
 use crate::config::Limits;
 use crate::tls::TlsAcceptor;
@@ -79,9 +80,11 @@ pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
 /// so that `max_connections` holds for the whole process.
 /// `door` answers each request: the proxy's [`super::handler::handle`], or the decision
 /// listener's. Both get the same connection limits, watchdog (head, idle and write-stall
-/// bounds) and drain.
+/// bounds) and drain. `worker` is what the serving thread owns; every request gets it.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<D, F>(
     app: Arc<App>,
+    worker: Worker,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     slots: Arc<Semaphore>,
@@ -89,7 +92,7 @@ pub async fn serve<D, F>(
     grace: Duration,
     door: D,
 ) where
-    D: Fn(Arc<App>, ConnInfo, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    D: Fn(Arc<App>, Worker, ConnInfo, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<super::Body>, std::convert::Infallible>> + Send + 'static,
 {
     let builder = Arc::new(http_builder(&app.config.limits));
@@ -120,16 +123,17 @@ pub async fn serve<D, F>(
         let drain = drain_rx.clone();
         let tls = tls.clone();
         let door = door.clone();
+        let worker = worker.clone();
         tokio::spawn(async move {
             match tls {
                 None => {
                     let conn = ConnInfo::new(peer, false).holding(permit);
-                    serve_conn(app, &builder, drain, stream, conn, door).await;
+                    serve_conn(app, worker, &builder, drain, stream, conn, door).await;
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
                         let conn = ConnInfo::new(peer, true).holding(permit);
-                        serve_conn(app, &builder, drain, stream, conn, door).await;
+                        serve_conn(app, worker, &builder, drain, stream, conn, door).await;
                     }
                     Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
                 },
@@ -148,6 +152,7 @@ pub async fn serve<D, F>(
 
 async fn serve_conn<I, D, F>(
     app: Arc<App>,
+    worker: Worker,
     builder: &auto::Builder<TokioExecutor>,
     mut drain: watch::Receiver<bool>,
     io: I,
@@ -155,7 +160,7 @@ async fn serve_conn<I, D, F>(
     door: D,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    D: Fn(Arc<App>, ConnInfo, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    D: Fn(Arc<App>, Worker, ConnInfo, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<super::Body>, std::convert::Infallible>> + Send + 'static,
 {
     // Until its first request a connection gets `header_read_timeout`; once it has served
@@ -171,9 +176,9 @@ async fn serve_conn<I, D, F>(
     let service = service_fn(move |req: Request<Incoming>| {
         // In flight from the request head until the response body is done, dropped or cut
         // off: for the idle cut-off and for `keyward_in_flight_requests` alike.
-        let in_flight = requests.begin(app.metrics.track_in_flight());
+        let in_flight = requests.begin(worker.metrics().track_in_flight());
         let (app, conn, requests) = (app.clone(), conn.clone(), requests.clone());
-        let answer = door(app, conn, req);
+        let answer = door(app, worker.clone(), conn, req);
         async move {
             let resp = answer.await?;
             if resp.extensions().get::<respond::Refused>().is_none() {
@@ -387,19 +392,20 @@ mod tests {
         let t = Duration::from_millis(50);
         let a = Arc::new(Activity::new(t, t));
         let metrics = crate::metrics::Metrics::new(false).unwrap();
+        let shard = metrics.shard(0);
         let start = Instant::now();
         assert_eq!(a.idle_for(t).await, Wake::Idle);
         assert!(start.elapsed() >= t);
         // A request in flight keeps the connection; the clock restarts when it ends.
-        let held = a.begin(metrics.track_in_flight());
-        assert_eq!(metrics.in_flight().get(), 1);
+        let held = a.begin(shard.track_in_flight());
+        assert_eq!(metrics.in_flight(), 1);
         let a2 = a.clone();
         let waiter = tokio::spawn(async move { a2.idle_for(t).await });
         tokio::time::sleep(t * 3).await;
         assert!(!waiter.is_finished());
         let ended = Instant::now();
         drop(held);
-        assert_eq!(metrics.in_flight().get(), 0);
+        assert_eq!(metrics.in_flight(), 0);
         assert_eq!(waiter.await.unwrap(), Wake::Idle);
         assert!(ended.elapsed() >= t, "{:?}", ended.elapsed());
     }
