@@ -34,21 +34,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// A traffic listener with `SO_REUSEPORT` (on Unix), so each worker thread can have its
-/// own socket on the same port and the kernel spreads connections across them.
-fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    #[cfg(unix)]
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
-}
-
 impl Keyward {
     /// Bind the listeners and load the first snapshot. Once this returns, both addresses
     /// accept connections, so tests and probes need no sleep.
@@ -69,9 +54,7 @@ impl Keyward {
             None => None,
         };
         let listener = match config.listen {
-            Some(addr) => {
-                Some(bind_shared(addr).map_err(|source| StartError::Bind { addr, source })?)
-            }
+            Some(addr) => Some(bind(addr).await?),
             None => None,
         };
         let decision = match &config.decision {
@@ -183,8 +166,9 @@ impl Keyward {
     }
 }
 
-/// Thread per core: each worker thread runs its own single-threaded runtime accepting on
-/// the shared listener, so a request (and its upstream connection) stays on one thread.
+/// Thread per core: each worker thread runs its own single-threaded runtime serving the
+/// connections the balancer hands it, so a request (and its upstream connection) stays on
+/// one thread, and connections spread evenly however few there are.
 async fn serve_on_workers(
     app: Arc<App>,
     listener: TcpListener,
@@ -192,26 +176,12 @@ async fn serve_on_workers(
     stop: impl Future<Output = ()> + Send,
     grace: std::time::Duration,
 ) {
-    let workers = app.workers();
-    let std_listener = match listener.into_std() {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot share the listener");
-            return;
-        }
-    };
+    let (balancer, receivers) = proxy::balance::Balancer::new(app.workers());
     let (stop_tx, stop_rx) = watch::channel(false);
     // One set of connection slots for all workers: `max_connections` is per process.
     let slots = proxy::server::connection_slots(&app.config.limits);
-    let mut threads = Vec::with_capacity(workers);
-    for i in 0..workers {
-        let listener = match worker_listener(&std_listener, i) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot share the listener");
-                break;
-            }
-        };
+    let mut threads = Vec::with_capacity(receivers.len());
+    for (i, connections) in receivers.into_iter().enumerate() {
         let (app, tls, stop_rx) = (app.clone(), tls.clone(), stop_rx.clone());
         let slots = slots.clone();
         let spawned = std::thread::Builder::new()
@@ -228,20 +198,13 @@ async fn serve_on_workers(
                     }
                 };
                 rt.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot register the listener");
-                            return;
-                        }
-                    };
                     // What this worker owns: its requests use no other pool or shard.
                     let worker = proxy::worker::Worker::new(app.metrics.shard(i));
                     app.upstream.spawn_reaper(worker.pool().clone());
                     proxy::server::serve(
                         app,
                         worker,
-                        listener,
+                        connections,
                         tls,
                         slots,
                         wait_true(stop_rx),
@@ -256,8 +219,7 @@ async fn serve_on_workers(
             Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
         }
     }
-    drop(std_listener);
-    stop.await;
+    balancer.run(listener, stop).await;
     let _ = stop_tx.send(true);
     let _ = tokio::task::spawn_blocking(move || {
         for t in threads {
@@ -265,24 +227,6 @@ async fn serve_on_workers(
         }
     })
     .await;
-}
-
-/// Worker 0 accepts on the bound listener; the others get their own `SO_REUSEPORT` socket
-/// on the same address (or, where that fails, a handle to the same socket).
-fn worker_listener(
-    bound: &std::net::TcpListener,
-    worker: usize,
-) -> std::io::Result<std::net::TcpListener> {
-    if worker > 0 {
-        let own = bound
-            .local_addr()
-            .and_then(bind_shared)
-            .and_then(|l| l.into_std());
-        if let Ok(own) = own {
-            return Ok(own);
-        }
-    }
-    bound.try_clone()
 }
 
 /// Start the cluster's background tasks (none without `cluster`): connection upkeep,

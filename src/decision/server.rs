@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::proxy::balance::Connections;
 use crate::proxy::server;
 use crate::proxy::worker::Worker;
 
@@ -27,7 +28,8 @@ pub async fn serve(
     let slots = server::connection_slots(&app.config.limits);
     let door = |app, worker, _conn, req| super::handle(app, worker, req);
     let worker = Worker::new(app.metrics.spare_shard());
-    server::serve(app, worker, listener, None, slots, stop, grace, door).await;
+    let connections = Connections::Listener(listener);
+    server::serve(app, worker, connections, None, slots, stop, grace, door).await;
 }
 
 /// Run [`serve`] on its own multi-threaded runtime (one thread per worker), so decisions

@@ -1,11 +1,13 @@
 //! The traffic listener and the upstream leg.
 //!
-//! `server` accepts connections (`conn`: what a request knows of its connection),
+//! `balance` hands accepted connections to worker threads, `server` serves them (`conn`:
+//! what a request knows of its connection),
 //! `handler` runs a request's phases in order, `head` checks the request head, `headers`
 //! builds what is forwarded, `forward` talks to the upstream over `pool`'s connections
 //! (`tunnel` for upgrades), `respond` writes keyward's own answers, `writing` bounds a
 //! stalled client, `worker` is what one worker thread owns (its pool, its metrics shard).
 
+pub mod balance;
 pub mod conn;
 pub mod forward;
 pub mod handler;

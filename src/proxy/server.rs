@@ -19,11 +19,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::balance::Connections;
 use super::conn::ConnInfo;
 use super::head::HYPER_MIN_BUF;
 use super::respond;
@@ -75,7 +75,8 @@ pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
     ))
 }
 
-/// Accept until `stop` resolves, then wait up to `grace` for open connections to finish.
+/// Serve `connections` until `stop` resolves (or they end), then wait up to `grace` for
+/// open connections to finish.
 /// Connection slots come from `slots`, which the accept loops of every worker thread share,
 /// so that `max_connections` holds for the whole process.
 /// `door` answers each request: the proxy's [`super::handler::handle`], or the decision
@@ -85,7 +86,7 @@ pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
 pub async fn serve<D, F>(
     app: Arc<App>,
     worker: Worker,
-    listener: TcpListener,
+    mut connections: Connections,
     tls: Option<TlsAcceptor>,
     slots: Arc<Semaphore>,
     stop: impl Future<Output = ()>,
@@ -100,10 +101,11 @@ pub async fn serve<D, F>(
     let (drain_tx, drain_rx) = watch::channel(false);
     tokio::pin!(stop);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
+        let (stream, peer, open) = tokio::select! {
+            accepted = connections.next() => match accepted {
+                Some(Ok(accepted)) => accepted,
+                None => break,
+                Some(Err(e)) => {
                     // EMFILE and friends: back off instead of spinning.
                     warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -125,6 +127,8 @@ pub async fn serve<D, F>(
         let door = door.clone();
         let worker = worker.clone();
         tokio::spawn(async move {
+            // The worker's open-connection count (for the balancer) drops when this ends.
+            let _open = open;
             match tls {
                 None => {
                     let conn = ConnInfo::new(peer, false).holding(permit);
@@ -140,7 +144,7 @@ pub async fn serve<D, F>(
             }
         });
     }
-    drop(listener);
+    drop(connections);
     drop(drain_rx);
     info!("listener closed; waiting for in-flight requests");
     let _ = drain_tx.send(true);
