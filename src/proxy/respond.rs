@@ -69,7 +69,10 @@ pub fn correlation_id(headers: &HeaderMap) -> HeaderValue {
         .unwrap_or_else(|| {
             let id = uuid::Uuid::new_v4();
             let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
+            id.hyphenated().encode_lower(&mut buf);
+            // Owned by a shared allocation from the start: the id is cloned into four
+            // headers, and a plain copy would be copied once more on the first clone.
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
         })
 }
