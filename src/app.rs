@@ -56,10 +56,7 @@ impl App {
         Ok(Self {
             policy: Policy::new(&config),
             // Decision mode without a proxy listener has no upstream: the pool is never used.
-            upstream: Upstream::new(
-                config.upstream.as_ref().unwrap_or(&http::Uri::default()),
-                &config.limits,
-            ),
+            upstream: Upstream::new(config.upstream.as_ref(), &config.limits),
             names,
             store: KeyStore::new(),
             key_source,

@@ -5,6 +5,7 @@ use http::Uri;
 
 use super::error::{invalid, ConfigError};
 use super::rules::{check_route_path, validate_routes, validate_scopes};
+use super::upstream::{validate_unix_path, UpstreamAddr};
 use super::{Config, MAX_WORKERS};
 
 impl Config {
@@ -102,7 +103,8 @@ impl Config {
 
     fn validate_upstream(&self) -> Result<(), ConfigError> {
         match (self.listen, &self.upstream, &self.decision) {
-            (Some(_), Some(u), _) => Self::validate_upstream_url(u),
+            (Some(_), Some(UpstreamAddr::Http(u)), _) => Self::validate_upstream_url(u),
+            (Some(_), Some(UpstreamAddr::Unix(path)), _) => validate_unix_path(path),
             (Some(_), None, _) => Err(invalid("upstream", "required with `listen`")),
             (None, Some(_), _) => Err(invalid("listen", "required with `upstream`")),
             (None, None, Some(_)) => Ok(()),

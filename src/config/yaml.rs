@@ -1,12 +1,12 @@
 //! YAML and field parsing shared by every section: [`parse_yaml`] with the failing field's
-//! path, durations, URLs, header names and methods.
+//! path, durations, header names and methods.
 //!
 //! serde_yaml is deprecated upstream, so it is only ever called from [`parse_yaml`]: swapping
 //! it for a maintained YAML crate touches this one function.
 
 use std::time::Duration;
 
-use http::{HeaderName, Method, Uri};
+use http::{HeaderName, Method};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -88,12 +88,6 @@ pub(super) fn de_opt_duration<'de, D: serde::Deserializer<'de>>(
         .transpose()
 }
 
-pub(super) fn de_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Uri, D::Error> {
-    let s = String::deserialize(d)?;
-    s.parse::<Uri>()
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a URL ({e})")))
-}
-
 pub(super) fn de_header_names<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Vec<HeaderName>, D::Error> {
@@ -105,10 +99,6 @@ pub(super) fn de_header_names<'de, D: serde::Deserializer<'de>>(
                 .map_err(|_| serde::de::Error::custom(format!("{n:?} is not a header name")))
         })
         .collect()
-}
-
-pub(super) fn de_opt_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Uri>, D::Error> {
-    de_uri(d).map(Some)
 }
 
 pub(super) fn de_methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Method>, D::Error> {

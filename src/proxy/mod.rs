@@ -3,8 +3,8 @@
 //! `server` accepts connections (`conn`: what a request knows of its connection),
 //! `handler` runs a request's phases in order, `head` checks the request head, `headers`
 //! builds what is forwarded, `forward` talks to the upstream over `pool`'s connections
-//! (`tunnel` for upgrades), `respond` writes keyward's own answers, `writing` bounds a
-//! stalled client.
+//! (`upstream_target`: TCP or a Unix socket; `tunnel` for upgrades), `respond` writes
+//! keyward's own answers, `writing` bounds a stalled client.
 
 pub mod conn;
 pub mod forward;
@@ -15,6 +15,7 @@ pub mod pool;
 pub mod respond;
 pub mod server;
 pub mod tunnel;
+pub mod upstream_target;
 pub mod writing;
 
 use bytes::Bytes;
