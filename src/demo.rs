@@ -98,12 +98,14 @@ pub fn config(
     let mut c = Config::from_yaml(DEMO_CONFIG)?;
     c.listen = Some(listen);
     c.admin_listen = admin;
-    c.upstream = Some(UpstreamAddr::Http(format!("http://{upstream}").parse().map_err(
-        |e: http::uri::InvalidUri| ConfigError::Invalid {
-            field: "upstream".into(),
-            reason: e.to_string(),
-        },
-    )?));
+    c.upstream = Some(UpstreamAddr::Http(
+        format!("http://{upstream}")
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ConfigError::Invalid {
+                field: "upstream".into(),
+                reason: e.to_string(),
+            })?,
+    ));
     c.keys.file = Some(keys_file.to_owned());
     c.log.format = LogFormat::Pretty;
     c.shutdown.drain_delay = std::time::Duration::ZERO;

@@ -220,7 +220,10 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
         report_bound(&server);
         let c = &server.app.config;
         // Scheme, host and port (or the socket path) only: never userinfo.
-        let upstream = c.upstream.as_ref().map_or_else(String::new, |u| u.to_string());
+        let upstream = c
+            .upstream
+            .as_ref()
+            .map_or_else(String::new, |u| u.to_string());
         tracing::info!(
             listen = %c.listen.map_or_else(|| "none".into(), |_| server.local_addr().to_string()),
             decision = %server.decision_addr().map_or_else(|| "none".into(), |a| a.to_string()),

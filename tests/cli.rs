@@ -239,6 +239,23 @@ fn check_rejects_bad_configs_naming_the_field() {
     let e = refuse(&sub("drain_delay: 5s", "drain_delay: 5"));
     assert!(e.contains("shutdown.drain_delay"), "{e}");
 
+    // A unix: upstream must name an absolute socket path; it need not exist yet.
+    let e = refuse(&sub(
+        "upstream: http://127.0.0.1:3000",
+        "upstream: unix:app.sock",
+    ));
+    assert!(e.contains("upstream: ") && e.contains("absolute"), "{e}");
+    let socket = dir.path().join("not-yet.sock");
+    let ok = config_with(dir.path(), &keys, |t| {
+        t.replacen(
+            "upstream: http://127.0.0.1:3000",
+            &format!("upstream: unix:{}", socket.display()),
+            1,
+        )
+    });
+    let out = run(&["check", "--config", ok.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
     let e = refuse(&sub(
         "tls: null",
         "tls: { cert: /nonexistent/tls.crt, key: /nonexistent/tls.key }",

@@ -89,8 +89,11 @@ fn upstream_may_be_an_absolute_unix_socket_path() {
     let base = "listen: 127.0.0.1:8080\nenvironment: t\nkeys: { file: k }\n";
     let c = Config::from_yaml(&format!("{base}upstream: unix:/run/app/app.sock\n")).unwrap();
     let up = c.upstream.unwrap();
-    assert_eq!(up.unix_path(), Some(std::path::Path::new("/run/app/app.sock")));
-    for u in ["unix:app.sock", "unix:", "unix:/run/app/"] {
+    assert_eq!(
+        up.unix_path(),
+        Some(std::path::Path::new("/run/app/app.sock"))
+    );
+    for u in ["unix:app.sock", "\"unix:\"", "unix:/run/app/"] {
         let e = Config::from_yaml(&format!("{base}upstream: {u}\n")).unwrap_err();
         assert!(e.to_string().starts_with("upstream: "), "{u}: {e}");
     }

@@ -129,7 +129,14 @@ mod tests {
     fn unix_paths_must_be_absolute_socket_files_that_fit() {
         assert!(validate_unix_path(Path::new("/run/app.sock")).is_ok());
         let long = format!("/{}", "a".repeat(MAX_UNIX_PATH));
-        for bad in ["", "app.sock", "./app.sock", "/run/app/", "/run/a\0b", &long] {
+        for bad in [
+            "",
+            "app.sock",
+            "./app.sock",
+            "/run/app/",
+            "/run/a\0b",
+            &long,
+        ] {
             let e = validate_unix_path(Path::new(bad)).unwrap_err().to_string();
             assert!(e.starts_with("upstream: "), "{bad:?}: {e}");
         }

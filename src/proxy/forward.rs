@@ -279,10 +279,16 @@ mod tests {
             Upstream::new(Some(&addr), &Limits::default())
         };
         let tcp = up("http://127.0.0.1:3000");
-        assert_eq!(tcp.pool.target, UpstreamTarget::Tcp("127.0.0.1:3000".into()));
+        assert_eq!(
+            tcp.pool.target,
+            UpstreamTarget::Tcp("127.0.0.1:3000".into())
+        );
         assert_eq!(tcp.host, "127.0.0.1:3000");
         let unix = up("unix:/run/app/app.sock");
-        assert_eq!(unix.pool.target, UpstreamTarget::Unix("/run/app/app.sock".into()));
+        assert_eq!(
+            unix.pool.target,
+            UpstreamTarget::Unix("/run/app/app.sock".into())
+        );
         assert_eq!(unix.host, "localhost");
     }
 }

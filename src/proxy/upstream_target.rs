@@ -121,9 +121,15 @@ mod tests {
     #[test]
     fn targets_and_default_hosts() {
         let at = |u: &str| UpstreamTarget::from_config(Some(&addr(u)));
-        assert_eq!(at("http://127.0.0.1:3000"), UpstreamTarget::Tcp("127.0.0.1:3000".into()));
+        assert_eq!(
+            at("http://127.0.0.1:3000"),
+            UpstreamTarget::Tcp("127.0.0.1:3000".into())
+        );
         assert_eq!(at("http://app"), UpstreamTarget::Tcp("app:80".into()));
-        assert_eq!(at("http://[::1]:3000"), UpstreamTarget::Tcp("[::1]:3000".into()));
+        assert_eq!(
+            at("http://[::1]:3000"),
+            UpstreamTarget::Tcp("[::1]:3000".into())
+        );
         assert_eq!(
             at("unix:/run/app.sock"),
             UpstreamTarget::Unix("/run/app.sock".into())
