@@ -44,7 +44,8 @@ pub struct App {
 impl App {
     /// Build the shared state. Does not load keys: `Keyward::bind` does, before serving.
     pub fn new(config: Config) -> Result<Self, StartError> {
-        let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
+        let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?
+            .including(config.identity_headers.include.as_deref());
         let key_source = KeySource::from_config(&config.keys).ok_or(StartError::NoKeySource)?;
         let metrics = Metrics::new(config.metrics.per_key)
             .map_err(StartError::Metrics)?

@@ -100,6 +100,37 @@ fn upstream_may_be_an_absolute_unix_socket_path() {
 }
 
 #[test]
+fn identity_headers_include_takes_known_suffixes_and_at_least_one() {
+    use crate::keys::IdentityField;
+    let c = Config::from_yaml(MINIMAL).unwrap();
+    assert!(c.identity_headers.include.is_none(), "absent: all of them");
+    let c = Config::from_yaml(&format!(
+        "{MINIMAL}identity_headers: {{ include: [subject-id, key-id, scopes] }}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.identity_headers.include.as_deref(),
+        Some(
+            &[
+                IdentityField::SubjectId,
+                IdentityField::KeyId,
+                IdentityField::Scopes
+            ][..]
+        )
+    );
+    for bad in [
+        "[subject-id, nope]",
+        "[x-auth-key-id]",
+        "[Subject-Id]",
+        "[]",
+        "subject-id",
+    ] {
+        let e = err(&format!("identity_headers: {{ include: {bad} }}\n"));
+        assert!(e.contains("identity_headers.include"), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn credential_sources_are_checked() {
     assert!(err("credentials: [{ scheme: Token }]\n").contains("credentials[0]"));
     assert!(err("credentials: [{ header: authorization, query: k }]\n").contains("credentials"));

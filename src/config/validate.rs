@@ -147,6 +147,17 @@ impl Config {
                 "must be lowercase letters, digits and '-', like x-auth-",
             ));
         }
+        if self
+            .identity_headers
+            .include
+            .as_ref()
+            .is_some_and(Vec::is_empty)
+        {
+            return Err(invalid(
+                "identity_headers.include",
+                "list at least one identity header (leave include out to send them all)",
+            ));
+        }
         Ok(())
     }
 
