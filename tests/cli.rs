@@ -239,6 +239,20 @@ fn check_rejects_bad_configs_naming_the_field() {
     let e = refuse(&sub("drain_delay: 5s", "drain_delay: 5"));
     assert!(e.contains("shutdown.drain_delay"), "{e}");
 
+    let e = refuse(&sub(
+        "  prefix: x-auth-\n",
+        "  prefix: x-auth-\n  include: [subject-id, nope]\n",
+    ));
+    assert!(
+        e.contains("identity_headers.include") && e.contains("nope"),
+        "{e}"
+    );
+    let e = refuse(&sub(
+        "  prefix: x-auth-\n",
+        "  prefix: x-auth-\n  include: []\n",
+    ));
+    assert!(e.contains("identity_headers.include"), "{e}");
+
     // A unix: upstream must name an absolute socket path; it need not exist yet.
     let e = refuse(&sub(
         "upstream: http://127.0.0.1:3000",

@@ -55,14 +55,18 @@ pub fn located(path: &serde_path_to_error::Path, e: &impl std::fmt::Display) -> 
 /// `message` prefixed with `path` unless it already starts with it; the one shape of a
 /// located error, for the config's errors and the snapshot's.
 pub(crate) fn locate(path: &str, message: String) -> String {
-    let named = message
-        .split_once(": ")
-        .is_some_and(|(head, _)| head == path);
+    let split = message.split_once(": ");
+    let named = split.is_some_and(|(head, _)| head == path);
     if path.is_empty() || path == "." || named {
-        message
-    } else {
-        format!("{path}: {message}")
+        return message;
     }
+    // serde_yaml names a list (`a.b`) where the exact path has the item (`a.b[1]`).
+    if let Some((head, rest)) = split {
+        if path.strip_prefix(head).is_some_and(|i| i.starts_with('[')) {
+            return format!("{path}: {rest}");
+        }
+    }
+    format!("{path}: {message}")
 }
 
 pub(super) fn one_second() -> Duration {

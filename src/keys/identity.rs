@@ -8,8 +8,7 @@ use super::key::{Key, PrincipalType};
 
 /// One identity header of SPEC 8, named by the suffix after the prefix (the spelling
 /// `identity_headers.include` takes: `subject-id`, `key-id`, ...).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IdentityField {
     SubjectId,
     AccountId,
@@ -58,6 +57,23 @@ impl IdentityField {
             Self::Scopes => "scopes",
             Self::Environment => "environment",
         }
+    }
+}
+
+/// From its suffix; anything else is refused, listing the names there are.
+impl<'de> Deserialize<'de> for IdentityField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::ALL
+            .into_iter()
+            .find(|f| f.suffix() == s)
+            .ok_or_else(|| {
+                let known: Vec<_> = Self::ALL.iter().map(|f| f.suffix()).collect();
+                serde::de::Error::custom(format!(
+                    "{s:?} is not an identity header (name it without the prefix: {})",
+                    known.join(", ")
+                ))
+            })
     }
 }
 
