@@ -154,3 +154,23 @@ async fn spawn_upstream_unix(path: &Path) -> Upstream {
         .spawn_unix(path)
         .await
 }
+
+/// `limits.upstream_timeout` holds over a socket as over TCP: 504 `upstream_timeout`.
+#[tokio::test]
+async fn a_slow_app_on_a_socket_is_504() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("app.sock");
+    let _up = upstream()
+        .route("/slow", Reply::After(Duration::from_secs(3)))
+        .spawn_unix(&sock)
+        .await;
+    let kw = proxy_to(&sock, "limits: { upstream_timeout: 200ms }\n").await;
+    let r = get(&kw.url("/slow"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.code(), "upstream_timeout");
+    assert_eq!(
+        metric_value(&kw, "keyward_upstream_errors_total{kind=\"timeout\"}").await,
+        1.0
+    );
+    kw.shutdown().await;
+}
