@@ -43,6 +43,13 @@ if command -v kubectl >/dev/null 2>&1; then
   else
     fail "kubectl kustomize deploy/overlays/fleet"
   fi
+  # The base with the components/unix-socket component (app on a Unix socket).
+  if kubectl kustomize deploy/overlays/unix-socket > "$work/unix-socket.yaml" \
+    && grep -q 'upstream: unix:/run/app/app.sock' "$work/unix-socket.yaml"; then
+    echo "deploy/overlays/unix-socket: rendered $(grep -c '^kind:' "$work/unix-socket.yaml") objects"
+  else
+    fail "kubectl kustomize deploy/overlays/unix-socket"
+  fi
 else
   echo "kubectl not found: skipped"
 fi

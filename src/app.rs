@@ -44,7 +44,8 @@ pub struct App {
 impl App {
     /// Build the shared state. Does not load keys: `Keyward::bind` does, before serving.
     pub fn new(config: Config) -> Result<Self, StartError> {
-        let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
+        let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?
+            .including(config.identity_headers.include.as_deref());
         let key_source = KeySource::from_config(&config.keys).ok_or(StartError::NoKeySource)?;
         // A shard per proxy worker, and a spare for the decision listener.
         let metrics = Metrics::sharded(config.metrics.per_key, worker_count(&config) + 1)
@@ -57,10 +58,7 @@ impl App {
         Ok(Self {
             policy: Policy::new(&config),
             // Decision mode without a proxy listener has no upstream: the pool is never used.
-            upstream: Upstream::new(
-                config.upstream.as_ref().unwrap_or(&http::Uri::default()),
-                &config.limits,
-            ),
+            upstream: Upstream::new(config.upstream.as_ref(), &config.limits),
             names,
             store: KeyStore::new(),
             key_source,

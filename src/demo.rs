@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use crate::config::{Config, ConfigError, LogFormat};
+use crate::config::{Config, ConfigError, LogFormat, UpstreamAddr};
 
 pub const DEMO_CONFIG: &str = include_str!("../config/keyward.yaml");
 pub const DEMO_KEYS: &str = include_str!("../config/keys.yaml");
@@ -98,12 +98,14 @@ pub fn config(
     let mut c = Config::from_yaml(DEMO_CONFIG)?;
     c.listen = Some(listen);
     c.admin_listen = admin;
-    c.upstream = Some(format!("http://{upstream}").parse().map_err(
-        |e: http::uri::InvalidUri| ConfigError::Invalid {
-            field: "upstream".into(),
-            reason: e.to_string(),
-        },
-    )?);
+    c.upstream = Some(UpstreamAddr::Http(
+        format!("http://{upstream}")
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ConfigError::Invalid {
+                field: "upstream".into(),
+                reason: e.to_string(),
+            })?,
+    ));
     c.keys.file = Some(keys_file.to_owned());
     c.log.format = LogFormat::Pretty;
     c.shutdown.drain_delay = std::time::Duration::ZERO;

@@ -219,15 +219,11 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
         let server = Keyward::bind_with(config, Some(release_freed_memory)).await?;
         report_bound(&server);
         let c = &server.app.config;
-        // Scheme, host and port only: never userinfo from the upstream URL.
-        let upstream =
-            c.upstream
-                .as_ref()
-                .and_then(|u| u.authority())
-                .map_or_else(String::new, |a| match a.port_u16() {
-                    Some(port) => format!("http://{}:{port}", a.host()),
-                    None => format!("http://{}", a.host()),
-                });
+        // Scheme, host and port (or the socket path) only: never userinfo.
+        let upstream = c
+            .upstream
+            .as_ref()
+            .map_or_else(String::new, |u| u.to_string());
         tracing::info!(
             listen = %c.listen.map_or_else(|| "none".into(), |_| server.local_addr().to_string()),
             decision = %server.decision_addr().map_or_else(|| "none".into(), |a| a.to_string()),

@@ -307,7 +307,9 @@ mod tests {
             return Ok(());
         }
         let upstream = crate::proxy::forward::Upstream::new(
-            &http::Uri::from_static("http://127.0.0.1:9"),
+            Some(&crate::config::UpstreamAddr::Http(http::Uri::from_static(
+                "http://127.0.0.1:9",
+            ))),
             &crate::config::Limits::default(),
         );
         let uri = upstream.uri(out, Some("q=%2e%2e/x")).unwrap();

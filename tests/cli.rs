@@ -240,6 +240,37 @@ fn check_rejects_bad_configs_naming_the_field() {
     assert!(e.contains("shutdown.drain_delay"), "{e}");
 
     let e = refuse(&sub(
+        "  prefix: x-auth-\n",
+        "  prefix: x-auth-\n  include: [subject-id, nope]\n",
+    ));
+    assert!(
+        e.contains("identity_headers.include") && e.contains("nope"),
+        "{e}"
+    );
+    let e = refuse(&sub(
+        "  prefix: x-auth-\n",
+        "  prefix: x-auth-\n  include: []\n",
+    ));
+    assert!(e.contains("identity_headers.include"), "{e}");
+
+    // A unix: upstream must name an absolute socket path; it need not exist yet.
+    let e = refuse(&sub(
+        "upstream: http://127.0.0.1:3000",
+        "upstream: unix:app.sock",
+    ));
+    assert!(e.contains("upstream: ") && e.contains("absolute"), "{e}");
+    let socket = dir.path().join("not-yet.sock");
+    let ok = config_with(dir.path(), &keys, |t| {
+        t.replacen(
+            "upstream: http://127.0.0.1:3000",
+            &format!("upstream: unix:{}", socket.display()),
+            1,
+        )
+    });
+    let out = run(&["check", "--config", ok.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let e = refuse(&sub(
         "tls: null",
         "tls: { cert: /nonexistent/tls.crt, key: /nonexistent/tls.key }",
     ));

@@ -733,3 +733,81 @@ fn kustomize_renders_the_base() {
     // The image is rewritten by the kustomization's `images`.
     assert!(deployment.contains("image: keyward:0.1.0"), "{deployment}");
 }
+
+/// The unix-socket component: its config is the base's with only `upstream` changed, to a
+/// socket in a volume the app and keyward mount and no other container; it passes `keyward
+/// check`; and the overlay renders with that config in place of the base's.
+#[test]
+fn unix_socket_component_shares_the_socket_with_the_app_only() {
+    const DIR: &str = "deploy/kubernetes/components/unix-socket";
+    let rel = format!("{DIR}/keyward.yaml");
+    let mut component: Value = serde_yaml::from_str(&read(&rel)).unwrap();
+    let base: Value = serde_yaml::from_str(&read("deploy/kubernetes/keyward.yaml")).unwrap();
+    let upstream = s(&component["upstream"]).to_string();
+    component["upstream"] = base["upstream"].clone();
+    assert_eq!(
+        component, base,
+        "{rel} differs from the base beyond `upstream`"
+    );
+    let config = Config::from_yaml(&read(&rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    let socket = config
+        .upstream
+        .as_ref()
+        .and_then(|u| u.unix_path())
+        .unwrap();
+    assert_eq!(format!("unix:{}", socket.display()), upstream);
+    let dir = tempfile::tempdir().unwrap();
+    let out = check_with_keys(&rel, &secret_keys(dir.path()), dir.path());
+    assert!(out.contains("2 keys"), "{out}");
+
+    // The patch mounts one in-memory emptyDir at the socket's directory, in the app and
+    // keyward.
+    let patch = &docs(&format!("{DIR}/socket-volume.yaml"))[0];
+    let pod = &patch["spec"]["template"]["spec"];
+    let volume = &pod["volumes"][0];
+    assert_eq!(volume["emptyDir"]["medium"], "Memory");
+    let name = s(&volume["name"]);
+    let mounted: Vec<&str> = pod["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            c["volumeMounts"].as_sequence().is_some_and(|ms| {
+                ms.iter().any(|m| {
+                    m["name"] == name && Path::new(s(&m["mountPath"])) == socket.parent().unwrap()
+                })
+            })
+        })
+        .map(|c| s(&c["name"]))
+        .collect();
+    assert_eq!(mounted, ["app", "keyward"]);
+
+    let out = match Command::new("kubectl")
+        .args(["kustomize", "deploy/overlays/unix-socket"])
+        .current_dir(ROOT)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("note: kubectl not found; the unix-socket overlay is not rendered");
+            return;
+        }
+        Err(e) => panic!("kubectl: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = docs_of(&String::from_utf8_lossy(&out.stdout), "unix-socket overlay");
+    let cms: Vec<&Value> = rendered
+        .iter()
+        .filter(|d| d["kind"] == "ConfigMap")
+        .collect();
+    assert_eq!(cms.len(), 1, "the component's config replaces the base's");
+    assert_eq!(s(&cms[0]["data"]["keyward.yaml"]), read(&rel));
+    let deployment = rendered.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let text = serde_yaml::to_string(deployment).unwrap();
+    assert!(text.contains(s(&cms[0]["metadata"]["name"])), "{text}");
+    assert_eq!(text.matches("name: app-socket").count(), 3, "{text}");
+}

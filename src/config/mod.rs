@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use http::{HeaderName, Uri};
+use http::HeaderName;
 use serde::Deserialize;
 
 use crate::keys::PrincipalType;
@@ -24,6 +24,7 @@ pub mod keys;
 pub mod limits;
 pub mod rules;
 pub mod sections;
+pub mod upstream;
 mod validate;
 pub mod yaml;
 
@@ -37,10 +38,11 @@ pub use rules::{RouteRule, ScopeRule};
 pub use sections::{
     AdminConfig, DecisionConfig, IdentityHeaders, LogConfig, LogFormat, MetricsConfig, TlsConfig,
 };
+pub use upstream::UpstreamAddr;
 pub(crate) use yaml::locate;
 pub use yaml::{located, parse_duration, parse_yaml, YamlError};
 
-use yaml::{de_header_names, de_opt_uri};
+use yaml::de_header_names;
 
 /// More worker threads than this is a typo, not a machine: each one holds a runtime, a
 /// listener and an upstream pool.
@@ -52,8 +54,9 @@ pub struct Config {
     /// The proxy listener; optional when `decision.listen` is set (SPEC 15).
     #[serde(default)]
     pub listen: Option<SocketAddr>,
-    #[serde(default, deserialize_with = "de_opt_uri")]
-    pub upstream: Option<Uri>,
+    /// `http://host:port` or `unix:/abs/path.sock`.
+    #[serde(default)]
+    pub upstream: Option<UpstreamAddr>,
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
     pub environment: String,

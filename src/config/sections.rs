@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::yaml::{de_duration, one_second};
+use crate::keys::IdentityField;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +33,9 @@ pub struct TlsConfig {
 pub struct IdentityHeaders {
     pub prefix: String,
     pub echo_to_client: bool,
+    /// The identity headers the app uses (suffixes: `subject-id`, `key-id`, ...); only
+    /// those are sent. Absent: all of them. Inbound `<prefix>*` headers are stripped either way.
+    pub include: Option<Vec<IdentityField>>,
 }
 
 impl Default for IdentityHeaders {
@@ -39,6 +43,7 @@ impl Default for IdentityHeaders {
         Self {
             prefix: "x-auth-".into(),
             echo_to_client: false,
+            include: None,
         }
     }
 }

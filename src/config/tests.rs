@@ -85,6 +85,58 @@ fn upstream_must_be_plain_http_without_path() {
 }
 
 #[test]
+fn upstream_may_be_an_absolute_unix_socket_path() {
+    let base = "listen: 127.0.0.1:8080\nenvironment: t\nkeys: { file: k }\n";
+    let c = Config::from_yaml(&format!("{base}upstream: unix:/run/app/app.sock\n")).unwrap();
+    let up = c.upstream.unwrap();
+    assert_eq!(
+        up.unix_path(),
+        Some(std::path::Path::new("/run/app/app.sock"))
+    );
+    for u in ["unix:app.sock", "\"unix:\"", "unix:/run/app/"] {
+        let e = Config::from_yaml(&format!("{base}upstream: {u}\n")).unwrap_err();
+        assert!(e.to_string().starts_with("upstream: "), "{u}: {e}");
+    }
+}
+
+#[test]
+fn identity_headers_include_takes_known_suffixes_and_at_least_one() {
+    use crate::keys::IdentityField;
+    let c = Config::from_yaml(MINIMAL).unwrap();
+    assert!(c.identity_headers.include.is_none(), "absent: all of them");
+    let c = Config::from_yaml(&format!(
+        "{MINIMAL}identity_headers: {{ include: [subject-id, key-id, scopes] }}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.identity_headers.include.as_deref(),
+        Some(
+            &[
+                IdentityField::SubjectId,
+                IdentityField::KeyId,
+                IdentityField::Scopes
+            ][..]
+        )
+    );
+    for bad in [
+        "[subject-id, nope]",
+        "[x-auth-key-id]",
+        "[Subject-Id]",
+        "[]",
+        "subject-id",
+    ] {
+        let e = err(&format!("identity_headers: {{ include: {bad} }}\n"));
+        assert!(e.contains("identity_headers.include"), "{bad}: {e}");
+    }
+    // The item is named once, exactly.
+    let e = err("identity_headers: { include: [subject-id, nope] }\n");
+    assert!(
+        e.starts_with("identity_headers.include[1]: \"nope\" is not an identity header"),
+        "{e}"
+    );
+}
+
+#[test]
 fn credential_sources_are_checked() {
     assert!(err("credentials: [{ scheme: Token }]\n").contains("credentials[0]"));
     assert!(err("credentials: [{ header: authorization, query: k }]\n").contains("credentials"));

@@ -5,6 +5,7 @@ use http::Uri;
 
 use super::error::{invalid, ConfigError};
 use super::rules::{check_route_path, validate_routes, validate_scopes};
+use super::upstream::{validate_unix_path, UpstreamAddr};
 use super::{Config, MAX_WORKERS};
 
 impl Config {
@@ -102,7 +103,8 @@ impl Config {
 
     fn validate_upstream(&self) -> Result<(), ConfigError> {
         match (self.listen, &self.upstream, &self.decision) {
-            (Some(_), Some(u), _) => Self::validate_upstream_url(u),
+            (Some(_), Some(UpstreamAddr::Http(u)), _) => Self::validate_upstream_url(u),
+            (Some(_), Some(UpstreamAddr::Unix(path)), _) => validate_unix_path(path),
             (Some(_), None, _) => Err(invalid("upstream", "required with `listen`")),
             (None, Some(_), _) => Err(invalid("listen", "required with `upstream`")),
             (None, None, Some(_)) => Ok(()),
@@ -143,6 +145,17 @@ impl Config {
             return Err(invalid(
                 "identity_headers.prefix",
                 "must be lowercase letters, digits and '-', like x-auth-",
+            ));
+        }
+        if self
+            .identity_headers
+            .include
+            .as_ref()
+            .is_some_and(Vec::is_empty)
+        {
+            return Err(invalid(
+                "identity_headers.include",
+                "list at least one identity header (leave include out to send them all)",
             ));
         }
         Ok(())

@@ -1,12 +1,12 @@
 //! YAML and field parsing shared by every section: [`parse_yaml`] with the failing field's
-//! path, durations, URLs, header names and methods.
+//! path, durations, header names and methods.
 //!
 //! serde_yaml is deprecated upstream, so it is only ever called from [`parse_yaml`]: swapping
 //! it for a maintained YAML crate touches this one function.
 
 use std::time::Duration;
 
-use http::{HeaderName, Method, Uri};
+use http::{HeaderName, Method};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -55,14 +55,18 @@ pub fn located(path: &serde_path_to_error::Path, e: &impl std::fmt::Display) -> 
 /// `message` prefixed with `path` unless it already starts with it; the one shape of a
 /// located error, for the config's errors and the snapshot's.
 pub(crate) fn locate(path: &str, message: String) -> String {
-    let named = message
-        .split_once(": ")
-        .is_some_and(|(head, _)| head == path);
+    let split = message.split_once(": ");
+    let named = split.is_some_and(|(head, _)| head == path);
     if path.is_empty() || path == "." || named {
-        message
-    } else {
-        format!("{path}: {message}")
+        return message;
     }
+    // serde_yaml names a list (`a.b`) where the exact path has the item (`a.b[1]`).
+    if let Some((head, rest)) = split {
+        if path.strip_prefix(head).is_some_and(|i| i.starts_with('[')) {
+            return format!("{path}: {rest}");
+        }
+    }
+    format!("{path}: {message}")
 }
 
 pub(super) fn one_second() -> Duration {
@@ -88,12 +92,6 @@ pub(super) fn de_opt_duration<'de, D: serde::Deserializer<'de>>(
         .transpose()
 }
 
-pub(super) fn de_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Uri, D::Error> {
-    let s = String::deserialize(d)?;
-    s.parse::<Uri>()
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a URL ({e})")))
-}
-
 pub(super) fn de_header_names<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Vec<HeaderName>, D::Error> {
@@ -105,10 +103,6 @@ pub(super) fn de_header_names<'de, D: serde::Deserializer<'de>>(
                 .map_err(|_| serde::de::Error::custom(format!("{n:?} is not a header name")))
         })
         .collect()
-}
-
-pub(super) fn de_opt_uri<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Uri>, D::Error> {
-    de_uri(d).map(Some)
 }
 
 pub(super) fn de_methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Method>, D::Error> {

@@ -209,22 +209,10 @@ pub fn allowed(
     resp
 }
 
-/// Every identity header of SPEC 8.
+/// Every identity header of SPEC 8, those `identity_headers.include` leaves out too: an
+/// allow names each one (empty when not sent), so a copying proxy overwrites a client's.
 pub fn identity_names(n: &IdentityNames) -> [&HeaderName; 12] {
-    [
-        &n.subject_id,
-        &n.account_id,
-        &n.enterprise_id,
-        &n.subject_email,
-        &n.account_short_id,
-        &n.org_id,
-        &n.principal_type,
-        &n.access_type,
-        &n.delegated_by,
-        &n.key_id,
-        &n.scopes,
-        &n.environment,
-    ]
+    n.all().each_ref()
 }
 
 fn not_found(cid: &HeaderValue) -> Response<Body> {
@@ -375,5 +363,10 @@ mod tests {
         };
         let resp = allowed(&names, None, Some(&quota));
         assert_eq!(resp.headers()["ratelimit-remaining"], "4");
+        // Headers `identity_headers.include` leaves out are still named, empty.
+        let some = names.including(Some(&[crate::keys::IdentityField::KeyId]));
+        let resp = allowed(&some, None, None);
+        assert_eq!(resp.headers().len(), 12);
+        assert_eq!(resp.headers()["x-auth-subject-id"], "");
     }
 }

@@ -34,7 +34,7 @@ pub mod usage;
 mod validate;
 
 pub use error::SnapshotError;
-pub use identity::{IdentityError, IdentityNames};
+pub use identity::{IdentityError, IdentityField, IdentityNames};
 pub use key::{digest, Delegation, Digest, Key, PrincipalType, RateLimit, Status};
 pub use load::Format;
 pub use schema::SnapshotDoc;

@@ -14,8 +14,9 @@ use tracing::debug;
 use super::conn::Slot;
 use super::pool::{self, Pool, PoolConfig};
 use super::tunnel::{LastActive, Watched};
+use super::upstream_target::UpstreamTarget;
 use super::Body;
-use crate::config::Limits;
+use crate::config::{Limits, UpstreamAddr};
 use crate::metrics::UpstreamErrorKind;
 
 /// Why the upstream leg failed; the status follows from it (connect → 502, timeout → 504).
@@ -76,21 +77,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(uri: &Uri, limits: &Limits) -> Self {
-        // `Config::validate` ensures an authority without userinfo; `host()` keeps the
-        // brackets of an IPv6 literal, so this is always a `host:port` to resolve.
-        let authority = format!(
-            "{}:{}",
-            uri.host().unwrap_or("127.0.0.1"),
-            uri.port_u16().unwrap_or(80)
-        );
-        let host = uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .unwrap_or_else(|| HeaderValue::from_static("127.0.0.1"));
+    /// `upstream` is `None` in decision mode without a proxy listener: never connected to.
+    pub fn new(upstream: Option<&UpstreamAddr>, limits: &Limits) -> Self {
         Self {
-            host,
-            pool: Arc::new(PoolConfig::new(authority, limits)),
+            host: UpstreamTarget::default_host(upstream),
+            pool: Arc::new(PoolConfig::new(
+                UpstreamTarget::from_config(upstream),
+                limits,
+            )),
             timeout: limits.upstream_timeout,
         }
     }
@@ -282,15 +276,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn upstream_address_is_host_and_port() {
-        let at = |u: &str| {
-            Upstream::new(&u.parse().unwrap(), &Limits::default())
-                .pool
-                .authority
-                .clone()
+    fn upstream_target_and_host_come_from_the_config() {
+        let up = |u: &str| {
+            let addr: UpstreamAddr = serde_yaml::from_str(u).unwrap();
+            Upstream::new(Some(&addr), &Limits::default())
         };
-        assert_eq!(at("http://127.0.0.1:3000"), "127.0.0.1:3000");
-        assert_eq!(at("http://app"), "app:80");
-        assert_eq!(at("http://[::1]:3000"), "[::1]:3000");
+        let tcp = up("http://127.0.0.1:3000");
+        assert_eq!(
+            tcp.pool.target,
+            UpstreamTarget::Tcp("127.0.0.1:3000".into())
+        );
+        assert_eq!(tcp.host, "127.0.0.1:3000");
+        let unix = up("unix:/run/app/app.sock");
+        assert_eq!(
+            unix.pool.target,
+            UpstreamTarget::Unix("/run/app/app.sock".into())
+        );
+        assert_eq!(unix.host, "localhost");
     }
 }

@@ -4,8 +4,9 @@
 //! what a request knows of its connection),
 //! `handler` runs a request's phases in order, `head` checks the request head, `headers`
 //! builds what is forwarded, `forward` talks to the upstream over `pool`'s connections
-//! (`tunnel` for upgrades), `respond` writes keyward's own answers, `writing` bounds a
-//! stalled client, `worker` is what one worker thread owns (its pool, its metrics shard).
+//! (`upstream_target`: TCP or a Unix socket; `tunnel` for upgrades), `respond` writes
+//! keyward's own answers, `writing` bounds a stalled client, `worker` is what one worker
+//! thread owns (its pool, its metrics shard).
 
 pub mod balance;
 pub mod conn;
@@ -17,6 +18,7 @@ pub mod pool;
 pub mod respond;
 pub mod server;
 pub mod tunnel;
+pub mod upstream_target;
 pub mod worker;
 pub mod writing;
 

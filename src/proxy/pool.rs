@@ -1,39 +1,38 @@
 //! Keep-alive HTTP/1.1 connections to the upstream, one pool per worker thread.
 //!
 //! Each worker runs its own current-thread runtime and owns its [`Pool`], so a pooled
-//! connection is driven by the thread that uses it and the pool's lock is never contended. A connection goes back to the pool as
-//! soon as its response head is in; it is handed out again only once hyper reports it ready
+//! connection is driven by the thread that uses it and the pool's lock is never contended.
+//! A connection goes back to the pool as soon as its response head is in; it is handed out again only once hyper reports it ready
 //! (the previous response fully read), so a slow download never blocks the next request and
 //! no task is spawned per request to wait for that moment.
 
 use std::collections::VecDeque;
-use std::io;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tracing::debug;
 
+pub use super::upstream_target::ConnectError;
+use super::upstream_target::{UpstreamStream, UpstreamTarget};
 use crate::config::Limits;
 
 /// How to reach the upstream and how long to keep its connections.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
-    /// `host:port`, resolved on every new connection (a DNS change is picked up).
-    pub authority: String,
+    /// TCP `host:port` (resolved on every new connection) or a Unix socket file.
+    pub target: UpstreamTarget,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
 }
 
 impl PoolConfig {
-    pub fn new(authority: String, limits: &Limits) -> Self {
+    pub fn new(target: UpstreamTarget, limits: &Limits) -> Self {
         Self {
-            authority,
+            target,
             connect_timeout: limits.upstream_connect_timeout,
             idle_timeout: limits.upstream_idle_timeout,
             max_idle: limits.upstream_max_idle_per_host,
@@ -116,34 +115,27 @@ impl Pool {
     }
 }
 
-/// Why a new connection could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("resolving {authority}: {source}")]
-    Resolve {
-        authority: String,
-        source: io::Error,
-    },
-    #[error("{authority} resolves to no address")]
-    NoAddress { authority: String },
-    #[error("connecting to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: io::Error },
-    #[error("no connection within {0:?}")]
-    Timeout(Duration),
-    #[error("HTTP/1.1 handshake: {0}")]
-    Handshake(hyper::Error),
-}
-
-/// Open a new connection (`TCP_NODELAY`, TCP keepalive) and start driving it on this thread.
+/// Open a new connection (TCP with `TCP_NODELAY` and keepalive, or a Unix socket) and
+/// start driving it on this thread.
 pub async fn connect(cfg: &PoolConfig) -> Result<SendRequest<Incoming>, ConnectError> {
-    let stream = tokio::time::timeout(cfg.connect_timeout, tcp_connect(&cfg.authority))
+    let stream = tokio::time::timeout(cfg.connect_timeout, cfg.target.connect())
         .await
         .map_err(|_| ConnectError::Timeout(cfg.connect_timeout))??;
-    let _ = stream.set_nodelay(true);
-    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
-    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+    match stream {
+        UpstreamStream::Tcp(s) => drive(TokioIo::new(s)).await,
+        #[cfg(unix)]
+        UpstreamStream::Unix(s) => drive(TokioIo::new(s)).await,
+    }
+}
+
+/// The HTTP/1.1 client over a new connection, driven (upgrades included) by a task on this
+/// thread. Generic, so each kind of stream is driven without dynamic dispatch.
+async fn drive<T>(io: T) -> Result<SendRequest<Incoming>, ConnectError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
+{
     let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(io)
         .await
         .map_err(ConnectError::Handshake)?;
     tokio::spawn(async move {
@@ -152,27 +144,6 @@ pub async fn connect(cfg: &PoolConfig) -> Result<SendRequest<Incoming>, ConnectE
         }
     });
     Ok(sender)
-}
-
-/// Try each resolved address in turn; the last failure is the one reported.
-async fn tcp_connect(authority: &str) -> Result<TcpStream, ConnectError> {
-    let addrs =
-        tokio::net::lookup_host(authority)
-            .await
-            .map_err(|source| ConnectError::Resolve {
-                authority: authority.to_owned(),
-                source,
-            })?;
-    let mut last = None;
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(stream) => return Ok(stream),
-            Err(source) => last = Some(ConnectError::Connect { addr, source }),
-        }
-    }
-    Err(last.unwrap_or_else(|| ConnectError::NoAddress {
-        authority: authority.to_owned(),
-    }))
 }
 
 #[cfg(test)]

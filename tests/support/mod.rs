@@ -9,6 +9,7 @@ pub mod config;
 pub mod prom;
 pub mod promql;
 pub mod promtool;
+pub mod unix_upstream;
 pub mod upstream;
 
 use std::net::SocketAddr;

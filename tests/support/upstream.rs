@@ -39,7 +39,7 @@ pub enum Reply {
 /// Routes for an upstream, by exact path.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamBuilder {
-    routes: Vec<(String, Reply)>,
+    pub(super) routes: Vec<(String, Reply)>,
 }
 
 /// An upstream with no routes of its own; see [`spawn_upstream`] for the usual one.
@@ -117,7 +117,7 @@ impl UpstreamBuilder {
     }
 }
 
-async fn handle(
+pub(super) async fn handle(
     seen: Arc<Mutex<Vec<Seen>>>,
     routes: Arc<Vec<(String, Reply)>>,
     peer: SocketAddr,

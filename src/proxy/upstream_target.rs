@@ -1,0 +1,175 @@
+//! Where the upstream listens (a TCP `host:port` or a Unix socket file) and how a new
+//! connection to it is opened. The pool drives either stream with the same HTTP/1.1 client.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::header::HeaderValue;
+use tokio::net::TcpStream;
+
+use crate::config::UpstreamAddr;
+
+/// The upstream's address, as a connection is opened to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTarget {
+    /// `host:port`, resolved on every new connection (a DNS change is picked up).
+    Tcp(String),
+    /// A socket file; it may appear after start (the app may start later).
+    Unix(PathBuf),
+}
+
+/// A newly opened connection to the upstream.
+pub enum UpstreamStream {
+    Tcp(TcpStream),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixStream),
+}
+
+impl UpstreamTarget {
+    /// From the validated `upstream`. Decision mode without a proxy listener has none: the
+    /// target is then never connected to.
+    pub fn from_config(addr: Option<&UpstreamAddr>) -> Self {
+        match addr {
+            Some(UpstreamAddr::Unix(path)) => UpstreamTarget::Unix(path.clone()),
+            // `Config::validate` ensures an authority without userinfo; `host()` keeps the
+            // brackets of an IPv6 literal, so this is always a `host:port` to resolve.
+            Some(UpstreamAddr::Http(uri)) => UpstreamTarget::Tcp(format!(
+                "{}:{}",
+                uri.host().unwrap_or("127.0.0.1"),
+                uri.port_u16().unwrap_or(80)
+            )),
+            None => UpstreamTarget::Tcp("127.0.0.1:80".into()),
+        }
+    }
+
+    /// The `Host` sent when the client's request named none: the URL's authority, or
+    /// `localhost` for a socket (it has no host name of its own).
+    pub fn default_host(addr: Option<&UpstreamAddr>) -> HeaderValue {
+        match addr {
+            Some(UpstreamAddr::Unix(_)) => HeaderValue::from_static("localhost"),
+            _ => addr
+                .and_then(UpstreamAddr::authority)
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .unwrap_or_else(|| HeaderValue::from_static("127.0.0.1")),
+        }
+    }
+
+    /// Open a new connection: TCP with `TCP_NODELAY` and TCP keepalive, or the socket file.
+    pub async fn connect(&self) -> Result<UpstreamStream, ConnectError> {
+        match self {
+            UpstreamTarget::Tcp(authority) => {
+                let stream = tcp_connect(authority).await?;
+                let _ = stream.set_nodelay(true);
+                let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+                let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+                Ok(UpstreamStream::Tcp(stream))
+            }
+            UpstreamTarget::Unix(path) => unix_connect(path).await,
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn unix_connect(path: &std::path::Path) -> Result<UpstreamStream, ConnectError> {
+    tokio::net::UnixStream::connect(path)
+        .await
+        .map(UpstreamStream::Unix)
+        .map_err(|source| ConnectError::ConnectUnix {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+#[cfg(not(unix))]
+async fn unix_connect(path: &std::path::Path) -> Result<UpstreamStream, ConnectError> {
+    Err(ConnectError::ConnectUnix {
+        path: path.to_owned(),
+        source: std::io::Error::from(std::io::ErrorKind::Unsupported),
+    })
+}
+
+/// Try each resolved address in turn; the last failure is the one reported.
+async fn tcp_connect(authority: &str) -> Result<TcpStream, ConnectError> {
+    let addrs =
+        tokio::net::lookup_host(authority)
+            .await
+            .map_err(|source| ConnectError::Resolve {
+                authority: authority.to_owned(),
+                source,
+            })?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(source) => last = Some(ConnectError::Connect { addr, source }),
+        }
+    }
+    Err(last.unwrap_or_else(|| ConnectError::NoAddress {
+        authority: authority.to_owned(),
+    }))
+}
+
+/// Why a new connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("resolving {authority}: {source}")]
+    Resolve {
+        authority: String,
+        source: io::Error,
+    },
+    #[error("{authority} resolves to no address")]
+    NoAddress { authority: String },
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connecting to unix:{}: {source}", path.display())]
+    ConnectUnix { path: PathBuf, source: io::Error },
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    #[error("HTTP/1.1 handshake: {0}")]
+    Handshake(hyper::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> UpstreamAddr {
+        serde_yaml::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn targets_and_default_hosts() {
+        let at = |u: &str| UpstreamTarget::from_config(Some(&addr(u)));
+        assert_eq!(
+            at("http://127.0.0.1:3000"),
+            UpstreamTarget::Tcp("127.0.0.1:3000".into())
+        );
+        assert_eq!(at("http://app"), UpstreamTarget::Tcp("app:80".into()));
+        assert_eq!(
+            at("http://[::1]:3000"),
+            UpstreamTarget::Tcp("[::1]:3000".into())
+        );
+        assert_eq!(
+            at("unix:/run/app.sock"),
+            UpstreamTarget::Unix("/run/app.sock".into())
+        );
+        let host = |u: &str| UpstreamTarget::default_host(Some(&addr(u)));
+        assert_eq!(host("http://app:3000"), "app:3000");
+        assert_eq!(host("unix:/run/app.sock"), "localhost");
+        assert_eq!(UpstreamTarget::default_host(None), "127.0.0.1");
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_is_a_connect_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.sock");
+        let target = UpstreamTarget::Unix(path.clone());
+        match target.connect().await {
+            Err(ConnectError::ConnectUnix { path: p, .. }) => assert_eq!(p, path),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("connected to a missing socket"),
+        }
+    }
+}
