@@ -248,6 +248,8 @@ $(nginx_temp_paths "$d")
         listen 127.0.0.1:$UPSTREAM_PORT;$upstream_listen_sock
         # Used once per peer by the correctness check: echoes the injected identity.
         location = /__subject { return 200 "\$http_x_auth_subject_id"; }
+        # And which listener a peer reached: unix:PATH over the socket, 127.0.0.1 over TCP.
+        location = /__via { return 200 "\$server_addr"; }
         location / { return 200 "ok"; }
     }
 }
@@ -445,15 +447,17 @@ http_check() {
 }
 
 verify_peer() {
-  local peer=$1
+  local peer=$1 via=127.0.0.1
   http_check "$peer" / 200 "$BENCH_KEY" ok
+  [[ $UPSTREAM_SOCKET == 1 && $peer != direct ]] && via=unix:$UPSTREAM_SOCK
+  http_check "$peer" /__via 200 "$BENCH_KEY" "$via"
   if [[ $peer != direct && $peer != relay ]]; then
     http_check "$peer" / 401 "$BENCH_UNKNOWN_KEY"
     http_check "$peer" / 401
     http_check "$peer" /__subject 200 "$BENCH_KEY" "$BENCH_SUBJECT"
-    log "$peer: valid key -> 200 (subject forwarded), unknown/missing key -> 401"
+    log "$peer: valid key -> 200 (subject forwarded), unknown/missing key -> 401; upstream reached at $via"
   else
-    log "$peer: upstream answers 200$([[ $peer == relay ]] && echo " through the relay (no key check)")"
+    log "$peer: upstream answers 200$([[ $peer == relay ]] && echo " through the relay (no key check)"), at $via"
   fi
 }
 
