@@ -167,6 +167,7 @@ find_matplotlib() {
 # ---------------------------------------------------------------- processes
 TMP=""
 PIDS=()
+declare -A PID=() # by name: upstream, nginx, haproxy, relay, keyward
 cleanup() {
   local rc=$? pid i
   trap - EXIT INT TERM
@@ -188,7 +189,7 @@ start() {
   local name=$1 logf=$2; shift 2
   "$@" >"$logf" 2>&1 &
   PIDS+=("$!")
-  eval "PID_${name}=$!"
+  PID[$name]=$!
 }
 
 # wait_http NAME PID URL [WANT]: poll URL until it answers (or answers WANT), 30 s at most.
@@ -255,7 +256,7 @@ $(nginx_temp_paths "$d")
 }
 EOF
   start upstream "$TMP/upstream.log" nginx -e "$d/error.log" -p "$d" -c "$d/nginx.conf"
-  wait_http upstream "$PID_upstream" "http://127.0.0.1:$UPSTREAM_PORT/"
+  wait_http upstream "${PID[upstream]}" "http://127.0.0.1:$UPSTREAM_PORT/"
   if [[ $UPSTREAM_SOCKET == 1 ]]; then
     local code
     code=$(curl -s -o /dev/null -m 5 -w '%{http_code}' --unix-socket "$UPSTREAM_SOCK" http://localhost/ || true)
@@ -302,7 +303,7 @@ $(nginx_temp_paths "$d")
 }
 EOF
   start nginx "$TMP/nginx.log" nginx -e "$d/error.log" -p "$d" -c "$d/nginx.conf"
-  wait_http nginx "$PID_nginx" "http://127.0.0.1:${PORT[nginx]}/"
+  wait_http nginx "${PID[nginx]}" "http://127.0.0.1:${PORT[nginx]}/"
 }
 
 start_haproxy() {
@@ -336,12 +337,11 @@ EOF
 
 # run_haproxy NAME: check $TMP/NAME.cfg, start HAProxy on it and wait for PORT[NAME].
 run_haproxy() {
-  local name=$1 pid
+  local name=$1
   haproxy -c -q -f "$TMP/$name.cfg" >"$TMP/$name-check.log" 2>&1 \
     || die "$name (haproxy) config check failed: $(cat "$TMP/$name-check.log")"
   start "$name" "$TMP/$name.log" haproxy -db -f "$TMP/$name.cfg"
-  pid="PID_$name"
-  wait_http "$name" "${!pid}" "http://127.0.0.1:${PORT[$name]}/"
+  wait_http "$name" "${PID[$name]}" "http://127.0.0.1:${PORT[$name]}/"
 }
 
 # The hop alone: HAProxy relaying bytes in TCP mode, with no HTTP parsing, no key check and
@@ -429,7 +429,7 @@ metrics:
   per_key: false
 EOF
   start keyward "$TMP/keyward.log" "$KEYWARD_BIN" run --config "$TMP/keyward.yaml"
-  wait_http keyward "$PID_keyward" "http://127.0.0.1:$KEYWARD_ADMIN_PORT/readyz" 200
+  wait_http keyward "${PID[keyward]}" "http://127.0.0.1:$KEYWARD_ADMIN_PORT/readyz" 200
 }
 
 # ---------------------------------------------------------------- checks
@@ -467,8 +467,7 @@ verify_peer() {
 cpu_ticks() {
   local name=$1 pids p
   [[ $name == direct ]] && name=upstream
-  local var="PID_$name"
-  pids="${!var} $({ pgrep -P "${!var}" || true; } | tr "\n" " ")"
+  pids="${PID[$name]} $({ pgrep -P "${PID[$name]}" || true; } | tr "\n" " ")"
   for p in $pids; do cat "/proc/$p/stat" 2>/dev/null; done \
     | awk '{ sub(/^.*\) /, ""); u += $12; s += $13 } END { print u + 0, s + 0 }'
 }
@@ -622,7 +621,7 @@ done
 rm -f "$OUT_DIR/$NAME"-{rps,latency,cpu}.png
 if [[ -z $PLOT_SKIP_REASON ]]; then
   if python3 "$BENCH_DIR/plot.py" "$DATA_DIR" >"$DATA_DIR/plots" 2>"$TMP/plot.err"; then
-    log "charts: $(awk '{print $2}' "$DATA_DIR/plots" | tr '\n' ' ')"
+    log "charts: $(awk '{print $2}' "$DATA_DIR/plots" | paste -sd ' ')"
   else
     PLOT_SKIP_REASON="bench/plot.py failed: $(tail -n 3 "$TMP/plot.err")"
     rm -f "$DATA_DIR/plots"
@@ -641,7 +640,8 @@ fi
   echo "- load: wrk -t1 -c$CONNECTIONS, $ROUNDS interleaved round(s) x ${DURATION}s per peer, $KEYS keys per table"
   echo "- peers: ${PEER_LIST[*]}"
   echo "- upstream: $upstream_desc"
-  echo "- tools: $(IFS=';'; echo "${versions[*]}" | sed 's/;/; /g')"
+  tools=$(IFS=';'; echo "${versions[*]}")
+  echo "- tools: ${tools//;/; }"
   echo "- command: bench/run.sh${ORIG_ARGS:+ $ORIG_ARGS}"
   echo "- raw rounds: $NAME-data/ (charts redrawn by: python3 bench/plot.py ${DATA_DIR#"$REPO_DIR"/})"
   echo
