@@ -19,6 +19,7 @@ benchlib.py report reads to embed the charts with relative links. The fixed-rate
 are left out when the run had no fixed-rate part.
 """
 
+import math
 import os
 import sys
 
@@ -50,6 +51,9 @@ LABELS = {
 }
 CPU_LABELS = {"direct": "direct (no proxy:\nthe upstream's CPU)"}
 DPI = 120
+# A peer that achieved less than this fraction of the offered rate fell behind: its point is
+# marked, since its latency then measures a queue, not the hop.
+BEHIND = 0.97
 
 
 def color(peer):
@@ -151,6 +155,12 @@ def plot_latency(med, peers, meta, path):
         c = color(peer)
         ax.plot(x, [m["p99"] for m in pts], "-o", color=c, linewidth=2, markersize=6)
         ax.plot(x, [m["p50"] for m in pts], "--s", color=c, linewidth=1.3, markersize=4, alpha=0.85)
+        behind = [m for m in pts if m["achieved"] < BEHIND * m["target"]]
+        if behind:
+            ax.scatter(
+                [m["target"] for m in behind], [m["p99"] for m in behind], marker="x", s=90,
+                color="black", linewidths=2, zorder=4,
+            )
         if any(len(m["p99_all"]) > 1 for m in pts):
             ax.fill_between(
                 x, [min(m["p99_all"]) for m in pts], [max(m["p99_all"]) for m in pts],
@@ -168,6 +178,11 @@ def plot_latency(med, peers, meta, path):
         Line2D([], [], color="black", linestyle="-", marker="o", label="p99"),
         Line2D([], [], color="black", linestyle="--", marker="s", markersize=4, label="p50"),
     ]
+    if any(m["achieved"] < BEHIND * m["target"] for m in med.values()):
+        style_handles.append(
+            Line2D([], [], color="black", marker="x", linestyle="none", markersize=9,
+                   markeredgewidth=2, label=f"fell behind (achieved < {BEHIND:.0%} of offered)")
+        )
     rounds = max(len(m["p99_all"]) for m in med.values())
     if rounds > 1:
         style_handles.append(
@@ -194,7 +209,7 @@ def plot_cpu(med, peers, meta, path):
             x, y, yerr=[lo, hi], fmt="-o", color=color(peer), linewidth=2, markersize=6,
             capsize=4, label=CPU_LABELS.get(peer, label(peer)),
         )
-        top = max(top, max(max(m["cpu_us_all"]) for m in pts))
+        top = max([top] + [v for m in pts for v in m["cpu_us_all"] if math.isfinite(v)])
     ax.set_ylim(0, top * 1.15 if top > 0 else 1)
     ax.set_ylabel("CPU per request, µs (user + kernel of the peer's processes)")
     rate_ticks(ax, med)
