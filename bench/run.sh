@@ -615,7 +615,7 @@ DATA_DIR=$OUT_DIR/$NAME-data
 rm -rf "$DATA_DIR"
 mkdir -p "$DATA_DIR"
 for f in results.tsv fixed.tsv fixed.skipped saturation clk_tck meta; do
-  [[ -e $TMP/$f ]] && cp "$TMP/$f" "$DATA_DIR/"
+  if [[ -e $TMP/$f ]]; then cp "$TMP/$f" "$DATA_DIR/"; fi
 done
 
 rm -f "$OUT_DIR/$NAME"-{rps,latency,cpu}.png
