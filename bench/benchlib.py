@@ -418,8 +418,8 @@ def _fixed_section(run_dir, runs, plots):
         )
     out.append("")
     out.append(
-        f"Every figure is the median of the {rounds} interleaved round(s); success is the "
-        "lowest of the rounds. CPU/req: user and kernel CPU time of the peer's own processes "
+        f"Every figure is the median of the interleaved rounds ({rounds} here); success is "
+        "the lowest of the rounds. CPU/req: user and kernel CPU time of the peer's own processes "
         "(for direct, the upstream) over the round, divided by the responses oha received. "
         "At a fixed rate every peer does the same work, so this is what each needs for it; "
         "it varies far less from round to round than p99, which on two cores shared with the "

@@ -605,7 +605,7 @@ connections=$CONNECTIONS
 duration=$DURATION
 rounds=$ROUNDS
 keys=$KEYS
-upstream=$([[ $UPSTREAM_SOCKET == 1 ]] && echo "unix socket" || echo "TCP")
+upstream=$([[ $UPSTREAM_SOCKET == 1 ]] && echo "unix socket (direct over TCP)" || echo "TCP")
 date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 EOF
 
