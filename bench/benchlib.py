@@ -449,7 +449,8 @@ def _goals(med):
                 for o in others
                 if (pct, o) in med and med[(pct, o)][field] and k > med[(pct, o)][field]
             ]
-            parts.append(f"{pct}%: " + ("met" if not worse else "not met (" + ", ".join(worse) + ")"))
+            verdict = "met" if not worse else "not met (" + ", ".join(worse) + ")"
+            parts.append(f"{pct}%: {verdict}")
         return "; ".join(parts)
 
     cpu_peers = [p for p in ("haproxy", "nginx") if any((r, p) in med for r in rates)]
@@ -461,7 +462,9 @@ def _goals(med):
             + "."
         )
     if any((r, "haproxy") in med for r in rates):
-        out.append("- keyward's p99 no higher than haproxy's: " + verdicts("p99", ["haproxy"]) + ".")
+        out.append(
+            "- keyward's p99 no higher than haproxy's: " + verdicts("p99", ["haproxy"]) + "."
+        )
     return out + [""] if out else []
 
 

@@ -119,8 +119,9 @@ def plot_rps(data_dir, meta, path):
                 fmt="none", ecolor="black", elinewidth=1.2, capsize=8,
             )
             ax.scatter([x] * len(values), values, s=14, color="black", zorder=3)
+        value = f"{med / 1000:.1f}k" if med >= 1000 else f"{med:.0f}"
         ax.annotate(
-            f"{med / 1000:.1f}k" if med >= 1000 else f"{med:.0f}", (x, max(values)), xytext=(0, 6), textcoords="offset points",
+            value, (x, max(values)), xytext=(0, 6), textcoords="offset points",
             ha="center", va="bottom", fontsize=10, fontweight="bold",
         )
     ax.set_xticks(list(xs), [label(p).replace(" (", "\n(") for p in peers], fontsize=9)

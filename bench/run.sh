@@ -154,12 +154,11 @@ find_matplotlib() {
   python3 -c 'import matplotlib' 2>/dev/null && return
   if [[ $INSTALL == 1 ]]; then
     log "matplotlib not found: python3 -m pip install matplotlib"
-    if python3 -m pip install --quiet matplotlib >&2 && python3 -c 'import matplotlib' 2>/dev/null; then
-      return
-    fi
+    python3 -m pip install --quiet matplotlib >&2 || true
+    python3 -c 'import matplotlib' 2>/dev/null && return
     PLOT_SKIP_REASON="matplotlib could not be installed (python3 -m pip install matplotlib)"
   else
-    PLOT_SKIP_REASON="matplotlib is not installed (python3 -m pip install matplotlib; --no-install given)"
+    PLOT_SKIP_REASON="matplotlib is not installed (--no-install given; python3 -m pip install matplotlib)"
   fi
   log "charts will be skipped: $PLOT_SKIP_REASON"
 }
@@ -221,9 +220,13 @@ EOF
 
 # The upstream as each proxy names it: over TCP by default, over the unix socket with
 # --upstream-socket (direct always reaches the same server over TCP).
-upstream_nginx() { if [[ $UPSTREAM_SOCKET == 1 ]]; then echo "unix:$UPSTREAM_SOCK"; else echo "127.0.0.1:$UPSTREAM_PORT"; fi; }
-upstream_haproxy() { if [[ $UPSTREAM_SOCKET == 1 ]]; then echo "unix@$UPSTREAM_SOCK"; else echo "127.0.0.1:$UPSTREAM_PORT"; fi; }
-upstream_keyward() { if [[ $UPSTREAM_SOCKET == 1 ]]; then echo "unix:$UPSTREAM_SOCK"; else echo "http://127.0.0.1:$UPSTREAM_PORT"; fi; }
+# upstream_addr UNIX_PREFIX TCP_PREFIX: PREFIX + the socket path, or PREFIX + host:port.
+upstream_addr() {
+  if [[ $UPSTREAM_SOCKET == 1 ]]; then echo "$1$UPSTREAM_SOCK"; else echo "${2}127.0.0.1:$UPSTREAM_PORT"; fi
+}
+upstream_nginx() { upstream_addr unix: ""; }
+upstream_haproxy() { upstream_addr unix@ ""; }
+upstream_keyward() { upstream_addr unix: http://; }
 
 start_upstream() {
   local d=$TMP/upstream upstream_listen_sock=""
