@@ -200,9 +200,12 @@ def plot_latency(med, peers, meta, path):
 def plot_cpu(med, peers, meta, path):
     fig, ax = plt.subplots(figsize=(9.5, 5.6))
     top = 0.0
-    for peer in peers:
+    targets = [m["target"] for m in med.values()]
+    # Peers side by side around each rate, so that their whiskers do not hide each other.
+    dodge = (max(targets) - min(targets) or max(targets)) * 0.008
+    for i, peer in enumerate(peers):
         pts = series(med, peer)
-        x = [m["target"] for m in pts]
+        x = [m["target"] + (i - (len(peers) - 1) / 2) * dodge for m in pts]
         y = [m["cpu_us"] for m in pts]
         lo = [v - min(m["cpu_us_all"]) for v, m in zip(y, pts)]
         hi = [max(m["cpu_us_all"]) - v for v, m in zip(y, pts)]
