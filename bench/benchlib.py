@@ -5,9 +5,15 @@ Subcommands:
   gen DIR N               write N random keys and each peer's key table into DIR
   ports-free PORT...      exit 1 (naming the port) if any port is already bound on 127.0.0.1
   wrk-summary FILE        print "<req/s> <p50 ms> <p99 ms> <non-2xx> <socket errors>"
-  oha-summary FILE        print "<req/s> <p50 ms> <p99 ms> <success rate> <non-2xx>"
+  oha-summary FILE        print "<req/s> <p50 ms> <p99 ms> <success rate> <non-2xx> <seconds>
+                          <responses>"
   median DIR PEER         print PEER's median req/s from DIR/results.tsv
+  cpu-per-request DIR TICKS RESPONSES
+                          print the µs of CPU per request that TICKS clock ticks make
   report DIR              print the markdown report from DIR/results.tsv and DIR/fixed.tsv
+                          (charts listed in DIR/plots are embedded)
+
+bench/plot.py imports this module for read_results, read_fixed and fixed_medians.
 """
 
 import hashlib
@@ -16,6 +22,7 @@ import os
 import re
 import secrets
 import socket
+import statistics
 import sys
 
 
@@ -133,13 +140,27 @@ def cmd_oha_summary(path):
     p99 = lat.get("p99")
     if p50 is None or p99 is None:
         raise SystemExit(f"{path}: no latencyPercentiles in oha output")
+    responses = sum(int(v) for v in codes.values())
     print(
         f"{summary.get('requestsPerSec', 0):.2f} {p50 * 1000:.3f} {p99 * 1000:.3f} "
-        f"{summary.get('successRate', 0):.4f} {non2xx} {summary.get('total', 0):.3f}"
+        f"{summary.get('successRate', 0):.4f} {non2xx} {summary.get('total', 0):.3f} "
+        f"{responses}"
     )
 
 
-def _read_results(run_dir):
+CANONICAL = ["direct", "relay", "nginx", "haproxy", "keyward"]
+
+
+def peer_rank(peer):
+    return CANONICAL.index(peer) if peer in CANONICAL else len(CANONICAL)
+
+
+def peer_order(peers):
+    """The peers in the report's order: direct, relay, nginx, haproxy, keyward, others."""
+    return sorted(peers, key=peer_rank)
+
+
+def read_results(run_dir):
     rows = {}
     with open(os.path.join(run_dir, "results.tsv")) as f:
         for line in f:
@@ -167,7 +188,7 @@ def _median_round(runs):
 
 
 def cmd_median(run_dir, peer):
-    rows = _read_results(run_dir)
+    rows = read_results(run_dir)
     if peer not in rows:
         raise SystemExit(f"no results for {peer}")
     print(f"{_median_round(rows[peer])['rps']:.2f}")
@@ -178,18 +199,112 @@ def _clk_tck(run_dir):
     return int(open(path).read()) if os.path.exists(path) else 100
 
 
+def cmd_cpu_per_request(run_dir, ticks, responses):
+    responses = int(responses)
+    if responses <= 0:
+        print("n/a")
+        return
+    print(f"{int(ticks) * 1e6 / _clk_tck(run_dir) / responses:.1f}")
+
+
+def read_saturation(run_dir):
+    """(oha open-loop saturation, wrk median) of nginx in req/s, or None."""
+    path = os.path.join(run_dir, "saturation")
+    if not os.path.exists(path):
+        return None
+    under_oha, under_wrk = (float(v) for v in open(path).read().split())
+    return under_oha, under_wrk
+
+
+def read_fixed(run_dir):
+    """fixed.tsv as {(pct, peer): [round, ...]}; {} when the fixed-rate part did not run.
+
+    Lines: peer pct target_rate achieved_rps p50 p99 success non2xx round cpu_ticks seconds
+    [responses]. CPU per request is the peer's user + kernel CPU time over the round divided
+    by the responses oha received (achieved rate x seconds for files without that column)."""
+    path = os.path.join(run_dir, "fixed.tsv")
+    runs = {}
+    if not os.path.exists(path):
+        return runs
+    clk = _clk_tck(run_dir)
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            if not fields:
+                continue
+            peer, pct, target, achieved, p50, p99, success, non2xx, rnd, ticks, secs = fields[:11]
+            secs = float(secs)
+            responses = int(fields[11]) if len(fields) > 11 else round(float(achieved) * secs)
+            cpu_s = int(ticks) / clk
+            runs.setdefault((int(pct), peer), []).append(
+                {
+                    "round": int(rnd),
+                    "target": float(target),
+                    "achieved": float(achieved),
+                    "p50": float(p50),
+                    "p99": float(p99),
+                    "success": float(success),
+                    "non2xx": int(non2xx),
+                    "responses": responses,
+                    # Cores the peer's processes used over the run (user + kernel).
+                    "cores": cpu_s / secs if secs else 0.0,
+                    "cpu_us": cpu_s * 1e6 / responses if responses else float("nan"),
+                }
+            )
+    return runs
+
+
+def fixed_medians(runs):
+    """{(pct, peer): medians of the rounds, with every round's values kept as lists}."""
+    out = {}
+    for key, rs in runs.items():
+        m = {"rounds": len(rs)}
+        for field in ("target", "achieved", "p50", "p99", "cores", "cpu_us"):
+            values = [r[field] for r in sorted(rs, key=lambda r: r["round"])]
+            m[field] = statistics.median(values)
+            m[field + "_all"] = values
+        m["success"] = min(r["success"] for r in rs)
+        m["non2xx"] = sum(r["non2xx"] for r in rs)
+        out[key] = m
+    return out
+
+
+def read_plots(run_dir):
+    """{kind: file name} of the charts bench/plot.py drew (DIR/plots), and the skip reason."""
+    plots, reason = {}, ""
+    path = os.path.join(run_dir, "plots")
+    if os.path.exists(path):
+        for line in open(path):
+            parts = line.split(None, 1)
+            if len(parts) == 2:
+                plots[parts[0]] = parts[1].strip()
+    skipped = os.path.join(run_dir, "plots.skipped")
+    if os.path.exists(skipped):
+        reason = open(skipped).read().strip()
+    return plots, reason
+
+
 def _ratio(a, b):
     return f"{a / b:.2f}" if b else "n/a"
 
 
+def _ratio_of(medians, pct, peer, other, field):
+    a, b = medians.get((pct, peer)), medians.get((pct, other))
+    if not a or not b or peer == other or not b[field] or a[field] != a[field]:
+        return "—"
+    return f"{a[field] / b[field]:.2f}"
+
+
+def _image(plots, kind, alt):
+    return [f"![{alt}]({plots[kind]})", ""] if kind in plots else []
+
+
 def cmd_report(run_dir):
     """results.tsv lines: peer round rps p50 p99 non2xx sockerr requests utime stime
-    fixed.tsv lines:   peer pct target_rate achieved_rps p50 p99 success non2xx round
-                       cpu_ticks seconds"""
-    rows = _read_results(run_dir)
-    order = list(rows)
-    canonical = ["direct", "relay", "nginx", "haproxy", "keyward"]
-    order.sort(key=lambda p: canonical.index(p) if p in canonical else len(canonical))
+    fixed.tsv lines:   see read_fixed"""
+    rows = read_results(run_dir)
+    order = peer_order(rows)
+    plots, plots_skipped = read_plots(run_dir)
 
     median = {}
     for peer in order:
@@ -249,74 +364,108 @@ def cmd_report(run_dir):
     if bad:
         out.append("")
         out.append("**Errors during load:** " + "; ".join(bad) + ".")
+    out.append("")
+    out += _image(plots, "rps", "req/s per peer, median round and spread of the rounds")
 
-    fixed_path = os.path.join(run_dir, "fixed.tsv")
+    out.append("### Latency and CPU at a fixed rate (oha, open loop, latency-corrected)")
     out.append("")
-    out.append("### Latency at a fixed rate (oha, open loop, latency-corrected)")
-    out.append("")
-    if os.path.exists(fixed_path) and os.path.getsize(fixed_path) > 0:
-        sat_path = os.path.join(run_dir, "saturation")
-        if os.path.exists(sat_path):
-            under_oha, under_wrk = (float(v) for v in open(sat_path).read().split())
-            out.append(
-                f"Rates are fractions of nginx's saturation in open loop (oha asked for four "
-                f"times nginx's wrk rate; median of the rounds): {under_oha:.0f} req/s, "
-                f"against {under_wrk:.0f} under wrk. Open-loop oha takes more of the shared "
-                f"cores than wrk, so a fraction of the wrk figure would overload every peer."
-            )
-            out.append("")
-        runs = {}
-        clk = _clk_tck(run_dir)
-        with open(fixed_path) as f:
-            for line in f:
-                fields = line.split()
-                peer, pct, target, achieved, p50, p99, success, non2xx, rnd, ticks, secs = fields
-                runs.setdefault((int(pct), peer), []).append(
-                    {
-                        "target": float(target),
-                        "achieved": float(achieved),
-                        "p50": float(p50),
-                        "p99": float(p99),
-                        "success": float(success),
-                        "non2xx": int(non2xx),
-                        # Cores the peer's processes used over the run (user + kernel).
-                        "cores": int(ticks) / clk / float(secs) if float(secs) else 0.0,
-                    }
-                )
-        out.append(
-            "| peer | load | target req/s | achieved req/s | p50 | p99 | success "
-            "| p99 per round | CPU cores per round |"
-        )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for (pct, peer), rs in sorted(
-            runs.items(), key=lambda kv: (kv[0][0], canonical.index(kv[0][1]))
-        ):
-            # The round with the median p99 (lower middle for an even count).
-            m = sorted(rs, key=lambda r: r["p99"])[(len(rs) - 1) // 2]
-            non2xx = sum(r["non2xx"] for r in rs)
-            note = f" ({non2xx} non-2xx)" if non2xx else ""
-            per_round = " / ".join(f"{r['p99']:.1f}" for r in rs)
-            cores = " / ".join(f"{r['cores']:.2f}" for r in rs)
-            out.append(
-                f"| {peer} | {pct}% of nginx | {m['target']:.0f} | {m['achieved']:.0f} "
-                f"| {m['p50']:.3f} ms | {m['p99']:.3f} ms "
-                f"| {min(r['success'] for r in rs) * 100:.2f}%{note} | {per_round} ms "
-                f"| {cores} |"
-            )
-        out.append("")
-        out.append(
-            "Each peer's round with the median p99 is shown; success is the lowest of its "
-            "rounds. CPU cores: user and kernel CPU time of the peer's own processes over "
-            "each round, divided by the round's length. At a fixed rate every peer does the "
-            "same work, so this is what each needs for it; it varies far less from round to "
-            "round than p99, which on two cores shared with the load generator and the "
-            "upstream follows how long a request waits for a core."
-        )
+    runs = read_fixed(run_dir)
+    if runs:
+        out += _fixed_section(run_dir, runs, plots)
     else:
         reason_path = os.path.join(run_dir, "fixed.skipped")
         reason = open(reason_path).read().strip() if os.path.exists(reason_path) else ""
         out.append(f"Skipped{': ' + reason if reason else ''}.")
-    print("\n".join(out))
+        out.append("")
+    if plots_skipped:
+        out.append(f"Charts skipped: {plots_skipped}.")
+    print("\n".join(out).rstrip("\n"))
+
+
+def _fixed_section(run_dir, runs, plots):
+    out = []
+    sat = read_saturation(run_dir)
+    if sat:
+        out.append(
+            f"Rates are fractions of nginx's saturation in open loop (oha asked for four "
+            f"times nginx's wrk rate; median of the rounds): {sat[0]:.0f} req/s, "
+            f"against {sat[1]:.0f} under wrk. Open-loop oha takes more of the shared "
+            f"cores than wrk, so a fraction of the wrk figure would overload every peer."
+        )
+        out.append("")
+    med = fixed_medians(runs)
+    rounds = max(m["rounds"] for m in med.values())
+    out.append(
+        "| load | peer | offered req/s | achieved | p50 | p99 | p99 vs haproxy "
+        "| CPU/req | CPU/req vs haproxy | CPU/req vs nginx | success | p99 per round "
+        "| CPU/req per round |"
+    )
+    out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for pct, peer in sorted(med, key=lambda k: (k[0], peer_rank(k[1]))):
+        m = med[(pct, peer)]
+        note = f" ({m['non2xx']} non-2xx)" if m["non2xx"] else ""
+        bold = "**" if peer == "keyward" else ""
+        out.append(
+            f"| {pct}% | {bold}{peer}{bold} | {m['target']:.0f} | {m['achieved']:.0f} "
+            f"| {m['p50']:.3f} ms | {m['p99']:.3f} ms "
+            f"| {_ratio_of(med, pct, peer, 'haproxy', 'p99')} "
+            f"| {m['cpu_us']:.1f} µs "
+            f"| {_ratio_of(med, pct, peer, 'haproxy', 'cpu_us')} "
+            f"| {_ratio_of(med, pct, peer, 'nginx', 'cpu_us')} "
+            f"| {m['success'] * 100:.2f}%{note} "
+            f"| {' / '.join(f'{v:.1f}' for v in m['p99_all'])} ms "
+            f"| {' / '.join(f'{v:.1f}' for v in m['cpu_us_all'])} µs |"
+        )
+    out.append("")
+    out.append(
+        f"Every figure is the median of the interleaved rounds ({rounds} here); success is "
+        "the lowest of the rounds. CPU/req: user and kernel CPU time of the peer's own processes "
+        "(for direct, the upstream) over the round, divided by the responses oha received. "
+        "At a fixed rate every peer does the same work, so this is what each needs for it; "
+        "it varies far less from round to round than p99, which on two cores shared with the "
+        "load generator and the upstream follows how long a request waits for a core. The "
+        "ratio columns divide this peer's median by the named peer's at the same rate."
+    )
+    out.append("")
+    out += _goals(med)
+    out += _image(plots, "latency", "p50 and p99 against the offered rate, every peer")
+    out += _image(plots, "cpu", "CPU per request against the offered rate, every peer")
+    return out
+
+
+def _goals(med):
+    """One line per goal of issue 24 that this run can judge, keyward against its peers."""
+    rates = sorted({pct for pct, peer in med if peer == "keyward"})
+    if not rates:
+        return []
+    out = []
+
+    def verdicts(field, others):
+        parts = []
+        for pct in rates:
+            k = med[(pct, "keyward")][field]
+            worse = [
+                f"{k / med[(pct, o)][field]:.2f}× {o}"
+                for o in others
+                if (pct, o) in med and med[(pct, o)][field] and k > med[(pct, o)][field]
+            ]
+            verdict = "met" if not worse else "not met (" + ", ".join(worse) + ")"
+            parts.append(f"{pct}%: {verdict}")
+        return "; ".join(parts)
+
+    cpu_peers = [p for p in ("haproxy", "nginx") if any((r, p) in med for r in rates)]
+    if cpu_peers:
+        names = " and ".join(p + "'s" for p in cpu_peers)
+        out.append(
+            f"- keyward's CPU/req no higher than {names}: "
+            + verdicts("cpu_us", cpu_peers)
+            + "."
+        )
+    if any((r, "haproxy") in med for r in rates):
+        out.append(
+            "- keyward's p99 no higher than haproxy's: " + verdicts("p99", ["haproxy"]) + "."
+        )
+    return out + [""] if out else []
 
 
 def main(argv):
@@ -329,6 +478,7 @@ def main(argv):
         "wrk-summary": cmd_wrk_summary,
         "oha-summary": cmd_oha_summary,
         "median": cmd_median,
+        "cpu-per-request": cmd_cpu_per_request,
         "report": cmd_report,
     }
     if cmd not in table:

@@ -20,15 +20,26 @@ Usage: bench/run.sh [options]
                    (default: all; relay is HAProxy in TCP mode: the hop alone)
   --connections N  concurrent connections for wrk and oha (default 32)
   --smoke          quick check for CI: 1 round x 2 s, 1000 keys, no fixed-rate part,
-                   report written to bench/results/smoke.md
+                   report written to bench/results/smoke.md (the req/s chart is
+                   still drawn when matplotlib is there)
+  --rates LIST     fixed-rate loads, in % of nginx's open-loop saturation
+                   (default 25,50,65,80; integers from 1 to 200)
   --no-oha         skip the fixed-rate latency part
+  --upstream-socket
+                   the upstream nginx also listens on a unix socket in the temp dir,
+                   and every proxy (relay, nginx, haproxy, keyward) reaches it over
+                   that socket; direct stays on TCP 127.0.0.1:18000 (same server)
+  --no-plots       do not draw the charts (bench/plot.py, matplotlib)
   --no-install     never install missing tools (apt-get, cargo install oha)
   --out FILE       where to write the markdown report
-                   (default bench/results/latest.md, or smoke.md with --smoke)
+                   (default bench/results/latest.md, or smoke.md with --smoke); the
+                   charts go beside it as NAME-rps.png, NAME-latency.png and
+                   NAME-cpu.png, the raw rounds in NAME-data/ (NAME: FILE without .md)
   -h, --help       this text
 
 Environment: KEYWARD_BIN (default target/release/keyward; built with
-`cargo build --release --locked` when missing).
+`cargo build --release --locked` when missing). Missing tools are installed (apt-get,
+cargo install oha, pip install matplotlib) unless --no-install.
 
 Ports used on 127.0.0.1: 18000 upstream (= direct), 18010 nginx, 18020 haproxy,
 18030 keyward (admin 18031), 18040 relay.
@@ -37,7 +48,7 @@ EOF
 
 ORIG_ARGS="$*"
 DURATION="" ROUNDS="" KEYS="" PEERS="direct,relay,nginx,haproxy,keyward" CONNECTIONS=32
-SMOKE=0 OHA=1 INSTALL=1 OUT=""
+SMOKE=0 OHA=1 INSTALL=1 OUT="" RATES="25,50,65,80" UPSTREAM_SOCKET=0 PLOTS=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2 ;;
@@ -46,7 +57,10 @@ while [[ $# -gt 0 ]]; do
     --peers) PEERS="$2"; shift 2 ;;
     --connections) CONNECTIONS="$2"; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
+    --rates) RATES="$2"; shift 2 ;;
     --no-oha) OHA=0; shift ;;
+    --upstream-socket) UPSTREAM_SOCKET=1; shift ;;
+    --no-plots) PLOTS=0; shift ;;
     --no-install) INSTALL=0; shift ;;
     --out) OUT="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -60,6 +74,12 @@ fi
 : "${DURATION:=10}" "${ROUNDS:=3}" "${KEYS:=10000}" "${OUT:=$BENCH_DIR/results/latest.md}"
 for v in DURATION ROUNDS KEYS CONNECTIONS; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "--${v,,} must be a positive integer" >&2; exit 2; }
+done
+IFS=, read -r -a RATE_LIST <<<"$RATES"
+[[ ${#RATE_LIST[@]} -gt 0 ]] || { echo "--rates is empty" >&2; exit 2; }
+for pct in "${RATE_LIST[@]}"; do
+  [[ $pct =~ ^[1-9][0-9]*$ && $pct -le 200 ]] \
+    || { echo "--rates: '$pct' is not an integer percentage from 1 to 200" >&2; exit 2; }
 done
 
 UPSTREAM_PORT=18000
@@ -127,9 +147,26 @@ find_oha() {
   fi
 }
 
+# Charts need matplotlib; without it the run still writes its report, with a note.
+PLOT_SKIP_REASON=""
+find_matplotlib() {
+  if [[ $PLOTS == 0 ]]; then PLOT_SKIP_REASON="disabled (--no-plots)"; return; fi
+  python3 -c 'import matplotlib' 2>/dev/null && return
+  if [[ $INSTALL == 1 ]]; then
+    log "matplotlib not found: python3 -m pip install matplotlib"
+    python3 -m pip install --quiet matplotlib >&2 || true
+    python3 -c 'import matplotlib' 2>/dev/null && return
+    PLOT_SKIP_REASON="matplotlib could not be installed (python3 -m pip install matplotlib)"
+  else
+    PLOT_SKIP_REASON="matplotlib is not installed (--no-install given; python3 -m pip install matplotlib)"
+  fi
+  log "charts will be skipped: $PLOT_SKIP_REASON"
+}
+
 # ---------------------------------------------------------------- processes
 TMP=""
 PIDS=()
+declare -A PID=() # by name: upstream, nginx, haproxy, relay, keyward
 cleanup() {
   local rc=$? pid i
   trap - EXIT INT TERM
@@ -151,21 +188,23 @@ start() {
   local name=$1 logf=$2; shift 2
   "$@" >"$logf" 2>&1 &
   PIDS+=("$!")
-  eval "PID_${name}=$!"
+  PID[$name]=$!
 }
 
 # wait_http NAME PID URL [WANT]: poll URL until it answers (or answers WANT), 30 s at most.
 wait_http() {
-  local name=$1 pid=$2 url=$3 want=${4:-} code i
+  local name=$1 pid=$2 url=$3 want=${4:-} code i hint=""
+  [[ $name == keyward && $UPSTREAM_SOCKET == 1 ]] \
+    && hint=" (with --upstream-socket keyward needs 'upstream: unix:PATH' support)"
   for ((i = 0; i < 300; i++)); do
-    kill -0 "$pid" 2>/dev/null || die "$name exited during start-up (log: $(tail -n 20 "$TMP/$name.log" 2>/dev/null))"
+    kill -0 "$pid" 2>/dev/null || die "$name exited during start-up$hint (log: $(tail -n 20 "$TMP/$name.log" 2>/dev/null))"
     code=$(curl -s -o /dev/null -m 1 -w '%{http_code}' "$url" 2>/dev/null || true)
     if [[ -n $want ]]; then [[ $code == "$want" ]] && return 0
     else [[ -n $code && $code != 000 ]] && return 0
     fi
     sleep 0.1
   done
-  die "$name did not become ready at $url (last status: ${code:-none}; log: $(tail -n 20 "$TMP/$name.log" 2>/dev/null))"
+  die "$name did not become ready at $url$hint (last status: ${code:-none}; log: $(tail -n 20 "$TMP/$name.log" 2>/dev/null))"
 }
 
 nginx_temp_paths() {
@@ -179,9 +218,24 @@ nginx_temp_paths() {
 EOF
 }
 
+# The upstream as each proxy names it: over TCP by default, over the unix socket with
+# --upstream-socket (direct always reaches the same server over TCP).
+# upstream_addr UNIX_PREFIX TCP_PREFIX: PREFIX + the socket path, or PREFIX + host:port.
+upstream_addr() {
+  if [[ $UPSTREAM_SOCKET == 1 ]]; then echo "$1$UPSTREAM_SOCK"; else echo "${2}127.0.0.1:$UPSTREAM_PORT"; fi
+}
+upstream_nginx() { upstream_addr unix: ""; }
+upstream_haproxy() { upstream_addr unix@ ""; }
+upstream_keyward() { upstream_addr unix: http://; }
+
 start_upstream() {
-  local d=$TMP/upstream
+  local d=$TMP/upstream upstream_listen_sock=""
   mkdir -p "$d/tmp"
+  if [[ $UPSTREAM_SOCKET == 1 ]]; then
+    # nginx makes its unix listening sockets mode 0666: the peers' workers can connect.
+    upstream_listen_sock="
+        listen unix:$UPSTREAM_SOCK;"
+  fi
   cat >"$d/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -195,15 +249,23 @@ $(nginx_temp_paths "$d")
     keepalive_timeout 120s;
     default_type text/plain;
     server {
-        listen 127.0.0.1:$UPSTREAM_PORT;
+        listen 127.0.0.1:$UPSTREAM_PORT;$upstream_listen_sock
         # Used once per peer by the correctness check: echoes the injected identity.
         location = /__subject { return 200 "\$http_x_auth_subject_id"; }
+        # And which listener a peer reached: unix:PATH over the socket, 127.0.0.1 over TCP.
+        location = /__via { return 200 "\$server_addr"; }
         location / { return 200 "ok"; }
     }
 }
 EOF
   start upstream "$TMP/upstream.log" nginx -e "$d/error.log" -p "$d" -c "$d/nginx.conf"
-  wait_http upstream "$PID_upstream" "http://127.0.0.1:$UPSTREAM_PORT/"
+  wait_http upstream "${PID[upstream]}" "http://127.0.0.1:$UPSTREAM_PORT/"
+  if [[ $UPSTREAM_SOCKET == 1 ]]; then
+    local code
+    code=$(curl -s -o /dev/null -m 5 -w '%{http_code}' --unix-socket "$UPSTREAM_SOCK" http://localhost/ || true)
+    [[ $code == 200 ]] || die "upstream does not answer on $UPSTREAM_SOCK (status: ${code:-none})"
+    log "upstream: 127.0.0.1:$UPSTREAM_PORT (direct) and unix:$UPSTREAM_SOCK (every proxy)"
+  fi
 }
 
 start_nginx() {
@@ -227,7 +289,7 @@ $(nginx_temp_paths "$d")
         include $TMP/nginx-keys.map;
     }
     upstream app {
-        server 127.0.0.1:$UPSTREAM_PORT;
+        server $(upstream_nginx);
         keepalive 64;
         keepalive_requests 1000000;
     }
@@ -244,7 +306,7 @@ $(nginx_temp_paths "$d")
 }
 EOF
   start nginx "$TMP/nginx.log" nginx -e "$d/error.log" -p "$d" -c "$d/nginx.conf"
-  wait_http nginx "$PID_nginx" "http://127.0.0.1:${PORT[nginx]}/"
+  wait_http nginx "${PID[nginx]}" "http://127.0.0.1:${PORT[nginx]}/"
 }
 
 start_haproxy() {
@@ -271,19 +333,18 @@ frontend bench
     default_backend app
 
 backend app
-    server app 127.0.0.1:$UPSTREAM_PORT
+    server app $(upstream_haproxy)
 EOF
   run_haproxy haproxy
 }
 
 # run_haproxy NAME: check $TMP/NAME.cfg, start HAProxy on it and wait for PORT[NAME].
 run_haproxy() {
-  local name=$1 pid
+  local name=$1
   haproxy -c -q -f "$TMP/$name.cfg" >"$TMP/$name-check.log" 2>&1 \
     || die "$name (haproxy) config check failed: $(cat "$TMP/$name-check.log")"
   start "$name" "$TMP/$name.log" haproxy -db -f "$TMP/$name.cfg"
-  pid="PID_$name"
-  wait_http "$name" "${!pid}" "http://127.0.0.1:${PORT[$name]}/"
+  wait_http "$name" "${PID[$name]}" "http://127.0.0.1:${PORT[$name]}/"
 }
 
 # The hop alone: HAProxy relaying bytes in TCP mode, with no HTTP parsing, no key check and
@@ -307,7 +368,7 @@ frontend relay
     default_backend app
 
 backend app
-    server app 127.0.0.1:$UPSTREAM_PORT
+    server app $(upstream_haproxy)
 EOF
   run_haproxy relay
 }
@@ -330,7 +391,7 @@ start_keyward() {
   # Same fields as config/keyward.yaml; only what the benchmark needs differs.
   cat >"$TMP/keyward.yaml" <<EOF
 listen: 127.0.0.1:${PORT[keyward]}
-upstream: http://127.0.0.1:$UPSTREAM_PORT
+upstream: $(upstream_keyward)
 admin_listen: 127.0.0.1:$KEYWARD_ADMIN_PORT
 environment: production
 trusted_proxies: []
@@ -371,7 +432,7 @@ metrics:
   per_key: false
 EOF
   start keyward "$TMP/keyward.log" "$KEYWARD_BIN" run --config "$TMP/keyward.yaml"
-  wait_http keyward "$PID_keyward" "http://127.0.0.1:$KEYWARD_ADMIN_PORT/readyz" 200
+  wait_http keyward "${PID[keyward]}" "http://127.0.0.1:$KEYWARD_ADMIN_PORT/readyz" 200
 }
 
 # ---------------------------------------------------------------- checks
@@ -389,15 +450,17 @@ http_check() {
 }
 
 verify_peer() {
-  local peer=$1
+  local peer=$1 via=127.0.0.1
   http_check "$peer" / 200 "$BENCH_KEY" ok
+  [[ $UPSTREAM_SOCKET == 1 && $peer != direct ]] && via=unix:$UPSTREAM_SOCK
+  http_check "$peer" /__via 200 "$BENCH_KEY" "$via"
   if [[ $peer != direct && $peer != relay ]]; then
     http_check "$peer" / 401 "$BENCH_UNKNOWN_KEY"
     http_check "$peer" / 401
     http_check "$peer" /__subject 200 "$BENCH_KEY" "$BENCH_SUBJECT"
-    log "$peer: valid key -> 200 (subject forwarded), unknown/missing key -> 401"
+    log "$peer: valid key -> 200 (subject forwarded), unknown/missing key -> 401; upstream reached at $via"
   else
-    log "$peer: upstream answers 200$([[ $peer == relay ]] && echo " through the relay (no key check)")"
+    log "$peer: upstream answers 200$([[ $peer == relay ]] && echo " through the relay (no key check)"), at $via"
   fi
 }
 
@@ -407,8 +470,7 @@ verify_peer() {
 cpu_ticks() {
   local name=$1 pids p
   [[ $name == direct ]] && name=upstream
-  local var="PID_$name"
-  pids="${!var} $({ pgrep -P "${!var}" || true; } | tr "\n" " ")"
+  pids="${PID[$name]} $({ pgrep -P "${PID[$name]}" || true; } | tr "\n" " ")"
   for p in $pids; do cat "/proc/$p/stat" 2>/dev/null; done \
     | awk '{ sub(/^.*\) /, ""); u += $12; s += $13 } END { print u + 0, s + 0 }'
 }
@@ -416,6 +478,7 @@ cpu_ticks() {
 # ---------------------------------------------------------------- main
 install_tools
 find_oha
+find_matplotlib
 has_peer keyward && build_keyward
 
 ports=("$UPSTREAM_PORT")
@@ -425,6 +488,8 @@ python3 "$LIB" ports-free "${ports[@]}" || die "a benchmark port is in use"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/keyward-bench.XXXXXX")
 chmod 755 "$TMP" # nginx workers drop privileges when started as root
+UPSTREAM_SOCK=$TMP/app.sock
+[[ ${#UPSTREAM_SOCK} -lt 100 ]] || die "socket path too long for a unix socket: $UPSTREAM_SOCK (set TMPDIR)"
 log "generating $KEYS keys in $TMP"
 python3 "$LIB" gen "$TMP" "$KEYS"
 getconf CLK_TCK >"$TMP/clk_tck"
@@ -489,24 +554,23 @@ if [[ -n $OHA_BIN ]]; then
     done
     sat=$(sort -n "$TMP/saturation-oha" | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}')
     printf '%s %s\n' "$sat" "$wrk_sat" >"$TMP/saturation"
-    fixed_peers=()
-    for peer in nginx haproxy keyward; do has_peer "$peer" && fixed_peers+=("$peer"); done
-    m=${#fixed_peers[@]}
-    # Interleaved rounds, as for throughput: the report gives each peer's median p99.
+    # Interleaved rounds, as for throughput, for every peer at every rate of --rates: the
+    # report gives the medians of the rounds, the charts p50/p99 and CPU per request
+    # against the offered rate.
     for ((r = 0; r < ROUNDS; r++)); do
-      for pct in 50 80; do
+      for pct in "${RATE_LIST[@]}"; do
         rate=$(python3 -c "print(max(1, round($sat * $pct / 100)))")
-        for ((i = 0; i < m; i++)); do
-          peer=${fixed_peers[(r + i) % m]}
+        for ((i = 0; i < n; i++)); do
+          peer=${PEER_LIST[(r + i) % n]}
           out="$TMP/oha-$peer-$pct-$r.json"
           read -r u0 s0 < <(cpu_ticks "$peer")
           run_oha "$peer" "$rate" "$out"
           read -r u1 s1 < <(cpu_ticks "$peer")
-          read -r achieved p50 p99 success non2xx secs < <(python3 "$LIB" oha-summary "$out")
-          printf '%s %s %s %s %s %s %s %s %s %s %s\n' "$peer" "$pct" "$rate" "$achieved" "$p50" \
+          read -r achieved p50 p99 success non2xx secs responses < <(python3 "$LIB" oha-summary "$out")
+          printf '%s %s %s %s %s %s %s %s %s %s %s %s\n' "$peer" "$pct" "$rate" "$achieved" "$p50" \
             "$p99" "$success" "$non2xx" "$((r + 1))" "$((u1 - u0 + s1 - s0))" "$secs" \
-            >>"$TMP/fixed.tsv"
-          log "round $((r + 1))/$ROUNDS fixed rate $rate req/s ($pct% of nginx) $peer: p50 ${p50} ms, p99 ${p99} ms"
+            "$responses" >>"$TMP/fixed.tsv"
+          log "round $((r + 1))/$ROUNDS fixed rate $rate req/s ($pct% of nginx) $peer: p50 ${p50} ms, p99 ${p99} ms, CPU $(python3 "$LIB" cpu-per-request "$TMP" "$((u1 - u0 + s1 - s0))" "$responses") µs/req"
         done
       done
     done
@@ -532,17 +596,59 @@ fi
 cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)
 
 mkdir -p "$(dirname "$OUT")"
+OUT_DIR=$(cd "$(dirname "$OUT")" && pwd)
+NAME=$(basename "$OUT" .md)
+if [[ $UPSTREAM_SOCKET == 1 ]]; then
+  upstream_desc="nginx (1 worker); every proxy reaches it over a unix socket (unix:\$TMP/app.sock), direct over TCP 127.0.0.1:$UPSTREAM_PORT (a second listen of the same server)"
+else
+  upstream_desc="nginx (1 worker) on TCP 127.0.0.1:$UPSTREAM_PORT"
+fi
+cat >"$TMP/meta" <<EOF
+connections=$CONNECTIONS
+duration=$DURATION
+rounds=$ROUNDS
+keys=$KEYS
+upstream=$([[ $UPSTREAM_SOCKET == 1 ]] && echo "unix socket (direct over TCP)" || echo "TCP")
+date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+EOF
+
+# The rounds' raw figures stay beside the report, so the tables and charts can be redrawn:
+# python3 bench/benchlib.py report DIR; python3 bench/plot.py DIR
+DATA_DIR=$OUT_DIR/$NAME-data
+rm -rf "$DATA_DIR"
+mkdir -p "$DATA_DIR"
+for f in results.tsv fixed.tsv fixed.skipped saturation clk_tck meta; do
+  if [[ -e $TMP/$f ]]; then cp "$TMP/$f" "$DATA_DIR/"; fi
+done
+
+rm -f "$OUT_DIR/$NAME"-{rps,latency,cpu}.png
+if [[ -z $PLOT_SKIP_REASON ]]; then
+  if python3 "$BENCH_DIR/plot.py" "$DATA_DIR" >"$DATA_DIR/plots" 2>"$TMP/plot.err"; then
+    log "charts: $(awk '{print $2}' "$DATA_DIR/plots" | paste -sd ' ')"
+  else
+    PLOT_SKIP_REASON="bench/plot.py failed: $(tail -n 3 "$TMP/plot.err")"
+    rm -f "$DATA_DIR/plots"
+  fi
+fi
+if [[ -n $PLOT_SKIP_REASON ]]; then
+  log "charts skipped: $PLOT_SKIP_REASON"
+  echo "$PLOT_SKIP_REASON" >"$DATA_DIR/plots.skipped"
+fi
+
 {
   echo "# keyward proxy benchmark"
   echo
-  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "- date: $(sed -n 's/^date=//p' "$TMP/meta")"
   echo "- machine: $(nproc) CPU(s)${cpu:+, $cpu}, $(uname -sr)"
   echo "- load: wrk -t1 -c$CONNECTIONS, $ROUNDS interleaved round(s) x ${DURATION}s per peer, $KEYS keys per table"
   echo "- peers: ${PEER_LIST[*]}"
-  echo "- tools: $(IFS=';'; echo "${versions[*]}" | sed 's/;/; /g')"
+  echo "- upstream: $upstream_desc"
+  tools=$(IFS=';'; echo "${versions[*]}")
+  echo "- tools: ${tools//;/; }"
   echo "- command: bench/run.sh${ORIG_ARGS:+ $ORIG_ARGS}"
+  echo "- raw rounds: $NAME-data/ (charts redrawn by: python3 bench/plot.py ${DATA_DIR#"$REPO_DIR"/})"
   echo
-  python3 "$LIB" report "$TMP"
+  python3 "$LIB" report "$DATA_DIR"
 } >"$TMP/report.md"
 
 cp "$TMP/report.md" "$OUT"
