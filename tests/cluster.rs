@@ -110,6 +110,36 @@ async fn an_unlimited_key_makes_no_redis_call() {
     );
 }
 
+/// The limiter's connections are made by the threads that serve requests, one each (the
+/// call never leaves the worker thread), not one per request nor one shared with the
+/// background tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limiter_has_one_connection_per_worker_thread() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let config = cluster_yaml(redis.port, "deny") + "workers: 2\n";
+    let kw = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+    wait_ready(&kw).await;
+    assert_eq!(kw.app.limiter.connections(), 0, "made on first use");
+    let clients_before: String = redis.cmd(&["CLIENT", "LIST"]).await;
+    // Each call is a new client connection; the kernel spreads them over the workers.
+    for _ in 0..40 {
+        let r = call(&kw, LIMITED).await;
+        assert!(matches!(r.status.as_u16(), 200 | 429), "{}", r.text());
+    }
+    let n = kw.app.limiter.connections();
+    assert!(
+        (1..=2).contains(&n),
+        "{n} limiter connections for 2 workers"
+    );
+    let clients_after: String = redis.cmd(&["CLIENT", "LIST"]).await;
+    assert_eq!(
+        clients_after.lines().count(),
+        clients_before.lines().count() + n,
+        "no connection per request"
+    );
+}
+
 /// Revoke on one replica, poll the others until they refuse the key: the time to effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_reaches_every_replica_and_enable_lifts_it() {

@@ -104,6 +104,13 @@ async fn killed_under_load(on_error: &str, check: fn(&str, u16, &str)) {
     }
     assert!(total > 100, "only {total} requests");
     assert_eq!(call(&a, LIMITED).await.status, 200, "shared again");
+    // The limiter's own connections came back: its script runs in the new Redis.
+    let before = redis.calls("time").await;
+    eventually("limiter calls reach the new redis", || async {
+        call(&a, LIMITED).await;
+        redis.calls("time").await > before
+    })
+    .await;
     let errors = metric(&a, "keyward_cluster_errors_total{op=\"ratelimit\"}").await;
     println!(
         "{on_error}: {total} requests; during the outage a limited key got {}; ratelimit errors {errors:?}",
