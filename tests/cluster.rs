@@ -215,12 +215,13 @@ async fn a_revoke_with_a_file_source_scopes_to_the_digest() {
         call(&b, OTHER).await.code() == "disabled_api_key"
     })
     .await;
-    // The stored value names the digest, not the raw key; the Redis key names neither.
+    // The entry is the digest's (a field of the hash), naming the id it was made through;
+    // no Redis key name holds the digest or the raw key.
     let stored: Option<String> = redis
-        .cmd(&["HGET", "keyward:revocations", "key_other"])
+        .cmd(&["HGET", "keyward:revocations", &sha(OTHER)])
         .await;
     let stored = stored.unwrap();
-    assert!(stored.ends_with(&format!("|1|{}", sha(OTHER))), "{stored}");
+    assert!(stored.ends_with("|1|key_other"), "{stored}");
     let names: Vec<String> = redis.cmd(&["KEYS", "*"]).await;
     assert!(names.iter().all(|n| n.starts_with("keyward:")), "{names:?}");
     assert!(names
@@ -244,6 +245,60 @@ async fn a_revoke_with_a_file_source_scopes_to_the_digest() {
     // Unknown ids are refused.
     let r = admin_post(&a, "key_nope", "disable").await;
     assert_eq!((r.status.as_u16(), r.code()), (404, "unknown_key".into()));
+}
+
+/// A revoke is scoped to the secret: the revoked secret re-issued under a new id in a later
+/// snapshot is refused as disabled on every replica (SPEC 14: 401 `disabled_api_key`), and
+/// `enable` of the id that now carries it lifts the revoke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_secret_stays_revoked_under_a_new_id_until_enabled() {
+    const MARKER: &str = "sta_cluster_marker_key_0123456789abcdef";
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    assert_eq!(admin_post(&a, "key_other", "disable").await.status, 200);
+    eventually("revoked on b", || async {
+        call(&b, OTHER).await.code() == "disabled_api_key"
+    })
+    .await;
+    // The next snapshot has no key_other: its secret is key_reissued's now.
+    let reissued = snapshot(&[
+        entry("key_free", FREE, None),
+        entry("key_reissued", OTHER, None),
+        entry("key_marker", MARKER, None),
+    ]);
+    for kw in [&a, &b] {
+        std::fs::write(kw.keys_file(), &reissued).unwrap();
+    }
+    for kw in [&a, &b] {
+        eventually("new snapshot in force", || async {
+            call(kw, MARKER).await.status == 200
+        })
+        .await;
+        let r = call(kw, OTHER).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (401, "disabled_api_key".into()),
+            "the revoked secret under a new id"
+        );
+        assert_eq!(call(kw, FREE).await.status, 200);
+    }
+    // The old id is gone from the snapshot: enable goes through the id that carries it.
+    let r = admin_post(&b, "key_other", "enable").await;
+    assert_eq!((r.status.as_u16(), r.code()), (404, "unknown_key".into()));
+    let r = admin_post(&b, "key_reissued", "enable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for kw in [&a, &b] {
+        eventually("lifted everywhere", || async {
+            call(kw, OTHER).await.status == 200
+        })
+        .await;
+    }
+    let stored: Option<String> = redis
+        .cmd(&["HGET", "keyward:revocations", &sha(OTHER)])
+        .await;
+    assert!(stored.unwrap().ends_with("|0|key_reissued"));
 }
 
 #[tokio::test]
