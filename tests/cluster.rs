@@ -443,3 +443,36 @@ fn keyward_check_validates_the_cluster_config() {
     let (ok, text) = check("", Some("rediss://:pw@r:6380/0"));
     assert!(ok, "{text}");
 }
+
+/// Usage reaches Redis in one call per flush (about one a second), however many requests and
+/// keys were counted: never a call per request or per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_flushed_in_one_call_a_second() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let scripts = || async { redis.calls("evalsha").await + redis.calls("eval").await };
+    let (before, start) = (scripts().await, Instant::now());
+    for _ in 0..50 {
+        for key in [FREE, OTHER] {
+            assert_eq!(call(&kw, key).await.status, 200);
+        }
+    }
+    eventually("both keys flushed", || async {
+        let counts: std::collections::HashMap<String, String> =
+            redis.cmd(&["HGETALL", "keyward:usage:count"]).await;
+        counts.get("key_free").map(String::as_str) == Some("50")
+            && counts.get("key_other").map(String::as_str) == Some("50")
+    })
+    .await;
+    // Unlimited keys and no revokes: every script call here is a usage flush.
+    let calls = scripts().await - before;
+    let seconds = start.elapsed().as_secs_f64();
+    println!("100 requests over 2 keys: {calls} flush calls in {seconds:.1}s");
+    assert!(
+        (calls as f64) <= seconds.ceil() + 2.0,
+        "{calls} calls in {seconds:.1}s"
+    );
+    // One call carries every key: each flush's HINCRBYs run inside it.
+    assert!(redis.calls("hincrby").await >= 2);
+}
