@@ -109,6 +109,18 @@ impl Limiter {
 }
 
 impl RedisLimiter {
+    /// `{prefix}rl:{<key id>}`: the key id in a hash tag (one Redis Cluster slot). Built
+    /// without `format!`, which cost more than the rest of the call's preparation.
+    fn state_key(&self, id: &str) -> String {
+        let prefix = &self.cluster.config.prefix;
+        let mut name = String::with_capacity(prefix.len() + id.len() + 5);
+        name.push_str(prefix);
+        name.push_str("rl:{");
+        name.push_str(id);
+        name.push('}');
+        name
+    }
+
     async fn check(&self, key: &Key) -> Result<RateDecision, Unavailable> {
         let Some(limit) = key.rate_limit() else {
             return Ok(RateDecision::Unlimited);
@@ -117,17 +129,26 @@ impl RedisLimiter {
             let deadline = tokio::time::Instant::now() + self.cluster.config.timeout;
             if let Some(conn) = self.conns.get(deadline).await {
                 let interval = (1e6 / limit.per_second).clamp(0.0, MAX_INTERVAL_US).round();
-                let name = self.cluster.key(&format!("rl:{{{}}}", &*key.id));
+                // Sized up front: growing the command's buffers cost as much as filling them.
+                let mut call = redis::Cmd::with_capacity(6, 128);
+                call.arg("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(1)
+                    .arg(self.state_key(&key.id))
+                    .arg(interval as u64)
+                    .arg(limit.burst);
                 let script = &self.script;
                 let r = self
                     .cluster
                     .call_on(Op::RateLimit, deadline, conn, |mut c| async move {
-                        script
-                            .key(name)
-                            .arg(interval as u64)
-                            .arg(limit.burst)
-                            .invoke_async::<String>(&mut c)
-                            .await
+                        match call.query_async::<String>(&mut c).await {
+                            // A Redis that restarted: load the script once, then again.
+                            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                                script.prepare_invoke().load_async(&mut c).await?;
+                                call.query_async(&mut c).await
+                            }
+                            r => r,
+                        }
                     })
                     .await;
                 match r {
@@ -184,6 +205,22 @@ fn decision(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_key_puts_the_id_in_a_hash_tag() {
+        let config = crate::config::ClusterConfig {
+            redis: "redis://127.0.0.1:1/0".into(),
+            prefix: "kw:".into(),
+            timeout: std::time::Duration::from_millis(50),
+            on_error: OnError::Local,
+        };
+        let cluster = Arc::new(Cluster::new(&config, &prometheus::Registry::new()).unwrap());
+        let Limiter::Redis(r) = Limiter::new(Some(&cluster)) else {
+            panic!("a cluster makes a Redis limiter");
+        };
+        assert_eq!(r.state_key("key_1"), "kw:rl:{key_1}");
+        assert_eq!(r.state_key("key_1"), cluster.key("rl:{key_1}"));
+    }
 
     #[test]
     fn replies_parse_and_bad_ones_are_refused() {
