@@ -110,6 +110,36 @@ async fn an_unlimited_key_makes_no_redis_call() {
     );
 }
 
+/// The limiter's connections are made by the threads that serve requests, one each (the
+/// call never leaves the worker thread), not one per request nor one shared with the
+/// background tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limiter_has_one_connection_per_worker_thread() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let config = cluster_yaml(redis.port, "deny") + "workers: 2\n";
+    let kw = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+    wait_ready(&kw).await;
+    assert_eq!(kw.app.limiter.connections(), 0, "made on first use");
+    let clients_before: String = redis.cmd(&["CLIENT", "LIST"]).await;
+    // Each call is a new client connection; the kernel spreads them over the workers.
+    for _ in 0..40 {
+        let r = call(&kw, LIMITED).await;
+        assert!(matches!(r.status.as_u16(), 200 | 429), "{}", r.text());
+    }
+    let n = kw.app.limiter.connections();
+    assert!(
+        (1..=2).contains(&n),
+        "{n} limiter connections for 2 workers"
+    );
+    let clients_after: String = redis.cmd(&["CLIENT", "LIST"]).await;
+    assert_eq!(
+        clients_after.lines().count(),
+        clients_before.lines().count() + n,
+        "no connection per request"
+    );
+}
+
 /// Revoke on one replica, poll the others until they refuse the key: the time to effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_reaches_every_replica_and_enable_lifts_it() {
@@ -185,12 +215,13 @@ async fn a_revoke_with_a_file_source_scopes_to_the_digest() {
         call(&b, OTHER).await.code() == "disabled_api_key"
     })
     .await;
-    // The stored value names the digest, not the raw key; the Redis key names neither.
+    // The entry is the digest's (a field of the hash), naming the id it was made through;
+    // no Redis key name holds the digest or the raw key.
     let stored: Option<String> = redis
-        .cmd(&["HGET", "keyward:revocations", "key_other"])
+        .cmd(&["HGET", "keyward:revocations", &sha(OTHER)])
         .await;
     let stored = stored.unwrap();
-    assert!(stored.ends_with(&format!("|1|{}", sha(OTHER))), "{stored}");
+    assert!(stored.ends_with("|1|key_other"), "{stored}");
     let names: Vec<String> = redis.cmd(&["KEYS", "*"]).await;
     assert!(names.iter().all(|n| n.starts_with("keyward:")), "{names:?}");
     assert!(names
@@ -214,6 +245,60 @@ async fn a_revoke_with_a_file_source_scopes_to_the_digest() {
     // Unknown ids are refused.
     let r = admin_post(&a, "key_nope", "disable").await;
     assert_eq!((r.status.as_u16(), r.code()), (404, "unknown_key".into()));
+}
+
+/// A revoke is scoped to the secret: the revoked secret re-issued under a new id in a later
+/// snapshot is refused as disabled on every replica (SPEC 14: 401 `disabled_api_key`), and
+/// `enable` of the id that now carries it lifts the revoke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_secret_stays_revoked_under_a_new_id_until_enabled() {
+    const MARKER: &str = "sta_cluster_marker_key_0123456789abcdef";
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    assert_eq!(admin_post(&a, "key_other", "disable").await.status, 200);
+    eventually("revoked on b", || async {
+        call(&b, OTHER).await.code() == "disabled_api_key"
+    })
+    .await;
+    // The next snapshot has no key_other: its secret is key_reissued's now.
+    let reissued = snapshot(&[
+        entry("key_free", FREE, None),
+        entry("key_reissued", OTHER, None),
+        entry("key_marker", MARKER, None),
+    ]);
+    for kw in [&a, &b] {
+        std::fs::write(kw.keys_file(), &reissued).unwrap();
+    }
+    for kw in [&a, &b] {
+        eventually("new snapshot in force", || async {
+            call(kw, MARKER).await.status == 200
+        })
+        .await;
+        let r = call(kw, OTHER).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (401, "disabled_api_key".into()),
+            "the revoked secret under a new id"
+        );
+        assert_eq!(call(kw, FREE).await.status, 200);
+    }
+    // The old id is gone from the snapshot: enable goes through the id that carries it.
+    let r = admin_post(&b, "key_other", "enable").await;
+    assert_eq!((r.status.as_u16(), r.code()), (404, "unknown_key".into()));
+    let r = admin_post(&b, "key_reissued", "enable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for kw in [&a, &b] {
+        eventually("lifted everywhere", || async {
+            call(kw, OTHER).await.status == 200
+        })
+        .await;
+    }
+    let stored: Option<String> = redis
+        .cmd(&["HGET", "keyward:revocations", &sha(OTHER)])
+        .await;
+    assert!(stored.unwrap().ends_with("|0|key_reissued"));
 }
 
 #[tokio::test]
@@ -357,4 +442,37 @@ fn keyward_check_validates_the_cluster_config() {
     assert!(!text.contains("hunter2"), "{text}");
     let (ok, text) = check("", Some("rediss://:pw@r:6380/0"));
     assert!(ok, "{text}");
+}
+
+/// Usage reaches Redis in one call per flush (about one a second), however many requests and
+/// keys were counted: never a call per request or per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_flushed_in_one_call_a_second() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let scripts = || async { redis.calls("evalsha").await + redis.calls("eval").await };
+    let (before, start) = (scripts().await, Instant::now());
+    for _ in 0..50 {
+        for key in [FREE, OTHER] {
+            assert_eq!(call(&kw, key).await.status, 200);
+        }
+    }
+    eventually("both keys flushed", || async {
+        let counts: std::collections::HashMap<String, String> =
+            redis.cmd(&["HGETALL", "keyward:usage:count"]).await;
+        counts.get("key_free").map(String::as_str) == Some("50")
+            && counts.get("key_other").map(String::as_str) == Some("50")
+    })
+    .await;
+    // Unlimited keys and no revokes: every script call here is a usage flush.
+    let calls = scripts().await - before;
+    let seconds = start.elapsed().as_secs_f64();
+    println!("100 requests over 2 keys: {calls} flush calls in {seconds:.1}s");
+    assert!(
+        (calls as f64) <= seconds.ceil() + 2.0,
+        "{calls} calls in {seconds:.1}s"
+    );
+    // One call carries every key: each flush's HINCRBYs run inside it.
+    assert!(redis.calls("hincrby").await >= 2);
 }

@@ -1,7 +1,8 @@
 //! Fleet state when Redis fails (SPEC 14): killed under load (`on_error: local` and
 //! `deny`), restarted empty (revocations restored by the replicas, nothing revoked let
 //! through, a lifted revoke stays lifted), and a replica started while Redis is down (not
-//! ready until it has read the revocation set).
+//! ready until it has read the revocation set); usage totals written back into a Redis
+//! that comes back empty.
 
 mod cluster_support;
 mod support;
@@ -104,6 +105,13 @@ async fn killed_under_load(on_error: &str, check: fn(&str, u16, &str)) {
     }
     assert!(total > 100, "only {total} requests");
     assert_eq!(call(&a, LIMITED).await.status, 200, "shared again");
+    // The limiter's own connections came back: its script runs in the new Redis.
+    let before = redis.calls("time").await;
+    eventually("limiter calls reach the new redis", || async {
+        call(&a, LIMITED).await;
+        redis.calls("time").await > before
+    })
+    .await;
     let errors = metric(&a, "keyward_cluster_errors_total{op=\"ratelimit\"}").await;
     println!(
         "{on_error}: {total} requests; during the outage a limited key got {}; ratelimit errors {errors:?}",
@@ -172,16 +180,16 @@ async fn redis_restarted_empty_is_restored_by_the_replicas() {
         "a lifted revoke stays lifted"
     );
     // Restored from what the replicas hold: the revoke, and the lift (a newer tombstone).
-    let stored = |id: &'static str| {
+    let stored = |raw: &'static str| {
         let redis = &redis;
         async move {
-            let v: Option<String> = redis.cmd(&["HGET", "keyward:revocations", id]).await;
+            let v: Option<String> = redis.cmd(&["HGET", "keyward:revocations", &sha(raw)]).await;
             v.unwrap_or_default()
         }
     };
-    assert!(stored("key_revoked").await.contains("|1|"));
+    assert!(stored(REVOKED).await.ends_with("|1|key_revoked"));
     assert!(
-        stored("key_lifted").await.contains("|0|"),
+        stored(LIFTED).await.ends_with("|0|key_lifted"),
         "tombstone restored"
     );
     stop.store(true, Ordering::Relaxed);
@@ -222,7 +230,7 @@ async fn a_replica_started_while_redis_is_down_is_not_ready_until_it_reads_the_s
     // ... and reaches Redis once it is there.
     eventually("written back", || async {
         let v: Option<String> = redis
-            .cmd(&["HGET", "keyward:revocations", "key_revoked"])
+            .cmd(&["HGET", "keyward:revocations", &sha(REVOKED)])
             .await;
         v.is_some()
     })
@@ -282,6 +290,99 @@ async fn a_slow_redis_costs_at_most_the_timeout_then_the_policy_applies() {
     sleeper.await.unwrap();
     eventually("limited key shared again", || async {
         call(&kw, LIMITED).await.status == 200
+    })
+    .await;
+}
+
+/// The fleet's usage report of `key`, asked of `kw`: (requests, last_used).
+async fn fleet_usage(kw: &Proxy, key: &str) -> (u64, String) {
+    let r = get(
+        &kw.admin_url("/v1/keys/usage"),
+        &[("authorization", &admin_auth())],
+    )
+    .await;
+    let json = r.json();
+    assert_eq!(json["scope"], "fleet", "{json}");
+    let entry = json["keys"]
+        .as_array()
+        .and_then(|k| k.iter().find(|e| e["key_id"] == key).cloned());
+    entry.map_or((0, String::new()), |e| {
+        (
+            e["requests"].as_u64().unwrap_or(0),
+            e["last_used"].as_str().unwrap_or_default().to_string(),
+        )
+    })
+}
+
+/// Usage totals survive a Redis that comes back empty: each replica writes back what it
+/// counted, once (no double counting), and an idle replica does it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_totals_survive_redis_restarted_empty() {
+    let mut redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    for (kw, n) in [(&a, 2), (&b, 3)] {
+        for _ in 0..n {
+            assert_eq!(call(kw, FREE).await.status, 200);
+        }
+    }
+    eventually("flushed before the restart", || async {
+        let v: Option<String> = redis
+            .cmd(&["HGET", "keyward:usage:count", "key_free"])
+            .await;
+        v.as_deref() == Some("5")
+    })
+    .await;
+    let before = fleet_usage(&a, "key_free").await;
+    assert_eq!(before.0, 5);
+    let port = redis.port;
+    redis.kill();
+    let redis = Redis::start_on(port).await;
+    // Both replicas are idle: they refill the empty Redis on their own.
+    eventually("usage written back", || async {
+        let v: Option<String> = redis
+            .cmd(&["HGET", "keyward:usage:count", "key_free"])
+            .await;
+        v.as_deref() == Some("5")
+    })
+    .await;
+    let flushes = |kw: &Proxy| {
+        let kw = kw.admin_url("/metrics");
+        async move {
+            let text = get(&kw, &[]).await.text();
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(
+                        "keyward_cluster_call_duration_seconds_count{op=\"usage_flush\"} ",
+                    )?
+                    .parse::<f64>()
+                    .ok()
+                })
+                .unwrap_or(0.0)
+        }
+    };
+    // Two more flushes on each replica after the write-back: nothing is added twice.
+    let (fa, fb) = (flushes(&a).await, flushes(&b).await);
+    eventually("two more flushes each", || async {
+        flushes(&a).await >= fa + 2.0 && flushes(&b).await >= fb + 2.0
+    })
+    .await;
+    let v: Option<String> = redis
+        .cmd(&["HGET", "keyward:usage:count", "key_free"])
+        .await;
+    assert_eq!(v.as_deref(), Some("5"), "no double counting");
+    for kw in [&a, &b] {
+        assert_eq!(
+            fleet_usage(kw, "key_free").await,
+            before,
+            "count and last use"
+        );
+    }
+    // Counting goes on from there.
+    assert_eq!(call(&a, FREE).await.status, 200);
+    eventually("counted after the restart", || async {
+        fleet_usage(&b, "key_free").await.0 == 6
     })
     .await;
 }

@@ -3,14 +3,17 @@
 //! chosen once at start ([`limiter::Limiter`], [`revocations::Revocations`],
 //! [`usage::FleetUsage`]); the request path does not know which it has.
 //!
-//! Every Redis call goes through [`Cluster::call`]: over one multiplexed connection
-//! (redis-rs `ConnectionManager`), bounded by `cluster.timeout`, timed and counted. A failed
-//! call is a value ([`ClusterError`]) the caller maps to its policy; it also marks Redis
-//! down, so the request path stops waiting on it until the background probe sees it back.
+//! Every Redis call goes through [`Cluster::call`] (or [`Cluster::call_on`]): bounded by
+//! `cluster.timeout`, timed and counted. A failed call is a value ([`ClusterError`]) the
+//! caller maps to its policy; it also marks Redis down, so the request path stops waiting
+//! on it until the background probe sees it back. Background work shares one multiplexed
+//! connection (redis-rs `ConnectionManager`); the rate limiter, on the request path, uses
+//! one connection per calling thread ([`thread_conn`]).
 
 pub mod limiter;
 pub mod metrics;
 pub mod revocations;
+pub mod thread_conn;
 pub mod usage;
 
 use std::future::Future;
@@ -37,6 +40,14 @@ pub enum ClusterError {
     Timeout,
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+}
+
+impl ClusterError {
+    /// The connection is gone (not merely slow): make a new one rather than reuse it.
+    pub fn is_broken(&self) -> bool {
+        matches!(self, Self::Redis(e)
+            if e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error())
+    }
 }
 
 /// The connection to Redis and its health, shared by the three kinds of state.
@@ -112,15 +123,39 @@ impl Cluster {
         }
     }
 
-    /// One Redis call, bounded by `cluster.timeout`. Failure marks Redis down.
+    /// One Redis call on the shared connection, bounded by `cluster.timeout`. Failure
+    /// marks Redis down.
     pub async fn call<T, F, Fut>(&self, op: Op, f: F) -> Result<T, ClusterError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.conn.load_full().ok_or(ClusterError::NotConnected)?;
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        let result = self.call_on(op, deadline, (*conn).clone(), f).await;
+        if result.as_ref().is_err_and(ClusterError::is_broken) {
+            // Start afresh (the probe reconnects at once) rather than wait out the
+            // connection's own reconnect backoff.
+            self.conn.store(None);
+        }
+        result
+    }
+
+    /// One Redis call on `conn`, given up at `deadline`: timed, counted, and Redis marked
+    /// down when it fails.
+    pub async fn call_on<C, T, F, Fut>(
+        &self,
+        op: Op,
+        deadline: tokio::time::Instant,
+        conn: C,
+        f: F,
+    ) -> Result<T, ClusterError>
+    where
+        F: FnOnce(C) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let start = Instant::now();
-        let result = tokio::time::timeout(self.config.timeout, f((*conn).clone())).await;
+        let result = tokio::time::timeout_at(deadline, f(conn)).await;
         self.metrics.observe(op, start.elapsed());
         let err = match result {
             Ok(Ok(v)) => {
@@ -129,14 +164,7 @@ impl Cluster {
                 }
                 return Ok(v);
             }
-            Ok(Err(e)) => {
-                if e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error() {
-                    // Start afresh (the probe reconnects at once) rather than wait out the
-                    // connection's own reconnect backoff.
-                    self.conn.store(None);
-                }
-                ClusterError::Redis(e)
-            }
+            Ok(Err(e)) => ClusterError::Redis(e),
             Err(_) => ClusterError::Timeout,
         };
         self.metrics.error(op);

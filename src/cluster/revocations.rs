@@ -1,10 +1,14 @@
 //! Revocations shared by the fleet (SPEC 14): `POST /v1/keys/{id}/disable|enable` on any
 //! replica, for any key source.
 //!
-//! A revocation names the key's id *and* digest (a key rotated under the same id is not
-//! affected) and carries the time it was made. Redis holds one hash `{prefix}revocations`,
-//! id → `at_us|disabled|digest-hex`; enabling writes a newer entry with `disabled = 0` (a
-//! tombstone), and the newer entry always wins, in Redis (the write script) as here.
+//! A revocation is scoped to the secret: it names the key's digest (and, for people, the id
+//! it was made through) and carries the time it was made. The digest is refused whatever id
+//! carries it, now or in a later snapshot; a key rotated to a new secret under the same id
+//! is not affected. Redis holds one hash `{prefix}revocations`, digest-hex →
+//! `at_us|disabled|id`; enabling (through any id that carries the digest) writes a newer
+//! entry with `disabled = 0` (a tombstone), and the newer entry always wins, in Redis (the
+//! write script) as here. One entry per digest: a second revoke through the same id after a
+//! rotation adds an entry, it does not replace the first.
 //!
 //! Each replica holds the whole set in memory, swapped whole (`ArcSwap`): the request path
 //! reads it without any Redis call. Changes arrive by pub/sub, and a full read every
@@ -37,7 +41,7 @@ pub const FULL_READ_INTERVAL: Duration = Duration::from_millis(500);
 /// it back within a full-read interval or two, and a newcomer must not serve before that.
 pub const EMPTY_SET_SETTLE: Duration = Duration::from_millis(1200);
 
-/// Store `ARGV[2]` under `ARGV[1]` unless Redis holds an entry at least as new
+/// Store `ARGV[2]` under `ARGV[1]` (a digest) unless Redis holds an entry at least as new
 /// (`ARGV[3]`, µs), and publish it on `ARGV[4]`. Returns 1 when stored.
 const WRITE: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -50,33 +54,20 @@ redis.call('PUBLISH', ARGV[4], ARGV[1] .. '\n' .. ARGV[2])
 return 1
 ";
 
-/// One key id's latest revoke or enable.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// One secret's latest revoke or enable (the set is keyed by its digest, which is
+/// therefore not in here and never in a log).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    pub digest: Digest,
+    /// The key id the revoke or enable was made through.
+    pub id: Box<str>,
     pub disabled: bool,
     /// When it was made, µs since the epoch, by the clock of the replica that made it.
     pub at_us: u64,
 }
 
-/// The digest is left out: it never goes to a log.
-impl std::fmt::Debug for Entry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry")
-            .field("disabled", &self.disabled)
-            .field("at_us", &self.at_us)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Entry {
     fn encode(&self) -> String {
-        format!(
-            "{}|{}|{}",
-            self.at_us,
-            u8::from(self.disabled),
-            hex::encode(self.digest)
-        )
+        format!("{}|{}|{}", self.at_us, u8::from(self.disabled), self.id)
     }
 
     fn decode(s: &str) -> Option<Self> {
@@ -87,10 +78,9 @@ impl Entry {
             "0" => false,
             _ => return None,
         };
-        let mut digest = [0u8; 32];
-        hex::decode_to_slice(parts.next()?, &mut digest).ok()?;
+        let id = parts.next().filter(|id| !id.is_empty())?;
         Some(Self {
-            digest,
+            id: id.into(),
             disabled,
             at_us,
         })
@@ -102,7 +92,14 @@ impl Entry {
     }
 }
 
-type Set = HashMap<Box<str>, Entry>;
+type Set = HashMap<Digest, Entry>;
+
+/// A digest as its Redis hash field (hex); `None` for a field that is not one.
+fn field_digest(field: &str) -> Option<Digest> {
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(field, &mut digest).ok()?;
+    Some(digest)
+}
 
 /// The revocation set of this replica: the seam's local side is an empty set that is
 /// always ready (no `cluster`); with Redis it is filled and kept in step as described above.
@@ -149,13 +146,10 @@ impl Revocations {
         self.cluster.is_none() || self.loaded.load(Ordering::Acquire)
     }
 
-    /// The key (this id with this digest) is revoked. One map lookup, no I/O.
+    /// The key's secret is revoked, whatever id carries it. One map lookup, no I/O.
     pub fn is_revoked(&self, key: &Key) -> bool {
         let set = self.set.load();
-        !set.is_empty()
-            && set
-                .get(&*key.id)
-                .is_some_and(|e| e.disabled && &e.digest == key.digest())
+        !set.is_empty() && set.get(key.digest()).is_some_and(|e| e.disabled)
     }
 
     /// Apply the set to a decision: fail closed until it is read; a revoked key is
@@ -179,17 +173,18 @@ impl Revocations {
     /// Redis and published. If Redis cannot be reached the change still holds here, and the
     /// next full read that reaches Redis writes it there.
     pub async fn set(&self, key: &Key, disabled: bool) -> Result<Entry, ClusterError> {
-        let previous = self.set.load().get(&*key.id).map_or(0, |e| e.at_us);
+        let digest = *key.digest();
+        let previous = self.set.load().get(&digest).map_or(0, |e| e.at_us);
         let entry = Entry {
-            digest: *key.digest(),
+            id: Box::from(&*key.id),
             disabled,
             at_us: now_micros().max(previous + 1),
         };
-        self.merge([(Box::<str>::from(&*key.id), entry)], Origin::Here);
+        self.merge([(digest, entry.clone())], Origin::Here);
         let Some(cluster) = &self.cluster else {
             return Err(ClusterError::NotConnected);
         };
-        self.store(cluster, &key.id, &entry).await?;
+        self.store(cluster, &digest, &entry).await?;
         info!(
             key_id = &*key.id,
             disabled, "revocation stored for the fleet"
@@ -197,18 +192,23 @@ impl Revocations {
         Ok(entry)
     }
 
-    async fn store(&self, cluster: &Cluster, id: &str, entry: &Entry) -> Result<(), ClusterError> {
+    async fn store(
+        &self,
+        cluster: &Cluster,
+        digest: &Digest,
+        entry: &Entry,
+    ) -> Result<(), ClusterError> {
         let (hash, channel) = (
             cluster.key("revocations"),
             cluster.key("revocations:events"),
         );
         let script = &self.write;
-        let value = entry.encode();
+        let (field, value) = (hex::encode(digest), entry.encode());
         cluster
             .call(Op::Revoke, |mut c| async move {
                 script
                     .key(hash)
-                    .arg(id)
+                    .arg(field)
                     .arg(value)
                     .arg(entry.at_us)
                     .arg(channel)
@@ -220,14 +220,14 @@ impl Revocations {
     }
 
     /// Merge entries into the set (newer wins) and swap it if anything changed.
-    fn merge(&self, entries: impl IntoIterator<Item = (Box<str>, Entry)>, origin: Origin) {
+    fn merge(&self, entries: impl IntoIterator<Item = (Digest, Entry)>, origin: Origin) {
         let _guard = self.merging.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.set.load_full();
         let mut next: Option<Set> = None;
         let now = now_micros();
-        for (id, entry) in entries {
+        for (digest, entry) in entries {
             let set = next.as_ref().unwrap_or(&current);
-            if set.get(&id).is_some_and(|cur| !entry.supersedes(cur)) {
+            if set.get(&digest).is_some_and(|cur| !entry.supersedes(cur)) {
                 continue;
             }
             if origin == Origin::Remote {
@@ -237,20 +237,20 @@ impl Revocations {
                 }
             }
             next.get_or_insert_with(|| (*current).clone())
-                .insert(id, entry);
+                .insert(digest, entry);
         }
         if let Some(next) = next {
             self.set.store(Arc::new(next));
         }
     }
 
-    /// One pub/sub message: `id\nentry`.
+    /// One pub/sub message: `digest-hex\nentry`.
     fn on_message(&self, payload: &str) {
-        let Some((id, value)) = payload.split_once('\n') else {
+        let Some((field, value)) = payload.split_once('\n') else {
             return;
         };
-        if let Some(entry) = Entry::decode(value) {
-            self.merge([(Box::<str>::from(id), entry)], Origin::Remote);
+        if let (Some(digest), Some(entry)) = (field_digest(field), Entry::decode(value)) {
+            self.merge([(digest, entry)], Origin::Remote);
         }
     }
 
@@ -268,23 +268,23 @@ impl Revocations {
             .await?;
         let remote: Set = remote
             .into_iter()
-            .filter_map(|(id, v)| Some((id.into_boxed_str(), Entry::decode(&v)?)))
+            .filter_map(|(field, v)| Some((field_digest(&field)?, Entry::decode(&v)?)))
             .collect();
         let origin = if self.loaded.load(Ordering::Acquire) {
             Origin::Remote
         } else {
             Origin::Initial
         };
-        self.merge(remote.iter().map(|(k, v)| (k.clone(), *v)), origin);
+        self.merge(remote.iter().map(|(d, e)| (*d, e.clone())), origin);
         if origin == Origin::Initial && self.settling(remote.is_empty()) {
             return Ok(());
         }
         self.loaded.store(true, Ordering::Release);
         let ours = self.set.load_full();
-        for (id, entry) in ours.iter() {
-            if remote.get(id).is_none_or(|r| entry.supersedes(r)) {
-                self.store(cluster, id, entry).await?;
-                info!(key_id = &**id, "revocation written back to redis");
+        for (digest, entry) in ours.iter() {
+            if remote.get(digest).is_none_or(|r| entry.supersedes(r)) {
+                self.store(cluster, digest, entry).await?;
+                info!(key_id = &*entry.id, "revocation written back to redis");
             }
         }
         Ok(())
@@ -362,9 +362,9 @@ impl Revocations {
 mod tests {
     use super::*;
 
-    fn entry(at_us: u64, disabled: bool, d: u8) -> Entry {
+    fn entry(at_us: u64, disabled: bool, id: &str) -> Entry {
         Entry {
-            digest: [d; 32],
+            id: id.into(),
             disabled,
             at_us,
         }
@@ -372,47 +372,59 @@ mod tests {
 
     #[test]
     fn entries_round_trip_and_bad_ones_are_dropped() {
-        let e = entry(1_765_000_000_000_123, true, 0xcd);
+        let e = entry(1_765_000_000_000_123, true, "key_a|b");
         assert_eq!(Entry::decode(&e.encode()), Some(e));
-        assert!(!format!("{e:?}").contains("cd"), "no digest in Debug");
-        for bad in [
-            "",
-            "1|1",
-            "x|1|00",
-            "1|2|00",
-            "1|1|zz",
-            &format!("1|1|{}", "0".repeat(62)),
-        ] {
+        for bad in ["", "1|1", "1|1|", "x|1|k", "1|2|k"] {
             assert_eq!(Entry::decode(bad), None, "{bad:?}");
+        }
+        assert_eq!(field_digest(&"ab".repeat(32)), Some([0xab; 32]));
+        for bad in ["key_a", "zz", &"0".repeat(62)] {
+            assert_eq!(field_digest(bad), None, "{bad:?}");
         }
     }
 
     #[test]
     fn newer_wins_and_a_tie_fails_closed() {
-        assert!(entry(2, false, 1).supersedes(&entry(1, true, 1)));
-        assert!(!entry(1, true, 1).supersedes(&entry(2, false, 1)));
-        assert!(entry(5, true, 1).supersedes(&entry(5, false, 1)));
-        assert!(!entry(5, false, 1).supersedes(&entry(5, true, 1)));
+        assert!(entry(2, false, "a").supersedes(&entry(1, true, "a")));
+        assert!(!entry(1, true, "a").supersedes(&entry(2, false, "a")));
+        assert!(entry(5, true, "a").supersedes(&entry(5, false, "b")));
+        assert!(!entry(5, false, "b").supersedes(&entry(5, true, "a")));
+    }
+
+    fn snapshot(keys: &[(&str, u8)]) -> crate::keys::Snapshot {
+        let mut text = String::from("keys:\n");
+        for (id, d) in keys {
+            text += &format!(
+                "  - {{ id: {id}, sha256: {}, type: personal, subject_id: s, account_id: a }}\n",
+                hex::encode([*d; 32])
+            );
+        }
+        crate::keys::Snapshot::parse(&text, crate::keys::Source::File).unwrap()
     }
 
     #[test]
-    fn merge_keeps_the_newer_entry_and_a_rotated_key_is_not_revoked() {
+    fn a_revoke_follows_the_secret_not_the_id() {
         let r = Revocations::new(None);
-        r.merge([("k".into(), entry(10, true, 1))], Origin::Here);
-        r.merge([("k".into(), entry(5, false, 1))], Origin::Remote);
-        assert!(r.set.load()["k"].disabled, "an older enable loses");
-        r.merge([("k".into(), entry(20, false, 1))], Origin::Remote);
-        assert!(!r.set.load()["k"].disabled, "a newer enable wins");
-        let text = format!(
-            "keys:\n  - {{ id: k, sha256: {}, type: personal, subject_id: s, account_id: a }}\n",
-            "02".repeat(32)
-        );
-        let s = crate::keys::Snapshot::parse(&text, crate::keys::Source::File).unwrap();
-        let key = s.by_id("k").unwrap();
-        r.merge([("k".into(), entry(30, true, 1))], Origin::Remote);
-        assert!(!r.is_revoked(key), "revoked digest 01.., key now has 02..");
-        r.merge([("k".into(), entry(40, true, 2))], Origin::Remote);
-        assert!(r.is_revoked(key));
+        r.merge([([1; 32], entry(10, true, "k"))], Origin::Here);
+        r.merge([([1; 32], entry(5, false, "k"))], Origin::Remote);
+        assert!(r.set.load()[&[1; 32]].disabled, "an older enable loses");
+        r.merge([([1; 32], entry(20, false, "k"))], Origin::Remote);
+        assert!(!r.set.load()[&[1; 32]].disabled, "a newer enable wins");
+
+        r.merge([([1; 32], entry(30, true, "k"))], Origin::Remote);
+        // Rotated under the same id: the new secret is not revoked.
+        let rotated = snapshot(&[("k", 2)]);
+        assert!(!r.is_revoked(rotated.by_id("k").unwrap()));
+        // The revoked secret under another id is.
+        let reissued = snapshot(&[("k2", 1)]);
+        assert!(r.is_revoked(reissued.by_id("k2").unwrap()));
+        // A second revoke through the same id, after the rotation, keeps the first.
+        r.merge([([2; 32], entry(40, true, "k"))], Origin::Here);
+        assert!(r.is_revoked(rotated.by_id("k").unwrap()));
+        assert!(r.is_revoked(reissued.by_id("k2").unwrap()));
+        // Enabling through the new id lifts the secret's revoke.
+        r.merge([([1; 32], entry(50, false, "k2"))], Origin::Here);
+        assert!(!r.is_revoked(reissued.by_id("k2").unwrap()));
         assert!(
             r.is_ready(),
             "without a cluster the (empty) set is always ready"

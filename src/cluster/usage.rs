@@ -6,6 +6,15 @@
 //!
 //! A flush that times out may or may not have landed; it is sent again, so a count can be
 //! over by one flush's worth after a Redis failure, never under.
+//!
+//! A Redis that comes back empty is refilled by the replicas, without double counting: the
+//! count hash holds an epoch (field [`EPOCH_FIELD`], set by the first flush into an empty
+//! hash), and every flush names the epoch this replica's counts were added under. When the
+//! epoch differs (the hash is gone, or this replica has not flushed into it yet), the script
+//! adds nothing and answers the epoch in force; the replica then sends its whole totals
+//! (counts and last-used times) under it, once. Each replica re-adds only its own counts, so
+//! the fleet's total is the sum of the replicas that are still there. A flush runs every
+//! second even with nothing new to send, so an idle replica refills an empty Redis too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,24 +28,42 @@ use super::{Cluster, ClusterError};
 
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// KEYS[1]: counts hash, KEYS[2]: last-used hash (ms). ARGV: id, delta, last_ms, ...
+/// The count hash's field that holds its epoch: not a valid key id (`#`), so never a key's.
+pub const EPOCH_FIELD: &str = "#epoch";
+
+/// KEYS[1]: counts hash, KEYS[2]: last-used hash (ms). ARGV[1]: the epoch the counts were
+/// added under, ARGV[2]: the epoch to start if the hash has none, ARGV[3]: the epoch field;
+/// then id, delta, last_ms, ... Adds only under the epoch named; returns the one in force.
 const FLUSH: &str = r"
-for i = 1, #ARGV, 3 do
+local epoch = redis.call('HGET', KEYS[1], ARGV[3])
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('HSET', KEYS[1], ARGV[3], epoch)
+end
+if epoch ~= ARGV[1] then return epoch end
+for i = 4, #ARGV, 3 do
   redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
   local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[i]))
   if not cur or cur < tonumber(ARGV[i + 2]) then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
   end
 end
-return 1
+return epoch
 ";
 
 /// Flushes this replica's counts and reads the fleet's.
 pub struct FleetUsage {
     cluster: Arc<Cluster>,
-    /// Per key id, the request count already added to Redis.
-    flushed: Mutex<HashMap<Text, u64>>,
+    /// The epoch of the count hash this replica's counts were added under, and per key id
+    /// the request count already added to it.
+    flushed: Mutex<Flushed>,
     script: redis::Script,
+}
+
+#[derive(Default)]
+struct Flushed {
+    epoch: String,
+    counts: HashMap<Text, u64>,
 }
 
 /// `(id, delta, last_ms)` to send: keys counted since their last flush.
@@ -54,7 +81,7 @@ impl FleetUsage {
     pub fn new(cluster: &Arc<Cluster>) -> Self {
         Self {
             cluster: cluster.clone(),
-            flushed: Mutex::new(HashMap::new()),
+            flushed: Mutex::new(Flushed::default()),
             script: redis::Script::new(FLUSH),
         }
     }
@@ -66,38 +93,75 @@ impl FleetUsage {
         )
     }
 
-    /// Send what was counted since the last flush, in one call.
+    /// Send what was counted since the last flush, in one call (two when Redis has a new
+    /// epoch: the whole totals go again, under it). Returns the keys sent.
     pub async fn flush(&self, usage: &Usage) -> Result<usize, ClusterError> {
         let counts = usage.counts();
-        let todo = {
-            let mut flushed = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
-            // Keys that left the snapshot (and the local map): start them afresh.
-            let present: std::collections::HashSet<&Text> =
-                counts.iter().map(|(id, _, _)| id).collect();
-            flushed.retain(|id, _| present.contains(id));
-            pending(&counts, &flushed)
-        };
-        if todo.is_empty() {
-            return Ok(0);
+        let (epoch, todo) = self.todo(&counts);
+        let current = self.send(&epoch, &todo).await?;
+        if current == epoch {
+            self.sent(&epoch, &todo);
+            return Ok(todo.len());
         }
+        // An empty Redis (or this replica's first flush): everything it counted, once.
+        {
+            let mut flushed = self.lock();
+            flushed.epoch.clone_from(&current);
+            flushed.counts.clear();
+        }
+        let (epoch, todo) = self.todo(&counts);
+        if self.send(&epoch, &todo).await? == epoch {
+            self.sent(&epoch, &todo);
+            if !todo.is_empty() {
+                tracing::info!(
+                    keys = todo.len(),
+                    "usage totals written to a new redis epoch"
+                );
+            }
+        }
+        Ok(todo.len())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Flushed> {
+        self.flushed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The epoch flushed under and what to send: keys counted since their last flush.
+    fn todo(&self, counts: &[(Text, u64, u64)]) -> (String, Vec<(Text, u64, u64)>) {
+        let mut flushed = self.lock();
+        // Keys that left the snapshot (and the local map): start them afresh.
+        let present: std::collections::HashSet<&Text> =
+            counts.iter().map(|(id, _, _)| id).collect();
+        flushed.counts.retain(|id, _| present.contains(id));
+        (flushed.epoch.clone(), pending(counts, &flushed.counts))
+    }
+
+    /// Record what `send` added under `epoch` (unless the epoch moved on meanwhile).
+    fn sent(&self, epoch: &str, todo: &[(Text, u64, u64)]) {
+        let mut flushed = self.lock();
+        if flushed.epoch != epoch {
+            return;
+        }
+        for (id, delta, _) in todo {
+            *flushed.counts.entry(id.clone()).or_insert(0) += delta;
+        }
+    }
+
+    /// One script call: adds `todo` if Redis's epoch is `epoch`; returns Redis's epoch.
+    async fn send(&self, epoch: &str, todo: &[(Text, u64, u64)]) -> Result<String, ClusterError> {
         let (count, last) = self.hashes();
+        let fresh = uuid::Uuid::new_v4().simple().to_string();
         let script = &self.script;
-        let args = &todo;
         self.cluster
             .call(Op::UsageFlush, |mut c| async move {
                 let mut inv = script.key(count);
-                inv.key(last);
-                for (id, delta, ms) in args {
+                inv.key(last).arg(epoch).arg(fresh).arg(EPOCH_FIELD);
+                for (id, delta, ms) in todo {
                     inv.arg(&**id).arg(*delta).arg(*ms);
                 }
-                inv.invoke_async::<i64>(&mut c).await
+                inv.invoke_async::<String>(&mut c).await
             })
-            .await?;
-        let mut flushed = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
-        for (id, delta, _) in &todo {
-            *flushed.entry(id.clone()).or_insert(0) += delta;
-        }
-        Ok(todo.len())
+            .await
     }
 
     /// The fleet's usage: Redis totals plus what this replica has not flushed yet.
@@ -107,7 +171,7 @@ impl FleetUsage {
         snapshot: Option<&Snapshot>,
     ) -> Result<Vec<KeyUsage>, ClusterError> {
         let (count, last) = self.hashes();
-        let (counts, lasts): (HashMap<String, u64>, HashMap<String, u64>) = self
+        let (mut counts, lasts): (HashMap<String, String>, HashMap<String, u64>) = self
             .cluster
             .call(Op::UsageRead, |mut c| async move {
                 redis::pipe()
@@ -119,17 +183,23 @@ impl FleetUsage {
                     .await
             })
             .await?;
+        let epoch = counts.remove(EPOCH_FIELD);
         let mut merged: HashMap<String, (u64, u64)> = counts
             .into_iter()
-            .map(|(id, n)| {
+            .filter_map(|(id, n)| {
                 let ms = lasts.get(&id).copied().unwrap_or(0);
-                (id, (ms, n))
+                Some((id, (ms, n.parse().ok()?)))
             })
             .collect();
         let local = usage.counts();
         let unflushed = {
-            let flushed = self.flushed.lock().unwrap_or_else(|e| e.into_inner());
-            pending(&local, &flushed)
+            let flushed = self.lock();
+            if epoch.as_deref() == Some(flushed.epoch.as_str()) {
+                pending(&local, &flushed.counts)
+            } else {
+                // Redis lost what this replica flushed (or has not had it yet): all of it.
+                pending(&local, &HashMap::new())
+            }
         };
         for (id, delta, ms) in unflushed {
             let e = merged.entry(id.to_string()).or_insert((0, 0));
