@@ -47,8 +47,8 @@ impl App {
         let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?
             .including(config.identity_headers.include.as_deref());
         let key_source = KeySource::from_config(&config.keys).ok_or(StartError::NoKeySource)?;
-        // A shard per proxy worker, and a spare for the decision listener.
-        let metrics = Metrics::sharded(config.metrics.per_key, worker_count(&config) + 1)
+        // A shard per worker thread: the proxy listener's, then the decision listener's.
+        let metrics = Metrics::sharded(config.metrics.per_key, 2 * worker_count(&config))
             .map_err(StartError::Metrics)?
             .with_snapshot_safety(config.metrics.per_key_limit, config.keys.max_age);
         let cluster = match &config.cluster {

@@ -74,7 +74,7 @@ impl Metrics {
         Self::sharded(per_key, 1)
     }
 
-    /// `shards` request-path shards: one per proxy worker, and one spare for the rest.
+    /// `shards` request-path shards: one per worker thread.
     pub fn sharded(per_key: bool, shards: usize) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let requests = Arc::new(shard::Sharded::new(shards)?);
@@ -185,11 +185,6 @@ impl Metrics {
     /// The request-path shard of worker `i`.
     pub fn shard(&self, i: usize) -> Arc<Shard> {
         self.requests.shard(i)
-    }
-
-    /// The shard for what does not run on a proxy worker (the decision listener).
-    pub fn spare_shard(&self) -> Arc<Shard> {
-        self.requests.spare()
     }
 
     pub fn record_upstream_error(&self, kind: UpstreamErrorKind) {
@@ -384,8 +379,7 @@ mod tests {
         let m = Metrics::sharded(false, 3).unwrap();
         m.shard(1)
             .record_request(Code::InsufficientScope, Duration::from_millis(1));
-        m.spare_shard()
-            .record_upstream(503, Duration::from_millis(2));
+        m.shard(2).record_upstream(503, Duration::from_millis(2));
         m.record_upstream_error(UpstreamErrorKind::Connect);
         let text = String::from_utf8(m.render()).unwrap();
         assert!(text

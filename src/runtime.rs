@@ -151,7 +151,17 @@ impl Keyward {
             ))
         });
         match listener {
-            Some(l) => serve_on_workers(app.clone(), l, tls, stop_traffic, grace).await,
+            Some(l) => {
+                let threads = proxy::threads::Threads {
+                    name: "keyward-worker",
+                    first_shard: 0,
+                    upstream: true,
+                };
+                let door = proxy::handler::handle;
+                let (app, tls) = (app.clone(), tls);
+                proxy::threads::serve_on_threads(app, l, tls, threads, stop_traffic, grace, door)
+                    .await
+            }
             None => stop_traffic.await,
         }
         if let Some(task) = decision_task {
@@ -164,69 +174,6 @@ impl Keyward {
         }
         info!("keyward stopped");
     }
-}
-
-/// Thread per core: each worker thread runs its own single-threaded runtime serving the
-/// connections the balancer hands it, so a request (and its upstream connection) stays on
-/// one thread, and connections spread evenly however few there are.
-async fn serve_on_workers(
-    app: Arc<App>,
-    listener: TcpListener,
-    tls: Option<tls::TlsAcceptor>,
-    stop: impl Future<Output = ()> + Send,
-    grace: std::time::Duration,
-) {
-    let (balancer, receivers) = proxy::balance::Balancer::new(app.workers());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    // One set of connection slots for all workers: `max_connections` is per process.
-    let slots = proxy::server::connection_slots(&app.config.limits);
-    let mut threads = Vec::with_capacity(receivers.len());
-    for (i, connections) in receivers.into_iter().enumerate() {
-        let (app, tls, stop_rx) = (app.clone(), tls.clone(), stop_rx.clone());
-        let slots = slots.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("keyward-worker-{i}"))
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start a worker runtime");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    // What this worker owns: its requests use no other pool or shard.
-                    let worker = proxy::worker::Worker::new(app.metrics.shard(i));
-                    app.upstream.spawn_reaper(worker.pool().clone());
-                    proxy::server::serve(
-                        app,
-                        worker,
-                        connections,
-                        tls,
-                        slots,
-                        wait_true(stop_rx),
-                        grace,
-                        proxy::handler::handle,
-                    )
-                    .await;
-                });
-            });
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
-        }
-    }
-    balancer.run(listener, stop).await;
-    let _ = stop_tx.send(true);
-    let _ = tokio::task::spawn_blocking(move || {
-        for t in threads {
-            let _ = t.join();
-        }
-    })
-    .await;
 }
 
 /// Start the cluster's background tasks (none without `cluster`): connection upkeep,

@@ -17,6 +17,7 @@ pub mod headers;
 pub mod pool;
 pub mod respond;
 pub mod server;
+pub mod threads;
 pub mod tunnel;
 pub mod upstream_target;
 pub mod worker;

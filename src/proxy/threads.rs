@@ -1,0 +1,96 @@
+//! Thread per core, for both traffic listeners: each worker thread runs its own
+//! single-threaded runtime serving the connections the balancer hands it, so a request
+//! (and, for the proxy, its upstream connection) stays on one thread and no task is woken
+//! across threads.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::balance::Balancer;
+use super::server;
+use super::worker::Worker;
+use crate::tls::TlsAcceptor;
+use crate::App;
+
+/// How one listener's worker threads are made: their name, the metrics shard of worker
+/// `i`, and whether each runs the reaper of its upstream pool.
+pub struct Threads {
+    pub name: &'static str,
+    pub first_shard: usize,
+    pub upstream: bool,
+}
+
+/// Serve `listener` on `app.workers()` threads until `stop` resolves, then let each
+/// drain for up to `grace`. Returns when every thread has finished.
+pub async fn serve_on_threads<D, F>(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    threads: Threads,
+    stop: impl Future<Output = ()>,
+    grace: Duration,
+    door: D,
+) where
+    D: Fn(Arc<App>, Worker, super::conn::ConnInfo, Request<Incoming>) -> F
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    F: Future<Output = Result<Response<super::Body>, Infallible>> + Send + 'static,
+{
+    let (balancer, receivers) = Balancer::new(app.workers());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // One set of connection slots for all of the listener's threads: `max_connections`
+    // is per listener, not per thread.
+    let slots = server::connection_slots(&app.config.limits);
+    let mut joins = Vec::with_capacity(receivers.len());
+    for (i, connections) in receivers.into_iter().enumerate() {
+        let (app, tls, slots, door) = (app.clone(), tls.clone(), slots.clone(), door.clone());
+        let mut stop_rx = stop_rx.clone();
+        let run = move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a worker runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                // What this worker owns: its requests use no other pool or shard.
+                let worker = Worker::new(app.metrics.shard(threads.first_shard + i));
+                if threads.upstream {
+                    app.upstream.spawn_reaper(worker.pool().clone());
+                }
+                let stop = async move {
+                    let _ = stop_rx.wait_for(|stop| *stop).await;
+                };
+                server::serve(app, worker, connections, tls, slots, stop, grace, door).await;
+            });
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-{i}", threads.name))
+            .spawn(run);
+        match spawned {
+            Ok(t) => joins.push(t),
+            Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
+        }
+    }
+    balancer.run(listener, stop).await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in joins {
+            let _ = t.join();
+        }
+    })
+    .await;
+}
