@@ -192,7 +192,7 @@ run_oha() { # NAME PIDS RATE URL HEADER...
     --output-format json "${hdr[@]}" "$url" >"$out" 2>"$out.err" || die "oha: $(cat "$out.err")"
   # shellcheck disable=SC2086
   c1=$(cpu_ticks $pids)
-  read -r achieved p50 p99 success non2xx secs < <(python3 "$LIB" oha-summary "$out")
+  read -r achieved p50 p99 success non2xx secs _ < <(python3 "$LIB" oha-summary "$out")
   echo "$name $rate $achieved $p50 $p99 $non2xx $(python3 -c "print(f'{($c1 - $c0) / $(getconf CLK_TCK) / ($achieved * $secs) * 1e6:.1f}')") oha" >>"$TMP/oha.tsv"
   log "fixed $rate req/s $name: achieved $achieved, p50 $p50 ms, p99 $p99 ms"
 }
