@@ -7,12 +7,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::UnixListener;
 
-use super::upstream::{handle, Seen, Upstream, UpstreamBuilder};
+use super::upstream::{serve_conn, Seen, Upstream, UpstreamBuilder};
 
 impl UpstreamBuilder {
     /// Serve on a new socket file at `path` (its directory must exist). The returned
@@ -27,14 +24,7 @@ impl UpstreamBuilder {
             while let Ok((stream, _)) = listener.accept().await {
                 accepted += 1;
                 let peer = SocketAddr::from(([0, 0, 0, 0], accepted));
-                let (seen, routes) = (seen2.clone(), routes.clone());
-                tokio::spawn(async move {
-                    let svc =
-                        service_fn(move |req| handle(seen.clone(), routes.clone(), peer, req));
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
-                });
+                tokio::spawn(serve_conn(stream, seen2.clone(), routes.clone(), peer));
             }
         });
         Upstream {

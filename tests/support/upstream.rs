@@ -103,21 +103,30 @@ impl UpstreamBuilder {
         let seen2 = seen.clone();
         tokio::spawn(async move {
             while let Ok((stream, peer)) = listener.accept().await {
-                let (seen, routes) = (seen2.clone(), routes.clone());
-                tokio::spawn(async move {
-                    let svc =
-                        service_fn(move |req| handle(seen.clone(), routes.clone(), peer, req));
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
-                });
+                tokio::spawn(serve_conn(stream, seen2.clone(), routes.clone(), peer));
             }
         });
         Upstream { addr, seen }
     }
 }
 
-pub(super) async fn handle(
+/// Serve one accepted connection (TCP or a Unix socket), recording what it carries as
+/// coming from `peer`.
+pub(super) async fn serve_conn<I>(
+    io: I,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    routes: Arc<Vec<(String, Reply)>>,
+    peer: SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(seen.clone(), routes.clone(), peer, req));
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await;
+}
+
+async fn handle(
     seen: Arc<Mutex<Vec<Seen>>>,
     routes: Arc<Vec<(String, Reply)>>,
     peer: SocketAddr,
