@@ -1,12 +1,14 @@
-//! The accepted connection a request arrived on, and its `max_connections` slot.
+//! The accepted connection a request arrived on, and what admitting it took (its
+//! `max_connections` slot, its place in its worker's open count).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::HeaderValue;
 
-/// A connection's `max_connections` permit, shared by the connection and its tunnel.
-pub type Slot = Arc<tokio::sync::OwnedSemaphorePermit>;
+/// What admitting a connection took, shared by the connection and its tunnel: both count
+/// until the last copy goes.
+pub type Slot = Arc<super::balance::Admitted>;
 
 /// The accepted connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -33,9 +35,10 @@ impl ConnInfo {
         }
     }
 
-    /// The same connection, holding `slot` for as long as any copy of it lives.
-    pub fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
-        self.slot = Some(Arc::new(slot));
+    /// The same connection, holding what admitting it took for as long as any copy of it
+    /// (or of its tunnel) lives.
+    pub fn holding(mut self, admitted: super::balance::Admitted) -> Self {
+        self.slot = Some(Arc::new(admitted));
         self
     }
 }

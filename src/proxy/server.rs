@@ -19,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -66,29 +66,16 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// The `limits.max_connections` slots. One set per process: every accept loop that serves
-/// the listener must draw from the same one.
-pub fn connection_slots(limits: &Limits) -> Arc<Semaphore> {
-    // tokio's semaphore panics above MAX_PERMITS (about 2^61), far beyond any real limit.
-    Arc::new(Semaphore::new(
-        limits.max_connections.min(Semaphore::MAX_PERMITS),
-    ))
-}
-
 /// Serve `connections` until `stop` resolves (or they end), then wait up to `grace` for
-/// open connections to finish.
-/// Connection slots come from `slots`, which the accept loops of every worker thread share,
-/// so that `max_connections` holds for the whole process.
+/// open connections to finish. Each arrives admitted: it holds its `max_connections` slot.
 /// `door` answers each request: the proxy's [`super::handler::handle`], or the decision
 /// listener's. Both get the same connection limits, watchdog (head, idle and write-stall
 /// bounds) and drain. `worker` is what the serving thread owns; every request gets it.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve<D, F>(
     app: Arc<App>,
     worker: Worker,
     mut connections: Connections,
     tls: Option<TlsAcceptor>,
-    slots: Arc<Semaphore>,
     stop: impl Future<Output = ()>,
     grace: Duration,
     door: D,
@@ -101,23 +88,16 @@ pub async fn serve<D, F>(
     let (drain_tx, drain_rx) = watch::channel(false);
     tokio::pin!(stop);
     loop {
-        let (stream, peer, open) = tokio::select! {
+        let (stream, admitted) = tokio::select! {
             accepted = connections.next() => match accepted {
                 Some(Ok(accepted)) => accepted,
                 None => break,
                 Some(Err(e)) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    warn!(error = %e, "cannot register a connection");
                     continue;
                 }
             },
             () = &mut stop => break,
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            debug!(%peer, "max_connections reached; closing");
-            drop(stream);
-            continue;
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
@@ -127,16 +107,17 @@ pub async fn serve<D, F>(
         let door = door.clone();
         let worker = worker.clone();
         tokio::spawn(async move {
-            // The worker's open-connection count (for the balancer) drops when this ends.
-            let _open = open;
+            // The slot and the worker's open count go with the last copy of the
+            // connection's `ConnInfo` (a WebSocket tunnel holds one).
+            let peer = admitted.peer;
             match tls {
                 None => {
-                    let conn = ConnInfo::new(peer, false).holding(permit);
+                    let conn = ConnInfo::new(peer, false).holding(admitted);
                     serve_conn(app, worker, &builder, drain, stream, conn, door).await;
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
-                        let conn = ConnInfo::new(peer, true).holding(permit);
+                        let conn = ConnInfo::new(peer, true).holding(admitted);
                         serve_conn(app, worker, &builder, drain, stream, conn, door).await;
                     }
                     Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),

@@ -45,14 +45,13 @@ pub async fn serve_on_threads<D, F>(
         + 'static,
     F: Future<Output = Result<Response<super::Body>, Infallible>> + Send + 'static,
 {
-    let (balancer, receivers) = Balancer::new(app.workers());
+    // The balancer admits connections: `max_connections` is per listener, not per thread.
+    let max_connections = app.config.limits.max_connections;
+    let (balancer, receivers) = Balancer::new(app.workers(), max_connections);
     let (stop_tx, stop_rx) = watch::channel(false);
-    // One set of connection slots for all of the listener's threads: `max_connections`
-    // is per listener, not per thread.
-    let slots = server::connection_slots(&app.config.limits);
     let mut joins = Vec::with_capacity(receivers.len());
     for (i, connections) in receivers.into_iter().enumerate() {
-        let (app, tls, slots, door) = (app.clone(), tls.clone(), slots.clone(), door.clone());
+        let (app, tls, door) = (app.clone(), tls.clone(), door.clone());
         let mut stop_rx = stop_rx.clone();
         let run = move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -74,7 +73,7 @@ pub async fn serve_on_threads<D, F>(
                 let stop = async move {
                     let _ = stop_rx.wait_for(|stop| *stop).await;
                 };
-                server::serve(app, worker, connections, tls, slots, stop, grace, door).await;
+                server::serve(app, worker, connections, tls, stop, grace, door).await;
             });
         };
         let spawned = std::thread::Builder::new()
