@@ -414,36 +414,13 @@ async fn h2c_is_served() {
 
 #[tokio::test]
 async fn websocket_upgrade_is_authenticated_then_tunnelled() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;
-    let reply = raw(
-        kw.addr,
-        ws_handshake("sta_wrong_key_00000000000").as_bytes(),
-        std::time::Duration::from_secs(2),
-    )
-    .await;
-    assert_eq!(raw_status(&reply), 401);
-    assert_eq!(up.count(), 0);
-
-    let mut s = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
-    s.write_all(ws_handshake(SERVICE_KEY).as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s)
-        .await
-        .expect("closed during handshake")
-        .to_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(head.contains("upgrade: websocket"), "{head}");
+    let seen = websocket_round_trip(kw.addr, &up, b"ping through the tunnel").await;
     assert_eq!(
-        up.last().headers["x-auth-subject-id"],
+        seen.headers["x-auth-subject-id"],
         "507f1f77bcf86cd799439015"
     );
-    s.write_all(b"ping through the tunnel").await.unwrap();
-    let mut echoed = vec![0u8; 23];
-    s.read_exact(&mut echoed).await.unwrap();
-    assert_eq!(&echoed, b"ping through the tunnel");
     kw.shutdown().await;
 }
 

@@ -116,34 +116,12 @@ async fn a_missing_socket_is_502_until_the_app_listens() {
 /// A WebSocket handshake is authenticated, then tunnelled over the socket connection.
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled_through_the_socket() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("app.sock");
     let up = spawn_upstream_unix(&sock).await;
     let kw = proxy_to(&sock, "").await;
-    let reply = raw(
-        kw.addr,
-        ws_handshake("sta_wrong_key_00000000000").as_bytes(),
-        Duration::from_secs(2),
-    )
-    .await;
-    assert_eq!(raw_status(&reply), 401);
-    assert_eq!(up.count(), 0);
-
-    let mut s = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
-    s.write_all(ws_handshake(SERVICE_KEY).as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s)
-        .await
-        .expect("closed during handshake")
-        .to_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert_eq!(up.last().headers["x-auth-key-id"], "key_demo_service");
-    s.write_all(b"ping over a unix socket").await.unwrap();
-    let mut echoed = vec![0u8; 23];
-    s.read_exact(&mut echoed).await.unwrap();
-    assert_eq!(&echoed, b"ping over a unix socket");
+    let seen = websocket_round_trip(kw.addr, &up, b"ping over a unix socket").await;
+    assert_eq!(seen.headers["x-auth-key-id"], "key_demo_service");
     kw.shutdown().await;
 }
 

@@ -200,7 +200,6 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The status code of the first response in a raw HTTP/1.1 reply.
 /// Read until a whole response head has arrived; `None` if the peer closes first. Bytes
 /// after the head (a body, tunnelled data) may come with it.
 pub async fn read_head(s: &mut TcpStream) -> Option<String> {
@@ -222,12 +221,39 @@ pub fn ws_handshake(key: &str) -> String {
     )
 }
 
+/// The status code of the first response in a raw HTTP/1.1 reply.
 pub fn raw_status(reply: &str) -> u16 {
     reply
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
+}
+
+/// A WebSocket through keyward at `addr` to `up`'s `/ws` echo: a wrong key's handshake is
+/// refused with 401 before the upstream sees anything; the service key's switches
+/// protocols and `message` comes back through the tunnel. Returns what the upstream saw.
+pub async fn websocket_round_trip(addr: SocketAddr, up: &Upstream, message: &[u8]) -> Seen {
+    let wrong = ws_handshake("sta_wrong_key_00000000000");
+    let reply = raw(addr, wrong.as_bytes(), Duration::from_secs(2)).await;
+    assert_eq!(raw_status(&reply), 401);
+    assert_eq!(up.count(), 0);
+
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(ws_handshake(SERVICE_KEY).as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s)
+        .await
+        .expect("closed during handshake")
+        .to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s.write_all(message).await.unwrap();
+    let mut echoed = vec![0u8; message.len()];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, message);
+    up.last()
 }
 
 /// The admin bearer header.
