@@ -1,5 +1,5 @@
-//! The public listener: accept, connection limit, HTTP/1.1 + h2c (+ TLS), request-head
-//! limits, idle connections, and draining.
+//! A worker's connections, as the balancer admits them (`balance`): HTTP/1.1 + h2c
+//! (+ TLS), request-head limits, idle connections, and draining.
 //!
 //! Limits that hold a connection slot are all bounded by time, by one watchdog per
 //! connection rather than a timer per request: a connection without a complete first request
