@@ -6,7 +6,8 @@
 # allocation count (calls into jemalloc), do not depend on how loaded the machine is, so
 # changes can be compared anywhere. Times under valgrind mean nothing; counts do.
 #
-# Usage: bench/per_request.sh [N]   (default 5000; KEYWARD_BIN as for bench/run.sh)
+# Usage: bench/per_request.sh [N]   (default 5000; KEYWARD_BIN as for bench/run.sh;
+# KEYWARD_EXTRA: YAML lines added to the config, e.g. `upstream_client: hyper`)
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -66,6 +67,7 @@ admin:
 workers: 1
 shutdown: { drain_delay: 0s, grace: 1s }
 log: { format: json, level: warn }
+${KEYWARD_EXTRA:-}
 EOF
 
 valgrind --tool=callgrind --callgrind-out-file="$TMP/callgrind.out" \

@@ -58,7 +58,11 @@ impl App {
         Ok(Self {
             policy: Policy::new(&config),
             // Decision mode without a proxy listener has no upstream: the pool is never used.
-            upstream: Upstream::new(config.upstream.as_ref(), &config.limits),
+            upstream: Upstream::new(
+                config.upstream.as_ref(),
+                &config.limits,
+                config.upstream_client,
+            ),
             names,
             store: KeyStore::new(),
             key_source,

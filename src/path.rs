@@ -311,6 +311,7 @@ mod tests {
                 "http://127.0.0.1:9",
             ))),
             &crate::config::Limits::default(),
+            crate::config::UpstreamClient::Fast,
         );
         let uri = upstream.uri(out, Some("q=%2e%2e/x")).unwrap();
         prop_assert_eq!(uri.path(), out);

@@ -38,7 +38,7 @@ pub use rules::{RouteRule, ScopeRule};
 pub use sections::{
     AdminConfig, DecisionConfig, IdentityHeaders, LogConfig, LogFormat, MetricsConfig, TlsConfig,
 };
-pub use upstream::UpstreamAddr;
+pub use upstream::{UpstreamAddr, UpstreamClient};
 pub(crate) use yaml::locate;
 pub use yaml::{located, parse_duration, parse_yaml, YamlError};
 
@@ -57,6 +57,9 @@ pub struct Config {
     /// `http://host:port` or `unix:/abs/path.sock`.
     #[serde(default)]
     pub upstream: Option<UpstreamAddr>,
+    /// Which HTTP/1.1 client speaks to the upstream for requests without a body.
+    #[serde(default)]
+    pub upstream_client: UpstreamClient,
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
     pub environment: String,

@@ -16,6 +16,18 @@ use super::error::{invalid, ConfigError};
 /// Longest socket path `connect(2)` takes: `sun_path` is 108 bytes on Linux with the NUL.
 pub const MAX_UNIX_PATH: usize = 107;
 
+/// `upstream_client`: the HTTP/1.1 client for requests without a body (requests with one,
+/// and upgrades, always go through hyper's). `fast`, the default, is keyward's own client
+/// (`proxy::h1`): same framing rules as hyper's, less work per request. `hyper` is there to
+/// compare against and to fall back to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamClient {
+    #[default]
+    Fast,
+    Hyper,
+}
+
 /// Where the upstream listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamAddr {

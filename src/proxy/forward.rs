@@ -12,11 +12,12 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::conn::Slot;
+use super::h1::{self, H1Error};
 use super::pool::{self, Pool, PoolConfig};
 use super::tunnel::{LastActive, Watched};
 use super::upstream_target::UpstreamTarget;
-use super::Body;
-use crate::config::{Limits, UpstreamAddr};
+use super::{Body, UpstreamBody};
+use crate::config::{Limits, UpstreamAddr, UpstreamClient};
 use crate::metrics::UpstreamErrorKind;
 
 /// Why the upstream leg failed; the status follows from it (connect → 502, timeout → 504).
@@ -30,6 +31,8 @@ pub enum ProxyError {
     Target(#[source] http::uri::InvalidUri),
     #[error("upstream exchange failed")]
     Exchange(#[source] hyper::Error),
+    #[error("upstream exchange failed")]
+    Fast(#[source] H1Error),
     /// The upstream switched protocols on a request keyward did not forward as an upgrade.
     #[error("101 Switching Protocols without an allowed upgrade")]
     UnexpectedUpgrade,
@@ -46,6 +49,7 @@ impl ProxyError {
             ProxyError::Timeout(_) => UpstreamErrorKind::Timeout,
             ProxyError::Target(_)
             | ProxyError::Exchange(_)
+            | ProxyError::Fast(_)
             | ProxyError::UnexpectedUpgrade
             | ProxyError::RequestBody(_) => UpstreamErrorKind::Other,
         }
@@ -74,12 +78,15 @@ pub struct Upstream {
     /// Also names this upstream's pool on every worker thread.
     pool: Arc<PoolConfig>,
     timeout: Duration,
+    /// Bodiless requests go through keyward's own HTTP/1.1 client (`h1`).
+    fast: bool,
 }
 
 impl Upstream {
     /// `upstream` is `None` in decision mode without a proxy listener: never connected to.
-    pub fn new(upstream: Option<&UpstreamAddr>, limits: &Limits) -> Self {
+    pub fn new(upstream: Option<&UpstreamAddr>, limits: &Limits, client: UpstreamClient) -> Self {
         Self {
+            fast: client == UpstreamClient::Fast,
             host: UpstreamTarget::default_host(upstream),
             pool: Arc::new(PoolConfig::new(
                 UpstreamTarget::from_config(upstream),
@@ -120,18 +127,29 @@ impl Upstream {
     }
 
     /// Send the prepared request; the response head must arrive within `upstream_timeout`.
-    /// Returns the response and the time to its head. `pool` is the serving worker's.
+    /// Returns the response and the time to its head. `pool` is the serving worker's. A
+    /// request without a body that is not an `upgrade` goes on the fast path when it is on.
     pub async fn send(
         &self,
         pool: &Pool,
         mut req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Duration), ProxyError> {
+        upgrade: bool,
+    ) -> Result<(Response<UpstreamBody>, Duration), ProxyError> {
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST) {
             req.headers_mut().insert(header::HOST, self.host.clone());
         }
         let start = Instant::now();
-        match tokio::time::timeout(self.timeout, self.exchange(pool, req, start)).await {
+        let fast = self.fast && !upgrade && h1::fits(&req);
+        let exchange = async {
+            if fast {
+                self.exchange_fast(pool, req, start).await
+            } else {
+                let resp = self.exchange(pool, req, start).await?;
+                Ok(resp.map(http_body_util::Either::Left))
+            }
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
             Err(_) => Err(ProxyError::Timeout(self.timeout)),
             Ok(Err(e)) => Err(e),
             Ok(Ok(resp)) => Ok((resp, start.elapsed())),
@@ -168,6 +186,55 @@ impl Upstream {
                     _ => return Err(send_error(e.into_error())),
                 },
             }
+        }
+    }
+}
+
+impl Upstream {
+    /// One bodiless exchange on the fast path. A pooled connection that fails before any
+    /// byte of an answer (the upstream closed it while idle) is replaced by a new one and
+    /// the request sent again: always when the head could not be written, and only for an
+    /// idempotent method once it was (the upstream may have acted on it).
+    async fn exchange_fast(
+        &self,
+        pool: &Pool,
+        req: Request<Incoming>,
+        start: Instant,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let (parts, _empty) = req.into_parts();
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut pooled = pool.checkout_fast(&self.pool, start);
+        loop {
+            let reused = pooled.is_some();
+            let mut conn = match pooled.take() {
+                Some(conn) => conn,
+                None => Box::pin(pool::connect_fast(&self.pool))
+                    .await
+                    .map_err(ProxyError::Connect)?,
+            };
+            let written = conn.send_head(&parts.method, target, &parts.headers).await;
+            if let Err(e) = written {
+                if reused {
+                    continue;
+                }
+                return Err(ProxyError::Fast(H1Error::Io(e)));
+            }
+            let (head, ready) = match conn.read_head(&parts.method).await {
+                Ok(Some(parsed)) => parsed,
+                Ok(None) if reused && parts.method.is_idempotent() => continue,
+                Ok(None) => return Err(ProxyError::Fast(H1Error::Incomplete)),
+                Err(e) => return Err(ProxyError::Fast(e)),
+            };
+            let home = pool::Return::new(pool, &self.pool, start);
+            let body = h1::ResponseBody::new(conn, head.framing, ready, head.keep_alive, home);
+            let mut resp = Response::new(http_body_util::Either::Right(body));
+            *resp.status_mut() = head.status;
+            *resp.version_mut() = head.version;
+            *resp.headers_mut() = head.headers;
+            if let Some(reason) = head.reason {
+                resp.extensions_mut().insert(reason);
+            }
+            return Ok(resp);
         }
     }
 }
@@ -234,7 +301,7 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
 /// byte either way for `idle` (`limits.tunnel_idle_timeout`).
 pub fn spawn_tunnel(
     downstream: hyper::upgrade::OnUpgrade,
-    upstream_resp: &mut Response<Incoming>,
+    upstream_resp: &mut Response<UpstreamBody>,
     slot: Option<Slot>,
     idle: Duration,
 ) {
@@ -263,7 +330,7 @@ pub fn spawn_tunnel(
 }
 
 /// The upstream's response, minus hop-by-hop headers (an upgrade keeps its own).
-pub fn downstream_response(resp: Response<Incoming>) -> Response<Body> {
+pub fn downstream_response(resp: Response<UpstreamBody>) -> Response<Body> {
     let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
     // An upgrade keeps `Upgrade` and gets `Connection: upgrade` back.
@@ -279,7 +346,7 @@ mod tests {
     fn upstream_target_and_host_come_from_the_config() {
         let up = |u: &str| {
             let addr: UpstreamAddr = serde_yaml::from_str(u).unwrap();
-            Upstream::new(Some(&addr), &Limits::default())
+            Upstream::new(Some(&addr), &Limits::default(), UpstreamClient::Fast)
         };
         let tcp = up("http://127.0.0.1:3000");
         assert_eq!(

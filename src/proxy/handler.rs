@@ -19,7 +19,7 @@ use super::forward::{self, ProxyError};
 use super::head::check_head;
 use super::headers;
 use super::worker::Worker;
-use super::{respond, Body};
+use super::{respond, Body, UpstreamBody};
 use crate::auth::credential::strip_query_param;
 use crate::auth::ratelimit::{Quota, RateDecision};
 use crate::auth::reject::BadRequest;
@@ -328,11 +328,11 @@ async fn send_upstream(
     worker: &Worker,
     out: UpstreamRequest,
     trace: &mut Trace<'_>,
-) -> Result<Response<Incoming>, Reject> {
+) -> Result<Response<UpstreamBody>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
     let (mut resp, took) = app
         .upstream
-        .send(worker.pool(), req)
+        .send(worker.pool(), req, upgrade.is_some())
         .await
         .map_err(|e| upstream_failed(app, &e))?;
     trace.upstream = Some(took);
@@ -354,7 +354,7 @@ async fn send_upstream(
 /// when configured, the key's quota added.
 fn client_response(
     app: &App,
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     principal: Option<&Principal>,
     quota: Option<Quota>,
 ) -> Response<Body> {

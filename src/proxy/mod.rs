@@ -11,6 +11,7 @@
 pub mod balance;
 pub mod conn;
 pub mod forward;
+pub mod h1;
 pub mod handler;
 pub mod head;
 pub mod headers;
@@ -27,5 +28,8 @@ use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
+/// The upstream's response body, from hyper's client or the fast path's.
+pub type UpstreamBody = Either<Incoming, h1::ResponseBody<upstream_target::UpstreamStream, pool::Return>>;
+
 /// A response body: the upstream's, streamed, or one keyward wrote.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<UpstreamBody, Full<Bytes>>;

@@ -2,9 +2,12 @@
 //!
 //! Each worker runs its own current-thread runtime and owns its [`Pool`], so a pooled
 //! connection is driven by the thread that uses it and the pool's lock is never contended.
-//! A connection goes back to the pool as soon as its response head is in; it is handed out again only once hyper reports it ready
-//! (the previous response fully read), so a slow download never blocks the next request and
-//! no task is spawned per request to wait for that moment.
+//! The pool keeps two kinds: hyper's client connections (requests with a body, upgrades)
+//! and the fast path's own ([`FastConn`], `h1`). A hyper connection goes back as soon as its
+//! response head is in and is handed out again only once hyper reports it ready (the
+//! previous response fully read), so a slow download never blocks the next request and no
+//! task is spawned per request to wait for that moment. A fast-path connection comes back
+//! when its response body has been read to the end.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -16,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 pub use super::upstream_target::ConnectError;
+use super::h1;
 use super::upstream_target::{UpstreamStream, UpstreamTarget};
 use crate::config::Limits;
 
@@ -40,23 +44,61 @@ impl PoolConfig {
     }
 }
 
-/// A pooled connection's sending half and when it last carried a request.
-struct Pooled {
-    sender: SendRequest<Incoming>,
+/// A fast-path connection to the upstream.
+pub type FastConn = h1::Conn<UpstreamStream>;
+
+/// What the pool asks of a connection it holds.
+trait Reusable {
+    /// May it carry a request now?
+    fn is_ready(&self) -> bool;
+    /// Will it never carry one again?
+    fn is_closed(&self) -> bool;
+}
+
+impl Reusable for SendRequest<Incoming> {
+    fn is_ready(&self) -> bool {
+        SendRequest::is_ready(self)
+    }
+    fn is_closed(&self) -> bool {
+        SendRequest::is_closed(self)
+    }
+}
+
+/// An idle fast-path connection is ready unless the upstream closed it or sent bytes
+/// nobody asked for.
+impl Reusable for FastConn {
+    fn is_ready(&self) -> bool {
+        self.io().idle_and_open()
+    }
+    fn is_closed(&self) -> bool {
+        !self.io().idle_and_open()
+    }
+}
+
+/// A pooled connection and when it last carried a request.
+struct Pooled<C> {
+    sender: C,
     since: Instant,
 }
 
-/// One worker's idle connections to the upstream, most recently used last.
-#[derive(Default)]
-struct Idle {
-    conns: VecDeque<Pooled>,
+/// One worker's idle connections of one kind, most recently used last.
+struct Idle<C> {
+    conns: VecDeque<Pooled<C>>,
 }
 
-impl Idle {
+impl<C> Default for Idle<C> {
+    fn default() -> Self {
+        Self {
+            conns: VecDeque::new(),
+        }
+    }
+}
+
+impl<C: Reusable> Idle<C> {
     /// The most recently used connection that is ready for a request (a closed one never
     /// is); one found idle past `idle_timeout` is dropped and the search goes on. Busy and
     /// closed connections stay for the reaper: no pass over the whole pool per request.
-    fn checkout(&mut self, now: Instant, idle_timeout: Duration) -> Option<SendRequest<Incoming>> {
+    fn checkout(&mut self, now: Instant, idle_timeout: Duration) -> Option<C> {
         while let Some(at) = self.conns.iter().rposition(|c| c.sender.is_ready()) {
             let c = self.conns.remove(at)?;
             if now.duration_since(c.since) < idle_timeout {
@@ -66,7 +108,7 @@ impl Idle {
         None
     }
 
-    fn checkin(&mut self, sender: SendRequest<Incoming>, now: Instant, max_idle: usize) {
+    fn checkin(&mut self, sender: C, now: Instant, max_idle: usize) {
         if sender.is_closed() || max_idle == 0 {
             return;
         }
@@ -85,47 +127,95 @@ impl Idle {
     }
 }
 
+/// Both kinds of idle connection, each capped at `max_idle`.
+#[derive(Default)]
+struct Lists {
+    hyper: Idle<SendRequest<Incoming>>,
+    fast: Idle<FastConn>,
+}
+
 /// One worker's keep-alive connections to the upstream. The worker owns it and hands it to
 /// each request it serves: no pool is shared between threads. (The mutex is never
 /// contended; it is there because hyper's service futures must be `Send`.)
 #[derive(Clone, Default)]
-pub struct Pool(Arc<Mutex<Idle>>);
+pub struct Pool(Arc<Mutex<Lists>>);
 
 impl Pool {
-    fn idle(&self) -> std::sync::MutexGuard<'_, Idle> {
+    fn lists(&self) -> std::sync::MutexGuard<'_, Lists> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A ready connection, if one is idle. `now` is the caller's clock reading (one per
     /// request is enough).
     pub fn checkout(&self, cfg: &PoolConfig, now: Instant) -> Option<SendRequest<Incoming>> {
-        self.idle().checkout(now, cfg.idle_timeout)
+        self.lists().hyper.checkout(now, cfg.idle_timeout)
     }
 
     /// Return a connection whose response head has arrived; it is reused once ready. Its
     /// idle time counts from `used`, when its last request started.
     pub fn checkin(&self, cfg: &PoolConfig, sender: SendRequest<Incoming>, used: Instant) {
-        self.idle().checkin(sender, used, cfg.max_idle);
+        self.lists().hyper.checkin(sender, used, cfg.max_idle);
+    }
+
+    /// An open idle fast-path connection, if there is one.
+    pub fn checkout_fast(&self, cfg: &PoolConfig, now: Instant) -> Option<FastConn> {
+        self.lists().fast.checkout(now, cfg.idle_timeout)
     }
 
     /// Close idle connections that outlived `idle_timeout`. Called from a periodic task,
     /// so an idle pool does not hold upstream sockets forever.
     pub fn reap(&self, cfg: &PoolConfig) {
-        self.idle().reap(Instant::now(), cfg.idle_timeout);
+        let now = Instant::now();
+        let mut lists = self.lists();
+        lists.hyper.reap(now, cfg.idle_timeout);
+        lists.fast.reap(now, cfg.idle_timeout);
+    }
+}
+
+/// Where a fast-path connection goes when its response is read: back to the pool of the
+/// worker that used it, its idle time counted from when its request started.
+pub struct Return {
+    pool: Pool,
+    max_idle: usize,
+    used: Instant,
+}
+
+impl Return {
+    pub fn new(pool: &Pool, cfg: &PoolConfig, used: Instant) -> Self {
+        Self {
+            pool: pool.clone(),
+            max_idle: cfg.max_idle,
+            used,
+        }
+    }
+}
+
+impl h1::Home<UpstreamStream> for Return {
+    fn take_back(self, conn: FastConn) {
+        self.pool.lists().fast.checkin(conn, self.used, self.max_idle);
     }
 }
 
 /// Open a new connection (TCP with `TCP_NODELAY` and keepalive, or a Unix socket) and
 /// start driving it on this thread.
 pub async fn connect(cfg: &PoolConfig) -> Result<SendRequest<Incoming>, ConnectError> {
-    let stream = tokio::time::timeout(cfg.connect_timeout, cfg.target.connect())
-        .await
-        .map_err(|_| ConnectError::Timeout(cfg.connect_timeout))??;
-    match stream {
+    match open(cfg).await? {
         UpstreamStream::Tcp(s) => drive(TokioIo::new(s)).await,
         #[cfg(unix)]
         UpstreamStream::Unix(s) => drive(TokioIo::new(s)).await,
     }
+}
+
+/// A new connection for the fast path.
+pub async fn connect_fast(cfg: &PoolConfig) -> Result<FastConn, ConnectError> {
+    Ok(h1::Conn::new(open(cfg).await?))
+}
+
+/// Open the stream, within `connect_timeout`.
+async fn open(cfg: &PoolConfig) -> Result<UpstreamStream, ConnectError> {
+    tokio::time::timeout(cfg.connect_timeout, cfg.target.connect())
+        .await
+        .map_err(|_| ConnectError::Timeout(cfg.connect_timeout))?
 }
 
 /// The HTTP/1.1 client over a new connection, driven (upgrades included) by a task on this
@@ -164,7 +254,7 @@ mod tests {
 
     #[tokio::test]
     async fn hands_out_the_most_recent_ready_connection() {
-        let mut pool = Idle::default();
+        let mut pool = Idle::<SendRequest<Incoming>>::default();
         let now = Instant::now();
         let idle = Duration::from_secs(60);
         assert!(pool.checkout(now, idle).is_none());
@@ -179,7 +269,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_expiry_and_the_size_cap_close_connections() {
-        let mut pool = Idle::default();
+        let mut pool = Idle::<SendRequest<Incoming>>::default();
         let now = Instant::now();
         let idle = Duration::from_secs(60);
         let mut servers = Vec::new();
@@ -210,7 +300,7 @@ mod tests {
 
     #[tokio::test]
     async fn closed_connections_are_never_handed_out() {
-        let mut pool = Idle::default();
+        let mut pool = Idle::<SendRequest<Incoming>>::default();
         let (s, server) = conn().await;
         pool.checkin(s, Instant::now(), 8);
         drop(server);

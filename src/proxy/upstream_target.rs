@@ -27,6 +27,70 @@ pub enum UpstreamStream {
     Unix(tokio::net::UnixStream),
 }
 
+/// One stream type for the fast path's connection, whichever kind it is.
+macro_rules! each {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            UpstreamStream::Tcp($s) => $e,
+            #[cfg(unix)]
+            UpstreamStream::Unix($s) => $e,
+        }
+    };
+}
+
+impl UpstreamStream {
+    /// Is the idle connection still open, with nothing unasked-for to read? Costs no system
+    /// call unless the reactor has seen it readable (data or the upstream's FIN).
+    pub fn idle_and_open(&self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match each!(self, s => s.poll_read_ready(&mut cx)) {
+            std::task::Poll::Pending => true,
+            std::task::Poll::Ready(Err(_)) => false,
+            std::task::Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(
+                    each!(self, s => s.try_read(&mut probe)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock
+                )
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        each!(self.get_mut(), s => std::pin::Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        each!(self.get_mut(), s => std::pin::Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        each!(self.get_mut(), s => std::pin::Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        each!(self.get_mut(), s => std::pin::Pin::new(s).poll_shutdown(cx))
+    }
+}
+
 impl UpstreamTarget {
     /// From the validated `upstream`. Decision mode without a proxy listener has none: the
     /// target is then never connected to.

@@ -1,0 +1,125 @@
+//! keyward's own HTTP/1.1 client for the upstream leg's common exchange: a request without
+//! a body (no upgrade), answered with any HTTP/1.x response. It writes the request head in
+//! one write, parses the response head with `httparse`, and reads the body (length, chunked
+//! or to the end of the connection) from the same buffer, with no connection task, no
+//! channel and, for a response already whole in the buffer, one copy. Requests with a body
+//! and upgrades go through hyper's client as before.
+//!
+//! Every framing rule is hyper's client's, in the same order and with the same limits, so
+//! the two read every byte stream alike: `tests/upstream_framing.rs` runs one suite of
+//! hostile responses through both, and `h1::differential` compares them on generated
+//! byte streams.
+
+pub mod body;
+pub mod chunked;
+pub mod codec;
+#[cfg(test)]
+mod differential;
+
+use std::future::Future;
+use std::io;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, Request};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub use body::{Home, ResponseBody};
+pub use codec::{Framing, Head};
+
+/// How much is read at a time.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Why an exchange on the fast path failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("invalid response head: {0}")]
+    Parse(httparse::Error),
+    #[error("response head larger than {} bytes", codec::MAX_HEAD_BYTES)]
+    HeadTooLarge,
+    #[error("invalid status code")]
+    Status,
+    #[error("invalid or conflicting Content-Length")]
+    ContentLength,
+    #[error("Transfer-Encoding in an HTTP/1.0 response")]
+    TransferEncoding10,
+    #[error("invalid chunked body: {0}")]
+    Chunked(&'static str),
+    #[error("invalid trailers")]
+    Trailers,
+    #[error("connection closed before the response was complete")]
+    Incomplete,
+    #[error("upstream connection failed")]
+    Io(#[from] io::Error),
+}
+
+/// Does this request go on the fast path? No body (and none announced), and not a
+/// CONNECT. Upgrades are the caller's to exclude.
+pub fn fits<B: http_body::Body>(req: &Request<B>) -> bool {
+    req.body().is_end_stream()
+        && req.method() != Method::CONNECT
+        && !req.headers().contains_key(http::header::TRANSFER_ENCODING)
+}
+
+/// An upstream connection the fast path owns: the stream, what was read past the last
+/// response head, and the buffer request heads are written from (kept between requests).
+pub struct Conn<T> {
+    io: T,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
+    pub fn new(io: T) -> Self {
+        Self {
+            io,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: Vec::with_capacity(1024),
+        }
+    }
+
+    pub fn io(&self) -> &T {
+        &self.io
+    }
+
+    /// Send a request head (the request has no body).
+    pub async fn send_head(
+        &mut self,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+    ) -> io::Result<()> {
+        codec::encode_request(method, target, headers, &mut self.wbuf);
+        self.io.write_all(&self.wbuf).await
+    }
+
+    /// Read up to the final response head. `Ok(None)`: the connection ended before any
+    /// byte of an answer (the request may not have been seen). A `Content-Length` body
+    /// already whole in the buffer comes with the head.
+    pub async fn read_head(
+        &mut self,
+        method: &Method,
+    ) -> Result<Option<(Head, Option<Bytes>)>, H1Error> {
+        let mut answered = !self.rbuf.is_empty();
+        loop {
+            if !self.rbuf.is_empty() {
+                if let Some(parsed) = codec::parse_response(&mut self.rbuf, method, true)? {
+                    return Ok(Some(parsed));
+                }
+            }
+            match std::future::poll_fn(|cx| self.poll_fill(cx)).await? {
+                0 if answered => return Err(H1Error::Incomplete),
+                0 => return Ok(None),
+                _ => answered = true,
+            }
+        }
+    }
+
+    /// Read more into the buffer; `Ready(Ok(0))` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        std::pin::pin!(self.io.read_buf(&mut self.rbuf)).poll(cx)
+    }
+}
