@@ -57,6 +57,22 @@ pub fn encode_request(method: &Method, target: &str, headers: &HeaderMap, dst: &
     dst.extend_from_slice(b"\r\n");
 }
 
+/// Can the bytes read since `prev` (the length at the last partial parse) end a head? A
+/// blank line (`\r\n\r\n`, `\n\n` or `\n\r\n`) must appear in them. Saves parsing a
+/// slowly arriving head again on every read, and makes a malformed head that never ends
+/// wait for more, exactly as hyper's client does.
+pub fn may_end_head(buf: &[u8], prev: usize) -> bool {
+    let bytes = &buf[prev.saturating_sub(3).min(buf.len())..];
+    bytes.iter().enumerate().any(|(i, &b)| {
+        let rest = &bytes[i + 1..];
+        match b {
+            b'\r' => rest.starts_with(b"\n\r\n"),
+            b'\n' => rest.starts_with(b"\n") || rest.starts_with(b"\r\n"),
+            _ => false,
+        }
+    })
+}
+
 /// Where one header line's name and value sit in the head.
 #[derive(Clone, Copy)]
 struct Span {

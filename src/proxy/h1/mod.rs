@@ -101,11 +101,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         method: &Method,
     ) -> Result<Option<(Head, Option<Bytes>)>, H1Error> {
         let mut answered = !self.rbuf.is_empty();
+        // After a partial head, parse again only once the new bytes can end it.
+        let mut partial: Option<usize> = None;
         loop {
-            if !self.rbuf.is_empty() {
+            let worth_parsing = match partial {
+                Some(prev) => codec::may_end_head(&self.rbuf, prev),
+                None => !self.rbuf.is_empty(),
+            };
+            if worth_parsing {
                 if let Some(parsed) = codec::parse_response(&mut self.rbuf, method, true)? {
                     return Ok(Some(parsed));
                 }
+                partial = (!self.rbuf.is_empty()).then_some(self.rbuf.len());
             }
             match std::future::poll_fn(|cx| self.poll_fill(cx)).await? {
                 0 if answered => return Err(H1Error::Incomplete),
