@@ -29,7 +29,8 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 /// The upstream's response body, from hyper's client or the fast path's.
-pub type UpstreamBody = Either<Incoming, h1::ResponseBody<upstream_target::UpstreamStream, pool::Return>>;
+pub type UpstreamBody =
+    Either<Incoming, h1::ResponseBody<upstream_target::UpstreamStream, pool::Return>>;
 
 /// A response body: the upstream's, streamed, or one keyward wrote.
 pub type Body = Either<UpstreamBody, Full<Bytes>>;

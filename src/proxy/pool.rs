@@ -18,8 +18,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-pub use super::upstream_target::ConnectError;
 use super::h1;
+pub use super::upstream_target::ConnectError;
 use super::upstream_target::{UpstreamStream, UpstreamTarget};
 use crate::config::Limits;
 
@@ -192,7 +192,10 @@ impl Return {
 
 impl h1::Home<UpstreamStream> for Return {
     fn take_back(self, conn: FastConn) {
-        self.pool.lists().fast.checkin(conn, self.used, self.max_idle);
+        self.pool
+            .lists()
+            .fast
+            .checkin(conn, self.used, self.max_idle);
     }
 }
 

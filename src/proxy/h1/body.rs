@@ -137,7 +137,8 @@ where
                     return Poll::Ready(None);
                 }
                 Rest::Length(left) if !conn.rbuf.is_empty() => {
-                    let n = usize::try_from(*left).map_or(conn.rbuf.len(), |l| l.min(conn.rbuf.len()));
+                    let n =
+                        usize::try_from(*left).map_or(conn.rbuf.len(), |l| l.min(conn.rbuf.len()));
                     *left -= n as u64;
                     let data = conn.rbuf.split_to(n).freeze();
                     if *left == 0 {
@@ -187,7 +188,9 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.state {
-            State::Ready(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            State::Ready(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
             State::Done => SizeHint::with_exact(0),
             State::Reading {
                 rest: Rest::Length(n),

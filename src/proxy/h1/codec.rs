@@ -74,8 +74,8 @@ pub fn may_end_head(buf: &[u8], prev: usize) -> bool {
 }
 
 /// Where one header line's name and value sit in the head.
-#[derive(Clone, Copy)]
-struct Span {
+#[derive(Clone, Copy, Default)]
+pub struct Span {
     name: (usize, usize),
     value: (usize, usize),
 }
@@ -86,24 +86,23 @@ struct Raw {
     code: u16,
     version: u8,
     reason: Option<(usize, usize)>,
-    count: usize,
 }
 
 /// Parse the final response head at the front of `buf`, skipping informational (1xx but
 /// 101) heads. `Ok(None)`: more bytes are needed. On success the head's bytes are consumed;
 /// when `take_body` allows and the whole `Content-Length` body is already in `buf`, it is
 /// consumed too and returned, sharing one allocation with the head.
+///
+/// `spans` is scratch space kept by the connection, so no request pays for clearing or
+/// allocating room for a hundred header positions.
 pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
     take_body: bool,
+    spans: &mut Vec<Span>,
 ) -> Result<Option<(Head, Option<Bytes>)>, H1Error> {
     loop {
-        let mut spans = [Span {
-            name: (0, 0),
-            value: (0, 0),
-        }; MAX_HEADERS];
-        let Some(raw) = parse_raw(buf, &mut spans)? else {
+        let Some(raw) = parse_raw(buf, spans)? else {
             return Ok(None);
         };
         let status = StatusCode::from_u16(raw.code).map_err(|_| H1Error::Status)?;
@@ -119,30 +118,49 @@ pub fn parse_response(
         } else {
             Version::HTTP_10
         };
-        let spans = &spans[..raw.count];
-        let framing = framing(buf, spans, status, version, method)?;
-        let body_len = match framing {
-            Framing::Length(n) if take_body => usize::try_from(n)
-                .ok()
-                .filter(|n| raw.len.checked_add(*n).is_some_and(|end| end <= buf.len())),
+        // Split off, not copied: the read buffer is shared from its first split on, so
+        // this costs a reference count, and the buffer is reclaimed in place once the
+        // response has been written downstream.
+        let bytes = buf.split_to(raw.len).freeze();
+        let (headers, facts) = headers(&bytes, spans)?;
+        let framing = facts.framing(status, version, method)?;
+        let body = match framing {
+            Framing::Length(n) if take_body && n <= buf.len() as u64 => {
+                Some(buf.split_to(n as usize).freeze())
+            }
             _ => None,
         };
-        let end = raw.len + body_len.unwrap_or(0);
-        let bytes = Bytes::copy_from_slice(&buf[..end]);
-        buf.advance(end);
-        let head = build(&bytes, &raw, spans, status, version, framing)?;
-        let body = body_len.map(|_| bytes.slice(raw.len..end));
+        let reason = match raw.reason {
+            None => None,
+            Some((start, end)) => Some(
+                hyper::ext::ReasonPhrase::try_from(bytes.slice(start..end))
+                    .map_err(|_| H1Error::Parse(httparse::Error::Status))?,
+            ),
+        };
+        let head = Head {
+            status,
+            version,
+            headers,
+            reason,
+            framing,
+            keep_alive: facts.keep_alive(version)
+                && framing != Framing::Close
+                && status != StatusCode::SWITCHING_PROTOCOLS,
+        };
         return Ok(Some((head, body)));
     }
 }
 
 /// httparse over `buf`, with hyper's client settings (no obs-fold, no spaces before the
 /// colon, one space between status-line parts).
-fn parse_raw(buf: &[u8], spans: &mut [Span; MAX_HEADERS]) -> Result<Option<Raw>, H1Error> {
+fn parse_raw(buf: &[u8], spans: &mut Vec<Span>) -> Result<Option<Raw>, H1Error> {
     let mut headers = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let mut res = httparse::Response::new(&mut []);
-    let parsed =
-        httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut res, buf, &mut headers);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut res,
+        buf,
+        &mut headers,
+    );
     match parsed {
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => Err(H1Error::HeadTooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
@@ -157,12 +175,11 @@ fn parse_raw(buf: &[u8], spans: &mut [Span; MAX_HEADERS]) -> Result<Option<Raw>,
                 let start = s.as_ptr() as usize - base;
                 (start, start + s.len())
             };
-            for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-                *span = Span {
-                    name: at(h.name.as_bytes()),
-                    value: at(h.value),
-                };
-            }
+            spans.clear();
+            spans.extend(res.headers.iter().map(|h| Span {
+                name: at(h.name.as_bytes()),
+                value: at(h.value),
+            }));
             let reason = res.reason.filter(|r| {
                 StatusCode::from_u16(res.code.unwrap_or(0))
                     .ok()
@@ -175,69 +192,89 @@ fn parse_raw(buf: &[u8], spans: &mut [Span; MAX_HEADERS]) -> Result<Option<Raw>,
                 version: res.version.unwrap_or(1),
                 // An empty reason has no address in the buffer worth keeping.
                 reason: reason.map(|r| at(r.as_bytes())),
-                count: res.headers.len(),
             }))
         }
     }
 }
 
-/// The values of every header line named `name`, as raw bytes.
-fn values<'a>(
-    buf: &'a [u8],
-    spans: &'a [Span],
-    name: &'a HeaderName,
-) -> impl Iterator<Item = &'a [u8]> + 'a {
-    spans
-        .iter()
-        .filter(move |s| buf[s.name.0..s.name.1].eq_ignore_ascii_case(name.as_str().as_bytes()))
-        .map(move |s| &buf[s.value.0..s.value.1])
+/// What the framing and connection headers said, gathered while the map is built.
+#[derive(Default)]
+struct Facts {
+    /// A `Transfer-Encoding` line was seen; is `chunked` the last coding of the last one?
+    transfer_encoding: Option<bool>,
+    /// `None`: no `Content-Length`; `Some(None)`: invalid or conflicting values.
+    content_length: Option<Option<u64>>,
+    close: bool,
+    keep_alive: bool,
 }
 
-/// RFC 9112 §6.3, as hyper's client applies it.
-fn framing(
-    buf: &[u8],
-    spans: &[Span],
-    status: StatusCode,
-    version: Version,
-    method: &Method,
-) -> Result<Framing, H1Error> {
-    if matches!(status.as_u16(), 101 | 204 | 304) || method == Method::HEAD {
-        return Ok(Framing::Empty);
-    }
-    if let Some(last) = values(buf, spans, &header::TRANSFER_ENCODING).last() {
-        if version == Version::HTTP_10 {
-            return Err(H1Error::TransferEncoding10);
+impl Facts {
+    fn see(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if *name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = Some(last_token_is_chunked(value.as_bytes()));
+        } else if *name == header::CONTENT_LENGTH {
+            // Every line must hold the same valid number.
+            let line = content_length(value.as_bytes());
+            self.content_length = Some(match (self.content_length, line) {
+                (None, line) => line,
+                (Some(Some(seen)), Some(n)) if seen == n => Some(n),
+                _ => None,
+            });
+        } else if *name == header::CONNECTION {
+            // A later `keep-alive` never undoes a `close`.
+            self.close |= connection_has(value, "close");
+            self.keep_alive |= connection_has(value, "keep-alive");
         }
-        return Ok(if last_token_is_chunked(last) {
-            Framing::Chunked
-        } else {
-            Framing::Close
-        });
     }
-    let mut lengths = values(buf, spans, &header::CONTENT_LENGTH).peekable();
-    if lengths.peek().is_none() {
-        return Ok(Framing::Close);
-    }
-    match content_length(lengths) {
-        Some(0) => Ok(Framing::Empty),
-        Some(n) if n <= u64::MAX - 2 => Ok(Framing::Length(n)),
-        _ => Err(H1Error::ContentLength),
-    }
-}
 
-/// Every `Content-Length` value (comma-separated lists included) must be the same number.
-fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<u64> {
-    let mut length = None;
-    for line in values {
-        // Visible ASCII only, as `HeaderValue::to_str` requires.
-        if !line.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
-            return None;
+    /// HTTP/1.1 stays open unless told to close; HTTP/1.0 closes unless told to stay open.
+    fn keep_alive(&self, version: Version) -> bool {
+        !self.close && (version == Version::HTTP_11 || self.keep_alive)
+    }
+
+    /// RFC 9112 §6.3, as hyper's client applies it.
+    fn framing(
+        &self,
+        status: StatusCode,
+        version: Version,
+        method: &Method,
+    ) -> Result<Framing, H1Error> {
+        if matches!(status.as_u16(), 101 | 204 | 304) || method == Method::HEAD {
+            return Ok(Framing::Empty);
         }
-        for part in line.split(|&b| b == b',') {
-            let n = digits(part.trim_ascii())?;
-            if *length.get_or_insert(n) != n {
-                return None;
+        if let Some(chunked) = self.transfer_encoding {
+            if version == Version::HTTP_10 {
+                return Err(H1Error::TransferEncoding10);
             }
+            return Ok(if chunked {
+                Framing::Chunked
+            } else {
+                Framing::Close
+            });
+        }
+        match self.content_length {
+            None => Ok(Framing::Close),
+            Some(Some(0)) => Ok(Framing::Empty),
+            Some(Some(n)) if n <= u64::MAX - 2 => Ok(Framing::Length(n)),
+            Some(_) => Err(H1Error::ContentLength),
+        }
+    }
+}
+
+/// One `Content-Length` line: one number, or a comma-separated list of the same number.
+fn content_length(line: &[u8]) -> Option<u64> {
+    // Visible ASCII only, as `HeaderValue::to_str` requires.
+    if !line
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
+        return None;
+    }
+    let mut length = None;
+    for part in line.split(|&b| b == b',') {
+        let n = digits(part.trim_ascii())?;
+        if *length.get_or_insert(n) != n {
+            return None;
         }
     }
     length
@@ -256,63 +293,33 @@ fn digits(s: &[u8]) -> Option<u64> {
 
 /// Is `chunked` the last coding of this `Transfer-Encoding` line?
 fn last_token_is_chunked(line: &[u8]) -> bool {
-    std::str::from_utf8(line).is_ok_and(|s| {
-        s.rsplit(',')
+    line.iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+        && line
+            .rsplit(|&b| b == b',')
             .next()
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
-    }) && line.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
-/// Does any `Connection` line list `token`?
+/// Does this `Connection` line list `token`?
 fn connection_has(value: &HeaderValue, token: &str) -> bool {
-    value.to_str().is_ok_and(|s| {
-        s.split(',')
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    })
+    value
+        .to_str()
+        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
-/// The head as `http` types. Values share `bytes`; names are `http`'s own constants for the
-/// standard ones.
-fn build(
-    bytes: &Bytes,
-    raw: &Raw,
-    spans: &[Span],
-    status: StatusCode,
-    version: Version,
-    framing: Framing,
-) -> Result<Head, H1Error> {
+/// The head's header lines as `http` types, in order. Values share `bytes`; standard names
+/// are `http`'s own constants.
+fn headers(bytes: &Bytes, spans: &[Span]) -> Result<(HeaderMap, Facts), H1Error> {
     let mut headers = HeaderMap::with_capacity(spans.len());
-    let mut keep_alive = version == Version::HTTP_11;
-    let mut saw_close = false;
+    let mut facts = Facts::default();
     for s in spans {
         let name = HeaderName::from_bytes(&bytes[s.name.0..s.name.1])
             .map_err(|_| H1Error::Parse(httparse::Error::HeaderName))?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(s.value.0..s.value.1))
             .map_err(|_| H1Error::Parse(httparse::Error::HeaderValue))?;
-        if name == header::CONNECTION {
-            if saw_close || connection_has(&value, "close") {
-                saw_close = true;
-                keep_alive = false;
-            } else if !keep_alive {
-                keep_alive = connection_has(&value, "keep-alive");
-            }
-        }
+        facts.see(&name, &value);
         headers.append(name, value);
     }
-    let reason = match raw.reason {
-        None => None,
-        Some((start, end)) => Some(
-            hyper::ext::ReasonPhrase::try_from(bytes.slice(start..end))
-                .map_err(|_| H1Error::Parse(httparse::Error::Status))?,
-        ),
-    };
-    let keep_alive = keep_alive && framing != Framing::Close && status != StatusCode::SWITCHING_PROTOCOLS;
-    Ok(Head {
-        status,
-        version,
-        headers,
-        reason,
-        framing,
-        keep_alive,
-    })
+    Ok((headers, facts))
 }

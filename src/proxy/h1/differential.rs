@@ -95,10 +95,18 @@ fn status_line(rng: &mut Rng) -> String {
         "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/1.2", "HTTP/2", "http/1.1", "HTTP/1",
     ]);
     let code = rng.pick(&[
-        "200", "200", "200", "204", "304", "100", "103", "101", "206", "404", "500", "999",
-        "000", "099", "20", "2000",
+        "200", "200", "200", "204", "304", "100", "103", "101", "206", "404", "500", "999", "000",
+        "099", "20", "2000",
     ]);
-    let reason = rng.pick(&["OK", "OK", "", "Weird Reason", "Not\tOK", "\u{80}x", " two  spaces"]);
+    let reason = rng.pick(&[
+        "OK",
+        "OK",
+        "",
+        "Weird Reason",
+        "Not\tOK",
+        "\u{80}x",
+        " two  spaces",
+    ]);
     let sep = if rng.chance(5) { "  " } else { " " };
     format!("{version}{sep}{code} {reason}{}", eol(rng))
 }
@@ -144,7 +152,9 @@ fn chunked_body(rng: &mut Rng) -> String {
     let mut out = String::new();
     for _ in 0..rng.below(4) {
         let len = rng.below(12);
-        let data: String = (0..len).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let data: String = (0..len)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
         let size = match rng.below(6) {
             0 => format!("{len:X}"),
             1 => format!("{len:x};ext=1"),
@@ -178,18 +188,30 @@ fn response(rng: &mut Rng) -> Vec<u8> {
 }
 
 fn well_formed(rng: &mut Rng) -> Vec<u8> {
-    let version = if rng.chance(85) { "HTTP/1.1" } else { "HTTP/1.0" };
+    let version = if rng.chance(85) {
+        "HTTP/1.1"
+    } else {
+        "HTTP/1.0"
+    };
     let code: &str = rng.pick(&["200", "200", "201", "204", "304", "404", "500", "100"]);
     let mut s = format!("{version} {code} OK\r\n");
     if code == "100" {
         s.push_str("\r\nHTTP/1.1 200 OK\r\n");
     }
     for _ in 0..rng.below(3) {
-        let h: &str = rng.pick(&["x-a: b", "set-cookie: a=1", "server: s", "connection: keep-alive", "connection: close"]);
+        let h: &str = rng.pick(&[
+            "x-a: b",
+            "set-cookie: a=1",
+            "server: s",
+            "connection: keep-alive",
+            "connection: close",
+        ]);
         s.push_str(h);
         s.push_str("\r\n");
     }
-    let body: String = (0..rng.below(40)).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let body: String = (0..rng.below(40))
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     match rng.below(3) {
         0 if version == "HTTP/1.1" => {
             s.push_str("transfer-encoding: chunked\r\n\r\n");
@@ -348,11 +370,10 @@ async fn via_hyper(case: &Case) -> (Outcome, Outcome) {
     let (client, server) = tokio::io::duplex(1 << 16);
     let written = Arc::new(Mutex::new(0));
     let up = tokio::spawn(upstream(server, case.clone(), written.clone()));
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
-        TokioIo::new(client),
-    )
-    .await
-    .expect("handshake over a pipe");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(client))
+            .await
+            .expect("handshake over a pipe");
     let driver = tokio::spawn(conn);
     let request = |method: &Method| {
         Request::builder()
@@ -515,6 +536,9 @@ fn the_fast_path_reads_every_stream_as_hypers_client_does() {
     eprintln!("{cases} cases agree: {kinds:?}");
     // The generator must reach every kind of outcome, or it tests little.
     for kind in ["response, reused", "response", "error", "hang"] {
-        assert!(kinds.get(kind).copied().unwrap_or(0) > cases / 100, "{kind}: {kinds:?}");
+        assert!(
+            kinds.get(kind).copied().unwrap_or(0) > cases / 100,
+            "{kind}: {kinds:?}"
+        );
     }
 }

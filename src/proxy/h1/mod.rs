@@ -67,6 +67,8 @@ pub struct Conn<T> {
     io: T,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
+    /// Header positions of the head being parsed (scratch, kept for its capacity).
+    spans: Vec<codec::Span>,
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
@@ -75,6 +77,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: Vec::with_capacity(1024),
+            spans: Vec::with_capacity(32),
         }
     }
 
@@ -109,7 +112,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 None => !self.rbuf.is_empty(),
             };
             if worth_parsing {
-                if let Some(parsed) = codec::parse_response(&mut self.rbuf, method, true)? {
+                if let Some(parsed) =
+                    codec::parse_response(&mut self.rbuf, method, true, &mut self.spans)?
+                {
                     return Ok(Some(parsed));
                 }
                 partial = (!self.rbuf.is_empty()).then_some(self.rbuf.len());
