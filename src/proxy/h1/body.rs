@@ -33,6 +33,10 @@ enum State<T, H> {
         keep_alive: bool,
         home: H,
     },
+    /// The body broke; the error is yielded on the next poll, so what was already yielded
+    /// is written to the client first (as with hyper's client, whose body arrives through
+    /// a channel).
+    Broken(H1Error),
     Done,
 }
 
@@ -102,9 +106,15 @@ where
         }
     }
 
-    fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+    fn fail(
+        &mut self,
+        e: H1Error,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
         self.end(false);
-        Poll::Ready(Some(Err(e)))
+        self.state = State::Broken(e);
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -129,6 +139,12 @@ where
                     return Poll::Ready(frame);
                 }
                 State::Done => return Poll::Ready(None),
+                State::Broken(_) => {
+                    let State::Broken(e) = std::mem::replace(&mut this.state, State::Done) else {
+                        return Poll::Ready(None);
+                    };
+                    return Poll::Ready(Some(Err(e)));
+                }
                 State::Reading { conn, rest, .. } => (conn, rest),
             };
             match rest {
@@ -147,7 +163,7 @@ where
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Rest::Chunked(decoder) => match decoder.decode(&mut conn.rbuf) {
-                    Err(e) => return this.fail(e),
+                    Err(e) => return this.fail(e, cx),
                     Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(Step::Trailers(t)) => {
                         this.end(true);
@@ -167,12 +183,12 @@ where
             }
             let close_delimited = matches!(rest, Rest::Close);
             match ready!(conn.poll_fill(cx)) {
-                Err(e) => return this.fail(H1Error::Io(e)),
+                Err(e) => return this.fail(H1Error::Io(e), cx),
                 Ok(0) if close_delimited => {
                     this.end(false);
                     return Poll::Ready(None);
                 }
-                Ok(0) => return this.fail(H1Error::Incomplete),
+                Ok(0) => return this.fail(H1Error::Incomplete, cx),
                 Ok(_) => {}
             }
         }
@@ -182,6 +198,7 @@ where
         match &self.state {
             State::Ready(bytes) => bytes.is_none(),
             State::Done => true,
+            State::Broken(_) => false,
             State::Reading { rest, .. } => matches!(rest, Rest::Length(0)),
         }
     }
@@ -192,6 +209,7 @@ where
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             State::Done => SizeHint::with_exact(0),
+            State::Broken(_) => SizeHint::default(),
             State::Reading {
                 rest: Rest::Length(n),
                 ..

@@ -222,8 +222,8 @@ impl Facts {
             });
         } else if *name == header::CONNECTION {
             // A later `keep-alive` never undoes a `close`.
-            self.close |= connection_has(value, "close");
-            self.keep_alive |= connection_has(value, "keep-alive");
+            self.close |= lists(value.as_bytes(), b"close");
+            self.keep_alive |= lists(value.as_bytes(), b"keep-alive");
         }
     }
 
@@ -280,6 +280,12 @@ fn content_length(line: &[u8]) -> Option<u64> {
     length
 }
 
+/// Visible ASCII and tabs only, as `HeaderValue::to_str` requires.
+fn visible(line: &[u8]) -> bool {
+    line.iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
 fn digits(s: &[u8]) -> Option<u64> {
     if s.is_empty() {
         return None;
@@ -301,11 +307,13 @@ fn last_token_is_chunked(line: &[u8]) -> bool {
             .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
-/// Does this `Connection` line list `token`?
-fn connection_has(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+/// Does this `Connection` line list `token`? Never unless it is visible ASCII (what
+/// `HeaderValue::to_str`, which hyper reads it with, accepts).
+fn lists(line: &[u8], token: &[u8]) -> bool {
+    visible(line)
+        && line
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// The head's header lines as `http` types, in order. Values share `bytes`; standard names

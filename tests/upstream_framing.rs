@@ -1,0 +1,475 @@
+//! How keyward reads what the upstream sends back, through both of its HTTP/1.1 clients:
+//! the fast path (`upstream_client: fast`, the default, for requests without a body) and
+//! hyper's (`upstream_client: hyper`). A scripted upstream on loopback answers each path
+//! with exact bytes: every framing (length, chunked with trailers, to the end of the
+//! connection, none), responses that run past their own framing (response smuggling),
+//! malformed heads and truncated bodies. Each case runs through both clients, which must
+//! give the client the same answer, and never answer one request with bytes meant for
+//! another.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CLIENTS: [&str; 2] = ["fast", "hyper"];
+
+/// What a path is answered with, and whether the upstream then closes the connection.
+#[derive(Clone)]
+struct Script {
+    bytes: Vec<u8>,
+    close: bool,
+}
+
+/// An upstream that answers each request with its path's script (`next` for any other
+/// path) and logs which connection carried which request.
+struct Scripted {
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<(usize, String)>>>,
+}
+
+impl Scripted {
+    async fn start(scripts: &[(&str, &[u8], bool)]) -> Scripted {
+        let scripts: HashMap<String, Script> = scripts
+            .iter()
+            .map(|(path, bytes, close)| {
+                let script = Script {
+                    bytes: bytes.to_vec(),
+                    close: *close,
+                };
+                (path.to_string(), script)
+            })
+            .collect();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let seen = log.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(serve(s, n, scripts.clone(), seen.clone()));
+                n += 1;
+            }
+        });
+        Scripted { addr, log }
+    }
+
+    /// The upstream connection each request came on, in order.
+    fn connections(&self) -> Vec<usize> {
+        self.log.lock().unwrap().iter().map(|(c, _)| *c).collect()
+    }
+}
+
+async fn serve(
+    mut s: TcpStream,
+    conn: usize,
+    scripts: HashMap<String, Script>,
+    log: Arc<Mutex<Vec<(usize, String)>>>,
+) {
+    loop {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            match s.read(&mut b).await {
+                Ok(1) => head.push(b[0]),
+                _ => return,
+            }
+        }
+        let line = String::from_utf8_lossy(&head);
+        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        log.lock().unwrap().push((conn, path.clone()));
+        let script = scripts.get(&path).cloned().unwrap_or(Script {
+            bytes: b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext".to_vec(),
+            close: false,
+        });
+        if s.write_all(&script.bytes).await.is_err() || script.close {
+            return;
+        }
+    }
+}
+
+/// What the client got: the head as text, the body (de-chunked), and whether the body
+/// arrived whole (a chunked body with its last chunk, or as many bytes as announced).
+#[derive(Debug, PartialEq, Eq)]
+struct Reply {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+    whole: bool,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One request on its own connection (`connection: close`), read to the end.
+async fn request(kw: SocketAddr, method: &str, path: &str) -> Reply {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\nconnection: close\r\n\r\n"
+    );
+    let mut s = TcpStream::connect(kw).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    parse(&out, method == "HEAD")
+}
+
+fn parse(out: &[u8], head_only: bool) -> Reply {
+    let end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |i| i + 4);
+    // Without the lines that differ on every request.
+    let head: String = String::from_utf8_lossy(&out[..end])
+        .split_inclusive("\r\n")
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            !["date:", "x-correlation-id:", "x-request-id:"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .collect();
+    let status = raw_status(&head);
+    let rest = &out[end..];
+    let mut reply = Reply {
+        status,
+        head,
+        body: Vec::new(),
+        whole: true,
+    };
+    if head_only {
+        return reply;
+    }
+    if reply.header("transfer-encoding").is_some() {
+        let (body, whole) = dechunk(rest);
+        reply.body = body;
+        reply.whole = whole;
+    } else if let Some(len) = reply.header("content-length") {
+        reply.body = rest.to_vec();
+        reply.whole = len.parse::<usize>().ok() == Some(rest.len());
+    } else {
+        reply.body = rest.to_vec();
+    }
+    reply.body = without_correlation_id(reply.body);
+    reply
+}
+
+/// keyward's own JSON answers carry the request's correlation id: blanked for comparison.
+fn without_correlation_id(body: Vec<u8>) -> Vec<u8> {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let marker = "\"correlation_id\":\"";
+    let Some(at) = text.find(marker).map(|i| i + marker.len()) else {
+        return body;
+    };
+    let end = text[at..].find('"').map_or(text.len(), |i| at + i);
+    format!("{}{}", &text[..at], &text[end..]).into_bytes()
+}
+
+/// A chunked body's data, and whether its last chunk came.
+fn dechunk(mut rest: &[u8]) -> (Vec<u8>, bool) {
+    let mut body = Vec::new();
+    loop {
+        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+            return (body, false);
+        };
+        let size = std::str::from_utf8(&rest[..eol])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok());
+        let Some(size) = size else {
+            return (body, false);
+        };
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return (body, true);
+        }
+        if rest.len() < size + 2 {
+            body.extend_from_slice(&rest[..rest.len().min(size)]);
+            return (body, false);
+        }
+        body.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+/// keyward in front of `up`, with one worker (so one pool) and the given client.
+async fn keyward(up: &Scripted, client: &str) -> Proxy {
+    spawn_proxy(up.addr, &format!("workers: 1\nupstream_client: {client}\n")).await
+}
+
+/// Run `f` through both clients; both must give the same replies.
+async fn both<F, Fut>(scripts: &[(&str, &[u8], bool)], f: F) -> Vec<Reply>
+where
+    F: Fn(SocketAddr, Arc<Scripted>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Reply>>,
+{
+    let mut results = Vec::new();
+    for client in CLIENTS {
+        let up = Arc::new(Scripted::start(scripts).await);
+        let kw = keyward(&up, client).await;
+        let replies = f(kw.addr, up.clone()).await;
+        kw.shutdown().await;
+        results.push((client, replies));
+    }
+    let (_, hyper) = results.pop().unwrap();
+    let (_, fast) = results.pop().unwrap();
+    assert_eq!(fast, hyper, "the fast path and hyper's client disagree");
+    fast
+}
+
+#[tokio::test]
+async fn each_framing_is_forwarded_whole_and_the_connection_reused_when_it_may_be() {
+    let cases: &[(&str, &[u8], bool, &str, bool)] = &[
+        // (path, response, upstream closes, body, next request on the same connection)
+        ("/length", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false, "hello", true),
+        (
+            "/chunked",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-t: 1\r\n\r\n",
+            false,
+            "hello world",
+            true,
+        ),
+        ("/close", b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true, "until the end", false),
+        (
+            "/http10",
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            false,
+            "ok",
+            false,
+        ),
+        (
+            "/http10-keep-alive",
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok",
+            false,
+            "ok",
+            true,
+        ),
+        (
+            "/connection-close",
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            false,
+            "ok",
+            false,
+        ),
+        ("/no-content", b"HTTP/1.1 204 No Content\r\n\r\n", false, "", true),
+        (
+            "/informational",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            false,
+            "ok",
+            true,
+        ),
+    ];
+    for &(path, bytes, close, body, reused) in cases {
+        let replies = both(&[(path, bytes, close)], |kw, up| async move {
+            let first = request(kw, "GET", path).await;
+            let second = request(kw, "GET", "/other").await;
+            let conns = up.connections();
+            let same = conns.len() == 2 && conns[0] == conns[1];
+            let marker = Reply {
+                status: 0,
+                head: String::new(),
+                body: vec![u8::from(same)],
+                whole: true,
+            };
+            vec![first, second, marker]
+        })
+        .await;
+        assert_eq!(
+            (
+                replies[0].status,
+                replies[0].text().as_str(),
+                replies[0].whole
+            ),
+            (if path == "/no-content" { 204 } else { 200 }, body, true),
+            "{path}"
+        );
+        assert_eq!(replies[1].text(), "next", "{path}");
+        assert_eq!(
+            replies[2].body,
+            vec![u8::from(reused)],
+            "{path}: connection reuse"
+        );
+    }
+}
+
+/// Bytes past the end of a response (after its length, after a 204, 304 or HEAD head)
+/// are never read as the answer to the next request: the connection is dropped.
+#[tokio::test]
+async fn bytes_past_a_response_never_answer_the_next_request() {
+    const SMUGGLED: &str = "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled";
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "GET",
+            "/length",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ),
+        (
+            "GET",
+            "/no-content",
+            "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n",
+        ),
+        ("GET", "/not-modified", "HTTP/1.1 304 Not Modified\r\n\r\n"),
+        (
+            "HEAD",
+            "/head",
+            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\n",
+        ),
+        (
+            "GET",
+            "/chunked",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ),
+    ];
+    for &(method, path, response) in cases {
+        let bytes = format!("{response}{SMUGGLED}").into_bytes();
+        let replies = both(&[(path, &bytes, false)], |kw, _up| async move {
+            let first = request(kw, method, path).await;
+            let mut next = Vec::new();
+            for _ in 0..3 {
+                next.push(request(kw, "GET", "/other").await);
+            }
+            let mut all = vec![first];
+            all.extend(next);
+            all
+        })
+        .await;
+        assert!(replies[0].status < 400, "{path}: {:?}", replies[0]);
+        for r in &replies[1..] {
+            assert_eq!((r.status, r.text().as_str()), (200, "next"), "{path}");
+        }
+    }
+}
+
+/// A head keyward cannot trust is a 502, never forwarded in part.
+#[tokio::test]
+async fn a_malformed_or_ambiguous_head_is_502() {
+    let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let too_many = format!("HTTP/1.1 200 OK\r\n{many}content-length: 2\r\n\r\nok");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "/conflicting-lengths",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\nhello".to_vec(),
+        ),
+        (
+            "/two-lengths",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello".to_vec(),
+        ),
+        (
+            "/bad-length",
+            b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello".to_vec(),
+        ),
+        (
+            "/te-in-http10",
+            b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+        ),
+        (
+            "/obs-fold",
+            b"HTTP/1.1 200 OK\r\nx-a: b\r\n c\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        ),
+        (
+            "/space-before-colon",
+            b"HTTP/1.1 200 OK\r\nx-a : b\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        ),
+        (
+            "/bad-status",
+            b"HTTP/1.1 99 Low\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        ),
+        ("/http09", b"hello\r\n\r\n".to_vec()),
+        (
+            "/unasked-upgrade",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n".to_vec(),
+        ),
+        ("/too-many-headers", too_many.into_bytes()),
+    ];
+    for (path, bytes) in &cases {
+        let replies = both(&[(path, bytes, false)], |kw, _up| async move {
+            vec![
+                request(kw, "GET", path).await,
+                request(kw, "GET", "/other").await,
+            ]
+        })
+        .await;
+        assert_eq!(replies[0].status, 502, "{path}: {:?}", replies[0]);
+        assert!(
+            replies[0].text().contains("upstream_unavailable"),
+            "{path}: {:?}",
+            replies[0]
+        );
+        assert_eq!(replies[1].text(), "next", "{path}");
+    }
+}
+
+/// A body that breaks after the head was forwarded cuts the client's response short: the
+/// client never sees a complete body that was not.
+#[tokio::test]
+async fn a_body_that_breaks_midway_is_cut_short_for_the_client() {
+    let cases: &[(&str, &[u8])] = &[
+        ("/short", b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"),
+        (
+            "/bad-chunk",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\nmore\r\n0\r\n\r\n",
+        ),
+        (
+            "/unfinished-chunks",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        ),
+    ];
+    for &(path, bytes) in cases {
+        let replies = both(&[(path, bytes, true)], |kw, _up| async move {
+            vec![
+                request(kw, "GET", path).await,
+                request(kw, "GET", "/other").await,
+            ]
+        })
+        .await;
+        assert_eq!(replies[0].status, 200, "{path}");
+        assert!(!replies[0].whole, "{path}: {:?}", replies[0]);
+        assert_eq!(replies[1].text(), "next", "{path}");
+    }
+}
+
+/// The status line's reason phrase and a HEAD response's length reach the client as the
+/// upstream wrote them.
+#[tokio::test]
+async fn reason_phrase_and_head_length_pass_through() {
+    let scripts: &[(&str, &[u8], bool)] = &[
+        (
+            "/reason",
+            b"HTTP/1.1 200 Fine Thanks\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+        (
+            "/head",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
+            false,
+        ),
+    ];
+    let replies = both(scripts, |kw, _up| async move {
+        vec![
+            request(kw, "GET", "/reason").await,
+            request(kw, "HEAD", "/head").await,
+        ]
+    })
+    .await;
+    assert!(
+        replies[0].head.starts_with("HTTP/1.1 200 Fine Thanks\r\n"),
+        "{:?}",
+        replies[0]
+    );
+    assert_eq!(replies[1].header("content-length").as_deref(), Some("10"));
+}
