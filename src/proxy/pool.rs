@@ -45,7 +45,7 @@ impl PoolConfig {
 }
 
 /// A fast-path connection to the upstream.
-pub type FastConn = h1::Conn<UpstreamStream>;
+pub type FastConn = Box<h1::Conn<UpstreamStream>>;
 
 /// What the pool asks of a connection it holds.
 trait Reusable {

@@ -14,7 +14,7 @@ use super::{Conn, Framing, H1Error};
 
 /// Where a connection goes once its response is read: the serving worker's pool.
 pub trait Home<T>: Send + Unpin + 'static {
-    fn take_back(self, conn: Conn<T>);
+    fn take_back(self, conn: Box<Conn<T>>);
 }
 
 /// How the rest of the body is delimited.
@@ -28,7 +28,7 @@ enum State<T, H> {
     /// The whole body was in the buffer with the head (or there is none).
     Ready(Option<Bytes>),
     Reading {
-        conn: Conn<T>,
+        conn: Box<Conn<T>>,
         rest: Rest,
         keep_alive: bool,
         home: H,
@@ -45,7 +45,7 @@ pub struct ResponseBody<T, H> {
 }
 
 /// Send `conn` home if another request may follow on it.
-fn finish<T, H: Home<T>>(conn: Conn<T>, keep_alive: bool, home: H) {
+fn finish<T, H: Home<T>>(conn: Box<Conn<T>>, keep_alive: bool, home: H) {
     if keep_alive && conn.rbuf.is_empty() {
         home.take_back(conn);
     }
@@ -58,7 +58,7 @@ where
 {
     /// The body after `framing`'s head; `ready` is a body that came whole with the head.
     pub fn new(
-        conn: Conn<T>,
+        conn: Box<Conn<T>>,
         framing: Framing,
         ready: Option<Bytes>,
         keep_alive: bool,

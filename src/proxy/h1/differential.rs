@@ -420,10 +420,10 @@ async fn via_hyper(case: &Case) -> (Outcome, Outcome) {
 
 /// The fast path's pool, for one connection.
 #[derive(Clone, Default)]
-struct Slot(Arc<Mutex<Option<Conn<DuplexStream>>>>);
+struct Slot(Arc<Mutex<Option<Box<Conn<DuplexStream>>>>>);
 
 impl Home<DuplexStream> for Slot {
-    fn take_back(self, conn: Conn<DuplexStream>) {
+    fn take_back(self, conn: Box<Conn<DuplexStream>>) {
         *self.0.lock().unwrap() = Some(conn);
     }
 }
@@ -436,7 +436,7 @@ impl Conn<DuplexStream> {
     }
 }
 
-async fn fast_exchange(mut conn: Conn<DuplexStream>, method: &Method, slot: &Slot) -> Outcome {
+async fn fast_exchange(mut conn: Box<Conn<DuplexStream>>, method: &Method, slot: &Slot) -> Outcome {
     let mut headers = HeaderMap::new();
     headers.insert("host", "upstream".parse().expect("value"));
     if conn.send_head(method, "/", &headers).await.is_err() {
@@ -499,7 +499,7 @@ fn the_fast_path_reads_every_stream_as_hypers_client_does() {
     let seed: u64 = std::env::var("KEYWARD_DIFF_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0x6b65_7977_6172_64);
+        .unwrap_or(7_955_017_551_384_324);
     let mut rng = Rng(seed | 1);
     let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
     // A runtime per client and case: nothing one leaves behind can touch the next.

@@ -63,6 +63,8 @@ pub fn fits<B: http_body::Body>(req: &Request<B>) -> bool {
 
 /// An upstream connection the fast path owns: the stream, what was read past the last
 /// response head, and the buffer request heads are written from (kept between requests).
+/// It lives boxed (one allocation per connection, not per request), so moving it between
+/// the pool, the request and the response body moves a pointer.
 pub struct Conn<T> {
     io: T,
     rbuf: BytesMut,
@@ -72,13 +74,13 @@ pub struct Conn<T> {
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
-    pub fn new(io: T) -> Self {
-        Self {
+    pub fn new(io: T) -> Box<Self> {
+        Box::new(Self {
             io,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: Vec::with_capacity(1024),
             spans: Vec::with_capacity(32),
-        }
+        })
     }
 
     pub fn io(&self) -> &T {
