@@ -201,7 +201,7 @@ impl Upstream {
         req: Request<Incoming>,
         start: Instant,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let (parts, _empty) = req.into_parts();
+        let (mut parts, _empty) = req.into_parts();
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut pooled = pool.checkout_fast(&self.pool, start);
         loop {
@@ -219,7 +219,7 @@ impl Upstream {
                 }
                 return Err(ProxyError::Fast(H1Error::Io(e)));
             }
-            let (head, ready) = match conn.read_head(&parts.method).await {
+            let (head, ready) = match conn.read_head(&parts.method, &mut parts.headers).await {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) if reused && parts.method.is_idempotent() => continue,
                 Ok(None) => return Err(ProxyError::Fast(H1Error::Incomplete)),

@@ -215,3 +215,77 @@ fn trailers(buf: &[u8], lines: usize) -> Result<HeaderMap, H1Error> {
         _ => Err(H1Error::Trailers),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feed `input` in pieces of `piece` bytes; collect the data and trailers.
+    fn decode(input: &[u8], piece: usize) -> Result<(Vec<u8>, Option<HeaderMap>), H1Error> {
+        let mut dec = Decoder::default();
+        let mut buf = BytesMut::new();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        let mut rest = input;
+        loop {
+            match dec.decode(&mut buf)? {
+                Step::Data(d) => data.extend_from_slice(&d),
+                Step::Trailers(t) => {
+                    trailers = Some(t);
+                    return Ok((data, trailers));
+                }
+                Step::End => return Ok((data, trailers)),
+                Step::NeedMore if rest.is_empty() => return Err(H1Error::Incomplete),
+                Step::NeedMore => {
+                    let n = piece.min(rest.len());
+                    buf.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_decode_whatever_the_pieces() {
+        let body = b"5\r\nhello\r\n6;name=v\r\n world\r\nA \r\n0123456789\r\n0\r\n\r\n";
+        for piece in [1, 2, 3, 7, 64] {
+            let (data, trailers) = decode(body, piece).unwrap();
+            assert_eq!(data, b"hello world0123456789", "pieces of {piece}");
+            assert!(trailers.is_none());
+        }
+    }
+
+    #[test]
+    fn trailers_are_returned() {
+        let (data, trailers) = decode(b"2\r\nok\r\n0\r\nx-t: 1\r\nx-u: 2\r\n\r\n", 4).unwrap();
+        assert_eq!(data, b"ok");
+        let t = trailers.unwrap();
+        assert_eq!(
+            (t["x-t"].as_bytes(), t["x-u"].as_bytes()),
+            (&b"1"[..], &b"2"[..])
+        );
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused() {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5;a\nb\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"1 2\r\nx\r\n0\r\n\r\n",
+            b"10000000000000000\r\n",
+            b"0\r\n\r\r",
+        ] {
+            assert!(
+                matches!(decode(bad, 3), Err(H1Error::Chunked(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long_extension = format!(
+            "1;{}\r\nx\r\n0\r\n\r\n",
+            "e".repeat(EXTENSIONS_LIMIT as usize)
+        );
+        assert!(decode(long_extension.as_bytes(), 1024).is_err());
+    }
+}

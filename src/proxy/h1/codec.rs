@@ -94,12 +94,16 @@ struct Raw {
 /// consumed too and returned, sharing one allocation with the head.
 ///
 /// `spans` is scratch space kept by the connection, so no request pays for clearing or
-/// allocating room for a hundred header positions.
+/// allocating room for a hundred header positions. The head's headers go into `recycled`
+/// (taken, cleared): the request's own map, whose room is no longer needed once it is
+/// sent, so the response costs no new map. It is left as it was until a final head is
+/// complete.
 pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
     take_body: bool,
     spans: &mut Vec<Span>,
+    recycled: &mut HeaderMap,
 ) -> Result<Option<(Head, Option<Bytes>)>, H1Error> {
     loop {
         let Some(raw) = parse_raw(buf, spans)? else {
@@ -122,7 +126,7 @@ pub fn parse_response(
         // this costs a reference count, and the buffer is reclaimed in place once the
         // response has been written downstream.
         let bytes = buf.split_to(raw.len).freeze();
-        let (headers, facts) = headers(&bytes, spans)?;
+        let (headers, facts) = headers(&bytes, spans, std::mem::take(recycled))?;
         let framing = facts.framing(status, version, method)?;
         let body = match framing {
             Framing::Length(n) if take_body && n <= buf.len() as u64 => {
@@ -318,8 +322,13 @@ fn lists(line: &[u8], token: &[u8]) -> bool {
 
 /// The head's header lines as `http` types, in order. Values share `bytes`; standard names
 /// are `http`'s own constants.
-fn headers(bytes: &Bytes, spans: &[Span]) -> Result<(HeaderMap, Facts), H1Error> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+fn headers(
+    bytes: &Bytes,
+    spans: &[Span],
+    mut headers: HeaderMap,
+) -> Result<(HeaderMap, Facts), H1Error> {
+    headers.clear();
+    headers.reserve(spans.len());
     let mut facts = Facts::default();
     for s in spans {
         let name = HeaderName::from_bytes(&bytes[s.name.0..s.name.1])
@@ -330,4 +339,157 @@ fn headers(bytes: &Bytes, spans: &[Span]) -> Result<(HeaderMap, Facts), H1Error>
         headers.append(name, value);
     }
     Ok((headers, facts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8], method: Method) -> Result<Option<(Head, Option<Bytes>)>, H1Error> {
+        let mut buf = BytesMut::from(bytes);
+        parse_response(
+            &mut buf,
+            &method,
+            true,
+            &mut Vec::new(),
+            &mut HeaderMap::new(),
+        )
+    }
+
+    fn head(bytes: &str) -> Head {
+        parse(bytes.as_bytes(), Method::GET).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn the_request_head_is_written_as_hyper_writes_it() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("app"));
+        headers.append("x-a", HeaderValue::from_static("1"));
+        let mut out = Vec::new();
+        encode_request(&Method::DELETE, "/a?b=c", &headers, &mut out);
+        assert_eq!(
+            out,
+            b"DELETE /a?b=c HTTP/1.1\r\nhost: app\r\nx-a: 1\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_length_body_already_read_comes_with_its_head() {
+        let (h, body) = parse(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (h.framing, body.as_deref()),
+            (Framing::Length(2), Some(&b"ok"[..]))
+        );
+        assert!(h.keep_alive);
+        let (h, body) = parse(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nok",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.framing, body), (Framing::Length(5), None));
+        assert!(parse(b"HTTP/1.1 200 OK\r\ncontent-len", Method::GET)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112_in_hypers_order() {
+        let cases = [
+            (
+                "HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n",
+                Framing::Empty,
+            ),
+            ("HTTP/1.1 304 Not Modified\r\n\r\n", Framing::Empty),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n",
+                Framing::Chunked,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+                Framing::Close,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\n\r\n",
+                Framing::Length(7),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                Framing::Empty,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", Framing::Close),
+        ];
+        for (bytes, framing) in cases {
+            assert_eq!(head(bytes).framing, framing, "{bytes:?}");
+        }
+        let h = parse(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+            Method::HEAD,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.0.framing, Framing::Empty);
+    }
+
+    #[test]
+    fn ambiguous_lengths_are_refused() {
+        for bytes in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length:\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551615\r\n\r\n",
+            "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+        ] {
+            assert!(parse(bytes.as_bytes(), Method::GET).is_err(), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn informational_heads_are_skipped_but_101_is_not() {
+        let h = head("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(h.status, StatusCode::CREATED);
+        let h = head("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n");
+        assert_eq!((h.status.as_u16(), h.keep_alive), (101, false));
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_header() {
+        let ka = |s: &str| head(s).keep_alive;
+        assert!(ka("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        assert!(!ka(
+            "HTTP/1.1 200 OK\r\nconnection: Keep-Alive, close\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(!ka("HTTP/1.1 200 OK\r\nconnection: close\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"));
+        assert!(!ka("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        assert!(ka(
+            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(
+            !ka("HTTP/1.1 200 OK\r\n\r\n"),
+            "a body to the end of the connection"
+        );
+    }
+
+    #[test]
+    fn a_non_canonical_reason_is_kept() {
+        let h = head("HTTP/1.1 200 Fine\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(h.reason.as_ref().map(|r| r.as_bytes()), Some(&b"Fine"[..]));
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .reason
+            .is_none());
+    }
+
+    #[test]
+    fn a_head_is_parsed_again_only_once_a_blank_line_can_have_arrived() {
+        let buf = b"HTTP/1.1 200 OK\r\nx-a: b\r\n\r\n";
+        assert!(!may_end_head(&buf[..20], 10));
+        assert!(may_end_head(buf, 20));
+        assert!(may_end_head(b"HTTP/1.1 200 OK\n\n", 15));
+    }
 }

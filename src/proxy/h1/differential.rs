@@ -442,7 +442,11 @@ async fn fast_exchange(mut conn: Box<Conn<DuplexStream>>, method: &Method, slot:
     if conn.send_head(method, "/", &headers).await.is_err() {
         return Outcome::Error;
     }
-    let read = tokio::time::timeout(Duration::from_secs(30), conn.read_head(method)).await;
+    let read = tokio::time::timeout(
+        Duration::from_secs(30),
+        conn.read_head(method, &mut headers),
+    )
+    .await;
     match read {
         Err(_) => Outcome::Hang,
         Ok(Err(_) | Ok(None)) => Outcome::Error,

@@ -100,10 +100,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
 
     /// Read up to the final response head. `Ok(None)`: the connection ended before any
     /// byte of an answer (the request may not have been seen). A `Content-Length` body
-    /// already whole in the buffer comes with the head.
+    /// already whole in the buffer comes with the head. The head's headers reuse
+    /// `recycled` (the sent request's map), untouched unless a head is returned.
     pub async fn read_head(
         &mut self,
         method: &Method,
+        recycled: &mut HeaderMap,
     ) -> Result<Option<(Head, Option<Bytes>)>, H1Error> {
         let mut answered = !self.rbuf.is_empty();
         // After a partial head, parse again only once the new bytes can end it.
@@ -115,7 +117,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             };
             if worth_parsing {
                 if let Some(parsed) =
-                    codec::parse_response(&mut self.rbuf, method, true, &mut self.spans)?
+                    codec::parse_response(&mut self.rbuf, method, true, &mut self.spans, recycled)?
                 {
                     return Ok(Some(parsed));
                 }
