@@ -4,7 +4,8 @@
 //! phases in order: [`proxy::head`] checks the head → [`path`] normalizes →
 //! [`auth::policy`] routes → [`auth::decision`] authenticates (with [`auth::credential`] and
 //! the [`keys::KeyStore`] snapshot) → [`auth::ratelimit`] → [`proxy::headers`] builds the
-//! upstream request → [`proxy::forward`] sends it over a [`proxy::pool`] connection →
+//! upstream request → [`proxy::forward`] sends it over a [`proxy::pool`] connection
+//! ([`proxy::h1`] for a request without a body) →
 //! [`proxy::respond`] writes keyward's own answers.
 //! The admin listener ([`admin`]) serves health, [`metrics`] and the control API. In decision
 //! mode, [`decision`] answers an existing proxy's auth question through the same phases.

@@ -4,7 +4,8 @@
 //! what a request knows of its connection),
 //! `handler` runs a request's phases in order, `head` checks the request head, `headers`
 //! builds what is forwarded, `forward` talks to the upstream over `pool`'s connections
-//! (`upstream_target`: TCP or a Unix socket; `tunnel` for upgrades), `respond` writes
+//! (`upstream_target`: TCP or a Unix socket; `tunnel` for upgrades; `h1`, keyward's own
+//! HTTP/1.1 client for requests without a body, hyper's for the rest), `respond` writes
 //! keyward's own answers, `writing` bounds a stalled client, `worker` is what one worker
 //! thread owns (its pool, its metrics shard).
 
