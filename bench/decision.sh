@@ -7,7 +7,12 @@
 #   3. nginx + auth_request + keyward (deploy/decision/nginx.conf as shipped) against nginx
 #      alone in front of the same upstream: latency added and CPU per request, closed loop,
 #      and at one fixed rate both can hold.
-# Usage: bench/decision.sh [--duration N] [--rounds N] [--keys N] [--connections N] [--out FILE]
+#   --pin: keyward runs one worker on CPU 1 and everything else (load generators, nginx,
+#      the upstream) on CPU 0, so keyward's latency is measured without waiting for a core
+#      the load generator holds (on 2 cores, oha at half the decision rate needs about one).
+#   --paced: fixed rates paced with wrk even when oha is installed (oha needs about a core
+#      at 50k req/s, and counts its own queueing as latency; wrk's pacing costs far less).
+# Usage: bench/decision.sh [--duration N] [--rounds N] [--keys N] [--connections N] [--pin] [--paced] [--out FILE]
 # Environment: KEYWARD_BIN (default target/release/keyward, built when missing).
 # Ports on 127.0.0.1: 18100 upstream, 18110 keyward proxy, 18111 admin, 18112 decision,
 # 18120 nginx alone, 18130 nginx + auth_request.
@@ -18,7 +23,7 @@ REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
 LIB="$BENCH_DIR/benchlib.py"
 export PATH="$PATH:/usr/sbin:/sbin:${CARGO_HOME:-$HOME/.cargo}/bin"
 
-DURATION=10 ROUNDS=3 KEYS=10000 CONNECTIONS=32 OUT="$BENCH_DIR/results/decision.md"
+DURATION=10 ROUNDS=3 KEYS=10000 CONNECTIONS=32 OUT="$BENCH_DIR/results/decision.md" PIN="" PACED=
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2 ;;
@@ -26,6 +31,8 @@ while [[ $# -gt 0 ]]; do
     --keys) KEYS="$2"; shift 2 ;;
     --connections) CONNECTIONS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
+    --pin) PIN=1; shift ;;
+    --paced) PACED=1; shift ;;
     -h|--help) sed -n 2,14p "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
@@ -36,6 +43,7 @@ log() { printf '[decision-bench] %s\n' "$*" >&2; }
 die() { printf '[decision-bench] error: %s\n' "$*" >&2; exit 1; }
 for t in nginx wrk curl python3; do command -v "$t" >/dev/null || die "$t is not installed"; done
 OHA=$(command -v oha || true)
+[[ -z $PACED ]] || OHA=
 [[ -n $OHA ]] || log "oha not installed (cargo install oha --locked): fixed rates paced with wrk instead"
 
 KEYWARD_BIN=${KEYWARD_BIN:-$REPO_DIR/target/release/keyward}
@@ -59,9 +67,21 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# With --pin, keyward gets CPU 1 to itself and every other process runs on CPU 0
+# (`taskset` execs the command: the PID recorded is the command's own).
+cpu_of() { # NAME: the taskset prefix for NAME's processes, none without --pin
+  [[ -z $PIN ]] && return
+  if [[ $1 == keyward ]]; then echo "taskset -c 1"; else echo "taskset -c 0"; fi
+}
+on_cpu() { # NAME CMD...: run CMD where NAME belongs
+  local name=$1; shift
+  # shellcheck disable=SC2046
+  $(cpu_of "$name") "$@"
+}
 start() { # NAME CMD...
   local name=$1; shift
-  "$@" >"$TMP/$name.log" 2>&1 &
+  # shellcheck disable=SC2046
+  $(cpu_of "$name") "$@" >"$TMP/$name.log" 2>&1 &
   PIDS+=("$!")
   eval "PID_${name}=$!"
 }
@@ -115,6 +135,7 @@ credentials: [{ header: x-api-key }]
 keys: { file: $TMP/keys.yaml }
 shutdown: { drain_delay: 0s, grace: 1s }
 log: { format: json, level: warn }
+${PIN:+workers: 1}
 EOF
 start keyward "$KEYWARD_BIN" run --config "$TMP/keyward.yaml"
 
@@ -156,7 +177,7 @@ run_wrk() {
   for h in "$@"; do hdr+=(-H "$h"); done
   # shellcheck disable=SC2086
   c0=$(cpu_ticks $pids)
-  wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "${hdr[@]}" "$url" >"$out" 2>&1
+  on_cpu load wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "${hdr[@]}" "$url" >"$out" 2>&1
   # shellcheck disable=SC2086
   c1=$(cpu_ticks $pids)
   read -r rps p50 p99 non2xx sockerr requests < <(python3 "$LIB" wrk-summary "$out")
@@ -188,7 +209,7 @@ run_oha() { # NAME PIDS RATE URL HEADER...
   for h in "$@"; do hdr+=(-H "$h"); done
   # shellcheck disable=SC2086
   c0=$(cpu_ticks $pids)
-  "$OHA" -z "${DURATION}s" -q "$rate" -c "$CONNECTIONS" --latency-correction --no-tui \
+  on_cpu load "$OHA" -z "${DURATION}s" -q "$rate" -c "$CONNECTIONS" --latency-correction --no-tui \
     --output-format json "${hdr[@]}" "$url" >"$out" 2>"$out.err" || die "oha: $(cat "$out.err")"
   # shellcheck disable=SC2086
   c1=$(cpu_ticks $pids)
@@ -203,14 +224,17 @@ echo 'function delay() return 1 end' >"$TMP/paced.lua"
 run_paced() { # NAME PIDS RATE URL HEADER...
   local name=$1 pids=$2 rate=$3 url=$4 out="$TMP/paced-$1.txt" c0 c1 h hdr=() conns got; shift 4
   for h in "$@"; do hdr+=(-H "$h"); done
-  # Calibrate: 2 s at one connection per 1000 req/s asked, then scale to the rate asked.
+  # Calibrate: 2 s at one connection per 1000 req/s asked, scaled to the rate asked;
+  # twice, since more connections also mean more latency per request.
   conns=$(python3 -c "print(max(1, round($rate / 1000)))")
-  wrk -t1 -c"$conns" -d2s --latency -s "$TMP/paced.lua" "${hdr[@]}" "$url" >"$out.cal" 2>&1
-  read -r got _ < <(python3 "$LIB" wrk-summary "$out.cal")
-  conns=$(python3 -c "print(max(1, round($conns * $rate / max($got, 1))))")
+  for _ in 1 2; do
+    on_cpu load wrk -t1 -c"$conns" -d2s --latency -s "$TMP/paced.lua" "${hdr[@]}" "$url" >"$out.cal" 2>&1
+    read -r got _ < <(python3 "$LIB" wrk-summary "$out.cal")
+    conns=$(python3 -c "print(max(1, round($conns * $rate / max($got, 1))))")
+  done
   # shellcheck disable=SC2086
   c0=$(cpu_ticks $pids)
-  wrk -t1 -c"$conns" -d"${DURATION}s" --latency -s "$TMP/paced.lua" "${hdr[@]}" "$url" >"$out" 2>&1
+  on_cpu load wrk -t1 -c"$conns" -d"${DURATION}s" --latency -s "$TMP/paced.lua" "${hdr[@]}" "$url" >"$out" 2>&1
   # shellcheck disable=SC2086
   c1=$(cpu_ticks $pids)
   read -r rps p50 p99 non2xx sockerr requests < <(python3 "$LIB" wrk-summary "$out")
@@ -233,7 +257,7 @@ mkdir -p "$(dirname "$OUT")"
 {
   echo "# keyward decision mode benchmark"
   echo
-  echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, $KEYS keys, wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS interleaved rounds (median round), commit $(git -C "$REPO_DIR" rev-parse --short HEAD)."
+  echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs${PIN:+ (pinned: keyward one worker on CPU 1, everything else on CPU 0)}, $KEYS keys, wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS interleaved rounds (median round), commit $(git -C "$REPO_DIR" rev-parse --short HEAD)."
   echo
   echo "| front door | req/s | p50 ms | p99 ms | CPU µs/req (listed processes) | per round req/s |"
   echo "|---|---:|---:|---:|---:|---|"

@@ -10,8 +10,10 @@
 //! which. A case both clients leave waiting for more bytes counts as `Hang` (tokio's clock
 //! is paused, so waiting costs nothing).
 //!
-//! `cargo test h1::differential` runs 4,000 cases from a fixed seed; set
-//! `KEYWARD_DIFF_CASES` (and `KEYWARD_DIFF_SEED`) for a longer run.
+//! `cargo test h1::differential` runs 4,000 generated cases from a fixed seed; set
+//! `KEYWARD_DIFF_CASES` (and `KEYWARD_DIFF_SEED`) for a longer run. `fuzz/` drives the
+//! same comparison from libFuzzer's coverage-guided inputs (`Case::from_fuzz`, built with
+//! the `fuzzing` feature; see `fuzz/README.md`).
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -27,7 +29,7 @@ use super::{Conn, Home, ResponseBody};
 
 /// What a client of keyward would see of one exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
+pub enum Outcome {
     Response {
         status: u16,
         version: http::Version,
@@ -53,17 +55,20 @@ impl Outcome {
     }
 }
 
+/// One or two scripted responses, the request method, and how the bytes are cut up.
 #[derive(Debug, Clone)]
-struct Case {
+pub struct Case {
     method: Method,
     responses: Vec<Vec<u8>>,
     /// Sizes of the pieces each response is written in.
     pieces: Vec<usize>,
 }
 
+#[cfg(test)]
 /// Deterministic xorshift: no dependency, reproducible from the seed.
 struct Rng(u64);
 
+#[cfg(test)]
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
@@ -82,6 +87,7 @@ impl Rng {
     }
 }
 
+#[cfg(test)]
 fn eol(rng: &mut Rng) -> &'static str {
     if rng.chance(4) {
         "\n"
@@ -90,6 +96,7 @@ fn eol(rng: &mut Rng) -> &'static str {
     }
 }
 
+#[cfg(test)]
 fn status_line(rng: &mut Rng) -> String {
     let version = rng.pick(&[
         "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/1.2", "HTTP/2", "http/1.1", "HTTP/1",
@@ -111,6 +118,7 @@ fn status_line(rng: &mut Rng) -> String {
     format!("{version}{sep}{code} {reason}{}", eol(rng))
 }
 
+#[cfg(test)]
 const HEADERS: &[&str] = &[
     "content-length: 5",
     "Content-Length: 0",
@@ -148,6 +156,7 @@ const HEADERS: &[&str] = &[
     "trailer: x-t",
 ];
 
+#[cfg(test)]
 fn chunked_body(rng: &mut Rng) -> String {
     let mut out = String::new();
     for _ in 0..rng.below(4) {
@@ -177,6 +186,7 @@ fn chunked_body(rng: &mut Rng) -> String {
     out
 }
 
+#[cfg(test)]
 /// A response: well-formed half the time (framing that matches its body), hostile
 /// otherwise (any framing headers, any body, then mutated bytes).
 fn response(rng: &mut Rng) -> Vec<u8> {
@@ -187,6 +197,7 @@ fn response(rng: &mut Rng) -> Vec<u8> {
     }
 }
 
+#[cfg(test)]
 fn well_formed(rng: &mut Rng) -> Vec<u8> {
     let version = if rng.chance(85) {
         "HTTP/1.1"
@@ -230,6 +241,7 @@ fn well_formed(rng: &mut Rng) -> Vec<u8> {
     s.into_bytes()
 }
 
+#[cfg(test)]
 fn hostile(rng: &mut Rng) -> Vec<u8> {
     let mut s = status_line(rng);
     for _ in 0..rng.below(5) {
@@ -252,6 +264,7 @@ fn hostile(rng: &mut Rng) -> Vec<u8> {
     bytes
 }
 
+#[cfg(test)]
 fn mutate(rng: &mut Rng, bytes: &mut Vec<u8>) {
     let at = rng.below(bytes.len() + 1);
     match rng.below(5) {
@@ -267,6 +280,7 @@ fn mutate(rng: &mut Rng, bytes: &mut Vec<u8>) {
     }
 }
 
+#[cfg(test)]
 fn case(rng: &mut Rng) -> Case {
     let method = if rng.chance(15) {
         Method::HEAD
@@ -494,6 +508,69 @@ fn show(bytes: &[Vec<u8>]) -> Vec<String> {
         .collect()
 }
 
+/// Run `case` through both clients, each on a fresh runtime with a paused clock (nothing
+/// one leaves behind can touch the other). `Err` describes the disagreement.
+pub fn check(case: &Case) -> Result<Kind, String> {
+    let run = |f: std::pin::Pin<Box<dyn std::future::Future<Output = (Outcome, Outcome)> + '_>>| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    };
+    let (h1, h2) = run(Box::pin(via_hyper(case)));
+    let (f1, f2) = run(Box::pin(via_fast(case)));
+    if !(h1.same(&f1, false) && h2.same(&f2, true)) {
+        return Err(format!(
+            "{:?} {:?} pieces {:?}\nhyper: {h1:?} / {h2:?}\nfast:  {f1:?} / {f2:?}",
+            case.method,
+            show(&case.responses),
+            case.pieces,
+        ));
+    }
+    Ok(match (&h1, &h2) {
+        (Outcome::Response { .. }, Outcome::Response { .. }) => "response, reused",
+        (Outcome::Response { .. }, _) => "response",
+        (Outcome::Error, _) => "error",
+        (Outcome::Hang, _) => "hang",
+        (Outcome::NotReused, _) => "not reused",
+    })
+}
+
+/// What the first exchange of an agreed case came to.
+pub type Kind = &'static str;
+
+impl Case {
+    /// A case from raw fuzzer bytes: the first byte picks the method and whether a second
+    /// request follows, the next four the piece sizes, and the rest is the response bytes
+    /// (a second response after the first `\0\0`, when there is one).
+    pub fn from_fuzz(data: &[u8]) -> Option<Case> {
+        let (&flags, rest) = data.split_first()?;
+        let (sizes, body) = rest.split_at_checked(4)?;
+        let method = if flags & 1 == 1 {
+            Method::HEAD
+        } else {
+            Method::GET
+        };
+        let mut responses = match body.windows(2).position(|w| w == b"\0\0") {
+            Some(at) if flags & 2 == 2 => vec![body[..at].to_vec(), body[at + 2..].to_vec()],
+            _ => vec![body.to_vec()],
+        };
+        responses.retain(|r| !r.is_empty());
+        if responses.is_empty() {
+            return None;
+        }
+        let pieces = sizes.iter().map(|&s| 1 + usize::from(s % 64)).collect();
+        Some(Case {
+            method,
+            responses,
+            pieces,
+        })
+    }
+}
+
+#[cfg(test)]
 #[test]
 fn the_fast_path_reads_every_stream_as_hypers_client_does() {
     let cases: usize = std::env::var("KEYWARD_DIFF_CASES")
@@ -505,36 +582,12 @@ fn the_fast_path_reads_every_stream_as_hypers_client_does() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(7_955_017_551_384_324);
     let mut rng = Rng(seed | 1);
-    let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
-    // A runtime per client and case: nothing one leaves behind can touch the next.
-    let run = |f: std::pin::Pin<Box<dyn std::future::Future<Output = (Outcome, Outcome)> + '_>>| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("runtime")
-            .block_on(f)
-    };
-    {
-        for i in 0..cases {
-            let case = case(&mut rng);
-            let (h1, h2) = run(Box::pin(via_hyper(&case)));
-            let (f1, f2) = run(Box::pin(via_fast(&case)));
-            assert!(
-                h1.same(&f1, false) && h2.same(&f2, true),
-                "case {i} (seed {seed}) {:?} {:?} pieces {:?}\nhyper: {h1:?} / {h2:?}\nfast:  {f1:?} / {f2:?}",
-                case.method,
-                show(&case.responses),
-                case.pieces,
-            );
-            let kind = match (&h1, &h2) {
-                (Outcome::Response { .. }, Outcome::Response { .. }) => "response, reused",
-                (Outcome::Response { .. }, _) => "response",
-                (Outcome::Error, _) => "error",
-                (Outcome::Hang, _) => "hang",
-                (Outcome::NotReused, _) => "not reused",
-            };
-            *kinds.entry(kind).or_default() += 1;
+    let mut kinds = std::collections::BTreeMap::<Kind, usize>::new();
+    for i in 0..cases {
+        let case = case(&mut rng);
+        match check(&case) {
+            Ok(kind) => *kinds.entry(kind).or_default() += 1,
+            Err(e) => panic!("case {i} (seed {seed}) {e}"),
         }
     }
     eprintln!("{cases} cases agree: {kinds:?}");

@@ -13,8 +13,9 @@
 pub mod body;
 pub mod chunked;
 pub mod codec;
-#[cfg(test)]
-mod differential;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod differential;
 
 use std::future::Future;
 use std::io;
