@@ -22,7 +22,11 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(k1.len(), k2.len());
                 assert!(k1.iter().zip(&k2).all(|(a, b)| **a == **b));
             }
-            (Err(a), Err(ReadError::Invalid(b))) => assert_eq!(a, b),
+            // Both refuse, for the same reason; serde_json may place a refusal one column
+            // further on when it reads from a stream (it has peeked the next byte).
+            (Err(a), Err(ReadError::Invalid(b))) => {
+                assert_eq!(unplaced(&a.to_string()), unplaced(&b.to_string()))
+            }
             (held, streamed) => panic!("held {held:?}, streamed {streamed:?}"),
         }
     }
@@ -64,3 +68,11 @@ fuzz_target!(|data: &[u8]| {
         .unwrap_or_else(|e| panic!("JSON round trip refused: {e}\n{json}"));
     assert_eq!(again.len(), snapshot.len());
 });
+
+/// An error message without serde's trailing " at line L column C".
+fn unplaced(message: &str) -> &str {
+    match message.rfind(" at line ") {
+        Some(at) if message[at..].contains(" column ") => &message[..at],
+        _ => message,
+    }
+}
