@@ -208,7 +208,14 @@ fn dechunk(mut rest: &[u8]) -> (Vec<u8>, bool) {
 
 /// keyward in front of `up`, with one worker (so one pool) and the given client.
 async fn keyward(up: &Scripted, client: &str) -> Proxy {
-    spawn_proxy(up.addr, &format!("workers: 1\nupstream_client: {client}\n")).await
+    let kw = spawn_proxy(up.addr, &format!("workers: 1\nupstream_client: {client}\n")).await;
+    // Each run really goes through the client it names, or the comparison proves nothing.
+    let expected = match client {
+        "fast" => keyward::config::UpstreamClient::Fast,
+        _ => keyward::config::UpstreamClient::Hyper,
+    };
+    assert_eq!(kw.app.upstream.client(), expected);
+    kw
 }
 
 /// Run `f` through both clients; both must give the same replies.

@@ -100,6 +100,18 @@ fn upstream_may_be_an_absolute_unix_socket_path() {
 }
 
 #[test]
+fn upstream_client_is_fast_unless_hyper_is_asked_for() {
+    assert_eq!(
+        Config::from_yaml(MINIMAL).unwrap().upstream_client,
+        UpstreamClient::Fast
+    );
+    let c = Config::from_yaml(&format!("{MINIMAL}upstream_client: hyper\n")).unwrap();
+    assert_eq!(c.upstream_client, UpstreamClient::Hyper);
+    let e = err("upstream_client: reqwest\n");
+    assert!(e.contains("upstream_client"), "{e}");
+}
+
+#[test]
 fn identity_headers_include_takes_known_suffixes_and_at_least_one() {
     use crate::keys::IdentityField;
     let c = Config::from_yaml(MINIMAL).unwrap();

@@ -78,15 +78,15 @@ pub struct Upstream {
     /// Also names this upstream's pool on every worker thread.
     pool: Arc<PoolConfig>,
     timeout: Duration,
-    /// Bodiless requests go through keyward's own HTTP/1.1 client (`h1`).
-    fast: bool,
+    /// `Fast`: bodiless requests go through keyward's own HTTP/1.1 client (`h1`).
+    client: UpstreamClient,
 }
 
 impl Upstream {
     /// `upstream` is `None` in decision mode without a proxy listener: never connected to.
     pub fn new(upstream: Option<&UpstreamAddr>, limits: &Limits, client: UpstreamClient) -> Self {
         Self {
-            fast: client == UpstreamClient::Fast,
+            client,
             host: UpstreamTarget::default_host(upstream),
             pool: Arc::new(PoolConfig::new(
                 UpstreamTarget::from_config(upstream),
@@ -94,6 +94,11 @@ impl Upstream {
             )),
             timeout: limits.upstream_timeout,
         }
+    }
+
+    /// Which client bodiless requests go through (`upstream_client`).
+    pub fn client(&self) -> UpstreamClient {
+        self.client
     }
 
     /// Start the reaper of a worker's idle upstream connections, so a quiet pool does not
@@ -140,7 +145,7 @@ impl Upstream {
             req.headers_mut().insert(header::HOST, self.host.clone());
         }
         let start = Instant::now();
-        let fast = self.fast && !upgrade && h1::fits(&req);
+        let fast = self.client == UpstreamClient::Fast && !upgrade && h1::fits(&req);
         let exchange = async {
             if fast {
                 self.exchange_fast(pool, req, start).await
@@ -226,15 +231,8 @@ impl Upstream {
                 Err(e) => return Err(ProxyError::Fast(e)),
             };
             let home = pool::Return::new(pool, &self.pool, start);
-            let body = h1::ResponseBody::new(conn, head.framing, ready, head.keep_alive, home);
-            let mut resp = Response::new(http_body_util::Either::Right(body));
-            *resp.status_mut() = head.status;
-            *resp.version_mut() = head.version;
-            *resp.headers_mut() = head.headers;
-            if let Some(reason) = head.reason {
-                resp.extensions_mut().insert(reason);
-            }
-            return Ok(resp);
+            let resp = h1::response(conn, head, ready, home);
+            return Ok(resp.map(http_body_util::Either::Right));
         }
     }
 }

@@ -10,7 +10,31 @@ use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::chunked::{Decoder, Step};
-use super::{Conn, Framing, H1Error};
+use super::{Conn, Framing, H1Error, Head};
+
+/// The response for a parsed `head`: its status, version, headers and reason phrase, and
+/// the body that reads the rest from `conn` (`ready`: a body that came whole with the
+/// head) and sends `conn` `home` when it may carry another request.
+pub fn response<T, H>(
+    conn: Box<Conn<T>>,
+    head: Head,
+    ready: Option<Bytes>,
+    home: H,
+) -> http::Response<ResponseBody<T, H>>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Home<T>,
+{
+    let body = ResponseBody::new(conn, head.framing, ready, head.keep_alive, home);
+    let mut resp = http::Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.version_mut() = head.version;
+    *resp.headers_mut() = head.headers;
+    if let Some(reason) = head.reason {
+        resp.extensions_mut().insert(reason);
+    }
+    resp
+}
 
 /// Where a connection goes once its response is read: the serving worker's pool.
 pub trait Home<T>: Send + Unpin + 'static {

@@ -70,10 +70,6 @@ fn hex(b: u8) -> Option<u64> {
 }
 
 impl Decoder {
-    pub fn is_done(&self) -> bool {
-        self.state == State::End
-    }
-
     /// Consume what `buf` holds of the body, up to the next data, trailers or end.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, H1Error> {
         loop {

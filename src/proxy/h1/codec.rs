@@ -90,8 +90,8 @@ struct Raw {
 
 /// Parse the final response head at the front of `buf`, skipping informational (1xx but
 /// 101) heads. `Ok(None)`: more bytes are needed. On success the head's bytes are consumed;
-/// when `take_body` allows and the whole `Content-Length` body is already in `buf`, it is
-/// consumed too and returned, sharing one allocation with the head.
+/// when the whole `Content-Length` body is already in `buf`, it is consumed too and
+/// returned. Both are split off the buffer, not copied.
 ///
 /// `spans` is scratch space kept by the connection, so no request pays for clearing or
 /// allocating room for a hundred header positions. The head's headers go into `recycled`
@@ -101,7 +101,6 @@ struct Raw {
 pub fn parse_response(
     buf: &mut BytesMut,
     method: &Method,
-    take_body: bool,
     spans: &mut Vec<Span>,
     recycled: &mut HeaderMap,
 ) -> Result<Option<(Head, Option<Bytes>)>, H1Error> {
@@ -129,9 +128,7 @@ pub fn parse_response(
         let (headers, facts) = headers(&bytes, spans, std::mem::take(recycled))?;
         let framing = facts.framing(status, version, method)?;
         let body = match framing {
-            Framing::Length(n) if take_body && n <= buf.len() as u64 => {
-                Some(buf.split_to(n as usize).freeze())
-            }
+            Framing::Length(n) if n <= buf.len() as u64 => Some(buf.split_to(n as usize).freeze()),
             _ => None,
         };
         let reason = match raw.reason {
@@ -347,13 +344,7 @@ mod tests {
 
     fn parse(bytes: &[u8], method: Method) -> Result<Option<(Head, Option<Bytes>)>, H1Error> {
         let mut buf = BytesMut::from(bytes);
-        parse_response(
-            &mut buf,
-            &method,
-            true,
-            &mut Vec::new(),
-            &mut HeaderMap::new(),
-        )
+        parse_response(&mut buf, &method, &mut Vec::new(), &mut HeaderMap::new())
     }
 
     fn head(bytes: &str) -> Head {

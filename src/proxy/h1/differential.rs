@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-use super::{Conn, Home, ResponseBody};
+use super::{Conn, Home};
 
 /// What a client of keyward would see of one exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -465,15 +465,7 @@ async fn fast_exchange(mut conn: Box<Conn<DuplexStream>>, method: &Method, slot:
         Err(_) => Outcome::Hang,
         Ok(Err(_) | Ok(None)) => Outcome::Error,
         Ok(Ok(Some((head, ready)))) => {
-            let body = ResponseBody::new(conn, head.framing, ready, head.keep_alive, slot.clone());
-            let mut resp = http::Response::new(body);
-            *resp.status_mut() = head.status;
-            *resp.version_mut() = head.version;
-            *resp.headers_mut() = head.headers;
-            if let Some(reason) = head.reason {
-                resp.extensions_mut().insert(reason);
-            }
-            outcome(resp).await
+            outcome(super::response(conn, head, ready, slot.clone())).await
         }
     }
 }

@@ -25,7 +25,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-pub use body::{Home, ResponseBody};
+pub use body::{response, Home, ResponseBody};
 pub use codec::{Framing, Head};
 
 /// How much is read at a time.
@@ -118,7 +118,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
             };
             if worth_parsing {
                 if let Some(parsed) =
-                    codec::parse_response(&mut self.rbuf, method, true, &mut self.spans, recycled)?
+                    codec::parse_response(&mut self.rbuf, method, &mut self.spans, recycled)?
                 {
                     return Ok(Some(parsed));
                 }
