@@ -2,20 +2,24 @@
 # Decision mode benchmark (SPEC 15), everything in one run on this machine:
 #   1. decisions/s through keyward's decision listener against keyward's own proxied req/s
 #      (one keyward process with both listeners; wrk closed loop, interleaved rounds);
-#   2. p99 of decisions at half the decision rate measured in 1 (oha, open loop, fixed
-#      rate, latency-corrected; without oha, wrk paced by a 1 ms pause per connection);
+#   2. p99 of decisions at half the decision rate measured in 1 (open loop, fixed rate,
+#      latency timed from each request's scheduled instant: oha, or `pace` without oha);
 #   3. nginx + auth_request + keyward (deploy/decision/nginx.conf as shipped) against nginx
 #      alone in front of the same upstream: latency added and CPU per request, closed loop,
 #      and at one fixed rate both can hold.
 #   --pin: keyward runs one worker on CPU 1 and everything else (load generators, nginx,
 #      the upstream) on CPU 0, so keyward's latency is measured without waiting for a core
 #      the load generator holds (on 2 cores, oha at half the decision rate needs about one).
-#   --paced: fixed rates paced with wrk even when oha is installed (oha needs about a core
-#      at 50k req/s, and counts its own queueing as latency; wrk's pacing costs far less).
+#   --paced: fixed rates sent by `pace` (bench/pace.rs, built as a cargo example) even
+#      when oha is installed: oha needs about a core at 50k req/s and counts its own
+#      queueing as latency. pace spins on its core, so --paced implies --pin, and each
+#      round also runs the same rate against a one-worker nginx `return 200` on keyward's
+#      core: the floor this host gives any server at that rate (a hypervisor that steals
+#      the core for milliseconds shows there first).
 # Usage: bench/decision.sh [--duration N] [--rounds N] [--keys N] [--connections N] [--pin] [--paced] [--out FILE]
 # Environment: KEYWARD_BIN (default target/release/keyward, built when missing).
 # Ports on 127.0.0.1: 18100 upstream, 18110 keyward proxy, 18111 admin, 18112 decision,
-# 18120 nginx alone, 18130 nginx + auth_request.
+# 18120 nginx alone, 18130 nginx + auth_request, 18140 the floor nginx (--paced).
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,26 +36,31 @@ while [[ $# -gt 0 ]]; do
     --connections) CONNECTIONS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --pin) PIN=1; shift ;;
-    --paced) PACED=1; shift ;;
+    --paced) PACED=1 PIN=1; shift ;;
     -h|--help) sed -n 2,14p "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
 
-UP=18100 KW=18110 KW_ADMIN=18111 KW_DECIDE=18112 NGX_ALONE=18120 NGX_AUTH=18130
+UP=18100 KW=18110 KW_ADMIN=18111 KW_DECIDE=18112 NGX_ALONE=18120 NGX_AUTH=18130 FLOOR=18140
 log() { printf '[decision-bench] %s\n' "$*" >&2; }
 die() { printf '[decision-bench] error: %s\n' "$*" >&2; exit 1; }
 for t in nginx wrk curl python3; do command -v "$t" >/dev/null || die "$t is not installed"; done
 OHA=$(command -v oha || true)
 [[ -z $PACED ]] || OHA=
-[[ -n $OHA ]] || log "oha not installed (cargo install oha --locked): fixed rates paced with wrk instead"
+[[ -n $OHA ]] || log "fixed rates sent by pace${PACED:+ (--paced)}${PACED:- (oha is not installed)}"
 
 KEYWARD_BIN=${KEYWARD_BIN:-$REPO_DIR/target/release/keyward}
 if [[ ! -x $KEYWARD_BIN ]]; then
   log "building keyward: cargo build --release --locked"
   (cd "$REPO_DIR" && cargo build --release --locked) >&2
 fi
-python3 "$LIB" ports-free $UP $KW $KW_ADMIN $KW_DECIDE $NGX_ALONE $NGX_AUTH \
+PACE=${PACE_BIN:-$REPO_DIR/target/release/examples/pace}
+if [[ -z $OHA && ! -x $PACE ]]; then
+  log "building the load generator: cargo build --release --locked --example pace"
+  (cd "$REPO_DIR" && cargo build --release --locked --example pace) >&2
+fi
+python3 "$LIB" ports-free $UP $KW $KW_ADMIN $KW_DECIDE $NGX_ALONE $NGX_AUTH $FLOOR \
   || die "a benchmark port is in use"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/keyward-decision-bench.XXXXXX")
@@ -71,7 +80,7 @@ trap cleanup EXIT
 # (`taskset` execs the command: the PID recorded is the command's own).
 cpu_of() { # NAME: the taskset prefix for NAME's processes, none without --pin
   [[ -z $PIN ]] && return
-  if [[ $1 == keyward ]]; then echo "taskset -c 1"; else echo "taskset -c 0"; fi
+  if [[ $1 == keyward || $1 == floor ]]; then echo "taskset -c 1"; else echo "taskset -c 0"; fi
 }
 on_cpu() { # NAME CMD...: run CMD where NAME belongs
   local name=$1; shift
@@ -99,9 +108,9 @@ cpu_ticks() { # PID...: user+system ticks of these processes and their children
   for p in "${pids[@]}"; do cat "/proc/$p/stat" 2>/dev/null; done \
     | awk '{ sub(/^.*\) /, ""); t += $12 + $13 } END { print t + 0 }'
 }
-nginx_main() { # DIR BODY: a foreground nginx config with 2 workers around BODY
+nginx_main() { # DIR BODY [WORKERS]: a foreground nginx config around BODY
   cat <<EOF
-worker_processes 2;
+worker_processes ${3:-2};
 daemon off;
 pid $1/nginx.pid;
 error_log $1/error.log warn;
@@ -149,6 +158,13 @@ sed -e "s/\${KEYWARD}/127.0.0.1:$KW_DECIDE/" -e "s/\${APP}/127.0.0.1:$UP/" \
   -e "s/\${LISTEN}/127.0.0.1:$NGX_AUTH/" "$REPO_DIR/deploy/decision/nginx.conf" >"$TMP/auth/site.conf"
 nginx_main "$TMP/auth" "include $TMP/auth/site.conf;" >"$TMP/auth/nginx.conf"
 start auth nginx -e "$TMP/auth/error.log" -p "$TMP/auth" -c "$TMP/auth/nginx.conf"
+if [[ -n $PACED ]]; then
+  mkdir -p "$TMP/floor"
+  nginx_main "$TMP/floor" "server { listen 127.0.0.1:$FLOOR; location / { return 200 ''; } }" 1 \
+    >"$TMP/floor/nginx.conf"
+  start floor nginx -e "$TMP/floor/error.log" -p "$TMP/floor" -c "$TMP/floor/nginx.conf"
+  wait_http "http://127.0.0.1:$FLOOR/"
+fi
 
 for url in "http://127.0.0.1:$UP/" "http://127.0.0.1:$KW_ADMIN/readyz" \
   "http://127.0.0.1:$NGX_ALONE/" "http://127.0.0.1:$NGX_AUTH/"; do wait_http "$url"; done
@@ -217,29 +233,20 @@ run_oha() { # NAME PIDS RATE URL HEADER...
   echo "$name $rate $achieved $p50 $p99 $non2xx $(python3 -c "print(f'{($c1 - $c0) / $(getconf CLK_TCK) / ($achieved * $secs) * 1e6:.1f}')") oha" >>"$TMP/oha.tsv"
   log "fixed $rate req/s $name: achieved $achieved, p50 $p50 ms, p99 $p99 ms"
 }
-# Without oha: a paced closed loop. Each wrk connection waits 1 ms after every answer, so
-# the rate is about connections / (1 ms + latency); latency is timed per request, without
-# oha's correction for coordinated omission (small when every connection idles 1 ms anyway).
-echo 'function delay() return 1 end' >"$TMP/paced.lua"
+# Without oha (or with --paced): pace, open loop from one core; latency from each request's
+# scheduled instant. It prints: req/s p50 p99 p99.9 max non-2xx requests errors send-lag-p99.
 run_paced() { # NAME PIDS RATE URL HEADER...
-  local name=$1 pids=$2 rate=$3 url=$4 out="$TMP/paced-$1.txt" c0 c1 h hdr=() conns got; shift 4
-  for h in "$@"; do hdr+=(-H "$h"); done
-  # Calibrate: 2 s at one connection per 1000 req/s asked, scaled to the rate asked;
-  # twice, since more connections also mean more latency per request.
-  conns=$(python3 -c "print(max(1, round($rate / 1000)))")
-  for _ in 1 2; do
-    on_cpu load wrk -t1 -c"$conns" -d2s --latency -s "$TMP/paced.lua" "${hdr[@]}" "$url" >"$out.cal" 2>&1
-    read -r got _ < <(python3 "$LIB" wrk-summary "$out.cal")
-    conns=$(python3 -c "print(max(1, round($conns * $rate / max($got, 1))))")
-  done
+  local name=$1 pids=$2 rate=$3 url=$4 out="$TMP/paced-$1.txt" c0 c1 addr path; shift 4
+  addr=${url#http://} path=/${url#http://*/} addr=${addr%%/*}
   # shellcheck disable=SC2086
   c0=$(cpu_ticks $pids)
-  on_cpu load wrk -t1 -c"$conns" -d"${DURATION}s" --latency -s "$TMP/paced.lua" "${hdr[@]}" "$url" >"$out" 2>&1
+  on_cpu load "$PACE" "$addr" "$path" "$rate" "$DURATION" 200 "$@" >"$out" || die "pace: $(cat "$out")"
   # shellcheck disable=SC2086
   c1=$(cpu_ticks $pids)
-  read -r rps p50 p99 non2xx sockerr requests < <(python3 "$LIB" wrk-summary "$out")
-  echo "$name $rate $rps $p50 $p99 $((non2xx + sockerr)) $(python3 -c "print(f'{($c1 - $c0) / $(getconf CLK_TCK) / $requests * 1e6:.1f}')") wrk-paced-c$conns" >>"$TMP/oha.tsv"
-  log "paced ~$rate req/s $name: achieved $rps, p50 $p50 ms, p99 $p99 ms"
+  read -r rps p50 p99 p999 _ non2xx requests errors lag <"$out"
+  ((requests > 0)) || die "pace: no answer from $url"
+  echo "$name $rate $rps $p50 $p99 $((non2xx + errors)) $(python3 -c "print(f'{($c1 - $c0) / $(getconf CLK_TCK) / $requests * 1e6:.1f}')") pace(p99.9=${p999}ms,send-lag-p99=${lag}ms)" >>"$TMP/oha.tsv"
+  log "paced $rate req/s $name: achieved $rps, p50 $p50 ms, p99 $p99 ms, p99.9 $p999 ms"
 }
 fixed_run() { if [[ -n $OHA ]]; then run_oha "$@"; else run_paced "$@"; fi; }
 half=$(python3 -c "print(round($(median decision 3) / 2))")
@@ -247,6 +254,7 @@ fixed=$(python3 -c "print(round($(median nginx_auth 3) / 2))")
 for ((r = 0; r < ROUNDS; r++)); do
   fixed_run "decision-half-$r" "$PID_keyward" "$half" "$DECIDE_URL" "x-original-method: GET" \
     "x-original-uri: /v1/items" "x-api-key: $BENCH_KEY"
+  [[ -z $PACED ]] || run_paced "floor-half-$r" "$PID_floor" "$half" "http://127.0.0.1:$FLOOR/"
   fixed_run "nginx_alone-$r" "$PID_alone $PID_up" "$fixed" "http://127.0.0.1:$NGX_ALONE/v1/items" \
     "x-api-key: $BENCH_KEY"
   fixed_run "nginx_auth-$r" "$PID_auth $PID_keyward $PID_up" "$fixed" \
@@ -273,8 +281,9 @@ mkdir -p "$(dirname "$OUT")"
   echo "nginx + auth_request + keyward against nginx alone: +$(python3 -c "print(f'{$(cpu_us nginx_auth) - $(cpu_us nginx_alone):.1f}')") µs CPU per request (closed loop)."
   if [[ -s $TMP/oha.tsv ]]; then
     echo
-    echo "Fixed rate: oha --latency-correction (open loop), or wrk paced (1 ms pause per"
-    echo "connection after each answer) when oha is not installed:"
+    echo "Fixed rate, open loop: oha --latency-correction, or pace (bench/pace.rs: latency from"
+    echo "each request's scheduled instant; 200 connections). floor: a one-worker nginx"
+    echo "\`return 200\` on keyward's core at the same rate, what this host allows any server:"
     echo
     echo "| run | rate asked | achieved | p50 ms | p99 ms | non-2xx | CPU µs/req (listed processes) | tool |"
     echo "|---|---:|---:|---:|---:|---:|---:|---|"

@@ -7,14 +7,17 @@
 # changes can be compared anywhere. Times under valgrind mean nothing; counts do.
 #
 # Usage: bench/per_request.sh [N]   (default 5000; KEYWARD_BIN as for bench/run.sh;
-# KEYWARD_EXTRA: YAML lines added to the config, e.g. `upstream_client: hyper`)
+# KEYWARD_EXTRA: YAML lines added to the config, e.g. `upstream_client: hyper`;
+# KEYWARD_DOOR=decision: count decisions on the decision listener instead of proxied requests)
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
 N=${1:-5000}
 KEYWARD_BIN=${KEYWARD_BIN:-$REPO_DIR/target/release/keyward}
-UPSTREAM_PORT=18100 PROXY_PORT=18110 ADMIN_PORT=18111
+UPSTREAM_PORT=18100 PROXY_PORT=18110 ADMIN_PORT=18111 DECISION_PORT=18112
+DOOR=${KEYWARD_DOOR:-proxy}
+[[ $DOOR == proxy || $DOOR == decision ]] || { echo "KEYWARD_DOOR is proxy or decision" >&2; exit 1; }
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 [[ -x $KEYWARD_BIN ]] || { echo "no keyward binary at $KEYWARD_BIN (cargo build --release)" >&2; exit 1; }
@@ -65,6 +68,7 @@ keys:
 admin:
   token_sha256: 3f9967c81c5db39ca184a821f85aec50cb0d3ef30ecf1de704d001f48f998d35
 workers: 1
+decision: { listen: 127.0.0.1:$DECISION_PORT }
 shutdown: { drain_delay: 0s, grace: 1s }
 log: { format: json, level: warn }
 ${KEYWARD_EXTRA:-}
@@ -76,9 +80,13 @@ KW_PID=$!
 
 # client ready|load: wait for /readyz, or send N allowed requests on one connection.
 client() {
-  python3 - "$1" "$N" "$PROXY_PORT" "$ADMIN_PORT" "$BENCH_KEY" <<'PY'
+  python3 - "$1" "$N" "$PROXY_PORT" "$ADMIN_PORT" "$BENCH_KEY" "$DOOR" "$DECISION_PORT" <<'PY'
 import http.client, sys, time
 mode, n, port, admin, key = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+path, headers = "/", {"x-api-key": key}
+if sys.argv[6] == "decision":
+    port, path = int(sys.argv[7]), "/v1/decide/auth-request"
+    headers.update({"x-original-method": "GET", "x-original-uri": "/v1/items"})
 if mode == "ready":
     deadline = time.time() + 120
     while True:
@@ -94,7 +102,7 @@ if mode == "ready":
         time.sleep(0.2)
 c = http.client.HTTPConnection("127.0.0.1", port)
 for _ in range(n):
-    c.request("GET", "/", headers={"x-api-key": key})
+    c.request("GET", path, headers=headers)
     r = c.getresponse()
     r.read()
     if r.status != 200:
@@ -108,9 +116,9 @@ N=1 client load
 callgrind_control -z "$KW_PID" >/dev/null 2>&1
 client load
 callgrind_control -d "$KW_PID" >/dev/null 2>&1
-python3 - "$N" "$TMP"/callgrind.out.* <<'PY'
+python3 - "$N" "$DOOR" "$TMP"/callgrind.out.* <<'PY'
 import re, sys
-n, files = int(sys.argv[1]), sys.argv[2:]
+n, files = int(sys.argv[1]), sys.argv[3:]
 alloc = re.compile(r"^_rjem_(malloc|mallocx|calloc|realloc|rallocx)$")
 total = calls = 0
 for path in files:
@@ -130,5 +138,5 @@ for path in files:
             total = max(total, int(line.split()[1]))
 print(f"instructions per request: {total / n:,.0f} (user space)")
 print(f"allocations per request: {calls / n:.2f}")
-print(f"({n} requests, one worker, one keep-alive connection)")
+print(f"({n} {'decisions' if sys.argv[2] == 'decision' else 'requests'}, one worker, one keep-alive connection)")
 PY

@@ -65,13 +65,36 @@ impl Endpoint {
     }
 }
 
-/// The request the proxy asks about: its method, path as sent, and query.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The request the proxy asks about: its method, path as sent, and query. The path and
+/// query are read from a parsed target, never copied out of it.
+#[derive(Debug, Clone)]
 pub struct Original {
     pub method: Method,
-    pub path: String,
-    pub query: Option<String>,
+    /// The original target: parsed from the endpoint's header, or (`ext_authz`) the
+    /// decision request's own target, whose path starts after `skip` bytes.
+    target: http::Uri,
+    skip: usize,
 }
+
+impl Original {
+    /// The original path, as sent.
+    pub fn path(&self) -> &str {
+        self.target.path().get(self.skip..).unwrap_or_default()
+    }
+
+    /// The original query, if any.
+    pub fn query(&self) -> Option<&str> {
+        self.target.query()
+    }
+}
+
+impl PartialEq for Original {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.method, self.path(), self.query()) == (&other.method, other.path(), other.query())
+    }
+}
+
+impl Eq for Original {}
 
 /// Read the original request from the endpoint's own protocol, and nothing else: an
 /// `auth-request` call ignores `X-Forwarded-*`, a `forward-auth` call ignores `X-Original-*`.
@@ -80,15 +103,15 @@ pub fn original<B>(endpoint: Endpoint, req: &Request<B>) -> Result<Original, Rej
         Endpoint::AuthRequest => (&X_ORIGINAL_METHOD, &X_ORIGINAL_URI),
         Endpoint::ForwardAuth => (&X_FORWARDED_METHOD, &X_FORWARDED_URI),
         Endpoint::ExtAuthz => {
-            let rest = req.uri().path().get(EXT_AUTHZ.len()..).unwrap_or_default();
-            if rest.is_empty() {
+            let original = Original {
+                method: req.method().clone(),
+                target: req.uri().clone(),
+                skip: EXT_AUTHZ.len(),
+            };
+            if original.path().is_empty() {
                 return Err(missing("URI"));
             }
-            return Ok(Original {
-                method: req.method().clone(),
-                path: rest.to_owned(),
-                query: req.uri().query().map(str::to_owned),
-            });
+            return Ok(original);
         }
     };
     let method = one(req.headers(), method)
@@ -96,13 +119,13 @@ pub fn original<B>(endpoint: Endpoint, req: &Request<B>) -> Result<Original, Rej
         .ok_or_else(|| missing("method"))?;
     // Parsed as hyper parses a request target, so an absolute-form or odd URI means here
     // what it would mean to the proxy.
-    let uri = one(req.headers(), uri)
+    let target = one(req.headers(), uri)
         .and_then(|v| http::Uri::try_from(v.as_bytes()).ok())
         .ok_or_else(|| missing("URI"))?;
     Ok(Original {
         method,
-        path: uri.path().to_owned(),
-        query: uri.query().map(str::to_owned),
+        target,
+        skip: 0,
     })
 }
 
@@ -173,10 +196,10 @@ async fn decide<'a, B>(
     let head = Head {
         method: &original.method,
         headers: req.headers(),
-        query: original.query.as_deref(),
+        query: original.query(),
     };
     Ok(
-        match handler::decide(app, worker.metrics(), &head, &original.path, trace).await? {
+        match handler::decide(app, worker.metrics(), &head, original.path(), trace).await? {
             Verdict::Public => allowed(&app.names, None, None),
             Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
                 allowed(&app.names, Some(&p), quota.as_ref())
@@ -186,26 +209,30 @@ async fn decide<'a, B>(
     )
 }
 
+/// Headers an allow answer can carry: every identity header, the quota, the correlation id.
+const ALLOW_HEADERS: usize = 12 + 3 + 2;
+
 /// `200`, no body, every identity header name (empty where the key has no value, so a proxy
 /// that copies them overwrites whatever the client sent), and the quota when limited.
+/// Each name is added once, to a map sized for the whole answer.
 pub fn allowed(
     names: &IdentityNames,
     principal: Option<&Principal>,
     quota: Option<&Quota>,
 ) -> Response<()> {
-    let mut resp = Response::new(());
-    let h = resp.headers_mut();
-    h.reserve(16);
-    for name in identity_names(names) {
-        h.insert(name.clone(), HeaderValue::from_static(""));
-    }
-    if let Some(p) = principal {
-        let delegated = p.delegated_account.as_ref();
-        headers::add_identity(h, p.key.identity_headers(names, delegated));
+    static EMPTY: HeaderValue = HeaderValue::from_static("");
+    let values = principal.map_or([None; 12], |p| {
+        p.key.identity_values(names, p.delegated_account.as_ref())
+    });
+    let mut h = HeaderMap::with_capacity(ALLOW_HEADERS);
+    for (name, value) in identity_names(names).into_iter().zip(values) {
+        h.append(name.clone(), value.unwrap_or(&EMPTY).clone());
     }
     if let Some(quota) = quota {
-        respond::set_quota(h, quota);
+        respond::set_quota(&mut h, quota);
     }
+    let mut resp = Response::new(());
+    *resp.headers_mut() = h;
     resp
 }
 
@@ -240,10 +267,14 @@ mod tests {
     }
 
     fn orig(m: &str, p: &str, q: Option<&str>) -> Original {
+        let target = match q {
+            Some(q) => format!("{p}?{q}"),
+            None => p.to_owned(),
+        };
         Original {
             method: Method::from_bytes(m.as_bytes()).unwrap(),
-            path: p.into(),
-            query: q.map(Into::into),
+            target: http::Uri::try_from(target).unwrap(),
+            skip: 0,
         }
     }
 

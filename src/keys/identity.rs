@@ -172,6 +172,33 @@ impl Key {
         names: &'a IdentityNames,
         delegated: Option<&'a HeaderValue>,
     ) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + 'a {
+        self.identity_fields(names, delegated)
+            .filter_map(|(f, v)| Some((names.sent(f)?, v)))
+    }
+
+    /// The value sent for each identity header, indexed by [`IdentityField`]: `None` where
+    /// the key has none or `identity_headers.include` leaves the header out. A decision
+    /// answer names every header once from this, in one pass.
+    pub fn identity_values<'a>(
+        &'a self,
+        names: &'a IdentityNames,
+        delegated: Option<&'a HeaderValue>,
+    ) -> [Option<&'a HeaderValue>; 12] {
+        let mut values = [None; 12];
+        for (f, v) in self.identity_fields(names, delegated) {
+            if names.sent(f).is_some() {
+                values[f as usize] = Some(v);
+            }
+        }
+        values
+    }
+
+    /// Every identity field this key has a value for, sent or not.
+    fn identity_fields<'a>(
+        &'a self,
+        names: &'a IdentityNames,
+        delegated: Option<&'a HeaderValue>,
+    ) -> impl Iterator<Item = (IdentityField, &'a HeaderValue)> + 'a {
         use IdentityField as F;
         static ACCESS: HeaderValue = HeaderValue::from_static("access");
         static DELEGATED: HeaderValue = HeaderValue::from_static("delegated");
@@ -204,7 +231,6 @@ impl Key {
                 (F::Scopes, &self.scopes.value),
                 (F::Environment, &names.environment_value),
             ])
-            .filter_map(|(f, v)| Some((names.sent(f)?, v)))
     }
 }
 
