@@ -47,8 +47,7 @@ log() { printf '[decision-bench] %s\n' "$*" >&2; }
 die() { printf '[decision-bench] error: %s\n' "$*" >&2; exit 1; }
 for t in nginx wrk curl python3; do command -v "$t" >/dev/null || die "$t is not installed"; done
 OHA=$(command -v oha || true)
-[[ -z $PACED ]] || OHA=
-[[ -n $OHA ]] || log "fixed rates sent by pace${PACED:+ (--paced)}${PACED:- (oha is not installed)}"
+[[ -n $OHA && -z $PACED ]] || log "decisions at a fixed rate sent by pace${PACED:+ (--paced)}${PACED:- (oha is not installed)}"
 
 KEYWARD_BIN=${KEYWARD_BIN:-$REPO_DIR/target/release/keyward}
 if [[ ! -x $KEYWARD_BIN ]]; then
@@ -56,7 +55,7 @@ if [[ ! -x $KEYWARD_BIN ]]; then
   (cd "$REPO_DIR" && cargo build --release --locked) >&2
 fi
 PACE=${PACE_BIN:-$REPO_DIR/target/release/examples/pace}
-if [[ -z $OHA && ! -x $PACE ]]; then
+if [[ (-z $OHA || -n $PACED) && ! -x $PACE ]]; then
   log "building the load generator: cargo build --release --locked --example pace"
   (cd "$REPO_DIR" && cargo build --release --locked --example pace) >&2
 fi
@@ -248,16 +247,24 @@ run_paced() { # NAME PIDS RATE URL HEADER...
   echo "$name $rate $rps $p50 $p99 $((non2xx + errors)) $(python3 -c "print(f'{($c1 - $c0) / $(getconf CLK_TCK) / $requests * 1e6:.1f}')") pace(p99.9=${p999}ms,send-lag-p99=${lag}ms)" >>"$TMP/oha.tsv"
   log "paced $rate req/s $name: achieved $rps, p50 $p50 ms, p99 $p99 ms, p99.9 $p999 ms"
 }
-fixed_run() { if [[ -n $OHA ]]; then run_oha "$@"; else run_paced "$@"; fi; }
+# Decisions: pace with --paced or without oha. Through nginx: oha when installed; pace
+# otherwise, except pinned, where it would spin on the core nginx and the app share.
+decision_run() { if [[ -n $OHA && -z $PACED ]]; then run_oha "$@"; else run_paced "$@"; fi; }
+nginx_run() {
+  if [[ -n $OHA ]]; then run_oha "$@"
+  elif [[ -z $PIN ]]; then run_paced "$@"
+  else log "no oha: $1 at a fixed rate is left out (pinned, pace would share nginx's core)"
+  fi
+}
 half=$(python3 -c "print(round($(median decision 3) / 2))")
 fixed=$(python3 -c "print(round($(median nginx_auth 3) / 2))")
 for ((r = 0; r < ROUNDS; r++)); do
-  fixed_run "decision-half-$r" "$PID_keyward" "$half" "$DECIDE_URL" "x-original-method: GET" \
+  decision_run "decision-half-$r" "$PID_keyward" "$half" "$DECIDE_URL" "x-original-method: GET" \
     "x-original-uri: /v1/items" "x-api-key: $BENCH_KEY"
   [[ -z $PACED ]] || run_paced "floor-half-$r" "$PID_floor" "$half" "http://127.0.0.1:$FLOOR/"
-  fixed_run "nginx_alone-$r" "$PID_alone $PID_up" "$fixed" "http://127.0.0.1:$NGX_ALONE/v1/items" \
+  nginx_run "nginx_alone-$r" "$PID_alone $PID_up" "$fixed" "http://127.0.0.1:$NGX_ALONE/v1/items" \
     "x-api-key: $BENCH_KEY"
-  fixed_run "nginx_auth-$r" "$PID_auth $PID_keyward $PID_up" "$fixed" \
+  nginx_run "nginx_auth-$r" "$PID_auth $PID_keyward $PID_up" "$fixed" \
     "http://127.0.0.1:$NGX_AUTH/v1/items" "x-api-key: $BENCH_KEY"
 done
 
@@ -288,6 +295,11 @@ mkdir -p "$(dirname "$OUT")"
     echo "| run | rate asked | achieved | p50 ms | p99 ms | non-2xx | CPU µs/req (listed processes) | tool |"
     echo "|---|---:|---:|---:|---:|---:|---:|---|"
     awk '{ printf "| %s | %s | %.0f | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8 }' "$TMP/oha.tsv"
+    echo
+    for n in decision-half floor-half nginx_alone nginx_auth; do
+      awk -v n="$n" 'index($1, n "-") == 1 { print $5 }' "$TMP/oha.tsv" | sort -n \
+        | awk -v n="$n" '{ v[NR] = $1 } END { if (NR) printf "Median p99 of %s: %s ms (rounds: %d).\n", n, v[int((NR + 1) / 2)], NR }'
+    done
   fi
 } >"$OUT"
 cat "$OUT"

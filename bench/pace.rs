@@ -37,6 +37,9 @@ struct Tally {
     latencies: Vec<u32>,
     /// Microseconds each request left after its scheduled instant (the generator's own lag).
     lags: Vec<u32>,
+    /// Scheduled instants (ms from the start) of the answers slower than 1 ms, for
+    /// `PACE_SLOW=1`: when a server's slow answers cluster, something paused it.
+    slow: Vec<u32>,
     non2xx: u64,
     errors: u64,
 }
@@ -131,7 +134,13 @@ async fn drive(plan: Rc<Plan>, index: usize, start: Instant) -> Tally {
         };
         match answered.await {
             Ok(status) => {
-                tally.latencies.push(micros(due.elapsed()));
+                let latency = micros(due.elapsed());
+                tally.latencies.push(latency);
+                if latency > 1000 {
+                    tally
+                        .slow
+                        .push(u32::try_from((due - start).as_millis()).unwrap_or(u32::MAX));
+                }
                 if !(200..300).contains(&status) {
                     tally.non2xx += 1;
                 }
@@ -142,6 +151,17 @@ async fn drive(plan: Rc<Plan>, index: usize, start: Instant) -> Tally {
             }
         }
         n += plan.connections;
+    }
+}
+
+/// On stderr: how many answers slower than 1 ms were scheduled in each 100 ms window.
+fn report_slow(tallies: &[Tally]) {
+    let mut windows = std::collections::BTreeMap::<u32, u32>::new();
+    for ms in tallies.iter().flat_map(|t| &t.slow) {
+        *windows.entry(ms / 100).or_default() += 1;
+    }
+    for (w, n) in windows {
+        eprintln!("{:>6} ms: {n} answers over 1 ms", w * 100);
     }
 }
 
@@ -187,6 +207,9 @@ fn main() -> Result<(), String> {
         .flat_map(|t| t.lags.iter().copied())
         .collect();
     lags.sort_unstable();
+    if std::env::var_os("PACE_SLOW").is_some() {
+        report_slow(&tallies);
+    }
     let non2xx: u64 = tallies.iter().map(|t| t.non2xx).sum();
     let errors: u64 = tallies.iter().map(|t| t.errors).sum();
     let secs = elapsed

@@ -149,7 +149,7 @@ pub async fn handle<B>(
     req: Request<B>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let cid = respond::correlation_id(req.headers());
+    let cid = respond::correlation_id(req.headers(), worker.ids());
     let Some(endpoint) = Endpoint::of(req.uri().path()) else {
         let mut resp = not_found(&cid);
         headers::set_correlation(resp.headers_mut(), &cid);

@@ -65,7 +65,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let cid = respond::correlation_id(req.headers());
+    let cid = respond::correlation_id(req.headers(), worker.ids());
     let method = req.method().clone();
     let http2 = req.version() == http::Version::HTTP_2;
     // The target is kept (a reference count, not a copy) so the path can be borrowed while

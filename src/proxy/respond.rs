@@ -59,22 +59,40 @@ pub fn set_quota(h: &mut HeaderMap, quota: &Quota) {
 }
 
 /// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
-/// `[A-Za-z0-9._:-]`, otherwise mint a UUID v4.
-pub fn correlation_id(headers: &HeaderMap) -> HeaderValue {
+/// `[A-Za-z0-9._:-]`, otherwise mint a UUID v4 from the worker's `ids`.
+pub fn correlation_id(headers: &HeaderMap, ids: &Ids) -> HeaderValue {
     [&X_CORRELATION_ID, &X_REQUEST_ID]
         .into_iter()
         .filter_map(|name| headers.get(name))
         .find(|v| valid_correlation_id(v.as_bytes()))
         .cloned()
-        .unwrap_or_else(|| {
-            let id = uuid::Uuid::new_v4();
-            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            id.hyphenated().encode_lower(&mut buf);
-            // Owned by a shared allocation from the start: the id is cloned into four
-            // headers, and a plain copy would be copied once more on the first clone.
-            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
-                .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-        })
+        .unwrap_or_else(|| ids.mint())
+}
+
+/// Minted correlation ids, written side by side into one shared buffer: an id is a slice of
+/// it (a reference count, cloned into the four headers that carry it), and a request costs
+/// no allocation of its own (one buffer holds [`IDS_PER_SLAB`] ids). The buffer is freed
+/// once every id cut from it is gone.
+#[derive(Default)]
+pub struct Ids(std::sync::Mutex<bytes::BytesMut>);
+
+const IDS_PER_SLAB: usize = 112;
+
+impl Ids {
+    fn mint(&self) -> HeaderValue {
+        const LEN: usize = uuid::fmt::Hyphenated::LENGTH;
+        let mut buf = [0u8; LEN];
+        uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+        // Uncontended: only the worker that owns it mints from it. A panic elsewhere while
+        // it was held leaves the slab whole (every change is one call).
+        let mut slab = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if slab.capacity() < LEN {
+            *slab = bytes::BytesMut::with_capacity(LEN * IDS_PER_SLAB);
+        }
+        slab.extend_from_slice(&buf);
+        HeaderValue::from_maybe_shared(slab.split().freeze())
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    }
 }
 
 fn valid_correlation_id(v: &[u8]) -> bool {
@@ -90,19 +108,20 @@ mod tests {
     #[test]
     fn correlation_id_rules() {
         let mut h = HeaderMap::new();
-        let minted = correlation_id(&h);
+        let ids = Ids::default();
+        let minted = correlation_id(&h, &ids);
         assert_eq!(minted.len(), 36);
         h.insert("x-request-id", HeaderValue::from_static("req-1"));
-        assert_eq!(correlation_id(&h), "req-1");
+        assert_eq!(correlation_id(&h, &ids), "req-1");
         h.insert("x-correlation-id", HeaderValue::from_static("corr:2"));
-        assert_eq!(correlation_id(&h), "corr:2");
+        assert_eq!(correlation_id(&h, &ids), "corr:2");
         h.insert("x-correlation-id", HeaderValue::from_static("bad value"));
-        assert_eq!(correlation_id(&h), "req-1");
+        assert_eq!(correlation_id(&h, &ids), "req-1");
         h.insert(
             "x-request-id",
             HeaderValue::from_str(&"a".repeat(129)).unwrap(),
         );
-        assert_eq!(correlation_id(&h).len(), 36);
+        assert_eq!(correlation_id(&h, &ids).len(), 36);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -51,7 +51,11 @@ pub struct Writing<G> {
 
 impl<G> Writing<G> {
     fn nanos(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX - 1)
+        Self::nanos_since(self.origin, at)
+    }
+
+    fn nanos_since(origin: Instant, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX - 1)
     }
 
     fn state(&self) -> MutexGuard<'_, State<G>> {
@@ -89,10 +93,20 @@ pub struct Responses<G> {
     any_cut: AtomicBool,
 }
 
+/// The connection's entries. An entry whose [`Tracked`] is gone (only this list holds it)
+/// is finished, and is reused for the next response: an HTTP/1.1 connection, one response
+/// at a time, allocates one entry in its life.
 struct Live<G> {
-    list: Vec<Weak<Writing<G>>>,
+    list: Vec<Arc<Writing<G>>>,
     /// Prune finished entries when the list reaches this length.
     prune_at: usize,
+}
+
+/// Finished entries kept for reuse when the list is pruned.
+const SPARES: usize = 2;
+
+fn finished<G>(w: &Arc<Writing<G>>) -> bool {
+    Arc::strong_count(w) == 1
 }
 
 impl<G> Responses<G> {
@@ -113,34 +127,43 @@ impl<G> Responses<G> {
 
     /// Track `body`, holding `guard` until it is finished, dropped or cut off.
     pub fn track(&self, body: Body, guard: G) -> Tracked<G> {
+        // Not yet polled: waiting for hyper to start writing it.
+        let waiting = Writing::<G>::nanos_since(self.origin, Instant::now());
+        let mut live = self.live();
+        if let Some(w) = live.list.iter_mut().find(|w| finished(w)) {
+            if let Some(entry) = Arc::get_mut(w) {
+                *entry.waiting_since.get_mut() = waiting;
+                *entry.state.get_mut().unwrap_or_else(|e| e.into_inner()) =
+                    State::Writing(body, guard);
+                return Tracked { writing: w.clone() };
+            }
+        }
         let writing = Arc::new(Writing {
             origin: self.origin,
-            waiting_since: AtomicU64::new(NOT_WAITING),
+            waiting_since: AtomicU64::new(waiting),
             state: Mutex::new(State::Writing(body, guard)),
         });
-        // Not yet polled: waiting for hyper to start writing it.
-        writing
-            .waiting_since
-            .store(writing.nanos(Instant::now()), Ordering::Release);
-        let mut live = self.live();
         if live.list.len() >= live.prune_at {
-            live.list.retain(|w| w.strong_count() > 0);
+            let mut spares = 0;
+            live.list.retain(|w| {
+                let keep = !finished(w) || spares < SPARES;
+                spares += usize::from(finished(w));
+                keep
+            });
             live.prune_at = (live.list.len() * 2).max(8);
         }
-        live.list.push(Arc::downgrade(&writing));
+        live.list.push(writing.clone());
         Tracked { writing }
     }
 
     /// Cut off every response that has waited for the peer for `bound`; how many were.
     pub fn cut_stalled(&self, bound: Duration) -> usize {
         let now = Instant::now();
-        let mut live = self.live();
-        live.list.retain(|w| w.strong_count() > 0);
+        let live = self.live();
         let cut = live
             .list
             .iter()
-            .filter_map(Weak::upgrade)
-            .filter(|w| w.cut_if_stalled(now, bound))
+            .filter(|w| !finished(w) && w.cut_if_stalled(now, bound))
             .count();
         if cut > 0 {
             self.any_cut.store(true, Ordering::Release);
@@ -159,6 +182,18 @@ impl<G> Responses<G> {
 /// A response body as handed to hyper.
 pub struct Tracked<G> {
     writing: Arc<Writing<G>>,
+}
+
+/// hyper dropped the body (written, or given up on): the source and the in-flight guard go
+/// now, and the entry is free for the connection's next response.
+impl<G> Drop for Tracked<G> {
+    fn drop(&mut self) {
+        let left = std::mem::replace(&mut *self.writing.state(), State::Done);
+        self.writing
+            .waiting_since
+            .store(NOT_WAITING, Ordering::Release);
+        drop(left);
+    }
 }
 
 impl<G> http_body::Body for Tracked<G> {
@@ -250,6 +285,31 @@ mod tests {
         assert_eq!(dropped.load(Ordering::SeqCst), 1);
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(responses.cut_stalled(Duration::from_millis(1)), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_body_releases_its_guard_and_its_entry_is_reused() {
+        let responses = Responses::new(Instant::now());
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let first = responses.track(body("given up"), Guard(dropped.clone()));
+        let entry = Arc::as_ptr(&first.writing);
+        drop(first);
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            1,
+            "released when hyper drops it"
+        );
+        let second = responses.track(body("next"), Guard(dropped.clone()));
+        assert_eq!(
+            Arc::as_ptr(&second.writing),
+            entry,
+            "one entry per HTTP/1.1 connection"
+        );
+        // A finished entry is never cut; the live one is.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(responses.cut_stalled(Duration::from_millis(1)), 1);
+        assert_eq!(dropped.load(Ordering::SeqCst), 2);
+        assert!(second.collect().await.is_err());
     }
 
     #[tokio::test]
