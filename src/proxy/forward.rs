@@ -13,6 +13,7 @@ use tracing::debug;
 
 use super::conn::Slot;
 use super::h1::{self, H1Error};
+use super::headers::{self, Identity};
 use super::pool::{self, Pool, PoolConfig};
 use super::tunnel::{LastActive, Watched};
 use super::upstream_target::UpstreamTarget;
@@ -138,6 +139,7 @@ impl Upstream {
         &self,
         pool: &Pool,
         mut req: Request<Incoming>,
+        identity: Option<Identity<'_>>,
         upgrade: bool,
     ) -> Result<(Response<UpstreamBody>, Duration), ProxyError> {
         *req.version_mut() = Version::HTTP_11;
@@ -148,8 +150,11 @@ impl Upstream {
         let fast = self.client == UpstreamClient::Fast && !upgrade && h1::fits(&req);
         let exchange = async {
             if fast {
-                self.exchange_fast(pool, req, start).await
+                self.exchange_fast(pool, req, identity, start).await
             } else {
+                if let Some(identity) = identity {
+                    headers::add_identity(req.headers_mut(), identity.headers());
+                }
                 let resp = self.exchange(pool, req, start).await?;
                 Ok(resp.map(http_body_util::Either::Left))
             }
@@ -204,6 +209,7 @@ impl Upstream {
         &self,
         pool: &Pool,
         req: Request<Incoming>,
+        identity: Option<Identity<'_>>,
         start: Instant,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (mut parts, _empty) = req.into_parts();
@@ -217,7 +223,9 @@ impl Upstream {
                     .await
                     .map_err(ProxyError::Connect)?,
             };
-            let written = conn.send_head(&parts.method, target, &parts.headers).await;
+            let identity = identity.into_iter().flat_map(Identity::headers);
+            conn.encode_head(&parts.method, target, parts.headers.iter().chain(identity));
+            let written = conn.write_head().await;
             if let Err(e) = written {
                 if reused {
                     continue;

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::conn::{ConnInfo, Slot};
 use super::forward::{self, ProxyError};
 use super::head::check_head;
-use super::headers;
+use super::headers::{self, Identity};
 use super::worker::Worker;
 use super::{respond, Body, UpstreamBody};
 use crate::auth::credential::strip_query_param;
@@ -103,8 +103,13 @@ async fn proxy<'a>(
         Verdict::Public => (None, None),
         Verdict::Protected(principal, quota) => (Some(principal), quota),
     };
-    let out = upstream_request(app, conn, req, target, trace, principal.as_ref(), cid)?;
-    let resp = send_upstream(app, worker, out, trace).await?;
+    let out = upstream_request(app, conn, req, target, trace, cid)?;
+    let identity = principal.as_ref().map(|p| Identity {
+        key: &p.key,
+        names: &app.names,
+        delegated: p.delegated_account.as_ref(),
+    });
+    let resp = send_upstream(app, worker, out, identity, trace).await?;
     Ok(client_response(app, resp, principal.as_ref(), quota))
 }
 
@@ -261,14 +266,14 @@ fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
 }
 
 /// Build the request sent upstream. Order matters: hop-by-hop headers go first, then
-/// anything a client could forge, and keyward's identity headers go in last.
+/// anything a client could forge; keyward's identity headers go in last, when it is sent
+/// ([`forward::Upstream::send`]).
 fn upstream_request(
     app: &App,
     conn: ConnInfo,
     mut req: Request<Incoming>,
     target: &http::Uri,
     trace: &Trace<'_>,
-    principal: Option<&Principal>,
     cid: &HeaderValue,
 ) -> Result<UpstreamRequest, Reject> {
     let upgrade = forward::wants_upgrade(&req);
@@ -310,10 +315,7 @@ fn upstream_request(
         );
     }
     headers::set_forwarded(h, &conn, host, &app.config.trusted_proxies);
-    if let Some(p) = principal {
-        let delegated = p.delegated_account.as_ref();
-        headers::add_identity(h, p.key.identity_headers(&app.names, delegated));
-    }
+    // The identity headers go in last, added by the client that sends the request.
     headers::set_correlation(h, cid);
     *req.uri_mut() = uri;
     Ok(UpstreamRequest {
@@ -327,12 +329,13 @@ async fn send_upstream(
     app: &App,
     worker: &Worker,
     out: UpstreamRequest,
+    identity: Option<Identity<'_>>,
     trace: &mut Trace<'_>,
 ) -> Result<Response<UpstreamBody>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
     let (mut resp, took) = app
         .upstream
-        .send(worker.pool(), req, upgrade.is_some())
+        .send(worker.pool(), req, identity, upgrade.is_some())
         .await
         .map_err(|e| upstream_failed(app, &e))?;
     trace.upstream = Some(took);

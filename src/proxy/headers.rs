@@ -7,6 +7,7 @@ use super::conn::ConnInfo;
 
 use crate::auth::decision::DELEGATE_HEADER;
 use crate::config::Cidr;
+use crate::keys::{IdentityNames, Key};
 
 pub use super::respond::{X_CORRELATION_ID, X_REQUEST_ID};
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -272,6 +273,23 @@ pub fn set_forwarded(
 }
 
 /// Add identity headers last, with `insert` so nothing a client sent can sit beside them.
+/// The identity headers an allowed request carries upstream. They are added by whichever
+/// client sends it, as late as possible: hyper's client gets them in the request's map,
+/// the fast path writes them straight into the request head (no map insert, no growth).
+#[derive(Clone, Copy)]
+pub struct Identity<'a> {
+    pub key: &'a Key,
+    pub names: &'a IdentityNames,
+    /// The account a delegated request acts for.
+    pub delegated: Option<&'a HeaderValue>,
+}
+
+impl<'a> Identity<'a> {
+    pub fn headers(self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + 'a {
+        self.key.identity_headers(self.names, self.delegated)
+    }
+}
+
 pub fn add_identity<'a>(
     headers: &mut HeaderMap,
     identity: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,

@@ -42,7 +42,12 @@ pub struct Head {
 }
 
 /// Write `method target HTTP/1.1`, the headers as they are, and the blank line.
-pub fn encode_request(method: &Method, target: &str, headers: &HeaderMap, dst: &mut Vec<u8>) {
+pub fn encode_request<'h>(
+    method: &Method,
+    target: &str,
+    headers: impl IntoIterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+    dst: &mut Vec<u8>,
+) {
     dst.clear();
     dst.extend_from_slice(method.as_str().as_bytes());
     dst.push(b' ');

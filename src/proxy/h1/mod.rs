@@ -22,7 +22,7 @@ use std::io;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method, Request};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use body::{response, Home, ResponseBody};
@@ -89,13 +89,30 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
     }
 
     /// Send a request head (the request has no body).
-    pub async fn send_head(
+    pub async fn send_head<'h>(
         &mut self,
         method: &Method,
         target: &str,
-        headers: &HeaderMap,
+        headers: impl IntoIterator<Item = (&'h HeaderName, &'h HeaderValue)>,
     ) -> io::Result<()> {
+        self.encode_head(method, target, headers);
+        self.write_head().await
+    }
+
+    /// Write a request head into the connection's buffer. Kept apart from
+    /// [`write_head`](Self::write_head) so the headers' iterator is not part of any
+    /// future's state (hyper moves the request's future into place once per request).
+    pub fn encode_head<'h>(
+        &mut self,
+        method: &Method,
+        target: &str,
+        headers: impl IntoIterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+    ) {
         codec::encode_request(method, target, headers, &mut self.wbuf);
+    }
+
+    /// Send the head [`encode_head`](Self::encode_head) wrote.
+    pub async fn write_head(&mut self) -> io::Result<()> {
         self.io.write_all(&self.wbuf).await
     }
 
