@@ -125,6 +125,26 @@ mod tests {
     }
 
     #[test]
+    fn minted_ids_are_distinct_uuids_across_slabs() {
+        let ids = Ids::default();
+        let none = HeaderMap::new();
+        let minted: Vec<HeaderValue> = (0..3 * IDS_PER_SLAB)
+            .map(|_| correlation_id(&none, &ids))
+            .collect();
+        let distinct: std::collections::HashSet<_> = minted.iter().collect();
+        assert_eq!(distinct.len(), minted.len());
+        for id in &minted {
+            let parsed = uuid::Uuid::parse_str(id.to_str().unwrap()).unwrap();
+            assert_eq!(parsed.get_version_num(), 4);
+        }
+        // An id outlives its slab's other ids and the slab itself.
+        let kept = minted[0].clone();
+        drop(minted);
+        drop(ids);
+        assert_eq!(kept.len(), 36);
+    }
+
+    #[test]
     fn error_carries_challenge_and_retry() {
         let r = error(
             &Reject::RateLimited {
