@@ -223,8 +223,8 @@ impl Upstream {
                     .await
                     .map_err(ProxyError::Connect)?,
             };
-            let identity = identity.into_iter().flat_map(Identity::headers);
-            conn.encode_head(&parts.method, target, parts.headers.iter().chain(identity));
+            let identified = identity.into_iter().flat_map(Identity::headers);
+            conn.encode_head(&parts.method, target, parts.headers.iter().chain(identified));
             let written = conn.write_head().await;
             if let Err(e) = written {
                 if reused {
