@@ -289,8 +289,8 @@ mkdir -p "$(dirname "$OUT")"
   if [[ -s $TMP/oha.tsv ]]; then
     echo
     echo "Fixed rate, open loop: oha --latency-correction, or pace (bench/pace.rs: latency from"
-    echo "each request's scheduled instant; 200 connections). floor: a one-worker nginx"
-    echo "\`return 200\` on keyward's core at the same rate, what this host allows any server:"
+    echo "each request's scheduled instant; 200 connections).${PACED:+ floor: a one-worker nginx}"
+    [[ -z $PACED ]] || echo "\`return 200\` on keyward's core at the same rate, what this host allows any server."
     echo
     echo "| run | rate asked | achieved | p50 ms | p99 ms | non-2xx | CPU µs/req (listed processes) | tool |"
     echo "|---|---:|---:|---:|---:|---:|---:|---|"
