@@ -224,7 +224,11 @@ impl Upstream {
                     .map_err(ProxyError::Connect)?,
             };
             let identified = identity.into_iter().flat_map(Identity::headers);
-            conn.encode_head(&parts.method, target, parts.headers.iter().chain(identified));
+            conn.encode_head(
+                &parts.method,
+                target,
+                parts.headers.iter().chain(identified),
+            );
             let written = conn.write_head().await;
             if let Err(e) = written {
                 if reused {
