@@ -147,6 +147,7 @@ pub async fn handle<B>(
     app: Arc<App>,
     worker: Worker,
     req: Request<B>,
+    allow: Arc<AllowHead>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let cid = respond::correlation_id(req.headers(), worker.ids());
@@ -163,11 +164,12 @@ pub async fn handle<B>(
     let result = match &original {
         Ok(original) => {
             method = original.method.clone();
-            decide(&app, &worker, &req, original, &mut trace).await
+            decide(&app, &worker, &req, original, (&allow, &cid), &mut trace).await
         }
         Err(reject) => Err(reject.clone()),
     };
-    let (mut resp, code) = match result {
+    // An allow answer carries the correlation id from its template; a refusal gets it here.
+    let (resp, code) = match result {
         Ok(allowed) => (allowed, Code::Ok),
         Err(reject) => {
             let mut resp = respond::error(&reject, cid.to_str().unwrap_or_default());
@@ -175,10 +177,10 @@ pub async fn handle<B>(
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            headers::set_correlation(resp.headers_mut(), &cid);
             (resp, reject.code())
         }
     };
-    headers::set_correlation(resp.headers_mut(), &cid);
     let elapsed = start.elapsed();
     worker.metrics().record_request(code, elapsed);
     handler::access_log(&cid, &method, resp.status(), code, &trace, elapsed);
@@ -191,8 +193,10 @@ async fn decide<'a, B>(
     worker: &Worker,
     req: &Request<B>,
     original: &'a Original,
+    answer: (&AllowHead, &HeaderValue),
     trace: &mut Trace<'a>,
 ) -> Result<Response<Body>, Reject> {
+    let (head_of_allow, cid) = answer;
     let head = Head {
         method: &original.method,
         headers: req.headers(),
@@ -200,33 +204,68 @@ async fn decide<'a, B>(
     };
     Ok(
         match handler::decide(app, worker.metrics(), &head, original.path(), trace).await? {
-            Verdict::Public => allowed(&app.names, None, None),
+            Verdict::Public => allowed(head_of_allow, &app.names, None, None, cid),
             Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
-                allowed(&app.names, Some(&p), quota.as_ref())
+                allowed(head_of_allow, &app.names, Some(&p), quota.as_ref(), cid)
             }
         }
         .map(|()| Either::Right(Full::new(Bytes::new()))),
     )
 }
 
-/// Headers an allow answer can carry: every identity header, the quota, the correlation id.
-const ALLOW_HEADERS: usize = 12 + 3 + 2;
+/// Headers an allow answer can carry: every identity header, the correlation id, the quota.
+const ALLOW_HEADERS: usize = 12 + 2 + 3;
+
+/// The head every allow answer starts from, built once per listener: every identity name
+/// (empty), then `x-correlation-id` and `x-request-id`. An answer clones it and fills the
+/// values in place, found by position: no header name is hashed per decision.
+pub struct AllowHead(HeaderMap);
+
+impl AllowHead {
+    pub fn new(names: &IdentityNames) -> Self {
+        let mut h = HeaderMap::with_capacity(ALLOW_HEADERS);
+        for (name, value) in allow_slots(names, [None; 12], &EMPTY) {
+            h.append(name.clone(), value.clone());
+        }
+        Self(h)
+    }
+}
+
+static EMPTY: HeaderValue = HeaderValue::from_static("");
+static CORRELATION: [HeaderName; 2] = [respond::X_CORRELATION_ID, respond::X_REQUEST_ID];
+
+/// Each header of an allow answer before the quota, in order, with its value.
+fn allow_slots<'a>(
+    names: &'a IdentityNames,
+    values: [Option<&'a HeaderValue>; 12],
+    cid: &'a HeaderValue,
+) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + 'a {
+    let identity = identity_names(names)
+        .into_iter()
+        .zip(values.map(|v| v.unwrap_or(&EMPTY)));
+    identity.chain(CORRELATION.iter().map(move |name| (name, cid)))
+}
 
 /// `200`, no body, every identity header name (empty where the key has no value, so a proxy
-/// that copies them overwrites whatever the client sent), and the quota when limited.
-/// Each name is added once, to a map sized for the whole answer.
+/// that copies them overwrites whatever the client sent), the correlation id, and the quota
+/// when limited.
 pub fn allowed(
+    head: &AllowHead,
     names: &IdentityNames,
     principal: Option<&Principal>,
     quota: Option<&Quota>,
+    cid: &HeaderValue,
 ) -> Response<()> {
-    static EMPTY: HeaderValue = HeaderValue::from_static("");
     let values = principal.map_or([None; 12], |p| {
         p.key.identity_values(names, p.delegated_account.as_ref())
     });
-    let mut h = HeaderMap::with_capacity(ALLOW_HEADERS);
-    for (name, value) in identity_names(names).into_iter().zip(values) {
-        h.append(name.clone(), value.unwrap_or(&EMPTY).clone());
+    let mut h = head.0.clone();
+    if !fill(&mut h, allow_slots(names, values, cid)) {
+        // Not the template of these names (never, as built): add each header instead.
+        h = HeaderMap::with_capacity(ALLOW_HEADERS);
+        for (name, value) in allow_slots(names, values, cid) {
+            h.append(name.clone(), value.clone());
+        }
     }
     if let Some(quota) = quota {
         respond::set_quota(&mut h, quota);
@@ -234,6 +273,26 @@ pub fn allowed(
     let mut resp = Response::new(());
     *resp.headers_mut() = h;
     resp
+}
+
+/// Set each header of `h`, in order, to the value `wanted` gives for the same name. False
+/// when the names or their number differ (the caller then builds the map by name).
+fn fill<'a>(
+    h: &mut HeaderMap,
+    wanted: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) -> bool {
+    let mut slots = h.iter_mut();
+    for (name, value) in wanted {
+        match slots.next() {
+            Some((slot_name, slot)) if slot_name == name => {
+                if slot != value {
+                    *slot = value.clone();
+                }
+            }
+            _ => return false,
+        }
+    }
+    slots.next().is_none()
 }
 
 /// Every identity header of SPEC 8, those `identity_headers.include` leaves out too: an
@@ -378,26 +437,74 @@ mod tests {
         assert_eq!(original(Endpoint::ExtAuthz, &r), Err(missing("URI")));
     }
 
+    /// The answer filled into the template is, header for header and in order, the one
+    /// built by adding each name: for a key with values, delegated, and with headers left
+    /// out by `identity_headers.include`.
+    #[test]
+    fn a_filled_template_is_the_answer_built_by_name() {
+        use crate::keys::fixtures::entry;
+        use crate::keys::{IdentityField, Snapshot, Source};
+        let snapshot = Snapshot::parse(&entry("    org_id: o1\n"), Source::File).unwrap();
+        let key = snapshot.by_id("key_a").unwrap().clone();
+        let all = IdentityNames::new("x-auth-", "test").unwrap();
+        let some = IdentityNames::new("x-auth-", "test")
+            .unwrap()
+            .including(Some(&[IdentityField::KeyId, IdentityField::AccountId]));
+        let cid = HeaderValue::from_static("c-2");
+        let pairs = |h: &HeaderMap| -> Vec<(String, String)> {
+            h.iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+                .collect()
+        };
+        for names in [&all, &some] {
+            let head = AllowHead::new(names);
+            for delegated in [None, Some(HeaderValue::from_static("acct_child"))] {
+                let p = Principal {
+                    key: key.clone(),
+                    delegated_account: delegated,
+                };
+                let values = p.key.identity_values(names, p.delegated_account.as_ref());
+                let mut by_name = HeaderMap::new();
+                for (name, value) in allow_slots(names, values, &cid) {
+                    by_name.append(name.clone(), value.clone());
+                }
+                let filled = allowed(&head, names, Some(&p), None, &cid);
+                assert_eq!(pairs(filled.headers()), pairs(&by_name));
+                assert_eq!(filled.headers()["x-auth-key-id"], "key_a");
+            }
+        }
+        // A template of other names is not filled by position: the answer is built by name.
+        let other = AllowHead::new(&IdentityNames::new("x-id-", "test").unwrap());
+        let resp = allowed(&other, &all, None, None, &cid);
+        assert_eq!(resp.headers().len(), 14);
+        assert!(resp.headers().contains_key("x-auth-subject-id"));
+        assert!(!resp.headers().contains_key("x-id-subject-id"));
+    }
+
     #[test]
     fn an_allow_names_every_identity_header() {
         let names = IdentityNames::new("x-auth-", "test").unwrap();
-        let resp = allowed(&names, None, None);
+        let head = AllowHead::new(&names);
+        let cid = HeaderValue::from_static("c-1");
+        let resp = allowed(&head, &names, None, None, &cid);
         assert_eq!(resp.status(), StatusCode::OK);
-        assert_eq!(resp.headers().len(), 12);
+        assert_eq!(resp.headers().len(), 14);
         for name in identity_names(&names) {
             assert_eq!(resp.headers()[name], "", "{name}");
         }
+        assert_eq!(resp.headers()["x-correlation-id"], "c-1");
+        assert_eq!(resp.headers()["x-request-id"], "c-1");
         let quota = Quota {
             limit: 5,
             remaining: 4,
             reset_secs: 1,
         };
-        let resp = allowed(&names, None, Some(&quota));
+        let resp = allowed(&head, &names, None, Some(&quota), &cid);
         assert_eq!(resp.headers()["ratelimit-remaining"], "4");
         // Headers `identity_headers.include` leaves out are still named, empty.
         let some = names.including(Some(&[crate::keys::IdentityField::KeyId]));
-        let resp = allowed(&some, None, None);
-        assert_eq!(resp.headers().len(), 12);
+        let resp = allowed(&head, &some, None, None, &cid);
+        assert_eq!(resp.headers().len(), 14);
         assert_eq!(resp.headers()["x-auth-subject-id"], "");
     }
 }

@@ -29,6 +29,7 @@ pub async fn serve_on_threads(
         first_shard: app.workers(),
         upstream: false,
     };
-    let door = |app, worker, _conn, req| super::handle(app, worker, req);
+    let allow = Arc::new(super::AllowHead::new(&app.names));
+    let door = move |app, worker, _conn, req| super::handle(app, worker, req, allow.clone());
     threads::serve_on_threads(app, listener, None, threads, stop, grace, door).await;
 }

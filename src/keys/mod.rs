@@ -14,7 +14,7 @@ mod entries;
 pub mod error;
 mod excerpt;
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 pub mod guard;
 pub mod identity;
 mod index;
