@@ -468,6 +468,10 @@ mod tests {
                 for (name, value) in allow_slots(names, values, &cid) {
                     by_name.append(name.clone(), value.clone());
                 }
+                // The template of these names is filled by position, not rebuilt by name.
+                let mut in_place = head.0.clone();
+                assert!(fill(&mut in_place, allow_slots(names, values, &cid)));
+                assert_eq!(pairs(&in_place), pairs(&by_name));
                 let filled = allowed(&head, names, Some(&p), None, &cid);
                 assert_eq!(pairs(filled.headers()), pairs(&by_name));
                 assert_eq!(filled.headers()["x-auth-key-id"], "key_a");
@@ -475,6 +479,8 @@ mod tests {
         }
         // A template of other names is not filled by position: the answer is built by name.
         let other = AllowHead::new(&IdentityNames::new("x-id-", "test").unwrap());
+        let mut mismatched = other.0.clone();
+        assert!(!fill(&mut mismatched, allow_slots(&all, [None; 12], &cid)));
         let resp = allowed(&other, &all, None, None, &cid);
         assert_eq!(resp.headers().len(), 14);
         assert!(resp.headers().contains_key("x-auth-subject-id"));
