@@ -231,6 +231,46 @@ async fn upstream_down_is_502_and_slow_upstream_is_504() {
     kw.shutdown().await;
 }
 
+/// The identity headers are added by the client that sends the request: keyward's own for a
+/// bodiless request (written into the head), hyper's for a request with a body or with
+/// `upstream_client: hyper` (in the map). Each way the app gets the key's values, each
+/// header exactly once, and none of the client's forgeries.
+#[tokio::test]
+async fn identity_arrives_once_through_either_upstream_client() {
+    let up = spawn_upstream().await;
+    for (config, method, body) in [
+        ("", "GET", &b""[..]),
+        ("", "POST", &b"a body goes through hyper's client"[..]),
+        ("upstream_client: hyper\n", "GET", &b""[..]),
+    ] {
+        let kw = spawn_proxy(up.addr, config).await;
+        let headers = [
+            ("x-api-key", SERVICE_KEY),
+            ("x-auth-subject-id", "evil"),
+            ("X-Auth-Key-Id", "evil"),
+            ("x-auth-org-id", "evil"),
+        ];
+        let r = send(method, &kw.url("/v1/items"), &headers, body).await;
+        assert_eq!(r.status, 200, "{config}{method}: {}", r.text());
+        let seen = up.last();
+        for (name, want) in [
+            ("x-auth-subject-id", "507f1f77bcf86cd799439015"),
+            ("x-auth-key-id", "key_demo_service"),
+            ("x-auth-org-id", "org_123"),
+            ("x-auth-environment", "production"),
+            (
+                "x-correlation-id",
+                r.headers["x-correlation-id"].to_str().unwrap(),
+            ),
+        ] {
+            let values: Vec<_> = seen.headers.get_all(name).iter().collect();
+            assert_eq!(values, [want], "{config}{method}: {name}");
+        }
+        assert_eq!(seen.body_len, body.len(), "{config}{method}");
+        kw.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn forged_identity_headers_are_stripped_in_every_spelling() {
     let up = spawn_upstream().await;

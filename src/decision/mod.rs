@@ -223,12 +223,17 @@ pub struct AllowHead(HeaderMap);
 
 impl AllowHead {
     pub fn new(names: &IdentityNames) -> Self {
-        let mut h = HeaderMap::with_capacity(ALLOW_HEADERS);
-        for (name, value) in allow_slots(names, [None; 12], &EMPTY) {
-            h.append(name.clone(), value.clone());
-        }
-        Self(h)
+        Self(by_name(allow_slots(names, [None; 12], &EMPTY)))
     }
+}
+
+/// A map sized for an allow answer, each header added by name.
+fn by_name<'a>(slots: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(ALLOW_HEADERS);
+    for (name, value) in slots {
+        h.append(name.clone(), value.clone());
+    }
+    h
 }
 
 static EMPTY: HeaderValue = HeaderValue::from_static("");
@@ -262,10 +267,7 @@ pub fn allowed(
     let mut h = head.0.clone();
     if !fill(&mut h, allow_slots(names, values, cid)) {
         // Not the template of these names (never, as built): add each header instead.
-        h = HeaderMap::with_capacity(ALLOW_HEADERS);
-        for (name, value) in allow_slots(names, values, cid) {
-            h.append(name.clone(), value.clone());
-        }
+        h = by_name(allow_slots(names, values, cid));
     }
     if let Some(quota) = quota {
         respond::set_quota(&mut h, quota);
@@ -464,10 +466,7 @@ mod tests {
                     delegated_account: delegated,
                 };
                 let values = p.key.identity_values(names, p.delegated_account.as_ref());
-                let mut by_name = HeaderMap::new();
-                for (name, value) in allow_slots(names, values, &cid) {
-                    by_name.append(name.clone(), value.clone());
-                }
+                let by_name = by_name(allow_slots(names, values, &cid));
                 // The template of these names is filled by position, not rebuilt by name.
                 let mut in_place = head.0.clone();
                 assert!(fill(&mut in_place, allow_slots(names, values, &cid)));
