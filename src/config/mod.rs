@@ -38,7 +38,7 @@ pub use rules::{RouteRule, ScopeRule};
 pub use sections::{
     AdminConfig, DecisionConfig, IdentityHeaders, LogConfig, LogFormat, MetricsConfig, TlsConfig,
 };
-pub use upstream::{UpstreamAddr, UpstreamClient};
+pub use upstream::{Http1Server, UpstreamAddr, UpstreamClient};
 pub(crate) use yaml::locate;
 pub use yaml::{located, parse_duration, parse_yaml, YamlError};
 
@@ -60,6 +60,9 @@ pub struct Config {
     /// Which HTTP/1.1 client speaks to the upstream for requests without a body.
     #[serde(default)]
     pub upstream_client: UpstreamClient,
+    /// Which server reads HTTP/1.1 requests on the proxy and decision listeners.
+    #[serde(default)]
+    pub http1_server: Http1Server,
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
     pub environment: String,

@@ -100,6 +100,18 @@ fn upstream_may_be_an_absolute_unix_socket_path() {
 }
 
 #[test]
+fn http1_server_is_fast_unless_hyper_is_asked_for() {
+    assert_eq!(
+        Config::from_yaml(MINIMAL).unwrap().http1_server,
+        Http1Server::Fast
+    );
+    let c = Config::from_yaml(&format!("{MINIMAL}http1_server: hyper\n")).unwrap();
+    assert_eq!(c.http1_server, Http1Server::Hyper);
+    let e = err("http1_server: nginx\n");
+    assert!(e.contains("http1_server"), "{e}");
+}
+
+#[test]
 fn upstream_client_is_fast_unless_hyper_is_asked_for() {
     assert_eq!(
         Config::from_yaml(MINIMAL).unwrap().upstream_client,

@@ -28,6 +28,18 @@ pub enum UpstreamClient {
     Hyper,
 }
 
+/// `http1_server`: what reads HTTP/1.1 requests on the listeners. `fast`, the default, is
+/// keyward's own server (`proxy::h1::server`) for requests without a body and without a
+/// header hyper's server interprets, handing the connection to hyper's at the first other
+/// request; `hyper` is hyper's server throughout, to compare against and to fall back to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Http1Server {
+    #[default]
+    Fast,
+    Hyper,
+}
+
 /// Where the upstream listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamAddr {

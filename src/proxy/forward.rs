@@ -17,7 +17,7 @@ use super::headers::{self, Identity};
 use super::pool::{self, Pool, PoolConfig};
 use super::tunnel::{LastActive, Watched};
 use super::upstream_target::UpstreamTarget;
-use super::{Body, UpstreamBody};
+use super::{Body, RequestBody, UpstreamBody};
 use crate::config::{Limits, UpstreamAddr, UpstreamClient};
 use crate::metrics::UpstreamErrorKind;
 
@@ -138,7 +138,7 @@ impl Upstream {
     pub async fn send(
         &self,
         pool: &Pool,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         identity: Option<Identity<'_>>,
         upgrade: bool,
     ) -> Result<(Response<UpstreamBody>, Duration), ProxyError> {
@@ -171,7 +171,7 @@ impl Upstream {
     async fn exchange(
         &self,
         pool: &Pool,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         start: Instant,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req;
@@ -208,7 +208,7 @@ impl Upstream {
     async fn exchange_fast(
         &self,
         pool: &Pool,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         identity: Option<Identity<'_>>,
         start: Instant,
     ) -> Result<Response<UpstreamBody>, ProxyError> {

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use super::conn::{ConnInfo, Slot};
@@ -19,7 +18,7 @@ use super::forward::{self, ProxyError};
 use super::head::check_head;
 use super::headers::{self, Identity};
 use super::worker::Worker;
-use super::{respond, Body, UpstreamBody};
+use super::{respond, Body, RequestBody, UpstreamBody};
 use crate::auth::credential::strip_query_param;
 use crate::auth::ratelimit::{Quota, RateDecision};
 use crate::auth::reject::BadRequest;
@@ -47,7 +46,7 @@ impl Trace<'_> {
 
 /// A request ready for the upstream, and what the response needs from the phases before.
 struct UpstreamRequest {
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     /// The client's side of an allowed WebSocket upgrade, and the connection slot the
     /// tunnel keeps (boxed: upgrades are rare, and this travels with every request).
     upgrade: Option<Box<(hyper::upgrade::OnUpgrade, Option<Slot>)>>,
@@ -62,7 +61,7 @@ pub async fn handle(
     app: Arc<App>,
     worker: Worker,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let cid = respond::correlation_id(req.headers(), worker.ids());
@@ -89,7 +88,7 @@ async fn proxy<'a>(
     app: &App,
     worker: &Worker,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     target: &'a http::Uri,
     cid: &HeaderValue,
     trace: &mut Trace<'a>,
@@ -271,7 +270,7 @@ fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
 fn upstream_request(
     app: &App,
     conn: ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     target: &http::Uri,
     trace: &Trace<'_>,
     cid: &HeaderValue,

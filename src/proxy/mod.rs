@@ -26,8 +26,12 @@ pub mod worker;
 pub mod writing;
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
+
+/// A request body: hyper's, or none (a request keyward's own HTTP/1.1 server read,
+/// which carries no body).
+pub type RequestBody = Either<Incoming, Empty<Bytes>>;
 
 /// The upstream's response body, from hyper's client or the fast path's.
 pub type UpstreamBody =

@@ -13,10 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http::{HeaderName, Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -26,10 +24,10 @@ use tracing::{debug, info, warn};
 use super::balance::Connections;
 use super::conn::ConnInfo;
 use super::head::HYPER_MIN_BUF;
-use super::respond;
 use super::worker::Worker;
 use super::writing::Responses;
-use crate::config::Limits;
+use super::{h1, respond, RequestBody};
+use crate::config::{CredentialSource, Http1Server, Limits};
 use crate::tls::TlsAcceptor;
 use crate::App;
 
@@ -66,6 +64,25 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// hyper's HTTP/1.1 server alone, with the same settings as [`http_builder`]'s: for a
+/// connection keyward's own server handed over.
+pub fn http1_builder(limits: &Limits) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes.max(HYPER_MIN_BUF))
+        .max_headers(limits.max_headers);
+    builder
+}
+
+/// Both of hyper's servers, for a listener.
+pub fn hyper_servers(limits: &Limits) -> h1::server::Hyper {
+    h1::server::Hyper {
+        auto: http_builder(limits),
+        http1: http1_builder(limits),
+    }
+}
+
 /// Serve `connections` until `stop` resolves (or they end), then wait up to `grace` for
 /// open connections to finish. Each arrives admitted: it holds its `max_connections` slot.
 /// `door` answers each request: the proxy's [`super::handler::handle`], or the decision
@@ -80,10 +97,11 @@ pub async fn serve<D, F>(
     grace: Duration,
     door: D,
 ) where
-    D: Fn(Arc<App>, Worker, ConnInfo, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    D: Fn(Arc<App>, Worker, ConnInfo, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<super::Body>, std::convert::Infallible>> + Send + 'static,
 {
-    let builder = Arc::new(http_builder(&app.config.limits));
+    let builder = Arc::new(hyper_servers(&app.config.limits));
+    let fast = fast_server(&app.config).map(Arc::new);
     // Every connection task holds a receiver: `drain_tx.closed()` resolves when all are gone.
     let (drain_tx, drain_rx) = watch::channel(false);
     tokio::pin!(stop);
@@ -102,6 +120,7 @@ pub async fn serve<D, F>(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let builder = builder.clone();
+        let fast = fast.clone();
         let drain = drain_rx.clone();
         let tls = tls.clone();
         let door = door.clone();
@@ -113,12 +132,20 @@ pub async fn serve<D, F>(
             match tls {
                 None => {
                     let conn = ConnInfo::new(peer, false).holding(admitted);
-                    serve_conn(app, worker, &builder, drain, stream, conn, door).await;
+                    let server = Server {
+                        builder: &builder,
+                        fast: fast.as_deref(),
+                    };
+                    serve_conn(app, worker, server, drain, stream, conn, door).await;
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
                         let conn = ConnInfo::new(peer, true).holding(admitted);
-                        serve_conn(app, worker, &builder, drain, stream, conn, door).await;
+                        let server = Server {
+                            builder: &builder,
+                            fast: fast.as_deref(),
+                        };
+                        serve_conn(app, worker, server, drain, stream, conn, door).await;
                     }
                     Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
                 },
@@ -135,17 +162,59 @@ pub async fn serve<D, F>(
     }
 }
 
+/// keyward's HTTP/1.1 server settings, when `http1_server` is `fast`: the read bound
+/// hyper's server has, and the custom names requests commonly carry (the credential
+/// headers, the correlation and forwarding ones), read without an allocation.
+pub fn fast_server(config: &crate::config::Config) -> Option<h1::server::Settings> {
+    if config.http1_server != Http1Server::Fast {
+        return None;
+    }
+    let mut names: Vec<HeaderName> = [
+        "x-api-key",
+        "x-request-id",
+        "x-correlation-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+    ]
+    .into_iter()
+    .map(HeaderName::from_static)
+    .collect();
+    for source in &config.credentials {
+        match source {
+            CredentialSource::Scheme { header, .. } | CredentialSource::Header { header } => {
+                if !names.contains(header) {
+                    names.insert(0, header.clone());
+                }
+            }
+            CredentialSource::Query { .. } => {}
+        }
+    }
+    Some(h1::server::Settings {
+        max_buf: config.limits.max_header_bytes.max(HYPER_MIN_BUF),
+        max_headers: config.limits.max_headers,
+        names,
+    })
+}
+
+/// The servers a connection is read with.
+struct Server<'a> {
+    builder: &'a h1::server::Hyper,
+    fast: Option<&'a h1::server::Settings>,
+}
+
 async fn serve_conn<I, D, F>(
     app: Arc<App>,
     worker: Worker,
-    builder: &auto::Builder<TokioExecutor>,
+    server: Server<'_>,
     mut drain: watch::Receiver<bool>,
     io: I,
     conn: ConnInfo,
     door: D,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    D: Fn(Arc<App>, Worker, ConnInfo, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    D: Fn(Arc<App>, Worker, ConnInfo, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<super::Body>, std::convert::Infallible>> + Send + 'static,
 {
     // Until its first request a connection gets `header_read_timeout`; once it has served
@@ -158,7 +227,7 @@ async fn serve_conn<I, D, F>(
     let peer = conn.peer;
     let activity = Arc::new(Activity::new(first_request, idle_timeout));
     let requests = activity.clone();
-    let service = service_fn(move |req: Request<Incoming>| {
+    let service = move |req: Request<RequestBody>| {
         // In flight from the request head until the response body is done, dropped or cut
         // off: for the idle cut-off and for `keyward_in_flight_requests` alike.
         let in_flight = requests.begin(worker.metrics().track_in_flight());
@@ -173,15 +242,20 @@ async fn serve_conn<I, D, F>(
             let body = requests.responses.track(body, in_flight);
             Ok::<_, std::convert::Infallible>(Response::from_parts(parts, body))
         }
-    });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    };
+    // Closes the connection gracefully (whichever server reads it) when set.
+    let close = h1::server::Close::default();
+    let connection = h1::server::serve_connection(io, service, server.fast, server.builder, &close);
     tokio::pin!(connection);
     let mut closing = false;
     let result = loop {
         let unserved = tokio::select! {
             result = connection.as_mut() => break Some(result),
             _ = drain.wait_for(|draining| *draining), if !closing => {
-                connection.as_mut().graceful_shutdown();
+                if close.request() {
+                    // keyward's server, between requests: nothing to finish.
+                    break Some(Ok(()));
+                }
                 closing = true;
                 activity.touch();
                 false
@@ -199,7 +273,9 @@ async fn serve_conn<I, D, F>(
                     break None;
                 }
                 debug!(peer = %peer, "connection idle; closing");
-                connection.as_mut().graceful_shutdown();
+                if close.request() {
+                    break Some(Ok(()));
+                }
                 closing = true;
                 activity.touch();
                 !activity.has_served()

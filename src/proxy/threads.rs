@@ -9,13 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::balance::Balancer;
-use super::server;
 use super::worker::Worker;
+use super::{server, RequestBody};
 use crate::tls::TlsAcceptor;
 use crate::App;
 
@@ -38,7 +37,7 @@ pub async fn serve_on_threads<D, F>(
     grace: Duration,
     door: D,
 ) where
-    D: Fn(Arc<App>, Worker, super::conn::ConnInfo, Request<Incoming>) -> F
+    D: Fn(Arc<App>, Worker, super::conn::ConnInfo, Request<RequestBody>) -> F
         + Clone
         + Send
         + Sync

@@ -268,7 +268,7 @@ impl Facts {
 }
 
 /// One `Content-Length` line: one number, or a comma-separated list of the same number.
-fn content_length(line: &[u8]) -> Option<u64> {
+pub(super) fn content_length(line: &[u8]) -> Option<u64> {
     // Visible ASCII only, as `HeaderValue::to_str` requires.
     if !line
         .iter()
@@ -292,7 +292,7 @@ fn visible(line: &[u8]) -> bool {
         .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
 }
 
-fn digits(s: &[u8]) -> Option<u64> {
+pub(super) fn digits(s: &[u8]) -> Option<u64> {
     if s.is_empty() {
         return None;
     }
@@ -304,7 +304,7 @@ fn digits(s: &[u8]) -> Option<u64> {
 }
 
 /// Is `chunked` the last coding of this `Transfer-Encoding` line?
-fn last_token_is_chunked(line: &[u8]) -> bool {
+pub(crate) fn last_token_is_chunked(line: &[u8]) -> bool {
     line.iter()
         .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
         && line
@@ -315,7 +315,7 @@ fn last_token_is_chunked(line: &[u8]) -> bool {
 
 /// Does this `Connection` line list `token`? Never unless it is visible ASCII (what
 /// `HeaderValue::to_str`, which hyper reads it with, accepts).
-fn lists(line: &[u8], token: &[u8]) -> bool {
+pub(super) fn lists(line: &[u8], token: &[u8]) -> bool {
     visible(line)
         && line
             .split(|&b| b == b',')

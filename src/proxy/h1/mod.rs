@@ -9,6 +9,10 @@
 //! the two read every byte stream alike: `tests/upstream_framing.rs` runs one suite of
 //! hostile responses through both, and `h1::differential` compares them on generated
 //! byte streams.
+//!
+//! `server` is the other leg: keyward's own HTTP/1.1 server for the common request (no
+//! body, nothing hyper's server interprets), which hands a connection to hyper's server at
+//! the first request it does not take.
 
 pub mod body;
 pub mod chunked;
@@ -16,6 +20,7 @@ pub mod codec;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod differential;
+pub mod server;
 
 use std::future::Future;
 use std::io;

@@ -1,0 +1,364 @@
+//! keyward's own HTTP/1.1 server for the common request: an HTTP/1.1 head without a body
+//! and without any header hyper's server gives a meaning of its own (`request`). It reads
+//! the head with httparse, hands the request to the same service hyper would, and writes
+//! the answer by hyper's rules (`response`), with no dispatcher task state, no per-request
+//! buffer and no allocation for the credential header's name.
+//!
+//! The first request it does not take (a body, an upgrade, `Connection`, HTTP/1.0, an
+//! HTTP/2 preface, anything invalid) hands the whole connection to hyper with every byte
+//! read so far put back in front (`rewind`): hyper then serves, or refuses, the rest, so
+//! no input reaches a decision hyper would not have made. `differential` runs both servers
+//! on the same byte streams.
+
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod differential;
+pub mod request;
+pub mod response;
+pub mod rewind;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, Request, Response};
+use http_body::Body;
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use super::codec::may_end_head;
+use crate::proxy::RequestBody;
+pub use request::MAX_HEADERS;
+use request::{Parsed, Reading};
+pub use rewind::Rewind;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// hyper's first read-buffer size.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// What keyward's server needs to know, fixed per listener.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// hyper's `max_buf_size`: a head that does not fit goes to hyper, which refuses it.
+    pub max_buf: usize,
+    pub max_headers: usize,
+    /// Lower-case custom names read without an allocation.
+    pub names: Vec<HeaderName>,
+}
+
+/// How keyward's server left a connection.
+pub enum Ended<I> {
+    /// Closed, cleanly or not.
+    Closed(Result<(), BoxError>),
+    /// hyper's from here on, with what was read put back.
+    HandOff(Rewind<I>),
+}
+
+/// hyper's servers, configured once per listener: HTTP/1.1 and HTTP/2 by the preface
+/// (`auto`), and HTTP/1.1 alone for a connection keyward's server already knows to be
+/// HTTP/1 (so hyper reads the bytes handed back in one piece, not after a preface sniff).
+pub struct Hyper {
+    pub auto: auto::Builder<TokioExecutor>,
+    pub http1: http1::Builder,
+}
+
+/// Serve one connection: keyward's server first when `fast` is given, hyper's (HTTP/1.1
+/// or HTTP/2) from the first request it does not take. [`Close::request`] closes the
+/// connection gracefully: at once between requests, after the response in flight.
+pub async fn serve_connection<I, S, F, B>(
+    io: I,
+    service: S,
+    fast: Option<&Settings>,
+    hyper: &Hyper,
+    close: &Close,
+) -> Result<(), BoxError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Fn(Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let io = match fast {
+        Some(settings) => match serve(io, &service, settings, close).await {
+            Ended::Closed(result) => return result,
+            Ended::HandOff(io) => io,
+        },
+        None => Rewind::new(Bytes::new(), io),
+    };
+    let to_hyper = service_fn(move |req: Request<Incoming>| service(req.map(Either::Left)));
+    if io.is_http1() {
+        let conn = hyper.http1.serve_connection(TokioIo::new(io), to_hyper);
+        drive(conn.with_upgrades(), close).await.map_err(Into::into)
+    } else {
+        let conn = hyper
+            .auto
+            .serve_connection_with_upgrades(TokioIo::new(io), to_hyper);
+        drive(conn, close).await
+    }
+}
+
+/// A hyper connection that can be told to finish gracefully.
+trait Graceful: Future {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B> Graceful for auto::UpgradeableConnection<'_, I, S, TokioExecutor>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: 'static,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        auto::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+/// Asks a connection to close gracefully, whichever server reads it. Checked, not awaited,
+/// by keyward's server between requests: waiting for a head costs no registration.
+#[derive(Default)]
+pub struct Close {
+    requested: AtomicBool,
+    /// Wakes hyper's side.
+    notify: Notify,
+    /// keyward's server is waiting for a request head.
+    between: AtomicBool,
+}
+
+impl Close {
+    /// Ask the connection to close. `true`: it can be dropped now, as hyper's graceful
+    /// shutdown would close it at once (keyward's server is between requests or inside a
+    /// head, with nothing in flight and nothing left to write).
+    pub fn request(&self) -> bool {
+        self.requested.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+        self.between.load(Ordering::SeqCst)
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+}
+
+/// Run `conn` to its end, asking it to finish gracefully once a close is requested.
+async fn drive<C: Graceful>(conn: C, close: &Close) -> C::Output {
+    let mut conn = pin!(conn);
+    if !close.requested() {
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            () = close.notify.notified() => {}
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+/// Serve `io` until it closes, a close is requested with no request in flight, or a
+/// request comes that hyper must serve. `service` answers every request.
+pub async fn serve<I, S, F, B>(
+    mut io: I,
+    service: &S,
+    settings: &Settings,
+    close: &Close,
+) -> Ended<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    S: Fn(Request<RequestBody>) -> F,
+    F: Future<Output = Result<Response<B>, Infallible>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut conn = Conn {
+        buf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        spare: HeaderMap::new(),
+        spans: Vec::new(),
+        date: response::Date::default(),
+    };
+    let reading = Reading {
+        max_headers: settings.max_headers,
+        names: &settings.names,
+    };
+    loop {
+        let req = match conn
+            .read_head(&mut io, &reading, settings.max_buf, close)
+            .await
+        {
+            Head::Request(req) => req,
+            Head::HandOff => return Ended::HandOff(Rewind::new(conn.buf.freeze(), io)),
+            Head::Closed(result) => return Ended::Closed(result.map_err(Into::into)),
+        };
+        // Built in place: the service's future is not moved once started.
+        let answer = pin!(service(req));
+        let resp = match conn.answer(&mut io, answer).await {
+            Ok(resp) => resp,
+            Err(ended) => return Ended::Closed(ended.map_err(Into::into)),
+        };
+        let keep_alive = !close.requested();
+        let written = response::write(&mut io, resp, keep_alive, &mut conn.buffers()).await;
+        match written {
+            Ok(false) => {}
+            Ok(true) => return Ended::Closed(io.shutdown().await.map_err(Into::into)),
+            Err(e) => return Ended::Closed(Err(e.into())),
+        }
+    }
+}
+
+/// Read what the client sends while it waits: `Some` once it has left (end of stream or
+/// an error), `None` after keeping what it sent in `buf`.
+pub(super) async fn watch_eof<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+) -> Option<io::Result<()>> {
+    let mut scratch = [0u8; 256];
+    match io.read(&mut scratch).await {
+        Ok(0) => Some(Ok(())),
+        Ok(n) => {
+            buf.extend_from_slice(&scratch[..n]);
+            None
+        }
+        Err(e) => Some(Err(e)),
+    }
+}
+
+/// A connection's buffers, kept from request to request.
+struct Conn {
+    /// Bytes read and not yet parsed.
+    buf: BytesMut,
+    wbuf: BytesMut,
+    /// The last response's emptied header map, for the next request's headers.
+    spare: HeaderMap,
+    /// Scratch for the header positions of the head being read.
+    spans: Vec<request::Span>,
+    date: response::Date,
+}
+
+impl Conn {
+    fn buffers(&mut self) -> response::Buffers<'_> {
+        response::Buffers {
+            read: &mut self.buf,
+            write: &mut self.wbuf,
+            spare: &mut self.spare,
+            date: &mut self.date,
+        }
+    }
+}
+
+// The request is moved once, to the service; boxing it would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Head {
+    Request(Request<RequestBody>),
+    HandOff,
+    Closed(io::Result<()>),
+}
+
+impl Conn {
+    /// Read until a whole head is in, or the connection is done with. As hyper does, a
+    /// partial head is parsed again only once the new bytes can end it, and the buffer
+    /// never holds more than `max_buf`: hyper, handed the same bytes, decides alike.
+    async fn read_head<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut I,
+        reading: &Reading<'_>,
+        max_buf: usize,
+        close: &Close,
+    ) -> Head {
+        let mut partial: Option<usize> = None;
+        loop {
+            let worth_parsing = match partial {
+                Some(prev) => may_end_head(&self.buf, prev),
+                // hyper reads a new connection until its bytes leave the HTTP/2 preface
+                // (or fill it) before it parses anything.
+                None => !self.buf.is_empty() && !rewind::may_be_http2(&self.buf),
+            };
+            if worth_parsing {
+                match request::parse(&mut self.buf, reading, &mut self.spare, &mut self.spans) {
+                    Parsed::Request(req) => return Head::Request(req),
+                    Parsed::HandOff => return Head::HandOff,
+                    Parsed::Partial => {}
+                }
+            }
+            if self.buf.len() >= max_buf {
+                return Head::HandOff;
+            }
+            if worth_parsing {
+                partial = Some(self.buf.len());
+            }
+            // Closing: a connection between requests (or inside a head) goes now, as
+            // hyper's graceful shutdown does it.
+            if close.requested() {
+                return Head::Closed(Ok(()));
+            }
+            // Once the last request is gone, this takes back the whole buffer.
+            let room = max_buf - self.buf.len();
+            self.buf.reserve(room.min(READ_CHUNK));
+            close.between.store(true, Ordering::SeqCst);
+            let read = io.read_buf(&mut (&mut self.buf).limit(room)).await;
+            close.between.store(false, Ordering::SeqCst);
+            match read {
+                // A head cut short: hyper has its say on it (no answer, but an HTTP/2
+                // preface cut short is an HTTP/1 request to it, and refused).
+                Ok(0) if !self.buf.is_empty() => return Head::HandOff,
+                Ok(0) => return Head::Closed(Ok(())),
+                Ok(_) => {}
+                Err(e) => return Head::Closed(Err(e)),
+            }
+        }
+    }
+
+    /// Wait for the service's answer. The client leaving meanwhile drops the request
+    /// (with its upstream exchange), as hyper does; once it has sent more (a pipelined
+    /// request), that is kept and the connection no longer watched.
+    async fn answer<I, F, B>(
+        &mut self,
+        io: &mut I,
+        mut answer: Pin<&mut F>,
+    ) -> Result<Response<B>, io::Result<()>>
+    where
+        I: AsyncRead + Unpin,
+        F: Future<Output = Result<Response<B>, Infallible>>,
+    {
+        loop {
+            tokio::select! {
+                biased;
+                resp = answer.as_mut() => return Ok(match resp {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                }),
+                gone = watch_eof(io, &mut self.buf), if self.buf.is_empty() => {
+                    if let Some(ended) = gone {
+                        return Err(ended);
+                    }
+                }
+            }
+        }
+    }
+}
