@@ -4,7 +4,9 @@
 #   tcp   upstream: http://127.0.0.1:18200, every identity header (the default)
 #   unix  upstream: unix:<dir>/app.sock,   every identity header
 #   tcp4  upstream over TCP, identity_headers.include: [subject-id, account-id, key-id, scopes]
-# Each variant is its own keyward (workers: 1, ports 18210/18220/18230 and the next one for
+#   h1hyper  upstream over TCP, every identity header, `http1_server: hyper` (hyper's server
+#         reads the requests instead of keyward's own)
+# Each variant is its own keyward (workers: 1, ports 18210/18220/18230/18240 and the next one for
 # admin), loaded by `wrk -t1 -c32 -d${DUR}s` with one known key, in ROUNDS interleaved rounds
 # (each round starts with a different variant). Printed per round and as medians: req/s,
 # CPU µs per request of keyward (user + kernel, from /proc/PID/stat) and of the upstream
@@ -37,9 +39,10 @@ for _ in $(seq 50); do [[ -S $T/app.sock ]] && break; sleep 0.1; done
 chmod 666 "$T/app.sock"   # nginx's master may run as root; keyward may not
 upid=$(pgrep -P "${pids[0]}" | head -1)   # the nginx worker
 declare -A port kpid
-start() { # name upstream include port
+start() { # name upstream include port [extra yaml line]
   local inc=""; [[ -n $3 ]] && inc="  include: [$3]"
   cat > "$T/$1.yaml" <<CF
+${5:-}
 listen: 127.0.0.1:$4
 upstream: $2
 admin_listen: 127.0.0.1:$(( $4 + 1 ))
@@ -59,7 +62,9 @@ CF
 start tcp "http://127.0.0.1:18200" "" 18210
 start unix "unix:$T/app.sock" "" 18220
 start tcp4 "http://127.0.0.1:18200" "subject-id, account-id, key-id, scopes" 18230
-for v in tcp unix tcp4; do
+start h1hyper "http://127.0.0.1:18200" "" 18240 "http1_server: hyper"
+variants=(tcp unix tcp4 h1hyper)
+for v in "${variants[@]}"; do
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$(( ${port[$v]} + 1 ))/readyz" >/dev/null && break; sleep 0.1; done
   curl -sf -H "x-api-key: $KEY" "http://127.0.0.1:${port[$v]}/" >/dev/null || { echo "$v not answering"; cat "$T/$v.log"; exit 1; }
 done
@@ -67,11 +72,11 @@ ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }   # user + kernel
 sys_ticks() { awk '{print $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 us_per_req() { awk -v d="$1" -v n="$2" -v hz="$HZ" 'BEGIN{printf "%.2f", d/hz/n*1e6}'; }
-variants=(tcp unix tcp4)
+n=${#variants[@]}
 echo "round variant req/s keyward_us/req upstream_us/req non2xx keyward_kernel_us/req"
 for r in $(seq 1 "$ROUNDS"); do
-  for i in 0 1 2; do
-    v=${variants[$(( (i + r) % 3 ))]}; kp=${kpid[$v]}
+  for i in $(seq 0 $(( n - 1 ))); do
+    v=${variants[$(( (i + r) % n ))]}; kp=${kpid[$v]}
     k0=$(ticks "$kp"); u0=$(ticks "$upid"); s0=$(sys_ticks "$kp")
     out=$(wrk -t1 -c32 -d"${DUR}s" -H "x-api-key: $KEY" "http://127.0.0.1:${port[$v]}/")
     k1=$(ticks "$kp"); u1=$(ticks "$upid"); s1=$(sys_ticks "$kp")

@@ -100,7 +100,7 @@ pub async fn serve<D, F>(
     D: Fn(Arc<App>, Worker, ConnInfo, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<super::Body>, std::convert::Infallible>> + Send + 'static,
 {
-    let builder = Arc::new(hyper_servers(&app.config.limits));
+    let hyper = Arc::new(hyper_servers(&app.config.limits));
     let fast = fast_server(&app.config).map(Arc::new);
     // Every connection task holds a receiver: `drain_tx.closed()` resolves when all are gone.
     let (drain_tx, drain_rx) = watch::channel(false);
@@ -119,7 +119,7 @@ pub async fn serve<D, F>(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let builder = builder.clone();
+        let hyper = hyper.clone();
         let fast = fast.clone();
         let drain = drain_rx.clone();
         let tls = tls.clone();
@@ -133,7 +133,7 @@ pub async fn serve<D, F>(
                 None => {
                     let conn = ConnInfo::new(peer, false).holding(admitted);
                     let server = Server {
-                        builder: &builder,
+                        hyper: &hyper,
                         fast: fast.as_deref(),
                     };
                     serve_conn(app, worker, server, drain, stream, conn, door).await;
@@ -142,7 +142,7 @@ pub async fn serve<D, F>(
                     Ok(stream) => {
                         let conn = ConnInfo::new(peer, true).holding(admitted);
                         let server = Server {
-                            builder: &builder,
+                            hyper: &hyper,
                             fast: fast.as_deref(),
                         };
                         serve_conn(app, worker, server, drain, stream, conn, door).await;
@@ -164,7 +164,8 @@ pub async fn serve<D, F>(
 
 /// keyward's HTTP/1.1 server settings, when `http1_server` is `fast`: the read bound
 /// hyper's server has, and the custom names requests commonly carry (the credential
-/// headers, the correlation and forwarding ones), read without an allocation.
+/// headers, the correlation and forwarding ones, the original request's for a decision),
+/// read without an allocation.
 pub fn fast_server(config: &crate::config::Config) -> Option<h1::server::Settings> {
     if config.http1_server != Http1Server::Fast {
         return None;
@@ -177,6 +178,11 @@ pub fn fast_server(config: &crate::config::Config) -> Option<h1::server::Setting
         "x-forwarded-proto",
         "x-forwarded-host",
         "x-real-ip",
+        // What front proxies send the decision listener.
+        "x-original-method",
+        "x-original-uri",
+        "x-forwarded-method",
+        "x-forwarded-uri",
     ]
     .into_iter()
     .map(HeaderName::from_static)
@@ -200,7 +206,7 @@ pub fn fast_server(config: &crate::config::Config) -> Option<h1::server::Setting
 
 /// The servers a connection is read with.
 struct Server<'a> {
-    builder: &'a h1::server::Hyper,
+    hyper: &'a h1::server::Hyper,
     fast: Option<&'a h1::server::Settings>,
 }
 
@@ -245,7 +251,7 @@ async fn serve_conn<I, D, F>(
     };
     // Closes the connection gracefully (whichever server reads it) when set.
     let close = h1::server::Close::default();
-    let connection = h1::server::serve_connection(io, service, server.fast, server.builder, &close);
+    let connection = h1::server::serve_connection(io, service, server.fast, server.hyper, &close);
     tokio::pin!(connection);
     let mut closing = false;
     let result = loop {

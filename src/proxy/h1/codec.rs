@@ -315,7 +315,7 @@ pub(crate) fn last_token_is_chunked(line: &[u8]) -> bool {
 
 /// Does this `Connection` line list `token`? Never unless it is visible ASCII (what
 /// `HeaderValue::to_str`, which hyper reads it with, accepts).
-pub(super) fn lists(line: &[u8], token: &[u8]) -> bool {
+pub(crate) fn lists(line: &[u8], token: &[u8]) -> bool {
     visible(line)
         && line
             .split(|&b| b == b',')

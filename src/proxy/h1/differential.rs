@@ -562,32 +562,46 @@ impl Case {
     }
 }
 
+/// Run generated cases until one disagrees (a panic naming it and the seed), then check
+/// the generator reached every kind of outcome in `expected` (or it tests little). The
+/// count and seed come from `{env}_CASES` and `{env}_SEED` when set.
 #[cfg(test)]
-#[test]
-fn the_fast_path_reads_every_stream_as_hypers_client_does() {
-    let cases: usize = std::env::var("KEYWARD_DIFF_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4000);
-    let seed: u64 = std::env::var("KEYWARD_DIFF_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7_955_017_551_384_324);
+pub(crate) fn run_generated<C>(
+    env: &str,
+    (cases, seed): (usize, u64),
+    generate: impl Fn(&mut Rng) -> C,
+    check: impl Fn(&C) -> Result<&'static str, String>,
+    expected: &[&str],
+) {
+    let var = |name: &str| std::env::var(format!("{env}_{name}")).ok();
+    let cases: usize = var("CASES").and_then(|v| v.parse().ok()).unwrap_or(cases);
+    let seed: u64 = var("SEED").and_then(|v| v.parse().ok()).unwrap_or(seed);
     let mut rng = Rng(seed | 1);
-    let mut kinds = std::collections::BTreeMap::<Kind, usize>::new();
+    let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
     for i in 0..cases {
-        let case = case(&mut rng);
+        let case = generate(&mut rng);
         match check(&case) {
             Ok(kind) => *kinds.entry(kind).or_default() += 1,
             Err(e) => panic!("case {i} (seed {seed}) {e}"),
         }
     }
     eprintln!("{cases} cases agree: {kinds:?}");
-    // The generator must reach every kind of outcome, or it tests little.
-    for kind in ["response, reused", "response", "error", "hang"] {
+    for kind in expected {
         assert!(
             kinds.get(kind).copied().unwrap_or(0) > cases / 100,
             "{kind}: {kinds:?}"
         );
     }
+}
+
+#[cfg(test)]
+#[test]
+fn the_fast_path_reads_every_stream_as_hypers_client_does() {
+    run_generated(
+        "KEYWARD_DIFF",
+        (4000, 7_955_017_551_384_324),
+        case,
+        check,
+        &["response, reused", "response", "error", "hang"],
+    );
 }

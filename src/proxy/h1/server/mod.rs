@@ -4,7 +4,7 @@
 //! the answer by hyper's rules (`response`), with no dispatcher task state, no per-request
 //! buffer and no allocation for the credential header's name.
 //!
-//! The first request it does not take (a body, an upgrade, `Connection`, HTTP/1.0, an
+//! The first request it does not take (a body, an upgrade, `Connection: close`, HTTP/1.0, an
 //! HTTP/2 preface, anything invalid) hands the whole connection to hyper with every byte
 //! read so far put back in front (`rewind`): hyper then serves, or refuses, the rest, so
 //! no input reaches a decision hyper would not have made. `differential` runs both servers

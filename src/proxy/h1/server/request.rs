@@ -1,7 +1,9 @@
 //! Reading a request head, for the requests keyward's server takes: HTTP/1.1, an
 //! origin-form target, a method whose answer always has a body (not HEAD, not CONNECT),
 //! and no header hyper's server gives a meaning of its own (no body announced beyond
-//! `Content-Length: 0`, no `Transfer-Encoding`, `Connection`, `Upgrade`, `Expect` or `TE`).
+//! `Content-Length: 0`, no `Transfer-Encoding`, `Upgrade`, `Expect` or `TE`, no
+//! `Connection` that lists `close`; `Connection: keep-alive`, which many clients send,
+//! changes nothing on HTTP/1.1).
 //! Everything else, invalid heads included, is hyper's: the parse says so and the
 //! connection is handed over with every byte it read.
 
@@ -11,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body_util::{Either, Empty};
 
+use crate::proxy::h1::codec::lists;
 use crate::proxy::RequestBody;
 
 /// Most header fields a head keyward's server reads may have (`limits.max_headers`'
@@ -121,7 +124,12 @@ fn locate(buf: &[u8], max_headers: usize, spans: &mut Vec<Span>) -> Located {
         match meaning(header.name.as_bytes()) {
             Meaning::None => {}
             Meaning::ContentLength if !zero_length && header.value == b"0" => zero_length = true,
-            Meaning::ContentLength | Meaning::Hyper => return Located::HandOff,
+            // On HTTP/1.1 hyper's server reads `Connection` for `close` alone (as
+            // `HeaderValue::to_str` sees the line); any other token changes nothing.
+            Meaning::Connection if !lists(header.value, b"close") => {}
+            Meaning::ContentLength | Meaning::Connection | Meaning::Hyper => {
+                return Located::HandOff
+            }
         }
         spans.push(Span {
             name: range(buf, header.name.as_bytes()),
@@ -152,6 +160,7 @@ fn served_method(method: &str) -> Option<Method> {
 enum Meaning {
     None,
     ContentLength,
+    Connection,
     /// Framing, connection or expectation: hyper's to handle.
     Hyper,
 }
@@ -160,8 +169,8 @@ fn meaning(name: &[u8]) -> Meaning {
     // By length first: most names are out without a comparison.
     let hyper: &[u8] = match name.len() {
         14 if name.eq_ignore_ascii_case(b"content-length") => return Meaning::ContentLength,
+        10 if name.eq_ignore_ascii_case(b"connection") => return Meaning::Connection,
         17 => b"transfer-encoding",
-        10 => b"connection",
         7 => b"upgrade",
         6 => b"expect",
         2 => b"te",
@@ -257,6 +266,18 @@ mod tests {
     }
 
     #[test]
+    fn connection_without_close_is_read() {
+        for value in ["keep-alive", "Keep-Alive, foo", "upgrade-me"] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: x\r\nConnection: {value}\r\n\r\n");
+            let (parsed, _) = run(&raw);
+            let Parsed::Request(req) = parsed else {
+                panic!("{value}: {parsed:?}")
+            };
+            assert_eq!(req.headers()["connection"], value);
+        }
+    }
+
+    #[test]
     fn a_partial_head_waits() {
         let (parsed, rest) = run("GET / HTTP/1.1\r\nHost: x\r\n");
         assert!(matches!(parsed, Parsed::Partial));
@@ -277,6 +298,7 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 00\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nConnection: Foo, CLOSE\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n",

@@ -111,7 +111,7 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let (mut parts, mut body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     bufs.write.clear();
     let head = encode_head(
         parts.status,
@@ -129,7 +129,7 @@ where
         io.write_all(bufs.write).await?;
         io.flush().await?;
     } else {
-        write_body(io, &mut body, encoder, bufs).await?;
+        write_body(io, body, encoder, bufs).await?;
     }
     Ok(last)
 }
@@ -361,7 +361,7 @@ const HIGH_WATER: usize = 64 * 1024;
 /// read (`proxy::writing`): its last poll yielded a frame that cannot be written.
 async fn write_body<I, B>(
     io: &mut I,
-    body: &mut B,
+    body: B,
     encoder: Encoder,
     bufs: &mut Buffers<'_>,
 ) -> Result<(), WriteError>
@@ -378,15 +378,21 @@ where
         done: false,
     };
     let mut written = 0;
+    // Dropped as soon as it is done (hyper drops it then too): the request stops counting
+    // as in flight before its last bytes go out.
+    let mut body = Some(body);
     std::future::poll_fn(|cx| loop {
         let wbuf = &mut *bufs.write;
         let mut progress = false;
-        while !framing.done && wbuf.len() - written < HIGH_WATER {
-            match Pin::new(&mut *body).poll_frame(cx) {
+        while let Some(source) = body.as_mut().filter(|_| wbuf.len() - written < HIGH_WATER) {
+            match Pin::new(source).poll_frame(cx) {
                 Poll::Pending => break,
                 Poll::Ready(frame) => framing.take(frame, wbuf)?,
             }
             progress = true;
+            if framing.done {
+                body = None;
+            }
         }
         if !framing.done && bufs.read.is_empty() {
             if let Poll::Ready(left) = poll_watch(io, cx, bufs.read) {
