@@ -9,8 +9,10 @@
 //! HTTP/1.1 or HTTP/2) is shut down.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderName, Request, Response};
@@ -254,10 +256,15 @@ async fn serve_conn<I, D, F>(
     let connection = h1::server::serve_connection(io, service, server.fast, server.hyper, &close);
     tokio::pin!(connection);
     let mut closing = false;
+    let side = Arc::new(SideWaker::default());
     let result = loop {
-        let unserved = tokio::select! {
-            result = connection.as_mut() => break Some(result),
-            _ = drain.wait_for(|draining| *draining), if !closing => {
+        let drained = drain.wait_for(|draining| *draining);
+        let watchdog = activity.idle_for(write_stall);
+        tokio::pin!(drained, watchdog);
+        let event = next_event(connection.as_mut(), drained, watchdog, closing, &side).await;
+        let unserved = match event {
+            Event::Ended(result) => break Some(result),
+            Event::Drain => {
                 if close.request() {
                     // keyward's server, between requests: nothing to finish.
                     break Some(Ok(()));
@@ -266,7 +273,7 @@ async fn serve_conn<I, D, F>(
                 activity.touch();
                 false
             }
-            wake = activity.idle_for(write_stall) => {
+            Event::Watchdog(wake) => {
                 if wake == Wake::Stalled {
                     // Every response left was cut off: the peer reads nothing, so a
                     // graceful close (which needs it to) is not tried.
@@ -301,6 +308,78 @@ async fn serve_conn<I, D, F>(
         None => debug!(peer = %peer, "connection dropped"),
         Some(Ok(())) => {}
     }
+}
+
+/// What ended a wait of the connection's loop.
+enum Event<R> {
+    Ended(R),
+    Drain,
+    Watchdog(Wake),
+}
+
+/// Wakes the connection's task for the drain signal and the watchdog, and notes that they
+/// need polling.
+#[derive(Default)]
+struct SideWaker {
+    woken: AtomicBool,
+    task: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl std::task::Wake for SideWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = task.as_ref() {
+            task.wake_by_ref();
+        }
+    }
+}
+
+/// Wait for the connection to end, the drain signal (unless `closing`) or the watchdog.
+/// The connection is polled on every wake of the task; the drain signal and the watchdog
+/// only when their own wakers fired (and once at first): a keep-alive request wakes the
+/// task a few times, and polling all three each time (a `watch` registration, a timer and a
+/// `Notify`) cost about 700 instructions per request.
+async fn next_event<C, D, W>(
+    mut connection: Pin<&mut C>,
+    mut drained: Pin<&mut D>,
+    mut watchdog: Pin<&mut W>,
+    closing: bool,
+    side: &Arc<SideWaker>,
+) -> Event<C::Output>
+where
+    C: Future,
+    D: Future,
+    W: Future<Output = Wake>,
+{
+    side.woken.store(true, Ordering::SeqCst);
+    let side_waker = std::task::Waker::from(side.clone());
+    std::future::poll_fn(|cx| {
+        {
+            let mut task = side.task.lock().unwrap_or_else(|e| e.into_inner());
+            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+            return Poll::Ready(Event::Ended(result));
+        }
+        if side.woken.swap(false, Ordering::SeqCst) {
+            let mut side_cx = Context::from_waker(&side_waker);
+            if !closing && drained.as_mut().poll(&mut side_cx).is_ready() {
+                return Poll::Ready(Event::Drain);
+            }
+            if let Poll::Ready(wake) = watchdog.as_mut().poll(&mut side_cx) {
+                return Poll::Ready(Event::Watchdog(wake));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Requests in flight on one connection, and since when it has had none.
