@@ -232,23 +232,6 @@ where
     }
 }
 
-/// Read what the client sends while it waits: `Some` once it has left (end of stream or
-/// an error), `None` after keeping what it sent in `buf`.
-pub(super) async fn watch_eof<I: AsyncRead + Unpin>(
-    io: &mut I,
-    buf: &mut BytesMut,
-) -> Option<io::Result<()>> {
-    let mut scratch = [0u8; 256];
-    match io.read(&mut scratch).await {
-        Ok(0) => Some(Ok(())),
-        Ok(n) => {
-            buf.extend_from_slice(&scratch[..n]);
-            None
-        }
-        Err(e) => Some(Err(e)),
-    }
-}
-
 /// A connection's buffers, kept from request to request.
 struct Conn {
     /// Bytes read and not yet parsed.
@@ -353,9 +336,13 @@ impl Conn {
                     Ok(resp) => resp,
                     Err(never) => match never {},
                 }),
-                gone = watch_eof(io, &mut self.buf), if self.buf.is_empty() => {
-                    if let Some(ended) = gone {
-                        return Err(ended);
+                sent = std::future::poll_fn(|cx| response::poll_watch(io, cx, &mut self.buf)),
+                    if self.buf.is_empty() =>
+                {
+                    match sent {
+                        Ok(()) => {}
+                        Err(response::WriteError::Io(e)) => return Err(Err(e)),
+                        Err(_) => return Err(Ok(())),
                     }
                 }
             }

@@ -484,9 +484,10 @@ impl Framing {
     }
 }
 
-/// Read what the client sends while its response is written: `Ready(Err)` once it has
-/// left, `Ready(Ok)` after keeping what it sent in `read` (a pipelined request).
-fn poll_watch<I: AsyncRead + Unpin>(
+/// Read what the client sends while it waits for its answer or while the answer is
+/// written: `Ready(Err)` once it has left (`Gone`: the end of its stream), `Ready(Ok)`
+/// after keeping what it sent in `read` (a pipelined request).
+pub(super) fn poll_watch<I: AsyncRead + Unpin>(
     io: &mut I,
     cx: &mut Context<'_>,
     read: &mut BytesMut,
