@@ -36,6 +36,13 @@ const X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method
 const X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
 const X_FORWARDED_METHOD: HeaderName = HeaderName::from_static("x-forwarded-method");
 const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
+/// The names front proxies carry the original request in.
+pub const ORIGINAL_REQUEST: [HeaderName; 4] = [
+    X_ORIGINAL_METHOD,
+    X_ORIGINAL_URI,
+    X_FORWARDED_METHOD,
+    X_FORWARDED_URI,
+];
 
 /// Which proxy protocol a decision request speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,6 +15,13 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+/// The forwarding names `set_forwarded` keeps, appends to or replaces.
+pub const SET_FORWARDED: [HeaderName; 4] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_REAL_IP,
+];
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// The fixed hop-by-hop names (RFC 9110 7.6.1), `Upgrade` last: it is kept for an

@@ -28,7 +28,7 @@ use super::conn::ConnInfo;
 use super::head::HYPER_MIN_BUF;
 use super::worker::Worker;
 use super::writing::Responses;
-use super::{h1, respond, RequestBody};
+use super::{h1, headers, respond, RequestBody};
 use crate::config::{CredentialSource, Http1Server, Limits};
 use crate::tls::TlsAcceptor;
 use crate::App;
@@ -165,30 +165,20 @@ pub async fn serve<D, F>(
 }
 
 /// keyward's HTTP/1.1 server settings, when `http1_server` is `fast`: the read bound
-/// hyper's server has, and the custom names requests commonly carry (the credential
-/// headers, the correlation and forwarding ones, the original request's for a decision),
-/// read without an allocation.
+/// hyper's server has, and the custom names keyward reads from requests (the credential
+/// headers first, then the correlation, forwarding and delegation ones, and the original
+/// request's for a decision), read without an allocation.
 pub fn fast_server(config: &crate::config::Config) -> Option<h1::server::Settings> {
     if config.http1_server != Http1Server::Fast {
         return None;
     }
-    let mut names: Vec<HeaderName> = [
-        "x-api-key",
-        "x-request-id",
-        "x-correlation-id",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-real-ip",
-        // What front proxies send the decision listener.
-        "x-original-method",
-        "x-original-uri",
-        "x-forwarded-method",
-        "x-forwarded-uri",
-    ]
-    .into_iter()
-    .map(HeaderName::from_static)
-    .collect();
+    // Each list is its owner's: what keyward itself reads, keeps or replaces.
+    let mut names: Vec<HeaderName> = [respond::X_REQUEST_ID, respond::X_CORRELATION_ID]
+        .into_iter()
+        .chain(headers::SET_FORWARDED)
+        .chain([crate::auth::decision::DELEGATE_HEADER])
+        .chain(crate::decision::ORIGINAL_REQUEST)
+        .collect();
     for source in &config.credentials {
         match source {
             CredentialSource::Scheme { header, .. } | CredentialSource::Header { header } => {

@@ -37,8 +37,7 @@ use tokio::sync::Notify;
 
 use super::codec::may_end_head;
 use crate::proxy::RequestBody;
-pub use request::MAX_HEADERS;
-use request::{Parsed, Reading};
+use request::Parsed;
 pub use rewind::Rewind;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -57,7 +56,7 @@ pub struct Settings {
 }
 
 /// How keyward's server left a connection.
-pub enum Ended<I> {
+enum Ended<I> {
     /// Closed, cleanly or not.
     Closed(Result<(), BoxError>),
     /// hyper's from here on, with what was read put back.
@@ -183,12 +182,7 @@ async fn drive<C: Graceful>(conn: C, close: &Close) -> C::Output {
 
 /// Serve `io` until it closes, a close is requested with no request in flight, or a
 /// request comes that hyper must serve. `service` answers every request.
-pub async fn serve<I, S, F, B>(
-    mut io: I,
-    service: &S,
-    settings: &Settings,
-    close: &Close,
-) -> Ended<I>
+async fn serve<I, S, F, B>(mut io: I, service: &S, settings: &Settings, close: &Close) -> Ended<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
     S: Fn(Request<RequestBody>) -> F,
@@ -202,16 +196,10 @@ where
         spare: HeaderMap::new(),
         spans: Vec::new(),
         date: response::Date::default(),
-    };
-    let reading = Reading {
-        max_headers: settings.max_headers,
-        names: &settings.names,
+        first: true,
     };
     loop {
-        let req = match conn
-            .read_head(&mut io, &reading, settings.max_buf, close)
-            .await
-        {
+        let req = match conn.read_head(&mut io, settings, close).await {
             Head::Request(req) => req,
             Head::HandOff => return Ended::HandOff(Rewind::new(conn.buf.freeze(), io)),
             Head::Closed(result) => return Ended::Closed(result.map_err(Into::into)),
@@ -232,6 +220,14 @@ where
     }
 }
 
+// The request is moved once, to the service; boxing it would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Head {
+    Request(Request<RequestBody>),
+    HandOff,
+    Closed(io::Result<()>),
+}
+
 /// A connection's buffers, kept from request to request.
 struct Conn {
     /// Bytes read and not yet parsed.
@@ -242,6 +238,8 @@ struct Conn {
     /// Scratch for the header positions of the head being read.
     spans: Vec<request::Span>,
     date: response::Date,
+    /// No head read yet: hyper first reads until the bytes leave the HTTP/2 preface.
+    first: bool,
 }
 
 impl Conn {
@@ -253,38 +251,31 @@ impl Conn {
             date: &mut self.date,
         }
     }
-}
 
-// The request is moved once, to the service; boxing it would cost an allocation each.
-#[allow(clippy::large_enum_variant)]
-enum Head {
-    Request(Request<RequestBody>),
-    HandOff,
-    Closed(io::Result<()>),
-}
-
-impl Conn {
     /// Read until a whole head is in, or the connection is done with. As hyper does, a
     /// partial head is parsed again only once the new bytes can end it, and the buffer
     /// never holds more than `max_buf`: hyper, handed the same bytes, decides alike.
     async fn read_head<I: AsyncRead + Unpin>(
         &mut self,
         io: &mut I,
-        reading: &Reading<'_>,
-        max_buf: usize,
+        settings: &Settings,
         close: &Close,
     ) -> Head {
+        let max_buf = settings.max_buf;
         let mut partial: Option<usize> = None;
         loop {
             let worth_parsing = match partial {
                 Some(prev) => may_end_head(&self.buf, prev),
                 // hyper reads a new connection until its bytes leave the HTTP/2 preface
                 // (or fill it) before it parses anything.
-                None => !self.buf.is_empty() && !rewind::may_be_http2(&self.buf),
+                None => !(self.buf.is_empty() || self.first && rewind::may_be_http2(&self.buf)),
             };
             if worth_parsing {
-                match request::parse(&mut self.buf, reading, &mut self.spare, &mut self.spans) {
-                    Parsed::Request(req) => return Head::Request(req),
+                match request::parse(&mut self.buf, settings, &mut self.spare, &mut self.spans) {
+                    Parsed::Request(req) => {
+                        self.first = false;
+                        return Head::Request(req);
+                    }
                     Parsed::HandOff => return Head::HandOff,
                     Parsed::Partial => {}
                 }

@@ -13,12 +13,13 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body_util::{Either, Empty};
 
+use super::Settings;
 use crate::proxy::h1::codec::lists;
 use crate::proxy::RequestBody;
 
 /// Most header fields a head keyward's server reads may have (`limits.max_headers`'
 /// default); more goes to hyper, which applies the configured limit.
-pub const MAX_HEADERS: usize = 100;
+const MAX_HEADERS: usize = 100;
 /// hyper's longest request target (longer gets its 414).
 const MAX_URI_LEN: usize = u16::MAX as usize - 1;
 
@@ -35,15 +36,6 @@ pub enum Parsed {
     HandOff,
 }
 
-/// How the head is read: the header-field bound and the custom names read without an
-/// allocation.
-pub struct Reading<'a> {
-    pub max_headers: usize,
-    /// Lower-case custom names requests commonly carry (the credential header,
-    /// `x-request-id`, ...): a match is a clone of these, not a new name.
-    pub names: &'a [HeaderName],
-}
-
 /// Where a header's name and value lie in the buffer.
 #[derive(Clone, Copy, Default)]
 pub struct Span {
@@ -56,12 +48,12 @@ pub struct Span {
 /// `spans` is scratch, kept for its capacity.
 pub fn parse(
     buf: &mut BytesMut,
-    reading: &Reading<'_>,
+    settings: &Settings,
     headers: &mut HeaderMap,
     spans: &mut Vec<Span>,
 ) -> Parsed {
     spans.clear();
-    let (len, method, target) = match locate(buf, reading.max_headers, spans) {
+    let (len, method, target) = match locate(buf, settings.max_headers, spans) {
         Located::Partial => return Parsed::Partial,
         Located::HandOff => return Parsed::HandOff,
         Located::Head {
@@ -71,7 +63,7 @@ pub fn parse(
         } => (len, method, target),
     };
     let head = buf.split_to(len).freeze();
-    match build(&head, method, target, spans, reading, headers) {
+    match build(&head, method, target, spans, settings, headers) {
         Some(req) => Parsed::Request(req),
         None => {
             // `http` refused what httparse took: hyper decides (and refuses) instead.
@@ -195,13 +187,13 @@ fn build(
     method: Method,
     target: (usize, usize),
     spans: &[Span],
-    reading: &Reading<'_>,
+    settings: &Settings,
     headers: &mut HeaderMap,
 ) -> Option<Request<RequestBody>> {
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).ok()?;
     headers.reserve(spans.len());
     for span in spans {
-        let name = header_name(&head[span.name.0..span.name.1], reading.names)?;
+        let name = header_name(&head[span.name.0..span.name.1], &settings.names)?;
         let value = HeaderValue::from_maybe_shared(head.slice(span.value.0..span.value.1)).ok()?;
         headers.append(name, value);
     }
@@ -231,14 +223,14 @@ mod tests {
 
     fn run(raw: &str) -> (Parsed, BytesMut) {
         let mut buf = BytesMut::from(raw);
-        let known = names();
-        let reading = Reading {
+        let settings = Settings {
+            max_buf: 16 * 1024,
             max_headers: 32,
-            names: &known,
+            names: names(),
         };
         let mut headers = HeaderMap::new();
         (
-            parse(&mut buf, &reading, &mut headers, &mut Vec::new()),
+            parse(&mut buf, &settings, &mut headers, &mut Vec::new()),
             buf,
         )
     }

@@ -2,7 +2,8 @@
 //! such a request (HTTP/1.1, not HEAD or CONNECT): the same status line, the same framing
 //! headers (`Content-Length` from the body's exact size or the header, else chunked), the
 //! same `date`, `connection: close` when the connection is closing, and the same bodiless
-//! statuses. `tests` and `differential` hold the two servers to each other.
+//! statuses. `differential` holds the two servers to each other; `tests` covers what it
+//! leaves out.
 
 use std::io;
 use std::pin::Pin;
@@ -64,19 +65,18 @@ fn known<B: Body>(body: &B) -> Known {
 #[derive(Default)]
 pub struct Date {
     second: u64,
-    value: Option<HeaderValue>,
+    text: String,
 }
 
 impl Date {
     fn now(&mut self) -> &[u8] {
         let now = SystemTime::now();
         let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if self.value.is_none() || second != self.second {
+        if self.text.is_empty() || second != self.second {
             self.second = second;
-            let text = httpdate::fmt_http_date(now);
-            self.value = HeaderValue::from_str(&text).ok();
+            self.text = httpdate::fmt_http_date(now);
         }
-        self.value.as_ref().map_or(&[][..], HeaderValue::as_bytes)
+        self.text.as_bytes()
     }
 }
 
@@ -521,4 +521,128 @@ fn put_chunk_size(dst: &mut BytesMut, len: usize) {
     }
     dst.put_slice(&digits[at..]);
     dst.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head `encode_head` writes (its `date` value blanked), its encoder and `last`.
+    fn head(
+        status: u16,
+        fields: &[(&str, &str)],
+        body: Known,
+        keep_alive: bool,
+    ) -> (String, Encoder, bool) {
+        let mut headers = HeaderMap::new();
+        for (name, value) in fields {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        let mut dst = BytesMut::new();
+        let status = StatusCode::from_u16(status).unwrap();
+        let (encoder, last) = encode_head(
+            status,
+            &mut headers,
+            body,
+            keep_alive,
+            &mut dst,
+            &mut Date::default(),
+        )
+        .unwrap();
+        let text = String::from_utf8(dst.to_vec()).unwrap();
+        // The `date` value is the clock's (29 bytes, as RFC 9110 formats it).
+        let blanked = match text.find("date: ") {
+            Some(i) => format!("{}-{}", &text[..i + 6], &text[i + 6 + 29..]),
+            None => text,
+        };
+        (blanked, encoder, last)
+    }
+
+    #[test]
+    fn an_exact_body_gets_its_length_and_the_connection_stays() {
+        let (h, e, last) = head(200, &[("x-a", "1")], Known::Exact(5), true);
+        assert_eq!(
+            h,
+            "HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 5\r\ndate: -\r\n\r\n"
+        );
+        assert_eq!((e, last), (Encoder::Length(5), false));
+    }
+
+    #[test]
+    fn an_unknown_length_is_chunked_and_a_transfer_coding_ends_in_chunked_alone() {
+        let (h, e, _) = head(200, &[], Known::Unknown, true);
+        assert_eq!(
+            h,
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ndate: -\r\n\r\n"
+        );
+        assert_eq!(e, Encoder::Chunked);
+        // hyper appends `, chunked` to the later `connection` line as well; not here.
+        let fields = [("transfer-encoding", "gzip"), ("connection", "x-a")];
+        let (h, e, _) = head(200, &fields, Known::Unknown, true);
+        assert_eq!(
+            h,
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\nconnection: x-a\r\ndate: -\r\n\r\n"
+        );
+        assert_eq!(e, Encoder::Chunked);
+    }
+
+    #[test]
+    fn closing_adds_one_connection_close() {
+        let (h, _, last) = head(200, &[], Known::Empty, false);
+        assert_eq!(
+            h,
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\ndate: -\r\n\r\n"
+        );
+        assert!(last);
+        let (h, _, last) = head(401, &[("connection", "close")], Known::Empty, false);
+        assert_eq!(h.matches("close").count(), 1, "{h}");
+        assert!(last);
+        // A response that says close closes a keep-alive connection too.
+        let (_, _, last) = head(400, &[("connection", "Close")], Known::Empty, true);
+        assert!(last);
+    }
+
+    #[test]
+    fn bodiless_statuses_write_no_body_and_a_1xx_becomes_an_empty_500() {
+        let (h, e, _) = head(204, &[], Known::Exact(3), true);
+        assert_eq!(h, "HTTP/1.1 204 No Content\r\ndate: -\r\n\r\n");
+        assert_eq!(e, Encoder::Length(0));
+        let (h, e, last) = head(103, &[("x-a", "1")], Known::Exact(3), true);
+        assert_eq!(
+            h,
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\ndate: -\r\n\r\n"
+        );
+        assert_eq!((e, last), (Encoder::Length(0), true));
+    }
+
+    #[test]
+    fn a_named_length_frames_an_unknown_body_and_conflicting_ones_are_refused() {
+        let (h, e, _) = head(200, &[("content-length", "7")], Known::Unknown, true);
+        assert_eq!(h, "HTTP/1.1 200 OK\r\ncontent-length: 7\r\ndate: -\r\n\r\n");
+        assert_eq!(e, Encoder::Length(7));
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
+        headers.append(header::CONTENT_LENGTH, HeaderValue::from_static("8"));
+        let refused = encode_head(
+            StatusCode::OK,
+            &mut headers,
+            Known::Unknown,
+            true,
+            &mut BytesMut::new(),
+            &mut Date::default(),
+        );
+        assert!(matches!(refused, Err(WriteError::Framing)));
+    }
+
+    #[test]
+    fn chunk_sizes_are_upper_case_hex() {
+        for (len, line) in [(1, "1\r\n"), (255, "FF\r\n"), (4096, "1000\r\n")] {
+            let mut dst = BytesMut::new();
+            put_chunk_size(&mut dst, len);
+            assert_eq!(&dst[..], line.as_bytes());
+        }
+    }
 }
