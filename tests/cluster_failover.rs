@@ -1,6 +1,7 @@
 //! Fleet state when Redis fails (SPEC 14): killed under load (`on_error: local` and
 //! `deny`), restarted empty (revocations restored by the replicas, nothing revoked let
-//! through, a lifted revoke stays lifted), and a replica started while Redis is down (not
+//! through, a lifted revoke stays lifted), a newcomer that finds half a restore (not ready
+//! until a replica's whole set is there), and a replica started while Redis is down (not
 //! ready until it has read the revocation set); usage totals written back into a Redis
 //! that comes back empty.
 
@@ -169,16 +170,18 @@ async fn redis_restarted_empty_is_restored_by_the_replicas() {
     let port = redis.port;
     redis.kill();
     let redis = Redis::start_on(port).await;
-    // A replica started at once, before anything is restored: its first read finds the
-    // set empty, so it waits for the others to write theirs back before it is ready.
+    // A replica started at once, before anything is restored: its first read finds no
+    // replica's whole set there, so it waits for the others to write theirs back.
     let c = replica(up.addr, redis.port, "local", &keys()).await;
     wait_ready(&c).await;
     assert_eq!(call(&c, REVOKED).await.code(), "disabled_api_key");
-    assert_eq!(
-        call(&c, LIFTED).await.status,
-        200,
-        "a lifted revoke stays lifted"
-    );
+    // The lift: `a` may have read the set between the revoke and the lift and missed the
+    // lift's message (it was subscribing), and written its older revoke back first. That
+    // fails closed, and the newer tombstone from `b` wins within a full read.
+    eventually("a lifted revoke stays lifted", || async {
+        call(&c, LIFTED).await.status == 200
+    })
+    .await;
     // Restored from what the replicas hold: the revoke, and the lift (a newer tombstone).
     let stored = |raw: &'static str| {
         let redis = &redis;
@@ -187,18 +190,59 @@ async fn redis_restarted_empty_is_restored_by_the_replicas() {
             v.unwrap_or_default()
         }
     };
-    assert!(stored(REVOKED).await.ends_with("|1|key_revoked"));
-    assert!(
-        stored(LIFTED).await.ends_with("|0|key_lifted"),
-        "tombstone restored"
-    );
+    // Each replica writes back what it holds; the one that knew less may have come first.
+    eventually("the revoke and the tombstone restored", || async {
+        stored(REVOKED).await.ends_with("|1|key_revoked")
+            && stored(LIFTED).await.ends_with("|0|key_lifted")
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     for l in loads {
         for (key, status, code) in l.await.unwrap() {
             never_lets_a_revoked_key_through(key, status, &code);
         }
     }
-    assert_eq!(call(&a, LIFTED).await.status, 200);
+    eventually("lifted on a", || async {
+        call(&a, LIFTED).await.status == 200
+    })
+    .await;
+}
+
+/// A newcomer never serves from half a restore: a hash that holds some revocations but no
+/// replica's whole set (Redis came back empty and one revoke was written since, or a
+/// restore is under way) keeps it unready until a whole set is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_waits_for_a_whole_set_not_half_a_restore() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let field = |raw: &str, id: &str| (sha(raw), format!("1|1|{id}"));
+    let (lifted, lifted_entry) = field(LIFTED, "key_lifted");
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:revocations", &lifted, &lifted_entry])
+        .await;
+    let c = replica(up.addr, redis.port, "local", &keys()).await;
+    // Well under RESTORE_SETTLE (1.2 s): half a set is not enough to be ready.
+    for _ in 0..4 {
+        assert_eq!(get(&c.admin_url("/readyz"), &[]).await.status, 503);
+        assert_eq!(call(&c, FREE).await.code(), "auth_unavailable");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The rest of a replica's set arrives, whole.
+    let (revoked, revoked_entry) = field(REVOKED, "key_revoked");
+    let _: i64 = redis
+        .cmd(&[
+            "HSET",
+            "keyward:revocations",
+            &revoked,
+            &revoked_entry,
+            "whole",
+            "1",
+        ])
+        .await;
+    wait_ready(&c).await;
+    assert_eq!(call(&c, REVOKED).await.code(), "disabled_api_key");
+    assert_eq!(call(&c, LIFTED).await.code(), "disabled_api_key");
+    assert_eq!(call(&c, FREE).await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,14 @@
 //! Redis keeps what it holds; entries Redis lacks (it came back empty) or holds older are
 //! written back by every replica that holds them, so a restart un-revokes nothing and a
 //! lifted revoke stays lifted.
+//!
+//! A replica writes back its whole set in one script call, together with the field
+//! [`WHOLE`]: so the hash either lacks that field (Redis came back empty and no replica has
+//! restored it yet, or a fleet that has never revoked anything) or holds at least one
+//! replica's whole set. A newcomer is ready at once only in the second case; in the first it
+//! reads again for [`RESTORE_SETTLE`], long enough for every live replica to write back, so
+//! it never serves from half a restore (a revoke missing, or one replica's stale entry not
+//! yet overwritten by another's newer one).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,10 +44,15 @@ use super::{now_micros, Cluster, ClusterError};
 /// The longest a lost pub/sub message can delay a revocation on a replica.
 pub const FULL_READ_INTERVAL: Duration = Duration::from_millis(500);
 
-/// A replica whose first read finds no revocation at all waits this long, reading again,
-/// before it is ready: if Redis just came back empty, the replicas that hold the set write
-/// it back within a full-read interval or two, and a newcomer must not serve before that.
-pub const EMPTY_SET_SETTLE: Duration = Duration::from_millis(1200);
+/// A replica whose first read finds the hash without [`WHOLE`] reads again for this long
+/// before it is ready: if Redis just came back empty, every live replica writes its set back
+/// within a full-read interval or two (sooner when its connection comes back), and a
+/// newcomer must not serve before that.
+pub const RESTORE_SETTLE: Duration = Duration::from_millis(1200);
+
+/// The hash field that says a replica's whole set has been written (not a digest: every
+/// digest field is 64 hex digits, so it can never collide with one).
+pub const WHOLE: &str = "whole";
 
 /// Store `ARGV[2]` under `ARGV[1]` (a digest) unless Redis holds an entry at least as new
 /// (`ARGV[3]`, µs), and publish it on `ARGV[4]`. Returns 1 when stored.
@@ -52,6 +65,24 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PUBLISH', ARGV[4], ARGV[1] .. '\n' .. ARGV[2])
 return 1
+";
+
+/// A replica's whole set, atomically: each (digest `ARGV[i]`, entry `ARGV[i+1]`, µs
+/// `ARGV[i+2]`) from `ARGV[2]` on is stored and published on `ARGV[1]` as [`WRITE`] does,
+/// then the field [`WHOLE`] is set. Returns how many entries were stored.
+const RESTORE: &str = r"
+local stored = 0
+for i = 2, #ARGV, 3 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  local at = cur and tonumber(string.match(cur, '^(%d+)|'))
+  if not (at and at >= tonumber(ARGV[i + 2])) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    redis.call('PUBLISH', ARGV[1], ARGV[i] .. '\n' .. ARGV[i + 1])
+    stored = stored + 1
+  end
+end
+redis.call('HSET', KEYS[1], 'whole', '1')
+return stored
 ";
 
 /// One secret's latest revoke or enable (the set is keyed by its digest, which is
@@ -110,9 +141,11 @@ pub struct Revocations {
     loaded: AtomicBool,
     /// Serializes merges (copy, change, swap). Never held across an await.
     merging: Mutex<()>,
-    /// When the first read found Redis without any revocation (see [`EMPTY_SET_SETTLE`]).
-    empty_since: Mutex<Option<std::time::Instant>>,
+    /// When a read before the first complete one found the hash without [`WHOLE`] (see
+    /// [`RESTORE_SETTLE`]).
+    unrestored_since: Mutex<Option<std::time::Instant>>,
     write: redis::Script,
+    restore: redis::Script,
 }
 
 /// Where a merged entry came from: only entries from another replica count in the lag.
@@ -131,8 +164,9 @@ impl Revocations {
             set: ArcSwap::from_pointee(Set::new()),
             loaded: AtomicBool::new(false),
             merging: Mutex::new(()),
-            empty_since: Mutex::new(None),
+            unrestored_since: Mutex::new(None),
             write: redis::Script::new(WRITE),
+            restore: redis::Script::new(RESTORE),
         }
     }
 
@@ -266,6 +300,7 @@ impl Revocations {
                 redis::cmd("HGETALL").arg(hash).query_async(&mut c).await
             })
             .await?;
+        let whole = remote.contains_key(WHOLE);
         let remote: Set = remote
             .into_iter()
             .filter_map(|(field, v)| Some((field_digest(&field)?, Entry::decode(&v)?)))
@@ -276,29 +311,61 @@ impl Revocations {
             Origin::Initial
         };
         self.merge(remote.iter().map(|(d, e)| (*d, e.clone())), origin);
-        if origin == Origin::Initial && self.settling(remote.is_empty()) {
+        if origin == Origin::Initial && self.settling(whole) {
             return Ok(());
         }
         self.loaded.store(true, Ordering::Release);
         let ours = self.set.load_full();
-        for (digest, entry) in ours.iter() {
-            if remote.get(digest).is_none_or(|r| entry.supersedes(r)) {
-                self.store(cluster, digest, entry).await?;
-                info!(key_id = &*entry.id, "revocation written back to redis");
-            }
+        let newer: Vec<_> = ours
+            .iter()
+            .filter(|(digest, entry)| remote.get(*digest).is_none_or(|r| entry.supersedes(r)))
+            .collect();
+        if whole && newer.is_empty() {
+            return Ok(());
         }
+        // Redis lacks something: write back the whole set, so a reader never sees half.
+        let stored = self.restore_all(cluster, &ours).await?;
+        info!(
+            stored,
+            held = ours.len(),
+            "revocations written back to redis"
+        );
         Ok(())
     }
 
-    /// Before the first complete read: true while an empty set has been seen for less
-    /// than [`EMPTY_SET_SETTLE`].
-    fn settling(&self, empty: bool) -> bool {
-        let mut since = self.empty_since.lock().unwrap_or_else(|e| e.into_inner());
-        if !empty {
+    /// [`RESTORE`] this replica's whole set.
+    async fn restore_all(&self, cluster: &Cluster, set: &Set) -> Result<i64, ClusterError> {
+        let (hash, channel) = (
+            cluster.key("revocations"),
+            cluster.key("revocations:events"),
+        );
+        let mut call = self.restore.key(hash);
+        call.arg(channel);
+        for (digest, entry) in set {
+            call.arg(hex::encode(digest))
+                .arg(entry.encode())
+                .arg(entry.at_us);
+        }
+        let call = &call;
+        cluster
+            .call(Op::Revoke, |mut c| async move {
+                call.invoke_async::<i64>(&mut c).await
+            })
+            .await
+    }
+
+    /// Before the first complete read: true while the hash has lacked [`WHOLE`] for less
+    /// than [`RESTORE_SETTLE`].
+    fn settling(&self, whole: bool) -> bool {
+        let mut since = self
+            .unrestored_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if whole {
             return false;
         }
         let first = *since.get_or_insert_with(std::time::Instant::now);
-        first.elapsed() < EMPTY_SET_SETTLE
+        first.elapsed() < RESTORE_SETTLE
     }
 
     /// Full reads every [`FULL_READ_INTERVAL`], for the life of the process.
