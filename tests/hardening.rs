@@ -289,6 +289,135 @@ async fn overflowing_chunk_size_is_refused() {
     kw.shutdown().await;
 }
 
+/// The framing attacks above, each sent after a plain GET on the same connection: keyward's
+/// own server answers the GET and hands the rest of the connection to hyper's, with the bytes
+/// it already read. Whether the attack comes in the same write as the GET or after its
+/// answer, it must get exactly what it gets on a connection of its own, and smuggle nothing.
+#[tokio::test]
+async fn framing_attacks_after_a_plain_request_get_what_they_get_alone() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let hidden = smuggled();
+    let clte = format!("0\r\n\r\n{hidden}");
+    let attacks = [
+        head(
+            "POST",
+            "/v1/clte",
+            &format!(
+                "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+                clte.len()
+            ),
+        ) + &clte,
+        head(
+            "POST",
+            "/v1/tecl",
+            "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
+        ) + &format!("{:x}\r\n{hidden}\r\n0\r\n\r\n", hidden.len()),
+        head(
+            "POST",
+            "/v1/cl",
+            "Content-Length: 0\r\nContent-Length: 5\r\n",
+        ) + "hello"
+            + &hidden,
+        head("POST", "/v1/cl", "Content-Length: 0, 5\r\n") + "hello" + &hidden,
+        head("POST", "/v1/te", "Transfer-Encoding: chunked, identity\r\n") + "0\r\n\r\n" + &hidden,
+        head(
+            "POST",
+            "/v1/fold",
+            "X-Folded: a\r\n Transfer-Encoding: chunked\r\nContent-Length: 3\r\n",
+        ) + "abc"
+            + &hidden,
+        head("GET", "/v1/ctl", "X-Cr: a\rTransfer-Encoding: chunked\r\n") + &hidden,
+        head("GET", "/v1/ctl", "X-Nul: a\0b\r\n") + &hidden,
+        head("POST", "/v1/chunk", "Transfer-Encoding: chunked\r\n") + "3\nabc\n0\n\n" + &hidden,
+        head("POST", "/v1/chunk", "Transfer-Encoding: chunked\r\n")
+            + "ffffffffffffffffff1\r\nx\r\n0\r\n\r\n"
+            + &hidden,
+    ];
+    let first = head("GET", "/v1/first", "");
+    for attack in &attacks {
+        let before = up.count();
+        let alone = exchange(kw.addr, attack.as_bytes()).await;
+        let forwarded_alone: Vec<_> = up.requests()[before..]
+            .iter()
+            .map(|s| s.target.clone())
+            .collect();
+        let mut expected = vec![200];
+        expected.extend(alone.statuses());
+
+        let before = up.count();
+        let together = exchange(kw.addr, format!("{first}{attack}").as_bytes()).await;
+        assert_eq!(
+            together.statuses(),
+            expected,
+            "{attack:?}: {}",
+            together.text
+        );
+        assert_eq!(together.closed, alone.closed, "{attack:?}");
+
+        let split = after_an_answer(kw.addr, &first, attack).await;
+        assert_eq!(split.statuses(), expected, "{attack:?}: {}", split.text);
+        assert_eq!(split.closed, alone.closed, "{attack:?}");
+
+        // The upstream saw the plain GETs and what the attack alone let through, no more.
+        let mut forwarded = vec!["/v1/first".to_string()];
+        forwarded.extend(forwarded_alone.iter().cloned());
+        forwarded.push("/v1/first".to_string());
+        forwarded.extend(forwarded_alone);
+        let seen: Vec<_> = up.requests()[before..]
+            .iter()
+            .map(|s| s.target.clone())
+            .collect();
+        assert_eq!(seen, forwarded, "{attack:?}");
+    }
+    assert_nothing_smuggled(&kw, &up).await;
+    kw.shutdown().await;
+}
+
+/// Send `first`, read its whole answer, then send `then` on the same connection and read
+/// until the server closes (or 5 s pass). The reply holds both answers.
+async fn after_an_answer(addr: SocketAddr, first: &str, then: &str) -> Reply {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(first.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The upstream's answer to a GET is a short body with a Content-Length.
+    while !answer_complete(&out) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer to the first request")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before answering: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+    }
+    s.write_all(then.as_bytes()).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .is_ok();
+    Reply {
+        text: String::from_utf8_lossy(&out).into_owned(),
+        closed,
+    }
+}
+
+/// One whole response with a `content-length` is in `out`.
+fn answer_complete(out: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(out);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let len = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    });
+    len.is_some_and(|n| body.len() >= n)
+}
+
 #[tokio::test]
 async fn absolute_form_target_is_authorized_by_its_path() {
     let up = spawn_upstream().await;
