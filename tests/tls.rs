@@ -481,3 +481,69 @@ async fn bad_certificate_path_fails_bind_naming_the_field() {
     };
     assert!(err.starts_with("tls.key: "), "{err}");
 }
+
+/// Send one authenticated GET on `tls` and read its whole answer (a `content-length` body).
+async fn one_request(tls: &mut TlsStream<TcpStream>) -> String {
+    use tokio::io::AsyncWriteExt;
+    let req = format!(
+        "GET /tls/idle HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {SERVICE_KEY}\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            });
+            if len.is_some_and(|n| body.len() >= n) {
+                return text;
+            }
+        }
+        let n = tls.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering: {text:?}");
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A keep-alive connection keyward closes between requests, at its idle timeout or when it
+/// drains, ends with a TLS `close_notify`, as hyper's server ends it: a client reading it
+/// sees a clean end of stream, not a truncation (rustls: `UnexpectedEof`).
+#[tokio::test]
+async fn an_idle_tls_connection_is_closed_with_close_notify() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let connector = connector(&ca, &[b"http/1.1"], None);
+    let extra = format!(
+        "{}limits: {{ idle_timeout: 300ms }}\nshutdown: {{ drain_delay: 0s, grace: 2s }}\n",
+        certs.yaml(None)
+    );
+    let proxy = spawn_proxy(upstream.addr, &extra).await;
+
+    // Idle timeout.
+    let mut tls = handshake(&connector, proxy.addr).await.unwrap();
+    assert!(one_request(&mut tls).await.starts_with("HTTP/1.1 200"));
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(end, Ok(Ok(0))),
+        "idle close: {end:?} after {rest:?}"
+    );
+
+    // Drain.
+    let mut tls = handshake(&connector, proxy.addr).await.unwrap();
+    assert!(one_request(&mut tls).await.starts_with("HTTP/1.1 200"));
+    let reader = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest))
+            .await
+            .map(|r| r.map_err(|e| e.kind()))
+    });
+    proxy.shutdown().await;
+    let end = reader.await.unwrap();
+    assert!(matches!(end, Ok(Ok(0))), "drain close: {end:?}");
+}

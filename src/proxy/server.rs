@@ -255,10 +255,9 @@ async fn serve_conn<I, D, F>(
         let unserved = match event {
             Event::Ended(result) => break Some(result),
             Event::Drain => {
-                if close.request() {
-                    // keyward's server, between requests: nothing to finish.
-                    break Some(Ok(()));
-                }
+                // keyward's server between requests shuts the stream down when polled next;
+                // otherwise the request in flight finishes first.
+                close.request();
                 closing = true;
                 activity.touch();
                 false
@@ -276,12 +275,11 @@ async fn serve_conn<I, D, F>(
                     break None;
                 }
                 debug!(peer = %peer, "connection idle; closing");
-                if close.request() {
-                    break Some(Ok(()));
-                }
+                let between = close.request();
                 closing = true;
                 activity.touch();
-                !activity.has_served()
+                // keyward's server shuts the stream down when polled next.
+                !between && !activity.has_served()
             }
         };
         if unserved {

@@ -22,6 +22,7 @@ use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, Request, Response};
@@ -153,9 +154,10 @@ pub struct Close {
 }
 
 impl Close {
-    /// Ask the connection to close. `true`: it can be dropped now, as hyper's graceful
-    /// shutdown would close it at once (keyward's server is between requests or inside a
-    /// head, with nothing in flight and nothing left to write).
+    /// Ask the connection to close. `true`: keyward's server is between requests or inside
+    /// a head, with nothing in flight and nothing left to write, so the next poll of the
+    /// connection shuts its stream down and ends it, as hyper's graceful shutdown would at
+    /// once; `false`: it ends after the request in flight (or hyper's side was told).
     pub fn request(&self) -> bool {
         self.requested.store(true, Ordering::SeqCst);
         self.notify.notify_one();
@@ -203,6 +205,8 @@ where
             Head::Request(req) => req,
             Head::HandOff => return Ended::HandOff(Rewind::new(conn.buf.freeze(), io)),
             Head::Closed(result) => return Ended::Closed(result.map_err(Into::into)),
+            // As hyper's graceful shutdown does: a clean end (TLS `close_notify`, then FIN).
+            Head::Closing => return Ended::Closed(io.shutdown().await.map_err(Into::into)),
         };
         // Built in place: the service's future is not moved once started.
         let answer = pin!(service(req));
@@ -226,6 +230,19 @@ enum Head {
     Request(Request<RequestBody>),
     HandOff,
     Closed(io::Result<()>),
+    /// A close was requested while no request was in flight: shut the stream down.
+    Closing,
+}
+
+/// `read`, or `None` once a close is requested while it waits. The close is requested by
+/// the task that polls this connection, which polls it again at once: no waker is needed.
+async fn closable<F: Future>(mut read: Pin<&mut F>, close: &Close) -> Option<F::Output> {
+    std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
+        Poll::Ready(out) => Poll::Ready(Some(out)),
+        Poll::Pending if close.requested() => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+    })
+    .await
 }
 
 /// A connection's buffers, kept from request to request.
@@ -286,17 +303,23 @@ impl Conn {
             if worth_parsing {
                 partial = Some(self.buf.len());
             }
-            // Closing: a connection between requests (or inside a head) goes now, as
-            // hyper's graceful shutdown does it.
+            // Closing: a connection between requests (or inside a head) ends now, as
+            // hyper's graceful shutdown ends it.
             if close.requested() {
-                return Head::Closed(Ok(()));
+                return Head::Closing;
             }
             // Once the last request is gone, this takes back the whole buffer.
             let room = max_buf - self.buf.len();
             self.buf.reserve(room.min(READ_CHUNK));
             close.between.store(true, Ordering::SeqCst);
-            let read = io.read_buf(&mut (&mut self.buf).limit(room)).await;
+            let read = {
+                let mut limited = (&mut self.buf).limit(room);
+                closable(pin!(io.read_buf(&mut limited)), close).await
+            };
             close.between.store(false, Ordering::SeqCst);
+            let Some(read) = read else {
+                return Head::Closing;
+            };
             match read {
                 // A head cut short: hyper has its say on it (no answer, but an HTTP/2
                 // preface cut short is an HTTP/1 request to it, and refused).
