@@ -92,32 +92,31 @@ fn smuggled() -> String {
     format!("GET /smuggled HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n\r\n")
 }
 
+/// CL.TE: Content-Length would swallow the smuggled request as body; chunked ends the body
+/// at `0`, after which the smuggled bytes would be the next request.
+fn clte() -> String {
+    let body = format!("0\r\n\r\n{}", smuggled());
+    let lengths = format!(
+        "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+        body.len()
+    );
+    head("POST", "/v1/clte", &lengths) + &body
+}
+
+/// TE.CL: the same conflict in the other order, the smuggled request inside a chunk.
+fn tecl() -> String {
+    let hidden = smuggled();
+    let chunk = format!("{:x}\r\n{hidden}\r\n0\r\n\r\n", hidden.len());
+    let lengths = "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n";
+    head("POST", "/v1/tecl", lengths) + &chunk
+}
+
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_read_as_chunked_and_closed() {
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;
     let hidden = smuggled();
-
-    // CL.TE: Content-Length would swallow the smuggled request as body; chunked ends the
-    // body at `0`, after which the smuggled bytes would be the next request.
-    let body = format!("0\r\n\r\n{hidden}");
-    let req = head(
-        "POST",
-        "/v1/clte",
-        &format!(
-            "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
-            body.len()
-        ),
-    ) + &body;
-    // TE.CL: the same conflict in the other order, the smuggled request inside a chunk.
-    let chunk = format!("{:x}\r\n{hidden}\r\n0\r\n\r\n", hidden.len());
-    let tecl = head(
-        "POST",
-        "/v1/tecl",
-        "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
-    ) + &chunk;
-
-    for (req, target, body_len) in [(req, "/v1/clte", 0), (tecl, "/v1/tecl", hidden.len())] {
+    for (req, target, body_len) in [(clte(), "/v1/clte", 0), (tecl(), "/v1/tecl", hidden.len())] {
         let before = up.count();
         let r = exchange(kw.addr, req.as_bytes()).await;
         // RFC 9112 6.1: Transfer-Encoding wins, Content-Length is dropped, and the
@@ -298,21 +297,9 @@ async fn framing_attacks_after_a_plain_request_get_what_they_get_alone() {
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;
     let hidden = smuggled();
-    let clte = format!("0\r\n\r\n{hidden}");
     let attacks = [
-        head(
-            "POST",
-            "/v1/clte",
-            &format!(
-                "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
-                clte.len()
-            ),
-        ) + &clte,
-        head(
-            "POST",
-            "/v1/tecl",
-            "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
-        ) + &format!("{:x}\r\n{hidden}\r\n0\r\n\r\n", hidden.len()),
+        clte(),
+        tecl(),
         head(
             "POST",
             "/v1/cl",
@@ -379,22 +366,11 @@ async fn framing_attacks_after_a_plain_request_get_what_they_get_alone() {
 async fn after_an_answer(addr: SocketAddr, first: &str, then: &str) -> Reply {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(first.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    // The upstream's answer to a GET is a short body with a Content-Length.
-    while !answer_complete(&out) {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("an answer to the first request")
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed before answering: {:?}",
-            String::from_utf8_lossy(&out)
-        );
-        out.extend_from_slice(&buf[..n]);
-    }
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_response(&mut s))
+        .await
+        .expect("an answer to the first request");
     s.write_all(then.as_bytes()).await.unwrap();
+    let mut out = answer.into_bytes();
     let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
         .await
         .is_ok();
@@ -402,20 +378,6 @@ async fn after_an_answer(addr: SocketAddr, first: &str, then: &str) -> Reply {
         text: String::from_utf8_lossy(&out).into_owned(),
         closed,
     }
-}
-
-/// One whole response with a `content-length` is in `out`.
-fn answer_complete(out: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(out);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        return false;
-    };
-    let len = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("content-length")
-            .then(|| v.trim().parse::<usize>().ok())?
-    });
-    len.is_some_and(|n| body.len() >= n)
 }
 
 #[tokio::test]

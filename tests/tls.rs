@@ -482,31 +482,14 @@ async fn bad_certificate_path_fails_bind_naming_the_field() {
     assert!(err.starts_with("tls.key: "), "{err}");
 }
 
-/// Send one authenticated GET on `tls` and read its whole answer (a `content-length` body).
+/// Send one authenticated GET on `tls` and read its whole answer.
 async fn one_request(tls: &mut TlsStream<TcpStream>) -> String {
     use tokio::io::AsyncWriteExt;
     let req = format!(
         "GET /tls/idle HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {SERVICE_KEY}\r\n\r\n"
     );
     tls.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&out).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len = head.lines().find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse::<usize>().ok())?
-            });
-            if len.is_some_and(|n| body.len() >= n) {
-                return text;
-            }
-        }
-        let n = tls.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed before answering: {text:?}");
-        out.extend_from_slice(&buf[..n]);
-    }
+    read_response(tls).await
 }
 
 /// A keep-alive connection keyward closes between requests, at its idle timeout or when it

@@ -200,6 +200,29 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Read one whole response whose body has a `content-length` (what keyward and the test
+/// upstream send for a GET), however the bytes arrive; panics if the peer closes first.
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            });
+            if len.is_some_and(|n| body.len() >= n) {
+                return text;
+            }
+        }
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before a whole response: {text:?}");
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// Read until a whole response head has arrived; `None` if the peer closes first. Bytes
 /// after the head (a body, tunnelled data) may come with it.
 pub async fn read_head(s: &mut TcpStream) -> Option<String> {
