@@ -25,6 +25,17 @@ struct Reply {
 }
 
 impl Reply {
+    /// Read `s` after what `out` already holds, until the server closes (or 5 s pass).
+    async fn until_closed(s: &mut TcpStream, mut out: Vec<u8>) -> Reply {
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .is_ok();
+        Reply {
+            text: String::from_utf8_lossy(&out).into_owned(),
+            closed,
+        }
+    }
+
     fn status(&self) -> u16 {
         raw_status(&self.text)
     }
@@ -55,14 +66,7 @@ impl Reply {
 async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Reply {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .is_ok();
-    Reply {
-        text: String::from_utf8_lossy(&out).into_owned(),
-        closed,
-    }
+    Reply::until_closed(&mut s, Vec::new()).await
 }
 
 /// Wait until the upstream has seen a fresh sentinel request, so anything keyward forwarded
@@ -370,14 +374,7 @@ async fn after_an_answer(addr: SocketAddr, first: &str, then: &str) -> Reply {
         .await
         .expect("an answer to the first request");
     s.write_all(then.as_bytes()).await.unwrap();
-    let mut out = answer.into_bytes();
-    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .is_ok();
-    Reply {
-        text: String::from_utf8_lossy(&out).into_owned(),
-        closed,
-    }
+    Reply::until_closed(&mut s, answer.into_bytes()).await
 }
 
 #[tokio::test]
