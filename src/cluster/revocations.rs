@@ -18,7 +18,7 @@
 //! written back by every replica that holds them, so a restart un-revokes nothing and a
 //! lifted revoke stays lifted.
 //!
-//! A replica writes back its whole set in one script call, together with the field
+//! A replica writes back its whole set in one script call ([`WRITE`]), together with the field
 //! [`WHOLE`]: so the hash either lacks that field (Redis came back empty and no replica has
 //! restored it yet, or a fleet that has never revoked anything) or holds at least one
 //! replica's whole set. A newcomer is ready at once only in the second case; in the first it
@@ -54,25 +54,13 @@ pub const RESTORE_SETTLE: Duration = Duration::from_millis(1200);
 /// digest field is 64 hex digits, so it can never collide with one).
 pub const WHOLE: &str = "whole";
 
-/// Store `ARGV[2]` under `ARGV[1]` (a digest) unless Redis holds an entry at least as new
-/// (`ARGV[3]`, µs), and publish it on `ARGV[4]`. Returns 1 when stored.
+/// Store entries, each (digest `ARGV[i]`, entry `ARGV[i+1]`, µs `ARGV[i+2]`) from `ARGV[3]`
+/// on, unless Redis holds one at least as new, and publish each stored one on `ARGV[1]`;
+/// with `ARGV[2]` = `1` (a replica's whole set) set the field [`WHOLE`] too, atomically with
+/// them. Returns how many entries were stored.
 const WRITE: &str = r"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
-  local at = tonumber(string.match(cur, '^(%d+)|'))
-  if at and at >= tonumber(ARGV[3]) then return 0 end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PUBLISH', ARGV[4], ARGV[1] .. '\n' .. ARGV[2])
-return 1
-";
-
-/// A replica's whole set, atomically: each (digest `ARGV[i]`, entry `ARGV[i+1]`, µs
-/// `ARGV[i+2]`) from `ARGV[2]` on is stored and published on `ARGV[1]` as [`WRITE`] does,
-/// then the field [`WHOLE`] is set. Returns how many entries were stored.
-const RESTORE: &str = r"
 local stored = 0
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   local at = cur and tonumber(string.match(cur, '^(%d+)|'))
   if not (at and at >= tonumber(ARGV[i + 2])) then
@@ -81,7 +69,7 @@ for i = 2, #ARGV, 3 do
     stored = stored + 1
   end
 end
-redis.call('HSET', KEYS[1], 'whole', '1')
+if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 'whole', '1') end
 return stored
 ";
 
@@ -144,8 +132,7 @@ pub struct Revocations {
     /// When a read before the first complete one found the hash without [`WHOLE`] (see
     /// [`RESTORE_SETTLE`]).
     unrestored_since: Mutex<Option<std::time::Instant>>,
-    write: redis::Script,
-    restore: redis::Script,
+    script: redis::Script,
 }
 
 /// Where a merged entry came from: only entries from another replica count in the lag.
@@ -165,8 +152,7 @@ impl Revocations {
             loaded: AtomicBool::new(false),
             merging: Mutex::new(()),
             unrestored_since: Mutex::new(None),
-            write: redis::Script::new(WRITE),
-            restore: redis::Script::new(RESTORE),
+            script: redis::Script::new(WRITE),
         }
     }
 
@@ -232,25 +218,32 @@ impl Revocations {
         digest: &Digest,
         entry: &Entry,
     ) -> Result<(), ClusterError> {
-        let (hash, channel) = (
-            cluster.key("revocations"),
-            cluster.key("revocations:events"),
-        );
-        let script = &self.write;
-        let (field, value) = (hex::encode(digest), entry.encode());
-        cluster
-            .call(Op::Revoke, |mut c| async move {
-                script
-                    .key(hash)
-                    .arg(field)
-                    .arg(value)
-                    .arg(entry.at_us)
-                    .arg(channel)
-                    .invoke_async::<i64>(&mut c)
-                    .await
-            })
+        self.write(cluster, [(digest, entry)], false)
             .await
             .map(|_| ())
+    }
+
+    /// Run [`WRITE`] on `entries`; `whole`: they are this replica's whole set.
+    async fn write<'a>(
+        &self,
+        cluster: &Cluster,
+        entries: impl IntoIterator<Item = (&'a Digest, &'a Entry)>,
+        whole: bool,
+    ) -> Result<i64, ClusterError> {
+        let mut call = self.script.key(cluster.key("revocations"));
+        call.arg(cluster.key("revocations:events"))
+            .arg(if whole { "1" } else { "0" });
+        for (digest, entry) in entries {
+            call.arg(hex::encode(digest))
+                .arg(entry.encode())
+                .arg(entry.at_us);
+        }
+        let call = &call;
+        cluster
+            .call(Op::Revoke, |mut c| async move {
+                call.invoke_async::<i64>(&mut c).await
+            })
+            .await
     }
 
     /// Merge entries into the set (newer wins) and swap it if anything changed.
@@ -316,42 +309,20 @@ impl Revocations {
         }
         self.loaded.store(true, Ordering::Release);
         let ours = self.set.load_full();
-        let newer: Vec<_> = ours
+        let behind = ours
             .iter()
-            .filter(|(digest, entry)| remote.get(*digest).is_none_or(|r| entry.supersedes(r)))
-            .collect();
-        if whole && newer.is_empty() {
+            .any(|(digest, entry)| remote.get(digest).is_none_or(|r| entry.supersedes(r)));
+        if whole && !behind {
             return Ok(());
         }
         // Redis lacks something: write back the whole set, so a reader never sees half.
-        let stored = self.restore_all(cluster, &ours).await?;
+        let stored = self.write(cluster, ours.iter(), true).await?;
         info!(
             stored,
             held = ours.len(),
             "revocations written back to redis"
         );
         Ok(())
-    }
-
-    /// [`RESTORE`] this replica's whole set.
-    async fn restore_all(&self, cluster: &Cluster, set: &Set) -> Result<i64, ClusterError> {
-        let (hash, channel) = (
-            cluster.key("revocations"),
-            cluster.key("revocations:events"),
-        );
-        let mut call = self.restore.key(hash);
-        call.arg(channel);
-        for (digest, entry) in set {
-            call.arg(hex::encode(digest))
-                .arg(entry.encode())
-                .arg(entry.at_us);
-        }
-        let call = &call;
-        cluster
-            .call(Op::Revoke, |mut c| async move {
-                call.invoke_async::<i64>(&mut c).await
-            })
-            .await
     }
 
     /// Before the first complete read: true while the hash has lacked [`WHOLE`] for less
