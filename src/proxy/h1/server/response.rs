@@ -527,13 +527,14 @@ fn put_chunk_size(dst: &mut BytesMut, len: usize) {
 mod tests {
     use super::*;
 
-    /// The head `encode_head` writes (its `date` value blanked), its encoder and `last`.
-    fn head(
+    /// What `encode_head` makes of these fields: the head it writes (its `date` value
+    /// blanked), its encoder and `last`.
+    fn encode(
         status: u16,
         fields: &[(&str, &str)],
         body: Known,
         keep_alive: bool,
-    ) -> (String, Encoder, bool) {
+    ) -> Result<(String, Encoder, bool), WriteError> {
         let mut headers = HeaderMap::new();
         for (name, value) in fields {
             headers.append(
@@ -550,15 +551,24 @@ mod tests {
             keep_alive,
             &mut dst,
             &mut Date::default(),
-        )
-        .unwrap();
+        )?;
         let text = String::from_utf8(dst.to_vec()).unwrap();
         // The `date` value is the clock's (29 bytes, as RFC 9110 formats it).
         let blanked = match text.find("date: ") {
             Some(i) => format!("{}-{}", &text[..i + 6], &text[i + 6 + 29..]),
             None => text,
         };
-        (blanked, encoder, last)
+        Ok((blanked, encoder, last))
+    }
+
+    /// [`encode`] of a head it writes.
+    fn head(
+        status: u16,
+        fields: &[(&str, &str)],
+        body: Known,
+        keep_alive: bool,
+    ) -> (String, Encoder, bool) {
+        encode(status, fields, body, keep_alive).unwrap_or_else(|e| panic!("refused: {e:?}"))
     }
 
     #[test]
@@ -623,17 +633,8 @@ mod tests {
         let (h, e, _) = head(200, &[("content-length", "7")], Known::Unknown, true);
         assert_eq!(h, "HTTP/1.1 200 OK\r\ncontent-length: 7\r\ndate: -\r\n\r\n");
         assert_eq!(e, Encoder::Length(7));
-        let mut headers = HeaderMap::new();
-        headers.append(header::CONTENT_LENGTH, HeaderValue::from_static("7"));
-        headers.append(header::CONTENT_LENGTH, HeaderValue::from_static("8"));
-        let refused = encode_head(
-            StatusCode::OK,
-            &mut headers,
-            Known::Unknown,
-            true,
-            &mut BytesMut::new(),
-            &mut Date::default(),
-        );
+        let lengths = [("content-length", "7"), ("content-length", "8")];
+        let refused = encode(200, &lengths, Known::Unknown, true);
         assert!(matches!(refused, Err(WriteError::Framing)));
     }
 
