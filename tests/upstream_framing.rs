@@ -480,3 +480,93 @@ async fn reason_phrase_and_head_length_pass_through() {
     );
     assert_eq!(replies[1].header("content-length").as_deref(), Some("10"));
 }
+
+/// Read one response off a kept-alive connection, by its framing: a length, chunks, or
+/// (neither) to the end of the connection.
+async fn read_one(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) {
+            let reply = parse(&out[..end], true);
+            let body = &out[end..];
+            let done = if let Some(len) = reply.header("content-length") {
+                len.parse::<usize>().is_ok_and(|n| body.len() >= n)
+            } else if reply.header("transfer-encoding").is_some() {
+                dechunk(body).1
+            } else {
+                false
+            };
+            if done {
+                return out;
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => return out,
+        }
+    }
+}
+
+/// A client that keeps its connection alive is served by keyward's own server, which must
+/// write the status line and framing hyper's server writes: the upstream's reason phrase
+/// (a non-canonical one, none at all), and an HTTP/1.0 answer without a length passed on
+/// as HTTP/1.1, chunked, on a connection that stays open.
+#[tokio::test]
+async fn kept_alive_clients_get_the_same_answers_from_either_server() {
+    let scripts: &[(&str, &[u8], bool)] = &[
+        (
+            "/reason",
+            b"HTTP/1.1 599 Weird\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+        (
+            "/no-reason",
+            b"HTTP/1.1 200 \r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+        ("/http10", b"HTTP/1.0 200 OK\r\n\r\nuntil the end", true),
+    ];
+    let up = Scripted::start(scripts).await;
+    let mut seen = Vec::new();
+    for server in ["fast", "hyper"] {
+        let kw = spawn_proxy(up.addr, &format!("http1_server: {server}\n")).await;
+        let mut s = TcpStream::connect(kw.addr).await.unwrap();
+        let mut replies = Vec::new();
+        for path in ["/reason", "/no-reason", "/http10", "/other"] {
+            let req =
+                format!("GET {path} HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            replies.push(parse(&read_one(&mut s).await, false));
+        }
+        kw.shutdown().await;
+        let lines: Vec<_> = replies
+            .iter()
+            .map(|r| r.head.lines().next().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "HTTP/1.1 599 Weird",
+                "HTTP/1.1 200 ",
+                "HTTP/1.1 200 OK",
+                "HTTP/1.1 200 OK"
+            ],
+            "{server}"
+        );
+        assert_eq!(
+            replies[2].header("transfer-encoding").as_deref(),
+            Some("chunked"),
+            "{server}"
+        );
+        assert_eq!(replies[2].text(), "until the end", "{server}");
+        assert!(replies[2].whole, "{server}");
+        assert_eq!(
+            replies[3].text(),
+            "next",
+            "{server}: the connection stayed open"
+        );
+        seen.push(replies);
+    }
+    assert_eq!(seen[0], seen[1], "keyward's server and hyper's disagree");
+}

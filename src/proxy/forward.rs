@@ -162,7 +162,14 @@ impl Upstream {
         match tokio::time::timeout(self.timeout, exchange).await {
             Err(_) => Err(ProxyError::Timeout(self.timeout)),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(resp)) => Ok((resp, start.elapsed())),
+            Ok(Ok(mut resp)) => {
+                // keyward answers its client in its own HTTP version, whatever the
+                // upstream's: an HTTP/1.0 upstream answer reaches an HTTP/1.1 client as
+                // HTTP/1.1 (chunked when it has no length, and kept alive), from hyper's
+                // server as from keyward's.
+                *resp.version_mut() = Version::HTTP_11;
+                Ok((resp, start.elapsed()))
+            }
         }
     }
 

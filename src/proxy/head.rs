@@ -12,7 +12,7 @@ use crate::config::Limits;
 pub const HYPER_MIN_BUF: usize = 8192;
 
 /// Limits on the request head that hold for HTTP/1.1 and HTTP/2 alike: the size of the
-/// head (`limits.max_header_bytes`, exactly, below hyper's 8 KiB buffer floor), and one
+/// head (`limits.max_header_bytes`, measured here for HTTP/1), and one
 /// well-defined host. The host the upstream is sent (`Host`) is the request target's
 /// authority (absolute-form, or HTTP/2 `:authority`) when there is one, else the `Host`
 /// field; whichever it is, it must be a valid `host[:port]` without user info, and there
@@ -23,11 +23,12 @@ pub const HYPER_MIN_BUF: usize = 8192;
 /// 8.3.1).
 pub fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
     const HOST: Reject = Reject::BadRequest(BadRequest::Host);
-    // Above the floor hyper's HTTP/1 buffer enforces the limit, and h2 always does
-    // (`max_header_list_size`): only then is the head measured here.
+    // HTTP/2 enforces the limit itself (`max_header_list_size`). hyper's HTTP/1 buffer
+    // does not, exactly: it is at least 8 KiB, and it refuses a head only once the buffer
+    // is full without one, so a head that arrives with the read that overfills it (up to
+    // twice the limit on a kept-alive connection) gets through. Measured here.
     let http1 = matches!(req.version(), Version::HTTP_10 | Version::HTTP_11);
-    if http1 && limits.max_header_bytes < HYPER_MIN_BUF && head_size(req) > limits.max_header_bytes
-    {
+    if http1 && head_size(req) > limits.max_header_bytes {
         return Err(Reject::HeadersTooLarge);
     }
     if http1 && !single_chunked(req.headers()) {

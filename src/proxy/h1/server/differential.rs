@@ -66,6 +66,14 @@ async fn echo(req: Request<RequestBody>) -> Result<Response<EchoBody>, Infallibl
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
     let mut resp = Response::builder().status(status);
+    // A reason phrase of the upstream's, as keyward's upstream client passes it on.
+    if let Some(reason) = parts.headers.get("x-reason") {
+        if let Ok(reason) =
+            hyper::ext::ReasonPhrase::try_from(Bytes::copy_from_slice(reason.as_bytes()))
+        {
+            resp = resp.extension(reason);
+        }
+    }
     let mut named_length = false;
     for (name, value) in &parts.headers {
         let Some(field) = name.as_str().strip_prefix("x-r-") else {
@@ -321,6 +329,8 @@ fn request(rng: &mut Rng) -> String {
         "x-r-trailer: x-t",
         "x-r-date: then",
         "x-r-x-a: 1",
+        "x-reason: Fine",
+        "x-reason:",
         " folded",
         "bad name: v",
         "x-empty:",
@@ -345,8 +355,14 @@ fn case(rng: &mut Rng) -> Case {
     for _ in 0..1 + rng.below(3) {
         input.extend_from_slice(request(rng).as_bytes());
     }
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     if rng.chance(3) {
-        input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        input = H2_PREFACE.to_vec();
+    } else if rng.chance(10) {
+        // An HTTP/2 preface (and a SETTINGS frame) after HTTP/1.1 requests: hyper keeps
+        // the connection HTTP/1.
+        input.extend_from_slice(H2_PREFACE);
+        input.extend_from_slice(b"\0\0\0\x04\0\0\0\0\0");
     }
     // A few byte mutations in some cases: what no grammar thought of.
     if rng.chance(25) {

@@ -60,8 +60,10 @@ pub struct Settings {
 enum Ended<I> {
     /// Closed, cleanly or not.
     Closed(Result<(), BoxError>),
-    /// hyper's from here on, with what was read put back.
-    HandOff(Rewind<I>),
+    /// hyper's from here on, with what was read put back. `served`: a request was
+    /// already answered, so the connection is HTTP/1.1 whatever bytes come next (an HTTP/2
+    /// preface there is a malformed HTTP/1 request to hyper, not a switch of protocol).
+    HandOff { io: Rewind<I>, served: bool },
 }
 
 /// hyper's servers, configured once per listener: HTTP/1.1 and HTTP/2 by the preface
@@ -89,15 +91,18 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let io = match fast {
+    let (io, http1) = match fast {
         Some(settings) => match serve(io, &service, settings, close).await {
             Ended::Closed(result) => return result,
-            Ended::HandOff(io) => io,
+            Ended::HandOff { io, served } => {
+                let http1 = served || io.is_http1();
+                (io, http1)
+            }
         },
-        None => Rewind::new(Bytes::new(), io),
+        None => (Rewind::new(Bytes::new(), io), false),
     };
     let to_hyper = service_fn(move |req: Request<Incoming>| service(req.map(Either::Left)));
-    if io.is_http1() {
+    if http1 {
         let conn = hyper.http1.serve_connection(TokioIo::new(io), to_hyper);
         drive(conn.with_upgrades(), close).await.map_err(Into::into)
     } else {
@@ -203,7 +208,13 @@ where
     loop {
         let req = match conn.read_head(&mut io, settings, close).await {
             Head::Request(req) => req,
-            Head::HandOff => return Ended::HandOff(Rewind::new(conn.buf.freeze(), io)),
+            Head::HandOff => {
+                let served = !conn.first;
+                return Ended::HandOff {
+                    io: Rewind::new(conn.buf.freeze(), io),
+                    served,
+                };
+            }
             Head::Closed(result) => return Ended::Closed(result.map_err(Into::into)),
             // As hyper's graceful shutdown does: a clean end (TLS `close_notify`, then FIN).
             Head::Closing => return Ended::Closed(io.shutdown().await.map_err(Into::into)),
@@ -333,7 +344,10 @@ impl Conn {
 
     /// Wait for the service's answer. The client leaving meanwhile drops the request
     /// (with its upstream exchange), as hyper does; once it has sent more (a pipelined
-    /// request), that is kept and the connection no longer watched.
+    /// request), that is kept and the connection no longer watched. As hyper does, the
+    /// client's end is looked for once before the service first runs: a client that has
+    /// already left (a request pipelined before its FIN) has nothing run on its behalf
+    /// upstream. Costs no syscall when the last read drained the socket.
     async fn answer<I, F, B>(
         &mut self,
         io: &mut I,
@@ -343,6 +357,14 @@ impl Conn {
         I: AsyncRead + Unpin,
         F: Future<Output = Result<Response<B>, Infallible>>,
     {
+        if self.buf.is_empty() {
+            let watched =
+                std::future::poll_fn(|cx| Poll::Ready(response::poll_watch(io, cx, &mut self.buf)))
+                    .await;
+            if let Poll::Ready(Err(left)) = watched {
+                return Err(left.into_end());
+            }
+        }
         loop {
             tokio::select! {
                 biased;
@@ -353,10 +375,8 @@ impl Conn {
                 sent = std::future::poll_fn(|cx| response::poll_watch(io, cx, &mut self.buf)),
                     if self.buf.is_empty() =>
                 {
-                    match sent {
-                        Ok(()) => {}
-                        Err(response::WriteError::Io(e)) => return Err(Err(e)),
-                        Err(_) => return Err(Ok(())),
+                    if let Err(left) = sent {
+                        return Err(left.into_end());
                     }
                 }
             }

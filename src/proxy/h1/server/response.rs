@@ -35,6 +35,17 @@ pub enum WriteError {
     Gone,
 }
 
+impl WriteError {
+    /// How a connection watched while a request was in flight ends: a read error as that
+    /// error, the client's end as a clean close.
+    pub(super) fn into_end(self) -> io::Result<()> {
+        match self {
+            Self::Io(e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// How the body is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Encoder {
@@ -113,8 +124,10 @@ where
 {
     let (mut parts, body) = resp.into_parts();
     bufs.write.clear();
+    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
     let head = encode_head(
         parts.status,
+        reason.map(hyper::ext::ReasonPhrase::as_bytes),
         &mut parts.headers,
         known(&body),
         keep_alive,
@@ -135,9 +148,12 @@ where
 }
 
 /// The status line and header fields into `dst`: hyper's `Server::encode_headers` for an
-/// HTTP/1.1 request other than HEAD or CONNECT.
+/// HTTP/1.1 request other than HEAD or CONNECT. `reason`: a reason phrase other than the
+/// canonical one (hyper's `ReasonPhrase`, which keyward's upstream client sets as hyper's
+/// does), written as it is.
 fn encode_head(
     status: StatusCode,
+    reason: Option<&[u8]>,
     headers: &mut HeaderMap,
     body: Known,
     keep_alive: bool,
@@ -147,7 +163,7 @@ fn encode_head(
     if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
         // hyper answers a 1xx response with an empty 500 and closes.
         headers.clear();
-        status_line(StatusCode::INTERNAL_SERVER_ERROR, dst);
+        status_line(StatusCode::INTERNAL_SERVER_ERROR, None, dst);
         dst.put_slice(b"content-length: 0\r\n");
         put_date(dst, date);
         return Ok((Encoder::Length(0), true));
@@ -156,7 +172,7 @@ fn encode_head(
     if !keep_alive && !headers.get_all(header::CONNECTION).iter().any(closes) {
         headers.append(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    status_line(status, dst);
+    status_line(status, reason, dst);
     let mut fields = Fields::default();
     let mut current: Option<&HeaderName> = None;
     for (name, value) in headers.iter() {
@@ -186,15 +202,17 @@ fn closes(value: &HeaderValue) -> bool {
     lists(value.as_bytes(), b"close")
 }
 
-fn status_line(status: StatusCode, dst: &mut BytesMut) {
-    if status == StatusCode::OK {
+/// hyper's status line: `reason` when given, else the status code's canonical one.
+fn status_line(status: StatusCode, reason: Option<&[u8]>, dst: &mut BytesMut) {
+    if status == StatusCode::OK && reason.is_none() {
         dst.put_slice(b"HTTP/1.1 200 OK\r\n");
         return;
     }
+    let canonical = || status.canonical_reason().unwrap_or("<none>").as_bytes();
     dst.put_slice(b"HTTP/1.1 ");
     dst.put_slice(status.as_str().as_bytes());
     dst.put_u8(b' ');
-    dst.put_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    dst.put_slice(reason.unwrap_or_else(canonical));
     dst.put_slice(b"\r\n");
 }
 
@@ -546,6 +564,7 @@ mod tests {
         let status = StatusCode::from_u16(status).unwrap();
         let (encoder, last) = encode_head(
             status,
+            None,
             &mut headers,
             body,
             keep_alive,
