@@ -189,24 +189,155 @@ async fn every_answer_matches_the_proxy_for_each_endpoint() {
 }
 
 #[tokio::test]
-async fn public_routes_and_introspection_are_allowed_with_the_proxys_rules() {
-    let d = spawn_decider(None, "").await;
+async fn public_routes_are_allowed_and_the_introspection_path_is_the_apps() {
+    let up = spawn_upstream().await;
+    let d = spawn_decider(Some(up.addr), "").await;
     let r = decide(&d, AUTH_REQUEST, "POST", "/public/form", &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     for name in IDENTITY {
         assert_eq!(header(&r, name), "", "a public route names no one: {name}");
     }
+    // The proxy answers its introspection path itself, for any method and any scopes;
+    // behind a decision the front proxy sends the request on to the app, so the path is
+    // routed and the method's scopes are checked as for any other path.
+    let read_only = [("x-api-key", PERSONAL_KEY)];
+    for endpoint in ENDPOINTS {
+        let r = decide(&d, endpoint, "GET", "/auth", &read_only).await;
+        assert_eq!(r.status, 200, "{endpoint}: {}", r.text());
+        assert_eq!(header(&r, "x-auth-key-id"), "key_demo_personal");
+        for path in ["/auth", "//auth", "/a/b/../../auth", "/auth?x=1"] {
+            let proxied = send("DELETE", &d.proxy_url(path), &read_only, b"").await;
+            assert_eq!(proxied.status, 200, "the proxy's own answer: {path}");
+            let r = decide(&d, endpoint, "DELETE", path, &read_only).await;
+            assert_eq!(r.status, 403, "{endpoint} {path}: {}", r.text());
+            assert_eq!(r.code(), "insufficient_scope", "{endpoint} {path}");
+        }
+    }
+    d.shutdown().await;
+}
+
+/// A fragment in the original URI is refused (SPEC 7): parsing would drop it and authorize
+/// the path before it, while the front proxy forwards the URI whole, and an app may read
+/// `/v1/items#/../../admin/users` as `/admin/users`.
+#[tokio::test]
+async fn a_fragment_in_the_original_uri_is_refused() {
+    let d = spawn_decider(None, "").await;
+    for endpoint in [AUTH_REQUEST, FORWARD_AUTH] {
+        for (path, key) in [
+            ("/v1/items#/../../admin/users", Some(PERSONAL_KEY)),
+            ("/healthz#/../admin/users", None),
+            ("/v1/items?x=1#frag", Some(PERSONAL_KEY)),
+        ] {
+            let headers: Vec<_> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+            let r = decide(&d, endpoint, "GET", path, &headers).await;
+            assert_eq!(r.status, 400, "{endpoint} {path}: {}", r.text());
+            assert_eq!(r.code(), "bad_request", "{endpoint} {path}");
+        }
+    }
+    d.shutdown().await;
+}
+
+/// The proxy strips a client's route, method and host overrides (SPEC 8); a front proxy
+/// would pass them on to the app, so a decision request that carries one is refused: all
+/// spellings, except the endpoint's own protocol headers and `allow_override_headers`.
+#[tokio::test]
+async fn override_headers_of_the_client_are_refused() {
+    let key = ("x-api-key", SERVICE_KEY);
+    let d = spawn_decider(None, "").await;
+    for endpoint in ENDPOINTS {
+        for name in [
+            "x-http-method-override",
+            "X-HTTP-Method",
+            "x-original-url",
+            "X-Rewrite-URL",
+            "x-middleware-subrequest",
+            "x_original_url",
+            "x.http.method.override",
+        ] {
+            let r = decide(&d, endpoint, "GET", "/v1/items", &[key, (name, "DELETE")]).await;
+            assert_eq!(r.status, 400, "{endpoint} {name}: {}", r.text());
+            assert_eq!(r.code(), "bad_request", "{endpoint} {name}");
+            // Named as SPEC 8's list spells it.
+            let canonical = name.to_ascii_lowercase().replace(['_', '.'], "-");
+            assert!(r.text().contains(&canonical), "{}", r.text());
+        }
+    }
+    // Another protocol's headers are the client's here.
     let r = decide(
         &d,
-        EXT_AUTHZ,
+        FORWARD_AUTH,
         "GET",
-        "/auth",
-        &[("x-api-key", PERSONAL_KEY)],
+        "/v1/items",
+        &[key, ("x-original-method", "DELETE")],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = decide(
+        &d,
+        AUTH_REQUEST,
+        "GET",
+        "/v1/items",
+        &[key, ("x-forwarded-method", "DELETE")],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = decide(
+        &d,
+        AUTH_REQUEST,
+        "GET",
+        "/v1/items",
+        &[key, ("x_original_uri", "/admin")],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    d.shutdown().await;
+
+    let d = spawn_decider(None, "allow_override_headers: [X-HTTP-Method-Override]\n").await;
+    let r = decide(
+        &d,
+        AUTH_REQUEST,
+        "GET",
+        "/v1/items",
+        &[key, ("x-http-method-override", "GET")],
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(header(&r, "x-auth-key-id"), "key_demo_personal");
     d.shutdown().await;
+}
+
+/// A key in the query string would reach the app inside the URI the front proxy forwards:
+/// decisions do not read it unless keys may be forwarded (`forward_credential: true`).
+#[tokio::test]
+async fn query_keys_are_read_by_decisions_only_when_keys_may_be_forwarded() {
+    let credentials = "credentials: [{ header: x-api-key }, { query: api_key }]\n";
+    let path = format!("/v1/items?a=1&api_key={SERVICE_KEY}");
+    for (forward, status) in [(false, 401), (true, 200)] {
+        let d = spawn_decider(
+            None,
+            &format!("{credentials}forward_credential: {forward}\n"),
+        )
+        .await;
+        for endpoint in ENDPOINTS {
+            let r = decide(&d, endpoint, "GET", &path, &[]).await;
+            assert_eq!(
+                r.status,
+                status,
+                "{endpoint} forward {forward}: {}",
+                r.text()
+            );
+        }
+        // The header is read either way.
+        let r = decide(
+            &d,
+            AUTH_REQUEST,
+            "GET",
+            "/v1/items",
+            &[("x-api-key", SERVICE_KEY)],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        d.shutdown().await;
+    }
 }
 
 #[tokio::test]

@@ -127,14 +127,38 @@ fn start_caddy(dir: &Path, keyward: SocketAddr, app: SocketAddr, listen: SocketA
 }
 
 /// The identity headers a client tries to forge (one the key has, two it has no value for)
-/// and their CGI-style aliases.
-const FORGED: [(&str, &str); 6] = [
+/// and their CGI-style aliases, in every mix of separators.
+const FORGED: [(&str, &str); 9] = [
     ("x-auth-subject-id", "forged-subject"),
     ("x-auth-enterprise-id", "forged-enterprise"),
     ("x-auth-delegated-by", "forged-delegator"),
     ("x-auth-account-short-id", "forged-short"),
     ("x-auth-key-id", "forged-key"),
     ("x_auth_org_id", "forged-underscore-alias"),
+    ("x-auth_org-id", "forged-mixed-alias"),
+    ("x_auth-org_id", "forged-mixed-alias-2"),
+    ("x-auth.org-id", "forged-dot-alias"),
+];
+
+/// What a client sends to make the app read another request than the one authorized
+/// (SPEC 8's overrides, the decision protocols' own headers, forwarding headers), and a
+/// `Connection` header naming identity headers, which a proxy that honours it would remove
+/// after copying keyward's in. None may reach the app as sent.
+const REROUTED: [(&str, &str); 11] = [
+    ("x-original-uri", "forged-original-uri"),
+    ("x-original-method", "forged-original-method"),
+    ("x-forwarded-uri", "forged-forwarded-uri"),
+    ("x-forwarded-method", "forged-forwarded-method"),
+    ("x-http-method-override", "forged-method-override"),
+    ("x-original-url", "forged-original-url"),
+    ("x-forwarded-prefix", "forged-prefix"),
+    ("x-forwarded-host", "forged-host"),
+    ("forwarded", "forged-forwarded"),
+    ("x-real-ip", "forged-real-ip"),
+    (
+        "connection",
+        "x-auth-key-id, x-auth-access-type, x-auth-scopes",
+    ),
 ];
 
 /// A name that is not one of keyward's twelve: only a proxy that strips by prefix (Caddy,
@@ -271,6 +295,32 @@ async fn scenario(front: SocketAddr, up: &Upstream, name: &str, strips_prefix: b
         served,
         "{name}: a refused request reached the app"
     );
+
+    // Overrides and forwarding headers: the request is refused (keyward refuses a
+    // client's override it can see), or reaches the app without them and with every
+    // identity header keyward sent.
+    for forged in REROUTED {
+        let before = up.count();
+        let r = get(&url("/v1/items"), &[forged, ("x-api-key", PERSONAL_KEY)]).await;
+        if r.status == 400 {
+            assert_eq!(
+                up.count(),
+                before,
+                "{name}: {forged:?} refused yet forwarded"
+            );
+            continue;
+        }
+        assert_eq!(r.status, 200, "{name}: {forged:?}: {}", r.text());
+        let seen = up.last();
+        assert_nothing_forged(&seen, &format!("{name}: {forged:?}"));
+        for identity in ["x-auth-key-id", "x-auth-access-type", "x-auth-scopes"] {
+            assert!(
+                seen.headers.contains_key(identity),
+                "{name}: {forged:?} removed {identity}: {:?}",
+                seen.headers
+            );
+        }
+    }
 
     // A public route needs no key; forged identity is still kept out.
     let r = get(&url("/healthz"), &FORGED).await;

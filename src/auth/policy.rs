@@ -76,6 +76,13 @@ impl Policy {
         if self.introspection_path.as_deref() == Some(path) {
             return Route::Introspection;
         }
+        self.app_route(path)
+    }
+
+    /// The route of a request that goes on to the app, whatever its path: by the route
+    /// rules alone. Behind a decision (SPEC 15) the introspection path is the app's too, so
+    /// it is routed, and its scopes checked, as any other.
+    pub fn app_route(&self, path: &str) -> Route<'_> {
         for rule in &self.routes {
             if rule_matches(rule, path, self.fold_case) {
                 return if rule.public {

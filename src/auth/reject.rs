@@ -117,6 +117,11 @@ pub enum BadRequest {
     /// A decision request (SPEC 15) without one original method and one original URI.
     #[error("missing, repeated or invalid original {0}")]
     Original(&'static str),
+    /// A decision request carrying a route, method or host override of the client's
+    /// (SPEC 8's list, other than the endpoint's own protocol headers): the proxy strips
+    /// these, but behind a decision the front proxy would pass them to the app.
+    #[error("override header {0} is not accepted")]
+    Override(&'static str),
 }
 
 impl Reject {
@@ -191,6 +196,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::Body) => "Malformed or incomplete request body",
             Reject::BadRequest(BadRequest::TransferCoding) => "Unsupported transfer coding",
             Reject::BadRequest(BadRequest::Original(_)) => "Original method or URI missing",
+            Reject::BadRequest(BadRequest::Override(_)) => "Override header refused",
         }
     }
 

@@ -17,11 +17,12 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 
+use crate::auth::path::PathError;
 use crate::auth::ratelimit::Quota;
 use crate::auth::reject::BadRequest;
 use crate::auth::{Code, Principal, Reject};
 use crate::keys::IdentityNames;
-use crate::proxy::handler::{self, Head, Trace, Verdict};
+use crate::proxy::handler::{self, Door, Head, Trace, Verdict};
 use crate::proxy::worker::Worker;
 use crate::proxy::{headers, respond, Body};
 use crate::App;
@@ -103,8 +104,45 @@ impl PartialEq for Original {
 
 impl Eq for Original {}
 
+impl Endpoint {
+    /// The override headers (SPEC 8) this endpoint's protocol itself sends, as the front
+    /// proxy spells them.
+    fn protocol_headers(self) -> &'static [HeaderName] {
+        static AUTH_REQUEST: [HeaderName; 2] = [X_ORIGINAL_METHOD, X_ORIGINAL_URI];
+        static FORWARD_AUTH: [HeaderName; 1] = [X_FORWARDED_METHOD];
+        match self {
+            Self::AuthRequest => &AUTH_REQUEST,
+            Self::ForwardAuth => &FORWARD_AUTH,
+            Self::ExtAuthz => &[],
+        }
+    }
+}
+
+/// The proxy strips route, method and host overrides before the app sees the request
+/// (SPEC 8); a front proxy asking for a decision passes the client's on to the app. So a
+/// decision request carrying one (other than its own protocol's, exactly as spelled, and
+/// the names `allow_override_headers` lets through) is refused: the app would otherwise
+/// serve a request other than the one authorized.
+pub fn check_overrides(
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    allowed: &[HeaderName],
+) -> Result<(), Reject> {
+    let own = endpoint.protocol_headers();
+    let found = headers
+        .keys()
+        .filter(|name| !own.contains(name))
+        .find_map(|name| headers::override_of(name, allowed));
+    match found {
+        Some(name) => Err(Reject::BadRequest(BadRequest::Override(name))),
+        None => Ok(()),
+    }
+}
+
 /// Read the original request from the endpoint's own protocol, and nothing else: an
 /// `auth-request` call ignores `X-Forwarded-*`, a `forward-auth` call ignores `X-Original-*`.
+/// A fragment (`#`) in the original URI is refused, as SPEC 7 refuses it: `http::Uri` would
+/// drop it and authorize the path before it, while the front proxy forwards the URI whole.
 pub fn original<B>(endpoint: Endpoint, req: &Request<B>) -> Result<Original, Reject> {
     let (method, uri) = match endpoint {
         Endpoint::AuthRequest => (&X_ORIGINAL_METHOD, &X_ORIGINAL_URI),
@@ -126,9 +164,11 @@ pub fn original<B>(endpoint: Endpoint, req: &Request<B>) -> Result<Original, Rej
         .ok_or_else(|| missing("method"))?;
     // Parsed as hyper parses a request target, so an absolute-form or odd URI means here
     // what it would mean to the proxy.
-    let target = one(req.headers(), uri)
-        .and_then(|v| http::Uri::try_from(v.as_bytes()).ok())
-        .ok_or_else(|| missing("URI"))?;
+    let uri = one(req.headers(), uri).ok_or_else(|| missing("URI"))?;
+    if uri.as_bytes().contains(&b'#') {
+        return Err(Reject::BadRequest(BadRequest::Path(PathError::Fragment)));
+    }
+    let target = http::Uri::try_from(uri.as_bytes()).map_err(|_| missing("URI"))?;
     Ok(Original {
         method,
         target,
@@ -165,6 +205,7 @@ pub async fn handle<B>(
     };
     // The original request lives here, so the trace can borrow its path.
     let original = crate::proxy::head::check_head(&req, &app.config.limits)
+        .and_then(|()| check_overrides(endpoint, req.headers(), &app.config.allow_override_headers))
         .and_then(|()| original(endpoint, &req));
     let mut method = req.method().clone();
     let mut trace = Trace::default();
@@ -207,10 +248,13 @@ async fn decide<'a, B>(
     let head = Head {
         method: &original.method,
         headers: req.headers(),
-        query: original.query(),
+        // A key in the query string would reach the app with the URI the front proxy
+        // forwards whole: unless keys may be forwarded, it is not read here.
+        query: original.query().filter(|_| app.config.forward_credential),
     };
+    let path = original.path();
     Ok(
-        match handler::decide(app, worker.metrics(), &head, original.path(), trace).await? {
+        match handler::decide(app, worker.metrics(), Door::Decision, &head, path, trace).await? {
             Verdict::Public => allowed(head_of_allow, &app.names, None, None, cid),
             Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
                 allowed(head_of_allow, &app.names, Some(&p), quota.as_ref(), cid)

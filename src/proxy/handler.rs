@@ -94,7 +94,16 @@ async fn proxy<'a>(
     trace: &mut Trace<'a>,
 ) -> Result<Response<Body>, Reject> {
     check_head(&req, &app.config.limits)?;
-    let verdict = decide(app, worker.metrics(), &Head::of(&req), target.path(), trace).await?;
+    let head = Head::of(&req);
+    let verdict = decide(
+        app,
+        worker.metrics(),
+        Door::Proxy,
+        &head,
+        target.path(),
+        trace,
+    )
+    .await?;
     let (principal, quota) = match verdict {
         Verdict::Introspection(principal, quota) => {
             return Ok(introspect(app, &principal, quota, cid))
@@ -157,6 +166,15 @@ impl<'a> Head<'a> {
     }
 }
 
+/// Which front door asks. Only the proxy answers the introspection path itself; behind a
+/// decision (SPEC 15) the front proxy sends every allowed request on to the app, so there
+/// the introspection path is routed, and its scopes checked, like any other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    Proxy,
+    Decision,
+}
+
 /// What the phases decided for an allowed request.
 pub enum Verdict {
     /// A public route: no key asked for.
@@ -173,6 +191,7 @@ pub enum Verdict {
 pub async fn decide<'a>(
     app: &App,
     metrics: &Shard,
+    door: Door,
     head: &Head<'_>,
     raw_path: &'a str,
     trace: &mut Trace<'a>,
@@ -184,7 +203,10 @@ pub async fn decide<'a>(
             return Err(Reject::BadRequest(BadRequest::Path(e)));
         }
     };
-    let route = app.policy.route(&path);
+    let route = match door {
+        Door::Proxy => app.policy.route(&path),
+        Door::Decision => app.policy.app_route(&path),
+    };
     trace.path = Some(path);
     // Introspection asks for a valid key but not its scopes.
     let (route_scopes, check_scope) = match route {

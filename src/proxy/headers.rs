@@ -203,7 +203,19 @@ fn is_forwarding(name: &str) -> bool {
 }
 
 fn is_override(name: &HeaderName, allowed: &[HeaderName]) -> bool {
-    OVERRIDES.iter().any(|t| alias_eq(name.as_str(), t)) && !allowed.contains(name)
+    override_of(name, allowed).is_some()
+}
+
+/// The override `name` is (its [`OVERRIDES`] entry, whichever of `-`, `_`, `.` it is
+/// spelled with), unless it is one of the `allowed` names, exactly as spelled.
+pub fn override_of(name: &HeaderName, allowed: &[HeaderName]) -> Option<&'static str> {
+    if allowed.contains(name) {
+        return None;
+    }
+    OVERRIDES
+        .iter()
+        .copied()
+        .find(|t| alias_eq(name.as_str(), t))
 }
 
 /// Remove what a client could use to change how the app reads the request: route, method
