@@ -131,8 +131,7 @@ pub fn check_overrides(
     let own = endpoint.protocol_headers();
     let found = headers
         .keys()
-        .filter(|name| !own.contains(name))
-        .find_map(|name| headers::override_of(name, allowed));
+        .find_map(|name| headers::override_of(name, allowed).filter(|_| !own.contains(name)));
     match found {
         Some(name) => Err(Reject::BadRequest(BadRequest::Override(name))),
         None => Ok(()),
