@@ -184,8 +184,37 @@ fn authorized(app: &App, req: &Request<Incoming>) -> bool {
     digest(token).ct_eq(&want).into()
 }
 
+/// What `POST /v1/keys/{id}/{action}` asks. Key ids may contain `/`, so the id is all
+/// between `/v1/keys/` and the last segment, written raw or percent-encoded (`%2F`).
+enum KeyAction {
+    Disable(String),
+    Enable(String),
+}
+
+impl KeyAction {
+    fn of(path: &str) -> Option<Self> {
+        let (id, action) = path.strip_prefix("/v1/keys/")?.rsplit_once('/')?;
+        let id = percent_encoding::percent_decode_str(id)
+            .decode_utf8()
+            .ok()?;
+        if id.is_empty() {
+            return None;
+        }
+        match action {
+            "disable" => Some(Self::Disable(id.into_owned())),
+            "enable" => Some(Self::Enable(id.into_owned())),
+            _ => None,
+        }
+    }
+}
+
 async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
     let path = req.uri().path().to_owned();
+    if req.method() == Method::POST {
+        if let Some(action) = KeyAction::of(&path) {
+            return key_action(app, action).await;
+        }
+    }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["v1", "snapshot"]) => match app.store.load() {
@@ -199,20 +228,23 @@ async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
         (&Method::PUT, ["v1", "snapshot"]) if flag(&req, "dry_run") => dry_run(app, req).await,
         (&Method::PUT, ["v1", "snapshot"]) => put_snapshot(app, req).await,
         (&Method::POST, ["v1", "snapshot", "reload"]) => reload(app, &req).await,
-        (&Method::POST, ["v1", "keys", id, "disable"]) if app.revocations.is_shared() => {
-            revoke(app, id, true).await
-        }
-        (&Method::POST, ["v1", "keys", id, "enable"]) if app.revocations.is_shared() => {
-            revoke(app, id, false).await
-        }
-        (&Method::POST, ["v1", "keys", _, "enable"]) => error(
+        (&Method::GET, ["v1", "keys", "usage"]) => usage(app).await,
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+    }
+}
+
+/// A fleet revoke (or its lifting) with `cluster`; without it, disable edits the snapshot.
+async fn key_action(app: &App, action: KeyAction) -> Response<AdminBody> {
+    let shared = app.revocations.is_shared();
+    match action {
+        KeyAction::Disable(id) if shared => revoke(app, &id, true).await,
+        KeyAction::Enable(id) if shared => revoke(app, &id, false).await,
+        KeyAction::Enable(_) => error(
             StatusCode::CONFLICT,
             "cluster_required",
             "enable lifts a fleet revoke and needs `cluster`; without it, edit the snapshot",
         ),
-        (&Method::POST, ["v1", "keys", id, "disable"]) => disable(app, id),
-        (&Method::GET, ["v1", "keys", "usage"]) => usage(app).await,
-        _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+        KeyAction::Disable(id) => disable(app, &id),
     }
 }
 

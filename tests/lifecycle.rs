@@ -20,6 +20,9 @@ fn keys_with_new_key(version: u64) -> String {
         )
 }
 
+/// A key whose id has a `/` in it (`team/ci`).
+const TEAM_KEY: &str = "sta_team_ci_key_0123456789abcdef0";
+
 #[tokio::test]
 async fn file_change_is_reloaded_and_bad_file_keeps_last_good() {
     let up = spawn_upstream().await;
@@ -167,7 +170,8 @@ async fn control_api_put_get_disable_and_persistence() {
     let digest = hex::encode(keyward::keys::digest(NEW_KEY.as_bytes()));
     let json = serde_json::json!({"version": 9, "keys": [
         {"id": "key_json", "sha256": digest, "type": "service_account", "subject_id": "s", "account_id": "a", "scopes": ["read"]},
-        {"id": "key_svc", "sha256": hex::encode(keyward::keys::digest(SERVICE_KEY.as_bytes())), "type": "service_account", "subject_id": "s2", "account_id": "a", "scopes": ["read"]}
+        {"id": "key_svc", "sha256": hex::encode(keyward::keys::digest(SERVICE_KEY.as_bytes())), "type": "service_account", "subject_id": "s2", "account_id": "a", "scopes": ["read"]},
+        {"id": "team/ci", "sha256": hex::encode(keyward::keys::digest(TEAM_KEY.as_bytes())), "type": "service_account", "subject_id": "s3", "account_id": "a", "scopes": ["read"]}
     ]});
     let jh = [
         ("authorization", auth.as_str()),
@@ -238,6 +242,15 @@ async fn control_api_put_get_disable_and_persistence() {
     )
     .await;
     assert_eq!(r.status, 404);
+    // An id with a `/` in it, written raw or percent-encoded.
+    assert_eq!(status_with(&kw, TEAM_KEY).await, 200);
+    for path in ["/v1/keys/team/ci/disable", "/v1/keys/team%2Fci/disable"] {
+        let r = send("POST", &admin(path), &[("authorization", &auth)], b"").await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.json()["key_id"], "team/ci", "{path}");
+        let r = get(&kw.url("/v1/x"), &[("x-api-key", TEAM_KEY)]).await;
+        assert_eq!(r.code(), "disabled_api_key", "{path}");
+    }
     kw.shutdown().await;
 
     // A restart loads the persisted state, revocation included.
@@ -547,4 +560,53 @@ async fn sigterm_drains_and_finishes_in_flight_requests() {
         status.success(),
         "exit 0 after SIGTERM: {status:?}\n{logs:?}"
     );
+}
+
+/// A FIFO or a device swapped in for the key file (through a symlink, as a ConfigMap swap
+/// does) is refused like an unreadable file: the watcher neither blocks on it nor reads it
+/// forever, and the next good file is loaded by polling as usual.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_fifo_or_device_in_place_of_the_key_file_is_refused_and_watching_goes_on() {
+    use std::os::unix::fs::symlink;
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let keys = kw.keys_file();
+    let dir = keys.parent().unwrap().to_path_buf();
+    let fifo = dir.join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let errors = r#"keyward_snapshot_reloads_total{result="error",source="file"} "#;
+    for (n, special) in [fifo.as_path(), std::path::Path::new("/dev/zero")]
+        .into_iter()
+        .enumerate()
+    {
+        let before = metric_value(&kw, errors).await;
+        let link = dir.join("swap");
+        symlink(special, &link).unwrap();
+        std::fs::rename(&link, &keys).unwrap();
+        eventually("the special file refused", || async {
+            metric_value(&kw, errors).await > before
+        })
+        .await;
+        assert_eq!(status_with(&kw, SERVICE_KEY).await, 200, "last good kept");
+        // Renamed over the link, as an editor or a deploy tool does.
+        let next = dir.join("next");
+        let text = if n == 0 {
+            keys_with_new_key(2)
+        } else {
+            DEMO_KEYS.to_string()
+        };
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(&next, &keys).unwrap();
+        let want = if n == 0 { 200 } else { 401 };
+        eventually("the next good file loaded", || async {
+            status_with(&kw, NEW_KEY).await == want
+        })
+        .await;
+    }
+    kw.shutdown().await;
 }

@@ -29,11 +29,43 @@ impl<R: Read> Read for Hashing<'_, R> {
     }
 }
 
+/// Largest snapshot file read (the size of the largest push, about a million keys).
+pub const FILE_MAX_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Open `path` if it is a regular file no larger than [`FILE_MAX_BYTES`]. A FIFO, a device
+/// (`/dev/zero`) or a socket swapped in for the key file would block a read, or never end
+/// one, and with it the watcher and shutdown: refused like an unreadable file, checked
+/// before opening (opening a FIFO blocks) and again on what was opened.
+fn open_regular(path: &Path) -> Result<File, LoadError> {
+    let check = |meta: std::fs::Metadata| {
+        if !meta.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        if meta.len() > FILE_MAX_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than {FILE_MAX_BYTES} bytes"),
+            ));
+        }
+        Ok(())
+    };
+    let opened = std::fs::metadata(path).and_then(check).and_then(|()| {
+        let file = File::open(path)?;
+        check(file.metadata()?)?;
+        Ok(file)
+    });
+    opened.map_err(|e| io_error(path, e))
+}
+
 fn open<'h>(
     path: &Path,
     hasher: &'h mut Sha256,
 ) -> Result<BufReader<Hashing<'h, File>>, LoadError> {
-    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    // A file that grows while it is read is cut at the bound, and refused as invalid.
+    let file = open_regular(path)?;
     Ok(BufReader::with_capacity(
         READ_BUF,
         Hashing {
@@ -47,7 +79,11 @@ fn open<'h>(
 pub(super) fn file_digest(path: &Path) -> Result<String, LoadError> {
     let mut hasher = Sha256::new();
     let mut reader = open(path, &mut hasher)?;
-    std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| io_error(path, e))?;
+    std::io::copy(
+        &mut (&mut reader).take(FILE_MAX_BYTES + 1),
+        &mut std::io::sink(),
+    )
+    .map_err(|e| io_error(path, e))?;
     drop(reader);
     Ok(hex::encode(hasher.finalize()))
 }
@@ -74,7 +110,11 @@ pub(super) fn read_file_as(
     // read's; a JSON one's is the stream's, read to its end.
     let mut whole_digest = None;
     let reopen = || {
-        let bytes = load::read_bounded(File::open(path)?, YAML_MAX_BYTES)?;
+        let file = open_regular(path).map_err(|e| match e {
+            LoadError::Io { source, .. } => source,
+            other => std::io::Error::other(other.to_string()),
+        })?;
+        let bytes = load::read_bounded(file, YAML_MAX_BYTES)?;
         whole_digest = Some(hex::encode(digest(&bytes)));
         Ok(bytes)
     };

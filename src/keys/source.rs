@@ -201,6 +201,9 @@ fn load_file_as(
     source: Source,
     admission: Admission,
 ) -> Result<Arc<Snapshot>, LoadError> {
+    // One file load at a time, and none while a push or a revoke commits: a reload that
+    // read the file first must not install its older content after a later one.
+    let _commit = host.key_loader().committing();
     let snapshot = read_for(host, path, source, Format::Yaml)?;
     admit(host, &snapshot, admission)?;
     Ok(install(host, snapshot))
