@@ -476,3 +476,61 @@ async fn usage_is_flushed_in_one_call_a_second() {
     // One call carries every key: each flush's HINCRBYs run inside it.
     assert!(redis.calls("hincrby").await >= 2);
 }
+
+/// An operator's revoke is stored and enforced even when Redis holds a newer lift (another
+/// replica's clock runs ahead): it is stamped after it. A lift published with a stamp far
+/// in the future (forged, or a broken clock) is not believed, so it cannot un-revoke a key
+/// for good; a later lift through the API still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_holds_over_a_lift_stamped_ahead_and_a_forged_one() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    // A lift made 10 s ahead, by a replica whose clock runs fast, not yet seen by `a`.
+    let ahead = format!("{}|0|key_other", now_us + 10_000_000);
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:revocations", &sha(OTHER), &ahead])
+        .await;
+    let r = admin_post(&a, "key_other", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (name, kw) in [("a", &a), ("b", &b)] {
+        eventually(&format!("{name} refuses the revoked key"), || async {
+            call(kw, OTHER).await.status == 401
+        })
+        .await;
+    }
+    // Past a full read (500 ms) and more: still refused everywhere.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for kw in [&a, &b] {
+        assert_eq!(call(kw, OTHER).await.code(), "disabled_api_key");
+    }
+
+    // Forged lifts from far ahead, on the channel every replica listens to.
+    for stamp in ["18446744073709551615", "9000000000000000000"] {
+        let message = format!("{}\n{stamp}|0|key_other", sha(OTHER));
+        let _: i64 = redis
+            .cmd(&["PUBLISH", "keyward:revocations:events", &message])
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for kw in [&a, &b] {
+        assert_eq!(
+            call(kw, OTHER).await.status,
+            401,
+            "a forged lift was believed"
+        );
+    }
+    // The operator's own lift, and revoke again, still work.
+    for (action, want) in [("enable", 200), ("disable", 401)] {
+        let r = admin_post(&b, "key_other", action).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        for kw in [&a, &b] {
+            eventually(action, || async { call(kw, OTHER).await.status == want }).await;
+        }
+    }
+}

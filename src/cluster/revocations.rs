@@ -54,24 +54,47 @@ pub const RESTORE_SETTLE: Duration = Duration::from_millis(1200);
 /// digest field is 64 hex digits, so it can never collide with one).
 pub const WHOLE: &str = "whole";
 
-/// Store entries, each (digest `ARGV[i]`, entry `ARGV[i+1]`, µs `ARGV[i+2]`) from `ARGV[3]`
-/// on, unless Redis holds one at least as new, and publish each stored one on `ARGV[1]`;
-/// with `ARGV[2]` = `1` (a replica's whole set) set the field [`WHOLE`] too, atomically with
-/// them. Returns how many entries were stored.
+/// Store entries, each (digest `ARGV[i]`, `disabled|id` `ARGV[i+1]`, µs `ARGV[i+2]`) from
+/// `ARGV[4]` on, and publish each stored one on `ARGV[1]`. An entry Redis holds with a
+/// stamp past `ARGV[3]` (the latest believable instant) counts as none. With `ARGV[2]` =
+/// `1` (a replica's whole set, written back) an entry is stored only if Redis holds none at
+/// least as new, and the field [`WHOLE`] is set too, atomically with them. With `0` (one
+/// revoke or lift an operator just made) it is always stored, stamped after the entry Redis
+/// holds if that one is newer: a replica whose clock runs behind another's can still
+/// revoke what the other lifted. Returns how many were stored and the last one's stamp.
 const WRITE: &str = r"
-local stored = 0
-for i = 3, #ARGV, 3 do
+local whole = ARGV[2] == '1'
+local latest = tonumber(ARGV[3])
+local stored, last = 0, 0
+for i = 4, #ARGV, 3 do
+  local at = tonumber(ARGV[i + 2])
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
-  local at = cur and tonumber(string.match(cur, '^(%d+)|'))
-  if not (at and at >= tonumber(ARGV[i + 2])) then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-    redis.call('PUBLISH', ARGV[1], ARGV[i] .. '\n' .. ARGV[i + 1])
+  local cur_at = cur and tonumber(string.match(cur, '^(%d+)|'))
+  if cur_at and cur_at > latest then cur_at = nil end
+  local take = true
+  if cur_at and cur_at >= at then
+    if whole then take = false else at = cur_at + 1 end
+  end
+  if take then
+    local entry = string.format('%d', at) .. '|' .. ARGV[i + 1]
+    redis.call('HSET', KEYS[1], ARGV[i], entry)
+    redis.call('PUBLISH', ARGV[1], ARGV[i] .. '\n' .. entry)
     stored = stored + 1
+    last = at
   end
 end
-if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 'whole', '1') end
-return stored
+if whole then redis.call('HSET', KEYS[1], 'whole', '1') end
+return {stored, last}
 ";
+
+/// How far ahead of this replica's clock an entry's stamp is believed. A lift stamped
+/// later than that is not taken (a forged or broken one could otherwise un-revoke a key
+/// for good); a revoke is, whatever its stamp (fail closed).
+const FUTURE_BOUND: Duration = Duration::from_secs(3600);
+
+fn latest_believable(now_us: u64) -> u64 {
+    now_us.saturating_add(u64::try_from(FUTURE_BOUND.as_micros()).unwrap_or(u64::MAX))
+}
 
 /// One secret's latest revoke or enable (the set is keyed by its digest, which is
 /// therefore not in here and never in a log).
@@ -85,8 +108,15 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// How Redis holds it (the script writes it alike, from [`Self::state`] and a stamp).
+    #[cfg(test)]
     fn encode(&self) -> String {
-        format!("{}|{}|{}", self.at_us, u8::from(self.disabled), self.id)
+        format!("{}|{}", self.at_us, self.state())
+    }
+
+    /// The entry without its stamp: `disabled|id`.
+    fn state(&self) -> String {
+        format!("{}|{}", u8::from(self.disabled), self.id)
     }
 
     fn decode(s: &str) -> Option<Self> {
@@ -195,16 +225,22 @@ impl Revocations {
     pub async fn set(&self, key: &Key, disabled: bool) -> Result<Entry, ClusterError> {
         let digest = *key.digest();
         let previous = self.set.load().get(&digest).map_or(0, |e| e.at_us);
-        let entry = Entry {
+        let mut entry = Entry {
             id: Box::from(&*key.id),
             disabled,
-            at_us: now_micros().max(previous + 1),
+            at_us: now_micros().max(previous.saturating_add(1)),
         };
         self.merge([(digest, entry.clone())], Origin::Here);
         let Some(cluster) = &self.cluster else {
             return Err(ClusterError::NotConnected);
         };
-        self.store(cluster, &digest, &entry).await?;
+        let stamped = self.store(cluster, &digest, &entry).await?;
+        if stamped != entry.at_us {
+            // Redis held a newer entry (another replica's clock is ahead): this one was
+            // stamped after it, and holds here too under that stamp.
+            entry.at_us = stamped;
+            self.merge([(digest, entry.clone())], Origin::Here);
+        }
         info!(
             key_id = &*key.id,
             disabled, "revocation stored for the fleet"
@@ -212,36 +248,38 @@ impl Revocations {
         Ok(entry)
     }
 
+    /// Store one operator's revoke or lift; returns the stamp it was stored with.
     async fn store(
         &self,
         cluster: &Cluster,
         digest: &Digest,
         entry: &Entry,
-    ) -> Result<(), ClusterError> {
-        self.write(cluster, [(digest, entry)], false)
-            .await
-            .map(|_| ())
+    ) -> Result<u64, ClusterError> {
+        let (_, stamped) = self.write(cluster, [(digest, entry)], false).await?;
+        Ok(u64::try_from(stamped).unwrap_or(entry.at_us))
     }
 
-    /// Run [`WRITE`] on `entries`; `whole`: they are this replica's whole set.
+    /// Run [`WRITE`] on `entries`; `whole`: they are this replica's whole set. How many
+    /// were stored, and the last one's stamp.
     async fn write<'a>(
         &self,
         cluster: &Cluster,
         entries: impl IntoIterator<Item = (&'a Digest, &'a Entry)>,
         whole: bool,
-    ) -> Result<i64, ClusterError> {
+    ) -> Result<(i64, i64), ClusterError> {
         let mut call = self.script.key(cluster.key("revocations"));
         call.arg(cluster.key("revocations:events"))
-            .arg(if whole { "1" } else { "0" });
+            .arg(if whole { "1" } else { "0" })
+            .arg(latest_believable(now_micros()));
         for (digest, entry) in entries {
             call.arg(hex::encode(digest))
-                .arg(entry.encode())
+                .arg(entry.state())
                 .arg(entry.at_us);
         }
         let call = &call;
         cluster
             .call(Op::Revoke, |mut c| async move {
-                call.invoke_async::<i64>(&mut c).await
+                call.invoke_async::<(i64, i64)>(&mut c).await
             })
             .await
     }
@@ -252,7 +290,11 @@ impl Revocations {
         let current = self.set.load_full();
         let mut next: Option<Set> = None;
         let now = now_micros();
+        let latest = latest_believable(now);
         for (digest, entry) in entries {
+            if origin != Origin::Here && !entry.disabled && entry.at_us > latest {
+                continue;
+            }
             let set = next.as_ref().unwrap_or(&current);
             if set.get(&digest).is_some_and(|cur| !entry.supersedes(cur)) {
                 continue;
@@ -316,7 +358,7 @@ impl Revocations {
             return Ok(());
         }
         // Redis lacks something: write back the whole set, so a reader never sees half.
-        let stored = self.write(cluster, ours.iter(), true).await?;
+        let (stored, _) = self.write(cluster, ours.iter(), true).await?;
         info!(
             stored,
             held = ours.len(),
