@@ -6,8 +6,10 @@
 //! `stat`ed with symlinks followed, and the files are read and their content hashed when a
 //! stat changed, when triggered, or every `full_check_every` polls (for filesystems whose
 //! timestamps are too coarse to show a quick rewrite). What is watched is acted on only
-//! when the content hash differs from the last one acted on, or when triggered. Reading,
-//! hashing and acting run off the async threads.
+//! when the content hash differs from the last one acted on and two looks in a row found
+//! the same new content (a file rewritten in place may be read half-written, and half a
+//! key file can parse: a key cut before its `status: disabled` line would be let in), or
+//! when triggered. Reading, hashing and acting run off the async threads.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,6 +86,8 @@ impl<W: Watched> Watch<W> {
         let mut last_stamps = std::mem::take(&mut self.stamps);
         let mut polls_since_read = 0;
         let mut error_reported = false;
+        // New content seen once, to be acted on when the next look finds it unchanged.
+        let mut pending: Option<W::Digest> = None;
         loop {
             let forced = match &self.trigger {
                 Some(trigger) => tokio::select! {
@@ -99,7 +103,7 @@ impl<W: Watched> Watch<W> {
             let now = stamps(self.watched.paths());
             polls_since_read += 1;
             let seen = now.iter().all(Option::is_some) && now == last_stamps;
-            if !forced && seen && polls_since_read < self.full_check_every {
+            if !forced && seen && polls_since_read < self.full_check_every && pending.is_none() {
                 continue;
             }
             polls_since_read = 0;
@@ -117,8 +121,15 @@ impl<W: Watched> Watch<W> {
             };
             error_reported = false;
             if !forced && self.last.as_ref() == Some(&digest) {
+                pending = None;
                 continue;
             }
+            // Changed since the last look: wait for a look that finds it settled.
+            if !forced && pending.as_ref() != Some(&digest) {
+                pending = Some(digest);
+                continue;
+            }
+            pending = None;
             // Content that was refused is not acted on again until it changes.
             self.last = Some(digest);
             let watched = self.watched.clone();
@@ -207,6 +218,31 @@ mod tests {
             .expect("the change is seen");
     }
 
+    /// Content seen once is not acted on: a file caught half-written (its writer still
+    /// busy) is taken only if the next look finds it the same.
+    #[tokio::test]
+    async fn acts_only_on_content_two_looks_agree_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "one").unwrap();
+        let p = probe(dir.path());
+        let changed = p.changed.clone();
+        let watched = Watch::new(p, Duration::from_millis(50), Some("one".to_string()));
+        let probe = watched.watched.clone();
+        let task = tokio::spawn(watched.run());
+        let reads = || probe.reads.load(Ordering::SeqCst);
+        let before = reads();
+        std::fs::write(&file, "half").unwrap();
+        // The watcher's next look reads the half; the rest is written before the one after.
+        while reads() < before + 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        std::fs::write(&file, "half and the rest").unwrap();
+        next_change(&changed).await;
+        task.abort();
+        assert_eq!(*probe.taken.lock().unwrap(), ["half and the rest"]);
+    }
+
     /// A rewrite in place and a symlink swap are both seen; unchanged content is acted on
     /// once; a trigger acts even when nothing changed.
     #[tokio::test]
@@ -259,8 +295,8 @@ mod tests {
         task.abort();
         assert_eq!(
             probe.reads.load(Ordering::SeqCst),
-            1,
-            "read once, then stat only"
+            2,
+            "read twice (seen, then settled), then stat only"
         );
         assert_eq!(*probe.taken.lock().unwrap(), ["two"]);
     }
