@@ -554,6 +554,19 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
     })
     .await;
     assert_eq!(readyz(&kw).await, 200);
+
+    // A generated_at in the future counts from when the snapshot is installed: a date typed
+    // wrong or a generator's clock ahead cannot put off failing closed (here, year 2999).
+    let future = plain(0..3).replace("keys:", "generated_at: 2999-01-01T00:00:00Z\nkeys:");
+    std::fs::write(kw.keys_file(), future).unwrap();
+    eventually("the future-dated file loaded", || async {
+        metric_value(&kw, "keyward_snapshot_generated_timestamp_seconds ").await == 32_472_144_000.0
+    })
+    .await;
+    eventually("the future-dated file turns stale", || async {
+        status_with(&kw, &raw(0)).await == 503
+    })
+    .await;
     kw.shutdown().await;
 
     // Without generated_at a snapshot has no known age and never goes stale.

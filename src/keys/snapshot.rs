@@ -103,9 +103,12 @@ impl Snapshot {
     }
 
     /// With `keys.max_age`: the snapshot fails closed once its `generated_at` is older than
-    /// that. One without `generated_at` never ages (its age is unknown).
+    /// that. One without `generated_at` never ages (its age is unknown). A `generated_at`
+    /// in the future (a generator's clock ahead, or a date typed wrong) counts from now,
+    /// when it is installed: it cannot put off failing closed for years.
     pub fn set_max_age(&mut self, max_age: Option<std::time::Duration>) {
-        self.stale_at = max_age.and_then(|age| self.generated_at?.checked_add(age));
+        let born = self.generated_at.map(|at| at.min(SystemTime::now()));
+        self.stale_at = max_age.and_then(|age| born?.checked_add(age));
     }
 
     /// When this snapshot becomes too old to authenticate with, if ever.
