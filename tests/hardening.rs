@@ -419,14 +419,19 @@ async fn an_http2_preface_after_an_http1_request_does_not_switch_protocols() {
                 reply.text
             );
             assert!(reply.closed, "{server} {apart}: still open: {}", reply.text);
-            let seen: Vec<_> = up.requests()[before..]
-                .iter()
-                .map(|s| s.target.clone())
-                .collect();
+            let seen = targets_since(&up, before);
             assert_eq!(seen, ["/v1/first"], "{server} {apart}");
         }
         kw.shutdown().await;
     }
+}
+
+/// The targets the upstream has seen since it had seen `before` requests.
+fn targets_since(up: &Upstream, before: usize) -> Vec<String> {
+    up.requests()[before..]
+        .iter()
+        .map(|s| s.target.clone())
+        .collect()
 }
 
 /// A request pipelined before the client's end of stream is not run upstream, as hyper's
@@ -446,10 +451,7 @@ async fn a_request_pipelined_before_the_clients_end_is_not_forwarded() {
             let reply = Reply::until_closed(&mut s, Vec::new()).await;
             assert_eq!(reply.statuses(), [200], "{server}: {}", reply.text);
             assert!(reply.closed, "{server}");
-            let seen: Vec<_> = up.requests()[before..]
-                .iter()
-                .map(|s| s.target.clone())
-                .collect();
+            let seen = targets_since(&up, before);
             assert_eq!(seen, ["/v1/first"], "{server}");
         }
         kw.shutdown().await;
