@@ -534,3 +534,36 @@ async fn a_revoke_holds_over_a_lift_stamped_ahead_and_a_forged_one() {
         }
     }
 }
+
+/// The revocation set is read whole in the background without marking Redis down:
+/// `cluster.timeout` bounds what a request waits for, not the set's full reads. Here it is
+/// 1 ms, far less than reading 20k fields takes. A read that timed out marked Redis down,
+/// which sent every replica's rate limits local and kept a new replica unready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_revocation_set_is_read_without_the_request_timeout() {
+    let redis = Redis::start().await;
+    // 20k fields that are not digests (a replica skips them), and `whole`.
+    let mut args: Vec<String> = ["HSET", "keyward:revocations", "whole", "1"]
+        .map(String::from)
+        .to_vec();
+    for i in 0..20_000 {
+        args.push(format!("not-a-digest-{i:05}"));
+        args.push("1|1|x".to_string());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _: i64 = redis.cmd(&refs).await;
+    let up = spawn_upstream().await;
+    let config = cluster_yaml_with(redis.port, "local", "1ms");
+    let kw = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+    wait_ready(&kw).await;
+    // Full reads run every 500 ms: none of the next few may fail.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let failed = metric(&kw, "keyward_cluster_errors_total{op=\"read_revocations\"}").await;
+    assert_eq!(failed.unwrap_or(0.0), 0.0, "a full read failed");
+    let count = "keyward_cluster_call_duration_seconds_count{op=\"read_revocations\"}";
+    assert!(
+        metric(&kw, count).await.unwrap_or(0.0) >= 2.0,
+        "full reads ran"
+    );
+    assert_eq!(call(&kw, FREE).await.status, 200);
+}

@@ -31,6 +31,9 @@ use metrics::{ClusterMetrics, Op};
 /// How often a replica probes a Redis it has marked down (and reconnects).
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 
+/// The least time a call off the request path gets (see [`Cluster::background_timeout`]).
+pub const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Why a Redis call did not give an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -123,15 +126,16 @@ impl Cluster {
         }
     }
 
-    /// One Redis call on the shared connection, bounded by `cluster.timeout`. Failure
-    /// marks Redis down.
+    /// One Redis call on the shared connection, which carries only work off the request
+    /// path (the revocation set's reads and writes, usage, the probe): bounded by
+    /// [`Self::background_timeout`]. Failure marks Redis down.
     pub async fn call<T, F, Fut>(&self, op: Op, f: F) -> Result<T, ClusterError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.conn.load_full().ok_or(ClusterError::NotConnected)?;
-        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        let deadline = tokio::time::Instant::now() + self.background_timeout();
         let result = self.call_on(op, deadline, (*conn).clone(), f).await;
         if result.as_ref().is_err_and(ClusterError::is_broken) {
             // Start afresh (the probe reconnects at once) rather than wait out the
@@ -199,11 +203,20 @@ impl Cluster {
         }
     }
 
+    /// `cluster.timeout` bounds what a request waits for (a rate-limit check, on each
+    /// worker's own connection). Work off the request path gets at least
+    /// [`BACKGROUND_TIMEOUT`]: a full read of a large revocation set takes longer than a
+    /// rate-limit check, and one that timed out marked Redis down, which sent every
+    /// replica's rate limits local and kept a new replica unready.
+    fn background_timeout(&self) -> Duration {
+        self.config.timeout.max(BACKGROUND_TIMEOUT)
+    }
+
     async fn connect(&self) -> Result<ConnectionManager, ClusterError> {
         let t = self.config.timeout;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(t.max(Duration::from_millis(200)))
-            .set_response_timeout(t)
+            .set_response_timeout(self.background_timeout())
             .set_number_of_retries(1)
             .set_max_delay(100);
         let start = Instant::now();
