@@ -36,7 +36,7 @@ pub const FILE_MAX_BYTES: u64 = 512 * 1024 * 1024;
 /// (`/dev/zero`) or a socket swapped in for the key file would block a read, or never end
 /// one, and with it the watcher and shutdown: refused like an unreadable file, checked
 /// before opening (opening a FIFO blocks) and again on what was opened.
-fn open_regular(path: &Path) -> Result<File, LoadError> {
+fn open_regular(path: &Path) -> std::io::Result<File> {
     let check = |meta: std::fs::Metadata| {
         if !meta.is_file() {
             return Err(std::io::Error::new(
@@ -52,12 +52,10 @@ fn open_regular(path: &Path) -> Result<File, LoadError> {
         }
         Ok(())
     };
-    let opened = std::fs::metadata(path).and_then(check).and_then(|()| {
-        let file = File::open(path)?;
-        check(file.metadata()?)?;
-        Ok(file)
-    });
-    opened.map_err(|e| io_error(path, e))
+    check(std::fs::metadata(path)?)?;
+    let file = File::open(path)?;
+    check(file.metadata()?)?;
+    Ok(file)
 }
 
 fn open<'h>(
@@ -65,7 +63,7 @@ fn open<'h>(
     hasher: &'h mut Sha256,
 ) -> Result<BufReader<Hashing<'h, File>>, LoadError> {
     // A file that grows while it is read is cut at the bound, and refused as invalid.
-    let file = open_regular(path)?;
+    let file = open_regular(path).map_err(|e| io_error(path, e))?;
     Ok(BufReader::with_capacity(
         READ_BUF,
         Hashing {
@@ -110,11 +108,7 @@ pub(super) fn read_file_as(
     // read's; a JSON one's is the stream's, read to its end.
     let mut whole_digest = None;
     let reopen = || {
-        let file = open_regular(path).map_err(|e| match e {
-            LoadError::Io { source, .. } => source,
-            other => std::io::Error::other(other.to_string()),
-        })?;
-        let bytes = load::read_bounded(file, YAML_MAX_BYTES)?;
+        let bytes = load::read_bounded(open_regular(path)?, YAML_MAX_BYTES)?;
         whole_digest = Some(hex::encode(digest(&bytes)));
         Ok(bytes)
     };
