@@ -384,6 +384,23 @@ mod tests {
         }
     }
 
+    impl TestHost {
+        /// A file source at `dir/keys.yaml`, without the counting hook (its count is
+        /// another test's).
+        fn file(dir: &Path) -> Self {
+            let yaml = format!("file: {}", dir.join("keys.yaml").display());
+            let config: KeysConfig = serde_yaml::from_str(&yaml).unwrap();
+            TestHost {
+                store: KeyStore::new(),
+                source: KeySource::from_config(&config).unwrap(),
+                loader: KeyLoader::new(None),
+                config,
+                installed: AtomicUsize::new(0),
+                failed: AtomicUsize::new(0),
+            }
+        }
+    }
+
     impl Host for TestHost {
         fn key_store(&self) -> &KeyStore {
             &self.store
@@ -436,5 +453,32 @@ mod tests {
         // What is in force is what a restart loads.
         let persisted = read_file(&state_file, Source::Control).unwrap();
         assert_eq!(persisted.content_digest, in_force.content_digest);
+    }
+
+    /// A file load waits for the commit in progress (a push, a revoke, another load) and
+    /// reads the file only then: a reload that started first cannot install older content
+    /// after a later one.
+    #[test]
+    fn a_file_load_waits_for_the_commit_in_progress_then_reads_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys.yaml");
+        std::fs::write(&file, entry("")).unwrap();
+        let host = Arc::new(TestHost::file(dir.path()));
+        let commit = host.key_loader().committing();
+        let loading = {
+            let host = host.clone();
+            std::thread::spawn(move || {
+                reload_file(&*host, Admission::Forced).map(|s| s.content_digest.clone())
+            })
+        };
+        // No signal says a thread is blocked: it must still be running a while later.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!loading.is_finished(), "a file load ran during a commit");
+        std::fs::write(&file, entry("    status: disabled\n")).unwrap();
+        drop(commit);
+        let loaded = loading.join().unwrap().unwrap();
+        let newest = read_file(&file, Source::File).unwrap();
+        assert_eq!(loaded, newest.content_digest);
+        assert_eq!(host.installed.load(Ordering::SeqCst), 1);
     }
 }
