@@ -127,12 +127,9 @@ fn cases() -> Vec<Case> {
         ("GET", "/v1/items", key(STAGING_KEY)),
         ("POST", "/v1/items", key(PERSONAL_KEY)),
         ("GET", "/admin/users", key(SERVICE_KEY)),
-        ("GET", "/public/../admin/users", key(SERVICE_KEY)),
-        ("GET", "/v1/%2e%2e/%2e%2e/admin/users", key(SERVICE_KEY)),
         ("GET", "/v1/%2fadmin", key(SERVICE_KEY)),
         ("GET", "/v1/a;b", key(SERVICE_KEY)),
         ("GET", "/v1/a%5cb", key(SERVICE_KEY)),
-        ("GET", "//admin/users", key(SERVICE_KEY)),
         (
             "GET",
             "/v1/items",
@@ -205,7 +202,7 @@ async fn public_routes_are_allowed_and_the_introspection_path_is_the_apps() {
         let r = decide(&d, endpoint, "GET", "/auth", &read_only).await;
         assert_eq!(r.status, 200, "{endpoint}: {}", r.text());
         assert_eq!(header(&r, "x-auth-key-id"), "key_demo_personal");
-        for path in ["/auth", "//auth", "/a/b/../../auth", "/auth?x=1"] {
+        for path in ["/auth", "/auth?x=1"] {
             let proxied = send("DELETE", &d.proxy_url(path), &read_only, b"").await;
             assert_eq!(proxied.status, 200, "the proxy's own answer: {path}");
             let r = decide(&d, endpoint, "DELETE", path, &read_only).await;
@@ -213,6 +210,46 @@ async fn public_routes_are_allowed_and_the_introspection_path_is_the_apps() {
             assert_eq!(r.code(), "insufficient_scope", "{endpoint} {path}");
         }
     }
+    d.shutdown().await;
+}
+
+/// Behind a decision the front proxy forwards the path as its client sent it, so only a
+/// path already in normal form is decided on (SPEC 7: rules match exactly the path that is
+/// forwarded). Otherwise a read-only key could reach an app that does not resolve dot
+/// segments at `/admin/../v1/items` (authorized as `/v1/items`), and no key at all at
+/// `/v1/items/../../healthz` (authorized as the public `/healthz`).
+#[tokio::test]
+async fn a_path_normalization_would_change_is_refused() {
+    let up = spawn_upstream().await;
+    let d = spawn_decider(Some(up.addr), "").await;
+    let read_only = [("x-api-key", PERSONAL_KEY)];
+    let admin = [("x-api-key", SERVICE_KEY)];
+    let cases: [(&str, &[(&str, &str)]); 10] = [
+        ("/admin/../v1/items", &read_only),
+        ("/admin/%2e%2e/v1/items", &read_only),
+        ("/admin/.%2E/v1/items", &read_only),
+        ("/v1/items/../../healthz", &[]),
+        ("/v1/items/%2e%2e/%2e%2e/healthz?x=1", &[]),
+        ("/public/../admin/users", &admin),
+        ("/v1/%2e%2e/%2e%2e/admin/users", &admin),
+        ("//admin/users", &admin),
+        ("/v1/./items", &read_only),
+        ("/v1/%69tems", &read_only),
+    ];
+    for endpoint in ENDPOINTS {
+        for (path, headers) in cases {
+            let r = decide(&d, endpoint, "GET", path, headers).await;
+            assert_eq!(r.status, 400, "{endpoint} {path}: {}", r.text());
+            assert_eq!(r.code(), "bad_request", "{endpoint} {path}");
+        }
+        // The same path in normal form is decided; so is one whose percent-encodings differ
+        // from the normal form only in the case of their hex, which every reader decodes alike.
+        for path in ["/v1/items", "/v1/caf%c3%a9", "/v1/caf%C3%A9?q=%2e%2e"] {
+            let r = decide(&d, endpoint, "GET", path, &read_only).await;
+            assert_eq!(r.status, 200, "{endpoint} {path}: {}", r.text());
+        }
+    }
+    assert_eq!(up.count(), 0);
     d.shutdown().await;
 }
 
@@ -283,6 +320,39 @@ async fn override_headers_of_the_client_are_refused() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    d.shutdown().await;
+}
+
+/// The proxy strips every `_` and `.` spelling of the identity and delegation headers
+/// (SPEC 8); a front proxy strips or overwrites only keyward's spelling and passes the rest
+/// on, and a CGI/WSGI app reads `X_Delegate_Account_Id` as the real one. A decision request
+/// carrying one is refused; keyward's own spelling is the front proxy's to overwrite.
+#[tokio::test]
+async fn misspelled_identity_and_delegation_headers_are_refused() {
+    let key = ("x-api-key", ENTERPRISE_KEY);
+    let d = spawn_decider(None, "").await;
+    for endpoint in ENDPOINTS {
+        for name in [
+            "x_delegate_account_id",
+            "X.Delegate.Account.Id",
+            "x-delegate_account-id",
+            "x_auth_org_id",
+            "x-auth.subject-id",
+            "X_Auth-Admin",
+        ] {
+            let r = decide(&d, endpoint, "GET", "/v1/items", &[key, (name, "victim")]).await;
+            assert_eq!(r.status, 400, "{endpoint} {name}: {}", r.text());
+            assert_eq!(r.code(), "bad_request", "{endpoint} {name}");
+        }
+        for name in [
+            "x-auth-org-id",
+            "x-auth-custom_field",
+            "x-delegate-account-idx",
+        ] {
+            let r = decide(&d, endpoint, "GET", "/v1/items", &[key, (name, "forged")]).await;
+            assert_eq!(r.status, 200, "{endpoint} {name}: {}", r.text());
+        }
+    }
     d.shutdown().await;
 }
 

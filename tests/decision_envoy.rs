@@ -38,6 +38,12 @@ const ALLOWED_HEADERS: [&str; 5] = [
     "x-request-id",
 ];
 
+/// The shipped snippet's `safe_regex` entry: any `x` name spelled with `_` or `.`.
+fn allowed_by_pattern(name: &str) -> bool {
+    let n = name.as_bytes();
+    n.len() > 1 && n[0] == b'x' && (n[1] == b'_' || n[1] == b'.' || name[2..].contains(['_', '.']))
+}
+
 /// `authorization_response.allowed_upstream_headers` of the shipped snippet.
 fn allowed_upstream(name: &str) -> bool {
     name.starts_with("x-auth-") || name == "x-correlation-id" || name == "x-request-id"
@@ -68,6 +74,12 @@ async fn envoy(
         for v in original.get_all(name) {
             check = check.header(name, v);
         }
+    }
+    for (name, v) in original
+        .iter()
+        .filter(|(n, _)| allowed_by_pattern(n.as_str()))
+    {
+        check = check.header(name, v);
     }
     let answer = read(
         client()
@@ -138,6 +150,19 @@ async fn envoy_http_ext_authz_as_envoy_sends_it() {
         .all(|v| !v.to_str().unwrap().starts_with("forged")));
     let served = up.count();
 
+    // A spelling of the delegation or an identity header that Envoy would pass to the app
+    // as sent: the pattern sends it to keyward, which refuses the request.
+    for forged in [
+        ("x_delegate_account_id", "forged-delegate"),
+        ("x.auth.org.id", "forged-org"),
+    ] {
+        let h = vec![("x-api-key", ENTERPRISE_KEY), forged];
+        let r = go("GET", "/v1/items", h).await;
+        assert_eq!(r.status, 400, "{forged:?}: {}", r.text());
+        assert_eq!(r.code(), "bad_request", "{forged:?}");
+    }
+    assert_eq!(up.count(), served, "a refused request reached the app");
+
     // No key, wrong scope, a route rule, path tricks: keyward's answer goes to the client.
     let service = ("x-api-key", SERVICE_KEY);
     let cases = [
@@ -156,13 +181,22 @@ async fn envoy_http_ext_authz_as_envoy_sends_it() {
             403,
             "insufficient_scope",
         ),
+        // Not in normal form: the front proxy would forward it as sent (SPEC 7, 15).
         (
             "GET",
             "/public/../admin/users",
             vec![service],
-            403,
-            "insufficient_scope",
+            400,
+            "bad_request",
         ),
+        (
+            "GET",
+            "/admin/../v1/items",
+            vec![("x-api-key", PERSONAL_KEY)],
+            400,
+            "bad_request",
+        ),
+        ("GET", "/v1/items/../../healthz", vec![], 400, "bad_request"),
         (
             "GET",
             "/v1/%2e%2e/%2e%2e/admin",

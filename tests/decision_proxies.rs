@@ -144,8 +144,11 @@ const FORGED: [(&str, &str); 9] = [
 /// (SPEC 8's overrides, the decision protocols' own headers, forwarding headers), and a
 /// `Connection` header naming identity headers, which a proxy that honours it would remove
 /// after copying keyward's in. None may reach the app as sent.
-const REROUTED: [(&str, &str); 11] = [
+const REROUTED: [(&str, &str); 13] = [
     ("x-original-uri", "forged-original-uri"),
+    // Spellings of the delegation header the proxy strips by keyward's spelling only.
+    ("x_delegate_account_id", "forged-delegate-underscore"),
+    ("x.delegate.account.id", "forged-delegate-dot"),
     ("x-original-method", "forged-original-method"),
     ("x-forwarded-uri", "forged-forwarded-uri"),
     ("x-forwarded-method", "forged-forwarded-method"),
@@ -229,7 +232,7 @@ async fn scenario(front: SocketAddr, up: &Upstream, name: &str, strips_prefix: b
     let served = up.count();
 
     // Refused: nothing reaches the app.
-    let refused: [Refused; 6] = [
+    let refused: [Refused; 8] = [
         ("GET", "/v1/items", vec![], &[401]),
         (
             "POST",
@@ -261,6 +264,15 @@ async fn scenario(front: SocketAddr, up: &Upstream, name: &str, strips_prefix: b
             vec![("x-api-key", SERVICE_KEY)],
             &[400, 403],
         ),
+        // Tricks that normalize out of a rule or into a public route: the proxy forwards
+        // the path as sent, and an app that does not resolve dot segments would serve it.
+        (
+            "GET",
+            "/admin/%2e%2e/v1/items",
+            vec![("x-api-key", PERSONAL_KEY)],
+            &[400, 403],
+        ),
+        ("GET", "/v1/items/../../healthz", vec![], &[400, 401]),
     ];
     for (method, path, headers, statuses) in refused {
         let r = send(method, &url(path), &headers, b"").await;

@@ -122,6 +122,15 @@ pub enum BadRequest {
     /// these, but behind a decision the front proxy would pass them to the app.
     #[error("override header {0} is not accepted")]
     Override(&'static str),
+    /// A decision request (SPEC 15) carrying an identity or delegation header spelled with
+    /// `_` or `.`: the front proxy strips or overwrites only keyward's spelling.
+    #[error("identity or delegation header spelled with '_' or '.' is not accepted")]
+    Misspelled,
+    /// A decision request (SPEC 15) whose original path normalization would change: the
+    /// front proxy forwards it as sent, so what was authorized would not be what the app
+    /// reads.
+    #[error("the original path is not in normal form (dot segments, '//' or encoded characters)")]
+    NotNormal,
 }
 
 impl Reject {
@@ -197,6 +206,8 @@ impl Reject {
             Reject::BadRequest(BadRequest::TransferCoding) => "Unsupported transfer coding",
             Reject::BadRequest(BadRequest::Original(_)) => "Original method or URI missing",
             Reject::BadRequest(BadRequest::Override(_)) => "Override header refused",
+            Reject::BadRequest(BadRequest::NotNormal) => "Request path refused",
+            Reject::BadRequest(BadRequest::Misspelled) => "Misspelled identity header refused",
         }
     }
 

@@ -138,6 +138,20 @@ pub fn check_overrides(
     }
 }
 
+/// The proxy strips every `_` and `.` spelling of the identity and delegation headers
+/// (SPEC 8); a front proxy overwrites or strips only keyward's own spelling and passes the
+/// rest to the app, which may read `X_Auth_Org_Id` or `X_Delegate_Account_Id` as the real
+/// one. So a decision request carrying such a spelling is refused.
+pub fn check_spellings(headers: &HeaderMap, identity_prefix: &str) -> Result<(), Reject> {
+    match headers
+        .keys()
+        .any(|name| headers::is_misspelled_trusted(name, identity_prefix))
+    {
+        true => Err(Reject::BadRequest(BadRequest::Misspelled)),
+        false => Ok(()),
+    }
+}
+
 /// Read the original request from the endpoint's own protocol, and nothing else: an
 /// `auth-request` call ignores `X-Forwarded-*`, a `forward-auth` call ignores `X-Original-*`.
 /// A fragment (`#`) in the original URI is refused, as SPEC 7 refuses it: `http::Uri` would
@@ -205,6 +219,7 @@ pub async fn handle<B>(
     // The original request lives here, so the trace can borrow its path.
     let original = crate::proxy::head::check_head(&req, &app.config.limits)
         .and_then(|()| check_overrides(endpoint, req.headers(), &app.config.allow_override_headers))
+        .and_then(|()| check_spellings(req.headers(), &app.config.identity_headers.prefix))
         .and_then(|()| original(endpoint, &req));
     let mut method = req.method().clone();
     let mut trace = Trace::default();

@@ -205,6 +205,10 @@ pub async fn decide<'a>(
     };
     let route = match door {
         Door::Proxy => app.policy.route(&path),
+        Door::Decision if !forwarded_as_authorized(raw_path, &path) => {
+            trace.path = Some(Cow::Borrowed(raw_path));
+            return Err(Reject::BadRequest(BadRequest::NotNormal));
+        }
         Door::Decision => app.policy.app_route(&path),
     };
     trace.path = Some(path);
@@ -223,6 +227,16 @@ pub async fn decide<'a>(
     }
     app.usage.record(&principal.key.id, now);
     Ok(Verdict::Protected(principal, quota))
+}
+
+/// Behind a decision the front proxy forwards the path as its client sent it, not the
+/// normalized one, and an app that reads `/admin/../v1` or `/v1/%2e%2e/healthz` its own way
+/// would reach a route other than the one authorized (SPEC 7: rules match exactly the path
+/// that is forwarded). So only a path normalization leaves alone is decided on, up to the
+/// case of its percent-encodings' hex (which every reader decodes alike): each other step
+/// (decoding, merging slashes, removing dot segments) shortens the path.
+fn forwarded_as_authorized(raw: &str, normalized: &str) -> bool {
+    raw.len() == normalized.len() && raw.eq_ignore_ascii_case(normalized)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -128,6 +128,24 @@ fn is_trusted_alias(name: &str, identity_prefix: &str) -> bool {
             && alias_starts_with(name, DELEGATE_HEADER.as_str()))
 }
 
+/// A name that reads as an identity header or the delegation header once `_` and `.` are
+/// read as `-`, but is not spelled with `-` where keyward spells it. Behind a decision
+/// (SPEC 15) the front proxy overwrites or strips only the names as keyward spells them,
+/// and a CGI/WSGI app would read this one as that.
+pub fn is_misspelled_trusted(name: &HeaderName, identity_prefix: &str) -> bool {
+    let n = name.as_str();
+    if !n.contains(['_', '.']) || !is_trusted_alias(n, identity_prefix) {
+        return false;
+    }
+    let delegate = DELEGATE_HEADER;
+    let canonical = if alias_starts_with(n, identity_prefix) {
+        identity_prefix
+    } else {
+        delegate.as_str()
+    };
+    !n.starts_with(canonical)
+}
+
 /// Remove every header a client could use to impersonate keyward: identity headers and
 /// their `_`/`.` aliases, and the delegation header (consumed by keyward).
 pub fn strip_trusted(headers: &mut HeaderMap, identity_prefix: &str) {
@@ -434,6 +452,32 @@ mod tests {
         ]);
         strip_trusted(&mut h, "x-auth-");
         assert_eq!(names(&h), ["x-authority", "x-other"]);
+    }
+
+    #[test]
+    fn misspelled_trusted_names_are_the_aliases_not_keywards_spelling() {
+        let misspelled = |n: &str| {
+            is_misspelled_trusted(&HeaderName::from_bytes(n.as_bytes()).unwrap(), "x-auth-")
+        };
+        for n in [
+            "x_auth_org_id",
+            "x-auth.key-id",
+            "x.auth-custom",
+            "x_delegate_account_id",
+            "x-delegate.account-id",
+        ] {
+            assert!(misspelled(n), "{n}");
+        }
+        for n in [
+            "x-auth-org-id",
+            "x-auth-custom_name",
+            "x-delegate-account-id",
+            "x_delegate_account_idx",
+            "x_other",
+            "x-authority",
+        ] {
+            assert!(!misspelled(n), "{n}");
+        }
     }
 
     #[test]
