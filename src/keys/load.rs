@@ -21,6 +21,7 @@ use super::error::SnapshotError;
 use super::excerpt::located;
 pub use super::excerpt::{excerpt, MAX_ERROR_CHARS};
 use super::key::digest;
+use super::nesting;
 use super::snapshot::{Snapshot, Source};
 
 /// Largest YAML document read (pushed or from a file): a YAML parse holds the whole
@@ -228,6 +229,14 @@ fn yaml_bytes(bytes: &[u8], prior: Option<&Snapshot>) -> Result<Built, SnapshotE
 /// A YAML document read whole; a syntax or type error names where it is
 /// (`keys[3].scopes: invalid type ...`).
 fn yaml(text: &str, prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
+    if let Err(at) = nesting::check(text.as_bytes(), nesting::MAX_DEPTH) {
+        return Err(SnapshotError::Parse(format!(
+            "line {} column {}: nested more than {} levels deep",
+            at.line,
+            at.column,
+            nesting::MAX_DEPTH
+        )));
+    }
     let mut progress = Progress::default();
     let mut track = serde_path_to_error::Track::new();
     let de = serde_path_to_error::Deserializer::new(
@@ -280,6 +289,23 @@ mod tests {
         format!(
             r#"{{"id": "{id}", "sha256": "{sha}", "type": "personal", "subject_id": "s-{id}", "account_id": "a", "scopes": ["read"]}}"#
         )
+    }
+
+    #[test]
+    fn a_yaml_document_nested_too_deep_is_refused_before_the_parse_naming_where() {
+        // Read whole, 100,000 levels keep libyaml busy for about a minute.
+        let deep = format!(
+            "version: 1\nkeys: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let err = Snapshot::parse(&deep, Source::File)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2 column 70: nested more than 64 levels deep"),
+            "{err}"
+        );
     }
 
     fn doc(items: &[String]) -> String {

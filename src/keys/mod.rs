@@ -21,6 +21,7 @@ mod index;
 pub mod key;
 pub mod load;
 mod load_error;
+mod nesting;
 mod read;
 pub mod review;
 pub mod schema;

@@ -1,0 +1,197 @@
+//! A bound on how deeply a YAML snapshot nests, checked before it is parsed for real.
+//!
+//! libyaml's scanner visits every open flow collection on each token it reads, so a
+//! document of `[[[[…` costs time quadratic in its depth: 4 s at 40,000 levels, about a
+//! minute at 100,000, from a file of 200 KB (and a push may be far larger). serde_yaml
+//! gathers a whole document's events before its recursion limit applies, so that limit
+//! comes too late. This pass reads the events of the same parser serde_yaml runs and stops
+//! at the first collection opened deeper than the bound, so no document costs more than
+//! the bound's depth of work per token.
+//!
+//! The one `unsafe` module of the library: libyaml is driven through `unsafe-libyaml`, the
+//! translation serde_yaml itself uses, because a second parser could disagree with it about
+//! where collections open, and a disagreement would let a deep document through.
+#![allow(unsafe_code)]
+
+use std::mem::MaybeUninit;
+
+use unsafe_libyaml as unsafe_sys;
+
+/// Deeper than any snapshot needs (a key's fields nest four levels down), and far short of
+/// depths that cost anything.
+pub const MAX_DEPTH: usize = 64;
+
+/// Where the first collection past the bound opens (1-based, as editors count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooDeep {
+    pub line: u64,
+    pub column: u64,
+}
+
+/// `Err` when a collection in `text` opens more than `limit` levels deep. A syntax error
+/// ends the pass without one: the real parse, which reads the same events, reports it.
+pub fn check(text: &[u8], limit: usize) -> Result<(), TooDeep> {
+    let Some(mut parser) = Parser::new(text) else {
+        // libyaml could not allocate its buffers; the real parse will fail the same way.
+        return Ok(());
+    };
+    let mut depth = 0usize;
+    while let Some(event) = parser.next() {
+        match event {
+            Event::Open { line, column } => {
+                depth += 1;
+                if depth > limit {
+                    return Err(TooDeep {
+                        line: line.saturating_add(1),
+                        column: column.saturating_add(1),
+                    });
+                }
+            }
+            Event::Close => depth = depth.saturating_sub(1),
+            Event::Other => {}
+            Event::End => break,
+        }
+    }
+    Ok(())
+}
+
+enum Event {
+    Open { line: u64, column: u64 },
+    Close,
+    Other,
+    End,
+}
+
+/// A libyaml parser reading `input`. It lives on the heap, reached only through the one
+/// raw pointer made when it was allocated, because libyaml keeps a pointer to the parser
+/// inside the parser (its read handler's data): it must never move, and no reference to it
+/// may be made that would outdate that pointer.
+struct Parser<'input> {
+    parser: *mut unsafe_sys::yaml_parser_t,
+    _input: std::marker::PhantomData<&'input [u8]>,
+}
+
+impl<'input> Parser<'input> {
+    fn new(input: &'input [u8]) -> Option<Self> {
+        let slot = Box::new(MaybeUninit::<unsafe_sys::yaml_parser_t>::uninit());
+        let parser = Box::into_raw(slot).cast::<unsafe_sys::yaml_parser_t>();
+        // SAFETY: `parser` points to an allocation of the right size and alignment that
+        // nothing else reaches; initialize zeroes and sets up every field before anything
+        // reads one. On failure libyaml has freed what it allocated, and so is the slot.
+        unsafe {
+            if unsafe_sys::yaml_parser_initialize(parser).fail {
+                drop(Box::from_raw(
+                    parser.cast::<MaybeUninit<unsafe_sys::yaml_parser_t>>(),
+                ));
+                return None;
+            }
+            unsafe_sys::yaml_parser_set_encoding(parser, unsafe_sys::YAML_UTF8_ENCODING);
+            // The input outlives the parser (`'input`); libyaml only reads it.
+            unsafe_sys::yaml_parser_set_input_string(parser, input.as_ptr(), input.len() as u64);
+        }
+        Some(Parser {
+            parser,
+            _input: std::marker::PhantomData,
+        })
+    }
+
+    /// The next event, or `None` at a syntax error (libyaml's error state is sticky).
+    fn next(&mut self) -> Option<Event> {
+        let p = self.parser;
+        let mut event = MaybeUninit::<unsafe_sys::yaml_event_t>::uninit();
+        let e = event.as_mut_ptr();
+        // SAFETY: the parser was initialized in `new`; `e` points to memory the call fills
+        // whole before returning success, and the event is deleted (its owned strings freed)
+        // once its type and mark are read.
+        unsafe {
+            // unsafe-libyaml shows the error field only through `Deref`; the shared
+            // reference lives for this read alone, and is made from `p`.
+            let error = (&*p).error;
+            if error != unsafe_sys::YAML_NO_ERROR || unsafe_sys::yaml_parser_parse(p, e).fail {
+                return None;
+            }
+            let kind = match (*e).type_ {
+                unsafe_sys::YAML_SEQUENCE_START_EVENT | unsafe_sys::YAML_MAPPING_START_EVENT => {
+                    Event::Open {
+                        line: (*e).start_mark.line,
+                        column: (*e).start_mark.column,
+                    }
+                }
+                unsafe_sys::YAML_SEQUENCE_END_EVENT | unsafe_sys::YAML_MAPPING_END_EVENT => {
+                    Event::Close
+                }
+                // No event: libyaml has nothing more to give (never after a success).
+                unsafe_sys::YAML_STREAM_END_EVENT | unsafe_sys::YAML_NO_EVENT => Event::End,
+                _ => Event::Other,
+            };
+            unsafe_sys::yaml_event_delete(e);
+            Some(kind)
+        }
+    }
+}
+
+impl Drop for Parser<'_> {
+    fn drop(&mut self) {
+        // SAFETY: only parsers `new` initialized are built; each is deleted, and its slot
+        // freed, once, here.
+        unsafe {
+            unsafe_sys::yaml_parser_delete(self.parser);
+            drop(Box::from_raw(
+                self.parser.cast::<MaybeUninit<unsafe_sys::yaml_parser_t>>(),
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested(open: &str, close: &str, depth: usize) -> String {
+        format!("keys: {}{}\n", open.repeat(depth), close.repeat(depth))
+    }
+
+    #[test]
+    fn a_flow_document_deeper_than_the_bound_is_refused_where_it_crosses() {
+        let text = nested("[", "]", 100);
+        // `keys:` opens the document's mapping (level 1), so level 65 is the 64th '['.
+        assert_eq!(
+            check(text.as_bytes(), 64),
+            Err(TooDeep {
+                line: 1,
+                column: 6 + 64
+            })
+        );
+        assert!(check(nested("{a: ", "}", 100).as_bytes(), 64).is_err());
+    }
+
+    #[test]
+    fn documents_within_the_bound_pass_block_and_flow_alike() {
+        assert_eq!(check(nested("[", "]", 63).as_bytes(), 64), Ok(()));
+        let shipped = include_str!("../../config/keys.yaml");
+        assert_eq!(check(shipped.as_bytes(), 8), Ok(()));
+        // Compact block nesting is as deep as it looks.
+        let block = format!("keys:\n  {}x\n", "- ".repeat(100));
+        assert!(check(block.as_bytes(), 64).is_err());
+    }
+
+    #[test]
+    fn a_syntax_error_is_left_to_the_real_parse_and_brackets_in_scalars_do_not_count() {
+        assert_eq!(check(b"keys: [a, b\n  c: ]]]", 64), Ok(()));
+        let quoted = format!("keys: [\"{}\", '{}']\n", "[".repeat(100), "{".repeat(100));
+        assert_eq!(check(quoted.as_bytes(), 4), Ok(()));
+        let plain = format!("keys:\n  - id: a{}\n", "[".repeat(100));
+        assert_eq!(check(plain.as_bytes(), 4), Ok(()));
+        let comment = format!("keys: # {}\n  - a\n", "[".repeat(100));
+        assert_eq!(check(comment.as_bytes(), 4), Ok(()));
+    }
+
+    #[test]
+    fn a_deep_document_is_refused_in_time_linear_in_its_size() {
+        // 400,000 levels take libyaml minutes to parse whole; the pass stops at level 65.
+        let text = nested("[", "]", 400_000);
+        let started = std::time::Instant::now();
+        assert!(check(text.as_bytes(), MAX_DEPTH).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+}
