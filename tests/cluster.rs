@@ -567,3 +567,68 @@ async fn the_revocation_set_is_read_without_the_request_timeout() {
     );
     assert_eq!(call(&kw, FREE).await.status, 200);
 }
+
+/// Each replica reads one field (the version) per interval, and the whole set only when it
+/// moved: a fleet whose set has grown large does not read it whole twice a second per
+/// replica. A change that moves the version is read even without its message (as if the
+/// pub/sub message were lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_set_is_read_whole_only_when_its_version_moves() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let r = admin_post(&a, "key_other", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually("a refuses the revoked key", || async {
+        call(&a, OTHER).await.status == 401
+    })
+    .await;
+    let version = || async {
+        let v: Option<String> = redis.cmd(&["HGET", "keyward:revocations", "version"]).await;
+        v.expect("the write moved the version")
+    };
+    let moved = version().await;
+    // The read after the write (the version moved) has run once this is seen.
+    eventually("the write's version read", || async {
+        let before = redis.calls("hgetall").await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        redis.calls("hgetall").await == before
+    })
+    .await;
+    let before = redis.calls("hgetall").await;
+    let polls = redis.calls("hget").await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        redis.calls("hgetall").await,
+        before,
+        "the set was read whole with nothing changed"
+    );
+    assert!(
+        redis.calls("hget").await >= polls + 3,
+        "the version was read"
+    );
+
+    // A revoke written with the version moved but no message published.
+    let (epoch, count) = moved.split_once('.').unwrap();
+    let next = format!("{epoch}.{}", count.parse::<u64>().unwrap() + 5);
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    let revoke = format!("{now_us}|1|key_free");
+    let _: i64 = redis
+        .cmd(&[
+            "HSET",
+            "keyward:revocations",
+            &sha(FREE),
+            &revoke,
+            "version",
+            &next,
+        ])
+        .await;
+    eventually("a change without its message is read", || async {
+        call(&a, FREE).await.status == 401
+    })
+    .await;
+    assert_eq!(call(&a, FREE).await.code(), "disabled_api_key");
+}

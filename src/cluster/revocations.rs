@@ -11,8 +11,11 @@
 //! rotation adds an entry, it does not replace the first.
 //!
 //! Each replica holds the whole set in memory, swapped whole (`ArcSwap`): the request path
-//! reads it without any Redis call. Changes arrive by pub/sub, and a full read every
-//! [`FULL_READ_INTERVAL`] covers lost messages. Fail closed: until the set has been read
+//! reads it without any Redis call. Changes arrive by pub/sub. Every write also moves the
+//! hash's [`VERSION`] field, which each replica reads every [`FULL_READ_INTERVAL`]: the set
+//! is read whole only when it moved (a message may have been lost), when Redis came back, or
+//! at least every [`FULL_READ_EVERY`] (a field changed by hand). So a fleet with a large set
+//! reads one field per interval, not the set. Fail closed: until the set has been read
 //! once, the replica is not ready and protected routes answer 503; a replica that loses
 //! Redis keeps what it holds; entries Redis lacks (it came back empty) or holds older are
 //! written back by every replica that holds them, so a restart un-revokes nothing and a
@@ -54,11 +57,21 @@ pub const RESTORE_SETTLE: Duration = Duration::from_millis(1200);
 /// digest field is 64 hex digits, so it can never collide with one).
 pub const WHOLE: &str = "whole";
 
+/// The hash field every write moves: `epoch.count`, the epoch taken from Redis's clock when
+/// the field is first written, so a hash that came back empty and was written again never
+/// repeats a version a replica saw before.
+pub const VERSION: &str = "version";
+
+/// A full read at least this often, whatever the version says: a field deleted or written
+/// by hand, not through the write script, is seen (and written back) within this.
+pub const FULL_READ_EVERY: Duration = Duration::from_secs(30);
+
 /// Store entries, each (digest `ARGV[i]`, `disabled|id` `ARGV[i+1]`, µs `ARGV[i+2]`) from
 /// `ARGV[4]` on, and publish each stored one on `ARGV[1]`. An entry Redis holds with a
 /// stamp past `ARGV[3]` (the latest believable instant) counts as none. With `ARGV[2]` =
 /// `1` (a replica's whole set, written back) an entry is stored only if Redis holds none at
-/// least as new, and the field [`WHOLE`] is set too, atomically with them. With `0` (one
+/// least as new, and the field [`WHOLE`] is set too, atomically with them; either way, if
+/// anything was written, [`VERSION`] moves. With `0` (one
 /// revoke or lift an operator just made) it is always stored, stamped after the entry Redis
 /// holds if that one is newer: a replica whose clock runs behind another's can still
 /// revoke what the other lifted. Returns how many were stored and the last one's stamp.
@@ -84,6 +97,16 @@ for i = 4, #ARGV, 3 do
   end
 end
 if whole then redis.call('HSET', KEYS[1], 'whole', '1') end
+if stored > 0 or whole then
+  local v = redis.call('HGET', KEYS[1], 'version')
+  local epoch, count = nil, 0
+  if v then epoch, count = string.match(v, '^(%d+)%.(%d+)$') end
+  if not epoch then
+    local t = redis.call('TIME')
+    epoch, count = t[1] .. string.format('%06d', tonumber(t[2])), 0
+  end
+  redis.call('HSET', KEYS[1], 'version', epoch .. '.' .. string.format('%d', tonumber(count) + 1))
+end
 return {stored, last}
 ";
 
@@ -162,6 +185,10 @@ pub struct Revocations {
     /// When a read before the first complete one found the hash without [`WHOLE`] (see
     /// [`RESTORE_SETTLE`]).
     unrestored_since: Mutex<Option<std::time::Instant>>,
+    /// The [`VERSION`] the last full read found, and when it ran.
+    last_full: Mutex<Option<(Option<String>, std::time::Instant)>>,
+    /// Redis came back since the last full read: read whole next time.
+    full_read_due: AtomicBool,
     script: redis::Script,
 }
 
@@ -182,6 +209,8 @@ impl Revocations {
             loaded: AtomicBool::new(false),
             merging: Mutex::new(()),
             unrestored_since: Mutex::new(None),
+            last_full: Mutex::new(None),
+            full_read_due: AtomicBool::new(false),
             script: redis::Script::new(WRITE),
         }
     }
@@ -330,11 +359,17 @@ impl Revocations {
             return Ok(());
         };
         let hash = cluster.key("revocations");
+        if self.unchanged(cluster, &hash).await? {
+            return Ok(());
+        }
+        let hash = &hash;
         let remote: HashMap<String, String> = cluster
             .call(Op::ReadRevocations, |mut c| async move {
                 redis::cmd("HGETALL").arg(hash).query_async(&mut c).await
             })
             .await?;
+        *self.last_full.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((remote.get(VERSION).cloned(), std::time::Instant::now()));
         let whole = remote.contains_key(WHOLE);
         let remote: Set = remote
             .into_iter()
@@ -367,6 +402,31 @@ impl Revocations {
         Ok(())
     }
 
+    /// Whether the set can be left unread this time: it has been read whole, Redis has not
+    /// come back since, the last full read is younger than [`FULL_READ_EVERY`], and
+    /// [`VERSION`] (one field read) has not moved since. A hash without the field (never
+    /// written, or back empty) is always read whole.
+    async fn unchanged(&self, cluster: &Cluster, hash: &str) -> Result<bool, ClusterError> {
+        if !self.loaded.load(Ordering::Acquire) || self.full_read_due.swap(false, Ordering::AcqRel)
+        {
+            return Ok(false);
+        }
+        let seen = match &*self.last_full.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((Some(version), at)) if at.elapsed() < FULL_READ_EVERY => version.clone(),
+            _ => return Ok(false),
+        };
+        let now: Option<String> = cluster
+            .call(Op::ReadRevocations, |mut c| async move {
+                redis::cmd("HGET")
+                    .arg(hash)
+                    .arg(VERSION)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(now.as_deref() == Some(seen.as_str()))
+    }
+
     /// Before the first complete read: true while the hash has lacked [`WHOLE`] for less
     /// than [`RESTORE_SETTLE`].
     fn settling(&self, whole: bool) -> bool {
@@ -397,7 +457,8 @@ impl Revocations {
                 Some(c) => {
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
-                        () = c.back.notified() => {}
+                        // Redis may have restarted, or failed over to a copy that lags.
+                        () = c.back.notified() => self.full_read_due.store(true, Ordering::Release),
                     }
                 }
                 None => return,
