@@ -352,6 +352,28 @@ async fn h2_status(addr: SocketAddr, req: http::Request<()>) -> u16 {
     }
 }
 
+/// HTTP/2 carries each cookie in its own field; HTTP/1.1 allows one Cookie line, so the
+/// upstream gets them joined with "; " (RFC 9113 8.2.3), not as several lines of which an
+/// app reads the first.
+#[tokio::test]
+async fn h2_cookie_fields_reach_the_upstream_as_one_line() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let req = http::Request::builder()
+        .uri(format!("http://{}/v1/items", kw.addr))
+        .header("x-api-key", SERVICE_KEY)
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(())
+        .unwrap();
+    assert_eq!(h2_status(kw.addr, req).await, 200);
+    let seen = up.last();
+    let cookies: Vec<_> = seen.headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"]);
+    kw.shutdown().await;
+}
+
 /// One host per request, never user info: the upstream is sent exactly one well-defined
 /// `Host`, and a request whose host fields could be read two ways is 400.
 #[tokio::test]

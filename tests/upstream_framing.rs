@@ -314,6 +314,58 @@ async fn each_framing_is_forwarded_whole_and_the_connection_reused_when_it_may_b
     }
 }
 
+/// A response framed by Transfer-Encoding that also carries a Content-Length: the body is
+/// the chunked one, and the Content-Length does not reach the client (RFC 9112 6.3), which
+/// would cut the body at it (HTTP/1.1) or reset the stream (HTTP/2).
+#[tokio::test]
+async fn a_content_length_beside_transfer_encoding_is_not_forwarded() {
+    let cases: &[(&str, &[u8], bool)] = &[
+        (
+            "/longer",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n",
+            false,
+        ),
+        (
+            "/shorter",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 50\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            false,
+        ),
+    ];
+    let replies = both(cases, |kw, _| async move {
+        vec![
+            request(kw, "GET", "/longer").await,
+            request(kw, "GET", "/shorter").await,
+        ]
+    })
+    .await;
+    for (reply, body) in replies.iter().zip(["hello world", "hello"]) {
+        assert_eq!(
+            (reply.status, reply.text().as_str(), reply.whole),
+            (200, body, true)
+        );
+        assert_eq!(reply.header("content-length"), None, "{}", reply.head);
+    }
+}
+
+/// Identity headers are keyward's to send: an app that echoes them (or any spelling of
+/// them) on its response does not pass them to the client; other headers pass.
+#[tokio::test]
+async fn identity_headers_from_the_upstream_do_not_reach_the_client() {
+    let cases: &[(&str, &[u8], bool)] = &[(
+        "/echo",
+        b"HTTP/1.1 200 OK\r\nx-auth-subject-id: evil\r\nX_Auth_Org_Id: evil\r\nx-delegate-account-id: evil\r\nx-app: kept\r\ncontent-length: 2\r\n\r\nok",
+        false,
+    )];
+    let replies = both(cases, |kw, _| async move {
+        vec![request(kw, "GET", "/echo").await]
+    })
+    .await;
+    let head = replies[0].head.to_ascii_lowercase();
+    assert_eq!(replies[0].status, 200);
+    assert!(!head.contains("evil"), "{head}");
+    assert!(head.contains("x-app: kept"), "{head}");
+}
+
 /// Bytes past the end of a response (after its length, after a 204, 304 or HEAD head)
 /// are never read as the answer to the next request: the connection is dropped.
 #[tokio::test]

@@ -350,6 +350,12 @@ pub fn spawn_tunnel(
 pub fn downstream_response(resp: Response<UpstreamBody>) -> Response<Body> {
     let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
+    // The body was framed by Transfer-Encoding, which goes with the hop-by-hop headers: a
+    // Content-Length beside it is not the body's, and must not go on (RFC 9112 6.3), or
+    // the client would cut the body at it, or an HTTP/2 client reset the stream.
+    if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
     // An upgrade keeps `Upgrade` and gets `Connection: upgrade` back.
     super::headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     Response::from_parts(parts, http_body_util::Either::Left(body))

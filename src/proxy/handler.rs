@@ -321,6 +321,7 @@ fn upstream_request(
         .or_else(|| req.headers().get(header::HOST).cloned());
     let uri = upstream_target(app, target, trace).map_err(|e| upstream_failed(app, &e))?;
 
+    let req_version_is_h2 = req.version() == http::Version::HTTP_2;
     let body = req.body();
     let unknown_length =
         !http_body::Body::is_end_stream(body) && http_body::Body::size_hint(body).exact().is_none();
@@ -339,6 +340,11 @@ fn upstream_request(
     }
     if let Some(host) = &host {
         h.insert(header::HOST, host.clone());
+    }
+    if req_version_is_h2 {
+        // HTTP/2 may split cookies into one field each; HTTP/1.1 allows one Cookie line,
+        // so they are joined with "; " (RFC 9113 8.2.3), or an app reads only the first.
+        headers::join_cookies(h);
     }
     if unknown_length {
         // A body of unknown length (HTTP/1.1 chunked, HTTP/2 DATA without content-length)
@@ -397,6 +403,9 @@ fn client_response(
     quota: Option<Quota>,
 ) -> Response<Body> {
     let mut resp = forward::downstream_response(resp);
+    // The identity headers are keyward's to send, on a response too: an app that echoes
+    // what it received (a debug header) does not pass them to the client.
+    headers::strip_trusted(resp.headers_mut(), &app.config.identity_headers.prefix);
     if let Some(p) = principal {
         if app.config.identity_headers.echo_to_client {
             let delegated = p.delegated_account.as_ref();

@@ -112,6 +112,23 @@ fn remove_connection_options(headers: &mut HeaderMap) {
     }
 }
 
+/// Join several `Cookie` fields into one, separated by "; " (RFC 9113 8.2.3).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let joined: Vec<u8> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// Compare a header name with `target` reading `_` and `.` as `-`, as CGI/WSGI and nginx
 /// backends do, so `X_Auth_Subject_Id` and `x.auth.subject.id` count as identity headers.
 fn alias_starts_with(name: &str, target: &str) -> bool {
