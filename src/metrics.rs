@@ -30,6 +30,8 @@ const BUCKETS: &[f64] = &[
 pub enum UpstreamErrorKind {
     Connect,
     Timeout,
+    /// Refused before any upstream connection: `limits.max_in_flight` reached.
+    Overload,
     Other,
 }
 
@@ -38,6 +40,7 @@ impl UpstreamErrorKind {
         match self {
             Self::Connect => "connect",
             Self::Timeout => "timeout",
+            Self::Overload => "overload",
             Self::Other => "other",
         }
     }
@@ -56,7 +59,7 @@ pub struct Metrics {
     registry: Registry,
     /// Requests, their durations and those in flight, one shard per worker.
     requests: Arc<shard::Sharded>,
-    upstream_errors: [IntCounter; 3],
+    upstream_errors: [IntCounter; 4],
     snapshot_keys: IntGauge,
     snapshot_version: IntGauge,
     reloads: IntCounterVec,
@@ -156,6 +159,7 @@ impl Metrics {
             upstream_errors: [
                 UpstreamErrorKind::Connect,
                 UpstreamErrorKind::Timeout,
+                UpstreamErrorKind::Overload,
                 UpstreamErrorKind::Other,
             ]
             .map(|k| upstream_errors_vec.with_label_values(&[k.as_str()])),

@@ -67,6 +67,50 @@ async fn h2_zero_window_streams_are_cut_and_free_their_slots() {
     kw.shutdown().await;
 }
 
+/// `limits.max_in_flight` bounds the upstream connections HTTP/2 streams (or anything
+/// else) hold at once: past it a request bound for the upstream is answered 502 at once,
+/// and counted, instead of opening another connection (each a file descriptor); keyward's
+/// own answers go on, and so does proxying once streams end.
+#[tokio::test]
+async fn requests_past_max_in_flight_get_502_without_an_upstream_connection() {
+    let up = upstream()
+        .route("/big", Reply::Bytes(200_000))
+        .spawn()
+        .await;
+    let extra = "workers: 1\nlimits: { max_in_flight: 2, write_stall_timeout: 2s }\n";
+    let kw = spawn_proxy(up.addr, extra).await;
+    let held = [
+        zero_window_get(kw.addr, "/big", Some(KEY)).await,
+        zero_window_get(kw.addr, "/big", Some(KEY)).await,
+    ];
+    assert_eq!(
+        held.iter().map(|s| s.status).collect::<Vec<_>>(),
+        [200, 200]
+    );
+    let seen = up.count();
+    let r = get_h2c(&kw.url("/v1/items"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.code(), "upstream_unavailable");
+    assert_eq!(up.count(), seen, "no upstream request past the limit");
+    let overload = r#"keyward_upstream_errors_total{kind="overload"}"#;
+    assert_eq!(metric_value(&kw, overload).await, 1.0);
+    // keyward's own answers are not held back.
+    assert_eq!(get_h2c(&kw.url("/v1/items"), &[]).await.status, 401);
+    // Once the held streams are cut (write_stall_timeout), proxying goes on.
+    eventually("held streams no longer in flight", || async {
+        in_flight(&kw) == 0
+    })
+    .await;
+    assert_eq!(
+        get_h2c(&kw.url("/v1/items"), &[("x-api-key", KEY)])
+            .await
+            .status,
+        200
+    );
+    drop(held);
+    kw.shutdown().await;
+}
+
 /// A stalled stream is cut off while another stream of its connection is still being
 /// served: it stops counting at once, and the connection closes when the other is done.
 #[tokio::test]

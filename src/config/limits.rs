@@ -22,6 +22,11 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_connections: usize,
+    /// Requests in flight at once, each HTTP/2 stream counted, over all connections: each
+    /// one bound for the upstream holds an upstream connection (a file descriptor) until its
+    /// response ends, and HTTP/2 multiplies them past `max_connections`. Past it, a request
+    /// bound for the upstream is answered 502 at once (Envoy's circuit breaker).
+    pub max_in_flight: usize,
     pub h2_max_concurrent_streams: u32,
     #[serde(deserialize_with = "de_duration")]
     pub upstream_idle_timeout: Duration,
@@ -48,6 +53,7 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             max_headers: 100,
             max_connections: 10_000,
+            max_in_flight: 4096,
             h2_max_concurrent_streams: 256,
             upstream_idle_timeout: Duration::from_secs(60),
             upstream_max_idle_per_host: 256,
@@ -101,6 +107,7 @@ impl Limits {
         let counts = [
             ("limits.max_headers", l.max_headers),
             ("limits.max_connections", l.max_connections),
+            ("limits.max_in_flight", l.max_in_flight),
             (
                 "limits.h2_max_concurrent_streams",
                 l.h2_max_concurrent_streams as usize,

@@ -374,6 +374,11 @@ async fn send_upstream(
     trace: &mut Trace<'_>,
 ) -> Result<Response<UpstreamBody>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
+    if worker.over_in_flight_cap() {
+        app.metrics
+            .record_upstream_error(crate::metrics::UpstreamErrorKind::Overload);
+        return Err(Reject::UpstreamUnavailable);
+    }
     let (mut resp, took) = app
         .upstream
         .send(worker.pool(), req, identity, upgrade.is_some())

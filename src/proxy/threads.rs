@@ -46,7 +46,10 @@ pub async fn serve_on_threads<D, F>(
 {
     // The balancer admits connections: `max_connections` is per listener, not per thread.
     let max_connections = app.config.limits.max_connections;
-    let (balancer, receivers) = Balancer::new(app.workers(), max_connections);
+    let workers = app.workers();
+    let (balancer, receivers) = Balancer::new(workers, max_connections);
+    // `max_in_flight` is per process, split evenly so that each thread checks its own.
+    let in_flight_cap = app.config.limits.max_in_flight.div_ceil(workers.max(1));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut joins = Vec::with_capacity(receivers.len());
     for (i, connections) in receivers.into_iter().enumerate() {
@@ -65,7 +68,8 @@ pub async fn serve_on_threads<D, F>(
             };
             rt.block_on(async move {
                 // What this worker owns: its requests use no other pool or shard.
-                let worker = Worker::new(app.metrics.shard(threads.first_shard + i));
+                let shard = app.metrics.shard(threads.first_shard + i);
+                let worker = Worker::new(shard, in_flight_cap);
                 if threads.upstream {
                     app.upstream.spawn_reaper(worker.pool().clone());
                 }

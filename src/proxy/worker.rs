@@ -17,15 +17,24 @@ struct Owned {
     pool: Pool,
     metrics: Arc<Shard>,
     ids: Ids,
+    /// This thread's share of `limits.max_in_flight`.
+    in_flight_cap: usize,
 }
 
 impl Worker {
-    pub fn new(metrics: Arc<Shard>) -> Self {
+    pub fn new(metrics: Arc<Shard>, in_flight_cap: usize) -> Self {
         Self(Arc::new(Owned {
             pool: Pool::default(),
             metrics,
             ids: Ids::default(),
+            in_flight_cap,
         }))
+    }
+
+    /// More requests are in flight on this thread than its share of `limits.max_in_flight`
+    /// (the one asking included): it must not open another upstream connection.
+    pub fn over_in_flight_cap(&self) -> bool {
+        usize::try_from(self.0.metrics.in_flight_here()).unwrap_or(0) > self.0.in_flight_cap
     }
 
     /// This worker's upstream connections.
