@@ -366,6 +366,54 @@ async fn identity_headers_from_the_upstream_do_not_reach_the_client() {
     assert!(head.contains("x-app: kept"), "{head}");
 }
 
+/// An app that answers a GET without reading its body (common: a GET body has no meaning)
+/// reads that body as its next request on the connection, forged `x-auth-*` and all, and
+/// its answer would go to the next client keyward sends there. So the upstream connection
+/// of a GET (HEAD, DELETE, OPTIONS, TRACE) with a body is closed after the exchange.
+#[tokio::test]
+async fn a_body_on_a_get_closes_its_upstream_connection_after_the_exchange() {
+    let cases: &[(&str, &[u8], bool)] = &[(
+        "/smuggled",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled",
+        false,
+    )];
+    let replies = both(cases, |kw, up| async move {
+        // Left open, so the next request sent on the connection completes it.
+        let smuggled = "GET /smuggled HTTP/1.1\r\nhost: app\r\nx-auth-subject-id: forged\r\nx-pad: ";
+        let req = format!(
+            "GET /v1/items HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{smuggled}",
+            smuggled.len()
+        );
+        let mut s = TcpStream::connect(kw).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let first = parse(&out, false);
+        let next = request(kw, "GET", "/v1/after").await;
+        let conns = up.connections();
+        let log = up.log.lock().unwrap().clone();
+        let after = log.iter().find(|(_, p)| p == "/v1/after").map(|(c, _)| *c);
+        let marker = Reply {
+            status: 0,
+            head: String::new(),
+            body: vec![u8::from(after != Some(conns[0]))],
+            whole: true,
+        };
+        vec![first, next, marker]
+    })
+    .await;
+    assert_eq!(
+        (replies[0].status, replies[0].text().as_str()),
+        (200, "next")
+    );
+    assert_eq!(
+        replies[1].text(),
+        "next",
+        "another client got the body's answer"
+    );
+    assert_eq!(replies[2].body, [1], "the connection was used again");
+}
+
 /// Bytes past the end of a response (after its length, after a 204, 304 or HEAD head)
 /// are never read as the answer to the next request: the connection is dropped.
 #[tokio::test]

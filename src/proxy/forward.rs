@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
@@ -70,6 +70,18 @@ impl ProxyError {
             _ => crate::auth::Reject::UpstreamUnavailable,
         }
     }
+}
+
+/// A request whose body the app may well not read: a body on a method that defines no
+/// meaning for one (GET, HEAD, DELETE, OPTIONS, TRACE), which apps commonly answer without
+/// reading. A body left unread on a kept-alive connection is read by such an app as the
+/// next request, whatever it says (forged `x-auth-*` included), and its answer goes to
+/// the next client of that connection; so its connection is closed after the exchange.
+fn body_may_be_left_unread(req: &Request<RequestBody>) -> bool {
+    matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    ) && !http_body::Body::is_end_stream(req.body())
 }
 
 /// The app behind keyward, reached over this worker thread's keep-alive pool.
@@ -155,7 +167,12 @@ impl Upstream {
                 if let Some(identity) = identity {
                     headers::add_identity(req.headers_mut(), identity.headers());
                 }
-                let resp = self.exchange(pool, req, start).await?;
+                let reuse = !body_may_be_left_unread(&req);
+                if !reuse {
+                    req.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                let resp = self.exchange(pool, req, start, reuse).await?;
                 Ok(resp.map(http_body_util::Either::Left))
             }
         };
@@ -180,6 +197,7 @@ impl Upstream {
         pool: &Pool,
         req: Request<RequestBody>,
         start: Instant,
+        reuse: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req;
         let mut pooled = pool.checkout(&self.pool, start);
@@ -195,7 +213,9 @@ impl Upstream {
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    pool.checkin(&self.pool, sender, start);
+                    if reuse {
+                        pool.checkin(&self.pool, sender, start);
+                    }
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
