@@ -122,11 +122,16 @@ async fn request(kw: SocketAddr, method: &str, path: &str) -> Reply {
     let req = format!(
         "{method} {path} HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\nconnection: close\r\n\r\n"
     );
+    raw(kw, &req, method == "HEAD").await
+}
+
+/// `req` as written, on its own connection, read to the end.
+async fn raw(kw: SocketAddr, req: &str, head_only: bool) -> Reply {
     let mut s = TcpStream::connect(kw).await.unwrap();
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    parse(&out, method == "HEAD")
+    parse(&out, head_only)
 }
 
 fn parse(out: &[u8], head_only: bool) -> Reply {
@@ -384,11 +389,7 @@ async fn a_body_on_a_get_closes_its_upstream_connection_after_the_exchange() {
             "GET /v1/items HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{smuggled}",
             smuggled.len()
         );
-        let mut s = TcpStream::connect(kw).await.unwrap();
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-        let first = parse(&out, false);
+        let first = raw(kw, &req, false).await;
         let next = request(kw, "GET", "/v1/after").await;
         let conns = up.connections();
         let log = up.log.lock().unwrap().clone();
