@@ -415,6 +415,36 @@ async fn a_body_on_a_get_closes_its_upstream_connection_after_the_exchange() {
     assert_eq!(replies[2].body, [1], "the connection was used again");
 }
 
+/// An upstream that stops half-way through a body holds the client no longer than
+/// `limits.upstream_timeout` without a byte: the response is cut off (the client sees it
+/// incomplete and the connection closed), as nginx's `proxy_read_timeout` does.
+#[tokio::test]
+async fn an_upstream_that_stops_mid_body_is_cut_off_at_upstream_timeout() {
+    let scripts: &[(&str, &[u8], bool)] = &[(
+        "/hang",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nab",
+        false,
+    )];
+    for client in CLIENTS {
+        let up = Scripted::start(scripts).await;
+        let extra = format!(
+            "workers: 1\nupstream_client: {client}\nlimits: {{ upstream_timeout: 300ms }}\n"
+        );
+        let kw = spawn_proxy(up.addr, &extra).await;
+        let started = std::time::Instant::now();
+        let reply = request(kw.addr, "GET", "/hang").await;
+        let took = started.elapsed();
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (200, "ab"),
+            "{client}"
+        );
+        assert!(!reply.whole, "{client}: the cut is visible");
+        assert!(took < Duration::from_secs(3), "{client}: held for {took:?}");
+        kw.shutdown().await;
+    }
+}
+
 /// Bytes past the end of a response (after its length, after a 204, 304 or HEAD head)
 /// are never read as the answer to the next request: the connection is dropped.
 #[tokio::test]

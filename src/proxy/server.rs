@@ -27,7 +27,7 @@ use super::balance::Connections;
 use super::conn::ConnInfo;
 use super::head::HYPER_MIN_BUF;
 use super::worker::Worker;
-use super::writing::Responses;
+use super::writing::{self, Responses};
 use super::{h1, headers, respond, RequestBody};
 use crate::config::{CredentialSource, Http1Server, Limits};
 use crate::tls::TlsAcceptor;
@@ -217,11 +217,14 @@ async fn serve_conn<I, D, F>(
 {
     // Until its first request a connection gets `header_read_timeout`; once it has served
     // one, a keep-alive client may hold it idle for `idle_timeout`.
-    let (first_request, idle_timeout, write_stall) = (
+    let (first_request, idle_timeout) = (
         app.config.limits.header_read_timeout,
         app.config.limits.idle_timeout,
-        app.config.limits.write_stall_timeout,
     );
+    let stall = writing::Bounds {
+        peer: app.config.limits.write_stall_timeout,
+        source: app.config.limits.upstream_timeout,
+    };
     let peer = conn.peer;
     let activity = Arc::new(Activity::new(first_request, idle_timeout));
     let requests = activity.clone();
@@ -249,7 +252,7 @@ async fn serve_conn<I, D, F>(
     let side = Arc::new(SideWaker::default());
     let result = loop {
         let drained = drain.wait_for(|draining| *draining);
-        let watchdog = activity.idle_for(write_stall);
+        let watchdog = activity.idle_for(stall);
         tokio::pin!(drained, watchdog);
         let event = next_event(connection.as_mut(), drained, watchdog, closing, &side).await;
         let unserved = match event {
@@ -473,9 +476,9 @@ impl Activity {
     /// Resolves once the connection has had no request in flight for the idle bound in
     /// force, or, with nothing in flight, once a response was cut off for waiting `stall`
     /// on the peer.
-    async fn idle_for(&self, stall: Duration) -> Wake {
-        // Stalled responses are looked for a few times per `stall`: cut off within 1.25 of it.
-        let check = (stall / 4).max(Duration::from_millis(10));
+    async fn idle_for(&self, stall: writing::Bounds) -> Wake {
+        // Stalled responses are looked for a few times per bound: cut off within 1.25 of it.
+        let check = (stall.peer.min(stall.source) / 4).max(Duration::from_millis(10));
         loop {
             let now = Instant::now();
             // The next wake is published before the state is read, so a request that ends
@@ -524,17 +527,18 @@ mod tests {
     #[tokio::test]
     async fn idle_waits_for_requests_to_finish() {
         let t = Duration::from_millis(50);
+        let bounds = writing::Bounds { peer: t, source: t };
         let a = Arc::new(Activity::new(t, t));
         let metrics = crate::metrics::Metrics::new(false).unwrap();
         let shard = metrics.shard(0);
         let start = Instant::now();
-        assert_eq!(a.idle_for(t).await, Wake::Idle);
+        assert_eq!(a.idle_for(bounds).await, Wake::Idle);
         assert!(start.elapsed() >= t);
         // A request in flight keeps the connection; the clock restarts when it ends.
         let held = a.begin(shard.track_in_flight());
         assert_eq!(metrics.in_flight(), 1);
         let a2 = a.clone();
-        let waiter = tokio::spawn(async move { a2.idle_for(t).await });
+        let waiter = tokio::spawn(async move { a2.idle_for(bounds).await });
         tokio::time::sleep(t * 3).await;
         assert!(!waiter.is_finished());
         let ended = Instant::now();

@@ -8,7 +8,9 @@
 //! hyper polls a response body only when it can write what the body yields (HTTP/2: once
 //! the stream has send capacity; HTTP/1.1: once its write buffer has room). So a body that
 //! has yielded a frame, or has not been polled yet, and is not polled again, is waiting for
-//! the peer; a body whose own source is not ready (`Pending`) is not.
+//! the peer; a body whose own source is not ready (`Pending`) is waiting for its source,
+//! the upstream: one that waits on it for `limits.upstream_timeout` (an app that stops
+//! half-way through a body) is cut off alike, as nginx's `proxy_read_timeout` does.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,7 +29,7 @@ const NOT_WAITING: u64 = u64::MAX;
 
 /// The error a cut-off body yields if hyper polls it again.
 #[derive(Debug, thiserror::Error)]
-#[error("response cut off: the client took none of it for the write stall timeout")]
+#[error("response cut off: the client took none of it, or the upstream sent none, for its bound")]
 pub struct Stalled;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -46,6 +48,8 @@ pub struct Writing<G> {
     origin: Instant,
     /// Nanoseconds after `origin` since which the body waits for the peer.
     waiting_since: AtomicU64,
+    /// Nanoseconds after `origin` since which the body waits for its source (the upstream).
+    source_since: AtomicU64,
     state: Mutex<State<G>>,
 }
 
@@ -64,11 +68,14 @@ impl<G> Writing<G> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Cut the response off if it has waited for the peer since before `now - bound`.
-    fn cut_if_stalled(&self, now: Instant, bound: Duration) -> bool {
-        let since = self.waiting_since.load(Ordering::Acquire);
-        let limit = self.nanos(now).saturating_sub(duration_nanos(bound));
-        if since == NOT_WAITING || since > limit {
+    /// Cut the response off if it has waited for the peer since before `now - bounds.peer`,
+    /// or for its source since before `now - bounds.source`.
+    fn cut_if_stalled(&self, now: Instant, bounds: Bounds) -> bool {
+        let waited = |since: &AtomicU64, bound: Duration| {
+            let since = since.load(Ordering::Acquire);
+            since != NOT_WAITING && since <= self.nanos(now).saturating_sub(duration_nanos(bound))
+        };
+        if !waited(&self.waiting_since, bounds.peer) && !waited(&self.source_since, bounds.source) {
             return false;
         }
         let mut state = self.state();
@@ -79,6 +86,14 @@ impl<G> Writing<G> {
         *state = State::Cut;
         true
     }
+}
+
+/// How long a response may wait: for the peer to take its next frame, and for its source
+/// (the upstream) to yield one.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub peer: Duration,
+    pub source: Duration,
 }
 
 fn duration_nanos(d: Duration) -> u64 {
@@ -133,6 +148,7 @@ impl<G> Responses<G> {
         if let Some(w) = live.list.iter_mut().find(|w| finished(w)) {
             if let Some(entry) = Arc::get_mut(w) {
                 *entry.waiting_since.get_mut() = waiting;
+                *entry.source_since.get_mut() = NOT_WAITING;
                 *entry.state.get_mut().unwrap_or_else(|e| e.into_inner()) =
                     State::Writing(body, guard);
                 return Tracked { writing: w.clone() };
@@ -141,6 +157,7 @@ impl<G> Responses<G> {
         let writing = Arc::new(Writing {
             origin: self.origin,
             waiting_since: AtomicU64::new(waiting),
+            source_since: AtomicU64::new(NOT_WAITING),
             state: Mutex::new(State::Writing(body, guard)),
         });
         if live.list.len() >= live.prune_at {
@@ -156,14 +173,15 @@ impl<G> Responses<G> {
         Tracked { writing }
     }
 
-    /// Cut off every response that has waited for the peer for `bound`; how many were.
-    pub fn cut_stalled(&self, bound: Duration) -> usize {
+    /// Cut off every response that has waited for the peer or its source past its bound;
+    /// how many were.
+    pub fn cut_stalled(&self, bounds: Bounds) -> usize {
         let now = Instant::now();
         let live = self.live();
         let cut = live
             .list
             .iter()
-            .filter(|w| !finished(w) && w.cut_if_stalled(now, bound))
+            .filter(|w| !finished(w) && w.cut_if_stalled(now, bounds))
             .count();
         if cut > 0 {
             self.any_cut.store(true, Ordering::Release);
@@ -192,6 +210,9 @@ impl<G> Drop for Tracked<G> {
         self.writing
             .waiting_since
             .store(NOT_WAITING, Ordering::Release);
+        self.writing
+            .source_since
+            .store(NOT_WAITING, Ordering::Release);
         drop(left);
     }
 }
@@ -212,16 +233,25 @@ impl<G> http_body::Body for Tracked<G> {
             State::Cut => return Poll::Ready(Some(Err(Stalled.into()))),
         };
         let frame = Pin::new(body).poll_frame(cx);
-        let waiting = match &frame {
-            // The source is not ready: waiting for it, not for the peer.
-            Poll::Pending => NOT_WAITING,
-            Poll::Ready(Some(Ok(_))) => writing.nanos(Instant::now()),
+        let (waiting, source) = match &frame {
+            // The source is not ready: waiting for it (since the first `Pending` in a row),
+            // not for the peer.
+            Poll::Pending => {
+                let since = writing.source_since.load(Ordering::Acquire);
+                let since = match since {
+                    NOT_WAITING => writing.nanos(Instant::now()),
+                    since => since,
+                };
+                (NOT_WAITING, since)
+            }
+            Poll::Ready(Some(Ok(_))) => (writing.nanos(Instant::now()), NOT_WAITING),
             Poll::Ready(None | Some(Err(_))) => {
                 *state = State::Done;
-                NOT_WAITING
+                (NOT_WAITING, NOT_WAITING)
             }
         };
         writing.waiting_since.store(waiting, Ordering::Release);
+        writing.source_since.store(source, Ordering::Release);
         frame
     }
 
@@ -255,6 +285,14 @@ mod tests {
         }
     }
 
+    /// Bounds on the peer only.
+    fn peer(bound: Duration) -> Bounds {
+        Bounds {
+            peer: bound,
+            source: Duration::from_secs(3600),
+        }
+    }
+
     fn body(text: &'static str) -> Body {
         Either::Right(Full::new(Bytes::from_static(text.as_bytes())))
     }
@@ -264,9 +302,9 @@ mod tests {
         let responses = Responses::new(Instant::now());
         let dropped = Arc::new(AtomicUsize::new(0));
         let tracked = responses.track(body("never read"), Guard(dropped.clone()));
-        assert_eq!(responses.cut_stalled(Duration::from_secs(60)), 0);
+        assert_eq!(responses.cut_stalled(peer(Duration::from_secs(60))), 0);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(responses.cut_stalled(Duration::from_millis(10)), 1);
+        assert_eq!(responses.cut_stalled(peer(Duration::from_millis(10))), 1);
         assert_eq!(
             dropped.load(Ordering::SeqCst),
             1,
@@ -284,7 +322,7 @@ mod tests {
         assert_eq!(got, "read");
         assert_eq!(dropped.load(Ordering::SeqCst), 1);
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert_eq!(responses.cut_stalled(Duration::from_millis(1)), 0);
+        assert_eq!(responses.cut_stalled(peer(Duration::from_millis(1))), 0);
     }
 
     #[tokio::test]
@@ -307,7 +345,7 @@ mod tests {
         );
         // A finished entry is never cut; the live one is.
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert_eq!(responses.cut_stalled(Duration::from_millis(1)), 1);
+        assert_eq!(responses.cut_stalled(peer(Duration::from_millis(1))), 1);
         assert_eq!(dropped.load(Ordering::SeqCst), 2);
         assert!(second.collect().await.is_err());
     }
