@@ -43,6 +43,52 @@ fn release_freed_memory() {
     }
 }
 
+/// Raise the soft limit on open files to the hard one, as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do: every connection, client or upstream, is a descriptor, and a
+/// shell's or systemd's default soft limit of 1024 is far below `limits.max_connections`.
+/// The limit in force after, if it could be read.
+#[allow(unsafe_code)]
+fn raise_open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes, and setrlimit reads, only the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            // An unlimited hard limit cannot be the soft one (the kernel's nr_open caps
+            // it): then the soft limit stays as it was.
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
+/// Warn when the open-files limit cannot hold what the limits allow: a client connection
+/// each, an upstream connection per request in flight, and some for listeners, files and
+/// Redis. Past it, accepts (the admin listener's, probes included) and upstream connects
+/// fail with "too many open files".
+fn check_open_files(config: &Config, limit: Option<u64>) {
+    let l = &config.limits;
+    let wanted = (l.max_connections + l.max_in_flight + 64) as u64;
+    if let Some(limit) = limit.filter(|&n| n < wanted) {
+        tracing::warn!(
+            open_files_limit = limit,
+            wanted,
+            "the open-files limit (ulimit -n) is below limits.max_connections + limits.max_in_flight: raise it, or lower those"
+        );
+    }
+}
+
 /// Why a command failed: printed as `keyward: <message>`, exit status 1.
 #[derive(Debug, thiserror::Error)]
 enum CliError {
@@ -214,6 +260,7 @@ fn run(path: &Path) -> Result<(), CliError> {
 }
 
 fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
+    check_open_files(&config, raise_open_files_limit());
     runtime()?.block_on(async {
         let signals = keyward::Signals::install().map_err(CliError::Signals)?;
         let server = Keyward::bind_with(config, Some(release_freed_memory)).await?;

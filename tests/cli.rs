@@ -300,3 +300,56 @@ fn check_rejects_bad_configs_naming_the_field() {
     let e = refuse(&|t| t);
     assert!(e.contains(&keys.display().to_string()), "{e}");
 }
+
+/// `keyward run` under a shell whose open-files limits are `soft` and `hard`: the soft
+/// limit it then runs with, and its logs until it is listening.
+fn run_with_open_files(soft: &str, hard: &str) -> (u64, String) {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keyward.yaml");
+    let keys = Path::new(ROOT).join("config/keys.yaml");
+    let text = format!(
+        "listen: 127.0.0.1:0\nupstream: http://127.0.0.1:9\nadmin_listen: 127.0.0.1:0\nenvironment: production\nkeys: {{ file: {} }}\n",
+        keys.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let script = format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" -c \"$1\" run");
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &script, support::child::BIN, config.to_str().unwrap()])
+        .env_remove("KEYWARD_LOG")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let listening = stdout
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("keyward listening"));
+    assert!(listening, "keyward did not start");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let soft_now = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    (soft_now, stderr(&out))
+}
+
+/// Each connection, client or upstream, is a descriptor: keyward raises its soft open-files
+/// limit to the hard one, and warns at start when even that cannot hold what its limits allow
+/// (`max_connections` + `max_in_flight`), before accepts and connects fail under load.
+#[test]
+fn the_open_files_limit_is_raised_and_a_low_one_named_at_start() {
+    let (soft, logs) = run_with_open_files("256", "4096");
+    assert_eq!(soft, 4096, "raised to the hard limit");
+    assert!(
+        logs.contains("the open-files limit (ulimit -n) is below"),
+        "{logs}"
+    );
+    assert!(logs.contains("\"open_files_limit\":4096"), "{logs}");
+}
