@@ -120,8 +120,11 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
                 );
                 return r;
             }
+            // The audit line says what a call asked for: a forced push and a dry run differ
+            // only in their flags (the query itself is not logged: it is the caller's text).
+            let flags = Flags::of(&req, &[DRY_RUN, FORCE]).unwrap_or_default();
             let r = control(app, req).await;
-            info!(target: "keyward::admin", %method, path, status = r.status().as_u16(), outcome = outcome(r.status()), "admin request");
+            info!(target: "keyward::admin", %method, path, dry_run = flags.dry_run, force = flags.force, status = r.status().as_u16(), outcome = outcome(r.status()), "admin request");
             r
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
@@ -225,16 +228,22 @@ async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
                 "no key snapshot loaded",
             ),
         },
-        (&Method::PUT, ["v1", "snapshot"]) if flag(&req, "dry_run") => dry_run(app, req).await,
-        (&Method::PUT, ["v1", "snapshot"]) => put_snapshot(app, req).await,
-        (&Method::POST, ["v1", "snapshot", "reload"]) => reload(app, &req).await,
+        (&Method::PUT, ["v1", "snapshot"]) => match Flags::of(&req, &[DRY_RUN, FORCE]) {
+            Err(e) => error(StatusCode::BAD_REQUEST, "bad_request", e),
+            Ok(f) if f.dry_run => dry_run(app, req).await,
+            Ok(f) => put_snapshot(app, req, f.admission()).await,
+        },
+        (&Method::POST, ["v1", "snapshot", "reload"]) => match Flags::of(&req, &[FORCE]) {
+            Err(e) => error(StatusCode::BAD_REQUEST, "bad_request", e),
+            Ok(f) => reload(app, f.admission()).await,
+        },
         (&Method::GET, ["v1", "keys", "usage"]) => usage(app).await,
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
     }
 }
 
 /// A fleet revoke (or its lifting) with `cluster`; without it, disable edits the snapshot.
-async fn key_action(app: &App, action: KeyAction) -> Response<AdminBody> {
+async fn key_action(app: &Arc<App>, action: KeyAction) -> Response<AdminBody> {
     let shared = app.revocations.is_shared();
     match action {
         KeyAction::Disable(id) if shared => revoke(app, &id, true).await,
@@ -244,7 +253,7 @@ async fn key_action(app: &App, action: KeyAction) -> Response<AdminBody> {
             "cluster_required",
             "enable lifts a fleet revoke and needs `cluster`; without it, edit the snapshot",
         ),
-        KeyAction::Disable(id) => disable(app, &id),
+        KeyAction::Disable(id) => disable(app, id).await,
     }
 }
 
@@ -277,9 +286,12 @@ fn body_format(req: &Request<Incoming>) -> Format {
     }
 }
 
-async fn put_snapshot(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
+async fn put_snapshot(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    admission: source::Admission,
+) -> Response<AdminBody> {
     let format = body_format(&req);
-    let admission = admission(&req);
     // Refused before the body is read: it may be hundreds of megabytes.
     let KeySource::Control { state_file, .. } = &app.key_source else {
         return error(StatusCode::CONFLICT, "file_source", LoadError::FileSource);
@@ -338,26 +350,67 @@ fn guarded(verdict: &crate::keys::guard::Verdict) -> Response<AdminBody> {
     )
 }
 
-/// A query flag: `name`, `name=true` or `name=1`.
-fn flag(req: &Request<Incoming>, name: &str) -> bool {
-    req.uri().query().unwrap_or("").split('&').any(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
-        k == name && matches!(v, "true" | "1")
-    })
+const DRY_RUN: &str = "dry_run";
+
+fn query_decode(s: &str) -> std::borrow::Cow<'_, str> {
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy()
+}
+const FORCE: &str = "force";
+
+/// The flags of a control call, read strictly: a call meant as a dry run must never install
+/// because its flag was spelled `True` (as Python's urlencode writes it) or `dry-run`. Each
+/// flag is given bare (`?dry_run`) or as `true`/`1`/`false`/`0` in any case, at most once;
+/// any other value, and any other parameter, is a 400 naming it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Flags {
+    dry_run: bool,
+    force: bool,
 }
 
-/// `?force=true` takes a snapshot the guard would refuse.
-fn admission(req: &Request<Incoming>) -> source::Admission {
-    if flag(req, "force") {
-        source::Admission::Forced
-    } else {
-        source::Admission::Guarded
+impl Flags {
+    fn of(req: &Request<Incoming>, allowed: &[&str]) -> Result<Flags, String> {
+        let mut flags = Flags::default();
+        let mut seen: Vec<String> = Vec::new();
+        let query = req.uri().query().unwrap_or("");
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+            let (k, v) = (query_decode(k), query_decode(v));
+            let shown: String = k.chars().take(40).collect();
+            let Some(name) = allowed.iter().find(|a| **a == k) else {
+                return Err(format!(
+                    "unknown query parameter {shown:?} (this endpoint takes: {})",
+                    allowed.join(", ")
+                ));
+            };
+            if seen.iter().any(|s| s == name) {
+                return Err(format!("query parameter {name} given twice"));
+            }
+            seen.push((*name).to_string());
+            let on = match v.to_ascii_lowercase().as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => return Err(format!("query parameter {name} must be true or false")),
+            };
+            match *name {
+                DRY_RUN => flags.dry_run = on,
+                _ => flags.force = on,
+            }
+        }
+        Ok(flags)
+    }
+
+    /// `force` takes a snapshot the guard would refuse.
+    fn admission(&self) -> source::Admission {
+        if self.force {
+            source::Admission::Forced
+        } else {
+            source::Admission::Guarded
+        }
     }
 }
 
 /// `POST /v1/snapshot/reload[?force=true]`: read the key file now (file source).
-async fn reload(app: &Arc<App>, req: &Request<Incoming>) -> Response<AdminBody> {
-    let admission = admission(req);
+async fn reload(app: &Arc<App>, admission: source::Admission) -> Response<AdminBody> {
     let app2 = app.clone();
     let result = tokio::task::spawn_blocking(move || source::reload_file(&app2, admission))
         .await
@@ -538,8 +591,22 @@ async fn usage(app: &App) -> Response<AdminBody> {
     json(StatusCode::OK, json!({ "keys": keys, "scope": "replica" }))
 }
 
-fn disable(app: &App, id: &str) -> Response<AdminBody> {
-    match source::disable_key(app, id) {
+/// Off the admin thread, as pushes and reloads are: the edit re-serializes, re-parses and
+/// persists the whole snapshot (1.6 s at 300k keys), and the admin thread also answers
+/// the probes, which would stall for as long in the middle of an incident.
+async fn disable(app: &Arc<App>, id: String) -> Response<AdminBody> {
+    let app2 = app.clone();
+    let id2 = id.clone();
+    let done = tokio::task::spawn_blocking(move || source::disable_key(&app2, &id2)).await;
+    let Ok(result) = done else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "persist_failed",
+            "the disable did not complete",
+        );
+    };
+    let id = id.as_str();
+    match result {
         Ok(s) => json(
             StatusCode::OK,
             json!({"key_id": id, "status": "disabled", "snapshot": snapshot_info(&s)}),

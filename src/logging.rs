@@ -98,7 +98,14 @@ where
                 .finish()
                 .with(dependency_cap()),
         ),
-        LogFormat::Pretty => Box::new(builder.compact().finish().with(dependency_cap())),
+        // Colour only for a terminal: escape codes in a file or a log shipper are noise.
+        LogFormat::Pretty => Box::new(
+            builder
+                .compact()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .finish()
+                .with(dependency_cap()),
+        ),
     }
 }
 

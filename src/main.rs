@@ -396,8 +396,16 @@ fn diff(old: &Path, new: &Path, json: bool, config: Option<&PathBuf>) -> ExitCod
 }
 
 fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), CliError> {
-    let dir = std::env::temp_dir().join(format!("keyward-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(CliError::DemoFiles)?;
+    // A fresh directory of its own, owner-only: a name another user could guess and create
+    // first (a pid) would let them swap the watched key file or plant a symlink.
+    let dir = std::env::temp_dir().join(format!("keyward-demo-{}", uuid::Uuid::new_v4().simple()));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(CliError::DemoFiles)?;
+    }
     let keys_file = dir.join("keys.yaml");
     std::fs::write(&keys_file, demo::DEMO_KEYS).map_err(CliError::DemoFiles)?;
     let rt = runtime()?;

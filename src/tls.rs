@@ -248,9 +248,15 @@ impl Watched for TlsWatch {
         None
     }
 
-    /// A file missing for a moment (mid-rotation): look again on the next poll.
-    fn unreadable(&self, error: TlsError, _report: bool) {
-        tracing::debug!(error = %error, "TLS files not readable; keeping the current certificate");
+    /// A file missing for a moment (mid-rotation): look again on the next poll. Said at
+    /// `warn` once per failure after a good read (a rotation that left the files broken
+    /// must be seen before the served certificate expires), at `debug` on later polls.
+    fn unreadable(&self, error: TlsError, report: bool) {
+        if report {
+            tracing::warn!(error = %error, "TLS files not readable; keeping the current certificate");
+        } else {
+            tracing::debug!(error = %error, "TLS files not readable; keeping the current certificate");
+        }
     }
 }
 

@@ -413,6 +413,57 @@ async fn dry_run_answers_the_diff_and_installs_nothing() {
     kw.shutdown().await;
 }
 
+/// A control call meant as a dry run never installs because of how its flag is spelled:
+/// `True` (Python's urlencode), `TRUE` and percent-encoded names are read as the flag; any
+/// other value (`yes`) or name (`dry-run`, `dryRun`), or a flag given twice, is a 400 that
+/// installs nothing, `force` included.
+#[tokio::test]
+async fn a_dry_run_flag_is_read_strictly_and_never_installs() {
+    let up = spawn_upstream().await;
+    let kw = spawn_control(up.addr, Some(&plain(0..4)), "").await;
+    let before = std::fs::read(state_file(&kw)).unwrap();
+    let push = plain(1..4);
+    for query in [
+        "dry_run=True",
+        "dry_run=TRUE",
+        "dry%5Frun=1",
+        "%64ry_run",
+        "force=true&dry_run",
+    ] {
+        let r = admin(&kw, "PUT", &format!("/v1/snapshot?{query}"), &push).await;
+        assert_eq!(r.status, 200, "{query}: {}", r.text());
+        assert_eq!(
+            r.json()["removed"],
+            serde_json::json!(["key_0"]),
+            "{query}: a diff"
+        );
+    }
+    for query in [
+        "dry_run=yes",
+        "dry-run=true",
+        "dryRun=true",
+        "dry_run=",
+        "dry_run=true&dry_run=false",
+        "dry_run=true&extra=1",
+        "force=yes",
+        "force=true&dry-run=true",
+    ] {
+        let r = admin(&kw, "PUT", &format!("/v1/snapshot?{query}"), &push).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code().as_str()),
+            (400, "bad_request"),
+            "{query}: {}",
+            r.text()
+        );
+    }
+    let r = admin(&kw, "POST", "/v1/snapshot/reload?force=maybe", "").await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    // Nothing was installed or persisted: key_0 still works.
+    assert_eq!(status_with(&kw, &raw(0)).await, 200);
+    assert_eq!(std::fs::read(state_file(&kw)).unwrap(), before);
+    kw.shutdown().await;
+}
+
 fn keyward_diff(args: &[&str], dir: &Path) -> (i32, String, String) {
     let out = support::child::command(args)
         .current_dir(dir)

@@ -347,3 +347,22 @@ fn a_parse_error_keeps_its_path_and_source() {
     let source = std::error::Error::source(&e);
     assert!(source.is_some_and(|s| s.is::<serde_yaml::Error>()), "{e:?}");
 }
+
+#[test]
+fn listeners_must_not_share_an_address() {
+    let e = err("admin_listen: 127.0.0.1:8080\n");
+    assert!(
+        e.starts_with("admin_listen: ") && e.contains("`listen`"),
+        "{e}"
+    );
+    let e = err("admin_listen: 127.0.0.1:9002\ndecision: { listen: 127.0.0.1:9002 }\n");
+    assert!(
+        e.starts_with("admin_listen: ") && e.contains("decision.listen"),
+        "{e}"
+    );
+    let e = err("decision: { listen: 127.0.0.1:8080 }\n");
+    assert!(e.starts_with("decision.listen: "), "{e}");
+    // Port 0 asks the kernel for a free port each time: never the same.
+    let zero = MINIMAL.replace("127.0.0.1:8080", "127.0.0.1:0");
+    assert!(Config::from_yaml(&format!("{zero}admin_listen: 127.0.0.1:0\n")).is_ok());
+}

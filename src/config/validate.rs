@@ -12,6 +12,7 @@ impl Config {
     /// Every rule that serde cannot express. Errors name the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_upstream()?;
+        self.validate_distinct_listeners()?;
         if self.environment.trim().is_empty() {
             return Err(invalid("environment", "must not be empty"));
         }
@@ -97,6 +98,28 @@ impl Config {
                 "metrics.per_key_limit",
                 "must be at least 1 (turn the series off with metrics.per_key: false)",
             ));
+        }
+        Ok(())
+    }
+
+    /// Two listeners on one address would fail to bind at start, after `check` said ok;
+    /// the admin listener in particular must never share a port with traffic.
+    fn validate_distinct_listeners(&self) -> Result<(), ConfigError> {
+        let same = |a: std::net::SocketAddr, b: std::net::SocketAddr| a == b && a.port() != 0;
+        let decision = self.decision.as_ref().map(|d| d.listen);
+        if self.listen.is_some_and(|l| same(l, self.admin_listen)) {
+            return Err(invalid("admin_listen", "must differ from `listen`"));
+        }
+        if decision.is_some_and(|d| same(d, self.admin_listen)) {
+            return Err(invalid(
+                "admin_listen",
+                "must differ from `decision.listen`",
+            ));
+        }
+        if let (Some(l), Some(d)) = (self.listen, decision) {
+            if same(l, d) {
+                return Err(invalid("decision.listen", "must differ from `listen`"));
+            }
         }
         Ok(())
     }

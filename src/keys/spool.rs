@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,7 +35,13 @@ impl Spool {
             Self::prefix(state_file),
             uuid::Uuid::new_v4().simple()
         ));
-        let file = File::create(&path).map_err(|e| io_error(&path, e))?;
+        // Owner-only, as the state file it becomes: it holds every digest and identity.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_error(&path, e))?;
         let spool = Spool {
             path,
             committed: false,
@@ -122,6 +129,16 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
+
+    #[test]
+    fn a_spool_and_the_state_file_it_becomes_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("snapshot.yaml");
+        persist(&state, b"keys: []\n").unwrap();
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 
     #[test]
     fn a_spool_is_removed_unless_committed_and_overlapping_ones_never_meet() {
