@@ -345,7 +345,8 @@ fn guarded(verdict: &crate::keys::guard::Verdict) -> Response<AdminBody> {
         status,
         json!({"status": status.as_u16(), "code": "snapshot_guard", "error": verdict.to_string(),
                "in_force": verdict.in_force, "removed": verdict.removed,
-               "disabled": verdict.disabled, "fraction": verdict.fraction,
+               "disabled": verdict.disabled, "locked_out": verdict.locked_out,
+               "fraction": verdict.fraction,
                "limit": verdict.limit, "min_keys": verdict.min_keys, "reason": verdict.reason}),
     )
 }

@@ -482,7 +482,13 @@ fn keyward_diff_prints_the_diff_and_exits_by_the_guard() {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
     write("old.yaml", &plain(0..20));
-    let small = format!("{}{}", plain(0..9), entry(9, "").replace(&sha(9), &sha(99)));
+    // Half removed and one secret replaced: 10 of 20, the most the guard lets through.
+    let small = format!(
+        "{}{}{}",
+        plain(0..9),
+        entry(9, "").replace(&sha(9), &sha(99)),
+        entry(10, "")
+    );
     write("small_change.yaml", &small);
     write("cut.yaml", &plain(0..5));
     write("empty.yaml", "keys: []\n");
@@ -491,14 +497,17 @@ fn keyward_diff_prints_the_diff_and_exits_by_the_guard() {
     let (code, out, _) = keyward_diff(&["diff", "old.yaml", "small_change.yaml"], dir.path());
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("- key_10\n") && out.contains("~ key_9: sha256\n"),
+        out.contains("- key_11\n") && out.contains("~ key_9: sha256\n"),
         "{out}"
     );
     assert!(out.contains("passes"), "{out}");
 
     let (code, out, _) = keyward_diff(&["diff", "old.yaml", "cut.yaml"], dir.path());
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("removes 15 and disables 0 of 20"), "{out}");
+    assert!(
+        out.contains("removes 15, disables 0 and locks out 0 of 20"),
+        "{out}"
+    );
 
     let (code, out, _) = keyward_diff(&["diff", "--json", "old.yaml", "empty.yaml"], dir.path());
     assert_eq!(code, 1);

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::schema::KeyDoc;
-use super::{Snapshot, Status};
+use super::{Key, Snapshot, Status};
 
 /// One key present in both snapshots whose entry differs, and the names of its fields that
 /// differ.
@@ -31,11 +31,17 @@ pub struct SnapshotDiff {
     pub changed: Vec<Changed>,
     /// Keys active in force and disabled in the new snapshot (also listed in `changed`).
     pub disabled: Vec<String>,
+    /// Keys active in force that stay active but stop accepting the secret their clients
+    /// hold (also listed in `changed`): a new digest, an expiry already past, or a binding
+    /// to another environment. A snapshot can lock everyone out this way as surely as by
+    /// removing every key, so the guard counts these too.
+    pub locked_out: Vec<String>,
     pub unchanged: usize,
 }
 
 /// Compare two snapshots key by key (by id), field by field.
 pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
+    let now = std::time::SystemTime::now();
     let mut d = SnapshotDiff {
         in_force: old.len(),
         keys: new.len(),
@@ -54,6 +60,8 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
         }
         if before.status == Status::Active && key.status == Status::Disabled {
             d.disabled.push(key.id.to_string());
+        } else if before.status == Status::Active && locks_out(before, key, now) {
+            d.locked_out.push(key.id.to_string());
         }
         d.changed.push(Changed {
             id: key.id.to_string(),
@@ -72,8 +80,21 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
     d.added.sort_unstable();
     d.removed.sort_unstable();
     d.disabled.sort_unstable();
+    d.locked_out.sort_unstable();
     d.changed.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     d
+}
+
+/// Does `after` refuse the secret `before` accepted (both active)? A new digest, an expiry
+/// past by `now` that was not before, or a binding to another environment than the one
+/// before (which was the one in force, since the key was accepted). A first binding is not
+/// counted: the diff does not know the environment in force, and binding keys to it is a
+/// routine change.
+fn locks_out(before: &Key, after: &Key, now: std::time::SystemTime) -> bool {
+    let expired = |k: &Key| k.expires_at.is_some_and(|t| t <= now);
+    before.digest() != after.digest()
+        || (expired(after) && !expired(before))
+        || (before.environment().is_some() && after.environment() != before.environment())
 }
 
 /// The names of the entry fields that differ. Values are compared, never returned.
@@ -127,13 +148,14 @@ impl SnapshotDiff {
     /// changed with its field names).
     pub fn to_text(&self) -> String {
         let mut out = format!(
-            "keys: {} in force, {} new; added {}, removed {}, changed {} (disabled {}), unchanged {}\n",
+            "keys: {} in force, {} new; added {}, removed {}, changed {} (disabled {}, locked out {}), unchanged {}\n",
             self.in_force,
             self.keys,
             self.added.len(),
             self.removed.len(),
             self.changed.len(),
             self.disabled.len(),
+            self.locked_out.len(),
             self.unchanged
         );
         for id in &self.added {
@@ -198,6 +220,41 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// A snapshot can lock every client out without removing or disabling a key: a new
+    /// digest, an expiry already past, a binding to another environment.
+    #[test]
+    fn keys_that_stop_accepting_their_secret_are_locked_out() {
+        let old = snap(&[
+            entry("k1", "a", ""),
+            entry("k2", "b", ""),
+            entry("k3", "c", "    environment: production\n"),
+            entry("k4", "d", ""),
+            entry("k5", "e", ""),
+        ]);
+        let new = snap(&[
+            entry("k1", "rotated", ""),
+            entry("k2", "b", "    expires_at: 2001-01-01T00:00:00Z\n"),
+            entry("k3", "c", "    environment: staging\n"),
+            entry(
+                "k4",
+                "d",
+                "    expires_at: 2999-01-01T00:00:00Z\n    environment: production\n",
+            ),
+            entry("k5", "e", "    scopes: [read, write]\n").replace("    scopes: [read]\n", ""),
+        ]);
+        let d = diff(&old, &new);
+        // k4 gains a first binding and a far expiry, k5 a scope: both still accept theirs.
+        assert_eq!(d.locked_out, ["k1", "k2", "k3"]);
+        assert!(d.disabled.is_empty() && d.removed.is_empty());
+        let guard = crate::config::GuardConfig {
+            max_removed_fraction: 0.5,
+            min_keys: 1,
+        };
+        let v = super::super::guard::judge(&d, &guard);
+        assert!(v.would_refuse, "{v}");
+        assert_eq!(v.locked_out, 3);
     }
 
     #[test]

@@ -31,7 +31,10 @@ pub struct Verdict {
     pub removed: usize,
     /// Keys active in force and disabled in the new snapshot.
     pub disabled: usize,
-    /// `(removed + disabled) / in_force` (0 when nothing is in force).
+    /// Keys active in force whose clients' secret the new snapshot refuses (new digest,
+    /// expiry past, another environment).
+    pub locked_out: usize,
+    /// `(removed + disabled + locked_out) / in_force` (0 when nothing is in force).
     pub fraction: f64,
     /// `keys.guard.max_removed_fraction`.
     pub limit: f64,
@@ -41,11 +44,11 @@ pub struct Verdict {
 
 /// Judge a diff by the guard's settings.
 pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
-    let (removed, disabled) = (d.removed.len(), d.disabled.len());
+    let (removed, disabled, locked_out) = (d.removed.len(), d.disabled.len(), d.locked_out.len());
     let fraction = if d.in_force == 0 {
         0.0
     } else {
-        (removed + disabled) as f64 / d.in_force as f64
+        (removed + disabled + locked_out) as f64 / d.in_force as f64
     };
     let reason = if d.keys == 0 && d.in_force > 0 {
         Some(Reason::Empty)
@@ -60,6 +63,7 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
         in_force: d.in_force,
         removed,
         disabled,
+        locked_out,
         fraction,
         limit: cfg.max_removed_fraction,
         min_keys: cfg.min_keys,
@@ -94,14 +98,31 @@ impl fmt::Display for Verdict {
             ),
             Some(Reason::Fraction) => write!(
                 f,
-                "snapshot guard: the new snapshot removes {} and disables {} of {} keys in force \
-                 ({:.2} > keys.guard.max_removed_fraction {:.2})",
-                self.removed, self.disabled, self.in_force, self.fraction, self.limit
+                "snapshot guard: the new snapshot removes {}, disables {} and locks out {} of {} \
+                 keys in force ({:.2} > keys.guard.max_removed_fraction {:.2})",
+                self.removed,
+                self.disabled,
+                self.locked_out,
+                self.in_force,
+                self.fraction,
+                self.limit
+            ),
+            None if self.in_force < self.min_keys => write!(
+                f,
+                "snapshot guard: passes (removes {}, disables {} and locks out {} of {} keys in \
+                 force; below keys.guard.min_keys {}, only an empty snapshot is refused)",
+                self.removed, self.disabled, self.locked_out, self.in_force, self.min_keys
             ),
             None => write!(
                 f,
-                "snapshot guard: passes (removes {} and disables {} of {} keys in force, {:.2} <= {:.2})",
-                self.removed, self.disabled, self.in_force, self.fraction, self.limit
+                "snapshot guard: passes (removes {}, disables {} and locks out {} of {} keys in \
+                 force, {:.2} <= {:.2})",
+                self.removed,
+                self.disabled,
+                self.locked_out,
+                self.in_force,
+                self.fraction,
+                self.limit
             ),
         }
     }
