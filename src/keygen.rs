@@ -9,6 +9,30 @@ use crate::keys::{digest, PrincipalType};
 /// Bytes of OS randomness in a generated key (256 bits).
 pub const KEY_BYTES: usize = 32;
 
+/// The longest key prefix: with the 43 random characters the key stays far inside the
+/// 512 bytes a credential may have (SPEC 3).
+pub const MAX_PREFIX: usize = 64;
+
+/// Why a key could never authenticate: keys are 8..512 bytes of visible ASCII (SPEC 3).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UnusableKey {
+    #[error(
+        "a key prefix is at most {MAX_PREFIX} of A-Z a-z 0-9 _ - . (the key would not be usable)"
+    )]
+    Prefix,
+    #[error("a key is 8 to 512 bytes of visible ASCII, without spaces: this one could never authenticate")]
+    Key,
+}
+
+/// `prefix` may start a key every credential source carries as it is.
+pub fn check_prefix(prefix: &str) -> Result<(), UnusableKey> {
+    let ok = prefix.len() <= MAX_PREFIX
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    ok.then_some(()).ok_or(UnusableKey::Prefix)
+}
+
 /// A fresh random key: `prefix` + 43 URL-safe base64 characters.
 pub fn generate_key(prefix: &str) -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; KEY_BYTES];
@@ -19,9 +43,15 @@ pub fn generate_key(prefix: &str) -> Result<String, getrandom::Error> {
     ))
 }
 
-/// Lowercase hex SHA-256 of a key, as stored in the snapshot.
-pub fn hash_key(raw: &str) -> String {
-    hex::encode(digest(raw.trim_end_matches(['\r', '\n']).as_bytes()))
+/// Lowercase hex SHA-256 of a key, as stored in the snapshot (a line end after it is not
+/// part of it). A key that could never authenticate is refused rather than hashed: its
+/// entry would silently match nothing.
+pub fn hash_key(raw: &str) -> Result<String, UnusableKey> {
+    let key = raw.trim_end_matches(['\r', '\n']);
+    let usable = (8..=512).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
+    usable
+        .then(|| hex::encode(digest(key.as_bytes())))
+        .ok_or(UnusableKey::Key)
 }
 
 /// What `keys generate` needs besides the prefix.
@@ -68,7 +98,7 @@ pub fn entry_yaml(raw: &str, new: &NewKey) -> Result<String, EntryError> {
     };
     let doc = KeyDoc {
         id: id.into(),
-        sha256: hash_key(raw).into(),
+        sha256: hex::encode(digest(raw.as_bytes())).into(),
         kind: new.principal_type.as_str().into(),
         subject_id: new.subject_id.as_str().into(),
         account_id: new.account_id.as_str().into(),
@@ -109,9 +139,26 @@ mod tests {
     #[test]
     fn hash_matches_sha256_and_ignores_newline() {
         assert_eq!(
-            hash_key("test\n"),
-            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+            hash_key("test-key\n").unwrap(),
+            hex::encode(digest(b"test-key"))
         );
+    }
+
+    #[test]
+    fn keys_and_prefixes_that_could_never_authenticate_are_refused() {
+        for bad in [
+            " key-with-space",
+            "short",
+            "tab\tkey-1234",
+            "two\nlines-of-key",
+            &"x".repeat(513),
+        ] {
+            assert_eq!(hash_key(bad), Err(UnusableKey::Key), "{bad:?}");
+        }
+        assert!(check_prefix("sk_live-1.").is_ok());
+        for bad in ["a b", "key/", &"p".repeat(65), "ké_"] {
+            assert_eq!(check_prefix(bad), Err(UnusableKey::Prefix), "{bad:?}");
+        }
     }
 
     #[test]
@@ -128,7 +175,7 @@ mod tests {
         };
         let yaml = entry_yaml(&raw, &new).unwrap();
         assert!(yaml.starts_with("  - id: key_ci\n"), "{yaml}");
-        assert!(yaml.contains(&format!("    sha256: {}\n", hash_key(&raw))));
+        assert!(yaml.contains(&format!("    sha256: {}\n", hash_key(&raw).unwrap())));
         assert!(!yaml.contains(&raw));
         let generated = entry_yaml(
             &raw,
@@ -145,7 +192,7 @@ mod tests {
             .trim_start_matches("  - id: ");
         assert!(id.starts_with("key_") && id.len() == 16, "{id}");
         assert!(
-            !hash_key(&raw).contains(&id[4..]),
+            !hash_key(&raw).unwrap().contains(&id[4..]),
             "the id says nothing about the key"
         );
         let bad = NewKey {

@@ -126,6 +126,8 @@ enum CliError {
     Randomness(getrandom::Error),
     #[error(transparent)]
     Entry(#[from] keygen::EntryError),
+    #[error(transparent)]
+    Unusable(#[from] keygen::UnusableKey),
 }
 
 #[derive(Parser)]
@@ -436,7 +438,7 @@ fn keys(cmd: KeysCommand) -> Result<(), CliError> {
             if raw.trim_end_matches(['\r', '\n']).is_empty() {
                 return Err(CliError::NoKeyOnStdin);
             }
-            println!("{}", keygen::hash_key(&raw));
+            println!("{}", keygen::hash_key(&raw)?);
             Ok(())
         }
         KeysCommand::Generate {
@@ -449,6 +451,7 @@ fn keys(cmd: KeysCommand) -> Result<(), CliError> {
             environment,
             expires_at,
         } => {
+            keygen::check_prefix(&prefix)?;
             let raw = keygen::generate_key(&prefix).map_err(CliError::Randomness)?;
             let new = keygen::NewKey {
                 id,
