@@ -328,7 +328,7 @@ async fn override_headers_of_the_client_are_refused() {
 /// on, and a CGI/WSGI app reads `X_Delegate_Account_Id` as the real one. A decision request
 /// carrying one is refused; keyward's own spelling is the front proxy's to overwrite.
 #[tokio::test]
-async fn misspelled_identity_and_delegation_headers_are_refused() {
+async fn misspelled_identity_delegation_and_forwarding_headers_are_refused() {
     let key = ("x-api-key", ENTERPRISE_KEY);
     let d = spawn_decider(None, "").await;
     for endpoint in ENDPOINTS {
@@ -339,6 +339,9 @@ async fn misspelled_identity_and_delegation_headers_are_refused() {
             "x_auth_org_id",
             "x-auth.subject-id",
             "X_Auth-Admin",
+            "x_forwarded_host",
+            "X.Forwarded.Proto",
+            "true_client_ip",
         ] {
             let r = decide(&d, endpoint, "GET", "/v1/items", &[key, (name, "victim")]).await;
             assert_eq!(r.status, 400, "{endpoint} {name}: {}", r.text());
@@ -348,6 +351,7 @@ async fn misspelled_identity_and_delegation_headers_are_refused() {
             "x-auth-org-id",
             "x-auth-custom_field",
             "x-delegate-account-idx",
+            "x-forwarded-for",
         ] {
             let r = decide(&d, endpoint, "GET", "/v1/items", &[key, (name, "forged")]).await;
             assert_eq!(r.status, 200, "{endpoint} {name}: {}", r.text());

@@ -144,7 +144,13 @@ const FORGED: [(&str, &str); 9] = [
 /// (SPEC 8's overrides, the decision protocols' own headers, forwarding headers), and a
 /// `Connection` header naming identity headers, which a proxy that honours it would remove
 /// after copying keyward's in. None may reach the app as sent.
-const REROUTED: [(&str, &str); 13] = [
+const REROUTED: [(&str, &str); 18] = [
+    // Forwarding headers the proxy strips, in `-` and `_`/`.` spellings.
+    ("x_forwarded_host", "forged-forwarded-host-alias"),
+    ("x.forwarded.proto", "forged-forwarded-proto-alias"),
+    ("true-client-ip", "forged-true-client-ip"),
+    ("x-forwarded-path", "forged-forwarded-path"),
+    ("x-url-scheme", "forged-url-scheme"),
     ("x-original-uri", "forged-original-uri"),
     // Spellings of the delegation header the proxy strips by keyward's spelling only.
     ("x_delegate_account_id", "forged-delegate-underscore"),

@@ -79,6 +79,19 @@ async fn requests_past_max_in_flight_get_502_without_an_upstream_connection() {
         .await;
     let extra = "workers: 1\nlimits: { max_in_flight: 2, write_stall_timeout: 2s }\n";
     let kw = spawn_proxy(up.addr, extra).await;
+    // Refusals nobody reads hold no upstream connection, and do not count: clients without
+    // a key cannot fill the budget.
+    let mut refused = Vec::new();
+    for i in 0..4 {
+        refused.push(zero_window_get(kw.addr, &format!("/v1/nokey-{i}"), None).await);
+    }
+    assert!(refused.iter().all(|s| s.status == 401));
+    assert_eq!(
+        get_h2c(&kw.url("/v1/items"), &[("x-api-key", KEY)])
+            .await
+            .status,
+        200
+    );
     let held = [
         zero_window_get(kw.addr, "/big", Some(KEY)).await,
         zero_window_get(kw.addr, "/big", Some(KEY)).await,
@@ -107,7 +120,7 @@ async fn requests_past_max_in_flight_get_502_without_an_upstream_connection() {
             .status,
         200
     );
-    drop(held);
+    drop((held, refused));
     kw.shutdown().await;
 }
 

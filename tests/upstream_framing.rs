@@ -445,6 +445,64 @@ async fn an_upstream_that_stops_mid_body_is_cut_off_at_upstream_timeout() {
     }
 }
 
+/// An app that answers HEAD as GET (`do_HEAD = do_GET`) sends a body after the head; bytes
+/// that arrive after the response was taken as complete would answer the next request on
+/// the connection. So a HEAD's upstream connection is closed after it, through both clients.
+#[tokio::test]
+async fn a_head_closes_its_upstream_connection() {
+    let cases: &[(&str, &[u8], bool)] =
+        &[("/h", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false)];
+    let replies = both(cases, |kw, up| async move {
+        let head = request(kw, "HEAD", "/h").await;
+        let next = request(kw, "GET", "/v1/next").await;
+        let conns = up.connections();
+        let marker = Reply {
+            status: 0,
+            head: String::new(),
+            body: vec![u8::from(conns.len() == 2 && conns[0] != conns[1])],
+            whole: true,
+        };
+        vec![head, next, marker]
+    })
+    .await;
+    assert_eq!(replies[0].status, 200);
+    assert_eq!(replies[1].text(), "next");
+    assert_eq!(replies[2].body, [1], "the HEAD's connection was used again");
+}
+
+/// keyward's server answers a client's `Expect: 100-continue` itself and streams the body
+/// on: the app is not asked again (an app that refused with 417 without reading the body
+/// would read it as its next request), and gets the body.
+#[tokio::test]
+async fn expect_is_answered_by_keyward_and_not_forwarded() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/items HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: 5\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).await.unwrap();
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&interim)
+    );
+    s.write_all(b"hello").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let seen = up.last();
+    assert_eq!(seen.body_len, 5);
+    assert!(seen.headers.get("expect").is_none(), "{:?}", seen.headers);
+    kw.shutdown().await;
+}
+
 /// Bytes past the end of a response (after its length, after a 204, 304 or HEAD head)
 /// are never read as the answer to the next request: the connection is dropped.
 #[tokio::test]

@@ -122,9 +122,9 @@ pub enum BadRequest {
     /// these, but behind a decision the front proxy would pass them to the app.
     #[error("override header {0} is not accepted")]
     Override(&'static str),
-    /// A decision request (SPEC 15) carrying an identity or delegation header spelled with
-    /// `_` or `.`: the front proxy strips or overwrites only keyward's spelling.
-    #[error("identity or delegation header spelled with '_' or '.' is not accepted")]
+    /// A decision request (SPEC 15) carrying an identity, delegation or forwarding header
+    /// spelled with `_` or `.`: the front proxy strips or overwrites only the `-` spelling.
+    #[error("identity, delegation or forwarding header spelled with '_' or '.' is not accepted")]
     Misspelled,
     /// A decision request (SPEC 15) whose original path normalization would change: the
     /// front proxy forwards it as sent, so what was authorized would not be what the app
@@ -207,7 +207,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::Original(_)) => "Original method or URI missing",
             Reject::BadRequest(BadRequest::Override(_)) => "Override header refused",
             Reject::BadRequest(BadRequest::NotNormal) => "Request path refused",
-            Reject::BadRequest(BadRequest::Misspelled) => "Misspelled identity header refused",
+            Reject::BadRequest(BadRequest::Misspelled) => "Misspelled identity or forwarding header refused",
         }
     }
 

@@ -138,10 +138,11 @@ pub fn check_overrides(
     }
 }
 
-/// The proxy strips every `_` and `.` spelling of the identity and delegation headers
-/// (SPEC 8); a front proxy overwrites or strips only keyward's own spelling and passes the
-/// rest to the app, which may read `X_Auth_Org_Id` or `X_Delegate_Account_Id` as the real
-/// one. So a decision request carrying such a spelling is refused.
+/// The proxy strips every `_` and `.` spelling of the identity, delegation and forwarding
+/// headers (SPEC 8); a front proxy overwrites or strips only the names as spelled and
+/// passes the rest to the app, which may read `X_Auth_Org_Id`, `X_Delegate_Account_Id` or
+/// `X_Forwarded_Host` as the real one. So a decision request carrying such a spelling is
+/// refused.
 pub fn check_spellings(headers: &HeaderMap, identity_prefix: &str) -> Result<(), Reject> {
     match headers
         .keys()

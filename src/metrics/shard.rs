@@ -66,11 +66,6 @@ impl Shard {
         self.upstream_duration[class].observe(elapsed);
     }
 
-    /// Requests in flight on this shard's worker thread.
-    pub fn in_flight_here(&self) -> i64 {
-        self.in_flight.load(Relaxed)
-    }
-
     /// Count a request as in flight for as long as the returned guard lives.
     pub fn track_in_flight(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Relaxed);

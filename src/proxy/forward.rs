@@ -72,16 +72,22 @@ impl ProxyError {
     }
 }
 
-/// A request whose body the app may well not read: a body on a method that defines no
-/// meaning for one (GET, HEAD, DELETE, OPTIONS, TRACE), which apps commonly answer without
-/// reading. A body left unread on a kept-alive connection is read by such an app as the
-/// next request, whatever it says (forged `x-auth-*` included), and its answer goes to
-/// the next client of that connection; so its connection is closed after the exchange.
-fn body_may_be_left_unread(req: &Request<RequestBody>) -> bool {
-    matches!(
-        *req.method(),
-        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
-    ) && !http_body::Body::is_end_stream(req.body())
+/// An exchange after which the connection may hold bytes that belong to no request or no
+/// response, so it is closed rather than pooled:
+/// - a body on a method that defines no meaning for one (GET, HEAD, DELETE, OPTIONS,
+///   TRACE), which apps commonly answer without reading: such an app reads the body as its
+///   next request on the connection, whatever it says (forged `x-auth-*` included), and the
+///   answer goes to the next client sent there;
+/// - HEAD: an app that answers it as a GET (`do_HEAD = do_GET`) sends a body after the
+///   head, and bytes that arrive after the response was taken as complete would answer the
+///   next request.
+fn may_leave_bytes_behind(req: &Request<RequestBody>) -> bool {
+    let method = req.method();
+    *method == Method::HEAD
+        || (matches!(
+            *method,
+            Method::GET | Method::DELETE | Method::OPTIONS | Method::TRACE
+        ) && !http_body::Body::is_end_stream(req.body()))
 }
 
 /// The app behind keyward, reached over this worker thread's keep-alive pool.
@@ -160,17 +166,17 @@ impl Upstream {
         }
         let start = Instant::now();
         let fast = self.client == UpstreamClient::Fast && !upgrade && h1::fits(&req);
+        let reuse = !may_leave_bytes_behind(&req);
+        if !reuse {
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let exchange = async {
             if fast {
-                self.exchange_fast(pool, req, identity, start).await
+                self.exchange_fast(pool, req, identity, start, reuse).await
             } else {
                 if let Some(identity) = identity {
                     headers::add_identity(req.headers_mut(), identity.headers());
-                }
-                let reuse = !body_may_be_left_unread(&req);
-                if !reuse {
-                    req.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
                 let resp = self.exchange(pool, req, start, reuse).await?;
                 Ok(resp.map(http_body_util::Either::Left))
@@ -238,6 +244,7 @@ impl Upstream {
         req: Request<RequestBody>,
         identity: Option<Identity<'_>>,
         start: Instant,
+        reuse: bool,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (mut parts, _empty) = req.into_parts();
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -263,12 +270,13 @@ impl Upstream {
                 }
                 return Err(ProxyError::Fast(H1Error::Io(e)));
             }
-            let (head, ready) = match conn.read_head(&parts.method, &mut parts.headers).await {
+            let (mut head, ready) = match conn.read_head(&parts.method, &mut parts.headers).await {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) if reused && parts.method.is_idempotent() => continue,
                 Ok(None) => return Err(ProxyError::Fast(H1Error::Incomplete)),
                 Err(e) => return Err(ProxyError::Fast(e)),
             };
+            head.keep_alive &= reuse;
             let home = pool::Return::new(pool, &self.pool, start);
             let resp = h1::response(conn, head, ready, home);
             return Ok(resp.map(http_body_util::Either::Right));
@@ -340,11 +348,14 @@ pub fn spawn_tunnel(
     downstream: hyper::upgrade::OnUpgrade,
     upstream_resp: &mut Response<UpstreamBody>,
     slot: Option<Slot>,
+    busy: super::worker::Busy,
     idle: Duration,
 ) {
     let upstream = hyper::upgrade::on(upstream_resp);
     tokio::spawn(async move {
-        let _slot = slot;
+        // The tunnel holds its connection slot, and its upstream connection counts against
+        // max_in_flight, for as long as it is open.
+        let _held = (slot, busy);
         let (down, up) = match tokio::try_join!(downstream, upstream) {
             Ok(pair) => pair,
             Err(e) => {

@@ -394,7 +394,7 @@ async fn send_upstream(
             return Err(upstream_failed(app, &ProxyError::UnexpectedUpgrade));
         };
         let idle = app.config.limits.tunnel_idle_timeout;
-        forward::spawn_tunnel(down, &mut resp, slot, idle);
+        forward::spawn_tunnel(down, &mut resp, slot, worker.busy(), idle);
     }
     Ok(resp)
 }

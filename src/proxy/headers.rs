@@ -25,19 +25,23 @@ pub const SET_FORWARDED: [HeaderName; 4] = [
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// The fixed hop-by-hop names (RFC 9110 7.6.1), `Upgrade` last: it is kept for an
-/// authenticated WebSocket handshake.
-static HOP_BY_HOP: [HeaderName; 6] = [
+/// authenticated WebSocket handshake. `Expect` too: keyward's server answers a client's
+/// `100-continue` itself and then streams the body, so an app asked the same would see a
+/// body it never asked for, and one that refuses it (417) without reading it would read the
+/// body as its next request.
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     KEEP_ALIVE,
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    header::EXPECT,
     header::UPGRADE,
 ];
 
 /// Remove hop-by-hop headers (RFC 9110 7.6.1): those a `Connection` header names, and the
-/// fixed list (`Connection`, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
-/// `Proxy-*`). With `keep_upgrade`, the `Upgrade` header survives and `Connection: upgrade`
+/// fixed list (`Connection`, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Expect`,
+/// `Upgrade`, `Proxy-*`). With `keep_upgrade`, the `Upgrade` header survives and `Connection: upgrade`
 /// is re-added, for an authenticated WebSocket handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // `Upgrade` is the last fixed name.
@@ -75,7 +79,7 @@ fn scan_hop_by_hop(headers: &HeaderMap, fixed: &[HeaderName]) -> (u8, bool) {
     for name in headers.keys() {
         // Every hop-by-hop name starts with one of these letters: most names are out at once.
         match name.as_str().as_bytes().first() {
-            Some(b'c' | b'k' | b't' | b'u') => {
+            Some(b'c' | b'k' | b't' | b'e' | b'u') => {
                 if let Some(i) = fixed.iter().position(|h| h == name) {
                     present |= 1 << i;
                 }
@@ -145,15 +149,22 @@ fn is_trusted_alias(name: &str, identity_prefix: &str) -> bool {
             && alias_starts_with(name, DELEGATE_HEADER.as_str()))
 }
 
-/// A name that reads as an identity header or the delegation header once `_` and `.` are
-/// read as `-`, but is not spelled with `-` where keyward spells it. Behind a decision
+/// A name that reads as an identity header, the delegation header or a forwarding header
+/// once `_` and `.` are read as `-`, but is not spelled with `-` where keyward spells it. Behind a decision
 /// (SPEC 15) the front proxy overwrites or strips only the names as keyward spells them,
 /// and a CGI/WSGI app would read this one as that.
 pub fn is_misspelled_trusted(name: &HeaderName, identity_prefix: &str) -> bool {
     let n = name.as_str();
-    // The alias test fails within a byte or two for most names; the scan is for the rest.
-    if !is_trusted_alias(n, identity_prefix) || !n.bytes().any(|b| b == b'_' || b == b'.') {
+    // The alias tests fail within a byte or two for most names; the scan is for the rest.
+    let trusted = is_trusted_alias(n, identity_prefix);
+    if !(trusted || is_forwarding(n)) || !n.bytes().any(|b| b == b'_' || b == b'.') {
         return false;
+    }
+    if !trusted {
+        // Every forwarding name is spelled with `-` alone: one with `_` or `.` is an alias,
+        // which front proxies pass on (nginx drops it, Caddy and Envoy do not) and
+        // CGI/WSGI apps read as the real one (`X_Forwarded_Host`: host poisoning).
+        return true;
     }
     let delegate = DELEGATE_HEADER;
     let canonical = if alias_starts_with(n, identity_prefix) {
@@ -483,10 +494,16 @@ mod tests {
             "x.auth-custom",
             "x_delegate_account_id",
             "x-delegate.account-id",
+            "x_forwarded_host",
+            "x.forwarded.proto",
+            "true_client_ip",
+            "x_real_ip",
         ] {
             assert!(misspelled(n), "{n}");
         }
         for n in [
+            "x-forwarded-for",
+            "true-client-ip",
             "x-auth-org-id",
             "x-auth-custom_name",
             "x-delegate-account-id",

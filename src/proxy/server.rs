@@ -231,13 +231,17 @@ async fn serve_conn<I, D, F>(
     let service = move |req: Request<RequestBody>| {
         // In flight from the request head until the response body is done, dropped or cut
         // off: for the idle cut-off and for `keyward_in_flight_requests` alike.
-        let in_flight = requests.begin(worker.metrics().track_in_flight());
+        let mut in_flight = requests.begin(worker.metrics().track_in_flight(), worker.busy());
         let (app, conn, requests) = (app.clone(), conn.clone(), requests.clone());
         let answer = door(app, worker.clone(), conn, req);
         async move {
             let resp = answer.await?;
             if resp.extensions().get::<respond::Refused>().is_none() {
                 requests.allowed.store(true, Ordering::Release);
+            } else {
+                // keyward's own refusal holds no upstream connection, however long the
+                // client takes to read it: it stops counting against max_in_flight.
+                in_flight.busy = None;
             }
             let (parts, body) = resp.into_parts();
             let body = requests.responses.track(body, in_flight);
@@ -400,10 +404,12 @@ struct Activity {
     timeouts: (Duration, Duration),
 }
 
-/// Held while a request is being served, with its count in the process-wide gauge.
+/// Held while a request is being served, with its count in the process-wide gauge and,
+/// unless keyward refused it, against `limits.max_in_flight`.
 struct InFlight {
     activity: Arc<Activity>,
     _counted: crate::metrics::InFlight,
+    busy: Option<super::worker::Busy>,
 }
 
 impl Drop for InFlight {
@@ -440,12 +446,17 @@ impl Activity {
         }
     }
 
-    fn begin(self: &Arc<Self>, metric: crate::metrics::InFlight) -> InFlight {
+    fn begin(
+        self: &Arc<Self>,
+        metric: crate::metrics::InFlight,
+        busy: super::worker::Busy,
+    ) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.served.store(true, Ordering::Release);
         InFlight {
             activity: self.clone(),
             _counted: metric,
+            busy: Some(busy),
         }
     }
 
@@ -535,7 +546,8 @@ mod tests {
         assert_eq!(a.idle_for(bounds).await, Wake::Idle);
         assert!(start.elapsed() >= t);
         // A request in flight keeps the connection; the clock restarts when it ends.
-        let held = a.begin(shard.track_in_flight());
+        let worker = Worker::new(shard.clone(), 1);
+        let held = a.begin(shard.track_in_flight(), worker.busy());
         assert_eq!(metrics.in_flight(), 1);
         let a2 = a.clone();
         let waiter = tokio::spawn(async move { a2.idle_for(bounds).await });

@@ -1,5 +1,6 @@
 //! What one worker thread owns, handed to every request it serves.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::pool::Pool;
@@ -19,6 +20,10 @@ struct Owned {
     ids: Ids,
     /// This thread's share of `limits.max_in_flight`.
     in_flight_cap: usize,
+    /// Requests of this thread that may hold an upstream connection: from the head until
+    /// the response body ends, unless keyward refused the request itself; and open tunnels.
+    /// Only this thread changes it.
+    busy: AtomicUsize,
 }
 
 impl Worker {
@@ -28,13 +33,22 @@ impl Worker {
             metrics,
             ids: Ids::default(),
             in_flight_cap,
+            busy: AtomicUsize::new(0),
         }))
     }
 
-    /// More requests are in flight on this thread than its share of `limits.max_in_flight`
-    /// (the one asking included): it must not open another upstream connection.
+    /// Count a request (or a tunnel) against `limits.max_in_flight` while the guard lives.
+    pub fn busy(&self) -> Busy {
+        self.0.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// More requests hold this thread's upstream connections than its share of
+    /// `limits.max_in_flight` (the one asking included): it must not open another. A
+    /// request keyward refused does not count, however long its answer takes to write, so
+    /// clients without a key cannot fill the budget.
     pub fn over_in_flight_cap(&self) -> bool {
-        usize::try_from(self.0.metrics.in_flight_here()).unwrap_or(0) > self.0.in_flight_cap
+        self.0.busy.load(Ordering::Relaxed) > self.0.in_flight_cap
     }
 
     /// This worker's upstream connections.
@@ -50,5 +64,14 @@ impl Worker {
     /// This worker's shard of the request metrics.
     pub fn metrics(&self) -> &Arc<Shard> {
         &self.0.metrics
+    }
+}
+
+/// One request or tunnel counted against `limits.max_in_flight` until dropped.
+pub struct Busy(Worker);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0 .0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
