@@ -86,14 +86,19 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
 }
 
 /// Does `after` refuse the secret `before` accepted (both active)? A new digest, an expiry
-/// past by `now` that was not before, or a binding to another environment than the one
+/// past by `now` or a `not_before` still ahead that were not before, a new type, or a
+/// binding to another environment than the one
 /// before (which was the one in force, since the key was accepted). A first binding is not
 /// counted: the diff does not know the environment in force, and binding keys to it is a
 /// routine change.
 fn locks_out(before: &Key, after: &Key, now: std::time::SystemTime) -> bool {
     let expired = |k: &Key| k.expires_at.is_some_and(|t| t <= now);
+    let not_yet = |k: &Key| k.not_before.is_some_and(|t| t > now);
     before.digest() != after.digest()
         || (expired(after) && !expired(before))
+        || (not_yet(after) && !not_yet(before))
+        // A key's type must fit its prefix (`prefixes`): a new type may not.
+        || before.principal_type != after.principal_type
         || (before.environment().is_some() && after.environment() != before.environment())
 }
 
@@ -232,6 +237,8 @@ mod tests {
             entry("k3", "c", "    environment: production\n"),
             entry("k4", "d", ""),
             entry("k5", "e", ""),
+            entry("k6", "f", ""),
+            entry("k7", "g", ""),
         ]);
         let new = snap(&[
             entry("k1", "rotated", ""),
@@ -243,10 +250,12 @@ mod tests {
                 "    expires_at: 2999-01-01T00:00:00Z\n    environment: production\n",
             ),
             entry("k5", "e", "    scopes: [read, write]\n").replace("    scopes: [read]\n", ""),
+            entry("k6", "f", "    not_before: 2999-01-01T00:00:00Z\n"),
+            entry("k7", "g", "").replace("service_account", "personal"),
         ]);
         let d = diff(&old, &new);
         // k4 gains a first binding and a far expiry, k5 a scope: both still accept theirs.
-        assert_eq!(d.locked_out, ["k1", "k2", "k3"]);
+        assert_eq!(d.locked_out, ["k1", "k2", "k3", "k6", "k7"]);
         assert!(d.disabled.is_empty() && d.removed.is_empty());
         let guard = crate::config::GuardConfig {
             max_removed_fraction: 0.5,
@@ -254,7 +263,7 @@ mod tests {
         };
         let v = super::super::guard::judge(&d, &guard);
         assert!(v.would_refuse, "{v}");
-        assert_eq!(v.locked_out, 3);
+        assert_eq!(v.locked_out, 5);
     }
 
     #[test]

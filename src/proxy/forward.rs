@@ -90,6 +90,14 @@ fn may_leave_bytes_behind(req: &Request<RequestBody>) -> bool {
         ) && !http_body::Body::is_end_stream(req.body()))
 }
 
+/// A response that has no body whatever its headers say (204, 304): an app whose naive code
+/// writes one anyway, in a later write, leaves bytes on the connection that would answer
+/// the next request sent there, another client's. Its connection is closed after it, as
+/// after a HEAD.
+fn bodiless_status(status: StatusCode) -> bool {
+    matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+}
+
 /// The app behind keyward, reached over this worker thread's keep-alive pool.
 pub struct Upstream {
     /// The `Host` sent when the client's request named none.
@@ -219,7 +227,7 @@ impl Upstream {
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    if reuse {
+                    if reuse && !bodiless_status(resp.status()) {
                         pool.checkin(&self.pool, sender, start);
                     }
                     return Ok(resp);
@@ -276,7 +284,7 @@ impl Upstream {
                 Ok(None) => return Err(ProxyError::Fast(H1Error::Incomplete)),
                 Err(e) => return Err(ProxyError::Fast(e)),
             };
-            head.keep_alive &= reuse;
+            head.keep_alive &= reuse && !bodiless_status(head.status);
             let home = pool::Return::new(pool, &self.pool, start);
             let resp = h1::response(conn, head, ready, home);
             return Ok(resp.map(http_body_util::Either::Right));

@@ -45,8 +45,8 @@ impl Worker {
 
     /// More requests hold this thread's upstream connections than its share of
     /// `limits.max_in_flight` (the one asking included): it must not open another. A
-    /// request keyward refused does not count, however long its answer takes to write, so
-    /// clients without a key cannot fill the budget.
+    /// request keyward refused does not count, however long its answer takes to write;
+    /// one on a public route does, since it holds an upstream connection like any other.
     pub fn over_in_flight_cap(&self) -> bool {
         self.0.busy.load(Ordering::Relaxed) > self.0.in_flight_cap
     }
