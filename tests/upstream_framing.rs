@@ -105,6 +105,16 @@ struct Reply {
 }
 
 impl Reply {
+    /// A yes/no observation carried among the replies (both clients must agree on it too).
+    fn flag(yes: bool) -> Reply {
+        Reply {
+            status: 0,
+            head: String::new(),
+            body: vec![u8::from(yes)],
+            whole: true,
+        }
+    }
+
     fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|l| {
             let (n, v) = l.split_once(':')?;
@@ -295,12 +305,7 @@ async fn each_framing_is_forwarded_whole_and_the_connection_reused_when_it_may_b
             let second = request(kw, "GET", "/other").await;
             let conns = up.connections();
             let same = conns.len() == 2 && conns[0] == conns[1];
-            let marker = Reply {
-                status: 0,
-                head: String::new(),
-                body: vec![u8::from(same)],
-                whole: true,
-            };
+            let marker = Reply::flag(same);
             vec![first, second, marker]
         })
         .await;
@@ -405,12 +410,7 @@ async fn a_body_on_a_get_closes_its_upstream_connection_after_the_exchange() {
         let conns = up.connections();
         let log = up.log.lock().unwrap().clone();
         let after = log.iter().find(|(_, p)| p == "/v1/after").map(|(c, _)| *c);
-        let marker = Reply {
-            status: 0,
-            head: String::new(),
-            body: vec![u8::from(after != Some(conns[0]))],
-            whole: true,
-        };
+        let marker = Reply::flag(after != Some(conns[0]));
         vec![first, next, marker]
     })
     .await;
@@ -467,12 +467,7 @@ async fn a_head_closes_its_upstream_connection() {
         let head = request(kw, "HEAD", "/h").await;
         let next = request(kw, "GET", "/v1/next").await;
         let conns = up.connections();
-        let marker = Reply {
-            status: 0,
-            head: String::new(),
-            body: vec![u8::from(conns.len() == 2 && conns[0] != conns[1])],
-            whole: true,
-        };
+        let marker = Reply::flag(conns.len() == 2 && conns[0] != conns[1]);
         vec![head, next, marker]
     })
     .await;

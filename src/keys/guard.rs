@@ -88,6 +88,16 @@ pub fn admit(
     }
 }
 
+impl Verdict {
+    /// "removes R, disables D and locks out L of N keys in force": every verdict says it.
+    fn counts(&self) -> String {
+        format!(
+            "removes {}, disables {} and locks out {} of {} keys in force",
+            self.removed, self.disabled, self.locked_out, self.in_force
+        )
+    }
+}
+
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.reason {
@@ -98,29 +108,21 @@ impl fmt::Display for Verdict {
             ),
             Some(Reason::Fraction) => write!(
                 f,
-                "snapshot guard: the new snapshot removes {}, disables {} and locks out {} of {} \
-                 keys in force ({:.2} > keys.guard.max_removed_fraction {:.2})",
-                self.removed,
-                self.disabled,
-                self.locked_out,
-                self.in_force,
+                "snapshot guard: the new snapshot {} ({:.2} > keys.guard.max_removed_fraction {:.2})",
+                self.counts(),
                 self.fraction,
                 self.limit
             ),
             None if self.in_force < self.min_keys => write!(
                 f,
-                "snapshot guard: passes (removes {}, disables {} and locks out {} of {} keys in \
-                 force; below keys.guard.min_keys {}, only an empty snapshot is refused)",
-                self.removed, self.disabled, self.locked_out, self.in_force, self.min_keys
+                "snapshot guard: passes ({}; below keys.guard.min_keys {}, only an empty snapshot is refused)",
+                self.counts(),
+                self.min_keys
             ),
             None => write!(
                 f,
-                "snapshot guard: passes (removes {}, disables {} and locks out {} of {} keys in \
-                 force, {:.2} <= {:.2})",
-                self.removed,
-                self.disabled,
-                self.locked_out,
-                self.in_force,
+                "snapshot guard: passes ({}, {:.2} <= {:.2})",
+                self.counts(),
                 self.fraction,
                 self.limit
             ),
