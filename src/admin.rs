@@ -347,7 +347,8 @@ fn guarded(verdict: &crate::keys::guard::Verdict) -> Response<AdminBody> {
                "in_force": verdict.in_force, "removed": verdict.removed,
                "disabled": verdict.disabled, "locked_out": verdict.locked_out,
                "fraction": verdict.fraction,
-               "limit": verdict.limit, "min_keys": verdict.min_keys, "reason": verdict.reason}),
+               "limit": verdict.limit, "min_keys": verdict.min_keys, "reason": verdict.reason,
+               "version_in_force": verdict.version_in_force, "version": verdict.version}),
     )
 }
 

@@ -325,6 +325,101 @@ async fn control_source_empty_push_is_refused_even_below_min_keys() {
     kw.shutdown().await;
 }
 
+/// A stale writer (a retried job, an old Secret restored) would undo every change since its
+/// version, an emergency revoke included: an older `version` is refused until forced.
+#[tokio::test]
+async fn an_older_version_is_refused_as_a_rollback_until_forced() {
+    let up = spawn_upstream().await;
+    let kw = spawn_control(
+        up.addr,
+        Some(&snapshot("version: 7\n", 0..3, |_| String::new())),
+        "",
+    )
+    .await;
+    let r = admin(&kw, "POST", "/v1/keys/key_2/disable", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v8 = snapshot("version: 8\n", 0..4, |i| {
+        if i == 2 {
+            ", status: disabled".into()
+        } else {
+            String::new()
+        }
+    });
+    assert_eq!(admin(&kw, "PUT", "/v1/snapshot", &v8).await.status, 200);
+    let before = std::fs::read(state_file(&kw)).unwrap();
+
+    let v7 = snapshot("version: 7\n", 0..3, |_| String::new());
+    let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", &v7).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["guard"]["reason"], "rollback");
+    assert_eq!(
+        (
+            r.json()["version_in_force"].as_u64(),
+            r.json()["version"].as_u64()
+        ),
+        (Some(8), Some(7))
+    );
+    let r = admin(&kw, "PUT", "/v1/snapshot", &v7).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    let body = r.json();
+    assert_eq!(
+        (body["code"].as_str(), body["reason"].as_str()),
+        (Some("snapshot_guard"), Some("rollback"))
+    );
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("version 7 is older than version 8"),
+        "{body}"
+    );
+    assert_eq!(
+        std::fs::read(state_file(&kw)).unwrap(),
+        before,
+        "state file untouched"
+    );
+    assert_eq!(status_with(&kw, &raw(2)).await, 401, "the revoke holds");
+    assert_eq!(status_with(&kw, &raw(3)).await, 200);
+    assert_eq!(metric_value(&kw, &guarded_series("control")).await, 1.0);
+    // The same version again, or one without a version, is not a rollback.
+    assert_eq!(admin(&kw, "PUT", "/v1/snapshot", &v8).await.status, 200);
+
+    let r = admin(&kw, "PUT", "/v1/snapshot?force=true", &v7).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(2)).await, 200, "taken on purpose");
+    assert_eq!(status_with(&kw, &raw(3)).await, 401);
+    kw.shutdown().await;
+
+    // A file source: the watcher refuses the older file and counts it; a forced reload takes it.
+    let kw = spawn_file(
+        up.addr,
+        &snapshot("version: 12\n", 0..3, |_| String::new()),
+        "",
+        "",
+    )
+    .await;
+    std::fs::write(
+        kw.keys_file(),
+        snapshot("version: 11\n", 0..2, |_| String::new()),
+    )
+    .unwrap();
+    let guarded = guarded_series("file");
+    eventually("rollback refused and counted", || async {
+        metric_value(&kw, &guarded).await == 1.0
+    })
+    .await;
+    assert_eq!(
+        status_with(&kw, &raw(2)).await,
+        200,
+        "version 12 stays in force"
+    );
+    assert_eq!(metric_value(&kw, "keyward_snapshot_version ").await, 12.0);
+    let r = admin(&kw, "POST", "/v1/snapshot/reload?force=true", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(2)).await, 401);
+    kw.shutdown().await;
+}
+
 #[tokio::test]
 async fn dry_run_answers_the_diff_and_installs_nothing() {
     let up = spawn_upstream().await;

@@ -26,6 +26,11 @@ pub struct SnapshotDiff {
     pub in_force: usize,
     /// Keys in the new snapshot.
     pub keys: usize,
+    /// The `version` of the snapshot in force, and of the new one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_in_force: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub changed: Vec<Changed>,
@@ -45,6 +50,8 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
     let mut d = SnapshotDiff {
         in_force: old.len(),
         keys: new.len(),
+        version_in_force: old.version,
+        version: new.version,
         ..SnapshotDiff::default()
     };
     for key in new.keys() {
@@ -152,7 +159,12 @@ impl SnapshotDiff {
     /// The diff for people: counts, then one line per key (`+` added, `-` removed, `~`
     /// changed with its field names).
     pub fn to_text(&self) -> String {
-        let mut out = format!(
+        let mut out = String::new();
+        if let (Some(old), Some(new)) = (self.version_in_force, self.version) {
+            let _ = writeln!(out, "version: {old} in force, {new} new");
+        }
+        let _ = write!(
+            out,
             "keys: {} in force, {} new; added {}, removed {}, changed {} (disabled {}, locked out {}), unchanged {}\n",
             self.in_force,
             self.keys,

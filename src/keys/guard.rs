@@ -1,6 +1,7 @@
 //! The blast-radius guard (SPEC 16): a new snapshot that removes or disables too large a
-//! share of the keys in force, or an empty one replacing a non-empty one, is refused like an
-//! invalid one unless it is forced. The verdict is drawn from [`diff`](super::diff::diff).
+//! share of the keys in force, an empty one replacing a non-empty one, or one whose
+//! `version` is older than the one in force (SPEC 4: versions only increase), is refused
+//! like an invalid one unless it is forced. The verdict is drawn from [`diff`](super::diff::diff).
 
 use std::fmt;
 
@@ -16,6 +17,9 @@ use crate::config::GuardConfig;
 pub enum Reason {
     /// An empty snapshot would replace a non-empty one.
     Empty,
+    /// Its `version` is below the one in force: a stale writer (a retried job, an old
+    /// Secret restored), which would undo every change made since, revokes included.
+    Rollback,
     /// Too large a fraction of the keys in force would be removed or disabled.
     Fraction,
 }
@@ -28,6 +32,11 @@ pub struct Verdict {
     pub reason: Option<Reason>,
     /// Keys in the snapshot in force.
     pub in_force: usize,
+    /// The `version` in force and the new one's: the rollback rule reads these.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_in_force: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
     pub removed: usize,
     /// Keys active in force and disabled in the new snapshot.
     pub disabled: usize,
@@ -50,8 +59,11 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
     } else {
         (removed + disabled + locked_out) as f64 / d.in_force as f64
     };
+    let rollback = matches!((d.version_in_force, d.version), (Some(old), Some(new)) if new < old);
     let reason = if d.keys == 0 && d.in_force > 0 {
         Some(Reason::Empty)
+    } else if rollback {
+        Some(Reason::Rollback)
     } else if d.in_force >= cfg.min_keys && fraction > cfg.max_removed_fraction {
         Some(Reason::Fraction)
     } else {
@@ -61,6 +73,8 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
         would_refuse: reason.is_some(),
         reason,
         in_force: d.in_force,
+        version_in_force: d.version_in_force,
+        version: d.version,
         removed,
         disabled,
         locked_out,
@@ -105,6 +119,13 @@ impl fmt::Display for Verdict {
                 f,
                 "snapshot guard: an empty snapshot would replace {} keys in force",
                 self.in_force
+            ),
+            Some(Reason::Rollback) => write!(
+                f,
+                "snapshot guard: version {} is older than version {} in force (a rollback; it {})",
+                self.version.unwrap_or_default(),
+                self.version_in_force.unwrap_or_default(),
+                self.counts()
             ),
             Some(Reason::Fraction) => write!(
                 f,
@@ -192,6 +213,32 @@ mod tests {
         assert!(v.would_refuse, "{v}");
         assert!(v.to_string().contains("empty"));
         assert!(!judge(&d(10, 1, 9, 0), &lax).would_refuse);
+    }
+
+    #[test]
+    fn an_older_version_is_refused_whatever_the_counts() {
+        let versioned = |old, new| SnapshotDiff {
+            version_in_force: old,
+            version: new,
+            ..d(3, 3, 0, 0)
+        };
+        let v = judge(&versioned(Some(8), Some(7)), &DEFAULTS);
+        assert_eq!(v.reason, Some(Reason::Rollback), "{v}");
+        assert!(
+            v.to_string().contains("version 7 is older than version 8"),
+            "{v}"
+        );
+        for (old, new) in [
+            (Some(8), Some(8)),
+            (Some(8), Some(9)),
+            (None, Some(1)),
+            (Some(8), None),
+        ] {
+            assert!(
+                !judge(&versioned(old, new), &DEFAULTS).would_refuse,
+                "{old:?} -> {new:?}"
+            );
+        }
     }
 
     #[test]
