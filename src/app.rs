@@ -79,6 +79,12 @@ impl App {
         })
     }
 
+    /// What SIGHUP fires: the file watcher's trigger, or nothing for a control source (it
+    /// has no file to re-read; pushes replace its snapshot).
+    pub fn reload_trigger(&self) -> Option<Arc<Notify>> {
+        matches!(self.key_source, KeySource::File(_)).then(|| self.reload.clone())
+    }
+
     /// Proxy worker threads: `workers`, or one per CPU.
     pub fn workers(&self) -> usize {
         worker_count(&self.config)

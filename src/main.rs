@@ -290,7 +290,7 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
             log_filter_source = log.source,
             "keyward started"
         );
-        let reload = server.app.reload.clone();
+        let reload = server.app.reload_trigger();
         server.run(signals.shutdown(reload)).await;
         Ok(())
     })
@@ -420,7 +420,7 @@ fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), CliError> {
     let result = rt.block_on(async {
         let signals = keyward::Signals::install().map_err(CliError::Signals)?;
         let server = Keyward::bind_with(config, Some(release_freed_memory)).await?;
-        let reload = server.app.reload.clone();
+        let reload = server.app.reload_trigger();
         server.run(signals.shutdown(reload)).await;
         Ok(())
     });

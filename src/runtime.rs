@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::app::App;
 use crate::config::Config;
@@ -222,14 +222,18 @@ impl Signals {
         Ok(Self {})
     }
 
-    /// Resolves on SIGTERM or SIGINT; SIGHUP meanwhile triggers a key reload.
-    pub async fn shutdown(mut self, reload: Arc<Notify>) {
+    /// Resolves on SIGTERM or SIGINT; SIGHUP meanwhile triggers a key reload (`reload`:
+    /// none for a control source, which has no file to re-read).
+    pub async fn shutdown(mut self, reload: Option<Arc<Notify>>) {
         #[cfg(unix)]
         loop {
             tokio::select! {
                 _ = self.term.recv() => { info!("SIGTERM received"); return; }
                 _ = tokio::signal::ctrl_c() => { info!("SIGINT received"); return; }
-                _ = self.hup.recv() => { info!("SIGHUP received: reloading keys"); reload.notify_one(); }
+                _ = self.hup.recv() => match &reload {
+                    Some(reload) => { info!("SIGHUP received: reloading keys"); reload.notify_one(); }
+                    None => warn!("SIGHUP received: ignored, a control source has no file to reload (PUT /v1/snapshot)"),
+                },
             }
         }
         #[cfg(not(unix))]

@@ -529,6 +529,26 @@ async fn sighup_reloads_keys() {
     .await;
 }
 
+/// A control source has no file to re-read: SIGHUP says so and changes nothing.
+#[tokio::test]
+async fn sighup_with_a_control_source_is_ignored_and_says_so() {
+    let up = spawn_upstream().await;
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("state.yaml");
+    std::fs::write(&state_file, DEMO_KEYS).unwrap();
+    let p = process(up.addr, |c| c.control(&state_file)).await;
+    p.signal("-HUP");
+    eventually("the signal logged", || async {
+        p.logs()
+            .iter()
+            .any(|l| l.contains("SIGHUP received: ignored"))
+    })
+    .await;
+    assert!(!p.logs().iter().any(|l| l.contains("reloading keys")));
+    let ok = get(&p.url("/v1/x"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(ok.status, 200, "still serving");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_finishes_in_flight_requests() {
     let up = upstream()
