@@ -324,7 +324,10 @@ fn check(path: &Path) -> Result<(), CliError> {
     // The same check `run` makes: the environment must be usable as a header value.
     IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
     if let Some(tls) = &config.tls {
-        tls::load_server_config(tls)?;
+        if let Some(v) = tls::check(tls)? {
+            let not_after = humantime::format_rfc3339_seconds(v.not_after);
+            println!("{}: valid until {not_after}: ok", tls.cert.display());
+        }
     }
     if let Some(c) = &config.cluster {
         cluster::check_url(&c.redis)?;

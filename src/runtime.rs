@@ -64,6 +64,12 @@ impl Keyward {
         let admin = bind(config.admin_listen).await?;
         let mut app = App::new(config)?;
         app.key_loader = KeyLoader::new(after_install);
+        if let Some(t) = &tls {
+            app.metrics
+                .registry()
+                .register(Box::new(t.expiry_gauge()))
+                .map_err(StartError::Metrics)?;
+        }
         let app = Arc::new(app);
         let app2 = app.clone();
         tokio::task::spawn_blocking(move || keys::source::load_initial(&app2))

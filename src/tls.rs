@@ -7,11 +7,16 @@
 //! swaps a mounted Secret through a `..data` symlink). The files are read once per check,
 //! and the config is built from exactly the bytes that were hashed. A pair that does not load (say, a new certificate beside the old key while
 //! a rotation is half-written) is refused and the current certificate stays in use; the
-//! next change is tried again.
+//! next change is tried again, and so is a certificate already expired or not yet valid.
+//!
+//! Expiry: the served (leaf) certificate's `notAfter` is exported as
+//! `keyward_tls_cert_expiry_timestamp_seconds`, so a rotation that silently stopped is seen
+//! before clients see it; `keyward check` refuses a certificate outside its validity, and
+//! `run` warns about one at start (it still serves: refusing to start helps nobody).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
@@ -37,6 +42,54 @@ pub enum TlsError {
     },
     #[error("tls: {0}")]
     Config(String),
+}
+
+/// When the served certificate is valid: read from its DER with `x509-cert` for the
+/// expiry gauge and the checks at load; rustls decides everything else about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl Validity {
+    /// The leaf's validity, or `None` when `x509-cert` cannot read a certificate rustls
+    /// took (no gauge then; nothing is refused for it).
+    fn of(leaf: &CertificateDer<'_>) -> Option<Self> {
+        use x509_cert::der::Decode as _;
+        let cert = x509_cert::Certificate::from_der(leaf.as_ref()).ok()?;
+        let v = cert.tbs_certificate().validity();
+        let at = |t: x509_cert::time::Time| SystemTime::UNIX_EPOCH + t.to_unix_duration();
+        Some(Self {
+            not_before: at(v.not_before),
+            not_after: at(v.not_after),
+        })
+    }
+
+    /// Why clients would refuse the certificate at `now`, if they would.
+    pub fn problem(&self, now: SystemTime) -> Option<String> {
+        let rfc3339 = |t| humantime::format_rfc3339_seconds(t);
+        if now >= self.not_after {
+            Some(format!("expired at {}", rfc3339(self.not_after)))
+        } else if now < self.not_before {
+            Some(format!("not valid before {}", rfc3339(self.not_before)))
+        } else {
+            None
+        }
+    }
+
+    /// `notAfter` as Unix seconds, for the gauge.
+    fn expiry_seconds(&self) -> f64 {
+        self.not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    }
+}
+
+/// A server config and its certificate's validity.
+struct Built {
+    config: ServerConfig,
+    validity: Option<Validity>,
 }
 
 fn file_err(field: &'static str, path: &Path, reason: impl ToString) -> TlsError {
@@ -83,13 +136,14 @@ impl TlsFiles {
         h.finalize().into()
     }
 
-    fn build(&self, tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
+    fn build(&self, tls: &TlsConfig) -> Result<Built, TlsError> {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert)
             .collect::<Result<_, _>>()
             .map_err(|e| file_err("cert", &tls.cert, e))?;
         if certs.is_empty() {
             return Err(file_err("cert", &tls.cert, "no PEM certificate found"));
         }
+        let validity = Validity::of(&certs[0]);
         let key = PrivateKeyDer::from_pem_slice(&self.key)
             .map_err(|e| file_err("key", &tls.key, format!("no usable PEM private key ({e})")))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -127,14 +181,23 @@ impl TlsFiles {
             )
         })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(config)
+        Ok(Built { config, validity })
     }
 }
 
 /// Build a rustls server config from the files named in `tls`. Errors name the field
 /// (`tls.cert`, `tls.key`, `tls.client_ca`, ...) and the file.
 pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
-    TlsFiles::read(tls)?.build(tls)
+    Ok(TlsFiles::read(tls)?.build(tls)?.config)
+}
+
+/// `keyward check`: the files load, and the certificate is valid now.
+pub fn check(tls: &TlsConfig) -> Result<Option<Validity>, TlsError> {
+    let validity = TlsFiles::read(tls)?.build(tls)?.validity;
+    match validity.and_then(|v| v.problem(SystemTime::now())) {
+        Some(problem) => Err(file_err("cert", &tls.cert, problem)),
+        None => Ok(validity),
+    }
 }
 
 /// Accepts TLS connections with the current server config.
@@ -145,6 +208,9 @@ pub struct TlsAcceptor {
     /// rotation that happened between start-up and its first poll.
     loaded: Option<[u8; 32]>,
     handshake_timeout: Duration,
+    /// `keyward_tls_cert_expiry_timestamp_seconds`: the served certificate's `notAfter`.
+    /// Owned here, registered by whoever exports metrics ([`Self::expiry_gauge`]).
+    expiry: prometheus::Gauge,
 }
 
 impl TlsAcceptor {
@@ -154,7 +220,22 @@ impl TlsAcceptor {
             config: Arc::new(ArcSwap::from_pointee(config)),
             loaded: None,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            expiry: prometheus::Gauge::new(
+                "keyward_tls_cert_expiry_timestamp_seconds",
+                "Unix time at which the served TLS certificate expires (its notAfter).",
+            )
+            .expect("a valid metric name"),
         }
+    }
+
+    /// The expiry gauge, to register with the metrics registry.
+    pub fn expiry_gauge(&self) -> prometheus::Gauge {
+        self.expiry.clone()
+    }
+
+    fn served(&self, validity: Option<Validity>) {
+        self.expiry
+            .set(validity.as_ref().map_or(0.0, Validity::expiry_seconds));
     }
 
     /// Load the files named in `tls`. The TLS handshake must complete within
@@ -162,11 +243,17 @@ impl TlsAcceptor {
     /// nothing does not hold a connection slot).
     pub fn load(tls: &TlsConfig, handshake_timeout: Duration) -> Result<Self, TlsError> {
         let files = TlsFiles::read(tls)?;
-        Ok(Self {
+        let built = files.build(tls)?;
+        if let Some(problem) = built.validity.and_then(|v| v.problem(SystemTime::now())) {
+            tracing::warn!(cert = %tls.cert.display(), "TLS certificate {problem}: clients will refuse it");
+        }
+        let acceptor = Self {
             handshake_timeout,
             loaded: Some(files.fingerprint()),
-            ..Self::new(files.build(tls)?)
-        })
+            ..Self::new(built.config)
+        };
+        acceptor.served(built.validity);
+        Ok(acceptor)
     }
 
     /// Replace the server config; later handshakes use it.
@@ -236,10 +323,19 @@ impl Watched for TlsWatch {
     }
 
     fn changed(&self, files: TlsFiles) -> Option<[u8; 32]> {
-        match files.build(&self.tls) {
-            Ok(config) => {
+        let built = files.build(&self.tls).and_then(|b| {
+            // A rotation to a certificate clients would refuse is a broken rotation.
+            match b.validity.and_then(|v| v.problem(SystemTime::now())) {
+                Some(problem) => Err(file_err("cert", &self.tls.cert, problem)),
+                None => Ok(b),
+            }
+        });
+        match built {
+            Ok(Built { config, validity }) => {
                 self.acceptor.replace(config);
-                tracing::info!(cert = %self.tls.cert.display(), "TLS certificate reloaded");
+                self.acceptor.served(validity);
+                let not_after = validity.map(|v| humantime::format_rfc3339_seconds(v.not_after));
+                tracing::info!(cert = %self.tls.cert.display(), not_after = ?not_after.map(|t| t.to_string()), "TLS certificate reloaded");
             }
             Err(e) => {
                 tracing::warn!(error = %e, "TLS reload refused; keeping the current certificate")
@@ -271,6 +367,48 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         (cert.pem(), key.serialize_pem())
+    }
+
+    /// A self-signed pair valid from `from` to `until` (years, January 1st).
+    fn pair_valid(from: i32, until: i32) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn check_reads_the_validity_and_refuses_a_certificate_clients_would_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path(), false);
+        let write = |(cert, key): (String, String)| {
+            std::fs::write(&c.cert, cert).unwrap();
+            std::fs::write(&c.key, key).unwrap();
+        };
+        write(pair_valid(2020, 2098));
+        let v = check(&c).unwrap().expect("validity read");
+        assert_eq!(
+            v.not_after,
+            humantime::parse_rfc3339("2098-01-01T00:00:00Z").unwrap()
+        );
+        assert_eq!(v.expiry_seconds(), 4_039_372_800.0);
+
+        write(pair_valid(2020, 2021));
+        let e = check(&c).unwrap_err().to_string();
+        assert!(
+            e.starts_with("tls.cert: ") && e.contains("expired at 2021-01-01T00:00:00Z"),
+            "{e}"
+        );
+        assert!(
+            load_server_config(&c).is_ok(),
+            "still loadable: `run` serves it and warns"
+        );
+
+        write(pair_valid(2097, 2098));
+        let e = check(&c).unwrap_err().to_string();
+        assert!(e.contains("not valid before 2097-01-01T00:00:00Z"), "{e}");
     }
 
     fn config(dir: &Path, client_ca: bool) -> TlsConfig {

@@ -275,6 +275,24 @@ fn check_rejects_bad_configs_naming_the_field() {
         "tls: { cert: /nonexistent/tls.crt, key: /nonexistent/tls.key }",
     ));
     assert!(e.contains("tls.cert: /nonexistent/tls.crt"), "{e}");
+    // A certificate clients would refuse: expired.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let (cert, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, params.self_signed(&key).unwrap().pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let tls = format!(
+        "tls: {{ cert: {}, key: {} }}",
+        cert.display(),
+        key_file.display()
+    );
+    let e = refuse(&|t: String| t.replacen("tls: null", &tls, 1));
+    assert!(
+        e.contains("tls.cert: ") && e.contains("expired at 2021-01-01T00:00:00Z"),
+        "{e}"
+    );
 
     // A bad entry in the key snapshot names the entry and the field.
     let bad_digest = demo.replacen(

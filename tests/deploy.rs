@@ -429,6 +429,8 @@ const METRICS: &[&str] = &[
     "keyward_key_expiry_timestamp_seconds",
     "keyward_snapshot_generated_timestamp_seconds",
     "keyward_snapshot_max_age_seconds",
+    // With `tls`.
+    "keyward_tls_cert_expiry_timestamp_seconds",
     // SPEC 14 (with `cluster`).
     "keyward_cluster_up",
     "keyward_cluster_errors_total",

@@ -457,9 +457,23 @@ async fn per_key_expiry_is_opt_in() {
 #[tokio::test]
 async fn dashboard_and_alerts_use_real_metric_names_and_labels() {
     let up = spawn_upstream().await;
-    // With `cluster` (no Redis needed to export its series) for the fleet panels and alert.
-    let extra = "metrics: { per_key: true }\ncluster: { redis: \"redis://127.0.0.1:1/0\" }\n";
-    let kw = spawn_proxy(up.addr, extra).await;
+    // With `cluster` (no Redis needed to export its series) for the fleet panels and alert,
+    // and `tls` for the certificate's expiry.
+    let certs = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file) = (certs.path().join("tls.crt"), certs.path().join("tls.key"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let extra = format!(
+        "metrics: {{ per_key: true }}\ncluster: {{ redis: \"redis://127.0.0.1:1/0\" }}\ntls: {{ cert: {}, key: {} }}\n",
+        cert_file.display(),
+        key_file.display()
+    );
+    let kw = spawn_proxy(up.addr, &extra).await;
     let scrape = scrape(&kw.admin_url("/metrics")).await;
     kw.shutdown().await;
     let exported = exported(&scrape);
@@ -513,6 +527,7 @@ async fn dashboard_and_alerts_use_real_metric_names_and_labels() {
         "KeywardDeniedRatioHigh",
         "KeywardUpstreamErrors",
         "KeywardKeyExpiringSoon",
+        "KeywardTlsCertExpiringSoon",
     ] {
         assert!(alerts.iter().any(|a| a == alert), "{alert} missing");
     }

@@ -77,6 +77,23 @@ impl Ca {
         self.issue(cn, ExtendedKeyUsagePurpose::ServerAuth)
     }
 
+    /// A server certificate valid from `from` to `until` (years, January 1st).
+    fn server_valid(&self, cn: &str, from: i32, until: i32) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(until, 1, 1);
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
     fn client(&self, cn: &str) -> Leaf {
         self.issue(cn, ExtendedKeyUsagePurpose::ClientAuth)
     }
@@ -379,6 +396,51 @@ async fn rotated_certificate_is_used_by_new_handshakes() {
     let got = read(old.send_request(authed_get("/after")).await.unwrap()).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(upstream.last().target, "/after");
+    proxy.shutdown().await;
+}
+
+/// The served certificate's `notAfter` is exported, so a rotation that stopped is seen
+/// before clients see it; a rotation to an expired certificate is refused like half a
+/// rotation, and the gauge follows the certificate actually served.
+#[tokio::test]
+async fn the_served_certificates_expiry_is_exported_and_an_expired_one_is_not_rotated_in() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let first = ca.server_valid("keyward-a", 2020, 2098);
+    let expired = ca.server_valid("keyward-old", 2020, 2021);
+    let second = ca.server_valid("keyward-b", 2020, 2099);
+    let mut certs = CertDir::new(&first);
+    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let client = connector(&ca, &[b"http/1.1"], None);
+    let expiry = "keyward_tls_cert_expiry_timestamp_seconds ";
+    let at = |year: &str| {
+        let t = humantime::parse_rfc3339(&format!("{year}-01-01T00:00:00Z")).unwrap();
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    assert_eq!(metric_value(&proxy, expiry).await, at("2098"));
+
+    certs.publish(&expired.cert_pem, &expired.key_pem);
+    for _ in 0..8 {
+        let tls = handshake(&client, proxy.addr).await.expect("still served");
+        assert_eq!(
+            peer_cert(&tls),
+            first.der,
+            "the expired certificate is not served"
+        );
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert_eq!(metric_value(&proxy, expiry).await, at("2098"));
+
+    certs.publish(&second.cert_pem, &second.key_pem);
+    let want = at("2099");
+    eventually("the gauge follows the rotation", || async {
+        metric_value(&proxy, expiry).await == want
+    })
+    .await;
+    let tls = handshake(&client, proxy.addr).await.unwrap();
+    assert_eq!(peer_cert(&tls), second.der);
     proxy.shutdown().await;
 }
 

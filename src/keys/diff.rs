@@ -163,9 +163,9 @@ impl SnapshotDiff {
         if let (Some(old), Some(new)) = (self.version_in_force, self.version) {
             let _ = writeln!(out, "version: {old} in force, {new} new");
         }
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "keys: {} in force, {} new; added {}, removed {}, changed {} (disabled {}, locked out {}), unchanged {}\n",
+            "keys: {} in force, {} new; added {}, removed {}, changed {} (disabled {}, locked out {}), unchanged {}",
             self.in_force,
             self.keys,
             self.added.len(),
