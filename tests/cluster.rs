@@ -477,6 +477,66 @@ async fn usage_is_flushed_in_one_call_a_second() {
     assert!(redis.calls("hincrby").await >= 2);
 }
 
+/// Redis' usage hashes are anyone's to write (several deployments may share one Redis): a
+/// count that would overflow saturates, a last-used time past year 9999 is clamped, and
+/// neither marks Redis down nor stops the other keys' counts or the replica.
+#[tokio::test]
+async fn usage_values_left_in_redis_neither_crash_nor_mark_redis_down() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let _: i64 = redis
+        .cmd(&[
+            "HSET",
+            "keyward:usage:count",
+            "key_free",
+            "9223372036854775807",
+        ])
+        .await;
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:usage:last", "key_free", "253402300800000"])
+        .await;
+    for key in [FREE, OTHER] {
+        assert_eq!(call(&kw, key).await.status, 200);
+    }
+    eventually("the other key's count lands", || async {
+        let n: Option<String> = redis
+            .cmd(&["HGET", "keyward:usage:count", "key_other"])
+            .await;
+        n.as_deref() == Some("1")
+    })
+    .await;
+    let n: Option<String> = redis
+        .cmd(&["HGET", "keyward:usage:count", "key_free"])
+        .await;
+    assert_eq!(n.as_deref(), Some("9223372036854775807"), "saturated");
+    assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(1.0));
+    let r = get(
+        &kw.admin_url("/v1/keys/usage"),
+        &[("authorization", &admin_auth())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let free = r.json()["keys"]
+        .as_array()
+        .and_then(|k| k.iter().find(|e| e["key_id"] == "key_free").cloned())
+        .unwrap();
+    assert_eq!(free["last_used"], "9999-12-31T23:59:59.999Z");
+    // A count that is not a number restarts from this replica's next flush.
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:usage:count", "key_other", "lots"])
+        .await;
+    assert_eq!(call(&kw, OTHER).await.status, 200);
+    eventually("a count that was not a number restarts", || async {
+        let n: Option<String> = redis
+            .cmd(&["HGET", "keyward:usage:count", "key_other"])
+            .await;
+        n.as_deref() == Some("1")
+    })
+    .await;
+    assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(1.0));
+}
+
 /// An operator's revoke is stored and enforced even when Redis holds a newer lift (another
 /// replica's clock runs ahead): it is stamped after it. A lift published with a stamp far
 /// in the future (forged, or a broken clock) is not believed, so it cannot un-revoke a key

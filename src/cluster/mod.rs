@@ -51,6 +51,34 @@ impl ClusterError {
         matches!(self, Self::Redis(e)
             if e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error())
     }
+
+    /// Redis cannot serve calls now (unreachable, slow, loading, read-only after a
+    /// failover, out of memory, refusing our user), as opposed to refusing one call's data
+    /// (a counter that would overflow, a key of the wrong type: values any writer of a
+    /// shared Redis can leave). Only an outage marks Redis down, which sends every
+    /// rate-limited key to `on_error`; a data error fails its own call alone.
+    pub fn is_outage(&self) -> bool {
+        use redis::ErrorKind as K;
+        match self {
+            Self::NotConnected | Self::Timeout => true,
+            Self::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || matches!(
+                        e.kind(),
+                        K::BusyLoadingError
+                            | K::TryAgain
+                            | K::ClusterDown
+                            | K::MasterDown
+                            | K::ReadOnly
+                            | K::AuthenticationFailed
+                    )
+                    || matches!(e.code(), Some("OOM" | "NOPERM" | "NOAUTH" | "MISCONF"))
+            }
+        }
+    }
 }
 
 /// The connection to Redis and its health, shared by the three kinds of state.
@@ -172,7 +200,13 @@ impl Cluster {
             Err(_) => ClusterError::Timeout,
         };
         self.metrics.error(op);
-        self.set_up(false);
+        if err.is_outage() {
+            self.set_up(false);
+        } else {
+            // Counted in keyward_cluster_errors_total{op}; a rate-limit call is one per
+            // request, so no line at warn.
+            tracing::debug!(op = op.as_str(), error = %err, "redis refused a call's data");
+        }
         Err(err)
     }
 

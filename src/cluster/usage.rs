@@ -42,7 +42,16 @@ if not epoch then
 end
 if epoch ~= ARGV[1] then return epoch end
 for i = 4, #ARGV, 3 do
-  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  -- Any writer of a shared Redis can leave a count that would overflow, or is not a
+  -- number: saturate the one, restart the other, and let the other keys' counts land.
+  local added = redis.pcall('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  if type(added) == 'table' and added.err then
+    if string.find(added.err, 'overflow') then
+      redis.call('HSET', KEYS[1], ARGV[i], '9223372036854775807')
+    else
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    end
+  end
   local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[i]))
   if not cur or cur < tonumber(ARGV[i + 2]) then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
@@ -204,7 +213,8 @@ impl FleetUsage {
         for (id, delta, ms) in unflushed {
             let e = merged.entry(id.to_string()).or_insert((0, 0));
             e.0 = e.0.max(ms);
-            e.1 += delta;
+            // Redis' totals are anyone's to write: saturate rather than wrap.
+            e.1 = e.1.saturating_add(delta);
         }
         Ok(report_entries(
             snapshot,

@@ -79,7 +79,7 @@ pub fn dry_run(
                 let used = RecentUse {
                     key_id: id.clone(),
                     change,
-                    last_used: humantime::format_rfc3339_millis(last).to_string(),
+                    last_used: super::usage::rfc3339_millis(last),
                     requests,
                 };
                 (last, used)

@@ -91,6 +91,16 @@ impl Usage {
     }
 }
 
+/// The last instant RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const LAST_RFC3339_MS: u64 = 253_402_300_799_999;
+
+/// `t` as RFC 3339 with milliseconds, clamped to year 9999: a last-used time may come from
+/// Redis, which any writer can fill, and `humantime` panics past that year.
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    let last = UNIX_EPOCH + std::time::Duration::from_millis(LAST_RFC3339_MS);
+    humantime::format_rfc3339_millis(t.min(last)).to_string()
+}
+
 /// The report of `(id, last used ms, requests)` entries: only keys of `snapshot` (the one in
 /// force), ordered by id.
 pub fn report_entries(
@@ -106,7 +116,7 @@ pub fn report_entries(
             let t = UNIX_EPOCH + std::time::Duration::from_millis(ms);
             KeyUsage {
                 key_id,
-                last_used: humantime::format_rfc3339_millis(t).to_string(),
+                last_used: rfc3339_millis(t),
                 requests,
             }
         })
