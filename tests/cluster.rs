@@ -85,6 +85,27 @@ async fn three_replicas_share_one_limit() {
     assert_eq!(metric(&fleet[0], "keyward_cluster_up").await, Some(1.0));
 }
 
+/// A limiter state another writer left far in the future holds the key back no longer than
+/// a full burst would (per_second 20, burst 10: half a second), not for years.
+#[tokio::test]
+async fn a_limiter_state_left_far_ahead_holds_a_key_no_longer_than_a_burst() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let config = cluster_yaml_with(redis.port, "deny", "2s");
+    let kw = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+    wait_ready(&kw).await;
+    let _: String = redis
+        .cmd(&["SET", "keyward:rl:{key_limited}", "1e30"])
+        .await;
+    let r = call(&kw, LIMITED).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.headers["retry-after"], "1");
+    eventually("allowed again within a burst's time", || async {
+        call(&kw, LIMITED).await.status == 200
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unlimited_key_makes_no_redis_call() {
     let redis = Redis::start().await;

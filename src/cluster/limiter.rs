@@ -28,11 +28,17 @@ local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tolerance = interval * burst
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
+-- This script never stores a state past now + tolerance; a larger one was left by another
+-- writer (or a lower burst): it holds the key back no longer than a full burst would.
+if tat > now + tolerance then
+  tat = now + tolerance
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil(tolerance / 1000) + 1)
+end
 local new_tat = tat + interval
 local ahead = new_tat - now
-local tolerance = interval * burst
 if ahead > tolerance then
   return string.format('0 0 %.0f %.0f', ahead - tolerance, tat - now)
 end
