@@ -7,7 +7,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use keyward::config::GuardConfig;
-use keyward::keys::diff::diff;
+use keyward::keys::diff::{diff, Here};
 use keyward::keys::guard::admit;
 use keyward::keys::{Snapshot, Source};
 
@@ -37,13 +37,13 @@ fn bench_diff(c: &mut Criterion) {
         let changed = Snapshot::parse(&snapshot_yaml(n, Some(100)), Source::File).unwrap();
         let guard = GuardConfig::default();
         group.bench_with_input(BenchmarkId::new("same_keys_shared", n), &n, |b, _| {
-            b.iter(|| black_box(admit(Some(&old), &old, &guard)))
+            b.iter(|| black_box(admit(Some(&old), &old, &guard, Here::now(None))))
         });
         group.bench_with_input(BenchmarkId::new("same_keys_copies", n), &n, |b, _| {
-            b.iter(|| black_box(admit(Some(&old), &copies, &guard)))
+            b.iter(|| black_box(admit(Some(&old), &copies, &guard, Here::now(None))))
         });
         group.bench_with_input(BenchmarkId::new("one_percent_changed", n), &n, |b, _| {
-            b.iter(|| black_box(diff(&old, &changed)))
+            b.iter(|| black_box(diff(&old, &changed, Here::now(None))))
         });
     }
     group.finish();

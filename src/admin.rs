@@ -344,7 +344,7 @@ fn guarded(verdict: &crate::keys::guard::Verdict) -> Response<AdminBody> {
     json(
         status,
         json!({"status": status.as_u16(), "code": "snapshot_guard", "error": verdict.to_string(),
-               "in_force": verdict.in_force, "removed": verdict.removed,
+               "in_force": verdict.in_force, "usable": verdict.usable, "removed": verdict.removed,
                "disabled": verdict.disabled, "locked_out": verdict.locked_out,
                "fraction": verdict.fraction,
                "limit": verdict.limit, "min_keys": verdict.min_keys, "reason": verdict.reason,
@@ -474,7 +474,7 @@ async fn dry_run(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
             &new,
             &app2.config.keys.guard,
             &last_used,
-            std::time::SystemTime::now(),
+            crate::keys::diff::Here::now(Some(&app2.config.environment)),
         ))
     })
     .await;

@@ -23,6 +23,10 @@ impl Host for App {
         &self.config.keys
     }
 
+    fn environment(&self) -> &str {
+        &self.config.environment
+    }
+
     fn installed(&self, snapshot: &Snapshot) {
         self.usage.retain(snapshot);
         self.limiter.retain(snapshot);

@@ -325,8 +325,8 @@ async fn control_source_empty_push_is_refused_even_below_min_keys() {
     kw.shutdown().await;
 }
 
-/// A stale writer (a retried job, an old Secret restored) would undo every change since its
-/// version, an emergency revoke included: an older `version` is refused until forced.
+/// A stale writer (a retried job, a second pipeline) would undo every change since its
+/// version, an emergency revoke included: an older `version` pushed is refused until forced.
 #[tokio::test]
 async fn an_older_version_is_refused_as_a_rollback_until_forced() {
     let up = spawn_upstream().await;
@@ -390,7 +390,8 @@ async fn an_older_version_is_refused_as_a_rollback_until_forced() {
     assert_eq!(status_with(&kw, &raw(3)).await, 401);
     kw.shutdown().await;
 
-    // A file source: the watcher refuses the older file and counts it; a forced reload takes it.
+    // A file is the operator's own (and has no disable through the API to undo): an older
+    // version there is taken.
     let kw = spawn_file(
         up.addr,
         &snapshot("version: 12\n", 0..3, |_| String::new()),
@@ -400,23 +401,81 @@ async fn an_older_version_is_refused_as_a_rollback_until_forced() {
     .await;
     std::fs::write(
         kw.keys_file(),
-        snapshot("version: 11\n", 0..2, |_| String::new()),
+        snapshot("version: 11\n", 0..3, |_| String::new()),
     )
     .unwrap();
-    let guarded = guarded_series("file");
-    eventually("rollback refused and counted", || async {
-        metric_value(&kw, &guarded).await == 1.0
+    eventually("the older file is loaded", || async {
+        metric_value(&kw, "keyward_snapshot_version ").await == 11.0
     })
     .await;
+    kw.shutdown().await;
+}
+
+/// The guard counts the keys a client can use on this sidecar now: a snapshot that binds
+/// every key to another environment, empties every key's scopes, or disables every key is
+/// refused, even below `min_keys`; keys already unusable (disabled, bound elsewhere) do not
+/// dilute the fraction; and a snapshot that makes them usable again is not refused.
+#[tokio::test]
+async fn the_guard_counts_the_keys_usable_here_and_never_refuses_the_fix() {
+    let up = spawn_upstream().await;
+    // The test config's environment is `production`.
+    let kw = spawn_control(up.addr, Some(&plain(0..12)), "").await;
+    let push = |body: String, force: bool| {
+        let kw = &kw;
+        async move {
+            let path = if force {
+                "/v1/snapshot?force=true"
+            } else {
+                "/v1/snapshot"
+            };
+            admin(kw, "PUT", path, &body).await
+        }
+    };
+    let staging = snapshot("", 0..12, |_| ", environment: staging".into());
+    let r = push(staging.clone(), false).await;
+    assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(
-        status_with(&kw, &raw(2)).await,
-        200,
-        "version 12 stays in force"
+        (r.json()["locked_out"].as_u64(), r.json()["usable"].as_u64()),
+        (Some(12), Some(0))
     );
-    assert_eq!(metric_value(&kw, "keyward_snapshot_version ").await, 12.0);
-    let r = admin(&kw, "POST", "/v1/snapshot/reload?force=true", "").await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(status_with(&kw, &raw(2)).await, 401);
+    let no_scopes = snapshot("", 0..12, |_| ", scopes: []".into())
+        .replace(", scopes: [read], scopes: []", ", scopes: []");
+    let r = push(no_scopes, false).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["locked_out"], 12);
+    assert_eq!(status_with(&kw, &raw(3)).await, 200);
+
+    // Taken on purpose, then undone: the fix locks nobody out, so it is not refused.
+    assert_eq!(push(staging, true).await.status, 200);
+    assert_eq!(status_with(&kw, &raw(3)).await, 401, "bound elsewhere");
+    let r = push(plain(0..12), false).await;
+    assert_eq!(r.status, 200, "the fix passes: {}", r.text());
+    assert_eq!(status_with(&kw, &raw(3)).await, 200);
+
+    // 12 usable keys beside 20 disabled ones: removing the 12 is removing every usable key.
+    let diluted = snapshot("", 0..32, |i| {
+        if i >= 12 {
+            ", status: disabled".into()
+        } else {
+            String::new()
+        }
+    });
+    assert_eq!(push(diluted, false).await.status, 200);
+    let r = push(snapshot("", 12..32, |_| ", status: disabled".into()), false).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(
+        (r.json()["in_force"].as_u64(), r.json()["removed"].as_u64()),
+        (Some(12), Some(12))
+    );
+    kw.shutdown().await;
+
+    // Below min_keys, disabling every key is refused as surely as `keys: []`.
+    let kw = spawn_control(up.addr, Some(&plain(0..3)), "").await;
+    let all_disabled = snapshot("", 0..3, |_| ", status: disabled".into());
+    let r = admin(&kw, "PUT", "/v1/snapshot", &all_disabled).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["reason"], "empty");
+    assert_eq!(status_with(&kw, &raw(1)).await, 200);
     kw.shutdown().await;
 }
 

@@ -4,11 +4,12 @@
 //! changed `sha256` is reported by its field name only).
 
 use std::fmt::Write as _;
+use std::time::SystemTime;
 
 use serde::Serialize;
 
 use super::schema::KeyDoc;
-use super::{Key, Snapshot, Status};
+use super::{Key, Snapshot, Source, Status};
 
 /// One key present in both snapshots whose entry differs, and the names of its fields that
 /// differ.
@@ -26,35 +27,80 @@ pub struct SnapshotDiff {
     pub in_force: usize,
     /// Keys in the new snapshot.
     pub keys: usize,
+    /// Keys in force that a client can use here now ([`usable`]), and in the new snapshot.
+    /// The guard judges by these: a key already disabled, expired or bound to another
+    /// environment denies no one when it goes, and must not dilute the keys that do.
+    pub usable_in_force: usize,
+    pub usable: usize,
     /// The `version` of the snapshot in force, and of the new one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version_in_force: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// The new snapshot was pushed (control source): a push whose `version` is below the one
+    /// in force is a stale writer. A file is the operator's own, and a disable through the
+    /// API (which a rollback would undo) exists only for pushes.
+    #[serde(skip)]
+    pub pushed: bool,
     pub added: Vec<String>,
     pub removed: Vec<String>,
+    /// Of `removed`, the keys usable in force.
+    #[serde(skip)]
+    pub removed_usable: usize,
     pub changed: Vec<Changed>,
-    /// Keys active in force and disabled in the new snapshot (also listed in `changed`).
+    /// Keys usable in force and disabled in the new snapshot (also listed in `changed`).
     pub disabled: Vec<String>,
-    /// Keys active in force that stay active but stop accepting the secret their clients
-    /// hold (also listed in `changed`): a new digest, an expiry already past, or a binding
-    /// to another environment. A snapshot can lock everyone out this way as surely as by
-    /// removing every key, so the guard counts these too.
+    /// Keys usable in force that stay active but stop accepting the secret their clients
+    /// hold, or anything they ask (also listed in `changed`): a new digest, an expiry
+    /// already past, a `not_before` still ahead, a new type, a binding to another
+    /// environment than this one, or every scope taken away. A snapshot can lock everyone
+    /// out this way as surely as by removing every key, so the guard counts these too.
     pub locked_out: Vec<String>,
     pub unchanged: usize,
 }
 
+/// Where and when keys are judged usable: the sidecar's `environment` (`None` when it is
+/// not known, as for `keyward diff` without a config) at `now`.
+#[derive(Debug, Clone, Copy)]
+pub struct Here<'a> {
+    pub environment: Option<&'a str>,
+    pub now: SystemTime,
+}
+
+impl<'a> Here<'a> {
+    pub fn now(environment: Option<&'a str>) -> Self {
+        Self {
+            environment,
+            now: SystemTime::now(),
+        }
+    }
+}
+
+/// Would a client holding `key`'s secret be let in here now (before routes and scopes)?
+/// The same checks, in the same terms, as the decision's key state.
+pub fn usable(key: &Key, here: Here<'_>) -> bool {
+    key.status == Status::Active
+        && key.expires_at.is_none_or(|t| t > here.now)
+        && key.not_before.is_none_or(|t| t <= here.now)
+        && match (key.environment(), here.environment) {
+            (Some(bound), Some(env)) => bound == env,
+            _ => true,
+        }
+}
+
 /// Compare two snapshots key by key (by id), field by field.
-pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
-    let now = std::time::SystemTime::now();
+pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
     let mut d = SnapshotDiff {
         in_force: old.len(),
         keys: new.len(),
+        usable_in_force: old.keys().filter(|k| usable(k, here)).count(),
         version_in_force: old.version,
         version: new.version,
+        pushed: new.source == Source::Control,
         ..SnapshotDiff::default()
     };
     for key in new.keys() {
+        d.usable += usize::from(usable(key, here));
         let Some(before) = old.by_id(&key.id) else {
             d.added.push(key.id.to_string());
             continue;
@@ -65,10 +111,12 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
             d.unchanged += 1;
             continue;
         }
-        if before.status == Status::Active && key.status == Status::Disabled {
-            d.disabled.push(key.id.to_string());
-        } else if before.status == Status::Active && locks_out(before, key, now) {
-            d.locked_out.push(key.id.to_string());
+        if usable(before, here) {
+            if key.status == Status::Disabled {
+                d.disabled.push(key.id.to_string());
+            } else if locks_out(before, key, here) {
+                d.locked_out.push(key.id.to_string());
+            }
         }
         d.changed.push(Changed {
             id: key.id.to_string(),
@@ -78,11 +126,10 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
     // Ids are unique, so every key in force was found unless some were removed: the
     // second pass over the keys in force is needed only then.
     if new.len() - d.added.len() < old.len() {
-        d.removed = old
-            .keys()
-            .filter(|k| new.by_id(&k.id).is_none())
-            .map(|k| k.id.to_string())
-            .collect();
+        for k in old.keys().filter(|k| new.by_id(&k.id).is_none()) {
+            d.removed_usable += usize::from(usable(k, here));
+            d.removed.push(k.id.to_string());
+        }
     }
     d.added.sort_unstable();
     d.removed.sort_unstable();
@@ -92,21 +139,21 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
     d
 }
 
-/// Does `after` refuse the secret `before` accepted (both active)? A new digest, an expiry
-/// past by `now` or a `not_before` still ahead that were not before, a new type, or a
-/// binding to another environment than the one
-/// before (which was the one in force, since the key was accepted). A first binding is not
-/// counted: the diff does not know the environment in force, and binding keys to it is a
-/// routine change.
-fn locks_out(before: &Key, after: &Key, now: std::time::SystemTime) -> bool {
-    let expired = |k: &Key| k.expires_at.is_some_and(|t| t <= now);
-    let not_yet = |k: &Key| k.not_before.is_some_and(|t| t > now);
-    before.digest() != after.digest()
-        || (expired(after) && !expired(before))
-        || (not_yet(after) && !not_yet(before))
-        // A key's type must fit its prefix (`prefixes`): a new type may not.
+/// Does `after` (active) refuse the client `before` (usable here) let in? Not usable here
+/// any more (an expiry past, a `not_before` ahead, another environment), a new digest, a
+/// new type (it must fit the key's prefix), or every scope taken away. Where the
+/// environment is not known, a binding changed from one environment to another still
+/// counts: the one before was the one in force, since the key was accepted.
+fn locks_out(before: &Key, after: &Key, here: Here<'_>) -> bool {
+    let rebound = here.environment.is_none()
+        && before.environment().is_some()
+        && after.environment().is_some()
+        && after.environment() != before.environment();
+    !usable(after, here)
+        || rebound
+        || before.digest() != after.digest()
         || before.principal_type != after.principal_type
-        || (before.environment().is_some() && after.environment() != before.environment())
+        || (after.scopes().is_empty() && !before.scopes().is_empty())
 }
 
 /// The names of the entry fields that differ. Values are compared, never returned.
@@ -165,9 +212,11 @@ impl SnapshotDiff {
         }
         let _ = writeln!(
             out,
-            "keys: {} in force, {} new; added {}, removed {}, changed {} (disabled {}, locked out {}), unchanged {}",
+            "keys: {} in force ({} usable), {} new ({} usable); added {}, removed {}, changed {} (disabled {}, locked out {}), unchanged {}",
             self.in_force,
+            self.usable_in_force,
             self.keys,
+            self.usable,
             self.added.len(),
             self.removed.len(),
             self.changed.len(),
@@ -200,6 +249,11 @@ mod tests {
         )
     }
 
+    /// A production sidecar, now.
+    fn here() -> Here<'static> {
+        Here::now(Some("production"))
+    }
+
     fn snap(entries: &[String]) -> Snapshot {
         Snapshot::parse(&format!("keys:\n{}", entries.concat()), Source::File).unwrap()
     }
@@ -219,7 +273,7 @@ mod tests {
             entry("k3", "c", "    status: disabled\n"),
             entry("k5", "e", ""),
         ]);
-        let d = diff(&old, &new);
+        let d = diff(&old, &new, here());
         assert_eq!((d.in_force, d.keys, d.unchanged), (4, 4, 1));
         assert_eq!(d.added, ["k5"]);
         assert_eq!(d.removed, ["k4"]);
@@ -265,7 +319,7 @@ mod tests {
             entry("k6", "f", "    not_before: 2999-01-01T00:00:00Z\n"),
             entry("k7", "g", "").replace("service_account", "personal"),
         ]);
-        let d = diff(&old, &new);
+        let d = diff(&old, &new, here());
         // k4 gains a first binding and a far expiry, k5 a scope: both still accept theirs.
         assert_eq!(d.locked_out, ["k1", "k2", "k3", "k6", "k7"]);
         assert!(d.disabled.is_empty() && d.removed.is_empty());
@@ -282,7 +336,7 @@ mod tests {
     fn identical_snapshots_differ_in_nothing() {
         let a = snap(&[entry("k1", "a", ""), entry("k2", "b", "")]);
         let b = snap(&[entry("k2", "b", ""), entry("k1", "a", "")]);
-        let d = diff(&a, &b);
+        let d = diff(&a, &b, here());
         assert!(d.added.is_empty() && d.removed.is_empty() && d.changed.is_empty());
         assert_eq!(d.unchanged, 2);
     }
@@ -295,7 +349,7 @@ mod tests {
             "a",
             "    subject_email: x@y\n    org_id: o\n    environment: staging\n    expires_at: 2030-01-01T00:00:00Z\n    rate_limit: { per_second: 1, burst: 1 }\n",
         )]);
-        let d = diff(&old, &new);
+        let d = diff(&old, &new, here());
         assert_eq!(
             d.changed[0].fields,
             [
@@ -313,7 +367,7 @@ mod tests {
     fn text_and_json_never_show_a_digest() {
         let old = snap(&[entry("k1", "a", ""), entry("k2", "b", "")]);
         let new = snap(&[entry("k1", "rotated", ""), entry("k3", "c", "")]);
-        let d = diff(&old, &new);
+        let d = diff(&old, &new, here());
         let text = d.to_text();
         let json = serde_json::to_string(&d).unwrap();
         for secret in ["a", "b", "rotated", "c"] {

@@ -7,7 +7,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::diff::{diff, SnapshotDiff};
+use super::diff::{diff, Here, SnapshotDiff};
 use super::Snapshot;
 use crate::config::GuardConfig;
 
@@ -30,41 +30,51 @@ pub struct Verdict {
     pub would_refuse: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
-    /// Keys in the snapshot in force.
+    /// Keys in force that a client can use here now (active, within their validity, bound
+    /// to this environment or none): the keys a snapshot can take away.
     pub in_force: usize,
+    /// Keys of the new snapshot a client could use here now.
+    pub usable: usize,
     /// The `version` in force and the new one's: the rollback rule reads these.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version_in_force: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// Usable keys in force that the new snapshot removes.
     pub removed: usize,
-    /// Keys active in force and disabled in the new snapshot.
+    /// Usable keys in force that the new snapshot disables.
     pub disabled: usize,
-    /// Keys active in force whose clients' secret the new snapshot refuses (new digest,
-    /// expiry past, another environment).
+    /// Usable keys in force that stay active but refuse their clients (see
+    /// [`SnapshotDiff::locked_out`]).
     pub locked_out: usize,
     /// `(removed + disabled + locked_out) / in_force` (0 when nothing is in force).
     pub fraction: f64,
     /// `keys.guard.max_removed_fraction`.
     pub limit: f64,
-    /// `keys.guard.min_keys`: below this many keys in force, only the empty rule applies.
+    /// `keys.guard.min_keys`: below this many usable keys in force, only the empty and
+    /// rollback rules apply.
     pub min_keys: usize,
 }
 
 /// Judge a diff by the guard's settings.
 pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
-    let (removed, disabled, locked_out) = (d.removed.len(), d.disabled.len(), d.locked_out.len());
-    let fraction = if d.in_force == 0 {
+    let (removed, disabled, locked_out) = (d.removed_usable, d.disabled.len(), d.locked_out.len());
+    let in_force = d.usable_in_force;
+    let fraction = if in_force == 0 {
         0.0
     } else {
-        (removed + disabled + locked_out) as f64 / d.in_force as f64
+        (removed + disabled + locked_out) as f64 / in_force as f64
     };
-    let rollback = matches!((d.version_in_force, d.version), (Some(old), Some(new)) if new < old);
-    let reason = if d.keys == 0 && d.in_force > 0 {
+    let rollback =
+        d.pushed && matches!((d.version_in_force, d.version), (Some(old), Some(new)) if new < old);
+    // Empty: no key at all replacing some, or no key a client could use here replacing
+    // some it could (every key disabled, expired or bound elsewhere), whatever `min_keys`.
+    let empty = (d.keys == 0 && d.in_force > 0) || (d.usable == 0 && in_force > 0);
+    let reason = if empty {
         Some(Reason::Empty)
     } else if rollback {
         Some(Reason::Rollback)
-    } else if d.in_force >= cfg.min_keys && fraction > cfg.max_removed_fraction {
+    } else if in_force >= cfg.min_keys && fraction > cfg.max_removed_fraction {
         Some(Reason::Fraction)
     } else {
         None
@@ -72,7 +82,8 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
     Verdict {
         would_refuse: reason.is_some(),
         reason,
-        in_force: d.in_force,
+        in_force,
+        usable: d.usable,
         version_in_force: d.version_in_force,
         version: d.version,
         removed,
@@ -90,11 +101,12 @@ pub fn admit(
     current: Option<&Snapshot>,
     new: &Snapshot,
     cfg: &GuardConfig,
+    here: Here<'_>,
 ) -> Result<(), Box<Verdict>> {
     let Some(current) = current else {
         return Ok(());
     };
-    let verdict = judge(&diff(current, new), cfg);
+    let verdict = judge(&diff(current, new, here), cfg);
     if verdict.would_refuse {
         Err(Box::new(verdict))
     } else {
@@ -103,10 +115,11 @@ pub fn admit(
 }
 
 impl Verdict {
-    /// "removes R, disables D and locks out L of N keys in force": every verdict says it.
+    /// "removes R, disables D and locks out L of N usable keys in force": every verdict
+    /// says it.
     fn counts(&self) -> String {
         format!(
-            "removes {}, disables {} and locks out {} of {} keys in force",
+            "removes {}, disables {} and locks out {} of {} usable keys in force",
             self.removed, self.disabled, self.locked_out, self.in_force
         )
     }
@@ -117,7 +130,7 @@ impl fmt::Display for Verdict {
         match self.reason {
             Some(Reason::Empty) => write!(
                 f,
-                "snapshot guard: an empty snapshot would replace {} keys in force",
+                "snapshot guard: an empty snapshot, or one with no key a client can use here, would replace {} usable keys in force",
                 self.in_force
             ),
             Some(Reason::Rollback) => write!(
@@ -159,6 +172,9 @@ mod tests {
         SnapshotDiff {
             in_force,
             keys,
+            usable_in_force: in_force,
+            usable: keys,
+            removed_usable: removed,
             removed: (0..removed).map(|i| format!("r{i}")).collect(),
             disabled: (0..disabled).map(|i| format!("d{i}")).collect(),
             ..SnapshotDiff::default()
@@ -220,6 +236,7 @@ mod tests {
         let versioned = |old, new| SnapshotDiff {
             version_in_force: old,
             version: new,
+            pushed: true,
             ..d(3, 3, 0, 0)
         };
         let v = judge(&versioned(Some(8), Some(7)), &DEFAULTS);
@@ -227,6 +244,14 @@ mod tests {
         assert!(
             v.to_string().contains("version 7 is older than version 8"),
             "{v}"
+        );
+        let file = SnapshotDiff {
+            pushed: false,
+            ..versioned(Some(8), Some(7))
+        };
+        assert!(
+            !judge(&file, &DEFAULTS).would_refuse,
+            "a file is the operator's"
         );
         for (old, new) in [
             (Some(8), Some(8)),
@@ -244,6 +269,6 @@ mod tests {
     #[test]
     fn nothing_in_force_admits_anything() {
         let empty = Snapshot::empty(crate::keys::Source::File);
-        assert!(admit(None, &empty, &DEFAULTS).is_ok());
+        assert!(admit(None, &empty, &DEFAULTS, Here::now(None)).is_ok());
     }
 }

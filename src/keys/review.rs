@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use super::diff::{diff, SnapshotDiff};
+use super::diff::{diff, Here, SnapshotDiff};
 use super::guard::{judge, Verdict};
 use super::load_error::LoadError;
 use super::read::read_file;
@@ -39,8 +39,14 @@ pub struct RecentUse {
     pub requests: u64,
 }
 
-/// Review `new` against `current` (nothing in force: against an empty snapshot).
-pub fn review(current: Option<&Snapshot>, new: &Snapshot, guard: &GuardConfig) -> Review {
+/// Review `new` against `current` (nothing in force: against an empty snapshot), its keys
+/// judged usable or not `here`.
+pub fn review(
+    current: Option<&Snapshot>,
+    new: &Snapshot,
+    guard: &GuardConfig,
+    here: Here<'_>,
+) -> Review {
     let empty;
     let current = match current {
         Some(c) => c,
@@ -49,7 +55,7 @@ pub fn review(current: Option<&Snapshot>, new: &Snapshot, guard: &GuardConfig) -
             &empty
         }
     };
-    let diff = diff(current, new);
+    let diff = diff(current, new, here);
     Review {
         guard: judge(&diff, guard),
         diff,
@@ -65,10 +71,13 @@ pub fn dry_run(
     new: &Snapshot,
     guard: &GuardConfig,
     last_used: &dyn Fn(&str) -> Option<(SystemTime, u64)>,
-    now: SystemTime,
+    here: Here<'_>,
 ) -> Review {
-    let mut r = review(current, new, guard);
-    let since = now.checked_sub(RECENT).unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut r = review(current, new, guard, here);
+    let since = here
+        .now
+        .checked_sub(RECENT)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
     let removed = r.diff.removed.iter().map(|id| (id, "removed"));
     let disabled = r.diff.disabled.iter().map(|id| (id, "disabled"));
     let mut recent: Vec<(SystemTime, RecentUse)> = removed
@@ -106,8 +115,14 @@ pub struct FileError {
     pub error: LoadError,
 }
 
-/// `keyward diff OLD NEW`: both files read and validated as snapshots, then reviewed.
-pub fn diff_files(old: &Path, new: &Path, guard: &GuardConfig) -> Result<Review, FileError> {
+/// `keyward diff OLD NEW`: both files read and validated as snapshots, then reviewed (for
+/// the config's `environment`, when one is given).
+pub fn diff_files(
+    old: &Path,
+    new: &Path,
+    guard: &GuardConfig,
+    environment: Option<&str>,
+) -> Result<Review, FileError> {
     let read = |path: &Path| {
         read_file(path, Source::File).map_err(|error| FileError {
             path: path.to_owned(),
@@ -115,7 +130,7 @@ pub fn diff_files(old: &Path, new: &Path, guard: &GuardConfig) -> Result<Review,
         })
     };
     let (old, new) = (read(old)?, read(new)?);
-    Ok(review(Some(&old), &new, guard))
+    Ok(review(Some(&old), &new, guard, Here::now(environment)))
 }
 
 #[cfg(test)]
@@ -153,7 +168,11 @@ mod tests {
         usage.record(&text("c"), now - Duration::from_secs(3600));
         usage.record(&text("d"), now - Duration::from_secs(3 * 24 * 3600));
         let last_used = |id: &str| usage.last_used(id);
-        let r = dry_run(Some(&old), &new, &GuardConfig::default(), &last_used, now);
+        let here = Here {
+            environment: Some("production"),
+            now,
+        };
+        let r = dry_run(Some(&old), &new, &GuardConfig::default(), &last_used, here);
         let used = r.would_deny_recently_used.clone().unwrap();
         let ids: Vec<_> = used.iter().map(|u| (u.key_id.as_str(), u.change)).collect();
         assert_eq!(
@@ -171,7 +190,7 @@ mod tests {
     #[test]
     fn nothing_in_force_reviews_against_an_empty_snapshot() {
         let new = snap(&["a"], &[]);
-        let r = review(None, &new, &GuardConfig::default());
+        let r = review(None, &new, &GuardConfig::default(), Here::now(None));
         assert_eq!(r.diff.added, ["a"]);
         assert!(!r.guard.would_refuse);
         assert!(r.would_deny_recently_used.is_none());

@@ -33,6 +33,8 @@ pub trait Host: Send + Sync + 'static {
     fn key_loader(&self) -> &KeyLoader;
     /// `keys`: the guard, `max_age` and `poll_interval`.
     fn keys_config(&self) -> &KeysConfig;
+    /// The sidecar's `environment`: the guard counts the keys usable here.
+    fn environment(&self) -> &str;
     /// `snapshot` was just published: prune per-key state of removed keys, update metrics.
     fn installed(&self, snapshot: &Snapshot);
     /// A snapshot from `source` was refused as invalid or unreadable (count it).
@@ -54,6 +56,9 @@ impl<T: Host + ?Sized> Host for Arc<T> {
     }
     fn keys_config(&self) -> &KeysConfig {
         (**self).keys_config()
+    }
+    fn environment(&self) -> &str {
+        (**self).environment()
     }
     fn installed(&self, snapshot: &Snapshot) {
         (**self).installed(snapshot)
@@ -104,7 +109,8 @@ fn admit(host: &impl Host, new: &Snapshot, admission: Admission) -> Result<(), L
         return Ok(());
     }
     let current = host.key_store().load();
-    super::guard::admit(current.as_deref(), new, &host.keys_config().guard)
+    let here = super::diff::Here::now(Some(host.environment()));
+    super::guard::admit(current.as_deref(), new, &host.keys_config().guard, here)
         .map_err(LoadError::Guarded)
 }
 
@@ -413,6 +419,9 @@ mod tests {
         }
         fn keys_config(&self) -> &KeysConfig {
             &self.config
+        }
+        fn environment(&self) -> &str {
+            "production"
         }
         fn installed(&self, snapshot: &Snapshot) {
             assert!(std::ptr::eq(
