@@ -591,8 +591,11 @@ async fn a_revoke_holds_over_a_lift_stamped_ahead_and_a_forged_one() {
         assert_eq!(call(kw, OTHER).await.code(), "disabled_api_key");
     }
 
-    // Forged lifts from far ahead, on the channel every replica listens to.
-    for stamp in ["18446744073709551615", "9000000000000000000"] {
+    // Forged lifts on the channel every replica listens to: from far ahead, and one stamped
+    // a moment from now (newer than the revoke, inside the clock-skew bound). A message is
+    // a hint: the hash still holds the revoke, so none is believed, now or after full reads.
+    let soon = (now_us + 30_000_000).to_string();
+    for stamp in ["18446744073709551615", "9000000000000000000", soon.as_str()] {
         let message = format!("{}\n{stamp}|0|key_other", sha(OTHER));
         let _: i64 = redis
             .cmd(&["PUBLISH", "keyward:revocations:events", &message])

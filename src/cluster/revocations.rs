@@ -15,7 +15,8 @@
 //! hash's [`VERSION`] field, which each replica reads every [`FULL_READ_INTERVAL`]: the set
 //! is read whole only when it moved (a message may have been lost), when Redis came back, or
 //! at least every [`FULL_READ_EVERY`] (a field changed by hand). So a fleet with a large set
-//! reads one field per interval, not the set. Fail closed: until the set has been read
+//! reads one field per interval, not the set. A message that lifts a revoke is only a hint:
+//! the lift believed is the one read back from the hash. Fail closed: until the set has been read
 //! once, the replica is not ready and protected routes answer 503; a replica that loses
 //! Redis keeps what it holds; entries Redis lacks (it came back empty) or holds older are
 //! written back by every replica that holds them, so a restart un-revokes nothing and a
@@ -342,12 +343,32 @@ impl Revocations {
         }
     }
 
-    /// One pub/sub message: `digest-hex\nentry`.
-    fn on_message(&self, payload: &str) {
+    /// One pub/sub message: `digest-hex\nentry`. A revoke is taken at once (failing
+    /// closed gives a publisher nothing a writer of the hash could not take anyway). A lift
+    /// is only a hint: anyone who can reach Redis can publish, so the entry believed is the
+    /// one the hash holds, read back; if it cannot be read, the next full read decides.
+    async fn on_message(&self, cluster: &Cluster, payload: &str) {
         let Some((field, value)) = payload.split_once('\n') else {
             return;
         };
-        if let (Some(digest), Some(entry)) = (field_digest(field), Entry::decode(value)) {
+        let (Some(digest), Some(entry)) = (field_digest(field), Entry::decode(value)) else {
+            return;
+        };
+        if entry.disabled {
+            self.merge([(digest, entry)], Origin::Remote);
+            return;
+        }
+        let (hash, field) = (cluster.key("revocations"), field.to_owned());
+        let stored: Result<Option<String>, _> = cluster
+            .call(Op::ReadRevocations, |mut c| async move {
+                redis::cmd("HGET")
+                    .arg(hash)
+                    .arg(field)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        if let Some(entry) = stored.ok().flatten().as_deref().and_then(Entry::decode) {
             self.merge([(digest, entry)], Origin::Remote);
         }
     }
@@ -479,7 +500,7 @@ impl Revocations {
                         let mut messages = ps.on_message();
                         while let Some(msg) = messages.next().await {
                             if let Ok(payload) = msg.get_payload::<String>() {
-                                self.on_message(&payload);
+                                self.on_message(&cluster, &payload).await;
                             }
                         }
                         warn!("revocation subscription lost; resubscribing");
