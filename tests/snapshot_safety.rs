@@ -736,6 +736,15 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(status_with(&kw, &raw(0)).await, 200);
     assert_eq!(readyz(&kw).await, 200);
+    // A snapshot already too old does not replace a fresh one (a revert to an old file, a
+    // stuck generator): it would fail closed at once. Forced, it is taken.
+    let r = admin(&kw, "PUT", "/v1/snapshot", &stale).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["reason"], "stale");
+    assert_eq!(status_with(&kw, &raw(0)).await, 200);
+    let r = admin(&kw, "PUT", "/v1/snapshot?force=true", &stale).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(readyz(&kw).await, 503);
     kw.shutdown().await;
 
     // File source; the age is checked against the clock on every request, not only at load:
@@ -760,7 +769,8 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
         .await,
         1.0
     );
-    let later = SystemTime::now() + Duration::from_secs(3600);
+    // A generator whose clock runs a minute ahead.
+    let later = SystemTime::now() + Duration::from_secs(60);
     let renewed = plain(0..3).replace("keys:", &format!("generated_at: {}\nkeys:", rfc3339(later)));
     std::fs::write(kw.keys_file(), renewed).unwrap();
     eventually("fresh file restores auth", || async {
@@ -769,18 +779,32 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
     .await;
     assert_eq!(readyz(&kw).await, 200);
 
-    // A generated_at in the future counts from when the snapshot is installed: a date typed
-    // wrong or a generator's clock ahead cannot put off failing closed (here, year 2999).
-    let future = plain(0..3).replace("keys:", "generated_at: 2999-01-01T00:00:00Z\nkeys:");
-    std::fs::write(kw.keys_file(), future).unwrap();
-    eventually("the future-dated file loaded", || async {
-        metric_value(&kw, "keyward_snapshot_generated_timestamp_seconds ").await == 32_472_144_000.0
-    })
-    .await;
-    eventually("the future-dated file turns stale", || async {
+    // A generated_at ahead counts from when it is first seen, and a reload of the same
+    // generated_at keeps that deadline: reloading cannot put off failing closed.
+    eventually("the renewed snapshot turns stale", || async {
         status_with(&kw, &raw(0)).await == 503
     })
     .await;
+    let r = admin(&kw, "POST", "/v1/snapshot/reload", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        status_with(&kw, &raw(0)).await,
+        503,
+        "a reload does not renew it"
+    );
+    // Dated further ahead than clock skew explains (here, year 2999), a snapshot is
+    // refused: counted from its load, every restart would start its age again.
+    let errors = r#"keyward_snapshot_reloads_total{result="error",source="file"} "#;
+    let future = plain(0..3).replace("keys:", "generated_at: 2999-01-01T00:00:00Z\nkeys:");
+    std::fs::write(kw.keys_file(), future).unwrap();
+    let r = admin(&kw, "POST", "/v1/snapshot/reload", "").await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("generated_at"), "{}", r.text());
+    eventually("the future-dated file refused", || async {
+        metric_value(&kw, errors).await >= 1.0
+    })
+    .await;
+    assert_eq!(status_with(&kw, &raw(0)).await, 503);
     kw.shutdown().await;
 
     // Without generated_at a snapshot has no known age and never goes stale.

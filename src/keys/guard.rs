@@ -17,6 +17,9 @@ use crate::config::GuardConfig;
 pub enum Reason {
     /// An empty snapshot would replace a non-empty one.
     Empty,
+    /// Already older than `keys.max_age` (its `generated_at`), replacing one that is not:
+    /// it would fail closed at once (a revert to an old file, a stuck generator).
+    Stale,
     /// Its `version` is below the one in force: a stale writer (a retried job, an old
     /// Secret restored), which would undo every change made since, revokes included.
     Rollback,
@@ -72,6 +75,8 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
     let empty = (d.keys == 0 && d.in_force > 0) || (d.usable == 0 && in_force > 0);
     let reason = if empty {
         Some(Reason::Empty)
+    } else if d.stale && !d.stale_in_force {
+        Some(Reason::Stale)
     } else if rollback {
         Some(Reason::Rollback)
     } else if in_force >= cfg.min_keys && fraction > cfg.max_removed_fraction {
@@ -132,6 +137,10 @@ impl fmt::Display for Verdict {
                 f,
                 "snapshot guard: an empty snapshot, or one with no key a client can use here, would replace {} usable keys in force",
                 self.in_force
+            ),
+            Some(Reason::Stale) => write!(
+                f,
+                "snapshot guard: its generated_at is already older than keys.max_age, so installing it would fail closed; the snapshot in force is fresh"
             ),
             Some(Reason::Rollback) => write!(
                 f,

@@ -141,7 +141,10 @@ impl KeySource {
 
 /// Publish a validated snapshot: swap, update metrics, prune per-key state of removed keys.
 pub fn install(host: &impl Host, mut snapshot: Snapshot) -> Arc<Snapshot> {
-    snapshot.set_max_age(host.keys_config().max_age);
+    snapshot.set_max_age(
+        host.keys_config().max_age,
+        host.key_store().load().as_deref(),
+    );
     let snapshot = Arc::new(snapshot);
     let previous = host.key_store().store(snapshot.clone());
     host.installed(&snapshot);
@@ -235,7 +238,12 @@ fn read_for(
     format: Format,
 ) -> Result<Snapshot, LoadError> {
     let prior = host.key_store().load();
-    read_file_as(path, source, format, prior.as_deref())
+    let mut snapshot = read_file_as(path, source, format, prior.as_deref())?;
+    // Its deadline with `keys.max_age`, known before the guard judges it.
+    let max_age = host.keys_config().max_age;
+    snapshot.check_generated_at(max_age)?;
+    snapshot.set_max_age(max_age, prior.as_deref());
+    Ok(snapshot)
 }
 
 /// Watch `path`: reload when its content hash changes (polled, so renames and Kubernetes'
