@@ -546,7 +546,10 @@ async fn revoke(app: &App, id: &str, disabled: bool) -> Response<AdminBody> {
     match app.revocations.set(key, disabled).await {
         Ok(_) => json(
             StatusCode::OK,
-            json!({"key_id": id, "status": status, "scope": "fleet"}),
+            // The id names the secret of *this* replica's snapshot: say which snapshot, so
+            // an operator mid-rotation sees a replica that still runs the old one.
+            json!({"key_id": id, "status": status, "scope": "fleet",
+                   "snapshot": snapshot_info(&snapshot)}),
         ),
         Err(e) => {
             warn!(key_id = id, error = %e, "revocation not stored in redis yet");

@@ -178,6 +178,8 @@ async fn a_revoke_reaches_every_replica_and_enable_lifts_it() {
             let r = admin_post(here, "key_other", action).await;
             assert_eq!(r.status, 200, "{}", r.text());
             assert_eq!(r.json()["scope"], "fleet");
+            // It names the snapshot the id was resolved in.
+            assert_eq!(r.json()["snapshot"]["keys"], 3, "{}", r.text());
             for (i, kw) in fleet.iter().enumerate() {
                 loop {
                     let r = call(kw, OTHER).await;

@@ -353,6 +353,11 @@ async fn an_older_version_is_refused_as_a_rollback_until_forced() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["guard"]["reason"], "rollback");
     assert_eq!(
+        r.json()["enabled"],
+        serde_json::json!(["key_2"]),
+        "the revoke it would lift"
+    );
+    assert_eq!(
         (
             r.json()["version_in_force"].as_u64(),
             r.json()["version"].as_u64()

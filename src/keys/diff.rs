@@ -56,6 +56,10 @@ pub struct SnapshotDiff {
     pub changed: Vec<Changed>,
     /// Keys usable in force and disabled in the new snapshot (also listed in `changed`).
     pub disabled: Vec<String>,
+    /// Keys disabled in force and active in the new snapshot (also listed in `changed`):
+    /// without `cluster`, a disable through the API lives in the snapshot, and a push that
+    /// was not made from it lifts the revoke. Shown, never refused: it may be the intent.
+    pub enabled: Vec<String>,
     /// Keys usable in force that stay active but stop accepting the secret their clients
     /// hold, or anything they ask (also listed in `changed`): a new digest, an expiry
     /// already past, a `not_before` still ahead, a new type, a binding to another
@@ -119,6 +123,9 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
             d.unchanged += 1;
             continue;
         }
+        if before.status == Status::Disabled && key.status == Status::Active {
+            d.enabled.push(key.id.to_string());
+        }
         if usable(before, here) {
             if key.status == Status::Disabled {
                 d.disabled.push(key.id.to_string());
@@ -142,6 +149,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
     d.added.sort_unstable();
     d.removed.sort_unstable();
     d.disabled.sort_unstable();
+    d.enabled.sort_unstable();
     d.locked_out.sort_unstable();
     d.changed.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     d
@@ -220,7 +228,7 @@ impl SnapshotDiff {
         }
         let _ = writeln!(
             out,
-            "keys: {} in force ({} usable), {} new ({} usable); added {}, removed {}, changed {} (disabled {}, locked out {}), unchanged {}",
+            "keys: {} in force ({} usable), {} new ({} usable); added {}, removed {}, changed {} (disabled {}, enabled {}, locked out {}), unchanged {}",
             self.in_force,
             self.usable_in_force,
             self.keys,
@@ -229,6 +237,7 @@ impl SnapshotDiff {
             self.removed.len(),
             self.changed.len(),
             self.disabled.len(),
+            self.enabled.len(),
             self.locked_out.len(),
             self.unchanged
         );

@@ -178,14 +178,49 @@ fn check_value(field: &'static str, s: &str, required: bool) -> Result<(), Field
 
 fn parse_time(field: &'static str, s: Option<&str>) -> Result<Option<SystemTime>, FieldError> {
     s.map(|s| {
-        humantime::parse_rfc3339_weak(s.trim()).map_err(|_| {
-            (
-                field,
-                "is not an RFC 3339 UTC time like 2027-01-01T00:00:00Z".into(),
-            )
-        })
+        rfc3339(s.trim()).ok_or((
+            field,
+            "is not an RFC 3339 time like 2027-01-01T00:00:00Z or 2027-01-01T02:00:00+02:00".into(),
+        ))
     })
     .transpose()
+}
+
+/// RFC 3339 in UTC (`Z`) or with a numeric offset (`+02:00`, as many generators write
+/// local time); `humantime` reads the first only.
+fn rfc3339(s: &str) -> Option<SystemTime> {
+    let Some((local, offset)) = s
+        .len()
+        .checked_sub(6)
+        .and_then(|i| Some((s.get(..i)?, s.get(i..)?)))
+    else {
+        return humantime::parse_rfc3339_weak(s).ok();
+    };
+    let o = offset.as_bytes();
+    let digits = |a: u8, b: u8| {
+        (a.is_ascii_digit() && b.is_ascii_digit())
+            .then(|| u64::from(a - b'0') * 10 + u64::from(b - b'0'))
+    };
+    let parsed = match (o[0], digits(o[1], o[2]), o[3], digits(o[4], o[5])) {
+        (sign @ (b'+' | b'-'), Some(h), b':', Some(m))
+            if h < 24 && m < 60 && local.contains(['T', 't', ' ']) =>
+        {
+            Some((sign, std::time::Duration::from_secs(h * 3600 + m * 60)))
+        }
+        _ => None,
+    };
+    match parsed {
+        // Local time at `+hh:mm` is that much ahead of UTC.
+        Some((sign, by)) => {
+            let at = humantime::parse_rfc3339_weak(&format!("{local}Z")).ok()?;
+            if sign == b'+' {
+                at.checked_sub(by)
+            } else {
+                at.checked_add(by)
+            }
+        }
+        None => humantime::parse_rfc3339_weak(s).ok(),
+    }
 }
 
 fn parse_delegation(
@@ -214,6 +249,25 @@ fn parse_delegation(
 mod tests {
     use crate::keys::fixtures::{entry, refuse, SHA};
     use crate::keys::{Delegation, Snapshot, Source};
+
+    #[test]
+    fn times_read_utc_and_numeric_offsets() {
+        let rfc3339 = super::rfc3339;
+        let utc = rfc3339("2026-12-05T21:00:00Z").unwrap();
+        assert_eq!(rfc3339("2026-12-05T23:00:00+02:00"), Some(utc));
+        assert_eq!(rfc3339("2026-12-05T16:30:00-04:30"), Some(utc));
+        assert_eq!(rfc3339("2026-12-05T21:00:00+00:00"), Some(utc));
+        assert_eq!(rfc3339("2026-12-05T21:00:00.000Z"), Some(utc));
+        for bad in [
+            "2026-12-05T21:00:00+25:00",
+            "2026-12-05T21:00:00+2:000",
+            "2026-12-05",
+            "2026-12-05T21:00:00+aa:00",
+            "nonsense",
+        ] {
+            assert_eq!(rfc3339(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn bad_fields_name_entry_and_field() {
