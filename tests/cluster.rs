@@ -383,9 +383,7 @@ async fn usage_is_reported_for_the_whole_fleet() {
         all
     })
     .await;
-    let count: Option<String> = redis
-        .cmd(&["HGET", "keyward:usage:count", "key_free"])
-        .await;
+    let count = redis.hget("keyward:usage:count", "key_free").await;
     assert_eq!(count.as_deref(), Some("6"));
 }
 
@@ -523,15 +521,11 @@ async fn usage_values_left_in_redis_neither_crash_nor_mark_redis_down() {
         assert_eq!(call(&kw, key).await.status, 200);
     }
     eventually("the other key's count lands", || async {
-        let n: Option<String> = redis
-            .cmd(&["HGET", "keyward:usage:count", "key_other"])
-            .await;
+        let n = redis.hget("keyward:usage:count", "key_other").await;
         n.as_deref() == Some("1")
     })
     .await;
-    let n: Option<String> = redis
-        .cmd(&["HGET", "keyward:usage:count", "key_free"])
-        .await;
+    let n = redis.hget("keyward:usage:count", "key_free").await;
     assert_eq!(n.as_deref(), Some("9223372036854775807"), "saturated");
     assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(1.0));
     let r = get(
@@ -551,9 +545,7 @@ async fn usage_values_left_in_redis_neither_crash_nor_mark_redis_down() {
         .await;
     assert_eq!(call(&kw, OTHER).await.status, 200);
     eventually("a count that was not a number restarts", || async {
-        let n: Option<String> = redis
-            .cmd(&["HGET", "keyward:usage:count", "key_other"])
-            .await;
+        let n = redis.hget("keyward:usage:count", "key_other").await;
         n.as_deref() == Some("1")
     })
     .await;
@@ -670,7 +662,7 @@ async fn the_set_is_read_whole_only_when_its_version_moves() {
     })
     .await;
     let version = || async {
-        let v: Option<String> = redis.cmd(&["HGET", "keyward:revocations", "version"]).await;
+        let v = redis.hget("keyward:revocations", "version").await;
         v.expect("the write moved the version")
     };
     let moved = version().await;

@@ -358,16 +358,7 @@ impl Revocations {
             self.merge([(digest, entry)], Origin::Remote);
             return;
         }
-        let (hash, field) = (cluster.key("revocations"), field.to_owned());
-        let stored: Result<Option<String>, _> = cluster
-            .call(Op::ReadRevocations, |mut c| async move {
-                redis::cmd("HGET")
-                    .arg(hash)
-                    .arg(field)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await;
+        let stored = hget(cluster, &cluster.key("revocations"), field).await;
         if let Some(entry) = stored.ok().flatten().as_deref().and_then(Entry::decode) {
             self.merge([(digest, entry)], Origin::Remote);
         }
@@ -436,15 +427,7 @@ impl Revocations {
             Some((Some(version), at)) if at.elapsed() < FULL_READ_EVERY => version.clone(),
             _ => return Ok(false),
         };
-        let now: Option<String> = cluster
-            .call(Op::ReadRevocations, |mut c| async move {
-                redis::cmd("HGET")
-                    .arg(hash)
-                    .arg(VERSION)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
+        let now = hget(cluster, hash, VERSION).await?;
         Ok(now.as_deref() == Some(seen.as_str()))
     }
 
@@ -518,6 +501,20 @@ impl Revocations {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// One field of the revocation hash.
+async fn hget(cluster: &Cluster, hash: &str, field: &str) -> Result<Option<String>, ClusterError> {
+    let (hash, field) = (hash.to_owned(), field.to_owned());
+    cluster
+        .call(Op::ReadRevocations, |mut c| async move {
+            redis::cmd("HGET")
+                .arg(hash)
+                .arg(field)
+                .query_async(&mut c)
+                .await
+        })
+        .await
 }
 
 #[cfg(test)]

@@ -76,6 +76,11 @@ impl Redis {
         cmd.query_async(&mut c).await.unwrap()
     }
 
+    /// `HGET hash field`.
+    pub async fn hget(&self, hash: &str, field: &str) -> Option<String> {
+        self.cmd(&["HGET", hash, field]).await
+    }
+
     /// `calls` of one command in `INFO commandstats` (0 if never called).
     pub async fn calls(&self, command: &str) -> u64 {
         let info: String = self.cmd(&["INFO", "commandstats"]).await;
