@@ -613,6 +613,56 @@ async fn a_revoke_holds_over_a_lift_stamped_ahead_and_a_forged_one() {
     }
 }
 
+/// A revoke stamped far in the future (forged, or a broken clock) is held, failing closed,
+/// but it does not win the ordering: the operator's lift takes on every replica and on a
+/// newcomer, and the stamp is never written back mangled (Lua's numbers cannot hold it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_stamped_far_ahead_fails_closed_and_a_lift_still_takes_everywhere() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let ten_years = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+        + 10 * 365 * 24 * 3600 * 1_000_000;
+    let message = format!("{}\n{}|1|key_other", sha(OTHER), u64::MAX);
+    let _: i64 = redis
+        .cmd(&["PUBLISH", "keyward:revocations:events", &message])
+        .await;
+    let stored = format!("{ten_years}|1|key_free");
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:revocations", &sha(FREE), &stored])
+        .await;
+    for kw in [&a, &b] {
+        eventually("both forged revokes held", || async {
+            call(kw, OTHER).await.status == 401 && call(kw, FREE).await.status == 401
+        })
+        .await;
+    }
+    for id in ["key_other", "key_free"] {
+        let r = admin_post(&a, id, "enable").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    for kw in [&a, &b] {
+        eventually("the lifts take on every replica", || async {
+            call(kw, OTHER).await.status == 200 && call(kw, FREE).await.status == 200
+        })
+        .await;
+    }
+    // Past a few full reads: still lifted, and nothing mangled in Redis.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let c = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    for kw in [&a, &b, &c] {
+        assert_eq!(call(kw, OTHER).await.status, 200);
+        assert_eq!(call(kw, FREE).await.status, 200);
+    }
+    let all: std::collections::HashMap<String, String> =
+        redis.cmd(&["HGETALL", "keyward:revocations"]).await;
+    assert!(all.values().all(|v| !v.starts_with('-')), "{all:?}");
+}
+
 /// The revocation set is read whole in the background without marking Redis down:
 /// `cluster.timeout` bounds what a request waits for, not the set's full reads. Here it is
 /// 1 ms, far less than reading 20k fields takes. A read that timed out marked Redis down,

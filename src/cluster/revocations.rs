@@ -113,7 +113,9 @@ return {stored, last}
 
 /// How far ahead of this replica's clock an entry's stamp is believed. A lift stamped
 /// later than that is not taken (a forged or broken one could otherwise un-revoke a key
-/// for good); a revoke is, whatever its stamp (fail closed).
+/// for good); a revoke is, whatever its stamp (fail closed), but it does not win the
+/// ordering: any later entry replaces it (so an operator's lift takes, everywhere), and it
+/// is never written back (a stamp Lua cannot hold exactly would come back mangled).
 const FUTURE_BOUND: Duration = Duration::from_secs(3600);
 
 fn latest_believable(now_us: u64) -> u64 {
@@ -254,11 +256,20 @@ impl Revocations {
     /// next full read that reaches Redis writes it there.
     pub async fn set(&self, key: &Key, disabled: bool) -> Result<Entry, ClusterError> {
         let digest = *key.digest();
-        let previous = self.set.load().get(&digest).map_or(0, |e| e.at_us);
+        let now = now_micros();
+        // Stamped after the entry held, unless that one is stamped past belief (any entry
+        // replaces such a one).
+        let previous = self
+            .set
+            .load()
+            .get(&digest)
+            .map(|e| e.at_us)
+            .filter(|&at| at <= latest_believable(now))
+            .unwrap_or(0);
         let mut entry = Entry {
             id: Box::from(&*key.id),
             disabled,
-            at_us: now_micros().max(previous.saturating_add(1)),
+            at_us: now.max(previous.saturating_add(1)),
         };
         self.merge([(digest, entry.clone())], Origin::Here);
         let Some(cluster) = &self.cluster else {
@@ -326,7 +337,10 @@ impl Revocations {
                 continue;
             }
             let set = next.as_ref().unwrap_or(&current);
-            if set.get(&digest).is_some_and(|cur| !entry.supersedes(cur)) {
+            if set
+                .get(&digest)
+                .is_some_and(|cur| *cur == entry || (cur.at_us <= latest && !entry.supersedes(cur)))
+            {
                 continue;
             }
             if origin == Origin::Remote {
@@ -398,14 +412,16 @@ impl Revocations {
         }
         self.loaded.store(true, Ordering::Release);
         let ours = self.set.load_full();
-        let behind = ours
-            .iter()
+        let latest = latest_believable(now_micros());
+        // Entries stamped past belief are held (fail closed) but never written back.
+        let believable = || ours.iter().filter(|(_, e)| e.at_us <= latest);
+        let behind = believable()
             .any(|(digest, entry)| remote.get(digest).is_none_or(|r| entry.supersedes(r)));
         if whole && !behind {
             return Ok(());
         }
         // Redis lacks something: write back the whole set, so a reader never sees half.
-        let (stored, _) = self.write(cluster, ours.iter(), true).await?;
+        let (stored, _) = self.write(cluster, believable(), true).await?;
         info!(
             stored,
             held = ours.len(),

@@ -42,12 +42,6 @@ pub struct SnapshotDiff {
     /// API (which a rollback would undo) exists only for pushes.
     #[serde(skip)]
     pub pushed: bool,
-    /// With `keys.max_age`: the new snapshot is already too old (its `generated_at` is past
-    /// the age), and the one in force is not. Installing it would fail closed at once.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub stale: bool,
-    #[serde(skip)]
-    pub stale_in_force: bool,
     pub added: Vec<String>,
     pub removed: Vec<String>,
     /// Of `removed`, the keys usable in force.
@@ -107,8 +101,6 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
         version_in_force: old.version,
         version: new.version,
         pushed: new.source == Source::Control,
-        stale: new.is_stale(here.now),
-        stale_in_force: old.is_stale(here.now),
         ..SnapshotDiff::default()
     };
     for key in new.keys() {

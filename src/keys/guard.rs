@@ -17,9 +17,6 @@ use crate::config::GuardConfig;
 pub enum Reason {
     /// An empty snapshot would replace a non-empty one.
     Empty,
-    /// Already older than `keys.max_age` (its `generated_at`), replacing one that is not:
-    /// it would fail closed at once (a revert to an old file, a stuck generator).
-    Stale,
     /// Its `version` is below the one in force: a stale writer (a retried job, an old
     /// Secret restored), which would undo every change made since, revokes included.
     Rollback,
@@ -70,13 +67,11 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
     };
     let rollback =
         d.pushed && matches!((d.version_in_force, d.version), (Some(old), Some(new)) if new < old);
-    // Empty: no key at all replacing some, or no key a client could use here replacing
-    // some it could (every key disabled, expired or bound elsewhere), whatever `min_keys`.
-    let empty = (d.keys == 0 && d.in_force > 0) || (d.usable == 0 && in_force > 0);
-    let reason = if empty {
+    // SPEC 16: an empty snapshot replacing a non-empty one, whatever `min_keys`. (One whose
+    // keys are all disabled is judged by the fraction, from `min_keys` keys on: below it,
+    // a small snapshot may disable its only key on purpose.)
+    let reason = if d.keys == 0 && d.in_force > 0 {
         Some(Reason::Empty)
-    } else if d.stale && !d.stale_in_force {
-        Some(Reason::Stale)
     } else if rollback {
         Some(Reason::Rollback)
     } else if in_force >= cfg.min_keys && fraction > cfg.max_removed_fraction {
@@ -135,12 +130,8 @@ impl fmt::Display for Verdict {
         match self.reason {
             Some(Reason::Empty) => write!(
                 f,
-                "snapshot guard: an empty snapshot, or one with no key a client can use here, would replace {} usable keys in force",
+                "snapshot guard: an empty snapshot would replace a non-empty one ({} usable keys in force)",
                 self.in_force
-            ),
-            Some(Reason::Stale) => write!(
-                f,
-                "snapshot guard: its generated_at is already older than keys.max_age, so installing it would fail closed; the snapshot in force is fresh"
             ),
             Some(Reason::Rollback) => write!(
                 f,

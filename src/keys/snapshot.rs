@@ -55,10 +55,6 @@ impl fmt::Debug for Snapshot {
     }
 }
 
-/// How far ahead of this clock a `generated_at` may be with `keys.max_age` set (clock skew
-/// between the generator and the sidecar).
-pub const FUTURE_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
-
 impl Snapshot {
     /// Index built keys by digest and by id; a duplicate of either refuses the snapshot.
     pub(super) fn assemble(
@@ -108,10 +104,9 @@ impl Snapshot {
 
     /// With `keys.max_age`: the snapshot fails closed once its `generated_at` is older than
     /// that. One without `generated_at` never ages (its age is unknown). A `generated_at`
-    /// in the future (a generator's clock a little ahead: more is refused, see
-    /// [`FUTURE_SKEW`]) counts from when it is first seen: the same `generated_at` as the
-    /// snapshot in force (`prior`: a reload, a revoke) keeps its deadline, so reloading
-    /// cannot put off failing closed.
+    /// in the future (a generator's clock ahead, or a date typed wrong) counts from when it
+    /// is first seen: the same `generated_at` as the snapshot in force (`prior`: a reload, a
+    /// revoke) keeps its deadline, so reloading cannot put off failing closed.
     pub fn set_max_age(&mut self, max_age: Option<std::time::Duration>, prior: Option<&Snapshot>) {
         if let Some(prior) = prior.filter(|p| p.generated_at == self.generated_at) {
             if prior.stale_at.is_some() || max_age.is_none() {
@@ -121,27 +116,6 @@ impl Snapshot {
         }
         let born = self.generated_at.map(|at| at.min(SystemTime::now()));
         self.stale_at = max_age.and_then(|age| born?.checked_add(age));
-    }
-
-    /// With `keys.max_age`, a `generated_at` further ahead of this clock than
-    /// [`FUTURE_SKEW`] is refused: dated in the future, a snapshot would count from its
-    /// load, and a restart would start its age again.
-    pub fn check_generated_at(
-        &self,
-        max_age: Option<std::time::Duration>,
-    ) -> Result<(), SnapshotError> {
-        let (Some(_), Some(at)) = (max_age, self.generated_at) else {
-            return Ok(());
-        };
-        match at.duration_since(SystemTime::now()) {
-            Ok(ahead) if ahead > FUTURE_SKEW => Err(SnapshotError::Parse(format!(
-                "generated_at: {} is {} s ahead of this clock; with keys.max_age set a snapshot may be dated at most {} s ahead",
-                humantime::format_rfc3339_seconds(at),
-                ahead.as_secs(),
-                FUTURE_SKEW.as_secs()
-            ))),
-            _ => Ok(()),
-        }
     }
 
     /// When this snapshot becomes too old to authenticate with, if ever.

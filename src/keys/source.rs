@@ -241,7 +241,6 @@ fn read_for(
     let mut snapshot = read_file_as(path, source, format, prior.as_deref())?;
     // Its deadline with `keys.max_age`, known before the guard judges it.
     let max_age = host.keys_config().max_age;
-    snapshot.check_generated_at(max_age)?;
     snapshot.set_max_age(max_age, prior.as_deref());
     Ok(snapshot)
 }
