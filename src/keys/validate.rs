@@ -187,8 +187,15 @@ fn parse_time(field: &'static str, s: Option<&str>) -> Result<Option<SystemTime>
 }
 
 /// RFC 3339 in UTC (`Z`) or with a numeric offset (`+02:00`, as many generators write
-/// local time); `humantime` reads the first only.
+/// local time); `humantime` reads the first only. The instant must lie in 1970..=9999 UTC,
+/// as `Z` times do: every time read here is written back out (`to_doc`, `/auth`, the
+/// admin API), and `humantime` cannot write others (an offset can move a time out).
 fn rfc3339(s: &str) -> Option<SystemTime> {
+    let last = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+    rfc3339_any(s).filter(|t| *t >= SystemTime::UNIX_EPOCH && *t <= last)
+}
+
+fn rfc3339_any(s: &str) -> Option<SystemTime> {
     let Some((local, offset)) = s
         .len()
         .checked_sub(6)
@@ -264,9 +271,22 @@ mod tests {
             "2026-12-05",
             "2026-12-05T21:00:00+aa:00",
             "nonsense",
+            // Out of the range a time can be written back in.
+            "9999-12-31T23:00:00-02:00",
+            "1970-01-01T00:30:00+01:00",
         ] {
             assert_eq!(rfc3339(bad), None, "{bad}");
         }
+        // Refused whole, naming the entry and the field, and never loaded to be printed.
+        let e = refuse(&entry("    expires_at: 9999-12-31T23:00:00-02:00\n"));
+        assert!(e.starts_with("keys[0] id=key_a: expires_at"), "{e}");
+        let e = refuse(&entry("    not_before: 1970-01-01T00:30:00+01:00\n"));
+        assert!(e.starts_with("keys[0] id=key_a: not_before"), "{e}");
+        let e = refuse(&format!(
+            "generated_at: 1970-01-01T00:00:00+01:00\n{}",
+            entry("")
+        ));
+        assert!(e.contains("generated_at"), "{e}");
     }
 
     #[test]
