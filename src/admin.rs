@@ -474,7 +474,7 @@ async fn dry_run(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
             &new,
             &app2.config.keys.guard,
             &last_used,
-            crate::keys::diff::Here::now(Some(&app2.config.environment)),
+            crate::keys::diff::Here::of(&app2.config),
         ))
     })
     .await;

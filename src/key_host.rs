@@ -23,8 +23,8 @@ impl Host for App {
         &self.config.keys
     }
 
-    fn environment(&self) -> &str {
-        &self.config.environment
+    fn here(&self) -> crate::keys::diff::Here<'_> {
+        crate::keys::diff::Here::of(&self.config)
     }
 
     fn installed(&self, snapshot: &Snapshot) {

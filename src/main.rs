@@ -366,15 +366,22 @@ fn check(path: &Path) -> Result<(), CliError> {
 /// `keyward diff OLD NEW`: exit 0 when the guard lets NEW replace OLD, 1 when it would
 /// refuse it, 2 when a file (or the config) cannot be read or parsed.
 fn diff(old: &Path, new: &Path, json: bool, config: Option<&PathBuf>) -> ExitCode {
-    let (guard, environment) = match config.map(|p| load_config(p)) {
-        None => (keyward::config::GuardConfig::default(), None),
-        Some(Ok(c)) => (c.keys.guard, Some(c.environment)),
+    let config = match config.map(|p| load_config(p)) {
+        None => None,
+        Some(Ok(c)) => Some(c),
         Some(Err(e)) => {
             eprintln!("keyward: {e}");
             return ExitCode::from(2);
         }
     };
-    match keyward::keys::review::diff_files(old, new, &guard, environment.as_deref()) {
+    let (guard, here) = match &config {
+        Some(c) => (c.keys.guard, keyward::keys::diff::Here::of(c)),
+        None => (
+            keyward::config::GuardConfig::default(),
+            keyward::keys::diff::Here::unknown(),
+        ),
+    };
+    match keyward::keys::review::diff_files(old, new, &guard, here) {
         Ok(review) => {
             if json {
                 match serde_json::to_string_pretty(&review) {

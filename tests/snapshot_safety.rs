@@ -417,7 +417,8 @@ async fn an_older_version_is_refused_as_a_rollback_until_forced() {
 }
 
 /// The guard counts the keys a client can use on this sidecar now: a snapshot that binds
-/// every key to another environment or empties every key's scopes is refused; keys already
+/// every key to another environment, or leaves every key scopes no `scopes` rule accepts,
+/// is refused; keys already
 /// unusable (disabled, bound elsewhere) do not dilute the fraction; and a snapshot that
 /// makes them usable again is not refused.
 #[tokio::test]
@@ -446,6 +447,11 @@ async fn the_guard_counts_the_keys_usable_here_and_never_refuses_the_fix() {
     let no_scopes = snapshot("", 0..12, |_| ", scopes: []".into())
         .replace(", scopes: [read], scopes: []", ", scopes: []");
     let r = push(no_scopes, false).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["locked_out"], 12);
+    // Scopes no `scopes` rule accepts lock out as surely as none.
+    let bogus = plain(0..12).replace("scopes: [read]", "scopes: [bogus]");
+    let r = push(bogus, false).await;
     assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(r.json()["locked_out"], 12);
     assert_eq!(status_with(&kw, &raw(3)).await, 200);

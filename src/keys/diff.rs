@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::schema::KeyDoc;
 use super::{Key, Snapshot, Source, Status};
+use crate::config::{Config, ScopeRule};
 
 /// One key present in both snapshots whose entry differs, and the names of its fields that
 /// differ.
@@ -57,26 +58,49 @@ pub struct SnapshotDiff {
     /// Keys usable in force that stay active but stop accepting the secret their clients
     /// hold, or anything they ask (also listed in `changed`): a new digest, an expiry
     /// already past, a `not_before` still ahead, a new type, a binding to another
-    /// environment than this one, or every scope taken away. A snapshot can lock everyone
+    /// environment than this one, or scopes that pass no `scopes` rule any more. A snapshot can lock everyone
     /// out this way as surely as by removing every key, so the guard counts these too.
     pub locked_out: Vec<String>,
     pub unchanged: usize,
 }
 
-/// Where and when keys are judged usable: the sidecar's `environment` (`None` when it is
-/// not known, as for `keyward diff` without a config) at `now`.
+/// Where and when keys are judged usable: the sidecar's `environment` and `scopes` rules
+/// (unknown, as for `keyward diff` without a config: `None` and none) at `now`.
 #[derive(Debug, Clone, Copy)]
 pub struct Here<'a> {
     pub environment: Option<&'a str>,
+    pub scope_rules: &'a [ScopeRule],
     pub now: SystemTime,
 }
 
 impl<'a> Here<'a> {
-    pub fn now(environment: Option<&'a str>) -> Self {
+    /// A sidecar running `config`, now.
+    pub fn of(config: &'a Config) -> Self {
         Self {
-            environment,
+            environment: Some(&config.environment),
+            scope_rules: &config.scopes,
             now: SystemTime::now(),
         }
+    }
+
+    /// No config known (`keyward diff` without `--config`), now.
+    pub fn unknown() -> Self {
+        Self {
+            environment: None,
+            scope_rules: &[],
+            now: SystemTime::now(),
+        }
+    }
+
+    /// Can `key`'s scopes pass any `scopes` rule (use any method)? With no rules known:
+    /// has it any scope at all.
+    fn can_use_a_method(&self, key: &Key) -> bool {
+        if self.scope_rules.is_empty() {
+            return !key.scopes().is_empty();
+        }
+        self.scope_rules
+            .iter()
+            .any(|r| key.has_any_scope(&r.any_of))
     }
 }
 
@@ -149,7 +173,8 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
 
 /// Does `after` (active) refuse the client `before` (usable here) let in? Not usable here
 /// any more (an expiry past, a `not_before` ahead, another environment), a new digest, a
-/// new type (it must fit the key's prefix), or every scope taken away. Where the
+/// new type (it must fit the key's prefix), or scopes that no longer pass any `scopes`
+/// rule (`[]`, or `[bogus]`: every method refused). Where the
 /// environment is not known, a binding changed from one environment to another still
 /// counts: the one before was the one in force, since the key was accepted.
 fn locks_out(before: &Key, after: &Key, here: Here<'_>) -> bool {
@@ -161,7 +186,7 @@ fn locks_out(before: &Key, after: &Key, here: Here<'_>) -> bool {
         || rebound
         || before.digest() != after.digest()
         || before.principal_type != after.principal_type
-        || (after.scopes().is_empty() && !before.scopes().is_empty())
+        || (here.can_use_a_method(before) && !here.can_use_a_method(after))
 }
 
 /// The names of the entry fields that differ. Values are compared, never returned.
@@ -260,7 +285,10 @@ mod tests {
 
     /// A production sidecar, now.
     fn here() -> Here<'static> {
-        Here::now(Some("production"))
+        Here {
+            environment: Some("production"),
+            ..Here::unknown()
+        }
     }
 
     fn snap(entries: &[String]) -> Snapshot {

@@ -115,13 +115,13 @@ pub struct FileError {
     pub error: LoadError,
 }
 
-/// `keyward diff OLD NEW`: both files read and validated as snapshots, then reviewed (for
-/// the config's `environment`, when one is given).
+/// `keyward diff OLD NEW`: both files read and validated as snapshots, then reviewed
+/// `here` (the config's environment and scope rules, when one is given).
 pub fn diff_files(
     old: &Path,
     new: &Path,
     guard: &GuardConfig,
-    environment: Option<&str>,
+    here: Here<'_>,
 ) -> Result<Review, FileError> {
     let read = |path: &Path| {
         read_file(path, Source::File).map_err(|error| FileError {
@@ -130,7 +130,7 @@ pub fn diff_files(
         })
     };
     let (old, new) = (read(old)?, read(new)?);
-    Ok(review(Some(&old), &new, guard, Here::now(environment)))
+    Ok(review(Some(&old), &new, guard, here))
 }
 
 #[cfg(test)]
@@ -171,6 +171,7 @@ mod tests {
         let here = Here {
             environment: Some("production"),
             now,
+            ..Here::unknown()
         };
         let r = dry_run(Some(&old), &new, &GuardConfig::default(), &last_used, here);
         let used = r.would_deny_recently_used.clone().unwrap();
@@ -190,7 +191,7 @@ mod tests {
     #[test]
     fn nothing_in_force_reviews_against_an_empty_snapshot() {
         let new = snap(&["a"], &[]);
-        let r = review(None, &new, &GuardConfig::default(), Here::now(None));
+        let r = review(None, &new, &GuardConfig::default(), Here::unknown());
         assert_eq!(r.diff.added, ["a"]);
         assert!(!r.guard.would_refuse);
         assert!(r.would_deny_recently_used.is_none());

@@ -33,8 +33,8 @@ pub trait Host: Send + Sync + 'static {
     fn key_loader(&self) -> &KeyLoader;
     /// `keys`: the guard, `max_age` and `poll_interval`.
     fn keys_config(&self) -> &KeysConfig;
-    /// The sidecar's `environment`: the guard counts the keys usable here.
-    fn environment(&self) -> &str;
+    /// The sidecar's environment and scope rules, now: the guard counts the keys usable here.
+    fn here(&self) -> super::diff::Here<'_>;
     /// `snapshot` was just published: prune per-key state of removed keys, update metrics.
     fn installed(&self, snapshot: &Snapshot);
     /// A snapshot from `source` was refused as invalid or unreadable (count it).
@@ -57,8 +57,8 @@ impl<T: Host + ?Sized> Host for Arc<T> {
     fn keys_config(&self) -> &KeysConfig {
         (**self).keys_config()
     }
-    fn environment(&self) -> &str {
-        (**self).environment()
+    fn here(&self) -> super::diff::Here<'_> {
+        (**self).here()
     }
     fn installed(&self, snapshot: &Snapshot) {
         (**self).installed(snapshot)
@@ -109,9 +109,13 @@ fn admit(host: &impl Host, new: &Snapshot, admission: Admission) -> Result<(), L
         return Ok(());
     }
     let current = host.key_store().load();
-    let here = super::diff::Here::now(Some(host.environment()));
-    super::guard::admit(current.as_deref(), new, &host.keys_config().guard, here)
-        .map_err(LoadError::Guarded)
+    super::guard::admit(
+        current.as_deref(),
+        new,
+        &host.keys_config().guard,
+        host.here(),
+    )
+    .map_err(LoadError::Guarded)
 }
 
 /// Which source is authoritative, decided once from the config.
@@ -427,8 +431,8 @@ mod tests {
         fn keys_config(&self) -> &KeysConfig {
             &self.config
         }
-        fn environment(&self) -> &str {
-            "production"
+        fn here(&self) -> crate::keys::diff::Here<'_> {
+            crate::keys::diff::Here::unknown()
         }
         fn installed(&self, snapshot: &Snapshot) {
             assert!(std::ptr::eq(
