@@ -539,6 +539,17 @@ async fn usage_values_left_in_redis_neither_crash_nor_mark_redis_down() {
         .and_then(|k| k.iter().find(|e| e["key_id"] == "key_free").cloned())
         .unwrap();
     assert_eq!(free["last_used"], "9999-12-31T23:59:59.999Z");
+    // A field that is not a number, under an id that is not ours: that field is skipped,
+    // the fleet's report stands.
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:usage:last", "zzz_other_tenant", "abc"])
+        .await;
+    let r = get(
+        &kw.admin_url("/v1/keys/usage"),
+        &[("authorization", &admin_auth())],
+    )
+    .await;
+    assert_eq!(r.json()["scope"], "fleet", "{}", r.text());
     // A count that is not a number restarts from this replica's next flush.
     let _: i64 = redis
         .cmd(&["HSET", "keyward:usage:count", "key_other", "lots"])

@@ -180,7 +180,9 @@ impl FleetUsage {
         snapshot: Option<&Snapshot>,
     ) -> Result<Vec<KeyUsage>, ClusterError> {
         let (count, last) = self.hashes();
-        let (mut counts, lasts): (HashMap<String, String>, HashMap<String, u64>) = self
+        // Both as text, parsed field by field: one value another writer left (Redis may be
+        // shared) must cost that field, not the whole report.
+        let (mut counts, lasts): (HashMap<String, String>, HashMap<String, String>) = self
             .cluster
             .call(Op::UsageRead, |mut c| async move {
                 redis::pipe()
@@ -196,7 +198,7 @@ impl FleetUsage {
         let mut merged: HashMap<String, (u64, u64)> = counts
             .into_iter()
             .filter_map(|(id, n)| {
-                let ms = lasts.get(&id).copied().unwrap_or(0);
+                let ms = lasts.get(&id).and_then(|v| v.parse().ok()).unwrap_or(0);
                 Some((id, (ms, n.parse().ok()?)))
             })
             .collect();
