@@ -765,3 +765,66 @@ async fn kept_alive_clients_get_the_same_answers_from_either_server() {
     }
     assert_eq!(seen[0], seen[1], "keyward's server and hyper's disagree");
 }
+
+/// Read one request head from `s`; `None` at the end of the connection.
+async fn read_head(s: &mut TcpStream) -> Option<()> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        match s.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(())
+}
+
+/// An idle pooled connection that receives bytes nobody asked for is finished: it is never
+/// used again, however few the bytes. (The fast client's probe read them a byte at a time
+/// and reused the connection once they were gone; a response the app wrote later then
+/// answered another client's request.) Here the app writes `JUNK` on its idle connection,
+/// then answers whatever it is asked next with a stray response.
+#[tokio::test]
+async fn an_idle_connection_that_receives_bytes_is_never_reused() {
+    for client in CLIENTS {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (junk_tx, junk_rx) = tokio::sync::oneshot::channel::<()>();
+        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut first, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                read_head(&mut first).await?;
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst";
+                first.write_all(ok).await.ok()?;
+                junk_rx.await.ok()?;
+                first.write_all(b"JUNK").await.ok()?;
+                sent_tx.send(()).ok()?;
+                read_head(&mut first).await?;
+                let stray = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nSTRAY";
+                first.write_all(stray).await.ok()
+            });
+            // Every other connection carries one exchange, so the first stays the only
+            // pooled one and every later request looks at it first.
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    read_head(&mut s).await?;
+                    let next =
+                        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 4\r\n\r\nnext";
+                    s.write_all(next).await.ok()
+                });
+            }
+        });
+        let kw = spawn_proxy(addr, &format!("workers: 1\nupstream_client: {client}\n")).await;
+        assert_eq!(request(kw.addr, "GET", "/first").await.text(), "first");
+        junk_tx.send(()).unwrap();
+        sent_rx.await.unwrap();
+        // No signal says keyward's reactor has seen the bytes arrive: give it a moment.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for i in 0..8 {
+            let r = request(kw.addr, "GET", &format!("/n{i}")).await;
+            assert_eq!(r.text(), "next", "{client}: request {i}");
+        }
+        kw.shutdown().await;
+    }
+}

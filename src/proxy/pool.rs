@@ -46,31 +46,45 @@ impl PoolConfig {
 /// A fast-path connection to the upstream.
 pub type FastConn = Box<h1::Conn<UpstreamStream>>;
 
+/// What a pooled connection can do now.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// It may carry a request.
+    Ready,
+    /// Still finishing its last exchange.
+    Busy,
+    /// It will never carry one again: dropped where it is found.
+    Closed,
+}
+
 /// What the pool asks of a connection it holds.
 trait Reusable {
-    /// May it carry a request now?
-    fn is_ready(&self) -> bool;
-    /// Will it never carry one again?
-    fn is_closed(&self) -> bool;
+    fn state(&self) -> State;
 }
 
 impl Reusable for SendRequest<RequestBody> {
-    fn is_ready(&self) -> bool {
-        SendRequest::is_ready(self)
-    }
-    fn is_closed(&self) -> bool {
-        SendRequest::is_closed(self)
+    fn state(&self) -> State {
+        if SendRequest::is_closed(self) {
+            State::Closed
+        } else if SendRequest::is_ready(self) {
+            State::Ready
+        } else {
+            State::Busy
+        }
     }
 }
 
 /// An idle fast-path connection is ready unless the upstream closed it or sent bytes
-/// nobody asked for.
+/// nobody asked for; either is for good. (The probe reads a byte: a connection left in
+/// the pool after it would be probed again, a byte at a time, until the junk was gone and
+/// it looked ready; what the app wrote next would answer another client's request.)
 impl Reusable for FastConn {
-    fn is_ready(&self) -> bool {
-        self.io().idle_and_open()
-    }
-    fn is_closed(&self) -> bool {
-        !self.io().idle_and_open()
+    fn state(&self) -> State {
+        if self.io().idle_and_open() {
+            State::Ready
+        } else {
+            State::Closed
+        }
     }
 }
 
@@ -98,7 +112,17 @@ impl<C: Reusable> Idle<C> {
     /// is); one found idle past `idle_timeout` is dropped and the search goes on. Busy and
     /// closed connections stay for the reaper: no pass over the whole pool per request.
     fn checkout(&mut self, now: Instant, idle_timeout: Duration) -> Option<C> {
-        while let Some(at) = self.conns.iter().rposition(|c| c.sender.is_ready()) {
+        let mut at = self.conns.len();
+        while at > 0 {
+            at -= 1;
+            match self.conns[at].sender.state() {
+                State::Busy => continue,
+                State::Closed => {
+                    self.conns.remove(at);
+                    continue;
+                }
+                State::Ready => {}
+            }
             let c = self.conns.remove(at)?;
             if now.duration_since(c.since) < idle_timeout {
                 return Some(c.sender);
@@ -108,7 +132,7 @@ impl<C: Reusable> Idle<C> {
     }
 
     fn checkin(&mut self, sender: C, now: Instant, max_idle: usize) {
-        if sender.is_closed() || max_idle == 0 {
+        if sender.state() == State::Closed || max_idle == 0 {
             return;
         }
         if self.conns.len() >= max_idle {
@@ -119,9 +143,10 @@ impl<C: Reusable> Idle<C> {
 
     /// Drop connections that are closed, or idle for longer than `idle_timeout`.
     fn reap(&mut self, now: Instant, idle_timeout: Duration) {
-        self.conns.retain(|c| {
-            !c.sender.is_closed()
-                && (!c.sender.is_ready() || now.duration_since(c.since) < idle_timeout)
+        self.conns.retain(|c| match c.sender.state() {
+            State::Closed => false,
+            State::Busy => true,
+            State::Ready => now.duration_since(c.since) < idle_timeout,
         });
     }
 }
