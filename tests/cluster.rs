@@ -104,6 +104,12 @@ async fn a_limiter_state_left_far_ahead_holds_a_key_no_longer_than_a_burst() {
         call(&kw, LIMITED).await.status == 200
     })
     .await;
+    // A state that is not a number at all (`nan` parses as one in Lua): read as none, so
+    // the shared limit holds (on_error: deny would otherwise answer 503 for good).
+    let _: String = redis.cmd(&["SET", "keyward:rl:{key_limited}", "nan"]).await;
+    assert_eq!(call(&kw, LIMITED).await.status, 200);
+    let n: String = redis.cmd(&["GET", "keyward:rl:{key_limited}"]).await;
+    assert!(n.parse::<f64>().is_ok_and(|v| v.is_finite()), "{n}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

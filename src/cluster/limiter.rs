@@ -30,7 +30,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tolerance = interval * burst
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
+-- NaN (`nan` parses) compares false with everything: it would never be replaced.
+if tat ~= tat or tat < now then tat = now end
 -- This script never stores a state past now + tolerance; a larger one was left by another
 -- writer (or a lower burst): it holds the key back no longer than a full burst would.
 if tat > now + tolerance then
