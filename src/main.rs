@@ -324,9 +324,15 @@ fn check(path: &Path) -> Result<(), CliError> {
     // The same check `run` makes: the environment must be usable as a header value.
     IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
     if let Some(tls) = &config.tls {
-        if let Some(v) = tls::check(tls)? {
-            let not_after = humantime::format_rfc3339_seconds(v.not_after);
-            println!("{}: valid until {not_after}: ok", tls.cert.display());
+        match tls::check(tls)? {
+            Some(v) => {
+                let not_after = humantime::format_rfc3339_seconds(v.not_after);
+                println!("{}: valid until {not_after}: ok", tls.cert.display());
+            }
+            None => println!(
+                "{}: ok, but its validity could not be read (expiry is not checked)",
+                tls.cert.display()
+            ),
         }
     }
     if let Some(c) = &config.cluster {

@@ -86,6 +86,13 @@ impl Validity {
     }
 }
 
+/// The validity could not be read (a time before 1970, a serial past 20 bytes: rustls may
+/// still take the certificate): said at `warn`, and the gauge reads 0, which the expiry
+/// alert fires on, so the certificate is not silently unwatched.
+fn unreadable_validity(cert: &Path) {
+    tracing::warn!(cert = %cert.display(), "TLS certificate validity could not be read: keyward_tls_cert_expiry_timestamp_seconds is 0 and expiry is not checked");
+}
+
 /// A server config and its certificate's validity.
 struct Built {
     config: ServerConfig,
@@ -244,8 +251,13 @@ impl TlsAcceptor {
     pub fn load(tls: &TlsConfig, handshake_timeout: Duration) -> Result<Self, TlsError> {
         let files = TlsFiles::read(tls)?;
         let built = files.build(tls)?;
-        if let Some(problem) = built.validity.and_then(|v| v.problem(SystemTime::now())) {
-            tracing::warn!(cert = %tls.cert.display(), "TLS certificate {problem}: clients will refuse it");
+        match built.validity {
+            Some(v) => {
+                if let Some(problem) = v.problem(SystemTime::now()) {
+                    tracing::warn!(cert = %tls.cert.display(), "TLS certificate {problem}: clients will refuse it");
+                }
+            }
+            None => unreadable_validity(&tls.cert),
         }
         let acceptor = Self {
             handshake_timeout,
@@ -334,6 +346,9 @@ impl Watched for TlsWatch {
             Ok(Built { config, validity }) => {
                 self.acceptor.replace(config);
                 self.acceptor.served(validity);
+                if validity.is_none() {
+                    unreadable_validity(&self.tls.cert);
+                }
                 let not_after = validity.map(|v| humantime::format_rfc3339_seconds(v.not_after));
                 tracing::info!(cert = %self.tls.cert.display(), not_after = ?not_after.map(|t| t.to_string()), "TLS certificate reloaded");
             }
@@ -409,6 +424,13 @@ mod tests {
         write(pair_valid(2097, 2098));
         let e = check(&c).unwrap_err().to_string();
         assert!(e.contains("not valid before 2097-01-01T00:00:00Z"), "{e}");
+
+        // A validity `x509-cert` cannot read (before 1970): the certificate loads, its
+        // expiry is unknown, and the gauge reads 0 (the alert fires on it).
+        write(pair_valid(1950, 2021));
+        assert_eq!(check(&c).unwrap(), None);
+        let acceptor = TlsAcceptor::load(&c, DEFAULT_HANDSHAKE_TIMEOUT).unwrap();
+        assert_eq!(acceptor.expiry_gauge().get(), 0.0);
     }
 
     fn config(dir: &Path, client_ca: bool) -> TlsConfig {
