@@ -380,14 +380,23 @@ fn diff(old: &Path, new: &Path, json: bool, config: Option<&PathBuf>) -> ExitCod
             return ExitCode::from(2);
         }
     };
-    let (guard, here) = match &config {
-        Some(c) => (c.keys.guard, keyward::keys::diff::Here::of(c)),
+    let (guard, here, source) = match &config {
+        Some(c) => {
+            let pushed = c.keys.control.is_some();
+            let source = if pushed {
+                Source::Control
+            } else {
+                Source::File
+            };
+            (c.keys.guard, keyward::keys::diff::Here::of(c), source)
+        }
         None => (
             keyward::config::GuardConfig::default(),
             keyward::keys::diff::Here::unknown(),
+            Source::File,
         ),
     };
-    match keyward::keys::review::diff_files(old, new, &guard, here) {
+    match keyward::keys::review::diff_files(old, new, &guard, here, source) {
         Ok(review) => {
             if json {
                 match serde_json::to_string_pretty(&review) {

@@ -711,6 +711,28 @@ fn keyward_diff_prints_the_diff_and_exits_by_the_guard() {
     assert_eq!(keyward_diff(&args, dir.path()).0, 0, "0.75 <= 0.8");
     let args = ["diff", "--config", "nope.yaml", "old.yaml", "cut.yaml"];
     assert_eq!(keyward_diff(&args, dir.path()).0, 2);
+
+    // With a control source's config, NEW is judged as a push: an older version is a
+    // rollback, as the sidecar would answer it; with a file source's, it is taken.
+    write(
+        "v2.yaml",
+        &snapshot("version: 2\n", 0..4, |_| String::new()),
+    );
+    write(
+        "v1.yaml",
+        &snapshot("version: 1\n", 0..4, |_| String::new()),
+    );
+    let control = "listen: 127.0.0.1:8080\nupstream: http://127.0.0.1:3000\nenvironment: t\n\
+                   keys: { control: { state_file: state.yaml } }\n";
+    write("control.yaml", control);
+    let (code, out, _) = keyward_diff(
+        &["diff", "--config", "control.yaml", "v2.yaml", "v1.yaml"],
+        dir.path(),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("version 1 is older than version 2"), "{out}");
+    let args = ["diff", "--config", "keyward.yaml", "v2.yaml", "v1.yaml"];
+    assert_eq!(keyward_diff(&args, dir.path()).0, 0);
 }
 
 #[tokio::test]

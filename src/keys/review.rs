@@ -116,20 +116,23 @@ pub struct FileError {
 }
 
 /// `keyward diff OLD NEW`: both files read and validated as snapshots, then reviewed
-/// `here` (the config's environment and scope rules, when one is given).
+/// `here` (the config's environment and scope rules, when one is given). NEW is judged as
+/// coming from `source`: a push (`Control`, for a config with a control source) is held to
+/// the rollback rule, a file is not.
 pub fn diff_files(
     old: &Path,
     new: &Path,
     guard: &GuardConfig,
     here: Here<'_>,
+    source: Source,
 ) -> Result<Review, FileError> {
-    let read = |path: &Path| {
-        read_file(path, Source::File).map_err(|error| FileError {
+    let read = |path: &Path, source| {
+        read_file(path, source).map_err(|error| FileError {
             path: path.to_owned(),
             error,
         })
     };
-    let (old, new) = (read(old)?, read(new)?);
+    let (old, new) = (read(old, Source::File)?, read(new, source)?);
     Ok(review(Some(&old), &new, guard, here))
 }
 
