@@ -32,14 +32,25 @@ pub trait Watched: Send + Sync + 'static {
     /// Read the files and hash their content (blocking).
     fn read(&self) -> Result<(Self::Digest, Self::Content), Self::Error>;
 
-    /// The content changed (or a look was triggered): act on it (blocking). Returns the
-    /// digest of what was taken when it is not the one read (a file read again may have
-    /// changed in between).
-    fn changed(&self, content: Self::Content) -> Option<Self::Digest>;
+    /// The content changed (or a look was triggered): act on it (blocking).
+    fn changed(&self, content: Self::Content) -> Taken<Self::Digest>;
 
     /// The files could not be read. `report` is true on the first failure after a good
     /// read and on triggered looks, so a missing file is not reported on every poll.
     fn unreadable(&self, error: Self::Error, report: bool);
+}
+
+/// What came of acting on new content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken<D> {
+    /// Acted on as read: taken, or refused (content refused is not acted on again until
+    /// it changes).
+    AsRead,
+    /// What was taken was read again and is newer than what was hashed: its digest.
+    Other(D),
+    /// Not acted on yet, and not refused for good (a certificate not valid yet): look
+    /// again at the next poll.
+    Later,
 }
 
 /// A polling watcher over a [`Watched`]; [`run`](Self::run) until dropped.
@@ -134,8 +145,12 @@ impl<W: Watched> Watch<W> {
             self.last = Some(digest);
             let watched = self.watched.clone();
             match tokio::task::spawn_blocking(move || watched.changed(content)).await {
-                Ok(Some(taken)) => self.last = Some(taken),
-                Ok(None) => {}
+                Ok(Taken::Other(taken)) => self.last = Some(taken),
+                Ok(Taken::AsRead) => {}
+                Ok(Taken::Later) => {
+                    // Read and act again at the next poll, as if it had just settled.
+                    pending = self.last.take();
+                }
                 Err(e) => tracing::error!(error = %e, "watched file reload task failed"),
             }
         }
@@ -195,10 +210,10 @@ mod tests {
             let text = std::fs::read_to_string(&self.paths[0])?;
             Ok((text.clone(), text))
         }
-        fn changed(&self, content: String) -> Option<String> {
+        fn changed(&self, content: String) -> Taken<String> {
             self.taken.lock().unwrap().push(content);
             self.changed.notify_one();
-            None
+            Taken::AsRead
         }
         fn unreadable(&self, _: std::io::Error, _: bool) {}
     }

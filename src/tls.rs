@@ -27,7 +27,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::net::TcpStream;
 
 use crate::config::TlsConfig;
-use crate::file_watch::{Watch, Watched};
+use crate::file_watch::{Taken, Watch, Watched};
 
 /// Handshake deadline used by [`TlsAcceptor::new`] when none is given.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -304,6 +304,7 @@ pub async fn watch(acceptor: TlsAcceptor, tls: TlsConfig) {
             acceptor,
             tls,
             paths,
+            waiting: std::sync::Mutex::new(None),
         },
         interval,
         last,
@@ -318,6 +319,9 @@ struct TlsWatch {
     acceptor: TlsAcceptor,
     tls: TlsConfig,
     paths: Vec<PathBuf>,
+    /// The `notBefore` of a rotated certificate not valid yet, once said: it is taken at
+    /// the first poll from then on (an issuer's clock a little ahead is routine).
+    waiting: std::sync::Mutex<Option<SystemTime>>,
 }
 
 impl Watched for TlsWatch {
@@ -334,10 +338,26 @@ impl Watched for TlsWatch {
         Ok((files.fingerprint(), files))
     }
 
-    fn changed(&self, files: TlsFiles) -> Option<[u8; 32]> {
-        let built = files.build(&self.tls).and_then(|b| {
+    fn changed(&self, files: TlsFiles) -> Taken<[u8; 32]> {
+        let now = SystemTime::now();
+        let built = files.build(&self.tls);
+        if let Ok(Built {
+            validity: Some(v), ..
+        }) = &built
+        {
+            if now < v.not_before && now < v.not_after {
+                let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                if *waiting != Some(v.not_before) {
+                    let at = humantime::format_rfc3339_seconds(v.not_before);
+                    tracing::warn!(cert = %self.tls.cert.display(), "TLS certificate not valid before {at}: keeping the current one until then");
+                    *waiting = Some(v.not_before);
+                }
+                return Taken::Later;
+            }
+        }
+        let built = built.and_then(|b| {
             // A rotation to a certificate clients would refuse is a broken rotation.
-            match b.validity.and_then(|v| v.problem(SystemTime::now())) {
+            match b.validity.and_then(|v| v.problem(now)) {
                 Some(problem) => Err(file_err("cert", &self.tls.cert, problem)),
                 None => Ok(b),
             }
@@ -356,7 +376,7 @@ impl Watched for TlsWatch {
                 tracing::warn!(error = %e, "TLS reload refused; keeping the current certificate")
             }
         }
-        None
+        Taken::AsRead
     }
 
     /// A file missing for a moment (mid-rotation): look again on the next poll. Said at

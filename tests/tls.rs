@@ -77,6 +77,23 @@ impl Ca {
         self.issue(cn, ExtendedKeyUsagePurpose::ServerAuth)
     }
 
+    /// A server certificate valid from `from` (since the Unix epoch) for a year.
+    fn server_from(&self, cn: &str, from: Duration) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = rcgen::date_time_ymd(1970, 1, 1) + from;
+        params.not_after = params.not_before + Duration::from_secs(365 * 86400);
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
     /// A server certificate valid from `from` to `until` (years, January 1st).
     fn server_valid(&self, cn: &str, from: i32, until: i32) -> Leaf {
         let key = KeyPair::generate().unwrap();
@@ -441,6 +458,27 @@ async fn the_served_certificates_expiry_is_exported_and_an_expired_one_is_not_ro
     .await;
     let tls = handshake(&client, proxy.addr).await.unwrap();
     assert_eq!(peer_cert(&tls), second.der);
+
+    // Rotated to a certificate valid two seconds from now (an issuer's clock a little
+    // ahead): kept back until then, then taken without another change to the files.
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let soon = ca.server_from("keyward-c", unix + Duration::from_secs(2));
+    certs.publish(&soon.cert_pem, &soon.key_pem);
+    let tls = handshake(&client, proxy.addr).await.unwrap();
+    assert_eq!(peer_cert(&tls), second.der, "not valid yet");
+    let (c, addr, want) = (client.clone(), proxy.addr, soon.der.clone());
+    eventually("taken once valid", move || {
+        let (c, want) = (c.clone(), want.clone());
+        async move {
+            match handshake(&c, addr).await {
+                Ok(tls) => peer_cert(&tls) == want,
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
     proxy.shutdown().await;
 }
 

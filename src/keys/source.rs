@@ -21,7 +21,7 @@ use super::spool::STALE_SPOOL;
 pub use super::spool::{persist, Spool};
 use super::store::KeyStore;
 use crate::config::KeysConfig;
-use crate::file_watch::{Watch, Watched};
+use crate::file_watch::{Taken, Watch, Watched};
 
 /// What the key sources act on. Implemented by the application.
 pub trait Host: Send + Sync + 'static {
@@ -283,13 +283,13 @@ impl<H: Host> Watched for KeyFile<H> {
         Ok((file_digest(&self.path)?, ()))
     }
 
-    fn changed(&self, (): ()) -> Option<String> {
+    fn changed(&self, (): ()) -> Taken<String> {
         match load_file(&*self.host, &self.path, Source::File) {
             // What was read may be newer than what was hashed a moment before.
-            Ok(snapshot) => Some(snapshot.content_digest.clone()),
+            Ok(snapshot) => Taken::Other(snapshot.content_digest.clone()),
             Err(e) => {
                 refused(&*self.host, Source::File, &e);
-                None
+                Taken::AsRead
             }
         }
     }
