@@ -191,7 +191,9 @@ fn parse_time(field: &'static str, s: Option<&str>) -> Result<Option<SystemTime>
 /// as `Z` times do: every time read here is written back out (`to_doc`, `/auth`, the
 /// admin API), and `humantime` cannot write others (an offset can move a time out).
 fn rfc3339(s: &str) -> Option<SystemTime> {
-    let last = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+    // 9999-12-31T23:59:59.999999999Z: "the end of time" as generators write it
+    // (`...59.999Z`) must stay readable.
+    let last = SystemTime::UNIX_EPOCH + std::time::Duration::new(253_402_300_799, 999_999_999);
     rfc3339_any(s).filter(|t| *t >= SystemTime::UNIX_EPOCH && *t <= last)
 }
 
@@ -265,6 +267,8 @@ mod tests {
         assert_eq!(rfc3339("2026-12-05T16:30:00-04:30"), Some(utc));
         assert_eq!(rfc3339("2026-12-05T21:00:00+00:00"), Some(utc));
         assert_eq!(rfc3339("2026-12-05T21:00:00.000Z"), Some(utc));
+        assert!(rfc3339("9999-12-31T23:59:59.999Z").is_some(), "the end of time");
+        assert!(rfc3339("9999-12-31T23:59:59.999999999Z").is_some());
         for bad in [
             "2026-12-05T21:00:00+25:00",
             "2026-12-05T21:00:00+2:000",
