@@ -39,21 +39,16 @@ macro_rules! each {
 }
 
 impl UpstreamStream {
-    /// Is the idle connection still open, with nothing unasked-for to read? Costs no system
-    /// call unless the reactor has seen it readable (data or the upstream's FIN).
+    /// Is the idle connection still open, with nothing unasked-for to read? The kernel is
+    /// asked (a non-blocking `MSG_PEEK` of one byte), not the reactor's cached readiness:
+    /// on a busy worker the reactor may not have seen, for milliseconds, bytes already in
+    /// the socket, and a connection reused with them answers the next request with them.
+    /// One system call per reuse is the price (review: 227 of 4,000 responses crossed
+    /// between clients at 50 concurrent clients when the cache was trusted).
     pub fn idle_and_open(&self) -> bool {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match each!(self, s => s.poll_read_ready(&mut cx)) {
-            std::task::Poll::Pending => true,
-            std::task::Poll::Ready(Err(_)) => false,
-            std::task::Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(
-                    each!(self, s => s.try_read(&mut probe)),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock
-                )
-            }
-        }
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        let peeked = each!(self, s => socket2::SockRef::from(s).peek(&mut probe));
+        matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
