@@ -110,6 +110,12 @@ async fn a_limiter_state_left_far_ahead_holds_a_key_no_longer_than_a_burst() {
     assert_eq!(call(&kw, LIMITED).await.status, 200);
     let n: String = redis.cmd(&["GET", "keyward:rl:{key_limited}"]).await;
     assert!(n.parse::<f64>().is_ok_and(|v| v.is_finite()), "{n}");
+    // A value of another type: replaced, not failed on for good.
+    let _: i64 = redis.cmd(&["DEL", "keyward:rl:{key_limited}"]).await;
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:rl:{key_limited}", "a", "b"])
+        .await;
+    assert_eq!(call(&kw, LIMITED).await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -520,9 +526,6 @@ async fn usage_values_left_in_redis_neither_crash_nor_mark_redis_down() {
             "9223372036854775807",
         ])
         .await;
-    let _: i64 = redis
-        .cmd(&["HSET", "keyward:usage:last", "key_free", "253402300800000"])
-        .await;
     for key in [FREE, OTHER] {
         assert_eq!(call(&kw, key).await.status, 200);
     }
@@ -534,6 +537,10 @@ async fn usage_values_left_in_redis_neither_crash_nor_mark_redis_down() {
     let n = redis.hget("keyward:usage:count", "key_free").await;
     assert_eq!(n.as_deref(), Some("9223372036854775807"), "saturated");
     assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(1.0));
+    // A last-used time past year 9999, left while the key is idle: the report clamps it.
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:usage:last", "key_free", "253402300800000"])
+        .await;
     let r = get(
         &kw.admin_url("/v1/keys/usage"),
         &[("authorization", &admin_auth())],
@@ -545,6 +552,19 @@ async fn usage_values_left_in_redis_neither_crash_nor_mark_redis_down() {
         .and_then(|k| k.iter().find(|e| e["key_id"] == "key_free").cloned())
         .unwrap();
     assert_eq!(free["last_used"], "9999-12-31T23:59:59.999Z");
+    // ... and the next flush replaces it with the real time, as it does `nan`.
+    assert_eq!(call(&kw, FREE).await.status, 200);
+    eventually(
+        "a real last-used time replaces one past year 9999",
+        || async {
+            redis
+                .hget("keyward:usage:last", "key_free")
+                .await
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|ms| ms < 253_402_300_799_999)
+        },
+    )
+    .await;
     // A field that is not a number, under an id that is not ours: that field is skipped,
     // the fleet's report stands.
     let _: i64 = redis

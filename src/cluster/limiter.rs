@@ -29,7 +29,13 @@ local burst = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tolerance = interval * burst
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
+-- A value of another type there (another writer's) would fail every check for good.
+local stored = redis.pcall('GET', KEYS[1])
+if type(stored) == 'table' and stored.err then
+  redis.call('DEL', KEYS[1])
+  stored = nil
+end
+local tat = tonumber(stored) or now
 -- NaN (`nan` parses) compares false with everything: it would never be replaced.
 if tat ~= tat or tat < now then tat = now end
 -- This script never stores a state past now + tolerance; a larger one was left by another

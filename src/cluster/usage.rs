@@ -53,7 +53,8 @@ for i = 4, #ARGV, 3 do
     end
   end
   local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[i]))
-  if not cur or cur < tonumber(ARGV[i + 2]) then
+  -- NaN, or a time past year 9999, would never be replaced by a real one.
+  if not cur or cur ~= cur or cur > 253402300799999 or cur < tonumber(ARGV[i + 2]) then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
   end
 end

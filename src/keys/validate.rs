@@ -267,7 +267,10 @@ mod tests {
         assert_eq!(rfc3339("2026-12-05T16:30:00-04:30"), Some(utc));
         assert_eq!(rfc3339("2026-12-05T21:00:00+00:00"), Some(utc));
         assert_eq!(rfc3339("2026-12-05T21:00:00.000Z"), Some(utc));
-        assert!(rfc3339("9999-12-31T23:59:59.999Z").is_some(), "the end of time");
+        assert!(
+            rfc3339("9999-12-31T23:59:59.999Z").is_some(),
+            "the end of time"
+        );
         assert!(rfc3339("9999-12-31T23:59:59.999999999Z").is_some());
         for bad in [
             "2026-12-05T21:00:00+25:00",
