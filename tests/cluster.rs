@@ -664,7 +664,13 @@ async fn a_revoke_stamped_far_ahead_fails_closed_and_a_lift_still_takes_everywhe
         .unwrap()
         .as_micros() as u64
         + 10 * 365 * 24 * 3600 * 1_000_000;
-    let message = format!("{}\n{}|1|key_other", sha(OTHER), u64::MAX);
+    // In the hash (read by every full read) and published (a replica subscribed takes it
+    // at once; one not subscribed yet misses the message, hence the hash too).
+    let forged = format!("{}|1|key_other", u64::MAX);
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:revocations", &sha(OTHER), &forged])
+        .await;
+    let message = format!("{}\n{forged}", sha(OTHER));
     let _: i64 = redis
         .cmd(&["PUBLISH", "keyward:revocations:events", &message])
         .await;
