@@ -278,9 +278,13 @@ impl Upstream {
                 }
                 return Err(ProxyError::Fast(H1Error::Io(e)));
             }
+            // A reused connection the upstream had closed ends in EOF or, as the request
+            // reached a closed socket, in a reset: both mean no answer is coming on it.
             let (mut head, ready) = match conn.read_head(&parts.method, &mut parts.headers).await {
                 Ok(Some(parsed)) => parsed,
-                Ok(None) if reused && parts.method.is_idempotent() => continue,
+                Ok(None) | Err(H1Error::Io(_)) if reused && parts.method.is_idempotent() => {
+                    continue
+                }
                 Ok(None) => return Err(ProxyError::Fast(H1Error::Incomplete)),
                 Err(e) => return Err(ProxyError::Fast(e)),
             };
