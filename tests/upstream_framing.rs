@@ -846,7 +846,7 @@ async fn a_reused_connection_reset_under_a_request_is_retried_when_the_method_al
                 s.write_all(ok).await.ok()?;
                 read_head(&mut s).await?;
                 // Closed with the request unanswered: a reset, not a clean end.
-                s.set_linger(Some(Duration::ZERO)).ok()
+                s.set_zero_linger().ok()
             });
         }
     });
