@@ -394,20 +394,8 @@ async fn rotated_certificate_is_used_by_new_handshakes() {
 
     // The complete pair: new handshakes see it once the watcher has polled.
     certs.publish(&second.cert_pem, &second.key_pem);
-    let (c, addr, want) = (client.clone(), proxy.addr, second.der.clone());
-    eventually(
-        "new handshakes present the rotated certificate",
-        move || {
-            let (c, want) = (c.clone(), want.clone());
-            async move {
-                match handshake(&c, addr).await {
-                    Ok(tls) => peer_cert(&tls) == want,
-                    Err(_) => false,
-                }
-            }
-        },
-    )
-    .await;
+    let what = "new handshakes present the rotated certificate";
+    eventually_served(what, &client, proxy.addr, &second.der).await;
 
     // The connection opened before the rotation still works.
     let got = read(old.send_request(authed_get("/after")).await.unwrap()).await;
@@ -468,18 +456,24 @@ async fn the_served_certificates_expiry_is_exported_and_an_expired_one_is_not_ro
     certs.publish(&soon.cert_pem, &soon.key_pem);
     let tls = handshake(&client, proxy.addr).await.unwrap();
     assert_eq!(peer_cert(&tls), second.der, "not valid yet");
-    let (c, addr, want) = (client.clone(), proxy.addr, soon.der.clone());
-    eventually("taken once valid", move || {
-        let (c, want) = (c.clone(), want.clone());
-        async move {
-            match handshake(&c, addr).await {
-                Ok(tls) => peer_cert(&tls) == want,
-                Err(_) => false,
-            }
+    eventually_served("taken once valid", &client, proxy.addr, &soon.der).await;
+    proxy.shutdown().await;
+}
+
+/// Wait until new handshakes with `addr` present `want`.
+async fn eventually_served(
+    what: &str,
+    client: &TlsConnector,
+    addr: std::net::SocketAddr,
+    want: &CertificateDer<'static>,
+) {
+    eventually(what, || async {
+        match handshake(client, addr).await {
+            Ok(tls) => peer_cert(&tls) == *want,
+            Err(_) => false,
         }
     })
     .await;
-    proxy.shutdown().await;
 }
 
 #[tokio::test]
