@@ -344,7 +344,8 @@ fn guarded(verdict: &crate::keys::guard::Verdict) -> Response<AdminBody> {
     json(
         status,
         json!({"status": status.as_u16(), "code": "snapshot_guard", "error": verdict.to_string(),
-               "in_force": verdict.in_force, "usable": verdict.usable, "removed": verdict.removed,
+               "in_force": verdict.in_force, "usable_in_force": verdict.usable_in_force,
+               "usable": verdict.usable, "removed": verdict.removed,
                "disabled": verdict.disabled, "locked_out": verdict.locked_out,
                "fraction": verdict.fraction,
                "limit": verdict.limit, "min_keys": verdict.min_keys, "reason": verdict.reason,

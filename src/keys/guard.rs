@@ -1,5 +1,5 @@
 //! The blast-radius guard (SPEC 16): a new snapshot that removes or disables too large a
-//! share of the keys in force, an empty one replacing a non-empty one, or one whose
+//! share of the keys in force, an empty one replacing a non-empty one, or a push whose
 //! `version` is older than the one in force (SPEC 4: versions only increase), is refused
 //! like an invalid one unless it is forced. The verdict is drawn from [`diff`](super::diff::diff).
 
@@ -17,8 +17,8 @@ use crate::config::GuardConfig;
 pub enum Reason {
     /// An empty snapshot would replace a non-empty one.
     Empty,
-    /// Its `version` is below the one in force: a stale writer (a retried job, an old
-    /// Secret restored), which would undo every change made since, revokes included.
+    /// A push whose `version` is below the one in force: a stale writer (a retried job, a
+    /// second pipeline), which would undo every change made since, revokes included.
     Rollback,
     /// Too large a fraction of the keys in force would be removed or disabled.
     Fraction,
@@ -30,9 +30,12 @@ pub struct Verdict {
     pub would_refuse: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
-    /// Keys in force that a client can use here now (active, within their validity, bound
-    /// to this environment or none): the keys a snapshot can take away.
+    /// Keys in the snapshot in force.
     pub in_force: usize,
+    /// Of those, the keys a client can use here now (active, within their validity, bound
+    /// to this environment or none): the keys a snapshot can take away, and the fraction's
+    /// denominator.
+    pub usable_in_force: usize,
     /// Keys of the new snapshot a client could use here now.
     pub usable: usize,
     /// The `version` in force and the new one's: the rollback rule reads these.
@@ -47,7 +50,7 @@ pub struct Verdict {
     /// Usable keys in force that stay active but refuse their clients (see
     /// [`SnapshotDiff::locked_out`]).
     pub locked_out: usize,
-    /// `(removed + disabled + locked_out) / in_force` (0 when nothing is in force).
+    /// `(removed + disabled + locked_out) / usable_in_force` (0 when none is usable).
     pub fraction: f64,
     /// `keys.guard.max_removed_fraction`.
     pub limit: f64,
@@ -59,11 +62,11 @@ pub struct Verdict {
 /// Judge a diff by the guard's settings.
 pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
     let (removed, disabled, locked_out) = (d.removed_usable, d.disabled.len(), d.locked_out.len());
-    let in_force = d.usable_in_force;
-    let fraction = if in_force == 0 {
+    let usable_in_force = d.usable_in_force;
+    let fraction = if usable_in_force == 0 {
         0.0
     } else {
-        (removed + disabled + locked_out) as f64 / in_force as f64
+        (removed + disabled + locked_out) as f64 / usable_in_force as f64
     };
     let rollback =
         d.pushed && matches!((d.version_in_force, d.version), (Some(old), Some(new)) if new < old);
@@ -74,7 +77,7 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
         Some(Reason::Empty)
     } else if rollback {
         Some(Reason::Rollback)
-    } else if in_force >= cfg.min_keys && fraction > cfg.max_removed_fraction {
+    } else if usable_in_force >= cfg.min_keys && fraction > cfg.max_removed_fraction {
         Some(Reason::Fraction)
     } else {
         None
@@ -82,7 +85,8 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
     Verdict {
         would_refuse: reason.is_some(),
         reason,
-        in_force,
+        in_force: d.in_force,
+        usable_in_force,
         usable: d.usable,
         version_in_force: d.version_in_force,
         version: d.version,
@@ -120,7 +124,7 @@ impl Verdict {
     fn counts(&self) -> String {
         format!(
             "removes {}, disables {} and locks out {} of {} usable keys in force",
-            self.removed, self.disabled, self.locked_out, self.in_force
+            self.removed, self.disabled, self.locked_out, self.usable_in_force
         )
     }
 }
@@ -130,7 +134,7 @@ impl fmt::Display for Verdict {
         match self.reason {
             Some(Reason::Empty) => write!(
                 f,
-                "snapshot guard: an empty snapshot would replace a non-empty one ({} usable keys in force)",
+                "snapshot guard: an empty snapshot would replace {} keys in force",
                 self.in_force
             ),
             Some(Reason::Rollback) => write!(
@@ -147,7 +151,7 @@ impl fmt::Display for Verdict {
                 self.fraction,
                 self.limit
             ),
-            None if self.in_force < self.min_keys => write!(
+            None if self.usable_in_force < self.min_keys => write!(
                 f,
                 "snapshot guard: passes ({}; below keys.guard.min_keys {}, only an empty snapshot is refused)",
                 self.counts(),
