@@ -328,7 +328,7 @@ async fn put_snapshot(
         }
         Err(LoadError::Guarded(verdict)) => {
             app.metrics.snapshot_guarded(crate::keys::Source::Control);
-            warn!(in_force = verdict.in_force, removed = verdict.removed, disabled = verdict.disabled, error = %verdict, "pushed snapshot held back by the guard; keeping the last good one");
+            warn!(in_force = verdict.sides.in_force, removed = verdict.removed, disabled = verdict.disabled, error = %verdict, "pushed snapshot held back by the guard; keeping the last good one");
             guarded(&verdict)
         }
         Err(e @ (LoadError::FileSource | LoadError::ControlSource)) => {
@@ -338,19 +338,15 @@ async fn put_snapshot(
     }
 }
 
-/// 409 `snapshot_guard` with the guard's counts (SPEC 16).
+/// 409 `snapshot_guard` with the guard's verdict and counts, as the dry run shows them
+/// (SPEC 16).
 fn guarded(verdict: &crate::keys::guard::Verdict) -> Response<AdminBody> {
     let status = StatusCode::CONFLICT;
-    json(
-        status,
-        json!({"status": status.as_u16(), "code": "snapshot_guard", "error": verdict.to_string(),
-               "in_force": verdict.in_force, "usable_in_force": verdict.usable_in_force,
-               "usable": verdict.usable, "removed": verdict.removed,
-               "disabled": verdict.disabled, "locked_out": verdict.locked_out,
-               "fraction": verdict.fraction,
-               "limit": verdict.limit, "min_keys": verdict.min_keys, "reason": verdict.reason,
-               "version_in_force": verdict.version_in_force, "version": verdict.version}),
-    )
+    let mut body = serde_json::to_value(verdict).unwrap_or_default();
+    body["status"] = json!(status.as_u16());
+    body["code"] = json!("snapshot_guard");
+    body["error"] = json!(verdict.to_string());
+    json(status, body)
 }
 
 const DRY_RUN: &str = "dry_run";

@@ -24,20 +24,8 @@ pub struct Changed {
 /// key id.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SnapshotDiff {
-    /// Keys in the snapshot in force.
-    pub in_force: usize,
-    /// Keys in the new snapshot.
-    pub keys: usize,
-    /// Keys in force that a client can use here now ([`usable`]), and in the new snapshot.
-    /// The guard judges by these: a key already disabled, expired or bound to another
-    /// environment denies no one when it goes, and must not dilute the keys that do.
-    pub usable_in_force: usize,
-    pub usable: usize,
-    /// The `version` of the snapshot in force, and of the new one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version_in_force: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<u64>,
+    #[serde(flatten)]
+    pub sides: Sides,
     /// The new snapshot was pushed (control source): a push whose `version` is below the one
     /// in force is a stale writer. A file is the operator's own, and a disable through the
     /// API (which a rollback would undo) exists only for pushes.
@@ -116,19 +104,42 @@ pub fn usable(key: &Key, here: Here<'_>) -> bool {
         }
 }
 
+/// The two snapshots' sizes and versions: measured by the diff, repeated by the guard's
+/// verdict (both serialize them flat, under these names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Sides {
+    /// Keys in the snapshot in force.
+    pub in_force: usize,
+    /// Keys in the new snapshot.
+    pub keys: usize,
+    /// Keys in force that a client can use here now ([`usable`]), and in the new snapshot.
+    /// The guard judges by these: a key already disabled, expired or bound to another
+    /// environment denies no one when it goes, and must not dilute the keys that do.
+    pub usable_in_force: usize,
+    pub usable: usize,
+    /// The `version` of the snapshot in force, and of the new one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_in_force: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
 /// Compare two snapshots key by key (by id), field by field.
 pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
     let mut d = SnapshotDiff {
-        in_force: old.len(),
-        keys: new.len(),
-        usable_in_force: old.keys().filter(|k| usable(k, here)).count(),
-        version_in_force: old.version,
-        version: new.version,
+        sides: Sides {
+            in_force: old.len(),
+            keys: new.len(),
+            usable_in_force: old.keys().filter(|k| usable(k, here)).count(),
+            usable: 0,
+            version_in_force: old.version,
+            version: new.version,
+        },
         pushed: new.source == Source::Control,
         ..SnapshotDiff::default()
     };
     for key in new.keys() {
-        d.usable += usize::from(usable(key, here));
+        d.sides.usable += usize::from(usable(key, here));
         let Some(before) = old.by_id(&key.id) else {
             d.added.push(key.id.to_string());
             continue;
@@ -240,16 +251,17 @@ impl SnapshotDiff {
     /// changed with its field names).
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        if let (Some(old), Some(new)) = (self.version_in_force, self.version) {
+        let s = &self.sides;
+        if let (Some(old), Some(new)) = (s.version_in_force, s.version) {
             let _ = writeln!(out, "version: {old} in force, {new} new");
         }
         let _ = writeln!(
             out,
             "keys: {} in force ({} usable), {} new ({} usable); added {}, removed {}, changed {} (disabled {}, enabled {}, locked out {}), unchanged {}",
-            self.in_force,
-            self.usable_in_force,
-            self.keys,
-            self.usable,
+            s.in_force,
+            s.usable_in_force,
+            s.keys,
+            s.usable,
             self.added.len(),
             self.removed.len(),
             self.changed.len(),
@@ -311,7 +323,7 @@ mod tests {
             entry("k5", "e", ""),
         ]);
         let d = diff(&old, &new, here());
-        assert_eq!((d.in_force, d.keys, d.unchanged), (4, 4, 1));
+        assert_eq!((d.sides.in_force, d.sides.keys, d.unchanged), (4, 4, 1));
         assert_eq!(d.added, ["k5"]);
         assert_eq!(d.removed, ["k4"]);
         assert_eq!(d.disabled, ["k3"]);

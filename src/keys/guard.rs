@@ -7,7 +7,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::diff::{diff, Here, SnapshotDiff};
+use super::diff::{diff, Here, Sides, SnapshotDiff};
 use super::Snapshot;
 use crate::config::GuardConfig;
 
@@ -30,19 +30,10 @@ pub struct Verdict {
     pub would_refuse: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
-    /// Keys in the snapshot in force.
-    pub in_force: usize,
-    /// Of those, the keys a client can use here now (active, within their validity, bound
-    /// to this environment or none): the keys a snapshot can take away, and the fraction's
-    /// denominator.
-    pub usable_in_force: usize,
-    /// Keys of the new snapshot a client could use here now.
-    pub usable: usize,
-    /// The `version` in force and the new one's: the rollback rule reads these.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version_in_force: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<u64>,
+    /// The diff's sizes and versions: `usable_in_force` is the fraction's denominator, the
+    /// versions are what the rollback rule reads.
+    #[serde(flatten)]
+    pub sides: Sides,
     /// Usable keys in force that the new snapshot removes.
     pub removed: usize,
     /// Usable keys in force that the new snapshot disables.
@@ -62,18 +53,19 @@ pub struct Verdict {
 /// Judge a diff by the guard's settings.
 pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
     let (removed, disabled, locked_out) = (d.removed_usable, d.disabled.len(), d.locked_out.len());
-    let usable_in_force = d.usable_in_force;
+    let sides = d.sides;
+    let usable_in_force = sides.usable_in_force;
     let fraction = if usable_in_force == 0 {
         0.0
     } else {
         (removed + disabled + locked_out) as f64 / usable_in_force as f64
     };
-    let rollback =
-        d.pushed && matches!((d.version_in_force, d.version), (Some(old), Some(new)) if new < old);
+    let rollback = d.pushed
+        && matches!((sides.version_in_force, sides.version), (Some(old), Some(new)) if new < old);
     // SPEC 16: an empty snapshot replacing a non-empty one, whatever `min_keys`. (One whose
     // keys are all disabled is judged by the fraction, from `min_keys` keys on: below it,
     // a small snapshot may disable its only key on purpose.)
-    let reason = if d.keys == 0 && d.in_force > 0 {
+    let reason = if sides.keys == 0 && sides.in_force > 0 {
         Some(Reason::Empty)
     } else if rollback {
         Some(Reason::Rollback)
@@ -85,11 +77,7 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
     Verdict {
         would_refuse: reason.is_some(),
         reason,
-        in_force: d.in_force,
-        usable_in_force,
-        usable: d.usable,
-        version_in_force: d.version_in_force,
-        version: d.version,
+        sides,
         removed,
         disabled,
         locked_out,
@@ -124,7 +112,7 @@ impl Verdict {
     fn counts(&self) -> String {
         format!(
             "removes {}, disables {} and locks out {} of {} usable keys in force",
-            self.removed, self.disabled, self.locked_out, self.usable_in_force
+            self.removed, self.disabled, self.locked_out, self.sides.usable_in_force
         )
     }
 }
@@ -135,13 +123,13 @@ impl fmt::Display for Verdict {
             Some(Reason::Empty) => write!(
                 f,
                 "snapshot guard: an empty snapshot would replace {} keys in force",
-                self.in_force
+                self.sides.in_force
             ),
             Some(Reason::Rollback) => write!(
                 f,
                 "snapshot guard: version {} is older than version {} in force (a rollback; it {})",
-                self.version.unwrap_or_default(),
-                self.version_in_force.unwrap_or_default(),
+                self.sides.version.unwrap_or_default(),
+                self.sides.version_in_force.unwrap_or_default(),
                 self.counts()
             ),
             Some(Reason::Fraction) => write!(
@@ -151,7 +139,7 @@ impl fmt::Display for Verdict {
                 self.fraction,
                 self.limit
             ),
-            None if self.usable_in_force < self.min_keys => write!(
+            None if self.sides.usable_in_force < self.min_keys => write!(
                 f,
                 "snapshot guard: passes ({}; below keys.guard.min_keys {}, only an empty snapshot is refused)",
                 self.counts(),
@@ -174,10 +162,13 @@ mod tests {
 
     fn d(in_force: usize, keys: usize, removed: usize, disabled: usize) -> SnapshotDiff {
         SnapshotDiff {
-            in_force,
-            keys,
-            usable_in_force: in_force,
-            usable: keys,
+            sides: Sides {
+                in_force,
+                keys,
+                usable_in_force: in_force,
+                usable: keys,
+                ..Sides::default()
+            },
             removed_usable: removed,
             removed: (0..removed).map(|i| format!("r{i}")).collect(),
             disabled: (0..disabled).map(|i| format!("d{i}")).collect(),
@@ -237,11 +228,13 @@ mod tests {
 
     #[test]
     fn an_older_version_is_refused_whatever_the_counts() {
-        let versioned = |old, new| SnapshotDiff {
-            version_in_force: old,
-            version: new,
-            pushed: true,
-            ..d(3, 3, 0, 0)
+        let versioned = |old, new| {
+            let mut diff = SnapshotDiff {
+                pushed: true,
+                ..d(3, 3, 0, 0)
+            };
+            (diff.sides.version_in_force, diff.sides.version) = (old, new);
+            diff
         };
         let v = judge(&versioned(Some(8), Some(7)), &DEFAULTS);
         assert_eq!(v.reason, Some(Reason::Rollback), "{v}");
