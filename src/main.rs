@@ -73,6 +73,20 @@ fn raise_open_files_limit() -> Option<u64> {
     Some(limit.rlim_cur)
 }
 
+/// No core file: one holds what the process held, raw keys in request headers included,
+/// and the node's core handler (systemd-coredump, a crash collector) keeps it where the
+/// pod's owners do not control who reads it. A crash is still logged and counted by the
+/// orchestrator. Whether it took.
+#[allow(unsafe_code)]
+fn forbid_core_dumps() -> bool {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads only the struct it is given.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) == 0 }
+}
+
 /// Warn when the open-files limit cannot hold what the limits allow: a client connection
 /// each, an upstream connection per request in flight, and some for listeners, files and
 /// Redis. Past it, accepts (the admin listener's, probes included) and upstream connects
@@ -263,6 +277,9 @@ fn run(path: &Path) -> Result<(), CliError> {
 
 fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
     check_open_files(&config, raise_open_files_limit());
+    if !forbid_core_dumps() {
+        tracing::warn!("could not turn core dumps off (setrlimit RLIMIT_CORE)");
+    }
     runtime()?.block_on(async {
         let signals = keyward::Signals::install().map_err(CliError::Signals)?;
         let server = Keyward::bind_with(config, Some(release_freed_memory)).await?;

@@ -319,9 +319,10 @@ fn check_rejects_bad_configs_naming_the_field() {
     assert!(e.contains(&keys.display().to_string()), "{e}");
 }
 
-/// `keyward run` under a shell whose open-files limits are `soft` and `hard`: the soft
-/// limit it then runs with, and its logs until it is listening.
-fn run_with_open_files(soft: &str, hard: &str) -> (u64, String) {
+/// `keyward run` under a shell whose open-files limits are `soft` and `hard` (and whose
+/// core-file limit is as high as allowed): the limits it then runs with
+/// (`/proc/<pid>/limits`), and its logs until it is listening.
+fn run_with_open_files(soft: &str, hard: &str) -> (String, String) {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("keyward.yaml");
@@ -331,7 +332,9 @@ fn run_with_open_files(soft: &str, hard: &str) -> (u64, String) {
         keys.display()
     );
     std::fs::write(&config, text).unwrap();
-    let script = format!("ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" -c \"$1\" run");
+    let script = format!(
+        "ulimit -Sc $(ulimit -Hc); ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" -c \"$1\" run"
+    );
     let mut child = std::process::Command::new("sh")
         .args(["-c", &script, support::child::BIN, config.to_str().unwrap()])
         .env_remove("KEYWARD_LOG")
@@ -347,15 +350,20 @@ fn run_with_open_files(soft: &str, hard: &str) -> (u64, String) {
         .any(|l| l.starts_with("keyward listening"));
     assert!(listening, "keyward did not start");
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
-    let soft_now = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|n| n.parse().ok())
-        .unwrap();
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
-    (soft_now, stderr(&out))
+    (limits, stderr(&out))
+}
+
+/// The soft and hard values of the limit `named` in a `/proc/<pid>/limits` text.
+fn limit(limits: &str, named: &str) -> (String, String) {
+    let rest = limits
+        .lines()
+        .find_map(|l| l.strip_prefix(named))
+        .unwrap_or_else(|| panic!("no {named} in {limits}"));
+    let mut values = rest.split_whitespace();
+    let mut next = || values.next().unwrap().to_string();
+    (next(), next())
 }
 
 /// Each connection, client or upstream, is a descriptor: keyward raises its soft open-files
@@ -363,11 +371,24 @@ fn run_with_open_files(soft: &str, hard: &str) -> (u64, String) {
 /// (`max_connections` + `max_in_flight`), before accepts and connects fail under load.
 #[test]
 fn the_open_files_limit_is_raised_and_a_low_one_named_at_start() {
-    let (soft, logs) = run_with_open_files("256", "4096");
-    assert_eq!(soft, 4096, "raised to the hard limit");
+    let (limits, logs) = run_with_open_files("256", "4096");
+    assert_eq!(
+        limit(&limits, "Max open files").0,
+        "4096",
+        "raised to the hard limit"
+    );
     assert!(
         logs.contains("the open-files limit (ulimit -n) is below"),
         "{logs}"
     );
     assert!(logs.contains("\"open_files_limit\":4096"), "{logs}");
+}
+
+/// A core file would hold what the process held, raw keys in request headers included:
+/// `keyward run` turns them off for good (soft and hard limit 0).
+#[test]
+fn core_dumps_are_off() {
+    let (limits, _) = run_with_open_files("1024", "4096");
+    let zero = ("0".to_string(), "0".to_string());
+    assert_eq!(limit(&limits, "Max core file size"), zero, "{limits}");
 }

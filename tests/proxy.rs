@@ -587,6 +587,43 @@ async fn forward_credential_and_echo_to_client_options() {
     kw.shutdown().await;
 }
 
+/// `x_api_key` and `x.api.key` are `X-API-KEY` to a CGI/WSGI or nginx backend, but never
+/// read by keyward: whether or not the credential is forwarded, the app gets only the key
+/// keyward checked.
+#[tokio::test]
+async fn spellings_of_a_credential_header_never_reach_the_app() {
+    let up = spawn_upstream().await;
+    for forward in [false, true] {
+        let kw = spawn_proxy(up.addr, &format!("forward_credential: {forward}\n")).await;
+        let other = "sta_not_the_key_keyward_checked_0123";
+        let r = get(
+            &kw.url("/x"),
+            &[
+                ("x-api-key", SERVICE_KEY),
+                ("x_api_key", other),
+                ("x.api.key", other),
+                ("X_Api.Key", other),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let seen = up.last();
+        let names: Vec<&str> = seen.headers.keys().map(|n| n.as_str()).collect();
+        assert!(
+            !names
+                .iter()
+                .any(|n| *n != "x-api-key" && n.replace(['_', '.'], "-") == "x-api-key"),
+            "{names:?}"
+        );
+        assert_eq!(
+            seen.headers.get("x-api-key").is_some(),
+            forward,
+            "{names:?}"
+        );
+        kw.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn query_credential_when_enabled_is_not_forwarded() {
     let up = spawn_upstream().await;
@@ -598,6 +635,17 @@ async fn query_credential_when_enabled_is_not_forwarded() {
     let r = get(&kw.url(&format!("/x?a=1&api_key={SERVICE_KEY}&b=2")), &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(up.last().target, "/x?a=1&b=2");
+    // An escaped name is the same parameter to the app: read, and stripped, as such.
+    let r = get(&kw.url(&format!("/x?a=1&api%5Fkey={SERVICE_KEY}")), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.last().target, "/x?a=1");
+    let other = "sta_not_the_key_keyward_checked_0123";
+    let r = get(
+        &kw.url(&format!("/x?api_key={SERVICE_KEY}&api%5fkey={other}")),
+        &[],
+    )
+    .await;
+    assert_eq!(r.code(), "invalid_auth_header", "{}", r.text());
     kw.shutdown().await;
 }
 

@@ -265,3 +265,46 @@ async fn a_large_invalid_push_gets_a_short_error_that_does_not_echo_it() {
     }
     kw.shutdown().await;
 }
+
+/// A parser quotes what it read; however a value or a name is shaped (escaped quotes inside a
+/// string, a back-quote or dots inside a name, a line break), the refusal never carries a
+/// key or a digest from the document, and no line break.
+#[tokio::test]
+async fn an_invalid_push_never_echoes_a_key_or_digest_however_it_is_quoted() {
+    let up = spawn_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kw = spawn_control(up.addr, &dir.path().join("snapshot")).await;
+    let key = "sta_demo_service_key_0123456789abcdef";
+    let digest = "c6ffcb30297a172f564779bcdcf7d47394ea14a71fcc078d857361dc65a8bf7e";
+    let hex32 = "0123456789abcdef0123456789abcdef";
+    let entry = format!(r#"{{\"sha256\": \"{digest}\", \"id\": \"key_a\"}}"#);
+    for (content_type, body) in [
+        // An entry JSON-encoded twice: a string where an object belongs.
+        (
+            Some("application/json"),
+            format!(r#"{{"version": 2, "keys": ["{entry}"]}}"#),
+        ),
+        (None, format!("version: 'x\"{key}'\nkeys: []\n")),
+        (None, format!("keys: []\n\"a`{key}\": 1\n")),
+        (None, format!("keys: []\n{hex32}: 1\n")),
+        (
+            None,
+            format!("keys: []\nsta.{}.{}: 1\n", &key[4..], &digest[..20]),
+        ),
+        (
+            None,
+            format!("keys: []\n\"x\\n2026 INFO keyward: FORGED {key}\": 1\n"),
+        ),
+    ] {
+        let r = push(&kw, content_type, body.as_bytes()).await;
+        let text = r.text();
+        assert_eq!(r.status, 400, "{text}");
+        assert_eq!(r.code(), "bad_snapshot");
+        let message = r.json()["message"].as_str().unwrap().to_string();
+        for secret in [key, digest, hex32, &key[4..], &digest[..20]] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(!message.contains(['\n', '\r', '\u{1b}']), "{message:?}");
+    }
+    kw.shutdown().await;
+}

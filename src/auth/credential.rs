@@ -101,7 +101,7 @@ fn from_query<'a>(query: Option<&'a str>, name: &str) -> Candidate<'a> {
     let mut found = None;
     for pair in query.unwrap_or("").split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k == name {
+        if is_param(k, name) {
             if found.is_some() {
                 return Candidate::Duplicate;
             }
@@ -145,11 +145,18 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
     Some(percent_encoding::percent_decode_str(&spaced).collect())
 }
 
-/// Remove the `name` parameter from a query string (for forwarding without the key).
+/// Whether the parameter spelled `k` is `name` once decoded, as an app decodes it: so
+/// `api%5Fkey` is read (and so ambiguous beside `api_key`) and stripped like `api_key`.
+fn is_param(k: &str, name: &str) -> bool {
+    k == name || (k.contains('%') && percent_decode(k).is_some_and(|d| d == name.as_bytes()))
+}
+
+/// Remove the `name` parameter, however percent-encoded, from a query string (for
+/// forwarding without the key).
 pub fn strip_query_param(query: &str, name: &str) -> String {
     query
         .split('&')
-        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+        .filter(|pair| !is_param(pair.split_once('=').map_or(*pair, |(k, _)| k), name))
         .collect::<Vec<_>>()
         .join("&")
 }
@@ -269,6 +276,13 @@ mod tests {
             extract(&h, Some("api_key=a&api_key=b"), &q),
             Err(CredentialError::Ambiguous)
         );
+        // A name that decodes to the source's is the same parameter to an app.
+        let k = extract(&h, Some("api%5Fkey=sta_Abcdefgh"), &q).unwrap();
+        assert_eq!(&*k, b"sta_Abcdefgh");
+        assert_eq!(
+            extract(&h, Some("api_key=sta_Abcdefgh&api%5fkey=sta_Zbcdefgh"), &q),
+            Err(CredentialError::Ambiguous)
+        );
         assert_eq!(
             extract(&h, Some("api_key=%zz"), &q),
             Err(CredentialError::Malformed)
@@ -289,6 +303,10 @@ mod tests {
             );
         }
         assert_eq!(strip_query_param("a=1&api_key=k&b=2", "api_key"), "a=1&b=2");
+        assert_eq!(
+            strip_query_param("a=1&api%5Fkey=k&%61pi_key=j&api_keys=2", "api_key"),
+            "a=1&api_keys=2"
+        );
     }
 
     proptest::proptest! {

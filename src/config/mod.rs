@@ -1,7 +1,8 @@
 //! `keyward.yaml` → [`Config`]: parsed once at the edge, then checked by [`Config::validate`].
 //!
 //! One file per concern, all re-exported here so `crate::config::X` names every type:
-//! [`yaml`] parses (the only caller of serde_yaml), [`error`] is [`ConfigError`], `validate`
+//! [`yaml`] parses (the only caller of serde_yaml), [`redact`] makes parser messages fit to
+//! show (no value from the document, no line break), [`error`] is [`ConfigError`], `validate`
 //! holds [`Config::validate`]'s cross-field rules in the order they are reported, and each
 //! section has its own file: [`credentials`], [`keys`], [`rules`] (`scopes`, `routes`),
 //! [`limits`] (`limits`, `shutdown`), [`cluster`], [`cidr`] (`trusted_proxies`) and
@@ -22,6 +23,7 @@ pub mod credentials;
 pub mod error;
 pub mod keys;
 pub mod limits;
+pub mod redact;
 pub mod rules;
 pub mod sections;
 pub mod upstream;
@@ -34,12 +36,12 @@ pub use credentials::{default_credentials, CredentialSource};
 pub use error::ConfigError;
 pub use keys::{ControlConfig, GuardConfig, KeysConfig};
 pub use limits::{Limits, Shutdown};
+pub use redact::{excerpt, redact, MAX_ERROR_CHARS};
 pub use rules::{RouteRule, ScopeRule};
 pub use sections::{
     AdminConfig, DecisionConfig, IdentityHeaders, LogConfig, LogFormat, MetricsConfig, TlsConfig,
 };
 pub use upstream::{Http1Server, UpstreamAddr, UpstreamClient};
-pub(crate) use yaml::locate;
 pub use yaml::{located, parse_duration, parse_yaml, YamlError};
 
 use yaml::de_header_names;

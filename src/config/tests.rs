@@ -155,7 +155,7 @@ fn identity_headers_include_takes_known_suffixes_and_at_least_one() {
     // The item is named once, exactly.
     let e = err("identity_headers: { include: [subject-id, nope] }\n");
     assert!(
-        e.starts_with("identity_headers.include[1]: \"nope\" is not an identity header"),
+        e.starts_with("identity_headers.include[1]: \"…\" is not an identity header"),
         "{e}"
     );
 }

@@ -26,7 +26,8 @@ impl YamlError {
 
 impl std::fmt::Display for YamlError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&locate(&self.path, self.source.to_string()))
+        // The path and the message may hold a secret pasted into the wrong field.
+        f.write_str(&super::redact(&locate(&self.path, self.source.to_string())))
     }
 }
 

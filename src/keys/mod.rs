@@ -4,15 +4,14 @@
 //! Files, from the leaves up: `text` (a checked identity value), `scopes`, `key` (the key
 //! model), `schema` (the document's types), `error`, `validate` (an entry checked and built),
 //! `identity` (identity header names and values), `index`, `snapshot`, `entries` (the
-//! document as serde reads it), `excerpt` (parser messages fit to show), `load` (the one
-//! loader), `diff`, `guard`, `store`, `usage`, then where snapshots come from: `spool`,
+//! document as serde reads it), `load` (the one loader; parser messages are made fit to
+//! show by `config::redact`), `diff`, `guard`, `store`, `usage`, then where snapshots come from: `spool`,
 //! `load_error`, `read` (a snapshot file read and hashed), `review`, `source` (the file and
 //! control sources, install, the key file's watch).
 
 pub mod diff;
 mod entries;
 pub mod error;
-mod excerpt;
 #[cfg(test)]
 pub(crate) mod fixtures;
 pub mod guard;

@@ -330,14 +330,11 @@ fn upstream_request(
     headers::strip_trusted(h, &app.config.identity_headers.prefix);
     let peer_trusted = headers::is_trusted(&conn, &app.config.trusted_proxies);
     headers::strip_untrusted(h, peer_trusted, &app.config.allow_override_headers);
-    if !app.config.forward_credential {
-        let names = app.policy.credential_headers();
-        if h.keys().any(|k| names.contains(k)) {
-            for name in names {
-                h.remove(name);
-            }
-        }
-    }
+    headers::strip_credentials(
+        h,
+        app.policy.credential_headers(),
+        app.config.forward_credential,
+    );
     if let Some(host) = &host {
         h.insert(header::HOST, host.clone());
     }

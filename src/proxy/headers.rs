@@ -194,6 +194,25 @@ pub fn strip_trusted(headers: &mut HeaderMap, identity_prefix: &str) {
     }
 }
 
+/// Remove the credential headers before forwarding (unless `forward` keeps them), and their
+/// `_`/`.` spellings always: keyward never reads those, and a CGI/WSGI or nginx backend
+/// reads one as the credential header itself, a key keyward did not check.
+pub fn strip_credentials(headers: &mut HeaderMap, credentials: &[HeaderName], forward: bool) {
+    let doomed = |n: &HeaderName| {
+        credentials.iter().any(|c| match n == c {
+            true => !forward,
+            false => alias_eq(n.as_str(), c.as_str()),
+        })
+    };
+    if !headers.keys().any(doomed) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
+    for n in names {
+        headers.remove(n);
+    }
+}
+
 /// Headers that tell an app where a request came from or how it arrived, which only a
 /// proxy in `trusted_proxies` may set: besides `x-forwarded-*` (every one of them: `-ssl`,
 /// `-scheme`, `-port`, `-prefix`, `-server`, `-uri`, ... which Rack, Spring and others

@@ -1,0 +1,196 @@
+//! Parser messages made fit to show: they go into logs, into the answer to a push and onto
+//! an operator's terminal, and must never carry the document (or a secret pasted into it)
+//! with them, nor a line break or a control character that forges a log line.
+//!
+//! A parser quotes what it read in two ways: a value in double quotes, escaped as Rust's
+//! `{:?}` escapes it (so its end is found exactly), and a name in back-quotes, written
+//! raw (so a name holding a back-quote has no findable end). Quoted values are therefore
+//! cut out whole, and then every word is shown only when it is plainly not a secret: a
+//! field name or a word of the parser's own, a number, a path to a field. Everything else
+//! (a pasted key, a digest, anything with a quote, a control character or a non-ASCII
+//! letter in it) is shown as `…`.
+
+/// How long an error message about a document may be: it goes into logs and into the
+/// answer to a push, and must never carry the document with it.
+pub const MAX_ERROR_CHARS: usize = 200;
+
+/// The longest word shown: a field or variant name (`enterprise_service_account`). A
+/// generated key is longer (43 characters and more), a digest is 64.
+const MAX_WORD: usize = 32;
+
+/// [`redact`], cut to [`MAX_ERROR_CHARS`].
+pub fn excerpt(message: &str) -> String {
+    let mut out = redact(message);
+    if let Some((cut, _)) = out.char_indices().nth(MAX_ERROR_CHARS) {
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
+/// `message` with every quoted value and every word that may be one replaced by `…`, and
+/// its white space (line breaks included) made single spaces.
+pub fn redact(message: &str) -> String {
+    let unquoted = cut_quoted_values(message);
+    let mut out = String::with_capacity(unquoted.len());
+    for word in unquoted.split_whitespace() {
+        let shown = if is_shown(word) { word } else { "…" };
+        if shown == "…" && out.ends_with('…') {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(shown);
+    }
+    out
+}
+
+/// Every `"…"` value replaced by `"…"`, its end found past `\"` and `\\` escapes; an
+/// unterminated one runs to the end.
+fn cut_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '"' {
+            continue;
+        }
+        out.push('…');
+        loop {
+            match chars.next() {
+                Some('\\') => {
+                    chars.next();
+                }
+                Some('"') => {
+                    out.push('"');
+                    break;
+                }
+                Some(_) => {}
+                None => return out,
+            }
+        }
+    }
+    out
+}
+
+/// Punctuation a parser puts around a name, a number or a path (and the `…` put for a
+/// value cut out).
+const AROUND: &[char] = &['`', '\'', '"', ',', ':', ';', '(', ')', '.', '…'];
+
+/// Whether `word` is plainly not a value from the document: punctuation alone, or around a
+/// core that is ASCII without a quote in it and is a number, a number with a unit
+/// (`250ms`) or a dotted path of names (`keys[3].scopes`).
+fn is_shown(word: &str) -> bool {
+    let core = word.trim_matches(AROUND);
+    if core.chars().all(|c| "-=<>*/+|".contains(c)) {
+        return true;
+    }
+    core.is_ascii()
+        && !core.contains(['`', '"', '\\'])
+        && (is_amount(core) || core.split('.').all(is_segment))
+}
+
+/// `12`, `250ms`, `1m`: a number, at most a two-letter unit after it.
+fn is_amount(s: &str) -> bool {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let unit = &s[digits..];
+    (1..=12).contains(&digits) && unit.len() <= 2 && unit.bytes().all(|b| b.is_ascii_lowercase())
+}
+
+/// One step of a path: a name (`scopes`, `x-api-key`, `sha256`) with list indexes after it
+/// (`keys[3]`), or a bare number.
+fn is_segment(s: &str) -> bool {
+    let name = s.split('[').next().unwrap_or_default();
+    let indexes = &s[name.len()..];
+    let indexed = indexes.split_terminator(']').all(|i| {
+        i.strip_prefix('[')
+            .is_some_and(|n| (1..=9).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit()))
+    });
+    indexed && (is_name(name) || (name.is_empty() && !indexes.is_empty()) || is_amount(name))
+}
+
+/// A name as schemas spell them: letters, digits (three at most: `sha256`, `http1_server`),
+/// `_` and `-`, led by a letter or `_`, at most [`MAX_WORD`] long. A generated key or a
+/// digest is not one.
+fn is_name(s: &str) -> bool {
+    s.len() <= MAX_WORD
+        && s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && s.bytes().filter(u8::is_ascii_digit).count() <= 3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "sta_demo_service_key_0123456789abcdef";
+    const DIGEST: &str = "c6ffcb30297a172f564779bcdcf7d47394ea14a71fcc078d857361dc65a8bf7e";
+
+    #[test]
+    fn names_numbers_and_paths_are_shown() {
+        for message in [
+            "unknown field `colour`, expected `keys`",
+            "keys[3].scopes: invalid type: integer `7`, expected a sequence",
+            "unknown variant `x`, expected one of `service_account`, `enterprise_service_account`",
+            "keys[0].sha256: did not find expected '-' indicator at line 3 column 5",
+            "limits.upstream_timeout: invalid type: string \"…\", expected a duration like 10s or 250ms",
+            "x-api-key: EOF while parsing a value at line 1 column 12",
+            "http1_server: unknown variant `nginx`, expected `fast` or `hyper`",
+        ] {
+            assert_eq!(redact(message), message);
+        }
+    }
+
+    #[test]
+    fn quoted_values_go_whole_even_with_escaped_quotes_inside() {
+        let escaped = format!(
+            r#"invalid type: string "{{\"sha256\": \"{DIGEST}\", \"id\": \"k\"}}", expected a key"#
+        );
+        assert_eq!(
+            redact(&escaped),
+            r#"invalid type: string "…", expected a key"#
+        );
+        let back = format!(r#"invalid value: string "a\\" {KEY} \\"", expected u64"#);
+        assert!(!redact(&back).contains(KEY), "{}", redact(&back));
+        assert_eq!(redact("cut \"open"), "cut \"…");
+        let spaced = r#"invalid type: string "my secret key", expected u64"#;
+        assert_eq!(redact(spaced), r#"invalid type: string "…", expected u64"#);
+    }
+
+    #[test]
+    fn anything_that_may_be_a_secret_or_forge_a_line_is_not_shown() {
+        for (message, leak) in [
+            (format!("unknown field `a`{KEY}`, expected `keys`"), KEY),
+            (format!("unknown field `{DIGEST}`"), DIGEST),
+            (
+                "unknown field `0123456789abcdef0123456789abcdef`".into(),
+                "0123456789abcdef",
+            ),
+            (
+                format!(
+                    "snapshot.{}.BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB: x",
+                    "A".repeat(40)
+                ),
+                "AAAA",
+            ),
+            (
+                "unknown field `x\n2026 INFO keyward: FORGED\u{1b}[31m`".into(),
+                "\u{1b}",
+            ),
+            ("unknown field `sécret_with_accent`".into(), "sécret"),
+        ] {
+            let shown = redact(&message);
+            assert!(!shown.contains(leak), "{shown}");
+            assert!(!shown.contains(['\n', '\r']), "{shown}");
+        }
+    }
+
+    #[test]
+    fn an_excerpt_is_cut_short() {
+        let long = "word ".repeat(500);
+        assert_eq!(excerpt(&long).chars().count(), MAX_ERROR_CHARS + 1);
+        assert_eq!(excerpt(&"é".repeat(500)), "…");
+    }
+}
