@@ -23,6 +23,7 @@ pub mod config;
 pub mod decision;
 pub mod demo;
 pub mod file_watch;
+pub mod header_names;
 mod key_host;
 pub mod keygen;
 pub mod keys;

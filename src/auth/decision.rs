@@ -5,16 +5,14 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderMap, HeaderValue, Method};
 
 use super::credential::{self, CredentialError};
 use super::policy::{Policy, PrefixRule};
 use super::reject::{BadRequest, Reject};
 use crate::keys::{self, Delegation, Key, PrincipalType, Snapshot, Status};
 
-/// The header a delegating enterprise key names the account it acts for in. Read by keyward
-/// and never forwarded.
-pub const DELEGATE_HEADER: HeaderName = HeaderName::from_static("x-delegate-account-id");
+pub use crate::header_names::DELEGATE_HEADER;
 
 /// Who is calling, once allowed.
 #[derive(Debug, Clone)]

@@ -84,7 +84,7 @@ impl Policy {
     /// it is routed, and its scopes checked, as any other.
     pub fn app_route(&self, path: &str) -> Route<'_> {
         for rule in &self.routes {
-            if rule_matches(rule, path, self.fold_case) {
+            if rule.matches(path, self.fold_case) {
                 return if rule.public {
                     Route::Public
                 } else {
@@ -128,32 +128,6 @@ impl Policy {
             CredentialSource::Query { name } => Some(name.as_str()),
             _ => None,
         })
-    }
-}
-
-/// `path` matches exactly, with or without one trailing slash (`/reports/export` also covers
-/// `/reports/export/`, which Express, Spring and most routers send to the same handler);
-/// `prefix` matches by string prefix, and a prefix ending in `/` also covers the bare
-/// directory (`/admin/` covers `/admin`), so neither rule can be side-stepped by adding or
-/// dropping the slash. With `fold_case`, ASCII case is ignored.
-fn rule_matches(rule: &RouteRule, path: &str, fold_case: bool) -> bool {
-    let same = |a: &str, b: &str| {
-        if fold_case {
-            a.eq_ignore_ascii_case(b)
-        } else {
-            a == b
-        }
-    };
-    if let Some(p) = &rule.path {
-        let bare = |s: &str| -> usize { s.len() - usize::from(s.len() > 1 && s.ends_with('/')) };
-        return same(&p[..bare(p)], &path[..bare(path)]);
-    }
-    match &rule.prefix {
-        Some(p) => {
-            let starts = path.get(..p.len()).is_some_and(|head| same(head, p));
-            starts || p.strip_suffix('/').is_some_and(|dir| same(dir, path))
-        }
-        None => false,
     }
 }
 

@@ -23,9 +23,9 @@ impl TryFrom<String> for Cidr {
             .map_err(|_| format!("{s:?} is not an IP or CIDR"))?;
         let host = IpNet::from(addr);
         let net = match bits {
-            Some(b) => b
-                .parse::<u8>()
-                .ok()
+            Some(b) => Some(b)
+                .filter(|b| b.bytes().all(|d| d.is_ascii_digit()))
+                .and_then(|b| b.parse::<u8>().ok())
                 .and_then(|b| IpNet::new(addr, b).ok())
                 .ok_or_else(|| {
                     let max = host.max_prefix_len();

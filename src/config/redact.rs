@@ -46,32 +46,41 @@ pub fn redact(message: &str) -> String {
     out
 }
 
-/// Every `"…"` value replaced by `"…"`, its end found past `\"` and `\\` escapes; an
-/// unterminated one runs to the end.
+/// Every `"…"` value replaced by `"…"` unless it is one word that would be shown anyway
+/// (`"nope"`); its end is found past `\"` and `\\` escapes, and an unterminated one runs
+/// to the end.
 fn cut_quoted_values(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
-    let mut chars = message.chars();
-    while let Some(c) = chars.next() {
-        out.push(c);
-        if c != '"' {
-            continue;
-        }
-        out.push('…');
-        loop {
-            match chars.next() {
-                Some('\\') => {
-                    chars.next();
-                }
-                Some('"') => {
-                    out.push('"');
-                    break;
-                }
-                Some(_) => {}
-                None => return out,
-            }
+    let mut rest = message;
+    while let Some(at) = rest.find('"') {
+        out.push_str(&rest[..=at]);
+        let inner = &rest[at + 1..];
+        let Some(len) = closing_quote(inner) else {
+            out.push('…');
+            return out;
+        };
+        let value = &inner[..len];
+        let plain = !value.is_empty() && !value.contains('\\') && is_shown(value);
+        out.push_str(if plain { value } else { "…" });
+        out.push('"');
+        rest = &inner[len + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where the quoted value `s` (after its opening quote) ends, past escapes.
+fn closing_quote(s: &str) -> Option<usize> {
+    let mut escaped = false;
+    for (i, b) in s.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'"' => return Some(i),
+            _ => {}
         }
     }
-    out
+    None
 }
 
 /// Punctuation a parser puts around a name, a number or a path (and the `…` put for a
@@ -145,6 +154,10 @@ mod tests {
 
     #[test]
     fn quoted_values_go_whole_even_with_escaped_quotes_inside() {
+        assert_eq!(
+            redact(r#"invalid type: string "nope", expected u64"#),
+            r#"invalid type: string "nope", expected u64"#
+        );
         let escaped = format!(
             r#"invalid type: string "{{\"sha256\": \"{DIGEST}\", \"id\": \"k\"}}", expected a key"#
         );

@@ -28,6 +28,59 @@ pub struct RouteRule {
     pub any_of: Vec<String>,
 }
 
+impl RouteRule {
+    /// `path` matches exactly, with or without one trailing slash (`/reports/export` also covers
+    /// `/reports/export/`, which Express, Spring and most routers send to the same handler);
+    /// `prefix` matches by string prefix, and a prefix ending in `/` also covers the bare
+    /// directory (`/admin/` covers `/admin`), so neither rule can be side-stepped by adding or
+    /// dropping the slash. With `fold_case`, ASCII case is ignored.
+    pub fn matches(&self, path: &str, fold_case: bool) -> bool {
+        let same = |a: &str, b: &str| {
+            if fold_case {
+                a.eq_ignore_ascii_case(b)
+            } else {
+                a == b
+            }
+        };
+        if let Some(p) = &self.path {
+            let bare =
+                |s: &str| -> usize { s.len() - usize::from(s.len() > 1 && s.ends_with('/')) };
+            return same(&p[..bare(p)], &path[..bare(path)]);
+        }
+        match &self.prefix {
+            Some(p) => {
+                let starts = path.get(..p.len()).is_some_and(|head| same(head, p));
+                starts || p.strip_suffix('/').is_some_and(|dir| same(dir, path))
+            }
+            None => false,
+        }
+    }
+
+    /// Whether every path `later` matches is matched by this rule first (so `later` is
+    /// never reached): a path this rule matches, or a prefix that starts with this one's.
+    fn shadows(&self, later: &RouteRule, fold_case: bool) -> bool {
+        match (&later.path, &later.prefix, &self.prefix) {
+            (Some(p), _, _) => self.matches(p, fold_case),
+            (None, Some(q), Some(p)) => q.get(..p.len()).is_some_and(|head| {
+                if fold_case {
+                    head.eq_ignore_ascii_case(p)
+                } else {
+                    head == p
+                }
+            }),
+            _ => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match (&self.path, &self.prefix) {
+            (Some(p), _) => format!("path {p}"),
+            (_, Some(p)) => format!("prefix {p}"),
+            _ => String::new(),
+        }
+    }
+}
+
 pub(super) fn default_scopes() -> Vec<ScopeRule> {
     vec![
         ScopeRule {
@@ -46,14 +99,36 @@ pub(super) fn validate_scopes(scopes: &[ScopeRule]) -> Result<(), ConfigError> {
         if rule.methods.is_empty() {
             return Err(invalid(format!("scopes[{i}].methods"), "must not be empty"));
         }
-        if rule.any_of.is_empty() {
-            return Err(invalid(format!("scopes[{i}].any_of"), "must not be empty"));
+        if rule.methods.iter().any(|m| m.as_str() == "*") {
+            return Err(invalid(
+                format!("scopes[{i}].methods"),
+                "`*` is not a wildcard: list the methods",
+            ));
         }
+        check_scope_names(&format!("scopes[{i}].any_of"), &rule.any_of)?;
     }
     Ok(())
 }
 
-pub(super) fn validate_routes(routes: &[RouteRule]) -> Result<(), ConfigError> {
+/// Scope names as keys carry them (SPEC 4): a name no key can hold would make the rule
+/// refuse every key.
+fn check_scope_names(field: &str, names: &[String]) -> Result<(), ConfigError> {
+    if names.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    match names.iter().find(|n| !crate::keys::is_token(n)) {
+        Some(bad) => Err(invalid(
+            field,
+            format!("{bad:?} is not a scope a key can hold (1..128 of [A-Za-z0-9_.:/-])"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Each rule well formed, and each reachable: rules are tried in order and the first match
+/// wins, so a rule an earlier one covers entirely never applies (and a public rule above a
+/// protected one would leave it open).
+pub(super) fn validate_routes(routes: &[RouteRule], fold_case: bool) -> Result<(), ConfigError> {
     for (i, r) in routes.iter().enumerate() {
         let field = format!("routes[{i}]");
         match (&r.path, &r.prefix) {
@@ -70,6 +145,18 @@ pub(super) fn validate_routes(routes: &[RouteRule]) -> Result<(), ConfigError> {
         if !r.public && r.any_of.is_empty() {
             return Err(invalid(field, "set `public: true` or a non-empty `any_of`"));
         }
+        if !r.public {
+            check_scope_names(&format!("{field}.any_of"), &r.any_of)?;
+        }
+        if let Some(j) = routes[..i].iter().position(|e| e.shadows(r, fold_case)) {
+            return Err(invalid(
+                field,
+                format!(
+                    "is never reached: routes[{j}] ({}) matches every path it does first",
+                    routes[j].describe()
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -79,7 +166,13 @@ pub(super) fn check_route_path(field: &str, p: &str) -> Result<(), ConfigError> 
     if !p.starts_with('/') || normalized.as_deref() != Some(p) {
         return Err(invalid(
             field,
-            format!("{p:?} must be an absolute, already-normalized path"),
+            format!("{p:?} must be an absolute, already-normalized path (percent-encode what is not ASCII)"),
+        ));
+    }
+    if p.contains('*') {
+        return Err(invalid(
+            field,
+            format!("{p:?}: `*` is not a wildcard here (a prefix rule already covers everything under it)"),
         ));
     }
     Ok(())

@@ -155,7 +155,7 @@ fn identity_headers_include_takes_known_suffixes_and_at_least_one() {
     // The item is named once, exactly.
     let e = err("identity_headers: { include: [subject-id, nope] }\n");
     assert!(
-        e.starts_with("identity_headers.include[1]: \"…\" is not an identity header"),
+        e.starts_with("identity_headers.include[1]: \"nope\" is not an identity header"),
         "{e}"
     );
 }
@@ -365,4 +365,171 @@ fn listeners_must_not_share_an_address() {
     // Port 0 asks the kernel for a free port each time: never the same.
     let zero = MINIMAL.replace("127.0.0.1:8080", "127.0.0.1:0");
     assert!(Config::from_yaml(&format!("{zero}admin_listen: 127.0.0.1:0\n")).is_ok());
+}
+
+/// A setting that names a header keyward uses for something else, can never apply, or
+/// would do something other than it reads as is refused at start, naming the field.
+#[test]
+fn settings_that_would_mislead_or_fail_open_are_refused() {
+    for (extra, field, why) in [
+        // A credential read from a header keyward reads, sets or strips for another purpose.
+        (
+            "credentials: [{ header: x-correlation-id }]\n",
+            "credentials[0].header",
+            "correlation id",
+        ),
+        (
+            "credentials: [{ header: X_Request_Id }]\n",
+            "credentials[0].header",
+            "correlation id",
+        ),
+        (
+            "credentials: [{ header: host }]\n",
+            "credentials[0].header",
+            "request itself",
+        ),
+        (
+            "credentials: [{ header: transfer-encoding }]\n",
+            "credentials[0].header",
+            "hop-by-hop",
+        ),
+        (
+            "credentials: [{ header: x-forwarded-user }]\n",
+            "credentials[0].header",
+            "forwarding",
+        ),
+        (
+            "credentials: [{ header: x-auth-key }]\n",
+            "identity_headers.prefix",
+            "x-auth-key",
+        ),
+        (
+            "credentials: [{ header: x-api-key }, { header: x-api-key }]\n",
+            "credentials[1]",
+            "repeats credentials[0]",
+        ),
+        (
+            "credentials: [{ header: authorization, scheme: Bearer }, { header: authorization }]\n",
+            "credentials[0].header",
+            "whole and by scheme",
+        ),
+        (
+            "credentials: [{ query: \"a&b=\" }]\n",
+            "credentials[0].query",
+            "parameter name",
+        ),
+        // An identity prefix that would claim, and strip, headers the app needs.
+        (
+            "identity_headers: { prefix: x- }\n",
+            "identity_headers.prefix",
+            "x-api-key",
+        ),
+        (
+            "identity_headers: { prefix: content- }\n",
+            "identity_headers.prefix",
+            "content-",
+        ),
+        (
+            "identity_headers: { prefix: x-auth }\n",
+            "identity_headers.prefix",
+            "ending in '-'",
+        ),
+        (
+            "identity_headers: { prefix: x-api- }\n",
+            "identity_headers.prefix",
+            "x-api-key",
+        ),
+        (
+            "credentials: [{ header: x-my-key }]\nidentity_headers: { prefix: x-my- }\n",
+            "identity_headers.prefix",
+            "x-my-key",
+        ),
+        // Route and scope rules that can never apply, or that read as wildcards.
+        (
+            "routes: [{ prefix: \"/admin/*\", any_of: [admin] }]\n",
+            "routes[0].prefix",
+            "not a wildcard",
+        ),
+        (
+            "routes: [{ prefix: /, public: true }, { prefix: /admin/, any_of: [admin] }]\n",
+            "routes[1]",
+            "never reached: routes[0] (prefix /)",
+        ),
+        (
+            "routes: [{ prefix: /api/, public: true }, { path: /api/admin, any_of: [admin] }]\n",
+            "routes[1]",
+            "never reached",
+        ),
+        (
+            "routes: [{ prefix: /admin/, any_of: [\"read write\"] }]\n",
+            "routes[0].any_of",
+            "not a scope",
+        ),
+        (
+            "scopes: [{ methods: [\"*\"], any_of: [read] }]\n",
+            "scopes[0].methods",
+            "not a wildcard",
+        ),
+        (
+            "scopes: [{ methods: [GET], any_of: [\"\"] }]\n",
+            "scopes[0].any_of",
+            "not a scope",
+        ),
+        (
+            "introspection_path: /healthz\nroutes: [{ path: /healthz, public: true }]\n",
+            "introspection_path",
+            "routes[0]",
+        ),
+        // Listeners and upstream that collide.
+        ("upstream: http://127.0.0.1:8080\n", "upstream", "loop"),
+        (
+            "upstream: http://localhost:9901\n",
+            "upstream",
+            "admin_listen",
+        ),
+        (
+            "admin_listen: 0.0.0.0:8080\n",
+            "admin_listen",
+            "differ from `listen`",
+        ),
+        (
+            "allow_override_headers: [host]\n",
+            "allow_override_headers[0]",
+            "not a routing override",
+        ),
+        (
+            "trusted_proxies: [\"10.0.0.0/+8\"]\n",
+            "trusted_proxies",
+            "prefix length",
+        ),
+    ] {
+        let e = Config::from_yaml(&over_minimal(extra))
+            .expect_err(extra)
+            .to_string();
+        assert!(e.starts_with(field) && e.contains(why), "{extra}: {e}");
+    }
+    // What stays allowed.
+    for ok in [
+        "credentials: [{ header: authorization, scheme: Token }, { header: authorization, scheme: Bearer }, { header: x-api-key }, { query: api_key }]\n",
+        "identity_headers: { prefix: x-user- }\n",
+        "routes: [{ prefix: /admin/, any_of: [admin] }, { prefix: /admin, public: true }, { path: /adm, any_of: [admin] }]\n",
+        "allow_override_headers: [X-HTTP-Method-Override]\n",
+        "upstream: http://127.0.0.1:3001\nadmin_listen: 127.0.0.1:8081\n",
+    ] {
+        Config::from_yaml(&over_minimal(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}
+
+/// MINIMAL with `extra`'s top-level fields added, replacing MINIMAL's own of the same name.
+fn over_minimal(extra: &str) -> String {
+    let replaced = |l: &&str| {
+        let key = l.split(':').next().unwrap_or_default();
+        extra.lines().any(|e| e.starts_with(&format!("{key}:")))
+    };
+    let kept: String = MINIMAL
+        .lines()
+        .filter(|l| !replaced(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    format!("{kept}{extra}")
 }

@@ -1,12 +1,17 @@
 //! [`Config::validate`]: every rule serde cannot express, in a fixed order (the first
 //! problem is the one reported). Errors name the field.
 
+use std::net::{IpAddr, SocketAddr};
+
 use http::Uri;
 
 use super::error::{invalid, ConfigError};
 use super::rules::{check_route_path, validate_routes, validate_scopes};
 use super::upstream::{validate_unix_path, UpstreamAddr};
-use super::{Config, MAX_WORKERS};
+use super::{Config, CredentialSource, MAX_WORKERS};
+use crate::header_names::{
+    alias_eq, alias_starts_with, claimed_by_prefix, taken_for_credential, OVERRIDES,
+};
 
 impl Config {
     /// Every rule that serde cannot express. Errors name the field.
@@ -16,12 +21,9 @@ impl Config {
         if self.environment.trim().is_empty() {
             return Err(invalid("environment", "must not be empty"));
         }
-        if self.credentials.is_empty() {
-            return Err(invalid(
-                "credentials",
-                "at least one credential source is required",
-            ));
-        }
+        self.validate_identity_prefix()?;
+        self.validate_credentials()?;
+        self.validate_allowed_overrides()?;
         if self.keys.file.is_none() && self.keys.control.is_none() {
             return Err(invalid(
                 "keys",
@@ -47,11 +49,23 @@ impl Config {
             }
         }
         validate_scopes(&self.scopes)?;
-        validate_routes(&self.routes)?;
+        validate_routes(&self.routes, self.routes_case_insensitive)?;
         if let Some(p) = &self.introspection_path {
             check_route_path("introspection_path", p)?;
+            // keyward answers the introspection path itself: a rule for that path alone
+            // would never apply.
+            let fold = self.routes_case_insensitive;
+            if let Some(i) = self
+                .routes
+                .iter()
+                .position(|r| r.path.is_some() && r.matches(p, fold))
+            {
+                return Err(invalid(
+                    "introspection_path",
+                    format!("routes[{i}] is a rule for this path, which keyward answers itself"),
+                ));
+            }
         }
-        self.validate_identity_prefix()?;
         if let Some(t) = &self.admin.token_sha256 {
             if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(invalid("admin.token_sha256", "must be 64 hex characters"));
@@ -102,10 +116,16 @@ impl Config {
         Ok(())
     }
 
-    /// Two listeners on one address would fail to bind at start, after `check` said ok;
-    /// the admin listener in particular must never share a port with traffic.
+    /// Two listeners on one port would fail to bind at start, after `check` said ok, when
+    /// they share an address or either is a wildcard (`0.0.0.0` and `[::]` take the port on
+    /// every address); the admin listener in particular must never share a port with
+    /// traffic.
     fn validate_distinct_listeners(&self) -> Result<(), ConfigError> {
-        let same = |a: std::net::SocketAddr, b: std::net::SocketAddr| a == b && a.port() != 0;
+        let same = |a: SocketAddr, b: SocketAddr| {
+            a.port() == b.port()
+                && a.port() != 0
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        };
         let decision = self.decision.as_ref().map(|d| d.listen);
         if self.listen.is_some_and(|l| same(l, self.admin_listen)) {
             return Err(invalid("admin_listen", "must differ from `listen`"));
@@ -126,7 +146,10 @@ impl Config {
 
     fn validate_upstream(&self) -> Result<(), ConfigError> {
         match (self.listen, &self.upstream, &self.decision) {
-            (Some(_), Some(UpstreamAddr::Http(u)), _) => Self::validate_upstream_url(u),
+            (Some(_), Some(UpstreamAddr::Http(u)), _) => {
+                Self::validate_upstream_url(u)?;
+                self.validate_no_loop(u)
+            }
             (Some(_), Some(UpstreamAddr::Unix(path)), _) => validate_unix_path(path),
             (Some(_), None, _) => Err(invalid("upstream", "required with `listen`")),
             (None, Some(_), _) => Err(invalid("listen", "required with `upstream`")),
@@ -136,6 +159,47 @@ impl Config {
                 "set `listen` and `upstream` (proxy), or `decision.listen` (decision mode), or both",
             )),
         }
+    }
+
+    /// An upstream that is one of keyward's own listeners sends each request back in,
+    /// thousands of times, until connections run out.
+    fn validate_no_loop(&self, u: &Uri) -> Result<(), ConfigError> {
+        let host = u
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = u.port_u16().unwrap_or(80);
+        let ip: Option<IpAddr> = match host.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) if host.eq_ignore_ascii_case("localhost") => None,
+            Err(_) => return Ok(()),
+        };
+        let own = [
+            ("listen", self.listen),
+            ("admin_listen", Some(self.admin_listen)),
+            ("decision.listen", self.decision.as_ref().map(|d| d.listen)),
+        ];
+        for (name, addr) in own {
+            let Some(addr) = addr.filter(|a| a.port() == port && a.port() != 0) else {
+                continue;
+            };
+            let reaches = match ip {
+                // `localhost`: whichever loopback address it resolves to.
+                None => addr.ip().is_loopback() || addr.ip().is_unspecified(),
+                Some(ip) => {
+                    ip == addr.ip()
+                        || addr.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())
+                }
+            };
+            if reaches {
+                return Err(invalid(
+                    "upstream",
+                    format!("is keyward's own `{name}`: every request would loop back in"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_upstream_url(u: &Uri) -> Result<(), ConfigError> {
@@ -159,15 +223,113 @@ impl Config {
         Ok(())
     }
 
+    /// Each source reads a header or a parameter of its own: not one keyward uses for
+    /// something else (the key would be logged, echoed or forwarded as that), not one
+    /// another source reads too (every request with it would be ambiguous).
+    fn validate_credentials(&self) -> Result<(), ConfigError> {
+        if self.credentials.is_empty() {
+            return Err(invalid(
+                "credentials",
+                "at least one credential source is required",
+            ));
+        }
+        let prefix = &self.identity_headers.prefix;
+        for (i, source) in self.credentials.iter().enumerate() {
+            let field = format!("credentials[{i}]");
+            if let Some(j) = self.credentials[..i].iter().position(|s| s == source) {
+                return Err(invalid(field, format!("repeats credentials[{j}]")));
+            }
+            let header = match source {
+                CredentialSource::Query { name } => {
+                    let plain = name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+                    if !plain {
+                        return Err(invalid(
+                            format!("{field}.query"),
+                            "a parameter name is letters, digits, '-', '.', '_' and '~'",
+                        ));
+                    }
+                    continue;
+                }
+                CredentialSource::Header { header } | CredentialSource::Scheme { header, .. } => {
+                    header
+                }
+            };
+            let name = header.as_str();
+            if let Some(why) = taken_for_credential(name) {
+                return Err(invalid(
+                    format!("{field}.header"),
+                    format!("`{name}` {why}; read the key from a header of its own"),
+                ));
+            }
+            if alias_starts_with(name, prefix) {
+                return Err(invalid(
+                    format!("{field}.header"),
+                    format!(
+                        "`{name}` starts with identity_headers.prefix, whose headers are stripped"
+                    ),
+                ));
+            }
+            let whole = |s: &CredentialSource| matches!(s, CredentialSource::Header { header: h } if h == header);
+            let by_scheme = |s: &CredentialSource| matches!(s, CredentialSource::Scheme { header: h, .. } if h == header);
+            if self.credentials.iter().any(whole) && self.credentials.iter().any(by_scheme) {
+                return Err(invalid(
+                    format!("{field}.header"),
+                    format!("`{name}` is read both whole and by scheme, so every request with it would be ambiguous"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `allow_override_headers` lets routing overrides through, which keyward would strip;
+    /// any other name there does nothing, and a reader would believe it does.
+    fn validate_allowed_overrides(&self) -> Result<(), ConfigError> {
+        for (i, name) in self.allow_override_headers.iter().enumerate() {
+            if !OVERRIDES.iter().any(|o| alias_eq(name.as_str(), o)) {
+                return Err(invalid(
+                    format!("allow_override_headers[{i}]"),
+                    format!(
+                        "`{name}` is not a routing override keyward strips (those are {})",
+                        OVERRIDES.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The identity prefix names headers keyward strips from every request and sets
+    /// itself: it ends in `-` (so its names read as `<prefix>subject-id`) and claims no
+    /// header a client, an app or keyward uses for something else.
     fn validate_identity_prefix(&self) -> Result<(), ConfigError> {
         let p = &self.identity_headers.prefix;
-        let ok = p.len() >= 2
+        let shaped = p.len() >= 2
+            && p.ends_with('-')
+            && p.starts_with(|c: char| c.is_ascii_lowercase())
+            && !p.contains("--")
             && p.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !ok {
+        if !shaped {
             return Err(invalid(
                 "identity_headers.prefix",
-                "must be lowercase letters, digits and '-', like x-auth-",
+                "must be lowercase letters, digits and '-', ending in '-', like x-auth-",
+            ));
+        }
+        let credentials: Vec<http::HeaderName> =
+            self.credentials
+                .iter()
+                .filter_map(|c| match c {
+                    CredentialSource::Header { header }
+                    | CredentialSource::Scheme { header, .. } => Some(header.clone()),
+                    CredentialSource::Query { .. } => None,
+                })
+                .collect();
+        if let Some(name) = claimed_by_prefix(p, &credentials) {
+            return Err(invalid(
+                "identity_headers.prefix",
+                format!("{p:?} would claim `{name}`, which every request would lose; pick one of its own, like x-auth-"),
             ));
         }
         if self

@@ -480,7 +480,7 @@ mod tests {
             "unknown field `colour`, expected `keys`"
         );
         assert_eq!(
-            excerpt(r#"invalid type: string "abc", expected u64"#),
+            excerpt(r#"invalid type: string "abc1234", expected u64"#),
             r#"invalid type: string "…", expected u64"#
         );
         assert_eq!(excerpt("cut \"open"), "cut \"…");

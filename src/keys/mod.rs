@@ -41,3 +41,4 @@ pub use schema::SnapshotDoc;
 pub use snapshot::{Snapshot, Source};
 pub use store::KeyStore;
 pub use text::Text;
+pub use validate::is_token;

@@ -162,6 +162,12 @@ pub fn install(host: &impl Host, mut snapshot: Snapshot) -> Arc<Snapshot> {
         "key snapshot loaded"
     );
     drop(previous);
+    if host.keys_config().max_age.is_some() && snapshot.generated_at.is_none() {
+        warn!(
+            version = snapshot.version,
+            "keys.max_age is set but this snapshot has no generated_at: its age is unknown, so it never goes stale"
+        );
+    }
     if let Some(hook) = host.key_loader().after_install {
         hook();
     }

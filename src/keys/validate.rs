@@ -148,12 +148,15 @@ fn parse_digest(s: &str) -> Result<Digest, FieldError> {
 }
 
 /// Ids and scopes: short tokens that are safe in headers, logs and metric labels.
-fn check_id(field: &'static str, s: &str) -> Result<(), FieldError> {
-    let ok = !s.is_empty()
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
         && s.len() <= 128
         && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'))
+}
+
+fn check_id(field: &'static str, s: &str) -> Result<(), FieldError> {
+    if is_token(s) {
         Ok(())
     } else {
         // The value is not echoed: it may be anything, of any length (a pasted raw key).

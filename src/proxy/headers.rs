@@ -5,8 +5,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::conn::ConnInfo;
 
-use crate::auth::decision::DELEGATE_HEADER;
 use crate::config::Cidr;
+use crate::header_names::{
+    alias_eq, alias_starts_with, is_forwarding, DELEGATE_HEADER, HOP_BY_HOP, OVERRIDES,
+};
 use crate::keys::{IdentityNames, Key};
 
 pub use super::respond::{X_CORRELATION_ID, X_REQUEST_ID};
@@ -22,23 +24,6 @@ pub const SET_FORWARDED: [HeaderName; 4] = [
     X_FORWARDED_HOST,
     X_REAL_IP,
 ];
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-
-/// The fixed hop-by-hop names (RFC 9110 7.6.1), `Upgrade` last: it is kept for an
-/// authenticated WebSocket handshake. `Expect` too: keyward's server answers a client's
-/// `100-continue` itself and then streams the body, so an app asked the same would see a
-/// body it never asked for, and one that refuses it (417) without reading it would read the
-/// body as its next request.
-static HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    KEEP_ALIVE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::EXPECT,
-    header::UPGRADE,
-];
-
 /// Remove hop-by-hop headers (RFC 9110 7.6.1): those a `Connection` header names, and the
 /// fixed list (`Connection`, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Expect`,
 /// `Upgrade`, `Proxy-*`). With `keep_upgrade`, the `Upgrade` header survives and `Connection: upgrade`
@@ -133,16 +118,6 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Compare a header name with `target` reading `_` and `.` as `-`, as CGI/WSGI and nginx
-/// backends do, so `X_Auth_Subject_Id` and `x.auth.subject.id` count as identity headers.
-fn alias_starts_with(name: &str, target: &str) -> bool {
-    name.len() >= target.len()
-        && name
-            .bytes()
-            .zip(target.bytes())
-            .all(|(a, b)| a == b || (b == b'-' && (a == b'_' || a == b'.')))
-}
-
 fn is_trusted_alias(name: &str, identity_prefix: &str) -> bool {
     alias_starts_with(name, identity_prefix)
         || (name.len() == DELEGATE_HEADER.as_str().len()
@@ -211,61 +186,6 @@ pub fn strip_credentials(headers: &mut HeaderMap, credentials: &[HeaderName], fo
     for n in names {
         headers.remove(n);
     }
-}
-
-/// Headers that tell an app where a request came from or how it arrived, which only a
-/// proxy in `trusted_proxies` may set: besides `x-forwarded-*` (every one of them: `-ssl`,
-/// `-scheme`, `-port`, `-prefix`, `-server`, `-uri`, ... which Rack, Spring and others
-/// read), the client-address headers of CDNs and load balancers, and the HTTPS markers of
-/// IIS/ARR and nginx setups.
-const FORWARDING: [&str; 14] = [
-    "forwarded",
-    "x-forwarded",
-    "x-real-ip",
-    "x-client-ip",
-    "client-ip",
-    "true-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-cluster-client-ip",
-    "x-original-forwarded-for",
-    "x-proxyuser-ip",
-    "front-end-https",
-    "x-url-scheme",
-    "x-scheme",
-];
-const FORWARDING_PREFIX: &str = "x-forwarded-";
-
-/// Headers that make an app (or a framework in front of it) route by something other than
-/// the request line: a URL or path override (IIS/Symfony/Laravel `X-Original-URL`,
-/// `X-Rewrite-URL`), a method override (`X-HTTP-Method-Override` and its variants), a host
-/// override, or the Next.js internal-subrequest marker (CVE-2025-29927). keyward authorized
-/// the request line; none of these may change what the app serves, so they are removed
-/// from every request unless named in `allow_override_headers`.
-pub const OVERRIDES: [&str; 14] = [
-    "x-original-url",
-    "x-original-uri",
-    "x-rewrite-url",
-    "x-override-url",
-    "x-envoy-original-path",
-    "x-original-method",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-host",
-    "x-original-host",
-    "x-http-host-override",
-    "x-forwarded-method",
-    "x-middleware-subrequest",
-];
-
-/// `name` equals `target` reading `_` and `.` as `-`.
-fn alias_eq(name: &str, target: &str) -> bool {
-    name.len() == target.len() && alias_starts_with(name, target)
-}
-
-fn is_forwarding(name: &str) -> bool {
-    alias_starts_with(name, FORWARDING_PREFIX) || FORWARDING.iter().any(|t| alias_eq(name, t))
 }
 
 fn is_override(name: &HeaderName, allowed: &[HeaderName]) -> bool {

@@ -2,7 +2,7 @@
 //! and the correlation id every response carries.
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::{Either, Full};
 
@@ -10,8 +10,7 @@ use super::Body;
 use crate::auth::ratelimit::Quota;
 use crate::auth::Reject;
 
-pub const X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::header_names::{X_CORRELATION_ID, X_REQUEST_ID};
 
 /// A JSON response.
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {

@@ -1,0 +1,213 @@
+//! Header names that mean something to keyward or to the app behind it, and how a
+//! CGI/WSGI or nginx backend reads a name (`_` and `.` as `-`). Shared by the request path
+//! (what is stripped, what is set) and the config (what a setting may not name).
+
+use http::header::{self, HeaderName};
+
+/// The header a delegating enterprise key names the account it acts for in. Read by keyward
+/// and never forwarded.
+pub const DELEGATE_HEADER: HeaderName = HeaderName::from_static("x-delegate-account-id");
+pub const X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// The fixed hop-by-hop names (RFC 9110 7.6.1), `Upgrade` last: it is kept for an
+/// authenticated WebSocket handshake. `Expect` too: keyward's server answers a client's
+/// `100-continue` itself and then streams the body, so an app asked the same would see a
+/// body it never asked for, and one that refuses it (417) without reading it would read the
+/// body as its next request.
+pub static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::EXPECT,
+    header::UPGRADE,
+];
+
+/// Compare a header name with `target` reading `_` and `.` as `-`, as CGI/WSGI and nginx
+/// backends do, so `X_Auth_Subject_Id` and `x.auth.subject.id` count as identity headers.
+pub fn alias_starts_with(name: &str, target: &str) -> bool {
+    name.len() >= target.len()
+        && name
+            .bytes()
+            .zip(target.bytes())
+            .all(|(a, b)| a == b || (b == b'-' && (a == b'_' || a == b'.')))
+}
+
+/// Headers that tell an app where a request came from or how it arrived, which only a
+/// proxy in `trusted_proxies` may set: besides `x-forwarded-*` (every one of them: `-ssl`,
+/// `-scheme`, `-port`, `-prefix`, `-server`, `-uri`, ... which Rack, Spring and others
+/// read), the client-address headers of CDNs and load balancers, and the HTTPS markers of
+/// IIS/ARR and nginx setups.
+pub const FORWARDING: [&str; 14] = [
+    "forwarded",
+    "x-forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
+    "x-proxyuser-ip",
+    "front-end-https",
+    "x-url-scheme",
+    "x-scheme",
+];
+pub const FORWARDING_PREFIX: &str = "x-forwarded-";
+
+/// Headers that make an app (or a framework in front of it) route by something other than
+/// the request line: a URL or path override (IIS/Symfony/Laravel `X-Original-URL`,
+/// `X-Rewrite-URL`), a method override (`X-HTTP-Method-Override` and its variants), a host
+/// override, or the Next.js internal-subrequest marker (CVE-2025-29927). keyward authorized
+/// the request line; none of these may change what the app serves, so they are removed
+/// from every request unless named in `allow_override_headers`.
+pub const OVERRIDES: [&str; 14] = [
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-envoy-original-path",
+    "x-original-method",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-host",
+    "x-original-host",
+    "x-http-host-override",
+    "x-forwarded-method",
+    "x-middleware-subrequest",
+];
+
+/// `name` equals `target` reading `_` and `.` as `-`.
+pub fn alias_eq(name: &str, target: &str) -> bool {
+    name.len() == target.len() && alias_starts_with(name, target)
+}
+
+/// A forwarding header ([`FORWARDING`], `x-forwarded-*`), however spelled.
+pub fn is_forwarding(name: &str) -> bool {
+    alias_starts_with(name, FORWARDING_PREFIX) || FORWARDING.iter().any(|t| alias_eq(name, t))
+}
+
+/// Names a client or an app commonly sends, which an identity prefix must not start: the
+/// prefix's names are stripped from every request, so `content-` would strip
+/// `Content-Type` and `x-` every `X-` header.
+const COMMON: [&str; 21] = [
+    "accept",
+    "authorization",
+    "cache-control",
+    "content-encoding",
+    "content-length",
+    "content-type",
+    "cookie",
+    "forwarded",
+    "host",
+    "if-none-match",
+    "origin",
+    "proxy-authorization",
+    "range",
+    "referer",
+    "traceparent",
+    "tracestate",
+    "user-agent",
+    "x-api-key",
+    "x-forwarded-for",
+    "x-real-ip",
+    "x-requested-with",
+];
+
+/// Why a request's credential cannot be read from the header `name`: keyward reads, sets
+/// or strips it for another purpose, or the connection itself uses it, so the key would
+/// be logged, echoed or forwarded as that, or never arrive. `None`: the name is free.
+pub fn taken_for_credential(name: &str) -> Option<&'static str> {
+    if name == "host" || name == "content-length" || name.starts_with("content-") {
+        Some("describes the request itself")
+    } else if HOP_BY_HOP.iter().any(|h| h == name) || name.starts_with("proxy-") {
+        Some("is hop-by-hop: it is not passed on, and HTTP/2 has no such header")
+    } else if alias_eq(name, X_CORRELATION_ID.as_str()) || alias_eq(name, X_REQUEST_ID.as_str()) {
+        Some("carries the correlation id, which keyward echoes, forwards and logs")
+    } else if alias_eq(name, DELEGATE_HEADER.as_str()) {
+        Some("names the account a delegating key acts for")
+    } else if is_forwarding(name) {
+        Some("is a forwarding header, which keyward sets itself")
+    } else if OVERRIDES.iter().any(|o| alias_eq(name, o)) {
+        Some("is a routing override, which keyward strips")
+    } else {
+        None
+    }
+}
+
+/// A well-known header `prefix` would claim as an identity header (and so strip from every
+/// request), besides the `also` names (the credential headers).
+pub fn claimed_by_prefix(prefix: &str, also: &[HeaderName]) -> Option<String> {
+    let own = [X_CORRELATION_ID, X_REQUEST_ID, DELEGATE_HEADER];
+    COMMON
+        .iter()
+        .chain(&FORWARDING)
+        .chain(&OVERRIDES)
+        .copied()
+        .chain(
+            HOP_BY_HOP
+                .iter()
+                .chain(&own)
+                .chain(also)
+                .map(HeaderName::as_str),
+        )
+        .find(|n| alias_starts_with(n, prefix))
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_taken_for_other_purposes_are_not_credential_sources() {
+        for taken in [
+            "host",
+            "content-length",
+            "content-type",
+            "transfer-encoding",
+            "connection",
+            "upgrade",
+            "proxy-authorization",
+            "x-correlation-id",
+            "x_request_id",
+            "x-delegate-account-id",
+            "x-forwarded-for",
+            "x-real-ip",
+            "x-original-url",
+        ] {
+            assert!(taken_for_credential(taken).is_some(), "{taken}");
+        }
+        for free in ["authorization", "x-api-key", "x-token", "cookie"] {
+            assert_eq!(taken_for_credential(free), None, "{free}");
+        }
+    }
+
+    #[test]
+    fn a_prefix_may_not_claim_a_common_header() {
+        let api = [HeaderName::from_static("x-my-key")];
+        for (prefix, claimed) in [
+            ("x-", "x-api-key"),
+            ("content-", "content-encoding"),
+            ("x-forwarded-", "x-forwarded-for"),
+            ("x-delegate-", "x-delegate-account-id"),
+            ("x-correlation-", "x-correlation-id"),
+            ("x-my-", "x-my-key"),
+        ] {
+            assert_eq!(
+                claimed_by_prefix(prefix, &api).as_deref(),
+                Some(claimed),
+                "{prefix}"
+            );
+        }
+        for free in ["x-auth-", "x-user-", "x-keyward-", "auth-"] {
+            assert_eq!(claimed_by_prefix(free, &api), None, "{free}");
+        }
+    }
+}
