@@ -531,6 +531,27 @@ async fn introspection_answers_locally() {
     let r = get(&kw.url("/auth"), &[]).await;
     assert_eq!(r.code(), "invalid_auth_header");
     assert_eq!(up.count(), 0, "introspection never reaches the upstream");
+    // Introspection is `GET` (and `HEAD`, SPEC 9); another method on the path is the app's
+    // (a login form's `POST /auth`), routed and scope-checked like any other request.
+    let r = send("HEAD", &kw.url("/auth"), &[("x-api-key", SERVICE_KEY)], b"").await;
+    assert_eq!((r.status.as_u16(), up.count()), (200, 0));
+    let r = send(
+        "POST",
+        &kw.url("/auth"),
+        &[("x-api-key", SERVICE_KEY)],
+        b"{}",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.last().target, "/auth");
+    let r = send(
+        "POST",
+        &kw.url("/auth"),
+        &[("x-api-key", PERSONAL_KEY)],
+        b"{}",
+    )
+    .await;
+    assert_eq!(r.code(), "insufficient_scope");
     kw.shutdown().await;
 }
 

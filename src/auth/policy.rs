@@ -71,9 +71,12 @@ impl Policy {
         }
     }
 
-    /// First matching route rule wins; the introspection path comes before all rules.
-    pub fn route(&self, path: &str) -> Route<'_> {
-        if self.introspection_path.as_deref() == Some(path) {
+    /// First matching route rule wins; the introspection path (`GET` and `HEAD`, SPEC 9)
+    /// comes before all rules. Another method on that path is the app's, routed by the
+    /// rules: an app's own `POST /auth` is not answered by keyward.
+    pub fn route(&self, method: &http::Method, path: &str) -> Route<'_> {
+        let reads = *method == http::Method::GET || *method == http::Method::HEAD;
+        if reads && self.introspection_path.as_deref() == Some(path) {
             return Route::Introspection;
         }
         self.app_route(path)
@@ -142,18 +145,32 @@ mod tests {
     #[test]
     fn routes() {
         let p = policy();
-        assert_eq!(p.route("/healthz"), Route::Public);
-        assert_eq!(p.route("/healthz/x"), Route::Protected { extra: None });
-        assert_eq!(p.route("/auth"), Route::Introspection);
+        assert_eq!(p.route(&http::Method::GET, "/healthz"), Route::Public);
+        assert_eq!(
+            p.route(&http::Method::GET, "/healthz/x"),
+            Route::Protected { extra: None }
+        );
+        assert_eq!(p.route(&http::Method::GET, "/auth"), Route::Introspection);
+        assert_eq!(p.route(&http::Method::HEAD, "/auth"), Route::Introspection);
+        assert_eq!(
+            p.route(&http::Method::POST, "/auth"),
+            Route::Protected { extra: None }
+        );
         assert!(
-            matches!(p.route("/admin/users"), Route::Protected { extra: Some(s) } if s == ["admin"])
+            matches!(p.route(&http::Method::GET, "/admin/users"), Route::Protected { extra: Some(s) } if s == ["admin"])
         );
         assert!(matches!(
-            p.route("/admin"),
+            p.route(&http::Method::GET, "/admin"),
             Route::Protected { extra: Some(_) }
         ));
-        assert_eq!(p.route("/administrator"), Route::Protected { extra: None });
-        assert_eq!(p.route("/Admin/users"), Route::Protected { extra: None });
+        assert_eq!(
+            p.route(&http::Method::GET, "/administrator"),
+            Route::Protected { extra: None }
+        );
+        assert_eq!(
+            p.route(&http::Method::GET, "/Admin/users"),
+            Route::Protected { extra: None }
+        );
     }
 
     fn with_routes(extra: &str) -> Policy {
@@ -170,7 +187,7 @@ mod tests {
         );
         for covered in ["/reports/export", "/reports/export/"] {
             assert!(
-                matches!(p.route(covered), Route::Protected { extra: Some(s) } if s == ["admin"]),
+                matches!(p.route(&http::Method::GET, covered), Route::Protected { extra: Some(s) } if s == ["admin"]),
                 "{covered}"
             );
         }
@@ -180,13 +197,24 @@ mod tests {
             "/reports/export/x",
             "/reports",
         ] {
-            assert_eq!(p.route(other), Route::Protected { extra: None }, "{other}");
+            assert_eq!(
+                p.route(&http::Method::GET, other),
+                Route::Protected { extra: None },
+                "{other}"
+            );
         }
-        assert!(matches!(p.route("/dir"), Route::Protected { extra: Some(s) } if s == ["x"]));
-        assert!(matches!(p.route("/dir/"), Route::Protected { extra: Some(s) } if s == ["x"]));
+        assert!(
+            matches!(p.route(&http::Method::GET, "/dir"), Route::Protected { extra: Some(s) } if s == ["x"])
+        );
+        assert!(
+            matches!(p.route(&http::Method::GET, "/dir/"), Route::Protected { extra: Some(s) } if s == ["x"])
+        );
         let root = with_routes("routes: [{ path: /, public: true }]\n");
-        assert_eq!(root.route("/"), Route::Public);
-        assert_eq!(root.route("/x"), Route::Protected { extra: None });
+        assert_eq!(root.route(&http::Method::GET, "/"), Route::Public);
+        assert_eq!(
+            root.route(&http::Method::GET, "/x"),
+            Route::Protected { extra: None }
+        );
     }
 
     #[test]
@@ -194,7 +222,7 @@ mod tests {
         let rules = "routes: [{ prefix: /admin/, any_of: [admin] }, { path: /Reports/Export, any_of: [admin] }]\n";
         let exact = with_routes(rules);
         assert_eq!(
-            exact.route("/ADMIN/users"),
+            exact.route(&http::Method::GET, "/ADMIN/users"),
             Route::Protected { extra: None }
         );
         let folded = with_routes(&format!("{rules}routes_case_insensitive: true\n"));
@@ -206,12 +234,12 @@ mod tests {
             "/REPORTS/EXPORT/",
         ] {
             assert!(
-                matches!(folded.route(path), Route::Protected { extra: Some(s) } if s == ["admin"]),
+                matches!(folded.route(&http::Method::GET, path), Route::Protected { extra: Some(s) } if s == ["admin"]),
                 "{path}"
             );
         }
         assert_eq!(
-            folded.route("/administrator"),
+            folded.route(&http::Method::GET, "/administrator"),
             Route::Protected { extra: None }
         );
     }

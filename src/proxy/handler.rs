@@ -204,7 +204,7 @@ pub async fn decide<'a>(
         }
     };
     let route = match door {
-        Door::Proxy => app.policy.route(&path),
+        Door::Proxy => app.policy.route(head.method, &path),
         Door::Decision if !forwarded_as_authorized(raw_path, &path) => {
             trace.path = Some(Cow::Borrowed(raw_path));
             return Err(Reject::BadRequest(BadRequest::NotNormal));
