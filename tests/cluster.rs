@@ -173,6 +173,36 @@ async fn the_limiter_has_one_connection_per_worker_thread() {
     );
 }
 
+/// Redis closes connections it finds idle (its `timeout`), a restart or a proxy drops them:
+/// the next call on such a connection fails at once. It is made again on a fresh
+/// connection, and Redis is not marked down for it, so no rate-limited request is answered
+/// by `on_error` (here `deny`: 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_redis_closes_are_replaced_without_a_refusal() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let keys = snapshot(&[entry(
+        "key_roomy",
+        LIMITED,
+        Some("{ per_second: 1000, burst: 1000 }"),
+    )]);
+    let config = cluster_yaml_with(redis.port, "deny", "2s") + "workers: 2\n";
+    let kw = spawn_proxy_with(up.addr, &config, Some(&keys)).await;
+    wait_ready(&kw).await;
+    for round in 0..3 {
+        for _ in 0..10 {
+            assert_eq!(call(&kw, LIMITED).await.status, 200, "round {round}");
+        }
+        let killed: i64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "normal"]).await;
+        assert!(killed >= 1, "round {round}: no connection to close");
+        for _ in 0..20 {
+            let r = call(&kw, LIMITED).await;
+            assert_eq!(r.status, 200, "round {round}: {}", r.text());
+        }
+        assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(1.0));
+    }
+}
+
 /// Revoke on one replica, poll the others until they refuse the key: the time to effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_reaches_every_replica_and_enable_lifts_it() {

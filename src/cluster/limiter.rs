@@ -140,39 +140,23 @@ impl RedisLimiter {
         };
         if self.cluster.is_up() {
             let deadline = tokio::time::Instant::now() + self.cluster.config.timeout;
-            if let Some(conn) = self.conns.get(deadline).await {
-                let interval = (1e6 / limit.per_second).clamp(0.0, MAX_INTERVAL_US).round();
-                // Sized up front: growing the command's buffers cost as much as filling them.
-                let mut call = redis::Cmd::with_capacity(6, 128);
-                call.arg("EVALSHA")
-                    .arg(self.script.get_hash())
-                    .arg(1)
-                    .arg(self.state_key(&key.id))
-                    .arg(interval as u64)
-                    .arg(limit.burst);
-                let script = &self.script;
-                let r = self
-                    .cluster
-                    .call_on(Op::RateLimit, deadline, conn, |mut c| async move {
-                        match call.query_async::<String>(&mut c).await {
-                            // A Redis that restarted: load the script once, then again.
-                            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                                script.prepare_invoke().load_async(&mut c).await?;
-                                call.query_async(&mut c).await
-                            }
-                            r => r,
+            // A connection Redis closed while idle (past its `timeout`, or a restart) fails
+            // its next call at once: that call is made again on a fresh connection, within
+            // the same deadline, rather than sent to `on_error`.
+            for _attempt in 0..2 {
+                let Some(conn) = self.conns.get(deadline).await else {
+                    break;
+                };
+                match self.evaluate(key, &limit, deadline, conn).await {
+                    Ok(Some(decided)) => return Ok(decided),
+                    Ok(None) => break,
+                    Err(e) if e.is_dropped() => self.conns.reset(),
+                    Err(e) => {
+                        if e.is_broken() {
+                            self.conns.reset();
                         }
-                    })
-                    .await;
-                match r {
-                    Ok(reply) => {
-                        if let Some(reply) = parse_reply(&reply) {
-                            return Ok(decision(limit.burst, reply));
-                        }
-                        self.cluster.metrics.error(Op::RateLimit);
+                        break;
                     }
-                    Err(e) if e.is_broken() => self.conns.reset(),
-                    Err(_) => {}
                 }
             }
         }
@@ -180,6 +164,47 @@ impl RedisLimiter {
             OnError::Local => Ok(self.fallback.check(key, Instant::now())),
             OnError::Deny => Err(Unavailable),
         }
+    }
+}
+
+impl RedisLimiter {
+    /// One run of the script for `key` on `conn`. `None`: a reply that does not parse
+    /// (counted).
+    async fn evaluate(
+        &self,
+        key: &Key,
+        limit: &crate::keys::RateLimit,
+        deadline: tokio::time::Instant,
+        conn: redis::aio::MultiplexedConnection,
+    ) -> Result<Option<RateDecision>, super::ClusterError> {
+        let interval = (1e6 / limit.per_second).clamp(0.0, MAX_INTERVAL_US).round();
+        // Sized up front: growing the command's buffers cost as much as filling them.
+        let mut call = redis::Cmd::with_capacity(6, 128);
+        call.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(1)
+            .arg(self.state_key(&key.id))
+            .arg(interval as u64)
+            .arg(limit.burst);
+        let script = &self.script;
+        let reply = self
+            .cluster
+            .call_on(Op::RateLimit, deadline, conn, |mut c| async move {
+                match call.query_async::<String>(&mut c).await {
+                    // A Redis that restarted: load the script once, then again.
+                    Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                        script.prepare_invoke().load_async(&mut c).await?;
+                        call.query_async(&mut c).await
+                    }
+                    r => r,
+                }
+            })
+            .await?;
+        let decided = parse_reply(&reply).map(|r| decision(limit.burst, r));
+        if decided.is_none() {
+            self.cluster.metrics.error(Op::RateLimit);
+        }
+        Ok(decided)
     }
 }
 

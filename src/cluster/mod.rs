@@ -28,8 +28,11 @@ use tracing::{info, warn};
 use crate::config::ClusterConfig;
 use metrics::{ClusterMetrics, Op};
 
-/// How often a replica probes a Redis it has marked down (and reconnects).
+/// How often a replica reconnects its shared connection when it has none.
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a replica probes a Redis it has marked down: while it is down every
+/// rate-limited key follows `on_error`, so a Redis back after a short stall is seen soon.
+const DOWN_PROBE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The least time a call off the request path gets (see [`Cluster::background_timeout`]).
 pub const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -46,6 +49,13 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
+    /// This connection was closed under us (Redis closed it as idle past its `timeout`,
+    /// restarted, or a proxy dropped it): no word on Redis itself, which a fresh
+    /// connection asks.
+    pub fn is_dropped(&self) -> bool {
+        matches!(self, Self::Redis(e) if e.is_connection_dropped())
+    }
+
     /// The connection is gone (not merely slow): make a new one rather than reuse it.
     pub fn is_broken(&self) -> bool {
         matches!(self, Self::Redis(e)
@@ -56,11 +66,17 @@ impl ClusterError {
     /// failover, out of memory, refusing our user), as opposed to refusing one call's data
     /// (a counter that would overflow, a key of the wrong type: values any writer of a
     /// shared Redis can leave). Only an outage marks Redis down, which sends every
-    /// rate-limited key to `on_error`; a data error fails its own call alone.
+    /// rate-limited key to `on_error`; a data error fails its own call alone. Neither is
+    /// a connection dropped under us ([`Self::is_dropped`]) or not made yet: a failed
+    /// connect is what says Redis is unreachable.
     pub fn is_outage(&self) -> bool {
         use redis::ErrorKind as K;
+        if self.is_dropped() {
+            return false;
+        }
         match self {
-            Self::NotConnected | Self::Timeout => true,
+            Self::NotConnected => false,
+            Self::Timeout => true,
             Self::Redis(e) => {
                 e.is_io_error()
                     || e.is_connection_dropped()
@@ -90,6 +106,8 @@ pub struct Cluster {
     up: AtomicBool,
     /// Woken when Redis answers again after an outage (the revocation sync runs at once).
     pub back: tokio::sync::Notify,
+    /// Woken when a call marks Redis down (the probe runs at once).
+    down: tokio::sync::Notify,
     pub metrics: ClusterMetrics,
 }
 
@@ -126,6 +144,7 @@ impl Cluster {
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             back: tokio::sync::Notify::new(),
+            down: tokio::sync::Notify::new(),
             metrics,
         })
     }
@@ -149,6 +168,7 @@ impl Cluster {
                 self.back.notify_waiters();
                 info!("redis reachable: fleet state shared");
             } else {
+                self.down.notify_one();
                 warn!("redis unreachable: cluster.on_error applies to rate-limited keys");
             }
         }
@@ -220,6 +240,9 @@ impl Cluster {
                     Err(e) => {
                         self.metrics.error(Op::Connect);
                         tracing::debug!(error = %e, "redis connect failed");
+                        if e.is_outage() || e.is_broken() {
+                            self.set_up(false);
+                        }
                     }
                 }
             }
@@ -233,7 +256,16 @@ impl Cluster {
                     self.set_up(true);
                 }
             }
-            tokio::time::sleep(PROBE_INTERVAL).await;
+            let next = if self.is_up() {
+                PROBE_INTERVAL
+            } else {
+                DOWN_PROBE_INTERVAL
+            };
+            tokio::select! {
+                () = tokio::time::sleep(next) => {}
+                // Marked down by a call: probe at once.
+                () = self.down.notified() => {}
+            }
         }
     }
 
