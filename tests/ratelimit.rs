@@ -143,9 +143,11 @@ async fn limit_state_survives_a_snapshot_reload() {
     assert_eq!(r.code(), "rate_limited");
     let retry: u64 = header(&r, "retry-after").parse().unwrap();
     assert!(retry > 90, "{retry}");
-    // A key whose limit changed starts afresh under the new limit.
+    // A key whose burst was raised gets what the raise adds, not a fresh burst: what it
+    // spent stays spent (so lowering a limit never hands a key a fresh burst either).
     let r = call(&kw, CHANGED, "/v1/changed").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(header(&r, "ratelimit-limit"), "2");
+    assert_eq!(call(&kw, CHANGED, "/v1/changed").await.status, 429);
     kw.shutdown().await;
 }

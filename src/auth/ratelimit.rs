@@ -53,14 +53,27 @@ impl RateLimiter {
         // `as` saturates (a huge rate gives 0); a vanishing one is capped at ~584 years per
         // request, which keeps every sum below far from overflowing (they saturate anyway).
         let interval = ((1e9 / limit.per_second) as u128).min(u128::from(u64::MAX));
+        if interval == 0 {
+            // More than one request a nanosecond: never limited. (Checked before the state:
+            // with no tolerance at all, a thread that read the clock just before another
+            // would find the state ahead of its `now` and be refused.)
+            return RateDecision::Allowed(Quota {
+                limit: limit.burst,
+                remaining: limit.burst,
+                reset_secs: 0,
+            });
+        }
         let tolerance = interval.saturating_mul(u128::from(limit.burst));
         let mut cell = self
             .cells
             .entry(key.id.clone())
             .or_insert(Cell { limit, tat: now_ns });
         if cell.limit != limit {
-            // The key's limit changed in a reload: start it afresh.
-            *cell = Cell { limit, tat: now_ns };
+            // The key's limit changed in a reload: what it has spent stays spent, up to a
+            // full burst of the new limit (as the shared limiter does). Starting afresh
+            // would hand a key being throttled for abuse a fresh burst.
+            cell.limit = limit;
+            cell.tat = cell.tat.min(now_ns.saturating_add(tolerance));
         }
         let new_tat = cell.tat.max(now_ns).saturating_add(interval);
         let ahead = new_tat - now_ns;
@@ -149,7 +162,7 @@ mod tests {
     }
 
     #[test]
-    fn changed_limit_resets_and_unlimited_passes() {
+    fn a_changed_limit_keeps_what_was_spent_and_unlimited_passes() {
         let rl = RateLimiter::default();
         let t0 = Instant::now();
         let k = key(1.0, 1);
@@ -157,6 +170,13 @@ mod tests {
         assert!(matches!(rl.check(&k, t0), RateDecision::Limited { .. }));
         let k2 = key(1.0, 2);
         assert!(matches!(rl.check(&k2, t0), RateDecision::Allowed(_)));
+        // Tightened: what was spent stays spent (no fresh burst).
+        let k3 = key(0.5, 1);
+        assert!(matches!(rl.check(&k3, t0), RateDecision::Limited { .. }));
+        assert!(matches!(
+            rl.check(&k3, t0 + Duration::from_secs(2)),
+            RateDecision::Allowed(_)
+        ));
         let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
         let free = s.keys().next().unwrap();
         assert_eq!(rl.check(free, t0), RateDecision::Unlimited);
