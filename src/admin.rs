@@ -334,7 +334,8 @@ async fn put_snapshot(
         Err(e @ (LoadError::FileSource | LoadError::ControlSource)) => {
             error(StatusCode::CONFLICT, "file_source", e)
         }
-        Err(e @ LoadError::Io { .. }) => persist_failed(app, e),
+        // A push never reads the key file.
+        Err(e @ (LoadError::Io { .. } | LoadError::Unsettled)) => persist_failed(app, e),
     }
 }
 
@@ -427,6 +428,7 @@ async fn reload(app: &Arc<App>, admission: source::Admission) -> Response<AdminB
         ),
         Err(LoadError::Guarded(verdict)) => guarded(&verdict),
         Err(e @ LoadError::ControlSource) => error(StatusCode::CONFLICT, "control_source", e),
+        Err(e @ LoadError::Unsettled) => error(StatusCode::CONFLICT, "file_changing", e),
         Err(e @ LoadError::Invalid(_)) => {
             error(StatusCode::UNPROCESSABLE_ENTITY, "bad_snapshot", e)
         }

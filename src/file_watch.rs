@@ -8,14 +8,20 @@
 //! timestamps are too coarse to show a quick rewrite). What is watched is acted on only
 //! when the content hash differs from the last one acted on and two looks in a row found
 //! the same new content (a file rewritten in place may be read half-written, and half a
-//! key file can parse: a key cut before its `status: disabled` line would be let in), or
-//! when triggered. Reading, hashing and acting run off the async threads.
+//! key file can parse: a key cut before its `status: disabled` line would be let in). A
+//! trigger acts even on content already acted on, but also only once two looks
+//! [`SETTLE`] apart agree. Reading, hashing and acting run off the async threads.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
+
+/// How long a triggered look waits for a second look to agree with it (at most one poll
+/// interval): a SIGHUP sent by a tool that reacts to the first write of a file rewritten in
+/// place would otherwise load the half written so far.
+pub const SETTLE: Duration = Duration::from_millis(250);
 
 /// What a [`Watch`] watches, and what it does on a change.
 pub trait Watched: Send + Sync + 'static {
@@ -99,15 +105,23 @@ impl<W: Watched> Watch<W> {
         let mut error_reported = false;
         // New content seen once, to be acted on when the next look finds it unchanged.
         let mut pending: Option<W::Digest> = None;
+        // A triggered look waiting for its second look.
+        let mut settling = false;
+        let settle = SETTLE.min(self.interval);
         loop {
-            let forced = match &self.trigger {
-                Some(trigger) => tokio::select! {
-                    _ = tick.tick() => false,
-                    () = trigger.notified() => true,
-                },
-                None => {
-                    tick.tick().await;
-                    false
+            let forced = if std::mem::take(&mut settling) {
+                tokio::time::sleep(settle).await;
+                true
+            } else {
+                match &self.trigger {
+                    Some(trigger) => tokio::select! {
+                        _ = tick.tick() => false,
+                        () = trigger.notified() => true,
+                    },
+                    None => {
+                        tick.tick().await;
+                        false
+                    }
                 }
             };
             // A `stat` per poll; the files are read and hashed only when they may have changed.
@@ -135,9 +149,11 @@ impl<W: Watched> Watch<W> {
                 pending = None;
                 continue;
             }
-            // Changed since the last look: wait for a look that finds it settled.
-            if !forced && pending.as_ref() != Some(&digest) {
+            // Changed since the last look (or triggered): wait for a look that finds it
+            // settled, at the next poll (or after `settle` when triggered).
+            if pending.as_ref() != Some(&digest) {
                 pending = Some(digest);
+                settling = forced;
                 continue;
             }
             pending = None;

@@ -7,7 +7,7 @@ use support::*;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const NEW_KEY: &str = "sta_rotated_key_0123456789abcdef";
 
@@ -527,6 +527,52 @@ async fn sighup_reloads_keys() {
         get(&url, &[("x-api-key", NEW_KEY)]).await.status == 200
     })
     .await;
+}
+
+/// A key file rewritten in place, half written when the reload is asked for (a tool that
+/// sends SIGHUP on the first write, or calls the reload endpoint): half a key file can
+/// parse, and the new key's `status: disabled` line is its last. Whether asked by signal or
+/// by the admin API, the reload waits for the file to hold still, and the key is never let
+/// in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_asked_for_mid_write_waits_for_the_file_to_hold_still() {
+    use std::io::Write;
+    let up = spawn_upstream().await;
+    let p = process(up.addr, |c| c.poll_interval("1h")).await;
+    let url = p.url("/v1/x");
+    for (round, by_signal) in [(2u64, true), (3, false)] {
+        let whole = keys_with_new_key(round) + "    status: disabled\n";
+        let cut = whole.len() - "    status: disabled\n".len();
+        let mut file = std::fs::File::create(p.path("keys.yaml")).unwrap();
+        file.write_all(&whole.as_bytes()[..cut]).unwrap();
+        file.flush().unwrap();
+        let asked = if by_signal {
+            p.signal("-HUP");
+            None
+        } else {
+            let reload = p.admin_url("/v1/snapshot/reload");
+            Some(tokio::spawn(async move {
+                let auth = admin_auth();
+                send("POST", &reload, &[("authorization", auth.as_str())], b"").await
+            }))
+        };
+        // The rest of the file lands while the reload is under way.
+        let writing = Instant::now();
+        while writing.elapsed() < Duration::from_millis(120) {
+            let r = get(&url, &[("x-api-key", NEW_KEY)]).await;
+            assert_eq!(r.status, 401, "round {round}: the half-written key got in");
+        }
+        file.write_all(&whole.as_bytes()[cut..]).unwrap();
+        drop(file);
+        if let Some(asked) = asked {
+            let r = asked.await.unwrap();
+            assert_eq!(r.status, 200, "round {round}: {}", r.text());
+        }
+        eventually("the whole file loaded", || async {
+            get(&url, &[("x-api-key", NEW_KEY)]).await.code() == "disabled_api_key"
+        })
+        .await;
+    }
 }
 
 /// A control source has no file to re-read: SIGHUP says so and changes nothing.

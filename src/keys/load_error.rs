@@ -21,6 +21,10 @@ pub enum LoadError {
     /// Held back by the blast-radius guard (SPEC 16); the counts are in the verdict.
     #[error("{0}")]
     Guarded(Box<Verdict>),
+    /// A reload asked for while the file kept changing: it is being written in place,
+    /// and half a key file can parse.
+    #[error("the key file kept changing while it was read; write it whole (rename a temporary file over it) and ask again")]
+    Unsettled,
 }
 
 /// Why an emergency revoke failed.

@@ -21,7 +21,7 @@ use super::spool::STALE_SPOOL;
 pub use super::spool::{persist, Spool};
 use super::store::KeyStore;
 use crate::config::KeysConfig;
-use crate::file_watch::{Taken, Watch, Watched};
+use crate::file_watch::{Taken, Watch, Watched, SETTLE};
 
 /// What the key sources act on. Implemented by the application.
 pub trait Host: Send + Sync + 'static {
@@ -229,13 +229,34 @@ fn load_file_as(
 }
 
 /// `POST /v1/snapshot/reload`: read the key file once now, through the guard unless
-/// forced. A refusal is logged and counted as a watched reload's is.
+/// forced, once its content holds still. A refusal is logged and counted as a watched
+/// reload's is.
 pub fn reload_file(host: &impl Host, admission: Admission) -> Result<Arc<Snapshot>, LoadError> {
     let KeySource::File(path) = host.key_source() else {
         return Err(LoadError::ControlSource);
     };
-    load_file_as(host, path, Source::File, admission)
+    settled(path)
+        .and_then(|()| load_file_as(host, path, Source::File, admission))
         .inspect_err(|e| refused(host, Source::File, e))
+}
+
+/// How many [`SETTLE`] waits a reload asked for gives a file being written.
+const SETTLE_TRIES: u32 = 8;
+
+/// Wait until two reads of `path` [`SETTLE`] apart find the same content, as the watcher
+/// does: a file rewritten in place may be read half-written, and half a key file can
+/// parse (a key cut before its `status: disabled` line would be let in).
+fn settled(path: &Path) -> Result<(), LoadError> {
+    let mut last = file_digest(path)?;
+    for _ in 0..SETTLE_TRIES {
+        std::thread::sleep(SETTLE);
+        let now = file_digest(path)?;
+        if now == last {
+            return Ok(());
+        }
+        last = now;
+    }
+    Err(LoadError::Unsettled)
 }
 
 /// [`read_file_as`] sharing unchanged keys with the snapshot in force, which is let go
