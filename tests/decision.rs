@@ -342,6 +342,9 @@ async fn misspelled_identity_delegation_and_forwarding_headers_are_refused() {
             "x_forwarded_host",
             "X.Forwarded.Proto",
             "true_client_ip",
+            // A credential header's spelling: the app would read it as the key.
+            "x_api_key",
+            "X.Api.Key",
         ] {
             let r = decide(&d, endpoint, "GET", "/v1/items", &[key, (name, "victim")]).await;
             assert_eq!(r.status, 400, "{endpoint} {name}: {}", r.text());

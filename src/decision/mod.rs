@@ -142,12 +142,21 @@ pub fn check_overrides(
 /// headers (SPEC 8); a front proxy overwrites or strips only the names as spelled and
 /// passes the rest to the app, which may read `X_Auth_Org_Id`, `X_Delegate_Account_Id` or
 /// `X_Forwarded_Host` as the real one. So a decision request carrying such a spelling is
-/// refused.
-pub fn check_spellings(headers: &HeaderMap, identity_prefix: &str) -> Result<(), Reject> {
-    match headers
-        .keys()
-        .any(|name| headers::is_misspelled_trusted(name, identity_prefix))
-    {
+/// refused; so is one of a credential header (`x_api_key`), which keyward never reads and
+/// the app would read as the key, one keyward did not check.
+pub fn check_spellings(
+    headers: &HeaderMap,
+    identity_prefix: &str,
+    credentials: &[HeaderName],
+) -> Result<(), Reject> {
+    let credential_spelling = |name: &HeaderName| {
+        credentials
+            .iter()
+            .any(|c| c != name && crate::header_names::alias_eq(name.as_str(), c.as_str()))
+    };
+    match headers.keys().any(|name| {
+        headers::is_misspelled_trusted(name, identity_prefix) || credential_spelling(name)
+    }) {
         true => Err(Reject::BadRequest(BadRequest::Misspelled)),
         false => Ok(()),
     }
@@ -220,7 +229,13 @@ pub async fn handle<B>(
     // The original request lives here, so the trace can borrow its path.
     let original = crate::proxy::head::check_head(&req, &app.config.limits)
         .and_then(|()| check_overrides(endpoint, req.headers(), &app.config.allow_override_headers))
-        .and_then(|()| check_spellings(req.headers(), &app.config.identity_headers.prefix))
+        .and_then(|()| {
+            check_spellings(
+                req.headers(),
+                &app.config.identity_headers.prefix,
+                app.policy.credential_headers(),
+            )
+        })
         .and_then(|()| original(endpoint, &req));
     let mut method = req.method().clone();
     let mut trace = Trace::default();
