@@ -147,7 +147,13 @@ impl Config {
             Some(c) => c.redis = url,
             None => self.cluster = Some(ClusterConfig::with_url(url)),
         }
-        self.validate_cluster()
+        // The value came from the environment, not the file: say so.
+        self.validate_cluster().map_err(|e| match e {
+            ConfigError::Invalid { field, reason } if field == "cluster.redis" => {
+                error::invalid("KEYWARD_REDIS_URL (cluster.redis)", reason)
+            }
+            other => other,
+        })
     }
 
     /// Parse and validate config text.

@@ -333,7 +333,11 @@ fn cluster_defaults_rules_and_env_override() {
     let cl = c.cluster.as_ref().unwrap();
     assert_eq!(cl.redis, "rediss://:pw@r:6380");
     assert!(!format!("{cl:?}").contains("pw"));
-    assert!(c.redis_url_from_env(Some("tcp://r".into())).is_err());
+    let e = c
+        .redis_url_from_env(Some("tcp://r".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("KEYWARD_REDIS_URL (cluster.redis): "), "{e}");
 }
 
 #[test]
