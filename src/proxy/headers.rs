@@ -173,18 +173,32 @@ pub fn strip_trusted(headers: &mut HeaderMap, identity_prefix: &str) {
 /// `_`/`.` spellings always: keyward never reads those, and a CGI/WSGI or nginx backend
 /// reads one as the credential header itself, a key keyward did not check.
 pub fn strip_credentials(headers: &mut HeaderMap, credentials: &[HeaderName], forward: bool) {
-    let doomed = |n: &HeaderName| {
-        credentials.iter().any(|c| match n == c {
-            true => !forward,
-            false => alias_eq(n.as_str(), c.as_str()),
-        })
-    };
-    if !headers.keys().any(doomed) {
-        return;
+    let (mut exact, mut spelled) = (false, false);
+    for n in headers.keys() {
+        for c in credentials {
+            exact |= n == c;
+            spelled |= n != c && alias_eq(n.as_str(), c.as_str());
+        }
     }
-    let names: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
-    for n in names {
-        headers.remove(n);
+    if exact && !forward {
+        for c in credentials {
+            headers.remove(c);
+        }
+    }
+    // Rare (a client that sends them on purpose): only then is a list of names made.
+    if spelled {
+        let names: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| {
+                credentials
+                    .iter()
+                    .any(|c| *n != c && alias_eq(n.as_str(), c.as_str()))
+            })
+            .cloned()
+            .collect();
+        for n in names {
+            headers.remove(n);
+        }
     }
 }
 
