@@ -194,17 +194,20 @@ async fn public_routes_are_allowed_and_the_introspection_path_is_the_apps() {
     for name in IDENTITY {
         assert_eq!(header(&r, name), "", "a public route names no one: {name}");
     }
-    // The proxy answers its introspection path itself, for any method and any scopes;
-    // behind a decision the front proxy sends the request on to the app, so the path is
-    // routed and the method's scopes are checked as for any other path.
+    // The proxy answers its introspection path itself for GET and HEAD (any scopes), and
+    // routes another method there like any request; behind a decision the front proxy
+    // sends every request on to the app, so the path is routed and the method's scopes
+    // are checked as for any other path.
     let read_only = [("x-api-key", PERSONAL_KEY)];
     for endpoint in ENDPOINTS {
         let r = decide(&d, endpoint, "GET", "/auth", &read_only).await;
         assert_eq!(r.status, 200, "{endpoint}: {}", r.text());
         assert_eq!(header(&r, "x-auth-key-id"), "key_demo_personal");
         for path in ["/auth", "/auth?x=1"] {
-            let proxied = send("DELETE", &d.proxy_url(path), &read_only, b"").await;
+            let proxied = send("GET", &d.proxy_url(path), &read_only, b"").await;
             assert_eq!(proxied.status, 200, "the proxy's own answer: {path}");
+            let proxied = send("DELETE", &d.proxy_url(path), &read_only, b"").await;
+            assert_eq!(proxied.code(), "insufficient_scope", "routed by the proxy: {path}");
             let r = decide(&d, endpoint, "DELETE", path, &read_only).await;
             assert_eq!(r.status, 403, "{endpoint} {path}: {}", r.text());
             assert_eq!(r.code(), "insufficient_scope", "{endpoint} {path}");
