@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::app::App;
 use crate::config::Config;
 use crate::keys::source::{KeyLoader, KeySource};
+use crate::proxy::server::Phase;
 use crate::StartError;
 use crate::{admin, decision, keys, proxy, tls};
 
@@ -109,8 +110,9 @@ impl Keyward {
     }
 
     /// Serve until `shutdown` resolves, then drain (SPEC 12): `/readyz` fails at once,
-    /// traffic is still served for `drain_delay`, the listener closes, and in-flight
-    /// requests get up to `grace` to finish.
+    /// traffic is still served for `drain_delay` while connections are let go (HTTP/2 gets
+    /// a GOAWAY, HTTP/1.1 closes after its next response), the listeners close, and
+    /// in-flight requests (and tunnels) get up to `grace` to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let Keyward {
             app,
@@ -136,23 +138,25 @@ impl Keyward {
         let drain_delay = app.config.shutdown.drain_delay;
         let grace = app.config.shutdown.grace;
         let app2 = app.clone();
-        let (decision_tx, decision_rx) = watch::channel(false);
+        // Both traffic listeners follow it: Serving → Draining → Closing.
+        let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
         let stop_traffic = async move {
             shutdown.await;
+            // Before the connections hear of it: their responses read it.
             app2.draining.store(true, Ordering::Release);
+            let _ = phase_tx.send(Phase::Draining);
             info!(
                 ?drain_delay,
                 "shutdown requested: readyz now fails; draining"
             );
             tokio::time::sleep(drain_delay).await;
-            let _ = decision_tx.send(true);
+            let _ = phase_tx.send(Phase::Closing);
         };
         let decision_task = decision.map(|l| {
-            let stop = wait_true(decision_rx);
             tokio::spawn(decision::server::serve_on_threads(
                 app.clone(),
                 l,
-                stop,
+                phase_rx.clone(),
                 grace,
             ))
         });
@@ -165,8 +169,9 @@ impl Keyward {
                 };
                 let door = proxy::handler::handle;
                 let (app, tls) = (app.clone(), tls);
-                proxy::threads::serve_on_threads(app, l, tls, threads, stop_traffic, grace, door)
-                    .await
+                let serve =
+                    proxy::threads::serve_on_threads(app, l, tls, threads, phase_rx, grace, door);
+                tokio::join!(stop_traffic, serve);
             }
             None => stop_traffic.await,
         }

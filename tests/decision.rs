@@ -633,3 +633,41 @@ async fn a_caller_that_reads_nothing_cannot_pin_the_decision_listener() {
     }
     d.shutdown().await;
 }
+
+/// Draining (SPEC 12) lets the decision listener's connections go as it does the proxy's:
+/// during `drain_delay` an HTTP/1.1 keep-alive caller gets `Connection: close` on its next
+/// answer and the connection is closed after it, so it reconnects instead of writing onto
+/// a connection that is closed later.
+#[tokio::test]
+async fn draining_closes_decision_keep_alive_connections_after_their_next_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, keys_yaml()).unwrap();
+    let config = decision_config(None, &keys, "").replace("drain_delay: 0s", "drain_delay: 2s");
+    let kw = support::child::Keyward::start(dir, &config, &[]).await;
+    let decision = kw.decision.expect("decision listener reported");
+    let ask = format!(
+        "GET {FORWARD_AUTH} HTTP/1.1\r\nhost: d\r\nx-forwarded-method: GET\r\nx-forwarded-uri: /v1/x\r\n\r\n"
+    );
+    let mut s = tokio::net::TcpStream::connect(decision).await.unwrap();
+    s.write_all(ask.as_bytes()).await.unwrap();
+    let before = read_response(&mut s).await.to_lowercase();
+    assert_eq!(raw_status(&before), 401, "{before}");
+    assert!(!before.contains("connection: close"), "{before}");
+
+    kw.signal("-TERM");
+    eventually("readyz fails", || async { kw.readyz().await == Some(503) }).await;
+    s.write_all(ask.as_bytes()).await.unwrap();
+    let during = read_response(&mut s).await.to_lowercase();
+    assert_eq!(raw_status(&during), 401, "{during}");
+    assert!(during.contains("connection: close"), "{during}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "closed after the answer: {closed:?}"
+    );
+    let (status, logs, _) = kw.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{logs:?}");
+}

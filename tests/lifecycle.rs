@@ -676,3 +676,205 @@ async fn a_fifo_or_device_in_place_of_the_key_file_is_refused_and_watching_goes_
     }
     kw.shutdown().await;
 }
+
+// ---- draining: connections are let go before the listener closes ----
+
+/// `GET /v1/x` with the service key on an open HTTP/1.1 connection; the whole response.
+async fn keep_alive_get(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncWriteExt;
+    let req = format!("GET /v1/x HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_response(s).await.to_lowercase()
+}
+
+/// Wait for `/readyz` to fail: the drain has started.
+async fn draining(p: &Keyward) {
+    eventually("readyz fails", || async { p.readyz().await == Some(503) }).await;
+}
+
+/// During `drain_delay` an HTTP/1.1 keep-alive connection gets `Connection: close` on its
+/// next response and is closed after it (the client reconnects; no request is written onto
+/// a connection keyward closes later), while a new connection is still served; whichever
+/// HTTP/1.1 server reads it.
+#[tokio::test]
+async fn draining_closes_http1_keep_alive_connections_after_their_next_response() {
+    let servers = ["fast", "hyper"].map(http1_keep_alive_is_let_go);
+    futures_util::future::join_all(servers).await;
+}
+
+async fn http1_keep_alive_is_let_go(http1_server: &str) {
+    use tokio::io::AsyncReadExt;
+    let up = spawn_upstream().await;
+    let p = process(up.addr, |c| {
+        c.shutdown("2s", "5s").set("http1_server", http1_server)
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    let before = keep_alive_get(&mut s).await;
+    assert!(before.starts_with("http/1.1 200"), "{before}");
+    assert!(!before.contains("connection: close"), "{before}");
+
+    p.signal("-TERM");
+    draining(&p).await;
+    let during = keep_alive_get(&mut s).await;
+    assert!(during.starts_with("http/1.1 200"), "{during}");
+    assert!(during.contains("connection: close"), "{during}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "closed by keyward after the response, long before drain_delay ends: {closed:?}"
+    );
+
+    // A new connection is still served during drain_delay, and let go the same way.
+    let mut fresh = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    let served = keep_alive_get(&mut fresh).await;
+    assert!(served.starts_with("http/1.1 200"), "{served}");
+    assert!(served.contains("connection: close"), "{served}");
+    let (status, logs, _) = p.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{logs:?}");
+}
+
+/// During `drain_delay` an HTTP/2 (h2c) connection gets a GOAWAY at once: its stream in
+/// flight completes, the connection then ends well before `drain_delay` does, and a next
+/// request needs a new connection; whichever server read the preface.
+#[tokio::test]
+async fn draining_sends_http2_connections_a_goaway_and_finishes_their_streams() {
+    let servers = ["fast", "hyper"].map(http2_gets_a_goaway);
+    futures_util::future::join_all(servers).await;
+}
+
+async fn http2_gets_a_goaway(http1_server: &str) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = upstream()
+        .route("/slow", Reply::After(Duration::from_millis(600)))
+        .spawn()
+        .await;
+    let p = process(up.addr, |c| {
+        c.shutdown("3s", "5s").set("http1_server", http1_server)
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<
+        _,
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(TokioExecutor::new(), TokioIo::new(tcp))
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        http::Request::get(format!("http://{}{path}", p.addr()))
+            .header("x-api-key", SERVICE_KEY)
+            .body(http_body_util::Empty::new())
+            .unwrap()
+    };
+    let ok = send.send_request(get("/v1/x")).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let slow = tokio::spawn(send.send_request(get("/slow")));
+    eventually("slow request reached upstream", || async {
+        up.requests().iter().any(|s| s.target == "/slow")
+    })
+    .await;
+
+    p.signal("-TERM");
+    let signalled = std::time::Instant::now();
+    let slow = slow.await.unwrap().expect("the stream in flight completes");
+    assert_eq!(slow.status(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(2), conn).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the connection ends cleanly (GOAWAY) well before drain_delay: {ended:?}"
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(3));
+    assert!(
+        send.ready().await.is_err(),
+        "a next request needs a new connection"
+    );
+    // Which a new connection still serves during drain_delay.
+    let again = get_h2c(&p.url("/v1/x"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(again.status, 200);
+    let (status, logs, _) = p.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{logs:?}");
+}
+
+/// Send `msg` through an open tunnel and read it back.
+async fn echo(s: &mut tokio::net::TcpStream, msg: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).await.expect("the tunnel echoes");
+    assert_eq!(back, msg);
+}
+
+/// A WebSocket tunnel open at SIGTERM is in flight like a request: it still echoes after
+/// `drain_delay`, when the listener has closed, and the process waits for it (up to
+/// `grace`), exiting once it closes.
+#[tokio::test]
+async fn an_open_tunnel_gets_grace_and_the_process_exits_when_it_closes() {
+    use tokio::io::AsyncWriteExt;
+    let up = spawn_upstream().await;
+    let p = process(up.addr, |c| c.shutdown("200ms", "10s").log("json", "info")).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    s.write_all(ws_handshake(SERVICE_KEY).as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.expect("a handshake answer");
+    assert_eq!(raw_status(&head), 101, "{head}");
+    echo(&mut s, b"before").await;
+
+    p.signal("-TERM");
+    eventually("drain_delay over: the listener closed", || async {
+        p.logs().iter().any(|l| l.contains("listener closed"))
+    })
+    .await;
+    echo(&mut s, b"after drain_delay").await;
+    assert!(
+        tokio::net::TcpStream::connect(p.addr()).await.is_err(),
+        "no new connection once drain_delay is over"
+    );
+    let logs = p.logs();
+    assert!(
+        !logs.iter().any(|l| l.contains("keyward stopped")),
+        "the process waits for the tunnel: {logs:?}"
+    );
+    drop(s);
+    let closed = std::time::Instant::now();
+    let (status, logs, _) = p.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{logs:?}");
+    assert!(
+        closed.elapsed() < Duration::from_secs(5),
+        "exits once the tunnel closes, not after grace: {:?}",
+        closed.elapsed()
+    );
+}
+
+/// A tunnel still open when `grace` runs out is cut then, and the process exits.
+#[tokio::test]
+async fn a_tunnel_open_past_grace_is_cut_and_the_process_exits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = spawn_upstream().await;
+    let p = process(up.addr, |c| c.shutdown("100ms", "1s")).await;
+    let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    s.write_all(ws_handshake(SERVICE_KEY).as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.expect("a handshake answer");
+    assert_eq!(raw_status(&head), 101, "{head}");
+    echo(&mut s, b"open").await;
+    let signalled = std::time::Instant::now();
+    p.signal("-TERM");
+    let (status, logs, _) = p.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{logs:?}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(1),
+        "the tunnel gets grace: {:?}",
+        signalled.elapsed()
+    );
+    let mut rest = Vec::new();
+    let cut = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(cut, Ok(Ok(_)) | Ok(Err(_))),
+        "the tunnel is cut: {cut:?}"
+    );
+}

@@ -221,9 +221,11 @@ pub async fn handle<B>(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let cid = respond::correlation_id(req.headers(), worker.ids());
+    let http2 = req.version() == http::Version::HTTP_2;
     let Some(endpoint) = Endpoint::of(req.uri().path()) else {
         let mut resp = not_found(&cid);
         headers::set_correlation(resp.headers_mut(), &cid);
+        respond::close_if_draining(&mut resp, http2, &app.draining);
         return Ok(resp);
     };
     // The original request lives here, so the trace can borrow its path.
@@ -247,11 +249,11 @@ pub async fn handle<B>(
         Err(reject) => Err(reject.clone()),
     };
     // An allow answer carries the correlation id from its template; a refusal gets it here.
-    let (resp, code) = match result {
+    let (mut resp, code) = match result {
         Ok(allowed) => (allowed, Code::Ok),
         Err(reject) => {
             let mut resp = respond::error(&reject, cid.to_str().unwrap_or_default());
-            if reject.closes_connection() && req.version() != http::Version::HTTP_2 {
+            if reject.closes_connection() && !http2 {
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -259,6 +261,7 @@ pub async fn handle<B>(
             (resp, reject.code())
         }
     };
+    respond::close_if_draining(&mut resp, http2, &app.draining);
     let elapsed = start.elapsed();
     worker.metrics().record_request(code, elapsed);
     handler::access_log(&cid, &method, resp.status(), code, &trace, elapsed);

@@ -3,25 +3,27 @@
 //! `idle_timeout`, `write_stall_timeout`, `max_header_bytes`, HTTP/2 stream limits) and the
 //! same draining on shutdown.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
+use crate::proxy::server::Phase;
 use crate::proxy::threads::{self, Threads};
 
 use crate::App;
 
-/// Serve the decision endpoints until `stop` resolves, then give open connections up to
-/// `grace` to finish: the proxy listener's threads, balancer and connection serving, with
+/// Serve the decision endpoints until `phase` turns [`Phase::Closing`], then give open
+/// connections up to `grace` to finish (draining them from [`Phase::Draining`] on, as the
+/// proxy listener does): the proxy listener's threads, balancer and connection serving, with
 /// the decision endpoints as the front door. The same `max_connections` (slots of its
 /// own), head, idle and write-stall bounds hold, so a caller that stops reading (an HTTP/2
 /// window of zero) cannot pin a decision. Its threads have their own metrics shards.
 pub async fn serve_on_threads(
     app: Arc<App>,
     listener: TcpListener,
-    stop: impl Future<Output = ()>,
+    phase: watch::Receiver<Phase>,
     grace: Duration,
 ) {
     let threads = Threads {
@@ -31,5 +33,5 @@ pub async fn serve_on_threads(
     };
     let allow = Arc::new(super::AllowHead::new(&app.names));
     let door = move |app, worker, _conn, req| super::handle(app, worker, req, allow.clone());
-    threads::serve_on_threads(app, listener, None, threads, stop, grace, door).await;
+    threads::serve_on_threads(app, listener, None, threads, phase, grace, door).await;
 }

@@ -5,10 +5,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::HeaderValue;
+use tokio::sync::watch;
 
-/// What admitting a connection took, shared by the connection and its tunnel: both count
+use super::balance::Admitted;
+use super::server::Phase;
+
+/// What an open connection holds, shared by the connection and its tunnel: both count
 /// until the last copy goes.
-pub type Slot = Arc<super::balance::Admitted>;
+pub type Slot = Arc<Held>;
+
+/// A connection's admission, and its receiver of the worker's drain signal: the worker
+/// waits (up to `grace`) for every receiver to go, so a tunnel that outlives its
+/// connection's task is in flight like a request, though never told to close.
+#[derive(Debug)]
+pub struct Held {
+    _admitted: Admitted,
+    _drain: watch::Receiver<Phase>,
+}
 
 /// The accepted connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -35,10 +48,13 @@ impl ConnInfo {
         }
     }
 
-    /// The same connection, holding what admitting it took for as long as any copy of it
-    /// (or of its tunnel) lives.
-    pub fn holding(mut self, admitted: super::balance::Admitted) -> Self {
-        self.slot = Some(Arc::new(admitted));
+    /// The same connection, holding what admitting it took, and its worker's drain open,
+    /// for as long as any copy of it (or of its tunnel) lives.
+    pub fn holding(mut self, admitted: Admitted, drain: watch::Receiver<Phase>) -> Self {
+        self.slot = Some(Arc::new(Held {
+            _admitted: admitted,
+            _drain: drain,
+        }));
         self
     }
 }

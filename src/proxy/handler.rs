@@ -76,6 +76,7 @@ pub async fn handle(
         Err(reject) => (refusal(&reject, &cid, http2), reject.code()),
     };
     headers::set_correlation(resp.headers_mut(), &cid);
+    respond::close_if_draining(&mut resp, http2, &app.draining);
     let elapsed = start.elapsed();
     worker.metrics().record_request(code, elapsed);
     access_log(&cid, &method, resp.status(), code, &trace, elapsed);

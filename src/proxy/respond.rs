@@ -1,6 +1,8 @@
 //! Responses keyward writes itself: the one place a [`Reject`] becomes what the client sees,
 //! and the correlation id every response carries.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
@@ -24,6 +26,22 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+/// While draining (SPEC 12), an HTTP/1 response says `Connection: close`, and its
+/// connection closes after it: the client reconnects (here while the listener still
+/// accepts, elsewhere once endpoints update) rather than write its next request onto a
+/// connection keyward closes at the end of `drain_delay`. A switch of protocols keeps its
+/// `Connection: upgrade`; HTTP/2 has no such header (its connections get a GOAWAY). One
+/// atomic load per HTTP/1 request.
+pub fn close_if_draining<B>(resp: &mut Response<B>, http2: bool, draining: &AtomicBool) {
+    if !http2
+        && draining.load(Ordering::Acquire)
+        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+    {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 /// Marks a response keyward refused the request with (a response extension): a connection

@@ -40,6 +40,24 @@ pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// more and the connection is closed (CVE-2024-27316-style floods).
 pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
+/// Where a listener is in its shutdown (SPEC 12), in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
+    /// SIGTERM came: still accepting for `drain_delay`, but every connection is let go as
+    /// soon as that loses no request (an HTTP/2 GOAWAY now, HTTP/1.1 after its next
+    /// response), so none is closed under a client later.
+    Draining,
+    /// The listener is closed: connections finish what is in flight, within `grace`.
+    Closing,
+}
+
+/// The first phase after `told` (`Closing` if the sender is gone).
+async fn after(phase: &mut watch::Receiver<Phase>, told: Phase) -> Phase {
+    let next = phase.wait_for(|p| *p > told).await;
+    next.map_or(Phase::Closing, |p| *p)
+}
+
 /// How long a connection that never completed a request head may take to close once told.
 const UNSERVED_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -85,8 +103,9 @@ pub fn hyper_servers(limits: &Limits) -> h1::server::Hyper {
     }
 }
 
-/// Serve `connections` until `stop` resolves (or they end), then wait up to `grace` for
-/// open connections to finish. Each arrives admitted: it holds its `max_connections` slot.
+/// Serve `connections` until `phase` turns [`Phase::Closing`] (or they end), then wait up
+/// to `grace` for open connections (and tunnels) to finish; [`Phase::Draining`] is passed
+/// on to each. Each arrives admitted: it holds its `max_connections` slot.
 /// `door` answers each request: the proxy's [`super::handler::handle`], or the decision
 /// listener's. Both get the same connection limits, watchdog (head, idle and write-stall
 /// bounds) and drain. `worker` is what the serving thread owns; every request gets it.
@@ -95,7 +114,7 @@ pub async fn serve<D, F>(
     worker: Worker,
     mut connections: Connections,
     tls: Option<TlsAcceptor>,
-    stop: impl Future<Output = ()>,
+    mut phase: watch::Receiver<Phase>,
     grace: Duration,
     door: D,
 ) where
@@ -104,10 +123,12 @@ pub async fn serve<D, F>(
 {
     let hyper = Arc::new(hyper_servers(&app.config.limits));
     let fast = fast_server(&app.config).map(Arc::new);
-    // Every connection task holds a receiver: `drain_tx.closed()` resolves when all are gone.
-    let (drain_tx, drain_rx) = watch::channel(false);
-    tokio::pin!(stop);
+    // Every connection task (and tunnel) holds a receiver: `drain_tx.closed()` resolves
+    // when all are gone.
+    let (drain_tx, drain_rx) = watch::channel(Phase::Serving);
     loop {
+        let told = *drain_tx.borrow();
+        let next_phase = after(&mut phase, told);
         let (stream, admitted) = tokio::select! {
             accepted = connections.next() => match accepted {
                 Some(Ok(accepted)) => accepted,
@@ -117,7 +138,13 @@ pub async fn serve<D, F>(
                     continue;
                 }
             },
-            () = &mut stop => break,
+            next = next_phase => match next {
+                Phase::Closing => break,
+                _ => {
+                    let _ = drain_tx.send(next);
+                    continue;
+                }
+            },
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
@@ -133,7 +160,7 @@ pub async fn serve<D, F>(
             let peer = admitted.peer;
             match tls {
                 None => {
-                    let conn = ConnInfo::new(peer, false).holding(admitted);
+                    let conn = ConnInfo::new(peer, false).holding(admitted, drain.clone());
                     let server = Server {
                         hyper: &hyper,
                         fast: fast.as_deref(),
@@ -142,7 +169,7 @@ pub async fn serve<D, F>(
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
-                        let conn = ConnInfo::new(peer, true).holding(admitted);
+                        let conn = ConnInfo::new(peer, true).holding(admitted, drain.clone());
                         let server = Server {
                             hyper: &hyper,
                             fast: fast.as_deref(),
@@ -157,7 +184,7 @@ pub async fn serve<D, F>(
     drop(connections);
     drop(drain_rx);
     info!("listener closed; waiting for in-flight requests");
-    let _ = drain_tx.send(true);
+    let _ = drain_tx.send(Phase::Closing);
     tokio::select! {
         () = drain_tx.closed() => info!("all connections finished"),
         () = tokio::time::sleep(grace) => warn!(?grace, "grace period over; closing remaining connections"),
@@ -206,7 +233,7 @@ async fn serve_conn<I, D, F>(
     app: Arc<App>,
     worker: Worker,
     server: Server<'_>,
-    mut drain: watch::Receiver<bool>,
+    mut drain: watch::Receiver<Phase>,
     io: I,
     conn: ConnInfo,
     door: D,
@@ -253,15 +280,22 @@ async fn serve_conn<I, D, F>(
     let connection = h1::server::serve_connection(io, service, server.fast, server.hyper, &close);
     tokio::pin!(connection);
     let mut closing = false;
+    let mut told = Phase::Serving;
     let side = Arc::new(SideWaker::default());
     let result = loop {
-        let drained = drain.wait_for(|draining| *draining);
+        let drained = after(&mut drain, told);
         let watchdog = activity.idle_for(stall);
         tokio::pin!(drained, watchdog);
         let event = next_event(connection.as_mut(), drained, watchdog, closing, &side).await;
         let unserved = match event {
             Event::Ended(result) => break Some(result),
-            Event::Drain => {
+            Event::Drain(Phase::Draining) => {
+                // HTTP/2 gets its GOAWAY now; HTTP/1.1 responses say `Connection: close`.
+                close.go_away();
+                told = Phase::Draining;
+                false
+            }
+            Event::Drain(_) => {
                 // keyward's server between requests shuts the stream down when polled next;
                 // otherwise the request in flight finishes first.
                 close.request();
@@ -308,7 +342,8 @@ async fn serve_conn<I, D, F>(
 /// What ended a wait of the connection's loop.
 enum Event<R> {
     Ended(R),
-    Drain,
+    /// The listener moved on to this phase.
+    Drain(Phase),
     Watchdog(Wake),
 }
 
@@ -348,7 +383,7 @@ async fn next_event<C, D, W>(
 ) -> Event<C::Output>
 where
     C: Future,
-    D: Future,
+    D: Future<Output = Phase>,
     W: Future<Output = Wake>,
 {
     side.woken.store(true, Ordering::SeqCst);
@@ -365,8 +400,10 @@ where
         }
         if side.woken.swap(false, Ordering::SeqCst) {
             let mut side_cx = Context::from_waker(&side_waker);
-            if !closing && drained.as_mut().poll(&mut side_cx).is_ready() {
-                return Poll::Ready(Event::Drain);
+            if !closing {
+                if let Poll::Ready(phase) = drained.as_mut().poll(&mut side_cx) {
+                    return Poll::Ready(Event::Drain(phase));
+                }
             }
             if let Poll::Ready(wake) = watchdog.as_mut().poll(&mut side_cx) {
                 return Poll::Ready(Event::Watchdog(wake));

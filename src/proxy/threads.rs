@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::balance::Balancer;
+use super::server::Phase;
 use super::worker::Worker;
 use super::{server, RequestBody};
 use crate::tls::TlsAcceptor;
@@ -26,14 +27,16 @@ pub struct Threads {
     pub upstream: bool,
 }
 
-/// Serve `listener` on `app.workers()` threads until `stop` resolves, then let each
-/// drain for up to `grace`. Returns when every thread has finished.
+/// Serve `listener` on `app.workers()` threads until `phase` turns [`Phase::Closing`],
+/// then let each drain for up to `grace`. Returns when every thread has finished. Each
+/// thread is told of [`Phase::Draining`] at once, and of `Closing` once the listener is
+/// closed (so no connection reaches a thread after it stopped taking them).
 pub async fn serve_on_threads<D, F>(
     app: Arc<App>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     threads: Threads,
-    stop: impl Future<Output = ()>,
+    mut phase: watch::Receiver<Phase>,
     grace: Duration,
     door: D,
 ) where
@@ -50,11 +53,11 @@ pub async fn serve_on_threads<D, F>(
     let (balancer, receivers) = Balancer::new(workers, max_connections);
     // `max_in_flight` is per process, split evenly so that each thread checks its own.
     let in_flight_cap = app.config.limits.max_in_flight.div_ceil(workers.max(1));
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
     let mut joins = Vec::with_capacity(receivers.len());
     for (i, connections) in receivers.into_iter().enumerate() {
         let (app, tls, door) = (app.clone(), tls.clone(), door.clone());
-        let mut stop_rx = stop_rx.clone();
+        let phase_rx = phase_rx.clone();
         let run = move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -73,10 +76,7 @@ pub async fn serve_on_threads<D, F>(
                 if threads.upstream {
                     app.upstream.spawn_reaper(worker.pool().clone());
                 }
-                let stop = async move {
-                    let _ = stop_rx.wait_for(|stop| *stop).await;
-                };
-                server::serve(app, worker, connections, tls, stop, grace, door).await;
+                server::serve(app, worker, connections, tls, phase_rx, grace, door).await;
             });
         };
         let spawned = std::thread::Builder::new()
@@ -87,8 +87,14 @@ pub async fn serve_on_threads<D, F>(
             Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
         }
     }
+    let stop = async {
+        if phase.wait_for(|p| *p >= Phase::Draining).await.is_ok() {
+            let _ = phase_tx.send(Phase::Draining);
+        }
+        let _ = phase.wait_for(|p| *p == Phase::Closing).await;
+    };
     balancer.run(listener, stop).await;
-    let _ = stop_tx.send(true);
+    let _ = phase_tx.send(Phase::Closing);
     let _ = tokio::task::spawn_blocking(move || {
         for t in joins {
             let _ = t.join();

@@ -76,7 +76,8 @@ pub struct Hyper {
 
 /// Serve one connection: keyward's server first when `fast` is given, hyper's (HTTP/1.1
 /// or HTTP/2) from the first request it does not take. [`Close::request`] closes the
-/// connection gracefully: at once between requests, after the response in flight.
+/// connection gracefully: at once between requests, after the response in flight;
+/// [`Close::go_away`] closes an HTTP/2 one so (GOAWAY) and leaves HTTP/1.1 alone.
 pub async fn serve_connection<I, S, F, B>(
     io: I,
     service: S,
@@ -99,18 +100,43 @@ where
                 (io, http1)
             }
         },
-        None => (Rewind::new(Bytes::new(), io), false),
+        None => match sniff(io, close).await? {
+            Some(io) => (io, false),
+            None => return Ok(()),
+        },
     };
     let to_hyper = service_fn(move |req: Request<Incoming>| service(req.map(Either::Left)));
     if http1 {
         let conn = hyper.http1.serve_connection(TokioIo::new(io), to_hyper);
-        drive(conn.with_upgrades(), close).await.map_err(Into::into)
+        drive(conn.with_upgrades(), close, false)
+            .await
+            .map_err(Into::into)
     } else {
+        let http2 = io.is_http2();
         let conn = hyper
             .auto
             .serve_connection_with_upgrades(TokioIo::new(io), to_hyper);
-        drive(conn, close).await
+        drive(conn, close, http2).await
     }
+}
+
+/// For hyper's server alone: read the connection's first bytes until they show whether it
+/// opens with the HTTP/2 preface (as hyper's own sniff reads them), to be read again by
+/// hyper. `None`: told to close first (the stream is then shut down).
+async fn sniff<I>(mut io: I, close: &Close) -> io::Result<Option<Rewind<I>>>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut read = BytesMut::with_capacity(rewind::H2_PREFACE.len());
+    while read.is_empty() || rewind::may_be_http2(&read) {
+        let Some(n) = closable(pin!(io.read_buf(&mut read)), close).await else {
+            return io.shutdown().await.map(|()| None);
+        };
+        if n? == 0 {
+            break;
+        }
+    }
+    Ok(Some(Rewind::new(read.freeze(), io)))
 }
 
 /// A hyper connection that can be told to finish gracefully.
@@ -152,6 +178,8 @@ where
 #[derive(Default)]
 pub struct Close {
     requested: AtomicBool,
+    /// Draining: an HTTP/2 connection closes gracefully now.
+    going_away: AtomicBool,
     /// Wakes hyper's side.
     notify: Notify,
     /// keyward's server is waiting for a request head.
@@ -169,18 +197,37 @@ impl Close {
         self.between.load(Ordering::SeqCst)
     }
 
+    /// Draining has started: an HTTP/2 connection gets its GOAWAY now, its streams in
+    /// flight finish and the client opens a new connection for the next ones. An HTTP/1.1
+    /// connection, which has no way to say so between requests, is left open: its
+    /// responses say `Connection: close` (`respond::close_if_draining`).
+    pub fn go_away(&self) {
+        self.going_away.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
     fn requested(&self) -> bool {
         self.requested.load(Ordering::SeqCst)
     }
+
+    /// Should a connection (`http2` or not) be shut down gracefully now?
+    fn due(&self, http2: bool) -> bool {
+        self.requested() || http2 && self.going_away.load(Ordering::SeqCst)
+    }
 }
 
-/// Run `conn` to its end, asking it to finish gracefully once a close is requested.
-async fn drive<C: Graceful>(conn: C, close: &Close) -> C::Output {
+/// Run `conn` to its end, asking it to finish gracefully once a close is due. It is polled
+/// first: until hyper has read the bytes handed back, a shutdown would close it unserved.
+async fn drive<C: Graceful>(conn: C, close: &Close, http2: bool) -> C::Output {
     let mut conn = pin!(conn);
-    if !close.requested() {
+    loop {
         tokio::select! {
+            biased;
             result = conn.as_mut() => return result,
             () = close.notify.notified() => {}
+        }
+        if close.due(http2) {
+            break;
         }
     }
     conn.as_mut().graceful_shutdown();

@@ -20,7 +20,7 @@ impl<I> Rewind<I> {
     }
 }
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Are these bytes a connection's first, still short of the HTTP/2 preface and matching
 /// it so far? hyper's preface sniff goes on reading then.
@@ -29,6 +29,11 @@ pub fn may_be_http2(read: &[u8]) -> bool {
 }
 
 impl<I> Rewind<I> {
+    /// Did the connection open with the whole HTTP/2 preface?
+    pub fn is_http2(&self) -> bool {
+        self.pre.starts_with(H2_PREFACE)
+    }
+
     /// Do the bytes read so far show HTTP/1 (and not the start of an HTTP/2 preface)?
     /// hyper's preface sniff decides alike on the first byte that differs.
     pub fn is_http1(&self) -> bool {
