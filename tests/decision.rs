@@ -207,7 +207,11 @@ async fn public_routes_are_allowed_and_the_introspection_path_is_the_apps() {
             let proxied = send("GET", &d.proxy_url(path), &read_only, b"").await;
             assert_eq!(proxied.status, 200, "the proxy's own answer: {path}");
             let proxied = send("DELETE", &d.proxy_url(path), &read_only, b"").await;
-            assert_eq!(proxied.code(), "insufficient_scope", "routed by the proxy: {path}");
+            assert_eq!(
+                proxied.code(),
+                "insufficient_scope",
+                "routed by the proxy: {path}"
+            );
             let r = decide(&d, endpoint, "DELETE", path, &read_only).await;
             assert_eq!(r.status, 403, "{endpoint} {path}: {}", r.text());
             assert_eq!(r.code(), "insufficient_scope", "{endpoint} {path}");

@@ -712,3 +712,31 @@ async fn idle_websocket_tunnel_is_closed_and_frees_its_slot() {
     }
     kw.shutdown().await;
 }
+
+/// keyward's own answer to a `HEAD` (introspection, a 401, a 403) carries its headers and
+/// no body, over HTTP/2 as over HTTP/1.1: hyper's HTTP/2 server sent the body, and the
+/// client reset the stream (PROTOCOL_ERROR), so no answer arrived at all.
+#[tokio::test]
+async fn keywards_own_answers_to_head_arrive_over_http2() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let key = [("x-api-key", PERSONAL_KEY)];
+    for (path, headers, status) in [
+        ("/auth", &key[..], 200),
+        ("/v1/items", &[][..], 401),
+        ("/admin/users", &key[..], 403),
+    ] {
+        for h2 in [true, false] {
+            let r = if h2 {
+                send_h2c("HEAD", &kw.url(path), headers).await
+            } else {
+                send("HEAD", &kw.url(path), headers, b"").await
+            };
+            assert_eq!(r.status.as_u16(), status, "{path} h2={h2}");
+            assert!(r.body.is_empty(), "{path} h2={h2}");
+            assert!(r.headers.contains_key("x-correlation-id"), "{path} h2={h2}");
+        }
+    }
+    assert_eq!(up.count(), 0);
+    kw.shutdown().await;
+}

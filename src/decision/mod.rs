@@ -222,10 +222,12 @@ pub async fn handle<B>(
     let start = Instant::now();
     let cid = respond::correlation_id(req.headers(), worker.ids());
     let http2 = req.version() == http::Version::HTTP_2;
+    let asked_with = req.method().clone();
     let Some(endpoint) = Endpoint::of(req.uri().path()) else {
         let mut resp = not_found(&cid);
         headers::set_correlation(resp.headers_mut(), &cid);
         respond::close_if_draining(&mut resp, http2, &app.draining);
+        respond::finish_head(&mut resp, &asked_with);
         return Ok(resp);
     };
     // The original request lives here, so the trace can borrow its path.
@@ -262,6 +264,7 @@ pub async fn handle<B>(
         }
     };
     respond::close_if_draining(&mut resp, http2, &app.draining);
+    respond::finish_head(&mut resp, &asked_with);
     let elapsed = start.elapsed();
     worker.metrics().record_request(code, elapsed);
     handler::access_log(&cid, &method, resp.status(), code, &trace, elapsed);

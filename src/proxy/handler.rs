@@ -77,6 +77,7 @@ pub async fn handle(
     };
     headers::set_correlation(resp.headers_mut(), &cid);
     respond::close_if_draining(&mut resp, http2, &app.draining);
+    respond::finish_head(&mut resp, &method);
     let elapsed = start.elapsed();
     worker.metrics().record_request(code, elapsed);
     access_log(&cid, &method, resp.status(), code, &trace, elapsed);

@@ -28,6 +28,16 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     resp
 }
 
+/// keyward's own answer to a `HEAD` carries its headers alone. hyper's HTTP/1 server drops
+/// a body it is handed for a HEAD, but its HTTP/2 server sends it, and clients then reset
+/// the stream (PROTOCOL_ERROR): a 401 or the introspection answer never arrived. (An
+/// upstream's answer to a HEAD has no body already.)
+pub fn finish_head(resp: &mut Response<Body>, method: &http::Method) {
+    if *method == http::Method::HEAD && matches!(resp.body(), Either::Right(_)) {
+        *resp.body_mut() = Either::Right(Full::new(Bytes::new()));
+    }
+}
+
 /// While draining (SPEC 12), an HTTP/1 response says `Connection: close`, and its
 /// connection closes after it: the client reconnects (here while the listener still
 /// accepts, elsewhere once endpoints update) rather than write its next request onto a

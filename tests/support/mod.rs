@@ -176,10 +176,15 @@ pub async fn read(resp: Response<Incoming>) -> Got {
 
 /// An h2c (prior knowledge) GET.
 pub async fn get_h2c(url: &str, headers: &[(&str, &str)]) -> Got {
+    send_h2c("GET", url, headers).await
+}
+
+/// An h2c (prior knowledge) request without a body.
+pub async fn send_h2c(method: &str, url: &str, headers: &[(&str, &str)]) -> Got {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
-    let mut b = Request::builder().uri(url);
+    let mut b = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
