@@ -14,7 +14,9 @@ pub enum ConfigError {
     },
     #[error(transparent)]
     Parse(#[from] YamlError),
-    #[error("{field}: {reason}")]
+    /// Redacted where shown: the field's path and the reason may quote what was written
+    /// (a map key, a value), which may be a secret pasted into the wrong place.
+    #[error("{}", super::redact(&format!("{field}: {reason}")))]
     Invalid { field: String, reason: String },
 }
 

@@ -97,7 +97,24 @@ fn is_shown(word: &str) -> bool {
     }
     core.is_ascii()
         && !core.contains(['`', '"', '\\'])
-        && (is_amount(core) || core.split('.').all(is_segment))
+        && (is_amount(core)
+            || is_time(core)
+            || is_url_path(core)
+            || core.split('.').all(is_segment))
+}
+
+/// `2026-01-01T00:00:00Z`: a time as examples and limits are written.
+fn is_time(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_digit())
+        && s.contains('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || b"-:TZ.+".contains(&b))
+}
+
+/// `/admin/`, `/v1/items`: a path whose every segment is a name (a route, a listener's
+/// introspection path).
+fn is_url_path(s: &str) -> bool {
+    s.starts_with('/') && s.split('/').all(|seg| seg.is_empty() || is_segment(seg))
 }
 
 /// `12`, `250ms`, `1m`: a number, at most a two-letter unit after it.
@@ -147,6 +164,8 @@ mod tests {
             "limits.upstream_timeout: invalid type: string \"…\", expected a duration like 10s or 250ms",
             "x-api-key: EOF while parsing a value at line 1 column 12",
             "http1_server: unknown variant `nginx`, expected `fast` or `hyper`",
+            "routes[1]: is never reached: routes[0] (prefix /admin/) matches every path it does first",
+            "generated_at: is not an RFC 3339 time like 2026-01-01T00:00:00Z",
         ] {
             assert_eq!(redact(message), message);
         }

@@ -537,3 +537,26 @@ fn over_minimal(extra: &str) -> String {
         .collect();
     format!("{kept}{extra}")
 }
+
+/// A config check's own messages quote what was written (a map key, a route, a level):
+/// a secret pasted there is not shown, and no line break reaches the terminal or a log.
+#[test]
+fn config_errors_never_show_a_pasted_key_or_a_line_break() {
+    let key = "sta_demo_service_key_0123456789abcdef";
+    for extra in [
+        format!("log: {{ level: \"{key}\" }}\n"),
+        format!("prefixes: {{ {key}: [] }}\n"),
+        format!("allow_override_headers: [{key}]\n"),
+        format!("routes: [{{ path: /a, any_of: [\"{key}!\"] }}]\n"),
+        format!(
+            "routes: [{{ path: \"/{key}\", any_of: [a] }}, {{ path: \"/{key}\", any_of: [b] }}]\n"
+        ),
+        format!("introspection_path: \"{key}\"\n"),
+        "prefixes: { \"sta_\\nkeyward: FORGED ok\\u001b[31m\": [] }\n".to_string(),
+    ] {
+        let e = Config::from_yaml(&over_minimal(&extra))
+            .expect_err(&extra)
+            .to_string();
+        assert!(!e.contains(key) && !e.contains(['\n', '\u{1b}']), "{e:?}");
+    }
+}
