@@ -371,12 +371,14 @@ async fn misspelled_identity_delegation_and_forwarding_headers_are_refused() {
 }
 
 /// A key in the query string would reach the app inside the URI the front proxy forwards:
-/// decisions do not read it unless keys may be forwarded (`forward_credential: true`).
+/// decisions read it only when keys may be forwarded (`forward_credential: true`), and
+/// otherwise refuse a request carrying one (however its name is spelled), which the app
+/// would read unchecked.
 #[tokio::test]
 async fn query_keys_are_read_by_decisions_only_when_keys_may_be_forwarded() {
     let credentials = "credentials: [{ header: x-api-key }, { query: api_key }]\n";
     let path = format!("/v1/items?a=1&api_key={SERVICE_KEY}");
-    for (forward, status) in [(false, 401), (true, 200)] {
+    for (forward, status) in [(false, 400), (true, 200)] {
         let d = spawn_decider(
             None,
             &format!("{credentials}forward_credential: {forward}\n"),
@@ -401,6 +403,19 @@ async fn query_keys_are_read_by_decisions_only_when_keys_may_be_forwarded() {
         )
         .await;
         assert_eq!(r.status, 200, "{}", r.text());
+        // A header key beside another key in the query: refused, never half-checked.
+        let garbage = "sta_unchecked_garbage_key_zzzzzz";
+        for name in ["api_key", "api%5Fkey", "api.key", "api_key[]"] {
+            let path = format!("/v1/items?{name}={garbage}");
+            let key = [("x-api-key", SERVICE_KEY)];
+            let r = decide(&d, AUTH_REQUEST, "GET", &path, &key).await;
+            let code = if forward {
+                "invalid_auth_header"
+            } else {
+                "bad_request"
+            };
+            assert_eq!(r.code(), code, "forward {forward} {name}: {}", r.text());
+        }
         d.shutdown().await;
     }
 }

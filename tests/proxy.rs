@@ -667,6 +667,19 @@ async fn query_credential_when_enabled_is_not_forwarded() {
     )
     .await;
     assert_eq!(r.code(), "invalid_auth_header", "{}", r.text());
+    // Names as PHP and Rails read them, and `;` as a separator, as some parsers take it.
+    for name in ["api.key", "api+key", "api_key[]", "api_key%5B%5D"] {
+        let r = get(&kw.url(&format!("/x?a=1&{name}={SERVICE_KEY}")), &[]).await;
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        assert_eq!(up.last().target, "/x?a=1", "{name}");
+    }
+    let r = get(
+        &kw.url(&format!("/x?a=1;api_key={other}")),
+        &[("x-api-key", SERVICE_KEY)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.last().target, "/x?a=1");
     kw.shutdown().await;
 }
 

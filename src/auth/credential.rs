@@ -145,20 +145,49 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
     Some(percent_encoding::percent_decode_str(&spaced).collect())
 }
 
-/// Whether the parameter spelled `k` is `name` once decoded, as an app decodes it: so
-/// `api%5Fkey` is read (and so ambiguous beside `api_key`) and stripped like `api_key`.
-fn is_param(k: &str, name: &str) -> bool {
-    k == name || (k.contains('%') && percent_decode(k).is_some_and(|d| d == name.as_bytes()))
+/// Whether the parameter spelled `k` is `name` as an app reads parameter names: decoded
+/// (`api%5Fkey`), cut at a NUL or at `[` (PHP and Rails read `api_key[]` as `api_key`), and
+/// with ` ` and `.` read as `_` (PHP). So such a spelling is read as the credential (and
+/// so is ambiguous beside `api_key`) and stripped like it.
+pub fn is_param(k: &str, name: &str) -> bool {
+    k == name || (k.contains(['%', '+', '.', '[', '_']) && app_name(k) == app_name(name))
 }
 
-/// Remove the `name` parameter, however percent-encoded, from a query string (for
-/// forwarding without the key).
+fn app_name(k: &str) -> Vec<u8> {
+    let mut name = percent_decode(k).unwrap_or_else(|| k.as_bytes().to_vec());
+    if let Some(end) = name.iter().position(|&b| b == 0 || b == b'[') {
+        name.truncate(end);
+    }
+    for b in &mut name {
+        if *b == b' ' || *b == b'.' {
+            *b = b'_';
+        }
+    }
+    name
+}
+
+/// Remove the `name` parameter, however spelled (see [`is_param`]), from a query string
+/// (for forwarding without the key). `;` separates parameters here as `&` does, as some
+/// frameworks read it; the separators of what is kept are kept.
 pub fn strip_query_param(query: &str, name: &str) -> String {
-    query
-        .split('&')
-        .filter(|pair| !is_param(pair.split_once('=').map_or(*pair, |(k, _)| k), name))
-        .collect::<Vec<_>>()
-        .join("&")
+    let mut out = String::with_capacity(query.len());
+    let mut sep = "";
+    let mut rest = query;
+    loop {
+        let end = rest.find(['&', ';']).unwrap_or(rest.len());
+        let pair = &rest[..end];
+        if !is_param(pair.split_once('=').map_or(pair, |(k, _)| k), name) {
+            if !out.is_empty() {
+                out.push_str(sep);
+            }
+            out.push_str(pair);
+        }
+        if end == rest.len() {
+            return out;
+        }
+        sep = &rest[end..=end];
+        rest = &rest[end + 1..];
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +336,16 @@ mod tests {
             strip_query_param("a=1&api%5Fkey=k&%61pi_key=j&api_keys=2", "api_key"),
             "a=1&api_keys=2"
         );
+        // Names as PHP, Rails and old parsers read them; `;` as a separator.
+        assert_eq!(
+            strip_query_param(
+                "api.key=k&api+key=k&api%20key=k&api_key[]=k&api_key%5B%5D=k&api_key%00=k&b=%zz&c=a+b%2Fc;api_key=k;d=1",
+                "api_key"
+            ),
+            "b=%zz&c=a+b%2Fc;d=1"
+        );
+        assert_eq!(strip_query_param("", "api_key"), "");
+        assert_eq!(strip_query_param("api_key=k", "api_key"), "");
     }
 
     proptest::proptest! {

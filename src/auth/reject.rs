@@ -131,6 +131,11 @@ pub enum BadRequest {
     /// reads.
     #[error("the original path is not in normal form (dot segments, '//' or encoded characters)")]
     NotNormal,
+    /// A decision request (SPEC 15) whose original URI carries the query credential while
+    /// keys may not be forwarded: it is not read, and the front proxy would hand it to the
+    /// app, a key keyward did not check.
+    #[error("a key in the query string is not accepted here (the front proxy would forward it)")]
+    QueryKey,
 }
 
 impl Reject {
@@ -208,6 +213,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::Override(_)) => "Override header refused",
             Reject::BadRequest(BadRequest::NotNormal) => "Request path refused",
             Reject::BadRequest(BadRequest::Misspelled) => "Misspelled identity or forwarding header refused",
+            Reject::BadRequest(BadRequest::QueryKey) => "API key in the query string refused",
         }
     }
 

@@ -162,6 +162,16 @@ pub fn check_spellings(
     }
 }
 
+/// Whether `query` holds the query credential, however its name is spelled.
+fn carries_query_key(app: &App, query: Option<&str>) -> bool {
+    let (Some(name), Some(query)) = (app.policy.credential_query(), query) else {
+        return false;
+    };
+    query.split(['&', ';']).any(|pair| {
+        crate::auth::credential::is_param(pair.split_once('=').map_or(pair, |(k, _)| k), name)
+    })
+}
+
 /// Read the original request from the endpoint's own protocol, and nothing else: an
 /// `auth-request` call ignores `X-Forwarded-*`, a `forward-auth` call ignores `X-Original-*`.
 /// A fragment (`#`) in the original URI is refused, as SPEC 7 refuses it: `http::Uri` would
@@ -281,6 +291,9 @@ async fn decide<'a, B>(
     trace: &mut Trace<'a>,
 ) -> Result<Response<Body>, Reject> {
     let (head_of_allow, cid) = answer;
+    if !app.config.forward_credential && carries_query_key(app, original.query()) {
+        return Err(Reject::BadRequest(BadRequest::QueryKey));
+    }
     let head = Head {
         method: &original.method,
         headers: req.headers(),
