@@ -99,6 +99,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz") => readyz(app),
         (&Method::GET, "/metrics") => {
+            app.metrics.set_ready(app.is_ready());
             let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -143,23 +144,12 @@ fn outcome(status: StatusCode) -> &'static str {
 }
 
 fn readyz(app: &App) -> Response<AdminBody> {
-    if app.is_ready() {
-        text(StatusCode::OK, "ready\n")
-    } else if app.draining.load(std::sync::atomic::Ordering::Acquire) {
-        text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-    } else if !app.revocations.is_ready() {
-        text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "fleet revocations not read from redis yet\n",
-        )
-    } else if app.store.is_loaded() {
-        text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "key snapshot older than keys.max_age\n",
-        )
-    } else {
-        text(StatusCode::SERVICE_UNAVAILABLE, "no key snapshot loaded\n")
-    }
+    let readiness = app.readiness();
+    let status = match readiness {
+        crate::app::Readiness::Ready => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    text(status, readiness.line())
 }
 
 /// `Authorization: Bearer <token>` whose SHA-256 equals `admin.token_sha256`. Compared in

@@ -50,7 +50,11 @@ impl App {
         // A shard per worker thread: the proxy listener's, then the decision listener's.
         let metrics = Metrics::sharded(config.metrics.per_key, 2 * worker_count(&config))
             .map_err(StartError::Metrics)?
-            .with_snapshot_safety(config.metrics.per_key_limit, config.keys.max_age);
+            .with_snapshot_safety(
+                config.metrics.per_key_limit,
+                config.keys.max_age,
+                &config.environment,
+            );
         let cluster = match &config.cluster {
             Some(c) => Some(Arc::new(Cluster::new(c, metrics.registry())?)),
             None => None,
@@ -93,12 +97,78 @@ impl App {
     /// Ready: a snapshot is loaded and not older than `keys.max_age`, the fleet's
     /// revocations are read (with `cluster`), and we are not draining.
     pub fn is_ready(&self) -> bool {
-        let fresh = self
-            .store
-            .guard()
-            .as_ref()
-            .is_some_and(|s| !s.is_stale(std::time::SystemTime::now()));
-        fresh && self.revocations.is_ready() && !self.draining.load(Ordering::Acquire)
+        self.readiness() == Readiness::Ready
+    }
+
+    /// Ready, or the first reason not to be (the order `/readyz` reports them in).
+    pub fn readiness(&self) -> Readiness {
+        let snapshot = self.store.guard();
+        if self.draining.load(Ordering::Acquire) {
+            Readiness::Draining
+        } else if !self.revocations.is_ready() {
+            Readiness::RevocationsUnread
+        } else if let Some(s) = snapshot.as_ref() {
+            match s.is_stale(std::time::SystemTime::now()) {
+                true => Readiness::SnapshotTooOld,
+                false => Readiness::Ready,
+            }
+        } else {
+            Readiness::NoSnapshot
+        }
+    }
+
+    /// Say when readiness changes (a snapshot aging past `keys.max_age` changes it with no
+    /// event of its own), and keep `keyward_ready` true between scrapes. Runs for the life
+    /// of the process.
+    pub async fn watch_readiness(self: Arc<Self>) {
+        let mut was = None;
+        loop {
+            let now = self.readiness();
+            self.metrics.set_ready(now == Readiness::Ready);
+            if was != Some(now) {
+                match now {
+                    Readiness::Ready => tracing::info!("ready"),
+                    // Draining is said where shutdown starts.
+                    Readiness::Draining => {}
+                    other => tracing::warn!(
+                        reason = other.reason(),
+                        "not ready: protected routes answer 503 auth_unavailable"
+                    ),
+                }
+                was = Some(now);
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Whether keyward can authenticate (`/readyz`, `keyward_ready`), or why not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    Draining,
+    /// With `cluster`: the fleet's revocations have never been read from Redis.
+    RevocationsUnread,
+    /// `keys.max_age` has passed since the snapshot's `generated_at`.
+    SnapshotTooOld,
+    NoSnapshot,
+}
+
+impl Readiness {
+    /// What the log says.
+    pub fn reason(self) -> &'static str {
+        self.line().trim_end()
+    }
+
+    /// What `/readyz` answers.
+    pub fn line(self) -> &'static str {
+        match self {
+            Readiness::Ready => "ready\n",
+            Readiness::Draining => "draining\n",
+            Readiness::RevocationsUnread => "fleet revocations not read from redis yet\n",
+            Readiness::SnapshotTooOld => "key snapshot older than keys.max_age\n",
+            Readiness::NoSnapshot => "no key snapshot loaded\n",
+        }
     }
 }
 

@@ -67,8 +67,11 @@ pub struct Metrics {
     key_expiry: Option<GaugeVec>,
     /// `metrics.per_key_limit`: the most `key_expiry` series.
     per_key_limit: usize,
+    /// The sidecar's `environment`: keys bound to another one export no expiry series.
+    environment: Option<String>,
     generated: Gauge,
     max_age: Gauge,
+    ready: IntGauge,
 }
 
 impl Metrics {
@@ -113,6 +116,10 @@ impl Metrics {
             "keyward_snapshot_max_age_seconds",
             "keys.max_age: past generated_at + this, keyward fails closed (0 when unset).",
         )?;
+        let ready = IntGauge::new(
+            "keyward_ready",
+            "1 when keyward can authenticate (what /readyz says), 0 when it fails closed or drains.",
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "keyward_build_info",
@@ -144,6 +151,7 @@ impl Metrics {
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(generated.clone()))?;
         registry.register(Box::new(max_age.clone()))?;
+        registry.register(Box::new(ready.clone()))?;
         if let Some(k) = &key_expiry {
             registry.register(Box::new(k.clone()))?;
         }
@@ -169,14 +177,28 @@ impl Metrics {
             last_reload,
             key_expiry,
             per_key_limit: usize::MAX,
+            environment: None,
             generated,
             max_age,
+            ready,
         })
     }
 
-    /// `metrics.per_key_limit` and `keys.max_age` (SPEC 16).
-    pub fn with_snapshot_safety(mut self, per_key_limit: usize, max_age: Option<Duration>) -> Self {
+    /// What `/readyz` says now (set on every scrape and every second).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// `metrics.per_key_limit` and `keys.max_age` (SPEC 16), and the sidecar's
+    /// `environment` (which keys can be used here, so which expiries matter).
+    pub fn with_snapshot_safety(
+        mut self,
+        per_key_limit: usize,
+        max_age: Option<Duration>,
+        environment: &str,
+    ) -> Self {
         self.per_key_limit = per_key_limit;
+        self.environment = Some(environment.to_owned());
         self.max_age.set(max_age.map_or(0.0, |a| a.as_secs_f64()));
         self
     }
@@ -216,7 +238,8 @@ impl Metrics {
             .set(snapshot.generated_at.map_or(0.0, unix_seconds));
         if let Some(expiry) = &self.key_expiry {
             expiry.reset();
-            let soonest = soonest_expiring(snapshot, self.per_key_limit, SystemTime::now());
+            let env = self.environment.as_deref();
+            let soonest = soonest_expiring(snapshot, self.per_key_limit, env, SystemTime::now());
             for (id, exp) in soonest {
                 expiry.with_label_values(&[id]).set(unix_seconds(exp));
             }
@@ -247,10 +270,25 @@ impl Metrics {
 }
 
 /// At most `limit` keys with an `expires_at`: those still valid at `now` first, soonest
-/// expiry first, then (if room is left) those already expired, most recent first.
-fn soonest_expiring(snapshot: &Snapshot, limit: usize, now: SystemTime) -> Vec<(&str, SystemTime)> {
+/// expiry first, then (if room is left) those already expired, most recent first. Only
+/// keys a client could use here: a disabled key, or one bound to another `environment`,
+/// would alert about an expiry that denies no one, and take a live key's place.
+fn soonest_expiring<'a>(
+    snapshot: &'a Snapshot,
+    limit: usize,
+    environment: Option<&str>,
+    now: SystemTime,
+) -> Vec<(&'a str, SystemTime)> {
+    let here = |k: &crate::keys::Key| {
+        k.status == crate::keys::Status::Active
+            && match (k.environment(), environment) {
+                (Some(bound), Some(env)) => bound == env,
+                _ => true,
+            }
+    };
     let mut keys: Vec<(&str, SystemTime)> = snapshot
         .keys()
+        .filter(|k| here(k))
         .filter_map(|k| Some((k.id.as_str(), k.expires_at?)))
         .collect();
     fn rank<'a>(now: SystemTime, &(id, exp): &(&'a str, SystemTime)) -> (bool, Duration, &'a str) {
@@ -333,9 +371,15 @@ mod tests {
 
     #[test]
     fn per_key_series_are_bounded_to_the_keys_expiring_soonest() {
+        // k8 is disabled and k7 bound to another environment: no one can use them here.
         let entry = |i: usize, expires: &str| {
+            let unusable = match i {
+                8 => ", status: disabled",
+                7 => ", environment: staging",
+                _ => "",
+            };
             format!(
-                "  - {{id: k{i}, sha256: {}, type: personal, subject_id: s, account_id: a, expires_at: {expires}}}\n",
+                "  - {{id: k{i}, sha256: {}, type: personal, subject_id: s, account_id: a, expires_at: {expires}{unusable}}}\n",
                 hex::encode(crate::keys::digest(format!("key-{i}").as_bytes()))
             )
         };
@@ -347,9 +391,11 @@ mod tests {
         text += &entry(10, "2001-01-01T00:00:00Z");
         text += "  - {id: k11, sha256: 0000000000000000000000000000000000000000000000000000000000000011, type: personal, subject_id: s, account_id: a}\n";
         let snapshot = Snapshot::parse(&text, crate::keys::Source::File).unwrap();
-        let m = Metrics::new(true)
-            .unwrap()
-            .with_snapshot_safety(3, Some(Duration::from_secs(3600)));
+        let m = Metrics::new(true).unwrap().with_snapshot_safety(
+            3,
+            Some(Duration::from_secs(3600)),
+            "production",
+        );
         m.snapshot_loaded(&snapshot);
         let out = String::from_utf8(m.render()).unwrap();
         let series: Vec<&str> = out
@@ -357,18 +403,20 @@ mod tests {
             .filter(|l| l.starts_with("keyward_key_expiry_timestamp_seconds{"))
             .collect();
         assert_eq!(series.len(), 3, "{series:?}");
-        for soonest in ["k9", "k8", "k7"] {
+        for soonest in ["k9", "k6", "k5"] {
             assert!(out.contains(&format!("{{key_id=\"{soonest}\"}}")), "{out}");
         }
         assert!(out.contains("keyward_snapshot_generated_timestamp_seconds 1780272000"));
         assert!(out.contains("keyward_snapshot_max_age_seconds 3600"));
         // Room to spare: every key with an expiry, the expired one too.
-        let m = Metrics::new(true).unwrap().with_snapshot_safety(1000, None);
+        let m = Metrics::new(true)
+            .unwrap()
+            .with_snapshot_safety(1000, None, "production");
         m.snapshot_loaded(&snapshot);
         let out = String::from_utf8(m.render()).unwrap();
         assert_eq!(
             out.matches("keyward_key_expiry_timestamp_seconds{").count(),
-            11
+            9
         );
         m.snapshot_guarded(crate::keys::Source::Control);
         let out = String::from_utf8(m.render()).unwrap();

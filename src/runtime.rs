@@ -131,6 +131,7 @@ impl Keyward {
             )));
         }
         background.extend(spawn_cluster(&app));
+        background.push(tokio::spawn(app.clone().watch_readiness()));
         if let (Some(acceptor), Some(t)) = (&tls, &app.config.tls) {
             background.push(tokio::spawn(tls::watch(acceptor.clone(), t.clone())));
         }

@@ -745,6 +745,8 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
         (503, "auth_unavailable")
     );
     assert_eq!(readyz(&kw).await, 503);
+    // An instance out of its Service gets no traffic to count: what pages is its readiness.
+    assert_eq!(metric_value(&kw, "keyward_ready ").await, 0.0);
     let generated = metric_value(&kw, "keyward_snapshot_generated_timestamp_seconds ").await;
     assert_eq!(
         generated,
@@ -767,6 +769,7 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(status_with(&kw, &raw(0)).await, 200);
     assert_eq!(readyz(&kw).await, 200);
+    assert_eq!(metric_value(&kw, "keyward_ready ").await, 1.0);
     // A snapshot already too old fails closed as soon as it is installed (SPEC 16).
     let r = admin(&kw, "PUT", "/v1/snapshot", &stale).await;
     assert_eq!(r.status, 200, "{}", r.text());

@@ -233,13 +233,22 @@ impl Cluster {
     /// Connect (once) and probe: keeps `up` true while Redis answers. Runs for the life of
     /// the process.
     pub async fn maintain(self: Arc<Self>) {
+        // A replica that starts while Redis is down never sees it go from up to down, the
+        // change `set_up` reports: the first failed connect since the last success is said.
+        let mut said = false;
         loop {
             if self.conn.load().is_none() {
                 match self.connect().await {
-                    Ok(c) => self.conn.store(Some(Arc::new(c))),
+                    Ok(c) => {
+                        self.conn.store(Some(Arc::new(c)));
+                        said = false;
+                    }
                     Err(e) => {
                         self.metrics.error(Op::Connect);
-                        tracing::debug!(error = %e, "redis connect failed");
+                        if !said {
+                            warn!(error = %e, "cannot connect to redis; retrying (cluster.on_error applies to rate-limited keys meanwhile)");
+                            said = true;
+                        }
                         if e.is_outage() || e.is_broken() {
                             self.set_up(false);
                         }

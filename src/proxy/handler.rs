@@ -119,7 +119,7 @@ async fn proxy<'a>(
         names: &app.names,
         delegated: p.delegated_account.as_ref(),
     });
-    let resp = send_upstream(app, worker, out, identity, trace).await?;
+    let resp = send_upstream(app, worker, out, identity, trace, cid).await?;
     Ok(client_response(app, resp, principal.as_ref(), quota))
 }
 
@@ -321,7 +321,7 @@ fn upstream_request(
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         .or_else(|| req.headers().get(header::HOST).cloned());
-    let uri = upstream_target(app, target, trace).map_err(|e| upstream_failed(app, &e))?;
+    let uri = upstream_target(app, target, trace).map_err(|e| upstream_failed(app, &e, cid))?;
 
     let req_version_is_h2 = req.version() == http::Version::HTTP_2;
     let body = req.body();
@@ -371,6 +371,7 @@ async fn send_upstream(
     out: UpstreamRequest,
     identity: Option<Identity<'_>>,
     trace: &mut Trace<'_>,
+    cid: &HeaderValue,
 ) -> Result<Response<UpstreamBody>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
     if worker.over_in_flight_cap() {
@@ -382,7 +383,7 @@ async fn send_upstream(
         .upstream
         .send(worker.pool(), req, identity, upgrade.is_some())
         .await
-        .map_err(|e| upstream_failed(app, &e))?;
+        .map_err(|e| upstream_failed(app, &e, cid))?;
     trace.upstream = Some(took);
     worker
         .metrics()
@@ -390,7 +391,7 @@ async fn send_upstream(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only an allowed upgrade that keyward itself forwarded may switch protocols.
         let Some((down, slot)) = upgrade.map(|u| *u) else {
-            return Err(upstream_failed(app, &ProxyError::UnexpectedUpgrade));
+            return Err(upstream_failed(app, &ProxyError::UnexpectedUpgrade, cid));
         };
         let idle = app.config.limits.tunnel_idle_timeout;
         forward::spawn_tunnel(down, &mut resp, slot, worker.busy(), idle);
@@ -453,9 +454,10 @@ fn forwarded_query<'a>(app: &App, query: Option<&'a str>) -> Option<std::borrow:
     }
 }
 
-fn upstream_failed(app: &App, e: &ProxyError) -> Reject {
+fn upstream_failed(app: &App, e: &ProxyError, cid: &HeaderValue) -> Reject {
     if e.is_upstream_fault() {
-        warn!(error = %forward::error_chain(e), "upstream request failed");
+        let correlation_id = cid.to_str().unwrap_or_default();
+        warn!(correlation_id, error = %forward::error_chain(e), "upstream request failed");
         app.metrics.record_upstream_error(e.kind());
     }
     e.reject()
