@@ -27,6 +27,13 @@ pub static HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Whether two names are one to a CGI/WSGI or nginx backend: equal with `_` and `.` read
+/// as `-` on either side.
+pub fn same_name(a: &str, b: &str) -> bool {
+    let dash = |c: u8| if c == b'_' || c == b'.' { b'-' } else { c };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| dash(x) == dash(y))
+}
+
 /// Compare a header name with `target` reading `_` and `.` as `-`, as CGI/WSGI and nginx
 /// backends do, so `X_Auth_Subject_Id` and `x.auth.subject.id` count as identity headers.
 pub fn alias_starts_with(name: &str, target: &str) -> bool {
@@ -96,8 +103,10 @@ pub fn is_forwarding(name: &str) -> bool {
 /// Names a client or an app commonly sends, which an identity prefix must not start: the
 /// prefix's names are stripped from every request, so `content-` would strip
 /// `Content-Type` and `x-` every `X-` header.
-const COMMON: [&str; 21] = [
+const COMMON: [&str; 27] = [
     "accept",
+    "accept-encoding",
+    "accept-language",
     "authorization",
     "cache-control",
     "content-encoding",
@@ -111,10 +120,14 @@ const COMMON: [&str; 21] = [
     "proxy-authorization",
     "range",
     "referer",
+    "sec-fetch-mode",
+    "sec-websocket-key",
     "traceparent",
     "tracestate",
     "user-agent",
+    "x-amzn-trace-id",
     "x-api-key",
+    "x-b3-traceid",
     "x-forwarded-for",
     "x-real-ip",
     "x-requested-with",
@@ -193,7 +206,8 @@ mod tests {
     fn a_prefix_may_not_claim_a_common_header() {
         let api = [HeaderName::from_static("x-my-key")];
         for (prefix, claimed) in [
-            ("x-", "x-api-key"),
+            ("x-a", "x-amzn-trace-id"),
+            ("x-api-", "x-api-key"),
             ("content-", "content-encoding"),
             ("x-forwarded-", "x-forwarded-for"),
             ("x-delegate-", "x-delegate-account-id"),

@@ -429,6 +429,7 @@ const METRICS: &[&str] = &[
     "keyward_key_expiry_timestamp_seconds",
     "keyward_snapshot_generated_timestamp_seconds",
     "keyward_snapshot_max_age_seconds",
+    "keyward_ready",
     // With `tls`.
     "keyward_tls_cert_expiry_timestamp_seconds",
     // SPEC 14 (with `cluster`).

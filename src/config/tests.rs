@@ -404,8 +404,18 @@ fn settings_that_would_mislead_or_fail_open_are_refused() {
         ),
         (
             "credentials: [{ header: x-auth-key }]\n",
+            "credentials[0].header",
             "identity_headers.prefix",
-            "x-auth-key",
+        ),
+        (
+            "credentials: [{ header: x-api-key }, { header: x_api_key }]\n",
+            "credentials[1]",
+            "repeats credentials[0]",
+        ),
+        (
+            "credentials: [{ header: x_api_key }, { header: x-api-key, scheme: Bearer }]\n",
+            "credentials[0].header",
+            "whole and by scheme",
         ),
         (
             "credentials: [{ header: x-api-key }, { header: x-api-key }]\n",
@@ -426,7 +436,7 @@ fn settings_that_would_mislead_or_fail_open_are_refused() {
         (
             "identity_headers: { prefix: x- }\n",
             "identity_headers.prefix",
-            "x-api-key",
+            "would claim",
         ),
         (
             "identity_headers: { prefix: content- }\n",
@@ -445,8 +455,13 @@ fn settings_that_would_mislead_or_fail_open_are_refused() {
         ),
         (
             "credentials: [{ header: x-my-key }]\nidentity_headers: { prefix: x-my- }\n",
+            "credentials[0].header",
             "identity_headers.prefix",
-            "x-my-key",
+        ),
+        (
+            "identity_headers: { prefix: sec- }\n",
+            "identity_headers.prefix",
+            "sec-",
         ),
         // Route and scope rules that can never apply, or that read as wildcards.
         (
@@ -490,6 +505,18 @@ fn settings_that_would_mislead_or_fail_open_are_refused() {
             "upstream: http://localhost:9901\n",
             "upstream",
             "admin_listen",
+        ),
+        (
+            "upstream: \"http://[::ffff:127.0.0.1]:8080\"\n",
+            "upstream",
+            "loop",
+        ),
+        ("upstream: http://0.0.0.0:8080\n", "upstream", "loop"),
+        ("upstream: http://localhost.:8080\n", "upstream", "loop"),
+        (
+            "admin_listen: \"[::ffff:127.0.0.1]:8080\"\n",
+            "admin_listen",
+            "differ from `listen`",
         ),
         (
             "admin_listen: 0.0.0.0:8080\n",

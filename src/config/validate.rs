@@ -10,8 +10,29 @@ use super::rules::{check_route_path, validate_routes, validate_scopes};
 use super::upstream::{validate_unix_path, UpstreamAddr};
 use super::{Config, CredentialSource, MAX_WORKERS};
 use crate::header_names::{
-    alias_eq, alias_starts_with, claimed_by_prefix, taken_for_credential, OVERRIDES,
+    alias_eq, alias_starts_with, claimed_by_prefix, same_name, taken_for_credential, OVERRIDES,
 };
+
+/// Two sources that read the same thing: the same header (however spelled with `_`, `.`
+/// or `-`, which backends read as one) with the same scheme, or the same parameter.
+fn same_source(a: &CredentialSource, b: &CredentialSource) -> bool {
+    use CredentialSource as C;
+    match (a, b) {
+        (C::Header { header: x }, C::Header { header: y }) => same_name(x.as_str(), y.as_str()),
+        (
+            C::Scheme {
+                header: x,
+                scheme: s,
+            },
+            C::Scheme {
+                header: y,
+                scheme: t,
+            },
+        ) => same_name(x.as_str(), y.as_str()) && s.eq_ignore_ascii_case(t),
+        (C::Query { name: x }, C::Query { name: y }) => crate::auth::credential::is_param(x, y),
+        _ => false,
+    }
+}
 
 impl Config {
     /// Every rule that serde cannot express. Errors name the field.
@@ -122,9 +143,10 @@ impl Config {
     /// traffic.
     fn validate_distinct_listeners(&self) -> Result<(), ConfigError> {
         let same = |a: SocketAddr, b: SocketAddr| {
+            let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
             a.port() == b.port()
                 && a.port() != 0
-                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+                && (x == y || x.is_unspecified() || y.is_unspecified())
         };
         let decision = self.decision.as_ref().map(|d| d.listen);
         if self.listen.is_some_and(|l| same(l, self.admin_listen)) {
@@ -170,9 +192,10 @@ impl Config {
             .trim_start_matches('[')
             .trim_end_matches(']');
         let port = u.port_u16().unwrap_or(80);
-        let ip: Option<IpAddr> = match host.parse() {
-            Ok(ip) => Some(ip),
-            Err(_) if host.eq_ignore_ascii_case("localhost") => None,
+        // `[::ffff:127.0.0.1]` is 127.0.0.1; `localhost.` is `localhost`.
+        let ip: Option<IpAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => Some(ip.to_canonical()),
+            Err(_) if host.trim_end_matches('.').eq_ignore_ascii_case("localhost") => None,
             Err(_) => return Ok(()),
         };
         let own = [
@@ -184,13 +207,15 @@ impl Config {
             let Some(addr) = addr.filter(|a| a.port() == port && a.port() != 0) else {
                 continue;
             };
+            let listening = addr.ip().to_canonical();
+            // Connecting to 0.0.0.0 or [::] reaches this host's own listeners.
             let reaches = match ip {
                 // `localhost`: whichever loopback address it resolves to.
-                None => addr.ip().is_loopback() || addr.ip().is_unspecified(),
-                Some(ip) => {
-                    ip == addr.ip()
-                        || addr.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())
+                None => listening.is_loopback() || listening.is_unspecified(),
+                Some(ip) if ip.is_unspecified() => {
+                    listening.is_loopback() || listening.is_unspecified()
                 }
+                Some(ip) => ip == listening || listening.is_unspecified() && ip.is_loopback(),
             };
             if reaches {
                 return Err(invalid(
@@ -236,7 +261,10 @@ impl Config {
         let prefix = &self.identity_headers.prefix;
         for (i, source) in self.credentials.iter().enumerate() {
             let field = format!("credentials[{i}]");
-            if let Some(j) = self.credentials[..i].iter().position(|s| s == source) {
+            if let Some(j) = self.credentials[..i]
+                .iter()
+                .position(|s| same_source(s, source))
+            {
                 return Err(invalid(field, format!("repeats credentials[{j}]")));
             }
             let header = match source {
@@ -271,8 +299,9 @@ impl Config {
                     ),
                 ));
             }
-            let whole = |s: &CredentialSource| matches!(s, CredentialSource::Header { header: h } if h == header);
-            let by_scheme = |s: &CredentialSource| matches!(s, CredentialSource::Scheme { header: h, .. } if h == header);
+            let same = |h: &http::HeaderName| same_name(h.as_str(), name);
+            let whole = |s: &CredentialSource| matches!(s, CredentialSource::Header { header: h } if same(h));
+            let by_scheme = |s: &CredentialSource| matches!(s, CredentialSource::Scheme { header: h, .. } if same(h));
             if self.credentials.iter().any(whole) && self.credentials.iter().any(by_scheme) {
                 return Err(invalid(
                     format!("{field}.header"),
@@ -317,16 +346,8 @@ impl Config {
                 "must be lowercase letters, digits and '-', ending in '-', like x-auth-",
             ));
         }
-        let credentials: Vec<http::HeaderName> =
-            self.credentials
-                .iter()
-                .filter_map(|c| match c {
-                    CredentialSource::Header { header }
-                    | CredentialSource::Scheme { header, .. } => Some(header.clone()),
-                    CredentialSource::Query { .. } => None,
-                })
-                .collect();
-        if let Some(name) = claimed_by_prefix(p, &credentials) {
+        // A credential header under the prefix is the credential's own error.
+        if let Some(name) = claimed_by_prefix(p, &[]) {
             return Err(invalid(
                 "identity_headers.prefix",
                 format!("{p:?} would claim `{name}`, which every request would lose; pick one of its own, like x-auth-"),

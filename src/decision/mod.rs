@@ -152,7 +152,7 @@ pub fn check_spellings(
     let credential_spelling = |name: &HeaderName| {
         credentials
             .iter()
-            .any(|c| c != name && crate::header_names::alias_eq(name.as_str(), c.as_str()))
+            .any(|c| c != name && crate::header_names::same_name(name.as_str(), c.as_str()))
     };
     match headers.keys().any(|name| {
         headers::is_misspelled_trusted(name, identity_prefix) || credential_spelling(name)

@@ -7,7 +7,7 @@ use super::conn::ConnInfo;
 
 use crate::config::Cidr;
 use crate::header_names::{
-    alias_eq, alias_starts_with, is_forwarding, DELEGATE_HEADER, HOP_BY_HOP, OVERRIDES,
+    alias_eq, alias_starts_with, is_forwarding, same_name, DELEGATE_HEADER, HOP_BY_HOP, OVERRIDES,
 };
 use crate::keys::{IdentityNames, Key};
 
@@ -177,7 +177,7 @@ pub fn strip_credentials(headers: &mut HeaderMap, credentials: &[HeaderName], fo
     for n in headers.keys() {
         for c in credentials {
             exact |= n == c;
-            spelled |= n != c && alias_eq(n.as_str(), c.as_str());
+            spelled |= n != c && same_name(n.as_str(), c.as_str());
         }
     }
     if exact && !forward {
@@ -192,7 +192,7 @@ pub fn strip_credentials(headers: &mut HeaderMap, credentials: &[HeaderName], fo
             .filter(|n| {
                 credentials
                     .iter()
-                    .any(|c| *n != c && alias_eq(n.as_str(), c.as_str()))
+                    .any(|c| *n != c && same_name(n.as_str(), c.as_str()))
             })
             .cloned()
             .collect();
