@@ -63,6 +63,8 @@ pub struct Metrics {
     snapshot_keys: IntGauge,
     snapshot_version: IntGauge,
     reloads: IntCounterVec,
+    /// 1 while the last snapshot a source offered was refused (by `result`).
+    refused: IntGaugeVec,
     last_reload: Gauge,
     key_expiry: Option<GaugeVec>,
     /// `metrics.per_key_limit`: the most `key_expiry` series.
@@ -101,6 +103,13 @@ impl Metrics {
             Opts::new(
                 "keyward_snapshot_reloads_total",
                 "Snapshot loads by source and result.",
+            ),
+            &["source", "result"],
+        )?;
+        let refused = IntGaugeVec::new(
+            Opts::new(
+                "keyward_snapshot_refused",
+                "1 while the last snapshot a source offered was refused (result: error or guarded) and the one in force is older; 0 once one loads.",
             ),
             &["source", "result"],
         )?;
@@ -147,6 +156,7 @@ impl Metrics {
         registry.register(Box::new(snapshot_keys.clone()))?;
         registry.register(Box::new(snapshot_version.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(refused.clone()))?;
         registry.register(Box::new(last_reload.clone()))?;
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(generated.clone()))?;
@@ -159,6 +169,9 @@ impl Metrics {
         for source in [Source::File, Source::Control] {
             for result in ["ok", "error", "guarded"] {
                 reloads.with_label_values(&[source.as_str(), result]);
+            }
+            for result in REFUSALS {
+                refused.with_label_values(&[source.as_str(), result]);
             }
         }
         Ok(Self {
@@ -174,6 +187,7 @@ impl Metrics {
             snapshot_keys,
             snapshot_version,
             reloads,
+            refused,
             last_reload,
             key_expiry,
             per_key_limit: usize::MAX,
@@ -227,6 +241,7 @@ impl Metrics {
         self.reloads
             .with_label_values(&[snapshot.source.as_str(), "ok"])
             .inc();
+        self.set_refused(snapshot.source, None);
         self.snapshot_keys.set(snapshot.len() as i64);
         self.snapshot_version.set(
             snapshot
@@ -251,6 +266,7 @@ impl Metrics {
         self.reloads
             .with_label_values(&[source.as_str(), "guarded"])
             .inc();
+        self.set_refused(source, Some("guarded"));
     }
 
     /// A snapshot was refused; the previous one stays.
@@ -258,6 +274,17 @@ impl Metrics {
         self.reloads
             .with_label_values(&[source.as_str(), "error"])
             .inc();
+        self.set_refused(source, Some("error"));
+    }
+
+    /// The counters say a refusal happened; this says it still holds (a bad file is
+    /// counted once, then left in place), so an alert can hold on for as long.
+    fn set_refused(&self, source: Source, result: Option<&str>) {
+        for r in REFUSALS {
+            self.refused
+                .with_label_values(&[source.as_str(), r])
+                .set(i64::from(result == Some(r)));
+        }
     }
 
     /// The Prometheus text exposition.
@@ -268,6 +295,9 @@ impl Metrics {
         out
     }
 }
+
+/// The `result` labels of `keyward_snapshot_refused`.
+const REFUSALS: [&str; 2] = ["error", "guarded"];
 
 /// At most `limit` keys with an `expires_at`: those still valid at `now` first, soonest
 /// expiry first, then (if room is left) those already expired, most recent first. Only
@@ -423,6 +453,12 @@ mod tests {
         assert!(
             out.contains(r#"keyward_snapshot_reloads_total{result="guarded",source="control"} 1"#)
         );
+        // The refusal holds until the source offers one that loads.
+        assert!(out.contains(r#"keyward_snapshot_refused{result="guarded",source="control"} 1"#));
+        m.snapshot_failed(crate::keys::Source::Control);
+        let out = String::from_utf8(m.render()).unwrap();
+        assert!(out.contains(r#"keyward_snapshot_refused{result="guarded",source="control"} 0"#));
+        assert!(out.contains(r#"keyward_snapshot_refused{result="error",source="control"} 1"#));
         assert!(out.contains(r#"keyward_snapshot_reloads_total{result="guarded",source="file"} 0"#));
     }
 

@@ -430,6 +430,7 @@ const METRICS: &[&str] = &[
     "keyward_snapshot_generated_timestamp_seconds",
     "keyward_snapshot_max_age_seconds",
     "keyward_ready",
+    "keyward_snapshot_refused",
     // With `tls`.
     "keyward_tls_cert_expiry_timestamp_seconds",
     // SPEC 14 (with `cluster`).
