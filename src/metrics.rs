@@ -50,7 +50,11 @@ impl UpstreamErrorKind {
 /// denial ratio measures auth, not the app.
 pub fn decision_label(code: Code) -> &'static str {
     match code {
-        Code::Ok | Code::UpstreamUnavailable | Code::UpstreamTimeout => "allowed",
+        // A client gone before its answer was waiting on the upstream (or a shared rate
+        // limit): it was let through.
+        Code::Ok | Code::UpstreamUnavailable | Code::UpstreamTimeout | Code::ClientClosed => {
+            "allowed"
+        }
         _ => "denied",
     }
 }

@@ -645,3 +645,40 @@ fn log_filter_comes_from_keyward_log_then_rust_log_then_config() {
     assert_eq!((c.directives.as_str(), c.source), ("error", "RUST_LOG"));
     assert_eq!(c.ignored, vec![("KEYWARD_LOG", "keyward=loud".to_string())]);
 }
+
+/// A client that gives up while the upstream is slow gets no answer, but its request is
+/// counted (`client_closed_request`, decision `allowed`) and logged (status 499, by the
+/// same access-log call as every answer), and leaves nothing in flight: otherwise the slowness that made clients leave would leave no trace.
+#[tokio::test]
+async fn a_request_its_client_abandons_is_counted_and_logged() {
+    use tokio::io::AsyncWriteExt;
+    let up = upstream()
+        .route("/slow", Reply::After(Duration::from_millis(3000)))
+        .spawn()
+        .await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let before = scrape(&kw.admin_url("/metrics")).await;
+    let mut client = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
+    let head = format!(
+        "GET /slow HTTP/1.1\r\nhost: x\r\nx-api-key: {SERVICE_KEY}\r\nx-correlation-id: gave-up-1\r\n\r\n"
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    let kw_ref = &kw;
+    eventually("the request waits on the upstream", || async move {
+        metric_value(kw_ref, "keyward_in_flight_requests ").await == 1.0
+    })
+    .await;
+    drop(client);
+    eventually("the abandoned request is counted", || async move {
+        metric_value(kw_ref, "keyward_in_flight_requests ").await == 0.0
+    })
+    .await;
+    let after = scrape(&kw.admin_url("/metrics")).await;
+    assert_requests_moved(&before, &after, &[(Code::ClientClosed, 1.0)]);
+    assert_eq!(
+        Code::ClientClosed.status().as_u16(),
+        499,
+        "logged as nginx does"
+    );
+    kw.shutdown().await;
+}

@@ -22,11 +22,14 @@ pub enum Code {
     AuthUnavailable,
     BadRequest,
     HeadersTooLarge,
+    /// The client went away before its answer was ready (nginx's 499): no response was
+    /// sent, but the request is counted and logged.
+    ClientClosed,
 }
 
 impl Code {
     /// Every code, in a fixed order (metrics pre-create one series each).
-    pub const ALL: [Code; 14] = [
+    pub const ALL: [Code; 15] = [
         Code::Ok,
         Code::InvalidAuthHeader,
         Code::InvalidApiKey,
@@ -41,6 +44,7 @@ impl Code {
         Code::AuthUnavailable,
         Code::BadRequest,
         Code::HeadersTooLarge,
+        Code::ClientClosed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,12 +63,34 @@ impl Code {
             Code::AuthUnavailable => "auth_unavailable",
             Code::BadRequest => "bad_request",
             Code::HeadersTooLarge => "request_header_fields_too_large",
+            Code::ClientClosed => "client_closed_request",
         }
     }
 
     /// Position in [`Code::ALL`].
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// The status the code is answered (or, `ClientClosed`, logged) with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Code::Ok => StatusCode::OK,
+            Code::InvalidAuthHeader
+            | Code::InvalidApiKey
+            | Code::ExpiredApiKey
+            | Code::DisabledApiKey
+            | Code::WrongEnvironment => StatusCode::UNAUTHORIZED,
+            Code::InsufficientScope | Code::DelegationNotAllowed => StatusCode::FORBIDDEN,
+            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Code::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Code::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::BadRequest => StatusCode::BAD_REQUEST,
+            Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            // nginx's: no answer was sent.
+            Code::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        }
     }
 }
 
@@ -168,21 +194,7 @@ impl Reject {
     }
 
     pub fn status(&self) -> StatusCode {
-        match self.code() {
-            Code::Ok => StatusCode::OK,
-            Code::InvalidAuthHeader
-            | Code::InvalidApiKey
-            | Code::ExpiredApiKey
-            | Code::DisabledApiKey
-            | Code::WrongEnvironment => StatusCode::UNAUTHORIZED,
-            Code::InsufficientScope | Code::DelegationNotAllowed => StatusCode::FORBIDDEN,
-            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Code::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
-            Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Code::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::BadRequest => StatusCode::BAD_REQUEST,
-            Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        }
+        self.code().status()
     }
 
     /// The human message. Deliberately generic for key failures: it must not help an

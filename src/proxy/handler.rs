@@ -70,6 +70,7 @@ pub async fn handle(
     // The target is kept (a reference count, not a copy) so the path can be borrowed while
     // the request itself moves on upstream.
     let target = req.uri().clone();
+    let mut unanswered = Unanswered::new(&worker, &cid, &method, &target, start);
     let mut trace = Trace::default();
     let (mut resp, code) = match proxy(&app, &worker, conn, req, &target, &cid, &mut trace).await {
         Ok(resp) => (resp, Code::Ok),
@@ -78,10 +79,66 @@ pub async fn handle(
     headers::set_correlation(resp.headers_mut(), &cid);
     respond::close_if_draining(&mut resp, http2, &app.draining);
     respond::finish_head(&mut resp, &method);
+    unanswered.answered();
     let elapsed = start.elapsed();
     worker.metrics().record_request(code, elapsed);
     access_log(&cid, &method, resp.status(), code, &trace, elapsed);
     Ok(resp)
+}
+
+/// A request whose answer was never made: hyper drops the service's future when its client
+/// goes away (a closed connection, an HTTP/2 reset), typically while the upstream is slow.
+/// It is still counted (`client_closed_request`, nginx's 499) and logged, or the slowness
+/// that made clients give up would leave no trace.
+pub struct Unanswered<'a> {
+    worker: &'a Worker,
+    cid: &'a HeaderValue,
+    method: &'a http::Method,
+    target: &'a http::Uri,
+    start: Instant,
+    armed: bool,
+}
+
+impl<'a> Unanswered<'a> {
+    pub fn new(
+        worker: &'a Worker,
+        cid: &'a HeaderValue,
+        method: &'a http::Method,
+        target: &'a http::Uri,
+        start: Instant,
+    ) -> Self {
+        Self {
+            worker,
+            cid,
+            method,
+            target,
+            start,
+            armed: true,
+        }
+    }
+
+    /// The answer is made: counting and logging it is the caller's.
+    pub fn answered(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let elapsed = self.start.elapsed();
+        self.worker
+            .metrics()
+            .record_request(Code::ClientClosed, elapsed);
+        let trace = Trace {
+            path: Some(Cow::Borrowed(self.target.path())),
+            ..Trace::default()
+        };
+        let code = Code::ClientClosed;
+        access_log(self.cid, self.method, code.status(), code, &trace, elapsed);
+    }
 }
 
 /// The phases, in order. The normalized path is both what is authorized and what is
