@@ -807,20 +807,26 @@ async fn echo(s: &mut tokio::net::TcpStream, msg: &[u8]) {
     assert_eq!(back, msg);
 }
 
-/// A WebSocket tunnel open at SIGTERM is in flight like a request: it still echoes after
-/// `drain_delay`, when the listener has closed, and the process waits for it (up to
-/// `grace`), exiting once it closes.
-#[tokio::test]
-async fn an_open_tunnel_gets_grace_and_the_process_exits_when_it_closes() {
+/// A WebSocket tunnel through keyward at `addr`, open (the upstream echoes).
+async fn open_tunnel(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
-    let up = spawn_upstream().await;
-    let p = process(up.addr, |c| c.shutdown("200ms", "10s").log("json", "info")).await;
-    let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(ws_handshake(SERVICE_KEY).as_bytes())
         .await
         .unwrap();
     let head = read_head(&mut s).await.expect("a handshake answer");
     assert_eq!(raw_status(&head), 101, "{head}");
+    s
+}
+
+/// A WebSocket tunnel open at SIGTERM is in flight like a request: it still echoes after
+/// `drain_delay`, when the listener has closed, and the process waits for it (up to
+/// `grace`), exiting once it closes.
+#[tokio::test]
+async fn an_open_tunnel_gets_grace_and_the_process_exits_when_it_closes() {
+    let up = spawn_upstream().await;
+    let p = process(up.addr, |c| c.shutdown("200ms", "10s").log("json", "info")).await;
+    let mut s = open_tunnel(p.addr()).await;
     echo(&mut s, b"before").await;
 
     p.signal("-TERM");
@@ -852,15 +858,10 @@ async fn an_open_tunnel_gets_grace_and_the_process_exits_when_it_closes() {
 /// A tunnel still open when `grace` runs out is cut then, and the process exits.
 #[tokio::test]
 async fn a_tunnel_open_past_grace_is_cut_and_the_process_exits() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let up = spawn_upstream().await;
     let p = process(up.addr, |c| c.shutdown("100ms", "1s")).await;
-    let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
-    s.write_all(ws_handshake(SERVICE_KEY).as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await.expect("a handshake answer");
-    assert_eq!(raw_status(&head), 101, "{head}");
+    let mut s = open_tunnel(p.addr()).await;
     echo(&mut s, b"open").await;
     let signalled = std::time::Instant::now();
     p.signal("-TERM");
