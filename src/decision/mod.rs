@@ -252,6 +252,9 @@ pub async fn handle<B>(
         })
         .and_then(|()| original(endpoint, &req));
     let mut method = req.method().clone();
+    // The decision request's own target: an abandoned one is logged as such.
+    let target = req.uri().clone();
+    let mut unanswered = handler::Unanswered::new(&worker, &cid, &asked_with, &target, start);
     let mut trace = Trace::default();
     let result = match &original {
         Ok(original) => {
@@ -275,6 +278,7 @@ pub async fn handle<B>(
     };
     respond::close_if_draining(&mut resp, http2, &app.draining);
     respond::finish_head(&mut resp, &asked_with);
+    unanswered.answered();
     let elapsed = start.elapsed();
     worker.metrics().record_request(code, elapsed);
     handler::access_log(&cid, &method, resp.status(), code, &trace, elapsed);
