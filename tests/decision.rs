@@ -405,7 +405,15 @@ async fn query_keys_are_read_by_decisions_only_when_keys_may_be_forwarded() {
         assert_eq!(r.status, 200, "{}", r.text());
         // A header key beside another key in the query: refused, never half-checked.
         let garbage = "sta_unchecked_garbage_key_zzzzzz";
-        for name in ["api_key", "api%5Fkey", "api.key", "api_key[]"] {
+        for name in [
+            "api_key",
+            "api%5Fkey",
+            "api.key",
+            "api_key[]",
+            "%20api_key",
+            "api[key",
+            "API_KEY",
+        ] {
             let path = format!("/v1/items?{name}={garbage}");
             let key = [("x-api-key", SERVICE_KEY)];
             let r = decide(&d, AUTH_REQUEST, "GET", &path, &key).await;

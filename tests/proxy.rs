@@ -668,7 +668,15 @@ async fn query_credential_when_enabled_is_not_forwarded() {
     .await;
     assert_eq!(r.code(), "invalid_auth_header", "{}", r.text());
     // Names as PHP and Rails read them, and `;` as a separator, as some parsers take it.
-    for name in ["api.key", "api+key", "api_key[]", "api_key%5B%5D"] {
+    for name in [
+        "api.key",
+        "api+key",
+        "api_key[]",
+        "api_key%5B%5D",
+        "%20api_key",
+        "api[key",
+        "API_KEY",
+    ] {
         let r = get(&kw.url(&format!("/x?a=1&{name}={SERVICE_KEY}")), &[]).await;
         assert_eq!(r.status, 200, "{name}: {}", r.text());
         assert_eq!(up.last().target, "/x?a=1", "{name}");

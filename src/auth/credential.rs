@@ -145,23 +145,33 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
     Some(percent_encoding::percent_decode_str(&spaced).collect())
 }
 
-/// Whether the parameter spelled `k` is `name` as an app reads parameter names: decoded
-/// (`api%5Fkey`), cut at a NUL or at `[` (PHP and Rails read `api_key[]` as `api_key`), and
-/// with ` ` and `.` read as `_` (PHP). So such a spelling is read as the credential (and
-/// so is ambiguous beside `api_key`) and stripped like it.
+/// Whether the parameter spelled `k` is `name` as some app reads parameter names: decoded
+/// (`api%5Fkey`), cut at a NUL, in any ASCII case (ASP.NET Core), and as PHP mangles names
+/// (leading spaces dropped, ` ` `.` and an unmatched `[` read as `_`, `api_key[]` read as
+/// `api_key`, as Rails does too). So such a spelling is read as the credential (and so is
+/// ambiguous beside `api_key`) and stripped like it.
 pub fn is_param(k: &str, name: &str) -> bool {
-    k == name || (k.contains(['%', '+', '.', '[', '_']) && app_name(k) == app_name(name))
+    k == name || app_name(k) == app_name(name)
 }
 
 fn app_name(k: &str) -> Vec<u8> {
     let mut name = percent_decode(k).unwrap_or_else(|| k.as_bytes().to_vec());
-    if let Some(end) = name.iter().position(|&b| b == 0 || b == b'[') {
+    if let Some(end) = name.iter().position(|&b| b == 0) {
         name.truncate(end);
     }
+    let start = name.iter().take_while(|&&b| b == b' ').count();
+    name.drain(..start);
+    match name.iter().position(|&b| b == b'[') {
+        // `api_key[]`, `api_key[x]`: the array `api_key`.
+        Some(open) if name[open..].contains(&b']') => name.truncate(open),
+        // An unmatched `[` is read as `_`, like a space or a dot.
+        _ => {}
+    }
     for b in &mut name {
-        if *b == b' ' || *b == b'.' {
-            *b = b'_';
-        }
+        *b = match *b {
+            b' ' | b'.' | b'[' => b'_',
+            other => other.to_ascii_lowercase(),
+        };
     }
     name
 }
@@ -345,6 +355,13 @@ mod tests {
             "b=%zz&c=a+b%2Fc;d=1"
         );
         assert_eq!(strip_query_param("", "api_key"), "");
+        assert_eq!(
+            strip_query_param(
+                "%20api_key=k&api[key=k&api%5Bkey=k&API_KEY=k&Api_Key=k&api_keys=1&myapi_key=2&api-key=3",
+                "api_key"
+            ),
+            "api_keys=1&myapi_key=2&api-key=3"
+        );
         assert_eq!(strip_query_param("api_key=k", "api_key"), "");
     }
 

@@ -219,7 +219,11 @@ impl Cluster {
             Ok(Err(e)) => ClusterError::Redis(e),
             Err(_) => ClusterError::Timeout,
         };
-        self.metrics.error(op);
+        // A connection dropped under us is made again by the caller, not a failed call
+        // (an idle timeout in Redis would otherwise count errors steadily).
+        if !err.is_dropped() {
+            self.metrics.error(op);
+        }
         if err.is_outage() {
             self.set_up(false);
         } else {
@@ -246,7 +250,16 @@ impl Cluster {
                     Err(e) => {
                         self.metrics.error(Op::Connect);
                         if !said {
-                            warn!(error = %e, "cannot connect to redis; retrying (cluster.on_error applies to rate-limited keys meanwhile)");
+                            // redis-rs retries a refused connect inside the deadline, so a
+                            // refusal ends as the deadline.
+                            let error = match &e {
+                                ClusterError::Timeout => format!(
+                                    "no connection within {} ms (refused, unreachable or slow)",
+                                    self.connect_deadline().as_millis()
+                                ),
+                                other => other.to_string(),
+                            };
+                            warn!(error, "cannot connect to redis; retrying (cluster.on_error applies to rate-limited keys meanwhile)");
                             said = true;
                         }
                         if e.is_outage() || e.is_broken() {
@@ -287,6 +300,11 @@ impl Cluster {
         self.config.timeout.max(BACKGROUND_TIMEOUT)
     }
 
+    /// How long the shared connection's connect may take.
+    fn connect_deadline(&self) -> Duration {
+        self.config.timeout.max(Duration::from_millis(500))
+    }
+
     async fn connect(&self) -> Result<ConnectionManager, ClusterError> {
         let t = self.config.timeout;
         let config = ConnectionManagerConfig::new()
@@ -296,7 +314,7 @@ impl Cluster {
             .set_max_delay(100);
         let start = Instant::now();
         let r = tokio::time::timeout(
-            t.max(Duration::from_millis(500)),
+            self.connect_deadline(),
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await;

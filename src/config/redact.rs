@@ -92,7 +92,8 @@ const AROUND: &[char] = &['`', '\'', '"', ',', ':', ';', '(', ')', '.', '…'];
 /// (`250ms`) or a dotted path of names (`keys[3].scopes`).
 fn is_shown(word: &str) -> bool {
     let core = word.trim_matches(AROUND);
-    if core.chars().all(|c| "-=<>*/+|".contains(c)) {
+    // Punctuation alone (`'-'`, `~`, `->`): too short to be a key, and not made of one.
+    if core.len() <= 4 && core.chars().all(|c| c.is_ascii_punctuation()) {
         return true;
     }
     core.is_ascii()
@@ -100,7 +101,15 @@ fn is_shown(word: &str) -> bool {
         && (is_amount(core)
             || is_time(core)
             || is_url_path(core)
+            || is_scheme(core)
             || core.split('.').all(is_segment))
+}
+
+/// `http://`, `rediss://`: a URL scheme as a message names it.
+fn is_scheme(s: &str) -> bool {
+    s.strip_suffix("://").is_some_and(|name| {
+        !name.is_empty() && name.len() <= 8 && name.bytes().all(|b| b.is_ascii_lowercase())
+    })
 }
 
 /// `2026-01-01T00:00:00Z`: a time as examples and limits are written.
@@ -114,7 +123,9 @@ fn is_time(s: &str) -> bool {
 /// `/admin/`, `/v1/items`: a path whose every segment is a name (a route, a listener's
 /// introspection path).
 fn is_url_path(s: &str) -> bool {
-    s.starts_with('/') && s.split('/').all(|seg| seg.is_empty() || is_segment(seg))
+    s.starts_with('/')
+        && s.split('/')
+            .all(|seg| seg.is_empty() || seg == "*" || is_segment(seg))
 }
 
 /// `12`, `250ms`, `1m`: a number, at most a two-letter unit after it.
@@ -140,6 +151,8 @@ fn is_segment(s: &str) -> bool {
 /// `_` and `-`, led by a letter or `_`, at most [`MAX_WORD`] long. A generated key or a
 /// digest is not one.
 fn is_name(s: &str) -> bool {
+    // `keyward's`: the message's own English.
+    let s = s.strip_suffix("'s").unwrap_or(s);
     s.len() <= MAX_WORD
         && s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
         && s.chars()
@@ -166,6 +179,10 @@ mod tests {
             "http1_server: unknown variant `nginx`, expected `fast` or `hyper`",
             "routes[1]: is never reached: routes[0] (prefix /admin/) matches every path it does first",
             "generated_at: is not an RFC 3339 time like 2026-01-01T00:00:00Z",
+            "upstream: is keyward's own `listen`: every request would loop back in",
+            "upstream: must be an http:// URL (the app on loopback)",
+            "credentials[0].query: a parameter name is letters, digits, '-', '.', '_' and '~'",
+            "routes[0].prefix: \"/admin/*\": `*` is not a wildcard here",
         ] {
             assert_eq!(redact(message), message);
         }
