@@ -78,6 +78,7 @@ pub struct Metrics {
     generated: Gauge,
     max_age: Gauge,
     ready: IntGauge,
+    connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -129,6 +130,10 @@ impl Metrics {
             "keyward_snapshot_max_age_seconds",
             "keys.max_age: past generated_at + this, keyward fails closed (0 when unset).",
         )?;
+        let connections_refused = IntCounter::new(
+            "keyward_connections_refused_total",
+            "Connections closed at accept because limits.max_connections were open (both traffic listeners).",
+        )?;
         let ready = IntGauge::new(
             "keyward_ready",
             "1 when keyward can authenticate (what /readyz says), 0 when it fails closed or drains.",
@@ -166,6 +171,7 @@ impl Metrics {
         registry.register(Box::new(generated.clone()))?;
         registry.register(Box::new(max_age.clone()))?;
         registry.register(Box::new(ready.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         if let Some(k) = &key_expiry {
             registry.register(Box::new(k.clone()))?;
         }
@@ -199,7 +205,13 @@ impl Metrics {
             generated,
             max_age,
             ready,
+            connections_refused,
         })
+    }
+
+    /// The counter the accept loops count refused connections in.
+    pub fn connections_refused(&self) -> IntCounter {
+        self.connections_refused.clone()
     }
 
     /// What `/readyz` says now (set on every scrape and every second).

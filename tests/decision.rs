@@ -554,6 +554,14 @@ async fn decision_listener_enforces_head_timeout_and_connection_limit() {
     let ask = b"GET /v1/decide/ext-authz/healthz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n";
     let reply = raw(d.decision, ask, Duration::from_secs(2)).await;
     assert_eq!(reply, "", "over max_connections: closed without an answer");
+    // The client saw only a closed connection: the operator sees it counted.
+    let metrics = get(&format!("http://{}/metrics", d.admin), &[])
+        .await
+        .text();
+    assert!(
+        metrics.contains("keyward_connections_refused_total 1"),
+        "{metrics}"
+    );
     drop(held);
     // The slot is free again once keyward has seen the close (no push signal: poll).
     eventually("the slot is free again", || async {

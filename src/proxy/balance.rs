@@ -65,12 +65,19 @@ impl Connections {
 pub struct Balancer {
     workers: Vec<(mpsc::UnboundedSender<Handoff>, Arc<AtomicUsize>)>,
     slots: Arc<Semaphore>,
+    /// Connections closed at accept because `max_connections` were open: a client sees
+    /// only a closed connection, so this is where an operator sees it.
+    refused: prometheus::IntCounter,
 }
 
 impl Balancer {
     /// A balancer over `n` workers admitting at most `max_connections` at once, and, for
     /// each worker, where it receives its connections.
-    pub fn new(n: usize, max_connections: usize) -> (Self, Vec<Connections>) {
+    pub fn new(
+        n: usize,
+        max_connections: usize,
+        refused: prometheus::IntCounter,
+    ) -> (Self, Vec<Connections>) {
         let (workers, receivers) = (0..n.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -79,7 +86,14 @@ impl Balancer {
             .unzip();
         // tokio's semaphore panics above MAX_PERMITS (about 2^61), far beyond any limit.
         let slots = Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)));
-        (Self { workers, slots }, receivers)
+        (
+            Self {
+                workers,
+                slots,
+                refused,
+            },
+            receivers,
+        )
     }
 
     /// Accept until `stop` resolves, handing each connection to the worker with the fewest
@@ -106,6 +120,7 @@ impl Balancer {
     /// Admit the connection (or close it at `max_connections`) and hand it over.
     fn hand(&self, stream: std::net::TcpStream, peer: SocketAddr) {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            self.refused.inc();
             debug!(%peer, "max_connections reached; closing");
             return;
         };
@@ -134,7 +149,7 @@ mod tests {
     async fn connections_go_to_the_worker_with_fewest_open() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (balancer, mut workers) = Balancer::new(2, 100);
+        let (balancer, mut workers) = Balancer::new(2, 100, counter());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let run = tokio::spawn(balancer.run(listener, async {
             let _ = stop_rx.await;
@@ -159,12 +174,17 @@ mod tests {
         assert!(workers[1].next().await.is_none(), "the senders are gone");
     }
 
+    fn counter() -> prometheus::IntCounter {
+        prometheus::IntCounter::new("refused", "test").unwrap()
+    }
+
     #[tokio::test]
     async fn connections_past_max_connections_are_closed_at_accept() {
         use std::io::Read;
+        let refused = counter();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (balancer, mut workers) = Balancer::new(1, 1);
+        let (balancer, mut workers) = Balancer::new(1, 1, refused.clone());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let run = tokio::spawn(balancer.run(listener, async {
             let _ = stop_rx.await;
@@ -175,6 +195,7 @@ mod tests {
         let mut second = std::net::TcpStream::connect(addr).unwrap();
         let read = tokio::task::spawn_blocking(move || second.read(&mut [0u8; 1]));
         assert!(matches!(read.await.unwrap(), Ok(0) | Err(_)), "closed");
+        assert_eq!(refused.get(), 1, "counted");
         // Once the first connection ends, its slot admits the next.
         drop(held);
         let _third = std::net::TcpStream::connect(addr).unwrap();

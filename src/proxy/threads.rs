@@ -50,7 +50,8 @@ pub async fn serve_on_threads<D, F>(
     // The balancer admits connections: `max_connections` is per listener, not per thread.
     let max_connections = app.config.limits.max_connections;
     let workers = app.workers();
-    let (balancer, receivers) = Balancer::new(workers, max_connections);
+    let refused = app.metrics.connections_refused();
+    let (balancer, receivers) = Balancer::new(workers, max_connections, refused);
     // `max_in_flight` is per process, split evenly so that each thread checks its own.
     let in_flight_cap = app.config.limits.max_in_flight.div_ceil(workers.max(1));
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
