@@ -176,6 +176,19 @@ fn app_name(k: &str) -> Vec<u8> {
     name
 }
 
+/// The name of one `k=v` (or bare `k`) parameter.
+fn param_name(pair: &str) -> &str {
+    pair.split_once('=').map_or(pair, |(k, _)| k)
+}
+
+/// Whether `query` holds the `name` parameter, however spelled (see [`is_param`]), `;`
+/// separating parameters as in [`strip_query_param`].
+pub fn has_query_param(query: &str, name: &str) -> bool {
+    query
+        .split(['&', ';'])
+        .any(|pair| is_param(param_name(pair), name))
+}
+
 /// Remove the `name` parameter, however spelled (see [`is_param`]), from a query string
 /// (for forwarding without the key). `;` separates parameters here as `&` does, as some
 /// frameworks read it; the separators of what is kept are kept.
@@ -186,7 +199,7 @@ pub fn strip_query_param(query: &str, name: &str) -> String {
     loop {
         let end = rest.find(['&', ';']).unwrap_or(rest.len());
         let pair = &rest[..end];
-        if !is_param(pair.split_once('=').map_or(pair, |(k, _)| k), name) {
+        if !is_param(param_name(pair), name) {
             if !out.is_empty() {
                 out.push_str(sep);
             }

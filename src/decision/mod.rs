@@ -167,9 +167,7 @@ fn carries_query_key(app: &App, query: Option<&str>) -> bool {
     let (Some(name), Some(query)) = (app.policy.credential_query(), query) else {
         return false;
     };
-    query.split(['&', ';']).any(|pair| {
-        crate::auth::credential::is_param(pair.split_once('=').map_or(pair, |(k, _)| k), name)
-    })
+    crate::auth::credential::has_query_param(query, name)
 }
 
 /// Read the original request from the endpoint's own protocol, and nothing else: an

@@ -83,15 +83,9 @@ pub async fn scrape(admin: &str) -> Scrape {
     Scrape::parse(r.text())
 }
 
-/// The `decision` label SPEC 10 puts next to each code: upstream failures (and a client
-/// gone while the upstream answered) happen after auth said yes, so they count as allowed.
+/// The `decision` label SPEC 10 puts next to each code (the library's own table).
 pub fn decision(code: Code) -> &'static str {
-    match code {
-        Code::Ok | Code::UpstreamUnavailable | Code::UpstreamTimeout | Code::ClientClosed => {
-            "allowed"
-        }
-        _ => "denied",
-    }
+    keyward::metrics::decision_label(code)
 }
 
 pub fn requests(s: &Scrape, code: Code) -> f64 {
