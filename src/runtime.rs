@@ -64,6 +64,12 @@ impl Keyward {
         };
         let admin = bind(config.admin_listen).await?;
         let mut app = App::new(config)?;
+        let own = [listener.as_ref(), decision.as_ref(), Some(&admin)]
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        app.upstream.refuse_loops_to(own);
         app.key_loader = KeyLoader::new(after_install);
         if let Some(t) = &tls {
             app.metrics

@@ -231,6 +231,30 @@ async fn upstream_down_is_502_and_slow_upstream_is_504() {
     kw.shutdown().await;
 }
 
+/// An upstream that reaches keyward's own listener by a name validation cannot see through
+/// (`127.1` is 127.0.0.1 to the resolver, not to an IP parser) is refused at connect: one
+/// 502, not a request looping back in thousands of times.
+#[tokio::test]
+async fn an_upstream_that_resolves_to_keywards_own_listener_is_refused() {
+    for own in ["listen", "admin_listen"] {
+        let port = closed_port().port();
+        let dir = tempfile::tempdir().unwrap();
+        let keys_file = dir.path().join("keys.yaml");
+        std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+        let config = support::config::ConfigBuilder::new(closed_port(), &keys_file)
+            .set(own, &format!("127.0.0.1:{port}"))
+            .set("upstream", &format!("http://127.1:{port}"))
+            .config();
+        let kw = support::start(config, dir).await;
+        let r = get(&kw.url("/x"), &[("x-api-key", SERVICE_KEY)]).await;
+        assert_eq!(r.status, 502, "{own}");
+        assert_eq!(r.code(), "upstream_unavailable");
+        let errors = metric_value(&kw, "keyward_upstream_errors_total{kind=\"connect\"}").await;
+        assert_eq!(errors, 1.0, "one refused connect, no loop ({own})");
+        kw.shutdown().await;
+    }
+}
+
 /// The identity headers are added by the client that sends the request: keyward's own for a
 /// bodiless request (written into the head), hyper's for a request with a body or with
 /// `upstream_client: hyper` (in the map). Each way the app gets the key's values, each

@@ -1,6 +1,7 @@
 //! The upstream leg: the per-thread keep-alive pool, the forwarded request, the returned
 //! response, and upgrade tunnels.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,6 +122,13 @@ impl Upstream {
             )),
             timeout: limits.upstream_timeout,
         }
+    }
+
+    /// The addresses keyward's listeners were bound to, known only after binding: an
+    /// upstream connection that reaches one of them is refused (see
+    /// [`UpstreamTarget::connect`]).
+    pub fn refuse_loops_to(&mut self, own: Vec<SocketAddr>) {
+        Arc::make_mut(&mut self.pool).own_listeners = own;
     }
 
     /// Which client bodiless requests go through (`upstream_client`).

@@ -10,6 +10,7 @@
 //! when its response body has been read to the end.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,8 @@ use crate::config::Limits;
 pub struct PoolConfig {
     /// TCP `host:port` (resolved on every new connection) or a Unix socket file.
     pub target: UpstreamTarget,
+    /// keyward's own bound listeners: a connection that reaches one is refused.
+    pub own_listeners: Vec<SocketAddr>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
@@ -36,6 +39,7 @@ impl PoolConfig {
     pub fn new(target: UpstreamTarget, limits: &Limits) -> Self {
         Self {
             target,
+            own_listeners: Vec::new(),
             connect_timeout: limits.upstream_connect_timeout,
             idle_timeout: limits.upstream_idle_timeout,
             max_idle: limits.upstream_max_idle_per_host,
@@ -240,7 +244,7 @@ pub async fn connect_fast(cfg: &PoolConfig) -> Result<FastConn, ConnectError> {
 
 /// Open the stream, within `connect_timeout`.
 async fn open(cfg: &PoolConfig) -> Result<UpstreamStream, ConnectError> {
-    tokio::time::timeout(cfg.connect_timeout, cfg.target.connect())
+    tokio::time::timeout(cfg.connect_timeout, cfg.target.connect(&cfg.own_listeners))
         .await
         .map_err(|_| ConnectError::Timeout(cfg.connect_timeout))?
 }

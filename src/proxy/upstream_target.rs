@@ -116,10 +116,14 @@ impl UpstreamTarget {
     }
 
     /// Open a new connection: TCP with `TCP_NODELAY` and TCP keepalive, or the socket file.
-    pub async fn connect(&self) -> Result<UpstreamStream, ConnectError> {
+    /// A TCP connection that reached one of `own` (keyward's bound listeners) is refused:
+    /// a name or a numeric form validation cannot see through (`127.1`, a DNS name, the
+    /// pod's own IP) would send every request back in, thousands of times over.
+    pub async fn connect(&self, own: &[SocketAddr]) -> Result<UpstreamStream, ConnectError> {
         match self {
             UpstreamTarget::Tcp(authority) => {
                 let stream = tcp_connect(authority).await?;
+                refuse_own_listener(&stream, own)?;
                 let _ = stream.set_nodelay(true);
                 let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
                 let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
@@ -147,6 +151,26 @@ async fn unix_connect(path: &std::path::Path) -> Result<UpstreamStream, ConnectE
         path: path.to_owned(),
         source: std::io::Error::from(std::io::ErrorKind::Unsupported),
     })
+}
+
+/// Is the connection's far end one of keyward's own listeners? A listener on a wildcard
+/// address is reached through loopback or through any address of this host; a connection
+/// to this host has its own address as both ends.
+fn refuse_own_listener(stream: &TcpStream, own: &[SocketAddr]) -> Result<(), ConnectError> {
+    let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+        return Ok(());
+    };
+    let (peer_ip, local_ip) = (peer.ip().to_canonical(), local.ip().to_canonical());
+    let reached = |o: &SocketAddr| {
+        let ip = o.ip().to_canonical();
+        o.port() == peer.port()
+            && (ip == peer_ip
+                || ip.is_unspecified() && (peer_ip.is_loopback() || peer_ip == local_ip))
+    };
+    match own.iter().any(reached) {
+        true => Err(ConnectError::OwnListener { addr: peer }),
+        false => Ok(()),
+    }
 }
 
 /// Try each resolved address in turn; the last failure is the one reported.
@@ -182,6 +206,8 @@ pub enum ConnectError {
     NoAddress { authority: String },
     #[error("connecting to {addr}: {source}")]
     Connect { addr: SocketAddr, source: io::Error },
+    #[error("{addr} is keyward's own listener: every request would loop back in")]
+    OwnListener { addr: SocketAddr },
     #[error("connecting to unix:{}: {source}", path.display())]
     ConnectUnix { path: PathBuf, source: io::Error },
     #[error("no connection within {0:?}")]
@@ -225,7 +251,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("absent.sock");
         let target = UpstreamTarget::Unix(path.clone());
-        match target.connect().await {
+        match target.connect(&[]).await {
             Err(ConnectError::ConnectUnix { path: p, .. }) => assert_eq!(p, path),
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("connected to a missing socket"),
