@@ -525,6 +525,39 @@ async fn more_than_max_headers_gets_431() {
     kw.shutdown().await;
 }
 
+/// hyper's server answers a head it cannot read itself (400, 431, 414) and no service
+/// runs: each is still counted under its code, with both servers, or a client sending
+/// broken or oversized heads would leave no trace on the dashboards.
+#[tokio::test]
+async fn heads_the_parser_refuses_are_counted() {
+    let up = spawn_upstream().await;
+    for server in ["fast", "hyper"] {
+        let kw = spawn_proxy(up.addr, &format!("http1_server: {server}\n")).await;
+        let fields = (0..120)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect::<String>();
+        let big = format!("X-Big: {}\r\n", "a".repeat(17_000));
+        for (req, status) in [
+            (head("GET", "/v1/many", &fields), 431),
+            (head("GET", "/v1/big", &big), 431),
+            (head("GET", "/v1/x", "Bad Name: v\r\n"), 400),
+            ("GET /v1/\x01 HTTP/1.1\r\nHost: a\r\n\r\n".to_string(), 400),
+        ] {
+            let r = exchange(kw.addr, req.as_bytes()).await;
+            assert_eq!(r.statuses(), [status], "{server}: {}", r.text);
+        }
+        for code in ["request_header_fields_too_large", "bad_request"] {
+            let series = format!("keyward_requests_total{{code=\"{code}\",decision=\"denied\"}}");
+            // Counted as the connection ends, which the client may see first.
+            eventually(&format!("{server}: two {code}"), || async {
+                metric_value(&kw, &series).await == 2.0
+            })
+            .await;
+        }
+        kw.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn oversized_header_section_gets_431() {
     let up = spawn_upstream().await;

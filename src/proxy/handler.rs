@@ -536,6 +536,23 @@ fn introspection_body(app: &App, p: &Principal, cid: &HeaderValue) -> serde_json
     })
 }
 
+/// A request hyper's server refused before it had a head to hand over (see
+/// `server::refused_head`): counted under its code and logged, with no method or path to
+/// say (neither could be read).
+pub fn refused_head(worker: &Worker, status: StatusCode, code: Code) {
+    worker.metrics().record_request(code, Duration::ZERO);
+    let cid = respond::correlation_id(&http::HeaderMap::new(), worker.ids());
+    info!(
+        target: "keyward::access",
+        correlation_id = cid.to_str().unwrap_or_default(),
+        method = "-",
+        path = "-",
+        status = status.as_u16(),
+        code = code.as_str(),
+        total_ms = 0.0,
+    );
+}
+
 /// One line per request (SPEC 11). Never headers, never the query: that is where keys live.
 pub fn access_log(
     cid: &HeaderValue,

@@ -28,7 +28,8 @@ use super::conn::ConnInfo;
 use super::head::HYPER_MIN_BUF;
 use super::worker::Worker;
 use super::writing::{self, Responses};
-use super::{h1, headers, respond, RequestBody};
+use super::{h1, handler, headers, respond, RequestBody};
+use crate::auth::Code;
 use crate::config::{CredentialSource, Http1Server, Limits};
 use crate::tls::TlsAcceptor;
 use crate::App;
@@ -253,6 +254,7 @@ async fn serve_conn<I, D, F>(
         source: app.config.limits.upstream_timeout,
     };
     let peer = conn.peer;
+    let accounts = worker.clone();
     let activity = Arc::new(Activity::new(first_request, idle_timeout));
     let requests = activity.clone();
     let service = move |req: Request<RequestBody>| {
@@ -333,7 +335,12 @@ async fn serve_conn<I, D, F>(
         }
     };
     match result {
-        Some(Err(e)) => debug!(peer = %peer, error = %e, "connection ended with an error"),
+        Some(Err(e)) => {
+            if let Some((status, code)) = refused_head(&*e) {
+                handler::refused_head(&accounts, status, code);
+            }
+            debug!(peer = %peer, error = %e, "connection ended with an error")
+        }
         None => debug!(peer = %peer, "connection dropped"),
         Some(Ok(())) => {}
     }
@@ -566,6 +573,26 @@ enum Wake {
     Idle,
     /// A response was cut off and nothing else is in flight: the peer takes nothing.
     Stalled,
+}
+
+/// The answer hyper's HTTP/1 server wrote itself, for a head it could not read (its
+/// `on_error` table: 400, 431 or 414, then the connection closes). No service ran for it,
+/// so it is counted and logged here, or a client sending broken or oversized heads would
+/// leave no trace. An HTTP/2 preface hyper did not expect gets no answer, so no count.
+fn refused_head(e: &(dyn std::error::Error + 'static)) -> Option<(http::StatusCode, Code)> {
+    let e = e.downcast_ref::<hyper::Error>()?;
+    if !e.is_parse() || e.is_parse_version_h2() {
+        return None;
+    }
+    Some(match e.is_parse_too_large() {
+        // hyper's `UriTooLong` and `TooLarge` differ only in what they say.
+        true if e.to_string().contains("URI") => (http::StatusCode::URI_TOO_LONG, Code::BadRequest),
+        true => (
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Code::HeadersTooLarge,
+        ),
+        false => (http::StatusCode::BAD_REQUEST, Code::BadRequest),
+    })
 }
 
 #[cfg(test)]
