@@ -327,6 +327,20 @@ async fn override_headers_of_the_client_are_refused() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    // What an allowed override names is authorized too: `x-api-key` of a read-only key.
+    let r = decide(
+        &d,
+        AUTH_REQUEST,
+        "GET",
+        "/v1/items",
+        &[
+            ("x-api-key", PERSONAL_KEY),
+            ("x-http-method-override", "DELETE"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.code(), "insufficient_scope");
     d.shutdown().await;
 }
 

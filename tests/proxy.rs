@@ -791,3 +791,59 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     );
     kw.shutdown().await;
 }
+
+/// An override header `allow_override_headers` lets through makes the app serve another
+/// method or path: that one is authorized too (both must pass), and one an app could read
+/// more than one way is refused.
+#[tokio::test]
+async fn what_an_allowed_override_names_is_authorized_too() {
+    let up = spawn_upstream().await;
+    let extra = "allow_override_headers: [X-HTTP-Method-Override, X-Original-URL]\n";
+    let kw = spawn_proxy(up.addr, extra).await;
+    let (m, u) = ("x-http-method-override", "x-original-url");
+    let send =
+        |key: Option<&'static str>, path: &'static str, over: (&'static str, &'static str)| {
+            let url = kw.url(path);
+            async move {
+                let mut h = vec![over];
+                if let Some(k) = key {
+                    h.push(("x-api-key", k));
+                }
+                get(&url, &h).await
+            }
+        };
+    // A read-only key: DELETE needs `write`, `/admin/` needs `admin`.
+    let r = send(Some(PERSONAL_KEY), "/v1/items", (m, "delete")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (403, "insufficient_scope".into())
+    );
+    let r = send(Some(PERSONAL_KEY), "/v1/items", (u, "/admin/x")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (403, "insufficient_scope".into())
+    );
+    // A public path overridden to a protected one needs its key.
+    let r = send(None, "/public/x", (u, "/v1/x")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (401, "invalid_auth_header".into())
+    );
+    // Ambiguous or not in normal form: refused.
+    for over in [(m, "DELETE, GET"), (u, "/v1/../admin/x"), (u, "admin")] {
+        let r = send(Some(ENTERPRISE_KEY), "/v1/items", over).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (400, "bad_request".into()),
+            "{over:?}"
+        );
+    }
+    assert_eq!(up.count(), 0);
+    // What the key may do goes through, override and all.
+    let r = send(Some(PERSONAL_KEY), "/v1/items", (m, "GET")).await;
+    assert_eq!(r.status, 200);
+    let r = send(Some(ENTERPRISE_KEY), "/v1/items", (u, "/admin/x")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.last().headers[u], "/admin/x");
+    kw.shutdown().await;
+}

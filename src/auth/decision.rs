@@ -115,7 +115,7 @@ fn authorize(
     check_key_state(key, policy, now)?;
     let delegated_account = delegation(req.headers, key)?;
     if req.check_scope {
-        check_scopes(key, policy, req)?;
+        check_scopes(key, policy, req.method, req.route_scopes)?;
     }
     Ok(delegated_account)
 }
@@ -176,14 +176,20 @@ fn valid_account_id(a: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
 }
 
-fn check_scopes(key: &Key, policy: &Policy, req: &AuthRequest<'_>) -> Result<(), Reject> {
-    let method_scopes = policy.method_scopes(req.method).unwrap_or(&[]);
+/// Does `key` hold a scope the method allows, and one of the route rule's (`route_scopes`)?
+pub fn check_scopes(
+    key: &Key,
+    policy: &Policy,
+    method: &Method,
+    route_scopes: Option<&[String]>,
+) -> Result<(), Reject> {
+    let method_scopes = policy.method_scopes(method).unwrap_or(&[]);
     if !key.has_any_scope(method_scopes) {
         return Err(Reject::InsufficientScope {
             required: method_scopes.to_vec(),
         });
     }
-    if let Some(extra) = req.route_scopes {
+    if let Some(extra) = route_scopes {
         if !key.has_any_scope(extra) {
             return Err(Reject::InsufficientScope {
                 required: extra.to_vec(),

@@ -20,6 +20,7 @@ use super::headers::{self, Identity};
 use super::worker::Worker;
 use super::{respond, Body, RequestBody, UpstreamBody};
 use crate::auth::credential::strip_query_param;
+use crate::auth::overrides::overridden;
 use crate::auth::ratelimit::{Quota, RateDecision};
 use crate::auth::reject::BadRequest;
 use crate::auth::{self, AuthRequest, Code, Decision, Principal, Reject, Route};
@@ -271,14 +272,26 @@ pub async fn decide<'a>(
         Door::Decision => app.policy.app_route(&path),
     };
     trace.path = Some(path);
-    // Introspection asks for a valid key but not its scopes.
-    let (route_scopes, check_scope) = match route {
-        Route::Public => return Ok(Verdict::Public),
-        Route::Introspection => (None, false),
-        Route::Protected { extra } => (extra, true),
+    // What an allowed override header makes the app serve is authorized too.
+    let alt = match app.config.allow_override_headers.as_slice() {
+        [] => None,
+        allowed => overridden(head.headers, allowed, head.method, trace.path())?,
+    };
+    let alt_route = alt.as_ref().map(|a| app.policy.app_route(&a.path));
+    // Introspection asks for a valid key but not its scopes (keyward answers it: an
+    // override goes nowhere).
+    let (route_scopes, check_scope) = match (route, alt_route) {
+        (Route::Introspection, _) => (None, false),
+        (Route::Protected { extra }, _) => (extra, true),
+        (Route::Public, None | Some(Route::Public)) => return Ok(Verdict::Public),
+        (Route::Public, Some(Route::Protected { extra })) => (extra, true),
+        (Route::Public, Some(Route::Introspection)) => (None, true),
     };
     let now = SystemTime::now();
     let principal = authenticate(app, metrics, head, route_scopes, check_scope, now, trace)?;
+    if let (true, Some(alt), Some(Route::Protected { extra })) = (check_scope, &alt, alt_route) {
+        auth::decision::check_scopes(&principal.key, &app.policy, &alt.method, extra)?;
+    }
     // A question asked with a key is a request by that key: it spends its quota.
     let quota = rate_limit(app, &principal).await?;
     if !check_scope {

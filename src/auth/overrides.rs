@@ -1,0 +1,200 @@
+//! What the override headers `allow_override_headers` lets through make the app serve.
+//!
+//! keyward strips route and method overrides (SPEC 8) because it authorized the request
+//! line and the app would serve something else. A deployment that lets some through (an app
+//! behind a form that can only POST, an IIS rewrite) still gets only what was authorized:
+//! the method or path an override names is authorized too, and both must pass. An override
+//! whose value an app could read more than one way is refused rather than guessed.
+
+use http::{HeaderMap, HeaderName, Method};
+
+use super::reject::BadRequest;
+use super::Reject;
+use crate::header_names::{alias_eq, OVERRIDES};
+
+/// What an override changes, by its [`OVERRIDES`] entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Method,
+    Url,
+    /// A host override or a framework marker: the route rules do not read either.
+    Other,
+}
+
+fn kind(canonical: &str) -> Kind {
+    match canonical {
+        "x-original-method"
+        | "x-http-method-override"
+        | "x-http-method"
+        | "x-method-override"
+        | "x-forwarded-method" => Kind::Method,
+        "x-original-url"
+        | "x-original-uri"
+        | "x-rewrite-url"
+        | "x-override-url"
+        | "x-envoy-original-path" => Kind::Url,
+        _ => Kind::Other,
+    }
+}
+
+/// The request an app that honours the overrides serves instead of the request line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overridden {
+    pub method: Method,
+    /// Normalized; the override's own value was already in normal form.
+    pub path: String,
+}
+
+/// The request the allowed overrides present in `headers` name, when they name another
+/// method or path than `method` and `path` (the request line, `path` normalized). A value
+/// that is repeated, disagrees with another override of its kind, is not one method token
+/// or one origin-form path, or is a path whose normalization would change (the app reads
+/// it as sent) is refused: 400 naming the override.
+pub fn overridden(
+    headers: &HeaderMap,
+    allowed: &[HeaderName],
+    method: &Method,
+    path: &str,
+) -> Result<Option<Overridden>, Reject> {
+    let mut alt_method: Option<Method> = None;
+    let mut alt_path: Option<String> = None;
+    for name in allowed {
+        let mut values = headers.get_all(name).iter();
+        let Some(value) = values.next() else {
+            continue;
+        };
+        let Some(canonical) = OVERRIDES
+            .iter()
+            .copied()
+            .find(|o| alias_eq(name.as_str(), o))
+        else {
+            continue;
+        };
+        let refuse = || Reject::BadRequest(BadRequest::Override(canonical));
+        if values.next().is_some() {
+            return Err(refuse());
+        }
+        let value = value.to_str().map_err(|_| refuse())?.trim();
+        match kind(canonical) {
+            Kind::Method => {
+                let m = override_method(value).ok_or_else(refuse)?;
+                agree(&mut alt_method, m).map_err(|()| refuse())?;
+            }
+            Kind::Url => {
+                let p = override_path(value).ok_or_else(refuse)?;
+                agree(&mut alt_path, p).map_err(|()| refuse())?;
+            }
+            Kind::Other => {}
+        }
+    }
+    let changed = alt_method.as_ref().is_some_and(|m| m != method)
+        || alt_path.as_deref().is_some_and(|p| p != path);
+    Ok(changed.then(|| Overridden {
+        method: alt_method.unwrap_or_else(|| method.clone()),
+        path: alt_path.unwrap_or_else(|| path.to_owned()),
+    }))
+}
+
+/// Set `slot` to `v`, or check it already holds `v`.
+fn agree<T: PartialEq>(slot: &mut Option<T>, v: T) -> Result<(), ()> {
+    match slot {
+        Some(old) if *old != v => Err(()),
+        Some(_) => Ok(()),
+        None => {
+            *slot = Some(v);
+            Ok(())
+        }
+    }
+}
+
+/// One method token, upper-cased as Express, Symfony, Laravel and ASP.NET read it. A list
+/// (`DELETE, GET`) is refused: frameworks differ on which one they take.
+fn override_method(value: &str) -> Option<Method> {
+    if value.is_empty() || value.bytes().any(|b| !b.is_ascii_graphic() || b == b',') {
+        return None;
+    }
+    Method::from_bytes(value.to_ascii_uppercase().as_bytes()).ok()
+}
+
+/// The path of an origin-form value (`/admin/x?y=1`), in normal form.
+fn override_path(value: &str) -> Option<String> {
+    if !value.starts_with('/') || value.starts_with("//") {
+        return None;
+    }
+    let path = value.split(['?', '#']).next().unwrap_or_default();
+    let normal = crate::path::normalize(path).ok()?;
+    // The app reads the value as sent: a path that normalizing changes would be authorized
+    // as one route and served as another.
+    (normal.len() == path.len() && normal.eq_ignore_ascii_case(path)).then(|| normal.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(pairs: &[(&str, &str)], allowed: &[&str]) -> Result<Option<Overridden>, Reject> {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let allowed: Vec<HeaderName> = allowed.iter().map(|a| a.parse().unwrap()).collect();
+        overridden(&h, &allowed, &Method::POST, "/items/1")
+    }
+
+    fn alt(method: &str, path: &str) -> Option<Overridden> {
+        Some(Overridden {
+            method: method.parse().unwrap(),
+            path: path.into(),
+        })
+    }
+
+    #[test]
+    fn names_the_method_and_path_an_app_would_serve() {
+        let m = "x-http-method-override";
+        let u = "x-original-url";
+        assert_eq!(run(&[(m, "DELETE")], &[m]), Ok(alt("DELETE", "/items/1")));
+        assert_eq!(run(&[(m, " delete ")], &[m]), Ok(alt("DELETE", "/items/1")));
+        assert_eq!(
+            run(&[(u, "/admin/x?y=1")], &[u]),
+            Ok(alt("POST", "/admin/x"))
+        );
+        assert_eq!(
+            run(&[(m, "GET"), (u, "/admin/x")], &[m, u]),
+            Ok(alt("GET", "/admin/x"))
+        );
+        // Not let through (stripped instead), or naming what the request line says.
+        assert_eq!(run(&[(m, "DELETE")], &[u]), Ok(None));
+        assert_eq!(run(&[(m, "POST"), (u, "/items/1")], &[m, u]), Ok(None));
+        assert_eq!(run(&[("x-host", "other")], &["x-host"]), Ok(None));
+    }
+
+    #[test]
+    fn refuses_what_an_app_could_read_more_than_one_way() {
+        let m = "x-http-method-override";
+        let u = "x-original-url";
+        let refused = |canonical| Err(Reject::BadRequest(BadRequest::Override(canonical)));
+        for value in ["DELETE, GET", "", "DEL ETE"] {
+            assert_eq!(run(&[(m, value)], &[m]), refused(m), "{value:?}");
+        }
+        assert_eq!(run(&[(m, "GET"), (m, "DELETE")], &[m]), refused(m));
+        assert_eq!(
+            run(
+                &[(m, "GET"), ("x-method-override", "DELETE")],
+                &[m, "x-method-override"]
+            ),
+            refused("x-method-override")
+        );
+        for value in [
+            "admin",
+            "//admin/x",
+            "/a/../admin",
+            "/%61dmin",
+            "http://h/admin",
+        ] {
+            assert_eq!(run(&[(u, value)], &[u]), refused(u), "{value:?}");
+        }
+    }
+}
