@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use sha2::Digest as _;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError, LogFormat, UpstreamAddr};
@@ -20,6 +21,13 @@ pub const DEMO_CONFIG: &str = include_str!("../config/keyward.yaml");
 pub const DEMO_KEYS: &str = include_str!("../config/keys.yaml");
 /// The demo admin token (its digest is in the shipped config).
 pub const DEMO_ADMIN_TOKEN: &str = "keyward-demo-admin-token";
+
+/// Is `token_sha256` the digest of [`DEMO_ADMIN_TOKEN`]? The shipped example config uses it
+/// so the README's curl lines work; anywhere else it is a published password.
+pub fn is_demo_token(token_sha256: Option<&str>) -> bool {
+    let demo = hex::encode(sha2::Sha256::digest(DEMO_ADMIN_TOKEN.as_bytes()));
+    token_sha256.is_some_and(|t| t.eq_ignore_ascii_case(&demo))
+}
 
 /// The raw demo keys and what each shows. Demo only: their digests are public.
 pub const DEMO_KEY_LIST: &[(&str, &str)] = &[

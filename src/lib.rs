@@ -31,6 +31,7 @@ pub mod logging;
 pub mod metrics;
 pub mod path;
 pub mod proxy;
+pub mod regular_file;
 pub mod runtime;
 pub mod tls;
 

@@ -280,10 +280,17 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
     if !forbid_core_dumps() {
         tracing::warn!("could not turn core dumps off (setrlimit RLIMIT_CORE)");
     }
-    runtime()?.block_on(async {
+    let rt = runtime()?;
+    let result = rt.block_on(async {
         let signals = keyward::Signals::install().map_err(CliError::Signals)?;
         let server = Keyward::bind_with(config, Some(release_freed_memory)).await?;
         report_bound(&server);
+        if demo::is_demo_token(server.app.config.admin.token_sha256.as_deref()) {
+            tracing::warn!(
+                "admin.token_sha256 is the digest of the demo token, which README publishes: \
+                 anyone who reaches the admin listener may use the control API"
+            );
+        }
         let c = &server.app.config;
         // Scheme, host and port (or the socket path) only: never userinfo.
         let upstream = c
@@ -310,8 +317,15 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
         let reload = server.app.reload_trigger();
         server.run(signals.shutdown(reload)).await;
         Ok(())
-    })
+    });
+    // A file read stuck in the kernel (an NFS mount that hangs) would otherwise keep the
+    // process alive after "keyward stopped".
+    rt.shutdown_timeout(SHUTDOWN_LEFTOVERS);
+    result
 }
+
+/// How long blocking work still running at exit is waited for.
+const SHUTDOWN_LEFTOVERS: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One line on stdout, at every log level, naming the addresses the listeners bound (the real
 /// ports when the config says port 0), so a supervisor or test harness need not guess them:
@@ -354,6 +368,12 @@ fn check(path: &Path) -> Result<(), CliError> {
     }
     if let Some(c) = &config.cluster {
         cluster::check_url(&c.redis)?;
+    }
+    if demo::is_demo_token(config.admin.token_sha256.as_deref()) {
+        eprintln!(
+            "warning: admin.token_sha256 is the digest of the demo token, which README \
+             publishes: set your own (keyward keys hash < token)"
+        );
     }
     let mut files = Vec::new();
     if let Some(c) = &config.keys.control {
@@ -466,6 +486,7 @@ fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), CliError> {
         server.run(signals.shutdown(reload)).await;
         Ok(())
     });
+    rt.shutdown_timeout(SHUTDOWN_LEFTOVERS);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

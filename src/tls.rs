@@ -107,6 +107,9 @@ fn file_err(field: &'static str, path: &Path, reason: impl ToString) -> TlsError
     }
 }
 
+/// Largest certificate, key or CA bundle file read (a full public CA bundle is about 250 KB).
+const TLS_FILE_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
 /// The raw content of the files a TLS config is built from, read once.
 struct TlsFiles {
     cert: Vec<u8>,
@@ -116,7 +119,10 @@ struct TlsFiles {
 
 impl TlsFiles {
     fn read(tls: &TlsConfig) -> Result<Self, TlsError> {
-        let read = |field, path: &Path| std::fs::read(path).map_err(|e| file_err(field, path, e));
+        let read = |field, path: &Path| {
+            crate::regular_file::read(path, TLS_FILE_MAX_BYTES)
+                .map_err(|e| file_err(field, path, e))
+        };
         Ok(Self {
             cert: read("cert", &tls.cert)?,
             key: read("key", &tls.key)?,

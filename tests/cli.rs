@@ -197,6 +197,12 @@ fn check_accepts_the_shipped_config() {
     let text = stdout(&out);
     assert!(text.contains("config/keys.yaml: 6 keys"), "{text}");
     assert!(text.contains("config/keyward.yaml: ok"), "{text}");
+    // Its admin token is the README's: fine for trying it, said out loud.
+    assert!(
+        stderr(&out).contains("digest of the demo token"),
+        "{}",
+        stderr(&out)
+    );
 
     // KEYWARD_CONFIG names the file when --config is absent.
     let out = support::child::command(&["check"])

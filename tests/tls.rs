@@ -404,6 +404,47 @@ async fn rotated_certificate_is_used_by_new_handshakes() {
     proxy.shutdown().await;
 }
 
+/// A FIFO or a device swapped in for a certificate file would block the watcher's read
+/// for good (and with it every later rotation, and shutdown): it is refused like a file
+/// that does not load, and the next good pair is taken.
+#[tokio::test]
+async fn a_fifo_or_a_device_at_a_certificate_path_is_refused_and_rotation_goes_on() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let first = ca.server("keyward-a");
+    let second = ca.server("keyward-b");
+    let mut certs = CertDir::new(&first);
+    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let client = connector(&ca, &[b"http/1.1"], None);
+
+    certs.publish(&first.cert_pem, &first.key_pem);
+    let fifo = certs.path(&format!("..v{}", certs.version)).join("tls.crt");
+    std::fs::remove_file(&fifo).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for _ in 0..4 {
+        let tls = handshake(&client, proxy.addr).await.expect("still served");
+        assert_eq!(peer_cert(&tls), first.der);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let dev = certs.path(&format!("..v{}", certs.version)).join("tls.key");
+    std::fs::remove_file(&dev).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &dev).unwrap();
+    std::fs::remove_file(&fifo).unwrap();
+    std::fs::write(&fifo, &second.cert_pem).unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let tls = handshake(&client, proxy.addr).await.expect("still served");
+    assert_eq!(peer_cert(&tls), first.der);
+
+    certs.publish(&second.cert_pem, &second.key_pem);
+    let what = "the next good pair is served";
+    eventually_served(what, &client, proxy.addr, &second.der).await;
+    proxy.shutdown().await;
+}
+
 /// The served certificate's `notAfter` is exported, so a rotation that stopped is seen
 /// before clients see it; a rotation to an expired certificate is refused like half a
 /// rotation, and the gauge follows the certificate actually served.

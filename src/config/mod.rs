@@ -124,13 +124,23 @@ fn default_introspection() -> Option<String> {
     Some("/auth".into())
 }
 
+/// Largest config file read: a config is a page of YAML.
+const CONFIG_MAX_BYTES: u64 = 4 * 1024 * 1024;
+
 impl Config {
     /// Read, parse and validate a config file. Relative paths inside it (such as
     /// `keys.file`) are relative to the working directory, like the shipped example.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
+        };
+        let bytes = crate::regular_file::read(path, CONFIG_MAX_BYTES).map_err(read_err)?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e.utf8_error(),
+            ))
         })?;
         let mut config = Self::from_yaml(&text)?;
         config.redis_url_from_env(std::env::var("KEYWARD_REDIS_URL").ok())?;

@@ -32,30 +32,10 @@ impl<R: Read> Read for Hashing<'_, R> {
 /// Largest snapshot file read (the size of the largest push, about a million keys).
 pub const FILE_MAX_BYTES: u64 = 512 * 1024 * 1024;
 
-/// Open `path` if it is a regular file no larger than [`FILE_MAX_BYTES`]. A FIFO, a device
-/// (`/dev/zero`) or a socket swapped in for the key file would block a read, or never end
-/// one, and with it the watcher and shutdown: refused like an unreadable file, checked
-/// before opening (opening a FIFO blocks) and again on what was opened.
+/// The key file: a regular file no larger than [`FILE_MAX_BYTES`] (see
+/// [`crate::regular_file`]).
 fn open_regular(path: &Path) -> std::io::Result<File> {
-    let check = |meta: std::fs::Metadata| {
-        if !meta.is_file() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a regular file",
-            ));
-        }
-        if meta.len() > FILE_MAX_BYTES {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("larger than {FILE_MAX_BYTES} bytes"),
-            ));
-        }
-        Ok(())
-    };
-    check(std::fs::metadata(path)?)?;
-    let file = File::open(path)?;
-    check(file.metadata()?)?;
-    Ok(file)
+    crate::regular_file::open(path, FILE_MAX_BYTES)
 }
 
 fn open<'h>(
