@@ -163,6 +163,7 @@ impl Keyward {
             tokio::spawn(decision::server::serve_on_threads(
                 app.clone(),
                 l,
+                tls.clone(),
                 phase_rx.clone(),
                 grace,
             ))

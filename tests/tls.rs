@@ -242,6 +242,15 @@ async fn try_get(
     addr: std::net::SocketAddr,
     path: &str,
 ) -> Result<Got, String> {
+    try_send(connector, addr, authed_get(path)).await
+}
+
+/// `req` on a new TLS connection; any TLS or HTTP failure is an `Err`.
+async fn try_send(
+    connector: &TlsConnector,
+    addr: std::net::SocketAddr,
+    req: Request<Empty<Bytes>>,
+) -> Result<Got, String> {
     let tls = handshake(connector, addr)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
@@ -250,7 +259,7 @@ async fn try_get(
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let resp = sender
-        .send_request(authed_get(path))
+        .send_request(req)
         .await
         .map_err(|e| format!("request: {e}"))?;
     Ok(read(resp).await)
@@ -556,6 +565,59 @@ async fn mtls_requires_a_client_certificate_from_the_ca() {
     let got = read(http1(tls).await.send_request(no_key).await.unwrap()).await;
     assert_eq!(got.status, StatusCode::UNAUTHORIZED);
     proxy.shutdown().await;
+}
+
+/// `tls` (and `client_ca`) hold on the decision listener too: only a front proxy with a
+/// client certificate can ask, and a decision never crosses the network in the clear.
+#[tokio::test]
+async fn the_decision_listener_is_served_over_tls_with_client_certificates() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let client_ca = Ca::new("client ca");
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&client_ca.pem());
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    let config = support::config::ConfigBuilder::new(upstream.addr, &keys_file)
+        .extra(&certs.yaml(Some(&ca_file)))
+        .set("decision", "{ listen: 127.0.0.1:0 }")
+        .config();
+    let server = keyward::Keyward::bind(config).await.expect("keyward binds");
+    let addr = server.decision_addr().expect("a decision listener");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let ask = || {
+        Request::get("/v1/decide/auth-request")
+            .header("host", "localhost")
+            .header("authorization", format!("Bearer {SERVICE_KEY}"))
+            .header("x-original-method", "GET")
+            .header("x-original-uri", "/v1/x")
+            .body(Empty::new())
+            .unwrap()
+    };
+    let plain = raw(
+        addr,
+        b"GET /v1/decide/auth-request HTTP/1.1\r\nHost: a\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        !plain.starts_with("HTTP/1.1"),
+        "answered in the clear: {plain}"
+    );
+    let no_cert = try_send(&connector(&ca, &[], None), addr, ask()).await;
+    assert!(no_cert.is_err(), "no client certificate: {no_cert:?}");
+    let good = client_ca.client("front-proxy");
+    let got = try_send(&connector(&ca, &[], Some(&good)), addr, ask())
+        .await
+        .expect("the front proxy's certificate is accepted");
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert!(got.headers.contains_key("x-auth-subject-id"));
+    let _ = stop.send(());
+    task.await.unwrap();
 }
 
 #[tokio::test]

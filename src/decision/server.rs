@@ -1,4 +1,6 @@
-//! The decision listener: plain HTTP/1.1 + h2c, served by the proxy listener's connection
+//! The decision listener: HTTP/1.1 and HTTP/2, over `tls` when it is configured (with
+//! client certificates when `client_ca` is, so only the front proxy can ask), served by the
+//! proxy listener's connection
 //! code ([`crate::proxy::server::serve`]): the same limits (`max_connections`, `header_read_timeout`,
 //! `idle_timeout`, `write_stall_timeout`, `max_header_bytes`, HTTP/2 stream limits) and the
 //! same draining on shutdown.
@@ -12,6 +14,7 @@ use tokio::sync::watch;
 use crate::proxy::server::Phase;
 use crate::proxy::threads::{self, Threads};
 
+use crate::tls::TlsAcceptor;
 use crate::App;
 
 /// Serve the decision endpoints until `phase` turns [`Phase::Closing`], then give open
@@ -23,6 +26,7 @@ use crate::App;
 pub async fn serve_on_threads(
     app: Arc<App>,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     phase: watch::Receiver<Phase>,
     grace: Duration,
 ) {
@@ -33,5 +37,5 @@ pub async fn serve_on_threads(
     };
     let allow = Arc::new(super::AllowHead::new(&app.names));
     let door = move |app, worker, _conn, req| super::handle(app, worker, req, allow.clone());
-    threads::serve_on_threads(app, listener, None, threads, phase, grace, door).await;
+    threads::serve_on_threads(app, listener, tls, threads, phase, grace, door).await;
 }
