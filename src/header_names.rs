@@ -95,9 +95,59 @@ pub fn alias_eq(name: &str, target: &str) -> bool {
     name.len() == target.len() && alias_starts_with(name, target)
 }
 
-/// A forwarding header ([`FORWARDING`], `x-forwarded-*`), however spelled.
+/// What a gateway in front asserts about the client, which an app behind one trusts as it
+/// trusts keyward's identity headers, so only a proxy in `trusted_proxies` may set them:
+/// the client certificate a TLS terminator verified (nginx's and HAProxy's `X-SSL-Client-*`
+/// and `SSL-Client-*`, IIS/ARR, RFC 9440 `Client-Cert`, AWS ALB's mTLS headers) and the
+/// identity other authentication gateways send (Authelia and Authentik `Remote-*`, the
+/// Kubernetes authenticating proxy `X-Remote-*`, Grafana `X-WEBAUTH-USER`, Kong's
+/// consumer headers, oauth2-proxy `X-Auth-Request-*`, Pomerium, Cloudflare Access, Google
+/// IAP, AWS ALB OIDC, Azure App Service). An app moved from one of those to keyward keeps
+/// reading them: a client must not be able to send them through.
+pub const ASSERTED: [&str; 17] = [
+    "x-ssl-cert",
+    "x-client-cert",
+    "x-client-cert-chain",
+    "x-client-verify",
+    "x-client-dn",
+    "x-arr-clientcert",
+    "client-cert",
+    "client-cert-chain",
+    "remote-user",
+    "remote-groups",
+    "remote-email",
+    "remote-name",
+    "x-remote-user",
+    "x-remote-group",
+    "x-webauth-user",
+    "x-authenticated-userid",
+    "x-credential-identifier",
+];
+
+/// Name prefixes of [`ASSERTED`] families, and of `x-forwarded-*`.
+pub const ASSERTED_PREFIXES: [&str; 14] = [
+    FORWARDING_PREFIX,
+    "x-ssl-client-",
+    "ssl-client-",
+    "x-amzn-mtls-",
+    "x-remote-extra-",
+    "x-webauth-",
+    "x-consumer-",
+    "x-anonymous-consumer",
+    "x-auth-request-",
+    "x-pomerium-",
+    "cf-access-",
+    "x-goog-authenticated-user-",
+    "x-amzn-oidc-",
+    "x-ms-client-principal",
+];
+
+/// A forwarding header ([`FORWARDING`], `x-forwarded-*`) or another assertion a gateway in
+/// front makes ([`ASSERTED`]), however spelled.
 pub fn is_forwarding(name: &str) -> bool {
-    alias_starts_with(name, FORWARDING_PREFIX) || FORWARDING.iter().any(|t| alias_eq(name, t))
+    ASSERTED_PREFIXES.iter().any(|p| alias_starts_with(name, p))
+        || FORWARDING.iter().any(|t| alias_eq(name, t))
+        || ASSERTED.iter().any(|t| alias_eq(name, t))
 }
 
 /// Names a client or an app commonly sends, which an identity prefix must not start: the

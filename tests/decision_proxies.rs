@@ -170,8 +170,8 @@ const REROUTED: [(&str, &str); 18] = [
     ),
 ];
 
-/// A name that is not one of keyward's twelve: only a proxy that strips by prefix (Caddy,
-/// here) removes it; with nginx, the app must not trust it (README, Decision mode).
+/// A name that is not one of keyward's twelve: a proxy that strips by prefix (Caddy, here)
+/// removes it; behind one that cannot (nginx), keyward refuses the request.
 const FORGED_OTHER: (&str, &str) = ("x-auth-admin", "forged-unknown-name");
 
 fn assert_nothing_forged(seen: &Seen, what: &str) {
@@ -200,8 +200,17 @@ async fn scenario(front: SocketAddr, up: &Upstream, name: &str, strips_prefix: b
     // Allowed, with forged identity headers alongside the key.
     let mut h: Vec<(&str, &str)> = FORGED.to_vec();
     h.push(("x-api-key", PERSONAL_KEY));
-    if strips_prefix {
-        h.push(FORGED_OTHER);
+    let other = get(
+        &url("/v1/other"),
+        &[("x-api-key", PERSONAL_KEY), FORGED_OTHER],
+    )
+    .await;
+    match strips_prefix {
+        true => {
+            assert_eq!(other.status, 200, "{name}: {}", other.text());
+            assert!(!up.last().headers.contains_key(FORGED_OTHER.0), "{name}");
+        }
+        false => assert_eq!(other.status, 400, "{name}: {}", other.text()),
     }
     let r = get(&url("/v1/items?x=1"), &h).await;
     assert_eq!(r.status, 200, "{name}: {}", r.text());

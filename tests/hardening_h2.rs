@@ -335,8 +335,8 @@ async fn case_insensitive_routes_are_opt_in() {
     kw.shutdown().await;
 }
 
-/// From a peer that is not a trusted proxy no forwarding header reaches the app but the
-/// three keyward sets; route, method and host overrides never do, unless allowed by name.
+/// From a peer that is not a trusted proxy no forwarding header (nor another gateway's
+/// assertion) reaches the app but the three keyward sets; route, method and host overrides never do, unless allowed by name.
 #[tokio::test]
 async fn forwarding_and_override_headers_are_stripped() {
     let up = spawn_upstream().await;
@@ -361,6 +361,18 @@ async fn forwarding_and_override_headers_are_stripped() {
         ("x-method-override", "DELETE"),
         ("x-middleware-subrequest", "middleware"),
         ("x-original-host", "evil.example"),
+        // What other gateways assert: a verified client certificate, another proxy's user.
+        ("x-ssl-client-verify", "SUCCESS"),
+        ("ssl-client-subject-dn", "CN=admin"),
+        ("x-client-cert", "forged"),
+        ("client-cert", ":Zm9yZ2Vk:"),
+        ("remote-user", "admin"),
+        ("x_remote_user", "admin"),
+        ("x-consumer-username", "admin"),
+        ("cf-access-authenticated-user-email", "admin@example.com"),
+        ("x-goog-authenticated-user-email", "admin@example.com"),
+        ("x-amzn-oidc-identity", "admin"),
+        ("x-ms-client-principal-name", "admin"),
     ];
     let mut h: Vec<(&str, &str)> = forged.to_vec();
     h.push(("x-api-key", KEY));
@@ -382,6 +394,8 @@ async fn forwarding_and_override_headers_are_stripped() {
     let seen = up.last().headers;
     assert_eq!(seen["x-forwarded-ssl"], "on");
     assert_eq!(seen["x-real-ip"], "6.6.6.6");
+    assert_eq!(seen["remote-user"], "admin");
+    assert_eq!(seen["x-ssl-client-verify"], "SUCCESS");
     assert_eq!(seen["x-http-method-override"], "DELETE");
     for name in [
         "x-original-url",

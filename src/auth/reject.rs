@@ -152,6 +152,13 @@ pub enum BadRequest {
     /// spelled with `_` or `.`: the front proxy strips or overwrites only the `-` spelling.
     #[error("identity, delegation or forwarding header spelled with '_' or '.' is not accepted")]
     Misspelled,
+    /// A decision request (SPEC 15) carrying a header under the identity prefix that is not
+    /// one keyward answers with: the front proxy overwrites only those, and would pass this
+    /// one to the app.
+    #[error(
+        "a header under the identity prefix that keyward does not answer with is not accepted"
+    )]
+    UnknownIdentity,
     /// A decision request (SPEC 15) whose original path normalization would change: the
     /// front proxy forwards it as sent, so what was authorized would not be what the app
     /// reads.
@@ -226,6 +233,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::NotNormal) => "Request path refused",
             Reject::BadRequest(BadRequest::Misspelled) => "Misspelled identity or forwarding header refused",
             Reject::BadRequest(BadRequest::QueryKey) => "API key in the query string refused",
+            Reject::BadRequest(BadRequest::UnknownIdentity) => "Identity header refused",
         }
     }
 

@@ -162,6 +162,33 @@ pub fn check_spellings(
     }
 }
 
+/// ingress-nginx's own header on every auth subrequest (where to send a browser back to);
+/// it sits under the default identity prefix and is no identity.
+const INGRESS_NGINX_REDIRECT: &str = "x-auth-request-redirect";
+
+/// The proxy strips every header under the identity prefix (SPEC 8); behind a decision, a
+/// front proxy overwrites only the names keyward answers with (nginx and Envoy cannot
+/// delete by prefix), so a client's `X-Auth-Role` or `X-Auth-User` would reach an app that
+/// reads it. A decision request carrying a name under the prefix that keyward does not
+/// answer with is refused.
+pub fn check_identity_names(
+    headers: &HeaderMap,
+    prefix: &str,
+    names: &IdentityNames,
+) -> Result<(), Reject> {
+    let unknown = |n: &HeaderName| {
+        let n_bytes = n.as_str().as_bytes();
+        n_bytes.len() >= prefix.len()
+            && n_bytes[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+            && !names.all().contains(n)
+            && n.as_str() != INGRESS_NGINX_REDIRECT
+    };
+    match headers.keys().any(unknown) {
+        true => Err(Reject::BadRequest(BadRequest::UnknownIdentity)),
+        false => Ok(()),
+    }
+}
+
 /// Whether `query` holds the query credential, however its name is spelled.
 fn carries_query_key(app: &App, query: Option<&str>) -> bool {
     let (Some(name), Some(query)) = (app.policy.credential_query(), query) else {
@@ -246,6 +273,13 @@ pub async fn handle<B>(
                 req.headers(),
                 &app.config.identity_headers.prefix,
                 app.policy.credential_headers(),
+            )
+        })
+        .and_then(|()| {
+            check_identity_names(
+                req.headers(),
+                &app.config.identity_headers.prefix,
+                &app.names,
             )
         })
         .and_then(|()| original(endpoint, &req));

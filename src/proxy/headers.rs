@@ -225,10 +225,10 @@ pub fn override_of(name: &HeaderName, allowed: &[HeaderName]) -> Option<&'static
 /// since CGI/WSGI and nginx backends read them as the same header.
 pub fn strip_untrusted(headers: &mut HeaderMap, peer_trusted: bool, allowed: &[HeaderName]) {
     let doomed = |n: &HeaderName| {
-        // Every name of both lists starts with one of these letters.
+        // Every name of the lists starts with one of these letters.
         matches!(
             n.as_str().as_bytes().first(),
-            Some(b'x' | b'f' | b'c' | b't')
+            Some(b'x' | b'f' | b'c' | b't' | b'r' | b's')
         ) && ((!peer_trusted && is_forwarding(n.as_str())) || is_override(n, allowed))
     };
     if !headers.keys().any(doomed) {
@@ -329,6 +329,24 @@ pub fn set_correlation(headers: &mut HeaderMap, id: &HeaderValue) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::header_names::{ASSERTED, ASSERTED_PREFIXES, FORWARDING};
+
+    /// `strip_untrusted` skips names by their first letter.
+    #[test]
+    fn every_stripped_name_starts_with_a_letter_looked_at() {
+        let lists = [
+            &OVERRIDES[..],
+            &FORWARDING[..],
+            &ASSERTED[..],
+            &ASSERTED_PREFIXES[..],
+        ];
+        for name in lists.into_iter().flatten() {
+            assert!(
+                matches!(name.as_bytes()[0], b'x' | b'f' | b'c' | b't' | b'r' | b's'),
+                "{name}"
+            );
+        }
+    }
 
     /// `override_of` and `strip_untrusted` skip names by their first letter.
     #[test]
