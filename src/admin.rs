@@ -29,9 +29,16 @@ const MAX_SNAPSHOT_BYTES: usize = 512 * 1024 * 1024;
 
 type AdminBody = Full<Bytes>;
 
+/// Most admin connections open at once. Probes, scrapes and the control API need a few;
+/// without a bound, clients that open connections and send nothing (each held for the
+/// head timeout) take every file descriptor, and the proxy listener can no longer accept.
+/// Past it a connection is closed at accept.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// Serve the admin API until `stop` resolves.
 pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -44,6 +51,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
                 }
             },
             () = &mut stop => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "admin connection closed at accept: {MAX_CONNECTIONS} open");
+            continue;
         };
         let app = app.clone();
         let service = service_fn(move |req| {
@@ -59,6 +70,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "admin connection error");
             }
+            drop(slot);
         });
     }
     drop(listener);

@@ -93,12 +93,15 @@ fn forbid_core_dumps() -> bool {
 /// fail with "too many open files".
 fn check_open_files(config: &Config, limit: Option<u64>) {
     let l = &config.limits;
-    let wanted = (l.max_connections + l.max_in_flight + 64) as u64;
+    let listeners = usize::from(config.listen.is_some()) + usize::from(config.decision.is_some());
+    let wanted =
+        (listeners * l.max_connections + l.max_in_flight + keyward::admin::MAX_CONNECTIONS + 64)
+            as u64;
     if let Some(limit) = limit.filter(|&n| n < wanted) {
         tracing::warn!(
             open_files_limit = limit,
             wanted,
-            "the open-files limit (ulimit -n) is below limits.max_connections + limits.max_in_flight: raise it, or lower those"
+            "the open-files limit (ulimit -n) is below limits.max_connections (per traffic listener) + limits.max_in_flight + the admin listener's 256: raise it, or lower those"
         );
     }
 }

@@ -1212,3 +1212,35 @@ async fn h2_rapid_reset_flood_gets_goaway() {
     assert_eq!(r.status, 200);
     kw.shutdown().await;
 }
+
+/// The admin listener has a bound of its own: clients that open admin connections and send
+/// nothing cannot take every file descriptor (the proxy listener would stop accepting);
+/// past the bound an admin connection is closed at accept, and traffic goes on.
+#[tokio::test]
+async fn admin_connections_have_a_bound_of_their_own() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let mut held = Vec::new();
+    for _ in 0..keyward::admin::MAX_CONNECTIONS {
+        let mut s = TcpStream::connect(kw.admin).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    // Accepted in order: once one more is closed at once, every slot is taken.
+    let mut extra = TcpStream::connect(kw.admin).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("closed at accept, not left waiting")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no answer past the bound");
+    let r = get(&kw.url("/v1/x"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200, "traffic is not starved");
+    held.truncate(10);
+    eventually("the admin listener answers again", || async {
+        support::child::readyz(kw.admin).await == Some(200)
+    })
+    .await;
+    drop(held);
+    kw.shutdown().await;
+}
