@@ -754,3 +754,24 @@ async fn keywards_own_answers_to_head_arrive_over_http2() {
     assert_eq!(up.count(), 0);
     kw.shutdown().await;
 }
+
+/// `limits.max_headers` holds over HTTP/2 as over HTTP/1.1 (HTTP/2 itself bounds only the
+/// list's size): past it, 431 and nothing reaches the app. Cookie crumbs count as the one
+/// line they are forwarded as.
+#[tokio::test]
+async fn max_headers_holds_over_http2() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "limits: { max_headers: 20 }\n").await;
+    let names: Vec<String> = (0..25).map(|i| format!("x-h{i}")).collect();
+    let mut h: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    h.push(("x-api-key", KEY));
+    let r = get_h2c(&kw.url("/v1/many"), &h).await;
+    assert_eq!(r.status, 431, "{}", r.text());
+    assert_eq!(r.code(), "request_header_fields_too_large");
+    assert_eq!(up.count(), 0);
+    let mut h: Vec<(&str, &str)> = (0..30).map(|_| ("cookie", "a=1")).collect();
+    h.push(("x-api-key", KEY));
+    let r = get_h2c(&kw.url("/v1/crumbs"), &h).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    kw.shutdown().await;
+}

@@ -387,6 +387,35 @@ async fn identity_headers_from_the_upstream_do_not_reach_the_client() {
     assert!(head.contains("x-app: kept"), "{head}");
 }
 
+/// An app's response trailers end its body at keyward, over HTTP/2 as over HTTP/1.1: passed
+/// on, they would carry an echoed `x-auth-*` to the client unfiltered, and a
+/// connection-specific field among them made HTTP/2 clients reset the stream and lose the
+/// whole response.
+#[tokio::test]
+async fn the_apps_trailers_do_not_reach_an_http2_client() {
+    use http_body_util::BodyExt;
+    let script: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-auth-subject-id\r\n\r\n2\r\nok\r\n0\r\nx-auth-subject-id: evil\r\nconnection: x\r\nx-t: 1\r\n\r\n";
+    for client in CLIENTS {
+        let up = Scripted::start(&[("/trailers", script, false)]).await;
+        let kw = keyward(&up, client).await;
+        let h2: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http();
+        let req = http::Request::get(kw.url("/trailers"))
+            .header("x-api-key", SERVICE_KEY)
+            .header("te", "trailers")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = h2.request(req).await.expect("h2c request");
+        assert_eq!(resp.status(), 200, "{client}");
+        let body = resp.into_body().collect().await.expect("the whole body");
+        assert_eq!(body.trailers(), None, "{client}");
+        assert_eq!(&body.to_bytes()[..], b"ok", "{client}");
+        kw.shutdown().await;
+    }
+}
+
 /// An app that answers a GET without reading its body (common: a GET body has no meaning)
 /// reads that body as its next request on the connection, forged `x-auth-*` and all, and
 /// its answer would go to the next client keyward sends there. So the upstream connection

@@ -31,6 +31,15 @@ pub fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
     if http1 && head_size(req) > limits.max_header_bytes {
         return Err(Reject::HeadersTooLarge);
     }
+    // HTTP/1's parser counts fields against `max_headers`; HTTP/2's bounds only the size of
+    // the list, so an app with a field-count limit of its own would get what keyward let
+    // through. Cookie crumbs count as the one `Cookie` line they are forwarded as.
+    if !http1 {
+        let crumbs = req.headers().get_all(header::COOKIE).iter().count();
+        if req.headers().len() - crumbs.saturating_sub(1) > limits.max_headers {
+            return Err(Reject::HeadersTooLarge);
+        }
+    }
     if http1 && !single_chunked(req.headers()) {
         return Err(Reject::BadRequest(BadRequest::TransferCoding));
     }

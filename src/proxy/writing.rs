@@ -232,7 +232,15 @@ impl<G> http_body::Body for Tracked<G> {
             State::Done => return Poll::Ready(None),
             State::Cut => return Poll::Ready(Some(Err(Stalled.into()))),
         };
-        let frame = Pin::new(body).poll_frame(cx);
+        let mut frame = Pin::new(body).poll_frame(cx);
+        // The app's trailers end the body here: keyward's HTTP/1.1 server never writes
+        // them, and over HTTP/2 they would reach the client unfiltered (an app's echoed
+        // `x-auth-*`, or a connection-specific field that makes the client reset the
+        // stream and lose the whole response). The upstream side is HTTP/1.1, where apps
+        // rarely send any.
+        if matches!(&frame, Poll::Ready(Some(Ok(f))) if f.is_trailers()) {
+            frame = Poll::Ready(None);
+        }
         let (waiting, source) = match &frame {
             // The source is not ready: waiting for it (since the first `Pending` in a row),
             // not for the peer.
