@@ -98,10 +98,14 @@ fn from_header<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Candidate
 }
 
 fn from_query<'a>(query: Option<&'a str>, name: &str) -> Candidate<'a> {
+    let Some(query) = query else {
+        return Candidate::Absent;
+    };
+    let name = ParamName::new(name);
     let mut found = None;
-    for pair in query.unwrap_or("").split('&') {
+    for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if is_param(k, name) {
+        if name.matches(k) {
             if found.is_some() {
                 return Candidate::Duplicate;
             }
@@ -151,7 +155,30 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
 /// `api_key`, as Rails does too). So such a spelling is read as the credential (and so is
 /// ambiguous beside `api_key`) and stripped like it.
 pub fn is_param(k: &str, name: &str) -> bool {
-    k == name || app_name(k) == app_name(name)
+    k == name || ParamName::new(name).matches(k)
+}
+
+/// A parameter name as apps read it (see [`is_param`]), made once per query: a query of
+/// thousands of parameters (`&&&&…`, sent without a key) then costs a comparison per
+/// parameter, not a decoding and an allocation.
+struct ParamName(Vec<u8>);
+
+impl ParamName {
+    fn new(name: &str) -> Self {
+        Self(app_name(name))
+    }
+
+    fn matches(&self, k: &str) -> bool {
+        // Bytes that decoding, case folding or PHP's mangling change; a name with none of
+        // them is read as it is.
+        let plain = !k
+            .bytes()
+            .any(|b| matches!(b, b'%' | b'+' | b'.' | b' ' | b'[' | 0) || b.is_ascii_uppercase());
+        match plain {
+            true => k.as_bytes() == self.0,
+            false => app_name(k) == self.0,
+        }
+    }
 }
 
 fn app_name(k: &str) -> Vec<u8> {
@@ -184,22 +211,24 @@ fn param_name(pair: &str) -> &str {
 /// Whether `query` holds the `name` parameter, however spelled (see [`is_param`]), `;`
 /// separating parameters as in [`strip_query_param`].
 pub fn has_query_param(query: &str, name: &str) -> bool {
+    let name = ParamName::new(name);
     query
         .split(['&', ';'])
-        .any(|pair| is_param(param_name(pair), name))
+        .any(|pair| name.matches(param_name(pair)))
 }
 
 /// Remove the `name` parameter, however spelled (see [`is_param`]), from a query string
 /// (for forwarding without the key). `;` separates parameters here as `&` does, as some
 /// frameworks read it; the separators of what is kept are kept.
 pub fn strip_query_param(query: &str, name: &str) -> String {
+    let name = ParamName::new(name);
     let mut out = String::with_capacity(query.len());
     let mut sep = "";
     let mut rest = query;
     loop {
         let end = rest.find(['&', ';']).unwrap_or(rest.len());
         let pair = &rest[..end];
-        if !is_param(param_name(pair), name) {
+        if !name.matches(param_name(pair)) {
             if !out.is_empty() {
                 out.push_str(sep);
             }
@@ -217,6 +246,38 @@ pub fn strip_query_param(query: &str, name: &str) -> String {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    /// The comparison made once per parameter reads every name as the decoding does.
+    #[test]
+    fn a_param_name_matches_as_decoded() {
+        let spellings = [
+            "",
+            "api_key",
+            "API_KEY",
+            "api%5Fkey",
+            "api.key",
+            "api+key",
+            " api_key",
+            "api[key",
+            "api_key[]",
+            "api_key\0x",
+            "api_keys",
+            "api-key",
+            "apikey",
+            "a",
+            "api%zz",
+        ];
+        for name in ["api_key", "Api.Key", "token"] {
+            let want = ParamName::new(name);
+            for k in spellings {
+                assert_eq!(
+                    want.matches(k),
+                    app_name(k) == app_name(name),
+                    "{name} {k:?}"
+                );
+            }
+        }
+    }
 
     const KEY: &str = "sta_0123456789abcdef";
 
