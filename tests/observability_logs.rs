@@ -466,3 +466,53 @@ async fn the_binary_takes_its_log_level_from_config_then_environment() {
         }
     }
 }
+
+/// A client chooses how long its path and method are: the access log line carries at most
+/// 1 KiB of the one and 32 bytes of the other (cut with `…`), so refused requests cannot
+/// write as many bytes of log as they send; a refused head leaves a line too.
+#[tokio::test]
+async fn the_access_log_bounds_what_the_client_chose() {
+    let up = spawn_upstream().await;
+    let bin = start(up.addr, "log: { format: json, level: info }\n", &[]).await;
+    let path = format!("/v1/{}", "a".repeat(12_000));
+    let method = "M".repeat(500);
+    let r = send(&method, &bin.url(&path), &[], b"").await;
+    assert_eq!(r.status, 401);
+    let big = format!(
+        "GET /v1/x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(17_000)
+    );
+    assert!(raw(
+        bin.addr(),
+        big.as_bytes(),
+        std::time::Duration::from_secs(2)
+    )
+    .await
+    .starts_with("HTTP/1.1 431"));
+    let (_, stderr, _) = bin.terminate().await;
+    let logs = json_lines(&stderr);
+    let access: Vec<_> = logs
+        .iter()
+        .filter(|l| l["target"] == "keyward::access")
+        .collect();
+    let long = access
+        .iter()
+        .find(|l| l["status"] == 401)
+        .expect("the refused request's line");
+    let logged_path = long["path"].as_str().unwrap();
+    assert!(
+        logged_path.len() <= 1024 + 3 && logged_path.ends_with('…'),
+        "{logged_path}"
+    );
+    let logged_method = long["method"].as_str().unwrap();
+    assert!(
+        logged_method.len() <= 32 + 3 && logged_method.ends_with('…'),
+        "{logged_method}"
+    );
+    assert!(
+        access
+            .iter()
+            .any(|l| l["status"] == 431 && l["code"] == "request_header_fields_too_large"),
+        "{access:?}"
+    );
+}

@@ -566,6 +566,24 @@ pub fn refused_head(worker: &Worker, status: StatusCode, code: Code) {
     );
 }
 
+/// Longest path and method an access log line carries. Both are the client's to choose (a
+/// 16 KiB path, an 8,000-character method): written whole, every refused request would
+/// cost as many bytes of log as the client sent.
+const LOGGED_PATH_MAX: usize = 1024;
+const LOGGED_METHOD_MAX: usize = 32;
+
+/// `s` cut to at most `max` bytes (on a character boundary), ending in `…` when cut.
+fn clip(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max {
+        return Cow::Borrowed(s);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &s[..end]))
+}
+
 /// One line per request (SPEC 11). Never headers, never the query: that is where keys live.
 pub fn access_log(
     cid: &HeaderValue,
@@ -575,13 +593,13 @@ pub fn access_log(
     trace: &Trace<'_>,
     elapsed: Duration,
 ) {
-    let path = trace.path();
+    let path = clip(trace.path(), LOGGED_PATH_MAX);
     let key = trace.key.as_ref();
     info!(
         target: "keyward::access",
         correlation_id = cid.to_str().unwrap_or_default(),
-        method = method.as_str(),
-        path,
+        method = &*clip(method.as_str(), LOGGED_METHOD_MAX),
+        path = &*path,
         status = status.as_u16(),
         code = code.as_str(),
         key_id = key.map(|k| &*k.id),
