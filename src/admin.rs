@@ -622,6 +622,18 @@ async fn disable(app: &Arc<App>, id: String) -> Response<AdminBody> {
         Err(e @ DisableError::NoSnapshot) => {
             error(StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable", e)
         }
+        // Still an error (the revoke would not survive a restart), but one that says the
+        // key is disabled now: a client retrying a 500 must not take it for "still open".
+        Err(ref e @ DisableError::NotPersisted { ref snapshot, .. }) => {
+            let status = StatusCode::INTERNAL_SERVER_ERROR;
+            let message = e.to_string();
+            json(
+                status,
+                json!({"status": status.as_u16(), "code": "persist_failed", "error": &message,
+                       "message": &message, "key_id": id, "key_status": "disabled",
+                       "in_force": true, "persisted": false, "snapshot": snapshot_info(snapshot)}),
+            )
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e),
     }
 }

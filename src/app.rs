@@ -11,7 +11,7 @@ use crate::cluster::revocations::Revocations;
 use crate::cluster::usage::FleetUsage;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::keys::source::{KeyLoader, KeySource};
+use crate::keys::source::{KeyLoader, KeySource, StateLock};
 use crate::keys::usage::Usage;
 use crate::keys::{IdentityNames, KeyStore};
 use crate::metrics::Metrics;
@@ -27,6 +27,10 @@ pub struct App {
     pub key_source: KeySource,
     /// The key sources' commit lock and after-install hook.
     pub key_loader: KeyLoader,
+    /// With a control source, this process's claim on `keys.control.state_file`, held for
+    /// as long as the app lives: a second keyward on the same file refuses to start rather
+    /// than undo this one's pushes and revokes with its own writes.
+    pub state_lock: Option<StateLock>,
     pub usage: Usage,
     pub limiter: Limiter,
     /// Redis, when `cluster` is configured (SPEC 14).
@@ -47,6 +51,12 @@ impl App {
         let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?
             .including(config.identity_headers.include.as_deref());
         let key_source = KeySource::from_config(&config.keys).ok_or(StartError::NoKeySource)?;
+        // Claimed before anything reads or writes the state file (the first load follows
+        // this in `Keyward::bind`).
+        let state_lock = match &key_source {
+            KeySource::Control { state_file, .. } => Some(StateLock::take(state_file)?),
+            KeySource::File(_) => None,
+        };
         // A shard per worker thread: the proxy listener's, then the decision listener's.
         let metrics = Metrics::sharded(config.metrics.per_key, 2 * worker_count(&config))
             .map_err(StartError::Metrics)?
@@ -71,6 +81,7 @@ impl App {
             store: KeyStore::new(),
             key_source,
             key_loader: KeyLoader::default(),
+            state_lock,
             usage: Usage::default(),
             limiter: Limiter::new(cluster.as_ref()),
             revocations: Arc::new(Revocations::new(cluster.as_ref())),

@@ -54,8 +54,8 @@ pub enum Taken<D> {
     AsRead,
     /// What was taken was read again and is newer than what was hashed: its digest.
     Other(D),
-    /// Not acted on yet, and not refused for good (a certificate not valid yet): look
-    /// again at the next poll.
+    /// Not acted on yet, and not refused for good (a certificate not valid yet, a file
+    /// rewritten since the looks agreed on it): look again at the next poll.
     Later,
 }
 

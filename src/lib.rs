@@ -49,6 +49,9 @@ pub enum StartError {
     Identity(#[from] keys::IdentityError),
     #[error("keys: no source configured")]
     NoKeySource,
+    /// `keys.control.state_file` is claimed by another keyward, or cannot be locked.
+    #[error(transparent)]
+    StateFile(#[from] keys::source::StateLockError),
     #[error("metrics: {0}")]
     Metrics(#[source] prometheus::Error),
     #[error(transparent)]

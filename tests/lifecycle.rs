@@ -406,11 +406,17 @@ async fn large_pushes_are_spooled_and_refused_ones_leave_nothing_behind() {
         stored,
         "state file untouched"
     );
-    let left: Vec<_> = std::fs::read_dir(state_dir.path())
+    let mut left: Vec<_> = std::fs::read_dir(state_dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(left, ["snapshot.yaml"], "no spool file left behind");
+    left.sort();
+    // The lock file is the running keyward's claim on the state file, not a spool.
+    assert_eq!(
+        left,
+        ["snapshot.yaml", "snapshot.yaml.lock"],
+        "no spool file left behind"
+    );
     assert_eq!(
         status_with(&kw, SERVICE_KEY).await,
         200,
@@ -878,4 +884,103 @@ async fn a_tunnel_open_past_grace_is_cut_and_the_process_exits() {
         matches!(cut, Ok(Ok(_)) | Ok(Err(_))),
         "the tunnel is cut: {cut:?}"
     );
+}
+
+/// A state file is one replica's: a second keyward on the same `keys.control.state_file`
+/// refuses to start, naming the setting, rather than rewrite the file from its own snapshot
+/// and undo the first one's revokes (the first's revoke then lives on in the file, and is
+/// what the second loads once the first is gone).
+#[tokio::test]
+async fn a_second_keyward_on_the_same_state_file_refuses_to_start() {
+    let up = spawn_upstream().await;
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("state.yaml");
+    std::fs::write(&state_file, DEMO_KEYS).unwrap();
+    let a = process(up.addr, |c| c.control(&state_file)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config::ConfigBuilder::new(up.addr, &dir.path().join("keys.yaml"))
+        .control(&state_file)
+        .yaml();
+    let config = dir.path().join("keyward.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let second = support::child::command(&["run", "--config", config.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = second.id();
+    let out = tokio::task::spawn_blocking(move || second.wait_with_output());
+    let Ok(out) = tokio::time::timeout(Duration::from_secs(15), out).await else {
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+        panic!("a second keyward on the same state file started");
+    };
+    let out = out.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("keys.control.state_file") && stderr.contains("another keyward holds it"),
+        "{stderr}"
+    );
+
+    let auth = admin_auth();
+    let r = send(
+        "POST",
+        &a.admin_url("/v1/keys/key_demo_service/disable"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (status, logs, _) = a.terminate().await;
+    assert!(status.success(), "{logs:?}");
+
+    let b = Keyward::start(dir, &yaml, &[]).await;
+    let r = get(&b.url("/v1/x"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(r.code(), "disabled_api_key", "the first one's revoke holds");
+}
+
+/// An emergency revoke fails closed: when the state file cannot be replaced (here a
+/// directory stands in its place, which stops root too), the key is refused from the next
+/// request all the same; the answer is still `persist_failed`, saying the revoke is in
+/// force but not persisted, and `keyward_snapshot_refused{result="error"}` shows it.
+#[tokio::test]
+async fn a_revoke_that_cannot_be_persisted_is_in_force_all_the_same() {
+    let up = spawn_upstream().await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("snapshot.yaml");
+    let kw = spawn_control(up.addr, &state, true).await;
+    assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("occupied"), "").unwrap();
+
+    let auth = admin_auth();
+    let r = send(
+        "POST",
+        &kw.admin_url("/v1/keys/key_demo_service/disable"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(r.code(), "persist_failed");
+    let body = r.json();
+    let said = body["error"].as_str().unwrap();
+    assert!(
+        said.contains("in force") && said.contains("not persisted"),
+        "{said}"
+    );
+    assert_eq!(body["in_force"], true);
+    assert_eq!(body["persisted"], false);
+    let denied = get(&kw.url("/v1/x"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(denied.code(), "disabled_api_key");
+    let metrics = get(&kw.admin_url("/metrics"), &[]).await.text();
+    assert!(
+        metrics.contains(r#"keyward_snapshot_refused{result="error",source="control"} 1"#),
+        "{metrics}"
+    );
+    kw.shutdown().await;
 }

@@ -38,6 +38,16 @@ pub enum DisableError {
     FileSource,
     #[error("{0}")]
     Load(#[from] LoadError),
+    /// The key is disabled in this process, but the state file still has it active: a
+    /// restart would let it in again until it is disabled again or a snapshot is pushed.
+    #[error(
+        "key disabled in this process (in force now) but not persisted to keys.control.state_file: \
+         a restart would enable it again; {error}"
+    )]
+    NotPersisted {
+        error: LoadError,
+        snapshot: std::sync::Arc<super::snapshot::Snapshot>,
+    },
 }
 
 pub(super) fn io_error(path: &Path, source: std::io::Error) -> LoadError {

@@ -18,7 +18,7 @@ pub use super::read::read_file;
 use super::read::{file_digest, read_file_as};
 use super::snapshot::{Snapshot, Source};
 use super::spool::STALE_SPOOL;
-pub use super::spool::{persist, Spool};
+pub use super::spool::{persist, Spool, StateLock, StateLockError};
 use super::store::KeyStore;
 use crate::config::KeysConfig;
 use crate::file_watch::{Taken, Watch, Watched, SETTLE};
@@ -211,19 +211,37 @@ pub fn load_initial(host: &impl Host) {
 }
 
 fn load_file(host: &impl Host, path: &Path, source: Source) -> Result<Arc<Snapshot>, LoadError> {
-    load_file_as(host, path, source, Admission::Guarded)
+    load_file_as(host, path, source, Admission::Guarded, None)
 }
 
+/// Read `path` and install it. With `settled`, the digest two looks [`SETTLE`] apart
+/// agreed on, only that content is installed: the file is read again to be loaded, and a
+/// rewrite begun since would otherwise be installed though no look saw it whole (half a
+/// key file can parse). Anything else is [`LoadError::Unsettled`]: still changing.
 fn load_file_as(
     host: &impl Host,
     path: &Path,
     source: Source,
     admission: Admission,
+    settled: Option<&str>,
 ) -> Result<Arc<Snapshot>, LoadError> {
     // One file load at a time, and none while a push or a revoke commits: a reload that
     // read the file first must not install its older content after a later one.
     let _commit = host.key_loader().committing();
-    let snapshot = read_for(host, path, source, Format::Yaml)?;
+    let snapshot = match read_for(host, path, source, Format::Yaml) {
+        Ok(snapshot) => snapshot,
+        // What failed to load may be a rewrite begun since the looks (half a file does not
+        // parse): still changing, not refused.
+        Err(e) => match settled {
+            Some(d) if file_digest(path).ok().as_deref() != Some(d) => {
+                return Err(LoadError::Unsettled)
+            }
+            _ => return Err(e),
+        },
+    };
+    if settled.is_some_and(|d| d != snapshot.content_digest) {
+        return Err(LoadError::Unsettled);
+    }
     admit(host, &snapshot, admission)?;
     Ok(install(host, snapshot))
 }
@@ -236,7 +254,7 @@ pub fn reload_file(host: &impl Host, admission: Admission) -> Result<Arc<Snapsho
         return Err(LoadError::ControlSource);
     };
     settled(path)
-        .and_then(|()| load_file_as(host, path, Source::File, admission))
+        .and_then(|digest| load_file_as(host, path, Source::File, admission, Some(&digest)))
         .inspect_err(|e| refused(host, Source::File, e))
 }
 
@@ -245,14 +263,15 @@ const SETTLE_TRIES: u32 = 8;
 
 /// Wait until two reads of `path` [`SETTLE`] apart find the same content, as the watcher
 /// does: a file rewritten in place may be read half-written, and half a key file can
-/// parse (a key cut before its `status: disabled` line would be let in).
-fn settled(path: &Path) -> Result<(), LoadError> {
+/// parse (a key cut before its `status: disabled` line would be let in). The digest they
+/// agreed on: the content the load that follows must find.
+fn settled(path: &Path) -> Result<String, LoadError> {
     let mut last = file_digest(path)?;
     for _ in 0..SETTLE_TRIES {
         std::thread::sleep(SETTLE);
         let now = file_digest(path)?;
         if now == last {
-            return Ok(());
+            return Ok(now);
         }
         last = now;
     }
@@ -291,7 +310,9 @@ pub async fn watch_file<H: Host>(host: Arc<H>, path: PathBuf, trigger: Arc<Notif
         .await
 }
 
-/// The key file, as the watcher sees it: hashed as a stream, then loaded when it changed.
+/// The key file, as the watcher sees it: hashed as a stream, then loaded when it changed,
+/// if what is loaded is what the looks agreed on. Not the bytes they read, kept: a key
+/// file may be hundreds of megabytes, and a JSON one is read as a stream, never whole.
 struct KeyFile<H> {
     host: Arc<H>,
     path: PathBuf,
@@ -299,21 +320,35 @@ struct KeyFile<H> {
 
 impl<H: Host> Watched for KeyFile<H> {
     type Digest = String;
-    type Content = ();
+    /// The digest again: the content [`changed`](Watched::changed) may install.
+    type Content = String;
     type Error = LoadError;
 
     fn paths(&self) -> &[PathBuf] {
         std::slice::from_ref(&self.path)
     }
 
-    fn read(&self) -> Result<(String, ()), LoadError> {
-        Ok((file_digest(&self.path)?, ()))
+    fn read(&self) -> Result<(String, String), LoadError> {
+        let digest = file_digest(&self.path)?;
+        Ok((digest.clone(), digest))
     }
 
-    fn changed(&self, (): ()) -> Taken<String> {
-        match load_file(&*self.host, &self.path, Source::File) {
-            // What was read may be newer than what was hashed a moment before.
-            Ok(snapshot) => Taken::Other(snapshot.content_digest.clone()),
+    fn changed(&self, settled: String) -> Taken<String> {
+        let loaded = load_file_as(
+            &*self.host,
+            &self.path,
+            Source::File,
+            Admission::Guarded,
+            Some(&settled),
+        );
+        match loaded {
+            Ok(_) => Taken::AsRead,
+            // Rewritten since the looks agreed: not refused, still changing. The next
+            // polls wait for the new content to settle.
+            Err(LoadError::Unsettled) => {
+                info!(file = %self.path.display(), "the key file changed as it was loaded; waiting for it to settle");
+                Taken::Later
+            }
             Err(e) => {
                 refused(&*self.host, Source::File, &e);
                 Taken::AsRead
@@ -361,7 +396,13 @@ pub fn read_pushed(host: &impl Host, spool: &Spool, format: Format) -> Result<Sn
     })
 }
 
-/// `POST /v1/keys/{id}/disable`: a new snapshot with that key disabled, persisted first.
+/// `POST /v1/keys/{id}/disable`: a new snapshot with that key disabled, installed, then
+/// persisted. An emergency revoke fails closed: it is in force from the install on, even
+/// when the state file cannot be written (a full or read-only volume); that failure is
+/// logged, counted as the control source's refusal (`keyward_snapshot_refused{result="error"}`
+/// holds at 1 until a snapshot persists), and answered as [`DisableError::NotPersisted`].
+/// (A push is the other way round, persisted first: one that cannot be persisted is not an
+/// emergency, and keeping the snapshot in force keeps memory and state file alike.)
 pub fn disable_key(host: &impl Host, id: &str) -> Result<Arc<Snapshot>, DisableError> {
     let KeySource::Control { state_file, .. } = host.key_source() else {
         return Err(DisableError::FileSource);
@@ -382,9 +423,15 @@ pub fn disable_key(host: &impl Host, id: &str) -> Result<Arc<Snapshot>, DisableE
         .map_err(|e| LoadError::Invalid(SnapshotError::Parse(e.to_string())))?;
     let snapshot =
         Snapshot::parse_as(&text, Format::Json, Source::Control).map_err(LoadError::from)?;
-    persist(state_file, text.as_bytes())?;
+    let snapshot = install(host, snapshot);
     info!(key_id = id, "key disabled through the control API");
-    Ok(install(host, snapshot))
+    if let Err(error) = persist(state_file, text.as_bytes()) {
+        // After the install, whose metrics said the control source is fine.
+        host.snapshot_failed(Source::Control);
+        error!(key_id = id, error = %error, outcome = "not_persisted", "key disabled in this process but not persisted to keys.control.state_file: a restart would enable it again");
+        return Err(DisableError::NotPersisted { error, snapshot });
+    }
+    Ok(snapshot)
 }
 
 #[cfg(test)]
@@ -500,6 +547,84 @@ mod tests {
         // What is in force is what a restart loads.
         let persisted = read_file(&state_file, Source::Control).unwrap();
         assert_eq!(persisted.content_digest, in_force.content_digest);
+    }
+
+    /// An emergency revoke fails closed: when the state file cannot be replaced, the key
+    /// is disabled in memory all the same, the failure is counted, and the error says the
+    /// revoke is in force but not persisted.
+    #[test]
+    fn a_revoke_that_cannot_be_persisted_is_in_force_all_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut host = TestHost::control(dir.path());
+        // Not the counting hook: its count is another test's.
+        host.loader = KeyLoader::new(None);
+        let KeySource::Control { state_file, .. } = host.key_source().clone() else {
+            unreachable!("a control source")
+        };
+        persist(&state_file, entry("").as_bytes()).unwrap();
+        load_initial(&host);
+        // A directory in the state file's place: the rename that replaces it fails, even
+        // for root (for whom a read-only directory is no obstacle).
+        std::fs::remove_file(&state_file).unwrap();
+        std::fs::create_dir(&state_file).unwrap();
+        std::fs::write(state_file.join("occupied"), "").unwrap();
+        let e = disable_key(&host, "key_a").unwrap_err();
+        assert!(matches!(e, DisableError::NotPersisted { .. }), "{e}");
+        let said = e.to_string();
+        assert!(
+            said.contains("in force") && said.contains("not persisted"),
+            "{said}"
+        );
+        let in_force = host.store.load().unwrap();
+        assert_eq!(in_force.by_id("key_a").unwrap().status, Status::Disabled);
+        assert_eq!(host.failed.load(Ordering::SeqCst), 1, "counted");
+    }
+
+    /// The watcher installs only the content its looks agreed on: a rewrite begun after
+    /// they agreed, and read by the load, is not installed but waited for (not refused).
+    #[test]
+    fn the_watcher_installs_only_the_content_its_looks_agreed_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.yaml");
+        std::fs::write(&path, entry("")).unwrap();
+        let host = Arc::new(TestHost::file(dir.path()));
+        let watched = KeyFile {
+            host: host.clone(),
+            path: path.clone(),
+        };
+        let (agreed, content) = watched.read().unwrap();
+        // Rewritten after the looks: whole, and cut short (as a rewrite in place midway).
+        let whole = entry("    status: disabled\n");
+        for rewrite in [&whole[..], &whole[..40]] {
+            std::fs::write(&path, rewrite).unwrap();
+            assert_eq!(watched.changed(content.clone()), Taken::Later, "{rewrite}");
+            assert!(!host.store.is_loaded(), "nothing no look agreed on");
+            assert_eq!(host.failed.load(Ordering::SeqCst), 0, "not refused");
+        }
+        // Once it holds still, what the looks agree on is installed.
+        std::fs::write(&path, entry("")).unwrap();
+        let (settled, content) = watched.read().unwrap();
+        assert_eq!(settled, agreed);
+        assert_eq!(watched.changed(content), Taken::AsRead);
+        assert_eq!(host.store.load().unwrap().content_digest, agreed);
+    }
+
+    /// A reload asked for (`POST /v1/snapshot/reload`, after its two reads agreed) installs
+    /// only the content they agreed on, and answers "still changing" otherwise.
+    #[test]
+    fn a_reload_installs_only_the_content_its_reads_agreed_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.yaml");
+        std::fs::write(&path, entry("")).unwrap();
+        let host = TestHost::file(dir.path());
+        let agreed = settled(&path).unwrap();
+        std::fs::write(&path, entry("    status: disabled\n")).unwrap();
+        let e = load_file_as(&host, &path, Source::File, Admission::Forced, Some(&agreed));
+        assert!(matches!(e, Err(LoadError::Unsettled)), "{e:?}");
+        assert!(!host.store.is_loaded());
+        let now = file_digest(&path).unwrap();
+        load_file_as(&host, &path, Source::File, Admission::Forced, Some(&now)).unwrap();
+        assert_eq!(host.store.load().unwrap().content_digest, now);
     }
 
     /// A file load waits for the commit in progress (a push, a revoke, another load) and

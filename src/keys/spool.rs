@@ -115,6 +115,73 @@ fn parent_dir(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
+/// `keys.control.state_file`'s claim by this process: an exclusive advisory lock
+/// (`flock`) on `<state_file>.lock`, held until dropped (for the binary, until it exits).
+///
+/// A state file is one replica's. Two processes writing the same one each rewrite it
+/// whole from their own snapshot, so the later write silently undoes the other's push or
+/// revoke, and the next start loads what is left (a revoked key active again). The lock
+/// is on a file of its own because the state file is replaced by a rename, and a lock on
+/// the old inode would not bind the new one. The kernel lets go of it when the process
+/// dies, however it dies, so there is nothing stale to clean up; the file itself stays.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+/// Why [`StateLock::take`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateLockError {
+    #[error(
+        "keys.control.state_file {state_file}: another keyward holds it (lock {lock} is taken); \
+         a state file is one replica's: give each instance its own"
+    )]
+    Held { state_file: PathBuf, lock: PathBuf },
+    #[error("keys.control.state_file {state_file}: cannot lock {lock}: {source}")]
+    Io {
+        state_file: PathBuf,
+        lock: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StateLock {
+    /// Claim `state_file` for this process, or fail at once if another holds it. Its
+    /// directory is created if missing, as a first push would.
+    pub fn take(state_file: &Path) -> Result<StateLock, StateLockError> {
+        let lock = Self::path(state_file);
+        let io = |source| StateLockError::Io {
+            state_file: state_file.to_owned(),
+            lock: lock.clone(),
+            source,
+        };
+        std::fs::create_dir_all(parent_dir(state_file)).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StateLockError::Held {
+                state_file: state_file.to_owned(),
+                lock,
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
+
+    /// `<state_file>.lock`, beside it.
+    pub fn path(state_file: &Path) -> PathBuf {
+        let mut name = state_file.as_os_str().to_owned();
+        name.push(".lock");
+        PathBuf::from(name)
+    }
+}
+
 /// Write `bytes` to `path` atomically, through a [`Spool`].
 pub fn persist(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
     let (spool, mut file) = Spool::create(path)?;
@@ -129,6 +196,28 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
+
+    /// A second claim of a state file, from another open file as another process makes,
+    /// is refused naming the setting, until the first is dropped.
+    #[test]
+    fn a_state_file_is_claimed_by_one_holder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("sub/state.yaml");
+        let first = StateLock::take(&state).unwrap();
+        assert!(StateLock::path(&state).exists());
+        let e = StateLock::take(&state).unwrap_err();
+        assert!(matches!(e, StateLockError::Held { .. }), "{e}");
+        let said = e.to_string();
+        assert!(
+            said.contains("keys.control.state_file") && said.contains("another keyward"),
+            "{said}"
+        );
+        // Replacing the state file (as every push does) does not loosen the claim.
+        persist(&state, b"keys: []\n").unwrap();
+        assert!(StateLock::take(&state).is_err());
+        drop(first);
+        StateLock::take(&state).expect("free once the holder lets go");
+    }
 
     #[test]
     fn a_spool_and_the_state_file_it_becomes_are_owner_only() {

@@ -64,13 +64,26 @@ impl Proxy {
         self.dir.path().join("keys.yaml")
     }
 
-    /// Trigger shutdown and wait for `run` to return.
+    /// Trigger shutdown, wait for `run` to return, then for the app to be dropped: it
+    /// holds `keys.control.state_file`'s lock, and a restart on the same state file must
+    /// find it free. `run` aborts its background tasks as it returns, and an aborted task
+    /// lets go of the app only when the runtime next polls it.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
             let _ = task.await;
+        }
+        let app = Arc::downgrade(&self.app);
+        drop(self);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while app.strong_count() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the app is still referenced 10 s after shutdown"
+            );
+            tokio::task::yield_now().await;
         }
     }
 }
