@@ -110,12 +110,14 @@ async fn a_limiter_state_left_far_ahead_holds_a_key_no_longer_than_a_burst() {
     assert_eq!(call(&kw, LIMITED).await.status, 200);
     let n: String = redis.cmd(&["GET", "keyward:rl:{key_limited}"]).await;
     assert!(n.parse::<f64>().is_ok_and(|v| v.is_finite()), "{n}");
-    // A value of another type: replaced, not failed on for good.
+    // A value of another type: replaced, not failed on for good; and unlinked (freed off
+    // Redis's main thread), since a large one deleted in place stalls every client.
     let _: i64 = redis.cmd(&["DEL", "keyward:rl:{key_limited}"]).await;
     let _: i64 = redis
         .cmd(&["HSET", "keyward:rl:{key_limited}", "a", "b"])
         .await;
     assert_eq!(call(&kw, LIMITED).await.status, 200);
+    assert_eq!(redis.calls("unlink").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -791,16 +793,16 @@ async fn the_set_is_read_whole_only_when_its_version_moves() {
     let moved = version().await;
     // The read after the write (the version moved) has run once this is seen.
     eventually("the write's version read", || async {
-        let before = redis.calls("hgetall").await;
+        let before = redis.calls("hlen").await;
         tokio::time::sleep(Duration::from_millis(600)).await;
-        redis.calls("hgetall").await == before
+        redis.calls("hlen").await == before
     })
     .await;
-    let before = redis.calls("hgetall").await;
+    let before = redis.calls("hlen").await;
     let polls = redis.calls("hget").await;
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(
-        redis.calls("hgetall").await,
+        redis.calls("hlen").await,
         before,
         "the set was read whole with nothing changed"
     );
@@ -832,4 +834,120 @@ async fn the_set_is_read_whole_only_when_its_version_moves() {
     })
     .await;
     assert_eq!(call(&a, FREE).await.code(), "disabled_api_key");
+}
+
+/// `n` fields `junk{i}` of 100 bytes each in `hash`, in pipelined chunks (as `redis-cli
+/// --pipe` would write them).
+async fn junk(redis: &Redis, hash: &str, n: u64) {
+    let mut c = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let value = "x".repeat(100);
+    let mut i = 0;
+    while i < n {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(hash);
+        for j in i..(i + 5000).min(n) {
+            cmd.arg(format!("junk{j}")).arg(&value);
+        }
+        let _: i64 = cmd.query_async(&mut c).await.unwrap();
+        i += 5000;
+    }
+}
+
+/// Redis may be shared and the revocation hash is anyone's to write: past its bound
+/// (`MAX_FIELDS`) it is not read at all (one HLEN decides, no scan, nothing huge parsed
+/// here), the set held stays in force, the refusal is counted once per read due, not
+/// retried at once, and Redis is never marked down for it. Before, every read due took
+/// the whole hash (HGETALL of ~170 ms for 1M fields, 420 MB here), which stalled Redis
+/// past `cluster.timeout`, marked it down and, once it was back, read it whole again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_hash_past_its_bound_is_not_read_and_the_held_set_stays() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "deny", &keys()).await;
+    let r = admin_post(&kw, "key_other", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(call(&kw, OTHER).await.status, 401);
+
+    let max = keyward::cluster::revocations::MAX_FIELDS;
+    junk(&redis, "keyward:revocations", max + 1).await;
+    // The version moved: the next interval's read is due, and refused.
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:revocations", "version", "999"])
+        .await;
+    let oversize = "keyward_cluster_errors_total{op=\"oversize\"}";
+    eventually("the read is refused", || async {
+        metric(&kw, oversize).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(redis.calls("hgetall").await, 0, "read whole");
+    let (scans, sizes) = (redis.calls("hscan").await, redis.calls("hlen").await);
+    // Four more intervals (each reads the version: one HGET), with requests all along.
+    let polls = redis.calls("hget").await;
+    eventually("four more version reads", || async {
+        assert_eq!(call(&kw, LIMITED).await.status, 200, "redis marked down");
+        assert_eq!(call(&kw, OTHER).await.code(), "disabled_api_key");
+        assert_eq!(call(&kw, FREE).await.status, 200);
+        redis.calls("hget").await >= polls + 4
+    })
+    .await;
+    assert_eq!(redis.calls("hscan").await, scans, "scanned past the bound");
+    assert_eq!(redis.calls("hlen").await, sizes, "refused read retried");
+    assert_eq!(metric(&kw, oversize).await, Some(1.0));
+    assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(1.0));
+    for op in ["ping", "ratelimit", "read_revocations"] {
+        let series = format!("keyward_cluster_errors_total{{op=\"{op}\"}}");
+        assert_eq!(metric(&kw, &series).await, Some(0.0), "{op}");
+    }
+
+    // Back within the bound: read (in pages) again, and the set still holds the revoke.
+    let _: i64 = redis.cmd(&["DEL", "keyward:revocations"]).await;
+    let r = admin_post(&kw, "key_free", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually("read whole again", || async {
+        redis.calls("hscan").await > scans
+    })
+    .await;
+    assert_eq!(call(&kw, OTHER).await.code(), "disabled_api_key");
+    assert_eq!(call(&kw, FREE).await.code(), "disabled_api_key");
+}
+
+/// A fleet usage report reads the snapshot's keys' fields, not the hashes whole: a million
+/// fields another writer left cost it nothing, and a huge value is not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_report_reads_only_the_snapshots_keys() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    assert_eq!(call(&kw, FREE).await.status, 200);
+    eventually("the count lands", || async {
+        redis
+            .hget("keyward:usage:count", "key_free")
+            .await
+            .as_deref()
+            == Some("1")
+    })
+    .await;
+    junk(&redis, "keyward:usage:count", 50_000).await;
+    let huge = "7".repeat(1 << 20);
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:usage:count", "key_other", &huge])
+        .await;
+    let r = get(
+        &kw.admin_url("/v1/keys/usage"),
+        &[("authorization", &admin_auth())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["scope"], "fleet", "{}", r.text());
+    let keys = body["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{}", r.text());
+    assert_eq!(keys[0]["key_id"], "key_free");
+    assert_eq!(keys[0]["requests"], 1);
+    assert_eq!(redis.calls("hgetall").await, 0, "read whole");
+    assert!(r.body.len() < 4096);
 }

@@ -30,9 +30,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tolerance = interval * burst
 -- A value of another type there (another writer's) would fail every check for good.
+-- UNLINK, not DEL: a large one is freed off Redis's main thread, not while every other
+-- client (this key's next check among them) waits.
 local stored = redis.pcall('GET', KEYS[1])
 if type(stored) == 'table' and stored.err then
-  redis.call('DEL', KEYS[1])
+  redis.call('UNLINK', KEYS[1])
   stored = nil
 end
 local tat = tonumber(stored) or now

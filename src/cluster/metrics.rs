@@ -18,10 +18,14 @@ pub enum Op {
     Subscribe,
     UsageFlush,
     UsageRead,
+    /// Not a failed call: a read keyward refused because what Redis holds is past its
+    /// bound (Redis may be shared, its values are anyone's to write). Its own series, so
+    /// junk in Redis is told apart from an outage.
+    Oversize,
 }
 
 impl Op {
-    const ALL: [Op; 8] = [
+    const ALL: [Op; 9] = [
         Op::Connect,
         Op::Ping,
         Op::RateLimit,
@@ -30,6 +34,7 @@ impl Op {
         Op::Subscribe,
         Op::UsageFlush,
         Op::UsageRead,
+        Op::Oversize,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +47,7 @@ impl Op {
             Op::Subscribe => "subscribe",
             Op::UsageFlush => "usage_flush",
             Op::UsageRead => "usage_read",
+            Op::Oversize => "oversize",
         }
     }
 }

@@ -17,7 +17,7 @@ pub mod thread_conn;
 pub mod usage;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,6 +104,8 @@ pub struct Cluster {
     /// Set once the first connection is made; redis-rs reconnects it from then on.
     conn: ArcSwapOption<ConnectionManager>,
     up: AtomicBool,
+    /// How many times Redis has been marked down (see [`Self::downs`]).
+    downs: AtomicU64,
     /// Woken when Redis answers again after an outage (the revocation sync runs at once).
     pub back: tokio::sync::Notify,
     /// Woken when a call marks Redis down (the probe runs at once).
@@ -143,6 +145,7 @@ impl Cluster {
             client,
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
+            downs: AtomicU64::new(0),
             back: tokio::sync::Notify::new(),
             down: tokio::sync::Notify::new(),
             metrics,
@@ -160,8 +163,19 @@ impl Cluster {
         self.up.load(Ordering::Acquire)
     }
 
+    /// How many times Redis has gone from up to down. A reader that saw this count before a
+    /// call that then succeeded has talked to Redis since every outage counted: the
+    /// revocation sync uses it so that an outage its own (slow) full read caused does not
+    /// make it read the set whole again as soon as Redis answers.
+    pub fn downs(&self) -> u64 {
+        self.downs.load(Ordering::Acquire)
+    }
+
     fn set_up(&self, up: bool) {
         let was = self.up.swap(up, Ordering::AcqRel);
+        if was && !up {
+            self.downs.fetch_add(1, Ordering::AcqRel);
+        }
         self.metrics.up.set(i64::from(up));
         if was != up {
             if up {

@@ -67,6 +67,43 @@ pub const VERSION: &str = "version";
 /// by hand, not through the write script, is seen (and written back) within this.
 pub const FULL_READ_EVERY: Duration = Duration::from_secs(30);
 
+/// The most fields a full read takes: past it the hash is not read (HLEN, one O(1) call,
+/// decides), the set held stays, and the refusal is counted (`op="oversize"`) and said
+/// once. Every field is an operator's revoke or lift of one secret through the API, so a
+/// real fleet stays far below; the bound is there because Redis may be shared and the hash
+/// is anyone's to write: a million junk fields read whole took ~170 ms of Redis (stalling
+/// every replica's rate-limit calls past `cluster.timeout`) and ~400 MB here. At the bound a
+/// read is [`PAGE`]-field pages of at most `64 + MAX_ENTRY_BYTES` bytes each: ~22 MB in all.
+pub const MAX_FIELDS: u64 = 100_000;
+
+/// Fields per page of a full read: each page is a short call for Redis (other clients'
+/// calls, the rate limits among them, run between pages) and a short parse here, on the
+/// runtime that also accepts the traffic listeners' connections.
+const PAGE: u32 = 1000;
+
+/// The longest entry value a read returns: `at_us|disabled|id`, with a u64 stamp and a key
+/// id of at most 128 bytes, is at most 151. Longer values (not keyward's) are left in Redis
+/// by the page script, so one huge value cannot make a huge reply.
+const MAX_ENTRY_BYTES: usize = 160;
+
+/// One page of a full read: `HSCAN` from cursor `ARGV[1]` (`COUNT` `ARGV[2]`), returning
+/// the next cursor, how many fields the page held, then field, value, ... for the fields
+/// of at most 64 bytes whose value is at most `ARGV[3]` bytes (digests, [`WHOLE`],
+/// [`VERSION`]); the others are not sent.
+const PAGE_READ: &str = r"
+local r = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local items = r[2]
+local max = tonumber(ARGV[3])
+local out = {r[1], #items / 2}
+for i = 1, #items, 2 do
+  if #items[i] <= 64 and #items[i + 1] <= max then
+    out[#out + 1] = items[i]
+    out[#out + 1] = items[i + 1]
+  end
+end
+return out
+";
+
 /// Store entries, each (digest `ARGV[i]`, `disabled|id` `ARGV[i+1]`, µs `ARGV[i+2]`) from
 /// `ARGV[4]` on, and publish each stored one on `ARGV[1]`. An entry Redis holds with a
 /// stamp past `ARGV[3]` (the latest believable instant) counts as none. With `ARGV[2]` =
@@ -192,7 +229,24 @@ pub struct Revocations {
     last_full: Mutex<Option<(Option<String>, std::time::Instant)>>,
     /// Redis came back since the last full read: read whole next time.
     full_read_due: AtomicBool,
+    /// [`Cluster::downs`] as it was when the last full read (or refusal) last talked to
+    /// Redis: Redis coming back from an outage counted in it does not call for another.
+    read_after_downs: std::sync::atomic::AtomicU64,
+    /// The hash was found past [`MAX_FIELDS`] and that was logged; cleared by a read.
+    said_oversize: AtomicBool,
     script: redis::Script,
+    page: redis::Script,
+}
+
+/// What a full read found.
+enum Read {
+    /// Every field, read while the version stayed the one given.
+    Whole(HashMap<String, String>, Option<String>),
+    /// The hash holds more than [`MAX_FIELDS`] fields: not read.
+    Oversize(Option<String>),
+    /// The version moved during the read (a write raced it): these fields, not to be
+    /// taken as the whole hash.
+    Raced(HashMap<String, String>),
 }
 
 /// Where a merged entry came from: only entries from another replica count in the lag.
@@ -214,7 +268,10 @@ impl Revocations {
             unrestored_since: Mutex::new(None),
             last_full: Mutex::new(None),
             full_read_due: AtomicBool::new(false),
+            read_after_downs: std::sync::atomic::AtomicU64::new(u64::MAX),
+            said_oversize: AtomicBool::new(false),
             script: redis::Script::new(WRITE),
+            page: redis::Script::new(PAGE_READ),
         }
     }
 
@@ -388,24 +445,27 @@ impl Revocations {
         if self.unchanged(cluster, &hash).await? {
             return Ok(());
         }
-        let hash = &hash;
-        let remote: HashMap<String, String> = cluster
-            .call(Op::ReadRevocations, |mut c| async move {
-                redis::cmd("HGETALL").arg(hash).query_async(&mut c).await
-            })
-            .await?;
-        *self.last_full.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((remote.get(VERSION).cloned(), std::time::Instant::now()));
-        let whole = remote.contains_key(WHOLE);
-        let remote: Set = remote
-            .into_iter()
-            .filter_map(|(field, v)| Some((field_digest(&field)?, Entry::decode(&v)?)))
-            .collect();
-        let origin = if self.loaded.load(Ordering::Acquire) {
-            Origin::Remote
-        } else {
-            Origin::Initial
+        let (remote, version) = match self.read_whole(cluster, &hash).await? {
+            Read::Whole(remote, version) => (remote, version),
+            Read::Oversize(version) => {
+                // Not read again before the version moves or FULL_READ_EVERY: checking
+                // costs one O(1) call, and the set held stays in force meanwhile.
+                *self.last_full.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((version, std::time::Instant::now()));
+                return Ok(());
+            }
+            Read::Raced(remote) => {
+                // Newer wins, so what was read can be taken; the rest is read next time
+                // (the version held differs from the one now in Redis).
+                self.merge(decode(remote), self.origin());
+                return Ok(());
+            }
         };
+        *self.last_full.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((version, std::time::Instant::now()));
+        let whole = remote.contains_key(WHOLE);
+        let remote = decode(remote);
+        let origin = self.origin();
         self.merge(remote.iter().map(|(d, e)| (*d, e.clone())), origin);
         if origin == Origin::Initial && self.settling(whole) {
             return Ok(());
@@ -428,6 +488,107 @@ impl Revocations {
             "revocations written back to redis"
         );
         Ok(())
+    }
+
+    fn origin(&self) -> Origin {
+        if self.loaded.load(Ordering::Acquire) {
+            Origin::Remote
+        } else {
+            Origin::Initial
+        }
+    }
+
+    /// Read the hash in pages ([`PAGE_READ`]), bounded by [`MAX_FIELDS`]: its size is
+    /// checked first (HLEN, with the version, in one round trip), and a scan that finds
+    /// more than the bound (the hash grew meanwhile) is refused too. A scan is not one
+    /// atomic read as HGETALL was: the version is read again after it, and a read it moved
+    /// under is [`Read::Raced`], never taken as the whole hash (the [`WHOLE`] field must not
+    /// vouch for entries a racing write-back added after their page was read).
+    async fn read_whole(&self, cluster: &Cluster, hash: &str) -> Result<Read, ClusterError> {
+        let (len, version): (u64, Option<String>) = {
+            let hash = hash.to_owned();
+            cluster
+                .call(Op::ReadRevocations, |mut c| async move {
+                    redis::pipe()
+                        .cmd("HLEN")
+                        .arg(&hash)
+                        .cmd("HGET")
+                        .arg(&hash)
+                        .arg(VERSION)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?
+        };
+        if len > MAX_FIELDS {
+            return Ok(self.refuse(cluster, hash, len, version));
+        }
+        let mut remote = HashMap::new();
+        let mut cursor = String::from("0");
+        let mut scanned: u64 = 0;
+        loop {
+            let page = &self.page;
+            let (name, from) = (hash.to_owned(), cursor.clone());
+            let reply: Vec<String> = cluster
+                .call(Op::ReadRevocations, |mut c| async move {
+                    page.key(name)
+                        .arg(from)
+                        .arg(PAGE)
+                        .arg(MAX_ENTRY_BYTES)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+            let mut it = reply.into_iter();
+            let (Some(next), Some(n)) = (it.next(), it.next()) else {
+                return Err(ClusterError::Redis(redis::RedisError::from((
+                    redis::ErrorKind::TypeError,
+                    "revocation page reply",
+                ))));
+            };
+            // A scan returns a field more than once if the hash is rehashed under it: bound
+            // what was scanned, not only what is kept.
+            scanned = scanned.saturating_add(n.parse().unwrap_or(u64::MAX));
+            if scanned > MAX_FIELDS.saturating_mul(2) {
+                return Ok(self.refuse(cluster, hash, scanned, version));
+            }
+            while let (Some(field), Some(value)) = (it.next(), it.next()) {
+                remote.insert(field, value);
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        // Sampled before the last call: an outage during the scan (its own slowness, say)
+        // is one this read has seen past.
+        let downs = cluster.downs();
+        let now = hget(cluster, hash, VERSION).await?;
+        if now != version {
+            return Ok(Read::Raced(remote));
+        }
+        self.read_after_downs.store(downs, Ordering::Release);
+        if self.said_oversize.swap(false, Ordering::AcqRel) {
+            info!(hash, "revocation hash back within bounds; read whole");
+        }
+        Ok(Read::Whole(remote, version))
+    }
+
+    /// Refuse a hash past the bound: count it, say it once (its name, never its contents),
+    /// and keep the set held.
+    fn refuse(&self, cluster: &Cluster, hash: &str, fields: u64, version: Option<String>) -> Read {
+        cluster.metrics.error(Op::Oversize);
+        self.read_after_downs
+            .store(cluster.downs(), Ordering::Release);
+        if !self.said_oversize.swap(true, Ordering::AcqRel) {
+            warn!(
+                hash,
+                fields,
+                max = MAX_FIELDS,
+                "revocation hash too large to read (not keyward's writing?); keeping the revocations held"
+            );
+        }
+        Read::Oversize(version)
     }
 
     /// Whether the set can be left unread this time: it has been read whole, Redis has not
@@ -467,8 +628,11 @@ impl Revocations {
             if let Err(e) = self.sync().await {
                 tracing::debug!(error = %e, "revocation read failed; keeping the set held");
             }
-            // Not ready until the first read: try again soon.
-            let wait = if self.loaded.load(Ordering::Acquire) {
+            // Not ready until the first read: try again soon (not as soon while the hash is
+            // refused as too large: that is not going away in 50 ms).
+            let wait = if self.loaded.load(Ordering::Acquire)
+                || self.said_oversize.load(Ordering::Acquire)
+            {
                 FULL_READ_INTERVAL
             } else {
                 Duration::from_millis(50)
@@ -478,11 +642,21 @@ impl Revocations {
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         // Redis may have restarted, or failed over to a copy that lags.
-                        () = c.back.notified() => self.full_read_due.store(true, Ordering::Release),
+                        () = c.back.notified() => self.on_back(c),
                     }
                 }
                 None => return,
             }
+        }
+    }
+
+    /// Redis answers again: it may have restarted, or failed over to a copy that lags, so
+    /// the next read is whole; unless the last full read talked to Redis after its last
+    /// outage (as when that read's own slowness marked it down): reading whole again at once
+    /// would repeat what made it slow, in a loop.
+    fn on_back(&self, cluster: &Cluster) {
+        if cluster.downs() != self.read_after_downs.load(Ordering::Acquire) {
+            self.full_read_due.store(true, Ordering::Release);
         }
     }
 
@@ -517,6 +691,15 @@ impl Revocations {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// The hash's fields that are digests with a well-formed entry; the others are not
+/// keyward's (or are [`WHOLE`] and [`VERSION`]) and are dropped.
+fn decode(remote: HashMap<String, String>) -> Set {
+    remote
+        .into_iter()
+        .filter_map(|(field, v)| Some((field_digest(&field)?, Entry::decode(&v)?)))
+        .collect()
 }
 
 /// One field of the revocation hash.
@@ -556,6 +739,35 @@ mod tests {
         for bad in ["key_a", "zz", &"0".repeat(62)] {
             assert_eq!(field_digest(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_outage_the_full_read_saw_past_does_not_call_for_another() {
+        let config = crate::config::ClusterConfig {
+            redis: "redis://127.0.0.1:1/0".into(),
+            prefix: "t:".into(),
+            timeout: Duration::from_millis(50),
+            on_error: crate::config::OnError::Local,
+        };
+        let c = Arc::new(Cluster::new(&config, &prometheus::Registry::new()).unwrap());
+        let r = Revocations::new(Some(&c));
+        c.set_up(true);
+        // A full read ended before an outage: Redis coming back calls for a whole read.
+        r.read_after_downs.store(c.downs(), Ordering::Release);
+        c.set_up(false);
+        c.set_up(true);
+        r.on_back(&c);
+        assert!(r.full_read_due.swap(false, Ordering::AcqRel));
+        // An outage during a full read (its own slowness) that then ended: not again.
+        c.set_up(false);
+        c.set_up(true);
+        r.read_after_downs.store(c.downs(), Ordering::Release);
+        r.on_back(&c);
+        assert!(!r.full_read_due.load(Ordering::Acquire));
+        assert_eq!(c.downs(), 2, "one count per outage, not per failed call");
+        c.set_up(false);
+        c.set_up(false);
+        assert_eq!(c.downs(), 3);
     }
 
     #[test]

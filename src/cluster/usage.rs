@@ -35,6 +35,9 @@ pub const EPOCH_FIELD: &str = "#epoch";
 /// added under, ARGV[2]: the epoch to start if the hash has none, ARGV[3]: the epoch field;
 /// then id, delta, last_ms, ... Adds only under the epoch named; returns the one in force.
 const FLUSH: &str = r"
+-- The epoch is returned to keyward: one another writer left longer than any this script
+-- makes (32 hex digits) is not sent back (nor read), but replaced.
+if redis.call('HSTRLEN', KEYS[1], ARGV[3]) > 64 then redis.call('HDEL', KEYS[1], ARGV[3]) end
 local epoch = redis.call('HGET', KEYS[1], ARGV[3])
 if not epoch then
   epoch = ARGV[2]
@@ -61,6 +64,32 @@ end
 return epoch
 ";
 
+/// Ids per call of a usage report ([`READ`]): each call is short for Redis and its reply
+/// small to parse, however many keys the snapshot holds.
+const READ_CHUNK: usize = 1000;
+
+/// The longest value a report takes: a u64 count or time has at most 20 digits, an epoch
+/// 32. A longer one (another writer's) is not sent.
+const MAX_VALUE_BYTES: u32 = 64;
+
+/// KEYS[1]: counts hash, KEYS[2]: last-used hash. ARGV[1]: the epoch field, ARGV[2]: the
+/// longest value sent, then ids. Returns the epoch, then count and last-used time per id
+/// (nil for none, or for a value longer than ARGV[2]: HSTRLEN first, so a huge one is not
+/// even read).
+const READ: &str = r"
+local max = tonumber(ARGV[2])
+local function get(h, f)
+  if redis.call('HSTRLEN', h, f) > max then return false end
+  return redis.call('HGET', h, f)
+end
+local out = {get(KEYS[1], ARGV[1])}
+for i = 3, #ARGV do
+  out[#out + 1] = get(KEYS[1], ARGV[i])
+  out[#out + 1] = get(KEYS[2], ARGV[i])
+end
+return out
+";
+
 /// Flushes this replica's counts and reads the fleet's.
 pub struct FleetUsage {
     cluster: Arc<Cluster>,
@@ -68,6 +97,7 @@ pub struct FleetUsage {
     /// the request count already added to it.
     flushed: Mutex<Flushed>,
     script: redis::Script,
+    read: redis::Script,
 }
 
 #[derive(Default)]
@@ -93,6 +123,7 @@ impl FleetUsage {
             cluster: cluster.clone(),
             flushed: Mutex::new(Flushed::default()),
             script: redis::Script::new(FLUSH),
+            read: redis::Script::new(READ),
         }
     }
 
@@ -175,34 +206,51 @@ impl FleetUsage {
     }
 
     /// The fleet's usage: Redis totals plus what this replica has not flushed yet.
+    ///
+    /// Only the snapshot's keys are reported, so only their fields are read ([`READ`], in
+    /// chunks of [`READ_CHUNK`] ids): what else the hashes hold (Redis may be shared; a
+    /// million fields another writer left) costs nothing. Values are text parsed field by
+    /// field: one another writer left costs that field, not the whole report.
     pub async fn report(
         &self,
         usage: &Usage,
         snapshot: Option<&Snapshot>,
     ) -> Result<Vec<KeyUsage>, ClusterError> {
+        let Some(snapshot) = snapshot else {
+            return Ok(Vec::new());
+        };
         let (count, last) = self.hashes();
-        // Both as text, parsed field by field: one value another writer left (Redis may be
-        // shared) must cost that field, not the whole report.
-        let (mut counts, lasts): (HashMap<String, String>, HashMap<String, String>) = self
-            .cluster
-            .call(Op::UsageRead, |mut c| async move {
-                redis::pipe()
-                    .cmd("HGETALL")
-                    .arg(count)
-                    .cmd("HGETALL")
-                    .arg(last)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
-        let epoch = counts.remove(EPOCH_FIELD);
-        let mut merged: HashMap<String, (u64, u64)> = counts
-            .into_iter()
-            .filter_map(|(id, n)| {
-                let ms = lasts.get(&id).and_then(|v| v.parse().ok()).unwrap_or(0);
-                Some((id, (ms, n.parse().ok()?)))
-            })
-            .collect();
+        let ids: Vec<&str> = snapshot.keys().map(|k| &*k.id).collect();
+        let mut epoch = None;
+        let mut merged: HashMap<String, (u64, u64)> = HashMap::new();
+        for chunk in ids.chunks(READ_CHUNK) {
+            let (count, last, read) = (&count, &last, &self.read);
+            let reply: Vec<Option<String>> = self
+                .cluster
+                .call(Op::UsageRead, |mut c| async move {
+                    let mut inv = read.key(count);
+                    inv.key(last).arg(EPOCH_FIELD).arg(MAX_VALUE_BYTES);
+                    for id in chunk {
+                        inv.arg(*id);
+                    }
+                    inv.invoke_async(&mut c).await
+                })
+                .await?;
+            let mut it = reply.into_iter();
+            // The first chunk's epoch: a new one between chunks (Redis emptied meanwhile)
+            // at worst counts this replica's unflushed requests once more.
+            let first = it.next().flatten();
+            epoch = epoch.or(Some(first));
+            for id in chunk {
+                let (Some(n), ms) = (it.next().flatten(), it.next().flatten()) else {
+                    continue;
+                };
+                let Ok(n) = n.parse() else { continue };
+                let ms = ms.and_then(|v| v.parse().ok()).unwrap_or(0);
+                merged.insert((*id).to_owned(), (ms, n));
+            }
+        }
+        let epoch = epoch.flatten();
         let local = usage.counts();
         let unflushed = {
             let flushed = self.lock();
@@ -220,7 +268,7 @@ impl FleetUsage {
             e.1 = e.1.saturating_add(delta);
         }
         Ok(report_entries(
-            snapshot,
+            Some(snapshot),
             merged.into_iter().map(|(id, (ms, n))| (id, ms, n)),
         ))
     }
