@@ -232,8 +232,19 @@ async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
         },
         (&Method::PUT, ["v1", "snapshot"]) => match Flags::of(&req, &[DRY_RUN, FORCE]) {
             Err(e) => error(StatusCode::BAD_REQUEST, "bad_request", e),
-            Ok(f) if f.dry_run => dry_run(app, req).await,
-            Ok(f) => put_snapshot(app, req, f.admission()).await,
+            Ok(f) => {
+                let Some(_turn) = push_turn(app).await else {
+                    return error(
+                        StatusCode::CONFLICT,
+                        "push_in_progress",
+                        "another snapshot push is being read; try again",
+                    );
+                };
+                match f.dry_run {
+                    true => dry_run(app, req).await,
+                    false => put_snapshot(app, req, f.admission()).await,
+                }
+            }
         },
         (&Method::POST, ["v1", "snapshot", "reload"]) => match Flags::of(&req, &[FORCE]) {
             Err(e) => error(StatusCode::BAD_REQUEST, "bad_request", e),
@@ -242,6 +253,16 @@ async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
         (&Method::GET, ["v1", "keys", "usage"]) => usage(app).await,
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
     }
+}
+
+/// This push's turn ([`App::pushes`]), waited for a while: `None` when another push still
+/// holds it (a large one, or a client sending its body slowly).
+async fn push_turn(app: &App) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    let wait = std::time::Duration::from_secs(5);
+    tokio::time::timeout(wait, app.pushes.acquire())
+        .await
+        .ok()?
+        .ok()
 }
 
 /// A fleet revoke (or its lifting) with `cluster`; without it, disable edits the snapshot.

@@ -43,6 +43,10 @@ pub struct App {
     pub draining: AtomicBool,
     /// Fired by SIGHUP: reload the key file now.
     pub reload: Arc<Notify>,
+    /// One snapshot push (or dry run) at a time: each spools up to 512 MiB and parses it
+    /// (a YAML snapshot takes about 14 times its size in memory while parsed), so pushes
+    /// side by side could exhaust the disk or the pod's memory.
+    pub pushes: tokio::sync::Semaphore,
 }
 
 impl App {
@@ -90,6 +94,7 @@ impl App {
             metrics,
             draining: AtomicBool::new(false),
             reload: Arc::new(Notify::new()),
+            pushes: tokio::sync::Semaphore::new(1),
             config,
         })
     }

@@ -984,3 +984,44 @@ async fn a_revoke_that_cannot_be_persisted_is_in_force_all_the_same() {
     );
     kw.shutdown().await;
 }
+
+/// Pushes are read one at a time (each may spool 512 MiB and parse at many times its
+/// size): while one is being sent, another (a dry run too) waits a moment, then gets 409
+/// `push_in_progress`; once the first is done, pushes go through again.
+#[tokio::test]
+async fn snapshot_pushes_are_read_one_at_a_time() {
+    use tokio::io::AsyncWriteExt;
+    let up = spawn_upstream().await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("snapshot.yaml");
+    let kw = spawn_control(up.addr, &state, true).await;
+    let auth = admin_auth();
+    let ah = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/yaml"),
+    ];
+    // A push whose body is still on its way.
+    let mut slow = tokio::net::TcpStream::connect(kw.admin).await.unwrap();
+    let head = format!(
+        "PUT /v1/snapshot HTTP/1.1\r\nHost: a\r\nAuthorization: {auth}\r\nContent-Length: {}\r\n\r\n",
+        DEMO_KEYS.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&DEMO_KEYS.as_bytes()[..10]).await.unwrap();
+    let url = kw.admin_url("/v1/snapshot");
+    eventually("the first push holds the turn", || async {
+        let r = send(
+            "PUT",
+            &format!("{url}?dry_run=true"),
+            &ah,
+            DEMO_KEYS.as_bytes(),
+        )
+        .await;
+        r.status == 409 && r.code() == "push_in_progress"
+    })
+    .await;
+    drop(slow);
+    let r = send("PUT", &url, &ah, DEMO_KEYS.as_bytes()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    kw.shutdown().await;
+}
