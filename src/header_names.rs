@@ -99,12 +99,13 @@ pub fn alias_eq(name: &str, target: &str) -> bool {
 /// trusts keyward's identity headers, so only a proxy in `trusted_proxies` may set them:
 /// the client certificate a TLS terminator verified (nginx's and HAProxy's `X-SSL-Client-*`
 /// and `SSL-Client-*`, IIS/ARR, RFC 9440 `Client-Cert`, AWS ALB's mTLS headers) and the
-/// identity other authentication gateways send (Authelia and Authentik `Remote-*`, the
-/// Kubernetes authenticating proxy `X-Remote-*`, Grafana `X-WEBAUTH-USER`, Kong's
-/// consumer headers, oauth2-proxy `X-Auth-Request-*`, Pomerium, Cloudflare Access, Google
-/// IAP, AWS ALB OIDC, Azure App Service). An app moved from one of those to keyward keeps
+/// identity other authentication gateways send (Authelia and Authentik `Remote-*` and
+/// `X-Authentik-*`, the Kubernetes authenticating proxy `X-Remote-*`, Grafana
+/// `X-WEBAUTH-*`, Kong's consumer and `X-Authenticated-*` headers, APISIX `X-Userinfo`,
+/// oauth2-proxy `X-Auth-Request-*`, Vouch, mod_auth_openidc `OIDC_CLAIM_*`, Pomerium,
+/// Cloudflare Access, Google IAP and Cloud Endpoints, AWS ALB OIDC, Azure App Service). An app moved from one of those to keyward keeps
 /// reading them: a client must not be able to send them through.
-pub const ASSERTED: [&str; 17] = [
+pub const ASSERTED: [&str; 19] = [
     "x-ssl-cert",
     "x-client-cert",
     "x-client-cert-chain",
@@ -119,13 +120,15 @@ pub const ASSERTED: [&str; 17] = [
     "remote-name",
     "x-remote-user",
     "x-remote-group",
-    "x-webauth-user",
-    "x-authenticated-userid",
+    "x-remote-uid",
     "x-credential-identifier",
+    "x-userinfo",
+    "x-endpoint-api-userinfo",
+    "x-apigateway-api-userinfo",
 ];
 
-/// Name prefixes of [`ASSERTED`] families, and of `x-forwarded-*`.
-pub const ASSERTED_PREFIXES: [&str; 14] = [
+/// Name prefixes of [`ASSERTED`] families, and of `x-forwarded-*` (first).
+pub const ASSERTED_PREFIXES: [&str; 19] = [
     FORWARDING_PREFIX,
     "x-ssl-client-",
     "ssl-client-",
@@ -134,13 +137,30 @@ pub const ASSERTED_PREFIXES: [&str; 14] = [
     "x-webauth-",
     "x-consumer-",
     "x-anonymous-consumer",
+    "x-authenticated-",
+    "x-authentik-",
+    "x-vouch-",
+    "oidc-claim-",
     "x-auth-request-",
     "x-pomerium-",
     "cf-access-",
     "x-goog-authenticated-user-",
     "x-amzn-oidc-",
     "x-ms-client-principal",
+    "x-ms-token-",
 ];
+
+/// ingress-nginx's own header on every auth subrequest (where to send a browser back to),
+/// under oauth2-proxy's `x-auth-request-` family but no identity.
+pub const INGRESS_NGINX_REDIRECT: &str = "x-auth-request-redirect";
+
+/// Another gateway's assertion about the client ([`ASSERTED`], [`ASSERTED_PREFIXES`] but
+/// `x-forwarded-*`), spelled as that gateway sends it.
+pub fn is_asserted(name: &str) -> bool {
+    ASSERTED.contains(&name)
+        || ASSERTED_PREFIXES[1..].iter().any(|p| name.starts_with(p))
+            && name != INGRESS_NGINX_REDIRECT
+}
 
 /// A forwarding header ([`FORWARDING`], `x-forwarded-*`) or another assertion a gateway in
 /// front makes ([`ASSERTED`]), however spelled.

@@ -151,7 +151,8 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
 
 /// Whether the parameter spelled `k` is `name` as some app reads parameter names: decoded
 /// (`api%5Fkey`), cut at a NUL, in any ASCII case (ASP.NET Core), and as PHP mangles names
-/// (leading spaces dropped, ` ` `.` and an unmatched `[` read as `_`, `api_key[]` read as
+/// (leading spaces dropped, ` ` `.` and an unmatched `[` read as `_`, `api_key[]` and
+/// `[api_key]` (qs, Rack) read as
 /// `api_key`, as Rails does too). So such a spelling is read as the credential (and so is
 /// ambiguous beside `api_key`) and stripped like it.
 pub fn is_param(k: &str, name: &str) -> bool {
@@ -188,6 +189,14 @@ fn app_name(k: &str) -> Vec<u8> {
     }
     let start = name.iter().take_while(|&&b| b == b' ').count();
     name.drain(..start);
+    // `[api_key]=…`: qs (Express's query parser) and Rack read a name in brackets with
+    // nothing before them as that name.
+    if name.first() == Some(&b'[') {
+        if let Some(close) = name.iter().position(|&b| b == b']') {
+            name.truncate(close);
+            name.remove(0);
+        }
+    }
     match name.iter().position(|&b| b == b'[') {
         // `api_key[]`, `api_key[x]`: the array `api_key`.
         Some(open) if name[open..].contains(&b']') => name.truncate(open),
@@ -260,6 +269,9 @@ mod tests {
             " api_key",
             "api[key",
             "api_key[]",
+            "[api_key]",
+            "%5Bapi_key%5D",
+            "[api_key",
             "api_key\0x",
             "api_keys",
             "api-key",
@@ -423,7 +435,7 @@ mod tests {
         // Names as PHP, Rails and old parsers read them; `;` as a separator.
         assert_eq!(
             strip_query_param(
-                "api.key=k&api+key=k&api%20key=k&api_key[]=k&api_key%5B%5D=k&api_key%00=k&b=%zz&c=a+b%2Fc;api_key=k;d=1",
+                "api.key=k&api+key=k&api%20key=k&api_key[]=k&api_key%5B%5D=k&api_key%00=k&[api_key]=k&%5BAPI_KEY%5D=k&b=%zz&c=a+b%2Fc;api_key=k;d=1",
                 "api_key"
             ),
             "b=%zz&c=a+b%2Fc;d=1"

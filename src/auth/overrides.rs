@@ -55,6 +55,7 @@ pub fn overridden(
     allowed: &[HeaderName],
     method: &Method,
     path: &str,
+    unforwarded_query_key: Option<&str>,
 ) -> Result<Option<Overridden>, Reject> {
     let mut alt_method: Option<Method> = None;
     let mut alt_path: Option<String> = None;
@@ -81,7 +82,7 @@ pub fn overridden(
                 agree(&mut alt_method, m).map_err(|()| refuse())?;
             }
             Kind::Url => {
-                let p = override_path(value).ok_or_else(refuse)?;
+                let p = override_path(value, unforwarded_query_key).ok_or_else(refuse)?;
                 agree(&mut alt_path, p).map_err(|()| refuse())?;
             }
             Kind::Other => {}
@@ -116,12 +117,18 @@ fn override_method(value: &str) -> Option<Method> {
     Method::from_bytes(value.to_ascii_uppercase().as_bytes()).ok()
 }
 
-/// The path of an origin-form value (`/admin/x?y=1`), in normal form.
-fn override_path(value: &str) -> Option<String> {
-    if !value.starts_with('/') || value.starts_with("//") {
+/// The path of an origin-form value (`/admin/x?y=1`), in normal form. A fragment is
+/// refused (as in a request target, SPEC 7: readers differ on it), and so is a query
+/// carrying the query credential when keys are not forwarded (`unforwarded_query_key`): the
+/// app would take an unchecked key from it.
+fn override_path(value: &str, unforwarded_query_key: Option<&str>) -> Option<String> {
+    if !value.starts_with('/') || value.starts_with("//") || value.contains('#') {
         return None;
     }
-    let path = value.split(['?', '#']).next().unwrap_or_default();
+    let (path, query) = value.split_once('?').unwrap_or((value, ""));
+    if unforwarded_query_key.is_some_and(|k| crate::auth::credential::has_query_param(query, k)) {
+        return None;
+    }
     let normal = crate::path::normalize(path).ok()?;
     // The app reads the value as sent: a path that normalizing changes would be authorized
     // as one route and served as another.
@@ -141,7 +148,7 @@ mod tests {
             );
         }
         let allowed: Vec<HeaderName> = allowed.iter().map(|a| a.parse().unwrap()).collect();
-        overridden(&h, &allowed, &Method::POST, "/items/1")
+        overridden(&h, &allowed, &Method::POST, "/items/1", Some("api_key"))
     }
 
     fn alt(method: &str, path: &str) -> Option<Overridden> {

@@ -159,6 +159,11 @@ pub enum BadRequest {
         "a header under the identity prefix that keyward does not answer with is not accepted"
     )]
     UnknownIdentity,
+    /// A decision request (SPEC 15) carrying what another gateway asserts about the client
+    /// (`Remote-User`, a verified client certificate) from a front proxy not in
+    /// `trusted_proxies`: the front proxy would pass it to the app.
+    #[error("another gateway's identity or client-certificate header is not accepted from an untrusted proxy")]
+    Asserted,
     /// A decision request (SPEC 15) whose original path normalization would change: the
     /// front proxy forwards it as sent, so what was authorized would not be what the app
     /// reads.
@@ -234,6 +239,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::Misspelled) => "Misspelled identity or forwarding header refused",
             Reject::BadRequest(BadRequest::QueryKey) => "API key in the query string refused",
             Reject::BadRequest(BadRequest::UnknownIdentity) => "Identity header refused",
+            Reject::BadRequest(BadRequest::Asserted) => "Gateway identity header refused",
         }
     }
 

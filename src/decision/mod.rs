@@ -21,6 +21,7 @@ use crate::auth::path::PathError;
 use crate::auth::ratelimit::Quota;
 use crate::auth::reject::BadRequest;
 use crate::auth::{Code, Principal, Reject};
+use crate::header_names::{is_asserted, INGRESS_NGINX_REDIRECT};
 use crate::keys::IdentityNames;
 use crate::proxy::handler::{self, Door, Head, Trace, Verdict};
 use crate::proxy::worker::Worker;
@@ -162,10 +163,6 @@ pub fn check_spellings(
     }
 }
 
-/// ingress-nginx's own header on every auth subrequest (where to send a browser back to);
-/// it sits under the default identity prefix and is no identity.
-const INGRESS_NGINX_REDIRECT: &str = "x-auth-request-redirect";
-
 /// The proxy strips every header under the identity prefix (SPEC 8); behind a decision, a
 /// front proxy overwrites only the names keyward answers with (nginx and Envoy cannot
 /// delete by prefix), so a client's `X-Auth-Role` or `X-Auth-User` would reach an app that
@@ -176,15 +173,26 @@ pub fn check_identity_names(
     prefix: &str,
     names: &IdentityNames,
 ) -> Result<(), Reject> {
+    // Header names are lower-case, and so is a validated prefix.
     let unknown = |n: &HeaderName| {
-        let n_bytes = n.as_str().as_bytes();
-        n_bytes.len() >= prefix.len()
-            && n_bytes[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+        n.as_str().starts_with(prefix)
             && !names.all().contains(n)
             && n.as_str() != INGRESS_NGINX_REDIRECT
     };
     match headers.keys().any(unknown) {
         true => Err(Reject::BadRequest(BadRequest::UnknownIdentity)),
+        false => Ok(()),
+    }
+}
+
+/// The proxy strips what other gateways assert about the client (`Remote-User`,
+/// `X-SSL-Client-Verify`, Kong's `X-Consumer-*`, ...) unless the peer is a trusted proxy;
+/// behind a decision the front proxy passes them to the app (nginx cannot delete a family
+/// of names). So a decision request carrying one is refused, unless the front proxy asking
+/// is itself in `trusted_proxies` (it, or an edge before it, set them).
+pub fn check_asserted(headers: &HeaderMap, caller_trusted: bool) -> Result<(), Reject> {
+    match !caller_trusted && headers.keys().any(|n| is_asserted(n.as_str())) {
+        true => Err(Reject::BadRequest(BadRequest::Asserted)),
         false => Ok(()),
     }
 }
@@ -253,6 +261,7 @@ pub async fn handle<B>(
     worker: Worker,
     req: Request<B>,
     allow: Arc<AllowHead>,
+    caller_trusted: bool,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let cid = respond::correlation_id(req.headers(), worker.ids());
@@ -282,6 +291,7 @@ pub async fn handle<B>(
                 &app.names,
             )
         })
+        .and_then(|()| check_asserted(req.headers(), caller_trusted))
         .and_then(|()| original(endpoint, &req));
     let mut method = req.method().clone();
     // The decision request's own target: an abandoned one is logged as such.

@@ -36,6 +36,10 @@ pub async fn serve_on_threads(
         upstream: false,
     };
     let allow = Arc::new(super::AllowHead::new(&app.names));
-    let door = move |app, worker, _conn, req| super::handle(app, worker, req, allow.clone());
+    let door = move |app: Arc<App>, worker, conn: crate::proxy::conn::ConnInfo, req| {
+        // A front proxy in `trusted_proxies` may pass on what an edge before it asserted.
+        let trusted = crate::proxy::headers::is_trusted(&conn, &app.config.trusted_proxies);
+        super::handle(app, worker, req, allow.clone(), trusted)
+    };
     threads::serve_on_threads(app, listener, tls, threads, phase, grace, door).await;
 }

@@ -275,7 +275,17 @@ pub async fn decide<'a>(
     // What an allowed override header makes the app serve is authorized too.
     let alt = match app.config.allow_override_headers.as_slice() {
         [] => None,
-        allowed => overridden(head.headers, allowed, head.method, trace.path())?,
+        allowed => {
+            let query_key = app.policy.credential_query();
+            let unforwarded = query_key.filter(|_| !app.config.forward_credential);
+            overridden(
+                head.headers,
+                allowed,
+                head.method,
+                trace.path(),
+                unforwarded,
+            )?
+        }
     };
     let alt_route = alt.as_ref().map(|a| app.policy.app_route(&a.path));
     // Introspection asks for a valid key but not its scopes (keyward answers it: an

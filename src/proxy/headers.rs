@@ -130,9 +130,20 @@ fn is_trusted_alias(name: &str, identity_prefix: &str) -> bool {
 /// and a CGI/WSGI app would read this one as that.
 pub fn is_misspelled_trusted(name: &HeaderName, identity_prefix: &str) -> bool {
     let n = name.as_str();
-    // The alias tests fail within a byte or two for most names; the scan is for the rest.
+    // Most names start with a letter no list starts with, and have neither `_` nor `.`:
+    // both are looked at before the alias tests, which compare the name with every
+    // forwarding and asserted name.
+    let first = n.as_bytes().first().copied().unwrap_or_default();
+    let listed = matches!(first, b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o')
+        || identity_prefix
+            .as_bytes()
+            .first()
+            .is_some_and(|p| p.eq_ignore_ascii_case(&first));
+    if !listed || !n.bytes().any(|b| b == b'_' || b == b'.') {
+        return false;
+    }
     let trusted = is_trusted_alias(n, identity_prefix);
-    if !(trusted || is_forwarding(n)) || !n.bytes().any(|b| b == b'_' || b == b'.') {
+    if !(trusted || is_forwarding(n)) {
         return false;
     }
     if !trusted {
@@ -228,7 +239,7 @@ pub fn strip_untrusted(headers: &mut HeaderMap, peer_trusted: bool, allowed: &[H
         // Every name of the lists starts with one of these letters.
         matches!(
             n.as_str().as_bytes().first(),
-            Some(b'x' | b'f' | b'c' | b't' | b'r' | b's')
+            Some(b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o')
         ) && ((!peer_trusted && is_forwarding(n.as_str())) || is_override(n, allowed))
     };
     if !headers.keys().any(doomed) {
@@ -342,7 +353,10 @@ mod tests {
         ];
         for name in lists.into_iter().flatten() {
             assert!(
-                matches!(name.as_bytes()[0], b'x' | b'f' | b'c' | b't' | b'r' | b's'),
+                matches!(
+                    name.as_bytes()[0],
+                    b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o'
+                ),
                 "{name}"
             );
         }
