@@ -726,3 +726,46 @@ async fn draining_closes_decision_keep_alive_connections_after_their_next_answer
     let (status, logs, _) = kw.wait_exit().await;
     assert!(status.success(), "{status:?}\n{logs:?}");
 }
+
+/// What other gateways assert about the client (`Remote-User`, a verified client
+/// certificate, Kong's consumer) is stripped by the proxy unless the peer is trusted; a
+/// front proxy would pass it to the app, so a decision request carrying one is refused,
+/// unless the front proxy asking is in `trusted_proxies`.
+#[tokio::test]
+async fn other_gateways_assertions_are_refused_unless_the_caller_is_trusted() {
+    let key = ("x-api-key", SERVICE_KEY);
+    let d = spawn_decider(None, "").await;
+    for endpoint in ENDPOINTS {
+        for (name, value) in [
+            ("remote-user", "admin"),
+            ("x-ssl-client-verify", "SUCCESS"),
+            ("x-consumer-username", "admin"),
+            ("x-authentik-groups", "admins"),
+            ("cf-access-authenticated-user-email", "a@example.com"),
+        ] {
+            let r = decide(&d, endpoint, "GET", "/v1/items", &[key, (name, value)]).await;
+            assert_eq!(r.status, 400, "{endpoint} {name}: {}", r.text());
+            assert_eq!(r.code(), "bad_request");
+        }
+        // ingress-nginx's own header, and the forwarding headers front proxies set.
+        for (name, value) in [
+            ("x-auth-request-redirect", "/back"),
+            ("x-forwarded-for", "203.0.113.7"),
+        ] {
+            let r = decide(&d, endpoint, "GET", "/v1/items", &[key, (name, value)]).await;
+            assert_eq!(r.status, 200, "{endpoint} {name}: {}", r.text());
+        }
+    }
+    d.shutdown().await;
+    let d = spawn_decider(None, "trusted_proxies: [127.0.0.1]\n").await;
+    let r = decide(
+        &d,
+        AUTH_REQUEST,
+        "GET",
+        "/v1/items",
+        &[key, ("remote-user", "admin")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    d.shutdown().await;
+}

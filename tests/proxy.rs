@@ -830,7 +830,12 @@ async fn what_an_allowed_override_names_is_authorized_too() {
         (401, "invalid_auth_header".into())
     );
     // Ambiguous or not in normal form: refused.
-    for over in [(m, "DELETE, GET"), (u, "/v1/../admin/x"), (u, "admin")] {
+    for over in [
+        (m, "DELETE, GET"),
+        (u, "/v1/../admin/x"),
+        (u, "admin"),
+        (u, "/public/x#/../../admin/x"),
+    ] {
         let r = send(Some(ENTERPRISE_KEY), "/v1/items", over).await;
         assert_eq!(
             (r.status.as_u16(), r.code()),
