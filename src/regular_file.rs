@@ -8,8 +8,11 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 
-/// Open `path` if it is a regular file of at most `max` bytes: checked before opening
-/// (opening a FIFO blocks) and again on what was opened (the path may have been swapped).
+/// Open `path` if it is a regular file of at most `max` bytes: checked before opening and
+/// again on what was opened (the path may have been swapped in between). It is opened
+/// non-blocking, so a FIFO swapped in meanwhile does not block the open, and a file that
+/// says it is regular but has nothing to give yet (`/proc/kmsg`) fails the read instead of
+/// blocking it.
 pub fn open(path: &Path, max: u64) -> io::Result<File> {
     let check = |meta: std::fs::Metadata| {
         if !meta.is_file() {
@@ -27,7 +30,13 @@ pub fn open(path: &Path, max: u64) -> io::Result<File> {
         Ok(())
     };
     check(std::fs::metadata(path)?)?;
-    let file = File::open(path)?;
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?
+    };
     check(file.metadata()?)?;
     Ok(file)
 }
@@ -70,5 +79,22 @@ mod tests {
             .to_string()
             .contains("larger than 1024"));
         assert_eq!(read(&big, 2048).unwrap().len(), 2048);
+    }
+
+    /// procfs files say they are regular and empty; one with nothing to read yet fails
+    /// the read rather than blocking it (`/proc/kmsg` needs root to open; skipped without).
+    #[test]
+    fn a_proc_file_that_would_block_fails_instead() {
+        let kmsg = Path::new("/proc/kmsg");
+        if std::fs::File::open(kmsg).is_err() {
+            return;
+        }
+        let done = std::sync::mpsc::channel();
+        let tx = done.0;
+        std::thread::spawn(move || {
+            let _ = tx.send(read(kmsg, 1024).map(|b| b.len()));
+        });
+        let got = done.1.recv_timeout(std::time::Duration::from_secs(5));
+        assert!(got.is_ok(), "the read blocked");
     }
 }
