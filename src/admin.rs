@@ -323,13 +323,11 @@ async fn put_snapshot(
         Ok(created) => created,
         Err(e) => return persist_failed(app, e),
     };
-    match write_body(req.into_body(), MAX_SNAPSHOT_BYTES, file).await {
-        Ok(()) => {}
-        Err(BodyError::Body(e)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_snapshot", e),
-        Err(BodyError::Write(e)) => {
-            let path = spool.path().to_owned();
-            return persist_failed(app, LoadError::Io { path, source: e });
-        }
+    if let Err(e) = write_body(req.into_body(), MAX_SNAPSHOT_BYTES, file).await {
+        let path = spool.path().to_owned();
+        return body_error(e, |source| {
+            persist_failed(app, LoadError::Io { path, source })
+        });
     }
     // Parsing a large snapshot is CPU work: keep it off the async workers.
     let app2 = app.clone();
@@ -474,12 +472,10 @@ async fn dry_run(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
         Ok(created) => created,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e),
     };
-    match write_body(req.into_body(), MAX_SNAPSHOT_BYTES, file).await {
-        Ok(()) => {}
-        Err(BodyError::Body(e)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "bad_snapshot", e),
-        Err(BodyError::Write(e)) => {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e)
-        }
+    if let Err(e) = write_body(req.into_body(), MAX_SNAPSHOT_BYTES, file).await {
+        return body_error(e, |e| {
+            error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e)
+        });
     }
     let fleet = fleet_last_used(app).await;
     let app2 = app.clone();
@@ -524,6 +520,31 @@ enum BodyError {
     /// Over the limit, or the client's body broke off.
     Body(BoxError),
     Write(std::io::Error),
+    /// Nothing arrived for [`BODY_IDLE`], or the whole body took over [`BODY_DEADLINE`].
+    Stalled,
+}
+
+/// Longest wait for the next piece of a pushed body, and for all of it (512 MiB at under
+/// 1 MB/s). A push holds the only turn ([`App::pushes`]): a client that stops sending (a
+/// CI runner that vanished without a FIN) would otherwise block every push until restart.
+const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The answer to a body that could not be written: too large or broken (413), stalled
+/// (408), or the disk refused it (`write_failed`).
+fn body_error(
+    e: BodyError,
+    write_failed: impl FnOnce(std::io::Error) -> Response<AdminBody>,
+) -> Response<AdminBody> {
+    match e {
+        BodyError::Body(e) => error(StatusCode::PAYLOAD_TOO_LARGE, "bad_snapshot", e),
+        BodyError::Stalled => error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_stalled",
+            "the body stopped arriving (10 s without a byte, or 10 min in all)",
+        ),
+        BodyError::Write(e) => write_failed(e),
+    }
 }
 
 /// Write the whole body, up to `limit` bytes, to `file` as it arrives: a push is never held
@@ -533,9 +554,23 @@ where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
+    tokio::time::timeout(BODY_DEADLINE, write_body_paced(body, limit, file))
+        .await
+        .unwrap_or(Err(BodyError::Stalled))
+}
+
+async fn write_body_paced<B>(body: B, limit: usize, file: std::fs::File) -> Result<(), BodyError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
     let mut file = tokio::fs::File::from_std(file);
     let mut body = std::pin::pin!(Limited::new(body, limit));
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::time::timeout(BODY_IDLE, body.frame())
+            .await
+            .map_err(|_| BodyError::Stalled)?;
+        let Some(frame) = frame else { break };
         if let Ok(data) = frame.map_err(BodyError::Body)?.into_data() {
             file.write_all(data.chunk())
                 .await

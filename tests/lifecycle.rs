@@ -987,7 +987,7 @@ async fn a_revoke_that_cannot_be_persisted_is_in_force_all_the_same() {
 
 /// Pushes are read one at a time (each may spool 512 MiB and parse at many times its
 /// size): while one is being sent, another (a dry run too) waits a moment, then gets 409
-/// `push_in_progress`; once the first is done, pushes go through again.
+/// `push_in_progress`; a body that stops arriving is answered 408 and gives the turn back.
 #[tokio::test]
 async fn snapshot_pushes_are_read_one_at_a_time() {
     use tokio::io::AsyncWriteExt;
@@ -1020,7 +1020,12 @@ async fn snapshot_pushes_are_read_one_at_a_time() {
         r.status == 409 && r.code() == "push_in_progress"
     })
     .await;
-    drop(slow);
+    // A body that stops arriving gives the turn back (10 s without a byte): 408.
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), read_response(&mut slow))
+        .await
+        .expect("the stalled push is answered");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_stalled"), "{answer}");
     let r = send("PUT", &url, &ah, DEMO_KEYS.as_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     kw.shutdown().await;
