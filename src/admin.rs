@@ -35,10 +35,47 @@ type AdminBody = Full<Bytes>;
 /// Past it a connection is closed at accept.
 pub const MAX_CONNECTIONS: usize = 256;
 
+/// Most admin connections open at once from one address: one client holding every slot
+/// would keep the kubelet's probes (from the node's address) out, and the pod would be
+/// taken out of its Service, then restarted.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 32;
+
+/// Open admin connections by peer address; a [`PeerSlot`] gives its place back when the
+/// connection ends.
+#[derive(Default)]
+struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+struct PeerSlot(Arc<PerPeer>, std::net::IpAddr);
+
+impl PerPeer {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Serve the admin API until `stop` resolves.
 pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_peer = Arc::new(PerPeer::default());
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -51,6 +88,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
                 }
             },
             () = &mut stop => break,
+        };
+        let Some(peer_slot) = per_peer.take(peer.ip()) else {
+            debug!(%peer, "admin connection closed at accept: {MAX_CONNECTIONS_PER_PEER} open from it");
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(%peer, "admin connection closed at accept: {MAX_CONNECTIONS} open");
@@ -70,7 +111,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "admin connection error");
             }
-            drop(slot);
+            drop((slot, peer_slot));
         });
     }
     drop(listener);

@@ -1213,27 +1213,47 @@ async fn h2_rapid_reset_flood_gets_goaway() {
     kw.shutdown().await;
 }
 
-/// The admin listener has a bound of its own: clients that open admin connections and send
-/// nothing cannot take every file descriptor (the proxy listener would stop accepting);
-/// past the bound an admin connection is closed at accept, and traffic goes on.
+/// The admin listener has bounds of its own: clients that open admin connections and send
+/// nothing cannot take every file descriptor (the proxy listener would stop accepting),
+/// and one address cannot take every admin slot (the kubelet's probes, from another
+/// address, still get in). Past a bound an admin connection is closed at accept.
 #[tokio::test]
-async fn admin_connections_have_a_bound_of_their_own() {
+async fn admin_connections_have_bounds_of_their_own() {
+    use keyward::admin::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER};
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;
+    let from = |last: u8| async move {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from(([127, 0, 0, last], 0))).unwrap();
+        s.connect(kw.admin).await.unwrap()
+    };
+    let closed_at_accept = |mut s: TcpStream| async move {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("closed at accept, not left waiting")
+            .unwrap_or(0);
+        n == 0
+    };
     let mut held = Vec::new();
-    for _ in 0..keyward::admin::MAX_CONNECTIONS {
-        let mut s = TcpStream::connect(kw.admin).await.unwrap();
-        s.write_all(b"GET /readyz HTTP/1.1\r\n").await.unwrap();
-        held.push(s);
+    let peers = MAX_CONNECTIONS / MAX_CONNECTIONS_PER_PEER;
+    for peer in 0..peers {
+        for _ in 0..MAX_CONNECTIONS_PER_PEER {
+            let mut s = from(10 + peer as u8).await;
+            s.write_all(b"GET /readyz HTTP/1.1\r\n").await.unwrap();
+            held.push(s);
+        }
+        if peer == 0 {
+            // One address holds its share: another one still gets in.
+            assert!(
+                closed_at_accept(from(10).await).await,
+                "past the share of one peer"
+            );
+            assert_eq!(support::child::readyz(kw.admin).await, Some(200));
+        }
     }
     // Accepted in order: once one more is closed at once, every slot is taken.
-    let mut extra = TcpStream::connect(kw.admin).await.unwrap();
-    let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
-        .await
-        .expect("closed at accept, not left waiting")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "no answer past the bound");
+    assert!(closed_at_accept(from(200).await).await, "past the bound");
     let r = get(&kw.url("/v1/x"), &[("x-api-key", KEY)]).await;
     assert_eq!(r.status, 200, "traffic is not starved");
     held.truncate(10);
