@@ -1030,3 +1030,39 @@ async fn snapshot_pushes_are_read_one_at_a_time() {
     assert_eq!(r.status, 200, "{}", r.text());
     kw.shutdown().await;
 }
+
+/// `limits.max_connection_age` closes each client connection gracefully once it is that
+/// old (so a CA removed from `client_ca`, or a scale-out, reaches kept-alive clients): an
+/// idle one is closed, and a request in flight at that moment gets its whole response.
+#[tokio::test]
+async fn connections_are_closed_gracefully_at_max_connection_age() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream()
+        .route("/slow", Reply::After(std::time::Duration::from_millis(600)))
+        .spawn()
+        .await;
+    let kw = spawn_proxy(up.addr, "limits: { max_connection_age: 300ms }\n").await;
+    let req =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a\r\nx-api-key: {SERVICE_KEY}\r\n\r\n");
+    // Idle past its age: closed.
+    let mut idle = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
+    idle.write_all(req("/v1/first").as_bytes()).await.unwrap();
+    assert!(read_response(&mut idle).await.starts_with("HTTP/1.1 200"));
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("closed once aged")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // In flight when it ages: answered whole, then closed.
+    let mut busy = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
+    busy.write_all(req("/slow").as_bytes()).await.unwrap();
+    let answer = read_response(&mut busy).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), busy.read(&mut buf))
+        .await
+        .expect("closed after its response")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    kw.shutdown().await;
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::error::{invalid, ConfigError};
-use super::yaml::de_duration;
+use super::yaml::{de_duration, de_opt_duration};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -39,6 +39,13 @@ pub struct Limits {
     /// closed.
     #[serde(deserialize_with = "de_duration")]
     pub tunnel_idle_timeout: Duration,
+    /// How long a client connection may live before it is closed gracefully (HTTP/2
+    /// GOAWAY; HTTP/1.1 after its response in flight): what changed since its handshake (a
+    /// CA removed from `client_ca`, a rotated certificate) then reaches every client, and
+    /// connections spread again over replicas that scaled out. None: no bound (Envoy's
+    /// `max_connection_duration`).
+    #[serde(deserialize_with = "de_opt_duration")]
+    pub max_connection_age: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -59,6 +66,7 @@ impl Default for Limits {
             upstream_max_idle_per_host: 256,
             write_stall_timeout: Duration::from_secs(30),
             tunnel_idle_timeout: Duration::from_secs(3600),
+            max_connection_age: None,
         }
     }
 }
@@ -95,6 +103,10 @@ impl Limits {
             ("limits.upstream_timeout", l.upstream_timeout),
             ("limits.write_stall_timeout", l.write_stall_timeout),
             ("limits.tunnel_idle_timeout", l.tunnel_idle_timeout),
+            (
+                "limits.max_connection_age",
+                l.max_connection_age.unwrap_or(Duration::MAX),
+            ),
         ];
         for (field, d) in durations {
             if d.is_zero() {

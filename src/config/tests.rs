@@ -193,6 +193,7 @@ fn scopes_methods_and_prefixes_are_checked() {
 
 #[test]
 fn admin_identity_and_limits_are_checked() {
+    assert!(err("limits: { max_connection_age: 0s }\n").contains("limits.max_connection_age"));
     assert!(err("admin: { token_sha256: abc }\n").contains("admin.token_sha256"));
     assert!(err("identity_headers: { prefix: X_Auth }\n").contains("identity_headers.prefix"));
     assert!(err("limits: { max_connections: 0 }\n").contains("limits.max_connections"));

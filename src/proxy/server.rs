@@ -59,6 +59,21 @@ async fn after(phase: &mut watch::Receiver<Phase>, told: Phase) -> Phase {
     next.map_or(Phase::Closing, |p| *p)
 }
 
+/// [`after`], or [`Phase::Closing`] once the connection is `aged_at`.
+async fn after_or_aged(
+    phase: &mut watch::Receiver<Phase>,
+    told: Phase,
+    aged_at: Option<Instant>,
+) -> Phase {
+    let Some(at) = aged_at else {
+        return after(phase, told).await;
+    };
+    tokio::select! {
+        next = after(phase, told) => next,
+        () = tokio::time::sleep_until(at) => Phase::Closing,
+    }
+}
+
 /// How long a connection that never completed a request head may take to close once told.
 const UNSERVED_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -255,6 +270,12 @@ async fn serve_conn<I, D, F>(
     };
     let peer = conn.peer;
     let accounts = worker.clone();
+    // `limits.max_connection_age`: closed as at the end of a drain, this connection alone.
+    let aged_at = app
+        .config
+        .limits
+        .max_connection_age
+        .map(|age| Instant::now() + age);
     let activity = Arc::new(Activity::new(first_request, idle_timeout));
     let requests = activity.clone();
     let service = move |req: Request<RequestBody>| {
@@ -285,7 +306,7 @@ async fn serve_conn<I, D, F>(
     let mut told = Phase::Serving;
     let side = Arc::new(SideWaker::default());
     let result = loop {
-        let drained = after(&mut drain, told);
+        let drained = after_or_aged(&mut drain, told, aged_at);
         let watchdog = activity.idle_for(stall);
         tokio::pin!(drained, watchdog);
         let event = next_event(connection.as_mut(), drained, watchdog, closing, &side).await;
