@@ -509,7 +509,10 @@ async fn dry_run(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
         KeySource::Control { state_file, .. } => state_file.clone(),
         KeySource::File(_) => std::env::temp_dir().join("keyward-dry-run"),
     };
-    let (spool, file) = match source::Spool::create(&spool_beside) {
+    // A dry run installs nothing: a read-only state volume must not stop it.
+    let created = source::Spool::create(&spool_beside)
+        .or_else(|_| source::Spool::create(&std::env::temp_dir().join("keyward-dry-run")));
+    let (spool, file) = match created {
         Ok(created) => created,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", e),
     };
