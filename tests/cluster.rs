@@ -517,6 +517,9 @@ async fn usage_is_flushed_in_one_call_a_second() {
     let up = spawn_upstream().await;
     let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
     let scripts = || async { redis.calls("evalsha").await + redis.calls("eval").await };
+    // Full reads counted from before the first script count to after the last: one that
+    // straddles either is subtracted whole, never counted as flushes.
+    let reads = redis.calls("hlen").await;
     let (before, start) = (scripts().await, Instant::now());
     for _ in 0..50 {
         for key in [FREE, OTHER] {
@@ -530,8 +533,12 @@ async fn usage_is_flushed_in_one_call_a_second() {
             && counts.get("key_other").map(String::as_str) == Some("50")
     })
     .await;
-    // Unlimited keys and no revokes: every script call here is a usage flush.
-    let calls = scripts().await - before;
+    // Unlimited keys and no revokes: every script call here is a usage flush, or one of
+    // the revocation set's full reads, three scripts each (its size and version: the one
+    // HLEN; a page; the version again).
+    let scripts = scripts().await - before;
+    let reads = redis.calls("hlen").await - reads;
+    let calls = scripts.saturating_sub(3 * reads);
     let seconds = start.elapsed().as_secs_f64();
     println!("100 requests over 2 keys: {calls} flush calls in {seconds:.1}s");
     assert!(
@@ -950,4 +957,98 @@ async fn a_usage_report_reads_only_the_snapshots_keys() {
     assert_eq!(keys[0]["requests"], 1);
     assert_eq!(redis.calls("hgetall").await, 0, "read whole");
     assert!(r.body.len() < 4096);
+}
+
+/// Single fields and messages are read within a bound (Redis is anyone's to write): a
+/// version, a stored entry or a published message of megabytes is not sent here, nor
+/// parsed; each is counted (`op="oversize"`), Redis is never marked down for it, and a
+/// revoke still reaches the other replica at once. Before, every replica read a 100 MiB
+/// version whole twice a second (hundreds of MB each, revokes 5 s late), and a published
+/// lift made each one read its 100 MiB entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_fields_and_messages_in_redis_are_not_read() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "deny", &keys()).await;
+    let b = ready_replica(up.addr, redis.port, "deny", &keys()).await;
+    let r = admin_post(&a, "key_other", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually("b refuses the revoked key", || async {
+        call(&b, OTHER).await.status == 401
+    })
+    .await;
+    let oversize = "keyward_cluster_errors_total{op=\"oversize\"}";
+    let count = |kw| async move { metric(kw, oversize).await.unwrap_or(0.0) };
+    let huge = "1".repeat(4 << 20);
+    let events = "keyward:revocations:events";
+
+    // A message past the bound: dropped unparsed.
+    let _: i64 = redis.cmd(&["PUBLISH", events, &huge]).await;
+    eventually("the message is refused", || async {
+        count(&b).await == 1.0
+    })
+    .await;
+
+    // A lift whose stored entry is huge: the read back is refused, the revoke holds.
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:revocations", &sha(OTHER), &huge])
+        .await;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    let lift = format!("{}\n{now_us}|0|key_other", sha(OTHER));
+    let _: i64 = redis.cmd(&["PUBLISH", events, &lift]).await;
+    eventually("the lift's entry is refused", || async {
+        count(&b).await == 2.0
+    })
+    .await;
+    assert_eq!(call(&b, OTHER).await.code(), "disabled_api_key");
+
+    // A huge version: not read, counted; the next write-back replaces it.
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:revocations", "version", &huge])
+        .await;
+    eventually("the version is refused", || async {
+        count(&b).await >= 3.0
+    })
+    .await;
+    eventually("written back over the junk", || async {
+        redis
+            .hget("keyward:revocations", "version")
+            .await
+            .is_some_and(|v| v.len() < 64)
+    })
+    .await;
+    let t0 = Instant::now();
+    let r = admin_post(&a, "key_free", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually("b refuses the new revoke", || async {
+        call(&b, FREE).await.status == 401
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!(call(&b, OTHER).await.code(), "disabled_api_key");
+    for kw in [&a, &b] {
+        assert_eq!(call(kw, LIMITED).await.status, 200, "redis marked down");
+        assert_eq!(metric(kw, "keyward_cluster_up").await, Some(1.0));
+        let series = "keyward_cluster_errors_total{op=\"read_revocations\"}";
+        assert_eq!(metric(kw, series).await, Some(0.0));
+    }
+}
+
+/// A limiter state of megabytes (another writer's) is not copied into the script on each
+/// check (STRLEN first): it counts as none, and the check's own state replaces it.
+#[tokio::test]
+async fn a_huge_limiter_state_is_not_read_and_is_replaced() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "deny", &keys()).await;
+    let huge = "1".repeat(4 << 20);
+    let _: String = redis.cmd(&["SET", "keyward:rl:{key_limited}", &huge]).await;
+    let gets = redis.calls("get").await;
+    assert_eq!(call(&kw, LIMITED).await.status, 200);
+    assert_eq!(redis.calls("get").await, gets, "the state was read");
+    let n: String = redis.cmd(&["GET", "keyward:rl:{key_limited}"]).await;
+    assert!(n.parse::<f64>().is_ok_and(|v| v.is_finite()), "{n}");
 }

@@ -32,10 +32,15 @@ local tolerance = interval * burst
 -- A value of another type there (another writer's) would fail every check for good.
 -- UNLINK, not DEL: a large one is freed off Redis's main thread, not while every other
 -- client (this key's next check among them) waits.
-local stored = redis.pcall('GET', KEYS[1])
-if type(stored) == 'table' and stored.err then
+-- STRLEN first: a state this script writes has at most 20 digits, and a longer string
+-- (another writer's, up to 512 MB) is not copied into the script on every check: it counts
+-- as none, and the SET below replaces it.
+local len = redis.pcall('STRLEN', KEYS[1])
+local stored = nil
+if type(len) == 'table' and len.err then
   redis.call('UNLINK', KEYS[1])
-  stored = nil
+elseif len <= 32 then
+  stored = redis.call('GET', KEYS[1])
 end
 local tat = tonumber(stored) or now
 -- NaN (`nan` parses) compares false with everything: it would never be replaced.

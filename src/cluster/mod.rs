@@ -10,6 +10,7 @@
 //! connection (redis-rs `ConnectionManager`); the rate limiter, on the request path, uses
 //! one connection per calling thread ([`thread_conn`]).
 
+pub mod bounded;
 pub mod limiter;
 pub mod metrics;
 pub mod revocations;

@@ -42,6 +42,7 @@ use tracing::{info, warn};
 use crate::auth::{Decision, Reject};
 use crate::keys::{Digest, Key};
 
+use super::bounded::{BoundedRead, Field};
 use super::metrics::Op;
 use super::{now_micros, Cluster, ClusterError};
 
@@ -86,6 +87,16 @@ const PAGE: u32 = 1000;
 /// by the page script, so one huge value cannot make a huge reply.
 const MAX_ENTRY_BYTES: usize = 160;
 
+/// The longest [`VERSION`] read: the script writes `epoch.count`, 16 digits, a dot and a
+/// count, well within this. A longer one (not keyward's) is not sent (see
+/// [`super::bounded`]): it counts as a version of its own, and the script's next write
+/// replaces it.
+const MAX_VERSION_BYTES: usize = 64;
+
+/// The longest pub/sub message parsed: `digest-hex\nentry`. Anyone who can reach Redis can
+/// publish; a longer message is counted (`op="oversize"`) and dropped unread.
+const MAX_MESSAGE_BYTES: usize = 64 + 1 + MAX_ENTRY_BYTES;
+
 /// One page of a full read: `HSCAN` from cursor `ARGV[1]` (`COUNT` `ARGV[2]`), returning
 /// the next cursor, how many fields the page held, then field, value, ... for the fields
 /// of at most 64 bytes whose value is at most `ARGV[3]` bytes (digests, [`WHOLE`],
@@ -119,7 +130,10 @@ local latest = tonumber(ARGV[3])
 local stored, last = 0, 0
 for i = 4, #ARGV, 3 do
   local at = tonumber(ARGV[i + 2])
-  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  -- A value past MAX_ENTRY_BYTES (160) is not keyward's: counted as none, and replaced,
+  -- without copying it into the script.
+  local cur = false
+  if redis.call('HSTRLEN', KEYS[1], ARGV[i]) <= 160 then cur = redis.call('HGET', KEYS[1], ARGV[i]) end
   local cur_at = cur and tonumber(string.match(cur, '^(%d+)|'))
   if cur_at and cur_at > latest then cur_at = nil end
   local take = true
@@ -136,7 +150,9 @@ for i = 4, #ARGV, 3 do
 end
 if whole then redis.call('HSET', KEYS[1], 'whole', '1') end
 if stored > 0 or whole then
-  local v = redis.call('HGET', KEYS[1], 'version')
+  -- Past MAX_VERSION_BYTES (64) it is not keyward's: a new epoch replaces it.
+  local v = false
+  if redis.call('HSTRLEN', KEYS[1], 'version') <= 64 then v = redis.call('HGET', KEYS[1], 'version') end
   local epoch, count = nil, 0
   if v then epoch, count = string.match(v, '^(%d+)%.(%d+)$') end
   if not epoch then
@@ -226,7 +242,7 @@ pub struct Revocations {
     /// [`RESTORE_SETTLE`]).
     unrestored_since: Mutex<Option<std::time::Instant>>,
     /// The [`VERSION`] the last full read found, and when it ran.
-    last_full: Mutex<Option<(Option<String>, std::time::Instant)>>,
+    last_full: Mutex<Option<(Field, std::time::Instant)>>,
     /// Redis came back since the last full read: read whole next time.
     full_read_due: AtomicBool,
     /// [`Cluster::downs`] as it was when the last full read (or refusal) last talked to
@@ -234,6 +250,10 @@ pub struct Revocations {
     read_after_downs: std::sync::atomic::AtomicU64,
     /// The hash was found past [`MAX_FIELDS`] and that was logged; cleared by a read.
     said_oversize: AtomicBool,
+    /// A field or message past its bound was logged (once for the life of the process:
+    /// each one is counted in `op="oversize"`).
+    said_oversize_field: AtomicBool,
+    fields: BoundedRead,
     script: redis::Script,
     page: redis::Script,
 }
@@ -241,9 +261,9 @@ pub struct Revocations {
 /// What a full read found.
 enum Read {
     /// Every field, read while the version stayed the one given.
-    Whole(HashMap<String, String>, Option<String>),
+    Whole(HashMap<String, String>, Field),
     /// The hash holds more than [`MAX_FIELDS`] fields: not read.
-    Oversize(Option<String>),
+    Oversize(Field),
     /// The version moved during the read (a write raced it): these fields, not to be
     /// taken as the whole hash.
     Raced(HashMap<String, String>),
@@ -270,6 +290,8 @@ impl Revocations {
             full_read_due: AtomicBool::new(false),
             read_after_downs: std::sync::atomic::AtomicU64::new(u64::MAX),
             said_oversize: AtomicBool::new(false),
+            said_oversize_field: AtomicBool::new(false),
+            fields: BoundedRead::default(),
             script: redis::Script::new(WRITE),
             page: redis::Script::new(PAGE_READ),
         }
@@ -429,8 +451,14 @@ impl Revocations {
             self.merge([(digest, entry)], Origin::Remote);
             return;
         }
-        let stored = hget(cluster, &cluster.key("revocations"), field).await;
-        if let Some(entry) = stored.ok().flatten().as_deref().and_then(Entry::decode) {
+        let hash = cluster.key("revocations");
+        let stored = self.field(cluster, &hash, field, MAX_ENTRY_BYTES).await;
+        if let Some(entry) = stored
+            .ok()
+            .as_ref()
+            .and_then(Field::value)
+            .and_then(Entry::decode)
+        {
             self.merge([(digest, entry)], Origin::Remote);
         }
     }
@@ -490,6 +518,40 @@ impl Revocations {
         Ok(())
     }
 
+    /// One field of the revocation hash, sent only within `max` bytes ([`super::bounded`]).
+    async fn field(
+        &self,
+        cluster: &Cluster,
+        hash: &str,
+        field: &str,
+        max: usize,
+    ) -> Result<Field, ClusterError> {
+        let (_, mut fields) = self
+            .fields
+            .read(cluster, Op::ReadRevocations, hash, max, false, &[field])
+            .await?;
+        self.said_field(hash, &fields);
+        Ok(fields.pop().unwrap_or(Field::Absent))
+    }
+
+    /// Say once that something past its bound was left unread (its place, never its
+    /// contents); every one is counted in `op="oversize"`.
+    fn said_field(&self, place: &str, fields: &[Field]) {
+        let Some(bytes) = fields.iter().find_map(|f| match f {
+            Field::Oversize(n) => Some(*n),
+            _ => None,
+        }) else {
+            return;
+        };
+        if !self.said_oversize_field.swap(true, Ordering::AcqRel) {
+            warn!(
+                place,
+                bytes,
+                "a revocation value or message in redis is too large to read (not keyward's writing?); ignored"
+            );
+        }
+    }
+
     fn origin(&self) -> Origin {
         if self.loaded.load(Ordering::Acquire) {
             Origin::Remote
@@ -505,20 +567,20 @@ impl Revocations {
     /// under is [`Read::Raced`], never taken as the whole hash (the [`WHOLE`] field must not
     /// vouch for entries a racing write-back added after their page was read).
     async fn read_whole(&self, cluster: &Cluster, hash: &str) -> Result<Read, ClusterError> {
-        let (len, version): (u64, Option<String>) = {
-            let hash = hash.to_owned();
-            cluster
-                .call(Op::ReadRevocations, |mut c| async move {
-                    redis::pipe()
-                        .cmd("HLEN")
-                        .arg(&hash)
-                        .cmd("HGET")
-                        .arg(&hash)
-                        .arg(VERSION)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?
+        let (len, version) = {
+            let (len, mut fields) = self
+                .fields
+                .read(
+                    cluster,
+                    Op::ReadRevocations,
+                    hash,
+                    MAX_VERSION_BYTES,
+                    true,
+                    &[VERSION],
+                )
+                .await?;
+            self.said_field(hash, &fields);
+            (len.unwrap_or(0), fields.pop().unwrap_or(Field::Absent))
         };
         if len > MAX_FIELDS {
             return Ok(self.refuse(cluster, hash, len, version));
@@ -563,7 +625,9 @@ impl Revocations {
         // Sampled before the last call: an outage during the scan (its own slowness, say)
         // is one this read has seen past.
         let downs = cluster.downs();
-        let now = hget(cluster, hash, VERSION).await?;
+        let now = self
+            .field(cluster, hash, VERSION, MAX_VERSION_BYTES)
+            .await?;
         if now != version {
             return Ok(Read::Raced(remote));
         }
@@ -576,7 +640,7 @@ impl Revocations {
 
     /// Refuse a hash past the bound: count it, say it once (its name, never its contents),
     /// and keep the set held.
-    fn refuse(&self, cluster: &Cluster, hash: &str, fields: u64, version: Option<String>) -> Read {
+    fn refuse(&self, cluster: &Cluster, hash: &str, fields: u64, version: Field) -> Read {
         cluster.metrics.error(Op::Oversize);
         self.read_after_downs
             .store(cluster.downs(), Ordering::Release);
@@ -601,11 +665,17 @@ impl Revocations {
             return Ok(false);
         }
         let seen = match &*self.last_full.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((Some(version), at)) if at.elapsed() < FULL_READ_EVERY => version.clone(),
+            Some((version, at)) if *version != Field::Absent && at.elapsed() < FULL_READ_EVERY => {
+                version.clone()
+            }
             _ => return Ok(false),
         };
-        let now = hget(cluster, hash, VERSION).await?;
-        Ok(now.as_deref() == Some(seen.as_str()))
+        // An oversized version is compared by its length: junk that stays put does not call
+        // for a full read every interval, and keyward's next write replaces it.
+        let now = self
+            .field(cluster, hash, VERSION, MAX_VERSION_BYTES)
+            .await?;
+        Ok(now == seen)
     }
 
     /// Before the first complete read: true while the hash has lacked [`WHOLE`] for less
@@ -672,8 +742,15 @@ impl Revocations {
                     Ok(()) => {
                         let mut messages = ps.on_message();
                         while let Some(msg) = messages.next().await {
-                            if let Ok(payload) = msg.get_payload::<String>() {
-                                self.on_message(&cluster, &payload).await;
+                            // Bounded before it is copied or parsed: anyone can publish.
+                            let bytes = msg.get_payload_bytes();
+                            if bytes.len() > MAX_MESSAGE_BYTES {
+                                cluster.metrics.error(Op::Oversize);
+                                self.said_field(&channel, &[Field::Oversize(bytes.len() as u64)]);
+                                continue;
+                            }
+                            if let Ok(payload) = std::str::from_utf8(bytes) {
+                                self.on_message(&cluster, payload).await;
                             }
                         }
                         warn!("revocation subscription lost; resubscribing");
@@ -700,20 +777,6 @@ fn decode(remote: HashMap<String, String>) -> Set {
         .into_iter()
         .filter_map(|(field, v)| Some((field_digest(&field)?, Entry::decode(&v)?)))
         .collect()
-}
-
-/// One field of the revocation hash.
-async fn hget(cluster: &Cluster, hash: &str, field: &str) -> Result<Option<String>, ClusterError> {
-    let (hash, field) = (hash.to_owned(), field.to_owned());
-    cluster
-        .call(Op::ReadRevocations, |mut c| async move {
-            redis::cmd("HGET")
-                .arg(hash)
-                .arg(field)
-                .query_async(&mut c)
-                .await
-        })
-        .await
 }
 
 #[cfg(test)]
