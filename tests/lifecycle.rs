@@ -887,60 +887,21 @@ async fn a_tunnel_open_past_grace_is_cut_and_the_process_exits() {
 }
 
 /// A state file is one replica's: a second keyward on the same `keys.control.state_file`
-/// refuses to start, naming the setting, rather than rewrite the file from its own snapshot
-/// and undo the first one's revokes (the first's revoke then lives on in the file, and is
-/// what the second loads once the first is gone).
+/// does not start beside the first (it would rewrite the file from its own snapshot and
+/// undo the first one's revokes): it waits for the lock, saying so (a rolling update's new
+/// pod while the old one drains), and starts once the first is gone, on what the first
+/// left, its revoke included. Past `STATE_LOCK_WAIT` (30 s) it refuses to start, naming
+/// the setting (`keys::spool` tests).
 #[tokio::test]
-async fn a_second_keyward_on_the_same_state_file_refuses_to_start() {
+async fn a_second_keyward_on_the_same_state_file_waits_for_the_first() {
     let up = spawn_upstream().await;
     let state = tempfile::tempdir().unwrap();
     let state_file = state.path().join("state.yaml");
     std::fs::write(&state_file, DEMO_KEYS).unwrap();
     let a = process(up.addr, |c| c.control(&state_file)).await;
-
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = config::ConfigBuilder::new(up.addr, &dir.path().join("keys.yaml"))
-        .control(&state_file)
-        .yaml();
-    let config = dir.path().join("keyward.yaml");
-    std::fs::write(&config, &yaml).unwrap();
-    let second = support::child::command(&["run", "--config", config.to_str().unwrap()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = second.id();
-    let out = tokio::task::spawn_blocking(move || second.wait_with_output());
-    let Ok(out) = tokio::time::timeout(Duration::from_secs(15), out).await else {
-        let _ = std::process::Command::new("kill")
-            .arg(pid.to_string())
-            .status();
-        panic!("a second keyward on the same state file started");
-    };
-    let out = out.unwrap().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("keys.control.state_file") && stderr.contains("another keyward holds it"),
-        "{stderr}"
-    );
-
-    let auth = admin_auth();
-    let r = send(
-        "POST",
-        &a.admin_url("/v1/keys/key_demo_service/disable"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let (status, logs, _) = a.terminate().await;
-    assert!(status.success(), "{logs:?}");
-
-    let b = Keyward::start(dir, &yaml, &[]).await;
-    let r = get(&b.url("/v1/x"), &[("x-api-key", SERVICE_KEY)]).await;
-    assert_eq!(r.code(), "disabled_api_key", "the first one's revoke holds");
+    let (_dir, mut second) = Second::start(up.addr, &state_file);
+    second.until("waiting for the state file lock").await;
+    second_waits_while_the_first_revokes(a, second).await;
 }
 
 /// An emergency revoke fails closed: when the state file cannot be replaced (here a
@@ -1065,4 +1026,115 @@ async fn connections_are_closed_gracefully_at_max_connection_age() {
         .unwrap_or(0);
     assert_eq!(n, 0);
     kw.shutdown().await;
+
+/// A second `keyward run` on `state_file` (its own config dir), its output read line by
+/// line as it comes: the lock wait happens before the start-up line.
+struct Second {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    seen: Vec<String>,
+}
+
+impl Second {
+    fn start(up: std::net::SocketAddr, state_file: &std::path::Path) -> (tempfile::TempDir, Self) {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = config::ConfigBuilder::new(up, &dir.path().join("keys.yaml"))
+            .control(state_file)
+            .yaml();
+        let config = dir.path().join("keyward.yaml");
+        std::fs::write(&config, &yaml).unwrap();
+        let mut child = support::child::command(&["run", "--config", config.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let out: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().unwrap());
+        let err: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().unwrap());
+        for pipe in [out, err] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let seen = Vec::new();
+        (dir, Self { child, lines, seen })
+    }
+
+    /// The first line (stdout or stderr) that contains `what`, within 15 s.
+    async fn until(&mut self, what: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) if line.contains(what) => return line,
+                Ok(Some(line)) => self.seen.push(line),
+                _ => panic!(
+                    "no line with {what:?}; the process said:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Second {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `second` is waiting for `a`'s lock: a revoke on `a`, then `a` stops; `second` then
+/// starts on the state file `a` left, and refuses the revoked key.
+async fn second_waits_while_the_first_revokes(a: Keyward, mut second: Second) {
+    let auth = admin_auth();
+    let r = send(
+        "POST",
+        &a.admin_url("/v1/keys/key_demo_service/disable"),
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        second.child.try_wait().unwrap().is_none(),
+        "the second one gave up while the first ran"
+    );
+    let (status, logs, _) = a.terminate().await;
+    assert!(status.success(), "{logs:?}");
+
+    let line = second.until("keyward listening").await;
+    let bound = support::child::parse_listening(&line).expect("the start-up line");
+    let url = format!("http://{}/v1/x", bound.proxy.unwrap());
+    let r = get(&url, &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(r.code(), "disabled_api_key", "the first one's revoke holds");
+}
+
+/// The lock follows the state, not a name: a lock file deleted while its holder runs, or
+/// the state file's directory reached through a symlink, does not let a second keyward
+/// start beside the first (before, it made a new lock file, locked it and started, and a
+/// push on it undid the first one's revoke).
+#[tokio::test]
+async fn a_deleted_lock_file_or_another_path_does_not_let_a_second_keyward_in() {
+    let up = spawn_upstream().await;
+    let state = tempfile::tempdir().unwrap();
+    let real = state.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let state_file = real.join("state.yaml");
+    std::fs::write(&state_file, DEMO_KEYS).unwrap();
+    let a = process(up.addr, |c| c.control(&state_file)).await;
+    std::fs::remove_file(format!("{}.lock", state_file.display())).unwrap();
+    let (_dir, mut second) = Second::start(up.addr, &state_file);
+    second.until("waiting for the state file lock").await;
+    drop(second);
+
+    let link = state.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let (_dir, mut second) = Second::start(up.addr, &link.join("state.yaml"));
+    second.until("waiting for the state file lock").await;
+    second_waits_while_the_first_revokes(a, second).await;
 }

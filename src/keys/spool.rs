@@ -115,28 +115,52 @@ fn parent_dir(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-/// `keys.control.state_file`'s claim by this process: an exclusive advisory lock
-/// (`flock`) on `<state_file>.lock`, held until dropped (for the binary, until it exits).
+/// How long a start waits for another process to let go of the state file: a rolling
+/// update on one volume starts the new pod while the old one still drains, and refusing at
+/// once sent the new one into a crash loop. Past it the start is refused as before.
+pub const STATE_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// `keys.control.state_file`'s claim by this process: exclusive advisory locks (`flock`)
+/// on the state file's directory and on `<state_file>.lock`, held until dropped (for the
+/// binary, until it exits).
 ///
 /// A state file is one replica's. Two processes writing the same one each rewrite it
 /// whole from their own snapshot, so the later write silently undoes the other's push or
-/// revoke, and the next start loads what is left (a revoked key active again). The lock
-/// is on a file of its own because the state file is replaced by a rename, and a lock on
-/// the old inode would not bind the new one. The kernel lets go of it when the process
-/// dies, however it dies, so there is nothing stale to clean up; the file itself stays.
+/// revoke, and the next start loads what is left (a revoked key active again).
+///
+/// The lock that decides is the one on the directory, found through its canonical path
+/// (symlinks resolved, a symlink to the state file included), so every name of the state
+/// file meets the same lock. A lock file alone is bypassed when it is deleted while its
+/// holder runs (the next process makes a new one and locks that), and a symlinked
+/// directory gave it another path; a directory cannot be unlinked while it holds the state
+/// file, and its lock is on the inode, whatever name reached it. Checking afterwards that a
+/// lock file is still in place could only notice the loss, not undo a second writer that
+/// already started. So it is one state file per directory. (A hard link to the state file
+/// elsewhere needs no lock: the first write replaces the file by a rename, which leaves
+/// the link behind as a file of its own.) The file lock is kept for a keyward of an earlier
+/// release (which locks only it) during a rolling update, and alone guards a filesystem
+/// that refuses `flock` on a directory (NFS emulates `flock` with POSIX locks, which need a
+/// file open for writing): said at warn. The kernel lets go of both when the process dies,
+/// however it dies, so there is nothing stale to clean up.
 #[derive(Debug)]
 pub struct StateLock {
-    _file: File,
+    _held: Vec<File>,
 }
 
 /// Why [`StateLock::take`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StateLockError {
     #[error(
-        "keys.control.state_file {state_file}: another keyward holds it (lock {lock} is taken); \
-         a state file is one replica's: give each instance its own"
+        "keys.control.state_file {state_file}: another keyward holds it (its directory {dir} \
+         or {lock} is locked; waited {waited_s} s); a state file is one replica's: give each \
+         instance its own directory"
     )]
-    Held { state_file: PathBuf, lock: PathBuf },
+    Held {
+        state_file: PathBuf,
+        dir: PathBuf,
+        lock: PathBuf,
+        waited_s: u64,
+    },
     #[error("keys.control.state_file {state_file}: cannot lock {lock}: {source}")]
     Io {
         state_file: PathBuf,
@@ -146,16 +170,23 @@ pub enum StateLockError {
 }
 
 impl StateLock {
-    /// Claim `state_file` for this process, or fail at once if another holds it. Its
-    /// directory is created if missing, as a first push would.
+    /// Claim `state_file` for this process, waiting up to [`STATE_LOCK_WAIT`] for another
+    /// holder to let go. Its directory is created if missing, as a first push would.
     pub fn take(state_file: &Path) -> Result<StateLock, StateLockError> {
+        Self::take_within(state_file, STATE_LOCK_WAIT)
+    }
+
+    /// [`Self::take`], waiting up to `wait`.
+    pub fn take_within(state_file: &Path, wait: Duration) -> Result<StateLock, StateLockError> {
         let lock = Self::path(state_file);
-        let io = |source| StateLockError::Io {
+        let io = |path: &Path, source| StateLockError::Io {
             state_file: state_file.to_owned(),
-            lock: lock.clone(),
+            lock: path.to_owned(),
             source,
         };
-        std::fs::create_dir_all(parent_dir(state_file)).map_err(io)?;
+        std::fs::create_dir_all(parent_dir(state_file)).map_err(|e| io(&lock, e))?;
+        let dir_path = Self::dir(state_file).map_err(|e| io(parent_dir(state_file), e))?;
+        let dir = File::open(&dir_path).map_err(|e| io(&dir_path, e))?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -163,14 +194,68 @@ impl StateLock {
             .truncate(false)
             .mode(0o600)
             .open(&lock)
-            .map_err(io)?;
+            .map_err(|e| io(&lock, e))?;
+        let mut held = Vec::with_capacity(2);
+        let mut busy = false;
+        match dir.try_lock() {
+            Ok(()) => held.push(dir),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                busy = true;
+                held.push(dir);
+            }
+            Err(std::fs::TryLockError::Error(e)) if unsupported(&e) => {
+                tracing::warn!(
+                    dir = %dir_path.display(),
+                    error = %e,
+                    "this filesystem refuses a lock on the state file's directory; only {} guards it (deleting it lets a second keyward in)",
+                    lock.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&dir_path, e)),
+        }
         match file.try_lock() {
-            Ok(()) => Ok(StateLock { _file: file }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(StateLockError::Held {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => busy = true,
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock, e)),
+        }
+        held.push(file);
+        if !busy {
+            return Ok(StateLock { _held: held });
+        }
+        tracing::warn!(
+            state_file = %state_file.display(),
+            wait_s = wait.as_secs(),
+            "waiting for the state file lock held by another keyward"
+        );
+        // The wait is a blocking flock on a thread of its own: it returns the moment the
+        // holder lets go. Nothing is held while waiting, and the locks are taken in one
+        // order (directory, then file): a waiter holding the file while waiting for the
+        // directory would deadlock with another holding the directory while waiting for the
+        // file. Given up on, the thread still holds the files; whenever it gets the locks
+        // it finds nobody to hand them to and drops them, letting go at once.
+        for f in &held {
+            f.unlock().map_err(|e| io(&lock, e))?;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("state-lock".into())
+            .spawn(move || {
+                let locked = held.iter().try_for_each(File::lock).map(|()| held);
+                let _ = tx.send(locked);
+            })
+            .map_err(|e| io(&lock, e))?;
+        match rx.recv_timeout(wait) {
+            Ok(Ok(held)) => {
+                tracing::info!(state_file = %state_file.display(), "state file lock taken");
+                Ok(StateLock { _held: held })
+            }
+            Ok(Err(e)) => Err(io(&lock, e)),
+            Err(_) => Err(StateLockError::Held {
                 state_file: state_file.to_owned(),
+                dir: dir_path,
                 lock,
+                waited_s: wait.as_secs(),
             }),
-            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
         }
     }
 
@@ -180,6 +265,26 @@ impl StateLock {
         name.push(".lock");
         PathBuf::from(name)
     }
+
+    /// The directory that holds the state file, by its canonical path: through a symlink
+    /// to the state file (if there is one) and any symlinked directory on the way.
+    fn dir(state_file: &Path) -> std::io::Result<PathBuf> {
+        match std::fs::canonicalize(state_file) {
+            Ok(file) => Ok(parent_dir(&file).to_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::canonicalize(parent_dir(state_file))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// `flock` on a directory refused by the filesystem (not: held by another).
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::EINVAL | libc::ENOLCK | libc::EOPNOTSUPP)
+    )
 }
 
 /// Write `bytes` to `path` atomically, through a [`Spool`].
@@ -205,7 +310,8 @@ mod tests {
         let state = dir.path().join("sub/state.yaml");
         let first = StateLock::take(&state).unwrap();
         assert!(StateLock::path(&state).exists());
-        let e = StateLock::take(&state).unwrap_err();
+        let short = Duration::from_millis(50);
+        let e = StateLock::take_within(&state, short).unwrap_err();
         assert!(matches!(e, StateLockError::Held { .. }), "{e}");
         let said = e.to_string();
         assert!(
@@ -214,9 +320,40 @@ mod tests {
         );
         // Replacing the state file (as every push does) does not loosen the claim.
         persist(&state, b"keys: []\n").unwrap();
-        assert!(StateLock::take(&state).is_err());
+        assert!(StateLock::take_within(&state, short).is_err());
         drop(first);
-        StateLock::take(&state).expect("free once the holder lets go");
+        StateLock::take_within(&state, short).expect("free once the holder lets go");
+    }
+
+    /// The claim is on the state, not on a name: deleting the lock file, or reaching the
+    /// state file through a symlinked directory or a symlink to it, does not get a second
+    /// claim; a claim given up on lets go at once when it gets the lock late.
+    #[test]
+    fn a_claim_holds_whatever_name_reaches_the_state_file() {
+        let short = Duration::from_millis(50);
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        let state = real.join("state.yaml");
+        let first = StateLock::take(&state).unwrap();
+        persist(&state, b"keys: []\n").unwrap();
+        std::fs::remove_file(StateLock::path(&state)).unwrap();
+        assert!(
+            StateLock::take_within(&state, short).is_err(),
+            "lock file deleted"
+        );
+        let linked_dir = dir.path().join("linked");
+        std::os::unix::fs::symlink(&real, &linked_dir).unwrap();
+        assert!(StateLock::take_within(&linked_dir.join("state.yaml"), short).is_err());
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        let linked_file = other.join("state.yaml");
+        std::os::unix::fs::symlink(&state, &linked_file).unwrap();
+        assert!(StateLock::take_within(&linked_file, short).is_err());
+        drop(first);
+        // The claims given up on above may still be taking the lock on their threads:
+        // they let go as soon as they find nobody waiting.
+        StateLock::take_within(&linked_dir.join("state.yaml"), Duration::from_secs(10))
+            .expect("free once the holder and the abandoned waits let go");
     }
 
     #[test]
