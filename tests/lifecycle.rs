@@ -1026,6 +1026,7 @@ async fn connections_are_closed_gracefully_at_max_connection_age() {
         .unwrap_or(0);
     assert_eq!(n, 0);
     kw.shutdown().await;
+}
 
 /// A second `keyward run` on `state_file` (its own config dir), its output read line by
 /// line as it comes: the lock wait happens before the start-up line.
