@@ -40,6 +40,84 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// taken out of its Service, then restarted.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 32;
 
+/// How long a write to an admin client may stay blocked. A client that pipelines requests
+/// and never reads their answers (a full socket buffer) would otherwise hold its slot
+/// forever: hyper's head timeout does not run while the server is blocked writing.
+const ADMIN_WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A stream whose writes fail once one has been blocked for [`ADMIN_WRITE_STALL`]: the
+/// connection then ends and gives its slot back.
+struct WriteStall<S> {
+    inner: S,
+    since: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteStall<S> {
+    fn new(inner: S) -> Self {
+        Self { inner, since: None }
+    }
+
+    /// `poll` of the inner stream, failed once it has been pending for too long.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: impl FnOnce(&mut S, &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::task::Poll;
+        match poll(&mut self.inner, cx) {
+            Poll::Pending => {
+                let since = self
+                    .since
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(ADMIN_WRITE_STALL)));
+                match since.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            done => {
+                self.since = None;
+                done
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteStall<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStall<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.get_mut()
+            .bounded(cx, |s, cx| std::pin::Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.get_mut()
+            .bounded(cx, |s, cx| std::pin::Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// Open admin connections by peer address; a [`PeerSlot`] gives its place back when the
 /// connection ends.
 #[derive(Default)]
@@ -105,7 +183,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(std::time::Duration::from_secs(10))
-            .serve_connection(TokioIo::new(stream), service);
+            .serve_connection(TokioIo::new(WriteStall::new(stream)), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -1264,3 +1264,50 @@ async fn admin_connections_have_bounds_of_their_own() {
     drop(held);
     kw.shutdown().await;
 }
+
+/// A client that pipelines admin requests and never reads the answers blocks the server's
+/// writes, where no head timeout runs: such a write fails after 10 s, and the connection
+/// gives its slot back (it held it for good before).
+#[tokio::test]
+async fn admin_connections_blocked_writing_give_their_slots_back() {
+    use keyward::admin::MAX_CONNECTIONS_PER_PEER;
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let peer = SocketAddr::from(([127, 0, 0, 21], 0));
+    let connect = || async move {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.bind(peer).unwrap();
+        s.connect(kw.admin).await.unwrap()
+    };
+    let pipelined = "GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n".repeat(2000);
+    let mut pinned = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_PEER {
+        let mut s = connect().await;
+        let _ = tokio::time::timeout(
+            Duration::from_millis(200),
+            s.write_all(pipelined.as_bytes()),
+        )
+        .await;
+        pinned.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut s = connect().await;
+        let _ = s
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+        if out.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled connections kept their slots"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(pinned);
+    kw.shutdown().await;
+}
