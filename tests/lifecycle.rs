@@ -993,8 +993,10 @@ async fn snapshot_pushes_are_read_one_at_a_time() {
 }
 
 /// `limits.max_connection_age` closes each client connection gracefully once it is that
-/// old (so a CA removed from `client_ca`, or a scale-out, reaches kept-alive clients): an
-/// idle one is closed, and a request in flight at that moment gets its whole response.
+/// old (so a CA removed from `client_ca`, or a scale-out, reaches kept-alive clients): the
+/// next HTTP/1.1 response says `Connection: close` and the connection closes after it (a
+/// close between two requests would lose the one a client was sending), and a request in
+/// flight at that moment gets its whole response.
 #[tokio::test]
 async fn connections_are_closed_gracefully_at_max_connection_age() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1005,26 +1007,34 @@ async fn connections_are_closed_gracefully_at_max_connection_age() {
     let kw = spawn_proxy(up.addr, "limits: { max_connection_age: 300ms }\n").await;
     let req =
         |path: &str| format!("GET {path} HTTP/1.1\r\nHost: a\r\nx-api-key: {SERVICE_KEY}\r\n\r\n");
-    // Idle past its age: closed.
-    let mut idle = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
-    idle.write_all(req("/v1/first").as_bytes()).await.unwrap();
-    assert!(read_response(&mut idle).await.starts_with("HTTP/1.1 200"));
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(5), idle.read(&mut buf))
-        .await
-        .expect("closed once aged")
-        .unwrap_or(0);
-    assert_eq!(n, 0);
+    let closed = |mut s: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("closed after the response")
+            .unwrap_or(0);
+        n == 0
+    };
+    // Kept alive past its age: the next answer says close, then the connection closes.
+    let mut kept = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
+    kept.write_all(req("/v1/first").as_bytes()).await.unwrap();
+    let first = read_response(&mut kept).await;
+    assert!(
+        first.starts_with("HTTP/1.1 200") && !first.contains("connection: close"),
+        "{first}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    kept.write_all(req("/v1/second").as_bytes()).await.unwrap();
+    let second = read_response(&mut kept).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert!(second.contains("connection: close"), "{second}");
+    assert!(closed(kept).await);
     // In flight when it ages: answered whole, then closed.
     let mut busy = tokio::net::TcpStream::connect(kw.addr).await.unwrap();
     busy.write_all(req("/slow").as_bytes()).await.unwrap();
     let answer = read_response(&mut busy).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let n = tokio::time::timeout(std::time::Duration::from_secs(5), busy.read(&mut buf))
-        .await
-        .expect("closed after its response")
-        .unwrap_or(0);
-    assert_eq!(n, 0);
+    assert!(closed(busy).await);
     kw.shutdown().await;
 }
 

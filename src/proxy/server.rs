@@ -59,18 +59,19 @@ async fn after(phase: &mut watch::Receiver<Phase>, told: Phase) -> Phase {
     next.map_or(Phase::Closing, |p| *p)
 }
 
-/// [`after`], or [`Phase::Closing`] once the connection is `aged_at`.
+/// [`after`], or [`Phase::Draining`] once a serving connection is `aged_at`: it is then
+/// drained alone (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close` on its next response).
 async fn after_or_aged(
     phase: &mut watch::Receiver<Phase>,
     told: Phase,
     aged_at: Option<Instant>,
 ) -> Phase {
-    let Some(at) = aged_at else {
+    let Some(at) = aged_at.filter(|_| told == Phase::Serving) else {
         return after(phase, told).await;
     };
     tokio::select! {
         next = after(phase, told) => next,
-        () = tokio::time::sleep_until(at) => Phase::Closing,
+        () = tokio::time::sleep_until(at) => Phase::Draining,
     }
 }
 
@@ -276,6 +277,10 @@ async fn serve_conn<I, D, F>(
         .limits
         .max_connection_age
         .map(|age| Instant::now() + age);
+    // Set once the connection is that old: its HTTP/1.1 responses say `Connection: close`,
+    // so a client is told before the close, not surprised by it between two requests.
+    let aged = aged_at.map(|_| Arc::new(AtomicBool::new(false)));
+    let aged_service = aged.clone();
     let activity = Arc::new(Activity::new(first_request, idle_timeout));
     let requests = activity.clone();
     let service = move |req: Request<RequestBody>| {
@@ -283,9 +288,14 @@ async fn serve_conn<I, D, F>(
         // off: for the idle cut-off and for `keyward_in_flight_requests` alike.
         let mut in_flight = requests.begin(worker.metrics().track_in_flight(), worker.busy());
         let (app, conn, requests) = (app.clone(), conn.clone(), requests.clone());
+        let http2 = req.version() == http::Version::HTTP_2;
+        let aged = aged_service.clone();
         let answer = door(app, worker.clone(), conn, req);
         async move {
-            let resp = answer.await?;
+            let mut resp = answer.await?;
+            if let Some(aged) = aged {
+                respond::close_if_draining(&mut resp, http2, &aged);
+            }
             if resp.extensions().get::<respond::Refused>().is_none() {
                 requests.allowed.store(true, Ordering::Release);
             } else {
@@ -314,6 +324,9 @@ async fn serve_conn<I, D, F>(
             Event::Ended(result) => break Some(result),
             Event::Drain(Phase::Draining) => {
                 // HTTP/2 gets its GOAWAY now; HTTP/1.1 responses say `Connection: close`.
+                if let Some(aged) = &aged {
+                    aged.store(true, Ordering::Release);
+                }
                 close.go_away();
                 told = Phase::Draining;
                 false
