@@ -105,7 +105,15 @@ pub fn alias_eq(name: &str, target: &str) -> bool {
 /// oauth2-proxy `X-Auth-Request-*`, Vouch, mod_auth_openidc `OIDC_CLAIM_*`, Pomerium,
 /// Cloudflare Access, Google IAP and Cloud Endpoints, AWS ALB OIDC, Azure App Service). An app moved from one of those to keyward keeps
 /// reading them: a client must not be able to send them through.
-pub const ASSERTED: [&str; 19] = [
+pub const ASSERTED: [&str; 26] = [
+    // oauth2-proxy's identity (its `X-Forwarded-*` names, and `GAP-Auth`).
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-forwarded-access-token",
+    "gap-auth",
+    "x-remote-groups",
     "x-ssl-cert",
     "x-client-cert",
     "x-client-cert-chain",
@@ -155,19 +163,25 @@ pub const ASSERTED_PREFIXES: [&str; 19] = [
 pub const INGRESS_NGINX_REDIRECT: &str = "x-auth-request-redirect";
 
 /// Another gateway's assertion about the client ([`ASSERTED`], [`ASSERTED_PREFIXES`] but
-/// `x-forwarded-*`), spelled as that gateway sends it.
+/// `x-forwarded-*`, which every front proxy sets, and `x-authenticated-*`), spelled as that
+/// gateway sends it.
 pub fn is_asserted(name: &str) -> bool {
     // Asked of every header of every decision: most names are out by their first bytes.
     let could = match name.as_bytes() {
-        [b'x', b'-', third, ..] => b"scarwvpgmeu".contains(third),
-        [first, ..] => matches!(first, b'r' | b's' | b'c' | b'o'),
+        [b'x', b'-', third, ..] => b"scarwvpgmeuf".contains(third),
+        [first, ..] => matches!(first, b'r' | b's' | b'c' | b'o' | b'g'),
         [] => false,
     };
     could
         && (ASSERTED.contains(&name)
             || ASSERTED_PREFIXES[1..].iter().any(|p| name.starts_with(p))
-                && name != INGRESS_NGINX_REDIRECT)
+                && name != INGRESS_NGINX_REDIRECT
+                && !name.starts_with(CLIENT_SIDE_PREFIX))
 }
+
+/// Corporate forward proxies (Blue Coat, Zscaler) add `X-Authenticated-User` to their
+/// users' requests: a decision does not refuse the family (the proxy still strips it).
+const CLIENT_SIDE_PREFIX: &str = "x-authenticated-";
 
 /// A forwarding header ([`FORWARDING`], `x-forwarded-*`) or another assertion a gateway in
 /// front makes ([`ASSERTED`]), however spelled.
@@ -259,7 +273,10 @@ mod tests {
         for name in ASSERTED {
             assert!(is_asserted(name), "{name}");
         }
-        for prefix in &ASSERTED_PREFIXES[1..] {
+        for prefix in ASSERTED_PREFIXES[1..]
+            .iter()
+            .filter(|p| !p.starts_with(CLIENT_SIDE_PREFIX))
+        {
             let name = format!("{prefix}z");
             assert!(is_asserted(&name), "{name}");
         }

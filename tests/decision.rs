@@ -742,15 +742,21 @@ async fn other_gateways_assertions_are_refused_unless_the_caller_is_trusted() {
             ("x-consumer-username", "admin"),
             ("x-authentik-groups", "admins"),
             ("cf-access-authenticated-user-email", "a@example.com"),
+            ("x-forwarded-user", "admin"),
+            ("x-forwarded-groups", "admins"),
+            ("gap-auth", "admin@example.com"),
         ] {
             let r = decide(&d, endpoint, "GET", "/v1/items", &[key, (name, value)]).await;
             assert_eq!(r.status, 400, "{endpoint} {name}: {}", r.text());
             assert_eq!(r.code(), "bad_request");
         }
-        // ingress-nginx's own header, and the forwarding headers front proxies set.
+        // ingress-nginx's own header, what front proxies set, and what a corporate forward
+        // proxy adds to its users' requests.
         for (name, value) in [
             ("x-auth-request-redirect", "/back"),
             ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-client-cert", "By=spiffe://mesh/ns/x"),
+            ("x-authenticated-user", "WinNT://corp/alice"),
         ] {
             let r = decide(&d, endpoint, "GET", "/v1/items", &[key, (name, value)]).await;
             assert_eq!(r.status, 200, "{endpoint} {name}: {}", r.text());

@@ -134,7 +134,7 @@ pub fn is_misspelled_trusted(name: &HeaderName, identity_prefix: &str) -> bool {
     // both are looked at before the alias tests, which compare the name with every
     // forwarding and asserted name.
     let first = n.as_bytes().first().copied().unwrap_or_default();
-    let listed = matches!(first, b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o')
+    let listed = matches!(first, b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o' | b'g')
         || identity_prefix
             .as_bytes()
             .first()
@@ -239,7 +239,7 @@ pub fn strip_untrusted(headers: &mut HeaderMap, peer_trusted: bool, allowed: &[H
         // Every name of the lists starts with one of these letters.
         matches!(
             n.as_str().as_bytes().first(),
-            Some(b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o')
+            Some(b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o' | b'g')
         ) && ((!peer_trusted && is_forwarding(n.as_str())) || is_override(n, allowed))
     };
     if !headers.keys().any(doomed) {
@@ -355,7 +355,7 @@ mod tests {
             assert!(
                 matches!(
                     name.as_bytes()[0],
-                    b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o'
+                    b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o' | b'g'
                 ),
                 "{name}"
             );
