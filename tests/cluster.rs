@@ -717,6 +717,15 @@ async fn a_revoke_stamped_far_ahead_fails_closed_and_a_lift_still_takes_everywhe
     let _: i64 = redis
         .cmd(&["HSET", "keyward:revocations", &sha(FREE), &stored])
         .await;
+    // Moved as a writer moves it: a replica that has read the set since the message came
+    // (which may have set the version) reads it whole again now, not at its 30 s reread.
+    if let Some(v) = redis.hget("keyward:revocations", "version").await {
+        let (epoch, count) = v.split_once('.').unwrap_or((&v, "0"));
+        let next = format!("{epoch}.{}", count.parse::<u64>().unwrap_or(0) + 1000);
+        let _: i64 = redis
+            .cmd(&["HSET", "keyward:revocations", "version", &next])
+            .await;
+    }
     for kw in [&a, &b] {
         eventually("both forged revokes held", || async {
             call(kw, OTHER).await.status == 401 && call(kw, FREE).await.status == 401
