@@ -183,6 +183,13 @@ pub fn is_asserted(name: &str) -> bool {
 /// users' requests: a decision does not refuse the family (the proxy still strips it).
 const CLIENT_SIDE_PREFIX: &str = "x-authenticated-";
 
+/// Could a name starting with `first` be in [`FORWARDING`], [`ASSERTED`],
+/// [`ASSERTED_PREFIXES`] or [`OVERRIDES`]? Per-request checks rule most names out by it
+/// before comparing with every entry (a test keeps it true of every entry).
+pub fn may_be_listed(first: u8) -> bool {
+    matches!(first, b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o' | b'g')
+}
+
 /// A forwarding header ([`FORWARDING`], `x-forwarded-*`) or another assertion a gateway in
 /// front makes ([`ASSERTED`]), however spelled.
 pub fn is_forwarding(name: &str) -> bool {

@@ -7,7 +7,8 @@ use super::conn::ConnInfo;
 
 use crate::config::Cidr;
 use crate::header_names::{
-    alias_eq, alias_starts_with, is_forwarding, same_name, DELEGATE_HEADER, HOP_BY_HOP, OVERRIDES,
+    alias_eq, alias_starts_with, is_forwarding, may_be_listed, same_name, DELEGATE_HEADER,
+    HOP_BY_HOP, OVERRIDES,
 };
 use crate::keys::{IdentityNames, Key};
 
@@ -134,7 +135,7 @@ pub fn is_misspelled_trusted(name: &HeaderName, identity_prefix: &str) -> bool {
     // both are looked at before the alias tests, which compare the name with every
     // forwarding and asserted name.
     let first = n.as_bytes().first().copied().unwrap_or_default();
-    let listed = matches!(first, b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o' | b'g')
+    let listed = may_be_listed(first)
         || identity_prefix
             .as_bytes()
             .first()
@@ -236,11 +237,13 @@ pub fn override_of(name: &HeaderName, allowed: &[HeaderName]) -> Option<&'static
 /// since CGI/WSGI and nginx backends read them as the same header.
 pub fn strip_untrusted(headers: &mut HeaderMap, peer_trusted: bool, allowed: &[HeaderName]) {
     let doomed = |n: &HeaderName| {
-        // Every name of the lists starts with one of these letters.
-        matches!(
-            n.as_str().as_bytes().first(),
-            Some(b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o' | b'g')
-        ) && ((!peer_trusted && is_forwarding(n.as_str())) || is_override(n, allowed))
+        // Every name of the lists starts with a letter `may_be_listed` admits.
+        n.as_str()
+            .as_bytes()
+            .first()
+            .copied()
+            .is_some_and(may_be_listed)
+            && ((!peer_trusted && is_forwarding(n.as_str())) || is_override(n, allowed))
     };
     if !headers.keys().any(doomed) {
         return;
@@ -352,13 +355,7 @@ mod tests {
             &ASSERTED_PREFIXES[..],
         ];
         for name in lists.into_iter().flatten() {
-            assert!(
-                matches!(
-                    name.as_bytes()[0],
-                    b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o' | b'g'
-                ),
-                "{name}"
-            );
+            assert!(may_be_listed(name.as_bytes()[0]), "{name}");
         }
     }
 
