@@ -80,7 +80,8 @@ impl App {
                 config.upstream.as_ref(),
                 &config.limits,
                 config.upstream_client,
-            ),
+            )
+            .reusing_after_body(config.upstream_reuse_after_body),
             names,
             store: KeyStore::new(),
             key_source,

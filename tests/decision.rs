@@ -278,6 +278,16 @@ async fn a_fragment_in_the_original_uri_is_refused() {
             assert_eq!(r.code(), "bad_request", "{endpoint} {path}");
         }
     }
+    // Envoy's ext_authz sends the original path as its own target: a fragment there is
+    // refused too (an ext_authz client that passes the raw target would authorize
+    // `/healthz` for an app that reads `/healthz#/../admin/users`).
+    for target in ["/healthz#/../admin/users", "/v1/items#x"] {
+        let req =
+            format!("GET {EXT_AUTHZ}{target} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+        let reply = raw(d.decision, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(raw_status(&reply), 400, "{target}: {reply}");
+        assert!(reply.contains("bad_request"), "{target}: {reply}");
+    }
     d.shutdown().await;
 }
 

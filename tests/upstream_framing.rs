@@ -81,9 +81,20 @@ async fn serve(
                 _ => return,
             }
         }
-        let line = String::from_utf8_lossy(&head);
+        let line = String::from_utf8_lossy(&head).into_owned();
         let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
         log.lock().unwrap().push((conn, path.clone()));
+        // `/reads/*` is an app that reads the body it answers; every other path does not.
+        if path.starts_with("/reads/") {
+            let length = line
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            let mut body = vec![0u8; length];
+            if s.read_exact(&mut body).await.is_err() {
+                return;
+            }
+        }
         let script = scripts.get(&path).cloned().unwrap_or(Script {
             bytes: b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext".to_vec(),
             close: false,
@@ -416,43 +427,89 @@ async fn the_apps_trailers_do_not_reach_an_http2_client() {
     }
 }
 
-/// An app that answers a GET without reading its body (common: a GET body has no meaning)
-/// reads that body as its next request on the connection, forged `x-auth-*` and all, and
-/// its answer would go to the next client keyward sends there. So the upstream connection
-/// of a GET (HEAD, DELETE, OPTIONS, TRACE) with a body is closed after the exchange.
+/// An app that answers without reading the request body (common for a GET, whose body has
+/// no meaning; naive apps do it on any method) reads that body as its next request on the
+/// connection, forged `x-auth-*` and all, and its answer would go to the next client keyward
+/// sends there. So the upstream connection of a request with a body is closed after the
+/// exchange (by default: see `upstream_reuse_after_body`).
 #[tokio::test]
-async fn a_body_on_a_get_closes_its_upstream_connection_after_the_exchange() {
+async fn a_body_the_app_may_not_read_closes_its_upstream_connection_after_the_exchange() {
     let cases: &[(&str, &[u8], bool)] = &[(
         "/smuggled",
         b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled",
         false,
     )];
-    let replies = both(cases, |kw, up| async move {
-        // Left open, so the next request sent on the connection completes it.
-        let smuggled = "GET /smuggled HTTP/1.1\r\nhost: app\r\nx-auth-subject-id: forged\r\nx-pad: ";
-        let req = format!(
-            "GET /v1/items HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{smuggled}",
-            smuggled.len()
+    for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+        let replies = both(cases, |kw, up| async move {
+            // Left open, so the next request sent on the connection completes it.
+            let smuggled =
+                "GET /smuggled HTTP/1.1\r\nhost: app\r\nx-auth-subject-id: forged\r\nx-pad: ";
+            let req = format!(
+                "{method} /v1/items HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{smuggled}",
+                smuggled.len()
+            );
+            let first = raw(kw, &req, false).await;
+            // Another client's request with a body: sent over the same pool.
+            let next = format!(
+                "POST /v1/after HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+            );
+            let next = raw(kw, &next, false).await;
+            let conns = up.connections();
+            let log = up.log.lock().unwrap().clone();
+            let after = log.iter().find(|(_, p)| p == "/v1/after").map(|(c, _)| *c);
+            let marker = Reply::flag(after != Some(conns[0]));
+            vec![first, next, marker]
+        })
+        .await;
+        assert_eq!(
+            (replies[0].status, replies[0].text().as_str()),
+            (200, "next"),
+            "{method}"
         );
-        let first = raw(kw, &req, false).await;
-        let next = request(kw, "GET", "/v1/after").await;
-        let conns = up.connections();
+        assert_eq!(
+            replies[1].text(),
+            "next",
+            "{method}: another client got the body's answer"
+        );
+        assert_eq!(
+            replies[2].body,
+            [1],
+            "{method}: the connection was used again"
+        );
+    }
+}
+
+/// `upstream_reuse_after_body: true` (an app that reads or drains every body) keeps the
+/// connection after a POST, PUT or PATCH body; a body on a method that gives it no meaning
+/// still closes it.
+#[tokio::test]
+async fn upstream_reuse_after_body_pools_the_connection_after_a_body_the_app_reads() {
+    let up = Scripted::start(&[]).await;
+    let kw = spawn_proxy(up.addr, "workers: 1\nupstream_reuse_after_body: true\n").await;
+    let send = |method: &str, path: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello"
+        )
+    };
+    for (method, pooled) in [
+        ("POST", true),
+        ("PUT", true),
+        ("PATCH", true),
+        ("GET", false),
+    ] {
+        let path = format!("/reads/{method}");
+        assert_eq!(raw(kw.addr, &send(method, &path), false).await.status, 200);
+        // Requests with a body share one pool (bodiless ones go through another).
+        let after = send("POST", "/reads/after");
+        assert_eq!(raw(kw.addr, &after, false).await.status, 200);
         let log = up.log.lock().unwrap().clone();
-        let after = log.iter().find(|(_, p)| p == "/v1/after").map(|(c, _)| *c);
-        let marker = Reply::flag(after != Some(conns[0]));
-        vec![first, next, marker]
-    })
-    .await;
-    assert_eq!(
-        (replies[0].status, replies[0].text().as_str()),
-        (200, "next")
-    );
-    assert_eq!(
-        replies[1].text(),
-        "next",
-        "another client got the body's answer"
-    );
-    assert_eq!(replies[2].body, [1], "the connection was used again");
+        let [.., (body_conn, p), (after_conn, _)] = log.as_slice() else {
+            panic!("{log:?}");
+        };
+        assert_eq!(*p, path);
+        assert_eq!(body_conn == after_conn, pooled, "{method}: {log:?}");
+    }
+    kw.shutdown().await;
 }
 
 /// An upstream that stops half-way through a body holds the client no longer than

@@ -181,6 +181,23 @@ mod tests {
     }
 
     #[test]
+    fn a_public_rule_opens_only_what_it_names() {
+        let p = with_routes(
+            "routes: [{ prefix: /files/, public: true }, { path: /healthz, public: true }, { path: /ping/, public: true }]\n",
+        );
+        for open in ["/files/a", "/files/", "/healthz", "/ping/"] {
+            assert_eq!(p.route(&http::Method::POST, open), Route::Public, "{open}");
+        }
+        for closed in ["/files", "/healthz/", "/ping", "/file"] {
+            assert_eq!(
+                p.route(&http::Method::POST, closed),
+                Route::Protected { extra: None },
+                "{closed}"
+            );
+        }
+    }
+
+    #[test]
     fn exact_rules_cover_one_trailing_slash() {
         let p = with_routes(
             "routes: [{ path: /reports/export, any_of: [admin] }, { path: /dir/, any_of: [x] }]\n",

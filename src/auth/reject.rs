@@ -183,7 +183,11 @@ impl Reject {
         matches!(
             self,
             Reject::HeadersTooLarge
-                | Reject::BadRequest(BadRequest::Host | BadRequest::TransferCoding)
+                | Reject::BadRequest(
+                    BadRequest::Host
+                        | BadRequest::TransferCoding
+                        | BadRequest::Path(crate::auth::path::PathError::Fragment)
+                )
         )
     }
 

@@ -62,6 +62,11 @@ pub struct Config {
     /// Which HTTP/1.1 client speaks to the upstream for requests without a body.
     #[serde(default)]
     pub upstream_client: UpstreamClient,
+    /// Keep the upstream connection after a request with a body (POST, PUT, PATCH): only
+    /// for an app that reads or drains every body it answers; off, the connection closes
+    /// after each one, so a body the app never read cannot become a request at the app.
+    #[serde(default)]
+    pub upstream_reuse_after_body: bool,
     /// Which server reads HTTP/1.1 requests on the proxy and decision listeners.
     #[serde(default)]
     pub http1_server: Http1Server,

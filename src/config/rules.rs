@@ -33,7 +33,10 @@ impl RouteRule {
     /// `/reports/export/`, which Express, Spring and most routers send to the same handler);
     /// `prefix` matches by string prefix, and a prefix ending in `/` also covers the bare
     /// directory (`/admin/` covers `/admin`), so neither rule can be side-stepped by adding or
-    /// dropping the slash. With `fold_case`, ASCII case is ignored.
+    /// dropping the slash. A `public` rule opens exactly what it names and no more: widening
+    /// a rule that asks for more is safe, widening one that asks for nothing is not
+    /// (`prefix: /files/` public must not open `POST /files`, the collection next to it).
+    /// With `fold_case`, ASCII case is ignored.
     pub fn matches(&self, path: &str, fold_case: bool) -> bool {
         let same = |a: &str, b: &str| {
             if fold_case {
@@ -42,15 +45,17 @@ impl RouteRule {
                 a == b
             }
         };
+        let widen = !self.public;
         if let Some(p) = &self.path {
-            let bare =
-                |s: &str| -> usize { s.len() - usize::from(s.len() > 1 && s.ends_with('/')) };
+            let bare = |s: &str| -> usize {
+                s.len() - usize::from(widen && s.len() > 1 && s.ends_with('/'))
+            };
             return same(&p[..bare(p)], &path[..bare(path)]);
         }
         match &self.prefix {
             Some(p) => {
                 let starts = path.get(..p.len()).is_some_and(|head| same(head, p));
-                starts || p.strip_suffix('/').is_some_and(|dir| same(dir, path))
+                starts || widen && p.strip_suffix('/').is_some_and(|dir| same(dir, path))
             }
             None => false,
         }

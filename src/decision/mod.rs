@@ -6,6 +6,7 @@
 //! the verdict into its answer: `200` with every identity header, or the proxy's own error.
 //! No rule lives here, and nothing is ever sent to an upstream.
 
+pub mod screen;
 pub mod server;
 
 use std::convert::Infallible;
@@ -21,7 +22,6 @@ use crate::auth::path::PathError;
 use crate::auth::ratelimit::Quota;
 use crate::auth::reject::BadRequest;
 use crate::auth::{Code, Principal, Reject};
-use crate::header_names::{is_asserted, INGRESS_NGINX_REDIRECT};
 use crate::keys::IdentityNames;
 use crate::proxy::handler::{self, Door, Head, Trace, Verdict};
 use crate::proxy::worker::Worker;
@@ -119,84 +119,6 @@ impl Endpoint {
     }
 }
 
-/// The proxy strips route, method and host overrides before the app sees the request
-/// (SPEC 8); a front proxy asking for a decision passes the client's on to the app. So a
-/// decision request carrying one (other than its own protocol's, exactly as spelled, and
-/// the names `allow_override_headers` lets through) is refused: the app would otherwise
-/// serve a request other than the one authorized.
-pub fn check_overrides(
-    endpoint: Endpoint,
-    headers: &HeaderMap,
-    allowed: &[HeaderName],
-) -> Result<(), Reject> {
-    let own = endpoint.protocol_headers();
-    let found = headers
-        .keys()
-        .find_map(|name| headers::override_of(name, allowed).filter(|_| !own.contains(name)));
-    match found {
-        Some(name) => Err(Reject::BadRequest(BadRequest::Override(name))),
-        None => Ok(()),
-    }
-}
-
-/// The proxy strips every `_` and `.` spelling of the identity, delegation and forwarding
-/// headers (SPEC 8); a front proxy overwrites or strips only the names as spelled and
-/// passes the rest to the app, which may read `X_Auth_Org_Id`, `X_Delegate_Account_Id` or
-/// `X_Forwarded_Host` as the real one. So a decision request carrying such a spelling is
-/// refused; so is one of a credential header (`x_api_key`), which keyward never reads and
-/// the app would read as the key, one keyward did not check.
-pub fn check_spellings(
-    headers: &HeaderMap,
-    identity_prefix: &str,
-    credentials: &[HeaderName],
-) -> Result<(), Reject> {
-    let credential_spelling = |name: &HeaderName| {
-        credentials
-            .iter()
-            .any(|c| c != name && crate::header_names::same_name(name.as_str(), c.as_str()))
-    };
-    match headers.keys().any(|name| {
-        headers::is_misspelled_trusted(name, identity_prefix) || credential_spelling(name)
-    }) {
-        true => Err(Reject::BadRequest(BadRequest::Misspelled)),
-        false => Ok(()),
-    }
-}
-
-/// The proxy strips every header under the identity prefix (SPEC 8); behind a decision, a
-/// front proxy overwrites only the names keyward answers with (nginx and Envoy cannot
-/// delete by prefix), so a client's `X-Auth-Role` or `X-Auth-User` would reach an app that
-/// reads it. A decision request carrying a name under the prefix that keyward does not
-/// answer with is refused.
-pub fn check_identity_names(
-    headers: &HeaderMap,
-    prefix: &str,
-    names: &IdentityNames,
-) -> Result<(), Reject> {
-    // Header names are lower-case, and so is a validated prefix.
-    let unknown = |n: &HeaderName| {
-        n.as_str().starts_with(prefix)
-            && !names.all().contains(n)
-            && n.as_str() != INGRESS_NGINX_REDIRECT
-    };
-    match headers.keys().any(unknown) {
-        true => Err(Reject::BadRequest(BadRequest::UnknownIdentity)),
-        false => Ok(()),
-    }
-}
-
-/// The proxy strips what other gateways assert about the client (`Remote-User`,
-/// `X-SSL-Client-Verify`, Kong's `X-Consumer-*`, ...) unless the peer is a trusted proxy;
-/// behind a decision the front proxy passes them to the app (nginx cannot delete a family
-/// of names). So a decision request carrying one is refused, unless the front proxy asking
-/// is itself in `trusted_proxies` (it, or an edge before it, set them).
-pub fn check_asserted(headers: &HeaderMap, caller_trusted: bool) -> Result<(), Reject> {
-    match !caller_trusted && headers.keys().any(|n| is_asserted(n.as_str())) {
-        true => Err(Reject::BadRequest(BadRequest::Asserted)),
-        false => Ok(()),
-    }
-}
-
 /// Whether `query` holds the query credential, however its name is spelled.
 fn carries_query_key(app: &App, query: Option<&str>) -> bool {
     let (Some(name), Some(query)) = (app.policy.credential_query(), query) else {
@@ -260,7 +182,7 @@ pub async fn handle<B>(
     app: Arc<App>,
     worker: Worker,
     req: Request<B>,
-    allow: Arc<AllowHead>,
+    prepared: Arc<Prepared>,
     caller_trusted: bool,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
@@ -276,22 +198,11 @@ pub async fn handle<B>(
     };
     // The original request lives here, so the trace can borrow its path.
     let original = crate::proxy::head::check_head(&req, &app.config.limits)
-        .and_then(|()| check_overrides(endpoint, req.headers(), &app.config.allow_override_headers))
         .and_then(|()| {
-            check_spellings(
-                req.headers(),
-                &app.config.identity_headers.prefix,
-                app.policy.credential_headers(),
-            )
+            prepared
+                .screen
+                .check(endpoint, req.headers(), &app.names, caller_trusted)
         })
-        .and_then(|()| {
-            check_identity_names(
-                req.headers(),
-                &app.config.identity_headers.prefix,
-                &app.names,
-            )
-        })
-        .and_then(|()| check_asserted(req.headers(), caller_trusted))
         .and_then(|()| original(endpoint, &req));
     let mut method = req.method().clone();
     // The decision request's own target: an abandoned one is logged as such.
@@ -301,7 +212,15 @@ pub async fn handle<B>(
     let result = match &original {
         Ok(original) => {
             method = original.method.clone();
-            decide(&app, &worker, &req, original, (&allow, &cid), &mut trace).await
+            decide(
+                &app,
+                &worker,
+                &req,
+                original,
+                (&prepared.allow, &cid),
+                &mut trace,
+            )
+            .await
         }
         Err(reject) => Err(reject.clone()),
     };
@@ -357,6 +276,22 @@ async fn decide<'a, B>(
         }
         .map(|()| Either::Right(Full::new(Bytes::new()))),
     )
+}
+
+/// What a decision listener builds once from the configuration: the allow answer's head
+/// and the screen of header names a decision refuses.
+pub struct Prepared {
+    pub allow: AllowHead,
+    pub screen: screen::Screen,
+}
+
+impl Prepared {
+    pub fn new(app: &App) -> Self {
+        Self {
+            allow: AllowHead::new(&app.names),
+            screen: screen::Screen::new(app),
+        }
+    }
 }
 
 /// Headers an allow answer can carry: every identity header, the correlation id, the quota.

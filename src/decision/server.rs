@@ -35,11 +35,11 @@ pub async fn serve_on_threads(
         first_shard: app.workers(),
         upstream: false,
     };
-    let allow = Arc::new(super::AllowHead::new(&app.names));
+    let prepared = Arc::new(super::Prepared::new(&app));
     let door = move |app: Arc<App>, worker, conn: crate::proxy::conn::ConnInfo, req| {
         // A front proxy in `trusted_proxies` may pass on what an edge before it asserted.
         let trusted = crate::proxy::headers::is_trusted(&conn, &app.config.trusted_proxies);
-        super::handle(app, worker, req, allow.clone(), trusted)
+        super::handle(app, worker, req, prepared.clone(), trusted)
     };
     threads::serve_on_threads(app, listener, tls, threads, phase, grace, door).await;
 }

@@ -75,20 +75,29 @@ impl ProxyError {
 
 /// An exchange after which the connection may hold bytes that belong to no request or no
 /// response, so it is closed rather than pooled:
-/// - a body on a method that defines no meaning for one (GET, HEAD, DELETE, OPTIONS,
-///   TRACE), which apps commonly answer without reading: such an app reads the body as its
-///   next request on the connection, whatever it says (forged `x-auth-*` included), and the
-///   answer goes to the next client sent there;
+/// - a request body the app may not have read: an app that answers without reading it
+///   reads the body as its next request on the connection, whatever it says (forged
+///   `x-auth-*` included; a public route needs no key for it), and that answer goes to the
+///   next client sent there. Apps commonly do so on methods that define no meaning for a
+///   body (GET, HEAD, DELETE, OPTIONS, TRACE), and naive ones on any method (a handler that
+///   answers before reading, an error path). So after any body, unless
+///   `upstream_reuse_after_body` says the app reads or drains every body (Go, Node, Java
+///   servlet containers, ASP.NET, hyper and uvicorn do; a body over the methods above is
+///   closed after even then);
 /// - HEAD: an app that answers it as a GET (`do_HEAD = do_GET`) sends a body after the
 ///   head, and bytes that arrive after the response was taken as complete would answer the
 ///   next request.
-fn may_leave_bytes_behind(req: &Request<RequestBody>) -> bool {
+fn may_leave_bytes_behind(req: &Request<RequestBody>, reuse_after_body: bool) -> bool {
     let method = req.method();
-    *method == Method::HEAD
-        || (matches!(
+    if *method == Method::HEAD {
+        return true;
+    }
+    let body = !http_body::Body::is_end_stream(req.body());
+    body && (!reuse_after_body
+        || matches!(
             *method,
             Method::GET | Method::DELETE | Method::OPTIONS | Method::TRACE
-        ) && !http_body::Body::is_end_stream(req.body()))
+        ))
 }
 
 /// A response that has no body whatever its headers say (204, 304): an app whose naive code
@@ -108,6 +117,8 @@ pub struct Upstream {
     timeout: Duration,
     /// `Fast`: bodiless requests go through keyward's own HTTP/1.1 client (`h1`).
     client: UpstreamClient,
+    /// `upstream_reuse_after_body`: see [`may_leave_bytes_behind`].
+    reuse_after_body: bool,
 }
 
 impl Upstream {
@@ -121,7 +132,15 @@ impl Upstream {
                 limits,
             )),
             timeout: limits.upstream_timeout,
+            reuse_after_body: false,
         }
+    }
+
+    /// Pool the connection after a request body too (`upstream_reuse_after_body`): for an
+    /// app known to read or drain every body.
+    pub fn reusing_after_body(mut self, yes: bool) -> Self {
+        self.reuse_after_body = yes;
+        self
     }
 
     /// The addresses keyward's listeners were bound to, known only after binding: an
@@ -182,7 +201,7 @@ impl Upstream {
         }
         let start = Instant::now();
         let fast = self.client == UpstreamClient::Fast && !upgrade && h1::fits(&req);
-        let reuse = !may_leave_bytes_behind(&req);
+        let reuse = !may_leave_bytes_behind(&req, self.reuse_after_body);
         if !reuse {
             req.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

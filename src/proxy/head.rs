@@ -4,6 +4,7 @@
 use http::header::{self, HeaderValue};
 use http::{Request, Version};
 
+use crate::auth::path::PathError;
 use crate::auth::reject::BadRequest;
 use crate::auth::Reject;
 use crate::config::Limits;
@@ -27,6 +28,13 @@ pub fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
     // does not, exactly: it is at least 8 KiB, and it refuses a head only once the buffer
     // is full without one, so a head that arrives with the read that overfills it (up to
     // twice the limit on a kept-alive connection) gets through. Measured here.
+    if req
+        .extensions()
+        .get::<crate::proxy::h1::server::request::Fragment>()
+        .is_some()
+    {
+        return Err(Reject::BadRequest(BadRequest::Path(PathError::Fragment)));
+    }
     let http1 = matches!(req.version(), Version::HTTP_10 | Version::HTTP_11);
     if http1 && head_size(req) > limits.max_header_bytes {
         return Err(Reject::HeadersTooLarge);

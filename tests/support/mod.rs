@@ -303,13 +303,16 @@ pub fn admin_auth() -> String {
 }
 
 /// Wait (bounded) until `cond` holds, polling; for state with no push signal, such as a
-/// file watcher picking up a change.
+/// file watcher picking up a change. The bound is generous: on two cores shared with the
+/// rest of the suite a background task can wait seconds for its turn, and a passing test
+/// returns as soon as the state is there.
 pub async fn eventually<F, Fut>(what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
         if cond().await {
             return;
         }

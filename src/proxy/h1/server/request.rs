@@ -36,6 +36,11 @@ pub enum Parsed {
     HandOff,
 }
 
+/// Marks a request whose target carried a fragment (`#`): refused by
+/// [`crate::proxy::head::check_head`], the connection closed after the answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Fragment;
+
 /// Where a header's name and value lie in the buffer.
 #[derive(Clone, Copy, Default)]
 pub struct Span {
@@ -53,18 +58,24 @@ pub fn parse(
     spans: &mut Vec<Span>,
 ) -> Parsed {
     spans.clear();
-    let (len, method, target) = match locate(buf, settings.max_headers, spans) {
+    let (len, method, target, fragment) = match locate(buf, settings.max_headers, spans) {
         Located::Partial => return Parsed::Partial,
         Located::HandOff => return Parsed::HandOff,
         Located::Head {
             len,
             method,
             target,
-        } => (len, method, target),
+            fragment,
+        } => (len, method, target, fragment),
     };
     let head = buf.split_to(len).freeze();
     match build(&head, method, target, spans, settings, headers) {
-        Some(req) => Parsed::Request(req),
+        Some(mut req) => {
+            if fragment {
+                req.extensions_mut().insert(Fragment);
+            }
+            Parsed::Request(req)
+        }
         None => {
             // `http` refused what httparse took: hyper decides (and refuses) instead.
             let mut whole = BytesMut::with_capacity(head.len() + buf.len());
@@ -84,6 +95,7 @@ enum Located {
         len: usize,
         method: Method,
         target: (usize, usize),
+        fragment: bool,
     },
 }
 
@@ -111,9 +123,15 @@ fn locate(buf: &[u8], max_headers: usize, spans: &mut Vec<Span>) -> Located {
     if !path.starts_with('/') || path.len() > MAX_URI_LEN {
         return Located::HandOff;
     }
+    // A target with a fragment is refused, and the connection closed after the answer
+    // (so what the head announced is never read): hyper, like `http::Uri`, drops the
+    // fragment and would authorize the path before it, where an app or a front proxy that
+    // reads the raw target may see more (`/public#/../admin`).
+    let fragment = path.as_bytes().contains(&b'#');
     let mut zero_length = false;
     for header in req.headers.iter() {
         match meaning(header.name.as_bytes()) {
+            _ if fragment => {}
             Meaning::None => {}
             Meaning::ContentLength if !zero_length && header.value == b"0" => zero_length = true,
             // On HTTP/1.1 hyper's server reads `Connection` for `close` alone (as
@@ -132,6 +150,7 @@ fn locate(buf: &[u8], max_headers: usize, spans: &mut Vec<Span>) -> Located {
         len,
         method,
         target: range(buf, path.as_bytes()),
+        fragment,
     }
 }
 
