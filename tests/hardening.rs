@@ -115,6 +115,46 @@ fn tecl() -> String {
     head("POST", "/v1/tecl", lengths) + &chunk
 }
 
+/// A length the client spelled with leading zeros (`005`, valid) reaches the app as the
+/// number keyward framed the body by: an app whose parser reads it otherwise, or refuses
+/// it, would frame the body differently.
+#[tokio::test]
+async fn content_length_is_forwarded_as_the_number_read() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let req = head(
+        "POST",
+        "/v1/len",
+        "Content-Length: 005\r\nConnection: close\r\n",
+    ) + "hello";
+    let r = exchange(kw.addr, req.as_bytes()).await;
+    assert_eq!(r.statuses(), [200], "{}", r.text);
+    let seen = up.last();
+    assert_eq!(seen.headers.get("content-length").unwrap(), "5");
+    assert_eq!(seen.body_len, 5);
+    kw.shutdown().await;
+}
+
+/// CONNECT is refused whatever its target and route: keyward is a reverse proxy, and an
+/// app handed a CONNECT on a public route (no key) could open a tunnel of its own. The
+/// connection closes after the answer, so tunnel bytes are never read as requests.
+#[tokio::test]
+async fn connect_is_refused_and_closes_the_connection() {
+    let up = spawn_upstream().await;
+    for server in ["", "http1_server: hyper\n"] {
+        let kw = spawn_proxy(up.addr, server).await;
+        for target in ["/healthz", "app:443", "/v1/items"] {
+            let req = head("CONNECT", target, "") + &smuggled();
+            let r = exchange(kw.addr, req.as_bytes()).await;
+            assert_eq!(r.statuses(), [400], "{server}{target}: {}", r.text);
+            assert_eq!(r.json()["code"], "bad_request", "{target}");
+            assert_eq!(r.header("connection").as_deref(), Some("close"));
+        }
+        assert_eq!(up.count(), 0, "{server}");
+        kw.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_read_as_chunked_and_closed() {
     let up = spawn_upstream().await;

@@ -136,6 +136,10 @@ pub enum BadRequest {
     /// The client's request body broke off or was malformed (e.g. bad chunked framing).
     #[error("malformed or incomplete request body")]
     Body,
+    /// `CONNECT`: keyward is a reverse proxy, and an app handed a CONNECT (on a public
+    /// route, with no key) could open a tunnel of its own.
+    #[error("CONNECT is not proxied")]
+    Connect,
     /// A transfer coding other than one `chunked` (`gzip, chunked`): keyward would forward
     /// the body decoded of its chunks but still gzip-coded, with nothing saying so.
     #[error("transfer codings other than a single chunked are not accepted")]
@@ -186,6 +190,7 @@ impl Reject {
                 | Reject::BadRequest(
                     BadRequest::Host
                         | BadRequest::TransferCoding
+                        | BadRequest::Connect
                         | BadRequest::Path(crate::auth::path::PathError::Fragment)
                 )
         )
@@ -236,6 +241,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::Host) => "Malformed request head",
             Reject::HeadersTooLarge => "Request header fields too large",
             Reject::BadRequest(BadRequest::Body) => "Malformed or incomplete request body",
+            Reject::BadRequest(BadRequest::Connect) => "Method not proxied",
             Reject::BadRequest(BadRequest::TransferCoding) => "Unsupported transfer coding",
             Reject::BadRequest(BadRequest::Original(_)) => "Original method or URI missing",
             Reject::BadRequest(BadRequest::Override(_)) => "Override header refused",

@@ -100,6 +100,21 @@ fn may_leave_bytes_behind(req: &Request<RequestBody>, reuse_after_body: bool) ->
         ))
 }
 
+/// The client's `Content-Length` as the number hyper read it as (`05` is 5): forwarded as
+/// spelled, a length an app's parser reads otherwise, or refuses, would frame the body there
+/// differently from here.
+fn canonical_length(req: &mut Request<RequestBody>) {
+    if !req.headers().contains_key(header::CONTENT_LENGTH) {
+        return;
+    }
+    if let Some(n) = http_body::Body::size_hint(req.body()).exact() {
+        let canonical = HeaderValue::from(n);
+        if req.headers().get(header::CONTENT_LENGTH) != Some(&canonical) {
+            req.headers_mut().insert(header::CONTENT_LENGTH, canonical);
+        }
+    }
+}
+
 /// A response that has no body whatever its headers say (204, 304): an app whose naive code
 /// writes one anyway, in a later write, leaves bytes on the connection that would answer
 /// the next request sent there, another client's. Its connection is closed after it, as
@@ -199,6 +214,7 @@ impl Upstream {
         if !req.headers().contains_key(header::HOST) {
             req.headers_mut().insert(header::HOST, self.host.clone());
         }
+        canonical_length(&mut req);
         let start = Instant::now();
         let fast = self.client == UpstreamClient::Fast && !upgrade && h1::fits(&req);
         let reuse = !may_leave_bytes_behind(&req, self.reuse_after_body);

@@ -2,7 +2,7 @@
 //! coding, and one well-defined host. Shared by the proxy and the decision listener.
 
 use http::header::{self, HeaderValue};
-use http::{Request, Version};
+use http::{Method, Request, Version};
 
 use crate::auth::path::PathError;
 use crate::auth::reject::BadRequest;
@@ -34,6 +34,9 @@ pub fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
         .is_some()
     {
         return Err(Reject::BadRequest(BadRequest::Path(PathError::Fragment)));
+    }
+    if req.method() == Method::CONNECT {
+        return Err(Reject::BadRequest(BadRequest::Connect));
     }
     let http1 = matches!(req.version(), Version::HTTP_10 | Version::HTTP_11);
     if http1 && head_size(req) > limits.max_header_bytes {
