@@ -614,7 +614,7 @@ async fn dry_run(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
             &new,
             &app2.config.keys.guard,
             &last_used,
-            crate::keys::diff::Here::of(&app2.config),
+            crate::keys::source::Host::here(&*app2),
         ))
     })
     .await;

@@ -24,7 +24,12 @@ impl Host for App {
     }
 
     fn here(&self) -> crate::keys::diff::Here<'_> {
-        crate::keys::diff::Here::of(&self.config)
+        // The fleet's revokes deny their keys' clients already: the guard does not count
+        // those keys as usable (a new snapshot keeping only them would lock out everyone).
+        crate::keys::diff::Here {
+            revoked: Some(&*self.revocations),
+            ..crate::keys::diff::Here::of(&self.config)
+        }
     }
 
     fn installed(&self, snapshot: &Snapshot) {

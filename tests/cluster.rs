@@ -1061,3 +1061,29 @@ async fn a_huge_limiter_state_is_not_read_and_is_replaced() {
     let n: String = redis.cmd(&["GET", "keyward:rl:{key_limited}"]).await;
     assert!(n.parse::<f64>().is_ok_and(|v| v.is_finite()), "{n}");
 }
+
+/// The blast-radius guard (SPEC 16) counts the keys a client can use: a key the fleet has
+/// revoked lets no one in, so a file keeping only the revoked keys removes every usable key
+/// and is refused (it was judged as removing half, and installed, locking everyone out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_does_not_count_keys_the_fleet_revoked_as_usable() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let secret = |i: usize| format!("sta_cluster_guard_key_{i:02}_0123456789abcdef");
+    let entries: Vec<String> = (0..20)
+        .map(|i| entry(&format!("key_{i:02}"), &secret(i), None))
+        .collect();
+    let kw = ready_replica(up.addr, redis.port, "local", &snapshot(&entries)).await;
+    for i in 0..10 {
+        let r = admin_post(&kw, &format!("key_{i:02}"), "disable").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    std::fs::write(kw.keys_file(), snapshot(&entries[..10])).unwrap();
+    let guarded = r#"keyward_snapshot_reloads_total{result="guarded",source="file"}"#;
+    eventually("the file is refused by the guard", || async {
+        metric(&kw, guarded).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(call(&kw, &secret(15)).await.status, 200);
+    assert_eq!(call(&kw, &secret(3)).await.code(), "disabled_api_key");
+}

@@ -289,6 +289,35 @@ async fn control_source_guarded_push_is_409_and_leaves_the_state_file_and_force_
     kw.shutdown().await;
 }
 
+/// A snapshot that locks every client out later rather than now is refused like one that
+/// does it now: every key expiring in seconds, or a rate limit of one request in hours
+/// (both were accepted with nothing locked out, then answered 401 and 429 to everyone).
+#[tokio::test]
+async fn a_push_that_expires_or_starves_every_key_soon_is_refused() {
+    let up = spawn_upstream().await;
+    let kw = spawn_control(up.addr, Some(&plain(0..20)), "").await;
+    let soon = rfc3339(SystemTime::now() + std::time::Duration::from_secs(8));
+    let expiring = snapshot("", 0..20, |_| format!(", expires_at: {soon}"));
+    let starved = snapshot("", 0..20, |_| {
+        ", rate_limit: { per_second: 0.0001, burst: 1 }".into()
+    });
+    for (what, body) in [("expiring", &expiring), ("starved", &starved)] {
+        let r = admin(&kw, "PUT", "/v1/snapshot", body).await;
+        assert_eq!(r.status, 409, "{what}: {}", r.text());
+        assert_eq!(r.json()["code"], "snapshot_guard", "{what}");
+        assert_eq!(r.json()["locked_out"], 20, "{what}");
+    }
+    // An expiry well past the horizon, and a slow but usable limit, are changes like any.
+    let later = rfc3339(SystemTime::now() + std::time::Duration::from_secs(2 * 3600));
+    let fine = snapshot("", 0..20, |_| {
+        format!(", expires_at: {later}, rate_limit: {{ per_second: 0.5, burst: 1 }}")
+    });
+    let r = admin(&kw, "PUT", "/v1/snapshot", &fine).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(3)).await, 200);
+    kw.shutdown().await;
+}
+
 #[tokio::test]
 async fn control_source_empty_push_is_refused_even_below_min_keys() {
     let up = spawn_upstream().await;
@@ -800,9 +829,20 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
         .await,
         1.0
     );
-    // Dated an hour ahead (a generator's clock, a date typed wrong): it counts from when it
-    // is first seen.
-    let later = SystemTime::now() + Duration::from_secs(3600);
+    // Dated an hour ahead (a date typed wrong): refused, since its age would count from
+    // when it is first seen, afresh at every restart; the stale one stays, failing closed.
+    let ahead = SystemTime::now() + Duration::from_secs(3600);
+    let typo = plain(0..3).replace("keys:", &format!("generated_at: {}\nkeys:", rfc3339(ahead)));
+    std::fs::write(kw.keys_file(), typo).unwrap();
+    let refused = r#"keyward_snapshot_reloads_total{result="error",source="file"} "#;
+    eventually("the future stamp is refused", || async {
+        metric_value(&kw, refused).await == 1.0
+    })
+    .await;
+    assert_eq!(status_with(&kw, &raw(0)).await, 503);
+    // A minute ahead (a generator's clock a little fast): taken, counting from when it is
+    // first seen.
+    let later = SystemTime::now() + Duration::from_secs(60);
     let renewed = plain(0..3).replace("keys:", &format!("generated_at: {}\nkeys:", rfc3339(later)));
     std::fs::write(kw.keys_file(), renewed).unwrap();
     eventually("fresh file restores auth", || async {

@@ -65,13 +65,14 @@ async fn allowed_requests_reach_the_socket_with_identity_and_host() {
     kw.shutdown().await;
 }
 
-/// Sequential requests share one socket connection (the keep-alive pool is the same).
+/// Sequential requests share one socket connection (the keep-alive pool is the same; the
+/// test app reads every body, so bodies may share it too).
 #[tokio::test]
 async fn sequential_requests_reuse_one_socket_connection() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("app.sock");
     let up = spawn_upstream_unix(&sock).await;
-    let kw = proxy_to(&sock, "workers: 1\n").await;
+    let kw = proxy_to(&sock, "workers: 1\nupstream_reuse_after_body: true\n").await;
     for i in 0..10 {
         let r = send("POST", &kw.url("/x"), &[("x-api-key", SERVICE_KEY)], b"abc").await;
         assert_eq!((i, r.status.as_u16()), (i, 200), "{}", r.text());

@@ -779,6 +779,13 @@ fn decode(remote: HashMap<String, String>) -> Set {
         .collect()
 }
 
+/// The guard (SPEC 16) judges keys revoked by the fleet as not usable.
+impl crate::keys::diff::Revoked for Revocations {
+    fn is_revoked(&self, key: &Key) -> bool {
+        Revocations::is_revoked(self, key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,9 +46,10 @@ pub fn redact(message: &str) -> String {
     out
 }
 
-/// Every `"…"` value replaced by `"…"` unless it is one word that would be shown anyway
-/// (`"nope"`); its end is found past `\"` and `\\` escapes, and an unterminated one runs
-/// to the end.
+/// Every `"…"` value replaced by `"…"` unless it is a number, a time or a URL path
+/// (`"/admin/*"`); its end is found past `\"` and `\\` escapes, and an unterminated one
+/// runs to the end. A name-like value is cut too: a parser quotes what the document holds,
+/// and a short key pasted in the wrong field (`scopes: "sta_live_x"`) looks like a name.
 fn cut_quoted_values(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
@@ -60,7 +61,10 @@ fn cut_quoted_values(message: &str) -> String {
             return out;
         };
         let value = &inner[..len];
-        let plain = !value.is_empty() && !value.contains('\\') && is_shown(value);
+        let plain = !value.is_empty()
+            && !value.contains(['\\', '"'])
+            && value.is_ascii()
+            && (is_amount(value) || is_time(value) || is_url_path(value));
         out.push_str(if plain { value } else { "…" });
         out.push('"');
         rest = &inner[len + 1..];
@@ -192,7 +196,18 @@ mod tests {
     fn quoted_values_go_whole_even_with_escaped_quotes_inside() {
         assert_eq!(
             redact(r#"invalid type: string "nope", expected u64"#),
-            r#"invalid type: string "nope", expected u64"#
+            r#"invalid type: string "…", expected u64"#
+        );
+        let short_key =
+            r#"keys[0].scopes: invalid type: string "sta_live_SUPERSECRET", expected a sequence"#;
+        assert!(
+            !redact(short_key).contains("SUPERSECRET"),
+            "{}",
+            redact(short_key)
+        );
+        assert_eq!(
+            redact(r#"x: "250ms" "/v1/items" "2026-01-01T00:00:00Z""#),
+            r#"x: "250ms" "/v1/items" "2026-01-01T00:00:00Z""#
         );
         let escaped = format!(
             r#"invalid type: string "{{\"sha256\": \"{DIGEST}\", \"id\": \"k\"}}", expected a key"#

@@ -4,7 +4,7 @@
 //! changed `sha256` is reported by its field name only).
 
 use std::fmt::Write as _;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -52,14 +52,41 @@ pub struct SnapshotDiff {
     pub unchanged: usize,
 }
 
+/// Revocations kept outside the snapshot (the fleet's, SPEC 14): a key revoked there lets
+/// no client in, whatever the snapshot says, so the guard does not count it as usable.
+pub trait Revoked: Sync {
+    fn is_revoked(&self, key: &Key) -> bool;
+}
+
 /// Where and when keys are judged usable: the sidecar's `environment` and `scopes` rules
-/// (unknown, as for `keyward diff` without a config: `None` and none) at `now`.
-#[derive(Debug, Clone, Copy)]
+/// (unknown, as for `keyward diff` without a config: `None` and none) at `now`, and the
+/// revocations held outside the snapshot, if any.
+#[derive(Clone, Copy)]
 pub struct Here<'a> {
     pub environment: Option<&'a str>,
     pub scope_rules: &'a [ScopeRule],
     pub now: SystemTime,
+    pub revoked: Option<&'a dyn Revoked>,
 }
+
+impl std::fmt::Debug for Here<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Here")
+            .field("environment", &self.environment)
+            .field("scope_rules", &self.scope_rules)
+            .field("now", &self.now)
+            .field("revoked", &self.revoked.is_some())
+            .finish()
+    }
+}
+
+/// An expiry a new snapshot brings within this of now locks the key's clients out as
+/// surely as removing it, only a little later (`expires_at: now + 8s` on every key).
+pub const EXPIRY_HORIZON: Duration = Duration::from_secs(3600);
+
+/// A rate limit below this many requests per second (one a minute) locks the key's
+/// clients out as surely as disabling it (`per_second: 0.0001` answers 429 for hours).
+pub const MIN_USABLE_RATE: f64 = 1.0 / 60.0;
 
 impl<'a> Here<'a> {
     /// A sidecar running `config`, now.
@@ -68,6 +95,7 @@ impl<'a> Here<'a> {
             environment: Some(&config.environment),
             scope_rules: &config.scopes,
             now: SystemTime::now(),
+            revoked: None,
         }
     }
 
@@ -77,6 +105,7 @@ impl<'a> Here<'a> {
             environment: None,
             scope_rules: &[],
             now: SystemTime::now(),
+            revoked: None,
         }
     }
 
@@ -102,6 +131,7 @@ pub fn usable(key: &Key, here: Here<'_>) -> bool {
             (Some(bound), Some(env)) => bound == env,
             _ => true,
         }
+        && !here.revoked.is_some_and(|r| r.is_revoked(key))
 }
 
 /// The two snapshots' sizes and versions: measured by the diff, repeated by the guard's
@@ -183,7 +213,8 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
 }
 
 /// Does `after` (active) refuse the client `before` (usable here) let in? Not usable here
-/// any more (an expiry past, a `not_before` ahead, another environment), a new digest, a
+/// any more (an expiry past, a `not_before` ahead, another environment), an expiry brought
+/// within [`EXPIRY_HORIZON`], a rate limit cut below [`MIN_USABLE_RATE`], a new digest, a
 /// new type (it must fit the key's prefix), or scopes that no longer pass any `scopes`
 /// rule (`[]`, or `[bogus]`: every method refused). Where the
 /// environment is not known, a binding changed from one environment to another still
@@ -198,6 +229,24 @@ fn locks_out(before: &Key, after: &Key, here: Here<'_>) -> bool {
         || before.digest() != after.digest()
         || before.principal_type != after.principal_type
         || (here.can_use_a_method(before) && !here.can_use_a_method(after))
+        || expires_soon(before, after, here.now)
+        || throttled(before, after)
+}
+
+/// `after` expires within [`EXPIRY_HORIZON`] of `now`, sooner than `before` did.
+fn expires_soon(before: &Key, after: &Key, now: SystemTime) -> bool {
+    after
+        .expires_at
+        .is_some_and(|t| t <= now + EXPIRY_HORIZON && before.expires_at.is_none_or(|was| t < was))
+}
+
+/// `after`'s rate limit lets fewer than [`MIN_USABLE_RATE`] through, and `before`'s did not.
+fn throttled(before: &Key, after: &Key) -> bool {
+    let starved = |k: &Key| {
+        k.rate_limit()
+            .is_some_and(|r| r.per_second < MIN_USABLE_RATE)
+    };
+    starved(after) && !starved(before)
 }
 
 /// The names of the entry fields that differ. Values are compared, never returned.
@@ -340,6 +389,72 @@ mod tests {
                 },
             ]
         );
+    }
+
+    /// An expiry brought within the hour, or a rate limit cut to less than one request a
+    /// minute, locks the key's clients out too, only later; an expiry that stays where it
+    /// was, or moves later, does not, nor does a limit that was already that low.
+    #[test]
+    fn an_expiry_brought_near_or_a_starved_rate_limit_locks_out() {
+        let now = SystemTime::now();
+        let at = |d: Duration| {
+            let t = humantime::format_rfc3339_seconds(now + d).to_string();
+            format!("    expires_at: {t}\n")
+        };
+        let soon = at(Duration::from_secs(8));
+        let later = at(EXPIRY_HORIZON + Duration::from_secs(600));
+        let starved = "    rate_limit: { per_second: 0.0001, burst: 1 }\n";
+        let slow = "    rate_limit: { per_second: 0.5, burst: 1 }\n";
+        let old = snap(&[
+            entry("k1", "a", ""),
+            entry("k2", "b", &soon),
+            entry("k3", "c", ""),
+            entry("k4", "d", ""),
+            entry("k5", "e", starved),
+            entry("k6", "f", ""),
+        ]);
+        let new = snap(&[
+            entry("k1", "a", &soon),
+            entry("k2", "b", &format!("{soon}    org_id: o\n")),
+            entry("k3", "c", &later),
+            entry("k4", "d", starved),
+            entry("k5", "e", &format!("{starved}    org_id: o\n")),
+            entry("k6", "f", slow),
+        ]);
+        let d = diff(&old, &new, here());
+        assert_eq!(d.locked_out, ["k1", "k4"]);
+    }
+
+    /// Keys the fleet has revoked let no client in: they are not usable in force, so a
+    /// snapshot keeping only them is judged against the keys that are.
+    #[test]
+    fn keys_revoked_outside_the_snapshot_are_not_usable() {
+        struct Ids(&'static [&'static str]);
+        impl Revoked for Ids {
+            fn is_revoked(&self, key: &Key) -> bool {
+                self.0.contains(&&*key.id)
+            }
+        }
+        let all: Vec<_> = (0..4)
+            .map(|i| entry(&format!("k{i}"), &format!("s{i}"), ""))
+            .collect();
+        let old = snap(&all);
+        let new = snap(&all[..2]);
+        let revoked = Ids(&["k0", "k1"]);
+        let d = diff(
+            &old,
+            &new,
+            Here {
+                revoked: Some(&revoked),
+                ..here()
+            },
+        );
+        assert_eq!(
+            (d.sides.usable_in_force, d.sides.usable, d.removed_usable),
+            (2, 0, 2)
+        );
+        let d = diff(&old, &new, here());
+        assert_eq!((d.sides.usable_in_force, d.removed_usable), (4, 2));
     }
 
     /// A snapshot can lock every client out without removing or disabling a key: a new

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
@@ -291,8 +292,27 @@ fn read_for(
     let mut snapshot = read_file_as(path, source, format, prior.as_deref())?;
     // Its deadline with `keys.max_age`, known before the guard judges it.
     let max_age = host.keys_config().max_age;
+    if max_age.is_some() {
+        stamped_in_the_past(&snapshot, SystemTime::now())?;
+    }
     snapshot.set_max_age(max_age, prior.as_deref());
     Ok(snapshot)
+}
+
+/// How far ahead of this host's clock a `generated_at` may be: a generator's clock a little
+/// fast, not a date typed wrong.
+pub const GENERATED_AT_SKEW: Duration = Duration::from_secs(300);
+
+/// With `keys.max_age`, a `generated_at` further ahead than [`GENERATED_AT_SKEW`] is refused:
+/// its age would count from when this process first saw it, so a restart (a crash loop, a
+/// rolling update) would start it afresh and a source cut off would never go stale.
+fn stamped_in_the_past(snapshot: &Snapshot, now: SystemTime) -> Result<(), LoadError> {
+    match snapshot.generated_at {
+        Some(at) if at > now + GENERATED_AT_SKEW => Err(LoadError::Invalid(SnapshotError::Parse(
+            "generated_at: is more than 5 minutes ahead of this host's clock (keys.max_age is set: a snapshot from the future would not age)".into(),
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Watch `path`: reload when its content hash changes (polled, so renames and Kubernetes'
