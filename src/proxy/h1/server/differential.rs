@@ -9,7 +9,10 @@
 //! streamed without one, or empty) and extra response fields (`x-r-<name>`), so the
 //! response framing rules are exercised too. Both must write the same bytes (the `date`
 //! value aside) and close at the same point; only how a broken rest of the stream is
-//! refused may differ (`refused_alike`). One difference is left out on purpose (the
+//! refused may differ (`refused_alike`). A stream with a `#` is left out: keyward's server
+//! closes the connection after answering a request whose target carries a fragment (which
+//! keyward refuses), where hyper's drops the fragment and serves on. One more difference is
+//! left out on purpose (the
 //! echo never answers with it): after a `transfer-encoding` that does not end in
 //! `chunked`, hyper appends `, chunked` to every later one-line field too (`connection:
 //! close, chunked`); keyward's server appends it to that field only (and keyward strips
@@ -177,6 +180,11 @@ fn blank_dates(out: &[u8]) -> Vec<u8> {
 /// Run `case` through both servers, each on a fresh runtime with a paused clock. `Err`
 /// describes the disagreement.
 pub fn check(case: &Case) -> Result<Kind, String> {
+    // keyward's server closes a connection after answering a target with a fragment, which
+    // it refuses (hyper's drops the fragment and serves on): left out on purpose.
+    if case.input.contains(&b'#') {
+        return Ok("left out: a fragment");
+    }
     let run = |fast| {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -266,13 +266,15 @@ where
             // As hyper's graceful shutdown does: a clean end (TLS `close_notify`, then FIN).
             Head::Closing => return Ended::Closed(io.shutdown().await.map_err(Into::into)),
         };
+        // A target with a fragment is refused; its connection ends with the answer.
+        let fragment = req.extensions().get::<request::Fragment>().is_some();
         // Built in place: the service's future is not moved once started.
         let answer = pin!(service(req));
         let resp = match conn.answer(&mut io, answer).await {
             Ok(resp) => resp,
             Err(ended) => return Ended::Closed(ended.map_err(Into::into)),
         };
-        let keep_alive = !close.requested();
+        let keep_alive = !close.requested() && !fragment;
         let written = response::write(&mut io, resp, keep_alive, &mut conn.buffers()).await;
         match written {
             Ok(false) => {}

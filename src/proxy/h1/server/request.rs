@@ -123,16 +123,17 @@ fn locate(buf: &[u8], max_headers: usize, spans: &mut Vec<Span>) -> Located {
     if !path.starts_with('/') || path.len() > MAX_URI_LEN {
         return Located::HandOff;
     }
-    // A target with a fragment is refused, and the connection closed after the answer
-    // (so what the head announced is never read): hyper, like `http::Uri`, drops the
-    // fragment and would authorize the path before it, where an app or a front proxy that
-    // reads the raw target may see more (`/public#/../admin`).
+    // A target with a fragment is marked, to be refused (`check_head`), and the connection
+    // closes after its answer whatever the answer (`serve`): `http::Uri` drops the fragment
+    // and would authorize the path before it, where an app or a front proxy that reads the
+    // raw target may see more (`/public#/../admin`). A `Connection: close` on it is no reason
+    // to hand it over; a body announced still is (hyper reads it, dropping the fragment).
     let fragment = path.as_bytes().contains(&b'#');
     let mut zero_length = false;
     for header in req.headers.iter() {
         match meaning(header.name.as_bytes()) {
-            _ if fragment => {}
             Meaning::None => {}
+            Meaning::Connection if fragment => {}
             Meaning::ContentLength if !zero_length && header.value == b"0" => zero_length = true,
             // On HTTP/1.1 hyper's server reads `Connection` for `close` alone (as
             // `HeaderValue::to_str` sees the line); any other token changes nothing.
