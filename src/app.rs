@@ -39,6 +39,8 @@ pub struct App {
     pub fleet_usage: Option<Arc<FleetUsage>>,
     pub metrics: Metrics,
     pub upstream: Upstream,
+    /// This process's hop in `Via`, which tells a request that looped back to it.
+    pub hop: crate::proxy::hop::Hop,
     /// Set on SIGTERM: `/readyz` fails from then on.
     pub draining: AtomicBool,
     /// Fired by SIGHUP: reload the key file now.
@@ -75,6 +77,7 @@ impl App {
         };
         Ok(Self {
             policy: Policy::new(&config),
+            hop: crate::proxy::hop::Hop::default(),
             // Decision mode without a proxy listener has no upstream: the pool is never used.
             upstream: Upstream::new(
                 config.upstream.as_ref(),

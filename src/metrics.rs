@@ -33,6 +33,9 @@ pub enum UpstreamErrorKind {
     /// Refused before any upstream connection: `limits.max_in_flight` reached.
     Overload,
     Other,
+    /// Refused before any upstream connection: the request came back to this keyward
+    /// through its own upstream (`proxy::hop`).
+    Loop,
 }
 
 impl UpstreamErrorKind {
@@ -42,6 +45,7 @@ impl UpstreamErrorKind {
             Self::Timeout => "timeout",
             Self::Overload => "overload",
             Self::Other => "other",
+            Self::Loop => "loop",
         }
     }
 }
@@ -63,7 +67,7 @@ pub struct Metrics {
     registry: Registry,
     /// Requests, their durations and those in flight, one shard per worker.
     requests: Arc<shard::Sharded>,
-    upstream_errors: [IntCounter; 4],
+    upstream_errors: [IntCounter; 5],
     snapshot_keys: IntGauge,
     snapshot_version: IntGauge,
     reloads: IntCounterVec,
@@ -192,6 +196,7 @@ impl Metrics {
                 UpstreamErrorKind::Timeout,
                 UpstreamErrorKind::Overload,
                 UpstreamErrorKind::Other,
+                UpstreamErrorKind::Loop,
             ]
             .map(|k| upstream_errors_vec.with_label_values(&[k.as_str()])),
             snapshot_keys,

@@ -255,6 +255,61 @@ async fn an_upstream_that_resolves_to_keywards_own_listener_is_refused() {
     }
 }
 
+/// An upstream that leads back to keyward through something no address check sees (a
+/// port-forward, a Service, another proxy: here a TCP relay) would forward each request
+/// again and again, with no key on a public route. keyward names itself in `Via`, so the
+/// request that comes back is refused: the client gets one 502, the relay carries one
+/// request, and the app behind nothing.
+#[tokio::test]
+async fn a_request_that_loops_back_through_the_upstream_is_refused_once() {
+    use tokio::io::AsyncWriteExt;
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let (target_tx, target_rx) = tokio::sync::watch::channel(None::<std::net::SocketAddr>);
+    let relayed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = relayed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = relay.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut rx = target_rx.clone();
+            tokio::spawn(async move {
+                let target = *rx.wait_for(|t| t.is_some()).await.unwrap();
+                let mut out = tokio::net::TcpStream::connect(target.unwrap())
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                let _ = out.shutdown().await;
+            });
+        }
+    });
+    let kw = spawn_proxy(relay_addr, "").await;
+    target_tx.send(Some(kw.addr)).unwrap();
+    // `/healthz` is public: the looped request needs no key to be forwarded again.
+    let r = get(&kw.url("/healthz"), &[]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.code(), "upstream_unavailable");
+    let loops = metric_value(&kw, "keyward_upstream_errors_total{kind=\"loop\"}").await;
+    assert_eq!(loops, 1.0);
+    assert_eq!(relayed.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // An app behind keyward sees keyward's hop in Via, after the client's.
+    let up = spawn_upstream().await;
+    let kw2 = spawn_proxy(up.addr, "").await;
+    let r = get(
+        &kw2.url("/v1/x"),
+        &[("x-api-key", SERVICE_KEY), ("via", "1.1 edge")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let vias: Vec<_> = up.last().headers.get_all("via").iter().cloned().collect();
+    assert_eq!(vias.len(), 2, "{vias:?}");
+    assert!(
+        vias[1].to_str().unwrap().starts_with("1.1 keyward-"),
+        "{vias:?}"
+    );
+    kw2.shutdown().await;
+    kw.shutdown().await;
+}
+
 /// The identity headers are added by the client that sends the request: keyward's own for a
 /// bodiless request (written into the head), hyper's for a request with a body or with
 /// `upstream_client: hyper` (in the map). Each way the app gets the key's values, each

@@ -393,6 +393,15 @@ fn upstream_request(
     trace: &Trace<'_>,
     cid: &HeaderValue,
 ) -> Result<UpstreamRequest, Reject> {
+    if app.hop.looped(req.headers()) {
+        app.metrics
+            .record_upstream_error(crate::metrics::UpstreamErrorKind::Loop);
+        tracing::warn!(
+            correlation_id = cid.to_str().unwrap_or_default(),
+            "request loop: this request was forwarded by this keyward before (its Via names this process); the upstream leads back here"
+        );
+        return Err(Reject::UpstreamUnavailable);
+    }
     let upgrade = forward::wants_upgrade(&req);
     let downstream_upgrade =
         upgrade.then(|| Box::new((hyper::upgrade::on(&mut req), conn.slot.clone())));
@@ -435,6 +444,12 @@ fn upstream_request(
         );
     }
     headers::set_forwarded(h, &conn, host, &app.config.trusted_proxies);
+    let version = if req_version_is_h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
+    app.hop.append(h, version);
     // The identity headers go in last, added by the client that sends the request.
     headers::set_correlation(h, cid);
     *req.uri_mut() = uri;

@@ -16,6 +16,7 @@ pub mod h1;
 pub mod handler;
 pub mod head;
 pub mod headers;
+pub mod hop;
 pub mod pool;
 pub mod respond;
 pub mod server;
