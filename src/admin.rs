@@ -735,7 +735,7 @@ async fn revoke(app: &App, id: &str, disabled: bool) -> Response<AdminBody> {
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cluster_unavailable",
-                "applied on this replica; stored for the fleet once Redis is reachable",
+                "applied on this replica, in memory: stored for the fleet once Redis is reachable, and lost if this replica restarts first; repeat the call once Redis is back",
             )
         }
     }
