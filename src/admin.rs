@@ -149,8 +149,21 @@ impl Drop for PeerSlot {
     }
 }
 
-/// Serve the admin API until `stop` resolves.
-pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Output = ()>) {
+/// What a listener answers: the whole admin API (`admin_listen`), or the probes alone
+/// (`probe_listen`), whose connection bounds no client of `/metrics` or `/v1` shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    Admin,
+    Probes,
+}
+
+/// Serve `surface` until `stop` resolves.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    surface: Surface,
+    stop: impl Future<Output = ()>,
+) {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let per_peer = Arc::new(PerPeer::default());
@@ -178,7 +191,12 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
         let app = app.clone();
         let service = service_fn(move |req| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(route(&app, req).await) }
+            async move {
+                Ok::<_, Infallible>(match surface {
+                    Surface::Admin => route(&app, req).await,
+                    Surface::Probes => probes_only(&app, &req),
+                })
+            }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -223,12 +241,33 @@ fn error(status: StatusCode, code: &str, message: impl std::fmt::Display) -> Res
     )
 }
 
+/// `/healthz` and `/readyz`, answered alike on the admin and the probe listener.
+fn probe(app: &Arc<App>, req: &Request<Incoming>) -> Option<Response<AdminBody>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/healthz") => Some(text(StatusCode::OK, "ok\n")),
+        (&Method::GET | &Method::HEAD, "/readyz") => Some(readyz(app)),
+        _ => None,
+    }
+}
+
+/// The probe listener answers the probes and nothing else.
+fn probes_only(app: &Arc<App>, req: &Request<Incoming>) -> Response<AdminBody> {
+    probe(app, req).unwrap_or_else(|| {
+        error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "only /healthz and /readyz here",
+        )
+    })
+}
+
 async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
+    if let Some(r) = probe(app, &req) {
+        return r;
+    }
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     match (&method, path.as_str()) {
-        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET | &Method::HEAD, "/readyz") => readyz(app),
         (&Method::GET, "/metrics") => {
             app.metrics.set_ready(app.is_ready());
             let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));

@@ -26,6 +26,8 @@ pub struct Keyward {
     /// The decision listener (SPEC 15), with `decision.listen`.
     decision: Option<TcpListener>,
     admin: TcpListener,
+    /// The probe listener, with `probe_listen`.
+    probe: Option<TcpListener>,
     tls: Option<tls::TlsAcceptor>,
 }
 
@@ -63,12 +65,21 @@ impl Keyward {
             None => None,
         };
         let admin = bind(config.admin_listen).await?;
+        let probe = match config.probe_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let mut app = App::new(config)?;
-        let own = [listener.as_ref(), decision.as_ref(), Some(&admin)]
-            .into_iter()
-            .flatten()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
+        let own = [
+            listener.as_ref(),
+            decision.as_ref(),
+            Some(&admin),
+            probe.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
         app.upstream.refuse_loops_to(own);
         app.key_loader = KeyLoader::new(after_install);
         if let Some(t) = &tls {
@@ -87,6 +98,7 @@ impl Keyward {
             listener,
             decision,
             admin,
+            probe,
             tls,
         })
     }
@@ -109,6 +121,11 @@ impl Keyward {
             .or(configured)
     }
 
+    /// The probe listener's address, with `probe_listen`.
+    pub fn probe_addr(&self) -> Option<SocketAddr> {
+        self.probe.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
             .local_addr()
@@ -125,6 +142,7 @@ impl Keyward {
             listener,
             decision,
             admin,
+            probe,
             tls,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -141,7 +159,20 @@ impl Keyward {
         if let (Some(acceptor), Some(t)) = (&tls, &app.config.tls) {
             background.push(tokio::spawn(tls::watch(acceptor.clone(), t.clone())));
         }
-        let admin_task = tokio::spawn(admin::serve(app.clone(), admin, wait_true(stop_rx.clone())));
+        let admin_task = tokio::spawn(admin::serve(
+            app.clone(),
+            admin,
+            admin::Surface::Admin,
+            wait_true(stop_rx.clone()),
+        ));
+        let probe_task = probe.map(|probe| {
+            tokio::spawn(admin::serve(
+                app.clone(),
+                probe,
+                admin::Surface::Probes,
+                wait_true(stop_rx.clone()),
+            ))
+        });
         let drain_delay = app.config.shutdown.drain_delay;
         let grace = app.config.shutdown.grace;
         let app2 = app.clone();
@@ -188,6 +219,9 @@ impl Keyward {
         }
         let _ = stop_tx.send(true);
         let _ = admin_task.await;
+        if let Some(task) = probe_task {
+            let _ = task.await;
+        }
         for task in background {
             task.abort();
         }

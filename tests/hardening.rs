@@ -1350,3 +1350,50 @@ async fn admin_connections_blocked_writing_give_their_slots_back() {
     drop(pinned);
     kw.shutdown().await;
 }
+
+/// `probe_listen`: the probes on a listener of their own, whose bounds no client of
+/// `/metrics` or the control API shares. With every admin slot held, the probes still
+/// answer there; nothing but `/healthz` and `/readyz` does.
+#[tokio::test]
+async fn the_probe_listener_answers_probes_with_the_admin_listener_full() {
+    use keyward::admin::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER};
+    let up = spawn_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    let config = support::config::ConfigBuilder::new(up.addr, &keys_file)
+        .set("probe_listen", "127.0.0.1:0")
+        .config();
+    let server = keyward::Keyward::bind(config).await.expect("binds");
+    let (probe, admin) = (
+        server.probe_addr().expect("a probe listener"),
+        server.admin_addr(),
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    let mut held = Vec::new();
+    for peer in 0..MAX_CONNECTIONS / MAX_CONNECTIONS_PER_PEER {
+        for _ in 0..MAX_CONNECTIONS_PER_PEER {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(SocketAddr::from(([127, 0, 0, 10 + peer as u8], 0)))
+                .unwrap();
+            let mut s = s.connect(admin).await.unwrap();
+            s.write_all(b"GET /readyz HTTP/1.1\r\n").await.unwrap();
+            held.push(s);
+        }
+    }
+    for (path, status) in [
+        ("/healthz", 200),
+        ("/readyz", 200),
+        ("/metrics", 404),
+        ("/v1/snapshot", 404),
+    ] {
+        let r = get(&format!("http://{probe}{path}"), &[]).await;
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+    }
+    drop(held);
+    let _ = tx.send(());
+    task.await.unwrap();
+}

@@ -72,6 +72,10 @@ pub struct Config {
     pub http1_server: Http1Server,
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// A listener of its own for `/healthz` and `/readyz` alone (the kubelet's probes), so
+    /// clients of `/metrics` and the control API never crowd the probes out.
+    #[serde(default)]
+    pub probe_listen: Option<SocketAddr>,
     pub environment: String,
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,

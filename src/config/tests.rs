@@ -367,6 +367,16 @@ fn listeners_must_not_share_an_address() {
     );
     let e = err("decision: { listen: 127.0.0.1:8080 }\n");
     assert!(e.starts_with("decision.listen: "), "{e}");
+    let e = err("probe_listen: 127.0.0.1:9901\n");
+    assert!(
+        e.starts_with("probe_listen: ") && e.contains("`admin_listen`"),
+        "{e}"
+    );
+    let e = err("probe_listen: 0.0.0.0:8080\n");
+    assert!(
+        e.starts_with("probe_listen: ") && e.contains("`listen`"),
+        "{e}"
+    );
     // Port 0 asks the kernel for a free port each time: never the same.
     let zero = MINIMAL.replace("127.0.0.1:8080", "127.0.0.1:0");
     assert!(Config::from_yaml(&format!("{zero}admin_listen: 127.0.0.1:0\n")).is_ok());

@@ -148,19 +148,19 @@ impl Config {
                 && a.port() != 0
                 && (x == y || x.is_unspecified() || y.is_unspecified())
         };
-        let decision = self.decision.as_ref().map(|d| d.listen);
-        if self.listen.is_some_and(|l| same(l, self.admin_listen)) {
-            return Err(invalid("admin_listen", "must differ from `listen`"));
-        }
-        if decision.is_some_and(|d| same(d, self.admin_listen)) {
-            return Err(invalid(
-                "admin_listen",
-                "must differ from `decision.listen`",
-            ));
-        }
-        if let (Some(l), Some(d)) = (self.listen, decision) {
-            if same(l, d) {
-                return Err(invalid("decision.listen", "must differ from `listen`"));
+        let listeners = [
+            ("listen", self.listen),
+            ("decision.listen", self.decision.as_ref().map(|d| d.listen)),
+            ("admin_listen", Some(self.admin_listen)),
+            ("probe_listen", self.probe_listen),
+        ];
+        let configured: Vec<(&str, SocketAddr)> = listeners
+            .into_iter()
+            .filter_map(|(name, addr)| Some((name, addr?)))
+            .collect();
+        for (i, &(name, addr)) in configured.iter().enumerate() {
+            if let Some((earlier, _)) = configured[..i].iter().find(|(_, a)| same(*a, addr)) {
+                return Err(invalid(name, format!("must differ from `{earlier}`")));
             }
         }
         Ok(())
@@ -202,6 +202,7 @@ impl Config {
             ("listen", self.listen),
             ("admin_listen", Some(self.admin_listen)),
             ("decision.listen", self.decision.as_ref().map(|d| d.listen)),
+            ("probe_listen", self.probe_listen),
         ];
         for (name, addr) in own {
             let Some(addr) = addr.filter(|a| a.port() == port && a.port() != 0) else {
