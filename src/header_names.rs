@@ -27,21 +27,30 @@ pub static HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
-/// Whether two names are one to a CGI/WSGI or nginx backend: equal with `_` and `.` read
-/// as `-` on either side.
+/// A byte a backend may read as `-` in a header name: any that is not a letter or a digit.
+/// CGI/WSGI and nginx backends read `_` and `.` so, and lighttpd's CGI/FastCGI/SCGI every
+/// other punctuation a name may hold (`+`, `~`, `!`, ...), since each becomes `_` in the
+/// variable name.
+pub fn is_separator(c: u8) -> bool {
+    !c.is_ascii_alphanumeric()
+}
+
+/// Whether two names are one to a CGI/WSGI or nginx backend: equal with every separator
+/// ([`is_separator`]) read as `-` on either side.
 pub fn same_name(a: &str, b: &str) -> bool {
-    let dash = |c: u8| if c == b'_' || c == b'.' { b'-' } else { c };
+    let dash = |c: u8| if is_separator(c) { b'-' } else { c };
     a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| dash(x) == dash(y))
 }
 
-/// Compare a header name with `target` reading `_` and `.` as `-`, as CGI/WSGI and nginx
-/// backends do, so `X_Auth_Subject_Id` and `x.auth.subject.id` count as identity headers.
+/// Compare a header name with `target` reading every separator as `-`, as CGI/WSGI and
+/// nginx backends do, so `X_Auth_Subject_Id`, `x.auth.subject.id` and `x+auth+subject+id`
+/// count as identity headers.
 pub fn alias_starts_with(name: &str, target: &str) -> bool {
     name.len() >= target.len()
         && name
             .bytes()
             .zip(target.bytes())
-            .all(|(a, b)| a == b || (b == b'-' && (a == b'_' || a == b'.')))
+            .all(|(a, b)| a == b || (b == b'-' && is_separator(a)))
 }
 
 /// Headers that tell an app where a request came from or how it arrived, which only a
@@ -49,7 +58,7 @@ pub fn alias_starts_with(name: &str, target: &str) -> bool {
 /// `-scheme`, `-port`, `-prefix`, `-server`, `-uri`, ... which Rack, Spring and others
 /// read), the client-address headers of CDNs and load balancers, and the HTTPS markers of
 /// IIS/ARR and nginx setups.
-pub const FORWARDING: [&str; 14] = [
+pub const FORWARDING: [&str; 15] = [
     "forwarded",
     "x-forwarded",
     "x-real-ip",
@@ -64,6 +73,7 @@ pub const FORWARDING: [&str; 14] = [
     "front-end-https",
     "x-url-scheme",
     "x-scheme",
+    "x-arr-ssl",
 ];
 pub const FORWARDING_PREFIX: &str = "x-forwarded-";
 
@@ -136,7 +146,7 @@ pub const ASSERTED: [&str; 26] = [
 ];
 
 /// Name prefixes of [`ASSERTED`] families, and of `x-forwarded-*` (first).
-pub const ASSERTED_PREFIXES: [&str; 19] = [
+pub const ASSERTED_PREFIXES: [&str; 20] = [
     FORWARDING_PREFIX,
     "x-ssl-client-",
     "ssl-client-",
@@ -154,6 +164,8 @@ pub const ASSERTED_PREFIXES: [&str; 19] = [
     "cf-access-",
     "x-goog-authenticated-user-",
     "x-amzn-oidc-",
+    // Tailscale `serve`: the tailnet user it authenticated.
+    "tailscale-user-",
     "x-ms-client-principal",
     "x-ms-token-",
 ];
@@ -169,7 +181,7 @@ pub fn is_asserted(name: &str) -> bool {
     // Asked of every header of every decision: most names are out by their first bytes.
     let could = match name.as_bytes() {
         [b'x', b'-', third, ..] => b"scarwvpgmeuf".contains(third),
-        [first, ..] => matches!(first, b'r' | b's' | b'c' | b'o' | b'g'),
+        [first, ..] => matches!(first, b'r' | b's' | b'c' | b'o' | b'g' | b't'),
         [] => false,
     };
     could

@@ -143,8 +143,13 @@ async fn connect_is_refused_and_closes_the_connection() {
     let up = spawn_upstream().await;
     for server in ["", "http1_server: hyper\n"] {
         let kw = spawn_proxy(up.addr, server).await;
-        for target in ["/healthz", "app:443", "/v1/items"] {
-            let req = head("CONNECT", target, "") + &smuggled();
+        for (method, target) in [
+            ("CONNECT", "/healthz"),
+            ("CONNECT", "app:443"),
+            ("CONNECT", "/v1/items"),
+            ("connect", "/healthz"),
+        ] {
+            let req = head(method, target, "") + &smuggled();
             let r = exchange(kw.addr, req.as_bytes()).await;
             assert_eq!(r.statuses(), [400], "{server}{target}: {}", r.text);
             assert_eq!(r.json()["code"], "bad_request", "{target}");

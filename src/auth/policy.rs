@@ -185,10 +185,10 @@ mod tests {
         let p = with_routes(
             "routes: [{ prefix: /files/, public: true }, { path: /healthz, public: true }, { path: /ping/, public: true }]\n",
         );
-        for open in ["/files/a", "/files/", "/healthz", "/ping/"] {
+        for open in ["/files/a", "/files/a/", "/healthz", "/ping/"] {
             assert_eq!(p.route(&http::Method::POST, open), Route::Public, "{open}");
         }
-        for closed in ["/files", "/healthz/", "/ping", "/file"] {
+        for closed in ["/files", "/files/", "/healthz/", "/ping", "/file"] {
             assert_eq!(
                 p.route(&http::Method::POST, closed),
                 Route::Protected { extra: None },

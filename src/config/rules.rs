@@ -33,10 +33,11 @@ impl RouteRule {
     /// `/reports/export/`, which Express, Spring and most routers send to the same handler);
     /// `prefix` matches by string prefix, and a prefix ending in `/` also covers the bare
     /// directory (`/admin/` covers `/admin`), so neither rule can be side-stepped by adding or
-    /// dropping the slash. A `public` rule opens exactly what it names and no more: widening
-    /// a rule that asks for more is safe, widening one that asks for nothing is not
-    /// (`prefix: /files/` public must not open `POST /files`, the collection next to it).
-    /// With `fold_case`, ASCII case is ignored.
+    /// dropping the slash. A `public` rule opens less, never more: widening a rule that asks
+    /// for more is safe, widening one that asks for nothing is not. A public `prefix:
+    /// /files/` opens what is under `/files/`, not `/files` nor `/files/` itself, which
+    /// Express, ASP.NET Core and Spring route to the collection next to it (`POST /files`);
+    /// a public `path` opens that path exactly. With `fold_case`, ASCII case is ignored.
     pub fn matches(&self, path: &str, fold_case: bool) -> bool {
         let same = |a: &str, b: &str| {
             if fold_case {
@@ -55,6 +56,9 @@ impl RouteRule {
         match &self.prefix {
             Some(p) => {
                 let starts = path.get(..p.len()).is_some_and(|head| same(head, p));
+                if !widen && p.ends_with('/') {
+                    return starts && path.len() > p.len();
+                }
                 starts || widen && p.strip_suffix('/').is_some_and(|dir| same(dir, path))
             }
             None => false,

@@ -150,6 +150,10 @@ pub fn original<B>(endpoint: Endpoint, req: &Request<B>) -> Result<Original, Rej
     let method = one(req.headers(), method)
         .and_then(|v| Method::from_bytes(v.as_bytes()).ok())
         .ok_or_else(|| missing("method"))?;
+    // As the proxy refuses it: a front proxy would hand the app a tunnel request.
+    if crate::proxy::head::is_connect(&method) {
+        return Err(Reject::BadRequest(BadRequest::Connect));
+    }
     // Parsed as hyper parses a request target, so an absolute-form or odd URI means here
     // what it would mean to the proxy.
     let uri = one(req.headers(), uri).ok_or_else(|| missing("URI"))?;
@@ -493,6 +497,18 @@ mod tests {
                 original(Endpoint::AuthRequest, &r),
                 Err(missing(what)),
                 "{headers:?}"
+            );
+        }
+        // CONNECT, in any case, is refused as the proxy refuses it.
+        for connect in ["CONNECT", "connect"] {
+            let r = req(
+                "GET",
+                AUTH_REQUEST,
+                &[("x-original-method", connect), ("x-original-uri", "/a")],
+            );
+            assert_eq!(
+                original(Endpoint::AuthRequest, &r),
+                Err(Reject::BadRequest(BadRequest::Connect))
             );
         }
         // Absolute form: the path, as hyper would give the proxy.

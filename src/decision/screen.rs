@@ -64,9 +64,9 @@ impl Screen {
         let firsts = prefix.bytes().next().into_iter();
         let firsts = firsts.chain(credentials.iter().filter_map(|c| c.as_str().bytes().next()));
         for first in firsts {
-            // A spelling differs from the name only where the name has `-`, `_` or `.`.
+            // A spelling differs from the name only where the name has a separator.
             let spellings: &[u8] = match first {
-                b'-' | b'_' | b'.' => b"-_.",
+                b if crate::header_names::is_separator(b) => b"!#$%&'*+-.^_`|~",
                 _ => std::slice::from_ref(&first),
             };
             for &b in spellings {

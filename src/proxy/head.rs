@@ -35,7 +35,7 @@ pub fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
     {
         return Err(Reject::BadRequest(BadRequest::Path(PathError::Fragment)));
     }
-    if req.method() == Method::CONNECT {
+    if is_connect(req.method()) {
         return Err(Reject::BadRequest(BadRequest::Connect));
     }
     let http1 = matches!(req.version(), Version::HTTP_10 | Version::HTTP_11);
@@ -75,6 +75,12 @@ pub fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
         }
         _ => Ok(()),
     }
+}
+
+/// `CONNECT`, in any case (an app that ignores a method's case would take `connect` as it):
+/// keyward is a reverse proxy, and never hands an app a tunnel request.
+pub fn is_connect(method: &Method) -> bool {
+    method.as_str().eq_ignore_ascii_case("CONNECT")
 }
 
 /// No `Transfer-Encoding`, or exactly one `chunked` coding (RFC 9112 6.1). hyper refuses a

@@ -140,7 +140,11 @@ pub fn is_misspelled_trusted(name: &HeaderName, identity_prefix: &str) -> bool {
             .as_bytes()
             .first()
             .is_some_and(|p| p.eq_ignore_ascii_case(&first));
-    if !listed || !n.bytes().any(|b| b == b'_' || b == b'.') {
+    if !listed
+        || !n
+            .bytes()
+            .any(|b| b != b'-' && crate::header_names::is_separator(b))
+    {
         return false;
     }
     let trusted = is_trusted_alias(n, identity_prefix);
