@@ -525,7 +525,10 @@ fn guarded(verdict: &crate::keys::guard::Verdict) -> Response<AdminBody> {
     let mut body = serde_json::to_value(verdict).unwrap_or_default();
     body["status"] = json!(status.as_u16());
     body["code"] = json!("snapshot_guard");
-    body["error"] = json!(verdict.to_string());
+    let message = verdict.to_string();
+    // `message` repeats `error`, as on every error body (SPEC 6).
+    body["message"] = json!(&message);
+    body["error"] = json!(message);
     json(status, body)
 }
 

@@ -388,14 +388,22 @@ fn check(path: &Path) -> Result<(), CliError> {
         files.push((f.clone(), Source::File));
     }
     for (file, source) in files {
-        let s = keyward::keys::source::read_file(&file, source).map_err(|e| match e {
-            // An I/O error already names the file.
-            LoadError::Io { .. } => CliError::SnapshotIo(e),
-            source => CliError::Snapshot {
-                file: file.clone(),
-                source,
-            },
-        })?;
+        let s = keyward::keys::source::read_file(&file, source)
+            .and_then(|s| {
+                // As `run` refuses it with `keys.max_age` set.
+                if config.keys.max_age.is_some() {
+                    keyward::keys::source::stamped_in_the_past(&s, std::time::SystemTime::now())?;
+                }
+                Ok(s)
+            })
+            .map_err(|e| match e {
+                // An I/O error already names the file.
+                LoadError::Io { .. } => CliError::SnapshotIo(e),
+                source => CliError::Snapshot {
+                    file: file.clone(),
+                    source,
+                },
+            })?;
         let version = s
             .version
             .map_or_else(|| "none".to_string(), |v| v.to_string());

@@ -243,6 +243,7 @@ async fn control_source_guarded_push_is_409_and_leaves_the_state_file_and_force_
     assert_eq!(r.status, 409, "{}", r.text());
     let body = r.json();
     assert_eq!(body["code"], "snapshot_guard");
+    assert_eq!(body["message"], body["error"]);
     assert_eq!(body["in_force"], 20);
     assert_eq!(body["removed"], 15);
     assert_eq!(body["disabled"], 0);
@@ -314,6 +315,24 @@ async fn a_push_that_expires_or_starves_every_key_soon_is_refused() {
     });
     let r = admin(&kw, "PUT", "/v1/snapshot", &fine).await;
     assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(3)).await, 200);
+    kw.shutdown().await;
+}
+
+/// With `keys.max_age`, a snapshot stamped so long ago that it goes stale within the hour
+/// fails every request closed: the guard counts each key it keeps as locked out.
+#[tokio::test]
+async fn a_push_that_goes_stale_at_once_is_refused() {
+    let up = spawn_upstream().await;
+    let stamped = |t: SystemTime| {
+        plain(0..12).replace("keys:", &format!("generated_at: {}\nkeys:", rfc3339(t)))
+    };
+    let kw = spawn_control(up.addr, Some(&stamped(SystemTime::now())), ", max_age: 1h").await;
+    assert_eq!(status_with(&kw, &raw(3)).await, 200);
+    let old = stamped(SystemTime::now() - Duration::from_secs(2 * 3600));
+    let r = admin(&kw, "PUT", "/v1/snapshot", &old).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["locked_out"], 12);
     assert_eq!(status_with(&kw, &raw(3)).await, 200);
     kw.shutdown().await;
 }
@@ -507,6 +526,19 @@ async fn the_guard_counts_the_keys_usable_here_and_never_refuses_the_fix() {
     assert_eq!(r.status, 409, "{}", r.text());
     let counts = ["in_force", "usable_in_force", "removed"].map(|f| r.json()[f].as_u64());
     assert_eq!(counts, [Some(32), Some(12), Some(12)]);
+    // `min_keys` counts the keys in force: 9 usable beside 21 disabled are under it in
+    // usable keys, and keeping only the disabled ones still removes every usable key.
+    let nine = snapshot("", 0..30, |i| {
+        if i >= 9 {
+            ", status: disabled".into()
+        } else {
+            String::new()
+        }
+    });
+    assert_eq!(push(nine, true).await.status, 200);
+    let r = push(snapshot("", 9..30, |_| ", status: disabled".into()), false).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["usable_in_force"], 9);
     kw.shutdown().await;
 
     // Below min_keys only `keys: []` is refused (SPEC 16): a small snapshot may disable

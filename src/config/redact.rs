@@ -100,6 +100,14 @@ fn is_shown(word: &str) -> bool {
     if core.len() <= 4 && core.chars().all(|c| c.is_ascii_punctuation()) {
         return true;
     }
+    // A word of 8 characters or more that mixes case: a key (8 bytes at least) as generated
+    // keys are (`sta_live_ABCDEF123` reads as a field name otherwise). Schema names are
+    // lower case; environment variables (`KEYWARD_CONFIG`) and acronyms are upper case.
+    let mixed = core.bytes().any(|b| b.is_ascii_uppercase())
+        && core.bytes().any(|b| b.is_ascii_lowercase());
+    if core.len() >= 8 && mixed && !is_time(core) {
+        return false;
+    }
     core.is_ascii()
         && !core.contains(['`', '"', '\\'])
         && (is_amount(core)
@@ -249,6 +257,26 @@ mod tests {
             assert!(!shown.contains(leak), "{shown}");
             assert!(!shown.contains(['\n', '\r']), "{shown}");
         }
+    }
+
+    #[test]
+    fn a_short_key_that_mixes_case_is_not_shown_as_a_name() {
+        for (message, leak) in [
+            (
+                "snapshot: keys[0].sta_live_ABCDEF123: unknown field `sta_live_ABCDEF123`, expected `id`",
+                "ABCDEF",
+            ),
+            ("log.format: unknown variant `sta_live_ABCDEF123`, expected `json`", "ABCDEF"),
+            ("unknown field `xoxb-AbCdEfGhIjKl-MnOpQrStUv`", "AbCd"),
+            ("unknown field `sk.AbcdEfghIjkl.UvwxYzAbcd`", "Abcd"),
+        ] {
+            let shown = redact(message);
+            assert!(!shown.contains(leak), "{shown}");
+        }
+        assert_eq!(
+            redact("unknown field `colour`, expected `keys`"),
+            "unknown field `colour`, expected `keys`"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::schema::KeyDoc;
 use super::{Key, Snapshot, Source, Status};
-use crate::config::{Config, ScopeRule};
+use crate::config::{Config, RouteRule, ScopeRule};
 
 /// One key present in both snapshots whose entry differs, and the names of its fields that
 /// differ.
@@ -65,6 +65,7 @@ pub trait Revoked: Sync {
 pub struct Here<'a> {
     pub environment: Option<&'a str>,
     pub scope_rules: &'a [ScopeRule],
+    pub route_rules: &'a [RouteRule],
     pub now: SystemTime,
     pub revoked: Option<&'a dyn Revoked>,
 }
@@ -74,6 +75,7 @@ impl std::fmt::Debug for Here<'_> {
         f.debug_struct("Here")
             .field("environment", &self.environment)
             .field("scope_rules", &self.scope_rules)
+            .field("route_rules", &self.route_rules)
             .field("now", &self.now)
             .field("revoked", &self.revoked.is_some())
             .finish()
@@ -94,6 +96,7 @@ impl<'a> Here<'a> {
         Self {
             environment: Some(&config.environment),
             scope_rules: &config.scopes,
+            route_rules: &config.routes,
             now: SystemTime::now(),
             revoked: None,
         }
@@ -104,20 +107,42 @@ impl<'a> Here<'a> {
         Self {
             environment: None,
             scope_rules: &[],
+            route_rules: &[],
             now: SystemTime::now(),
             revoked: None,
         }
     }
 
-    /// Can `key`'s scopes pass any `scopes` rule (use any method)? With no rules known:
-    /// has it any scope at all.
+    /// Can `key` use any method on any protected route? With no rules known: has it any
+    /// scope at all. A method is judged by the first `scopes` rule naming it, as a request
+    /// is (a later rule for the same method never applies); a route by its `any_of`, and a
+    /// protected `prefix: /` rule takes every path no rule before it took.
     fn can_use_a_method(&self, key: &Key) -> bool {
         if self.scope_rules.is_empty() {
             return !key.scopes().is_empty();
         }
-        self.scope_rules
-            .iter()
-            .any(|r| key.has_any_scope(&r.any_of))
+        let rules = self.scope_rules;
+        let method = rules.iter().enumerate().any(|(i, r)| {
+            let first_for_some = r
+                .methods
+                .iter()
+                .any(|m| !rules[..i].iter().any(|e| e.methods.contains(m)));
+            first_for_some && key.has_any_scope(&r.any_of)
+        });
+        method && self.can_reach_a_route(key)
+    }
+
+    /// Is some protected path's route requirement met by `key`'s scopes?
+    fn can_reach_a_route(&self, key: &Key) -> bool {
+        for r in self.route_rules.iter().filter(|r| !r.public) {
+            if r.any_of.is_empty() || key.has_any_scope(&r.any_of) {
+                return true;
+            }
+            if r.prefix.as_deref() == Some("/") {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -168,6 +193,9 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
         pushed: new.source == Source::Control,
         ..SnapshotDiff::default()
     };
+    // With `keys.max_age`: a snapshot that goes stale within the hour (stamped long ago)
+    // fails every request closed, so each usable key it keeps is locked out.
+    let ages_out = ages_out(old, new, here.now);
     for key in new.keys() {
         d.sides.usable += usize::from(usable(key, here));
         let Some(before) = old.by_id(&key.id) else {
@@ -178,6 +206,9 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
         // the pointer test, then equality, before any field is compared.
         if std::sync::Arc::ptr_eq(before, key) || **before == **key {
             d.unchanged += 1;
+            if ages_out && usable(before, here) {
+                d.locked_out.push(key.id.to_string());
+            }
             continue;
         }
         if before.status == Status::Disabled && key.status == Status::Active {
@@ -186,7 +217,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
         if usable(before, here) {
             if key.status == Status::Disabled {
                 d.disabled.push(key.id.to_string());
-            } else if locks_out(before, key, here) {
+            } else if ages_out || locks_out(before, key, here) {
                 d.locked_out.push(key.id.to_string());
             }
         }
@@ -231,6 +262,25 @@ fn locks_out(before: &Key, after: &Key, here: Here<'_>) -> bool {
         || (here.can_use_a_method(before) && !here.can_use_a_method(after))
         || expires_soon(before, after, here.now)
         || throttled(before, after)
+}
+
+/// With `keys.max_age`: does `new` fail closed (go stale) at once, or soon after it would
+/// replace `old` that has long to live? Soon: within [`EXPIRY_HORIZON`], and within half
+/// of what `old` has left, so a snapshot stamped a little before the one in force (a
+/// regenerated one) is not counted when `max_age` is short. A snapshot in force that is
+/// stale already locks out no one more by being replaced.
+fn ages_out(old: &Snapshot, new: &Snapshot, now: SystemTime) -> bool {
+    let Some(deadline) = new.stale_at() else {
+        return false;
+    };
+    let left = match old.stale_at() {
+        Some(t) => t.duration_since(now).unwrap_or_default(),
+        None => EXPIRY_HORIZON * 2,
+    };
+    if left.is_zero() {
+        return false;
+    }
+    deadline <= now + EXPIRY_HORIZON.min(left / 2)
 }
 
 /// `after` expires within [`EXPIRY_HORIZON`] of `now`, sooner than `before` did.
@@ -423,6 +473,34 @@ mod tests {
         ]);
         let d = diff(&old, &new, here());
         assert_eq!(d.locked_out, ["k1", "k4"]);
+    }
+
+    /// A key's scopes are judged as requests judge them: by the first `scopes` rule naming
+    /// each method, and by the `any_of` of the protected routes (a `prefix: /` rule takes
+    /// every path left).
+    #[test]
+    fn scopes_are_judged_by_the_first_rule_and_the_routes() {
+        let yaml = |extra: &str| {
+            format!("listen: 127.0.0.1:1\nupstream: http://a:1\nenvironment: production\nkeys: {{ file: k }}\n{extra}")
+        };
+        let shadowed = Config::from_yaml(&yaml(
+            "scopes: [{ methods: [GET, POST], any_of: [read] }, { methods: [GET], any_of: [legacy] }]\n",
+        ))
+        .unwrap();
+        let routed = Config::from_yaml(&yaml(
+            "routes: [{ path: /healthz, public: true }, { prefix: /, any_of: [api] }]\n",
+        ))
+        .unwrap();
+        let old = snap(&[entry("k1", "a", "")]);
+        let legacy = snap(&[entry("k1", "a", "").replace("scopes: [read]", "scopes: [legacy]")]);
+        let d = diff(&old, &legacy, Here::of(&shadowed));
+        assert_eq!(d.locked_out, ["k1"], "GET is read's: legacy is never asked");
+        let with_api =
+            snap(&[entry("k1", "a", "").replace("scopes: [read]", "scopes: [read, api]")]);
+        let d = diff(&with_api, &old, Here::of(&routed));
+        assert_eq!(d.locked_out, ["k1"], "every protected path wants api");
+        let d = diff(&old, &with_api, Here::of(&routed));
+        assert!(d.locked_out.is_empty());
     }
 
     /// Keys the fleet has revoked let no client in: they are not usable in force, so a

@@ -45,8 +45,8 @@ pub struct Verdict {
     pub fraction: f64,
     /// `keys.guard.max_removed_fraction`.
     pub limit: f64,
-    /// `keys.guard.min_keys`: below this many usable keys in force, only the empty and
-    /// rollback rules apply.
+    /// `keys.guard.min_keys`: below this many keys in force (SPEC 16: usable or not), only
+    /// the empty and rollback rules apply.
     pub min_keys: usize,
 }
 
@@ -64,12 +64,15 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
         && matches!((sides.version_in_force, sides.version), (Some(old), Some(new)) if new < old);
     // SPEC 16: an empty snapshot replacing a non-empty one, whatever `min_keys`. (One whose
     // keys are all disabled is judged by the fraction, from `min_keys` keys on: below it,
-    // a small snapshot may disable its only key on purpose.)
+    // a small snapshot may disable its only key on purpose.) `min_keys` counts the keys in
+    // force, as SPEC 16 says, not the usable ones: disabled or fleet-revoked keys must not
+    // bring a large snapshot under it (30 keys, 21 disabled: removing the other 9 is
+    // removing every usable key).
     let reason = if sides.keys == 0 && sides.in_force > 0 {
         Some(Reason::Empty)
     } else if rollback {
         Some(Reason::Rollback)
-    } else if usable_in_force >= cfg.min_keys && fraction > cfg.max_removed_fraction {
+    } else if sides.in_force >= cfg.min_keys && fraction > cfg.max_removed_fraction {
         Some(Reason::Fraction)
     } else {
         None
@@ -139,7 +142,7 @@ impl fmt::Display for Verdict {
                 self.fraction,
                 self.limit
             ),
-            None if self.sides.usable_in_force < self.min_keys => write!(
+            None if self.sides.in_force < self.min_keys => write!(
                 f,
                 "snapshot guard: passes ({}; below keys.guard.min_keys {}, only an empty snapshot is refused)",
                 self.counts(),

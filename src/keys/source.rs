@@ -306,7 +306,7 @@ pub const GENERATED_AT_SKEW: Duration = Duration::from_secs(300);
 /// With `keys.max_age`, a `generated_at` further ahead than [`GENERATED_AT_SKEW`] is refused:
 /// its age would count from when this process first saw it, so a restart (a crash loop, a
 /// rolling update) would start it afresh and a source cut off would never go stale.
-fn stamped_in_the_past(snapshot: &Snapshot, now: SystemTime) -> Result<(), LoadError> {
+pub fn stamped_in_the_past(snapshot: &Snapshot, now: SystemTime) -> Result<(), LoadError> {
     match snapshot.generated_at {
         Some(at) if at > now + GENERATED_AT_SKEW => Err(LoadError::Invalid(SnapshotError::Parse(
             "generated_at: is more than 5 minutes ahead of this host's clock (keys.max_age is set: a snapshot from the future would not age)".into(),
