@@ -507,7 +507,7 @@ async fn put_snapshot(
         }
         Err(LoadError::Guarded(verdict)) => {
             app.metrics.snapshot_guarded(crate::keys::Source::Control);
-            warn!(in_force = verdict.sides.in_force, removed = verdict.removed, disabled = verdict.disabled, error = %verdict, "pushed snapshot held back by the guard; keeping the last good one");
+            warn!(in_force = verdict.sides.in_force, removed = verdict.removed, disabled = verdict.disabled, locked_out = verdict.locked_out, error = %verdict, "pushed snapshot held back by the guard; keeping the last good one");
             guarded(&verdict)
         }
         Err(e @ (LoadError::FileSource | LoadError::ControlSource)) => {

@@ -58,7 +58,7 @@ pub fn alias_starts_with(name: &str, target: &str) -> bool {
 /// `-scheme`, `-port`, `-prefix`, `-server`, `-uri`, ... which Rack, Spring and others
 /// read), the client-address headers of CDNs and load balancers, and the HTTPS markers of
 /// IIS/ARR and nginx setups.
-pub const FORWARDING: [&str; 15] = [
+pub const FORWARDING: [&str; 17] = [
     "forwarded",
     "x-forwarded",
     "x-real-ip",
@@ -74,6 +74,9 @@ pub const FORWARDING: [&str; 15] = [
     "x-url-scheme",
     "x-scheme",
     "x-arr-ssl",
+    // Envoy's own: whether the request came from inside, and the client address it trusts.
+    "x-envoy-internal",
+    "x-envoy-external-address",
 ];
 pub const FORWARDING_PREFIX: &str = "x-forwarded-";
 
@@ -115,7 +118,7 @@ pub fn alias_eq(name: &str, target: &str) -> bool {
 /// oauth2-proxy `X-Auth-Request-*`, Vouch, mod_auth_openidc `OIDC_CLAIM_*`, Pomerium,
 /// Cloudflare Access, Google IAP and Cloud Endpoints, AWS ALB OIDC, Azure App Service). An app moved from one of those to keyward keeps
 /// reading them: a client must not be able to send them through.
-pub const ASSERTED: [&str; 26] = [
+pub const ASSERTED: [&str; 29] = [
     // oauth2-proxy's identity (its `X-Forwarded-*` names, and `GAP-Auth`).
     "x-forwarded-user",
     "x-forwarded-email",
@@ -140,6 +143,9 @@ pub const ASSERTED: [&str; 26] = [
     "x-remote-group",
     "x-remote-uid",
     "x-credential-identifier",
+    "x-credential-username",
+    "x-remote-user-id",
+    "x-iisnode-auth_user",
     "x-userinfo",
     "x-endpoint-api-userinfo",
     "x-apigateway-api-userinfo",
@@ -180,7 +186,7 @@ pub const INGRESS_NGINX_REDIRECT: &str = "x-auth-request-redirect";
 pub fn is_asserted(name: &str) -> bool {
     // Asked of every header of every decision: most names are out by their first bytes.
     let could = match name.as_bytes() {
-        [b'x', b'-', third, ..] => b"scarwvpgmeuf".contains(third),
+        [b'x', b'-', third, ..] => b"scarwvpgmeufi".contains(third),
         [first, ..] => matches!(first, b'r' | b's' | b'c' | b'o' | b'g' | b't'),
         [] => false,
     };

@@ -145,6 +145,9 @@ enum CliError {
     Entry(#[from] keygen::EntryError),
     #[error(transparent)]
     Unusable(#[from] keygen::UnusableKey),
+    /// `keys generate --config`: the config's `prefixes` would refuse the key.
+    #[error("{}: prefixes: {reason}", path.display())]
+    PrefixRefused { path: PathBuf, reason: &'static str },
 }
 
 #[derive(Parser)]
@@ -242,7 +245,7 @@ fn main() -> ExitCode {
         Command::Run => run(&cli.run.config),
         Command::Check => check(&cli.run.config),
         Command::Demo { listen, admin } => run_demo(listen, admin),
-        Command::Keys(k) => keys(k),
+        Command::Keys(k) => keys(k, config_given.then_some(&cli.run.config)),
         Command::Diff { old, new, json } => {
             return diff(&old, &new, json, config_given.then_some(&cli.run.config))
         }
@@ -444,7 +447,8 @@ fn diff(old: &Path, new: &Path, json: bool, config: Option<&PathBuf>) -> ExitCod
             Source::File,
         ),
     };
-    match keyward::keys::review::diff_files(old, new, &guard, here, source) {
+    let max_age = config.as_ref().and_then(|c| c.keys.max_age);
+    match keyward::keys::review::diff_files(old, new, &guard, here, source, max_age) {
         Ok(review) => {
             if json {
                 match serde_json::to_string_pretty(&review) {
@@ -502,7 +506,7 @@ fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), CliError> {
     result
 }
 
-fn keys(cmd: KeysCommand) -> Result<(), CliError> {
+fn keys(cmd: KeysCommand, config: Option<&PathBuf>) -> Result<(), CliError> {
     match cmd {
         KeysCommand::Hash => {
             let mut raw = String::new();
@@ -526,6 +530,9 @@ fn keys(cmd: KeysCommand) -> Result<(), CliError> {
             expires_at,
         } => {
             keygen::check_prefix(&prefix)?;
+            if let Some(path) = config {
+                fits_prefixes(path, &prefix, principal_type)?;
+            }
             let raw = keygen::generate_key(&prefix).map_err(CliError::Randomness)?;
             let new = keygen::NewKey {
                 id,
@@ -544,6 +551,25 @@ fn keys(cmd: KeysCommand) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// With `--config`: would the config's `prefixes` take a key with `prefix` of this type?
+/// Checked before the key is made: one printed and then refused at every request is lost.
+fn fits_prefixes(path: &Path, prefix: &str, kind: PrincipalType) -> Result<(), CliError> {
+    let config = load_config(path)?;
+    let policy = keyward::auth::policy::Policy::new(&config);
+    let reason = match policy.prefix_rule(prefix.as_bytes()) {
+        keyward::auth::policy::PrefixRule::Unrestricted => return Ok(()),
+        keyward::auth::policy::PrefixRule::Unknown => "no configured prefix starts this key",
+        keyward::auth::policy::PrefixRule::Types(types) if !types.contains(&kind) => {
+            "the prefix does not allow this --type"
+        }
+        keyward::auth::policy::PrefixRule::Types(_) => return Ok(()),
+    };
+    Err(CliError::PrefixRefused {
+        path: path.to_path_buf(),
+        reason,
+    })
 }
 
 #[cfg(test)]

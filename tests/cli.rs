@@ -185,6 +185,34 @@ fn generate_and_hash_refuse_bad_input() {
     assert!(stderr(&out).contains("--type"), "{}", stderr(&out));
     assert!(out.stdout.is_empty());
 
+    // With --config, a key the config's `prefixes` would refuse is not made at all.
+    let base = ["keys", "generate", "--subject", "s", "--account", "a"];
+    for extra in [
+        &["--prefix", "zzz_", "--type", "service_account"][..],
+        &["--prefix", "pat_", "--type", "service_account"][..],
+    ] {
+        let args: Vec<&str> = base
+            .iter()
+            .chain(extra)
+            .chain(&["--config", "config/keyward.yaml"])
+            .copied()
+            .collect();
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}");
+        assert!(stderr(&out).contains("prefixes"), "{}", stderr(&out));
+        assert!(out.stdout.is_empty(), "no key printed");
+    }
+    let args = [
+        "--prefix",
+        "pat_",
+        "--type",
+        "personal",
+        "--config",
+        "config/keyward.yaml",
+    ];
+    let out = run(&base.iter().chain(&args).copied().collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
     let out = run_stdin(&["keys", "hash"], b"\n");
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("no key on stdin"), "{}", stderr(&out));

@@ -826,6 +826,22 @@ async fn forwarded_headers_trust_only_configured_proxies() {
     let seen = up.last().headers;
     assert_eq!(seen["x-forwarded-for"], "6.6.6.6, 127.0.0.1");
     assert_eq!(seen["x-forwarded-proto"], "https");
+    // From a trusted proxy too, only the names as a proxy spells them: no front proxy sets
+    // `remote_user` or `x_forwarded_host`, which CGI/WSGI and lighttpd apps read as the real.
+    let spelled = [
+        ("x-api-key", SERVICE_KEY),
+        ("remote-user", "alice"),
+        ("remote_user", "admin"),
+        ("x_forwarded_host", "evil.example"),
+        ("x~remote~user", "admin"),
+        ("x.ssl.client.s.dn", "CN=admin"),
+    ];
+    get(&kw.url("/x"), &spelled).await;
+    let seen = up.last().headers;
+    assert_eq!(seen["remote-user"], "alice");
+    for (name, _) in &spelled[2..] {
+        assert!(seen.get(*name).is_none(), "{name} reached the app");
+    }
     kw.shutdown().await;
 }
 

@@ -335,6 +335,13 @@ async fn a_push_that_goes_stale_at_once_is_refused() {
     assert_eq!(r.json()["locked_out"], 12);
     assert_eq!(status_with(&kw, &raw(3)).await, 200);
     kw.shutdown().await;
+
+    // A short max_age and a first stamped snapshot over an unstamped one: fresh, taken.
+    let kw = spawn_control(up.addr, Some(&plain(0..12)), ", max_age: 30m").await;
+    let r = admin(&kw, "PUT", "/v1/snapshot", &stamped(SystemTime::now())).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(3)).await, 200);
+    kw.shutdown().await;
 }
 
 #[tokio::test]

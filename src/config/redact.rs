@@ -18,9 +18,12 @@ pub const MAX_ERROR_CHARS: usize = 200;
 /// generated key is longer (43 characters and more), a digest is 64.
 const MAX_WORD: usize = 32;
 
-/// [`redact`], cut to [`MAX_ERROR_CHARS`].
+/// A message about a key snapshot, where keys live: [`redact`], then also every word the
+/// parser echoed from the document of 8 characters or more (a key's least) and every word
+/// of that length that mixes case (generated keys do), cut to [`MAX_ERROR_CHARS`]. A typo
+/// of a field name that long is not shown either: the path and line say where it is.
 pub fn excerpt(message: &str) -> String {
-    let mut out = redact(message);
+    let mut out = redact_with(message, true);
     if let Some((cut, _)) = out.char_indices().nth(MAX_ERROR_CHARS) {
         out.truncate(cut);
         out.push('…');
@@ -31,10 +34,25 @@ pub fn excerpt(message: &str) -> String {
 /// `message` with every quoted value and every word that may be one replaced by `…`, and
 /// its white space (line breaks included) made single spaces.
 pub fn redact(message: &str) -> String {
-    let unquoted = cut_quoted_values(message);
+    redact_with(message, false)
+}
+
+/// [`redact`]; `strict` for a key snapshot's messages (see [`excerpt`]).
+fn redact_with(message: &str, strict: bool) -> String {
+    let message = if strict {
+        cut_document_words(message)
+    } else {
+        std::borrow::Cow::Borrowed(message)
+    };
+    let unquoted = cut_quoted_values(&message);
     let mut out = String::with_capacity(unquoted.len());
     for word in unquoted.split_whitespace() {
-        let shown = if is_shown(word) { word } else { "…" };
+        let hidden = strict && mixes_case(word);
+        let shown = if !hidden && is_shown(word) {
+            word
+        } else {
+            "…"
+        };
         if shown == "…" && out.ends_with('…') {
             continue;
         }
@@ -73,6 +91,40 @@ fn cut_quoted_values(message: &str) -> String {
     out
 }
 
+/// What a parser echoes from the document in back-quotes, a name or a number it did not
+/// expect: `unknown field `X``, `unknown variant `X``, `integer `N``. Any of 8 characters or
+/// more (a key's least) is cut wherever it appears, the path to the error included (the
+/// path names an unknown map key too); shorter ones are no key, and help a typo.
+const DOCUMENT_WORDS: [&str; 4] = [
+    "unknown field `",
+    "unknown variant `",
+    "integer `",
+    "floating point `",
+];
+
+fn cut_document_words(message: &str) -> std::borrow::Cow<'_, str> {
+    let mut words: Vec<&str> = Vec::new();
+    for marker in DOCUMENT_WORDS {
+        for (at, _) in message.match_indices(marker) {
+            let rest = &message[at + marker.len()..];
+            if let Some(end) = rest.find('`') {
+                let word = &rest[..end];
+                if word.chars().count() >= 8 {
+                    words.push(word);
+                }
+            }
+        }
+    }
+    if words.is_empty() {
+        return std::borrow::Cow::Borrowed(message);
+    }
+    let mut out = message.to_string();
+    for word in words {
+        out = out.replace(word, "…");
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Where the quoted value `s` (after its opening quote) ends, past escapes.
 fn closing_quote(s: &str) -> Option<usize> {
     let mut escaped = false;
@@ -100,14 +152,6 @@ fn is_shown(word: &str) -> bool {
     if core.len() <= 4 && core.chars().all(|c| c.is_ascii_punctuation()) {
         return true;
     }
-    // A word of 8 characters or more that mixes case: a key (8 bytes at least) as generated
-    // keys are (`sta_live_ABCDEF123` reads as a field name otherwise). Schema names are
-    // lower case; environment variables (`KEYWARD_CONFIG`) and acronyms are upper case.
-    let mixed = core.bytes().any(|b| b.is_ascii_uppercase())
-        && core.bytes().any(|b| b.is_ascii_lowercase());
-    if core.len() >= 8 && mixed && !is_time(core) {
-        return false;
-    }
     core.is_ascii()
         && !core.contains(['`', '"', '\\'])
         && (is_amount(core)
@@ -117,6 +161,17 @@ fn is_shown(word: &str) -> bool {
             || core.split('.').all(is_segment))
 }
 
+/// A word of 8 characters or more that mixes case: a key (8 bytes at least) as generated
+/// keys are (`sta_live_ABCDEF123` reads as a field name otherwise). Schema names are lower
+/// case; environment variables (`KEYWARD_CONFIG`) and acronyms are upper case.
+fn mixes_case(word: &str) -> bool {
+    let core = word.trim_matches(AROUND);
+    core.len() >= 8
+        && core.bytes().any(|b| b.is_ascii_uppercase())
+        && core.bytes().any(|b| b.is_ascii_lowercase())
+        && !is_time(core)
+}
+
 /// `http://`, `rediss://`: a URL scheme as a message names it.
 fn is_scheme(s: &str) -> bool {
     s.strip_suffix("://").is_some_and(|name| {
@@ -124,10 +179,16 @@ fn is_scheme(s: &str) -> bool {
     })
 }
 
-/// `2026-01-01T00:00:00Z`: a time as examples and limits are written.
+/// `2026-01-01T00:00:00Z`: a time as examples and limits are written (a date first:
+/// `dddd-dd-dd`, so a key of digits and dashes is not one).
 fn is_time(s: &str) -> bool {
-    s.starts_with(|c: char| c.is_ascii_digit())
-        && s.contains('-')
+    let b = s.as_bytes();
+    b.len() >= 10
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[5..7].iter().all(u8::is_ascii_digit)
+        && b[7] == b'-'
+        && b[8..10].iter().all(u8::is_ascii_digit)
         && s.bytes()
             .all(|b| b.is_ascii_digit() || b"-:TZ.+".contains(&b))
 }
@@ -270,12 +331,42 @@ mod tests {
             ("unknown field `xoxb-AbCdEfGhIjKl-MnOpQrStUv`", "AbCd"),
             ("unknown field `sk.AbcdEfghIjkl.UvwxYzAbcd`", "Abcd"),
         ] {
-            let shown = redact(message);
+            let shown = excerpt(message);
             assert!(!shown.contains(leak), "{shown}");
         }
         assert_eq!(
-            redact("unknown field `colour`, expected `keys`"),
+            excerpt("unknown field `colour`, expected `keys`"),
             "unknown field `colour`, expected `keys`"
+        );
+        // A config's messages keep a typo of a field's name: no key lives there.
+        let typo = "limits.max_conections: unknown field `max_conections`";
+        assert_eq!(redact(typo), typo);
+    }
+
+    #[test]
+    fn words_the_parser_echoes_from_the_document_are_cut_in_one_case_or_any() {
+        for (message, leak) in [
+            (
+                "snapshot: keys[0].sta_livesecretkeyabcdefgh: unknown field `sta_livesecretkeyabcdefgh`, expected `id`",
+                "livesecret",
+            ),
+            ("log.format: unknown variant `supersecretpass`, expected `json` or `pretty`", "supersecret"),
+            ("unknown field `STA_LIVESECRETKEYABCDEFGH`", "LIVESECRET"),
+            ("unknown field `sk.abcdefghijklmnopqrstuvwxyz.abcdefghijklmnopqrstuvwxyz.abc123`", "abcdefghij"),
+            ("keys[0].scopes: invalid type: integer `123456789012`, expected a sequence", "123456789012"),
+            (r#"invalid type: string "2024-1234-5678-9012", expected f64"#, "5678"),
+        ] {
+            let shown = excerpt(message);
+            assert!(!shown.contains(leak), "{shown}");
+        }
+        // Short ones are no key, and help a typo.
+        assert_eq!(
+            excerpt("unknown field `colour`, expected `keys`"),
+            "unknown field `colour`, expected `keys`"
+        );
+        assert_eq!(
+            excerpt("expected `service_account`"),
+            "expected `service_account`"
         );
     }
 

@@ -64,6 +64,9 @@ pub trait Revoked: Sync {
 #[derive(Clone, Copy)]
 pub struct Here<'a> {
     pub environment: Option<&'a str>,
+    /// `prefixes` binds key prefixes to types (or the config is unknown): a new type may
+    /// no longer fit its key's prefix. Without `prefixes`, any type is taken.
+    pub typed_prefixes: bool,
     pub scope_rules: &'a [ScopeRule],
     pub route_rules: &'a [RouteRule],
     pub now: SystemTime,
@@ -74,6 +77,7 @@ impl std::fmt::Debug for Here<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Here")
             .field("environment", &self.environment)
+            .field("typed_prefixes", &self.typed_prefixes)
             .field("scope_rules", &self.scope_rules)
             .field("route_rules", &self.route_rules)
             .field("now", &self.now)
@@ -95,6 +99,7 @@ impl<'a> Here<'a> {
     pub fn of(config: &'a Config) -> Self {
         Self {
             environment: Some(&config.environment),
+            typed_prefixes: !config.prefixes.is_empty(),
             scope_rules: &config.scopes,
             route_rules: &config.routes,
             now: SystemTime::now(),
@@ -106,6 +111,7 @@ impl<'a> Here<'a> {
     pub fn unknown() -> Self {
         Self {
             environment: None,
+            typed_prefixes: true,
             scope_rules: &[],
             route_rules: &[],
             now: SystemTime::now(),
@@ -230,7 +236,9 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
     // second pass over the keys in force is needed only then.
     if new.len() - d.added.len() < old.len() {
         for k in old.keys().filter(|k| new.by_id(&k.id).is_none()) {
-            d.removed_usable += usize::from(usable(k, here));
+            // The same secret under a new id lets its clients in still: a rename.
+            let renamed = new.lookup(k.digest()).is_some_and(|n| usable(n, here));
+            d.removed_usable += usize::from(usable(k, here) && !renamed);
             d.removed.push(k.id.to_string());
         }
     }
@@ -258,29 +266,28 @@ fn locks_out(before: &Key, after: &Key, here: Here<'_>) -> bool {
     !usable(after, here)
         || rebound
         || before.digest() != after.digest()
-        || before.principal_type != after.principal_type
+        || (here.typed_prefixes && before.principal_type != after.principal_type)
         || (here.can_use_a_method(before) && !here.can_use_a_method(after))
         || expires_soon(before, after, here.now)
         || throttled(before, after)
 }
 
-/// With `keys.max_age`: does `new` fail closed (go stale) at once, or soon after it would
-/// replace `old` that has long to live? Soon: within [`EXPIRY_HORIZON`], and within half
-/// of what `old` has left, so a snapshot stamped a little before the one in force (a
-/// regenerated one) is not counted when `max_age` is short. A snapshot in force that is
-/// stale already locks out no one more by being replaced.
+/// With `keys.max_age`: does `new` fail closed (go stale) at once, or soon, because it was
+/// stamped long ago? Soon: with less than half its `max_age` left, and within
+/// [`EXPIRY_HORIZON`]. A freshly stamped snapshot never is, however short `max_age`, and
+/// one that goes stale no sooner than the one in force locks out no one more.
 fn ages_out(old: &Snapshot, new: &Snapshot, now: SystemTime) -> bool {
-    let Some(deadline) = new.stale_at() else {
+    let (Some(deadline), Some(stamped)) = (new.stale_at(), new.generated_at) else {
         return false;
     };
-    let left = match old.stale_at() {
-        Some(t) => t.duration_since(now).unwrap_or_default(),
-        None => EXPIRY_HORIZON * 2,
-    };
-    if left.is_zero() {
+    if old.stale_at().is_some_and(|o| deadline >= o) {
         return false;
     }
-    deadline <= now + EXPIRY_HORIZON.min(left / 2)
+    let max_age = deadline
+        .duration_since(stamped.min(now))
+        .unwrap_or_default();
+    let left = deadline.duration_since(now).unwrap_or_default();
+    left < EXPIRY_HORIZON.min(max_age / 2)
 }
 
 /// `after` expires within [`EXPIRY_HORIZON`] of `now`, sooner than `before` did.
@@ -501,6 +508,25 @@ mod tests {
         assert_eq!(d.locked_out, ["k1"], "every protected path wants api");
         let d = diff(&old, &with_api, Here::of(&routed));
         assert!(d.locked_out.is_empty());
+    }
+
+    /// Renaming ids under the same secrets locks no one out; nor does a new type where no
+    /// `prefixes` bind types (any type is taken).
+    #[test]
+    fn a_rename_or_an_unbound_type_change_is_not_a_removal() {
+        let old = snap(&[entry("k1", "a", ""), entry("k2", "b", "")]);
+        let renamed = snap(&[entry("n1", "a", ""), entry("n2", "b", "")]);
+        let d = diff(&old, &renamed, here());
+        assert_eq!((d.removed.len(), d.removed_usable), (2, 0));
+        let retyped = snap(&[entry("k1", "a", "").replace("service_account", "personal")]);
+        let untyped = Config::from_yaml(
+            "listen: 127.0.0.1:1\nupstream: http://a:1\nenvironment: production\nkeys: { file: k }\n",
+        )
+        .unwrap();
+        assert!(diff(&old, &retyped, Here::of(&untyped))
+            .locked_out
+            .is_empty());
+        assert_eq!(diff(&old, &retyped, here()).locked_out, ["k1"]);
     }
 
     /// Keys the fleet has revoked let no client in: they are not usable in force, so a

@@ -125,12 +125,20 @@ pub fn diff_files(
     guard: &GuardConfig,
     here: Here<'_>,
     source: Source,
+    max_age: Option<std::time::Duration>,
 ) -> Result<Review, FileError> {
     let read = |path: &Path, source| {
-        read_file(path, source).map_err(|error| FileError {
+        let fail = |error| FileError {
             path: path.to_owned(),
             error,
-        })
+        };
+        let mut snapshot = read_file(path, source).map_err(fail)?;
+        // Judged with the config's `keys.max_age`, as the sidecar judges it.
+        if max_age.is_some() {
+            super::source::stamped_in_the_past(&snapshot, here.now).map_err(fail)?;
+        }
+        snapshot.set_max_age(max_age, None);
+        Ok(snapshot)
     };
     let (old, new) = (read(old, Source::File)?, read(new, source)?);
     Ok(review(Some(&old), &new, guard, here))

@@ -178,7 +178,7 @@ pub fn install(host: &impl Host, mut snapshot: Snapshot) -> Arc<Snapshot> {
 fn refused(host: &impl Host, source: Source, what: &LoadError) {
     if let LoadError::Guarded(verdict) = what {
         host.snapshot_guarded(source);
-        warn!(source = source.as_str(), outcome = "guarded", in_force = verdict.sides.in_force, removed = verdict.removed, disabled = verdict.disabled, error = %what, "key snapshot held back by the guard; keeping the last good one");
+        warn!(source = source.as_str(), outcome = "guarded", in_force = verdict.sides.in_force, removed = verdict.removed, disabled = verdict.disabled, locked_out = verdict.locked_out, error = %what, "key snapshot held back by the guard; keeping the last good one");
         return;
     }
     host.snapshot_failed(source);

@@ -218,6 +218,16 @@ pub fn strip_credentials(headers: &mut HeaderMap, credentials: &[HeaderName], fo
     }
 }
 
+/// A forwarding or asserted name is kept only from a trusted proxy, and then only as a
+/// proxy spells it (with `-`): no front proxy sets `remote_user` or `x~forwarded~host`, which
+/// CGI/WSGI and lighttpd backends read as the real ones.
+fn forwarding_not_kept(name: &str, peer_trusted: bool) -> bool {
+    !peer_trusted
+        || name
+            .bytes()
+            .any(|b| b != b'-' && crate::header_names::is_separator(b))
+}
+
 fn is_override(name: &HeaderName, allowed: &[HeaderName]) -> bool {
     override_of(name, allowed).is_some()
 }
@@ -247,7 +257,8 @@ pub fn strip_untrusted(headers: &mut HeaderMap, peer_trusted: bool, allowed: &[H
             .first()
             .copied()
             .is_some_and(may_be_listed)
-            && ((!peer_trusted && is_forwarding(n.as_str())) || is_override(n, allowed))
+            && ((forwarding_not_kept(n.as_str(), peer_trusted) && is_forwarding(n.as_str()))
+                || is_override(n, allowed))
     };
     if !headers.keys().any(doomed) {
         return;
