@@ -86,6 +86,12 @@ impl Policy {
     /// rules alone. Behind a decision (SPEC 15) the introspection path is the app's too, so
     /// it is routed, and its scopes checked, as any other.
     pub fn app_route(&self, path: &str) -> Route<'_> {
+        let folded = if self.fold_case {
+            fold_lookalikes(path)
+        } else {
+            std::borrow::Cow::Borrowed(path)
+        };
+        let path = folded.as_ref();
         for rule in &self.routes {
             if rule.matches(path, self.fold_case) {
                 return if rule.public {
@@ -134,6 +140,33 @@ impl Policy {
     }
 }
 
+/// Non-ASCII letters whose case folds onto an ASCII one where an app folds Unicode case
+/// (Java's `equalsIgnoreCase`, `toUpperCase` in Java, JS and Python): `İ` and dotless `ı`
+/// fold to `i`, the long `ſ` to `s`, the Kelvin sign to `k`. As a normalized path carries
+/// them (upper-case escapes of their UTF-8).
+const LOOKALIKES: [(&str, &str); 4] = [
+    ("%C4%B0", "i"),
+    ("%C4%B1", "i"),
+    ("%C5%BF", "s"),
+    ("%E2%84%AA", "k"),
+];
+
+/// With `routes_case_insensitive`, the path routes are matched on: each lookalike read as
+/// the ASCII letter an app folds it to, so `/adm%C4%B1n/x` meets the `/admin/` rule. The
+/// path forwarded is unchanged.
+fn fold_lookalikes(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains("%C") && !path.contains("%E2") {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = path.to_string();
+    for (from, to) in LOOKALIKES {
+        if out.contains(from) {
+            out = out.replace(from, to);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +211,30 @@ mod tests {
             "listen: 127.0.0.1:1\nupstream: http://a:1\nenvironment: t\nkeys: {{ file: k }}\n{extra}"
         );
         Policy::new(&Config::from_yaml(&yaml).unwrap())
+    }
+
+    #[test]
+    fn case_insensitive_routes_fold_the_lookalikes_an_app_folds() {
+        let p = with_routes(
+            "routes_case_insensitive: true\nroutes: [{ prefix: /admin/, any_of: [admin] }, { path: /secret, any_of: [admin] }]\n",
+        );
+        for path in [
+            "/adm%C4%B1n/x",
+            "/ADM%C4%B0N/x",
+            "/%C5%BFecret",
+            "/admin/%E2%84%AAey",
+        ] {
+            assert!(
+                matches!(p.route(&http::Method::GET, path), Route::Protected { extra: Some(s) } if s == ["admin"]),
+                "{path}"
+            );
+        }
+        let strict = with_routes("routes: [{ prefix: /admin/, any_of: [admin] }]\n");
+        assert_eq!(
+            strict.route(&http::Method::GET, "/adm%C4%B1n/x"),
+            Route::Protected { extra: None },
+            "case-sensitive routes: an app that matches exactly does not fold either"
+        );
     }
 
     #[test]
