@@ -35,6 +35,12 @@ pub fn is_separator(c: u8) -> bool {
     !c.is_ascii_alphanumeric()
 }
 
+/// A name spelled with a separator other than `-`: never as a proxy or keyward spells a
+/// name, always as an alias a backend reads as one (`remote_user`, `x~forwarded~host`).
+pub fn is_respelled(name: &str) -> bool {
+    name.bytes().any(|b| b != b'-' && is_separator(b))
+}
+
 /// Whether two names are one to a CGI/WSGI or nginx backend: equal with every separator
 /// ([`is_separator`]) read as `-` on either side.
 pub fn same_name(a: &str, b: &str) -> bool {

@@ -104,7 +104,10 @@ fn may_leave_bytes_behind(req: &Request<RequestBody>, reuse_after_body: bool) ->
 /// spelled, a length an app's parser reads otherwise, or refuses, would frame the body there
 /// differently from here.
 fn canonical_length(req: &mut Request<RequestBody>) {
-    if !req.headers().contains_key(header::CONTENT_LENGTH) {
+    // A bodiless request (most) has nothing to frame: no header lookup for it.
+    if http_body::Body::is_end_stream(req.body())
+        || !req.headers().contains_key(header::CONTENT_LENGTH)
+    {
         return;
     }
     if let Some(n) = http_body::Body::size_hint(req.body()).exact() {

@@ -140,11 +140,7 @@ pub fn is_misspelled_trusted(name: &HeaderName, identity_prefix: &str) -> bool {
             .as_bytes()
             .first()
             .is_some_and(|p| p.eq_ignore_ascii_case(&first));
-    if !listed
-        || !n
-            .bytes()
-            .any(|b| b != b'-' && crate::header_names::is_separator(b))
-    {
+    if !listed || !crate::header_names::is_respelled(n) {
         return false;
     }
     let trusted = is_trusted_alias(n, identity_prefix);
@@ -222,10 +218,7 @@ pub fn strip_credentials(headers: &mut HeaderMap, credentials: &[HeaderName], fo
 /// proxy spells it (with `-`): no front proxy sets `remote_user` or `x~forwarded~host`, which
 /// CGI/WSGI and lighttpd backends read as the real ones.
 fn forwarding_not_kept(name: &str, peer_trusted: bool) -> bool {
-    !peer_trusted
-        || name
-            .bytes()
-            .any(|b| b != b'-' && crate::header_names::is_separator(b))
+    !peer_trusted || crate::header_names::is_respelled(name)
 }
 
 fn is_override(name: &HeaderName, allowed: &[HeaderName]) -> bool {

@@ -20,9 +20,12 @@ impl Default for Hop {
     fn default() -> Self {
         let hex = uuid::Uuid::new_v4().simple().to_string();
         let token = format!("keyward-{}", &hex[..16]);
+        // Static values: cloning one per forwarded request touches no reference count (a
+        // shared count would be an atomic both worker threads write on every request). Two
+        // short strings, once per application, live for the process.
         let value = |proto: &str| {
-            HeaderValue::from_str(&format!("{proto} {token}"))
-                .unwrap_or(HeaderValue::from_static("1.1 keyward"))
+            let text: &'static str = Box::leak(format!("{proto} {token}").into_boxed_str());
+            HeaderValue::from_static(text)
         };
         Self {
             http1: value("1.1"),
