@@ -31,12 +31,14 @@ pub static HOP_BY_HOP: [HeaderName; 7] = [
 /// CGI/WSGI and nginx backends read `_` and `.` so, and lighttpd's CGI/FastCGI/SCGI every
 /// other punctuation a name may hold (`+`, `~`, `!`, ...), since each becomes `_` in the
 /// variable name.
+#[inline]
 pub fn is_separator(c: u8) -> bool {
     !c.is_ascii_alphanumeric()
 }
 
 /// A name spelled with a separator other than `-`: never as a proxy or keyward spells a
 /// name, always as an alias a backend reads as one (`remote_user`, `x~forwarded~host`).
+#[inline]
 pub fn is_respelled(name: &str) -> bool {
     name.bytes().any(|b| b != b'-' && is_separator(b))
 }

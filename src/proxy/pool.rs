@@ -64,6 +64,12 @@ enum State {
 /// What the pool asks of a connection it holds.
 trait Reusable {
     fn state(&self) -> State;
+
+    /// Worth a place in the pool on its way back? Whatever is said here, `checkout` asks
+    /// [`Reusable::state`] again before the connection carries a request.
+    fn worth_keeping(&self) -> bool {
+        self.state() != State::Closed
+    }
 }
 
 impl Reusable for SendRequest<RequestBody> {
@@ -89,6 +95,13 @@ impl Reusable for FastConn {
         } else {
             State::Closed
         }
+    }
+
+    /// Kept without asking the kernel: `checkout` probes it just before it is used, which
+    /// catches everything a probe here would (and what arrives in between). A probe on the
+    /// way back too was a second system call per proxied request.
+    fn worth_keeping(&self) -> bool {
+        true
     }
 }
 
@@ -136,7 +149,7 @@ impl<C: Reusable> Idle<C> {
     }
 
     fn checkin(&mut self, sender: C, now: Instant, max_idle: usize) {
-        if sender.state() == State::Closed || max_idle == 0 {
+        if max_idle == 0 || !sender.worth_keeping() {
             return;
         }
         if self.conns.len() >= max_idle {
