@@ -69,11 +69,11 @@ pub struct KeyDoc {
 }
 
 impl Key {
-    /// The snapshot entry this key was loaded from (times in canonical RFC 3339 form).
+    /// The snapshot entry this key was loaded from (times in canonical RFC 3339 form, to the
+    /// nanosecond they were given to: a revoke rewriting the snapshot moves no other key).
     pub fn to_doc(&self) -> KeyDoc {
-        let time = |t: Option<SystemTime>| {
-            t.map(|t| humantime::format_rfc3339_seconds(t).to_string().into())
-        };
+        let time =
+            |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339(t).to_string().into());
         let text = |t: Option<&Text>| t.map(|t| t.as_str().into());
         KeyDoc {
             id: self.id.as_str().into(),

@@ -166,7 +166,7 @@ impl Snapshot {
             version: self.version,
             generated_at: self
                 .generated_at
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string().into()),
+                .map(|t| humantime::format_rfc3339(t).to_string().into()),
             keys,
         }
     }

@@ -18,7 +18,6 @@ pub use super::load_error::{DisableError, LoadError};
 pub use super::read::read_file;
 use super::read::{file_digest, read_file_as};
 use super::snapshot::{Snapshot, Source};
-use super::spool::STALE_SPOOL;
 pub use super::spool::{persist, Spool, StateLock, StateLockError};
 use super::store::KeyStore;
 use crate::config::KeysConfig;
@@ -191,7 +190,7 @@ pub fn load_initial(host: &impl Host) {
     let result = match host.key_source() {
         KeySource::File(path) => load_file(host, path, Source::File),
         KeySource::Control { state_file, seed } => {
-            Spool::remove_stale(state_file, STALE_SPOOL);
+            Spool::remove_leftovers(state_file);
             if state_file.exists() {
                 load_file(host, state_file, Source::Control)
             } else if let Some(seed) = seed {

@@ -11,9 +11,6 @@ use tracing::info;
 
 use super::load_error::{io_error, LoadError};
 
-/// A spool untouched for this long at start-up is left from a push that never finished.
-pub(super) const STALE_SPOOL: Duration = Duration::from_secs(3600);
-
 /// A file beside the state file that a new snapshot is written to before it replaces the
 /// state file by a rename. A pushed body is written here as it arrives, so a push is never
 /// held in memory; the file is removed unless it is committed.
@@ -28,11 +25,12 @@ impl Spool {
     /// name: pushes may overlap, and processes in containers of a shared volume all have
     /// the same pid.
     pub fn create(state_file: &Path) -> Result<(Spool, File), LoadError> {
-        let dir = parent_dir(state_file);
+        let target = resolved(state_file);
+        let dir = parent_dir(&target);
         std::fs::create_dir_all(dir).map_err(|e| io_error(state_file, e))?;
         let path = dir.join(format!(
             "{}{}",
-            Self::prefix(state_file),
+            Self::prefix(&target),
             uuid::Uuid::new_v4().simple()
         ));
         // Owner-only, as the state file it becomes: it holds every digest and identity.
@@ -62,13 +60,13 @@ impl Spool {
         format!(".{name}.tmp-")
     }
 
-    /// Remove spools of `state_file` last written more than `age` ago: left by a process
-    /// that stopped in the middle of a push. A push in progress writes its spool every few
-    /// milliseconds, so one that old belongs to nobody, even on a volume shared with other
-    /// processes.
-    pub(super) fn remove_stale(state_file: &Path, age: Duration) {
-        let prefix = Self::prefix(state_file);
-        let Ok(entries) = std::fs::read_dir(parent_dir(state_file)) else {
+    /// Remove the spools of `state_file`, left by a process that stopped in the middle of a
+    /// push: called at start, under the [`StateLock`], so no other process writes one. (Kept
+    /// for an hour, as they were, a few pushes cut short filled a small state volume.)
+    pub(super) fn remove_leftovers(state_file: &Path) {
+        let target = resolved(state_file);
+        let prefix = Self::prefix(&target);
+        let Ok(entries) = std::fs::read_dir(parent_dir(&target)) else {
             return;
         };
         for entry in entries.flatten() {
@@ -76,11 +74,7 @@ impl Spool {
                 .file_name()
                 .to_str()
                 .is_some_and(|n| n.starts_with(&prefix));
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().is_ok_and(|e| e > age));
-            if ours && old && std::fs::remove_file(entry.path()).is_ok() {
+            if ours && std::fs::remove_file(entry.path()).is_ok() {
                 info!(file = %entry.path().display(), "removed the spool of an unfinished push");
             }
         }
@@ -88,13 +82,14 @@ impl Spool {
 
     /// Make the written file `target`, atomically: fsync, rename, fsync the directory. A
     /// crash leaves the old file or the new one, never half of either.
-    pub(super) fn commit(mut self, target: &Path) -> Result<(), LoadError> {
+    pub(super) fn commit(mut self, state_file: &Path) -> Result<(), LoadError> {
         File::open(&self.path)
             .and_then(|f| f.sync_all())
             .map_err(|e| io_error(&self.path, e))?;
-        std::fs::rename(&self.path, target).map_err(|e| io_error(target, e))?;
+        let target = resolved(state_file);
+        std::fs::rename(&self.path, &target).map_err(|e| io_error(state_file, e))?;
         self.committed = true;
-        if let Ok(d) = File::open(parent_dir(target)) {
+        if let Ok(d) = File::open(parent_dir(&target)) {
             let _ = d.sync_all();
         }
         Ok(())
@@ -106,6 +101,20 @@ impl Drop for Spool {
         if !self.committed {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// Where `state_file` is written: the file a symlink there points to, so the link stays and
+/// its target (a file on a persistent volume, say) gets every push. Renamed over, the link
+/// itself became a plain file, its target kept the old snapshot, and a start that found the
+/// link again loaded that. A path that is no symlink is its own target.
+pub(super) fn resolved(state_file: &Path) -> PathBuf {
+    match std::fs::symlink_metadata(state_file) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(state_file)
+            // Dangling: the target it names, relative to the link's directory.
+            .or_else(|_| std::fs::read_link(state_file).map(|t| parent_dir(state_file).join(t)))
+            .unwrap_or_else(|_| state_file.to_owned()),
+        _ => state_file.to_owned(),
     }
 }
 
@@ -187,14 +196,7 @@ impl StateLock {
         std::fs::create_dir_all(parent_dir(state_file)).map_err(|e| io(&lock, e))?;
         let dir_path = Self::dir(state_file).map_err(|e| io(parent_dir(state_file), e))?;
         let dir = File::open(&dir_path).map_err(|e| io(&dir_path, e))?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock)
-            .map_err(|e| io(&lock, e))?;
+        let file = open_lock_file(&lock).map_err(|e| io(&lock, e))?;
         let mut held = Vec::with_capacity(2);
         let mut busy = false;
         match dir.try_lock() {
@@ -213,12 +215,14 @@ impl StateLock {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(&dir_path, e)),
         }
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => busy = true,
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock, e)),
+        if let Some(file) = file {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => busy = true,
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock, e)),
+            }
+            held.push(file);
         }
-        held.push(file);
         if !busy {
             return Ok(StateLock { _held: held });
         }
@@ -276,6 +280,33 @@ impl StateLock {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// `<state_file>.lock`, opened to be locked. On a read-only volume (remounted so after an
+/// error, or mounted so) it is opened read-only, or left out when it does not exist (the
+/// directory's lock then guards alone): `flock` needs no write access, and a start that
+/// refused there turned a state file it can read into a crash loop. Pushes then fail
+/// with `persist_failed`, as they do when the volume turns read-only while keyward runs.
+fn open_lock_file(lock: &Path) -> std::io::Result<Option<File>> {
+    let writable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(lock);
+    match writable {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            tracing::warn!(lock = %lock.display(), "the state file's volume is read-only: the snapshot there loads, pushes and revokes cannot be persisted");
+            match File::open(lock) {
+                Ok(file) => Ok(Some(file)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -394,23 +425,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state.yaml");
         let (fresh, _f) = Spool::create(&state).unwrap();
-        let (stale, f) = Spool::create(&state).unwrap();
+        let (old, f) = Spool::create(&state).unwrap();
         f.set_modified(SystemTime::now() - Duration::from_secs(7200))
             .unwrap();
         let other = dir.path().join(".other.yaml.tmp-1");
         std::fs::write(&other, "x").unwrap();
-        File::options()
-            .write(true)
-            .open(&other)
-            .unwrap()
-            .set_modified(SystemTime::now() - Duration::from_secs(7200))
-            .unwrap();
-        Spool::remove_stale(&state, STALE_SPOOL);
+        Spool::remove_leftovers(&state);
+        assert!(!old.path().exists(), "an old spool of this state file goes");
         assert!(
-            !stale.path().exists(),
-            "an old spool of this state file goes"
+            !fresh.path().exists(),
+            "and a recent one: under the state lock, no other process writes one"
         );
-        assert!(fresh.path().exists(), "a push in progress keeps its spool");
         assert!(other.exists(), "another file's spool is not ours");
+    }
+
+    #[test]
+    fn a_symlinked_state_file_is_written_through_to_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = dir.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        let target = volume.join("snap.yaml");
+        std::fs::write(&target, "old").unwrap();
+        let state = dir.path().join("state.yaml");
+        std::os::unix::fs::symlink(&target, &state).unwrap();
+        persist(&state, b"new").unwrap();
+        assert!(
+            std::fs::symlink_metadata(&state)
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "the link stays a link"
+        );
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            b"new",
+            "its target is written"
+        );
+        // A push cut short leaves its spool beside the target; the start removes it there.
+        let (spool, _f) = Spool::create(&state).unwrap();
+        let volume = std::fs::canonicalize(&volume).unwrap();
+        assert_eq!(spool.path().parent(), Some(volume.as_path()));
+        let left = spool.path().to_owned();
+        std::mem::forget(spool);
+        Spool::remove_leftovers(&state);
+        assert!(!left.exists());
     }
 }
