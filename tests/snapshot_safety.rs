@@ -383,7 +383,8 @@ async fn control_source_empty_push_is_refused_even_below_min_keys() {
 }
 
 /// A stale writer (a retried job, a second pipeline) would undo every change since its
-/// version, an emergency revoke included: an older `version` pushed is refused until forced.
+/// version, an emergency revoke included: an older `version` pushed is refused until forced,
+/// and so are the version in force enabling a key revoked since and a push without a version.
 #[tokio::test]
 async fn an_older_version_is_refused_as_a_rollback_until_forced() {
     let up = spawn_upstream().await;
@@ -443,8 +444,41 @@ async fn an_older_version_is_refused_as_a_rollback_until_forced() {
     assert_eq!(status_with(&kw, &raw(2)).await, 401, "the revoke holds");
     assert_eq!(status_with(&kw, &raw(3)).await, 200);
     assert_eq!(metric_value(&kw, &guarded_series("control")).await, 1.0);
-    // The same version again, or one without a version, is not a rollback.
+    // The same version again is not a rollback, as long as it lifts no revoke made since.
     assert_eq!(admin(&kw, "PUT", "/v1/snapshot", &v8).await.status, 200);
+    let r = admin(&kw, "POST", "/v1/keys/key_3/disable", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = admin(&kw, "PUT", "/v1/snapshot", &v8).await;
+    assert_eq!(
+        r.status,
+        409,
+        "a retried push of v8 would lift it: {}",
+        r.text()
+    );
+    assert_eq!(r.json()["reason"], "rollback");
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("version 8 is the version in force"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(status_with(&kw, &raw(3)).await, 401, "the revoke holds");
+    // Nor may a push without a version follow a versioned one (which would then let any
+    // older version in).
+    let unversioned = snapshot("", 0..4, |_| String::new());
+    let r = admin(&kw, "PUT", "/v1/snapshot", &unversioned).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("has no version"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(status_with(&kw, &raw(3)).await, 401);
 
     let r = admin(&kw, "PUT", "/v1/snapshot?force=true", &v7).await;
     assert_eq!(r.status, 200, "{}", r.text());

@@ -41,7 +41,9 @@ pub struct SnapshotDiff {
     pub disabled: Vec<String>,
     /// Keys disabled in force and active in the new snapshot (also listed in `changed`):
     /// without `cluster`, a disable through the API lives in the snapshot, and a push that
-    /// was not made from it lifts the revoke. Shown, never refused: it may be the intent.
+    /// was not made from it lifts the revoke. A push of the version in force that enables
+    /// one is refused as a rollback (the revoke kept that version); a newer one may: it may
+    /// be the intent.
     pub enabled: Vec<String>,
     /// Keys usable in force that stay active but stop accepting the secret their clients
     /// hold, or anything they ask (also listed in `changed`): a new digest, an expiry

@@ -17,8 +17,12 @@ use crate::config::GuardConfig;
 pub enum Reason {
     /// An empty snapshot would replace a non-empty one.
     Empty,
-    /// A push whose `version` is below the one in force: a stale writer (a retried job, a
-    /// second pipeline), which would undo every change made since, revokes included.
+    /// A push not newer than the snapshot in force: a stale writer (a retried job, a second
+    /// pipeline), which would undo every change made since, revokes included. Its
+    /// `version` is below the one in force, or equal to it while enabling a key disabled in
+    /// force (a disable through the API keeps the version: a retried push of that version
+    /// lifted the revoke), or missing while one is in force (versions only increase, and
+    /// an unversioned push in force let any older version in after it).
     Rollback,
     /// Too large a fraction of the keys in force would be removed or disabled.
     Fraction,
@@ -41,6 +45,8 @@ pub struct Verdict {
     /// Usable keys in force that stay active but refuse their clients (see
     /// [`SnapshotDiff::locked_out`]).
     pub locked_out: usize,
+    /// Keys disabled in force that the new snapshot enables.
+    pub enabled: usize,
     /// `(removed + disabled + locked_out) / usable_in_force` (0 when none is usable).
     pub fraction: f64,
     /// `keys.guard.max_removed_fraction`.
@@ -61,7 +67,11 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
         (removed + disabled + locked_out) as f64 / usable_in_force as f64
     };
     let rollback = d.pushed
-        && matches!((sides.version_in_force, sides.version), (Some(old), Some(new)) if new < old);
+        && match (sides.version_in_force, sides.version) {
+            (Some(old), Some(new)) => new < old || (new == old && !d.enabled.is_empty()),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
     // SPEC 16: an empty snapshot replacing a non-empty one, whatever `min_keys`. (One whose
     // keys are all disabled is judged by the fraction, from `min_keys` keys on: below it,
     // a small snapshot may disable its only key on purpose.) `min_keys` counts the keys in
@@ -84,6 +94,7 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
         removed,
         disabled,
         locked_out,
+        enabled: d.enabled.len(),
         fraction,
         limit: cfg.max_removed_fraction,
         min_keys: cfg.min_keys,
@@ -128,13 +139,25 @@ impl fmt::Display for Verdict {
                 "snapshot guard: an empty snapshot would replace {} keys in force",
                 self.sides.in_force
             ),
-            Some(Reason::Rollback) => write!(
-                f,
-                "snapshot guard: version {} is older than version {} in force (a rollback; it {})",
-                self.sides.version.unwrap_or_default(),
-                self.sides.version_in_force.unwrap_or_default(),
-                self.counts()
-            ),
+            Some(Reason::Rollback) => {
+                let in_force = self.sides.version_in_force.unwrap_or_default();
+                match self.sides.version {
+                    Some(v) if v == in_force => write!(
+                        f,
+                        "snapshot guard: version {v} is the version in force, and it enables {} key(s) disabled in force since (a revoke through the API keeps the version: a stale writer would lift it); push a newer version, or force",
+                        self.enabled
+                    ),
+                    Some(v) => write!(
+                        f,
+                        "snapshot guard: version {v} is older than version {in_force} in force (a rollback; it {})",
+                        self.counts()
+                    ),
+                    None => write!(
+                        f,
+                        "snapshot guard: the snapshot has no version and version {in_force} is in force (versions only increase; a rollback?); push a newer version, or force"
+                    ),
+                }
+            }
             Some(Reason::Fraction) => write!(
                 f,
                 "snapshot guard: the new snapshot {} ({:.2} > keys.guard.max_removed_fraction {:.2})",
@@ -257,13 +280,40 @@ mod tests {
             (Some(8), Some(8)),
             (Some(8), Some(9)),
             (None, Some(1)),
-            (Some(8), None),
+            (None, None),
         ] {
             assert!(
                 !judge(&versioned(old, new), &DEFAULTS).would_refuse,
                 "{old:?} -> {new:?}"
             );
         }
+        let v = judge(&versioned(Some(8), None), &DEFAULTS);
+        assert_eq!(v.reason, Some(Reason::Rollback), "{v}");
+        assert!(v.to_string().contains("has no version"), "{v}");
+    }
+
+    #[test]
+    fn the_version_in_force_may_not_enable_a_key_disabled_in_force() {
+        let mut same = SnapshotDiff {
+            pushed: true,
+            enabled: vec!["k4".into()],
+            ..d(3, 3, 0, 0)
+        };
+        (same.sides.version_in_force, same.sides.version) = (Some(11), Some(11));
+        let v = judge(&same, &DEFAULTS);
+        assert_eq!(v.reason, Some(Reason::Rollback), "{v}");
+        assert!(
+            v.to_string().contains("version 11 is the version in force"),
+            "{v}"
+        );
+        same.sides.version = Some(12);
+        assert!(!judge(&same, &DEFAULTS).would_refuse, "a newer version may");
+        same.sides.version = Some(11);
+        same.pushed = false;
+        assert!(
+            !judge(&same, &DEFAULTS).would_refuse,
+            "a file is the operator's"
+        );
     }
 
     #[test]
