@@ -77,10 +77,18 @@ fn upstream_must_be_plain_http_without_path() {
         "http://a:1/app",
         "ftp://a",
         "http://user:pw@a:1",
+        // A port that is no number was read as none: port 80.
+        "http://127.0.0.1:3000O",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "http://[::1]:abc",
     ] {
         let e = Config::from_yaml(&format!("{base}upstream: {u}\n")).unwrap_err();
         assert!(e.to_string().starts_with("upstream"), "{u}: {e}");
         assert!(!e.to_string().contains("pw"), "no secret echoed: {e}");
+    }
+    for u in ["http://app", "http://[::1]:3000", "http://127.0.0.1:3000"] {
+        Config::from_yaml(&format!("{base}upstream: {u}\n")).expect(u);
     }
 }
 

@@ -246,6 +246,18 @@ impl Config {
         if !matches!(u.path(), "" | "/") || u.query().is_some() {
             return Err(invalid("upstream", "must not carry a path or query"));
         }
+        // `http::Uri` reads a port that is no number (`:3000O`, `:99999`) as none, which
+        // would send every request, identity headers and all, to port 80.
+        let after_host = authority
+            .as_str()
+            .rsplit_once(']')
+            .map_or(authority.as_str(), |(_, rest)| rest);
+        if after_host.contains(':') && !authority.port_u16().is_some_and(|p| p != 0) {
+            return Err(invalid(
+                "upstream",
+                "has a port that is not a number from 1 to 65535",
+            ));
+        }
         Ok(())
     }
 
