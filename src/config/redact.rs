@@ -39,11 +39,7 @@ pub fn redact(message: &str) -> String {
 
 /// [`redact`]; `strict` for a key snapshot's messages (see [`excerpt`]).
 fn redact_with(message: &str, strict: bool) -> String {
-    let message = if strict {
-        cut_document_words(message)
-    } else {
-        std::borrow::Cow::Borrowed(message)
-    };
+    let message = cut_document_words(message, strict);
     let unquoted = cut_quoted_values(&message);
     let mut out = String::with_capacity(unquoted.len());
     for word in unquoted.split_whitespace() {
@@ -94,7 +90,9 @@ fn cut_quoted_values(message: &str) -> String {
 /// What a parser echoes from the document in back-quotes, a name or a number it did not
 /// expect: `unknown field `X``, `unknown variant `X``, `integer `N``. Any of 8 characters or
 /// more (a key's least) is cut wherever it appears, the path to the error included (the
-/// path names an unknown map key too); shorter ones are no key, and help a typo.
+/// path names an unknown map key too); shorter ones are no key, and help a typo. In a
+/// config's messages a name is kept when it is a typo of a name the parser expected
+/// ([`is_typo_of_expected`]): a key pasted as a field name or a value never is one.
 const DOCUMENT_WORDS: [&str; 4] = [
     "unknown field `",
     "unknown variant `",
@@ -102,14 +100,16 @@ const DOCUMENT_WORDS: [&str; 4] = [
     "floating point `",
 ];
 
-fn cut_document_words(message: &str) -> std::borrow::Cow<'_, str> {
+fn cut_document_words(message: &str, strict: bool) -> std::borrow::Cow<'_, str> {
     let mut words: Vec<&str> = Vec::new();
     for marker in DOCUMENT_WORDS {
+        let is_name = marker.starts_with("unknown");
         for (at, _) in message.match_indices(marker) {
             let rest = &message[at + marker.len()..];
             if let Some(end) = rest.find('`') {
                 let word = &rest[..end];
-                if word.chars().count() >= 8 {
+                let typo = !strict && is_name && is_typo_of_expected(word, message);
+                if word.chars().count() >= 8 && !typo {
                     words.push(word);
                 }
             }
@@ -123,6 +123,24 @@ fn cut_document_words(message: &str) -> std::borrow::Cow<'_, str> {
         out = out.replace(word, "…");
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// `word` is a few edits from one of the names the message says were expected (serde's
+/// `expected one of `a`, `b``, `expected `json` or `pretty``): an operator's typo, worth
+/// showing. A key (random, 8 characters and more) is never that close to a schema name.
+fn is_typo_of_expected(word: &str, message: &str) -> bool {
+    let Some((_, expected)) = message.split_once("expected ") else {
+        return false;
+    };
+    let near = |name: &str| {
+        let edits = strsim::damerau_levenshtein(word, name);
+        edits <= 2.max(name.len() / 5)
+    };
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .any(|name| !name.is_empty() && near(name))
 }
 
 /// Where the quoted value `s` (after its opening quote) ends, past escapes.
@@ -338,8 +356,30 @@ mod tests {
             excerpt("unknown field `colour`, expected `keys`"),
             "unknown field `colour`, expected `keys`"
         );
-        // A config's messages keep a typo of a field's name: no key lives there.
-        let typo = "limits.max_conections: unknown field `max_conections`";
+        // A config's messages keep a typo of a field's name.
+        let typo = "limits.max_conections: unknown field `max_conections`, expected one of `max_headers`, `max_connections`";
+        assert_eq!(redact(typo), typo);
+    }
+
+    #[test]
+    fn a_config_shows_an_unknown_name_only_when_it_is_a_typo_of_an_expected_one() {
+        for (message, leak) in [
+            (
+                "log.format: unknown variant `pat_Q7wErTyUiOpAsDfGhJkLzXcVb`, expected `json` or `pretty`",
+                "Q7wEr",
+            ),
+            (
+                "sta_bluecheesemoonwalk_live: unknown field `sta_bluecheesemoonwalk_live`, expected one of `listen`, `upstream`, `upstream_client`",
+                "bluecheese",
+            ),
+            ("unknown field `sta_bluecheesemoonwalk_live`", "bluecheese"),
+        ] {
+            let shown = redact(message);
+            assert!(!shown.contains(leak), "{shown}");
+        }
+        let typo = "upstram_client: unknown field `upstram_client`, expected one of `listen`, `upstream_client`";
+        assert_eq!(redact(typo), typo);
+        let typo = "log.format: unknown variant `prety`, expected `json` or `pretty`";
         assert_eq!(redact(typo), typo);
     }
 
