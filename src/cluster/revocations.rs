@@ -116,28 +116,33 @@ return out
 ";
 
 /// Store entries, each (digest `ARGV[i]`, `disabled|id` `ARGV[i+1]`, µs `ARGV[i+2]`) from
-/// `ARGV[4]` on, and publish each stored one on `ARGV[1]`. An entry Redis holds with a
-/// stamp past `ARGV[3]` (the latest believable instant) counts as none. With `ARGV[2]` =
-/// `1` (a replica's whole set, written back) an entry is stored only if Redis holds none at
-/// least as new, and the field [`WHOLE`] is set too, atomically with them; either way, if
-/// anything was written, [`VERSION`] moves. With `0` (one
-/// revoke or lift an operator just made) it is always stored, stamped after the entry Redis
-/// holds if that one is newer: a replica whose clock runs behind another's can still
-/// revoke what the other lifted. Returns how many were stored and the last one's stamp.
+/// `ARGV[4]` on, and publish each stored one on `ARGV[1]`. Time is Redis's (`TIME`), never
+/// a replica's: an entry Redis holds stamped more than `ARGV[3]` µs past Redis's now counts
+/// as none. With `ARGV[2]` = `1` (a replica's whole set, written back) an entry is stored
+/// only if Redis holds none at least as new (and is not itself stamped past belief), and
+/// the field [`WHOLE`] is set too, atomically with them; either way, if anything was
+/// written, [`VERSION`] moves. With `0` (one revoke or lift an operator just made) it is
+/// always stored, stamped with Redis's now, or just after the entry Redis holds if that
+/// one is newer: whatever the clock of the replica it was made on, an operator's latest
+/// change is the latest. Returns how many were stored, the last one's stamp and Redis's
+/// now (µs).
 const WRITE: &str = r"
 local whole = ARGV[2] == '1'
-local latest = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local latest = now + tonumber(ARGV[3])
 local stored, last = 0, 0
 for i = 4, #ARGV, 3 do
   local at = tonumber(ARGV[i + 2])
+  if not whole then at = now end
   -- A value past MAX_ENTRY_BYTES (160) is not keyward's: counted as none, and replaced,
   -- without copying it into the script.
   local cur = false
   if redis.call('HSTRLEN', KEYS[1], ARGV[i]) <= 160 then cur = redis.call('HGET', KEYS[1], ARGV[i]) end
   local cur_at = cur and tonumber(string.match(cur, '^(%d+)|'))
   if cur_at and cur_at > latest then cur_at = nil end
-  local take = true
-  if cur_at and cur_at >= at then
+  local take = not (whole and at > latest)
+  if take and cur_at and cur_at >= at then
     if whole then take = false else at = cur_at + 1 end
   end
   if take then
@@ -161,18 +166,58 @@ if stored > 0 or whole then
   end
   redis.call('HSET', KEYS[1], 'version', epoch .. '.' .. string.format('%d', tonumber(count) + 1))
 end
-return {stored, last}
+return {stored, last, now}
 ";
 
-/// How far ahead of this replica's clock an entry's stamp is believed. A lift stamped
-/// later than that is not taken (a forged or broken one could otherwise un-revoke a key
-/// for good); a revoke is, whatever its stamp (fail closed), but it does not win the
-/// ordering: any later entry replaces it (so an operator's lift takes, everywhere), and it
-/// is never written back (a stamp Lua cannot hold exactly would come back mangled).
+/// How far ahead of Redis's clock an entry's stamp is believed. A lift stamped later than
+/// that is not taken (a forged or broken one could otherwise un-revoke a key for good); a
+/// revoke is, whatever its stamp (fail closed), but it does not win the ordering: any
+/// later entry replaces it (so an operator's lift takes, everywhere), and it is never
+/// written back (a stamp Lua cannot hold exactly would come back mangled).
 const FUTURE_BOUND: Duration = Duration::from_secs(3600);
 
 fn latest_believable(now_us: u64) -> u64 {
-    now_us.saturating_add(u64::try_from(FUTURE_BOUND.as_micros()).unwrap_or(u64::MAX))
+    now_us.saturating_add(FUTURE_BOUND_US)
+}
+
+const FUTURE_BOUND_US: u64 = FUTURE_BOUND.as_secs() * 1_000_000;
+
+/// How often a replica reads Redis's clock when no write has told it.
+const CLOCK_READ_EVERY: Duration = Duration::from_secs(10);
+
+/// Redis's clock as this replica reckons it: its own, corrected by the offset learned on
+/// the last call that returned Redis's `TIME`. Every stamp is Redis's, so every replica
+/// must judge stamps by Redis's clock: one whose clock ran hours behind took the fleet's
+/// latest lift for a forgery from the future, and stamped its own revoke hours in the past,
+/// where every other replica's write-back undid it (one ahead did the reverse).
+#[derive(Default)]
+struct RedisClock {
+    /// Redis's now minus this host's, µs.
+    offset_us: std::sync::atomic::AtomicI64,
+    /// When the offset was last learned (`None`: never: the host's clock is all there is).
+    learned: Mutex<Option<std::time::Instant>>,
+}
+
+impl RedisClock {
+    fn now(&self) -> u64 {
+        let offset = self.offset_us.load(Ordering::Relaxed);
+        now_micros().saturating_add_signed(offset)
+    }
+
+    /// Redis said `redis_us` between this host's `before` and `after` (µs).
+    fn learn(&self, redis_us: u64, before: u64, after: u64) {
+        let local = before / 2 + after / 2;
+        let offset = i64::try_from(i128::from(redis_us) - i128::from(local)).unwrap_or(0);
+        self.offset_us.store(offset, Ordering::Relaxed);
+        *self.learned.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    fn due(&self) -> bool {
+        self.learned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|at| at.elapsed() >= CLOCK_READ_EVERY)
+    }
 }
 
 /// One secret's latest revoke or enable (the set is keyed by its digest, which is
@@ -182,7 +227,8 @@ pub struct Entry {
     /// The key id the revoke or enable was made through.
     pub id: Box<str>,
     pub disabled: bool,
-    /// When it was made, µs since the epoch, by the clock of the replica that made it.
+    /// When it was made, µs since the epoch, by Redis's clock (the write script stamps it;
+    /// one made while Redis was unreachable, by this replica's reckoning of that clock).
     pub at_us: u64,
 }
 
@@ -256,6 +302,7 @@ pub struct Revocations {
     fields: BoundedRead,
     script: redis::Script,
     page: redis::Script,
+    clock: RedisClock,
 }
 
 /// What a full read found.
@@ -294,6 +341,7 @@ impl Revocations {
             fields: BoundedRead::default(),
             script: redis::Script::new(WRITE),
             page: redis::Script::new(PAGE_READ),
+            clock: RedisClock::default(),
         }
     }
 
@@ -335,7 +383,7 @@ impl Revocations {
     /// next full read that reaches Redis writes it there.
     pub async fn set(&self, key: &Key, disabled: bool) -> Result<Entry, ClusterError> {
         let digest = *key.digest();
-        let now = now_micros();
+        let now = self.clock.now();
         // Stamped after the entry held, unless that one is stamped past belief (any entry
         // replaces such a one).
         let previous = self
@@ -390,18 +438,37 @@ impl Revocations {
         let mut call = self.script.key(cluster.key("revocations"));
         call.arg(cluster.key("revocations:events"))
             .arg(if whole { "1" } else { "0" })
-            .arg(latest_believable(now_micros()));
+            .arg(FUTURE_BOUND_US);
         for (digest, entry) in entries {
             call.arg(hex::encode(digest))
                 .arg(entry.state())
                 .arg(entry.at_us);
         }
         let call = &call;
-        cluster
+        let before = now_micros();
+        let (stored, last, redis_now) = cluster
             .call(Op::Revoke, |mut c| async move {
-                call.invoke_async::<(i64, i64)>(&mut c).await
+                call.invoke_async::<(i64, i64, u64)>(&mut c).await
             })
-            .await
+            .await?;
+        self.clock.learn(redis_now, before, now_micros());
+        Ok((stored, last))
+    }
+
+    /// Read Redis's clock if no call has told it for [`CLOCK_READ_EVERY`].
+    async fn read_clock(&self, cluster: &Cluster) -> Result<(), ClusterError> {
+        if !self.clock.due() {
+            return Ok(());
+        }
+        let before = now_micros();
+        let (secs, micros): (u64, u64) = cluster
+            .call(Op::ReadRevocations, |mut c| async move {
+                redis::cmd("TIME").query_async(&mut c).await
+            })
+            .await?;
+        let redis_now = secs.saturating_mul(1_000_000).saturating_add(micros);
+        self.clock.learn(redis_now, before, now_micros());
+        Ok(())
     }
 
     /// Merge entries into the set (newer wins) and swap it if anything changed.
@@ -409,7 +476,7 @@ impl Revocations {
         let _guard = self.merging.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.set.load_full();
         let mut next: Option<Set> = None;
-        let now = now_micros();
+        let now = self.clock.now();
         let latest = latest_believable(now);
         for (digest, entry) in entries {
             if origin != Origin::Here && !entry.disabled && entry.at_us > latest {
@@ -470,6 +537,7 @@ impl Revocations {
             return Ok(());
         };
         let hash = cluster.key("revocations");
+        self.read_clock(cluster).await?;
         if self.unchanged(cluster, &hash).await? {
             return Ok(());
         }
@@ -500,7 +568,7 @@ impl Revocations {
         }
         self.loaded.store(true, Ordering::Release);
         let ours = self.set.load_full();
-        let latest = latest_believable(now_micros());
+        let latest = latest_believable(self.clock.now());
         // Entries stamped past belief are held (fail closed) but never written back.
         let believable = || ours.iter().filter(|(_, e)| e.at_us <= latest);
         let behind = believable()
@@ -838,6 +906,22 @@ mod tests {
         c.set_up(false);
         c.set_up(false);
         assert_eq!(c.downs(), 3);
+    }
+
+    #[test]
+    fn the_clock_is_redis_s_as_last_learned() {
+        let clock = RedisClock::default();
+        assert!(clock.due(), "never learned");
+        let local = now_micros();
+        assert!(clock.now().abs_diff(local) < 1_000_000, "the host's until told");
+        let two_hours = 7_200 * 1_000_000;
+        // Redis two hours ahead of this host (this host's clock two hours behind).
+        clock.learn(local + two_hours, local, local);
+        assert!(!clock.due());
+        assert!(clock.now().abs_diff(local + two_hours) < 1_000_000);
+        // And behind it.
+        clock.learn(local - two_hours, local, local);
+        assert!(clock.now().abs_diff(local - two_hours) < 1_000_000);
     }
 
     #[test]
