@@ -13,10 +13,18 @@ use super::{Cluster, ClusterError};
 
 /// KEYS[1]: a hash. ARGV[1]: the longest value sent; ARGV[2]: `1` to start the reply with
 /// `HLEN` (one round trip for a size check and a field); then fields. Per field: its value,
-/// nil if there is none, or its length (an integer) if it is longer than ARGV[1].
+/// nil if there is none, or its length (an integer) if it is longer than ARGV[1]. A key of
+/// another type is not keyward's: read as an empty hash (every read failed on it, so a
+/// restarted replica was never ready), and replaced by keyward's next write.
 const FIELDS: &str = r"
 local max = tonumber(ARGV[1])
 local out = {}
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'hash' and kind ~= 'none' then
+  if ARGV[2] == '1' then out[1] = 0 end
+  for i = 3, #ARGV do out[#out + 1] = false end
+  return out
+end
 if ARGV[2] == '1' then out[1] = redis.call('HLEN', KEYS[1]) end
 for i = 3, #ARGV do
   local n = redis.call('HSTRLEN', KEYS[1], ARGV[i])

@@ -149,17 +149,28 @@ impl RedisLimiter {
             let deadline = tokio::time::Instant::now() + self.cluster.config.timeout;
             // A connection Redis closed while idle (past its `timeout`, or a restart) fails
             // its next call at once: that call is made again on a fresh connection, within
-            // the same deadline, rather than sent to `on_error`.
-            for _attempt in 0..2 {
+            // the same deadline, rather than sent to `on_error`. A connection that does not
+            // answer in time is replaced too: one stuck on a path that silently stopped
+            // (a NAT entry gone, a proxy hung) would otherwise cost every call its whole
+            // deadline until the kernel gave up on it, minutes later, while the shared
+            // connection's probe kept finding Redis up.
+            for attempt in 0..2 {
                 let Some(conn) = self.conns.get(deadline).await else {
                     break;
                 };
                 match self.evaluate(key, &limit, deadline, conn).await {
                     Ok(Some(decided)) => return Ok(decided),
                     Ok(None) => break,
-                    Err(e) if e.is_dropped() => self.conns.reset(),
+                    Err(e) if e.is_dropped() => {
+                        self.conns.reset();
+                        if attempt == 1 {
+                            // Dropped again at once: not an idle connection's end but a
+                            // Redis (or a path to it) that drops calls. Counted.
+                            self.cluster.metrics.error(Op::RateLimit);
+                        }
+                    }
                     Err(e) => {
-                        if e.is_broken() {
+                        if e.is_broken() || matches!(e, super::ClusterError::Timeout) {
                             self.conns.reset();
                         }
                         break;

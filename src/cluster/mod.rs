@@ -200,9 +200,12 @@ impl Cluster {
         let conn = self.conn.load_full().ok_or(ClusterError::NotConnected)?;
         let deadline = tokio::time::Instant::now() + self.background_timeout();
         let result = self.call_on(op, deadline, (*conn).clone(), f).await;
-        if result.as_ref().is_err_and(ClusterError::is_broken) {
+        let stuck = matches!(result, Err(ClusterError::Timeout));
+        if stuck || result.as_ref().is_err_and(ClusterError::is_broken) {
             // Start afresh (the probe reconnects at once) rather than wait out the
-            // connection's own reconnect backoff.
+            // connection's own reconnect backoff; or, for a call unanswered past the
+            // background deadline, the kernel's retransmission timeout (a path that
+            // silently stopped carrying anything).
             self.conn.store(None);
         }
         result
@@ -284,12 +287,23 @@ impl Cluster {
                 }
             }
             if self.conn.load().is_some() && !self.is_up() {
-                let pong = self
+                // A write, not a PING: a Redis that answers but cannot store (out of memory
+                // under `noeviction`, a read-only replica after a failover, a user without
+                // write rights) cannot serve a rate limit or a revoke either, and PING
+                // marked it up again at once after every call that found it so.
+                let probe = self.key("probe");
+                let stored = self
                     .call(Op::Ping, |mut c| async move {
-                        redis::cmd("PING").query_async::<String>(&mut c).await
+                        redis::cmd("SET")
+                            .arg(probe)
+                            .arg(now_micros())
+                            .arg("PX")
+                            .arg(60_000)
+                            .query_async::<()>(&mut c)
+                            .await
                     })
                     .await;
-                if pong.is_ok() {
+                if stored.is_ok() {
                     self.set_up(true);
                 }
             }

@@ -102,6 +102,7 @@ const MAX_MESSAGE_BYTES: usize = 64 + 1 + MAX_ENTRY_BYTES;
 /// of at most 64 bytes whose value is at most `ARGV[3]` bytes (digests, [`WHOLE`],
 /// [`VERSION`]); the others are not sent.
 const PAGE_READ: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return {'0', 0} end
 local r = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
 local items = r[2]
 local max = tonumber(ARGV[3])
@@ -124,9 +125,12 @@ return out
 /// written, [`VERSION`] moves. With `0` (one revoke or lift an operator just made) it is
 /// always stored, stamped with Redis's now, or just after the entry Redis holds if that
 /// one is newer: whatever the clock of the replica it was made on, an operator's latest
-/// change is the latest. Returns how many were stored, the last one's stamp and Redis's
-/// now (µs).
+/// change is the latest. A key of another type there is not keyward's (the reads take it
+/// for an empty hash): it is replaced. Returns how many were stored, the last one's stamp
+/// and Redis's now (µs).
 const WRITE: &str = r"
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 local whole = ARGV[2] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -913,7 +917,10 @@ mod tests {
         let clock = RedisClock::default();
         assert!(clock.due(), "never learned");
         let local = now_micros();
-        assert!(clock.now().abs_diff(local) < 1_000_000, "the host's until told");
+        assert!(
+            clock.now().abs_diff(local) < 1_000_000,
+            "the host's until told"
+        );
         let two_hours = 7_200 * 1_000_000;
         // Redis two hours ahead of this host (this host's clock two hours behind).
         clock.learn(local + two_hours, local, local);
