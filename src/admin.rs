@@ -627,7 +627,7 @@ async fn dry_run(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
     let format = body_format(&req);
     let spool_beside = match &app.key_source {
         KeySource::Control { state_file, .. } => state_file.clone(),
-        KeySource::File(_) => std::env::temp_dir().join("keyward-dry-run"),
+        KeySource::File { .. } => std::env::temp_dir().join("keyward-dry-run"),
     };
     // A dry run installs nothing: a read-only state volume must not stop it.
     let created = source::Spool::create(&spool_beside)

@@ -60,8 +60,12 @@ impl App {
         // Claimed before anything reads or writes the state file (the first load follows
         // this in `Keyward::bind`).
         let state_lock = match &key_source {
-            KeySource::Control { state_file, .. } => Some(StateLock::take(state_file)?),
-            KeySource::File(_) => None,
+            KeySource::Control { state_file, .. }
+            | KeySource::File {
+                state_file: Some(state_file),
+                ..
+            } => Some(StateLock::take(state_file)?),
+            KeySource::File { .. } => None,
         };
         // A shard per worker thread: the proxy listener's, then the decision listener's.
         let metrics = Metrics::sharded(config.metrics.per_key, 2 * worker_count(&config))
@@ -106,7 +110,7 @@ impl App {
     /// What SIGHUP fires: the file watcher's trigger, or nothing for a control source (it
     /// has no file to re-read; pushes replace its snapshot).
     pub fn reload_trigger(&self) -> Option<Arc<Notify>> {
-        matches!(self.key_source, KeySource::File(_)).then(|| self.reload.clone())
+        matches!(self.key_source, KeySource::File { .. }).then(|| self.reload.clone())
     }
 
     /// Proxy worker threads: `workers`, or one per CPU.

@@ -147,7 +147,7 @@ impl Keyward {
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut background = Vec::new();
-        if let KeySource::File(path) = &app.key_source {
+        if let KeySource::File { path, .. } = &app.key_source {
             background.push(tokio::spawn(keys::source::watch_file(
                 app.clone(),
                 path.clone(),

@@ -327,8 +327,8 @@ fn pod_is_hardened_probed_and_outlives_the_drain() {
             .unwrap_or_else(|| named_port(kw, s(&get["port"])));
         assert_eq!(
             port,
-            config.admin_listen.port(),
-            "{probe} on the admin port"
+            config.probe_listen.unwrap_or(config.admin_listen).port(),
+            "{probe} on the probe listener"
         );
     }
 

@@ -308,3 +308,84 @@ async fn an_invalid_push_never_echoes_a_key_or_digest_however_it_is_quoted() {
     }
     kw.shutdown().await;
 }
+
+/// `n` service keys `sta_kept_key_<i>_...` from `from`, as a snapshot of `version`.
+fn kept_keys(from: usize, n: usize, version: u32) -> String {
+    let entries: String = (from..from + n)
+        .map(|i| {
+            format!(
+                "  - {{ id: key_{i}, sha256: {}, type: service_account, subject_id: s{i}, account_id: a1, scopes: [read] }}\n",
+                sha(&kept_key(i))
+            )
+        })
+        .collect();
+    format!("version: {version}\nkeys:\n{entries}")
+}
+
+fn kept_key(i: usize) -> String {
+    format!("sta_kept_key_{i:02}_0123456789abcdef")
+}
+
+/// With `keys.state_file`, a file source keeps every snapshot it accepted from the file,
+/// and a start whose file is refused (held back by the guard, or invalid) loads the last
+/// accepted one: as it would have kept it while running. Without it, a restart took what
+/// the file held then: a guarded Secret went live at the next pod restart, a broken one
+/// left the pod with no snapshot.
+#[tokio::test]
+async fn a_file_source_with_a_state_file_starts_on_what_it_accepted() {
+    let up = spawn_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    let state = dir.path().join("state").join("kept.yaml");
+    let start_on = || {
+        let config = config::ConfigBuilder::new(up.addr, &keys)
+            .set_in("keys", "state_file", &state.display().to_string())
+            .config();
+        start(config, tempfile::tempdir().unwrap())
+    };
+    std::fs::write(&keys, kept_keys(0, 12, 1)).unwrap();
+    let kw = start_on().await;
+    assert_eq!(status_with(&kw, &kept_key(5)).await, 200);
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        std::fs::read(&keys).unwrap()
+    );
+    // Two keys left: the guard holds it back, running and at the next start.
+    std::fs::write(&keys, kept_keys(0, 2, 2)).unwrap();
+    let guarded = r#"keyward_snapshot_reloads_total{result="guarded",source="file"} "#;
+    eventually("the file is held back", || async {
+        metric_value(&kw, guarded).await >= 1.0
+    })
+    .await;
+    assert_eq!(status_with(&kw, &kept_key(5)).await, 200);
+    kw.shutdown().await;
+    let kw = start_on().await;
+    assert_eq!(ready(&kw).await, 200);
+    assert_eq!(
+        status_with(&kw, &kept_key(5)).await,
+        200,
+        "the kept snapshot"
+    );
+    assert_eq!(
+        metric_value(&kw, guarded).await,
+        1.0,
+        "the file refused at start"
+    );
+    kw.shutdown().await;
+    // A broken file: the kept snapshot, not "no snapshot".
+    std::fs::write(&keys, "keys: [").unwrap();
+    let kw = start_on().await;
+    assert_eq!(ready(&kw).await, 200);
+    assert_eq!(status_with(&kw, &kept_key(5)).await, 200);
+    kw.shutdown().await;
+    // A file the guard lets through is taken, and kept in its turn.
+    std::fs::write(&keys, kept_keys(3, 12, 3)).unwrap();
+    let kw = start_on().await;
+    assert_eq!(status_with(&kw, &kept_key(14)).await, 200);
+    assert_eq!(status_with(&kw, &kept_key(0)).await, 401);
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        std::fs::read(&keys).unwrap()
+    );
+    kw.shutdown().await;
+}

@@ -14,6 +14,12 @@ pub struct KeysConfig {
     pub file: Option<PathBuf>,
     #[serde(default)]
     pub control: Option<ControlConfig>,
+    /// File source: every snapshot accepted from `file` is kept here too (written
+    /// atomically), and a start whose `file` is refused (invalid, or held back by the
+    /// guard against this one) loads this one: what was accepted survives a restart
+    /// (SPEC 5). The control source keeps its own in `control.state_file`.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
     /// How often the file's content hash is checked.
     #[serde(default = "one_second", deserialize_with = "de_duration")]
     pub poll_interval: Duration,

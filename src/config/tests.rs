@@ -606,3 +606,25 @@ fn config_errors_never_show_a_pasted_key_or_a_line_break() {
         assert!(!e.contains(key) && !e.contains(['\n', '\u{1b}']), "{e:?}");
     }
 }
+
+#[test]
+fn keys_state_file_is_the_file_source_s_and_not_the_file_itself() {
+    let base = "listen: 127.0.0.1:8080\nupstream: http://a:1\nenvironment: t\n";
+    let c = Config::from_yaml(&format!(
+        "{base}keys: {{ file: /k/keys.yaml, state_file: /var/lib/keyward/kept.yaml }}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.keys.state_file.as_deref(),
+        Some(std::path::Path::new("/var/lib/keyward/kept.yaml"))
+    );
+    for keys in [
+        "{ file: /k/keys.yaml, state_file: /s/a.yaml, control: { state_file: /s/b.yaml } }",
+        "{ file: /k/keys.yaml, state_file: /k/keys.yaml }",
+    ] {
+        let e = Config::from_yaml(&format!("{base}keys: {keys}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("keys.state_file"), "{keys}: {e}");
+    }
+}

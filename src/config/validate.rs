@@ -51,6 +51,20 @@ impl Config {
                 "set `file` or `control.state_file` (or both) so keys can be loaded",
             ));
         }
+        if let Some(state) = &self.keys.state_file {
+            if self.keys.control.is_some() {
+                return Err(invalid(
+                    "keys.state_file",
+                    "is the file source's; a control source keeps its state in keys.control.state_file",
+                ));
+            }
+            if self.keys.file.as_ref() == Some(state) {
+                return Err(invalid(
+                    "keys.state_file",
+                    "must not be keys.file itself (it keeps the last snapshot accepted from it)",
+                ));
+            }
+        }
         if self.tls.as_ref().is_some_and(|t| t.poll_interval.is_zero()) {
             return Err(invalid("tls.poll_interval", "must be greater than zero"));
         }
@@ -252,7 +266,7 @@ impl Config {
             .as_str()
             .rsplit_once(']')
             .map_or(authority.as_str(), |(_, rest)| rest);
-        if after_host.contains(':') && !authority.port_u16().is_some_and(|p| p != 0) {
+        if after_host.contains(':') && authority.port_u16().is_none_or(|p| p == 0) {
             return Err(invalid(
                 "upstream",
                 "has a port that is not a number from 1 to 65535",

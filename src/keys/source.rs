@@ -121,8 +121,12 @@ fn admit(host: &impl Host, new: &Snapshot, admission: Admission) -> Result<(), L
 /// Which source is authoritative, decided once from the config.
 #[derive(Debug, Clone)]
 pub enum KeySource {
-    /// `keys.file`, watched and reloaded.
-    File(PathBuf),
+    /// `keys.file`, watched and reloaded; each snapshot accepted from it is kept in
+    /// `state_file` (`keys.state_file`), if set, for the next start.
+    File {
+        path: PathBuf,
+        state_file: Option<PathBuf>,
+    },
     /// `keys.control.state_file`; `seed` (`keys.file`) is read only when no state exists yet.
     Control {
         state_file: PathBuf,
@@ -137,7 +141,10 @@ impl KeySource {
                 state_file: c.state_file.clone(),
                 seed: seed.clone(),
             }),
-            (None, Some(f)) => Some(Self::File(f.clone())),
+            (None, Some(f)) => Some(Self::File {
+                path: f.clone(),
+                state_file: keys.state_file.clone(),
+            }),
             (None, None) => None,
         }
     }
@@ -188,7 +195,11 @@ fn refused(host: &impl Host, source: Source, what: &LoadError) {
 /// starts fail-closed (`503 auth_unavailable`) until a good one arrives.
 pub fn load_initial(host: &impl Host) {
     let result = match host.key_source() {
-        KeySource::File(path) => load_file(host, path, Source::File),
+        KeySource::File {
+            path,
+            state_file: Some(state_file),
+        } => load_file_over_kept(host, path, state_file),
+        KeySource::File { path, .. } => load_file(host, path, Source::File),
         KeySource::Control { state_file, seed } => {
             Spool::remove_leftovers(state_file);
             if state_file.exists() {
@@ -203,7 +214,7 @@ pub fn load_initial(host: &impl Host) {
     };
     if let Err(e) = result {
         let source = match host.key_source() {
-            KeySource::File(_) => Source::File,
+            KeySource::File { .. } => Source::File,
             KeySource::Control { .. } => Source::Control,
         };
         refused(host, source, &e);
@@ -212,6 +223,50 @@ pub fn load_initial(host: &impl Host) {
 
 fn load_file(host: &impl Host, path: &Path, source: Source) -> Result<Arc<Snapshot>, LoadError> {
     load_file_as(host, path, source, Admission::Guarded, None)
+}
+
+/// A file source's start with `keys.state_file`: the snapshot last accepted from the file
+/// (kept there) first, then the file through the guard against it. A file refused at
+/// start (a bad or guarded Secret rolled out, the pod restarted) leaves the last accepted
+/// snapshot in force, as it would have while running; without the state file the start
+/// took whatever the file held, or nothing.
+fn load_file_over_kept(
+    host: &impl Host,
+    path: &Path,
+    state_file: &Path,
+) -> Result<Arc<Snapshot>, LoadError> {
+    Spool::remove_leftovers(state_file);
+    if state_file.exists() {
+        if let Err(e) = load_file(host, state_file, Source::File) {
+            // Damaged or tampered with: the file alone decides, as on a first start.
+            warn!(state_file = %state_file.display(), error = %e, "keys.state_file unreadable; loading keys.file alone");
+        }
+    }
+    let kept = host.key_store().load().map(|s| s.content_digest.clone());
+    if kept.is_some() && file_digest(path).ok() == kept {
+        return Ok(host.key_store().load().expect("loaded above"));
+    }
+    load_file(host, path, Source::File)
+}
+
+/// After a snapshot from `keys.file` (`path`) is installed: keep a copy of the file in
+/// `keys.state_file`, if set, when the copy is the content installed (`digest`); a file
+/// rewritten since is kept by the load that installs it. Failure is logged: the file is
+/// still in force, only a restart would not find it if the file turned bad by then.
+fn keep_accepted(host: &impl Host, path: &Path, digest: &str) {
+    let KeySource::File {
+        path: file,
+        state_file: Some(state_file),
+    } = host.key_source()
+    else {
+        return;
+    };
+    if file != path {
+        return;
+    }
+    if let Err(e) = super::spool::keep_copy(path, state_file, digest) {
+        warn!(state_file = %state_file.display(), error = %e, "snapshot in force but not kept in keys.state_file: a restart loads keys.file as it is then");
+    }
 }
 
 /// Read `path` and install it. With `settled`, the digest two looks [`SETTLE`] apart
@@ -243,14 +298,19 @@ fn load_file_as(
         return Err(LoadError::Unsettled);
     }
     admit(host, &snapshot, admission)?;
-    Ok(install(host, snapshot))
+    let digest = snapshot.content_digest.clone();
+    let installed = install(host, snapshot);
+    if source == Source::File {
+        keep_accepted(host, path, &digest);
+    }
+    Ok(installed)
 }
 
 /// `POST /v1/snapshot/reload`: read the key file once now, through the guard unless
 /// forced, once its content holds still. A refusal is logged and counted as a watched
 /// reload's is.
 pub fn reload_file(host: &impl Host, admission: Admission) -> Result<Arc<Snapshot>, LoadError> {
-    let KeySource::File(path) = host.key_source() else {
+    let KeySource::File { path, .. } = host.key_source() else {
         return Err(LoadError::ControlSource);
     };
     settled(path)

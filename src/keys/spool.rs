@@ -318,6 +318,33 @@ fn unsupported(e: &std::io::Error) -> bool {
     )
 }
 
+/// Copy the file `from` to `state_file` atomically, through a [`Spool`], if its content is
+/// `digest` (SHA-256, hex) as it is copied: a file rewritten since that content was read is
+/// not kept (`Ok(false)`).
+pub(super) fn keep_copy(from: &Path, state_file: &Path, digest: &str) -> Result<bool, LoadError> {
+    use sha2::{Digest as _, Sha256};
+    let (spool, mut file) = Spool::create(state_file)?;
+    let mut source = crate::regular_file::open(from, super::read::FILE_MAX_BYTES)
+        .map_err(|e| io_error(from, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut source, &mut buf).map_err(|e| io_error(from, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n])
+            .map_err(|e| io_error(spool.path(), e))?;
+    }
+    drop(file);
+    if hex::encode(hasher.finalize()) != digest {
+        return Ok(false);
+    }
+    spool.commit(state_file)?;
+    Ok(true)
+}
+
 /// Write `bytes` to `path` atomically, through a [`Spool`].
 pub fn persist(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
     let (spool, mut file) = Spool::create(path)?;
@@ -465,8 +492,8 @@ mod tests {
         let (spool, _f) = Spool::create(&state).unwrap();
         let volume = std::fs::canonicalize(&volume).unwrap();
         assert_eq!(spool.path().parent(), Some(volume.as_path()));
-        let left = spool.path().to_owned();
-        std::mem::forget(spool);
+        let left = volume.join(".snap.yaml.tmp-left");
+        std::fs::write(&left, "x").unwrap();
         Spool::remove_leftovers(&state);
         assert!(!left.exists());
     }
