@@ -1,6 +1,7 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`, and the control API under `/v1`
 //! (bearer admin token, compared by SHA-256 digest). Never shares a port with traffic.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::keys::load::Format;
 use crate::keys::source::{self, DisableError, KeySource, LoadError};
 use crate::keys::{digest, Snapshot};
+use crate::logging::{clip, LOGGED_METHOD_MAX, LOGGED_PATH_MAX};
 use crate::App;
 
 /// Largest snapshot accepted by `PUT /v1/snapshot` (about a million keys).
@@ -279,7 +281,8 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
         }
         (_, p) if p.starts_with("/v1/") => {
             if !authorized(app, &req) {
-                warn!(target: "keyward::admin", %method, path, status = 401u16, outcome = "unauthorized", "admin request refused");
+                let (method, path) = logged(app, &method, &path);
+                warn!(target: "keyward::admin", method = &*method, path = &*path, status = 401u16, outcome = "unauthorized", "admin request refused");
                 let mut r = error(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
@@ -295,7 +298,8 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> {
             // only in their flags (the query itself is not logged: it is the caller's text).
             let flags = Flags::of(&req, &[DRY_RUN, FORCE]).unwrap_or_default();
             let r = control(app, req).await;
-            info!(target: "keyward::admin", %method, path, dry_run = flags.dry_run, force = flags.force, status = r.status().as_u16(), outcome = outcome(r.status()), "admin request");
+            let (method, path) = logged(app, &method, &path);
+            info!(target: "keyward::admin", method = &*method, path = &*path, dry_run = flags.dry_run, force = flags.force, status = r.status().as_u16(), outcome = outcome(r.status()), "admin request");
             r
         }
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
@@ -345,6 +349,26 @@ fn authorized(app: &App, req: &Request<Incoming>) -> bool {
         return false;
     };
     digest(token).ct_eq(&want).into()
+}
+
+/// The method and path an admin log line carries: clipped as the access log's are (a
+/// caller without the token chooses both), and the id of `/v1/keys/{id}/...` shown only
+/// when the snapshot in force has it: an operator revoking a leaked key may paste the key
+/// itself where its id goes.
+fn logged<'a>(app: &App, method: &'a Method, path: &'a str) -> (Cow<'a, str>, Cow<'a, str>) {
+    let method = clip(method.as_str(), LOGGED_METHOD_MAX);
+    if let Some((id, action)) = path
+        .strip_prefix("/v1/keys/")
+        .and_then(|rest| rest.rsplit_once('/'))
+    {
+        let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();
+        let known = app.store.load().is_some_and(|s| s.by_id(&id).is_some());
+        if !known {
+            let action = clip(action, LOGGED_METHOD_MAX);
+            return (method, Cow::Owned(format!("/v1/keys/…/{action}")));
+        }
+    }
+    (method, clip(path, LOGGED_PATH_MAX))
 }
 
 /// What `POST /v1/keys/{id}/{action}` asks. Key ids may contain `/`, so the id is all

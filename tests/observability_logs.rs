@@ -516,3 +516,45 @@ async fn the_access_log_bounds_what_the_client_chose() {
         "{access:?}"
     );
 }
+
+/// The admin listener's log lines are bounded as the access log's are (a caller without
+/// the token chooses the method and path), and a revoke's key id is logged and answered
+/// only when the snapshot has it: an operator may paste the leaked key itself there.
+#[tokio::test]
+async fn the_admin_log_bounds_what_the_caller_chose_and_never_echoes_an_unknown_id() {
+    let up = spawn_upstream().await;
+    let bin = start(up.addr, "log: { format: json, level: info }\n", &[]).await;
+    let path = format!("/v1/{}", "p".repeat(12_000));
+    let method = "M".repeat(500);
+    let r = send(&method, &bin.admin_url(&path), &[], b"").await;
+    assert_eq!(r.status, 401);
+    let auth = admin_auth();
+    let pasted = format!("/v1/keys/{SERVICE_KEY}/disable");
+    let r = send(
+        "POST",
+        &bin.admin_url(&pasted),
+        &[("authorization", auth.as_str())],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 409, "a file source: {}", r.text());
+    assert!(!r.text().contains(SERVICE_KEY), "{}", r.text());
+    let (_, stderr, _) = bin.terminate().await;
+    let logs = json_lines(&stderr);
+    let admin: Vec<_> = logs
+        .iter()
+        .filter(|l| l["target"] == "keyward::admin")
+        .collect();
+    let refused = with_message(&logs, "admin request refused");
+    let line = refused.first().expect("the refused call's line");
+    assert!(line["path"].as_str().unwrap().len() <= 1024 + 3, "{line}");
+    assert!(line["method"].as_str().unwrap().len() <= 32 + 3, "{line}");
+    assert!(
+        admin.iter().any(|l| l["path"] == "/v1/keys/…/disable"),
+        "{admin:?}"
+    );
+    assert!(
+        !stderr.iter().any(|l| l.contains(SERVICE_KEY)),
+        "the pasted key was logged"
+    );
+}

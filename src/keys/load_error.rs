@@ -32,7 +32,8 @@ pub enum LoadError {
 pub enum DisableError {
     #[error("no snapshot loaded")]
     NoSnapshot,
-    #[error("no key with id {0:?}")]
+    /// The id is not repeated: a raw key pasted where the id goes would be echoed.
+    #[error("no key with that id in the snapshot in force")]
     NotFound(String),
     #[error("keys come from a file: edit the file to disable a key")]
     FileSource,

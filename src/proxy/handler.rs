@@ -591,23 +591,7 @@ pub fn refused_head(worker: &Worker, status: StatusCode, code: Code) {
     );
 }
 
-/// Longest path and method an access log line carries. Both are the client's to choose (a
-/// 16 KiB path, an 8,000-character method): written whole, every refused request would
-/// cost as many bytes of log as the client sent.
-const LOGGED_PATH_MAX: usize = 1024;
-const LOGGED_METHOD_MAX: usize = 32;
-
-/// `s` cut to at most `max` bytes (on a character boundary), ending in `…` when cut.
-fn clip(s: &str, max: usize) -> Cow<'_, str> {
-    if s.len() <= max {
-        return Cow::Borrowed(s);
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    Cow::Owned(format!("{}…", &s[..end]))
-}
+use crate::logging::{clip, LOGGED_METHOD_MAX, LOGGED_PATH_MAX};
 
 /// One line per request (SPEC 11). Never headers, never the query: that is where keys live.
 pub fn access_log(
