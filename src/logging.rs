@@ -121,6 +121,24 @@ pub fn init(format: LogFormat, level: &str) -> FilterChoice {
     choice
 }
 
+/// Longest path and method a log line carries (the access log's and the admin listener's).
+/// Both are the client's to choose (a 16 KiB path, an 8,000-character method): written
+/// whole, every refused request would cost as many bytes of log as the client sent.
+pub const LOGGED_PATH_MAX: usize = 1024;
+pub const LOGGED_METHOD_MAX: usize = 32;
+
+/// `s` cut to at most `max` bytes (on a character boundary), ending in `…` when cut.
+pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…", &s[..end]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,22 +186,4 @@ mod tests {
             assert!(out.contains("keyward trace"), "{directives}: {out}");
         }
     }
-}
-
-/// Longest path and method a log line carries (the access log's and the admin listener's).
-/// Both are the client's to choose (a 16 KiB path, an 8,000-character method): written
-/// whole, every refused request would cost as many bytes of log as the client sent.
-pub const LOGGED_PATH_MAX: usize = 1024;
-pub const LOGGED_METHOD_MAX: usize = 32;
-
-/// `s` cut to at most `max` bytes (on a character boundary), ending in `…` when cut.
-pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if s.len() <= max {
-        return std::borrow::Cow::Borrowed(s);
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    std::borrow::Cow::Owned(format!("{}…", &s[..end]))
 }
