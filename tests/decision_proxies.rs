@@ -144,7 +144,7 @@ const FORGED: [(&str, &str); 9] = [
 /// (SPEC 8's overrides, the decision protocols' own headers, forwarding headers), and a
 /// `Connection` header naming identity headers, which a proxy that honours it would remove
 /// after copying keyward's in. None may reach the app as sent.
-const REROUTED: [(&str, &str); 18] = [
+const REROUTED: [(&str, &str); 29] = [
     // Forwarding headers the proxy strips, in `-` and `_`/`.` spellings.
     ("x_forwarded_host", "forged-forwarded-host-alias"),
     ("x.forwarded.proto", "forged-forwarded-proto-alias"),
@@ -164,6 +164,20 @@ const REROUTED: [(&str, &str); 18] = [
     ("x-forwarded-host", "forged-host"),
     ("forwarded", "forged-forwarded"),
     ("x-real-ip", "forged-real-ip"),
+    // Forwarding and assertion names keyward takes from no client but a decision does not
+    // refuse (a front proxy sets the forwarding family; corporate proxies add
+    // X-Authenticated-User): the shipped configs strip them.
+    ("x-forwarded", "forged-forwarded-bare"),
+    ("x-forwarded-client-cert", "forged-xfcc"),
+    ("x-forwarded-tls-client-cert-info", "forged-traefik-cert"),
+    ("x-forwarded-protocol", "forged-protocol"),
+    ("x-forwarded-https", "forged-https"),
+    ("x-arr-ssl", "forged-arr-ssl"),
+    ("x-envoy-internal", "forged-envoy-internal"),
+    ("x-envoy-external-address", "forged-envoy-address"),
+    ("x-authenticated-userid", "forged-kong-user"),
+    ("x-authenticated-scope", "forged-kong-scope"),
+    ("x-auth-request-redirect", "forged-redirect"),
     (
         "connection",
         "x-auth-key-id, x-auth-access-type, x-auth-scopes",
