@@ -708,6 +708,10 @@ async fn path_tricks_never_reach_admin_routes() {
         ("/%61dmin/x", 403, "insufficient_scope"),
         ("/admin", 403, "insufficient_scope"),
         ("/admin/", 403, "insufficient_scope"),
+        // Rails, Symfony and Spring's suffix matching route a format to the same handler;
+        // IIS drops a trailing dot.
+        ("/admin.json", 403, "insufficient_scope"),
+        ("/admin.", 403, "insufficient_scope"),
         ("/public/../admin/x", 403, "insufficient_scope"),
         ("/healthz/../admin/x", 403, "insufficient_scope"),
         ("/%2e%2e/admin", 400, "bad_request"),

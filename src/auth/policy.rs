@@ -255,6 +255,32 @@ mod tests {
     }
 
     #[test]
+    fn protected_rules_cover_their_name_with_a_format_suffix_public_ones_do_not() {
+        let p = with_routes(
+            "routes: [{ path: /reports/export, any_of: [admin] }, { prefix: /admin/, any_of: [admin] }, { prefix: /files/, public: true }, { path: /healthz, public: true }]\n",
+        );
+        for covered in ["/admin.json", "/admin.", "/reports/export.csv"] {
+            assert!(
+                matches!(p.route(&http::Method::GET, covered), Route::Protected { extra: Some(s) } if s == ["admin"]),
+                "{covered}"
+            );
+        }
+        for other in [
+            "/administrators.json",
+            "/admin.json/x",
+            "/files.json",
+            "/healthz.json",
+        ] {
+            assert_eq!(
+                p.route(&http::Method::GET, other),
+                Route::Protected { extra: None },
+                "{other}: no rule, so any key"
+            );
+        }
+        assert_eq!(p.route(&http::Method::GET, "/files/a.json"), Route::Public);
+    }
+
+    #[test]
     fn exact_rules_cover_one_trailing_slash() {
         let p = with_routes(
             "routes: [{ path: /reports/export, any_of: [admin] }, { path: /dir/, any_of: [x] }]\n",
