@@ -945,3 +945,80 @@ async fn a_reused_connection_reset_under_a_request_is_retried_when_the_method_al
     assert_eq!(post.status, 502, "{post:?}");
     kw.shutdown().await;
 }
+
+/// A request body on its way upstream holds an upstream connection for as long as it is
+/// being read, whenever the response ends: it counts against `max_in_flight` until then,
+/// and a body that goes `limits.body_stall_timeout` without a byte is cut off. (Counted
+/// only until the response ended, bodies announced and never sent to an app that answers
+/// without reading them held upstream connections past `max_in_flight`, until the file
+/// descriptors ran out.)
+#[tokio::test]
+async fn a_body_still_being_read_holds_its_slot_until_it_stalls() {
+    let up = Scripted::start(&[]).await;
+    let kw = spawn_proxy(
+        up.addr,
+        "workers: 1\nlimits: { max_in_flight: 1, body_stall_timeout: 700ms }\n",
+    )
+    .await;
+    // A body announced and never sent; the app answers without reading it.
+    let mut pending = TcpStream::connect(kw.addr).await.unwrap();
+    let head = format!(
+        "POST /answers HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: 1000\r\n\r\n"
+    );
+    pending.write_all(head.as_bytes()).await.unwrap();
+    assert!(read_head(&mut pending).await.is_some(), "answered");
+    let held = request(kw.addr, "GET", "/other").await;
+    assert_eq!(held.status, 502, "the body's slot is held: {}", held.text());
+    let started = std::time::Instant::now();
+    eventually("the stalled body lets its slot go", || async {
+        request(kw.addr, "GET", "/other").await.status == 200
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    kw.shutdown().await;
+}
+
+/// A body that stops arriving before the app answered is refused 400 once it has gone
+/// `limits.body_stall_timeout` without a byte; one that keeps arriving is forwarded however
+/// long it takes, `upstream_timeout` counting from its last byte.
+#[tokio::test]
+async fn a_stalled_body_is_400_and_a_steady_one_outlasts_upstream_timeout() {
+    let up = Scripted::start(&[]).await;
+    let kw = spawn_proxy(
+        up.addr,
+        "workers: 1\nlimits: { upstream_timeout: 1s, body_stall_timeout: 700ms }\n",
+    )
+    .await;
+    let start = |len: usize| {
+        format!(
+            "POST /reads/x HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+        )
+    };
+    let mut stalled = TcpStream::connect(kw.addr).await.unwrap();
+    stalled
+        .write_all(format!("{}0123456789", start(100)).as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut out)).await;
+    let r = parse(&out, false);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("bad_request"), "{}", r.text());
+
+    let mut steady = TcpStream::connect(kw.addr).await.unwrap();
+    steady.write_all(start(120).as_bytes()).await.unwrap();
+    for _ in 0..12 {
+        steady.write_all(b"0123456789").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), steady.read_to_end(&mut out)).await;
+    let r = parse(&out, false);
+    assert_eq!(
+        r.status,
+        200,
+        "a 2.4 s upload with upstream_timeout 1s: {}",
+        r.text()
+    );
+    kw.shutdown().await;
+}

@@ -136,6 +136,10 @@ pub enum BadRequest {
     /// The client's request body broke off or was malformed (e.g. bad chunked framing).
     #[error("malformed or incomplete request body")]
     Body,
+    /// The body went `limits.body_stall_timeout` without a byte (nginx answers 408 there;
+    /// SPEC 6's table has 400 for what the client sent wrong).
+    #[error("request body stalled")]
+    BodyStalled,
     /// `CONNECT`: keyward is a reverse proxy, and an app handed a CONNECT (on a public
     /// route, with no key) could open a tunnel of its own.
     #[error("CONNECT is not proxied")]
@@ -241,6 +245,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::Host) => "Malformed request head",
             Reject::HeadersTooLarge => "Request header fields too large",
             Reject::BadRequest(BadRequest::Body) => "Malformed or incomplete request body",
+            Reject::BadRequest(BadRequest::BodyStalled) => "Request body stalled",
             Reject::BadRequest(BadRequest::Connect) => "Method not proxied",
             Reject::BadRequest(BadRequest::TransferCoding) => "Unsupported transfer coding",
             Reject::BadRequest(BadRequest::Original(_)) => "Original method or URI missing",

@@ -35,6 +35,12 @@ pub struct Limits {
     /// control window, or an unread HTTP/1.1 socket) before it is cut off.
     #[serde(deserialize_with = "de_duration")]
     pub write_stall_timeout: Duration,
+    /// How long a request body on its way upstream may go without a byte from the client
+    /// before the exchange is cut off (nginx's `client_body_timeout`): a body that never
+    /// comes would otherwise hold an upstream connection, and a `max_in_flight` slot, for as
+    /// long as its client stays connected.
+    #[serde(deserialize_with = "de_duration")]
+    pub body_stall_timeout: Duration,
     /// How long an upgraded (WebSocket) tunnel may move no byte either way before it is
     /// closed.
     #[serde(deserialize_with = "de_duration")]
@@ -65,6 +71,7 @@ impl Default for Limits {
             upstream_idle_timeout: Duration::from_secs(60),
             upstream_max_idle_per_host: 256,
             write_stall_timeout: Duration::from_secs(30),
+            body_stall_timeout: Duration::from_secs(30),
             tunnel_idle_timeout: Duration::from_secs(3600),
             max_connection_age: None,
         }
@@ -102,6 +109,7 @@ impl Limits {
             ),
             ("limits.upstream_timeout", l.upstream_timeout),
             ("limits.write_stall_timeout", l.write_stall_timeout),
+            ("limits.body_stall_timeout", l.body_stall_timeout),
             ("limits.tunnel_idle_timeout", l.tunnel_idle_timeout),
             (
                 "limits.max_connection_age",

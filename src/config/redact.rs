@@ -92,7 +92,8 @@ fn cut_quoted_values(message: &str) -> String {
 /// more (a key's least) is cut wherever it appears, the path to the error included (the
 /// path names an unknown map key too); shorter ones are no key, and help a typo. In a
 /// config's messages a name is kept when it is a typo of a name the parser expected
-/// ([`is_typo_of_expected`]): a key pasted as a field name or a value never is one.
+/// ([`is_typo_of_expected`]), which a key pasted as a field name or a value never is, or
+/// when it does not look like a key ([`looks_like_a_key`]: `listen_port`).
 const DOCUMENT_WORDS: [&str; 4] = [
     "unknown field `",
     "unknown variant `",
@@ -108,8 +109,10 @@ fn cut_document_words(message: &str, strict: bool) -> std::borrow::Cow<'_, str> 
             let rest = &message[at + marker.len()..];
             if let Some(end) = rest.find('`') {
                 let word = &rest[..end];
-                let typo = !strict && is_name && is_typo_of_expected(word, message);
-                if word.chars().count() >= 8 && !typo {
+                let shown = !strict
+                    && is_name
+                    && (is_typo_of_expected(word, message) || !looks_like_a_key(word));
+                if word.chars().count() >= 8 && !shown {
                     words.push(word);
                 }
             }
@@ -123,6 +126,19 @@ fn cut_document_words(message: &str, strict: bool) -> std::borrow::Cow<'_, str> 
         out = out.replace(word, "…");
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// A name a config's parser echoed that may be a pasted key rather than an invented field
+/// name (`listen_port`): mixed case (generated keys), four digits or more, 24 characters
+/// or more, or a short prefix and a long rest (`sta_bluecheesemoonwalk_live`).
+fn looks_like_a_key(word: &str) -> bool {
+    let digits = word.bytes().filter(u8::is_ascii_digit).count();
+    let prefixed = word.split_once('_').is_some_and(|(head, rest)| {
+        (2..=4).contains(&head.len())
+            && head.bytes().all(|b| b.is_ascii_lowercase())
+            && rest.len() >= 12
+    });
+    mixes_case(word) || digits >= 4 || word.len() >= 24 || prefixed
 }
 
 /// `word` is a few edits from one of the names the message says were expected (serde's
@@ -379,6 +395,8 @@ mod tests {
         }
         let typo = "upstram_client: unknown field `upstram_client`, expected one of `listen`, `upstream_client`";
         assert_eq!(redact(typo), typo);
+        let invented = "listen_port: unknown field `listen_port`, expected one of `listen`";
+        assert_eq!(redact(invented), invented);
         let typo = "log.format: unknown variant `prety`, expected `json` or `pretty`";
         assert_eq!(redact(typo), typo);
     }

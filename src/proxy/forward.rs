@@ -17,7 +17,9 @@ use super::h1::{self, H1Error};
 use super::headers::{self, Identity};
 use super::pool::{self, Pool, PoolConfig};
 use super::tunnel::{LastActive, Watched};
+use super::upload::{OutBody, Progress, Upload, UploadError};
 use super::upstream_target::UpstreamTarget;
+use super::worker::Busy;
 use super::{Body, RequestBody, UpstreamBody};
 use crate::config::{Limits, UpstreamAddr, UpstreamClient};
 use crate::metrics::UpstreamErrorKind;
@@ -42,6 +44,9 @@ pub enum ProxyError {
     /// (400), not the upstream's.
     #[error("request body from the client failed")]
     RequestBody(#[source] hyper::Error),
+    /// The client's request body went `limits.body_stall_timeout` without a byte.
+    #[error("request body stalled: no byte for {0:?}")]
+    BodyStalled(Duration),
 }
 
 impl ProxyError {
@@ -53,13 +58,17 @@ impl ProxyError {
             | ProxyError::Exchange(_)
             | ProxyError::Fast(_)
             | ProxyError::UnexpectedUpgrade
-            | ProxyError::RequestBody(_) => UpstreamErrorKind::Other,
+            | ProxyError::RequestBody(_)
+            | ProxyError::BodyStalled(_) => UpstreamErrorKind::Other,
         }
     }
 
     /// Did the upstream fail (counted and logged as an upstream error), or the client?
     pub fn is_upstream_fault(&self) -> bool {
-        !matches!(self, ProxyError::RequestBody(_))
+        !matches!(
+            self,
+            ProxyError::RequestBody(_) | ProxyError::BodyStalled(_)
+        )
     }
 
     pub fn reject(&self) -> crate::auth::Reject {
@@ -67,6 +76,9 @@ impl ProxyError {
             ProxyError::Timeout(_) => crate::auth::Reject::UpstreamTimeout,
             ProxyError::RequestBody(_) => {
                 crate::auth::Reject::BadRequest(crate::auth::reject::BadRequest::Body)
+            }
+            ProxyError::BodyStalled(_) => {
+                crate::auth::Reject::BadRequest(crate::auth::reject::BadRequest::BodyStalled)
             }
             _ => crate::auth::Reject::UpstreamUnavailable,
         }
@@ -133,6 +145,8 @@ pub struct Upstream {
     /// Also names this upstream's pool on every worker thread.
     pool: Arc<PoolConfig>,
     timeout: Duration,
+    /// `limits.body_stall_timeout`: see [`Upload`].
+    body_stall: Duration,
     /// `Fast`: bodiless requests go through keyward's own HTTP/1.1 client (`h1`).
     client: UpstreamClient,
     /// `upstream_reuse_after_body`: see [`may_leave_bytes_behind`].
@@ -150,6 +164,7 @@ impl Upstream {
                 limits,
             )),
             timeout: limits.upstream_timeout,
+            body_stall: limits.body_stall_timeout,
             reuse_after_body: false,
         }
     }
@@ -203,15 +218,18 @@ impl Upstream {
         Ok(Uri::from(pq))
     }
 
-    /// Send the prepared request; the response head must arrive within `upstream_timeout`.
-    /// Returns the response and the time to its head. `pool` is the serving worker's. A
-    /// request without a body that is not an `upgrade` goes on the fast path when it is on.
+    /// Send the prepared request; the response head must arrive within `upstream_timeout`
+    /// of the request's last byte (a body is metered, see [`Upload`]: `busy` gives it its
+    /// `max_in_flight` slot). Returns the response and the time to its head. `pool` is the
+    /// serving worker's. A request without a body that is not an `upgrade` goes on the fast
+    /// path when it is on.
     pub async fn send(
         &self,
         pool: &Pool,
         mut req: Request<RequestBody>,
         identity: Option<Identity<'_>>,
         upgrade: bool,
+        busy: impl FnOnce() -> Busy,
     ) -> Result<(Response<UpstreamBody>, Duration), ProxyError> {
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST) {
@@ -225,6 +243,9 @@ impl Upstream {
             req.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        let head_start = tokio::time::Instant::now();
+        let progress = (!fast && !http_body::Body::is_end_stream(req.body()))
+            .then(|| Progress::new(head_start));
         let exchange = async {
             if fast {
                 self.exchange_fast(pool, req, identity, start, reuse).await
@@ -232,14 +253,31 @@ impl Upstream {
                 if let Some(identity) = identity {
                     headers::add_identity(req.headers_mut(), identity.headers());
                 }
+                let req = req.map(|body| match (body, &progress) {
+                    (http_body_util::Either::Left(body), Some(progress)) => {
+                        OutBody::Left(Upload::new(body, busy(), self.body_stall, progress.clone()))
+                    }
+                    _ => OutBody::Right(http_body_util::Empty::new()),
+                });
                 let resp = self.exchange(pool, req, start, reuse).await?;
                 Ok(resp.map(http_body_util::Either::Left))
             }
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => Err(ProxyError::Timeout(self.timeout)),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(mut resp)) => {
+        let mut exchange = std::pin::pin!(exchange);
+        // The head is due `upstream_timeout` after the body's last byte: a steady upload
+        // longer than that is not cut off (the body's own stall bounds a slow one).
+        let answered = loop {
+            let from = progress.as_ref().map_or(head_start, |p| p.last());
+            match tokio::time::timeout_at(from + self.timeout, exchange.as_mut()).await {
+                Ok(answered) => break Some(answered),
+                Err(_) if progress.as_ref().is_some_and(|p| p.last() > from) => continue,
+                Err(_) => break None,
+            }
+        };
+        match answered {
+            None => Err(ProxyError::Timeout(self.timeout)),
+            Some(Err(e)) => Err(e),
+            Some(Ok(mut resp)) => {
                 // keyward answers its client in its own HTTP version, whatever the
                 // upstream's: an HTTP/1.0 upstream answer reaches an HTTP/1.1 client as
                 // HTTP/1.1 (chunked when it has no length, and kept alive), from hyper's
@@ -255,7 +293,7 @@ impl Upstream {
     async fn exchange(
         &self,
         pool: &Pool,
-        req: Request<RequestBody>,
+        req: Request<OutBody>,
         start: Instant,
         reuse: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -343,11 +381,24 @@ impl Upstream {
 }
 
 fn send_error(e: hyper::Error) -> ProxyError {
-    if request_body_failed(&e) {
-        ProxyError::RequestBody(e)
-    } else {
-        ProxyError::Exchange(e)
+    match upload_error(&e) {
+        Some(UploadError::Stalled(gap)) => ProxyError::BodyStalled(*gap),
+        Some(UploadError::Client(_)) => ProxyError::RequestBody(e),
+        None if request_body_failed(&e) => ProxyError::RequestBody(e),
+        None => ProxyError::Exchange(e),
     }
+}
+
+/// The request body's own error, if that is why hyper failed the exchange.
+fn upload_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e UploadError> {
+    let mut src = Some(e);
+    while let Some(err) = src {
+        if let Some(u) = err.downcast_ref::<UploadError>() {
+            return Some(u);
+        }
+        src = err.source();
+    }
+    None
 }
 
 /// hyper reports a failing request body as a "user" error whose cause is the error the

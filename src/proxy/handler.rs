@@ -476,7 +476,9 @@ async fn send_upstream(
     }
     let (mut resp, took) = app
         .upstream
-        .send(worker.pool(), req, identity, upgrade.is_some())
+        .send(worker.pool(), req, identity, upgrade.is_some(), || {
+            worker.busy()
+        })
         .await
         .map_err(|e| upstream_failed(app, &e, cid))?;
     trace.upstream = Some(took);

@@ -22,6 +22,7 @@ pub mod respond;
 pub mod server;
 pub mod threads;
 pub mod tunnel;
+pub mod upload;
 pub mod upstream_target;
 pub mod worker;
 pub mod writing;

@@ -18,9 +18,10 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use super::h1;
+use super::upload::OutBody;
 pub use super::upstream_target::ConnectError;
 use super::upstream_target::{UpstreamStream, UpstreamTarget};
-use super::{h1, RequestBody};
 use crate::config::Limits;
 
 /// How to reach the upstream and how long to keep its connections.
@@ -72,7 +73,7 @@ trait Reusable {
     }
 }
 
-impl Reusable for SendRequest<RequestBody> {
+impl Reusable for SendRequest<OutBody> {
     fn state(&self) -> State {
         if SendRequest::is_closed(self) {
             State::Closed
@@ -171,7 +172,7 @@ impl<C: Reusable> Idle<C> {
 /// Both kinds of idle connection, each capped at `max_idle`.
 #[derive(Default)]
 struct Lists {
-    hyper: Idle<SendRequest<RequestBody>>,
+    hyper: Idle<SendRequest<OutBody>>,
     fast: Idle<FastConn>,
 }
 
@@ -188,13 +189,13 @@ impl Pool {
 
     /// A ready connection, if one is idle. `now` is the caller's clock reading (one per
     /// request is enough).
-    pub fn checkout(&self, cfg: &PoolConfig, now: Instant) -> Option<SendRequest<RequestBody>> {
+    pub fn checkout(&self, cfg: &PoolConfig, now: Instant) -> Option<SendRequest<OutBody>> {
         self.lists().hyper.checkout(now, cfg.idle_timeout)
     }
 
     /// Return a connection whose response head has arrived; it is reused once ready. Its
     /// idle time counts from `used`, when its last request started.
-    pub fn checkin(&self, cfg: &PoolConfig, sender: SendRequest<RequestBody>, used: Instant) {
+    pub fn checkin(&self, cfg: &PoolConfig, sender: SendRequest<OutBody>, used: Instant) {
         self.lists().hyper.checkin(sender, used, cfg.max_idle);
     }
 
@@ -242,7 +243,7 @@ impl h1::Home<UpstreamStream> for Return {
 
 /// Open a new connection (TCP with `TCP_NODELAY` and keepalive, or a Unix socket) and
 /// start driving it on this thread.
-pub async fn connect(cfg: &PoolConfig) -> Result<SendRequest<RequestBody>, ConnectError> {
+pub async fn connect(cfg: &PoolConfig) -> Result<SendRequest<OutBody>, ConnectError> {
     match open(cfg).await? {
         UpstreamStream::Tcp(s) => drive(TokioIo::new(s)).await,
         #[cfg(unix)]
@@ -264,7 +265,7 @@ async fn open(cfg: &PoolConfig) -> Result<UpstreamStream, ConnectError> {
 
 /// The HTTP/1.1 client over a new connection, driven (upgrades included) by a task on this
 /// thread. Generic, so each kind of stream is driven without dynamic dispatch.
-async fn drive<T>(io: T) -> Result<SendRequest<RequestBody>, ConnectError>
+async fn drive<T>(io: T) -> Result<SendRequest<OutBody>, ConnectError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
 {
@@ -285,7 +286,7 @@ mod tests {
     use super::*;
 
     /// A ready client connection over an in-memory pipe; the server end is returned.
-    async fn conn() -> (SendRequest<RequestBody>, tokio::io::DuplexStream) {
+    async fn conn() -> (SendRequest<OutBody>, tokio::io::DuplexStream) {
         let (client, server) = tokio::io::duplex(1024);
         let (sender, conn) = http1::handshake(TokioIo::new(client)).await.unwrap();
         tokio::spawn(conn);
@@ -298,7 +299,7 @@ mod tests {
 
     #[tokio::test]
     async fn hands_out_the_most_recent_ready_connection() {
-        let mut pool = Idle::<SendRequest<RequestBody>>::default();
+        let mut pool = Idle::<SendRequest<OutBody>>::default();
         let now = Instant::now();
         let idle = Duration::from_secs(60);
         assert!(pool.checkout(now, idle).is_none());
@@ -313,7 +314,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_expiry_and_the_size_cap_close_connections() {
-        let mut pool = Idle::<SendRequest<RequestBody>>::default();
+        let mut pool = Idle::<SendRequest<OutBody>>::default();
         let now = Instant::now();
         let idle = Duration::from_secs(60);
         let mut servers = Vec::new();
@@ -344,7 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn closed_connections_are_never_handed_out() {
-        let mut pool = Idle::<SendRequest<RequestBody>>::default();
+        let mut pool = Idle::<SendRequest<OutBody>>::default();
         let (s, server) = conn().await;
         pool.checkin(s, Instant::now(), 8);
         drop(server);
