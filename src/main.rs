@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use keyward::config::redact::shown_path;
 use keyward::config::{Config, ConfigError};
 use keyward::keys::source::LoadError;
 use keyward::keys::{IdentityError, IdentityNames, PrincipalType, Source};
@@ -109,7 +110,7 @@ fn check_open_files(config: &Config, limit: Option<u64>) {
 /// Why a command failed: printed as `keyward: <message>`, exit status 1.
 #[derive(Debug, thiserror::Error)]
 enum CliError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {source}", shown_path(path))]
     Config { path: PathBuf, source: ConfigError },
     #[error("cannot start runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -126,7 +127,7 @@ enum CliError {
     /// A snapshot that cannot be read (the I/O error already names the file).
     #[error(transparent)]
     SnapshotIo(LoadError),
-    #[error("{}: {source}", file.display())]
+    #[error("{}: {source}", shown_path(file))]
     Snapshot { file: PathBuf, source: LoadError },
     /// The demo's scratch directory or key file.
     #[error(transparent)]
@@ -146,7 +147,7 @@ enum CliError {
     #[error(transparent)]
     Unusable(#[from] keygen::UnusableKey),
     /// `keys generate --config`: the config's `prefixes` would refuse the key.
-    #[error("{}: prefixes: {reason}", path.display())]
+    #[error("{}: prefixes: {reason}", shown_path(path))]
     PrefixRefused { path: PathBuf, reason: &'static str },
 }
 

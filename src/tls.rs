@@ -102,7 +102,7 @@ struct Built {
 fn file_err(field: &'static str, path: &Path, reason: impl ToString) -> TlsError {
     TlsError::File {
         field,
-        path: path.display().to_string(),
+        path: crate::config::redact::shown_path(path),
         reason: reason.to_string(),
     }
 }

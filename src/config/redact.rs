@@ -267,6 +267,28 @@ fn is_name(s: &str) -> bool {
         && s.bytes().filter(u8::is_ascii_digit).count() <= 3
 }
 
+/// A file path from the config as a message shows it: as given, unless it is plainly not a
+/// path but something pasted in its place, a secret as likely as not (a PEM key inline in
+/// `tls.key`, a key in `keys.file`): a line break or another control character, a PEM
+/// armour line, more than 1024 bytes, or a last component that looks like a key. Such a
+/// path is shown as `…`.
+pub fn shown_path(path: &std::path::Path) -> String {
+    let text = path.display().to_string();
+    let last = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let pasted = text.chars().any(char::is_control)
+        || text.contains("-----")
+        || text.len() > 1024
+        || (!last.contains('.') && last.len() >= 8 && looks_like_a_key(&last));
+    if pasted {
+        "…".to_string()
+    } else {
+        text
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +448,26 @@ mod tests {
             excerpt("expected `service_account`"),
             "expected `service_account`"
         );
+    }
+
+    #[test]
+    fn a_path_is_shown_unless_something_else_was_pasted_in_its_place() {
+        use std::path::Path;
+        for shown in [
+            "/etc/keyward/tls/tls.key",
+            "config/keys.yaml",
+            "/var/lib/keyward/kept.yaml",
+        ] {
+            assert_eq!(shown_path(Path::new(shown)), shown);
+        }
+        for pasted in [
+            "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49\n-----END PRIVATE KEY-----\n",
+            "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg",
+            "sta_bluecheesemoonwalk_live",
+            "/etc/keyward/pat_Q7wErTyUiOpAsDfGhJkLzXcVb",
+        ] {
+            assert_eq!(shown_path(Path::new(pasted)), "…", "{pasted}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::guard::Verdict;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", crate::config::redact::shown_path(path))]
     Io {
         path: PathBuf,
         source: std::io::Error,
