@@ -712,6 +712,10 @@ async fn path_tricks_never_reach_admin_routes() {
         // IIS drops a trailing dot.
         ("/admin.json", 403, "insufficient_scope"),
         ("/admin.", 403, "insufficient_scope"),
+        ("/admin.json/", 403, "insufficient_scope"),
+        ("/admin./x", 403, "insufficient_scope"),
+        ("/admin%20", 403, "insufficient_scope"),
+        ("/admin%20/x", 403, "insufficient_scope"),
         ("/public/../admin/x", 403, "insufficient_scope"),
         ("/healthz/../admin/x", 403, "insufficient_scope"),
         ("/%2e%2e/admin", 400, "bad_request"),

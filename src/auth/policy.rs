@@ -82,6 +82,23 @@ impl Policy {
         self.app_route(path)
     }
 
+    /// The `any_of` of the protected rule the app's own reading of `path` meets, when that
+    /// reading differs from `path` and a rule (not the default) protects it. Frameworks read
+    /// more into a path than its bytes: Rails, Symfony and Spring's suffix matching route
+    /// `/admin.json` (and `/admin.json/`) to the `/admin` handler, and IIS drops dots and
+    /// spaces at the end of a segment (`/admin./users`, `/admin%20`). Required on top of the
+    /// path's own route: more is asked, never less (a rule matched by the reading alone never
+    /// replaces the one the path itself meets).
+    pub fn reading_route(&self, path: &str) -> Option<&[String]> {
+        let reading = app_reading(path)?;
+        match self.app_route(&reading) {
+            Route::Protected {
+                extra: Some(any_of),
+            } => Some(any_of),
+            _ => None,
+        }
+    }
+
     /// The route of a request that goes on to the app, whatever its path: by the route
     /// rules alone. Behind a decision (SPEC 15) the introspection path is the app's too, so
     /// it is routed, and its scopes checked, as any other.
@@ -165,6 +182,58 @@ fn fold_lookalikes(path: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// `path` as a framework may read it (see [`Policy::reading_route`]): every segment without
+/// the dots and (encoded) spaces it ends with, and the last one also without a format
+/// suffix (from its first dot, when something comes before it) or one trailing slash.
+/// `None` when that is `path` itself.
+fn app_reading(path: &str) -> Option<String> {
+    // Most paths are read as they are: decided without building anything.
+    let bare = path.strip_suffix('/').unwrap_or(path);
+    let last = &bare[bare.rfind('/').map_or(0, |i| i + 1)..];
+    let may_differ = last.contains('.')
+        || bare.ends_with(' ')
+        || path.contains("./")
+        || path.contains(' ')
+        || path.contains('%');
+    if !may_differ {
+        return None;
+    }
+    let trimmed = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    let segments: Vec<&str> = trimmed.split('/').collect();
+    let last = segments.len() - 1;
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in segments.iter().enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        let mut s = *segment;
+        loop {
+            let before = s.len();
+            s = s.trim_end_matches(['.', ' ']);
+            for space in ["%20", "%2e", "%2E"] {
+                if let Some(rest) = s.strip_suffix(space) {
+                    s = rest;
+                }
+            }
+            if s.len() == before {
+                break;
+            }
+        }
+        if i == last {
+            if let Some((name, _format)) = s.split_once('.') {
+                if !name.is_empty() {
+                    s = name;
+                }
+            }
+        }
+        out.push_str(s);
+    }
+    (out != path).then_some(out)
 }
 
 #[cfg(test)]
@@ -255,29 +324,44 @@ mod tests {
     }
 
     #[test]
-    fn protected_rules_cover_their_name_with_a_format_suffix_public_ones_do_not() {
+    fn the_app_s_reading_of_a_path_adds_the_rule_it_meets() {
         let p = with_routes(
-            "routes: [{ path: /reports/export, any_of: [admin] }, { prefix: /admin/, any_of: [admin] }, { prefix: /files/, public: true }, { path: /healthz, public: true }]\n",
+            "routes: [{ path: /billing/report, any_of: [billing] }, { prefix: /billing/, any_of: [admin] }, { path: /reports/export, any_of: [admin] }, { prefix: /admin/, any_of: [admin] }, { prefix: /files/, public: true }, { path: /openapi.json, public: true }]\n",
         );
-        for covered in ["/admin.json", "/admin.", "/reports/export.csv"] {
-            assert!(
-                matches!(p.route(&http::Method::GET, covered), Route::Protected { extra: Some(s) } if s == ["admin"]),
-                "{covered}"
-            );
-        }
-        for other in [
-            "/administrators.json",
-            "/admin.json/x",
-            "/files.json",
-            "/healthz.json",
+        let admin = Some(&["admin".to_string()][..]);
+        for read_as_admin in [
+            "/admin.json",
+            "/admin.",
+            "/admin.json/",
+            "/admin./users",
+            "/admin%20",
+            "/admin%20/users",
+            "/reports/export.csv",
+            "/reports/export.csv/",
+            "/reports/export./",
         ] {
-            assert_eq!(
-                p.route(&http::Method::GET, other),
-                Route::Protected { extra: None },
-                "{other}: no rule, so any key"
-            );
+            assert_eq!(p.reading_route(read_as_admin), admin, "{read_as_admin}");
         }
-        assert_eq!(p.route(&http::Method::GET, "/files/a.json"), Route::Public);
+        // The path's own rule still applies: /billing/report.pdf meets /billing/ (admin)
+        // and its reading /billing/report (billing) is asked on top, never instead.
+        assert_eq!(
+            p.app_route("/billing/report.pdf"),
+            Route::Protected { extra: admin }
+        );
+        assert_eq!(
+            p.reading_route("/billing/report.pdf"),
+            Some(&["billing".to_string()][..])
+        );
+        // A reading that meets no rule, or a public one, adds nothing.
+        for nothing in [
+            "/openapi.json",
+            "/files/a.json",
+            "/v1/items",
+            "/v1/items.json",
+            "/.well-known/x",
+        ] {
+            assert_eq!(p.reading_route(nothing), None, "{nothing}");
+        }
     }
 
     #[test]

@@ -37,11 +37,7 @@ impl RouteRule {
     /// for more is safe, widening one that asks for nothing is not. A public `prefix:
     /// /files/` opens what is under `/files/`, not `/files` nor `/files/` itself, which
     /// Express, ASP.NET Core and Spring route to the collection next to it (`POST /files`);
-    /// a public `path` opens that path exactly. A rule that asks for more also covers its
-    /// name with a format suffix (`/admin.json`, `/reports/export.csv`), which Rails,
-    /// Symfony and Spring's suffix matching route to the same handler, or a trailing dot
-    /// (which IIS drops). With `fold_case`,
-    /// ASCII case is ignored.
+    /// a public `path` opens that path exactly. With `fold_case`, ASCII case is ignored.
     pub fn matches(&self, path: &str, fold_case: bool) -> bool {
         let same = |a: &str, b: &str| {
             if fold_case {
@@ -51,19 +47,11 @@ impl RouteRule {
             }
         };
         let widen = !self.public;
-        // `base` followed by `.` and a segment's end: the same handler with a format.
-        let formatted = |base: &str| {
-            widen
-                && path.len() > base.len()
-                && path.as_bytes()[base.len()] == b'.'
-                && path.get(..base.len()).is_some_and(|head| same(head, base))
-                && !path[base.len()..].contains('/')
-        };
         if let Some(p) = &self.path {
             let bare = |s: &str| -> usize {
                 s.len() - usize::from(widen && s.len() > 1 && s.ends_with('/'))
             };
-            return same(&p[..bare(p)], &path[..bare(path)]) || formatted(&p[..bare(p)]);
+            return same(&p[..bare(p)], &path[..bare(path)]);
         }
         match &self.prefix {
             Some(p) => {
@@ -71,10 +59,7 @@ impl RouteRule {
                 if !widen && p.ends_with('/') {
                     return starts && path.len() > p.len();
                 }
-                starts
-                    || widen
-                        && p.strip_suffix('/')
-                            .is_some_and(|dir| same(dir, path) || formatted(dir))
+                starts || widen && p.strip_suffix('/').is_some_and(|dir| same(dir, path))
             }
             None => false,
         }

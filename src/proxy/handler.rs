@@ -288,12 +288,20 @@ pub async fn decide<'a>(
         }
     };
     let alt_route = alt.as_ref().map(|a| app.policy.app_route(&a.path));
+    // What the app may read the path as (`/admin.json` as `/admin`) is authorized too.
+    let reading = match route {
+        Route::Introspection => None,
+        _ => app.policy.reading_route(trace.path()),
+    };
     // Introspection asks for a valid key but not its scopes (keyward answers it: an
     // override goes nowhere).
     let (route_scopes, check_scope) = match (route, alt_route) {
         (Route::Introspection, _) => (None, false),
         (Route::Protected { extra }, _) => (extra, true),
-        (Route::Public, None | Some(Route::Public)) => return Ok(Verdict::Public),
+        (Route::Public, None | Some(Route::Public)) if reading.is_none() => {
+            return Ok(Verdict::Public)
+        }
+        (Route::Public, None | Some(Route::Public)) => (None, true),
         (Route::Public, Some(Route::Protected { extra })) => (extra, true),
         (Route::Public, Some(Route::Introspection)) => (None, true),
     };
@@ -301,6 +309,9 @@ pub async fn decide<'a>(
     let principal = authenticate(app, metrics, head, route_scopes, check_scope, now, trace)?;
     if let (true, Some(alt), Some(Route::Protected { extra })) = (check_scope, &alt, alt_route) {
         auth::decision::check_scopes(&principal.key, &app.policy, &alt.method, extra)?;
+    }
+    if let (true, Some(any_of)) = (check_scope, reading) {
+        auth::decision::check_scopes(&principal.key, &app.policy, head.method, Some(any_of))?;
     }
     // A question asked with a key is a request by that key: it spends its quota.
     let quota = rate_limit(app, &principal).await?;
