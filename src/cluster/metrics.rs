@@ -37,6 +37,11 @@ impl Op {
         Op::Oversize,
     ];
 
+    /// A call that writes: one that succeeds shows Redis can serve rate limits and revokes.
+    pub fn writes(self) -> bool {
+        matches!(self, Op::Ping | Op::RateLimit | Op::Revoke | Op::UsageFlush)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Connect => "connect",

@@ -93,6 +93,10 @@ impl ClusterError {
                             | K::AuthenticationFailed
                     )
                     || matches!(e.code(), Some("OOM" | "NOPERM" | "NOAUTH" | "MISCONF"))
+                    // An ACL refusal inside a script comes back as a plain error.
+                    || e.detail().is_some_and(|d| {
+                        d.contains("can't run this command") || d.contains("no permissions")
+                    })
             }
         }
     }
@@ -229,7 +233,9 @@ impl Cluster {
         self.metrics.observe(op, start.elapsed());
         let err = match result {
             Ok(Ok(v)) => {
-                if !self.is_up() {
+                // Only a write says Redis can serve: reads answer on a Redis out of memory,
+                // read-only after a failover, or refusing this user's writes.
+                if !self.is_up() && op.writes() {
                     self.set_up(true);
                 }
                 return Ok(v);

@@ -145,7 +145,12 @@ for i = 4, #ARGV, 3 do
   if redis.call('HSTRLEN', KEYS[1], ARGV[i]) <= 160 then cur = redis.call('HGET', KEYS[1], ARGV[i]) end
   local cur_at = cur and tonumber(string.match(cur, '^(%d+)|'))
   if cur_at and cur_at > latest then cur_at = nil end
-  local take = not (whole and at > latest)
+  local take = true
+  if whole and at > latest then
+    -- Stamped past belief (a clock that stepped back since): a revoke is stored as of now
+    -- (failing closed), a lift not at all.
+    if string.sub(ARGV[i + 1], 1, 2) == '1|' then at = now else take = false end
+  end
   if take and cur_at and cur_at >= at then
     if whole then take = false else at = cur_at + 1 end
   end
@@ -307,6 +312,12 @@ pub struct Revocations {
     script: redis::Script,
     page: redis::Script,
     clock: RedisClock,
+    /// Revokes and lifts an operator made here that Redis has not stored yet (it was
+    /// unreachable): stored as operator changes, stamped by Redis then, once it answers,
+    /// and meanwhile never replaced here by what other replicas hold. (Written back with
+    /// the stamp this replica gave them, a clock not yet learned, or one that jumped,
+    /// lost them to an older lift, or had them skipped as from the future.)
+    pending: Mutex<HashMap<Digest, Entry>>,
 }
 
 /// What a full read found.
@@ -346,6 +357,7 @@ impl Revocations {
             script: redis::Script::new(WRITE),
             page: redis::Script::new(PAGE_READ),
             clock: RedisClock::default(),
+            pending: Mutex::new(HashMap::new()),
         }
     }
 
@@ -406,7 +418,9 @@ impl Revocations {
         let Some(cluster) = &self.cluster else {
             return Err(ClusterError::NotConnected);
         };
+        self.pend(digest, entry.clone());
         let stamped = self.store(cluster, &digest, &entry).await?;
+        self.stored(&digest, &entry);
         if stamped != entry.at_us {
             // Redis held a newer entry (another replica's clock is ahead): this one was
             // stamped after it, and holds here too under that stamp.
@@ -418,6 +432,48 @@ impl Revocations {
             disabled, "revocation stored for the fleet"
         );
         Ok(entry)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Entry>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An operator's change is held as not yet stored until Redis has it.
+    fn pend(&self, digest: Digest, entry: Entry) {
+        self.pending().insert(digest, entry);
+    }
+
+    /// Redis stored `entry`: no longer pending, unless a later change was made meanwhile.
+    fn stored(&self, digest: &Digest, entry: &Entry) {
+        let mut pending = self.pending();
+        if pending
+            .get(digest)
+            .is_some_and(|p| p.disabled == entry.disabled)
+        {
+            pending.remove(digest);
+        }
+    }
+
+    /// Store the changes made here while Redis was unreachable, as an operator's changes
+    /// are stored (stamped by Redis now), and hold each under the stamp Redis gave it.
+    async fn flush_pending(&self, cluster: &Cluster) -> Result<(), ClusterError> {
+        let waiting: Vec<(Digest, Entry)> = self
+            .pending()
+            .iter()
+            .map(|(d, e)| (*d, e.clone()))
+            .collect();
+        for (digest, mut entry) in waiting {
+            let stamped = self.store(cluster, &digest, &entry).await?;
+            entry.at_us = stamped;
+            self.merge([(digest, entry.clone())], Origin::Here);
+            self.stored(&digest, &entry);
+            info!(
+                key_id = &*entry.id,
+                disabled = entry.disabled,
+                "revocation made while redis was unreachable stored for the fleet"
+            );
+        }
+        Ok(())
     }
 
     /// Store one operator's revoke or lift; returns the stamp it was stored with.
@@ -482,8 +538,13 @@ impl Revocations {
         let mut next: Option<Set> = None;
         let now = self.clock.now();
         let latest = latest_believable(now);
+        let pending = self.pending();
         for (digest, entry) in entries {
             if origin != Origin::Here && !entry.disabled && entry.at_us > latest {
+                continue;
+            }
+            // The operator's change made here stands until Redis stores it.
+            if origin != Origin::Here && pending.contains_key(&digest) {
                 continue;
             }
             let set = next.as_ref().unwrap_or(&current);
@@ -502,6 +563,7 @@ impl Revocations {
             next.get_or_insert_with(|| (*current).clone())
                 .insert(digest, entry);
         }
+        drop(pending);
         if let Some(next) = next {
             self.set.store(Arc::new(next));
         }
@@ -542,6 +604,7 @@ impl Revocations {
         };
         let hash = cluster.key("revocations");
         self.read_clock(cluster).await?;
+        self.flush_pending(cluster).await?;
         if self.unchanged(cluster, &hash).await? {
             return Ok(());
         }
@@ -571,12 +634,38 @@ impl Revocations {
             return Ok(());
         }
         self.loaded.store(true, Ordering::Release);
+        let now = self.clock.now();
+        let latest = latest_believable(now);
+        // A revoke stamped past belief (Redis's clock stepped back, or an older release's
+        // replica ran ahead) is held as of now: written back with its stamp it was left out
+        // (a restored hash lacked it), and Redis's copy of it counts as nothing.
+        let future: Vec<(Digest, Entry)> = self
+            .set
+            .load()
+            .iter()
+            .filter(|(_, e)| e.disabled && e.at_us > latest)
+            .map(|(d, e)| {
+                (
+                    *d,
+                    Entry {
+                        at_us: now,
+                        ..e.clone()
+                    },
+                )
+            })
+            .collect();
+        if !future.is_empty() {
+            self.merge(future, Origin::Here);
+        }
         let ours = self.set.load_full();
-        let latest = latest_believable(self.clock.now());
-        // Entries stamped past belief are held (fail closed) but never written back.
+        // Lifts stamped past belief are held here as they came but never written back.
         let believable = || ours.iter().filter(|(_, e)| e.at_us <= latest);
-        let behind = believable()
-            .any(|(digest, entry)| remote.get(digest).is_none_or(|r| entry.supersedes(r)));
+        let behind = believable().any(|(digest, entry)| {
+            remote
+                .get(digest)
+                .filter(|r| r.at_us <= latest)
+                .is_none_or(|r| entry.supersedes(r))
+        });
         if whole && !behind {
             return Ok(());
         }

@@ -35,6 +35,11 @@ pub const EPOCH_FIELD: &str = "#epoch";
 /// added under, ARGV[2]: the epoch to start if the hash has none, ARGV[3]: the epoch field;
 /// then id, delta, last_ms, ... Adds only under the epoch named; returns the one in force.
 const FLUSH: &str = r"
+-- A key of another type is not keyward's (every flush failed on it): replaced.
+for _, k in ipairs(KEYS) do
+  local kind = redis.call('TYPE', k).ok
+  if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', k) end
+end
 -- The epoch is returned to keyward: one another writer left longer than any this script
 -- makes (32 hex digits) is not sent back (nor read), but replaced.
 if redis.call('HSTRLEN', KEYS[1], ARGV[3]) > 64 then redis.call('HDEL', KEYS[1], ARGV[3]) end
@@ -79,6 +84,8 @@ const MAX_VALUE_BYTES: u32 = 64;
 const READ: &str = r"
 local max = tonumber(ARGV[2])
 local function get(h, f)
+  -- A key of another type reads as none (the next flush replaces it).
+  if redis.call('TYPE', h).ok ~= 'hash' then return false end
   if redis.call('HSTRLEN', h, f) > max then return false end
   return redis.call('HGET', h, f)
 end
