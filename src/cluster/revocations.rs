@@ -1040,6 +1040,25 @@ mod tests {
     }
 
     #[test]
+    fn a_change_made_here_and_not_yet_stored_is_not_replaced_by_other_replicas() {
+        let r = Revocations::new(None);
+        let digest = [7u8; 32];
+        let now = now_micros();
+        let revoke = entry(now - 7_200_000_000, true, "k");
+        r.merge([(digest, revoke.clone())], Origin::Here);
+        r.pend(digest, revoke.clone());
+        // Another replica's lift, newer than this replica's stamp (its clock is behind).
+        r.merge([(digest, entry(now, false, "k"))], Origin::Remote);
+        assert!(r.set.load()[&digest].disabled, "the pending revoke stands");
+        // Once Redis stored it (under Redis's stamp), entries from elsewhere apply again.
+        let stamped = entry(now + 1, true, "k");
+        r.merge([(digest, stamped.clone())], Origin::Here);
+        r.stored(&digest, &stamped);
+        r.merge([(digest, entry(now + 2, false, "k"))], Origin::Remote);
+        assert!(!r.set.load()[&digest].disabled, "a later lift takes");
+    }
+
+    #[test]
     fn a_revoke_follows_the_secret_not_the_id() {
         let r = Revocations::new(None);
         r.merge([([1; 32], entry(10, true, "k"))], Origin::Here);
