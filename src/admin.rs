@@ -352,23 +352,29 @@ fn authorized(app: &App, req: &Request<Incoming>) -> bool {
 }
 
 /// The method and path an admin log line carries: clipped as the access log's are (a
-/// caller without the token chooses both), and the id of `/v1/keys/{id}/...` shown only
-/// when the snapshot in force has it: an operator revoking a leaked key may paste the key
-/// itself where its id goes.
+/// caller without the token chooses both); a path only when it is an endpoint, and the id
+/// of `/v1/keys/{id}/disable|enable` only when the snapshot in force has it: an operator
+/// revoking a leaked key may paste the key itself where its id goes, or into a path that
+/// is no endpoint at all.
 fn logged<'a>(app: &App, method: &'a Method, path: &'a str) -> (Cow<'a, str>, Cow<'a, str>) {
+    const ENDPOINTS: [&str; 3] = ["/v1/snapshot", "/v1/snapshot/reload", "/v1/keys/usage"];
     let method = clip(method.as_str(), LOGGED_METHOD_MAX);
+    if ENDPOINTS.contains(&path) {
+        return (method, Cow::Borrowed(path));
+    }
     if let Some((id, action)) = path
         .strip_prefix("/v1/keys/")
         .and_then(|rest| rest.rsplit_once('/'))
+        .filter(|(_, action)| matches!(*action, "disable" | "enable"))
     {
         let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy();
-        let known = app.store.load().is_some_and(|s| s.by_id(&id).is_some());
-        if !known {
-            let action = clip(action, LOGGED_METHOD_MAX);
-            return (method, Cow::Owned(format!("/v1/keys/…/{action}")));
+        if app.store.load().is_some_and(|s| s.by_id(&id).is_some()) {
+            return (method, clip(path, LOGGED_PATH_MAX));
         }
+        return (method, Cow::Owned(format!("/v1/keys/…/{action}")));
     }
-    (method, clip(path, LOGGED_PATH_MAX))
+    // No endpoint: the caller's text, which may be a key pasted in the wrong place.
+    (method, Cow::Borrowed("/v1/…"))
 }
 
 /// What `POST /v1/keys/{id}/{action}` asks. Key ids may contain `/`, so the id is all

@@ -388,6 +388,10 @@ fn check(path: &Path) -> Result<(), CliError> {
             files.push((c.state_file.clone(), Source::Control));
         }
     }
+    // The file source's kept snapshot: what a start loads when keys.file is refused.
+    if let Some(kept) = config.keys.state_file.as_ref().filter(|k| k.exists()) {
+        files.push((kept.clone(), Source::File));
+    }
     if let Some(f) = &config.keys.file {
         files.push((f.clone(), Source::File));
     }

@@ -539,6 +539,18 @@ async fn the_admin_log_bounds_what_the_caller_chose_and_never_echoes_an_unknown_
     .await;
     assert_eq!(r.status, 409, "a file source: {}", r.text());
     assert!(!r.text().contains(SERVICE_KEY), "{}", r.text());
+    // Paths that are no endpoint, with or without the token.
+    for path in [
+        format!("/v1/keys/{SERVICE_KEY}"),
+        format!("/v1/keys/{SERVICE_KEY}%2Fdisable"),
+        format!("/v1/key/{SERVICE_KEY}/disable"),
+        format!("/v1/keys/key_demo_service/{SERVICE_KEY}"),
+    ] {
+        for h in [vec![("authorization", auth.as_str())], vec![]] {
+            let r = send("POST", &bin.admin_url(&path), &h, b"").await;
+            assert!(!r.text().contains(SERVICE_KEY), "{}", r.text());
+        }
+    }
     let (_, stderr, _) = bin.terminate().await;
     let logs = json_lines(&stderr);
     let admin: Vec<_> = logs

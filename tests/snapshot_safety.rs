@@ -465,6 +465,12 @@ async fn an_older_version_is_refused_as_a_rollback_until_forced() {
         r.text()
     );
     assert_eq!(status_with(&kw, &raw(3)).await, 401, "the revoke holds");
+    // Nor by renaming the revoked key (the same secret under a new id).
+    let renamed = v8.replace("id: key_3,", "id: key_3b,");
+    assert_ne!(renamed, v8);
+    let r = admin(&kw, "PUT", "/v1/snapshot", &renamed).await;
+    assert_eq!(r.status, 409, "a rename at v8 would lift it: {}", r.text());
+    assert_eq!(status_with(&kw, &raw(3)).await, 401, "the revoke holds");
     // Nor may a push without a version follow a versioned one (which would then let any
     // older version in).
     let unversioned = snapshot("", 0..4, |_| String::new());

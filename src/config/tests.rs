@@ -628,3 +628,25 @@ fn keys_state_file_is_the_file_source_s_and_not_the_file_itself() {
         assert!(e.starts_with("keys.state_file"), "{keys}: {e}");
     }
 }
+
+#[test]
+fn keys_state_file_may_not_name_keys_file_through_a_link_or_dots() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, "keys: []\n").unwrap();
+    let link = dir.path().join("kept.yaml");
+    std::os::unix::fs::symlink(&keys, &link).unwrap();
+    let dotted = dir.path().join("sub").join("..").join("keys.yaml");
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let base = "listen: 127.0.0.1:8080\nupstream: http://a:1\nenvironment: t\n";
+    for state in [&link, &dotted] {
+        let e = Config::from_yaml(&format!(
+            "{base}keys: {{ file: {}, state_file: {} }}\n",
+            keys.display(),
+            state.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("keys.state_file"), "{}: {e}", state.display());
+    }
+}

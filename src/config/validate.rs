@@ -58,7 +58,12 @@ impl Config {
                     "is the file source's; a control source keeps its state in keys.control.state_file",
                 ));
             }
-            if self.keys.file.as_ref() == Some(state) {
+            if self
+                .keys
+                .file
+                .as_ref()
+                .is_some_and(|file| same_file(file, state))
+            {
                 return Err(invalid(
                     "keys.state_file",
                     "must not be keys.file itself (it keeps the last snapshot accepted from it)",
@@ -397,4 +402,19 @@ impl Config {
     pub(super) fn validate_cluster(&self) -> Result<(), ConfigError> {
         self.cluster.as_ref().map_or(Ok(()), |c| c.validate())
     }
+}
+
+/// Two paths that name one file: equal as written, or by their canonical paths (through
+/// symlinks and `..`), or the state file's symlink target being the other (which may not
+/// exist yet).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let canon = |p: &std::path::Path| {
+        std::fs::canonicalize(p).ok().or_else(|| {
+            let link = std::fs::read_link(p).ok()?;
+            let target = p.parent().unwrap_or(std::path::Path::new(".")).join(link);
+            let dir = std::fs::canonicalize(target.parent()?).ok()?;
+            Some(dir.join(target.file_name()?))
+        })
+    };
+    a == b || matches!((canon(a), canon(b)), (Some(x), Some(y)) if x == y)
 }

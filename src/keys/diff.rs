@@ -54,6 +54,14 @@ pub struct SnapshotDiff {
     pub unchanged: usize,
 }
 
+impl SnapshotDiff {
+    /// The new snapshot adds a key or enables one disabled in force: it lets in a secret
+    /// the one in force does not (a revoked one, renamed or restored, among them).
+    pub fn grants(&self) -> bool {
+        !self.added.is_empty() || !self.enabled.is_empty()
+    }
+}
+
 /// Revocations kept outside the snapshot (the fleet's, SPEC 14): a key revoked there lets
 /// no client in, whatever the snapshot says, so the guard does not count it as usable.
 pub trait Revoked: Sync {

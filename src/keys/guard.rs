@@ -19,10 +19,12 @@ pub enum Reason {
     Empty,
     /// A push not newer than the snapshot in force: a stale writer (a retried job, a second
     /// pipeline), which would undo every change made since, revokes included. Its
-    /// `version` is below the one in force, or equal to it while enabling a key disabled in
-    /// force (a disable through the API keeps the version: a retried push of that version
-    /// lifted the revoke), or missing while one is in force (versions only increase, and
-    /// an unversioned push in force let any older version in after it).
+    /// `version` is below the one in force, or equal to it while adding or enabling a key
+    /// (a disable through the API keeps the version: a retried push of that version lifted
+    /// the revoke, and so did one renaming the key or two in a row removing and restoring
+    /// it; a retry, or a change that only takes away, passes), or missing while one is in
+    /// force (versions only increase, and an unversioned push in force let any older
+    /// version in after it).
     Rollback,
     /// Too large a fraction of the keys in force would be removed or disabled.
     Fraction,
@@ -68,7 +70,7 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
     };
     let rollback = d.pushed
         && match (sides.version_in_force, sides.version) {
-            (Some(old), Some(new)) => new < old || (new == old && !d.enabled.is_empty()),
+            (Some(old), Some(new)) => new < old || (new == old && d.grants()),
             (Some(_), None) => true,
             (None, _) => false,
         };
@@ -144,7 +146,7 @@ impl fmt::Display for Verdict {
                 match self.sides.version {
                     Some(v) if v == in_force => write!(
                         f,
-                        "snapshot guard: version {v} is the version in force, and it enables {} key(s) disabled in force since (a revoke through the API keeps the version: a stale writer would lift it); push a newer version, or force",
+                        "snapshot guard: version {v} is the version in force, and it adds or enables keys ({} enabled; a revoke through the API keeps the version, and a stale writer would lift it); push a newer version, or force",
                         self.enabled
                     ),
                     Some(v) => write!(
@@ -276,17 +278,19 @@ mod tests {
             !judge(&file, &DEFAULTS).would_refuse,
             "a file is the operator's"
         );
-        for (old, new) in [
-            (Some(8), Some(8)),
-            (Some(8), Some(9)),
-            (None, Some(1)),
-            (None, None),
-        ] {
+        for (old, new) in [(Some(8), Some(9)), (None, Some(1)), (None, None)] {
             assert!(
                 !judge(&versioned(old, new), &DEFAULTS).would_refuse,
                 "{old:?} -> {new:?}"
             );
         }
+        let mut adds = versioned(Some(8), Some(8));
+        assert!(!judge(&adds, &DEFAULTS).would_refuse, "a retry");
+        adds.added = vec!["key_1b".into()];
+        assert!(
+            judge(&adds, &DEFAULTS).would_refuse,
+            "the version in force adding a key (a rename of a revoked one, say)"
+        );
         let v = judge(&versioned(Some(8), None), &DEFAULTS);
         assert_eq!(v.reason, Some(Reason::Rollback), "{v}");
         assert!(v.to_string().contains("has no version"), "{v}");
@@ -299,6 +303,19 @@ mod tests {
             enabled: vec!["k4".into()],
             ..d(3, 3, 0, 0)
         };
+        let retry = SnapshotDiff {
+            pushed: true,
+            sides: Sides {
+                version_in_force: Some(11),
+                version: Some(11),
+                ..same.sides
+            },
+            ..SnapshotDiff::default()
+        };
+        assert!(
+            !judge(&retry, &DEFAULTS).would_refuse,
+            "a retry of the content in force"
+        );
         (same.sides.version_in_force, same.sides.version) = (Some(11), Some(11));
         let v = judge(&same, &DEFAULTS);
         assert_eq!(v.reason, Some(Reason::Rollback), "{v}");

@@ -272,11 +272,15 @@ impl StateLock {
 
     /// The directory that holds the state file, by its canonical path: through a symlink
     /// to the state file (if there is one) and any symlinked directory on the way.
+    /// A symlink whose target does not exist yet is followed too: its target's directory
+    /// is where every write goes ([`resolved`]), so the lock must be there (locked in the
+    /// link's directory, two instances given links to one file both started).
     fn dir(state_file: &Path) -> std::io::Result<PathBuf> {
-        match std::fs::canonicalize(state_file) {
+        let target = resolved(state_file);
+        match std::fs::canonicalize(&target) {
             Ok(file) => Ok(parent_dir(&file).to_owned()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::canonicalize(parent_dir(state_file))
+                std::fs::canonicalize(parent_dir(&target))
             }
             Err(e) => Err(e),
         }
@@ -323,6 +327,12 @@ fn unsupported(e: &std::io::Error) -> bool {
 /// not kept (`Ok(false)`).
 pub(super) fn keep_copy(from: &Path, state_file: &Path, digest: &str) -> Result<bool, LoadError> {
     use sha2::{Digest as _, Sha256};
+    // The state file made (through a link or `..`) into the file itself: a copy renamed
+    // over it would undo a rewrite made meanwhile. (The config check refuses it at start.)
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    if canonical(from).is_some_and(|f| Some(f) == canonical(&resolved(state_file))) {
+        return Ok(false);
+    }
     let (spool, mut file) = Spool::create(state_file)?;
     let mut source = crate::regular_file::open(from, super::read::FILE_MAX_BYTES)
         .map_err(|e| io_error(from, e))?;
@@ -464,6 +474,23 @@ mod tests {
             "and a recent one: under the state lock, no other process writes one"
         );
         assert!(other.exists(), "another file's spool is not ours");
+    }
+
+    #[test]
+    fn a_link_to_a_state_file_not_written_yet_meets_the_same_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+        std::fs::create_dir_all(&one).unwrap();
+        std::fs::create_dir_all(&two).unwrap();
+        let state = one.join("snap.yaml");
+        let link = two.join("snap.yaml");
+        std::os::unix::fs::symlink(&state, &link).unwrap();
+        let _held = StateLock::take_within(&state, Duration::from_millis(50)).unwrap();
+        let second = StateLock::take_within(&link, Duration::from_millis(50));
+        assert!(
+            matches!(second, Err(StateLockError::Held { .. })),
+            "{second:?}"
+        );
     }
 
     #[test]
