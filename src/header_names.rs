@@ -66,7 +66,7 @@ pub fn alias_starts_with(name: &str, target: &str) -> bool {
 /// `-scheme`, `-port`, `-prefix`, `-server`, `-uri`, ... which Rack, Spring and others
 /// read), the client-address headers of CDNs and load balancers, and the HTTPS markers of
 /// IIS/ARR and nginx setups.
-pub const FORWARDING: [&str; 17] = [
+pub const FORWARDING: [&str; 19] = [
     "forwarded",
     "x-forwarded",
     "x-real-ip",
@@ -82,11 +82,15 @@ pub const FORWARDING: [&str; 17] = [
     "x-url-scheme",
     "x-scheme",
     "x-arr-ssl",
+    // Cloudflare's scheme (`{"scheme":"https"}`) and a common nginx HTTPS marker.
+    "cf-visitor",
+    "x-ssl",
     // Envoy's own: whether the request came from inside, and the client address it trusts.
     "x-envoy-internal",
     "x-envoy-external-address",
 ];
 pub const FORWARDING_PREFIX: &str = "x-forwarded-";
+pub const ENVOY_PREFIX: &str = "x-envoy-";
 
 /// Headers that make an app (or a framework in front of it) route by something other than
 /// the request line: a URL or path override (IIS/Symfony/Laravel `X-Original-URL`,
@@ -159,9 +163,13 @@ pub const ASSERTED: [&str; 29] = [
     "x-apigateway-api-userinfo",
 ];
 
-/// Name prefixes of [`ASSERTED`] families, and of `x-forwarded-*` (first).
-pub const ASSERTED_PREFIXES: [&str; 20] = [
+/// Name prefixes of [`ASSERTED`] families, and of `x-forwarded-*` and `x-envoy-*` (first).
+pub const ASSERTED_PREFIXES: [&str; 21] = [
     FORWARDING_PREFIX,
+    // Envoy's request headers (retries, timeouts, the original destination, tracing): a
+    // sidecar in front of the app acts on them. Stripped like forwarding headers; a
+    // decision lets them through (Envoy itself sends some to an ext_authz service).
+    ENVOY_PREFIX,
     "x-ssl-client-",
     "ssl-client-",
     "x-amzn-mtls-",
@@ -189,8 +197,8 @@ pub const ASSERTED_PREFIXES: [&str; 20] = [
 pub const INGRESS_NGINX_REDIRECT: &str = "x-auth-request-redirect";
 
 /// Another gateway's assertion about the client ([`ASSERTED`], [`ASSERTED_PREFIXES`] but
-/// `x-forwarded-*`, which every front proxy sets, and `x-authenticated-*`), spelled as that
-/// gateway sends it.
+/// `x-forwarded-*`, which every front proxy sets, `x-envoy-*`, which Envoy sets, and
+/// `x-authenticated-*`), spelled as that gateway sends it.
 pub fn is_asserted(name: &str) -> bool {
     // Asked of every header of every decision: most names are out by their first bytes.
     let could = match name.as_bytes() {
@@ -200,7 +208,7 @@ pub fn is_asserted(name: &str) -> bool {
     };
     could
         && (ASSERTED.contains(&name)
-            || ASSERTED_PREFIXES[1..].iter().any(|p| name.starts_with(p))
+            || ASSERTED_PREFIXES[2..].iter().any(|p| name.starts_with(p))
                 && name != INGRESS_NGINX_REDIRECT
                 && !name.starts_with(CLIENT_SIDE_PREFIX))
 }
@@ -306,7 +314,7 @@ mod tests {
         for name in ASSERTED {
             assert!(is_asserted(name), "{name}");
         }
-        for prefix in ASSERTED_PREFIXES[1..]
+        for prefix in ASSERTED_PREFIXES[2..]
             .iter()
             .filter(|p| !p.starts_with(CLIENT_SIDE_PREFIX))
         {
@@ -314,6 +322,7 @@ mod tests {
             assert!(is_asserted(&name), "{name}");
         }
         assert!(!is_asserted("x-forwarded-host"));
+        assert!(!is_asserted("x-envoy-retry-on"));
         assert!(!is_asserted(INGRESS_NGINX_REDIRECT));
         assert!(!is_asserted("x-api-key"));
     }

@@ -116,6 +116,8 @@ pub fn init(format: LogFormat, level: &str) -> FilterChoice {
     let choice = choose_filter(level, keyward_log.as_deref(), rust_log.as_deref());
     let _ = subscriber(format, &choice.directives, std::io::stderr).try_init();
     for (variable, value) in &choice.ignored {
+        // Redacted as config messages are: a variable set by mistake may hold anything.
+        let value = crate::config::redact::redact(value);
         tracing::warn!(variable, value, "log filter does not parse; ignored");
     }
     choice

@@ -237,7 +237,23 @@ fn parse_type(s: &str) -> Result<PrincipalType, UnknownType> {
 }
 
 fn main() -> ExitCode {
-    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let matches = match <Cli as clap::CommandFactory>::command().try_get_matches() {
+        Ok(matches) => matches,
+        // clap quotes the argument it could not place: a key given where none is read
+        // (`keyward keys hash sta_...` instead of on stdin) would be printed.
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::UnknownArgument | clap::error::ErrorKind::InvalidValue
+            ) =>
+        {
+            eprintln!(
+                "keyward: an argument was not expected or not valid here (not shown: it may be a key; `keyward keys hash` reads a key on stdin). See `keyward --help`."
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     let config_given =
         matches.value_source("config") != Some(clap::parser::ValueSource::DefaultValue);
     let cli =

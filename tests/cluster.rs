@@ -1106,7 +1106,7 @@ async fn oversized_fields_and_messages_in_redis_are_not_read() {
     // A message past the bound: dropped unparsed.
     let _: i64 = redis.cmd(&["PUBLISH", events, &huge]).await;
     eventually("the message is refused", || async {
-        count(&b).await == 1.0
+        count(&b).await >= 1.0
     })
     .await;
 
@@ -1121,7 +1121,7 @@ async fn oversized_fields_and_messages_in_redis_are_not_read() {
     let lift = format!("{}\n{now_us}|0|key_other", sha(OTHER));
     let _: i64 = redis.cmd(&["PUBLISH", events, &lift]).await;
     eventually("the lift's entry is refused", || async {
-        count(&b).await == 2.0
+        count(&b).await >= 2.0
     })
     .await;
     assert_eq!(call(&b, OTHER).await.code(), "disabled_api_key");

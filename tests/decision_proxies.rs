@@ -394,6 +394,7 @@ async fn behind(
     let mut running = start(dir.path(), d.decision, up.addr, listen);
     running.ready(listen).await;
     scenario(listen, &up, proxy, strips_prefix).await;
+    websocket(listen, proxy).await;
     drop(running);
     d.shutdown().await;
 }
@@ -410,4 +411,26 @@ async fn caddy_forward_auth_with_the_shipped_caddyfile() {
     if installed("caddy") {
         behind("caddy", start_caddy, true).await;
     }
+}
+
+/// A WebSocket upgrade a key may make goes through the shipped config as one: the proxy
+/// keeps `Upgrade` and a `Connection: Upgrade` of its own (clearing the client's
+/// `Connection` outright, as both configs did, broke every upgrade).
+async fn websocket(front: SocketAddr, name: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(front).await.unwrap();
+    let handshake = ws_handshake(PERSONAL_KEY).replace("host: app", &format!("host: {front}"));
+    s.write_all(handshake.as_bytes()).await.unwrap();
+    let head = read_head(&mut s)
+        .await
+        .expect("closed during the handshake")
+        .to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{name}: {head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&echoed, b"ping", "{name}");
 }

@@ -33,6 +33,15 @@ impl TryFrom<String> for Cidr {
                 })?,
             None => host,
         };
+        // `127.0.0.5/8` trusts all of 127/8: written as one address with a length, it was
+        // meant as one of the two. Say which network it is rather than guess.
+        if net.addr() != net.network() {
+            return Err(format!(
+                "{s:?} has host bits set: write the network ({}/{}) or the address alone",
+                net.network(),
+                net.prefix_len()
+            ));
+        }
         Ok(Self(net))
     }
 }
@@ -74,6 +83,8 @@ mod tests {
         assert_eq!(e, "\"::1/129\": prefix length must be 0..=128");
         let e = Cidr::try_from("10.0.0.0/x".to_string()).unwrap_err();
         assert_eq!(e, "\"10.0.0.0/x\": prefix length must be 0..=32");
+        let e = Cidr::try_from("127.0.0.5/8".to_string()).unwrap_err();
+        assert!(e.contains("127.0.0.0/8"), "{e}");
         let e = Cidr::try_from("example.com".to_string()).unwrap_err();
         assert_eq!(e, "\"example.com\" is not an IP or CIDR");
     }

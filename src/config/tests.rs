@@ -650,3 +650,23 @@ fn keys_state_file_may_not_name_keys_file_through_a_link_or_dots() {
         assert!(e.starts_with("keys.state_file"), "{}: {e}", state.display());
     }
 }
+
+#[test]
+fn durations_take_the_config_s_units_only() {
+    use super::parse_duration;
+    for (text, want) in [
+        ("10s", Duration::from_secs(10)),
+        ("250ms", Duration::from_millis(250)),
+        ("1h30m", Duration::from_secs(5400)),
+        ("2d", Duration::from_secs(172_800)),
+        (" 0s ", Duration::ZERO),
+    ] {
+        assert_eq!(parse_duration(text), Ok(want), "{text}");
+    }
+    // `M` was months, `y` years, to a general parser: a max_age of 90M never failed closed.
+    for text in [
+        "90M", "1y", "2w", "10 s", "10", "s", "1.5s", "-1s", "10sec", "",
+    ] {
+        assert!(parse_duration(text).is_err(), "{text}");
+    }
+}

@@ -75,9 +75,44 @@ pub(super) fn one_second() -> Duration {
 }
 
 /// `10s`, `250ms`, `1m 30s`.
+/// A duration as the config writes them: whole numbers, each with a unit of `ms`, `s`, `m`,
+/// `h` or `d`, one after the other (`10s`, `250ms`, `1h30m`). Nothing else: a general parser
+/// read `90M` as 90 months (a `keys.max_age` that never fails closed) and `1y` as a year.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration like 10s or 250ms ({e})"))
+    let bad =
+        || format!("{s:?} is not a duration like 10s, 250ms or 1h30m (units: ms, s, m, h, d)");
+    let text = s.trim();
+    let mut rest = text;
+    let mut total = Duration::ZERO;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let unit_len = rest[digits..]
+            .bytes()
+            .take_while(u8::is_ascii_alphabetic)
+            .count();
+        if digits == 0 || unit_len == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        let unit = match &rest[digits..digits + unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86_400),
+            _ => return Err(bad()),
+        };
+        let part = u32::try_from(n)
+            .ok()
+            .and_then(|n| unit.checked_mul(n))
+            .ok_or_else(bad)?;
+        total = total.checked_add(part).ok_or_else(bad)?;
+        rest = &rest[digits + unit_len..];
+    }
+    Ok(total)
 }
 
 pub(super) fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
