@@ -135,6 +135,8 @@ if not pod.get("terminationGracePeriodSeconds", 30) > needed:
                     f"drain_delay + grace ({needed:g}s)")
 admin_port = int(pod_cfg["admin_listen"].rsplit(":", 1)[1])
 listen_port = int(pod_cfg["listen"].rsplit(":", 1)[1])
+# The kubelet's probes go to probe_listen when the pod config has one, else the admin port.
+probe_port = int(pod_cfg.get("probe_listen", pod_cfg["admin_listen"]).rsplit(":", 1)[1])
 for c in pod["containers"]:
     for m in c.get("volumeMounts", []):
         if "subPath" in m or "subPathExpr" in m:
@@ -145,10 +147,13 @@ for c in pod["containers"]:
         if ports.get("admin") != admin_port or ports.get("http") != listen_port:
             problems.append("deployment.yaml: keyward container ports do not match "
                             "listen/admin_listen")
+        probe_names = ("probes", "admin") if "probe_listen" in pod_cfg else ("admin",)
+        named = next((n for n in probe_names if ports.get(n) == probe_port), None)
         for probe, want in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
             get = c.get(probe, {}).get("httpGet", {})
-            if get.get("path") != want or get.get("port") not in ("admin", admin_port):
-                problems.append(f"deployment.yaml: {probe} should GET {want} on the admin port")
+            if get.get("path") != want or get.get("port") not in (named, probe_port):
+                problems.append(f"deployment.yaml: {probe} should GET {want} on the probe "
+                                "listener (probe_listen, else admin_listen)")
         sc = c.get("securityContext", {})
         for key, want in (("readOnlyRootFilesystem", True), ("allowPrivilegeEscalation", False)):
             if sc.get(key) is not want:
