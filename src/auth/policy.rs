@@ -189,15 +189,8 @@ fn fold_lookalikes(path: &str) -> std::borrow::Cow<'_, str> {
 /// suffix (from its first dot, when something comes before it) or one trailing slash.
 /// `None` when that is `path` itself.
 fn app_reading(path: &str) -> Option<String> {
-    // Most paths are read as they are: decided without building anything.
-    let bare = path.strip_suffix('/').unwrap_or(path);
-    let last = &bare[bare.rfind('/').map_or(0, |i| i + 1)..];
-    let may_differ = last.contains('.')
-        || bare.ends_with(' ')
-        || path.contains("./")
-        || path.contains(' ')
-        || path.contains('%');
-    if !may_differ {
+    // Most paths are read as they are: one pass over the bytes decides it, nothing is built.
+    if !path.bytes().any(|c| matches!(c, b'.' | b' ' | b'%')) {
         return None;
     }
     let trimmed = path
