@@ -394,7 +394,7 @@ async fn behind(
     let mut running = start(dir.path(), d.decision, up.addr, listen);
     running.ready(listen).await;
     scenario(listen, &up, proxy, strips_prefix).await;
-    websocket(listen, proxy).await;
+    websocket(listen, &up, proxy).await;
     drop(running);
     d.shutdown().await;
 }
@@ -416,8 +416,27 @@ async fn caddy_forward_auth_with_the_shipped_caddyfile() {
 /// A WebSocket upgrade a key may make goes through the shipped config as one: the proxy
 /// keeps `Upgrade` and a `Connection: Upgrade` of its own (clearing the client's
 /// `Connection` outright, as both configs did, broke every upgrade).
-async fn websocket(front: SocketAddr, name: &str) {
+async fn websocket(front: SocketAddr, up: &Upstream, name: &str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Any other upgrade is not passed on: an app that switched to h2c on it would take every
+    // later request on that connection without a decision.
+    let h2c = get(
+        &format!("http://{front}/v1/items"),
+        &[
+            ("x-api-key", PERSONAL_KEY),
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ],
+    )
+    .await;
+    assert_eq!(h2c.status, 200, "{name}: {}", h2c.text());
+    let seen = up.last();
+    assert!(
+        seen.headers.get("upgrade").is_none(),
+        "{name}: Upgrade: h2c reached the app: {:?}",
+        seen.headers
+    );
     let mut s = tokio::net::TcpStream::connect(front).await.unwrap();
     let handshake = ws_handshake(PERSONAL_KEY).replace("host: app", &format!("host: {front}"));
     s.write_all(handshake.as_bytes()).await.unwrap();
