@@ -927,6 +927,17 @@ async fn what_an_allowed_override_names_is_authorized_too() {
         (r.status.as_u16(), r.code()),
         (403, "insufficient_scope".into())
     );
+    // What the app may read the override's path as is authorized too.
+    for read_as_admin in ["/admin.json", "/admin./x", "/admin%20"] {
+        let r = send(Some(PERSONAL_KEY), "/v1/items", (u, read_as_admin)).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (403, "insufficient_scope".into()),
+            "{read_as_admin}"
+        );
+        let r = send(None, "/public/x", (u, read_as_admin)).await;
+        assert_eq!(r.status, 401, "{read_as_admin}");
+    }
     // A public path overridden to a protected one needs its key.
     let r = send(None, "/public/x", (u, "/v1/x")).await;
     assert_eq!(

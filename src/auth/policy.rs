@@ -91,6 +91,21 @@ impl Policy {
     /// replaces the one the path itself meets).
     pub fn reading_route(&self, path: &str) -> Option<&[String]> {
         let reading = app_reading(path)?;
+        // A path a `path` rule names exactly is the operator's own word on it (a public
+        // `/favicon.ico` before a protected catch-all): no reading overrides it.
+        let folded = if self.fold_case {
+            fold_lookalikes(path)
+        } else {
+            std::borrow::Cow::Borrowed(path)
+        };
+        let named = self
+            .routes
+            .iter()
+            .find(|rule| rule.matches(&folded, self.fold_case))
+            .is_some_and(|rule| rule.path.is_some());
+        if named {
+            return None;
+        }
         match self.app_route(&reading) {
             Route::Protected {
                 extra: Some(any_of),
@@ -355,6 +370,20 @@ mod tests {
         ] {
             assert_eq!(p.reading_route(nothing), None, "{nothing}");
         }
+    }
+
+    #[test]
+    fn a_path_a_path_rule_names_is_read_as_named() {
+        let p = with_routes(
+            "routes: [{ path: /favicon.ico, public: true }, { path: /users.json, any_of: [read] }, { prefix: /, any_of: [admin] }]\n",
+        );
+        assert_eq!(p.reading_route("/favicon.ico"), None);
+        assert_eq!(p.reading_route("/users.json"), None);
+        assert_eq!(
+            p.reading_route("/other.json"),
+            Some(&["admin".to_string()][..]),
+            "a prefix rule's path is read"
+        );
     }
 
     #[test]

@@ -293,12 +293,16 @@ pub async fn decide<'a>(
         Route::Introspection => None,
         _ => app.policy.reading_route(trace.path()),
     };
+    // And what it may read an override's path as.
+    let alt_reading = alt.as_ref().and_then(|a| app.policy.reading_route(&a.path));
     // Introspection asks for a valid key but not its scopes (keyward answers it: an
     // override goes nowhere).
     let (route_scopes, check_scope) = match (route, alt_route) {
         (Route::Introspection, _) => (None, false),
         (Route::Protected { extra }, _) => (extra, true),
-        (Route::Public, None | Some(Route::Public)) if reading.is_none() => {
+        (Route::Public, None | Some(Route::Public))
+            if reading.is_none() && alt_reading.is_none() =>
+        {
             return Ok(Verdict::Public)
         }
         (Route::Public, None | Some(Route::Public)) => (None, true),
@@ -309,6 +313,9 @@ pub async fn decide<'a>(
     let principal = authenticate(app, metrics, head, route_scopes, check_scope, now, trace)?;
     if let (true, Some(alt), Some(Route::Protected { extra })) = (check_scope, &alt, alt_route) {
         auth::decision::check_scopes(&principal.key, &app.policy, &alt.method, extra)?;
+    }
+    if let (true, Some(alt), Some(any_of)) = (check_scope, &alt, alt_reading) {
+        auth::decision::check_scopes(&principal.key, &app.policy, &alt.method, Some(any_of))?;
     }
     if let (true, Some(any_of)) = (check_scope, reading) {
         auth::decision::check_scopes(&principal.key, &app.policy, head.method, Some(any_of))?;
