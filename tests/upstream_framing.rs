@@ -1022,3 +1022,35 @@ async fn a_stalled_body_is_400_and_a_steady_one_outlasts_upstream_timeout() {
     );
     kw.shutdown().await;
 }
+
+/// A body being uploaded before the answer counts once, with its request: two uploads at
+/// once fit `max_in_flight: 2` (each counted twice, the second was refused 502).
+#[tokio::test]
+async fn an_upload_counts_once_against_max_in_flight() {
+    let up = Scripted::start(&[]).await;
+    let kw = spawn_proxy(up.addr, "workers: 1\nlimits: { max_in_flight: 2 }\n").await;
+    let head = format!(
+        "POST /reads/x HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: 20\r\nconnection: close\r\n\r\n"
+    );
+    let mut uploads = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(kw.addr).await.unwrap();
+        s.write_all(format!("{head}0123456789").as_bytes())
+            .await
+            .unwrap();
+        uploads.push(s);
+    }
+    // Both are in flight, half sent, before either finishes.
+    eventually("both heads reached the app", || async {
+        up.connections().len() == 2
+    })
+    .await;
+    for mut s in uploads {
+        s.write_all(b"0123456789").await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let r = parse(&out, false);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    kw.shutdown().await;
+}

@@ -255,7 +255,7 @@ impl Upstream {
                 }
                 let req = req.map(|body| match (body, &progress) {
                     (http_body_util::Either::Left(body), Some(progress)) => {
-                        OutBody::Left(Upload::new(body, busy(), self.body_stall, progress.clone()))
+                        OutBody::Left(Upload::new(body, self.body_stall, progress.clone()))
                     }
                     _ => OutBody::Right(http_body_util::Empty::new()),
                 });
@@ -278,6 +278,9 @@ impl Upstream {
             None => Err(ProxyError::Timeout(self.timeout)),
             Some(Err(e)) => Err(e),
             Some(Ok(mut resp)) => {
+                if let Some(progress) = &progress {
+                    progress.answered(busy);
+                }
                 // keyward answers its client in its own HTTP version, whatever the
                 // upstream's: an HTTP/1.0 upstream answer reaches an HTTP/1.1 client as
                 // HTTP/1.1 (chunked when it has no length, and kept alive), from hyper's

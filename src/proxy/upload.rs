@@ -1,7 +1,9 @@
 //! A request body on its way to the upstream. Two things end with the exchange and not
 //! with the response: the upstream connection stays open while the client's body is still
 //! being forwarded (an app that answers before reading it, a client that never sends it),
-//! so the body holds a `max_in_flight` slot of its own until it ends; and a body that goes
+//! so a body still pending when the answer comes holds a `max_in_flight` slot of its own
+//! until it ends (before the answer, the request's own slot covers it: one body, one slot);
+//! and a body that goes
 //! `limits.body_stall_timeout` without a byte is cut off, which closes that connection. Its
 //! progress also moves the deadline of the response head (`upstream_timeout` counts from the
 //! last byte of the body, so a steady upload is never cut off for being long).
@@ -32,11 +34,14 @@ pub enum UploadError {
     Stalled(Duration),
 }
 
-/// When the body last moved, in ms since `origin`, read by the deadline of the response head.
-#[derive(Debug)]
+/// When the body last moved, in ms since `origin`, read by the deadline of the response head;
+/// whether it ended; and the slot it holds once the answer came before its end.
 pub struct Progress {
     origin: Instant,
     last_ms: AtomicU64,
+    /// `(ended, slot)`, one lock: the slot is taken only while the body has not ended, and
+    /// let go when it ends, whichever comes first.
+    held: std::sync::Mutex<(bool, Option<Busy>)>,
 }
 
 impl Progress {
@@ -44,7 +49,31 @@ impl Progress {
         Arc::new(Self {
             origin: now,
             last_ms: AtomicU64::new(0),
+            held: std::sync::Mutex::new((false, None)),
         })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, (bool, Option<Busy>)> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The answer came: a body not yet ended takes a slot of its own (`slot` is asked only
+    /// then), since the request's own ends with the response.
+    pub fn answered(&self, slot: impl FnOnce() -> Busy) {
+        let mut held = self.held();
+        if !held.0 {
+            held.1 = Some(slot());
+        }
+    }
+
+    /// The body ended (whole, failed, cut or dropped): its slot, if it took one, is let go.
+    fn ended(&self) {
+        let slot = {
+            let mut held = self.held();
+            held.0 = true;
+            held.1.take()
+        };
+        drop(slot);
     }
 
     fn touch(&self) {
@@ -61,17 +90,15 @@ impl Progress {
 /// The client's body, forwarded: see the module doc.
 pub struct Upload {
     inner: Incoming,
-    busy: Option<Busy>,
     gap: Duration,
     stall: Pin<Box<Sleep>>,
     progress: Arc<Progress>,
 }
 
 impl Upload {
-    pub fn new(inner: Incoming, busy: Busy, gap: Duration, progress: Arc<Progress>) -> Self {
+    pub fn new(inner: Incoming, gap: Duration, progress: Arc<Progress>) -> Self {
         Self {
             inner,
-            busy: Some(busy),
             gap,
             stall: Box::pin(tokio::time::sleep(gap)),
             progress,
@@ -79,7 +106,13 @@ impl Upload {
     }
 
     fn ended(&mut self) {
-        self.busy = None;
+        self.progress.ended();
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.progress.ended();
     }
 }
 
