@@ -93,17 +93,10 @@ impl Policy {
         let reading = app_reading(path)?;
         // A path a `path` rule names exactly is the operator's own word on it (a public
         // `/favicon.ico` before a protected catch-all): no reading overrides it.
-        let folded = if self.fold_case {
-            fold_lookalikes(path)
-        } else {
-            std::borrow::Cow::Borrowed(path)
-        };
-        let named = self
-            .routes
-            .iter()
-            .find(|rule| rule.matches(&folded, self.fold_case))
-            .is_some_and(|rule| rule.path.is_some());
-        if named {
+        if self
+            .first_rule(path)
+            .is_some_and(|rule| rule.path.is_some())
+        {
             return None;
         }
         match self.app_route(&reading) {
@@ -118,24 +111,25 @@ impl Policy {
     /// rules alone. Behind a decision (SPEC 15) the introspection path is the app's too, so
     /// it is routed, and its scopes checked, as any other.
     pub fn app_route(&self, path: &str) -> Route<'_> {
+        match self.first_rule(path) {
+            Some(rule) if rule.public => Route::Public,
+            Some(rule) => Route::Protected {
+                extra: Some(&rule.any_of),
+            },
+            None => Route::Protected { extra: None },
+        }
+    }
+
+    /// The first route rule `path` meets (as `routes_case_insensitive` reads it).
+    fn first_rule(&self, path: &str) -> Option<&RouteRule> {
         let folded = if self.fold_case {
             fold_lookalikes(path)
         } else {
             std::borrow::Cow::Borrowed(path)
         };
-        let path = folded.as_ref();
-        for rule in &self.routes {
-            if rule.matches(path, self.fold_case) {
-                return if rule.public {
-                    Route::Public
-                } else {
-                    Route::Protected {
-                        extra: Some(&rule.any_of),
-                    }
-                };
-            }
-        }
-        Route::Protected { extra: None }
+        self.routes
+            .iter()
+            .find(|rule| rule.matches(&folded, self.fold_case))
     }
 
     /// The scopes (any of) that allow `method`; `None`: no rule names the method, so no key

@@ -387,12 +387,12 @@ fn send_error(e: hyper::Error) -> ProxyError {
     match upload_error(&e) {
         Some(UploadError::Stalled(gap)) => ProxyError::BodyStalled(*gap),
         Some(UploadError::Client(_)) => ProxyError::RequestBody(e),
-        None if request_body_failed(&e) => ProxyError::RequestBody(e),
         None => ProxyError::Exchange(e),
     }
 }
 
-/// The request body's own error, if that is why hyper failed the exchange.
+/// The request body's own error, if that is why hyper failed the exchange (every body sent
+/// upstream is an [`Upload`], so a client's failure or stall is found here).
 fn upload_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e UploadError> {
     let mut src = Some(e);
     while let Some(err) = src {
@@ -402,22 +402,6 @@ fn upload_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e Uplo
         src = err.source();
     }
     None
-}
-
-/// hyper reports a failing request body as a "user" error whose cause is the error the
-/// downstream connection gave while reading that body.
-fn request_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut src = Some(e);
-    while let Some(err) = src {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_user() {
-                let cause = std::error::Error::source(h);
-                return cause.is_some_and(|c| c.downcast_ref::<hyper::Error>().is_some());
-            }
-        }
-        src = err.source();
-    }
-    false
 }
 
 /// The error and its causes, `: `-separated, for the log line (error path only).
