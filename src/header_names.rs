@@ -95,10 +95,13 @@ pub const ENVOY_PREFIX: &str = "x-envoy-";
 /// Headers that make an app (or a framework in front of it) route by something other than
 /// the request line: a URL or path override (IIS/Symfony/Laravel `X-Original-URL`,
 /// `X-Rewrite-URL`), a method override (`X-HTTP-Method-Override` and its variants), a host
-/// override, or the Next.js internal-subrequest marker (CVE-2025-29927). keyward authorized
-/// the request line; none of these may change what the app serves, so they are removed
-/// from every request unless named in `allow_override_headers`.
-pub const OVERRIDES: [&str; 14] = [
+/// override, the Next.js internal-subrequest marker (CVE-2025-29927), or the WSGI path
+/// gunicorn takes from its loopback peer by default (`SCRIPT_NAME`, `PATH_INFO`: the path
+/// served is the request's without that prefix, or that one) and the Flask recipe's
+/// `X-Script-Name`. keyward authorized the request line; none of these may change what the
+/// app serves, so they are removed from every request unless named in
+/// `allow_override_headers` (which may not name the WSGI ones: see [`UNAUTHORIZABLE`]).
+pub const OVERRIDES: [&str; 17] = [
     "x-original-url",
     "x-original-uri",
     "x-rewrite-url",
@@ -113,7 +116,14 @@ pub const OVERRIDES: [&str; 14] = [
     "x-http-host-override",
     "x-forwarded-method",
     "x-middleware-subrequest",
+    "script-name",
+    "x-script-name",
+    "path-info",
 ];
+
+/// [`OVERRIDES`] whose effect keyward cannot authorize (a prefix the app strips, a path
+/// that replaces the request's): never let through, whatever `allow_override_headers` says.
+pub const UNAUTHORIZABLE: [&str; 3] = ["script-name", "x-script-name", "path-info"];
 
 /// `name` equals `target` reading `_` and `.` as `-`.
 pub fn alias_eq(name: &str, target: &str) -> bool {
@@ -221,7 +231,10 @@ const CLIENT_SIDE_PREFIX: &str = "x-authenticated-";
 /// [`ASSERTED_PREFIXES`] or [`OVERRIDES`]? Per-request checks rule most names out by it
 /// before comparing with every entry (a test keeps it true of every entry).
 pub fn may_be_listed(first: u8) -> bool {
-    matches!(first, b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o' | b'g')
+    matches!(
+        first,
+        b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o' | b'g' | b'p'
+    )
 }
 
 /// A forwarding header ([`FORWARDING`], `x-forwarded-*`) or another assertion a gateway in

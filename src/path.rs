@@ -30,6 +30,10 @@ pub enum PathError {
     Query,
     #[error("'..' above the root")]
     AboveRoot,
+    /// IIS and Win32 paths drop a segment's trailing dots and spaces, so `..%20` or `...`
+    /// is `..` to them: a dot segment removed after keyward authorized the path.
+    #[error("segment of dots and spaces")]
+    DotsAndSpaces,
 }
 
 /// Normalize an origin-form path (no query):
@@ -61,7 +65,8 @@ fn is_normal(path: &[u8]) -> bool {
     let mut segments = path[1..].split(|b| *b == b'/').peekable();
     while let Some(seg) = segments.next() {
         let last = segments.peek().is_none();
-        if (seg.is_empty() && !last) || seg == b"." || seg == b".." {
+        // `...` and longer are refused by the full normalization.
+        if (seg.is_empty() && !last) || (!seg.is_empty() && seg.iter().all(|b| *b == b'.')) {
             return false;
         }
     }
@@ -137,6 +142,7 @@ fn remove_dot_segments(path: &str) -> Result<String, PathError> {
                 stack.pop().ok_or(PathError::AboveRoot)?;
                 trailing_slash = true;
             }
+            s if dots_and_spaces(s) => return Err(PathError::DotsAndSpaces),
             s => stack.push(s),
         }
     }
@@ -149,6 +155,16 @@ fn remove_dot_segments(path: &str) -> Result<String, PathError> {
         out.push('/');
     }
     Ok(out)
+}
+
+/// A segment of dots and (encoded) spaces alone, with a dot, but `.` and `..` (removed as
+/// dot segments): `...`, `..%20`, `.%20.`. (`%20` alone is no dot segment to anyone.)
+fn dots_and_spaces(seg: &str) -> bool {
+    let mut rest = seg;
+    while let Some(r) = rest.strip_prefix('.').or_else(|| rest.strip_prefix("%20")) {
+        rest = r;
+    }
+    rest.is_empty() && seg.contains('.')
 }
 
 #[cfg(test)]
@@ -202,7 +218,6 @@ mod tests {
         assert_eq!(ok("/a/."), "/a/");
         assert_eq!(ok("/."), "/");
         assert_eq!(ok("/a/b/../../c"), "/c");
-        assert_eq!(ok("/a/..."), "/a/...");
     }
 
     #[test]
@@ -223,6 +238,21 @@ mod tests {
 
     #[test]
     fn refused_forms() {
+        for p in [
+            "/public/..%20/admin",
+            "/public/.%20./admin",
+            "/a/.../b",
+            "/a/..%2e/b",
+            "/a/%20",
+        ] {
+            let want = if p == "/a/%20" {
+                Ok("/a/%20".into())
+            } else {
+                Err(PathError::DotsAndSpaces)
+            };
+            assert_eq!(normalize(p).map(Cow::into_owned), want, "{p}");
+        }
+        assert_eq!(ok("/a/..b/.c./%20x"), "/a/..b/.c./%20x");
         assert_eq!(normalize("/.."), Err(PathError::AboveRoot));
         assert_eq!(normalize("/a/../../admin"), Err(PathError::AboveRoot));
         assert_eq!(normalize("/%2e%2e/admin"), Err(PathError::AboveRoot));

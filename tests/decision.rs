@@ -61,6 +61,21 @@ fn header(r: &Got, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} in {:?}", r.headers))
 }
 
+/// A `_method` in the original query makes Symfony, Laravel, Spring or Express serve that
+/// method: it is authorized too, as by the proxy.
+#[tokio::test]
+async fn a_method_parameter_in_the_original_query_is_authorized_too() {
+    let d = spawn_decider(None, "").await;
+    let read_only = [("x-api-key", PERSONAL_KEY)];
+    for endpoint in ENDPOINTS {
+        let r = decide(&d, endpoint, "GET", "/v1/items?_method=DELETE", &read_only).await;
+        assert_eq!(r.status, 403, "{endpoint}: {}", r.text());
+        let r = decide(&d, endpoint, "GET", "/v1/items?_method=GET", &read_only).await;
+        assert_eq!(r.status, 200, "{endpoint}: {}", r.text());
+    }
+    d.shutdown().await;
+}
+
 #[tokio::test]
 async fn allowed_answers_200_with_every_identity_header_and_never_calls_the_upstream() {
     let up = spawn_upstream().await;
@@ -307,6 +322,10 @@ async fn override_headers_of_the_client_are_refused() {
             "x-middleware-subrequest",
             "x_original_url",
             "x.http.method.override",
+            // gunicorn's path from its peer, and the Flask recipe's prefix.
+            "SCRIPT_NAME",
+            "path_info",
+            "X-Script-Name",
         ] {
             let r = decide(&d, endpoint, "GET", "/v1/items", &[key, (name, "DELETE")]).await;
             assert_eq!(r.status, 400, "{endpoint} {name}: {}", r.text());

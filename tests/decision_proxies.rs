@@ -214,6 +214,14 @@ async fn scenario(front: SocketAddr, up: &Upstream, name: &str, strips_prefix: b
     // Allowed, with forged identity headers alongside the key.
     let mut h: Vec<(&str, &str)> = FORGED.to_vec();
     h.push(("x-api-key", PERSONAL_KEY));
+    // Every forwarding name keyward strips in proxy mode, so the configs cannot drift
+    // from the list (`x-forwarded-for` and the rest are set by the proxy itself).
+    let every: Vec<(String, String)> = keyward::header_names::FORWARDING
+        .iter()
+        .filter(|n| !h.iter().any(|(f, _)| f == *n))
+        .map(|n| (n.to_string(), format!("forged-{n}")))
+        .collect();
+    h.extend(every.iter().map(|(n, v)| (n.as_str(), v.as_str())));
     let other = get(
         &url("/v1/other"),
         &[("x-api-key", PERSONAL_KEY), FORGED_OTHER],

@@ -896,6 +896,94 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     kw.shutdown().await;
 }
 
+/// Symfony, Laravel, Spring and Express read a `_method` query parameter as the method to
+/// serve: keyward cannot take it out of the query, so the method it names is authorized too.
+#[tokio::test]
+async fn a_method_parameter_in_the_query_is_authorized_too() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let read_only = [("x-api-key", PERSONAL_KEY)];
+    for target in [
+        "/v1/items?_method=DELETE",
+        "/v1/items?a=1&%5Fmethod=delete",
+        "/v1/items?_METHOD=PUT",
+        "/v1/items?_method[]=PATCH",
+    ] {
+        let r = get(&kw.url(target), &read_only).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (403, "insufficient_scope".into()),
+            "{target}"
+        );
+    }
+    for target in [
+        "/v1/items?_method=DELETE&_method=GET",
+        "/v1/items?_method=DEL%20ETE",
+    ] {
+        let r = get(&kw.url(target), &read_only).await;
+        assert_eq!(r.status, 400, "{target}");
+        assert!(r.text().contains("_method"), "{}", r.text());
+    }
+    assert_eq!(up.count(), 0);
+    // Naming a method the key may use, or the request's own: passed on as sent.
+    let r = get(&kw.url("/v1/items?_method=GET"), &read_only).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.last().target, "/v1/items?_method=GET");
+    let r = get(
+        &kw.url("/v1/items?_method=DELETE"),
+        &[("x-api-key", SERVICE_KEY)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    kw.shutdown().await;
+}
+
+/// No client spells a header `SCRIPT_NAME`, but gunicorn takes it (and `PATH_INFO`) from its
+/// loopback peer as the path to serve, and CGI/WSGI backends read `_` as `-`: such names are
+/// dropped (`headers_with_underscores: drop`, the default), and the WSGI path overrides are
+/// dropped in every spelling even when the rest are forwarded.
+#[tokio::test]
+async fn header_names_with_underscores_are_dropped() {
+    let up = spawn_upstream().await;
+    let sent = [
+        ("x-api-key", SERVICE_KEY),
+        ("SCRIPT_NAME", "/v1"),
+        ("Script-Name", "/v1"),
+        ("X-Script-Name", "/v1"),
+        ("x_script_name", "/v1"),
+        ("PATH_INFO", "/admin/x"),
+        ("path-info", "/admin/x"),
+        ("Content_Length", "40"),
+        ("Transfer_Encoding", "chunked"),
+        ("X_Custom", "1"),
+        ("x.custom", "1"),
+        ("x-custom", "kept"),
+    ];
+    let kw = spawn_proxy(up.addr, "").await;
+    let r = get(&kw.url("/v1/admin/x"), &sent).await;
+    assert_eq!(r.status, 200);
+    let seen = up.last().headers;
+    let names: Vec<&str> = seen.keys().map(|n| n.as_str()).collect();
+    assert!(names.iter().all(|n| !n.contains(['_', '.'])), "{names:?}");
+    for (name, _) in &sent[1..7] {
+        assert!(!seen.contains_key(*name), "{name} reached the upstream");
+    }
+    assert_eq!(seen["x-custom"], "kept");
+    assert_eq!(up.last().target, "/v1/admin/x");
+    kw.shutdown().await;
+
+    let kw = spawn_proxy(up.addr, "headers_with_underscores: forward\n").await;
+    let r = get(&kw.url("/v1/admin/x"), &sent).await;
+    assert_eq!(r.status, 200);
+    let seen = up.last().headers;
+    assert_eq!(seen["x_custom"], "1");
+    assert_eq!(seen["content_length"], "40");
+    for (name, _) in &sent[1..7] {
+        assert!(!seen.contains_key(*name), "{name} reached the upstream");
+    }
+    kw.shutdown().await;
+}
+
 /// An override header `allow_override_headers` lets through makes the app serve another
 /// method or path: that one is authorized too (both must pass), and one an app could read
 /// more than one way is refused.

@@ -226,6 +226,19 @@ pub fn has_query_param(query: &str, name: &str) -> bool {
         .any(|pair| name.matches(param_name(pair)))
 }
 
+/// The values of every `name` parameter in `query`, however spelled (see [`is_param`]),
+/// percent-decoded as a form is (`None` for a value that does not decode).
+pub fn query_param_values<'q>(
+    query: &'q str,
+    name: &str,
+) -> impl Iterator<Item = Option<Vec<u8>>> + 'q {
+    let name = ParamName::new(name);
+    query.split(['&', ';']).filter_map(move |pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        name.matches(k).then(|| percent_decode(v))
+    })
+}
+
 /// Remove the `name` parameter, however spelled (see [`is_param`]), from a query string
 /// (for forwarding without the key). `;` separates parameters here as `&` does, as some
 /// frameworks read it; the separators of what is kept are kept.

@@ -96,6 +96,45 @@ pub fn overridden(
     }))
 }
 
+/// The method parameter Symfony, Laravel, Spring's `HiddenHttpMethodFilter` and Express's
+/// `method-override` read (from the query of a POST; Rails and Laravel from a form body as
+/// well, which keyward does not read: SECURITY.md).
+pub const METHOD_PARAM: &str = "_method";
+
+/// Add the method a `_method` query parameter names to `alt`: the app may serve that
+/// method, and keyward cannot take the parameter out without rewriting the query, so that
+/// method is authorized too (on any request method: fail closed). Repeated with another
+/// value, not one method token, or beside an override header that names another request:
+/// refused, 400 naming it.
+pub fn with_query_method(
+    alt: Option<Overridden>,
+    query: Option<&str>,
+    method: &Method,
+    path: &str,
+) -> Result<Option<Overridden>, Reject> {
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return Ok(alt);
+    };
+    let refuse = || Reject::BadRequest(BadRequest::Override(METHOD_PARAM));
+    let mut named: Option<Method> = None;
+    for value in crate::auth::credential::query_param_values(query, METHOD_PARAM) {
+        let value = value.ok_or_else(refuse)?;
+        let value = std::str::from_utf8(&value).map_err(|_| refuse())?.trim();
+        let m = override_method(value).ok_or_else(refuse)?;
+        agree(&mut named, m).map_err(|()| refuse())?;
+    }
+    match (named, alt) {
+        (None, alt) => Ok(alt),
+        (Some(m), None) if m == *method => Ok(None),
+        (Some(m), None) => Ok(Some(Overridden {
+            method: m,
+            path: path.to_owned(),
+        })),
+        (Some(m), Some(alt)) if m == *method || m == alt.method => Ok(Some(alt)),
+        (Some(_), Some(_)) => Err(refuse()),
+    }
+}
+
 /// Set `slot` to `v`, or check it already holds `v`.
 fn agree<T: PartialEq>(slot: &mut Option<T>, v: T) -> Result<(), ()> {
     match slot {
@@ -176,6 +215,43 @@ mod tests {
         assert_eq!(run(&[(m, "DELETE")], &[u]), Ok(None));
         assert_eq!(run(&[(m, "POST"), (u, "/items/1")], &[m, u]), Ok(None));
         assert_eq!(run(&[("x-host", "other")], &["x-host"]), Ok(None));
+    }
+
+    #[test]
+    fn a_method_parameter_is_authorized_too() {
+        let post = Method::POST;
+        let run = |q: &str| with_query_method(None, Some(q), &post, "/items/1");
+        assert_eq!(run("_method=DELETE"), Ok(alt("DELETE", "/items/1")));
+        // As apps read the name and the value: decoded, any case, PHP's mangling.
+        for q in [
+            "a=1&_method=delete",
+            "%5Fmethod=DELETE",
+            "_METHOD=DELETE",
+            ".method=DELETE",
+            "_method[]=DELETE",
+            "_method=%44ELETE",
+            "x=1;_method=+DELETE+",
+        ] {
+            assert_eq!(run(q), Ok(alt("DELETE", "/items/1")), "{q}");
+        }
+        assert_eq!(run("_method=POST"), Ok(None));
+        assert_eq!(run("method=DELETE&x_method=DELETE"), Ok(None));
+        assert_eq!(run(""), Ok(None));
+        let refused = Err(Reject::BadRequest(BadRequest::Override(METHOD_PARAM)));
+        for q in [
+            "_method=DELETE&_method=PUT",
+            "_method=",
+            "_method=DEL%20ETE",
+            "_method=%zz",
+        ] {
+            assert_eq!(run(q), refused, "{q}");
+        }
+        // Beside an override header: agreeing or not changing the method passes.
+        let header = alt("GET", "/admin/x");
+        let both = |q| with_query_method(header.clone(), Some(q), &post, "/items/1");
+        assert_eq!(both("_method=GET"), Ok(header.clone()));
+        assert_eq!(both("_method=POST"), Ok(header.clone()));
+        assert_eq!(both("_method=DELETE"), refused);
     }
 
     #[test]

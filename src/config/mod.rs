@@ -83,6 +83,9 @@ pub struct Config {
     /// relies on and may receive; every other one is removed.
     #[serde(default, deserialize_with = "de_header_names")]
     pub allow_override_headers: Vec<HeaderName>,
+    /// What becomes of a request header whose name holds `_` or punctuation other than `-`.
+    #[serde(default)]
+    pub headers_with_underscores: HeadersWithUnderscores,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     #[serde(default = "default_credentials")]
@@ -123,6 +126,20 @@ pub struct Config {
     /// Shared state for a fleet of replicas (SPEC 14); off when absent.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+}
+
+/// `headers_with_underscores`: no client, browser or proxy spells a header `SCRIPT_NAME`
+/// or `X.Forwarded.Host`, but backends read such names as something else: CGI/WSGI and
+/// nginx read `_` and `.` as `-` (an alias of a header keyward strips), and gunicorn takes
+/// `SCRIPT_NAME` and `PATH_INFO` from its loopback peer as the path to serve. `drop`, the
+/// default (nginx's `underscores_in_headers off`, Envoy's `DROP_HEADER`), removes every such
+/// name before forwarding; `forward` passes on those keyward does not strip by name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadersWithUnderscores {
+    #[default]
+    Drop,
+    Forward,
 }
 
 fn default_admin_listen() -> SocketAddr {

@@ -11,6 +11,7 @@ use super::upstream::{validate_unix_path, UpstreamAddr};
 use super::{Config, CredentialSource, MAX_WORKERS};
 use crate::header_names::{
     alias_eq, alias_starts_with, claimed_by_prefix, same_name, taken_for_credential, OVERRIDES,
+    UNAUTHORIZABLE,
 };
 
 /// Two sources that read the same thing: the same header (however spelled with `_`, `.`
@@ -354,6 +355,14 @@ impl Config {
                     format!(
                         "`{name}` is not a routing override keyward strips (those are {})",
                         OVERRIDES.join(", ")
+                    ),
+                ));
+            }
+            if UNAUTHORIZABLE.iter().any(|o| alias_eq(name.as_str(), o)) {
+                return Err(invalid(
+                    format!("allow_override_headers[{i}]"),
+                    format!(
+                        "`{name}` makes the app serve a path keyward cannot authorize; it is always removed"
                     ),
                 ));
             }

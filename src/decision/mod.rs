@@ -269,6 +269,7 @@ async fn decide<'a, B>(
         // A key in the query string would reach the app with the URI the front proxy
         // forwards whole: unless keys may be forwarded, it is not read here.
         query: original.query().filter(|_| app.config.forward_credential),
+        app_query: original.query(),
     };
     let path = original.path();
     Ok(

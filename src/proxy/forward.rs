@@ -243,7 +243,8 @@ impl Upstream {
             req.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        let head_start = tokio::time::Instant::now();
+        // One clock read for both (each is a `clock_gettime`, ~19 of them per request).
+        let head_start = tokio::time::Instant::from_std(start);
         let progress = (!fast && !http_body::Body::is_end_stream(req.body()))
             .then(|| Progress::new(head_start));
         let exchange = async {

@@ -208,12 +208,14 @@ fn introspect(
 }
 
 /// The request facts every front door turns its protocol into: the original method, the
-/// headers the credential and the delegation are read from, and the original query.
+/// headers the credential and the delegation are read from, the query a credential may be
+/// read from, and the original query (what the app reads, a `_method` in it too).
 #[derive(Debug, Clone, Copy)]
 pub struct Head<'a> {
     pub method: &'a http::Method,
     pub headers: &'a http::HeaderMap,
     pub query: Option<&'a str>,
+    pub app_query: Option<&'a str>,
 }
 
 impl<'a> Head<'a> {
@@ -222,6 +224,7 @@ impl<'a> Head<'a> {
             method: req.method(),
             headers: req.headers(),
             query: req.uri().query(),
+            app_query: req.uri().query(),
         }
     }
 }
@@ -287,6 +290,7 @@ pub async fn decide<'a>(
             )?
         }
     };
+    let alt = auth::overrides::with_query_method(alt, head.app_query, head.method, trace.path())?;
     let alt_route = alt.as_ref().map(|a| app.policy.app_route(&a.path));
     // What the app may read the path as (`/admin.json` as `/admin`) is authorized too.
     let reading = match route {
@@ -438,7 +442,14 @@ fn upstream_request(
     headers::strip_hop_by_hop(h, upgrade);
     headers::strip_trusted(h, &app.config.identity_headers.prefix);
     let peer_trusted = headers::is_trusted(&conn, &app.config.trusted_proxies);
-    headers::strip_untrusted(h, peer_trusted, &app.config.allow_override_headers);
+    let drop_respelled =
+        app.config.headers_with_underscores == crate::config::HeadersWithUnderscores::Drop;
+    headers::strip_untrusted(
+        h,
+        peer_trusted,
+        &app.config.allow_override_headers,
+        drop_respelled,
+    );
     headers::strip_credentials(
         h,
         app.policy.credential_headers(),

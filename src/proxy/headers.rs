@@ -228,8 +228,9 @@ fn is_override(name: &HeaderName, allowed: &[HeaderName]) -> bool {
 /// The override `name` is (its [`OVERRIDES`] entry, whichever of `-`, `_`, `.` it is
 /// spelled with), unless it is one of the `allowed` names, exactly as spelled.
 pub fn override_of(name: &HeaderName, allowed: &[HeaderName]) -> Option<&'static str> {
-    // Every override starts with `x`: most names are out at once.
-    if !name.as_str().starts_with('x') || allowed.contains(name) {
+    // Every override starts with `x`, `s` or `p`: most names are out at once.
+    let first = name.as_str().as_bytes().first();
+    if !matches!(first, Some(b'x' | b's' | b'p')) || allowed.contains(name) {
         return None;
     }
     OVERRIDES
@@ -242,16 +243,29 @@ pub fn override_of(name: &HeaderName, allowed: &[HeaderName]) -> Option<&'static
 /// and host overrides always (except the `allowed` names, exactly as spelled), and every
 /// forwarding header when the peer is not a trusted proxy. `_` and `.` spellings go too,
 /// since CGI/WSGI and nginx backends read them as the same header.
-pub fn strip_untrusted(headers: &mut HeaderMap, peer_trusted: bool, allowed: &[HeaderName]) {
+///
+/// With `drop_respelled` (`headers_with_underscores: drop`), every other name spelled with a
+/// separator but `-` goes too (an `allowed` override as spelled excepted).
+pub fn strip_untrusted(
+    headers: &mut HeaderMap,
+    peer_trusted: bool,
+    allowed: &[HeaderName],
+    drop_respelled: bool,
+) {
     let doomed = |n: &HeaderName| {
         // Every name of the lists starts with a letter `may_be_listed` admits.
-        n.as_str()
+        let listed = n
+            .as_str()
             .as_bytes()
             .first()
             .copied()
             .is_some_and(may_be_listed)
             && ((forwarding_not_kept(n.as_str(), peer_trusted) && is_forwarding(n.as_str()))
-                || is_override(n, allowed))
+                || is_override(n, allowed));
+        listed
+            || (drop_respelled
+                && crate::header_names::is_respelled(n.as_str())
+                && !allowed.contains(n))
     };
     if !headers.keys().any(doomed) {
         return;
@@ -369,8 +383,10 @@ mod tests {
 
     /// `override_of` and `strip_untrusted` skip names by their first letter.
     #[test]
-    fn every_override_starts_with_x() {
-        assert!(OVERRIDES.iter().all(|o| o.starts_with("x-")));
+    fn every_override_starts_with_a_letter_looked_at() {
+        assert!(OVERRIDES
+            .iter()
+            .all(|o| matches!(o.as_bytes()[0], b'x' | b's' | b'p')));
         let name = |s: &str| HeaderName::from_bytes(s.as_bytes()).unwrap();
         assert_eq!(
             override_of(&name("x_http.method-override"), &[]),
@@ -540,7 +556,7 @@ mod tests {
             ("x-forwardedness", "keep"),
             ("x-other", "keep"),
         ]);
-        strip_untrusted(&mut h, false, &[]);
+        strip_untrusted(&mut h, false, &[], false);
         assert_eq!(names(&h), ["x-forwardedness", "x-other"]);
     }
 
@@ -554,7 +570,7 @@ mod tests {
             ("x-original-url", "/admin"),
         ]);
         let allowed = [HeaderName::from_static("x-http-method-override")];
-        strip_untrusted(&mut h, true, &allowed);
+        strip_untrusted(&mut h, true, &allowed, false);
         assert_eq!(
             names(&h),
             ["forwarded", "x-forwarded-ssl", "x-http-method-override"]

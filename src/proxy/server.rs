@@ -61,17 +61,24 @@ async fn after(phase: &mut watch::Receiver<Phase>, told: Phase) -> Phase {
 
 /// [`after`], or [`Phase::Draining`] once a serving connection is `aged_at`: it is then
 /// drained alone (HTTP/2 GOAWAY, HTTP/1.1 `Connection: close` on its next response).
+///
+/// `None`: the connection is `overdue`, past its age and the grace after it, and is closed
+/// whatever it is doing. An HTTP/2 peer that never acknowledges the GOAWAY's PING would
+/// otherwise keep opening streams on it for good (and keep what its TLS handshake got).
 async fn after_or_aged(
     phase: &mut watch::Receiver<Phase>,
     told: Phase,
     aged_at: Option<Instant>,
-) -> Phase {
-    let Some(at) = aged_at.filter(|_| told == Phase::Serving) else {
-        return after(phase, told).await;
+    overdue: Duration,
+) -> Option<Phase> {
+    let (at, then) = match (aged_at, told) {
+        (Some(at), Phase::Serving) => (at, Some(Phase::Draining)),
+        (Some(at), Phase::Draining) => (at + overdue, None),
+        _ => return Some(after(phase, told).await),
     };
     tokio::select! {
-        next = after(phase, told) => next,
-        () = tokio::time::sleep_until(at) => Phase::Draining,
+        next = after(phase, told) => Some(next),
+        () = tokio::time::sleep_until(at) => then,
     }
 }
 
@@ -280,6 +287,8 @@ async fn serve_conn<I, D, F>(
     // Set once the connection is that old: its HTTP/1.1 responses say `Connection: close`,
     // so a client is told before the close, not surprised by it between two requests.
     let aged = aged_at.map(|_| Arc::new(AtomicBool::new(false)));
+    // An aged connection gets a drain's grace to finish what it is doing, then is closed.
+    let overdue = app.config.shutdown.grace;
     let aged_service = aged.clone();
     let activity = Arc::new(Activity::new(first_request, idle_timeout));
     let requests = activity.clone();
@@ -316,13 +325,17 @@ async fn serve_conn<I, D, F>(
     let mut told = Phase::Serving;
     let side = Arc::new(SideWaker::default());
     let result = loop {
-        let drained = after_or_aged(&mut drain, told, aged_at);
+        let drained = after_or_aged(&mut drain, told, aged_at, overdue);
         let watchdog = activity.idle_for(stall);
         tokio::pin!(drained, watchdog);
         let event = next_event(connection.as_mut(), drained, watchdog, closing, &side).await;
         let unserved = match event {
             Event::Ended(result) => break Some(result),
-            Event::Drain(Phase::Draining) => {
+            Event::Drain(None) => {
+                debug!(peer = %peer, "connection past max_connection_age and grace; closing");
+                break None;
+            }
+            Event::Drain(Some(Phase::Draining)) => {
                 // HTTP/2 gets its GOAWAY now; HTTP/1.1 responses say `Connection: close`.
                 if let Some(aged) = &aged {
                     aged.store(true, Ordering::Release);
@@ -331,7 +344,7 @@ async fn serve_conn<I, D, F>(
                 told = Phase::Draining;
                 false
             }
-            Event::Drain(_) => {
+            Event::Drain(Some(_)) => {
                 // keyward's server between requests shuts the stream down when polled next;
                 // otherwise the request in flight finishes first.
                 close.request();
@@ -383,8 +396,8 @@ async fn serve_conn<I, D, F>(
 /// What ended a wait of the connection's loop.
 enum Event<R> {
     Ended(R),
-    /// The listener moved on to this phase.
-    Drain(Phase),
+    /// The listener moved on to this phase (or, `None`, the connection is overdue).
+    Drain(Option<Phase>),
     Watchdog(Wake),
 }
 
@@ -424,7 +437,7 @@ async fn next_event<C, D, W>(
 ) -> Event<C::Output>
 where
     C: Future,
-    D: Future<Output = Phase>,
+    D: Future<Output = Option<Phase>>,
     W: Future<Output = Wake>,
 {
     side.woken.store(true, Ordering::SeqCst);
