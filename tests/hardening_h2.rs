@@ -775,3 +775,56 @@ async fn max_headers_holds_over_http2() {
     assert_eq!(r.status, 200, "{}", r.text());
     kw.shutdown().await;
 }
+
+/// `max_connection_age` over HTTP/2: a peer that never acknowledges the GOAWAY's PING (so
+/// never gets the final GOAWAY) and keeps opening streams loses the connection once the
+/// drain's grace after its age is over; it was served for good (and kept what its TLS
+/// handshake got, a CA since removed from `client_ca` included).
+#[tokio::test]
+async fn an_aged_h2_connection_whose_peer_never_acks_is_closed_after_the_grace() {
+    let up = spawn_upstream().await;
+    let extra =
+        "limits: { max_connection_age: 300ms }\nshutdown: { drain_delay: 0s, grace: 500ms }\n";
+    let kw = spawn_proxy(up.addr, extra).await;
+    let s = TcpStream::connect(kw.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let started = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut sink = vec![0u8; 1 << 16];
+        // PINGs are read and never acknowledged.
+        while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+        started.elapsed()
+    });
+    let request = |stream: u32| {
+        let block: Vec<u8> = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/v1/aged"),
+            (":authority", "a"),
+            ("x-api-key", KEY),
+        ]
+        .iter()
+        .flat_map(|(n, v)| hpack_literal(n, v))
+        .collect();
+        h2_frame(0x1, 0x5, stream, &block)
+    };
+    let mut first = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    first.extend(h2_frame(0x4, 0, 0, &[]));
+    wr.write_all(&first).await.unwrap();
+    let mut stream = 1;
+    while !reader.is_finished() && started.elapsed() < Duration::from_secs(6) {
+        if wr.write_all(&request(stream)).await.is_err() {
+            break;
+        }
+        stream += 2;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let closed_after = tokio::time::timeout(Duration::from_secs(1), reader)
+        .await
+        .expect("the aged connection was closed")
+        .unwrap();
+    // Age 300 ms + grace 500 ms, and the timers' slack.
+    assert!(closed_after < Duration::from_secs(3), "{closed_after:?}");
+    assert!(up.count() >= 3, "requests before the age were served");
+    kw.shutdown().await;
+}

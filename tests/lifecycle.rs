@@ -293,6 +293,34 @@ async fn file_source_refuses_control_writes() {
     kw.shutdown().await;
 }
 
+/// A key used only on the introspection path (to check itself) is a used key.
+#[tokio::test]
+async fn introspection_counts_as_usage() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let r = get(&kw.url("/auth"), &[("x-api-key", PERSONAL_KEY)]).await;
+    assert_eq!(r.status, 200);
+    let usage = get(
+        &kw.admin_url("/v1/keys/usage"),
+        &[("authorization", &admin_auth())],
+    )
+    .await
+    .json();
+    let entry = usage["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == "key_demo_personal")
+        .cloned();
+    assert_eq!(
+        entry.map(|e| e["requests"].clone()),
+        Some(1.into()),
+        "{usage}"
+    );
+    assert_eq!(up.count(), 0);
+    kw.shutdown().await;
+}
+
 #[tokio::test]
 async fn usage_survives_reload_and_drops_removed_keys() {
     let up = spawn_upstream().await;

@@ -982,3 +982,29 @@ async fn per_key_limit_bounds_the_expiry_series_to_the_soonest() {
     }
     kw.shutdown().await;
 }
+
+/// A YAML alias replays its anchored node at each use: a list anchored once and named by
+/// every key is a small push that builds millions of strings. Refused whole, naming where.
+#[tokio::test]
+async fn a_snapshot_with_yaml_aliases_is_refused() {
+    let up = spawn_upstream().await;
+    let kw = spawn_control(up.addr, Some(&plain(0..2)), "").await;
+    let anchored = format!(
+        "keys:\n  - {{ id: key_a, sha256: {}, type: service_account, subject_id: s, account_id: a, scopes: &s [read, write] }}\n  - {{ id: key_b, sha256: {}, type: service_account, subject_id: s, account_id: a, scopes: *s }}\n",
+        sha(5),
+        sha(6)
+    );
+    let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", &anchored).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("line 3") && r.text().contains("aliases"),
+        "{}",
+        r.text()
+    );
+    let r = admin(&kw, "PUT", "/v1/snapshot", &anchored).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    // The last good snapshot stays.
+    assert_eq!(status_with(&kw, &raw(1)).await, 200);
+    assert_eq!(status_with(&kw, &raw(5)).await, 401);
+    kw.shutdown().await;
+}

@@ -986,7 +986,7 @@ async fn a_stalled_body_is_400_and_a_steady_one_outlasts_upstream_timeout() {
     let up = Scripted::start(&[]).await;
     let kw = spawn_proxy(
         up.addr,
-        "workers: 1\nlimits: { upstream_timeout: 1s, body_stall_timeout: 700ms }\n",
+        "workers: 1\nlimits: { upstream_timeout: 1s, body_stall_timeout: 700ms, body_min_rate: 40 }\n",
     )
     .await;
     let start = |len: usize| {
@@ -1020,6 +1020,48 @@ async fn a_stalled_body_is_400_and_a_steady_one_outlasts_upstream_timeout() {
         "a 2.4 s upload with upstream_timeout 1s: {}",
         r.text()
     );
+    kw.shutdown().await;
+}
+
+/// A byte now and then resets the stall bound, so a body trickled below
+/// `limits.body_min_rate` (to a public route, no key needed) would hold its upstream
+/// connection and `max_in_flight` slot for good: it is refused 400 once its first
+/// `body_stall_timeout` is spent.
+#[tokio::test]
+async fn a_trickled_body_is_cut_once_below_the_minimum_rate() {
+    let up = Scripted::start(&[]).await;
+    let kw = spawn_proxy(
+        up.addr,
+        "workers: 1\nlimits: { max_in_flight: 1, body_stall_timeout: 700ms, body_min_rate: 40 }\n",
+    )
+    .await;
+    let mut trickle = TcpStream::connect(kw.addr).await.unwrap();
+    let head = format!(
+        "POST /reads/x HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: 1000\r\nconnection: close\r\n\r\n"
+    );
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    // A byte every 200 ms (5 bytes/s): never a 700 ms gap.
+    while started.elapsed() < Duration::from_secs(6) {
+        if trickle.write_all(b"x").await.is_err() {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), trickle.read_buf(&mut out)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            _ => {}
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), trickle.read_to_end(&mut out)).await;
+    let r = parse(&out, false);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // Its slot is free again.
+    assert_eq!(request(kw.addr, "GET", "/other").await.status, 200);
     kw.shutdown().await;
 }
 

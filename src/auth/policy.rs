@@ -157,6 +157,28 @@ impl Policy {
         &self.credential_headers
     }
 
+    /// Could a correlation id a client sent be a key? One that starts with a configured key
+    /// prefix, or is the credential this request carries (`x-request-id: <the key>`):
+    /// logged, echoed and forwarded, it would put a raw key where none may be.
+    pub fn could_be_a_key(&self, value: &[u8], headers: &http::HeaderMap) -> bool {
+        let presented = |c: &http::HeaderValue| {
+            let c = c.as_bytes();
+            // Whole (`X-API-Key`), or the token after a scheme (`Bearer <key>`).
+            c == value
+                || (c.len() > value.len()
+                    && c.ends_with(value)
+                    && c[c.len() - value.len() - 1] == b' ')
+        };
+        self.prefixes
+            .iter()
+            .any(|(p, _)| value.starts_with(p.as_bytes()))
+            || self
+                .credential_headers
+                .iter()
+                .flat_map(|n| headers.get_all(n))
+                .any(presented)
+    }
+
     /// The query parameter a credential may arrive in, if configured.
     pub fn credential_query(&self) -> Option<&str> {
         self.credentials.iter().find_map(|c| match c {

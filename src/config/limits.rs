@@ -41,6 +41,12 @@ pub struct Limits {
     /// long as its client stays connected.
     #[serde(deserialize_with = "de_duration")]
     pub body_stall_timeout: Duration,
+    /// The least average rate, in bytes per second, a request body on its way upstream must
+    /// keep after its first `body_stall_timeout` (Apache's `mod_reqtimeout` `MinRate`): a
+    /// byte now and then resets the stall bound, so without it a body trickled to a public
+    /// route holds its upstream connection and `max_in_flight` slot for good. 0: no bound
+    /// (long-lived streaming uploads, such as gRPC client streams that send little).
+    pub body_min_rate: u64,
     /// How long an upgraded (WebSocket) tunnel may move no byte either way before it is
     /// closed.
     #[serde(deserialize_with = "de_duration")]
@@ -72,6 +78,7 @@ impl Default for Limits {
             upstream_max_idle_per_host: 256,
             write_stall_timeout: Duration::from_secs(30),
             body_stall_timeout: Duration::from_secs(30),
+            body_min_rate: 500,
             tunnel_idle_timeout: Duration::from_secs(3600),
             max_connection_age: None,
         }

@@ -93,7 +93,7 @@ pub struct Config {
     #[serde(default)]
     pub forward_credential: bool,
     pub keys: KeysConfig,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "yaml::de_unique_map")]
     pub prefixes: BTreeMap<String, Vec<PrincipalType>>,
     #[serde(default = "rules::default_scopes")]
     pub scopes: Vec<ScopeRule>,

@@ -4,6 +4,7 @@
 //! serde_yaml is deprecated upstream, so it is only ever called from [`parse_yaml`]: swapping
 //! it for a maintained YAML crate touches this one function.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use http::{HeaderName, Method};
@@ -139,6 +140,38 @@ pub(super) fn de_header_names<'de, D: serde::Deserializer<'de>>(
                 .map_err(|_| serde::de::Error::custom(format!("{n:?} is not a header name")))
         })
         .collect()
+}
+
+/// A mapping whose keys are unique: serde's own map reading lets a repeated key replace
+/// the first silently (a templated config listing `sta_:` twice would widen or narrow
+/// what the prefix admits without a word), while a repeated struct field is refused.
+pub(super) fn de_unique_map<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Unique<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a mapping")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(k) = a.next_key::<String>()? {
+                if out.contains_key(&k) {
+                    return Err(serde::de::Error::custom("the same key is listed twice"));
+                }
+                let v = a.next_value()?;
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique(std::marker::PhantomData))
 }
 
 pub(super) fn de_methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Method>, D::Error> {

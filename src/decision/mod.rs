@@ -190,7 +190,7 @@ pub async fn handle<B>(
     caller_trusted: bool,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let cid = respond::correlation_id(req.headers(), worker.ids());
+    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy);
     let http2 = req.version() == http::Version::HTTP_2;
     let asked_with = req.method().clone();
     let Some(endpoint) = Endpoint::of(req.uri().path()) else {

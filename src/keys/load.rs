@@ -229,13 +229,19 @@ fn yaml_bytes(bytes: &[u8], prior: Option<&Snapshot>) -> Result<Built, SnapshotE
 /// A YAML document read whole; a syntax or type error names where it is
 /// (`keys[3].scopes: invalid type ...`).
 fn yaml(text: &str, prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
-    if let Err(at) = nesting::check(text.as_bytes(), nesting::MAX_DEPTH) {
-        return Err(SnapshotError::Parse(format!(
-            "line {} column {}: nested more than {} levels deep",
-            at.line,
-            at.column,
-            nesting::MAX_DEPTH
-        )));
+    match nesting::check(text.as_bytes(), nesting::MAX_DEPTH) {
+        Ok(()) => {}
+        Err(nesting::Refused::TooDeep { line, column }) => {
+            return Err(SnapshotError::Parse(format!(
+                "line {line} column {column}: nested more than {} levels deep",
+                nesting::MAX_DEPTH
+            )))
+        }
+        Err(nesting::Refused::Alias { line, column }) => {
+            return Err(SnapshotError::Parse(format!(
+                "line {line} column {column}: aliases (`*name`) are not accepted in a snapshot"
+            )))
+        }
     }
     let mut progress = Progress::default();
     let mut track = serde_path_to_error::Track::new();

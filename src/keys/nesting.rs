@@ -21,22 +21,27 @@ use unsafe_libyaml as unsafe_sys;
 /// depths that cost anything.
 pub const MAX_DEPTH: usize = 64;
 
-/// Where the first collection past the bound opens (1-based, as editors count).
+/// What the pass refuses, and where (1-based, as editors count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TooDeep {
-    pub line: u64,
-    pub column: u64,
+pub enum Refused {
+    /// The first collection past the bound opens here.
+    TooDeep { line: u64, column: u64 },
+    /// An alias (`*name`): serde_yaml replays the anchored node at each one, so a list of
+    /// 50,000 scopes anchored once and named by 3,000 keys is an 850 KB push that builds
+    /// 150 million strings (minutes of CPU, the push turn held). No snapshot needs one.
+    Alias { line: u64, column: u64 },
 }
 
-/// `Err` when a collection in `text` opens more than `limit` levels deep. A syntax error
-/// ends the pass without one: the real parse, which reads the same events, reports it.
-pub fn check(text: &[u8], limit: usize) -> Result<(), TooDeep> {
+/// `Err` when a collection in `text` opens more than `limit` levels deep, or at the first
+/// alias. A syntax error ends the pass without one: the real parse, which reads the same
+/// events, reports it.
+pub fn check(text: &[u8], limit: usize) -> Result<(), Refused> {
     // Only flow collections cost: each opens at a `[` or `{`, so with no more of those than
     // the bound none can nest deeper, and the pass is not needed (block-style snapshots
     // skip it this way; block nesting costs libyaml nothing extra, and serde_yaml's own
-    // recursion limit refuses it).
+    // recursion limit refuses it). An alias names an anchor, which needs a `&`.
     let mut flow_opens = text.iter().filter(|b| matches!(b, b'[' | b'{'));
-    if flow_opens.nth(limit).is_none() {
+    if flow_opens.nth(limit).is_none() && !text.contains(&b'&') {
         return Ok(());
     }
     let Some(mut parser) = Parser::new(text) else {
@@ -49,11 +54,17 @@ pub fn check(text: &[u8], limit: usize) -> Result<(), TooDeep> {
             Event::Open { line, column } => {
                 depth += 1;
                 if depth > limit {
-                    return Err(TooDeep {
+                    return Err(Refused::TooDeep {
                         line: line.saturating_add(1),
                         column: column.saturating_add(1),
                     });
                 }
+            }
+            Event::Alias { line, column } => {
+                return Err(Refused::Alias {
+                    line: line.saturating_add(1),
+                    column: column.saturating_add(1),
+                })
             }
             Event::Close => depth = depth.saturating_sub(1),
             Event::Other => {}
@@ -65,6 +76,7 @@ pub fn check(text: &[u8], limit: usize) -> Result<(), TooDeep> {
 
 enum Event {
     Open { line: u64, column: u64 },
+    Alias { line: u64, column: u64 },
     Close,
     Other,
     End,
@@ -128,6 +140,10 @@ impl<'input> Parser<'input> {
                 unsafe_sys::YAML_SEQUENCE_END_EVENT | unsafe_sys::YAML_MAPPING_END_EVENT => {
                     Event::Close
                 }
+                unsafe_sys::YAML_ALIAS_EVENT => Event::Alias {
+                    line: (*e).start_mark.line,
+                    column: (*e).start_mark.column,
+                },
                 // No event: libyaml has nothing more to give (never after a success).
                 unsafe_sys::YAML_STREAM_END_EVENT | unsafe_sys::YAML_NO_EVENT => Event::End,
                 _ => Event::Other,
@@ -165,7 +181,7 @@ mod tests {
         // `keys:` opens the document's mapping (level 1), so level 65 is the 64th '['.
         assert_eq!(
             check(text.as_bytes(), 64),
-            Err(TooDeep {
+            Err(Refused::TooDeep {
                 line: 1,
                 column: 6 + 64
             })
@@ -184,6 +200,20 @@ mod tests {
         assert_eq!(check(block.as_bytes(), 64), Ok(()));
         let mixed = format!("{block}other: [{}]\n", "[], ".repeat(64));
         assert!(check(mixed.as_bytes(), 64).is_err());
+    }
+
+    #[test]
+    fn an_alias_is_refused_where_it_is_and_an_ampersand_in_a_scalar_is_not_one() {
+        let text = "keys:\n  - scopes: &s [a, b]\n  - scopes: *s\n";
+        assert_eq!(
+            check(text.as_bytes(), 64),
+            Err(Refused::Alias {
+                line: 3,
+                column: 13
+            })
+        );
+        let text = "keys:\n  - subject_email: \"a&b@example.com\"\n    scopes: [\"*\"]\n";
+        assert_eq!(check(text.as_bytes(), 64), Ok(()));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::h1::{self, H1Error};
 use super::headers::{self, Identity};
 use super::pool::{self, Pool, PoolConfig};
 use super::tunnel::{LastActive, Watched};
-use super::upload::{OutBody, Progress, Upload, UploadError};
+use super::upload::{BodyPace, OutBody, Progress, Upload, UploadError};
 use super::upstream_target::UpstreamTarget;
 use super::worker::Busy;
 use super::{Body, RequestBody, UpstreamBody};
@@ -47,6 +47,9 @@ pub enum ProxyError {
     /// The client's request body went `limits.body_stall_timeout` without a byte.
     #[error("request body stalled: no byte for {0:?}")]
     BodyStalled(Duration),
+    /// The client's request body fell below `limits.body_min_rate`.
+    #[error("request body too slow")]
+    BodyTooSlow,
 }
 
 impl ProxyError {
@@ -59,7 +62,8 @@ impl ProxyError {
             | ProxyError::Fast(_)
             | ProxyError::UnexpectedUpgrade
             | ProxyError::RequestBody(_)
-            | ProxyError::BodyStalled(_) => UpstreamErrorKind::Other,
+            | ProxyError::BodyStalled(_)
+            | ProxyError::BodyTooSlow => UpstreamErrorKind::Other,
         }
     }
 
@@ -67,7 +71,7 @@ impl ProxyError {
     pub fn is_upstream_fault(&self) -> bool {
         !matches!(
             self,
-            ProxyError::RequestBody(_) | ProxyError::BodyStalled(_)
+            ProxyError::RequestBody(_) | ProxyError::BodyStalled(_) | ProxyError::BodyTooSlow
         )
     }
 
@@ -77,7 +81,7 @@ impl ProxyError {
             ProxyError::RequestBody(_) => {
                 crate::auth::Reject::BadRequest(crate::auth::reject::BadRequest::Body)
             }
-            ProxyError::BodyStalled(_) => {
+            ProxyError::BodyStalled(_) | ProxyError::BodyTooSlow => {
                 crate::auth::Reject::BadRequest(crate::auth::reject::BadRequest::BodyStalled)
             }
             _ => crate::auth::Reject::UpstreamUnavailable,
@@ -145,8 +149,8 @@ pub struct Upstream {
     /// Also names this upstream's pool on every worker thread.
     pool: Arc<PoolConfig>,
     timeout: Duration,
-    /// `limits.body_stall_timeout`: see [`Upload`].
-    body_stall: Duration,
+    /// `limits.body_stall_timeout` and `limits.body_min_rate`: see [`Upload`].
+    body_pace: BodyPace,
     /// `Fast`: bodiless requests go through keyward's own HTTP/1.1 client (`h1`).
     client: UpstreamClient,
     /// `upstream_reuse_after_body`: see [`may_leave_bytes_behind`].
@@ -164,7 +168,10 @@ impl Upstream {
                 limits,
             )),
             timeout: limits.upstream_timeout,
-            body_stall: limits.body_stall_timeout,
+            body_pace: BodyPace {
+                gap: limits.body_stall_timeout,
+                min_rate: limits.body_min_rate,
+            },
             reuse_after_body: false,
         }
     }
@@ -256,7 +263,7 @@ impl Upstream {
                 }
                 let req = req.map(|body| match (body, &progress) {
                     (http_body_util::Either::Left(body), Some(progress)) => {
-                        OutBody::Left(Upload::new(body, self.body_stall, progress.clone()))
+                        OutBody::Left(Upload::new(body, self.body_pace, progress.clone()))
                     }
                     _ => OutBody::Right(http_body_util::Empty::new()),
                 });
@@ -387,6 +394,7 @@ impl Upstream {
 fn send_error(e: hyper::Error) -> ProxyError {
     match upload_error(&e) {
         Some(UploadError::Stalled(gap)) => ProxyError::BodyStalled(*gap),
+        Some(UploadError::TooSlow(_)) => ProxyError::BodyTooSlow,
         Some(UploadError::Client(_)) => ProxyError::RequestBody(e),
         None => ProxyError::Exchange(e),
     }

@@ -65,7 +65,7 @@ pub async fn handle(
     req: Request<RequestBody>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let cid = respond::correlation_id(req.headers(), worker.ids());
+    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy);
     let method = req.method().clone();
     let http2 = req.version() == http::Version::HTTP_2;
     // The target is kept (a reference count, not a copy) so the path can be borrowed while
@@ -326,10 +326,12 @@ pub async fn decide<'a>(
     }
     // A question asked with a key is a request by that key: it spends its quota.
     let quota = rate_limit(app, &principal).await?;
+    // And it is a use of the key: one used only to check itself is not idle (the dry run
+    // warns before removing a recently used key).
+    app.usage.record(&principal.key.id, now);
     if !check_scope {
         return Ok(Verdict::Introspection(principal, quota));
     }
-    app.usage.record(&principal.key.id, now);
     Ok(Verdict::Protected(principal, quota))
 }
 
@@ -610,7 +612,7 @@ fn introspection_body(app: &App, p: &Principal, cid: &HeaderValue) -> serde_json
 /// say (neither could be read).
 pub fn refused_head(worker: &Worker, status: StatusCode, code: Code) {
     worker.metrics().record_request(code, Duration::ZERO);
-    let cid = respond::correlation_id(&http::HeaderMap::new(), worker.ids());
+    let cid = worker.ids().mint();
     info!(
         target: "keyward::access",
         correlation_id = cid.to_str().unwrap_or_default(),

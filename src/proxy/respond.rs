@@ -9,6 +9,7 @@ use http::{HeaderMap, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::Body;
+use crate::auth::policy::Policy;
 use crate::auth::ratelimit::Quota;
 use crate::auth::Reject;
 
@@ -86,12 +87,15 @@ pub fn set_quota(h: &mut HeaderMap, quota: &Quota) {
 }
 
 /// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
-/// `[A-Za-z0-9._:-]`, otherwise mint a UUID v4 from the worker's `ids`.
-pub fn correlation_id(headers: &HeaderMap, ids: &Ids) -> HeaderValue {
+/// `[A-Za-z0-9._:-]` and could not be a key (`policy`), otherwise mint a UUID v4 from the
+/// worker's `ids`.
+pub fn correlation_id(headers: &HeaderMap, ids: &Ids, policy: &Policy) -> HeaderValue {
     [&X_CORRELATION_ID, &X_REQUEST_ID]
         .into_iter()
         .filter_map(|name| headers.get(name))
-        .find(|v| valid_correlation_id(v.as_bytes()))
+        .find(|v| {
+            valid_correlation_id(v.as_bytes()) && !policy.could_be_a_key(v.as_bytes(), headers)
+        })
         .cloned()
         .unwrap_or_else(|| ids.mint())
 }
@@ -106,7 +110,7 @@ pub struct Ids(std::sync::Mutex<bytes::BytesMut>);
 const IDS_PER_SLAB: usize = 112;
 
 impl Ids {
-    fn mint(&self) -> HeaderValue {
+    pub fn mint(&self) -> HeaderValue {
         const LEN: usize = uuid::fmt::Hyphenated::LENGTH;
         let mut buf = [0u8; LEN];
         uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
@@ -132,8 +136,15 @@ fn valid_correlation_id(v: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn policy() -> Policy {
+        let shipped = include_str!("../../config/keyward.yaml");
+        Policy::new(&crate::config::Config::from_yaml(shipped).unwrap())
+    }
+
     #[test]
     fn correlation_id_rules() {
+        let policy = policy();
+        let correlation_id = |h: &HeaderMap, ids: &Ids| correlation_id(h, ids, &policy);
         let mut h = HeaderMap::new();
         let ids = Ids::default();
         let minted = correlation_id(&h, &ids);
@@ -151,12 +162,45 @@ mod tests {
         assert_eq!(correlation_id(&h, &ids).len(), 36);
     }
 
+    /// A key sent as the correlation id (the request's own, or any with a key prefix) would
+    /// be logged, echoed and forwarded: a fresh id is minted instead.
+    #[test]
+    fn a_correlation_id_that_could_be_a_key_is_replaced() {
+        let policy = policy();
+        let ids = Ids::default();
+        let key = "k3y-0123456789abcdef";
+        for (name, value) in [
+            ("x-api-key", key.to_string()),
+            ("authorization", format!("Bearer {key}")),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_str(&value).unwrap());
+            h.insert(
+                "x-request-id",
+                HeaderValue::from_static("k3y-0123456789abcdef"),
+            );
+            assert_eq!(correlation_id(&h, &ids, &policy).len(), 36, "{name}");
+            h.insert("x-request-id", HeaderValue::from_static("0123456789abcdef"));
+            assert_eq!(
+                correlation_id(&h, &ids, &policy),
+                "0123456789abcdef",
+                "{name}"
+            );
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-correlation-id",
+            HeaderValue::from_static("sta_leaked_key_0123456789"),
+        );
+        assert_eq!(correlation_id(&h, &ids, &policy).len(), 36);
+    }
+
     #[test]
     fn minted_ids_are_distinct_uuids_across_slabs() {
         let ids = Ids::default();
         let none = HeaderMap::new();
         let minted: Vec<HeaderValue> = (0..3 * IDS_PER_SLAB)
-            .map(|_| correlation_id(&none, &ids))
+            .map(|_| correlation_id(&none, &ids, &policy()))
             .collect();
         let distinct: std::collections::HashSet<_> = minted.iter().collect();
         assert_eq!(distinct.len(), minted.len());

@@ -4,7 +4,9 @@
 //! so a body still pending when the answer comes holds a `max_in_flight` slot of its own
 //! until it ends (before the answer, the request's own slot covers it: one body, one slot);
 //! and a body that goes
-//! `limits.body_stall_timeout` without a byte is cut off, which closes that connection. Its
+//! `limits.body_stall_timeout` without a byte, or whose average rate falls below
+//! `limits.body_min_rate` after its first `body_stall_timeout`, is cut off, which closes
+//! that connection. Its
 //! progress also moves the deadline of the response head (`upstream_timeout` counts from the
 //! last byte of the body, so a steady upload is never cut off for being long).
 
@@ -32,6 +34,36 @@ pub enum UploadError {
     Client(#[source] hyper::Error),
     #[error("request body stalled: no byte for {0:?}")]
     Stalled(Duration),
+    #[error("request body below {0} bytes per second")]
+    TooSlow(u64),
+}
+
+/// How a body must keep moving: a byte at least every `gap`, and after the first `gap` on
+/// average `min_rate` bytes per second (0: no rate). Each byte received buys `1 / min_rate`
+/// of a second more, so a body trickled a byte per `gap` is cut once its first `gap` is
+/// spent, and one sent at the rate or faster never is.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyPace {
+    pub gap: Duration,
+    pub min_rate: u64,
+}
+
+impl BodyPace {
+    /// When a body that began at `start` and has brought `received` bytes by `now` is cut
+    /// off, and whether for its rate (else for its gap).
+    fn deadline(&self, start: Instant, received: u64, now: Instant) -> (Instant, bool) {
+        let by_gap = now + self.gap;
+        if self.min_rate == 0 {
+            return (by_gap, false);
+        }
+        let earned = Duration::from_secs_f64(received as f64 / self.min_rate as f64);
+        let by_rate = start + self.gap + earned;
+        if by_rate < by_gap {
+            (by_rate, true)
+        } else {
+            (by_gap, false)
+        }
+    }
 }
 
 /// When the body last moved, in ms since `origin`, read by the deadline of the response head;
@@ -90,17 +122,25 @@ impl Progress {
 /// The client's body, forwarded: see the module doc.
 pub struct Upload {
     inner: Incoming,
-    gap: Duration,
+    pace: BodyPace,
+    start: Instant,
+    received: u64,
+    /// Whether `stall` is the rate's deadline (else the gap's).
+    for_rate: bool,
     stall: Pin<Box<Sleep>>,
     progress: Arc<Progress>,
 }
 
 impl Upload {
-    pub fn new(inner: Incoming, gap: Duration, progress: Arc<Progress>) -> Self {
+    pub fn new(inner: Incoming, pace: BodyPace, progress: Arc<Progress>) -> Self {
+        let start = Instant::now();
         Self {
             inner,
-            gap,
-            stall: Box::pin(tokio::time::sleep(gap)),
+            pace,
+            start,
+            received: 0,
+            for_rate: false,
+            stall: Box::pin(tokio::time::sleep_until(start + pace.gap)),
             progress,
         }
     }
@@ -128,7 +168,13 @@ impl Body for Upload {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.progress.touch();
-                this.stall.as_mut().reset(Instant::now() + this.gap);
+                let len = frame.data_ref().map_or(0, Bytes::len);
+                this.received = this.received.saturating_add(len as u64);
+                let (at, for_rate) = this
+                    .pace
+                    .deadline(this.start, this.received, Instant::now());
+                this.for_rate = for_rate;
+                this.stall.as_mut().reset(at);
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -143,7 +189,10 @@ impl Body for Upload {
             Poll::Pending => match this.stall.as_mut().poll(cx) {
                 Poll::Ready(()) => {
                     this.ended();
-                    Poll::Ready(Some(Err(UploadError::Stalled(this.gap))))
+                    Poll::Ready(Some(Err(match this.for_rate {
+                        true => UploadError::TooSlow(this.pace.min_rate),
+                        false => UploadError::Stalled(this.pace.gap),
+                    })))
                 }
                 Poll::Pending => Poll::Pending,
             },
@@ -156,5 +205,36 @@ impl Body for Upload {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_is_cut_by_its_gap_or_once_below_its_rate() {
+        let pace = BodyPace {
+            gap: Duration::from_secs(30),
+            min_rate: 500,
+        };
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        // A byte early on: due by the end of the first gap (and 2 ms it bought).
+        let ms = Duration::from_millis;
+        assert_eq!(pace.deadline(t0, 1, t0 + s(2)), (t0 + s(30) + ms(2), true));
+        assert_eq!(pace.deadline(t0, 0, t0), (t0 + s(30), false));
+        // A byte every 20 s: cut once the first 30 s are spent, not a gap after each byte.
+        assert_eq!(pace.deadline(t0, 3, t0 + s(60)), (t0 + s(30) + ms(6), true));
+        // At the rate or above, the gap is the bound.
+        assert_eq!(
+            pace.deadline(t0, 500 * 120, t0 + s(100)),
+            (t0 + s(130), false)
+        );
+        let off = BodyPace {
+            min_rate: 0,
+            ..pace
+        };
+        assert_eq!(off.deadline(t0, 3, t0 + s(60)), (t0 + s(90), false));
     }
 }
