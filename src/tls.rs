@@ -107,6 +107,20 @@ fn file_err(field: &'static str, path: &Path, reason: impl ToString) -> TlsError
     }
 }
 
+/// The CRLs of a `tls.client_crl` file: at least one, each well-formed.
+fn revocation_lists(
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+    let crls: Vec<_> = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err("client_crl", path, e))?;
+    if crls.is_empty() {
+        return Err(file_err("client_crl", path, "no PEM revocation list found"));
+    }
+    Ok(crls)
+}
+
 /// Largest certificate, key or CA bundle file read (a full public CA bundle is about 250 KB).
 const TLS_FILE_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -115,6 +129,7 @@ struct TlsFiles {
     cert: Vec<u8>,
     key: Vec<u8>,
     client_ca: Option<Vec<u8>>,
+    client_crl: Option<Vec<u8>>,
 }
 
 impl TlsFiles {
@@ -130,6 +145,10 @@ impl TlsFiles {
                 Some(ca) => Some(read("client_ca", ca)?),
                 None => None,
             },
+            client_crl: match &tls.client_crl {
+                Some(crl) => Some(read("client_crl", crl)?),
+                None => None,
+            },
         })
     }
 
@@ -137,7 +156,13 @@ impl TlsFiles {
     /// as a change.
     fn fingerprint(&self) -> [u8; 32] {
         let mut h = Sha256::new();
-        for part in [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()] {
+        let parts = [
+            Some(&self.cert),
+            Some(&self.key),
+            self.client_ca.as_ref(),
+            self.client_crl.as_ref(),
+        ];
+        for part in parts {
             match part {
                 Some(bytes) => {
                     h.update((bytes.len() as u64 + 1).to_be_bytes());
@@ -177,10 +202,20 @@ impl TlsFiles {
                 }
                 // Client certificates are mandatory: `build()` without
                 // `allow_unauthenticated()` refuses a client that presents none.
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                        .build()
-                        .map_err(|e| file_err("client_ca", path, e))?;
+                let mut verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                if let (Some(crl_path), Some(crl_pem)) = (&tls.client_crl, &self.client_crl) {
+                    let crls = revocation_lists(crl_path, crl_pem)?;
+                    // The client's own certificate is checked; intermediates are the CA's.
+                    verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+                }
+                // The lists are parsed here: a broken one is named at load.
+                let verifier = verifier.build().map_err(|e| match (e, &tls.client_crl) {
+                    (e @ rustls::server::VerifierBuilderError::InvalidCrl(_), Some(crl)) => {
+                        file_err("client_crl", crl, e)
+                    }
+                    (e, _) => file_err("client_ca", path, e),
+                })?;
                 builder.with_client_cert_verifier(verifier)
             }
             _ => builder.with_no_client_auth(),
@@ -300,11 +335,16 @@ impl TlsAcceptor {
 pub async fn watch(acceptor: TlsAcceptor, tls: TlsConfig) {
     let last = acceptor.loaded;
     let interval = tls.poll_interval;
-    let paths = [Some(&tls.cert), Some(&tls.key), tls.client_ca.as_ref()]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
+    let paths = [
+        Some(&tls.cert),
+        Some(&tls.key),
+        tls.client_ca.as_ref(),
+        tls.client_crl.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .cloned()
+    .collect();
     Watch::new(
         TlsWatch {
             acceptor,
@@ -464,6 +504,7 @@ mod tests {
             cert: dir.join("tls.crt"),
             key: dir.join("tls.key"),
             client_ca: client_ca.then(|| dir.join("ca.crt")),
+            client_crl: None,
             poll_interval: Duration::from_millis(50),
         }
     }
@@ -507,6 +548,24 @@ mod tests {
         assert!(err(&with_ca).starts_with("tls.client_ca: "));
         std::fs::write(dir.path().join("ca.crt"), "").unwrap();
         assert!(err(&with_ca).starts_with("tls.client_ca: "));
+
+        std::fs::write(dir.path().join("ca.crt"), &cert).unwrap();
+        let crl = dir.path().join("ca.crl");
+        let with_crl = TlsConfig {
+            client_crl: Some(crl.clone()),
+            ..with_ca
+        };
+        for content in [
+            "",
+            "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+        ] {
+            std::fs::write(&crl, content).unwrap();
+            assert!(
+                err(&with_crl).starts_with("tls.client_crl: "),
+                "{}",
+                err(&with_crl)
+            );
+        }
     }
 
     #[test]
@@ -515,11 +574,13 @@ mod tests {
             cert: b"ab".to_vec(),
             key: b"c".to_vec(),
             client_ca: None,
+            client_crl: None,
         };
         let b = TlsFiles {
             cert: b"a".to_vec(),
             key: b"bc".to_vec(),
             client_ca: None,
+            client_crl: None,
         };
         let c = TlsFiles {
             client_ca: Some(Vec::new()),
@@ -527,6 +588,7 @@ mod tests {
                 cert: b"ab".to_vec(),
                 key: b"c".to_vec(),
                 client_ca: None,
+                client_crl: None,
             }
         };
         assert_ne!(a.fingerprint(), b.fingerprint());
@@ -536,7 +598,8 @@ mod tests {
             TlsFiles {
                 cert: b"ab".to_vec(),
                 key: b"c".to_vec(),
-                client_ca: None
+                client_ca: None,
+                client_crl: None,
             }
             .fingerprint()
         );

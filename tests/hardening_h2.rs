@@ -727,6 +727,60 @@ async fn idle_websocket_tunnel_is_closed_and_frees_its_slot() {
     kw.shutdown().await;
 }
 
+/// An open tunnel carries traffic keyward never sees as requests: once its key no longer
+/// stands (disabled here; revoked, expired, changed or removed alike) or its connection
+/// reaches `max_connection_age`, it is closed. It kept passing bytes for good.
+#[tokio::test]
+async fn a_tunnel_closes_when_its_key_is_disabled_or_its_connection_ages() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let open = |addr: SocketAddr| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(ws_handshake(KEY).as_bytes()).await.unwrap();
+        let head = read_head(&mut s).await.expect("handshake answered");
+        assert_eq!(raw_status(&head), 101, "{head}");
+        s
+    };
+    let echoes = |mut s: TcpStream| async move {
+        // Sends until the tunnel closes; how long it stayed open.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(6) {
+            if s.write_all(b"ping").await.is_err() {
+                break;
+            }
+            let mut echo = [0u8; 4];
+            match tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut echo)).await {
+                Ok(Ok(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                _ => break,
+            }
+        }
+        start.elapsed()
+    };
+    let s = open(kw.addr).await;
+    let disabled = DEMO_KEYS.replacen("status: active", "status: disabled", 1);
+    assert!(disabled.contains("key_demo_service") && disabled != DEMO_KEYS);
+    std::fs::write(kw.keys_file(), &disabled).unwrap();
+    eventually("the key is disabled", || async {
+        get(&kw.url("/v1/x"), &[("x-api-key", KEY)]).await.status == 401
+    })
+    .await;
+    let open_for = echoes(s).await;
+    assert!(
+        open_for < Duration::from_secs(3),
+        "still open after {open_for:?}"
+    );
+    kw.shutdown().await;
+
+    let kw = spawn_proxy(up.addr, "limits: { max_connection_age: 500ms }\n").await;
+    let s = open(kw.addr).await;
+    let open_for = echoes(s).await;
+    assert!(
+        open_for >= Duration::from_millis(300) && open_for < Duration::from_secs(3),
+        "{open_for:?}"
+    );
+    kw.shutdown().await;
+}
+
 /// keyward's own answer to a `HEAD` (introspection, a 401, a 403) carries its headers and
 /// no body, over HTTP/2 as over HTTP/1.1: hyper's HTTP/2 server sent the body, and the
 /// client reset the stream (PROTOCOL_ERROR), so no answer arrived at all.

@@ -120,6 +120,28 @@ fn authorize(
     Ok(delegated_account)
 }
 
+/// Does `key`, which let a request in earlier, still stand as it was: in the snapshot in
+/// force (not stale) under its digest, unchanged, active, in its time window and its
+/// environment? An upgraded tunnel asks while it is open: it carries traffic of its own,
+/// which a revoke, an expiry or a narrowed key must stop too.
+pub fn still_stands(
+    key: &Arc<Key>,
+    snapshot: Option<&Snapshot>,
+    policy: &Policy,
+    now: SystemTime,
+) -> Result<(), Reject> {
+    let snapshot = snapshot
+        .filter(|s| !s.is_stale(now))
+        .ok_or(Reject::AuthUnavailable)?;
+    let current = snapshot.lookup(key.digest()).ok_or(Reject::InvalidApiKey)?;
+    // Unchanged: a reload keeps the keys it did not change (the same record), and any
+    // change (scopes narrowed, delegation taken away) ends what was allowed with the old.
+    if !Arc::ptr_eq(current, key) && **current != **key {
+        return Err(Reject::InvalidApiKey);
+    }
+    check_key_state(current, policy, now)
+}
+
 fn check_key_state(key: &Key, policy: &Policy, now: SystemTime) -> Result<(), Reject> {
     if key.status == Status::Disabled {
         return Err(Reject::DisabledApiKey);

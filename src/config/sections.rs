@@ -23,6 +23,11 @@ pub struct TlsConfig {
     pub key: PathBuf,
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// PEM certificate revocation lists of the `client_ca` authorities: a client whose
+    /// certificate one of them lists is refused, and one whose issuer has none is refused
+    /// too (an unknown status is not a good one). Watched and reloaded with the rest.
+    #[serde(default)]
+    pub client_crl: Option<PathBuf>,
     /// How often the certificate files are checked for rotation.
     #[serde(default = "one_second", deserialize_with = "de_duration")]
     pub poll_interval: Duration,

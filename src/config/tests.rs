@@ -197,6 +197,8 @@ fn scopes_methods_and_prefixes_are_checked() {
     assert!(err("scopes: [{ methods: [\"G T\"], any_of: [r] }]\n").contains("scopes[0].methods"));
     assert!(err("prefixes: { sta_: [robot] }\n").contains("prefixes"));
     assert!(err("prefixes: { sta_: [] }\n").contains("prefixes.sta_"));
+    let crl = err("tls: { cert: c.pem, key: k.pem, client_crl: ca.crl }\n");
+    assert!(crl.contains("tls.client_crl"), "{crl}");
     let twice = err("prefixes:\n  sta_: [service_account]\n  sta_: [personal]\n");
     assert!(
         twice.contains("prefixes") && twice.contains("listed twice"),

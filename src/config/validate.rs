@@ -71,6 +71,16 @@ impl Config {
                 ));
             }
         }
+        if self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_crl.is_some() && t.client_ca.is_none())
+        {
+            return Err(invalid(
+                "tls.client_crl",
+                "revokes client certificates, which only tls.client_ca asks for",
+            ));
+        }
         if self.tls.as_ref().is_some_and(|t| t.poll_interval.is_zero()) {
             return Err(invalid("tls.poll_interval", "must be greater than zero"));
         }

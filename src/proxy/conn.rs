@@ -34,6 +34,8 @@ pub struct ConnInfo {
     /// The connection's `max_connections` slot. A WebSocket tunnel holds it too: the
     /// upgraded connection outlives hyper's connection task and must still count.
     pub slot: Option<Slot>,
+    /// When the connection reaches `limits.max_connection_age`: its tunnel closes then.
+    pub aged_at: Option<tokio::time::Instant>,
 }
 
 impl ConnInfo {
@@ -45,6 +47,7 @@ impl ConnInfo {
             tls,
             peer_ip,
             slot: None,
+            aged_at: None,
         }
     }
 

@@ -16,7 +16,7 @@ use super::conn::Slot;
 use super::h1::{self, H1Error};
 use super::headers::{self, Identity};
 use super::pool::{self, Pool, PoolConfig};
-use super::tunnel::{LastActive, Watched};
+use super::tunnel::{LastActive, TunnelWatch, Watched};
 use super::upload::{BodyPace, OutBody, Progress, Upload, UploadError};
 use super::upstream_target::UpstreamTarget;
 use super::worker::Busy;
@@ -447,14 +447,15 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// After a `101` from the upstream, splice the two upgraded connections together. The
-/// tunnel holds the client connection's `slot` until it closes, or until it has moved no
-/// byte either way for `idle` (`limits.tunnel_idle_timeout`).
+/// tunnel holds the client connection's `slot` until it closes, until it has moved no
+/// byte either way for `idle` (`limits.tunnel_idle_timeout`), or until `watch` ends it.
 pub fn spawn_tunnel(
     downstream: hyper::upgrade::OnUpgrade,
     upstream_resp: &mut Response<UpstreamBody>,
     slot: Option<Slot>,
     busy: super::worker::Busy,
     idle: Duration,
+    watch: TunnelWatch,
 ) {
     let upstream = hyper::upgrade::on(upstream_resp);
     tokio::spawn(async move {
@@ -478,6 +479,7 @@ pub fn spawn_tunnel(
                 }
             }
             () = last.idle_for(idle) => debug!(?idle, "tunnel idle; closed"),
+            why = watch.ended() => debug!(why, "tunnel closed"),
         }
     });
 }

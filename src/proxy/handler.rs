@@ -17,6 +17,7 @@ use super::conn::{ConnInfo, Slot};
 use super::forward::{self, ProxyError};
 use super::head::check_head;
 use super::headers::{self, Identity};
+use super::tunnel::TunnelWatch;
 use super::worker::Worker;
 use super::{respond, Body, RequestBody, UpstreamBody};
 use crate::auth::credential::strip_query_param;
@@ -145,7 +146,7 @@ impl Drop for Unanswered<'_> {
 /// The phases, in order. The normalized path is both what is authorized and what is
 /// forwarded.
 async fn proxy<'a>(
-    app: &App,
+    app: &Arc<App>,
     worker: &Worker,
     conn: ConnInfo,
     req: Request<RequestBody>,
@@ -171,13 +172,19 @@ async fn proxy<'a>(
         Verdict::Public => (None, None),
         Verdict::Protected(principal, quota) => (Some(principal), quota),
     };
+    let aged_at = conn.aged_at;
     let out = upstream_request(app, conn, req, target, trace, cid)?;
     let identity = principal.as_ref().map(|p| Identity {
         key: &p.key,
         names: &app.names,
         delegated: p.delegated_account.as_ref(),
     });
-    let resp = send_upstream(app, worker, out, identity, trace, cid).await?;
+    let watch = || TunnelWatch {
+        app: app.clone(),
+        key: principal.as_ref().map(|p| p.key.clone()),
+        aged_at,
+    };
+    let resp = send_upstream(app, worker, out, identity, trace, cid, watch).await?;
     Ok(client_response(app, resp, principal.as_ref(), quota))
 }
 
@@ -498,6 +505,7 @@ async fn send_upstream(
     identity: Option<Identity<'_>>,
     trace: &mut Trace<'_>,
     cid: &HeaderValue,
+    watch: impl FnOnce() -> TunnelWatch,
 ) -> Result<Response<UpstreamBody>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
     if worker.over_in_flight_cap() {
@@ -522,7 +530,7 @@ async fn send_upstream(
             return Err(upstream_failed(app, &ProxyError::UnexpectedUpgrade, cid));
         };
         let idle = app.config.limits.tunnel_idle_timeout;
-        forward::spawn_tunnel(down, &mut resp, slot, worker.busy(), idle);
+        forward::spawn_tunnel(down, &mut resp, slot, worker.busy(), idle, watch());
     }
     Ok(resp)
 }

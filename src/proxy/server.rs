@@ -287,6 +287,8 @@ async fn serve_conn<I, D, F>(
     // Set once the connection is that old: its HTTP/1.1 responses say `Connection: close`,
     // so a client is told before the close, not surprised by it between two requests.
     let aged = aged_at.map(|_| Arc::new(AtomicBool::new(false)));
+    // Its tunnel, if it becomes one, closes at the same age.
+    let conn = ConnInfo { aged_at, ..conn };
     // An aged connection gets a drain's grace to finish what it is doing, then is closed.
     let overdue = app.config.shutdown.grace;
     let aged_service = aged.clone();

@@ -1,6 +1,8 @@
-//! An upgraded (WebSocket) tunnel's idle bound: a tunnel that moves no byte in either
-//! direction for `limits.tunnel_idle_timeout` is closed, so an idle tunnel cannot hold its
-//! connection slot for ever (nginx's `proxy_read_timeout`, HAProxy's `timeout tunnel`).
+//! What ends an upgraded (WebSocket) tunnel besides its peers: its idle bound (a tunnel that
+//! moves no byte in either direction for `limits.tunnel_idle_timeout` is closed, so an idle
+//! tunnel cannot hold its connection slot for ever: nginx's `proxy_read_timeout`, HAProxy's
+//! `timeout tunnel`), its connection's `max_connection_age`, and the key it was opened
+//! with ceasing to stand (revoked, disabled, expired, changed or removed: [`TunnelWatch`]).
 
 use std::io;
 use std::pin::Pin;
@@ -48,6 +50,66 @@ impl LastActive {
 impl Default for LastActive {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// How often an open tunnel asks whether its key still stands: a revoke reaches every
+/// replica within 1 s (SPEC 14), and so it reaches tunnels.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// What a tunnel watches while open: the key it was opened with (none on a public route)
+/// and its connection's `max_connection_age` deadline. A tunnel carries traffic of its own
+/// that keyward never sees as requests, so what would refuse a new request ends it.
+pub struct TunnelWatch {
+    pub app: Arc<crate::app::App>,
+    pub key: Option<Arc<crate::keys::Key>>,
+    pub aged_at: Option<Instant>,
+}
+
+impl TunnelWatch {
+    /// Resolves with why the tunnel must close.
+    pub async fn ended(&self) -> &'static str {
+        let aged = async {
+            match self.aged_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let refused = async {
+            let Some(key) = &self.key else {
+                return std::future::pending().await;
+            };
+            let mut tick = tokio::time::interval_at(Instant::now() + RECHECK, RECHECK);
+            loop {
+                tick.tick().await;
+                if let Err(reject) = self.stands(key) {
+                    return reject.code().as_str();
+                }
+            }
+        };
+        tokio::select! {
+            () = aged => "max_connection_age",
+            why = refused => why,
+        }
+    }
+
+    /// Would the key get in now as it did (snapshot, then the fleet's revocations)?
+    fn stands(&self, key: &Arc<crate::keys::Key>) -> Result<(), crate::auth::Reject> {
+        let snapshot = self.app.store.guard();
+        let now = std::time::SystemTime::now();
+        crate::auth::decision::still_stands(key, snapshot.as_deref(), &self.app.policy, now)?;
+        let principal = crate::auth::Principal {
+            key: key.clone(),
+            delegated_account: None,
+        };
+        match self
+            .app
+            .revocations
+            .overlay(crate::auth::Decision::Allow(principal))
+        {
+            crate::auth::Decision::Allow(_) => Ok(()),
+            crate::auth::Decision::Deny(reject, _) => Err(reject),
+        }
     }
 }
 
