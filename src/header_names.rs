@@ -40,8 +40,21 @@ pub fn is_separator(c: u8) -> bool {
 /// name, always as an alias a backend reads as one (`remote_user`, `x~forwarded~host`).
 #[inline]
 pub fn is_respelled(name: &str) -> bool {
-    name.bytes().any(|b| b != b'-' && is_separator(b))
+    // Asked of every header of every forwarded request: a table lookup a byte.
+    !name.bytes().all(|b| PLAIN[usize::from(b)])
 }
+
+/// The bytes a name spelled as proxies spell it holds: letters, digits and `-`.
+static PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c == b'-' || c.is_ascii_alphanumeric();
+        b += 1;
+    }
+    t
+};
 
 /// Whether two names are one to a CGI/WSGI or nginx backend: equal with every separator
 /// ([`is_separator`]) read as `-` on either side.
