@@ -114,7 +114,7 @@ pub const ENVOY_PREFIX: &str = "x-envoy-";
 /// `X-Script-Name`. keyward authorized the request line; none of these may change what the
 /// app serves, so they are removed from every request unless named in
 /// `allow_override_headers` (which may not name the WSGI ones: see [`UNAUTHORIZABLE`]).
-pub const OVERRIDES: [&str; 17] = [
+pub const OVERRIDES: [&str; 18] = [
     "x-original-url",
     "x-original-uri",
     "x-rewrite-url",
@@ -132,11 +132,30 @@ pub const OVERRIDES: [&str; 17] = [
     "script-name",
     "x-script-name",
     "path-info",
+    // "httpoxy" (CVE-2016-5385): CGI and FastCGI backends (PHP-FPM, Go's net/http/cgi,
+    // wsgiref) turn it into `HTTP_PROXY`, the proxy their own outbound calls then use.
+    "proxy",
 ];
 
 /// [`OVERRIDES`] whose effect keyward cannot authorize (a prefix the app strips, a path
-/// that replaces the request's): never let through, whatever `allow_override_headers` says.
-pub const UNAUTHORIZABLE: [&str; 3] = ["script-name", "x-script-name", "path-info"];
+/// that replaces the request's, the app's outbound proxy): never let through, whatever
+/// `allow_override_headers` says.
+pub const UNAUTHORIZABLE: [&str; 4] = ["script-name", "x-script-name", "path-info", "proxy"];
+
+/// Names that frame or route the request on its hop: their `_`/`.` aliases are dropped even
+/// with `headers_with_underscores: forward` (`Transfer_Encoding` is `HTTP_TRANSFER_ENCODING`
+/// to a CGI/WSGI server that folds names, and Puma before 6.4.3 framed bodies by it).
+pub const FRAMING: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "host",
+    "te",
+    "upgrade",
+    "keep-alive",
+    "trailer",
+    "expect",
+];
 
 /// `name` equals `target` reading `_` and `.` as `-`.
 pub fn alias_eq(name: &str, target: &str) -> bool {

@@ -206,8 +206,9 @@ impl TlsFiles {
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
                 if let (Some(crl_path), Some(crl_pem)) = (&tls.client_crl, &self.client_crl) {
                     let crls = revocation_lists(crl_path, crl_pem)?;
-                    // The client's own certificate is checked; intermediates are the CA's.
-                    verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+                    // Every certificate of the chain is checked, intermediates the client
+                    // sends included: an issuing CA its root revoked mints no more clients.
+                    verifier = verifier.with_crls(crls);
                 }
                 // The lists are parsed here: a broken one is named at load.
                 let verifier = verifier.build().map_err(|e| match (e, &tls.client_crl) {

@@ -781,6 +781,63 @@ async fn a_tunnel_closes_when_its_key_is_disabled_or_its_connection_ages() {
     kw.shutdown().await;
 }
 
+/// A streamed response (server-sent events, a long download) carries data long after its
+/// request was decided: once the key no longer stands, the next chunk is not passed on and
+/// the response is cut off (the HTTP/1.1 connection closes). It streamed for good.
+#[tokio::test]
+async fn a_streamed_response_is_cut_off_once_its_key_is_disabled() {
+    // An app that sends a chunk every 100 ms for 10 s.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for _ in 0..100 {
+                    if s.write_all(b"6\r\ndata:1\r\n").await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let _ = s.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    let kw = spawn_proxy(app_addr, "").await;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let req = format!("GET /v1/events HTTP/1.1\r\nhost: a\r\nx-api-key: {KEY}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await.expect("answered");
+    assert_eq!(raw_status(&head), 200, "{head}");
+    let mut got = vec![0u8; 256];
+    assert!(s.read(&mut got).await.unwrap() > 0, "streaming");
+    let disabled = DEMO_KEYS.replacen("status: active", "status: disabled", 1);
+    std::fs::write(kw.keys_file(), &disabled).unwrap();
+    // Asked of keyward itself (introspection): the app streams on every other path.
+    eventually("the key is disabled", || async {
+        get(&kw.url("/auth"), &[("x-api-key", KEY)]).await.status == 401
+    })
+    .await;
+    let disabled_at = Instant::now();
+    let mut sink = vec![0u8; 4096];
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    assert!(ended.is_ok(), "still streaming 5 s after the disable");
+    assert!(
+        disabled_at.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        disabled_at.elapsed()
+    );
+    kw.shutdown().await;
+}
+
 /// keyward's own answer to a `HEAD` (introspection, a 401, a 403) carries its headers and
 /// no body, over HTTP/2 as over HTTP/1.1: hyper's HTTP/2 server sent the body, and the
 /// client reset the stream (PROTOCOL_ERROR), so no answer arrived at all.

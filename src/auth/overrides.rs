@@ -96,33 +96,47 @@ pub fn overridden(
     }))
 }
 
-/// The method parameter Symfony, Laravel, Spring's `HiddenHttpMethodFilter` and Express's
-/// `method-override` read (from the query of a POST; Rails and Laravel from a form body as
-/// well, which keyward does not read: SECURITY.md).
-pub const METHOD_PARAM: &str = "_method";
+/// The query parameters frameworks read as the method of a POST: `_method` (Symfony,
+/// Laravel, Spring's `HiddenHttpMethodFilter`, Express's `method-override`, Gorilla) and
+/// the override header's names (ASP.NET MVC's `GetHttpMethodOverride` reads
+/// `X-HTTP-Method-Override` from the query too). Rails and Laravel read `_method` from a
+/// form body as well, which keyward does not read (SECURITY.md).
+pub const METHOD_PARAMS: [&str; 4] = [
+    "_method",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
-/// Add the method a `_method` query parameter names to `alt`: the app may serve that
-/// method, and keyward cannot take the parameter out without rewriting the query, so that
-/// method is authorized too (on any request method: fail closed). Repeated with another
-/// value, not one method token, or beside an override header that names another request:
-/// refused, 400 naming it.
+/// Add the method a method parameter of a POST's query names ([`METHOD_PARAMS`], spelled
+/// as apps read names) to `alt`: the app may serve that method, and keyward cannot take the
+/// parameter out without rewriting the query, so that method is authorized too. Empty, it
+/// is ignored (as frameworks do); repeated with another value, unreadable, not one method
+/// token, or beside an override header that names another request: refused, 400 naming
+/// it. No framework reads one on another method, so there it is the app's.
 pub fn with_query_method(
     alt: Option<Overridden>,
     query: Option<&str>,
     method: &Method,
     path: &str,
 ) -> Result<Option<Overridden>, Reject> {
-    let Some(query) = query.filter(|q| !q.is_empty()) else {
+    let Some(query) = query.filter(|q| !q.is_empty() && *method == Method::POST) else {
         return Ok(alt);
     };
-    let refuse = || Reject::BadRequest(BadRequest::Override(METHOD_PARAM));
     let mut named: Option<Method> = None;
-    for value in crate::auth::credential::query_param_values(query, METHOD_PARAM) {
-        let value = value.ok_or_else(refuse)?;
-        let value = std::str::from_utf8(&value).map_err(|_| refuse())?.trim();
-        let m = override_method(value).ok_or_else(refuse)?;
-        agree(&mut named, m).map_err(|()| refuse())?;
+    for param in METHOD_PARAMS {
+        let refuse = || Reject::BadRequest(BadRequest::MethodParam(param));
+        for value in crate::auth::credential::query_param_values(query, param) {
+            let value = value.ok_or_else(refuse)?;
+            let value = std::str::from_utf8(&value).map_err(|_| refuse())?.trim();
+            if value.is_empty() {
+                continue;
+            }
+            let m = override_method(value).ok_or_else(refuse)?;
+            agree(&mut named, m).map_err(|()| refuse())?;
+        }
     }
+    let refuse = || Reject::BadRequest(BadRequest::MethodParam(METHOD_PARAMS[0]));
     match (named, alt) {
         (None, alt) => Ok(alt),
         (Some(m), None) if m == *method => Ok(None),
@@ -218,7 +232,7 @@ mod tests {
     }
 
     #[test]
-    fn a_method_parameter_is_authorized_too() {
+    fn a_method_parameter_of_a_post_is_authorized_too() {
         let post = Method::POST;
         let run = |q: &str| with_query_method(None, Some(q), &post, "/items/1");
         assert_eq!(run("_method=DELETE"), Ok(alt("DELETE", "/items/1")));
@@ -231,27 +245,42 @@ mod tests {
             "_method[]=DELETE",
             "_method=%44ELETE",
             "x=1;_method=+DELETE+",
+            "X-HTTP-Method-Override=DELETE",
+            "x-http-method=delete",
+            "_method=&x-method-override=DELETE",
         ] {
             assert_eq!(run(q), Ok(alt("DELETE", "/items/1")), "{q}");
         }
-        assert_eq!(run("_method=POST"), Ok(None));
-        assert_eq!(run("method=DELETE&x_method=DELETE"), Ok(None));
-        assert_eq!(run(""), Ok(None));
-        let refused = Err(Reject::BadRequest(BadRequest::Override(METHOD_PARAM)));
         for q in [
-            "_method=DELETE&_method=PUT",
+            "_method=POST",
+            "method=DELETE&x_method=DELETE",
+            "",
             "_method=",
-            "_method=DEL%20ETE",
-            "_method=%zz",
+            "_method",
         ] {
-            assert_eq!(run(q), refused, "{q}");
+            assert_eq!(run(q), Ok(None), "{q}");
+        }
+        // Only a POST's: no framework reads one on another method.
+        let get = with_query_method(None, Some("_method=DELETE"), &Method::GET, "/items/1");
+        assert_eq!(get, Ok(None));
+        let refused = |p| Err(Reject::BadRequest(BadRequest::MethodParam(p)));
+        for (q, p) in [
+            ("_method=DELETE&_method=PUT", "_method"),
+            (
+                "_method=DELETE&x-http-method-override=PUT",
+                "x-http-method-override",
+            ),
+            ("_method=DEL%20ETE", "_method"),
+            ("_method=%zz", "_method"),
+        ] {
+            assert_eq!(run(q), refused(p), "{q}");
         }
         // Beside an override header: agreeing or not changing the method passes.
         let header = alt("GET", "/admin/x");
         let both = |q| with_query_method(header.clone(), Some(q), &post, "/items/1");
         assert_eq!(both("_method=GET"), Ok(header.clone()));
         assert_eq!(both("_method=POST"), Ok(header.clone()));
-        assert_eq!(both("_method=DELETE"), refused);
+        assert_eq!(both("_method=DELETE"), refused("_method"));
     }
 
     #[test]

@@ -158,25 +158,41 @@ impl Policy {
     }
 
     /// Could a correlation id a client sent be a key? One that starts with a configured key
-    /// prefix, or is the credential this request carries (`x-request-id: <the key>`):
-    /// logged, echoed and forwarded, it would put a raw key where none may be.
-    pub fn could_be_a_key(&self, value: &[u8], headers: &http::HeaderMap) -> bool {
-        let presented = |c: &http::HeaderValue| {
-            let c = c.as_bytes();
-            // Whole (`X-API-Key`), or the token after a scheme (`Bearer <key>`).
-            c == value
-                || (c.len() > value.len()
-                    && c.ends_with(value)
-                    && c[c.len() - value.len() - 1] == b' ')
-        };
-        self.prefixes
+    /// prefix, or is part of a credential this request carries (`x-request-id: <the key>`
+    /// beside `Authorization: Bearer <the key>`, or beside `?api_key=<the key>` in one of
+    /// `queries`): logged, echoed and forwarded, it would put a raw key where none may be.
+    /// (A part as long as the shortest key: a short id is no key.)
+    pub fn could_be_a_key(
+        &self,
+        value: &[u8],
+        headers: &http::HeaderMap,
+        queries: &[&str],
+    ) -> bool {
+        if self
+            .prefixes
             .iter()
             .any(|(p, _)| value.starts_with(p.as_bytes()))
-            || self
-                .credential_headers
-                .iter()
-                .flat_map(|n| headers.get_all(n))
-                .any(presented)
+        {
+            return true;
+        }
+        if value.len() < crate::auth::credential::MIN_KEY_LEN {
+            return false;
+        }
+        let holds = |c: &[u8]| c.windows(value.len()).any(|w| w == value);
+        let in_headers = self
+            .credential_headers
+            .iter()
+            .flat_map(|n| headers.get_all(n))
+            .any(|c| holds(c.as_bytes()));
+        let in_query = || {
+            self.credential_query().is_some_and(|name| {
+                queries.iter().any(|q| {
+                    crate::auth::credential::query_param_values(q, name)
+                        .any(|v| v.is_some_and(|v| holds(&v)))
+                })
+            })
+        };
+        in_headers || in_query()
     }
 
     /// The query parameter a credential may arrive in, if configured.

@@ -156,6 +156,9 @@ pub enum BadRequest {
     /// these, but behind a decision the front proxy would pass them to the app.
     #[error("override header {0} is not accepted")]
     Override(&'static str),
+    /// A POST's query carrying a method parameter (`_method`) that names no one method.
+    #[error("method parameter {0} in the query is repeated or not one method")]
+    MethodParam(&'static str),
     /// A decision request (SPEC 15) carrying an identity, delegation or forwarding header
     /// spelled with `_` or `.`: the front proxy strips or overwrites only the `-` spelling.
     #[error("identity, delegation or forwarding header spelled with '_' or '.' is not accepted")]
@@ -250,6 +253,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::TransferCoding) => "Unsupported transfer coding",
             Reject::BadRequest(BadRequest::Original(_)) => "Original method or URI missing",
             Reject::BadRequest(BadRequest::Override(_)) => "Override header refused",
+            Reject::BadRequest(BadRequest::MethodParam(_)) => "Method parameter refused",
             Reject::BadRequest(BadRequest::NotNormal) => "Request path refused",
             Reject::BadRequest(BadRequest::Misspelled) => "Misspelled identity or forwarding header refused",
             Reject::BadRequest(BadRequest::QueryKey) => "API key in the query string refused",

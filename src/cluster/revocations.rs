@@ -286,6 +286,9 @@ fn field_digest(field: &str) -> Option<Digest> {
 
 /// The revocation set of this replica: the seam's local side is an empty set that is
 /// always ready (no `cluster`); with Redis it is filled and kept in step as described above.
+/// A revocation set as it was seen (see [`Revocations::seen`]).
+pub struct Seen(Arc<Set>);
+
 pub struct Revocations {
     cluster: Option<Arc<Cluster>>,
     set: ArcSwap<Set>,
@@ -367,6 +370,17 @@ impl Revocations {
     }
 
     /// Ready to decide: no cluster, or the set has been read once.
+    /// The set as it is now, to tell later whether it changed ([`Self::changed_since`]):
+    /// held, so its address cannot be reused by a later set.
+    pub fn seen(&self) -> Seen {
+        Seen(self.set.load_full())
+    }
+
+    /// Has any revoke or lift been applied since `seen`?
+    pub fn changed_since(&self, seen: &Seen) -> bool {
+        !Arc::ptr_eq(&self.set.load(), &seen.0)
+    }
+
     pub fn is_ready(&self) -> bool {
         self.cluster.is_none() || self.loaded.load(Ordering::Acquire)
     }

@@ -24,8 +24,9 @@ pub struct TlsConfig {
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
     /// PEM certificate revocation lists of the `client_ca` authorities: a client whose
-    /// certificate one of them lists is refused, and one whose issuer has none is refused
-    /// too (an unknown status is not a good one). Watched and reloaded with the rest.
+    /// certificate, or an intermediate of whose chain, one of them lists is refused, and one
+    /// a certificate of whose chain has no list from its issuer is refused too (an unknown
+    /// status is not a good one). Watched and reloaded with the rest.
     #[serde(default)]
     pub client_crl: Option<PathBuf>,
     /// How often the certificate files are checked for rotation.

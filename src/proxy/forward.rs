@@ -16,7 +16,7 @@ use super::conn::Slot;
 use super::h1::{self, H1Error};
 use super::headers::{self, Identity};
 use super::pool::{self, Pool, PoolConfig};
-use super::tunnel::{LastActive, TunnelWatch, Watched};
+use super::tunnel::{Guarded, KeyWatch, LastActive, TunnelWatch, Watched};
 use super::upload::{BodyPace, OutBody, Progress, Upload, UploadError};
 use super::upstream_target::UpstreamTarget;
 use super::worker::Busy;
@@ -485,7 +485,10 @@ pub fn spawn_tunnel(
 }
 
 /// The upstream's response, minus hop-by-hop headers (an upgrade keeps its own).
-pub fn downstream_response(resp: Response<UpstreamBody>) -> Response<Body> {
+pub fn downstream_response(
+    resp: Response<UpstreamBody>,
+    watch: Option<KeyWatch>,
+) -> Response<Body> {
     let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = resp.into_parts();
     // The body was framed by Transfer-Encoding, which goes with the hop-by-hop headers: a
@@ -496,7 +499,10 @@ pub fn downstream_response(resp: Response<UpstreamBody>) -> Response<Body> {
     }
     // An upgrade keeps `Upgrade` and gets `Connection: upgrade` back.
     super::headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    Response::from_parts(parts, http_body_util::Either::Left(body))
+    Response::from_parts(
+        parts,
+        http_body_util::Either::Left(Guarded::new(body, watch)),
+    )
 }
 
 #[cfg(test)]

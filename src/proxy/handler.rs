@@ -17,7 +17,7 @@ use super::conn::{ConnInfo, Slot};
 use super::forward::{self, ProxyError};
 use super::head::check_head;
 use super::headers::{self, Identity};
-use super::tunnel::TunnelWatch;
+use super::tunnel::{KeyWatch, TunnelWatch};
 use super::worker::Worker;
 use super::{respond, Body, RequestBody, UpstreamBody};
 use crate::auth::credential::strip_query_param;
@@ -66,7 +66,12 @@ pub async fn handle(
     req: Request<RequestBody>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy);
+    let cid = respond::correlation_id(
+        req.headers(),
+        worker.ids(),
+        &app.policy,
+        req.uri().query().as_slice(),
+    );
     let method = req.method().clone();
     let http2 = req.version() == http::Version::HTTP_2;
     // The target is kept (a reference count, not a copy) so the path can be borrowed while
@@ -179,12 +184,16 @@ async fn proxy<'a>(
         names: &app.names,
         delegated: p.delegated_account.as_ref(),
     });
+    let key_watch = || {
+        let key = principal.as_ref().map(|p| p.key.clone());
+        key.map(|key| KeyWatch::new(app.clone(), key))
+    };
     let watch = || TunnelWatch {
-        app: app.clone(),
-        key: principal.as_ref().map(|p| p.key.clone()),
+        key: key_watch(),
         aged_at,
     };
     let resp = send_upstream(app, worker, out, identity, trace, cid, watch).await?;
+    let resp = forward::downstream_response(resp, key_watch());
     Ok(client_response(app, resp, principal.as_ref(), quota))
 }
 
@@ -539,11 +548,10 @@ async fn send_upstream(
 /// when configured, the key's quota added.
 fn client_response(
     app: &App,
-    resp: Response<UpstreamBody>,
+    mut resp: Response<Body>,
     principal: Option<&Principal>,
     quota: Option<Quota>,
 ) -> Response<Body> {
-    let mut resp = forward::downstream_response(resp);
     // The identity headers are keyward's to send, on a response too: an app that echoes
     // what it received (a debug header) does not pass them to the client.
     headers::strip_trusted(resp.headers_mut(), &app.config.identity_headers.prefix);

@@ -245,7 +245,8 @@ pub fn override_of(name: &HeaderName, allowed: &[HeaderName]) -> Option<&'static
 /// since CGI/WSGI and nginx backends read them as the same header.
 ///
 /// With `drop_respelled` (`headers_with_underscores: drop`), every other name spelled with a
-/// separator but `-` goes too (an `allowed` override as spelled excepted).
+/// separator but `-` goes too (an `allowed` override as spelled excepted); without it, those
+/// that alias a framing name still go.
 pub fn strip_untrusted(
     headers: &mut HeaderMap,
     peer_trusted: bool,
@@ -263,8 +264,8 @@ pub fn strip_untrusted(
             && ((forwarding_not_kept(n.as_str(), peer_trusted) && is_forwarding(n.as_str()))
                 || is_override(n, allowed));
         listed
-            || (drop_respelled
-                && crate::header_names::is_respelled(n.as_str())
+            || (crate::header_names::is_respelled(n.as_str())
+                && (drop_respelled || is_framing_alias(n.as_str()))
                 && !allowed.contains(n))
     };
     if !headers.keys().any(doomed) {
@@ -274,6 +275,14 @@ pub fn strip_untrusted(
     for n in names {
         headers.remove(n);
     }
+}
+
+/// A spelling of a framing or routing name ([`crate::header_names::FRAMING`]) with a
+/// separator other than `-`.
+fn is_framing_alias(name: &str) -> bool {
+    crate::header_names::FRAMING
+        .iter()
+        .any(|f| same_name(name, f))
 }
 
 /// Is `peer` one of the `trusted_proxies`?

@@ -40,4 +40,4 @@ pub type UpstreamBody =
     Either<Incoming, h1::ResponseBody<upstream_target::UpstreamStream, pool::Return>>;
 
 /// A response body: the upstream's, streamed, or one keyward wrote.
-pub type Body = Either<UpstreamBody, Full<Bytes>>;
+pub type Body = Either<tunnel::Guarded<UpstreamBody>, Full<Bytes>>;

@@ -87,14 +87,20 @@ pub fn set_quota(h: &mut HeaderMap, quota: &Quota) {
 }
 
 /// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
-/// `[A-Za-z0-9._:-]` and could not be a key (`policy`), otherwise mint a UUID v4 from the
-/// worker's `ids`.
-pub fn correlation_id(headers: &HeaderMap, ids: &Ids, policy: &Policy) -> HeaderValue {
+/// `[A-Za-z0-9._:-]` and could not be a key (`policy`; `queries` are those the request
+/// carries), otherwise mint a UUID v4 from the worker's `ids`.
+pub fn correlation_id(
+    headers: &HeaderMap,
+    ids: &Ids,
+    policy: &Policy,
+    queries: &[&str],
+) -> HeaderValue {
     [&X_CORRELATION_ID, &X_REQUEST_ID]
         .into_iter()
         .filter_map(|name| headers.get(name))
         .find(|v| {
-            valid_correlation_id(v.as_bytes()) && !policy.could_be_a_key(v.as_bytes(), headers)
+            valid_correlation_id(v.as_bytes())
+                && !policy.could_be_a_key(v.as_bytes(), headers, queries)
         })
         .cloned()
         .unwrap_or_else(|| ids.mint())
@@ -144,7 +150,7 @@ mod tests {
     #[test]
     fn correlation_id_rules() {
         let policy = policy();
-        let correlation_id = |h: &HeaderMap, ids: &Ids| correlation_id(h, ids, &policy);
+        let correlation_id = |h: &HeaderMap, ids: &Ids| correlation_id(h, ids, &policy, &[]);
         let mut h = HeaderMap::new();
         let ids = Ids::default();
         let minted = correlation_id(&h, &ids);
@@ -179,20 +185,45 @@ mod tests {
                 "x-request-id",
                 HeaderValue::from_static("k3y-0123456789abcdef"),
             );
-            assert_eq!(correlation_id(&h, &ids, &policy).len(), 36, "{name}");
+            assert_eq!(correlation_id(&h, &ids, &policy, &[]).len(), 36, "{name}");
             h.insert("x-request-id", HeaderValue::from_static("0123456789abcdef"));
             assert_eq!(
-                correlation_id(&h, &ids, &policy),
+                correlation_id(&h, &ids, &policy, &[]),
                 "0123456789abcdef",
                 "{name}"
             );
         }
+        // A tab before the token.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer\tk3y-0123456789abcdef"),
+        );
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_static("k3y-0123456789abcdef"),
+        );
+        assert_eq!(correlation_id(&h, &ids, &policy, &[]).len(), 36);
+        // A short id is no key, whatever it is part of.
+        h.insert("x-request-id", HeaderValue::from_static("k3y"));
+        assert_eq!(correlation_id(&h, &ids, &policy, &[]), "k3y");
+        // The shipped config reads no query credential: a query is no credential there.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_static("k3y-0123456789abcdef"),
+        );
+        let q = ["a=1&api%5Fkey=k3y-0123456789abcdef"];
+        assert_eq!(
+            correlation_id(&h, &ids, &policy, &q),
+            "k3y-0123456789abcdef"
+        );
         let mut h = HeaderMap::new();
         h.insert(
             "x-correlation-id",
             HeaderValue::from_static("sta_leaked_key_0123456789"),
         );
-        assert_eq!(correlation_id(&h, &ids, &policy).len(), 36);
+        assert_eq!(correlation_id(&h, &ids, &policy, &[]).len(), 36);
     }
 
     #[test]
@@ -200,7 +231,7 @@ mod tests {
         let ids = Ids::default();
         let none = HeaderMap::new();
         let minted: Vec<HeaderValue> = (0..3 * IDS_PER_SLAB)
-            .map(|_| correlation_id(&none, &ids, &policy()))
+            .map(|_| correlation_id(&none, &ids, &policy(), &[]))
             .collect();
         let distinct: std::collections::HashSet<_> = minted.iter().collect();
         assert_eq!(distinct.len(), minted.len());

@@ -57,18 +57,79 @@ impl Default for LastActive {
 /// replica within 1 s (SPEC 14), and so it reaches tunnels.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// The key an exchange was let in with, watched while it goes on: a streamed response
+/// (server-sent events, a long download, a gRPC stream) carries data long after its
+/// request was decided, and a revoke, an expiry or a narrowed key must stop that too.
+/// Judged again only when the snapshot or the revocations changed since it last was
+/// (two pointer comparisons), or always for a key that expires.
+pub struct KeyWatch {
+    app: Arc<crate::app::App>,
+    key: Arc<crate::keys::Key>,
+    snapshot: Option<Arc<crate::keys::Snapshot>>,
+    revocations: crate::cluster::revocations::Seen,
+}
+
+impl KeyWatch {
+    /// Watch `key`, which was just let in.
+    pub fn new(app: Arc<crate::app::App>, key: Arc<crate::keys::Key>) -> Self {
+        let snapshot = app.store.load();
+        let revocations = app.revocations.seen();
+        Self {
+            app,
+            key,
+            snapshot,
+            revocations,
+        }
+    }
+
+    /// Does the key still stand? `Err` names why not.
+    pub fn stands(&mut self) -> Result<(), crate::auth::Reject> {
+        let current = self.app.store.guard();
+        let same_snapshot = match (&*current, &self.snapshot) {
+            (Some(now), Some(seen)) => Arc::ptr_eq(now, seen),
+            (None, None) => true,
+            _ => false,
+        };
+        let unchanged = same_snapshot && !self.app.revocations.changed_since(&self.revocations);
+        if unchanged && self.key.expires_at.is_none() {
+            return Ok(());
+        }
+        drop(current);
+        self.snapshot = self.app.store.load();
+        self.revocations = self.app.revocations.seen();
+        judge(&self.app, &self.key)
+    }
+}
+
+/// Would `key` get in now as it did (the snapshot in force, then the fleet's revocations)?
+fn judge(app: &crate::app::App, key: &Arc<crate::keys::Key>) -> Result<(), crate::auth::Reject> {
+    let snapshot = app.store.guard();
+    let now = std::time::SystemTime::now();
+    crate::auth::decision::still_stands(key, snapshot.as_deref(), &app.policy, now)?;
+    let principal = crate::auth::Principal {
+        key: key.clone(),
+        delegated_account: None,
+    };
+    match app
+        .revocations
+        .overlay(crate::auth::Decision::Allow(principal))
+    {
+        crate::auth::Decision::Allow(_) => Ok(()),
+        crate::auth::Decision::Deny(reject, _) => Err(reject),
+    }
+}
+
 /// What a tunnel watches while open: the key it was opened with (none on a public route)
 /// and its connection's `max_connection_age` deadline. A tunnel carries traffic of its own
 /// that keyward never sees as requests, so what would refuse a new request ends it.
 pub struct TunnelWatch {
-    pub app: Arc<crate::app::App>,
-    pub key: Option<Arc<crate::keys::Key>>,
+    pub key: Option<KeyWatch>,
     pub aged_at: Option<Instant>,
 }
 
 impl TunnelWatch {
     /// Resolves with why the tunnel must close.
-    pub async fn ended(&self) -> &'static str {
+    pub async fn ended(mut self) -> &'static str {
         let aged = async {
             match self.aged_at {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -76,13 +137,13 @@ impl TunnelWatch {
             }
         };
         let refused = async {
-            let Some(key) = &self.key else {
+            let Some(key) = &mut self.key else {
                 return std::future::pending().await;
             };
             let mut tick = tokio::time::interval_at(Instant::now() + RECHECK, RECHECK);
             loop {
                 tick.tick().await;
-                if let Err(reject) = self.stands(key) {
+                if let Err(reject) = key.stands() {
                     return reject.code().as_str();
                 }
             }
@@ -92,24 +153,62 @@ impl TunnelWatch {
             why = refused => why,
         }
     }
+}
 
-    /// Would the key get in now as it did (snapshot, then the fleet's revocations)?
-    fn stands(&self, key: &Arc<crate::keys::Key>) -> Result<(), crate::auth::Reject> {
-        let snapshot = self.app.store.guard();
-        let now = std::time::SystemTime::now();
-        crate::auth::decision::still_stands(key, snapshot.as_deref(), &self.app.policy, now)?;
-        let principal = crate::auth::Principal {
-            key: key.clone(),
-            delegated_account: None,
-        };
-        match self
-            .app
-            .revocations
-            .overlay(crate::auth::Decision::Allow(principal))
-        {
-            crate::auth::Decision::Allow(_) => Ok(()),
-            crate::auth::Decision::Deny(reject, _) => Err(reject),
+/// Why a watched response was cut off.
+#[derive(Debug, thiserror::Error)]
+#[error("the key this response was let in with no longer stands ({0})")]
+pub struct KeyGone(&'static str);
+
+pin_project_lite::pin_project! {
+    /// A response body of a request let in with a key: each frame is passed on only while
+    /// the key stands ([`KeyWatch`]); then the body fails, which resets the HTTP/2 stream
+    /// or closes the HTTP/1.1 connection. A public route's has no key to watch.
+    pub struct Guarded<B> {
+        #[pin]
+        inner: B,
+        watch: Option<KeyWatch>,
+    }
+}
+
+impl<B> Guarded<B> {
+    pub fn new(inner: B, watch: Option<KeyWatch>) -> Self {
+        Self { inner, watch }
+    }
+}
+
+impl<B> http_body::Body for Guarded<B>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, Self::Error>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(Err(reject)) = this.watch.as_mut().map(KeyWatch::stands) {
+                    return Poll::Ready(Some(Err(Box::new(KeyGone(reject.code().as_str())))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
