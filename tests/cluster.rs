@@ -1199,3 +1199,37 @@ async fn the_guard_does_not_count_keys_the_fleet_revoked_as_usable() {
     assert_eq!(call(&kw, &secret(15)).await.status, 200);
     assert_eq!(call(&kw, &secret(3)).await.code(), "disabled_api_key");
 }
+
+/// A Redis that takes the probe (`SET`) but refuses the read's script (an ACL without
+/// scripting): the replica keeps the set it holds and tries again backing off, not at each
+/// sign that Redis answers (that was a read, a failure and a log line in a tight loop:
+/// thousands a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_read_is_retried_backing_off() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let _: String = redis
+        .cmd(&["ACL", "SETUSER", "default", "-eval", "-evalsha"])
+        .await;
+    let failed = || metric(&kw, "keyward_cluster_errors_total{op=\"read_revocations\"}");
+    eventually("reads fail", || async {
+        failed().await.unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    let before = failed().await.unwrap_or(0.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = failed().await.unwrap_or(0.0) - before;
+    assert!(during <= 12.0, "{during} failed reads in 2 s");
+    // The set held stands meanwhile, and the replica stays ready.
+    assert_eq!(call(&kw, FREE).await.status, 200);
+    let _: String = redis
+        .cmd(&["ACL", "SETUSER", "default", "+eval", "+evalsha"])
+        .await;
+    let count = "keyward_cluster_call_duration_seconds_count{op=\"read_revocations\"}";
+    let reads = metric(&kw, count).await.unwrap_or(0.0);
+    eventually("reads succeed again", || async {
+        metric(&kw, count).await.unwrap_or(0.0) > reads
+    })
+    .await;
+}

@@ -30,7 +30,22 @@ pub enum Refused {
     /// 50,000 scopes anchored once and named by 3,000 keys is an 850 KB push that builds
     /// 150 million strings (minutes of CPU, the push turn held). No snapshot needs one.
     Alias { line: u64, column: u64 },
+    /// More nodes than [`max_events`] allows for the document's size: serde_yaml holds every
+    /// parser event of a document (about 100 bytes each) before it reads a field, so a list
+    /// of 2-byte scalars costs 50 times its size (a 62 MB push took 3.3 GB, and was refused
+    /// only after). A snapshot averages 10 bytes or more a node.
+    TooMany { bound: usize },
 }
+
+/// The most parser events (nodes, collection ends) a YAML snapshot of `len` bytes may
+/// hold: one per 6 bytes on average, beyond a first 100,000.
+pub fn max_events(len: usize) -> usize {
+    100_000 + len / 6
+}
+
+/// Below this size no document can exceed [`max_events`] (an event takes a byte at least),
+/// so the pass is not needed for it.
+const COUNTED_ABOVE: usize = 100_000;
 
 /// `Err` when a collection in `text` opens more than `limit` levels deep, or at the first
 /// alias. A syntax error ends the pass without one: the real parse, which reads the same
@@ -41,15 +56,21 @@ pub fn check(text: &[u8], limit: usize) -> Result<(), Refused> {
     // skip it this way; block nesting costs libyaml nothing extra, and serde_yaml's own
     // recursion limit refuses it). An alias names an anchor, which needs a `&`.
     let mut flow_opens = text.iter().filter(|b| matches!(b, b'[' | b'{'));
-    if flow_opens.nth(limit).is_none() && !text.contains(&b'&') {
+    if text.len() <= COUNTED_ABOVE && flow_opens.nth(limit).is_none() && !text.contains(&b'&') {
         return Ok(());
     }
+    let bound = max_events(text.len());
+    let mut events = 0usize;
     let Some(mut parser) = Parser::new(text) else {
         // libyaml could not allocate its buffers; the real parse will fail the same way.
         return Ok(());
     };
     let mut depth = 0usize;
     while let Some(event) = parser.next() {
+        events += 1;
+        if events > bound {
+            return Err(Refused::TooMany { bound });
+        }
         match event {
             Event::Open { line, column } => {
                 depth += 1;
@@ -214,6 +235,17 @@ mod tests {
         );
         let text = "keys:\n  - subject_email: \"a&b@example.com\"\n    scopes: [\"*\"]\n";
         assert_eq!(check(text.as_bytes(), 64), Ok(()));
+    }
+
+    #[test]
+    fn a_document_of_more_nodes_than_its_size_allows_is_refused() {
+        let many = format!("keys: []\nx: [{}a]\n", "a,".repeat(200_000));
+        let bound = max_events(many.len());
+        assert_eq!(check(many.as_bytes(), 64), Err(Refused::TooMany { bound }));
+        // A snapshot of ordinary keys, far past the first 100,000 events.
+        let entry = "  - { id: key_0123, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, type: service_account, subject_id: s1, account_id: a1, scopes: [read, write] }\n";
+        let keys = format!("keys:\n{}", entry.repeat(20_000));
+        assert_eq!(check(keys.as_bytes(), 64), Ok(()));
     }
 
     #[test]

@@ -186,10 +186,13 @@ mod tests {
                 HeaderValue::from_static("k3y-0123456789abcdef"),
             );
             assert_eq!(correlation_id(&h, &ids, &policy, &[]).len(), 36, "{name}");
+            // Part of the key is key material too; an unrelated id is kept.
             h.insert("x-request-id", HeaderValue::from_static("0123456789abcdef"));
+            assert_eq!(correlation_id(&h, &ids, &policy, &[]).len(), 36, "{name}");
+            h.insert("x-request-id", HeaderValue::from_static("req-7f3a9c0d"));
             assert_eq!(
                 correlation_id(&h, &ids, &policy, &[]),
-                "0123456789abcdef",
+                "req-7f3a9c0d",
                 "{name}"
             );
         }
