@@ -31,7 +31,7 @@
 //! yet overwritten by another's newer one).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -295,12 +295,11 @@ fn field_digest(field: &str) -> Option<Digest> {
 
 /// The revocation set of this replica: the seam's local side is an empty set that is
 /// always ready (no `cluster`); with Redis it is filled and kept in step as described above.
-/// A revocation set as it was seen (see [`Revocations::seen`]).
-pub struct Seen(Arc<Set>);
-
 pub struct Revocations {
     cluster: Option<Arc<Cluster>>,
     set: ArcSwap<Set>,
+    /// Moved after each replacement of `set` (see [`Self::generation`]).
+    generation: AtomicU64,
     /// The set has been read from Redis at least once.
     loaded: AtomicBool,
     /// Serializes merges (copy, change, swap). Never held across an await.
@@ -357,6 +356,7 @@ impl Revocations {
         Self {
             cluster: cluster.cloned(),
             set: ArcSwap::from_pointee(Set::new()),
+            generation: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
             merging: Mutex::new(()),
             unrestored_since: Mutex::new(None),
@@ -379,15 +379,10 @@ impl Revocations {
     }
 
     /// Ready to decide: no cluster, or the set has been read once.
-    /// The set as it is now, to tell later whether it changed ([`Self::changed_since`]):
-    /// held, so its address cannot be reused by a later set.
-    pub fn seen(&self) -> Seen {
-        Seen(self.set.load_full())
-    }
-
-    /// Has any revoke or lift been applied since `seen`?
-    pub fn changed_since(&self, seen: &Seen) -> bool {
-        !Arc::ptr_eq(&self.set.load(), &seen.0)
+    /// How many times the set was replaced: one that moved since it was read has seen a
+    /// revoke or a lift applied.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -589,6 +584,7 @@ impl Revocations {
         drop(pending);
         if let Some(next) = next {
             self.set.store(Arc::new(next));
+            self.generation.fetch_add(1, Ordering::Release);
         }
     }
 

@@ -195,12 +195,14 @@ pub async fn handle<B>(
         let uri = req.headers().get(name).and_then(|v| v.to_str().ok());
         uri.and_then(|u| u.split_once('?')).map_or("", |(_, q)| q)
     };
-    let queries = [
-        req.uri().query().unwrap_or(""),
-        header_query(&X_ORIGINAL_URI),
-        header_query(&X_FORWARDED_URI),
-    ];
-    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy, &queries);
+    let queries = || {
+        [
+            req.uri().query().unwrap_or(""),
+            header_query(&X_ORIGINAL_URI),
+            header_query(&X_FORWARDED_URI),
+        ]
+    };
+    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy, queries);
     let http2 = req.version() == http::Version::HTTP_2;
     let asked_with = req.method().clone();
     let Some(endpoint) = Endpoint::of(req.uri().path()) else {

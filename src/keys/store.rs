@@ -12,6 +12,8 @@ use super::Snapshot;
 #[derive(Default)]
 pub struct KeyStore {
     current: ArcSwapOption<Snapshot>,
+    /// Moved after each swap: a watcher tells a change by one load, not a snapshot's.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl KeyStore {
@@ -31,7 +33,15 @@ impl KeyStore {
 
     /// Publish a validated snapshot; returns the one it replaced.
     pub fn store(&self, snapshot: Arc<Snapshot>) -> Option<Arc<Snapshot>> {
-        self.current.swap(Some(snapshot))
+        let old = self.current.swap(Some(snapshot));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        old
+    }
+
+    /// How many snapshots were published: one that moved since it was read has seen a swap.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn is_loaded(&self) -> bool {

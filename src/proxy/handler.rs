@@ -66,12 +66,9 @@ pub async fn handle(
     req: Request<RequestBody>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let cid = respond::correlation_id(
-        req.headers(),
-        worker.ids(),
-        &app.policy,
-        req.uri().query().as_slice(),
-    );
+    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy, || {
+        [req.uri().query().unwrap_or("")]
+    });
     let method = req.method().clone();
     let http2 = req.version() == http::Version::HTTP_2;
     // The target is kept (a reference count, not a copy) so the path can be borrowed while
@@ -161,6 +158,8 @@ async fn proxy<'a>(
 ) -> Result<Response<Body>, Reject> {
     check_head(&req, &app.config.limits)?;
     let head = Head::of(&req);
+    // Read before the decision: what changes after it is judged again while streaming.
+    let generations = KeyWatch::generations(app);
     let verdict = decide(
         app,
         worker.metrics(),
@@ -186,7 +185,7 @@ async fn proxy<'a>(
     });
     let key_watch = || {
         let key = principal.as_ref().map(|p| p.key.clone());
-        key.map(|key| KeyWatch::new(app.clone(), key))
+        key.map(|key| KeyWatch::new(app.clone(), key, generations))
     };
     let watch = || TunnelWatch {
         key: key_watch(),

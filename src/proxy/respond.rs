@@ -87,20 +87,20 @@ pub fn set_quota(h: &mut HeaderMap, quota: &Quota) {
 }
 
 /// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
-/// `[A-Za-z0-9._:-]` and could not be a key (`policy`; `queries` are those the request
-/// carries), otherwise mint a UUID v4 from the worker's `ids`.
-pub fn correlation_id(
+/// `[A-Za-z0-9._:-]` and could not be a key (`policy`; `queries` gives those the request
+/// carries, asked only when it sent an id), otherwise mint a UUID v4 from the worker's `ids`.
+pub fn correlation_id<'q, Q: AsRef<[&'q str]>>(
     headers: &HeaderMap,
     ids: &Ids,
     policy: &Policy,
-    queries: &[&str],
+    queries: impl Fn() -> Q,
 ) -> HeaderValue {
     [&X_CORRELATION_ID, &X_REQUEST_ID]
         .into_iter()
         .filter_map(|name| headers.get(name))
         .find(|v| {
             valid_correlation_id(v.as_bytes())
-                && !policy.could_be_a_key(v.as_bytes(), headers, queries)
+                && !policy.could_be_a_key(v.as_bytes(), headers, queries().as_ref())
         })
         .cloned()
         .unwrap_or_else(|| ids.mint())
@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn correlation_id_rules() {
         let policy = policy();
-        let correlation_id = |h: &HeaderMap, ids: &Ids| correlation_id(h, ids, &policy, &[]);
+        let correlation_id = |h: &HeaderMap, ids: &Ids| correlation_id(h, ids, &policy, || []);
         let mut h = HeaderMap::new();
         let ids = Ids::default();
         let minted = correlation_id(&h, &ids);
@@ -185,13 +185,13 @@ mod tests {
                 "x-request-id",
                 HeaderValue::from_static("k3y-0123456789abcdef"),
             );
-            assert_eq!(correlation_id(&h, &ids, &policy, &[]).len(), 36, "{name}");
+            assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36, "{name}");
             // Part of the key is key material too; an unrelated id is kept.
             h.insert("x-request-id", HeaderValue::from_static("0123456789abcdef"));
-            assert_eq!(correlation_id(&h, &ids, &policy, &[]).len(), 36, "{name}");
+            assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36, "{name}");
             h.insert("x-request-id", HeaderValue::from_static("req-7f3a9c0d"));
             assert_eq!(
-                correlation_id(&h, &ids, &policy, &[]),
+                correlation_id(&h, &ids, &policy, || []),
                 "req-7f3a9c0d",
                 "{name}"
             );
@@ -206,10 +206,10 @@ mod tests {
             "x-request-id",
             HeaderValue::from_static("k3y-0123456789abcdef"),
         );
-        assert_eq!(correlation_id(&h, &ids, &policy, &[]).len(), 36);
+        assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
         // A short id is no key, whatever it is part of.
         h.insert("x-request-id", HeaderValue::from_static("k3y"));
-        assert_eq!(correlation_id(&h, &ids, &policy, &[]), "k3y");
+        assert_eq!(correlation_id(&h, &ids, &policy, || []), "k3y");
         // The shipped config reads no query credential: a query is no credential there.
         let mut h = HeaderMap::new();
         h.insert(
@@ -218,7 +218,7 @@ mod tests {
         );
         let q = ["a=1&api%5Fkey=k3y-0123456789abcdef"];
         assert_eq!(
-            correlation_id(&h, &ids, &policy, &q),
+            correlation_id(&h, &ids, &policy, || q),
             "k3y-0123456789abcdef"
         );
         let mut h = HeaderMap::new();
@@ -226,7 +226,7 @@ mod tests {
             "x-correlation-id",
             HeaderValue::from_static("sta_leaked_key_0123456789"),
         );
-        assert_eq!(correlation_id(&h, &ids, &policy, &[]).len(), 36);
+        assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
     }
 
     #[test]
@@ -234,7 +234,7 @@ mod tests {
         let ids = Ids::default();
         let none = HeaderMap::new();
         let minted: Vec<HeaderValue> = (0..3 * IDS_PER_SLAB)
-            .map(|_| correlation_id(&none, &ids, &policy(), &[]))
+            .map(|_| correlation_id(&none, &ids, &policy(), || []))
             .collect();
         let distinct: std::collections::HashSet<_> = minted.iter().collect();
         assert_eq!(distinct.len(), minted.len());

@@ -61,42 +61,33 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// (server-sent events, a long download, a gRPC stream) carries data long after its
 /// request was decided, and a revoke, an expiry or a narrowed key must stop that too.
 /// Judged again only when the snapshot or the revocations changed since it last was
-/// (two pointer comparisons), or always for a key that expires.
+/// (two counters read), or always for a key that expires.
 pub struct KeyWatch {
     app: Arc<crate::app::App>,
     key: Arc<crate::keys::Key>,
-    snapshot: Option<Arc<crate::keys::Snapshot>>,
-    revocations: crate::cluster::revocations::Seen,
+    /// The snapshot's and the revocations' generations when last judged.
+    seen: (u64, u64),
 }
 
 impl KeyWatch {
-    /// Watch `key`, which was just let in.
-    pub fn new(app: Arc<crate::app::App>, key: Arc<crate::keys::Key>) -> Self {
-        let snapshot = app.store.load();
-        let revocations = app.revocations.seen();
-        Self {
-            app,
-            key,
-            snapshot,
-            revocations,
-        }
+    /// Watch `key`, which was let in by a decision made after `seen` was read
+    /// ([`Self::generations`]): a change since is judged at the first chunk.
+    pub fn new(app: Arc<crate::app::App>, key: Arc<crate::keys::Key>, seen: (u64, u64)) -> Self {
+        Self { app, key, seen }
+    }
+
+    /// The snapshot's and the revocations' generations now.
+    pub fn generations(app: &crate::app::App) -> (u64, u64) {
+        (app.store.generation(), app.revocations.generation())
     }
 
     /// Does the key still stand? `Err` names why not.
     pub fn stands(&mut self) -> Result<(), crate::auth::Reject> {
-        let current = self.app.store.guard();
-        let same_snapshot = match (&*current, &self.snapshot) {
-            (Some(now), Some(seen)) => Arc::ptr_eq(now, seen),
-            (None, None) => true,
-            _ => false,
-        };
-        let unchanged = same_snapshot && !self.app.revocations.changed_since(&self.revocations);
-        if unchanged && self.key.expires_at.is_none() {
+        let now = Self::generations(&self.app);
+        if now == self.seen && self.key.expires_at.is_none() {
             return Ok(());
         }
-        drop(current);
-        self.snapshot = self.app.store.load();
-        self.revocations = self.app.revocations.seen();
+        self.seen = now;
         judge(&self.app, &self.key)
     }
 }
