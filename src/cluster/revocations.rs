@@ -883,15 +883,12 @@ impl Revocations {
                     tracing::debug!(error = %e, "revocation read failed; keeping the set held");
                 }
             }
-            if let (Some(c), true) = (&self.cluster, failures > 0) {
-                // Not tried again at the first sign that Redis answers: its probe may pass
-                // where the read's script is refused (an ACL without scripting), and each
-                // such sign at once was a read, a failure and a log line in a tight loop
-                // (12k Redis calls a second over a fleet of four). Doubling from 50 ms.
-                tokio::time::sleep(retry_after(failures)).await;
-                self.on_back(c);
-                continue;
-            }
+            // After a failure, not tried again at the first sign that Redis answers: its
+            // probe may pass where the read's script is refused (an ACL without scripting),
+            // and each such sign at once was a read, a failure and a log line in a tight
+            // loop (12k Redis calls a second over a fleet of four). Doubling from 50 ms.
+            let retry_at =
+                (failures > 0).then(|| tokio::time::Instant::now() + retry_after(failures));
             // Not ready until the first read: try again soon (not as soon while the hash is
             // refused as too large: that is not going away in 50 ms).
             let wait = if self.loaded.load(Ordering::Acquire)
@@ -906,7 +903,12 @@ impl Revocations {
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         // Redis may have restarted, or failed over to a copy that lags.
-                        () = c.back.notified() => self.on_back(c),
+                        () = c.back.notified() => {
+                            if let Some(at) = retry_at {
+                                tokio::time::sleep_until(at).await;
+                            }
+                            self.on_back(c);
+                        }
                     }
                 }
                 None => return,
