@@ -211,16 +211,7 @@ async fn control_api_put_get_disable_and_persistence() {
     );
 
     // Usage is tracked per key id.
-    let usage = get(&admin("/v1/keys/usage"), &[("authorization", &auth)])
-        .await
-        .json();
-    let entry = usage["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["key_id"] == "key_json")
-        .cloned()
-        .unwrap();
+    let entry = usage_of(&kw, "key_json").await.unwrap();
     assert!(entry["requests"].as_u64().unwrap() >= 2);
 
     // Emergency revoke: next request is refused, and it is persisted.
@@ -293,6 +284,21 @@ async fn file_source_refuses_control_writes() {
     kw.shutdown().await;
 }
 
+/// `GET /v1/keys/usage`'s entry for key `id`, if it has one.
+async fn usage_of(kw: &Proxy, id: &str) -> Option<serde_json::Value> {
+    let usage = get(
+        &kw.admin_url("/v1/keys/usage"),
+        &[("authorization", &admin_auth())],
+    )
+    .await
+    .json();
+    usage["keys"]
+        .as_array()?
+        .iter()
+        .find(|k| k["key_id"] == id)
+        .cloned()
+}
+
 /// A key used only on the introspection path (to check itself) is a used key.
 #[tokio::test]
 async fn introspection_counts_as_usage() {
@@ -300,23 +306,8 @@ async fn introspection_counts_as_usage() {
     let kw = spawn_proxy(up.addr, "").await;
     let r = get(&kw.url("/auth"), &[("x-api-key", PERSONAL_KEY)]).await;
     assert_eq!(r.status, 200);
-    let usage = get(
-        &kw.admin_url("/v1/keys/usage"),
-        &[("authorization", &admin_auth())],
-    )
-    .await
-    .json();
-    let entry = usage["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["key_id"] == "key_demo_personal")
-        .cloned();
-    assert_eq!(
-        entry.map(|e| e["requests"].clone()),
-        Some(1.into()),
-        "{usage}"
-    );
+    let entry = usage_of(&kw, "key_demo_personal").await;
+    assert_eq!(entry.map(|e| e["requests"].clone()), Some(1.into()));
     assert_eq!(up.count(), 0);
     kw.shutdown().await;
 }
