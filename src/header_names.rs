@@ -45,7 +45,7 @@ pub fn is_respelled(name: &str) -> bool {
 }
 
 /// The bytes a name spelled as proxies spell it holds: letters, digits and `-`.
-static PLAIN: [bool; 256] = {
+const PLAIN: [bool; 256] = {
     let mut t = [false; 256];
     let mut b = 0;
     while b < 256 {

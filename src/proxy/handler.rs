@@ -17,7 +17,7 @@ use super::conn::{ConnInfo, Slot};
 use super::forward::{self, ProxyError};
 use super::head::check_head;
 use super::headers::{self, Identity};
-use super::tunnel::{KeyWatch, TunnelWatch};
+use super::watch::{KeyWatch, TunnelWatch};
 use super::worker::Worker;
 use super::{respond, Body, RequestBody, UpstreamBody};
 use crate::auth::credential::strip_query_param;

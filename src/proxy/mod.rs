@@ -21,9 +21,9 @@ pub mod pool;
 pub mod respond;
 pub mod server;
 pub mod threads;
-pub mod tunnel;
 pub mod upload;
 pub mod upstream_target;
+pub mod watch;
 pub mod worker;
 pub mod writing;
 
@@ -40,4 +40,4 @@ pub type UpstreamBody =
     Either<Incoming, h1::ResponseBody<upstream_target::UpstreamStream, pool::Return>>;
 
 /// A response body: the upstream's, streamed, or one keyward wrote.
-pub type Body = Either<tunnel::Guarded<UpstreamBody>, Full<Bytes>>;
+pub type Body = Either<watch::Guarded<UpstreamBody>, Full<Bytes>>;

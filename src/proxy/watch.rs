@@ -1,8 +1,9 @@
-//! What ends an upgraded (WebSocket) tunnel besides its peers: its idle bound (a tunnel that
-//! moves no byte in either direction for `limits.tunnel_idle_timeout` is closed, so an idle
-//! tunnel cannot hold its connection slot for ever: nginx's `proxy_read_timeout`, HAProxy's
-//! `timeout tunnel`), its connection's `max_connection_age`, and the key it was opened
-//! with ceasing to stand (revoked, disabled, expired, changed or removed: [`TunnelWatch`]).
+//! What ends an exchange besides its peers, once its request was decided. A streamed
+//! response is passed on only while the key it was let in with stands ([`KeyWatch`],
+//! [`Guarded`]). An upgraded (WebSocket) tunnel ends at its idle bound (no byte either way
+//! for `limits.tunnel_idle_timeout`, so an idle tunnel cannot hold its connection slot for
+//! ever: nginx's `proxy_read_timeout`, HAProxy's `timeout tunnel`), at its connection's
+//! `max_connection_age`, and when its key ceases to stand ([`TunnelWatch`]).
 
 use std::io;
 use std::pin::Pin;
