@@ -781,14 +781,10 @@ async fn a_tunnel_closes_when_its_key_is_disabled_or_its_connection_ages() {
     kw.shutdown().await;
 }
 
-/// A streamed response (server-sent events, a long download) carries data long after its
-/// request was decided: once the key no longer stands, the next chunk is not passed on and
-/// the response is cut off (the HTTP/1.1 connection closes). It streamed for good.
-#[tokio::test]
-async fn a_streamed_response_is_cut_off_once_its_key_is_disabled() {
-    // An app that sends a chunk every 100 ms for 10 s.
+/// An app that sends a chunk every 100 ms for 10 s on every request.
+async fn spawn_streaming_app() -> SocketAddr {
     let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app.local_addr().unwrap();
+    let addr = app.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = app.accept().await {
             tokio::spawn(async move {
@@ -808,32 +804,92 @@ async fn a_streamed_response_is_cut_off_once_its_key_is_disabled() {
             });
         }
     });
-    let kw = spawn_proxy(app_addr, "").await;
-    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    addr
+}
+
+/// A stream opened through `kw` with the test key, its head read.
+async fn open_stream(kw: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(kw).await.unwrap();
     let req = format!("GET /v1/events HTTP/1.1\r\nhost: a\r\nx-api-key: {KEY}\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let head = read_head(&mut s).await.expect("answered");
     assert_eq!(raw_status(&head), 200, "{head}");
-    let mut got = vec![0u8; 256];
-    assert!(s.read(&mut got).await.unwrap() > 0, "streaming");
-    let disabled = DEMO_KEYS.replacen("status: active", "status: disabled", 1);
-    std::fs::write(kw.keys_file(), &disabled).unwrap();
-    // Asked of keyward itself (introspection): the app streams on every other path.
-    eventually("the key is disabled", || async {
-        get(&kw.url("/auth"), &[("x-api-key", KEY)]).await.status == 401
-    })
-    .await;
-    let disabled_at = Instant::now();
+    s
+}
+
+/// How long `s` goes on streaming, up to `most`.
+async fn streams_for(s: &mut TcpStream, most: Duration) -> Duration {
+    let start = Instant::now();
     let mut sink = vec![0u8; 4096];
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+    let _ = tokio::time::timeout(most, async {
         while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
-    assert!(ended.is_ok(), "still streaming 5 s after the disable");
+    start.elapsed()
+}
+
+/// A streamed response (server-sent events, a long download) carries data long after its
+/// request was decided: once the key no longer stands, the next chunk is not passed on and
+/// the response is cut off (the HTTP/1.1 connection closes). It streamed for good. A change
+/// to the key that grants nothing new or less (its `org_id`) leaves the stream alone.
+#[tokio::test]
+async fn a_streamed_response_is_cut_off_once_its_key_is_disabled() {
+    let app = spawn_streaming_app().await;
+    let kw = spawn_proxy(app, "").await;
+    let mut s = open_stream(kw.addr).await;
+    // Asked of keyward itself (introspection): the app streams on every other path.
+    let auth = || async { get(&kw.url("/auth"), &[("x-api-key", KEY)]).await };
+    let moved = DEMO_KEYS.replacen("org_id: org_123", "org_id: org_456", 1);
+    std::fs::write(kw.keys_file(), &moved).unwrap();
+    eventually("the org_id moved", || async {
+        auth().await.json()["org_id"] == "org_456"
+    })
+    .await;
+    let streamed = streams_for(&mut s, Duration::from_millis(1500)).await;
     assert!(
-        disabled_at.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        disabled_at.elapsed()
+        streamed >= Duration::from_millis(1400),
+        "cut at {streamed:?}"
+    );
+    let disabled = moved.replacen("status: active", "status: disabled", 1);
+    std::fs::write(kw.keys_file(), &disabled).unwrap();
+    eventually("the key is disabled", || async {
+        auth().await.status == 401
+    })
+    .await;
+    let streamed = streams_for(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        streamed < Duration::from_secs(2),
+        "still streaming after {streamed:?}"
+    );
+    kw.shutdown().await;
+}
+
+/// `keys.max_age`: a snapshot that goes stale fails closed for the streams already open on
+/// it too (nothing is swapped: the clock alone moves).
+#[tokio::test]
+async fn a_streamed_response_is_cut_off_once_its_snapshot_goes_stale() {
+    let app = spawn_streaming_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    let born = std::time::SystemTime::now() - Duration::from_secs(1);
+    let stamped = format!(
+        "generated_at: {}\n{DEMO_KEYS}",
+        humantime::format_rfc3339_seconds(born)
+    );
+    std::fs::write(&keys, stamped).unwrap();
+    let config = config::ConfigBuilder::new(app, &keys)
+        .merge_in("keys", "{ max_age: 3s }")
+        .config();
+    let kw = start(config, dir).await;
+    let mut s = open_stream(kw.addr).await;
+    let streamed = streams_for(&mut s, Duration::from_secs(6)).await;
+    assert!(
+        streamed >= Duration::from_millis(500) && streamed < Duration::from_secs(4),
+        "{streamed:?}"
+    );
+    assert_eq!(
+        get(&kw.url("/auth"), &[("x-api-key", KEY)]).await.status,
+        503
     );
     kw.shutdown().await;
 }

@@ -983,8 +983,9 @@ async fn per_key_limit_bounds_the_expiry_series_to_the_soonest() {
     kw.shutdown().await;
 }
 
-/// A YAML alias replays its anchored node at each use: a list anchored once and named by
-/// every key is a small push that builds millions of strings. Refused whole, naming where.
+/// A YAML alias replays its anchored node at each use, a tag copies its prefix into each
+/// node: a small push that builds millions of strings or gigabytes. Refused whole, naming
+/// where.
 #[tokio::test]
 async fn a_snapshot_with_yaml_aliases_is_refused() {
     let up = spawn_upstream().await;
@@ -1003,6 +1004,11 @@ async fn a_snapshot_with_yaml_aliases_is_refused() {
     );
     let r = admin(&kw, "PUT", "/v1/snapshot", &anchored).await;
     assert_eq!(r.status, 400, "{}", r.text());
+    // A tag, or a `%TAG` directive that copies a long prefix into every node: refused too.
+    let tagged = format!("%TAG !x! tag:{}\n---\n{}", "A".repeat(64), plain(5..6));
+    let r = admin(&kw, "PUT", "/v1/snapshot", &tagged).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("tags"), "{}", r.text());
     // The last good snapshot stays.
     assert_eq!(status_with(&kw, &raw(1)).await, 200);
     assert_eq!(status_with(&kw, &raw(5)).await, 401);

@@ -134,9 +134,10 @@ pub fn still_stands(
         .filter(|s| !s.is_stale(now))
         .ok_or(Reject::AuthUnavailable)?;
     let current = snapshot.lookup(key.digest()).ok_or(Reject::InvalidApiKey)?;
-    // Unchanged: a reload keeps the keys it did not change (the same record), and any
-    // change (scopes narrowed, delegation taken away) ends what was allowed with the old.
-    if !Arc::ptr_eq(current, key) && **current != **key {
+    // Unchanged: a reload keeps the keys it did not change (the same record), and a change
+    // to what it grants (scopes narrowed, delegation taken away) ends what was allowed
+    // with the old; one to an email or a rate limit does not.
+    if !Arc::ptr_eq(current, key) && !current.grants_as(key) {
         return Err(Reject::InvalidApiKey);
     }
     check_key_state(current, policy, now)

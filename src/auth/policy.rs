@@ -157,38 +157,51 @@ impl Policy {
         &self.credential_headers
     }
 
-    /// Could a correlation id a client sent be a key? One that starts with a configured key
-    /// prefix, or is part of a credential this request carries (`x-request-id: <the key>`
-    /// beside `Authorization: Bearer <the key>`, or beside `?api_key=<the key>` in one of
-    /// `queries`): logged, echoed and forwarded, it would put a raw key where none may be.
-    /// (A part as long as the shortest key: a short id is no key.)
+    /// Could a correlation id a client sent be a key? One that holds a configured key
+    /// prefix, or overlaps a credential this request carries, holding it or being part of
+    /// it (`x-request-id: req-<the key>` beside `Authorization: Bearer <the key>`, or beside
+    /// `?api_key=<the key>` in one of `queries`): logged, echoed and forwarded, it would put
+    /// a raw key where none may be. (Overlaps as long as the shortest key: a short id is no
+    /// key.)
     pub fn could_be_a_key(
         &self,
         value: &[u8],
         headers: &http::HeaderMap,
         queries: &[&str],
     ) -> bool {
+        let contains = |hay: &[u8], needle: &[u8]| {
+            !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+        };
         if self
             .prefixes
             .iter()
-            .any(|(p, _)| value.starts_with(p.as_bytes()))
+            .any(|(p, _)| contains(value, p.as_bytes()))
         {
             return true;
         }
-        if value.len() < crate::auth::credential::MIN_KEY_LEN {
-            return false;
-        }
-        let holds = |c: &[u8]| c.windows(value.len()).any(|w| w == value);
+        let min = crate::auth::credential::MIN_KEY_LEN;
+        // Either holds the other (`req-<key>` holds the key; a part of the key is key
+        // material), as long as the shorter is as long as the shortest key.
+        let overlaps = |c: &[u8]| {
+            (value.len() >= min && contains(c, value)) || (c.len() >= min && contains(value, c))
+        };
         let in_headers = self
             .credential_headers
             .iter()
             .flat_map(|n| headers.get_all(n))
-            .any(|c| holds(c.as_bytes()));
+            // The token after a scheme (`Bearer <key>`), or the whole value.
+            .map(|c| {
+                c.as_bytes()
+                    .rsplit(|b| b.is_ascii_whitespace())
+                    .next()
+                    .unwrap_or_default()
+            })
+            .any(overlaps);
         let in_query = || {
             self.credential_query().is_some_and(|name| {
                 queries.iter().any(|q| {
                     crate::auth::credential::query_param_values(q, name)
-                        .any(|v| v.is_some_and(|v| holds(&v)))
+                        .any(|v| v.is_some_and(|v| overlaps(&v)))
                 })
             })
         };

@@ -193,6 +193,22 @@ impl Key {
         &self.scopes.list
     }
 
+    /// Does `other` let in what this key let in: the same id, subject and account, type,
+    /// status, time window, environment, scopes and delegation? (The other fields, an
+    /// email or a rate limit, say nothing about what a request may reach.)
+    pub fn grants_as(&self, other: &Key) -> bool {
+        self.id == other.id
+            && self.subject_id == other.subject_id
+            && self.account_id == other.account_id
+            && self.principal_type == other.principal_type
+            && self.status == other.status
+            && self.not_before == other.not_before
+            && self.expires_at == other.expires_at
+            && self.scopes() == other.scopes()
+            && self.environment() == other.environment()
+            && self.delegation() == other.delegation()
+    }
+
     pub fn has_any_scope(&self, wanted: &[String]) -> bool {
         wanted.iter().any(|w| self.scopes().iter().any(|s| s == w))
     }

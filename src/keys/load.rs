@@ -242,6 +242,11 @@ fn yaml(text: &str, prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
                 "line {line} column {column}: aliases (`*name`) are not accepted in a snapshot"
             )))
         }
+        Err(nesting::Refused::Tag { line, column }) => {
+            return Err(SnapshotError::Parse(format!(
+                "line {line} column {column}: tags (`!name`, `%TAG`) are not accepted in a snapshot"
+            )))
+        }
         Err(nesting::Refused::TooMany { bound }) => {
             return Err(SnapshotError::Parse(format!(
                 "more than {bound} YAML nodes for its size (one per 6 bytes beyond 100,000); write large snapshots as JSON"

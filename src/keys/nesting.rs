@@ -30,6 +30,10 @@ pub enum Refused {
     /// 50,000 scopes anchored once and named by 3,000 keys is an 850 KB push that builds
     /// 150 million strings (minutes of CPU, the push turn held). No snapshot needs one.
     Alias { line: u64, column: u64 },
+    /// A tag (`!x`, `!!str`) or a `%TAG` directive: libyaml copies a tag's whole text into
+    /// each node that names it and serde_yaml holds every node, so `%TAG !x! <15 KB>` and
+    /// 90,000 `!x!a` made a 645 KB push take 1.7 GB. No snapshot needs one.
+    Tag { line: u64, column: u64 },
     /// More nodes than [`max_events`] allows for the document's size: serde_yaml holds every
     /// parser event of a document (about 100 bytes each) before it reads a field, so a list
     /// of 2-byte scalars costs 50 times its size (a 62 MB push took 3.3 GB, and was refused
@@ -56,7 +60,9 @@ pub fn check(text: &[u8], limit: usize) -> Result<(), Refused> {
     // skip it this way; block nesting costs libyaml nothing extra, and serde_yaml's own
     // recursion limit refuses it). An alias names an anchor, which needs a `&`.
     let mut flow_opens = text.iter().filter(|b| matches!(b, b'[' | b'{'));
-    if text.len() <= COUNTED_ABOVE && flow_opens.nth(limit).is_none() && !text.contains(&b'&') {
+    // A tag starts with `!` (a `%TAG` directive names one).
+    let marked = text.iter().any(|b| matches!(b, b'&' | b'!'));
+    if text.len() <= COUNTED_ABOVE && flow_opens.nth(limit).is_none() && !marked {
         return Ok(());
     }
     let bound = max_events(text.len());
@@ -87,6 +93,12 @@ pub fn check(text: &[u8], limit: usize) -> Result<(), Refused> {
                     column: column.saturating_add(1),
                 })
             }
+            Event::Tag { line, column } => {
+                return Err(Refused::Tag {
+                    line: line.saturating_add(1),
+                    column: column.saturating_add(1),
+                })
+            }
             Event::Close => depth = depth.saturating_sub(1),
             Event::Other => {}
             Event::End => break,
@@ -98,6 +110,7 @@ pub fn check(text: &[u8], limit: usize) -> Result<(), Refused> {
 enum Event {
     Open { line: u64, column: u64 },
     Alias { line: u64, column: u64 },
+    Tag { line: u64, column: u64 },
     Close,
     Other,
     End,
@@ -151,20 +164,35 @@ impl<'input> Parser<'input> {
             if error != unsafe_sys::YAML_NO_ERROR || unsafe_sys::yaml_parser_parse(p, e).fail {
                 return None;
             }
+            let mark = || ((*e).start_mark.line, (*e).start_mark.column);
+            // SAFETY (the union reads): each field read is the one libyaml fills for the
+            // event's type, checked first.
+            let tagged = match (*e).type_ {
+                unsafe_sys::YAML_SCALAR_EVENT => !(*e).data.scalar.tag.is_null(),
+                unsafe_sys::YAML_SEQUENCE_START_EVENT => !(*e).data.sequence_start.tag.is_null(),
+                unsafe_sys::YAML_MAPPING_START_EVENT => !(*e).data.mapping_start.tag.is_null(),
+                unsafe_sys::YAML_DOCUMENT_START_EVENT => {
+                    let d = (*e).data.document_start.tag_directives;
+                    d.start != d.end
+                }
+                _ => false,
+            };
             let kind = match (*e).type_ {
+                _ if tagged => {
+                    let (line, column) = mark();
+                    Event::Tag { line, column }
+                }
                 unsafe_sys::YAML_SEQUENCE_START_EVENT | unsafe_sys::YAML_MAPPING_START_EVENT => {
-                    Event::Open {
-                        line: (*e).start_mark.line,
-                        column: (*e).start_mark.column,
-                    }
+                    let (line, column) = mark();
+                    Event::Open { line, column }
                 }
                 unsafe_sys::YAML_SEQUENCE_END_EVENT | unsafe_sys::YAML_MAPPING_END_EVENT => {
                     Event::Close
                 }
-                unsafe_sys::YAML_ALIAS_EVENT => Event::Alias {
-                    line: (*e).start_mark.line,
-                    column: (*e).start_mark.column,
-                },
+                unsafe_sys::YAML_ALIAS_EVENT => {
+                    let (line, column) = mark();
+                    Event::Alias { line, column }
+                }
                 // No event: libyaml has nothing more to give (never after a success).
                 unsafe_sys::YAML_STREAM_END_EVENT | unsafe_sys::YAML_NO_EVENT => Event::End,
                 _ => Event::Other,
@@ -234,6 +262,27 @@ mod tests {
             })
         );
         let text = "keys:\n  - subject_email: \"a&b@example.com\"\n    scopes: [\"*\"]\n";
+        assert_eq!(check(text.as_bytes(), 64), Ok(()));
+    }
+
+    #[test]
+    fn a_tag_or_a_tag_directive_is_refused_and_a_bang_in_a_scalar_is_not_one() {
+        let directive = format!("%TAG !x! tag:{}\n---\nkeys: []\n", "A".repeat(100));
+        assert_eq!(
+            check(directive.as_bytes(), 64),
+            Err(Refused::Tag { line: 1, column: 1 })
+        );
+        for text in [
+            "keys: !!seq []\n",
+            "keys:\n  - id: !!str a\n",
+            "keys: [!x a]\n",
+        ] {
+            assert!(
+                matches!(check(text.as_bytes(), 64), Err(Refused::Tag { .. })),
+                "{text}"
+            );
+        }
+        let text = "keys:\n  - subject_email: \"wow!@example.com\"\n    id: a!b\n";
         assert_eq!(check(text.as_bytes(), 64), Ok(()));
     }
 

@@ -17,7 +17,7 @@ use super::conn::{ConnInfo, Slot};
 use super::forward::{self, ProxyError};
 use super::head::check_head;
 use super::headers::{self, Identity};
-use super::watch::{KeyWatch, TunnelWatch};
+use super::watch::{Decided, KeyWatch, TunnelWatch};
 use super::worker::Worker;
 use super::{respond, Body, RequestBody, UpstreamBody};
 use crate::auth::credential::strip_query_param;
@@ -158,8 +158,7 @@ async fn proxy<'a>(
 ) -> Result<Response<Body>, Reject> {
     check_head(&req, &app.config.limits)?;
     let head = Head::of(&req);
-    // Read before the decision: what changes after it is judged again while streaming.
-    let generations = KeyWatch::generations(app);
+    let decided = Decided::now(app);
     let verdict = decide(
         app,
         worker.metrics(),
@@ -185,7 +184,7 @@ async fn proxy<'a>(
     });
     let key_watch = || {
         let key = principal.as_ref().map(|p| p.key.clone());
-        key.map(|key| KeyWatch::new(app.clone(), key, generations))
+        key.map(|key| KeyWatch::new(app.clone(), key, decided))
     };
     let watch = || TunnelWatch {
         key: key_watch(),

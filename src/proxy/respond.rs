@@ -207,6 +207,12 @@ mod tests {
             HeaderValue::from_static("k3y-0123456789abcdef"),
         );
         assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
+        // An id holding the key, or a key prefix anywhere.
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_static("req-k3y-0123456789abcdef.1"),
+        );
+        assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
         // A short id is no key, whatever it is part of.
         h.insert("x-request-id", HeaderValue::from_static("k3y"));
         assert_eq!(correlation_id(&h, &ids, &policy, || []), "k3y");
@@ -224,7 +230,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             "x-correlation-id",
-            HeaderValue::from_static("sta_leaked_key_0123456789"),
+            HeaderValue::from_static("id.sta_leaked_key_0123456789"),
         );
         assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
     }

@@ -62,33 +62,77 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// (server-sent events, a long download, a gRPC stream) carries data long after its
 /// request was decided, and a revoke, an expiry or a narrowed key must stop that too.
 /// Judged again only when the snapshot or the revocations changed since it last was
-/// (two counters read), or always for a key that expires.
+/// (two counters read), or once the clock passes what bounds it in time (the key's
+/// `expires_at`, the snapshot's `keys.max_age`).
 pub struct KeyWatch {
     app: Arc<crate::app::App>,
     key: Arc<crate::keys::Key>,
     /// The snapshot's and the revocations' generations when last judged.
     seen: (u64, u64),
+    /// When the request was decided: a change within [`RECHECK`] of it is judged later.
+    decided: Instant,
+    /// The first moment the key may stop standing with nothing swapped.
+    until: Option<std::time::SystemTime>,
+}
+
+/// What was in force just before a request was decided (see [`KeyWatch::new`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Decided {
+    generations: (u64, u64),
+    at: Instant,
+}
+
+impl Decided {
+    /// Read before the decision: what changes after it is judged again while streaming.
+    pub fn now(app: &crate::app::App) -> Self {
+        Self {
+            generations: KeyWatch::generations(app),
+            at: Instant::now(),
+        }
+    }
 }
 
 impl KeyWatch {
-    /// Watch `key`, which was let in by a decision made after `seen` was read
-    /// ([`Self::generations`]): a change since is judged at the first chunk.
-    pub fn new(app: Arc<crate::app::App>, key: Arc<crate::keys::Key>, seen: (u64, u64)) -> Self {
-        Self { app, key, seen }
+    /// Watch `key`, which was let in by a decision made after `decided` was read: a change
+    /// since is judged at a chunk at least [`RECHECK`] after it. (An exchange decided an
+    /// instant before a revoke finishes as decided, as a revoke takes effect on the next
+    /// request; one that goes on longer is cut within the second, as a tunnel is.)
+    pub fn new(app: Arc<crate::app::App>, key: Arc<crate::keys::Key>, decided: Decided) -> Self {
+        let until = Self::until(&app, &key);
+        Self {
+            app,
+            key,
+            seen: decided.generations,
+            decided: decided.at,
+            until,
+        }
+    }
+
+    /// The earlier of the key's expiry and the snapshot's going stale.
+    fn until(app: &crate::app::App, key: &crate::keys::Key) -> Option<std::time::SystemTime> {
+        let stale_at = app.store.guard().as_ref().and_then(|s| s.stale_at());
+        match (key.expires_at, stale_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The snapshot's and the revocations' generations now.
-    pub fn generations(app: &crate::app::App) -> (u64, u64) {
+    fn generations(app: &crate::app::App) -> (u64, u64) {
         (app.store.generation(), app.revocations.generation())
     }
 
     /// Does the key still stand? `Err` names why not.
     pub fn stands(&mut self) -> Result<(), crate::auth::Reject> {
         let now = Self::generations(&self.app);
-        if now == self.seen && self.key.expires_at.is_none() {
+        let due = self
+            .until
+            .is_some_and(|t| std::time::SystemTime::now() >= t);
+        if (now == self.seen && !due) || self.decided.elapsed() < RECHECK {
             return Ok(());
         }
         self.seen = now;
+        self.until = Self::until(&self.app, &self.key);
         judge(&self.app, &self.key)
     }
 }
