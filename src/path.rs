@@ -30,8 +30,8 @@ pub enum PathError {
     Query,
     #[error("'..' above the root")]
     AboveRoot,
-    /// IIS and Win32 paths drop a segment's trailing dots and spaces, so `..%20` or `...`
-    /// is `..` to them: a dot segment removed after keyward authorized the path.
+    /// IIS and Win32 paths drop a segment's trailing dots and spaces, so `..%20` is `..` to
+    /// them: a dot segment removed after keyward authorized the path.
     #[error("segment of dots and spaces")]
     DotsAndSpaces,
 }
@@ -65,8 +65,7 @@ fn is_normal(path: &[u8]) -> bool {
     let mut segments = path[1..].split(|b| *b == b'/').peekable();
     while let Some(seg) = segments.next() {
         let last = segments.peek().is_none();
-        // `...` and longer are refused by the full normalization.
-        if (seg.is_empty() && !last) || (!seg.is_empty() && seg.iter().all(|b| *b == b'.')) {
+        if (seg.is_empty() && !last) || seg == b"." || seg == b".." {
             return false;
         }
     }
@@ -157,14 +156,14 @@ fn remove_dot_segments(path: &str) -> Result<String, PathError> {
     Ok(out)
 }
 
-/// A segment of dots and (encoded) spaces alone, with a dot, but `.` and `..` (removed as
-/// dot segments): `...`, `..%20`, `.%20.`. (`%20` alone is no dot segment to anyone.)
+/// A segment of dots and encoded spaces alone, with both: `..%20`, `.%20.`, `%20..`. (A
+/// name of dots alone, `...`, is a name to every server; `%20` alone is no dot segment.)
 fn dots_and_spaces(seg: &str) -> bool {
     let mut rest = seg;
     while let Some(r) = rest.strip_prefix('.').or_else(|| rest.strip_prefix("%20")) {
         rest = r;
     }
-    rest.is_empty() && seg.contains('.')
+    rest.is_empty() && seg.contains('.') && seg.contains("%20")
 }
 
 #[cfg(test)]
@@ -241,8 +240,8 @@ mod tests {
         for p in [
             "/public/..%20/admin",
             "/public/.%20./admin",
-            "/a/.../b",
-            "/a/..%2e/b",
+            "/a/%20../b",
+            "/a/..%2e%20/b",
             "/a/%20",
         ] {
             let want = if p == "/a/%20" {
@@ -253,6 +252,8 @@ mod tests {
             assert_eq!(normalize(p).map(Cow::into_owned), want, "{p}");
         }
         assert_eq!(ok("/a/..b/.c./%20x"), "/a/..b/.c./%20x");
+        assert_eq!(ok("/a/.../b"), "/a/.../b");
+        assert_eq!(ok("/a/..%2e/b"), "/a/.../b");
         assert_eq!(normalize("/.."), Err(PathError::AboveRoot));
         assert_eq!(normalize("/a/../../admin"), Err(PathError::AboveRoot));
         assert_eq!(normalize("/%2e%2e/admin"), Err(PathError::AboveRoot));
