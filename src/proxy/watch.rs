@@ -79,15 +79,14 @@ pub struct KeyWatch {
 #[derive(Debug, Clone, Copy)]
 pub struct Decided {
     generations: (u64, u64),
-    at: Instant,
 }
 
 impl Decided {
     /// Read before the decision: what changes after it is judged again while streaming.
+    /// (Two counters: a public route's request, which no watch follows, pays no more.)
     pub fn now(app: &crate::app::App) -> Self {
         Self {
             generations: KeyWatch::generations(app),
-            at: Instant::now(),
         }
     }
 }
@@ -103,7 +102,8 @@ impl KeyWatch {
             app,
             key,
             seen: decided.generations,
-            decided: decided.at,
+            // Read once a watch is made, just after the decision: the grace's start.
+            decided: Instant::now(),
             until,
         }
     }
