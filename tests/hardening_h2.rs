@@ -864,6 +864,52 @@ async fn a_streamed_response_is_cut_off_once_its_key_is_disabled() {
     kw.shutdown().await;
 }
 
+/// A request body streamed up (a long upload) is as much an exchange going on as a streamed
+/// response: once its key no longer stands, the next chunk is not forwarded and the client
+/// gets the answer a new request would (401 `disabled_api_key`). It went on uploading.
+#[tokio::test]
+async fn an_upload_is_cut_off_once_its_key_is_disabled() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/upload HTTP/1.1\r\nhost: a\r\nx-api-key: {KEY}\r\ncontent-length: 1000000\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let chunk = vec![b'x'; 1000];
+    // 10 kB/s, for 100 s if nothing cuts it.
+    let uploader = tokio::spawn(async move {
+        while wr.write_all(&chunk).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let disabled = DEMO_KEYS.replacen("status: active", "status: disabled", 1);
+    std::fs::write(kw.keys_file(), &disabled).unwrap();
+    eventually("the key is disabled", || async {
+        get(&kw.url("/auth"), &[("x-api-key", KEY)]).await.status == 401
+    })
+    .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match rd.read(&mut buf).await {
+                Ok(n) if n > 0 => answer.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(raw_status(&answer), 401, "no answer while uploading: {answer:?}");
+    uploader.abort();
+    // The app got the part sent before the cut, and no more.
+    let got = up.requests().iter().map(|r| r.body_len).sum::<usize>();
+    assert!(got < 100_000, "{got} bytes reached the app");
+    kw.shutdown().await;
+}
+
 /// `keys.max_age`: a snapshot that goes stale fails closed for the streams already open on
 /// it too (nothing is swapped: the clock alone moves).
 #[tokio::test]

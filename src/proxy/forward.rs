@@ -50,6 +50,10 @@ pub enum ProxyError {
     /// The client's request body fell below `limits.body_min_rate`.
     #[error("request body too slow")]
     BodyTooSlow,
+    /// The key the request was let in with stopped standing while its body streamed up:
+    /// answered as that key would be now.
+    #[error("the key stopped standing during the request body")]
+    KeyGone(crate::auth::Reject),
 }
 
 impl ProxyError {
@@ -63,7 +67,8 @@ impl ProxyError {
             | ProxyError::UnexpectedUpgrade
             | ProxyError::RequestBody(_)
             | ProxyError::BodyStalled(_)
-            | ProxyError::BodyTooSlow => UpstreamErrorKind::Other,
+            | ProxyError::BodyTooSlow
+            | ProxyError::KeyGone(_) => UpstreamErrorKind::Other,
         }
     }
 
@@ -71,7 +76,10 @@ impl ProxyError {
     pub fn is_upstream_fault(&self) -> bool {
         !matches!(
             self,
-            ProxyError::RequestBody(_) | ProxyError::BodyStalled(_) | ProxyError::BodyTooSlow
+            ProxyError::RequestBody(_)
+                | ProxyError::BodyStalled(_)
+                | ProxyError::BodyTooSlow
+                | ProxyError::KeyGone(_)
         )
     }
 
@@ -84,6 +92,7 @@ impl ProxyError {
             ProxyError::BodyStalled(_) | ProxyError::BodyTooSlow => {
                 crate::auth::Reject::BadRequest(crate::auth::reject::BadRequest::BodyStalled)
             }
+            ProxyError::KeyGone(reject) => reject.clone(),
             _ => crate::auth::Reject::UpstreamUnavailable,
         }
     }
@@ -237,6 +246,7 @@ impl Upstream {
         identity: Option<Identity<'_>>,
         upgrade: bool,
         busy: impl FnOnce() -> Busy,
+        body_watch: impl FnOnce() -> Option<KeyWatch>,
     ) -> Result<(Response<UpstreamBody>, Duration), ProxyError> {
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST) {
@@ -263,7 +273,12 @@ impl Upstream {
                 }
                 let req = req.map(|body| match (body, &progress) {
                     (http_body_util::Either::Left(body), Some(progress)) => {
-                        OutBody::Left(Upload::new(body, self.body_pace, progress.clone()))
+                        OutBody::Left(Upload::new(
+                            body,
+                            self.body_pace,
+                            progress.clone(),
+                            body_watch(),
+                        ))
                     }
                     _ => OutBody::Right(http_body_util::Empty::new()),
                 });
@@ -395,6 +410,7 @@ fn send_error(e: hyper::Error) -> ProxyError {
     match upload_error(&e) {
         Some(UploadError::Stalled(gap)) => ProxyError::BodyStalled(*gap),
         Some(UploadError::TooSlow(_)) => ProxyError::BodyTooSlow,
+        Some(UploadError::KeyGone(reject)) => ProxyError::KeyGone(reject.clone()),
         Some(UploadError::Client(_)) => ProxyError::RequestBody(e),
         None => ProxyError::Exchange(e),
     }

@@ -49,9 +49,17 @@ impl Trace<'_> {
 /// A request ready for the upstream, and what the response needs from the phases before.
 struct UpstreamRequest {
     req: Request<RequestBody>,
-    /// The client's side of an allowed WebSocket upgrade, and the connection slot the
-    /// tunnel keeps (boxed: upgrades are rare, and this travels with every request).
-    upgrade: Option<Box<(hyper::upgrade::OnUpgrade, Option<Slot>)>>,
+    /// The client's side of an allowed WebSocket upgrade, the connection slot the tunnel
+    /// keeps and when its connection ages (boxed: upgrades are rare, and this travels with
+    /// every request).
+    upgrade: Option<Box<Upgrade>>,
+}
+
+/// See [`UpstreamRequest::upgrade`].
+struct Upgrade {
+    down: hyper::upgrade::OnUpgrade,
+    slot: Option<Slot>,
+    aged_at: Option<tokio::time::Instant>,
 }
 
 /// Serve one request with what the serving `worker` owns (its upstream connections, its
@@ -175,7 +183,6 @@ async fn proxy<'a>(
         Verdict::Public => (None, None),
         Verdict::Protected(principal, quota) => (Some(principal), quota),
     };
-    let aged_at = conn.aged_at;
     let out = upstream_request(app, conn, req, target, trace, cid)?;
     let identity = principal.as_ref().map(|p| Identity {
         key: &p.key,
@@ -186,11 +193,7 @@ async fn proxy<'a>(
         let key = principal.as_ref().map(|p| p.key.clone());
         key.map(|key| KeyWatch::new(app.clone(), key, decided))
     };
-    let watch = || TunnelWatch {
-        key: key_watch(),
-        aged_at,
-    };
-    let resp = send_upstream(app, worker, out, identity, trace, cid, watch).await?;
+    let resp = send_upstream(app, worker, out, identity, trace, cid, key_watch).await?;
     let resp = forward::downstream_response(resp, key_watch());
     Ok(client_response(app, resp, principal.as_ref(), quota))
 }
@@ -442,7 +445,13 @@ fn upstream_request(
     }
     let upgrade = forward::wants_upgrade(&req);
     let downstream_upgrade =
-        upgrade.then(|| Box::new((hyper::upgrade::on(&mut req), conn.slot.clone())));
+        upgrade.then(|| {
+            Box::new(Upgrade {
+                down: hyper::upgrade::on(&mut req),
+                slot: conn.slot.clone(),
+                aged_at: conn.aged_at,
+            })
+        });
     let host = req
         .uri()
         .authority()
@@ -512,7 +521,7 @@ async fn send_upstream(
     identity: Option<Identity<'_>>,
     trace: &mut Trace<'_>,
     cid: &HeaderValue,
-    watch: impl FnOnce() -> TunnelWatch,
+    key_watch: impl Fn() -> Option<KeyWatch>,
 ) -> Result<Response<UpstreamBody>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
     if worker.over_in_flight_cap() {
@@ -522,9 +531,14 @@ async fn send_upstream(
     }
     let (mut resp, took) = app
         .upstream
-        .send(worker.pool(), req, identity, upgrade.is_some(), || {
-            worker.busy()
-        })
+        .send(
+            worker.pool(),
+            req,
+            identity,
+            upgrade.is_some(),
+            || worker.busy(),
+            &key_watch,
+        )
         .await
         .map_err(|e| upstream_failed(app, &e, cid))?;
     trace.upstream = Some(took);
@@ -533,11 +547,20 @@ async fn send_upstream(
         .record_upstream(resp.status().as_u16(), took);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only an allowed upgrade that keyward itself forwarded may switch protocols.
-        let Some((down, slot)) = upgrade.map(|u| *u) else {
+        let Some(Upgrade {
+            down,
+            slot,
+            aged_at,
+        }) = upgrade.map(|u| *u)
+        else {
             return Err(upstream_failed(app, &ProxyError::UnexpectedUpgrade, cid));
         };
         let idle = app.config.limits.tunnel_idle_timeout;
-        forward::spawn_tunnel(down, &mut resp, slot, worker.busy(), idle, watch());
+        let watch = TunnelWatch {
+            key: key_watch(),
+            aged_at,
+        };
+        forward::spawn_tunnel(down, &mut resp, slot, worker.busy(), idle, watch);
     }
     Ok(resp)
 }

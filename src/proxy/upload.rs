@@ -8,7 +8,9 @@
 //! `limits.body_min_rate` after its first `body_stall_timeout`, is cut off, which closes
 //! that connection. Its
 //! progress also moves the deadline of the response head (`upstream_timeout` counts from the
-//! last byte of the body, so a steady upload is never cut off for being long).
+//! last byte of the body, so a steady upload is never cut off for being long). A body
+//! streamed up under a key goes on only while that key stands (a revoke, a disable, an
+//! expiry cut it at its next chunk, as they cut a streamed response).
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -22,6 +24,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::watch::KeyWatch;
 use super::worker::Busy;
 
 /// A request body sent upstream: the client's, metered, or none.
@@ -36,6 +39,9 @@ pub enum UploadError {
     Stalled(Duration),
     #[error("request body below {0} bytes per second")]
     TooSlow(u64),
+    /// The key the request was let in with stopped standing while its body streamed.
+    #[error("the key this request was let in with no longer stands")]
+    KeyGone(crate::auth::Reject),
 }
 
 /// How a body must keep moving: a byte at least every `gap`, and after the first `gap` on
@@ -129,10 +135,18 @@ pub struct Upload {
     for_rate: bool,
     stall: Pin<Box<Sleep>>,
     progress: Arc<Progress>,
+    /// The key the request was let in with (none on a public route): an upload goes on
+    /// only while it stands, as a streamed response does.
+    watch: Option<KeyWatch>,
 }
 
 impl Upload {
-    pub fn new(inner: Incoming, pace: BodyPace, progress: Arc<Progress>) -> Self {
+    pub fn new(
+        inner: Incoming,
+        pace: BodyPace,
+        progress: Arc<Progress>,
+        watch: Option<KeyWatch>,
+    ) -> Self {
         let start = Instant::now();
         Self {
             inner,
@@ -142,6 +156,7 @@ impl Upload {
             for_rate: false,
             stall: Box::pin(tokio::time::sleep_until(start + pace.gap)),
             progress,
+            watch,
         }
     }
 
@@ -167,6 +182,10 @@ impl Body for Upload {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(Err(reject)) = this.watch.as_mut().map(KeyWatch::stands) {
+                    this.ended();
+                    return Poll::Ready(Some(Err(UploadError::KeyGone(reject))));
+                }
                 this.progress.touch();
                 let len = frame.data_ref().map_or(0, Bytes::len);
                 this.received = this.received.saturating_add(len as u64);
