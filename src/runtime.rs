@@ -83,10 +83,13 @@ impl Keyward {
         app.upstream.refuse_loops_to(own);
         app.key_loader = KeyLoader::new(after_install);
         if let Some(t) = &tls {
-            app.metrics
-                .registry()
-                .register(Box::new(t.expiry_gauge()))
-                .map_err(StartError::Metrics)?;
+            let gauges = std::iter::once(t.expiry_gauge()).chain(t.crl_gauge());
+            for gauge in gauges {
+                app.metrics
+                    .registry()
+                    .register(Box::new(gauge))
+                    .map_err(StartError::Metrics)?;
+            }
         }
         let app = Arc::new(app);
         let app2 = app.clone();

@@ -93,10 +93,73 @@ fn unreadable_validity(cert: &Path) {
     tracing::warn!(cert = %cert.display(), "TLS certificate validity could not be read: keyward_tls_cert_expiry_timestamp_seconds is 0 and expiry is not checked");
 }
 
-/// A server config and its certificate's validity.
+/// A server config, its certificate's validity and its revocation lists' `nextUpdate`.
 struct Built {
     config: ServerConfig,
     validity: Option<Validity>,
+    crl: CrlDue,
+}
+
+/// When the lists of `tls.client_crl` are due to be replaced: the earliest `nextUpdate`
+/// among them. A list past it is still applied (the last word its issuer gave), but its
+/// issuer has since published another, which may revoke more: said at `warn`, exported as
+/// `keyward_tls_crl_next_update_timestamp_seconds`, and refused by `keyward check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CrlDue {
+    /// No `tls.client_crl`.
+    NoLists,
+    At(SystemTime),
+    /// A list without a `nextUpdate`, or one `x509-cert` cannot read (rustls took it).
+    Unknown,
+}
+
+impl CrlDue {
+    fn of(crls: &[rustls::pki_types::CertificateRevocationListDer<'_>]) -> Self {
+        use x509_cert::der::Decode as _;
+        let due = crls.iter().map(|crl| {
+            let list: x509_cert::crl::CertificateList =
+                x509_cert::crl::CertificateList::from_der(crl.as_ref()).ok()?;
+            let next = list.tbs_cert_list.next_update?;
+            Some(SystemTime::UNIX_EPOCH + next.to_unix_duration())
+        });
+        match due
+            .collect::<Option<Vec<_>>>()
+            .and_then(|d| d.into_iter().min())
+        {
+            Some(at) => CrlDue::At(at),
+            None => CrlDue::Unknown,
+        }
+    }
+
+    /// Why the lists are not current at `now`, if they are not.
+    fn problem(&self, now: SystemTime) -> Option<String> {
+        match *self {
+            CrlDue::NoLists => None,
+            CrlDue::At(at) if now < at => None,
+            CrlDue::At(at) => Some(format!(
+                "past its nextUpdate ({}): its issuer has published a newer list",
+                humantime::format_rfc3339_seconds(at)
+            )),
+            CrlDue::Unknown => Some("a list without a readable nextUpdate".to_string()),
+        }
+    }
+
+    /// For the gauge: `nextUpdate` as Unix seconds, 0 when unknown.
+    fn seconds(&self) -> f64 {
+        match *self {
+            CrlDue::At(at) => at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            CrlDue::NoLists | CrlDue::Unknown => 0.0,
+        }
+    }
+
+    /// Say a problem at `warn`: the lists are applied all the same.
+    fn warn(&self, tls: &TlsConfig) {
+        if let (Some(problem), Some(path)) = (self.problem(SystemTime::now()), &tls.client_crl) {
+            tracing::warn!(crl = %path.display(), "TLS client_crl {problem}: still applied; publish the current list");
+        }
+    }
 }
 
 fn file_err(field: &'static str, path: &Path, reason: impl ToString) -> TlsError {
@@ -182,6 +245,7 @@ impl TlsFiles {
             return Err(file_err("cert", &tls.cert, "no PEM certificate found"));
         }
         let validity = Validity::of(&certs[0]);
+        let mut crl = CrlDue::NoLists;
         let key = PrivateKeyDer::from_pem_slice(&self.key)
             .map_err(|e| file_err("key", &tls.key, format!("no usable PEM private key ({e})")))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -206,6 +270,7 @@ impl TlsFiles {
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
                 if let (Some(crl_path), Some(crl_pem)) = (&tls.client_crl, &self.client_crl) {
                     let crls = revocation_lists(crl_path, crl_pem)?;
+                    crl = CrlDue::of(&crls);
                     // Every certificate of the chain is checked, intermediates the client
                     // sends included: an issuing CA its root revoked mints no more clients.
                     verifier = verifier.with_crls(crls);
@@ -230,7 +295,11 @@ impl TlsFiles {
             )
         })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Built { config, validity })
+        Ok(Built {
+            config,
+            validity,
+            crl,
+        })
     }
 }
 
@@ -240,13 +309,18 @@ pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
     Ok(TlsFiles::read(tls)?.build(tls)?.config)
 }
 
-/// `keyward check`: the files load, and the certificate is valid now.
+/// `keyward check`: the files load, the certificate is valid now, and the revocation lists
+/// are current.
 pub fn check(tls: &TlsConfig) -> Result<Option<Validity>, TlsError> {
-    let validity = TlsFiles::read(tls)?.build(tls)?.validity;
-    match validity.and_then(|v| v.problem(SystemTime::now())) {
-        Some(problem) => Err(file_err("cert", &tls.cert, problem)),
-        None => Ok(validity),
+    let built = TlsFiles::read(tls)?.build(tls)?;
+    let now = SystemTime::now();
+    if let Some(problem) = built.validity.and_then(|v| v.problem(now)) {
+        return Err(file_err("cert", &tls.cert, problem));
     }
+    if let (Some(problem), Some(path)) = (built.crl.problem(now), &tls.client_crl) {
+        return Err(file_err("client_crl", path, problem));
+    }
+    Ok(built.validity)
 }
 
 /// Accepts TLS connections with the current server config.
@@ -260,6 +334,8 @@ pub struct TlsAcceptor {
     /// `keyward_tls_cert_expiry_timestamp_seconds`: the served certificate's `notAfter`.
     /// Owned here, registered by whoever exports metrics ([`Self::expiry_gauge`]).
     expiry: prometheus::Gauge,
+    /// `keyward_tls_crl_next_update_timestamp_seconds`, with `tls.client_crl` only.
+    crl_due: Option<prometheus::Gauge>,
 }
 
 impl TlsAcceptor {
@@ -274,6 +350,7 @@ impl TlsAcceptor {
                 "Unix time at which the served TLS certificate expires (its notAfter).",
             )
             .expect("a valid metric name"),
+            crl_due: None,
         }
     }
 
@@ -282,9 +359,17 @@ impl TlsAcceptor {
         self.expiry.clone()
     }
 
-    fn served(&self, validity: Option<Validity>) {
+    /// The gauge of the revocation lists' `nextUpdate`, with `tls.client_crl`: to register.
+    pub fn crl_gauge(&self) -> Option<prometheus::Gauge> {
+        self.crl_due.clone()
+    }
+
+    fn served(&self, validity: Option<Validity>, crl: CrlDue) {
         self.expiry
             .set(validity.as_ref().map_or(0.0, Validity::expiry_seconds));
+        if let Some(g) = &self.crl_due {
+            g.set(crl.seconds());
+        }
     }
 
     /// Load the files named in `tls`. The TLS handshake must complete within
@@ -301,12 +386,21 @@ impl TlsAcceptor {
             }
             None => unreadable_validity(&tls.cert),
         }
+        built.crl.warn(tls);
+        let crl_due = tls.client_crl.as_ref().map(|_| {
+            prometheus::Gauge::new(
+                "keyward_tls_crl_next_update_timestamp_seconds",
+                "Unix time of the earliest nextUpdate of the tls.client_crl lists (0: unreadable).",
+            )
+            .expect("a valid metric name")
+        });
         let acceptor = Self {
             handshake_timeout,
             loaded: Some(files.fingerprint()),
+            crl_due,
             ..Self::new(built.config)
         };
-        acceptor.served(built.validity);
+        acceptor.served(built.validity, built.crl);
         Ok(acceptor)
     }
 
@@ -410,9 +504,14 @@ impl Watched for TlsWatch {
             }
         });
         match built {
-            Ok(Built { config, validity }) => {
+            Ok(Built {
+                config,
+                validity,
+                crl,
+            }) => {
                 self.acceptor.replace(config);
-                self.acceptor.served(validity);
+                self.acceptor.served(validity, crl);
+                crl.warn(&self.tls);
                 if validity.is_none() {
                     unreadable_validity(&self.tls.cert);
                 }
@@ -567,6 +666,53 @@ mod tests {
                 err(&with_crl)
             );
         }
+    }
+
+    /// A list past its `nextUpdate` loads (run applies it and warns) but `check` refuses it;
+    /// a current one passes both.
+    #[test]
+    fn check_refuses_a_revocation_list_past_its_next_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair("localhost");
+        std::fs::write(dir.path().join("tls.crt"), &cert).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca = params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
+        let crl = |year| {
+            rcgen::CertificateRevocationListParams {
+                this_update: rcgen::date_time_ymd(2024, 1, 1),
+                next_update: rcgen::date_time_ymd(year, 1, 1),
+                crl_number: rcgen::SerialNumber::from(1u64),
+                issuing_distribution_point: None,
+                revoked_certs: Vec::new(),
+                key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            }
+            .signed_by(&ca, &ca_key)
+            .unwrap()
+            .pem()
+            .unwrap()
+        };
+        let path = dir.path().join("ca.crl");
+        let c = TlsConfig {
+            client_crl: Some(path.clone()),
+            ..config(dir.path(), true)
+        };
+        std::fs::write(&path, crl(2090)).unwrap();
+        check(&c).unwrap();
+        std::fs::write(&path, crl(2025)).unwrap();
+        load_server_config(&c).unwrap();
+        let e = check(&c).unwrap_err().to_string();
+        assert!(
+            e.starts_with("tls.client_crl: ") && e.contains("nextUpdate (2025-01-01T00:00:00Z)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -433,6 +433,7 @@ const METRICS: &[&str] = &[
     "keyward_snapshot_refused",
     // With `tls`.
     "keyward_tls_cert_expiry_timestamp_seconds",
+    "keyward_tls_crl_next_update_timestamp_seconds",
     // SPEC 14 (with `cluster`).
     "keyward_cluster_up",
     "keyward_cluster_errors_total",

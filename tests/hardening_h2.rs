@@ -902,7 +902,11 @@ async fn an_upload_is_cut_off_once_its_key_is_disabled() {
     })
     .await;
     let answer = String::from_utf8_lossy(&answer);
-    assert_eq!(raw_status(&answer), 401, "no answer while uploading: {answer:?}");
+    assert_eq!(
+        raw_status(&answer),
+        401,
+        "no answer while uploading: {answer:?}"
+    );
     uploader.abort();
     // The app got the part sent before the cut, and no more.
     let got = up.requests().iter().map(|r| r.body_len).sum::<usize>();

@@ -125,20 +125,25 @@ impl Ca {
         self.issue(cn, ExtendedKeyUsagePurpose::ClientAuth)
     }
 
-    /// A PEM revocation list of this CA listing `serials`.
+    /// A PEM revocation list of this CA listing `serials`, current until 2035.
     fn crl(&self, number: u64, serials: &[u64]) -> String {
+        self.crl_until(number, serials, 2035)
+    }
+
+    /// A PEM revocation list of this CA listing `serials`, its `nextUpdate` in `year`.
+    fn crl_until(&self, number: u64, serials: &[u64], year: i32) -> String {
         let revoked_certs = serials
             .iter()
             .map(|s| rcgen::RevokedCertParams {
                 serial_number: rcgen::SerialNumber::from(*s),
-                revocation_time: rcgen::date_time_ymd(2025, 1, 1),
+                revocation_time: rcgen::date_time_ymd(2024, 1, 1),
                 reason_code: Some(rcgen::RevocationReason::KeyCompromise),
                 invalidity_date: None,
             })
             .collect();
         rcgen::CertificateRevocationListParams {
-            this_update: rcgen::date_time_ymd(2025, 1, 1),
-            next_update: rcgen::date_time_ymd(2035, 1, 1),
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(year, 1, 1),
             crl_number: rcgen::SerialNumber::from(number),
             issuing_distribution_point: None,
             revoked_certs,
@@ -631,12 +636,22 @@ async fn mtls_refuses_a_client_certificate_its_ca_revoked() {
         .await
         .expect("unlisted certificate accepted");
     assert_eq!(got.status, StatusCode::OK);
-    // The list is rotated: the other one is revoked too.
-    std::fs::write(&crl_file, client_ca.crl(2, &[7, 8])).unwrap();
+    let next_update = "keyward_tls_crl_next_update_timestamp_seconds ";
+    let year = |y: &str| {
+        let t = humantime::parse_rfc3339(&format!("{y}-01-01T00:00:00Z")).unwrap();
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    assert_eq!(metric_value(&proxy, next_update).await, year("2035"));
+    // The list is rotated: the other one is revoked too. It is past its `nextUpdate`: still
+    // applied (the last word of its issuer), and the gauge says so.
+    std::fs::write(&crl_file, client_ca.crl_until(2, &[7, 8], 2025)).unwrap();
     eventually("the new list refuses the other certificate", || async {
         get_with(&other).await.is_err()
     })
     .await;
+    assert_eq!(metric_value(&proxy, next_update).await, year("2025"));
     proxy.shutdown().await;
 }
 

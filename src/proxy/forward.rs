@@ -272,14 +272,9 @@ impl Upstream {
                     headers::add_identity(req.headers_mut(), identity.headers());
                 }
                 let req = req.map(|body| match (body, &progress) {
-                    (http_body_util::Either::Left(body), Some(progress)) => {
-                        OutBody::Left(Upload::new(
-                            body,
-                            self.body_pace,
-                            progress.clone(),
-                            body_watch(),
-                        ))
-                    }
+                    (http_body_util::Either::Left(body), Some(progress)) => OutBody::Left(
+                        Upload::new(body, self.body_pace, progress.clone(), body_watch()),
+                    ),
                     _ => OutBody::Right(http_body_util::Empty::new()),
                 });
                 let resp = self.exchange(pool, req, start, reuse).await?;

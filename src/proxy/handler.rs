@@ -444,14 +444,13 @@ fn upstream_request(
         return Err(Reject::UpstreamUnavailable);
     }
     let upgrade = forward::wants_upgrade(&req);
-    let downstream_upgrade =
-        upgrade.then(|| {
-            Box::new(Upgrade {
-                down: hyper::upgrade::on(&mut req),
-                slot: conn.slot.clone(),
-                aged_at: conn.aged_at,
-            })
-        });
+    let downstream_upgrade = upgrade.then(|| {
+        Box::new(Upgrade {
+            down: hyper::upgrade::on(&mut req),
+            slot: conn.slot.clone(),
+            aged_at: conn.aged_at,
+        })
+    });
     let host = req
         .uri()
         .authority()
