@@ -200,14 +200,17 @@ fn rfc3339(s: &str) -> Option<SystemTime> {
     rfc3339_any(s).filter(|t| *t >= SystemTime::UNIX_EPOCH && *t <= last)
 }
 
+/// The zone must be written: `humantime` reads a time without one as UTC, and an
+/// operator east of it who wrote local time would get a key that outlives its expiry by
+/// hours (one west, a `not_before` that opens early).
 fn rfc3339_any(s: &str) -> Option<SystemTime> {
-    let Some((local, offset)) = s
+    if s.ends_with(['Z', 'z']) {
+        return humantime::parse_rfc3339_weak(s).ok();
+    }
+    let (local, offset) = s
         .len()
         .checked_sub(6)
-        .and_then(|i| Some((s.get(..i)?, s.get(i..)?)))
-    else {
-        return humantime::parse_rfc3339_weak(s).ok();
-    };
+        .and_then(|i| Some((s.get(..i)?, s.get(i..)?)))?;
     let o = offset.as_bytes();
     let digits = |a: u8, b: u8| {
         (a.is_ascii_digit() && b.is_ascii_digit())
@@ -231,7 +234,7 @@ fn rfc3339_any(s: &str) -> Option<SystemTime> {
                 at.checked_add(by)
             }
         }
-        None => humantime::parse_rfc3339_weak(s).ok(),
+        None => None,
     }
 }
 
@@ -284,6 +287,12 @@ mod tests {
             // Out of the range a time can be written back in.
             "9999-12-31T23:00:00-02:00",
             "1970-01-01T00:30:00+01:00",
+            // No zone: not taken as UTC.
+            "2026-12-05T21:00:00",
+            "2026-12-05 21:00:00",
+            "2026-12-05T21:00:00.000",
+            "2026-12-05T21:00:00+0200",
+            "2026-12-05T21:00:00+02",
         ] {
             assert_eq!(rfc3339(bad), None, "{bad}");
         }
