@@ -36,6 +36,8 @@ pub const EXT_AUTHZ: &str = "/v1/decide/ext-authz";
 
 const X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
 const X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
+/// ingress-nginx's: `$scheme://$http_host$request_uri`, beside `X-Original-URI`.
+const X_ORIGINAL_URL: HeaderName = HeaderName::from_static("x-original-url");
 const X_FORWARDED_METHOD: HeaderName = HeaderName::from_static("x-forwarded-method");
 const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
 /// The names front proxies carry the original request in.
@@ -109,7 +111,7 @@ impl Endpoint {
     /// The override headers (SPEC 8) this endpoint's protocol itself sends, as the front
     /// proxy spells them.
     fn protocol_headers(self) -> &'static [HeaderName] {
-        static AUTH_REQUEST: [HeaderName; 2] = [X_ORIGINAL_METHOD, X_ORIGINAL_URI];
+        static AUTH_REQUEST: [HeaderName; 3] = [X_ORIGINAL_METHOD, X_ORIGINAL_URI, X_ORIGINAL_URL];
         static FORWARD_AUTH: [HeaderName; 1] = [X_FORWARDED_METHOD];
         match self {
             Self::AuthRequest => &AUTH_REQUEST,
@@ -160,12 +162,34 @@ pub fn original<B>(endpoint: Endpoint, req: &Request<B>) -> Result<Original, Rej
     if uri.as_bytes().contains(&b'#') {
         return Err(Reject::BadRequest(BadRequest::Path(PathError::Fragment)));
     }
+    if endpoint == Endpoint::AuthRequest {
+        same_original_url(req.headers(), uri)?;
+    }
     let target = http::Uri::try_from(uri.as_bytes()).map_err(|_| missing("URI"))?;
     Ok(Original {
         method,
         target,
         skip: 0,
     })
+}
+
+/// ingress-nginx sends `X-Original-URL` on every auth request, beside `X-Original-URI`.
+/// An app may route by it (IIS URL Rewrite, Symfony and Laminas behind a trusted proxy),
+/// so it is taken only when it names the very target decided: a scheme, a host, then
+/// exactly `uri`. Anything else is an override of the client's.
+fn same_original_url(headers: &HeaderMap, uri: &HeaderValue) -> Result<(), Reject> {
+    if !headers.contains_key(&X_ORIGINAL_URL) {
+        return Ok(());
+    }
+    let url = one(headers, &X_ORIGINAL_URL).ok_or_else(|| missing("URL"))?;
+    let rest = [&b"http://"[..], b"https://"]
+        .into_iter()
+        .find_map(|scheme| url.as_bytes().strip_prefix(scheme));
+    let host = rest.and_then(|r| r.strip_suffix(uri.as_bytes()));
+    match host {
+        Some(h) if !h.is_empty() && !h.iter().any(|b| b"/?#@\\".contains(b)) => Ok(()),
+        _ => Err(missing("URL")),
+    }
 }
 
 fn missing(what: &'static str) -> Reject {
@@ -522,6 +546,34 @@ mod tests {
             assert_eq!(
                 original(Endpoint::AuthRequest, &r),
                 Err(Reject::BadRequest(BadRequest::Connect))
+            );
+        }
+        // ingress-nginx's X-Original-URL: taken when it names the same target.
+        let uri = ("x-original-uri", "/v1/x?a=1");
+        for url in ["http://api.example.com/v1/x?a=1", "https://h:8443/v1/x?a=1"] {
+            let r = req("GET", AUTH_REQUEST, &[m, uri, ("x-original-url", url)]);
+            assert_eq!(
+                original(Endpoint::AuthRequest, &r),
+                Ok(orig("GET", "/v1/x", Some("a=1"))),
+                "{url}"
+            );
+        }
+        for url in [
+            "http://api.example.com/admin/x",
+            "http://api.example.com/v1/x?a=2",
+            "http://api.example.com/v1/x?a=1&b",
+            "/v1/x?a=1",
+            "http:///v1/x?a=1",
+            "ftp://h/v1/x?a=1",
+            "http://h/p/v1/x?a=1",
+            "http://u@h/v1/x?a=1",
+            "",
+        ] {
+            let r = req("GET", AUTH_REQUEST, &[m, uri, ("x-original-url", url)]);
+            assert_eq!(
+                original(Endpoint::AuthRequest, &r),
+                Err(missing("URL")),
+                "{url}"
             );
         }
         // Absolute form: the path, as hyper would give the proxy.

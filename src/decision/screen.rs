@@ -136,7 +136,7 @@ impl Screen {
         // Header names are lower-case, and so is a validated prefix.
         if n.starts_with(self.prefix.as_str())
             && !names.all().contains(name)
-            && n != INGRESS_NGINX_REDIRECT
+            && !(endpoint == Endpoint::AuthRequest && n == INGRESS_NGINX_REDIRECT)
         {
             return Some(Rule::UnknownIdentity);
         }
