@@ -23,7 +23,8 @@ pub struct App {
     pub config: Config,
     pub policy: Policy,
     pub names: IdentityNames,
-    pub store: KeyStore,
+    /// Shared with the fleet's revocations, which keep first what the snapshot holds.
+    pub store: Arc<KeyStore>,
     pub key_source: KeySource,
     /// The key sources' commit lock and after-install hook.
     pub key_loader: KeyLoader,
@@ -79,6 +80,7 @@ impl App {
             Some(c) => Some(Arc::new(Cluster::new(c, metrics.registry())?)),
             None => None,
         };
+        let store = Arc::new(KeyStore::new());
         Ok(Self {
             policy: Policy::new(&config),
             hop: crate::proxy::hop::Hop::default(),
@@ -90,13 +92,13 @@ impl App {
             )
             .reusing_after_body(config.upstream_reuse_after_body),
             names,
-            store: KeyStore::new(),
+            store: store.clone(),
             key_source,
             key_loader: KeyLoader::default(),
             state_lock,
             usage: Usage::default(),
             limiter: Limiter::new(cluster.as_ref()),
-            revocations: Arc::new(Revocations::new(cluster.as_ref())),
+            revocations: Arc::new(Revocations::new(cluster.as_ref(), store)),
             fleet_usage: cluster.as_ref().map(|c| Arc::new(FleetUsage::new(c))),
             cluster,
             metrics,

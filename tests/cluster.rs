@@ -1022,6 +1022,69 @@ async fn a_revocation_hash_past_its_bound_is_not_read_and_the_held_set_stays() {
     assert_eq!(call(&kw, FREE).await.code(), "disabled_api_key");
 }
 
+/// `n` well-formed revokes of secrets no snapshot holds (`seed` tells sets apart), written
+/// to `hash` in pipelined chunks: junk a replica takes and holds.
+async fn junk_revokes(redis: &Redis, hash: &str, n: u64, seed: u64) {
+    let mut c = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    let value = format!("{now_us}|1|junk");
+    let mut i = 0;
+    while i < n {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(hash);
+        for j in i..(i + 5000).min(n) {
+            cmd.arg(format!("{seed:032x}{j:032x}")).arg(&value);
+        }
+        let _: i64 = cmd.query_async(&mut c).await.unwrap();
+        i += 5000;
+    }
+}
+
+/// A replica writes back what Redis lacks, but never past the bound its newcomers read
+/// (`MAX_FIELDS`), and the snapshot's keys first. Before, a replica holding a hash's worth
+/// of junk wrote it all back over a hash refilled with as much again (200k fields): every
+/// newcomer then stayed unready for good, even after the hash was deleted by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_back_never_puts_the_hash_past_what_newcomers_read() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "deny", &keys()).await;
+    let r = admin_post(&a, "key_other", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let hash = "keyward:revocations";
+    let max = keyward::cluster::revocations::MAX_FIELDS;
+    let fill = max - 10;
+    junk_revokes(&redis, hash, fill, 1).await;
+    let scans = redis.calls("hscan").await;
+    let _: i64 = redis.cmd(&["HSET", hash, "version", "1.1"]).await;
+    eventually("a read the junk whole", || async {
+        redis.calls("hscan").await >= scans + fill / 1000
+    })
+    .await;
+    // As much junk again, swapped in whole (RENAME): a holds entries the hash now lacks.
+    junk_revokes(&redis, "junk:next", fill, 2).await;
+    let _: i64 = redis.cmd(&["HSET", "junk:next", "version", "2.1"]).await;
+    let _: String = redis.cmd(&["RENAME", "junk:next", hash]).await;
+    eventually("a wrote back what it could", || async {
+        redis.hget(hash, &sha(OTHER)).await.is_some()
+    })
+    .await;
+    let len: u64 = redis.cmd(&["HLEN", hash]).await;
+    assert!(len <= max, "{len} fields written");
+    let b = ready_replica(up.addr, redis.port, "deny", &keys()).await;
+    assert_eq!(call(&b, OTHER).await.code(), "disabled_api_key");
+    assert_eq!(call(&b, FREE).await.status, 200);
+    let oversize = "keyward_cluster_errors_total{op=\"oversize\"}";
+    assert!(metric(&a, oversize).await.unwrap_or(0.0) >= 1.0);
+}
+
 /// The revocation key set to another type (by hand, or another program sharing the
 /// prefix) is not keyward's: it reads as an empty hash, so a replica started then still
 /// gets ready, and the next write replaces it. Before, every read and write failed on it:

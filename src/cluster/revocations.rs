@@ -29,6 +29,12 @@
 //! reads again for [`RESTORE_SETTLE`], long enough for every live replica to write back, so
 //! it never serves from half a restore (a revoke missing, or one replica's stale entry not
 //! yet overwritten by another's newer one).
+//!
+//! Bounded on both sides: the hash is read only up to [`MAX_FIELDS`], so a write-back never
+//! adds a field past it (entries of keys in the snapshot first), or a fleet's own writing
+//! would put the hash past what its newcomers read, and they would never be ready; and the
+//! set held takes no entry from Redis past [`MAX_FIELDS`] unless its key is in the snapshot
+//! (anyone who can write the hash can fill it with junk, and that junk is written back).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,7 +46,7 @@ use futures_util::StreamExt;
 use tracing::{info, warn};
 
 use crate::auth::{Decision, Reject};
-use crate::keys::{Digest, Key};
+use crate::keys::{Digest, Key, KeyStore};
 
 use super::bounded::{BoundedRead, Field};
 use super::metrics::Op;
@@ -126,7 +132,7 @@ return out
 ";
 
 /// Store entries, each (digest `ARGV[i]`, `disabled|id` `ARGV[i+1]`, µs `ARGV[i+2]`) from
-/// `ARGV[4]` on, and publish each stored one on `ARGV[1]`. Time is Redis's (`TIME`), never
+/// `ARGV[5]` on, and publish each stored one on `ARGV[1]`. Time is Redis's (`TIME`), never
 /// a replica's: an entry Redis holds stamped more than `ARGV[3]` µs past Redis's now counts
 /// as none. With `ARGV[2]` = `1` (a replica's whole set, written back) an entry is stored
 /// only if Redis holds none at least as new (and is not itself stamped past belief), and
@@ -135,8 +141,10 @@ return out
 /// always stored, stamped with Redis's now, or just after the entry Redis holds if that
 /// one is newer: whatever the clock of the replica it was made on, an operator's latest
 /// change is the latest. A key of another type there is not keyward's (the reads take it
-/// for an empty hash): it is replaced. Returns how many were stored, the last one's stamp
-/// and Redis's now (µs).
+/// for an empty hash): it is replaced. A whole set adds no field once the hash holds
+/// `ARGV[4]` (readers refuse a hash past [`MAX_FIELDS`]); an operator's change always is.
+/// Returns how many were stored, the last one's stamp, Redis's now (µs) and how many new
+/// fields were left out for the bound.
 const WRITE: &str = r"
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
@@ -144,8 +152,9 @@ local whole = ARGV[2] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local latest = now + tonumber(ARGV[3])
-local stored, last = 0, 0
-for i = 4, #ARGV, 3 do
+local most = tonumber(ARGV[4])
+local stored, last, left = 0, 0, 0
+for i = 5, #ARGV, 3 do
   local at = tonumber(ARGV[i + 2])
   if not whole then at = now end
   -- A value past MAX_ENTRY_BYTES (160) is not keyward's: counted as none, and replaced,
@@ -162,6 +171,10 @@ for i = 4, #ARGV, 3 do
   end
   if take and cur_at and cur_at >= at then
     if whole then take = false else at = cur_at + 1 end
+  end
+  if take and whole and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and redis.call('HLEN', KEYS[1]) >= most then
+    take = false
+    left = left + 1
   end
   if take then
     local entry = string.format('%d', at) .. '|' .. ARGV[i + 1]
@@ -184,8 +197,16 @@ if stored > 0 or whole then
   end
   redis.call('HSET', KEYS[1], 'version', epoch .. '.' .. string.format('%d', tonumber(count) + 1))
 end
-return {stored, last, now}
+return {stored, last, now, left}
 ";
+
+/// The most fields a whole set's write-back leaves the hash with: [`MAX_FIELDS`] less
+/// [`WHOLE`] and [`VERSION`], so the hash stays one that every reader takes.
+const MOST_WRITTEN_BACK: u64 = MAX_FIELDS - 2;
+
+/// How many entries the set held takes from Redis for keys not in the snapshot: past it,
+/// only entries of the snapshot's keys (and the operator's changes made here).
+const MAX_HELD: usize = MAX_FIELDS as usize;
 
 /// How far ahead of Redis's clock an entry's stamp is believed. A lift stamped later than
 /// that is not taken (a forged or broken one could otherwise un-revoke a key for good); a
@@ -297,6 +318,10 @@ fn field_digest(field: &str) -> Option<Digest> {
 /// always ready (no `cluster`); with Redis it is filled and kept in step as described above.
 pub struct Revocations {
     cluster: Option<Arc<Cluster>>,
+    /// The keys in force: their entries are held and written back first.
+    store: Arc<KeyStore>,
+    /// Entries were left out (held or written back) for the bounds, and that was logged.
+    said_bounded: AtomicBool,
     set: ArcSwap<Set>,
     /// Moved after each replacement of `set` (see [`Self::generation`]).
     generation: AtomicU64,
@@ -352,9 +377,11 @@ enum Origin {
 }
 
 impl Revocations {
-    pub fn new(cluster: Option<&Arc<Cluster>>) -> Self {
+    pub fn new(cluster: Option<&Arc<Cluster>>, store: Arc<KeyStore>) -> Self {
         Self {
             cluster: cluster.cloned(),
+            store,
+            said_bounded: AtomicBool::new(false),
             set: ArcSwap::from_pointee(Set::new()),
             generation: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
@@ -516,7 +543,8 @@ impl Revocations {
         let mut call = self.script.key(cluster.key("revocations"));
         call.arg(cluster.key("revocations:events"))
             .arg(if whole { "1" } else { "0" })
-            .arg(FUTURE_BOUND_US);
+            .arg(FUTURE_BOUND_US)
+            .arg(MOST_WRITTEN_BACK);
         for (digest, entry) in entries {
             call.arg(hex::encode(digest))
                 .arg(entry.state())
@@ -524,12 +552,15 @@ impl Revocations {
         }
         let call = &call;
         let before = now_micros();
-        let (stored, last, redis_now) = cluster
+        let (stored, last, redis_now, left) = cluster
             .call(Op::Revoke, |mut c| async move {
-                call.invoke_async::<(i64, i64, u64)>(&mut c).await
+                call.invoke_async::<(i64, i64, u64, u64)>(&mut c).await
             })
             .await?;
         self.clock.learn(redis_now, before, now_micros());
+        if left > 0 {
+            self.bounded(cluster, "written back", left);
+        }
         Ok((stored, last))
     }
 
@@ -549,6 +580,27 @@ impl Revocations {
         Ok(())
     }
 
+    /// Whether `digest` is a key of the snapshot in force.
+    fn known(&self, digest: &Digest) -> bool {
+        self.store
+            .guard()
+            .as_ref()
+            .is_some_and(|s| s.lookup(digest).is_some())
+    }
+
+    /// Entries were left out for the bounds: counted (`op="oversize"`) and said once.
+    fn bounded(&self, cluster: &Cluster, what: &'static str, entries: u64) {
+        cluster.metrics.error(Op::Oversize);
+        if !self.said_bounded.swap(true, Ordering::AcqRel) {
+            warn!(
+                what,
+                entries,
+                max = MAX_FIELDS,
+                "revocations past the bound left out (junk in redis, not keyward's writing?); entries of keys in the snapshot are kept first"
+            );
+        }
+    }
+
     /// Merge entries into the set (newer wins) and swap it if anything changed.
     fn merge(&self, entries: impl IntoIterator<Item = (Digest, Entry)>, origin: Origin) {
         let _guard = self.merging.lock().unwrap_or_else(|e| e.into_inner());
@@ -557,6 +609,7 @@ impl Revocations {
         let now = self.clock.now();
         let latest = latest_believable(now);
         let pending = self.pending();
+        let mut left = 0u64;
         for (digest, entry) in entries {
             if origin != Origin::Here && !entry.disabled && entry.at_us > latest {
                 continue;
@@ -572,6 +625,14 @@ impl Revocations {
             {
                 continue;
             }
+            if origin != Origin::Here
+                && set.len() >= MAX_HELD
+                && !set.contains_key(&digest)
+                && !self.known(&digest)
+            {
+                left += 1;
+                continue;
+            }
             if origin == Origin::Remote {
                 if let Some(c) = &self.cluster {
                     let lag = now.saturating_sub(entry.at_us) as f64 / 1e6;
@@ -582,6 +643,9 @@ impl Revocations {
                 .insert(digest, entry);
         }
         drop(pending);
+        if let (true, Some(c)) = (left > 0, &self.cluster) {
+            self.bounded(c, "held", left);
+        }
         if let Some(next) = next {
             self.set.store(Arc::new(next));
             self.generation.fetch_add(1, Ordering::Release);
@@ -688,8 +752,11 @@ impl Revocations {
         if whole && !behind {
             return Ok(());
         }
-        // Redis lacks something: write back the whole set, so a reader never sees half.
-        let (stored, _) = self.write(cluster, believable(), true).await?;
+        // Redis lacks something: write back the whole set, so a reader never sees half;
+        // the snapshot's keys first, should the hash be near its bound.
+        let mut back: Vec<_> = believable().collect();
+        back.sort_by_key(|(digest, _)| !self.known(digest));
+        let (stored, _) = self.write(cluster, back, true).await?;
         info!(
             stored,
             held = ours.len(),
@@ -1016,7 +1083,7 @@ mod tests {
             on_error: crate::config::OnError::Local,
         };
         let c = Arc::new(Cluster::new(&config, &prometheus::Registry::new()).unwrap());
-        let r = Revocations::new(Some(&c));
+        let r = Revocations::new(Some(&c), Arc::default());
         c.set_up(true);
         // A full read ended before an outage: Redis coming back calls for a whole read.
         r.read_after_downs.store(c.downs(), Ordering::Release);
@@ -1076,7 +1143,7 @@ mod tests {
 
     #[test]
     fn a_change_made_here_and_not_yet_stored_is_not_replaced_by_other_replicas() {
-        let r = Revocations::new(None);
+        let r = Revocations::new(None, Arc::default());
         let digest = [7u8; 32];
         let now = now_micros();
         let revoke = entry(now - 7_200_000_000, true, "k");
@@ -1093,9 +1160,39 @@ mod tests {
         assert!(!r.set.load()[&digest].disabled, "a later lift takes");
     }
 
+    /// Past [`MAX_HELD`], entries from Redis are taken only for the snapshot's keys (and an
+    /// operator's change made here always is): junk in the hash cannot grow the set held
+    /// without bound, nor crowd out a revoke that matters.
+    #[test]
+    fn the_set_held_is_bounded_but_for_the_snapshots_keys() {
+        let store = Arc::new(KeyStore::new());
+        store.store(Arc::new(snapshot(&[("k", 0xab)])));
+        let r = Revocations::new(None, store);
+        let junk = (0..MAX_HELD as u64 + 5).map(|i| {
+            let mut d = [0u8; 32];
+            d[..8].copy_from_slice(&i.to_be_bytes());
+            (d, entry(10, true, "junk"))
+        });
+        r.merge(junk, Origin::Remote);
+        assert_eq!(r.set.load().len(), MAX_HELD);
+        r.merge([([0xcd; 32], entry(10, true, "x"))], Origin::Remote);
+        assert_eq!(
+            r.set.load().len(),
+            MAX_HELD,
+            "an unknown secret past the bound"
+        );
+        r.merge([([0xab; 32], entry(10, true, "k"))], Origin::Remote);
+        assert!(
+            r.set.load()[&[0xab; 32]].disabled,
+            "the snapshot's key is held"
+        );
+        r.merge([([0xef; 32], entry(10, true, "y"))], Origin::Here);
+        assert!(r.set.load().contains_key(&[0xef; 32]), "the operator's own");
+    }
+
     #[test]
     fn a_revoke_follows_the_secret_not_the_id() {
-        let r = Revocations::new(None);
+        let r = Revocations::new(None, Arc::default());
         r.merge([([1; 32], entry(10, true, "k"))], Origin::Here);
         r.merge([([1; 32], entry(5, false, "k"))], Origin::Remote);
         assert!(r.set.load()[&[1; 32]].disabled, "an older enable loses");
