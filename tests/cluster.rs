@@ -1265,6 +1265,47 @@ async fn the_guard_does_not_count_keys_the_fleet_revoked_as_usable() {
     assert_eq!(call(&kw, &secret(3)).await.code(), "disabled_api_key");
 }
 
+/// A Redis user without rights on the rate-limit keys (an ACL's key patterns that leave
+/// out `rl:*`): every rate-limit call is refused. Redis is marked down and stays so (its
+/// probe is a script's write under those keys, as the calls are), so the fleet limit's loss
+/// shows (`keyward_cluster_up` 0) and `on_error` applies without a Redis call a request.
+/// Before, a plain `SET` probe passed at once: Redis was marked up again after each refused
+/// call, each request logged a down and an up, and the limit was per replica with
+/// `keyward_cluster_up` at 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_refused_the_rate_limit_keys_leaves_redis_down() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let _: String = redis
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "default",
+            "resetkeys",
+            "~keyward:revocations*",
+            "~keyward:usage*",
+            "~keyward:probe",
+        ])
+        .await;
+    let refused = "keyward_cluster_errors_total{op=\"ratelimit\"}";
+    for _ in 0..20 {
+        call(&kw, LIMITED).await;
+    }
+    assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(0.0));
+    let calls = metric(&kw, refused).await.unwrap_or(0.0);
+    assert!(
+        calls <= 2.0,
+        "{calls} refused rate-limit calls for 20 requests"
+    );
+    // Rights back: the probe passes, and the limit is the fleet's again.
+    let _: String = redis.cmd(&["ACL", "SETUSER", "default", "allkeys"]).await;
+    eventually("redis up again", || async {
+        metric(&kw, "keyward_cluster_up").await == Some(1.0)
+    })
+    .await;
+}
+
 /// A Redis that takes the probe (`SET`) but refuses the read's script (an ACL without
 /// scripting): the replica keeps the set it holds and tries again backing off, not at each
 /// sign that Redis answers (that was a read, a failure and a log line in a tight loop:

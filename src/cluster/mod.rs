@@ -115,8 +115,13 @@ pub struct Cluster {
     pub back: tokio::sync::Notify,
     /// Woken when a call marks Redis down (the probe runs at once).
     down: tokio::sync::Notify,
+    /// See [`Self::probe`].
+    probe: redis::Script,
     pub metrics: ClusterMetrics,
 }
+
+/// The probe's script: one write, as a rate-limit call makes.
+const PROBE: &str = "redis.call('SET', KEYS[1], ARGV[1], 'PX', 60000)";
 
 /// Why the cluster cannot be set up at start. Never repeats the URL: it may hold a password.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +158,7 @@ impl Cluster {
             downs: AtomicU64::new(0),
             back: tokio::sync::Notify::new(),
             down: tokio::sync::Notify::new(),
+            probe: redis::Script::new(PROBE),
             metrics,
         })
     }
@@ -264,6 +270,9 @@ impl Cluster {
         // A replica that starts while Redis is down never sees it go from up to down, the
         // change `set_up` reports: the first failed connect since the last success is said.
         let mut said = false;
+        // A failed probe's reason, said once per time down (the call that marked it down
+        // may have said nothing: a refusal of its data, an ACL's).
+        let mut said_probe = false;
         loop {
             if self.conn.load().is_none() {
                 match self.connect().await {
@@ -293,24 +302,16 @@ impl Cluster {
                 }
             }
             if self.conn.load().is_some() && !self.is_up() {
-                // A write, not a PING: a Redis that answers but cannot store (out of memory
-                // under `noeviction`, a read-only replica after a failover, a user without
-                // write rights) cannot serve a rate limit or a revoke either, and PING
-                // marked it up again at once after every call that found it so.
-                let probe = self.key("probe");
-                let stored = self
-                    .call(Op::Ping, |mut c| async move {
-                        redis::cmd("SET")
-                            .arg(probe)
-                            .arg(now_micros())
-                            .arg("PX")
-                            .arg(60_000)
-                            .query_async::<()>(&mut c)
-                            .await
-                    })
-                    .await;
-                if stored.is_ok() {
-                    self.set_up(true);
+                match self.probe().await {
+                    Ok(()) => {
+                        self.set_up(true);
+                        said_probe = false;
+                    }
+                    Err(e) if !said_probe && !e.is_dropped() => {
+                        warn!(error = %e, "redis probe failed (a script's write under the rate-limit keys): cluster.on_error applies to rate-limited keys");
+                        said_probe = true;
+                    }
+                    Err(_) => {}
                 }
             }
             let next = if self.is_up() {
@@ -324,6 +325,27 @@ impl Cluster {
                 () = self.down.notified() => {}
             }
         }
+    }
+
+    /// Whether Redis can serve again, asked as the calls that found it down ask: a script
+    /// that writes a key under the rate-limit keys (`{prefix}rl:{#probe}`, a name no key
+    /// id can give). Not a PING, nor a plain SET elsewhere: a Redis that answers but cannot
+    /// store (out of memory under `noeviction`, a read-only replica after a failover) or a
+    /// user without scripting or without rights on those keys (an ACL's key patterns)
+    /// cannot serve a rate limit either, and such a probe marked it up again at once after
+    /// each call that found it down: a warning and a fleet limit of N times the limit, with
+    /// `keyward_cluster_up` at 1.
+    async fn probe(&self) -> Result<(), ClusterError> {
+        let key = self.key("rl:{#probe}");
+        let script = &self.probe;
+        self.call(Op::Ping, |mut c| async move {
+            script
+                .key(key)
+                .arg(now_micros())
+                .invoke_async::<()>(&mut c)
+                .await
+        })
+        .await
     }
 
     /// `cluster.timeout` bounds what a request waits for (a rate-limit check, on each
