@@ -34,6 +34,17 @@ pub enum PathError {
     /// them: a dot segment removed after keyward authorized the path.
     #[error("segment of dots and spaces")]
     DotsAndSpaces,
+    /// `%3F` or `%23`: an app that decodes its URL before splitting it (`new
+    /// URL(decodeURIComponent(url))`, a `req.url = decodeURIComponent(req.url)` middleware)
+    /// ends the path there, and routes `/admin%3F` as `/admin`, `/public/..%3F` as `/`.
+    #[error("encoded '?' or '#' in path")]
+    EncodedDelimiter,
+    /// A percent-encoded character whose compatibility form (NFKC) holds ASCII: an app that
+    /// normalizes what it decoded (Python's `unicodedata`, Java's `Normalizer`) reads
+    /// fullwidth `／` as `/`, `‥` as `..`, `ａｄｍｉｎ` as `admin`: a segment, a dot
+    /// segment or a route keyward did not authorize.
+    #[error("a character that Unicode compatibility normalization turns into ASCII")]
+    Compatibility,
 }
 
 /// Normalize an origin-form path (no query):
@@ -88,6 +99,7 @@ fn decode_unreserved(input: &[u8]) -> Result<String, PathError> {
                 match v {
                     b'/' | b'\\' => return Err(PathError::EncodedSeparator),
                     b';' => return Err(PathError::PathParameter),
+                    b'?' | b'#' => return Err(PathError::EncodedDelimiter),
                     0..=0x1f | 0x7f => return Err(PathError::Control),
                     _ if is_unreserved(v) => out.push(v as char),
                     _ => {
@@ -109,7 +121,61 @@ fn decode_unreserved(input: &[u8]) -> Result<String, PathError> {
             }
         }
     }
+    if encoded_chars(&out).any(|(_, c)| compatibility_ascii(c)) {
+        return Err(PathError::Compatibility);
+    }
     Ok(out)
+}
+
+/// Whether `c` (not ASCII) reads as something holding ASCII once NFKC-normalized.
+fn compatibility_ascii(c: char) -> bool {
+    use unicode_normalization::UnicodeNormalization as _;
+    std::iter::once(c).nfkc().any(|n| n.is_ascii())
+}
+
+/// The characters `path` spells in percent-encoded UTF-8 (`%C3%9F` is `ß`), each with the
+/// byte range it takes in `path`. A byte that starts no valid sequence is U+FFFD, as
+/// decoders read it. Nothing is allocated.
+pub fn encoded_chars(path: &str) -> impl Iterator<Item = (std::ops::Range<usize>, char)> + '_ {
+    let bytes = path.as_bytes();
+    let high = move |at: usize| -> Option<u8> {
+        match bytes.get(at..at + 3)? {
+            [b'%', h, l] => Some(hex_val(*h)? << 4 | hex_val(*l)?).filter(|v| *v >= 0x80),
+            _ => None,
+        }
+    };
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < bytes.len() {
+            let Some(first) = high(i) else {
+                i += 1;
+                continue;
+            };
+            let len = match first {
+                0xc0..=0xdf => 2,
+                0xe0..=0xef => 3,
+                0xf0..=0xf7 => 4,
+                _ => 1,
+            };
+            let mut buf = [0u8; 4];
+            let mut n = 0;
+            while n < len {
+                match high(i + 3 * n) {
+                    Some(b) => buf[n] = b,
+                    None => break,
+                }
+                n += 1;
+            }
+            let start = i;
+            let (c, taken) = match std::str::from_utf8(&buf[..n]) {
+                Ok(s) if n == len => (s.chars().next().unwrap_or('\u{fffd}'), n),
+                _ => ('\u{fffd}', 1),
+            };
+            i += 3 * taken;
+            return Some((start..i, c));
+        }
+        None
+    })
 }
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -225,7 +291,10 @@ mod tests {
         assert_eq!(ok("/x/%2e%2e/admin"), "/admin");
         assert_eq!(ok("/x/%2E./admin"), "/admin");
         assert_eq!(ok("/a%7eb"), "/a~b");
-        assert_eq!(ok("/a%3fb"), "/a%3Fb");
+        assert_eq!(normalize("/a%3fb"), Err(PathError::EncodedDelimiter));
+        assert_eq!(normalize("/public/..%3F"), Err(PathError::EncodedDelimiter));
+        assert_eq!(normalize("/admin%23x"), Err(PathError::EncodedDelimiter));
+        assert_eq!(ok("/a%25b"), "/a%25b");
         assert_eq!(normalize("/a%2fb"), Err(PathError::EncodedSeparator));
         assert_eq!(normalize("/a%2Fb"), Err(PathError::EncodedSeparator));
         assert_eq!(normalize("/a%5cb"), Err(PathError::EncodedSeparator));
@@ -264,10 +333,45 @@ mod tests {
         // Found by proptest: a raw `?` was kept, and `Upstream::uri` would have forwarded
         // `/a?x/../admin` as path `/a` + query: not the path that was authorized.
         assert_eq!(normalize("/a?x/../admin"), Err(PathError::Query));
-        assert_eq!(ok("/a%3Fx"), "/a%3Fx");
         assert_eq!(normalize("admin"), Err(PathError::NotAbsolute));
         assert_eq!(normalize("*"), Err(PathError::NotAbsolute));
         assert_eq!(normalize("/a\u{1}"), Err(PathError::Control));
+    }
+
+    /// What NFKC makes ASCII of (fullwidth `．／`, the two-dot leader, the small full stop,
+    /// fullwidth letters, ligatures, the long s, the Kelvin sign) is refused; other non-ASCII
+    /// passes, encoded as it came.
+    #[test]
+    fn compatibility_forms_of_ascii_are_refused() {
+        for p in [
+            "/public/%E2%80%A5/admin/x",
+            "/public/%EF%BC%8E%EF%BC%8E%EF%BC%8Fadmin",
+            "/public/x%EF%BC%8F..",
+            "/public/%EF%B9%92%EF%B9%92/admin",
+            "/%EF%BD%81dmin/x",
+            "/%EF%AC%86aff",
+            "/%C5%BFecret",
+            "/%E2%84%AAey",
+            "/a/%C2%B2",
+        ] {
+            assert_eq!(normalize(p), Err(PathError::Compatibility), "{p}");
+        }
+        for p in [
+            "/caf%C3%A9",
+            "/%E6%97%A5%E6%9C%AC",
+            "/acce%C3%9F",
+            "/adm%C4%B1n",
+            "/%F0%9F%98%80",
+            "/bad%FF%FE",
+            "/cut%E2%80",
+        ] {
+            assert_eq!(ok(p), p, "{p}");
+        }
+        let chars: Vec<_> = encoded_chars("/a%C3%A9b%E2%80%A5%FFz").collect();
+        assert_eq!(
+            chars,
+            [(2..8, 'é'), (9..18, '\u{2025}'), (18..21, '\u{fffd}')]
+        );
     }
 
     #[test]
@@ -327,9 +431,11 @@ mod tests {
         let decoded_segments: Vec<&[u8]> = decoded.split(|b| *b == b'/').skip(1).collect();
         prop_assert_eq!(decoded_segments.len(), segments.len(), "{:?}", input);
         prop_assert!(
-            decoded_segments
-                .iter()
-                .all(|s| *s != b"." && *s != b".." && !s.contains(&b'\\')),
+            decoded_segments.iter().all(|s| *s != b"."
+                && *s != b".."
+                && !s.contains(&b'\\')
+                && !s.contains(&b'?')
+                && !s.contains(&b'#')),
             "{input:?} -> {out:?}"
         );
         // What is authorized is what is forwarded: the URI keyward sends upstream carries
@@ -353,10 +459,57 @@ mod tests {
     fn path_like() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::prelude::*;
         let piece = prop::sample::select(vec![
-            "/", "/", "/", "a", "b", "admin", ".", "..", "...", "%2e", "%2E", "%2e%2e", ".%2e",
-            "%2f", "%2F", "%5c", "\\", ";", "%3b", "#", "%", "%4", "%41", "%7e", "~", "%25",
-            "%252e", "%20", "%00", "%ff", "%C3%A9", "-", "_", ":", "@", "!", "$", "&", "'", "(",
-            "*", "+", ",", "=", "\u{0}", "\t", "é",
+            "/",
+            "/",
+            "/",
+            "a",
+            "b",
+            "admin",
+            ".",
+            "..",
+            "...",
+            "%2e",
+            "%2E",
+            "%2e%2e",
+            ".%2e",
+            "%2f",
+            "%2F",
+            "%5c",
+            "\\",
+            ";",
+            "%3b",
+            "#",
+            "%",
+            "%4",
+            "%41",
+            "%7e",
+            "~",
+            "%25",
+            "%252e",
+            "%20",
+            "%00",
+            "%ff",
+            "%C3%A9",
+            "%3f",
+            "%23",
+            "%EF%BC%8F",
+            "%E2%80%A5",
+            "-",
+            "_",
+            ":",
+            "@",
+            "!",
+            "$",
+            "&",
+            "'",
+            "(",
+            "*",
+            "+",
+            ",",
+            "=",
+            "\u{0}",
+            "\t",
+            "é",
         ]);
         prop::collection::vec(piece, 0..24).prop_map(|v| format!("/{}", v.concat()))
     }

@@ -287,8 +287,10 @@ async fn a_path_normalization_would_change_is_refused() {
     let d = spawn_decider(Some(up.addr), "").await;
     let read_only = [("x-api-key", PERSONAL_KEY)];
     let admin = [("x-api-key", SERVICE_KEY)];
-    let cases: [(&str, &[(&str, &str)]); 10] = [
+    let cases: [(&str, &[(&str, &str)]); 12] = [
         ("/admin/../v1/items", &read_only),
+        ("/public/..%3F", &[]),
+        ("/public/%E2%80%A5/admin/users", &[]),
         ("/admin/%2e%2e/v1/items", &read_only),
         ("/admin/.%2E/v1/items", &read_only),
         ("/v1/items/../../healthz", &[]),

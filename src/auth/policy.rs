@@ -217,31 +217,40 @@ impl Policy {
     }
 }
 
-/// Non-ASCII letters whose case folds onto an ASCII one where an app folds Unicode case
-/// (Java's `equalsIgnoreCase`, `toUpperCase` in Java, JS and Python): `İ` and dotless `ı`
-/// fold to `i`, the long `ſ` to `s`, the Kelvin sign to `k`. As a normalized path carries
-/// them (upper-case escapes of their UTF-8).
-const LOOKALIKES: [(&str, &str); 4] = [
-    ("%C4%B0", "i"),
-    ("%C4%B1", "i"),
-    ("%C5%BF", "s"),
-    ("%E2%84%AA", "k"),
-];
-
-/// With `routes_case_insensitive`, the path routes are matched on: each lookalike read as
-/// the ASCII letter an app folds it to, so `/adm%C4%B1n/x` meets the `/admin/` rule. The
-/// path forwarded is unchanged.
+/// With `routes_case_insensitive`, the path routes are matched on: each encoded letter
+/// whose Unicode case mapping holds ASCII read as those ASCII letters, so `/adm%C4%B1n/x`
+/// (dotless `ı`, upper-cased `I`) meets the `/admin/` rule, and so do `ß` (`SS`), the long
+/// `ſ` and the Kelvin sign: what `toUpperCase`/`toLowerCase` in Java, JS and Python and
+/// Java's `equalsIgnoreCase` make of them. The path forwarded is unchanged.
 fn fold_lookalikes(path: &str) -> std::borrow::Cow<'_, str> {
-    if !path.contains("%C") && !path.contains("%E2") {
-        return std::borrow::Cow::Borrowed(path);
+    let mut folded: Option<String> = None;
+    let mut copied = 0;
+    for (range, c) in crate::path::encoded_chars(path) {
+        let Some(ascii) = ascii_case_fold(c) else {
+            continue;
+        };
+        let out = folded.get_or_insert_with(|| String::with_capacity(path.len()));
+        out.push_str(&path[copied..range.start]);
+        out.push_str(&ascii);
+        copied = range.end;
     }
-    let mut out = path.to_string();
-    for (from, to) in LOOKALIKES {
-        if out.contains(from) {
-            out = out.replace(from, to);
+    match folded {
+        Some(mut out) => {
+            out.push_str(&path[copied..]);
+            std::borrow::Cow::Owned(out)
         }
+        None => std::borrow::Cow::Borrowed(path),
     }
-    std::borrow::Cow::Owned(out)
+}
+
+/// The ASCII letters (lower-case) a non-ASCII `c` becomes upper-cased, or else lower-cased
+/// (`İ` lower-cases to `i` and a combining dot); `None` when neither holds ASCII.
+fn ascii_case_fold(c: char) -> Option<String> {
+    let ascii = |mapped: &mut dyn Iterator<Item = char>| {
+        let s: String = mapped.filter(char::is_ascii).collect();
+        (!s.is_empty()).then(|| s.to_ascii_lowercase())
+    };
+    ascii(&mut c.to_uppercase()).or_else(|| ascii(&mut c.to_lowercase()))
 }
 
 /// `path` as a framework may read it (see [`Policy::reading_route`]): every segment without
@@ -338,13 +347,16 @@ mod tests {
     #[test]
     fn case_insensitive_routes_fold_the_lookalikes_an_app_folds() {
         let p = with_routes(
-            "routes_case_insensitive: true\nroutes: [{ prefix: /admin/, any_of: [admin] }, { path: /secret, any_of: [admin] }]\n",
+            "routes_case_insensitive: true\nroutes: [{ prefix: /admin/, any_of: [admin] }, { path: /secret, any_of: [admin] }, { prefix: /staff/, any_of: [admin] }, { prefix: /access/, any_of: [admin] }]\n",
         );
         for path in [
             "/adm%C4%B1n/x",
             "/ADM%C4%B0N/x",
             "/%C5%BFecret",
             "/admin/%E2%84%AAey",
+            // Upper-cased to more letters than one: `ß` is `SS`, `ﬆ` is `ST`.
+            "/%EF%AC%86aff/x",
+            "/acce%C3%9F/x",
         ] {
             assert!(
                 matches!(p.route(&http::Method::GET, path), Route::Protected { extra: Some(s) } if s == ["admin"]),
