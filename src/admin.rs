@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::keys::load::Format;
 use crate::keys::source::{self, DisableError, KeySource, LoadError};
 use crate::keys::{digest, Snapshot};
-use crate::logging::{clip, LOGGED_METHOD_MAX, LOGGED_PATH_MAX};
+use crate::logging::{clip, LOGGED_PATH_MAX};
 use crate::App;
 
 /// Largest snapshot accepted by `PUT /v1/snapshot` (about a million keys).
@@ -358,7 +358,7 @@ fn authorized(app: &App, req: &Request<Incoming>) -> bool {
 /// is no endpoint at all.
 fn logged<'a>(app: &App, method: &'a Method, path: &'a str) -> (Cow<'a, str>, Cow<'a, str>) {
     const ENDPOINTS: [&str; 3] = ["/v1/snapshot", "/v1/snapshot/reload", "/v1/keys/usage"];
-    let method = clip(method.as_str(), LOGGED_METHOD_MAX);
+    let method = Cow::Borrowed(app.policy.logged_method(method));
     if ENDPOINTS.contains(&path) {
         return (method, Cow::Borrowed(path));
     }

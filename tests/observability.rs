@@ -468,10 +468,34 @@ async fn dashboard_and_alerts_use_real_metric_names_and_labels() {
     let (cert_file, key_file) = (certs.path().join("tls.crt"), certs.path().join("tls.key"));
     std::fs::write(&cert_file, cert.pem()).unwrap();
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    // And a client CA with its revocation list, for the list's `nextUpdate`.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2024, 1, 1),
+        next_update: rcgen::date_time_ymd(2090, 1, 1),
+        crl_number: rcgen::SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca, &ca_key)
+    .unwrap();
+    let (ca_file, crl_file) = (certs.path().join("ca.crt"), certs.path().join("ca.crl"));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&crl_file, crl.pem().unwrap()).unwrap();
     let extra = format!(
-        "metrics: {{ per_key: true }}\ncluster: {{ redis: \"redis://127.0.0.1:1/0\" }}\ntls: {{ cert: {}, key: {} }}\n",
+        "metrics: {{ per_key: true }}\ncluster: {{ redis: \"redis://127.0.0.1:1/0\" }}\ntls: {{ cert: {}, key: {}, client_ca: {}, client_crl: {} }}\n",
         cert_file.display(),
-        key_file.display()
+        key_file.display(),
+        ca_file.display(),
+        crl_file.display()
     );
     let kw = spawn_proxy(up.addr, &extra).await;
     let scrape = scrape(&kw.admin_url("/metrics")).await;
@@ -528,6 +552,7 @@ async fn dashboard_and_alerts_use_real_metric_names_and_labels() {
         "KeywardUpstreamErrors",
         "KeywardKeyExpiringSoon",
         "KeywardTlsCertExpiringSoon",
+        "KeywardTlsCrlStale",
     ] {
         assert!(alerts.iter().any(|a| a == alert), "{alert} missing");
     }

@@ -141,6 +141,29 @@ impl Policy {
             .map(|r| r.any_of.as_slice())
     }
 
+    /// The method as a log line carries it: one of HTTP's own, or one a scope rule names,
+    /// as it is; any other as `OTHER`. A method is the client's to choose, and one that is
+    /// a key (sent so by mistake, or to plant it) was logged.
+    pub fn logged_method<'m>(&self, method: &'m Method) -> &'m str {
+        let known = matches!(
+            *method,
+            Method::GET
+                | Method::HEAD
+                | Method::POST
+                | Method::PUT
+                | Method::DELETE
+                | Method::OPTIONS
+                | Method::PATCH
+                | Method::TRACE
+                | Method::CONNECT
+        ) || self.method_scopes(method).is_some();
+        if known {
+            method.as_str()
+        } else {
+            "OTHER"
+        }
+    }
+
     pub fn prefix_rule(&self, key: &[u8]) -> PrefixRule<'_> {
         if self.prefixes.is_empty() {
             return PrefixRule::Unrestricted;
@@ -185,16 +208,19 @@ impl Policy {
         let overlaps = |c: &[u8]| {
             (value.len() >= min && contains(c, value)) || (c.len() >= min && contains(value, c))
         };
-        let in_headers = self
-            .credential_headers
+        // Every credential header in any spelling (`X_API_Key` is the key to a CGI app, and
+        // to a client that sent it), and every token of its value (`Bearer <key> extra`).
+        let credential = |name: &http::HeaderName| {
+            self.credential_headers
+                .iter()
+                .any(|c| crate::header_names::same_name(name.as_str(), c.as_str()))
+        };
+        let in_headers = headers
             .iter()
-            .flat_map(|n| headers.get_all(n))
-            // The token after a scheme (`Bearer <key>`), or the whole value.
-            .map(|c| {
-                c.as_bytes()
-                    .rsplit(|b| b.is_ascii_whitespace())
-                    .next()
-                    .unwrap_or_default()
+            .filter(|(name, _)| credential(name))
+            .flat_map(|(_, v)| {
+                v.as_bytes()
+                    .split(|b| b.is_ascii_whitespace() || *b == b',')
             })
             .any(overlaps);
         let in_query = || {

@@ -247,7 +247,13 @@ pub async fn handle<B>(
     let mut method = req.method().clone();
     // The decision request's own target: an abandoned one is logged as such.
     let target = req.uri().clone();
-    let mut unanswered = handler::Unanswered::new(&worker, &cid, &asked_with, &target, start);
+    let mut unanswered = handler::Unanswered::new(
+        &worker,
+        &cid,
+        app.policy.logged_method(&asked_with),
+        &target,
+        start,
+    );
     let mut trace = Trace::default();
     let result = match &original {
         Ok(original) => {
@@ -282,7 +288,8 @@ pub async fn handle<B>(
     unanswered.answered();
     let elapsed = start.elapsed();
     worker.metrics().record_request(code, elapsed);
-    handler::access_log(&cid, &method, resp.status(), code, &trace, elapsed);
+    let logged = app.policy.logged_method(&method);
+    handler::access_log(&cid, logged, resp.status(), code, &trace, elapsed);
     Ok(resp)
 }
 

@@ -82,7 +82,8 @@ pub async fn handle(
     // The target is kept (a reference count, not a copy) so the path can be borrowed while
     // the request itself moves on upstream.
     let target = req.uri().clone();
-    let mut unanswered = Unanswered::new(&worker, &cid, &method, &target, start);
+    let logged = app.policy.logged_method(&method);
+    let mut unanswered = Unanswered::new(&worker, &cid, logged, &target, start);
     let mut trace = Trace::default();
     let (mut resp, code) = match proxy(&app, &worker, conn, req, &target, &cid, &mut trace).await {
         Ok(resp) => (resp, Code::Ok),
@@ -94,7 +95,7 @@ pub async fn handle(
     unanswered.answered();
     let elapsed = start.elapsed();
     worker.metrics().record_request(code, elapsed);
-    access_log(&cid, &method, resp.status(), code, &trace, elapsed);
+    access_log(&cid, logged, resp.status(), code, &trace, elapsed);
     Ok(resp)
 }
 
@@ -105,7 +106,8 @@ pub async fn handle(
 pub struct Unanswered<'a> {
     worker: &'a Worker,
     cid: &'a HeaderValue,
-    method: &'a http::Method,
+    /// As logged ([`crate::auth::Policy::logged_method`]).
+    method: &'a str,
     target: &'a http::Uri,
     start: Instant,
     armed: bool,
@@ -115,7 +117,7 @@ impl<'a> Unanswered<'a> {
     pub fn new(
         worker: &'a Worker,
         cid: &'a HeaderValue,
-        method: &'a http::Method,
+        method: &'a str,
         target: &'a http::Uri,
         start: Instant,
     ) -> Self {
@@ -662,10 +664,11 @@ pub fn refused_head(worker: &Worker, status: StatusCode, code: Code) {
 
 use crate::logging::{clip, LOGGED_METHOD_MAX, LOGGED_PATH_MAX};
 
-/// One line per request (SPEC 11). Never headers, never the query: that is where keys live.
+/// One line per request (SPEC 11). Never headers, never the query: that is where keys live;
+/// the method as [`crate::auth::Policy::logged_method`] gives it.
 pub fn access_log(
     cid: &HeaderValue,
-    method: &http::Method,
+    method: &str,
     status: StatusCode,
     code: Code,
     trace: &Trace<'_>,
@@ -676,7 +679,7 @@ pub fn access_log(
     info!(
         target: "keyward::access",
         correlation_id = cid.to_str().unwrap_or_default(),
-        method = &*clip(method.as_str(), LOGGED_METHOD_MAX),
+        method = &*clip(method, LOGGED_METHOD_MAX),
         path = &*path,
         status = status.as_u16(),
         code = code.as_str(),

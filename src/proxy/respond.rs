@@ -178,6 +178,11 @@ mod tests {
         for (name, value) in [
             ("x-api-key", key.to_string()),
             ("authorization", format!("Bearer {key}")),
+            // Not the last token; a respelled credential header.
+            ("authorization", format!("Bearer {key} extra")),
+            ("authorization", format!("Token {key} Bearer")),
+            ("x_api_key", key.to_string()),
+            ("x.api.key", key.to_string()),
         ] {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_str(&value).unwrap());
