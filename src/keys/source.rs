@@ -249,11 +249,15 @@ fn load_file_over_kept(
     load_file(host, path, Source::File)
 }
 
-/// After a snapshot from `keys.file` (`path`) is installed: keep a copy of the file in
-/// `keys.state_file`, if set, when the copy is the content installed (`digest`); a file
-/// rewritten since is kept by the load that installs it. Failure is logged: the file is
-/// still in force, only a restart would not find it if the file turned bad by then.
-fn keep_accepted(host: &impl Host, path: &Path, digest: &str) {
+/// After a snapshot from `keys.file` (`path`) is installed: keep it in `keys.state_file`,
+/// if set, so a restart loads what was in force. A copy of the file's bytes when the file
+/// still holds the content installed; else (rewritten since it was read, and what it holds
+/// now may never be installed: broken, or held back by the guard) the installed snapshot
+/// itself, as JSON: the state file never lags the snapshot in force, or a restart would
+/// bring back a key removed since. A failure is logged and counted as the file source's
+/// (`keyward_snapshot_refused{source="file",result="error"}` until the next install): the
+/// snapshot is in force, but a restart would not find it.
+fn keep_accepted(host: &impl Host, path: &Path, installed: &Snapshot) {
     let KeySource::File {
         path: file,
         state_file: Some(state_file),
@@ -264,7 +268,15 @@ fn keep_accepted(host: &impl Host, path: &Path, digest: &str) {
     if file != path {
         return;
     }
-    if let Err(e) = super::spool::keep_copy(path, state_file, digest) {
+    let kept = match super::spool::keep_copy(path, state_file, &installed.content_digest) {
+        Ok(super::spool::Copied::Rewritten) => serde_json::to_string(&installed.to_doc())
+            .map_err(|e| LoadError::Invalid(SnapshotError::Parse(e.to_string())))
+            .and_then(|text| persist(state_file, text.as_bytes())),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = kept {
+        host.snapshot_failed(Source::File);
         warn!(state_file = %state_file.display(), error = %e, "snapshot in force but not kept in keys.state_file: a restart loads keys.file as it is then");
     }
 }
@@ -298,10 +310,9 @@ fn load_file_as(
         return Err(LoadError::Unsettled);
     }
     admit(host, &snapshot, admission)?;
-    let digest = snapshot.content_digest.clone();
     let installed = install(host, snapshot);
     if source == Source::File {
-        keep_accepted(host, path, &digest);
+        keep_accepted(host, path, &installed);
     }
     Ok(installed)
 }
@@ -656,6 +667,42 @@ mod tests {
         );
         let in_force = host.store.load().unwrap();
         assert_eq!(in_force.by_id("key_a").unwrap().status, Status::Disabled);
+        assert_eq!(host.failed.load(Ordering::SeqCst), 1, "counted");
+    }
+
+    /// `keys.state_file` keeps the snapshot in force, whatever the file holds by then: a
+    /// file rewritten between the load's read and its copy (to content never installed,
+    /// broken here) left the state file a snapshot behind, and a restart brought back a
+    /// key removed since. A copy that cannot be written is counted.
+    #[test]
+    fn the_state_file_keeps_what_is_in_force_when_the_file_moved_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.yaml");
+        let state = dir.path().join("state.yaml");
+        let yaml = format!("file: {}\nstate_file: {}", path.display(), state.display());
+        let mut host = TestHost::file(dir.path());
+        host.config = serde_yaml::from_str(&yaml).unwrap();
+        host.source = KeySource::from_config(&host.config).unwrap();
+        std::fs::write(&path, entry("")).unwrap();
+        load_file_as(&host, &path, Source::File, Admission::Forced, None).unwrap();
+        assert_eq!(
+            std::fs::read(&state).unwrap(),
+            std::fs::read(&path).unwrap()
+        );
+        // The disabled key's snapshot is read and installed; the file moves on at once.
+        std::fs::write(&path, entry("    status: disabled\n")).unwrap();
+        let read = read_for(&host, &path, Source::File, Format::Yaml).unwrap();
+        let installed = install(&host, read);
+        std::fs::write(&path, "keys: [").unwrap();
+        keep_accepted(&host, &path, &installed);
+        let kept = read_for(&host, &state, Source::File, Format::Yaml).unwrap();
+        assert_eq!(kept.by_id("key_a").unwrap().status, Status::Disabled);
+        assert_eq!(host.failed.load(Ordering::SeqCst), 0);
+        // A state file that cannot be replaced (a directory in its place, even for root).
+        std::fs::remove_file(&state).unwrap();
+        std::fs::create_dir(&state).unwrap();
+        std::fs::write(state.join("occupied"), "").unwrap();
+        keep_accepted(&host, &path, &installed);
         assert_eq!(host.failed.load(Ordering::SeqCst), 1, "counted");
     }
 

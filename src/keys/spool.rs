@@ -322,16 +322,26 @@ fn unsupported(e: &std::io::Error) -> bool {
     )
 }
 
+/// What [`keep_copy`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Copied {
+    /// The state file holds the content `digest` names.
+    Kept,
+    /// The file no longer holds that content (rewritten since it was read): nothing kept.
+    Rewritten,
+    /// The state file is the file itself (through a link or `..`): nothing to keep.
+    SameFile,
+}
+
 /// Copy the file `from` to `state_file` atomically, through a [`Spool`], if its content is
-/// `digest` (SHA-256, hex) as it is copied: a file rewritten since that content was read is
-/// not kept (`Ok(false)`).
-pub(super) fn keep_copy(from: &Path, state_file: &Path, digest: &str) -> Result<bool, LoadError> {
+/// `digest` (SHA-256, hex) as it is copied.
+pub(super) fn keep_copy(from: &Path, state_file: &Path, digest: &str) -> Result<Copied, LoadError> {
     use sha2::{Digest as _, Sha256};
     // The state file made (through a link or `..`) into the file itself: a copy renamed
     // over it would undo a rewrite made meanwhile. (The config check refuses it at start.)
     let canonical = |p: &Path| std::fs::canonicalize(p).ok();
     if canonical(from).is_some_and(|f| Some(f) == canonical(&resolved(state_file))) {
-        return Ok(false);
+        return Ok(Copied::SameFile);
     }
     let (spool, mut file) = Spool::create(state_file)?;
     let mut source = crate::regular_file::open(from, super::read::FILE_MAX_BYTES)
@@ -349,10 +359,10 @@ pub(super) fn keep_copy(from: &Path, state_file: &Path, digest: &str) -> Result<
     }
     drop(file);
     if hex::encode(hasher.finalize()) != digest {
-        return Ok(false);
+        return Ok(Copied::Rewritten);
     }
     spool.commit(state_file)?;
-    Ok(true)
+    Ok(Copied::Kept)
 }
 
 /// Write `bytes` to `path` atomically, through a [`Spool`].
