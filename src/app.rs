@@ -50,6 +50,9 @@ pub struct App {
     /// (a YAML snapshot takes about 14 times its size in memory while parsed), so pushes
     /// side by side could exhaust the disk or the pod's memory.
     pub pushes: tokio::sync::Semaphore,
+    /// Refusal bodies waiting for their clients, every listener's (see
+    /// [`crate::proxy::writing::REFUSALS_WAITING_MAX`]).
+    pub refusals: crate::proxy::writing::RefusalBudget,
 }
 
 impl App {
@@ -105,6 +108,7 @@ impl App {
             draining: AtomicBool::new(false),
             reload: Arc::new(Notify::new()),
             pushes: tokio::sync::Semaphore::new(1),
+            refusals: crate::proxy::writing::RefusalBudget::default(),
             config,
         })
     }

@@ -781,6 +781,92 @@ async fn a_tunnel_closes_when_its_key_is_disabled_or_its_connection_ages() {
     kw.shutdown().await;
 }
 
+/// Refusals need no key, and a client that never reads (HTTP/2 streams under a zero
+/// flow-control window) pinned each refused stream's state for `write_stall_timeout`: on
+/// thousands of connections, gigabytes. At most `REFUSALS_WAITING_MAX` refusal bodies wait
+/// at once, process-wide; past that a refusal is its status and headers alone (one HEADERS
+/// frame ending the stream, which flow control does not hold), and its code still said.
+#[tokio::test]
+async fn refusal_bodies_nobody_reads_are_bounded_process_wide() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let max = keyward::proxy::writing::REFUSALS_WAITING_MAX;
+    let (conns, per_conn) = (6, 200);
+    assert!(conns * per_conn > max + 100);
+    let (mut held, mut clients) = (Vec::new(), Vec::new());
+    let (mut with_body, mut bodiless) = (0, 0);
+    for _ in 0..conns {
+        let tcp = TcpStream::connect(kw.addr).await.unwrap();
+        let (mut client, conn) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut pending = Vec::new();
+        for i in 0..per_conn {
+            let req = http::Request::get(format!("http://{}/v1/p/{i}", kw.addr))
+                .body(())
+                .unwrap();
+            let (resp, _) = client.send_request(req, true).expect("send");
+            pending.push(resp);
+        }
+        for resp in pending {
+            let resp = resp.await.expect("response head");
+            assert_eq!(resp.status(), 401);
+            assert!(resp.headers().contains_key("www-authenticate"));
+            if resp.body().is_end_stream() {
+                bodiless += 1;
+            } else {
+                with_body += 1;
+            }
+            held.push(resp);
+        }
+        clients.push(client);
+    }
+    assert!(with_body <= max, "{with_body} refusal bodies waiting");
+    assert!(bodiless >= conns * per_conn - max, "{bodiless} bodiless");
+    assert!(kw.app.refusals.waiting() <= max);
+    drop((held, clients));
+    kw.shutdown().await;
+}
+
+/// What an HTTP/2 client may send ahead of keyward's reading it is HTTP/2's own 64 KiB a
+/// stream (256 KiB a connection), not hyper's megabytes: a public route in front of an app
+/// that reads slowly let each client connection park 1.5 MB here.
+#[tokio::test]
+async fn an_http2_client_may_send_64_kib_ahead_per_stream() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let tcp = TcpStream::connect(kw.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(format!("http://{}/public/upload", kw.addr))
+        .body(())
+        .unwrap();
+    let (_resp, mut body) = client.send_request(req, false).expect("send");
+    body.reserve_capacity(4 << 20);
+    let mut granted = 0;
+    while let Ok(Some(Ok(n))) = tokio::time::timeout(
+        Duration::from_millis(300),
+        std::future::poll_fn(|cx| body.poll_capacity(cx)),
+    )
+    .await
+    {
+        granted = n.max(granted);
+        if granted >= 65_535 {
+            break;
+        }
+    }
+    assert_eq!(granted, 65_535, "the stream's window");
+    kw.shutdown().await;
+}
+
 /// An app that sends a chunk every 100 ms for 10 s on every request.
 async fn spawn_streaming_app() -> SocketAddr {
     let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

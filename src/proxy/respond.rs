@@ -60,6 +60,15 @@ pub fn close_if_draining<B>(resp: &mut Response<B>, http2: bool, draining: &Atom
 #[derive(Debug, Clone, Copy)]
 pub struct Refused;
 
+/// A refusal sent as its status and headers alone: past [`super::writing::RefusalBudget`],
+/// a body no client may be reading must not hold a stream open.
+pub fn without_body(resp: &mut Response<Body>) {
+    *resp.body_mut() = Either::Right(Full::new(Bytes::new()));
+    resp.headers_mut().remove(http::header::CONTENT_TYPE);
+    resp.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+}
+
 /// The JSON error of SPEC 6 with its RFC 6750 challenge and retry headers.
 pub fn error(reject: &Reject, correlation_id: &str) -> Response<Body> {
     let mut resp = json(reject.status(), &reject.body(correlation_id));
