@@ -427,6 +427,59 @@ async fn the_apps_trailers_do_not_reach_an_http2_client() {
     }
 }
 
+/// Framing a client would refuse is not passed on: a `Content-Length` on a 204 (an HTTP/2
+/// client reset the stream over it, losing the whole answer), a list of one length
+/// (`2, 2`), a status past 599 (502: clients may refuse it or guess its class).
+#[tokio::test]
+async fn framing_a_client_would_refuse_is_not_passed_on() {
+    use http_body_util::BodyExt;
+    let scripts: &[(&str, &[u8], bool)] = &[
+        (
+            "/no-content",
+            b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+            false,
+        ),
+        (
+            "/listed",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok",
+            false,
+        ),
+        (
+            "/six-hundred",
+            b"HTTP/1.1 600 OK\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+    ];
+    for client in CLIENTS {
+        let up = Scripted::start(scripts).await;
+        let kw = keyward(&up, client).await;
+        let h2: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http();
+        let get = |path: &str| {
+            http::Request::get(kw.url(path))
+                .header("x-api-key", SERVICE_KEY)
+                .body(http_body_util::Empty::new())
+                .unwrap()
+        };
+        let resp = h2.request(get("/no-content")).await.expect("h2c 204");
+        assert_eq!(resp.status(), 204, "{client}");
+        assert!(!resp.headers().contains_key("content-length"), "{client}");
+        let resp = h2.request(get("/listed")).await.expect("h2c listed length");
+        assert_eq!(resp.headers()["content-length"], "2", "{client}");
+        let body = resp.into_body().collect().await.expect("the body");
+        assert_eq!(&body.to_bytes()[..], b"ok", "{client}");
+        let r = request(kw.addr, "GET", "/listed").await;
+        let head = r.head.to_ascii_lowercase();
+        assert!(head.contains("content-length: 2\r\n"), "{client}: {head}");
+        assert!(!head.contains("2, 2"), "{client}: {head}");
+        let r = request(kw.addr, "GET", "/six-hundred").await;
+        assert_eq!(r.status, 502, "{client}");
+        kw.shutdown().await;
+    }
+}
+
 /// An app that answers without reading the request body (common for a GET, whose body has
 /// no meaning; naive apps do it on any method) reads that body as its next request on the
 /// connection, forged `x-auth-*` and all, and its answer would go to the next client keyward
@@ -641,6 +694,71 @@ async fn bytes_past_a_response_never_answer_the_next_request() {
             assert_eq!((r.status, r.text().as_str()), (200, "next"), "{path}");
         }
     }
+}
+
+/// An app that answers `/double` twice, in two writes, with Nagle on its socket (the
+/// default): its second answer is held until its first is acknowledged. Acknowledged only
+/// with keyward's next request (a delayed ACK riding on it), the held answer arrived as that
+/// request's: another client's, in two exchanges of three. Acknowledged as the connection
+/// goes back to the pool, it arrives while the connection is idle, and the connection is
+/// dropped there.
+async fn spawn_double_answering_app() -> SocketAddr {
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let first = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                        path.len()
+                    );
+                    if s.write_all(first.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if path.starts_with("/double") {
+                        let second = "HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nPOISON";
+                        if s.write_all(second.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_apps_second_answer_held_by_nagle_never_answers_the_next_request() {
+    let app = spawn_double_answering_app().await;
+    let kw = spawn_proxy(app, "workers: 1\n").await;
+    let mut crossed = 0;
+    for i in 0..30 {
+        let a = request(kw.addr, "GET", &format!("/double/{i}")).await;
+        assert_eq!(a.status, 200);
+        let b = request(kw.addr, "GET", &format!("/echo/{i}")).await;
+        if b.text() != format!("/echo/{i}") {
+            crossed += 1;
+        }
+    }
+    assert!(
+        crossed <= 1,
+        "{crossed} of 30 answers were another request's"
+    );
+    kw.shutdown().await;
 }
 
 /// A head keyward cannot trust is a 502, never forwarded in part.

@@ -40,6 +40,10 @@ pub enum ProxyError {
     /// The upstream switched protocols on a request keyward did not forward as an upgrade.
     #[error("101 Switching Protocols without an allowed upgrade")]
     UnexpectedUpgrade,
+    /// A status past 599 (RFC 9110 15: three digits, 100 to 599): clients may refuse it,
+    /// or read it as whatever class they guess.
+    #[error("status {0} is outside 100-599")]
+    Status(u16),
     /// The client's request body failed while it was streamed upstream: the client's fault
     /// (400), not the upstream's.
     #[error("request body from the client failed")]
@@ -65,6 +69,7 @@ impl ProxyError {
             | ProxyError::Exchange(_)
             | ProxyError::Fast(_)
             | ProxyError::UnexpectedUpgrade
+            | ProxyError::Status(_)
             | ProxyError::RequestBody(_)
             | ProxyError::BodyStalled(_)
             | ProxyError::BodyTooSlow
@@ -295,6 +300,9 @@ impl Upstream {
         match answered {
             None => Err(ProxyError::Timeout(self.timeout)),
             Some(Err(e)) => Err(e),
+            Some(Ok(resp)) if resp.status().as_u16() > 599 => {
+                Err(ProxyError::Status(resp.status().as_u16()))
+            }
             Some(Ok(mut resp)) => {
                 if let Some(progress) = &progress {
                     progress.answered(busy);
@@ -495,6 +503,38 @@ pub fn spawn_tunnel(
     });
 }
 
+/// The response's `Content-Length` as a client may take it: none on a 1xx or a 204 (RFC 9110
+/// 8.6: an HTTP/2 client resets the stream over one, and the whole answer is lost), and
+/// one value where the app sent a list of the same (`2, 2`, which the upstream client took
+/// as 2 but an HTTP/2 client refuses, and an HTTP/1.1 one may read otherwise).
+fn one_content_length(headers: &mut http::HeaderMap, status: StatusCode) {
+    use http::header::CONTENT_LENGTH;
+    if status.is_informational() || status == StatusCode::NO_CONTENT {
+        headers.remove(CONTENT_LENGTH);
+        return;
+    }
+    let listed = headers.get_all(CONTENT_LENGTH).iter().count() > 1
+        || headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes().contains(&b','));
+    if !listed {
+        return;
+    }
+    let values: Option<Vec<u64>> = headers
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("x").split(','))
+        .map(|n| n.trim().parse().ok())
+        .collect();
+    // The upstream client accepted the response, so the values agree; if not, none goes.
+    headers.remove(CONTENT_LENGTH);
+    if let Some(values) = values {
+        if let Some(&n) = values.first().filter(|n| values.iter().all(|v| v == *n)) {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+}
+
 /// The upstream's response, minus hop-by-hop headers (an upgrade keeps its own).
 pub fn downstream_response(
     resp: Response<UpstreamBody>,
@@ -508,6 +548,7 @@ pub fn downstream_response(
     if parts.headers.contains_key(http::header::TRANSFER_ENCODING) {
         parts.headers.remove(http::header::CONTENT_LENGTH);
     }
+    one_content_length(&mut parts.headers, parts.status);
     // An upgrade keeps `Upgrade` and gets `Connection: upgrade` back.
     super::headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     Response::from_parts(

@@ -234,6 +234,7 @@ impl Return {
 
 impl h1::Home<UpstreamStream> for Return {
     fn take_back(self, conn: FastConn) {
+        conn.io().acknowledge();
         self.pool
             .lists()
             .fast

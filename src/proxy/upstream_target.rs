@@ -45,6 +45,20 @@ impl UpstreamStream {
     /// the socket, and a connection reused with them answers the next request with them.
     /// One system call per reuse is the price (review: 227 of 4,000 responses crossed
     /// between clients at 50 concurrent clients when the cache was trusted).
+    /// Acknowledge at once what was read (`TCP_QUICKACK`), as a connection goes back to the
+    /// pool. An app that writes a second answer to one request (an error page after a
+    /// response already sent) with Nagle on its socket (the default) has it held until its
+    /// first answer is acknowledged, and a delayed acknowledgement rode on keyward's next
+    /// request: the held answer then arrived as that request's, another client's, in two
+    /// exchanges of three. Acknowledged now, it arrives within a round trip, while the
+    /// connection is idle, where [`Self::idle_and_open`] finds it.
+    pub fn acknowledge(&self) {
+        #[cfg(target_os = "linux")]
+        if let Self::Tcp(s) = self {
+            let _ = socket2::SockRef::from(s).set_tcp_quickack(true);
+        }
+    }
+
     pub fn idle_and_open(&self) -> bool {
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         let peeked = each!(self, s => socket2::SockRef::from(s).peek(&mut probe));
