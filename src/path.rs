@@ -34,17 +34,6 @@ pub enum PathError {
     /// them: a dot segment removed after keyward authorized the path.
     #[error("segment of dots and spaces")]
     DotsAndSpaces,
-    /// `%3F` or `%23`: an app that decodes its URL before splitting it (`new
-    /// URL(decodeURIComponent(url))`, a `req.url = decodeURIComponent(req.url)` middleware)
-    /// ends the path there, and routes `/admin%3F` as `/admin`, `/public/..%3F` as `/`.
-    #[error("encoded '?' or '#' in path")]
-    EncodedDelimiter,
-    /// A percent-encoded character whose compatibility form (NFKC) holds ASCII: an app that
-    /// normalizes what it decoded (Python's `unicodedata`, Java's `Normalizer`) reads
-    /// fullwidth `／` as `/`, `‥` as `..`, `ａｄｍｉｎ` as `admin`: a segment, a dot
-    /// segment or a route keyward did not authorize.
-    #[error("a character that Unicode compatibility normalization turns into ASCII")]
-    Compatibility,
 }
 
 /// Normalize an origin-form path (no query):
@@ -99,7 +88,6 @@ fn decode_unreserved(input: &[u8]) -> Result<String, PathError> {
                 match v {
                     b'/' | b'\\' => return Err(PathError::EncodedSeparator),
                     b';' => return Err(PathError::PathParameter),
-                    b'?' | b'#' => return Err(PathError::EncodedDelimiter),
                     0..=0x1f | 0x7f => return Err(PathError::Control),
                     _ if is_unreserved(v) => out.push(v as char),
                     _ => {
@@ -121,10 +109,87 @@ fn decode_unreserved(input: &[u8]) -> Result<String, PathError> {
             }
         }
     }
-    if encoded_chars(&out).any(|(_, c)| compatibility_ascii(c)) {
-        return Err(PathError::Compatibility);
-    }
     Ok(out)
+}
+
+/// What an app may read a normalized `path` as, besides itself, each normalized in turn
+/// (the route each meets is authorized too: see `Policy::reading_route`):
+/// - cut at its first encoded `?` or `#`: an app that decodes its URL before splitting it
+///   (`new URL(decodeURIComponent(url))`, a `req.url = decodeURIComponent(req.url)`
+///   middleware) ends the path there, and routes `/admin%3F` as `/admin`, `/public/..%3F`
+///   as `/`;
+/// - with each percent-encoded character whose compatibility form (NFKC) holds ASCII
+///   replaced by that form: an app that normalizes what it decoded (Python's `unicodedata`,
+///   Java's `Normalizer`) reads fullwidth `／` as `/`, `‥` as `..`, `ａｄｍｉｎ` as
+///   `admin`.
+///
+/// A reading that cannot be normalized itself (`/..%3F` is `/..` above the root; a fullwidth
+/// `＼` a backslash) refuses the path. Most paths hold no `%`: nothing is done for them.
+pub fn readings(path: &str) -> Result<Vec<String>, PathError> {
+    if !path.contains('%') {
+        return Ok(Vec::new());
+    }
+    let compat = compatibility_reading(path)?;
+    let mut out = Vec::new();
+    for p in std::iter::once(path).chain(compat.as_deref()) {
+        if let Some(cut) = cut_at_delimiter(p) {
+            out.push(normalize(cut)?.into_owned());
+        }
+    }
+    out.extend(compat);
+    Ok(out)
+}
+
+/// `path` up to its first encoded `?` or `#` (a normalized path's escapes are upper-case).
+fn cut_at_delimiter(path: &str) -> Option<&str> {
+    let at = [path.find("%3F"), path.find("%23")]
+        .into_iter()
+        .flatten()
+        .min()?;
+    Some(&path[..at])
+}
+
+/// `path` with each encoded character NFKC turns into something holding ASCII replaced by
+/// that (see [`readings`]), normalized; `None` when it holds no such character.
+fn compatibility_reading(path: &str) -> Result<Option<String>, PathError> {
+    use unicode_normalization::UnicodeNormalization as _;
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    for (range, c) in encoded_chars(path).filter(|(_, c)| compatibility_ascii(*c)) {
+        let o = out.get_or_insert_with(|| String::with_capacity(path.len()));
+        o.push_str(&path[copied..range.start]);
+        for d in std::iter::once(c).nfkc() {
+            push_as_read(o, d);
+        }
+        copied = range.end;
+    }
+    let Some(mut o) = out else {
+        return Ok(None);
+    };
+    o.push_str(&path[copied..]);
+    normalize(&o).map(|n| Some(n.into_owned()))
+}
+
+/// `c` as it stands in a path once an app has decoded and normalized it: a separator, a dot,
+/// a letter as themselves (`\` and `;` too, which normalizing the reading refuses); a `?`,
+/// `#`, `%` or space encoded (cut at, or plain data); anything else percent-encoded.
+fn push_as_read(out: &mut String, c: char) {
+    match c {
+        '?' | '#' | '%' | ' ' | '\0'..='\x1f' | '\x7f' => {
+            out.push('%');
+            out.push(HEX[usize::from(c as u8 >> 4)] as char);
+            out.push(HEX[usize::from(c as u8 & 0xf)] as char);
+        }
+        c if c.is_ascii() => out.push(c),
+        c => {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push('%');
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 0xf)] as char);
+            }
+        }
+    }
 }
 
 /// Whether `c` (not ASCII) reads as something holding ASCII once NFKC-normalized.
@@ -291,9 +356,7 @@ mod tests {
         assert_eq!(ok("/x/%2e%2e/admin"), "/admin");
         assert_eq!(ok("/x/%2E./admin"), "/admin");
         assert_eq!(ok("/a%7eb"), "/a~b");
-        assert_eq!(normalize("/a%3fb"), Err(PathError::EncodedDelimiter));
-        assert_eq!(normalize("/public/..%3F"), Err(PathError::EncodedDelimiter));
-        assert_eq!(normalize("/admin%23x"), Err(PathError::EncodedDelimiter));
+        assert_eq!(ok("/a%3fb"), "/a%3Fb");
         assert_eq!(ok("/a%25b"), "/a%25b");
         assert_eq!(normalize("/a%2fb"), Err(PathError::EncodedSeparator));
         assert_eq!(normalize("/a%2Fb"), Err(PathError::EncodedSeparator));
@@ -333,29 +396,51 @@ mod tests {
         // Found by proptest: a raw `?` was kept, and `Upstream::uri` would have forwarded
         // `/a?x/../admin` as path `/a` + query: not the path that was authorized.
         assert_eq!(normalize("/a?x/../admin"), Err(PathError::Query));
+        assert_eq!(ok("/a%3Fx"), "/a%3Fx");
         assert_eq!(normalize("admin"), Err(PathError::NotAbsolute));
         assert_eq!(normalize("*"), Err(PathError::NotAbsolute));
         assert_eq!(normalize("/a\u{1}"), Err(PathError::Control));
     }
 
-    /// What NFKC makes ASCII of (fullwidth `．／`, the two-dot leader, the small full stop,
-    /// fullwidth letters, ligatures, the long s, the Kelvin sign) is refused; other non-ASCII
-    /// passes, encoded as it came.
+    /// What an app may read a path as: cut at an encoded `?` or `#`, or its NFKC form
+    /// (fullwidth `．／`, the two-dot leader, the small full stop, fullwidth letters,
+    /// ligatures, the long s, the Kelvin sign); a reading that cannot be normalized refuses
+    /// the path. Other non-ASCII gives no reading, and no path is refused for being read.
     #[test]
-    fn compatibility_forms_of_ascii_are_refused() {
-        for p in [
-            "/public/%E2%80%A5/admin/x",
-            "/public/%EF%BC%8E%EF%BC%8E%EF%BC%8Fadmin",
-            "/public/x%EF%BC%8F..",
-            "/public/%EF%B9%92%EF%B9%92/admin",
-            "/%EF%BD%81dmin/x",
-            "/%EF%AC%86aff",
-            "/%C5%BFecret",
-            "/%E2%84%AAey",
-            "/a/%C2%B2",
+    fn readings_are_what_an_app_may_make_of_a_path() {
+        let read = |p: &str| readings(&ok(p));
+        for (p, want) in [
+            ("/a%3Fb", vec!["/a"]),
+            ("/public/..%3F", vec!["/"]),
+            ("/admin%23x", vec!["/admin"]),
+            ("/questions/tagged/c%23", vec!["/questions/tagged/c"]),
+            ("/public/%E2%80%A5/admin/x", vec!["/admin/x"]),
+            (
+                "/public/x%EF%BC%8F..%EF%BC%8F..%EF%BC%8Fadmin/x",
+                vec!["/admin/x"],
+            ),
+            ("/public/%EF%B9%92%EF%B9%92/admin", vec!["/admin"]),
+            ("/%EF%BD%81dmin/x", vec!["/admin/x"]),
+            ("/%EF%AC%86aff", vec!["/staff"]),
+            ("/%C5%BFecret", vec!["/secret"]),
+            ("/%E2%84%AAey", vec!["/Key"]),
+            ("/a/%C2%BD-cup", vec!["/a/1%E2%81%842-cup"]),
+            (
+                "/docs/%E5%A4%A7%E9%98%AA%E3%80%80x",
+                vec!["/docs/%E5%A4%A7%E9%98%AA%20x"],
+            ),
         ] {
-            assert_eq!(normalize(p), Err(PathError::Compatibility), "{p}");
+            assert_eq!(
+                read(p),
+                Ok(want.iter().map(|s| s.to_string()).collect()),
+                "{p}"
+            );
         }
+        // A fullwidth `？` reads as `?`: cut there, in the NFKC reading.
+        assert_eq!(
+            read("/a/b%EF%BC%9Fc"),
+            Ok(vec!["/a/b".to_string(), "/a/b%3Fc".to_string()])
+        );
         for p in [
             "/caf%C3%A9",
             "/%E6%97%A5%E6%9C%AC",
@@ -364,9 +449,12 @@ mod tests {
             "/%F0%9F%98%80",
             "/bad%FF%FE",
             "/cut%E2%80",
+            "/plain/path",
         ] {
-            assert_eq!(ok(p), p, "{p}");
+            assert_eq!(read(p), Ok(Vec::new()), "{p}");
         }
+        assert_eq!(read("/..%3F"), Err(PathError::AboveRoot));
+        assert_eq!(read("/a/%EF%BC%BCb"), Err(PathError::Backslash));
         let chars: Vec<_> = encoded_chars("/a%C3%A9b%E2%80%A5%FFz").collect();
         assert_eq!(
             chars,
@@ -431,11 +519,9 @@ mod tests {
         let decoded_segments: Vec<&[u8]> = decoded.split(|b| *b == b'/').skip(1).collect();
         prop_assert_eq!(decoded_segments.len(), segments.len(), "{:?}", input);
         prop_assert!(
-            decoded_segments.iter().all(|s| *s != b"."
-                && *s != b".."
-                && !s.contains(&b'\\')
-                && !s.contains(&b'?')
-                && !s.contains(&b'#')),
+            decoded_segments
+                .iter()
+                .all(|s| *s != b"." && *s != b".." && !s.contains(&b'\\')),
             "{input:?} -> {out:?}"
         );
         // What is authorized is what is forwarded: the URI keyward sends upstream carries

@@ -144,7 +144,7 @@ const FORGED: [(&str, &str); 9] = [
 /// (SPEC 8's overrides, the decision protocols' own headers, forwarding headers), and a
 /// `Connection` header naming identity headers, which a proxy that honours it would remove
 /// after copying keyward's in. None may reach the app as sent.
-const REROUTED: [(&str, &str); 29] = [
+const REROUTED: [(&str, &str); 30] = [
     // Forwarding headers the proxy strips, in `-` and `_`/`.` spellings.
     ("x_forwarded_host", "forged-forwarded-host-alias"),
     ("x.forwarded.proto", "forged-forwarded-proto-alias"),
@@ -178,6 +178,9 @@ const REROUTED: [(&str, &str); 29] = [
     ("x-authenticated-userid", "forged-kong-user"),
     ("x-authenticated-scope", "forged-kong-scope"),
     ("x-auth-request-redirect", "forged-redirect"),
+    // An override keyward takes on auth-request when it names the target decided: nginx
+    // clears it both ways.
+    ("x-original-url", "forged-original-url"),
     (
         "connection",
         "x-auth-key-id, x-auth-access-type, x-auth-scopes",

@@ -471,6 +471,15 @@ async fn an_older_version_is_refused_as_a_rollback_until_forced() {
     let r = admin(&kw, "PUT", "/v1/snapshot", &renamed).await;
     assert_eq!(r.status, 409, "a rename at v8 would lift it: {}", r.text());
     assert_eq!(status_with(&kw, &raw(3)).await, 401, "the revoke holds");
+    // Nor by moving the revoked secret into another key's id (neither an added key nor an
+    // enabled one: it passed, and the revoked secret got in as key_1).
+    let moved = v8.replace(&entry(3, ""), "").replace(&sha(1), &sha(3));
+    assert!(!moved.contains("key_3") && moved.contains(&sha(3)));
+    let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", &moved).await;
+    assert_eq!(r.json()["guard"]["reason"], "rollback", "{}", r.text());
+    let r = admin(&kw, "PUT", "/v1/snapshot", &moved).await;
+    assert_eq!(r.status, 409, "a move at v8 would lift it: {}", r.text());
+    assert_eq!(status_with(&kw, &raw(3)).await, 401, "the revoke holds");
     // Nor may a push without a version follow a versioned one (which would then let any
     // older version in).
     let unversioned = snapshot("", 0..4, |_| String::new());

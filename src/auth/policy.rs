@@ -36,8 +36,11 @@ pub struct Policy {
     prefixes: Vec<(String, Vec<PrincipalType>)>,
     scopes: Vec<ScopeRule>,
     routes: Vec<RouteRule>,
-    /// `routes_case_insensitive`: rules compare ignoring ASCII case.
+    /// `routes_case_insensitive`: rules compare ignoring ASCII case, protected ones on the
+    /// path's Unicode case folding too ([`fold_lookalikes`]).
     fold_case: bool,
+    /// With `fold_case`, each rule folded as paths are (same order as `routes`).
+    folded_routes: Vec<RouteRule>,
     introspection_path: Option<String>,
     credential_headers: Vec<http::HeaderName>,
 }
@@ -66,6 +69,10 @@ impl Policy {
             prefixes,
             scopes: config.scopes.clone(),
             routes: config.routes.clone(),
+            folded_routes: match config.routes_case_insensitive {
+                true => config.routes.iter().map(folded_rule).collect(),
+                false => Vec::new(),
+            },
             fold_case: config.routes_case_insensitive,
             introspection_path: config.introspection_path.clone(),
         }
@@ -82,15 +89,20 @@ impl Policy {
         self.app_route(path)
     }
 
-    /// The `any_of` of the protected rule the app's own reading of `path` meets, when that
-    /// reading differs from `path` and a rule (not the default) protects it. Frameworks read
-    /// more into a path than its bytes: Rails, Symfony and Spring's suffix matching route
-    /// `/admin.json` (and `/admin.json/`) to the `/admin` handler, and IIS drops dots and
-    /// spaces at the end of a segment (`/admin./users`, `/admin%20`). Required on top of the
-    /// path's own route: more is asked, never less (a rule matched by the reading alone never
-    /// replaces the one the path itself meets).
-    pub fn reading_route(&self, path: &str) -> Option<&[String]> {
-        let reading = app_reading(path)?;
+    /// What the app's own readings of `path` ask beyond the path's own route: `Some` when a
+    /// reading that differs from `path` meets a protected route, with the `any_of` of each
+    /// rule they meet (none: a key alone, by the default rule). Frameworks read more into a
+    /// path than its bytes: Rails, Symfony and Spring's suffix matching route `/admin.json`
+    /// (and `/admin.json/`) to the `/admin` handler, IIS drops dots and spaces at the end of
+    /// a segment (`/admin./users`, `/admin%20`), and `others` are those of
+    /// [`crate::path::readings`] (the path cut at an encoded `?`, its NFKC form). Required on
+    /// top of the path's own route: more is asked, never less (a rule matched by a reading
+    /// alone never replaces the one the path itself meets).
+    pub fn reading_route(&self, path: &str, others: &[String]) -> Option<Vec<&[String]>> {
+        let own = app_reading(path);
+        if own.is_none() && others.is_empty() {
+            return None;
+        }
         // A path a `path` rule names exactly is the operator's own word on it (a public
         // `/favicon.ico` before a protected catch-all): no reading overrides it.
         if self
@@ -99,12 +111,31 @@ impl Policy {
         {
             return None;
         }
-        match self.app_route(&reading) {
-            Route::Protected {
-                extra: Some(any_of),
-            } => Some(any_of),
-            _ => None,
+        // A key alone is more only where the path's own route asks none.
+        let own_public = self.app_route(path) == Route::Public;
+        let mut asks: Option<Vec<&[String]>> = None;
+        let readings = own.into_iter().chain(
+            others
+                .iter()
+                .flat_map(|r| std::iter::once(r.clone()).chain(app_reading(r))),
+        );
+        for reading in readings.filter(|r| r != path) {
+            match self.app_route(&reading) {
+                Route::Protected {
+                    extra: Some(any_of),
+                } => {
+                    let list = asks.get_or_insert_with(Vec::new);
+                    if !list.contains(&any_of) {
+                        list.push(any_of);
+                    }
+                }
+                Route::Protected { extra: None } if own_public => {
+                    asks.get_or_insert_with(Vec::new);
+                }
+                _ => {}
+            }
         }
+        asks
     }
 
     /// The route of a request that goes on to the app, whatever its path: by the route
@@ -120,16 +151,21 @@ impl Policy {
         }
     }
 
-    /// The first route rule `path` meets (as `routes_case_insensitive` reads it).
+    /// The first route rule `path` meets (as `routes_case_insensitive` reads it: a public
+    /// rule only by ASCII case, never by a folding, which opens less, not more).
     fn first_rule(&self, path: &str) -> Option<&RouteRule> {
-        let folded = if self.fold_case {
-            fold_lookalikes(path)
-        } else {
-            std::borrow::Cow::Borrowed(path)
-        };
+        if !self.fold_case {
+            return self.routes.iter().find(|rule| rule.matches(path, false));
+        }
+        let folded = fold_lookalikes(path);
         self.routes
             .iter()
-            .find(|rule| rule.matches(&folded, self.fold_case))
+            .zip(&self.folded_routes)
+            .find(|(rule, folded_rule)| match rule.public {
+                true => rule.matches(path, true),
+                false => folded_rule.matches(&folded, true),
+            })
+            .map(|(rule, _)| rule)
     }
 
     /// The scopes (any of) that allow `method`; `None`: no rule names the method, so no key
@@ -243,21 +279,23 @@ impl Policy {
     }
 }
 
-/// With `routes_case_insensitive`, the path routes are matched on: each encoded letter
-/// whose Unicode case mapping holds ASCII read as those ASCII letters, so `/adm%C4%B1n/x`
-/// (dotless `ı`, upper-cased `I`) meets the `/admin/` rule, and so do `ß` (`SS`), the long
-/// `ſ` and the Kelvin sign: what `toUpperCase`/`toLowerCase` in Java, JS and Python and
-/// Java's `equalsIgnoreCase` make of them. The path forwarded is unchanged.
+/// With `routes_case_insensitive`, the path protected rules are matched on (and the form
+/// they are kept in): each encoded character read as Unicode case folding reads it, after
+/// NFKC: as the ASCII letters its case mapping holds, lower-cased (`ı`, `İ`, `ſ`, the
+/// Kelvin sign, `ß` as `ss`, `ẞ`, `ﬆ`, `𝚤`), what Java, JS, Python and .NET's
+/// `OrdinalIgnoreCase` make of them; any other letter lower-cased (`É` as `é`). So
+/// `/adm%C4%B1n/x` meets the `/admin/` rule, and `/CAF%C3%89/` the `/caf%C3%A9/` one. The
+/// path forwarded is unchanged.
 fn fold_lookalikes(path: &str) -> std::borrow::Cow<'_, str> {
     let mut folded: Option<String> = None;
     let mut copied = 0;
     for (range, c) in crate::path::encoded_chars(path) {
-        let Some(ascii) = ascii_case_fold(c) else {
+        let Some(read) = case_fold(c) else {
             continue;
         };
         let out = folded.get_or_insert_with(|| String::with_capacity(path.len()));
         out.push_str(&path[copied..range.start]);
-        out.push_str(&ascii);
+        out.push_str(&read);
         copied = range.end;
     }
     match folded {
@@ -269,14 +307,48 @@ fn fold_lookalikes(path: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// The ASCII letters (lower-case) a non-ASCII `c` becomes upper-cased, or else lower-cased
-/// (`İ` lower-cases to `i` and a combining dot); `None` when neither holds ASCII.
-fn ascii_case_fold(c: char) -> Option<String> {
+/// `rule` with its path or prefix folded as [`fold_lookalikes`] folds paths.
+fn folded_rule(rule: &RouteRule) -> RouteRule {
+    let fold = |p: &Option<String>| p.as_deref().map(|p| fold_lookalikes(p).into_owned());
+    RouteRule {
+        path: fold(&rule.path),
+        prefix: fold(&rule.prefix),
+        ..rule.clone()
+    }
+}
+
+/// `c` (encoded in a path) as [`fold_lookalikes`] reads it, if that differs: ASCII
+/// letters as they are, anything else percent-encoded.
+fn case_fold(c: char) -> Option<String> {
+    use unicode_normalization::UnicodeNormalization as _;
     let ascii = |mapped: &mut dyn Iterator<Item = char>| {
-        let s: String = mapped.filter(char::is_ascii).collect();
+        let s: String = mapped.filter(char::is_ascii_alphanumeric).collect();
         (!s.is_empty()).then(|| s.to_ascii_lowercase())
     };
-    ascii(&mut c.to_uppercase()).or_else(|| ascii(&mut c.to_lowercase()))
+    let mut out = String::new();
+    for d in std::iter::once(c).nfkc() {
+        let read = ascii(&mut d.to_uppercase())
+            .or_else(|| ascii(&mut d.to_lowercase()))
+            .or_else(|| ascii(&mut d.to_lowercase().flat_map(char::to_uppercase)));
+        match read {
+            Some(letters) => out.push_str(&letters),
+            None => {
+                for l in d.to_lowercase() {
+                    let mut buf = [0u8; 4];
+                    for b in l.encode_utf8(&mut buf).bytes() {
+                        out.push_str(&format!("%{b:02X}"));
+                    }
+                }
+            }
+        }
+    }
+    let mut own = [0u8; 4];
+    let same: String = c
+        .encode_utf8(&mut own)
+        .bytes()
+        .map(|b| format!("%{b:02X}"))
+        .collect();
+    (out != same).then_some(out)
 }
 
 /// `path` as a framework may read it (see [`Policy::reading_route`]): every segment without
@@ -373,22 +445,36 @@ mod tests {
     #[test]
     fn case_insensitive_routes_fold_the_lookalikes_an_app_folds() {
         let p = with_routes(
-            "routes_case_insensitive: true\nroutes: [{ prefix: /admin/, any_of: [admin] }, { path: /secret, any_of: [admin] }, { prefix: /staff/, any_of: [admin] }, { prefix: /access/, any_of: [admin] }]\n",
+            "routes_case_insensitive: true\nroutes: [{ prefix: /admin/, any_of: [admin] }, { path: /secret, any_of: [admin] }, { prefix: /staff/, any_of: [admin] }, { prefix: /access/, any_of: [admin] }, { prefix: /stra%C3%9Fe/, any_of: [admin] }, { prefix: /caf%C3%A9/, any_of: [admin] }, { prefix: /public/, public: true }]\n",
         );
         for path in [
             "/adm%C4%B1n/x",
             "/ADM%C4%B0N/x",
             "/%C5%BFecret",
             "/admin/%E2%84%AAey",
-            // Upper-cased to more letters than one: `ß` is `SS`, `ﬆ` is `ST`.
+            // Upper-cased to more letters than one: `ß` is `SS`, `ﬆ` is `ST`; `ẞ` through
+            // its lower case; the mathematical `𝚤` through NFKC.
             "/%EF%AC%86aff/x",
             "/acce%C3%9F/x",
+            "/acce%E1%BA%9E/x",
+            "/adm%F0%9D%9A%A4n/x",
+            // Rules with non-ASCII letters meet their own path, in any case.
+            "/stra%C3%9Fe/x",
+            "/STRASSE/x",
+            "/CAF%C3%89/x",
+            "/caf%C3%A9/x",
         ] {
             assert!(
                 matches!(p.route(&http::Method::GET, path), Route::Protected { extra: Some(s) } if s == ["admin"]),
                 "{path}"
             );
         }
+        // A public rule opens what ASCII case opens, never what a folding makes of a path.
+        assert_eq!(p.route(&http::Method::GET, "/PUBLIC/x"), Route::Public);
+        assert_eq!(
+            p.route(&http::Method::GET, "/publ%C4%B1c/x"),
+            Route::Protected { extra: None }
+        );
         let strict = with_routes("routes: [{ prefix: /admin/, any_of: [admin] }]\n");
         assert_eq!(
             strict.route(&http::Method::GET, "/adm%C4%B1n/x"),
@@ -431,7 +517,11 @@ mod tests {
             "/reports/export.csv/",
             "/reports/export./",
         ] {
-            assert_eq!(p.reading_route(read_as_admin), admin, "{read_as_admin}");
+            assert_eq!(
+                p.reading_route(read_as_admin, &[]),
+                admin.map(|a| vec![a]),
+                "{read_as_admin}"
+            );
         }
         // The path's own rule still applies: /billing/report.pdf meets /billing/ (admin)
         // and its reading /billing/report (billing) is asked on top, never instead.
@@ -440,8 +530,8 @@ mod tests {
             Route::Protected { extra: admin }
         );
         assert_eq!(
-            p.reading_route("/billing/report.pdf"),
-            Some(&["billing".to_string()][..])
+            p.reading_route("/billing/report.pdf", &[]),
+            Some(vec![&["billing".to_string()][..]])
         );
         // A reading that meets no rule, or a public one, adds nothing.
         for nothing in [
@@ -451,7 +541,7 @@ mod tests {
             "/v1/items.json",
             "/.well-known/x",
         ] {
-            assert_eq!(p.reading_route(nothing), None, "{nothing}");
+            assert_eq!(p.reading_route(nothing, &[]), None, "{nothing}");
         }
     }
 
@@ -460,11 +550,11 @@ mod tests {
         let p = with_routes(
             "routes: [{ path: /favicon.ico, public: true }, { path: /users.json, any_of: [read] }, { prefix: /, any_of: [admin] }]\n",
         );
-        assert_eq!(p.reading_route("/favicon.ico"), None);
-        assert_eq!(p.reading_route("/users.json"), None);
+        assert_eq!(p.reading_route("/favicon.ico", &[]), None);
+        assert_eq!(p.reading_route("/users.json", &[]), None);
         assert_eq!(
-            p.reading_route("/other.json"),
-            Some(&["admin".to_string()][..]),
+            p.reading_route("/other.json", &[]),
+            Some(vec![&["admin".to_string()][..]]),
             "a prefix rule's path is read"
         );
     }

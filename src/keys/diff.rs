@@ -51,14 +51,20 @@ pub struct SnapshotDiff {
     /// environment than this one, or scopes that pass no `scopes` rule any more. A snapshot can lock everyone
     /// out this way as surely as by removing every key, so the guard counts these too.
     pub locked_out: Vec<String>,
+    /// Keys active in the new snapshot under a digest their id did not carry in force (also
+    /// listed in `changed`, field `sha256`): a new secret let in under an old id, a revoked
+    /// one moved into another id among them.
+    #[serde(skip)]
+    pub rekeyed: usize,
     pub unchanged: usize,
 }
 
 impl SnapshotDiff {
-    /// The new snapshot adds a key or enables one disabled in force: it lets in a secret
-    /// the one in force does not (a revoked one, renamed or restored, among them).
+    /// The new snapshot adds a key, enables one disabled in force, or gives an id a secret
+    /// it did not carry: it lets in a secret the one in force does not (a revoked one,
+    /// renamed, restored or moved into another id, among them).
     pub fn grants(&self) -> bool {
-        !self.added.is_empty() || !self.enabled.is_empty()
+        !self.added.is_empty() || !self.enabled.is_empty() || self.rekeyed > 0
     }
 }
 
@@ -229,6 +235,9 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
         }
         if before.status == Status::Disabled && key.status == Status::Active {
             d.enabled.push(key.id.to_string());
+        }
+        if key.status == Status::Active && before.digest() != key.digest() {
+            d.rekeyed += 1;
         }
         if usable(before, here) {
             if key.status == Status::Disabled {

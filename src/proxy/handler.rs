@@ -278,8 +278,11 @@ pub async fn decide<'a>(
     raw_path: &'a str,
     trace: &mut Trace<'a>,
 ) -> Result<Verdict, Reject> {
-    let path = match auth::path::normalize(raw_path) {
-        Ok(path) => path,
+    // The path, and what an app may read it as (`/admin%3F` as `/admin`).
+    let normalized = auth::path::normalize(raw_path)
+        .and_then(|path| auth::path::readings(&path).map(|readings| (path, readings)));
+    let (path, readings) = match normalized {
+        Ok(read) => read,
         Err(e) => {
             trace.path = Some(Cow::Borrowed(raw_path));
             return Err(Reject::BadRequest(BadRequest::Path(e)));
@@ -314,10 +317,17 @@ pub async fn decide<'a>(
     // What the app may read the path as (`/admin.json` as `/admin`) is authorized too.
     let reading = match route {
         Route::Introspection => None,
-        _ => app.policy.reading_route(trace.path()),
+        _ => app.policy.reading_route(trace.path(), &readings),
     };
     // And what it may read an override's path as.
-    let alt_reading = alt.as_ref().and_then(|a| app.policy.reading_route(&a.path));
+    let alt_reading = match &alt {
+        Some(a) => {
+            let readings = auth::path::readings(&a.path)
+                .map_err(|e| Reject::BadRequest(BadRequest::Path(e)))?;
+            app.policy.reading_route(&a.path, &readings)
+        }
+        None => None,
+    };
     // Introspection asks for a valid key but not its scopes (keyward answers it: an
     // override goes nowhere).
     let (route_scopes, check_scope) = match (route, alt_route) {
@@ -337,11 +347,15 @@ pub async fn decide<'a>(
     if let (true, Some(alt), Some(Route::Protected { extra })) = (check_scope, &alt, alt_route) {
         auth::decision::check_scopes(&principal.key, &app.policy, &alt.method, extra)?;
     }
-    if let (true, Some(alt), Some(any_of)) = (check_scope, &alt, alt_reading) {
-        auth::decision::check_scopes(&principal.key, &app.policy, &alt.method, Some(any_of))?;
+    if let (true, Some(alt), Some(asks)) = (check_scope, &alt, alt_reading) {
+        for any_of in asks {
+            auth::decision::check_scopes(&principal.key, &app.policy, &alt.method, Some(any_of))?;
+        }
     }
-    if let (true, Some(any_of)) = (check_scope, reading) {
-        auth::decision::check_scopes(&principal.key, &app.policy, head.method, Some(any_of))?;
+    if let (true, Some(asks)) = (check_scope, reading) {
+        for any_of in asks {
+            auth::decision::check_scopes(&principal.key, &app.policy, head.method, Some(any_of))?;
+        }
     }
     // A question asked with a key is a request by that key: it spends its quota.
     let quota = rate_limit(app, &principal).await?;
