@@ -51,8 +51,8 @@ pub struct App {
     /// side by side could exhaust the disk or the pod's memory.
     pub pushes: tokio::sync::Semaphore,
     /// Refusal bodies waiting for their clients, every listener's (see
-    /// [`crate::proxy::writing::REFUSALS_WAITING_MAX`]).
-    pub refusals: crate::proxy::writing::RefusalBudget,
+    /// [`crate::proxy::writing::OWN_ANSWERS_WAITING_MAX`]).
+    pub own_answers: crate::proxy::writing::OwnAnswerBudget,
 }
 
 impl App {
@@ -108,7 +108,7 @@ impl App {
             draining: AtomicBool::new(false),
             reload: Arc::new(Notify::new()),
             pushes: tokio::sync::Semaphore::new(1),
-            refusals: crate::proxy::writing::RefusalBudget::default(),
+            own_answers: crate::proxy::writing::OwnAnswerBudget::default(),
             config,
         })
     }

@@ -109,7 +109,8 @@ enum CrlDue {
     /// No `tls.client_crl`.
     NoLists,
     At(SystemTime),
-    /// A list without a `nextUpdate`, or one `x509-cert` cannot read (rustls took it).
+    /// A list `x509-cert` cannot read though rustls took it (rustls refuses one without a
+    /// `nextUpdate` before this is asked).
     Unknown,
 }
 

@@ -1083,6 +1083,17 @@ async fn a_write_back_never_puts_the_hash_past_what_newcomers_read() {
     assert_eq!(call(&b, FREE).await.status, 200);
     let oversize = "keyward_cluster_errors_total{op=\"oversize\"}";
     assert!(metric(&a, oversize).await.unwrap_or(0.0) >= 1.0);
+    // Redis back empty: both hold the junk, and write back of it only up to half the bound,
+    // but the revoke of a snapshot key whatever the hash holds.
+    let _: i64 = redis.cmd(&["DEL", hash]).await;
+    eventually("the revoke written back", || async {
+        redis.hget(hash, &sha(OTHER)).await.is_some()
+    })
+    .await;
+    let len: u64 = redis.cmd(&["HLEN", hash]).await;
+    assert!(len <= max, "{len} fields written");
+    let c = ready_replica(up.addr, redis.port, "deny", &keys()).await;
+    assert_eq!(call(&c, OTHER).await.code(), "disabled_api_key");
 }
 
 /// The revocation key set to another type (by hand, or another program sharing the
@@ -1298,6 +1309,10 @@ async fn a_user_refused_the_rate_limit_keys_leaves_redis_down() {
         calls <= 2.0,
         "{calls} refused rate-limit calls for 20 requests"
     );
+    // A write the user may make (a revoke) says nothing of the rate-limit keys.
+    let r = admin_post(&kw, "key_other", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(0.0));
     // Rights back: the probe passes, and the limit is the fleet's again.
     let _: String = redis.cmd(&["ACL", "SETUSER", "default", "allkeys"]).await;
     eventually("redis up again", || async {

@@ -773,6 +773,14 @@ async fn a_caller_that_reads_nothing_cannot_pin_the_decision_listener() {
             .unwrap();
     }
     assert!(started.elapsed() < Duration::from_secs(3));
+    // A 404 for no endpoint is a refusal too: it waits within the own answers' budget.
+    let stalled = zero_window_get(d.decision, "/nope", None).await;
+    assert_eq!(stalled.status, 404);
+    assert_eq!(d.app.own_answers.waiting(), 1);
+    tokio::time::timeout(Duration::from_secs(3), stalled.conn)
+        .await
+        .expect("closed")
+        .unwrap();
     // Both slots serve ordinary callers again.
     for _ in 0..2 {
         let r = get_h2c(

@@ -783,14 +783,14 @@ async fn a_tunnel_closes_when_its_key_is_disabled_or_its_connection_ages() {
 
 /// Refusals need no key, and a client that never reads (HTTP/2 streams under a zero
 /// flow-control window) pinned each refused stream's state for `write_stall_timeout`: on
-/// thousands of connections, gigabytes. At most `REFUSALS_WAITING_MAX` refusal bodies wait
+/// thousands of connections, gigabytes. At most `OWN_ANSWERS_WAITING_MAX` refusal bodies wait
 /// at once, process-wide; past that a refusal is its status and headers alone (one HEADERS
 /// frame ending the stream, which flow control does not hold), and its code still said.
 #[tokio::test]
 async fn refusal_bodies_nobody_reads_are_bounded_process_wide() {
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;
-    let max = keyward::proxy::writing::REFUSALS_WAITING_MAX;
+    let max = keyward::proxy::writing::OWN_ANSWERS_WAITING_MAX;
     let (conns, per_conn) = (6, 200);
     assert!(conns * per_conn > max + 100);
     let (mut held, mut clients) = (Vec::new(), Vec::new());
@@ -828,18 +828,56 @@ async fn refusal_bodies_nobody_reads_are_bounded_process_wide() {
     }
     assert!(with_body <= max, "{with_body} refusal bodies waiting");
     assert!(bodiless >= conns * per_conn - max, "{bodiless} bodiless");
-    assert!(kw.app.refusals.waiting() <= max);
+    assert!(kw.app.own_answers.waiting() <= max);
     drop((held, clients));
     kw.shutdown().await;
 }
 
-/// What an HTTP/2 client may send ahead of keyward's reading it is HTTP/2's own 64 KiB a
-/// stream (256 KiB a connection), not hyper's megabytes: a public route in front of an app
-/// that reads slowly let each client connection park 1.5 MB here.
+/// The introspection answer is keyward's own, as a refusal is: streams of it that a client
+/// never reads hold no `max_in_flight` slot (any key's zero-window `/auth` streams held them
+/// all, and every request bound for the upstream got 502), and count against the own
+/// answers' budget.
 #[tokio::test]
-async fn an_http2_client_may_send_64_kib_ahead_per_stream() {
+async fn unread_introspection_answers_hold_no_upstream_slot() {
     let up = spawn_upstream().await;
-    let kw = spawn_proxy(up.addr, "").await;
+    let kw = spawn_proxy(up.addr, "workers: 1\nlimits: { max_in_flight: 4 }\n").await;
+    let tcp = TcpStream::connect(kw.addr).await.unwrap();
+    let (mut client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let req = http::Request::get(format!("http://{}/auth", kw.addr))
+            .header("x-api-key", KEY)
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).expect("send");
+        held.push(resp.await.expect("response head"));
+    }
+    assert!(held.iter().all(|r| r.status() == 200));
+    assert!(kw.app.own_answers.waiting() >= 16);
+    let r = get(&kw.url("/v1/x"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop((held, client));
+    kw.shutdown().await;
+}
+
+/// What an HTTP/2 client may send ahead of keyward's reading it is `limits.h2_stream_window`
+/// a stream, not hyper's megabytes: a public route in front of an app that reads slowly let
+/// each client connection park 1.5 MB here.
+#[tokio::test]
+async fn an_http2_client_may_send_its_window_ahead_per_stream() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(
+        up.addr,
+        "limits: { h2_stream_window: 65535, h2_connection_window: 262144 }\n",
+    )
+    .await;
     let tcp = TcpStream::connect(kw.addr).await.unwrap();
     let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
     tokio::spawn(async move {
@@ -979,7 +1017,8 @@ async fn an_upload_is_cut_off_once_its_key_is_disabled() {
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(3), async {
         let mut buf = [0u8; 4096];
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        // The head and the JSON body, which ends the answer.
+        while !answer.ends_with(b"}") {
             match rd.read(&mut buf).await {
                 Ok(n) if n > 0 => answer.extend_from_slice(&buf[..n]),
                 _ => break,
@@ -993,6 +1032,7 @@ async fn an_upload_is_cut_off_once_its_key_is_disabled() {
         401,
         "no answer while uploading: {answer:?}"
     );
+    assert!(answer.contains("disabled_api_key"), "{answer}");
     uploader.abort();
     // The app got the part sent before the cut, and no more.
     let got = up.requests().iter().map(|r| r.body_len).sum::<usize>();

@@ -510,11 +510,12 @@ async fn an_older_version_is_refused_as_a_rollback_until_forced() {
         "",
     )
     .await;
-    std::fs::write(
-        kw.keys_file(),
-        snapshot("version: 11\n", 0..3, |_| String::new()),
-    )
-    .unwrap();
+    // The dry run judges it as the file's reload will: not a rollback.
+    let v11 = snapshot("version: 11\n", 0..3, |_| String::new());
+    let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", &v11).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["guard"]["would_refuse"], false, "{}", r.text());
+    std::fs::write(kw.keys_file(), &v11).unwrap();
     eventually("the older file is loaded", || async {
         metric_value(&kw, "keyward_snapshot_version ").await == 11.0
     })

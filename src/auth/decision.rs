@@ -134,13 +134,16 @@ pub fn still_stands(
         .filter(|s| !s.is_stale(now))
         .ok_or(Reject::AuthUnavailable)?;
     let current = snapshot.lookup(key.digest()).ok_or(Reject::InvalidApiKey)?;
+    // Its state first: a disabled or expired key is refused as a new request would be
+    // (`disabled_api_key`, `expired_api_key`), not as an unknown one.
+    check_key_state(current, policy, now)?;
     // Unchanged: a reload keeps the keys it did not change (the same record), and a change
     // to what it grants (scopes narrowed, delegation taken away) ends what was allowed
     // with the old; one to an email or a rate limit does not.
     if !Arc::ptr_eq(current, key) && !current.grants_as(key) {
         return Err(Reject::InvalidApiKey);
     }
-    check_key_state(current, policy, now)
+    Ok(())
 }
 
 fn check_key_state(key: &Key, policy: &Policy, now: SystemTime) -> Result<(), Reject> {

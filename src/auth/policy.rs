@@ -238,11 +238,21 @@ impl Policy {
         {
             return true;
         }
+        // Any run of 8 bytes (the shortest key) in common: `req-<key>` holds the key, a part
+        // of the key is key material, and so is `abc<most of the key>`. The credential's
+        // runs, sorted, are searched for each of the id's (ids are at most 128 bytes).
+        const _: () = assert!(crate::auth::credential::MIN_KEY_LEN == 8, "runs are u64s");
         let min = crate::auth::credential::MIN_KEY_LEN;
-        // Either holds the other (`req-<key>` holds the key; a part of the key is key
-        // material), as long as the shorter is as long as the shortest key.
+        let run = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
         let overlaps = |c: &[u8]| {
-            (value.len() >= min && contains(c, value)) || (c.len() >= min && contains(value, c))
+            if c.len() < min || value.len() < min {
+                return false;
+            }
+            let mut runs: Vec<u64> = c.windows(min).map(run).collect();
+            runs.sort_unstable();
+            value
+                .windows(min)
+                .any(|w| runs.binary_search(&run(w)).is_ok())
         };
         // Every credential header in any spelling (`X_API_Key` is the key to a CGI app, and
         // to a client that sent it), and every token of its value (`Bearer <key> extra`).

@@ -37,9 +37,12 @@ impl Op {
         Op::Oversize,
     ];
 
-    /// A call that writes: one that succeeds shows Redis can serve rate limits and revokes.
-    pub fn writes(self) -> bool {
-        matches!(self, Op::Ping | Op::RateLimit | Op::Revoke | Op::UsageFlush)
+    /// A call whose success shows Redis can serve rate limits: the probe (a script's write
+    /// under the rate-limit keys) and a rate-limit call. Not any write: a usage flush or a
+    /// revoke passed where an ACL refused the rate-limit keys (or on a replica where an
+    /// empty flush writes nothing), and marked Redis up after every refused limit call.
+    pub fn proves_up(self) -> bool {
+        matches!(self, Op::Ping | Op::RateLimit)
     }
 
     pub fn as_str(self) -> &'static str {

@@ -239,9 +239,10 @@ impl Cluster {
         self.metrics.observe(op, start.elapsed());
         let err = match result {
             Ok(Ok(v)) => {
-                // Only a write says Redis can serve: reads answer on a Redis out of memory,
-                // read-only after a failover, or refusing this user's writes.
-                if !self.is_up() && op.writes() {
+                // Only the probe or a rate-limit call says Redis can serve rate limits (see
+                // `Op::proves_up`): reads answer on a Redis out of memory, read-only after
+                // a failover, or refusing this user's writes.
+                if !self.is_up() && op.proves_up() {
                     self.set_up(true);
                 }
                 return Ok(v);

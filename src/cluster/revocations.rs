@@ -30,11 +30,12 @@
 //! it never serves from half a restore (a revoke missing, or one replica's stale entry not
 //! yet overwritten by another's newer one).
 //!
-//! Bounded on both sides: the hash is read only up to [`MAX_FIELDS`], so a write-back never
-//! adds a field past it (entries of keys in the snapshot first), or a fleet's own writing
-//! would put the hash past what its newcomers read, and they would never be ready; and the
-//! set held takes no entry from Redis past [`MAX_FIELDS`] unless its key is in the snapshot
-//! (anyone who can write the hash can fill it with junk, and that junk is written back).
+//! Bounded: the hash is read only up to [`MAX_FIELDS`], and anyone who can write it can
+//! fill it with junk that replicas then hold. A write-back stores the entries of the
+//! snapshot's keys whatever the hash holds (they are an operator's revokes, far fewer than
+//! the bound), and others only while the hash holds fewer than [`MOST_WRITTEN_BACK`]
+//! fields, so a fleet holding junk does not put the hash past what its newcomers read; one
+//! that left entries out does not write the same set back again at each read.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -132,7 +133,7 @@ return out
 ";
 
 /// Store entries, each (digest `ARGV[i]`, `disabled|id` `ARGV[i+1]`, µs `ARGV[i+2]`) from
-/// `ARGV[5]` on, and publish each stored one on `ARGV[1]`. Time is Redis's (`TIME`), never
+/// `ARGV[6]` on, and publish each stored one on `ARGV[1]`. Time is Redis's (`TIME`), never
 /// a replica's: an entry Redis holds stamped more than `ARGV[3]` µs past Redis's now counts
 /// as none. With `ARGV[2]` = `1` (a replica's whole set, written back) an entry is stored
 /// only if Redis holds none at least as new (and is not itself stamped past belief), and
@@ -141,7 +142,8 @@ return out
 /// always stored, stamped with Redis's now, or just after the entry Redis holds if that
 /// one is newer: whatever the clock of the replica it was made on, an operator's latest
 /// change is the latest. A key of another type there is not keyward's (the reads take it
-/// for an empty hash): it is replaced. A whole set adds no field once the hash holds
+/// for an empty hash): it is replaced. Of a whole set, the first `ARGV[5]` entries (the
+/// snapshot's keys') are always taken; the others add no field once the hash holds
 /// `ARGV[4]` (readers refuse a hash past [`MAX_FIELDS`]); an operator's change always is.
 /// Returns how many were stored, the last one's stamp, Redis's now (µs) and how many new
 /// fields were left out for the bound.
@@ -153,8 +155,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local latest = now + tonumber(ARGV[3])
 local most = tonumber(ARGV[4])
+local known = tonumber(ARGV[5])
 local stored, last, left = 0, 0, 0
-for i = 5, #ARGV, 3 do
+for i = 6, #ARGV, 3 do
   local at = tonumber(ARGV[i + 2])
   if not whole then at = now end
   -- A value past MAX_ENTRY_BYTES (160) is not keyward's: counted as none, and replaced,
@@ -172,7 +175,7 @@ for i = 5, #ARGV, 3 do
   if take and cur_at and cur_at >= at then
     if whole then take = false else at = cur_at + 1 end
   end
-  if take and whole and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and redis.call('HLEN', KEYS[1]) >= most then
+  if take and whole and (i - 6) / 3 >= known and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and redis.call('HLEN', KEYS[1]) >= most then
     take = false
     left = left + 1
   end
@@ -200,13 +203,10 @@ end
 return {stored, last, now, left}
 ";
 
-/// The most fields a whole set's write-back leaves the hash with: [`MAX_FIELDS`] less
-/// [`WHOLE`] and [`VERSION`], so the hash stays one that every reader takes.
-const MOST_WRITTEN_BACK: u64 = MAX_FIELDS - 2;
-
-/// How many entries the set held takes from Redis for keys not in the snapshot: past it,
-/// only entries of the snapshot's keys (and the operator's changes made here).
-const MAX_HELD: usize = MAX_FIELDS as usize;
+/// The most fields a whole set's write-back leaves the hash with by entries of keys in no
+/// snapshot of its writer (junk, or revokes of keys since removed): half of [`MAX_FIELDS`],
+/// so those of the snapshots' keys, which are always written, fit in the rest.
+const MOST_WRITTEN_BACK: u64 = MAX_FIELDS / 2;
 
 /// How far ahead of Redis's clock an entry's stamp is believed. A lift stamped later than
 /// that is not taken (a forged or broken one could otherwise un-revoke a key for good); a
@@ -320,8 +320,11 @@ pub struct Revocations {
     cluster: Option<Arc<Cluster>>,
     /// The keys in force: their entries are held and written back first.
     store: Arc<KeyStore>,
-    /// Entries were left out (held or written back) for the bounds, and that was logged.
+    /// Entries were left out of a write-back for the bound, and that was logged.
     said_bounded: AtomicBool,
+    /// The set's [`Self::generation`] when a write-back last left entries out: the same set
+    /// is not written back again while Redis holds a whole set ([`WHOLE`]).
+    left_out_at: Mutex<Option<u64>>,
     set: ArcSwap<Set>,
     /// Moved after each replacement of `set` (see [`Self::generation`]).
     generation: AtomicU64,
@@ -382,6 +385,7 @@ impl Revocations {
             cluster: cluster.cloned(),
             store,
             said_bounded: AtomicBool::new(false),
+            left_out_at: Mutex::new(None),
             set: ArcSwap::from_pointee(Set::new()),
             generation: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
@@ -528,23 +532,26 @@ impl Revocations {
         digest: &Digest,
         entry: &Entry,
     ) -> Result<u64, ClusterError> {
-        let (_, stamped) = self.write(cluster, [(digest, entry)], false).await?;
+        let (_, stamped, _) = self.write(cluster, [(digest, entry)], false, 0).await?;
         Ok(u64::try_from(stamped).unwrap_or(entry.at_us))
     }
 
     /// Run [`WRITE`] on `entries`; `whole`: they are this replica's whole set. How many
     /// were stored, and the last one's stamp.
+    /// `known`: how many of the first `entries` are the snapshot's keys' (always taken).
     async fn write<'a>(
         &self,
         cluster: &Cluster,
         entries: impl IntoIterator<Item = (&'a Digest, &'a Entry)>,
         whole: bool,
-    ) -> Result<(i64, i64), ClusterError> {
+        known: usize,
+    ) -> Result<(i64, i64, u64), ClusterError> {
         let mut call = self.script.key(cluster.key("revocations"));
         call.arg(cluster.key("revocations:events"))
             .arg(if whole { "1" } else { "0" })
             .arg(FUTURE_BOUND_US)
-            .arg(MOST_WRITTEN_BACK);
+            .arg(MOST_WRITTEN_BACK)
+            .arg(known);
         for (digest, entry) in entries {
             call.arg(hex::encode(digest))
                 .arg(entry.state())
@@ -561,7 +568,7 @@ impl Revocations {
         if left > 0 {
             self.bounded(cluster, "written back", left);
         }
-        Ok((stored, last))
+        Ok((stored, last, left))
     }
 
     /// Read Redis's clock if no call has told it for [`CLOCK_READ_EVERY`].
@@ -609,7 +616,6 @@ impl Revocations {
         let now = self.clock.now();
         let latest = latest_believable(now);
         let pending = self.pending();
-        let mut left = 0u64;
         for (digest, entry) in entries {
             if origin != Origin::Here && !entry.disabled && entry.at_us > latest {
                 continue;
@@ -625,14 +631,6 @@ impl Revocations {
             {
                 continue;
             }
-            if origin != Origin::Here
-                && set.len() >= MAX_HELD
-                && !set.contains_key(&digest)
-                && !self.known(&digest)
-            {
-                left += 1;
-                continue;
-            }
             if origin == Origin::Remote {
                 if let Some(c) = &self.cluster {
                     let lag = now.saturating_sub(entry.at_us) as f64 / 1e6;
@@ -643,9 +641,6 @@ impl Revocations {
                 .insert(digest, entry);
         }
         drop(pending);
-        if let (true, Some(c)) = (left > 0, &self.cluster) {
-            self.bounded(c, "held", left);
-        }
         if let Some(next) = next {
             self.set.store(Arc::new(next));
             self.generation.fetch_add(1, Ordering::Release);
@@ -752,11 +747,21 @@ impl Revocations {
         if whole && !behind {
             return Ok(());
         }
+        // The same set, written back before with entries left out for the bound, would be
+        // left out again: not at each read while a whole set is there.
+        let generation = self.generation();
+        let left_out = *self.left_out_at.lock().unwrap_or_else(|e| e.into_inner());
+        if whole && left_out == Some(generation) {
+            return Ok(());
+        }
         // Redis lacks something: write back the whole set, so a reader never sees half;
-        // the snapshot's keys first, should the hash be near its bound.
+        // the snapshot's keys first, always taken.
         let mut back: Vec<_> = believable().collect();
         back.sort_by_key(|(digest, _)| !self.known(digest));
-        let (stored, _) = self.write(cluster, back, true).await?;
+        let known = back.iter().take_while(|(d, _)| self.known(d)).count();
+        let (stored, _, left) = self.write(cluster, back, true, known).await?;
+        *self.left_out_at.lock().unwrap_or_else(|e| e.into_inner()) =
+            (left > 0).then_some(generation);
         info!(
             stored,
             held = ours.len(),
@@ -1158,36 +1163,6 @@ mod tests {
         r.stored(&digest, &stamped);
         r.merge([(digest, entry(now + 2, false, "k"))], Origin::Remote);
         assert!(!r.set.load()[&digest].disabled, "a later lift takes");
-    }
-
-    /// Past [`MAX_HELD`], entries from Redis are taken only for the snapshot's keys (and an
-    /// operator's change made here always is): junk in the hash cannot grow the set held
-    /// without bound, nor crowd out a revoke that matters.
-    #[test]
-    fn the_set_held_is_bounded_but_for_the_snapshots_keys() {
-        let store = Arc::new(KeyStore::new());
-        store.store(Arc::new(snapshot(&[("k", 0xab)])));
-        let r = Revocations::new(None, store);
-        let junk = (0..MAX_HELD as u64 + 5).map(|i| {
-            let mut d = [0u8; 32];
-            d[..8].copy_from_slice(&i.to_be_bytes());
-            (d, entry(10, true, "junk"))
-        });
-        r.merge(junk, Origin::Remote);
-        assert_eq!(r.set.load().len(), MAX_HELD);
-        r.merge([([0xcd; 32], entry(10, true, "x"))], Origin::Remote);
-        assert_eq!(
-            r.set.load().len(),
-            MAX_HELD,
-            "an unknown secret past the bound"
-        );
-        r.merge([([0xab; 32], entry(10, true, "k"))], Origin::Remote);
-        assert!(
-            r.set.load()[&[0xab; 32]].disabled,
-            "the snapshot's key is held"
-        );
-        r.merge([([0xef; 32], entry(10, true, "y"))], Origin::Here);
-        assert!(r.set.load().contains_key(&[0xef; 32]), "the operator's own");
     }
 
     #[test]

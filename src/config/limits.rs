@@ -28,6 +28,13 @@ pub struct Limits {
     /// bound for the upstream is answered 502 at once (Envoy's circuit breaker).
     pub max_in_flight: usize,
     pub h2_max_concurrent_streams: u32,
+    /// What an HTTP/2 client may send on a stream, and on a connection, ahead of keyward
+    /// reading it (flow-control windows, bytes): buffered here, so the connection's is the
+    /// memory a client can park on each connection; a stream's bounds an upload's rate to
+    /// it per round trip (256 KiB over 20 ms is 12.8 MB/s). Envoy's
+    /// `initial_stream_window_size` / `initial_connection_window_size`.
+    pub h2_stream_window: u32,
+    pub h2_connection_window: u32,
     #[serde(deserialize_with = "de_duration")]
     pub upstream_idle_timeout: Duration,
     pub upstream_max_idle_per_host: usize,
@@ -74,6 +81,8 @@ impl Default for Limits {
             max_connections: 10_000,
             max_in_flight: 4096,
             h2_max_concurrent_streams: 256,
+            h2_stream_window: 256 * 1024,
+            h2_connection_window: 1024 * 1024,
             upstream_idle_timeout: Duration::from_secs(60),
             upstream_max_idle_per_host: 256,
             write_stall_timeout: Duration::from_secs(30),
@@ -144,6 +153,22 @@ impl Limits {
             if n == 0 {
                 return Err(invalid(field, "must be greater than zero"));
             }
+        }
+        // RFC 9113 6.9.2: from 65,535 (the protocol's initial window) to 2^31 - 1.
+        let windows = [
+            ("limits.h2_stream_window", l.h2_stream_window),
+            ("limits.h2_connection_window", l.h2_connection_window),
+        ];
+        for (field, w) in windows {
+            if !(65_535..=0x7fff_ffff).contains(&w) {
+                return Err(invalid(field, "must be from 65535 to 2147483647"));
+            }
+        }
+        if l.h2_connection_window < l.h2_stream_window {
+            return Err(invalid(
+                "limits.h2_connection_window",
+                "must be at least limits.h2_stream_window",
+            ));
         }
         Ok(())
     }

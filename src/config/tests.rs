@@ -213,6 +213,11 @@ fn admin_identity_and_limits_are_checked() {
     assert!(err("identity_headers: { prefix: X_Auth }\n").contains("identity_headers.prefix"));
     assert!(err("limits: { max_connections: 0 }\n").contains("limits.max_connections"));
     assert!(err("limits: { max_header_bytes: 10 }\n").contains("limits.max_header_bytes"));
+    assert!(err("limits: { h2_stream_window: 100 }\n").contains("limits.h2_stream_window"));
+    assert!(
+        err("limits: { h2_stream_window: 300000, h2_connection_window: 200000 }\n")
+            .contains("limits.h2_connection_window")
+    );
     let stall = err("limits: { write_stall_timeout: 0s }\n");
     assert!(stall.starts_with("limits.write_stall_timeout: "), "{stall}");
     assert!(err("log: { level: loud }\n").contains("log.level"));

@@ -229,7 +229,13 @@ pub async fn handle<B>(
             header_query(&X_FORWARDED_URI),
         ]
     };
-    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy, queries);
+    let cid = respond::correlation_id(
+        req.headers(),
+        worker.ids(),
+        &app.policy,
+        &app.store,
+        queries,
+    );
     let http2 = req.version() == http::Version::HTTP_2;
     let asked_with = req.method().clone();
     let Some(endpoint) = Endpoint::of(req.uri().path()) else {
@@ -444,7 +450,10 @@ fn not_found(cid: &HeaderValue) -> Response<Body> {
         "endpoints": [AUTH_REQUEST, FORWARD_AUTH, format!("{EXT_AUTHZ}/<path>")],
         "correlation_id": cid.to_str().unwrap_or_default(),
     });
-    respond::json(StatusCode::NOT_FOUND, &body)
+    let mut resp = respond::json(StatusCode::NOT_FOUND, &body);
+    // A refusal: held to `header_read_timeout`, and to the own answers' budget.
+    resp.extensions_mut().insert(respond::Refused);
+    resp
 }
 
 #[cfg(test)]

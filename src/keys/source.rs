@@ -188,7 +188,14 @@ fn refused(host: &impl Host, source: Source, what: &LoadError) {
         return;
     }
     host.snapshot_failed(source);
-    error!(source = source.as_str(), outcome = "error", error = %what, "key snapshot refused; keeping the last good one");
+    if host.key_store().is_loaded() {
+        error!(source = source.as_str(), outcome = "error", error = %what, "key snapshot refused; keeping the last good one");
+    } else {
+        // Nothing in force: every protected route answers 503 until a snapshot loads. (One
+        // an earlier release accepted may hold what this one refuses, such as a time
+        // without a zone: `keyward check` names it.)
+        error!(source = source.as_str(), outcome = "error", error = %what, "key snapshot refused and none is in force: protected routes answer 503 auth_unavailable until one loads (keyward check names what to fix)");
+    }
 }
 
 /// Load the initial snapshot. A missing or bad source is logged and counted, and keyward
@@ -478,7 +485,13 @@ pub fn apply_pushed(
 /// Read by the function that reads the state file at start, so what is accepted here is
 /// what loads then.
 pub fn read_pushed(host: &impl Host, spool: &Spool, format: Format) -> Result<Snapshot, LoadError> {
-    read_for(host, spool.path(), Source::Control, format).map_err(|e| match e {
+    // Judged as its source would judge it: a dry run on a file source is the file's
+    // reload (no rollback rule: a file is the operator's own), not a push.
+    let source = match host.key_source() {
+        KeySource::File { .. } => Source::File,
+        KeySource::Control { .. } => Source::Control,
+    };
+    read_for(host, spool.path(), source, format).map_err(|e| match e {
         LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData => {
             LoadError::Invalid(SnapshotError::Parse("body is not UTF-8".into()))
         }

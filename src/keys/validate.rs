@@ -204,7 +204,11 @@ fn rfc3339(s: &str) -> Option<SystemTime> {
 /// operator east of it who wrote local time would get a key that outlives its expiry by
 /// hours (one west, a `not_before` that opens early).
 fn rfc3339_any(s: &str) -> Option<SystemTime> {
-    if s.ends_with(['Z', 'z']) {
+    // RFC 3339 5.6 allows `t` and `z` in lower case; `humantime` reads only `T` and `Z`.
+    if s.contains(['t', 'z']) {
+        return rfc3339_any(&s.replace('t', "T").replace('z', "Z"));
+    }
+    if s.ends_with('Z') {
         return humantime::parse_rfc3339_weak(s).ok();
     }
     let (local, offset) = s
@@ -273,6 +277,7 @@ mod tests {
         assert_eq!(rfc3339("2026-12-05T16:30:00-04:30"), Some(utc));
         assert_eq!(rfc3339("2026-12-05T21:00:00+00:00"), Some(utc));
         assert_eq!(rfc3339("2026-12-05T21:00:00.000Z"), Some(utc));
+        assert_eq!(rfc3339("2026-12-05t21:00:00z"), Some(utc));
         assert!(
             rfc3339("9999-12-31T23:59:59.999Z").is_some(),
             "the end of time"
@@ -287,7 +292,7 @@ mod tests {
             // Out of the range a time can be written back in.
             "9999-12-31T23:00:00-02:00",
             "1970-01-01T00:30:00+01:00",
-            // No zone: not taken as UTC.
+            // No zone: not taken as UTC (lower-case `t` and `z` are RFC 3339's own).
             "2026-12-05T21:00:00",
             "2026-12-05 21:00:00",
             "2026-12-05T21:00:00.000",

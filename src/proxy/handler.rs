@@ -74,7 +74,7 @@ pub async fn handle(
     req: Request<RequestBody>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy, || {
+    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy, &app.store, || {
         [req.uri().query().unwrap_or("")]
     });
     let method = req.method().clone();
@@ -220,6 +220,7 @@ fn introspect(
 ) -> Response<Body> {
     let body = introspection_body(app, principal, cid);
     let mut resp = respond::json(StatusCode::OK, &body);
+    resp.extensions_mut().insert(respond::Local);
     if let Some(quota) = quota {
         set_rate_limit_headers(resp.headers_mut(), &quota);
     }
@@ -453,10 +454,12 @@ fn upstream_request(
     if app.hop.looped(req.headers()) {
         app.metrics
             .record_upstream_error(crate::metrics::UpstreamErrorKind::Loop);
-        tracing::warn!(
-            correlation_id = cid.to_str().unwrap_or_default(),
-            "request loop: this request was forwarded by this keyward before (its Via names this process); the upstream leads back here"
-        );
+        if app.hop.say_loop() {
+            tracing::warn!(
+                correlation_id = cid.to_str().unwrap_or_default(),
+                "request loop: this request was forwarded by this keyward before (its Via names this process); the upstream leads back here (said at most every 10 s; each counted in keyward_upstream_errors_total{{kind=\"loop\"}})"
+            );
+        }
         return Err(Reject::UpstreamUnavailable);
     }
     let upgrade = forward::wants_upgrade(&req);
@@ -678,6 +681,19 @@ pub fn refused_head(worker: &Worker, status: StatusCode, code: Code) {
 
 use crate::logging::{clip, LOGGED_METHOD_MAX, LOGGED_PATH_MAX};
 
+/// The path as logged: up to its first encoded `?` or `#`, or `;`, where an app may see a
+/// query begin (`/x%3Fapi_key=<key>`): the query is never logged, that is where keys live.
+fn logged_path(path: &str) -> &str {
+    let cut = path
+        .as_bytes()
+        .windows(3)
+        .position(|w| matches!(w, [b'%', b'3', b'f' | b'F'] | [b'%', b'2', b'3']))
+        .into_iter()
+        .chain(path.find(';'))
+        .min();
+    cut.map_or(path, |at| &path[..at])
+}
+
 /// One line per request (SPEC 11). Never headers, never the query: that is where keys live;
 /// the method as [`crate::auth::Policy::logged_method`] gives it.
 pub fn access_log(
@@ -688,7 +704,7 @@ pub fn access_log(
     trace: &Trace<'_>,
     elapsed: Duration,
 ) {
-    let path = clip(trace.path(), LOGGED_PATH_MAX);
+    let path = clip(logged_path(trace.path()), LOGGED_PATH_MAX);
     let key = trace.key.as_ref();
     info!(
         target: "keyward::access",

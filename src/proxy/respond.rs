@@ -60,7 +60,14 @@ pub fn close_if_draining<B>(resp: &mut Response<B>, http2: bool, draining: &Atom
 #[derive(Debug, Clone, Copy)]
 pub struct Refused;
 
-/// A refusal sent as its status and headers alone: past [`super::writing::RefusalBudget`],
+/// Marks an answer keyward made itself without refusing (introspection): like a refusal,
+/// it holds no upstream connection and counts against the own answers' budget, not
+/// `max_in_flight` (a key's zero-window `/auth` streams held every slot, and every
+/// upstream-bound request got 502).
+#[derive(Debug, Clone, Copy)]
+pub struct Local;
+
+/// One of keyward's own answers sent as its status and headers alone: past [`super::writing::OwnAnswerBudget`],
 /// a body no client may be reading must not hold a stream open.
 pub fn without_body(resp: &mut Response<Body>) {
     *resp.body_mut() = Either::Right(Full::new(Bytes::new()));
@@ -97,19 +104,30 @@ pub fn set_quota(h: &mut HeaderMap, quota: &Quota) {
 
 /// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
 /// `[A-Za-z0-9._:-]` and could not be a key (`policy`; `queries` gives those the request
-/// carries, asked only when it sent an id), otherwise mint a UUID v4 from the worker's `ids`.
+/// carries, asked only when it sent an id; nor is it a key of the snapshot in `store`,
+/// sent as an id beside another credential, or none), otherwise mint a UUID v4 from the
+/// worker's `ids`.
 pub fn correlation_id<'q, Q: AsRef<[&'q str]>>(
     headers: &HeaderMap,
     ids: &Ids,
     policy: &Policy,
+    store: &crate::keys::KeyStore,
     queries: impl Fn() -> Q,
 ) -> HeaderValue {
+    let a_key = |v: &[u8]| {
+        v.len() >= crate::auth::credential::MIN_KEY_LEN
+            && store
+                .guard()
+                .as_ref()
+                .is_some_and(|s| s.lookup(&crate::keys::digest(v)).is_some())
+    };
     [&X_CORRELATION_ID, &X_REQUEST_ID]
         .into_iter()
         .filter_map(|name| headers.get(name))
         .find(|v| {
             valid_correlation_id(v.as_bytes())
                 && !policy.could_be_a_key(v.as_bytes(), headers, queries().as_ref())
+                && !a_key(v.as_bytes())
         })
         .cloned()
         .unwrap_or_else(|| ids.mint())
@@ -159,7 +177,8 @@ mod tests {
     #[test]
     fn correlation_id_rules() {
         let policy = policy();
-        let correlation_id = |h: &HeaderMap, ids: &Ids| correlation_id(h, ids, &policy, || []);
+        let correlation_id =
+            |h: &HeaderMap, ids: &Ids| correlation_id(h, ids, &policy, &Default::default(), || []);
         let mut h = HeaderMap::new();
         let ids = Ids::default();
         let minted = correlation_id(&h, &ids);
@@ -199,17 +218,59 @@ mod tests {
                 "x-request-id",
                 HeaderValue::from_static("k3y-0123456789abcdef"),
             );
-            assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36, "{name}");
+            assert_eq!(
+                correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
+                36,
+                "{name}"
+            );
             // Part of the key is key material too; an unrelated id is kept.
             h.insert("x-request-id", HeaderValue::from_static("0123456789abcdef"));
-            assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36, "{name}");
+            assert_eq!(
+                correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
+                36,
+                "{name}"
+            );
             h.insert("x-request-id", HeaderValue::from_static("req-7f3a9c0d"));
             assert_eq!(
-                correlation_id(&h, &ids, &policy, || []),
+                correlation_id(&h, &ids, &policy, &Default::default(), || []),
                 "req-7f3a9c0d",
                 "{name}"
             );
         }
+        // Most of the key, with something before or after it.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {key}")).unwrap(),
+        );
+        for id in [
+            "abck3y-0123456789ab",
+            "y-0123456789abcdefzz",
+            "x3y-0123456789ab",
+        ] {
+            h.insert("x-request-id", HeaderValue::from_static(id));
+            assert_eq!(
+                correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
+                36,
+                "{id}"
+            );
+        }
+        // A key of the snapshot sent as the id, beside another credential or none.
+        let store = crate::keys::KeyStore::new();
+        let other = "an0ther-key-of-the-snapshot";
+        let snapshot = format!(
+            "keys:\n  - {{ id: k, sha256: {}, type: personal, subject_id: s, account_id: a }}\n",
+            hex::encode(crate::keys::digest(other.as_bytes()))
+        );
+        store.store(std::sync::Arc::new(
+            crate::keys::Snapshot::parse(&snapshot, crate::keys::Source::File).unwrap(),
+        ));
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-request-id",
+            HeaderValue::from_static("an0ther-key-of-the-snapshot"),
+        );
+        assert_eq!(correlation_id(&h, &ids, &policy, &store, || []).len(), 36);
         // A tab before the token.
         let mut h = HeaderMap::new();
         h.insert(
@@ -220,16 +281,25 @@ mod tests {
             "x-request-id",
             HeaderValue::from_static("k3y-0123456789abcdef"),
         );
-        assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
+        assert_eq!(
+            correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
+            36
+        );
         // An id holding the key, or a key prefix anywhere.
         h.insert(
             "x-request-id",
             HeaderValue::from_static("req-k3y-0123456789abcdef.1"),
         );
-        assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
+        assert_eq!(
+            correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
+            36
+        );
         // A short id is no key, whatever it is part of.
         h.insert("x-request-id", HeaderValue::from_static("k3y"));
-        assert_eq!(correlation_id(&h, &ids, &policy, || []), "k3y");
+        assert_eq!(
+            correlation_id(&h, &ids, &policy, &Default::default(), || []),
+            "k3y"
+        );
         // The shipped config reads no query credential: a query is no credential there.
         let mut h = HeaderMap::new();
         h.insert(
@@ -238,7 +308,7 @@ mod tests {
         );
         let q = ["a=1&api%5Fkey=k3y-0123456789abcdef"];
         assert_eq!(
-            correlation_id(&h, &ids, &policy, || q),
+            correlation_id(&h, &ids, &policy, &Default::default(), || q),
             "k3y-0123456789abcdef"
         );
         let mut h = HeaderMap::new();
@@ -246,7 +316,10 @@ mod tests {
             "x-correlation-id",
             HeaderValue::from_static("id.sta_leaked_key_0123456789"),
         );
-        assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
+        assert_eq!(
+            correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
+            36
+        );
     }
 
     #[test]
@@ -254,7 +327,7 @@ mod tests {
         let ids = Ids::default();
         let none = HeaderMap::new();
         let minted: Vec<HeaderValue> = (0..3 * IDS_PER_SLAB)
-            .map(|_| correlation_id(&none, &ids, &policy(), || []))
+            .map(|_| correlation_id(&none, &ids, &policy(), &Default::default(), || []))
             .collect();
         let distinct: std::collections::HashSet<_> = minted.iter().collect();
         assert_eq!(distinct.len(), minted.len());

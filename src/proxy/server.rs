@@ -103,19 +103,15 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         // What a client may send ahead of keyward's reading it, buffered here: hyper's
-        // defaults (1 MiB and more) let a client on a public route whose app reads slowly
-        // park 1.5 MB a connection. HTTP/2's own 64 KiB a stream, 256 KiB a connection.
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        // defaults (2 and 5 MiB) let a client on a public route whose app reads slowly
+        // park 1.5 MB a connection (`limits.h2_stream_window`, `h2_connection_window`).
+        .initial_stream_window_size(limits.h2_stream_window)
+        .initial_connection_window_size(limits.h2_connection_window)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(Some(H2_MAX_PENDING_ACCEPT_RESET_STREAMS))
         .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESET_STREAMS));
     builder
 }
-
-/// See [`http_builder`]: what one HTTP/2 stream, and one connection, may have unread.
-const H2_STREAM_WINDOW: u32 = 65_535;
-const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
 
 /// hyper's HTTP/1.1 server alone, with the same settings as [`http_builder`]'s: for a
 /// connection keyward's own server handed over.
@@ -308,7 +304,7 @@ async fn serve_conn<I, D, F>(
         // off: for the idle cut-off and for `keyward_in_flight_requests` alike.
         let mut in_flight = requests.begin(worker.metrics().track_in_flight(), worker.busy());
         let (app, conn, requests) = (app.clone(), conn.clone(), requests.clone());
-        let app_budget = app.refusals.clone();
+        let app_budget = app.own_answers.clone();
         let http2 = req.version() == http::Version::HTTP_2;
         let aged = aged_service.clone();
         let answer = door(app, worker.clone(), conn, req);
@@ -317,15 +313,17 @@ async fn serve_conn<I, D, F>(
             if let Some(aged) = aged {
                 respond::close_if_draining(&mut resp, http2, &aged);
             }
-            if resp.extensions().get::<respond::Refused>().is_none() {
+            let refused = resp.extensions().get::<respond::Refused>().is_some();
+            if !refused {
                 requests.allowed.store(true, Ordering::Release);
-            } else {
-                // keyward's own refusal holds no upstream connection, however long the
+            }
+            if refused || resp.extensions().get::<respond::Local>().is_some() {
+                // keyward's own answer holds no upstream connection, however long the
                 // client takes to read it: it stops counting against max_in_flight, and
-                // counts against the refusals' budget instead (or goes out bodiless).
+                // counts against the own answers' budget instead (or goes out bodiless).
                 in_flight.busy = None;
-                in_flight.refusal = app_budget.take();
-                if in_flight.refusal.is_none() {
+                in_flight.own_answer = app_budget.take();
+                if in_flight.own_answer.is_none() {
                     respond::without_body(&mut resp);
                 }
             }
@@ -518,8 +516,8 @@ struct InFlight {
     activity: Arc<Activity>,
     _counted: crate::metrics::InFlight,
     busy: Option<super::worker::Busy>,
-    /// A refusal's place in [`writing::RefusalBudget`] while its body waits.
-    refusal: Option<writing::RefusalSlot>,
+    /// keyward's own answer's place in [`writing::OwnAnswerBudget`] while its body waits.
+    own_answer: Option<writing::OwnAnswerSlot>,
 }
 
 impl Drop for InFlight {
@@ -567,7 +565,7 @@ impl Activity {
             activity: self.clone(),
             _counted: metric,
             busy: Some(busy),
-            refusal: None,
+            own_answer: None,
         }
     }
 

@@ -27,32 +27,33 @@ use super::Body;
 /// `waiting_since` when the response is not waiting for the peer.
 const NOT_WAITING: u64 = u64::MAX;
 
-/// The most refusals (keyward's own 4xx/5xx answers) whose JSON bodies may wait for their
-/// clients at once, process-wide. A client needs no key to be refused, and one that never
-/// reads (HTTP/2 streams under a zero flow-control window: 256 a connection, on thousands
-/// of connections) pinned each refused stream's state, about 12 KB, for
-/// `write_stall_timeout`: gigabytes. Past the budget a refusal goes out without its body
+/// The most of keyward's own answers (refusals, the introspection answer, the decision
+/// listener's 404: nothing the upstream sent) whose JSON bodies may wait for their clients
+/// at once, process-wide. A client needs no key to be refused (and any key to introspect),
+/// and one that never reads (HTTP/2 streams under a zero flow-control window: 256 a
+/// connection, on thousands of connections) pinned each such stream's state, about 12 KB,
+/// for `write_stall_timeout`: gigabytes. Past the budget an answer goes out without its body
 /// (status and headers, code-bearing `WWW-Authenticate` included: one HEADERS frame, which
 /// flow control does not hold), so its stream ends at once.
-pub const REFUSALS_WAITING_MAX: usize = 1024;
+pub const OWN_ANSWERS_WAITING_MAX: usize = 1024;
 
-/// What holds [`REFUSALS_WAITING_MAX`]: shared by every listener of a process.
+/// What holds [`OWN_ANSWERS_WAITING_MAX`]: shared by every listener of a process.
 #[derive(Debug, Default, Clone)]
-pub struct RefusalBudget(Arc<std::sync::atomic::AtomicUsize>);
+pub struct OwnAnswerBudget(Arc<std::sync::atomic::AtomicUsize>);
 
 /// One refusal's place in the budget, held until its body is written, dropped or cut.
 #[derive(Debug)]
-pub struct RefusalSlot(Arc<std::sync::atomic::AtomicUsize>);
+pub struct OwnAnswerSlot(Arc<std::sync::atomic::AtomicUsize>);
 
-impl RefusalBudget {
+impl OwnAnswerBudget {
     /// A place for one more refusal body, if the budget has one.
-    pub fn take(&self) -> Option<RefusalSlot> {
+    pub fn take(&self) -> Option<OwnAnswerSlot> {
         let before = self.0.fetch_add(1, Ordering::AcqRel);
-        if before >= REFUSALS_WAITING_MAX {
+        if before >= OWN_ANSWERS_WAITING_MAX {
             self.0.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(RefusalSlot(self.0.clone()))
+        Some(OwnAnswerSlot(self.0.clone()))
     }
 
     /// Refusal bodies waiting now.
@@ -61,7 +62,7 @@ impl RefusalBudget {
     }
 }
 
-impl Drop for RefusalSlot {
+impl Drop for OwnAnswerSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
