@@ -513,10 +513,12 @@ fn one_content_length(headers: &mut http::HeaderMap, status: StatusCode) {
         headers.remove(CONTENT_LENGTH);
         return;
     }
-    let listed = headers.get_all(CONTENT_LENGTH).iter().count() > 1
-        || headers
-            .get(CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes().contains(&b','));
+    let mut all = headers.get_all(CONTENT_LENGTH).iter();
+    let listed = match (all.next(), all.next()) {
+        (Some(one), None) => one.as_bytes().contains(&b','),
+        (None, _) => false,
+        (Some(_), Some(_)) => true,
+    };
     if !listed {
         return;
     }
