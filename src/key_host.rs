@@ -33,6 +33,7 @@ impl Host for App {
     }
 
     fn installed(&self, snapshot: &Snapshot) {
+        self.revocations.snapshot_changed();
         self.usage.retain(snapshot);
         self.limiter.retain(snapshot);
         self.metrics.snapshot_loaded(snapshot);

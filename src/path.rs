@@ -149,53 +149,103 @@ fn cut_at_delimiter(path: &str) -> Option<&str> {
     Some(&path[..at])
 }
 
-/// `path` with each encoded character NFKC turns into something holding ASCII replaced by
-/// that (see [`readings`]), normalized; `None` when it holds no such character.
+/// First of the private-use characters an ASCII escape (`%20`, `%3F`) of the path stands
+/// as while the path is NFKC-normalized: NFKC leaves them be, so each comes back as written.
+const ESCAPED: u32 = 0xE000;
+
+/// `path` as an app that decodes it and NFKC-normalizes the result reads it (the whole
+/// path at once, so composition counts: `e` and a combining acute are `é`, halfwidth `ｶ`
+/// is `カ`, `‥` is `..`), encoded again and normalized, cut where the reading holds a `?`,
+/// `#` or `;` (a query, a fragment, path parameters to that app), a `\` read as `/`;
+/// `None` when NFKC changes nothing (see [`readings`]).
 fn compatibility_reading(path: &str) -> Result<Option<String>, PathError> {
     use unicode_normalization::UnicodeNormalization as _;
-    let mut out: Option<String> = None;
+    let mut chars = encoded_chars(path).peekable();
+    if chars.peek().is_none() {
+        return Ok(None);
+    }
+    let mut decoded = String::with_capacity(path.len());
     let mut copied = 0;
-    for (range, c) in encoded_chars(path).filter(|(_, c)| compatibility_ascii(*c)) {
-        let o = out.get_or_insert_with(|| String::with_capacity(path.len()));
-        o.push_str(&path[copied..range.start]);
-        for d in std::iter::once(c).nfkc() {
-            push_as_read(o, d);
-        }
+    for (range, c) in chars {
+        push_ascii_part(&mut decoded, &path[copied..range.start]);
+        decoded.push(c);
         copied = range.end;
     }
-    let Some(mut o) = out else {
+    push_ascii_part(&mut decoded, &path[copied..]);
+    if unicode_normalization::is_nfkc_quick(decoded.chars())
+        == unicode_normalization::IsNormalized::Yes
+    {
         return Ok(None);
-    };
-    o.push_str(&path[copied..]);
-    normalize(&o).map(|n| Some(n.into_owned()))
+    }
+    let read: String = decoded.nfkc().collect();
+    if read == decoded {
+        return Ok(None);
+    }
+    let mut out = String::with_capacity(read.len() * 3);
+    for c in read.chars() {
+        if matches!(c, '?' | '#' | ';') {
+            break;
+        }
+        push_as_read(&mut out, c);
+    }
+    normalize(&out).map(|n| Some(n.into_owned()))
 }
 
-/// `c` as it stands in a path once an app has decoded and normalized it: a separator, a dot,
-/// a letter as themselves (`\` and `;` too, which normalizing the reading refuses); a `?`,
-/// `#`, `%` or space encoded (cut at, or plain data); anything else percent-encoded.
-fn push_as_read(out: &mut String, c: char) {
-    match c {
-        '?' | '#' | '%' | ' ' | '\0'..='\x1f' | '\x7f' => {
-            out.push('%');
-            out.push(HEX[usize::from(c as u8 >> 4)] as char);
-            out.push(HEX[usize::from(c as u8 & 0xf)] as char);
-        }
-        c if c.is_ascii() => out.push(c),
-        c => {
-            let mut buf = [0u8; 4];
-            for b in c.encode_utf8(&mut buf).bytes() {
-                out.push('%');
-                out.push(HEX[usize::from(b >> 4)] as char);
-                out.push(HEX[usize::from(b & 0xf)] as char);
+/// The ASCII part of a path, its escapes each as one private-use character.
+fn push_ascii_part(out: &mut String, part: &str) {
+    let b = part.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let escape = match b.get(i..i + 3) {
+            Some([b'%', h, l]) => hex_val(*h).zip(hex_val(*l)).map(|(h, l)| h << 4 | l),
+            _ => None,
+        };
+        match escape {
+            Some(v) => {
+                out.push(char::from_u32(ESCAPED + u32::from(v)).unwrap_or('\u{fffd}'));
+                i += 3;
+            }
+            None => {
+                out.push(char::from(b[i]));
+                i += 1;
             }
         }
     }
 }
 
-/// Whether `c` (not ASCII) reads as something holding ASCII once NFKC-normalized.
-fn compatibility_ascii(c: char) -> bool {
-    use unicode_normalization::UnicodeNormalization as _;
-    std::iter::once(c).nfkc().any(|n| n.is_ascii())
+/// `c` as it stands in a path once an app has decoded and normalized it: a separator, a dot,
+/// a letter as themselves, a `\` as `/` (as Windows and IIS read it); a `%` or a space
+/// encoded (plain data); an ASCII escape of the path as it was written; anything else
+/// percent-encoded.
+fn push_as_read(out: &mut String, c: char) {
+    let escape = |out: &mut String, b: u8| {
+        out.push('%');
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0xf)] as char);
+    };
+    match c {
+        '\\' => out.push('/'),
+        '%' | ' ' | '\0'..='\x1f' | '\x7f' => escape(out, c as u8),
+        c if c.is_ascii() => out.push(c),
+        c if (ESCAPED..ESCAPED + 0x80).contains(&u32::from(c)) => {
+            escape(out, (u32::from(c) - ESCAPED) as u8)
+        }
+        c => {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                escape(out, b);
+            }
+        }
+    }
+}
+
+/// `path` (a route rule's, as written in the config) in the form [`readings`] compares:
+/// NFKC, so a rule written `/caf%C3%A9/` meets `/cafe%CC%81/`'s reading.
+pub fn nfkc_form(path: &str) -> String {
+    match compatibility_reading(path) {
+        Ok(Some(read)) => read,
+        _ => path.to_string(),
+    }
 }
 
 /// The characters `path` spells in percent-encoded UTF-8 (`%C3%9F` is `ß`), each with the
@@ -436,11 +486,26 @@ mod tests {
                 "{p}"
             );
         }
-        // A fullwidth `？` reads as `?`: cut there, in the NFKC reading.
+        // A fullwidth `？` (`；`) reads as `?` (`;`): cut there; a fullwidth `＼` as `/`.
+        assert_eq!(read("/a/b%EF%BC%9Fc"), Ok(vec!["/a/b".to_string()]));
+        assert_eq!(read("/docs/x%EF%BC%9By"), Ok(vec!["/docs/x".to_string()]));
+        assert_eq!(read("/a/%EF%BC%BCb"), Ok(vec!["/a/b".to_string()]));
+        // The whole path is normalized at once: composition counts.
+        assert_eq!(read("/cafe%CC%81/x"), Ok(vec!["/caf%C3%A9/x".to_string()]));
         assert_eq!(
-            read("/a/b%EF%BC%9Fc"),
-            Ok(vec!["/a/b".to_string(), "/a/b%3Fc".to_string()])
+            read("/%E2%84%ABngstrom"),
+            Ok(vec!["/%C3%85ngstrom".to_string()])
         );
+        assert_eq!(
+            read("/%EF%BD%B6%EF%BD%B0%EF%BE%84%EF%BE%9E/x"),
+            Ok(vec!["/%E3%82%AB%E3%83%BC%E3%83%89/x".to_string()])
+        );
+        // An ASCII escape comes back as written; a fullwidth `％` is plain data.
+        assert_eq!(
+            read("/a%20b/%EF%BD%81%25"),
+            Ok(vec!["/a%20b/a%25".to_string()])
+        );
+        assert_eq!(read("/a/%EF%BC%852F"), Ok(vec!["/a/%252F".to_string()]));
         for p in [
             "/caf%C3%A9",
             "/%E6%97%A5%E6%9C%AC",
@@ -454,7 +519,7 @@ mod tests {
             assert_eq!(read(p), Ok(Vec::new()), "{p}");
         }
         assert_eq!(read("/..%3F"), Err(PathError::AboveRoot));
-        assert_eq!(read("/a/%EF%BC%BCb"), Err(PathError::Backslash));
+        assert_eq!(read("/%EF%BC%8E%EF%BC%8E/x"), Err(PathError::AboveRoot));
         let chars: Vec<_> = encoded_chars("/a%C3%A9b%E2%80%A5%FFz").collect();
         assert_eq!(
             chars,

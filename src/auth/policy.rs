@@ -62,15 +62,18 @@ impl Policy {
                 }
             }
         }
+        // In the form paths' readings are compared in: NFKC (a rule written `/caf%C3%A9/`
+        // meets the reading of `/cafe%CC%81/`, which an app that normalizes serves there).
+        let routes: Vec<RouteRule> = config.routes.iter().map(nfkc_rule).collect();
         Self {
             credential_headers,
             environment: config.environment.clone(),
             credentials: config.credentials.clone(),
             prefixes,
             scopes: config.scopes.clone(),
-            routes: config.routes.clone(),
+            routes: routes.clone(),
             folded_routes: match config.routes_case_insensitive {
-                true => config.routes.iter().map(folded_rule).collect(),
+                true => routes.iter().map(folded_rule).collect(),
                 false => Vec::new(),
             },
             fold_case: config.routes_case_insensitive,
@@ -105,14 +108,12 @@ impl Policy {
         }
         // A path a `path` rule names exactly is the operator's own word on it (a public
         // `/favicon.ico` before a protected catch-all): no reading overrides it.
-        if self
-            .first_rule(path)
-            .is_some_and(|rule| rule.path.is_some())
-        {
+        let rule = self.first_rule(path);
+        if rule.is_some_and(|rule| rule.path.is_some()) {
             return None;
         }
         // A key alone is more only where the path's own route asks none.
-        let own_public = self.app_route(path) == Route::Public;
+        let own_public = rule.is_some_and(|rule| rule.public);
         let mut asks: Option<Vec<&[String]>> = None;
         let readings = own.into_iter().chain(
             others
@@ -244,15 +245,14 @@ impl Policy {
         const _: () = assert!(crate::auth::credential::MIN_KEY_LEN == 8, "runs are u64s");
         let min = crate::auth::credential::MIN_KEY_LEN;
         let run = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+        // The id's runs, sorted once (at most 121): each credential is then one pass, however
+        // long a client makes it (sorting a 15 KB header's runs cost 5 times a request).
+        let mut id_runs: Vec<u64> = value.windows(min).map(run).collect();
+        id_runs.sort_unstable();
         let overlaps = |c: &[u8]| {
-            if c.len() < min || value.len() < min {
-                return false;
-            }
-            let mut runs: Vec<u64> = c.windows(min).map(run).collect();
-            runs.sort_unstable();
-            value
-                .windows(min)
-                .any(|w| runs.binary_search(&run(w)).is_ok())
+            !id_runs.is_empty()
+                && c.windows(min)
+                    .any(|w| id_runs.binary_search(&run(w)).is_ok())
         };
         // Every credential header in any spelling (`X_API_Key` is the key to a CGI app, and
         // to a client that sent it), and every token of its value (`Bearer <key> extra`).
@@ -317,6 +317,16 @@ fn fold_lookalikes(path: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// `rule` with its path or prefix in NFKC form ([`crate::path::nfkc_form`]).
+fn nfkc_rule(rule: &RouteRule) -> RouteRule {
+    let form = |p: &Option<String>| p.as_deref().map(crate::path::nfkc_form);
+    RouteRule {
+        path: form(&rule.path),
+        prefix: form(&rule.prefix),
+        ..rule.clone()
+    }
+}
+
 /// `rule` with its path or prefix folded as [`fold_lookalikes`] folds paths.
 fn folded_rule(rule: &RouteRule) -> RouteRule {
     let fold = |p: &Option<String>| p.as_deref().map(|p| fold_lookalikes(p).into_owned());
@@ -328,37 +338,43 @@ fn folded_rule(rule: &RouteRule) -> RouteRule {
 }
 
 /// `c` (encoded in a path) as [`fold_lookalikes`] reads it, if that differs: ASCII
-/// letters as they are, anything else percent-encoded.
+/// letters as they are, anything else percent-encoded. Each character of its NFKC form is
+/// read as the ASCII letters its case mapping holds (upper, lower, or upper of lower), else
+/// as the lower case of its upper case (so final `ς` is `σ`, as full case folding has it).
 fn case_fold(c: char) -> Option<String> {
     use unicode_normalization::UnicodeNormalization as _;
-    let ascii = |mapped: &mut dyn Iterator<Item = char>| {
+    let ascii = |mapped: &mut dyn Iterator<Item = char>| -> Option<String> {
         let s: String = mapped.filter(char::is_ascii_alphanumeric).collect();
         (!s.is_empty()).then(|| s.to_ascii_lowercase())
     };
     let mut out = String::new();
+    let mut changed = false;
     for d in std::iter::once(c).nfkc() {
-        let read = ascii(&mut d.to_uppercase())
+        changed |= d != c;
+        if d.is_ascii() {
+            out.push(d.to_ascii_lowercase());
+            changed = true;
+            continue;
+        }
+        let letters = ascii(&mut d.to_uppercase())
             .or_else(|| ascii(&mut d.to_lowercase()))
             .or_else(|| ascii(&mut d.to_lowercase().flat_map(char::to_uppercase)));
-        match read {
-            Some(letters) => out.push_str(&letters),
-            None => {
-                for l in d.to_lowercase() {
-                    let mut buf = [0u8; 4];
-                    for b in l.encode_utf8(&mut buf).bytes() {
-                        out.push_str(&format!("%{b:02X}"));
-                    }
-                }
+        if let Some(letters) = letters {
+            out.push_str(&letters);
+            changed = true;
+            continue;
+        }
+        for l in d.to_uppercase().flat_map(char::to_lowercase) {
+            changed |= l != d;
+            let mut buf = [0u8; 4];
+            for b in l.encode_utf8(&mut buf).bytes() {
+                out.push('%');
+                out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
+                out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 0xf)]));
             }
         }
     }
-    let mut own = [0u8; 4];
-    let same: String = c
-        .encode_utf8(&mut own)
-        .bytes()
-        .map(|b| format!("%{b:02X}"))
-        .collect();
-    (out != same).then_some(out)
+    changed.then_some(out)
 }
 
 /// `path` as a framework may read it (see [`Policy::reading_route`]): every segment without
@@ -455,7 +471,7 @@ mod tests {
     #[test]
     fn case_insensitive_routes_fold_the_lookalikes_an_app_folds() {
         let p = with_routes(
-            "routes_case_insensitive: true\nroutes: [{ prefix: /admin/, any_of: [admin] }, { path: /secret, any_of: [admin] }, { prefix: /staff/, any_of: [admin] }, { prefix: /access/, any_of: [admin] }, { prefix: /stra%C3%9Fe/, any_of: [admin] }, { prefix: /caf%C3%A9/, any_of: [admin] }, { prefix: /public/, public: true }]\n",
+            "routes_case_insensitive: true\nroutes: [{ prefix: /admin/, any_of: [admin] }, { path: /secret, any_of: [admin] }, { prefix: /staff/, any_of: [admin] }, { prefix: /access/, any_of: [admin] }, { prefix: /stra%C3%9Fe/, any_of: [admin] }, { prefix: /caf%C3%A9/, any_of: [admin] }, { prefix: /%CF%83%CF%84/, any_of: [admin] }, { prefix: /public/, public: true }]\n",
         );
         for path in [
             "/adm%C4%B1n/x",
@@ -473,6 +489,9 @@ mod tests {
             "/STRASSE/x",
             "/CAF%C3%89/x",
             "/caf%C3%A9/x",
+            // Final sigma folds as sigma does.
+            "/%CF%82%CF%84/x",
+            "/%CE%A3%CE%A4/x",
         ] {
             assert!(
                 matches!(p.route(&http::Method::GET, path), Route::Protected { extra: Some(s) } if s == ["admin"]),
@@ -552,6 +571,29 @@ mod tests {
             "/.well-known/x",
         ] {
             assert_eq!(p.reading_route(nothing, &[]), None, "{nothing}");
+        }
+    }
+
+    /// Rules are compared in NFKC form with the path's NFKC reading: a rule with `é` meets
+    /// `e` and a combining acute, and one written with the Angstrom sign meets `Å`.
+    #[test]
+    fn readings_meet_rules_in_nfkc_form() {
+        let p = with_routes(
+            "routes: [{ prefix: /caf%C3%A9/, any_of: [admin] }, { prefix: /%E2%84%ABngstrom/, any_of: [admin] }]\n",
+        );
+        let any_of = ["admin".to_string()];
+        let admin = Some(vec![&any_of[..]]);
+        for path in ["/cafe%CC%81/x", "/%C3%85ngstrom/x", "/A%CC%8Angstrom/x"] {
+            let readings = crate::path::readings(path).unwrap();
+            let own = match p.app_route(path) {
+                Route::Protected { extra: Some(e) } => Some(vec![e]),
+                _ => None,
+            };
+            assert_eq!(
+                own.or_else(|| p.reading_route(path, &readings)),
+                admin,
+                "{path}"
+            );
         }
     }
 

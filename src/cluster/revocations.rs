@@ -31,11 +31,12 @@
 //! yet overwritten by another's newer one).
 //!
 //! Bounded: the hash is read only up to [`MAX_FIELDS`], and anyone who can write it can
-//! fill it with junk that replicas then hold. A write-back stores the entries of the
-//! snapshot's keys whatever the hash holds (they are an operator's revokes, far fewer than
-//! the bound), and others only while the hash holds fewer than [`MOST_WRITTEN_BACK`]
-//! fields, so a fleet holding junk does not put the hash past what its newcomers read; one
-//! that left entries out does not write the same set back again at each read.
+//! fill it with junk. A replica holds the entries of keys in its snapshot, and others (a
+//! revoke kept for a key a later snapshot may add; junk) only up to [`MAX_HELD`]; it
+//! writes back only its snapshot's keys' entries, so junk is never written back and the
+//! hash a fleet restores after Redis came back empty holds its keys' revokes. A new
+//! snapshot calls for a full read at once, for what the bound left out. (Left: a revoke of
+//! a key no replica's snapshot holds is not restored if Redis comes back empty.)
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -208,6 +209,10 @@ return {stored, last, now, left}
 /// so those of the snapshots' keys, which are always written, fit in the rest.
 const MOST_WRITTEN_BACK: u64 = MAX_FIELDS / 2;
 
+/// How many entries the set held takes from Redis for secrets no key of the snapshot
+/// carries (about 200 bytes each).
+const MAX_HELD: usize = MAX_FIELDS as usize;
+
 /// How far ahead of Redis's clock an entry's stamp is believed. A lift stamped later than
 /// that is not taken (a forged or broken one could otherwise un-revoke a key for good); a
 /// revoke is, whatever its stamp (fail closed), but it does not win the ordering: any
@@ -322,9 +327,6 @@ pub struct Revocations {
     store: Arc<KeyStore>,
     /// Entries were left out of a write-back for the bound, and that was logged.
     said_bounded: AtomicBool,
-    /// The set's [`Self::generation`] when a write-back last left entries out: the same set
-    /// is not written back again while Redis holds a whole set ([`WHOLE`]).
-    left_out_at: Mutex<Option<u64>>,
     set: ArcSwap<Set>,
     /// Moved after each replacement of `set` (see [`Self::generation`]).
     generation: AtomicU64,
@@ -370,12 +372,16 @@ enum Read {
     Raced(HashMap<String, String>),
 }
 
-/// Where a merged entry came from: only entries from another replica count in the lag.
+/// Where a merged entry came from: only another replica's change, published, counts in the
+/// lag (a full read also finds entries made long ago).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Origin {
     Here,
+    /// A full read, after the first.
     Remote,
-    /// The first read: entries made long ago are not lag.
+    /// A published change.
+    Event,
+    /// The first read.
     Initial,
 }
 
@@ -385,7 +391,6 @@ impl Revocations {
             cluster: cluster.cloned(),
             store,
             said_bounded: AtomicBool::new(false),
-            left_out_at: Mutex::new(None),
             set: ArcSwap::from_pointee(Set::new()),
             generation: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
@@ -624,6 +629,13 @@ impl Revocations {
             if origin != Origin::Here && pending.contains_key(&digest) {
                 continue;
             }
+            // From Redis, what a key of the snapshot carries, and what no key carries only up
+            // to a bound (junk fills the hash; a revoke kept for a key a later snapshot may
+            // add is refused at once, not after the read the new snapshot calls for).
+            let set_len = next.as_ref().map_or(current.len(), HashMap::len);
+            if origin != Origin::Here && set_len >= MAX_HELD && !self.known(&digest) {
+                continue;
+            }
             let set = next.as_ref().unwrap_or(&current);
             if set
                 .get(&digest)
@@ -631,7 +643,7 @@ impl Revocations {
             {
                 continue;
             }
-            if origin == Origin::Remote {
+            if origin == Origin::Event {
                 if let Some(c) = &self.cluster {
                     let lag = now.saturating_sub(entry.at_us) as f64 / 1e6;
                     c.metrics.revocation_lag.observe(lag);
@@ -659,7 +671,7 @@ impl Revocations {
             return;
         };
         if entry.disabled {
-            self.merge([(digest, entry)], Origin::Remote);
+            self.merge([(digest, entry)], Origin::Event);
             return;
         }
         let hash = cluster.key("revocations");
@@ -670,7 +682,7 @@ impl Revocations {
             .and_then(Field::value)
             .and_then(Entry::decode)
         {
-            self.merge([(digest, entry)], Origin::Remote);
+            self.merge([(digest, entry)], Origin::Event);
         }
     }
 
@@ -736,8 +748,12 @@ impl Revocations {
             self.merge(future, Origin::Here);
         }
         let ours = self.set.load_full();
-        // Lifts stamped past belief are held here as they came but never written back.
-        let believable = || ours.iter().filter(|(_, e)| e.at_us <= latest);
+        // Lifts stamped past belief are held here as they came but never written back; nor
+        // is an entry of a key no longer in the snapshot (another replica's may hold it).
+        let believable = || {
+            ours.iter()
+                .filter(|(d, e)| e.at_us <= latest && self.known(d))
+        };
         let behind = believable().any(|(digest, entry)| {
             remote
                 .get(digest)
@@ -747,21 +763,11 @@ impl Revocations {
         if whole && !behind {
             return Ok(());
         }
-        // The same set, written back before with entries left out for the bound, would be
-        // left out again: not at each read while a whole set is there.
-        let generation = self.generation();
-        let left_out = *self.left_out_at.lock().unwrap_or_else(|e| e.into_inner());
-        if whole && left_out == Some(generation) {
-            return Ok(());
-        }
-        // Redis lacks something: write back the whole set, so a reader never sees half;
-        // the snapshot's keys first, always taken.
-        let mut back: Vec<_> = believable().collect();
-        back.sort_by_key(|(digest, _)| !self.known(digest));
-        let known = back.iter().take_while(|(d, _)| self.known(d)).count();
-        let (stored, _, left) = self.write(cluster, back, true, known).await?;
-        *self.left_out_at.lock().unwrap_or_else(|e| e.into_inner()) =
-            (left > 0).then_some(generation);
+        // Redis lacks something: write back the whole set (the snapshot's keys' entries),
+        // so a reader never sees half.
+        let back: Vec<_> = believable().collect();
+        let known = back.len();
+        let (stored, _, _) = self.write(cluster, back, true, known).await?;
         info!(
             stored,
             held = ours.len(),
@@ -988,6 +994,12 @@ impl Revocations {
         }
     }
 
+    /// A new snapshot is in force: the next read is whole, so a revoke of a key it adds (made
+    /// while no snapshot here held it, and so not taken) is in force within a read interval.
+    pub fn snapshot_changed(&self) {
+        self.full_read_due.store(true, Ordering::Release);
+    }
+
     /// Redis answers again: it may have restarted, or failed over to a copy that lags, so
     /// the next read is whole; unless the last full read talked to Redis after its last
     /// outage (as when that read's own slowness marked it down): reading whole again at once
@@ -1146,9 +1158,39 @@ mod tests {
         crate::keys::Snapshot::parse(&text, crate::keys::Source::File).unwrap()
     }
 
+    /// A store whose snapshot holds keys of these digests (`[d; 32]`): entries from Redis
+    /// are taken only for them.
+    fn holding(keys: &[(&str, u8)]) -> Arc<KeyStore> {
+        let store = Arc::new(KeyStore::new());
+        store.store(Arc::new(snapshot(keys)));
+        store
+    }
+
+    /// What Redis holds for a secret no key of the snapshot carries is taken only up to
+    /// [`MAX_HELD`] (junk fills the hash); the snapshot's keys' entries always are, and so is
+    /// an operator's change made here.
+    #[test]
+    fn entries_of_no_key_are_held_up_to_a_bound() {
+        let r = Revocations::new(None, holding(&[("k", 1)]));
+        let junk = (0..MAX_HELD as u64 + 5).map(|i| {
+            let mut d = [0xaa; 32];
+            d[..8].copy_from_slice(&i.to_be_bytes());
+            (d, entry(10, true, "junk"))
+        });
+        r.merge(junk, Origin::Remote);
+        assert_eq!(r.set.load().len(), MAX_HELD);
+        r.merge([([1; 32], entry(10, true, "k"))], Origin::Remote);
+        assert!(r.set.load().contains_key(&[1; 32]), "the snapshot's key");
+        r.merge([([9; 32], entry(10, true, "x"))], Origin::Here);
+        assert!(
+            r.set.load().contains_key(&[9; 32]),
+            "an operator's change here"
+        );
+    }
+
     #[test]
     fn a_change_made_here_and_not_yet_stored_is_not_replaced_by_other_replicas() {
-        let r = Revocations::new(None, Arc::default());
+        let r = Revocations::new(None, holding(&[("k", 7)]));
         let digest = [7u8; 32];
         let now = now_micros();
         let revoke = entry(now - 7_200_000_000, true, "k");
@@ -1167,7 +1209,7 @@ mod tests {
 
     #[test]
     fn a_revoke_follows_the_secret_not_the_id() {
-        let r = Revocations::new(None, Arc::default());
+        let r = Revocations::new(None, holding(&[("k", 1), ("k2", 2)]));
         r.merge([([1; 32], entry(10, true, "k"))], Origin::Here);
         r.merge([([1; 32], entry(5, false, "k"))], Origin::Remote);
         assert!(r.set.load()[&[1; 32]].disabled, "an older enable loses");

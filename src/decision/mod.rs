@@ -188,7 +188,7 @@ fn same_original_url(headers: &HeaderMap, uri: &HeaderValue) -> Result<(), Rejec
     let host = rest.and_then(|r| r.strip_suffix(uri.as_bytes()));
     // A host as `Host` carries it: a name, an IPv4 or bracketed IPv6 address, a port. No
     // `%` (`h%2F..%2Fadmin` is a path to an app that decodes the header), no space, no `@`.
-    let host_byte = |b: &u8| b.is_ascii_alphanumeric() || b"-.:[]".contains(b);
+    let host_byte = |b: &u8| b.is_ascii_alphanumeric() || b"-._~:[]".contains(b);
     match host {
         Some(h) if !h.is_empty() && h.iter().all(host_byte) => Ok(()),
         _ => Err(missing("URL")),
@@ -229,13 +229,7 @@ pub async fn handle<B>(
             header_query(&X_FORWARDED_URI),
         ]
     };
-    let cid = respond::correlation_id(
-        req.headers(),
-        worker.ids(),
-        &app.policy,
-        &app.store,
-        queries,
-    );
+    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy, queries);
     let http2 = req.version() == http::Version::HTTP_2;
     let asked_with = req.method().clone();
     let Some(endpoint) = Endpoint::of(req.uri().path()) else {
@@ -569,7 +563,11 @@ mod tests {
         }
         // ingress-nginx's X-Original-URL: taken when it names the same target.
         let uri = ("x-original-uri", "/v1/x?a=1");
-        for url in ["http://api.example.com/v1/x?a=1", "https://h:8443/v1/x?a=1"] {
+        for url in [
+            "http://api.example.com/v1/x?a=1",
+            "https://h:8443/v1/x?a=1",
+            "http://my_app.local/v1/x?a=1",
+        ] {
             let r = req("GET", AUTH_REQUEST, &[m, uri, ("x-original-url", url)]);
             assert_eq!(
                 original(Endpoint::AuthRequest, &r),

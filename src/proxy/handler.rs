@@ -74,7 +74,7 @@ pub async fn handle(
     req: Request<RequestBody>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy, &app.store, || {
+    let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy, || {
         [req.uri().query().unwrap_or("")]
     });
     let method = req.method().clone();
@@ -689,7 +689,10 @@ fn logged_path(path: &str) -> &str {
     let cut = b.iter().enumerate().position(|(i, &c)| {
         c == b';'
             || c == b'%'
-                && matches!(b.get(i + 1..i + 3), Some([b'3', b'f' | b'F'] | [b'2', b'3']))
+                && matches!(
+                    b.get(i + 1..i + 3),
+                    Some([b'3', b'f' | b'F'] | [b'2', b'3'])
+                )
     });
     cut.map_or(path, |at| &path[..at])
 }

@@ -104,30 +104,21 @@ pub fn set_quota(h: &mut HeaderMap, quota: &Quota) {
 
 /// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
 /// `[A-Za-z0-9._:-]` and could not be a key (`policy`; `queries` gives those the request
-/// carries, asked only when it sent an id; nor is it a key of the snapshot in `store`,
-/// sent as an id beside another credential, or none), otherwise mint a UUID v4 from the
-/// worker's `ids`.
+/// carries, asked only when it sent an id), otherwise mint a UUID v4 from the worker's
+/// `ids`. (Not looked up in the snapshot: whether an id comes back would tell any client,
+/// on a public route and uncounted, whether a string is a key.)
 pub fn correlation_id<'q, Q: AsRef<[&'q str]>>(
     headers: &HeaderMap,
     ids: &Ids,
     policy: &Policy,
-    store: &crate::keys::KeyStore,
     queries: impl Fn() -> Q,
 ) -> HeaderValue {
-    let a_key = |v: &[u8]| {
-        v.len() >= crate::auth::credential::MIN_KEY_LEN
-            && store
-                .guard()
-                .as_ref()
-                .is_some_and(|s| s.lookup(&crate::keys::digest(v)).is_some())
-    };
     [&X_CORRELATION_ID, &X_REQUEST_ID]
         .into_iter()
         .filter_map(|name| headers.get(name))
         .find(|v| {
             valid_correlation_id(v.as_bytes())
                 && !policy.could_be_a_key(v.as_bytes(), headers, queries().as_ref())
-                && !a_key(v.as_bytes())
         })
         .cloned()
         .unwrap_or_else(|| ids.mint())
@@ -177,8 +168,7 @@ mod tests {
     #[test]
     fn correlation_id_rules() {
         let policy = policy();
-        let correlation_id =
-            |h: &HeaderMap, ids: &Ids| correlation_id(h, ids, &policy, &Default::default(), || []);
+        let correlation_id = |h: &HeaderMap, ids: &Ids| correlation_id(h, ids, &policy, || []);
         let mut h = HeaderMap::new();
         let ids = Ids::default();
         let minted = correlation_id(&h, &ids);
@@ -218,21 +208,13 @@ mod tests {
                 "x-request-id",
                 HeaderValue::from_static("k3y-0123456789abcdef"),
             );
-            assert_eq!(
-                correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
-                36,
-                "{name}"
-            );
+            assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36, "{name}");
             // Part of the key is key material too; an unrelated id is kept.
             h.insert("x-request-id", HeaderValue::from_static("0123456789abcdef"));
-            assert_eq!(
-                correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
-                36,
-                "{name}"
-            );
+            assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36, "{name}");
             h.insert("x-request-id", HeaderValue::from_static("req-7f3a9c0d"));
             assert_eq!(
-                correlation_id(&h, &ids, &policy, &Default::default(), || []),
+                correlation_id(&h, &ids, &policy, || []),
                 "req-7f3a9c0d",
                 "{name}"
             );
@@ -249,28 +231,8 @@ mod tests {
             "x3y-0123456789ab",
         ] {
             h.insert("x-request-id", HeaderValue::from_static(id));
-            assert_eq!(
-                correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
-                36,
-                "{id}"
-            );
+            assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36, "{id}");
         }
-        // A key of the snapshot sent as the id, beside another credential or none.
-        let store = crate::keys::KeyStore::new();
-        let other = "an0ther-key-of-the-snapshot";
-        let snapshot = format!(
-            "keys:\n  - {{ id: k, sha256: {}, type: personal, subject_id: s, account_id: a }}\n",
-            hex::encode(crate::keys::digest(other.as_bytes()))
-        );
-        store.store(std::sync::Arc::new(
-            crate::keys::Snapshot::parse(&snapshot, crate::keys::Source::File).unwrap(),
-        ));
-        let mut h = HeaderMap::new();
-        h.insert(
-            "x-request-id",
-            HeaderValue::from_static("an0ther-key-of-the-snapshot"),
-        );
-        assert_eq!(correlation_id(&h, &ids, &policy, &store, || []).len(), 36);
         // A tab before the token.
         let mut h = HeaderMap::new();
         h.insert(
@@ -281,25 +243,16 @@ mod tests {
             "x-request-id",
             HeaderValue::from_static("k3y-0123456789abcdef"),
         );
-        assert_eq!(
-            correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
-            36
-        );
+        assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
         // An id holding the key, or a key prefix anywhere.
         h.insert(
             "x-request-id",
             HeaderValue::from_static("req-k3y-0123456789abcdef.1"),
         );
-        assert_eq!(
-            correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
-            36
-        );
+        assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
         // A short id is no key, whatever it is part of.
         h.insert("x-request-id", HeaderValue::from_static("k3y"));
-        assert_eq!(
-            correlation_id(&h, &ids, &policy, &Default::default(), || []),
-            "k3y"
-        );
+        assert_eq!(correlation_id(&h, &ids, &policy, || []), "k3y");
         // The shipped config reads no query credential: a query is no credential there.
         let mut h = HeaderMap::new();
         h.insert(
@@ -308,7 +261,7 @@ mod tests {
         );
         let q = ["a=1&api%5Fkey=k3y-0123456789abcdef"];
         assert_eq!(
-            correlation_id(&h, &ids, &policy, &Default::default(), || q),
+            correlation_id(&h, &ids, &policy, || q),
             "k3y-0123456789abcdef"
         );
         let mut h = HeaderMap::new();
@@ -316,10 +269,7 @@ mod tests {
             "x-correlation-id",
             HeaderValue::from_static("id.sta_leaked_key_0123456789"),
         );
-        assert_eq!(
-            correlation_id(&h, &ids, &policy, &Default::default(), || []).len(),
-            36
-        );
+        assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
     }
 
     #[test]
@@ -327,7 +277,7 @@ mod tests {
         let ids = Ids::default();
         let none = HeaderMap::new();
         let minted: Vec<HeaderValue> = (0..3 * IDS_PER_SLAB)
-            .map(|_| correlation_id(&none, &ids, &policy(), &Default::default(), || []))
+            .map(|_| correlation_id(&none, &ids, &policy(), || []))
             .collect();
         let distinct: std::collections::HashSet<_> = minted.iter().collect();
         assert_eq!(distinct.len(), minted.len());

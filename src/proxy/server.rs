@@ -322,7 +322,7 @@ async fn serve_conn<I, D, F>(
                 // client takes to read it: it stops counting against max_in_flight, and
                 // counts against the own answers' budget instead (or goes out bodiless).
                 in_flight.busy = None;
-                in_flight.own_answer = app_budget.take();
+                in_flight.own_answer = requests.own_answer(&app_budget);
                 if in_flight.own_answer.is_none() {
                     respond::without_body(&mut resp);
                 }
@@ -508,6 +508,9 @@ struct Activity {
     wake_at: AtomicU64,
     /// `header_read_timeout` and `idle_timeout`, for the deadline a request's end sets.
     timeouts: (Duration, Duration),
+    /// keyward's own answers of this connection whose bodies wait for the client (see
+    /// [`writing::OWN_ANSWERS_PER_CONNECTION`]).
+    own_waiting: AtomicUsize,
 }
 
 /// Held while a request is being served, with its count in the process-wide gauge and,
@@ -523,6 +526,9 @@ struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let a = &self.activity;
+        if self.own_answer.take().is_some() {
+            a.own_waiting.fetch_sub(1, Ordering::AcqRel);
+        }
         a.touch();
         if a.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
             let deadline = a.idle_since.load(Ordering::SeqCst) + nanos(a.timeout());
@@ -551,7 +557,21 @@ impl Activity {
             responses: Responses::new(start),
             changed: tokio::sync::Notify::new(),
             timeouts: (first, then),
+            own_waiting: AtomicUsize::new(0),
         }
+    }
+
+    /// A place for one more of keyward's own answers waiting on this connection: within
+    /// [`writing::OWN_ANSWERS_PER_CONNECTION`] here and the process-wide `budget`.
+    fn own_answer(&self, budget: &writing::OwnAnswerBudget) -> Option<writing::OwnAnswerSlot> {
+        let waiting = self.own_waiting.fetch_add(1, Ordering::AcqRel);
+        let slot = (waiting < writing::OWN_ANSWERS_PER_CONNECTION)
+            .then(|| budget.take())
+            .flatten();
+        if slot.is_none() {
+            self.own_waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        slot
     }
 
     fn begin(

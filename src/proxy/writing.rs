@@ -34,8 +34,14 @@ const NOT_WAITING: u64 = u64::MAX;
 /// connection, on thousands of connections) pinned each such stream's state, about 12 KB,
 /// for `write_stall_timeout`: gigabytes. Past the budget an answer goes out without its body
 /// (status and headers, code-bearing `WWW-Authenticate` included: one HEADERS frame, which
-/// flow control does not hold), so its stream ends at once.
-pub const OWN_ANSWERS_WAITING_MAX: usize = 1024;
+/// flow control does not hold), so its stream ends at once. Each connection has at most
+/// [`OWN_ANSWERS_PER_CONNECTION`] of the budget: a client that reads nothing blanks the
+/// answers of its own connections, and to take the budget from everyone else it needs 256
+/// such connections (the budget, about 50 MB, is spent only by them).
+pub const OWN_ANSWERS_WAITING_MAX: usize = 4096;
+
+/// See [`OWN_ANSWERS_WAITING_MAX`].
+pub const OWN_ANSWERS_PER_CONNECTION: usize = 16;
 
 /// What holds [`OWN_ANSWERS_WAITING_MAX`]: shared by every listener of a process.
 #[derive(Debug, Default, Clone)]
@@ -332,6 +338,19 @@ mod tests {
         fn drop(&mut self) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn the_own_answers_budget_is_bounded() {
+        let budget = OwnAnswerBudget::default();
+        let slots: Vec<_> = (0..OWN_ANSWERS_WAITING_MAX)
+            .map(|_| budget.take().expect("within the budget"))
+            .collect();
+        assert!(budget.take().is_none());
+        assert_eq!(budget.waiting(), OWN_ANSWERS_WAITING_MAX);
+        drop(slots);
+        assert_eq!(budget.waiting(), 0);
+        assert!(budget.take().is_some());
     }
 
     /// Bounds on the peer only.
