@@ -93,7 +93,8 @@ impl App {
                 &config.limits,
                 config.upstream_client,
             )
-            .reusing_after_body(config.upstream_reuse_after_body),
+            .reusing_after_body(config.upstream_reuse_after_body)
+            .acking_at_once(config.upstream_ack_at_once),
             names,
             store: store.clone(),
             key_source,

@@ -67,6 +67,13 @@ pub struct Config {
     /// after each one, so a body the app never read cannot become a request at the app.
     #[serde(default)]
     pub upstream_reuse_after_body: bool,
+    /// Acknowledge what the app sent as a connection goes back to the pool
+    /// (`TCP_QUICKACK`), so a second answer the app wrote to one request, held by Nagle
+    /// until then, arrives while the connection is idle (and the connection is dropped)
+    /// rather than as the next client's answer. Costs an ACK a request (about 3.5 µs of
+    /// kernel CPU on loopback): off only for an app known to answer each request once.
+    #[serde(default = "yes")]
+    pub upstream_ack_at_once: bool,
     /// Which server reads HTTP/1.1 requests on the proxy and decision listeners.
     #[serde(default)]
     pub http1_server: Http1Server,
@@ -140,6 +147,10 @@ pub enum HeadersWithUnderscores {
     #[default]
     Drop,
     Forward,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_admin_listen() -> SocketAddr {

@@ -190,6 +190,12 @@ impl Upstream {
         }
     }
 
+    /// `upstream_ack_at_once`: acknowledge an answer as its connection goes back to the pool.
+    pub fn acking_at_once(mut self, yes: bool) -> Self {
+        Arc::make_mut(&mut self.pool).ack_at_once = yes;
+        self
+    }
+
     /// Pool the connection after a request body too (`upstream_reuse_after_body`): for an
     /// app known to read or drain every body.
     pub fn reusing_after_body(mut self, yes: bool) -> Self {

@@ -34,6 +34,8 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
+    /// `upstream_ack_at_once`: see [`super::upstream_target::UpstreamStream::acknowledge`].
+    pub ack_at_once: bool,
 }
 
 impl PoolConfig {
@@ -44,6 +46,7 @@ impl PoolConfig {
             connect_timeout: limits.upstream_connect_timeout,
             idle_timeout: limits.upstream_idle_timeout,
             max_idle: limits.upstream_max_idle_per_host,
+            ack_at_once: true,
         }
     }
 }
@@ -219,6 +222,7 @@ impl Pool {
 pub struct Return {
     pool: Pool,
     max_idle: usize,
+    ack_at_once: bool,
     used: Instant,
 }
 
@@ -227,6 +231,7 @@ impl Return {
         Self {
             pool: pool.clone(),
             max_idle: cfg.max_idle,
+            ack_at_once: cfg.ack_at_once,
             used,
         }
     }
@@ -234,7 +239,9 @@ impl Return {
 
 impl h1::Home<UpstreamStream> for Return {
     fn take_back(self, conn: FastConn) {
-        conn.io().acknowledge();
+        if self.ack_at_once {
+            conn.io().acknowledge();
+        }
         self.pool
             .lists()
             .fast
