@@ -943,25 +943,29 @@ async fn the_set_is_read_whole_only_when_its_version_moves() {
     assert_eq!(call(&a, FREE).await.code(), "disabled_api_key");
 }
 
-/// `n` fields `junk{i}` of 100 bytes each in `hash`, in pipelined chunks (as `redis-cli
-/// --pipe` would write them).
-async fn junk(redis: &Redis, hash: &str, n: u64) {
+/// `n` fields `field(i)`, each `value`, in `hash`, in pipelined chunks of 5000 (as
+/// `redis-cli --pipe` would write them).
+async fn fill(redis: &Redis, hash: &str, n: u64, field: impl Fn(u64) -> String, value: &str) {
     let mut c = redis
         .client()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let value = "x".repeat(100);
     let mut i = 0;
     while i < n {
         let mut cmd = redis::cmd("HSET");
         cmd.arg(hash);
         for j in i..(i + 5000).min(n) {
-            cmd.arg(format!("junk{j}")).arg(&value);
+            cmd.arg(field(j)).arg(value);
         }
         let _: i64 = cmd.query_async(&mut c).await.unwrap();
         i += 5000;
     }
+}
+
+/// `n` fields `junk{i}` of 100 bytes each in `hash`.
+async fn junk(redis: &Redis, hash: &str, n: u64) {
+    fill(redis, hash, n, |j| format!("junk{j}"), &"x".repeat(100)).await;
 }
 
 /// Redis may be shared and the revocation hash is anyone's to write: past its bound
@@ -1043,29 +1047,15 @@ async fn a_key_a_later_snapshot_adds_is_refused_if_the_fleet_revoked_it() {
     // Never let in on the way: each answer was a refusal.
 }
 
-/// `n` well-formed revokes of secrets no snapshot holds (`seed` tells sets apart), written
-/// to `hash` in pipelined chunks: junk a replica takes and holds.
+/// `n` well-formed revokes of secrets no snapshot holds (`seed` tells sets apart) in
+/// `hash`: junk a replica may take and hold.
 async fn junk_revokes(redis: &Redis, hash: &str, n: u64, seed: u64) {
-    let mut c = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros();
     let value = format!("{now_us}|1|junk");
-    let mut i = 0;
-    while i < n {
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(hash);
-        for j in i..(i + 5000).min(n) {
-            cmd.arg(format!("{seed:032x}{j:032x}")).arg(&value);
-        }
-        let _: i64 = cmd.query_async(&mut c).await.unwrap();
-        i += 5000;
-    }
+    fill(redis, hash, n, |j| format!("{seed:032x}{j:032x}"), &value).await;
 }
 
 /// A replica takes from Redis only what its snapshot's keys carry, so it writes back no

@@ -781,6 +781,21 @@ async fn a_tunnel_closes_when_its_key_is_disabled_or_its_connection_ages() {
     kw.shutdown().await;
 }
 
+/// An h2c client to `addr` that opens no stream's window (`INITIAL_WINDOW_SIZE` 0) and
+/// never reads a body: every answer with a body waits on it.
+async fn zero_window_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
 /// Refusals need no key, and a client that never reads (HTTP/2 streams under a zero
 /// flow-control window) pinned each refused stream's state for `write_stall_timeout`: on
 /// thousands of connections, gigabytes. At most `OWN_ANSWERS_PER_CONNECTION` refusal bodies
@@ -796,15 +811,7 @@ async fn refusal_bodies_nobody_reads_are_bounded() {
     let (mut held, mut clients) = (Vec::new(), Vec::new());
     let (mut with_body, mut bodiless) = (0, 0);
     for _ in 0..conns {
-        let tcp = TcpStream::connect(kw.addr).await.unwrap();
-        let (mut client, conn) = h2::client::Builder::new()
-            .initial_window_size(0)
-            .handshake::<_, Bytes>(tcp)
-            .await
-            .expect("h2 handshake");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let mut client = zero_window_client(kw.addr).await;
         let mut pending = Vec::new();
         for i in 0..per_conn {
             let req = http::Request::get(format!("http://{}/v1/p/{i}", kw.addr))
@@ -841,15 +848,7 @@ async fn refusal_bodies_nobody_reads_are_bounded() {
 async fn unread_introspection_answers_hold_no_upstream_slot() {
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "workers: 1\nlimits: { max_in_flight: 4 }\n").await;
-    let tcp = TcpStream::connect(kw.addr).await.unwrap();
-    let (mut client, conn) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut client = zero_window_client(kw.addr).await;
     let mut held = Vec::new();
     for _ in 0..16 {
         let req = http::Request::get(format!("http://{}/auth", kw.addr))
