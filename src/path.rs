@@ -34,6 +34,10 @@ pub enum PathError {
     /// them: a dot segment removed after keyward authorized the path.
     #[error("segment of dots and spaces")]
     DotsAndSpaces,
+    /// More than [`MAX_ENCODED_CHARS`] percent-encoded non-ASCII characters: each is read
+    /// under Unicode normalization, which must stay a bounded cost.
+    #[error("too many percent-encoded non-ASCII characters in path")]
+    TooManyEncoded,
 }
 
 /// Normalize an origin-form path (no query):
@@ -129,14 +133,15 @@ pub fn readings(path: &str) -> Result<Vec<String>, PathError> {
     if !path.contains('%') {
         return Ok(Vec::new());
     }
-    let compat = compatibility_reading(path)?;
+    let compat = compatibility_readings(path)?;
     let mut out = Vec::new();
-    for p in std::iter::once(path).chain(compat.as_deref()) {
+    for p in std::iter::once(path).chain(compat.iter().map(String::as_str)) {
         if let Some(cut) = cut_at_delimiter(p) {
             out.push(normalize(cut)?.into_owned());
         }
     }
     out.extend(compat);
+    out.dedup();
     Ok(out)
 }
 
@@ -153,20 +158,32 @@ fn cut_at_delimiter(path: &str) -> Option<&str> {
 /// as while the path is NFKC-normalized: NFKC leaves them be, so each comes back as written.
 const ESCAPED: u32 = 0xE000;
 
-/// `path` as an app that decodes it and NFKC-normalizes the result reads it (the whole
-/// path at once, so composition counts: `e` and a combining acute are `é`, halfwidth `ｶ`
-/// is `カ`, `‥` is `..`), encoded again and normalized, cut where the reading holds a `?`,
-/// `#` or `;` (a query, a fragment, path parameters to that app), a `\` read as `/`;
-/// `None` when NFKC changes nothing (see [`readings`]).
-fn compatibility_reading(path: &str) -> Result<Option<String>, PathError> {
+/// Most percent-encoded non-ASCII characters a path may hold: each is NFKC-normalized (and,
+/// with `routes_case_insensitive`, case-folded) for every reading, so a 15 KB path of them
+/// cost a hundred times a request.
+pub const MAX_ENCODED_CHARS: usize = 256;
+
+/// `path` as apps that decode it and NFKC-normalize the result read it (the whole path at
+/// once, so composition counts: `e` and a combining acute are `é`, halfwidth `ｶ` is `カ`,
+/// `‥` is `..`), each encoded again and normalized. A `?`, `#`, `;` or `\` NFKC makes is
+/// read both ways: as an app that decoded first splits there (cut at `?#;`, `\` as `/`),
+/// and as one that takes it as data (an ordinary character, which dot segments after it
+/// still climb past: `/public/a？/‥/‥/admin` is `/admin` to it). Empty when NFKC changes
+/// nothing (see [`readings`]).
+fn compatibility_readings(path: &str) -> Result<Vec<String>, PathError> {
     use unicode_normalization::UnicodeNormalization as _;
     let mut chars = encoded_chars(path).peekable();
     if chars.peek().is_none() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let mut decoded = String::with_capacity(path.len());
     let mut copied = 0;
+    let mut count = 0;
     for (range, c) in chars {
+        count += 1;
+        if count > MAX_ENCODED_CHARS {
+            return Err(PathError::TooManyEncoded);
+        }
         push_ascii_part(&mut decoded, &path[copied..range.start]);
         decoded.push(c);
         copied = range.end;
@@ -175,20 +192,40 @@ fn compatibility_reading(path: &str) -> Result<Option<String>, PathError> {
     if unicode_normalization::is_nfkc_quick(decoded.chars())
         == unicode_normalization::IsNormalized::Yes
     {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let read: String = decoded.nfkc().collect();
     if read == decoded {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let mut out = String::with_capacity(read.len() * 3);
+    let (mut split, mut data) = (String::new(), String::new());
+    let mut cut = false;
     for c in read.chars() {
-        if matches!(c, '?' | '#' | ';') {
-            break;
+        match c {
+            '?' | '#' | ';' => {
+                cut = true;
+                data.push('_');
+            }
+            '\\' => {
+                if !cut {
+                    split.push('/');
+                }
+                data.push('_');
+            }
+            c => {
+                if !cut {
+                    push_as_read(&mut split, c);
+                }
+                push_as_read(&mut data, c);
+            }
         }
-        push_as_read(&mut out, c);
     }
-    normalize(&out).map(|n| Some(n.into_owned()))
+    let mut out = vec![normalize(&split)?.into_owned()];
+    if data != split {
+        out.push(normalize(&data)?.into_owned());
+    }
+    out.dedup();
+    Ok(out)
 }
 
 /// The ASCII part of a path, its escapes each as one private-use character.
@@ -214,9 +251,8 @@ fn push_ascii_part(out: &mut String, part: &str) {
 }
 
 /// `c` as it stands in a path once an app has decoded and normalized it: a separator, a dot,
-/// a letter as themselves, a `\` as `/` (as Windows and IIS read it); a `%` or a space
-/// encoded (plain data); an ASCII escape of the path as it was written; anything else
-/// percent-encoded.
+/// a letter as themselves; a `%` or a space encoded (plain data); an ASCII escape of the
+/// path as it was written; anything else percent-encoded.
 fn push_as_read(out: &mut String, c: char) {
     let escape = |out: &mut String, b: u8| {
         out.push('%');
@@ -224,7 +260,6 @@ fn push_as_read(out: &mut String, c: char) {
         out.push(HEX[usize::from(b & 0xf)] as char);
     };
     match c {
-        '\\' => out.push('/'),
         '%' | ' ' | '\0'..='\x1f' | '\x7f' => escape(out, c as u8),
         c if c.is_ascii() => out.push(c),
         c if (ESCAPED..ESCAPED + 0x80).contains(&u32::from(c)) => {
@@ -242,8 +277,8 @@ fn push_as_read(out: &mut String, c: char) {
 /// `path` (a route rule's, as written in the config) in the form [`readings`] compares:
 /// NFKC, so a rule written `/caf%C3%A9/` meets `/cafe%CC%81/`'s reading.
 pub fn nfkc_form(path: &str) -> String {
-    match compatibility_reading(path) {
-        Ok(Some(read)) => read,
+    match compatibility_readings(path) {
+        Ok(read) if !read.is_empty() => read[0].clone(),
         _ => path.to_string(),
     }
 }
@@ -486,10 +521,23 @@ mod tests {
                 "{p}"
             );
         }
-        // A fullwidth `？` (`；`) reads as `?` (`;`): cut there; a fullwidth `＼` as `/`.
-        assert_eq!(read("/a/b%EF%BC%9Fc"), Ok(vec!["/a/b".to_string()]));
-        assert_eq!(read("/docs/x%EF%BC%9By"), Ok(vec!["/docs/x".to_string()]));
-        assert_eq!(read("/a/%EF%BC%BCb"), Ok(vec!["/a/b".to_string()]));
+        // A fullwidth `？` (`；`) reads as `?` (`;`): cut there, or as data; a fullwidth
+        // `＼` as `/`, or as data. Dot segments after one climb in the data reading.
+        let both = |a: &str, b: &str| Ok(vec![a.to_string(), b.to_string()]);
+        assert_eq!(read("/a/b%EF%BC%9Fc"), both("/a/b", "/a/b_c"));
+        assert_eq!(read("/docs/x%EF%BC%9By"), both("/docs/x", "/docs/x_y"));
+        assert_eq!(read("/a/%EF%BC%BCb"), both("/a/b", "/a/_b"));
+        assert_eq!(
+            read("/public/a%EF%BC%9F/%E2%80%A5/%E2%80%A5/admin/x"),
+            both("/public/a", "/admin/x")
+        );
+        assert_eq!(
+            read("/public/x%EF%BC%BCy/%E2%80%A5/%E2%80%A5/admin/z"),
+            both("/public/admin/z", "/admin/z")
+        );
+        // Past the bound of encoded characters, refused.
+        let many = format!("/x/{}", "%C3%A9".repeat(MAX_ENCODED_CHARS + 1));
+        assert_eq!(readings(&many), Err(PathError::TooManyEncoded));
         // The whole path is normalized at once: composition counts.
         assert_eq!(read("/cafe%CC%81/x"), Ok(vec!["/caf%C3%A9/x".to_string()]));
         assert_eq!(

@@ -1047,6 +1047,73 @@ async fn a_key_a_later_snapshot_adds_is_refused_if_the_fleet_revoked_it() {
     // Never let in on the way: each answer was a refusal.
 }
 
+/// A value the write script takes for an entry but a replica cannot read (or a lift at the
+/// same stamp as the revoke held) is not "lacking": it called for a write-back that stored
+/// nothing but moved the version, then a full read, in a loop, on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_entry_does_not_loop_write_backs() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "deny", &keys()).await;
+    let r = admin_post(&a, "key_other", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let hash = "keyward:revocations";
+    let held = redis.hget(hash, &sha(OTHER)).await.expect("stored");
+    let stamp = held.split('|').next().unwrap().to_string();
+    let _: i64 = redis
+        .cmd(&["HSET", hash, &sha(OTHER), &format!("{stamp}|2|key_other")])
+        .await;
+    let _: i64 = redis.cmd(&["HSET", hash, "version", "1.1"]).await;
+    // A full read happens (the version moved); then the version stays put.
+    let reads = redis.calls("hscan").await;
+    eventually("a full read", || async {
+        redis.calls("hscan").await > reads
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let version = redis.hget(hash, "version").await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        redis.hget(hash, "version").await,
+        version,
+        "written back in a loop"
+    );
+    assert_eq!(call(&a, OTHER).await.code(), "disabled_api_key");
+}
+
+/// A replica holds a revoke of a key its snapshot lacks (another replica's has it), and
+/// writes it back when Redis comes back empty: the key's own replica, restarted, refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_held_for_another_replicas_key_is_restored() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "deny", &keys()).await;
+    let without = snapshot(&[entry("key_free", FREE, None)]);
+    let b = ready_replica(up.addr, redis.port, "deny", &without).await;
+    let r = admin_post(&a, "key_other", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // b holds it (from the event); a stops; Redis comes back empty.
+    eventually("b holds the revoke", || async {
+        metric(&b, "keyward_revocation_lag_seconds_count")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    a.shutdown().await;
+    let _: String = redis.cmd(&["FLUSHALL"]).await;
+    eventually("b wrote it back", || async {
+        redis
+            .hget("keyward:revocations", &sha(OTHER))
+            .await
+            .is_some()
+    })
+    .await;
+    let a2 = ready_replica(up.addr, redis.port, "deny", &keys()).await;
+    assert_eq!(call(&a2, OTHER).await.code(), "disabled_api_key");
+    drop(b);
+}
+
 /// `n` well-formed revokes of secrets no snapshot holds (`seed` tells sets apart) in
 /// `hash`: junk a replica may take and hold.
 async fn junk_revokes(redis: &Redis, hash: &str, n: u64, seed: u64) {

@@ -738,6 +738,17 @@ async fn path_tricks_never_reach_admin_routes() {
         ("/admin%3F", 403, "insufficient_scope"),
         ("/admin%23x", 403, "insufficient_scope"),
         ("/..%3F", 400, "bad_request"),
+        // A `？` or `＼` NFKC makes, taken as data: dot segments after it climb to `/admin`.
+        (
+            "/public/a%EF%BC%9F/%E2%80%A5/%E2%80%A5/admin/x",
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "/public/x%EF%BC%BCy/%E2%80%A5/%E2%80%A5/admin/z",
+            403,
+            "insufficient_scope",
+        ),
         // An app that NFKC-normalizes reads these as `..`, `/` and `admin`.
         ("/public/%E2%80%A5/admin/x", 403, "insufficient_scope"),
         (

@@ -32,11 +32,13 @@
 //!
 //! Bounded: the hash is read only up to [`MAX_FIELDS`], and anyone who can write it can
 //! fill it with junk. A replica holds the entries of keys in its snapshot, and others (a
-//! revoke kept for a key a later snapshot may add; junk) only up to [`MAX_HELD`]; it
-//! writes back only its snapshot's keys' entries, so junk is never written back and the
-//! hash a fleet restores after Redis came back empty holds its keys' revokes. A new
-//! snapshot calls for a full read at once, for what the bound left out. (Left: a revoke of
-//! a key no replica's snapshot holds is not restored if Redis comes back empty.)
+//! revoke of a key another replica's or a later snapshot holds; junk) only up to
+//! [`MAX_HELD`]. It is behind only when Redis lacks or holds older an entry of its
+//! snapshot's keys (so junk held calls for no write-back, and a value it cannot read is not
+//! "lacking"); a write-back stores those always and the others only below
+//! [`MOST_WRITTEN_BACK`], so a fleet restores what it holds after Redis came back empty
+//! without putting the hash past what its newcomers read. A new snapshot calls for a full
+//! read at once, for what the bound left out. A write that stores nothing moves no version.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -189,7 +191,7 @@ for i = 6, #ARGV, 3 do
   end
 end
 if whole then redis.call('HSET', KEYS[1], 'whole', '1') end
-if stored > 0 or whole then
+if stored > 0 then
   -- Past MAX_VERSION_BYTES (64) it is not keyward's: a new epoch replaces it.
   local v = false
   if redis.call('HSTRLEN', KEYS[1], 'version') <= 64 then v = redis.call('HGET', KEYS[1], 'version') end
@@ -717,6 +719,11 @@ impl Revocations {
         *self.last_full.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((version, std::time::Instant::now()));
         let whole = remote.contains_key(WHOLE);
+        // Every digest Redis holds a value for, readable or not: one it holds something for
+        // is not one it lacks (a value the script takes for an entry, but this side cannot
+        // read, kept every replica writing back and reading whole in a loop).
+        let present: std::collections::HashSet<Digest> =
+            remote.keys().filter_map(|f| field_digest(f)).collect();
         let remote = decode(remote);
         let origin = self.origin();
         self.merge(remote.iter().map(|(d, e)| (*d, e.clone())), origin);
@@ -748,25 +755,32 @@ impl Revocations {
             self.merge(future, Origin::Here);
         }
         let ours = self.set.load_full();
-        // Lifts stamped past belief are held here as they came but never written back; nor
-        // is an entry of a key no longer in the snapshot (another replica's may hold it).
-        let believable = || {
-            ours.iter()
-                .filter(|(d, e)| e.at_us <= latest && self.known(d))
-        };
-        let behind = believable().any(|(digest, entry)| {
-            remote
-                .get(digest)
-                .filter(|r| r.at_us <= latest)
-                .is_none_or(|r| entry.supersedes(r))
-        });
+        // Lifts stamped past belief are held here as they came but never written back.
+        let believable = || ours.iter().filter(|(_, e)| e.at_us <= latest);
+        // Behind: Redis lacks, or holds older, an entry of a key of the snapshot. (Others
+        // held go back only with a write-back that happens anyway, as after Redis came back
+        // empty, so junk held calls for none; an equal stamp is no reason either: the
+        // script keeps what it holds then, and writing back again and again changed
+        // nothing.)
+        let behind = believable()
+            .filter(|(d, _)| self.known(d))
+            .any(|(digest, entry)| {
+                !present.contains(digest)
+                    || remote
+                        .get(digest)
+                        .is_some_and(|r| r.at_us <= latest && r.at_us < entry.at_us)
+            });
         if whole && !behind {
             return Ok(());
         }
         // Redis lacks something: write back the whole set (the snapshot's keys' entries),
         // so a reader never sees half.
-        let back: Vec<_> = believable().collect();
-        let known = back.len();
+        // The snapshot's keys' entries first, always taken; then the others this replica
+        // holds (a revoke of a key another replica's snapshot holds, which this one may be
+        // the last to hold), only below half the bound.
+        let mut back: Vec<_> = believable().collect();
+        back.sort_by_key(|(digest, _)| !self.known(digest));
+        let known = back.iter().take_while(|(d, _)| self.known(d)).count();
         let (stored, _, _) = self.write(cluster, back, true, known).await?;
         info!(
             stored,
