@@ -1125,10 +1125,10 @@ async fn junk_revokes(redis: &Redis, hash: &str, n: u64, seed: u64) {
     fill(redis, hash, n, |j| format!("{seed:032x}{j:032x}"), &value).await;
 }
 
-/// A replica takes from Redis only what its snapshot's keys carry, so it writes back no
-/// junk. Before, a replica holding a hash's worth of junk wrote it all back over a hash
-/// refilled with as much again (200k fields): every newcomer then stayed unready for good,
-/// even after the hash was deleted by hand.
+/// A replica writes back what it holds of keys outside its snapshot (junk among them) only
+/// below half the bound, and its snapshot's keys' entries always. Before, a replica holding
+/// a hash's worth of junk wrote it all back over a hash refilled with as much again (200k
+/// fields): every newcomer then stayed unready for good, even after the hash was deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_back_never_puts_the_hash_past_what_newcomers_read() {
     let redis = Redis::start().await;
@@ -1159,15 +1159,15 @@ async fn a_write_back_never_puts_the_hash_past_what_newcomers_read() {
     let b = ready_replica(up.addr, redis.port, "deny", &keys()).await;
     assert_eq!(call(&b, OTHER).await.code(), "disabled_api_key");
     assert_eq!(call(&b, FREE).await.status, 200);
-    // Redis back empty: the junk was never taken (no key holds those secrets), so only the
-    // revoke of a snapshot key is written back.
+    // Redis back empty: the revoke of a snapshot key is written back, and of what else the
+    // replicas hold (junk here) no more than half the bound.
     let _: i64 = redis.cmd(&["DEL", hash]).await;
     eventually("the revoke written back", || async {
         redis.hget(hash, &sha(OTHER)).await.is_some()
     })
     .await;
     let len: u64 = redis.cmd(&["HLEN", hash]).await;
-    assert!(len <= 4, "{len} fields written back");
+    assert!(len <= max / 2 + 4, "{len} fields written back");
     let c = ready_replica(up.addr, redis.port, "deny", &keys()).await;
     assert_eq!(call(&c, OTHER).await.code(), "disabled_api_key");
 }
