@@ -94,11 +94,7 @@ fn decode_unreserved(input: &[u8]) -> Result<String, PathError> {
                     b';' => return Err(PathError::PathParameter),
                     0..=0x1f | 0x7f => return Err(PathError::Control),
                     _ if is_unreserved(v) => out.push(v as char),
-                    _ => {
-                        out.push('%');
-                        out.push(HEX[usize::from(hi)] as char);
-                        out.push(HEX[usize::from(lo)] as char);
-                    }
+                    _ => push_escape(&mut out, v),
                 }
                 i += 3;
             }
@@ -254,23 +250,28 @@ fn push_ascii_part(out: &mut String, part: &str) {
 /// a letter as themselves; a `%` or a space encoded (plain data); an ASCII escape of the
 /// path as it was written; anything else percent-encoded.
 fn push_as_read(out: &mut String, c: char) {
-    let escape = |out: &mut String, b: u8| {
-        out.push('%');
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 0xf)] as char);
-    };
     match c {
-        '%' | ' ' | '\0'..='\x1f' | '\x7f' => escape(out, c as u8),
+        '%' | ' ' | '\0'..='\x1f' | '\x7f' => push_escape(out, c as u8),
         c if c.is_ascii() => out.push(c),
         c if (ESCAPED..ESCAPED + 0x80).contains(&u32::from(c)) => {
-            escape(out, (u32::from(c) - ESCAPED) as u8)
+            push_escape(out, (u32::from(c) - ESCAPED) as u8)
         }
-        c => {
-            let mut buf = [0u8; 4];
-            for b in c.encode_utf8(&mut buf).bytes() {
-                escape(out, b);
-            }
-        }
+        c => push_encoded(out, c),
+    }
+}
+
+/// `%HH` of byte `b`, upper-case hex: the form a normalized path carries its escapes in.
+fn push_escape(out: &mut String, b: u8) {
+    out.push('%');
+    out.push(HEX[usize::from(b >> 4)] as char);
+    out.push(HEX[usize::from(b & 0xf)] as char);
+}
+
+/// `c` percent-encoded as UTF-8, as a normalized path carries it (`é` is `%C3%A9`).
+pub fn push_encoded(out: &mut String, c: char) {
+    let mut buf = [0u8; 4];
+    for b in c.encode_utf8(&mut buf).bytes() {
+        push_escape(out, b);
     }
 }
 

@@ -366,12 +366,7 @@ fn case_fold(c: char) -> Option<String> {
         }
         for l in d.to_uppercase().flat_map(char::to_lowercase) {
             changed |= l != d;
-            let mut buf = [0u8; 4];
-            for b in l.encode_utf8(&mut buf).bytes() {
-                out.push('%');
-                out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
-                out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 0xf)]));
-            }
+            crate::path::push_encoded(&mut out, l);
         }
     }
     changed.then_some(out)
