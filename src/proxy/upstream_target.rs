@@ -39,12 +39,6 @@ macro_rules! each {
 }
 
 impl UpstreamStream {
-    /// Is the idle connection still open, with nothing unasked-for to read? The kernel is
-    /// asked (a non-blocking `MSG_PEEK` of one byte), not the reactor's cached readiness:
-    /// on a busy worker the reactor may not have seen, for milliseconds, bytes already in
-    /// the socket, and a connection reused with them answers the next request with them.
-    /// One system call per reuse is the price (review: 227 of 4,000 responses crossed
-    /// between clients at 50 concurrent clients when the cache was trusted).
     /// Acknowledge at once what was read (`TCP_QUICKACK`), as a connection goes back to the
     /// pool. An app that writes a second answer to one request (an error page after a
     /// response already sent) with Nagle on its socket (the default) has it held until its
@@ -59,6 +53,12 @@ impl UpstreamStream {
         }
     }
 
+    /// Is the idle connection still open, with nothing unasked-for to read? The kernel is
+    /// asked (a non-blocking `MSG_PEEK` of one byte), not the reactor's cached readiness:
+    /// on a busy worker the reactor may not have seen, for milliseconds, bytes already in
+    /// the socket, and a connection reused with them answers the next request with them.
+    /// One system call per reuse is the price (review: 227 of 4,000 responses crossed
+    /// between clients at 50 concurrent clients when the cache was trusted).
     pub fn idle_and_open(&self) -> bool {
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         let peeked = each!(self, s => socket2::SockRef::from(s).peek(&mut probe));
