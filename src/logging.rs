@@ -189,3 +189,24 @@ mod tests {
         }
     }
 }
+
+/// Whether something seen now is to be said: at most once every 10 s, so that what a
+/// client can make happen at will cannot flood the log (what is not said is counted in a
+/// metric by the caller).
+#[derive(Default)]
+pub struct Sometimes(std::sync::atomic::AtomicU64);
+
+impl Sometimes {
+    pub fn now(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.0.load(Ordering::Relaxed);
+        now >= last.saturating_add(10)
+            && self
+                .0
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}

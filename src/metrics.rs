@@ -83,7 +83,12 @@ pub struct Metrics {
     max_age: Gauge,
     ready: IntGauge,
     connections_refused: IntCounter,
+    /// `evicted` and `refused`, resolved once.
+    admin_closed: [IntCounter; 2],
 }
+
+/// Why an admin connection was closed to keep the admin listener's bounds.
+pub const ADMIN_CLOSED: [&str; 2] = ["evicted", "refused"];
 
 impl Metrics {
     /// One shard: for tests and tools that record from one thread.
@@ -138,6 +143,13 @@ impl Metrics {
             "keyward_connections_refused_total",
             "Connections closed at accept because limits.max_connections were open (both traffic listeners).",
         )?;
+        let admin_closed = IntCounterVec::new(
+            Opts::new(
+                "keyward_admin_connections_closed_total",
+                "Admin connections closed to keep the listener's bounds: evicted (the one waiting longest for a request, for a new one) or refused (every one was serving a request).",
+            ),
+            &["why"],
+        )?;
         let ready = IntGauge::new(
             "keyward_ready",
             "1 when keyward can authenticate (what /readyz says), 0 when it fails closed or drains.",
@@ -176,6 +188,7 @@ impl Metrics {
         registry.register(Box::new(max_age.clone()))?;
         registry.register(Box::new(ready.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
+        registry.register(Box::new(admin_closed.clone()))?;
         if let Some(k) = &key_expiry {
             registry.register(Box::new(k.clone()))?;
         }
@@ -211,12 +224,21 @@ impl Metrics {
             max_age,
             ready,
             connections_refused,
+            admin_closed: ADMIN_CLOSED.map(|why| admin_closed.with_label_values(&[why])),
         })
     }
 
     /// The counter the accept loops count refused connections in.
     pub fn connections_refused(&self) -> IntCounter {
         self.connections_refused.clone()
+    }
+
+    /// An admin connection closed to keep the admin listener's bounds: `why` is one of
+    /// [`ADMIN_CLOSED`].
+    pub fn admin_connection_closed(&self, why: &str) {
+        if let Some(i) = ADMIN_CLOSED.iter().position(|w| *w == why) {
+            self.admin_closed[i].inc();
+        }
     }
 
     /// What `/readyz` says now (set on every scrape and every second).

@@ -1298,11 +1298,13 @@ async fn h2_rapid_reset_flood_gets_goaway() {
 }
 
 /// The admin listener has bounds of its own: clients that open admin connections and send
-/// nothing cannot take every file descriptor (the proxy listener would stop accepting),
-/// and one address cannot take every admin slot (the kubelet's probes, from another
-/// address, still get in). Past a bound an admin connection is closed at accept.
+/// nothing cannot take every file descriptor (the proxy listener would stop accepting). Nor
+/// can they shut anyone out by holding every place: everything in a pod shares the loopback
+/// address, so past a bound the connection that has waited longest for a request gives its
+/// place to the new one, and a client that sends its request at once is served (a local
+/// process holding 32 connections shut out the emergency revoke, then every probe).
 #[tokio::test]
-async fn admin_connections_have_bounds_of_their_own() {
+async fn admin_connections_have_bounds_no_idle_client_can_fill() {
     use keyward::admin::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER};
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;
@@ -1311,40 +1313,54 @@ async fn admin_connections_have_bounds_of_their_own() {
         s.bind(SocketAddr::from(([127, 0, 0, last], 0))).unwrap();
         s.connect(kw.admin).await.unwrap()
     };
-    let closed_at_accept = |mut s: TcpStream| async move {
+    let readyz_from = |last: u8| async move {
+        let mut s = from(last).await;
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let closed = |mut s: TcpStream| async move {
         let mut buf = [0u8; 64];
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
             .await
-            .expect("closed at accept, not left waiting")
+            .expect("closed, not left waiting")
             .unwrap_or(0);
         n == 0
     };
     let mut held = Vec::new();
-    let peers = MAX_CONNECTIONS / MAX_CONNECTIONS_PER_PEER;
-    for peer in 0..peers {
+    for peer in 0..MAX_CONNECTIONS / MAX_CONNECTIONS_PER_PEER {
         for _ in 0..MAX_CONNECTIONS_PER_PEER {
             let mut s = from(10 + peer as u8).await;
             s.write_all(b"GET /readyz HTTP/1.1\r\n").await.unwrap();
             held.push(s);
         }
         if peer == 0 {
-            // One address holds its share: another one still gets in.
-            assert!(
-                closed_at_accept(from(10).await).await,
-                "past the share of one peer"
-            );
-            assert_eq!(support::child::readyz(kw.admin).await, Some(200));
+            // One address holds its share: a request from it is still served, and the
+            // connection that waited longest is the one closed.
+            let r = readyz_from(10).await;
+            assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+            assert!(closed(held.remove(0)).await, "the longest waiting went");
+            let mut s = from(10).await;
+            s.write_all(b"GET /readyz HTTP/1.1\r\n").await.unwrap();
+            held.push(s);
         }
     }
-    // Accepted in order: once one more is closed at once, every slot is taken.
-    assert!(closed_at_accept(from(200).await).await, "past the bound");
+    // Every place is taken: a request from anywhere is still served.
+    for last in [200, 10] {
+        let r = readyz_from(last).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "from .{last}: {r}");
+    }
     let r = get(&kw.url("/v1/x"), &[("x-api-key", KEY)]).await;
     assert_eq!(r.status, 200, "traffic is not starved");
-    held.truncate(10);
-    eventually("the admin listener answers again", || async {
-        support::child::readyz(kw.admin).await == Some(200)
-    })
-    .await;
+    let metrics = support::prom::scrape(&format!("http://{}/metrics", kw.admin)).await;
+    let evicted = metrics.get(
+        "keyward_admin_connections_closed_total",
+        &[("why", "evicted")],
+    );
+    assert!(evicted >= 2.0, "{evicted}");
     drop(held);
     kw.shutdown().await;
 }

@@ -336,18 +336,18 @@ impl Upstream {
         let mut pooled = pool.checkout(&self.pool, start);
         loop {
             let reused = pooled.is_some();
-            let mut sender = match pooled.take() {
-                Some(sender) => sender,
+            let mut conn = match pooled.take() {
+                Some(conn) => conn,
                 // Boxed: connecting is rare, and its future would otherwise grow every
                 // request's state.
                 None => Box::pin(pool::connect(&self.pool))
                     .await
                     .map_err(ProxyError::Connect)?,
             };
-            match sender.try_send_request(req).await {
+            match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
                     if reuse && !bodiless_status(resp.status()) {
-                        pool.checkin(&self.pool, sender, start);
+                        pool.checkin(&self.pool, conn, start);
                     }
                     return Ok(resp);
                 }

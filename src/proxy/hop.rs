@@ -14,9 +14,9 @@ pub struct Hop {
     /// `1.1 <token>` and `2 <token>`: the protocol the request came in with (RFC 9110).
     http1: HeaderValue,
     http2: HeaderValue,
-    /// When a loop was last said at `warn` (seconds since the epoch): the token reaches the
-    /// app, and an app that echoes headers shows it to clients, who can then send it.
-    said_at: std::sync::atomic::AtomicU64,
+    /// When a loop is said at `warn`: the token reaches the app, and an app that echoes
+    /// headers shows it to clients, who can then send it.
+    said: crate::logging::Sometimes,
 }
 
 impl Default for Hop {
@@ -34,7 +34,7 @@ impl Default for Hop {
             http1: value("1.1"),
             http2: value("2"),
             token,
-            said_at: std::sync::atomic::AtomicU64::new(0),
+            said: crate::logging::Sometimes::default(),
         }
     }
 }
@@ -52,16 +52,7 @@ impl Hop {
     /// Whether a loop seen now is to be said at `warn`: at most once every 10 s (each is
     /// counted in `keyward_upstream_errors_total{kind="loop"}` all the same).
     pub fn say_loop(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.said_at.load(Ordering::Relaxed);
-        now >= last.saturating_add(10)
-            && self
-                .said_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+        self.said.now()
     }
 
     /// Add this hop to the request's `Via` (after any hop before it).

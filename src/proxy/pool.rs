@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1::{self, SendRequest};
@@ -21,7 +21,7 @@ use tracing::debug;
 use super::h1;
 use super::upload::OutBody;
 pub use super::upstream_target::ConnectError;
-use super::upstream_target::{UpstreamStream, UpstreamTarget};
+use super::upstream_target::{SharedStream, UpstreamStream, UpstreamTarget};
 use crate::config::Limits;
 
 /// How to reach the upstream and how long to keep its connections.
@@ -85,6 +85,32 @@ impl Reusable for SendRequest<OutBody> {
         } else {
             State::Busy
         }
+    }
+}
+
+/// A hyper client connection, and its stream as the pool may ask the kernel about it.
+pub struct HyperConn {
+    pub sender: SendRequest<OutBody>,
+    stream: Weak<UpstreamStream>,
+}
+
+/// Ready as hyper says, and then only if the kernel holds nothing unasked-for on it: hyper
+/// reads an idle connection only when the reactor wakes it, which on a busy worker may be
+/// milliseconds after the bytes arrived (as for the fast path's, [`FastConn`]).
+impl Reusable for HyperConn {
+    fn state(&self) -> State {
+        match self.sender.state() {
+            State::Ready => match self.stream.upgrade() {
+                Some(s) if s.idle_and_open() => State::Ready,
+                _ => State::Closed,
+            },
+            other => other,
+        }
+    }
+
+    /// No system call on the way back: `checkout` probes it before it is used.
+    fn worth_keeping(&self) -> bool {
+        !self.sender.is_closed()
     }
 }
 
@@ -175,7 +201,7 @@ impl<C: Reusable> Idle<C> {
 /// Both kinds of idle connection, each capped at `max_idle`.
 #[derive(Default)]
 struct Lists {
-    hyper: Idle<SendRequest<OutBody>>,
+    hyper: Idle<HyperConn>,
     fast: Idle<FastConn>,
 }
 
@@ -192,14 +218,14 @@ impl Pool {
 
     /// A ready connection, if one is idle. `now` is the caller's clock reading (one per
     /// request is enough).
-    pub fn checkout(&self, cfg: &PoolConfig, now: Instant) -> Option<SendRequest<OutBody>> {
+    pub fn checkout(&self, cfg: &PoolConfig, now: Instant) -> Option<HyperConn> {
         self.lists().hyper.checkout(now, cfg.idle_timeout)
     }
 
     /// Return a connection whose response head has arrived; it is reused once ready. Its
     /// idle time counts from `used`, when its last request started.
-    pub fn checkin(&self, cfg: &PoolConfig, sender: SendRequest<OutBody>, used: Instant) {
-        self.lists().hyper.checkin(sender, used, cfg.max_idle);
+    pub fn checkin(&self, cfg: &PoolConfig, conn: HyperConn, used: Instant) {
+        self.lists().hyper.checkin(conn, used, cfg.max_idle);
     }
 
     /// An open idle fast-path connection, if there is one.
@@ -251,12 +277,13 @@ impl h1::Home<UpstreamStream> for Return {
 
 /// Open a new connection (TCP with `TCP_NODELAY` and keepalive, or a Unix socket) and
 /// start driving it on this thread.
-pub async fn connect(cfg: &PoolConfig) -> Result<SendRequest<OutBody>, ConnectError> {
-    match open(cfg).await? {
-        UpstreamStream::Tcp(s) => drive(TokioIo::new(s)).await,
-        #[cfg(unix)]
-        UpstreamStream::Unix(s) => drive(TokioIo::new(s)).await,
-    }
+pub async fn connect(cfg: &PoolConfig) -> Result<HyperConn, ConnectError> {
+    let stream = SharedStream::new(open(cfg).await?, cfg.ack_at_once);
+    let watch = stream.watch();
+    Ok(HyperConn {
+        sender: drive(TokioIo::new(stream)).await?,
+        stream: watch,
+    })
 }
 
 /// A new connection for the fast path.
@@ -272,7 +299,7 @@ async fn open(cfg: &PoolConfig) -> Result<UpstreamStream, ConnectError> {
 }
 
 /// The HTTP/1.1 client over a new connection, driven (upgrades included) by a task on this
-/// thread. Generic, so each kind of stream is driven without dynamic dispatch.
+/// thread.
 async fn drive<T>(io: T) -> Result<SendRequest<OutBody>, ConnectError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,

@@ -4,6 +4,9 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::HeaderValue;
@@ -97,6 +100,114 @@ impl tokio::io::AsyncWrite for UpstreamStream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         each!(self.get_mut(), s => std::pin::Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+/// The stream hyper's client drives, shared with the pool: the pool keeps a [`Weak`] to it,
+/// so that it can probe a connection hyper owns before reusing it, as it does the fast
+/// path's, and the connection still closes as soon as hyper lets it go. Reads and writes
+/// go through the reactor's readiness as tokio's own stream's do.
+pub struct SharedStream {
+    stream: Arc<UpstreamStream>,
+    /// `upstream_ack_at_once`: what is read is acknowledged at once
+    /// ([`UpstreamStream::acknowledge`]). The fast path acknowledges as a connection goes
+    /// back to the pool; hyper's connection is ready for the next request as soon as its
+    /// task has read the answer's end, before anything of keyward's runs, so it is done
+    /// after every read that brought bytes.
+    ack_at_once: bool,
+}
+
+impl SharedStream {
+    pub fn new(stream: UpstreamStream, ack_at_once: bool) -> Self {
+        Self {
+            stream: Arc::new(stream),
+            ack_at_once,
+        }
+    }
+
+    /// What the pool keeps: it does not hold the connection open.
+    pub fn watch(&self) -> Weak<UpstreamStream> {
+        Arc::downgrade(&self.stream)
+    }
+}
+
+/// One readiness-then-try loop: `ready` waits for the reactor, `attempt` tries the system
+/// call, and a `WouldBlock` (the readiness was stale; the attempt cleared it) waits again.
+fn until_done<T>(
+    cx: &mut Context<'_>,
+    ready: impl Fn(&mut Context<'_>) -> Poll<io::Result<()>>,
+    mut attempt: impl FnMut() -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        std::task::ready!(ready(cx))?;
+        match attempt() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return Poll::Ready(done),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for SharedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let stream = &*self.stream;
+        let unfilled = buf.initialize_unfilled();
+        let read = until_done(
+            cx,
+            |cx| each!(stream, s => s.poll_read_ready(cx)),
+            || each!(stream, s => s.try_read(unfilled)),
+        );
+        let n = std::task::ready!(read)?;
+        buf.advance(n);
+        if n > 0 && self.ack_at_once {
+            stream.acknowledge();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for SharedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let stream = &*self.stream;
+        until_done(
+            cx,
+            |cx| each!(stream, s => s.poll_write_ready(cx)),
+            || each!(stream, s => s.try_write(buf)),
+        )
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let stream = &*self.stream;
+        until_done(
+            cx,
+            |cx| each!(stream, s => s.poll_write_ready(cx)),
+            || each!(stream, s => s.try_write_vectored(bufs)),
+        )
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// As tokio's streams do: the write side is shut at once.
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let how = std::net::Shutdown::Write;
+        Poll::Ready(each!(&*self.stream, s => socket2::SockRef::from(s).shutdown(how)))
     }
 }
 

@@ -23,24 +23,18 @@ use tracing::{debug, info, warn};
 use crate::keys::load::Format;
 use crate::keys::source::{self, DisableError, KeySource, LoadError};
 use crate::keys::{digest, Snapshot};
-use crate::logging::{clip, LOGGED_PATH_MAX};
+use crate::logging::{clip, Sometimes, LOGGED_PATH_MAX};
+
+mod slots;
+
 use crate::App;
+use slots::{Admitted, Slots};
+pub use slots::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER};
 
 /// Largest snapshot accepted by `PUT /v1/snapshot` (about a million keys).
 const MAX_SNAPSHOT_BYTES: usize = 512 * 1024 * 1024;
 
 type AdminBody = Full<Bytes>;
-
-/// Most admin connections open at once. Probes, scrapes and the control API need a few;
-/// without a bound, clients that open connections and send nothing (each held for the
-/// head timeout) take every file descriptor, and the proxy listener can no longer accept.
-/// Past it a connection is closed at accept.
-pub const MAX_CONNECTIONS: usize = 256;
-
-/// Most admin connections open at once from one address: one client holding every slot
-/// would keep the kubelet's probes (from the node's address) out, and the pod would be
-/// taken out of its Service, then restarted.
-pub const MAX_CONNECTIONS_PER_PEER: usize = 32;
 
 /// How long a write to an admin client may stay blocked. A client that pipelines requests
 /// and never reads their answers (a full socket buffer) would otherwise hold its slot
@@ -120,37 +114,6 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStall<S> {
     }
 }
 
-/// Open admin connections by peer address; a [`PeerSlot`] gives its place back when the
-/// connection ends.
-#[derive(Default)]
-struct PerPeer(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-struct PeerSlot(Arc<PerPeer>, std::net::IpAddr);
-
-impl PerPeer {
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
-        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(ip).or_default();
-        if *n >= MAX_CONNECTIONS_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(PeerSlot(self.clone(), ip))
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut open = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.1);
-            }
-        }
-    }
-}
-
 /// What a listener answers: the whole admin API (`admin_listen`), or the probes alone
 /// (`probe_listen`), whose connection bounds no client of `/metrics` or `/v1` shares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,8 +130,8 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let per_peer = Arc::new(PerPeer::default());
+    let slots = Arc::new(Slots::default());
+    let full = Sometimes::default();
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -182,22 +145,37 @@ pub async fn serve(
             },
             () = &mut stop => break,
         };
-        let Some(peer_slot) = per_peer.take(peer.ip()) else {
-            debug!(%peer, "admin connection closed at accept: {MAX_CONNECTIONS_PER_PEER} open from it");
+        let admitted = slots.admit(peer.ip(), std::time::Instant::now());
+        let closed = match &admitted {
+            Some((_, Admitted::Free)) => None,
+            Some((_, Admitted::Evicted)) => Some("evicted"),
+            None => Some("refused"),
+        };
+        if let Some(why) = closed {
+            app.metrics.admin_connection_closed(why);
+            if full.now() {
+                warn!(
+                    %peer,
+                    "admin connections full ({MAX_CONNECTIONS} open, or {MAX_CONNECTIONS_PER_PEER} from one address): the one waiting longest for a request is closed for each new one (keyward_admin_connections_closed_total)"
+                );
+            }
+        }
+        let Some((slot, _)) = admitted else {
             continue;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%peer, "admin connection closed at accept: {MAX_CONNECTIONS} open");
-            continue;
-        };
+        let handle = slot.handle();
         let app = app.clone();
         let service = service_fn(move |req| {
             let app = app.clone();
+            let handle = handle.clone();
             async move {
-                Ok::<_, Infallible>(match surface {
+                handle.serving();
+                let resp = match surface {
                     Surface::Admin => route(&app, req).await,
                     Surface::Probes => probes_only(&app, &req),
-                })
+                };
+                handle.waiting(std::time::Instant::now());
+                Ok::<_, Infallible>(resp)
             }
         });
         let conn = hyper::server::conn::http1::Builder::new()
@@ -206,11 +184,18 @@ pub async fn serve(
             .serve_connection(TokioIo::new(WriteStall::new(stream)), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "admin connection error");
+            tokio::select! {
+                done = conn => if let Err(e) = done {
+                    debug!(%peer, error = %e, "admin connection error");
+                },
+                () = slot.evicted() => debug!(%peer, "admin connection closed: its place went to a new one"),
             }
-            drop((slot, peer_slot));
+            drop(slot);
         });
+        // Let the new connection read its head before the next one is accepted: a flood
+        // of connections accepted in a row would otherwise take its place before it had
+        // a chance to ask.
+        tokio::task::yield_now().await;
     }
     drop(listener);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown()).await;
