@@ -433,6 +433,35 @@ async fn override_headers_of_the_client_are_refused() {
     d.shutdown().await;
 }
 
+/// A front proxy upgrades the app on the client's `Upgrade`: with two protocols it may match
+/// one and send the other (Caddy matched `websocket` in a second field and upgraded the app
+/// to `h2c`, a connection keyward never sees another request of). Refused; one protocol is
+/// the front proxy's to pass or drop.
+#[tokio::test]
+async fn an_upgrade_naming_more_than_one_protocol_is_refused() {
+    let key = ("x-api-key", SERVICE_KEY);
+    let conn = ("connection", "upgrade");
+    let d = spawn_decider(None, "").await;
+    for endpoint in ENDPOINTS {
+        for (upgrade, status) in [
+            (&[("upgrade", "h2c"), ("upgrade", "websocket")][..], 400),
+            (
+                &[("upgrade", "websocket"), ("upgrade", "websocket")][..],
+                400,
+            ),
+            (&[("upgrade", "websocket, h2c")][..], 400),
+            (&[("upgrade", "websocket")][..], 200),
+            (&[("upgrade", "h2c")][..], 200),
+        ] {
+            let mut headers = vec![key, conn];
+            headers.extend_from_slice(upgrade);
+            let r = decide(&d, endpoint, "GET", "/v1/items", &headers).await;
+            assert_eq!(r.status, status, "{endpoint} {upgrade:?}: {}", r.text());
+        }
+    }
+    d.shutdown().await;
+}
+
 /// The proxy strips every `_` and `.` spelling of the identity and delegation headers
 /// (SPEC 8); a front proxy strips or overwrites only keyward's spelling and passes the rest
 /// on, and a CGI/WSGI app reads `X_Delegate_Account_Id` as the real one. A decision request

@@ -448,6 +448,30 @@ async fn websocket(front: SocketAddr, up: &Upstream, name: &str) {
         "{name}: Upgrade: h2c reached the app: {:?}",
         seen.headers
     );
+    // Two protocols (h2c first): Caddy matched `websocket` in the second field and upgraded
+    // the app to the first. The app sees `websocket` alone or no upgrade (nginx sends the
+    // first value through the shipped config's map), or the request is refused (keyward
+    // refuses the decision when the front proxy passes both on).
+    let mut s = tokio::net::TcpStream::connect(front).await.unwrap();
+    let two = ws_handshake(PERSONAL_KEY)
+        .replace("host: app", &format!("host: {front}"))
+        .replace(
+            "upgrade: websocket\r\n",
+            "upgrade: h2c\r\nupgrade: websocket\r\n",
+        );
+    assert!(two.contains("upgrade: h2c\r\n"), "{two}");
+    s.write_all(two.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await.unwrap_or_default().to_lowercase();
+    if !head.starts_with("http/1.1 400") {
+        assert!(head.starts_with("http/1.1 101"), "{name}: {head}");
+        let seen = up.last();
+        let upgrades: Vec<_> = seen.headers.get_all("upgrade").iter().collect();
+        assert!(
+            upgrades.iter().all(|u| *u == "websocket"),
+            "{name}: {upgrades:?}"
+        );
+    }
+    drop(s);
     let mut s = tokio::net::TcpStream::connect(front).await.unwrap();
     let handshake = ws_handshake(PERSONAL_KEY).replace("host: app", &format!("host: {front}"));
     s.write_all(handshake.as_bytes()).await.unwrap();

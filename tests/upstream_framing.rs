@@ -792,6 +792,32 @@ async fn an_apps_second_answer_held_by_nagle_never_answers_the_next_request() {
     }
 }
 
+/// An app that answers a WebSocket handshake by switching to another protocol (`h2c`) would
+/// make the tunnel a connection keyward never sees another request of: 502, no tunnel.
+#[tokio::test]
+async fn a_switch_to_anything_but_websocket_is_502() {
+    let switches: [&[u8]; 3] = [
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket, h2c\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\r\n",
+    ];
+    for switch in switches {
+        let replies = both(&[("/ws", switch, false)], |kw, _up| async move {
+            let handshake = ws_handshake(SERVICE_KEY)
+                .replace("\r\n\r\n", "\r\nconnection: upgrade, close\r\n\r\n");
+            vec![raw(kw, &handshake, false).await]
+        })
+        .await;
+        assert_eq!(
+            replies[0].status,
+            502,
+            "{:?}: {:?}",
+            String::from_utf8_lossy(switch),
+            replies[0]
+        );
+    }
+}
+
 /// A head keyward cannot trust is a 502, never forwarded in part.
 #[tokio::test]
 async fn a_malformed_or_ambiguous_head_is_502() {

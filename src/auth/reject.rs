@@ -185,6 +185,12 @@ pub enum BadRequest {
     /// app, a key keyward did not check.
     #[error("a key in the query string is not accepted here (the front proxy would forward it)")]
     QueryKey,
+    /// A decision request (SPEC 15) naming more than one `Upgrade` protocol (two fields, or a
+    /// list): a front proxy may take one and the app another (Caddy matched `websocket` in
+    /// the second field and upgraded the app to the first, `h2c`: a connection keyward
+    /// never sees another request of).
+    #[error("more than one Upgrade protocol is not accepted")]
+    Upgrade,
 }
 
 impl Reject {
@@ -259,6 +265,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::QueryKey) => "API key in the query string refused",
             Reject::BadRequest(BadRequest::UnknownIdentity) => "Identity header refused",
             Reject::BadRequest(BadRequest::Asserted) => "Gateway identity header refused",
+            Reject::BadRequest(BadRequest::Upgrade) => "Ambiguous upgrade refused",
         }
     }
 

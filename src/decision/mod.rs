@@ -208,6 +208,20 @@ fn one<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
     }
 }
 
+/// At most one `Upgrade` protocol, in one field. The proxy listener tunnels only a lone
+/// `websocket` and drops any other upgrade; behind a decision the front proxy upgrades the
+/// app, and two protocols let it match one and send the other.
+fn one_upgrade(h: &HeaderMap) -> Result<(), Reject> {
+    let mut values = h.get_all(header::UPGRADE).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) if v.as_bytes().contains(&b',') => {
+            Err(Reject::BadRequest(BadRequest::Upgrade))
+        }
+        (Some(_), Some(_)) => Err(Reject::BadRequest(BadRequest::Upgrade)),
+        _ => Ok(()),
+    }
+}
+
 /// Answer one decision request. Never fails: every error becomes a response here.
 pub async fn handle<B>(
     app: Arc<App>,
@@ -246,6 +260,7 @@ pub async fn handle<B>(
                 .screen
                 .check(endpoint, req.headers(), &app.names, caller_trusted)
         })
+        .and_then(|()| one_upgrade(req.headers()))
         .and_then(|()| original(endpoint, &req));
     let mut method = req.method().clone();
     // The decision request's own target: an abandoned one is logged as such.

@@ -455,13 +455,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// tunnel into an HTTP/2 connection to the upstream that keyward no longer sees) is dropped
 /// with the other hop-by-hop headers and the request is forwarded as plain HTTP/1.1.
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    let mut upgrades = req.headers().get_all(header::UPGRADE).iter();
-    let websocket = matches!(
-        (upgrades.next(), upgrades.next()),
-        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket")
-    );
     req.version() == Version::HTTP_11
-        && websocket
+        && upgrades_to_websocket(req.headers())
         && req
             .headers()
             .get_all(header::CONNECTION)
@@ -469,6 +464,17 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// One `Upgrade` field, naming `websocket` alone: what a handshake keyward forwards carries,
+/// and what the app's `101` must answer with (one that switches to another protocol, `h2c`,
+/// would make the tunnel a connection to the app keyward never sees a request of).
+pub fn upgrades_to_websocket(headers: &http::HeaderMap) -> bool {
+    let mut upgrades = headers.get_all(header::UPGRADE).iter();
+    matches!(
+        (upgrades.next(), upgrades.next()),
+        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket")
+    )
 }
 
 /// After a `101` from the upstream, splice the two upgraded connections together. The

@@ -564,12 +564,15 @@ async fn send_upstream(
         .metrics()
         .record_upstream(resp.status().as_u16(), took);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        // Only an allowed upgrade that keyward itself forwarded may switch protocols.
+        // Only an allowed upgrade that keyward itself forwarded may switch protocols, and
+        // only to WebSocket.
         let Some(Upgrade {
             down,
             slot,
             aged_at,
-        }) = upgrade.map(|u| *u)
+        }) = upgrade
+            .filter(|_| forward::upgrades_to_websocket(resp.headers()))
+            .map(|u| *u)
         else {
             return Err(upstream_failed(app, &ProxyError::UnexpectedUpgrade, cid));
         };
