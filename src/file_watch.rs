@@ -103,8 +103,10 @@ impl<W: Watched> Watch<W> {
         let mut last_stamps = std::mem::take(&mut self.stamps);
         let mut polls_since_read = 0;
         let mut error_reported = false;
-        // New content seen once, to be acted on when the next look finds it unchanged.
-        let mut pending: Option<W::Digest> = None;
+        // New content seen once, to be acted on when the next look finds it unchanged, and
+        // the file untouched since (the same stamps): two looks that each caught a rewrite
+        // in place at the same point (the same half) agree on content, never on stamps.
+        let mut pending: Option<(W::Digest, Vec<Option<Stamp>>)> = None;
         // A triggered look waiting for its second look.
         let mut settling = false;
         let settle = SETTLE.min(self.interval);
@@ -134,10 +136,19 @@ impl<W: Watched> Watch<W> {
             polls_since_read = 0;
             last_stamps = now;
             let watched = self.watched.clone();
-            let (digest, content) = match tokio::task::spawn_blocking(move || watched.read()).await
-            {
-                Ok(Ok(read)) => read,
-                Ok(Err(e)) => {
+            let read = tokio::task::spawn_blocking(move || {
+                let read = watched.read();
+                (read, stamps(watched.paths()))
+            });
+            let (digest, content) = match read.await {
+                Ok((Ok(read), after)) if after == last_stamps => read,
+                // Written to as it was read: no look; the next one decides.
+                Ok((Ok(_), _)) => {
+                    pending = None;
+                    settling = forced;
+                    continue;
+                }
+                Ok((Err(e), _)) => {
                     self.watched.unreadable(e, forced || !error_reported);
                     error_reported = true;
                     continue;
@@ -151,21 +162,22 @@ impl<W: Watched> Watch<W> {
             }
             // Changed since the last look (or triggered): wait for a look that finds it
             // settled, at the next poll (or after `settle` when triggered).
-            if pending.as_ref() != Some(&digest) {
-                pending = Some(digest);
+            let look = (digest, last_stamps.clone());
+            if pending.as_ref() != Some(&look) {
+                pending = Some(look);
                 settling = forced;
                 continue;
             }
             pending = None;
             // Content that was refused is not acted on again until it changes.
-            self.last = Some(digest);
+            self.last = Some(look.0);
             let watched = self.watched.clone();
             match tokio::task::spawn_blocking(move || watched.changed(content)).await {
                 Ok(Taken::Other(taken)) => self.last = Some(taken),
                 Ok(Taken::AsRead) => {}
                 Ok(Taken::Later) => {
                     // Read and act again at the next poll, as if it had just settled.
-                    pending = self.last.take();
+                    pending = self.last.take().map(|d| (d, last_stamps.clone()));
                 }
                 Err(e) => tracing::error!(error = %e, "watched file reload task failed"),
             }
@@ -174,25 +186,59 @@ impl<W: Watched> Watch<W> {
 }
 
 /// What `stat` says of the file behind a path, symlinks followed (so a `..data` swap, which
-/// points the path at another inode, shows as a change).
+/// points the path at another inode, shows as a change). The change time too: a writer
+/// that puts the modification time back still moves it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
+pub struct Stamp {
     len: u64,
     modified: Option<SystemTime>,
+    changed: (i64, i64),
     inode: u64,
 }
 
-fn stamp(path: &Path) -> Option<Stamp> {
+impl Stamp {
+    /// Left alone for at least `quiet`: its last write (and change) that long before `now`.
+    pub fn quiet_for(&self, quiet: Duration, now: SystemTime) -> bool {
+        let written = self.modified.and_then(|m| now.duration_since(m).ok());
+        let changed = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::new(
+                u64::try_from(self.changed.0).unwrap_or(0),
+                u32::try_from(self.changed.1).unwrap_or(0),
+            ))
+            .and_then(|c| now.duration_since(c).ok());
+        written.is_some_and(|w| w >= quiet) && changed.is_none_or(|c| c >= quiet)
+    }
+}
+
+pub fn stamp(path: &Path) -> Option<Stamp> {
     let meta = std::fs::metadata(path).ok()?;
     #[cfg(unix)]
-    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    let (inode, changed) = {
+        use std::os::unix::fs::MetadataExt;
+        (meta.ino(), (meta.ctime(), meta.ctime_nsec()))
+    };
     #[cfg(not(unix))]
-    let inode = 0;
+    let (inode, changed) = (0, (0, 0));
     Some(Stamp {
         len: meta.len(),
         modified: meta.modified().ok(),
+        changed,
         inode,
     })
+}
+
+/// `read`, if the file held still while it ran: its stamp before and after, when equal.
+/// A file rewritten in place while it is read may be read half-written, and half a key
+/// file can parse; a read the stamp moved under is no look at all.
+pub fn steady<T, E>(
+    path: &Path,
+    read: impl FnOnce() -> Result<T, E>,
+) -> Result<Option<(T, Stamp)>, E> {
+    let before = stamp(path);
+    let read = read()?;
+    Ok(before
+        .filter(|b| stamp(path).as_ref() == Some(b))
+        .map(|b| (read, b)))
 }
 
 fn stamps(paths: &[PathBuf]) -> Vec<Option<Stamp>> {
@@ -272,6 +318,56 @@ mod tests {
         next_change(&changed).await;
         task.abort();
         assert_eq!(*probe.taken.lock().unwrap(), ["half and the rest"]);
+    }
+
+    /// Two looks that each caught a rewrite in place at the same point read the same half:
+    /// they agree on content, never on the file's stamp, and nothing is acted on until a
+    /// look finds the file untouched since the one before.
+    #[tokio::test]
+    async fn looks_that_each_caught_a_rewrite_midway_do_not_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "one").unwrap();
+        let p = probe(dir.path());
+        let changed = p.changed.clone();
+        let watched = Watch::new(p, Duration::from_millis(50), Some("one".to_string()));
+        let probe = watched.watched.clone();
+        let task = tokio::spawn(watched.run());
+        let reads = || probe.reads.load(Ordering::SeqCst);
+        for _ in 0..4 {
+            let before = reads();
+            // Apart by more than the kernel's timestamp tick, as rewrites are.
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            std::fs::write(&file, "half").unwrap();
+            while reads() == before {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        std::fs::write(&file, "half and the rest").unwrap();
+        next_change(&changed).await;
+        task.abort();
+        assert_eq!(*probe.taken.lock().unwrap(), ["half and the rest"]);
+    }
+
+    /// `steady`: a read the file's stamp moved under is no look; `quiet_for` counts from
+    /// the last write.
+    #[test]
+    fn a_read_is_steady_only_if_the_file_held_still() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "one").unwrap();
+        let read = steady(&file, || std::fs::read_to_string(&file)).unwrap();
+        let (text, stamp) = read.expect("held still");
+        assert_eq!(text, "one");
+        let now = SystemTime::now();
+        assert!(!stamp.quiet_for(Duration::from_secs(60), now));
+        assert!(stamp.quiet_for(Duration::ZERO, now + Duration::from_secs(1)));
+        let moved = steady(&file, || {
+            std::thread::sleep(Duration::from_millis(15));
+            std::fs::write(&file, "two!").map(|()| "read")
+        })
+        .unwrap();
+        assert!(moved.is_none(), "written during the read");
     }
 
     /// A rewrite in place and a symlink swap are both seen; unchanged content is acted on

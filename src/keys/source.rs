@@ -21,7 +21,7 @@ use super::snapshot::{Snapshot, Source};
 pub use super::spool::{persist, Spool, StateLock, StateLockError};
 use super::store::KeyStore;
 use crate::config::KeysConfig;
-use crate::file_watch::{Taken, Watch, Watched, SETTLE};
+use crate::file_watch::{self, Taken, Watch, Watched, SETTLE};
 
 /// What the key sources act on. Implemented by the application.
 pub trait Host: Send + Sync + 'static {
@@ -206,7 +206,7 @@ pub fn load_initial(host: &impl Host) {
             path,
             state_file: Some(state_file),
         } => load_file_over_kept(host, path, state_file),
-        KeySource::File { path, .. } => load_file(host, path, Source::File),
+        KeySource::File { path, .. } => load_key_file(host, path),
         KeySource::Control { state_file, seed } => {
             Spool::remove_leftovers(state_file);
             if state_file.exists() {
@@ -232,6 +232,15 @@ fn load_file(host: &impl Host, path: &Path, source: Source) -> Result<Arc<Snapsh
     load_file_as(host, path, source, Admission::Guarded, None)
 }
 
+/// `keys.file` at start, once it holds still ([`settled`]): a start while it was being
+/// rewritten in place loaded the half written so far (3 starts of 8 under a writer that
+/// rewrote it in a loop).
+fn load_key_file(host: &impl Host, path: &Path) -> Result<Arc<Snapshot>, LoadError> {
+    settled(path).and_then(|digest| {
+        load_file_as(host, path, Source::File, Admission::Guarded, Some(&digest))
+    })
+}
+
 /// A file source's start with `keys.state_file`: the snapshot last accepted from the file
 /// (kept there) first, then the file through the guard against it. A file refused at
 /// start (a bad or guarded Secret rolled out, the pod restarted) leaves the last accepted
@@ -253,7 +262,7 @@ fn load_file_over_kept(
     if kept.is_some() && file_digest(path).ok() == kept {
         return Ok(host.key_store().load().expect("loaded above"));
     }
-    load_file(host, path, Source::File)
+    load_key_file(host, path)
 }
 
 /// After a snapshot from `keys.file` (`path`) is installed: keep it in `keys.state_file`,
@@ -339,19 +348,20 @@ pub fn reload_file(host: &impl Host, admission: Admission) -> Result<Arc<Snapsho
 /// How many [`SETTLE`] waits a reload asked for gives a file being written.
 const SETTLE_TRIES: u32 = 8;
 
-/// Wait until two reads of `path` [`SETTLE`] apart find the same content, as the watcher
-/// does: a file rewritten in place may be read half-written, and half a key file can
-/// parse (a key cut before its `status: disabled` line would be let in). The digest they
-/// agreed on: the content the load that follows must find.
+/// Wait until `path` holds still: a read during which its stamp did not move, of a file
+/// left alone for [`SETTLE`] (at once for a file written well before, or after waits of
+/// `SETTLE`). A file rewritten in place may be read half-written, and half a key file can
+/// parse (a key cut before its `status: disabled` line would be let in); two reads that
+/// each caught a rewrite at the same point agree on content, so content alone does not
+/// say a file is whole. The digest read: the content the load that follows must find.
 fn settled(path: &Path) -> Result<String, LoadError> {
-    let mut last = file_digest(path)?;
-    for _ in 0..SETTLE_TRIES {
-        std::thread::sleep(SETTLE);
-        let now = file_digest(path)?;
-        if now == last {
-            return Ok(now);
+    for _ in 0..=SETTLE_TRIES {
+        if let Some((digest, stamp)) = file_watch::steady(path, || file_digest(path))? {
+            if stamp.quiet_for(SETTLE, SystemTime::now()) {
+                return Ok(digest);
+            }
         }
-        last = now;
+        std::thread::sleep(SETTLE);
     }
     Err(LoadError::Unsettled)
 }
