@@ -1430,3 +1430,193 @@ async fn a_refused_read_is_retried_backing_off() {
     })
     .await;
 }
+
+/// A TCP relay to `port` that can be shut (every connection through it closed at its next
+/// byte, new ones closed at once: Redis unreachable from one replica alone) and opened again.
+async fn gated_relay(port: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = listener.local_addr().unwrap().port();
+    let open = Arc::new(AtomicBool::new(true));
+    let pipe = |mut from: tokio::net::tcp::OwnedReadHalf,
+                mut to: tokio::net::tcp::OwnedWriteHalf,
+                open: Arc<AtomicBool>| async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if !open.load(Ordering::SeqCst) || to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let gate = open.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            if !gate.load(Ordering::SeqCst) {
+                continue;
+            }
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pipe(cr, sw, gate.clone()));
+            tokio::spawn(pipe(sr, cw, gate.clone()));
+        }
+    });
+    (relay_port, open)
+}
+
+/// Changes made on two replicas while Redis was out of their reach are ordered by when they
+/// were made, not by when each replica reached Redis again: a lift made before a revoke,
+/// stored after it, undid it on every replica (each change was stamped on arrival).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_redis_was_unreachable_keep_the_order_they_were_made_in() {
+    use std::sync::atomic::Ordering;
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let (port_a, gate_a) = gated_relay(redis.port).await;
+    let (port_b, gate_b) = gated_relay(redis.port).await;
+    let config = |port| cluster_yaml_with(port, "local", "200ms");
+    let a = spawn_proxy_with(up.addr, &config(port_a), Some(&keys())).await;
+    let b = spawn_proxy_with(up.addr, &config(port_b), Some(&keys())).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    assert_eq!(admin_post(&a, "key_other", "disable").await.status, 200);
+    eventually("revoked on b", || async {
+        call(&b, OTHER).await.status == 401
+    })
+    .await;
+    let field = sha(OTHER);
+    let stored = redis.hget("keyward:revocations", &field).await.unwrap();
+    gate_a.store(false, Ordering::SeqCst);
+    gate_b.store(false, Ordering::SeqCst);
+    // The lift first, then the revoke: both held where they were made.
+    let lift = admin_post(&b, "key_other", "enable").await;
+    assert_ne!(lift.status, 200, "{}", lift.text());
+    assert_eq!(call(&b, OTHER).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let revoke = admin_post(&a, "key_other", "disable").await;
+    assert_ne!(revoke.status, 200, "{}", revoke.text());
+    // The revoke reaches Redis first, the older lift after it.
+    gate_a.store(true, Ordering::SeqCst);
+    eventually("the revoke stored", || async {
+        redis.hget("keyward:revocations", &field).await.as_ref() != Some(&stored)
+    })
+    .await;
+    gate_b.store(true, Ordering::SeqCst);
+    eventually("the lift superseded on b", || async {
+        call(&b, OTHER).await.status == 401
+    })
+    .await;
+    for _ in 0..20 {
+        for kw in [&a, &b] {
+            assert_eq!(call(kw, OTHER).await.status, 401);
+        }
+        let entry = redis.hget("keyward:revocations", &field).await.unwrap();
+        assert!(entry.contains("|1|"), "{entry}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Redis user without rights on the revocations' channel (Redis 7's default for a new
+/// ACL user): the publish is refused, but the revoke is stored all the same, and taken by
+/// the other replicas from their next read. Before, the stored entry's script failed after
+/// writing it, the change was retried, re-stamped, for ever, and a later change on another
+/// replica was undone every half second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_redis_refuses_to_publish_is_stored_and_read_by_the_fleet() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let _: String = redis
+        .cmd(&["ACL", "SETUSER", "default", "resetchannels"])
+        .await;
+    let r = admin_post(&a, "key_other", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually("revoked on b", || async {
+        call(&b, OTHER).await.status == 401
+    })
+    .await;
+    let r = admin_post(&b, "key_other", "enable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually("lifted on a", || async {
+        call(&a, OTHER).await.status == 200
+    })
+    .await;
+    let field = sha(OTHER);
+    for _ in 0..20 {
+        for kw in [&a, &b] {
+            assert_eq!(call(kw, OTHER).await.status, 200);
+        }
+        let entry = redis.hget("keyward:revocations", &field).await.unwrap();
+        assert!(entry.contains("|0|"), "{entry}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = metric(&a, "keyward_cluster_errors_total{op=\"subscribe\"}").await;
+    assert!(refused.unwrap_or(0.0) >= 1.0, "{refused:?}");
+}
+
+/// A Redis user refused the usage hash (an ACL listing the rate-limit and revocation keys
+/// alone): the usage flush fails, counted, but says nothing of the rate limits, which Redis
+/// still serves. Before, each refused flush marked Redis down: every second the fleet's
+/// limits went local (1.86 times a key's limit) and, with `on_error: deny`, keys got 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_usage_flush_does_not_mark_redis_down() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let keys = snapshot(&[entry(
+        "key_roomy",
+        LIMITED,
+        Some("{ per_second: 100000, burst: 100000 }"),
+    )]);
+    let kw = spawn_proxy_with(up.addr, &cluster_yaml(redis.port, "deny"), Some(&keys)).await;
+    wait_ready(&kw).await;
+    let _: String = redis
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "default",
+            "resetkeys",
+            "~keyward:rl:*",
+            "~keyward:revocations*",
+        ])
+        .await;
+    let start = Instant::now();
+    let mut refused = 0;
+    while start.elapsed() < Duration::from_millis(3500) {
+        if call(&kw, LIMITED).await.status != 200 {
+            refused += 1;
+        }
+    }
+    let flushes = metric(&kw, "keyward_cluster_errors_total{op=\"usage_flush\"}").await;
+    assert!(
+        flushes.unwrap_or(0.0) >= 1.0,
+        "no refused flush: {flushes:?}"
+    );
+    assert_eq!(refused, 0, "requests refused while Redis served the limits");
+    assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(1.0));
+}
+
+/// A Redis that stops taking writes (a replica now, after a failover) is marked down by the
+/// probe within a second or two, with no rate-limited request to find it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_taking_writes_is_marked_down_by_the_probe() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(1.0));
+    let nowhere = free_port().to_string();
+    let _: String = redis.cmd(&["REPLICAOF", "127.0.0.1", &nowhere]).await;
+    eventually("marked down", || async {
+        metric(&kw, "keyward_cluster_up").await == Some(0.0)
+    })
+    .await;
+    let _: String = redis.cmd(&["REPLICAOF", "NO", "ONE"]).await;
+    eventually("up again", || async {
+        metric(&kw, "keyward_cluster_up").await == Some(1.0)
+    })
+    .await;
+}

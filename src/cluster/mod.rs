@@ -29,8 +29,11 @@ use tracing::{info, warn};
 use crate::config::ClusterConfig;
 use metrics::{ClusterMetrics, Op};
 
-/// How often a replica reconnects its shared connection when it has none.
-const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a replica probes a Redis it believes up (and reconnects its shared connection
+/// when it has none): a Redis that starts refusing writes (read-only after a failover, an
+/// ACL changed) is marked down within this even when no rate-limited request comes to find
+/// it out (`keyward_cluster_up` said 1 meanwhile, and the alert stayed silent).
+const PROBE_INTERVAL: Duration = Duration::from_millis(1000);
 /// How often a replica probes a Redis it has marked down: while it is down every
 /// rate-limited key follows `on_error`, so a Redis back after a short stall is seen soon.
 const DOWN_PROBE_INTERVAL: Duration = Duration::from_millis(50);
@@ -70,6 +73,29 @@ impl ClusterError {
     /// rate-limited key to `on_error`; a data error fails its own call alone. Neither is
     /// a connection dropped under us ([`Self::is_dropped`]) or not made yet: a failed
     /// connect is what says Redis is unreachable.
+    /// Redis cannot be reached or cannot answer anything now (unreachable, slow, loading,
+    /// failing over): every call fails alike, whatever it asks.
+    pub fn is_unreachable(&self) -> bool {
+        use redis::ErrorKind as K;
+        if self.is_dropped() {
+            return false;
+        }
+        match self {
+            Self::NotConnected => false,
+            Self::Timeout => true,
+            Self::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || matches!(
+                        e.kind(),
+                        K::BusyLoadingError | K::TryAgain | K::ClusterDown | K::MasterDown
+                    )
+            }
+        }
+    }
+
     pub fn is_outage(&self) -> bool {
         use redis::ErrorKind as K;
         if self.is_dropped() {
@@ -118,6 +144,8 @@ pub struct Cluster {
     /// See [`Self::probe`].
     probe: redis::Script,
     pub metrics: ClusterMetrics,
+    /// When a refused call other than a rate limit was last said at `warn`.
+    refusals_said: crate::logging::Sometimes,
 }
 
 /// The probe's script: one write, as a rate-limit call makes.
@@ -160,6 +188,7 @@ impl Cluster {
             down: tokio::sync::Notify::new(),
             probe: redis::Script::new(PROBE),
             metrics,
+            refusals_said: crate::logging::Sometimes::default(),
         })
     }
 
@@ -255,8 +284,16 @@ impl Cluster {
         if !err.is_dropped() {
             self.metrics.error(op);
         }
-        if err.is_outage() {
+        if err.is_unreachable() || (op.proves_up() && err.is_outage()) {
             self.set_up(false);
+        } else if err.is_outage() {
+            // Redis refuses this call, not a rate limit (an ACL without the usage hash or
+            // the revocations' channel, a read-only Redis taking no usage): says nothing of
+            // whether it can serve rate limits, which the probe asks. Marked down, every
+            // such failure sent the fleet's limits local (1.86 times a key's limit).
+            if self.refusals_said.now() {
+                warn!(op = op.as_str(), error = %err, "redis refuses a call (its rights or state); counted in keyward_cluster_errors_total");
+            }
         } else {
             // Counted in keyward_cluster_errors_total{op}; a rate-limit call is one per
             // request, so no line at warn.
@@ -302,10 +339,12 @@ impl Cluster {
                     }
                 }
             }
-            if self.conn.load().is_some() && !self.is_up() {
+            if self.conn.load().is_some() {
                 match self.probe().await {
                     Ok(()) => {
-                        self.set_up(true);
+                        if !self.is_up() {
+                            self.set_up(true);
+                        }
                         said_probe = false;
                     }
                     Err(e) if !said_probe && !e.is_dropped() => {

@@ -144,25 +144,36 @@ return out
 /// written, [`VERSION`] moves. With `0` (one revoke or lift an operator just made) it is
 /// always stored, stamped with Redis's now, or just after the entry Redis holds if that
 /// one is newer: whatever the clock of the replica it was made on, an operator's latest
-/// change is the latest. A key of another type there is not keyward's (the reads take it
+/// change is the latest. With `2` (an operator's change made while Redis could not be
+/// reached, stored late) it keeps the stamp it was made with (never past Redis's now) and
+/// is stored only if Redis holds nothing newer: stamped at its late arrival, an older lift
+/// undid a revoke made after it on another replica. A publish Redis refuses (an ACL
+/// without the channel) does not undo the write (scripts do not roll back: the entry was
+/// stored, the version not moved, and the change retried, re-stamped, for ever): readers
+/// learn of it from the version. A key of another type there is not keyward's (the reads take it
 /// for an empty hash): it is replaced. Of a whole set, the first `ARGV[5]` entries (the
 /// snapshot's keys') are always taken; the others add no field once the hash holds
 /// `ARGV[4]` (readers refuse a hash past [`MAX_FIELDS`]); an operator's change always is.
-/// Returns how many were stored, the last one's stamp, Redis's now (µs) and how many new
-/// fields were left out for the bound.
+/// Returns how many were stored, the last one's stamp, Redis's now (µs), how many new
+/// fields were left out for the bound and how many stored could not be published.
 const WRITE: &str = r"
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 local whole = ARGV[2] == '1'
+local late = ARGV[2] == '2'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local latest = now + tonumber(ARGV[3])
 local most = tonumber(ARGV[4])
 local known = tonumber(ARGV[5])
-local stored, last, left = 0, 0, 0
+local stored, last, left, unpublished = 0, 0, 0, 0
 for i = 6, #ARGV, 3 do
   local at = tonumber(ARGV[i + 2])
-  if not whole then at = now end
+  if late then
+    if at > now then at = now end
+  elseif not whole then
+    at = now
+  end
   -- A value past MAX_ENTRY_BYTES (160) is not keyward's: counted as none, and replaced,
   -- without copying it into the script.
   local cur = false
@@ -176,7 +187,7 @@ for i = 6, #ARGV, 3 do
     if string.sub(ARGV[i + 1], 1, 2) == '1|' then at = now else take = false end
   end
   if take and cur_at and cur_at >= at then
-    if whole then take = false else at = cur_at + 1 end
+    if whole or late then take = false else at = cur_at + 1 end
   end
   if take and whole and (i - 6) / 3 >= known and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and redis.call('HLEN', KEYS[1]) >= most then
     take = false
@@ -185,7 +196,9 @@ for i = 6, #ARGV, 3 do
   if take then
     local entry = string.format('%d', at) .. '|' .. ARGV[i + 1]
     redis.call('HSET', KEYS[1], ARGV[i], entry)
-    redis.call('PUBLISH', ARGV[1], ARGV[i] .. '\n' .. entry)
+    if type(redis.pcall('PUBLISH', ARGV[1], ARGV[i] .. '\n' .. entry)) == 'table' then
+      unpublished = unpublished + 1
+    end
     stored = stored + 1
     last = at
   end
@@ -203,8 +216,30 @@ if stored > 0 then
   end
   redis.call('HSET', KEYS[1], 'version', epoch .. '.' .. string.format('%d', tonumber(count) + 1))
 end
-return {stored, last, now, left}
+return {stored, last, now, left, unpublished}
 ";
+
+/// How [`WRITE`] stores what it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// An operator's change, just made: stamped with Redis's now, after what it holds.
+    Now,
+    /// A replica's whole set, written back: only what is newer than Redis's.
+    Whole,
+    /// An operator's change made while Redis could not be reached: with the stamp it was
+    /// made with, only if nothing newer is there.
+    Late,
+}
+
+impl Write {
+    fn arg(self) -> &'static str {
+        match self {
+            Write::Now => "0",
+            Write::Whole => "1",
+            Write::Late => "2",
+        }
+    }
+}
 
 /// The most fields a whole set's write-back leaves the hash with by entries of keys in no
 /// snapshot of its writer (junk, or revokes of keys since removed): half of [`MAX_FIELDS`],
@@ -329,6 +364,8 @@ pub struct Revocations {
     store: Arc<KeyStore>,
     /// Entries were left out of a write-back for the bound, and that was logged.
     said_bounded: AtomicBool,
+    /// When a refused publish was last said.
+    said_unpublished: crate::logging::Sometimes,
     set: ArcSwap<Set>,
     /// Moved after each replacement of `set` (see [`Self::generation`]).
     generation: AtomicU64,
@@ -393,6 +430,7 @@ impl Revocations {
             cluster: cluster.cloned(),
             store,
             said_bounded: AtomicBool::new(false),
+            said_unpublished: crate::logging::Sometimes::default(),
             set: ArcSwap::from_pointee(Set::new()),
             generation: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
@@ -475,7 +513,10 @@ impl Revocations {
             return Err(ClusterError::NotConnected);
         };
         self.pend(digest, entry.clone());
-        let stamped = self.store(cluster, &digest, &entry).await?;
+        let stamped = self
+            .store(cluster, &digest, &entry, Write::Now)
+            .await?
+            .unwrap_or(entry.at_us);
         self.stored(&digest, &entry);
         if stamped != entry.at_us {
             // Redis held a newer entry (another replica's clock is ahead): this one was
@@ -510,8 +551,9 @@ impl Revocations {
         }
     }
 
-    /// Store the changes made here while Redis was unreachable, as an operator's changes
-    /// are stored (stamped by Redis now), and hold each under the stamp Redis gave it.
+    /// Store the changes made here while Redis was unreachable, each with the stamp it was
+    /// made with, unless Redis holds a change made after it (on another replica, or this
+    /// one's own that reached Redis after all): then that one stands, here too, read at once.
     async fn flush_pending(&self, cluster: &Cluster) -> Result<(), ClusterError> {
         let waiting: Vec<(Digest, Entry)> = self
             .pending()
@@ -519,10 +561,19 @@ impl Revocations {
             .map(|(d, e)| (*d, e.clone()))
             .collect();
         for (digest, mut entry) in waiting {
-            let stamped = self.store(cluster, &digest, &entry).await?;
+            let stamped = self.store(cluster, &digest, &entry, Write::Late).await?;
+            self.stored(&digest, &entry);
+            let Some(stamped) = stamped else {
+                self.full_read_due.store(true, Ordering::Release);
+                info!(
+                    key_id = &*entry.id,
+                    disabled = entry.disabled,
+                    "revocation made while redis was unreachable superseded by a later change in redis; that one holds"
+                );
+                continue;
+            };
             entry.at_us = stamped;
             self.merge([(digest, entry.clone())], Origin::Here);
-            self.stored(&digest, &entry);
             info!(
                 key_id = &*entry.id,
                 disabled = entry.disabled,
@@ -538,9 +589,10 @@ impl Revocations {
         cluster: &Cluster,
         digest: &Digest,
         entry: &Entry,
-    ) -> Result<u64, ClusterError> {
-        let (_, stamped, _) = self.write(cluster, [(digest, entry)], false, 0).await?;
-        Ok(u64::try_from(stamped).unwrap_or(entry.at_us))
+        mode: Write,
+    ) -> Result<Option<u64>, ClusterError> {
+        let (stored, stamped, _) = self.write(cluster, [(digest, entry)], mode, 0).await?;
+        Ok((stored > 0).then(|| u64::try_from(stamped).unwrap_or(entry.at_us)))
     }
 
     /// Run [`WRITE`] on `entries`; `whole`: they are this replica's whole set. How many
@@ -550,12 +602,12 @@ impl Revocations {
         &self,
         cluster: &Cluster,
         entries: impl IntoIterator<Item = (&'a Digest, &'a Entry)>,
-        whole: bool,
+        mode: Write,
         known: usize,
     ) -> Result<(i64, i64, u64), ClusterError> {
         let mut call = self.script.key(cluster.key("revocations"));
         call.arg(cluster.key("revocations:events"))
-            .arg(if whole { "1" } else { "0" })
+            .arg(mode.arg())
             .arg(FUTURE_BOUND_US)
             .arg(MOST_WRITTEN_BACK)
             .arg(known);
@@ -566,14 +618,23 @@ impl Revocations {
         }
         let call = &call;
         let before = now_micros();
-        let (stored, last, redis_now, left) = cluster
+        let (stored, last, redis_now, left, unpublished) = cluster
             .call(Op::Revoke, |mut c| async move {
-                call.invoke_async::<(i64, i64, u64, u64)>(&mut c).await
+                call.invoke_async::<(i64, i64, u64, u64, u64)>(&mut c).await
             })
             .await?;
         self.clock.learn(redis_now, before, now_micros());
         if left > 0 {
             self.bounded(cluster, "written back", left);
+        }
+        if unpublished > 0 {
+            cluster.metrics.error(Op::Subscribe);
+            if self.said_unpublished.now() {
+                warn!(
+                    channel = cluster.key("revocations:events"),
+                    "redis refused to publish a stored revocation (an ACL without the channel?): other replicas take it from their next read (within a second), not at once"
+                );
+            }
         }
         Ok((stored, last, left))
     }
@@ -781,7 +842,7 @@ impl Revocations {
         let mut back: Vec<_> = believable().collect();
         back.sort_by_key(|(digest, _)| !self.known(digest));
         let known = back.iter().take_while(|(d, _)| self.known(d)).count();
-        let (stored, _, _) = self.write(cluster, back, true, known).await?;
+        let (stored, _, _) = self.write(cluster, back, Write::Whole, known).await?;
         info!(
             stored,
             held = ours.len(),
