@@ -558,6 +558,7 @@ async fn query_keys_are_read_by_decisions_only_when_keys_may_be_forwarded() {
             "%20api_key",
             "api[key",
             "API_KEY",
+            "x=1;api_key",
         ] {
             let path = format!("/v1/items?{name}={garbage}");
             let key = [("x-api-key", SERVICE_KEY)];

@@ -97,24 +97,38 @@ fn from_header<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Candidate
     }
 }
 
+/// The query credential, read with `;` separating parameters as `&` does (Rack 2, Perl's
+/// CGI and older Python `parse_qs` split on both), as [`has_query_param`] and
+/// [`strip_query_param`] read it: `x=1;api_key=A` beside a header key is two keys
+/// (ambiguous), never the header's checked and `A` handed to such an app unchecked. A key
+/// followed by `;` is malformed: an app splitting on `&` alone reads `A;x=1`, not the `A`
+/// checked.
 fn from_query<'a>(query: Option<&'a str>, name: &str) -> Candidate<'a> {
     let Some(query) = query else {
         return Candidate::Absent;
     };
     let name = ParamName::new(name);
     let mut found = None;
-    for pair in query.split('&') {
+    let mut rest = query;
+    loop {
+        let end = rest.find(['&', ';']).unwrap_or(rest.len());
+        let pair = &rest[..end];
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if name.matches(k) {
             if found.is_some() {
                 return Candidate::Duplicate;
             }
-            found = Some(v);
+            found = Some((v, rest[end..].starts_with(';')));
         }
+        if end == rest.len() {
+            break;
+        }
+        rest = &rest[end + 1..];
     }
     match found {
         None => Candidate::Absent,
-        Some(v) => match percent_decode(v) {
+        Some((_, true)) => Candidate::Malformed,
+        Some((v, false)) => match percent_decode(v) {
             Some(bytes) if well_formed(&bytes) => Candidate::Key(Cow::Owned(bytes)),
             _ => Candidate::Malformed,
         },
@@ -426,6 +440,31 @@ mod tests {
             Err(CredentialError::Malformed)
         );
         assert_eq!(extract(&h, Some("x=1"), &q), Err(CredentialError::Missing));
+        // `;` separates parameters as `&` does, as the stripping reads it: a key after one
+        // is read, and beside a header key (or another query key) is ambiguous.
+        let k = extract(&h, Some("x=1;api_key=sta_Abcdefgh"), &q).unwrap();
+        assert_eq!(&*k, b"sta_Abcdefgh");
+        let mut both = q.clone();
+        both.insert(
+            0,
+            CredentialSource::Header {
+                header: http::HeaderName::from_static("x-api-key"),
+            },
+        );
+        let header = map(&[("x-api-key", KEY)]);
+        assert_eq!(
+            extract(&header, Some("x=1;api_key=sta_Abcdefgh"), &both),
+            Err(CredentialError::Ambiguous)
+        );
+        assert_eq!(
+            extract(&h, Some("api_key=sta_Abcdefgh;API_KEY=sta_Zbcdefgh"), &q),
+            Err(CredentialError::Ambiguous)
+        );
+        // A key followed by `;` is `sta_Abcdefgh;x=1` to an app splitting on `&` alone.
+        assert_eq!(
+            extract(&h, Some("api_key=sta_Abcdefgh;x=1"), &q),
+            Err(CredentialError::Malformed)
+        );
         let k = extract(&h, Some("api_key=sta_%2B%25%7e12345"), &q).unwrap();
         assert_eq!(&*k, b"sta_+%~12345", "escapes decode once; `%2B` is a plus");
         for bad in [
