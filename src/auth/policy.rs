@@ -170,7 +170,8 @@ impl Policy {
     }
 
     /// The scopes (any of) that allow `method`; `None`: no rule names the method, so no key
-    /// may use it (fail closed).
+    /// may use it (fail closed). At most one rule names it: the config refuses a method
+    /// listed in two.
     pub fn method_scopes(&self, method: &Method) -> Option<&[String]> {
         self.scopes
             .iter()

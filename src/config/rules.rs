@@ -115,6 +115,20 @@ pub(super) fn validate_scopes(scopes: &[ScopeRule]) -> Result<(), ConfigError> {
             ));
         }
         check_scope_names(&format!("scopes[{i}].any_of"), &rule.any_of)?;
+        // A method is governed by the first rule naming it: a later rule for it would
+        // never apply, and silently (`DELETE` asking `admin` below a rule that lets
+        // `read` delete).
+        for m in &rule.methods {
+            if let Some(j) = scopes[..i].iter().position(|e| e.methods.contains(m)) {
+                return Err(invalid(
+                    format!("scopes[{i}].methods"),
+                    format!(
+                        "{m} is already governed by scopes[{j}] (any_of {}): list each method in one rule",
+                        scopes[j].any_of.join(", ")
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }

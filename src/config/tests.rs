@@ -526,6 +526,11 @@ fn settings_that_would_mislead_or_fail_open_are_refused() {
             "not a scope",
         ),
         (
+            "scopes: [{ methods: [GET, HEAD, OPTIONS, DELETE], any_of: [read, write] }, { methods: [POST], any_of: [write] }, { methods: [delete], any_of: [admin] }]\n",
+            "scopes[2].methods",
+            "DELETE is already governed by scopes[0] (any_of read, write)",
+        ),
+        (
             "introspection_path: /healthz\nroutes: [{ path: /healthz, public: true }]\n",
             "introspection_path",
             "routes[0]",

@@ -136,21 +136,17 @@ impl<'a> Here<'a> {
     }
 
     /// Can `key` use any method on any protected route? With no rules known: has it any
-    /// scope at all. A method is judged by the first `scopes` rule naming it, as a request
-    /// is (a later rule for the same method never applies); a route by its `any_of`, and a
-    /// protected `prefix: /` rule takes every path no rule before it took.
+    /// scope at all. A method is judged by the one `scopes` rule naming it (the config
+    /// refuses a method in two); a route by its `any_of`, and a protected `prefix: /` rule
+    /// takes every path no rule before it took.
     fn can_use_a_method(&self, key: &Key) -> bool {
         if self.scope_rules.is_empty() {
             return !key.scopes().is_empty();
         }
-        let rules = self.scope_rules;
-        let method = rules.iter().enumerate().any(|(i, r)| {
-            let first_for_some = r
-                .methods
-                .iter()
-                .any(|m| !rules[..i].iter().any(|e| e.methods.contains(m)));
-            first_for_some && key.has_any_scope(&r.any_of)
-        });
+        let method = self
+            .scope_rules
+            .iter()
+            .any(|r| key.has_any_scope(&r.any_of));
         method && self.can_reach_a_route(key)
     }
 
@@ -501,16 +497,16 @@ mod tests {
         assert_eq!(d.locked_out, ["k1", "k4"]);
     }
 
-    /// A key's scopes are judged as requests judge them: by the first `scopes` rule naming
-    /// each method, and by the `any_of` of the protected routes (a `prefix: /` rule takes
-    /// every path left).
+    /// A key's scopes are judged as requests judge them: by the `scopes` rule naming each
+    /// method, and by the `any_of` of the protected routes (a `prefix: /` rule takes every
+    /// path left).
     #[test]
-    fn scopes_are_judged_by_the_first_rule_and_the_routes() {
+    fn scopes_are_judged_by_the_rules_and_the_routes() {
         let yaml = |extra: &str| {
             format!("listen: 127.0.0.1:1\nupstream: http://a:1\nenvironment: production\nkeys: {{ file: k }}\n{extra}")
         };
-        let shadowed = Config::from_yaml(&yaml(
-            "scopes: [{ methods: [GET, POST], any_of: [read] }, { methods: [GET], any_of: [legacy] }]\n",
+        let rules = Config::from_yaml(&yaml(
+            "scopes: [{ methods: [GET, POST], any_of: [read] }, { methods: [DELETE], any_of: [admin] }]\n",
         ))
         .unwrap();
         let routed = Config::from_yaml(&yaml(
@@ -519,8 +515,11 @@ mod tests {
         .unwrap();
         let old = snap(&[entry("k1", "a", "")]);
         let legacy = snap(&[entry("k1", "a", "").replace("scopes: [read]", "scopes: [legacy]")]);
-        let d = diff(&old, &legacy, Here::of(&shadowed));
-        assert_eq!(d.locked_out, ["k1"], "GET is read's: legacy is never asked");
+        let d = diff(&old, &legacy, Here::of(&rules));
+        assert_eq!(d.locked_out, ["k1"], "no rule asks for legacy");
+        let admin = snap(&[entry("k1", "a", "").replace("scopes: [read]", "scopes: [admin]")]);
+        let d = diff(&old, &admin, Here::of(&rules));
+        assert!(d.locked_out.is_empty(), "admin may DELETE");
         let with_api =
             snap(&[entry("k1", "a", "").replace("scopes: [read]", "scopes: [read, api]")]);
         let d = diff(&with_api, &old, Here::of(&routed));
