@@ -4,7 +4,7 @@
 
 use std::time::SystemTime;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::key::{Key, RateLimit};
 use super::text::Text;
@@ -34,17 +34,17 @@ pub struct Meta {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyDoc {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "required")]
     pub id: Box<str>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "required")]
     pub sha256: Box<str>,
-    #[serde(default, rename = "type")]
+    #[serde(default, rename = "type", deserialize_with = "required")]
     pub kind: Box<str>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "required")]
     pub subject_id: Box<str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_email: Option<Box<str>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "required")]
     pub account_id: Box<str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account_short_id: Option<Box<str>>,
@@ -52,7 +52,7 @@ pub struct KeyDoc {
     pub enterprise_id: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub org_id: Option<Box<str>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "items")]
     pub scopes: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<Box<str>>,
@@ -62,10 +62,37 @@ pub struct KeyDoc {
     pub not_before: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Box<str>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_items"
+    )]
     pub delegate_accounts: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+}
+
+/// A required string field, null read as empty (which `validate` refuses as it refuses a
+/// missing value, naming the entry and the field). Asked for a string, serde_yaml reads
+/// YAML's null (`null`, `~`, `Null`, `NULL`, unquoted) as that text, so `subject_id: null`
+/// was a subject named `null` where JSON's `"subject_id": null` was refused; read as an
+/// option first, null is null in both, as it is for the optional fields. A quoted `"null"`
+/// is a string, and stays one.
+fn required<'de, D: Deserializer<'de>>(d: D) -> Result<Box<str>, D::Error> {
+    Ok(Option::<Box<str>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A list of ids or scopes, a null item read as empty (refused by `validate`), for the
+/// same reason as [`required`]: `scopes: [null]` is no scope named `null`.
+fn items<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let items = Vec::<Option<String>>::deserialize(d)?;
+    Ok(items.into_iter().map(Option::unwrap_or_default).collect())
+}
+
+/// [`items`] for an optional list (null or absent: none).
+fn optional_items<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let items = Option::<Vec<Option<String>>>::deserialize(d)?;
+    Ok(items.map(|i| i.into_iter().map(Option::unwrap_or_default).collect()))
 }
 
 impl Key {

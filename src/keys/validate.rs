@@ -336,6 +336,68 @@ mod tests {
         assert!(refuse(&no_subject).contains("subject_id"));
     }
 
+    /// YAML's null is no value, as JSON's `null` is: serde_yaml read `subject_id: null`
+    /// (or `~`, `Null`, `NULL`) as the text, a subject named `null` forwarded to the app.
+    /// A required field or a list item written so is refused, naming the entry and the
+    /// field; an optional field so written is absent; a quoted `"null"` is a string.
+    #[test]
+    fn null_spellings_of_required_values_are_refused_as_in_json() {
+        let enterprise = |extra: &str| {
+            entry(extra).replace("type: service_account", "type: enterprise_service_account")
+        };
+        for null in ["null", "~", "Null", "NULL", ""] {
+            let sha = format!("sha256: {SHA}");
+            for (written, field, id) in [
+                ("subject_id: s1", "subject_id", "key_a"),
+                ("account_id: a1", "account_id", "key_a"),
+                ("- id: key_a", "id", "(invalid)"),
+                (sha.as_str(), "sha256", "key_a"),
+                ("type: service_account", "type", "key_a"),
+                ("scopes: [read]", "scopes", "key_a"),
+            ] {
+                let null_written = match field {
+                    "id" => format!("- id: {null}"),
+                    // `[read, ]` is `[read]`: an empty item is written `[read, '']`.
+                    "scopes" if null.is_empty() => "scopes: [read, '']".into(),
+                    "scopes" => format!("scopes: [read, {null}]"),
+                    _ => format!("{field}: {null}"),
+                };
+                let text = entry("").replace(written, &null_written);
+                assert_ne!(text, entry(""), "{written}");
+                let e = refuse(&text);
+                let want = format!("keys[0] id={id}: {field}: ");
+                assert!(e.starts_with(&want), "{field}: {null:?}: {e}");
+            }
+            let item = if null.is_empty() { "''" } else { null };
+            let e = refuse(&enterprise(&format!(
+                "    delegate_accounts: [c1, {item}]\n"
+            )));
+            assert!(
+                e.starts_with("keys[0] id=key_a: delegate_accounts: "),
+                "{null:?}: {e}"
+            );
+        }
+        // The same document as JSON: the same refusal.
+        let json = format!(
+            r#"{{"keys": [{{"id": "key_a", "sha256": "{SHA}", "type": "service_account", "subject_id": null, "account_id": "a1"}}]}}"#
+        );
+        assert!(refuse(&json).starts_with("keys[0] id=key_a: subject_id: is required"));
+        // Optional fields written as null are absent.
+        let s = Snapshot::parse(
+            &entry("    subject_email: null\n    org_id: ~\n    delegate_accounts: NULL\n"),
+            Source::File,
+        )
+        .unwrap();
+        let k = s.by_id("key_a").unwrap();
+        assert!(k.subject_email().is_none());
+        assert!(k.org_id().is_none());
+        assert_eq!(*k.delegation(), Delegation::None);
+        // A quoted `null` is a string.
+        let quoted = entry("").replace("subject_id: s1", "subject_id: \"null\"");
+        let s = Snapshot::parse(&quoted, Source::File).unwrap();
+        assert_eq!(s.by_id("key_a").unwrap().subject_id.as_str(), "null");
+    }
+
     #[test]
     fn digest_errors_do_not_echo_the_value() {
         let raw = "sta_this_is_a_pasted_raw_key_not_a_digest";
