@@ -378,7 +378,11 @@ fn check(path: &Path) -> Result<(), CliError> {
     // The same check `run` makes: the environment must be usable as a header value.
     IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
     if let Some(tls) = &config.tls {
-        match tls::check(tls)? {
+        let checked = tls::check(tls)?;
+        for warning in &checked.warnings {
+            eprintln!("warning: {warning}");
+        }
+        match checked.validity {
             Some(v) => {
                 let not_after = humantime::format_rfc3339_seconds(v.not_after);
                 println!("{}: valid until {not_after}: ok", tls.cert.display());

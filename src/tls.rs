@@ -98,6 +98,8 @@ struct Built {
     config: ServerConfig,
     validity: Option<Validity>,
     crl: CrlDue,
+    /// Older lists of an issuer that were not applied.
+    set_aside: SetAside,
 }
 
 /// When the lists of `tls.client_crl` are due to be replaced: the earliest `nextUpdate`
@@ -171,18 +173,147 @@ fn file_err(field: &'static str, path: &Path, reason: impl ToString) -> TlsError
     }
 }
 
-/// The CRLs of a `tls.client_crl` file: at least one, each well-formed.
+/// The CRLs of a `tls.client_crl` file: at least one, each well-formed, the newest of each
+/// issuer only (see [`newest_of_each_issuer`]).
 fn revocation_lists(
     path: &Path,
     pem: &[u8],
-) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+        SetAside,
+    ),
+    TlsError,
+> {
     let crls: Vec<_> = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
         .map_err(|e| file_err("client_crl", path, e))?;
     if crls.is_empty() {
         return Err(file_err("client_crl", path, "no PEM revocation list found"));
     }
-    Ok(crls)
+    Ok(newest_of_each_issuer(crls))
+}
+
+/// What tells two lists of one issuer apart: which certificates they speak for (issuer and
+/// issuing distribution point, as rustls-webpki matches them) and which is newer.
+struct CrlStanding {
+    issuer: x509_cert::name::Name,
+    /// The issuing distribution point extension, as encoded: lists of one issuer with
+    /// different scopes (a partitioned CRL) are not older and newer versions of each other.
+    scope: Option<Vec<u8>>,
+    /// The CRL Number, big-endian without leading zeros.
+    number: Option<Vec<u8>>,
+    this_update: SystemTime,
+}
+
+impl CrlStanding {
+    fn of(crl: &rustls::pki_types::CertificateRevocationListDer<'_>) -> Option<Self> {
+        use x509_cert::der::oid::ObjectIdentifier;
+        use x509_cert::der::Decode as _;
+        use x509_cert::ext::pkix::CrlNumber;
+        // RFC 5280 5.2.3 and 5.2.5. Not `AssociatedOid`: x509-cert 0.3.0 gives
+        // `IssuingDistributionPoint` the OID of Subject Information Access.
+        const CRL_NUMBER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.20");
+        const ISSUING_DISTRIBUTION_POINT: ObjectIdentifier =
+            ObjectIdentifier::new_unwrap("2.5.29.28");
+        let list: x509_cert::crl::CertificateList =
+            x509_cert::crl::CertificateList::from_der(crl.as_ref()).ok()?;
+        let tbs = list.tbs_cert_list;
+        let ext = |oid| {
+            tbs.crl_extensions
+                .iter()
+                .flatten()
+                .find(|e| e.extn_id == oid)
+                .map(|e| e.extn_value.as_bytes().to_vec())
+        };
+        let number = match ext(CRL_NUMBER) {
+            Some(der) => Some(CrlNumber::from_der(&der).ok()?.0.as_bytes().to_vec()),
+            None => None,
+        };
+        Some(Self {
+            scope: ext(ISSUING_DISTRIBUTION_POINT),
+            number,
+            this_update: SystemTime::UNIX_EPOCH + tbs.this_update.to_unix_duration(),
+            issuer: tbs.issuer,
+        })
+    }
+
+    fn same_lists_as(&self, other: &Self) -> bool {
+        self.issuer == other.issuer && self.scope == other.scope
+    }
+
+    /// Newer than `other`: the higher CRL Number when both have one (RFC 5280 5.2.3: it
+    /// only grows), the later `thisUpdate` otherwise (and between equal numbers).
+    fn newer_than(&self, other: &Self) -> bool {
+        match (&self.number, &other.number) {
+            (Some(a), Some(b)) if a != b => (a.len(), a) > (b.len(), b),
+            _ => self.this_update > other.this_update,
+        }
+    }
+}
+
+/// Lists of `tls.client_crl` set aside beside a newer one of the same issuer: the issuer of
+/// each (RFC 4514).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct SetAside(Vec<String>);
+
+impl SetAside {
+    /// What to say about them, if any were set aside.
+    fn problem(&self) -> Option<String> {
+        let mut issuers = self.0.clone();
+        issuers.sort();
+        issuers.dedup();
+        match self.0.len() {
+            0 => None,
+            n => Some(format!(
+                "holds {n} older list{} beside a newer one of the same issuer ({}): set aside, the newest of each issuer is applied",
+                if n == 1 { "" } else { "s" },
+                issuers.join("; ")
+            )),
+        }
+    }
+
+    /// Say it at `warn` (at each load: a bundle that keeps old lists is worth fixing).
+    fn warn(&self, tls: &TlsConfig) {
+        if let (Some(problem), Some(path)) = (self.problem(), &tls.client_crl) {
+            tracing::warn!(crl = %path.display(), "TLS client_crl {problem}");
+        }
+    }
+}
+
+/// The newest list of each issuer (and issuing distribution point), in the order of the
+/// file. rustls-webpki consults the first list it finds for a certificate's issuer: an older
+/// list ahead of a newer one in the file (`cat old.crl new.crl`) would hide every
+/// certificate revoked since. A list `x509-cert` cannot read is kept as it is.
+fn newest_of_each_issuer(
+    crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+) -> (
+    Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    SetAside,
+) {
+    let standing: Vec<Option<CrlStanding>> = crls.iter().map(CrlStanding::of).collect();
+    // The newest of each issuer so far, in file order: one is kept of each however the
+    // lists compare (one of equals: the first).
+    let mut newest: Vec<(usize, &CrlStanding)> = Vec::new();
+    for (i, this) in standing.iter().enumerate() {
+        let Some(this) = this else { continue };
+        match newest.iter_mut().find(|(_, n)| n.same_lists_as(this)) {
+            Some(n) if this.newer_than(n.1) => *n = (i, this),
+            Some(_) => {}
+            None => newest.push((i, this)),
+        }
+    }
+    let mut set_aside = SetAside::default();
+    let mut kept = Vec::with_capacity(newest.len());
+    for (i, crl) in crls.into_iter().enumerate() {
+        match &standing[i] {
+            Some(this) if !newest.iter().any(|(n, _)| *n == i) => {
+                set_aside.0.push(this.issuer.to_string());
+            }
+            _ => kept.push(crl),
+        }
+    }
+    (kept, set_aside)
 }
 
 /// Largest certificate, key or CA bundle file read (a full public CA bundle is about 250 KB).
@@ -247,6 +378,7 @@ impl TlsFiles {
         }
         let validity = Validity::of(&certs[0]);
         let mut crl = CrlDue::NoLists;
+        let mut set_aside = SetAside::default();
         let key = PrivateKeyDer::from_pem_slice(&self.key)
             .map_err(|e| file_err("key", &tls.key, format!("no usable PEM private key ({e})")))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -270,8 +402,9 @@ impl TlsFiles {
                 let mut verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
                 if let (Some(crl_path), Some(crl_pem)) = (&tls.client_crl, &self.client_crl) {
-                    let crls = revocation_lists(crl_path, crl_pem)?;
+                    let (crls, older) = revocation_lists(crl_path, crl_pem)?;
                     crl = CrlDue::of(&crls);
+                    set_aside = older;
                     // Every certificate of the chain is checked, intermediates the client
                     // sends included: an issuing CA its root revoked mints no more clients.
                     verifier = verifier.with_crls(crls);
@@ -300,6 +433,7 @@ impl TlsFiles {
             config,
             validity,
             crl,
+            set_aside,
         })
     }
 }
@@ -310,9 +444,17 @@ pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfig, TlsError> {
     Ok(TlsFiles::read(tls)?.build(tls)?.config)
 }
 
+/// What `keyward check` found about files that load: the served certificate's validity, and
+/// what is worth saying though it fails nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub validity: Option<Validity>,
+    pub warnings: Vec<String>,
+}
+
 /// `keyward check`: the files load, the certificate is valid now, and the revocation lists
 /// are current.
-pub fn check(tls: &TlsConfig) -> Result<Option<Validity>, TlsError> {
+pub fn check(tls: &TlsConfig) -> Result<Checked, TlsError> {
     let built = TlsFiles::read(tls)?.build(tls)?;
     let now = SystemTime::now();
     if let Some(problem) = built.validity.and_then(|v| v.problem(now)) {
@@ -321,7 +463,14 @@ pub fn check(tls: &TlsConfig) -> Result<Option<Validity>, TlsError> {
     if let (Some(problem), Some(path)) = (built.crl.problem(now), &tls.client_crl) {
         return Err(file_err("client_crl", path, problem));
     }
-    Ok(built.validity)
+    let warnings = match (built.set_aside.problem(), &tls.client_crl) {
+        (Some(problem), Some(path)) => vec![file_err("client_crl", path, problem).to_string()],
+        _ => Vec::new(),
+    };
+    Ok(Checked {
+        validity: built.validity,
+        warnings,
+    })
 }
 
 /// Accepts TLS connections with the current server config.
@@ -388,6 +537,7 @@ impl TlsAcceptor {
             None => unreadable_validity(&tls.cert),
         }
         built.crl.warn(tls);
+        built.set_aside.warn(tls);
         let crl_due = tls.client_crl.as_ref().map(|_| {
             prometheus::Gauge::new(
                 "keyward_tls_crl_next_update_timestamp_seconds",
@@ -509,10 +659,12 @@ impl Watched for TlsWatch {
                 config,
                 validity,
                 crl,
+                set_aside,
             }) => {
                 self.acceptor.replace(config);
                 self.acceptor.served(validity, crl);
                 crl.warn(&self.tls);
+                set_aside.warn(&self.tls);
                 if validity.is_none() {
                     unreadable_validity(&self.tls.cert);
                 }
@@ -570,7 +722,7 @@ mod tests {
             std::fs::write(&c.key, key).unwrap();
         };
         write(pair_valid(2020, 2098));
-        let v = check(&c).unwrap().expect("validity read");
+        let v = check(&c).unwrap().validity.expect("validity read");
         assert_eq!(
             v.not_after,
             humantime::parse_rfc3339("2098-01-01T00:00:00Z").unwrap()
@@ -595,7 +747,7 @@ mod tests {
         // A validity `x509-cert` cannot read (before 1970): the certificate loads, its
         // expiry is unknown, and the gauge reads 0 (the alert fires on it).
         write(pair_valid(1950, 2021));
-        assert_eq!(check(&c).unwrap(), None);
+        assert_eq!(check(&c).unwrap().validity, None);
         let acceptor = TlsAcceptor::load(&c, DEFAULT_HANDSHAKE_TIMEOUT).unwrap();
         assert_eq!(acceptor.expiry_gauge().get(), 0.0);
     }
@@ -713,6 +865,119 @@ mod tests {
         assert!(
             e.starts_with("tls.client_crl: ") && e.contains("nextUpdate (2025-01-01T00:00:00Z)"),
             "{e}"
+        );
+    }
+
+    /// A CA that signs revocation lists, named `name`.
+    fn crl_issuer(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        (params.self_signed(&key).unwrap(), key)
+    }
+
+    /// A list of `issuer` numbered `number`, its `thisUpdate` in `year`, for the certificates
+    /// of distribution point `scope` if given.
+    fn crl_of(
+        issuer: &(rcgen::Certificate, rcgen::KeyPair),
+        number: u64,
+        year: i32,
+        scope: Option<&str>,
+    ) -> rustls::pki_types::CertificateRevocationListDer<'static> {
+        signed_crl(issuer, number, year, scope).der().clone()
+    }
+
+    fn signed_crl(
+        (ca, key): &(rcgen::Certificate, rcgen::KeyPair),
+        number: u64,
+        year: i32,
+        scope: Option<&str>,
+    ) -> rcgen::CertificateRevocationList {
+        rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(year, 1, 1),
+            next_update: rcgen::date_time_ymd(2090, 1, 1),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: scope.map(|uri| rcgen::CrlIssuingDistributionPoint {
+                distribution_point: rcgen::CrlDistributionPoint {
+                    uris: vec![uri.to_string()],
+                },
+                scope: None,
+            }),
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(ca, key)
+        .unwrap()
+    }
+
+    /// Of two lists of one issuer, only the newer is applied: the higher CRL Number (compared
+    /// as a number), the later `thisUpdate` between equal numbers. Lists of other issuers,
+    /// and of another distribution point of the same one, are kept.
+    #[test]
+    fn only_the_newest_list_of_each_issuer_is_applied() {
+        let a = crl_issuer("ca a");
+        let b = crl_issuer("ca b");
+        let kept = |crls: &[&rustls::pki_types::CertificateRevocationListDer<'static>]| {
+            let (kept, set_aside) =
+                newest_of_each_issuer(crls.iter().map(|c| (*c).clone()).collect());
+            (kept, set_aside.0.len())
+        };
+        let (a255, a256) = (crl_of(&a, 255, 2025, None), crl_of(&a, 256, 2024, None));
+        assert_eq!(kept(&[&a255, &a256]), (vec![a256.clone()], 1));
+        assert_eq!(kept(&[&a256, &a255]), (vec![a256.clone()], 1));
+        let later = crl_of(&a, 256, 2026, None);
+        assert_eq!(kept(&[&later, &a256]), (vec![later.clone()], 1));
+        assert_eq!(kept(&[&a256, &later]), (vec![later.clone()], 1));
+        assert_eq!(kept(&[&a256, &a256.clone()]), (vec![a256.clone()], 1));
+
+        let b1 = crl_of(&b, 1, 2024, None);
+        let part = crl_of(&a, 1, 2024, Some("http://crl.example/part1.crl"));
+        assert_eq!(
+            kept(&[&a255, &b1, &part, &a256]),
+            (vec![b1.clone(), part.clone(), a256.clone()], 1)
+        );
+        assert_eq!(
+            SetAside(vec!["CN=ca a".into(), "CN=ca b".into(), "CN=ca a".into()])
+                .problem()
+                .unwrap(),
+            "holds 3 older lists beside a newer one of the same issuer (CN=ca a; CN=ca b): set aside, the newest of each issuer is applied"
+        );
+    }
+
+    /// `keyward check` says so when lists were set aside, and passes.
+    #[test]
+    fn check_reports_older_lists_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair("localhost");
+        std::fs::write(dir.path().join("tls.crt"), &cert).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key).unwrap();
+        let ca = crl_issuer("client ca");
+        std::fs::write(dir.path().join("ca.crt"), ca.0.pem()).unwrap();
+        let path = dir.path().join("ca.crl");
+        let c = TlsConfig {
+            client_crl: Some(path.clone()),
+            ..config(dir.path(), true)
+        };
+        let pem = |number| signed_crl(&ca, number, 2024, None).pem().unwrap();
+        std::fs::write(&path, pem(2)).unwrap();
+        assert_eq!(check(&c).unwrap().warnings, Vec::<String>::new());
+        let bundle = pem(1) + &pem(2);
+        std::fs::write(&path, bundle).unwrap();
+        let warnings = check(&c).unwrap().warnings;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("tls.client_crl: ")
+                && warnings[0].contains(
+                    "holds 1 older list beside a newer one of the same issuer (CN=client ca)"
+                ),
+            "{warnings:?}"
         );
     }
 

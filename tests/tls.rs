@@ -655,6 +655,52 @@ async fn mtls_refuses_a_client_certificate_its_ca_revoked() {
     proxy.shutdown().await;
 }
 
+/// A `tls.client_crl` bundle holding an older and a newer list of one CA (`cat old new`,
+/// or the other way round): the newer one is applied, so a certificate revoked since the
+/// older one is refused whichever comes first in the file (rustls-webpki consults the first
+/// list it finds for an issuer).
+#[tokio::test]
+async fn mtls_applies_the_newest_of_two_lists_of_one_ca_in_either_order() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let client_ca = Ca::new("client ca");
+    let older = client_ca.crl(1, &[7]);
+    let newer = client_ca.crl(2, &[7, 8]);
+    let revoked_since =
+        client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
+    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    for (what, bundle) in [
+        ("older first", format!("{older}{newer}")),
+        ("newer first", format!("{newer}{older}")),
+    ] {
+        let certs = CertDir::new(&ca.server("keyward-a"));
+        let ca_file = certs.write_ca(&client_ca.pem());
+        let crl_file = certs.path("ca.crl");
+        std::fs::write(&crl_file, bundle).unwrap();
+        let yaml = certs.yaml(Some(&ca_file)).replace(
+            "poll_interval: 50ms",
+            &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+        );
+        let proxy = spawn_proxy(upstream.addr, &yaml).await;
+        let get_with = |leaf: &Leaf| {
+            let c = connector(&ca, &[], Some(leaf));
+            async move { try_get(&c, proxy.addr, "/m/crl2").await }
+        };
+        let got = get_with(&revoked_since).await;
+        assert!(got.is_err(), "{what}: revoked in the newer list: {got:?}");
+        let got = get_with(&other)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: unlisted certificate refused: {e}"));
+        assert_eq!(got.status, StatusCode::OK, "{what}");
+        proxy.shutdown().await;
+    }
+    assert_eq!(
+        upstream.count(),
+        2,
+        "only the unlisted certificate got through"
+    );
+}
+
 /// `tls` (and `client_ca`) hold on the decision listener too: only a front proxy with a
 /// client certificate can ask, and a decision never crosses the network in the clear.
 #[tokio::test]
