@@ -429,6 +429,13 @@ impl TlsFiles {
             )
         })?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        if tls.client_ca.is_some() {
+            // A resumed session (TLS 1.2 session id, TLS 1.3 ticket) skips client certificate
+            // verification: it let a client in on a certificate past its `notAfter`. With
+            // client certificates, every handshake is a full one.
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        }
         Ok(Built {
             config,
             validity,
@@ -770,8 +777,12 @@ mod tests {
         std::fs::write(dir.path().join("tls.key"), key).unwrap();
         let c = load_server_config(&config(dir.path(), false)).unwrap();
         assert_eq!(c.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert!(c.session_storage.can_cache() && c.send_tls13_tickets > 0);
         std::fs::write(dir.path().join("ca.crt"), &cert).unwrap();
-        load_server_config(&config(dir.path(), true)).unwrap();
+        let mtls = load_server_config(&config(dir.path(), true)).unwrap();
+        // With client certificates, no session is resumed.
+        assert!(!mtls.session_storage.can_cache());
+        assert_eq!(mtls.send_tls13_tickets, 0);
     }
 
     #[test]

@@ -125,6 +125,26 @@ impl Ca {
         self.issue(cn, ExtendedKeyUsagePurpose::ClientAuth)
     }
 
+    /// A client certificate that expires `for_` from now.
+    fn client_valid_for(&self, cn: &str, for_: Duration) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        params.not_before = rcgen::date_time_ymd(1970, 1, 1) + now - Duration::from_secs(3600);
+        params.not_after = rcgen::date_time_ymd(1970, 1, 1) + now + for_;
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
+    }
+
     /// A PEM revocation list of this CA listing `serials`, current until 2035.
     fn crl(&self, number: u64, serials: &[u64]) -> String {
         self.crl_until(number, serials, 2035)
@@ -699,6 +719,76 @@ async fn mtls_applies_the_newest_of_two_lists_of_one_ca_in_either_order() {
         2,
         "only the unlisted certificate got through"
     );
+}
+
+/// With `client_ca`, no session is resumed (TLS 1.2 session ids, TLS 1.3 tickets): a resumed
+/// session is not verified again, and let a client certificate in after its `notAfter`.
+/// Without client certificates, sessions are resumed as before.
+#[tokio::test]
+async fn with_client_certificates_no_session_is_resumed() {
+    use rustls::HandshakeKind;
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let client_ca = Ca::new("client ca");
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&client_ca.pem());
+    let plain = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let mtls = spawn_proxy(upstream.addr, &certs.yaml(Some(&ca_file))).await;
+    let good = client_ca.client("ci-bot");
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        // One client config per listener: it keeps the sessions it is given, as clients do.
+        let client = |cert: Option<&Leaf>| {
+            let builder = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots(&ca));
+            let config = match cert {
+                None => builder.with_no_client_auth(),
+                Some(leaf) => builder
+                    .with_client_auth_cert(
+                        vec![leaf.der.clone()],
+                        PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+                    )
+                    .unwrap(),
+            };
+            TlsConnector::from(Arc::new(config))
+        };
+        // Two connections; the kind of the second handshake. The first answer is read whole,
+        // so a TLS 1.3 ticket sent before it has been taken.
+        let twice = |connector: TlsConnector, addr| async move {
+            let mut kinds = Vec::new();
+            for _ in 0..2 {
+                let mut tls = handshake(&connector, addr).await.expect("TLS handshake");
+                assert!(one_request(&mut tls).await.starts_with("HTTP/1.1 200"));
+                kinds.push(tls.get_ref().1.handshake_kind());
+            }
+            kinds
+        };
+        let kinds = twice(client(None), plain.addr).await;
+        assert_eq!(
+            kinds,
+            [Some(HandshakeKind::Full), Some(HandshakeKind::Resumed)],
+            "{version:?} without client certificates: resumed"
+        );
+        let kinds = twice(client(Some(&good)), mtls.addr).await;
+        assert_eq!(
+            kinds,
+            [Some(HandshakeKind::Full), Some(HandshakeKind::Full)],
+            "{version:?} with client certificates: full every time"
+        );
+    }
+
+    // Past its `notAfter`, a certificate is refused though its client holds sessions.
+    let expiring = client_ca.client_valid_for("ci-bot", Duration::from_secs(4));
+    let expires = std::time::Instant::now() + Duration::from_secs(4);
+    let connector = connector(&ca, &[], Some(&expiring));
+    let mut tls = handshake(&connector, mtls.addr).await.expect("still valid");
+    assert!(one_request(&mut tls).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep_until((expires + Duration::from_millis(1500)).into()).await;
+    let got = try_get(&connector, mtls.addr, "/m/expired").await;
+    assert!(got.is_err(), "expired client certificate: {got:?}");
+    plain.shutdown().await;
+    mtls.shutdown().await;
 }
 
 /// `tls` (and `client_ca`) hold on the decision listener too: only a front proxy with a
