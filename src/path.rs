@@ -133,11 +133,10 @@ fn encoded_byte(input: &[u8], at: usize) -> Option<u8> {
 /// takes (RFC 3629 3: a 2-byte form of ASCII, a 3-byte form below U+0800, a 4-byte form
 /// below U+10000)?
 fn overlong(lead: u8, next: Option<u8>) -> bool {
-    match (lead, next) {
-        (0xc0 | 0xc1, _) => true,
-        (0xe0, Some(0x80..=0x9f)) | (0xf0, Some(0x80..=0x8f)) => true,
-        _ => false,
-    }
+    matches!(
+        (lead, next),
+        (0xc0 | 0xc1, _) | (0xe0, Some(0x80..=0x9f)) | (0xf0, Some(0x80..=0x8f))
+    )
 }
 
 /// What an app may read a normalized `path` as, besides itself, each normalized in turn
