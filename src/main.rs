@@ -107,6 +107,24 @@ fn check_open_files(config: &Config, limit: Option<u64>) {
     }
 }
 
+/// Warn when the container's memory limit cannot hold what `limits.max_connections` lets
+/// clients open: with no key, each connection may hold a head up to `max_header_bytes`
+/// and its connection state (about 35 KB with the defaults), and 10,000 such connections,
+/// held for `header_read_timeout`, took a pod past its 256 MiB limit (killed, restarted).
+fn check_memory_limit(config: &Config) {
+    let Some(limit) = keyward::runtime::memory_limit() else {
+        return;
+    };
+    let needed = keyward::runtime::connection_memory(config);
+    if needed > limit {
+        tracing::warn!(
+            memory_limit_bytes = limit,
+            needed_bytes = needed,
+            "the memory limit is below what limits.max_connections connections with unfinished heads can hold (about 20 KB each + limits.max_header_bytes, per traffic listener, + 32 MiB): a client with no key can get the process killed for memory; lower limits.max_connections or raise the limit"
+        );
+    }
+}
+
 /// Why a command failed: printed as `keyward: <message>`, exit status 1.
 #[derive(Debug, thiserror::Error)]
 enum CliError {
@@ -300,6 +318,7 @@ fn run(path: &Path) -> Result<(), CliError> {
 
 fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
     check_open_files(&config, raise_open_files_limit());
+    check_memory_limit(&config);
     if !forbid_core_dumps() {
         tracing::warn!("could not turn core dumps off (setrlimit RLIMIT_CORE)");
     }

@@ -177,6 +177,18 @@ fn cut_at_delimiter(path: &str) -> Option<&str> {
     Some(&path[..at])
 }
 
+/// What an app that decodes its URL before splitting it reads as the query of a normalized
+/// `path`: the part after its first encoded `?` (up to an encoded `#`), decoded.
+pub fn encoded_query(path: &str) -> Option<String> {
+    let (_, rest) = path.split_once("%3F")?;
+    let rest = rest.split_once("%23").map_or(rest, |(q, _)| q);
+    Some(
+        percent_encoding::percent_decode_str(rest)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
 /// First of the private-use characters an ASCII escape (`%20`, `%3F`) of the path stands
 /// as while the path is NFKC-normalized: NFKC leaves them be, so each comes back as written.
 const ESCAPED: u32 = 0xE000;

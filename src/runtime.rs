@@ -299,3 +299,58 @@ impl Signals {
         }
     }
 }
+
+/// The memory limit this process runs under (cgroup v2 `memory.max`, else v1
+/// `memory.limit_in_bytes`), if one is set.
+pub fn memory_limit() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let text = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))?;
+    parse_memory_limit(&text)
+}
+
+/// `max` (v2) and v1's "no limit" (a page-rounded `i64::MAX`) are none.
+fn parse_memory_limit(text: &str) -> Option<u64> {
+    let n: u64 = text.trim().parse().ok()?;
+    (n < 1 << 62).then_some(n)
+}
+
+/// What connections with unfinished heads can hold at most: each its connection state
+/// (about 20 KB, measured) and a head up to `limits.max_header_bytes`, on each traffic
+/// listener, plus 32 MiB for the rest of the process.
+pub fn connection_memory(config: &crate::config::Config) -> u64 {
+    const PER_CONNECTION: u64 = 20 * 1024;
+    const REST: u64 = 32 << 20;
+    let l = &config.limits;
+    let listeners = u64::from(config.listen.is_some()) + u64::from(config.decision.is_some());
+    let each = PER_CONNECTION + l.max_header_bytes as u64;
+    listeners * l.max_connections as u64 * each + REST
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn memory_limits_are_read_and_sized_against() {
+        assert_eq!(parse_memory_limit("268435456\n"), Some(268_435_456));
+        assert_eq!(parse_memory_limit("max\n"), None);
+        assert_eq!(parse_memory_limit("9223372036854771712\n"), None);
+        let shipped = include_str!("../deploy/kubernetes/keyward.yaml");
+        let config = crate::config::Config::from_yaml(shipped).unwrap();
+        // The shipped sidecar fits the shipped 256 MiB limit.
+        assert!(
+            connection_memory(&config) < 256 << 20,
+            "{}",
+            connection_memory(&config)
+        );
+        // The central decision Deployment: 512 MiB.
+        let decision = include_str!("../deploy/decision/kubernetes/keyward.yaml");
+        let config = crate::config::Config::from_yaml(decision).unwrap();
+        assert!(
+            connection_memory(&config) < 512 << 20,
+            "{}",
+            connection_memory(&config)
+        );
+    }
+}

@@ -124,6 +124,42 @@ async fn requests_past_max_in_flight_get_502_without_an_upstream_connection() {
     kw.shutdown().await;
 }
 
+/// Requests without a key (a public route's) may hold at most half of `max_in_flight`:
+/// keyed requests always have the other half. Zero-window streams to a public `/healthz`
+/// from 24 connections held every slot, and every keyed request got 502.
+#[tokio::test]
+async fn requests_without_a_key_leave_half_the_in_flight_budget_to_keyed_ones() {
+    let up = upstream()
+        .route("/healthz", Reply::Bytes(200_000))
+        .route("/big", Reply::Bytes(200_000))
+        .spawn()
+        .await;
+    let extra = "workers: 1\nlimits: { max_in_flight: 4, write_stall_timeout: 2s }\n";
+    let kw = spawn_proxy(up.addr, extra).await;
+    let public = [
+        zero_window_get(kw.addr, "/healthz", None).await,
+        zero_window_get(kw.addr, "/healthz", None).await,
+    ];
+    assert_eq!(
+        public.iter().map(|s| s.status).collect::<Vec<_>>(),
+        [200, 200]
+    );
+    let r = get_h2c(&kw.url("/healthz"), &[]).await;
+    assert_eq!(
+        r.status,
+        502,
+        "past half the budget without a key: {}",
+        r.text()
+    );
+    // A keyed request still gets its slot, and another after it.
+    let keyed = zero_window_get(kw.addr, "/big", Some(KEY)).await;
+    assert_eq!(keyed.status, 200);
+    let r = get_h2c(&kw.url("/v1/items"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop((public, keyed));
+    kw.shutdown().await;
+}
+
 /// A stalled stream is cut off while another stream of its connection is still being
 /// served: it stops counting at once, and the connection closes when the other is done.
 #[tokio::test]

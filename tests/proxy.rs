@@ -827,6 +827,36 @@ async fn a_semicolon_separated_query_key_beside_a_header_key_is_ambiguous() {
     }
 }
 
+/// With a query credential, its parameter after an encoded `?` in the path is what an app
+/// that decodes its URL before splitting it reads as the query: a key keyward never
+/// checked, on a protected route beside the one it did, or on a public one with none asked
+/// for. Refused (400); other parameters there are not.
+#[tokio::test]
+async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
+    let up = spawn_upstream().await;
+    let other = "sta_not_the_key_keyward_checked_0123";
+    let kw = spawn_proxy(
+        up.addr,
+        "credentials: [{ header: x-api-key }, { query: api_key }]\nforward_credential: true\n",
+    )
+    .await;
+    let before = up.requests().len();
+    for target in [
+        format!("/x%3Fapi_key={other}"),
+        format!("/x%3fx=1%26api_key%3D{other}"),
+        format!("/public/x%3FAPI_KEY={other}"),
+    ] {
+        let r = get(&kw.url(&target), &[("x-api-key", SERVICE_KEY)]).await;
+        assert_eq!(r.status, 400, "{target}: {}", r.text());
+        let r = get(&kw.url(&target), &[]).await;
+        assert_eq!(r.status, 400, "{target} without a key: {}", r.text());
+    }
+    assert_eq!(up.requests().len(), before);
+    let r = get(&kw.url("/x%3Fpage=2"), &[("x-api-key", SERVICE_KEY)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    kw.shutdown().await;
+}
+
 #[tokio::test]
 async fn forwarded_headers_trust_only_configured_proxies() {
     let up = spawn_upstream().await;

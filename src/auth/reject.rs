@@ -191,6 +191,11 @@ pub enum BadRequest {
     /// never sees another request of).
     #[error("more than one Upgrade protocol is not accepted")]
     Upgrade,
+    /// The query credential's parameter after an encoded `?` in the path: an app that
+    /// decodes its URL before splitting it reads it as the query, a key keyward never
+    /// checked (and, on a public route, one no key was asked for).
+    #[error("an API key parameter after an encoded '?' in the path is not accepted")]
+    KeyInPath,
 }
 
 impl Reject {
@@ -266,6 +271,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::UnknownIdentity) => "Identity header refused",
             Reject::BadRequest(BadRequest::Asserted) => "Gateway identity header refused",
             Reject::BadRequest(BadRequest::Upgrade) => "Ambiguous upgrade refused",
+            Reject::BadRequest(BadRequest::KeyInPath) => "API key in the path refused",
         }
     }
 

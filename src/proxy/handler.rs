@@ -268,6 +268,14 @@ pub enum Verdict {
     Protected(Principal, Option<Quota>),
 }
 
+/// Does the path carry the query credential's parameter after an encoded `?` (what an app
+/// that decodes before splitting reads as its query)? Asked only with a query credential.
+fn key_in_path(app: &App, path: &str) -> bool {
+    app.policy.credential_query().is_some_and(|name| {
+        auth::path::encoded_query(path).is_some_and(|q| auth::credential::has_query_param(&q, name))
+    })
+}
+
 /// The phases shared by every front door: normalize → route → authenticate → rate-limit.
 /// `raw_path` is the path as the client sent it; the normalized path, the one that was
 /// authorized, is then [`Trace::path`].
@@ -289,6 +297,10 @@ pub async fn decide<'a>(
             return Err(Reject::BadRequest(BadRequest::Path(e)));
         }
     };
+    if key_in_path(app, &path) {
+        trace.path = Some(Cow::Borrowed(raw_path));
+        return Err(Reject::BadRequest(BadRequest::KeyInPath));
+    }
     let route = match door {
         Door::Proxy => app.policy.route(head.method, &path),
         Door::Decision if !forwarded_as_authorized(raw_path, &path) => {
@@ -542,7 +554,7 @@ async fn send_upstream(
     key_watch: impl Fn() -> Option<KeyWatch>,
 ) -> Result<Response<UpstreamBody>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
-    if worker.over_in_flight_cap() {
+    if worker.over_in_flight_cap(identity.is_some()) {
         app.metrics
             .record_upstream_error(crate::metrics::UpstreamErrorKind::Overload);
         return Err(Reject::UpstreamUnavailable);

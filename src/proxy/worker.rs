@@ -47,8 +47,17 @@ impl Worker {
     /// `limits.max_in_flight` (the one asking included): it must not open another. A
     /// request keyward refused does not count, however long its answer takes to write;
     /// one on a public route does, since it holds an upstream connection like any other.
-    pub fn over_in_flight_cap(&self) -> bool {
-        self.0.busy.load(Ordering::Relaxed) > self.0.in_flight_cap
+    /// One without a key (a public route's) may open one only while half the share is
+    /// free: keyed requests always have the other half (24 connections of zero-window
+    /// HTTP/2 streams to a public `/healthz` held every slot, and every keyed request got
+    /// 502, with no key at all).
+    pub fn over_in_flight_cap(&self, keyed: bool) -> bool {
+        let cap = if keyed {
+            self.0.in_flight_cap
+        } else {
+            self.0.in_flight_cap / 2
+        };
+        self.0.busy.load(Ordering::Relaxed) > cap
     }
 
     /// This worker's upstream connections.

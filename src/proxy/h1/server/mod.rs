@@ -43,8 +43,13 @@ pub use rewind::Rewind;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// hyper's first read-buffer size.
+/// hyper's read-buffer size, what a read takes at most.
 const READ_CHUNK: usize = 8 * 1024;
+
+/// A new connection's first read: most heads fit (nginx's `client_header_buffer_size`),
+/// and a connection that sends little or nothing holds no more (10,000 idle connections
+/// each holding 8 KB were a third of the memory they took).
+const FIRST_READ: usize = 1024;
 
 /// What keyward's server needs to know, fixed per listener.
 #[derive(Debug, Clone)]
@@ -370,7 +375,12 @@ impl Conn {
             }
             // Once the last request is gone, this takes back the whole buffer.
             let room = max_buf - self.buf.len();
-            self.buf.reserve(room.min(READ_CHUNK));
+            let chunk = if self.first && self.buf.capacity() == 0 {
+                FIRST_READ
+            } else {
+                READ_CHUNK
+            };
+            self.buf.reserve(room.min(chunk));
             close.between.store(true, Ordering::SeqCst);
             let read = {
                 let mut limited = (&mut self.buf).limit(room);
