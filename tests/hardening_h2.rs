@@ -145,12 +145,7 @@ async fn requests_without_a_key_leave_half_the_in_flight_budget_to_keyed_ones() 
         [200, 200]
     );
     let r = get_h2c(&kw.url("/healthz"), &[]).await;
-    assert_eq!(
-        r.status,
-        502,
-        "past half the budget without a key: {}",
-        r.text()
-    );
+    assert_eq!(r.status, 502, "past half the budget without a key");
     // A keyed request still gets its slot, and another after it.
     let keyed = zero_window_get(kw.addr, "/big", Some(KEY)).await;
     assert_eq!(keyed.status, 200);
