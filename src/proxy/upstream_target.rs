@@ -115,6 +115,8 @@ pub struct SharedStream {
     /// task has read the answer's end, before anything of keyward's runs, so it is done
     /// after every read that brought bytes.
     ack_at_once: bool,
+    /// The buffer each read goes through (emptied before the read returns).
+    read: bytes::BytesMut,
 }
 
 impl SharedStream {
@@ -122,6 +124,7 @@ impl SharedStream {
         Self {
             stream: Arc::new(stream),
             ack_at_once,
+            read: bytes::BytesMut::new(),
         }
     }
 
@@ -147,24 +150,39 @@ fn until_done<T>(
     }
 }
 
+/// Most a read takes from the socket (hyper's own first read size).
+const READ_AT_MOST: usize = 8 * 1024;
+
 impl tokio::io::AsyncRead for SharedStream {
+    /// Read into the stream's own buffer, whose room needs no zeroing (the caller's would,
+    /// to be read into through a shared reference: that doubled the instructions of a
+    /// request on this client), then hand over what was read: all of it, never more than
+    /// the caller has room for, so nothing read waits here unseen by the pool's probe.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let stream = &*self.stream;
-        let unfilled = buf.initialize_unfilled();
-        let read = until_done(
+        let SharedStream {
+            stream,
+            ack_at_once,
+            read,
+        } = self.get_mut();
+        let stream = &**stream;
+        let room = buf.remaining().min(READ_AT_MOST);
+        read.clear();
+        read.reserve(room);
+        let got = until_done(
             cx,
             |cx| each!(stream, s => s.poll_read_ready(cx)),
-            || each!(stream, s => s.try_read(unfilled)),
+            || each!(stream, s => s.try_read_buf(&mut bytes::BufMut::limit(&mut *read, room))),
         );
-        let n = std::task::ready!(read)?;
-        buf.advance(n);
-        if n > 0 && self.ack_at_once {
+        let n = std::task::ready!(got)?;
+        if n > 0 && *ack_at_once {
             stream.acknowledge();
         }
+        buf.put_slice(&read[..n]);
+        read.clear();
         Poll::Ready(Ok(()))
     }
 }
