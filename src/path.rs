@@ -131,11 +131,18 @@ fn encoded_byte(input: &[u8], at: usize) -> Option<u8> {
 
 /// Does a UTF-8 sequence starting `lead`, `next` spell a character in more bytes than it
 /// takes (RFC 3629 3: a 2-byte form of ASCII, a 3-byte form below U+0800, a 4-byte form
-/// below U+10000)?
+/// below U+10000), in RFC 2279's 5- and 6-byte forms, or as a UTF-16 surrogate (CESU-8,
+/// Java's modified UTF-8: `%ED%A0%B5%ED%B0%9A` is `𝐚`, `a` under NFKC)? No encoder of
+/// UTF-8 writes one; lenient decoders read them. A lead not followed by a continuation
+/// byte is Latin-1 text (`%C0 la carte`), not UTF-8 at all: not refused.
 fn overlong(lead: u8, next: Option<u8>) -> bool {
     matches!(
         (lead, next),
-        (0xc0 | 0xc1, _) | (0xe0, Some(0x80..=0x9f)) | (0xf0, Some(0x80..=0x8f))
+        (0xc0 | 0xc1, Some(0x80..=0xbf))
+            | (0xe0, Some(0x80..=0x9f))
+            | (0xed, Some(0xa0..=0xbf))
+            | (0xf0, Some(0x80..=0x8f))
+            | (0xf8..=0xfd, Some(0x80..=0xbf))
     )
 }
 
@@ -177,16 +184,18 @@ fn cut_at_delimiter(path: &str) -> Option<&str> {
     Some(&path[..at])
 }
 
-/// What an app that decodes its URL before splitting it reads as the query of a normalized
-/// `path`: the part after its first encoded `?` (up to an encoded `#`), decoded.
-pub fn encoded_query(path: &str) -> Option<String> {
-    let (_, rest) = path.split_once("%3F")?;
-    let rest = rest.split_once("%23").map_or(rest, |(q, _)| q);
-    Some(
-        percent_encoding::percent_decode_str(rest)
-            .decode_utf8_lossy()
-            .into_owned(),
-    )
+/// `s` (a path or a query) as an app that decodes it once, then NFKC-normalizes it, reads
+/// it: `%3F` and a fullwidth `？` are `?`, `%26` and `＆` are `&`, `ａ` is `a`.
+pub fn as_decoded(s: &str) -> Cow<'_, str> {
+    use unicode_normalization::UnicodeNormalization as _;
+    if !s.contains('%') && s.is_ascii() {
+        return Cow::Borrowed(s);
+    }
+    let decoded = percent_encoding::percent_decode_str(s).decode_utf8_lossy();
+    if decoded.is_ascii() {
+        return Cow::Owned(decoded.into_owned());
+    }
+    Cow::Owned(decoded.nfkc().collect())
 }
 
 /// First of the private-use characters an ASCII escape (`%20`, `%3F`) of the path stands
@@ -597,6 +606,17 @@ mod tests {
             "/%C1%81",
         ] {
             assert_eq!(normalize(p), Err(PathError::Overlong), "{p}");
+        }
+        for p in [
+            "/%F8%80%80%80%AE",
+            "/%FC%80%80%80%80%AE",
+            "/%ED%A0%B5%ED%B0%9Admin",
+        ] {
+            assert_eq!(normalize(p), Err(PathError::Overlong), "{p}");
+        }
+        // Latin-1 text is not UTF-8 at all, overlong or not.
+        for p in ["/docs/%C0%20la%20carte", "/%C1gua", "/caf%E9"] {
+            assert!(normalize(p).is_ok(), "{p}");
         }
         for p in ["/caf%C3%A9", "/%E0%A4%85", "/%F0%9F%98%80", "/%ED%9F%BF"] {
             assert!(normalize(p).is_ok(), "{p}");

@@ -462,6 +462,32 @@ async fn an_upgrade_naming_more_than_one_protocol_is_refused() {
     d.shutdown().await;
 }
 
+/// A query key hidden where keyward's split of the query does not see it, but an app that
+/// decodes before splitting does (after `%3F` or a fullwidth `？` in the path, behind `%26`
+/// in the query), is refused on every endpoint, with a key or without.
+#[tokio::test]
+async fn a_hidden_query_key_is_refused_on_every_endpoint() {
+    let d = spawn_decider(
+        None,
+        "credentials: [{ header: x-api-key }, { query: api_key }]\nforward_credential: true\n",
+    )
+    .await;
+    let other = "sta_not_the_key_keyward_checked_0123";
+    for endpoint in ENDPOINTS {
+        for path in [
+            format!("/public/x%3Fapi_key={other}"),
+            format!("/public/x%EF%BC%9Fapi_key={other}"),
+            format!("/public/x?a=1%26api_key={other}"),
+        ] {
+            for headers in [&[][..], &[("x-api-key", SERVICE_KEY)][..]] {
+                let r = decide(&d, endpoint, "GET", &path, headers).await;
+                assert_eq!(r.status, 400, "{endpoint} {path}: {}", r.text());
+            }
+        }
+    }
+    d.shutdown().await;
+}
+
 /// The proxy strips every `_` and `.` spelling of the identity and delegation headers
 /// (SPEC 8); a front proxy strips or overwrites only keyward's spelling and passes the rest
 /// on, and a CGI/WSGI app reads `X_Delegate_Account_Id` as the real one. A decision request

@@ -845,6 +845,16 @@ async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
         format!("/x%3Fapi_key={other}"),
         format!("/x%3fx=1%26api_key%3D{other}"),
         format!("/public/x%3FAPI_KEY={other}"),
+        // `?`, `&`, `_`, `=` as NFKC makes them.
+        format!("/public/x%EF%BC%9Fapi_key={other}"),
+        format!("/x%EF%B9%96api_key={other}"),
+        format!("/x%3Fa=1%EF%BC%86api_key={other}"),
+        format!("/x%3Fapi%EF%BC%BFkey={other}"),
+        format!("/x%3Fapi_key%EF%BC%9D{other}"),
+        // Behind an encoded separator in the query itself.
+        format!("/x?a=1%26api_key={other}"),
+        format!("/public/x?api_key%3D{other}"),
+        format!("/x?a=1%3Bapi_key={other}"),
     ] {
         let r = get(&kw.url(&target), &[("x-api-key", SERVICE_KEY)]).await;
         assert_eq!(r.status, 400, "{target}: {}", r.text());
@@ -852,8 +862,15 @@ async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
         assert_eq!(r.status, 400, "{target} without a key: {}", r.text());
     }
     assert_eq!(up.requests().len(), before);
-    let r = get(&kw.url("/x%3Fpage=2"), &[("x-api-key", SERVICE_KEY)]).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    // A `?` in a path's words, and separators in a query's values, are not keys.
+    for target in [
+        "/x%3Fpage=2",
+        "/docs/What%3F%20API%20key",
+        "/x?q=api_key%20rotation",
+    ] {
+        let r = get(&kw.url(target), &[("x-api-key", SERVICE_KEY)]).await;
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+    }
     kw.shutdown().await;
 }
 

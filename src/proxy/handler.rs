@@ -268,12 +268,23 @@ pub enum Verdict {
     Protected(Principal, Option<Quota>),
 }
 
-/// Does the path carry the query credential's parameter after an encoded `?` (what an app
-/// that decodes before splitting reads as its query)? Asked only with a query credential.
-fn key_in_path(app: &App, path: &str) -> bool {
-    app.policy.credential_query().is_some_and(|name| {
-        auth::path::encoded_query(path).is_some_and(|q| auth::credential::has_query_param(&q, name))
-    })
+/// Does the request hide the query credential's parameter where keyward's own split of the
+/// query does not see it, but an app that decodes its URL (and NFKC-normalizes it) before
+/// splitting it does: after a `?` in the path (`%3F`, a fullwidth `？`), or in the query
+/// behind an encoded separator (`a=1%26api_key=`)? That app would read a key keyward never
+/// checked (on a public route, with none asked for). Asked only with a query credential.
+fn hides_query_key(app: &App, path: &str, query: Option<&str>) -> bool {
+    use auth::credential::{assigns_param, has_query_param};
+    let Some(name) = app.policy.credential_query() else {
+        return false;
+    };
+    let in_path = auth::path::as_decoded(path)
+        .split_once('?')
+        .is_some_and(|(_, q)| assigns_param(q, name));
+    in_path
+        || query.is_some_and(|raw| {
+            assigns_param(&auth::path::as_decoded(raw), name) && !has_query_param(raw, name)
+        })
 }
 
 /// The phases shared by every front door: normalize → route → authenticate → rate-limit.
@@ -297,7 +308,7 @@ pub async fn decide<'a>(
             return Err(Reject::BadRequest(BadRequest::Path(e)));
         }
     };
-    if key_in_path(app, &path) {
+    if hides_query_key(app, &path, head.app_query) {
         trace.path = Some(Cow::Borrowed(raw_path));
         return Err(Reject::BadRequest(BadRequest::KeyInPath));
     }
