@@ -160,10 +160,16 @@ impl<W: Watched> Watch<W> {
                 pending = None;
                 continue;
             }
-            // Changed since the last look (or triggered): wait for a look that finds it
-            // settled, at the next poll (or after `settle` when triggered).
+            // Changed since the last look (or triggered): acted on once a look finds it
+            // settled: the same as the look before, untouched since, or left alone for
+            // `SETTLE` by its own times (a file renamed over more often than the interval
+            // has a new inode at every look, and was never seen the same twice); else at
+            // the next poll (or after `settle` when triggered).
             let look = (digest, last_stamps.clone());
-            if pending.as_ref() != Some(&look) {
+            let quiet = last_stamps
+                .iter()
+                .all(|s| s.is_some_and(|s| s.quiet_for(SETTLE, SystemTime::now())));
+            if pending.as_ref() != Some(&look) && !quiet {
                 pending = Some(look);
                 settling = forced;
                 continue;
@@ -197,7 +203,10 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    /// Left alone for at least `quiet`: its last write (and change) that long before `now`.
+    /// Left alone for at least `quiet` by its own times: its last write and change that long
+    /// before `now`. A time in the future (copied with `cp -p` from a host whose clock is
+    /// ahead, or this clock stepped back) says nothing: the file must then be seen to hold
+    /// still, the same stamp twice `quiet` apart.
     pub fn quiet_for(&self, quiet: Duration, now: SystemTime) -> bool {
         let written = self.modified.and_then(|m| now.duration_since(m).ok());
         let changed = SystemTime::UNIX_EPOCH
@@ -206,7 +215,7 @@ impl Stamp {
                 u32::try_from(self.changed.1).unwrap_or(0),
             ))
             .and_then(|c| now.duration_since(c).ok());
-        written.is_some_and(|w| w >= quiet) && changed.is_none_or(|c| c >= quiet)
+        written.is_some_and(|w| w >= quiet) && changed.is_some_and(|c| c >= quiet)
     }
 }
 

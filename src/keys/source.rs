@@ -349,18 +349,22 @@ pub fn reload_file(host: &impl Host, admission: Admission) -> Result<Arc<Snapsho
 const SETTLE_TRIES: u32 = 8;
 
 /// Wait until `path` holds still: a read during which its stamp did not move, of a file
-/// left alone for [`SETTLE`] (at once for a file written well before, or after waits of
-/// `SETTLE`). A file rewritten in place may be read half-written, and half a key file can
+/// left alone for [`SETTLE`] by its own times (at once for a file written well before), or
+/// seen the same `SETTLE` apart (a file whose times are in the future). A file rewritten in place may be read half-written, and half a key file can
 /// parse (a key cut before its `status: disabled` line would be let in); two reads that
 /// each caught a rewrite at the same point agree on content, so content alone does not
 /// say a file is whole. The digest read: the content the load that follows must find.
 fn settled(path: &Path) -> Result<String, LoadError> {
+    let mut last = None;
     for _ in 0..=SETTLE_TRIES {
-        if let Some((digest, stamp)) = file_watch::steady(path, || file_digest(path))? {
-            if stamp.quiet_for(SETTLE, SystemTime::now()) {
-                return Ok(digest);
+        let look = file_watch::steady(path, || file_digest(path))?;
+        if let Some((digest, stamp)) = &look {
+            // Quiet by its own times, or seen the same `SETTLE` ago (times in the future).
+            if stamp.quiet_for(SETTLE, SystemTime::now()) || last.as_ref() == look.as_ref() {
+                return Ok(digest.clone());
             }
         }
+        last = look;
         std::thread::sleep(SETTLE);
     }
     Err(LoadError::Unsettled)
@@ -756,6 +760,25 @@ mod tests {
         assert_eq!(settled, agreed);
         assert_eq!(watched.changed(content), Taken::AsRead);
         assert_eq!(host.store.load().unwrap().content_digest, agreed);
+    }
+
+    /// A file whose times are in the future (copied with `cp -p` from a host whose clock is
+    /// ahead) settles once seen the same twice: it was refused as "still changing" for good.
+    #[test]
+    fn a_file_with_times_in_the_future_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.yaml");
+        std::fs::write(&path, entry("")).unwrap();
+        let ahead = SystemTime::now() + Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(ahead)
+            .unwrap();
+        let start = std::time::Instant::now();
+        assert_eq!(settled(&path).unwrap(), file_digest(&path).unwrap());
+        assert!(start.elapsed() < SETTLE * 3, "{:?}", start.elapsed());
     }
 
     /// A reload asked for (`POST /v1/snapshot/reload`, after its two reads agreed) installs
