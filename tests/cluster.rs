@@ -1620,3 +1620,97 @@ async fn a_redis_that_stops_taking_writes_is_marked_down_by_the_probe() {
     })
     .await;
 }
+
+/// A TCP relay to `port` that can hold what replicas send toward Redis (a path that stalls
+/// without dropping anything: the kernel keeps retransmitting) and deliver it later,
+/// closed connections' bytes included.
+async fn holding_relay(port: u16) -> (u16, tokio::sync::watch::Sender<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = listener.local_addr().unwrap().port();
+    let (hold, holding) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let mut holding = holding.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut held = Vec::new();
+                loop {
+                    tokio::select! {
+                        read = cr.read(&mut buf) => {
+                            let n = read.unwrap_or(0);
+                            if n == 0 {
+                                while *holding.borrow() {
+                                    if holding.changed().await.is_err() {
+                                        return;
+                                    }
+                                }
+                                let _ = sw.write_all(&held).await;
+                                return;
+                            }
+                            held.extend_from_slice(&buf[..n]);
+                        }
+                        changed = holding.changed() => if changed.is_err() { return },
+                    }
+                    if !*holding.borrow() && !held.is_empty() {
+                        if sw.write_all(&held).await.is_err() {
+                            return;
+                        }
+                        held.clear();
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+        }
+    });
+    (relay_port, hold)
+}
+
+/// An operator's change whose bytes reach Redis only after its caller gave up (503), and
+/// after a later change made on another replica, does not undo that later change: stamped
+/// on arrival, a lift held on the way undid a revoke made after it, on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_reaches_redis_after_its_caller_gave_up_does_not_undo_a_later_one() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let (port_a, hold) = holding_relay(redis.port).await;
+    let a = spawn_proxy_with(
+        up.addr,
+        &cluster_yaml_with(port_a, "local", "50ms"),
+        Some(&keys()),
+    )
+    .await;
+    let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    wait_ready(&a).await;
+    assert_eq!(admin_post(&a, "key_other", "disable").await.status, 200);
+    eventually("revoked on b", || async {
+        call(&b, OTHER).await.status == 401
+    })
+    .await;
+    hold.send(true).unwrap();
+    let lift = admin_post(&a, "key_other", "enable").await;
+    assert_ne!(lift.status, 200, "{}", lift.text());
+    let revoke = admin_post(&b, "key_other", "disable").await;
+    assert_eq!(revoke.status, 200, "{}", revoke.text());
+    hold.send(false).unwrap();
+    eventually("a takes the later revoke", || async {
+        call(&a, OTHER).await.status == 401
+    })
+    .await;
+    let field = sha(OTHER);
+    for _ in 0..30 {
+        for kw in [&a, &b] {
+            assert_eq!(call(kw, OTHER).await.status, 401);
+        }
+        let entry = redis.hget("keyward:revocations", &field).await.unwrap();
+        assert!(entry.contains("|1|"), "{entry}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -393,6 +393,12 @@ impl Cluster {
     /// [`BACKGROUND_TIMEOUT`]: a full read of a large revocation set takes longer than a
     /// rate-limit check, and one that timed out marked Redis down, which sent every
     /// replica's rate limits local and kept a new replica unready.
+    /// How long a call off the request path (a revoke's write) is waited for: past it the
+    /// caller has given up, though the call may still reach Redis.
+    pub fn call_timeout(&self) -> Duration {
+        self.background_timeout()
+    }
+
     fn background_timeout(&self) -> Duration {
         self.config.timeout.max(BACKGROUND_TIMEOUT)
     }

@@ -159,8 +159,9 @@ return out
 const WRITE: &str = r"
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
-local whole = ARGV[2] == '1'
-local late = ARGV[2] == '2'
+local mode = string.sub(ARGV[2], 1, 1)
+local whole = mode == '1'
+local grace = tonumber(string.match(ARGV[2], '^0 (%d+)$') or '0')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local latest = now + tonumber(ARGV[3])
@@ -169,10 +170,22 @@ local known = tonumber(ARGV[5])
 local stored, last, left, unpublished = 0, 0, 0, 0
 for i = 6, #ARGV, 3 do
   local at = tonumber(ARGV[i + 2])
-  if late then
-    if at > now then at = now end
-  elseif not whole then
-    at = now
+  local revoke = string.sub(ARGV[i + 1], 1, 2) == '1|'
+  -- An operator's change: stamped after what Redis holds (bump), or kept with its stamp
+  -- and stored only if newer (late).
+  local late = mode == '2' or mode == '3' or (mode == '0' and grace > 0 and now > at + grace)
+  local bump = not whole and not late
+  local take = true
+  if mode == '0' and not late then at = now end
+  if late and (mode == '3' or at > now) then
+    -- A stamp no learned clock vouches for: a revoke is stored as of now (failing
+    -- closed), a lift not at all.
+    if revoke then
+      at = now
+      bump = true
+    else
+      take = false
+    end
   end
   -- A value past MAX_ENTRY_BYTES (160) is not keyward's: counted as none, and replaced,
   -- without copying it into the script.
@@ -180,14 +193,13 @@ for i = 6, #ARGV, 3 do
   if redis.call('HSTRLEN', KEYS[1], ARGV[i]) <= 160 then cur = redis.call('HGET', KEYS[1], ARGV[i]) end
   local cur_at = cur and tonumber(string.match(cur, '^(%d+)|'))
   if cur_at and cur_at > latest then cur_at = nil end
-  local take = true
   if whole and at > latest then
     -- Stamped past belief (a clock that stepped back since): a revoke is stored as of now
     -- (failing closed), a lift not at all.
     if string.sub(ARGV[i + 1], 1, 2) == '1|' then at = now else take = false end
   end
   if take and cur_at and cur_at >= at then
-    if whole or late then take = false else at = cur_at + 1 end
+    if bump then at = cur_at + 1 else take = false end
   end
   if take and whole and (i - 6) / 3 >= known and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and redis.call('HLEN', KEYS[1]) >= most then
     take = false
@@ -222,21 +234,26 @@ return {stored, last, now, left, unpublished}
 /// How [`WRITE`] stores what it is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Write {
-    /// An operator's change, just made: stamped with Redis's now, after what it holds.
-    Now,
+    /// An operator's change, just made: stamped with Redis's now, after what it holds, if
+    /// it arrives within `grace_us` of being made (its caller's timeout); later (held on
+    /// the way while the caller gave up), as [`Write::Late`]: stamped on arrival, a lift
+    /// that reached Redis after a later revoke undid it.
+    Now { grace_us: u64 },
     /// A replica's whole set, written back: only what is newer than Redis's.
     Whole,
     /// An operator's change made while Redis could not be reached: with the stamp it was
-    /// made with, only if nothing newer is there.
-    Late,
+    /// made with, only if nothing newer is there; `trusted` unless Redis's clock was never
+    /// learned when it was made (then a revoke is stored as of now, a lift not at all).
+    Late { trusted: bool },
 }
 
 impl Write {
-    fn arg(self) -> &'static str {
+    fn arg(self) -> String {
         match self {
-            Write::Now => "0",
-            Write::Whole => "1",
-            Write::Late => "2",
+            Write::Now { grace_us } => format!("0 {grace_us}"),
+            Write::Whole => "1".into(),
+            Write::Late { trusted: true } => "2".into(),
+            Write::Late { trusted: false } => "3".into(),
         }
     }
 }
@@ -291,6 +308,14 @@ impl RedisClock {
         let offset = i64::try_from(i128::from(redis_us) - i128::from(local)).unwrap_or(0);
         self.offset_us.store(offset, Ordering::Relaxed);
         *self.learned.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// Has Redis's clock ever been learned? Before, stamps are this host's clock alone.
+    fn ever_learned(&self) -> bool {
+        self.learned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     fn due(&self) -> bool {
@@ -393,11 +418,12 @@ pub struct Revocations {
     page: redis::Script,
     clock: RedisClock,
     /// Revokes and lifts an operator made here that Redis has not stored yet (it was
-    /// unreachable): stored as operator changes, stamped by Redis then, once it answers,
-    /// and meanwhile never replaced here by what other replicas hold. (Written back with
-    /// the stamp this replica gave them, a clock not yet learned, or one that jumped,
-    /// lost them to an older lift, or had them skipped as from the future.)
-    pending: Mutex<HashMap<Digest, Entry>>,
+    /// unreachable), and whether Redis's clock was known when each was made: stored once it
+    /// answers with the stamp it was made with if so ([`Write::Late`]), and meanwhile never
+    /// replaced here by what other replicas hold. (Stamped by Redis on arrival, a lift made
+    /// before a revoke on another replica undid it; a stamp of a clock never learned
+    /// cannot be trusted either way.)
+    pending: Mutex<HashMap<Digest, (Entry, bool)>>,
 }
 
 /// What a full read found.
@@ -513,11 +539,26 @@ impl Revocations {
             return Err(ClusterError::NotConnected);
         };
         self.pend(digest, entry.clone());
-        let stamped = self
-            .store(cluster, &digest, &entry, Write::Now)
-            .await?
-            .unwrap_or(entry.at_us);
+        // Late once its caller has given up, if the stamp can say when that was.
+        let grace_us = if self.clock.ever_learned() {
+            cluster.call_timeout().as_micros() as u64
+        } else {
+            0
+        };
+        let stored = self
+            .store(cluster, &digest, &entry, Write::Now { grace_us })
+            .await?;
         self.stored(&digest, &entry);
+        let Some(stamped) = stored else {
+            // It reached Redis after a later change (held on the way): that one stands.
+            self.forget(&digest, &entry);
+            self.full_read_due.store(true, Ordering::Release);
+            info!(
+                key_id = &*key.id,
+                disabled, "revocation reached redis after a later change; that one holds"
+            );
+            return Ok(entry);
+        };
         if stamped != entry.at_us {
             // Redis held a newer entry (another replica's clock is ahead): this one was
             // stamped after it, and holds here too under that stamp.
@@ -531,13 +572,14 @@ impl Revocations {
         Ok(entry)
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Entry>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, (Entry, bool)>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// An operator's change is held as not yet stored until Redis has it.
     fn pend(&self, digest: Digest, entry: Entry) {
-        self.pending().insert(digest, entry);
+        let trusted = self.clock.ever_learned();
+        self.pending().insert(digest, (entry, trusted));
     }
 
     /// Redis stored `entry`: no longer pending, unless a later change was made meanwhile.
@@ -545,7 +587,7 @@ impl Revocations {
         let mut pending = self.pending();
         if pending
             .get(digest)
-            .is_some_and(|p| p.disabled == entry.disabled)
+            .is_some_and(|(p, _)| p.disabled == entry.disabled)
         {
             pending.remove(digest);
         }
@@ -555,15 +597,20 @@ impl Revocations {
     /// made with, unless Redis holds a change made after it (on another replica, or this
     /// one's own that reached Redis after all): then that one stands, here too, read at once.
     async fn flush_pending(&self, cluster: &Cluster) -> Result<(), ClusterError> {
-        let waiting: Vec<(Digest, Entry)> = self
+        let waiting: Vec<(Digest, Entry, bool)> = self
             .pending()
             .iter()
-            .map(|(d, e)| (*d, e.clone()))
+            .map(|(d, (e, trusted))| (*d, e.clone(), *trusted))
             .collect();
-        for (digest, mut entry) in waiting {
-            let stamped = self.store(cluster, &digest, &entry, Write::Late).await?;
+        for (digest, mut entry, trusted) in waiting {
+            let stamped = self
+                .store(cluster, &digest, &entry, Write::Late { trusted })
+                .await?;
             self.stored(&digest, &entry);
             let Some(stamped) = stamped else {
+                // Redis's entry decides, here too: the next read takes it even if the one
+                // held here is stamped later (by a clock that could not be trusted).
+                self.forget(&digest, &entry);
                 self.full_read_due.store(true, Ordering::Release);
                 info!(
                     key_id = &*entry.id,
@@ -676,6 +723,22 @@ impl Revocations {
         }
     }
 
+    /// Drop the entry held for `digest` if it is still `entry` (a change Redis did not
+    /// store: the next read takes Redis's, whatever the stamps).
+    fn forget(&self, digest: &Digest, entry: &Entry) {
+        let _guard = self.merging.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.set.load_full();
+        if current
+            .get(digest)
+            .is_some_and(|held| held.disabled == entry.disabled)
+        {
+            let mut next = (*current).clone();
+            next.remove(digest);
+            self.set.store(Arc::new(next));
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+    }
+
     /// Merge entries into the set (newer wins) and swap it if anything changed.
     fn merge(&self, entries: impl IntoIterator<Item = (Digest, Entry)>, origin: Origin) {
         let _guard = self.merging.lock().unwrap_or_else(|e| e.into_inner());
@@ -700,10 +763,12 @@ impl Revocations {
                 continue;
             }
             let set = next.as_ref().unwrap_or(&current);
-            if set
-                .get(&digest)
-                .is_some_and(|cur| *cur == entry || (cur.at_us <= latest && !entry.supersedes(cur)))
-            {
+            // This replica's own change, as Redis stored it: its stamp is Redis's, even one
+            // below the stamp it was made with (a clock that could not be trusted).
+            let restamped = |cur: &Entry| origin == Origin::Here && cur.disabled == entry.disabled;
+            if set.get(&digest).is_some_and(|cur| {
+                *cur == entry || (!restamped(cur) && cur.at_us <= latest && !entry.supersedes(cur))
+            }) {
                 continue;
             }
             if origin == Origin::Event {
