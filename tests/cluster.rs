@@ -1431,53 +1431,15 @@ async fn a_refused_read_is_retried_backing_off() {
     .await;
 }
 
-/// A TCP relay to `port` that can be shut (every connection through it closed at its next
-/// byte, new ones closed at once: Redis unreachable from one replica alone) and opened again.
-async fn gated_relay(port: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay_port = listener.local_addr().unwrap().port();
-    let open = Arc::new(AtomicBool::new(true));
-    let pipe = |mut from: tokio::net::tcp::OwnedReadHalf,
-                mut to: tokio::net::tcp::OwnedWriteHalf,
-                open: Arc<AtomicBool>| async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        while let Ok(n @ 1..) = from.read(&mut buf).await {
-            if !open.load(Ordering::SeqCst) || to.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    };
-    let gate = open.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            if !gate.load(Ordering::SeqCst) {
-                continue;
-            }
-            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-                continue;
-            };
-            let (cr, cw) = client.into_split();
-            let (sr, sw) = server.into_split();
-            tokio::spawn(pipe(cr, sw, gate.clone()));
-            tokio::spawn(pipe(sr, cw, gate.clone()));
-        }
-    });
-    (relay_port, open)
-}
-
 /// Changes made on two replicas while Redis was out of their reach are ordered by when they
 /// were made, not by when each replica reached Redis again: a lift made before a revoke,
 /// stored after it, undid it on every replica (each change was stamped on arrival).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_redis_was_unreachable_keep_the_order_they_were_made_in() {
-    use std::sync::atomic::Ordering;
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
-    let (port_a, gate_a) = gated_relay(redis.port).await;
-    let (port_b, gate_b) = gated_relay(redis.port).await;
+    let (port_a, gate_a) = controlled_relay(redis.port).await;
+    let (port_b, gate_b) = controlled_relay(redis.port).await;
     let config = |port| cluster_yaml_with(port, "local", "200ms");
     let a = spawn_proxy_with(up.addr, &config(port_a), Some(&keys())).await;
     let b = spawn_proxy_with(up.addr, &config(port_b), Some(&keys())).await;
@@ -1490,8 +1452,8 @@ async fn changes_made_while_redis_was_unreachable_keep_the_order_they_were_made_
     .await;
     let field = sha(OTHER);
     let stored = redis.hget("keyward:revocations", &field).await.unwrap();
-    gate_a.store(false, Ordering::SeqCst);
-    gate_b.store(false, Ordering::SeqCst);
+    gate_a.send(Path::Cut).unwrap();
+    gate_b.send(Path::Cut).unwrap();
     // The lift first, then the revoke: both held where they were made.
     let lift = admin_post(&b, "key_other", "enable").await;
     assert_ne!(lift.status, 200, "{}", lift.text());
@@ -1500,24 +1462,17 @@ async fn changes_made_while_redis_was_unreachable_keep_the_order_they_were_made_
     let revoke = admin_post(&a, "key_other", "disable").await;
     assert_ne!(revoke.status, 200, "{}", revoke.text());
     // The revoke reaches Redis first, the older lift after it.
-    gate_a.store(true, Ordering::SeqCst);
+    gate_a.send(Path::Open).unwrap();
     eventually("the revoke stored", || async {
         redis.hget("keyward:revocations", &field).await.as_ref() != Some(&stored)
     })
     .await;
-    gate_b.store(true, Ordering::SeqCst);
+    gate_b.send(Path::Open).unwrap();
     eventually("the lift superseded on b", || async {
         call(&b, OTHER).await.status == 401
     })
     .await;
-    for _ in 0..20 {
-        for kw in [&a, &b] {
-            assert_eq!(call(kw, OTHER).await.status, 401);
-        }
-        let entry = redis.hget("keyward:revocations", &field).await.unwrap();
-        assert!(entry.contains("|1|"), "{entry}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    holds(&redis, &[&a, &b], 401, 20).await;
 }
 
 /// A Redis user without rights on the revocations' channel (Redis 7's default for a new
@@ -1546,15 +1501,7 @@ async fn a_revoke_redis_refuses_to_publish_is_stored_and_read_by_the_fleet() {
         call(&a, OTHER).await.status == 200
     })
     .await;
-    let field = sha(OTHER);
-    for _ in 0..20 {
-        for kw in [&a, &b] {
-            assert_eq!(call(kw, OTHER).await.status, 200);
-        }
-        let entry = redis.hget("keyward:revocations", &field).await.unwrap();
-        assert!(entry.contains("|0|"), "{entry}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    holds(&redis, &[&a, &b], 200, 20).await;
     let refused = metric(&a, "keyward_cluster_errors_total{op=\"subscribe\"}").await;
     assert!(refused.unwrap_or(0.0) >= 1.0, "{refused:?}");
 }
@@ -1621,22 +1568,36 @@ async fn a_redis_that_stops_taking_writes_is_marked_down_by_the_probe() {
     .await;
 }
 
-/// A TCP relay to `port` that can hold what replicas send toward Redis (a path that stalls
-/// without dropping anything: the kernel keeps retransmitting) and deliver it later,
-/// closed connections' bytes included.
-async fn holding_relay(port: u16) -> (u16, tokio::sync::watch::Sender<bool>) {
+/// What a [`controlled_relay`] does with what replicas send toward Redis.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Open,
+    /// Held and delivered once open again (a path that stalls without dropping anything:
+    /// the kernel keeps retransmitting), closed connections' bytes included.
+    Hold,
+    /// Every connection closed at its next byte, new ones at once: Redis unreachable from
+    /// this replica alone.
+    Cut,
+}
+
+/// A TCP relay to `port` whose path is switched by the sender returned.
+async fn controlled_relay(port: u16) -> (u16, tokio::sync::watch::Sender<Path>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_port = listener.local_addr().unwrap().port();
-    let (hold, holding) = tokio::sync::watch::channel(false);
+    let (switch, path) = tokio::sync::watch::channel(Path::Open);
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
+            if *path.borrow() == Path::Cut {
+                continue;
+            }
             let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
                 continue;
             };
             let (mut cr, mut cw) = client.into_split();
             let (mut sr, mut sw) = server.into_split();
-            let mut holding = holding.clone();
+            let mut path = path.clone();
+            let mut down_path = path.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 16 * 1024];
                 let mut held = Vec::new();
@@ -1645,32 +1606,50 @@ async fn holding_relay(port: u16) -> (u16, tokio::sync::watch::Sender<bool>) {
                         read = cr.read(&mut buf) => {
                             let n = read.unwrap_or(0);
                             if n == 0 {
-                                while *holding.borrow() {
-                                    if holding.changed().await.is_err() {
+                                while *path.borrow() == Path::Hold {
+                                    if path.changed().await.is_err() {
                                         return;
                                     }
                                 }
-                                let _ = sw.write_all(&held).await;
+                                if *path.borrow() == Path::Open {
+                                    let _ = sw.write_all(&held).await;
+                                }
                                 return;
                             }
                             held.extend_from_slice(&buf[..n]);
                         }
-                        changed = holding.changed() => if changed.is_err() { return },
+                        changed = path.changed() => if changed.is_err() { return },
                     }
-                    if !*holding.borrow() && !held.is_empty() {
-                        if sw.write_all(&held).await.is_err() {
-                            return;
-                        }
-                        held.clear();
+                    match *path.borrow() {
+                        Path::Cut => return,
+                        Path::Hold => continue,
+                        Path::Open => {}
                     }
+                    if sw.write_all(&held).await.is_err() {
+                        return;
+                    }
+                    held.clear();
                 }
             });
             tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    tokio::select! {
+                        read = sr.read(&mut buf) => match read {
+                            Ok(n @ 1..) => if cw.write_all(&buf[..n]).await.is_err() { return },
+                            _ => return,
+                        },
+                        changed = down_path.changed() => {
+                            if changed.is_err() || *down_path.borrow() == Path::Cut {
+                                return;
+                            }
+                        }
+                    }
+                }
             });
         }
     });
-    (relay_port, hold)
+    (relay_port, switch)
 }
 
 /// An operator's change whose bytes reach Redis only after its caller gave up (503), and
@@ -1680,7 +1659,7 @@ async fn holding_relay(port: u16) -> (u16, tokio::sync::watch::Sender<bool>) {
 async fn a_change_that_reaches_redis_after_its_caller_gave_up_does_not_undo_a_later_one() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
-    let (port_a, hold) = holding_relay(redis.port).await;
+    let (port_a, hold) = controlled_relay(redis.port).await;
     let a = spawn_proxy_with(
         up.addr,
         &cluster_yaml_with(port_a, "local", "50ms"),
@@ -1694,23 +1673,30 @@ async fn a_change_that_reaches_redis_after_its_caller_gave_up_does_not_undo_a_la
         call(&b, OTHER).await.status == 401
     })
     .await;
-    hold.send(true).unwrap();
+    hold.send(Path::Hold).unwrap();
     let lift = admin_post(&a, "key_other", "enable").await;
     assert_ne!(lift.status, 200, "{}", lift.text());
     let revoke = admin_post(&b, "key_other", "disable").await;
     assert_eq!(revoke.status, 200, "{}", revoke.text());
-    hold.send(false).unwrap();
+    hold.send(Path::Open).unwrap();
     eventually("a takes the later revoke", || async {
         call(&a, OTHER).await.status == 401
     })
     .await;
+    holds(&redis, &[&a, &b], 401, 30).await;
+}
+
+/// For `rounds` × 50 ms, every replica answers `OTHER` with `status`, and Redis's entry
+/// for it says the same (revoked for 401, lifted for 200).
+async fn holds(redis: &Redis, fleet: &[&Proxy], status: u16, rounds: u32) {
     let field = sha(OTHER);
-    for _ in 0..30 {
-        for kw in [&a, &b] {
-            assert_eq!(call(kw, OTHER).await.status, 401);
+    let state = if status == 401 { "|1|" } else { "|0|" };
+    for _ in 0..rounds {
+        for kw in fleet {
+            assert_eq!(call(kw, OTHER).await.status, status);
         }
         let entry = redis.hget("keyward:revocations", &field).await.unwrap();
-        assert!(entry.contains("|1|"), "{entry}");
+        assert!(entry.contains(state), "{entry}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -66,15 +66,9 @@ impl ClusterError {
             if e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error())
     }
 
-    /// Redis cannot serve calls now (unreachable, slow, loading, read-only after a
-    /// failover, out of memory, refusing our user), as opposed to refusing one call's data
-    /// (a counter that would overflow, a key of the wrong type: values any writer of a
-    /// shared Redis can leave). Only an outage marks Redis down, which sends every
-    /// rate-limited key to `on_error`; a data error fails its own call alone. Neither is
-    /// a connection dropped under us ([`Self::is_dropped`]) or not made yet: a failed
-    /// connect is what says Redis is unreachable.
     /// Redis cannot be reached or cannot answer anything now (unreachable, slow, loading,
-    /// failing over): every call fails alike, whatever it asks.
+    /// failing over): every call fails alike, whatever it asks. Not a connection dropped
+    /// under us ([`Self::is_dropped`]) or not made yet.
     pub fn is_unreachable(&self) -> bool {
         use redis::ErrorKind as K;
         if self.is_dropped() {
@@ -96,35 +90,24 @@ impl ClusterError {
         }
     }
 
+    /// Redis cannot serve calls now (unreachable, slow, loading, read-only after a
+    /// failover, out of memory, refusing our user), as opposed to refusing one call's data
+    /// (a counter that would overflow, a key of the wrong type: values any writer of a
+    /// shared Redis can leave). Only an outage marks Redis down, which sends every
+    /// rate-limited key to `on_error`; a data error fails its own call alone. Neither is
+    /// a connection dropped under us ([`Self::is_dropped`]) or not made yet: a failed
+    /// connect is what says Redis is unreachable.
     pub fn is_outage(&self) -> bool {
         use redis::ErrorKind as K;
-        if self.is_dropped() {
-            return false;
-        }
-        match self {
-            Self::NotConnected => false,
-            Self::Timeout => true,
-            Self::Redis(e) => {
-                e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_timeout()
-                    || matches!(
-                        e.kind(),
-                        K::BusyLoadingError
-                            | K::TryAgain
-                            | K::ClusterDown
-                            | K::MasterDown
-                            | K::ReadOnly
-                            | K::AuthenticationFailed
-                    )
+        self.is_unreachable()
+            || matches!(self, Self::Redis(e) if !self.is_dropped() && (
+                matches!(e.kind(), K::ReadOnly | K::AuthenticationFailed)
                     || matches!(e.code(), Some("OOM" | "NOPERM" | "NOAUTH" | "MISCONF"))
                     // An ACL refusal inside a script comes back as a plain error.
                     || e.detail().is_some_and(|d| {
                         d.contains("can't run this command") || d.contains("no permissions")
                     })
-            }
-        }
+            ))
     }
 }
 
