@@ -108,8 +108,8 @@ fn check_open_files(config: &Config, limit: Option<u64>) {
 }
 
 /// Warn when the container's memory limit cannot hold what `limits.max_connections` lets
-/// clients open: with no key, each connection may hold a head up to `max_header_bytes`
-/// and its connection state (about 35 KB with the defaults), and 10,000 such connections,
+/// clients open: with no key, each connection may hold an unfinished head and its state
+/// (up to about 180 KB: an HTTP/2 header block being assembled), and such connections,
 /// held for `header_read_timeout`, took a pod past its 256 MiB limit (killed, restarted).
 fn check_memory_limit(config: &Config) {
     let Some(limit) = keyward::runtime::memory_limit() else {
@@ -120,7 +120,7 @@ fn check_memory_limit(config: &Config) {
         tracing::warn!(
             memory_limit_bytes = limit,
             needed_bytes = needed,
-            "the memory limit is below what limits.max_connections connections with unfinished heads can hold (about 20 KB each + limits.max_header_bytes, per traffic listener, + 32 MiB): a client with no key can get the process killed for memory; lower limits.max_connections or raise the limit"
+            "the memory limit is below what limits.max_connections connections with unfinished heads can hold (about 180 KB each, per traffic listener, + 32 MiB): a client with no key can get the process killed for memory; lower limits.max_connections or raise the limit"
         );
     }
 }

@@ -42,15 +42,21 @@ type AdminBody = Full<Bytes>;
 const ADMIN_WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A stream whose writes fail once one has been blocked for [`ADMIN_WRITE_STALL`]: the
-/// connection then ends and gives its slot back.
+/// connection then ends and gives its slot back. While a write is blocked the connection
+/// is marked as writing, and is not evicted for a new one.
 struct WriteStall<S> {
     inner: S,
     since: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    slot: slots::SlotHandle,
 }
 
 impl<S> WriteStall<S> {
-    fn new(inner: S) -> Self {
-        Self { inner, since: None }
+    fn new(inner: S, slot: slots::SlotHandle) -> Self {
+        Self {
+            inner,
+            since: None,
+            slot,
+        }
     }
 
     /// `poll` of the inner stream, failed once it has been pending for too long.
@@ -62,6 +68,9 @@ impl<S> WriteStall<S> {
         use std::task::Poll;
         match poll(&mut self.inner, cx) {
             Poll::Pending => {
+                if self.since.is_none() {
+                    self.slot.writing(true);
+                }
                 let since = self
                     .since
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(ADMIN_WRITE_STALL)));
@@ -71,7 +80,9 @@ impl<S> WriteStall<S> {
                 }
             }
             done => {
-                self.since = None;
+                if self.since.take().is_some() {
+                    self.slot.writing(false);
+                }
                 done
             }
         }
@@ -169,19 +180,22 @@ pub async fn serve(
             let app = app.clone();
             let handle = handle.clone();
             async move {
-                handle.serving();
+                handle.serving(true);
                 let resp = match surface {
                     Surface::Admin => route(&app, req).await,
                     Surface::Probes => probes_only(&app, &req),
                 };
-                handle.waiting(std::time::Instant::now());
+                handle.serving(false);
                 Ok::<_, Infallible>(resp)
             }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(std::time::Duration::from_secs(10))
-            .serve_connection(TokioIo::new(WriteStall::new(stream)), service);
+            .serve_connection(
+                TokioIo::new(WriteStall::new(stream, slot.handle())),
+                service,
+            );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             tokio::select! {

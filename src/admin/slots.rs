@@ -42,6 +42,10 @@ struct Conn {
     peer: IpAddr,
     /// Since when it has waited for a request head; `None` while it serves one.
     waiting_since: Option<Instant>,
+    /// Serving a request, and writing an answer its client has not taken yet: either
+    /// keeps it from eviction (a scrape's large answer to a slow reader was cut midway).
+    in_service: bool,
+    writing: bool,
     evict: Arc<Notify>,
 }
 
@@ -80,6 +84,8 @@ impl Slots {
             Conn {
                 peer,
                 waiting_since: Some(now),
+                in_service: false,
+                writing: false,
                 evict: evict.clone(),
             },
         );
@@ -95,13 +101,24 @@ impl Slots {
 }
 
 impl Open {
+    /// The connection waiting longest for a request goes; if none is waiting, one whose
+    /// answer its client is not taking (the write stall bound ends it anyway, and a client
+    /// that holds places by reading nothing must not shut anyone out either); one serving
+    /// a request never does.
     fn evict_longest_waiting(&mut self, among: impl Fn(&Conn) -> bool) -> Option<Admitted> {
-        let (&id, _) = self
+        let waiting = self
             .conns
             .iter()
             .filter(|(_, c)| among(c))
-            .filter_map(|(id, c)| Some((id, c.waiting_since?)))
-            .min_by_key(|&(_, since)| since)?;
+            .filter_map(|(id, c)| Some((*id, c.waiting_since?)))
+            .min_by_key(|&(_, since)| since)
+            .map(|(id, _)| id);
+        let id = waiting.or_else(|| {
+            self.conns
+                .iter()
+                .find(|(_, c)| among(c) && c.writing && !c.in_service)
+                .map(|(id, _)| *id)
+        })?;
         let conn = self.conns.remove(&id)?;
         // Stored if its task is not waiting on it yet.
         conn.evict.notify_one();
@@ -133,7 +150,8 @@ impl Drop for Slot {
     }
 }
 
-/// Marks a connection as serving a request (it cannot be evicted) or waiting for one.
+/// Marks a connection as serving a request or writing an answer (it cannot be evicted), or
+/// neither: waiting for a request.
 #[derive(Clone)]
 pub struct SlotHandle {
     slots: Arc<Slots>,
@@ -141,17 +159,25 @@ pub struct SlotHandle {
 }
 
 impl SlotHandle {
-    pub fn serving(&self) {
-        self.mark(None);
+    /// A request is being served (`true`) or was answered (`false`).
+    pub fn serving(&self, yes: bool) {
+        self.mark(|c| c.in_service = yes);
     }
 
-    pub fn waiting(&self, now: Instant) {
-        self.mark(Some(now));
+    /// A write is blocked on the client (`true`) or went through (`false`).
+    pub fn writing(&self, yes: bool) {
+        self.mark(|c| c.writing = yes);
     }
 
-    fn mark(&self, since: Option<Instant>) {
+    fn mark(&self, change: impl FnOnce(&mut Conn)) {
         if let Some(c) = self.slots.open().conns.get_mut(&self.id) {
-            c.waiting_since = since;
+            let busy = c.in_service || c.writing;
+            change(c);
+            match (busy, c.in_service || c.writing) {
+                (false, true) => c.waiting_since = None,
+                (true, false) => c.waiting_since = Some(Instant::now()),
+                _ => {}
+            }
         }
     }
 }
@@ -179,7 +205,7 @@ mod tests {
             })
             .collect();
         // The oldest serves a request: the next oldest goes.
-        held[0].handle().serving();
+        held[0].handle().serving(true);
         let (new, how) = slots.admit(ip(1), t0 + Duration::from_secs(1)).unwrap();
         assert_eq!(how, Admitted::Evicted);
         tokio::time::timeout(Duration::from_secs(1), held[1].evicted())
@@ -195,12 +221,43 @@ mod tests {
         assert_eq!(slots.admit(ip(2), t0).unwrap().1, Admitted::Free);
         // When every one of the peer's serves a request, the new one is refused.
         for s in held.iter().chain([&new]) {
-            s.handle().serving();
+            s.handle().serving(true);
         }
         assert!(slots.admit(ip(1), t0).is_none());
         // A place given back is free again.
         held.pop();
         assert_eq!(slots.admit(ip(1), t0).unwrap().1, Admitted::Free);
+    }
+
+    /// A connection whose answer its client is not taking goes only when none waits for a
+    /// request: a large answer to a slow reader is not cut for a flood, and a client that
+    /// reads nothing holds no place for good either.
+    #[tokio::test]
+    async fn a_connection_writing_an_answer_goes_after_the_waiting_ones() {
+        let slots = Arc::new(Slots::default());
+        let t0 = Instant::now();
+        let held: Vec<Slot> = (0..MAX_CONNECTIONS_PER_PEER)
+            .map(|_| slots.admit(ip(1), t0).unwrap().0)
+            .collect();
+        held[0].handle().writing(true);
+        for s in &held[2..] {
+            s.handle().serving(true);
+        }
+        // held[1] waits: it goes first.
+        let (_a, how) = slots.admit(ip(1), t0).unwrap();
+        assert_eq!(how, Admitted::Evicted);
+        tokio::time::timeout(Duration::from_secs(1), held[1].evicted())
+            .await
+            .expect("the waiting one went");
+        _a.handle().serving(true);
+        // None waits now: the writing one goes.
+        let (_b, how) = slots.admit(ip(1), t0).unwrap();
+        assert_eq!(how, Admitted::Evicted);
+        tokio::time::timeout(Duration::from_secs(1), held[0].evicted())
+            .await
+            .expect("the writing one went");
+        _b.handle().serving(true);
+        assert!(slots.admit(ip(1), t0).is_none(), "all serving");
     }
 
     #[test]
@@ -210,13 +267,13 @@ mod tests {
         let held: Vec<Slot> = (0..MAX_CONNECTIONS)
             .map(|i| {
                 let (slot, _) = slots.admit(ip((i % 200) as u8), t0).unwrap();
-                slot.handle().serving();
+                slot.handle().serving(true);
                 slot
             })
             .collect();
         assert!(slots.admit(ip(250), t0).is_none());
         // One goes back to waiting: it makes room.
-        held[7].handle().waiting(t0);
+        held[7].handle().serving(false);
         assert_eq!(slots.admit(ip(250), t0).unwrap().1, Admitted::Evicted);
         drop(held);
         assert_eq!(slots.open().conns.len(), 0, "every place given back");

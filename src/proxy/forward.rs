@@ -256,7 +256,7 @@ impl Upstream {
         mut req: Request<RequestBody>,
         identity: Option<Identity<'_>>,
         upgrade: bool,
-        busy: impl FnOnce() -> Busy,
+        busy: impl FnOnce() -> Option<Busy>,
         body_watch: impl FnOnce() -> Option<KeyWatch>,
     ) -> Result<(Response<UpstreamBody>, Duration), ProxyError> {
         *req.version_mut() = Version::HTTP_11;
@@ -421,6 +421,7 @@ fn send_error(e: hyper::Error) -> ProxyError {
         Some(UploadError::TooSlow(_)) => ProxyError::BodyTooSlow,
         Some(UploadError::KeyGone(reject)) => ProxyError::KeyGone(reject.clone()),
         Some(UploadError::Client(_)) => ProxyError::RequestBody(e),
+        Some(UploadError::Overload) => ProxyError::Exchange(e),
         None => ProxyError::Exchange(e),
     }
 }

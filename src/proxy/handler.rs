@@ -577,7 +577,14 @@ async fn send_upstream(
             req,
             identity,
             upgrade.is_some(),
-            || worker.busy(),
+            // The body after the answer: a slot of its own, for a request without a key
+            // only within its half of the budget (else it counted twice and such requests
+            // took every slot).
+            || {
+                let keyed = identity.is_some();
+                let slot = worker.busy();
+                (keyed || !worker.over_in_flight_cap(false)).then_some(slot)
+            },
             &key_watch,
         )
         .await

@@ -42,6 +42,10 @@ pub enum UploadError {
     /// The key the request was let in with stopped standing while its body streamed.
     #[error("the key this request was let in with no longer stands")]
     KeyGone(crate::auth::Reject),
+    /// Answered, the body of a request without a key would take a slot of its own past
+    /// the half of `limits.max_in_flight` such requests may hold: it is not sent on.
+    #[error("request body cut after the answer: no slot left for requests without a key")]
+    Overload,
 }
 
 /// How a body must keep moving: a byte at least every `gap`, and after the first `gap` on
@@ -80,6 +84,8 @@ pub struct Progress {
     /// `(ended, slot)`, one lock: the slot is taken only while the body has not ended, and
     /// let go when it ends, whichever comes first.
     held: std::sync::Mutex<(bool, Option<Busy>)>,
+    /// The answer came and no slot could be taken for the rest of the body: cut it.
+    cut: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
@@ -88,6 +94,7 @@ impl Progress {
             origin: now,
             last_ms: AtomicU64::new(0),
             held: std::sync::Mutex::new((false, None)),
+            cut: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -96,11 +103,15 @@ impl Progress {
     }
 
     /// The answer came: a body not yet ended takes a slot of its own (`slot` is asked only
-    /// then), since the request's own ends with the response.
-    pub fn answered(&self, slot: impl FnOnce() -> Busy) {
+    /// then), since the request's own ends with the response; with none to take, the rest
+    /// of the body is cut.
+    pub fn answered(&self, slot: impl FnOnce() -> Option<Busy>) {
         let mut held = self.held();
         if !held.0 {
-            held.1 = Some(slot());
+            held.1 = slot();
+            if held.1.is_none() {
+                self.cut.store(true, Ordering::Relaxed);
+            }
         }
     }
 
@@ -180,6 +191,10 @@ impl Body for Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, UploadError>>> {
         let this = &mut *self;
+        if this.progress.cut.load(Ordering::Relaxed) {
+            this.ended();
+            return Poll::Ready(Some(Err(UploadError::Overload)));
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(Err(reject)) = this.watch.as_mut().map(KeyWatch::stands) {

@@ -55,7 +55,7 @@ impl Worker {
         let cap = if keyed {
             self.0.in_flight_cap
         } else {
-            self.0.in_flight_cap / 2
+            self.0.in_flight_cap.div_ceil(2)
         };
         self.0.busy.load(Ordering::Relaxed) > cap
     }
