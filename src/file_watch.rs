@@ -160,16 +160,10 @@ impl<W: Watched> Watch<W> {
                 pending = None;
                 continue;
             }
-            // Changed since the last look (or triggered): acted on once a look finds it
-            // settled: the same as the look before, untouched since, or left alone for
-            // `SETTLE` by its own times (a file renamed over more often than the interval
-            // has a new inode at every look, and was never seen the same twice); else at
-            // the next poll (or after `settle` when triggered).
+            // Changed since the last look (or triggered): acted on once the next look agrees
+            // with it (at the next poll, or after `settle` when triggered).
             let look = (digest, last_stamps.clone());
-            let quiet = last_stamps
-                .iter()
-                .all(|s| s.is_some_and(|s| s.quiet_for(SETTLE, SystemTime::now())));
-            if pending.as_ref() != Some(&look) && !quiet {
+            if !pending.as_ref().is_some_and(|p| agree(p, &look)) {
                 pending = Some(look);
                 settling = forced;
                 continue;
@@ -191,6 +185,20 @@ impl<W: Watched> Watch<W> {
     }
 }
 
+/// Do two looks agree: the same content, each file either untouched between them (the same
+/// stamp: two looks that each caught a rewrite in place at the same point read the same
+/// half, but never under the same stamp) or replaced by another (a new inode: a rename
+/// over it, which is whole; a writer renaming more often than the interval never showed
+/// the same stamp twice)?
+fn agree<D: PartialEq>(a: &(D, Vec<Option<Stamp>>), b: &(D, Vec<Option<Stamp>>)) -> bool {
+    a.0 == b.0
+        && a.1.len() == b.1.len()
+        && a.1.iter().zip(&b.1).all(|pair| match pair {
+            (Some(x), Some(y)) => x.same_or_replaced(y),
+            _ => false,
+        })
+}
+
 /// What `stat` says of the file behind a path, symlinks followed (so a `..data` swap, which
 /// points the path at another inode, shows as a change). The change time too: a writer
 /// that puts the modification time back still moves it.
@@ -203,6 +211,11 @@ pub struct Stamp {
 }
 
 impl Stamp {
+    /// The same file untouched, or another put in its place (a new inode: a rename).
+    pub fn same_or_replaced(&self, other: &Stamp) -> bool {
+        self == other || self.inode != other.inode
+    }
+
     /// Left alone for at least `quiet` by its own times: its last write and change that long
     /// before `now`. A time in the future (copied with `cp -p` from a host whose clock is
     /// ahead, or this clock stepped back) says nothing: the file must then be seen to hold
@@ -356,6 +369,35 @@ mod tests {
         next_change(&changed).await;
         task.abort();
         assert_eq!(*probe.taken.lock().unwrap(), ["half and the rest"]);
+    }
+
+    /// A file renamed over more often than the interval has a new inode at every look: two
+    /// looks that find the same content in it agree (a rename is whole).
+    #[tokio::test]
+    async fn a_file_renamed_over_faster_than_the_interval_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "one").unwrap();
+        let p = probe(dir.path());
+        let changed = p.changed.clone();
+        let watched = Watch::new(p, Duration::from_millis(60), Some("one".to_string()));
+        let probe = watched.watched.clone();
+        let task = tokio::spawn(watched.run());
+        let renaming = tokio::spawn({
+            let dir = dir.path().to_path_buf();
+            async move {
+                for i in 0.. {
+                    let tmp = dir.join(format!("f.{i}"));
+                    std::fs::write(&tmp, "two").unwrap();
+                    std::fs::rename(&tmp, dir.join("f")).unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+        next_change(&changed).await;
+        renaming.abort();
+        task.abort();
+        assert_eq!(*probe.taken.lock().unwrap(), ["two"]);
     }
 
     /// `steady`: a read the file's stamp moved under is no look; `quiet_for` counts from

@@ -855,6 +855,9 @@ async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
         format!("/x?a=1%26api_key={other}"),
         format!("/public/x?api_key%3D{other}"),
         format!("/x?a=1%3Bapi_key={other}"),
+        // Beside the name in the query as keyward reads it.
+        format!("/public/x?api_key&x=%26api_key={other}"),
+        format!("/x?api_key={SERVICE_KEY}&x=%26api_key={other}"),
     ] {
         let r = get(&kw.url(&target), &[("x-api-key", SERVICE_KEY)]).await;
         assert_eq!(r.status, 400, "{target}: {}", r.text());

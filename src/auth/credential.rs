@@ -240,15 +240,16 @@ pub fn has_query_param(query: &str, name: &str) -> bool {
         .any(|pair| name.matches(param_name(pair)))
 }
 
-/// Whether `query` (up to a `#`) gives the `name` parameter a value (`name=`), however
-/// spelled (see [`is_param`]), `;` separating parameters as `&` does.
-pub fn assigns_param(query: &str, name: &str) -> bool {
+/// How many times `query` (up to a `#`) gives the `name` parameter a value (`name=`),
+/// however spelled (see [`is_param`]), `;` separating parameters as `&` does.
+pub fn assigns_param(query: &str, name: &str) -> usize {
     let name = ParamName::new(name);
     let query = query.split('#').next().unwrap_or_default();
     query
         .split(['&', ';'])
         .filter_map(|pair| pair.split_once('='))
-        .any(|(k, _)| name.matches(k))
+        .filter(|(k, _)| name.matches(k))
+        .count()
 }
 
 /// The values of every `name` parameter in `query`, however spelled (see [`is_param`]),

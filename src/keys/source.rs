@@ -348,19 +348,24 @@ pub fn reload_file(host: &impl Host, admission: Admission) -> Result<Arc<Snapsho
 /// How many [`SETTLE`] waits a reload asked for gives a file being written.
 const SETTLE_TRIES: u32 = 8;
 
-/// Wait until `path` holds still: a read during which its stamp did not move, of a file
-/// left alone for [`SETTLE`] by its own times (at once for a file written well before), or
-/// seen the same `SETTLE` apart (a file whose times are in the future). A file rewritten in place may be read half-written, and half a key file can
-/// parse (a key cut before its `status: disabled` line would be let in); two reads that
-/// each caught a rewrite at the same point agree on content, so content alone does not
-/// say a file is whole. The digest read: the content the load that follows must find.
+/// Wait until `path` holds still: a read during which its stamp did not move, found again
+/// [`SETTLE`] later with the same content and stamp (or replaced whole by a rename), or of a
+/// file its own times say was written well before (at once, as at most starts). A file
+/// rewritten in place may be read half-written, and half a key file can parse (a key cut
+/// before its `status: disabled` line would be let in); two reads that each caught a
+/// rewrite at the same point agree on content, so content alone does not say a file is
+/// whole. The digest read: the content the load that follows must find.
 fn settled(path: &Path) -> Result<String, LoadError> {
-    let mut last = None;
+    let mut last: Option<(String, file_watch::Stamp)> = None;
     for _ in 0..=SETTLE_TRIES {
         let look = file_watch::steady(path, || file_digest(path))?;
         if let Some((digest, stamp)) = &look {
-            // Quiet by its own times, or seen the same `SETTLE` ago (times in the future).
-            if stamp.quiet_for(SETTLE, SystemTime::now()) || last.as_ref() == look.as_ref() {
+            // Left alone for longer than any filesystem's timestamps are coarse, or found
+            // again `SETTLE` later untouched (or replaced whole, by a rename).
+            let again = last
+                .as_ref()
+                .is_some_and(|(d, s)| d == digest && s.same_or_replaced(stamp));
+            if again || stamp.quiet_for(QUIET_BY_ITS_TIMES, SystemTime::now()) {
                 return Ok(digest.clone());
             }
         }
@@ -369,6 +374,11 @@ fn settled(path: &Path) -> Result<String, LoadError> {
     }
     Err(LoadError::Unsettled)
 }
+
+/// How long ago a file's own times must say it was written for one look to settle it:
+/// more than the coarsest timestamps a filesystem keeps (1 s on ext3, 2 s on FAT), where a
+/// file written 10 ms ago can look a second old.
+const QUIET_BY_ITS_TIMES: Duration = Duration::from_secs(3);
 
 /// [`read_file_as`] sharing unchanged keys with the snapshot in force, which is let go
 /// when the read is done: an install right after it then returns to the OS what the

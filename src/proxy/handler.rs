@@ -274,16 +274,17 @@ pub enum Verdict {
 /// behind an encoded separator (`a=1%26api_key=`)? That app would read a key keyward never
 /// checked (on a public route, with none asked for). Asked only with a query credential.
 fn hides_query_key(app: &App, path: &str, query: Option<&str>) -> bool {
-    use auth::credential::{assigns_param, has_query_param};
+    use auth::credential::assigns_param;
     let Some(name) = app.policy.credential_query() else {
         return false;
     };
     let in_path = auth::path::as_decoded(path)
         .split_once('?')
-        .is_some_and(|(_, q)| assigns_param(q, name));
+        .is_some_and(|(_, q)| assigns_param(q, name) > 0);
+    // Every value the app would read for it must be one keyward's split reads too.
     in_path
         || query.is_some_and(|raw| {
-            assigns_param(&auth::path::as_decoded(raw), name) && !has_query_param(raw, name)
+            assigns_param(&auth::path::as_decoded(raw), name) != assigns_param(raw, name)
         })
 }
 
