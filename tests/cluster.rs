@@ -1700,3 +1700,58 @@ async fn holds(redis: &Redis, fleet: &[&Proxy], status: u16, rounds: u32) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A write held on the way (1.8 s) and answered at once must not teach a replica Redis's
+/// clock: read from that call's middle, its reckoning ran a second ahead, and a lift held
+/// past its caller's timeout (503) still looked on time and undid a later revoke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_call_does_not_skew_the_clock_a_late_write_is_judged_by() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let (port_a, path) = controlled_relay(redis.port).await;
+    let a = spawn_proxy_with(
+        up.addr,
+        &cluster_yaml_with(port_a, "local", "50ms"),
+        Some(&keys()),
+    )
+    .await;
+    let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    wait_ready(&a).await;
+    assert_eq!(admin_post(&a, "key_other", "disable").await.status, 200);
+    // A write whose request is held 1.8 s, its answer not.
+    path.send(Path::Hold).unwrap();
+    let learning = tokio::spawn({
+        let admin = a.admin_url("/v1/keys/key_free/disable");
+        async move {
+            let auth = admin_auth();
+            send("POST", &admin, &[("authorization", auth.as_str())], b"")
+                .await
+                .status
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    path.send(Path::Open).unwrap();
+    assert_eq!(learning.await.unwrap(), 200);
+    // The lift is held past its caller's timeout; a revoke made on b meanwhile.
+    path.send(Path::Hold).unwrap();
+    let made = Instant::now();
+    let lift = tokio::spawn({
+        let admin = a.admin_url("/v1/keys/key_other/enable");
+        async move {
+            let auth = admin_auth();
+            send("POST", &admin, &[("authorization", auth.as_str())], b"")
+                .await
+                .status
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(2150).saturating_sub(made.elapsed())).await;
+    assert_eq!(admin_post(&b, "key_other", "disable").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(2400).saturating_sub(made.elapsed())).await;
+    path.send(Path::Open).unwrap();
+    assert_ne!(lift.await.unwrap(), 200);
+    eventually("a takes the later revoke", || async {
+        call(&a, OTHER).await.status == 401
+    })
+    .await;
+    holds(&redis, &[&a, &b], 401, 30).await;
+}

@@ -231,6 +231,25 @@ end
 return {stored, last, now, left, unpublished}
 ";
 
+/// An operator's change Redis has not stored yet.
+struct Pending {
+    entry: Entry,
+    /// Redis's clock was known when it was made: its stamp can be compared.
+    trusted: bool,
+    /// Its own write is still on its way: the periodic flush leaves it be (a second copy
+    /// sent late was dropped as older than the first, and the change forgotten here).
+    sending: bool,
+}
+
+/// Marks a change's own write over when dropped ([`Revocations::sent`]).
+struct Sending<'a>(&'a Revocations, &'a Digest, &'a Entry);
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.0.sent(self.1, self.2);
+    }
+}
+
 /// How [`WRITE`] stores what it is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Write {
@@ -290,39 +309,51 @@ const CLOCK_READ_EVERY: Duration = Duration::from_secs(10);
 /// where every other replica's write-back undid it (one ahead did the reverse).
 #[derive(Default)]
 struct RedisClock {
-    /// Redis's now minus this host's, µs.
-    offset_us: std::sync::atomic::AtomicI64,
-    /// When the offset was last learned (`None`: never: the host's clock is all there is).
-    learned: Mutex<Option<std::time::Instant>>,
+    /// Redis's clock as last learned, and when by this host's monotonic clock (a step of
+    /// this host's wall clock after learning it moves nothing).
+    anchor: Mutex<Option<(std::time::Instant, u64)>>,
 }
+
+/// The longest call Redis's clock is learned from once known: a reading is off by up to
+/// half the call's round trip, and a call held on the way (1.9 s) put this replica's
+/// reckoning a second ahead, so that a write held past its caller's timeout still looked
+/// on time.
+const LEARN_WITHIN: Duration = Duration::from_millis(100);
 
 impl RedisClock {
     fn now(&self) -> u64 {
-        let offset = self.offset_us.load(Ordering::Relaxed);
-        now_micros().saturating_add_signed(offset)
+        match *self.anchor.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((at, redis_us)) => {
+                redis_us.saturating_add(u64::try_from(at.elapsed().as_micros()).unwrap_or(0))
+            }
+            None => now_micros(),
+        }
     }
 
-    /// Redis said `redis_us` between this host's `before` and `after` (µs).
-    fn learn(&self, redis_us: u64, before: u64, after: u64) {
-        let local = before / 2 + after / 2;
-        let offset = i64::try_from(i128::from(redis_us) - i128::from(local)).unwrap_or(0);
-        self.offset_us.store(offset, Ordering::Relaxed);
-        *self.learned.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    /// Redis said `redis_us` in answer to a call sent at `sent`: taken as of the call's
+    /// middle, if the call was quick enough (or nothing better is known).
+    fn learn(&self, redis_us: u64, sent: std::time::Instant) {
+        let took = sent.elapsed();
+        let mut anchor = self.anchor.lock().unwrap_or_else(|e| e.into_inner());
+        if took > LEARN_WITHIN && anchor.is_some() {
+            return;
+        }
+        *anchor = Some((sent + took / 2, redis_us));
     }
 
     /// Has Redis's clock ever been learned? Before, stamps are this host's clock alone.
     fn ever_learned(&self) -> bool {
-        self.learned
+        self.anchor
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some()
     }
 
     fn due(&self) -> bool {
-        self.learned
+        self.anchor
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .is_none_or(|at| at.elapsed() >= CLOCK_READ_EVERY)
+            .is_none_or(|(at, _)| at.elapsed() >= CLOCK_READ_EVERY)
     }
 }
 
@@ -423,7 +454,7 @@ pub struct Revocations {
     /// replaced here by what other replicas hold. (Stamped by Redis on arrival, a lift made
     /// before a revoke on another replica undid it; a stamp of a clock never learned
     /// cannot be trusted either way.)
-    pending: Mutex<HashMap<Digest, (Entry, bool)>>,
+    pending: Mutex<HashMap<Digest, Pending>>,
 }
 
 /// What a full read found.
@@ -539,15 +570,22 @@ impl Revocations {
             return Err(ClusterError::NotConnected);
         };
         self.pend(digest, entry.clone());
-        // Late once its caller has given up, if the stamp can say when that was.
+        // Late once its caller has given up, if the stamp can say when that was (less the
+        // most the stamp may be off, so that the judgement leans to late).
         let grace_us = if self.clock.ever_learned() {
-            cluster.call_timeout().as_micros() as u64
+            cluster
+                .call_timeout()
+                .saturating_sub(LEARN_WITHIN)
+                .as_micros() as u64
         } else {
             0
         };
-        let stored = self
-            .store(cluster, &digest, &entry, Write::Now { grace_us })
-            .await?;
+        let stored = {
+            // Over when the write is, or when this call is dropped (its caller gone).
+            let _sending = Sending(self, &digest, &entry);
+            self.store(cluster, &digest, &entry, Write::Now { grace_us })
+                .await?
+        };
         self.stored(&digest, &entry);
         let Some(stamped) = stored else {
             // It reached Redis after a later change (held on the way): that one stands.
@@ -572,14 +610,31 @@ impl Revocations {
         Ok(entry)
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, (Entry, bool)>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Pending>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// An operator's change is held as not yet stored until Redis has it.
     fn pend(&self, digest: Digest, entry: Entry) {
         let trusted = self.clock.ever_learned();
-        self.pending().insert(digest, (entry, trusted));
+        let sending = true;
+        self.pending().insert(
+            digest,
+            Pending {
+                entry,
+                trusted,
+                sending,
+            },
+        );
+    }
+
+    /// `entry`'s own write is over (stored or not): the flush may send it now.
+    fn sent(&self, digest: &Digest, entry: &Entry) {
+        if let Some(p) = self.pending().get_mut(digest) {
+            if p.entry == *entry {
+                p.sending = false;
+            }
+        }
     }
 
     /// Redis stored `entry`: no longer pending, unless a later change was made meanwhile.
@@ -587,7 +642,7 @@ impl Revocations {
         let mut pending = self.pending();
         if pending
             .get(digest)
-            .is_some_and(|(p, _)| p.disabled == entry.disabled)
+            .is_some_and(|p| p.entry.disabled == entry.disabled)
         {
             pending.remove(digest);
         }
@@ -600,7 +655,8 @@ impl Revocations {
         let waiting: Vec<(Digest, Entry, bool)> = self
             .pending()
             .iter()
-            .map(|(d, (e, trusted))| (*d, e.clone(), *trusted))
+            .filter(|(_, p)| !p.sending)
+            .map(|(d, p)| (*d, p.entry.clone(), p.trusted))
             .collect();
         for (digest, mut entry, trusted) in waiting {
             let stamped = self
@@ -664,13 +720,13 @@ impl Revocations {
                 .arg(entry.at_us);
         }
         let call = &call;
-        let before = now_micros();
+        let sent = std::time::Instant::now();
         let (stored, last, redis_now, left, unpublished) = cluster
             .call(Op::Revoke, |mut c| async move {
                 call.invoke_async::<(i64, i64, u64, u64, u64)>(&mut c).await
             })
             .await?;
-        self.clock.learn(redis_now, before, now_micros());
+        self.clock.learn(redis_now, sent);
         if left > 0 {
             self.bounded(cluster, "written back", left);
         }
@@ -691,14 +747,14 @@ impl Revocations {
         if !self.clock.due() {
             return Ok(());
         }
-        let before = now_micros();
+        let sent = std::time::Instant::now();
         let (secs, micros): (u64, u64) = cluster
             .call(Op::ReadRevocations, |mut c| async move {
                 redis::cmd("TIME").query_async(&mut c).await
             })
             .await?;
         let redis_now = secs.saturating_mul(1_000_000).saturating_add(micros);
-        self.clock.learn(redis_now, before, now_micros());
+        self.clock.learn(redis_now, sent);
         Ok(())
     }
 
@@ -1271,11 +1327,16 @@ mod tests {
         );
         let two_hours = 7_200 * 1_000_000;
         // Redis two hours ahead of this host (this host's clock two hours behind).
-        clock.learn(local + two_hours, local, local);
+        let sent = std::time::Instant::now();
+        clock.learn(local + two_hours, sent);
         assert!(!clock.due());
         assert!(clock.now().abs_diff(local + two_hours) < 1_000_000);
         // And behind it.
-        clock.learn(local - two_hours, local, local);
+        clock.learn(local - two_hours, std::time::Instant::now());
+        assert!(clock.now().abs_diff(local - two_hours) < 1_000_000);
+        // A slow call (held on the way) teaches nothing once the clock is known.
+        let slow = std::time::Instant::now() - Duration::from_secs(2);
+        clock.learn(local + two_hours, slow);
         assert!(clock.now().abs_diff(local - two_hours) < 1_000_000);
     }
 
