@@ -311,6 +311,24 @@ mod tests {
         }
     }
 
+    /// A directory holding `f` with `text`.
+    fn file_holding(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, text).unwrap();
+        (dir, file)
+    }
+
+    /// A watch of `dir`'s `f` every `ms`, having acted on "one", running: its probe, what
+    /// is told of each change, its task.
+    fn watching(dir: &Path, ms: u64) -> (Arc<Probe>, Arc<Notify>, tokio::task::JoinHandle<()>) {
+        let p = probe(dir);
+        let changed = p.changed.clone();
+        let watched = Watch::new(p, Duration::from_millis(ms), Some("one".to_string()));
+        let probe = watched.watched.clone();
+        (probe, changed, tokio::spawn(watched.run()))
+    }
+
     async fn next_change(changed: &Notify) {
         tokio::time::timeout(Duration::from_secs(10), changed.notified())
             .await
@@ -321,14 +339,8 @@ mod tests {
     /// busy) is taken only if the next look finds it the same.
     #[tokio::test]
     async fn acts_only_on_content_two_looks_agree_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("f");
-        std::fs::write(&file, "one").unwrap();
-        let p = probe(dir.path());
-        let changed = p.changed.clone();
-        let watched = Watch::new(p, Duration::from_millis(50), Some("one".to_string()));
-        let probe = watched.watched.clone();
-        let task = tokio::spawn(watched.run());
+        let (dir, file) = file_holding("one");
+        let (probe, changed, task) = watching(dir.path(), 50);
         let reads = || probe.reads.load(Ordering::SeqCst);
         let before = reads();
         std::fs::write(&file, "half").unwrap();
@@ -347,14 +359,8 @@ mod tests {
     /// look finds the file untouched since the one before.
     #[tokio::test]
     async fn looks_that_each_caught_a_rewrite_midway_do_not_agree() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("f");
-        std::fs::write(&file, "one").unwrap();
-        let p = probe(dir.path());
-        let changed = p.changed.clone();
-        let watched = Watch::new(p, Duration::from_millis(50), Some("one".to_string()));
-        let probe = watched.watched.clone();
-        let task = tokio::spawn(watched.run());
+        let (dir, file) = file_holding("one");
+        let (probe, changed, task) = watching(dir.path(), 50);
         let reads = || probe.reads.load(Ordering::SeqCst);
         for _ in 0..4 {
             let before = reads();
@@ -375,14 +381,8 @@ mod tests {
     /// looks that find the same content in it agree (a rename is whole).
     #[tokio::test]
     async fn a_file_renamed_over_faster_than_the_interval_is_taken() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("f");
-        std::fs::write(&file, "one").unwrap();
-        let p = probe(dir.path());
-        let changed = p.changed.clone();
-        let watched = Watch::new(p, Duration::from_millis(60), Some("one".to_string()));
-        let probe = watched.watched.clone();
-        let task = tokio::spawn(watched.run());
+        let (dir, file) = file_holding("one");
+        let (probe, changed, task) = watching(dir.path(), 60);
         let renaming = tokio::spawn({
             let dir = dir.path().to_path_buf();
             async move {

@@ -1659,15 +1659,8 @@ async fn controlled_relay(port: u16) -> (u16, tokio::sync::watch::Sender<Path>) 
 async fn a_change_that_reaches_redis_after_its_caller_gave_up_does_not_undo_a_later_one() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
-    let (port_a, hold) = controlled_relay(redis.port).await;
-    let a = spawn_proxy_with(
-        up.addr,
-        &cluster_yaml_with(port_a, "local", "50ms"),
-        Some(&keys()),
-    )
-    .await;
+    let (a, hold) = behind_relay(&redis, up.addr).await;
     let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
-    wait_ready(&a).await;
     assert_eq!(admin_post(&a, "key_other", "disable").await.status, 200);
     eventually("revoked on b", || async {
         call(&b, OTHER).await.status == 401
@@ -1708,42 +1701,19 @@ async fn holds(redis: &Redis, fleet: &[&Proxy], status: u16, rounds: u32) {
 async fn a_slow_call_does_not_skew_the_clock_a_late_write_is_judged_by() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
-    let (port_a, path) = controlled_relay(redis.port).await;
-    let a = spawn_proxy_with(
-        up.addr,
-        &cluster_yaml_with(port_a, "local", "50ms"),
-        Some(&keys()),
-    )
-    .await;
+    let (a, path) = behind_relay(&redis, up.addr).await;
     let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
-    wait_ready(&a).await;
     assert_eq!(admin_post(&a, "key_other", "disable").await.status, 200);
     // A write whose request is held 1.8 s, its answer not.
     path.send(Path::Hold).unwrap();
-    let learning = tokio::spawn({
-        let admin = a.admin_url("/v1/keys/key_free/disable");
-        async move {
-            let auth = admin_auth();
-            send("POST", &admin, &[("authorization", auth.as_str())], b"")
-                .await
-                .status
-        }
-    });
+    let learning = admin_post_spawned(&a, "key_free", "disable");
     tokio::time::sleep(Duration::from_millis(1800)).await;
     path.send(Path::Open).unwrap();
     assert_eq!(learning.await.unwrap(), 200);
     // The lift is held past its caller's timeout; a revoke made on b meanwhile.
     path.send(Path::Hold).unwrap();
     let made = Instant::now();
-    let lift = tokio::spawn({
-        let admin = a.admin_url("/v1/keys/key_other/enable");
-        async move {
-            let auth = admin_auth();
-            send("POST", &admin, &[("authorization", auth.as_str())], b"")
-                .await
-                .status
-        }
-    });
+    let lift = admin_post_spawned(&a, "key_other", "enable");
     tokio::time::sleep(Duration::from_millis(2150).saturating_sub(made.elapsed())).await;
     assert_eq!(admin_post(&b, "key_other", "disable").await.status, 200);
     tokio::time::sleep(Duration::from_millis(2400).saturating_sub(made.elapsed())).await;
@@ -1754,4 +1724,32 @@ async fn a_slow_call_does_not_skew_the_clock_a_late_write_is_judged_by() {
     })
     .await;
     holds(&redis, &[&a, &b], 401, 30).await;
+}
+
+/// A replica that reaches Redis through a [`controlled_relay`] (`cluster.timeout` 50 ms),
+/// once ready, and the relay's switch.
+async fn behind_relay(
+    redis: &Redis,
+    up: std::net::SocketAddr,
+) -> (Proxy, tokio::sync::watch::Sender<Path>) {
+    let (port, path) = controlled_relay(redis.port).await;
+    let config = cluster_yaml_with(port, "local", "50ms");
+    let kw = spawn_proxy_with(up, &config, Some(&keys())).await;
+    wait_ready(&kw).await;
+    (kw, path)
+}
+
+/// [`admin_post`] on a task of its own: its status when it ends.
+fn admin_post_spawned(
+    kw: &Proxy,
+    id: &str,
+    action: &str,
+) -> tokio::task::JoinHandle<http::StatusCode> {
+    let url = kw.admin_url(&format!("/v1/keys/{id}/{action}"));
+    tokio::spawn(async move {
+        let auth = admin_auth();
+        send("POST", &url, &[("authorization", auth.as_str())], b"")
+            .await
+            .status
+    })
 }
