@@ -381,7 +381,7 @@ mod tests {
     /// looks that find the same content in it agree (a rename is whole).
     #[tokio::test]
     async fn a_file_renamed_over_faster_than_the_interval_is_taken() {
-        let (dir, file) = file_holding("one");
+        let (dir, _file) = file_holding("one");
         let (probe, changed, task) = watching(dir.path(), 60);
         let renaming = tokio::spawn({
             let dir = dir.path().to_path_buf();
