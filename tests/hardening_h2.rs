@@ -155,6 +155,28 @@ async fn requests_without_a_key_leave_half_the_in_flight_budget_to_keyed_ones() 
     kw.shutdown().await;
 }
 
+/// The half is of requests without a key, not of all: keyed requests holding most of the
+/// budget (long downloads, tunnels) leave public routes their half (a first version
+/// counted every request against it, and ordinary keyed load got public routes 502).
+#[tokio::test]
+async fn keyed_load_leaves_public_routes_their_half() {
+    let up = upstream()
+        .route("/big", Reply::Bytes(200_000))
+        .spawn()
+        .await;
+    let extra = "workers: 1\nlimits: { max_in_flight: 4, write_stall_timeout: 2s }\n";
+    let kw = spawn_proxy(up.addr, extra).await;
+    let mut keyed = Vec::new();
+    for _ in 0..3 {
+        keyed.push(zero_window_get(kw.addr, "/big", Some(KEY)).await);
+    }
+    assert!(keyed.iter().all(|s| s.status == 200));
+    let r = get_h2c(&kw.url("/healthz"), &[]).await;
+    assert_eq!(r.status, 200, "a public route beside keyed load");
+    drop(keyed);
+    kw.shutdown().await;
+}
+
 /// A stalled stream is cut off while another stream of its connection is still being
 /// served: it stops counting at once, and the connection closes when the other is done.
 #[tokio::test]

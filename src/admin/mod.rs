@@ -794,7 +794,17 @@ async fn revoke(app: &App, id: &str, disabled: bool) -> Response<AdminBody> {
     };
     let status = if disabled { "disabled" } else { "enabled" };
     match app.revocations.set(key, disabled).await {
-        Ok(_) => json(
+        Ok(None) => error(
+            StatusCode::CONFLICT,
+            "superseded",
+            "a later change to this key reached Redis first and holds; read the key's state before repeating the call",
+        ),
+        Err(crate::cluster::ClusterError::ClockUnknown) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster_unavailable",
+            "not applied: Redis's clock has not been read yet, so a lift could not be ordered against the fleet's revokes; repeat the call once Redis answers",
+        ),
+        Ok(Some(_)) => json(
             StatusCode::OK,
             // The id names the secret of *this* replica's snapshot: say which snapshot, so
             // an operator mid-rotation sees a replica that still runs the old one.

@@ -50,6 +50,10 @@ pub enum ClusterError {
     Timeout,
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// A lift asked for before Redis's clock was ever read: its stamp could not be ordered
+    /// against the fleet's changes, so it is not made.
+    #[error("redis's clock not read yet")]
+    ClockUnknown,
 }
 
 impl ClusterError {
@@ -75,7 +79,7 @@ impl ClusterError {
             return false;
         }
         match self {
-            Self::NotConnected => false,
+            Self::NotConnected | Self::ClockUnknown => false,
             Self::Timeout => true,
             Self::Redis(e) => {
                 e.is_io_error()

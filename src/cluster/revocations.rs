@@ -331,13 +331,14 @@ impl RedisClock {
     }
 
     /// Redis said `redis_us` in answer to a call sent at `sent`: taken as of the call's
-    /// middle, if the call was quick enough (or nothing better is known).
+    /// middle, if the call was quick enough (a first reading from a call held on the way
+    /// skewed it as much as a later one).
     fn learn(&self, redis_us: u64, sent: std::time::Instant) {
         let took = sent.elapsed();
-        let mut anchor = self.anchor.lock().unwrap_or_else(|e| e.into_inner());
-        if took > LEARN_WITHIN && anchor.is_some() {
+        if took > LEARN_WITHIN {
             return;
         }
+        let mut anchor = self.anchor.lock().unwrap_or_else(|e| e.into_inner());
         *anchor = Some((sent + took / 2, redis_us));
     }
 
@@ -547,9 +548,19 @@ impl Revocations {
 
     /// Revoke (`disabled`) or lift a revoke of `key`: applied here at once, then stored in
     /// Redis and published. If Redis cannot be reached the change still holds here, and the
-    /// next full read that reaches Redis writes it there.
-    pub async fn set(&self, key: &Key, disabled: bool) -> Result<Entry, ClusterError> {
+    /// next full read that reaches Redis writes it there. `None`: a later change to the key
+    /// reached Redis first, and holds (here too). A lift is refused while Redis's clock has
+    /// never been read ([`ClusterError::ClockUnknown`]): its stamp could not be ordered.
+    pub async fn set(&self, key: &Key, disabled: bool) -> Result<Option<Entry>, ClusterError> {
         let digest = *key.digest();
+        if let Some(cluster) = &self.cluster {
+            if !self.clock.ever_learned() {
+                let _ = self.read_clock(cluster).await;
+                if !self.clock.ever_learned() && !disabled {
+                    return Err(ClusterError::ClockUnknown);
+                }
+            }
+        }
         let now = self.clock.now();
         // Stamped after the entry held, unless that one is stamped past belief (any entry
         // replaces such a one).
@@ -595,7 +606,7 @@ impl Revocations {
                 key_id = &*key.id,
                 disabled, "revocation reached redis after a later change; that one holds"
             );
-            return Ok(entry);
+            return Ok(None);
         };
         if stamped != entry.at_us {
             // Redis held a newer entry (another replica's clock is ahead): this one was
@@ -607,7 +618,7 @@ impl Revocations {
             key_id = &*key.id,
             disabled, "revocation stored for the fleet"
         );
-        Ok(entry)
+        Ok(Some(entry))
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Pending>> {
@@ -807,9 +818,15 @@ impl Revocations {
             if origin != Origin::Here && !entry.disabled && entry.at_us > latest {
                 continue;
             }
-            // The operator's change made here stands until Redis stores it.
-            if origin != Origin::Here && pending.contains_key(&digest) {
-                continue;
+            // The operator's change made here stands until Redis stores it, but for a revoke
+            // made after it (failing closed: a pending lift older than a revoke in Redis
+            // would lose there anyway).
+            if origin != Origin::Here {
+                if let Some(p) = pending.get(&digest) {
+                    if !(entry.disabled && entry.at_us > p.entry.at_us) {
+                        continue;
+                    }
+                }
             }
             // From Redis, what a key of the snapshot carries, and what no key carries only up
             // to a bound (junk fills the hash; a revoke kept for a key a later snapshot may
@@ -878,7 +895,11 @@ impl Revocations {
         };
         let hash = cluster.key("revocations");
         self.read_clock(cluster).await?;
-        self.flush_pending(cluster).await?;
+        // A flush that fails (its write refused or held) does not keep the set from being
+        // read: a revoke made elsewhere still arrives.
+        if let Err(e) = self.flush_pending(cluster).await {
+            tracing::debug!(error = %e, "pending revocations not stored yet");
+        }
         if self.unchanged(cluster, &hash).await? {
             return Ok(());
         }
@@ -1320,6 +1341,10 @@ mod tests {
     fn the_clock_is_redis_s_as_last_learned() {
         let clock = RedisClock::default();
         assert!(clock.due(), "never learned");
+        // Not from a slow call, even the first (a call held on the way skews it).
+        let held = std::time::Instant::now() - Duration::from_secs(2);
+        clock.learn(now_micros() + 3_600_000_000, held);
+        assert!(!clock.ever_learned(), "a slow first reading is no reading");
         let local = now_micros();
         assert!(
             clock.now().abs_diff(local) < 1_000_000,

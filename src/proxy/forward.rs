@@ -19,7 +19,6 @@ use super::pool::{self, Pool, PoolConfig};
 use super::upload::{BodyPace, OutBody, Progress, Upload, UploadError};
 use super::upstream_target::UpstreamTarget;
 use super::watch::{Guarded, KeyWatch, LastActive, TunnelWatch, Watched};
-use super::worker::Busy;
 use super::{Body, RequestBody, UpstreamBody};
 use crate::config::{Limits, UpstreamAddr, UpstreamClient};
 use crate::metrics::UpstreamErrorKind;
@@ -256,7 +255,7 @@ impl Upstream {
         mut req: Request<RequestBody>,
         identity: Option<Identity<'_>>,
         upgrade: bool,
-        busy: impl FnOnce() -> Option<Busy>,
+        busy: impl FnOnce() -> Option<super::upload::Place>,
         body_watch: impl FnOnce() -> Option<KeyWatch>,
     ) -> Result<(Response<UpstreamBody>, Duration), ProxyError> {
         *req.version_mut() = Version::HTTP_11;
@@ -566,9 +565,10 @@ pub fn downstream_response(
     one_content_length(&mut parts.headers, parts.status);
     // An upgrade keeps `Upgrade` and gets `Connection: upgrade` back.
     super::headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    let place = parts.extensions.remove::<super::worker::Keyless>();
     Response::from_parts(
         parts,
-        http_body_util::Either::Left(Guarded::new(body, watch)),
+        http_body_util::Either::Left(Guarded::new(body, watch, place)),
     )
 }
 

@@ -566,7 +566,16 @@ async fn send_upstream(
     key_watch: impl Fn() -> Option<KeyWatch>,
 ) -> Result<Response<UpstreamBody>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
-    if worker.over_in_flight_cap(identity.is_some()) {
+    let keyless = match identity {
+        Some(_) if !worker.over_in_flight_cap() => None,
+        None => worker.keyless(),
+        Some(_) => {
+            app.metrics
+                .record_upstream_error(crate::metrics::UpstreamErrorKind::Overload);
+            return Err(Reject::UpstreamUnavailable);
+        }
+    };
+    if identity.is_none() && keyless.is_none() {
         app.metrics
             .record_upstream_error(crate::metrics::UpstreamErrorKind::Overload);
         return Err(Reject::UpstreamUnavailable);
@@ -581,16 +590,19 @@ async fn send_upstream(
             // The body after the answer: a slot of its own, for a request without a key
             // only within its half of the budget (else it counted twice and such requests
             // took every slot).
-            || {
-                let keyed = identity.is_some();
-                let slot = worker.busy();
-                (keyed || !worker.over_in_flight_cap(false)).then_some(slot)
+            || match identity {
+                Some(_) => Some((worker.busy(), None)),
+                None => worker.keyless().map(|k| (worker.busy(), Some(k))),
             },
             &key_watch,
         )
         .await
         .map_err(|e| upstream_failed(app, &e, cid))?;
     trace.upstream = Some(took);
+    // Held with the answer's body, to its end (see `forward::downstream_response`).
+    if let Some(place) = keyless {
+        resp.extensions_mut().insert(place);
+    }
     worker
         .metrics()
         .record_upstream(resp.status().as_u16(), took);

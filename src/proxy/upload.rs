@@ -25,7 +25,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::watch::KeyWatch;
-use super::worker::Busy;
+use super::worker::{Busy, Keyless};
 
 /// A request body sent upstream: the client's, metered, or none.
 pub type OutBody = http_body_util::Either<Upload, http_body_util::Empty<Bytes>>;
@@ -76,6 +76,10 @@ impl BodyPace {
     }
 }
 
+/// The slot a body still arriving after the answer holds, and for a request without a key
+/// its place in that half of the budget.
+pub type Place = (Busy, Option<Keyless>);
+
 /// When the body last moved, in ms since `origin`, read by the deadline of the response head;
 /// whether it ended; and the slot it holds once the answer came before its end.
 pub struct Progress {
@@ -83,7 +87,7 @@ pub struct Progress {
     last_ms: AtomicU64,
     /// `(ended, slot)`, one lock: the slot is taken only while the body has not ended, and
     /// let go when it ends, whichever comes first.
-    held: std::sync::Mutex<(bool, Option<Busy>)>,
+    held: std::sync::Mutex<(bool, Option<Place>)>,
     /// The answer came and no slot could be taken for the rest of the body: cut it.
     cut: std::sync::atomic::AtomicBool,
 }
@@ -98,14 +102,14 @@ impl Progress {
         })
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, (bool, Option<Busy>)> {
+    fn held(&self) -> std::sync::MutexGuard<'_, (bool, Option<Place>)> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The answer came: a body not yet ended takes a slot of its own (`slot` is asked only
     /// then), since the request's own ends with the response; with none to take, the rest
     /// of the body is cut.
-    pub fn answered(&self, slot: impl FnOnce() -> Option<Busy>) {
+    pub fn answered(&self, slot: impl FnOnce() -> Option<Place>) {
         let mut held = self.held();
         if !held.0 {
             held.1 = slot();

@@ -204,12 +204,18 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         watch: Option<KeyWatch>,
+        // A request without a key: its place in that half of the budget, to the body's end.
+        place: Option<super::worker::Keyless>,
     }
 }
 
 impl<B> Guarded<B> {
-    pub fn new(inner: B, watch: Option<KeyWatch>) -> Self {
-        Self { inner, watch }
+    pub fn new(inner: B, watch: Option<KeyWatch>, place: Option<super::worker::Keyless>) -> Self {
+        Self {
+            inner,
+            watch,
+            place,
+        }
     }
 }
 

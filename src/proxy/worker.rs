@@ -24,6 +24,9 @@ struct Owned {
     /// the response body ends, unless keyward refused the request itself; and open tunnels.
     /// Only this thread changes it.
     busy: AtomicUsize,
+    /// Of those, requests without a key (and their bodies after the answer): at most half
+    /// the share, whatever keyed requests hold.
+    keyless: AtomicUsize,
 }
 
 impl Worker {
@@ -34,6 +37,7 @@ impl Worker {
             ids: Ids::default(),
             in_flight_cap,
             busy: AtomicUsize::new(0),
+            keyless: AtomicUsize::new(0),
         }))
     }
 
@@ -47,17 +51,25 @@ impl Worker {
     /// `limits.max_in_flight` (the one asking included): it must not open another. A
     /// request keyward refused does not count, however long its answer takes to write;
     /// one on a public route does, since it holds an upstream connection like any other.
-    /// One without a key (a public route's) may open one only while half the share is
-    /// free: keyed requests always have the other half (24 connections of zero-window
-    /// HTTP/2 streams to a public `/healthz` held every slot, and every keyed request got
-    /// 502, with no key at all).
-    pub fn over_in_flight_cap(&self, keyed: bool) -> bool {
-        let cap = if keyed {
-            self.0.in_flight_cap
-        } else {
-            self.0.in_flight_cap.div_ceil(2)
-        };
-        self.0.busy.load(Ordering::Relaxed) > cap
+    pub fn over_in_flight_cap(&self) -> bool {
+        self.0.busy.load(Ordering::Relaxed) > self.0.in_flight_cap
+    }
+
+    /// A place for a request without a key (a public route's) bound for the upstream, held
+    /// until its answer ends: within the share, and within half of it for such requests
+    /// however many keyed ones there are. Keyed requests always have the other half (24
+    /// connections of zero-window HTTP/2 streams to a public `/healthz` held every slot,
+    /// and every keyed request got 502, with no key at all); and keyed load never shuts
+    /// public routes out (a first version counted every request against the half).
+    pub fn keyless(&self) -> Option<Keyless> {
+        let half = self.0.in_flight_cap.div_ceil(2);
+        if self.over_in_flight_cap() || self.0.keyless.load(Ordering::Relaxed) >= half {
+            return None;
+        }
+        self.0.keyless.fetch_add(1, Ordering::Relaxed);
+        Some(Keyless {
+            _place: Arc::new(KeylessPlace(self.clone())),
+        })
     }
 
     /// This worker's upstream connections.
@@ -73,6 +85,21 @@ impl Worker {
     /// This worker's shard of the request metrics.
     pub fn metrics(&self) -> &Arc<Shard> {
         &self.0.metrics
+    }
+}
+
+/// A request without a key counted in its half of `limits.max_in_flight` until the last
+/// clone is dropped (it travels in the response's extensions to the body it ends with).
+#[derive(Clone)]
+pub struct Keyless {
+    _place: Arc<KeylessPlace>,
+}
+
+struct KeylessPlace(Worker);
+
+impl Drop for KeylessPlace {
+    fn drop(&mut self) {
+        self.0 .0.keyless.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
