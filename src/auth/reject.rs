@@ -194,7 +194,7 @@ pub enum BadRequest {
     /// The query credential's parameter after an encoded `?` in the path: an app that
     /// decodes its URL before splitting it reads it as the query, a key keyward never
     /// checked (and, on a public route, one no key was asked for).
-    #[error("an API key parameter after an encoded '?' in the path is not accepted")]
+    #[error("an API key parameter hidden from the query as keyward reads it (after an encoded '?' in the path, or behind an encoded separator) is not accepted")]
     KeyInPath,
 }
 
