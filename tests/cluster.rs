@@ -1753,3 +1753,18 @@ fn admin_post_spawned(
             .status
     })
 }
+
+/// A lift asked for before Redis's clock was ever read could not be ordered against the
+/// fleet's revokes: it is refused and not applied (a held lift sent then was never judged
+/// late and undid a later revoke everywhere); a revoke is applied here all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lift_before_redis_was_ever_read_is_not_applied() {
+    let up = spawn_upstream().await;
+    let kw = replica(up.addr, free_port(), "local", &keys()).await;
+    let r = admin_post(&kw, "key_other", "enable").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("not applied"), "{}", r.text());
+    let r = admin_post(&kw, "key_other", "disable").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("applied on this replica"), "{}", r.text());
+}

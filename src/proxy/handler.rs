@@ -566,20 +566,16 @@ async fn send_upstream(
     key_watch: impl Fn() -> Option<KeyWatch>,
 ) -> Result<Response<UpstreamBody>, Reject> {
     let UpstreamRequest { req, upgrade } = out;
-    let keyless = match identity {
-        Some(_) if !worker.over_in_flight_cap() => None,
-        None => worker.keyless(),
-        Some(_) => {
-            app.metrics
-                .record_upstream_error(crate::metrics::UpstreamErrorKind::Overload);
-            return Err(Reject::UpstreamUnavailable);
-        }
+    // A place in the budget: a keyed request's share, or a place in the keyless half.
+    let admitted = match identity {
+        Some(_) => (!worker.over_in_flight_cap()).then_some(None),
+        None => worker.keyless().map(Some),
     };
-    if identity.is_none() && keyless.is_none() {
+    let Some(keyless) = admitted else {
         app.metrics
             .record_upstream_error(crate::metrics::UpstreamErrorKind::Overload);
         return Err(Reject::UpstreamUnavailable);
-    }
+    };
     let (mut resp, took) = app
         .upstream
         .send(
