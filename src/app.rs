@@ -94,7 +94,8 @@ impl App {
                 config.upstream_client,
             )
             .reusing_after_body(config.upstream_reuse_after_body)
-            .acking_at_once(config.upstream_ack_at_once),
+            .acking_at_once(config.upstream_ack_at_once)
+            .reusing_across_keys(config.upstream_reuse_across_keys),
             names,
             store: store.clone(),
             key_source,

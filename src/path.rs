@@ -318,6 +318,43 @@ fn push_as_read(out: &mut String, c: char) {
     }
 }
 
+/// `path` with each escape of an ASCII character that may stand as itself in a path
+/// decoded: `%3A` is `:`, `%40` is `@`, `%2B` is `+`, as every framework reads them once it
+/// has decoded the path, so a route rule with one (`/v1/items:purge`, `/v1/@admin/`) meets
+/// both spellings of it. The form route rules and paths are compared in. Escapes that
+/// would change the path's structure stay: `%2F`, `%5C` and `%3B` are refused before this,
+/// `%3F` and `%23` cut readings of their own ([`readings`]), `%25` and `%20` are data.
+pub fn delimiters_decoded(path: &str) -> Cow<'_, str> {
+    let b = path.as_bytes();
+    let decodable = |at: usize| encoded_byte(b, at).filter(|v| stands_as_itself(*v));
+    let Some(first) = (0..b.len()).find(|&i| b[i] == b'%' && decodable(i).is_some()) else {
+        return Cow::Borrowed(path);
+    };
+    let mut out = String::with_capacity(path.len());
+    out.push_str(&path[..first]);
+    let mut i = first;
+    while i < b.len() {
+        match decodable(i) {
+            Some(v) => {
+                out.push(char::from(v));
+                i += 3;
+            }
+            None => {
+                // A '%' that stays, or any other byte: copied up to the next '%'.
+                let next = path[i + 1..].find('%').map_or(b.len(), |n| i + 1 + n);
+                out.push_str(&path[i..next]);
+                i = next;
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Printable ASCII that means nothing to a path's structure once decoded.
+fn stands_as_itself(v: u8) -> bool {
+    v.is_ascii_graphic() && !matches!(v, b'%' | b'/' | b'\\' | b';' | b'#' | b'?')
+}
+
 /// `%HH` of byte `b`, upper-case hex: the form a normalized path carries its escapes in.
 fn push_escape(out: &mut String, b: u8) {
     out.push('%');
@@ -667,6 +704,27 @@ mod tests {
             chars,
             [(2..8, 'é'), (9..18, '\u{2025}'), (18..21, '\u{fffd}')]
         );
+    }
+
+    #[test]
+    fn delimiters_are_compared_decoded() {
+        for (path, want) in [
+            ("/v1/items:purge", "/v1/items:purge"),
+            ("/v1/items%3Apurge", "/v1/items:purge"),
+            ("/v1/items%3apurge", "/v1/items:purge"),
+            (
+                "/v1/%40admin/%2B%2C%3D%21%24%26%27%28%29%2A",
+                "/v1/@admin/+,=!$&'()*",
+            ),
+            // Structure and data stay encoded.
+            ("/a%3Fb%23c%25d%20e", "/a%3Fb%23c%25d%20e"),
+            ("/a%25%3A", "/a%25:"),
+            ("/caf%C3%A9%3A", "/caf%C3%A9:"),
+            ("/a%3", "/a%3"),
+        ] {
+            assert_eq!(delimiters_decoded(path), want, "{path}");
+        }
+        assert!(matches!(delimiters_decoded("/a%20b"), Cow::Borrowed(_)));
     }
 
     #[test]

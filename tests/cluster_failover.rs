@@ -158,6 +158,41 @@ async fn redis_killed_under_load_with_on_error_deny() {
     .await;
 }
 
+/// A key's burst used while Redis decided is used for the limit this replica holds when
+/// Redis goes away: the local limit does not start full (a key Redis went up and down
+/// under got twice its limit, a fresh budget at each change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_burst_used_while_redis_decided_is_not_granted_again_when_it_goes() {
+    const SLOW: &str = "sta_failover_slow_key_0123456789abcdef";
+    let mut redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let keys = snapshot(&[entry(
+        "key_slow",
+        SLOW,
+        Some("{ per_second: 0.01, burst: 3 }"),
+    )]);
+    let config = cluster_yaml_with(redis.port, "local", "500ms");
+    let kw = spawn_proxy_with(up.addr, &config, Some(&keys)).await;
+    wait_ready(&kw).await;
+    let statuses = |n| {
+        let kw = &kw;
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                out.push(call(kw, SLOW).await.status.as_u16());
+            }
+            out
+        }
+    };
+    assert_eq!(statuses(4).await, [200, 200, 200, 429], "Redis decides");
+    redis.kill();
+    eventually("cluster down", || async {
+        metric(&kw, "keyward_cluster_up").await == Some(0.0)
+    })
+    .await;
+    assert_eq!(statuses(3).await, [429, 429, 429], "no fresh burst locally");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_is_restored_by_the_replicas() {
     let mut redis = Redis::start().await;

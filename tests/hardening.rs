@@ -805,6 +805,59 @@ async fn path_tricks_never_reach_admin_routes() {
     kw.shutdown().await;
 }
 
+/// Frameworks decode `%3A` to `:`, `%40` to `@`, `%2B` to `+` (every character that may
+/// stand as itself in a path): a rule holding one meets both spellings, whichever it is
+/// written in, on the proxy and the decision listener alike.
+#[tokio::test]
+async fn a_route_rule_meets_both_spellings_of_a_reserved_character() {
+    let up = spawn_upstream().await;
+    let routes = "routes:\n  - { prefix: \"/v1/items:purge\", any_of: [admin] }\n  \
+                  - { prefix: \"/v1/%40admin/\", any_of: [admin] }\n  \
+                  - { path: \"/v1/a+b\", any_of: [admin] }\n";
+    let kw = spawn_proxy(up.addr, routes).await;
+    for target in [
+        "/v1/items:purge",
+        "/v1/items%3Apurge",
+        "/v1/items%3apurge",
+        "/v1/items%3Apurge.json",
+        "/v1/@admin/x",
+        "/v1/%40admin/x",
+        "/v1/a+b",
+        "/v1/a%2Bb",
+    ] {
+        let r = exchange(
+            kw.addr,
+            head("GET", target, "Connection: close\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status(), 403, "{target}: {}", r.text);
+        assert_eq!(r.json()["code"], "insufficient_scope", "{target}");
+    }
+    // Other paths are as they were; an encoded `%` or space is data, not a delimiter.
+    for target in [
+        "/v1/items:list",
+        "/v1/a%2Cb",
+        "/v1/items%253Apurge",
+        "/v1/a%20b",
+    ] {
+        let r = exchange(
+            kw.addr,
+            head("GET", target, "Connection: close\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status(), 200, "{target}: {}", r.text);
+    }
+    // The key that holds the scope gets through, and the path goes on as it was sent.
+    let r = exchange(
+        kw.addr,
+        format!("GET /v1/items%3Apurge HTTP/1.1\r\nHost: app\r\nx-api-key: {ENTERPRISE_KEY}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{}", r.text);
+    assert_eq!(up.last().target, "/v1/items%3Apurge");
+    kw.shutdown().await;
+}
+
 #[tokio::test]
 async fn h2c_upgrade_is_not_tunnelled_but_websocket_is() {
     let up = spawn_upstream().await;

@@ -701,7 +701,8 @@ async fn bytes_past_a_response_never_answer_the_next_request() {
 /// with keyward's next request (a delayed ACK riding on it), the held answer arrived as that
 /// request's: another client's, in two exchanges of three. Acknowledged as the connection
 /// goes back to the pool, it arrives while the connection is idle, and the connection is
-/// dropped there.
+/// dropped there. `/late` answers again 200 ms after its first answer: no check before reuse
+/// can see an answer not yet written.
 async fn spawn_double_answering_app() -> SocketAddr {
     let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = app.local_addr().unwrap();
@@ -742,7 +743,10 @@ async fn spawn_double_answering_app() -> SocketAddr {
                     if s.write_all(first.as_bytes()).await.is_err() {
                         return;
                     }
-                    if path.starts_with("/double") {
+                    if path.starts_with("/late") {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    if path.starts_with("/double") || path.starts_with("/late") {
                         let second = "HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nPOISON";
                         if s.write_all(second.as_bytes()).await.is_err() {
                             return;
@@ -792,6 +796,39 @@ async fn an_apps_second_answer_held_by_nagle_never_answers_the_next_request() {
     }
 }
 
+/// An answer the app writes late to one key's request (after its connection went back to
+/// the pool) answers the next request on that connection: with connections kept to one key
+/// (the default), that is the same key's, never another key's or a keyless client's.
+#[tokio::test]
+async fn a_late_second_answer_never_reaches_another_key_or_a_keyless_client() {
+    let app = spawn_double_answering_app().await;
+    let get = |addr: SocketAddr, path: &str, key: Option<&str>| {
+        let key = key.map_or(String::new(), |k| format!("x-api-key: {k}\r\n"));
+        let req = format!("GET {path} HTTP/1.1\r\nhost: app\r\n{key}connection: close\r\n\r\n");
+        async move { raw(addr, &req, false).await }
+    };
+    for across_keys in [false, true] {
+        let kw = spawn_proxy(
+            app,
+            &format!("workers: 1\nupstream_reuse_across_keys: {across_keys}\n"),
+        )
+        .await;
+        let a = get(kw.addr, "/late/a", Some(SERVICE_KEY)).await;
+        assert_eq!(a.text(), "/late/a");
+        // Within the 200 ms before the app's second answer.
+        let b = get(kw.addr, "/echo/b", Some(PERSONAL_KEY)).await;
+        let c = get(kw.addr, "/public/c", None).await;
+        if across_keys {
+            // What a shared pool does: the next request on the connection gets the stray.
+            assert_eq!(b.text(), "POISON", "across keys");
+        } else {
+            assert_eq!(b.text(), "/echo/b");
+            assert_eq!(c.text(), "/public/c");
+        }
+        kw.shutdown().await;
+    }
+}
+
 /// An app that answers a WebSocket handshake by switching to another protocol (`h2c`) would
 /// make the tunnel a connection keyward never sees another request of: 502, no tunnel.
 #[tokio::test]
@@ -823,6 +860,11 @@ async fn a_switch_to_anything_but_websocket_is_502() {
 async fn a_malformed_or_ambiguous_head_is_502() {
     let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
     let too_many = format!("HTTP/1.1 200 OK\r\n{many}content-length: 2\r\n\r\nok");
+    // Past the head's bound (8 KiB + 100 x 4 KiB, hyper's): whole in one write, and one
+    // that never ends (held open: it was buffered until `upstream_timeout`, without bound).
+    let big = "a".repeat(500_000);
+    let too_large = format!("HTTP/1.1 200 OK\r\nx-big: {big}\r\ncontent-length: 2\r\n\r\nok");
+    let endless = format!("HTTP/1.1 200 OK\r\nx-endless: {big}{big}");
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "/conflicting-lengths",
@@ -858,6 +900,8 @@ async fn a_malformed_or_ambiguous_head_is_502() {
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n".to_vec(),
         ),
         ("/too-many-headers", too_many.into_bytes()),
+        ("/too-large-head", too_large.into_bytes()),
+        ("/endless-head", endless.into_bytes()),
     ];
     for (path, bytes) in &cases {
         let replies = both(&[(path, bytes, false)], |kw, _up| async move {

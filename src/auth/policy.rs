@@ -62,9 +62,11 @@ impl Policy {
                 }
             }
         }
-        // In the form paths' readings are compared in: NFKC (a rule written `/caf%C3%A9/`
-        // meets the reading of `/cafe%CC%81/`, which an app that normalizes serves there).
-        let routes: Vec<RouteRule> = config.routes.iter().map(nfkc_rule).collect();
+        // In the form paths are compared in: NFKC (a rule written `/caf%C3%A9/` meets the
+        // reading of `/cafe%CC%81/`, which an app that normalizes serves there), with every
+        // escape of a character that stands as itself decoded (`/v1/items%3Apurge` and
+        // `/v1/items:purge` are one path to the app, and to every rule).
+        let routes: Vec<RouteRule> = config.routes.iter().map(compared_rule).collect();
         Self {
             credential_headers,
             environment: config.environment.clone(),
@@ -155,6 +157,7 @@ impl Policy {
     /// The first route rule `path` meets (as `routes_case_insensitive` reads it: a public
     /// rule only by ASCII case, never by a folding, which opens less, not more).
     fn first_rule(&self, path: &str) -> Option<&RouteRule> {
+        let path = &*crate::path::delimiters_decoded(path);
         if !self.fold_case {
             return self.routes.iter().find(|rule| rule.matches(path, false));
         }
@@ -318,9 +321,13 @@ fn fold_lookalikes(path: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// `rule` with its path or prefix in NFKC form ([`crate::path::nfkc_form`]).
-fn nfkc_rule(rule: &RouteRule) -> RouteRule {
-    let form = |p: &Option<String>| p.as_deref().map(crate::path::nfkc_form);
+/// `rule` with its path or prefix in the form paths are compared in: NFKC
+/// ([`crate::path::nfkc_form`]), delimiters decoded ([`crate::path::delimiters_decoded`]).
+fn compared_rule(rule: &RouteRule) -> RouteRule {
+    let form = |p: &Option<String>| {
+        p.as_deref()
+            .map(|p| crate::path::delimiters_decoded(&crate::path::nfkc_form(p)).into_owned())
+    };
     RouteRule {
         path: form(&rule.path),
         prefix: form(&rule.prefix),

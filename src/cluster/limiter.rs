@@ -80,7 +80,8 @@ pub struct RedisLimiter {
     script: redis::Script,
     /// One connection per calling thread.
     conns: ThreadConns,
-    /// Used while Redis is unreachable (`on_error: local`).
+    /// This replica's own cells: charged for every request, the only limit while Redis is
+    /// unreachable (`on_error: local`).
     fallback: RateLimiter,
 }
 
@@ -145,6 +146,16 @@ impl RedisLimiter {
         let Some(limit) = key.rate_limit() else {
             return Ok(RateDecision::Unlimited);
         };
+        // This replica's own cell is charged for every request, whoever decides it: the
+        // limit held here while Redis is unreachable then starts from what the key really
+        // used. Charged only while Redis was down, it was full each time Redis went away,
+        // and the Redis state was as fresh each time Redis came back: a key that Redis
+        // went up and down under got twice its limit, on one replica. A request this cell
+        // refuses is past the key's limit on this replica alone: refused without a call.
+        let local = self.fallback.check(key, Instant::now());
+        if matches!(local, RateDecision::Limited { .. }) {
+            return Ok(local);
+        }
         if self.cluster.is_up() {
             let deadline = tokio::time::Instant::now() + self.cluster.config.timeout;
             // A connection Redis closed while idle (past its `timeout`, or a restart) fails
@@ -179,7 +190,7 @@ impl RedisLimiter {
             }
         }
         match self.cluster.config.on_error {
-            OnError::Local => Ok(self.fallback.check(key, Instant::now())),
+            OnError::Local => Ok(local),
             OnError::Deny => Err(Unavailable),
         }
     }

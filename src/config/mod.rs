@@ -74,6 +74,14 @@ pub struct Config {
     /// kernel CPU on loopback): off only for an app known to answer each request once.
     #[serde(default = "yes")]
     pub upstream_ack_at_once: bool,
+    /// Let a pooled upstream connection carry requests of different keys. Off (the
+    /// default), a connection serves one key (or only requests without one): an app that
+    /// answers a request twice, the second answer written after the connection went back
+    /// to the pool, answers the next request on it with it, and no check before reuse can
+    /// see an answer not yet written. Kept to one key, a stray answer reaches that key's
+    /// own next request, never another key's or a client's without a key.
+    #[serde(default)]
+    pub upstream_reuse_across_keys: bool,
     /// Which server reads HTTP/1.1 requests on the proxy and decision listeners.
     #[serde(default)]
     pub http1_server: Http1Server,

@@ -15,7 +15,7 @@ use tracing::debug;
 use super::conn::Slot;
 use super::h1::{self, H1Error};
 use super::headers::{self, Identity};
-use super::pool::{self, Pool, PoolConfig};
+use super::pool::{self, Owner, Pool, PoolConfig};
 use super::upload::{BodyPace, OutBody, Progress, Upload, UploadError};
 use super::upstream_target::UpstreamTarget;
 use super::watch::{Guarded, KeyWatch, LastActive, TunnelWatch, Watched};
@@ -195,6 +195,12 @@ impl Upstream {
         self
     }
 
+    /// `upstream_reuse_across_keys`: let a pooled connection carry any key's requests.
+    pub fn reusing_across_keys(mut self, yes: bool) -> Self {
+        Arc::make_mut(&mut self.pool).across_keys = yes;
+        self
+    }
+
     /// Pool the connection after a request body too (`upstream_reuse_after_body`): for an
     /// app known to read or drain every body.
     pub fn reusing_after_body(mut self, yes: bool) -> Self {
@@ -263,6 +269,9 @@ impl Upstream {
             req.headers_mut().insert(header::HOST, self.host.clone());
         }
         canonical_length(&mut req);
+        let owner = self
+            .pool
+            .owner(identity.as_ref().map(|i| i.key.id.as_str()));
         let start = Instant::now();
         let fast = self.client == UpstreamClient::Fast && !upgrade && h1::fits(&req);
         let reuse = !may_leave_bytes_behind(&req, self.reuse_after_body);
@@ -276,7 +285,8 @@ impl Upstream {
             .then(|| Progress::new(head_start));
         let exchange = async {
             if fast {
-                self.exchange_fast(pool, req, identity, start, reuse).await
+                self.exchange_fast(pool, req, identity, (start, owner), reuse)
+                    .await
             } else {
                 if let Some(identity) = identity {
                     headers::add_identity(req.headers_mut(), identity.headers());
@@ -287,7 +297,7 @@ impl Upstream {
                     ),
                     _ => OutBody::Right(http_body_util::Empty::new()),
                 });
-                let resp = self.exchange(pool, req, start, reuse).await?;
+                let resp = self.exchange(pool, req, (start, owner), reuse).await?;
                 Ok(resp.map(http_body_util::Either::Left))
             }
         };
@@ -328,11 +338,11 @@ impl Upstream {
         &self,
         pool: &Pool,
         req: Request<OutBody>,
-        start: Instant,
+        (start, owner): (Instant, Owner),
         reuse: bool,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req;
-        let mut pooled = pool.checkout(&self.pool, start);
+        let mut pooled = pool.checkout(&self.pool, start, owner);
         loop {
             let reused = pooled.is_some();
             let mut conn = match pooled.take() {
@@ -346,7 +356,7 @@ impl Upstream {
             match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
                     if reuse && !bodiless_status(resp.status()) {
-                        pool.checkin(&self.pool, conn, start);
+                        pool.checkin(&self.pool, conn, start, owner);
                     }
                     return Ok(resp);
                 }
@@ -369,12 +379,12 @@ impl Upstream {
         pool: &Pool,
         req: Request<RequestBody>,
         identity: Option<Identity<'_>>,
-        start: Instant,
+        (start, owner): (Instant, Owner),
         reuse: bool,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (mut parts, _empty) = req.into_parts();
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut pooled = pool.checkout_fast(&self.pool, start);
+        let mut pooled = pool.checkout_fast(&self.pool, start, owner);
         loop {
             let reused = pooled.is_some();
             let mut conn = match pooled.take() {
@@ -407,7 +417,7 @@ impl Upstream {
                 Err(e) => return Err(ProxyError::Fast(e)),
             };
             head.keep_alive &= reuse && !bodiless_status(head.status);
-            let home = pool::Return::new(pool, &self.pool, start);
+            let home = pool::Return::new(pool, &self.pool, start, owner);
             let resp = h1::response(conn, head, ready, home);
             return Ok(resp.map(http_body_util::Either::Right));
         }

@@ -36,6 +36,29 @@ pub struct PoolConfig {
     pub max_idle: usize,
     /// `upstream_ack_at_once`: see [`super::upstream_target::UpstreamStream::acknowledge`].
     pub ack_at_once: bool,
+    /// `upstream_reuse_across_keys`: every connection has one [`Owner`].
+    pub across_keys: bool,
+    /// Makes a key's id an [`Owner`]: seeded per process, so no client can choose ids
+    /// that share one.
+    owners: std::hash::RandomState,
+}
+
+/// Whose requests a pooled connection carries: a key's (its id, hashed), or only requests
+/// without a key (0). A connection is handed out again only for its owner's requests, so a
+/// stray answer (one the app wrote late to an earlier request) reaches the owner's next
+/// request, never another key's or a keyless client's.
+pub type Owner = u64;
+
+impl PoolConfig {
+    /// The owner of a request made with `key` (a key id), or without one.
+    pub fn owner(&self, key: Option<&str>) -> Owner {
+        match key {
+            _ if self.across_keys => 0,
+            None => 0,
+            // 0 is the keyless owner's: a key whose id hashed to it takes 1.
+            Some(id) => std::hash::BuildHasher::hash_one(&self.owners, id).max(1),
+        }
+    }
 }
 
 impl PoolConfig {
@@ -47,6 +70,8 @@ impl PoolConfig {
             idle_timeout: limits.upstream_idle_timeout,
             max_idle: limits.upstream_max_idle_per_host,
             ack_at_once: true,
+            across_keys: false,
+            owners: std::hash::RandomState::new(),
         }
     }
 }
@@ -135,10 +160,11 @@ impl Reusable for FastConn {
     }
 }
 
-/// A pooled connection and when it last carried a request.
+/// A pooled connection, when it last carried a request, and whose requests it carries.
 struct Pooled<C> {
     sender: C,
     since: Instant,
+    owner: Owner,
 }
 
 /// One worker's idle connections of one kind, most recently used last.
@@ -155,13 +181,17 @@ impl<C> Default for Idle<C> {
 }
 
 impl<C: Reusable> Idle<C> {
-    /// The most recently used connection that is ready for a request (a closed one never
-    /// is); one found idle past `idle_timeout` is dropped and the search goes on. Busy and
-    /// closed connections stay for the reaper: no pass over the whole pool per request.
-    fn checkout(&mut self, now: Instant, idle_timeout: Duration) -> Option<C> {
+    /// The most recently used connection of `owner` that is ready for a request (a closed
+    /// one never is); one found idle past `idle_timeout` is dropped and the search goes on.
+    /// Busy and closed connections stay for the reaper: no pass over the whole pool per
+    /// request. Others' connections are passed over without a look at their state.
+    fn checkout(&mut self, now: Instant, idle_timeout: Duration, owner: Owner) -> Option<C> {
         let mut at = self.conns.len();
         while at > 0 {
             at -= 1;
+            if self.conns[at].owner != owner {
+                continue;
+            }
             match self.conns[at].sender.state() {
                 State::Busy => continue,
                 State::Closed => {
@@ -178,14 +208,18 @@ impl<C: Reusable> Idle<C> {
         None
     }
 
-    fn checkin(&mut self, sender: C, now: Instant, max_idle: usize) {
+    fn checkin(&mut self, sender: C, now: Instant, max_idle: usize, owner: Owner) {
         if max_idle == 0 || !sender.worth_keeping() {
             return;
         }
         if self.conns.len() >= max_idle {
             self.conns.pop_front();
         }
-        self.conns.push_back(Pooled { sender, since: now });
+        self.conns.push_back(Pooled {
+            sender,
+            since: now,
+            owner,
+        });
     }
 
     /// Drop connections that are closed, or idle for longer than `idle_timeout`.
@@ -218,19 +252,19 @@ impl Pool {
 
     /// A ready connection, if one is idle. `now` is the caller's clock reading (one per
     /// request is enough).
-    pub fn checkout(&self, cfg: &PoolConfig, now: Instant) -> Option<HyperConn> {
-        self.lists().hyper.checkout(now, cfg.idle_timeout)
+    pub fn checkout(&self, cfg: &PoolConfig, now: Instant, owner: Owner) -> Option<HyperConn> {
+        self.lists().hyper.checkout(now, cfg.idle_timeout, owner)
     }
 
     /// Return a connection whose response head has arrived; it is reused once ready. Its
     /// idle time counts from `used`, when its last request started.
-    pub fn checkin(&self, cfg: &PoolConfig, conn: HyperConn, used: Instant) {
-        self.lists().hyper.checkin(conn, used, cfg.max_idle);
+    pub fn checkin(&self, cfg: &PoolConfig, conn: HyperConn, used: Instant, owner: Owner) {
+        self.lists().hyper.checkin(conn, used, cfg.max_idle, owner);
     }
 
     /// An open idle fast-path connection, if there is one.
-    pub fn checkout_fast(&self, cfg: &PoolConfig, now: Instant) -> Option<FastConn> {
-        self.lists().fast.checkout(now, cfg.idle_timeout)
+    pub fn checkout_fast(&self, cfg: &PoolConfig, now: Instant, owner: Owner) -> Option<FastConn> {
+        self.lists().fast.checkout(now, cfg.idle_timeout, owner)
     }
 
     /// Close idle connections that outlived `idle_timeout`. Called from a periodic task,
@@ -250,15 +284,17 @@ pub struct Return {
     max_idle: usize,
     ack_at_once: bool,
     used: Instant,
+    owner: Owner,
 }
 
 impl Return {
-    pub fn new(pool: &Pool, cfg: &PoolConfig, used: Instant) -> Self {
+    pub fn new(pool: &Pool, cfg: &PoolConfig, used: Instant, owner: Owner) -> Self {
         Self {
             pool: pool.clone(),
             max_idle: cfg.max_idle,
             ack_at_once: cfg.ack_at_once,
             used,
+            owner,
         }
     }
 }
@@ -271,7 +307,7 @@ impl h1::Home<UpstreamStream> for Return {
         self.pool
             .lists()
             .fast
-            .checkin(conn, self.used, self.max_idle);
+            .checkin(conn, self.used, self.max_idle, self.owner);
     }
 }
 
@@ -337,14 +373,41 @@ mod tests {
         let mut pool = Idle::<SendRequest<OutBody>>::default();
         let now = Instant::now();
         let idle = Duration::from_secs(60);
-        assert!(pool.checkout(now, idle).is_none());
+        assert!(pool.checkout(now, idle, 0).is_none());
         let (a, _sa) = conn().await;
         let (b, _sb) = conn().await;
-        pool.checkin(a, now, 8);
-        pool.checkin(b, now, 8);
+        pool.checkin(a, now, 8, 0);
+        pool.checkin(b, now, 8, 0);
         assert_eq!(pool.conns.len(), 2);
-        assert!(pool.checkout(now, idle).is_some());
+        assert!(pool.checkout(now, idle, 0).is_some());
         assert_eq!(pool.conns.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_handed_out_only_for_its_owners_requests() {
+        let mut pool = Idle::<SendRequest<OutBody>>::default();
+        let now = Instant::now();
+        let idle = Duration::from_secs(60);
+        let (a, _sa) = conn().await;
+        let (keyless, _sk) = conn().await;
+        pool.checkin(a, now, 8, 7);
+        pool.checkin(keyless, now, 8, 0);
+        assert!(pool.checkout(now, idle, 9).is_none(), "another key's");
+        assert!(pool.checkout(now, idle, 7).is_some());
+        assert!(pool.checkout(now, idle, 7).is_none());
+        assert!(pool.checkout(now, idle, 0).is_some());
+        let cfg = PoolConfig::new(
+            UpstreamTarget::Tcp("127.0.0.1:1".into()),
+            &crate::config::Limits::default(),
+        );
+        assert_eq!(cfg.owner(None), 0);
+        assert_ne!(cfg.owner(Some("key_a")), 0);
+        assert_ne!(cfg.owner(Some("key_a")), cfg.owner(Some("key_b")));
+        let shared = PoolConfig {
+            across_keys: true,
+            ..cfg
+        };
+        assert_eq!(shared.owner(Some("key_a")), 0, "upstream_reuse_across_keys");
     }
 
     #[tokio::test]
@@ -356,11 +419,11 @@ mod tests {
         for _ in 0..3 {
             let (s, server) = conn().await;
             servers.push(server);
-            pool.checkin(s, now, 2);
+            pool.checkin(s, now, 2, 0);
         }
         assert_eq!(pool.conns.len(), 2, "the cap drops the oldest");
         assert!(
-            pool.checkout(now + idle, idle).is_none(),
+            pool.checkout(now + idle, idle, 0).is_none(),
             "expired ones are not handed out"
         );
         assert!(pool.conns.is_empty(), "and are dropped on the way");
@@ -368,13 +431,13 @@ mod tests {
         for since in [now, now + idle] {
             let (s, server) = conn().await;
             servers.push(server);
-            pool.checkin(s, since, 2);
+            pool.checkin(s, since, 2, 0);
         }
         pool.reap(now + idle, idle);
         assert_eq!(pool.conns.len(), 1, "idle past the timeout");
         assert_eq!(pool.conns[0].since, now + idle);
         let (s, _server) = conn().await;
-        pool.checkin(s, now, 0);
+        pool.checkin(s, now, 0, 0);
         assert_eq!(pool.conns.len(), 1, "max_idle 0 keeps nothing more");
     }
 
@@ -382,14 +445,14 @@ mod tests {
     async fn closed_connections_are_never_handed_out() {
         let mut pool = Idle::<SendRequest<OutBody>>::default();
         let (s, server) = conn().await;
-        pool.checkin(s, Instant::now(), 8);
+        pool.checkin(s, Instant::now(), 8, 0);
         drop(server);
         // The connection task sees EOF on its next poll; until then it may look ready.
         while pool.conns.iter().any(|c| !c.sender.is_closed()) {
             tokio::task::yield_now().await;
         }
         assert!(pool
-            .checkout(Instant::now(), Duration::from_secs(60))
+            .checkout(Instant::now(), Duration::from_secs(60), 0)
             .is_none());
         pool.reap(Instant::now(), Duration::from_secs(60));
         assert!(pool.conns.is_empty(), "the reaper drops it");

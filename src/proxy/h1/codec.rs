@@ -170,6 +170,8 @@ fn parse_raw(buf: &[u8], spans: &mut Vec<Span>) -> Result<Option<Raw>, H1Error> 
     match parsed {
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => Err(H1Error::HeadTooLarge),
         Ok(httparse::Status::Partial) => Ok(None),
+        // Complete in one read, but past the bound all the same (hyper's client refuses it).
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD_BYTES => Err(H1Error::HeadTooLarge),
         Err(e) => Err(H1Error::Parse(e)),
         Ok(httparse::Status::Complete(len)) => {
             let base = buf.as_ptr() as usize;

@@ -145,6 +145,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                     return Ok(Some(parsed));
                 }
                 partial = (!self.rbuf.is_empty()).then_some(self.rbuf.len());
+            } else if partial.is_some() {
+                // Looked at: the next look starts at the new bytes (a head that never ends
+                // is scanned once, not once per read from where it started).
+                partial = Some(self.rbuf.len());
+            }
+            // Measured on every read, not only when a parse is tried: a head without its
+            // blank line (an app that never ends one) is never parsed, and was buffered
+            // until `upstream_timeout`, hundreds of megabytes.
+            if self.rbuf.len() >= codec::MAX_HEAD_BYTES {
+                return Err(H1Error::HeadTooLarge);
             }
             match std::future::poll_fn(|cx| self.poll_fill(cx)).await? {
                 0 if answered => return Err(H1Error::Incomplete),
