@@ -167,6 +167,13 @@ struct Pooled<C> {
     owner: Owner,
 }
 
+/// What [`Idle::take`] found.
+enum Taken<C> {
+    Got(C),
+    Removed,
+    Busy,
+}
+
 /// One worker's idle connections of one kind, most recently used last.
 struct Idle<C> {
     conns: VecDeque<Pooled<C>>,
@@ -185,27 +192,57 @@ impl<C: Reusable> Idle<C> {
     /// one never is); one found idle past `idle_timeout` is dropped and the search goes on.
     /// Busy and closed connections stay for the reaper: no pass over the whole pool per
     /// request. Others' connections are passed over without a look at their state.
-    fn checkout(&mut self, now: Instant, idle_timeout: Duration, owner: Owner) -> Option<C> {
+    ///
+    /// A pool at least half full (of `max_idle`), none of them `owner`'s, hands out the one
+    /// idle longest, whoever's: with more keys in use than the pool holds, a connection per
+    /// key would be opened and closed for nearly every request (3.4 times the CPU a request
+    /// with a thousand keys in turn). Half, not all: the requests in flight hold connections
+    /// the pool takes back, and one opened while they are out pushes another out on its
+    /// return. The longest idle has had the most time for a late answer to arrive and be
+    /// found by the check before reuse.
+    fn checkout(
+        &mut self,
+        now: Instant,
+        idle_timeout: Duration,
+        owner: Owner,
+        max_idle: usize,
+    ) -> Option<C> {
         let mut at = self.conns.len();
         while at > 0 {
             at -= 1;
-            if self.conns[at].owner != owner {
-                continue;
-            }
-            match self.conns[at].sender.state() {
-                State::Busy => continue,
-                State::Closed => {
-                    self.conns.remove(at);
-                    continue;
+            if self.conns[at].owner == owner {
+                if let Taken::Got(c) = self.take(at, now, idle_timeout) {
+                    return Some(c);
                 }
-                State::Ready => {}
             }
-            let c = self.conns.remove(at)?;
-            if now.duration_since(c.since) < idle_timeout {
-                return Some(c.sender);
+        }
+        let mut at = 0;
+        let crowded = (max_idle / 2).max(1);
+        while self.conns.len() >= crowded && at < self.conns.len() {
+            match self.take(at, now, idle_timeout) {
+                Taken::Got(c) => return Some(c),
+                Taken::Removed => {}
+                Taken::Busy => at += 1,
             }
         }
         None
+    }
+
+    /// The connection at `at`, if it is ready and was not idle past `idle_timeout`; a
+    /// closed or expired one is removed.
+    fn take(&mut self, at: usize, now: Instant, idle_timeout: Duration) -> Taken<C> {
+        match self.conns[at].sender.state() {
+            State::Busy => return Taken::Busy,
+            State::Closed => {
+                self.conns.remove(at);
+                return Taken::Removed;
+            }
+            State::Ready => {}
+        }
+        match self.conns.remove(at) {
+            Some(c) if now.duration_since(c.since) < idle_timeout => Taken::Got(c.sender),
+            _ => Taken::Removed,
+        }
     }
 
     fn checkin(&mut self, sender: C, now: Instant, max_idle: usize, owner: Owner) {
@@ -253,7 +290,9 @@ impl Pool {
     /// A ready connection, if one is idle. `now` is the caller's clock reading (one per
     /// request is enough).
     pub fn checkout(&self, cfg: &PoolConfig, now: Instant, owner: Owner) -> Option<HyperConn> {
-        self.lists().hyper.checkout(now, cfg.idle_timeout, owner)
+        self.lists()
+            .hyper
+            .checkout(now, cfg.idle_timeout, owner, cfg.max_idle)
     }
 
     /// Return a connection whose response head has arrived; it is reused once ready. Its
@@ -264,7 +303,9 @@ impl Pool {
 
     /// An open idle fast-path connection, if there is one.
     pub fn checkout_fast(&self, cfg: &PoolConfig, now: Instant, owner: Owner) -> Option<FastConn> {
-        self.lists().fast.checkout(now, cfg.idle_timeout, owner)
+        self.lists()
+            .fast
+            .checkout(now, cfg.idle_timeout, owner, cfg.max_idle)
     }
 
     /// Close idle connections that outlived `idle_timeout`. Called from a periodic task,
@@ -373,13 +414,13 @@ mod tests {
         let mut pool = Idle::<SendRequest<OutBody>>::default();
         let now = Instant::now();
         let idle = Duration::from_secs(60);
-        assert!(pool.checkout(now, idle, 0).is_none());
+        assert!(pool.checkout(now, idle, 0, 8).is_none());
         let (a, _sa) = conn().await;
         let (b, _sb) = conn().await;
         pool.checkin(a, now, 8, 0);
         pool.checkin(b, now, 8, 0);
         assert_eq!(pool.conns.len(), 2);
-        assert!(pool.checkout(now, idle, 0).is_some());
+        assert!(pool.checkout(now, idle, 0, 8).is_some());
         assert_eq!(pool.conns.len(), 1);
     }
 
@@ -392,10 +433,19 @@ mod tests {
         let (keyless, _sk) = conn().await;
         pool.checkin(a, now, 8, 7);
         pool.checkin(keyless, now, 8, 0);
-        assert!(pool.checkout(now, idle, 9).is_none(), "another key's");
-        assert!(pool.checkout(now, idle, 7).is_some());
-        assert!(pool.checkout(now, idle, 7).is_none());
-        assert!(pool.checkout(now, idle, 0).is_some());
+        assert!(pool.checkout(now, idle, 9, 8).is_none(), "another key's");
+        assert!(pool.checkout(now, idle, 7, 8).is_some());
+        assert!(pool.checkout(now, idle, 7, 8).is_none());
+        assert!(pool.checkout(now, idle, 0, 8).is_some());
+        // A full pool with none of the key's own: the one idle longest, whoever's.
+        let (a, _sa) = conn().await;
+        let (b, _sb) = conn().await;
+        pool.checkin(a, now, 2, 7);
+        pool.checkin(b, now + idle / 2, 2, 8);
+        assert!(pool.checkout(now, idle, 9, 6).is_none(), "under half full");
+        assert!(pool.checkout(now + idle / 2, idle, 9, 4).is_some());
+        assert_eq!(pool.conns.len(), 1);
+        assert_eq!(pool.conns[0].owner, 8, "the longest idle went");
         let cfg = PoolConfig::new(
             UpstreamTarget::Tcp("127.0.0.1:1".into()),
             &crate::config::Limits::default(),
@@ -423,7 +473,7 @@ mod tests {
         }
         assert_eq!(pool.conns.len(), 2, "the cap drops the oldest");
         assert!(
-            pool.checkout(now + idle, idle, 0).is_none(),
+            pool.checkout(now + idle, idle, 0, 8).is_none(),
             "expired ones are not handed out"
         );
         assert!(pool.conns.is_empty(), "and are dropped on the way");
@@ -452,7 +502,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(pool
-            .checkout(Instant::now(), Duration::from_secs(60), 0)
+            .checkout(Instant::now(), Duration::from_secs(60), 0, 8)
             .is_none());
         pool.reap(Instant::now(), Duration::from_secs(60));
         assert!(pool.conns.is_empty(), "the reaper drops it");
