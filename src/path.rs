@@ -350,6 +350,18 @@ pub fn delimiters_decoded(path: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// A route rule's path or prefix in the form requests are compared with it: escapes of
+/// characters that stand as themselves decoded ([`delimiters_decoded`]) and, for a
+/// protected rule, in NFKC form ([`nfkc_form`]) to meet what apps that normalize serve. A
+/// public rule opens what it names, never what a normalization makes of it (a fullwidth
+/// `/％ｐub/` public rule opened the plain `/pub/`).
+pub fn rule_form(p: &str, public: bool) -> String {
+    if public {
+        return delimiters_decoded(p).into_owned();
+    }
+    delimiters_decoded(&nfkc_form(p)).into_owned()
+}
+
 /// Printable ASCII that means nothing to a path's structure once decoded.
 fn stands_as_itself(v: u8) -> bool {
     v.is_ascii_graphic() && !matches!(v, b'%' | b'/' | b'\\' | b';' | b'#' | b'?')

@@ -290,6 +290,46 @@ async fn control_source_guarded_push_is_409_and_leaves_the_state_file_and_force_
     kw.shutdown().await;
 }
 
+/// Pushes within the guard's window are judged together: adding a hundred new keys, then
+/// keeping only those, removed every key clients used in two steps that each removed less
+/// than half of the keys then in force. The second is refused (and so is its dry run),
+/// counted against the snapshot in force before the first; forced, it starts a window of
+/// its own.
+#[tokio::test]
+async fn pushes_within_the_window_are_judged_together() {
+    let up = spawn_upstream().await;
+    let kw = spawn_control(up.addr, Some(&plain(0..20)), "").await;
+    let r = admin(&kw, "PUT", "/v1/snapshot", &plain(0..120)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", &plain(20..120)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["guard"]["would_refuse"], true, "{}", r.text());
+    let r = admin(&kw, "PUT", "/v1/snapshot", &plain(20..120)).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["code"], "snapshot_guard");
+    assert_eq!(body["removed"], 20);
+    assert!(body["since_secs"].is_u64(), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("judged together"),
+        "{body}"
+    );
+    assert_eq!(status_with(&kw, &raw(0)).await, 200);
+    // Small steps that stay within the share pass.
+    let r = admin(&kw, "PUT", "/v1/snapshot", &plain(5..120)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Forced, the snapshot is the window's new start.
+    let r = admin(&kw, "PUT", "/v1/snapshot?force=true", &plain(20..120)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(0)).await, 401);
+    let r = admin(&kw, "PUT", "/v1/snapshot", &plain(20..121)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    kw.shutdown().await;
+}
+
 /// A snapshot that locks every client out later rather than now is refused like one that
 /// does it now: every key expiring in seconds, or a rate limit of one request in hours
 /// (both were accepted with nothing locked out, then answered 401 and 429 to everyone).

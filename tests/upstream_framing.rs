@@ -807,10 +807,15 @@ async fn a_late_second_answer_never_reaches_another_key_or_a_keyless_client() {
         let req = format!("GET {path} HTTP/1.1\r\nhost: app\r\n{key}connection: close\r\n\r\n");
         async move { raw(addr, &req, false).await }
     };
-    for across_keys in [false, true] {
+    // A pool of one is full with the first key's connection: still not another key's
+    // until it has been quiet for a second.
+    for (across_keys, idle) in [(false, 256), (false, 1), (true, 256)] {
         let kw = spawn_proxy(
             app,
-            &format!("workers: 1\nupstream_reuse_across_keys: {across_keys}\n"),
+            &format!(
+                "workers: 1\nupstream_reuse_across_keys: {across_keys}\n\
+                 limits: {{ upstream_max_idle_per_host: {idle} }}\n"
+            ),
         )
         .await;
         let a = get(kw.addr, "/late/a", Some(SERVICE_KEY)).await;
@@ -919,6 +924,26 @@ async fn a_malformed_or_ambiguous_head_is_502() {
         );
         assert_eq!(replies[1].text(), "next", "{path}");
     }
+}
+
+/// A few informational heads before the answer are skipped; past 32 (an app that sends them
+/// without end kept a core busy until `upstream_timeout`), the fast client gives up: 502.
+#[tokio::test]
+async fn informational_heads_are_skipped_up_to_a_bound() {
+    let hints = |n: usize| {
+        let mut out = "HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n".repeat(n);
+        out.push_str("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        out.into_bytes()
+    };
+    let (few, many) = (hints(3), hints(40));
+    let scripts: &[(&str, &[u8], bool)] = &[("/few", &few, false), ("/many", &many, true)];
+    let up = Scripted::start(scripts).await;
+    let kw = keyward(&up, "fast").await;
+    let r = request(kw.addr, "GET", "/few").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    let r = request(kw.addr, "GET", "/many").await;
+    assert_eq!(r.status, 502, "{r:?}");
+    kw.shutdown().await;
 }
 
 /// A body that breaks after the head was forwarded cuts the client's response short: the

@@ -680,13 +680,19 @@ async fn dry_run(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
             Some(fleet) => fleet.get(id).copied(),
             None => app2.usage.last_used(id),
         };
-        Ok::<_, LoadError>(crate::keys::review::dry_run(
+        let mut review = crate::keys::review::dry_run(
             current.as_deref(),
             &new,
             &app2.config.keys.guard,
             &last_used,
             crate::keys::source::Host::here(&*app2),
-        ))
+        );
+        if !review.guard.would_refuse {
+            if let Some(verdict) = source::window_verdict(&app2, &new) {
+                review.guard = *verdict;
+            }
+        }
+        Ok::<_, LoadError>(review)
     })
     .await;
     match result {

@@ -66,7 +66,7 @@ impl Policy {
         // reading of `/cafe%CC%81/`, which an app that normalizes serves there), with every
         // escape of a character that stands as itself decoded (`/v1/items%3Apurge` and
         // `/v1/items:purge` are one path to the app, and to every rule).
-        let routes: Vec<RouteRule> = config.routes.iter().map(compared_rule).collect();
+        let routes: Vec<RouteRule> = config.routes.iter().map(RouteRule::compared).collect();
         Self {
             credential_headers,
             environment: config.environment.clone(),
@@ -318,20 +318,6 @@ fn fold_lookalikes(path: &str) -> std::borrow::Cow<'_, str> {
             std::borrow::Cow::Owned(out)
         }
         None => std::borrow::Cow::Borrowed(path),
-    }
-}
-
-/// `rule` with its path or prefix in the form paths are compared in: NFKC
-/// ([`crate::path::nfkc_form`]), delimiters decoded ([`crate::path::delimiters_decoded`]).
-fn compared_rule(rule: &RouteRule) -> RouteRule {
-    let form = |p: &Option<String>| {
-        p.as_deref()
-            .map(|p| crate::path::delimiters_decoded(&crate::path::nfkc_form(p)).into_owned())
-    };
-    RouteRule {
-        path: form(&rule.path),
-        prefix: form(&rule.prefix),
-        ..rule.clone()
     }
 }
 

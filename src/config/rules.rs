@@ -67,6 +67,18 @@ impl RouteRule {
 
     /// Whether every path `later` matches is matched by this rule first (so `later` is
     /// never reached): a path this rule matches, or a prefix that starts with this one's.
+    /// This rule with its path or prefix in the form requests are compared with it
+    /// ([`crate::path::rule_form`]).
+    pub fn compared(&self) -> RouteRule {
+        let form =
+            |p: &Option<String>| p.as_deref().map(|p| crate::path::rule_form(p, self.public));
+        RouteRule {
+            path: form(&self.path),
+            prefix: form(&self.prefix),
+            ..self.clone()
+        }
+    }
+
     fn shadows(&self, later: &RouteRule, fold_case: bool) -> bool {
         match (&later.path, &later.prefix, &self.prefix) {
             (Some(p), _, _) => self.matches(p, fold_case),
@@ -171,7 +183,13 @@ pub(super) fn validate_routes(routes: &[RouteRule], fold_case: bool) -> Result<(
         if !r.public {
             check_scope_names(&format!("{field}.any_of"), &r.any_of)?;
         }
-        if let Some(j) = routes[..i].iter().position(|e| e.shadows(r, fold_case)) {
+        // In the forms requests meet them (`/a%3Ab` is `/a:b` to every rule): a public
+        // rule in one spelling above a protected one in another left it open.
+        let later = r.compared();
+        if let Some(j) = routes[..i]
+            .iter()
+            .position(|e| e.compared().shadows(&later, fold_case))
+        {
             return Err(invalid(
                 field,
                 format!(

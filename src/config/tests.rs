@@ -510,6 +510,17 @@ fn settings_that_would_mislead_or_fail_open_are_refused() {
             "routes[1]",
             "never reached",
         ),
+        // In the forms requests meet them: `%40` is `@` to every rule.
+        (
+            "routes: [{ prefix: /pub@/, public: true }, { prefix: /pub%40/admin/, any_of: [admin] }]\n",
+            "routes[1]",
+            "never reached: routes[0]",
+        ),
+        (
+            "routes: [{ path: /a%3Ab, public: true }, { path: /a:b, any_of: [admin] }]\n",
+            "routes[1]",
+            "never reached",
+        ),
         (
             "routes: [{ prefix: /admin/, any_of: [\"read write\"] }]\n",
             "routes[0].any_of",

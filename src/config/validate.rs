@@ -106,11 +106,10 @@ impl Config {
             // keyward answers the introspection path itself: a rule for that path alone
             // would never apply.
             let fold = self.routes_case_insensitive;
-            if let Some(i) = self
-                .routes
-                .iter()
-                .position(|r| r.path.is_some() && r.matches(p, fold))
-            {
+            if let Some(i) = self.routes.iter().position(|r| {
+                let p = crate::path::delimiters_decoded(p);
+                r.path.is_some() && r.compared().matches(&p, fold)
+            }) {
                 return Err(invalid(
                     "introspection_path",
                     format!("routes[{i}] is a rule for this path, which keyward answers itself"),

@@ -56,7 +56,17 @@ pub struct Verdict {
     /// `keys.guard.min_keys`: below this many keys in force (SPEC 16: usable or not), only
     /// the empty and rollback rules apply.
     pub min_keys: usize,
+    /// Set when the keys were counted against the snapshot in force this many seconds ago,
+    /// when the changes of the last [`WINDOW`] began, rather than the one in force now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since_secs: Option<u64>,
 }
+
+/// Changes within this long of the first of them are judged together, against the snapshot
+/// that first one replaced: a snapshot that adds a hundred new keys, then one that keeps only
+/// those, each removed a small share of the keys in force and together all the keys clients
+/// used (review: every real client refused by two unforced pushes 10 ms apart).
+pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Judge a diff by the guard's settings.
 pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
@@ -100,7 +110,26 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
         fraction,
         limit: cfg.max_removed_fraction,
         min_keys: cfg.min_keys,
+        since_secs: None,
     }
+}
+
+/// `Ok` unless `new` removes, disables or locks out too large a share of the keys usable in
+/// `baseline`, the snapshot in force `age` ago when this window's changes began (only the
+/// fraction rule: the others are for the snapshot `new` replaces).
+pub fn admit_since(
+    baseline: &Snapshot,
+    age: std::time::Duration,
+    new: &Snapshot,
+    cfg: &GuardConfig,
+    here: Here<'_>,
+) -> Result<(), Box<Verdict>> {
+    let mut verdict = judge(&diff(baseline, new, here), cfg);
+    if verdict.reason != Some(Reason::Fraction) {
+        return Ok(());
+    }
+    verdict.since_secs = Some(age.as_secs());
+    Err(Box::new(verdict))
 }
 
 /// `Ok` when `new` may replace `current` (nothing in force, or the guard lets it through);
@@ -160,13 +189,23 @@ impl fmt::Display for Verdict {
                     ),
                 }
             }
-            Some(Reason::Fraction) => write!(
-                f,
-                "snapshot guard: the new snapshot {} ({:.2} > keys.guard.max_removed_fraction {:.2})",
-                self.counts(),
-                self.fraction,
-                self.limit
-            ),
+            Some(Reason::Fraction) => match self.since_secs {
+                None => write!(
+                    f,
+                    "snapshot guard: the new snapshot {} ({:.2} > keys.guard.max_removed_fraction {:.2})",
+                    self.counts(),
+                    self.fraction,
+                    self.limit
+                ),
+                Some(secs) => write!(
+                    f,
+                    "snapshot guard: with the changes of the last {secs} s, the new snapshot {} as they were then ({:.2} > keys.guard.max_removed_fraction {:.2}; changes within {} s of each other are judged together); force it, or wait",
+                    self.counts(),
+                    self.fraction,
+                    self.limit,
+                    WINDOW.as_secs()
+                ),
+            },
             None if self.sides.in_force < self.min_keys => write!(
                 f,
                 "snapshot guard: passes ({}; below keys.guard.min_keys {}, only an empty snapshot is refused)",

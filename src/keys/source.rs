@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
@@ -80,6 +80,19 @@ pub struct KeyLoader {
     /// Run after every install, once the previous snapshot is dropped: the binary uses it
     /// to hand the memory a load freed back to the OS at once (`main.rs`).
     after_install: Option<fn()>,
+    /// What the guard also judges a snapshot against: see [`super::guard::WINDOW`].
+    baseline: Mutex<Baseline>,
+}
+
+/// The snapshot in force when the changes of the current guard window began.
+#[derive(Debug, Default)]
+enum Baseline {
+    /// No change for [`super::guard::WINDOW`]: the next one begins a window.
+    #[default]
+    None,
+    /// The next install is forced: it becomes the baseline (taken on purpose).
+    Forced,
+    Since(Arc<Snapshot>, Instant),
 }
 
 impl KeyLoader {
@@ -88,7 +101,36 @@ impl KeyLoader {
         Self {
             commit: Mutex::new(()),
             after_install,
+            baseline: Mutex::new(Baseline::None),
         }
+    }
+
+    fn baseline(&self) -> MutexGuard<'_, Baseline> {
+        self.baseline.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The baseline, while its window lasts, with its age.
+    fn baseline_now(&self) -> Option<(Arc<Snapshot>, std::time::Duration)> {
+        match &*self.baseline() {
+            Baseline::Since(s, at) if at.elapsed() < super::guard::WINDOW => {
+                Some((s.clone(), at.elapsed()))
+            }
+            _ => None,
+        }
+    }
+
+    /// `installed` replaced `previous`: a window begins unless one is open (a forced
+    /// install begins one at itself).
+    fn note_install(&self, previous: Option<&Arc<Snapshot>>, installed: &Arc<Snapshot>) {
+        let mut baseline = self.baseline();
+        let open =
+            matches!(&*baseline, Baseline::Since(_, at) if at.elapsed() < super::guard::WINDOW);
+        *baseline = match (&*baseline, previous) {
+            (Baseline::Forced, _) => Baseline::Since(installed.clone(), Instant::now()),
+            _ if open => return,
+            (_, Some(previous)) => Baseline::Since(previous.clone(), Instant::now()),
+            (_, None) => Baseline::None,
+        };
     }
 
     fn committing(&self) -> MutexGuard<'_, ()> {
@@ -106,16 +148,28 @@ pub enum Admission {
 /// The guard's check of `new` against the snapshot in force, unless forced.
 fn admit(host: &impl Host, new: &Snapshot, admission: Admission) -> Result<(), LoadError> {
     if admission == Admission::Forced {
+        *host.key_loader().baseline() = Baseline::Forced;
         return Ok(());
     }
     let current = host.key_store().load();
-    super::guard::admit(
-        current.as_deref(),
-        new,
-        &host.keys_config().guard,
-        host.here(),
-    )
-    .map_err(LoadError::Guarded)
+    let guard = &host.keys_config().guard;
+    super::guard::admit(current.as_deref(), new, guard, host.here()).map_err(LoadError::Guarded)?;
+    match window_verdict(host, new) {
+        Some(verdict) => Err(LoadError::Guarded(verdict)),
+        None => Ok(()),
+    }
+}
+
+/// The guard's refusal of `new` against the snapshot in force when this window's changes
+/// began ([`super::guard::WINDOW`]), if it refuses; `None` when no window is open or the
+/// snapshot in force began it. Pushes and dry runs alike.
+pub fn window_verdict(host: &impl Host, new: &Snapshot) -> Option<Box<super::guard::Verdict>> {
+    let current = host.key_store().load();
+    let (baseline, age) = host.key_loader().baseline_now()?;
+    if current.as_ref().is_none_or(|c| Arc::ptr_eq(c, &baseline)) {
+        return None;
+    }
+    super::guard::admit_since(&baseline, age, new, &host.keys_config().guard, host.here()).err()
 }
 
 /// Which source is authoritative, decided once from the config.
@@ -158,6 +212,7 @@ pub fn install(host: &impl Host, mut snapshot: Snapshot) -> Arc<Snapshot> {
     );
     let snapshot = Arc::new(snapshot);
     let previous = host.key_store().store(snapshot.clone());
+    host.key_loader().note_install(previous.as_ref(), &snapshot);
     host.installed(&snapshot);
     info!(
         source = snapshot.source.as_str(),

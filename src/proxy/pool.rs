@@ -160,12 +160,20 @@ impl Reusable for FastConn {
     }
 }
 
-/// A pooled connection, when it last carried a request, and whose requests it carries.
+/// A pooled connection, when it last carried a request, whose requests it carries, and
+/// when it came back.
 struct Pooled<C> {
     sender: C,
     since: Instant,
     owner: Owner,
+    back: Instant,
 }
+
+/// How long a connection must have been back in the pool, quiet, before a request of
+/// another key may take it: an app's late second answer to its last request arrives within
+/// that or is a bug slower than any seen (review: 2 ms to 1 s), and arrived, it is found by
+/// the check before reuse and the connection dropped.
+pub const ADOPT_AFTER: Duration = Duration::from_secs(1);
 
 /// What [`Idle::take`] found.
 enum Taken<C> {
@@ -194,12 +202,12 @@ impl<C: Reusable> Idle<C> {
     /// request. Others' connections are passed over without a look at their state.
     ///
     /// A pool at least half full (of `max_idle`), none of them `owner`'s, hands out the one
-    /// idle longest, whoever's: with more keys in use than the pool holds, a connection per
-    /// key would be opened and closed for nearly every request (3.4 times the CPU a request
-    /// with a thousand keys in turn). Half, not all: the requests in flight hold connections
-    /// the pool takes back, and one opened while they are out pushes another out on its
-    /// return. The longest idle has had the most time for a late answer to arrive and be
-    /// found by the check before reuse.
+    /// idle longest, whoever's, if it has been back for [`ADOPT_AFTER`]: with more keys in
+    /// use than the pool holds, a connection per key is opened and closed for nearly every
+    /// request (3.4 times the CPU a request with a thousand keys in turn at 60k requests a
+    /// second), and a connection quiet that long is one whose requests are answered. Half,
+    /// not all: the requests in flight hold connections the pool takes back, and one opened
+    /// while they are out pushes another out on its return.
     fn checkout(
         &mut self,
         now: Instant,
@@ -219,6 +227,10 @@ impl<C: Reusable> Idle<C> {
         let mut at = 0;
         let crowded = (max_idle / 2).max(1);
         while self.conns.len() >= crowded && at < self.conns.len() {
+            // Oldest first: once one came back too recently, so did the rest.
+            if now.saturating_duration_since(self.conns[at].back) < ADOPT_AFTER {
+                break;
+            }
             match self.take(at, now, idle_timeout) {
                 Taken::Got(c) => return Some(c),
                 Taken::Removed => {}
@@ -256,6 +268,7 @@ impl<C: Reusable> Idle<C> {
             sender,
             since: now,
             owner,
+            back: Instant::now(),
         });
     }
 
@@ -443,6 +456,10 @@ mod tests {
         pool.checkin(a, now, 2, 7);
         pool.checkin(b, now + idle / 2, 2, 8);
         assert!(pool.checkout(now, idle, 9, 6).is_none(), "under half full");
+        assert!(
+            pool.checkout(Instant::now(), idle, 9, 4).is_none(),
+            "back too recently"
+        );
         assert!(pool.checkout(now + idle / 2, idle, 9, 4).is_some());
         assert_eq!(pool.conns.len(), 1);
         assert_eq!(pool.conns[0].owner, 8, "the longest idle went");

@@ -15,6 +15,10 @@ pub const MAX_HEADERS: usize = 100;
 /// The largest response head read (hyper's client read-buffer ceiling).
 pub const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 
+/// Most informational (1xx) heads skipped before one response's final head: a few `103
+/// Early Hints` or `102 Processing` are what apps send.
+pub const MAX_INFORMATIONAL: usize = 32;
+
 /// How the body after a response head ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -108,6 +112,7 @@ pub fn parse_response(
     method: &Method,
     spans: &mut Vec<Span>,
     recycled: &mut HeaderMap,
+    informational: &mut usize,
 ) -> Result<Option<(Head, Option<Bytes>)>, H1Error> {
     loop {
         let Some(raw) = parse_raw(buf, spans)? else {
@@ -115,6 +120,12 @@ pub fn parse_response(
         };
         let status = StatusCode::from_u16(raw.code).map_err(|_| H1Error::Status)?;
         if matches!(raw.code, 100 | 102..=199) {
+            // Counted across reads: an app that sends 1xx heads without end kept a core
+            // busy until `upstream_timeout`.
+            *informational += 1;
+            if *informational > MAX_INFORMATIONAL {
+                return Err(H1Error::TooManyInformational);
+            }
             buf.advance(raw.len);
             if buf.is_empty() {
                 return Ok(None);
@@ -351,7 +362,13 @@ mod tests {
 
     fn parse(bytes: &[u8], method: Method) -> Result<Option<(Head, Option<Bytes>)>, H1Error> {
         let mut buf = BytesMut::from(bytes);
-        parse_response(&mut buf, &method, &mut Vec::new(), &mut HeaderMap::new())
+        parse_response(
+            &mut buf,
+            &method,
+            &mut Vec::new(),
+            &mut HeaderMap::new(),
+            &mut 0,
+        )
     }
 
     fn head(bytes: &str) -> Head {

@@ -43,6 +43,8 @@ pub enum H1Error {
     Parse(httparse::Error),
     #[error("response head larger than {} bytes", codec::MAX_HEAD_BYTES)]
     HeadTooLarge,
+    #[error("more than {} informational (1xx) responses", codec::MAX_INFORMATIONAL)]
+    TooManyInformational,
     #[error("invalid status code")]
     Status,
     #[error("invalid or conflicting Content-Length")]
@@ -131,6 +133,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
         recycled: &mut HeaderMap,
     ) -> Result<Option<(Head, Option<Bytes>)>, H1Error> {
         let mut answered = !self.rbuf.is_empty();
+        let mut informational = 0;
         // After a partial head, parse again only once the new bytes can end it.
         let mut partial: Option<usize> = None;
         loop {
@@ -139,9 +142,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Conn<T> {
                 None => !self.rbuf.is_empty(),
             };
             if worth_parsing {
-                if let Some(parsed) =
-                    codec::parse_response(&mut self.rbuf, method, &mut self.spans, recycled)?
-                {
+                if let Some(parsed) = codec::parse_response(
+                    &mut self.rbuf,
+                    method,
+                    &mut self.spans,
+                    recycled,
+                    &mut informational,
+                )? {
                     return Ok(Some(parsed));
                 }
                 partial = (!self.rbuf.is_empty()).then_some(self.rbuf.len());
