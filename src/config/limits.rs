@@ -84,7 +84,7 @@ impl Default for Limits {
             h2_stream_window: 256 * 1024,
             h2_connection_window: 1024 * 1024,
             upstream_idle_timeout: Duration::from_secs(60),
-            upstream_max_idle_per_host: 256,
+            upstream_max_idle_per_host: 1024,
             write_stall_timeout: Duration::from_secs(30),
             body_stall_timeout: Duration::from_secs(30),
             body_min_rate: 500,
