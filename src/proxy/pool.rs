@@ -92,6 +92,10 @@ enum State {
 
 /// What the pool asks of a connection it holds.
 trait Reusable {
+    /// May a request of another key take it, once it has been quiet for [`ADOPT_AFTER`]?
+    /// Only where "quiet" is known: from when the whole answer was read.
+    const LENDABLE: bool;
+
     fn state(&self) -> State;
 
     /// Worth a place in the pool on its way back? Whatever is said here, `checkout` asks
@@ -102,6 +106,8 @@ trait Reusable {
 }
 
 impl Reusable for SendRequest<OutBody> {
+    const LENDABLE: bool = false;
+
     fn state(&self) -> State {
         if SendRequest::is_closed(self) {
             State::Closed
@@ -122,7 +128,11 @@ pub struct HyperConn {
 /// Ready as hyper says, and then only if the kernel holds nothing unasked-for on it: hyper
 /// reads an idle connection only when the reactor wakes it, which on a busy worker may be
 /// milliseconds after the bytes arrived (as for the fast path's, [`FastConn`]).
+/// Not lent to another key: it comes back to the pool with its response head, and when its
+/// body ended is hyper's to know.
 impl Reusable for HyperConn {
+    const LENDABLE: bool = false;
+
     fn state(&self) -> State {
         match self.sender.state() {
             State::Ready => match self.stream.upgrade() {
@@ -144,6 +154,8 @@ impl Reusable for HyperConn {
 /// the pool after it would be probed again, a byte at a time, until the junk was gone and
 /// it looked ready; what the app wrote next would answer another client's request.)
 impl Reusable for FastConn {
+    const LENDABLE: bool = true;
+
     fn state(&self) -> State {
         if self.io().idle_and_open() {
             State::Ready
@@ -226,7 +238,7 @@ impl<C: Reusable> Idle<C> {
         }
         let mut at = 0;
         let crowded = (max_idle / 2).max(1);
-        while self.conns.len() >= crowded && at < self.conns.len() {
+        while C::LENDABLE && self.conns.len() >= crowded && at < self.conns.len() {
             // Oldest first: once one came back too recently, so did the rest.
             if now.saturating_duration_since(self.conns[at].back) < ADOPT_AFTER {
                 break;
@@ -437,6 +449,17 @@ mod tests {
         assert_eq!(pool.conns.len(), 1);
     }
 
+    /// An always-ready connection the pool may lend, as the fast path's are.
+    struct Lendable;
+
+    impl Reusable for Lendable {
+        const LENDABLE: bool = true;
+
+        fn state(&self) -> State {
+            State::Ready
+        }
+    }
+
     #[tokio::test]
     async fn a_connection_is_handed_out_only_for_its_owners_requests() {
         let mut pool = Idle::<SendRequest<OutBody>>::default();
@@ -450,19 +473,29 @@ mod tests {
         assert!(pool.checkout(now, idle, 7, 8).is_some());
         assert!(pool.checkout(now, idle, 7, 8).is_none());
         assert!(pool.checkout(now, idle, 0, 8).is_some());
-        // A full pool with none of the key's own: the one idle longest, whoever's.
+        // hyper's connections are never lent, however crowded the pool.
         let (a, _sa) = conn().await;
-        let (b, _sb) = conn().await;
         pool.checkin(a, now, 2, 7);
-        pool.checkin(b, now + idle / 2, 2, 8);
-        assert!(pool.checkout(now, idle, 9, 6).is_none(), "under half full");
         assert!(
-            pool.checkout(Instant::now(), idle, 9, 4).is_none(),
+            pool.checkout(now + idle / 2, idle, 9, 1).is_none(),
+            "hyper's"
+        );
+        // A crowded pool of lendable ones, none of the key's own: the one idle longest,
+        // whoever's, once quiet for ADOPT_AFTER.
+        let mut lendable = Idle::<Lendable>::default();
+        lendable.checkin(Lendable, now, 2, 7);
+        lendable.checkin(Lendable, now + idle / 2, 2, 8);
+        assert!(
+            lendable.checkout(now, idle, 9, 6).is_none(),
+            "under half full"
+        );
+        assert!(
+            lendable.checkout(Instant::now(), idle, 9, 4).is_none(),
             "back too recently"
         );
-        assert!(pool.checkout(now + idle / 2, idle, 9, 4).is_some());
-        assert_eq!(pool.conns.len(), 1);
-        assert_eq!(pool.conns[0].owner, 8, "the longest idle went");
+        assert!(lendable.checkout(now + idle / 2, idle, 9, 4).is_some());
+        assert_eq!(lendable.conns.len(), 1);
+        assert_eq!(lendable.conns[0].owner, 8, "the longest idle went");
         let cfg = PoolConfig::new(
             UpstreamTarget::Tcp("127.0.0.1:1".into()),
             &crate::config::Limits::default(),
