@@ -325,6 +325,10 @@ fn push_as_read(out: &mut String, c: char) {
 /// would change the path's structure stay: `%2F`, `%5C` and `%3B` are refused before this,
 /// `%3F` and `%23` cut readings of their own ([`readings`]), `%25` and `%20` are data.
 pub fn delimiters_decoded(path: &str) -> Cow<'_, str> {
+    // Most paths hold no escape: one scan, nothing built (this runs for every request).
+    if !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
     let b = path.as_bytes();
     let decodable = |at: usize| encoded_byte(b, at).filter(|v| stands_as_itself(*v));
     let Some(first) = (0..b.len()).find(|&i| b[i] == b'%' && decodable(i).is_some()) else {
