@@ -328,6 +328,24 @@ async fn pushes_within_the_window_are_judged_together() {
     let r = admin(&kw, "PUT", "/v1/snapshot", &plain(20..121)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     kw.shutdown().await;
+
+    // Keys disabled through the API are the operator's own word: the pipeline's next push,
+    // which keeps them disabled, is not counted as disabling them.
+    let kw = spawn_control(up.addr, Some(&plain(0..10)), "").await;
+    for i in 0..6 {
+        let r = admin(&kw, "POST", &format!("/v1/keys/key_{i}/disable"), "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let mirrored = snapshot("", 0..11, |i| {
+        if i < 6 {
+            ", status: disabled".into()
+        } else {
+            String::new()
+        }
+    });
+    let r = admin(&kw, "PUT", "/v1/snapshot", &mirrored).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    kw.shutdown().await;
 }
 
 /// A snapshot that locks every client out later rather than now is refused like one that

@@ -56,16 +56,18 @@ pub struct Verdict {
     /// `keys.guard.min_keys`: below this many keys in force (SPEC 16: usable or not), only
     /// the empty and rollback rules apply.
     pub min_keys: usize,
-    /// Set when the keys were counted against the snapshot in force this many seconds ago,
-    /// when the changes of the last [`WINDOW`] began, rather than the one in force now.
+    /// Set when the keys were counted against the snapshot in force a [`WINDOW`] ago, which
+    /// another replaced this many seconds ago, rather than the one in force now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since_secs: Option<u64>,
 }
 
-/// Changes within this long of the first of them are judged together, against the snapshot
-/// that first one replaced: a snapshot that adds a hundred new keys, then one that keeps only
+/// A new snapshot is also judged against the one in force this long ago (when another has
+/// replaced it since): a snapshot that adds a hundred new keys, then one that keeps only
 /// those, each removed a small share of the keys in force and together all the keys clients
-/// used (review: every real client refused by two unforced pushes 10 ms apart).
+/// used (review: every real client refused by two unforced pushes 10 ms apart). Sliding, so
+/// two steps seconds apart are never judged apart; a forced snapshot or a key disabled
+/// through the API starts afresh from the snapshot it installs.
 pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Judge a diff by the guard's settings.

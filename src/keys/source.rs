@@ -81,18 +81,42 @@ pub struct KeyLoader {
     /// to hand the memory a load freed back to the OS at once (`main.rs`).
     after_install: Option<fn()>,
     /// What the guard also judges a snapshot against: see [`super::guard::WINDOW`].
-    baseline: Mutex<Baseline>,
+    history: Mutex<History>,
 }
 
-/// The snapshot in force when the changes of the current guard window began.
+/// The snapshots replaced within the last [`super::guard::WINDOW`], oldest first, each with
+/// when it was replaced: the first is the one in force a window ago, which the guard also
+/// judges a new snapshot against (a sliding window: steps on either side of a fixed edge
+/// were judged apart). At most [`HISTORY`] are kept: the oldest and the newest.
 #[derive(Debug, Default)]
-enum Baseline {
-    /// No change for [`super::guard::WINDOW`]: the next one begins a window.
-    #[default]
-    None,
-    /// The next install is forced: it becomes the baseline (taken on purpose).
-    Forced,
-    Since(Arc<Snapshot>, Instant),
+struct History {
+    replaced: std::collections::VecDeque<(Arc<Snapshot>, Instant)>,
+}
+
+/// Most snapshots a window keeps (frequent pushes share their unchanged keys, not their
+/// indexes).
+const HISTORY: usize = 8;
+
+impl History {
+    /// Drop what was replaced longer than a window ago.
+    fn prune(&mut self, now: Instant) {
+        while self
+            .replaced
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= super::guard::WINDOW)
+        {
+            self.replaced.pop_front();
+        }
+    }
+
+    fn push(&mut self, previous: Arc<Snapshot>, now: Instant) {
+        self.prune(now);
+        if self.replaced.len() >= HISTORY {
+            // The oldest stays: it is what the window is judged against.
+            self.replaced.remove(1);
+        }
+        self.replaced.push_back((previous, now));
+    }
 }
 
 impl KeyLoader {
@@ -101,36 +125,35 @@ impl KeyLoader {
         Self {
             commit: Mutex::new(()),
             after_install,
-            baseline: Mutex::new(Baseline::None),
+            history: Mutex::new(History::default()),
         }
     }
 
-    fn baseline(&self) -> MutexGuard<'_, Baseline> {
-        self.baseline.lock().unwrap_or_else(|e| e.into_inner())
+    fn history(&self) -> MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The baseline, while its window lasts, with its age.
+    /// The snapshot in force a window ago, if another has replaced it since, with how long
+    /// ago that was.
     fn baseline_now(&self) -> Option<(Arc<Snapshot>, std::time::Duration)> {
-        match &*self.baseline() {
-            Baseline::Since(s, at) if at.elapsed() < super::guard::WINDOW => {
-                Some((s.clone(), at.elapsed()))
-            }
-            _ => None,
+        let now = Instant::now();
+        let mut history = self.history();
+        history.prune(now);
+        let (snapshot, at) = history.replaced.front()?;
+        Some((snapshot.clone(), now.saturating_duration_since(*at)))
+    }
+
+    /// `previous` was just replaced.
+    fn note_install(&self, previous: Option<&Arc<Snapshot>>) {
+        if let Some(previous) = previous {
+            self.history().push(previous.clone(), Instant::now());
         }
     }
 
-    /// `installed` replaced `previous`: a window begins unless one is open (a forced
-    /// install begins one at itself).
-    fn note_install(&self, previous: Option<&Arc<Snapshot>>, installed: &Arc<Snapshot>) {
-        let mut baseline = self.baseline();
-        let open =
-            matches!(&*baseline, Baseline::Since(_, at) if at.elapsed() < super::guard::WINDOW);
-        *baseline = match (&*baseline, previous) {
-            (Baseline::Forced, _) => Baseline::Since(installed.clone(), Instant::now()),
-            _ if open => return,
-            (_, Some(previous)) => Baseline::Since(previous.clone(), Instant::now()),
-            (_, None) => Baseline::None,
-        };
+    /// The snapshot in force now is the operator's own word (forced, or a key disabled
+    /// through the API): later snapshots are judged from it, not from before it.
+    fn forget_history(&self) {
+        self.history().replaced.clear();
     }
 
     fn committing(&self) -> MutexGuard<'_, ()> {
@@ -148,7 +171,6 @@ pub enum Admission {
 /// The guard's check of `new` against the snapshot in force, unless forced.
 fn admit(host: &impl Host, new: &Snapshot, admission: Admission) -> Result<(), LoadError> {
     if admission == Admission::Forced {
-        *host.key_loader().baseline() = Baseline::Forced;
         return Ok(());
     }
     let current = host.key_store().load();
@@ -212,7 +234,7 @@ pub fn install(host: &impl Host, mut snapshot: Snapshot) -> Arc<Snapshot> {
     );
     let snapshot = Arc::new(snapshot);
     let previous = host.key_store().store(snapshot.clone());
-    host.key_loader().note_install(previous.as_ref(), &snapshot);
+    host.key_loader().note_install(previous.as_ref());
     host.installed(&snapshot);
     info!(
         source = snapshot.source.as_str(),
@@ -382,6 +404,9 @@ fn load_file_as(
     }
     admit(host, &snapshot, admission)?;
     let installed = install(host, snapshot);
+    if admission == Admission::Forced {
+        host.key_loader().forget_history();
+    }
     if source == Source::File {
         keep_accepted(host, path, &installed);
     }
@@ -556,7 +581,11 @@ pub fn apply_pushed(
     // Judged against the snapshot it replaces; a refused one never reaches the state file.
     admit(host, &snapshot, admission)?;
     spool.commit(state_file)?;
-    Ok(install(host, snapshot))
+    let installed = install(host, snapshot);
+    if admission == Admission::Forced {
+        host.key_loader().forget_history();
+    }
+    Ok(installed)
 }
 
 /// A pushed body in `spool`, validated (and its unchanged keys shared with the snapshot in
@@ -606,6 +635,8 @@ pub fn disable_key(host: &impl Host, id: &str) -> Result<Arc<Snapshot>, DisableE
     let snapshot =
         Snapshot::parse_as(&text, Format::Json, Source::Control).map_err(LoadError::from)?;
     let snapshot = install(host, snapshot);
+    // The operator's own revoke: a later push that keeps it is not judged as removing it.
+    host.key_loader().forget_history();
     info!(key_id = id, "key disabled through the control API");
     if let Err(error) = persist(state_file, text.as_bytes()) {
         // After the install, whose metrics said the control source is fine.
