@@ -366,6 +366,69 @@ pub fn rule_form(p: &str, public: bool) -> String {
     delimiters_decoded(&nfkc_form(p)).into_owned()
 }
 
+/// With `routes_case_insensitive`, the path protected rules are matched on (and the form
+/// they are kept in): each encoded character read as Unicode case folding reads it, after
+/// NFKC: as the ASCII letters its case mapping holds, lower-cased (`ı`, `İ`, `ſ`, the
+/// Kelvin sign, `ß` as `ss`, `ẞ`, `ﬆ`, `𝚤`), what Java, JS, Python and .NET's
+/// `OrdinalIgnoreCase` make of them; any other letter lower-cased (`É` as `é`). So
+/// `/adm%C4%B1n/x` meets the `/admin/` rule, and `/CAF%C3%89/` the `/caf%C3%A9/` one. The
+/// path forwarded is unchanged.
+pub fn fold_lookalikes(path: &str) -> std::borrow::Cow<'_, str> {
+    let mut folded: Option<String> = None;
+    let mut copied = 0;
+    for (range, c) in encoded_chars(path) {
+        let Some(read) = case_fold(c) else {
+            continue;
+        };
+        let out = folded.get_or_insert_with(|| String::with_capacity(path.len()));
+        out.push_str(&path[copied..range.start]);
+        out.push_str(&read);
+        copied = range.end;
+    }
+    match folded {
+        Some(mut out) => {
+            out.push_str(&path[copied..]);
+            std::borrow::Cow::Owned(out)
+        }
+        None => std::borrow::Cow::Borrowed(path),
+    }
+}
+
+/// `c` (encoded in a path) as [`fold_lookalikes`] reads it, if that differs: ASCII
+/// letters as they are, anything else percent-encoded. Each character of its NFKC form is
+/// read as the ASCII letters its case mapping holds (upper, lower, or upper of lower), else
+/// as the lower case of its upper case (so final `ς` is `σ`, as full case folding has it).
+fn case_fold(c: char) -> Option<String> {
+    use unicode_normalization::UnicodeNormalization as _;
+    let ascii = |mapped: &mut dyn Iterator<Item = char>| -> Option<String> {
+        let s: String = mapped.filter(char::is_ascii_alphanumeric).collect();
+        (!s.is_empty()).then(|| s.to_ascii_lowercase())
+    };
+    let mut out = String::new();
+    let mut changed = false;
+    for d in std::iter::once(c).nfkc() {
+        changed |= d != c;
+        if d.is_ascii() {
+            out.push(d.to_ascii_lowercase());
+            changed = true;
+            continue;
+        }
+        let letters = ascii(&mut d.to_uppercase())
+            .or_else(|| ascii(&mut d.to_lowercase()))
+            .or_else(|| ascii(&mut d.to_lowercase().flat_map(char::to_uppercase)));
+        if let Some(letters) = letters {
+            out.push_str(&letters);
+            changed = true;
+            continue;
+        }
+        for l in d.to_uppercase().flat_map(char::to_lowercase) {
+            changed |= l != d;
+            push_encoded(&mut out, l);
+        }
+    }
+    changed.then_some(out)
+}
+
 /// Printable ASCII that means nothing to a path's structure once decoded.
 fn stands_as_itself(v: u8) -> bool {
     v.is_ascii_graphic() && !matches!(v, b'%' | b'/' | b'\\' | b';' | b'#' | b'?')

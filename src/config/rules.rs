@@ -79,6 +79,27 @@ impl RouteRule {
         }
     }
 
+    /// This rule as an app that normalizes (NFKC) and, with `routes_case_insensitive`, folds
+    /// case reads its path or prefix: a public rule that covers a protected one in this form
+    /// opens that rule's paths to such an app in another spelling (`/adm%C4%B1n/` public
+    /// above `/admin/`, a fullwidth `/%EF%BD%81dmin` above `/admin`).
+    fn as_read(&self, fold_case: bool) -> RouteRule {
+        let form = |p: &Option<String>| {
+            p.as_deref().map(|p| {
+                let read = crate::path::rule_form(p, false);
+                match fold_case {
+                    true => crate::path::fold_lookalikes(&read).into_owned(),
+                    false => read,
+                }
+            })
+        };
+        RouteRule {
+            path: form(&self.path),
+            prefix: form(&self.prefix),
+            ..self.clone()
+        }
+    }
+
     fn shadows(&self, later: &RouteRule, fold_case: bool) -> bool {
         match (&later.path, &later.prefix, &self.prefix) {
             (Some(p), _, _) => self.matches(p, fold_case),
@@ -186,10 +207,14 @@ pub(super) fn validate_routes(routes: &[RouteRule], fold_case: bool) -> Result<(
         // In the forms requests meet them (`/a%3Ab` is `/a:b` to every rule): a public
         // rule in one spelling above a protected one in another left it open.
         let later = r.compared();
-        if let Some(j) = routes[..i]
-            .iter()
-            .position(|e| e.compared().shadows(&later, fold_case))
-        {
+        let covers = |e: &RouteRule| {
+            e.compared().shadows(&later, fold_case)
+                || (e.public
+                    && !r.public
+                    && e.as_read(fold_case)
+                        .shadows(&r.as_read(fold_case), fold_case))
+        };
+        if let Some(j) = routes[..i].iter().position(covers) {
             return Err(invalid(
                 field,
                 format!(

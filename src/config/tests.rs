@@ -521,6 +521,17 @@ fn settings_that_would_mislead_or_fail_open_are_refused() {
             "routes[1]",
             "never reached",
         ),
+        // A public rule an app that normalizes or folds case reads as a protected one.
+        (
+            "routes: [{ path: \"/%EF%BD%81dmin\", public: true }, { path: /admin, any_of: [admin] }]\n",
+            "routes[1]",
+            "never reached",
+        ),
+        (
+            "routes_case_insensitive: true\nroutes: [{ prefix: \"/adm%C4%B1n/\", public: true }, { prefix: /admin/, any_of: [admin] }]\n",
+            "routes[1]",
+            "never reached",
+        ),
         (
             "routes: [{ prefix: /admin/, any_of: [\"read write\"] }]\n",
             "routes[0].any_of",
