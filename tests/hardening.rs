@@ -815,37 +815,30 @@ async fn a_route_rule_meets_both_spellings_of_a_reserved_character() {
                   - { prefix: \"/v1/%40admin/\", any_of: [admin] }\n  \
                   - { path: \"/v1/a+b\", any_of: [admin] }\n";
     let kw = spawn_proxy(up.addr, routes).await;
-    for target in [
-        "/v1/items:purge",
-        "/v1/items%3Apurge",
-        "/v1/items%3apurge",
-        "/v1/items%3Apurge.json",
-        "/v1/@admin/x",
-        "/v1/%40admin/x",
-        "/v1/a+b",
-        "/v1/a%2Bb",
-    ] {
-        let r = exchange(
-            kw.addr,
-            head("GET", target, "Connection: close\r\n").as_bytes(),
-        )
-        .await;
-        assert_eq!(r.status(), 403, "{target}: {}", r.text);
-        assert_eq!(r.json()["code"], "insufficient_scope", "{target}");
-    }
     // Other paths are as they were; an encoded `%` or space is data, not a delimiter.
-    for target in [
-        "/v1/items:list",
-        "/v1/a%2Cb",
-        "/v1/items%253Apurge",
-        "/v1/a%20b",
+    for (target, status) in [
+        ("/v1/items:purge", 403),
+        ("/v1/items%3Apurge", 403),
+        ("/v1/items%3apurge", 403),
+        ("/v1/items%3Apurge.json", 403),
+        ("/v1/@admin/x", 403),
+        ("/v1/%40admin/x", 403),
+        ("/v1/a+b", 403),
+        ("/v1/a%2Bb", 403),
+        ("/v1/items:list", 200),
+        ("/v1/a%2Cb", 200),
+        ("/v1/items%253Apurge", 200),
+        ("/v1/a%20b", 200),
     ] {
         let r = exchange(
             kw.addr,
             head("GET", target, "Connection: close\r\n").as_bytes(),
         )
         .await;
-        assert_eq!(r.status(), 200, "{target}: {}", r.text);
+        assert_eq!(r.status(), status, "{target}: {}", r.text);
+        if status == 403 {
+            assert_eq!(r.json()["code"], "insufficient_scope", "{target}");
+        }
     }
     // The key that holds the scope gets through, and the path goes on as it was sent.
     let r = exchange(

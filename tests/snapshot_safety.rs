@@ -39,6 +39,18 @@ fn plain(ids: impl IntoIterator<Item = usize>) -> String {
     snapshot("", ids, |_| String::new())
 }
 
+/// Keys `ids`, the first `n` of them disabled.
+fn first_disabled(ids: std::ops::Range<usize>, n: usize) -> String {
+    let from = ids.start;
+    snapshot("", ids, |i| {
+        if i < from + n {
+            ", status: disabled".into()
+        } else {
+            String::new()
+        }
+    })
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -156,13 +168,7 @@ async fn file_source_guarded_reload_keeps_the_old_keys_and_force_takes_it() {
         admin(&kw, "POST", "/v1/snapshot/reload", "").await.status,
         200
     );
-    let disabled = snapshot("", 0..20, |i| {
-        if i < 11 {
-            ", status: disabled".into()
-        } else {
-            String::new()
-        }
-    });
+    let disabled = first_disabled(0..20, 11);
     std::fs::write(kw.keys_file(), disabled).unwrap();
     let r = admin(&kw, "POST", "/v1/snapshot/reload", "").await;
     assert_eq!(r.status, 409, "{}", r.text());
@@ -266,13 +272,7 @@ async fn control_source_guarded_push_is_409_and_leaves_the_state_file_and_force_
     assert_eq!(metric_value(&kw, &guarded_series("control")).await, 1.0);
 
     // Disabling 11 of 20 is refused the same way.
-    let disabled = snapshot("", 0..20, |i| {
-        if i < 11 {
-            ", status: disabled".into()
-        } else {
-            String::new()
-        }
-    });
+    let disabled = first_disabled(0..20, 11);
     let r = admin(&kw, "PUT", "/v1/snapshot", &disabled).await;
     assert_eq!(r.status, 409);
     assert_eq!(r.json()["disabled"], 11);
@@ -336,13 +336,7 @@ async fn pushes_within_the_window_are_judged_together() {
         let r = admin(&kw, "POST", &format!("/v1/keys/key_{i}/disable"), "").await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    let mirrored = snapshot("", 0..11, |i| {
-        if i < 6 {
-            ", status: disabled".into()
-        } else {
-            String::new()
-        }
-    });
+    let mirrored = first_disabled(0..11, 6);
     let r = admin(&kw, "PUT", "/v1/snapshot", &mirrored).await;
     assert_eq!(r.status, 200, "{}", r.text());
     kw.shutdown().await;

@@ -206,13 +206,10 @@ pub(super) fn validate_routes(routes: &[RouteRule], fold_case: bool) -> Result<(
         }
         // In the forms requests meet them (`/a%3Ab` is `/a:b` to every rule): a public
         // rule in one spelling above a protected one in another left it open.
-        let later = r.compared();
+        let (later, later_read) = (r.compared(), r.as_read(fold_case));
         let covers = |e: &RouteRule| {
             e.compared().shadows(&later, fold_case)
-                || (e.public
-                    && !r.public
-                    && e.as_read(fold_case)
-                        .shadows(&r.as_read(fold_case), fold_case))
+                || (e.public && !r.public && e.as_read(fold_case).shadows(&later_read, fold_case))
         };
         if let Some(j) = routes[..i].iter().position(covers) {
             return Err(invalid(
