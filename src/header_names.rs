@@ -181,9 +181,8 @@ pub const ASSERTED: [&str; 29] = [
     "x-forwarded-access-token",
     "gap-auth",
     "x-remote-groups",
-    "x-ssl-cert",
     "x-client-cert",
-    "x-client-cert-chain",
+    "x-client-certificate",
     "x-client-verify",
     "x-client-dn",
     "x-arr-clientcert",
@@ -203,17 +202,28 @@ pub const ASSERTED: [&str; 29] = [
     "x-userinfo",
     "x-endpoint-api-userinfo",
     "x-apigateway-api-userinfo",
+    // Google IAP's signed assertion (beside `x-goog-authenticated-user-*`).
+    "x-goog-iap-jwt-assertion",
 ];
 
 /// Name prefixes of [`ASSERTED`] families, and of `x-forwarded-*` and `x-envoy-*` (first).
-pub const ASSERTED_PREFIXES: [&str; 21] = [
+pub const ASSERTED_PREFIXES: [&str; 26] = [
     FORWARDING_PREFIX,
     // Envoy's request headers (retries, timeouts, the original destination, tracing): a
     // sidecar in front of the app acts on them. Stripped like forwarding headers; a
     // decision lets them through (Envoy itself sends some to an ext_authz service).
     ENVOY_PREFIX,
-    "x-ssl-client-",
+    // The client certificate a TLS terminator verified, and what it read from it: nginx
+    // and HAProxy configs (`X-SSL-Client-*`, `X-SSL-Subject`), Google's load balancers
+    // (`X-Client-Cert-Present`, `-Hash`, `-Spiffe`, ...), Cloudflare (`Cf-Cert-*`,
+    // `Cf-Client-Cert-*`), AWS (`X-Amzn-Mtls-*`), Traefik and others (`X-Tls-Client-Cert`).
+    "x-ssl-",
     "ssl-client-",
+    "x-client-cert-",
+    "cf-cert-",
+    "cf-client-cert-",
+    "x-tls-client-",
+    "x-mtls-client-",
     "x-amzn-mtls-",
     "x-remote-extra-",
     "x-webauth-",
@@ -244,7 +254,7 @@ pub const INGRESS_NGINX_REDIRECT: &str = "x-auth-request-redirect";
 pub fn is_asserted(name: &str) -> bool {
     // Asked of every header of every decision: most names are out by their first bytes.
     let could = match name.as_bytes() {
-        [b'x', b'-', third, ..] => b"scarwvpgmeufi".contains(third),
+        [b'x', b'-', third, ..] => b"scarwvpgmeufit".contains(third),
         [first, ..] => matches!(first, b'r' | b's' | b'c' | b'o' | b'g' | b't'),
         [] => false,
     };

@@ -899,6 +899,9 @@ async fn other_gateways_assertions_are_refused_unless_the_caller_is_trusted() {
         for (name, value) in [
             ("remote-user", "admin"),
             ("x-ssl-client-verify", "SUCCESS"),
+            ("x-client-cert-present", "true"),
+            ("cf-cert-verified", "true"),
+            ("x-tls-client-cert", "forged"),
             ("x-consumer-username", "admin"),
             ("x-authentik-groups", "admins"),
             ("cf-access-authenticated-user-email", "a@example.com"),

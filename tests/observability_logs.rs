@@ -184,6 +184,41 @@ async fn the_real_binary_never_logs_or_exports_a_secret() {
         // A path that cannot be normalized is logged as received.
         sent.insert(cid, (method.to_string(), path.to_string()));
     }
+    // A key in the path (an API that takes it there, or a client's mistake): the segment
+    // holding it is logged as `[redacted]`, whether or not the request is allowed, with a
+    // credential or without, escaped or not, normalized or refused as sent.
+    let escaped = SERVICE_KEY.replacen('_', "%5F", 1);
+    let in_path = [
+        (
+            format!("/v1/verify/{SERVICE_KEY}"),
+            true,
+            200,
+            "/v1/verify/[redacted]",
+        ),
+        (
+            format!("/bot{SERVICE_KEY}/getMe"),
+            false,
+            401,
+            "/[redacted]/getMe",
+        ),
+        (format!("/v1/{escaped}/x"), true, 200, "/v1/[redacted]/x"),
+        (
+            format!("/a%2Fb/{SERVICE_KEY}"),
+            true,
+            400,
+            "/a%2Fb/[redacted]",
+        ),
+    ];
+    for (path, keyed, status, logged) in &in_path {
+        let cid = next_id();
+        let mut hv = vec![("x-correlation-id", cid.as_str())];
+        if *keyed {
+            hv.push(("x-api-key", SERVICE_KEY));
+        }
+        let r = get(&bin.url(path), &hv).await;
+        assert_eq!(r.status, *status, "{path}: {}", r.text());
+        sent.insert(cid, ("GET".into(), logged.to_string()));
+    }
     // HTTP/2 (h2c) too: its frame logging must not carry header values either.
     let cid = next_id();
     let r = get_h2c(

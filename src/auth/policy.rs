@@ -1,6 +1,8 @@
 //! What the config says about requests: routes, method scopes, key prefixes. Built once
 //! from the [`Config`] so the hot path does no parsing.
 
+use std::borrow::Cow;
+
 use http::Method;
 
 use crate::config::{Config, CredentialSource, RouteRule, ScopeRule};
@@ -17,6 +19,9 @@ pub enum Route<'a> {
     /// Needs a key; `extra` is a route rule's `any_of`, required on top of method scopes.
     Protected { extra: Option<&'a [String]> },
 }
+
+/// What a logged path shows in place of a segment that could hold a key.
+pub const REDACTED: &str = "[redacted]";
 
 /// How a key's prefix relates to the `prefixes` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,6 +290,44 @@ impl Policy {
         in_headers || in_query()
     }
 
+    /// The path as it may be logged (SPEC 11: no raw key in any log line): a segment that
+    /// could hold a key is replaced by [`REDACTED`]. With `prefixes` configured every valid
+    /// key starts with one, so a segment holding one (escaped or not) is screened whether
+    /// or not the request carried a credential (`/bot<key>/getMe`, `/verify/<key>`);
+    /// without them a key has no shape, and a segment is screened when it overlaps a
+    /// credential the request carries ([`Self::could_be_a_key`]; `headers` is `None` where
+    /// they are gone, and only prefixes are looked for).
+    pub fn loggable_path<'a>(
+        &self,
+        path: Cow<'a, str>,
+        headers: Option<&http::HeaderMap>,
+        queries: &[&str],
+    ) -> Cow<'a, str> {
+        let min = crate::auth::credential::MIN_KEY_LEN;
+        let could_hold_key = |segment: &str| {
+            if segment.len() < min {
+                return false;
+            }
+            let decoded = crate::path::delimiters_decoded(segment);
+            if self.prefixes.is_empty() {
+                headers.is_some_and(|h| self.could_be_a_key(decoded.as_bytes(), h, queries))
+            } else {
+                self.prefixes
+                    .iter()
+                    .any(|(p, _)| decoded.contains(p.as_str()))
+            }
+        };
+        // Most paths have nothing to screen: one pass, nothing built.
+        if !path.split('/').any(could_hold_key) {
+            return path;
+        }
+        let screened: Vec<&str> = path
+            .split('/')
+            .map(|s| if could_hold_key(s) { REDACTED } else { s })
+            .collect();
+        Cow::Owned(screened.join("/"))
+    }
+
     /// The query parameter a credential may arrive in, if configured.
     pub fn credential_query(&self) -> Option<&str> {
         self.credentials.iter().find_map(|c| match c {
@@ -355,6 +398,78 @@ mod tests {
 
     fn policy() -> Policy {
         Policy::new(&Config::from_yaml(include_str!("../../config/keyward.yaml")).unwrap())
+    }
+
+    /// A segment that could hold a key is logged as `[redacted]`: by a configured prefix
+    /// (escaped too) with or without headers; without prefixes, by overlap with a credential
+    /// the request carries.
+    #[test]
+    fn a_logged_path_never_holds_a_key() {
+        let p = policy();
+        let key = "sta_9f8e7d6c5b4a39281706f5e4d3c2b1a0";
+        let screened = |path: &str| p.loggable_path(Cow::Borrowed(path), None, &[]).into_owned();
+        for (path, logged) in [
+            ("/v1/items/12345", "/v1/items/12345"),
+            (&*format!("/v1/verify/{key}"), "/v1/verify/[redacted]"),
+            (&*format!("/bot{key}/getMe"), "/[redacted]/getMe"),
+            (
+                &*format!("/x/{}", key.replacen('_', "%5F", 1)),
+                "/x/[redacted]",
+            ),
+            (&*format!("/{key}/{key}/"), "/[redacted]/[redacted]/"),
+            // Too short to hold a key.
+            ("/sta_x/", "/sta_x/"),
+        ] {
+            assert_eq!(screened(path), logged, "{path}");
+        }
+        assert!(matches!(
+            p.loggable_path(Cow::Borrowed("/v1/items"), None, &[]),
+            Cow::Borrowed(_)
+        ));
+
+        let yaml = include_str!("../../config/keyward.yaml");
+        let yaml = yaml
+            .replace(
+                "prefixes:\n  sta_: [service_account]\n  ste_: [enterprise_service_account]\n  pat_: [personal]\n",
+                "prefixes: {}\n",
+            )
+            .replace("# - { query: api_key }", "- { query: api_key }");
+        let bare = Policy::new(&Config::from_yaml(&yaml).unwrap());
+        assert!(
+            bare.prefixes.is_empty(),
+            "the shipped config's prefixes were not removed"
+        );
+        let secret = "zzz_0123456789abcdef";
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-api-key", secret.parse().unwrap());
+        let bare_screened = |path: &str, h: Option<&http::HeaderMap>, q: &[&str]| {
+            bare.loggable_path(Cow::Borrowed(path), h, q).into_owned()
+        };
+        assert_eq!(
+            bare_screened(&format!("/v/{secret}"), Some(&headers), &[]),
+            "/v/[redacted]"
+        );
+        assert_eq!(
+            bare_screened("/v/0123456789ab", Some(&headers), &[]),
+            "/v/[redacted]"
+        );
+        assert_eq!(
+            bare_screened(&format!("/v/{secret}"), None, &[]),
+            format!("/v/{secret}")
+        );
+        let query = format!("api_key={secret}");
+        assert_eq!(
+            bare_screened(
+                &format!("/v/{secret}"),
+                Some(&http::HeaderMap::new()),
+                &[&query]
+            ),
+            "/v/[redacted]"
+        );
+        assert_eq!(
+            bare_screened("/v1/items/abcdefghij", Some(&headers), &[]),
+            "/v1/items/abcdefghij"
+        );
     }
 
     #[test]

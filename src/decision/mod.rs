@@ -267,6 +267,7 @@ pub async fn handle<B>(
     let target = req.uri().clone();
     let mut unanswered = handler::Unanswered::new(
         &worker,
+        &app.policy,
         &cid,
         app.policy.logged_method(&asked_with),
         &target,

@@ -39,10 +39,18 @@ pub struct Trace<'a> {
     upstream: Option<Duration>,
 }
 
-impl Trace<'_> {
-    /// The request's path: normalized once [`decide`] got that far, else as sent.
+impl<'a> Trace<'a> {
+    /// The request's path: normalized once [`decide`] got that far, else as sent; a
+    /// segment that could hold a key screened out.
     pub fn path(&self) -> &str {
         self.path.as_deref().unwrap_or("-")
+    }
+
+    /// Keep `path` for the access log, screened while the request's credentials are at
+    /// hand ([`crate::auth::Policy::loggable_path`]).
+    fn set_path(&mut self, app: &App, path: Cow<'a, str>, head: &Head<'_>) {
+        let queries = [head.query.unwrap_or(""), head.app_query.unwrap_or("")];
+        self.path = Some(app.policy.loggable_path(path, Some(head.headers), &queries));
     }
 }
 
@@ -83,7 +91,7 @@ pub async fn handle(
     // the request itself moves on upstream.
     let target = req.uri().clone();
     let logged = app.policy.logged_method(&method);
-    let mut unanswered = Unanswered::new(&worker, &cid, logged, &target, start);
+    let mut unanswered = Unanswered::new(&worker, &app.policy, &cid, logged, &target, start);
     let mut trace = Trace::default();
     let (mut resp, code) = match proxy(&app, &worker, conn, req, &target, &cid, &mut trace).await {
         Ok(resp) => (resp, Code::Ok),
@@ -109,6 +117,8 @@ pub struct Unanswered<'a> {
     /// As logged ([`crate::auth::Policy::logged_method`]).
     method: &'a str,
     target: &'a http::Uri,
+    /// Screens the logged path (the request's headers are gone by the time it is logged).
+    policy: &'a crate::auth::Policy,
     start: Instant,
     armed: bool,
 }
@@ -116,6 +126,7 @@ pub struct Unanswered<'a> {
 impl<'a> Unanswered<'a> {
     pub fn new(
         worker: &'a Worker,
+        policy: &'a crate::auth::Policy,
         cid: &'a HeaderValue,
         method: &'a str,
         target: &'a http::Uri,
@@ -126,6 +137,7 @@ impl<'a> Unanswered<'a> {
             cid,
             method,
             target,
+            policy,
             start,
             armed: true,
         }
@@ -147,7 +159,10 @@ impl Drop for Unanswered<'_> {
             .metrics()
             .record_request(Code::ClientClosed, elapsed);
         let trace = Trace {
-            path: Some(Cow::Borrowed(self.target.path())),
+            path: Some(
+                self.policy
+                    .loggable_path(Cow::Borrowed(self.target.path()), None, &[]),
+            ),
             ..Trace::default()
         };
         let code = Code::ClientClosed;
@@ -305,23 +320,23 @@ pub async fn decide<'a>(
     let (path, readings) = match normalized {
         Ok(read) => read,
         Err(e) => {
-            trace.path = Some(Cow::Borrowed(raw_path));
+            trace.set_path(app, Cow::Borrowed(raw_path), head);
             return Err(Reject::BadRequest(BadRequest::Path(e)));
         }
     };
     if hides_query_key(app, &path, head.app_query) {
-        trace.path = Some(Cow::Borrowed(raw_path));
+        trace.set_path(app, Cow::Borrowed(raw_path), head);
         return Err(Reject::BadRequest(BadRequest::KeyInPath));
     }
     let route = match door {
         Door::Proxy => app.policy.route(head.method, &path),
         Door::Decision if !forwarded_as_authorized(raw_path, &path) => {
-            trace.path = Some(Cow::Borrowed(raw_path));
+            trace.set_path(app, Cow::Borrowed(raw_path), head);
             return Err(Reject::BadRequest(BadRequest::NotNormal));
         }
         Door::Decision => app.policy.app_route(&path),
     };
-    trace.path = Some(path);
+    trace.set_path(app, path, head);
     // What an allowed override header makes the app serve is authorized too.
     let alt = match app.config.allow_override_headers.as_slice() {
         [] => None,
