@@ -79,7 +79,7 @@ pub fn alias_starts_with(name: &str, target: &str) -> bool {
 /// `-scheme`, `-port`, `-prefix`, `-server`, `-uri`, ... which Rack, Spring and others
 /// read), the client-address headers of CDNs and load balancers, and the HTTPS markers of
 /// IIS/ARR and nginx setups.
-pub const FORWARDING: [&str; 19] = [
+pub const FORWARDING: [&str; 28] = [
     "forwarded",
     "x-forwarded",
     "x-real-ip",
@@ -101,6 +101,17 @@ pub const FORWARDING: [&str; 19] = [
     // Envoy's own: whether the request came from inside, and the client address it trusts.
     "x-envoy-internal",
     "x-envoy-external-address",
+    // The client address other CDNs and platforms pass on (the `request-ip` npm package
+    // reads `forwarded-for` and App Engine's too).
+    "cf-connecting-ipv6",
+    "cf-pseudo-ipv4",
+    "fly-client-ip",
+    "x-azure-clientip",
+    "x-azure-socketip",
+    "x-azure-fdid",
+    "x-vercel-forwarded-for",
+    "x-nf-client-connection-ip",
+    "forwarded-for",
 ];
 pub const FORWARDING_PREFIX: &str = "x-forwarded-";
 pub const ENVOY_PREFIX: &str = "x-envoy-";
@@ -172,7 +183,7 @@ pub fn alias_eq(name: &str, target: &str) -> bool {
 /// oauth2-proxy `X-Auth-Request-*`, Vouch, mod_auth_openidc `OIDC_CLAIM_*`, Pomerium,
 /// Cloudflare Access, Google IAP and Cloud Endpoints, AWS ALB OIDC, Azure App Service). An app moved from one of those to keyward keeps
 /// reading them: a client must not be able to send them through.
-pub const ASSERTED: [&str; 29] = [
+pub const ASSERTED: [&str; 50] = [
     // oauth2-proxy's identity (its `X-Forwarded-*` names, and `GAP-Auth`).
     "x-forwarded-user",
     "x-forwarded-email",
@@ -204,10 +215,36 @@ pub const ASSERTED: [&str; 29] = [
     "x-apigateway-api-userinfo",
     // Google IAP's signed assertion (beside `x-goog-authenticated-user-*`).
     "x-goog-iap-jwt-assertion",
+    // nginx recipes for the verified certificate's fields, beside `x-client-dn`.
+    "x-client-s-dn",
+    "x-client-i-dn",
+    "x-client-subject",
+    "x-client-serial",
+    "x-client-verified",
+    "cert-subject",
+    "x-cert-subject",
+    // Linkerd's mTLS identity of the calling workload, Dapr's calling app.
+    "l5d-client-id",
+    "l5d-server-id",
+    "dapr-caller-app-id",
+    // OIDC tokens a gateway passes on (APISIX openid-connect, kong-oidc).
+    "x-id-token",
+    "x-access-token",
+    "x-jwt-payload",
+    "x-jwt-assertion",
+    // API Gateway through serverless-express (the authorizer's claims), AWS Verified
+    // Access, Teleport, Shibboleth's principal, and common bare names.
+    "x-apigateway-event",
+    "x-apigateway-context",
+    "teleport-jwt-assertion",
+    "eppn",
+    "x-user",
+    "x-tailscale-user",
+    "x-kong-consumer",
 ];
 
 /// Name prefixes of [`ASSERTED`] families, and of `x-forwarded-*` and `x-envoy-*` (first).
-pub const ASSERTED_PREFIXES: [&str; 26] = [
+pub const ASSERTED_PREFIXES: [&str; 32] = [
     FORWARDING_PREFIX,
     // Envoy's request headers (retries, timeouts, the original destination, tracing): a
     // sidecar in front of the app acts on them. Stripped like forwarding headers; a
@@ -242,6 +279,16 @@ pub const ASSERTED_PREFIXES: [&str; 26] = [
     "tailscale-user-",
     "x-ms-client-principal",
     "x-ms-token-",
+    // WebLogic's proxy plug-in (`WL-Proxy-Client-Cert`, `-SSL`, `-Remote-User`), the F5
+    // iRule convention (`SSLClientCert`, `SSLClientCertStatus`), mod_auth_openidc's
+    // tokens and claims (`OIDC-Access-Token`, `OIDC_CLAIM_*`), App Engine's user, AWS
+    // Verified Access's user context, Shibboleth's attributes.
+    "wl-proxy-",
+    "sslclientcert",
+    "oidc-",
+    "x-appengine-user-",
+    "x-amzn-ava-",
+    "shib-",
 ];
 
 /// ingress-nginx's own header on every auth subrequest (where to send a browser back to),
@@ -254,8 +301,11 @@ pub const INGRESS_NGINX_REDIRECT: &str = "x-auth-request-redirect";
 pub fn is_asserted(name: &str) -> bool {
     // Asked of every header of every decision: most names are out by their first bytes.
     let could = match name.as_bytes() {
-        [b'x', b'-', third, ..] => b"scarwvpgmeufit".contains(third),
-        [first, ..] => matches!(first, b'r' | b's' | b'c' | b'o' | b'g' | b't'),
+        [b'x', b'-', third, ..] => b"scarwvpgmeufitjk".contains(third),
+        [first, ..] => matches!(
+            first,
+            b'r' | b's' | b'c' | b'o' | b'g' | b't' | b'l' | b'w' | b'd' | b'e'
+        ),
         [] => false,
     };
     could
@@ -275,7 +325,7 @@ const CLIENT_SIDE_PREFIX: &str = "x-authenticated-";
 pub fn may_be_listed(first: u8) -> bool {
     matches!(
         first,
-        b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o' | b'g' | b'p'
+        b'x' | b'f' | b'c' | b't' | b'r' | b's' | b'o' | b'g' | b'p' | b'l' | b'w' | b'd' | b'e'
     )
 }
 

@@ -20,6 +20,33 @@ pub enum Route<'a> {
     Protected { extra: Option<&'a [String]> },
 }
 
+const MIN_KEY_LEN: usize = crate::auth::credential::MIN_KEY_LEN;
+const _: () = assert!(MIN_KEY_LEN == 8, "runs are u64s");
+
+/// A run of [`MIN_KEY_LEN`] bytes, as one number.
+fn run(w: &[u8]) -> u64 {
+    u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))
+}
+
+/// Segment `i`'s bit in a mask of a path's segments (the 64th and later share the last).
+fn bit(i: usize) -> u64 {
+    1 << i.min(63)
+}
+
+/// The bits of the segments of `path` that `doomed` picks.
+fn segment_bits(path: &str, doomed: impl Fn(&str) -> bool) -> u64 {
+    path.split('/')
+        .enumerate()
+        .filter(|(_, s)| doomed(s))
+        .fold(0, |acc, (i, _)| acc | bit(i))
+}
+
+thread_local! {
+    /// The runs of a path being screened, with their segment's bit: reused, so screening
+    /// allocates nothing once a worker has seen a long path.
+    static PATH_RUNS: std::cell::RefCell<Vec<(u64, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// What a logged path shows in place of a segment that could hold a key.
 pub const REDACTED: &str = "[redacted]";
 
@@ -250,82 +277,127 @@ impl Policy {
             return true;
         }
         // Any run of 8 bytes (the shortest key) in common: `req-<key>` holds the key, a part
-        // of the key is key material, and so is `abc<most of the key>`. The credential's
-        // runs, sorted, are searched for each of the id's (ids are at most 128 bytes).
-        const _: () = assert!(crate::auth::credential::MIN_KEY_LEN == 8, "runs are u64s");
-        let min = crate::auth::credential::MIN_KEY_LEN;
-        let run = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
-        // The id's runs, sorted once (at most 121): each credential is then one pass, however
-        // long a client makes it (sorting a 15 KB header's runs cost 5 times a request).
-        let mut id_runs: Vec<u64> = value.windows(min).map(run).collect();
+        // of the key is key material, and so is `abc<most of the key>`. The id's runs,
+        // sorted once (at most 121: ids are at most 128 bytes), are searched for each of
+        // the credentials' runs: each credential is then one pass, however long a client
+        // makes it (sorting a 15 KB header's runs cost 5 times a request).
+        let mut id_runs: Vec<u64> = value.windows(MIN_KEY_LEN).map(run).collect();
+        if id_runs.is_empty() {
+            return false;
+        }
         id_runs.sort_unstable();
-        let overlaps = |c: &[u8]| {
-            !id_runs.is_empty()
-                && c.windows(min)
-                    .any(|w| id_runs.binary_search(&run(w)).is_ok())
-        };
-        // Every credential header in any spelling (`X_API_Key` is the key to a CGI app, and
-        // to a client that sent it), and every token of its value (`Bearer <key> extra`).
-        let credential = |name: &http::HeaderName| {
-            self.credential_headers
-                .iter()
-                .any(|c| crate::header_names::same_name(name.as_str(), c.as_str()))
-        };
-        let in_headers = headers
-            .iter()
-            .filter(|(name, _)| credential(name))
-            .flat_map(|(_, v)| {
-                v.as_bytes()
-                    .split(|b| b.is_ascii_whitespace() || *b == b',')
-            })
-            .any(overlaps);
-        let in_query = || {
-            self.credential_query().is_some_and(|name| {
-                queries.iter().any(|q| {
-                    crate::auth::credential::query_param_values(q, name)
-                        .any(|v| v.is_some_and(|v| overlaps(&v)))
-                })
-            })
-        };
-        in_headers || in_query()
+        let mut found = false;
+        self.each_credential(headers, queries, &mut |c| {
+            found = found
+                || c.windows(MIN_KEY_LEN)
+                    .any(|w| id_runs.binary_search(&run(w)).is_ok());
+        });
+        found
     }
 
     /// The path as it may be logged (SPEC 11: no raw key in any log line): a segment that
     /// could hold a key is replaced by [`REDACTED`]. With `prefixes` configured every valid
     /// key starts with one, so a segment holding one (escaped or not) is screened whether
     /// or not the request carried a credential (`/bot<key>/getMe`, `/verify/<key>`);
-    /// without them a key has no shape, and a segment is screened when it overlaps a
-    /// credential the request carries ([`Self::could_be_a_key`]; `headers` is `None` where
-    /// they are gone, and only prefixes are looked for).
+    /// without them a key has no shape, and a segment is screened when it shares a run of
+    /// [`MIN_KEY_LEN`] bytes with a credential the request carries (`headers` is `None`
+    /// where they are gone: then every segment that long is). `path` is what will be
+    /// logged, already cut to its logged length: the cost of screening it is bounded by it.
     pub fn loggable_path<'a>(
         &self,
         path: Cow<'a, str>,
         headers: Option<&http::HeaderMap>,
         queries: &[&str],
     ) -> Cow<'a, str> {
-        let min = crate::auth::credential::MIN_KEY_LEN;
-        let could_hold_key = |segment: &str| {
-            if segment.len() < min {
-                return false;
-            }
-            let decoded = crate::path::delimiters_decoded(segment);
-            if self.prefixes.is_empty() {
-                headers.is_some_and(|h| self.could_be_a_key(decoded.as_bytes(), h, queries))
-            } else {
-                self.prefixes
-                    .iter()
-                    .any(|(p, _)| decoded.contains(p.as_str()))
-            }
-        };
+        let long = |s: &str| s.len() >= MIN_KEY_LEN;
         // Most paths have nothing to screen: one pass, nothing built.
-        if !path.split('/').any(could_hold_key) {
+        if !path.split('/').any(long) {
+            return path;
+        }
+        let doomed: u64 = if !self.prefixes.is_empty() {
+            // As an app reads it: escapes decoded, fullwidth `ｓｔａ＿` as `sta_`.
+            let holds_prefix = |s: &str| {
+                let read = crate::path::as_decoded(s);
+                self.prefixes.iter().any(|(p, _)| read.contains(p.as_str()))
+            };
+            segment_bits(&path, |s| long(s) && holds_prefix(s))
+        } else if let Some(headers) = headers {
+            self.overlapping_segments(&path, headers, queries)
+        } else {
+            // Nothing to tell a key by (a request its client abandoned, logged once its
+            // headers are gone): every segment long enough to be one.
+            segment_bits(&path, long)
+        };
+        if doomed == 0 {
             return path;
         }
         let screened: Vec<&str> = path
             .split('/')
-            .map(|s| if could_hold_key(s) { REDACTED } else { s })
+            .enumerate()
+            .map(|(i, s)| if doomed & bit(i) != 0 { REDACTED } else { s })
             .collect();
         Cow::Owned(screened.join("/"))
+    }
+
+    /// The segments of `path` (bits as [`segment_bits`] numbers them) that share a run of
+    /// [`MIN_KEY_LEN`] bytes with a credential the request carries. The path's runs are
+    /// sorted (a logged path is at most 1 KiB) and each credential is one pass over them,
+    /// however long a client makes it.
+    fn overlapping_segments(&self, path: &str, headers: &http::HeaderMap, queries: &[&str]) -> u64 {
+        PATH_RUNS.with_borrow_mut(|runs| {
+            runs.clear();
+            for (i, s) in path.split('/').enumerate() {
+                let decoded = crate::path::as_decoded(s);
+                let segment = bit(i);
+                runs.extend(
+                    decoded
+                        .as_bytes()
+                        .windows(MIN_KEY_LEN)
+                        .map(|w| (run(w), segment)),
+                );
+            }
+            runs.sort_unstable();
+            let mut doomed = 0u64;
+            let mut scan = |credential: &[u8]| {
+                for w in credential.windows(MIN_KEY_LEN) {
+                    let r = run(w);
+                    let from = runs.partition_point(|(x, _)| *x < r);
+                    for (_, segment) in runs[from..].iter().take_while(|(x, _)| *x == r) {
+                        doomed |= segment;
+                    }
+                }
+            };
+            self.each_credential(headers, queries, &mut scan);
+            doomed
+        })
+    }
+
+    /// Every credential a request carries, as a client or an app would read it: each token
+    /// of a credential header in any spelling (`X_API_Key` is the key to a CGI app, and to
+    /// a client that sent it; `Bearer <key> extra`), and each value of the query credential.
+    fn each_credential(
+        &self,
+        headers: &http::HeaderMap,
+        queries: &[&str],
+        f: &mut dyn FnMut(&[u8]),
+    ) {
+        let credential = |name: &http::HeaderName| {
+            self.credential_headers
+                .iter()
+                .any(|c| crate::header_names::same_name(name.as_str(), c.as_str()))
+        };
+        for (_, v) in headers.iter().filter(|(name, _)| credential(name)) {
+            v.as_bytes()
+                .split(|b| b.is_ascii_whitespace() || *b == b',')
+                .for_each(&mut *f);
+        }
+        if let Some(name) = self.credential_query() {
+            for q in queries {
+                for v in crate::auth::credential::query_param_values(q, name).flatten() {
+                    f(&v);
+                }
+            }
+        }
     }
 
     /// The query parameter a credential may arrive in, if configured.
@@ -417,6 +489,11 @@ mod tests {
                 "/x/[redacted]",
             ),
             (&*format!("/{key}/{key}/"), "/[redacted]/[redacted]/"),
+            // Fullwidth `ｓｔａ＿`, escaped, as an app that normalizes reads it.
+            (
+                &*format!("/x/%EF%BD%93%EF%BD%94%EF%BD%81%EF%BC%BF{}", &key[4..]),
+                "/x/[redacted]",
+            ),
             // Too short to hold a key.
             ("/sta_x/", "/sta_x/"),
         ] {
@@ -454,8 +531,8 @@ mod tests {
             "/v/[redacted]"
         );
         assert_eq!(
-            bare_screened(&format!("/v/{secret}"), None, &[]),
-            format!("/v/{secret}")
+            bare_screened(&format!("/v/{secret}/x"), None, &[]),
+            "/v/[redacted]/x"
         );
         let query = format!("api_key={secret}");
         assert_eq!(

@@ -34,23 +34,31 @@ use crate::App;
 #[derive(Default)]
 pub struct Trace<'a> {
     path: Option<Cow<'a, str>>,
+    /// The path as the access log shows it, where that differs from `path`: cut where a
+    /// query may begin, clipped, and screened for keys ([`Trace::set_path`]).
+    logged: Option<String>,
     /// The key presented, once identified (allowed or not).
     key: Option<Arc<Key>>,
     upstream: Option<Duration>,
 }
 
 impl<'a> Trace<'a> {
-    /// The request's path: normalized once [`decide`] got that far, else as sent; a
-    /// segment that could hold a key screened out.
+    /// The request's path: normalized once [`decide`] got that far, else as sent.
     pub fn path(&self) -> &str {
         self.path.as_deref().unwrap_or("-")
     }
 
-    /// Keep `path` for the access log, screened while the request's credentials are at
-    /// hand ([`crate::auth::Policy::loggable_path`]).
+    /// The path as logged ([`Trace::set_path`]).
+    pub fn logged_path(&self) -> &str {
+        self.logged.as_deref().unwrap_or_else(|| self.path())
+    }
+
+    /// Keep `path`, and what of it the access log may show, screened for keys while the
+    /// request's credentials are at hand ([`crate::auth::Policy::loggable_path`]).
     fn set_path(&mut self, app: &App, path: Cow<'a, str>, head: &Head<'_>) {
         let queries = [head.query.unwrap_or(""), head.app_query.unwrap_or("")];
-        self.path = Some(app.policy.loggable_path(path, Some(head.headers), &queries));
+        self.logged = loggable(&app.policy, &path, Some(head.headers), &queries);
+        self.path = Some(path);
     }
 }
 
@@ -158,11 +166,10 @@ impl Drop for Unanswered<'_> {
         self.worker
             .metrics()
             .record_request(Code::ClientClosed, elapsed);
+        let path = self.target.path();
         let trace = Trace {
-            path: Some(
-                self.policy
-                    .loggable_path(Cow::Borrowed(self.target.path()), None, &[]),
-            ),
+            logged: loggable(self.policy, path, None, &[]),
+            path: Some(Cow::Borrowed(path)),
             ..Trace::default()
         };
         let code = Code::ClientClosed;
@@ -754,6 +761,22 @@ fn logged_path(path: &str) -> &str {
     cut.map_or(path, |at| &path[..at])
 }
 
+/// `path` as the access log may show it, if that differs from `path`: cut where a query
+/// may begin ([`logged_path`]), clipped to [`LOGGED_PATH_MAX`], then screened for keys
+/// (what is screened is what is shown, so a clip cannot bring an unscreened part in).
+fn loggable(
+    policy: &crate::auth::Policy,
+    path: &str,
+    headers: Option<&http::HeaderMap>,
+    queries: &[&str],
+) -> Option<String> {
+    let shown = clip(logged_path(path), LOGGED_PATH_MAX);
+    match policy.loggable_path(shown, headers, queries) {
+        Cow::Borrowed(same) if same.len() == path.len() => None,
+        other => Some(other.into_owned()),
+    }
+}
+
 /// One line per request (SPEC 11). Never headers, never the query: that is where keys live;
 /// the method as [`crate::auth::Policy::logged_method`] gives it.
 pub fn access_log(
@@ -764,7 +787,7 @@ pub fn access_log(
     trace: &Trace<'_>,
     elapsed: Duration,
 ) {
-    let path = clip(logged_path(trace.path()), LOGGED_PATH_MAX);
+    let path = clip(logged_path(trace.logged_path()), LOGGED_PATH_MAX);
     let key = trace.key.as_ref();
     info!(
         target: "keyward::access",
