@@ -41,12 +41,6 @@ fn segment_bits(path: &str, doomed: impl Fn(&str) -> bool) -> u64 {
         .fold(0, |acc, (i, _)| acc | bit(i))
 }
 
-thread_local! {
-    /// The runs of a path being screened, with their segment's bit: reused, so screening
-    /// allocates nothing once a worker has seen a long path.
-    static PATH_RUNS: std::cell::RefCell<Vec<(u64, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// What a logged path shows in place of a segment that could hold a key.
 pub const REDACTED: &str = "[redacted]";
 
@@ -344,44 +338,49 @@ impl Policy {
 
     /// The segments of `path` (bits as [`segment_bits`] numbers them) that share a run of
     /// [`MIN_KEY_LEN`] bytes with a credential the request carries. Each credential is one
-    /// pass over its runs, however long a client makes it, each run tried against a
-    /// 4096-bit filter of the path's (a logged path is at most 1 KiB: at most 1017 runs)
-    /// before the path's runs are: most requests share none.
+    /// pass over its runs, each tried against a 4096-bit filter of the path's (a logged
+    /// path is at most 1 KiB: at most 1017 runs); only one that passes has the path's
+    /// segments searched for it, those not found yet, and the search stops once every
+    /// segment long enough is found.
     fn overlapping_segments(&self, path: &str, headers: &http::HeaderMap, queries: &[&str]) -> u64 {
         let slot = |r: u64| {
             let h = (r.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as usize;
             (h >> 6, 1u64 << (h & 63))
         };
-        PATH_RUNS.with_borrow_mut(|runs| {
-            runs.clear();
-            let mut filter = [0u64; 64];
-            for (i, s) in path.split('/').enumerate() {
-                let decoded = crate::path::as_decoded(s);
-                for w in decoded.as_bytes().windows(MIN_KEY_LEN) {
-                    let r = run(w);
-                    let (word, mask) = slot(r);
-                    filter[word] |= mask;
-                    runs.push((r, bit(i)));
+        let holds = |s: &str, r: u64| {
+            crate::path::as_decoded(s)
+                .as_bytes()
+                .windows(MIN_KEY_LEN)
+                .any(|w| run(w) == r)
+        };
+        let mut filter = [0u64; 64];
+        let mut long = 0u64;
+        for (i, s) in path.split('/').enumerate() {
+            for w in crate::path::as_decoded(s).as_bytes().windows(MIN_KEY_LEN) {
+                let (word, mask) = slot(run(w));
+                filter[word] |= mask;
+                long |= bit(i);
+            }
+        }
+        let mut doomed = 0u64;
+        let mut scan = |credential: &[u8]| {
+            for w in credential.windows(MIN_KEY_LEN) {
+                let r = run(w);
+                let (word, mask) = slot(r);
+                if filter[word] & mask == 0 || doomed == long {
+                    continue;
                 }
-            }
-            if runs.is_empty() {
-                return 0;
-            }
-            let mut doomed = 0u64;
-            let mut scan = |credential: &[u8]| {
-                for w in credential.windows(MIN_KEY_LEN) {
-                    let r = run(w);
-                    let (word, mask) = slot(r);
-                    if filter[word] & mask != 0 {
-                        for (_, segment) in runs.iter().filter(|(x, _)| *x == r) {
-                            doomed |= segment;
-                        }
+                for (i, s) in path.split('/').enumerate() {
+                    if doomed & bit(i) == 0 && holds(s, r) {
+                        doomed |= bit(i);
                     }
                 }
-            };
+            }
+        };
+        if long != 0 {
             self.each_credential(headers, queries, &mut scan);
-            doomed
-        })
+        }
+        doomed
     }
 
     /// Every credential a request carries, as a client or an app would read it: each token
