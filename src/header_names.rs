@@ -244,7 +244,7 @@ pub const ASSERTED: [&str; 50] = [
 ];
 
 /// Name prefixes of [`ASSERTED`] families, and of `x-forwarded-*` and `x-envoy-*` (first).
-pub const ASSERTED_PREFIXES: [&str; 32] = [
+pub const ASSERTED_PREFIXES: [&str; 31] = [
     FORWARDING_PREFIX,
     // Envoy's request headers (retries, timeouts, the original destination, tracing): a
     // sidecar in front of the app acts on them. Stripped like forwarding headers; a
@@ -269,7 +269,6 @@ pub const ASSERTED_PREFIXES: [&str; 32] = [
     "x-authenticated-",
     "x-authentik-",
     "x-vouch-",
-    "oidc-claim-",
     "x-auth-request-",
     "x-pomerium-",
     "cf-access-",
@@ -281,8 +280,8 @@ pub const ASSERTED_PREFIXES: [&str; 32] = [
     "x-ms-token-",
     // WebLogic's proxy plug-in (`WL-Proxy-Client-Cert`, `-SSL`, `-Remote-User`), the F5
     // iRule convention (`SSLClientCert`, `SSLClientCertStatus`), mod_auth_openidc's
-    // tokens and claims (`OIDC-Access-Token`, `OIDC_CLAIM_*`), App Engine's user, AWS
-    // Verified Access's user context, Shibboleth's attributes.
+    // tokens and claims (`OIDC-Access-Token`, `OIDC_CLAIM_*`: `oidc-` covers both), App
+    // Engine's user, AWS Verified Access's user context, Shibboleth's attributes.
     "wl-proxy-",
     "sslclientcert",
     "oidc-",

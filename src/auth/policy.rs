@@ -260,14 +260,7 @@ impl Policy {
         headers: &http::HeaderMap,
         queries: &[&str],
     ) -> bool {
-        let contains = |hay: &[u8], needle: &[u8]| {
-            !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
-        };
-        if self
-            .prefixes
-            .iter()
-            .any(|(p, _)| contains(value, p.as_bytes()))
-        {
+        if self.holds_prefix(value) {
             return true;
         }
         // Any run of 8 bytes (the shortest key) in common: `req-<key>` holds the key, a part
@@ -307,15 +300,9 @@ impl Policy {
         // Most paths have nothing to screen: one pass, nothing built.
         let doomed: u64 = if !self.prefixes.is_empty() {
             // As an app reads it: escapes decoded, fullwidth `ｓｔａ＿` as `sta_`.
-            let holds_prefix = |s: &str| {
-                let read = crate::path::as_decoded(s);
-                let read = read.as_bytes();
-                self.prefixes.iter().any(|(p, _)| {
-                    let p = p.as_bytes();
-                    read.windows(p.len()).any(|w| w == p)
-                })
-            };
-            segment_bits(&path, |s| long(s) && holds_prefix(s))
+            segment_bits(&path, |s| {
+                long(s) && self.holds_prefix(crate::path::as_decoded(s).as_bytes())
+            })
         } else if !path.split('/').any(long) {
             0
         } else if let Some(headers) = headers {
@@ -334,6 +321,14 @@ impl Policy {
             .map(|(i, s)| if doomed & bit(i) != 0 { REDACTED } else { s })
             .collect();
         Cow::Owned(screened.join("/"))
+    }
+
+    /// Does `value` hold one of the configured key prefixes anywhere?
+    fn holds_prefix(&self, value: &[u8]) -> bool {
+        self.prefixes.iter().any(|(p, _)| {
+            let p = p.as_bytes();
+            !p.is_empty() && value.windows(p.len()).any(|w| w == p)
+        })
     }
 
     /// The segments of `path` (bits as [`segment_bits`] numbers them) that share a run of
