@@ -4,6 +4,8 @@
 
 use http::header::{self, HeaderName};
 
+use crate::name_set::NameSet;
+
 /// The header a delegating enterprise key names the account it acts for in. Read by keyward
 /// and never forwarded.
 pub const DELEGATE_HEADER: HeaderName = HeaderName::from_static("x-delegate-account-id");
@@ -32,7 +34,7 @@ pub static HOP_BY_HOP: [HeaderName; 7] = [
 /// other punctuation a name may hold (`+`, `~`, `!`, ...), since each becomes `_` in the
 /// variable name.
 #[inline]
-pub fn is_separator(c: u8) -> bool {
+pub const fn is_separator(c: u8) -> bool {
     !c.is_ascii_alphanumeric()
 }
 
@@ -331,9 +333,16 @@ pub fn may_be_listed(first: u8) -> bool {
 /// A forwarding header ([`FORWARDING`], `x-forwarded-*`) or another assertion a gateway in
 /// front makes ([`ASSERTED`]), however spelled.
 pub fn is_forwarding(name: &str) -> bool {
-    ASSERTED_PREFIXES.iter().any(|p| alias_starts_with(name, p))
-        || FORWARDING.iter().any(|t| alias_eq(name, t))
-        || ASSERTED.iter().any(|t| alias_eq(name, t))
+    static PREFIXES: NameSet<31> = NameSet::new(ASSERTED_PREFIXES, true);
+    static FORWARDING_NAMES: NameSet<28> = NameSet::new(FORWARDING, false);
+    static ASSERTED_NAMES: NameSet<50> = NameSet::new(ASSERTED, false);
+    PREFIXES.contains(name) || FORWARDING_NAMES.contains(name) || ASSERTED_NAMES.contains(name)
+}
+
+/// The override `name` is ([`OVERRIDES`]), however spelled.
+pub fn override_entry(name: &str) -> Option<&'static str> {
+    static NAMES: NameSet<18> = NameSet::new(OVERRIDES, false);
+    NAMES.find(name)
 }
 
 /// Names a client or an app commonly sends, which an identity prefix must not start: the

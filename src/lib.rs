@@ -29,6 +29,7 @@ pub mod keygen;
 pub mod keys;
 pub mod logging;
 pub mod metrics;
+mod name_set;
 pub mod path;
 pub mod proxy;
 pub mod regular_file;

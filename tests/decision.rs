@@ -109,8 +109,14 @@ async fn a_method_parameter_in_the_original_query_is_authorized_too() {
     let d = spawn_decider(None, scopes).await;
     let writer = [("x-api-key", SERVICE_KEY)];
     for endpoint in ENDPOINTS {
-        let r = decide(&d, endpoint, "POST", "/v1/items?_method=DELETE", &writer).await;
-        assert_eq!(r.status, 403, "{endpoint}: {}", r.text());
+        for uri in [
+            "/v1/items?_method=DELETE",
+            "/v1/items%3F_method=DELETE",
+            "/v1/items?a=1%26_method=DELETE",
+        ] {
+            let r = decide(&d, endpoint, "POST", uri, &writer).await;
+            assert_eq!(r.status, 403, "{endpoint} {uri}: {}", r.text());
+        }
         let r = decide(&d, endpoint, "POST", "/v1/items?_method=PATCH", &writer).await;
         assert_eq!(r.status, 200, "{endpoint}: {}", r.text());
     }

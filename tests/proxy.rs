@@ -1043,6 +1043,12 @@ async fn a_method_parameter_in_a_posts_query_is_authorized_too() {
         "/v1/items?a=1&%5Fmethod=delete",
         "/v1/items?_METHOD=DELETE",
         "/v1/items?X-HTTP-Method-Override=DELETE",
+        // Behind an encoded `?`, `&` or `=`, where an app that decodes its URL before
+        // splitting it reads the parameter.
+        "/v1/items%3F_method=DELETE",
+        "/v1/items%EF%BC%9F_method=DELETE",
+        "/v1/items?a=1%26_method=DELETE",
+        "/v1/items?a=%26_method%3DDELETE",
     ] {
         let r = post(target, &writer).await;
         assert_eq!(

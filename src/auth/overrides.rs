@@ -114,27 +114,29 @@ pub const METHOD_PARAMS: [&str; 4] = [
 /// is ignored (as frameworks do); repeated with another value, unreadable, not one method
 /// token, or beside an override header that names another request: refused, 400 naming
 /// it. No framework reads one on another method, so there it is the app's.
+///
+/// The query is read as keyward splits it and as an app that decodes (and NFKC-normalizes)
+/// its URL before splitting it does: the query decoded (`a=1%26_method%3DDELETE`), and
+/// what follows a `?` in the decoded `path` (`/x%3F_method=DELETE`, a fullwidth `？`). Every
+/// method any of them names must agree.
 pub fn with_query_method(
     alt: Option<Overridden>,
     query: Option<&str>,
     method: &Method,
     path: &str,
 ) -> Result<Option<Overridden>, Reject> {
-    let Some(query) = query.filter(|q| !q.is_empty() && *method == Method::POST) else {
+    if *method != Method::POST {
         return Ok(alt);
-    };
+    }
+    let decoded_path = crate::path::as_decoded(path);
+    let decoded_query = query.map(crate::path::as_decoded);
+    let in_path = decoded_path.split_once('?').map(|(_, q)| q);
     let mut named: Option<Method> = None;
-    for param in METHOD_PARAMS {
-        let refuse = || Reject::BadRequest(BadRequest::MethodParam(param));
-        for value in crate::auth::credential::query_param_values(query, param) {
-            let value = value.ok_or_else(refuse)?;
-            let value = std::str::from_utf8(&value).map_err(|_| refuse())?.trim();
-            if value.is_empty() {
-                continue;
-            }
-            let m = override_method(value).ok_or_else(refuse)?;
-            agree(&mut named, m).map_err(|()| refuse())?;
-        }
+    for query in [query, decoded_query.as_deref(), in_path]
+        .into_iter()
+        .flatten()
+    {
+        method_params(query, &mut named)?;
     }
     let refuse = || Reject::BadRequest(BadRequest::MethodParam(METHOD_PARAMS[0]));
     match (named, alt) {
@@ -147,6 +149,24 @@ pub fn with_query_method(
         (Some(m), Some(alt)) if m == *method || m == alt.method => Ok(Some(alt)),
         (Some(_), Some(_)) => Err(refuse()),
     }
+}
+
+/// Add the method each [`METHOD_PARAMS`] parameter of `query` names to `named`; refused
+/// as [`with_query_method`] says.
+fn method_params(query: &str, named: &mut Option<Method>) -> Result<(), Reject> {
+    for param in METHOD_PARAMS {
+        let refuse = || Reject::BadRequest(BadRequest::MethodParam(param));
+        for value in crate::auth::credential::query_param_values(query, param) {
+            let value = value.ok_or_else(refuse)?;
+            let value = std::str::from_utf8(&value).map_err(|_| refuse())?.trim();
+            if value.is_empty() {
+                continue;
+            }
+            let m = override_method(value).ok_or_else(refuse)?;
+            agree(named, m).map_err(|()| refuse())?;
+        }
+    }
+    Ok(())
 }
 
 /// Set `slot` to `v`, or check it already holds `v`.
@@ -260,6 +280,31 @@ mod tests {
         ] {
             assert_eq!(run(q), Ok(None), "{q}");
         }
+        // Hidden from keyward's split of the target behind an encoded `?`, `&` or `=`, as an
+        // app that decodes its URL before splitting it reads it.
+        for q in [
+            "a=1%26_method=DELETE",
+            "a=%26_method%3DDELETE",
+            "a=1%EF%BC%86_method=DELETE",
+        ] {
+            assert_eq!(run(q), Ok(alt("DELETE", "/items/1")), "{q}");
+        }
+        for path in [
+            "/items/1%3F_method=DELETE",
+            "/items/1%3fa=1%26_method=DELETE",
+            "/items/1%EF%BC%9F_method=DELETE",
+        ] {
+            assert_eq!(
+                with_query_method(None, None, &post, path),
+                Ok(alt("DELETE", path)),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            run("_method=PUT&a=%26_method%3DDELETE"),
+            Err(Reject::BadRequest(BadRequest::MethodParam("_method")))
+        );
+        assert_eq!(run("q=%5Fmethod%3DDELETE"), Ok(None));
         // Only a POST's: no framework reads one on another method.
         let get = with_query_method(None, Some("_method=DELETE"), &Method::GET, "/items/1");
         assert_eq!(get, Ok(None));

@@ -7,8 +7,8 @@ use super::conn::ConnInfo;
 
 use crate::config::Cidr;
 use crate::header_names::{
-    alias_eq, alias_starts_with, is_forwarding, may_be_listed, same_name, DELEGATE_HEADER,
-    HOP_BY_HOP, OVERRIDES,
+    alias_starts_with, is_forwarding, may_be_listed, override_entry, same_name, DELEGATE_HEADER,
+    HOP_BY_HOP,
 };
 use crate::keys::{IdentityNames, Key};
 
@@ -80,25 +80,27 @@ fn scan_hop_by_hop(headers: &HeaderMap, fixed: &[HeaderName]) -> (u8, bool) {
 /// Remove the headers the `Connection` options name, except `Host`. The fixed names
 /// (`Upgrade` included) are left to the caller, which knows if they are present.
 fn remove_connection_options(headers: &mut HeaderMap) {
-    let mut values = headers.get_all(header::CONNECTION).iter();
-    // Most messages carry one `Connection` header; only more than one needs a `Vec`.
-    let first = values.next().cloned();
-    let rest: Vec<HeaderValue> = values.cloned().collect();
-    for token in first
-        .iter()
-        .chain(&rest)
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-    {
-        let kept = token.is_empty()
+    // Nearly every message names only `keep-alive` or `close`, or nothing beyond the fixed
+    // names: then no name is built and nothing more is removed.
+    let named = |token: &&str| {
+        !(token.is_empty()
             || token.eq_ignore_ascii_case("host")
             || HOP_BY_HOP
                 .iter()
-                .any(|h| token.eq_ignore_ascii_case(h.as_str()));
-        if !kept {
-            headers.remove(token);
+                .any(|h| token.eq_ignore_ascii_case(h.as_str())))
+    };
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim).filter(named) {
+            // A token that is no header name names no header there is.
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                listed.push(name);
+            }
         }
+    }
+    for name in listed {
+        headers.remove(name);
     }
 }
 
@@ -233,10 +235,7 @@ pub fn override_of(name: &HeaderName, allowed: &[HeaderName]) -> Option<&'static
     if !matches!(first, Some(b'x' | b's' | b'p')) || allowed.contains(name) {
         return None;
     }
-    OVERRIDES
-        .iter()
-        .copied()
-        .find(|t| alias_eq(name.as_str(), t))
+    override_entry(name.as_str())
 }
 
 /// Remove what a client could use to change how the app reads the request: route, method
@@ -374,7 +373,7 @@ pub fn set_correlation(headers: &mut HeaderMap, id: &HeaderValue) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::header_names::{ASSERTED, ASSERTED_PREFIXES, FORWARDING};
+    use crate::header_names::{ASSERTED, ASSERTED_PREFIXES, FORWARDING, OVERRIDES};
 
     /// `strip_untrusted` skips names by their first letter.
     #[test]
