@@ -1011,6 +1011,52 @@ async fn snapshot_pushes_are_read_one_at_a_time() {
     kw.shutdown().await;
 }
 
+/// A push whose body breaks off before its `Content-Length` is a bad request (400), not a
+/// body too large: nothing is installed, and the next push is read.
+#[tokio::test]
+async fn a_push_whose_body_breaks_off_is_400_and_changes_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let up = spawn_upstream().await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("snapshot.yaml");
+    let kw = spawn_control(up.addr, &state, true).await;
+    let auth = admin_auth();
+    let url = kw.admin_url("/v1/snapshot");
+    let before = get(&url, &[("authorization", auth.as_str())]).await.text();
+    let mut cut = tokio::net::TcpStream::connect(kw.admin).await.unwrap();
+    let head = format!(
+        "PUT /v1/snapshot HTTP/1.1\r\nHost: a\r\nAuthorization: {auth}\r\nContent-Length: {}\r\n\r\n",
+        DEMO_KEYS.len()
+    );
+    cut.write_all(head.as_bytes()).await.unwrap();
+    cut.write_all(&DEMO_KEYS.as_bytes()[..DEMO_KEYS.len() / 2])
+        .await
+        .unwrap();
+    cut.shutdown().await.unwrap();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), read_response(&mut cut))
+        .await
+        .expect("the broken push is answered");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("bad_snapshot"), "{answer}");
+    assert_eq!(
+        get(&url, &[("authorization", auth.as_str())]).await.text(),
+        before
+    );
+    let ah = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/yaml"),
+    ];
+    let r = send(
+        "PUT",
+        &format!("{url}?dry_run=true"),
+        &ah,
+        DEMO_KEYS.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    kw.shutdown().await;
+}
+
 /// `limits.max_connection_age` closes each client connection gracefully once it is that
 /// old (so a CA removed from `client_ca`, or a scale-out, reaches kept-alive clients): the
 /// next HTTP/1.1 response says `Connection: close` and the connection closes after it (a

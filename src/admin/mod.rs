@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -716,8 +716,10 @@ fn persist_failed(app: &App, e: LoadError) -> Response<AdminBody> {
 /// Why a pushed body did not reach its spool file.
 #[derive(Debug)]
 enum BodyError {
-    /// Over the limit, or the client's body broke off.
-    Body(BoxError),
+    /// Over the limit.
+    TooLarge(BoxError),
+    /// The client's body broke off before its end (a connection closed mid-body).
+    Broken(BoxError),
     Write(std::io::Error),
     /// Nothing arrived for [`BODY_IDLE`], or the whole body took over [`BODY_DEADLINE`].
     Stalled,
@@ -729,14 +731,15 @@ enum BodyError {
 const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// The answer to a body that could not be written: too large or broken (413), stalled
-/// (408), or the disk refused it (`write_failed`).
+/// The answer to a body that could not be written: too large (413), broken off (400),
+/// stalled (408), or the disk refused it (`write_failed`).
 fn body_error(
     e: BodyError,
     write_failed: impl FnOnce(std::io::Error) -> Response<AdminBody>,
 ) -> Response<AdminBody> {
     match e {
-        BodyError::Body(e) => error(StatusCode::PAYLOAD_TOO_LARGE, "bad_snapshot", e),
+        BodyError::TooLarge(e) => error(StatusCode::PAYLOAD_TOO_LARGE, "bad_snapshot", e),
+        BodyError::Broken(e) => error(StatusCode::BAD_REQUEST, "bad_snapshot", e),
         BodyError::Stalled => error(
             StatusCode::REQUEST_TIMEOUT,
             "body_stalled",
@@ -770,7 +773,11 @@ where
             .await
             .map_err(|_| BodyError::Stalled)?;
         let Some(frame) = frame else { break };
-        if let Ok(data) = frame.map_err(BodyError::Body)?.into_data() {
+        let frame = frame.map_err(|e| match e.is::<LengthLimitError>() {
+            true => BodyError::TooLarge(e),
+            false => BodyError::Broken(e),
+        })?;
+        if let Ok(data) = frame.into_data() {
             file.write_all(data.chunk())
                 .await
                 .map_err(BodyError::Write)?;
@@ -935,7 +942,7 @@ mod tests {
         let path = dir.path().join("body");
         let file = std::fs::File::create(&path).unwrap();
         let e = write_body(frames(8, 1000), 3500, file).await.unwrap_err();
-        assert!(matches!(e, BodyError::Body(_)), "{e:?}");
+        assert!(matches!(e, BodyError::TooLarge(_)), "{e:?}");
         assert!(std::fs::metadata(&path).unwrap().len() <= 3500);
     }
 }
