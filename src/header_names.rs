@@ -14,6 +14,27 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
+/// Custom (non-standard) names clients and tracing libraries commonly send: keyward's
+/// HTTP/1.1 server reads them without an allocation, as it reads the names it uses itself.
+pub const COMMON_CUSTOM: [HeaderName; 16] = [
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("tracestate"),
+    HeaderName::from_static("baggage"),
+    HeaderName::from_static("b3"),
+    HeaderName::from_static("x-b3-traceid"),
+    HeaderName::from_static("x-b3-spanid"),
+    HeaderName::from_static("x-b3-parentspanid"),
+    HeaderName::from_static("x-b3-sampled"),
+    HeaderName::from_static("x-amzn-trace-id"),
+    HeaderName::from_static("x-cloud-trace-context"),
+    HeaderName::from_static("x-requested-with"),
+    HeaderName::from_static("sec-fetch-site"),
+    HeaderName::from_static("sec-fetch-mode"),
+    HeaderName::from_static("sec-fetch-dest"),
+    HeaderName::from_static("sec-ch-ua"),
+    HeaderName::from_static("sec-ch-ua-platform"),
+];
+
 /// The fixed hop-by-hop names (RFC 9110 7.6.1), `Upgrade` last: it is kept for an
 /// authenticated WebSocket handshake. `Expect` too: keyward's server answers a client's
 /// `100-continue` itself and then streams the body, so an app asked the same would see a

@@ -28,6 +28,33 @@ fn run(w: &[u8]) -> u64 {
     u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))
 }
 
+/// A 4096-bit filter of runs: a run never inserted almost always misses it, so a search
+/// for it runs only on a hit.
+struct RunFilter([u64; 64]);
+
+impl Default for RunFilter {
+    fn default() -> Self {
+        RunFilter([0; 64])
+    }
+}
+
+impl RunFilter {
+    fn slot(r: u64) -> (usize, u64) {
+        let h = (r.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as usize;
+        (h >> 6, 1u64 << (h & 63))
+    }
+
+    fn insert(&mut self, r: u64) {
+        let (word, mask) = Self::slot(r);
+        self.0[word] |= mask;
+    }
+
+    fn may_hold(&self, r: u64) -> bool {
+        let (word, mask) = Self::slot(r);
+        self.0[word] & mask != 0
+    }
+}
+
 /// Segment `i`'s bit in a mask of a path's segments (the 64th and later share the last).
 fn bit(i: usize) -> u64 {
     1 << i.min(63)
@@ -264,20 +291,24 @@ impl Policy {
             return true;
         }
         // Any run of 8 bytes (the shortest key) in common: `req-<key>` holds the key, a part
-        // of the key is key material, and so is `abc<most of the key>`. The id's runs,
-        // sorted once (at most 121: ids are at most 128 bytes), are searched for each of
-        // the credentials' runs: each credential is then one pass, however long a client
-        // makes it (sorting a 15 KB header's runs cost 5 times a request).
-        let mut id_runs: Vec<u64> = value.windows(MIN_KEY_LEN).map(run).collect();
-        if id_runs.is_empty() {
+        // of the key is key material, and so is `abc<most of the key>`. The id's runs (at
+        // most 121: ids are at most 128 bytes) go in a filter, which each of the
+        // credentials' runs is tried against: each credential is then one pass, however
+        // long a client makes it (sorting a 15 KB header's runs cost 5 times a request),
+        // and only a run that passes has the id searched for it.
+        if value.len() < MIN_KEY_LEN {
             return false;
         }
-        id_runs.sort_unstable();
+        let mut filter = RunFilter::default();
+        value
+            .windows(MIN_KEY_LEN)
+            .for_each(|w| filter.insert(run(w)));
         let mut found = false;
         self.each_credential(headers, queries, &mut |c| {
             found = found
                 || c.windows(MIN_KEY_LEN)
-                    .any(|w| id_runs.binary_search(&run(w)).is_ok());
+                    .map(run)
+                    .any(|r| filter.may_hold(r) && value.windows(MIN_KEY_LEN).any(|w| run(w) == r));
         });
         found
     }
@@ -338,22 +369,17 @@ impl Policy {
     /// segments searched for it, those not found yet, and the search stops once every
     /// segment long enough is found.
     fn overlapping_segments(&self, path: &str, headers: &http::HeaderMap, queries: &[&str]) -> u64 {
-        let slot = |r: u64| {
-            let h = (r.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as usize;
-            (h >> 6, 1u64 << (h & 63))
-        };
         let holds = |s: &str, r: u64| {
             crate::path::as_decoded(s)
                 .as_bytes()
                 .windows(MIN_KEY_LEN)
                 .any(|w| run(w) == r)
         };
-        let mut filter = [0u64; 64];
+        let mut filter = RunFilter::default();
         let mut long = 0u64;
         for (i, s) in path.split('/').enumerate() {
             for w in crate::path::as_decoded(s).as_bytes().windows(MIN_KEY_LEN) {
-                let (word, mask) = slot(run(w));
-                filter[word] |= mask;
+                filter.insert(run(w));
                 long |= bit(i);
             }
         }
@@ -361,8 +387,7 @@ impl Policy {
         let mut scan = |credential: &[u8]| {
             for w in credential.windows(MIN_KEY_LEN) {
                 let r = run(w);
-                let (word, mask) = slot(r);
-                if filter[word] & mask == 0 || doomed == long {
+                if !filter.may_hold(r) || doomed == long {
                     continue;
                 }
                 for (i, s) in path.split('/').enumerate() {

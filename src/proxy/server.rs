@@ -234,6 +234,7 @@ pub fn fast_server(config: &crate::config::Config) -> Option<h1::server::Setting
         .chain(headers::SET_FORWARDED)
         .chain([crate::auth::decision::DELEGATE_HEADER])
         .chain(crate::decision::ORIGINAL_REQUEST)
+        .chain(crate::header_names::COMMON_CUSTOM)
         .collect();
     for source in &config.credentials {
         match source {
@@ -248,7 +249,7 @@ pub fn fast_server(config: &crate::config::Config) -> Option<h1::server::Setting
     Some(h1::server::Settings {
         max_buf: config.limits.max_header_bytes.max(HYPER_MIN_BUF),
         max_headers: config.limits.max_headers,
-        names,
+        names: h1::server::KnownNames::new(names),
     })
 }
 

@@ -116,7 +116,7 @@ fn settings() -> Settings {
     Settings {
         max_buf: 16 * 1024,
         max_headers: 100,
-        names: vec![HeaderName::from_static("x-api-key")],
+        names: super::KnownNames::new(vec![HeaderName::from_static("x-api-key")]),
     }
 }
 

@@ -58,7 +58,51 @@ pub struct Settings {
     pub max_buf: usize,
     pub max_headers: usize,
     /// Lower-case custom names read without an allocation.
-    pub names: Vec<HeaderName>,
+    pub names: KnownNames,
+}
+
+/// Custom names a request's header names are matched against before `http` builds one
+/// (an allocation each): indexed by length and first byte, so a name is compared with the
+/// one or two known names that could be it, not with all of them (a standard name, most of
+/// a request's, with none). Names past the 64th are not indexed: built by `http`, as
+/// unknown ones are.
+#[derive(Debug, Clone)]
+pub struct KnownNames {
+    names: Vec<HeaderName>,
+    by_len: [u64; 64],
+    by_first: [u64; 256],
+}
+
+impl KnownNames {
+    pub fn new(names: Vec<HeaderName>) -> Self {
+        let mut known = KnownNames {
+            names,
+            by_len: [0; 64],
+            by_first: [0; 256],
+        };
+        for (i, name) in known.names.iter().enumerate().take(64) {
+            let n = name.as_str().as_bytes();
+            if let (Some(len), Some(&first)) = (known.by_len.get_mut(n.len()), n.first()) {
+                *len |= 1 << i;
+                known.by_first[usize::from(first)] |= 1 << i;
+            }
+        }
+        known
+    }
+
+    /// The known name `raw` spells, in any case.
+    pub fn find(&self, raw: &[u8]) -> Option<&HeaderName> {
+        let (&len, &first) = (self.by_len.get(raw.len())?, raw.first()?);
+        let mut candidates = len & self.by_first[usize::from(first.to_ascii_lowercase())];
+        while candidates != 0 {
+            let name = &self.names[candidates.trailing_zeros() as usize];
+            if name.as_str().as_bytes().eq_ignore_ascii_case(raw) {
+                return Some(name);
+            }
+            candidates &= candidates - 1;
+        }
+        None
+    }
 }
 
 /// How keyward's server left a connection.
@@ -439,6 +483,48 @@ impl Conn {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_known_name_is_found_in_any_case_and_nothing_else_is() {
+        let many: Vec<HeaderName> = (0..70)
+            .map(|i| HeaderName::from_bytes(format!("x-name-{i:02}").as_bytes()).unwrap())
+            .collect();
+        let mut names = vec![
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("traceparent"),
+        ];
+        names.extend(many);
+        let known = KnownNames::new(names);
+        assert_eq!(
+            known.find(b"X-API-Key").map(HeaderName::as_str),
+            Some("x-api-key")
+        );
+        assert_eq!(
+            known.find(b"traceparent").map(HeaderName::as_str),
+            Some("traceparent")
+        );
+        assert_eq!(
+            known.find(b"x-name-03").map(HeaderName::as_str),
+            Some("x-name-03")
+        );
+        // Past the 64th: left to `http`, as an unknown name is.
+        assert_eq!(known.find(b"x-name-65"), None);
+        for other in [
+            &b"x-api-kez"[..],
+            b"x-api-ke",
+            b"",
+            b"accept",
+            b"user-agent",
+            &[b'x'; 80],
+        ] {
+            assert_eq!(known.find(other), None, "{other:?}");
         }
     }
 }

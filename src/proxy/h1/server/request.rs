@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use http_body_util::{Either, Empty};
 
-use super::Settings;
+use super::{KnownNames, Settings};
 use crate::proxy::h1::codec::lists;
 use crate::proxy::RequestBody;
 
@@ -225,10 +225,9 @@ fn build(
 }
 
 /// A known custom name is cloned (no allocation); any other goes through `http`.
-fn header_name(raw: &[u8], known: &[HeaderName]) -> Option<HeaderName> {
+fn header_name(raw: &[u8], known: &KnownNames) -> Option<HeaderName> {
     known
-        .iter()
-        .find(|n| n.as_str().len() == raw.len() && n.as_str().as_bytes().eq_ignore_ascii_case(raw))
+        .find(raw)
         .cloned()
         .or_else(|| HeaderName::from_bytes(raw).ok())
 }
@@ -237,8 +236,8 @@ fn header_name(raw: &[u8], known: &[HeaderName]) -> Option<HeaderName> {
 mod tests {
     use super::*;
 
-    fn names() -> Vec<HeaderName> {
-        vec![HeaderName::from_static("x-api-key")]
+    fn names() -> KnownNames {
+        KnownNames::new(vec![HeaderName::from_static("x-api-key")])
     }
 
     fn run(raw: &str) -> (Parsed, BytesMut) {
