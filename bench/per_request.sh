@@ -8,7 +8,10 @@
 #
 # Usage: bench/per_request.sh [N]   (default 5000; KEYWARD_BIN as for bench/run.sh;
 # KEYWARD_EXTRA: YAML lines added to the config, e.g. `upstream_client: hyper`;
-# KEYWARD_DOOR=decision: count decisions on the decision listener instead of proxied requests)
+# KEYWARD_DOOR=decision: count decisions on the decision listener instead of proxied requests;
+# KEYWARD_REQUEST=common: the request carries the headers a typical API client sends besides
+# the key (user agent, accept, content type, request id, trace context, a cookie), on
+# /v1/orders, instead of the key alone on /)
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -80,10 +83,22 @@ KW_PID=$!
 
 # client ready|load: wait for /readyz, or send N allowed requests on one connection.
 client() {
-  python3 - "$1" "$N" "$PROXY_PORT" "$ADMIN_PORT" "$BENCH_KEY" "$DOOR" "$DECISION_PORT" <<'PY'
+  python3 - "$1" "$N" "$PROXY_PORT" "$ADMIN_PORT" "$BENCH_KEY" "$DOOR" "$DECISION_PORT" \
+    "${KEYWARD_REQUEST:-plain}" <<'PY'
 import http.client, sys, time
 mode, n, port, admin, key = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 path, headers = "/", {"x-api-key": key}
+if sys.argv[8] == "common":
+    path = "/v1/orders"
+    headers.update({
+        "user-agent": "python-requests/2.31.0",
+        "accept": "application/json",
+        "accept-language": "en-US",
+        "content-type": "application/json",
+        "x-request-id": "c0ffee-1234",
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "cookie": "session=abc",
+    })
 if sys.argv[6] == "decision":
     port, path = int(sys.argv[7]), "/v1/decide/auth-request"
     headers.update({"x-original-method": "GET", "x-original-uri": "/v1/items"})
