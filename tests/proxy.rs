@@ -1049,6 +1049,8 @@ async fn a_method_parameter_in_a_posts_query_is_authorized_too() {
         "/v1/items%EF%BC%9F_method=DELETE",
         "/v1/items?a=1%26_method=DELETE",
         "/v1/items?a=%26_method%3DDELETE",
+        // A name ASP.NET (System.Web) decodes from `%uXXXX` escapes.
+        "/v1/items?X%u002DHTTP-Method-Override=DELETE",
     ] {
         let r = post(target, &writer).await;
         assert_eq!(

@@ -163,8 +163,40 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
     Some(percent_encoding::percent_decode_str(&spaced).collect())
 }
 
+/// `s` with each `%uXXXX` escape as the character it names, as ASP.NET's (System.Web)
+/// `HttpUtility.UrlDecode`, classic ASP and JavaScript's `unescape` read it: an ASP.NET MVC
+/// app reads `X%u002DHTTP-Method-Override` as `X-HTTP-Method-Override`. An escape that
+/// names no character (a surrogate) is left as written.
+fn decode_u_escapes(s: &str) -> Cow<'_, str> {
+    if !s.contains("%u") && !s.contains("%U") {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let escape = rest.get(at + 1..at + 6).and_then(|e| {
+            let hex = e.strip_prefix(['u', 'U'])?;
+            char::from_u32(u32::from_str_radix(hex, 16).ok()?)
+                .filter(|_| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        });
+        match escape {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[at + 6..];
+            }
+            None => {
+                out.push('%');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
 /// Whether the parameter spelled `k` is `name` as some app reads parameter names: decoded
-/// (`api%5Fkey`), cut at a NUL, in any ASCII case (ASP.NET Core), and as PHP mangles names
+/// (`api%5Fkey`, `api%u005Fkey`), cut at a NUL, in any ASCII case (ASP.NET Core), and as PHP mangles names
 /// (leading spaces dropped, ` ` `.` and an unmatched `[` read as `_`, `api_key[]` and
 /// `[api_key]` (qs, Rack) read as
 /// `api_key`, as Rails does too). So such a spelling is read as the credential (and so is
@@ -197,7 +229,8 @@ impl ParamName {
 }
 
 fn app_name(k: &str) -> Vec<u8> {
-    let mut name = percent_decode(k).unwrap_or_else(|| k.as_bytes().to_vec());
+    let k = decode_u_escapes(k);
+    let mut name = percent_decode(&k).unwrap_or_else(|| k.as_bytes().to_vec());
     if let Some(end) = name.iter().position(|&b| b == 0) {
         name.truncate(end);
     }
@@ -295,6 +328,24 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
+    /// ASP.NET (System.Web), classic ASP and `unescape` read `%uXXXX` as the character.
+    #[test]
+    fn a_u_escape_in_a_name_is_read_as_its_character() {
+        for k in [
+            "api%u005Fkey",
+            "api%U005fkey",
+            "%u0061pi_key",
+            "API%u005FKEY",
+        ] {
+            assert!(is_param(k, "api_key"), "{k}");
+        }
+        for k in ["api%u005key", "api%uD800key", "api%u", "api%u005Gkey"] {
+            assert!(!is_param(k, "api_key"), "{k}");
+        }
+        assert_eq!(decode_u_escapes("a%u0062c%41"), "abc%41");
+        assert_eq!(decode_u_escapes("%u00e9%"), "é%");
+    }
+
     /// The comparison made once per parameter reads every name as the decoding does.
     #[test]
     fn a_param_name_matches_as_decoded() {
@@ -317,6 +368,12 @@ mod tests {
             "apikey",
             "a",
             "api%zz",
+            "api%u005Fkey",
+            "api%U005fkey",
+            "%u0061pi_key",
+            "api%u005",
+            "api%uD800key",
+            "api%u",
         ];
         for name in ["api_key", "Api.Key", "token"] {
             let want = ParamName::new(name);

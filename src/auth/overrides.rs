@@ -260,6 +260,8 @@ mod tests {
         for q in [
             "a=1&_method=delete",
             "%5Fmethod=DELETE",
+            "%u005Fmethod=DELETE",
+            "X%u002DHTTP-Method-Override=DELETE",
             "_METHOD=DELETE",
             ".method=DELETE",
             "_method[]=DELETE",
