@@ -591,6 +591,8 @@ async fn query_keys_are_read_by_decisions_only_when_keys_may_be_forwarded() {
             "api[key",
             "API_KEY",
             "x=1;api_key",
+            "]api_key",
+            ".api_key",
         ] {
             let path = format!("/v1/items?{name}={garbage}");
             let key = [("x-api-key", SERVICE_KEY)];

@@ -965,6 +965,20 @@ async fn a_revoke_that_cannot_be_persisted_is_in_force_all_the_same() {
     kw.shutdown().await;
 }
 
+/// A push of the demo keys sent by hand: its head, announcing the whole body, and only the
+/// first `sent` bytes of it.
+async fn partial_push(kw: &Proxy, auth: &str, sent: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(kw.admin).await.unwrap();
+    let head = format!(
+        "PUT /v1/snapshot HTTP/1.1\r\nHost: a\r\nAuthorization: {auth}\r\nContent-Length: {}\r\n\r\n",
+        DEMO_KEYS.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&DEMO_KEYS.as_bytes()[..sent]).await.unwrap();
+    s
+}
+
 /// Pushes are read one at a time (each may spool 512 MiB and parse at many times its
 /// size): while one is being sent, another (a dry run too) waits a moment, then gets 409
 /// `push_in_progress`; a body that stops arriving is answered 408 and gives the turn back.
@@ -981,13 +995,7 @@ async fn snapshot_pushes_are_read_one_at_a_time() {
         ("content-type", "application/yaml"),
     ];
     // A push whose body is still on its way.
-    let mut slow = tokio::net::TcpStream::connect(kw.admin).await.unwrap();
-    let head = format!(
-        "PUT /v1/snapshot HTTP/1.1\r\nHost: a\r\nAuthorization: {auth}\r\nContent-Length: {}\r\n\r\n",
-        DEMO_KEYS.len()
-    );
-    slow.write_all(head.as_bytes()).await.unwrap();
-    slow.write_all(&DEMO_KEYS.as_bytes()[..10]).await.unwrap();
+    let mut slow = partial_push(&kw, &auth, 10).await;
     let url = kw.admin_url("/v1/snapshot");
     eventually("the first push holds the turn", || async {
         let r = send(
@@ -1023,15 +1031,7 @@ async fn a_push_whose_body_breaks_off_is_400_and_changes_nothing() {
     let auth = admin_auth();
     let url = kw.admin_url("/v1/snapshot");
     let before = get(&url, &[("authorization", auth.as_str())]).await.text();
-    let mut cut = tokio::net::TcpStream::connect(kw.admin).await.unwrap();
-    let head = format!(
-        "PUT /v1/snapshot HTTP/1.1\r\nHost: a\r\nAuthorization: {auth}\r\nContent-Length: {}\r\n\r\n",
-        DEMO_KEYS.len()
-    );
-    cut.write_all(head.as_bytes()).await.unwrap();
-    cut.write_all(&DEMO_KEYS.as_bytes()[..DEMO_KEYS.len() / 2])
-        .await
-        .unwrap();
+    let mut cut = partial_push(&kw, &auth, DEMO_KEYS.len() / 2).await;
     cut.shutdown().await.unwrap();
     let answer = tokio::time::timeout(std::time::Duration::from_secs(20), read_response(&mut cut))
         .await

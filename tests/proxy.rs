@@ -788,6 +788,13 @@ async fn query_credential_when_enabled_is_not_forwarded() {
         "%20api_key",
         "api[key",
         "API_KEY",
+        // As Rack 2 (leading brackets and a trailing `]` dropped), `qs` with `allowDots`
+        // and ASP.NET's System.Web (`%uXXXX`) read them.
+        "]api_key",
+        "api_key]",
+        "[[api_key",
+        ".api_key",
+        "api%u005Fkey",
     ] {
         let r = get(&kw.url(&format!("/x?a=1&{name}={SERVICE_KEY}")), &[]).await;
         assert_eq!(r.status, 200, "{name}: {}", r.text());
@@ -1051,6 +1058,8 @@ async fn a_method_parameter_in_a_posts_query_is_authorized_too() {
         "/v1/items?a=%26_method%3DDELETE",
         // A name ASP.NET (System.Web) decodes from `%uXXXX` escapes.
         "/v1/items?X%u002DHTTP-Method-Override=DELETE",
+        // As `qs` with `allowDots` reads it.
+        "/v1/items?._method=DELETE",
     ] {
         let r = post(target, &writer).await;
         assert_eq!(

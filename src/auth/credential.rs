@@ -128,6 +128,9 @@ fn from_query<'a>(query: Option<&'a str>, name: &str) -> Candidate<'a> {
     match found {
         None => Candidate::Absent,
         Some((_, true)) => Candidate::Malformed,
+        // Present but empty, as generated clients send an unset optional parameter: no
+        // credential, as frameworks read it (and as an empty `_method` is ignored).
+        Some(("", false)) => Candidate::Absent,
         Some((v, false)) => match percent_decode(v) {
             Some(bytes) if well_formed(&bytes) => Candidate::Key(Cow::Owned(bytes)),
             _ => Candidate::Malformed,
@@ -199,8 +202,10 @@ fn decode_u_escapes(s: &str) -> Cow<'_, str> {
 /// (`api%5Fkey`, `api%u005Fkey`), cut at a NUL, in any ASCII case (ASP.NET Core), and as PHP mangles names
 /// (leading spaces dropped, ` ` `.` and an unmatched `[` read as `_`, `api_key[]` and
 /// `[api_key]` (qs, Rack) read as
-/// `api_key`, as Rails does too). So such a spelling is read as the credential (and so is
-/// ambiguous beside `api_key`) and stripped like it.
+/// `api_key`, as Rails does too); as Rack 2 reads it (leading `[` and `]` dropped, the name
+/// ending at the next bracket: `]api_key`, `[[api_key`, `api_key]`); and as `qs` with
+/// `allowDots` reads it (a leading `.` opens a bracket: `.api_key`). So such a spelling is
+/// read as the credential (and so is ambiguous beside `api_key`) and stripped like it.
 pub fn is_param(k: &str, name: &str) -> bool {
     k == name || ParamName::new(name).matches(k)
 }
@@ -218,22 +223,51 @@ impl ParamName {
     fn matches(&self, k: &str) -> bool {
         // Bytes that decoding, case folding or PHP's mangling change; a name with none of
         // them is read as it is.
-        let plain = !k
-            .bytes()
-            .any(|b| matches!(b, b'%' | b'+' | b'.' | b' ' | b'[' | 0) || b.is_ascii_uppercase());
+        let plain = !k.bytes().any(|b| {
+            matches!(b, b'%' | b'+' | b'.' | b' ' | b'[' | b']' | 0) || b.is_ascii_uppercase()
+        });
         match plain {
             true => k.as_bytes() == self.0,
-            false => app_name(k) == self.0,
+            false => app_names(k).iter().any(|n| *n == self.0),
         }
     }
 }
 
-fn app_name(k: &str) -> Vec<u8> {
+/// The names apps read the parameter spelled `k` as (see [`is_param`]): PHP's and Rails'
+/// ([`app_name`]), Rack 2's, and `qs`'s with `allowDots`; each in lower case.
+fn app_names(k: &str) -> [Vec<u8>; 3] {
+    let decoded = decoded_name(k);
+    // Rack 2 (`normalize_params`, `/\A[\[\]]*([^\[\]]+)\]*/`): the first run without brackets.
+    let rack = decoded
+        .split(|&b| b == b'[' || b == b']')
+        .find(|run| !run.is_empty())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    // `qs` with `allowDots` reads `.name` as `[name]`, which is `name` at the top.
+    let dotted = decoded
+        .strip_prefix(b".")
+        .and_then(|rest| rest.split(|&b| b == b'.' || b == b'[').next())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    [php_rails_name(decoded), rack, dotted]
+}
+
+/// `k` decoded (`%XX` and `%uXXXX`) and cut at a NUL, as every app reads a name first.
+fn decoded_name(k: &str) -> Vec<u8> {
     let k = decode_u_escapes(k);
     let mut name = percent_decode(&k).unwrap_or_else(|| k.as_bytes().to_vec());
     if let Some(end) = name.iter().position(|&b| b == 0) {
         name.truncate(end);
     }
+    name
+}
+
+/// The name PHP and Rails read the parameter spelled `k` as.
+fn app_name(k: &str) -> Vec<u8> {
+    php_rails_name(decoded_name(k))
+}
+
+fn php_rails_name(mut name: Vec<u8>) -> Vec<u8> {
     let start = name.iter().take_while(|&&b| b == b' ').count();
     name.drain(..start);
     // `[api_key]=…`: qs (Express's query parser) and Rack read a name in brackets with
@@ -346,6 +380,35 @@ mod tests {
         assert_eq!(decode_u_escapes("%u00e9%"), "é%");
     }
 
+    /// Rack 2 drops leading brackets and a trailing `]`; `qs` with `allowDots` reads a
+    /// leading `.` as a bracket: each is the name at the top of the params to that app.
+    #[test]
+    fn rack_and_qs_spellings_are_read_as_the_name() {
+        for k in [
+            "]api_key",
+            "api_key]",
+            "[[api_key",
+            "[]api_key",
+            "]]api_key]]",
+            "%5Dapi_key",
+            ".api_key",
+            "%2Eapi_key",
+            ".api_key.x",
+        ] {
+            assert!(is_param(k, "api_key"), "{k}");
+        }
+        // Nested under another name, to each of them.
+        for k in [
+            "x[api_key]",
+            "x.api_key",
+            "..api_key",
+            "api_keys]",
+            "[x]api_key",
+        ] {
+            assert!(!is_param(k, "api_key"), "{k}");
+        }
+    }
+
     /// The comparison made once per parameter reads every name as the decoding does.
     #[test]
     fn a_param_name_matches_as_decoded() {
@@ -374,13 +437,24 @@ mod tests {
             "api%u005",
             "api%uD800key",
             "api%u",
+            "]api_key",
+            "api_key]",
+            "[[api_key",
+            "[]api_key",
+            "]]api_key]]",
+            "%5Dapi_key",
+            ".api_key",
+            "%2Eapi_key",
+            "..api_key",
+            "x.api_key",
+            "x[api_key]",
         ];
         for name in ["api_key", "Api.Key", "token"] {
             let want = ParamName::new(name);
             for k in spellings {
                 assert_eq!(
                     want.matches(k),
-                    app_name(k) == app_name(name),
+                    app_names(k).contains(&app_name(name)),
                     "{name} {k:?}"
                 );
             }
@@ -509,6 +583,16 @@ mod tests {
             Err(CredentialError::Malformed)
         );
         assert_eq!(extract(&h, Some("x=1"), &q), Err(CredentialError::Missing));
+        // Present but empty: no credential (and beside a header key, no ambiguity); twice,
+        // still two.
+        assert_eq!(
+            extract(&h, Some("api_key=&x=1"), &q),
+            Err(CredentialError::Missing)
+        );
+        assert_eq!(
+            extract(&h, Some("api_key=&api_key=sta_Abcdefgh"), &q),
+            Err(CredentialError::Ambiguous)
+        );
         // `;` separates parameters as `&` does, as the stripping reads it: a key after one
         // is read, and beside a header key (or another query key) is ambiguous.
         let k = extract(&h, Some("x=1;api_key=sta_Abcdefgh"), &q).unwrap();
@@ -521,6 +605,10 @@ mod tests {
             },
         );
         let header = map(&[("x-api-key", KEY)]);
+        assert_eq!(
+            &*extract(&header, Some("api_key="), &both).unwrap(),
+            KEY.as_bytes()
+        );
         assert_eq!(
             extract(&header, Some("x=1;api_key=sta_Abcdefgh"), &both),
             Err(CredentialError::Ambiguous)
