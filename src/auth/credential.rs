@@ -228,7 +228,7 @@ impl ParamName {
         });
         match plain {
             true => k.as_bytes() == self.0,
-            false => app_names(k).iter().any(|n| *n == self.0),
+            false => app_names(k).contains(&self.0),
         }
     }
 }
