@@ -984,7 +984,6 @@ async fn partial_push(kw: &Proxy, auth: &str, sent: usize) -> tokio::net::TcpStr
 /// `push_in_progress`; a body that stops arriving is answered 408 and gives the turn back.
 #[tokio::test]
 async fn snapshot_pushes_are_read_one_at_a_time() {
-    use tokio::io::AsyncWriteExt;
     let up = spawn_upstream().await;
     let state_dir = tempfile::tempdir().unwrap();
     let state = state_dir.path().join("snapshot.yaml");
