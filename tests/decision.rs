@@ -593,6 +593,8 @@ async fn query_keys_are_read_by_decisions_only_when_keys_may_be_forwarded() {
             "x=1;api_key",
             "]api_key",
             ".api_key",
+            ".api_key]",
+            "+api_key%00%",
         ] {
             let path = format!("/v1/items?{name}={garbage}");
             let key = [("x-api-key", SERVICE_KEY)];

@@ -243,19 +243,55 @@ fn app_names(k: &str) -> [Vec<u8>; 3] {
         .find(|run| !run.is_empty())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    // `qs` with `allowDots` reads `.name` as `[name]`, which is `name` at the top.
-    let dotted = decoded
-        .strip_prefix(b".")
-        .and_then(|rest| rest.split(|&b| b == b'.' || b == b'[').next())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
+    let dotted = qs_name(&with_dots_as_brackets(&decoded)).to_ascii_lowercase();
     [php_rails_name(decoded), rack, dotted]
 }
 
+/// `qs` with `allowDots`: each `.` followed by a run of bytes other than `.` and `[` makes
+/// that run a bracket (`/\.([^.[]+)/g` → `[$1]`): `.api_key` is `[api_key]`, `api_key.x`
+/// is `api_key[x]`, `.api_key]` is `[api_key]]`.
+fn with_dots_as_brackets(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len() + 2);
+    let mut i = 0;
+    while i < name.len() {
+        let run = name[i + 1..]
+            .iter()
+            .take_while(|&&b| b != b'.' && b != b'[')
+            .count();
+        if name[i] == b'.' && run > 0 {
+            out.push(b'[');
+            out.extend_from_slice(&name[i + 1..i + 1 + run]);
+            out.push(b']');
+            i += 1 + run;
+        } else {
+            out.push(name[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The top-level name `qs` reads (`parseKeys`): what comes before the first bracket pair
+/// holding no bracket, or, when nothing does, what that pair holds (`[api_key]`).
+fn qs_name(name: &[u8]) -> &[u8] {
+    let pair = name.iter().enumerate().find_map(|(open, &b)| {
+        let inner = name.get(open + 1..)?;
+        let close = inner.iter().position(|&c| c == b'[' || c == b']')?;
+        (b == b'[' && inner[close] == b']').then_some((open, open + 1 + close))
+    });
+    match pair {
+        Some((0, close)) => &name[1..close],
+        Some((open, _)) => &name[..open],
+        None => name,
+    }
+}
+
 /// `k` decoded (`%XX` and `%uXXXX`) and cut at a NUL, as every app reads a name first.
+/// Escape by escape, as PHP decodes a name: a `%` that starts no escape stays as it is and
+/// the others are still decoded (`+_method%00%` is `_method` to PHP), and `+` is a space.
 fn decoded_name(k: &str) -> Vec<u8> {
-    let k = decode_u_escapes(k);
-    let mut name = percent_decode(&k).unwrap_or_else(|| k.as_bytes().to_vec());
+    let k = decode_u_escapes(k).replace('+', " ");
+    let mut name: Vec<u8> = percent_encoding::percent_decode_str(&k).collect();
     if let Some(end) = name.iter().position(|&b| b == 0) {
         name.truncate(end);
     }
@@ -362,6 +398,25 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
+    /// PHP decodes a name escape by escape: an escape that is no escape does not stop the
+    /// others (`%00` cuts the name there), and `+` is a space (dropped at the front).
+    #[test]
+    fn a_name_is_decoded_escape_by_escape() {
+        for k in [
+            "+api_key%00%",
+            "api_key%00%26%",
+            "%20api%5Fkey%00%23%",
+            "+api.key%00%",
+            "api%5Fkey%00%zz",
+        ] {
+            assert!(is_param(k, "api_key"), "{k}");
+        }
+        for k in ["+_method%00%", "_method%00%26%", ".method%00%3B%"] {
+            assert!(is_param(k, "_method"), "{k}");
+        }
+        assert!(!is_param("api_key%zz", "api_key"));
+    }
+
     /// ASP.NET (System.Web), classic ASP and `unescape` read `%uXXXX` as the character.
     #[test]
     fn a_u_escape_in_a_name_is_read_as_its_character() {
@@ -394,6 +449,9 @@ mod tests {
             ".api_key",
             "%2Eapi_key",
             ".api_key.x",
+            ".api_key]",
+            ".api_key]]",
+            "api_key.x",
         ] {
             assert!(is_param(k, "api_key"), "{k}");
         }
