@@ -28,9 +28,9 @@ pub struct App {
     pub key_source: KeySource,
     /// The key sources' commit lock and after-install hook.
     pub key_loader: KeyLoader,
-    /// With a control source, this process's claim on `keys.control.state_file`, held for
-    /// as long as the app lives: a second keyward on the same file refuses to start rather
-    /// than undo this one's pushes and revokes with its own writes.
+    /// With a state file (`keys.control.state_file`, `keys.state_file`), this process's
+    /// claim on it, held for as long as the app lives: a second keyward on the same file
+    /// refuses to start rather than undo this one's pushes and revokes with its own writes.
     pub state_lock: Option<StateLock>,
     pub usage: Usage,
     pub limiter: Limiter,
@@ -57,20 +57,12 @@ pub struct App {
 
 impl App {
     /// Build the shared state. Does not load keys: `Keyward::bind` does, before serving.
+    /// The state file's claim ([`App::state_lock`]) is taken by [`crate::Keyward::bind`],
+    /// which may wait for it.
     pub fn new(config: Config) -> Result<Self, StartError> {
         let names = IdentityNames::new(&config.identity_headers.prefix, &config.environment)?
             .including(config.identity_headers.include.as_deref());
         let key_source = KeySource::from_config(&config.keys).ok_or(StartError::NoKeySource)?;
-        // Claimed before anything reads or writes the state file (the first load follows
-        // this in `Keyward::bind`).
-        let state_lock = match &key_source {
-            KeySource::Control { state_file, .. }
-            | KeySource::File {
-                state_file: Some(state_file),
-                ..
-            } => Some(StateLock::take(state_file)?),
-            KeySource::File { .. } => None,
-        };
         // A shard per worker thread: the proxy listener's, then the decision listener's.
         let metrics = Metrics::sharded(config.metrics.per_key, 2 * worker_count(&config))
             .map_err(StartError::Metrics)?
@@ -100,7 +92,7 @@ impl App {
             store: store.clone(),
             key_source,
             key_loader: KeyLoader::default(),
-            state_lock,
+            state_lock: None,
             usage: Usage::default(),
             limiter: Limiter::new(cluster.as_ref()),
             revocations: Arc::new(Revocations::new(cluster.as_ref(), store)),

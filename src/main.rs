@@ -324,8 +324,12 @@ fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
     }
     let rt = runtime()?;
     let result = rt.block_on(async {
-        let signals = keyward::Signals::install().map_err(CliError::Signals)?;
-        let server = Keyward::bind_with(config, Some(release_freed_memory)).await?;
+        let mut signals = keyward::Signals::install().map_err(CliError::Signals)?;
+        let start = Keyward::bind_with(config, Some(release_freed_memory));
+        let Some(server) = signals.unless_stopped(start).await else {
+            return Ok(());
+        };
+        let server = server?;
         report_bound(&server);
         if demo::is_demo_token(server.app.config.admin.token_sha256.as_deref()) {
             tracing::warn!(
@@ -539,8 +543,12 @@ fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), CliError> {
     logging::init(config.log.format, &config.log.level);
     println!("{}", demo::instructions(listen, admin, &keys_file));
     let result = rt.block_on(async {
-        let signals = keyward::Signals::install().map_err(CliError::Signals)?;
-        let server = Keyward::bind_with(config, Some(release_freed_memory)).await?;
+        let mut signals = keyward::Signals::install().map_err(CliError::Signals)?;
+        let start = Keyward::bind_with(config, Some(release_freed_memory));
+        let Some(server) = signals.unless_stopped(start).await else {
+            return Ok(());
+        };
+        let server = server?;
         let reload = server.app.reload_trigger();
         server.run(signals.shutdown(reload)).await;
         Ok(())

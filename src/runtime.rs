@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::config::Config;
-use crate::keys::source::{KeyLoader, KeySource};
+use crate::keys::source::{KeyLoader, KeySource, StateLock};
 use crate::proxy::server::Phase;
 use crate::StartError;
 use crate::{admin, decision, keys, proxy, tls};
@@ -70,6 +70,10 @@ impl Keyward {
             None => None,
         };
         let mut app = App::new(config)?;
+        // Claimed before anything reads or writes the state file (the first load follows).
+        if let Some((state_file, field)) = app.key_source.state_file() {
+            app.state_lock = Some(StateLock::take(state_file, field).await?);
+        }
         let own = [
             listener.as_ref(),
             decision.as_ref(),
@@ -276,6 +280,22 @@ impl Signals {
         }
         #[cfg(not(unix))]
         Ok(Self {})
+    }
+
+    /// Start `server` (a `Keyward::bind`), unless SIGTERM or SIGINT comes first (a start
+    /// may wait up to 30 s for a state file's lock): then `None`, and the start is dropped.
+    /// A SIGHUP meanwhile is left for [`Self::shutdown`] to see.
+    pub async fn unless_stopped<T>(&mut self, server: impl Future<Output = T>) -> Option<T> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                started = server => Some(started),
+                _ = self.term.recv() => { info!("SIGTERM received while starting"); None }
+                _ = tokio::signal::ctrl_c() => { info!("SIGINT received while starting"); None }
+            }
+        }
+        #[cfg(not(unix))]
+        Some(server.await)
     }
 
     /// Resolves on SIGTERM or SIGINT; SIGHUP meanwhile triggers a key reload (`reload`:

@@ -923,6 +923,38 @@ async fn a_second_keyward_on_the_same_state_file_waits_for_the_first() {
     second_waits_while_the_first_revokes(a, second).await;
 }
 
+/// A SIGTERM to a keyward waiting for a state file's lock (a pod deleted during a rolling
+/// update's wait) ends it at once, with exit 0, as it ends a running one; and the setting
+/// named is the source's (`keys.control.state_file` here).
+#[tokio::test]
+async fn a_sigterm_ends_a_wait_for_the_state_file_lock() {
+    let up = spawn_upstream().await;
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("state.yaml");
+    std::fs::write(&state_file, DEMO_KEYS).unwrap();
+    let _a = process(up.addr, |c| c.control(&state_file)).await;
+    let (_dir, mut second) = Second::start(up.addr, &state_file);
+    let waiting = second.until("waiting for the state file lock").await;
+    assert!(waiting.contains("state_file"), "{waiting}");
+    let signalled = std::time::Instant::now();
+    let pid = second.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || second.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        signalled.elapsed()
+    );
+}
+
 /// An emergency revoke fails closed: when the state file cannot be replaced (here a
 /// directory stands in its place, which stops root too), the key is refused from the next
 /// request all the same; the answer is still `persist_failed`, saying the revoke is in

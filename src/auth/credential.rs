@@ -113,7 +113,8 @@ fn from_query<'a>(query: Option<&'a str>, name: &str) -> Candidate<'a> {
     loop {
         let end = rest.find(['&', ';']).unwrap_or(rest.len());
         let pair = &rest[..end];
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = split_pair(pair);
+        let v = v.unwrap_or("");
         if name.matches(k) {
             if found.is_some() {
                 return Candidate::Duplicate;
@@ -339,7 +340,19 @@ fn php_rails_name(mut name: Vec<u8>) -> Vec<u8> {
 
 /// The name of one `k=v` (or bare `k`) parameter.
 fn param_name(pair: &str) -> &str {
-    pair.split_once('=').map_or(pair, |(k, _)| k)
+    split_pair(pair).0
+}
+
+/// One parameter's name and value (none without `=`), split as the most lenient parsers
+/// split it: `=` and `?` at its start skipped (Spring WebFlux's and Netty's decoders skip an
+/// `=` that starts a pair, so `=api_key=K` is `api_key`; `URLSearchParams` drops a `?` that
+/// starts its string, so `??api_key=K` is too), then cut at the first `=`.
+fn split_pair(pair: &str) -> (&str, Option<&str>) {
+    let pair = pair.trim_start_matches(['=', '?']);
+    match pair.split_once('=') {
+        Some((k, v)) => (k, Some(v)),
+        None => (pair, None),
+    }
 }
 
 /// Whether `query` holds the `name` parameter, however spelled (see [`is_param`]), `;`
@@ -358,7 +371,10 @@ pub fn assigns_param(query: &str, name: &str) -> usize {
     let query = query.split('#').next().unwrap_or_default();
     query
         .split(['&', ';'])
-        .filter_map(|pair| pair.split_once('='))
+        .filter_map(|pair| match split_pair(pair) {
+            (k, Some(v)) => Some((k, v)),
+            (_, None) => None,
+        })
         .filter(|(k, _)| name.matches(k))
         .count()
 }
@@ -371,8 +387,8 @@ pub fn query_param_values<'q>(
 ) -> impl Iterator<Item = Option<Vec<u8>>> + 'q {
     let name = ParamName::new(name);
     query.split(['&', ';']).filter_map(move |pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        name.matches(k).then(|| percent_decode(v))
+        let (k, v) = split_pair(pair);
+        name.matches(k).then(|| percent_decode(v.unwrap_or("")))
     })
 }
 
@@ -423,6 +439,34 @@ mod tests {
             assert!(is_param(k, "_method"), "{k}");
         }
         assert!(!is_param("api_key%zz", "api_key"));
+    }
+
+    /// Spring WebFlux and Netty skip an `=` that starts a pair; `URLSearchParams` a `?`
+    /// that starts its string.
+    #[test]
+    fn a_pair_is_split_as_the_most_lenient_parser_splits_it() {
+        let q = vec![CredentialSource::Query {
+            name: "api_key".into(),
+        }];
+        let h = HeaderMap::new();
+        for query in [
+            "=api_key=sta_Abcdefgh",
+            "==api_key=sta_Abcdefgh",
+            "?api_key=sta_Abcdefgh",
+            "a=1&=%61pi_key=sta_Abcdefgh",
+        ] {
+            assert_eq!(
+                &*extract(&h, Some(query), &q).unwrap(),
+                b"sta_Abcdefgh",
+                "{query}"
+            );
+            assert_eq!(assigns_param(query, "api_key"), 1, "{query}");
+            assert!(
+                !strip_query_param(query, "api_key").contains("sta_"),
+                "{query}"
+            );
+        }
+        assert_eq!(strip_query_param("a=1&=b", "api_key"), "a=1&=b");
     }
 
     /// ASP.NET (System.Web), classic ASP and `unescape` read `%uXXXX` as the character.

@@ -96,8 +96,9 @@ pub fn overridden(
     }))
 }
 
-/// The query parameters frameworks read as the method of a POST: `_method` (Symfony,
-/// Laravel, Spring's `HiddenHttpMethodFilter`, Express's `method-override`, Gorilla) and
+/// The query parameters frameworks read as the request's method: `_method` (Symfony,
+/// Laravel, Spring's `HiddenHttpMethodFilter`, Express's `method-override`, Hono's
+/// `methodOverride`, Gorilla) and
 /// the override header's names (ASP.NET MVC's `GetHttpMethodOverride` reads
 /// `X-HTTP-Method-Override` from the query too). Rails and Laravel read `_method` from a
 /// form body as well, which keyward does not read (SECURITY.md).
@@ -108,29 +109,32 @@ pub const METHOD_PARAMS: [&str; 4] = [
     "x-method-override",
 ];
 
-/// Add the method a method parameter of a POST's query names ([`METHOD_PARAMS`], spelled
-/// as apps read names) to `alt`: the app may serve that method, and keyward cannot take the
-/// parameter out without rewriting the query, so that method is authorized too. Empty, it
-/// is ignored (as frameworks do); repeated with another value, unreadable, not one method
-/// token, or beside an override header that names another request: refused, 400 naming
-/// it. No framework reads one on another method, so there it is the app's.
+/// Add the method a method parameter of the request's query names ([`METHOD_PARAMS`],
+/// spelled as apps read names) to `alt`: the app may serve that method, and keyward cannot
+/// take the parameter out without rewriting the query, so that method is authorized too.
+/// Empty, it is ignored (as frameworks do); repeated with another value, unreadable, not
+/// one method token, or beside an override header that names another request: refused,
+/// 400 naming it. On whatever method the request has: most frameworks read one on a POST
+/// only, but Hono's `methodOverride` reads it on every method but GET, and Express's
+/// `method-override` on whichever its `methods` option lists (all, with `null`).
 ///
 /// The query is read as keyward splits it and as an app that decodes (and NFKC-normalizes)
 /// its URL before splitting it does: the query decoded (`a=1%26_method%3DDELETE`), and
-/// what follows a `?` in the decoded `path` (`/x%3F_method=DELETE`, a fullwidth `？`). Every
-/// method any of them names must agree.
+/// the decoded `path` split at each `?` and `&` (`/x%3F_method=DELETE`, a fullwidth `？`, and
+/// `/x&_method=DELETE`, which parsers that look for `&name=` anywhere in the URL read).
+/// Every method any of them names must agree.
 pub fn with_query_method(
     alt: Option<Overridden>,
     query: Option<&str>,
     method: &Method,
     path: &str,
 ) -> Result<Option<Overridden>, Reject> {
-    if *method != Method::POST {
-        return Ok(alt);
-    }
     let decoded_path = crate::path::as_decoded(path);
     let decoded_query = query.map(crate::path::as_decoded);
-    let in_path = decoded_path.split_once('?').map(|(_, q)| q);
+    let in_path = decoded_path
+        .contains(['?', '&'])
+        .then(|| decoded_path.replace('?', "&"));
+    let in_path = in_path.as_deref();
     let mut named: Option<Method> = None;
     for query in [query, decoded_query.as_deref(), in_path]
         .into_iter()
@@ -314,8 +318,20 @@ mod tests {
         );
         assert_eq!(run("q=%5Fmethod%3DDELETE"), Ok(None));
         // Only a POST's: no framework reads one on another method.
-        let get = with_query_method(None, Some("_method=DELETE"), &Method::GET, "/items/1");
-        assert_eq!(get, Ok(None));
+        // On every method: Hono reads one on all but GET, Express's on those it is told.
+        for m in [Method::GET, Method::HEAD, Method::OPTIONS, Method::PUT] {
+            let named = with_query_method(None, Some("_method=DELETE"), &m, "/items/1");
+            assert_eq!(named, Ok(alt("DELETE", "/items/1")), "{m}");
+        }
+        assert_eq!(
+            with_query_method(None, Some("_method=GET"), &Method::GET, "/items/1"),
+            Ok(None)
+        );
+        // `&name=` in the path, which parsers that search the whole URL read.
+        assert_eq!(
+            with_query_method(None, None, &post, "/items/1&_method=DELETE"),
+            Ok(alt("DELETE", "/items/1&_method=DELETE"))
+        );
         let refused = |p| Err(Reject::BadRequest(BadRequest::MethodParam(p)));
         for (q, p) in [
             ("_method=DELETE&_method=PUT", "_method"),

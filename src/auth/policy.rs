@@ -342,7 +342,7 @@ impl Policy {
             // Nothing to tell a key by (a request its client abandoned, logged once its
             // headers are gone): every segment long enough to be one.
             segment_bits(&path, long)
-        };
+        } | self.assigning_segments(&path);
         if doomed == 0 {
             return path;
         }
@@ -352,6 +352,21 @@ impl Policy {
             .map(|(i, s)| if doomed & bit(i) != 0 { REDACTED } else { s })
             .collect();
         Cow::Owned(screened.join("/"))
+    }
+
+    /// The segments of `path` that give the query credential's parameter a value, as a
+    /// parser that searches the whole URL for `&name=` reads them (`/x&api_key=K`, which
+    /// is refused: its line is still logged).
+    fn assigning_segments(&self, path: &str) -> u64 {
+        let Some(name) = self.credential_query() else {
+            return 0;
+        };
+        segment_bits(path, |s| {
+            s.contains(['=', '%', '\u{ff1d}']) && {
+                let decoded = crate::path::as_decoded(s).replace(['?', ';'], "&");
+                crate::auth::credential::assigns_param(&decoded, name) > 0
+            }
+        })
     }
 
     /// Does `value` hold one of the configured key prefixes anywhere?
@@ -549,6 +564,19 @@ mod tests {
         );
         let secret = "zzz_0123456789abcdef";
         let mut headers = http::HeaderMap::new();
+        // The query credential given a value in the path, as parsers that search the whole
+        // URL for `&api_key=` read it: screened whatever the request carries.
+        for (path, logged) in [
+            (format!("/public/&api_key={secret}&"), "/public/[redacted]"),
+            (format!("/x&a=1%26API_KEY%3D{secret}/y"), "/[redacted]/y"),
+            ("/x&api_key=/y".to_owned(), "/[redacted]/y"),
+        ] {
+            assert_eq!(
+                bare.loggable_path(Cow::Borrowed(&path), Some(&headers), &[]),
+                logged,
+                "{path}"
+            );
+        }
         headers.insert("x-api-key", secret.parse().unwrap());
         let bare_screened = |path: &str, h: Option<&http::HeaderMap>, q: &[&str]| {
             bare.loggable_path(Cow::Borrowed(path), h, q).into_owned()

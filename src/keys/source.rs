@@ -211,6 +211,18 @@ pub enum KeySource {
 }
 
 impl KeySource {
+    /// The state file this source keeps, and the setting that names it.
+    pub fn state_file(&self) -> Option<(&std::path::Path, &'static str)> {
+        match self {
+            Self::Control { state_file, .. } => Some((state_file, "keys.control.state_file")),
+            Self::File {
+                state_file: Some(state_file),
+                ..
+            } => Some((state_file, "keys.state_file")),
+            Self::File { .. } => None,
+        }
+    }
+
     pub fn from_config(keys: &KeysConfig) -> Option<Self> {
         match (&keys.control, &keys.file) {
             (Some(c), seed) => Some(Self::Control {

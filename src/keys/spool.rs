@@ -160,18 +160,20 @@ pub struct StateLock {
 #[derive(Debug, thiserror::Error)]
 pub enum StateLockError {
     #[error(
-        "keys.control.state_file {state_file}: another keyward holds it (its directory {dir} \
+        "{field} {state_file}: another keyward holds it (its directory {dir} \
          or {lock} is locked; waited {waited_s} s); a state file is one replica's: give each \
          instance its own directory"
     )]
     Held {
+        field: &'static str,
         state_file: PathBuf,
         dir: PathBuf,
         lock: PathBuf,
         waited_s: u64,
     },
-    #[error("keys.control.state_file {state_file}: cannot lock {lock}: {source}")]
+    #[error("{field} {state_file}: cannot lock {lock}: {source}")]
     Io {
+        field: &'static str,
         state_file: PathBuf,
         lock: PathBuf,
         source: std::io::Error,
@@ -179,16 +181,23 @@ pub enum StateLockError {
 }
 
 impl StateLock {
-    /// Claim `state_file` for this process, waiting up to [`STATE_LOCK_WAIT`] for another
-    /// holder to let go. Its directory is created if missing, as a first push would.
-    pub fn take(state_file: &Path) -> Result<StateLock, StateLockError> {
-        Self::take_within(state_file, STATE_LOCK_WAIT)
+    /// Claim `state_file` (the setting `field` names) for this process, waiting up to
+    /// [`STATE_LOCK_WAIT`] for another holder to let go. Its directory is created if
+    /// missing, as a first push would. The wait is awaited, not blocked on: a SIGTERM
+    /// meanwhile ends the start (`Keyward::bind` is dropped), as it would a running one.
+    pub async fn take(state_file: &Path, field: &'static str) -> Result<StateLock, StateLockError> {
+        Self::take_within(state_file, field, STATE_LOCK_WAIT).await
     }
 
     /// [`Self::take`], waiting up to `wait`.
-    pub fn take_within(state_file: &Path, wait: Duration) -> Result<StateLock, StateLockError> {
+    pub async fn take_within(
+        state_file: &Path,
+        field: &'static str,
+        wait: Duration,
+    ) -> Result<StateLock, StateLockError> {
         let lock = Self::path(state_file);
         let io = |path: &Path, source| StateLockError::Io {
+            field,
             state_file: state_file.to_owned(),
             lock: path.to_owned(),
             source,
@@ -240,7 +249,7 @@ impl StateLock {
         for f in &held {
             f.unlock().map_err(|e| io(&lock, e))?;
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("state-lock".into())
             .spawn(move || {
@@ -248,13 +257,14 @@ impl StateLock {
                 let _ = tx.send(locked);
             })
             .map_err(|e| io(&lock, e))?;
-        match rx.recv_timeout(wait) {
-            Ok(Ok(held)) => {
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(Ok(held))) => {
                 tracing::info!(state_file = %state_file.display(), "state file lock taken");
                 Ok(StateLock { _held: held })
             }
-            Ok(Err(e)) => Err(io(&lock, e)),
-            Err(_) => Err(StateLockError::Held {
+            Ok(Ok(Err(e))) => Err(io(&lock, e)),
+            Ok(Err(_)) | Err(_) => Err(StateLockError::Held {
+                field,
                 state_file: state_file.to_owned(),
                 dir: dir_path,
                 lock,
@@ -382,14 +392,18 @@ mod tests {
 
     /// A second claim of a state file, from another open file as another process makes,
     /// is refused naming the setting, until the first is dropped.
-    #[test]
-    fn a_state_file_is_claimed_by_one_holder_at_a_time() {
+    #[tokio::test]
+    async fn a_state_file_is_claimed_by_one_holder_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("sub/state.yaml");
-        let first = StateLock::take(&state).unwrap();
+        let first = StateLock::take(&state, "keys.control.state_file")
+            .await
+            .unwrap();
         assert!(StateLock::path(&state).exists());
         let short = Duration::from_millis(50);
-        let e = StateLock::take_within(&state, short).unwrap_err();
+        let e = StateLock::take_within(&state, "keys.control.state_file", short)
+            .await
+            .unwrap_err();
         assert!(matches!(e, StateLockError::Held { .. }), "{e}");
         let said = e.to_string();
         assert!(
@@ -398,40 +412,65 @@ mod tests {
         );
         // Replacing the state file (as every push does) does not loosen the claim.
         persist(&state, b"keys: []\n").unwrap();
-        assert!(StateLock::take_within(&state, short).is_err());
+        assert!(
+            StateLock::take_within(&state, "keys.control.state_file", short)
+                .await
+                .is_err()
+        );
         drop(first);
-        StateLock::take_within(&state, short).expect("free once the holder lets go");
+        StateLock::take_within(&state, "keys.control.state_file", short)
+            .await
+            .expect("free once the holder lets go");
     }
 
     /// The claim is on the state, not on a name: deleting the lock file, or reaching the
     /// state file through a symlinked directory or a symlink to it, does not get a second
     /// claim; a claim given up on lets go at once when it gets the lock late.
-    #[test]
-    fn a_claim_holds_whatever_name_reaches_the_state_file() {
+    #[tokio::test]
+    async fn a_claim_holds_whatever_name_reaches_the_state_file() {
         let short = Duration::from_millis(50);
         let dir = tempfile::tempdir().unwrap();
         let real = dir.path().join("real");
         let state = real.join("state.yaml");
-        let first = StateLock::take(&state).unwrap();
+        let first = StateLock::take(&state, "keys.control.state_file")
+            .await
+            .unwrap();
         persist(&state, b"keys: []\n").unwrap();
         std::fs::remove_file(StateLock::path(&state)).unwrap();
         assert!(
-            StateLock::take_within(&state, short).is_err(),
+            StateLock::take_within(&state, "keys.control.state_file", short)
+                .await
+                .is_err(),
             "lock file deleted"
         );
         let linked_dir = dir.path().join("linked");
         std::os::unix::fs::symlink(&real, &linked_dir).unwrap();
-        assert!(StateLock::take_within(&linked_dir.join("state.yaml"), short).is_err());
+        assert!(StateLock::take_within(
+            &linked_dir.join("state.yaml"),
+            "keys.control.state_file",
+            short
+        )
+        .await
+        .is_err());
         let other = dir.path().join("other");
         std::fs::create_dir(&other).unwrap();
         let linked_file = other.join("state.yaml");
         std::os::unix::fs::symlink(&state, &linked_file).unwrap();
-        assert!(StateLock::take_within(&linked_file, short).is_err());
+        assert!(
+            StateLock::take_within(&linked_file, "keys.control.state_file", short)
+                .await
+                .is_err()
+        );
         drop(first);
         // The claims given up on above may still be taking the lock on their threads:
         // they let go as soon as they find nobody waiting.
-        StateLock::take_within(&linked_dir.join("state.yaml"), Duration::from_secs(10))
-            .expect("free once the holder and the abandoned waits let go");
+        StateLock::take_within(
+            &linked_dir.join("state.yaml"),
+            "keys.control.state_file",
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("free once the holder and the abandoned waits let go");
     }
 
     #[test]
@@ -486,8 +525,8 @@ mod tests {
         assert!(other.exists(), "another file's spool is not ours");
     }
 
-    #[test]
-    fn a_link_to_a_state_file_not_written_yet_meets_the_same_lock() {
+    #[tokio::test]
+    async fn a_link_to_a_state_file_not_written_yet_meets_the_same_lock() {
         let dir = tempfile::tempdir().unwrap();
         let (one, two) = (dir.path().join("one"), dir.path().join("two"));
         std::fs::create_dir_all(&one).unwrap();
@@ -495,8 +534,13 @@ mod tests {
         let state = one.join("snap.yaml");
         let link = two.join("snap.yaml");
         std::os::unix::fs::symlink(&state, &link).unwrap();
-        let _held = StateLock::take_within(&state, Duration::from_millis(50)).unwrap();
-        let second = StateLock::take_within(&link, Duration::from_millis(50));
+        let _held =
+            StateLock::take_within(&state, "keys.control.state_file", Duration::from_millis(50))
+                .await
+                .unwrap();
+        let second =
+            StateLock::take_within(&link, "keys.control.state_file", Duration::from_millis(50))
+                .await;
         assert!(
             matches!(second, Err(StateLockError::Held { .. })),
             "{second:?}"

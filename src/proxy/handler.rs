@@ -300,9 +300,11 @@ fn hides_query_key(app: &App, path: &str, query: Option<&str>) -> bool {
     let Some(name) = app.policy.credential_query() else {
         return false;
     };
-    let in_path = auth::path::as_decoded(path)
-        .split_once('?')
-        .is_some_and(|(_, q)| assigns_param(q, name) > 0);
+    // At each `?` and `&` of the decoded path: parsers that search the whole URL for
+    // `?name=` or `&name=` (Hono before 4.10.5) read `/x&api_key=K` too.
+    let decoded = auth::path::as_decoded(path);
+    let in_path =
+        decoded.contains(['?', '&']) && assigns_param(&decoded.replace('?', "&"), name) > 0;
     // Every value the app would read for it must be one keyward's split reads too.
     in_path
         || query.is_some_and(|raw| {
