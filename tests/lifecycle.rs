@@ -914,13 +914,28 @@ async fn a_tunnel_open_past_grace_is_cut_and_the_process_exits() {
 #[tokio::test]
 async fn a_second_keyward_on_the_same_state_file_waits_for_the_first() {
     let up = spawn_upstream().await;
+    let (_state, a, _dir, second, _) = holder_and_waiter(up.addr).await;
+    second_waits_while_the_first_revokes(a, second).await;
+}
+
+/// A keyward on a control state file seeded with the demo keys, and a second one on the
+/// same file, seen waiting for its lock (and the line that said so).
+async fn holder_and_waiter(
+    up: std::net::SocketAddr,
+) -> (
+    tempfile::TempDir,
+    Keyward,
+    tempfile::TempDir,
+    Second,
+    String,
+) {
     let state = tempfile::tempdir().unwrap();
     let state_file = state.path().join("state.yaml");
     std::fs::write(&state_file, DEMO_KEYS).unwrap();
-    let a = process(up.addr, |c| c.control(&state_file)).await;
-    let (_dir, mut second) = Second::start(up.addr, &state_file);
-    second.until("waiting for the state file lock").await;
-    second_waits_while_the_first_revokes(a, second).await;
+    let a = process(up, |c| c.control(&state_file)).await;
+    let (dir, mut second) = Second::start(up, &state_file);
+    let waiting = second.until("waiting for the state file lock").await;
+    (state, a, dir, second, waiting)
 }
 
 /// A SIGTERM to a keyward waiting for a state file's lock (a pod deleted during a rolling
@@ -929,12 +944,7 @@ async fn a_second_keyward_on_the_same_state_file_waits_for_the_first() {
 #[tokio::test]
 async fn a_sigterm_ends_a_wait_for_the_state_file_lock() {
     let up = spawn_upstream().await;
-    let state = tempfile::tempdir().unwrap();
-    let state_file = state.path().join("state.yaml");
-    std::fs::write(&state_file, DEMO_KEYS).unwrap();
-    let _a = process(up.addr, |c| c.control(&state_file)).await;
-    let (_dir, mut second) = Second::start(up.addr, &state_file);
-    let waiting = second.until("waiting for the state file lock").await;
+    let (_state, _a, _dir, mut second, waiting) = holder_and_waiter(up.addr).await;
     assert!(waiting.contains("state_file"), "{waiting}");
     let signalled = std::time::Instant::now();
     let pid = second.child.id().to_string();
