@@ -606,6 +606,15 @@ async fn query_keys_are_read_by_decisions_only_when_keys_may_be_forwarded() {
             };
             assert_eq!(r.code(), code, "forward {forward} {name}: {}", r.text());
         }
+        // Present but empty, or bare: no credential, as the proxy reads it.
+        for path in [
+            "/v1/items?api_key=",
+            "/v1/items?api_key",
+            "/v1/items?=api_key=",
+        ] {
+            let r = decide(&d, AUTH_REQUEST, "GET", path, &[("x-api-key", SERVICE_KEY)]).await;
+            assert_eq!(r.status, 200, "forward {forward} {path}: {}", r.text());
+        }
         d.shutdown().await;
     }
 }
@@ -948,5 +957,26 @@ async fn other_gateways_assertions_are_refused_unless_the_caller_is_trusted() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    d.shutdown().await;
+}
+
+/// The host the app will be asked for (`X-Forwarded-Host`, which Traefik's and Caddy's
+/// forward auth and the shipped nginx config send) is refused when no host could hold it:
+/// an app that builds its URL from it and searches the whole URL for `&api_key=` would
+/// read a key there.
+#[tokio::test]
+async fn a_forwarded_host_no_host_could_be_is_refused() {
+    let d = spawn_decider(None, "").await;
+    let key = [("x-api-key", SERVICE_KEY)];
+    for endpoint in ENDPOINTS {
+        for host in ["x&api_key=sta_unchecked_garbage_key_zzzzzz&", "a=b"] {
+            let h = [key[0], ("x-forwarded-host", host)];
+            let r = decide(&d, endpoint, "GET", "/v1/items", &h).await;
+            assert_eq!(r.status, 400, "{endpoint} {host}: {}", r.text());
+        }
+        let h = [key[0], ("x-forwarded-host", "api.example.com:8443")];
+        let r = decide(&d, endpoint, "GET", "/v1/items", &h).await;
+        assert_eq!(r.status, 200, "{endpoint}: {}", r.text());
+    }
     d.shutdown().await;
 }

@@ -883,6 +883,26 @@ async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
         let r = get(&kw.url(&target), &[]).await;
         assert_eq!(r.status, 400, "{target} without a key: {}", r.text());
     }
+    // In the host, which an app that builds its URL from `Host` searches too: no host
+    // holds `&` or `=` (nor any other sub-delim), so it is refused as a bad host.
+    for host in [format!("x&api_key={other}&"), "a,b.example".to_owned()] {
+        let req = format!("GET /public/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let answer = raw(kw.addr, req.as_bytes(), std::time::Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{host}: {answer}");
+        let absolute = format!(
+            "GET http://{host}/public/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        );
+        let answer = raw(
+            kw.addr,
+            absolute.as_bytes(),
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "absolute-form {host}: {answer}"
+        );
+    }
     assert_eq!(up.requests().len(), before);
     // A `?` in a path's words, and separators in a query's values, are not keys.
     for target in [

@@ -121,12 +121,15 @@ impl Endpoint {
     }
 }
 
-/// Whether `query` holds the query credential, however its name is spelled.
+/// Whether `query` holds the query credential, however its name is spelled, with a value
+/// (an unreadable one counts; an empty one, `?api_key=`, is no credential, as the proxy
+/// reads it).
 fn carries_query_key(app: &App, query: Option<&str>) -> bool {
     let (Some(name), Some(query)) = (app.policy.credential_query(), query) else {
         return false;
     };
-    crate::auth::credential::has_query_param(query, name)
+    crate::auth::credential::query_param_values(query, name)
+        .any(|v| v.is_none_or(|v| !v.is_empty()))
 }
 
 /// Read the original request from the endpoint's own protocol, and nothing else: an
@@ -255,6 +258,12 @@ pub async fn handle<B>(
     };
     // The original request lives here, so the trace can borrow its path.
     let original = crate::proxy::head::check_head(&req, &app.config.limits)
+        .and_then(
+            |()| match crate::proxy::head::valid_forwarded_host(req.headers()) {
+                true => Ok(()),
+                false => Err(Reject::BadRequest(BadRequest::Host)),
+            },
+        )
         .and_then(|()| {
             prepared
                 .screen

@@ -118,6 +118,18 @@ fn valid_host(value: &HeaderValue) -> bool {
     valid_authority(value.as_bytes())
 }
 
+/// Is every `X-Forwarded-Host` (each element of a list) a host as [`check_head`] takes
+/// one? In a decision it is the host the app will be asked for (Traefik's and Caddy's
+/// forward auth send it; the shipped nginx config too), which keyward never sees as a
+/// `Host` of its own.
+pub fn valid_forwarded_host(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all("x-forwarded-host")
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .all(|host| valid_authority(host.trim_ascii()))
+}
+
 fn valid_authority(value: &[u8]) -> bool {
     plain_host_port(value) || parsed_authority(value)
 }
@@ -141,6 +153,12 @@ fn plain_host_port(value: &[u8]) -> bool {
     host_ok && port_ok
 }
 
+/// An authority `http` parses whose host is an IP literal or a name of unreserved bytes
+/// (letters, digits, `-`, `.`, `_`, `~`). `http` takes a name with RFC 3986's sub-delims
+/// (`&`, `=`, `,`, `;`, ...) as well, which no host has: an app that builds its URL from
+/// `Host` and searches the whole of it for `&api_key=` (Hono before 4.10.5) read
+/// `Host: x&api_key=K&` as the query credential, and `Host: a,b` reads as two hosts to a
+/// proxy behind.
 fn parsed_authority(value: &[u8]) -> bool {
     if value.is_empty() || value.contains(&b'@') {
         return false;
@@ -148,6 +166,13 @@ fn parsed_authority(value: &[u8]) -> bool {
     let Ok(authority) = http::uri::Authority::try_from(value) else {
         return false;
     };
+    let host = authority.host();
+    let named = host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+    if !(host.starts_with('[') || named) {
+        return false;
+    }
     let after_ipv6 = authority
         .as_str()
         .rsplit_once(']')
@@ -172,7 +197,15 @@ mod tests {
         let limits = Limits::default();
         let ok = |r: Request<()>| check_head(&r, &limits);
         let v11 = Version::HTTP_11;
-        for good in ["a.example:8080", "a", "[::1]:80", "[::1]", "10.0.0.1"] {
+        for good in [
+            "a.example:8080",
+            "a",
+            "[::1]:80",
+            "[::1]",
+            "10.0.0.1",
+            "my_service.internal:8080",
+            "A.Example",
+        ] {
             assert_eq!(ok(req(v11, "/a", &[("host", good)])), Ok(()), "{good}");
         }
         assert_eq!(
@@ -186,7 +219,22 @@ mod tests {
             Err(Reject::BadRequest(BadRequest::Host))
         );
         for bad in [
-            "", "a/b", "u@a", "a b", "a:x", "a:", "a:99999", "a?b", "a#b",
+            "",
+            "a/b",
+            "u@a",
+            "a b",
+            "a:x",
+            "a:",
+            "a:99999",
+            "a?b",
+            "a#b",
+            "x&api_key=sta_0123456789&",
+            "a,b.example",
+            "a=b",
+            "a;b",
+            "a!b",
+            "a%41",
+            "a+b:80",
         ] {
             assert_eq!(
                 ok(req(v11, "/a", &[("host", bad)])),
