@@ -121,13 +121,33 @@ fn valid_host(value: &HeaderValue) -> bool {
 /// Is every `X-Forwarded-Host` (each element of a list) a host as [`check_head`] takes
 /// one? In a decision it is the host the app will be asked for (Traefik's and Caddy's
 /// forward auth send it; the shipped nginx config too), which keyward never sees as a
-/// `Host` of its own.
+/// `Host` of its own. An empty element is no host, and passes: Caddy sends an empty one
+/// for a request without `Host` (an HTTP/1.0 health check).
 pub fn valid_forwarded_host(headers: &http::HeaderMap) -> bool {
     headers
         .get_all("x-forwarded-host")
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .all(|host| valid_authority(host.trim_ascii()))
+        .map(<[u8]>::trim_ascii)
+        .all(|host| host.is_empty() || valid_authority(host))
+}
+
+/// `[<IPv6 address>]`, with a zone (`%25eth0`, or `%eth0` as sent) at most, and nothing
+/// else between or after the brackets.
+fn ipv6_literal(host: &str) -> bool {
+    let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) else {
+        return false;
+    };
+    let (address, zone) = match inner.split_once('%') {
+        Some((a, z)) => (a, Some(z.strip_prefix("25").unwrap_or(z))),
+        None => (inner, None),
+    };
+    let zone_ok = zone.is_none_or(|z| {
+        !z.is_empty()
+            && z.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    });
+    zone_ok && address.parse::<std::net::Ipv6Addr>().is_ok()
 }
 
 fn valid_authority(value: &[u8]) -> bool {
@@ -170,14 +190,16 @@ fn parsed_authority(value: &[u8]) -> bool {
     let named = host
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
-    if !(host.starts_with('[') || named) {
+    if !(named || ipv6_literal(host)) {
         return false;
     }
-    let after_ipv6 = authority
-        .as_str()
-        .rsplit_once(']')
-        .map_or(authority.as_str(), |(_, rest)| rest);
-    !after_ipv6.contains(':') || authority.port_u16().is_some()
+    // After an IPv6 literal, nothing or a port (`http` takes `[::1]&x` as well).
+    match authority.as_str().rsplit_once(']') {
+        Some((_, rest)) => {
+            rest.is_empty() || (rest.starts_with(':') && authority.port_u16().is_some())
+        }
+        None => !authority.as_str().contains(':') || authority.port_u16().is_some(),
+    }
 }
 
 #[cfg(test)]
@@ -205,6 +227,8 @@ mod tests {
             "10.0.0.1",
             "my_service.internal:8080",
             "A.Example",
+            "[fe80::1%25eth0]",
+            "[::ffff:10.0.0.1]:443",
         ] {
             assert_eq!(ok(req(v11, "/a", &[("host", good)])), Ok(()), "{good}");
         }
@@ -229,6 +253,12 @@ mod tests {
             "a?b",
             "a#b",
             "x&api_key=sta_0123456789&",
+            "[::1]&api_key=x&",
+            "[x&api_key=K&]",
+            "[::1]x",
+            "[a]",
+            "[]",
+            "[v1.&_method=DELETE&]",
             "a,b.example",
             "a=b",
             "a;b",
