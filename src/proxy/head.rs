@@ -125,7 +125,7 @@ fn valid_host(value: &HeaderValue) -> bool {
 /// for a request without `Host` (an HTTP/1.0 health check).
 pub fn valid_forwarded_host(headers: &http::HeaderMap) -> bool {
     headers
-        .get_all("x-forwarded-host")
+        .get_all(super::headers::X_FORWARDED_HOST)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(<[u8]>::trim_ascii)
