@@ -406,6 +406,64 @@ async fn h2_is_negotiated_by_alpn() {
     proxy.shutdown().await;
 }
 
+/// What the client sent, read until keyward closes the connection (or 5 s pass).
+async fn sent_and_answered(tls: &mut TlsStream<TcpStream>, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncWriteExt;
+    tls.write_all(bytes).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection stayed open: {got:?}");
+    got
+}
+
+/// Once the handshake agreed on a protocol (ALPN), the connection speaks that one alone
+/// (RFC 7301 §3.2): HTTP/1.1 on an `h2` connection is an HTTP/2 protocol error, and an
+/// HTTP/2 preface on an `http/1.1` connection a malformed HTTP/1 request. Neither is served,
+/// and nothing reaches the app.
+#[tokio::test]
+async fn only_the_protocol_agreed_by_alpn_is_served() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let http1_request =
+        format!("GET /alpn/h1 HTTP/1.1\r\nhost: localhost\r\nx-api-key: {SERVICE_KEY}\r\n\r\n");
+
+    let mut tls = handshake(&connector(&ca, &[b"h2"], None), proxy.addr)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let got = sent_and_answered(&mut tls, http1_request.as_bytes()).await;
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
+    let mut tls = handshake(&connector(&ca, &[b"http/1.1"], None), proxy.addr)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    // The preface and an empty SETTINGS frame: an HTTP/2 server answers with its own
+    // SETTINGS frame (type 4); an HTTP/1.1 one refuses the request line, or closes.
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let got = sent_and_answered(&mut tls, &preface).await;
+    assert!(
+        got.is_empty() || got.starts_with(b"HTTP/1.1 4") || got.starts_with(b"HTTP/1.1 5"),
+        "{got:?}"
+    );
+    assert_eq!(upstream.count(), 0);
+
+    // Each protocol is still served where it was agreed.
+    let mut tls = handshake(&connector(&ca, &[b"http/1.1"], None), proxy.addr)
+        .await
+        .expect("TLS handshake");
+    let answer = one_request(&mut tls).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn tls_1_2_and_1_3_are_accepted() {
     let upstream = spawn_upstream().await;

@@ -129,6 +129,7 @@ pub fn hyper_servers(limits: &Limits) -> h1::server::Hyper {
     h1::server::Hyper {
         auto: http_builder(limits),
         http1: http1_builder(limits),
+        http2: http_builder(limits).http2_only(),
     }
 }
 
@@ -193,6 +194,7 @@ pub async fn serve<D, F>(
                     let server = Server {
                         hyper: &hyper,
                         fast: fast.as_deref(),
+                        agreed: h1::server::Agreed::Nothing,
                     };
                     serve_conn(app, worker, server, drain, stream, conn, door).await;
                 }
@@ -202,6 +204,9 @@ pub async fn serve<D, F>(
                         let server = Server {
                             hyper: &hyper,
                             fast: fast.as_deref(),
+                            agreed: h1::server::Agreed::from_alpn(
+                                stream.get_ref().1.alpn_protocol(),
+                            ),
                         };
                         serve_conn(app, worker, server, drain, stream, conn, door).await;
                     }
@@ -257,6 +262,7 @@ pub fn fast_server(config: &crate::config::Config) -> Option<h1::server::Setting
 struct Server<'a> {
     hyper: &'a h1::server::Hyper,
     fast: Option<&'a h1::server::Settings>,
+    agreed: h1::server::Agreed,
 }
 
 async fn serve_conn<I, D, F>(
@@ -335,7 +341,14 @@ async fn serve_conn<I, D, F>(
     };
     // Closes the connection gracefully (whichever server reads it) when set.
     let close = h1::server::Close::default();
-    let connection = h1::server::serve_connection(io, service, server.fast, server.hyper, &close);
+    let connection = h1::server::serve_connection(
+        io,
+        service,
+        server.fast,
+        server.hyper,
+        server.agreed,
+        &close,
+    );
     tokio::pin!(connection);
     let mut closing = false;
     let mut told = Phase::Serving;

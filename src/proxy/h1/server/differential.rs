@@ -32,7 +32,7 @@ use http_body::Frame;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{serve_connection, Settings};
+use super::{serve_connection, Agreed, Settings};
 use crate::config::Limits;
 use crate::proxy::RequestBody;
 
@@ -128,7 +128,7 @@ async fn run(case: &Case, fast: bool) -> Vec<u8> {
         let settings = settings();
         let fast = fast.then_some(&settings);
         let close = super::Close::default();
-        let _ = serve_connection(server, echo, fast, &builder, &close).await;
+        let _ = serve_connection(server, echo, fast, &builder, Agreed::Nothing, &close).await;
     });
     let mut at = 0;
     for &size in case.pieces.iter().cycle() {

@@ -121,17 +121,44 @@ enum Ended<I> {
 pub struct Hyper {
     pub auto: auto::Builder<TokioExecutor>,
     pub http1: http1::Builder,
+    /// `auto` limited to HTTP/2, for a connection whose TLS handshake agreed on `h2`.
+    pub http2: auto::Builder<TokioExecutor>,
+}
+
+/// The protocol a connection's TLS handshake agreed on (ALPN). Once agreed, the
+/// connection speaks it and nothing else (RFC 7301 §3.2), as Envoy's and nginx's do: bytes
+/// of the other protocol are a protocol error, not a reason to switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Agreed {
+    /// Plain TCP, or a handshake without ALPN: the connection's first bytes decide.
+    #[default]
+    Nothing,
+    Http1,
+    Http2,
+}
+
+impl Agreed {
+    /// From the ALPN protocol the handshake selected, if any.
+    pub fn from_alpn(protocol: Option<&[u8]>) -> Self {
+        match protocol {
+            Some(b"h2") => Self::Http2,
+            Some(b"http/1.1") => Self::Http1,
+            _ => Self::Nothing,
+        }
+    }
 }
 
 /// Serve one connection: keyward's server first when `fast` is given, hyper's (HTTP/1.1
 /// or HTTP/2) from the first request it does not take. [`Close::request`] closes the
 /// connection gracefully: at once between requests, after the response in flight;
 /// [`Close::go_away`] closes an HTTP/2 one so (GOAWAY) and leaves HTTP/1.1 alone.
+/// `agreed` binds the connection to the protocol its TLS handshake chose.
 pub async fn serve_connection<I, S, F, B>(
     io: I,
     service: S,
     fast: Option<&Settings>,
     hyper: &Hyper,
+    agreed: Agreed,
     close: &Close,
 ) -> Result<(), BoxError>
 where
@@ -141,14 +168,20 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
+    // keyward's server reads HTTP/1.1 alone.
+    let fast = fast.filter(|_| agreed != Agreed::Http2);
     let (io, http1) = match fast {
         Some(settings) => match serve(io, &service, settings, close).await {
             Ended::Closed(result) => return result,
             Ended::HandOff { io, served } => {
-                let http1 = served || io.is_http1();
+                let http1 = served || agreed == Agreed::Http1 || io.is_http1();
                 (io, http1)
             }
         },
+        // Nothing to sniff: the handshake said which.
+        None if agreed != Agreed::Nothing => {
+            (Rewind::new(Bytes::new(), io), agreed == Agreed::Http1)
+        }
         None => match sniff(io, close).await? {
             Some(io) => (io, false),
             None => return Ok(()),
@@ -160,6 +193,11 @@ where
         drive(conn.with_upgrades(), close, false)
             .await
             .map_err(Into::into)
+    } else if agreed == Agreed::Http2 {
+        // Not `auto`'s upgradeable connection, which reads the protocol from the bytes
+        // whatever it is limited to. HTTP/2 has no upgrades to serve.
+        let conn = hyper.http2.serve_connection(TokioIo::new(io), to_hyper);
+        drive(conn, close, true).await
     } else {
         let http2 = io.is_http2();
         let conn = hyper
@@ -219,6 +257,22 @@ where
 {
     fn graceful_shutdown(self: Pin<&mut Self>) {
         auto::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B> Graceful for auto::Connection<'_, I, S, TokioExecutor>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: 'static,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        auto::Connection::graceful_shutdown(self);
     }
 }
 
