@@ -120,7 +120,7 @@ fn check_memory_limit(config: &Config) {
         tracing::warn!(
             memory_limit_bytes = limit,
             needed_bytes = needed,
-            "the memory limit is below what limits.max_connections connections with unfinished heads can hold (about 180 KB each, per traffic listener, + 32 MiB): a client with no key can get the process killed for memory; lower limits.max_connections or raise the limit"
+            "the memory limit is below what limits.max_connections connections with unfinished heads (about 180 KB each, per traffic listener) and limits.max_in_flight requests whose clients do not read (about 20 KB each) can hold, + 32 MiB: a client with no key can get the process killed for memory; lower limits.max_connections or limits.max_in_flight, or raise the limit"
         );
     }
 }

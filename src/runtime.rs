@@ -338,16 +338,20 @@ fn parse_memory_limit(text: &str) -> Option<u64> {
 /// What connections with unfinished heads can hold at most: each its connection state
 /// (about 20 KB, measured) and a head up to `limits.max_header_bytes`, or an HTTP/2 header
 /// block being assembled (the h2 crate buffers up to six 16 KiB frames of one, in a buffer
-/// that grows by doubling: 169 KB a connection measured), on each traffic listener, plus
-/// 32 MiB for the rest of the process.
+/// that grows by doubling: 169 KB a connection measured), on each traffic listener; plus
+/// what requests in flight hold while their clients do not read (an HTTP/2 stream its
+/// send buffer and upstream connection: 15.6 KB measured, 4,096 streams from 16
+/// connections; an HTTP/1.1 connection holds one, within its own share above), up to
+/// `limits.max_in_flight`; plus 32 MiB for the rest of the process.
 pub fn connection_memory(config: &crate::config::Config) -> u64 {
     const PER_CONNECTION: u64 = 20 * 1024;
     const H2_HEADER_BLOCK: u64 = 160 * 1024;
+    const PER_STREAM: u64 = 20 * 1024;
     const REST: u64 = 32 << 20;
     let l = &config.limits;
     let listeners = u64::from(config.listen.is_some()) + u64::from(config.decision.is_some());
     let each = PER_CONNECTION + (l.max_header_bytes as u64).max(H2_HEADER_BLOCK);
-    listeners * l.max_connections as u64 * each + REST
+    listeners * l.max_connections as u64 * each + l.max_in_flight as u64 * PER_STREAM + REST
 }
 
 #[cfg(test)]

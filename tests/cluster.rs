@@ -1397,6 +1397,47 @@ async fn a_user_refused_the_rate_limit_keys_leaves_redis_down() {
     .await;
 }
 
+/// With `on_error: deny`, a request refused for Redis (503 `auth_unavailable`) was served
+/// nothing and uses none of its key's budget: through an outage longer than a burst every
+/// answer is 503 (before, the replica's own cell, charged for each, ran dry and turned them
+/// into 429s), and once Redis is back the key gets its whole burst at once (before, this
+/// replica alone refused, with 429, what the fleet allowed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_for_an_outage_use_none_of_the_budget() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let keys = snapshot(&[entry(
+        "key_slow",
+        LIMITED,
+        Some("{ per_second: 0.2, burst: 3 }"),
+    )]);
+    let kw = ready_replica(up.addr, redis.port, "deny", &keys).await;
+    let _: String = redis
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "default",
+            "resetkeys",
+            "~keyward:revocations*",
+        ])
+        .await;
+    for i in 0..8 {
+        let r = call(&kw, LIMITED).await;
+        assert_eq!(r.status, 503, "{i}: {}", r.text());
+        assert_eq!(r.code(), "auth_unavailable", "{i}");
+    }
+    let _: String = redis.cmd(&["ACL", "SETUSER", "default", "allkeys"]).await;
+    eventually("redis up again", || async {
+        metric(&kw, "keyward_cluster_up").await == Some(1.0)
+    })
+    .await;
+    for i in 0..3 {
+        let r = call(&kw, LIMITED).await;
+        assert_eq!(r.status, 200, "{i}: {}", r.text());
+    }
+    assert_eq!(call(&kw, LIMITED).await.status, 429);
+}
+
 /// A Redis that takes the probe (`SET`) but refuses the read's script (an ACL without
 /// scripting): the replica keeps the set it holds and tries again backing off, not at each
 /// sign that Redis answers (that was a read, a failure and a log line in a tight loop:

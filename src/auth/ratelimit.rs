@@ -104,6 +104,21 @@ impl RateLimiter {
         })
     }
 
+    /// Give back what [`check`](Self::check) charged for a request it allowed that was then
+    /// not served (refused for another reason), so the key's budget holds only what it used.
+    /// Under GCRA a charge moves the cell's time one interval on; moving it back is exact
+    /// whatever came in between, and a time moved back past `now` is a full bucket, never
+    /// more.
+    pub fn refund(&self, key: &Key) {
+        let Some(limit) = key.rate_limit() else {
+            return;
+        };
+        let interval = ((1e9 / limit.per_second) as u128).min(u128::from(u64::MAX));
+        if let Some(mut cell) = self.cells.get_mut(&key.id) {
+            cell.tat = cell.tat.saturating_sub(interval);
+        }
+    }
+
     /// Drop state of keys no longer in the snapshot.
     pub fn retain(&self, snapshot: &Snapshot) {
         self.cells.retain(|id, _| snapshot.by_id(id).is_some());
@@ -127,6 +142,28 @@ mod tests {
             .by_id("k1")
             .unwrap()
             .clone()
+    }
+
+    #[test]
+    fn a_refund_gives_back_one_request_and_never_more_than_a_burst() {
+        let rl = RateLimiter::default();
+        let k = key(1.0, 3);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(matches!(rl.check(&k, t0), RateDecision::Allowed(_)));
+        }
+        assert!(matches!(rl.check(&k, t0), RateDecision::Limited { .. }));
+        rl.refund(&k);
+        assert!(matches!(rl.check(&k, t0), RateDecision::Allowed(q) if q.remaining == 0));
+        assert!(matches!(rl.check(&k, t0), RateDecision::Limited { .. }));
+        // Refunds past a full bucket add nothing: still a burst of 3.
+        for _ in 0..10 {
+            rl.refund(&k);
+        }
+        for _ in 0..3 {
+            assert!(matches!(rl.check(&k, t0), RateDecision::Allowed(_)));
+        }
+        assert!(matches!(rl.check(&k, t0), RateDecision::Limited { .. }));
     }
 
     #[test]

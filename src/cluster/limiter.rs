@@ -191,7 +191,13 @@ impl RedisLimiter {
         }
         match self.cluster.config.on_error {
             OnError::Local => Ok(local),
-            OnError::Deny => Err(Unavailable),
+            OnError::Deny => {
+                // Refused (503) without being served: nothing used. Kept charged, a key's
+                // cell ran dry through an outage, and turned the 503s into 429s, then
+                // refused after Redis came back what the fleet allowed.
+                self.fallback.refund(key);
+                Err(Unavailable)
+            }
         }
     }
 }

@@ -40,6 +40,12 @@ pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// HTTP/2 streams keyward had to reset because the client broke the protocol on them;
 /// more and the connection is closed (CVE-2024-27316-style floods).
 pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// Response bytes an HTTP/2 stream may hold ahead of the client's reading them: one full
+/// frame. hyper's default (400 KB a stream) let a client that opened its flow-control
+/// windows and never read park that much per stream, up to `limits.max_in_flight` of them
+/// (1.6 GB for a few connections on a public route). The kernel's send buffer keeps a fast
+/// client's downloads moving; this is only what waits in front of it.
+pub const H2_STREAM_SEND_BUFFER: usize = 16 * 1024;
 
 /// Where a listener is in its shutdown (SPEC 12), in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -109,7 +115,8 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .initial_connection_window_size(limits.h2_connection_window)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(Some(H2_MAX_PENDING_ACCEPT_RESET_STREAMS))
-        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESET_STREAMS));
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESET_STREAMS))
+        .max_send_buf_size(H2_STREAM_SEND_BUFFER);
     builder
 }
 
