@@ -321,9 +321,11 @@ async fn serve_conn<I, D, F>(
         let app_budget = app.own_answers.clone();
         let http2 = req.version() == http::Version::HTTP_2;
         let aged = aged_service.clone();
-        let answer = door(app, worker.clone(), conn, req);
+        let (door, worker) = (door.clone(), worker.clone());
+        // The door's future is made in place, inside this one: made out here and moved in,
+        // its 4.6 KB were copied twice more a request.
         async move {
-            let mut resp = answer.await?;
+            let mut resp = door(app, worker, conn, req).await?;
             if let Some(aged) = aged {
                 respond::close_if_draining(&mut resp, http2, &aged);
             }
