@@ -53,6 +53,8 @@ pub struct App {
     /// Refusal bodies waiting for their clients, every listener's (see
     /// [`crate::proxy::writing::OWN_ANSWERS_WAITING_MAX`]).
     pub own_answers: crate::proxy::writing::OwnAnswerBudget,
+    /// HTTP/2 streams every listener's connections may hold (`limits.h2_max_streams`).
+    pub h2_streams: crate::proxy::streams::StreamBudget,
 }
 
 impl App {
@@ -103,6 +105,7 @@ impl App {
             reload: Arc::new(Notify::new()),
             pushes: tokio::sync::Semaphore::new(1),
             own_answers: crate::proxy::writing::OwnAnswerBudget::default(),
+            h2_streams: crate::proxy::streams::StreamBudget::new(config.limits.h2_max_streams),
             config,
         })
     }

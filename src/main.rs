@@ -107,10 +107,10 @@ fn check_open_files(config: &Config, limit: Option<u64>) {
     }
 }
 
-/// Warn when the container's memory limit cannot hold what `limits.max_connections` lets
-/// clients open: with no key, each connection may hold an unfinished head and its state
-/// (up to about 180 KB: an HTTP/2 header block being assembled), and such connections,
-/// held for `header_read_timeout`, took a pod past its 256 MiB limit (killed, restarted).
+/// Warn when the container's memory limit cannot hold what clients can make keyward hold
+/// with no key ([`keyward::runtime::connection_memory`]): connections held with unfinished
+/// heads for `header_read_timeout` took a pod past its 256 MiB limit (killed, restarted),
+/// and so did HTTP/2 streams answered to a client that reads nothing.
 fn check_memory_limit(config: &Config) {
     let Some(limit) = keyward::runtime::memory_limit() else {
         return;
@@ -120,7 +120,7 @@ fn check_memory_limit(config: &Config) {
         tracing::warn!(
             memory_limit_bytes = limit,
             needed_bytes = needed,
-            "the memory limit is below what limits.max_connections connections with unfinished heads (about 180 KB each, per traffic listener) and limits.max_in_flight requests whose clients do not read (about 20 KB each) can hold, + 32 MiB: a client with no key can get the process killed for memory; lower limits.max_connections or limits.max_in_flight, or raise the limit"
+            "the memory limit is below what clients can make keyward hold with no key (limits.max_connections unfinished heads of about 180 KB each, per traffic listener; limits.h2_max_streams HTTP/2 streams of up to about 48 KB, plus one a connection; limits.max_in_flight response heads of up to 64 KiB) + 32 MiB: a client with no key can get the process killed for memory; lower those or raise the limit"
         );
     }
 }

@@ -335,23 +335,32 @@ fn parse_memory_limit(text: &str) -> Option<u64> {
     (n < 1 << 62).then_some(n)
 }
 
-/// What connections with unfinished heads can hold at most: each its connection state
-/// (about 20 KB, measured) and a head up to `limits.max_header_bytes`, or an HTTP/2 header
-/// block being assembled (the h2 crate buffers up to six 16 KiB frames of one, in a buffer
-/// that grows by doubling: 169 KB a connection measured), on each traffic listener; plus
-/// what requests in flight hold while their clients do not read (an HTTP/2 stream its
-/// send buffer and upstream connection: 15.6 KB measured, 4,096 streams from 16
-/// connections; an HTTP/1.1 connection holds one, within its own share above), up to
-/// `limits.max_in_flight`; plus 32 MiB for the rest of the process.
+/// What clients (and the app) can make the process hold at most, with no key needed:
+/// - each connection its state (about 20 KB, measured) and a head up to
+///   `limits.max_header_bytes`, or an HTTP/2 header block being assembled (the h2 crate
+///   buffers up to six 16 KiB frames of one, in a buffer that grows by doubling: 169 KB a
+///   connection measured), on each traffic listener; an HTTP/1.1 connection's request in
+///   flight fits in that too (its response is held to 64 KiB ahead of its client);
+/// - each HTTP/2 stream, answered or not, until its answer is written: up to about 48 KB
+///   (1,024 in flight to a client that never reads: 49 KB each, measured), and the streams
+///   of all connections are held to `limits.h2_max_streams` (plus one a connection);
+/// - with a proxy listener, each request in flight a response head from the app, up to
+///   64 KiB ([`crate::proxy::h1::codec::MAX_HEAD_BYTES`]), for `upstream_timeout`;
+/// - and 32 MiB for the rest of the process.
 pub fn connection_memory(config: &crate::config::Config) -> u64 {
     const PER_CONNECTION: u64 = 20 * 1024;
     const H2_HEADER_BLOCK: u64 = 160 * 1024;
-    const PER_STREAM: u64 = 20 * 1024;
+    const PER_STREAM: u64 = 48 * 1024;
     const REST: u64 = 32 << 20;
     let l = &config.limits;
     let listeners = u64::from(config.listen.is_some()) + u64::from(config.decision.is_some());
     let each = PER_CONNECTION + (l.max_header_bytes as u64).max(H2_HEADER_BLOCK);
-    listeners * l.max_connections as u64 * each + l.max_in_flight as u64 * PER_STREAM + REST
+    let heads = match config.listen {
+        Some(_) => l.max_in_flight as u64 * crate::proxy::h1::codec::MAX_HEAD_BYTES as u64,
+        None => 0,
+    };
+    let streams = (l.h2_max_streams + listeners as usize * l.max_connections) as u64 * PER_STREAM;
+    listeners * l.max_connections as u64 * each + streams + heads + REST
 }
 
 #[cfg(test)]

@@ -1327,3 +1327,59 @@ async fn a_client_that_never_reads_parks_little_per_stream() {
     );
     drop(s);
 }
+
+/// Open an HTTP/2 connection and read the `SETTINGS_MAX_CONCURRENT_STREAMS` keyward
+/// grants it (absent: unlimited).
+async fn granted_streams(addr: SocketAddr) -> (TcpStream, Option<u32>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[]));
+    s.write_all(&hello).await.unwrap();
+    let mut header = [0u8; 9];
+    let settings = loop {
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut header))
+            .await
+            .expect("a frame within 5 s")
+            .unwrap();
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await.unwrap();
+        if header[3] == 0x4 && header[4] & 0x1 == 0 {
+            break payload;
+        }
+    };
+    let max = settings.chunks(6).find_map(|p| {
+        (u16::from_be_bytes([p[0], p[1]]) == 0x3)
+            .then(|| u32::from_be_bytes([p[2], p[3], p[4], p[5]]))
+    });
+    (s, max)
+}
+
+/// The process holds at most `limits.h2_max_streams` HTTP/2 streams over all connections:
+/// each connection is granted its share when it opens (fewer as the budget runs low, at
+/// least one) and gives it back when it closes. Before, 100 connections of 256 streams a
+/// client never read took 327 MB.
+#[tokio::test]
+async fn http2_streams_are_granted_from_one_budget() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(
+        up.addr,
+        "limits: { h2_max_concurrent_streams: 256, h2_max_streams: 80 }\n",
+    )
+    .await;
+    let (a, granted) = granted_streams(kw.addr).await;
+    assert_eq!(granted, Some(64), "the largest share the budget holds");
+    let (b, granted) = granted_streams(kw.addr).await;
+    assert_eq!(granted, Some(16));
+    let (_c, granted) = granted_streams(kw.addr).await;
+    assert_eq!(granted, Some(1), "nothing left: one stream all the same");
+    drop((a, b));
+    eventually("the closed connections' streams given back", || async {
+        granted_streams(kw.addr).await.1 == Some(64)
+    })
+    .await;
+    // A granted connection serves as before.
+    let got = get_h2c(&kw.url("/after"), &[("x-api-key", KEY)]).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    kw.shutdown().await;
+}

@@ -533,27 +533,40 @@ async fn a_body_the_app_may_not_read_closes_its_upstream_connection_after_the_ex
 }
 
 /// `upstream_reuse_after_body: true` (an app that reads or drains every body) keeps the
-/// connection after a POST, PUT or PATCH body; a body on a method that gives it no meaning
-/// still closes it.
+/// connection after a POST, PUT or PATCH body, and after no other: a body on a method that
+/// gives it no meaning, a WebDAV one, or one the app does not know (and may refuse through
+/// an error path that never reads the body) still closes it.
 #[tokio::test]
 async fn upstream_reuse_after_body_pools_the_connection_after_a_body_the_app_reads() {
     let up = Scripted::start(&[]).await;
     let kw = spawn_proxy(up.addr, "workers: 1\nupstream_reuse_after_body: true\n").await;
+    // Keyless on a public route (which takes any method), or with a key.
     let send = |method: &str, path: &str| {
+        let key = if path.starts_with("/public/") {
+            String::new()
+        } else {
+            format!("x-api-key: {SERVICE_KEY}\r\n")
+        };
         format!(
-            "{method} {path} HTTP/1.1\r\nhost: app\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello"
+            "{method} {path} HTTP/1.1\r\nhost: app\r\n{key}content-length: 5\r\nconnection: close\r\n\r\nhello"
         )
     };
-    for (method, pooled) in [
-        ("POST", true),
-        ("PUT", true),
-        ("PATCH", true),
-        ("GET", false),
+    for (method, pooled, path) in [
+        ("POST", true, "/reads/"),
+        ("PUT", true, "/reads/"),
+        ("PATCH", true, "/reads/"),
+        ("GET", false, "/reads/"),
+        ("POST", true, "/public/reads/"),
+        ("PROPFIND", false, "/public/reads/"),
+        ("QUERY", false, "/public/reads/"),
+        ("FOO", false, "/public/reads/"),
     ] {
-        let path = format!("/reads/{method}");
+        let after_path = format!("{path}after");
+        let path = format!("{path}{method}");
         assert_eq!(raw(kw.addr, &send(method, &path), false).await.status, 200);
-        // Requests with a body share one pool (bodiless ones go through another).
-        let after = send("POST", "/reads/after");
+        // Requests with a body of one key (or none) share one pool (bodiless ones go
+        // through another).
+        let after = send("POST", &after_path);
         assert_eq!(raw(kw.addr, &after, false).await.status, 200);
         let log = up.log.lock().unwrap().clone();
         let [.., (body_conn, p), (after_conn, _)] = log.as_slice() else {
@@ -1339,4 +1352,33 @@ async fn an_upload_counts_once_against_max_in_flight() {
         assert_eq!(r.status, 200, "{}", r.text());
     }
     kw.shutdown().await;
+}
+
+/// A response head is read up to 64 KiB, by either client (Envoy's limit is 60 KiB): a
+/// longer one is 502. hyper's default, 408 KB, let an app that stalls inside a long head
+/// make keyward hold that much for each request in flight.
+#[tokio::test]
+async fn a_response_head_over_64_kib_is_502_on_either_client() {
+    let head = |kb: usize| {
+        let mut h = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n".to_vec();
+        for i in 0..kb {
+            h.extend(format!("x-filler-{i:03}: {}\r\n", "v".repeat(1000)).as_bytes());
+        }
+        h.extend(b"\r\nok");
+        h
+    };
+    let (fits, over) = (head(60), head(66));
+    let scripts: &[(&str, &[u8], bool)] = &[("/fits", &fits, false), ("/over", &over, false)];
+    for client in CLIENTS {
+        let up = Scripted::start(scripts).await;
+        let kw = keyward(&up, client).await;
+        let r = request(kw.addr, "GET", "/fits").await;
+        assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]), "{client}");
+        assert_eq!(
+            request(kw.addr, "GET", "/over").await.status,
+            502,
+            "{client}"
+        );
+        kw.shutdown().await;
+    }
 }

@@ -28,6 +28,13 @@ pub struct Limits {
     /// bound for the upstream is answered 502 at once (Envoy's circuit breaker).
     pub max_in_flight: usize,
     pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams the process may hold at once over all its connections, answered or
+    /// not. Each connection is granted its share when it opens: `h2_max_concurrent_streams`
+    /// while the budget has it, fewer (64, 16, 4, 1) as it runs low, and at least one. A
+    /// stream costs memory until its answer is written, whoever answered it (about 12 KB a
+    /// refused one, up to about 48 KB one in flight to a client that does not read), and
+    /// `max_connections` times `h2_max_concurrent_streams` was 262,144 of them by default.
+    pub h2_max_streams: usize,
     /// What an HTTP/2 client may send on a stream, and on a connection, ahead of keyward
     /// reading it (flow-control windows, bytes): buffered here, so the connection's is the
     /// memory a client can park on each connection; a stream's bounds an upload's rate to
@@ -81,6 +88,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_in_flight: 4096,
             h2_max_concurrent_streams: 256,
+            h2_max_streams: 4096,
             h2_stream_window: 256 * 1024,
             h2_connection_window: 1024 * 1024,
             upstream_idle_timeout: Duration::from_secs(60),
@@ -144,6 +152,7 @@ impl Limits {
             ("limits.max_headers", l.max_headers),
             ("limits.max_connections", l.max_connections),
             ("limits.max_in_flight", l.max_in_flight),
+            ("limits.h2_max_streams", l.h2_max_streams),
             (
                 "limits.h2_max_concurrent_streams",
                 l.h2_max_concurrent_streams as usize,

@@ -111,8 +111,9 @@ impl ProxyError {
 ///   body (GET, HEAD, DELETE, OPTIONS, TRACE), and naive ones on any method (a handler that
 ///   answers before reading, an error path). So after any body, unless
 ///   `upstream_reuse_after_body` says the app reads or drains every body (Go, Node, Java
-///   servlet containers, ASP.NET, hyper and uvicorn do; a body over the methods above is
-///   closed after even then);
+///   servlet containers, ASP.NET, hyper and uvicorn do), and then only after a POST, PUT
+///   or PATCH: a body on any other method (the ones above, WebDAV's, `QUERY`, one the app
+///   does not know and refuses through an error path) is closed after even then;
 /// - HEAD: an app that answers it as a GET (`do_HEAD = do_GET`) sends a body after the
 ///   head, and bytes that arrive after the response was taken as complete would answer the
 ///   next request.
@@ -122,11 +123,7 @@ fn may_leave_bytes_behind(req: &Request<RequestBody>, reuse_after_body: bool) ->
         return true;
     }
     let body = !http_body::Body::is_end_stream(req.body());
-    body && (!reuse_after_body
-        || matches!(
-            *method,
-            Method::GET | Method::DELETE | Method::OPTIONS | Method::TRACE
-        ))
+    body && (!reuse_after_body || !matches!(*method, Method::POST | Method::PUT | Method::PATCH))
 }
 
 /// The client's `Content-Length` as the number hyper read it as (`05` is 5): forwarded as

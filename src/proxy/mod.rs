@@ -6,7 +6,7 @@
 //! builds what is forwarded, `forward` talks to the upstream over `pool`'s connections
 //! (`upstream_target`: TCP or a Unix socket; `tunnel` for upgrades; `h1`, keyward's own
 //! HTTP/1.1 client for requests without a body, hyper's for the rest), `respond` writes
-//! keyward's own answers, `writing` bounds a stalled client, `worker` is what one worker
+//! keyward's own answers, `writing` bounds a stalled client, `streams` the HTTP/2 streams held, `worker` is what one worker
 //! thread owns (its pool, its metrics shard).
 
 pub mod balance;
@@ -20,6 +20,7 @@ pub mod hop;
 pub mod pool;
 pub mod respond;
 pub mod server;
+pub mod streams;
 pub mod threads;
 pub mod upload;
 pub mod upstream_target;

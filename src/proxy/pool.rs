@@ -407,6 +407,7 @@ where
     T: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
 {
     let (sender, conn) = http1::Builder::new()
+        .max_buf_size(crate::proxy::h1::codec::MAX_HEAD_BYTES)
         .handshake(io)
         .await
         .map_err(ConnectError::Handshake)?;

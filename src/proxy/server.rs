@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use super::balance::Connections;
 use super::conn::ConnInfo;
 use super::head::HYPER_MIN_BUF;
+use super::streams::StreamBudget;
 use super::worker::Worker;
 use super::writing::{self, Responses};
 use super::{h1, handler, headers, respond, RequestBody};
@@ -132,11 +133,22 @@ pub fn http1_builder(limits: &Limits) -> hyper::server::conn::http1::Builder {
 }
 
 /// Both of hyper's servers, for a listener.
-pub fn hyper_servers(limits: &Limits) -> h1::server::Hyper {
+pub fn hyper_servers(limits: &Limits, streams: StreamBudget) -> h1::server::Hyper {
+    let shares = super::streams::shares(limits.h2_max_concurrent_streams);
+    let http2 = shares
+        .iter()
+        .map(|&n| {
+            let mut builder = http_builder(limits);
+            builder.http2().max_concurrent_streams(n);
+            builder.http2_only()
+        })
+        .collect();
     h1::server::Hyper {
         auto: http_builder(limits),
         http1: http1_builder(limits),
-        http2: http_builder(limits).http2_only(),
+        http2,
+        shares,
+        streams,
     }
 }
 
@@ -158,7 +170,7 @@ pub async fn serve<D, F>(
     D: Fn(Arc<App>, Worker, ConnInfo, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<super::Body>, std::convert::Infallible>> + Send + 'static,
 {
-    let hyper = Arc::new(hyper_servers(&app.config.limits));
+    let hyper = Arc::new(hyper_servers(&app.config.limits, app.h2_streams.clone()));
     let fast = fast_server(&app.config).map(Arc::new);
     // Every connection task (and tunnel) holds a receiver: `drain_tx.closed()` resolves
     // when all are gone.

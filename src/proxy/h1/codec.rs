@@ -12,8 +12,11 @@ use super::H1Error;
 
 /// The most header lines a response head may carry (hyper's default).
 pub const MAX_HEADERS: usize = 100;
-/// The largest response head read (hyper's client read-buffer ceiling).
-pub const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
+/// The largest response head read, by this client and by hyper's (its read-buffer ceiling
+/// is set to it). hyper's default, 408 KB, let an app that stalls inside a long head make
+/// keyward hold that much per request in flight for `upstream_timeout` (1,024 requests: 486
+/// MB). Envoy's default limit is 60 KiB, nginx's `proxy_buffer_size` 4-8 KiB.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Most informational (1xx) heads skipped before one response's final head: a few `103
 /// Early Hints` or `102 Processing` are what apps send.

@@ -124,7 +124,10 @@ fn settings() -> Settings {
 async fn run(case: &Case, fast: bool) -> Vec<u8> {
     let (mut client, server) = tokio::io::duplex(1 << 20);
     let task = tokio::spawn(async move {
-        let builder = crate::proxy::server::hyper_servers(&Limits::default());
+        let builder = crate::proxy::server::hyper_servers(
+            &Limits::default(),
+            crate::proxy::streams::StreamBudget::new(4096),
+        );
         let settings = settings();
         let fast = fast.then_some(&settings);
         let close = super::Close::default();

@@ -121,8 +121,12 @@ enum Ended<I> {
 pub struct Hyper {
     pub auto: auto::Builder<TokioExecutor>,
     pub http1: http1::Builder,
-    /// `auto` limited to HTTP/2, for a connection whose TLS handshake agreed on `h2`.
-    pub http2: auto::Builder<TokioExecutor>,
+    /// `auto` limited to HTTP/2, for each share of streams in `shares`.
+    pub http2: Vec<auto::Builder<TokioExecutor>>,
+    /// The shares of streams an HTTP/2 connection may be granted, largest first.
+    pub shares: Vec<u32>,
+    /// What the shares are granted from, every listener's.
+    pub streams: crate::proxy::streams::StreamBudget,
 }
 
 /// The protocol a connection's TLS handshake agreed on (ALPN). Once agreed, the
@@ -193,10 +197,12 @@ where
         drive(conn.with_upgrades(), close, false)
             .await
             .map_err(Into::into)
-    } else if agreed == Agreed::Http2 {
+    } else if agreed == Agreed::Http2 || io.is_http2() {
+        // Its streams, granted for as long as it is open.
+        let (i, _share) = hyper.streams.grant(&hyper.shares);
         // Not `auto`'s upgradeable connection, which reads the protocol from the bytes
         // whatever it is limited to. HTTP/2 has no upgrades to serve.
-        let conn = hyper.http2.serve_connection(TokioIo::new(io), to_hyper);
+        let conn = hyper.http2[i].serve_connection(TokioIo::new(io), to_hyper);
         drive(conn, close, true).await
     } else {
         let http2 = io.is_http2();
