@@ -14,6 +14,11 @@ const LIMITED: &str = "sta_cluster_limited_key_0123456789abcdef";
 const FREE: &str = "sta_cluster_free_key_0123456789abcdef";
 const OTHER: &str = "sta_cluster_other_key_0123456789abcdef";
 
+/// A snapshot of one key, `LIMITED`, with `rate_limit`.
+fn limited(id: &str, rate_limit: &str) -> String {
+    snapshot(&[entry(id, LIMITED, Some(rate_limit))])
+}
+
 fn keys() -> String {
     snapshot(&[
         entry(
@@ -187,11 +192,7 @@ async fn the_limiter_has_one_connection_per_worker_thread() {
 async fn connections_redis_closes_are_replaced_without_a_refusal() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
-    let keys = snapshot(&[entry(
-        "key_roomy",
-        LIMITED,
-        Some("{ per_second: 1000, burst: 1000 }"),
-    )]);
+    let keys = limited("key_roomy", "{ per_second: 1000, burst: 1000 }");
     let config = cluster_yaml_with(redis.port, "deny", "2s") + "workers: 2\n";
     let kw = spawn_proxy_with(up.addr, &config, Some(&keys)).await;
     wait_ready(&kw).await;
@@ -260,11 +261,7 @@ async fn connections_that_stop_answering_are_replaced() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
     let (relay, stall) = stalling_relay(redis.port).await;
-    let keys = snapshot(&[entry(
-        "key_roomy",
-        LIMITED,
-        Some("{ per_second: 1000, burst: 1000 }"),
-    )]);
+    let keys = limited("key_roomy", "{ per_second: 1000, burst: 1000 }");
     let config = cluster_yaml_with(relay, "deny", "200ms") + "workers: 1\n";
     let kw = spawn_proxy_with(up.addr, &config, Some(&keys)).await;
     wait_ready(&kw).await;
@@ -1406,11 +1403,7 @@ async fn a_user_refused_the_rate_limit_keys_leaves_redis_down() {
 async fn requests_refused_for_an_outage_use_none_of_the_budget() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
-    let keys = snapshot(&[entry(
-        "key_slow",
-        LIMITED,
-        Some("{ per_second: 0.2, burst: 3 }"),
-    )]);
+    let keys = limited("key_slow", "{ per_second: 0.2, burst: 3 }");
     let kw = ready_replica(up.addr, redis.port, "deny", &keys).await;
     let _: String = redis
         .cmd(&[
@@ -1555,11 +1548,7 @@ async fn a_revoke_redis_refuses_to_publish_is_stored_and_read_by_the_fleet() {
 async fn a_refused_usage_flush_does_not_mark_redis_down() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
-    let keys = snapshot(&[entry(
-        "key_roomy",
-        LIMITED,
-        Some("{ per_second: 100000, burst: 100000 }"),
-    )]);
+    let keys = limited("key_roomy", "{ per_second: 100000, burst: 100000 }");
     let kw = spawn_proxy_with(up.addr, &cluster_yaml(redis.port, "deny"), Some(&keys)).await;
     wait_ready(&kw).await;
     let _: String = redis
