@@ -144,7 +144,6 @@ pub fn hyper_servers(limits: &Limits, streams: StreamBudget) -> h1::server::Hype
         })
         .collect();
     h1::server::Hyper {
-        auto: http_builder(limits),
         http1: http1_builder(limits),
         http2,
         shares,

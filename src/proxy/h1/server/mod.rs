@@ -115,13 +115,11 @@ enum Ended<I> {
     HandOff { io: Rewind<I>, served: bool },
 }
 
-/// hyper's servers, configured once per listener: HTTP/1.1 and HTTP/2 by the preface
-/// (`auto`), and HTTP/1.1 alone for a connection keyward's server already knows to be
-/// HTTP/1 (so hyper reads the bytes handed back in one piece, not after a preface sniff).
+/// hyper's servers, configured once per listener: HTTP/1.1, and HTTP/2 once the preface
+/// (or the handshake's ALPN) says so, with as many streams as the connection's share.
 pub struct Hyper {
-    pub auto: auto::Builder<TokioExecutor>,
     pub http1: http1::Builder,
-    /// `auto` limited to HTTP/2, for each share of streams in `shares`.
+    /// hyper's server limited to HTTP/2, for each share of streams in `shares`.
     pub http2: Vec<auto::Builder<TokioExecutor>>,
     /// The shares of streams an HTTP/2 connection may be granted, largest first.
     pub shares: Vec<u32>,
@@ -192,12 +190,7 @@ where
         },
     };
     let to_hyper = service_fn(move |req: Request<Incoming>| service(req.map(Either::Left)));
-    if http1 {
-        let conn = hyper.http1.serve_connection(TokioIo::new(io), to_hyper);
-        drive(conn.with_upgrades(), close, false)
-            .await
-            .map_err(Into::into)
-    } else if agreed == Agreed::Http2 || io.is_http2() {
+    if agreed == Agreed::Http2 || (!http1 && io.is_http2()) {
         // Its streams, granted for as long as it is open.
         let (i, _share) = hyper.streams.grant(&hyper.shares);
         // Not `auto`'s upgradeable connection, which reads the protocol from the bytes
@@ -205,11 +198,13 @@ where
         let conn = hyper.http2[i].serve_connection(TokioIo::new(io), to_hyper);
         drive(conn, close, true).await
     } else {
-        let http2 = io.is_http2();
-        let conn = hyper
-            .auto
-            .serve_connection_with_upgrades(TokioIo::new(io), to_hyper);
-        drive(conn, close, http2).await
+        // HTTP/1.1, or bytes that ended inside the preface (both readers above read until
+        // the bytes leave it, or fill it, or end): hyper's HTTP/1.1 server, which refuses
+        // them. Never `auto`, which would read on and could take HTTP/2 without a share.
+        let conn = hyper.http1.serve_connection(TokioIo::new(io), to_hyper);
+        drive(conn.with_upgrades(), close, false)
+            .await
+            .map_err(Into::into)
     }
 }
 
@@ -247,22 +242,6 @@ where
 {
     fn graceful_shutdown(self: Pin<&mut Self>) {
         http1::UpgradeableConnection::graceful_shutdown(self);
-    }
-}
-
-impl<I, S, B> Graceful for auto::UpgradeableConnection<'_, I, S, TokioExecutor>
-where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
-    S::Future: 'static,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        auto::UpgradeableConnection::graceful_shutdown(self);
     }
 }
 
