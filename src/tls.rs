@@ -320,6 +320,7 @@ fn newest_of_each_issuer(
 const TLS_FILE_MAX_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The raw content of the files a TLS config is built from, read once.
+#[derive(Clone)]
 struct TlsFiles {
     cert: Vec<u8>,
     key: Vec<u8>,
@@ -493,6 +494,9 @@ pub struct TlsAcceptor {
     expiry: prometheus::Gauge,
     /// `keyward_tls_crl_next_update_timestamp_seconds`, with `tls.client_crl` only.
     crl_due: Option<prometheus::Gauge>,
+    /// The files the config in force was built from (the certificate and key may be older
+    /// than the client CA and lists: see [`TlsWatch::changed`]).
+    in_force: Arc<std::sync::Mutex<Option<Arc<TlsFiles>>>>,
 }
 
 impl TlsAcceptor {
@@ -508,6 +512,7 @@ impl TlsAcceptor {
             )
             .expect("a valid metric name"),
             crl_due: None,
+            in_force: Arc::default(),
         }
     }
 
@@ -559,12 +564,24 @@ impl TlsAcceptor {
             ..Self::new(built.config)
         };
         acceptor.served(built.validity, built.crl);
+        acceptor.set_in_force(files);
         Ok(acceptor)
     }
 
     /// Replace the server config; later handshakes use it.
     pub fn replace(&self, config: ServerConfig) {
         self.config.store(Arc::new(config));
+    }
+
+    fn in_force(&self) -> Option<Arc<TlsFiles>> {
+        self.in_force
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_in_force(&self, files: TlsFiles) {
+        *self.in_force.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(files));
     }
 
     pub async fn accept(
@@ -623,6 +640,80 @@ struct TlsWatch {
     waiting: std::sync::Mutex<Option<SystemTime>>,
 }
 
+impl TlsWatch {
+    /// Install the whole new set. `None`: its certificate is not valid yet (said once),
+    /// to be taken at a later poll.
+    fn whole(&self, files: &TlsFiles) -> Option<Result<(), TlsError>> {
+        let now = SystemTime::now();
+        let built = files.build(&self.tls);
+        if let Ok(Built {
+            validity: Some(v), ..
+        }) = &built
+        {
+            if now < v.not_before && now < v.not_after {
+                let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                if *waiting != Some(v.not_before) {
+                    let at = humantime::format_rfc3339_seconds(v.not_before);
+                    tracing::warn!(cert = %self.tls.cert.display(), "TLS certificate not valid before {at}: keeping the current one until then");
+                    *waiting = Some(v.not_before);
+                }
+                return None;
+            }
+        }
+        let built = built.and_then(|b| {
+            // A rotation to a certificate clients would refuse is a broken rotation.
+            match b.validity.and_then(|v| v.problem(now)) {
+                Some(problem) => Err(file_err("cert", &self.tls.cert, problem)),
+                None => Ok(b),
+            }
+        });
+        Some(built.map(|b| {
+            let validity = b.validity;
+            self.install(b, files.clone());
+            if validity.is_none() {
+                unreadable_validity(&self.tls.cert);
+            }
+            let not_after = validity.map(|v| humantime::format_rfc3339_seconds(v.not_after));
+            tracing::info!(cert = %self.tls.cert.display(), not_after = ?not_after.map(|t| t.to_string()), "TLS certificate reloaded");
+        }))
+    }
+
+    /// Install the new client CA and revocation lists with the certificate and key in force.
+    fn verifier_alone(&self, in_force: &TlsFiles, files: TlsFiles) {
+        let mixed = TlsFiles {
+            cert: in_force.cert.clone(),
+            key: in_force.key.clone(),
+            client_ca: files.client_ca,
+            client_crl: files.client_crl,
+        };
+        match mixed.build(&self.tls) {
+            Ok(built) => {
+                self.install(built, mixed);
+                tracing::info!(
+                    "TLS client CA and revocation lists reloaded, with the certificate in force"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS client CA or revocation lists refused; keeping the current ones")
+            }
+        }
+    }
+
+    fn install(&self, built: Built, files: TlsFiles) {
+        let Built {
+            config,
+            validity,
+            crl,
+            set_aside,
+        } = built;
+        self.acceptor.replace(config);
+        self.acceptor.served(validity, crl);
+        self.acceptor.set_in_force(files);
+        crl.warn(&self.tls);
+        set_aside.warn(&self.tls);
+    }
+}
+
 impl Watched for TlsWatch {
     type Digest = [u8; 32];
     type Content = TlsFiles;
@@ -637,52 +728,36 @@ impl Watched for TlsWatch {
         Ok((files.fingerprint(), files))
     }
 
+    /// The certificate and key, and the client CA and revocation lists, are taken apart:
+    /// a certificate refused (broken, expired, not valid yet, a key that does not go with
+    /// it) keeps the one in force, but never holds back a new list or CA, which apply at
+    /// once with the certificate in force (a revoked client was let in for as long as a
+    /// rotation stayed half done, or a certificate was staged ahead of its `notBefore`).
     fn changed(&self, files: TlsFiles) -> Taken<[u8; 32]> {
-        let now = SystemTime::now();
-        let built = files.build(&self.tls);
-        if let Ok(Built {
-            validity: Some(v), ..
-        }) = &built
-        {
-            if now < v.not_before && now < v.not_after {
-                let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-                if *waiting != Some(v.not_before) {
-                    let at = humantime::format_rfc3339_seconds(v.not_before);
-                    tracing::warn!(cert = %self.tls.cert.display(), "TLS certificate not valid before {at}: keeping the current one until then");
-                    *waiting = Some(v.not_before);
+        let in_force = self.acceptor.in_force();
+        let same_pair = in_force
+            .as_deref()
+            .is_some_and(|f| f.cert == files.cert && f.key == files.key);
+        let mut later = false;
+        if !same_pair {
+            match self.whole(&files) {
+                Some(Ok(())) => return Taken::AsRead,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "TLS reload refused; keeping the current certificate")
                 }
-                return Taken::Later;
+                None => later = true,
             }
         }
-        let built = built.and_then(|b| {
-            // A rotation to a certificate clients would refuse is a broken rotation.
-            match b.validity.and_then(|v| v.problem(now)) {
-                Some(problem) => Err(file_err("cert", &self.tls.cert, problem)),
-                None => Ok(b),
-            }
-        });
-        match built {
-            Ok(Built {
-                config,
-                validity,
-                crl,
-                set_aside,
-            }) => {
-                self.acceptor.replace(config);
-                self.acceptor.served(validity, crl);
-                crl.warn(&self.tls);
-                set_aside.warn(&self.tls);
-                if validity.is_none() {
-                    unreadable_validity(&self.tls.cert);
-                }
-                let not_after = validity.map(|v| humantime::format_rfc3339_seconds(v.not_after));
-                tracing::info!(cert = %self.tls.cert.display(), not_after = ?not_after.map(|t| t.to_string()), "TLS certificate reloaded");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "TLS reload refused; keeping the current certificate")
+        if let Some(in_force) = in_force {
+            if in_force.client_ca != files.client_ca || in_force.client_crl != files.client_crl {
+                self.verifier_alone(&in_force, files);
             }
         }
-        Taken::AsRead
+        if later {
+            Taken::Later
+        } else {
+            Taken::AsRead
+        }
     }
 
     /// A file missing for a moment (mid-rotation): look again on the next poll. Said at

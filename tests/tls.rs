@@ -733,6 +733,66 @@ async fn mtls_refuses_a_client_certificate_its_ca_revoked() {
     proxy.shutdown().await;
 }
 
+/// A certificate rotation that is refused (a key that does not go with it, a certificate
+/// not valid yet) keeps the certificate in force, but never holds back the revocation lists
+/// or the client CA: a list written meanwhile applies at once, with the certificate in
+/// force. Before, the whole set was refused, and a revoked client was let in for as long as
+/// the rotation stayed half done (or a certificate was staged ahead of its `notBefore`).
+#[tokio::test]
+async fn a_refused_certificate_rotation_does_not_hold_back_a_revocation() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let client_ca = Ca::new("client ca");
+    let served = ca.server("keyward-a");
+    let mut certs = CertDir::new(&served);
+    let ca_file = certs.write_ca(&client_ca.pem());
+    let crl_file = certs.path("ca.crl");
+    std::fs::write(&crl_file, client_ca.crl(1, &[])).unwrap();
+    let yaml = certs.yaml(Some(&ca_file)).replace(
+        "poll_interval: 50ms",
+        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+    );
+    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let leaked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
+    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
+    let get_with = |leaf: &Leaf| {
+        let c = connector(&ca, &[], Some(leaf));
+        async move { try_get(&c, proxy.addr, "/m/rotation").await }
+    };
+    assert_eq!(
+        get_with(&leaked).await.expect("not revoked yet").status,
+        StatusCode::OK
+    );
+
+    // Half done: a new certificate beside the old key. Then the leaked one is revoked.
+    let next = ca.server("keyward-b");
+    certs.publish(&next.cert_pem, &served.key_pem);
+    std::fs::write(&crl_file, client_ca.crl(2, &[7])).unwrap();
+    eventually(
+        "the list applies though the rotation is refused",
+        || async { get_with(&leaked).await.is_err() },
+    )
+    .await;
+    let tls = handshake(&connector(&ca, &[], Some(&other)), proxy.addr)
+        .await
+        .expect("an unlisted client still gets in");
+    assert_eq!(
+        peer_cert(&tls),
+        served.der,
+        "the certificate in force is kept"
+    );
+
+    // Staged ahead of its `notBefore`: kept back, and again the lists are not.
+    let staged = ca.server_valid("keyward-c", 2100, 2101);
+    certs.publish(&staged.cert_pem, &staged.key_pem);
+    std::fs::write(&crl_file, client_ca.crl(3, &[7, 8])).unwrap();
+    eventually("the list applies though the certificate waits", || async {
+        get_with(&other).await.is_err()
+    })
+    .await;
+    proxy.shutdown().await;
+}
+
 /// A `tls.client_crl` bundle holding an older and a newer list of one CA (`cat old new`,
 /// or the other way round): the newer one is applied, so a certificate revoked since the
 /// older one is refused whichever comes first in the file (rustls-webpki consults the first
