@@ -679,12 +679,13 @@ impl TlsWatch {
     }
 
     /// Install the new client CA and revocation lists with the certificate and key in force.
-    fn verifier_alone(&self, in_force: &TlsFiles, files: TlsFiles) {
+    /// `false`: they do not load (said), and the ones in force stay.
+    fn verifier_alone(&self, in_force: &TlsFiles, files: &TlsFiles) -> bool {
         let mixed = TlsFiles {
             cert: in_force.cert.clone(),
             key: in_force.key.clone(),
-            client_ca: files.client_ca,
-            client_crl: files.client_crl,
+            client_ca: files.client_ca.clone(),
+            client_crl: files.client_crl.clone(),
         };
         match mixed.build(&self.tls) {
             Ok(built) => {
@@ -692,9 +693,11 @@ impl TlsWatch {
                 tracing::info!(
                     "TLS client CA and revocation lists reloaded, with the certificate in force"
                 );
+                true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "TLS client CA or revocation lists refused; keeping the current ones")
+                tracing::warn!(error = %e, "TLS client CA or revocation lists refused; keeping the current ones");
+                false
             }
         }
     }
@@ -728,18 +731,29 @@ impl Watched for TlsWatch {
         Ok((files.fingerprint(), files))
     }
 
-    /// The certificate and key, and the client CA and revocation lists, are taken apart:
-    /// a certificate refused (broken, expired, not valid yet, a key that does not go with
-    /// it) keeps the one in force, but never holds back a new list or CA, which apply at
-    /// once with the certificate in force (a revoked client was let in for as long as a
-    /// rotation stayed half done, or a certificate was staged ahead of its `notBefore`).
+    /// The certificate and key, and the client CA and revocation lists, are taken apart
+    /// when the whole set is refused: a refused certificate (broken, expired, not valid
+    /// yet, a key that does not go with it) keeps the one in force but never holds back a
+    /// new list or CA, which apply at once with it (a revoked client was let in for as long
+    /// as a rotation stayed half done, or a certificate was staged ahead of its
+    /// `notBefore`); and refused lists keep the ones in force but never hold back a new
+    /// certificate.
     fn changed(&self, files: TlsFiles) -> Taken<[u8; 32]> {
-        let in_force = self.acceptor.in_force();
-        let same_pair = in_force
-            .as_deref()
-            .is_some_and(|f| f.cert == files.cert && f.key == files.key);
+        let Some(in_force) = self.acceptor.in_force() else {
+            return match self.whole(&files) {
+                Some(Ok(())) => Taken::AsRead,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "TLS reload refused; keeping the current certificate");
+                    Taken::AsRead
+                }
+                None => Taken::Later,
+            };
+        };
+        let pair_changed = in_force.cert != files.cert || in_force.key != files.key;
+        let lists_changed =
+            in_force.client_ca != files.client_ca || in_force.client_crl != files.client_crl;
         let mut later = false;
-        if !same_pair {
+        if pair_changed {
             match self.whole(&files) {
                 Some(Ok(())) => return Taken::AsRead,
                 Some(Err(e)) => {
@@ -748,9 +762,16 @@ impl Watched for TlsWatch {
                 None => later = true,
             }
         }
-        if let Some(in_force) = in_force {
-            if in_force.client_ca != files.client_ca || in_force.client_crl != files.client_crl {
-                self.verifier_alone(&in_force, files);
+        if lists_changed && !self.verifier_alone(&in_force, &files) && pair_changed && !later {
+            // The new lists were what was refused: the new pair, with the lists in force.
+            let pair = TlsFiles {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+                client_ca: in_force.client_ca.clone(),
+                client_crl: in_force.client_crl.clone(),
+            };
+            if let Some(Ok(())) = self.whole(&pair) {
+                tracing::info!("the new TLS certificate is served with the client CA and revocation lists in force");
             }
         }
         if later {

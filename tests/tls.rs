@@ -793,6 +793,45 @@ async fn a_refused_certificate_rotation_does_not_hold_back_a_revocation() {
     proxy.shutdown().await;
 }
 
+/// And the other way round: revocation lists that do not load keep the ones in force, but
+/// never hold back a good certificate rotation.
+#[tokio::test]
+async fn refused_lists_do_not_hold_back_a_certificate_rotation() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let client_ca = Ca::new("client ca");
+    let mut certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&client_ca.pem());
+    let crl_file = certs.path("ca.crl");
+    std::fs::write(&crl_file, client_ca.crl(1, &[7])).unwrap();
+    let yaml = certs.yaml(Some(&ca_file)).replace(
+        "poll_interval: 50ms",
+        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+    );
+    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let leaked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
+    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
+    let next = ca.server("keyward-b");
+    std::fs::write(
+        &crl_file,
+        "-----BEGIN X509 CRL-----\nbroken\n-----END X509 CRL-----\n",
+    )
+    .unwrap();
+    certs.publish(&next.cert_pem, &next.key_pem);
+    let other_client = connector(&ca, &[], Some(&other));
+    eventually("the new certificate served", || async {
+        match handshake(&other_client, proxy.addr).await {
+            Ok(tls) => peer_cert(&tls) == next.der,
+            Err(_) => false,
+        }
+    })
+    .await;
+    // The list in force still stands.
+    let c = connector(&ca, &[], Some(&leaked));
+    assert!(try_get(&c, proxy.addr, "/m/rotation").await.is_err());
+    proxy.shutdown().await;
+}
+
 /// A `tls.client_crl` bundle holding an older and a newer list of one CA (`cat old new`,
 /// or the other way round): the newer one is applied, so a certificate revoked since the
 /// older one is refused whichever comes first in the file (rustls-webpki consults the first
