@@ -173,6 +173,22 @@ fn file_err(field: &'static str, path: &Path, reason: impl ToString) -> TlsError
     }
 }
 
+/// What is wrong with a PEM file, in words. Never the error's own text: rustls-pki-types
+/// quotes the offending line as bytes, and in a key file whose line breaks were lost (a
+/// key passed through an environment variable or a template) that line is the key.
+fn pem_problem(e: &rustls::pki_types::pem::Error) -> &'static str {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { .. } => "a PEM section has no END line (were its line breaks lost?)",
+        E::IllegalSectionStart { .. } => "a malformed PEM BEGIN line (were its line breaks lost?)",
+        E::Base64Decode(_) => "a PEM section is not valid base64",
+        E::NoItemsFound => "no PEM section of the expected kind",
+        E::SectionTooLarge => "a PEM section is too large",
+        E::Io(_) => "the file could not be read",
+        _ => "not readable as PEM",
+    }
+}
+
 /// The CRLs of a `tls.client_crl` file: at least one, each well-formed, the newest of each
 /// issuer only (see [`newest_of_each_issuer`]).
 fn revocation_lists(
@@ -187,7 +203,7 @@ fn revocation_lists(
 > {
     let crls: Vec<_> = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| file_err("client_crl", path, e))?;
+        .map_err(|e| file_err("client_crl", path, pem_problem(&e)))?;
     if crls.is_empty() {
         return Err(file_err("client_crl", path, "no PEM revocation list found"));
     }
@@ -250,6 +266,26 @@ impl CrlStanding {
             _ => self.this_update > other.this_update,
         }
     }
+}
+
+/// The issuer (RFC 4514) of a list in `new` older than the one of the same issuer (and
+/// scope) in `in_force`, if any: a list going back in time lifts revocations without a word
+/// (a GitOps revert, a stale copy of a Secret, a sync job gone backwards). A newer list that
+/// lifts one is an issuer's decision; an older one is not.
+fn older_than_in_force(new: &[u8], in_force: &[u8]) -> Option<String> {
+    let standing = |pem: &[u8]| -> Vec<CrlStanding> {
+        rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem)
+            .filter_map(Result::ok)
+            .filter_map(|crl| CrlStanding::of(&crl))
+            .collect()
+    };
+    let in_force = standing(in_force);
+    standing(new).into_iter().find_map(|this| {
+        in_force
+            .iter()
+            .any(|old| old.same_lists_as(&this) && old.newer_than(&this))
+            .then(|| this.issuer.to_string())
+    })
 }
 
 /// Lists of `tls.client_crl` set aside beside a newer one of the same issuer: the issuer of
@@ -328,24 +364,36 @@ struct TlsFiles {
     client_crl: Option<Vec<u8>>,
 }
 
+fn read_tls_file(field: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    crate::regular_file::read(path, TLS_FILE_MAX_BYTES).map_err(|e| file_err(field, path, e))
+}
+
+/// `tls.client_ca` and `tls.client_crl`, as read.
+type Lists = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 impl TlsFiles {
     fn read(tls: &TlsConfig) -> Result<Self, TlsError> {
-        let read = |field, path: &Path| {
-            crate::regular_file::read(path, TLS_FILE_MAX_BYTES)
-                .map_err(|e| file_err(field, path, e))
-        };
+        let cert = read_tls_file("cert", &tls.cert)?;
+        let key = read_tls_file("key", &tls.key)?;
+        let (client_ca, client_crl) = Self::read_lists(tls)?;
         Ok(Self {
-            cert: read("cert", &tls.cert)?,
-            key: read("key", &tls.key)?,
-            client_ca: match &tls.client_ca {
-                Some(ca) => Some(read("client_ca", ca)?),
-                None => None,
-            },
-            client_crl: match &tls.client_crl {
-                Some(crl) => Some(read("client_crl", crl)?),
-                None => None,
-            },
+            cert,
+            key,
+            client_ca,
+            client_crl,
         })
+    }
+
+    fn read_lists(tls: &TlsConfig) -> Result<Lists, TlsError> {
+        let client_ca = match &tls.client_ca {
+            Some(ca) => Some(read_tls_file("client_ca", ca)?),
+            None => None,
+        };
+        let client_crl = match &tls.client_crl {
+            Some(crl) => Some(read_tls_file("client_crl", crl)?),
+            None => None,
+        };
+        Ok((client_ca, client_crl))
     }
 
     /// SHA-256 over all files, length-prefixed so that content moving between files counts
@@ -373,15 +421,20 @@ impl TlsFiles {
     fn build(&self, tls: &TlsConfig) -> Result<Built, TlsError> {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert)
             .collect::<Result<_, _>>()
-            .map_err(|e| file_err("cert", &tls.cert, e))?;
+            .map_err(|e| file_err("cert", &tls.cert, pem_problem(&e)))?;
         if certs.is_empty() {
             return Err(file_err("cert", &tls.cert, "no PEM certificate found"));
         }
         let validity = Validity::of(&certs[0]);
         let mut crl = CrlDue::NoLists;
         let mut set_aside = SetAside::default();
-        let key = PrivateKeyDer::from_pem_slice(&self.key)
-            .map_err(|e| file_err("key", &tls.key, format!("no usable PEM private key ({e})")))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| {
+            file_err(
+                "key",
+                &tls.key,
+                format!("no usable PEM private key: {}", pem_problem(&e)),
+            )
+        })?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -390,7 +443,7 @@ impl TlsFiles {
             (Some(path), Some(pem)) => {
                 let mut roots = RootCertStore::empty();
                 for cert in CertificateDer::pem_slice_iter(pem) {
-                    let cert = cert.map_err(|e| file_err("client_ca", path, e))?;
+                    let cert = cert.map_err(|e| file_err("client_ca", path, pem_problem(&e)))?;
                     roots
                         .add(cert)
                         .map_err(|e| file_err("client_ca", path, e))?;
@@ -621,6 +674,7 @@ pub async fn watch(acceptor: TlsAcceptor, tls: TlsConfig) {
             tls,
             paths,
             waiting: std::sync::Mutex::new(None),
+            said: std::sync::Mutex::new(None),
         },
         interval,
         last,
@@ -638,6 +692,9 @@ struct TlsWatch {
     /// The `notBefore` of a rotated certificate not valid yet, once said: it is taken at
     /// the first poll from then on (an issuer's clock a little ahead is routine).
     waiting: std::sync::Mutex<Option<SystemTime>>,
+    /// The set last handed on with the certificate and key in force while those could not
+    /// be read, once said (every poll reads it again).
+    said: std::sync::Mutex<Option<[u8; 32]>>,
 }
 
 impl TlsWatch {
@@ -673,8 +730,10 @@ impl TlsWatch {
             if validity.is_none() {
                 unreadable_validity(&self.tls.cert);
             }
-            let not_after = validity.map(|v| humantime::format_rfc3339_seconds(v.not_after));
-            tracing::info!(cert = %self.tls.cert.display(), not_after = ?not_after.map(|t| t.to_string()), "TLS certificate reloaded");
+            let not_after = validity
+                .map(|v| humantime::format_rfc3339_seconds(v.not_after).to_string())
+                .unwrap_or_default();
+            tracing::info!(cert = %self.tls.cert.display(), not_after, "TLS certificate reloaded");
         }))
     }
 
@@ -726,9 +785,35 @@ impl Watched for TlsWatch {
         &self.paths
     }
 
+    /// A certificate or key that cannot be read (gone mid-rotation, a directory in its
+    /// place) does not hold back new client CA and lists either: when those read and differ
+    /// from the ones in force, they are handed on with the certificate and key in force.
     fn read(&self) -> Result<([u8; 32], TlsFiles), TlsError> {
-        let files = TlsFiles::read(&self.tls)?;
-        Ok((files.fingerprint(), files))
+        let error = match TlsFiles::read(&self.tls) {
+            Ok(files) => return Ok((files.fingerprint(), files)),
+            Err(e) => e,
+        };
+        let (Some(in_force), Ok((client_ca, client_crl))) =
+            (self.acceptor.in_force(), TlsFiles::read_lists(&self.tls))
+        else {
+            return Err(error);
+        };
+        if client_ca == in_force.client_ca && client_crl == in_force.client_crl {
+            return Err(error);
+        }
+        let files = TlsFiles {
+            cert: in_force.cert.clone(),
+            key: in_force.key.clone(),
+            client_ca,
+            client_crl,
+        };
+        let digest = files.fingerprint();
+        let mut said = self.said.lock().unwrap_or_else(|e| e.into_inner());
+        if *said != Some(digest) {
+            tracing::warn!(error = %error, "TLS certificate or key not readable; keeping the current one, and taking the new client CA and revocation lists with it");
+            *said = Some(digest);
+        }
+        Ok((digest, files))
     }
 
     /// The certificate and key, and the client CA and revocation lists, are taken apart
@@ -749,6 +834,15 @@ impl Watched for TlsWatch {
                 None => Taken::Later,
             };
         };
+        let mut files = files;
+        if let (Some(new), Some(old)) = (&files.client_crl, &in_force.client_crl) {
+            if let Some(issuer) = older_than_in_force(new, old) {
+                let path = self.tls.client_crl.as_deref().unwrap_or(Path::new(""));
+                let e = file_err("client_crl", path, format!("the list of {issuer} is older than the one in force (a lower CRL Number, or an earlier thisUpdate): not applied; the lists in force stay until a newer one comes (a restart takes whatever the file holds)"));
+                tracing::warn!(error = %e, "TLS revocation lists refused");
+                files.client_crl = in_force.client_crl.clone();
+            }
+        }
         let pair_changed = in_force.cert != files.cert || in_force.key != files.key;
         let lists_changed =
             in_force.client_ca != files.client_ca || in_force.client_crl != files.client_crl;
@@ -862,6 +956,32 @@ mod tests {
             client_ca: client_ca.then(|| dir.join("ca.crt")),
             client_crl: None,
             poll_interval: Duration::from_millis(50),
+        }
+    }
+
+    /// A key whose line breaks were lost (passed through an environment variable or a
+    /// template) is refused without a byte of it in the error: the PEM parser's own error
+    /// quotes the offending line, which is then the whole key.
+    #[test]
+    fn a_broken_key_file_is_refused_without_quoting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair("localhost");
+        std::fs::write(dir.path().join("tls.crt"), &cert).unwrap();
+        let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+        let one_line = key.replace('\n', "");
+        let begin_joined = key.replacen("-----\n", "-----", 1);
+        for broken in [one_line, begin_joined] {
+            std::fs::write(dir.path().join("tls.key"), broken + "\n").unwrap();
+            let err = load_server_config(&config(dir.path(), false))
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.starts_with("tls.key: "), "{err}");
+            assert!(err.contains("line breaks"), "{err}");
+            assert!(!err.contains(&body[..16]), "{err}");
+            // Nor as the bytes pki-types prints: `[77, 73, 71, ...]`.
+            let bytes = format!("{:?}", &body.as_bytes()[..8]);
+            assert!(!err.contains(&bytes[1..bytes.len() - 1]), "{err}");
         }
     }
 

@@ -832,6 +832,69 @@ async fn refused_lists_do_not_hold_back_a_certificate_rotation() {
     proxy.shutdown().await;
 }
 
+/// A revocation list older than the one in force (a lower CRL Number: a revert, a stale
+/// copy) is not applied: it would let a revoked client in again without a word. A newer
+/// list that lifts the revocation is. And a certificate or key that cannot be read (gone
+/// mid-rotation) does not hold back a new list either.
+#[tokio::test]
+async fn an_older_revocation_list_is_not_applied_and_an_unreadable_pair_holds_back_none() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let client_ca = Ca::new("client ca");
+    let mut certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&client_ca.pem());
+    let crl_file = certs.path("ca.crl");
+    std::fs::write(&crl_file, client_ca.crl(2, &[7])).unwrap();
+    let yaml = certs.yaml(Some(&ca_file)).replace(
+        "poll_interval: 50ms",
+        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+    );
+    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let leaked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
+    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
+    let get_with = |leaf: &Leaf| {
+        let c = connector(&ca, &[], Some(leaf));
+        async move { try_get(&c, proxy.addr, "/m/older").await }
+    };
+    assert!(get_with(&leaked).await.is_err());
+
+    // The older list, with a new certificate in the same step (seen served: the step was
+    // taken), and the leaked client is still out.
+    let next = ca.server("keyward-b");
+    std::fs::write(&crl_file, client_ca.crl(1, &[])).unwrap();
+    certs.publish(&next.cert_pem, &next.key_pem);
+    let other_client = connector(&ca, &[], Some(&other));
+    eventually("the new certificate served", || async {
+        match handshake(&other_client, proxy.addr).await {
+            Ok(tls) => peer_cert(&tls) == next.der,
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(
+        get_with(&leaked).await.is_err(),
+        "an older list let the leaked client in"
+    );
+
+    // A newer list that lifts it is the issuer's word.
+    std::fs::write(&crl_file, client_ca.crl(3, &[])).unwrap();
+    eventually("the newer list lifts the revocation", || async {
+        get_with(&leaked).await.is_ok()
+    })
+    .await;
+
+    // The certificate gone mid-rotation, and the leaked one revoked again meanwhile.
+    std::fs::remove_file(certs.path("tls.crt")).unwrap();
+    std::fs::write(&crl_file, client_ca.crl(4, &[7])).unwrap();
+    eventually(
+        "the list applies though the certificate cannot be read",
+        || async { get_with(&leaked).await.is_err() },
+    )
+    .await;
+    assert!(get_with(&other).await.is_ok());
+    proxy.shutdown().await;
+}
+
 /// A `tls.client_crl` bundle holding an older and a newer list of one CA (`cat old new`,
 /// or the other way round): the newer one is applied, so a certificate revoked since the
 /// older one is refused whichever comes first in the file (rustls-webpki consults the first
