@@ -972,10 +972,10 @@ mod tests {
         let begin_joined = key.replacen("-----\n", "-----", 1);
         for broken in [one_line, begin_joined] {
             std::fs::write(dir.path().join("tls.key"), broken + "\n").unwrap();
-            let err = load_server_config(&config(dir.path(), false))
-                .err()
-                .expect("refused")
-                .to_string();
+            let Err(err) = load_server_config(&config(dir.path(), false)) else {
+                panic!("a broken key was taken");
+            };
+            let err = err.to_string();
             assert!(err.starts_with("tls.key: "), "{err}");
             assert!(err.contains("line breaks"), "{err}");
             assert!(!err.contains(&body[..16]), "{err}");
