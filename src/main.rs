@@ -120,7 +120,7 @@ fn check_memory_limit(config: &Config) {
         tracing::warn!(
             memory_limit_bytes = limit,
             needed_bytes = needed,
-            "the memory limit is below what clients can make keyward hold with no key (limits.max_connections unfinished heads of about 180 KB each, per traffic listener; limits.h2_max_streams HTTP/2 streams of up to about 48 KB, plus one a connection; limits.max_in_flight response heads of up to 64 KiB) + 32 MiB: a client with no key can get the process killed for memory; lower those or raise the limit"
+            "the memory limit is below what clients can make keyward hold with no key (limits.max_connections unfinished heads of about 180 KB each, per traffic listener; limits.h2_max_streams HTTP/2 streams of up to about 48 KB, plus one a connection; limits.max_in_flight requests of up to limits.h2_stream_window + 128 KiB) + 32 MiB: a client with no key can get the process killed for memory; lower those or raise the limit"
         );
     }
 }

@@ -344,23 +344,30 @@ fn parse_memory_limit(text: &str) -> Option<u64> {
 /// - each HTTP/2 stream, answered or not, until its answer is written: up to about 48 KB
 ///   (1,024 in flight to a client that never reads: 49 KB each, measured), and the streams
 ///   of all connections are held to `limits.h2_max_streams` (plus one a connection);
-/// - with a proxy listener, each request in flight a response head from the app, up to
-///   64 KiB ([`crate::proxy::h1::codec::MAX_HEAD_BYTES`]), for `upstream_timeout`;
+/// - with a proxy listener, each request in flight what its client may send ahead of the
+///   app reading it (an HTTP/2 stream's window, `limits.h2_stream_window`; a body on its
+///   way up is also buffered by the upstream client, up to 64 KiB) and the app's response
+///   head, up to 64 KiB ([`crate::proxy::h1::codec::MAX_HEAD_BYTES`]): 512 slow uploads at
+///   the 256 KiB window, with 64 KB heads, took 331 MB beside the rest;
 /// - and 32 MiB for the rest of the process.
 pub fn connection_memory(config: &crate::config::Config) -> u64 {
     const PER_CONNECTION: u64 = 20 * 1024;
     const H2_HEADER_BLOCK: u64 = 160 * 1024;
     const PER_STREAM: u64 = 48 * 1024;
+    const UPSTREAM_WRITE: u64 = 64 * 1024;
     const REST: u64 = 32 << 20;
     let l = &config.limits;
     let listeners = u64::from(config.listen.is_some()) + u64::from(config.decision.is_some());
     let each = PER_CONNECTION + (l.max_header_bytes as u64).max(H2_HEADER_BLOCK);
-    let heads = match config.listen {
-        Some(_) => l.max_in_flight as u64 * crate::proxy::h1::codec::MAX_HEAD_BYTES as u64,
+    let in_flight = match config.listen {
+        Some(_) => {
+            let head = crate::proxy::h1::codec::MAX_HEAD_BYTES as u64;
+            l.max_in_flight as u64 * (u64::from(l.h2_stream_window) + UPSTREAM_WRITE + head)
+        }
         None => 0,
     };
     let streams = (l.h2_max_streams + listeners as usize * l.max_connections) as u64 * PER_STREAM;
-    listeners * l.max_connections as u64 * each + streams + heads + REST
+    listeners * l.max_connections as u64 * each + streams + in_flight + REST
 }
 
 #[cfg(test)]
