@@ -14,6 +14,22 @@ const LIMITED: &str = "sta_cluster_limited_key_0123456789abcdef";
 const FREE: &str = "sta_cluster_free_key_0123456789abcdef";
 const OTHER: &str = "sta_cluster_other_key_0123456789abcdef";
 
+/// Redis's default user may touch only keys matching `patterns` (an ACL's key patterns).
+async fn only_keys(redis: &Redis, patterns: &[&str]) {
+    let mut cmd = vec!["ACL", "SETUSER", "default", "resetkeys"];
+    cmd.extend(patterns);
+    let _: String = redis.cmd(&cmd).await;
+}
+
+/// Rights to every key back, and `kw` finds Redis up again.
+async fn all_keys_again(redis: &Redis, kw: &Proxy) {
+    let _: String = redis.cmd(&["ACL", "SETUSER", "default", "allkeys"]).await;
+    eventually("redis up again", || async {
+        metric(kw, "keyward_cluster_up").await == Some(1.0)
+    })
+    .await;
+}
+
 /// A snapshot of one key, `LIMITED`, with `rate_limit`.
 fn limited(id: &str, rate_limit: &str) -> String {
     snapshot(&[entry(id, LIMITED, Some(rate_limit))])
@@ -1361,17 +1377,11 @@ async fn a_user_refused_the_rate_limit_keys_leaves_redis_down() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
     let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
-    let _: String = redis
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "default",
-            "resetkeys",
-            "~keyward:revocations*",
-            "~keyward:usage*",
-            "~keyward:probe",
-        ])
-        .await;
+    only_keys(
+        &redis,
+        &["~keyward:revocations*", "~keyward:usage*", "~keyward:probe"],
+    )
+    .await;
     let refused = "keyward_cluster_errors_total{op=\"ratelimit\"}";
     for _ in 0..20 {
         call(&kw, LIMITED).await;
@@ -1387,11 +1397,7 @@ async fn a_user_refused_the_rate_limit_keys_leaves_redis_down() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(0.0));
     // Rights back: the probe passes, and the limit is the fleet's again.
-    let _: String = redis.cmd(&["ACL", "SETUSER", "default", "allkeys"]).await;
-    eventually("redis up again", || async {
-        metric(&kw, "keyward_cluster_up").await == Some(1.0)
-    })
-    .await;
+    all_keys_again(&redis, &kw).await;
 }
 
 /// With `on_error: deny`, a request refused for Redis (503 `auth_unavailable`) was served
@@ -1405,25 +1411,13 @@ async fn requests_refused_for_an_outage_use_none_of_the_budget() {
     let up = spawn_upstream().await;
     let keys = limited("key_slow", "{ per_second: 0.2, burst: 3 }");
     let kw = ready_replica(up.addr, redis.port, "deny", &keys).await;
-    let _: String = redis
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "default",
-            "resetkeys",
-            "~keyward:revocations*",
-        ])
-        .await;
+    only_keys(&redis, &["~keyward:revocations*"]).await;
     for i in 0..8 {
         let r = call(&kw, LIMITED).await;
         assert_eq!(r.status, 503, "{i}: {}", r.text());
         assert_eq!(r.code(), "auth_unavailable", "{i}");
     }
-    let _: String = redis.cmd(&["ACL", "SETUSER", "default", "allkeys"]).await;
-    eventually("redis up again", || async {
-        metric(&kw, "keyward_cluster_up").await == Some(1.0)
-    })
-    .await;
+    all_keys_again(&redis, &kw).await;
     for i in 0..3 {
         let r = call(&kw, LIMITED).await;
         assert_eq!(r.status, 200, "{i}: {}", r.text());
@@ -1551,16 +1545,7 @@ async fn a_refused_usage_flush_does_not_mark_redis_down() {
     let keys = limited("key_roomy", "{ per_second: 100000, burst: 100000 }");
     let kw = spawn_proxy_with(up.addr, &cluster_yaml(redis.port, "deny"), Some(&keys)).await;
     wait_ready(&kw).await;
-    let _: String = redis
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "default",
-            "resetkeys",
-            "~keyward:rl:*",
-            "~keyward:revocations*",
-        ])
-        .await;
+    only_keys(&redis, &["~keyward:rl:*", "~keyward:revocations*"]).await;
     let start = Instant::now();
     let mut refused = 0;
     while start.elapsed() < Duration::from_millis(3500) {

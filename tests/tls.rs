@@ -685,32 +685,85 @@ async fn mtls_requires_a_client_certificate_from_the_ca() {
     proxy.shutdown().await;
 }
 
+/// A proxy over TLS whose clients need a certificate from `client_ca`, with
+/// `tls.client_crl` at `crl_file` holding `first_list`; and two client certificates of
+/// that CA: `leaked` (serial 7) and `other` (serial 8).
+struct Revocable {
+    _upstream: Upstream,
+    ca: Ca,
+    client_ca: Ca,
+    served: Leaf,
+    certs: CertDir,
+    crl_file: PathBuf,
+    proxy: Proxy,
+    leaked: Leaf,
+    other: Leaf,
+}
+
+impl Revocable {
+    async fn start(first_list: impl Fn(&Ca) -> String) -> Revocable {
+        let upstream = spawn_upstream().await;
+        let ca = Ca::new("test ca");
+        let client_ca = Ca::new("client ca");
+        let served = ca.server("keyward-a");
+        let certs = CertDir::new(&served);
+        let ca_file = certs.write_ca(&client_ca.pem());
+        let crl_file = certs.path("ca.crl");
+        std::fs::write(&crl_file, first_list(&client_ca)).unwrap();
+        let yaml = certs.yaml(Some(&ca_file)).replace(
+            "poll_interval: 50ms",
+            &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+        );
+        let proxy = spawn_proxy(upstream.addr, &yaml).await;
+        let leaked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
+        let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
+        Revocable {
+            _upstream: upstream,
+            ca,
+            client_ca,
+            served,
+            certs,
+            crl_file,
+            proxy,
+            leaked,
+            other,
+        }
+    }
+
+    /// One authenticated GET with `leaf` as the client certificate.
+    async fn get_with(&self, leaf: &Leaf) -> Result<Got, String> {
+        try_get(
+            &connector(&self.ca, &[], Some(leaf)),
+            self.proxy.addr,
+            "/m/crl",
+        )
+        .await
+    }
+
+    fn write_list(&self, pem: String) {
+        std::fs::write(&self.crl_file, pem).unwrap();
+    }
+
+    /// The certificate the proxy serves now to a client it lets in.
+    async fn served_now(&self) -> Option<CertificateDer<'static>> {
+        let c = connector(&self.ca, &[], Some(&self.other));
+        handshake(&c, self.proxy.addr)
+            .await
+            .ok()
+            .map(|tls| peer_cert(&tls))
+    }
+}
+
 /// `tls.client_crl`: a client certificate its CA revoked is refused, at start and after
 /// the list is rotated (one leaked certificate is shut out without replacing the CA);
 /// one not listed is accepted.
 #[tokio::test]
 async fn mtls_refuses_a_client_certificate_its_ca_revoked() {
-    let upstream = spawn_upstream().await;
-    let ca = Ca::new("test ca");
-    let client_ca = Ca::new("client ca");
-    let certs = CertDir::new(&ca.server("keyward-a"));
-    let ca_file = certs.write_ca(&client_ca.pem());
-    let crl_file = certs.path("ca.crl");
-    std::fs::write(&crl_file, client_ca.crl(1, &[7])).unwrap();
-    let yaml = certs.yaml(Some(&ca_file)).replace(
-        "poll_interval: 50ms",
-        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-    );
-    let proxy = spawn_proxy(upstream.addr, &yaml).await;
-    let revoked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
-    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
-    let get_with = |leaf: &Leaf| {
-        let c = connector(&ca, &[], Some(leaf));
-        async move { try_get(&c, proxy.addr, "/m/crl").await }
-    };
-    let got = get_with(&revoked).await;
+    let r = Revocable::start(|ca| ca.crl(1, &[7])).await;
+    let got = r.get_with(&r.leaked).await;
     assert!(got.is_err(), "revoked certificate: {got:?}");
-    let got = get_with(&other)
+    let got = r
+        .get_with(&r.other)
         .await
         .expect("unlisted certificate accepted");
     assert_eq!(got.status, StatusCode::OK);
@@ -721,16 +774,16 @@ async fn mtls_refuses_a_client_certificate_its_ca_revoked() {
             .unwrap()
             .as_secs_f64()
     };
-    assert_eq!(metric_value(&proxy, next_update).await, year("2035"));
+    assert_eq!(metric_value(&r.proxy, next_update).await, year("2035"));
     // The list is rotated: the other one is revoked too. It is past its `nextUpdate`: still
     // applied (the last word of its issuer), and the gauge says so.
-    std::fs::write(&crl_file, client_ca.crl_until(2, &[7, 8], 2025)).unwrap();
+    r.write_list(r.client_ca.crl_until(2, &[7, 8], 2025));
     eventually("the new list refuses the other certificate", || async {
-        get_with(&other).await.is_err()
+        r.get_with(&r.other).await.is_err()
     })
     .await;
-    assert_eq!(metric_value(&proxy, next_update).await, year("2025"));
-    proxy.shutdown().await;
+    assert_eq!(metric_value(&r.proxy, next_update).await, year("2025"));
+    r.proxy.shutdown().await;
 }
 
 /// A certificate rotation that is refused (a key that does not go with it, a certificate
@@ -740,96 +793,53 @@ async fn mtls_refuses_a_client_certificate_its_ca_revoked() {
 /// the rotation stayed half done (or a certificate was staged ahead of its `notBefore`).
 #[tokio::test]
 async fn a_refused_certificate_rotation_does_not_hold_back_a_revocation() {
-    let upstream = spawn_upstream().await;
-    let ca = Ca::new("test ca");
-    let client_ca = Ca::new("client ca");
-    let served = ca.server("keyward-a");
-    let mut certs = CertDir::new(&served);
-    let ca_file = certs.write_ca(&client_ca.pem());
-    let crl_file = certs.path("ca.crl");
-    std::fs::write(&crl_file, client_ca.crl(1, &[])).unwrap();
-    let yaml = certs.yaml(Some(&ca_file)).replace(
-        "poll_interval: 50ms",
-        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-    );
-    let proxy = spawn_proxy(upstream.addr, &yaml).await;
-    let leaked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
-    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
-    let get_with = |leaf: &Leaf| {
-        let c = connector(&ca, &[], Some(leaf));
-        async move { try_get(&c, proxy.addr, "/m/rotation").await }
-    };
+    let mut r = Revocable::start(|ca| ca.crl(1, &[])).await;
     assert_eq!(
-        get_with(&leaked).await.expect("not revoked yet").status,
+        r.get_with(&r.leaked).await.expect("not revoked yet").status,
         StatusCode::OK
     );
 
     // Half done: a new certificate beside the old key. Then the leaked one is revoked.
-    let next = ca.server("keyward-b");
-    certs.publish(&next.cert_pem, &served.key_pem);
-    std::fs::write(&crl_file, client_ca.crl(2, &[7])).unwrap();
+    let next = r.ca.server("keyward-b");
+    r.certs.publish(&next.cert_pem, &r.served.key_pem);
+    r.write_list(r.client_ca.crl(2, &[7]));
     eventually(
         "the list applies though the rotation is refused",
-        || async { get_with(&leaked).await.is_err() },
+        || async { r.get_with(&r.leaked).await.is_err() },
     )
     .await;
-    let tls = handshake(&connector(&ca, &[], Some(&other)), proxy.addr)
+    let served = r
+        .served_now()
         .await
         .expect("an unlisted client still gets in");
-    assert_eq!(
-        peer_cert(&tls),
-        served.der,
-        "the certificate in force is kept"
-    );
+    assert_eq!(served, r.served.der, "the certificate in force is kept");
 
     // Staged ahead of its `notBefore`: kept back, and again the lists are not.
-    let staged = ca.server_valid("keyward-c", 2100, 2101);
-    certs.publish(&staged.cert_pem, &staged.key_pem);
-    std::fs::write(&crl_file, client_ca.crl(3, &[7, 8])).unwrap();
+    let staged = r.ca.server_valid("keyward-c", 2100, 2101);
+    r.certs.publish(&staged.cert_pem, &staged.key_pem);
+    r.write_list(r.client_ca.crl(3, &[7, 8]));
     eventually("the list applies though the certificate waits", || async {
-        get_with(&other).await.is_err()
+        r.get_with(&r.other).await.is_err()
     })
     .await;
-    proxy.shutdown().await;
+    r.proxy.shutdown().await;
 }
 
 /// And the other way round: revocation lists that do not load keep the ones in force, but
 /// never hold back a good certificate rotation.
 #[tokio::test]
 async fn refused_lists_do_not_hold_back_a_certificate_rotation() {
-    let upstream = spawn_upstream().await;
-    let ca = Ca::new("test ca");
-    let client_ca = Ca::new("client ca");
-    let mut certs = CertDir::new(&ca.server("keyward-a"));
-    let ca_file = certs.write_ca(&client_ca.pem());
-    let crl_file = certs.path("ca.crl");
-    std::fs::write(&crl_file, client_ca.crl(1, &[7])).unwrap();
-    let yaml = certs.yaml(Some(&ca_file)).replace(
-        "poll_interval: 50ms",
-        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-    );
-    let proxy = spawn_proxy(upstream.addr, &yaml).await;
-    let leaked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
-    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
-    let next = ca.server("keyward-b");
-    std::fs::write(
-        &crl_file,
-        "-----BEGIN X509 CRL-----\nbroken\n-----END X509 CRL-----\n",
-    )
-    .unwrap();
-    certs.publish(&next.cert_pem, &next.key_pem);
-    let other_client = connector(&ca, &[], Some(&other));
+    let mut r = Revocable::start(|ca| ca.crl(1, &[7])).await;
+    let next = r.ca.server("keyward-b");
+    r.write_list("-----BEGIN X509 CRL-----\nbroken\n-----END X509 CRL-----\n".into());
+    r.certs.publish(&next.cert_pem, &next.key_pem);
     eventually("the new certificate served", || async {
-        match handshake(&other_client, proxy.addr).await {
-            Ok(tls) => peer_cert(&tls) == next.der,
-            Err(_) => false,
-        }
+        r.served_now().await == Some(next.der.clone())
     })
     .await;
     // The list in force still stands.
-    let c = connector(&ca, &[], Some(&leaked));
-    assert!(try_get(&c, proxy.addr, "/m/rotation").await.is_err());
-    proxy.shutdown().await;
+    assert!(r.get_with(&r.leaked).await.is_err());
+    r.proxy.shutdown().await;
 }
 
 /// A revocation list older than the one in force (a lower CRL Number: a revert, a stale
@@ -838,61 +848,40 @@ async fn refused_lists_do_not_hold_back_a_certificate_rotation() {
 /// mid-rotation) does not hold back a new list either.
 #[tokio::test]
 async fn an_older_revocation_list_is_not_applied_and_an_unreadable_pair_holds_back_none() {
-    let upstream = spawn_upstream().await;
-    let ca = Ca::new("test ca");
-    let client_ca = Ca::new("client ca");
-    let mut certs = CertDir::new(&ca.server("keyward-a"));
-    let ca_file = certs.write_ca(&client_ca.pem());
-    let crl_file = certs.path("ca.crl");
-    std::fs::write(&crl_file, client_ca.crl(2, &[7])).unwrap();
-    let yaml = certs.yaml(Some(&ca_file)).replace(
-        "poll_interval: 50ms",
-        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-    );
-    let proxy = spawn_proxy(upstream.addr, &yaml).await;
-    let leaked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
-    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
-    let get_with = |leaf: &Leaf| {
-        let c = connector(&ca, &[], Some(leaf));
-        async move { try_get(&c, proxy.addr, "/m/older").await }
-    };
-    assert!(get_with(&leaked).await.is_err());
+    let mut r = Revocable::start(|ca| ca.crl(2, &[7])).await;
+    assert!(r.get_with(&r.leaked).await.is_err());
 
     // The older list, with a new certificate in the same step (seen served: the step was
     // taken), and the leaked client is still out.
-    let next = ca.server("keyward-b");
-    std::fs::write(&crl_file, client_ca.crl(1, &[])).unwrap();
-    certs.publish(&next.cert_pem, &next.key_pem);
-    let other_client = connector(&ca, &[], Some(&other));
+    let next = r.ca.server("keyward-b");
+    r.write_list(r.client_ca.crl(1, &[]));
+    r.certs.publish(&next.cert_pem, &next.key_pem);
     eventually("the new certificate served", || async {
-        match handshake(&other_client, proxy.addr).await {
-            Ok(tls) => peer_cert(&tls) == next.der,
-            Err(_) => false,
-        }
+        r.served_now().await == Some(next.der.clone())
     })
     .await;
     assert!(
-        get_with(&leaked).await.is_err(),
+        r.get_with(&r.leaked).await.is_err(),
         "an older list let the leaked client in"
     );
 
     // A newer list that lifts it is the issuer's word.
-    std::fs::write(&crl_file, client_ca.crl(3, &[])).unwrap();
+    r.write_list(r.client_ca.crl(3, &[]));
     eventually("the newer list lifts the revocation", || async {
-        get_with(&leaked).await.is_ok()
+        r.get_with(&r.leaked).await.is_ok()
     })
     .await;
 
     // The certificate gone mid-rotation, and the leaked one revoked again meanwhile.
-    std::fs::remove_file(certs.path("tls.crt")).unwrap();
-    std::fs::write(&crl_file, client_ca.crl(4, &[7])).unwrap();
+    std::fs::remove_file(r.certs.path("tls.crt")).unwrap();
+    r.write_list(r.client_ca.crl(4, &[7]));
     eventually(
         "the list applies though the certificate cannot be read",
-        || async { get_with(&leaked).await.is_err() },
+        || async { r.get_with(&r.leaked).await.is_err() },
     )
     .await;
-    assert!(get_with(&other).await.is_ok());
-    proxy.shutdown().await;
+    assert!(r.get_with(&r.other).await.is_ok());
+    r.proxy.shutdown().await;
 }
 
 /// A `tls.client_crl` bundle holding an older and a newer list of one CA (`cat old new`,
