@@ -268,24 +268,32 @@ impl CrlStanding {
     }
 }
 
-/// The issuer (RFC 4514) of a list in `new` older than the one of the same issuer (and
-/// scope) in `in_force`, if any: a list going back in time lifts revocations without a word
-/// (a GitOps revert, a stale copy of a Secret, a sync job gone backwards). A newer list that
-/// lifts one is an issuer's decision; an older one is not.
-fn older_than_in_force(new: &[u8], in_force: &[u8]) -> Option<String> {
-    let standing = |pem: &[u8]| -> Vec<CrlStanding> {
-        rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem)
+/// The issuers (RFC 4514) whose list in `new` is older than the one of the same issuer (and
+/// scope) in force, each file read as applied (the newest list of each issuer): a list
+/// going back in time lifts revocations without a word (a GitOps revert, a stale copy of a
+/// Secret, a sync job gone backwards). A newer list that lifts one is an issuer's decision;
+/// an older one is not.
+fn older_than_in_force(new: &[u8], in_force: &[u8]) -> Vec<String> {
+    let applied = |pem: &[u8]| -> Vec<CrlStanding> {
+        let crls: Vec<_> = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem)
             .filter_map(Result::ok)
-            .filter_map(|crl| CrlStanding::of(&crl))
+            .collect();
+        newest_of_each_issuer(crls)
+            .0
+            .iter()
+            .filter_map(CrlStanding::of)
             .collect()
     };
-    let in_force = standing(in_force);
-    standing(new).into_iter().find_map(|this| {
-        in_force
-            .iter()
-            .any(|old| old.same_lists_as(&this) && old.newer_than(&this))
-            .then(|| this.issuer.to_string())
-    })
+    let in_force = applied(in_force);
+    applied(new)
+        .into_iter()
+        .filter(|this| {
+            in_force
+                .iter()
+                .any(|old| old.same_lists_as(this) && old.newer_than(this))
+        })
+        .map(|this| this.issuer.to_string())
+        .collect()
 }
 
 /// Lists of `tls.client_crl` set aside beside a newer one of the same issuer: the issuer of
@@ -675,6 +683,7 @@ pub async fn watch(acceptor: TlsAcceptor, tls: TlsConfig) {
             paths,
             waiting: std::sync::Mutex::new(None),
             said: std::sync::Mutex::new(None),
+            said_older: std::sync::Mutex::new(None),
         },
         interval,
         last,
@@ -695,9 +704,27 @@ struct TlsWatch {
     /// The set last handed on with the certificate and key in force while those could not
     /// be read, once said (every poll reads it again).
     said: std::sync::Mutex<Option<[u8; 32]>>,
+    /// The lists last refused as older than the ones in force, once said (a certificate
+    /// waiting for its `notBefore` has the set looked at on every poll).
+    said_older: std::sync::Mutex<Option<[u8; 32]>>,
 }
 
 impl TlsWatch {
+    /// Run `say` unless it was run last for these very bytes.
+    fn say_once(
+        &self,
+        said: &std::sync::Mutex<Option<[u8; 32]>>,
+        bytes: &[u8],
+        say: impl FnOnce(),
+    ) {
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        let mut said = said.lock().unwrap_or_else(|e| e.into_inner());
+        if *said != Some(digest) {
+            say();
+            *said = Some(digest);
+        }
+    }
+
     /// Install the whole new set. `None`: its certificate is not valid yet (said once),
     /// to be taken at a later poll.
     fn whole(&self, files: &TlsFiles) -> Option<Result<(), TlsError>> {
@@ -746,19 +773,32 @@ impl TlsWatch {
             client_ca: files.client_ca.clone(),
             client_crl: files.client_crl.clone(),
         };
-        match mixed.build(&self.tls) {
+        let e = match mixed.build(&self.tls) {
             Ok(built) => {
                 self.install(built, mixed);
                 tracing::info!(
                     "TLS client CA and revocation lists reloaded, with the certificate in force"
                 );
-                true
+                return true;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "TLS client CA or revocation lists refused; keeping the current ones");
-                false
+            Err(e) => e,
+        };
+        tracing::warn!(error = %e, "TLS client CA or revocation lists refused; keeping the current ones");
+        // A client CA half written does not hold back new lists: they go in with the CA in
+        // force.
+        if files.client_ca != in_force.client_ca && files.client_crl != in_force.client_crl {
+            let lists = TlsFiles {
+                client_ca: in_force.client_ca.clone(),
+                ..mixed
+            };
+            if let Ok(built) = lists.build(&self.tls) {
+                self.install(built, lists);
+                tracing::info!(
+                    "TLS revocation lists reloaded, with the certificate and client CA in force"
+                );
             }
         }
+        false
     }
 
     fn install(&self, built: Built, files: TlsFiles) {
@@ -836,11 +876,19 @@ impl Watched for TlsWatch {
         };
         let mut files = files;
         if let (Some(new), Some(old)) = (&files.client_crl, &in_force.client_crl) {
-            if let Some(issuer) = older_than_in_force(new, old) {
-                let path = self.tls.client_crl.as_deref().unwrap_or(Path::new(""));
-                let e = file_err("client_crl", path, format!("the list of {issuer} is older than the one in force (a lower CRL Number, or an earlier thisUpdate): not applied; the lists in force stay until a newer one comes (a restart takes whatever the file holds)"));
-                tracing::warn!(error = %e, "TLS revocation lists refused");
-                files.client_crl = in_force.client_crl.clone();
+            let older = older_than_in_force(new, old);
+            if !older.is_empty() {
+                // Each issuer's newest list of the two files is applied: the older ones stay
+                // out, every other issuer's new list goes in.
+                let mut merged = new.clone();
+                merged.push(b'\n');
+                merged.extend_from_slice(old);
+                self.say_once(&self.said_older, &merged, || {
+                    let path = self.tls.client_crl.as_deref().unwrap_or(Path::new(""));
+                    let e = file_err("client_crl", path, format!("the list of {} is older than the one in force (a lower CRL Number, or an earlier thisUpdate): the one in force stays for that issuer, the file's lists of any other are applied (a restart takes whatever the file holds)", older.join("; ")));
+                    tracing::warn!(error = %e, "TLS revocation lists going back in time refused");
+                });
+                files.client_crl = Some(merged);
             }
         }
         let pair_changed = in_force.cert != files.cert || in_force.key != files.key;

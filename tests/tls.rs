@@ -865,8 +865,16 @@ async fn an_older_revocation_list_is_not_applied_and_an_unreadable_pair_holds_ba
         "an older list let the leaked client in"
     );
 
+    // A bundle that keeps the old list beside a newer one: the newer one is what it
+    // applies, and what is compared with the one in force.
+    r.write_list(r.client_ca.crl(1, &[]) + &r.client_ca.crl(3, &[7, 8]));
+    eventually("the bundle's newest list applies", || async {
+        r.get_with(&r.other).await.is_err()
+    })
+    .await;
+
     // A newer list that lifts it is the issuer's word.
-    r.write_list(r.client_ca.crl(3, &[]));
+    r.write_list(r.client_ca.crl(4, &[]));
     eventually("the newer list lifts the revocation", || async {
         r.get_with(&r.leaked).await.is_ok()
     })
@@ -874,7 +882,7 @@ async fn an_older_revocation_list_is_not_applied_and_an_unreadable_pair_holds_ba
 
     // The certificate gone mid-rotation, and the leaked one revoked again meanwhile.
     std::fs::remove_file(r.certs.path("tls.crt")).unwrap();
-    r.write_list(r.client_ca.crl(4, &[7]));
+    r.write_list(r.client_ca.crl(5, &[7]));
     eventually(
         "the list applies though the certificate cannot be read",
         || async { r.get_with(&r.leaked).await.is_err() },
