@@ -892,6 +892,45 @@ async fn an_older_revocation_list_is_not_applied_and_an_unreadable_pair_holds_ba
     r.proxy.shutdown().await;
 }
 
+/// The check against lists going back in time is per issuer: a stale list of one CA keeps
+/// that CA's list in force, and never holds back another CA's new revocations in the same
+/// file.
+#[tokio::test]
+async fn a_stale_list_of_one_issuer_does_not_hold_back_another_issuers() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let first = Ca::new("client ca");
+    let second = Ca::new("second client ca");
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&(first.pem() + &second.pem()));
+    let crl_file = certs.path("ca.crl");
+    std::fs::write(&crl_file, first.crl(2, &[7]) + &second.crl(1, &[])).unwrap();
+    let yaml = certs.yaml(Some(&ca_file)).replace(
+        "poll_interval: 50ms",
+        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+    );
+    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let leaked = first.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
+    let carol = second.issue_serial("carol", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let get_with = |leaf: &Leaf| {
+        let c = connector(&ca, &[], Some(leaf));
+        async move { try_get(&c, proxy.addr, "/m/issuers").await }
+    };
+    assert!(get_with(&leaked).await.is_err());
+    assert!(get_with(&carol).await.is_ok());
+    // The first CA's list goes back; the second's revokes carol.
+    std::fs::write(&crl_file, first.crl(1, &[]) + &second.crl(2, &[9])).unwrap();
+    eventually("the second issuer's new list applies", || async {
+        get_with(&carol).await.is_err()
+    })
+    .await;
+    assert!(
+        get_with(&leaked).await.is_err(),
+        "the stale list was applied"
+    );
+    proxy.shutdown().await;
+}
+
 /// A `tls.client_crl` bundle holding an older and a newer list of one CA (`cat old new`,
 /// or the other way round): the newer one is applied, so a certificate revoked since the
 /// older one is refused whichever comes first in the file (rustls-webpki consults the first
