@@ -296,6 +296,27 @@ fn older_than_in_force(new: &[u8], in_force: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The newest list of each issuer (and scope) of these PEM files, as one PEM file.
+fn newest_lists_of(files: &[&[u8]]) -> Vec<u8> {
+    use base64::Engine as _;
+    let crls: Vec<_> = files
+        .iter()
+        .flat_map(|pem| rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(pem))
+        .filter_map(Result::ok)
+        .collect();
+    let mut out = Vec::new();
+    for crl in newest_of_each_issuer(crls).0 {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(crl.as_ref());
+        out.extend_from_slice(b"-----BEGIN X509 CRL-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        out.extend_from_slice(b"-----END X509 CRL-----\n");
+    }
+    out
+}
+
 /// Lists of `tls.client_crl` set aside beside a newer one of the same issuer: the issuer of
 /// each (RFC 4514).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -877,12 +898,17 @@ impl Watched for TlsWatch {
         let mut files = files;
         if let (Some(new), Some(old)) = (&files.client_crl, &in_force.client_crl) {
             let older = older_than_in_force(new, old);
-            if !older.is_empty() {
+            // A file that does not parse whole is refused whole, as before.
+            let parses = self
+                .tls
+                .client_crl
+                .as_deref()
+                .is_some_and(|path| revocation_lists(path, new).is_ok());
+            if !older.is_empty() && parses {
                 // Each issuer's newest list of the two files is applied: the older ones stay
-                // out, every other issuer's new list goes in.
-                let mut merged = new.clone();
-                merged.push(b'\n');
-                merged.extend_from_slice(old);
+                // out, every other issuer's new list goes in (the newest of each only, so
+                // refusals in a row do not pile lists up).
+                let merged = newest_lists_of(&[new, old]);
                 self.say_once(&self.said_older, &merged, || {
                     let path = self.tls.client_crl.as_deref().unwrap_or(Path::new(""));
                     let e = file_err("client_crl", path, format!("the list of {} is older than the one in force (a lower CRL Number, or an earlier thisUpdate): the one in force stays for that issuer, the file's lists of any other are applied (a restart takes whatever the file holds)", older.join("; ")));
@@ -1190,6 +1216,41 @@ mod tests {
         }
         .signed_by(ca, key)
         .unwrap()
+    }
+
+    /// A reload that goes back in time for one issuer: that issuer's list in force is named
+    /// and kept, the other issuer's new one taken, and the file made of the newest of each
+    /// is the same size however often it is made again (refusals in a row pile nothing up).
+    #[test]
+    fn lists_going_back_are_named_and_merged_per_issuer() {
+        let a = crl_issuer("ca a");
+        let b = crl_issuer("ca b");
+        let pem = |crls: &[&rcgen::CertificateRevocationList]| -> Vec<u8> {
+            crls.iter()
+                .flat_map(|c| c.pem().unwrap().into_bytes())
+                .collect()
+        };
+        let (a1, a2) = (signed_crl(&a, 1, 2025, None), signed_crl(&a, 2, 2025, None));
+        let (b1, b2) = (signed_crl(&b, 1, 2025, None), signed_crl(&b, 2, 2025, None));
+        let in_force = pem(&[&a2, &b1]);
+        let reload = pem(&[&a1, &b2]);
+        assert_eq!(
+            older_than_in_force(&reload, &in_force),
+            vec!["CN=ca a".to_string()]
+        );
+        // A bundle that keeps the old list beside the newer one goes back for no one.
+        assert!(older_than_in_force(&pem(&[&a1, &a2, &b2]), &in_force).is_empty());
+        let merged = newest_lists_of(&[&reload, &in_force]);
+        let mut applied: Vec<Vec<u8>> =
+            rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&merged)
+                .map(|c| c.unwrap().to_vec())
+                .collect();
+        applied.sort();
+        let mut expected = vec![a2.der().to_vec(), b2.der().to_vec()];
+        expected.sort();
+        assert_eq!(applied, expected);
+        let again = newest_lists_of(&[&reload, &merged]);
+        assert_eq!(again.len(), merged.len());
     }
 
     /// Of two lists of one issuer, only the newer is applied: the higher CRL Number (compared
