@@ -288,9 +288,11 @@ fn older_than_in_force(new: &[u8], in_force: &[u8]) -> Vec<String> {
     applied(new)
         .into_iter()
         .filter(|this| {
+            // Any list of the issuer, whatever its scope: an older scoped list may speak for
+            // the certificates a newer full one revoked.
             in_force
                 .iter()
-                .any(|old| old.same_lists_as(this) && old.newer_than(this))
+                .any(|old| old.issuer == this.issuer && old.newer_than(this))
         })
         .map(|this| this.issuer.to_string())
         .collect()
@@ -375,9 +377,52 @@ fn newest_of_each_issuer(
             Some(this) if !newest.iter().any(|(n, _)| *n == i) => {
                 set_aside.0.push(this.issuer.to_string());
             }
-            _ => kept.push(crl),
+            _ => kept.push((i, crl)),
         }
     }
+    // rustls-webpki consults the first list it finds authoritative for a certificate, and
+    // lists of one issuer in different scopes overlap (a scoped list speaks for every
+    // certificate without a distribution point, a full one for all): each issuer's lists go
+    // newest first, in the places its lists held, so the one consulted is the newest that
+    // speaks for it (an older scoped list ahead of a newer full one hid a revocation).
+    let mut issuers: Vec<(&x509_cert::name::Name, Vec<usize>)> = Vec::new();
+    for (place, (i, _)) in kept.iter().enumerate() {
+        let Some(this) = &standing[*i] else { continue };
+        match issuers
+            .iter_mut()
+            .find(|(issuer, _)| **issuer == this.issuer)
+        {
+            Some((_, places)) => places.push(place),
+            None => issuers.push((&this.issuer, vec![place])),
+        }
+    }
+    let mut slots: Vec<Option<rustls::pki_types::CertificateRevocationListDer<'static>>> =
+        Vec::with_capacity(kept.len());
+    let mut order: Vec<usize> = Vec::with_capacity(kept.len());
+    for (i, crl) in kept {
+        order.push(i);
+        slots.push(Some(crl));
+    }
+    let mut arranged: Vec<usize> = (0..slots.len()).collect();
+    for (_, places) in &issuers {
+        let mut newest_first = places.clone();
+        newest_first.sort_by_key(|place| {
+            let this = standing[order[*place]].as_ref();
+            std::cmp::Reverse(this.map(|t| {
+                (
+                    t.number.as_ref().map(|n| (n.len(), n.clone())),
+                    t.this_update,
+                )
+            }))
+        });
+        for (slot, from) in places.iter().zip(newest_first) {
+            arranged[*slot] = from;
+        }
+    }
+    let kept = arranged
+        .into_iter()
+        .filter_map(|from| slots[from].take())
+        .collect();
     (kept, set_aside)
 }
 
@@ -1253,6 +1298,36 @@ mod tests {
         assert_eq!(again.len(), merged.len());
     }
 
+    /// Lists of one issuer in different scopes are all kept, newest first (rustls-webpki
+    /// consults the first that speaks for a certificate, and a scoped list speaks for every
+    /// certificate without a distribution point): an older scoped list ahead of a newer
+    /// full one hid the full one's revocations. And a file holding only the older scoped
+    /// list goes back in time against the full one in force.
+    #[test]
+    fn an_older_scoped_list_never_comes_before_a_newer_full_one() {
+        let a = crl_issuer("ca a");
+        let b = crl_issuer("ca b");
+        let scoped1 = crl_of(&a, 1, 2025, Some("http://crl.example/part1.crl"));
+        let full2 = crl_of(&a, 2, 2025, None);
+        let other = crl_of(&b, 7, 2025, None);
+        let (kept, set_aside) =
+            newest_of_each_issuer(vec![scoped1.clone(), other.clone(), full2.clone()]);
+        assert_eq!(kept, vec![full2.clone(), other.clone(), scoped1.clone()]);
+        assert!(set_aside.0.is_empty());
+        let pem = |c: &rcgen::CertificateRevocationList| c.pem().unwrap().into_bytes();
+        let in_force = pem(&signed_crl(&a, 2, 2025, None));
+        let stale = pem(&signed_crl(
+            &a,
+            1,
+            2025,
+            Some("http://crl.example/part1.crl"),
+        ));
+        assert_eq!(
+            older_than_in_force(&stale, &in_force),
+            vec!["CN=ca a".to_string()]
+        );
+    }
+
     /// Of two lists of one issuer, only the newer is applied: the higher CRL Number (compared
     /// as a number), the later `thisUpdate` between equal numbers. Lists of other issuers,
     /// and of another distribution point of the same one, are kept.
@@ -1275,9 +1350,10 @@ mod tests {
 
         let b1 = crl_of(&b, 1, 2024, None);
         let part = crl_of(&a, 1, 2024, Some("http://crl.example/part1.crl"));
+        // The other scope's list is kept, after the newer full one of its issuer.
         assert_eq!(
             kept(&[&a255, &b1, &part, &a256]),
-            (vec![b1.clone(), part.clone(), a256.clone()], 1)
+            (vec![b1.clone(), a256.clone(), part.clone()], 1)
         );
         assert_eq!(
             SetAside(vec!["CN=ca a".into(), "CN=ca b".into(), "CN=ca a".into()])
