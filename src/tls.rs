@@ -776,14 +776,13 @@ struct TlsWatch {
 }
 
 impl TlsWatch {
-    /// Run `say` unless it was run last for these very bytes.
+    /// Run `say` unless it was run last for this digest (of what it is said about).
     fn say_once(
         &self,
         said: &std::sync::Mutex<Option<[u8; 32]>>,
-        bytes: &[u8],
+        digest: [u8; 32],
         say: impl FnOnce(),
     ) {
-        let digest: [u8; 32] = Sha256::digest(bytes).into();
         let mut said = said.lock().unwrap_or_else(|e| e.into_inner());
         if *said != Some(digest) {
             say();
@@ -914,11 +913,9 @@ impl Watched for TlsWatch {
             client_crl,
         };
         let digest = files.fingerprint();
-        let mut said = self.said.lock().unwrap_or_else(|e| e.into_inner());
-        if *said != Some(digest) {
+        self.say_once(&self.said, digest, || {
             tracing::warn!(error = %error, "TLS certificate or key not readable; keeping the current one, and taking the new client CA and revocation lists with it");
-            *said = Some(digest);
-        }
+        });
         Ok((digest, files))
     }
 
@@ -954,7 +951,7 @@ impl Watched for TlsWatch {
                 // out, every other issuer's new list goes in (the newest of each only, so
                 // refusals in a row do not pile lists up).
                 let merged = newest_lists_of(&[new, old]);
-                self.say_once(&self.said_older, &merged, || {
+                self.say_once(&self.said_older, Sha256::digest(&merged).into(), || {
                     let path = self.tls.client_crl.as_deref().unwrap_or(Path::new(""));
                     let e = file_err("client_crl", path, format!("the list of {} is older than the one in force (a lower CRL Number, or an earlier thisUpdate): the one in force stays for that issuer, the file's lists of any other are applied (a restart takes whatever the file holds)", older.join("; ")));
                     tracing::warn!(error = %e, "TLS revocation lists going back in time refused");

@@ -67,8 +67,9 @@ impl StreamBudget {
         unreachable!("the last share is always granted")
     }
 
-    /// Streams not granted (for tests).
-    pub fn left(&self) -> isize {
+    /// Streams not granted.
+    #[cfg(test)]
+    fn left(&self) -> isize {
         self.0.load(Ordering::Acquire)
     }
 }
