@@ -1076,3 +1076,56 @@ async fn a_snapshot_with_yaml_aliases_is_refused() {
     assert_eq!(status_with(&kw, &raw(5)).await, 401);
     kw.shutdown().await;
 }
+
+/// Keys moved to new ids under the same secrets are a rename, unless the entries they
+/// moved into lock their clients out: then the guard counts them as removed, as it counts
+/// the same change under the old ids (review: renaming every key with `scopes: []`, a
+/// type its prefix refuses, an expiry in seconds or a starving limit was taken with
+/// nothing counted, and every client refused). A disabled secret brought back under a new
+/// id is named in the dry run's `enabled`.
+#[tokio::test]
+async fn a_rename_is_no_way_around_the_guard() {
+    let up = spawn_upstream().await;
+    let kw = spawn_control(up.addr, Some(&plain(0..12)), "").await;
+    let moved = |extra: &str, edit: &dyn Fn(String) -> String| {
+        edit(snapshot("", 0..12, |_| extra.to_string())).replace("id: key_", "id: moved_")
+    };
+    let soon = rfc3339(SystemTime::now() + Duration::from_secs(8));
+    let same = |s: String| s;
+    let variants = [
+        ("no scope", moved("", &|s| s.replace("[read]", "[]"))),
+        (
+            "type",
+            moved("", &|s| s.replace("service_account", "personal")),
+        ),
+        ("expiring", moved(&format!(", expires_at: {soon}"), &same)),
+        (
+            "starved",
+            moved(", rate_limit: { per_second: 0.0001, burst: 1 }", &same),
+        ),
+    ];
+    for (what, body) in &variants {
+        let r = admin(&kw, "PUT", "/v1/snapshot", body).await;
+        assert_eq!(r.status, 409, "{what}: {}", r.text());
+        assert_eq!(r.json()["code"], "snapshot_guard", "{what}");
+        assert_eq!(r.json()["removed"], 12, "{what}");
+    }
+    assert_eq!(status_with(&kw, &raw(3)).await, 200);
+    // A plain rename keeps every client in: taken.
+    let r = admin(&kw, "PUT", "/v1/snapshot", &moved("", &same)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(3)).await, 200);
+    // Disabled through the API, then moved under another id: the dry run names the enable.
+    let r = admin(&kw, "POST", "/v1/keys/moved_3/disable", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let back = moved("", &same).replace("id: moved_3,", "id: again_3,");
+    let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", &back).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["enabled"],
+        serde_json::json!(["again_3"]),
+        "{}",
+        r.text()
+    );
+    kw.shutdown().await;
+}

@@ -177,6 +177,12 @@ pub fn usable(key: &Key, here: Here<'_>) -> bool {
         && !here.revoked.is_some_and(|r| r.is_revoked(key))
 }
 
+/// Was `key` refused in force for what it is, not where or when: disabled in the snapshot,
+/// or revoked by the fleet.
+fn refused_in_force(key: &Key, here: Here<'_>) -> bool {
+    key.status == Status::Disabled || here.revoked.is_some_and(|r| r.is_revoked(key))
+}
+
 /// The two snapshots' sizes and versions: measured by the diff, repeated by the guard's
 /// verdict (both serialize them flat, under these names).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -251,10 +257,19 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
     // second pass over the keys in force is needed only then.
     if new.len() - d.added.len() < old.len() {
         for k in old.keys().filter(|k| new.by_id(&k.id).is_none()) {
-            // The same secret under a new id lets its clients in still: a rename.
-            let renamed = new.lookup(k.digest()).is_some_and(|n| usable(n, here));
+            let moved_to = new.lookup(k.digest());
+            // The same secret under a new id lets its clients in still (a rename), unless
+            // the entry it moved into locks them out as that change under the old id would
+            // (no scope, a new type, an expiry in seconds, a starving limit, a stale stamp):
+            // a rename must not be the way around the guard.
+            let renamed = moved_to.is_some_and(|n| !ages_out && !locks_out(k, n, here));
             d.removed_usable += usize::from(usable(k, here) && !renamed);
             d.removed.push(k.id.to_string());
+            // A secret refused in force (disabled in the snapshot, or revoked by the fleet)
+            // and active under its new id is let in again: named, as an enable in place is.
+            if let Some(n) = moved_to.filter(|n| refused_in_force(k, here) && usable(n, here)) {
+                d.enabled.push(n.id.to_string());
+            }
         }
     }
     d.added.sort_unstable();
@@ -545,6 +560,52 @@ mod tests {
             .locked_out
             .is_empty());
         assert_eq!(diff(&old, &retyped, here()).locked_out, ["k1"]);
+    }
+
+    /// A secret moved into a new id is judged as the change would be under its old id: an
+    /// entry that locks its clients out (no scope, a bound type, an expiry in seconds, a
+    /// starving limit) makes the rename a removal (review: every key renamed with
+    /// `scopes: []` passed the guard with nothing counted). A refused secret let in again
+    /// under a new id is named as enabled.
+    #[test]
+    fn a_rename_into_an_entry_that_locks_out_is_a_removal() {
+        let old = snap(&[
+            entry("k1", "a", ""),
+            entry("k2", "b", "    status: disabled\n"),
+        ]);
+        let soon = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(8));
+        for (what, moved) in [
+            ("no scope", entry("n1", "a", "").replace("[read]", "[]")),
+            (
+                "bound type",
+                entry("n1", "a", "").replace("service_account", "personal"),
+            ),
+            (
+                "expiring",
+                entry("n1", "a", &format!("    expires_at: {soon}\n")),
+            ),
+            (
+                "starved",
+                entry(
+                    "n1",
+                    "a",
+                    "    rate_limit: { per_second: 0.0001, burst: 1 }\n",
+                ),
+            ),
+            ("disabled", entry("n1", "a", "    status: disabled\n")),
+        ] {
+            let d = diff(&old, &snap(&[moved]), here());
+            assert_eq!((d.removed.len(), d.removed_usable), (2, 1), "{what}");
+        }
+        let d = diff(
+            &old,
+            &snap(&[entry("n1", "a", ""), entry("n2", "b", "")]),
+            here(),
+        );
+        assert_eq!(
+            (d.removed_usable, d.enabled.clone()),
+            (0, vec!["n2".to_string()])
+        );
     }
 
     /// Keys the fleet has revoked let no client in: they are not usable in force, so a
