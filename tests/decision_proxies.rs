@@ -323,7 +323,10 @@ async fn scenario(front: SocketAddr, up: &Upstream, name: &str, strips_prefix: b
             r.text()
         );
         if r.status == 401 {
-            assert!(r.headers.contains_key("www-authenticate"), "{name}");
+            // One challenge, as keyward's own answer has (nginx copies a 401's challenge
+            // itself: a second `add_header` sent it twice).
+            let challenges = r.headers.get_all("www-authenticate").iter().count();
+            assert_eq!(challenges, 1, "{name}: {method} {path}: {:?}", r.headers);
         }
         if statuses.len() > 1 {
             // A path trick: the proxy may refuse it itself, before asking keyward.
@@ -383,6 +386,11 @@ async fn scenario(front: SocketAddr, up: &Upstream, name: &str, strips_prefix: b
     for expect in [200, 200, 429] {
         let r = get(&url("/v1/limited"), &[("x-api-key", LIMITED_KEY)]).await;
         assert_eq!(r.status, expect, "{name}: {}", r.text());
+        // The quota and the correlation id reach the client on an allowed request too.
+        for h in ["ratelimit-limit", "ratelimit-remaining", "x-correlation-id"] {
+            let n = r.headers.get_all(h).iter().count();
+            assert_eq!(n, 1, "{name}: {expect}: {h}: {:?}", r.headers);
+        }
         if expect == 429 {
             assert!(
                 r.headers.contains_key("retry-after"),
