@@ -543,6 +543,14 @@ async fn absolute_form_target_is_authorized_by_its_path() {
     let seen = up.last();
     assert_eq!(seen.target, "/v1/x");
     assert_eq!(seen.headers["host"], "app");
+    // No path but a query: the path is `/`, and `/` is what the app is asked for (the
+    // fast client sent `GET ?x=1`, the target's path and query as the URI holds them).
+    let req = format!(
+        "GET http://app?x=1 HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n"
+    );
+    let r = exchange(kw.addr, req.as_bytes()).await;
+    assert_eq!(r.status(), 200, "{}", r.text);
+    assert_eq!(up.last().target, "/?x=1");
     assert_nothing_smuggled(&kw, &up).await;
     kw.shutdown().await;
 }

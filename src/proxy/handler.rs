@@ -687,7 +687,11 @@ fn upstream_target(
         Some(Cow::Owned(_)) => false,
     };
     match (&trace.path, target.path_and_query()) {
-        (Some(Cow::Borrowed(_)), Some(pq)) if unchanged_query => Ok(http::Uri::from(pq.clone())),
+        // An absolute-form target without a path (`http://h?q`) keeps `?q` as its path and
+        // query: the `/` that was authorized is put back by building the target.
+        (Some(Cow::Borrowed(_)), Some(pq)) if unchanged_query && pq.as_str().starts_with('/') => {
+            Ok(http::Uri::from(pq.clone()))
+        }
         _ => app.upstream.uri(trace.path(), query.as_deref()),
     }
 }
