@@ -192,6 +192,21 @@ async fn insufficient_scope_lists_required_scopes() {
         www(&r),
         r#"Bearer realm="keyward", error="insufficient_scope", scope="write""#
     );
+    // A method no `scopes` rule names: no scope grants it, and RFC 6750's `scope` lists
+    // one or more, so the challenge has none (it was `scope=""`).
+    let r = send(
+        "PURGE",
+        &kw.url("/v1/items/1"),
+        &[("x-api-key", SERVICE_KEY)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["required"], serde_json::json!([]));
+    assert_eq!(
+        www(&r),
+        r#"Bearer realm="keyward", error="insufficient_scope""#
+    );
     // A route rule adds its own requirement on top of the method's.
     let r = get(&kw.url("/admin/users"), &[("x-api-key", SERVICE_KEY)]).await;
     assert_eq!(r.status, 403);

@@ -281,6 +281,11 @@ impl Reject {
             Reject::InvalidAuthHeader { missing: true } => {
                 Some(HeaderValue::from_static(r#"Bearer realm="keyward""#))
             }
+            // No scope grants a method no `scopes` rule names: RFC 6750's `scope` lists one
+            // or more, so it is left out rather than sent empty.
+            Reject::InsufficientScope { required } if required.is_empty() => Some(
+                HeaderValue::from_static(r#"Bearer realm="keyward", error="insufficient_scope""#),
+            ),
             Reject::InsufficientScope { required } => HeaderValue::from_str(&format!(
                 r#"Bearer realm="keyward", error="insufficient_scope", scope="{}""#,
                 required.join(" ")

@@ -93,12 +93,13 @@ mod tests {
     use super::*;
     use crate::keys::{digest, Snapshot, Source, Text};
 
-    /// Keys `a`, `b` and `c` (raw keys "a", "b", "c"), and a second `a` with the digest of "x".
+    /// Keys `a`, `b` and `c` (raw keys "raw-a", "raw-b", "raw-c"), and a second `a` with the
+    /// digest of "raw-x" (an id is never its own raw key: such a snapshot is refused).
     fn keys() -> Vec<Arc<Key>> {
         let entry = |id: &str, raw: &str| {
             format!(
                 "  - {{id: {id}, sha256: {}, type: service_account, subject_id: s, account_id: a, scopes: [read]}}\n",
-                hex::encode(digest(raw.as_bytes()))
+                hex::encode(digest(format!("raw-{raw}").as_bytes()))
             )
         };
         let text = format!(
@@ -124,11 +125,13 @@ mod tests {
         }
         assert_eq!(index.len(), 3);
         for raw in ["a", "b", "c"] {
-            let k = index.by_digest(&digest(raw.as_bytes())).expect("by digest");
+            let k = index
+                .by_digest(&digest(format!("raw-{raw}").as_bytes()))
+                .expect("by digest");
             assert_eq!(&*k.id, raw);
             assert!(Arc::ptr_eq(k, index.by_id(raw).expect("by id")));
         }
-        assert!(index.by_digest(&digest(b"x")).is_none());
+        assert!(index.by_digest(&digest(b"raw-x")).is_none());
         assert!(index.by_id("x").is_none());
     }
 
@@ -155,7 +158,7 @@ mod tests {
         index.insert(keys[1].clone()).unwrap();
         // Same id as `a`, another digest: refused, and its digest is not indexed either.
         assert_eq!(index.insert(keys[3].clone()).unwrap_err().0, Duplicate::Id);
-        assert!(index.by_digest(&digest(b"x")).is_none());
+        assert!(index.by_digest(&digest(b"raw-x")).is_none());
         // Another id, `b`'s digest: refused, and the id is not indexed either.
         let mut renamed = Key::clone(&keys[1]);
         renamed.id = Text::for_test("d");

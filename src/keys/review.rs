@@ -160,7 +160,7 @@ mod tests {
                 };
                 format!(
                     "  - {{id: {id}, sha256: {}, type: personal, subject_id: s, account_id: a, status: {status}}}\n",
-                    hex::encode(digest(id.as_bytes()))
+                    hex::encode(digest(format!("raw-{id}").as_bytes()))
                 )
             })
             .collect();

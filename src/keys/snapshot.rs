@@ -55,6 +55,13 @@ impl fmt::Debug for Snapshot {
     }
 }
 
+/// Is `id` one of the snapshot's secrets: some key's raw key, or its digest in hex?
+fn id_is_a_secret(id: &str, index: &KeyIndex) -> bool {
+    let raw_key = index.by_digest(&digest(id.as_bytes())).is_some();
+    let mut d = Digest::default();
+    raw_key || (hex::decode_to_slice(id, &mut d).is_ok() && index.by_digest(&d).is_some())
+}
+
 impl Snapshot {
     /// Index built keys by digest and by id; a duplicate of either refuses the snapshot.
     pub(super) fn assemble(
@@ -64,6 +71,7 @@ impl Snapshot {
         content_digest: String,
     ) -> Result<Snapshot, SnapshotError> {
         let mut index = KeyIndex::with_capacity(keys.len());
+        let entries = keys.clone();
         for (i, key) in keys.into_iter().enumerate() {
             if let Err((dup, key)) = index.insert(key) {
                 let (field, reason) = match dup {
@@ -77,6 +85,14 @@ impl Snapshot {
                     reason: reason.into(),
                 });
             }
+        }
+        if let Some(i) = entries.iter().position(|k| id_is_a_secret(&k.id, &index)) {
+            return Err(SnapshotError::Entry {
+                index: i,
+                id: "(withheld)".into(),
+                field: "id",
+                reason: "is the raw key or the sha256 of a key in this snapshot (an id is logged, labelled and sent to the app)".into(),
+            });
         }
         Ok(Snapshot {
             index,
@@ -214,6 +230,42 @@ mod tests {
         // The same entry twice: its id is what is reported.
         let two = entry("") + &entry("").replacen("keys:\n", "", 1);
         assert_eq!(refuse(&two), "keys[1] id=key_a: id: duplicate id");
+    }
+
+    /// An id that is one of the snapshot's secrets (a key's raw key, or its digest in hex,
+    /// either case) is refused, and not echoed: ids are logged, labelled and sent upstream
+    /// (review: `id` and `sha256` swapped put a digest in the log).
+    #[test]
+    fn an_id_that_is_a_secret_is_refused_unechoed() {
+        let upper = SHA.to_uppercase();
+        for (at, id) in [(0, SHA), (1, "test"), (1, upper.as_str())] {
+            let second = format!(
+                "  - id: {id}\n    sha256: {}\n    type: personal\n    subject_id: s\n    account_id: a\n",
+                "0".repeat(64)
+            );
+            let text = if at == 0 {
+                entry("").replace("id: key_a", &format!("id: {SHA}"))
+            } else {
+                entry("") + &second
+            };
+            let e = refuse(&text);
+            assert!(
+                e.starts_with(&format!("keys[{at}] id=(withheld): id: is the raw key")),
+                "{e}"
+            );
+            assert!(!e.contains(id), "{e}");
+        }
+        // An id shaped like a secret in an entry refused for something else is withheld.
+        let long = "sta_Zq3xV9kPp2Lr8TnW4yBc6HdFj1MsQe7Ua5Gi0Ko-_Xw";
+        let e = refuse(
+            &entry("")
+                .replace("id: key_a", &format!("id: {long}"))
+                .replace(SHA, "0f00"),
+        );
+        assert_eq!(
+            e,
+            "keys[0] id=(withheld): sha256: must be 64 hex characters"
+        );
     }
 
     /// Stored digests are whatever the writer put there: ones that differ only in their

@@ -44,6 +44,9 @@ fn from_doc(doc: KeyDoc, scopes: &mut ScopeCache) -> Result<Key, (FieldError, St
         Ok(c) => Ok(build(doc, c, scopes)),
         // An id that is not one is not echoed: it may be anything, of any length.
         Err(e) if check_id("id", &doc.id).is_err() => Err((e, "(invalid)".into())),
+        // Nor one shaped like a secret: in an entry that is wrong anyway, `id` and `sha256`
+        // swapped or a new key pasted into `id` are likelier than an id of that shape.
+        Err(e) if may_be_a_secret(&doc.id) => Err((e, "(withheld)".into())),
         Err(e) => Err((e, doc.id.into())),
     }
 }
@@ -153,6 +156,36 @@ pub fn is_token(s: &str) -> bool {
         && s.len() <= 128
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'))
+}
+
+/// Could this id be a raw key or a digest? 40 characters or more (a generated key is its
+/// prefix and 43 more, a digest 64 in hex or 43 in base64), or a run of 20 letters and
+/// digits (a random part). Ids people write (`key_billing_prod`, a UUID) are neither.
+pub fn may_be_a_secret(id: &str) -> bool {
+    id.len() >= 40
+        || id
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|run| run.len() >= 20)
+}
+
+#[cfg(test)]
+#[test]
+fn ids_shaped_like_secrets() {
+    for id in [
+        "key_billing_prod",
+        "3f2b8c1e-9a4d-4f6e-8b7a-1c2d3e4f5a6b",
+        "acme:prod/key-7",
+    ] {
+        assert!(!may_be_a_secret(id), "{id}");
+    }
+    let hex = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    for id in [
+        hex,
+        "sta_Zq3xV9kPp2Lr8TnW4yBc6HdFj1MsQe7Ua5Gi0Ko-_Xw",
+        "k_abcdefghij0123456789",
+    ] {
+        assert!(may_be_a_secret(id), "{id}");
+    }
 }
 
 fn check_id(field: &'static str, s: &str) -> Result<(), FieldError> {
