@@ -71,9 +71,8 @@ impl Snapshot {
         content_digest: String,
     ) -> Result<Snapshot, SnapshotError> {
         let mut index = KeyIndex::with_capacity(keys.len());
-        let entries = keys.clone();
-        for (i, key) in keys.into_iter().enumerate() {
-            if let Err((dup, key)) = index.insert(key) {
+        for (i, key) in keys.iter().enumerate() {
+            if let Err((dup, key)) = index.insert(key.clone()) {
                 let (field, reason) = match dup {
                     Duplicate::Id => ("id", "duplicate id"),
                     Duplicate::Digest => ("sha256", "duplicate sha256"),
@@ -86,7 +85,7 @@ impl Snapshot {
                 });
             }
         }
-        if let Some(i) = entries.iter().position(|k| id_is_a_secret(&k.id, &index)) {
+        if let Some(i) = keys.iter().position(|k| id_is_a_secret(&k.id, &index)) {
             return Err(SnapshotError::Entry {
                 index: i,
                 id: "(withheld)".into(),
