@@ -120,6 +120,10 @@ impl Default for Shutdown {
     }
 }
 
+/// The most header fields `limits.max_headers` may allow (a head of `max_header_bytes`
+/// holds fewer in practice).
+const MAX_HEADERS: usize = 10_000;
+
 impl Limits {
     /// Zero durations and counts, and a header budget too small for any request.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
@@ -162,6 +166,10 @@ impl Limits {
             if n == 0 {
                 return Err(invalid(field, "must be greater than zero"));
             }
+        }
+        // hyper sizes its header list by it: `usize::MAX` overflowed on the first body.
+        if l.max_headers > MAX_HEADERS {
+            return Err(invalid("limits.max_headers", "must be at most 10000"));
         }
         // RFC 9113 6.9.2: from 65,535 (the protocol's initial window) to 2^31 - 1.
         let windows = [

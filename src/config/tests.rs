@@ -708,4 +708,34 @@ fn durations_take_the_config_s_units_only() {
     ] {
         assert!(parse_duration(text).is_err(), "{text}");
     }
+    // Ten years at most: a deadline past what the clock holds panicked on the first request.
+    assert_eq!(
+        parse_duration("3650d"),
+        Ok(Duration::from_secs(3650 * 86_400))
+    );
+    assert!(parse_duration("3650d1ms").is_err());
+    let huge = "4294967295d".repeat(25_000);
+    assert!(parse_duration(&huge).is_err());
+}
+
+/// Every duration and count a deadline or an allocation is made from is bounded, and the
+/// refusal names the field (review: `check` passed these and the first request panicked).
+#[test]
+fn durations_and_header_counts_past_their_bounds_name_the_field() {
+    for field in [
+        "limits: { idle_timeout: 4294967295d }",
+        "limits: { max_connection_age: 3651d }",
+        "limits: { upstream_timeout: 999999d }",
+        "limits: { body_stall_timeout: 4000d }",
+    ] {
+        let e = err(&format!("{field}\n"));
+        let name = field.split(['{', ':']).nth(1).unwrap().trim();
+        assert!(e.contains("longer than 3650d"), "{field}: {e}");
+        assert!(e.contains(&format!("limits.{name}")), "{field}: {e}");
+    }
+    let e = err("limits: { max_headers: 18446744073709551615 }\n");
+    assert!(
+        e.starts_with("limits.max_headers: must be at most 10000"),
+        "{e}"
+    );
 }

@@ -113,8 +113,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total = total.checked_add(part).ok_or_else(bad)?;
         rest = &rest[digits + unit_len..];
     }
+    if total > MAX_DURATION {
+        return Err(format!(
+            "{s:?} is longer than 3650d, the longest duration keyward takes"
+        ));
+    }
     Ok(total)
 }
+
+/// The longest duration any setting takes (ten years): a deadline is `now` plus it, and
+/// one past what a clock holds (`4294967295d` parsed) panicked on the first request.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
 
 pub(super) fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
