@@ -551,8 +551,36 @@ async fn absolute_form_target_is_authorized_by_its_path() {
     let r = exchange(kw.addr, req.as_bytes()).await;
     assert_eq!(r.status(), 200, "{}", r.text);
     assert_eq!(up.last().target, "/?x=1");
+    // No Host beside an absolute-form target: refused as without one (RFC 9112 3.2).
+    let req =
+        format!("GET http://app/v1/x HTTP/1.1\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n");
+    let r = exchange(kw.addr, req.as_bytes()).await;
+    assert_eq!(r.status(), 400, "{}", r.text);
     assert_nothing_smuggled(&kw, &up).await;
     kw.shutdown().await;
+}
+
+/// An absolute-form target whose path is empty but for a fragment (`http://h#`) is the
+/// path `/`, and `/` is what the app is asked for by either client, with or without a
+/// body (it got an empty target, `GET  HTTP/1.1`, which a lenient app read as HTTP/0.9).
+#[tokio::test]
+async fn an_absolute_form_target_without_a_path_is_forwarded_as_the_root() {
+    let up = spawn_upstream().await;
+    for client in ["fast", "hyper"] {
+        let kw = spawn_proxy(up.addr, &format!("upstream_client: {client}\n")).await;
+        for (head, body) in [
+            ("GET http://app# HTTP/1.1\r\n", ""),
+            ("GET http://app:80#x HTTP/1.1\r\n", ""),
+            ("POST http://app# HTTP/1.1\r\nContent-Length: 3\r\n", "abc"),
+        ] {
+            let req =
+                format!("{head}Host: app\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n{body}");
+            let r = exchange(kw.addr, req.as_bytes()).await;
+            assert_eq!(r.status(), 200, "{client}: {head}: {}", r.text);
+            assert_eq!(up.last().target, "/", "{client}: {head}");
+        }
+        kw.shutdown().await;
+    }
 }
 
 #[tokio::test]

@@ -892,6 +892,10 @@ async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
         // Where parsers that search the whole URL for `&api_key=` find it.
         format!("/public/&api_key={other}&"),
         format!("/x/y&api_key={other}"),
+        // At a `?` inside the query, where the same parsers find `?api_key=`.
+        format!("/public/x?y=1?api_key={other}"),
+        format!("/x?y=1?api_key={other}"),
+        format!("/x?y=1%3Fapi_key={other}"),
     ] {
         let r = get(&kw.url(&target), &[("x-api-key", SERVICE_KEY)]).await;
         assert_eq!(r.status, 400, "{target}: {}", r.text());

@@ -306,9 +306,14 @@ fn hides_query_key(app: &App, path: &str, query: Option<&str>) -> bool {
     let in_path =
         decoded.contains(['?', '&']) && assigns_param(&decoded.replace('?', "&"), name) > 0;
     // Every value the app would read for it must be one keyward's split reads too.
+    // And at a `?` inside the query (`?y=1?api_key=K`): the same parsers read it there.
     in_path
         || query.is_some_and(|raw| {
-            assigns_param(&auth::path::as_decoded(raw), name) != assigns_param(raw, name)
+            let decoded = auth::path::as_decoded(raw);
+            let read = assigns_param(raw, name);
+            assigns_param(&decoded, name) != read
+                || (decoded.contains('?')
+                    && assigns_param(&decoded.replace('?', "&"), name) != read)
         })
 }
 
@@ -686,14 +691,17 @@ fn upstream_target(
         Some(Cow::Borrowed(q)) => !q.is_empty(),
         Some(Cow::Owned(_)) => false,
     };
-    match (&trace.path, target.path_and_query()) {
-        // An absolute-form target without a path (`http://h?q`) keeps `?q` as its path and
-        // query: the `/` that was authorized is put back by building the target.
-        (Some(Cow::Borrowed(_)), Some(pq)) if unchanged_query && pq.as_str().starts_with('/') => {
-            Ok(http::Uri::from(pq.clone()))
+    if let (Some(Cow::Borrowed(_)), Some(pq)) = (&trace.path, target.path_and_query()) {
+        // An absolute-form target without a path keeps `?q` (`http://h?q`) or nothing
+        // (`http://h#`, h2's `:path "#"`) as its path and query, which the `http` crate
+        // shows as `/` in one place and writes as `?q` or an empty target in others: reused
+        // only when it is written with the `/` that was authorized, else built.
+        let reused = http::Uri::from(pq.clone());
+        if unchanged_query && pq.as_str().starts_with('/') && reused.path().starts_with('/') {
+            return Ok(reused);
         }
-        _ => app.upstream.uri(trace.path(), query.as_deref()),
     }
+    app.upstream.uri(trace.path(), query.as_deref())
 }
 
 /// The query as forwarded: unchanged, unless the key may arrive in it and must not leave.

@@ -65,7 +65,8 @@ pub fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
         (host, _) => host,
     };
     match (http1, host, authority) {
-        (true, None, None) if req.version() == Version::HTTP_11 => Err(HOST),
+        // RFC 9112 3.2: an HTTP/1.1 request without `Host` is refused, whatever its target.
+        (true, None, _) if req.version() == Version::HTTP_11 => Err(HOST),
         (false, Some(host), Some(authority))
             if !host
                 .as_bytes()
