@@ -19,7 +19,7 @@ pub const HYPER_MIN_BUF: usize = 8192;
 /// field; whichever it is, it must be a valid `host[:port]` without user info, and there
 /// must be no second candidate a front proxy or the upstream could read instead: HTTP/1.1
 /// needs exactly one `Host` (RFC 9112 3.2; with an absolute-form target it is ignored, as
-/// 3.2.2 says, but must still be single and valid), and HTTP/2 allows at most one `host`
+/// 3.2.2 says, but must still be there, single and valid), and HTTP/2 allows at most one `host`
 /// field, which must name the same host as `:authority` when both are present (RFC 9113
 /// 8.3.1).
 pub fn check_head<B>(req: &Request<B>, limits: &Limits) -> Result<(), Reject> {
@@ -238,7 +238,11 @@ mod tests {
             Err(Reject::BadRequest(BadRequest::Host))
         );
         assert_eq!(ok(req(Version::HTTP_10, "/a", &[])), Ok(()));
-        assert_eq!(ok(req(v11, "http://a/x", &[])), Ok(()));
+        // RFC 9112 3.2: without `Host`, whatever the target.
+        assert_eq!(
+            ok(req(v11, "http://a/x", &[])),
+            Err(Reject::BadRequest(BadRequest::Host))
+        );
         assert_eq!(
             ok(req(v11, "/a", &[("host", "a"), ("host", "b")])),
             Err(Reject::BadRequest(BadRequest::Host))
