@@ -1127,5 +1127,19 @@ async fn a_rename_is_no_way_around_the_guard() {
         "{}",
         r.text()
     );
+    // Or swapped with another key's secret, both ids staying: named by the id it is under.
+    let swapped = moved("", &same)
+        .replace(&sha(3), "SHA_3")
+        .replace(&sha(4), &sha(3))
+        .replace("SHA_3", &sha(4))
+        .replace("id: moved_3,", "id: moved_3, status: disabled,");
+    let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", &swapped).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["enabled"],
+        serde_json::json!(["moved_4"]),
+        "{}",
+        r.text()
+    );
     kw.shutdown().await;
 }

@@ -6,8 +6,7 @@ use http::HeaderMap;
 
 use crate::config::CredentialSource;
 
-pub const MIN_KEY_LEN: usize = 8;
-pub const MAX_KEY_LEN: usize = 512;
+pub use crate::keys::{MAX_KEY_LEN, MIN_KEY_LEN};
 
 /// Why no usable credential was found. All are 401 `invalid_auth_header`; `Missing` omits
 /// the `error` attribute of `WWW-Authenticate` (RFC 6750 3.1).

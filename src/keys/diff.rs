@@ -39,9 +39,10 @@ pub struct SnapshotDiff {
     pub changed: Vec<Changed>,
     /// Keys usable in force and disabled in the new snapshot (also listed in `changed`).
     pub disabled: Vec<String>,
-    /// Keys disabled in force and active in the new snapshot (also listed in `changed`):
-    /// without `cluster`, a disable through the API lives in the snapshot, and a push that
-    /// was not made from it lifts the revoke. A push of the version in force that enables
+    /// Keys disabled in force and active in the new snapshot (also listed in `changed`), and
+    /// keys of the new snapshot that let in a secret refused in force under whichever id
+    /// (by its digest: moved, swapped or renamed): without `cluster`, a disable through the
+    /// API lives in the snapshot, and a push that was not made from it lifts the revoke. A push of the version in force that enables
     /// one is refused as a rollback (the revoke kept that version); a newer one may: it may
     /// be the intent.
     pub enabled: Vec<String>,
@@ -222,6 +223,16 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
     let ages_out = ages_out(old, new, here.now);
     for key in new.keys() {
         d.sides.usable += usize::from(usable(key, here));
+        // A secret refused in force (disabled, or revoked by the fleet) that this entry lets
+        // in again, whichever id it had: traced by its digest, not its id (moved into an id
+        // that stays, swapped with another key's, or into a new id).
+        let secret_back = usable(key, here)
+            && old
+                .lookup(key.digest())
+                .is_some_and(|was| refused_in_force(was, here));
+        if secret_back {
+            d.enabled.push(key.id.to_string());
+        }
         let Some(before) = old.by_id(&key.id) else {
             d.added.push(key.id.to_string());
             continue;
@@ -235,7 +246,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
             }
             continue;
         }
-        if before.status == Status::Disabled && key.status == Status::Active {
+        if before.status == Status::Disabled && key.status == Status::Active && !secret_back {
             d.enabled.push(key.id.to_string());
         }
         if key.status == Status::Active && before.digest() != key.digest() {
@@ -265,11 +276,6 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
             let renamed = moved_to.is_some_and(|n| !ages_out && !locks_out(k, n, here));
             d.removed_usable += usize::from(usable(k, here) && !renamed);
             d.removed.push(k.id.to_string());
-            // A secret refused in force (disabled in the snapshot, or revoked by the fleet)
-            // and active under its new id is let in again: named, as an enable in place is.
-            if let Some(n) = moved_to.filter(|n| refused_in_force(k, here) && usable(n, here)) {
-                d.enabled.push(n.id.to_string());
-            }
         }
     }
     d.added.sort_unstable();
@@ -284,8 +290,8 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
 /// Does `after` (active) refuse the client `before` (usable here) let in? Not usable here
 /// any more (an expiry past, a `not_before` ahead, another environment), an expiry brought
 /// within [`EXPIRY_HORIZON`], a rate limit cut below [`MIN_USABLE_RATE`], a new digest, a
-/// new type (it must fit the key's prefix), or scopes that no longer pass any `scopes`
-/// rule (`[]`, or `[bogus]`: every method refused). Where the
+/// new type (it must fit the key's prefix), scopes that no longer pass any `scopes`
+/// rule (`[]`, or `[bogus]`: every method refused), or none of the accounts it acted for. Where the
 /// environment is not known, a binding changed from one environment to another still
 /// counts: the one before was the one in force, since the key was accepted.
 fn locks_out(before: &Key, after: &Key, here: Here<'_>) -> bool {
@@ -300,6 +306,21 @@ fn locks_out(before: &Key, after: &Key, here: Here<'_>) -> bool {
         || (here.can_use_a_method(before) && !here.can_use_a_method(after))
         || expires_soon(before, after, here.now)
         || throttled(before, after)
+        || delegation_cut(before, after)
+}
+
+/// `before` could act for other accounts and `after` can act for none of those: a key used
+/// only on behalf of child accounts is locked out as surely as by losing every scope
+/// (review: every key's `delegate_accounts` replaced passed the guard, and every delegated
+/// request was refused). Narrowing a list, like narrowing scopes, is a change like any.
+fn delegation_cut(before: &Key, after: &Key) -> bool {
+    use super::Delegation;
+    match (before.delegation(), after.delegation()) {
+        (Delegation::None, _) => false,
+        (_, Delegation::None) => true,
+        (Delegation::Only(was), Delegation::Only(now)) => was.is_disjoint(now),
+        (Delegation::Any, Delegation::Only(_)) | (_, Delegation::Any) => false,
+    }
 }
 
 /// With `keys.max_age`: does `new` fail closed (go stale) at once, or soon, because it was
@@ -512,6 +533,31 @@ mod tests {
         assert_eq!(d.locked_out, ["k1", "k4"]);
     }
 
+    /// A key that acted for some accounts and now acts for none of them locks out the
+    /// clients acting for them; a narrower or wider list does not.
+    #[test]
+    fn delegation_cut_off_from_every_account_it_had_locks_out() {
+        let ent = |id: &str, secret: &str, accounts: &str| {
+            entry(
+                id,
+                secret,
+                &format!("    delegate_accounts: [{accounts}]\n"),
+            )
+            .replace("service_account", "enterprise_service_account")
+        };
+        let old = snap(&[
+            ent("k1", "a", "c1, c2"),
+            ent("k2", "b", "c1, c2"),
+            ent("k3", "c", "c1"),
+        ]);
+        let new = snap(&[
+            ent("k1", "a", "nobody"),
+            ent("k2", "b", "c2"),
+            ent("k3", "c", "c1, c9"),
+        ]);
+        assert_eq!(diff(&old, &new, here()).locked_out, ["k1"]);
+    }
+
     /// A key's scopes are judged as requests judge them: by the `scopes` rule naming each
     /// method, and by the `any_of` of the protected routes (a `prefix: /` rule takes every
     /// path left).
@@ -606,6 +652,13 @@ mod tests {
             (d.removed_usable, d.enabled.clone()),
             (0, vec!["n2".to_string()])
         );
+        // Swapped into an id that stays (review: `enabled` was empty and the revoked secret
+        // answered 200 under the other id).
+        let swapped = snap(&[
+            entry("k1", "b", ""),
+            entry("k2", "a", "    status: disabled\n"),
+        ]);
+        assert_eq!(diff(&old, &swapped, here()).enabled, ["k1"]);
     }
 
     /// Keys the fleet has revoked let no client in: they are not usable in force, so a

@@ -16,6 +16,10 @@ use super::text::Text;
 /// A SHA-256 digest of a raw key.
 pub type Digest = [u8; 32];
 
+/// The lengths a raw key may have: a credential outside them is malformed.
+pub const MIN_KEY_LEN: usize = 8;
+pub const MAX_KEY_LEN: usize = 512;
+
 /// Hash a presented key. The only thing ever done with a raw key.
 pub fn digest(raw: &[u8]) -> Digest {
     Sha256::digest(raw).into()

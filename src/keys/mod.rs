@@ -35,7 +35,9 @@ mod validate;
 
 pub use error::SnapshotError;
 pub use identity::{IdentityError, IdentityField, IdentityNames};
-pub use key::{digest, Delegation, Digest, Key, PrincipalType, RateLimit, Status};
+pub use key::{
+    digest, Delegation, Digest, Key, PrincipalType, RateLimit, Status, MAX_KEY_LEN, MIN_KEY_LEN,
+};
 pub use load::Format;
 pub use schema::SnapshotDoc;
 pub use snapshot::{Snapshot, Source};

@@ -12,6 +12,7 @@ use super::error::SnapshotError;
 use super::index::{Duplicate, KeyIndex};
 use super::key::{digest, Digest, Key};
 pub use super::schema::{KeyDoc, Meta, SnapshotDoc};
+use crate::auth::credential::{MAX_KEY_LEN, MIN_KEY_LEN};
 
 /// Where a snapshot came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -55,11 +56,51 @@ impl fmt::Debug for Snapshot {
     }
 }
 
-/// Is `id` one of the snapshot's secrets: some key's raw key, or its digest in hex?
-fn id_is_a_secret(id: &str, index: &KeyIndex) -> bool {
-    let raw_key = index.by_digest(&digest(id.as_bytes())).is_some();
+/// The first of `key`'s values that are logged or sent upstream (its id, subject, account,
+/// the optional identity values, the accounts it may act for) that is one of the
+/// snapshot's secrets: `id` and `sha256` swapped, or a new key pasted into a field.
+fn secret_field(key: &Key, index: &KeyIndex) -> Option<&'static str> {
+    let texts = [
+        ("id", Some(&key.id)),
+        ("subject_id", Some(&key.subject_id)),
+        ("account_id", Some(&key.account_id)),
+        ("subject_email", key.subject_email()),
+        ("account_short_id", key.account_short_id()),
+        ("enterprise_id", key.enterprise_id()),
+        ("org_id", key.org_id()),
+    ];
+    let field = texts
+        .into_iter()
+        .find(|(_, t)| t.is_some_and(|t| is_a_secret(t.as_str(), index)))
+        .map(|(field, _)| field);
+    let delegates = key.extra().and_then(|e| e.delegate_accounts.as_deref());
+    field.or_else(|| {
+        delegates
+            .is_some_and(|accounts| accounts.iter().any(|a| is_a_secret(a, index)))
+            .then_some("delegate_accounts")
+    })
+}
+
+/// Is `text` some key's raw key, or its digest in hex or base64 (either alphabet, padded or
+/// not)?
+fn is_a_secret(text: &str, index: &KeyIndex) -> bool {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    use base64::Engine as _;
+    // Shorter or longer is no credential a client can present.
+    let key_sized = (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&text.len());
+    if key_sized && index.by_digest(&digest(text.as_bytes())).is_some() {
+        return true;
+    }
     let mut d = Digest::default();
-    raw_key || (hex::decode_to_slice(id, &mut d).is_ok() && index.by_digest(&d).is_some())
+    if text.len() == 64 && hex::decode_to_slice(text, &mut d).is_ok() {
+        return index.by_digest(&d).is_some();
+    }
+    (43..=44).contains(&text.len())
+        && [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+            .iter()
+            .filter_map(|engine| engine.decode(text).ok())
+            .filter_map(|bytes| Digest::try_from(bytes.as_slice()).ok())
+            .any(|d| index.by_digest(&d).is_some())
 }
 
 impl Snapshot {
@@ -77,21 +118,19 @@ impl Snapshot {
                     Duplicate::Id => ("id", "duplicate id"),
                     Duplicate::Digest => ("sha256", "duplicate sha256"),
                 };
-                return Err(SnapshotError::Entry {
-                    index: i,
-                    id: key.id.to_string(),
-                    field,
-                    reason: reason.into(),
-                });
+                return Err(SnapshotError::entry(i, &key.id, field, reason.into()));
             }
         }
-        if let Some(i) = keys.iter().position(|k| id_is_a_secret(&k.id, &index)) {
-            return Err(SnapshotError::Entry {
-                index: i,
-                id: "(withheld)".into(),
-                field: "id",
-                reason: "is the raw key or the sha256 of a key in this snapshot (an id is logged, labelled and sent to the app)".into(),
-            });
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(field) = secret_field(key, &index) {
+                let id = if field == "id" {
+                    "(withheld)"
+                } else {
+                    key.id.as_str()
+                };
+                let reason = "holds the raw key or the sha256 of a key in this snapshot (ids and identity values are logged, labelled and sent to the app)";
+                return Err(SnapshotError::entry(i, id, field, reason.into()));
+            }
         }
         Ok(Snapshot {
             index,
@@ -231,30 +270,55 @@ mod tests {
         assert_eq!(refuse(&two), "keys[1] id=key_a: id: duplicate id");
     }
 
-    /// An id that is one of the snapshot's secrets (a key's raw key, or its digest in hex,
-    /// either case) is refused, and not echoed: ids are logged, labelled and sent upstream
-    /// (review: `id` and `sha256` swapped put a digest in the log).
+    /// A value that is logged or sent upstream and is one of the snapshot's secrets (a
+    /// key's raw key, or its digest in hex, either case, or base64) is refused, and an id
+    /// shaped like a secret is never echoed (review: `id` and `sha256` swapped put a digest
+    /// in the log, a duplicate id echoed a raw key).
     #[test]
-    fn an_id_that_is_a_secret_is_refused_unechoed() {
+    fn a_value_that_is_a_secret_is_refused_unechoed() {
+        use base64::Engine as _;
+        let raw = "sta_raw_key_of_the_second";
+        let second = |id: &str, extra: &str| {
+            format!(
+                "  - id: {id}\n    sha256: {}\n    type: personal\n    subject_id: s\n    account_id: a\n{extra}",
+                hex::encode(digest(raw.as_bytes()))
+            )
+        };
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest(b"test"));
         let upper = SHA.to_uppercase();
-        for (at, id) in [(0, SHA), (1, "test"), (1, upper.as_str())] {
-            let second = format!(
-                "  - id: {id}\n    sha256: {}\n    type: personal\n    subject_id: s\n    account_id: a\n",
-                "0".repeat(64)
-            );
-            let text = if at == 0 {
-                entry("").replace("id: key_a", &format!("id: {SHA}"))
-            } else {
-                entry("") + &second
-            };
-            let e = refuse(&text);
+        for id in [raw, SHA, upper.as_str(), b64.as_str()] {
+            let e = refuse(&(entry("") + &second(&format!("\"{id}\""), "")));
             assert!(
-                e.starts_with(&format!("keys[{at}] id=(withheld): id: is the raw key")),
+                e.starts_with("keys[1] id=(withheld): id: holds the raw key"),
                 "{e}"
             );
             assert!(!e.contains(id), "{e}");
         }
-        // An id shaped like a secret in an entry refused for something else is withheld.
+        for (field, extra) in [
+            ("subject_id", format!("    subject_id: {raw}\n")),
+            ("org_id", format!("    org_id: {raw}\n")),
+        ] {
+            let text = entry(&extra).replace(
+                "    subject_id: s1\n",
+                if field == "subject_id" {
+                    ""
+                } else {
+                    "    subject_id: s1\n"
+                },
+            );
+            let e = refuse(&(text + &second("key_b", "")));
+            assert!(
+                e.starts_with(&format!("keys[0] id=key_a: {field}: holds")),
+                "{e}"
+            );
+        }
+        // Short values are no raw key (a credential has 8 characters at least).
+        assert!(Snapshot::parse(
+            &(entry("") + &second("key_b", "").replace("subject_id: s", "subject_id: test")),
+            Source::File
+        )
+        .is_ok());
+        // An id shaped like a secret in an entry refused for anything else is withheld.
         let long = "sta_Zq3xV9kPp2Lr8TnW4yBc6HdFj1MsQe7Ua5Gi0Ko-_Xw";
         let e = refuse(
             &entry("")
@@ -265,6 +329,9 @@ mod tests {
             e,
             "keys[0] id=(withheld): sha256: must be 64 hex characters"
         );
+        let twice = entry("").replace("key_a", long)
+            + &entry("").replace("key_a", long).replacen("keys:\n", "", 1);
+        assert_eq!(refuse(&twice), "keys[1] id=(withheld): id: duplicate id");
     }
 
     /// Stored digests are whatever the writer put there: ones that differ only in their

@@ -15,12 +15,8 @@ pub(super) fn build_entry(
     doc: KeyDoc,
     scopes: &mut ScopeCache,
 ) -> Result<Key, SnapshotError> {
-    from_doc(doc, scopes).map_err(|((field, reason), id)| SnapshotError::Entry {
-        index,
-        id,
-        field,
-        reason,
-    })
+    from_doc(doc, scopes)
+        .map_err(|((field, reason), id)| SnapshotError::entry(index, &id, field, reason))
 }
 
 impl Meta {
@@ -44,9 +40,6 @@ fn from_doc(doc: KeyDoc, scopes: &mut ScopeCache) -> Result<Key, (FieldError, St
         Ok(c) => Ok(build(doc, c, scopes)),
         // An id that is not one is not echoed: it may be anything, of any length.
         Err(e) if check_id("id", &doc.id).is_err() => Err((e, "(invalid)".into())),
-        // Nor one shaped like a secret: in an entry that is wrong anyway, `id` and `sha256`
-        // swapped or a new key pasted into `id` are likelier than an id of that shape.
-        Err(e) if may_be_a_secret(&doc.id) => Err((e, "(withheld)".into())),
         Err(e) => Err((e, doc.id.into())),
     }
 }
@@ -158,7 +151,9 @@ pub fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'))
 }
 
-/// Could this id be a raw key or a digest? 40 characters or more (a generated key is its
+/// Could this id be a raw key or a digest? Then no error shows it: in an entry that is
+/// refused, `id` and `sha256` swapped or a new key pasted into `id` are likelier than an id
+/// of that shape. 40 characters or more (a generated key is its
 /// prefix and 43 more, a digest 64 in hex or 43 in base64), or a run of 20 letters and
 /// digits (a random part). Ids people write (`key_billing_prod`, a UUID) are neither.
 pub fn may_be_a_secret(id: &str) -> bool {
