@@ -161,7 +161,8 @@ impl Keyward {
                 app.reload.clone(),
             )));
         }
-        background.extend(spawn_cluster(&app));
+        let (cluster_tasks, usage_task) = spawn_cluster(&app, stop_rx.clone());
+        background.extend(cluster_tasks);
         background.push(tokio::spawn(app.clone().watch_readiness()));
         if let (Some(acceptor), Some(t)) = (&tls, &app.config.tls) {
             background.push(tokio::spawn(tls::watch(acceptor.clone(), t.clone())));
@@ -229,6 +230,11 @@ impl Keyward {
         if let Some(task) = probe_task {
             let _ = task.await;
         }
+        // The counts since the last flush go to Redis before the process ends (a stopping
+        // replica lost up to its last second of usage), bounded if Redis does not answer.
+        if let Some(task) = usage_task {
+            let _ = tokio::time::timeout(FINAL_FLUSH, task).await;
+        }
         for task in background {
             task.abort();
         }
@@ -236,22 +242,28 @@ impl Keyward {
     }
 }
 
+/// How long a stopping process waits for its last usage flush.
+const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
+type Task = tokio::task::JoinHandle<()>;
+
 /// Start the cluster's background tasks (none without `cluster`): connection upkeep,
-/// revocation reads and subscription, usage flushes.
-fn spawn_cluster(app: &Arc<App>) -> Vec<tokio::task::JoinHandle<()>> {
+/// revocation reads and subscription, and the usage flushes, returned apart: they end on
+/// `stop` with a last flush, which the shutdown waits for.
+fn spawn_cluster(app: &Arc<App>, stop: watch::Receiver<bool>) -> (Vec<Task>, Option<Task>) {
     let Some(cluster) = &app.cluster else {
-        return Vec::new();
+        return (Vec::new(), None);
     };
-    let mut tasks = vec![
+    let tasks = vec![
         tokio::spawn(cluster.clone().maintain()),
         tokio::spawn(app.revocations.clone().run_sync()),
         tokio::spawn(app.revocations.clone().run_subscriber()),
     ];
-    if let Some(fleet) = &app.fleet_usage {
+    let usage = app.fleet_usage.as_ref().map(|fleet| {
         let (fleet, app) = (fleet.clone(), app.clone());
-        tasks.push(tokio::spawn(async move { fleet.run(&app.usage).await }));
-    }
-    tasks
+        tokio::spawn(async move { fleet.run(&app.usage, wait_true(stop)).await })
+    });
+    (tasks, usage)
 }
 
 async fn wait_true(mut rx: watch::Receiver<bool>) {

@@ -535,6 +535,21 @@ async fn usage_is_reported_for_the_whole_fleet() {
     assert_eq!(count.as_deref(), Some("6"));
 }
 
+/// A stopping replica sends what it counted since its last flush before it ends: every
+/// scale-down or rolling update lost up to a second of each stopping replica's usage.
+#[tokio::test]
+async fn a_stopping_replica_flushes_its_last_counts() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    for _ in 0..5 {
+        assert_eq!(call(&kw, FREE).await.status, 200);
+    }
+    kw.shutdown().await;
+    let n = redis.hget("keyward:usage:count", "key_free").await;
+    assert_eq!(n.as_deref(), Some("5"));
+}
+
 /// A dry run's `would_deny_recently_used` is the fleet's (SPEC 16 with SPEC 14): a key
 /// used only on another replica is listed when a push would remove it.
 #[tokio::test]
@@ -679,6 +694,20 @@ async fn usage_values_left_in_redis_neither_crash_nor_mark_redis_down() {
     .await;
     let n = redis.hget("keyward:usage:count", "key_free").await;
     assert_eq!(n.as_deref(), Some("9223372036854775807"), "saturated");
+    // A count that is no number does not take the key out of the report (it did, and its
+    // last use with it).
+    let _: i64 = redis
+        .cmd(&["HSET", "keyward:usage:count", "key_other", "-5"])
+        .await;
+    let r = get(
+        &kw.admin_url("/v1/keys/usage"),
+        &[("authorization", &admin_auth())],
+    )
+    .await;
+    let listed = r.json()["keys"]
+        .as_array()
+        .is_some_and(|k| k.iter().any(|e| e["key_id"] == "key_other"));
+    assert!(listed, "{}", r.text());
     assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(1.0));
     // A last-used time past year 9999, left while the key is idle: the report clamps it.
     let _: i64 = redis

@@ -17,6 +17,7 @@
 //! second even with nothing new to send, so an idle replica refills an empty Redis too.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -249,10 +250,14 @@ impl FleetUsage {
             let first = it.next().flatten();
             epoch = epoch.or(Some(first));
             for id in chunk {
-                let (Some(n), ms) = (it.next().flatten(), it.next().flatten()) else {
+                let (n, ms) = (it.next().flatten(), it.next().flatten());
+                if n.is_none() && ms.is_none() {
                     continue;
-                };
-                let Ok(n) = n.parse() else { continue };
+                }
+                // Redis' totals are anyone's to write: a count that is no number (`-5`)
+                // reads as none, and the key stays listed with its last use (it vanished
+                // from the report, and its last use with it).
+                let n = n.and_then(|v| v.parse().ok()).unwrap_or(0);
                 let ms = ms.and_then(|v| v.parse().ok()).unwrap_or(0);
                 merged.insert((*id).to_owned(), (ms, n));
             }
@@ -280,12 +285,20 @@ impl FleetUsage {
         ))
     }
 
-    /// Flush every [`FLUSH_INTERVAL`], for the life of the process.
-    pub async fn run(self: Arc<Self>, usage: &Usage) {
+    /// Flush every [`FLUSH_INTERVAL`] until `stop`, then once more: a flush is never cut
+    /// half done (Redis would have counted what this replica would send again).
+    pub async fn run(self: Arc<Self>, usage: &Usage, stop: impl Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
         loop {
-            tokio::time::sleep(FLUSH_INTERVAL).await;
+            let last = tokio::select! {
+                () = tokio::time::sleep(FLUSH_INTERVAL) => false,
+                () = &mut stop => true,
+            };
             if let Err(e) = self.flush(usage).await {
                 tracing::debug!(error = %e, "usage flush failed; retried next time");
+            }
+            if last {
+                return;
             }
         }
     }
