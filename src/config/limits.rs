@@ -123,6 +123,9 @@ impl Default for Shutdown {
 /// The most header fields `limits.max_headers` may allow (a head of `max_header_bytes`
 /// holds fewer in practice).
 const MAX_HEADERS: usize = 10_000;
+/// The fewest: `Host`, a credential, and what clients send with them (`User-Agent`,
+/// `Accept`, a content type, a correlation id).
+const MIN_HEADERS: usize = 8;
 
 impl Limits {
     /// Zero durations and counts, and a header budget too small for any request.
@@ -167,9 +170,11 @@ impl Limits {
                 return Err(invalid(field, "must be greater than zero"));
             }
         }
-        // hyper sizes its header list by it: `usize::MAX` overflowed on the first body.
-        if l.max_headers > MAX_HEADERS {
-            return Err(invalid("limits.max_headers", "must be at most 10000"));
+        // hyper sizes its header list by it: `usize::MAX` overflowed on the first body. And
+        // a keyed request has `Host` and its credential at least, a client's a few more: 1
+        // answered 431 to every keyed request, from a config `check` called valid.
+        if !(MIN_HEADERS..=MAX_HEADERS).contains(&l.max_headers) {
+            return Err(invalid("limits.max_headers", "must be from 8 to 10000"));
         }
         // RFC 9113 6.9.2: from 65,535 (the protocol's initial window) to 2^31 - 1.
         let windows = [
