@@ -1116,6 +1116,10 @@ async fn a_rename_is_no_way_around_the_guard() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(status_with(&kw, &raw(3)).await, 200);
     // Disabled through the API, then moved under another id: the dry run names the enable.
+    // A parameter the endpoint does not take is refused, not ignored.
+    let r = admin(&kw, "POST", "/v1/keys/moved_3/disable?force=true", "").await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(3)).await, 200, "nothing disabled");
     let r = admin(&kw, "POST", "/v1/keys/moved_3/disable", "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let back = moved("", &same).replace("id: moved_3,", "id: again_3,");

@@ -404,6 +404,11 @@ async fn control(app: &Arc<App>, req: Request<Incoming>) -> Response<AdminBody> 
     let path = req.uri().path().to_owned();
     if req.method() == Method::POST {
         if let Some(action) = KeyAction::of(&path) {
+            // It takes no parameter: one given (`?force=true`, a typo) is refused, as the
+            // snapshot endpoints refuse theirs, rather than ignored.
+            if let Err(e) = Flags::of(&req, &[]) {
+                return error(StatusCode::BAD_REQUEST, "bad_request", e);
+            }
             return key_action(app, action).await;
         }
     }
@@ -588,9 +593,12 @@ impl Flags {
             let (k, v) = (query_decode(k), query_decode(v));
             let shown: String = k.chars().take(40).collect();
             let Some(name) = allowed.iter().find(|a| **a == k) else {
+                let takes = match allowed {
+                    [] => "none".to_string(),
+                    _ => allowed.join(", "),
+                };
                 return Err(format!(
-                    "unknown query parameter {shown:?} (this endpoint takes: {})",
-                    allowed.join(", ")
+                    "unknown query parameter {shown:?} (this endpoint takes: {takes})"
                 ));
             };
             if seen.iter().any(|s| s == name) {
