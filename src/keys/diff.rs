@@ -178,6 +178,15 @@ pub fn usable(key: &Key, here: Here<'_>) -> bool {
         && !here.revoked.is_some_and(|r| r.is_revoked(key))
 }
 
+/// Does `key` let its secret in here, now or once its time window opens?
+fn lets_in_some_time(key: &Key, here: Here<'_>) -> bool {
+    let later = Here {
+        now: key.not_before.map_or(here.now, |t| t.max(here.now)),
+        ..here
+    };
+    usable(key, later)
+}
+
 /// Was `key` refused in force for what it is, not where or when: disabled in the snapshot,
 /// or revoked by the fleet.
 fn refused_in_force(key: &Key, here: Here<'_>) -> bool {
@@ -226,7 +235,9 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
         // A secret refused in force (disabled, or revoked by the fleet) that this entry lets
         // in again, whichever id it had: traced by its digest, not its id (moved into an id
         // that stays, swapped with another key's, or into a new id).
-        let secret_back = usable(key, here)
+        // Active here at any time, not only now: a `not_before` a little ahead lets it in
+        // seconds later all the same.
+        let secret_back = lets_in_some_time(key, here)
             && old
                 .lookup(key.digest())
                 .is_some_and(|was| refused_in_force(was, here));
@@ -319,7 +330,10 @@ fn delegation_cut(before: &Key, after: &Key) -> bool {
         (Delegation::None, _) => false,
         (_, Delegation::None) => true,
         (Delegation::Only(was), Delegation::Only(now)) => was.is_disjoint(now),
-        (Delegation::Any, Delegation::Only(_)) | (_, Delegation::Any) => false,
+        // Any account to a list: which ones were acted for is not known here, and `["*"]`
+        // to `["nobody"]` refused every delegated request. Counted; force takes it.
+        (Delegation::Any, Delegation::Only(_)) => true,
+        (_, Delegation::Any) => false,
     }
 }
 
@@ -534,7 +548,8 @@ mod tests {
     }
 
     /// A key that acted for some accounts and now acts for none of them locks out the
-    /// clients acting for them; a narrower or wider list does not.
+    /// clients acting for them, and so does one that acted for any account and now has a
+    /// list; a narrower or wider list does not.
     #[test]
     fn delegation_cut_off_from_every_account_it_had_locks_out() {
         let ent = |id: &str, secret: &str, accounts: &str| {
@@ -556,6 +571,27 @@ mod tests {
             ent("k3", "c", "c1, c9"),
         ]);
         assert_eq!(diff(&old, &new, here()).locked_out, ["k1"]);
+        // Any account (`["*"]`) to a list: which were acted for is not known, so counted.
+        let any = snap(&[ent("k1", "a", "\"*\"")]);
+        let listed = snap(&[ent("k1", "a", "nobody")]);
+        assert_eq!(diff(&any, &listed, here()).locked_out, ["k1"]);
+        assert!(diff(&listed, &any, here()).locked_out.is_empty());
+    }
+
+    /// A disabled secret let in again a little later (`not_before` just ahead) is named as
+    /// enabled too: it answered 200 seconds after a dry run that listed nothing.
+    #[test]
+    fn a_secret_let_in_again_later_is_named_enabled() {
+        let old = snap(&[
+            entry("k1", "a", ""),
+            entry("k2", "b", "    status: disabled\n"),
+        ]);
+        let soon = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(20));
+        let back = snap(&[
+            entry("k1", "a", ""),
+            entry("n2", "b", &format!("    not_before: {soon}\n")),
+        ]);
+        assert_eq!(diff(&old, &back, here()).enabled, ["n2"]);
     }
 
     /// A key's scopes are judged as requests judge them: by the `scopes` rule naming each

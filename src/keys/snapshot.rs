@@ -57,7 +57,7 @@ impl fmt::Debug for Snapshot {
 }
 
 /// The first of `key`'s values that are logged or sent upstream (its id, subject, account,
-/// the optional identity values, the accounts it may act for) that is one of the
+/// the optional identity values, its scopes, the accounts it may act for) that is one of the
 /// snapshot's secrets: `id` and `sha256` swapped, or a new key pasted into a field.
 fn secret_field(key: &Key, index: &KeyIndex) -> Option<&'static str> {
     let texts = [
@@ -74,10 +74,15 @@ fn secret_field(key: &Key, index: &KeyIndex) -> Option<&'static str> {
         .find(|(_, t)| t.is_some_and(|t| is_a_secret(t.as_str(), index)))
         .map(|(field, _)| field);
     let delegates = key.extra().and_then(|e| e.delegate_accounts.as_deref());
+    let lists = [
+        ("scopes", key.scopes()),
+        ("delegate_accounts", delegates.unwrap_or(&[])),
+    ];
     field.or_else(|| {
-        delegates
-            .is_some_and(|accounts| accounts.iter().any(|a| is_a_secret(a, index)))
-            .then_some("delegate_accounts")
+        lists
+            .into_iter()
+            .find(|(_, items)| items.iter().any(|a| is_a_secret(a, index)))
+            .map(|(field, _)| field)
     })
 }
 
@@ -112,14 +117,24 @@ impl Snapshot {
         content_digest: String,
     ) -> Result<Snapshot, SnapshotError> {
         let mut index = KeyIndex::with_capacity(keys.len());
+        // The first duplicate is reported once every other key is indexed: its id is shown
+        // only if it is none of their secrets.
+        let mut duplicate = None;
         for (i, key) in keys.iter().enumerate() {
             if let Err((dup, key)) = index.insert(key.clone()) {
-                let (field, reason) = match dup {
-                    Duplicate::Id => ("id", "duplicate id"),
-                    Duplicate::Digest => ("sha256", "duplicate sha256"),
-                };
-                return Err(SnapshotError::entry(i, &key.id, field, reason.into()));
+                duplicate = duplicate.or(Some((i, dup, key)));
             }
+        }
+        if let Some((i, dup, key)) = duplicate {
+            let (field, reason) = match dup {
+                Duplicate::Id => ("id", "duplicate id"),
+                Duplicate::Digest => ("sha256", "duplicate sha256"),
+            };
+            let id = match is_a_secret(&key.id, &index) {
+                true => "(withheld)",
+                false => key.id.as_str(),
+            };
+            return Err(SnapshotError::entry(i, id, field, reason.into()));
         }
         for (i, key) in keys.iter().enumerate() {
             if let Some(field) = secret_field(key, &index) {
@@ -312,6 +327,21 @@ mod tests {
                 "{e}"
             );
         }
+        // Scopes are sent to the app and answered by introspection too.
+        let e = refuse(
+            &(entry("").replace("[read]", &format!("[read, {raw}]")) + &second("key_b", "")),
+        );
+        assert!(e.starts_with("keys[0] id=key_a: scopes: holds"), "{e}");
+        // A duplicate whose id is another key's raw key, however short: withheld.
+        let short = "pat_short-key-2024";
+        let text = entry("")
+            + &second("key_b", "").replace(
+                &hex::encode(digest(raw.as_bytes())),
+                &hex::encode(digest(short.as_bytes())),
+            )
+            + &second(short, "").replace(&hex::encode(digest(raw.as_bytes())), &"1".repeat(64))
+            + &second(short, "").replace(&hex::encode(digest(raw.as_bytes())), &"2".repeat(64));
+        assert_eq!(refuse(&text), "keys[3] id=(withheld): id: duplicate id");
         // Short values are no raw key (a credential has 8 characters at least).
         assert!(Snapshot::parse(
             &(entry("") + &second("key_b", "").replace("subject_id: s", "subject_id: test")),
