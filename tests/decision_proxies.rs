@@ -386,8 +386,13 @@ async fn scenario(front: SocketAddr, up: &Upstream, name: &str, strips_prefix: b
     for expect in [200, 200, 429] {
         let r = get(&url("/v1/limited"), &[("x-api-key", LIMITED_KEY)]).await;
         assert_eq!(r.status, expect, "{name}: {}", r.text());
-        // The quota and the correlation id reach the client on an allowed request too.
-        for h in ["ratelimit-limit", "ratelimit-remaining", "x-correlation-id"] {
+        // The quota and both ids reach the client on an allowed request too, once each.
+        for h in [
+            "ratelimit-limit",
+            "ratelimit-remaining",
+            "x-correlation-id",
+            "x-request-id",
+        ] {
             let n = r.headers.get_all(h).iter().count();
             assert_eq!(n, 1, "{name}: {expect}: {h}: {:?}", r.headers);
         }
@@ -401,18 +406,65 @@ async fn scenario(front: SocketAddr, up: &Upstream, name: &str, strips_prefix: b
     }
 }
 
+/// The answer's own headers: a key without a limit gets no quota header (Caddy sent its
+/// placeholders' text); the app's own quota is kept and not doubled, as keyward's proxy
+/// keeps it; the ids are keyward's, once each, never the app's.
+async fn answer_headers(front: SocketAddr, name: &str) {
+    let url = |p: &str| format!("http://{front}{p}");
+    let r = get(&url("/v1/items"), &[("x-api-key", PERSONAL_KEY)]).await;
+    assert_eq!(r.status, 200, "{name}: {}", r.text());
+    assert!(
+        !r.headers.contains_key("ratelimit-limit"),
+        "{name}: {:?}",
+        r.headers
+    );
+    // The metered key's quota headers first: keyward's, once each, where the app sent none.
+    let r = get(&url("/v1/items"), &[("x-api-key", METERED_KEY)]).await;
+    assert_eq!(r.status, 200, "{name}: {}", r.text());
+    for h in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"] {
+        assert_eq!(
+            r.headers.get_all(h).iter().count(),
+            1,
+            "{name}: {h}: {:?}",
+            r.headers
+        );
+    }
+    for key in [PERSONAL_KEY, METERED_KEY] {
+        let r = get(&url("/v1/own"), &[("x-api-key", key)]).await;
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        let all = |h: &str| -> Vec<String> {
+            r.headers
+                .get_all(h)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(all("ratelimit-limit"), ["999"], "{name}: {:?}", r.headers);
+        for id in ["x-correlation-id", "x-request-id"] {
+            let ids = all(id);
+            assert_eq!(ids.len(), 1, "{name}: {id}: {:?}", r.headers);
+            assert_ne!(ids[0], "app-made", "{name}: {id}");
+        }
+    }
+}
+
 async fn behind(
     proxy: &str,
     start: fn(&Path, SocketAddr, SocketAddr, SocketAddr) -> Running,
     strips_prefix: bool,
 ) {
-    let up = spawn_upstream().await;
+    let up = upstream()
+        .route("/ws", Reply::UpgradeEcho)
+        .route("/v1/own", Reply::OwnHeaders)
+        .spawn()
+        .await;
     let d = spawn_decider(None, "").await;
     let dir = tempfile::tempdir().unwrap();
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut running = start(dir.path(), d.decision, up.addr, listen);
     running.ready(listen).await;
     scenario(listen, &up, proxy, strips_prefix).await;
+    answer_headers(listen, proxy).await;
     websocket(listen, &up, proxy).await;
     drop(running);
     d.shutdown().await;

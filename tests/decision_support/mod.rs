@@ -29,10 +29,15 @@ pub const IDENTITY: [&str; 12] = [
     "x-auth-environment",
 ];
 
+/// A key with a limit it does not reach in a test (100 a second): its answers carry the
+/// quota headers.
+pub const METERED_KEY: &str = "sta_decision_metered_key_0123456789abcdef";
+
 pub fn keys_yaml() -> String {
     let sha = hex::encode(keyward::keys::digest(LIMITED_KEY.as_bytes()));
+    let metered = hex::encode(keyward::keys::digest(METERED_KEY.as_bytes()));
     format!(
-        "{DEMO_KEYS}  - {{ id: key_decision_limited, sha256: {sha}, type: service_account, subject_id: s_limited, account_id: acc_limited, scopes: [read, write], status: active, rate_limit: {{ per_second: 0.01, burst: 2 }} }}\n"
+        "{DEMO_KEYS}  - {{ id: key_decision_limited, sha256: {sha}, type: service_account, subject_id: s_limited, account_id: acc_limited, scopes: [read, write], status: active, rate_limit: {{ per_second: 0.01, burst: 2 }} }}\n  - {{ id: key_decision_metered, sha256: {metered}, type: service_account, subject_id: s_metered, account_id: acc_metered, scopes: [read, write], status: active, rate_limit: {{ per_second: 100, burst: 100 }} }}\n"
     )
 }
 

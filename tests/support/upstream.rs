@@ -34,6 +34,10 @@ pub enum Reply {
     Bytes(usize),
     /// 101: accept the HTTP upgrade, then echo every byte back.
     UpgradeEcho,
+    /// As [`Reply::Ok`], with the app's own quota and correlation ids
+    /// (`ratelimit-limit: 999`, `ratelimit-remaining: 998`, `x-correlation-id` and
+    /// `x-request-id`: `app-made`).
+    OwnHeaders,
 }
 
 /// Routes for an upstream, by exact path.
@@ -182,14 +186,20 @@ async fn handle(
             tokio::time::sleep(wait).await;
             ok_body(body_len)
         }
-        Reply::Ok | Reply::UpgradeEcho => ok_body(body_len),
+        Reply::Ok | Reply::UpgradeEcho | Reply::OwnHeaders => ok_body(body_len),
     };
-    let resp = Response::builder()
+    let mut resp = Response::builder()
         .header("set-cookie", "a=1")
         .header("set-cookie", "b=2")
-        .header("x-upstream", "yes")
-        .body(Full::new(body))
-        .unwrap();
+        .header("x-upstream", "yes");
+    if matches!(reply, Reply::OwnHeaders) {
+        resp = resp
+            .header("ratelimit-limit", "999")
+            .header("ratelimit-remaining", "998")
+            .header("x-correlation-id", "app-made")
+            .header("x-request-id", "app-made");
+    }
+    let resp = resp.body(Full::new(body)).unwrap();
     Ok(resp)
 }
 
