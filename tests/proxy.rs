@@ -896,6 +896,11 @@ async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
         format!("/public/x?y=1?api_key={other}"),
         format!("/x?y=1?api_key={other}"),
         format!("/x?y=1%3Fapi_key={other}"),
+        // A decoded `#` cutting the real parameter off where a decoded `&` adds one: the
+        // counts were equal and the hidden key reached the app.
+        format!("/public/x?y=%26api_key%3D{other}&z=%23&api_key=junkjunkjunk"),
+        format!("/x?y=%26api_key%3D{other}&z=%23&api_key={SERVICE_KEY}"),
+        format!("/x?y=%EF%BC%86api_key%3D{other}&z=%EF%BC%83&api_key={SERVICE_KEY}"),
     ] {
         let r = get(&kw.url(&target), &[("x-api-key", SERVICE_KEY)]).await;
         assert_eq!(r.status, 400, "{target}: {}", r.text());
@@ -928,6 +933,8 @@ async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
         "/x%3Fpage=2",
         "/docs/What%3F%20API%20key",
         "/x?q=api_key%20rotation",
+        "/x?next=/a?b=1",
+        "/x?next=%2Fa%3Fb%3D1&q=%26",
     ] {
         let r = get(&kw.url(target), &[("x-api-key", SERVICE_KEY)]).await;
         assert_eq!(r.status, 200, "{target}: {}", r.text());

@@ -386,6 +386,34 @@ pub fn assigns_param(query: &str, name: &str) -> usize {
         .count()
 }
 
+/// The values `query` gives the `name` parameter (`name=value`; `&` and `;` separate
+/// parameters, and so does `?` when `question_splits`), however spelled (see [`is_param`]),
+/// each percent-decoded when `decode` (a value that does not decode is kept as written).
+pub fn assigned_values(
+    query: &str,
+    name: &str,
+    question_splits: bool,
+    decode: bool,
+) -> Vec<Vec<u8>> {
+    let name = ParamName::new(name);
+    let separators: &[char] = if question_splits {
+        &['&', ';', '?']
+    } else {
+        &['&', ';']
+    };
+    query
+        .split(separators)
+        .filter_map(|pair| match split_pair(pair) {
+            (k, Some(v)) if name.matches(k) => Some(v),
+            _ => None,
+        })
+        .map(|v| match decode {
+            true => percent_decode(v).unwrap_or_else(|| v.as_bytes().to_vec()),
+            false => v.as_bytes().to_vec(),
+        })
+        .collect()
+}
+
 /// The values of every `name` parameter in `query`, however spelled (see [`is_param`]),
 /// percent-decoded as a form is (`None` for a value that does not decode).
 pub fn query_param_values<'q>(

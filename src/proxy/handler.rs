@@ -305,16 +305,40 @@ fn hides_query_key(app: &App, path: &str, query: Option<&str>) -> bool {
     let decoded = auth::path::as_decoded(path);
     let in_path =
         decoded.contains(['?', '&']) && assigns_param(&decoded.replace('?', "&"), name) > 0;
-    // Every value the app would read for it must be one keyward's split reads too.
-    // And at a `?` inside the query (`?y=1?api_key=K`): the same parsers read it there.
-    in_path
-        || query.is_some_and(|raw| {
-            let decoded = auth::path::as_decoded(raw);
-            let read = assigns_param(raw, name);
-            assigns_param(&decoded, name) != read
-                || (decoded.contains('?')
-                    && assigns_param(&decoded.replace('?', "&"), name) != read)
-        })
+    // In the query: every value an app may read for it must be one keyward's split reads,
+    // value for value (counts compared were cancelled out: a decoded `%23` cut the real
+    // parameter off where a decoded `%26` added a hidden one). Readings: decoded before
+    // splitting, `?` splitting too (parsers searching for `?api_key=`), cut at a decoded
+    // `#` or not.
+    in_path || query.is_some_and(|raw| query_hides_key(raw, name))
+}
+
+/// Does an app's reading of `raw` (see [`hides_query_key`]) give the credential parameter a
+/// value keyward's does not?
+fn query_hides_key(raw: &str, name: &str) -> bool {
+    use auth::credential::assigned_values;
+    // As a form decodes them (`+` a space) and as a URL decoder does (`+` kept).
+    let mut read = assigned_values(raw, name, false, true);
+    read.extend(
+        assigned_values(raw, name, false, false)
+            .iter()
+            .map(|v| percent_encoding::percent_decode(v).collect::<Vec<u8>>()),
+    );
+    let decoded = auth::path::as_decoded(raw);
+    let cut = decoded.split('#').next().unwrap_or_default();
+    let app_reads_another = |reading: &str, question_splits: bool| {
+        assigned_values(reading, name, question_splits, false)
+            .iter()
+            .any(|v| !read.contains(v))
+    };
+    let hidden = [&*decoded, cut]
+        .iter()
+        .any(|reading| app_reads_another(reading, false) || app_reads_another(reading, true));
+    // And a key read one way and not the other is refused too (PHP cuts a name at `%00`:
+    // `api_key%00%26%=K` is a key to it and no parameter to a decoder).
+    let read_twice = auth::credential::assigns_param(&decoded, name)
+        != auth::credential::assigns_param(raw, name);
+    hidden || read_twice
 }
 
 /// The phases shared by every front door: normalize → route → authenticate → rate-limit.
