@@ -901,6 +901,12 @@ async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
         format!("/public/x?y=%26api_key%3D{other}&z=%23&api_key=junkjunkjunk"),
         format!("/x?y=%26api_key%3D{other}&z=%23&api_key={SERVICE_KEY}"),
         format!("/x?y=%EF%BC%86api_key%3D{other}&z=%EF%BC%83&api_key={SERVICE_KEY}"),
+        // `%uXXXX`, as ASP.NET's `UrlDecode` and JavaScript's `unescape` read it.
+        format!("/x?y=%u0026api_key%u003D{other}&api_key={SERVICE_KEY}"),
+        format!("/public/x?y=%u0026api_key%u003D{other}"),
+        // An encoded `#` in the path does not stop a search of the URL for `&api_key=`.
+        format!("/public/x%23&api_key={other}"),
+        format!("/public/x%23%26api_key={other}"),
     ] {
         let r = get(&kw.url(&target), &[("x-api-key", SERVICE_KEY)]).await;
         assert_eq!(r.status, 400, "{target}: {}", r.text());
@@ -936,6 +942,16 @@ async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
         "/x?next=/a?b=1",
         "/x?next=%2Fa%3Fb%3D1&q=%26",
     ] {
+        let r = get(&kw.url(target), &[("x-api-key", SERVICE_KEY)]).await;
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+    }
+    // An encoded `#` in a value before the key hides nothing (it was refused: the decoded
+    // reading, cut there, counted one key fewer).
+    for target in [
+        format!("/x?color=%23ff0000&api_key={SERVICE_KEY}"),
+        format!("/x?next=%2Fpage%23sec&api_key={SERVICE_KEY}"),
+    ] {
+        let target = target.as_str();
         let r = get(&kw.url(target), &[("x-api-key", SERVICE_KEY)]).await;
         assert_eq!(r.status, 200, "{target}: {}", r.text());
     }

@@ -170,7 +170,7 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
 /// `HttpUtility.UrlDecode`, classic ASP and JavaScript's `unescape` read it: an ASP.NET MVC
 /// app reads `X%u002DHTTP-Method-Override` as `X-HTTP-Method-Override`. An escape that
 /// names no character (a surrogate) is left as written.
-fn decode_u_escapes(s: &str) -> Cow<'_, str> {
+pub fn decode_u_escapes(s: &str) -> Cow<'_, str> {
     if !s.contains("%u") && !s.contains("%U") {
         return Cow::Borrowed(s);
     }

@@ -303,11 +303,12 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
 /// within [`EXPIRY_HORIZON`], a rate limit cut below [`MIN_USABLE_RATE`], a new digest, a
 /// new type (it must fit the key's prefix), scopes that no longer pass any `scopes`
 /// rule (`[]`, or `[bogus]`: every method refused), or none of the accounts it acted for. Where the
-/// environment is not known, a binding changed from one environment to another still
-/// counts: the one before was the one in force, since the key was accepted.
+/// environment is not known, any new binding counts (it may be to another environment).
 fn locks_out(before: &Key, after: &Key, here: Here<'_>) -> bool {
+    // Where the environment is not known (`keyward diff` without `--config`), any new
+    // binding may be to another one: a first binding counts too (every key bound to
+    // `staging` passed a check meant for production).
     let rebound = here.environment.is_none()
-        && before.environment().is_some()
         && after.environment().is_some()
         && after.environment() != before.environment();
     !usable(after, here)
@@ -576,6 +577,20 @@ mod tests {
         let listed = snap(&[ent("k1", "a", "nobody")]);
         assert_eq!(diff(&any, &listed, here()).locked_out, ["k1"]);
         assert!(diff(&listed, &any, here()).locked_out.is_empty());
+    }
+
+    /// Without a config (`keyward diff` alone) the environment in force is not known: a
+    /// first binding counts as one that may be to another environment (every key bound
+    /// to `staging` passed).
+    #[test]
+    fn a_first_binding_counts_where_the_environment_is_unknown() {
+        let old = snap(&[entry("k1", "a", ""), entry("k2", "b", "")]);
+        let bound = snap(&[
+            entry("k1", "a", "    environment: staging\n"),
+            entry("k2", "b", ""),
+        ]);
+        assert_eq!(diff(&old, &bound, Here::unknown()).locked_out, ["k1"]);
+        assert!(diff(&bound, &bound, Here::unknown()).locked_out.is_empty());
     }
 
     /// A disabled secret let in again a little later (`not_before` just ahead) is named as

@@ -296,25 +296,36 @@ pub enum Verdict {
 /// behind an encoded separator (`a=1%26api_key=`)? That app would read a key keyward never
 /// checked (on a public route, with none asked for). Asked only with a query credential.
 fn hides_query_key(app: &App, path: &str, query: Option<&str>) -> bool {
-    use auth::credential::assigns_param;
+    use auth::credential::assigned_values;
     let Some(name) = app.policy.credential_query() else {
         return false;
     };
-    // At each `?` and `&` of the decoded path: parsers that search the whole URL for
-    // `?name=` or `&name=` (Hono before 4.10.5) read `/x&api_key=K` too.
-    let decoded = auth::path::as_decoded(path);
-    let in_path =
-        decoded.contains(['?', '&']) && assigns_param(&decoded.replace('?', "&"), name) > 0;
-    // In the query: every value an app may read for it must be one keyward's split reads,
-    // value for value (counts compared were cancelled out: a decoded `%23` cut the real
-    // parameter off where a decoded `%26` added a hidden one). Readings: decoded before
-    // splitting, `?` splitting too (parsers searching for `?api_key=`), cut at a decoded
-    // `#` or not.
+    // At each `?` and `&` of the path, in every reading of it: parsers that search the whole
+    // URL for `?name=` or `&name=` (Hono before 4.10.5) read `/x&api_key=K` too, and a
+    // `#` (`/x%23&api_key=K`) does not stop a search.
+    let in_path = app_readings(path).iter().any(|reading| {
+        reading.contains(['?', '&'])
+            && !assigned_values(&reading.replace('?', "&"), name, false, false).is_empty()
+    });
     in_path || query.is_some_and(|raw| query_hides_key(raw, name))
 }
 
-/// Does an app's reading of `raw` (see [`hides_query_key`]) give the credential parameter a
-/// value keyward's does not?
+/// The ways an app may read `s` before it splits it: as sent, percent-decoded (and
+/// NFKC-normalized), and with `%uXXXX` decoded too, as ASP.NET's `UrlDecode` and
+/// JavaScript's `unescape` do. None is cut at a `#`: a cut only takes values away.
+fn app_readings(s: &str) -> Vec<Cow<'_, str>> {
+    let mut readings = vec![Cow::Borrowed(s), auth::path::as_decoded(s)];
+    if let Cow::Owned(u) = auth::credential::decode_u_escapes(s) {
+        readings.push(Cow::Owned(auth::path::as_decoded(&u).into_owned()));
+    }
+    readings
+}
+
+/// Does an app's reading of the query `raw` give the credential parameter a value
+/// keyward's split does not read? Every value an app may read must be one keyward read,
+/// value for value (counts compared were cancelled out: a decoded `%23` cut the real
+/// parameter off where a decoded `%26` added a hidden one), in every reading, `?`
+/// splitting too (parsers searching for `?api_key=`).
 fn query_hides_key(raw: &str, name: &str) -> bool {
     use auth::credential::assigned_values;
     // As a form decodes them (`+` a space) and as a URL decoder does (`+` kept).
@@ -324,21 +335,21 @@ fn query_hides_key(raw: &str, name: &str) -> bool {
             .iter()
             .map(|v| percent_encoding::percent_decode(v).collect::<Vec<u8>>()),
     );
-    let decoded = auth::path::as_decoded(raw);
-    let cut = decoded.split('#').next().unwrap_or_default();
-    let app_reads_another = |reading: &str, question_splits: bool| {
-        assigned_values(reading, name, question_splits, false)
-            .iter()
-            .any(|v| !read.contains(v))
-    };
-    let hidden = [&*decoded, cut]
-        .iter()
-        .any(|reading| app_reads_another(reading, false) || app_reads_another(reading, true));
+    let readings = app_readings(raw);
+    let hidden = readings.iter().enumerate().any(|(i, reading)| {
+        // The query as sent is split first and its values decoded after; the decoded
+        // readings' values are what the app takes.
+        let decode = i == 0;
+        [false, true].into_iter().any(|question_splits| {
+            assigned_values(reading, name, question_splits, decode)
+                .iter()
+                .any(|v| !read.contains(v))
+        })
+    });
     // And a key read one way and not the other is refused too (PHP cuts a name at `%00`:
     // `api_key%00%26%=K` is a key to it and no parameter to a decoder).
-    let read_twice = auth::credential::assigns_param(&decoded, name)
-        != auth::credential::assigns_param(raw, name);
-    hidden || read_twice
+    let count = |q: &str| assigned_values(q, name, false, false).len();
+    hidden || count(&readings[1]) != count(raw)
 }
 
 /// The phases shared by every front door: normalize → route → authenticate → rate-limit.
