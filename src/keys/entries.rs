@@ -3,17 +3,52 @@
 //! deserialized (a load never holds every parsed entry, which takes more memory than the
 //! keys they become).
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::error::SnapshotError;
-use super::key::Key;
+use super::key::{Digest, Key};
 use super::schema::Meta;
 use super::scopes::ScopeCache;
+use super::snapshot::names_a_digest;
 use super::snapshot::Snapshot;
 use super::validate::build_entry;
+
+/// An entry after a refused one, read only for its digest: any shape is taken.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Rest {
+    Entry {
+        #[serde(default)]
+        sha256: Option<Loose>,
+    },
+    Other(IgnoredAny),
+}
+
+/// A field read only if it is text.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Loose {
+    Text(String),
+    Other(IgnoredAny),
+}
+
+impl Rest {
+    fn digest(&self) -> Option<Digest> {
+        let Rest::Entry {
+            sha256: Some(Loose::Text(hex_digest)),
+        } = self
+        else {
+            return None;
+        };
+        let mut d = Digest::default();
+        hex::decode_to_slice(hex_digest.as_str(), &mut d).ok()?;
+        Some(d)
+    }
+}
 
 /// A snapshot's own fields (`version`, `generated_at`) and its keys, built.
 pub type Built = (Meta, Vec<Arc<Key>>);
@@ -149,10 +184,23 @@ impl<'de> Visitor<'de> for Entries<'_> {
             };
             match build_entry(keys.len(), doc, &mut scopes) {
                 Ok(key) => keys.push(Snapshot::reuse(self.prior, key)),
-                Err(entry) => {
+                Err(mut entry) => {
+                    // The rest is read (not built) so the error is this entry's, named; the
+                    // digests of the others are kept to tell whether the id it names is one
+                    // of their secrets (a short raw key pasted into `id` was logged).
+                    let mut digests: HashSet<Digest> = keys.iter().map(|k| *k.digest()).collect();
+                    while let Some(rest) = seq.next_element::<Rest>()? {
+                        if let Some(d) = rest.digest() {
+                            digests.insert(d);
+                        }
+                    }
+                    let secret = entry
+                        .shown_id()
+                        .is_some_and(|id| names_a_digest(id, |d| digests.contains(d)));
+                    if secret {
+                        entry.withhold_id();
+                    }
                     self.progress.refused = Some(entry);
-                    // The rest is read (not built) so the error is this entry's, named.
-                    while seq.next_element::<IgnoredAny>()?.is_some() {}
                     return Err(de::Error::custom("refused entry"));
                 }
             }

@@ -31,3 +31,20 @@ impl SnapshotError {
         }
     }
 }
+
+impl SnapshotError {
+    /// The entry's id, when this names one that is shown.
+    pub fn shown_id(&self) -> Option<&str> {
+        match self {
+            SnapshotError::Entry { id, .. } if id != "(withheld)" && id != "(invalid)" => Some(id),
+            _ => None,
+        }
+    }
+
+    /// Show the entry's id no more (it turned out to be a secret).
+    pub fn withhold_id(&mut self) {
+        if let SnapshotError::Entry { id, .. } = self {
+            *id = "(withheld)".into();
+        }
+    }
+}

@@ -89,23 +89,29 @@ fn secret_field(key: &Key, index: &KeyIndex) -> Option<&'static str> {
 /// Is `text` some key's raw key, or its digest in hex or base64 (either alphabet, padded or
 /// not)?
 fn is_a_secret(text: &str, index: &KeyIndex) -> bool {
+    names_a_digest(text, |d| index.by_digest(d).is_some())
+}
+
+/// Is `text` the raw key of a digest `known` knows, or such a digest in hex or base64
+/// (either alphabet, padded or not)?
+pub(super) fn names_a_digest(text: &str, known: impl Fn(&Digest) -> bool) -> bool {
     use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
     use base64::Engine as _;
     // Shorter or longer is no credential a client can present.
     let key_sized = (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&text.len());
-    if key_sized && index.by_digest(&digest(text.as_bytes())).is_some() {
+    if key_sized && known(&digest(text.as_bytes())) {
         return true;
     }
     let mut d = Digest::default();
     if text.len() == 64 && hex::decode_to_slice(text, &mut d).is_ok() {
-        return index.by_digest(&d).is_some();
+        return known(&d);
     }
     (43..=44).contains(&text.len())
         && [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
             .iter()
             .filter_map(|engine| engine.decode(text).ok())
             .filter_map(|bytes| Digest::try_from(bytes.as_slice()).ok())
-            .any(|d| index.by_digest(&d).is_some())
+            .any(|d| known(&d))
 }
 
 impl Snapshot {
@@ -332,6 +338,19 @@ mod tests {
             &(entry("").replace("[read]", &format!("[read, {raw}]")) + &second("key_b", "")),
         );
         assert!(e.starts_with("keys[0] id=key_a: scopes: holds"), "{e}");
+        // An entry refused for anything else whose id is another key's raw key, before or
+        // after it, however short: withheld (it was shown).
+        let bad = |id: &str| {
+            format!("  - id: {id}\n    sha256: {}\n    type: personal\n    subject_id: s\n    account_id: a\n    status: paused\n", "3".repeat(64))
+        };
+        let after = bad(raw) + &second("key_b", "");
+        let e = refuse(&format!("keys:\n{after}"));
+        assert!(e.starts_with("keys[0] id=(withheld): status"), "{e}");
+        let before = entry("") + &second("key_b", "") + &bad(raw);
+        let e = refuse(&before);
+        assert!(e.starts_with("keys[2] id=(withheld): status"), "{e}");
+        let e = refuse(&(entry("") + &bad("key_c")));
+        assert!(e.starts_with("keys[1] id=key_c: status"), "{e}");
         // A duplicate whose id is another key's raw key, however short: withheld.
         let short = "pat_short-key-2024";
         let text = entry("")
