@@ -17,36 +17,120 @@ use super::snapshot::names_a_digest;
 use super::snapshot::Snapshot;
 use super::validate::build_entry;
 
-/// An entry after a refused one, read only for its digest: any shape is taken.
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum Rest {
-    Entry {
-        #[serde(default)]
-        sha256: Option<Loose>,
-    },
-    Other(IgnoredAny),
+/// A visitor's answers to scalars it takes and does not keep.
+macro_rules! skip_scalars {
+    ($value:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
 }
 
-/// A field read only if it is text.
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum Loose {
-    Text(String),
-    Other(IgnoredAny),
+/// An entry after a refused one, read only for its digest: any shape is taken, and
+/// nothing of it is held but a `sha256` of 64 characters (every other value is skipped
+/// as it is read, as `IgnoredAny` skips it).
+struct Rest(Option<Digest>);
+
+impl<'de> de::Deserialize<'de> for Rest {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(RestVisitor)
+    }
 }
 
-impl Rest {
-    fn digest(&self) -> Option<Digest> {
-        let Rest::Entry {
-            sha256: Some(Loose::Text(hex_digest)),
-        } = self
-        else {
-            return None;
-        };
-        let mut d = Digest::default();
-        hex::decode_to_slice(hex_digest.as_str(), &mut d).ok()?;
-        Some(d)
+struct RestVisitor;
+
+impl<'de> Visitor<'de> for RestVisitor {
+    type Value = Rest;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("anything")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Rest, A::Error> {
+        let mut found = None;
+        while let Some(is_digest) = map.next_key::<IsDigestField>()? {
+            match is_digest.0 {
+                true => found = map.next_value::<HexDigest>()?.0.or(found),
+                false => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Rest(found))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Rest, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Rest(None))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Rest, E> {
+        Ok(Rest(None))
+    }
+    skip_scalars!(Rest(None));
+}
+
+/// A field name, compared with `sha256` and not kept.
+struct IsDigestField(bool);
+
+impl<'de> de::Deserialize<'de> for IsDigestField {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = IsDigestField;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<IsDigestField, E> {
+                Ok(IsDigestField(s == "sha256"))
+            }
+            skip_scalars!(IsDigestField(false));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A `sha256` value: the digest when it is 64 hex characters, else nothing (any shape).
+struct HexDigest(Option<Digest>);
+
+impl<'de> de::Deserialize<'de> for HexDigest {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = HexDigest;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a digest")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<HexDigest, E> {
+                let mut d = Digest::default();
+                Ok(HexDigest(hex::decode_to_slice(s, &mut d).ok().map(|()| d)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<HexDigest, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(HexDigest(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<HexDigest, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(HexDigest(None))
+            }
+            skip_scalars!(HexDigest(None));
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -189,10 +273,8 @@ impl<'de> Visitor<'de> for Entries<'_> {
                     // digests of the others are kept to tell whether the id it names is one
                     // of their secrets (a short raw key pasted into `id` was logged).
                     let mut digests: HashSet<Digest> = keys.iter().map(|k| *k.digest()).collect();
-                    while let Some(rest) = seq.next_element::<Rest>()? {
-                        if let Some(d) = rest.digest() {
-                            digests.insert(d);
-                        }
+                    while let Some(Rest(digest)) = seq.next_element::<Rest>()? {
+                        digests.extend(digest);
                     }
                     let secret = entry
                         .shown_id()

@@ -351,6 +351,16 @@ mod tests {
         assert!(e.starts_with("keys[2] id=(withheld): status"), "{e}");
         let e = refuse(&(entry("") + &bad("key_c")));
         assert!(e.starts_with("keys[1] id=key_c: status"), "{e}");
+        // Whatever follows the refused entry, of any shape, it is still the one named.
+        let json = format!(
+            r#"{{"keys": [{{"id": "{raw}", "sha256": "{}", "type": "personal", "subject_id": "s", "account_id": "a", "status": "paused"}}, "text", [1, 2], 7, null, {{"sha256": [1], "x": {{"y": [true]}}}}, {{"sha256": "{}"}}]}}"#,
+            "3".repeat(64),
+            hex::encode(digest(raw.as_bytes()))
+        );
+        let e = Snapshot::parse(&json, Source::Control)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("keys[0] id=(withheld): status"), "{e}");
         // A duplicate whose id is another key's raw key, however short: withheld.
         let short = "pat_short-key-2024";
         let text = entry("")
