@@ -907,6 +907,9 @@ async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
         // An encoded `#` in the path does not stop a search of the URL for `&api_key=`.
         format!("/public/x%23&api_key={other}"),
         format!("/public/x%23%26api_key={other}"),
+        // Decoded twice.
+        format!("/public/x?a=1%2526api_key%253D{other}"),
+        format!("/public/x%2526api_key={other}"),
     ] {
         let r = get(&kw.url(&target), &[("x-api-key", SERVICE_KEY)]).await;
         assert_eq!(r.status, 400, "{target}: {}", r.text());

@@ -1147,3 +1147,27 @@ async fn a_rename_is_no_way_around_the_guard() {
     );
     kw.shutdown().await;
 }
+
+/// A key in force being rotated out is still let in until the push lands: its raw key as
+/// another entry's id is refused like any secret, with the entry refused for anything else
+/// too, and never shown (the dry run listed it among `added`, an error printed it).
+#[tokio::test]
+async fn the_secrets_in_force_are_not_shown_by_the_push_that_replaces_them() {
+    let up = spawn_upstream().await;
+    let kw = spawn_control(up.addr, Some(&plain(0..12)), "").await;
+    let pasted = plain(1..12) + &entry(99, "").replace("key_99", &raw(0));
+    for (path, body) in [
+        ("/v1/snapshot?dry_run=true", pasted.clone()),
+        ("/v1/snapshot", pasted.clone()),
+        (
+            "/v1/snapshot",
+            pasted.replace("scopes: [read]", "scopes: [read], status: paused"),
+        ),
+    ] {
+        let r = admin(&kw, "PUT", path, &body).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert!(!r.text().contains(&raw(0)), "{path}: {}", r.text());
+    }
+    assert_eq!(status_with(&kw, &raw(0)).await, 200, "nothing installed");
+    kw.shutdown().await;
+}

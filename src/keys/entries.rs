@@ -44,7 +44,7 @@ macro_rules! skip_scalars {
 /// An entry after a refused one, read only for its digest: any shape is taken, and
 /// nothing of it is held but a `sha256` of 64 characters (every other value is skipped
 /// as it is read, as `IgnoredAny` skips it).
-struct Rest(Option<Digest>);
+struct Rest(Vec<Digest>);
 
 impl<'de> de::Deserialize<'de> for Rest {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -62,10 +62,10 @@ impl<'de> Visitor<'de> for RestVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Rest, A::Error> {
-        let mut found = None;
+        let mut found = Vec::new();
         while let Some(is_digest) = map.next_key::<IsDigestField>()? {
             match is_digest.0 {
-                true => found = map.next_value::<HexDigest>()?.0.or(found),
+                true => found.extend(map.next_value::<HexDigest>()?.0),
                 false => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -76,13 +76,13 @@ impl<'de> Visitor<'de> for RestVisitor {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Rest, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Rest(None))
+        Ok(Rest(Vec::new()))
     }
 
     fn visit_str<E: de::Error>(self, _: &str) -> Result<Rest, E> {
-        Ok(Rest(None))
+        Ok(Rest(Vec::new()))
     }
-    skip_scalars!(Rest(None));
+    skip_scalars!(Rest(Vec::new()));
 }
 
 /// A field name, compared with `sha256` and not kept.
@@ -91,13 +91,21 @@ struct IsDigestField(bool);
 impl<'de> de::Deserialize<'de> for IsDigestField {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
-        impl Visitor<'_> for V {
+        impl<'de> Visitor<'de> for V {
             type Value = IsDigestField;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a field name")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<IsDigestField, E> {
                 Ok(IsDigestField(s == "sha256"))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<IsDigestField, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(IsDigestField(false))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<IsDigestField, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(IsDigestField(false))
             }
             skip_scalars!(IsDigestField(false));
         }
@@ -273,12 +281,14 @@ impl<'de> Visitor<'de> for Entries<'_> {
                     // digests of the others are kept to tell whether the id it names is one
                     // of their secrets (a short raw key pasted into `id` was logged).
                     let mut digests: HashSet<Digest> = keys.iter().map(|k| *k.digest()).collect();
-                    while let Some(Rest(digest)) = seq.next_element::<Rest>()? {
-                        digests.extend(digest);
+                    while let Some(Rest(found)) = seq.next_element::<Rest>()? {
+                        digests.extend(found);
                     }
-                    let secret = entry
-                        .shown_id()
-                        .is_some_and(|id| names_a_digest(id, |d| digests.contains(d)));
+                    let prior = self.prior;
+                    let known = |d: &Digest| {
+                        digests.contains(d) || prior.is_some_and(|p| p.lookup(d).is_some())
+                    };
+                    let secret = entry.shown_id().is_some_and(|id| names_a_digest(id, known));
                     if secret {
                         entry.withhold_id();
                     }

@@ -281,17 +281,18 @@ impl Snapshot {
     pub fn parse_as(text: &str, format: Format, source: Source) -> Result<Snapshot, SnapshotError> {
         let content_digest = hex::encode(digest(text.as_bytes()));
         let (meta, keys) = from_slice(text.as_bytes(), format, None)?;
-        Self::assemble(meta, keys, source, content_digest)
+        Self::assemble(meta, keys, source, content_digest, None)
     }
 
     /// A document read elsewhere (as a stream from a file, see `source`), whose text had
-    /// the digest `content_digest`.
+    /// the digest `content_digest`, to replace `prior` (whose secrets it must not show).
     pub(super) fn from_built(
         (meta, keys): Built,
         source: Source,
         content_digest: String,
+        prior: Option<&Snapshot>,
     ) -> Result<Snapshot, SnapshotError> {
-        Self::assemble(meta, keys, source, content_digest)
+        Self::assemble(meta, keys, source, content_digest, prior)
     }
 }
 

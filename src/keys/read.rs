@@ -97,7 +97,7 @@ pub(super) fn read_file_as(
         ReadError::Io(e) => io_error(path, e),
     })?;
     let digest = whole_digest.unwrap_or_else(|| hex::encode(hasher.finalize()));
-    Ok(Snapshot::from_built(built, source, digest)?)
+    Ok(Snapshot::from_built(built, source, digest, prior)?)
 }
 
 #[cfg(test)]

@@ -9,8 +9,9 @@ use serde::Serialize;
 
 use super::diff::{diff, Here, SnapshotDiff};
 use super::guard::{judge, Verdict};
+use super::load::Format;
 use super::load_error::LoadError;
-use super::read::read_file;
+use super::read::read_file_as;
 use super::{Snapshot, Source};
 use crate::config::GuardConfig;
 
@@ -127,12 +128,13 @@ pub fn diff_files(
     source: Source,
     max_age: Option<std::time::Duration>,
 ) -> Result<Review, FileError> {
-    let read = |path: &Path, source| {
+    // NEW is read as a push replacing OLD is: OLD's secrets must not show in it either.
+    let read = |path: &Path, source, prior: Option<&Snapshot>| {
         let fail = |error| FileError {
             path: path.to_owned(),
             error,
         };
-        let mut snapshot = read_file(path, source).map_err(fail)?;
+        let mut snapshot = read_file_as(path, source, Format::Yaml, prior).map_err(fail)?;
         // Judged with the config's `keys.max_age`, as the sidecar judges it.
         if max_age.is_some() {
             super::source::stamped_in_the_past(&snapshot, here.now).map_err(fail)?;
@@ -140,7 +142,8 @@ pub fn diff_files(
         snapshot.set_max_age(max_age, None);
         Ok(snapshot)
     };
-    let (old, new) = (read(old, Source::File)?, read(new, source)?);
+    let old = read(old, Source::File, None)?;
+    let new = read(new, source, Some(&old))?;
     Ok(review(Some(&old), &new, guard, here))
 }
 

@@ -59,7 +59,7 @@ impl fmt::Debug for Snapshot {
 /// The first of `key`'s values that are logged or sent upstream (its id, subject, account,
 /// the optional identity values, its scopes, the accounts it may act for) that is one of the
 /// snapshot's secrets: `id` and `sha256` swapped, or a new key pasted into a field.
-fn secret_field(key: &Key, index: &KeyIndex) -> Option<&'static str> {
+fn secret_field(key: &Key, known: &Known<'_>) -> Option<&'static str> {
     let texts = [
         ("id", Some(&key.id)),
         ("subject_id", Some(&key.subject_id)),
@@ -71,7 +71,7 @@ fn secret_field(key: &Key, index: &KeyIndex) -> Option<&'static str> {
     ];
     let field = texts
         .into_iter()
-        .find(|(_, t)| t.is_some_and(|t| is_a_secret(t.as_str(), index)))
+        .find(|(_, t)| t.is_some_and(|t| known.secret(t.as_str())))
         .map(|(field, _)| field);
     let delegates = key.extra().and_then(|e| e.delegate_accounts.as_deref());
     let lists = [
@@ -81,15 +81,26 @@ fn secret_field(key: &Key, index: &KeyIndex) -> Option<&'static str> {
     field.or_else(|| {
         lists
             .into_iter()
-            .find(|(_, items)| items.iter().any(|a| is_a_secret(a, index)))
+            .find(|(_, items)| items.iter().any(|a| known.secret(a)))
             .map(|(field, _)| field)
     })
 }
 
-/// Is `text` some key's raw key, or its digest in hex or base64 (either alphabet, padded or
-/// not)?
-fn is_a_secret(text: &str, index: &KeyIndex) -> bool {
-    names_a_digest(text, |d| index.by_digest(d).is_some())
+/// The secrets a new snapshot must not show: its own keys', and those of the snapshot in
+/// force it is to replace (a key being rotated out is still let in until it is).
+struct Known<'a> {
+    index: &'a KeyIndex,
+    prior: Option<&'a Snapshot>,
+}
+
+impl Known<'_> {
+    /// Is `text` one of their raw keys, or a digest of one in hex or base64 (either
+    /// alphabet, padded or not)?
+    fn secret(&self, text: &str) -> bool {
+        names_a_digest(text, |d| {
+            self.index.by_digest(d).is_some() || self.prior.is_some_and(|p| p.lookup(d).is_some())
+        })
+    }
 }
 
 /// Is `text` the raw key of a digest `known` knows, or such a digest in hex or base64
@@ -121,6 +132,7 @@ impl Snapshot {
         keys: Vec<Arc<Key>>,
         source: Source,
         content_digest: String,
+        prior: Option<&Snapshot>,
     ) -> Result<Snapshot, SnapshotError> {
         let mut index = KeyIndex::with_capacity(keys.len());
         // The first duplicate is reported once every other key is indexed: its id is shown
@@ -136,14 +148,25 @@ impl Snapshot {
                 Duplicate::Id => ("id", "duplicate id"),
                 Duplicate::Digest => ("sha256", "duplicate sha256"),
             };
-            let id = match is_a_secret(&key.id, &index) {
-                true => "(withheld)",
-                false => key.id.as_str(),
+            // Its own digest too: it was never indexed.
+            let known = Known {
+                index: &index,
+                prior,
+            };
+            let secret = known.secret(&key.id) || names_a_digest(&key.id, |d| d == key.digest());
+            let id = if secret {
+                "(withheld)"
+            } else {
+                key.id.as_str()
             };
             return Err(SnapshotError::entry(i, id, field, reason.into()));
         }
+        let known = Known {
+            index: &index,
+            prior,
+        };
         for (i, key) in keys.iter().enumerate() {
-            if let Some(field) = secret_field(key, &index) {
+            if let Some(field) = secret_field(key, &known) {
                 let id = if field == "id" {
                     "(withheld)"
                 } else {
@@ -351,6 +374,16 @@ mod tests {
         assert!(e.starts_with("keys[2] id=(withheld): status"), "{e}");
         let e = refuse(&(entry("") + &bad("key_c")));
         assert!(e.starts_with("keys[1] id=key_c: status"), "{e}");
+        // Its own raw key, alone, or as a duplicate's: never indexed, still withheld.
+        let own = bad(raw).replace(&"3".repeat(64), &hex::encode(digest(raw.as_bytes())));
+        let e = refuse(&format!("keys:\n{own}"));
+        assert!(e.starts_with("keys[0] id=(withheld): status"), "{e}");
+        let dup = second(raw, "").replace(&hex::encode(digest(raw.as_bytes())), &"4".repeat(64))
+            + &second(raw, "");
+        assert_eq!(
+            refuse(&format!("keys:\n{dup}")),
+            "keys[1] id=(withheld): id: duplicate id"
+        );
         // Whatever follows the refused entry, of any shape, it is still the one named.
         let json = format!(
             r#"{{"keys": [{{"id": "{raw}", "sha256": "{}", "type": "personal", "subject_id": "s", "account_id": "a", "status": "paused"}}, "text", [1, 2], 7, null, {{"sha256": [1], "x": {{"y": [true]}}}}, {{"sha256": "{}"}}]}}"#,

@@ -40,6 +40,9 @@ fn from_doc(doc: KeyDoc, scopes: &mut ScopeCache) -> Result<Key, (FieldError, St
         Ok(c) => Ok(build(doc, c, scopes)),
         // An id that is not one is not echoed: it may be anything, of any length.
         Err(e) if check_id("id", &doc.id).is_err() => Err((e, "(invalid)".into())),
+        // Its own raw key or digest pasted into `id`: not shown (the other entries' are
+        // looked for where the whole list is known).
+        Err(e) if names_its_own_digest(&doc) => Err((e, "(withheld)".into())),
         Err(e) => Err((e, doc.id.into())),
     }
 }
@@ -149,6 +152,13 @@ pub fn is_token(s: &str) -> bool {
         && s.len() <= 128
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'))
+}
+
+/// Is the entry's id the raw key of its own `sha256`, or that digest written out?
+fn names_its_own_digest(doc: &KeyDoc) -> bool {
+    let mut own = super::Digest::default();
+    hex::decode_to_slice(&*doc.sha256, &mut own).is_ok()
+        && super::snapshot::names_a_digest(&doc.id, |d| *d == own)
 }
 
 /// Could this id be a raw key or a digest? Then no error shows it: in an entry that is

@@ -311,12 +311,17 @@ fn hides_query_key(app: &App, path: &str, query: Option<&str>) -> bool {
 }
 
 /// The ways an app may read `s` before it splits it: as sent, percent-decoded (and
-/// NFKC-normalized), and with `%uXXXX` decoded too, as ASP.NET's `UrlDecode` and
-/// JavaScript's `unescape` do. None is cut at a `#`: a cut only takes values away.
+/// NFKC-normalized), with `%uXXXX` decoded too, as ASP.NET's `UrlDecode` and JavaScript's
+/// `unescape` do, and decoded twice. None is cut at a `#`: a cut only takes values away.
 fn app_readings(s: &str) -> Vec<Cow<'_, str>> {
     let mut readings = vec![Cow::Borrowed(s), auth::path::as_decoded(s)];
     if let Cow::Owned(u) = auth::credential::decode_u_escapes(s) {
         readings.push(Cow::Owned(auth::path::as_decoded(&u).into_owned()));
+    }
+    // Decoded twice (`%2526` is `&` to an app, or a rewrite layer in front of it, that
+    // decodes before its parser decodes again).
+    if let Cow::Owned(twice) = auth::path::as_decoded(&readings[1]) {
+        readings.push(Cow::Owned(twice));
     }
     readings
 }
