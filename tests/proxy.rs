@@ -910,6 +910,11 @@ async fn a_query_key_hidden_after_an_encoded_question_mark_is_refused() {
         // Decoded twice.
         format!("/public/x?a=1%2526api_key%253D{other}"),
         format!("/public/x%2526api_key={other}"),
+        // A hidden second copy of the very key keyward read: the copy it strips is the
+        // one it read, and the hidden one reached the app.
+        format!("/x?api_key={SERVICE_KEY}&y=1?api_key={SERVICE_KEY}"),
+        format!("/x?api_key={SERVICE_KEY}&x=%u0026api_key%u003D{SERVICE_KEY}"),
+        format!("/x?api_key={SERVICE_KEY}&next=%2Fcb%3Fapi_key%3D{SERVICE_KEY}"),
     ] {
         let r = get(&kw.url(&target), &[("x-api-key", SERVICE_KEY)]).await;
         assert_eq!(r.status, 400, "{target}: {}", r.text());

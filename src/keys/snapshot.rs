@@ -172,7 +172,7 @@ impl Snapshot {
                 } else {
                     key.id.as_str()
                 };
-                let reason = "holds the raw key or the sha256 of a key in this snapshot (ids and identity values are logged, labelled and sent to the app)";
+                let reason = "holds the raw key or the sha256 of a key in this snapshot or in the one in force (ids and identity values are logged, labelled and sent to the app)";
                 return Err(SnapshotError::entry(i, id, field, reason.into()));
             }
         }
