@@ -358,7 +358,7 @@ fn query_hides_key(raw: &str, name: &str) -> bool {
         let as_sent_reading = i == 0;
         [false, true]
             .into_iter()
-            .filter(|&question| !(as_sent_reading && !question))
+            .filter(|&question| !as_sent_reading || question)
             .filter(|&question| !question || reading.contains('?'))
             .any(|question| {
                 let values = assigned_values(reading, name, question, as_sent_reading);
