@@ -13,7 +13,7 @@ use super::error::SnapshotError;
 use super::key::{Digest, Key};
 use super::schema::Meta;
 use super::scopes::ScopeCache;
-use super::snapshot::names_a_digest;
+use super::secret::names_a_digest;
 use super::snapshot::Snapshot;
 use super::validate::build_entry;
 

@@ -1,5 +1,7 @@
 //! Why a snapshot document is refused.
 
+use super::secret::{may_be_a_secret, WITHHELD};
+
 /// A refused snapshot: which entry, which field, why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SnapshotError {
@@ -16,10 +18,10 @@ pub enum SnapshotError {
 
 impl SnapshotError {
     /// Entry `index` refused for `field`: its id shown unless it could be a secret (see
-    /// [`super::validate::may_be_a_secret`]), whatever refused it.
+    /// [`may_be_a_secret`]), whatever refused it.
     pub fn entry(index: usize, id: &str, field: &'static str, reason: String) -> Self {
-        let id = if super::validate::may_be_a_secret(id) {
-            "(withheld)".to_string()
+        let id = if may_be_a_secret(id) {
+            WITHHELD.to_string()
         } else {
             id.to_string()
         };
@@ -30,13 +32,11 @@ impl SnapshotError {
             reason,
         }
     }
-}
 
-impl SnapshotError {
     /// The entry's id, when this names one that is shown.
     pub fn shown_id(&self) -> Option<&str> {
         match self {
-            SnapshotError::Entry { id, .. } if id != "(withheld)" && id != "(invalid)" => Some(id),
+            SnapshotError::Entry { id, .. } if id != WITHHELD && id != "(invalid)" => Some(id),
             _ => None,
         }
     }
@@ -44,7 +44,7 @@ impl SnapshotError {
     /// Show the entry's id no more (it turned out to be a secret).
     pub fn withhold_id(&mut self) {
         if let SnapshotError::Entry { id, .. } = self {
-            *id = "(withheld)".into();
+            *id = WITHHELD.into();
         }
     }
 }

@@ -25,6 +25,7 @@ mod read;
 pub mod review;
 pub mod schema;
 mod scopes;
+mod secret;
 pub mod snapshot;
 pub mod source;
 mod spool;

@@ -12,7 +12,7 @@ use super::error::SnapshotError;
 use super::index::{Duplicate, KeyIndex};
 use super::key::{digest, Digest, Key};
 pub use super::schema::{KeyDoc, Meta, SnapshotDoc};
-use crate::auth::credential::{MAX_KEY_LEN, MIN_KEY_LEN};
+use super::secret::{names_a_digest, WITHHELD};
 
 /// Where a snapshot came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -103,28 +103,6 @@ impl Known<'_> {
     }
 }
 
-/// Is `text` the raw key of a digest `known` knows, or such a digest in hex or base64
-/// (either alphabet, padded or not)?
-pub(super) fn names_a_digest(text: &str, known: impl Fn(&Digest) -> bool) -> bool {
-    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-    use base64::Engine as _;
-    // Shorter or longer is no credential a client can present.
-    let key_sized = (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&text.len());
-    if key_sized && known(&digest(text.as_bytes())) {
-        return true;
-    }
-    let mut d = Digest::default();
-    if text.len() == 64 && hex::decode_to_slice(text, &mut d).is_ok() {
-        return known(&d);
-    }
-    (43..=44).contains(&text.len())
-        && [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
-            .iter()
-            .filter_map(|engine| engine.decode(text).ok())
-            .filter_map(|bytes| Digest::try_from(bytes.as_slice()).ok())
-            .any(|d| known(&d))
-}
-
 impl Snapshot {
     /// Index built keys by digest and by id; a duplicate of either refuses the snapshot.
     pub(super) fn assemble(
@@ -154,11 +132,7 @@ impl Snapshot {
                 prior,
             };
             let secret = known.secret(&key.id) || names_a_digest(&key.id, |d| d == key.digest());
-            let id = if secret {
-                "(withheld)"
-            } else {
-                key.id.as_str()
-            };
+            let id = if secret { WITHHELD } else { key.id.as_str() };
             return Err(SnapshotError::entry(i, id, field, reason.into()));
         }
         let known = Known {
@@ -168,7 +142,7 @@ impl Snapshot {
         for (i, key) in keys.iter().enumerate() {
             if let Some(field) = secret_field(key, &known) {
                 let id = if field == "id" {
-                    "(withheld)"
+                    WITHHELD
                 } else {
                     key.id.as_str()
                 };

@@ -7,6 +7,7 @@ use super::error::SnapshotError;
 use super::key::{Delegation, Digest, Extra, Key, PrincipalType, Status};
 use super::schema::{KeyDoc, Meta};
 use super::scopes::ScopeCache;
+use super::secret::{names_a_digest, WITHHELD};
 use super::text::Text;
 
 /// Validate and build entry `index` of the document.
@@ -42,7 +43,7 @@ fn from_doc(doc: KeyDoc, scopes: &mut ScopeCache) -> Result<Key, (FieldError, St
         Err(e) if check_id("id", &doc.id).is_err() => Err((e, "(invalid)".into())),
         // Its own raw key or digest pasted into `id`: not shown (the other entries' are
         // looked for where the whole list is known).
-        Err(e) if names_its_own_digest(&doc) => Err((e, "(withheld)".into())),
+        Err(e) if names_its_own_digest(&doc) => Err((e, WITHHELD.into())),
         Err(e) => Err((e, doc.id.into())),
     }
 }
@@ -157,40 +158,7 @@ pub fn is_token(s: &str) -> bool {
 /// Is the entry's id the raw key of its own `sha256`, or that digest written out?
 fn names_its_own_digest(doc: &KeyDoc) -> bool {
     let mut own = super::Digest::default();
-    hex::decode_to_slice(&*doc.sha256, &mut own).is_ok()
-        && super::snapshot::names_a_digest(&doc.id, |d| *d == own)
-}
-
-/// Could this id be a raw key or a digest? Then no error shows it: in an entry that is
-/// refused, `id` and `sha256` swapped or a new key pasted into `id` are likelier than an id
-/// of that shape. 40 characters or more (a generated key is its
-/// prefix and 43 more, a digest 64 in hex or 43 in base64), or a run of 20 letters and
-/// digits (a random part). Ids people write (`key_billing_prod`, a UUID) are neither.
-pub fn may_be_a_secret(id: &str) -> bool {
-    id.len() >= 40
-        || id
-            .split(|c: char| !c.is_ascii_alphanumeric())
-            .any(|run| run.len() >= 20)
-}
-
-#[cfg(test)]
-#[test]
-fn ids_shaped_like_secrets() {
-    for id in [
-        "key_billing_prod",
-        "3f2b8c1e-9a4d-4f6e-8b7a-1c2d3e4f5a6b",
-        "acme:prod/key-7",
-    ] {
-        assert!(!may_be_a_secret(id), "{id}");
-    }
-    let hex = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
-    for id in [
-        hex,
-        "sta_Zq3xV9kPp2Lr8TnW4yBc6HdFj1MsQe7Ua5Gi0Ko-_Xw",
-        "k_abcdefghij0123456789",
-    ] {
-        assert!(may_be_a_secret(id), "{id}");
-    }
+    hex::decode_to_slice(&*doc.sha256, &mut own).is_ok() && names_a_digest(&doc.id, |d| *d == own)
 }
 
 fn check_id(field: &'static str, s: &str) -> Result<(), FieldError> {
