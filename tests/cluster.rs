@@ -35,6 +35,12 @@ fn limited(id: &str, rate_limit: &str) -> String {
     snapshot(&[entry(id, LIMITED, Some(rate_limit))])
 }
 
+/// What the limiter script stores: `tat interval burst`, three whole numbers.
+fn is_limiter_state(v: &str) -> bool {
+    let parts: Vec<&str> = v.split(' ').collect();
+    parts.len() == 3 && parts.iter().all(|p| p.parse::<u64>().is_ok())
+}
+
 fn keys() -> String {
     snapshot(&[
         entry(
@@ -130,7 +136,7 @@ async fn a_limiter_state_left_far_ahead_holds_a_key_no_longer_than_a_burst() {
     let _: String = redis.cmd(&["SET", "keyward:rl:{key_limited}", "nan"]).await;
     assert_eq!(call(&kw, LIMITED).await.status, 200);
     let n: String = redis.cmd(&["GET", "keyward:rl:{key_limited}"]).await;
-    assert!(n.parse::<f64>().is_ok_and(|v| v.is_finite()), "{n}");
+    assert!(is_limiter_state(&n), "{n}");
     // A value of another type: replaced, not failed on for good; and unlinked (freed off
     // Redis's main thread), since a large one deleted in place stalls every client.
     let _: i64 = redis.cmd(&["DEL", "keyward:rl:{key_limited}"]).await;
@@ -139,6 +145,53 @@ async fn a_limiter_state_left_far_ahead_holds_a_key_no_longer_than_a_burst() {
         .await;
     assert_eq!(call(&kw, LIMITED).await.status, 200);
     assert_eq!(redis.calls("unlink").await, 1);
+}
+
+/// Review: replicas that disagree on a key's limit (a reload that has not reached all of
+/// them, or a limit lowered and put back) handed an exhausted key a fresh burst: the one
+/// with the lower burst cut the shared state to its own burst. What a key spent stays spent,
+/// in requests, whichever replica reads it and whatever its limit; a slower rate makes the
+/// requests owed take longer, not fewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_another_limit_hand_out_no_fresh_burst() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let roomy = ready_replica(
+        up.addr,
+        redis.port,
+        "deny",
+        &limited("key_l", "{ per_second: 0.01, burst: 6 }"),
+    )
+    .await;
+    let lower = ready_replica(
+        up.addr,
+        redis.port,
+        "deny",
+        &limited("key_l", "{ per_second: 0.01, burst: 1 }"),
+    )
+    .await;
+    let slower = ready_replica(
+        up.addr,
+        redis.port,
+        "deny",
+        &limited("key_l", "{ per_second: 0.001, burst: 6 }"),
+    )
+    .await;
+    for _ in 0..6 {
+        assert_eq!(call(&roomy, LIMITED).await.status, 200);
+    }
+    for kw in [&roomy, &lower, &roomy, &slower, &roomy] {
+        let r = call(kw, LIMITED).await;
+        assert_eq!(r.status, 429, "{}", r.text());
+    }
+    // Six requests owed (600 s at 100 s each), read at 1,000 s each: a full burst of the
+    // slower limit is spent, and the next request is 1,000 s away (as time, the 600 s owed
+    // would have left room for five requests there).
+    let r = call(&slower, LIMITED).await;
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((990..=1000).contains(&retry), "{retry}");
+    let n: String = redis.cmd(&["GET", "keyward:rl:{key_l}"]).await;
+    assert!(is_limiter_state(&n), "{n}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1365,7 +1418,7 @@ async fn a_huge_limiter_state_is_not_read_and_is_replaced() {
     assert_eq!(call(&kw, LIMITED).await.status, 200);
     assert_eq!(redis.calls("get").await, gets, "the state was read");
     let n: String = redis.cmd(&["GET", "keyward:rl:{key_limited}"]).await;
-    assert!(n.parse::<f64>().is_ok_and(|v| v.is_finite()), "{n}");
+    assert!(is_limiter_state(&n), "{n}");
 }
 
 /// The blast-radius guard (SPEC 16) counts the keys a client can use: a key the fleet has

@@ -845,6 +845,28 @@ async fn a_tunnel_closes_when_its_key_is_disabled_or_its_connection_ages() {
     );
     kw.shutdown().await;
 
+    // Review: the key moved to another org (or enterprise, or account short id): the app
+    // was told the old tenant at the handshake and kept serving the tunnel on it.
+    let kw = spawn_proxy(up.addr, "").await;
+    let s = open(kw.addr).await;
+    let moved = DEMO_KEYS.replacen("org_id: org_123", "org_id: org_456", 1);
+    assert_ne!(moved, DEMO_KEYS);
+    std::fs::write(kw.keys_file(), &moved).unwrap();
+    eventually("the key moved to org_456", || async {
+        get(&kw.url("/v1/x"), &[("x-api-key", KEY)]).await;
+        up.last()
+            .headers
+            .get("x-auth-org-id")
+            .is_some_and(|v| v == "org_456")
+    })
+    .await;
+    let open_for = echoes(s).await;
+    assert!(
+        open_for < Duration::from_secs(3),
+        "still open after {open_for:?}"
+    );
+    kw.shutdown().await;
+
     let kw = spawn_proxy(up.addr, "limits: { max_connection_age: 500ms }\n").await;
     let s = open(kw.addr).await;
     let open_for = echoes(s).await;
@@ -1326,6 +1348,61 @@ async fn a_client_that_never_reads_parks_little_per_stream() {
         grown / 1024
     );
     drop(s);
+}
+
+/// Review: connections that open and never carry a key (a preface and a SETTINGS frame,
+/// reopened when closed) held the whole budget, and every new connection, a keyed client's,
+/// was offered one stream (20 of them sufficed at the defaults). A connection that has
+/// carried no key, holds no stream and has been open a second gives its share to a new
+/// connection that would get less than a full one, oldest first, and is told to go away;
+/// one that carried a key keeps its share.
+#[tokio::test]
+async fn idle_connections_without_a_key_do_not_keep_the_stream_budget() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(
+        up.addr,
+        "limits: { h2_max_concurrent_streams: 256, h2_max_streams: 512 }\n",
+    )
+    .await;
+    // A keyed client's connection, then one that never asks anything.
+    let tcp = TcpStream::connect(kw.addr).await.unwrap();
+    let (mut keyed, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let ask = |client: &mut h2::client::SendRequest<Bytes>| {
+        let req = http::Request::get(format!("http://{}/v1/x", kw.addr))
+            .header("x-api-key", KEY)
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).expect("send");
+        async move { resp.await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    assert_eq!(ask(&mut keyed).await, 200);
+    let (mut idle, granted) = granted_streams(kw.addr).await;
+    assert_eq!(granted, Some(256));
+    // The budget is spent; a second on, the idle connection's share is taken back.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_fresh, granted) = granted_streams(kw.addr).await;
+    assert_eq!(granted, Some(256), "the new connection gets a full share");
+    // The idle one was told to go away (GOAWAY, frame type 7).
+    let mut header = [0u8; 9];
+    let went = loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), idle.read_exact(&mut header)).await;
+        let Ok(Ok(_)) = read else { break false };
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        if idle.read_exact(&mut payload).await.is_err() {
+            break false;
+        }
+        if header[3] == 0x7 {
+            break true;
+        }
+    };
+    assert!(went, "no GOAWAY on the idle connection");
+    // The keyed connection kept its share and serves on.
+    assert_eq!(ask(&mut keyed).await, 200);
+    kw.shutdown().await;
 }
 
 /// Open an HTTP/2 connection and read the `SETTINGS_MAX_CONCURRENT_STREAMS` keyward

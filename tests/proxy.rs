@@ -449,6 +449,66 @@ async fn delegation_sets_effective_account() {
     kw.shutdown().await;
 }
 
+/// Review: with `delegate_accounts: ["*"]` a client names any account, and keyward asserts
+/// it to the app as `x-auth-account-id` (and logs it): the caller's own raw key or digest,
+/// or another key's, went there. Such an account is refused (400) as a malformed header.
+/// And an account the snapshot may list (`/` in it) can be named.
+#[tokio::test]
+async fn a_delegated_account_that_is_key_material_is_refused() {
+    let up = spawn_upstream().await;
+    let keys = DEMO_KEYS.replacen(
+        r#"delegate_accounts: ["507f1f77bc"]"#,
+        r#"delegate_accounts: ["*"]"#,
+        1,
+    );
+    assert_ne!(keys, DEMO_KEYS);
+    let kw = spawn_proxy_with(up.addr, "", Some(&keys)).await;
+    let hex_of = |raw: &str| hex::encode(keyward::keys::digest(raw.as_bytes()));
+    let b64_of = |raw: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(keyward::keys::digest(raw.as_bytes()))
+    };
+    let bearer = format!("Bearer {ENTERPRISE_KEY}");
+    let as_account = |account: String| {
+        let bearer = bearer.clone();
+        let url = kw.url("/v1/items");
+        async move {
+            get(
+                &url,
+                &[
+                    ("authorization", &bearer),
+                    ("x-delegate-account-id", &account),
+                ],
+            )
+            .await
+        }
+    };
+    for account in [
+        ENTERPRISE_KEY.to_string(),
+        hex_of(ENTERPRISE_KEY),
+        hex_of(ENTERPRISE_KEY).to_uppercase(),
+        b64_of(ENTERPRISE_KEY),
+        format!("x_{ENTERPRISE_KEY}"),
+        SERVICE_KEY.to_string(),
+        hex_of(SERVICE_KEY),
+        ENTERPRISE_KEY[4..30].to_string(),
+    ] {
+        let before = up.count();
+        let r = as_account(account.clone()).await;
+        assert_eq!(r.status, 400, "{account}: {}", r.text());
+        assert_eq!(r.code(), "bad_request");
+        assert!(!r.text().contains(&account), "{}", r.text());
+        assert_eq!(up.count(), before, "{account} reached the app");
+    }
+    for account in ["acme/child-7", "507f1f77bc", "a.b:c-d_e"] {
+        let r = as_account(account.to_string()).await;
+        assert_eq!(r.status, 200, "{account}: {}", r.text());
+        assert_eq!(up.last().headers["x-auth-account-id"], account);
+    }
+    kw.shutdown().await;
+}
+
 #[tokio::test]
 async fn path_tricks_are_refused_or_denied_never_forwarded() {
     let up = spawn_upstream().await;

@@ -61,12 +61,14 @@ pub fn decide(
     now: SystemTime,
 ) -> Decision {
     // A snapshot older than `keys.max_age` is as good as none (SPEC 16): one comparison.
-    let snapshot = snapshot.filter(|s| !s.is_stale(now));
+    let Some(snapshot) = snapshot.filter(|s| !s.is_stale(now)) else {
+        return Decision::Deny(Reject::AuthUnavailable, None);
+    };
     let key = match identify(req, snapshot, policy) {
         Ok(key) => key,
         Err(r) => return Decision::Deny(r, None),
     };
-    match authorize(req, key, policy, now) {
+    match authorize(req, key, snapshot, policy, now) {
         Ok(delegated_account) => Decision::Allow(Principal {
             key: key.clone(),
             delegated_account,
@@ -79,10 +81,9 @@ pub fn decide(
 /// here name no key: an unknown key and a near-miss get the same answer.
 fn identify<'s>(
     req: &AuthRequest<'_>,
-    snapshot: Option<&'s Snapshot>,
+    snapshot: &'s Snapshot,
     policy: &Policy,
 ) -> Result<&'s Arc<Key>, Reject> {
-    let snapshot = snapshot.ok_or(Reject::AuthUnavailable)?;
     let raw = credential::extract(req.headers, req.query, &policy.credentials).map_err(|e| {
         Reject::InvalidAuthHeader {
             missing: e == CredentialError::Missing,
@@ -109,11 +110,12 @@ fn identify<'s>(
 fn authorize(
     req: &AuthRequest<'_>,
     key: &Key,
+    snapshot: &Snapshot,
     policy: &Policy,
     now: SystemTime,
 ) -> Result<Option<HeaderValue>, Reject> {
     check_key_state(key, policy, now)?;
-    let delegated_account = delegation(req.headers, key)?;
+    let delegated_account = delegation(req, key, snapshot, policy)?;
     if req.check_scope {
         check_scopes(key, policy, req.method, req.route_scopes)?;
     }
@@ -165,8 +167,13 @@ fn check_key_state(key: &Key, policy: &Policy, now: SystemTime) -> Result<(), Re
 }
 
 /// `x-delegate-account-id`: only enterprise keys, only listed accounts (or `*`).
-fn delegation(headers: &HeaderMap, key: &Key) -> Result<Option<HeaderValue>, Reject> {
-    let mut values = headers.get_all(DELEGATE_HEADER).iter();
+fn delegation(
+    req: &AuthRequest<'_>,
+    key: &Key,
+    snapshot: &Snapshot,
+    policy: &Policy,
+) -> Result<Option<HeaderValue>, Reject> {
+    let mut values = req.headers.get_all(DELEGATE_HEADER).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
@@ -189,6 +196,11 @@ fn delegation(headers: &HeaderMap, key: &Key) -> Result<Option<HeaderValue>, Rej
         Delegation::Only(set) => set.contains(account),
         Delegation::None => false,
     };
+    if allowed && names_a_secret(account, req, snapshot, policy) {
+        // The account is asserted to the app (`x-auth-account-id`), logged and used as a
+        // label: a key or a digest there would reach all three.
+        return Err(Reject::BadRequest(BadRequest::DelegateHeader));
+    }
     if allowed {
         Ok(Some(value.clone()))
     } else {
@@ -196,10 +208,24 @@ fn delegation(headers: &HeaderMap, key: &Key) -> Result<Option<HeaderValue>, Rej
     }
 }
 
+/// What a snapshot may list in `delegate_accounts` ([`keys::is_token`]): an account it
+/// lists can be named.
 fn valid_account_id(a: &str) -> bool {
-    (1..=128).contains(&a.len())
-        && a.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+    keys::is_token(a)
+}
+
+/// Could the account a client names be key material: one holding a configured prefix or
+/// sharing a run with the request's own credential ([`Policy::could_be_a_key`]), or the raw
+/// key or digest of a key in the snapshot? A `*` delegation takes any account a client
+/// sends; a listed one was screened with its snapshot.
+fn names_a_secret(
+    account: &str,
+    req: &AuthRequest<'_>,
+    snapshot: &Snapshot,
+    policy: &Policy,
+) -> bool {
+    policy.could_be_a_key(account.as_bytes(), req.headers, &[req.query.unwrap_or("")])
+        || keys::names_a_digest(account, |d| snapshot.lookup(d).is_some())
 }
 
 /// Does `key` hold a scope the method allows, and one of the route rule's (`route_scopes`)?

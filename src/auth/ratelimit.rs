@@ -50,9 +50,7 @@ impl RateLimiter {
             return RateDecision::Unlimited;
         };
         let now_ns = now.saturating_duration_since(self.epoch).as_nanos();
-        // `as` saturates (a huge rate gives 0); a vanishing one is capped at ~584 years per
-        // request, which keeps every sum below far from overflowing (they saturate anyway).
-        let interval = ((1e9 / limit.per_second) as u128).min(u128::from(u64::MAX));
+        let interval = interval_ns(&limit);
         if interval == 0 {
             // More than one request a nanosecond: never limited. (Checked before the state:
             // with no tolerance at all, a thread that read the clock just before another
@@ -69,11 +67,15 @@ impl RateLimiter {
             .entry(key.id.clone())
             .or_insert(Cell { limit, tat: now_ns });
         if cell.limit != limit {
-            // The key's limit changed in a reload: what it has spent stays spent, up to a
-            // full burst of the new limit (as the shared limiter does). Starting afresh
-            // would hand a key being throttled for abuse a fresh burst.
+            // The key's limit changed in a reload: what it has spent stays spent, counted
+            // in requests, whatever the new limit (as the shared limiter does). Starting
+            // afresh, or keeping no more than the new burst, would hand a key being
+            // throttled for abuse a fresh burst: at once, or once its limit is lowered and
+            // put back. Kept as time instead, a slower rate would make the same time owed
+            // fewer requests.
+            let owed = cell.tat.saturating_sub(now_ns);
+            cell.tat = now_ns.saturating_add(rescale(owed, interval_ns(&cell.limit), interval));
             cell.limit = limit;
-            cell.tat = cell.tat.min(now_ns.saturating_add(tolerance));
         }
         let new_tat = cell.tat.max(now_ns).saturating_add(interval);
         let ahead = new_tat - now_ns;
@@ -113,7 +115,7 @@ impl RateLimiter {
         let Some(limit) = key.rate_limit() else {
             return;
         };
-        let interval = ((1e9 / limit.per_second) as u128).min(u128::from(u64::MAX));
+        let interval = interval_ns(&limit);
         if let Some(mut cell) = self.cells.get_mut(&key.id) {
             cell.tat = cell.tat.saturating_sub(interval);
         }
@@ -123,6 +125,23 @@ impl RateLimiter {
     pub fn retain(&self, snapshot: &Snapshot) {
         self.cells.retain(|id, _| snapshot.by_id(id).is_some());
     }
+}
+
+/// The emission interval in nanoseconds. `as` saturates (a huge rate gives 0); a vanishing
+/// one is capped at ~584 years per request, which keeps every sum far from overflowing
+/// (they saturate anyway).
+fn interval_ns(limit: &RateLimit) -> u128 {
+    ((1e9 / limit.per_second) as u128).min(u128::from(u64::MAX))
+}
+
+/// Time `owed` at one request per `from` ns, as the time the same number of requests takes
+/// at one per `to` ns.
+fn rescale(owed: u128, from: u128, to: u128) -> u128 {
+    if owed == 0 || from == 0 {
+        return 0;
+    }
+    // At most a burst of requests is owed: in floating point, saturating on the way back.
+    (owed as f64 / from as f64 * to as f64) as u128
 }
 
 #[cfg(test)]
@@ -207,18 +226,69 @@ mod tests {
         assert!(matches!(rl.check(&k, t0), RateDecision::Limited { .. }));
         let k2 = key(1.0, 2);
         assert!(matches!(rl.check(&k2, t0), RateDecision::Allowed(_)));
-        // Tightened: what was spent stays spent (no fresh burst).
+        // Tightened: what was spent stays spent (no fresh burst), in requests: the two
+        // requests spent take 4 s to earn back at the new rate, and the new burst then
+        // holds one.
         let k3 = key(0.5, 1);
         assert!(matches!(rl.check(&k3, t0), RateDecision::Limited { .. }));
-        assert!(matches!(
-            rl.check(&k3, t0 + Duration::from_secs(2)),
-            RateDecision::Allowed(_)
-        ));
+        let t2 = t0 + Duration::from_secs(2);
+        assert!(matches!(rl.check(&k3, t2), RateDecision::Limited { .. }));
+        let t4 = t0 + Duration::from_secs(4);
+        assert!(matches!(rl.check(&k3, t4), RateDecision::Allowed(_)));
+        assert!(matches!(rl.check(&k3, t4), RateDecision::Limited { .. }));
         let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
         let free = s.keys().next().unwrap();
         assert_eq!(rl.check(free, t0), RateDecision::Unlimited);
         rl.retain(&s);
         assert!(rl.cells.is_empty());
+    }
+
+    /// Review: a burst lowered and put back, or a rate lowered, handed an exhausted key a
+    /// fresh burst (what was owed past the lower burst was dropped; the time owed at the old
+    /// rate was worth fewer requests at the slower one).
+    #[test]
+    fn a_limit_lowered_and_put_back_hands_out_nothing() {
+        let rl = RateLimiter::default();
+        let t0 = Instant::now();
+        let six = key(0.01, 6);
+        for _ in 0..6 {
+            assert!(matches!(rl.check(&six, t0), RateDecision::Allowed(_)));
+        }
+        assert!(matches!(rl.check(&six, t0), RateDecision::Limited { .. }));
+        assert!(matches!(
+            rl.check(&key(0.01, 1), t0),
+            RateDecision::Limited { .. }
+        ));
+        for _ in 0..3 {
+            assert!(matches!(rl.check(&six, t0), RateDecision::Limited { .. }));
+        }
+        // 100 s later one request is earned back, as if the limit had never moved.
+        let t100 = t0 + Duration::from_secs(100);
+        assert!(matches!(rl.check(&six, t100), RateDecision::Allowed(q) if q.remaining == 0));
+        assert!(matches!(rl.check(&six, t100), RateDecision::Limited { .. }));
+
+        // A rate lowered from 1/s to 1/100 s: the 3 requests spent are owed at 100 s each.
+        let rl = RateLimiter::default();
+        let t0 = Instant::now();
+        let t100 = t0 + Duration::from_secs(100);
+        let fast = key(1.0, 3);
+        for _ in 0..3 {
+            assert!(matches!(rl.check(&fast, t0), RateDecision::Allowed(_)));
+        }
+        let slow = key(0.01, 3);
+        for _ in 0..3 {
+            assert!(matches!(rl.check(&slow, t0), RateDecision::Limited { .. }));
+        }
+        assert!(matches!(rl.check(&slow, t100), RateDecision::Allowed(q) if q.remaining == 0));
+        // Raised again, what is owed (3 requests, less 2 s at 100 s each) is earned back
+        // at the faster rate: one request is free a second later.
+        let t102 = t100 + Duration::from_secs(2);
+        assert!(matches!(
+            rl.check(&fast, t102),
+            RateDecision::Limited { .. }
+        ));
+        let t103 = t102 + Duration::from_secs(1);
+        assert!(matches!(rl.check(&fast, t103), RateDecision::Allowed(q) if q.remaining == 0));
     }
 
     #[test]

@@ -19,7 +19,8 @@ use super::metrics::Op;
 use super::thread_conn::ThreadConns;
 use super::Cluster;
 
-/// GCRA over microseconds. KEYS[1]: the key's state (its theoretical arrival time).
+/// GCRA over microseconds. KEYS[1]: the key's state: its theoretical arrival time, and the
+/// emission interval and burst that wrote it (`tat interval burst`).
 /// ARGV: emission interval (µs), burst. Returns `allowed remaining retry_after_us reset_us`
 /// as one string: one reply value to parse rather than an array of four (the client's reply
 /// parser is most of a call's CPU on our side).
@@ -32,31 +33,49 @@ local tolerance = interval * burst
 -- A value of another type there (another writer's) would fail every check for good.
 -- UNLINK, not DEL: a large one is freed off Redis's main thread, not while every other
 -- client (this key's next check among them) waits.
--- STRLEN first: a state this script writes has at most 20 digits, and a longer string
+-- STRLEN first: a state this script writes has at most 50 characters, and a longer string
 -- (another writer's, up to 512 MB) is not copied into the script on every check: it counts
 -- as none, and the SET below replaces it.
 local len = redis.pcall('STRLEN', KEYS[1])
 local stored = nil
 if type(len) == 'table' and len.err then
   redis.call('UNLINK', KEYS[1])
-elseif len <= 32 then
+elseif len <= 64 then
   stored = redis.call('GET', KEYS[1])
 end
-local tat = tonumber(stored) or now
+local tat, was_interval, was_burst = nil, nil, nil
+if stored then
+  local a, b, c = string.match(stored, '^(%d+) (%d+) (%d+)$')
+  if a then
+    tat, was_interval, was_burst = tonumber(a), tonumber(b), tonumber(c)
+  else
+    tat = tonumber(stored)
+  end
+end
+tat = tat or now
 -- NaN (`nan` parses) compares false with everything: it would never be replaced.
 if tat ~= tat or tat < now then tat = now end
--- This script never stores a state past now + tolerance; a larger one was left by another
--- writer (or a lower burst): it holds the key back no longer than a full burst would.
-if tat > now + tolerance then
-  tat = now + tolerance
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil(tolerance / 1000) + 1)
+-- The key's limit changed (a reload, or replicas that have not all loaded it yet): what it
+-- spent stays spent, counted in requests. Kept as time, a slower rate would make the same
+-- time owed fewer requests.
+if was_interval and was_interval > 0 and was_interval ~= interval then
+  tat = now + (tat - now) / was_interval * interval
+end
+-- No more is owed than a burst of the limit that wrote the state (a burst lowered keeps
+-- what was spent under the higher one) or of this one. A state without its limit (another
+-- writer's) holds the key back no longer than a full burst would.
+local most = tolerance
+if was_burst and was_burst > burst then most = interval * was_burst end
+if tat > now + most then
+  tat = now + most
+  redis.call('SET', KEYS[1], string.format('%.0f %.0f %.0f', tat, interval, most / interval), 'PX', math.ceil(most / 1000) + 1)
 end
 local new_tat = tat + interval
 local ahead = new_tat - now
 if ahead > tolerance then
   return string.format('0 0 %.0f %.0f', ahead - tolerance, tat - now)
 end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil(ahead / 1000) + 1)
+redis.call('SET', KEYS[1], string.format('%.0f %.0f %.0f', new_tat, interval, burst), 'PX', math.ceil(ahead / 1000) + 1)
 local remaining = 0
 if interval > 0 then remaining = math.floor((tolerance - ahead) / interval) end
 return string.format('1 %.0f 0 %.0f', remaining, ahead)

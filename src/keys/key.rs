@@ -197,13 +197,17 @@ impl Key {
         &self.scopes.list
     }
 
-    /// Does `other` let in what this key let in: the same id, subject and account, type,
-    /// status, time window, environment, scopes and delegation? (The other fields, an
-    /// email or a rate limit, say nothing about what a request may reach.)
+    /// Does `other` let in what this key let in, as the same tenant: the same id, subject,
+    /// account (with its short id, enterprise and org, which the app was told and may
+    /// serve by), type, status, time window, environment, scopes and delegation? (An email
+    /// or a rate limit says nothing about what a request may reach.)
     pub fn grants_as(&self, other: &Key) -> bool {
         self.id == other.id
             && self.subject_id == other.subject_id
             && self.account_id == other.account_id
+            && self.account_short_id() == other.account_short_id()
+            && self.enterprise_id() == other.enterprise_id()
+            && self.org_id() == other.org_id()
             && self.principal_type == other.principal_type
             && self.status == other.status
             && self.not_before == other.not_before

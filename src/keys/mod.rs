@@ -41,6 +41,7 @@ pub use key::{
 };
 pub use load::Format;
 pub use schema::SnapshotDoc;
+pub use secret::names_a_digest;
 pub use snapshot::{Snapshot, Source};
 pub use store::KeyStore;
 pub use text::Text;

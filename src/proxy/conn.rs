@@ -2,6 +2,7 @@
 //! `max_connections` slot, its place in its worker's open count).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::header::HeaderValue;
@@ -21,6 +22,16 @@ pub type Slot = Arc<Held>;
 pub struct Held {
     _admitted: Admitted,
     _drain: watch::Receiver<Phase>,
+    /// Has the connection carried a request with a key that was let in? Until then an idle
+    /// HTTP/2 connection's share of streams may go to a new connection
+    /// ([`super::streams::Holder`]).
+    keyed: AtomicBool,
+}
+
+impl Held {
+    pub fn keyed(&self) -> bool {
+        self.keyed.load(Ordering::Relaxed)
+    }
 }
 
 /// The accepted connection a request arrived on.
@@ -57,7 +68,17 @@ impl ConnInfo {
         self.slot = Some(Arc::new(Held {
             _admitted: admitted,
             _drain: drain,
+            keyed: AtomicBool::new(false),
         }));
         self
+    }
+
+    /// A request with a key was let in on this connection.
+    pub fn vouch(&self) {
+        if let Some(held) = self.slot.as_deref() {
+            if !held.keyed() {
+                held.keyed.store(true, Ordering::Relaxed);
+            }
+        }
     }
 }

@@ -200,6 +200,9 @@ async fn proxy<'a>(
         trace,
     )
     .await?;
+    if !matches!(verdict, Verdict::Public) {
+        conn.vouch();
+    }
     let (principal, quota) = match verdict {
         Verdict::Introspection(principal, quota) => {
             return Ok(introspect(app, &principal, quota, cid))

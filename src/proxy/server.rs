@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use super::balance::Connections;
 use super::conn::ConnInfo;
 use super::head::HYPER_MIN_BUF;
-use super::streams::StreamBudget;
+use super::streams::{Holder, StreamBudget};
 use super::worker::Worker;
 use super::writing::{self, Responses};
 use super::{h1, handler, headers, respond, RequestBody};
@@ -323,6 +323,13 @@ async fn serve_conn<I, D, F>(
     let overdue = app.config.shutdown.grace;
     let aged_service = aged.clone();
     let activity = Arc::new(Activity::new(first_request, idle_timeout));
+    // Closes the connection gracefully (whichever server reads it) when set.
+    let close = Arc::new(h1::server::Close::default());
+    let holder: Arc<dyn Holder> = Arc::new(H2Holder {
+        activity: activity.clone(),
+        slot: conn.slot.clone(),
+        close: close.clone(),
+    });
     let requests = activity.clone();
     let service = move |req: Request<RequestBody>| {
         // In flight from the request head until the response body is done, dropped or cut
@@ -359,8 +366,6 @@ async fn serve_conn<I, D, F>(
             Ok::<_, std::convert::Infallible>(Response::from_parts(parts, body))
         }
     };
-    // Closes the connection gracefully (whichever server reads it) when set.
-    let close = h1::server::Close::default();
     let connection = h1::server::serve_connection(
         io,
         service,
@@ -368,6 +373,7 @@ async fn serve_conn<I, D, F>(
         server.hyper,
         server.agreed,
         &close,
+        Arc::downgrade(&holder),
     );
     tokio::pin!(connection);
     let mut closing = false;
@@ -545,6 +551,31 @@ struct Activity {
     /// keyward's own answers of this connection whose bodies wait for the client (see
     /// [`writing::OWN_ANSWERS_PER_CONNECTION`]).
     own_waiting: AtomicUsize,
+}
+
+/// How long a connection may sit without carrying a key before the stream budget, when a
+/// new connection would otherwise get less than a full share, takes its share back: time
+/// for a client to send its first request after its handshake.
+const UNPROVEN_AFTER: Duration = Duration::from_secs(1);
+
+/// An HTTP/2 connection as the stream budget sees it.
+struct H2Holder {
+    activity: Arc<Activity>,
+    slot: Option<super::conn::Slot>,
+    close: Arc<h1::server::Close>,
+}
+
+impl Holder for H2Holder {
+    fn unproven_and_idle(&self) -> bool {
+        let a = &self.activity;
+        !self.slot.as_ref().is_some_and(|s| s.keyed())
+            && a.in_flight.load(Ordering::SeqCst) == 0
+            && a.start.elapsed() >= UNPROVEN_AFTER
+    }
+
+    fn go_away(&self) {
+        self.close.go_away();
+    }
 }
 
 /// Held while a request is being served, with its count in the process-wide gauge and,

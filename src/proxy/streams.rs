@@ -11,55 +11,156 @@
 //! (its `SETTINGS_MAX_CONCURRENT_STREAMS`), from this budget, and gives it back when it
 //! ends: the streams the process holds are bounded by the budget plus one a connection.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicIsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 /// The shares a connection may be granted below `h2_max_concurrent_streams`, largest
 /// first; the last, one stream, is granted whatever is left.
 pub const SMALLER_SHARES: [u32; 4] = [64, 16, 4, 1];
 
-/// Streams not yet granted to a connection. Below zero by at most one a connection.
-#[derive(Debug, Clone)]
-pub struct StreamBudget(Arc<AtomicIsize>);
+/// An HTTP/2 connection holding a share, as the budget sees it when a new connection would
+/// get less than a full one.
+pub trait Holder: Send + Sync {
+    /// May its share go to a new connection: it has carried no request with a key that was
+    /// let in, has no stream in flight, and has been open a while? Connections that open
+    /// and never use a stream cost a client nothing: held this way, twenty of them left
+    /// every other client one stream.
+    fn unproven_and_idle(&self) -> bool;
+    /// Tell it to go away (GOAWAY: no new streams), its share taken back.
+    fn go_away(&self);
+}
 
-/// A connection's streams, given back to the budget when it is dropped.
+/// Streams not yet granted to a connection (below zero by at most one a connection), and
+/// who holds the rest.
+#[derive(Clone)]
+pub struct StreamBudget(Arc<Inner>);
+
+struct Inner {
+    total: isize,
+    left: AtomicIsize,
+    holders: Mutex<Holders>,
+}
+
+#[derive(Default)]
+struct Holders {
+    next: u64,
+    by_id: HashMap<u64, Held>,
+}
+
+struct Held {
+    holder: Weak<dyn Holder>,
+    taken: isize,
+    /// Granted in this order: the oldest unproven connection goes first.
+    order: u64,
+}
+
+impl std::fmt::Debug for StreamBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StreamBudget")
+            .field(&self.0.left.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// A connection's streams, given back to the budget when it is dropped (unless they were
+/// taken back from it first).
 #[derive(Debug)]
 pub struct StreamShare {
-    left: Arc<AtomicIsize>,
+    budget: StreamBudget,
+    id: u64,
     taken: isize,
 }
 
 impl StreamBudget {
     pub fn new(total: usize) -> Self {
-        Self(Arc::new(AtomicIsize::new(
-            isize::try_from(total).unwrap_or(isize::MAX),
-        )))
+        let total = isize::try_from(total).unwrap_or(isize::MAX);
+        Self(Arc::new(Inner {
+            total,
+            left: AtomicIsize::new(total),
+            holders: Mutex::new(Holders::default()),
+        }))
+    }
+
+    fn holders(&self) -> std::sync::MutexGuard<'_, Holders> {
+        // Every change under the lock is one call: a panic elsewhere leaves it whole.
+        self.0.holders.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The first of `shares` (largest first, the last granted in any case) the budget has
-    /// room for: its index and the share itself.
-    pub fn grant(&self, shares: &[u32]) -> (usize, StreamShare) {
+    /// room for, once shares of unproven idle connections are taken back when there is no
+    /// room for the first: its index and the share itself, held for `holder`.
+    pub fn grant(&self, shares: &[u32], holder: Weak<dyn Holder>) -> (usize, StreamShare) {
+        // The largest share the whole budget holds: a budget smaller than a full share
+        // never has room for one, and is not emptied trying.
+        let want = shares
+            .iter()
+            .map(|&n| n as isize)
+            .find(|&n| n <= self.0.total)
+            .unwrap_or(1);
+        if self.0.left.load(Ordering::Acquire) < want {
+            self.take_back(want);
+        }
+        let (i, taken) = self.take(shares);
+        let mut holders = self.holders();
+        let id = holders.next;
+        holders.next += 1;
+        holders.by_id.insert(
+            id,
+            Held {
+                holder,
+                taken,
+                order: id,
+            },
+        );
+        let share = StreamShare {
+            budget: self.clone(),
+            id,
+            taken,
+        };
+        (i, share)
+    }
+
+    /// Take back the shares of unproven idle connections, oldest first, until `want` is
+    /// left or none is; each is told to go away.
+    fn take_back(&self, want: isize) {
+        let mut holders = self.holders();
+        let mut idle: Vec<(u64, u64)> = holders
+            .by_id
+            .iter()
+            .filter(|(_, h)| h.holder.upgrade().is_some_and(|h| h.unproven_and_idle()))
+            .map(|(&id, h)| (h.order, id))
+            .collect();
+        idle.sort_unstable();
+        for (_, id) in idle {
+            if self.0.left.load(Ordering::Acquire) >= want {
+                break;
+            }
+            if let Some(held) = holders.by_id.remove(&id) {
+                self.0.left.fetch_add(held.taken, Ordering::AcqRel);
+                if let Some(h) = held.holder.upgrade() {
+                    h.go_away();
+                }
+            }
+        }
+    }
+
+    fn take(&self, shares: &[u32]) -> (usize, isize) {
         for (i, &n) in shares.iter().enumerate() {
             let n = n as isize;
             let last = i + 1 == shares.len();
-            let mut left = self.0.load(Ordering::Acquire);
+            let mut left = self.0.left.load(Ordering::Acquire);
             loop {
                 if left < n && !last {
                     break;
                 }
-                match self.0.compare_exchange_weak(
+                match self.0.left.compare_exchange_weak(
                     left,
                     left - n,
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 ) {
-                    Ok(_) => {
-                        let share = StreamShare {
-                            left: self.0.clone(),
-                            taken: n,
-                        };
-                        return (i, share);
-                    }
+                    Ok(_) => return (i, n),
                     Err(now) => left = now,
                 }
             }
@@ -70,7 +171,7 @@ impl StreamBudget {
     /// Streams not granted.
     #[cfg(test)]
     fn left(&self) -> isize {
-        self.0.load(Ordering::Acquire)
+        self.0.left.load(Ordering::Acquire)
     }
 }
 
@@ -82,7 +183,10 @@ impl StreamShare {
 
 impl Drop for StreamShare {
     fn drop(&mut self) {
-        self.left.fetch_add(self.taken, Ordering::AcqRel);
+        // Gone from the holders if its share was taken back: nothing to give then.
+        if let Some(held) = self.budget.holders().by_id.remove(&self.id) {
+            self.budget.0.left.fetch_add(held.taken, Ordering::AcqRel);
+        }
     }
 }
 
@@ -94,6 +198,17 @@ pub fn shares(full: u32) -> Vec<u32> {
         .collect()
 }
 
+/// A holder whose share is never taken back (tests, and connections no budget pressure
+/// should end).
+pub struct Keeps;
+
+impl Holder for Keeps {
+    fn unproven_and_idle(&self) -> bool {
+        false
+    }
+    fn go_away(&self) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,28 +218,67 @@ mod tests {
         let shares = shares(256);
         assert_eq!(shares, [256, 64, 16, 4, 1]);
         let budget = StreamBudget::new(300);
-        let (i, a) = budget.grant(&shares);
+        let keeps: Arc<dyn Holder> = Arc::new(Keeps);
+        let grant = || budget.grant(&shares, Arc::downgrade(&keeps));
+        let (i, a) = grant();
         assert_eq!((i, a.streams()), (0, 256));
-        let (_, b) = budget.grant(&shares);
+        let (_, b) = grant();
         assert_eq!(b.streams(), 16);
-        let (_, c) = budget.grant(&shares);
+        let (_, c) = grant();
         assert_eq!(c.streams(), 16);
-        let (_, d) = budget.grant(&shares);
+        let (_, d) = grant();
         assert_eq!(d.streams(), 4);
-        let (_, e) = budget.grant(&shares);
+        let (_, e) = grant();
         assert_eq!(e.streams(), 4);
-        let (_, f) = budget.grant(&shares);
+        let (_, f) = grant();
         assert_eq!(f.streams(), 4);
         assert_eq!(budget.left(), 0);
         // Nothing left: one stream all the same, past the budget.
-        let (i, g) = budget.grant(&shares);
+        let (i, g) = grant();
         assert_eq!((i, g.streams()), (4, 1));
         assert_eq!(budget.left(), -1);
         for share in [a, b, c, d, e, f, g] {
             drop(share);
         }
         assert_eq!(budget.left(), 300);
-        assert_eq!(budget.grant(&shares).1.streams(), 256);
+        assert_eq!(grant().1.streams(), 256);
+    }
+
+    struct Idle(std::sync::atomic::AtomicBool);
+
+    impl Holder for Idle {
+        fn unproven_and_idle(&self) -> bool {
+            true
+        }
+        fn go_away(&self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Review: idle connections that never carried a key took every full share, and each
+    /// new connection was offered one stream. The oldest unproven idle ones give theirs
+    /// back, are told to go away, and give nothing twice when they end.
+    #[test]
+    fn unproven_idle_connections_give_their_shares_back_oldest_first() {
+        let shares = shares(256);
+        let budget = StreamBudget::new(512);
+        let idle: Vec<Arc<Idle>> = (0..2).map(|_| Arc::new(Idle(Default::default()))).collect();
+        let held: Vec<StreamShare> = idle
+            .iter()
+            .map(|h| {
+                let h: Arc<dyn Holder> = h.clone();
+                budget.grant(&shares, Arc::downgrade(&h)).1
+            })
+            .collect();
+        assert_eq!(budget.left(), 0);
+        let keeps: Arc<dyn Holder> = Arc::new(Keeps);
+        let (i, fresh) = budget.grant(&shares, Arc::downgrade(&keeps));
+        assert_eq!((i, fresh.streams()), (0, 256));
+        assert!(idle[0].0.load(Ordering::SeqCst), "the oldest goes");
+        assert!(!idle[1].0.load(Ordering::SeqCst));
+        drop(held);
+        drop(fresh);
+        assert_eq!(budget.left(), 512);
     }
 
     #[test]

@@ -131,7 +131,19 @@ async fn run(case: &Case, fast: bool) -> Vec<u8> {
         let settings = settings();
         let fast = fast.then_some(&settings);
         let close = super::Close::default();
-        let _ = serve_connection(server, echo, fast, &builder, Agreed::Nothing, &close).await;
+        let keeps: std::sync::Arc<dyn crate::proxy::streams::Holder> =
+            std::sync::Arc::new(crate::proxy::streams::Keeps);
+        let holder = std::sync::Arc::downgrade(&keeps);
+        let _ = serve_connection(
+            server,
+            echo,
+            fast,
+            &builder,
+            Agreed::Nothing,
+            &close,
+            holder,
+        )
+        .await;
     });
     let mut at = 0;
     for &size in case.pieces.iter().cycle() {

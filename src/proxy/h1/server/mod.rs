@@ -22,6 +22,7 @@ use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Weak;
 use std::task::Poll;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -37,6 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::codec::may_end_head;
+use crate::proxy::streams::Holder;
 use crate::proxy::RequestBody;
 use request::Parsed;
 pub use rewind::Rewind;
@@ -154,7 +156,8 @@ impl Agreed {
 /// or HTTP/2) from the first request it does not take. [`Close::request`] closes the
 /// connection gracefully: at once between requests, after the response in flight;
 /// [`Close::go_away`] closes an HTTP/2 one so (GOAWAY) and leaves HTTP/1.1 alone.
-/// `agreed` binds the connection to the protocol its TLS handshake chose.
+/// `agreed` binds the connection to the protocol its TLS handshake chose; `holder` is the
+/// connection as the HTTP/2 stream budget sees it.
 pub async fn serve_connection<I, S, F, B>(
     io: I,
     service: S,
@@ -162,6 +165,7 @@ pub async fn serve_connection<I, S, F, B>(
     hyper: &Hyper,
     agreed: Agreed,
     close: &Close,
+    holder: Weak<dyn Holder>,
 ) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -192,7 +196,7 @@ where
     let to_hyper = service_fn(move |req: Request<Incoming>| service(req.map(Either::Left)));
     if agreed == Agreed::Http2 || (!http1 && io.is_http2()) {
         // Its streams, granted for as long as it is open.
-        let (i, _share) = hyper.streams.grant(&hyper.shares);
+        let (i, _share) = hyper.streams.grant(&hyper.shares, holder);
         // Not `auto`'s upgradeable connection, which reads the protocol from the bytes
         // whatever it is limited to. HTTP/2 has no upgrades to serve.
         let conn = hyper.http2[i].serve_connection(TokioIo::new(io), to_hyper);
