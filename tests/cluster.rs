@@ -194,6 +194,48 @@ async fn replicas_with_another_limit_hand_out_no_fresh_burst() {
     assert!(is_limiter_state(&n), "{n}");
 }
 
+/// Review: a rate loosened on one replica (1 request per 50 s → 2 a second) kept the key
+/// out at the old rate: the refused check converted what was owed for its answer
+/// (`Retry-After: 1`) but left the state to be repaid at the old rate. The converted state
+/// is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loosened_rate_lets_a_key_in_at_that_rate() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let slow = ready_replica(
+        up.addr,
+        redis.port,
+        "deny",
+        &limited("key_l", "{ per_second: 0.02, burst: 3 }"),
+    )
+    .await;
+    let fast = ready_replica(
+        up.addr,
+        redis.port,
+        "deny",
+        &limited("key_l", "{ per_second: 2, burst: 3 }"),
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(call(&slow, LIMITED).await.status, 200);
+    }
+    let r = call(&fast, LIMITED).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    // Three requests owed at 0.5 s each: in within about a second and a half, not 150 s.
+    let start = Instant::now();
+    eventually("let in at the faster rate", || async {
+        call(&fast, LIMITED).await.status == 200
+    })
+    .await;
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    let n: String = redis.cmd(&["GET", "keyward:rl:{key_l}"]).await;
+    assert!(is_limiter_state(&n), "{n}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unlimited_key_makes_no_redis_call() {
     let redis = Redis::start().await;

@@ -484,6 +484,10 @@ async fn a_delegated_account_that_is_key_material_is_refused() {
             .await
         }
     };
+    let b64_raw = |raw: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    };
     for account in [
         ENTERPRISE_KEY.to_string(),
         hex_of(ENTERPRISE_KEY),
@@ -493,6 +497,12 @@ async fn a_delegated_account_that_is_key_material_is_refused() {
         SERVICE_KEY.to_string(),
         hex_of(SERVICE_KEY),
         ENTERPRISE_KEY[4..30].to_string(),
+        // Round 2: a labelled digest, another key without its prefix, a key written in
+        // hex or base64.
+        format!("sha256:{}", hex_of(ENTERPRISE_KEY)),
+        SERVICE_KEY[4..].to_string(),
+        hex::encode(SERVICE_KEY),
+        b64_raw(SERVICE_KEY),
     ] {
         let before = up.count();
         let r = as_account(account.clone()).await;
@@ -501,7 +511,14 @@ async fn a_delegated_account_that_is_key_material_is_refused() {
         assert!(!r.text().contains(&account), "{}", r.text());
         assert_eq!(up.count(), before, "{account} reached the app");
     }
-    for account in ["acme/child-7", "507f1f77bc", "a.b:c-d_e"] {
+    // Ordinary accounts, a prefix inside a word among them (`costa_rica` holds `sta_`).
+    for account in [
+        "acme/child-7",
+        "507f1f77bc",
+        "a.b:c-d_e",
+        "costa_rica",
+        "vista_ste_team",
+    ] {
         let r = as_account(account.to_string()).await;
         assert_eq!(r.status, 200, "{account}: {}", r.text());
         assert_eq!(up.last().headers["x-auth-account-id"], account);

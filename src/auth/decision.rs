@@ -196,9 +196,11 @@ fn delegation(
         Delegation::Only(set) => set.contains(account),
         Delegation::None => false,
     };
-    if allowed && names_a_secret(account, req, snapshot, policy) {
-        // The account is asserted to the app (`x-auth-account-id`), logged and used as a
-        // label: a key or a digest there would reach all three.
+    let chosen_by_client = matches!(key.delegation(), Delegation::Any);
+    if chosen_by_client && names_a_secret(account, req, snapshot, policy) {
+        // The account is asserted to the app (`x-auth-account-id`) and answered by `/auth`
+        // and a decision: a key or a digest there would reach them all. (An account the
+        // snapshot lists was screened with it.)
         return Err(Reject::BadRequest(BadRequest::DelegateHeader));
     }
     if allowed {
@@ -214,18 +216,47 @@ fn valid_account_id(a: &str) -> bool {
     keys::is_token(a)
 }
 
-/// Could the account a client names be key material: one holding a configured prefix or
-/// sharing a run with the request's own credential ([`Policy::could_be_a_key`]), or the raw
-/// key or digest of a key in the snapshot? A `*` delegation takes any account a client
-/// sends; a listed one was screened with its snapshot.
+/// Could the account a client names under a `*` delegation be key material? One holding a
+/// configured prefix followed by what a key's random part is made of, or sharing a run with
+/// the request's own credential ([`Policy::shares_a_run_with_a_credential`]), or naming a
+/// key of the snapshot: its raw key, with or without its prefix, or its digest (after a
+/// `sha256:` style label), or either written in hex or base64. (What a client writes its own
+/// secret as beyond these cannot be told from an account: list the accounts instead.)
 fn names_a_secret(
     account: &str,
     req: &AuthRequest<'_>,
     snapshot: &Snapshot,
     policy: &Policy,
 ) -> bool {
-    policy.could_be_a_key(account.as_bytes(), req.headers, &[req.query.unwrap_or("")])
-        || keys::names_a_digest(account, |d| snapshot.lookup(d).is_some())
+    let known = |d: &keys::Digest| snapshot.lookup(d).is_some();
+    let names_a_key = |text: &str| {
+        keys::names_a_digest(text, known)
+            || policy
+                .prefixes()
+                .any(|p| keys::names_a_digest(&format!("{p}{text}"), known))
+    };
+    let unlabelled = account.rsplit([':', '=']).next().unwrap_or(account);
+    policy.holds_a_prefixed_run(account)
+        || policy.shares_a_run_with_a_credential(
+            account.as_bytes(),
+            req.headers,
+            &[req.query.unwrap_or("")],
+        )
+        || names_a_key(account)
+        || names_a_key(unlabelled)
+        || decoded(account).is_some_and(|raw| names_a_key(&raw))
+}
+
+/// `text` read as hex or base64 (either alphabet, padded or not), when that gives text.
+fn decoded(text: &str) -> Option<String> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    use base64::Engine as _;
+    let bytes = hex::decode(text).ok().or_else(|| {
+        [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+            .iter()
+            .find_map(|engine| engine.decode(text).ok())
+    })?;
+    String::from_utf8(bytes).ok()
 }
 
 /// Does `key` hold a scope the method allows, and one of the route rule's (`route_scopes`)?

@@ -292,9 +292,17 @@ impl Policy {
         headers: &http::HeaderMap,
         queries: &[&str],
     ) -> bool {
-        if self.holds_prefix(value) {
-            return true;
-        }
+        self.holds_prefix(value) || self.shares_a_run_with_a_credential(value, headers, queries)
+    }
+
+    /// Does `value` share a run of [`MIN_KEY_LEN`] bytes with a credential the request
+    /// carries (in `headers`, or in one of `queries`)? See [`Self::could_be_a_key`].
+    pub fn shares_a_run_with_a_credential(
+        &self,
+        value: &[u8],
+        headers: &http::HeaderMap,
+        queries: &[&str],
+    ) -> bool {
         // Any run of 8 bytes (the shortest key) in common: `req-<key>` holds the key, a part
         // of the key is key material, and so is `abc<most of the key>`. The id's runs (at
         // most 121: ids are at most 128 bytes) are sorted once, on the stack, and searched
@@ -378,6 +386,29 @@ impl Policy {
     }
 
     /// Does `value` hold one of the configured key prefixes anywhere?
+    /// The configured key prefixes.
+    pub fn prefixes(&self) -> impl Iterator<Item = &str> + '_ {
+        self.prefixes
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .filter(|p| !p.is_empty())
+    }
+
+    /// Does `value` hold a configured prefix followed by 16 characters of what a key's
+    /// random part is made of (`[A-Za-z0-9_-]`)? Looser than [`Self::holds_prefix`], for a
+    /// value that is some name of the client's choosing (`costa_rica` and `vista_ste_team`
+    /// hold `sta_`, and are no keys); a key of the snapshot, or the request's own, is
+    /// caught whatever its length by the checks beside this one.
+    pub fn holds_a_prefixed_run(&self, value: &str) -> bool {
+        let keyish = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-');
+        self.prefixes().any(|p| {
+            value.match_indices(p).any(|(at, _)| {
+                let rest = &value.as_bytes()[at + p.len()..];
+                rest.iter().take_while(|b| keyish(b)).count() >= 16
+            })
+        })
+    }
+
     fn holds_prefix(&self, value: &[u8]) -> bool {
         self.prefixes.iter().any(|(p, _)| {
             let p = p.as_bytes();

@@ -58,6 +58,7 @@ if tat ~= tat or tat < now then tat = now end
 -- The key's limit changed (a reload, or replicas that have not all loaded it yet): what it
 -- spent stays spent, counted in requests. Kept as time, a slower rate would make the same
 -- time owed fewer requests.
+local changed = was_interval ~= nil and (was_interval ~= interval or was_burst ~= burst)
 if was_interval and was_interval > 0 and was_interval ~= interval then
   tat = now + (tat - now) / was_interval * interval
 end
@@ -68,7 +69,14 @@ local most = tolerance
 if was_burst and was_burst > burst then most = interval * was_burst end
 if tat > now + most then
   tat = now + most
-  redis.call('SET', KEYS[1], string.format('%.0f %.0f %.0f', tat, interval, most / interval), 'PX', math.ceil(most / 1000) + 1)
+  changed = true
+end
+-- Kept as converted, under this limit (with the requests still owed as its burst when
+-- more than this one's): refused checks must not leave the state to be repaid at the
+-- old rate.
+if changed and tat > now then
+  local owed = math.max(burst, math.ceil((tat - now) / interval))
+  redis.call('SET', KEYS[1], string.format('%.0f %.0f %.0f', tat, interval, owed), 'PX', math.ceil((tat - now) / 1000) + 1)
 end
 local new_tat = tat + interval
 local ahead = new_tat - now
@@ -262,10 +270,20 @@ impl RedisLimiter {
     }
 }
 
-/// The script's reply: four integers separated by spaces.
+/// The script's reply: four whole numbers separated by spaces. Read as doubles (what Lua
+/// computed them as) and saturated: a vanishing rate with a large burst owes more
+/// microseconds than an `i64` holds, and a reply that did not parse counted as Redis
+/// failing (each replica then limited alone; `deny` refused for good).
 fn parse_reply(reply: &str) -> Option<(i64, i64, i64, i64)> {
-    let mut it = reply.split(' ').map(str::parse::<i64>);
-    let mut next = || it.next()?.ok();
+    let whole = |s: &str| {
+        let digits = s.strip_prefix('-').unwrap_or(s);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse::<f64>().ok().map(|v| v as i64)
+    };
+    let mut it = reply.split(' ').map(whole);
+    let mut next = || it.next()?;
     let parsed = (next()?, next()?, next()?, next()?);
     it.next().is_none().then_some(parsed)
 }
@@ -318,6 +336,12 @@ mod tests {
     fn replies_parse_and_bad_ones_are_refused() {
         assert_eq!(parse_reply("1 9 0 100000"), Some((1, 9, 0, 100_000)));
         assert_eq!(parse_reply("0 0 -1 5"), Some((0, 0, -1, 5)));
+        // Review: owed past what an i64 holds (a vanishing rate, a large burst) is a
+        // decision, not a failed call.
+        assert_eq!(
+            parse_reply("0 0 10001796642020573184 10001796642020573184"),
+            Some((0, 0, i64::MAX, i64::MAX))
+        );
         for bad in ["", "1 2 3", "1 2 3 4 5", "1 x 3 4", "1  2 3 4", "1e3 0 0 0"] {
             assert_eq!(parse_reply(bad), None, "{bad:?}");
         }

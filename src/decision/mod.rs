@@ -23,6 +23,7 @@ use crate::auth::ratelimit::Quota;
 use crate::auth::reject::BadRequest;
 use crate::auth::{Code, Principal, Reject};
 use crate::keys::IdentityNames;
+use crate::proxy::conn::ConnInfo;
 use crate::proxy::handler::{self, Door, Head, Trace, Verdict};
 use crate::proxy::worker::Worker;
 use crate::proxy::{headers, respond, Body};
@@ -231,7 +232,7 @@ pub async fn handle<B>(
     worker: Worker,
     req: Request<B>,
     prepared: Arc<Prepared>,
-    caller_trusted: bool,
+    (caller_trusted, conn): (bool, ConnInfo),
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     // The original's query may be in either protocol's header, or the request's own.
@@ -288,7 +289,7 @@ pub async fn handle<B>(
             method = original.method.clone();
             decide(
                 &app,
-                &worker,
+                (&worker, &conn),
                 &req,
                 original,
                 (&prepared.allow, &cid),
@@ -324,7 +325,7 @@ pub async fn handle<B>(
 /// The proxy's phases on the original request.
 async fn decide<'a, B>(
     app: &App,
-    worker: &Worker,
+    (worker, conn): (&Worker, &ConnInfo),
     req: &Request<B>,
     original: &'a Original,
     answer: (&AllowHead, &HeaderValue),
@@ -347,6 +348,7 @@ async fn decide<'a, B>(
         match handler::decide(app, worker.metrics(), Door::Decision, &head, path, trace).await? {
             Verdict::Public => allowed(head_of_allow, &app.names, None, None, cid),
             Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
+                conn.vouch();
                 allowed(head_of_allow, &app.names, Some(&p), quota.as_ref(), cid)
             }
         }

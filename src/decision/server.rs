@@ -39,7 +39,7 @@ pub async fn serve_on_threads(
     let door = move |app: Arc<App>, worker, conn: crate::proxy::conn::ConnInfo, req| {
         // A front proxy in `trusted_proxies` may pass on what an edge before it asserted.
         let trusted = crate::proxy::headers::is_trusted(&conn, &app.config.trusted_proxies);
-        super::handle(app, worker, req, prepared.clone(), trusted)
+        super::handle(app, worker, req, prepared.clone(), (trusted, conn))
     };
     threads::serve_on_threads(app, listener, tls, threads, phase, grace, door).await;
 }

@@ -197,13 +197,15 @@ impl Key {
         &self.scopes.list
     }
 
-    /// Does `other` let in what this key let in, as the same tenant: the same id, subject,
-    /// account (with its short id, enterprise and org, which the app was told and may
-    /// serve by), type, status, time window, environment, scopes and delegation? (An email
-    /// or a rate limit says nothing about what a request may reach.)
+    /// Does `other` let in what this key let in, as the same principal: the same id,
+    /// subject (and its email), account (with its short id, enterprise and org: every
+    /// identity value the app was told and may serve by), type, status, time window,
+    /// environment, scopes and delegation? (A rate limit says nothing about what a request
+    /// may reach.)
     pub fn grants_as(&self, other: &Key) -> bool {
         self.id == other.id
             && self.subject_id == other.subject_id
+            && self.subject_email() == other.subject_email()
             && self.account_id == other.account_id
             && self.account_short_id() == other.account_short_id()
             && self.enterprise_id() == other.enterprise_id()

@@ -553,9 +553,9 @@ struct Activity {
     own_waiting: AtomicUsize,
 }
 
-/// How long a connection may sit without carrying a key before the stream budget, when a
-/// new connection would otherwise get less than a full share, takes its share back: time
-/// for a client to send its first request after its handshake.
+/// How long a connection may go without carrying a key before the stream budget, when a
+/// new connection would otherwise get less than a full share, takes its share back (and
+/// ends it): time for a client to send its first request after its handshake.
 const UNPROVEN_AFTER: Duration = Duration::from_secs(1);
 
 /// An HTTP/2 connection as the stream budget sees it.
@@ -566,15 +566,13 @@ struct H2Holder {
 }
 
 impl Holder for H2Holder {
-    fn unproven_and_idle(&self) -> bool {
-        let a = &self.activity;
+    fn unproven(&self) -> bool {
         !self.slot.as_ref().is_some_and(|s| s.keyed())
-            && a.in_flight.load(Ordering::SeqCst) == 0
-            && a.start.elapsed() >= UNPROVEN_AFTER
+            && self.activity.start.elapsed() >= UNPROVEN_AFTER
     }
 
-    fn go_away(&self) {
-        self.close.go_away();
+    fn evict(&self) {
+        self.close.evict();
     }
 }
 

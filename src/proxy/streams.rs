@@ -23,12 +23,12 @@ pub const SMALLER_SHARES: [u32; 4] = [64, 16, 4, 1];
 /// get less than a full one.
 pub trait Holder: Send + Sync {
     /// May its share go to a new connection: it has carried no request with a key that was
-    /// let in, has no stream in flight, and has been open a while? Connections that open
-    /// and never use a stream cost a client nothing: held this way, twenty of them left
-    /// every other client one stream.
-    fn unproven_and_idle(&self) -> bool;
-    /// Tell it to go away (GOAWAY: no new streams), its share taken back.
-    fn go_away(&self);
+    /// let in (at any door), and has been open a while? Connections that open and never
+    /// carry a key cost a client nothing: held this way (idle, or each with a keyless
+    /// stream it never reads), twenty of them left every other client one stream.
+    fn unproven(&self) -> bool;
+    /// End it now, its streams with it: its share is taken back.
+    fn evict(&self);
 }
 
 /// Streams not yet granted to a connection (below zero by at most one a connection), and
@@ -88,8 +88,8 @@ impl StreamBudget {
     }
 
     /// The first of `shares` (largest first, the last granted in any case) the budget has
-    /// room for, once shares of unproven idle connections are taken back when there is no
-    /// room for the first: its index and the share itself, held for `holder`.
+    /// room for, once shares of unproven connections are taken back when there is no room
+    /// for the first: its index and the share itself, held for `holder`.
     pub fn grant(&self, shares: &[u32], holder: Weak<dyn Holder>) -> (usize, StreamShare) {
         // The largest share the whole budget holds: a budget smaller than a full share
         // never has room for one, and is not emptied trying.
@@ -121,14 +121,14 @@ impl StreamBudget {
         (i, share)
     }
 
-    /// Take back the shares of unproven idle connections, oldest first, until `want` is
-    /// left or none is; each is told to go away.
+    /// Take back the shares of unproven connections, oldest first, until `want` is left or
+    /// none is; each is ended.
     fn take_back(&self, want: isize) {
         let mut holders = self.holders();
         let mut idle: Vec<(u64, u64)> = holders
             .by_id
             .iter()
-            .filter(|(_, h)| h.holder.upgrade().is_some_and(|h| h.unproven_and_idle()))
+            .filter(|(_, h)| h.holder.upgrade().is_some_and(|h| h.unproven()))
             .map(|(&id, h)| (h.order, id))
             .collect();
         idle.sort_unstable();
@@ -139,7 +139,7 @@ impl StreamBudget {
             if let Some(held) = holders.by_id.remove(&id) {
                 self.0.left.fetch_add(held.taken, Ordering::AcqRel);
                 if let Some(h) = held.holder.upgrade() {
-                    h.go_away();
+                    h.evict();
                 }
             }
         }
@@ -203,10 +203,10 @@ pub fn shares(full: u32) -> Vec<u32> {
 pub struct Keeps;
 
 impl Holder for Keeps {
-    fn unproven_and_idle(&self) -> bool {
+    fn unproven(&self) -> bool {
         false
     }
-    fn go_away(&self) {}
+    fn evict(&self) {}
 }
 
 #[cfg(test)]
@@ -247,19 +247,19 @@ mod tests {
     struct Idle(std::sync::atomic::AtomicBool);
 
     impl Holder for Idle {
-        fn unproven_and_idle(&self) -> bool {
+        fn unproven(&self) -> bool {
             true
         }
-        fn go_away(&self) {
+        fn evict(&self) {
             self.0.store(true, Ordering::SeqCst);
         }
     }
 
-    /// Review: idle connections that never carried a key took every full share, and each
-    /// new connection was offered one stream. The oldest unproven idle ones give theirs
-    /// back, are told to go away, and give nothing twice when they end.
+    /// Review: connections that never carried a key took every full share, and each new
+    /// connection was offered one stream. The oldest unproven ones give theirs back, are
+    /// ended, and give nothing twice when they go.
     #[test]
-    fn unproven_idle_connections_give_their_shares_back_oldest_first() {
+    fn unproven_connections_give_their_shares_back_oldest_first() {
         let shares = shares(256);
         let budget = StreamBudget::new(512);
         let idle: Vec<Arc<Idle>> = (0..2).map(|_| Arc::new(Idle(Default::default()))).collect();
@@ -274,7 +274,7 @@ mod tests {
         let keeps: Arc<dyn Holder> = Arc::new(Keeps);
         let (i, fresh) = budget.grant(&shares, Arc::downgrade(&keeps));
         assert_eq!((i, fresh.streams()), (0, 256));
-        assert!(idle[0].0.load(Ordering::SeqCst), "the oldest goes");
+        assert!(idle[0].0.load(Ordering::SeqCst), "the oldest is ended");
         assert!(!idle[1].0.load(Ordering::SeqCst));
         drop(held);
         drop(fresh);

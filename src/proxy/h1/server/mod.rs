@@ -200,7 +200,12 @@ where
         // Not `auto`'s upgradeable connection, which reads the protocol from the bytes
         // whatever it is limited to. HTTP/2 has no upgrades to serve.
         let conn = hyper.http2[i].serve_connection(TokioIo::new(io), to_hyper);
-        drive(conn, close, true).await
+        tokio::select! {
+            biased;
+            // Dropped unfinished: the socket closes and every stream's task goes.
+            () = close.evict.notified() => Ok(()),
+            ended = drive(conn, close, true) => ended,
+        }
     } else {
         // HTTP/1.1, or bytes that ended inside the preface (both readers above read until
         // the bytes leave it, or fill it, or end): hyper's HTTP/1.1 server, which refuses
@@ -276,9 +281,18 @@ pub struct Close {
     notify: Notify,
     /// keyward's server is waiting for a request head.
     between: AtomicBool,
+    /// Ends an HTTP/2 connection at once ([`Close::evict`]).
+    evict: Notify,
 }
 
 impl Close {
+    /// End an HTTP/2 connection now, its streams with it: its share of the stream budget
+    /// went to another connection. Not a GOAWAY: a client that never acknowledges one
+    /// (or its PING) would go on opening streams on a share it no longer holds.
+    pub fn evict(&self) {
+        self.evict.notify_one();
+    }
+
     /// Ask the connection to close. `true`: keyward's server is between requests or inside
     /// a head, with nothing in flight and nothing left to write, so the next poll of the
     /// connection shuts its stream down and ends it, as hyper's graceful shutdown would at
