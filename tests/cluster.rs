@@ -194,6 +194,29 @@ async fn replicas_with_another_limit_hand_out_no_fresh_burst() {
     assert!(is_limiter_state(&n), "{n}");
 }
 
+/// Review: a state past 1e17 ms to live (a vanishing rate with a large burst, or one
+/// written there) made every check of the key fail: Redis refuses `PX` written with an
+/// exponent, and the key got 503 under `deny` for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_owing_centuries_is_a_refusal_not_a_failure() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "deny", &keys()).await;
+    let _: String = redis
+        .cmd(&[
+            "SET",
+            "keyward:rl:{key_limited}",
+            "99999999999999999999999999 50000 99999999999999999",
+        ])
+        .await;
+    for _ in 0..3 {
+        let r = call(&kw, LIMITED).await;
+        assert_eq!(r.status, 429, "{}", r.text());
+    }
+    let series = "keyward_cluster_errors_total{op=\"ratelimit\"}";
+    assert_eq!(metric(&kw, series).await, Some(0.0));
+}
+
 /// Review: a rate loosened on one replica (1 request per 50 s → 2 a second) kept the key
 /// out at the old rate: the refused check converted what was owed for its answer
 /// (`Retry-After: 1`) but left the state to be repaid at the old rate. The converted state

@@ -503,6 +503,10 @@ async fn a_delegated_account_that_is_key_material_is_refused() {
         SERVICE_KEY[4..].to_string(),
         hex::encode(SERVICE_KEY),
         b64_raw(SERVICE_KEY),
+        // Round 3: a digest behind any separator, or before a suffix.
+        format!("sha256_{}", hex_of(SERVICE_KEY)),
+        format!("sha256/{}", hex_of(SERVICE_KEY)),
+        format!("{}.x", b64_of(SERVICE_KEY)),
     ] {
         let before = up.count();
         let r = as_account(account.clone()).await;
@@ -518,6 +522,9 @@ async fn a_delegated_account_that_is_key_material_is_refused() {
         "a.b:c-d_e",
         "costa_rica",
         "vista_ste_team",
+        "costa_rica_operations_team",
+        "compat_layer_team_production",
+        "waste_management_division_01",
     ] {
         let r = as_account(account.to_string()).await;
         assert_eq!(r.status, 200, "{account}: {}", r.text());

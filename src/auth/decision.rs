@@ -244,7 +244,23 @@ fn names_a_secret(
         )
         || names_a_key(account)
         || names_a_key(unlabelled)
+        || labelled_digests(account).any(|d| keys::names_a_digest(d, known))
         || decoded(account).is_some_and(|raw| names_a_key(&raw))
+}
+
+/// The parts of `account` a digest may be behind a label or before a suffix, whatever
+/// separates them (`sha256_<hex>`, `sha256/<hex>`, `<base64>.x`): every run of 64 hex
+/// digits, and the 43 or 44 characters at either end.
+fn labelled_digests(account: &str) -> impl Iterator<Item = &str> {
+    let hex_runs = account
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .filter(|run| run.len() == 64);
+    let len = account.len();
+    let ends = [43, 44]
+        .into_iter()
+        .filter(move |&n| len > n)
+        .flat_map(move |n| [&account[..n], &account[len - n..]]);
+    hex_runs.chain(ends)
 }
 
 /// `text` read as hex or base64 (either alphabet, padded or not), when that gives text.

@@ -394,17 +394,21 @@ impl Policy {
             .filter(|p| !p.is_empty())
     }
 
-    /// Does `value` hold a configured prefix followed by 16 characters of what a key's
-    /// random part is made of (`[A-Za-z0-9_-]`)? Looser than [`Self::holds_prefix`], for a
-    /// value that is some name of the client's choosing (`costa_rica` and `vista_ste_team`
-    /// hold `sta_`, and are no keys); a key of the snapshot, or the request's own, is
-    /// caught whatever its length by the checks beside this one.
+    /// Does `value` hold a configured prefix, at its start or after a character no word
+    /// goes on with, followed by 16 characters of what a key's random part is made of
+    /// (`[A-Za-z0-9_-]`)? Looser than [`Self::holds_prefix`], for a value that is some name
+    /// of the client's choosing (`costa_rica_operations_team` holds `sta_` and
+    /// `compat_layer_team_production` holds `pat_`, inside words: no keys); a key of the
+    /// snapshot, or the request's own, is caught whatever its length by the checks beside
+    /// this one.
     pub fn holds_a_prefixed_run(&self, value: &str) -> bool {
         let keyish = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-');
+        let bytes = value.as_bytes();
         self.prefixes().any(|p| {
             value.match_indices(p).any(|(at, _)| {
-                let rest = &value.as_bytes()[at + p.len()..];
-                rest.iter().take_while(|b| keyish(b)).count() >= 16
+                let starts = at == 0 || !bytes[at - 1].is_ascii_alphanumeric();
+                let rest = &bytes[at + p.len()..];
+                starts && rest.iter().take_while(|b| keyish(b)).count() >= 16
             })
         })
     }

@@ -30,6 +30,12 @@ local burst = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tolerance = interval * burst
+-- A state's time to live in ms, as digits: a number argument is sent as `%.17g`, which past
+-- 1e17 has an exponent Redis refuses (every check of the key then failed: 503 under deny).
+-- At most ~31,700 years.
+local function ttl(us)
+  return string.format('%.0f', math.min(math.ceil(us / 1000) + 1, 1e15))
+end
 -- A value of another type there (another writer's) would fail every check for good.
 -- UNLINK, not DEL: a large one is freed off Redis's main thread, not while every other
 -- client (this key's next check among them) waits.
@@ -76,14 +82,14 @@ end
 -- old rate.
 if changed and tat > now then
   local owed = math.max(burst, math.ceil((tat - now) / interval))
-  redis.call('SET', KEYS[1], string.format('%.0f %.0f %.0f', tat, interval, owed), 'PX', math.ceil((tat - now) / 1000) + 1)
+  redis.call('SET', KEYS[1], string.format('%.0f %.0f %.0f', tat, interval, owed), 'PX', ttl(tat - now))
 end
 local new_tat = tat + interval
 local ahead = new_tat - now
 if ahead > tolerance then
   return string.format('0 0 %.0f %.0f', ahead - tolerance, tat - now)
 end
-redis.call('SET', KEYS[1], string.format('%.0f %.0f %.0f', new_tat, interval, burst), 'PX', math.ceil(ahead / 1000) + 1)
+redis.call('SET', KEYS[1], string.format('%.0f %.0f %.0f', new_tat, interval, burst), 'PX', ttl(ahead))
 local remaining = 0
 if interval > 0 then remaining = math.floor((tolerance - ahead) / interval) end
 return string.format('1 %.0f 0 %.0f', remaining, ahead)

@@ -2,7 +2,6 @@
 //! `max_connections` slot, its place in its worker's open count).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::header::HeaderValue;
@@ -10,6 +9,7 @@ use tokio::sync::watch;
 
 use super::balance::Admitted;
 use super::server::Phase;
+use super::streams::Proof;
 
 /// What an open connection holds, shared by the connection and its tunnel: both count
 /// until the last copy goes.
@@ -22,16 +22,10 @@ pub type Slot = Arc<Held>;
 pub struct Held {
     _admitted: Admitted,
     _drain: watch::Receiver<Phase>,
-    /// Has the connection carried a request with a key that was let in? Until then an idle
-    /// HTTP/2 connection's share of streams may go to a new connection
-    /// ([`super::streams::Holder`]).
-    keyed: AtomicBool,
-}
-
-impl Held {
-    pub fn keyed(&self) -> bool {
-        self.keyed.load(Ordering::Relaxed)
-    }
+    /// When the connection last carried a request with a key that was let in: an HTTP/2
+    /// connection's share of streams may go to a new connection once that is long enough
+    /// ago ([`super::streams::Holder`]).
+    pub proof: Proof,
 }
 
 /// The accepted connection a request arrived on.
@@ -64,11 +58,16 @@ impl ConnInfo {
 
     /// The same connection, holding what admitting it took, and its worker's drain open,
     /// for as long as any copy of it (or of its tunnel) lives.
-    pub fn holding(mut self, admitted: Admitted, drain: watch::Receiver<Phase>) -> Self {
+    pub fn holding(
+        mut self,
+        admitted: Admitted,
+        drain: watch::Receiver<Phase>,
+        proof: Proof,
+    ) -> Self {
         self.slot = Some(Arc::new(Held {
             _admitted: admitted,
             _drain: drain,
-            keyed: AtomicBool::new(false),
+            proof,
         }));
         self
     }
@@ -76,9 +75,7 @@ impl ConnInfo {
     /// A request with a key was let in on this connection.
     pub fn vouch(&self) {
         if let Some(held) = self.slot.as_deref() {
-            if !held.keyed() {
-                held.keyed.store(true, Ordering::Relaxed);
-            }
+            held.proof.vouch();
         }
     }
 }

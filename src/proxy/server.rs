@@ -208,7 +208,11 @@ pub async fn serve<D, F>(
             let peer = admitted.peer;
             match tls {
                 None => {
-                    let conn = ConnInfo::new(peer, false).holding(admitted, drain.clone());
+                    let conn = ConnInfo::new(peer, false).holding(
+                        admitted,
+                        drain.clone(),
+                        app.h2_streams.proof(),
+                    );
                     let server = Server {
                         hyper: &hyper,
                         fast: fast.as_deref(),
@@ -218,7 +222,11 @@ pub async fn serve<D, F>(
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
-                        let conn = ConnInfo::new(peer, true).holding(admitted, drain.clone());
+                        let conn = ConnInfo::new(peer, true).holding(
+                            admitted,
+                            drain.clone(),
+                            app.h2_streams.proof(),
+                        );
                         let server = Server {
                             hyper: &hyper,
                             fast: fast.as_deref(),
@@ -326,7 +334,6 @@ async fn serve_conn<I, D, F>(
     // Closes the connection gracefully (whichever server reads it) when set.
     let close = Arc::new(h1::server::Close::default());
     let holder: Arc<dyn Holder> = Arc::new(H2Holder {
-        activity: activity.clone(),
         slot: conn.slot.clone(),
         close: close.clone(),
     });
@@ -553,22 +560,15 @@ struct Activity {
     own_waiting: AtomicUsize,
 }
 
-/// How long a connection may go without carrying a key before the stream budget, when a
-/// new connection would otherwise get less than a full share, takes its share back (and
-/// ends it): time for a client to send its first request after its handshake.
-const UNPROVEN_AFTER: Duration = Duration::from_secs(1);
-
 /// An HTTP/2 connection as the stream budget sees it.
 struct H2Holder {
-    activity: Arc<Activity>,
     slot: Option<super::conn::Slot>,
     close: Arc<h1::server::Close>,
 }
 
 impl Holder for H2Holder {
-    fn unproven(&self) -> bool {
-        !self.slot.as_ref().is_some_and(|s| s.keyed())
-            && self.activity.start.elapsed() >= UNPROVEN_AFTER
+    fn proven_in(&self) -> u64 {
+        self.slot.as_ref().map_or(0, |s| s.proof.last())
     }
 
     fn evict(&self) {

@@ -12,23 +12,53 @@
 //! ends: the streams the process holds are bounded by the budget plus one a connection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 /// The shares a connection may be granted below `h2_max_concurrent_streams`, largest
 /// first; the last, one stream, is granted whatever is left.
 pub const SMALLER_SHARES: [u32; 4] = [64, 16, 4, 1];
 
+/// How long a connection's last request with a key that was let in keeps its share from
+/// being taken back: between one and two of these (the budget counts time in generations of
+/// this length, advanced only when it is short).
+pub const PROOF_LASTS: Duration = Duration::from_secs(10);
+
 /// An HTTP/2 connection holding a share, as the budget sees it when a new connection would
 /// get less than a full one.
 pub trait Holder: Send + Sync {
-    /// May its share go to a new connection: it has carried no request with a key that was
-    /// let in (at any door), and has been open a while? Connections that open and never
-    /// carry a key cost a client nothing: held this way (idle, or each with a keyless
-    /// stream it never reads), twenty of them left every other client one stream.
-    fn unproven(&self) -> bool;
+    /// The budget's generation in which it last carried a request with a key that was let
+    /// in (at any door); 0: never. One that has not in this generation or the one before
+    /// gives its share to a new connection, never-proven ones and the oldest first:
+    /// connections that carry no key cost a client nothing (twenty of them, idle or each
+    /// holding one keyless answer they never read, left every other client one stream),
+    /// and a key revoked or gone quiet must not keep what it held.
+    fn proven_in(&self) -> u64;
     /// End it now, its streams with it: its share is taken back.
     fn evict(&self);
+}
+
+/// When a connection last carried a key that was let in, in the budget's generations: one
+/// store a generation, no clock read a request.
+#[derive(Debug)]
+pub struct Proof {
+    now: Arc<AtomicU64>,
+    last: AtomicU64,
+}
+
+impl Proof {
+    /// A request with a key was let in on this connection.
+    pub fn vouch(&self) {
+        let now = self.now.load(Ordering::Relaxed);
+        if self.last.load(Ordering::Relaxed) != now {
+            self.last.store(now, Ordering::Relaxed);
+        }
+    }
+
+    pub fn last(&self) -> u64 {
+        self.last.load(Ordering::Relaxed)
+    }
 }
 
 /// Streams not yet granted to a connection (below zero by at most one a connection), and
@@ -39,13 +69,17 @@ pub struct StreamBudget(Arc<Inner>);
 struct Inner {
     total: isize,
     left: AtomicIsize,
+    /// The current generation ([`PROOF_LASTS`]); starts at 2, so that "never" (0) is two
+    /// behind.
+    generation: Arc<AtomicU64>,
     holders: Mutex<Holders>,
 }
 
-#[derive(Default)]
 struct Holders {
     next: u64,
     by_id: HashMap<u64, Held>,
+    /// When the generation last moved.
+    moved: Instant,
 }
 
 struct Held {
@@ -78,8 +112,21 @@ impl StreamBudget {
         Self(Arc::new(Inner {
             total,
             left: AtomicIsize::new(total),
-            holders: Mutex::new(Holders::default()),
+            generation: Arc::new(AtomicU64::new(2)),
+            holders: Mutex::new(Holders {
+                next: 0,
+                by_id: HashMap::new(),
+                moved: Instant::now(),
+            }),
         }))
+    }
+
+    /// A new connection's record of carrying keys, read when the budget is short.
+    pub fn proof(&self) -> Proof {
+        Proof {
+            now: self.0.generation.clone(),
+            last: AtomicU64::new(0),
+        }
     }
 
     fn holders(&self) -> std::sync::MutexGuard<'_, Holders> {
@@ -98,11 +145,13 @@ impl StreamBudget {
             .map(|&n| n as isize)
             .find(|&n| n <= self.0.total)
             .unwrap_or(1);
+        // Under the lock from the taking back to the taking: what one new connection's
+        // taking back freed goes to it, not to another one arriving at the same time.
+        let mut holders = self.holders();
         if self.0.left.load(Ordering::Acquire) < want {
-            self.take_back(want);
+            self.take_back(want, &mut holders);
         }
         let (i, taken) = self.take(shares);
-        let mut holders = self.holders();
         let id = holders.next;
         holders.next += 1;
         holders.by_id.insert(
@@ -121,18 +170,26 @@ impl StreamBudget {
         (i, share)
     }
 
-    /// Take back the shares of unproven connections, oldest first, until `want` is left or
-    /// none is; each is ended.
-    fn take_back(&self, want: isize) {
-        let mut holders = self.holders();
-        let mut idle: Vec<(u64, u64)> = holders
+    /// Take back the shares of connections that carried no key in this generation or the
+    /// one before, never-proven and oldest first, until `want` is left or none is; each is
+    /// ended.
+    fn take_back(&self, want: isize, holders: &mut Holders) {
+        let now = Instant::now();
+        if now.duration_since(holders.moved) >= PROOF_LASTS {
+            self.0.generation.fetch_add(1, Ordering::Relaxed);
+            holders.moved = now;
+        }
+        let generation = self.0.generation.load(Ordering::Relaxed);
+        let mut unproven: Vec<(u64, u64, u64)> = holders
             .by_id
             .iter()
-            .filter(|(_, h)| h.holder.upgrade().is_some_and(|h| h.unproven()))
-            .map(|(&id, h)| (h.order, id))
+            .filter_map(|(&id, h)| {
+                let proven_in = h.holder.upgrade()?.proven_in();
+                (proven_in.saturating_add(2) <= generation).then_some((proven_in, h.order, id))
+            })
             .collect();
-        idle.sort_unstable();
-        for (_, id) in idle {
+        unproven.sort_unstable();
+        for (_, _, id) in unproven {
             if self.0.left.load(Ordering::Acquire) >= want {
                 break;
             }
@@ -203,8 +260,8 @@ pub fn shares(full: u32) -> Vec<u32> {
 pub struct Keeps;
 
 impl Holder for Keeps {
-    fn unproven(&self) -> bool {
-        false
+    fn proven_in(&self) -> u64 {
+        u64::MAX
     }
     fn evict(&self) {}
 }
@@ -247,8 +304,8 @@ mod tests {
     struct Idle(std::sync::atomic::AtomicBool);
 
     impl Holder for Idle {
-        fn unproven(&self) -> bool {
-            true
+        fn proven_in(&self) -> u64 {
+            0
         }
         fn evict(&self) {
             self.0.store(true, Ordering::SeqCst);
@@ -279,6 +336,38 @@ mod tests {
         drop(held);
         drop(fresh);
         assert_eq!(budget.left(), 512);
+    }
+
+    struct Proven(AtomicU64);
+
+    impl Holder for Proven {
+        fn proven_in(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn evict(&self) {
+            self.0.store(u64::MAX, Ordering::SeqCst);
+        }
+    }
+
+    /// Review: a connection that once carried a key kept its share for good, even once the
+    /// key was revoked. It keeps it for one to two generations after its last key.
+    #[test]
+    fn a_connection_that_carried_a_key_keeps_its_share_only_while_it_does() {
+        let shares = shares(256);
+        let budget = StreamBudget::new(256);
+        let proven = Arc::new(Proven(AtomicU64::new(2)));
+        let holder: Arc<dyn Holder> = proven.clone();
+        let _held = budget.grant(&shares, Arc::downgrade(&holder)).1;
+        let keeps: Arc<dyn Holder> = Arc::new(Keeps);
+        // A new connection's share, given back at once.
+        let granted = || budget.grant(&shares, Arc::downgrade(&keeps)).1.streams();
+        assert_eq!(granted(), 1, "proven this generation: kept");
+        // As long ago as two generations: the next grant moves it one on.
+        budget.holders().moved -= PROOF_LASTS * 2;
+        assert_eq!(granted(), 1, "proven the generation before: kept");
+        budget.holders().moved -= PROOF_LASTS;
+        assert_eq!(granted(), 256, "two generations on: taken back");
+        assert_eq!(proven.0.load(Ordering::SeqCst), u64::MAX, "and ended");
     }
 
     #[test]
