@@ -35,6 +35,11 @@ fn limited(id: &str, rate_limit: &str) -> String {
     snapshot(&[entry(id, LIMITED, Some(rate_limit))])
 }
 
+/// A ready replica (`on_error: deny`) whose snapshot is `LIMITED` as `key_l`, limited so.
+async fn replica_limited(up: &Upstream, redis: &Redis, rate_limit: &str) -> Proxy {
+    ready_replica(up.addr, redis.port, "deny", &limited("key_l", rate_limit)).await
+}
+
 /// What the limiter script stores: `tat interval burst`, three whole numbers.
 fn is_limiter_state(v: &str) -> bool {
     let parts: Vec<&str> = v.split(' ').collect();
@@ -156,27 +161,9 @@ async fn a_limiter_state_left_far_ahead_holds_a_key_no_longer_than_a_burst() {
 async fn replicas_with_another_limit_hand_out_no_fresh_burst() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
-    let roomy = ready_replica(
-        up.addr,
-        redis.port,
-        "deny",
-        &limited("key_l", "{ per_second: 0.01, burst: 6 }"),
-    )
-    .await;
-    let lower = ready_replica(
-        up.addr,
-        redis.port,
-        "deny",
-        &limited("key_l", "{ per_second: 0.01, burst: 1 }"),
-    )
-    .await;
-    let slower = ready_replica(
-        up.addr,
-        redis.port,
-        "deny",
-        &limited("key_l", "{ per_second: 0.001, burst: 6 }"),
-    )
-    .await;
+    let roomy = replica_limited(&up, &redis, "{ per_second: 0.01, burst: 6 }").await;
+    let lower = replica_limited(&up, &redis, "{ per_second: 0.01, burst: 1 }").await;
+    let slower = replica_limited(&up, &redis, "{ per_second: 0.001, burst: 6 }").await;
     for _ in 0..6 {
         assert_eq!(call(&roomy, LIMITED).await.status, 200);
     }
@@ -225,20 +212,8 @@ async fn a_state_owing_centuries_is_a_refusal_not_a_failure() {
 async fn a_loosened_rate_lets_a_key_in_at_that_rate() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
-    let slow = ready_replica(
-        up.addr,
-        redis.port,
-        "deny",
-        &limited("key_l", "{ per_second: 0.02, burst: 3 }"),
-    )
-    .await;
-    let fast = ready_replica(
-        up.addr,
-        redis.port,
-        "deny",
-        &limited("key_l", "{ per_second: 2, burst: 3 }"),
-    )
-    .await;
+    let slow = replica_limited(&up, &redis, "{ per_second: 0.02, burst: 3 }").await;
+    let fast = replica_limited(&up, &redis, "{ per_second: 2, burst: 3 }").await;
     for _ in 0..3 {
         assert_eq!(call(&slow, LIMITED).await.status, 200);
     }

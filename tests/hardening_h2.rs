@@ -845,44 +845,42 @@ async fn a_tunnel_closes_when_its_key_is_disabled_or_its_connection_ages() {
     );
     kw.shutdown().await;
 
-    // Review: the key moved to another org (or enterprise, or account short id): the app
-    // was told the old tenant at the handshake and kept serving the tunnel on it.
+    // Review: the key moved to another org (or enterprise, or account short id), and
+    // (round 2) its subject's email changed: the app was told the old values at the
+    // handshake and kept serving the tunnel on them.
     let kw = spawn_proxy(up.addr, "").await;
-    let s = open(kw.addr).await;
-    let moved = DEMO_KEYS.replacen("org_id: org_123", "org_id: org_456", 1);
-    assert_ne!(moved, DEMO_KEYS);
-    std::fs::write(kw.keys_file(), &moved).unwrap();
-    eventually("the key moved to org_456", || async {
-        get(&kw.url("/v1/x"), &[("x-api-key", KEY)]).await;
-        up.last()
-            .headers
-            .get("x-auth-org-id")
-            .is_some_and(|v| v == "org_456")
-    })
-    .await;
-    let open_for = echoes(s).await;
-    assert!(
-        open_for < Duration::from_secs(3),
-        "still open after {open_for:?}"
-    );
-    // Round 2: and its subject's email, which the app was told too.
-    let s = open(kw.addr).await;
-    let renamed = moved.replacen("ci-bot@example.com", "someone@example.com", 1);
-    assert_ne!(renamed, moved);
-    std::fs::write(kw.keys_file(), &renamed).unwrap();
-    eventually("the key's email changed", || async {
-        get(&kw.url("/v1/x"), &[("x-api-key", KEY)]).await;
-        up.last()
-            .headers
-            .get("x-auth-subject-email")
-            .is_some_and(|v| v == "someone@example.com")
-    })
-    .await;
-    let open_for = echoes(s).await;
-    assert!(
-        open_for < Duration::from_secs(3),
-        "still open after {open_for:?}"
-    );
+    let mut keys = DEMO_KEYS.to_string();
+    let changes = [
+        (
+            "org_id: org_123",
+            "org_id: org_456",
+            "x-auth-org-id",
+            "org_456",
+        ),
+        (
+            "ci-bot@example.com",
+            "someone@example.com",
+            "x-auth-subject-email",
+            "someone@example.com",
+        ),
+    ];
+    for (from, to, header, value) in changes {
+        let s = open(kw.addr).await;
+        let changed = keys.replacen(from, to, 1);
+        assert_ne!(changed, keys);
+        keys = changed;
+        std::fs::write(kw.keys_file(), &keys).unwrap();
+        eventually("the key changed", || async {
+            get(&kw.url("/v1/x"), &[("x-api-key", KEY)]).await;
+            up.last().headers.get(header).is_some_and(|v| v == value)
+        })
+        .await;
+        let open_for = echoes(s).await;
+        assert!(
+            open_for < Duration::from_secs(3),
+            "{header}: still open after {open_for:?}"
+        );
+    }
     kw.shutdown().await;
 
     let kw = spawn_proxy(up.addr, "limits: { max_connection_age: 500ms }\n").await;
