@@ -1018,6 +1018,11 @@ async fn an_http2_client_may_send_its_window_ahead_per_stream() {
 
 /// An app that sends a chunk every 100 ms for 10 s on every request.
 async fn spawn_streaming_app() -> SocketAddr {
+    spawn_streaming_app_for(100).await
+}
+
+/// As [`spawn_streaming_app`], `chunks` events 100 ms apart.
+async fn spawn_streaming_app_for(chunks: usize) -> SocketAddr {
     let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = app.local_addr().unwrap();
     tokio::spawn(async move {
@@ -1029,7 +1034,7 @@ async fn spawn_streaming_app() -> SocketAddr {
                 if s.write_all(head.as_bytes()).await.is_err() {
                     return;
                 }
-                for _ in 0..100 {
+                for _ in 0..chunks {
                     if s.write_all(b"6\r\ndata:1\r\n").await.is_err() {
                         return;
                     }
@@ -1440,6 +1445,55 @@ async fn connections_without_a_key_do_not_keep_the_stream_budget() {
     assert!(ended.is_ok(), "the stalled connection is still open");
     // The keyed connection kept its share and serves on.
     assert_eq!(ask(&mut keyed, Some(KEY)).await, 200);
+    kw.shutdown().await;
+}
+
+/// Review (round 4, HIGH): a keyed answer still streaming 20 s after its request was let
+/// in did not count as carrying a key, and a short budget ended its connection mid-stream.
+/// A connection carries a key while a keyed answer of it is in flight. (About 25 s: the
+/// budget's generations are 10 s.)
+#[tokio::test]
+async fn a_keyed_stream_keeps_its_connection_through_a_short_budget() {
+    let app = spawn_streaming_app_for(250).await;
+    let kw = spawn_proxy(
+        app,
+        "limits: { h2_max_concurrent_streams: 256, h2_max_streams: 512 }\n",
+    )
+    .await;
+    let tcp = TcpStream::connect(kw.addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get(format!("http://{}/v1/events", kw.addr))
+        .header("x-api-key", KEY)
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).expect("send");
+    let mut body = resp.await.expect("answered").into_body();
+    let streamed = tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(chunk) = body.data().await {
+            let Ok(chunk) = chunk else { return (n, false) };
+            n += chunk.len();
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        (n, true)
+    });
+    // Two shortages 11 s apart, the budget's generation moved by each: first taken back
+    // from a connection that never carried a key, then (the stream's own request two
+    // generations old) with the other connection carrying a key this generation.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let idle = granted_streams(kw.addr).await;
+    assert_eq!(granted_streams(kw.addr).await.1, Some(256));
+    drop(idle);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let (mut keyed, _) = granted_streams(kw.addr).await;
+    carry_a_key(&mut keyed).await;
+    let (_short, granted) = granted_streams(kw.addr).await;
+    assert_eq!(granted, Some(1), "both holders carry a key");
+    let (n, whole) = streamed.await.unwrap();
+    assert!(whole, "the stream was cut after {n} bytes");
     kw.shutdown().await;
 }
 

@@ -348,7 +348,8 @@ async fn decide<'a, B>(
         match handler::decide(app, worker.metrics(), Door::Decision, &head, path, trace).await? {
             Verdict::Public => allowed(head_of_allow, &app.names, None, None, cid),
             Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
-                conn.vouch();
+                // A decision's answer is its head: the connection carried a key.
+                drop(conn.vouch());
                 allowed(head_of_allow, &app.names, Some(&p), quota.as_ref(), cid)
             }
         }

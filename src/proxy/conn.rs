@@ -72,10 +72,29 @@ impl ConnInfo {
         self
     }
 
-    /// A request with a key was let in on this connection.
-    pub fn vouch(&self) {
-        if let Some(held) = self.slot.as_deref() {
-            held.proof.vouch();
-        }
+    /// A request with a key was let in on this connection: it counts as carrying one
+    /// until what is returned (held with the answer, to its end) and its copies are gone.
+    pub fn vouch(&self) -> Option<KeyedInFlight> {
+        let held = self.slot.as_ref()?;
+        held.proof.vouch();
+        held.proof.begin();
+        Some(KeyedInFlight(held.clone()))
+    }
+}
+
+/// A request with a key in flight on its connection (see [`ConnInfo::vouch`]).
+#[derive(Debug)]
+pub struct KeyedInFlight(Slot);
+
+impl Clone for KeyedInFlight {
+    fn clone(&self) -> Self {
+        self.0.proof.begin();
+        Self(self.0.clone())
+    }
+}
+
+impl Drop for KeyedInFlight {
+    fn drop(&mut self) {
+        self.0.proof.end();
     }
 }

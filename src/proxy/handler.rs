@@ -200,9 +200,11 @@ async fn proxy<'a>(
         trace,
     )
     .await?;
-    if !matches!(verdict, Verdict::Public) {
-        conn.vouch();
-    }
+    // The connection carries a key while this request's answer is in flight.
+    let keyed = match verdict {
+        Verdict::Public => None,
+        _ => conn.vouch(),
+    };
     let (principal, quota) = match verdict {
         Verdict::Introspection(principal, quota) => {
             return Ok(introspect(app, &principal, quota, cid))
@@ -218,7 +220,7 @@ async fn proxy<'a>(
     });
     let key_watch = || {
         let key = principal.as_ref().map(|p| p.key.clone());
-        key.map(|key| KeyWatch::new(app.clone(), key, decided))
+        key.map(|key| KeyWatch::new(app.clone(), key, decided, keyed.clone()))
     };
     let resp = send_upstream(app, worker, out, identity, trace, cid, key_watch).await?;
     let resp = forward::downstream_response(resp, key_watch());

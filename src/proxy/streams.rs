@@ -12,7 +12,7 @@
 //! ends: the streams the process holds are bounded by the budget plus one a connection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,9 @@ pub trait Holder: Send + Sync {
 pub struct Proof {
     now: Arc<AtomicU64>,
     last: AtomicU64,
+    /// Requests with a key let in whose answers are not done (a stream, a long poll): the
+    /// connection carries a key as long as one is.
+    keyed_in_flight: AtomicUsize,
 }
 
 impl Proof {
@@ -56,7 +59,21 @@ impl Proof {
         }
     }
 
+    pub fn begin(&self) {
+        self.keyed_in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn end(&self) {
+        self.keyed_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The generation the connection last carried a key in: the current one for good while
+    /// a keyed answer is in flight (review: a keyed event stream older than 20 s was ended
+    /// with its connection).
     pub fn last(&self) -> u64 {
+        if self.keyed_in_flight.load(Ordering::Relaxed) > 0 {
+            return u64::MAX;
+        }
         self.last.load(Ordering::Relaxed)
     }
 }
@@ -126,6 +143,7 @@ impl StreamBudget {
         Proof {
             now: self.0.generation.clone(),
             last: AtomicU64::new(0),
+            keyed_in_flight: AtomicUsize::new(0),
         }
     }
 

@@ -73,6 +73,8 @@ pub struct KeyWatch {
     decided: Instant,
     /// The first moment the key may stop standing with nothing swapped.
     until: Option<std::time::SystemTime>,
+    /// Its connection carries a key while this is watched.
+    _keyed: Option<super::conn::KeyedInFlight>,
 }
 
 /// What was in force just before a request was decided (see [`KeyWatch::new`]).
@@ -96,7 +98,12 @@ impl KeyWatch {
     /// since is judged at a chunk at least [`RECHECK`] after it. (An exchange decided an
     /// instant before a revoke finishes as decided, as a revoke takes effect on the next
     /// request; one that goes on longer is cut within the second, as a tunnel is.)
-    pub fn new(app: Arc<crate::app::App>, key: Arc<crate::keys::Key>, decided: Decided) -> Self {
+    pub fn new(
+        app: Arc<crate::app::App>,
+        key: Arc<crate::keys::Key>,
+        decided: Decided,
+        keyed: Option<super::conn::KeyedInFlight>,
+    ) -> Self {
         let until = Self::until(&app, &key);
         Self {
             app,
@@ -105,6 +112,7 @@ impl KeyWatch {
             // Read once a watch is made, just after the decision: the grace's start.
             decided: Instant::now(),
             until,
+            _keyed: keyed,
         }
     }
 

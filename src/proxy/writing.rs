@@ -81,6 +81,9 @@ pub struct Stalled;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+// Made in place once a response and left there: boxing the body would cost an allocation
+// a request (none is made today), and `Done` and `Cut` only end it.
+#[allow(clippy::large_enum_variant)]
 enum State<G> {
     /// Being written: the body, and what keeps the request counted as in flight.
     Writing(Body, G),
