@@ -334,6 +334,7 @@ async fn serve_conn<I, D, F>(
     // Closes the connection gracefully (whichever server reads it) when set.
     let close = Arc::new(h1::server::Close::default());
     let holder: Arc<dyn Holder> = Arc::new(H2Holder {
+        activity: activity.clone(),
         slot: conn.slot.clone(),
         close: close.clone(),
     });
@@ -560,14 +561,25 @@ struct Activity {
     own_waiting: AtomicUsize,
 }
 
+/// How long a new connection is left alone by the stream budget: the time for its first
+/// request to arrive and be decided (review: keyed clients that all connected at once ended
+/// each other before their first answer). A client with no key can keep new connections
+/// to smaller shares by opening `h2_max_streams / h2_max_concurrent_streams` connections
+/// this often (README).
+const NEW_FOR: Duration = Duration::from_secs(1);
+
 /// An HTTP/2 connection as the stream budget sees it.
 struct H2Holder {
+    activity: Arc<Activity>,
     slot: Option<super::conn::Slot>,
     close: Arc<h1::server::Close>,
 }
 
 impl Holder for H2Holder {
     fn proven_in(&self) -> u64 {
+        if self.activity.start.elapsed() < NEW_FOR {
+            return u64::MAX;
+        }
         self.slot.as_ref().map_or(0, |s| s.proof.last())
     }
 

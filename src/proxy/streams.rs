@@ -29,8 +29,10 @@ pub const PROOF_LASTS: Duration = Duration::from_secs(10);
 /// get less than a full one.
 pub trait Holder: Send + Sync {
     /// The budget's generation in which it last carried a request with a key that was let
-    /// in (at any door); 0: never. One that has not in this generation or the one before
-    /// gives its share to a new connection, never-proven ones and the oldest first:
+    /// in (at any door); 0: never; `u64::MAX` while it may not be taken from (a keyed
+    /// answer in flight, or too new to have asked anything yet). One that has not in this
+    /// generation or the one before gives its share to a new connection, never-proven ones
+    /// and the oldest first:
     /// connections that carry no key cost a client nothing (twenty of them, idle or each
     /// holding one keyless answer they never read, left every other client one stream),
     /// and a key revoked or gone quiet must not keep what it held.
@@ -206,6 +208,14 @@ impl StreamBudget {
                 (proven_in.saturating_add(2) <= generation).then_some((proven_in, h.order, id))
             })
             .collect();
+        // Nobody is ended for nothing: only if what they hold makes up the room wanted.
+        let freed: isize = unproven
+            .iter()
+            .filter_map(|(_, _, id)| holders.by_id.get(id).map(|h| h.taken))
+            .sum();
+        if self.0.left.load(Ordering::Acquire) + freed < want {
+            return;
+        }
         unproven.sort_unstable();
         for (_, _, id) in unproven {
             if self.0.left.load(Ordering::Acquire) >= want {
