@@ -385,7 +385,6 @@ impl Policy {
         })
     }
 
-    /// Does `value` hold one of the configured key prefixes anywhere?
     /// The configured key prefixes.
     pub fn prefixes(&self) -> impl Iterator<Item = &str> + '_ {
         self.prefixes
@@ -413,6 +412,7 @@ impl Policy {
         })
     }
 
+    /// Does `value` hold one of the configured key prefixes anywhere?
     fn holds_prefix(&self, value: &[u8]) -> bool {
         self.prefixes.iter().any(|(p, _)| {
             let p = p.as_bytes();

@@ -64,9 +64,13 @@ if tat ~= tat or tat < now then tat = now end
 -- The key's limit changed (a reload, or replicas that have not all loaded it yet): what it
 -- spent stays spent, counted in requests. Kept as time, a slower rate would make the same
 -- time owed fewer requests.
-local changed = was_interval ~= nil and (was_interval ~= interval or was_burst ~= burst)
+-- Written back only when converted or capped: a burst changed alone leaves the state as
+-- it reads (what it owes is bounded by the burst it names), and rewriting it on every
+-- refused check would be a write a request.
+local changed = false
 if was_interval and was_interval > 0 and was_interval ~= interval then
   tat = now + (tat - now) / was_interval * interval
+  changed = true
 end
 -- No more is owed than a burst of the limit that wrote the state (a burst lowered keeps
 -- what was spent under the higher one) or of this one. A state without its limit (another

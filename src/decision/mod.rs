@@ -348,8 +348,10 @@ async fn decide<'a, B>(
         match handler::decide(app, worker.metrics(), Door::Decision, &head, path, trace).await? {
             Verdict::Public => allowed(head_of_allow, &app.names, None, None, cid),
             Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
-                // A decision's answer is its head: the connection carried a key.
-                drop(conn.vouch());
+                // A decision's answer is its head: an HTTP/2 connection carried a key.
+                if req.version() == http::Version::HTTP_2 {
+                    drop(conn.vouch());
+                }
                 allowed(head_of_allow, &app.names, Some(&p), quota.as_ref(), cid)
             }
         }

@@ -200,9 +200,11 @@ async fn proxy<'a>(
         trace,
     )
     .await?;
-    // The connection carries a key while this request's answer is in flight.
+    // An HTTP/2 connection carries a key while this request's answer is in flight (what
+    // the stream budget reads; an HTTP/1.1 connection holds no share, and pays nothing).
     let keyed = match verdict {
         Verdict::Public => None,
+        _ if req.version() != http::Version::HTTP_2 => None,
         _ => conn.vouch(),
     };
     let (principal, quota) = match verdict {

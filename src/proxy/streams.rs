@@ -12,7 +12,7 @@
 //! ends: the streams the process holds are bounded by the budget plus one a connection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -32,10 +32,9 @@ pub trait Holder: Send + Sync {
     /// in (at any door); 0: never; `u64::MAX` while it may not be taken from (a keyed
     /// answer in flight, or too new to have asked anything yet). One that has not in this
     /// generation or the one before gives its share to a new connection, never-proven ones
-    /// and the oldest first:
-    /// connections that carry no key cost a client nothing (twenty of them, idle or each
-    /// holding one keyless answer they never read, left every other client one stream),
-    /// and a key revoked or gone quiet must not keep what it held.
+    /// and the oldest first: connections that carry no key cost a client nothing (twenty of
+    /// them, idle or each holding one keyless answer they never read, left every other
+    /// client one stream), and a key revoked or gone quiet must not keep what it held.
     fn proven_in(&self) -> u64;
     /// End it now, its streams with it: its share is taken back.
     fn evict(&self);
@@ -87,14 +86,18 @@ pub struct StreamBudget(Arc<Inner>);
 
 struct Inner {
     total: isize,
-    left: AtomicIsize,
     /// The current generation ([`PROOF_LASTS`]); starts at 2, so that "never" (0) is two
     /// behind.
     generation: Arc<AtomicU64>,
     holders: Mutex<Holders>,
 }
 
+/// Everything a grant, a taking back or a giving back changes, under one lock: connections
+/// open and close far less often than requests come, and none of this is read per request.
 struct Holders {
+    /// Streams not granted.
+    left: isize,
+    /// The next holder's id: ids are given in order, so the oldest holder has the lowest.
     next: u64,
     by_id: HashMap<u64, Held>,
     /// When the generation last moved.
@@ -104,14 +107,12 @@ struct Holders {
 struct Held {
     holder: Weak<dyn Holder>,
     taken: isize,
-    /// Granted in this order: the oldest unproven connection goes first.
-    order: u64,
 }
 
 impl std::fmt::Debug for StreamBudget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("StreamBudget")
-            .field(&self.0.left.load(Ordering::Relaxed))
+            .field(&self.holders().left)
             .finish()
     }
 }
@@ -130,9 +131,9 @@ impl StreamBudget {
         let total = isize::try_from(total).unwrap_or(isize::MAX);
         Self(Arc::new(Inner {
             total,
-            left: AtomicIsize::new(total),
             generation: Arc::new(AtomicU64::new(2)),
             holders: Mutex::new(Holders {
+                left: total,
                 next: 0,
                 by_id: HashMap::new(),
                 moved: Instant::now(),
@@ -168,20 +169,19 @@ impl StreamBudget {
         // Under the lock from the taking back to the taking: what one new connection's
         // taking back freed goes to it, not to another one arriving at the same time.
         let mut holders = self.holders();
-        if self.0.left.load(Ordering::Acquire) < want {
+        if holders.left < want {
             self.take_back(want, &mut holders);
         }
-        let (i, taken) = self.take(shares);
+        // The first share there is room for; the last whatever is left.
+        let i = shares
+            .iter()
+            .position(|&n| n as isize <= holders.left)
+            .unwrap_or(shares.len() - 1);
+        let taken = shares[i] as isize;
+        holders.left -= taken;
         let id = holders.next;
         holders.next += 1;
-        holders.by_id.insert(
-            id,
-            Held {
-                holder,
-                taken,
-                order: id,
-            },
-        );
+        holders.by_id.insert(id, Held { holder, taken });
         let share = StreamShare {
             budget: self.clone(),
             id,
@@ -200,29 +200,27 @@ impl StreamBudget {
             holders.moved = now;
         }
         let generation = self.0.generation.load(Ordering::Relaxed);
-        let mut unproven: Vec<(u64, u64, u64)> = holders
+        // (generation last keyed, id): never-keyed first, then the oldest.
+        let mut unproven: Vec<(u64, u64)> = holders
             .by_id
             .iter()
             .filter_map(|(&id, h)| {
                 let proven_in = h.holder.upgrade()?.proven_in();
-                (proven_in.saturating_add(2) <= generation).then_some((proven_in, h.order, id))
+                (proven_in.saturating_add(2) <= generation).then_some((proven_in, id))
             })
             .collect();
         // Nobody is ended for nothing: only if what they hold makes up the room wanted.
-        let freed: isize = unproven
-            .iter()
-            .filter_map(|(_, _, id)| holders.by_id.get(id).map(|h| h.taken))
-            .sum();
-        if self.0.left.load(Ordering::Acquire) + freed < want {
+        let freed: isize = unproven.iter().map(|(_, id)| holders.by_id[id].taken).sum();
+        if holders.left + freed < want {
             return;
         }
         unproven.sort_unstable();
-        for (_, _, id) in unproven {
-            if self.0.left.load(Ordering::Acquire) >= want {
+        for (_, id) in unproven {
+            if holders.left >= want {
                 break;
             }
             if let Some(held) = holders.by_id.remove(&id) {
-                self.0.left.fetch_add(held.taken, Ordering::AcqRel);
+                holders.left += held.taken;
                 if let Some(h) = held.holder.upgrade() {
                     h.evict();
                 }
@@ -230,33 +228,10 @@ impl StreamBudget {
         }
     }
 
-    fn take(&self, shares: &[u32]) -> (usize, isize) {
-        for (i, &n) in shares.iter().enumerate() {
-            let n = n as isize;
-            let last = i + 1 == shares.len();
-            let mut left = self.0.left.load(Ordering::Acquire);
-            loop {
-                if left < n && !last {
-                    break;
-                }
-                match self.0.left.compare_exchange_weak(
-                    left,
-                    left - n,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => return (i, n),
-                    Err(now) => left = now,
-                }
-            }
-        }
-        unreachable!("the last share is always granted")
-    }
-
     /// Streams not granted.
     #[cfg(test)]
     fn left(&self) -> isize {
-        self.0.left.load(Ordering::Acquire)
+        self.holders().left
     }
 }
 
@@ -269,8 +244,9 @@ impl StreamShare {
 impl Drop for StreamShare {
     fn drop(&mut self) {
         // Gone from the holders if its share was taken back: nothing to give then.
-        if let Some(held) = self.budget.holders().by_id.remove(&self.id) {
-            self.budget.0.left.fetch_add(held.taken, Ordering::AcqRel);
+        let mut holders = self.budget.holders();
+        if let Some(held) = holders.by_id.remove(&self.id) {
+            holders.left += held.taken;
         }
     }
 }
