@@ -34,6 +34,7 @@ pub mod path;
 pub mod proxy;
 pub mod regular_file;
 pub mod runtime;
+pub mod thread_count;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -23,7 +23,7 @@ use crate::auth::ratelimit::Quota;
 use crate::auth::reject::BadRequest;
 use crate::auth::{Code, Principal, Reject};
 use crate::keys::IdentityNames;
-use crate::proxy::conn::ConnInfo;
+use crate::proxy::conn::{ConnInfo, Serving};
 use crate::proxy::handler::{self, Door, Head, Trace, Verdict};
 use crate::proxy::worker::Worker;
 use crate::proxy::{headers, respond, Body};
@@ -228,12 +228,12 @@ fn one_upgrade(h: &HeaderMap) -> Result<(), Reject> {
 
 /// Answer one decision request. Never fails: every error becomes a response here.
 pub async fn handle<B>(
-    app: Arc<App>,
-    worker: Worker,
+    serving: Arc<Serving>,
     req: Request<B>,
     prepared: Arc<Prepared>,
-    (caller_trusted, conn): (bool, ConnInfo),
+    caller_trusted: bool,
 ) -> Result<Response<Body>, Infallible> {
+    let Serving { app, worker, conn } = &*serving;
     let start = Instant::now();
     // The original's query may be in either protocol's header, or the request's own.
     let header_query = |name: &HeaderName| {
@@ -276,7 +276,7 @@ pub async fn handle<B>(
     // The decision request's own target: an abandoned one is logged as such.
     let target = req.uri().clone();
     let mut unanswered = handler::Unanswered::new(
-        &worker,
+        worker,
         &app.policy,
         &cid,
         app.policy.logged_method(&asked_with),
@@ -288,8 +288,8 @@ pub async fn handle<B>(
         Ok(original) => {
             method = original.method.clone();
             decide(
-                &app,
-                (&worker, &conn),
+                app,
+                (worker, conn),
                 &req,
                 original,
                 (&prepared.allow, &cid),

@@ -36,10 +36,11 @@ pub async fn serve_on_threads(
         upstream: false,
     };
     let prepared = Arc::new(super::Prepared::new(&app));
-    let door = move |app: Arc<App>, worker, conn: crate::proxy::conn::ConnInfo, req| {
+    let door = move |serving: Arc<crate::proxy::conn::Serving>, req| {
         // A front proxy in `trusted_proxies` may pass on what an edge before it asserted.
-        let trusted = crate::proxy::headers::is_trusted(&conn, &app.config.trusted_proxies);
-        super::handle(app, worker, req, prepared.clone(), (trusted, conn))
+        let trusted =
+            crate::proxy::headers::is_trusted(&serving.conn, &serving.app.config.trusted_proxies);
+        super::handle(serving, req, prepared.clone(), trusted)
     };
     threads::serve_on_threads(app, listener, tls, threads, phase, grace, door).await;
 }

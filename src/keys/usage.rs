@@ -1,7 +1,11 @@
 //! Last-used time and request count per key id (SPEC 5). Lives beside the snapshot, not in
-//! it, so counts survive reloads; updated with atomics under a `DashMap` shard read lock.
+//! it, so counts survive reloads. Each thread records into a shard of its own: a busy key
+//! is used by every worker at once, and one counter written by all of them moved its cache
+//! line between cores on every request. Readers (the admin API, the fleet's flush) merge
+//! the shards.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -15,9 +19,29 @@ struct Counter {
     requests: AtomicU64,
 }
 
-#[derive(Default)]
+/// Shards, one per recording thread while there are enough (keyward's workers are fewer than
+/// this unless configured past it; then threads share shards, and stay correct).
+const SHARDS: usize = 16;
+
 pub struct Usage {
-    by_id: DashMap<Text, Counter>,
+    shards: Box<[DashMap<Text, Counter>]>,
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| DashMap::new()).collect(),
+        }
+    }
+}
+
+/// This thread's shard: threads are numbered as they first record, in turn.
+fn shard_of_thread() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -29,34 +53,47 @@ pub struct KeyUsage {
 }
 
 impl Usage {
-    /// Record one authenticated request. The common case takes only a shard read lock.
+    /// Record one authenticated request. The common case takes only a read lock of this
+    /// thread's own shard.
     pub fn record(&self, id: &Text, now: SystemTime) {
         let ms = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        if let Some(c) = self.by_id.get(id) {
+        let shard = &self.shards[shard_of_thread()];
+        if let Some(c) = shard.get(id) {
             c.last_used_unix_ms.fetch_max(ms, Ordering::Relaxed);
             c.requests.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let c = self.by_id.entry(id.clone()).or_default();
+        let c = shard.entry(id.clone()).or_default();
         c.last_used_unix_ms.fetch_max(ms, Ordering::Relaxed);
         c.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// When the key with this id was last used, and how many requests it made.
     pub fn last_used(&self, id: &str) -> Option<(SystemTime, u64)> {
-        let c = self.by_id.get(id)?;
-        let ms = c.last_used_unix_ms.load(Ordering::Relaxed);
+        let (ms, requests) = self
+            .shards
+            .iter()
+            .filter_map(|shard| {
+                let c = shard.get(id)?;
+                Some((
+                    c.last_used_unix_ms.load(Ordering::Relaxed),
+                    c.requests.load(Ordering::Relaxed),
+                ))
+            })
+            .reduce(merge)?;
         let at = UNIX_EPOCH + std::time::Duration::from_millis(ms);
-        Some((at, c.requests.load(Ordering::Relaxed)))
+        Some((at, requests))
     }
 
     /// Forget keys that left the snapshot; the rest keep their history. Frees their
     /// entries; what is reported is filtered by `report` itself (a request that passed on
     /// the previous snapshot may record its key just after this runs).
     pub fn retain(&self, snapshot: &Snapshot) {
-        self.by_id.retain(|id, _| snapshot.by_id(id).is_some());
+        for shard in self.shards.iter() {
+            shard.retain(|id, _| snapshot.by_id(id).is_some());
+        }
     }
 
     /// Every key of `snapshot` (the one in force) used so far, ordered by id. Keys that left
@@ -65,30 +102,44 @@ impl Usage {
     pub fn report(&self, snapshot: Option<&Snapshot>) -> Vec<KeyUsage> {
         report_entries(
             snapshot,
-            self.by_id.iter().map(|e| {
-                (
-                    e.key().to_string(),
-                    e.last_used_unix_ms.load(Ordering::Relaxed),
-                    e.requests.load(Ordering::Relaxed),
-                )
-            }),
+            self.counts()
+                .into_iter()
+                .map(|(id, ms, requests)| (id.to_string(), ms, requests)),
         )
     }
 
     /// Every key's `(id, last used (ms since the epoch), requests)` counted here so far (the
-    /// fleet's usage flush reads this).
+    /// fleet's usage flush reads this), the shards merged.
     pub fn counts(&self) -> Vec<(Text, u64, u64)> {
-        self.by_id
-            .iter()
-            .map(|e| {
-                (
-                    e.key().clone(),
+        let mut merged: HashMap<Text, (u64, u64)> = HashMap::new();
+        for shard in self.shards.iter() {
+            for e in shard.iter() {
+                let counted = (
                     e.last_used_unix_ms.load(Ordering::Relaxed),
                     e.requests.load(Ordering::Relaxed),
-                )
-            })
+                );
+                merged
+                    .entry(e.key().clone())
+                    .and_modify(|c| *c = merge(*c, counted))
+                    .or_insert(counted);
+            }
+        }
+        merged
+            .into_iter()
+            .map(|(id, (ms, requests))| (id, ms, requests))
             .collect()
     }
+
+    /// How many keys have an entry (in any shard).
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.counts().len()
+    }
+}
+
+/// Two shards' counts of one key: the later use, and the requests of both.
+fn merge(a: (u64, u64), b: (u64, u64)) -> (u64, u64) {
+    (a.0.max(b.0), a.1.saturating_add(b.1))
 }
 
 /// The last instant RFC 3339 can write (9999-12-31T23:59:59.999Z).
@@ -148,12 +199,40 @@ mod tests {
         );
         assert_eq!(r[0].requests, 2);
         assert_eq!(r[0].last_used, "2026-01-01T00:00:00.000Z");
-        assert_eq!(u.by_id.len(), 2);
+        assert_eq!(u.entries(), 2);
         u.retain(&s);
-        assert_eq!(u.by_id.len(), 1, "retain frees the entries of removed keys");
+        assert_eq!(u.entries(), 1, "retain frees the entries of removed keys");
         // A request allowed by the previous snapshot records its key after the retain.
         u.record(&gone, t);
         assert_eq!(u.report(Some(&s)).len(), 1);
         assert!(u.report(None).is_empty());
+    }
+
+    /// Threads record into shards of their own; every reader sees them merged.
+    #[test]
+    fn counts_from_many_threads_are_merged() {
+        let u = Usage::default();
+        let a = Text::for_test("key_demo_service");
+        let t0 = humantime::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        std::thread::scope(|scope| {
+            for i in 0..20u64 {
+                let (u, a) = (&u, &a);
+                scope.spawn(move || {
+                    for _ in 0..10 {
+                        u.record(a, t0 + std::time::Duration::from_secs(i));
+                    }
+                });
+            }
+        });
+        let (at, requests) = u.last_used("key_demo_service").unwrap();
+        assert_eq!(requests, 200);
+        assert_eq!(at, t0 + std::time::Duration::from_secs(19));
+        let counts = u.counts();
+        assert_eq!(counts.len(), 1);
+        assert_eq!((counts[0].1, counts[0].2), (1_767_225_619_000, 200));
+        let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
+        assert_eq!(u.report(Some(&s))[0].requests, 200);
+        assert_eq!(u.report(Some(&s))[0].last_used, "2026-01-01T00:00:19.000Z");
+        assert!(u.last_used("key_other").is_none());
     }
 }

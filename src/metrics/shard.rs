@@ -1,8 +1,7 @@
 //! The request-path instruments, one shard per worker thread. A worker writes only its own
 //! shard's cache lines and a scrape adds the shards up: two workers incrementing the same
-//! counters would pass those lines between their cores on every request.
-
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+//! counters would pass those lines between their cores on every request. And as a shard
+//! has one writer, its counts are [`ThreadCount`](crate::thread_count::ThreadCount)s (nine adds a request, none locked).
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +10,7 @@ use prometheus::proto::{self, LabelPair, MetricFamily, MetricType};
 
 use super::{decision_label, BUCKETS};
 use crate::auth::Code;
+use crate::thread_count::ThreadCount as Count;
 
 const DECISIONS: [&str; 2] = ["allowed", "denied"];
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -19,8 +19,8 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// every bound), and the sum in nanoseconds (integer adds, no compare-and-swap loop).
 #[derive(Default)]
 struct Hist {
-    buckets: [AtomicU64; BUCKETS.len() + 1],
-    sum_nanos: AtomicU64,
+    buckets: [Count; BUCKETS.len() + 1],
+    sum_nanos: Count,
 }
 
 impl Hist {
@@ -30,9 +30,9 @@ impl Hist {
             .iter()
             .position(|bound| secs <= *bound)
             .unwrap_or(BUCKETS.len());
-        self.buckets[at].fetch_add(1, Relaxed);
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Relaxed);
+        self.buckets[at].add(1);
+        self.sum_nanos
+            .add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     }
 }
 
@@ -40,19 +40,22 @@ impl Hist {
 #[repr(align(128))]
 #[derive(Default)]
 pub struct Shard {
-    requests: [AtomicU64; Code::ALL.len()],
+    requests: [Count; Code::ALL.len()],
     /// By decision: allowed, denied.
     request_duration: [Hist; 2],
     auth_duration: Hist,
     /// By upstream status class, 1xx to 5xx.
     upstream_duration: [Hist; 5],
-    in_flight: AtomicI64,
+    /// Requests begun and ended: the gauge is their difference, read `ended` first, so
+    /// it is never negative.
+    begun: Count,
+    ended: Count,
 }
 
 impl Shard {
     /// One finished request.
     pub fn record_request(&self, code: Code, elapsed: Duration) {
-        self.requests[code.index()].fetch_add(1, Relaxed);
+        self.requests[code.index()].add(1);
         let d = usize::from(decision_label(code) == "denied");
         self.request_duration[d].observe(elapsed);
     }
@@ -68,8 +71,15 @@ impl Shard {
 
     /// Count a request as in flight for as long as the returned guard lives.
     pub fn track_in_flight(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Relaxed);
+        self.begun.add(1);
         InFlight(self.clone())
+    }
+
+    fn in_flight(&self) -> i64 {
+        // `ended` is read first: a request that ends between the reads is counted as still
+        // in flight, never as a negative.
+        let ended = self.ended.get();
+        self.begun.get().wrapping_sub(ended) as i64
     }
 }
 
@@ -80,7 +90,7 @@ pub struct InFlight(Arc<Shard>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.0.ended.add(1);
     }
 }
 
@@ -130,11 +140,11 @@ impl Sharded {
     }
 
     pub fn in_flight(&self) -> i64 {
-        self.shards.iter().map(|s| s.in_flight.load(Relaxed)).sum()
+        self.shards.iter().map(|s| s.in_flight()).sum()
     }
 
-    fn total(&self, f: impl Fn(&Shard) -> &AtomicU64) -> u64 {
-        self.shards.iter().map(|s| f(s).load(Relaxed)).sum()
+    fn total(&self, f: impl Fn(&Shard) -> &Count) -> u64 {
+        self.shards.iter().map(|s| f(s).get()).sum()
     }
 
     fn histogram(&self, f: impl Fn(&Shard) -> &Hist, labels: Vec<LabelPair>) -> proto::Metric {

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use super::balance::Admitted;
 use super::server::Phase;
 use super::streams::Proof;
+use super::worker::Worker;
 
 /// What an open connection holds, shared by the connection and its tunnel: both count
 /// until the last copy goes.
@@ -26,6 +27,15 @@ pub struct Held {
     /// connection's share of streams may go to a new connection once that is long enough
     /// ago ([`super::streams::Holder`]).
     pub proof: Proof,
+}
+
+/// What every request of one connection is served with, shared as one reference count a
+/// request: counting the app, the worker and the connection each (the app's count written
+/// by every worker) cost several locked operations a request, one of them contended.
+pub struct Serving {
+    pub app: Arc<crate::App>,
+    pub worker: Worker,
+    pub conn: ConnInfo,
 }
 
 /// The accepted connection a request arrived on.

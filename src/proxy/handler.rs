@@ -13,7 +13,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use tracing::{info, warn};
 
-use super::conn::{ConnInfo, Slot};
+use super::conn::{ConnInfo, Serving, Slot};
 use super::forward::{self, ProxyError};
 use super::head::check_head;
 use super::headers::{self, Identity};
@@ -84,11 +84,10 @@ struct Upgrade {
 /// Every phase but the upstream exchange (and a rate limit shared through Redis) is
 /// synchronous, so this future stays small (hyper moves it into place once per request).
 pub async fn handle(
-    app: Arc<App>,
-    worker: Worker,
-    conn: ConnInfo,
+    serving: Arc<Serving>,
     req: Request<RequestBody>,
 ) -> Result<Response<Body>, Infallible> {
+    let (app, worker) = (&serving.app, &serving.worker);
     let start = Instant::now();
     let cid = respond::correlation_id(req.headers(), worker.ids(), &app.policy, || {
         [req.uri().query().unwrap_or("")]
@@ -99,9 +98,9 @@ pub async fn handle(
     // the request itself moves on upstream.
     let target = req.uri().clone();
     let logged = app.policy.logged_method(&method);
-    let mut unanswered = Unanswered::new(&worker, &app.policy, &cid, logged, &target, start);
+    let mut unanswered = Unanswered::new(worker, &app.policy, &cid, logged, &target, start);
     let mut trace = Trace::default();
-    let (mut resp, code) = match proxy(&app, &worker, conn, req, &target, &cid, &mut trace).await {
+    let (mut resp, code) = match proxy(&serving, req, &target, &cid, &mut trace).await {
         Ok(resp) => (resp, Code::Ok),
         Err(reject) => (refusal(&reject, &cid, http2), reject.code()),
     };
@@ -180,14 +179,13 @@ impl Drop for Unanswered<'_> {
 /// The phases, in order. The normalized path is both what is authorized and what is
 /// forwarded.
 async fn proxy<'a>(
-    app: &Arc<App>,
-    worker: &Worker,
-    conn: ConnInfo,
+    serving: &Arc<Serving>,
     req: Request<RequestBody>,
     target: &'a http::Uri,
     cid: &HeaderValue,
     trace: &mut Trace<'a>,
 ) -> Result<Response<Body>, Reject> {
+    let Serving { app, worker, conn } = &**serving;
     check_head(&req, &app.config.limits)?;
     let head = Head::of(&req);
     let decided = Decided::now(app);
@@ -222,7 +220,7 @@ async fn proxy<'a>(
     });
     let key_watch = || {
         let key = principal.as_ref().map(|p| p.key.clone());
-        key.map(|key| KeyWatch::new(app.clone(), key, decided, keyed.clone()))
+        key.map(|key| KeyWatch::new(serving.clone(), key, decided, keyed.clone()))
     };
     let resp = send_upstream(app, worker, out, identity, trace, cid, key_watch).await?;
     let resp = forward::downstream_response(resp, key_watch());
@@ -555,7 +553,7 @@ fn set_rate_limit_headers(h: &mut http::HeaderMap, quota: &Quota) {
 /// ([`forward::Upstream::send`]).
 fn upstream_request(
     app: &App,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     mut req: Request<RequestBody>,
     target: &http::Uri,
     trace: &Trace<'_>,
@@ -594,7 +592,7 @@ fn upstream_request(
     let h = req.headers_mut();
     headers::strip_hop_by_hop(h, upgrade);
     headers::strip_trusted(h, &app.config.identity_headers.prefix);
-    let peer_trusted = headers::is_trusted(&conn, &app.config.trusted_proxies);
+    let peer_trusted = headers::is_trusted(conn, &app.config.trusted_proxies);
     let drop_respelled =
         app.config.headers_with_underscores == crate::config::HeadersWithUnderscores::Drop;
     headers::strip_untrusted(
@@ -625,7 +623,7 @@ fn upstream_request(
             HeaderValue::from_static("chunked"),
         );
     }
-    headers::set_forwarded(h, &conn, host, &app.config.trusted_proxies);
+    headers::set_forwarded(h, conn, host, &app.config.trusted_proxies);
     let version = if req_version_is_h2 {
         http::Version::HTTP_2
     } else {

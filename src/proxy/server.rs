@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::balance::Connections;
-use super::conn::ConnInfo;
+use super::conn::{ConnInfo, Serving};
 use super::head::HYPER_MIN_BUF;
 use super::streams::{Holder, StreamBudget};
 use super::worker::Worker;
@@ -166,7 +166,7 @@ pub async fn serve<D, F>(
     grace: Duration,
     door: D,
 ) where
-    D: Fn(Arc<App>, Worker, ConnInfo, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
+    D: Fn(Arc<Serving>, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<super::Body>, std::convert::Infallible>> + Send + 'static,
 {
     let hyper = Arc::new(hyper_servers(&app.config.limits, app.h2_streams.clone()));
@@ -301,7 +301,7 @@ async fn serve_conn<I, D, F>(
     door: D,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    D: Fn(Arc<App>, Worker, ConnInfo, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
+    D: Fn(Arc<Serving>, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<super::Body>, std::convert::Infallible>> + Send + 'static,
 {
     // Until its first request a connection gets `header_read_timeout`; once it has served
@@ -330,7 +330,11 @@ async fn serve_conn<I, D, F>(
     // An aged connection gets a drain's grace to finish what it is doing, then is closed.
     let overdue = app.config.shutdown.grace;
     let aged_service = aged.clone();
-    let activity = Arc::new(Activity::new(first_request, idle_timeout));
+    let activity = Arc::new(Activity::new(
+        first_request,
+        idle_timeout,
+        app.own_answers.clone(),
+    ));
     // Closes the connection gracefully (whichever server reads it) when set.
     let close = Arc::new(h1::server::Close::default());
     let holder: Arc<dyn Holder> = Arc::new(H2Holder {
@@ -339,19 +343,24 @@ async fn serve_conn<I, D, F>(
         close: close.clone(),
     });
     let requests = activity.clone();
+    let serving = Arc::new(Serving {
+        app,
+        worker: worker.clone(),
+        conn,
+    });
     let service = move |req: Request<RequestBody>| {
         // In flight from the request head until the response body is done, dropped or cut
         // off: for the idle cut-off and for `keyward_in_flight_requests` alike.
+        let worker = &serving.worker;
         let mut in_flight = requests.begin(worker.metrics().track_in_flight(), worker.busy());
-        let (app, conn, requests) = (app.clone(), conn.clone(), requests.clone());
-        let app_budget = app.own_answers.clone();
+        let requests = requests.clone();
         let http2 = req.version() == http::Version::HTTP_2;
         let aged = aged_service.clone();
-        let (door, worker) = (door.clone(), worker.clone());
+        let (door, serving) = (door.clone(), serving.clone());
         // The door's future is made in place, inside this one: made out here and moved in,
         // its 4.6 KB were copied twice more a request.
         async move {
-            let mut resp = door(app, worker, conn, req).await?;
+            let mut resp = door(serving, req).await?;
             if let Some(aged) = aged {
                 respond::close_if_draining(&mut resp, http2, &aged);
             }
@@ -364,7 +373,7 @@ async fn serve_conn<I, D, F>(
                 // client takes to read it: it stops counting against max_in_flight, and
                 // counts against the own answers' budget instead (or goes out bodiless).
                 in_flight.busy = None;
-                in_flight.own_answer = requests.own_answer(&app_budget);
+                in_flight.own_answer = requests.own_answer();
                 if in_flight.own_answer.is_none() {
                     respond::without_body(&mut resp);
                 }
@@ -505,12 +514,14 @@ where
 {
     side.woken.store(true, Ordering::SeqCst);
     let side_waker = std::task::Waker::from(side.clone());
+    // The task's waker as last handed to `side`: the same task polls with the same waker,
+    // so the lock is taken once, not on every poll (two atomic operations a wake).
+    let mut handed: Option<std::task::Waker> = None;
     std::future::poll_fn(|cx| {
-        {
-            let mut task = side.task.lock().unwrap_or_else(|e| e.into_inner());
-            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *task = Some(cx.waker().clone());
-            }
+        if !handed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let waker = cx.waker().clone();
+            *side.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+            handed = Some(waker);
         }
         if let Poll::Ready(result) = connection.as_mut().poll(cx) {
             return Poll::Ready(Event::Ended(result));
@@ -559,6 +570,9 @@ struct Activity {
     /// keyward's own answers of this connection whose bodies wait for the client (see
     /// [`writing::OWN_ANSWERS_PER_CONNECTION`]).
     own_waiting: AtomicUsize,
+    /// The process-wide budget of those, held here so a request clones no reference to it
+    /// (its count is written by every worker).
+    own_answers: writing::OwnAnswerBudget,
 }
 
 /// How long a new connection is left alone by the stream budget: the time for its first
@@ -620,7 +634,7 @@ fn nanos(d: Duration) -> u64 {
 
 impl Activity {
     /// `first` bounds the wait for a request head until one was allowed, `then` after.
-    fn new(first: Duration, then: Duration) -> Self {
+    fn new(first: Duration, then: Duration, own_answers: writing::OwnAnswerBudget) -> Self {
         let start = Instant::now();
         Self {
             start,
@@ -633,15 +647,16 @@ impl Activity {
             changed: tokio::sync::Notify::new(),
             timeouts: (first, then),
             own_waiting: AtomicUsize::new(0),
+            own_answers,
         }
     }
 
     /// A place for one more of keyward's own answers waiting on this connection: within
-    /// [`writing::OWN_ANSWERS_PER_CONNECTION`] here and the process-wide `budget`.
-    fn own_answer(&self, budget: &writing::OwnAnswerBudget) -> Option<writing::OwnAnswerSlot> {
+    /// [`writing::OWN_ANSWERS_PER_CONNECTION`] here and the process-wide budget.
+    fn own_answer(&self) -> Option<writing::OwnAnswerSlot> {
         let waiting = self.own_waiting.fetch_add(1, Ordering::AcqRel);
         let slot = (waiting < writing::OWN_ANSWERS_PER_CONNECTION)
-            .then(|| budget.take())
+            .then(|| self.own_answers.take())
             .flatten();
         if slot.is_none() {
             self.own_waiting.fetch_sub(1, Ordering::AcqRel);
@@ -763,7 +778,7 @@ mod tests {
     async fn idle_waits_for_requests_to_finish() {
         let t = Duration::from_millis(50);
         let bounds = writing::Bounds { peer: t, source: t };
-        let a = Arc::new(Activity::new(t, t));
+        let a = Arc::new(Activity::new(t, t, writing::OwnAnswerBudget::default()));
         let metrics = crate::metrics::Metrics::new(false).unwrap();
         let shard = metrics.shard(0);
         let start = Instant::now();

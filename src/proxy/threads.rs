@@ -40,11 +40,7 @@ pub async fn serve_on_threads<D, F>(
     grace: Duration,
     door: D,
 ) where
-    D: Fn(Arc<App>, Worker, super::conn::ConnInfo, Request<RequestBody>) -> F
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    D: Fn(Arc<super::conn::Serving>, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<super::Body>, Infallible>> + Send + 'static,
 {
     // The balancer admits connections: `max_connections` is per listener, not per thread.

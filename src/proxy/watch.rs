@@ -65,7 +65,8 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// (two counters read), or once the clock passes what bounds it in time (the key's
 /// `expires_at`, the snapshot's `keys.max_age`).
 pub struct KeyWatch {
-    app: Arc<crate::app::App>,
+    /// The connection's: its app's count is not one more written by every worker.
+    serving: Arc<super::conn::Serving>,
     key: Arc<crate::keys::Key>,
     /// The snapshot's and the revocations' generations when last judged.
     seen: (u64, u64),
@@ -99,14 +100,14 @@ impl KeyWatch {
     /// instant before a revoke finishes as decided, as a revoke takes effect on the next
     /// request; one that goes on longer is cut within the second, as a tunnel is.)
     pub fn new(
-        app: Arc<crate::app::App>,
+        serving: Arc<super::conn::Serving>,
         key: Arc<crate::keys::Key>,
         decided: Decided,
         keyed: Option<super::conn::KeyedInFlight>,
     ) -> Self {
-        let until = Self::until(&app, &key);
+        let until = Self::until(&serving.app, &key);
         Self {
-            app,
+            serving,
             key,
             seen: decided.generations,
             // Read once a watch is made, just after the decision: the grace's start.
@@ -132,7 +133,7 @@ impl KeyWatch {
 
     /// Does the key still stand? `Err` names why not.
     pub fn stands(&mut self) -> Result<(), crate::auth::Reject> {
-        let now = Self::generations(&self.app);
+        let now = Self::generations(&self.serving.app);
         let due = self
             .until
             .is_some_and(|t| std::time::SystemTime::now() >= t);
@@ -140,8 +141,8 @@ impl KeyWatch {
             return Ok(());
         }
         self.seen = now;
-        self.until = Self::until(&self.app, &self.key);
-        judge(&self.app, &self.key)
+        self.until = Self::until(&self.serving.app, &self.key);
+        judge(&self.serving.app, &self.key)
     }
 }
 

@@ -1,11 +1,11 @@
 //! What one worker thread owns, handed to every request it serves.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::pool::Pool;
 use super::respond::Ids;
 use crate::metrics::Shard;
+use crate::thread_count::ThreadCount;
 
 /// A worker's own state: its keep-alive connections to the upstream, its shard of the
 /// request metrics and its correlation-id slab. Each request the worker serves gets a clone (a reference count);
@@ -23,10 +23,10 @@ struct Owned {
     /// Requests of this thread that may hold an upstream connection: from the head until
     /// the response body ends, unless keyward refused the request itself; and open tunnels.
     /// Only this thread changes it.
-    busy: AtomicUsize,
+    busy: ThreadCount,
     /// Of those, requests without a key (and their bodies after the answer): at most half
     /// the share, whatever keyed requests hold.
-    keyless: AtomicUsize,
+    keyless: ThreadCount,
 }
 
 impl Worker {
@@ -36,14 +36,14 @@ impl Worker {
             metrics,
             ids: Ids::default(),
             in_flight_cap,
-            busy: AtomicUsize::new(0),
-            keyless: AtomicUsize::new(0),
+            busy: ThreadCount::default(),
+            keyless: ThreadCount::default(),
         }))
     }
 
     /// Count a request (or a tunnel) against `limits.max_in_flight` while the guard lives.
     pub fn busy(&self) -> Busy {
-        self.0.busy.fetch_add(1, Ordering::Relaxed);
+        self.0.busy.add(1);
         Busy(self.clone())
     }
 
@@ -52,7 +52,7 @@ impl Worker {
     /// request keyward refused does not count, however long its answer takes to write;
     /// one on a public route does, since it holds an upstream connection like any other.
     pub fn over_in_flight_cap(&self) -> bool {
-        self.0.busy.load(Ordering::Relaxed) > self.0.in_flight_cap
+        self.0.busy.get() > self.0.in_flight_cap as u64
     }
 
     /// A place for a request without a key (a public route's) bound for the upstream, held
@@ -63,10 +63,10 @@ impl Worker {
     /// public routes out (a first version counted every request against the half).
     pub fn keyless(&self) -> Option<Keyless> {
         let half = self.0.in_flight_cap.div_ceil(2);
-        if self.over_in_flight_cap() || self.0.keyless.load(Ordering::Relaxed) >= half {
+        if self.over_in_flight_cap() || self.0.keyless.get() >= half as u64 {
             return None;
         }
-        self.0.keyless.fetch_add(1, Ordering::Relaxed);
+        self.0.keyless.add(1);
         Some(Keyless {
             _place: Arc::new(KeylessPlace(self.clone())),
         })
@@ -99,7 +99,7 @@ struct KeylessPlace(Worker);
 
 impl Drop for KeylessPlace {
     fn drop(&mut self) {
-        self.0 .0.keyless.fetch_sub(1, Ordering::Relaxed);
+        self.0 .0.keyless.sub(1);
     }
 }
 
@@ -108,6 +108,6 @@ pub struct Busy(Worker);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0 .0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0 .0.busy.sub(1);
     }
 }
