@@ -34,7 +34,15 @@ impl Host for App {
 
     fn installed(&self, snapshot: &Snapshot) {
         self.revocations.snapshot_changed();
-        self.usage.retain(snapshot);
+        match &self.fleet_usage {
+            // The fleet's record of what was flushed forgets the same keys at once: a key
+            // removed and put back before the next flush restarts its local count at zero,
+            // and measured against its old flushed total it sent nothing (review 30).
+            Some(fleet) => fleet.retain(&self.usage, snapshot),
+            None => {
+                self.usage.retain(snapshot);
+            }
+        }
         self.limiter.retain(snapshot);
         self.metrics.snapshot_loaded(snapshot);
     }

@@ -761,6 +761,54 @@ async fn usage_is_flushed_in_one_call_a_second() {
     assert!(redis.calls("hincrby").await >= 2);
 }
 
+/// Review 30: a key removed from the snapshot and put back before the next flush restarted
+/// its local count at zero, which was then measured against its old flushed total: what it
+/// counted after that was never flushed, and its last use stayed frozen in the fleet.
+#[tokio::test]
+async fn a_key_removed_and_put_back_between_flushes_keeps_counting() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    for _ in 0..5 {
+        assert_eq!(call(&kw, OTHER).await.status, 200);
+    }
+    eventually("the first counts flushed", || async {
+        redis
+            .hget("keyward:usage:count", "key_other")
+            .await
+            .as_deref()
+            == Some("5")
+    })
+    .await;
+    let without = snapshot(&[
+        entry(
+            "key_limited",
+            LIMITED,
+            Some("{ per_second: 20, burst: 10 }"),
+        ),
+        entry("key_free", FREE, None),
+    ]);
+    let auth = admin_auth();
+    // Both reloads asked for at once: well within one flush interval.
+    for body in [without, keys()] {
+        std::fs::write(kw.keys_file(), body).unwrap();
+        let url = kw.admin_url("/v1/snapshot/reload");
+        let r = send("POST", &url, &[("authorization", auth.as_str())], b"").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    for _ in 0..3 {
+        assert_eq!(call(&kw, OTHER).await.status, 200);
+    }
+    eventually("the later counts flushed too", || async {
+        redis
+            .hget("keyward:usage:count", "key_other")
+            .await
+            .as_deref()
+            == Some("8")
+    })
+    .await;
+}
+
 /// Redis' usage hashes are anyone's to write (several deployments may share one Redis): a
 /// count that would overflow saturates, a last-used time past year 9999 is clamped, and
 /// neither marks Redis down nor stops the other keys' counts or the replica.

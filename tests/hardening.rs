@@ -1155,6 +1155,57 @@ async fn max_connections_refuses_the_extra_connection() {
     kw.shutdown().await;
 }
 
+/// Review 31: a keyed request's body that the app stops reading lives on in hyper's upstream
+/// connection after the client is gone. Its key watch held the client connection's
+/// `max_connections` slot with it, so a key holder and an app that hangs shut the listener
+/// to everyone. The slot goes with the client's connection.
+#[tokio::test]
+async fn an_upload_the_app_never_reads_does_not_hold_its_clients_slot() {
+    // The app reads nothing and answers nothing, but keeps every socket open.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((s, _)) = app.accept().await {
+            sockets.push(s);
+        }
+    });
+    let kw = spawn_proxy(
+        app_addr,
+        "limits: { max_connections: 1, upstream_timeout: 500ms, idle_timeout: 1s, header_read_timeout: 1s }\n",
+    )
+    .await;
+    let mut client = TcpStream::connect(kw.addr).await.unwrap();
+    let announced = 64 << 20;
+    let request = head(
+        "POST",
+        "/v1/upload",
+        &format!("content-length: {announced}\r\n"),
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let (mut rx, mut tx) = client.into_split();
+    // Push body until the buffers on the way fill (the app reads none of it).
+    let push = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 << 10];
+        while tx.write_all(&chunk).await.is_ok() {}
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), rx.read_to_end(&mut answer)).await;
+    assert_eq!(raw_status(&String::from_utf8_lossy(&answer)), 504);
+    push.abort();
+    drop(rx);
+    // The client is gone (its connection closes by `idle_timeout` at the latest, hyper
+    // waiting on the body the upload holds): its slot serves the next client.
+    let addr = kw.addr;
+    eventually("the slot frees up", || async move {
+        let keyless = "GET /v1/next HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n";
+        exchange(addr, keyless.as_bytes()).await.status() == 401
+    })
+    .await;
+    kw.shutdown().await;
+    held.abort();
+}
+
 /// xorshift64*: a deterministic byte source (no seed file, no dependency).
 struct Rng(u64);
 

@@ -112,6 +112,10 @@ pub struct FleetUsage {
 struct Flushed {
     epoch: String,
     counts: HashMap<Text, u64>,
+    /// Counts forgotten ([`FleetUsage::retain`]), each with the [`Flushed::forgets`] it
+    /// was forgotten at: a flush read before that must not record its send for them.
+    forgotten: HashMap<Text, u64>,
+    forgets: u64,
 }
 
 /// `(id, delta, last_ms)` to send: keys counted since their last flush.
@@ -142,14 +146,27 @@ impl FleetUsage {
         )
     }
 
+    /// Forget the local counts of keys that left `snapshot`, and what was flushed of them,
+    /// as one step: a flush reads the local counts and the flushed ones together
+    /// ([`FleetUsage::todo`]), so it sees both before or both after.
+    pub fn retain(&self, usage: &Usage, snapshot: &Snapshot) {
+        let mut flushed = self.lock();
+        let removed = usage.retain(snapshot);
+        flushed.forgets += 1;
+        let at = flushed.forgets;
+        for id in removed {
+            flushed.counts.remove(&id);
+            flushed.forgotten.insert(id, at);
+        }
+    }
+
     /// Send what was counted since the last flush, in one call (two when Redis has a new
     /// epoch: the whole totals go again, under it). Returns the keys sent.
     pub async fn flush(&self, usage: &Usage) -> Result<usize, ClusterError> {
-        let counts = usage.counts();
-        let (epoch, todo) = self.todo(&counts);
+        let (epoch, todo, read_at) = self.todo(usage);
         let current = self.send(&epoch, &todo).await?;
         if current == epoch {
-            self.sent(&epoch, &todo);
+            self.sent(&epoch, &todo, read_at);
             return Ok(todo.len());
         }
         // An empty Redis (or this replica's first flush): everything it counted, once.
@@ -158,9 +175,9 @@ impl FleetUsage {
             flushed.epoch.clone_from(&current);
             flushed.counts.clear();
         }
-        let (epoch, todo) = self.todo(&counts);
+        let (epoch, todo, read_at) = self.todo(usage);
         if self.send(&epoch, &todo).await? == epoch {
-            self.sent(&epoch, &todo);
+            self.sent(&epoch, &todo, read_at);
             if !todo.is_empty() {
                 tracing::info!(
                     keys = todo.len(),
@@ -175,23 +192,37 @@ impl FleetUsage {
         self.flushed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The epoch flushed under and what to send: keys counted since their last flush.
-    fn todo(&self, counts: &[(Text, u64, u64)]) -> (String, Vec<(Text, u64, u64)>) {
+    /// The epoch flushed under, what to send (keys counted since their last flush), and
+    /// the forgets seen: the local counts are read under the same lock as the flushed ones.
+    fn todo(&self, usage: &Usage) -> (String, Vec<(Text, u64, u64)>, u64) {
         let mut flushed = self.lock();
+        let counts = usage.counts();
         // Keys that left the snapshot (and the local map): start them afresh.
         let present: std::collections::HashSet<&Text> =
             counts.iter().map(|(id, _, _)| id).collect();
         flushed.counts.retain(|id, _| present.contains(id));
-        (flushed.epoch.clone(), pending(counts, &flushed.counts))
+        // Forgets this flush sees are done with (flushes run one at a time).
+        let at = flushed.forgets;
+        flushed.forgotten.retain(|_, when| *when > at);
+        (flushed.epoch.clone(), pending(&counts, &flushed.counts), at)
     }
 
-    /// Record what `send` added under `epoch` (unless the epoch moved on meanwhile).
-    fn sent(&self, epoch: &str, todo: &[(Text, u64, u64)]) {
+    /// Record what `send` added under `epoch` (unless the epoch moved on meanwhile), but
+    /// not for keys forgotten since the counts were read at `read_at`: their local counts
+    /// restarted at zero.
+    fn sent(&self, epoch: &str, todo: &[(Text, u64, u64)], read_at: u64) {
         let mut flushed = self.lock();
         if flushed.epoch != epoch {
             return;
         }
         for (id, delta, _) in todo {
+            if flushed
+                .forgotten
+                .get(id)
+                .is_some_and(|when| *when > read_at)
+            {
+                continue;
+            }
             *flushed.counts.entry(id.clone()).or_insert(0) += delta;
         }
     }

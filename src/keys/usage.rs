@@ -87,13 +87,21 @@ impl Usage {
         Some((at, requests))
     }
 
-    /// Forget keys that left the snapshot; the rest keep their history. Frees their
+    /// Forget keys that left the snapshot (returned); the rest keep their history. Frees their
     /// entries; what is reported is filtered by `report` itself (a request that passed on
     /// the previous snapshot may record its key just after this runs).
-    pub fn retain(&self, snapshot: &Snapshot) {
+    pub fn retain(&self, snapshot: &Snapshot) -> std::collections::HashSet<Text> {
+        let mut removed = std::collections::HashSet::new();
         for shard in self.shards.iter() {
-            shard.retain(|id, _| snapshot.by_id(id).is_some());
+            shard.retain(|id, _| {
+                let stays = snapshot.by_id(id).is_some();
+                if !stays {
+                    removed.insert(id.clone());
+                }
+                stays
+            });
         }
+        removed
     }
 
     /// Every key of `snapshot` (the one in force) used so far, ordered by id. Keys that left

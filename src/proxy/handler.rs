@@ -218,12 +218,16 @@ async fn proxy<'a>(
         names: &app.names,
         delegated: p.delegated_account.as_ref(),
     });
-    let key_watch = || {
+    // A watch holds the connection's keyed-in-flight share only with the answer: one in an
+    // upload lives as long as hyper's upstream connection holds the body (an app that stops
+    // reading it), which may be long after this connection closed (review 31).
+    let key_watch = |keyed: Option<&crate::proxy::conn::KeyedInFlight>| {
         let key = principal.as_ref().map(|p| p.key.clone());
-        key.map(|key| KeyWatch::new(serving.clone(), key, decided, keyed.clone()))
+        key.map(|key| KeyWatch::new(app.clone(), key, decided, keyed.cloned()))
     };
-    let resp = send_upstream(app, worker, out, identity, trace, cid, key_watch).await?;
-    let resp = forward::downstream_response(resp, key_watch());
+    let upload_watch = || key_watch(None);
+    let resp = send_upstream(app, worker, out, identity, trace, cid, upload_watch).await?;
+    let resp = forward::downstream_response(resp, key_watch(keyed.as_ref()));
     Ok(client_response(app, resp, principal.as_ref(), quota))
 }
 

@@ -65,8 +65,10 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// (two counters read), or once the clock passes what bounds it in time (the key's
 /// `expires_at`, the snapshot's `keys.max_age`).
 pub struct KeyWatch {
-    /// The connection's: its app's count is not one more written by every worker.
-    serving: Arc<super::conn::Serving>,
+    /// The app alone, not the connection's `Serving`: a watch may outlive its connection
+    /// (an upload hyper's upstream connection stopped reading holds one), and must not hold
+    /// the connection's `max_connections` slot and drain receiver with it (review 31).
+    app: Arc<crate::app::App>,
     key: Arc<crate::keys::Key>,
     /// The snapshot's and the revocations' generations when last judged.
     seen: (u64, u64),
@@ -100,14 +102,14 @@ impl KeyWatch {
     /// instant before a revoke finishes as decided, as a revoke takes effect on the next
     /// request; one that goes on longer is cut within the second, as a tunnel is.)
     pub fn new(
-        serving: Arc<super::conn::Serving>,
+        app: Arc<crate::app::App>,
         key: Arc<crate::keys::Key>,
         decided: Decided,
         keyed: Option<super::conn::KeyedInFlight>,
     ) -> Self {
-        let until = Self::until(&serving.app, &key);
+        let until = Self::until(&app, &key);
         Self {
-            serving,
+            app,
             key,
             seen: decided.generations,
             // Read once a watch is made, just after the decision: the grace's start.
@@ -133,7 +135,7 @@ impl KeyWatch {
 
     /// Does the key still stand? `Err` names why not.
     pub fn stands(&mut self) -> Result<(), crate::auth::Reject> {
-        let now = Self::generations(&self.serving.app);
+        let now = Self::generations(&self.app);
         let due = self
             .until
             .is_some_and(|t| std::time::SystemTime::now() >= t);
@@ -141,8 +143,8 @@ impl KeyWatch {
             return Ok(());
         }
         self.seen = now;
-        self.until = Self::until(&self.serving.app, &self.key);
-        judge(&self.serving.app, &self.key)
+        self.until = Self::until(&self.app, &self.key);
+        judge(&self.app, &self.key)
     }
 }
 
