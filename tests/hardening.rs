@@ -1206,6 +1206,68 @@ async fn an_upload_the_app_never_reads_does_not_hold_its_clients_slot() {
     held.abort();
 }
 
+/// Review 32: an app that answers before reading a request body and then reads nothing
+/// more (keeping its socket open) left the upload with hyper's upstream connection, which
+/// polls a body only while it can write: the upload's stall bound never ran, and the
+/// `max_in_flight` place it took with the answer was never given back. Two such uploads,
+/// and every later request got 502. The upstream connection is cut once the body has not
+/// moved for `body_stall_timeout`, and the place comes back.
+#[tokio::test]
+async fn an_upload_the_app_stopped_reading_gives_its_place_back() {
+    // Answers every request at its head, then reads nothing; keeps every socket open.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((mut s, _)) = app.accept().await {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).await.unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            sockets.push(s);
+        }
+    });
+    let kw = spawn_proxy(
+        app_addr,
+        "workers: 1\nlimits: { max_in_flight: 2, body_stall_timeout: 1s }\n",
+    )
+    .await;
+    for i in 0..2 {
+        let mut client = TcpStream::connect(kw.addr).await.unwrap();
+        let request = head(
+            "POST",
+            &format!("/v1/upload-{i}"),
+            &format!("content-length: {}\r\n", 64 << 20),
+        );
+        client.write_all(request.as_bytes()).await.unwrap();
+        let (mut rx, mut tx) = client.into_split();
+        let push = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 << 10];
+            while tx.write_all(&chunk).await.is_ok() {}
+        });
+        let mut answer = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), rx.read(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert_eq!(raw_status(&String::from_utf8_lossy(&answer[..n])), 200);
+        // Let the body fill the buffers on the way, then go.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        push.abort();
+    }
+    let url = kw.url("/v1/after");
+    eventually("the places come back", || async {
+        get(&url, &[("x-api-key", KEY)]).await.status == 200
+    })
+    .await;
+    kw.shutdown().await;
+    held.abort();
+}
+
 /// xorshift64*: a deterministic byte source (no seed file, no dependency).
 struct Rng(u64);
 

@@ -2,7 +2,7 @@
 //! response, and upgrade tunnels.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
@@ -16,8 +16,8 @@ use super::conn::Slot;
 use super::h1::{self, H1Error};
 use super::headers::{self, Identity};
 use super::pool::{self, Owner, Pool, PoolConfig};
-use super::upload::{BodyPace, OutBody, Progress, Upload, UploadError};
-use super::upstream_target::UpstreamTarget;
+use super::upload::{self, BodyPace, OutBody, Progress, Upload, UploadError};
+use super::upstream_target::{UpstreamStream, UpstreamTarget};
 use super::watch::{Guarded, KeyWatch, LastActive, TunnelWatch, Watched};
 use super::{Body, RequestBody, UpstreamBody};
 use crate::config::{Limits, UpstreamAddr, UpstreamClient};
@@ -280,6 +280,9 @@ impl Upstream {
         let head_start = tokio::time::Instant::from_std(start);
         let progress = (!fast && !http_body::Body::is_end_stream(req.body()))
             .then(|| Progress::new(head_start));
+        // The stream hyper's exchange went over, to cut it if the request is given up while
+        // hyper still drives it (`cut_stream`).
+        let used = std::sync::Mutex::new(None);
         let exchange = async {
             if fast {
                 self.exchange_fast(pool, req, identity, (start, owner), reuse)
@@ -294,7 +297,9 @@ impl Upstream {
                     ),
                     _ => OutBody::Right(http_body_util::Empty::new()),
                 });
-                let resp = self.exchange(pool, req, (start, owner), reuse).await?;
+                let resp = self
+                    .exchange(pool, req, (start, owner), reuse, &used)
+                    .await?;
                 Ok(resp.map(http_body_util::Either::Left))
             }
         };
@@ -309,8 +314,15 @@ impl Upstream {
                 Err(_) => break None,
             }
         };
+        let take_used = || used.lock().unwrap_or_else(|e| e.into_inner()).take();
         match answered {
-            None => Err(ProxyError::Timeout(self.timeout)),
+            None => {
+                // No answer: what hyper still drives (an upload the app never reads, a
+                // connection the app never answers on) is cut with the request, not left
+                // holding a socket and its buffers for as long as the app keeps it open.
+                cut_stream(take_used());
+                Err(ProxyError::Timeout(self.timeout))
+            }
             Some(Err(e)) => Err(e),
             Some(Ok(resp)) if resp.status().as_u16() > 599 => {
                 Err(ProxyError::Status(resp.status().as_u16()))
@@ -318,6 +330,10 @@ impl Upstream {
             Some(Ok(mut resp)) => {
                 if let Some(progress) = &progress {
                     progress.answered(busy);
+                    if let (false, Some(stream)) = (progress.has_ended(), take_used()) {
+                        let gap = self.body_pace.gap;
+                        tokio::spawn(upload::watch_stall(progress.clone(), gap, stream));
+                    }
                 }
                 // keyward answers its client in its own HTTP version, whatever the
                 // upstream's: an HTTP/1.0 upstream answer reaches an HTTP/1.1 client as
@@ -337,6 +353,7 @@ impl Upstream {
         req: Request<OutBody>,
         (start, owner): (Instant, Owner),
         reuse: bool,
+        used: &std::sync::Mutex<Option<Weak<UpstreamStream>>>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req;
         let mut pooled = pool.checkout(&self.pool, start, owner);
@@ -350,6 +367,7 @@ impl Upstream {
                     .await
                     .map_err(ProxyError::Connect)?,
             };
+            *used.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.stream());
             match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
                     if reuse && !bodiless_status(resp.status()) {
@@ -363,6 +381,13 @@ impl Upstream {
                 },
             }
         }
+    }
+}
+
+/// Shut down the stream of an exchange given up while hyper still drives it.
+fn cut_stream(stream: Option<Weak<UpstreamStream>>) {
+    if let Some(stream) = stream.and_then(|s| s.upgrade()) {
+        stream.abort();
     }
 }
 

@@ -125,6 +125,13 @@ pub struct HyperConn {
     stream: Weak<UpstreamStream>,
 }
 
+impl HyperConn {
+    /// The connection's stream, to cut it while hyper still drives it.
+    pub fn stream(&self) -> Weak<UpstreamStream> {
+        self.stream.clone()
+    }
+}
+
 /// Ready as hyper says, and then only if the kernel holds nothing unasked-for on it: hyper
 /// reads an idle connection only when the reactor wakes it, which on a busy worker may be
 /// milliseconds after the bytes arrived (as for the fast path's, [`FastConn`]).

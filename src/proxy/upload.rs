@@ -15,7 +15,7 @@
 use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::upstream_target::UpstreamStream;
 use super::watch::KeyWatch;
 use super::worker::{Busy, Keyless};
 
@@ -137,6 +138,32 @@ impl Progress {
     /// When the body last moved (its start if never).
     pub fn last(&self) -> Instant {
         self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Has the body ended (whole, failed, cut or dropped)?
+    pub fn has_ended(&self) -> bool {
+        self.held().0
+    }
+}
+
+/// Cut the upstream connection of an upload answered before its end once the body has not
+/// moved for `gap`. hyper polls a request body only while it can write to the app, so the
+/// upload's own stall bound is never looked at when the app answered and then stopped
+/// reading: the upload, and the `max_in_flight` place it took with the answer, stayed with
+/// hyper's connection for as long as the app kept its socket open (review 32). Ends with the
+/// body (looked at once a `gap`).
+pub async fn watch_stall(progress: Arc<Progress>, gap: Duration, stream: Weak<UpstreamStream>) {
+    loop {
+        tokio::time::sleep_until(progress.last() + gap).await;
+        if progress.has_ended() {
+            return;
+        }
+        if progress.last() + gap <= Instant::now() {
+            if let Some(stream) = stream.upgrade() {
+                stream.abort();
+            }
+            return;
+        }
     }
 }
 

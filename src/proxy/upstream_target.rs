@@ -62,6 +62,13 @@ impl UpstreamStream {
     /// the socket, and a connection reused with them answers the next request with them.
     /// One system call per reuse is the price (review: 227 of 4,000 responses crossed
     /// between clients at 50 concurrent clients when the cache was trusted).
+    /// Shut the connection down from outside the task that drives it: its reads end and
+    /// its writes fail, so hyper gives the connection up, and with it the request body it
+    /// held (an upload the app stopped reading; see [`super::upload::watch_stall`]).
+    pub fn abort(&self) {
+        let _ = each!(self, s => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Both));
+    }
+
     pub fn idle_and_open(&self) -> bool {
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         let peeked = each!(self, s => socket2::SockRef::from(s).peek(&mut probe));
