@@ -35,9 +35,7 @@ impl Host for App {
     fn installed(&self, snapshot: &Snapshot) {
         self.revocations.snapshot_changed();
         match &self.fleet_usage {
-            // The fleet's record of what was flushed forgets the same keys at once: a key
-            // removed and put back before the next flush restarts its local count at zero,
-            // and measured against its old flushed total it sent nothing (review 30).
+            // With a fleet, a key that left keeps its local counts until they are flushed.
             Some(fleet) => fleet.retain(&self.usage, snapshot),
             None => {
                 self.usage.retain(snapshot);

@@ -112,10 +112,9 @@ pub struct FleetUsage {
 struct Flushed {
     epoch: String,
     counts: HashMap<Text, u64>,
-    /// Counts forgotten ([`FleetUsage::retain`]), each with the [`Flushed::forgets`] it
-    /// was forgotten at: a flush read before that must not record its send for them.
-    forgotten: HashMap<Text, u64>,
-    forgets: u64,
+    /// Keys counted here that the snapshot in force no longer has: their local counts are
+    /// kept until a flush has sent all of them, then forgotten ([`FleetUsage::retain`]).
+    leaving: std::collections::HashSet<Text>,
 }
 
 /// `(id, delta, last_ms)` to send: keys counted since their last flush.
@@ -146,27 +145,28 @@ impl FleetUsage {
         )
     }
 
-    /// Forget the local counts of keys that left `snapshot`, and what was flushed of them,
-    /// as one step: a flush reads the local counts and the flushed ones together
-    /// ([`FleetUsage::todo`]), so it sees both before or both after.
+    /// Keys that left `snapshot` keep their local counts until a flush has sent all of
+    /// them, and are forgotten then ([`FleetUsage::sent`]): forgotten at once, what they
+    /// counted since the last flush was lost, and a key put back before the next flush
+    /// restarted at zero against its old flushed total, so nothing it counted after was
+    /// sent either (reviews 30 and 33). Put back in time, a key simply goes on counting.
     pub fn retain(&self, usage: &Usage, snapshot: &Snapshot) {
         let mut flushed = self.lock();
-        let removed = usage.retain(snapshot);
-        flushed.forgets += 1;
-        let at = flushed.forgets;
-        for id in removed {
-            flushed.counts.remove(&id);
-            flushed.forgotten.insert(id, at);
-        }
+        flushed.leaving = usage
+            .counts()
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .filter(|id| snapshot.by_id(id).is_none())
+            .collect();
     }
 
     /// Send what was counted since the last flush, in one call (two when Redis has a new
     /// epoch: the whole totals go again, under it). Returns the keys sent.
     pub async fn flush(&self, usage: &Usage) -> Result<usize, ClusterError> {
-        let (epoch, todo, read_at) = self.todo(usage);
+        let (epoch, todo) = self.todo(usage);
         let current = self.send(&epoch, &todo).await?;
         if current == epoch {
-            self.sent(&epoch, &todo, read_at);
+            self.sent(usage, &epoch, &todo);
             return Ok(todo.len());
         }
         // An empty Redis (or this replica's first flush): everything it counted, once.
@@ -175,9 +175,9 @@ impl FleetUsage {
             flushed.epoch.clone_from(&current);
             flushed.counts.clear();
         }
-        let (epoch, todo, read_at) = self.todo(usage);
+        let (epoch, todo) = self.todo(usage);
         if self.send(&epoch, &todo).await? == epoch {
-            self.sent(&epoch, &todo, read_at);
+            self.sent(usage, &epoch, &todo);
             if !todo.is_empty() {
                 tracing::info!(
                     keys = todo.len(),
@@ -192,38 +192,42 @@ impl FleetUsage {
         self.flushed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The epoch flushed under, what to send (keys counted since their last flush), and
-    /// the forgets seen: the local counts are read under the same lock as the flushed ones.
-    fn todo(&self, usage: &Usage) -> (String, Vec<(Text, u64, u64)>, u64) {
+    /// The epoch flushed under and what to send: keys counted since their last flush.
+    fn todo(&self, usage: &Usage) -> (String, Vec<(Text, u64, u64)>) {
         let mut flushed = self.lock();
         let counts = usage.counts();
-        // Keys that left the snapshot (and the local map): start them afresh.
+        // Keys no longer counted here: their flushed totals go too.
         let present: std::collections::HashSet<&Text> =
             counts.iter().map(|(id, _, _)| id).collect();
         flushed.counts.retain(|id, _| present.contains(id));
-        // Forgets this flush sees are done with (flushes run one at a time).
-        let at = flushed.forgets;
-        flushed.forgotten.retain(|_, when| *when > at);
-        (flushed.epoch.clone(), pending(&counts, &flushed.counts), at)
+        (flushed.epoch.clone(), pending(&counts, &flushed.counts))
     }
 
-    /// Record what `send` added under `epoch` (unless the epoch moved on meanwhile), but
-    /// not for keys forgotten since the counts were read at `read_at`: their local counts
-    /// restarted at zero.
-    fn sent(&self, epoch: &str, todo: &[(Text, u64, u64)], read_at: u64) {
+    /// Record what `send` added under `epoch` (unless the epoch moved on meanwhile); keys
+    /// that left the snapshot and have now sent all they counted are forgotten.
+    fn sent(&self, usage: &Usage, epoch: &str, todo: &[(Text, u64, u64)]) {
         let mut flushed = self.lock();
         if flushed.epoch != epoch {
             return;
         }
         for (id, delta, _) in todo {
-            if flushed
-                .forgotten
-                .get(id)
-                .is_some_and(|when| *when > read_at)
-            {
-                continue;
-            }
             *flushed.counts.entry(id.clone()).or_insert(0) += delta;
+        }
+        if flushed.leaving.is_empty() {
+            return;
+        }
+        let done: Vec<Text> = usage
+            .counts()
+            .into_iter()
+            .filter(|(id, _, n)| {
+                flushed.leaving.contains(id) && flushed.counts.get(id).copied().unwrap_or(0) >= *n
+            })
+            .map(|(id, _, _)| id)
+            .collect();
+        for id in done {
+            usage.forget(&id);
+            flushed.counts.remove(&id);
+            flushed.leaving.remove(&id);
         }
     }
 
@@ -257,6 +261,18 @@ impl FleetUsage {
     ) -> Result<Vec<KeyUsage>, ClusterError> {
         let Some(snapshot) = snapshot else {
             return Ok(Vec::new());
+        };
+        // What this replica has not flushed is read before Redis' totals: a flush landing
+        // in between is then counted twice (over by one flush, for this report), where read
+        // after, it was in neither and the report went backward (review 33).
+        let (flushed_epoch, since_flush, all_local) = {
+            let flushed = self.lock();
+            let local = usage.counts();
+            (
+                flushed.epoch.clone(),
+                pending(&local, &flushed.counts),
+                pending(&local, &HashMap::new()),
+            )
         };
         let (count, last) = self.hashes();
         let ids: Vec<&str> = snapshot.keys().map(|k| &*k.id).collect();
@@ -294,15 +310,11 @@ impl FleetUsage {
             }
         }
         let epoch = epoch.flatten();
-        let local = usage.counts();
-        let unflushed = {
-            let flushed = self.lock();
-            if epoch.as_deref() == Some(flushed.epoch.as_str()) {
-                pending(&local, &flushed.counts)
-            } else {
-                // Redis lost what this replica flushed (or has not had it yet): all of it.
-                pending(&local, &HashMap::new())
-            }
+        let unflushed = if epoch.as_deref() == Some(flushed_epoch.as_str()) {
+            since_flush
+        } else {
+            // Redis lost what this replica flushed (or has not had it yet): all of it.
+            all_local
         };
         for (id, delta, ms) in unflushed {
             let e = merged.entry(id.to_string()).or_insert((0, 0));

@@ -87,21 +87,20 @@ impl Usage {
         Some((at, requests))
     }
 
-    /// Forget keys that left the snapshot (returned); the rest keep their history. Frees their
+    /// Forget keys that left the snapshot; the rest keep their history. Frees their
     /// entries; what is reported is filtered by `report` itself (a request that passed on
     /// the previous snapshot may record its key just after this runs).
-    pub fn retain(&self, snapshot: &Snapshot) -> std::collections::HashSet<Text> {
-        let mut removed = std::collections::HashSet::new();
+    pub fn retain(&self, snapshot: &Snapshot) {
         for shard in self.shards.iter() {
-            shard.retain(|id, _| {
-                let stays = snapshot.by_id(id).is_some();
-                if !stays {
-                    removed.insert(id.clone());
-                }
-                stays
-            });
+            shard.retain(|id, _| snapshot.by_id(id).is_some());
         }
-        removed
+    }
+
+    /// Forget one key's counts (the fleet's, once it has sent them all).
+    pub fn forget(&self, id: &Text) {
+        for shard in self.shards.iter() {
+            shard.remove(id);
+        }
     }
 
     /// Every key of `snapshot` (the one in force) used so far, ordered by id. Keys that left
