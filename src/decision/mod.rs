@@ -345,7 +345,7 @@ async fn decide<'a, B>(
     };
     let path = original.path();
     Ok(
-        match handler::decide(app, worker.metrics(), Door::Decision, &head, path, trace).await? {
+        match handler::decide(app, worker, Door::Decision, &head, path, trace).await? {
             Verdict::Public => allowed(head_of_allow, &app.names, None, None, cid),
             Verdict::Introspection(p, quota) | Verdict::Protected(p, quota) => {
                 // A decision's answer is its head: an HTTP/2 connection carried a key.

@@ -177,10 +177,10 @@ mod tests {
         let usage = crate::keys::usage::Usage::default();
         let now = SystemTime::now();
         let text = |s: &str| old.by_id(s).unwrap().id.clone();
-        usage.record(&text("a"), now);
-        usage.record(&text("b"), now - Duration::from_secs(60));
-        usage.record(&text("c"), now - Duration::from_secs(3600));
-        usage.record(&text("d"), now - Duration::from_secs(3 * 24 * 3600));
+        usage.record(&text("a"), now, 0);
+        usage.record(&text("b"), now - Duration::from_secs(60), 0);
+        usage.record(&text("c"), now - Duration::from_secs(3600), 0);
+        usage.record(&text("d"), now - Duration::from_secs(3 * 24 * 3600), 0);
         let last_used = |id: &str| usage.last_used(id);
         let here = Here {
             environment: Some("production"),

@@ -5,7 +5,7 @@
 //! the shards.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -19,8 +19,8 @@ struct Counter {
     requests: AtomicU64,
 }
 
-/// Shards, one per recording thread while there are enough (keyward's workers are fewer than
-/// this unless configured past it; then threads share shards, and stay correct).
+/// Shards, one per traffic thread while there are enough (keyward's are fewer than this
+/// unless configured past it; then threads share shards, and stay correct).
 const SHARDS: usize = 16;
 
 pub struct Usage {
@@ -35,15 +35,6 @@ impl Default for Usage {
     }
 }
 
-/// This thread's shard: threads are numbered as they first record, in turn.
-fn shard_of_thread() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-    }
-    SHARD.with(|s| *s)
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyUsage {
     pub key_id: String,
@@ -53,13 +44,14 @@ pub struct KeyUsage {
 }
 
 impl Usage {
-    /// Record one authenticated request. The common case takes only a read lock of this
-    /// thread's own shard.
-    pub fn record(&self, id: &Text, now: SystemTime) {
+    /// Record one authenticated request into `shard` (the recording thread's own,
+    /// [`crate::proxy::worker::Worker::index`]). The common case takes only a read lock of
+    /// it, which no other thread takes.
+    pub fn record(&self, id: &Text, now: SystemTime, shard: usize) {
         let ms = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let shard = &self.shards[shard_of_thread()];
+        let shard = &self.shards[shard % SHARDS];
         if let Some(c) = shard.get(id) {
             c.last_used_unix_ms.fetch_max(ms, Ordering::Relaxed);
             c.requests.fetch_add(1, Ordering::Relaxed);
@@ -194,9 +186,9 @@ mod tests {
         let a = Text::for_test("key_demo_service");
         let gone = Text::for_test("key_gone");
         let t = humantime::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
-        u.record(&a, t);
-        u.record(&a, t);
-        u.record(&gone, t);
+        u.record(&a, t, 0);
+        u.record(&a, t, 0);
+        u.record(&gone, t, 0);
         let s = Snapshot::parse(include_str!("../../config/keys.yaml"), Source::File).unwrap();
         let r = u.report(Some(&s));
         assert_eq!(
@@ -210,12 +202,13 @@ mod tests {
         u.retain(&s);
         assert_eq!(u.entries(), 1, "retain frees the entries of removed keys");
         // A request allowed by the previous snapshot records its key after the retain.
-        u.record(&gone, t);
+        u.record(&gone, t, 0);
         assert_eq!(u.report(Some(&s)).len(), 1);
         assert!(u.report(None).is_empty());
     }
 
-    /// Threads record into shards of their own; every reader sees them merged.
+    /// Threads record into shards of their own (and past 16, share); every reader sees them
+    /// merged.
     #[test]
     fn counts_from_many_threads_are_merged() {
         let u = Usage::default();
@@ -226,7 +219,7 @@ mod tests {
                 let (u, a) = (&u, &a);
                 scope.spawn(move || {
                     for _ in 0..10 {
-                        u.record(a, t0 + std::time::Duration::from_secs(i));
+                        u.record(a, t0 + std::time::Duration::from_secs(i), i as usize);
                     }
                 });
             }

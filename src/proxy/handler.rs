@@ -189,15 +189,7 @@ async fn proxy<'a>(
     check_head(&req, &app.config.limits)?;
     let head = Head::of(&req);
     let decided = Decided::now(app);
-    let verdict = decide(
-        app,
-        worker.metrics(),
-        Door::Proxy,
-        &head,
-        target.path(),
-        trace,
-    )
-    .await?;
+    let verdict = decide(app, worker, Door::Proxy, &head, target.path(), trace).await?;
     // An HTTP/2 connection carries a key while this request's answer is in flight (what
     // the stream budget reads; an HTTP/1.1 connection holds no share, and pays nothing).
     let keyed = match verdict {
@@ -381,7 +373,7 @@ fn query_hides_key(raw: &str, name: &str) -> bool {
 /// authorized, is then [`Trace::path`].
 pub async fn decide<'a>(
     app: &App,
-    metrics: &Shard,
+    worker: &Worker,
     door: Door,
     head: &Head<'_>,
     raw_path: &'a str,
@@ -456,6 +448,7 @@ pub async fn decide<'a>(
         (Route::Public, Some(Route::Introspection)) => (None, true),
     };
     let now = SystemTime::now();
+    let metrics = worker.metrics();
     let principal = authenticate(app, metrics, head, route_scopes, check_scope, now, trace)?;
     if let (true, Some(alt), Some(Route::Protected { extra })) = (check_scope, &alt, alt_route) {
         auth::decision::check_scopes(&principal.key, &app.policy, &alt.method, extra)?;
@@ -474,7 +467,7 @@ pub async fn decide<'a>(
     let quota = rate_limit(app, &principal).await?;
     // And it is a use of the key: one used only to check itself is not idle (the dry run
     // warns before removing a recently used key).
-    app.usage.record(&principal.key.id, now);
+    app.usage.record(&principal.key.id, now, worker.index());
     if !check_scope {
         return Ok(Verdict::Introspection(principal, quota));
     }

@@ -785,7 +785,7 @@ mod tests {
         assert_eq!(a.idle_for(bounds).await, Wake::Idle);
         assert!(start.elapsed() >= t);
         // A request in flight keeps the connection; the clock restarts when it ends.
-        let worker = Worker::new(shard.clone(), 1);
+        let worker = Worker::new(shard.clone(), 1, 0);
         let held = a.begin(shard.track_in_flight(), worker.busy());
         assert_eq!(metrics.in_flight(), 1);
         let a2 = a.clone();

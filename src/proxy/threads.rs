@@ -68,8 +68,8 @@ pub async fn serve_on_threads<D, F>(
             };
             rt.block_on(async move {
                 // What this worker owns: its requests use no other pool or shard.
-                let shard = app.metrics.shard(threads.first_shard + i);
-                let worker = Worker::new(shard, in_flight_cap);
+                let index = threads.first_shard + i;
+                let worker = Worker::new(app.metrics.shard(index), in_flight_cap, index);
                 if threads.upstream {
                     app.upstream.spawn_reaper(worker.pool().clone());
                 }

@@ -15,6 +15,9 @@ use crate::thread_count::ThreadCount;
 pub struct Worker(Arc<Owned>);
 
 struct Owned {
+    /// The thread's place among every traffic thread (proxy and decision doors): its key
+    /// usage shard.
+    index: usize,
     pool: Pool,
     metrics: Arc<Shard>,
     ids: Ids,
@@ -30,8 +33,9 @@ struct Owned {
 }
 
 impl Worker {
-    pub fn new(metrics: Arc<Shard>, in_flight_cap: usize) -> Self {
+    pub fn new(metrics: Arc<Shard>, in_flight_cap: usize, index: usize) -> Self {
         Self(Arc::new(Owned {
+            index,
             pool: Pool::default(),
             metrics,
             ids: Ids::default(),
@@ -70,6 +74,11 @@ impl Worker {
         Some(Keyless {
             _place: Arc::new(KeylessPlace(self.clone())),
         })
+    }
+
+    /// The thread's place among every traffic thread.
+    pub fn index(&self) -> usize {
+        self.0.index
     }
 
     /// This worker's upstream connections.
