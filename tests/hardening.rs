@@ -1155,6 +1155,30 @@ async fn max_connections_refuses_the_extra_connection() {
     kw.shutdown().await;
 }
 
+/// An app that keeps every connection open and reads no request body: with `answer`, it
+/// reads each request's head and sends that; without, it reads and sends nothing.
+async fn spawn_holding_app(
+    answer: Option<&'static [u8]>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = app.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((mut s, _)) = app.accept().await {
+            if let Some(answer) = answer {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).await.unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let _ = s.write_all(answer).await;
+            }
+            sockets.push(s);
+        }
+    });
+    (addr, held)
+}
+
 /// Review 31: a keyed request's body that the app stops reading lives on in hyper's upstream
 /// connection after the client is gone. Its key watch held the client connection's
 /// `max_connections` slot with it, so a key holder and an app that hangs shut the listener
@@ -1162,14 +1186,7 @@ async fn max_connections_refuses_the_extra_connection() {
 #[tokio::test]
 async fn an_upload_the_app_never_reads_does_not_hold_its_clients_slot() {
     // The app reads nothing and answers nothing, but keeps every socket open.
-    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut sockets = Vec::new();
-        while let Ok((s, _)) = app.accept().await {
-            sockets.push(s);
-        }
-    });
+    let (app_addr, held) = spawn_holding_app(None).await;
     let kw = spawn_proxy(
         app_addr,
         "limits: { max_connections: 1, upstream_timeout: 500ms, idle_timeout: 1s, header_read_timeout: 1s }\n",
@@ -1215,22 +1232,8 @@ async fn an_upload_the_app_never_reads_does_not_hold_its_clients_slot() {
 #[tokio::test]
 async fn an_upload_the_app_stopped_reading_gives_its_place_back() {
     // Answers every request at its head, then reads nothing; keeps every socket open.
-    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut sockets = Vec::new();
-        while let Ok((mut s, _)) = app.accept().await {
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).await.unwrap_or(0) == 1 {
-                head.push(byte[0]);
-            }
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await;
-            sockets.push(s);
-        }
-    });
+    let (app_addr, held) =
+        spawn_holding_app(Some(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")).await;
     let kw = spawn_proxy(
         app_addr,
         "workers: 1\nlimits: { max_in_flight: 2, body_stall_timeout: 1s }\n",

@@ -281,7 +281,7 @@ impl Upstream {
         let progress = (!fast && !http_body::Body::is_end_stream(req.body()))
             .then(|| Progress::new(head_start));
         // The stream hyper's exchange went over, to cut it if the request is given up while
-        // hyper still drives it (`cut_stream`).
+        // hyper still drives it ([`UpstreamStream::abort_watched`]).
         let used = std::sync::Mutex::new(None);
         let exchange = async {
             if fast {
@@ -320,7 +320,9 @@ impl Upstream {
                 // No answer: what hyper still drives (an upload the app never reads, a
                 // connection the app never answers on) is cut with the request, not left
                 // holding a socket and its buffers for as long as the app keeps it open.
-                cut_stream(take_used());
+                if let Some(stream) = take_used() {
+                    UpstreamStream::abort_watched(&stream);
+                }
                 Err(ProxyError::Timeout(self.timeout))
             }
             Some(Err(e)) => Err(e),
@@ -381,13 +383,6 @@ impl Upstream {
                 },
             }
         }
-    }
-}
-
-/// Shut down the stream of an exchange given up while hyper still drives it.
-fn cut_stream(stream: Option<Weak<UpstreamStream>>) {
-    if let Some(stream) = stream.and_then(|s| s.upgrade()) {
-        stream.abort();
     }
 }
 

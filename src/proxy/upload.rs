@@ -159,9 +159,7 @@ pub async fn watch_stall(progress: Arc<Progress>, gap: Duration, stream: Weak<Up
             return;
         }
         if progress.last() + gap <= Instant::now() {
-            if let Some(stream) = stream.upgrade() {
-                stream.abort();
-            }
+            UpstreamStream::abort_watched(&stream);
             return;
         }
     }

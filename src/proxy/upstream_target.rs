@@ -69,6 +69,13 @@ impl UpstreamStream {
         let _ = each!(self, s => socket2::SockRef::from(s).shutdown(std::net::Shutdown::Both));
     }
 
+    /// [`Self::abort`] the stream `weak` watches, if it is still open.
+    pub fn abort_watched(weak: &std::sync::Weak<Self>) {
+        if let Some(stream) = weak.upgrade() {
+            stream.abort();
+        }
+    }
+
     pub fn idle_and_open(&self) -> bool {
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         let peeked = each!(self, s => socket2::SockRef::from(s).peek(&mut probe));
