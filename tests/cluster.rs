@@ -814,6 +814,202 @@ async fn a_key_removed_and_put_back_between_flushes_keeps_counting() {
     .await;
 }
 
+/// `series` of `kw`'s usage flushes: calls made (`count`) or failed (`errors`).
+async fn flush_metric(kw: &Proxy, errors: bool) -> f64 {
+    let series = if errors {
+        "keyward_cluster_errors_total{op=\"usage_flush\"}"
+    } else {
+        "keyward_cluster_call_duration_seconds_count{op=\"usage_flush\"}"
+    };
+    metric(kw, series).await.unwrap_or(0.0)
+}
+
+/// The fleet's request count for `id` in `kw`'s `GET /v1/keys/usage`.
+async fn fleet_requests(kw: &Proxy, id: &str) -> Option<u64> {
+    let r = get(
+        &kw.admin_url("/v1/keys/usage"),
+        &[("authorization", &admin_auth())],
+    )
+    .await;
+    let body = r.json();
+    assert_eq!(body["scope"], "fleet", "{body}");
+    body["keys"]
+        .as_array()?
+        .iter()
+        .find(|k| k["key_id"] == id)?["requests"]
+        .as_u64()
+}
+
+/// A flush that times out on keyward's side may still land in Redis; it is then applied
+/// once. Redis is held (`DEBUG SLEEP 4`) while counted requests wait to flush: the flush
+/// sent in the first second waits past the 2 s background deadline, times out, and runs
+/// when Redis wakes. Before, the next flush sent the same counts again (with newer ones)
+/// and the fleet counted them twice; a flush slower than the deadline did so every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_that_times_out_but_lands_is_counted_once() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    for _ in 0..5 {
+        assert_eq!(call(&kw, FREE).await.status, 200);
+    }
+    eventually("the first counts flushed", || async {
+        redis
+            .hget("keyward:usage:count", "key_free")
+            .await
+            .as_deref()
+            == Some("5")
+    })
+    .await;
+    // Just after a flush, so the next one (in a second) carries what is counted now and
+    // finds Redis asleep.
+    let calls = flush_metric(&kw, false).await;
+    eventually("a flush", || async {
+        flush_metric(&kw, false).await > calls
+    })
+    .await;
+    // Unlimited: counted without a Redis call.
+    for _ in 0..7 {
+        assert_eq!(call(&kw, FREE).await.status, 200);
+    }
+    let sleeper = {
+        let client = redis.client();
+        tokio::spawn(async move {
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let _: () = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg("4")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        })
+    };
+    sleeper.await.unwrap();
+    assert!(
+        flush_metric(&kw, true).await >= 1.0,
+        "no flush timed out while Redis slept"
+    );
+    // Two flush calls after Redis woke: the timed-out batch was sent again, and another.
+    let calls = flush_metric(&kw, false).await;
+    eventually("two more flushes", || async {
+        flush_metric(&kw, false).await >= calls + 2.0
+    })
+    .await;
+    let count = redis.hget("keyward:usage:count", "key_free").await;
+    assert_eq!(
+        count.as_deref(),
+        Some("12"),
+        "the timed-out flush counted once"
+    );
+    assert_eq!(fleet_requests(&kw, "key_free").await, Some(12));
+    let seq: Vec<String> = redis.cmd(&["KEYS", "keyward:usage:seq:*"]).await;
+    assert_eq!(seq.len(), 1, "{seq:?}");
+    let ttl: i64 = redis.cmd(&["PTTL", &seq[0]]).await;
+    assert!(ttl > 0 && ttl <= 3_600_000, "{ttl}");
+}
+
+/// Keys a flush call carries, from one `SLOWLOG` entry (`None`: not a usage flush). An
+/// entry keeps 32 arguments, the last one `... (N more arguments)`; the keys' triples
+/// `(id, delta, last_ms)` end the call, from the first id on.
+fn flush_keys(entry: &redis::Value) -> Option<usize> {
+    let redis::Value::Array(fields) = entry else {
+        return None;
+    };
+    let redis::Value::Array(args) = fields.get(3)? else {
+        return None;
+    };
+    let args: Vec<String> = args
+        .iter()
+        .map(|v| match v {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        })
+        .collect();
+    if !args[0].eq_ignore_ascii_case("evalsha") || !args.iter().any(|a| a == "#epoch") {
+        return None;
+    }
+    let more = args
+        .last()?
+        .strip_prefix("... (")
+        .and_then(|r| r.strip_suffix(" more arguments)"))
+        .and_then(|n| n.parse::<usize>().ok());
+    let argc = more.map_or(args.len(), |n| args.len() - 1 + n);
+    let Some(first) = args.iter().position(|a| a.starts_with("key_")) else {
+        return Some(0);
+    };
+    // A usage report's read (ids one after another) is no flush.
+    args.get(first + 1)?.parse::<u64>().ok()?;
+    Some((argc - first) / 3)
+}
+
+/// More keys to flush than one call carries (2,500 used, then all of them again as the
+/// whole totals after Redis is emptied) go as several calls of at most `FLUSH_CHUNK`
+/// keys: one script over every key held Redis for seconds (about 4 µs a key), longer
+/// than the flush deadline and every replica's rate-limit calls. Counts stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_flush_goes_in_chunks_and_counts_exactly() {
+    use keyward::cluster::usage::FLUSH_CHUNK;
+    const MANY: usize = 2500;
+    let raws: Vec<String> = (0..MANY)
+        .map(|i| format!("sta_cluster_many_{i:05}_0123456789abcdef"))
+        .collect();
+    let entries: Vec<String> = raws
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| entry(&format!("key_m{i:05}"), raw, None))
+        .collect();
+    let redis = Redis::start().await;
+    let _: String = redis
+        .cmd(&["CONFIG", "SET", "slowlog-log-slower-than", "0"])
+        .await;
+    let _: String = redis
+        .cmd(&["CONFIG", "SET", "slowlog-max-len", "100000"])
+        .await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &snapshot(&entries)).await;
+    let url = kw.url("/v1/thing");
+    let mut tasks = tokio::task::JoinSet::new();
+    for part in raws.chunks(MANY / 4) {
+        let (url, part) = (url.clone(), part.to_vec());
+        tasks.spawn(async move {
+            for raw in part {
+                assert_eq!(get(&url, &[("x-api-key", &raw)]).await.status, 200);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let exact = || async {
+        let counts: std::collections::HashMap<String, String> =
+            redis.cmd(&["HGETALL", "keyward:usage:count"]).await;
+        counts.len() == MANY + 1
+            && counts
+                .iter()
+                .all(|(id, n)| id == "#epoch" || n.as_str() == "1")
+    };
+    eventually("every key flushed once", exact).await;
+    let _: String = redis.cmd(&["FLUSHALL"]).await;
+    eventually("the whole totals written back", exact).await;
+    let calls = flush_metric(&kw, false).await;
+    eventually("two more flushes", || async {
+        flush_metric(&kw, false).await >= calls + 2.0
+    })
+    .await;
+    assert!(exact().await, "counted once");
+    assert_eq!(fleet_requests(&kw, "key_m00042").await, Some(1));
+    let log: Vec<redis::Value> = redis.cmd(&["SLOWLOG", "GET", "-1"]).await;
+    let sizes: Vec<usize> = log.iter().filter_map(flush_keys).collect();
+    println!("keys per flush call, newest first: {sizes:?}");
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    assert!(
+        largest <= FLUSH_CHUNK,
+        "a flush call carried {largest} keys"
+    );
+    let full = sizes.iter().filter(|&&n| n == FLUSH_CHUNK).count();
+    assert!(full >= 2, "the totals went in chunks: {sizes:?}");
+}
+
 /// Redis' usage hashes are anyone's to write (several deployments may share one Redis): a
 /// count that would overflow saturates, a last-used time past year 9999 is clamped, and
 /// neither marks Redis down nor stops the other keys' counts or the replica.

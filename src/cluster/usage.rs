@@ -1,22 +1,32 @@
 //! Usage over the fleet (SPEC 14): each replica counts locally ([`Usage`], no Redis call on
 //! the request path) and flushes what it counted since the last flush about once a second,
-//! all keys in one call (one script: `HINCRBY` the counts, keep the latest last-used time).
+//! in one call while it counted at most [`FLUSH_CHUNK`] keys (one script: `HINCRBY` the
+//! counts, keep the latest last-used time); more go as several calls, one after another.
 //! `GET /v1/keys/usage` then reads the fleet's totals in one round trip and adds what this
-//! replica has not flushed yet.
+//! replica has not had acknowledged yet.
 //!
-//! A flush that times out may or may not have landed; it is sent again, so a count can be
-//! over by one flush's worth after a Redis failure, never under.
+//! Flushes are idempotent. Each call is a batch with a sequence number of this replica's
+//! (a random id per process); the script keeps the highest one applied
+//! (`{prefix}usage:seq:{id}`) and applies a batch only once. A batch sent and not
+//! acknowledged (an error, a timeout: it may have landed) is kept in flight and sent again
+//! next time as it was, before anything newer. Before, it was sent again merged with newer
+//! counts: a flush that timed out but landed was counted twice, and one slower than the
+//! deadline (a whole-totals resend of a large snapshot) landed every second and always
+//! timed out, so the fleet's counts climbed without bound while that script held Redis for
+//! seconds. A report may still count a batch that landed but is not acknowledged twice
+//! (never none of it): it adds what this replica has not had acknowledged.
 //!
 //! A Redis that comes back empty is refilled by the replicas, without double counting: the
 //! count hash holds an epoch (field [`EPOCH_FIELD`], set by the first flush into an empty
 //! hash), and every flush names the epoch this replica's counts were added under. When the
 //! epoch differs (the hash is gone, or this replica has not flushed into it yet), the script
-//! adds nothing and answers the epoch in force; the replica then sends its whole totals
-//! (counts and last-used times) under it, once. Each replica re-adds only its own counts, so
-//! the fleet's total is the sum of the replicas that are still there. A flush runs every
-//! second even with nothing new to send, so an idle replica refills an empty Redis too.
+//! adds nothing and answers the epoch in force; the replica then drops its batch in flight
+//! (it was not applied under the new epoch) and sends its whole totals (counts and
+//! last-used times) under it, once. Each replica re-adds only its own counts, so the
+//! fleet's total is the sum of the replicas that are still there. A flush runs every second
+//! even with nothing new to send, so an idle replica refills an empty Redis too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,15 +42,37 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// The count hash's field that holds its epoch: not a valid key id (`#`), so never a key's.
 pub const EPOCH_FIELD: &str = "#epoch";
 
-/// KEYS[1]: counts hash, KEYS[2]: last-used hash (ms). ARGV[1]: the epoch the counts were
-/// added under, ARGV[2]: the epoch to start if the hash has none, ARGV[3]: the epoch field;
-/// then id, delta, last_ms, ... Adds only under the epoch named; returns the one in force.
+/// Keys per flush call. Redis runs one script at a time and this one costs about 4 µs a
+/// key: 1000 keys hold Redis a few ms, so other clients' calls (every replica's rate-limit
+/// checks above all, under a 50 ms `cluster.timeout`) wait no longer than that behind a
+/// flush, and each call stays far inside the background deadline. A whole-totals resend of
+/// 500k keys in one call held Redis for about 2 s and always timed out. Fewer keys than
+/// this counted in a second (the usual case) still go in one call.
+pub const FLUSH_CHUNK: usize = 1000;
+
+/// How long Redis keeps a replica's highest applied sequence number after its last flush:
+/// far longer than a batch waits to be sent again (a flush a second while Redis answers),
+/// and a replica gone for good leaves no key behind for long.
+const SEQ_TTL: Duration = Duration::from_secs(3600);
+
+/// The longest sequence number the script reads (`u64::MAX` has 20 digits); a longer value
+/// (another writer's) reads as none.
+const SEQ_MAX_BYTES: u32 = 20;
+
+/// KEYS[1]: counts hash, KEYS[2]: last-used hash (ms), KEYS[3]: the highest sequence number
+/// of this replica's applied. ARGV[1]: the epoch the counts were added under, ARGV[2]: the
+/// epoch to start if the hash has none, ARGV[3]: the epoch field, ARGV[4]: this batch's
+/// sequence number, ARGV[5]: KEYS[3]'s expiry (ms), ARGV[6]: the longest sequence number
+/// read; then id, delta, last_ms, ... Adds only under the epoch named, and only a batch
+/// numbered above KEYS[3]; returns the epoch in force.
 const FLUSH: &str = r"
 -- A key of another type is not keyward's (every flush failed on it): replaced.
-for _, k in ipairs(KEYS) do
-  local kind = redis.call('TYPE', k).ok
-  if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', k) end
+for i = 1, 2 do
+  local kind = redis.call('TYPE', KEYS[i]).ok
+  if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[i]) end
 end
+local kind = redis.call('TYPE', KEYS[3]).ok
+if kind ~= 'string' and kind ~= 'none' then redis.call('DEL', KEYS[3]) end
 -- The epoch is returned to keyward: one another writer left longer than any this script
 -- makes (32 hex digits) is not sent back (nor read), but replaced.
 if redis.call('HSTRLEN', KEYS[1], ARGV[3]) > 64 then redis.call('HDEL', KEYS[1], ARGV[3]) end
@@ -50,7 +82,20 @@ if not epoch then
   redis.call('HSET', KEYS[1], ARGV[3], epoch)
 end
 if epoch ~= ARGV[1] then return epoch end
-for i = 4, #ARGV, 3 do
+-- A batch sent again (its answer was lost) may have landed: applied once. A value another
+-- writer left that is no sequence number (too long, not a number, NaN, past 2^53) reads
+-- as none: believed, it held this replica's counts back for good.
+local done = 0
+if redis.call('STRLEN', KEYS[3]) <= tonumber(ARGV[6]) then
+  done = tonumber(redis.call('GET', KEYS[3])) or 0
+  if done ~= done or done > 9007199254740992 then done = 0 end
+end
+if tonumber(ARGV[4]) <= done then
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+  return epoch
+end
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+for i = 7, #ARGV, 3 do
   -- Any writer of a shared Redis can leave a count that would overflow, or is not a
   -- number: saturate the one, restart the other, and let the other keys' counts land.
   local added = redis.pcall('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -101,38 +146,145 @@ return out
 /// Flushes this replica's counts and reads the fleet's.
 pub struct FleetUsage {
     cluster: Arc<Cluster>,
-    /// The epoch of the count hash this replica's counts were added under, and per key id
-    /// the request count already added to it.
-    flushed: Mutex<Flushed>,
+    /// This replica's id (random per process): names the key that holds its highest
+    /// applied sequence number.
+    replica: String,
+    ledger: Mutex<Ledger>,
     script: redis::Script,
     read: redis::Script,
 }
 
-#[derive(Default)]
-struct Flushed {
+/// A key's `(id, delta, last_ms)` in a batch: requests to add, and its last use.
+type Entry = (Text, u64, u64);
+
+/// One flush call: entries added under `epoch`, applied once by their `seq`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Batch {
+    seq: u64,
     epoch: String,
-    counts: HashMap<Text, u64>,
-    /// Keys counted here that the snapshot in force no longer has: their local counts are
-    /// kept until a flush has sent all of them, then forgotten ([`FleetUsage::retain`]).
-    leaving: std::collections::HashSet<Text>,
+    entries: Vec<Entry>,
 }
 
-/// `(id, delta, last_ms)` to send: keys counted since their last flush.
-fn pending(counts: &[(Text, u64, u64)], flushed: &HashMap<Text, u64>) -> Vec<(Text, u64, u64)> {
+/// What Redis's answer to a batch means for this replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ack {
+    /// Applied (by this call or an earlier sending of the batch).
+    Counted,
+    /// Redis holds another epoch: nothing applied; the whole totals go under it.
+    NewEpoch,
+}
+
+/// This replica's side of its flushes (no Redis here): what Redis acknowledged, and the
+/// batch that may or may not have landed.
+#[derive(Default)]
+struct Ledger {
+    /// The epoch of the count hash this replica's counts were added under.
+    epoch: String,
+    /// Per key id, the request count Redis acknowledged under `epoch`.
+    acked: HashMap<Text, u64>,
+    /// The batch sent and not acknowledged (a timeout, an error: it may have landed). Sent
+    /// again as it is, before anything newer: its `seq` makes the script apply it once, and
+    /// newer counts wait for later batches.
+    in_flight: Option<Batch>,
+    /// The last sequence number given to a batch.
+    seq: u64,
+    /// Keys counted here that the snapshot in force no longer has: their local counts are
+    /// kept until Redis acknowledged all of them, then forgotten ([`FleetUsage::retain`]).
+    leaving: HashSet<Text>,
+}
+
+/// `(id, delta, last_ms)` to send: keys counted (`(id, last_ms, requests)`) past `acked`.
+fn pending(counts: &[(Text, u64, u64)], acked: &HashMap<Text, u64>) -> Vec<Entry> {
     counts
         .iter()
         .filter_map(|(id, last, n)| {
-            let delta = n.saturating_sub(flushed.get(id).copied().unwrap_or(0));
+            let delta = n.saturating_sub(acked.get(id).copied().unwrap_or(0));
             (delta > 0).then(|| (id.clone(), delta, *last))
         })
         .collect()
+}
+
+impl Ledger {
+    /// The entries of this flush's new batches: what `counts` holds past what Redis
+    /// acknowledged, [`FLUSH_CHUNK`] keys a batch. With nothing to send, one empty batch if
+    /// `ask` (a flush asks Redis's epoch every time, so an idle replica refills an empty
+    /// Redis), else none. Only with no batch in flight: newer counts wait behind it.
+    fn plan(&mut self, counts: &[(Text, u64, u64)], ask: bool) -> Vec<Vec<Entry>> {
+        debug_assert!(self.in_flight.is_none());
+        // Keys no longer counted here (forgotten): their acknowledged totals go too.
+        let present: HashSet<&Text> = counts.iter().map(|(id, _, _)| id).collect();
+        self.acked.retain(|id, _| present.contains(id));
+        let todo = pending(counts, &self.acked);
+        if todo.is_empty() {
+            return if ask { vec![Vec::new()] } else { Vec::new() };
+        }
+        todo.chunks(FLUSH_CHUNK).map(<[Entry]>::to_vec).collect()
+    }
+
+    /// Number `entries` as the next batch under this epoch. It is in flight from now until
+    /// acknowledged (an empty one has nothing to lose, and is not kept).
+    fn start(&mut self, entries: Vec<Entry>) -> Batch {
+        self.seq += 1;
+        let batch = Batch {
+            seq: self.seq,
+            epoch: self.epoch.clone(),
+            entries,
+        };
+        if !batch.entries.is_empty() {
+            self.in_flight = Some(batch.clone());
+        }
+        batch
+    }
+
+    /// Redis answered `batch` with `epoch`, the one in force. Its own: applied, now or by an
+    /// earlier sending. Another: nothing was applied, and what this replica had acknowledged
+    /// was under an epoch Redis no longer has; its in-flight batch (never applied under the
+    /// new epoch) is dropped, and its whole totals are to go under the new one.
+    fn ack(&mut self, batch: &Batch, epoch: &str) -> Ack {
+        if self.in_flight.as_ref().is_some_and(|b| b.seq == batch.seq) {
+            self.in_flight = None;
+        }
+        if epoch == batch.epoch {
+            if epoch == self.epoch {
+                for (id, delta, _) in &batch.entries {
+                    let n = self.acked.entry(id.clone()).or_insert(0);
+                    *n = n.saturating_add(*delta);
+                }
+            }
+            return Ack::Counted;
+        }
+        if epoch != self.epoch {
+            self.epoch = epoch.to_owned();
+            self.acked.clear();
+            self.in_flight = None;
+        }
+        Ack::NewEpoch
+    }
+
+    /// Leaving keys whose every count (`counts`: `(id, last_ms, requests)`) Redis has
+    /// acknowledged: dropped from the ledger, to be forgotten by [`Usage`].
+    fn sent_all(&mut self, counts: &[(Text, u64, u64)]) -> Vec<Text> {
+        let done: Vec<Text> = counts
+            .iter()
+            .filter(|(id, _, n)| {
+                self.leaving.contains(id) && self.acked.get(id).copied().unwrap_or(0) >= *n
+            })
+            .map(|(id, _, _)| id.clone())
+            .collect();
+        for id in &done {
+            self.acked.remove(id);
+            self.leaving.remove(id);
+        }
+        done
+    }
 }
 
 impl FleetUsage {
     pub fn new(cluster: &Arc<Cluster>) -> Self {
         Self {
             cluster: cluster.clone(),
-            flushed: Mutex::new(Flushed::default()),
+            replica: uuid::Uuid::new_v4().simple().to_string(),
+            ledger: Mutex::new(Ledger::default()),
             script: redis::Script::new(FLUSH),
             read: redis::Script::new(READ),
         }
@@ -145,14 +297,14 @@ impl FleetUsage {
         )
     }
 
-    /// Keys that left `snapshot` keep their local counts until a flush has sent all of
-    /// them, and are forgotten then ([`FleetUsage::sent`]): forgotten at once, what they
+    /// Keys that left `snapshot` keep their local counts until Redis has acknowledged all
+    /// of them, and are forgotten then ([`Ledger::sent_all`]): forgotten at once, what they
     /// counted since the last flush was lost, and a key put back before the next flush
     /// restarted at zero against its old flushed total, so nothing it counted after was
     /// sent either (reviews 30 and 33). Put back in time, a key simply goes on counting.
     pub fn retain(&self, usage: &Usage, snapshot: &Snapshot) {
-        let mut flushed = self.lock();
-        flushed.leaving = usage
+        let mut ledger = self.lock();
+        ledger.leaving = usage
             .counts()
             .into_iter()
             .map(|(id, _, _)| id)
@@ -160,87 +312,95 @@ impl FleetUsage {
             .collect();
     }
 
-    /// Send what was counted since the last flush, in one call (two when Redis has a new
-    /// epoch: the whole totals go again, under it). Returns the keys sent.
+    /// Send the batch in flight, if any, then what was counted past what Redis
+    /// acknowledged: one call, or one per [`FLUSH_CHUNK`] keys, one after another (Redis
+    /// serves other clients between them). When Redis has a new epoch, the whole totals go
+    /// under it, once. Stops at the first call that fails (its batch stays in flight).
+    /// Returns the keys whose counts were applied.
     pub async fn flush(&self, usage: &Usage) -> Result<usize, ClusterError> {
-        let (epoch, todo) = self.todo(usage);
-        let current = self.send(&epoch, &todo).await?;
-        if current == epoch {
-            self.sent(usage, &epoch, &todo);
-            return Ok(todo.len());
-        }
-        // An empty Redis (or this replica's first flush): everything it counted, once.
-        {
-            let mut flushed = self.lock();
-            flushed.epoch.clone_from(&current);
-            flushed.counts.clear();
-        }
-        let (epoch, todo) = self.todo(usage);
-        if self.send(&epoch, &todo).await? == epoch {
-            self.sent(usage, &epoch, &todo);
-            if !todo.is_empty() {
-                tracing::info!(
-                    keys = todo.len(),
-                    "usage totals written to a new redis epoch"
-                );
+        let sent = self.send_batches(usage).await;
+        self.forget_sent(usage);
+        sent
+    }
+
+    async fn send_batches(&self, usage: &Usage) -> Result<usize, ClusterError> {
+        let mut keys = 0;
+        let mut ack = Ack::Counted;
+        let in_flight = self.lock().in_flight.clone();
+        let asked = in_flight.is_some();
+        if let Some(batch) = in_flight {
+            ack = self.deliver(&batch).await?;
+            if ack == Ack::Counted {
+                keys += batch.entries.len();
             }
         }
-        Ok(todo.len())
+        if ack == Ack::Counted {
+            let (n, a) = self.send_new(usage, !asked).await?;
+            keys += n;
+            ack = a;
+        }
+        if ack == Ack::NewEpoch {
+            // An empty Redis (or this replica's first flush): everything it counted, once.
+            let (n, _) = self.send_new(usage, false).await?;
+            keys += n;
+            if n > 0 {
+                tracing::info!(keys = n, "usage totals written to a new redis epoch");
+            }
+        }
+        Ok(keys)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Flushed> {
-        self.flushed.lock().unwrap_or_else(|e| e.into_inner())
+    /// Send what was counted past what Redis acknowledged, batch after batch, until one
+    /// finds a new epoch. Returns the keys applied and how the pass ended.
+    async fn send_new(&self, usage: &Usage, ask: bool) -> Result<(usize, Ack), ClusterError> {
+        let plan = self.lock().plan(&usage.counts(), ask);
+        let mut keys = 0;
+        for entries in plan {
+            let batch = self.lock().start(entries);
+            if self.deliver(&batch).await? == Ack::NewEpoch {
+                return Ok((keys, Ack::NewEpoch));
+            }
+            keys += batch.entries.len();
+        }
+        Ok((keys, Ack::Counted))
     }
 
-    /// The epoch flushed under and what to send: keys counted since their last flush.
-    fn todo(&self, usage: &Usage) -> (String, Vec<(Text, u64, u64)>) {
-        let mut flushed = self.lock();
-        let counts = usage.counts();
-        // Keys no longer counted here: their flushed totals go too.
-        let present: std::collections::HashSet<&Text> =
-            counts.iter().map(|(id, _, _)| id).collect();
-        flushed.counts.retain(|id, _| present.contains(id));
-        (flushed.epoch.clone(), pending(&counts, &flushed.counts))
+    /// One batch sent and its answer recorded; on failure it stays in flight.
+    async fn deliver(&self, batch: &Batch) -> Result<Ack, ClusterError> {
+        let epoch = self.send(batch).await?;
+        Ok(self.lock().ack(batch, &epoch))
     }
 
-    /// Record what `send` added under `epoch` (unless the epoch moved on meanwhile); keys
-    /// that left the snapshot and have now sent all they counted are forgotten.
-    fn sent(&self, usage: &Usage, epoch: &str, todo: &[(Text, u64, u64)]) {
-        let mut flushed = self.lock();
-        if flushed.epoch != epoch {
+    /// Keys that left the snapshot and have had all their counts acknowledged are forgotten.
+    fn forget_sent(&self, usage: &Usage) {
+        let mut ledger = self.lock();
+        if ledger.leaving.is_empty() {
             return;
         }
-        for (id, delta, _) in todo {
-            *flushed.counts.entry(id.clone()).or_insert(0) += delta;
-        }
-        if flushed.leaving.is_empty() {
-            return;
-        }
-        let done: Vec<Text> = usage
-            .counts()
-            .into_iter()
-            .filter(|(id, _, n)| {
-                flushed.leaving.contains(id) && flushed.counts.get(id).copied().unwrap_or(0) >= *n
-            })
-            .map(|(id, _, _)| id)
-            .collect();
-        for id in done {
+        for id in ledger.sent_all(&usage.counts()) {
             usage.forget(&id);
-            flushed.counts.remove(&id);
-            flushed.leaving.remove(&id);
         }
     }
 
-    /// One script call: adds `todo` if Redis's epoch is `epoch`; returns Redis's epoch.
-    async fn send(&self, epoch: &str, todo: &[(Text, u64, u64)]) -> Result<String, ClusterError> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One script call: adds `batch` if Redis's epoch is its own and it was not applied
+    /// before; returns Redis's epoch.
+    async fn send(&self, batch: &Batch) -> Result<String, ClusterError> {
         let (count, last) = self.hashes();
+        let seq_key = self.cluster.key(&format!("usage:seq:{}", self.replica));
         let fresh = uuid::Uuid::new_v4().simple().to_string();
+        let ttl_ms = SEQ_TTL.as_millis() as u64;
         let script = &self.script;
         self.cluster
             .call(Op::UsageFlush, |mut c| async move {
                 let mut inv = script.key(count);
-                inv.key(last).arg(epoch).arg(fresh).arg(EPOCH_FIELD);
-                for (id, delta, ms) in todo {
+                inv.key(last).key(seq_key);
+                inv.arg(&batch.epoch).arg(fresh).arg(EPOCH_FIELD);
+                inv.arg(batch.seq).arg(ttl_ms).arg(SEQ_MAX_BYTES);
+                for (id, delta, ms) in &batch.entries {
                     inv.arg(&**id).arg(*delta).arg(*ms);
                 }
                 inv.invoke_async::<String>(&mut c).await
@@ -248,7 +408,8 @@ impl FleetUsage {
             .await
     }
 
-    /// The fleet's usage: Redis totals plus what this replica has not flushed yet.
+    /// The fleet's usage: Redis totals plus what Redis has not acknowledged of this
+    /// replica's counts (the batch in flight included).
     ///
     /// Only the snapshot's keys are reported, so only their fields are read ([`READ`], in
     /// chunks of [`READ_CHUNK`] ids): what else the hashes hold (Redis may be shared; a
@@ -262,15 +423,16 @@ impl FleetUsage {
         let Some(snapshot) = snapshot else {
             return Ok(Vec::new());
         };
-        // What this replica has not flushed is read before Redis' totals: a flush landing
-        // in between is then counted twice (over by one flush, for this report), where read
-        // after, it was in neither and the report went backward (review 33).
-        let (flushed_epoch, since_flush, all_local) = {
-            let flushed = self.lock();
+        // What Redis has not acknowledged is read before Redis' totals: a batch landing in
+        // between (or one that landed with its answer lost) is then counted twice for this
+        // report, where read after, it was in neither and the report went backward (review
+        // 33).
+        let (acked_epoch, unacked, all_local) = {
+            let ledger = self.lock();
             let local = usage.counts();
             (
-                flushed.epoch.clone(),
-                pending(&local, &flushed.counts),
+                ledger.epoch.clone(),
+                pending(&local, &ledger.acked),
                 pending(&local, &HashMap::new()),
             )
         };
@@ -293,7 +455,7 @@ impl FleetUsage {
                 .await?;
             let mut it = reply.into_iter();
             // The first chunk's epoch: a new one between chunks (Redis emptied meanwhile)
-            // at worst counts this replica's unflushed requests once more.
+            // at worst counts this replica's unacknowledged requests once more.
             let first = it.next().flatten();
             epoch = epoch.or(Some(first));
             for id in chunk {
@@ -310,13 +472,13 @@ impl FleetUsage {
             }
         }
         let epoch = epoch.flatten();
-        let unflushed = if epoch.as_deref() == Some(flushed_epoch.as_str()) {
-            since_flush
+        let unacked = if epoch.as_deref() == Some(acked_epoch.as_str()) {
+            unacked
         } else {
             // Redis lost what this replica flushed (or has not had it yet): all of it.
             all_local
         };
-        for (id, delta, ms) in unflushed {
+        for (id, delta, ms) in unacked {
             let e = merged.entry(id.to_string()).or_insert((0, 0));
             e.0 = e.0.max(ms);
             // Redis' totals are anyone's to write: saturate rather than wrap.
@@ -328,8 +490,8 @@ impl FleetUsage {
         ))
     }
 
-    /// Flush every [`FLUSH_INTERVAL`] until `stop`, then once more: a flush is never cut
-    /// half done (Redis would have counted what this replica would send again).
+    /// Flush every [`FLUSH_INTERVAL`] until `stop`, then once more (a batch still in flight
+    /// first): a flush is never cut half done, so a stopping replica sends its last counts.
     pub async fn run(self: Arc<Self>, usage: &Usage, stop: impl Future<Output = ()>) {
         let mut stop = std::pin::pin!(stop);
         loop {
@@ -364,5 +526,104 @@ mod tests {
         flushed.remove(&b);
         let got = pending(&counts, &flushed);
         assert_eq!(got, vec![(a, 3, 10), (b, 3, 20)]);
+    }
+
+    fn t(id: &str) -> Text {
+        Text::for_test(id)
+    }
+
+    /// A ledger past its first flush: Redis's epoch `e1` known, nothing acknowledged.
+    fn under_e1() -> Ledger {
+        Ledger {
+            epoch: "e1".into(),
+            ..Ledger::default()
+        }
+    }
+
+    #[test]
+    fn a_batch_not_acknowledged_is_sent_again_as_it_was_before_anything_newer() {
+        let mut l = under_e1();
+        let [entries] = <[_; 1]>::try_from(l.plan(&[(t("a"), 10, 5)], true)).unwrap();
+        let first = l.start(entries);
+        assert_eq!((first.seq, first.epoch.as_str()), (1, "e1"));
+        assert_eq!(first.entries, vec![(t("a"), 5, 10)]);
+        // Timed out: it stays in flight, the same batch, whatever was counted since.
+        assert_eq!(l.in_flight.as_ref(), Some(&first));
+        let later = [(t("a"), 20, 8), (t("b"), 21, 1)];
+        // Not acknowledged: a report adds all of it (a landed batch counts twice, not none).
+        assert_eq!(pending(&later, &l.acked).len(), 2);
+        assert_eq!(l.ack(&first, "e1"), Ack::Counted);
+        assert!(l.in_flight.is_none());
+        assert_eq!(l.acked.get(&t("a")), Some(&5));
+        // Newer counts go in the next batch, numbered after it.
+        let [entries] = <[_; 1]>::try_from(l.plan(&later, true)).unwrap();
+        let next = l.start(entries);
+        assert_eq!(next.seq, 2);
+        let mut got = next.entries.clone();
+        got.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+        assert_eq!(got, vec![(t("a"), 3, 20), (t("b"), 1, 21)]);
+    }
+
+    #[test]
+    fn batches_hold_at_most_a_chunk_and_an_idle_flush_asks_once() {
+        let mut l = under_e1();
+        let counts: Vec<_> = (0..2 * FLUSH_CHUNK + 1)
+            .map(|i| (t(&format!("k{i}")), 1, 1))
+            .collect();
+        let plan = l.plan(&counts, true);
+        let sizes: Vec<usize> = plan.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![FLUSH_CHUNK, FLUSH_CHUNK, 1]);
+        for entries in plan {
+            let b = l.start(entries);
+            assert_eq!(l.ack(&b, "e1"), Ack::Counted);
+        }
+        assert_eq!(l.seq, 3);
+        assert_eq!(l.plan(&counts, true), vec![Vec::new()]);
+        assert!(l.plan(&counts, false).is_empty());
+        // An empty batch has nothing to lose: not kept in flight.
+        l.start(Vec::new());
+        assert!(l.in_flight.is_none());
+    }
+
+    #[test]
+    fn a_new_epoch_drops_the_batch_in_flight_and_sends_the_whole_totals() {
+        let mut l = under_e1();
+        let counts = [(t("a"), 10, 5), (t("b"), 11, 2)];
+        for entries in l.plan(&counts, true) {
+            let b = l.start(entries);
+            l.ack(&b, "e1");
+        }
+        let more = [(t("a"), 30, 9), (t("b"), 11, 2)];
+        let [entries] = <[_; 1]>::try_from(l.plan(&more, true)).unwrap();
+        let lost = l.start(entries);
+        // Sent again, it finds Redis emptied: nothing applied, the batch dropped.
+        assert_eq!(l.ack(&lost, "e2"), Ack::NewEpoch);
+        assert!(l.in_flight.is_none());
+        assert_eq!(l.epoch, "e2");
+        assert!(l.acked.is_empty());
+        let [entries] = <[_; 1]>::try_from(l.plan(&more, false)).unwrap();
+        let totals = l.start(entries);
+        assert_eq!(totals.epoch, "e2");
+        assert!(totals.seq > lost.seq);
+        let mut got = totals.entries.clone();
+        got.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+        assert_eq!(got, vec![(t("a"), 9, 30), (t("b"), 2, 11)]);
+    }
+
+    #[test]
+    fn a_leaving_key_is_forgotten_only_once_every_count_is_acknowledged() {
+        let mut l = under_e1();
+        let counts = [(t("gone"), 10, 4)];
+        l.leaving.insert(t("gone"));
+        let [entries] = <[_; 1]>::try_from(l.plan(&counts, true)).unwrap();
+        let b = l.start(entries);
+        // In flight (a timeout): not acknowledged, so kept.
+        assert!(l.sent_all(&counts).is_empty());
+        assert_eq!(l.ack(&b, "e1"), Ack::Counted);
+        // Counted again (a request the previous snapshot let in) before the next flush.
+        let again = [(t("gone"), 12, 5)];
+        assert!(l.sent_all(&again).is_empty());
+        assert_eq!(l.sent_all(&counts), vec![t("gone")]);
+        assert!(l.leaving.is_empty() && l.acked.is_empty());
     }
 }
