@@ -872,18 +872,7 @@ async fn a_flush_that_times_out_but_lands_is_counted_once() {
     for _ in 0..7 {
         assert_eq!(call(&kw, FREE).await.status, 200);
     }
-    let sleeper = {
-        let client = redis.client();
-        tokio::spawn(async move {
-            let mut c = client.get_multiplexed_async_connection().await.unwrap();
-            let _: () = redis::cmd("DEBUG")
-                .arg("SLEEP")
-                .arg("4")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-        })
-    };
+    let sleeper = redis.sleep_in_background(4);
     sleeper.await.unwrap();
     assert!(
         flush_metric(&kw, true).await >= 1.0,

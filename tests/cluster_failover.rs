@@ -341,18 +341,7 @@ async fn a_slow_redis_costs_at_most_the_timeout_then_the_policy_applies() {
     let kw = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
     wait_ready(&kw).await;
     assert_eq!(call(&kw, LIMITED).await.status, 200);
-    let sleeper = {
-        let client = redis.client();
-        tokio::spawn(async move {
-            let mut c = client.get_multiplexed_async_connection().await.unwrap();
-            let _: () = redis::cmd("DEBUG")
-                .arg("SLEEP")
-                .arg("2")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-        })
-    };
+    let sleeper = redis.sleep_in_background(2);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t0 = std::time::Instant::now();
     let r = call(&kw, LIMITED).await;

@@ -57,6 +57,21 @@ impl Redis {
         redis::Client::open(self.url()).unwrap()
     }
 
+    /// `DEBUG SLEEP secs` on a connection of its own: Redis answers no one meanwhile. The
+    /// task ends when Redis wakes.
+    pub fn sleep_in_background(&self, secs: u32) -> tokio::task::JoinHandle<()> {
+        let client = self.client();
+        tokio::spawn(async move {
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            let _: () = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(secs)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+        })
+    }
+
     async fn ping(&self) -> redis::RedisResult<String> {
         let mut c = self.client().get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async(&mut c).await
