@@ -232,8 +232,11 @@ impl Keyward {
         }
         // The counts since the last flush go to Redis before the process ends (a stopping
         // replica lost up to its last second of usage), bounded if Redis does not answer.
-        if let Some(task) = usage_task {
-            let _ = tokio::time::timeout(FINAL_FLUSH, task).await;
+        if let Some(mut task) = usage_task {
+            // Past the bound it is stopped: it would go on trying.
+            if tokio::time::timeout(FINAL_FLUSH, &mut task).await.is_err() {
+                task.abort();
+            }
         }
         for task in background {
             task.abort();

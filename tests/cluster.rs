@@ -872,7 +872,7 @@ async fn a_flush_that_times_out_but_lands_is_counted_once() {
     for _ in 0..7 {
         assert_eq!(call(&kw, FREE).await.status, 200);
     }
-    let sleeper = redis.sleep_in_background(4);
+    let sleeper = redis.sleep_in_background(4.0);
     sleeper.await.unwrap();
     assert!(
         flush_metric(&kw, true).await >= 1.0,
@@ -895,6 +895,131 @@ async fn a_flush_that_times_out_but_lands_is_counted_once() {
     assert_eq!(seq.len(), 1, "{seq:?}");
     let ttl: i64 = redis.cmd(&["PTTL", &seq[0]]).await;
     assert!(ttl > 0 && ttl <= 3_600_000, "{ttl}");
+}
+
+/// Review 36: a replica stopped while Redis stalled lost what it counted since its last
+/// flush, though Redis answered again within the 2 s a stopping replica waits for it. Its
+/// shutdown waited for the flush the stall held, until that flush's own deadline; the one
+/// last flush after it found the connection the timeout had closed, and gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopping_while_redis_stalls_still_sends_its_last_counts() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    for _ in 0..5 {
+        assert_eq!(call(&kw, FREE).await.status, 200);
+    }
+    eventually("the first counts flushed", || async {
+        redis
+            .hget("keyward:usage:count", "key_free")
+            .await
+            .as_deref()
+            == Some("5")
+    })
+    .await;
+    let sleeper = redis.sleep_in_background(2.8);
+    for _ in 0..7 {
+        assert_eq!(call(&kw, FREE).await.status, 200);
+    }
+    // A flush starts within a second and the stall holds it (the scenario is timed: Redis
+    // gives no sign of what it holds while it sleeps). The replica stops while it is held,
+    // 1.7 s before Redis wakes.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    kw.shutdown().await;
+    sleeper.await.unwrap();
+    let count = redis.hget("keyward:usage:count", "key_free").await;
+    assert_eq!(
+        count.as_deref(),
+        Some("12"),
+        "the stopping replica's last counts"
+    );
+}
+
+/// Review 36: the sequence mark is read only as this replica writes it. A number-like
+/// value another writer left (`1e15`, or a number ahead of any this replica sent) was
+/// believed, and every later batch was taken as applied: counted nowhere, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_mark_another_writer_left_holds_no_counts_back() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let mut sent = 0;
+    for mark in ["1e15", "900000000000", " 7 ", "0x7fffffff"] {
+        for _ in 0..3 {
+            assert_eq!(call(&kw, FREE).await.status, 200);
+        }
+        sent += 3;
+        let want = sent.to_string();
+        eventually("counts flushed", || async {
+            redis.hget("keyward:usage:count", "key_free").await == Some(want.clone())
+        })
+        .await;
+        let seq: Vec<String> = redis.cmd(&["KEYS", "keyward:usage:seq:*"]).await;
+        assert_eq!(seq.len(), 1, "{seq:?}");
+        let _: () = redis.cmd(&["SET", &seq[0], mark]).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(call(&kw, FREE).await.status, 200);
+    }
+    eventually("counts flushed past the last mark", || async {
+        redis
+            .hget("keyward:usage:count", "key_free")
+            .await
+            .as_deref()
+            == Some("15")
+    })
+    .await;
+}
+
+/// Review 36: a count hash whose epoch field another writer removed (or made too long to
+/// read) was taken for an empty Redis, and every replica added its whole totals on top of
+/// the counts still there: the fleet's totals doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_removed_from_a_counted_hash_counts_nothing_twice() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    for _ in 0..5 {
+        assert_eq!(call(&kw, FREE).await.status, 200);
+    }
+    eventually("counts flushed", || async {
+        redis
+            .hget("keyward:usage:count", "key_free")
+            .await
+            .as_deref()
+            == Some("5")
+    })
+    .await;
+    let long = "x".repeat(65);
+    for (i, tamper) in [["HDEL", "#epoch", ""], ["HSET", "#epoch", long.as_str()]]
+        .iter()
+        .enumerate()
+    {
+        let old = redis.hget("keyward:usage:count", "#epoch").await;
+        let args: Vec<&str> = [tamper[0], "keyward:usage:count", tamper[1], tamper[2]]
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .collect();
+        let _: i64 = redis.cmd(&args).await;
+        assert_eq!(call(&kw, FREE).await.status, 200);
+        let want = (6 + i).to_string();
+        eventually("the totals under a new epoch, once", || async {
+            let epoch = redis.hget("keyward:usage:count", "#epoch").await;
+            let count = redis.hget("keyward:usage:count", "key_free").await;
+            epoch.is_some()
+                && epoch != old
+                && epoch.map(|e| e.len()) != Some(65)
+                && count == Some(want.clone())
+        })
+        .await;
+    }
+    let calls = flush_metric(&kw, false).await;
+    eventually("another flush", || async {
+        flush_metric(&kw, false).await >= calls + 2.0
+    })
+    .await;
+    let count = redis.hget("keyward:usage:count", "key_free").await;
+    assert_eq!(count.as_deref(), Some("7"));
 }
 
 /// Keys a flush call carries, from one `SLOWLOG` entry (`None`: not a usage flush). An

@@ -341,7 +341,7 @@ async fn a_slow_redis_costs_at_most_the_timeout_then_the_policy_applies() {
     let kw = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
     wait_ready(&kw).await;
     assert_eq!(call(&kw, LIMITED).await.status, 200);
-    let sleeper = redis.sleep_in_background(2);
+    let sleeper = redis.sleep_in_background(2.0);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t0 = std::time::Instant::now();
     let r = call(&kw, LIMITED).await;

@@ -78,17 +78,24 @@ if kind ~= 'string' and kind ~= 'none' then redis.call('DEL', KEYS[3]) end
 if redis.call('HSTRLEN', KEYS[1], ARGV[3]) > 64 then redis.call('HDEL', KEYS[1], ARGV[3]) end
 local epoch = redis.call('HGET', KEYS[1], ARGV[3])
 if not epoch then
+  -- A new epoch: every replica sends its whole totals under it. Counts already in the
+  -- hashes (their epoch field removed or replaced by another writer) would be counted
+  -- twice: they go, as they would had Redis come back empty.
+  if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then redis.call('UNLINK', KEYS[1], KEYS[2]) end
   epoch = ARGV[2]
   redis.call('HSET', KEYS[1], ARGV[3], epoch)
 end
 if epoch ~= ARGV[1] then return epoch end
--- A batch sent again (its answer was lost) may have landed: applied once. A value another
--- writer left that is no sequence number (too long, not a number, NaN, past 2^53) reads
--- as none: believed, it held this replica's counts back for good.
+-- A batch sent again (its answer was lost) may have landed: applied once. Only what this
+-- replica writes counts as its mark: digits, no more of them than ARGV[6], and not past
+-- the batch it sends (its batches are sent one at a time, so the mark is never ahead of
+-- the one in flight). Anything else another writer left (`1e15`, hex, spaces, a number
+-- ahead) reads as none: believed, it held this replica's counts back for good.
 local done = 0
 if redis.call('STRLEN', KEYS[3]) <= tonumber(ARGV[6]) then
-  done = tonumber(redis.call('GET', KEYS[3])) or 0
-  if done ~= done or done > 9007199254740992 then done = 0 end
+  local mark = redis.call('GET', KEYS[3])
+  if mark and string.match(mark, '^%d+$') then done = tonumber(mark) end
+  if done > tonumber(ARGV[4]) then done = 0 end
 end
 if tonumber(ARGV[4]) <= done then
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
@@ -490,24 +497,40 @@ impl FleetUsage {
         ))
     }
 
-    /// Flush every [`FLUSH_INTERVAL`] until `stop`, then once more (a batch still in flight
-    /// first): a flush is never cut half done, so a stopping replica sends its last counts.
+    /// Flush every [`FLUSH_INTERVAL`] until `stop`, then send what is left (a batch still
+    /// in flight first), tried again every [`LAST_FLUSH_RETRY`] until it lands: the caller
+    /// bounds how long. A flush running when `stop` comes is given up, not waited for: its
+    /// batch stays in flight and is sent again first, applied once whether or not it had
+    /// landed. (Waited for, a flush held by a Redis that stalled spent the whole shutdown
+    /// budget; and a last flush tried once found the connection its timeout had closed, so
+    /// a replica stopping just after Redis stalled lost what it counted since its last
+    /// flush, review 36.)
     pub async fn run(self: Arc<Self>, usage: &Usage, stop: impl Future<Output = ()>) {
         let mut stop = std::pin::pin!(stop);
         loop {
-            let last = tokio::select! {
-                () = tokio::time::sleep(FLUSH_INTERVAL) => false,
-                () = &mut stop => true,
-            };
-            if let Err(e) = self.flush(usage).await {
-                tracing::debug!(error = %e, "usage flush failed; retried next time");
+            tokio::select! {
+                () = tokio::time::sleep(FLUSH_INTERVAL) => {}
+                () = &mut stop => break,
             }
-            if last {
-                return;
+            tokio::select! {
+                r = self.flush(usage) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "usage flush failed; retried next time");
+                    }
+                }
+                () = &mut stop => break,
             }
+        }
+        while let Err(e) = self.flush(usage).await {
+            tracing::debug!(error = %e, "last usage flush failed; retrying");
+            tokio::time::sleep(LAST_FLUSH_RETRY).await;
         }
     }
 }
+
+/// How often a stopping replica tries its last flush again (the connection a stalled
+/// Redis lost is made again meanwhile).
+const LAST_FLUSH_RETRY: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {

@@ -59,7 +59,7 @@ impl Redis {
 
     /// `DEBUG SLEEP secs` on a connection of its own: Redis answers no one meanwhile. The
     /// task ends when Redis wakes.
-    pub fn sleep_in_background(&self, secs: u32) -> tokio::task::JoinHandle<()> {
+    pub fn sleep_in_background(&self, secs: f64) -> tokio::task::JoinHandle<()> {
         let client = self.client();
         tokio::spawn(async move {
             let mut c = client.get_multiplexed_async_connection().await.unwrap();
