@@ -152,10 +152,31 @@ impl Ca {
 
     /// A PEM revocation list of this CA listing `serials`, its `nextUpdate` in `year`.
     fn crl_until(&self, number: u64, serials: &[u64], year: i32) -> String {
-        let revoked_certs = serials
+        let serials: Vec<_> = serials
             .iter()
-            .map(|s| rcgen::RevokedCertParams {
-                serial_number: rcgen::SerialNumber::from(*s),
+            .map(|s| rcgen::SerialNumber::from(*s))
+            .collect();
+        self.crl_with(number, serials, year, None)
+    }
+
+    /// A PEM revocation list of this CA listing `serials`, scoped to the distribution point
+    /// `uri` (a partition of the CA's revocations).
+    fn crl_in_scope(&self, number: u64, serials: &[u64], uri: &str) -> String {
+        let serials = serials.iter().map(|s| rcgen::SerialNumber::from(*s));
+        self.crl_with(number, serials.collect(), 2035, Some(uri))
+    }
+
+    fn crl_with(
+        &self,
+        number: u64,
+        serials: Vec<rcgen::SerialNumber>,
+        year: i32,
+        scope: Option<&str>,
+    ) -> String {
+        let revoked_certs = serials
+            .into_iter()
+            .map(|serial_number| rcgen::RevokedCertParams {
+                serial_number,
                 revocation_time: rcgen::date_time_ymd(2024, 1, 1),
                 reason_code: Some(rcgen::RevocationReason::KeyCompromise),
                 invalidity_date: None,
@@ -165,7 +186,12 @@ impl Ca {
             this_update: rcgen::date_time_ymd(2024, 1, 1),
             next_update: rcgen::date_time_ymd(year, 1, 1),
             crl_number: rcgen::SerialNumber::from(number),
-            issuing_distribution_point: None,
+            issuing_distribution_point: scope.map(|uri| rcgen::CrlIssuingDistributionPoint {
+                distribution_point: rcgen::CrlDistributionPoint {
+                    uris: vec![uri.to_string()],
+                },
+                scope: None,
+            }),
             revoked_certs,
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         }
@@ -975,6 +1001,78 @@ async fn mtls_applies_the_newest_of_two_lists_of_one_ca_in_either_order() {
         2,
         "only the unlisted certificate got through"
     );
+}
+
+/// Review 39: a newer list scoped to a distribution point (a partition, here with nothing
+/// revoked) beside an older full list of the same CA hid the full list's revocations from a
+/// certificate without a distribution point: rustls-webpki consults the first list
+/// authoritative for a certificate, and takes a scoped one for any certificate without a
+/// distribution point. Every applied list of the issuer is looked in now, in either order.
+#[tokio::test]
+async fn a_scoped_list_does_not_hide_a_full_lists_revocation_in_either_order() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let client_ca = Ca::new("client ca");
+    let full = client_ca.crl(2, &[7]);
+    let scoped = client_ca.crl_in_scope(3, &[], "http://crl.example/part1.crl");
+    let leaked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
+    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    for (what, bundle) in [
+        ("full first", format!("{full}{scoped}")),
+        ("scoped first", format!("{scoped}{full}")),
+    ] {
+        let certs = CertDir::new(&ca.server("keyward-a"));
+        let ca_file = certs.write_ca(&client_ca.pem());
+        let crl_file = certs.path("ca.crl");
+        std::fs::write(&crl_file, bundle).unwrap();
+        let yaml = certs.yaml(Some(&ca_file)).replace(
+            "poll_interval: 50ms",
+            &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+        );
+        let proxy = spawn_proxy(upstream.addr, &yaml).await;
+        let get_with = |leaf: &Leaf| {
+            let c = connector(&ca, &[], Some(leaf));
+            async move { try_get(&c, proxy.addr, "/m/scoped").await }
+        };
+        let got = get_with(&leaked).await;
+        assert!(got.is_err(), "{what}: revoked in the full list: {got:?}");
+        let got = get_with(&other)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: unlisted certificate refused: {e}"));
+        assert_eq!(got.status, StatusCode::OK, "{what}");
+        proxy.shutdown().await;
+    }
+    assert_eq!(
+        upstream.count(),
+        2,
+        "only the unlisted certificate got through"
+    );
+}
+
+/// Review 39: a list that `x509-cert` cannot read (a revoked serial past RFC 5280's 20
+/// bytes) but rustls applies escaped the check against lists going back in time: an older
+/// list replacing the one in force let its revoked client in again without a word. Such a
+/// file is refused now, as `keyward check` refused it, and the lists in force stay.
+#[tokio::test]
+async fn a_list_that_cannot_be_read_for_its_number_is_refused_not_applied() {
+    let mut r = Revocable::start(|ca| ca.crl(5, &[7])).await;
+    assert!(r.get_with(&r.leaked).await.is_err());
+    let long = rcgen::SerialNumber::from_slice(&[0x51; 24]);
+    let older = r.client_ca.crl_with(4, vec![long], 2035, None);
+    // The list with a new certificate in the same step (seen served: the step was taken).
+    let next = r.ca.server("keyward-b");
+    r.write_list(older);
+    r.certs.publish(&next.cert_pem, &next.key_pem);
+    eventually("the new certificate served", || async {
+        r.served_now().await == Some(next.der.clone())
+    })
+    .await;
+    assert!(
+        r.get_with(&r.leaked).await.is_err(),
+        "an older list no one could date let the leaked client in"
+    );
+    assert!(r.get_with(&r.other).await.is_ok());
+    r.proxy.shutdown().await;
 }
 
 /// With `client_ca`, no session is resumed (TLS 1.2 session ids, TLS 1.3 tickets): a resumed

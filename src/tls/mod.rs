@@ -27,6 +27,8 @@ use sha2::{Digest as _, Sha256};
 use tokio::net::TcpStream;
 
 use crate::config::TlsConfig;
+
+mod revoked;
 use crate::file_watch::{Taken, Watch, Watched};
 
 /// Handshake deadline used by [`TlsAcceptor::new`] when none is given.
@@ -207,6 +209,17 @@ fn revocation_lists(
     if crls.is_empty() {
         return Err(file_err("client_crl", path, "no PEM revocation list found"));
     }
+    // Which list is newest, and whether a reload goes back in time, is read from each
+    // list's issuer, scope, number and dates: a list that cannot be read so (`x509-cert`
+    // refuses what RFC 5280 does, a revoked serial past 20 bytes among them) escaped both,
+    // while rustls, more lenient, applied it (review 39). Refused, as `keyward check` did.
+    if crls.iter().any(|crl| CrlStanding::of(crl).is_none()) {
+        return Err(file_err(
+            "client_crl",
+            path,
+            "holds a revocation list whose issuer, number or dates cannot be read (RFC 5280; a revoked serial longer than 20 bytes?)",
+        ));
+    }
     Ok(newest_of_each_issuer(crls))
 }
 
@@ -351,7 +364,8 @@ impl SetAside {
 /// The newest list of each issuer (and issuing distribution point), in the order of the
 /// file. rustls-webpki consults the first list it finds for a certificate's issuer: an older
 /// list ahead of a newer one in the file (`cat old.crl new.crl`) would hide every
-/// certificate revoked since. A list `x509-cert` cannot read is kept as it is.
+/// certificate revoked since. (A list `x509-cert` cannot read is kept as it is here; the
+/// file is refused at load, see [`revocation_lists`].)
 fn newest_of_each_issuer(
     crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
 ) -> (
@@ -529,12 +543,16 @@ impl TlsFiles {
                 // `allow_unauthenticated()` refuses a client that presents none.
                 let mut verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                let mut revoked_serials = None;
                 if let (Some(crl_path), Some(crl_pem)) = (&tls.client_crl, &self.client_crl) {
                     let (crls, older) = revocation_lists(crl_path, crl_pem)?;
                     crl = CrlDue::of(&crls);
                     set_aside = older;
                     // Every certificate of the chain is checked, intermediates the client
                     // sends included: an issuing CA its root revoked mints no more clients.
+                    let serials = revoked::RevokedSerials::of(&crls)
+                        .map_err(|e| file_err("client_crl", crl_path, e))?;
+                    revoked_serials = Some(serials);
                     verifier = verifier.with_crls(crls);
                 }
                 // The lists are parsed here: a broken one is named at load.
@@ -544,7 +562,16 @@ impl TlsFiles {
                     }
                     (e, _) => file_err("client_ca", path, e),
                 })?;
-                builder.with_client_cert_verifier(verifier)
+                match revoked_serials {
+                    // And in every list of the issuer, not only the one rustls consults.
+                    Some(revoked) => {
+                        builder.with_client_cert_verifier(Arc::new(revoked::EveryList {
+                            inner: verifier,
+                            revoked,
+                        }))
+                    }
+                    None => builder.with_client_cert_verifier(verifier),
+                }
             }
             _ => builder.with_no_client_auth(),
         };

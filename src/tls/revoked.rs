@@ -1,0 +1,128 @@
+//! Every revocation the applied client CRLs hold, checked after rustls's own check.
+//!
+//! rustls-webpki consults one list per certificate: the first it finds authoritative for
+//! it. Lists of one issuer in different scopes overlap (a scoped list, one with an issuing
+//! distribution point, is authoritative for every certificate without a distribution
+//! point; a full list for all), so whichever of two overlapping lists comes first hides the
+//! other's revocations: a newer scoped list ahead of an older full one let a certificate
+//! the full list revokes in (review 39), and the reverse order did the same the other way.
+//! No order is right for both; so after rustls accepts a client, its certificate and the
+//! intermediates it sent are looked up in every applied list of their issuer. A serial is
+//! unique per issuer, so a revocation in any of them is that certificate's, whatever the
+//! list's scope. (A revocation lifted by the newest list of one scope but still listed in
+//! another list of the issuer keeps the certificate out: fail closed.)
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use x509_cert::der::Decode as _;
+
+/// Revoked serials by issuer, from the lists applied.
+#[derive(Debug, Default)]
+pub(super) struct RevokedSerials(Vec<(x509_cert::name::Name, HashSet<Vec<u8>>)>);
+
+impl RevokedSerials {
+    /// The serials `crls` revoke. A list that cannot be read is an error (it is refused at
+    /// load before this, see `revocation_lists`).
+    pub(super) fn of(crls: &[CertificateRevocationListDer<'_>]) -> Result<Self, String> {
+        let mut by_issuer = Self::default();
+        for crl in crls {
+            let list: x509_cert::crl::CertificateList =
+                x509_cert::crl::CertificateList::from_der(crl.as_ref())
+                    .map_err(|e| format!("a revocation list that cannot be read: {e}"))?;
+            let tbs = list.tbs_cert_list;
+            let serials = tbs
+                .revoked_certificates
+                .iter()
+                .flatten()
+                .map(|r| r.serial_number.as_bytes().to_vec());
+            match by_issuer.0.iter_mut().find(|(i, _)| *i == tbs.issuer) {
+                Some((_, set)) => set.extend(serials),
+                None => by_issuer.0.push((tbs.issuer, serials.collect())),
+            }
+        }
+        Ok(by_issuer)
+    }
+
+    /// Is `cert` revoked by any list of its issuer? One that cannot be read is taken as
+    /// revoked: rustls accepted it, but nothing here can say it is not listed.
+    fn revokes(&self, cert: &CertificateDer<'_>) -> bool {
+        let Ok(cert) = x509_cert::Certificate::from_der(cert.as_ref()) else {
+            return true;
+        };
+        let tbs = cert.tbs_certificate();
+        self.0
+            .iter()
+            .filter(|(issuer, _)| issuer == tbs.issuer())
+            .any(|(_, serials)| serials.contains(tbs.serial_number().as_bytes()))
+    }
+}
+
+/// rustls's client verifier, then every applied list (see the module doc).
+#[derive(Debug)]
+pub(super) struct EveryList {
+    pub(super) inner: Arc<dyn ClientCertVerifier>,
+    pub(super) revoked: RevokedSerials,
+}
+
+impl ClientCertVerifier for EveryList {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if std::iter::once(end_entity)
+            .chain(intermediates)
+            .any(|c| self.revoked.revokes(c))
+        {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
+}
