@@ -1022,10 +1022,9 @@ async fn an_epoch_removed_from_a_counted_hash_counts_nothing_twice() {
     assert_eq!(count.as_deref(), Some("7"));
 }
 
-/// Keys a flush call carries, from one `SLOWLOG` entry (`None`: not a usage flush). An
-/// entry keeps 32 arguments, the last one `... (N more arguments)`; the keys' triples
-/// `(id, delta, last_ms)` end the call, from the first id on.
-fn flush_keys(entry: &redis::Value) -> Option<usize> {
+/// The arguments of a usage flush call (a script call naming the epoch field), from one
+/// `SLOWLOG` entry (which keeps 32 of them).
+fn flush_call(entry: &redis::Value) -> Option<Vec<String>> {
     let redis::Value::Array(fields) = entry else {
         return None;
     };
@@ -1039,9 +1038,63 @@ fn flush_keys(entry: &redis::Value) -> Option<usize> {
             _ => String::new(),
         })
         .collect();
-    if !args[0].eq_ignore_ascii_case("evalsha") || !args.iter().any(|a| a == "#epoch") {
-        return None;
+    let flush = args[0].eq_ignore_ascii_case("evalsha") && args.iter().any(|a| a == "#epoch");
+    flush.then_some(args)
+}
+
+/// Review 38: a copy of a flush delivered late (bytes a closed connection still had in
+/// flight, retransmitted after the replica sent the next flush) was applied again: the
+/// mark, ahead of its number, was taken for another writer's. The call that carried a
+/// count, sent again as Redis first received it after two more flushes, adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_copy_of_a_flush_is_not_applied_again() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let _: String = redis
+        .cmd(&["CONFIG", "SET", "slowlog-log-slower-than", "0"])
+        .await;
+    let _: String = redis
+        .cmd(&["CONFIG", "SET", "slowlog-max-len", "1000"])
+        .await;
+    for _ in 0..4 {
+        assert_eq!(call(&kw, FREE).await.status, 200);
     }
+    eventually("counts flushed", || async {
+        redis
+            .hget("keyward:usage:count", "key_free")
+            .await
+            .as_deref()
+            == Some("4")
+    })
+    .await;
+    let log: Vec<redis::Value> = redis.cmd(&["SLOWLOG", "GET", "1000"]).await;
+    // The newest call that carried the key: the one applied.
+    let applied = log
+        .iter()
+        .filter_map(flush_call)
+        .find(|args| args.iter().any(|a| a == "key_free"))
+        .expect("the flush that carried key_free");
+    let calls = flush_metric(&kw, false).await;
+    eventually("two more flushes", || async {
+        flush_metric(&kw, false).await >= calls + 2.0
+    })
+    .await;
+    let args: Vec<&str> = applied.iter().map(String::as_str).collect();
+    let _: String = redis.cmd(&args).await;
+    let count = redis.hget("keyward:usage:count", "key_free").await;
+    assert_eq!(
+        count.as_deref(),
+        Some("4"),
+        "the late copy was applied again"
+    );
+}
+
+/// Keys a flush call carries, from one `SLOWLOG` entry (`None`: not a usage flush). An
+/// entry keeps 32 arguments, the last one `... (N more arguments)`; the keys' triples
+/// `(id, delta, last_ms)` end the call, from the first id on.
+fn flush_keys(entry: &redis::Value) -> Option<usize> {
+    let args = flush_call(entry)?;
     let more = args
         .last()?
         .strip_prefix("... (")

@@ -55,16 +55,16 @@ pub const FLUSH_CHUNK: usize = 1000;
 /// and a replica gone for good leaves no key behind for long.
 const SEQ_TTL: Duration = Duration::from_secs(3600);
 
-/// The longest sequence number the script reads (`u64::MAX` has 20 digits); a longer value
-/// (another writer's) reads as none.
-const SEQ_MAX_BYTES: u32 = 20;
+/// The longest mark the script reads (`{seq}:{tag}`: a u64 has at most 20 digits, the tag
+/// 32 hex digits); a longer value (another writer's) reads as none.
+const SEQ_MAX_BYTES: u32 = 64;
 
 /// KEYS[1]: counts hash, KEYS[2]: last-used hash (ms), KEYS[3]: the highest sequence number
 /// of this replica's applied. ARGV[1]: the epoch the counts were added under, ARGV[2]: the
 /// epoch to start if the hash has none, ARGV[3]: the epoch field, ARGV[4]: this batch's
-/// sequence number, ARGV[5]: KEYS[3]'s expiry (ms), ARGV[6]: the longest sequence number
-/// read; then id, delta, last_ms, ... Adds only under the epoch named, and only a batch
-/// numbered above KEYS[3]; returns the epoch in force.
+/// sequence number, ARGV[5]: KEYS[3]'s expiry (ms), ARGV[6]: the longest mark read,
+/// ARGV[7]: this process's tag; then id, delta, last_ms, ... Adds only under the epoch
+/// named, and only a batch numbered above KEYS[3]'s mark; returns the epoch in force.
 const FLUSH: &str = r"
 -- A key of another type is not keyward's (every flush failed on it): replaced.
 for i = 1, 2 do
@@ -86,23 +86,23 @@ if not epoch then
   redis.call('HSET', KEYS[1], ARGV[3], epoch)
 end
 if epoch ~= ARGV[1] then return epoch end
--- A batch sent again (its answer was lost) may have landed: applied once. Only what this
--- replica writes counts as its mark: digits, no more of them than ARGV[6], and not past
--- the batch it sends (its batches are sent one at a time, so the mark is never ahead of
--- the one in flight). Anything else another writer left (`1e15`, hex, spaces, a number
--- ahead) reads as none: believed, it held this replica's counts back for good.
+-- A batch sent again (its answer was lost), or a copy of it delivered late, may have
+-- landed: applied once, whatever this replica sent since. The mark is `{seq}:{tag}`, the
+-- tag random per process: anything else another writer left there (`1e15`, hex, a bare
+-- number, another tag) reads as none, or believed it held this replica's counts back for
+-- good (review 36). Judging a mark by its number alone (one ahead of the batch read as
+-- foreign) applied a late copy again once the replica had sent the next batch (review 38).
 local done = 0
 if redis.call('STRLEN', KEYS[3]) <= tonumber(ARGV[6]) then
-  local mark = redis.call('GET', KEYS[3])
-  if mark and string.match(mark, '^%d+$') then done = tonumber(mark) end
-  if done > tonumber(ARGV[4]) then done = 0 end
+  local seq, tag = string.match(redis.call('GET', KEYS[3]) or '', '^(%d+):(%x+)$')
+  if seq and tag == ARGV[7] then done = tonumber(seq) end
 end
 if tonumber(ARGV[4]) <= done then
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
   return epoch
 end
-redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
-for i = 7, #ARGV, 3 do
+redis.call('SET', KEYS[3], ARGV[4] .. ':' .. ARGV[7], 'PX', ARGV[5])
+for i = 8, #ARGV, 3 do
   -- Any writer of a shared Redis can leave a count that would overflow, or is not a
   -- number: saturate the one, restart the other, and let the other keys' counts land.
   local added = redis.pcall('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -156,6 +156,9 @@ pub struct FleetUsage {
     /// This replica's id (random per process): names the key that holds its highest
     /// applied sequence number.
     replica: String,
+    /// Marks that number as this process's (random per process, never logged): what
+    /// another writer left in the key reads as no mark.
+    tag: String,
     ledger: Mutex<Ledger>,
     script: redis::Script,
     read: redis::Script,
@@ -291,6 +294,7 @@ impl FleetUsage {
         Self {
             cluster: cluster.clone(),
             replica: uuid::Uuid::new_v4().simple().to_string(),
+            tag: uuid::Uuid::new_v4().simple().to_string(),
             ledger: Mutex::new(Ledger::default()),
             script: redis::Script::new(FLUSH),
             read: redis::Script::new(READ),
@@ -400,13 +404,13 @@ impl FleetUsage {
         let seq_key = self.cluster.key(&format!("usage:seq:{}", self.replica));
         let fresh = uuid::Uuid::new_v4().simple().to_string();
         let ttl_ms = SEQ_TTL.as_millis() as u64;
-        let script = &self.script;
+        let (script, tag) = (&self.script, &self.tag);
         self.cluster
             .call(Op::UsageFlush, |mut c| async move {
                 let mut inv = script.key(count);
                 inv.key(last).key(seq_key);
                 inv.arg(&batch.epoch).arg(fresh).arg(EPOCH_FIELD);
-                inv.arg(batch.seq).arg(ttl_ms).arg(SEQ_MAX_BYTES);
+                inv.arg(batch.seq).arg(ttl_ms).arg(SEQ_MAX_BYTES).arg(tag);
                 for (id, delta, ms) in &batch.entries {
                     inv.arg(&**id).arg(*delta).arg(*ms);
                 }
