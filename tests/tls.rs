@@ -59,6 +59,22 @@ impl Ca {
         self.cert.pem()
     }
 
+    /// An issuing CA under this one, its certificate numbered `serial`.
+    fn intermediate(&self, name: &str, serial: u64) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Ca { cert, key }
+    }
+
     fn issue(&self, cn: &str, purpose: ExtendedKeyUsagePurpose) -> Leaf {
         self.issue_serial(cn, purpose, None)
     }
@@ -1073,6 +1089,56 @@ async fn a_list_that_cannot_be_read_for_its_number_is_refused_not_applied() {
     );
     assert!(r.get_with(&r.other).await.is_ok());
     r.proxy.shutdown().await;
+}
+
+/// Review 41: with an issuing CA in `client_ca` beside its root, the root's revocation of
+/// that CA was never looked at for a client that left the CA out of its chain: rustls-webpki
+/// took the CA as a trust anchor (it prefers one to an intermediate sent, and never checks
+/// an anchor's revocation). A revoked CA is no anchor now; a client it issued is refused
+/// whether it sends the CA or not, and one of a CA not revoked still gets in.
+#[tokio::test]
+async fn a_revoked_issuing_ca_in_client_ca_lets_none_of_its_clients_in() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let root = Ca::new("client root");
+    let leaked_ca = root.intermediate("leaked issuing ca", 40);
+    let kept_ca = root.intermediate("kept issuing ca", 41);
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&(root.pem() + &leaked_ca.pem() + &kept_ca.pem()));
+    let crl_file = certs.path("ca.crl");
+    let lists = root.crl(1, &[40]) + &leaked_ca.crl(1, &[]) + &kept_ca.crl(1, &[]);
+    std::fs::write(&crl_file, lists).unwrap();
+    let yaml = certs.yaml(Some(&ca_file)).replace(
+        "poll_interval: 50ms",
+        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+    );
+    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let minted = leaked_ca.issue_serial("minted", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let honest = kept_ca.issue_serial("honest", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let get_with = |leaf: &Leaf, chain: Option<&Ca>| {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots(&ca))
+            .with_client_auth_cert(
+                std::iter::once(leaf.der.clone())
+                    .chain(chain.map(|c| c.cert.der().clone()))
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        config.alpn_protocols = Vec::new();
+        let c = TlsConnector::from(Arc::new(config));
+        async move { try_get(&c, proxy.addr, "/m/anchor").await }
+    };
+    let got = get_with(&minted, None).await;
+    assert!(got.is_err(), "revoked CA left out of the chain: {got:?}");
+    let got = get_with(&minted, Some(&leaked_ca)).await;
+    assert!(got.is_err(), "revoked CA sent: {got:?}");
+    let got = get_with(&honest, None).await.expect("a CA not revoked");
+    assert_eq!(got.status, StatusCode::OK);
+    proxy.shutdown().await;
+    assert_eq!(upstream.count(), 1, "only the honest client got through");
 }
 
 /// With `client_ca`, no session is resumed (TLS 1.2 session ids, TLS 1.3 tickets): a resumed

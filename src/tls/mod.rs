@@ -191,6 +191,49 @@ fn pem_problem(e: &rustls::pki_types::pem::Error) -> &'static str {
     }
 }
 
+/// The certificates of `client_ca` as trust anchors, less those an applied list revokes.
+/// rustls-webpki never checks an anchor's revocation, and prefers an anchor to an
+/// intermediate the client sends: with an issuing CA in `client_ca` beside its root, a
+/// client that left that CA out of its chain was judged by the CA as an anchor, and its
+/// root's revocation of the CA never looked at (review 41). A revoked CA is no anchor:
+/// its clients are then judged through their root, which revokes it.
+fn trust_anchors(
+    path: &Path,
+    pem: &[u8],
+    revoked: Option<&revoked::RevokedSerials>,
+) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    let mut left_out = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| file_err("client_ca", path, pem_problem(&e)))?;
+        if revoked.is_some_and(|r| r.revokes(&cert)) {
+            left_out += 1;
+            continue;
+        }
+        roots
+            .add(cert)
+            .map_err(|e| file_err("client_ca", path, e))?;
+    }
+    if left_out > 0 {
+        tracing::warn!(
+            client_ca = %path.display(),
+            revoked = left_out,
+            "TLS client_ca holds certificates tls.client_crl revokes: not trusted as anchors"
+        );
+    }
+    if roots.is_empty() && left_out > 0 {
+        return Err(file_err(
+            "client_ca",
+            path,
+            "every certificate it holds is revoked by tls.client_crl",
+        ));
+    }
+    if roots.is_empty() {
+        return Err(file_err("client_ca", path, "no PEM certificate found"));
+    }
+    Ok(roots)
+}
+
 /// The CRLs of a `tls.client_crl` file: at least one, each well-formed, the newest of each
 /// issuer only (see [`newest_of_each_issuer`]).
 fn revocation_lists(
@@ -309,6 +352,17 @@ fn older_than_in_force(new: &[u8], in_force: &[u8]) -> Vec<String> {
         })
         .map(|this| this.issuer.to_string())
         .collect()
+}
+
+/// What applies when a reload holds a list older than one in force: each issuer's newest
+/// list of the two files (the older ones stay out, every other issuer's new list goes in;
+/// the newest of each only, so refusals in a row do not pile lists up). `None` when that is
+/// just what the file applies: an unchanged scoped list beside a newer full one is older
+/// than the full one in force, and the reload was said refused though nothing was kept
+/// out (review 41).
+fn kept_in_force(new: &[u8], in_force: &[u8]) -> Option<Vec<u8>> {
+    let merged = newest_lists_of(&[new, in_force]);
+    (merged != newest_lists_of(&[new])).then_some(merged)
 }
 
 /// The newest list of each issuer (and scope) of these PEM files, as one PEM file.
@@ -529,29 +583,26 @@ impl TlsFiles {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let builder = match (&tls.client_ca, &self.client_ca) {
             (Some(path), Some(pem)) => {
-                let mut roots = RootCertStore::empty();
-                for cert in CertificateDer::pem_slice_iter(pem) {
-                    let cert = cert.map_err(|e| file_err("client_ca", path, pem_problem(&e)))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| file_err("client_ca", path, e))?;
-                }
-                if roots.is_empty() {
-                    return Err(file_err("client_ca", path, "no PEM certificate found"));
-                }
+                let lists = match (&tls.client_crl, &self.client_crl) {
+                    (Some(crl_path), Some(crl_pem)) => {
+                        let (crls, older) = revocation_lists(crl_path, crl_pem)?;
+                        let serials = revoked::RevokedSerials::of(&crls)
+                            .map_err(|e| file_err("client_crl", crl_path, e))?;
+                        Some((crls, older, serials))
+                    }
+                    _ => None,
+                };
+                let roots = trust_anchors(path, pem, lists.as_ref().map(|l| &l.2))?;
                 // Client certificates are mandatory: `build()` without
                 // `allow_unauthenticated()` refuses a client that presents none.
                 let mut verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
                 let mut revoked_serials = None;
-                if let (Some(crl_path), Some(crl_pem)) = (&tls.client_crl, &self.client_crl) {
-                    let (crls, older) = revocation_lists(crl_path, crl_pem)?;
+                if let Some((crls, older, serials)) = lists {
                     crl = CrlDue::of(&crls);
                     set_aside = older;
                     // Every certificate of the chain is checked, intermediates the client
                     // sends included: an issuing CA its root revoked mints no more clients.
-                    let serials = revoked::RevokedSerials::of(&crls)
-                        .map_err(|e| file_err("client_crl", crl_path, e))?;
                     revoked_serials = Some(serials);
                     verifier = verifier.with_crls(crls);
                 }
@@ -973,11 +1024,10 @@ impl Watched for TlsWatch {
                 .client_crl
                 .as_deref()
                 .is_some_and(|path| revocation_lists(path, new).is_ok());
-            if !older.is_empty() && parses {
-                // Each issuer's newest list of the two files is applied: the older ones stay
-                // out, every other issuer's new list goes in (the newest of each only, so
-                // refusals in a row do not pile lists up).
-                let merged = newest_lists_of(&[new, old]);
+            if let Some(merged) = (!older.is_empty() && parses)
+                .then(|| kept_in_force(new, old))
+                .flatten()
+            {
                 self.say_once(&self.said_older, Sha256::digest(&merged).into(), || {
                     let path = self.tls.client_crl.as_deref().unwrap_or(Path::new(""));
                     let e = file_err("client_crl", path, format!("the list of {} is older than the one in force (a lower CRL Number, or an earlier thisUpdate): the one in force stays for that issuer, the file's lists of any other are applied (a restart takes whatever the file holds)", older.join("; ")));
@@ -1320,6 +1370,28 @@ mod tests {
         assert_eq!(applied, expected);
         let again = newest_lists_of(&[&reload, &merged]);
         assert_eq!(again.len(), merged.len());
+    }
+
+    /// Review 41: a reload with a newer full list beside an unchanged scoped one keeps
+    /// nothing in force (the scoped list is older than the full one in force, which is what
+    /// `older_than_in_force` reports); one that goes back does.
+    #[test]
+    fn a_newer_full_list_beside_an_unchanged_scoped_one_keeps_nothing_in_force() {
+        let a = crl_issuer("ca a");
+        let pem = |crls: &[&rcgen::CertificateRevocationList]| -> Vec<u8> {
+            crls.iter()
+                .flat_map(|c| c.pem().unwrap().into_bytes())
+                .collect()
+        };
+        let scoped = signed_crl(&a, 3, 2025, Some("http://crl.example/part1.crl"));
+        let (full4, full6) = (signed_crl(&a, 4, 2025, None), signed_crl(&a, 6, 2025, None));
+        let in_force = pem(&[&full4, &scoped]);
+        let reload = pem(&[&full6, &scoped]);
+        assert!(!older_than_in_force(&reload, &in_force).is_empty());
+        assert_eq!(kept_in_force(&reload, &in_force), None);
+        let back = pem(&[&signed_crl(&a, 2, 2025, None), &scoped]);
+        let kept = kept_in_force(&back, &in_force).expect("the full list in force kept");
+        assert_eq!(kept, newest_lists_of(&[&in_force]));
     }
 
     /// Lists of one issuer in different scopes are all kept, newest first (rustls-webpki

@@ -50,7 +50,7 @@ impl RevokedSerials {
 
     /// Is `cert` revoked by any list of its issuer? One that cannot be read is taken as
     /// revoked: rustls accepted it, but nothing here can say it is not listed.
-    fn revokes(&self, cert: &CertificateDer<'_>) -> bool {
+    pub(super) fn revokes(&self, cert: &CertificateDer<'_>) -> bool {
         let Ok(cert) = x509_cert::Certificate::from_der(cert.as_ref()) else {
             return true;
         };
