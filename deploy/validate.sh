@@ -130,10 +130,11 @@ deployment = next(d for d in yaml.safe_load_all(open("deploy/kubernetes/deployme
                   if d and d.get("kind") == "Deployment")
 pod = deployment["spec"]["template"]["spec"]
 shutdown = pod_cfg["shutdown"]
-needed = seconds(shutdown["drain_delay"]) + seconds(shutdown["grace"])
+# After the grace, up to 2 s more: the admin listener's requests and the last usage flush.
+needed = seconds(shutdown["drain_delay"]) + seconds(shutdown["grace"]) + 2
 if not pod.get("terminationGracePeriodSeconds", 30) > needed:
     problems.append(f"deployment.yaml: terminationGracePeriodSeconds must exceed "
-                    f"drain_delay + grace ({needed:g}s)")
+                    f"drain_delay + grace + 2s ({needed:g}s)")
 admin_port = int(pod_cfg["admin_listen"].rsplit(":", 1)[1])
 listen_port = int(pod_cfg["listen"].rsplit(":", 1)[1])
 # The kubelet's probes go to probe_listen when the pod config has one, else the admin port.

@@ -226,15 +226,17 @@ impl Keyward {
             let _ = task.await;
         }
         let _ = stop_tx.send(true);
-        let _ = admin_task.await;
-        if let Some(task) = probe_task {
-            let _ = task.await;
-        }
-        // The counts since the last flush go to Redis before the process ends (a stopping
-        // replica lost up to its last second of usage), bounded if Redis does not answer.
-        if let Some(mut task) = usage_task {
-            // Past the bound it is stopped: it would go on trying.
-            if tokio::time::timeout(FINAL_FLUSH, &mut task).await.is_err() {
+        // What is left after the traffic's grace ends within one bound, side by side: the
+        // admin listener's own requests, the probes, and the counts since the last usage
+        // flush (a stopping replica lost up to its last second of usage). One after the
+        // other, an admin request that never finished its head held the exit its own 5 s
+        // past `shutdown.grace`, and the last flush waited behind it (review 42).
+        let rest = [Some(admin_task), probe_task, usage_task];
+        let mut rest: Vec<Task> = rest.into_iter().flatten().collect();
+        let all = futures_util::future::join_all(rest.iter_mut());
+        if tokio::time::timeout(FINAL_FLUSH, all).await.is_err() {
+            // Past the bound they are stopped: a last flush would go on trying.
+            for task in &rest {
                 task.abort();
             }
         }
@@ -245,7 +247,8 @@ impl Keyward {
     }
 }
 
-/// How long a stopping process waits for its last usage flush.
+/// How long a stopping process waits, after `shutdown.grace`, for its admin listener's
+/// requests, its probes and its last usage flush.
 const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 type Task = tokio::task::JoinHandle<()>;

@@ -653,6 +653,36 @@ async fn sigterm_drains_and_finishes_in_flight_requests() {
     );
 }
 
+/// Review 42: after the traffic's grace, the admin listener waited up to 5 s of its own for
+/// its requests (one whose head never ends, here), and the last usage flush after it: a
+/// stopping process took `drain_delay + grace` and 5 s more, past what a deployment gives
+/// it. What is left after the grace ends within one 2 s bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_admin_request_does_not_hold_the_exit_past_the_bound() {
+    use tokio::io::AsyncWriteExt as _;
+    let up = upstream().spawn().await;
+    let p = process(up.addr, |c| c.shutdown("0s", "1s")).await;
+    let mut admin = tokio::net::TcpStream::connect(p.admin).await.unwrap();
+    admin
+        .write_all(b"GET /v1/keys/usage HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    eventually("the admin connection is open", || async {
+        p.readyz().await == Some(200)
+    })
+    .await;
+    let start = std::time::Instant::now();
+    p.signal("-TERM");
+    let (status, logs, _) = p.wait_exit().await;
+    let took = start.elapsed();
+    assert!(status.success(), "{status:?}\n{logs:?}");
+    assert!(
+        took < Duration::from_millis(3500),
+        "drain 0 s + grace 1 s + 2 s; took {took:?}"
+    );
+    drop(admin);
+}
+
 /// A FIFO or a device swapped in for the key file (through a symlink, as a ConfigMap swap
 /// does) is refused like an unreadable file: the watcher neither blocks on it nor reads it
 /// forever, and the next good file is loaded by polling as usual.
