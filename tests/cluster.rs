@@ -246,9 +246,7 @@ async fn an_unlimited_key_makes_no_redis_call() {
     let mut windows = Vec::new();
     for _ in 0..3 {
         let before = redis.calls("time").await;
-        for _ in 0..50 {
-            assert_eq!(call(&kw, FREE).await.status, 200);
-        }
+        allowed(&kw, FREE, 50).await;
         let free = redis.calls("time").await - before;
         assert_eq!(call(&kw, LIMITED).await.status, 200);
         let limited = redis.calls("time").await - before - free;
@@ -374,9 +372,7 @@ async fn connections_that_stop_answering_are_replaced() {
     let config = cluster_yaml_with(relay, "deny", "200ms") + "workers: 1\n";
     let kw = spawn_proxy_with(up.addr, &config, Some(&keys)).await;
     wait_ready(&kw).await;
-    for _ in 0..5 {
-        assert_eq!(call(&kw, LIMITED).await.status, 200);
-    }
+    allowed(&kw, LIMITED, 5).await;
     stall();
     let start = Instant::now();
     let refused = std::sync::atomic::AtomicU32::new(0);
@@ -397,9 +393,7 @@ async fn connections_that_stop_answering_are_replaced() {
         "took {:?}",
         start.elapsed()
     );
-    for _ in 0..20 {
-        assert_eq!(call(&kw, LIMITED).await.status, 200);
-    }
+    allowed(&kw, LIMITED, 20).await;
 }
 
 /// Revoke on one replica, poll the others until they refuse the key: the time to effect.
@@ -635,9 +629,7 @@ async fn a_stopping_replica_flushes_its_last_counts() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
     let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
-    for _ in 0..5 {
-        assert_eq!(call(&kw, FREE).await.status, 200);
-    }
+    allowed(&kw, FREE, 5).await;
     kw.shutdown().await;
     let n = redis.hget("keyward:usage:count", "key_free").await;
     assert_eq!(n.as_deref(), Some("5"));
@@ -770,21 +762,10 @@ async fn a_key_removed_and_put_back_between_flushes_keeps_counting() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
     let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
-    for _ in 0..5 {
-        assert_eq!(call(&kw, OTHER).await.status, 200);
-    }
-    eventually("the first counts flushed", || async {
-        redis
-            .hget("keyward:usage:count", "key_other")
-            .await
-            .as_deref()
-            == Some("5")
-    })
-    .await;
+    allowed(&kw, OTHER, 5).await;
+    flushed(&redis, "key_other", 5).await;
     // Counted, not flushed yet, when the key goes.
-    for _ in 0..3 {
-        assert_eq!(call(&kw, OTHER).await.status, 200);
-    }
+    allowed(&kw, OTHER, 3).await;
     let without = snapshot(&[
         entry(
             "key_limited",
@@ -801,17 +782,8 @@ async fn a_key_removed_and_put_back_between_flushes_keeps_counting() {
         let r = send("POST", &url, &[("authorization", auth.as_str())], b"").await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    for _ in 0..2 {
-        assert_eq!(call(&kw, OTHER).await.status, 200);
-    }
-    eventually("every count flushed", || async {
-        redis
-            .hget("keyward:usage:count", "key_other")
-            .await
-            .as_deref()
-            == Some("10")
-    })
-    .await;
+    allowed(&kw, OTHER, 2).await;
+    flushed(&redis, "key_other", 10).await;
 }
 
 /// `series` of `kw`'s usage flushes: calls made (`count`) or failed (`errors`).
@@ -850,17 +822,8 @@ async fn a_flush_that_times_out_but_lands_is_counted_once() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
     let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
-    for _ in 0..5 {
-        assert_eq!(call(&kw, FREE).await.status, 200);
-    }
-    eventually("the first counts flushed", || async {
-        redis
-            .hget("keyward:usage:count", "key_free")
-            .await
-            .as_deref()
-            == Some("5")
-    })
-    .await;
+    allowed(&kw, FREE, 5).await;
+    flushed(&redis, "key_free", 5).await;
     // Just after a flush, so the next one (in a second) carries what is counted now and
     // finds Redis asleep.
     let calls = flush_metric(&kw, false).await;
@@ -869,9 +832,7 @@ async fn a_flush_that_times_out_but_lands_is_counted_once() {
     })
     .await;
     // Unlimited: counted without a Redis call.
-    for _ in 0..7 {
-        assert_eq!(call(&kw, FREE).await.status, 200);
-    }
+    allowed(&kw, FREE, 7).await;
     let sleeper = redis.sleep_in_background(4.0);
     sleeper.await.unwrap();
     assert!(
@@ -906,21 +867,10 @@ async fn a_replica_stopping_while_redis_stalls_still_sends_its_last_counts() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
     let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
-    for _ in 0..5 {
-        assert_eq!(call(&kw, FREE).await.status, 200);
-    }
-    eventually("the first counts flushed", || async {
-        redis
-            .hget("keyward:usage:count", "key_free")
-            .await
-            .as_deref()
-            == Some("5")
-    })
-    .await;
+    allowed(&kw, FREE, 5).await;
+    flushed(&redis, "key_free", 5).await;
     let sleeper = redis.sleep_in_background(2.8);
-    for _ in 0..7 {
-        assert_eq!(call(&kw, FREE).await.status, 200);
-    }
+    allowed(&kw, FREE, 7).await;
     // A flush starts within a second and the stall holds it (the scenario is timed: Redis
     // gives no sign of what it holds while it sleeps). The replica stops while it is held,
     // 1.7 s before Redis wakes.
@@ -945,9 +895,7 @@ async fn a_sequence_mark_another_writer_left_holds_no_counts_back() {
     let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
     let mut sent = 0;
     for mark in ["1e15", "900000000000", " 7 ", "0x7fffffff"] {
-        for _ in 0..3 {
-            assert_eq!(call(&kw, FREE).await.status, 200);
-        }
+        allowed(&kw, FREE, 3).await;
         sent += 3;
         let want = sent.to_string();
         eventually("counts flushed", || async {
@@ -958,17 +906,8 @@ async fn a_sequence_mark_another_writer_left_holds_no_counts_back() {
         assert_eq!(seq.len(), 1, "{seq:?}");
         let _: () = redis.cmd(&["SET", &seq[0], mark]).await;
     }
-    for _ in 0..3 {
-        assert_eq!(call(&kw, FREE).await.status, 200);
-    }
-    eventually("counts flushed past the last mark", || async {
-        redis
-            .hget("keyward:usage:count", "key_free")
-            .await
-            .as_deref()
-            == Some("15")
-    })
-    .await;
+    allowed(&kw, FREE, 3).await;
+    flushed(&redis, "key_free", 15).await;
 }
 
 /// Review 36: a count hash whose epoch field another writer removed (or made too long to
@@ -979,17 +918,8 @@ async fn an_epoch_removed_from_a_counted_hash_counts_nothing_twice() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
     let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
-    for _ in 0..5 {
-        assert_eq!(call(&kw, FREE).await.status, 200);
-    }
-    eventually("counts flushed", || async {
-        redis
-            .hget("keyward:usage:count", "key_free")
-            .await
-            .as_deref()
-            == Some("5")
-    })
-    .await;
+    allowed(&kw, FREE, 5).await;
+    flushed(&redis, "key_free", 5).await;
     let long = "x".repeat(65);
     for (i, tamper) in [["HDEL", "#epoch", ""], ["HSET", "#epoch", long.as_str()]]
         .iter()
@@ -1057,17 +987,8 @@ async fn a_late_copy_of_a_flush_is_not_applied_again() {
     let _: String = redis
         .cmd(&["CONFIG", "SET", "slowlog-max-len", "1000"])
         .await;
-    for _ in 0..4 {
-        assert_eq!(call(&kw, FREE).await.status, 200);
-    }
-    eventually("counts flushed", || async {
-        redis
-            .hget("keyward:usage:count", "key_free")
-            .await
-            .as_deref()
-            == Some("4")
-    })
-    .await;
+    allowed(&kw, FREE, 4).await;
+    flushed(&redis, "key_free", 4).await;
     let log: Vec<redis::Value> = redis.cmd(&["SLOWLOG", "GET", "1000"]).await;
     // The newest call that carried the key: the one applied.
     let applied = log
@@ -1088,6 +1009,22 @@ async fn a_late_copy_of_a_flush_is_not_applied_again() {
         Some("4"),
         "the late copy was applied again"
     );
+}
+
+/// `n` requests with `key` on `kw`, each allowed.
+async fn allowed(kw: &Proxy, key: &str, n: usize) {
+    for _ in 0..n {
+        assert_eq!(call(kw, key).await.status, 200);
+    }
+}
+
+/// Wait until Redis holds `n` as the fleet's request count of key `id`.
+async fn flushed(redis: &Redis, id: &str, n: u64) {
+    let want = n.to_string();
+    eventually(&format!("{n} requests of {id} flushed"), || async {
+        redis.hget("keyward:usage:count", id).await.as_deref() == Some(want.as_str())
+    })
+    .await;
 }
 
 /// Keys a flush call carries, from one `SLOWLOG` entry (`None`: not a usage flush). An
@@ -1752,14 +1689,7 @@ async fn a_usage_report_reads_only_the_snapshots_keys() {
     let up = spawn_upstream().await;
     let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
     assert_eq!(call(&kw, FREE).await.status, 200);
-    eventually("the count lands", || async {
-        redis
-            .hget("keyward:usage:count", "key_free")
-            .await
-            .as_deref()
-            == Some("1")
-    })
-    .await;
+    flushed(&redis, "key_free", 1).await;
     junk(&redis, "keyward:usage:count", 50_000).await;
     let huge = "7".repeat(1 << 20);
     let _: i64 = redis

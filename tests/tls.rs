@@ -973,24 +973,18 @@ async fn a_stale_list_of_one_issuer_does_not_hold_back_another_issuers() {
     proxy.shutdown().await;
 }
 
-/// A `tls.client_crl` bundle holding an older and a newer list of one CA (`cat old new`,
-/// or the other way round): the newer one is applied, so a certificate revoked since the
-/// older one is refused whichever comes first in the file (rustls-webpki consults the first
-/// list it finds for an issuer).
-#[tokio::test]
-async fn mtls_applies_the_newest_of_two_lists_of_one_ca_in_either_order() {
+/// A proxy over TLS with `client_ca`'s certificate as `tls.client_ca` and each bundle in
+/// turn as `tls.client_crl` (a fresh proxy each): `refused` is refused, `admitted` let in,
+/// whatever the order of the bundle's lists. Returns how many requests reached the app.
+async fn each_bundle_refuses(
+    client_ca: &Ca,
+    bundles: [(&str, String); 2],
+    refused: &Leaf,
+    admitted: &Leaf,
+) -> usize {
     let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
-    let client_ca = Ca::new("client ca");
-    let older = client_ca.crl(1, &[7]);
-    let newer = client_ca.crl(2, &[7, 8]);
-    let revoked_since =
-        client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
-    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
-    for (what, bundle) in [
-        ("older first", format!("{older}{newer}")),
-        ("newer first", format!("{newer}{older}")),
-    ] {
+    for (what, bundle) in bundles {
         let certs = CertDir::new(&ca.server("keyward-a"));
         let ca_file = certs.write_ca(&client_ca.pem());
         let crl_file = certs.path("ca.crl");
@@ -1004,19 +998,35 @@ async fn mtls_applies_the_newest_of_two_lists_of_one_ca_in_either_order() {
             let c = connector(&ca, &[], Some(leaf));
             async move { try_get(&c, proxy.addr, "/m/crl2").await }
         };
-        let got = get_with(&revoked_since).await;
-        assert!(got.is_err(), "{what}: revoked in the newer list: {got:?}");
-        let got = get_with(&other)
+        let got = get_with(refused).await;
+        assert!(got.is_err(), "{what}: revoked certificate let in: {got:?}");
+        let got = get_with(admitted)
             .await
             .unwrap_or_else(|e| panic!("{what}: unlisted certificate refused: {e}"));
         assert_eq!(got.status, StatusCode::OK, "{what}");
         proxy.shutdown().await;
     }
-    assert_eq!(
-        upstream.count(),
-        2,
-        "only the unlisted certificate got through"
-    );
+    upstream.count()
+}
+
+/// A `tls.client_crl` bundle holding an older and a newer list of one CA (`cat old new`,
+/// or the other way round): the newer one is applied, so a certificate revoked since the
+/// older one is refused whichever comes first in the file (rustls-webpki consults the first
+/// list it finds for an issuer).
+#[tokio::test]
+async fn mtls_applies_the_newest_of_two_lists_of_one_ca_in_either_order() {
+    let client_ca = Ca::new("client ca");
+    let older = client_ca.crl(1, &[7]);
+    let newer = client_ca.crl(2, &[7, 8]);
+    let revoked_since =
+        client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
+    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let bundles = [
+        ("older first", format!("{older}{newer}")),
+        ("newer first", format!("{newer}{older}")),
+    ];
+    let reached = each_bundle_refuses(&client_ca, bundles, &revoked_since, &other).await;
+    assert_eq!(reached, 2, "only the unlisted certificate got through");
 }
 
 /// Review 39: a newer list scoped to a distribution point (a partition, here with nothing
@@ -1026,43 +1036,17 @@ async fn mtls_applies_the_newest_of_two_lists_of_one_ca_in_either_order() {
 /// distribution point. Every applied list of the issuer is looked in now, in either order.
 #[tokio::test]
 async fn a_scoped_list_does_not_hide_a_full_lists_revocation_in_either_order() {
-    let upstream = spawn_upstream().await;
-    let ca = Ca::new("test ca");
     let client_ca = Ca::new("client ca");
     let full = client_ca.crl(2, &[7]);
     let scoped = client_ca.crl_in_scope(3, &[], "http://crl.example/part1.crl");
     let leaked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
     let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
-    for (what, bundle) in [
+    let bundles = [
         ("full first", format!("{full}{scoped}")),
         ("scoped first", format!("{scoped}{full}")),
-    ] {
-        let certs = CertDir::new(&ca.server("keyward-a"));
-        let ca_file = certs.write_ca(&client_ca.pem());
-        let crl_file = certs.path("ca.crl");
-        std::fs::write(&crl_file, bundle).unwrap();
-        let yaml = certs.yaml(Some(&ca_file)).replace(
-            "poll_interval: 50ms",
-            &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-        );
-        let proxy = spawn_proxy(upstream.addr, &yaml).await;
-        let get_with = |leaf: &Leaf| {
-            let c = connector(&ca, &[], Some(leaf));
-            async move { try_get(&c, proxy.addr, "/m/scoped").await }
-        };
-        let got = get_with(&leaked).await;
-        assert!(got.is_err(), "{what}: revoked in the full list: {got:?}");
-        let got = get_with(&other)
-            .await
-            .unwrap_or_else(|e| panic!("{what}: unlisted certificate refused: {e}"));
-        assert_eq!(got.status, StatusCode::OK, "{what}");
-        proxy.shutdown().await;
-    }
-    assert_eq!(
-        upstream.count(),
-        2,
-        "only the unlisted certificate got through"
-    );
+    ];
+    let reached = each_bundle_refuses(&client_ca, bundles, &leaked, &other).await;
+    assert_eq!(reached, 2, "only the unlisted certificate got through");
 }
 
 /// Review 39: a list that `x509-cert` cannot read (a revoked serial past RFC 5280's 20
