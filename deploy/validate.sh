@@ -130,11 +130,12 @@ deployment = next(d for d in yaml.safe_load_all(open("deploy/kubernetes/deployme
                   if d and d.get("kind") == "Deployment")
 pod = deployment["spec"]["template"]["spec"]
 shutdown = pod_cfg["shutdown"]
-# After the grace, up to 2 s more: the admin listener's requests and the last usage flush.
-needed = seconds(shutdown["drain_delay"]) + seconds(shutdown["grace"]) + 2
+# After the grace, up to 3 s more: the admin listener's requests and the last usage flush
+# (2 s), then blocking work they left (1 s).
+needed = seconds(shutdown["drain_delay"]) + seconds(shutdown["grace"]) + 3
 if not pod.get("terminationGracePeriodSeconds", 30) > needed:
     problems.append(f"deployment.yaml: terminationGracePeriodSeconds must exceed "
-                    f"drain_delay + grace + 2s ({needed:g}s)")
+                    f"drain_delay + grace + 3s ({needed:g}s)")
 admin_port = int(pod_cfg["admin_listen"].rsplit(":", 1)[1])
 listen_port = int(pod_cfg["listen"].rsplit(":", 1)[1])
 # The kubelet's probes go to probe_listen when the pod config has one, else the admin port.

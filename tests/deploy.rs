@@ -332,12 +332,13 @@ fn pod_is_hardened_probed_and_outlives_the_drain() {
         );
     }
 
-    // After the grace, up to 2 s more: the admin listener's requests, the last usage flush.
-    let needed = config.shutdown.drain_delay + config.shutdown.grace + Duration::from_secs(2);
+    // After the grace, up to 3 s more: the admin listener's requests, the last usage flush
+    // (2 s), blocking work they left (1 s).
+    let needed = config.shutdown.drain_delay + config.shutdown.grace + Duration::from_secs(3);
     let tgps = Duration::from_secs(pod["terminationGracePeriodSeconds"].as_u64().unwrap());
     assert!(
         tgps > needed,
-        "{tgps:?} <= drain_delay + grace + 2s {needed:?}"
+        "{tgps:?} <= drain_delay + grace + 3s {needed:?}"
     );
 
     let pod_non_root = pod["securityContext"]["runAsNonRoot"] == true;

@@ -61,6 +61,11 @@ impl Ca {
 
     /// An issuing CA under this one, its certificate numbered `serial`.
     fn intermediate(&self, name: &str, serial: u64) -> Ca {
+        self.intermediate_from(name, serial, None)
+    }
+
+    /// The same, valid from January 1st of `from` if given.
+    fn intermediate_from(&self, name: &str, serial: u64, from: Option<i32>) -> Ca {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
@@ -71,6 +76,9 @@ impl Ca {
             KeyUsagePurpose::DigitalSignature,
         ];
         params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        if let Some(year) = from {
+            params.not_before = rcgen::date_time_ymd(year, 1, 1);
+        }
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         Ca { cert, key }
     }
@@ -1123,6 +1131,64 @@ async fn a_revoked_issuing_ca_in_client_ca_lets_none_of_its_clients_in() {
     assert_eq!(got.status, StatusCode::OK);
     proxy.shutdown().await;
     assert_eq!(upstream.count(), 1, "only the honest client got through");
+}
+
+/// Review 43: a reload whose lists revoke every certificate of `client_ca` (here its only
+/// one, an issuing CA its root revokes) was refused whole, so the verifier in force stayed,
+/// and with it every client the new lists revoke. Now no client is let in, on the proxy
+/// listener as on any; and `keyward check` says why.
+#[tokio::test]
+async fn a_reload_that_revokes_every_client_ca_refuses_every_client() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let root = Ca::new("client root");
+    let issuing = root.intermediate("issuing ca", 40);
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&issuing.pem());
+    let crl_file = certs.path("ca.crl");
+    std::fs::write(&crl_file, issuing.crl(1, &[]) + &root.crl(1, &[])).unwrap();
+    let yaml = certs.yaml(Some(&ca_file)).replace(
+        "poll_interval: 50ms",
+        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+    );
+    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let client = issuing.issue_serial("client", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let get = || {
+        let c = connector(&ca, &[], Some(&client));
+        async move { try_get(&c, proxy.addr, "/m/all-revoked").await }
+    };
+    assert_eq!(get().await.expect("not revoked yet").status, StatusCode::OK);
+    std::fs::write(&crl_file, issuing.crl(2, &[]) + &root.crl(2, &[40])).unwrap();
+    eventually("no client let in once its only CA is revoked", || async {
+        get().await.is_err()
+    })
+    .await;
+    proxy.shutdown().await;
+}
+
+/// Review 43: a `client_ca` certificate that x509-cert cannot read (valid from 1960, before
+/// its epoch) was taken as revoked once `client_crl` was set, and a file holding only it
+/// refused as "every certificate revoked". It stays an anchor, as rustls takes it.
+#[tokio::test]
+async fn a_client_ca_certificate_that_cannot_be_dated_is_not_taken_for_revoked() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let root = Ca::new("client root");
+    let old = root.intermediate_from("old issuing ca", 40, Some(1960));
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&old.pem());
+    let crl_file = certs.path("ca.crl");
+    std::fs::write(&crl_file, old.crl(1, &[])).unwrap();
+    let yaml = certs.yaml(Some(&ca_file)).replace(
+        "poll_interval: 50ms",
+        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+    );
+    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let client = old.issue_serial("client", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let c = connector(&ca, &[], Some(&client));
+    let got = try_get(&c, proxy.addr, "/m/old-ca").await.expect("let in");
+    assert_eq!(got.status, StatusCode::OK);
+    proxy.shutdown().await;
 }
 
 /// With `client_ca`, no session is resumed (TLS 1.2 session ids, TLS 1.3 tickets): a resumed

@@ -102,6 +102,8 @@ struct Built {
     crl: CrlDue,
     /// Older lists of an issuer that were not applied.
     set_aside: SetAside,
+    /// Every certificate of `client_ca` is revoked: every client is refused.
+    none_trusted: bool,
 }
 
 /// When the lists of `tls.client_crl` are due to be replaced: the earliest `nextUpdate`
@@ -191,47 +193,63 @@ fn pem_problem(e: &rustls::pki_types::pem::Error) -> &'static str {
     }
 }
 
+/// The trust anchors of `client_ca`, and whether any of its certificates may still be one.
+struct Anchors {
+    roots: RootCertStore,
+    /// Every certificate of `client_ca` is revoked by an applied list: every client is
+    /// refused ([`revoked::EveryList`]), the roots kept only so that a verifier can be
+    /// built. Refusing the file instead kept the verifier in force on a reload, and with
+    /// it everything the new lists revoke (review 43).
+    none_trusted: bool,
+}
+
 /// The certificates of `client_ca` as trust anchors, less those an applied list revokes.
 /// rustls-webpki never checks an anchor's revocation, and prefers an anchor to an
 /// intermediate the client sends: with an issuing CA in `client_ca` beside its root, a
 /// client that left that CA out of its chain was judged by the CA as an anchor, and its
 /// root's revocation of the CA never looked at (review 41). A revoked CA is no anchor:
-/// its clients are then judged through their root, which revokes it.
+/// its clients are then judged through their root, which revokes it. A certificate
+/// `x509-cert` cannot read stays an anchor, as rustls takes it (said at `warn`).
 fn trust_anchors(
     path: &Path,
     pem: &[u8],
     revoked: Option<&revoked::RevokedSerials>,
-) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    let mut left_out = 0;
+) -> Result<Anchors, TlsError> {
+    let mut certs = Vec::new();
     for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| file_err("client_ca", path, pem_problem(&e)))?;
-        if revoked.is_some_and(|r| r.revokes(&cert)) {
-            left_out += 1;
+        certs.push(cert.map_err(|e| file_err("client_ca", path, pem_problem(&e)))?);
+    }
+    if certs.is_empty() {
+        return Err(file_err("client_ca", path, "no PEM certificate found"));
+    }
+    let listed: Vec<Option<bool>> = certs
+        .iter()
+        .map(|c| revoked.map_or(Some(false), |r| r.listed(c)))
+        .collect();
+    let left_out = listed.iter().filter(|l| **l == Some(true)).count();
+    let unread = listed.iter().filter(|l| l.is_none()).count();
+    if unread > 0 {
+        tracing::warn!(client_ca = %path.display(), certificates = unread, "TLS client_ca holds certificates whose revocation cannot be read (not RFC 5280): trusted as anchors without it");
+    }
+    let none_trusted = left_out == certs.len();
+    if none_trusted {
+        tracing::warn!(client_ca = %path.display(), "TLS client_ca: every certificate it holds is revoked by tls.client_crl: every client certificate is refused");
+    } else if left_out > 0 {
+        tracing::warn!(client_ca = %path.display(), revoked = left_out, "TLS client_ca holds certificates tls.client_crl revokes: not trusted as anchors");
+    }
+    let mut roots = RootCertStore::empty();
+    for (cert, listed) in certs.into_iter().zip(listed) {
+        if listed == Some(true) && !none_trusted {
             continue;
         }
         roots
             .add(cert)
             .map_err(|e| file_err("client_ca", path, e))?;
     }
-    if left_out > 0 {
-        tracing::warn!(
-            client_ca = %path.display(),
-            revoked = left_out,
-            "TLS client_ca holds certificates tls.client_crl revokes: not trusted as anchors"
-        );
-    }
-    if roots.is_empty() && left_out > 0 {
-        return Err(file_err(
-            "client_ca",
-            path,
-            "every certificate it holds is revoked by tls.client_crl",
-        ));
-    }
-    if roots.is_empty() {
-        return Err(file_err("client_ca", path, "no PEM certificate found"));
-    }
-    Ok(roots)
+    Ok(Anchors {
+        roots,
+        none_trusted,
+    })
 }
 
 /// The CRLs of a `tls.client_crl` file: at least one, each well-formed, the newest of each
@@ -570,6 +588,7 @@ impl TlsFiles {
         let validity = Validity::of(&certs[0]);
         let mut crl = CrlDue::NoLists;
         let mut set_aside = SetAside::default();
+        let mut none_trusted = false;
         let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| {
             file_err(
                 "key",
@@ -592,7 +611,9 @@ impl TlsFiles {
                     }
                     _ => None,
                 };
-                let roots = trust_anchors(path, pem, lists.as_ref().map(|l| &l.2))?;
+                let anchors = trust_anchors(path, pem, lists.as_ref().map(|l| &l.2))?;
+                none_trusted = anchors.none_trusted;
+                let roots = anchors.roots;
                 // Client certificates are mandatory: `build()` without
                 // `allow_unauthenticated()` refuses a client that presents none.
                 let mut verifier =
@@ -619,6 +640,7 @@ impl TlsFiles {
                         builder.with_client_cert_verifier(Arc::new(revoked::EveryList {
                             inner: verifier,
                             revoked,
+                            refuse_all: none_trusted,
                         }))
                     }
                     None => builder.with_client_cert_verifier(verifier),
@@ -647,6 +669,7 @@ impl TlsFiles {
             validity,
             crl,
             set_aside,
+            none_trusted,
         })
     }
 }
@@ -675,6 +698,13 @@ pub fn check(tls: &TlsConfig) -> Result<Checked, TlsError> {
     }
     if let (Some(problem), Some(path)) = (built.crl.problem(now), &tls.client_crl) {
         return Err(file_err("client_crl", path, problem));
+    }
+    if let (true, Some(path)) = (built.none_trusted, &tls.client_ca) {
+        return Err(file_err(
+            "client_ca",
+            path,
+            "every certificate it holds is revoked by tls.client_crl: every client would be refused",
+        ));
     }
     let warnings = match (built.set_aside.problem(), &tls.client_crl) {
         (Some(problem), Some(path)) => vec![file_err("client_crl", path, problem).to_string()],
@@ -950,6 +980,7 @@ impl TlsWatch {
             validity,
             crl,
             set_aside,
+            ..
         } = built;
         self.acceptor.replace(config);
         self.acceptor.served(validity, crl);

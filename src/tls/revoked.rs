@@ -50,15 +50,20 @@ impl RevokedSerials {
 
     /// Is `cert` revoked by any list of its issuer? One that cannot be read is taken as
     /// revoked: rustls accepted it, but nothing here can say it is not listed.
-    pub(super) fn revokes(&self, cert: &CertificateDer<'_>) -> bool {
-        let Ok(cert) = x509_cert::Certificate::from_der(cert.as_ref()) else {
-            return true;
-        };
+    fn revokes(&self, cert: &CertificateDer<'_>) -> bool {
+        self.listed(cert).unwrap_or(true)
+    }
+
+    /// Is `cert` listed by a list of its issuer (`None`: it cannot be read)?
+    pub(super) fn listed(&self, cert: &CertificateDer<'_>) -> Option<bool> {
+        let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
         let tbs = cert.tbs_certificate();
-        self.0
-            .iter()
-            .filter(|(issuer, _)| issuer == tbs.issuer())
-            .any(|(_, serials)| serials.contains(tbs.serial_number().as_bytes()))
+        Some(
+            self.0
+                .iter()
+                .filter(|(issuer, _)| issuer == tbs.issuer())
+                .any(|(_, serials)| serials.contains(tbs.serial_number().as_bytes())),
+        )
     }
 }
 
@@ -67,6 +72,8 @@ impl RevokedSerials {
 pub(super) struct EveryList {
     pub(super) inner: Arc<dyn ClientCertVerifier>,
     pub(super) revoked: RevokedSerials,
+    /// Every certificate of `client_ca` is revoked: no client is let in.
+    pub(super) refuse_all: bool,
 }
 
 impl ClientCertVerifier for EveryList {
@@ -88,6 +95,9 @@ impl ClientCertVerifier for EveryList {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        if self.refuse_all {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
