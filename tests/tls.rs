@@ -1166,28 +1166,78 @@ async fn a_reload_that_revokes_every_client_ca_refuses_every_client() {
     proxy.shutdown().await;
 }
 
-/// Review 43: a `client_ca` certificate that x509-cert cannot read (valid from 1960, before
-/// its epoch) was taken as revoked once `client_crl` was set, and a file holding only it
-/// refused as "every certificate revoked". It stays an anchor, as rustls takes it.
+/// Review 45: a `client_ca` certificate whose revocation cannot be read (valid from 1960,
+/// before x509-cert's epoch) was kept as an anchor, so when its root revoked it, a client it
+/// issued that left it out of its chain got in. With lists, such a certificate is no anchor
+/// (review 43 had it taken for revoked by mistake, and refused a file holding only it: now
+/// said for what it is); a readable CA beside it is unaffected.
 #[tokio::test]
-async fn a_client_ca_certificate_that_cannot_be_dated_is_not_taken_for_revoked() {
+async fn a_client_ca_certificate_whose_revocation_cannot_be_read_is_no_anchor() {
     let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
     let root = Ca::new("client root");
-    let old = root.intermediate_from("old issuing ca", 40, Some(1960));
+    let old = root.intermediate_from("old issuing ca", 41, Some(1960));
+    let kept = root.intermediate("kept issuing ca", 42);
     let certs = CertDir::new(&ca.server("keyward-a"));
-    let ca_file = certs.write_ca(&old.pem());
+    let ca_file = certs.write_ca(&(root.pem() + &old.pem() + &kept.pem()));
     let crl_file = certs.path("ca.crl");
-    std::fs::write(&crl_file, old.crl(1, &[])).unwrap();
+    let lists = root.crl(1, &[41]) + &old.crl(1, &[]) + &kept.crl(1, &[]);
+    std::fs::write(&crl_file, lists).unwrap();
     let yaml = certs.yaml(Some(&ca_file)).replace(
         "poll_interval: 50ms",
         &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
     );
     let proxy = spawn_proxy(upstream.addr, &yaml).await;
-    let client = old.issue_serial("client", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
-    let c = connector(&ca, &[], Some(&client));
-    let got = try_get(&c, proxy.addr, "/m/old-ca").await.expect("let in");
+    let minted = old.issue_serial("minted", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let honest = kept.issue_serial("honest", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let got = try_get(&connector(&ca, &[], Some(&minted)), proxy.addr, "/m/old").await;
+    assert!(got.is_err(), "a client of the revoked old CA: {got:?}");
+    let got = try_get(&connector(&ca, &[], Some(&honest)), proxy.addr, "/m/old")
+        .await
+        .expect("a client of a CA not revoked");
     assert_eq!(got.status, StatusCode::OK);
+    proxy.shutdown().await;
+}
+
+/// Review 45: a reload whose file no longer has an issuer's list (a write cut between two
+/// lists, a bundle job that lost a file) lifted that list's revocations: a CA of
+/// `client_ca` its root revoked was an anchor again, and its clients got in. The list in
+/// force stays for an issuer the file lost, as for one whose list goes back in time.
+#[tokio::test]
+async fn a_reload_that_loses_an_issuers_list_keeps_the_one_in_force() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let root = Ca::new("client root");
+    let issuing = root.intermediate("issuing ca", 40);
+    let mut certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&(root.pem() + &issuing.pem()));
+    let crl_file = certs.path("ca.crl");
+    std::fs::write(&crl_file, root.crl(1, &[40]) + &issuing.crl(1, &[])).unwrap();
+    let yaml = certs.yaml(Some(&ca_file)).replace(
+        "poll_interval: 50ms",
+        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+    );
+    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let client = issuing.issue_serial("client", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let get = || {
+        let c = connector(&ca, &[], Some(&client));
+        async move { try_get(&c, proxy.addr, "/m/lost").await }
+    };
+    assert!(get().await.is_err());
+    // The root's list lost, with a new certificate in the same step (seen served: the
+    // step was taken).
+    let next = ca.server("keyward-b");
+    std::fs::write(&crl_file, issuing.crl(2, &[])).unwrap();
+    certs.publish(&next.cert_pem, &next.key_pem);
+    // A TLS 1.3 client has the server's certificate before its own is judged.
+    eventually("the new certificate served", || async {
+        let c = connector(&ca, &[], Some(&client));
+        let tls = handshake(&c, proxy.addr).await.ok();
+        tls.map(|tls| peer_cert(&tls)) == Some(next.der.clone())
+    })
+    .await;
+    let got = get().await;
+    assert!(got.is_err(), "the revoked CA's client let in: {got:?}");
     proxy.shutdown().await;
 }
 

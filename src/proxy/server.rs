@@ -778,10 +778,11 @@ mod tests {
     async fn idle_waits_for_requests_to_finish() {
         let t = Duration::from_millis(50);
         let bounds = writing::Bounds { peer: t, source: t };
+        // Read before the connection's own clock starts: its idle bound counts from then.
+        let start = Instant::now();
         let a = Arc::new(Activity::new(t, t, writing::OwnAnswerBudget::default()));
         let metrics = crate::metrics::Metrics::new(false).unwrap();
         let shard = metrics.shard(0);
-        let start = Instant::now();
         assert_eq!(a.idle_for(bounds).await, Wake::Idle);
         assert!(start.elapsed() >= t);
         // A request in flight keeps the connection; the clock restarts when it ends.

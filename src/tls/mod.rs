@@ -208,8 +208,10 @@ struct Anchors {
 /// intermediate the client sends: with an issuing CA in `client_ca` beside its root, a
 /// client that left that CA out of its chain was judged by the CA as an anchor, and its
 /// root's revocation of the CA never looked at (review 41). A revoked CA is no anchor:
-/// its clients are then judged through their root, which revokes it. A certificate
-/// `x509-cert` cannot read stays an anchor, as rustls takes it (said at `warn`).
+/// its clients are then judged through their root, which revokes it. With lists, a
+/// certificate whose issuer and serial `x509-cert` cannot read (not RFC 5280: valid from
+/// before 1970) is no anchor either: nothing here can say its issuer did not revoke it, and
+/// kept as one, a revoked such CA let its clients in (review 45). Said at `warn`.
 fn trust_anchors(
     path: &Path,
     pem: &[u8],
@@ -226,20 +228,20 @@ fn trust_anchors(
         .iter()
         .map(|c| revoked.map_or(Some(false), |r| r.listed(c)))
         .collect();
-    let left_out = listed.iter().filter(|l| **l == Some(true)).count();
     let unread = listed.iter().filter(|l| l.is_none()).count();
     if unread > 0 {
-        tracing::warn!(client_ca = %path.display(), certificates = unread, "TLS client_ca holds certificates whose revocation cannot be read (not RFC 5280): trusted as anchors without it");
+        tracing::warn!(client_ca = %path.display(), certificates = unread, "TLS client_ca holds certificates whose revocation cannot be read (not RFC 5280, e.g. valid from before 1970): with tls.client_crl they are not trusted as anchors");
     }
+    let left_out = listed.iter().filter(|l| **l != Some(false)).count();
     let none_trusted = left_out == certs.len();
     if none_trusted {
-        tracing::warn!(client_ca = %path.display(), "TLS client_ca: every certificate it holds is revoked by tls.client_crl: every client certificate is refused");
-    } else if left_out > 0 {
-        tracing::warn!(client_ca = %path.display(), revoked = left_out, "TLS client_ca holds certificates tls.client_crl revokes: not trusted as anchors");
+        tracing::warn!(client_ca = %path.display(), "TLS client_ca: every certificate it holds is revoked by tls.client_crl or cannot be read for it: every client certificate is refused");
+    } else if left_out > unread {
+        tracing::warn!(client_ca = %path.display(), revoked = left_out - unread, "TLS client_ca holds certificates tls.client_crl revokes: not trusted as anchors");
     }
     let mut roots = RootCertStore::empty();
     for (cert, listed) in certs.into_iter().zip(listed) {
-        if listed == Some(true) && !none_trusted {
+        if listed != Some(false) && !none_trusted {
             continue;
         }
         roots
@@ -343,7 +345,7 @@ impl CrlStanding {
 }
 
 /// The issuers (RFC 4514) whose list in `new` is older than the one of the same issuer (and
-/// scope) in force, each file read as applied (the newest list of each issuer): a list
+/// scope) in force, or missing from it, each file read as applied (the newest list of each issuer): a list
 /// going back in time lifts revocations without a word (a GitOps revert, a stale copy of a
 /// Secret, a sync job gone backwards). A newer list that lifts one is an issuer's decision;
 /// an older one is not.
@@ -359,17 +361,27 @@ fn older_than_in_force(new: &[u8], in_force: &[u8]) -> Vec<String> {
             .collect()
     };
     let in_force = applied(in_force);
-    applied(new)
-        .into_iter()
-        .filter(|this| {
-            // Any list of the issuer, whatever its scope: an older scoped list may speak for
-            // the certificates a newer full one revoked.
-            in_force
-                .iter()
-                .any(|old| old.issuer == this.issuer && old.newer_than(this))
-        })
-        .map(|this| this.issuer.to_string())
-        .collect()
+    let new = applied(new);
+    let older = new.iter().filter(|this| {
+        // Any list of the issuer, whatever its scope: an older scoped list may speak for
+        // the certificates a newer full one revoked.
+        in_force
+            .iter()
+            .any(|old| old.issuer == this.issuer && old.newer_than(this))
+    });
+    // A list in force that the file no longer has lifts its revocations as surely: a CA
+    // of `client_ca` its issuer's list revoked was an anchor again (review 45), and a
+    // write cut between two lists, or a bundle job that lost a file, reads as such a file.
+    let gone = in_force
+        .iter()
+        .filter(|old| !new.iter().any(|this| this.same_lists_as(old)));
+    let mut issuers: Vec<String> = Vec::new();
+    for issuer in older.chain(gone).map(|this| this.issuer.to_string()) {
+        if !issuers.contains(&issuer) {
+            issuers.push(issuer);
+        }
+    }
+    issuers
 }
 
 /// What applies when a reload holds a list older than one in force: each issuer's newest
@@ -703,7 +715,7 @@ pub fn check(tls: &TlsConfig) -> Result<Checked, TlsError> {
         return Err(file_err(
             "client_ca",
             path,
-            "every certificate it holds is revoked by tls.client_crl: every client would be refused",
+            "every certificate it holds is revoked by tls.client_crl, or cannot be read for its revocation (not RFC 5280): every client would be refused",
         ));
     }
     let warnings = match (built.set_aside.problem(), &tls.client_crl) {
@@ -1061,7 +1073,7 @@ impl Watched for TlsWatch {
             {
                 self.say_once(&self.said_older, Sha256::digest(&merged).into(), || {
                     let path = self.tls.client_crl.as_deref().unwrap_or(Path::new(""));
-                    let e = file_err("client_crl", path, format!("the list of {} is older than the one in force (a lower CRL Number, or an earlier thisUpdate): the one in force stays for that issuer, the file's lists of any other are applied (a restart takes whatever the file holds)", older.join("; ")));
+                    let e = file_err("client_crl", path, format!("the list of {} is older than the one in force (a lower CRL Number, or an earlier thisUpdate), or missing from the file: the one in force stays for that issuer, the file's lists of any other are applied (a restart takes whatever the file holds)", older.join("; ")));
                     tracing::warn!(error = %e, "TLS revocation lists going back in time refused");
                 });
                 files.client_crl = Some(merged);
