@@ -735,6 +735,27 @@ async fn mtls_requires_a_client_certificate_from_the_ca() {
     proxy.shutdown().await;
 }
 
+/// A proxy over TLS (its certificate from `ca`) whose clients need a certificate from
+/// `client_ca` (PEM), with `lists` as `tls.client_crl`, both re-read every 50 ms. Returns
+/// its certificate files, the list file and the proxy.
+async fn mtls_proxy(
+    upstream: std::net::SocketAddr,
+    ca: &Ca,
+    client_ca: &str,
+    lists: &str,
+) -> (CertDir, PathBuf, Proxy) {
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(client_ca);
+    let crl_file = certs.path("ca.crl");
+    std::fs::write(&crl_file, lists).unwrap();
+    let yaml = certs.yaml(Some(&ca_file)).replace(
+        "poll_interval: 50ms",
+        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
+    );
+    let proxy = spawn_proxy(upstream, &yaml).await;
+    (certs, crl_file, proxy)
+}
+
 /// A proxy over TLS whose clients need a certificate from `client_ca`, with
 /// `tls.client_crl` at `crl_file` holding `first_list`; and two client certificates of
 /// that CA: `leaked` (serial 7) and `other` (serial 8).
@@ -951,15 +972,13 @@ async fn a_stale_list_of_one_issuer_does_not_hold_back_another_issuers() {
     let ca = Ca::new("test ca");
     let first = Ca::new("client ca");
     let second = Ca::new("second client ca");
-    let certs = CertDir::new(&ca.server("keyward-a"));
-    let ca_file = certs.write_ca(&(first.pem() + &second.pem()));
-    let crl_file = certs.path("ca.crl");
-    std::fs::write(&crl_file, first.crl(2, &[7]) + &second.crl(1, &[])).unwrap();
-    let yaml = certs.yaml(Some(&ca_file)).replace(
-        "poll_interval: 50ms",
-        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-    );
-    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let (_certs, crl_file, proxy) = mtls_proxy(
+        upstream.addr,
+        &ca,
+        &(first.pem() + &second.pem()),
+        &(first.crl(2, &[7]) + &second.crl(1, &[])),
+    )
+    .await;
     let leaked = first.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
     let carol = second.issue_serial("carol", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
     let get_with = |leaf: &Leaf| {
@@ -993,15 +1012,8 @@ async fn each_bundle_refuses(
     let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
     for (what, bundle) in bundles {
-        let certs = CertDir::new(&ca.server("keyward-a"));
-        let ca_file = certs.write_ca(&client_ca.pem());
-        let crl_file = certs.path("ca.crl");
-        std::fs::write(&crl_file, bundle).unwrap();
-        let yaml = certs.yaml(Some(&ca_file)).replace(
-            "poll_interval: 50ms",
-            &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-        );
-        let proxy = spawn_proxy(upstream.addr, &yaml).await;
+        let (_certs, _crl_file, proxy) =
+            mtls_proxy(upstream.addr, &ca, &client_ca.pem(), &bundle).await;
         let get_with = |leaf: &Leaf| {
             let c = connector(&ca, &[], Some(leaf));
             async move { try_get(&c, proxy.addr, "/m/crl2").await }
@@ -1143,15 +1155,13 @@ async fn a_reload_that_revokes_every_client_ca_refuses_every_client() {
     let ca = Ca::new("test ca");
     let root = Ca::new("client root");
     let issuing = root.intermediate("issuing ca", 40);
-    let certs = CertDir::new(&ca.server("keyward-a"));
-    let ca_file = certs.write_ca(&issuing.pem());
-    let crl_file = certs.path("ca.crl");
-    std::fs::write(&crl_file, issuing.crl(1, &[]) + &root.crl(1, &[])).unwrap();
-    let yaml = certs.yaml(Some(&ca_file)).replace(
-        "poll_interval: 50ms",
-        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-    );
-    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let (_certs, crl_file, proxy) = mtls_proxy(
+        upstream.addr,
+        &ca,
+        &issuing.pem(),
+        &(issuing.crl(1, &[]) + &root.crl(1, &[])),
+    )
+    .await;
     let client = issuing.issue_serial("client", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
     let get = || {
         let c = connector(&ca, &[], Some(&client));
@@ -1209,15 +1219,13 @@ async fn a_reload_that_loses_an_issuers_list_keeps_the_one_in_force() {
     let ca = Ca::new("test ca");
     let root = Ca::new("client root");
     let issuing = root.intermediate("issuing ca", 40);
-    let mut certs = CertDir::new(&ca.server("keyward-a"));
-    let ca_file = certs.write_ca(&(root.pem() + &issuing.pem()));
-    let crl_file = certs.path("ca.crl");
-    std::fs::write(&crl_file, root.crl(1, &[40]) + &issuing.crl(1, &[])).unwrap();
-    let yaml = certs.yaml(Some(&ca_file)).replace(
-        "poll_interval: 50ms",
-        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-    );
-    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let (mut certs, crl_file, proxy) = mtls_proxy(
+        upstream.addr,
+        &ca,
+        &(root.pem() + &issuing.pem()),
+        &(root.crl(1, &[40]) + &issuing.crl(1, &[])),
+    )
+    .await;
     let client = issuing.issue_serial("client", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
     let get = || {
         let c = connector(&ca, &[], Some(&client));
