@@ -234,7 +234,7 @@ impl Keyward {
         let rest = [Some(admin_task), probe_task, usage_task];
         let mut rest: Vec<Task> = rest.into_iter().flatten().collect();
         let all = futures_util::future::join_all(rest.iter_mut());
-        if tokio::time::timeout(FINAL_FLUSH, all).await.is_err() {
+        if tokio::time::timeout(AFTER_GRACE, all).await.is_err() {
             // Past the bound they are stopped: a last flush would go on trying.
             for task in &rest {
                 task.abort();
@@ -249,7 +249,7 @@ impl Keyward {
 
 /// How long a stopping process waits, after `shutdown.grace`, for its admin listener's
 /// requests, its probes and its last usage flush.
-const FINAL_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+const AFTER_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 type Task = tokio::task::JoinHandle<()>;
 

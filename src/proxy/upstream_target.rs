@@ -56,12 +56,6 @@ impl UpstreamStream {
         }
     }
 
-    /// Is the idle connection still open, with nothing unasked-for to read? The kernel is
-    /// asked (a non-blocking `MSG_PEEK` of one byte), not the reactor's cached readiness:
-    /// on a busy worker the reactor may not have seen, for milliseconds, bytes already in
-    /// the socket, and a connection reused with them answers the next request with them.
-    /// One system call per reuse is the price (review: 227 of 4,000 responses crossed
-    /// between clients at 50 concurrent clients when the cache was trusted).
     /// Shut the connection down from outside the task that drives it: its reads end and
     /// its writes fail, so hyper gives the connection up, and with it the request body it
     /// held (an upload the app stopped reading; see [`super::upload::watch_stall`]).
@@ -76,6 +70,12 @@ impl UpstreamStream {
         }
     }
 
+    /// Is the idle connection still open, with nothing unasked-for to read? The kernel is
+    /// asked (a non-blocking `MSG_PEEK` of one byte), not the reactor's cached readiness:
+    /// on a busy worker the reactor may not have seen, for milliseconds, bytes already in
+    /// the socket, and a connection reused with them answers the next request with them.
+    /// One system call per reuse is the price (review: 227 of 4,000 responses crossed
+    /// between clients at 50 concurrent clients when the cache was trusted).
     pub fn idle_and_open(&self) -> bool {
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         let peeked = each!(self, s => socket2::SockRef::from(s).peek(&mut probe));
