@@ -744,6 +744,13 @@ async fn mtls_proxy(
     client_ca: &str,
     lists: &str,
 ) -> (CertDir, PathBuf, Proxy) {
+    let (certs, crl_file, yaml) = mtls_files(ca, client_ca, lists);
+    let proxy = spawn_proxy(upstream, &yaml).await;
+    (certs, crl_file, proxy)
+}
+
+/// The files of [`mtls_proxy`], and its `tls:` block.
+fn mtls_files(ca: &Ca, client_ca: &str, lists: &str) -> (CertDir, PathBuf, String) {
     let certs = CertDir::new(&ca.server("keyward-a"));
     let ca_file = certs.write_ca(client_ca);
     let crl_file = certs.path("ca.crl");
@@ -752,8 +759,36 @@ async fn mtls_proxy(
         "poll_interval: 50ms",
         &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
     );
-    let proxy = spawn_proxy(upstream, &yaml).await;
-    (certs, crl_file, proxy)
+    (certs, crl_file, yaml)
+}
+
+/// Start keyward as [`spawn_proxy`] does, or say why it refused to start.
+async fn try_spawn_proxy(upstream: std::net::SocketAddr, extra: &str) -> Result<Proxy, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    let config = support::config::ConfigBuilder::new(upstream, &keys_file)
+        .extra(extra)
+        .config();
+    let server = keyward::Keyward::bind(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(support::run_bound(server, dir))
+}
+
+/// `keyward check` (the binary) on the config [`spawn_proxy`] would start: its stderr when
+/// it refuses.
+fn keyward_check(upstream: std::net::SocketAddr, extra: &str) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    let config = dir.path().join("keyward.yaml");
+    std::fs::write(&config, config_yaml(upstream, &keys_file, extra)).unwrap();
+    let out = support::child::run(&["check", "--config", config.to_str().unwrap()]);
+    match out.status.code() {
+        Some(0) => Ok(()),
+        _ => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
 }
 
 /// A proxy over TLS whose clients need a certificate from `client_ca`, with
@@ -1246,6 +1281,120 @@ async fn a_reload_that_loses_an_issuers_list_keeps_the_one_in_force() {
     .await;
     let got = get().await;
     assert!(got.is_err(), "the revoked CA's client let in: {got:?}");
+    proxy.shutdown().await;
+}
+
+/// With lists, an issuing CA of `client_ca` is an anchor, whose revocation rustls never
+/// checks: only its root's list can take it out. Without that list, start and `keyward
+/// check` refuse the files, naming the field and the certificate; with it, both pass.
+#[tokio::test]
+async fn start_and_check_refuse_an_issuing_ca_without_a_list_of_its_root() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let root = Ca::new("client root");
+    let issuing = root.intermediate("issuing ca", 40);
+    let (_certs, crl_file, yaml) =
+        mtls_files(&ca, &(root.pem() + &issuing.pem()), &issuing.crl(1, &[]));
+    let said = "client_ca certificate CN=issuing ca is issued by CN=client root, which has no list in tls.client_crl: its revocation cannot be checked";
+    let e = match try_spawn_proxy(upstream.addr, &yaml).await {
+        Ok(proxy) => {
+            proxy.shutdown().await;
+            panic!("started without the root's list");
+        }
+        Err(e) => e,
+    };
+    assert!(e.starts_with("tls.client_crl: ") && e.contains(said), "{e}");
+    let e = keyward_check(upstream.addr, &yaml).expect_err("keyward check refuses");
+    assert!(e.contains("tls.client_crl: ") && e.contains(said), "{e}");
+
+    std::fs::write(&crl_file, root.crl(1, &[]) + &issuing.crl(1, &[])).unwrap();
+    keyward_check(upstream.addr, &yaml).expect("with the root's list");
+    let proxy = try_spawn_proxy(upstream.addr, &yaml)
+        .await
+        .expect("with the root's list");
+    proxy.shutdown().await;
+}
+
+/// A restart with the same files as a reload that lost the root's list (see
+/// `a_reload_that_loses_an_issuers_list_keeps_the_one_in_force`) had no list in force: the
+/// issuing CA the root revoked was an anchor again, and its clients got in. Start is
+/// refused now.
+#[tokio::test]
+async fn a_restart_that_lost_the_roots_list_lets_no_client_of_the_ca_it_revoked_in() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let root = Ca::new("client root");
+    let issuing = root.intermediate("issuing ca", 40);
+    let (_certs, crl_file, yaml) = mtls_files(
+        &ca,
+        &(root.pem() + &issuing.pem()),
+        &(root.crl(1, &[40]) + &issuing.crl(1, &[])),
+    );
+    let client = issuing.issue_serial("client", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let get = |addr| {
+        let c = connector(&ca, &[], Some(&client));
+        async move { try_get(&c, addr, "/m/restart").await }
+    };
+    let proxy = try_spawn_proxy(upstream.addr, &yaml)
+        .await
+        .expect("first start");
+    assert!(get(proxy.addr).await.is_err());
+    proxy.shutdown().await;
+
+    std::fs::write(&crl_file, issuing.crl(2, &[])).unwrap();
+    match try_spawn_proxy(upstream.addr, &yaml).await {
+        Ok(proxy) => {
+            let got = get(proxy.addr).await;
+            proxy.shutdown().await;
+            panic!("restarted without the root's list; the revoked CA's client: {got:?}");
+        }
+        Err(e) => assert!(
+            e.starts_with("tls.client_crl: ") && e.contains("CN=issuing ca"),
+            "{e}"
+        ),
+    }
+    assert_eq!(
+        upstream.count(),
+        0,
+        "no client of the revoked CA got through"
+    );
+}
+
+/// A reload that brings an issuing CA whose issuer has no list, in the file or in force, is
+/// refused whole: the verifier in force stays (its clients get in, the new CA's do not).
+/// Before, the CA was taken as an anchor, and its clients got in whatever its root said.
+#[tokio::test]
+async fn a_reload_bringing_an_issuing_ca_without_a_list_of_its_issuer_is_refused() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let root = Ca::new("client root");
+    let other_root = Ca::new("other root");
+    let issuing = other_root.intermediate("unlisted issuing ca", 50);
+    let (mut certs, _crl_file, proxy) = mtls_proxy(
+        upstream.addr,
+        &ca,
+        &root.pem(),
+        &(root.crl(1, &[]) + &issuing.crl(1, &[])),
+    )
+    .await;
+    let known = root.issue_serial("known", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let newcomer = issuing.issue_serial("newcomer", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let get_with = |leaf: &Leaf| {
+        let c = connector(&ca, &[], Some(leaf));
+        async move { try_get(&c, proxy.addr, "/m/unlisted").await }
+    };
+    assert!(get_with(&known).await.is_ok());
+    assert!(get_with(&newcomer).await.is_err());
+    // The CA goes into client_ca without its root's list, with a new certificate in the
+    // same step (seen served: the step was taken).
+    certs.write_ca(&(root.pem() + &issuing.pem()));
+    let next = ca.server("keyward-b");
+    certs.publish(&next.cert_pem, &next.key_pem);
+    let c = connector(&ca, &[], Some(&known));
+    eventually_served("the new certificate served", &c, proxy.addr, &next.der).await;
+    let got = get_with(&newcomer).await;
+    assert!(got.is_err(), "the unlistable CA's client let in: {got:?}");
+    assert!(get_with(&known).await.is_ok(), "the verifier in force kept");
     proxy.shutdown().await;
 }
 

@@ -44,6 +44,15 @@ pub enum TlsError {
     },
     #[error("tls: {0}")]
     Config(String),
+    /// With `client_crl`, a `client_ca` certificate (not self-issued) whose issuer has no
+    /// list there: as an anchor, its revocation would never be checked (see
+    /// [`every_issuer_listed`]).
+    #[error("tls.client_crl: {path}: client_ca certificate {subject} is issued by {issuer}, which has no list in tls.client_crl: its revocation cannot be checked")]
+    IssuerUnlisted {
+        path: String,
+        subject: String,
+        issuer: String,
+    },
 }
 
 /// When the served certificate is valid: read from its DER with `x509-cert` for the
@@ -214,16 +223,9 @@ struct Anchors {
 /// kept as one, a revoked such CA let its clients in (review 45). Said at `warn`.
 fn trust_anchors(
     path: &Path,
-    pem: &[u8],
+    certs: Vec<CertificateDer<'static>>,
     revoked: Option<&revoked::RevokedSerials>,
 ) -> Result<Anchors, TlsError> {
-    let mut certs = Vec::new();
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        certs.push(cert.map_err(|e| file_err("client_ca", path, pem_problem(&e)))?);
-    }
-    if certs.is_empty() {
-        return Err(file_err("client_ca", path, "no PEM certificate found"));
-    }
     let listed: Vec<Option<bool>> = certs
         .iter()
         .map(|c| revoked.map_or(Some(false), |r| r.listed(c)))
@@ -252,6 +254,42 @@ fn trust_anchors(
         roots,
         none_trusted,
     })
+}
+
+/// The certificates of a `tls.client_ca` file: at least one, each well-formed PEM.
+fn client_ca_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err("client_ca", path, pem_problem(&e)))?;
+    if certs.is_empty() {
+        return Err(file_err("client_ca", path, "no PEM certificate found"));
+    }
+    Ok(certs)
+}
+
+/// With lists, every `client_ca` certificate that is not self-issued (an issuing CA) needs
+/// a list of its issuer in `client_crl`. It is an anchor, whose revocation rustls never
+/// checks: only a list of its issuer here can take it out (see [`trust_anchors`]). Without
+/// one, a restart whose file had lost the root's list trusted the CA the root revoked,
+/// where a reload kept the list in force. Refused at start and by `keyward check`. A
+/// reload keeps an issuer's list in force when its file lost it (see [`TlsWatch::changed`]);
+/// one bringing a certificate whose issuer has a list neither in the file nor in force is
+/// refused like a `client_ca` that does not load: the verifier in force stays (new lists
+/// still go in with the `client_ca` in force, see [`TlsWatch::verifier_alone`]).
+/// Self-signed roots need none.
+fn every_issuer_listed(
+    crl_path: &Path,
+    certs: &[CertificateDer<'_>],
+    revoked: &revoked::RevokedSerials,
+) -> Result<(), TlsError> {
+    match certs.iter().find_map(|c| revoked.unlisted_issuer(c)) {
+        Some((subject, issuer)) => Err(TlsError::IssuerUnlisted {
+            path: crate::config::redact::shown_path(crl_path),
+            subject,
+            issuer,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The CRLs of a `tls.client_crl` file: at least one, each well-formed, the newest of each
@@ -614,16 +652,18 @@ impl TlsFiles {
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let builder = match (&tls.client_ca, &self.client_ca) {
             (Some(path), Some(pem)) => {
+                let certs = client_ca_certs(path, pem)?;
                 let lists = match (&tls.client_crl, &self.client_crl) {
                     (Some(crl_path), Some(crl_pem)) => {
                         let (crls, older) = revocation_lists(crl_path, crl_pem)?;
                         let serials = revoked::RevokedSerials::of(&crls)
                             .map_err(|e| file_err("client_crl", crl_path, e))?;
+                        every_issuer_listed(crl_path, &certs, &serials)?;
                         Some((crls, older, serials))
                     }
                     _ => None,
                 };
-                let anchors = trust_anchors(path, pem, lists.as_ref().map(|l| &l.2))?;
+                let anchors = trust_anchors(path, certs, lists.as_ref().map(|l| &l.2))?;
                 none_trusted = anchors.none_trusted;
                 let roots = anchors.roots;
                 // Client certificates are mandatory: `build()` without
@@ -1073,7 +1113,7 @@ impl Watched for TlsWatch {
             {
                 self.say_once(&self.said_older, Sha256::digest(&merged).into(), || {
                     let path = self.tls.client_crl.as_deref().unwrap_or(Path::new(""));
-                    let e = file_err("client_crl", path, format!("the list of {} is older than the one in force (a lower CRL Number, or an earlier thisUpdate), or missing from the file: the one in force stays for that issuer, the file's lists of any other are applied (a restart takes whatever the file holds)", older.join("; ")));
+                    let e = file_err("client_crl", path, format!("the list of {} is older than the one in force (a lower CRL Number, or an earlier thisUpdate), or missing from the file: the one in force stays for that issuer, the file's lists of any other are applied (a restart takes whatever the file holds, and refuses a file without the list of a client_ca certificate's issuer)", older.join("; ")));
                     tracing::warn!(error = %e, "TLS revocation lists going back in time refused");
                 });
                 files.client_crl = Some(merged);

@@ -54,6 +54,18 @@ impl RevokedSerials {
         self.listed(cert).unwrap_or(true)
     }
 
+    /// The subject and issuer (RFC 4514) of `cert` when it is not self-issued and no list
+    /// here is its issuer's: as an anchor, nothing would check its revocation (see
+    /// `every_issuer_listed`). `None` too for one that cannot be read (with lists, no
+    /// anchor: see `trust_anchors`).
+    pub(super) fn unlisted_issuer(&self, cert: &CertificateDer<'_>) -> Option<(String, String)> {
+        let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
+        let tbs = cert.tbs_certificate();
+        let (subject, issuer) = (tbs.subject(), tbs.issuer());
+        let listed = self.0.iter().any(|(i, _)| i == issuer);
+        (subject != issuer && !listed).then(|| (subject.to_string(), issuer.to_string()))
+    }
+
     /// Is `cert` listed by a list of its issuer (`None`: it cannot be read)?
     pub(super) fn listed(&self, cert: &CertificateDer<'_>) -> Option<bool> {
         let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;

@@ -117,6 +117,11 @@ pub async fn spawn_proxy_with(upstream: SocketAddr, extra: &str, keys: Option<&s
 /// Start keyward from a ready config (which may point into `dir`).
 pub async fn start(config: keyward::config::Config, dir: tempfile::TempDir) -> Proxy {
     let server = keyward::Keyward::bind(config).await.expect("keyward binds");
+    run_bound(server, dir)
+}
+
+/// Run a bound keyward (for a test whose start may be refused: it binds itself).
+pub fn run_bound(server: keyward::Keyward, dir: tempfile::TempDir) -> Proxy {
     let addr = server.local_addr();
     let admin = server.admin_addr();
     let app = server.app.clone();
