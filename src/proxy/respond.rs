@@ -103,9 +103,9 @@ pub fn set_quota(h: &mut HeaderMap, quota: &Quota) {
 }
 
 /// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
-/// `[A-Za-z0-9._:-]` and could not be a key (`policy`; `queries` gives those the request
-/// carries, asked only when it sent an id), otherwise mint a UUID v4 from the worker's
-/// `ids`. (Not looked up in the snapshot: whether an id comes back would tell any client,
+/// `[A-Za-z0-9._:-]`, could not be a key (`policy`; `queries` gives those the request
+/// carries, asked only when it sent an id) and holds nothing shaped like a digest or a
+/// generated key ([`digest_shaped`]), otherwise mint a UUID v4 from the worker's `ids`. (Not looked up in the snapshot: whether an id comes back would tell any client,
 /// on a public route and uncounted, whether a string is a key.)
 pub fn correlation_id<'q, Q: AsRef<[&'q str]>>(
     headers: &HeaderMap,
@@ -118,6 +118,7 @@ pub fn correlation_id<'q, Q: AsRef<[&'q str]>>(
         .filter_map(|name| headers.get(name))
         .find(|v| {
             valid_correlation_id(v.as_bytes())
+                && !digest_shaped(v.as_bytes())
                 && !policy.could_be_a_key(v.as_bytes(), headers, queries().as_ref())
         })
         .cloned()
@@ -148,6 +149,27 @@ impl Ids {
         HeaderValue::from_maybe_shared(slab.split().freeze())
             .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
     }
+}
+
+/// The shortest run that could be a SHA-256 digest in unpadded base64, or a key
+/// `keyward keys generate` made (32 random bytes, URL-safe): 43 characters.
+const BASE64_RUN: usize = 43;
+/// A SHA-256 digest in hex.
+const HEX_RUN: usize = 64;
+
+/// Does `v` hold a digest (64 hex digits, or a run of 43 base64url characters) or a
+/// generated key? The id is logged and sent back: such a run, even one whose key the
+/// request does not carry, would put key material in the logs. A run of hex groups
+/// joined by `-` (a W3C `traceparent`) is no base64 digest; UUIDs and ULIDs are shorter.
+fn digest_shaped(v: &[u8]) -> bool {
+    let base64url = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-');
+    let hex_run = v
+        .split(|b| !b.is_ascii_hexdigit())
+        .any(|run| run.len() >= HEX_RUN);
+    hex_run
+        || v.split(|b| !base64url(b)).any(|run| {
+            run.len() >= BASE64_RUN && run.iter().any(|b| !(b.is_ascii_hexdigit() || *b == b'-'))
+        })
 }
 
 fn valid_correlation_id(v: &[u8]) -> bool {
@@ -270,6 +292,44 @@ mod tests {
             HeaderValue::from_static("id.sta_leaked_key_0123456789"),
         );
         assert_eq!(correlation_id(&h, &ids, &policy, || []).len(), 36);
+    }
+
+    /// A digest (hex or base64) or a generated key is key material whether or not the
+    /// request carries its key: a fresh id is minted for it.
+    #[test]
+    fn a_correlation_id_shaped_like_a_digest_or_a_generated_key_is_replaced() {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let policy = policy();
+        let ids = Ids::default();
+        let digest = sha2::Sha256::digest(b"k3y-0123456789abcdef");
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest);
+        for id in [
+            hex.clone(),
+            hex.to_uppercase(),
+            format!("req.{hex}"),
+            b64.clone(),
+            format!("trace:{b64}:1"),
+            "sta_".to_string() + &"Zm9v".repeat(11),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("x-correlation-id", HeaderValue::from_str(&id).unwrap());
+            let got = correlation_id(&h, &ids, &policy, || []);
+            assert_ne!(got, id.as_str(), "{id}");
+            assert_eq!(got.len(), 36, "{id}");
+        }
+        // Ids people use are kept: a UUID, a W3C traceparent, a ULID, dotted parts.
+        for id in [
+            "0e87e821-c93c-4642-a69c-8ac40478239e",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+            "svc.checkout.4bf92f3577b34da6a3ce929d0e0e4736.7",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("x-correlation-id", HeaderValue::from_static(id));
+            assert_eq!(correlation_id(&h, &ids, &policy, || []), id);
+        }
     }
 
     #[test]
