@@ -45,6 +45,12 @@ fn with_message<'a>(logs: &'a [serde_json::Value], message: &str) -> Vec<&'a ser
     logs.iter().filter(|l| l["message"] == message).collect()
 }
 
+/// `key`'s SHA-256 digest in unpadded base64url.
+fn digest_base64url(key: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(keyward::keys::digest(key.as_bytes()))
+}
+
 /// The longest run of hex digits in `s`.
 fn longest_hex_run(s: &str) -> usize {
     s.split(|c: char| !c.is_ascii_hexdigit())
@@ -207,6 +213,22 @@ async fn the_real_binary_never_logs_or_exports_a_secret() {
             true,
             400,
             "/a%2Fb/[redacted]",
+        ),
+        // A key's digest, in hex or base64url, is key material too.
+        (
+            format!(
+                "/v1/items/{}",
+                hex::encode(keyward::keys::digest(SERVICE_KEY.as_bytes()))
+            ),
+            true,
+            200,
+            "/v1/items/[redacted]",
+        ),
+        (
+            format!("/v1/items/{}/x", digest_base64url(SERVICE_KEY)),
+            false,
+            401,
+            "/v1/items/[redacted]/x",
         ),
     ];
     for (path, keyed, status, logged) in &in_path {
@@ -524,7 +546,8 @@ async fn the_binary_takes_its_log_level_from_config_then_environment() {
 async fn the_access_log_bounds_what_the_client_chose() {
     let up = spawn_upstream().await;
     let bin = start(up.addr, "log: { format: json, level: info }\n", &[]).await;
-    let path = format!("/v1/{}", "a".repeat(12_000));
+    // Not hex: a long run of hex digits could hold a digest, and is logged as `[redacted]`.
+    let path = format!("/v1/{}", "p".repeat(12_000));
     let method = "M".repeat(500);
     let r = send(&method, &bin.url(&path), &[], b"").await;
     assert_eq!(r.status, 401);
@@ -603,6 +626,25 @@ async fn the_admin_log_bounds_what_the_caller_chose_and_never_echoes_an_unknown_
     .await;
     assert_eq!(r.status, 409, "a file source: {}", r.text());
     assert!(!r.text().contains(SERVICE_KEY), "{}", r.text());
+    // A key or a digest pasted as a query parameter's name is not quoted back.
+    let digest = hex::encode(keyward::keys::digest(SERVICE_KEY.as_bytes()));
+    for query in [format!("?{SERVICE_KEY}"), format!("?force=true&{digest}=1")] {
+        let r = send(
+            "POST",
+            &bin.admin_url(&format!("/v1/snapshot/reload{query}")),
+            &[("authorization", auth.as_str())],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(
+            r.text().contains("unknown query parameter #"),
+            "{}",
+            r.text()
+        );
+        assert!(!r.text().contains(SERVICE_KEY), "{}", r.text());
+        assert!(!r.text().contains(&digest[..16]), "{}", r.text());
+    }
     // Paths that are no endpoint, with or without the token.
     for path in [
         format!("/v1/keys/{SERVICE_KEY}"),

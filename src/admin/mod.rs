@@ -590,17 +590,19 @@ impl Flags {
         let mut flags = Flags::default();
         let mut seen: Vec<String> = Vec::new();
         let query = req.uri().query().unwrap_or("");
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
+        for (i, pair) in query.split('&').filter(|p| !p.is_empty()).enumerate() {
             let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
             let (k, v) = (query_decode(k), query_decode(v));
-            let shown: String = k.chars().take(40).collect();
             let Some(name) = allowed.iter().find(|a| **a == k) else {
                 let takes = match allowed {
                     [] => "none".to_string(),
                     _ => allowed.join(", "),
                 };
+                // The name is not quoted: a script that put a key or a digest there would
+                // find it in the answer, and in whatever logs the answer.
                 return Err(format!(
-                    "unknown query parameter {shown:?} (this endpoint takes: {takes})"
+                    "unknown query parameter #{} (this endpoint takes: {takes})",
+                    i + 1
                 ));
             };
             if seen.iter().any(|s| s == name) {

@@ -65,12 +65,54 @@ fn bit(i: usize) -> u64 {
     1 << i.min(63)
 }
 
+/// The segments of `path` that hold a digest or a generated key, as an app reads them
+/// (escapes decoded): with or without `prefixes`, in the snapshot or not.
+fn digest_segments(path: &str) -> u64 {
+    if path.len() < BASE64_RUN {
+        return 0;
+    }
+    segment_bits(path, |s| {
+        s.len() >= BASE64_RUN && digest_shaped(crate::path::as_decoded(s).as_bytes())
+    })
+}
+
 /// The bits of the segments of `path` that `doomed` picks.
 fn segment_bits(path: &str, doomed: impl Fn(&str) -> bool) -> u64 {
     path.split('/')
         .enumerate()
         .filter(|(_, s)| doomed(s))
         .fold(0, |acc, (i, _)| acc | bit(i))
+}
+
+/// The shortest run that could be a SHA-256 digest in unpadded base64, or a key
+/// `keyward keys generate` made (32 random bytes, URL-safe): 43 characters.
+const BASE64_RUN: usize = 43;
+/// A SHA-256 digest in hex.
+const HEX_RUN: usize = 64;
+
+/// Does `v` hold a digest (64 hex digits, or a run of 43 base64 or base64url characters)
+/// or a generated key? Such a run is key material whether or not its key is in the
+/// snapshot or the request: it is never logged or echoed (a correlation id, a path
+/// segment). A base64 run must look random ([`mixed`]): a long slug or a W3C
+/// `traceparent` is none; UUIDs and ULIDs are shorter. A standard base64 digest split by its `/` is not
+/// caught: its pieces are as short as a path's own segments.
+pub fn digest_shaped(v: &[u8]) -> bool {
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+' | b'=');
+    let hex_run = v
+        .split(|b| !b.is_ascii_hexdigit())
+        .any(|run| run.len() >= HEX_RUN);
+    hex_run
+        || v.split(|b| !base64(b))
+            .any(|run| run.len() >= BASE64_RUN && mixed(run))
+}
+
+/// Does `run` hold upper case, lower case and digits, as 43 random base64 characters all
+/// but surely do (one in a thousand has no digit)? A slug (`how-to-run-keyward-...`) or
+/// a run of lower-case hex groups does not.
+fn mixed(run: &[u8]) -> bool {
+    run.iter().any(u8::is_ascii_uppercase)
+        && run.iter().any(u8::is_ascii_lowercase)
+        && run.iter().any(u8::is_ascii_digit)
 }
 
 /// What a logged path shows in place of a segment that could hold a key.
@@ -358,7 +400,8 @@ impl Policy {
             // Nothing to tell a key by (a request its client abandoned, logged once its
             // headers are gone): every segment long enough to be one.
             segment_bits(&path, long)
-        } | self.assigning_segments(&path);
+        } | self.assigning_segments(&path)
+            | digest_segments(&path);
         if doomed == 0 {
             return path;
         }
@@ -571,6 +614,8 @@ mod tests {
         Policy::new(&Config::from_yaml(include_str!("../../config/keyward.yaml")).unwrap())
     }
 
+    const HEX: &str = "c6ffcb30297a172f564779bcdcf7d47394ea14a71fcc078d857361dc65a8bf7e";
+
     /// A segment that could hold a key is logged as `[redacted]`: by a configured prefix
     /// (escaped too) with or without headers; without prefixes, by overlap with a credential
     /// the request carries.
@@ -595,6 +640,30 @@ mod tests {
             ),
             // Too short to hold a key.
             ("/sta_x/", "/sta_x/"),
+            // A digest, in hex (either case, escaped or not) or in base64 / base64url, or
+            // an unprefixed generated key: key material whatever the snapshot holds.
+            (&*format!("/x/{HEX}"), "/x/[redacted]"),
+            (&*format!("/x/{}/y", HEX.to_uppercase()), "/x/[redacted]/y"),
+            (&*format!("/x/%63{}", &HEX[1..]), "/x/[redacted]"),
+            (&*format!("/x/{HEX}%00"), "/x/[redacted]"),
+            (
+                "/x/xv_LMCl6Fy9WR3m83PdHOU6hSnH8wHjYVzYdxlqL-_4",
+                "/x/[redacted]",
+            ),
+            (
+                "/x/xv+LMCl6Fy9WR3m83PdHOU6hSnH8wHjYVzYdxlqL+4Q=",
+                "/x/[redacted]",
+            ),
+            // A long slug is kept.
+            (
+                "/blog/how-to-run-keyward-beside-every-app-in-a-cluster",
+                "/blog/how-to-run-keyward-beside-every-app-in-a-cluster",
+            ),
+            // A traceparent in a path is kept.
+            (
+                "/t/00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "/t/00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
         ] {
             assert_eq!(screened(path), logged, "{path}");
         }

@@ -105,7 +105,7 @@ pub fn set_quota(h: &mut HeaderMap, quota: &Quota) {
 /// Take the caller's `x-correlation-id` (else `x-request-id`) if it is 1..128 characters of
 /// `[A-Za-z0-9._:-]`, could not be a key (`policy`; `queries` gives those the request
 /// carries, asked only when it sent an id) and holds nothing shaped like a digest or a
-/// generated key ([`digest_shaped`]), otherwise mint a UUID v4 from the worker's `ids`. (Not looked up in the snapshot: whether an id comes back would tell any client,
+/// generated key ([`digest_shaped`](crate::auth::policy::digest_shaped)), otherwise mint a UUID v4 from the worker's `ids`. (Not looked up in the snapshot: whether an id comes back would tell any client,
 /// on a public route and uncounted, whether a string is a key.)
 pub fn correlation_id<'q, Q: AsRef<[&'q str]>>(
     headers: &HeaderMap,
@@ -118,7 +118,7 @@ pub fn correlation_id<'q, Q: AsRef<[&'q str]>>(
         .filter_map(|name| headers.get(name))
         .find(|v| {
             valid_correlation_id(v.as_bytes())
-                && !digest_shaped(v.as_bytes())
+                && !crate::auth::policy::digest_shaped(v.as_bytes())
                 && !policy.could_be_a_key(v.as_bytes(), headers, queries().as_ref())
         })
         .cloned()
@@ -149,27 +149,6 @@ impl Ids {
         HeaderValue::from_maybe_shared(slab.split().freeze())
             .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
     }
-}
-
-/// The shortest run that could be a SHA-256 digest in unpadded base64, or a key
-/// `keyward keys generate` made (32 random bytes, URL-safe): 43 characters.
-const BASE64_RUN: usize = 43;
-/// A SHA-256 digest in hex.
-const HEX_RUN: usize = 64;
-
-/// Does `v` hold a digest (64 hex digits, or a run of 43 base64url characters) or a
-/// generated key? The id is logged and sent back: such a run, even one whose key the
-/// request does not carry, would put key material in the logs. A run of hex groups
-/// joined by `-` (a W3C `traceparent`) is no base64 digest; UUIDs and ULIDs are shorter.
-fn digest_shaped(v: &[u8]) -> bool {
-    let base64url = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-');
-    let hex_run = v
-        .split(|b| !b.is_ascii_hexdigit())
-        .any(|run| run.len() >= HEX_RUN);
-    hex_run
-        || v.split(|b| !base64url(b)).any(|run| {
-            run.len() >= BASE64_RUN && run.iter().any(|b| !(b.is_ascii_hexdigit() || *b == b'-'))
-        })
 }
 
 fn valid_correlation_id(v: &[u8]) -> bool {
