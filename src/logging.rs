@@ -54,9 +54,13 @@ pub fn choose_filter(
 /// Libraries that, at debug or trace level, echo request bytes they could not parse (h2's
 /// "malformed headers: malformed path ..." carries the whole `:path`, query credential
 /// included; a malformed `:authority` or `:scheme` and, at trace, a `TE` value are echoed
-/// the same way; rustls and hyper log protocol details). They are held at `warn`
+/// the same way; rustls and hyper log protocol details). And at `warn` they say what any
+/// client makes them say, once per connection and before any authentication: rustls's
+/// "Illegal SNI extension" for an IP literal in SNI, "Sending warning alert" for a
+/// renegotiation, h2's "locally-reset streams reached limit". They are held at `error`
 /// whatever `KEYWARD_LOG`, `RUST_LOG` or `log.level` say: SPEC 11 promises no key in the
-/// logs at any level.
+/// logs at any level, and an operator's `warn` alerts must not be a client's to trip
+/// (keyward logs failed handshakes itself, at `debug`).
 pub const CAPPED_TARGETS: [&str; 6] = [
     "h2",
     "hyper",
@@ -66,12 +70,12 @@ pub const CAPPED_TARGETS: [&str; 6] = [
     "tower",
 ];
 
-/// The filter that holds [`CAPPED_TARGETS`] at `warn` and lets everything else through to
+/// The filter that holds [`CAPPED_TARGETS`] at `error` and lets everything else through to
 /// the user's filter.
 pub fn dependency_cap() -> Targets {
     CAPPED_TARGETS.iter().fold(
         Targets::new().with_default(LevelFilter::TRACE),
-        |t, target| t.with_target(*target, LevelFilter::WARN),
+        |t, target| t.with_target(*target, LevelFilter::ERROR),
     )
 }
 
@@ -179,12 +183,17 @@ mod tests {
                 tracing::debug!(target: "h2::proto::streams", "malformed path SECRET-1");
                 tracing::trace!(target: "hyper::proto::h1", "SECRET-2");
                 tracing::debug!(target: "rustls::server", "SECRET-3");
-                tracing::warn!(target: "h2::codec", "kept warning");
+                // What any client makes them say, once per connection: not a warning.
+                tracing::warn!(target: "rustls::msgs::handshake", "Illegal SNI CLIENT-1");
+                tracing::warn!(target: "rustls::common_state", "warning alert CLIENT-2");
+                tracing::warn!(target: "h2::proto::streams", "reached limit CLIENT-3");
+                tracing::error!(target: "h2::codec", "kept error");
                 tracing::trace!(target: "keyward::proxy", "keyward trace");
             });
             let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
             assert!(!out.contains("SECRET"), "{directives}: {out}");
-            assert!(out.contains("kept warning"), "{directives}: {out}");
+            assert!(!out.contains("CLIENT"), "{directives}: {out}");
+            assert!(out.contains("kept error"), "{directives}: {out}");
             assert!(out.contains("keyward trace"), "{directives}: {out}");
         }
     }
