@@ -921,6 +921,28 @@ async fn h2c_upgrade_is_not_tunnelled_but_websocket_is() {
         assert_eq!(r.status(), 200, "{upgrade}: {}", r.text);
         assert!(up.last().headers.get("upgrade").is_none(), "{upgrade}");
     }
+    // A WebSocket handshake is a GET without a body (RFC 6455 4.1): with a body, or by
+    // another method, the request goes as a plain one, and a 101 to it is no answer.
+    let ws = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nConnection: close\r\n";
+    for (method, body) in [
+        ("POST", "Content-Length: 2\r\n\r\nhi"),
+        ("GET", "Content-Length: 2\r\n\r\nhi"),
+        (
+            "POST",
+            "Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        ),
+        ("PUT", "Content-Length: 0\r\n\r\n"),
+    ] {
+        let req =
+            format!("{method} /v1/up HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n{ws}{body}");
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        assert_eq!(r.status(), 200, "{method} {body}: {}", r.text);
+        let seen = up.last();
+        assert!(seen.headers.get("upgrade").is_none(), "{method} {body}");
+        let req = format!("{method} /ws HTTP/1.1\r\nHost: app\r\nx-api-key: {KEY}\r\n{ws}{body}");
+        let r = exchange(kw.addr, req.as_bytes()).await;
+        assert_eq!(r.statuses(), [502], "{method} {body}: {}", r.text);
+    }
     // WebSocket is the allowed upgrade: authenticated at the handshake, then tunnelled.
     let req = head(
         "GET",

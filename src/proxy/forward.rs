@@ -480,9 +480,14 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Is this an HTTP/1.1 WebSocket handshake (`Connection: upgrade` + `Upgrade: websocket`)?
 /// Only WebSocket is tunnelled: any other `Upgrade` (above all `h2c`, which would turn the
 /// tunnel into an HTTP/2 connection to the upstream that keyward no longer sees) is dropped
-/// with the other hop-by-hop headers and the request is forwarded as plain HTTP/1.1.
-pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
+/// with the other hop-by-hop headers and the request is forwarded as plain HTTP/1.1. So is
+/// a request with a body, or of another method than GET (RFC 6455 4.1): forwarded as an
+/// upgrade, it went with `Upgrade` beside the `Connection: close` its body called for, a
+/// header a lax app would switch on, and the bytes after a `101` were tunnelled.
+pub fn wants_upgrade<B: http_body::Body>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
+        && req.method() == Method::GET
+        && req.body().is_end_stream()
         && upgrades_to_websocket(req.headers())
         && req
             .headers()
