@@ -52,4 +52,8 @@ impl Host for App {
     fn snapshot_guarded(&self, source: Source) {
         self.metrics.snapshot_guarded(source);
     }
+
+    fn snapshot_persisted(&self, source: Source) {
+        self.metrics.snapshot_persisted(source);
+    }
 }

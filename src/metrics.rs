@@ -320,6 +320,12 @@ impl Metrics {
         self.set_refused(source, Some("error"));
     }
 
+    /// The snapshot in force was persisted again after a failure to (a retried disable):
+    /// the refusal no longer holds.
+    pub fn snapshot_persisted(&self, source: Source) {
+        self.set_refused(source, None);
+    }
+
     /// The counters say a refusal happened; this says it still holds (a bad file is
     /// counted once, then left in place), so an alert can hold on for as long.
     fn set_refused(&self, source: Source, result: Option<&str>) {

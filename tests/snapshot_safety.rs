@@ -649,15 +649,235 @@ async fn the_guard_counts_the_keys_usable_here_and_never_refuses_the_fix() {
     assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(r.json()["usable_in_force"], 9);
     kw.shutdown().await;
+}
 
-    // Below min_keys only `keys: []` is refused (SPEC 16): a small snapshot may disable
-    // its only keys on purpose.
+/// A snapshot with no usable key (every key disabled, expired, not yet valid or bound to
+/// another environment) lets nobody in, as an empty one does, and is refused as one in
+/// place of a snapshot with a usable key, whatever `min_keys` says: for a push, its dry
+/// run and a file alike; force takes it (review: three keys all disabled went live below
+/// `min_keys`, the dry run saying `would_refuse: false`).
+#[tokio::test]
+async fn a_snapshot_with_no_usable_key_is_refused_as_empty() {
+    let up = spawn_upstream().await;
+    let past = rfc3339(SystemTime::now() - Duration::from_secs(3600));
+    let ahead = rfc3339(SystemTime::now() + Duration::from_secs(3600));
+    let none_usable = [
+        (
+            "disabled",
+            snapshot("", 0..3, |_| ", status: disabled".into()),
+        ),
+        (
+            "expired",
+            snapshot("", 0..3, |_| format!(", expires_at: {past}")),
+        ),
+        (
+            "not yet valid",
+            snapshot("", 0..3, |_| format!(", not_before: {ahead}")),
+        ),
+        (
+            "another environment",
+            snapshot("", 0..3, |_| ", environment: staging".into()),
+        ),
+    ];
+    // Three keys: below min_keys (10), where only the empty rule applies.
     let kw = spawn_control(up.addr, Some(&plain(0..3)), "").await;
-    let all_disabled = snapshot("", 0..3, |_| ", status: disabled".into());
-    let r = admin(&kw, "PUT", "/v1/snapshot", &all_disabled).await;
+    for (n, (what, body)) in none_usable.iter().enumerate() {
+        let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", body).await;
+        assert_eq!(r.status, 200, "{what}: {}", r.text());
+        assert_eq!(
+            r.json()["guard"]["would_refuse"],
+            true,
+            "{what}: {}",
+            r.text()
+        );
+        assert_eq!(r.json()["guard"]["reason"], "empty", "{what}");
+        let r = admin(&kw, "PUT", "/v1/snapshot", body).await;
+        assert_eq!(r.status, 409, "{what}: {}", r.text());
+        let b = r.json();
+        assert_eq!(
+            (b["code"].as_str(), b["reason"].as_str()),
+            (Some("snapshot_guard"), Some("empty")),
+            "{what}"
+        );
+        assert_eq!(
+            (b["usable_in_force"].as_u64(), b["usable"].as_u64()),
+            (Some(3), Some(0))
+        );
+        assert!(
+            b["error"].as_str().unwrap().contains("is usable here"),
+            "{what}: {b}"
+        );
+        let guarded = guarded_series("control");
+        assert_eq!(metric_value(&kw, &guarded).await, (n + 1) as f64, "{what}");
+        assert_eq!(status_with(&kw, &raw(1)).await, 200, "{what}: kept");
+    }
+    let r = admin(&kw, "PUT", "/v1/snapshot?force=true", &none_usable[0].1).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(status_with(&kw, &raw(1)).await, 401);
+    assert_eq!(status_with(&kw, &raw(1)).await, 401, "forced: taken");
+    // In place of a snapshot that let nobody in, it is no loss.
+    let r = admin(&kw, "PUT", "/v1/snapshot", &none_usable[1].1).await;
+    assert_eq!(r.status, 200, "{}", r.text());
     kw.shutdown().await;
+
+    // A file source: the watcher and a reload asked for hold it back alike.
+    let kw = spawn_file(up.addr, &plain(0..3), "", "").await;
+    std::fs::write(kw.keys_file(), &none_usable[0].1).unwrap();
+    let guarded = guarded_series("file");
+    eventually("the file is held back", || async {
+        metric_value(&kw, &guarded).await >= 1.0
+    })
+    .await;
+    let r = admin(&kw, "POST", "/v1/snapshot/reload", "").await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(
+        (r.json()["code"].as_str(), r.json()["reason"].as_str()),
+        (Some("snapshot_guard"), Some("empty"))
+    );
+    assert_eq!(status_with(&kw, &raw(1)).await, 200, "kept");
+    let r = admin(&kw, "POST", "/v1/snapshot/reload?force=true", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(1)).await, 401, "forced: taken");
+    kw.shutdown().await;
+}
+
+/// A disable through the API is no way around the window. A disable of a key disabled
+/// already installs nothing and says so (it installed a new snapshot and started the
+/// window afresh: 20 keys, a push of 10, a no-op disable, then a push of 5 was accepted
+/// where 20, 10, 5 is refused). A real disable leaves the window's earlier pushes counting,
+/// its baseline counting the key as disabled too (a push that keeps it disabled is not
+/// charged for it).
+#[tokio::test]
+async fn a_disable_never_starts_the_window_afresh() {
+    let up = spawn_upstream().await;
+    // key_0 disabled from the start: 20 usable keys of 21.
+    let kw = spawn_control(up.addr, Some(&first_disabled(0..21, 1)), "").await;
+    let r = admin(&kw, "PUT", "/v1/snapshot", &first_disabled(0..11, 1)).await;
+    assert_eq!(r.status, 200, "10 of 20 removed: {}", r.text());
+    let in_force = admin(&kw, "GET", "/v1/snapshot", "").await.json();
+    let noop = admin(&kw, "POST", "/v1/keys/key_0/disable", "").await;
+    assert_eq!(noop.status, 200, "{}", noop.text());
+    // 5 of the 10 removed now, 15 of the 20 since the window began.
+    let r = admin(&kw, "PUT", "/v1/snapshot", &first_disabled(0..6, 1)).await;
+    assert_eq!(
+        r.status,
+        409,
+        "the no-op disable reset the window: {}",
+        r.text()
+    );
+    assert!(r.json()["since_secs"].is_u64(), "{}", r.text());
+    assert_eq!(r.json()["removed"], 15);
+    assert_eq!(status_with(&kw, &raw(7)).await, 200);
+    // The no-op installed nothing, and said the key was disabled already.
+    let body = noop.json();
+    assert_eq!(body["already_disabled"], true, "{body}");
+    assert_eq!(body["status"], "disabled");
+    let now = admin(&kw, "GET", "/v1/snapshot", "").await.json();
+    for field in ["digest", "loaded_at"] {
+        assert_eq!(now[field], in_force[field], "{field}");
+        assert_eq!(body["snapshot"][field], in_force[field], "{field}");
+    }
+    kw.shutdown().await;
+
+    // A real disable: the pushes before it still count; the key it disabled is not charged.
+    let kw = spawn_control(up.addr, Some(&plain(0..20)), "").await;
+    let r = admin(&kw, "PUT", "/v1/snapshot", &plain(0..10)).await;
+    assert_eq!(r.status, 200, "10 of 20 removed: {}", r.text());
+    let disable = admin(&kw, "POST", "/v1/keys/key_0/disable", "").await;
+    assert_eq!(disable.status, 200, "{}", disable.text());
+    assert_eq!(status_with(&kw, &raw(0)).await, 401);
+    // Against the snapshot in force: 4 of its 9 usable keys removed. Against the window's
+    // baseline, key_0 disabled there too: 14 of 19.
+    let r = admin(&kw, "PUT", "/v1/snapshot", &first_disabled(0..6, 1)).await;
+    assert_eq!(r.status, 409, "the disable reset the window: {}", r.text());
+    let b = r.json();
+    assert!(b["since_secs"].is_u64(), "{b}");
+    let counts = ["usable_in_force", "removed", "disabled"].map(|f| b[f].as_u64());
+    assert_eq!(counts, [Some(19), Some(14), Some(0)], "{b}");
+    assert_eq!(
+        disable.json()["already_disabled"],
+        false,
+        "{}",
+        disable.text()
+    );
+    // A push that keeps the revoke, within the share since the window began, passes.
+    let r = admin(&kw, "PUT", "/v1/snapshot", &first_disabled(0..11, 1)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(0)).await, 401);
+    assert_eq!(status_with(&kw, &raw(9)).await, 200);
+    kw.shutdown().await;
+}
+
+/// A state file others could write is named at start, at `warn`, by its path, never its
+/// content: anyone local who can write there chooses the keys the next start loads. Not
+/// refused (Kubernetes' `emptyDir` directories are 0777); keyward's own writes stay 0600.
+#[tokio::test]
+async fn a_state_file_others_could_write_is_warned_of_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = spawn_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    let state = state_dir.join("state.yaml");
+    std::fs::write(&state, plain(0..3)).unwrap();
+    let mode =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    mode(&state, 0o666);
+    mode(&state_dir, 0o777);
+    let config = config::ConfigBuilder::new(up.addr, &dir.path().join("unused.yaml"))
+        .control(&state)
+        .yaml();
+    let kw = support::child::Keyward::start(dir, &config, &[]).await;
+    let r = send(
+        "GET",
+        &kw.admin_url("/v1/snapshot"),
+        &[("authorization", admin_auth().as_str())],
+        b"",
+    )
+    .await;
+    assert_eq!(r.json()["keys"], 3, "loaded all the same: {}", r.text());
+    let warned = |path: &Path| {
+        kw.logs().into_iter().any(|l| {
+            let l: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            l["level"] == "WARN"
+                && l["setting"] == "keys.control.state_file"
+                && l["path"] == path.display().to_string()
+        })
+    };
+    assert!(warned(&state), "file 0666:\n{}", kw.logs().join("\n"));
+    assert!(warned(&state_dir), "dir 0777:\n{}", kw.logs().join("\n"));
+    let logs = kw.logs().join("\n");
+    assert!(!logs.contains(&sha(1)), "never the content: {logs}");
+    // A revoke rewrites it owner-only.
+    let r = send(
+        "POST",
+        &kw.admin_url("/v1/keys/key_1/disable"),
+        &[("authorization", admin_auth().as_str())],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let written = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+    assert_eq!(written, 0o600);
+    kw.terminate().await;
+
+    // Owner-only, in a directory with the sticky bit: not a word.
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    let state = state_dir.join("state.yaml");
+    std::fs::write(&state, plain(0..3)).unwrap();
+    mode(&state, 0o600);
+    mode(&state_dir, 0o1777);
+    let config = config::ConfigBuilder::new(up.addr, &dir.path().join("unused.yaml"))
+        .control(&state)
+        .yaml();
+    let kw = support::child::Keyward::start(dir, &config, &[]).await;
+    let (_, stderr, _) = kw.terminate().await;
+    assert!(
+        !stderr.iter().any(|l| l.contains("\"setting\"")),
+        "{}",
+        stderr.join("\n")
+    );
 }
 
 #[tokio::test]

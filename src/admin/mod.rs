@@ -897,9 +897,12 @@ async fn disable(app: &Arc<App>, id: String) -> Response<AdminBody> {
     };
     let id = id.as_str();
     match result {
-        Ok(s) => json(
+        // Idempotent: a key disabled already answers the same, saying so; nothing was
+        // installed (the snapshot, its digest and `loaded_at` are the ones in force).
+        Ok(d) => json(
             StatusCode::OK,
-            json!({"key_id": id, "status": "disabled", "snapshot": snapshot_info(&s)}),
+            json!({"key_id": id, "status": "disabled", "already_disabled": d.already,
+                   "snapshot": snapshot_info(&d.snapshot)}),
         ),
         Err(e @ DisableError::FileSource) => error(StatusCode::CONFLICT, "file_source", e),
         Err(e @ DisableError::NotFound(_)) => error(StatusCode::NOT_FOUND, "unknown_key", e),

@@ -15,7 +15,8 @@ use crate::config::GuardConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
-    /// An empty snapshot would replace a non-empty one.
+    /// An empty snapshot would replace a non-empty one, or one with no usable key (it lets
+    /// nobody in, as an empty one) one with a usable key.
     Empty,
     /// A push not newer than the snapshot in force: a stale writer (a retried job, a second
     /// pipeline), which would undo every change made since, revokes included. Its
@@ -66,8 +67,10 @@ pub struct Verdict {
 /// replaced it since): a snapshot that adds a hundred new keys, then one that keeps only
 /// those, each removed a small share of the keys in force and together all the keys clients
 /// used (review: every real client refused by two unforced pushes 10 ms apart). Sliding, so
-/// two steps seconds apart are never judged apart; a forced snapshot or a key disabled
-/// through the API starts afresh from the snapshot it installs.
+/// two steps seconds apart are never judged apart; a forced snapshot starts afresh from
+/// the snapshot it installs. A key disabled through the API does not (a no-op disable
+/// reset the window, and a push after it escaped the changes before it): the window's
+/// snapshots count the key as disabled too.
 pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Judge a diff by the guard's settings.
@@ -86,13 +89,17 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
             (Some(_), None) => true,
             (None, _) => false,
         };
-    // SPEC 16: an empty snapshot replacing a non-empty one, whatever `min_keys`. (One whose
-    // keys are all disabled is judged by the fraction, from `min_keys` keys on: below it,
-    // a small snapshot may disable its only key on purpose.) `min_keys` counts the keys in
-    // force, as SPEC 16 says, not the usable ones: disabled or fleet-revoked keys must not
-    // bring a large snapshot under it (30 keys, 21 disabled: removing the other 9 is
-    // removing every usable key).
-    let reason = if sides.keys == 0 && sides.in_force > 0 {
+    // SPEC 16: an empty snapshot replacing a non-empty one, whatever `min_keys`; and, as
+    // empty, one with no usable key (all disabled, expired, not yet valid, bound to another
+    // environment, revoked by the fleet) replacing one with a usable key: it lets nobody
+    // in, as an empty one does (review: three keys all disabled went live unguarded below
+    // `min_keys`). Force takes either. `min_keys` counts the keys in force, as SPEC 16
+    // says, not the usable ones: disabled or fleet-revoked keys must not bring a large
+    // snapshot under it (30 keys, 21 disabled: removing the other 9 is removing every
+    // usable key).
+    let empty =
+        (sides.keys == 0 && sides.in_force > 0) || (sides.usable == 0 && sides.usable_in_force > 0);
+    let reason = if empty {
         Some(Reason::Empty)
     } else if rollback {
         Some(Reason::Rollback)
@@ -167,10 +174,15 @@ impl Verdict {
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.reason {
-            Some(Reason::Empty) => write!(
+            Some(Reason::Empty) if self.sides.keys == 0 => write!(
                 f,
                 "snapshot guard: an empty snapshot would replace {} keys in force",
                 self.sides.in_force
+            ),
+            Some(Reason::Empty) => write!(
+                f,
+                "snapshot guard: none of the new snapshot's {} keys is usable here (disabled, expired, not yet valid, bound to another environment or revoked): like an empty one, it would let nobody in in place of {} usable keys in force; force it if that is the intent",
+                self.sides.keys, self.sides.usable_in_force
             ),
             Some(Reason::Rollback) => {
                 let in_force = self.sides.version_in_force.unwrap_or_default();
@@ -210,7 +222,7 @@ impl fmt::Display for Verdict {
             },
             None if self.sides.in_force < self.min_keys => write!(
                 f,
-                "snapshot guard: passes ({}; below keys.guard.min_keys {}, only an empty snapshot is refused)",
+                "snapshot guard: passes ({}; below keys.guard.min_keys {}, only a snapshot that lets nobody in is refused)",
                 self.counts(),
                 self.min_keys
             ),
@@ -293,6 +305,30 @@ mod tests {
         assert!(v.would_refuse, "{v}");
         assert!(v.to_string().contains("empty"));
         assert!(!judge(&d(10, 1, 9, 0), &lax).would_refuse);
+    }
+
+    /// A snapshot with no usable key lets nobody in, as an empty one: refused in place of
+    /// one with a usable key whatever the settings, and not in place of one without.
+    #[test]
+    fn a_snapshot_with_no_usable_key_is_refused_as_empty() {
+        let lax = GuardConfig {
+            max_removed_fraction: 1.0,
+            min_keys: 1000,
+        };
+        let mut none_usable = d(3, 3, 0, 3);
+        none_usable.sides.usable = 0;
+        let v = judge(&none_usable, &lax);
+        assert_eq!(v.reason, Some(Reason::Empty), "{v}");
+        assert!(
+            v.to_string()
+                .contains("none of the new snapshot's 3 keys is usable"),
+            "{v}"
+        );
+        none_usable.sides.usable_in_force = 0;
+        assert!(
+            !judge(&none_usable, &lax).would_refuse,
+            "nobody was let in before"
+        );
     }
 
     #[test]

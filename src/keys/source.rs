@@ -41,6 +41,9 @@ pub trait Host: Send + Sync + 'static {
     fn snapshot_failed(&self, source: Source);
     /// A snapshot from `source` was held back by the guard (count it).
     fn snapshot_guarded(&self, source: Source);
+    /// The snapshot in force from `source`, not persisted before, was persisted now
+    /// without an install (a retried disable): a refusal counted for it no longer holds.
+    fn snapshot_persisted(&self, _source: Source) {}
 }
 
 /// `Arc<App>` is a host wherever `App` is.
@@ -69,6 +72,9 @@ impl<T: Host + ?Sized> Host for Arc<T> {
     fn snapshot_guarded(&self, source: Source) {
         (**self).snapshot_guarded(source)
     }
+    fn snapshot_persisted(&self, source: Source) {
+        (**self).snapshot_persisted(source)
+    }
 }
 
 /// The key sources' state that outlives one load, owned by the host.
@@ -90,8 +96,28 @@ pub struct KeyLoader {
 /// were judged apart). At most [`HISTORY`] are kept: the oldest and the newest.
 #[derive(Debug, Default)]
 struct History {
-    replaced: std::collections::VecDeque<(Arc<Snapshot>, Instant)>,
+    replaced: std::collections::VecDeque<Replaced>,
 }
+
+/// A snapshot replaced within the window.
+#[derive(Debug)]
+struct Replaced {
+    snapshot: Arc<Snapshot>,
+    at: Instant,
+    /// Ids of keys disabled through the API since it was replaced: judged as a baseline, it
+    /// counts them as disabled too, so a later push that keeps them disabled is not charged
+    /// for them (the revoke is the operator's own word), while the changes pushed before and
+    /// after still count (a revoke that started the window afresh let a push after it
+    /// escape the changes before it).
+    disabled: DisabledIds,
+}
+
+/// Key ids disabled through the API.
+type DisabledIds = std::collections::HashSet<Box<str>>;
+
+/// A window's baseline: the snapshot, how long ago it was replaced, and the ids disabled
+/// through the API since.
+type Baseline = (Arc<Snapshot>, Duration, DisabledIds);
 
 /// Most snapshots a window keeps (frequent pushes share their unchanged keys, not their
 /// indexes).
@@ -103,7 +129,7 @@ impl History {
         while self
             .replaced
             .front()
-            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= super::guard::WINDOW)
+            .is_some_and(|r| now.saturating_duration_since(r.at) >= super::guard::WINDOW)
         {
             self.replaced.pop_front();
         }
@@ -115,7 +141,20 @@ impl History {
             // The oldest stays: it is what the window is judged against.
             self.replaced.remove(1);
         }
-        self.replaced.push_back((previous, now));
+        self.replaced.push_back(Replaced {
+            snapshot: previous,
+            at: now,
+            disabled: DisabledIds::default(),
+        });
+    }
+
+    /// Key `id` was disabled through the API: every snapshot the window may still judge
+    /// against has it disabled too.
+    fn disabled(&mut self, id: &str, now: Instant) {
+        self.prune(now);
+        for r in &mut self.replaced {
+            r.disabled.insert(id.into());
+        }
     }
 }
 
@@ -134,13 +173,14 @@ impl KeyLoader {
     }
 
     /// The snapshot in force a window ago, if another has replaced it since, with how long
-    /// ago that was.
-    fn baseline_now(&self) -> Option<(Arc<Snapshot>, std::time::Duration)> {
+    /// ago that was and the keys disabled through the API since.
+    fn baseline_now(&self) -> Option<Baseline> {
         let now = Instant::now();
         let mut history = self.history();
         history.prune(now);
-        let (snapshot, at) = history.replaced.front()?;
-        Some((snapshot.clone(), now.saturating_duration_since(*at)))
+        let r = history.replaced.front()?;
+        let age = now.saturating_duration_since(r.at);
+        Some((r.snapshot.clone(), age, r.disabled.clone()))
     }
 
     /// `previous` was just replaced.
@@ -150,8 +190,15 @@ impl KeyLoader {
         }
     }
 
-    /// The snapshot in force now is the operator's own word (forced, or a key disabled
-    /// through the API): later snapshots are judged from it, not from before it.
+    /// Key `id` was disabled through the API (the snapshot in force was replaced by one
+    /// that differs from it only there, and is not kept in the window): the window goes on,
+    /// its baselines counting the key as disabled.
+    fn note_disabled(&self, id: &str) {
+        self.history().disabled(id, Instant::now());
+    }
+
+    /// The snapshot in force now is the operator's own word (forced): later snapshots are
+    /// judged from it, not from before it.
     fn forget_history(&self) {
         self.history().replaced.clear();
     }
@@ -187,11 +234,33 @@ fn admit(host: &impl Host, new: &Snapshot, admission: Admission) -> Result<(), L
 /// snapshot in force began it. Pushes and dry runs alike.
 pub fn window_verdict(host: &impl Host, new: &Snapshot) -> Option<Box<super::guard::Verdict>> {
     let current = host.key_store().load();
-    let (baseline, age) = host.key_loader().baseline_now()?;
+    let (baseline, age, disabled) = host.key_loader().baseline_now()?;
     if current.as_ref().is_none_or(|c| Arc::ptr_eq(c, &baseline)) {
         return None;
     }
-    super::guard::admit_since(&baseline, age, new, &host.keys_config().guard, host.here()).err()
+    let here = host.here();
+    let also = DisabledSince {
+        ids: &disabled,
+        revoked: here.revoked,
+    };
+    let here = super::diff::Here {
+        revoked: Some(&also),
+        ..here
+    };
+    super::guard::admit_since(&baseline, age, new, &host.keys_config().guard, here).err()
+}
+
+/// The keys disabled through the API since a baseline was replaced, refused there as the
+/// fleet's revokes are (and those, if any): not usable, so neither counted nor charged.
+struct DisabledSince<'a> {
+    ids: &'a DisabledIds,
+    revoked: Option<&'a dyn super::diff::Revoked>,
+}
+
+impl super::diff::Revoked for DisabledSince<'_> {
+    fn is_revoked(&self, key: &super::Key) -> bool {
+        self.ids.contains(key.id.as_str()) || self.revoked.is_some_and(|r| r.is_revoked(key))
+    }
 }
 
 /// Which source is authoritative, decided once from the config.
@@ -239,14 +308,31 @@ impl KeySource {
 }
 
 /// Publish a validated snapshot: swap, update metrics, prune per-key state of removed keys.
-pub fn install(host: &impl Host, mut snapshot: Snapshot) -> Arc<Snapshot> {
+/// The snapshot it replaces joins the guard's window.
+pub fn install(host: &impl Host, snapshot: Snapshot) -> Arc<Snapshot> {
+    publish(host, snapshot, Window::Keeps)
+}
+
+/// What an install does to the guard's window ([`super::guard::WINDOW`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Window {
+    /// The snapshot replaced joins it.
+    Keeps,
+    /// It does not: a key disabled through the API, whose snapshot differs from the one
+    /// replaced only there ([`KeyLoader::note_disabled`] carries the disable to the window).
+    Disable,
+}
+
+fn publish(host: &impl Host, mut snapshot: Snapshot, window: Window) -> Arc<Snapshot> {
     snapshot.set_max_age(
         host.keys_config().max_age,
         host.key_store().load().as_deref(),
     );
     let snapshot = Arc::new(snapshot);
     let previous = host.key_store().store(snapshot.clone());
-    host.key_loader().note_install(previous.as_ref());
+    if window == Window::Keeps {
+        host.key_loader().note_install(previous.as_ref());
+    }
     host.installed(&snapshot);
     info!(
         source = snapshot.source.as_str(),
@@ -290,6 +376,9 @@ fn refused(host: &impl Host, source: Source, what: &LoadError) {
 /// Load the initial snapshot. A missing or bad source is logged and counted, and keyward
 /// starts fail-closed (`503 auth_unavailable`) until a good one arrives.
 pub fn load_initial(host: &impl Host) {
+    if let Some((state_file, field)) = host.key_source().state_file() {
+        warn_if_open_to_others(state_file, field);
+    }
     let result = match host.key_source() {
         KeySource::File {
             path,
@@ -314,6 +403,15 @@ pub fn load_initial(host: &impl Host) {
             KeySource::Control { .. } => Source::Control,
         };
         refused(host, source, &e);
+    }
+}
+
+/// At start: a state file anyone local but its owner could write (or replace, or create)
+/// is loaded as keys at the next start. Warned, naming the path and its mode, never the
+/// content; not refused (Kubernetes' `emptyDir` directories are 0777).
+fn warn_if_open_to_others(state_file: &Path, field: &'static str) {
+    for (path, what) in super::spool::open_to_others(state_file) {
+        warn!(setting = field, path = %path.display(), mode = %what, "{field} could be written by other local users, whose keys the next start would load: make it 0600 in a directory only keyward's user writes (or one with the sticky bit)");
     }
 }
 
@@ -619,6 +717,15 @@ pub fn read_pushed(host: &impl Host, spool: &Spool, format: Format) -> Result<Sn
     })
 }
 
+/// What `POST /v1/keys/{id}/disable` did.
+#[derive(Debug, Clone)]
+pub struct Disabled {
+    /// The snapshot in force, with the key disabled.
+    pub snapshot: Arc<Snapshot>,
+    /// The key was disabled already: nothing was installed.
+    pub already: bool,
+}
+
 /// `POST /v1/keys/{id}/disable`: a new snapshot with that key disabled, installed, then
 /// persisted. An emergency revoke fails closed: it is in force from the install on, even
 /// when the state file cannot be written (a full or read-only volume); that failure is
@@ -626,7 +733,13 @@ pub fn read_pushed(host: &impl Host, spool: &Spool, format: Format) -> Result<Sn
 /// holds at 1 until a snapshot persists), and answered as [`DisableError::NotPersisted`].
 /// (A push is the other way round, persisted first: one that cannot be persisted is not an
 /// emergency, and keeping the snapshot in force keeps memory and state file alike.)
-pub fn disable_key(host: &impl Host, id: &str) -> Result<Arc<Snapshot>, DisableError> {
+///
+/// A key disabled already installs nothing (a new snapshot there reset the guard's window,
+/// and let a push after it escape the changes before it): the snapshot in force stays, and
+/// is persisted again only if the state file does not hold it (a retry after
+/// [`DisableError::NotPersisted`]). A real disable leaves the window open, its baselines
+/// counting the key as disabled too ([`KeyLoader::note_disabled`]).
+pub fn disable_key(host: &impl Host, id: &str) -> Result<Disabled, DisableError> {
     let KeySource::Control { state_file, .. } = host.key_source() else {
         return Err(DisableError::FileSource);
     };
@@ -634,8 +747,11 @@ pub fn disable_key(host: &impl Host, id: &str) -> Result<Arc<Snapshot>, DisableE
     // would be lost.
     let _commit = host.key_loader().committing();
     let current = host.key_store().load().ok_or(DisableError::NoSnapshot)?;
-    if current.by_id(id).is_none() {
+    let Some(key) = current.by_id(id) else {
         return Err(DisableError::NotFound(id.to_string()));
+    };
+    if key.status == super::Status::Disabled {
+        return persisted_again(host, state_file, id, current);
     }
     let mut doc = current.to_doc();
     for k in doc.keys.iter_mut().filter(|k| &*k.id == id) {
@@ -646,9 +762,10 @@ pub fn disable_key(host: &impl Host, id: &str) -> Result<Arc<Snapshot>, DisableE
         .map_err(|e| LoadError::Invalid(SnapshotError::Parse(e.to_string())))?;
     let snapshot =
         Snapshot::parse_as(&text, Format::Json, Source::Control).map_err(LoadError::from)?;
-    let snapshot = install(host, snapshot);
-    // The operator's own revoke: a later push that keeps it is not judged as removing it.
-    host.key_loader().forget_history();
+    let snapshot = publish(host, snapshot, Window::Disable);
+    // The operator's own revoke: a later push that keeps it is not judged as disabling it,
+    // and the window's earlier changes still count.
+    host.key_loader().note_disabled(id);
     info!(key_id = id, "key disabled through the control API");
     if let Err(error) = persist(state_file, text.as_bytes()) {
         // After the install, whose metrics said the control source is fine.
@@ -656,7 +773,44 @@ pub fn disable_key(host: &impl Host, id: &str) -> Result<Arc<Snapshot>, DisableE
         error!(key_id = id, error = %error, outcome = "not_persisted", "key disabled in this process but not persisted to keys.control.state_file: a restart would enable it again");
         return Err(DisableError::NotPersisted { error, snapshot });
     }
-    Ok(snapshot)
+    Ok(Disabled {
+        snapshot,
+        already: false,
+    })
+}
+
+/// A disable of a key disabled in `current` already: nothing is installed. The state file
+/// is written again only when it does not hold `current` (its earlier persist failed, or
+/// the snapshot in force came from the seed file): a retry of a revoke that was in force
+/// but not persisted must not answer 200 while a restart would let the key in.
+fn persisted_again(
+    host: &impl Host,
+    state_file: &Path,
+    id: &str,
+    current: Arc<Snapshot>,
+) -> Result<Disabled, DisableError> {
+    if file_digest(state_file).ok().as_deref() != Some(current.content_digest.as_str()) {
+        let written = serde_json::to_string(&current.to_doc())
+            .map_err(|e| LoadError::Invalid(SnapshotError::Parse(e.to_string())))
+            .and_then(|text| persist(state_file, text.as_bytes()));
+        if let Err(error) = written {
+            host.snapshot_failed(Source::Control);
+            error!(key_id = id, error = %error, outcome = "not_persisted", "key disabled in this process but not persisted to keys.control.state_file: a restart would enable it again");
+            return Err(DisableError::NotPersisted {
+                error,
+                snapshot: current,
+            });
+        }
+        host.snapshot_persisted(Source::Control);
+        info!(
+            key_id = id,
+            "key already disabled; the snapshot in force persisted again"
+        );
+    }
+    Ok(Disabled {
+        snapshot: current,
+        already: true,
+    })
 }
 
 #[cfg(test)]
@@ -803,6 +957,30 @@ mod tests {
         let in_force = host.store.load().unwrap();
         assert_eq!(in_force.by_id("key_a").unwrap().status, Status::Disabled);
         assert_eq!(host.failed.load(Ordering::SeqCst), 1, "counted");
+        // The retry, once the volume is fixed: the key is disabled already, so nothing is
+        // installed, but the state file is written, as a restart must find the revoke.
+        let installs = host.installed.load(Ordering::SeqCst);
+        let e = disable_key(&host, "key_a").unwrap_err();
+        assert!(
+            matches!(e, DisableError::NotPersisted { .. }),
+            "still broken: {e}"
+        );
+        std::fs::remove_dir_all(&state_file).unwrap();
+        let retried = disable_key(&host, "key_a").unwrap();
+        assert!(retried.already);
+        assert!(
+            Arc::ptr_eq(&retried.snapshot, &in_force),
+            "nothing installed"
+        );
+        assert_eq!(host.installed.load(Ordering::SeqCst), installs);
+        let persisted = read_file(&state_file, Source::Control).unwrap();
+        assert_eq!(persisted.by_id("key_a").unwrap().status, Status::Disabled);
+        // And again: the state file holds it, so nothing at all is written.
+        let written = std::fs::metadata(&state_file).unwrap().modified().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(disable_key(&host, "key_a").unwrap().already);
+        let again = std::fs::metadata(&state_file).unwrap().modified().unwrap();
+        assert_eq!(again, written);
     }
 
     /// `keys.state_file` keeps the snapshot in force, whatever the file holds by then: a

@@ -118,6 +118,44 @@ pub(super) fn resolved(state_file: &Path) -> PathBuf {
     }
 }
 
+/// Where anyone local but the owner could write `state_file`'s content, loaded at the next
+/// start as keys: the file (its target, for a symlink) writable by group or others, or a
+/// directory holding it or its link writable by others without the sticky bit (they may
+/// replace the file, or create it). Each with what is open. Paths and modes only, never
+/// the content. Not refused: Kubernetes' `emptyDir` directories are 0777.
+pub fn open_to_others(state_file: &Path) -> Vec<(PathBuf, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut open = Vec::new();
+    let target = resolved(state_file);
+    if let Ok(m) = std::fs::metadata(&target) {
+        let mode = m.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            open.push((
+                target.clone(),
+                format!("file mode {mode:04o}: writable by group or others"),
+            ));
+        }
+    }
+    let mut dirs = vec![parent_dir(state_file).to_owned()];
+    let target_dir = parent_dir(&target).to_owned();
+    if !dirs.contains(&target_dir) {
+        dirs.push(target_dir);
+    }
+    for dir in dirs {
+        let Ok(m) = std::fs::metadata(&dir) else {
+            continue;
+        };
+        let mode = m.permissions().mode() & 0o7777;
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            open.push((
+                dir,
+                format!("directory mode {mode:04o}: writable by others, without the sticky bit"),
+            ));
+        }
+    }
+    open
+}
+
 fn parent_dir(path: &Path) -> &Path {
     path.parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -389,6 +427,45 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
+
+    /// A state file writable by group or others, or a directory writable by others
+    /// without the sticky bit, is named (the path, never the content); 0600 in a 0700
+    /// directory, or in a sticky 1777 one, is not.
+    #[test]
+    fn a_state_file_others_could_write_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("state");
+        std::fs::create_dir(&dir).unwrap();
+        let state = dir.join("state.yaml");
+        persist(&state, b"keys: []\n").unwrap();
+        mode(&dir, 0o700);
+        assert!(
+            open_to_others(&state).is_empty(),
+            "0600, written by keyward"
+        );
+        mode(&state, 0o620);
+        let open = open_to_others(&state);
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!(open[0].0, state);
+        assert!(open[0].1.contains("0620"), "{open:?}");
+        mode(&state, 0o600);
+        mode(&dir, 0o1777);
+        assert!(open_to_others(&state).is_empty(), "sticky");
+        mode(&dir, 0o777);
+        let open = open_to_others(&state);
+        assert_eq!(open.iter().map(|o| &o.0).collect::<Vec<_>>(), [&dir]);
+        std::fs::remove_file(&state).unwrap();
+        assert_eq!(
+            open_to_others(&state).len(),
+            1,
+            "missing: anyone may create it"
+        );
+        mode(&dir, 0o700);
+    }
 
     /// A second claim of a state file, from another open file as another process makes,
     /// is refused naming the setting, until the first is dropped.
