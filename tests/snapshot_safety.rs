@@ -826,7 +826,7 @@ async fn a_state_file_others_could_write_is_warned_of_at_start() {
     let config = config::ConfigBuilder::new(up.addr, &dir.path().join("unused.yaml"))
         .control(&state)
         .yaml();
-    let kw = support::child::Keyward::start(dir, &config, &[]).await;
+    let kw = support::child::Keyward::start(dir, &config, &[("KEYWARD_LOG", "info")]).await;
     let r = send(
         "GET",
         &kw.admin_url("/v1/snapshot"),
@@ -835,16 +835,21 @@ async fn a_state_file_others_could_write_is_warned_of_at_start() {
     )
     .await;
     assert_eq!(r.json()["keys"], 3, "loaded all the same: {}", r.text());
-    let warned = |path: &Path| {
+    let said = |level: &str, path: &Path| {
         kw.logs().into_iter().any(|l| {
             let l: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
-            l["level"] == "WARN"
+            l["level"] == level
                 && l["setting"] == "keys.control.state_file"
                 && l["path"] == path.display().to_string()
         })
     };
-    assert!(warned(&state), "file 0666:\n{}", kw.logs().join("\n"));
-    assert!(warned(&state_dir), "dir 0777:\n{}", kw.logs().join("\n"));
+    assert!(said("WARN", &state), "file 0666:\n{}", kw.logs().join("\n"));
+    // A 0777 directory is every Kubernetes emptyDir: said, not warned of.
+    assert!(
+        said("INFO", &state_dir),
+        "dir 0777:\n{}",
+        kw.logs().join("\n")
+    );
     let logs = kw.logs().join("\n");
     assert!(!logs.contains(&sha(1)), "never the content: {logs}");
     // A revoke rewrites it owner-only.

@@ -411,7 +411,16 @@ pub fn load_initial(host: &impl Host) {
 /// content; not refused (Kubernetes' `emptyDir` directories are 0777).
 fn warn_if_open_to_others(state_file: &Path, field: &'static str) {
     for (path, what) in super::spool::open_to_others(state_file) {
-        warn!(setting = field, path = %path.display(), mode = %what, "{field} could be written by other local users, whose keys the next start would load: make it 0600 in a directory only keyward's user writes (or one with the sticky bit)");
+        match what {
+            super::spool::Open::File(_) => {
+                warn!(setting = field, path = %path.display(), mode = %what, "{field} could be written by other local users, whose keys the next start would load: make it 0600 in a directory only keyward's user writes (or one with the sticky bit)")
+            }
+            // The shipped Deployment's emptyDir is 0777: a warning at every start would
+            // teach operators to ignore warnings. It is one only if other containers mount it.
+            super::spool::Open::Dir(_) => {
+                info!(setting = field, path = %path.display(), mode = %what, "{field}'s directory could be written by other local users, who could replace the file the next start loads: mount it in keyward's container alone (a Kubernetes emptyDir is 0777)")
+            }
+        }
     }
 }
 

@@ -123,17 +123,14 @@ pub(super) fn resolved(state_file: &Path) -> PathBuf {
 /// directory holding it or its link writable by others without the sticky bit (they may
 /// replace the file, or create it). Each with what is open. Paths and modes only, never
 /// the content. Not refused: Kubernetes' `emptyDir` directories are 0777.
-pub fn open_to_others(state_file: &Path) -> Vec<(PathBuf, String)> {
+pub fn open_to_others(state_file: &Path) -> Vec<(PathBuf, Open)> {
     use std::os::unix::fs::PermissionsExt;
     let mut open = Vec::new();
     let target = resolved(state_file);
     if let Ok(m) = std::fs::metadata(&target) {
         let mode = m.permissions().mode() & 0o7777;
         if mode & 0o022 != 0 {
-            open.push((
-                target.clone(),
-                format!("file mode {mode:04o}: writable by group or others"),
-            ));
+            open.push((target.clone(), Open::File(mode)));
         }
     }
     let mut dirs = vec![parent_dir(state_file).to_owned()];
@@ -147,13 +144,33 @@ pub fn open_to_others(state_file: &Path) -> Vec<(PathBuf, String)> {
         };
         let mode = m.permissions().mode() & 0o7777;
         if mode & 0o002 != 0 && mode & 0o1000 == 0 {
-            open.push((
-                dir,
-                format!("directory mode {mode:04o}: writable by others, without the sticky bit"),
-            ));
+            open.push((dir, Open::Dir(mode)));
         }
     }
     open
+}
+
+/// What is open to others about a state file: the file's own mode, or a directory's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// The file (or its target) is writable by group or others: something other than
+    /// keyward, which writes it 0600, made it so.
+    File(u32),
+    /// A directory holding it is writable by others without the sticky bit: every
+    /// Kubernetes `emptyDir` is (0777), so this alone is said at `info`.
+    Dir(u32),
+}
+
+impl std::fmt::Display for Open {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Open::File(mode) => write!(f, "file mode {mode:04o}: writable by group or others"),
+            Open::Dir(mode) => write!(
+                f,
+                "directory mode {mode:04o}: writable by others, without the sticky bit"
+            ),
+        }
+    }
 }
 
 fn parent_dir(path: &Path) -> &Path {
@@ -451,7 +468,7 @@ mod tests {
         let open = open_to_others(&state);
         assert_eq!(open.len(), 1, "{open:?}");
         assert_eq!(open[0].0, state);
-        assert!(open[0].1.contains("0620"), "{open:?}");
+        assert_eq!(open[0].1, Open::File(0o620), "{open:?}");
         mode(&state, 0o600);
         mode(&dir, 0o1777);
         assert!(open_to_others(&state).is_empty(), "sticky");
