@@ -1386,24 +1386,30 @@ async fn the_set_is_read_whole_only_when_its_version_moves() {
         v.expect("the write moved the version")
     };
     let moved = version().await;
-    // The read after the write (the version moved) has run once this is seen.
+    // The read after the write (the version moved) has run once this is seen. A full
+    // read scans the hash (HSCAN); a poll reads the version and the field count.
     eventually("the write's version read", || async {
-        let before = redis.calls("hlen").await;
+        let before = redis.calls("hscan").await;
         tokio::time::sleep(Duration::from_millis(600)).await;
-        redis.calls("hlen").await == before
+        redis.calls("hscan").await == before
     })
     .await;
-    let before = redis.calls("hlen").await;
+    let before = redis.calls("hscan").await;
     let polls = redis.calls("hget").await;
+    let counts = redis.calls("hlen").await;
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(
-        redis.calls("hlen").await,
+        redis.calls("hscan").await,
         before,
         "the set was read whole with nothing changed"
     );
     assert!(
         redis.calls("hget").await >= polls + 3,
         "the version was read"
+    );
+    assert!(
+        redis.calls("hlen").await >= counts + 3,
+        "the field count was read"
     );
 
     // A revoke written with the version moved but no message published.
@@ -1429,6 +1435,87 @@ async fn the_set_is_read_whole_only_when_its_version_moves() {
     })
     .await;
     assert_eq!(call(&a, FREE).await.code(), "disabled_api_key");
+}
+
+/// A revoke's field lost from Redis with the version left as it was (an `HDEL` by another
+/// writer, a failover to a Redis replica that lagged): a replica holding it writes it back
+/// at its next poll (the field count moved), not at its next full read 30 s on: a replica
+/// started in that time let the revoked key in (for ~24 s in a review).
+#[tokio::test]
+async fn a_revoke_lost_from_redis_is_written_back_at_the_next_poll() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let a = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    let r = admin_post(&a, "key_other", "disable").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually("a refuses the revoked key", || async {
+        call(&a, OTHER).await.status == 401
+    })
+    .await;
+    // The full read after a's own write (its version moved) has run once the hash stops
+    // being scanned.
+    eventually("the write's version read", || async {
+        let before = redis.calls("hscan").await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        redis.calls("hscan").await == before
+    })
+    .await;
+    let version = redis.hget("keyward:revocations", "version").await;
+    let _: i64 = redis
+        .cmd(&["HDEL", "keyward:revocations", &sha(OTHER)])
+        .await;
+    let lost = std::time::Instant::now();
+    while redis
+        .hget("keyward:revocations", &sha(OTHER))
+        .await
+        .is_none()
+    {
+        assert!(
+            lost.elapsed() < Duration::from_secs(5),
+            "not written back within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_ne!(
+        redis.hget("keyward:revocations", "version").await,
+        version,
+        "the write-back moved the version"
+    );
+    let b = ready_replica(up.addr, redis.port, "local", &keys()).await;
+    assert_eq!(call(&b, OTHER).await.code(), "disabled_api_key");
+    assert_eq!(call(&a, OTHER).await.code(), "disabled_api_key");
+}
+
+/// redis-rs retries a connect until its deadline whatever failed, so a wrong password was
+/// said as "refused, unreachable or slow": an operator could not tell a bad credential
+/// from the network. The reason is said now, and the password never.
+#[tokio::test]
+async fn a_wrong_redis_password_is_said_as_such_and_never_shown() {
+    let redis = Redis::start().await;
+    let _: String = redis
+        .cmd(&["CONFIG", "SET", "requirepass", "right-secret-1"])
+        .await;
+    let up = spawn_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    std::fs::write(&keys_file, keys()).unwrap();
+    let config = config::ConfigBuilder::new(up.addr, &keys_file)
+        .extra(&format!(
+            "cluster: {{ redis: \"redis://:wrong-secret-2@127.0.0.1:{}/0\", timeout: 50ms, on_error: local }}\n",
+            redis.port
+        ))
+        .yaml();
+    let kw = support::child::Keyward::spawn(dir, &config, &[]).await;
+    eventually("the failed connect is said", || async {
+        kw.logs()
+            .iter()
+            .any(|l| l.contains("cannot connect to redis"))
+    })
+    .await;
+    let (_, stderr, _) = kw.terminate().await;
+    let logs = stderr.join("\n");
+    assert!(logs.contains("AuthenticationFailed"), "{logs}");
+    assert!(!logs.contains("wrong-secret-2"), "{logs}");
 }
 
 /// `n` fields `field(i)`, each `value`, in `hash`, in pipelined chunks of 5000 (as

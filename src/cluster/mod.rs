@@ -311,10 +311,16 @@ impl Cluster {
                             // redis-rs retries a refused connect inside the deadline, so a
                             // refusal ends as the deadline.
                             let error = match &e {
-                                ClusterError::Timeout => format!(
-                                    "no connection within {} ms (refused, unreachable or slow)",
-                                    self.connect_deadline().as_millis()
-                                ),
+                                ClusterError::Timeout => match self.why_no_connection().await {
+                                    Some(why) => format!(
+                                        "no connection within {} ms: {why}",
+                                        self.connect_deadline().as_millis()
+                                    ),
+                                    None => format!(
+                                        "no connection within {} ms (refused, unreachable or slow)",
+                                        self.connect_deadline().as_millis()
+                                    ),
+                                },
                                 other => other.to_string(),
                             };
                             warn!(error, "cannot connect to redis; retrying (cluster.on_error applies to rate-limited keys meanwhile)");
@@ -413,6 +419,23 @@ impl Cluster {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(ClusterError::Timeout),
+        }
+    }
+
+    /// Why a connect ran out its deadline, if one plain attempt says: redis-rs retries
+    /// inside the deadline whatever failed, so a wrong password (`WRONGPASS`), a refused
+    /// `SELECT` or a refused connection all ended as the deadline, and an operator could
+    /// not tell a bad credential from the network. Only when it was not said yet (once per
+    /// time down). Redis's errors name no password.
+    async fn why_no_connection(&self) -> Option<String> {
+        let attempt = tokio::time::timeout(
+            self.connect_deadline(),
+            self.client.get_multiplexed_async_connection(),
+        )
+        .await;
+        match attempt {
+            Ok(Err(e)) => Some(ClusterError::from(e).to_string()),
+            Ok(Ok(_)) | Err(_) => None,
         }
     }
 

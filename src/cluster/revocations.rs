@@ -433,8 +433,9 @@ pub struct Revocations {
     /// When a read before the first complete one found the hash without [`WHOLE`] (see
     /// [`RESTORE_SETTLE`]).
     unrestored_since: Mutex<Option<std::time::Instant>>,
-    /// The [`VERSION`] the last full read found, and when it ran.
-    last_full: Mutex<Option<(Field, std::time::Instant)>>,
+    /// What the last full read found ([`VERSION`], and how many fields the hash held), and
+    /// when it ran.
+    last_full: Mutex<Option<LastFull>>,
     /// Redis came back since the last full read: read whole next time.
     full_read_due: AtomicBool,
     /// [`Cluster::downs`] as it was when the last full read (or refusal) last talked to
@@ -459,9 +460,18 @@ pub struct Revocations {
 }
 
 /// What a full read found.
+/// What a full read saw, for [`Revocations::unchanged`] to compare with.
+struct LastFull {
+    version: Field,
+    /// The hash's field count (HLEN); `None` for a hash too large to read.
+    fields: Option<u64>,
+    at: std::time::Instant,
+}
+
 enum Read {
-    /// Every field, read while the version stayed the one given.
-    Whole(HashMap<String, String>, Field),
+    /// Every field, read while the version stayed the one given, and the hash's field
+    /// count (HLEN) then: the fields kept may be fewer (a value past its bound is left out).
+    Whole(HashMap<String, String>, Field, u64),
     /// The hash holds more than [`MAX_FIELDS`] fields: not read.
     Oversize(Field),
     /// The version moved during the read (a write raced it): these fields, not to be
@@ -903,13 +913,12 @@ impl Revocations {
         if self.unchanged(cluster, &hash).await? {
             return Ok(());
         }
-        let (remote, version) = match self.read_whole(cluster, &hash).await? {
-            Read::Whole(remote, version) => (remote, version),
+        let (remote, version, len) = match self.read_whole(cluster, &hash).await? {
+            Read::Whole(remote, version, len) => (remote, version, len),
             Read::Oversize(version) => {
                 // Not read again before the version moves or FULL_READ_EVERY: checking
                 // costs one O(1) call, and the set held stays in force meanwhile.
-                *self.last_full.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((version, std::time::Instant::now()));
+                self.read_as(version, None);
                 return Ok(());
             }
             Read::Raced(remote) => {
@@ -919,8 +928,7 @@ impl Revocations {
                 return Ok(());
             }
         };
-        *self.last_full.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((version, std::time::Instant::now()));
+        self.read_as(version, Some(len));
         let whole = remote.contains_key(WHOLE);
         // Every digest Redis holds a value for, readable or not: one it holds something for
         // is not one it lacks (a value the script takes for an entry, but this side cannot
@@ -1110,7 +1118,7 @@ impl Revocations {
         if self.said_oversize.swap(false, Ordering::AcqRel) {
             info!(hash, "revocation hash back within bounds; read whole");
         }
-        Ok(Read::Whole(remote, version))
+        Ok(Read::Whole(remote, version, len))
     }
 
     /// Refuse a hash past the bound: count it, say it once (its name, never its contents),
@@ -1131,26 +1139,50 @@ impl Revocations {
     }
 
     /// Whether the set can be left unread this time: it has been read whole, Redis has not
-    /// come back since, the last full read is younger than [`FULL_READ_EVERY`], and
-    /// [`VERSION`] (one field read) has not moved since. A hash without the field (never
-    /// written, or back empty) is always read whole.
+    /// come back since, the last full read is younger than [`FULL_READ_EVERY`], and neither
+    /// [`VERSION`] nor the hash's field count has moved since (both in one round trip,
+    /// HLEN being O(1)). A hash without the version field (never written, or back empty)
+    /// is always read whole. The count catches what the version cannot: a field deleted
+    /// by hand or by another writer, leaving the version as it was (a revoke lost so, say
+    /// by a failover to a Redis replica that lagged, or an `HDEL`), which waited for
+    /// [`FULL_READ_EVERY`] to be written back, while a replica started meanwhile let the
+    /// revoked key in.
     async fn unchanged(&self, cluster: &Cluster, hash: &str) -> Result<bool, ClusterError> {
         if !self.loaded.load(Ordering::Acquire) || self.full_read_due.swap(false, Ordering::AcqRel)
         {
             return Ok(false);
         }
-        let seen = match &*self.last_full.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some((version, at)) if *version != Field::Absent && at.elapsed() < FULL_READ_EVERY => {
-                version.clone()
+        let (seen, count) = match &*self.last_full.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(last) if last.version != Field::Absent && last.at.elapsed() < FULL_READ_EVERY => {
+                (last.version.clone(), last.fields)
             }
             _ => return Ok(false),
         };
         // An oversized version is compared by its length: junk that stays put does not call
         // for a full read every interval, and keyward's next write replaces it.
-        let now = self
-            .field(cluster, hash, VERSION, MAX_VERSION_BYTES)
+        let (len, mut fields) = self
+            .fields
+            .read(
+                cluster,
+                Op::ReadRevocations,
+                hash,
+                MAX_VERSION_BYTES,
+                true,
+                &[VERSION],
+            )
             .await?;
-        Ok(now == seen)
+        self.said_field(hash, &fields);
+        let now = fields.pop().unwrap_or(Field::Absent);
+        Ok(now == seen && count.is_none_or(|count| len == Some(count)))
+    }
+
+    /// Note what a full read (or a refusal of one) found.
+    fn read_as(&self, version: Field, fields: Option<u64>) {
+        *self.last_full.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastFull {
+            version,
+            fields,
+            at: std::time::Instant::now(),
+        });
     }
 
     /// Before the first complete read: true while the hash has lacked [`WHOLE`] for less
