@@ -51,7 +51,8 @@ pub enum StartError {
     Identity(#[from] keys::IdentityError),
     #[error("keys: no source configured")]
     NoKeySource,
-    /// `keys.control.state_file` is claimed by another keyward, or cannot be locked.
+    /// The state file is claimed by another keyward, cannot be locked, or is not a
+    /// regular file.
     #[error(transparent)]
     StateFile(#[from] keys::source::StateLockError),
     #[error("metrics: {0}")]

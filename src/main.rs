@@ -1,6 +1,6 @@
 //! The `keyward` command: wiring only. All behaviour lives in the library.
 
-use std::io::Read;
+use std::io::{self, Read, StdoutLock, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use keyward::config::redact::shown_path;
 use keyward::config::{Config, ConfigError};
-use keyward::keys::source::LoadError;
+use keyward::keys::source::{LoadError, StateLock};
 use keyward::keys::{IdentityError, IdentityNames, PrincipalType, Source};
 use keyward::{cluster, demo, keygen, logging, tls, Keyward, StartError};
 
@@ -158,6 +158,11 @@ enum CliError {
     Stdin(#[source] std::io::Error),
     #[error("no key on stdin")]
     NoKeyOnStdin,
+    /// More on stdin than any key: not read further, not shown.
+    #[error(
+        "more than {HASH_INPUT_MAX} bytes on stdin, and a key is at most 512: refused (not read further)"
+    )]
+    KeyTooLong,
     #[error("randomness: {0}")]
     Randomness(getrandom::Error),
     #[error(transparent)]
@@ -167,6 +172,38 @@ enum CliError {
     /// `keys generate --config`: the config's `prefixes` would refuse the key.
     #[error("{}: prefixes: {reason}", shown_path(path))]
     PrefixRefused { path: PathBuf, reason: &'static str },
+    /// Stdout could not be written: a closed pipe ends the command quietly
+    /// ([`BROKEN_PIPE_STATUS`]), anything else is said.
+    #[error("cannot write the output: {0}")]
+    Output(#[source] io::Error),
+}
+
+/// The exit status of a command whose stdout was closed under it (`keyward diff ... | head`):
+/// 128 + SIGPIPE, what a shell reports for a command a broken pipe ended, and no other
+/// status any subcommand gives (1 is `diff`'s "the guard would refuse"). Nothing is said.
+const BROKEN_PIPE_STATUS: u8 = 141;
+
+/// How much of stdin `keys hash` reads: a key is at most 512 bytes (SPEC 3), and a line end
+/// or two after it fit. More is refused unread: `keys hash < /dev/zero` grew without end.
+const HASH_INPUT_MAX: u64 = 4096;
+
+/// Stdout, locked and line-buffered: every subcommand writes its output here, flushes it
+/// and hands back a failed write as an error ([`CliError::Output`]); `println!` panicked on
+/// one (`keyward diff ... | head -1`, `> /dev/full`). Each line goes out whole as it is
+/// written, so `check`'s lines keep their order with its warnings on stderr, and those
+/// before an error come out before it.
+fn stdout() -> StdoutLock<'static> {
+    io::stdout().lock()
+}
+
+/// The exit status for a failed write to stdout: [`BROKEN_PIPE_STATUS`] and nothing said
+/// for a closed pipe; else `keyward: cannot write the output: ...` and `status`.
+fn output_failed(e: io::Error, status: ExitCode) -> ExitCode {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        return ExitCode::from(BROKEN_PIPE_STATUS);
+    }
+    eprintln!("keyward: {}", CliError::Output(e));
+    status
 }
 
 #[derive(Parser)]
@@ -287,6 +324,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Output(e)) => output_failed(e, ExitCode::FAILURE),
         Err(e) => {
             eprintln!("keyward: {e}");
             ExitCode::FAILURE
@@ -398,6 +436,7 @@ fn report_bound(server: &Keyward) {
 
 fn check(path: &Path) -> Result<(), CliError> {
     let config = load_config(path)?;
+    let mut out = stdout();
     // The same check `run` makes: the environment must be usable as a header value.
     IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;
     if let Some(tls) = &config.tls {
@@ -408,13 +447,15 @@ fn check(path: &Path) -> Result<(), CliError> {
         match checked.validity {
             Some(v) => {
                 let not_after = humantime::format_rfc3339_seconds(v.not_after);
-                println!("{}: valid until {not_after}: ok", tls.cert.display());
+                writeln!(out, "{}: valid until {not_after}: ok", tls.cert.display())
             }
-            None => println!(
+            None => writeln!(
+                out,
                 "{}: ok, but its validity could not be read (expiry is not checked)",
                 tls.cert.display()
             ),
         }
+        .map_err(CliError::Output)?;
     }
     if let Some(c) = &config.cluster {
         cluster::check_url(&c.redis)?;
@@ -424,6 +465,12 @@ fn check(path: &Path) -> Result<(), CliError> {
             "warning: admin.token_sha256 is the digest of the demo token, which README \
              publishes: set your own (keyward keys hash < token)"
         );
+    }
+    // As a start refuses it, in its words.
+    if let Some(source) = keyward::keys::source::KeySource::from_config(&config.keys) {
+        if let Some((state_file, field)) = source.state_file() {
+            StateLock::usable(state_file, field).map_err(StartError::from)?;
+        }
     }
     let mut files = Vec::new();
     if let Some(c) = &config.keys.control {
@@ -458,14 +505,16 @@ fn check(path: &Path) -> Result<(), CliError> {
         let version = s
             .version
             .map_or_else(|| "none".to_string(), |v| v.to_string());
-        println!(
+        writeln!(
+            out,
             "{}: {} keys, version {version}: ok",
             file.display(),
             s.len()
-        );
+        )
+        .map_err(CliError::Output)?;
     }
-    println!("{}: ok", path.display());
-    Ok(())
+    writeln!(out, "{}: ok", path.display()).map_err(CliError::Output)?;
+    out.flush().map_err(CliError::Output)
 }
 
 /// `keyward diff OLD NEW`: exit 0 when the guard lets NEW replace OLD, 1 when it would
@@ -498,16 +547,21 @@ fn diff(old: &Path, new: &Path, json: bool, config: Option<&PathBuf>) -> ExitCod
     let max_age = config.as_ref().and_then(|c| c.keys.max_age);
     match keyward::keys::review::diff_files(old, new, &guard, here, source, max_age) {
         Ok(review) => {
-            if json {
+            let text = if json {
                 match serde_json::to_string_pretty(&review) {
-                    Ok(text) => println!("{text}"),
+                    Ok(text) => text + "\n",
                     Err(e) => {
                         eprintln!("keyward: {e}");
                         return ExitCode::from(2);
                     }
                 }
             } else {
-                print!("{}", review.to_text());
+                review.to_text()
+            };
+            let mut out = stdout();
+            // 2, as for a file that cannot be read: 1 would say the guard refuses NEW.
+            if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                return output_failed(e, ExitCode::from(2));
             }
             if review.guard.would_refuse {
                 ExitCode::FAILURE
@@ -533,6 +587,13 @@ fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), CliError> {
             .create(&dir)
             .map_err(CliError::DemoFiles)?;
     }
+    let result = demo_in(&dir, listen, admin);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The demo, its key file in `dir`.
+fn demo_in(dir: &Path, listen: SocketAddr, admin: SocketAddr) -> Result<(), CliError> {
     let keys_file = dir.join("keys.yaml");
     std::fs::write(&keys_file, demo::DEMO_KEYS).map_err(CliError::DemoFiles)?;
     let rt = runtime()?;
@@ -541,7 +602,11 @@ fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), CliError> {
         .map_err(CliError::EchoUpstream)?;
     let config = demo::config(listen, admin, upstream, &keys_file).map_err(CliError::DemoConfig)?;
     logging::init(config.log.format, &config.log.level);
-    println!("{}", demo::instructions(listen, admin, &keys_file));
+    let mut out = stdout();
+    writeln!(out, "{}", demo::instructions(listen, admin, &keys_file))
+        .and_then(|()| out.flush())
+        .map_err(CliError::Output)?;
+    drop(out);
     let result = rt.block_on(async {
         let mut signals = keyward::Signals::install().map_err(CliError::Signals)?;
         let start = Keyward::bind_with(config, Some(release_freed_memory));
@@ -554,22 +619,35 @@ fn run_demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), CliError> {
         Ok(())
     });
     rt.shutdown_timeout(SHUTDOWN_LEFTOVERS);
-    let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
 fn keys(cmd: KeysCommand, config: Option<&PathBuf>) -> Result<(), CliError> {
     match cmd {
         KeysCommand::Hash => {
-            let mut raw = String::new();
-            std::io::stdin()
-                .read_to_string(&mut raw)
+            let mut raw = Vec::new();
+            io::stdin()
+                .lock()
+                .take(HASH_INPUT_MAX + 1)
+                .read_to_end(&mut raw)
                 .map_err(CliError::Stdin)?;
+            if raw.len() as u64 > HASH_INPUT_MAX {
+                return Err(CliError::KeyTooLong);
+            }
+            let raw = String::from_utf8(raw).map_err(|_| {
+                CliError::Stdin(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "stream did not contain valid UTF-8",
+                ))
+            })?;
             if raw.trim_end_matches(['\r', '\n']).is_empty() {
                 return Err(CliError::NoKeyOnStdin);
             }
-            println!("{}", keygen::hash_key(&raw)?);
-            Ok(())
+            let digest = keygen::hash_key(&raw)?;
+            let mut out = stdout();
+            writeln!(out, "{digest}")
+                .and_then(|()| out.flush())
+                .map_err(CliError::Output)
         }
         KeysCommand::Generate {
             prefix,
@@ -596,11 +674,16 @@ fn keys(cmd: KeysCommand, config: Option<&PathBuf>) -> Result<(), CliError> {
                 expires_at,
             };
             let entry = keygen::entry_yaml(&raw, &new)?;
-            println!("# The key, shown once. Give it to the client; it is not stored anywhere.");
-            println!("{raw}");
-            println!("# Snapshot entry (add under `keys:`):");
-            print!("{entry}");
-            Ok(())
+            let mut out = stdout();
+            write!(
+                out,
+                "# The key, shown once. Give it to the client; it is not stored anywhere.\n\
+                 {raw}\n\
+                 # Snapshot entry (add under `keys:`):\n\
+                 {entry}"
+            )
+            .and_then(|()| out.flush())
+            .map_err(CliError::Output)
         }
     }
 }

@@ -41,6 +41,30 @@ pub fn open(path: &Path, max: u64) -> io::Result<File> {
     Ok(file)
 }
 
+/// What `path` is, through symlinks, when it is there and is not a regular file (`"a
+/// FIFO"`, `"a directory"`, ...); `None` for a regular file or a path that cannot be
+/// looked at (not there yet, say).
+pub fn other_kind(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path).ok()?.file_type();
+    if kind.is_file() {
+        return None;
+    }
+    Some(if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    })
+}
+
 /// The whole of `path`, a regular file of at most `max` bytes (one that grows past it while
 /// being read is refused too).
 pub fn read(path: &Path, max: u64) -> io::Result<Vec<u8>> {

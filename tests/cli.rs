@@ -424,3 +424,247 @@ fn core_dumps_are_off() {
     let zero = ("0".to_string(), "0".to_string());
     assert_eq!(limit(&limits, "Max core file size"), zero, "{limits}");
 }
+
+/// Run `cmd` with `stdout` as its standard output and `input` (if any) on stdin, killed if
+/// it has not ended within `limit` (a start that should have been refused): its status
+/// (`None` when killed), its stderr, and how long it took.
+fn finish_within(
+    mut cmd: std::process::Command,
+    stdout: std::process::Stdio,
+    input: Option<&'static [u8]>,
+    limit: std::time::Duration,
+) -> (Option<i32>, String, std::time::Duration) {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let started = std::time::Instant::now();
+    let mut child = cmd
+        .env("RUST_BACKTRACE", "1")
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keyward");
+    if let Some(input) = input {
+        let mut stdin = child.stdin.take().unwrap();
+        std::thread::spawn(move || stdin.write_all(input));
+    }
+    let mut pipe = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    (status, stderr.join().unwrap(), took)
+}
+
+/// A stdout whose reader is gone (`keyward diff OLD NEW | head -1` once `head` has its line):
+/// every write fails with a broken pipe.
+fn closed_pipe() -> std::process::Stdio {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    writer.into()
+}
+
+fn dev_full() -> std::process::Stdio {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap()
+        .into()
+}
+
+/// Every subcommand that prints, when its stdout cannot be written: a closed pipe ends it
+/// quietly with 141 (128 + SIGPIPE, as a shell reports a command a broken pipe ended), any
+/// other error is said on stderr with the command's error status (1; `diff`'s is 2, as
+/// its 1 says the guard would refuse). Never a panic: `println!` panicked on both.
+#[test]
+fn a_stdout_that_cannot_be_written_ends_each_command_without_a_panic() {
+    let key = b"sta_0123456789abcdefghij\n";
+    let generate = [
+        "keys",
+        "generate",
+        "--type",
+        "personal",
+        "--subject",
+        "s",
+        "--account",
+        "a",
+    ];
+    // The arguments, stdin, and the status for a write error other than a closed pipe.
+    type Case<'a> = (&'a [&'a str], Option<&'static [u8]>, i32);
+    let commands: [Case; 6] = [
+        (&["check", "--config", "config/keyward.yaml"], None, 1),
+        (&["diff", "config/keys.yaml", "config/keys.yaml"], None, 2),
+        (
+            &["diff", "--json", "config/keys.yaml", "config/keys.yaml"],
+            None,
+            2,
+        ),
+        (&generate, None, 1),
+        (&["keys", "hash"], Some(key), 1),
+        (
+            &["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+            None,
+            1,
+        ),
+    ];
+    let limit = std::time::Duration::from_secs(30);
+    for (args, input, error_status) in commands {
+        let (status, said, _) =
+            finish_within(support::child::command(args), closed_pipe(), input, limit);
+        assert_eq!(status, Some(141), "{args:?} to a closed pipe: {said}");
+        assert!(
+            !said.contains("panicked") && !said.contains("backtrace"),
+            "{args:?}: {said}"
+        );
+        assert!(!said.contains("cannot write"), "quietly: {args:?}: {said}");
+
+        let (status, said, _) =
+            finish_within(support::child::command(args), dev_full(), input, limit);
+        assert_eq!(status, Some(error_status), "{args:?} to /dev/full: {said}");
+        assert!(
+            !said.contains("panicked") && !said.contains("backtrace"),
+            "{args:?}: {said}"
+        );
+        assert!(
+            said.contains("keyward: cannot write the output: No space left on device"),
+            "{args:?}: {said}"
+        );
+    }
+}
+
+/// `keys hash` reads at most 4 KiB and a byte of stdin: 1 MiB is refused at once, unread
+/// and unshown (`keys hash < /dev/zero` took memory without end).
+#[test]
+fn keys_hash_refuses_more_than_a_key_unread() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let started = std::time::Instant::now();
+    let mut child = support::child::command(&["keys", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // How much of the MiB got into the pipe before keyward stopped reading it.
+    let writer = std::thread::spawn(move || {
+        let chunk = [b'k'; 4096];
+        let mut written = 0;
+        while written < 1 << 20 && stdin.write_all(&chunk).is_ok() {
+            written += chunk.len();
+        }
+        written
+    });
+    let out = child.wait_with_output().unwrap();
+    let written = writer.join().unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let said = stderr(&out);
+    assert!(said.contains("more than 4096 bytes on stdin"), "{said}");
+    assert!(!said.contains("kkkkkkkk"), "the input is not shown: {said}");
+    assert!(out.stdout.is_empty());
+    assert!(written < 1 << 20, "all {written} bytes were read");
+
+    // A key of 512 bytes and its line end still hashes.
+    let long = format!("sta_{}\n", "x".repeat(508));
+    assert_eq!(hash(long.as_bytes()).len(), 64);
+}
+
+/// A state file that is there and is not a regular file (a FIFO, a symlink to one, a
+/// directory) is refused by `run`, naming the field, as `keyward check` refuses it, and is
+/// left as it was: `run` warned and started, then renamed its snapshot over it.
+#[test]
+fn run_refuses_a_state_file_that_is_not_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&fifo, &link).unwrap();
+    let directory = dir.path().join("directory");
+    std::fs::create_dir(&directory).unwrap();
+    let keys = Path::new(ROOT).join("config/keys.yaml");
+    let file_source = |state: &Path| {
+        format!(
+            "keys: {{ file: {}, state_file: {} }}",
+            keys.display(),
+            state.display()
+        )
+    };
+    let control =
+        |state: &Path| format!("keys: {{ control: {{ state_file: {} }} }}", state.display());
+    let cases = [
+        (file_source(&fifo), "keys.state_file", &fifo, "a FIFO"),
+        (file_source(&link), "keys.state_file", &link, "a FIFO"),
+        (
+            file_source(&directory),
+            "keys.state_file",
+            &directory,
+            "a directory",
+        ),
+        (control(&fifo), "keys.control.state_file", &fifo, "a FIFO"),
+        (control(&link), "keys.control.state_file", &link, "a FIFO"),
+    ];
+    for (keys_yaml, field, state, kind) in cases {
+        let config = dir.path().join("keyward.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:0\nupstream: http://127.0.0.1:9\nadmin_listen: 127.0.0.1:0\nenvironment: production\n{keys_yaml}\n"
+            ),
+        )
+        .unwrap();
+        let config = config.to_str().unwrap();
+        let (status, said, _) = finish_within(
+            support::child::command(&["run", "--config", config]),
+            std::process::Stdio::null(),
+            None,
+            std::time::Duration::from_secs(15),
+        );
+        assert_eq!(status, Some(1), "{keys_yaml}: not refused: {said}");
+        let refusal = format!(
+            "keyward: {field} {}: {kind}, not a regular file",
+            state.display()
+        );
+        assert!(said.contains(&refusal), "{keys_yaml}: {said}");
+        let checked = run(&["check", "--config", config]);
+        assert_eq!(checked.status.code(), Some(1), "{keys_yaml}");
+        assert!(
+            stderr(&checked).contains(&refusal),
+            "{keys_yaml}: check says {}",
+            stderr(&checked)
+        );
+        use std::os::unix::fs::FileTypeExt;
+        let fifo_type = std::fs::symlink_metadata(&fifo).unwrap().file_type();
+        assert!(fifo_type.is_fifo(), "{keys_yaml}: the FIFO was replaced");
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(std::fs::metadata(&directory).unwrap().is_dir());
+    }
+}

@@ -87,6 +87,15 @@ impl Spool {
             .and_then(|f| f.sync_all())
             .map_err(|e| io_error(&self.path, e))?;
         let target = resolved(state_file);
+        // Never in the place of a FIFO or a device (`/dev/zero` for root): a start refuses
+        // one ([`StateLock::take`]); this is for one put there since.
+        if let Some(kind) = crate::regular_file::other_kind(&target) {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{kind}, not a regular file: not replaced"),
+            );
+            return Err(io_error(state_file, e));
+        }
         std::fs::rename(&self.path, &target).map_err(|e| io_error(state_file, e))?;
         self.committed = true;
         if let Ok(d) = File::open(parent_dir(&target)) {
@@ -226,6 +235,17 @@ pub enum StateLockError {
         lock: PathBuf,
         waited_s: u64,
     },
+    /// The state file is there and is not a regular file (or a symlink to one): it cannot
+    /// be loaded, and the first write would rename a snapshot over it.
+    #[error(
+        "{field} {state_file}: {kind}, not a regular file: name a regular file, or a path \
+         that does not exist yet"
+    )]
+    NotRegular {
+        field: &'static str,
+        state_file: PathBuf,
+        kind: &'static str,
+    },
     #[error("{field} {state_file}: cannot lock {lock}: {source}")]
     Io {
         field: &'static str,
@@ -237,11 +257,25 @@ pub enum StateLockError {
 
 impl StateLock {
     /// Claim `state_file` (the setting `field` names) for this process, waiting up to
-    /// [`STATE_LOCK_WAIT`] for another holder to let go. Its directory is created if
+    /// [`STATE_LOCK_WAIT`] for another holder to let go; refused when it is there and is
+    /// not a regular file ([`Self::usable`]). Its directory is created if
     /// missing, as a first push would. The wait is awaited, not blocked on: a SIGTERM
     /// meanwhile ends the start (`Keyward::bind` is dropped), as it would a running one.
     pub async fn take(state_file: &Path, field: &'static str) -> Result<StateLock, StateLockError> {
         Self::take_within(state_file, field, STATE_LOCK_WAIT).await
+    }
+
+    /// Refuse a `state_file` that is there and is not a regular file (a FIFO, a device, a
+    /// directory, a socket, or a symlink to one): [`Self::take`] does, and `keyward check`.
+    pub fn usable(state_file: &Path, field: &'static str) -> Result<(), StateLockError> {
+        match crate::regular_file::other_kind(state_file) {
+            None => Ok(()),
+            Some(kind) => Err(StateLockError::NotRegular {
+                field,
+                state_file: state_file.to_owned(),
+                kind,
+            }),
+        }
     }
 
     /// [`Self::take`], waiting up to `wait`.
@@ -250,6 +284,7 @@ impl StateLock {
         field: &'static str,
         wait: Duration,
     ) -> Result<StateLock, StateLockError> {
+        Self::usable(state_file, field)?;
         let lock = Self::path(state_file);
         let io = |path: &Path, source| StateLockError::Io {
             field,
@@ -515,6 +550,33 @@ mod tests {
         StateLock::take_within(&state, "keys.control.state_file", short)
             .await
             .expect("free once the holder lets go");
+    }
+
+    /// A FIFO (or a symlink to one) put in the state file's place while keyward runs is
+    /// not renamed over: the write fails, and the FIFO is left as it was.
+    #[test]
+    fn a_write_never_replaces_what_is_not_a_regular_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        for state in [&fifo, &link] {
+            let e = persist(state, b"keys: []\n").unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("a FIFO, not a regular file: not replaced"),
+                "{e}"
+            );
+            assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 2, "no spool left behind");
     }
 
     /// The claim is on the state, not on a name: deleting the lock file, or reaching the
