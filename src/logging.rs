@@ -14,41 +14,147 @@ use crate::config::LogFormat;
 /// The filter in force, and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilterChoice {
-    /// `EnvFilter` directives, e.g. `info` or `keyward=debug,h2=info`.
+    /// `EnvFilter` directives, e.g. `info` or `info,keyward=debug,h2=info`: always with a
+    /// bare level, so that every target not named (keyward's own) has one.
     pub directives: String,
     /// `KEYWARD_LOG`, `RUST_LOG` or `log.level`.
     pub source: &'static str,
-    /// Variables that were set but did not parse, with their values; they are skipped.
+    /// Variables that were set but are not a filter keyward takes, with their values; they
+    /// are skipped.
     pub ignored: Vec<(&'static str, String)>,
 }
 
+/// A level as a filter directive writes it (any case), by its name: `info`, `off`. Digits
+/// (`3`) are EnvFilter's too; the empty word, which EnvFilter reads as `error`, is not.
+fn level(word: &str) -> Option<&'static str> {
+    ["off", "error", "warn", "info", "debug", "trace"]
+        .into_iter()
+        .enumerate()
+        .find(|(n, name)| word.eq_ignore_ascii_case(name) || word == n.to_string())
+        .map(|(_, name)| name)
+}
+
+/// A target as tracing names one: a Rust path (`keyward::proxy`, `h2`).
+fn is_target(s: &str) -> bool {
+    let mut segments = s.split("::");
+    let first = segments.next().unwrap_or_default();
+    let starts_well = first
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    let word =
+        |seg: &str| !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    starts_well && word(first) && segments.all(word)
+}
+
+/// One directive: a level (`info`), or `target=level`, `target[span]=level`,
+/// `[span]=level` (a span as EnvFilter writes it, `name` or `name{field=value}`). `Ok` with
+/// its level when it is a bare one.
+fn directive(d: &str) -> Result<Option<&'static str>, ()> {
+    if let Some(bare) = level(d) {
+        return Ok(Some(bare));
+    }
+    let (selector, lvl) = d.rsplit_once('=').ok_or(())?;
+    level(lvl.trim()).ok_or(())?;
+    let selector = selector.trim();
+    let (target, span) = match selector.split_once('[') {
+        Some((target, span)) => (target, Some(span)),
+        None => (selector, None),
+    };
+    if let Some(span) = span {
+        let inner = span.strip_suffix(']').ok_or(())?;
+        if inner.is_empty() || inner.contains(['[', ']']) {
+            return Err(());
+        }
+    }
+    if (target.is_empty() && span.is_some()) || is_target(target) {
+        Ok(None)
+    } else {
+        Err(())
+    }
+}
+
+/// Whether `value` is a filter keyward takes: comma-separated directives, each a level or
+/// `target=level` (see [`directive`]), that EnvFilter parses too. EnvFilter alone takes any
+/// bare word as a target (`inf0`, `warnings`) and turns every other target off; such a
+/// value is refused, not obeyed. `Ok` with the last bare level, if there is one.
+pub fn check_filter(value: &str) -> Result<Option<&'static str>, String> {
+    let refused = || "is not a level or a list of target=level directives".to_string();
+    let mut bare = None;
+    let mut any = false;
+    for d in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        any = true;
+        if let Some(l) = directive(d).map_err(|()| refused())? {
+            bare = Some(l);
+        }
+    }
+    if !any || EnvFilter::try_new(value).is_err() {
+        return Err(refused());
+    }
+    Ok(bare)
+}
+
+/// `value` (a filter [`check_filter`] takes) with `default` in front when it has no bare
+/// level: without one, EnvFilter turns every target it does not name off, keyward's errors
+/// included (`KEYWARD_LOG=h2=debug` would say nothing else).
+fn with_default(value: &str, bare: Option<&str>, default: &str) -> String {
+    match bare {
+        Some(_) => value.to_string(),
+        None => format!("{default},{value}"),
+    }
+}
+
 /// `KEYWARD_LOG` first, then `RUST_LOG`, then the config's `log.level`. An empty variable
-/// counts as unset (an empty filter would silence everything); one that does not parse is
-/// skipped and reported.
+/// counts as unset (an empty filter would silence everything); one that [`check_filter`]
+/// refuses is skipped and reported. A filter without a bare level gets the config's (else
+/// `info`) as its default.
 pub fn choose_filter(
     config_level: &str,
     keyward_log: Option<&str>,
     rust_log: Option<&str>,
 ) -> FilterChoice {
+    let config = check_filter(config_level.trim());
+    let default = config.clone().ok().flatten().unwrap_or("info");
     let mut ignored = Vec::new();
     for (source, value) in [("KEYWARD_LOG", keyward_log), ("RUST_LOG", rust_log)] {
         let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
             continue;
         };
-        if EnvFilter::try_new(value).is_ok() {
-            return FilterChoice {
-                directives: value.to_string(),
-                source,
-                ignored,
-            };
+        match check_filter(value) {
+            Ok(bare) => {
+                return FilterChoice {
+                    directives: with_default(value, bare, default),
+                    source,
+                    ignored,
+                }
+            }
+            Err(_) => ignored.push((source, value.to_string())),
         }
-        ignored.push((source, value.to_string()));
     }
+    let directives = match config {
+        Ok(bare) => with_default(config_level.trim(), bare, default),
+        // Config::validate refuses it; a caller that did not validate gets `info`.
+        Err(_) => "info".to_string(),
+    };
     FilterChoice {
-        directives: config_level.to_string(),
+        directives,
         source: "log.level",
         ignored,
     }
+}
+
+/// The filter `KEYWARD_LOG` and `RUST_LOG` in this process's environment would make of
+/// `config_level`.
+pub fn choose_from_env(config_level: &str) -> FilterChoice {
+    let keyward_log = std::env::var("KEYWARD_LOG").ok();
+    let rust_log = std::env::var("RUST_LOG").ok();
+    choose_filter(config_level, keyward_log.as_deref(), rust_log.as_deref())
+}
+
+/// What an ignored variable's value may show: a variable set by mistake may hold anything,
+/// so it is redacted as config messages are, and cut short.
+pub fn shown_value(value: &str) -> String {
+    crate::config::excerpt(&clip(value, 64))
 }
 
 /// Libraries that, at debug or trace level, echo request bytes they could not parse (h2's
@@ -115,13 +221,10 @@ where
 
 /// Install the global subscriber. Safe to call twice (the second call is ignored).
 pub fn init(format: LogFormat, level: &str) -> FilterChoice {
-    let keyward_log = std::env::var("KEYWARD_LOG").ok();
-    let rust_log = std::env::var("RUST_LOG").ok();
-    let choice = choose_filter(level, keyward_log.as_deref(), rust_log.as_deref());
+    let choice = choose_from_env(level);
     let _ = subscriber(format, &choice.directives, std::io::stderr).try_init();
     for (variable, value) in &choice.ignored {
-        // Redacted as config messages are: a variable set by mistake may hold anything.
-        let value = crate::config::redact::redact(value);
+        let value = shown_value(value);
         tracing::warn!(variable, value, "log filter does not parse; ignored");
     }
     choice
@@ -168,6 +271,60 @@ mod tests {
         fn make_writer(&'w self) -> Buffer {
             self.clone()
         }
+    }
+
+    #[test]
+    fn a_filter_that_would_silence_keyward_is_ignored_or_given_a_default() {
+        // EnvFilter takes each of these (a bare word is a target), and with no bare level
+        // it turns every other target, keyward's own, off.
+        for typo in [
+            "inf0",
+            "warnings",
+            "garbage level",
+            "info;x",
+            "h2",
+            "info,x",
+            "h2=",
+        ] {
+            let c = choose_filter("warn", Some(typo), None);
+            assert_eq!(
+                (c.directives.as_str(), c.source),
+                ("warn", "log.level"),
+                "{typo}"
+            );
+            assert_eq!(c.ignored, vec![("KEYWARD_LOG", typo.to_string())]);
+            let c = choose_filter("info", None, Some(typo));
+            assert_eq!(c.ignored, vec![("RUST_LOG", typo.to_string())]);
+        }
+        // Without a bare level, the config's (else info) is the default.
+        let c = choose_filter("warn", Some("h2=debug"), None);
+        assert_eq!(
+            (c.directives.as_str(), c.source),
+            ("warn,h2=debug", "KEYWARD_LOG")
+        );
+        let c = choose_filter("h2=info", None, None);
+        assert_eq!(
+            (c.directives.as_str(), c.source),
+            ("info,h2=info", "log.level")
+        );
+        let c = choose_filter("debug,h2=info", None, Some("keyward[request]=trace"));
+        assert_eq!(c.directives, "debug,keyward[request]=trace");
+        let c = choose_filter("info", Some("keyward::proxy=debug, error"), None);
+        assert_eq!(c.directives, "keyward::proxy=debug, error");
+        // What is shown of an ignored value is bounded.
+        assert!(shown_value(&"x".repeat(10_000)).chars().count() < 100);
+    }
+
+    #[test]
+    fn keyward_errors_are_written_under_a_filter_for_another_target() {
+        let buf = Buffer::default();
+        let directives = choose_filter("info", Some("h2=debug"), None).directives;
+        let sub = subscriber(LogFormat::Json, &directives, buf.clone());
+        tracing::subscriber::with_default(sub, || {
+            tracing::error!(target: "keyward::keys::source", "snapshot refused");
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(out.contains("snapshot refused"), "{out}");
     }
 
     #[test]

@@ -436,6 +436,14 @@ fn report_bound(server: &Keyward) {
 
 fn check(path: &Path) -> Result<(), CliError> {
     let config = load_config(path)?;
+    // `run` skips a log filter it cannot take, with a warning in its log; say it here too
+    // (the environment is not the config: the exit code stays the config's).
+    for (variable, value) in logging::choose_from_env(&config.log.level).ignored {
+        eprintln!(
+            "warning: {variable} is not a log filter keyward takes (a level, or target=level directives); run ignores it: {}",
+            logging::shown_value(&value)
+        );
+    }
     let mut out = stdout();
     // The same check `run` makes: the environment must be usable as a header value.
     IdentityNames::new(&config.identity_headers.prefix, &config.environment)?;

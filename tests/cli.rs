@@ -668,3 +668,150 @@ fn run_refuses_a_state_file_that_is_not_a_regular_file() {
         assert!(std::fs::metadata(&directory).unwrap().is_dir());
     }
 }
+
+/// `keyward run` with a key file it refuses and `env`: its stderr until it logged that no
+/// snapshot is in force, or 20 seconds passed.
+fn run_with_refused_keys(env: &[(&str, &str)]) -> String {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let (config, keys) = (
+        dir.path().join("keyward.yaml"),
+        dir.path().join("keys.yaml"),
+    );
+    std::fs::write(&keys, "keys: [{ id: broken }]\n").unwrap();
+    let text = format!(
+        "listen: 127.0.0.1:0\nupstream: http://127.0.0.1:9\nadmin_listen: 127.0.0.1:0\nenvironment: production\nkeys: {{ file: {} }}\n",
+        keys.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut command = support::child::command(&["run", "--config", config.to_str().unwrap()]);
+    command
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            let done = line.contains("none is in force");
+            seen.push_str(&line);
+            seen.push('\n');
+            if done {
+                let _ = tx.send(());
+            }
+        }
+        seen
+    });
+    let _ = rx.recv_timeout(std::time::Duration::from_secs(20));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    reader.join().unwrap()
+}
+
+/// EnvFilter takes a bare word as a target, so a misspelt level (`inf0`) parsed, and turned
+/// every other target off: keyward's own errors said nothing. Such a filter is ignored with
+/// a warning; one that names targets only (`h2=debug`) gets keyward's default level.
+#[test]
+fn a_log_filter_typo_never_silences_keyward_errors() {
+    let refused = "key snapshot refused and none is in force";
+    for typo in ["inf0", "warnings", "garbage level", "info;x"] {
+        let logs = run_with_refused_keys(&[("KEYWARD_LOG", typo)]);
+        assert!(logs.contains(refused), "{typo}: {logs}");
+        assert!(
+            logs.contains("log filter does not parse; ignored") && logs.contains("KEYWARD_LOG"),
+            "{typo}: {logs}"
+        );
+    }
+    let logs = run_with_refused_keys(&[("RUST_LOG", "inf0")]);
+    assert!(
+        logs.contains(refused) && logs.contains("RUST_LOG"),
+        "{logs}"
+    );
+    let logs = run_with_refused_keys(&[("KEYWARD_LOG", "h2=debug")]);
+    assert!(logs.contains(refused), "{logs}");
+    assert!(!logs.contains("does not parse"), "{logs}");
+}
+
+/// The config, like the key snapshot, goes through a pass before it is parsed: nesting
+/// deeper than 64 levels (which serde_yaml reads in time quadratic in its depth: 100,000
+/// levels took a minute) and YAML tags (ignored, or decoded, by serde_yaml) are refused,
+/// naming where; and a `log.level` start would not obey is refused by `check` as by start.
+#[test]
+fn check_refuses_deep_nesting_tags_and_a_bad_log_level_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::copy(Path::new(ROOT).join("config/keys.yaml"), &keys).unwrap();
+    let refuse = |edit: &dyn Fn(String) -> String| -> String {
+        let config = config_with(dir.path(), &keys, edit);
+        let out = run(&["check", "--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "stdout: {}", stdout(&out));
+        stderr(&out)
+    };
+    let sub = |from: &'static str, to: String| {
+        move |t: String| {
+            assert!(t.contains(from), "{from}");
+            t.replacen(from, &to, 1)
+        }
+    };
+
+    let deep = 100_000;
+    let nested = format!("trusted_proxies: {}{}", "[".repeat(deep), "]".repeat(deep));
+    let started = std::time::Instant::now();
+    let e = refuse(&sub("trusted_proxies: []", nested));
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_millis(500), "{took:?}");
+    assert!(
+        e.contains("trusted_proxies[0]") && e.contains("nested more than 64 levels deep (line "),
+        "{e}"
+    );
+
+    let tags = "tags (`!name`, `%TAG`) are not accepted in the config (line ";
+    for (from, to, field) in [
+        (
+            "environment: production",
+            "environment: !!binary cHJvZHVjdGlvbg==",
+            "environment",
+        ),
+        (
+            "environment: production",
+            "environment: !foo production",
+            "environment",
+        ),
+        (
+            "max_headers: 100",
+            "max_headers: !!str 100",
+            "limits.max_headers",
+        ),
+    ] {
+        let e = refuse(&sub(from, to.to_string()));
+        assert!(e.contains(&format!("{field}: {tags}")), "{to}: {e}");
+    }
+
+    for level in ["inf0", "'inf0 level'", "h2", "'info;x'"] {
+        let e = refuse(&sub("  level: info", format!("  level: {level}")));
+        assert!(
+            e.contains("log.level: ") && e.contains("not a level"),
+            "{level}: {e}"
+        );
+    }
+
+    // A filter in the environment is not the config's: one line of warning, exit code 0.
+    let ok = config_with(dir.path(), &keys, |t| t);
+    let out = support::child::command(&["check", "--config", ok.to_str().unwrap()])
+        .env("KEYWARD_LOG", "inf0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let warnings: Vec<_> = stderr(&out)
+        .lines()
+        .filter(|l| l.contains("KEYWARD_LOG"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", stderr(&out));
+    assert!(
+        warnings[0].starts_with("warning: KEYWARD_LOG is not a log filter"),
+        "{warnings:?}"
+    );
+}

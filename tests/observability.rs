@@ -656,10 +656,11 @@ fn log_filter_comes_from_keyward_log_then_rust_log_then_config() {
     assert_eq!((c.directives.as_str(), c.source), ("info", "log.level"));
     let c = choose_filter("info", Some("debug"), Some("warn"));
     assert_eq!((c.directives.as_str(), c.source), ("debug", "KEYWARD_LOG"));
+    // Without a bare level, the config's is the default (else targets not named are off).
     let c = choose_filter("info", None, Some("keyward=debug,h2=info"));
     assert_eq!(
         (c.directives.as_str(), c.source),
-        ("keyward=debug,h2=info", "RUST_LOG")
+        ("info,keyward=debug,h2=info", "RUST_LOG")
     );
     // Empty counts as unset (an empty filter would silence everything).
     let c = choose_filter("warn", Some(" "), Some(""));

@@ -18,6 +18,11 @@ pub enum ConfigError {
     /// (a map key, a value), which may be a secret pasted into the wrong place.
     #[error("{}", super::redact(&format!("{field}: {reason}")))]
     Invalid { field: String, reason: String },
+    /// What the YAML pass refuses before the document is parsed (nesting too deep, a tag):
+    /// `field` is the path to it or its line (redacted where shown, a key of the document
+    /// may be a secret), `reason` is keyward's own words.
+    #[error("{}: {reason}", super::redact(field))]
+    Refused { field: String, reason: String },
 }
 
 pub(super) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {

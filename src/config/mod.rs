@@ -213,10 +213,31 @@ impl Config {
 
     /// Parse and validate config text.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        refuse_structure(text)?;
         let config: Config = parse_yaml(text)?;
         config.validate()?;
         Ok(config)
     }
+}
+
+/// The pass the key snapshot's text goes through too (`keys::nesting`), before the real
+/// parse: nesting deeper than 64 levels (serde_yaml reads `[[[[…` in time quadratic in its
+/// depth: 100,000 levels took a minute) and tags (serde_yaml ignores those it does not know,
+/// and decodes `!!binary`) are refused, naming the path and the line.
+fn refuse_structure(text: &str) -> Result<(), ConfigError> {
+    let Err(refusal) = crate::keys::nesting::check_config(text.as_bytes()) else {
+        return Ok(());
+    };
+    let reason = refusal.refused.reason("the config");
+    let (field, reason) = match (refusal.refused.line_column(), refusal.path.is_empty()) {
+        (Some((line, column)), true) => (format!("line {line} column {column}"), reason),
+        (Some((line, column)), false) => (
+            refusal.path,
+            format!("{reason} (line {line} column {column})"),
+        ),
+        (None, _) => (refusal.path, reason),
+    };
+    Err(ConfigError::Refused { field, reason })
 }
 
 #[cfg(test)]

@@ -741,3 +741,113 @@ fn durations_and_header_counts_past_their_bounds_name_the_field() {
         );
     }
 }
+
+/// `MINIMAL` with `environment: test` replaced by `environment`'s line, then `extra`.
+fn with_environment(environment: &str, extra: &str) -> String {
+    format!(
+        "{}{extra}",
+        MINIMAL.replacen("environment: test\n", environment, 1)
+    )
+}
+
+#[test]
+fn a_tag_is_refused_naming_the_field_and_the_line() {
+    for (text, field, line) in [
+        (
+            with_environment("environment: !!binary cHJvZHVjdGlvbg==\n", ""),
+            "environment",
+            3,
+        ),
+        (
+            with_environment("environment: !foo production\n", ""),
+            "environment",
+            3,
+        ),
+        (
+            format!("{MINIMAL}limits:\n  max_headers: !!str 100\n"),
+            "limits.max_headers",
+            6,
+        ),
+        (
+            format!("{MINIMAL}trusted_proxies: [10.0.0.0/8, !!str 192.168.0.0/16]\n"),
+            "trusted_proxies[1]",
+            5,
+        ),
+        (format!("{MINIMAL}routes: !!seq []\n"), "routes", 5),
+    ] {
+        let e = Config::from_yaml(&text).expect_err(&text).to_string();
+        assert!(e.starts_with(&format!("{field}: tags (`!name`, `%TAG`) are not accepted in the config (line {line} column ")), "{text}: {e}");
+    }
+    let directive = format!("%TAG !x! tag:example.com,2000:\n---\n{MINIMAL}");
+    let e = Config::from_yaml(&directive).unwrap_err().to_string();
+    assert!(e.starts_with("line 1 column 1: tags ("), "{e}");
+    // A `!` in a value is no tag.
+    let c = Config::from_yaml(&with_environment("environment: \"prod!\"\n", "")).unwrap();
+    assert_eq!(c.environment, "prod!");
+}
+
+#[test]
+fn nesting_deeper_than_64_levels_is_refused_at_once_naming_the_place() {
+    for depth in [65, 100_000] {
+        let text = format!(
+            "{MINIMAL}trusted_proxies: {}{}\n",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let started = std::time::Instant::now();
+        let e = Config::from_yaml(&text).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_millis(200), "{depth}");
+        assert!(e.starts_with("trusted_proxies[0]"), "{e}");
+        assert!(
+            e.contains("nested more than 64 levels deep (line 5 column "),
+            "{e}"
+        );
+    }
+    // Within the bound the pass lets it through, and the parser says what is wrong.
+    let text = format!(
+        "{MINIMAL}trusted_proxies: {}{}\n",
+        "[".repeat(60),
+        "]".repeat(60)
+    );
+    let e = Config::from_yaml(&text).unwrap_err().to_string();
+    assert!(
+        e.contains("trusted_proxies") && !e.contains("nested"),
+        "{e}"
+    );
+    // Block nesting is bounded the same way.
+    let block = format!("{MINIMAL}routes:\n  {}x\n", "- ".repeat(100));
+    assert!(Config::from_yaml(&block)
+        .unwrap_err()
+        .to_string()
+        .contains("nested more than 64"));
+}
+
+#[test]
+fn a_log_level_is_a_level_or_target_level_directives() {
+    for bad in [
+        "inf0",
+        "warnings",
+        "garbage level",
+        "info;x",
+        "h2",
+        "info,x",
+        "h2=",
+        "a-b=info",
+        "=info",
+    ] {
+        let e = err(&format!("log: {{ level: '{bad}' }}\n"));
+        assert!(e.starts_with("log.level: "), "{bad}: {e}");
+        assert!(e.contains("not a level"), "{bad}: {e}");
+    }
+    for good in [
+        "info",
+        "WARN",
+        "h2=info",
+        "inf0=info",
+        "info,keyward::proxy=debug",
+        "keyward[request]=debug",
+        "3",
+    ] {
+        Config::from_yaml(&format!("{MINIMAL}log: {{ level: '{good}' }}\n")).expect(good);
+    }
+}

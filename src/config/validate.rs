@@ -131,14 +131,12 @@ impl Config {
                 ));
             }
         }
-        let level = self.log.level.to_ascii_lowercase();
-        let plain_level =
-            ["trace", "debug", "info", "warn", "error", "off"].contains(&level.as_str());
-        let directives = level.contains('=') || level.contains(',');
-        if !(plain_level || directives) || tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        // What start would refuse to obey (`logging::choose_filter`): a bare word that is no
+        // level (`inf0`) turns every target off in EnvFilter, keyward's errors included.
+        if let Err(why) = crate::logging::check_filter(self.log.level.trim()) {
             return Err(invalid(
                 "log.level",
-                format!("{:?} is not a level", self.log.level),
+                format!("{:?} {why}, such as info or info,h2=debug", self.log.level),
             ));
         }
         Ok(())

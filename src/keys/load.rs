@@ -229,29 +229,12 @@ fn yaml_bytes(bytes: &[u8], prior: Option<&Snapshot>) -> Result<Built, SnapshotE
 /// A YAML document read whole; a syntax or type error names where it is
 /// (`keys[3].scopes: invalid type ...`).
 fn yaml(text: &str, prior: Option<&Snapshot>) -> Result<Built, SnapshotError> {
-    match nesting::check(text.as_bytes(), nesting::MAX_DEPTH) {
-        Ok(()) => {}
-        Err(nesting::Refused::TooDeep { line, column }) => {
-            return Err(SnapshotError::Parse(format!(
-                "line {line} column {column}: nested more than {} levels deep",
-                nesting::MAX_DEPTH
-            )))
-        }
-        Err(nesting::Refused::Alias { line, column }) => {
-            return Err(SnapshotError::Parse(format!(
-                "line {line} column {column}: aliases (`*name`) are not accepted in a snapshot"
-            )))
-        }
-        Err(nesting::Refused::Tag { line, column }) => {
-            return Err(SnapshotError::Parse(format!(
-                "line {line} column {column}: tags (`!name`, `%TAG`) are not accepted in a snapshot"
-            )))
-        }
-        Err(nesting::Refused::TooMany { bound }) => {
-            return Err(SnapshotError::Parse(format!(
-                "more than {bound} YAML nodes for its size (one per 6 bytes beyond 100,000); write large snapshots as JSON"
-            )))
-        }
+    if let Err(refused) = nesting::check(text.as_bytes(), nesting::MAX_DEPTH) {
+        let reason = refused.reason("a snapshot");
+        return Err(SnapshotError::Parse(match refused.line_column() {
+            Some((line, column)) => format!("line {line} column {column}: {reason}"),
+            None => reason,
+        }));
     }
     let mut progress = Progress::default();
     let mut track = serde_path_to_error::Track::new();

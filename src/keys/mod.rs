@@ -20,7 +20,7 @@ mod index;
 pub mod key;
 pub mod load;
 mod load_error;
-mod nesting;
+pub(crate) mod nesting;
 mod read;
 pub mod review;
 pub mod schema;

@@ -51,10 +51,135 @@ pub fn max_events(len: usize) -> usize {
 /// so the pass is not needed for it.
 const COUNTED_ABOVE: usize = 100_000;
 
+impl Refused {
+    /// Where it is (1-based line and column), when it is somewhere.
+    pub fn line_column(&self) -> Option<(u64, u64)> {
+        match *self {
+            Refused::TooDeep { line, column }
+            | Refused::Alias { line, column }
+            | Refused::Tag { line, column } => Some((line, column)),
+            Refused::TooMany { .. } => None,
+        }
+    }
+
+    /// Why, for a document called `document` (`a snapshot`, `the config`): the one wording
+    /// of these refusals wherever YAML is read.
+    pub fn reason(&self, document: &str) -> String {
+        match self {
+            Refused::TooDeep { .. } => format!("nested more than {MAX_DEPTH} levels deep"),
+            Refused::Alias { .. } => {
+                format!("aliases (`*name`) are not accepted in {document}")
+            }
+            Refused::Tag { .. } => {
+                format!("tags (`!name`, `%TAG`) are not accepted in {document}")
+            }
+            Refused::TooMany { bound } => format!(
+                "more than {bound} YAML nodes for its size (one per 6 bytes beyond 100,000); write large snapshots as JSON"
+            ),
+        }
+    }
+}
+
+/// What a pass refuses, and the dotted path (`limits.max_header_bytes`, `a[2]`) of the node
+/// it refused (empty for the document itself or a `%TAG` directive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub refused: Refused,
+    pub path: String,
+}
+
+/// Which documents a pass is for: a key snapshot (a push may be large, and no snapshot needs
+/// an alias) or the config (a page an operator wrote, read once at start and by `check`).
+#[derive(Debug, Clone, Copy)]
+struct Rules {
+    max_depth: usize,
+    /// Refuse the first alias.
+    refuse_aliases: bool,
+    /// Refuse more events than [`max_events`] allows.
+    count_events: bool,
+    /// Run the pass whatever the bytes look like (else only when they may need it).
+    always: bool,
+}
+
 /// `Err` when a collection in `text` opens more than `limit` levels deep, or at the first
-/// alias. A syntax error ends the pass without one: the real parse, which reads the same
-/// events, reports it.
+/// alias or tag. A syntax error ends the pass without one: the real parse, which reads the
+/// same events, reports it. The snapshot's pass.
 pub fn check(text: &[u8], limit: usize) -> Result<(), Refused> {
+    let rules = Rules {
+        max_depth: limit,
+        refuse_aliases: true,
+        count_events: true,
+        always: false,
+    };
+    scan(text, rules).map_err(|r| r.refused)
+}
+
+/// The config's pass: nesting deeper than [`MAX_DEPTH`] (serde_yaml reads `[[[[…` in time
+/// quadratic in its depth, as it does a snapshot's) and tags (serde_yaml ignores a tag it
+/// does not know, and reads `!!binary` as the text it decodes from) are refused, naming the
+/// path. Aliases are left to serde_yaml, whose repetition limit bounds them; a config is
+/// at most 4 MiB, so the event count is not bounded. Always run: block nesting costs
+/// nothing to parse, but a config that deep is a mistake all the same.
+pub fn check_config(text: &[u8]) -> Result<(), Refusal> {
+    scan(
+        text,
+        Rules {
+            max_depth: MAX_DEPTH,
+            refuse_aliases: false,
+            count_events: false,
+            always: true,
+        },
+    )
+}
+
+/// Where the pass is inside a collection, to name the path of a refused node.
+enum Frame {
+    /// A mapping: its current key (cut to [`PATH_KEY_MAX`] bytes) and whether the next
+    /// node is a key.
+    Map { key: String, at_key: bool },
+    /// A sequence: the index of its next item.
+    Seq { index: usize },
+}
+
+/// Longest key kept for a path: a path names where to look, and the line says it too.
+const PATH_KEY_MAX: usize = 64;
+
+/// Longest path shown (about): a path 64 levels deep (`a[0][0]…`) says no more than its start.
+const PATH_MAX: usize = 48;
+
+/// The dotted path to the node the pass is at (a key names its mapping).
+fn path(stack: &[Frame]) -> String {
+    let mut out = String::new();
+    for frame in stack {
+        if out.len() > PATH_MAX {
+            out.push('…');
+            break;
+        }
+        match frame {
+            Frame::Map { at_key: true, .. } => {}
+            Frame::Map { key, .. } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Frame::Seq { index } => out.push_str(&format!("[{index}]")),
+        }
+    }
+    out
+}
+
+/// A node (scalar, alias or a collection now closed) is done: its parent moves on.
+fn advance(stack: &mut [Frame]) {
+    match stack.last_mut() {
+        Some(Frame::Map { at_key, .. }) => *at_key = !*at_key,
+        Some(Frame::Seq { index }) => *index += 1,
+        None => {}
+    }
+}
+
+fn scan(text: &[u8], rules: Rules) -> Result<(), Refusal> {
+    let limit = rules.max_depth;
     // Only flow collections cost: each opens at a `[` or `{`, so with no more of those than
     // the bound none can nest deeper, and the pass is not needed (block-style snapshots
     // skip it this way; block nesting costs libyaml nothing extra, and serde_yaml's own
@@ -62,7 +187,7 @@ pub fn check(text: &[u8], limit: usize) -> Result<(), Refused> {
     let mut flow_opens = text.iter().filter(|b| matches!(b, b'[' | b'{'));
     // A tag starts with `!` (a `%TAG` directive names one).
     let marked = text.iter().any(|b| matches!(b, b'&' | b'!'));
-    if text.len() <= COUNTED_ABOVE && flow_opens.nth(limit).is_none() && !marked {
+    if !rules.always && text.len() <= COUNTED_ABOVE && flow_opens.nth(limit).is_none() && !marked {
         return Ok(());
     }
     let bound = max_events(text.len());
@@ -71,35 +196,65 @@ pub fn check(text: &[u8], limit: usize) -> Result<(), Refused> {
         // libyaml could not allocate its buffers; the real parse will fail the same way.
         return Ok(());
     };
-    let mut depth = 0usize;
-    while let Some(event) = parser.next() {
+    let mut stack: Vec<Frame> = Vec::new();
+    let refuse = |refused, stack: &[Frame]| Refusal {
+        refused,
+        path: path(stack),
+    };
+    let at = |line: u64, column: u64| (line.saturating_add(1), column.saturating_add(1));
+    loop {
+        // A mapping's key is read into its frame, so a path can name it.
+        let key = match stack.last_mut() {
+            Some(Frame::Map { key, at_key: true }) => Some(key),
+            _ => None,
+        };
+        let Some(event) = parser.next(key) else {
+            break;
+        };
         events += 1;
-        if events > bound {
-            return Err(Refused::TooMany { bound });
+        if rules.count_events && events > bound {
+            return Err(refuse(Refused::TooMany { bound }, &[]));
         }
         match event {
-            Event::Open { line, column } => {
-                depth += 1;
-                if depth > limit {
-                    return Err(Refused::TooDeep {
-                        line: line.saturating_add(1),
-                        column: column.saturating_add(1),
-                    });
+            Event::Open { line, column, map } => {
+                if stack.len() + 1 > limit {
+                    let (line, column) = at(line, column);
+                    return Err(refuse(Refused::TooDeep { line, column }, &stack));
                 }
+                if let Some(Frame::Map { key, at_key: true }) = stack.last_mut() {
+                    // A collection as a key: no name to give.
+                    key.clear();
+                    key.push('?');
+                }
+                stack.push(if map {
+                    Frame::Map {
+                        key: String::new(),
+                        at_key: true,
+                    }
+                } else {
+                    Frame::Seq { index: 0 }
+                });
             }
+            Event::Scalar => advance(&mut stack),
             Event::Alias { line, column } => {
-                return Err(Refused::Alias {
-                    line: line.saturating_add(1),
-                    column: column.saturating_add(1),
-                })
+                if rules.refuse_aliases {
+                    let (line, column) = at(line, column);
+                    return Err(refuse(Refused::Alias { line, column }, &stack));
+                }
+                if let Some(Frame::Map { key, at_key: true }) = stack.last_mut() {
+                    key.clear();
+                    key.push('*');
+                }
+                advance(&mut stack);
             }
             Event::Tag { line, column } => {
-                return Err(Refused::Tag {
-                    line: line.saturating_add(1),
-                    column: column.saturating_add(1),
-                })
+                let (line, column) = at(line, column);
+                return Err(refuse(Refused::Tag { line, column }, &stack));
             }
-            Event::Close => depth = depth.saturating_sub(1),
+            Event::Close => {
+                stack.pop();
+                advance(&mut stack);
+            }
             Event::Other => {}
             Event::End => break,
         }
@@ -108,7 +263,8 @@ pub fn check(text: &[u8], limit: usize) -> Result<(), Refused> {
 }
 
 enum Event {
-    Open { line: u64, column: u64 },
+    Open { line: u64, column: u64, map: bool },
+    Scalar,
     Alias { line: u64, column: u64 },
     Tag { line: u64, column: u64 },
     Close,
@@ -149,8 +305,9 @@ impl<'input> Parser<'input> {
         })
     }
 
-    /// The next event, or `None` at a syntax error (libyaml's error state is sticky).
-    fn next(&mut self) -> Option<Event> {
+    /// The next event, or `None` at a syntax error (libyaml's error state is sticky). A
+    /// scalar's text is written to `key` when there is one (cut to [`PATH_KEY_MAX`] bytes).
+    fn next(&mut self, key: Option<&mut String>) -> Option<Event> {
         let p = self.parser;
         let mut event = MaybeUninit::<unsafe_sys::yaml_event_t>::uninit();
         let e = event.as_mut_ptr();
@@ -184,7 +341,22 @@ impl<'input> Parser<'input> {
                 }
                 unsafe_sys::YAML_SEQUENCE_START_EVENT | unsafe_sys::YAML_MAPPING_START_EVENT => {
                     let (line, column) = mark();
-                    Event::Open { line, column }
+                    let map = (*e).type_ == unsafe_sys::YAML_MAPPING_START_EVENT;
+                    Event::Open { line, column, map }
+                }
+                unsafe_sys::YAML_SCALAR_EVENT => {
+                    if let Some(key) = key {
+                        key.clear();
+                        let scalar = &(*e).data.scalar;
+                        let len = (scalar.length as usize).min(PATH_KEY_MAX);
+                        if len > 0 && !scalar.value.is_null() {
+                            // libyaml's own buffer of `length` bytes, read before the event
+                            // (and it) is deleted below.
+                            let bytes = std::slice::from_raw_parts(scalar.value, len);
+                            key.push_str(&String::from_utf8_lossy(bytes));
+                        }
+                    }
+                    Event::Scalar
                 }
                 unsafe_sys::YAML_SEQUENCE_END_EVENT | unsafe_sys::YAML_MAPPING_END_EVENT => {
                     Event::Close
@@ -306,6 +478,35 @@ mod tests {
         assert_eq!(check(plain.as_bytes(), 4), Ok(()));
         let comment = format!("keys: # {}\n  - a\n", "[".repeat(100));
         assert_eq!(check(comment.as_bytes(), 4), Ok(()));
+    }
+
+    #[test]
+    fn the_config_pass_names_the_path_and_lets_aliases_through() {
+        let refused = |text: &str| check_config(text.as_bytes()).unwrap_err();
+        let r = refused("a: 1\nb:\n  c: [x, {d: !!str 1}]\n");
+        assert_eq!(r.path, "b.c[1].d");
+        assert_eq!(
+            r.refused,
+            Refused::Tag {
+                line: 3,
+                column: 14
+            }
+        );
+        let r = refused("a: [1, 2]\nb: !t x\n");
+        assert_eq!(r.path, "b");
+        let r = refused(&format!("a: 1\nlist: {}\n", "[".repeat(100)));
+        assert!(
+            r.path.starts_with("list[0][0]") && r.path.len() < 200,
+            "{}",
+            r.path
+        );
+        assert!(matches!(r.refused, Refused::TooDeep { line: 2, .. }));
+        assert_eq!(check_config(b"a: &x [1]\nb: *x\nc: 1\n"), Ok(()));
+        // The snapshot's pass refuses the alias.
+        assert!(matches!(
+            check(b"a: &x [1]\nb: *x\n", 64),
+            Err(Refused::Alias { .. })
+        ));
     }
 
     #[test]
