@@ -1628,3 +1628,152 @@ async fn an_idle_tls_connection_is_closed_with_close_notify() {
     let end = reader.await.unwrap();
     assert!(matches!(end, Ok(Ok(0))), "drain close: {end:?}");
 }
+
+/// A client presenting `leaf` with `chain` after it, trusting `ca` for the server.
+fn chain_connector(ca: &Ca, leaf: &Leaf, chain: &[&Ca]) -> TlsConnector {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots(ca))
+        .with_client_auth_cert(
+            std::iter::once(leaf.der.clone())
+                .chain(chain.iter().map(|c| c.cert.der().clone()))
+                .collect(),
+            PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Review 51: keyward set no bound of its own on the chain a client sends, and webpki
+/// spent ~150 ms of CPU on a crafted one before giving up. A client sending more
+/// intermediates than `tls.client_verify_depth` (default 4) is refused, even when its
+/// path is short; a real 4-level hierarchy (leaf, 4 issuing CAs, the root in `client_ca`)
+/// is let in at the default, and one of 2 intermediates at `client_verify_depth: 2` (not
+/// one of 3). Before, webpki alone bounded the path (6 intermediates), never what was sent.
+#[tokio::test]
+async fn a_client_chain_past_client_verify_depth_is_refused_and_one_at_it_is_let_in() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let root = Ca::new("client root");
+    let i1 = root.intermediate("issuing 1", 11);
+    let i2 = i1.intermediate("issuing 2", 12);
+    let i3 = i2.intermediate("issuing 3", 13);
+    let i4 = i3.intermediate("issuing 4", 14);
+    let i5 = i4.intermediate("issuing 5", 15);
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&root.pem());
+    let proxy = spawn_proxy(upstream.addr, &certs.yaml(Some(&ca_file))).await;
+    let get = |leaf: &Leaf, chain: &[&Ca], addr| {
+        let c = chain_connector(&ca, leaf, chain);
+        async move { try_get(&c, addr, "/m/depth").await }
+    };
+    let at = i4.client("at the bound");
+    let got = get(&at, &[&i4, &i3, &i2, &i1], proxy.addr)
+        .await
+        .expect("4 intermediates at the default bound");
+    assert_eq!(got.status, StatusCode::OK);
+    let past = i5.client("past the bound");
+    let got = get(&past, &[&i5, &i4, &i3, &i2, &i1], proxy.addr).await;
+    assert!(got.is_err(), "5 intermediates: {got:?}");
+    // The intermediates sent count, not the length of the path built from them.
+    let short = i2.client("short path");
+    let ok = get(&short, &[&i2, &i1], proxy.addr).await.expect("2 sent");
+    assert_eq!(ok.status, StatusCode::OK);
+    let got = get(&short, &[&i2, &i1, &i3, &i4, &i5], proxy.addr).await;
+    assert!(got.is_err(), "5 sent for a path of 2: {got:?}");
+    proxy.shutdown().await;
+
+    let yaml = certs
+        .yaml(Some(&ca_file))
+        .replace("poll_interval", "client_verify_depth: 2, poll_interval");
+    let two = spawn_proxy(upstream.addr, &yaml).await;
+    let got = get(&short, &[&i2, &i1], two.addr).await.expect("2 of 2");
+    assert_eq!(got.status, StatusCode::OK);
+    let three = i3.client("three");
+    let got = get(&three, &[&i3, &i2, &i1], two.addr).await;
+    assert!(
+        got.is_err(),
+        "3 intermediates at client_verify_depth 2: {got:?}"
+    );
+    two.shutdown().await;
+    assert_eq!(
+        upstream.count(),
+        3,
+        "only the chains within the bound got through"
+    );
+}
+
+/// Review 51: two certificates of a client's chain with one subject let webpki try every
+/// ordering of them (64 CA certificates named `CN=X` cost ~150 ms a handshake, with no
+/// valid certificate). Refused, with `client_crl` as without: with unique subjects each
+/// issuer name picks at most one certificate, and path building is linear. The same chain
+/// without the twin is let in.
+#[tokio::test]
+async fn a_client_chain_with_two_certificates_of_one_subject_is_refused() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let root = Ca::new("client root");
+    let issuing = root.intermediate("issuing ca", 21);
+    let twin = root.intermediate("issuing ca", 22);
+    let lists = root.crl(1, &[]) + &issuing.crl(1, &[]);
+    let (_certs, _crl, proxy) = mtls_proxy(upstream.addr, &ca, &root.pem(), &lists).await;
+    let leaf = issuing.client("ci-bot");
+    let get = |chain: &[&Ca]| {
+        let c = chain_connector(&ca, &leaf, chain);
+        async move { try_get(&c, proxy.addr, "/m/twin").await }
+    };
+    let got = get(&[&issuing]).await.expect("a chain of unique subjects");
+    assert_eq!(got.status, StatusCode::OK);
+    for chain in [[&issuing, &twin], [&twin, &issuing]] {
+        let got = get(&chain).await;
+        assert!(got.is_err(), "two intermediates named alike: {got:?}");
+    }
+    // An intermediate named as the client's own certificate.
+    let named_as_leaf = root.intermediate("ci-bot", 23);
+    let got = get(&[&issuing, &named_as_leaf]).await;
+    assert!(got.is_err(), "an intermediate named as the leaf: {got:?}");
+    proxy.shutdown().await;
+    assert_eq!(upstream.count(), 1);
+}
+
+/// `tls.client_verify_depth` outside 1..=8 stops `keyward run` and `keyward check`, naming
+/// it.
+#[tokio::test]
+async fn start_and_check_refuse_a_client_verify_depth_out_of_range() {
+    let upstream = spawn_upstream().await;
+    let ca = Ca::new("test ca");
+    let certs = CertDir::new(&ca.server("keyward-a"));
+    let ca_file = certs.write_ca(&Ca::new("client ca").pem());
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.yaml");
+    std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    for depth in ["0", "9"] {
+        let yaml = certs.yaml(Some(&ca_file)).replace(
+            "poll_interval",
+            &format!("client_verify_depth: {depth}, poll_interval"),
+        );
+        let e = keyward_check(upstream.addr, &yaml).unwrap_err();
+        assert!(e.contains("tls.client_verify_depth: must be 1 to 8"), "{e}");
+        let config = dir.path().join("keyward.yaml");
+        std::fs::write(&config, config_yaml(upstream.addr, &keys_file, &yaml)).unwrap();
+        let mut run = support::child::command(&["run", "--config", config.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while run.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                run.kill().unwrap();
+                panic!("keyward run started with client_verify_depth {depth}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut e = String::new();
+        std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut e).unwrap();
+        assert!(!run.wait().unwrap().success());
+        assert!(e.contains("tls.client_verify_depth: must be 1 to 8"), "{e}");
+    }
+}

@@ -29,9 +29,17 @@ pub struct TlsConfig {
     /// status is not a good one). Watched and reloaded with the rest.
     #[serde(default)]
     pub client_crl: Option<PathBuf>,
+    /// The most intermediates a client may send with its certificate (1 to 8): a longer
+    /// chain is refused before any path is built from it (see `tls::chain`).
+    #[serde(default = "default_client_verify_depth")]
+    pub client_verify_depth: u8,
     /// How often the certificate files are checked for rotation.
     #[serde(default = "one_second", deserialize_with = "de_duration")]
     pub poll_interval: Duration,
+}
+
+fn default_client_verify_depth() -> u8 {
+    crate::tls::DEFAULT_VERIFY_DEPTH
 }
 
 #[derive(Debug, Clone, Deserialize)]

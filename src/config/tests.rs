@@ -229,6 +229,31 @@ fn admin_identity_and_limits_are_checked() {
     assert!(zero.starts_with("tls.poll_interval: "), "{zero}");
 }
 
+/// `tls.client_verify_depth` is 1 to 8 (4 when absent); anything else stops start (and
+/// `keyward check`, which loads the config the same way) naming the field.
+#[test]
+fn client_verify_depth_is_bounded() {
+    for depth in ["0", "9", "300", "-1", "four"] {
+        let e = err(&format!(
+            "tls: {{ cert: c.pem, key: k.pem, client_verify_depth: {depth} }}\n"
+        ));
+        assert!(e.starts_with("tls.client_verify_depth: "), "{depth}: {e}");
+    }
+    let e = err("tls: { cert: c.pem, key: k.pem, client_verify_depth: 9 }\n");
+    assert!(e.contains("must be 1 to 8"), "{e}");
+    let depth = |extra: &str| {
+        let yaml = format!("{MINIMAL}tls: {{ cert: c.pem, key: k.pem{extra} }}\n");
+        Config::from_yaml(&yaml)
+            .unwrap()
+            .tls
+            .unwrap()
+            .client_verify_depth
+    };
+    assert_eq!(depth(""), 4);
+    assert_eq!(depth(", client_verify_depth: 1"), 1);
+    assert_eq!(depth(", client_verify_depth: 8"), 8);
+}
+
 /// The error for MINIMAL with `keys: { file: k.yaml, <extra> }`.
 fn err_keys(extra: &str) -> String {
     let text = MINIMAL.replace(

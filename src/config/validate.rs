@@ -81,6 +81,19 @@ impl Config {
                 "revokes client certificates, which only tls.client_ca asks for",
             ));
         }
+        if let Some(depth) = self.tls.as_ref().map(|t| t.client_verify_depth) {
+            let range = crate::tls::VERIFY_DEPTH_RANGE;
+            if !range.contains(&depth) {
+                return Err(invalid(
+                    "tls.client_verify_depth",
+                    format!(
+                        "must be {} to {}: the most intermediates a client may send",
+                        range.start(),
+                        range.end()
+                    ),
+                ));
+            }
+        }
         if self.tls.as_ref().is_some_and(|t| t.poll_interval.is_zero()) {
             return Err(invalid("tls.poll_interval", "must be greater than zero"));
         }

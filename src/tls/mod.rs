@@ -28,8 +28,10 @@ use tokio::net::TcpStream;
 
 use crate::config::TlsConfig;
 
+mod chain;
 mod revoked;
 use crate::file_watch::{Taken, Watch, Watched};
+pub use chain::{DEFAULT_VERIFY_DEPTH, VERIFY_DEPTH_RANGE};
 
 /// Handshake deadline used by [`TlsAcceptor::new`] when none is given.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -686,17 +688,21 @@ impl TlsFiles {
                     }
                     (e, _) => file_err("client_ca", path, e),
                 })?;
-                match revoked_serials {
-                    // And in every list of the issuer, not only the one rustls consults.
-                    Some(revoked) => {
-                        builder.with_client_cert_verifier(Arc::new(revoked::EveryList {
+                let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
+                    match revoked_serials {
+                        // And in every list of the issuer, not only the one rustls consults.
+                        Some(revoked) => Arc::new(revoked::EveryList {
                             inner: verifier,
                             revoked,
                             refuse_all: none_trusted,
-                        }))
-                    }
-                    None => builder.with_client_cert_verifier(verifier),
-                }
+                        }),
+                        None => verifier,
+                    };
+                // A chain whose shape would make path building costly is refused first.
+                builder.with_client_cert_verifier(Arc::new(chain::Bounded {
+                    inner: verifier,
+                    depth: usize::from(tls.client_verify_depth),
+                }))
             }
             _ => builder.with_no_client_auth(),
         };
@@ -1231,6 +1237,7 @@ mod tests {
             key: dir.join("tls.key"),
             client_ca: client_ca.then(|| dir.join("ca.crt")),
             client_crl: None,
+            client_verify_depth: DEFAULT_VERIFY_DEPTH,
             poll_interval: Duration::from_millis(50),
         }
     }
