@@ -196,9 +196,13 @@ where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let filter = EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    // A line that cannot be written is lost, not reported: tracing-subscriber reports it
+    // with `eprintln!`, which panics when stderr is what failed (a log pipe that closed, a
+    // full disk), and with `panic = "abort"` the sidecar died on its next log line.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer)
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => Box::new(
             builder

@@ -1160,6 +1160,7 @@ impl Revocations {
         };
         // An oversized version is compared by its length: junk that stays put does not call
         // for a full read every interval, and keyward's next write replaces it.
+        // A hash too large to read has no count to compare: its version alone is read.
         let (len, mut fields) = self
             .fields
             .read(
@@ -1167,7 +1168,7 @@ impl Revocations {
                 Op::ReadRevocations,
                 hash,
                 MAX_VERSION_BYTES,
-                true,
+                count.is_some(),
                 &[VERSION],
             )
             .await?;
