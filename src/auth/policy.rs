@@ -90,29 +90,43 @@ const BASE64_RUN: usize = 43;
 /// A SHA-256 digest in hex.
 const HEX_RUN: usize = 64;
 
-/// Does `v` hold a digest (64 hex digits, or a run of 43 base64 or base64url characters)
-/// or a generated key? Such a run is key material whether or not its key is in the
-/// snapshot or the request: it is never logged or echoed (a correlation id, a path
-/// segment). A base64 run must look random ([`mixed`]): a long slug or a W3C
-/// `traceparent` is none; UUIDs and ULIDs are shorter. A standard base64 digest split by its `/` is not
-/// caught: its pieces are as short as a path's own segments.
+/// Does `v` hold a digest (64 hex digits, alone or in groups joined by `:`, `.` or `-` as
+/// fingerprints are written, or a run of 43 base64 or base64url characters) or a
+/// generated key? Such a run is key material whether or not its key is in the snapshot or
+/// the request: it is never logged or echoed (a correlation id, a path segment). A base64
+/// run must look random ([`random_looking`]): a long slug (`How-To-Upgrade-To-Version2-In-10-Minutes`)
+/// or a W3C `traceparent` is none; UUIDs and ULIDs are shorter. Not caught, as a path's
+/// own segments look the same: a digest split across path segments (a standard base64
+/// digest's `/`), or in an encoding of fewer symbols (base32).
 pub fn digest_shaped(v: &[u8]) -> bool {
+    let hex_group = |b: &u8| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'-');
     let base64 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+' | b'=');
-    let hex_run = v
-        .split(|b| !b.is_ascii_hexdigit())
-        .any(|run| run.len() >= HEX_RUN);
-    hex_run
+    v.split(|b| !hex_group(b))
+        .any(|run| run.iter().filter(|b| b.is_ascii_hexdigit()).count() >= HEX_RUN)
         || v.split(|b| !base64(b))
-            .any(|run| run.len() >= BASE64_RUN && mixed(run))
+            .any(|run| run.len() >= BASE64_RUN && random_looking(run))
 }
 
-/// Does `run` hold upper case, lower case and digits, as 43 random base64 characters all
-/// but surely do (one in a thousand has no digit)? A slug (`how-to-run-keyward-...`) or
-/// a run of lower-case hex groups does not.
-fn mixed(run: &[u8]) -> bool {
-    run.iter().any(u8::is_ascii_uppercase)
+/// Does `run` look like random base64: upper case, lower case and digits (43 random
+/// characters all but surely hold each: one in a thousand has no digit), and either a
+/// stretch of 16 without a word separator (`-`, `_`: about one in 32 random characters)
+/// or 6 places where a letter and a digit meet? A title-case slug has all three kinds, but
+/// short words between its separators, and digits mostly apart from letters.
+fn random_looking(run: &[u8]) -> bool {
+    let mixed = run.iter().any(u8::is_ascii_uppercase)
         && run.iter().any(u8::is_ascii_lowercase)
-        && run.iter().any(u8::is_ascii_digit)
+        && run.iter().any(u8::is_ascii_digit);
+    let longest_word = run
+        .split(|b| matches!(b, b'-' | b'_'))
+        .map(<[u8]>::len)
+        .max()
+        .unwrap_or(0);
+    let meetings = run
+        .windows(2)
+        .filter(|w| w[0].is_ascii_alphabetic() != w[1].is_ascii_alphabetic())
+        .filter(|w| w.iter().all(u8::is_ascii_alphanumeric))
+        .count();
+    mixed && (longest_word >= 16 || meetings >= 6)
 }
 
 /// What a logged path shows in place of a segment that could hold a key.
@@ -616,6 +630,16 @@ mod tests {
 
     const HEX: &str = "c6ffcb30297a172f564779bcdcf7d47394ea14a71fcc078d857361dc65a8bf7e";
 
+    /// `hex` as a fingerprint: upper-case pairs joined by `:`.
+    fn colons(hex: &str) -> String {
+        let pairs: Vec<String> = hex
+            .as_bytes()
+            .chunks(2)
+            .map(|p| String::from_utf8_lossy(p).to_uppercase())
+            .collect();
+        pairs.join(":")
+    }
+
     /// A segment that could hold a key is logged as `[redacted]`: by a configured prefix
     /// (escaped too) with or without headers; without prefixes, by overlap with a credential
     /// the request carries.
@@ -654,10 +678,34 @@ mod tests {
                 "/x/xv+LMCl6Fy9WR3m83PdHOU6hSnH8wHjYVzYdxlqL+4Q=",
                 "/x/[redacted]",
             ),
-            // A long slug is kept.
+            // Long slugs are kept, title case and digits too.
             (
                 "/blog/how-to-run-keyward-beside-every-app-in-a-cluster",
                 "/blog/how-to-run-keyward-beside-every-app-in-a-cluster",
+            ),
+            (
+                "/docs/How-To-Upgrade-From-Version1-To-Version2-In-10-Minutes",
+                "/docs/How-To-Upgrade-From-Version1-To-Version2-In-10-Minutes",
+            ),
+            (
+                "/f/Report_2024_Q3_Financial_Summary_Final_Version.pdf",
+                "/f/Report_2024_Q3_Financial_Summary_Final_Version.pdf",
+            ),
+            (
+                "/b/2024/10/Kubernetes-1-29-Release-Notes-And-Migration-Guide",
+                "/b/2024/10/Kubernetes-1-29-Release-Notes-And-Migration-Guide",
+            ),
+            // A digest as a fingerprint (`C6:FF:…`) or in dashed groups.
+            (&*format!("/x/{}", colons(HEX)), "/x/[redacted]"),
+            (
+                &*format!(
+                    "/x/{}-{}-{}-{}",
+                    &HEX[..16],
+                    &HEX[16..32],
+                    &HEX[32..48],
+                    &HEX[48..]
+                ),
+                "/x/[redacted]",
             ),
             // A traceparent in a path is kept.
             (

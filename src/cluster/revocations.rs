@@ -84,8 +84,26 @@ pub const WHOLE: &str = "whole";
 pub const VERSION: &str = "version";
 
 /// A full read at least this often, whatever the version says: a field deleted or written
-/// by hand, not through the write script, is seen (and written back) within this.
+/// by hand, not through the write script, is seen (and written back) within this. A count
+/// that moved is seen at the next poll ([`Revocations::unchanged`]); an edit that keeps
+/// the count (a revoke deleted and a junk field added) only by a full read, so a small
+/// hash, cheap to read, is read whole more often: [`full_read_every`].
 pub const FULL_READ_EVERY: Duration = Duration::from_secs(30);
+
+/// The longest between full reads of a hash of `fields` fields: 2 s, and 10 ms more per
+/// field, up to [`FULL_READ_EVERY`] (a hash of a hundred revokes, one short page, every
+/// 3 s; one of 2,800 or more every 30 s). A replica started while such an edit stood let
+/// the revoked key in until a full read wrote it back (~25 s in a review).
+pub fn full_read_every(fields: Option<u64>) -> Duration {
+    let Some(fields) = fields else {
+        return FULL_READ_EVERY;
+    };
+    Duration::from_secs(2)
+        .saturating_add(
+            Duration::from_millis(10).saturating_mul(u32::try_from(fields).unwrap_or(u32::MAX)),
+        )
+        .min(FULL_READ_EVERY)
+}
 
 /// The most fields a full read takes: past it the hash is not read (HLEN, one O(1) call,
 /// decides), the set held stays, and the refusal is counted (`op="oversize"`) and said
@@ -1153,7 +1171,10 @@ impl Revocations {
             return Ok(false);
         }
         let (seen, count) = match &*self.last_full.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(last) if last.version != Field::Absent && last.at.elapsed() < FULL_READ_EVERY => {
+            Some(last)
+                if last.version != Field::Absent
+                    && last.at.elapsed() < full_read_every(last.fields) =>
+            {
                 (last.version.clone(), last.fields)
             }
             _ => return Ok(false),

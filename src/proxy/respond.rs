@@ -288,6 +288,12 @@ mod tests {
             hex.clone(),
             hex.to_uppercase(),
             format!("req.{hex}"),
+            format!("{}.{}", &hex[..32], &hex[32..]),
+            hex.as_bytes()
+                .chunks(2)
+                .map(|p| String::from_utf8_lossy(p).to_uppercase())
+                .collect::<Vec<_>>()
+                .join(":"),
             b64.clone(),
             format!("trace:{b64}:1"),
             "sta_".to_string() + &"Zm9v".repeat(11),
