@@ -656,6 +656,54 @@ async fn the_guard_counts_the_keys_usable_here_and_never_refuses_the_fix() {
 /// place of a snapshot with a usable key, whatever `min_keys` says: for a push, its dry
 /// run and a file alike; force takes it (review: three keys all disabled went live below
 /// `min_keys`, the dry run saying `would_refuse: false`).
+/// A snapshot whose own keys are usable but keeps none of the usable keys in force usable
+/// (every digest rotated, every key given a scope no rule asks for) lets none of today's
+/// clients in: refused as empty below `min_keys` too (review 53: `scopes: [bogus]` on
+/// every key went live, and every request got 403). Forced, it goes.
+#[tokio::test]
+async fn a_snapshot_keeping_no_key_in_force_usable_is_refused_as_empty() {
+    let up = spawn_upstream().await;
+    let rotated: String = (0..3)
+        .map(|i| {
+            format!(
+                "  - {{ id: key_{i}, sha256: {}, type: service_account, subject_id: s{i}, account_id: a, scopes: [read] }}\n",
+                sha(i + 100)
+            )
+        })
+        .collect();
+    let cases = [
+        ("every digest rotated", format!("keys:\n{rotated}")),
+        (
+            "every key locked out by its scopes",
+            snapshot("", 0..3, |_| String::new()).replace("scopes: [read]", "scopes: [bogus]"),
+        ),
+    ];
+    let kw = spawn_control(up.addr, Some(&plain(0..3)), "").await;
+    for (what, body) in &cases {
+        let r = admin(&kw, "PUT", "/v1/snapshot?dry_run=true", body).await;
+        assert_eq!(r.status, 200, "{what}: {}", r.text());
+        assert_eq!(r.json()["guard"]["reason"], "empty", "{what}: {}", r.text());
+        let r = admin(&kw, "PUT", "/v1/snapshot", body).await;
+        assert_eq!(r.status, 409, "{what}: {}", r.text());
+        assert_eq!(r.json()["reason"], "empty", "{what}");
+        assert_eq!(status_with(&kw, &raw(0)).await, 200, "{what}: in force");
+    }
+    // One key kept: it passes (below min_keys, the fraction rule does not apply).
+    let kept = snapshot("", 0..3, |i| {
+        if i == 0 {
+            String::new()
+        } else {
+            ", status: disabled".into()
+        }
+    });
+    let r = admin(&kw, "PUT", "/v1/snapshot", &kept).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = admin(&kw, "PUT", "/v1/snapshot?force=true", &cases[0].1).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(status_with(&kw, &raw(100)).await, 200);
+    kw.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_snapshot_with_no_usable_key_is_refused_as_empty() {
     let up = spawn_upstream().await;
@@ -1167,8 +1215,14 @@ async fn max_age_fails_closed_until_a_fresh_snapshot_arrives() {
     assert_eq!(status_with(&kw, &raw(0)).await, 200);
     assert_eq!(readyz(&kw).await, 200);
     assert_eq!(metric_value(&kw, "keyward_ready ").await, 1.0);
-    // A snapshot already too old fails closed as soon as it is installed (SPEC 16).
+    // A snapshot already too old locks every key out: the guard refuses it as empty (as
+    // the fraction rule does at `min_keys` keys or more); forced, it fails closed as soon
+    // as it is installed (SPEC 16).
     let r = admin(&kw, "PUT", "/v1/snapshot", &stale).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["reason"], "empty", "{}", r.text());
+    assert_eq!(readyz(&kw).await, 200);
+    let r = admin(&kw, "PUT", "/v1/snapshot?force=true", &stale).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(readyz(&kw).await, 503);
     kw.shutdown().await;
