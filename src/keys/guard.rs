@@ -97,13 +97,11 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
     // says, not the usable ones: disabled or fleet-revoked keys must not bring a large
     // snapshot under it (30 keys, 21 disabled: removing the other 9 is removing every
     // usable key).
-    // And one that keeps none of the usable keys in force usable (each removed, disabled,
-    // or locked out: a new digest, no scope left, a limit of nothing) lets none of today's
-    // clients in, whatever keys it adds: below `min_keys` every key given `scopes: [bogus]`
-    // went live (review 53).
-    let empty = (sides.keys == 0 && sides.in_force > 0)
-        || (sides.usable == 0 && sides.usable_in_force > 0)
-        || (usable_in_force > 0 && removed + disabled + locked_out >= usable_in_force);
+    // A key counts as usable only if some `scopes` rule lets it use a method and the
+    // snapshot is not already past `keys.max_age` (see `diff`): below `min_keys`, every key
+    // given `scopes: [bogus]` went live and every request got 403 (review 53).
+    let empty =
+        (sides.keys == 0 && sides.in_force > 0) || (sides.usable == 0 && sides.usable_in_force > 0);
     let reason = if empty {
         Some(Reason::Empty)
     } else if rollback {
@@ -139,9 +137,7 @@ pub fn admit_since(
     here: Here<'_>,
 ) -> Result<(), Box<Verdict>> {
     let mut verdict = judge(&diff(baseline, new, here), cfg);
-    // Rollback is the snapshot in force's to judge; the window's are the shares, and a
-    // window that removed every key of its start (empty, judged so) is refused too.
-    if !matches!(verdict.reason, Some(Reason::Fraction | Reason::Empty)) {
+    if verdict.reason != Some(Reason::Fraction) {
         return Ok(());
     }
     verdict.since_secs = Some(age.as_secs());
@@ -186,25 +182,9 @@ impl fmt::Display for Verdict {
                 "snapshot guard: an empty snapshot would replace {} keys in force",
                 self.sides.in_force
             ),
-            Some(Reason::Empty) if self.sides.usable > 0 => {
-                write!(
-                    f,
-                    "snapshot guard: every one of the {} usable keys in force would be removed, disabled or locked out ({}): it would let none of the clients of today in; force it if that is the intent (a rotation of every key at once)",
-                    self.sides.usable_in_force,
-                    self.counts()
-                )?;
-                match self.since_secs {
-                    Some(secs) => write!(
-                        f,
-                        " (the keys in force {secs} s ago: changes within {} s of each other are judged together)",
-                        WINDOW.as_secs()
-                    ),
-                    None => Ok(()),
-                }
-            }
             Some(Reason::Empty) => write!(
                 f,
-                "snapshot guard: none of the new snapshot's {} keys is usable here (disabled, expired, not yet valid, bound to another environment or revoked): like an empty one, it would let nobody in in place of {} usable keys in force; force it if that is the intent",
+                "snapshot guard: none of the new snapshot's {} keys is usable here (disabled, expired, not yet valid, bound to another environment, revoked, with scopes no rule asks for, or the snapshot past keys.max_age): like an empty one, it would let nobody in in place of {} usable keys in force; force it if that is the intent",
                 self.sides.keys, self.sides.usable_in_force
             ),
             Some(Reason::Rollback) => {
@@ -352,23 +332,6 @@ mod tests {
             !judge(&none_usable, &lax).would_refuse,
             "nobody was let in before"
         );
-    }
-
-    /// A snapshot that keeps none of the usable keys in force usable lets none of today's
-    /// clients in, whatever it adds: refused as empty below `min_keys` too.
-    #[test]
-    fn a_snapshot_keeping_no_usable_key_in_force_is_refused_as_empty() {
-        let lax = GuardConfig {
-            max_removed_fraction: 1.0,
-            min_keys: 1000,
-        };
-        let mut locked = d(5, 6, 0, 0);
-        locked.locked_out = (0..5).map(|i| format!("key_{i}")).collect();
-        let v = judge(&locked, &lax);
-        assert_eq!(v.reason, Some(Reason::Empty), "{v}");
-        assert!(v.to_string().contains("every one of the"), "{v}");
-        locked.locked_out.pop();
-        assert!(!judge(&locked, &lax).would_refuse, "one key still lets in");
     }
 
     #[test]
