@@ -22,6 +22,9 @@ pub struct FilterChoice {
     /// Variables that were set but are not a filter keyward takes, with their values; they
     /// are skipped.
     pub ignored: Vec<(&'static str, String)>,
+    /// The filter as chosen, when it would have silenced keyward's errors and `directives`
+    /// is it with them kept ([`keep_keyward_errors`]).
+    pub kept_errors_of: Option<String>,
 }
 
 /// A level as a filter directive writes it (any case), by its name: `info`, `off`. Digits
@@ -107,7 +110,8 @@ fn with_default(value: &str, bare: Option<&str>, default: &str) -> String {
 /// `KEYWARD_LOG` first, then `RUST_LOG`, then the config's `log.level`. An empty variable
 /// counts as unset (an empty filter would silence everything); one that [`check_filter`]
 /// refuses is skipped and reported. A filter without a bare level gets the config's (else
-/// `info`) as its default.
+/// `info`) as its default. Whatever it says, keyward's own errors are kept
+/// ([`keep_keyward_errors`]).
 pub fn choose_filter(
     config_level: &str,
     keyward_log: Option<&str>,
@@ -116,31 +120,101 @@ pub fn choose_filter(
     let config = check_filter(config_level.trim());
     let default = config.clone().ok().flatten().unwrap_or("info");
     let mut ignored = Vec::new();
+    let mut chosen = None;
     for (source, value) in [("KEYWARD_LOG", keyward_log), ("RUST_LOG", rust_log)] {
         let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
             continue;
         };
         match check_filter(value) {
             Ok(bare) => {
-                return FilterChoice {
-                    directives: with_default(value, bare, default),
-                    source,
-                    ignored,
-                }
+                chosen = Some((with_default(value, bare, default), source));
+                break;
             }
             Err(_) => ignored.push((source, value.to_string())),
         }
     }
-    let directives = match config {
-        Ok(bare) => with_default(config_level.trim(), bare, default),
-        // Config::validate refuses it; a caller that did not validate gets `info`.
-        Err(_) => "info".to_string(),
-    };
-    FilterChoice {
-        directives,
-        source: "log.level",
-        ignored,
+    let (directives, source) = chosen.unwrap_or_else(|| {
+        let directives = match config {
+            Ok(bare) => with_default(config_level.trim(), bare, default),
+            // Config::validate refuses it; a caller that did not validate gets `info`.
+            Err(_) => "info".to_string(),
+        };
+        (directives, "log.level")
+    });
+    match keep_keyward_errors(&directives) {
+        Some(kept) => FilterChoice {
+            directives: kept,
+            source,
+            ignored,
+            kept_errors_of: Some(directives),
+        },
+        None => FilterChoice {
+            directives,
+            source,
+            ignored,
+            kept_errors_of: None,
+        },
     }
+}
+
+/// Whether EnvFilter would apply a directive for `target` to keyward's own lines (targets
+/// `keyward` and `keyward::...`): it matches targets by string prefix, so `key` is one too.
+fn reaches_keyward(target: &str) -> bool {
+    target.starts_with("keyward") || "keyward".starts_with(target)
+}
+
+/// `directives` (a filter [`check_filter`] takes) with keyward's own targets held at
+/// `error` at least, or `None` when it already holds them there. README promises that
+/// keyward's errors always show (a key snapshot refused, a listener that failed), and only
+/// `off` is below `error`: a `keyward=off` or `keyward::keys=off` becomes `...=error`; a
+/// bare `off`, or `off` for a target that is a prefix of `keyward` (`key=off`), stays, for
+/// the targets it also reaches (dependencies may be turned off), and `keyward=error` is
+/// added unless a `keyward=` directive of its own is there. A span directive
+/// (`keyward[request]=off`) only ever lets lines through in EnvFilter, so it stays.
+pub fn keep_keyward_errors(directives: &str) -> Option<String> {
+    let mut out = Vec::new();
+    let mut raised = false;
+    let mut bare_off = false;
+    let mut prefix_off = false;
+    let mut own = false;
+    for d in directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+    {
+        if let Some(bare) = level(d) {
+            // The last bare level is the one EnvFilter keeps.
+            bare_off = bare == "off";
+            out.push(d.to_string());
+            continue;
+        }
+        let static_target = d
+            .rsplit_once('=')
+            .filter(|(selector, _)| !selector.contains('['))
+            .map(|(target, lvl)| (target.trim(), level(lvl.trim())));
+        match static_target {
+            Some((target, lvl)) if reaches_keyward(target) => {
+                if target == "keyward" {
+                    own = true;
+                }
+                if lvl != Some("off") {
+                    out.push(d.to_string());
+                } else if target.starts_with("keyward") {
+                    raised = true;
+                    out.push(format!("{target}=error"));
+                } else {
+                    prefix_off = true;
+                    out.push(d.to_string());
+                }
+            }
+            _ => out.push(d.to_string()),
+        }
+    }
+    if (bare_off || prefix_off) && !own {
+        raised = true;
+        out.push("keyward=error".to_string());
+    }
+    raised.then(|| out.join(","))
 }
 
 /// The filter `KEYWARD_LOG` and `RUST_LOG` in this process's environment would make of
@@ -230,6 +304,18 @@ pub fn init(format: LogFormat, level: &str) -> FilterChoice {
     for (variable, value) in &choice.ignored {
         let value = shown_value(value);
         tracing::warn!(variable, value, "log filter does not parse; ignored");
+    }
+    if let Some(chosen) = &choice.kept_errors_of {
+        // Said past the filter, which would take it for one of the lines it turns off.
+        let once = subscriber(format, "warn", std::io::stderr);
+        tracing::subscriber::with_default(once, || {
+            tracing::warn!(
+                filter = %chosen,
+                source = choice.source,
+                in_force = %choice.directives,
+                "log filter would silence keyward's errors; they are kept"
+            );
+        });
     }
     choice
 }
@@ -324,6 +410,67 @@ mod tests {
         let buf = Buffer::default();
         let directives = choose_filter("info", Some("h2=debug"), None).directives;
         let sub = subscriber(LogFormat::Json, &directives, buf.clone());
+        tracing::subscriber::with_default(sub, || {
+            tracing::error!(target: "keyward::keys::source", "snapshot refused");
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(out.contains("snapshot refused"), "{out}");
+    }
+
+    #[test]
+    fn no_filter_silences_keyward_errors() {
+        for (filter, kept) in [
+            ("off", "off,keyward=error"),
+            ("0", "0,keyward=error"),
+            ("keyward=off", "info,keyward=error"),
+            ("error,keyward=off", "error,keyward=error"),
+            ("keyward::keys=off", "info,keyward::keys=error"),
+            (
+                "keyward::keys::source=OFF",
+                "info,keyward::keys::source=error",
+            ),
+            ("warn,key=off", "warn,key=off,keyward=error"),
+            (
+                "off,keyward::proxy=debug",
+                "off,keyward::proxy=debug,keyward=error",
+            ),
+            ("off,h2=off,keyward=off", "off,h2=off,keyward=error"),
+        ] {
+            let c = choose_filter("info", Some(filter), None);
+            assert_eq!(c.directives, kept, "{filter}");
+            assert!(c.kept_errors_of.is_some(), "{filter}");
+            let buf = Buffer::default();
+            let sub = subscriber(LogFormat::Json, &c.directives, buf.clone());
+            tracing::subscriber::with_default(sub, || {
+                tracing::error!(target: "keyward::keys::source", "snapshot refused");
+                tracing::error!(target: "keyward::proxy", "proxy error");
+            });
+            let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+            assert!(out.contains("snapshot refused"), "{filter}: {out}");
+            assert!(out.contains("proxy error"), "{filter}: {out}");
+        }
+        // The config's level too, and a default it gives a filter without a bare level.
+        let c = choose_filter("error,keyward=off", None, None);
+        assert_eq!(
+            (c.directives.as_str(), c.kept_errors_of.as_deref()),
+            ("error,keyward=error", Some("error,keyward=off"))
+        );
+        let c = choose_filter("off", Some("h2=debug"), None);
+        assert_eq!(c.directives, "off,h2=debug,keyward=error");
+        // What keeps keyward's errors already, dependencies turned off included, is left.
+        for filter in [
+            "error",
+            "error,h2=off,hyper=off",
+            "off,keyward=warn",
+            "keyward[request]=off",
+            "info,keyward::proxy=debug",
+        ] {
+            let c = choose_filter("info", Some(filter), None);
+            assert_eq!(c.kept_errors_of, None, "{filter}");
+        }
+        let c = choose_filter("info", Some("error,keyward[request]=off"), None);
+        let buf = Buffer::default();
+        let sub = subscriber(LogFormat::Json, &c.directives, buf.clone());
         tracing::subscriber::with_default(sub, || {
             tracing::error!(target: "keyward::keys::source", "snapshot refused");
         });

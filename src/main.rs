@@ -196,13 +196,30 @@ fn stdout() -> StdoutLock<'static> {
     io::stdout().lock()
 }
 
+/// A line on stderr, `keyward: ...` or `warning: ...`: everything the commands say there
+/// goes through here (`say!`). A line that cannot be written is lost: `eprintln!` panicked
+/// on a write error (`2>/dev/full`, a closed pipe), and with `panic = "abort"` every command
+/// died with status 134 instead of giving its own.
+fn say_line(args: std::fmt::Arguments<'_>) {
+    let mut line = args.to_string();
+    line.push('\n');
+    let _ = io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// [`say_line`] with `format!` arguments.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say_line(format_args!($($arg)*))
+    };
+}
+
 /// The exit status for a failed write to stdout: [`BROKEN_PIPE_STATUS`] and nothing said
 /// for a closed pipe; else `keyward: cannot write the output: ...` and `status`.
 fn output_failed(e: io::Error, status: ExitCode) -> ExitCode {
     if e.kind() == io::ErrorKind::BrokenPipe {
         return ExitCode::from(BROKEN_PIPE_STATUS);
     }
-    eprintln!("keyward: {}", CliError::Output(e));
+    say!("keyward: {}", CliError::Output(e));
     status
 }
 
@@ -302,7 +319,7 @@ fn main() -> ExitCode {
                 clap::error::ErrorKind::UnknownArgument | clap::error::ErrorKind::InvalidValue
             ) =>
         {
-            eprintln!(
+            say!(
                 "keyward: an argument was not expected or not valid here (not shown: it may be a key; `keyward keys hash` reads a key on stdin). See `keyward --help`."
             );
             return ExitCode::from(2);
@@ -326,7 +343,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Output(e)) => output_failed(e, ExitCode::FAILURE),
         Err(e) => {
-            eprintln!("keyward: {e}");
+            say!("keyward: {e}");
             ExitCode::FAILURE
         }
     }
@@ -438,10 +455,19 @@ fn check(path: &Path) -> Result<(), CliError> {
     let config = load_config(path)?;
     // `run` skips a log filter it cannot take, with a warning in its log; say it here too
     // (the environment is not the config: the exit code stays the config's).
-    for (variable, value) in logging::choose_from_env(&config.log.level).ignored {
-        eprintln!(
+    let log = logging::choose_from_env(&config.log.level);
+    for (variable, value) in &log.ignored {
+        say!(
             "warning: {variable} is not a log filter keyward takes (a level, or target=level directives); run ignores it: {}",
-            logging::shown_value(&value)
+            logging::shown_value(value)
+        );
+    }
+    // As `run` says at start: a note, not a refusal (of the config's `log.level` either).
+    if let Some(chosen) = &log.kept_errors_of {
+        say!(
+            "warning: log filter {chosen} ({}) would silence keyward's errors; they are kept: run uses {}",
+            log.source,
+            log.directives
         );
     }
     let mut out = stdout();
@@ -450,7 +476,7 @@ fn check(path: &Path) -> Result<(), CliError> {
     if let Some(tls) = &config.tls {
         let checked = tls::check(tls)?;
         for warning in &checked.warnings {
-            eprintln!("warning: {warning}");
+            say!("warning: {warning}");
         }
         match checked.validity {
             Some(v) => {
@@ -469,7 +495,7 @@ fn check(path: &Path) -> Result<(), CliError> {
         cluster::check_url(&c.redis)?;
     }
     if demo::is_demo_token(config.admin.token_sha256.as_deref()) {
-        eprintln!(
+        say!(
             "warning: admin.token_sha256 is the digest of the demo token, which README \
              publishes: set your own (keyward keys hash < token)"
         );
@@ -532,7 +558,7 @@ fn diff(old: &Path, new: &Path, json: bool, config: Option<&PathBuf>) -> ExitCod
         None => None,
         Some(Ok(c)) => Some(c),
         Some(Err(e)) => {
-            eprintln!("keyward: {e}");
+            say!("keyward: {e}");
             return ExitCode::from(2);
         }
     };
@@ -559,7 +585,7 @@ fn diff(old: &Path, new: &Path, json: bool, config: Option<&PathBuf>) -> ExitCod
                 match serde_json::to_string_pretty(&review) {
                     Ok(text) => text + "\n",
                     Err(e) => {
-                        eprintln!("keyward: {e}");
+                        say!("keyward: {e}");
                         return ExitCode::from(2);
                     }
                 }
@@ -578,7 +604,7 @@ fn diff(old: &Path, new: &Path, json: bool, config: Option<&PathBuf>) -> ExitCod
             }
         }
         Err(e) => {
-            eprintln!("keyward: {e}");
+            say!("keyward: {e}");
             ExitCode::from(2)
         }
     }

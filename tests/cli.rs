@@ -672,6 +672,11 @@ fn run_refuses_a_state_file_that_is_not_a_regular_file() {
 /// `keyward run` with a key file it refuses and `env`: its stderr until it logged that no
 /// snapshot is in force, or 20 seconds passed.
 fn run_with_refused_keys(env: &[(&str, &str)]) -> String {
+    run_with_refused_keys_and(env, "")
+}
+
+/// [`run_with_refused_keys`] with `extra` config lines.
+fn run_with_refused_keys_and(env: &[(&str, &str)], extra: &str) -> String {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let (config, keys) = (
@@ -680,7 +685,7 @@ fn run_with_refused_keys(env: &[(&str, &str)]) -> String {
     );
     std::fs::write(&keys, "keys: [{ id: broken }]\n").unwrap();
     let text = format!(
-        "listen: 127.0.0.1:0\nupstream: http://127.0.0.1:9\nadmin_listen: 127.0.0.1:0\nenvironment: production\nkeys: {{ file: {} }}\n",
+        "listen: 127.0.0.1:0\nupstream: http://127.0.0.1:9\nadmin_listen: 127.0.0.1:0\nenvironment: production\nkeys: {{ file: {} }}\n{extra}",
         keys.display()
     );
     std::fs::write(&config, text).unwrap();
@@ -814,4 +819,166 @@ fn check_refuses_deep_nesting_tags_and_a_bad_log_level_naming_the_field() {
         warnings[0].starts_with("warning: KEYWARD_LOG is not a log filter"),
         "{warnings:?}"
     );
+}
+
+/// A filter that would turn keyward's own targets below `error` (`off`, `keyward=off`,
+/// `keyward::keys=off`) keeps its errors: they are raised to `error`, and that is said once
+/// at start (and by `check`, which still accepts such a `log.level`).
+#[test]
+fn no_log_filter_silences_keyward_errors() {
+    let refused = "key snapshot refused and none is in force";
+    let kept = "log filter would silence keyward's errors; they are kept";
+    for filter in [
+        "keyward=off",
+        "off",
+        "error,keyward=off",
+        "keyward::keys=off",
+        "keyward::keys::source=off",
+    ] {
+        let logs = run_with_refused_keys(&[("KEYWARD_LOG", filter)]);
+        assert!(logs.contains(refused), "{filter}: {logs}");
+        assert_eq!(logs.matches(kept).count(), 1, "{filter}: {logs}");
+    }
+    let logs = run_with_refused_keys_and(&[], "log: { level: \"error,keyward=off\" }\n");
+    assert!(logs.contains(refused), "{logs}");
+    assert_eq!(logs.matches(kept).count(), 1, "{logs}");
+    // Dependencies may still be turned off: no note.
+    let logs = run_with_refused_keys(&[("KEYWARD_LOG", "error,h2=off")]);
+    assert!(logs.contains(refused) && !logs.contains(kept), "{logs}");
+
+    // `check` says so, and its verdict is the config's: a note, not a refusal.
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::copy(Path::new(ROOT).join("config/keys.yaml"), &keys).unwrap();
+    let note = "would silence keyward's errors; they are kept";
+    let ok = config_with(dir.path(), &keys, |t| t);
+    let out = support::child::command(&["check", "--config", ok.to_str().unwrap()])
+        .env("KEYWARD_LOG", "keyward=off")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(note) && stderr(&out).contains("KEYWARD_LOG"),
+        "{}",
+        stderr(&out)
+    );
+    let quiet = config_with(dir.path(), &keys, |t| {
+        t.replacen("  level: info", "  level: \"error,keyward=off\"", 1)
+    });
+    let out = run(&["check", "--config", quiet.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(note) && stderr(&out).contains("log.level"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Every command with a stderr it cannot write (`2>/dev/full`): what it would say there is
+/// lost, and its exit code is its own, as with a stderr it can write. `eprintln!` panicked
+/// (with `panic = "abort"`, status 134), and `check` failed a config it accepts.
+#[test]
+fn an_unwritable_stderr_changes_no_exit_code() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::copy(Path::new(ROOT).join("config/keys.yaml"), &keys).unwrap();
+    // The shipped config has the demo token: `check` warns about it.
+    let ok = config_with(dir.path(), &keys, |t| t);
+    let ok = ok.to_str().unwrap();
+    /// Arguments, environment, exit code.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], i32);
+    let cases: [Case; 8] = [
+        (&["keys", "hash"], &[], 1),
+        (&["check", "--config", ok], &[], 0),
+        (&["check", "--config", "/nonexistent/keyward.yaml"], &[], 1),
+        (&["diff", "/nonexistent/old.yaml", "a"], &[], 2),
+        (&["check", "--config", ok], &[("KEYWARD_LOG", "inf0")], 0),
+        (&["check", "--config", ok], &[("KEYWARD_LOG", "off")], 0),
+        (&["keys", "hash", "sta_not_here"], &[], 2),
+        (&["diff", "--json", "/nonexistent/old.yaml", "a"], &[], 2),
+    ];
+    for (args, env, code) in cases {
+        let said = support::child::command(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(said.status.code(), Some(code), "{args:?} {env:?}");
+        assert!(!said.stderr.is_empty(), "{args:?} {env:?}: says something");
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let status = support::child::command(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(full)
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(code), "{args:?} {env:?}: {status}");
+    }
+}
+
+/// `keyward run` whose log pipe closes under it keeps serving: a log line it cannot write is
+/// lost. tracing-subscriber reported the failed write with `eprintln!`, which panics on a
+/// write error, and the release build (`panic = "abort"`) died with SIGABRT.
+#[test]
+fn run_keeps_serving_when_its_stderr_closes() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, keys) = (
+        dir.path().join("keyward.yaml"),
+        dir.path().join("keys.yaml"),
+    );
+    std::fs::copy(Path::new(ROOT).join("config/keys.yaml"), &keys).unwrap();
+    let text = format!(
+        "listen: 127.0.0.1:0\nupstream: http://127.0.0.1:9\nadmin_listen: 127.0.0.1:0\nenvironment: production\nkeys: {{ file: {} }}\nlog: {{ format: json, level: debug }}\n",
+        keys.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = support::child::command(&["run", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let bound = loop {
+        let line = lines.next().expect("a start-up line").unwrap();
+        if let Some(b) = support::child::parse_listening(&line) {
+            break b;
+        }
+    };
+    // Some of the log first, then the pipe closes: every line after fails to be written.
+    let mut logs = child.stderr.take().unwrap();
+    let mut first = [0u8; 1];
+    logs.read_exact(&mut first).unwrap();
+    drop(logs);
+    let status_line = |path: &str| -> String {
+        let mut c = std::net::TcpStream::connect(bound.proxy.unwrap()).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        answer.lines().next().unwrap_or_default().to_string()
+    };
+    // Each request is logged (the access log, at info), each write fails.
+    for n in 0..5 {
+        let line = status_line(&format!("/v1/items/{n}"));
+        assert!(line.starts_with("HTTP/1.1 401"), "request {n}: {line:?}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let exited = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(exited, None, "keyward exited after its stderr closed");
 }
