@@ -669,6 +669,155 @@ fn run_refuses_a_state_file_that_is_not_a_regular_file() {
     }
 }
 
+/// `keyward run` and `keyward check` on a config in `dir` with `keys_yaml`: run's exit
+/// code (`None`: still running after 15 s) and stderr, then check's.
+fn run_and_check(dir: &Path, keys_yaml: &str) -> ((Option<i32>, String), (Option<i32>, String)) {
+    let config = dir.join("keyward.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nupstream: http://127.0.0.1:9\nadmin_listen: 127.0.0.1:0\nenvironment: production\n{keys_yaml}\n"
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (status, said, _) = finish_within(
+        support::child::command(&["run", "--config", config]),
+        std::process::Stdio::null(),
+        None,
+        std::time::Duration::from_secs(15),
+    );
+    let checked = run(&["check", "--config", config]);
+    ((status, said), (checked.status.code(), stderr(&checked)))
+}
+
+/// Another local user's state file (in a sticky directory, where anyone may create one
+/// before the first push), a symlink of theirs there, or a link of ours to a file of
+/// theirs: `run` and `check` refuse it, naming the field and the owner's uid, never the
+/// content; what the link names is left as it was. (`run` loaded the file without a word,
+/// and its keys authenticated.)
+#[test]
+fn run_and_check_refuse_a_state_file_another_user_owns() {
+    use std::os::unix::fs::{chown, lchown, PermissionsExt};
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    let sticky = dir.path().join("st");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let snapshot = std::fs::read_to_string(Path::new(ROOT).join("config/keys.yaml")).unwrap();
+    let planted = sticky.join("planted.json");
+    std::fs::write(&planted, &snapshot).unwrap();
+    chown(&planted, Some(NOBODY), Some(NOBODY)).unwrap();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "not a snapshot\n").unwrap();
+    let their_link = sticky.join("their-link.json");
+    std::os::unix::fs::symlink(&victim, &their_link).unwrap();
+    lchown(&their_link, Some(NOBODY), Some(NOBODY)).unwrap();
+    let dangling = sticky.join("dangling.json");
+    std::os::unix::fs::symlink(dir.path().join("made-anywhere.json"), &dangling).unwrap();
+    lchown(&dangling, Some(NOBODY), Some(NOBODY)).unwrap();
+    let our_link = sticky.join("our-link.json");
+    std::os::unix::fs::symlink(&planted, &our_link).unwrap();
+    let keys = Path::new(ROOT).join("config/keys.yaml");
+    let control =
+        |state: &Path| format!("keys: {{ control: {{ state_file: {} }} }}", state.display());
+    let cases = [
+        (
+            control(&planted),
+            "keys.control.state_file",
+            &planted,
+            &planted,
+        ),
+        (
+            control(&their_link),
+            "keys.control.state_file",
+            &their_link,
+            &their_link,
+        ),
+        (
+            control(&dangling),
+            "keys.control.state_file",
+            &dangling,
+            &dangling,
+        ),
+        (
+            control(&our_link),
+            "keys.control.state_file",
+            &our_link,
+            &planted,
+        ),
+        (
+            format!(
+                "keys: {{ file: {}, state_file: {} }}",
+                keys.display(),
+                planted.display()
+            ),
+            "keys.state_file",
+            &planted,
+            &planted,
+        ),
+    ];
+    for (keys_yaml, field, state, owned) in cases {
+        let ((status, said), (checked, check_said)) = run_and_check(dir.path(), &keys_yaml);
+        let refusal = format!(
+            "keyward: {field} {}: {} is owned by uid {NOBODY}, not by keyward's user",
+            state.display(),
+            owned.display()
+        );
+        assert_eq!(status, Some(1), "{keys_yaml}: not refused: {said}");
+        assert!(said.contains(&refusal), "{keys_yaml}: {said}");
+        assert_eq!(checked, Some(1), "{keys_yaml}: check: {check_said}");
+        assert!(
+            check_said.contains(&refusal),
+            "{keys_yaml}: check says {check_said}"
+        );
+        assert!(!said.contains("key_demo_service") && !check_said.contains("key_demo_service"));
+    }
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "not a snapshot\n"
+    );
+    assert!(!dir.path().join("made-anywhere.json").exists());
+    assert_eq!(std::fs::read_to_string(&planted).unwrap(), snapshot);
+}
+
+/// A path whose directory `run` cannot find (a loop of symlinks, a FIFO named with a
+/// trailing slash) is refused by `keyward check` too, in the words of `run`: check said
+/// ok, and run exited 1.
+#[test]
+fn check_refuses_a_state_file_path_run_cannot_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (loop1, loop2) = (dir.path().join("loop1"), dir.path().join("loop2"));
+    std::os::unix::fs::symlink("loop2", &loop1).unwrap();
+    std::os::unix::fs::symlink("loop1", &loop2).unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let cases = [
+        (
+            loop1.display().to_string(),
+            "Too many levels of symbolic links",
+        ),
+        (format!("{}/", fifo.display()), "Not a directory"),
+    ];
+    for (state, why) in cases {
+        let keys_yaml = format!("keys: {{ control: {{ state_file: {state} }} }}");
+        let ((status, said), (checked, check_said)) = run_and_check(dir.path(), &keys_yaml);
+        assert_eq!(status, Some(1), "{state}: run: {said}");
+        assert_eq!(checked, Some(1), "{state}: check: {check_said}");
+        let refusal = format!("keyward: keys.control.state_file {state}: cannot lock");
+        for said in [&said, &check_said] {
+            assert!(
+                said.contains(&refusal) && said.contains(why),
+                "{state}: {said}"
+            );
+        }
+    }
+}
+
 /// `keyward run` with a key file it refuses and `env`: its stderr until it logged that no
 /// snapshot is in force, or 20 seconds passed.
 fn run_with_refused_keys(env: &[(&str, &str)]) -> String {

@@ -934,6 +934,86 @@ async fn a_state_file_others_could_write_is_warned_of_at_start() {
     );
 }
 
+/// A symlink state file is written through to its target while keyward's user (or root)
+/// owns the link. One another local user put there after the start (the directory is a
+/// sticky 1777 one) is not followed, as the kernel's `protected_symlinks` would not: the
+/// push and the revoke answer `persist_failed`, and what the link names is left as it was,
+/// or not created. (The push made the victim a 0600 file holding the snapshot.)
+#[tokio::test]
+async fn a_state_file_symlink_is_followed_only_while_keyward_owns_it() {
+    use std::os::unix::fs::{lchown, symlink, PermissionsExt};
+    const NOBODY: u32 = 65534;
+    let up = spawn_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sticky = dir.path().join("st");
+    let volume = dir.path().join("volume");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::create_dir(&volume).unwrap();
+    std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let target = volume.join("snap.yaml");
+    std::fs::write(&target, plain(0..20)).unwrap();
+    let state = sticky.join("state.yaml");
+    symlink(&target, &state).unwrap();
+    let victims = dir.path().join("victims");
+    std::fs::create_dir(&victims).unwrap();
+    let victim = victims.join("victim.txt");
+    std::fs::write(&victim, "victim\n").unwrap();
+    let config = config::ConfigBuilder::new(up.addr, &dir.path().join("unused.yaml"))
+        .control(&state)
+        .yaml();
+    let kw = support::child::Keyward::start(dir, &config, &[]).await;
+    let auth = admin_auth();
+    let h = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/yaml"),
+    ];
+    let push = |body: String| {
+        let url = kw.admin_url("/v1/snapshot");
+        async move { send("PUT", &url, &h, body.as_bytes()).await }
+    };
+    let r = push(plain(0..21)).await;
+    assert_eq!(r.status, 200, "through our link: {}", r.text());
+    assert!(std::fs::symlink_metadata(&state)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), plain(0..21));
+
+    let theirs = |to: &Path| {
+        std::fs::remove_file(&state).unwrap();
+        symlink(to, &state).unwrap();
+        lchown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
+    };
+    theirs(&victim);
+    let r = push(plain(0..22)).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(r.code(), "persist_failed", "{}", r.text());
+    assert!(r.text().contains("uid 65534"), "{}", r.text());
+    let revoke = send(
+        "POST",
+        &kw.admin_url("/v1/keys/key_1/disable"),
+        &[("authorization", auth.as_str())],
+        b"",
+    )
+    .await;
+    assert_eq!(revoke.status, 500, "{}", revoke.text());
+    assert_eq!(revoke.code(), "persist_failed", "{}", revoke.text());
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim\n");
+    let beside: Vec<_> = std::fs::read_dir(&victims).unwrap().collect();
+    assert_eq!(beside.len(), 1, "no spool beside the victim");
+
+    let nowhere = victims.join("created.yaml");
+    theirs(&nowhere);
+    let r = push(plain(0..22)).await;
+    assert_eq!(r.code(), "persist_failed", "dangling: {}", r.text());
+    assert!(
+        !nowhere.exists(),
+        "a dangling link of theirs creates nothing"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), plain(0..21));
+    kw.terminate().await;
+}
+
 #[tokio::test]
 async fn dry_run_answers_the_diff_and_installs_nothing() {
     let up = spawn_upstream().await;

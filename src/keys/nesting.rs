@@ -8,9 +8,10 @@
 //! at the first collection opened deeper than the bound, so no document costs more than
 //! the bound's depth of work per token.
 //!
-//! The one `unsafe` module of the library: libyaml is driven through `unsafe-libyaml`, the
-//! translation serde_yaml itself uses, because a second parser could disagree with it about
-//! where collections open, and a disagreement would let a deep document through.
+//! The one `unsafe` module of the library (but for a `geteuid` call in `keys::spool`):
+//! libyaml is driven through `unsafe-libyaml`, the translation serde_yaml itself uses,
+//! because a second parser could disagree with it about where collections open, and a
+//! disagreement would let a deep document through.
 #![allow(unsafe_code)]
 
 use std::mem::MaybeUninit;

@@ -25,7 +25,7 @@ impl Spool {
     /// name: pushes may overlap, and processes in containers of a shared volume all have
     /// the same pid.
     pub fn create(state_file: &Path) -> Result<(Spool, File), LoadError> {
-        let target = resolved(state_file);
+        let target = resolved(state_file).map_err(|e| io_error(state_file, e))?;
         let dir = parent_dir(&target);
         std::fs::create_dir_all(dir).map_err(|e| io_error(state_file, e))?;
         let path = dir.join(format!(
@@ -64,7 +64,10 @@ impl Spool {
     /// push: called at start, under the [`StateLock`], so no other process writes one. (Kept
     /// for an hour, as they were, a few pushes cut short filled a small state volume.)
     pub(super) fn remove_leftovers(state_file: &Path) {
-        let target = resolved(state_file);
+        // A link another user owns: not followed (the start refuses it).
+        let Ok(target) = resolved(state_file) else {
+            return;
+        };
         let prefix = Self::prefix(&target);
         let Ok(entries) = std::fs::read_dir(parent_dir(&target)) else {
             return;
@@ -86,7 +89,7 @@ impl Spool {
         File::open(&self.path)
             .and_then(|f| f.sync_all())
             .map_err(|e| io_error(&self.path, e))?;
-        let target = resolved(state_file);
+        let target = resolved(state_file).map_err(|e| io_error(state_file, e))?;
         // Never in the place of a FIFO or a device (`/dev/zero` for root): a start refuses
         // one ([`StateLock::take`]); this is for one put there since.
         if let Some(kind) = crate::regular_file::other_kind(&target) {
@@ -117,14 +120,76 @@ impl Drop for Spool {
 /// its target (a file on a persistent volume, say) gets every push. Renamed over, the link
 /// itself became a plain file, its target kept the old snapshot, and a start that found the
 /// link again loaded that. A path that is no symlink is its own target.
-pub(super) fn resolved(state_file: &Path) -> PathBuf {
-    match std::fs::symlink_metadata(state_file) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(state_file)
-            // Dangling: the target it names, relative to the link's directory.
-            .or_else(|_| std::fs::read_link(state_file).map(|t| parent_dir(state_file).join(t)))
-            .unwrap_or_else(|_| state_file.to_owned()),
-        _ => state_file.to_owned(),
+///
+/// A link is followed only when keyward's user or root owns it, as the kernel's
+/// `protected_symlinks` does: one another local user planted (in a sticky `/tmp`, say, or
+/// since the start) would choose where keyward writes, and a rename does not meet that
+/// protection. Such a link, or a loop of links, is an error: the write fails.
+pub(super) fn resolved(state_file: &Path) -> std::io::Result<PathBuf> {
+    match walk(state_file) {
+        Ok(target) => Ok(target),
+        Err(Walk::Io(e)) => Err(e),
+        Err(Walk::Foreign { path, uid }) => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "the symlink {} is owned by uid {uid}, not by keyward's user (uid {}) or root: not followed",
+                path.display(),
+                euid()
+            ),
+        )),
     }
+}
+
+/// Why [`walk`] stopped.
+enum Walk {
+    /// A symlink on the way is owned by `uid`, neither keyward's user nor root.
+    Foreign { path: PathBuf, uid: u32 },
+    /// A loop, or a link that cannot be read.
+    Io(std::io::Error),
+}
+
+/// [`resolved`]: the symlinks from `state_file` followed one by one (each owner checked),
+/// to the path that is no symlink, in its directory's canonical path (the last name is
+/// not resolved again: a link put there meanwhile is not followed unchecked).
+fn walk(state_file: &Path) -> Result<PathBuf, Walk> {
+    use std::os::unix::fs::MetadataExt;
+    let mut path = state_file.to_owned();
+    // As many as the kernel follows before it answers ELOOP.
+    for _ in 0..40 {
+        let link = match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => m,
+            _ if path == state_file => return Ok(path),
+            _ => {
+                let canonical = path.file_name().and_then(|name| {
+                    let dir = std::fs::canonicalize(parent_dir(&path)).ok()?;
+                    Some(dir.join(name))
+                });
+                return Ok(canonical.unwrap_or(path));
+            }
+        };
+        if !trusted_owner(link.uid()) {
+            return Err(Walk::Foreign {
+                path,
+                uid: link.uid(),
+            });
+        }
+        let next = std::fs::read_link(&path).map_err(Walk::Io)?;
+        path = parent_dir(&path).join(next);
+    }
+    Err(Walk::Io(std::io::Error::from_raw_os_error(libc::ELOOP)))
+}
+
+/// Whether a state file, or a symlink to it, owned by `uid` is keyward's: its effective
+/// user's or root's. Another user's decides what keyward loads or where it writes.
+fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == euid()
+}
+
+/// keyward's effective uid.
+#[allow(unsafe_code)]
+fn euid() -> u32 {
+    // SAFETY: geteuid takes no argument, cannot fail, and touches no memory of ours.
+    unsafe { libc::geteuid() }
 }
 
 /// Where anyone local but the owner could write `state_file`'s content, loaded at the next
@@ -135,7 +200,7 @@ pub(super) fn resolved(state_file: &Path) -> PathBuf {
 pub fn open_to_others(state_file: &Path) -> Vec<(PathBuf, Open)> {
     use std::os::unix::fs::PermissionsExt;
     let mut open = Vec::new();
-    let target = resolved(state_file);
+    let target = resolved(state_file).unwrap_or_else(|_| state_file.to_owned());
     if let Ok(m) = std::fs::metadata(&target) {
         let mode = m.permissions().mode() & 0o7777;
         if mode & 0o022 != 0 {
@@ -246,6 +311,20 @@ pub enum StateLockError {
         state_file: PathBuf,
         kind: &'static str,
     },
+    /// The state file, a symlink to it, or the link's target is another local user's: it
+    /// would choose the keys keyward loads, or where it writes.
+    #[error(
+        "{field} {state_file}: {path} is owned by uid {uid}, not by keyward's user (uid \
+         {euid}) or root: another local user would choose the keys keyward loads or where \
+         it writes; remove it, or give it to keyward's user"
+    )]
+    Foreign {
+        field: &'static str,
+        state_file: PathBuf,
+        path: PathBuf,
+        uid: u32,
+        euid: u32,
+    },
     #[error("{field} {state_file}: cannot lock {lock}: {source}")]
     Io {
         field: &'static str,
@@ -266,15 +345,53 @@ impl StateLock {
     }
 
     /// Refuse a `state_file` that is there and is not a regular file (a FIFO, a device, a
-    /// directory, a socket, or a symlink to one): [`Self::take`] does, and `keyward check`.
+    /// directory, a socket, or a symlink to one); one another local user owns (the file, a
+    /// symlink on the way, or its target: see [`resolved`]); and a path whose directory
+    /// cannot be found (a loop of links, a file named as a directory): [`Self::take`]
+    /// does, and `keyward check`, which takes no lock and creates nothing.
     pub fn usable(state_file: &Path, field: &'static str) -> Result<(), StateLockError> {
-        match crate::regular_file::other_kind(state_file) {
-            None => Ok(()),
-            Some(kind) => Err(StateLockError::NotRegular {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(kind) = crate::regular_file::other_kind(state_file) {
+            return Err(StateLockError::NotRegular {
                 field,
                 state_file: state_file.to_owned(),
                 kind,
-            }),
+            });
+        }
+        let io = |source| StateLockError::Io {
+            field,
+            state_file: state_file.to_owned(),
+            lock: parent_dir(state_file).to_owned(),
+            source,
+        };
+        let foreign = |path, uid| StateLockError::Foreign {
+            field,
+            state_file: state_file.to_owned(),
+            path,
+            uid,
+            euid: euid(),
+        };
+        let target = match walk(state_file) {
+            Ok(target) => target,
+            Err(Walk::Foreign { path, uid }) => return Err(foreign(path, uid)),
+            Err(Walk::Io(e)) => return Err(io(e)),
+        };
+        if let Ok(m) = std::fs::symlink_metadata(&target) {
+            if !trusted_owner(m.uid()) {
+                return Err(foreign(target, m.uid()));
+            }
+        }
+        match Self::dir(state_file) {
+            Ok(_) => Ok(()),
+            // Its directory is not there yet: a start creates it, as a first push would.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && std::fs::symlink_metadata(parent_dir(state_file))
+                        .is_err_and(|p| p.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(io(e)),
         }
     }
 
@@ -376,7 +493,7 @@ impl StateLock {
     /// is where every write goes ([`resolved`]), so the lock must be there (locked in the
     /// link's directory, two instances given links to one file both started).
     fn dir(state_file: &Path) -> std::io::Result<PathBuf> {
-        let target = resolved(state_file);
+        let target = resolved(state_file)?;
         match std::fs::canonicalize(&target) {
             Ok(file) => Ok(parent_dir(&file).to_owned()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -440,7 +557,8 @@ pub(super) fn keep_copy(from: &Path, state_file: &Path, digest: &str) -> Result<
     // The state file made (through a link or `..`) into the file itself: a copy renamed
     // over it would undo a rewrite made meanwhile. (The config check refuses it at start.)
     let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-    if canonical(from).is_some_and(|f| Some(f) == canonical(&resolved(state_file))) {
+    let target = resolved(state_file).map_err(|e| io_error(state_file, e))?;
+    if canonical(from).is_some_and(|f| Some(f) == canonical(&target)) {
         return Ok(Copied::SameFile);
     }
     let (spool, mut file) = Spool::create(state_file)?;
