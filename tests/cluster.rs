@@ -1388,12 +1388,7 @@ async fn the_set_is_read_whole_only_when_its_version_moves() {
     let moved = version().await;
     // The read after the write (the version moved) has run once this is seen. A full
     // read scans the hash (HSCAN); a poll reads the version and the field count.
-    eventually("the write's version read", || async {
-        let before = redis.calls("hscan").await;
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        redis.calls("hscan").await == before
-    })
-    .await;
+    scans_settled(&redis, "the write's version read").await;
     let before = redis.calls("hscan").await;
     let polls = redis.calls("hget").await;
     let counts = redis.calls("hlen").await;
@@ -1438,6 +1433,29 @@ async fn the_set_is_read_whole_only_when_its_version_moves() {
     assert_eq!(call(&a, FREE).await.code(), "disabled_api_key");
 }
 
+/// Wait until the hash has gone 600 ms without a full read (an HSCAN): the reads a
+/// write or a start called for have run.
+async fn scans_settled(redis: &Redis, what: &str) {
+    eventually(what, || async {
+        let before = redis.calls("hscan").await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        redis.calls("hscan").await == before
+    })
+    .await;
+}
+
+/// Wait for the revocation hash to hold `field` again, failing past `within`.
+async fn written_back_within(redis: &Redis, field: &str, within: Duration) {
+    let lost = std::time::Instant::now();
+    while redis.hget("keyward:revocations", field).await.is_none() {
+        assert!(
+            lost.elapsed() < within,
+            "not written back within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// A revoke's field lost from Redis with the version left as it was (an `HDEL` by another
 /// writer, a failover to a Redis replica that lagged): a replica holding it writes it back
 /// at its next poll (the field count moved), not at its next full read 30 s on: a replica
@@ -1455,28 +1473,12 @@ async fn a_revoke_lost_from_redis_is_written_back_at_the_next_poll() {
     .await;
     // The full read after a's own write (its version moved) has run once the hash stops
     // being scanned.
-    eventually("the write's version read", || async {
-        let before = redis.calls("hscan").await;
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        redis.calls("hscan").await == before
-    })
-    .await;
+    scans_settled(&redis, "the write's version read").await;
     let version = redis.hget("keyward:revocations", "version").await;
     let _: i64 = redis
         .cmd(&["HDEL", "keyward:revocations", &sha(OTHER)])
         .await;
-    let lost = std::time::Instant::now();
-    while redis
-        .hget("keyward:revocations", &sha(OTHER))
-        .await
-        .is_none()
-    {
-        assert!(
-            lost.elapsed() < Duration::from_secs(5),
-            "not written back within 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    written_back_within(&redis, &sha(OTHER), Duration::from_secs(5)).await;
     assert_ne!(
         redis.hget("keyward:revocations", "version").await,
         version,
@@ -1489,12 +1491,7 @@ async fn a_revoke_lost_from_redis_is_written_back_at_the_next_poll() {
     // Lost with a junk field added in its place, the count unchanged: seen at the next
     // full read, which a hash this small gets every 2 s (it waited 30 s). Once b's own
     // reads after its start have run:
-    eventually("b's reads after its start", || async {
-        let before = redis.calls("hscan").await;
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        redis.calls("hscan").await == before
-    })
-    .await;
+    scans_settled(&redis, "b's reads after its start").await;
     let _: i64 = redis
         .cmd(&[
             "EVAL",
@@ -1504,18 +1501,7 @@ async fn a_revoke_lost_from_redis_is_written_back_at_the_next_poll() {
             &sha(OTHER),
         ])
         .await;
-    let lost = std::time::Instant::now();
-    while redis
-        .hget("keyward:revocations", &sha(OTHER))
-        .await
-        .is_none()
-    {
-        assert!(
-            lost.elapsed() < Duration::from_secs(6),
-            "not written back within 6 s"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    written_back_within(&redis, &sha(OTHER), Duration::from_secs(6)).await;
 }
 
 /// redis-rs retries a connect until its deadline whatever failed, so a wrong password was
