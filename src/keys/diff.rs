@@ -234,7 +234,9 @@ pub fn diff(old: &Snapshot, new: &Snapshot, here: Here<'_>) -> SnapshotDiff {
         // Usable: it lets its secret in now, for some method, from a snapshot not already
         // past `keys.max_age`. A snapshot of keys none of which is (every key given a scope
         // no rule asks for) lets nobody in, as an empty one: the guard refuses it so.
-        d.sides.usable += usize::from(usable(key, here) && !ages_out && here.can_use_a_method(key));
+        // Scopes are judged only where the rules are known (not by `keyward diff` alone).
+        let scoped = here.scope_rules.is_empty() || here.can_use_a_method(key);
+        d.sides.usable += usize::from(usable(key, here) && !ages_out && scoped);
         // A secret refused in force (disabled, or revoked by the fleet) that this entry lets
         // in again, whichever id it had: traced by its digest, not its id (moved into an id
         // that stays, swapped with another key's, or into a new id).
