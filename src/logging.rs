@@ -297,17 +297,37 @@ where
     }
 }
 
-/// Install the global subscriber. Safe to call twice (the second call is ignored).
-pub fn init(format: LogFormat, level: &str) -> FilterChoice {
+/// How many log lines wait for stderr at most; past it a line is dropped, not waited for.
+const LOG_QUEUE_LINES: usize = 16 * 1024;
+
+/// What [`init`] leaves running: the filter it chose, and the thread that writes the lines
+/// to stderr (what is queued is written when this is dropped).
+pub struct Logging {
+    pub choice: FilterChoice,
+    _writer: tracing_appender::non_blocking::WorkerGuard,
+}
+
+/// Install the global subscriber (a second call installs nothing). Lines go to stderr from
+/// a thread of their own, through a
+/// bounded queue that drops what it cannot hold: written from the request path, a stderr
+/// its reader stopped reading (a stalled log collector) blocked every task that logged
+/// once the pipe's 64 KiB were full, and ~50 refused requests stalled all traffic and the
+/// control API while the probes still said ready.
+pub fn init(format: LogFormat, level: &str) -> Logging {
     let choice = choose_from_env(level);
-    let _ = subscriber(format, &choice.directives, std::io::stderr).try_init();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .thread_name("keyward-log")
+        .finish(std::io::stderr());
+    let _ = subscriber(format, &choice.directives, writer.clone()).try_init();
     for (variable, value) in &choice.ignored {
         let value = shown_value(value);
         tracing::warn!(variable, value, "log filter does not parse; ignored");
     }
     if let Some(chosen) = &choice.kept_errors_of {
         // Said past the filter, which would take it for one of the lines it turns off.
-        let once = subscriber(format, "warn", std::io::stderr);
+        let once = subscriber(format, "warn", writer);
         tracing::subscriber::with_default(once, || {
             tracing::warn!(
                 filter = %chosen,
@@ -317,7 +337,10 @@ pub fn init(format: LogFormat, level: &str) -> FilterChoice {
             );
         });
     }
-    choice
+    Logging {
+        choice,
+        _writer: guard,
+    }
 }
 
 /// Longest path and method a log line carries (the access log's and the admin listener's).

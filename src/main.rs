@@ -368,7 +368,7 @@ fn load_config(path: &Path) -> Result<Config, CliError> {
 fn run(path: &Path) -> Result<(), CliError> {
     let config = load_config(path)?;
     let log = logging::init(config.log.format, &config.log.level);
-    serve(config, &log)
+    serve(config, &log.choice)
 }
 
 fn serve(config: Config, log: &logging::FilterChoice) -> Result<(), CliError> {
@@ -635,7 +635,7 @@ fn demo_in(dir: &Path, listen: SocketAddr, admin: SocketAddr) -> Result<(), CliE
         .block_on(demo::spawn_echo(SocketAddr::from(([127, 0, 0, 1], 0))))
         .map_err(CliError::EchoUpstream)?;
     let config = demo::config(listen, admin, upstream, &keys_file).map_err(CliError::DemoConfig)?;
-    logging::init(config.log.format, &config.log.level);
+    let _log = logging::init(config.log.format, &config.log.level);
     let mut out = stdout();
     writeln!(out, "{}", demo::instructions(listen, admin, &keys_file))
         .and_then(|()| out.flush())

@@ -1131,3 +1131,67 @@ fn run_keeps_serving_when_its_stderr_closes() {
     let _ = child.wait();
     assert_eq!(exited, None, "keyward exited after its stderr closed");
 }
+
+/// A stderr its reader stopped reading (a stalled log collector) must not stall traffic:
+/// with blocking writes from the request path, once the pipe's 64 KiB were full every task
+/// that logged blocked, and ~50 refused requests with long paths stalled every request and
+/// the control API while `/readyz` said ready. Lines go through a bounded queue now, and
+/// what it cannot hold is dropped.
+#[test]
+fn run_keeps_serving_when_its_stderr_is_never_read() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, keys) = (
+        dir.path().join("keyward.yaml"),
+        dir.path().join("keys.yaml"),
+    );
+    std::fs::copy(Path::new(ROOT).join("config/keys.yaml"), &keys).unwrap();
+    let text = format!(
+        "listen: 127.0.0.1:0\nupstream: http://127.0.0.1:9\nadmin_listen: 127.0.0.1:0\nenvironment: production\nkeys: {{ file: {} }}\nlog: {{ format: json, level: debug }}\n",
+        keys.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = support::child::command(&["run", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let bound = loop {
+        let line = lines.next().expect("a start-up line").unwrap();
+        if let Some(b) = support::child::parse_listening(&line) {
+            break b;
+        }
+    };
+    // Held open, never read.
+    let _stalled = child.stderr.take().unwrap();
+    let status_line = |path: &str| -> String {
+        let mut c = std::net::TcpStream::connect(bound.proxy.unwrap()).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        write!(
+            c,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        answer.lines().next().unwrap_or_default().to_string()
+    };
+    // Each refusal logs ~1.5 KB: 300 of them are several times the pipe's buffer.
+    let long = "p".repeat(1000);
+    let started = std::time::Instant::now();
+    for n in 0..300 {
+        let line = status_line(&format!("/v1/{long}/{n}"));
+        assert!(line.starts_with("HTTP/1.1 401"), "request {n}: {line:?}");
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
