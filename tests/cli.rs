@@ -718,6 +718,18 @@ fn run_and_check_refuse_a_state_file_another_user_owns() {
     lchown(&dangling, Some(NOBODY), Some(NOBODY)).unwrap();
     let our_link = sticky.join("our-link.json");
     std::os::unix::fs::symlink(&planted, &our_link).unwrap();
+    // A directory of theirs, and a link to a directory they own on the way (review 55:
+    // swapped after start, it chose where revokes were written).
+    let their_dir = sticky.join("theirs");
+    std::fs::create_dir(&their_dir).unwrap();
+    chown(&their_dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let in_their_dir = their_dir.join("state.json");
+    let victim_dir = dir.path().join("victim-dir");
+    std::fs::create_dir(&victim_dir).unwrap();
+    let their_dir_link = sticky.join("d");
+    std::os::unix::fs::symlink(&victim_dir, &their_dir_link).unwrap();
+    lchown(&their_dir_link, Some(NOBODY), Some(NOBODY)).unwrap();
+    let through_their_dir_link = their_dir_link.join("state.json");
     let keys = Path::new(ROOT).join("config/keys.yaml");
     let control =
         |state: &Path| format!("keys: {{ control: {{ state_file: {} }} }}", state.display());
@@ -745,6 +757,18 @@ fn run_and_check_refuse_a_state_file_another_user_owns() {
             "keys.control.state_file",
             &our_link,
             &planted,
+        ),
+        (
+            control(&in_their_dir),
+            "keys.control.state_file",
+            &in_their_dir,
+            &their_dir,
+        ),
+        (
+            control(&through_their_dir_link),
+            "keys.control.state_file",
+            &through_their_dir_link,
+            &their_dir_link,
         ),
         (
             format!(
@@ -778,6 +802,7 @@ fn run_and_check_refuse_a_state_file_another_user_owns() {
         "not a snapshot\n"
     );
     assert!(!dir.path().join("made-anywhere.json").exists());
+    assert!(!victim_dir.join("state.json").exists());
     assert_eq!(std::fs::read_to_string(&planted).unwrap(), snapshot);
 }
 

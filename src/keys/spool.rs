@@ -132,7 +132,7 @@ pub(super) fn resolved(state_file: &Path) -> std::io::Result<PathBuf> {
         Err(Walk::Foreign { path, uid }) => Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
-                "the symlink {} is owned by uid {uid}, not by keyward's user (uid {}) or root: not followed",
+                "{} (on the way to the state file) is owned by uid {uid}, not by keyward's user (uid {}) or root: not followed",
                 path.display(),
                 euid()
             ),
@@ -156,6 +156,7 @@ fn walk(state_file: &Path) -> Result<PathBuf, Walk> {
     let mut path = state_file.to_owned();
     // As many as the kernel follows before it answers ELOOP.
     for _ in 0..40 {
+        foreign_on_the_way(&path)?;
         let link = match std::fs::symlink_metadata(&path) {
             Ok(m) if m.file_type().is_symlink() => m,
             _ if path == state_file => return Ok(path),
@@ -177,6 +178,40 @@ fn walk(state_file: &Path) -> Result<PathBuf, Walk> {
         path = parent_dir(&path).join(next);
     }
     Err(Walk::Io(std::io::Error::from_raw_os_error(libc::ELOOP)))
+}
+
+/// The directories on the way to `path` (review 55): a symlinked directory another user
+/// owns (`/tmp/pub/d -> their choice`, swapped at will), or a directory holding the file
+/// that another user owns (they may replace or delete the file: a start then falls back to
+/// the seed, undoing revokes), chooses what keyward loads or where it writes as surely as
+/// a link to the file. Every symlink among `path`'s ancestors must be keyward's or root's,
+/// and so must the directory the file is in (canonical). A directory not there yet is
+/// keyward's to create.
+fn foreign_on_the_way(path: &Path) -> Result<(), Walk> {
+    use std::os::unix::fs::MetadataExt;
+    for dir in path
+        .ancestors()
+        .skip(1)
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        if let Ok(m) = std::fs::symlink_metadata(dir) {
+            if m.file_type().is_symlink() && !trusted_owner(m.uid()) {
+                return Err(Walk::Foreign {
+                    path: dir.to_owned(),
+                    uid: m.uid(),
+                });
+            }
+        }
+    }
+    if let Ok(m) = std::fs::metadata(parent_dir(path)) {
+        if !trusted_owner(m.uid()) {
+            return Err(Walk::Foreign {
+                path: parent_dir(path).to_owned(),
+                uid: m.uid(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether a state file, or a symlink to it, owned by `uid` is keyward's: its effective
