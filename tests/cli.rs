@@ -1101,50 +1101,14 @@ fn an_unwritable_stderr_changes_no_exit_code() {
 /// write error, and the release build (`panic = "abort"`) died with SIGABRT.
 #[test]
 fn run_keeps_serving_when_its_stderr_closes() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::process::Stdio;
-    let dir = tempfile::tempdir().unwrap();
-    let (config, keys) = (
-        dir.path().join("keyward.yaml"),
-        dir.path().join("keys.yaml"),
-    );
-    std::fs::copy(Path::new(ROOT).join("config/keys.yaml"), &keys).unwrap();
-    let text = format!(
-        "listen: 127.0.0.1:0\nupstream: http://127.0.0.1:9\nadmin_listen: 127.0.0.1:0\nenvironment: production\nkeys: {{ file: {} }}\nlog: {{ format: json, level: debug }}\n",
-        keys.display()
-    );
-    std::fs::write(&config, text).unwrap();
-    let mut child = support::child::command(&["run", "--config", config.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let bound = loop {
-        let line = lines.next().expect("a start-up line").unwrap();
-        if let Some(b) = support::child::parse_listening(&line) {
-            break b;
-        }
-    };
+    use std::io::Read;
+    let (_dir, mut child, proxy) = run_with_piped_stderr();
     // Some of the log first, then the pipe closes: every line after fails to be written.
     let mut logs = child.stderr.take().unwrap();
     let mut first = [0u8; 1];
     logs.read_exact(&mut first).unwrap();
     drop(logs);
-    let status_line = |path: &str| -> String {
-        let mut c = std::net::TcpStream::connect(bound.proxy.unwrap()).unwrap();
-        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .unwrap();
-        write!(
-            c,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut answer = String::new();
-        let _ = c.read_to_string(&mut answer);
-        answer.lines().next().unwrap_or_default().to_string()
-    };
+    let status_line = |path: &str| first_line_of_get(proxy, path);
     // Each request is logged (the access log, at info), each write fails.
     for n in 0..5 {
         let line = status_line(&format!("/v1/items/{n}"));
@@ -1164,7 +1128,30 @@ fn run_keeps_serving_when_its_stderr_closes() {
 /// what it cannot hold is dropped.
 #[test]
 fn run_keeps_serving_when_its_stderr_is_never_read() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    let (_dir, mut child, proxy) = run_with_piped_stderr();
+    // Held open, never read.
+    let _stalled = child.stderr.take().unwrap();
+    let status_line = |path: &str| first_line_of_get(proxy, path);
+    // Each refusal logs ~1.5 KB: 300 of them are several times the pipe's buffer.
+    let long = "p".repeat(1000);
+    let started = std::time::Instant::now();
+    for n in 0..300 {
+        let line = status_line(&format!("/v1/{long}/{n}"));
+        assert!(line.starts_with("HTTP/1.1 401"), "request {n}: {line:?}");
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `keyward run` on the demo keys (logging every request), its stderr a pipe left to the
+/// caller: its directory, the child, and the proxy's address.
+fn run_with_piped_stderr() -> (tempfile::TempDir, std::process::Child, std::net::SocketAddr) {
+    use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
     let (config, keys) = (
@@ -1190,33 +1177,21 @@ fn run_keeps_serving_when_its_stderr_is_never_read() {
             break b;
         }
     };
-    // Held open, never read.
-    let _stalled = child.stderr.take().unwrap();
-    let status_line = |path: &str| -> String {
-        let mut c = std::net::TcpStream::connect(bound.proxy.unwrap()).unwrap();
-        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .unwrap();
-        write!(
-            c,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
+    (dir, child, bound.proxy.unwrap())
+}
+
+/// The status line of a `GET path` sent to `proxy` (empty if none came within 5 s).
+fn first_line_of_get(proxy: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(proxy).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .unwrap();
-        let mut answer = String::new();
-        let _ = c.read_to_string(&mut answer);
-        answer.lines().next().unwrap_or_default().to_string()
-    };
-    // Each refusal logs ~1.5 KB: 300 of them are several times the pipe's buffer.
-    let long = "p".repeat(1000);
-    let started = std::time::Instant::now();
-    for n in 0..300 {
-        let line = status_line(&format!("/v1/{long}/{n}"));
-        assert!(line.starts_with("HTTP/1.1 401"), "request {n}: {line:?}");
-    }
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(30),
-        "{:?}",
-        started.elapsed()
-    );
-    let _ = child.kill();
-    let _ = child.wait();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = c.read_to_string(&mut answer);
+    answer.lines().next().unwrap_or_default().to_string()
 }

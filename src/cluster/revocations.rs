@@ -1068,21 +1068,8 @@ impl Revocations {
     /// under is [`Read::Raced`], never taken as the whole hash (the [`WHOLE`] field must not
     /// vouch for entries a racing write-back added after their page was read).
     async fn read_whole(&self, cluster: &Cluster, hash: &str) -> Result<Read, ClusterError> {
-        let (len, version) = {
-            let (len, mut fields) = self
-                .fields
-                .read(
-                    cluster,
-                    Op::ReadRevocations,
-                    hash,
-                    MAX_VERSION_BYTES,
-                    true,
-                    &[VERSION],
-                )
-                .await?;
-            self.said_field(hash, &fields);
-            (len.unwrap_or(0), fields.pop().unwrap_or(Field::Absent))
-        };
+        let (len, version) = self.version(cluster, hash, true).await?;
+        let len = len.unwrap_or(0);
         if len > MAX_FIELDS {
             return Ok(self.refuse(cluster, hash, len, version));
         }
@@ -1182,6 +1169,18 @@ impl Revocations {
         // An oversized version is compared by its length: junk that stays put does not call
         // for a full read every interval, and keyward's next write replaces it.
         // A hash too large to read has no count to compare: its version alone is read.
+        let (len, now) = self.version(cluster, hash, count.is_some()).await?;
+        Ok(now == seen && count.is_none_or(|count| len == Some(count)))
+    }
+
+    /// [`VERSION`] (bounded), and with `count` the hash's field count (HLEN), in one
+    /// round trip.
+    async fn version(
+        &self,
+        cluster: &Cluster,
+        hash: &str,
+        count: bool,
+    ) -> Result<(Option<u64>, Field), ClusterError> {
         let (len, mut fields) = self
             .fields
             .read(
@@ -1189,13 +1188,12 @@ impl Revocations {
                 Op::ReadRevocations,
                 hash,
                 MAX_VERSION_BYTES,
-                count.is_some(),
+                count,
                 &[VERSION],
             )
             .await?;
         self.said_field(hash, &fields);
-        let now = fields.pop().unwrap_or(Field::Absent);
-        Ok(now == seen && count.is_none_or(|count| len == Some(count)))
+        Ok((len, fields.pop().unwrap_or(Field::Absent)))
     }
 
     /// Note what a full read (or a refusal of one) found.
