@@ -148,7 +148,7 @@ pub const ENVOY_PREFIX: &str = "x-envoy-";
 /// `X-Script-Name`. keyward authorized the request line; none of these may change what the
 /// app serves, so they are removed from every request unless named in
 /// `allow_override_headers` (which may not name the WSGI ones: see [`UNAUTHORIZABLE`]).
-pub const OVERRIDES: [&str; 18] = [
+pub const OVERRIDES: [&str; 19] = [
     "x-original-url",
     "x-original-uri",
     "x-rewrite-url",
@@ -162,6 +162,9 @@ pub const OVERRIDES: [&str; 18] = [
     "x-original-host",
     "x-http-host-override",
     "x-forwarded-method",
+    // Traefik's ForwardAuth carries the original URI in it; an app that reads it (as
+    // `x-original-uri`) serves that path, not the request line's.
+    "x-forwarded-uri",
     "x-middleware-subrequest",
     "script-name",
     "x-script-name",
@@ -362,7 +365,7 @@ pub fn is_forwarding(name: &str) -> bool {
 
 /// The override `name` is ([`OVERRIDES`]), however spelled.
 pub fn override_entry(name: &str) -> Option<&'static str> {
-    static NAMES: NameSet<18> = NameSet::new(OVERRIDES, false);
+    static NAMES: NameSet<{ OVERRIDES.len() }> = NameSet::new(OVERRIDES, false);
     NAMES.find(name)
 }
 

@@ -405,6 +405,8 @@ async fn override_headers_of_the_client_are_refused() {
     for (endpoint, forged) in [
         (FORWARD_AUTH, ("x-original-method", "DELETE")),
         (AUTH_REQUEST, ("x-forwarded-method", "DELETE")),
+        (AUTH_REQUEST, ("x-forwarded-uri", "/admin")),
+        (EXT_AUTHZ, ("x-forwarded-uri", "/admin")),
         (AUTH_REQUEST, ("x_original_uri", "/admin")),
     ] {
         let r = decide(&d, endpoint, "GET", "/v1/items", &[key, forged]).await;

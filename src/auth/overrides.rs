@@ -32,7 +32,8 @@ fn kind(canonical: &str) -> Kind {
         | "x-original-uri"
         | "x-rewrite-url"
         | "x-override-url"
-        | "x-envoy-original-path" => Kind::Url,
+        | "x-envoy-original-path"
+        | "x-forwarded-uri" => Kind::Url,
         _ => Kind::Other,
     }
 }

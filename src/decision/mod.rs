@@ -113,7 +113,7 @@ impl Endpoint {
     /// proxy spells them.
     fn protocol_headers(self) -> &'static [HeaderName] {
         static AUTH_REQUEST: [HeaderName; 3] = [X_ORIGINAL_METHOD, X_ORIGINAL_URI, X_ORIGINAL_URL];
-        static FORWARD_AUTH: [HeaderName; 1] = [X_FORWARDED_METHOD];
+        static FORWARD_AUTH: [HeaderName; 2] = [X_FORWARDED_METHOD, X_FORWARDED_URI];
         match self {
             Self::AuthRequest => &AUTH_REQUEST,
             Self::ForwardAuth => &FORWARD_AUTH,
