@@ -164,20 +164,29 @@ def read_results(run_dir):
     rows = {}
     with open(os.path.join(run_dir, "results.tsv")) as f:
         for line in f:
-            peer, rnd, rps, p50, p99, non2xx, sockerr, reqs, utime, stime = line.split()
-            rows.setdefault(peer, []).append(
-                {
-                    "round": int(rnd),
-                    "rps": float(rps),
-                    "p50": float(p50),
-                    "p99": float(p99),
-                    "non2xx": int(non2xx),
-                    "sockerr": int(sockerr),
-                    "requests": int(reqs),
-                    "utime": int(utime),
-                    "stime": int(stime),
+            fields = line.split()
+            peer, rnd, rps, p50, p99, non2xx, sockerr, reqs, utime, stime = fields[:10]
+            row = {
+                "round": int(rnd),
+                "rps": float(rps),
+                "p50": float(p50),
+                "p99": float(p99),
+                "non2xx": int(non2xx),
+                "sockerr": int(sockerr),
+                "requests": int(reqs),
+                "utime": int(utime),
+                "stime": int(stime),
+            }
+            if len(fields) >= 15:
+                # Where the machine's cores went (files from before these columns lack them).
+                up, wrk_u, wrk_s, busy, idle = fields[10:15]
+                row["machine"] = {
+                    "upstream": int(up),
+                    "wrk_s": float(wrk_u) + float(wrk_s),
+                    "busy": int(busy),
+                    "idle": int(idle),
                 }
-            )
+            rows.setdefault(peer, []).append(row)
     return rows
 
 
@@ -356,6 +365,7 @@ def cmd_report(run_dir):
             "header work. It makes the same socket calls per request as the HTTP proxies, so "
             "its req/s is the ceiling for a proxy that forwards over its own loopback hop."
         )
+    out += _cores_section(order, median, tick_us)
     bad = [
         f"{p} ({median[p]['non2xx_total']} non-2xx, {median[p]['sockerr_total']} socket errors)"
         for p in order
@@ -380,6 +390,47 @@ def cmd_report(run_dir):
     if plots_skipped:
         out.append(f"Charts skipped: {plots_skipped}.")
     print("\n".join(out).rstrip("\n"))
+
+
+def _cores_section(order, median, tick_us):
+    """Where the shared cores went in each peer's median round, per request.
+
+    In a closed loop the load generator, the upstream and the peer share the machine, so
+    req/s is the busy cores divided by everyone's CPU per request: a peer that makes the
+    others work harder, or leaves a core idle, loses throughput its own CPU does not show."""
+    peers = [p for p in order if "machine" in median[p]]
+    if not peers:
+        return []
+    out = [
+        "",
+        "Where the two cores went (median round; CPU per request of each party, and the "
+        "share of the machine left idle):",
+        "",
+        "| peer | peer CPU/req | upstream CPU/req | wrk CPU/req | other CPU/req "
+        "| all CPU/req | idle |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for peer in peers:
+        m = median[peer]
+        mc = m["machine"]
+        reqs = max(m["requests"], 1)
+        own = (m["utime"] + m["stime"]) * tick_us / reqs
+        upstream = 0.0 if peer == "direct" else mc["upstream"] * tick_us / reqs
+        wrk = mc["wrk_s"] * 1e6 / reqs
+        everything = mc["busy"] * tick_us / reqs
+        other = max(everything - own - upstream - wrk, 0.0)
+        total = mc["busy"] + mc["idle"]
+        idle = mc["idle"] / total if total else 0.0
+        out.append(
+            f"| {peer} | {own:.1f} µs | {upstream:.1f} µs | {wrk:.1f} µs | {other:.1f} µs "
+            f"| {everything:.1f} µs | {idle:.1%} |"
+        )
+    out.append("")
+    out.append(
+        "other: what the machine spent beyond the three (interrupts and softirq not charged "
+        "to a process, and everything else running). For direct, the peer is the upstream."
+    )
+    return out
 
 
 def _fixed_section(run_dir, runs, plots):

@@ -11,7 +11,8 @@
 # KEYWARD_DOOR=decision: count decisions on the decision listener instead of proxied requests;
 # KEYWARD_REQUEST=common: the request carries the headers a typical API client sends besides
 # the key (user agent, accept, content type, request id, trace context, a cookie), on
-# /v1/orders, instead of the key alone on /)
+# /v1/orders, instead of the key alone on /; KEYWARD_LOG_LEVEL: log.level, default warn; at
+# info every request writes its access-log line, to a file here)
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -73,7 +74,7 @@ admin:
 workers: 1
 decision: { listen: 127.0.0.1:$DECISION_PORT }
 shutdown: { drain_delay: 0s, grace: 1s }
-log: { format: json, level: warn }
+log: { format: json, level: ${KEYWARD_LOG_LEVEL:-warn} }
 ${KEYWARD_EXTRA:-}
 EOF
 

@@ -484,6 +484,13 @@ cpu_ticks() {
     | awk '{ sub(/^.*\) /, ""); u += $12; s += $13 } END { print u + 0, s + 0 }'
 }
 
+# machine_ticks: "busy idle" clock ticks so far of the whole machine, all CPUs (/proc/stat;
+# idle counts iowait). What every process took, the load generator and upstream included.
+machine_ticks() {
+  awk '/^cpu / { idle = $5 + $6; busy = 0; for (i = 2; i <= 9; i++) busy += $i
+                 print busy - idle, idle; exit }' /proc/stat
+}
+
 # ---------------------------------------------------------------- main
 install_tools
 find_oha
@@ -520,12 +527,21 @@ for ((r = 0; r < ROUNDS; r++)); do
     peer=${PEER_LIST[(r + i) % n]}
     out="$TMP/wrk-$peer-$r.txt"
     read -r u0 s0 < <(cpu_ticks "$peer")
-    wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency -H "x-api-key: $BENCH_KEY" \
-      "http://127.0.0.1:${PORT[$peer]}/" >"$out" 2>&1 || die "wrk failed against $peer: $(cat "$out")"
+    read -r up_u0 up_s0 < <(cpu_ticks upstream)
+    read -r busy0 idle0 < <(machine_ticks)
+    # bash's `time` gives wrk's own user and kernel seconds (its rusage as a child).
+    wrk_cpu=$( { TIMEFORMAT='%3U %3S'; time wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
+      -H "x-api-key: $BENCH_KEY" "http://127.0.0.1:${PORT[$peer]}/" >"$out" 2>&1; } 2>&1) \
+      || die "wrk failed against $peer: $(cat "$out")"
+    read -r busy1 idle1 < <(machine_ticks)
+    read -r up_u1 up_s1 < <(cpu_ticks upstream)
     read -r u1 s1 < <(cpu_ticks "$peer")
     read -r rps p50 p99 non2xx sockerr requests < <(python3 "$LIB" wrk-summary "$out")
-    printf '%s %d %s %s %s %s %s %s %s %s\n' "$peer" "$((r + 1))" "$rps" "$p50" "$p99" \
-      "$non2xx" "$sockerr" "$requests" "$((u1 - u0))" "$((s1 - s0))" >>"$TMP/results.tsv"
+    # shellcheck disable=SC2086 # wrk_cpu is "user system", two fields
+    printf '%s %d %s %s %s %s %s %s %s %s %s %s %s %s %s\n' "$peer" "$((r + 1))" "$rps" "$p50" \
+      "$p99" "$non2xx" "$sockerr" "$requests" "$((u1 - u0))" "$((s1 - s0))" \
+      "$((up_u1 - up_u0 + up_s1 - up_s0))" $wrk_cpu "$((busy1 - busy0))" "$((idle1 - idle0))" \
+      >>"$TMP/results.tsv"
     log "round $((r + 1))/$ROUNDS $peer: $rps req/s, p50 ${p50} ms, p99 ${p99} ms$( ((non2xx + sockerr)) && echo ", non-2xx $non2xx, socket errors $sockerr")"
   done
 done
