@@ -1939,38 +1939,67 @@ async fn the_guard_does_not_count_keys_the_fleet_revoked_as_usable() {
 }
 
 /// A Redis user without rights on the rate-limit keys (an ACL's key patterns that leave
-/// out `rl:*`): every rate-limit call is refused. Redis is marked down and stays so (its
-/// probe is a script's write under those keys, as the calls are), so the fleet limit's loss
-/// shows (`keyward_cluster_up` 0) and `on_error` applies without a Redis call a request.
-/// Before, a plain `SET` probe passed at once: Redis was marked up again after each refused
-/// call, each request logged a down and an up, and the limit was per replica with
-/// `keyward_cluster_up` at 1.
+/// out `rl:*`), or refused a command the limit's script runs (`-get`: a write-only user):
+/// every rate-limit call is refused. Redis is marked down and stays so (its probe is the
+/// rate-limit script itself, under those keys), so the fleet limit's loss shows
+/// (`keyward_cluster_up` 0) and `on_error` applies without a Redis call a request.
+/// Before, a plain `SET` probe passed at once (and, after that, a script of one `SET`
+/// passed for the `-get` user): Redis was marked up again after each refused call, each
+/// request logged a down and an up, and the limit was per replica (three replicas let 117
+/// requests through for a fleet limit of 40) with `keyward_cluster_up` at 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_refused_the_rate_limit_keys_leaves_redis_down() {
     let redis = Redis::start().await;
     let up = spawn_upstream().await;
     let kw = ready_replica(up.addr, redis.port, "local", &keys()).await;
-    only_keys(
-        &redis,
-        &["~keyward:revocations*", "~keyward:usage*", "~keyward:probe"],
-    )
-    .await;
     let refused = "keyward_cluster_errors_total{op=\"ratelimit\"}";
-    for _ in 0..20 {
-        call(&kw, LIMITED).await;
-    }
-    assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(0.0));
-    let calls = metric(&kw, refused).await.unwrap_or(0.0);
-    assert!(
-        calls <= 2.0,
-        "{calls} refused rate-limit calls for 20 requests"
+    let (refuse_keys, refuse_get): (&[&str], &[&str]) = (
+        &[
+            "resetkeys",
+            "~keyward:revocations*",
+            "~keyward:usage*",
+            "~keyward:probe",
+        ],
+        &["-get"],
     );
-    // A write the user may make (a revoke) says nothing of the rate-limit keys.
-    let r = admin_post(&kw, "key_other", "disable").await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(0.0));
-    // Rights back: the probe passes, and the limit is the fleet's again.
-    all_keys_again(&redis, &kw).await;
+    for (refusal, rights_back) in [(refuse_keys, "allkeys"), (refuse_get, "+get")] {
+        let mut cmd = vec!["ACL", "SETUSER", "default"];
+        cmd.extend(refusal);
+        let _: String = redis.cmd(&cmd).await;
+        let before = metric(&kw, refused).await.unwrap_or(0.0);
+        for _ in 0..20 {
+            call(&kw, LIMITED).await;
+        }
+        assert_eq!(
+            metric(&kw, "keyward_cluster_up").await,
+            Some(0.0),
+            "{refusal:?}"
+        );
+        let calls = metric(&kw, refused).await.unwrap_or(0.0) - before;
+        assert!(
+            calls <= 2.0,
+            "{refusal:?}: {calls} refused rate-limit calls for 20 requests"
+        );
+        // A write the user may make (a revoke) says nothing of the rate-limit keys.
+        let action = if rights_back == "allkeys" {
+            "disable"
+        } else {
+            "enable"
+        };
+        let r = admin_post(&kw, "key_other", action).await;
+        assert_eq!(r.status, 200, "{refusal:?}: {}", r.text());
+        assert_eq!(
+            metric(&kw, "keyward_cluster_up").await,
+            Some(0.0),
+            "{refusal:?}"
+        );
+        // Rights back: the probe passes, and the limit is the fleet's again.
+        let _: String = redis.cmd(&["ACL", "SETUSER", "default", rights_back]).await;
+        eventually("redis up again", || async {
+            metric(&kw, "keyward_cluster_up").await == Some(1.0)
+        })
+        .await;
+    }
 }
 
 /// With `on_error: deny`, a request refused for Redis (503 `auth_unavailable`) was served

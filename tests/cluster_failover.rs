@@ -376,6 +376,34 @@ async fn a_slow_redis_costs_at_most_the_timeout_then_the_policy_applies() {
     .await;
 }
 
+/// A Redis that stops answering before a worker has a connection of its own to it: the
+/// connect hangs (the kernel takes it, Redis answers nothing). The first limited request
+/// waits its timeout once and Redis is marked down; the others apply the policy at once.
+/// Before, a request that waited out its deadline for a connect marked nothing: each
+/// limited request waited `cluster.timeout`, for seconds (every connect hung 500 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_hung_before_a_worker_connects_costs_one_timeout() {
+    let redis = Redis::start().await;
+    let up = spawn_upstream().await;
+    let config = cluster_yaml_with(redis.port, "deny", "100ms");
+    let kw = spawn_proxy_with(up.addr, &config, Some(&keys())).await;
+    wait_ready(&kw).await;
+    let sleeper = redis.sleep_in_background(2.0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = std::time::Instant::now();
+    for i in 0..10 {
+        let r = call(&kw, LIMITED).await;
+        assert_eq!(r.status, 503, "{i}: {}", r.text());
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(600),
+        "10 limited requests took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(metric(&kw, "keyward_cluster_up").await, Some(0.0));
+    sleeper.await.unwrap();
+}
+
 /// The fleet's usage report of `key`, asked of `kw`: (requests, last_used).
 async fn fleet_usage(kw: &Proxy, key: &str) -> (u64, String) {
     let r = get(

@@ -16,7 +16,7 @@ use crate::config::OnError;
 use crate::keys::{Key, Snapshot};
 
 use super::metrics::Op;
-use super::thread_conn::ThreadConns;
+use super::thread_conn::{NoConnection, ThreadConns};
 use super::Cluster;
 
 /// GCRA over microseconds. KEYS[1]: the key's state: its theoretical arrival time, and the
@@ -24,7 +24,7 @@ use super::Cluster;
 /// ARGV: emission interval (µs), burst. Returns `allowed remaining retry_after_us reset_us`
 /// as one string: one reply value to parse rather than an array of four (the client's reply
 /// parser is most of a call's CPU on our side).
-const GCRA: &str = r"
+pub(super) const GCRA: &str = r"
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local t = redis.call('TIME')
@@ -203,8 +203,18 @@ impl RedisLimiter {
             // deadline until the kernel gave up on it, minutes later, while the shared
             // connection's probe kept finding Redis up.
             for attempt in 0..2 {
-                let Some(conn) = self.conns.get(deadline).await else {
-                    break;
+                let conn = match self.conns.get(deadline).await {
+                    Ok(conn) => conn,
+                    Err(NoConnection::BackingOff) => break,
+                    // As a call that timed out: Redis marked down, so the requests after
+                    // this one apply `on_error` at once. Waited out without marking it, a
+                    // Redis stopped while this thread had no connection cost every limited
+                    // request its whole deadline, for seconds (each connect hung 500 ms).
+                    Err(NoConnection::TimedOut) => {
+                        self.cluster
+                            .failed(Op::RateLimit, &super::ClusterError::Timeout);
+                        break;
+                    }
                 };
                 match self.evaluate(key, &limit, deadline, conn).await {
                     Ok(Some(decided)) => return Ok(decided),

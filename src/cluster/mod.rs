@@ -135,9 +135,6 @@ pub struct Cluster {
     refusals_said: crate::logging::Sometimes,
 }
 
-/// The probe's script: one write, as a rate-limit call makes.
-const PROBE: &str = "redis.call('SET', KEYS[1], ARGV[1], 'PX', 60000)";
-
 /// Why the cluster cannot be set up at start. Never repeats the URL: it may hold a password.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -173,7 +170,7 @@ impl Cluster {
             downs: AtomicU64::new(0),
             back: tokio::sync::Notify::new(),
             down: tokio::sync::Notify::new(),
-            probe: redis::Script::new(PROBE),
+            probe: redis::Script::new(limiter::GCRA),
             metrics,
             refusals_said: crate::logging::Sometimes::default(),
         })
@@ -266,6 +263,13 @@ impl Cluster {
             Ok(Err(e)) => ClusterError::Redis(e),
             Err(_) => ClusterError::Timeout,
         };
+        self.failed(op, &err);
+        Err(err)
+    }
+
+    /// A call of `op` failed with `err`: counted, and Redis marked down when `err` says it
+    /// cannot serve (see [`ClusterError::is_unreachable`]).
+    pub fn failed(&self, op: Op, err: &ClusterError) {
         // A connection dropped under us is made again by the caller, not a failed call
         // (an idle timeout in Redis would otherwise count errors steadily).
         if !err.is_dropped() {
@@ -286,7 +290,6 @@ impl Cluster {
             // request, so no line at warn.
             tracing::debug!(op = op.as_str(), error = %err, "redis refused a call's data");
         }
-        Err(err)
     }
 
     /// Connect (once) and probe: keeps `up` true while Redis answers. Runs for the life of
@@ -360,23 +363,28 @@ impl Cluster {
         }
     }
 
-    /// Whether Redis can serve again, asked as the calls that found it down ask: a script
-    /// that writes a key under the rate-limit keys (`{prefix}rl:{#probe}`, a name no key
-    /// id can give). Not a PING, nor a plain SET elsewhere: a Redis that answers but cannot
-    /// store (out of memory under `noeviction`, a read-only replica after a failover) or a
-    /// user without scripting or without rights on those keys (an ACL's key patterns)
-    /// cannot serve a rate limit either, and such a probe marked it up again at once after
-    /// each call that found it down: a warning and a fleet limit of N times the limit, with
-    /// `keyward_cluster_up` at 1.
+    /// Whether Redis can serve again, asked as the calls that found it down ask: the
+    /// rate-limit script itself, on a key under the rate-limit keys (`{prefix}rl:{#probe}`,
+    /// a name no key id can give). Not a PING, nor a plain SET elsewhere, nor a script of
+    /// its own: a Redis that answers but cannot store (out of memory under `noeviction`, a
+    /// read-only replica after a failover), a user without scripting or without rights on
+    /// those keys (an ACL's key patterns), or one refused a command the limit's script runs
+    /// (`-get`, `-time`) cannot serve a rate limit either, and a probe that passed marked it
+    /// up again at once after each call that found it down: a warning and a fleet limit of
+    /// N times the limit, with `keyward_cluster_up` at 1.
     async fn probe(&self) -> Result<(), ClusterError> {
         let key = self.key("rl:{#probe}");
         let script = &self.probe;
         self.call(Op::Ping, |mut c| async move {
+            // One request a millisecond, a burst of a thousand: never refused, and written
+            // back each time, as an allowed request's check is.
             script
                 .key(key)
-                .arg(now_micros())
-                .invoke_async::<()>(&mut c)
+                .arg(1000)
+                .arg(1000)
+                .invoke_async::<redis::Value>(&mut c)
                 .await
+                .map(drop)
         })
         .await
     }

@@ -83,6 +83,16 @@ impl Slot {
     }
 }
 
+/// Why [`ThreadConns::get`] gave no connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoConnection {
+    /// The last connect failed; the next is not due yet. Not waited for.
+    BackingOff,
+    /// A connect did not end within the caller's deadline: a Redis that takes connections
+    /// but answers nothing (stopped, hung), which cost the request its whole deadline.
+    TimedOut,
+}
+
 /// The limiter's connections, one per calling thread.
 pub struct ThreadConns {
     cluster: Arc<Cluster>,
@@ -99,11 +109,11 @@ impl ThreadConns {
 
     /// This thread's connection: at once when it is up, else after a connect that ends
     /// before `deadline`. `None`: not connected by then (the caller applies its policy).
-    pub async fn get(&self, deadline: Instant) -> Option<MultiplexedConnection> {
+    pub async fn get(&self, deadline: Instant) -> Result<MultiplexedConnection, NoConnection> {
         let id = std::thread::current().id();
         if let Some(slot) = self.slots.get(&id) {
             if let State::Up(c) = &*slot.lock() {
-                return Some(c.clone());
+                return Ok(c.clone());
             }
         }
         let slot = self.slots.entry(id).or_default().clone();
@@ -113,14 +123,16 @@ impl ThreadConns {
             // Registered before the state is read: a connect that ends in between still wakes us.
             changed.as_mut().enable();
             match slot.next(Instant::now()) {
-                Next::Use(c) => return Some(c),
-                Next::GiveUp => return None,
+                Next::Use(c) => return Ok(c),
+                Next::GiveUp => return Err(NoConnection::BackingOff),
                 Next::Wait => {}
                 Next::Connect(failures) => {
                     tokio::spawn(connect(slot.clone(), self.cluster.clone(), failures));
                 }
             }
-            tokio::time::timeout_at(deadline, changed).await.ok()?;
+            tokio::time::timeout_at(deadline, changed)
+                .await
+                .map_err(|_| NoConnection::TimedOut)?;
         }
     }
 
@@ -229,8 +241,14 @@ mod tests {
         let start = Instant::now();
         let deadline = start + Duration::from_secs(30);
         // Refused: the connect ends (not the deadline), then the backoff applies at once.
-        assert!(conns.get(deadline).await.is_none());
-        assert!(conns.get(deadline).await.is_none());
+        assert_eq!(
+            conns.get(deadline).await.err(),
+            Some(NoConnection::BackingOff)
+        );
+        assert_eq!(
+            conns.get(deadline).await.err(),
+            Some(NoConnection::BackingOff)
+        );
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "did not wait for the deadline"
