@@ -856,6 +856,48 @@ async fn spellings_of_a_credential_header_never_reach_the_app() {
     }
 }
 
+/// With `forward_credential: true` the app gets the credential headers as sent: a second
+/// key in one (another scheme's value, a bare word, a `Basic` user) beside the key checked
+/// reached it unchecked, under the identity headers of the first (an app reading its key
+/// from `Authorization` acted as that key, revoked or another's). Refused as two keys are:
+/// 401 `invalid_auth_header`. The same key twice, or a `Basic` login that is no key, pass.
+#[tokio::test]
+async fn a_second_key_in_a_credential_header_is_never_forwarded_unchecked() {
+    use base64::Engine as _;
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "forward_credential: true\n").await;
+    let basic = |user: &str| {
+        let login = base64::engine::general_purpose::STANDARD.encode(format!("{user}:pw"));
+        format!("Basic {login}")
+    };
+    let unknown = "sta_not_in_the_snapshot_0123456789ab";
+    for authorization in [
+        PERSONAL_KEY.to_string(),
+        format!("ApiKey {PERSONAL_KEY}"),
+        format!("ApiKey {DISABLED_KEY}"),
+        format!("ApiKey {unknown}"),
+        basic(PERSONAL_KEY),
+    ] {
+        let headers = [
+            ("x-api-key", SERVICE_KEY),
+            ("authorization", &authorization),
+        ];
+        let r = get(&kw.url("/x"), &headers).await;
+        assert_eq!(r.status, 401, "{authorization}: {}", r.text());
+        assert_eq!(r.code(), "invalid_auth_header", "{authorization}");
+    }
+    for authorization in [format!("ApiKey {SERVICE_KEY}"), basic("alice")] {
+        let headers = [
+            ("x-api-key", SERVICE_KEY),
+            ("authorization", &authorization),
+        ];
+        let r = get(&kw.url("/x"), &headers).await;
+        assert_eq!(r.status, 200, "{authorization}: {}", r.text());
+        assert_eq!(up.last().headers["authorization"], authorization.as_str());
+    }
+    kw.shutdown().await;
+}
+
 #[tokio::test]
 async fn query_credential_when_enabled_is_not_forwarded() {
     let up = spawn_upstream().await;

@@ -50,6 +50,63 @@ pub fn extract<'a>(
     }
 }
 
+/// Whether a header that a scheme source reads carries, besides the credential, a value
+/// that `is_key` takes for a key: the value of another scheme (`ApiKey K`, `Basic` with
+/// the user and password it encodes) or a bare word, which [`extract`] leaves alone as
+/// not its own. Forwarded (`forward_credential: true`), such a value is a second key
+/// keyward never checked, beside the identity of the one it did: an app reading its key
+/// from `Authorization` acts as a key that may be revoked, expired or another's.
+pub fn carries_unread_key(
+    headers: &HeaderMap,
+    sources: &[CredentialSource],
+    mut is_key: impl FnMut(&[u8]) -> bool,
+) -> bool {
+    let scheme_headers = sources.iter().filter_map(|s| match s {
+        CredentialSource::Scheme { header, .. } => Some(header),
+        _ => None,
+    });
+    for (i, header) in scheme_headers.clone().enumerate() {
+        if scheme_headers.clone().take(i).any(|h| h == header) {
+            continue;
+        }
+        for value in headers.get_all(header) {
+            let value = value.as_bytes();
+            let read = sources.iter().any(|s| {
+                matches!(s, CredentialSource::Scheme { header: h, scheme }
+                    if h == header && has_scheme(value, scheme))
+            });
+            if !read && unread_tokens(value).iter().any(|t| is_key(t)) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// `value` starts with `scheme` and a space (any case), as [`from_scheme`] reads it.
+fn has_scheme(value: &[u8], scheme: &str) -> bool {
+    let n = scheme.len();
+    value.len() > n && value[..n].eq_ignore_ascii_case(scheme.as_bytes()) && value[n] == b' '
+}
+
+/// What an app may take for a key in a value no configured scheme reads: a bare word, or
+/// the part after the scheme word and, for `Basic`, the user and the password it encodes.
+fn unread_tokens(value: &[u8]) -> Vec<Cow<'_, [u8]>> {
+    use base64::Engine as _;
+    let Some(space) = value.iter().position(|b| *b == b' ') else {
+        return vec![Cow::Borrowed(value)];
+    };
+    let (scheme, rest) = (&value[..space], value[space..].trim_ascii());
+    let mut tokens = vec![Cow::Borrowed(rest)];
+    if scheme.eq_ignore_ascii_case(b"basic") {
+        if let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest) {
+            let mut parts = decoded.splitn(2, |b| *b == b':');
+            tokens.extend(parts.by_ref().map(|p| Cow::Owned(p.to_vec())));
+        }
+    }
+    tokens
+}
+
 enum Candidate<'a> {
     Absent,
     Malformed,
@@ -456,6 +513,40 @@ pub fn strip_query_param(query: &str, name: &str) -> String {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    /// The values a configured scheme does not read are offered as keys, each token an app
+    /// may take for one; a header read by some configured scheme offers nothing.
+    #[test]
+    fn unread_values_of_a_scheme_header_are_offered_as_keys() {
+        let sources = [
+            CredentialSource::Scheme {
+                header: http::header::AUTHORIZATION,
+                scheme: "Bearer".into(),
+            },
+            CredentialSource::Scheme {
+                header: http::header::AUTHORIZATION,
+                scheme: "Token".into(),
+            },
+        ];
+        let offered = |value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::AUTHORIZATION, HeaderValue::from_static(value));
+            let mut seen = Vec::new();
+            carries_unread_key(&h, &sources, |t| {
+                seen.push(String::from_utf8_lossy(t).into_owned());
+                false
+            });
+            seen
+        };
+        assert_eq!(offered("token K1"), Vec::<String>::new());
+        assert_eq!(offered("K2"), ["K2"]);
+        assert_eq!(offered("ApiKey  K2 "), ["K2"]);
+        // `Basic dXNlcjpLMg==` is `user:K2`.
+        assert_eq!(
+            offered("Basic dXNlcjpLMg=="),
+            ["dXNlcjpLMg==", "user", "K2"]
+        );
+    }
 
     /// PHP decodes a name escape by escape: an escape that is no escape does not stop the
     /// others (`%00` cuts the name there), and `+` is a space (dropped at the front).

@@ -89,6 +89,15 @@ fn identify<'s>(
             missing: e == CredentialError::Missing,
         }
     })?;
+    // Forwarded, a second key in a credential header (another scheme's value) reaches the
+    // app unchecked beside the identity of the one checked: ambiguous, as two keys are.
+    if policy.forward_credential
+        && credential::carries_unread_key(req.headers, &policy.credentials, |t| {
+            t != &*raw && (policy.holds_prefix(t) || snapshot.lookup(&keys::digest(t)).is_some())
+        })
+    {
+        return Err(Reject::InvalidAuthHeader { missing: false });
+    }
     let prefix = policy.prefix_rule(&raw);
     if prefix == PrefixRule::Unknown {
         return Err(Reject::InvalidApiKey);

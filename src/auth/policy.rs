@@ -158,6 +158,8 @@ pub struct Policy {
     folded_routes: Vec<RouteRule>,
     introspection_path: Option<String>,
     credential_headers: Vec<http::HeaderName>,
+    /// `forward_credential`: the credential headers reach the app as sent.
+    pub forward_credential: bool,
 }
 
 impl Policy {
@@ -195,6 +197,7 @@ impl Policy {
             },
             fold_case: config.routes_case_insensitive,
             introspection_path: config.introspection_path.clone(),
+            forward_credential: config.forward_credential,
         }
     }
 
@@ -470,7 +473,7 @@ impl Policy {
     }
 
     /// Does `value` hold one of the configured key prefixes anywhere?
-    fn holds_prefix(&self, value: &[u8]) -> bool {
+    pub fn holds_prefix(&self, value: &[u8]) -> bool {
         self.prefixes.iter().any(|(p, _)| {
             let p = p.as_bytes();
             !p.is_empty() && value.windows(p.len()).any(|w| w == p)
