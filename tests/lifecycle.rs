@@ -125,6 +125,31 @@ async fn spawn_control(up: std::net::SocketAddr, state: &std::path::Path, seed: 
     start(config, dir).await
 }
 
+/// [`spawn_control`] on `snapshot.yaml` in a directory of its own, in front of a new
+/// upstream: the start of most control API tests. The directory lives as long as it is held.
+async fn control_proxy(seed: bool) -> (Upstream, tempfile::TempDir, std::path::PathBuf, Proxy) {
+    let up = spawn_upstream().await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("snapshot.yaml");
+    let kw = spawn_control(up.addr, &state, seed).await;
+    (up, state_dir, state, kw)
+}
+
+/// `PUT` of `body` as `content_type` to `url` with the admin token: a snapshot push.
+async fn push(url: &str, content_type: &str, body: &[u8]) -> Got {
+    let auth = admin_auth();
+    let h = [
+        ("authorization", auth.as_str()),
+        ("content-type", content_type),
+    ];
+    send("PUT", url, &h, body).await
+}
+
+/// An empty `POST` to `url` with the admin token: a revoke, a reload.
+async fn admin_post(url: &str) -> Got {
+    send("POST", url, &[("authorization", &admin_auth())], b"").await
+}
+
 #[tokio::test]
 async fn control_api_put_get_disable_and_persistence() {
     let up = spawn_upstream().await;
@@ -146,11 +171,12 @@ async fn control_api_put_get_disable_and_persistence() {
         401
     );
 
-    let ah = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/yaml"),
-    ];
-    let r = send("PUT", &admin("/v1/snapshot"), &ah, DEMO_KEYS.as_bytes()).await;
+    let r = push(
+        &admin("/v1/snapshot"),
+        "application/yaml",
+        DEMO_KEYS.as_bytes(),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["keys"], 6);
     assert!(state.exists(), "persisted before answering");
@@ -173,28 +199,20 @@ async fn control_api_put_get_disable_and_persistence() {
         {"id": "key_svc", "sha256": hex::encode(keyward::keys::digest(SERVICE_KEY.as_bytes())), "type": "service_account", "subject_id": "s2", "account_id": "a", "scopes": ["read"]},
         {"id": "team/ci", "sha256": hex::encode(keyward::keys::digest(TEAM_KEY.as_bytes())), "type": "service_account", "subject_id": "s3", "account_id": "a", "scopes": ["read"]}
     ]});
-    let jh = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-    ];
-    let r = send(
-        "PUT",
-        &admin("/v1/snapshot"),
-        &jh,
-        json.to_string().as_bytes(),
-    )
-    .await;
+    let put_json = async |body: &serde_json::Value| {
+        push(
+            &admin("/v1/snapshot"),
+            "application/json",
+            body.to_string().as_bytes(),
+        )
+        .await
+    };
+    let r = put_json(&json).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(status_with(&kw, NEW_KEY).await, 200);
     let mut bad = json.clone();
     bad["keys"][1]["sha256"] = serde_json::json!("nothex");
-    let r = send(
-        "PUT",
-        &admin("/v1/snapshot"),
-        &jh,
-        bad.to_string().as_bytes(),
-    )
-    .await;
+    let r = put_json(&bad).await;
     assert_eq!(r.status, 400);
     assert!(
         r.json()["error"]
@@ -215,28 +233,16 @@ async fn control_api_put_get_disable_and_persistence() {
     assert!(entry["requests"].as_u64().unwrap() >= 2);
 
     // Emergency revoke: next request is refused, and it is persisted.
-    let r = send(
-        "POST",
-        &admin("/v1/keys/key_json/disable"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await;
+    let r = admin_post(&admin("/v1/keys/key_json/disable")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let r = get(&kw.url("/v1/x"), &[("x-api-key", NEW_KEY)]).await;
     assert_eq!(r.code(), "disabled_api_key");
-    let r = send(
-        "POST",
-        &admin("/v1/keys/nope/disable"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await;
+    let r = admin_post(&admin("/v1/keys/nope/disable")).await;
     assert_eq!(r.status, 404);
     // An id with a `/` in it, written raw or percent-encoded.
     assert_eq!(status_with(&kw, TEAM_KEY).await, 200);
     for path in ["/v1/keys/team/ci/disable", "/v1/keys/team%2Fci/disable"] {
-        let r = send("POST", &admin(path), &[("authorization", &auth)], b"").await;
+        let r = admin_post(&admin(path)).await;
         assert_eq!(r.status, 200, "{path}: {}", r.text());
         assert_eq!(r.json()["key_id"], "team/ci", "{path}");
         let r = get(&kw.url("/v1/x"), &[("x-api-key", TEAM_KEY)]).await;
@@ -262,13 +268,7 @@ async fn file_source_refuses_control_writes() {
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "").await;
     let auth = admin_auth();
-    let r = send(
-        "POST",
-        &kw.admin_url("/v1/keys/key_demo_service/disable"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await;
+    let r = admin_post(&kw.admin_url("/v1/keys/key_demo_service/disable")).await;
     assert_eq!(r.status, 409);
     let r = send(
         "PUT",
@@ -365,11 +365,7 @@ async fn usage_survives_reload_and_drops_removed_keys() {
 /// one leaves neither a stray file nor a changed state file behind.
 #[tokio::test]
 async fn large_pushes_are_spooled_and_refused_ones_leave_nothing_behind() {
-    let up = spawn_upstream().await;
-    let state_dir = tempfile::tempdir().unwrap();
-    let state = state_dir.path().join("snapshot.yaml");
-    let kw = spawn_control(up.addr, &state, false).await;
-    let auth = admin_auth();
+    let (_up, state_dir, state, kw) = control_proxy(false).await;
     let entry = |i: usize| {
         serde_json::json!({"id": format!("key_{i}"), "sha256": hex::encode(keyward::keys::digest(format!("sta_bulk_{i}").as_bytes())),
             "type": "service_account", "subject_id": format!("s{i}"), "account_id": "a", "scopes": ["read"]})
@@ -382,11 +378,7 @@ async fn large_pushes_are_spooled_and_refused_ones_leave_nothing_behind() {
         ("application/json", doc.to_string()),
         ("application/yaml", serde_yaml::to_string(&doc).unwrap()),
     ] {
-        let h = [
-            ("authorization", auth.as_str()),
-            ("content-type", content_type),
-        ];
-        let r = send("PUT", &kw.admin_url("/v1/snapshot"), &h, body.as_bytes()).await;
+        let r = push(&kw.admin_url("/v1/snapshot"), content_type, body.as_bytes()).await;
         assert_eq!(r.status, 200, "{content_type}: {}", r.text());
         assert_eq!(r.json()["keys"], 5_001);
         assert_eq!(
@@ -399,12 +391,8 @@ async fn large_pushes_are_spooled_and_refused_ones_leave_nothing_behind() {
     let stored = std::fs::read(&state).unwrap();
     let mut bad = doc.clone();
     bad["keys"][4_500]["sha256"] = serde_json::json!("nothex");
-    let h = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-    ];
     let url = kw.admin_url("/v1/snapshot");
-    let put_json = async |body: &[u8]| send("PUT", &url, &h, body).await;
+    let put_json = async |body: &[u8]| push(&url, "application/json", body).await;
     let r = put_json(bad.to_string().as_bytes()).await;
     assert_eq!(r.status, 400);
     assert!(
@@ -458,10 +446,8 @@ async fn large_pushes_are_spooled_and_refused_ones_leave_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_storm_loses_no_request() {
-    let up = spawn_upstream().await;
-    let state_dir = tempfile::tempdir().unwrap();
-    let state = state_dir.path().join("snapshot.yaml");
-    let kw = Arc::new(spawn_control(up.addr, &state, true).await);
+    let (_up, _state_dir, _state, kw) = control_proxy(true).await;
+    let kw = Arc::new(kw);
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -576,10 +562,7 @@ async fn a_reload_asked_for_mid_write_waits_for_the_file_to_hold_still() {
             None
         } else {
             let reload = p.admin_url("/v1/snapshot/reload");
-            Some(tokio::spawn(async move {
-                let auth = admin_auth();
-                send("POST", &reload, &[("authorization", auth.as_str())], b"").await
-            }))
+            Some(tokio::spawn(async move { admin_post(&reload).await }))
         };
         // The rest of the file lands while the reload is under way.
         let writing = Instant::now();
@@ -1001,22 +984,12 @@ async fn a_sigterm_ends_a_wait_for_the_state_file_lock() {
 /// force but not persisted, and `keyward_snapshot_refused{result="error"}` shows it.
 #[tokio::test]
 async fn a_revoke_that_cannot_be_persisted_is_in_force_all_the_same() {
-    let up = spawn_upstream().await;
-    let state_dir = tempfile::tempdir().unwrap();
-    let state = state_dir.path().join("snapshot.yaml");
-    let kw = spawn_control(up.addr, &state, true).await;
+    let (_up, _state_dir, state, kw) = control_proxy(true).await;
     assert_eq!(status_with(&kw, SERVICE_KEY).await, 200);
     std::fs::create_dir(&state).unwrap();
     std::fs::write(state.join("occupied"), "").unwrap();
 
-    let auth = admin_auth();
-    let r = send(
-        "POST",
-        &kw.admin_url("/v1/keys/key_demo_service/disable"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await;
+    let r = admin_post(&kw.admin_url("/v1/keys/key_demo_service/disable")).await;
     assert_eq!(r.status, 500, "{}", r.text());
     assert_eq!(r.code(), "persist_failed");
     let body = r.json();
@@ -1056,26 +1029,14 @@ async fn partial_push(kw: &Proxy, auth: &str, sent: usize) -> tokio::net::TcpStr
 /// `push_in_progress`; a body that stops arriving is answered 408 and gives the turn back.
 #[tokio::test]
 async fn snapshot_pushes_are_read_one_at_a_time() {
-    let up = spawn_upstream().await;
-    let state_dir = tempfile::tempdir().unwrap();
-    let state = state_dir.path().join("snapshot.yaml");
-    let kw = spawn_control(up.addr, &state, true).await;
+    let (_up, _state_dir, _state, kw) = control_proxy(true).await;
     let auth = admin_auth();
-    let ah = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/yaml"),
-    ];
     // A push whose body is still on its way.
     let mut slow = partial_push(&kw, &auth, 10).await;
     let url = kw.admin_url("/v1/snapshot");
+    let yaml = "application/yaml";
     eventually("the first push holds the turn", || async {
-        let r = send(
-            "PUT",
-            &format!("{url}?dry_run=true"),
-            &ah,
-            DEMO_KEYS.as_bytes(),
-        )
-        .await;
+        let r = push(&format!("{url}?dry_run=true"), yaml, DEMO_KEYS.as_bytes()).await;
         r.status == 409 && r.code() == "push_in_progress"
     })
     .await;
@@ -1085,7 +1046,7 @@ async fn snapshot_pushes_are_read_one_at_a_time() {
         .expect("the stalled push is answered");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("body_stalled"), "{answer}");
-    let r = send("PUT", &url, &ah, DEMO_KEYS.as_bytes()).await;
+    let r = push(&url, yaml, DEMO_KEYS.as_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     kw.shutdown().await;
 }
@@ -1095,10 +1056,7 @@ async fn snapshot_pushes_are_read_one_at_a_time() {
 #[tokio::test]
 async fn a_push_whose_body_breaks_off_is_400_and_changes_nothing() {
     use tokio::io::AsyncWriteExt;
-    let up = spawn_upstream().await;
-    let state_dir = tempfile::tempdir().unwrap();
-    let state = state_dir.path().join("snapshot.yaml");
-    let kw = spawn_control(up.addr, &state, true).await;
+    let (_up, _state_dir, _state, kw) = control_proxy(true).await;
     let auth = admin_auth();
     let url = kw.admin_url("/v1/snapshot");
     let before = get(&url, &[("authorization", auth.as_str())]).await.text();
@@ -1113,17 +1071,8 @@ async fn a_push_whose_body_breaks_off_is_400_and_changes_nothing() {
         get(&url, &[("authorization", auth.as_str())]).await.text(),
         before
     );
-    let ah = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/yaml"),
-    ];
-    let r = send(
-        "PUT",
-        &format!("{url}?dry_run=true"),
-        &ah,
-        DEMO_KEYS.as_bytes(),
-    )
-    .await;
+    let dry_run = format!("{url}?dry_run=true");
+    let r = push(&dry_run, "application/yaml", DEMO_KEYS.as_bytes()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     kw.shutdown().await;
 }
@@ -1238,14 +1187,7 @@ impl Drop for Second {
 /// `second` is waiting for `a`'s lock: a revoke on `a`, then `a` stops; `second` then
 /// starts on the state file `a` left, and refuses the revoked key.
 async fn second_waits_while_the_first_revokes(a: Keyward, mut second: Second) {
-    let auth = admin_auth();
-    let r = send(
-        "POST",
-        &a.admin_url("/v1/keys/key_demo_service/disable"),
-        &[("authorization", &auth)],
-        b"",
-    )
-    .await;
+    let r = admin_post(&a.admin_url("/v1/keys/key_demo_service/disable")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(
         second.child.try_wait().unwrap().is_none(),

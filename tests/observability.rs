@@ -23,6 +23,43 @@ type CodeCase = (
     Code,
 );
 
+/// A case whose one header is the API key `key`, as most are.
+fn keyed(
+    method: &'static str,
+    path: &'static str,
+    key: &'static str,
+    status: u16,
+    code: Code,
+) -> CodeCase {
+    (method, path, vec![("x-api-key", key)], status, code)
+}
+
+/// An upstream that answers `/slow` after `ms` milliseconds.
+async fn slow_upstream(ms: u64) -> Upstream {
+    upstream()
+        .route("/slow", Reply::After(Duration::from_millis(ms)))
+        .spawn()
+        .await
+}
+
+/// Wait until the series `name` with `labels` on the `/metrics` page at `metrics` is `want`.
+async fn eventually_at(what: &str, metrics: &str, name: &str, labels: &[(&str, &str)], want: f64) {
+    eventually(what, || async move {
+        scrape(metrics).await.get(name, labels) == want
+    })
+    .await;
+}
+
+/// A GET of `/slow` with the service key, spawned, once keyward counts it in flight.
+async fn slow_request_in_flight(kw: &Proxy) -> tokio::task::JoinHandle<Got> {
+    let url = kw.url("/slow");
+    let slow = tokio::spawn(async move { get(&url, &[("x-api-key", SERVICE_KEY)]).await });
+    let what = "in_flight = 1 while the slow request runs";
+    let metrics = kw.admin_url("/metrics");
+    eventually_at(what, &metrics, "keyward_in_flight_requests", &[], 1.0).await;
+    slow
+}
+
 #[tokio::test]
 async fn requests_total_moves_code_by_code() {
     let up = spawn_upstream().await;
@@ -32,38 +69,14 @@ async fn requests_total_moves_code_by_code() {
     let unknown = "sta_unknown_key_0123456789abcdef";
     let cases: Vec<CodeCase> = vec![
         ("GET", "/v1/items", vec![], 401, Code::InvalidAuthHeader),
-        (
-            "GET",
-            "/v1/items",
-            vec![("x-api-key", unknown)],
-            401,
-            Code::InvalidApiKey,
-        ),
-        (
-            "GET",
-            "/v1/items",
-            vec![("x-api-key", EXPIRED_KEY)],
-            401,
-            Code::ExpiredApiKey,
-        ),
-        (
-            "GET",
-            "/v1/items",
-            vec![("x-api-key", DISABLED_KEY)],
-            401,
-            Code::DisabledApiKey,
-        ),
-        (
-            "GET",
-            "/v1/items",
-            vec![("x-api-key", STAGING_KEY)],
-            401,
-            Code::WrongEnvironment,
-        ),
-        (
+        keyed("GET", "/v1/items", unknown, 401, Code::InvalidApiKey),
+        keyed("GET", "/v1/items", EXPIRED_KEY, 401, Code::ExpiredApiKey),
+        keyed("GET", "/v1/items", DISABLED_KEY, 401, Code::DisabledApiKey),
+        keyed("GET", "/v1/items", STAGING_KEY, 401, Code::WrongEnvironment),
+        keyed(
             "POST",
             "/v1/items",
-            vec![("x-api-key", PERSONAL_KEY)],
+            PERSONAL_KEY,
             403,
             Code::InsufficientScope,
         ),
@@ -77,20 +90,8 @@ async fn requests_total_moves_code_by_code() {
             403,
             Code::DelegationNotAllowed,
         ),
-        (
-            "GET",
-            "/a%2Fb",
-            vec![("x-api-key", SERVICE_KEY)],
-            400,
-            Code::BadRequest,
-        ),
-        (
-            "GET",
-            "/v1/items",
-            vec![("x-api-key", SERVICE_KEY)],
-            200,
-            Code::Ok,
-        ),
+        keyed("GET", "/a%2Fb", SERVICE_KEY, 400, Code::BadRequest),
+        keyed("GET", "/v1/items", SERVICE_KEY, 200, Code::Ok),
     ];
     for (method, path, headers, status, code) in &cases {
         let mid = scrape(&kw.admin_url("/metrics")).await;
@@ -195,10 +196,7 @@ async fn upstream_failures_count_as_allowed_with_their_kind() {
     kw.shutdown().await;
 
     // No answer within upstream_timeout: 504, kind="timeout".
-    let up = upstream()
-        .route("/slow", Reply::After(Duration::from_millis(5000)))
-        .spawn()
-        .await;
+    let up = slow_upstream(5000).await;
     let kw = spawn_proxy(up.addr, "limits: { upstream_timeout: 100ms }\n").await;
     let before = scrape(&kw.admin_url("/metrics")).await;
     let r = get(&kw.url("/slow"), &[("x-api-key", SERVICE_KEY)]).await;
@@ -276,10 +274,7 @@ async fn rate_limited_and_auth_unavailable_are_counted() {
 
 #[tokio::test]
 async fn in_flight_counts_requests_being_served() {
-    let up = upstream()
-        .route("/slow", Reply::After(Duration::from_millis(400)))
-        .spawn()
-        .await;
+    let up = slow_upstream(400).await;
     let kw = spawn_proxy(up.addr, "").await;
     let metrics = kw.admin_url("/metrics");
     assert_eq!(
@@ -288,18 +283,7 @@ async fn in_flight_counts_requests_being_served() {
             .get("keyward_in_flight_requests", &[]),
         0.0
     );
-    let url = kw.url("/slow");
-    let slow = tokio::spawn(async move { get(&url, &[("x-api-key", SERVICE_KEY)]).await });
-    eventually("in_flight = 1 while the slow request runs", || {
-        let metrics = metrics.clone();
-        async move {
-            scrape(&metrics)
-                .await
-                .get("keyward_in_flight_requests", &[])
-                == 1.0
-        }
-    })
-    .await;
+    let slow = slow_request_in_flight(&kw).await;
     assert_eq!(slow.await.unwrap().status, 200);
     let after = scrape(&metrics).await;
     assert_eq!(after.get("keyward_in_flight_requests", &[]), 0.0);
@@ -323,37 +307,15 @@ async fn in_flight_counts_requests_being_served() {
 
 #[tokio::test]
 async fn in_flight_returns_to_zero_when_the_client_goes_away() {
-    let up = upstream()
-        .route("/slow", Reply::After(Duration::from_millis(2000)))
-        .spawn()
-        .await;
+    let up = slow_upstream(2000).await;
     let kw = spawn_proxy(up.addr, "").await;
     let metrics = kw.admin_url("/metrics");
-    let url = kw.url("/slow");
-    let slow = tokio::spawn(async move { get(&url, &[("x-api-key", SERVICE_KEY)]).await });
-    eventually("in_flight = 1 while the slow request runs", || {
-        let metrics = metrics.clone();
-        async move {
-            scrape(&metrics)
-                .await
-                .get("keyward_in_flight_requests", &[])
-                == 1.0
-        }
-    })
-    .await;
+    let slow = slow_request_in_flight(&kw).await;
     // The client goes away: its connection closes and keyward drops the request.
     slow.abort();
     let _ = slow.await;
-    eventually("in_flight back to 0 after the client left", || {
-        let metrics = metrics.clone();
-        async move {
-            scrape(&metrics)
-                .await
-                .get("keyward_in_flight_requests", &[])
-                == 0.0
-        }
-    })
-    .await;
+    let what = "in_flight back to 0 after the client left";
+    eventually_at(what, &metrics, "keyward_in_flight_requests", &[], 0.0).await;
     kw.shutdown().await;
 }
 
@@ -389,15 +351,14 @@ async fn snapshot_gauges_follow_loads_and_refusals() {
     // A bad file is refused and counted; the last good snapshot stays.
     let bad = DEMO_KEYS.replace("id: key_demo_personal", "id: key_demo_service");
     replace_file(&kw.keys_file(), &bad);
-    eventually("the bad snapshot is counted", || {
-        let metrics = metrics.clone();
-        async move {
-            scrape(&metrics)
-                .await
-                .get("keyward_snapshot_reloads_total", &error)
-                == 1.0
-        }
-    })
+    let what = "the bad snapshot is counted";
+    eventually_at(
+        what,
+        &metrics,
+        "keyward_snapshot_reloads_total",
+        &error,
+        1.0,
+    )
     .await;
     let s = scrape(&metrics).await;
     assert_eq!(s.get("keyward_snapshot_keys", &[]), 6.0);
@@ -410,10 +371,13 @@ async fn snapshot_gauges_follow_loads_and_refusals() {
     let cut = DEMO_KEYS.find("  - id: key_demo_staging").unwrap();
     let next = DEMO_KEYS[..cut].replace("version: 1", "version: 2");
     replace_file(&kw.keys_file(), &next);
-    eventually("version 2 is loaded", || {
-        let metrics = metrics.clone();
-        async move { scrape(&metrics).await.get("keyward_snapshot_version", &[]) == 2.0 }
-    })
+    eventually_at(
+        "version 2 is loaded",
+        &metrics,
+        "keyward_snapshot_version",
+        &[],
+        2.0,
+    )
     .await;
     let s = scrape(&metrics).await;
     assert_eq!(s.get("keyward_snapshot_keys", &[]), 5.0);
@@ -678,10 +642,7 @@ fn log_filter_comes_from_keyward_log_then_rust_log_then_config() {
 #[tokio::test]
 async fn a_request_its_client_abandons_is_counted_and_logged() {
     use tokio::io::AsyncWriteExt;
-    let up = upstream()
-        .route("/slow", Reply::After(Duration::from_millis(3000)))
-        .spawn()
-        .await;
+    let up = slow_upstream(3000).await;
     let kw = spawn_proxy(up.addr, "").await;
     let before = scrape(&kw.admin_url("/metrics")).await;
     let mut client = tokio::net::TcpStream::connect(kw.addr).await.unwrap();

@@ -40,18 +40,24 @@ struct Leaf {
     der: CertificateDer<'static>,
 }
 
+/// What every test CA's certificate says: its name, a CA with no bound on the path under it,
+/// for signing certificates and revocation lists.
+fn ca_params(name: &str) -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
 impl Ca {
     fn new(name: &str) -> Ca {
         let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
+        let cert = ca_params(name).self_signed(&key).unwrap();
         Ca { cert, key }
     }
 
@@ -67,14 +73,7 @@ impl Ca {
     /// The same, valid from January 1st of `from` if given.
     fn intermediate_from(&self, name: &str, serial: u64, from: Option<i32>) -> Ca {
         let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let mut params = ca_params(name);
         params.serial_number = Some(rcgen::SerialNumber::from(serial));
         if let Some(year) = from {
             params.not_before = rcgen::date_time_ymd(year, 1, 1);
@@ -93,12 +92,25 @@ impl Ca {
         purpose: ExtendedKeyUsagePurpose,
         serial: Option<u64>,
     ) -> Leaf {
+        self.issue_with(cn, purpose, |params| {
+            params.serial_number = serial.map(rcgen::SerialNumber::from);
+        })
+    }
+
+    /// A certificate for `localhost` and `127.0.0.1` named `cn`, for `purpose`, signed once
+    /// `adjust` has set what else it needs (serial, validity): one way to make every leaf.
+    fn issue_with(
+        &self,
+        cn: &str,
+        purpose: ExtendedKeyUsagePurpose,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> Leaf {
         let key = KeyPair::generate().unwrap();
         let mut params =
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![purpose];
-        params.serial_number = serial.map(rcgen::SerialNumber::from);
+        adjust(&mut params);
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         Leaf {
             cert_pem: cert.pem(),
@@ -113,36 +125,18 @@ impl Ca {
 
     /// A server certificate valid from `from` (since the Unix epoch) for a year.
     fn server_from(&self, cn: &str, from: Duration) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.not_before = rcgen::date_time_ymd(1970, 1, 1) + from;
-        params.not_after = params.not_before + Duration::from_secs(365 * 86400);
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
+        self.issue_with(cn, ExtendedKeyUsagePurpose::ServerAuth, |params| {
+            params.not_before = rcgen::date_time_ymd(1970, 1, 1) + from;
+            params.not_after = params.not_before + Duration::from_secs(365 * 86400);
+        })
     }
 
     /// A server certificate valid from `from` to `until` (years, January 1st).
     fn server_valid(&self, cn: &str, from: i32, until: i32) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.not_before = rcgen::date_time_ymd(from, 1, 1);
-        params.not_after = rcgen::date_time_ymd(until, 1, 1);
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
+        self.issue_with(cn, ExtendedKeyUsagePurpose::ServerAuth, |params| {
+            params.not_before = rcgen::date_time_ymd(from, 1, 1);
+            params.not_after = rcgen::date_time_ymd(until, 1, 1);
+        })
     }
 
     fn client(&self, cn: &str) -> Leaf {
@@ -151,22 +145,13 @@ impl Ca {
 
     /// A client certificate that expires `for_` from now.
     fn client_valid_for(&self, cn: &str, for_: Duration) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
-        params.not_before = rcgen::date_time_ymd(1970, 1, 1) + now - Duration::from_secs(3600);
-        params.not_after = rcgen::date_time_ymd(1970, 1, 1) + now + for_;
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
+        self.issue_with(cn, ExtendedKeyUsagePurpose::ClientAuth, |params| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            params.not_before = rcgen::date_time_ymd(1970, 1, 1) + now - Duration::from_secs(3600);
+            params.not_after = rcgen::date_time_ymd(1970, 1, 1) + now + for_;
+        })
     }
 
     /// A PEM revocation list of this CA listing `serials`, current until 2035.
@@ -293,21 +278,34 @@ fn roots(ca: &Ca) -> RootCertStore {
     roots
 }
 
-/// A client trusting `ca`, offering `alpn`, optionally with a client certificate.
-fn connector(ca: &Ca, alpn: &[&[u8]], client_cert: Option<&Leaf>) -> TlsConnector {
+/// A client config trusting `ca` over `versions`, presenting `cert` with `chain` after it
+/// if given: what every client of these tests is built from.
+fn client_config(
+    ca: &Ca,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    cert: Option<&Leaf>,
+    chain: &[&Ca],
+) -> ClientConfig {
     let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots(ca));
-    let mut config = match client_cert {
+    match cert {
         None => builder.with_no_client_auth(),
         Some(leaf) => builder
             .with_client_auth_cert(
-                vec![leaf.der.clone()],
+                std::iter::once(leaf.der.clone())
+                    .chain(chain.iter().map(|c| c.cert.der().clone()))
+                    .collect(),
                 PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
             )
             .unwrap(),
-    };
+    }
+}
+
+/// A client trusting `ca`, offering `alpn`, optionally with a client certificate.
+fn connector(ca: &Ca, alpn: &[&[u8]], client_cert: Option<&Leaf>) -> TlsConnector {
+    let mut config = client_config(ca, rustls::DEFAULT_VERSIONS, client_cert, &[]);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     TlsConnector::from(Arc::new(config))
 }
@@ -355,6 +353,18 @@ async fn try_get(
     try_send(connector, addr, authed_get(path)).await
 }
 
+/// [`try_get`] of `path` with `leaf` as the client certificate; the future owns its client,
+/// so a closure over it can be called with a borrowed leaf.
+fn get_as(
+    ca: &Ca,
+    leaf: &Leaf,
+    addr: std::net::SocketAddr,
+    path: &'static str,
+) -> impl std::future::Future<Output = Result<Got, String>> {
+    let c = connector(ca, &[], Some(leaf));
+    async move { try_get(&c, addr, path).await }
+}
+
 /// `req` on a new TLS connection; any TLS or HTTP failure is an `Err`.
 async fn try_send(
     connector: &TlsConnector,
@@ -375,15 +385,22 @@ async fn try_send(
     Ok(read(resp).await)
 }
 
+/// keyward over TLS serving `served` (no client certificates asked), `extra` added to its
+/// config, in front of a new upstream: where most tests start.
+async fn tls_proxy(served: &Leaf, extra: &str) -> (Upstream, CertDir, Proxy) {
+    let upstream = spawn_upstream().await;
+    let certs = CertDir::new(served);
+    let proxy = spawn_proxy(upstream.addr, &format!("{}{extra}", certs.yaml(None))).await;
+    (upstream, certs, proxy)
+}
+
 // ---------------------------------------------------------------------------------------
 // Tests
 
 #[tokio::test]
 async fn http1_over_tls_forwards_with_https_proto() {
-    let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
-    let certs = CertDir::new(&ca.server("keyward-a"));
-    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let (upstream, _certs, proxy) = tls_proxy(&ca.server("keyward-a"), "").await;
 
     let tls = handshake(&connector(&ca, &[b"http/1.1"], None), proxy.addr)
         .await
@@ -421,10 +438,8 @@ async fn http1_over_tls_forwards_with_https_proto() {
 
 #[tokio::test]
 async fn h2_is_negotiated_by_alpn() {
-    let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
-    let certs = CertDir::new(&ca.server("keyward-a"));
-    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let (upstream, _certs, proxy) = tls_proxy(&ca.server("keyward-a"), "").await;
 
     let tls = handshake(&connector(&ca, &[b"h2", b"http/1.1"], None), proxy.addr)
         .await
@@ -472,10 +487,8 @@ async fn sent_and_answered(tls: &mut TlsStream<TcpStream>, bytes: &[u8]) -> Vec<
 /// and nothing reaches the app.
 #[tokio::test]
 async fn only_the_protocol_agreed_by_alpn_is_served() {
-    let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
-    let certs = CertDir::new(&ca.server("keyward-a"));
-    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let (upstream, _certs, proxy) = tls_proxy(&ca.server("keyward-a"), "").await;
     let http1_request =
         format!("GET /alpn/h1 HTTP/1.1\r\nhost: localhost\r\nx-api-key: {SERVICE_KEY}\r\n\r\n");
 
@@ -516,16 +529,10 @@ async fn only_the_protocol_agreed_by_alpn_is_served() {
 
 #[tokio::test]
 async fn tls_1_2_and_1_3_are_accepted() {
-    let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
-    let certs = CertDir::new(&ca.server("keyward-a"));
-    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let (_upstream, _certs, proxy) = tls_proxy(&ca.server("keyward-a"), "").await;
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
-        let config = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots(&ca))
-            .with_no_client_auth();
+        let config = client_config(&ca, &[version], None, &[]);
         let tls = handshake(&TlsConnector::from(Arc::new(config)), proxy.addr)
             .await
             .expect("TLS handshake");
@@ -545,12 +552,10 @@ async fn tls_1_2_and_1_3_are_accepted() {
 
 #[tokio::test]
 async fn rotated_certificate_is_used_by_new_handshakes() {
-    let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
     let first = ca.server("keyward-a");
     let second = ca.server("keyward-b");
-    let mut certs = CertDir::new(&first);
-    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let (upstream, mut certs, proxy) = tls_proxy(&first, "").await;
     let client = connector(&ca, &[b"http/1.1"], None);
 
     // A connection opened before the rotation.
@@ -586,12 +591,10 @@ async fn rotated_certificate_is_used_by_new_handshakes() {
 /// that does not load, and the next good pair is taken.
 #[tokio::test]
 async fn a_fifo_or_a_device_at_a_certificate_path_is_refused_and_rotation_goes_on() {
-    let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
     let first = ca.server("keyward-a");
     let second = ca.server("keyward-b");
-    let mut certs = CertDir::new(&first);
-    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let (_upstream, mut certs, proxy) = tls_proxy(&first, "").await;
     let client = connector(&ca, &[b"http/1.1"], None);
 
     certs.publish(&first.cert_pem, &first.key_pem);
@@ -627,22 +630,14 @@ async fn a_fifo_or_a_device_at_a_certificate_path_is_refused_and_rotation_goes_o
 /// rotation, and the gauge follows the certificate actually served.
 #[tokio::test]
 async fn the_served_certificates_expiry_is_exported_and_an_expired_one_is_not_rotated_in() {
-    let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
     let first = ca.server_valid("keyward-a", 2020, 2098);
     let expired = ca.server_valid("keyward-old", 2020, 2021);
     let second = ca.server_valid("keyward-b", 2020, 2099);
-    let mut certs = CertDir::new(&first);
-    let proxy = spawn_proxy(upstream.addr, &certs.yaml(None)).await;
+    let (_upstream, mut certs, proxy) = tls_proxy(&first, "").await;
     let client = connector(&ca, &[b"http/1.1"], None);
     let expiry = "keyward_tls_cert_expiry_timestamp_seconds ";
-    let at = |year: &str| {
-        let t = humantime::parse_rfc3339(&format!("{year}-01-01T00:00:00Z")).unwrap();
-        t.duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64()
-    };
-    assert_eq!(metric_value(&proxy, expiry).await, at("2098"));
+    assert_eq!(metric_value(&proxy, expiry).await, jan_1("2098"));
 
     certs.publish(&expired.cert_pem, &expired.key_pem);
     for _ in 0..8 {
@@ -654,10 +649,10 @@ async fn the_served_certificates_expiry_is_exported_and_an_expired_one_is_not_ro
         );
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
-    assert_eq!(metric_value(&proxy, expiry).await, at("2098"));
+    assert_eq!(metric_value(&proxy, expiry).await, jan_1("2098"));
 
     certs.publish(&second.cert_pem, &second.key_pem);
-    let want = at("2099");
+    let want = jan_1("2099");
     eventually("the gauge follows the rotation", || async {
         metric_value(&proxy, expiry).await == want
     })
@@ -676,6 +671,14 @@ async fn the_served_certificates_expiry_is_exported_and_an_expired_one_is_not_ro
     assert_eq!(peer_cert(&tls), second.der, "not valid yet");
     eventually_served("taken once valid", &client, proxy.addr, &soon.der).await;
     proxy.shutdown().await;
+}
+
+/// January 1st of `year` in seconds since the Unix epoch, as the expiry gauges say a date.
+fn jan_1(year: &str) -> f64 {
+    let t = humantime::parse_rfc3339(&format!("{year}-01-01T00:00:00Z")).unwrap();
+    t.duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 /// Wait until new handshakes with `addr` present `want`.
@@ -707,17 +710,12 @@ async fn mtls_requires_a_client_certificate_from_the_ca() {
     assert!(no_cert.is_err(), "no client certificate: {no_cert:?}");
 
     let stranger = Ca::new("other ca").client("intruder");
-    let wrong = try_get(
-        &connector(&ca, &[], Some(&stranger)),
-        proxy.addr,
-        "/m/wrong",
-    )
-    .await;
+    let wrong = get_as(&ca, &stranger, proxy.addr, "/m/wrong").await;
     assert!(wrong.is_err(), "certificate from another CA: {wrong:?}");
     assert_eq!(upstream.count(), 0, "nothing reached the upstream");
 
     let good = client_ca.client("ci-bot");
-    let got = try_get(&connector(&ca, &[], Some(&good)), proxy.addr, "/m/ok")
+    let got = get_as(&ca, &good, proxy.addr, "/m/ok")
         .await
         .expect("CA-signed client certificate accepted");
     assert_eq!(got.status, StatusCode::OK, "{}", got.text());
@@ -751,7 +749,12 @@ async fn mtls_proxy(
 
 /// The files of [`mtls_proxy`], and its `tls:` block.
 fn mtls_files(ca: &Ca, client_ca: &str, lists: &str) -> (CertDir, PathBuf, String) {
-    let certs = CertDir::new(&ca.server("keyward-a"));
+    mtls_files_serving(&ca.server("keyward-a"), client_ca, lists)
+}
+
+/// The same, serving `served`: for a test that rotates away from it.
+fn mtls_files_serving(served: &Leaf, client_ca: &str, lists: &str) -> (CertDir, PathBuf, String) {
+    let certs = CertDir::new(served);
     let ca_file = certs.write_ca(client_ca);
     let crl_file = certs.path("ca.crl");
     std::fs::write(&crl_file, lists).unwrap();
@@ -762,11 +765,17 @@ fn mtls_files(ca: &Ca, client_ca: &str, lists: &str) -> (CertDir, PathBuf, Strin
     (certs, crl_file, yaml)
 }
 
-/// Start keyward as [`spawn_proxy`] does, or say why it refused to start.
-async fn try_spawn_proxy(upstream: std::net::SocketAddr, extra: &str) -> Result<Proxy, String> {
+/// A directory with the demo keys as `keys.yaml`, and that file's path: what a config needs.
+fn demo_keys_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let keys_file = dir.path().join("keys.yaml");
     std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    (dir, keys_file)
+}
+
+/// Start keyward as [`spawn_proxy`] does, or say why it refused to start.
+async fn try_spawn_proxy(upstream: std::net::SocketAddr, extra: &str) -> Result<Proxy, String> {
+    let (dir, keys_file) = demo_keys_dir();
     let config = support::config::ConfigBuilder::new(upstream, &keys_file)
         .extra(extra)
         .config();
@@ -779,9 +788,7 @@ async fn try_spawn_proxy(upstream: std::net::SocketAddr, extra: &str) -> Result<
 /// `keyward check` (the binary) on the config [`spawn_proxy`] would start: its stderr when
 /// it refuses.
 fn keyward_check(upstream: std::net::SocketAddr, extra: &str) -> Result<(), String> {
-    let dir = tempfile::tempdir().unwrap();
-    let keys_file = dir.path().join("keys.yaml");
-    std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    let (dir, keys_file) = demo_keys_dir();
     let config = dir.path().join("keyward.yaml");
     std::fs::write(&config, config_yaml(upstream, &keys_file, extra)).unwrap();
     let out = support::child::run(&["check", "--config", config.to_str().unwrap()]);
@@ -812,14 +819,8 @@ impl Revocable {
         let ca = Ca::new("test ca");
         let client_ca = Ca::new("client ca");
         let served = ca.server("keyward-a");
-        let certs = CertDir::new(&served);
-        let ca_file = certs.write_ca(&client_ca.pem());
-        let crl_file = certs.path("ca.crl");
-        std::fs::write(&crl_file, first_list(&client_ca)).unwrap();
-        let yaml = certs.yaml(Some(&ca_file)).replace(
-            "poll_interval: 50ms",
-            &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-        );
+        let (certs, crl_file, yaml) =
+            mtls_files_serving(&served, &client_ca.pem(), &first_list(&client_ca));
         let proxy = spawn_proxy(upstream.addr, &yaml).await;
         let leaked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
         let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
@@ -838,16 +839,23 @@ impl Revocable {
 
     /// One authenticated GET with `leaf` as the client certificate.
     async fn get_with(&self, leaf: &Leaf) -> Result<Got, String> {
-        try_get(
-            &connector(&self.ca, &[], Some(leaf)),
-            self.proxy.addr,
-            "/m/crl",
-        )
-        .await
+        get_as(&self.ca, leaf, self.proxy.addr, "/m/crl").await
     }
 
     fn write_list(&self, pem: String) {
         std::fs::write(&self.crl_file, pem).unwrap();
+    }
+
+    /// `pem` as the lists, with a new certificate in the same step, seen served: so the step
+    /// was taken (a test of what the lists did then cannot pass on a step not yet polled).
+    async fn write_list_and_rotate(&mut self, pem: String) {
+        let next = self.ca.server("keyward-b");
+        self.write_list(pem);
+        self.certs.publish(&next.cert_pem, &next.key_pem);
+        eventually("the new certificate served", || async {
+            self.served_now().await == Some(next.der.clone())
+        })
+        .await;
     }
 
     /// The certificate the proxy serves now to a client it lets in.
@@ -874,13 +882,7 @@ async fn mtls_refuses_a_client_certificate_its_ca_revoked() {
         .expect("unlisted certificate accepted");
     assert_eq!(got.status, StatusCode::OK);
     let next_update = "keyward_tls_crl_next_update_timestamp_seconds ";
-    let year = |y: &str| {
-        let t = humantime::parse_rfc3339(&format!("{y}-01-01T00:00:00Z")).unwrap();
-        t.duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64()
-    };
-    assert_eq!(metric_value(&r.proxy, next_update).await, year("2035"));
+    assert_eq!(metric_value(&r.proxy, next_update).await, jan_1("2035"));
     // The list is rotated: the other one is revoked too. It is past its `nextUpdate`: still
     // applied (the last word of its issuer), and the gauge says so.
     r.write_list(r.client_ca.crl_until(2, &[7, 8], 2025));
@@ -888,7 +890,7 @@ async fn mtls_refuses_a_client_certificate_its_ca_revoked() {
         r.get_with(&r.other).await.is_err()
     })
     .await;
-    assert_eq!(metric_value(&r.proxy, next_update).await, year("2025"));
+    assert_eq!(metric_value(&r.proxy, next_update).await, jan_1("2025"));
     r.proxy.shutdown().await;
 }
 
@@ -936,13 +938,8 @@ async fn a_refused_certificate_rotation_does_not_hold_back_a_revocation() {
 #[tokio::test]
 async fn refused_lists_do_not_hold_back_a_certificate_rotation() {
     let mut r = Revocable::start(|ca| ca.crl(1, &[7])).await;
-    let next = r.ca.server("keyward-b");
-    r.write_list("-----BEGIN X509 CRL-----\nbroken\n-----END X509 CRL-----\n".into());
-    r.certs.publish(&next.cert_pem, &next.key_pem);
-    eventually("the new certificate served", || async {
-        r.served_now().await == Some(next.der.clone())
-    })
-    .await;
+    let broken = "-----BEGIN X509 CRL-----\nbroken\n-----END X509 CRL-----\n";
+    r.write_list_and_rotate(broken.into()).await;
     // The list in force still stands.
     assert!(r.get_with(&r.leaked).await.is_err());
     r.proxy.shutdown().await;
@@ -959,13 +956,7 @@ async fn an_older_revocation_list_is_not_applied_and_an_unreadable_pair_holds_ba
 
     // The older list, with a new certificate in the same step (seen served: the step was
     // taken), and the leaked client is still out.
-    let next = r.ca.server("keyward-b");
-    r.write_list(r.client_ca.crl(1, &[]));
-    r.certs.publish(&next.cert_pem, &next.key_pem);
-    eventually("the new certificate served", || async {
-        r.served_now().await == Some(next.der.clone())
-    })
-    .await;
+    r.write_list_and_rotate(r.client_ca.crl(1, &[])).await;
     assert!(
         r.get_with(&r.leaked).await.is_err(),
         "an older list let the leaked client in"
@@ -1016,10 +1007,7 @@ async fn a_stale_list_of_one_issuer_does_not_hold_back_another_issuers() {
     .await;
     let leaked = first.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
     let carol = second.issue_serial("carol", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
-    let get_with = |leaf: &Leaf| {
-        let c = connector(&ca, &[], Some(leaf));
-        async move { try_get(&c, proxy.addr, "/m/issuers").await }
-    };
+    let get_with = |leaf: &Leaf| get_as(&ca, leaf, proxy.addr, "/m/issuers");
     assert!(get_with(&leaked).await.is_err());
     assert!(get_with(&carol).await.is_ok());
     // The first CA's list goes back; the second's revokes carol.
@@ -1035,27 +1023,28 @@ async fn a_stale_list_of_one_issuer_does_not_hold_back_another_issuers() {
     proxy.shutdown().await;
 }
 
-/// A proxy over TLS with `client_ca`'s certificate as `tls.client_ca` and each bundle in
-/// turn as `tls.client_crl` (a fresh proxy each): `refused` is refused, `admitted` let in,
-/// whatever the order of the bundle's lists. Returns how many requests reached the app.
-async fn each_bundle_refuses(
-    client_ca: &Ca,
-    bundles: [(&str, String); 2],
-    refused: &Leaf,
-    admitted: &Leaf,
-) -> usize {
+/// A proxy over TLS with `client_ca`'s certificate as `tls.client_ca` and the two `lists`
+/// bundled as `tls.client_crl` in either order (a fresh proxy each): `client_ca`'s client
+/// certificate numbered `revoked` is refused, one numbered 9 let in, whichever list comes
+/// first. Returns how many requests reached the app.
+async fn either_order_refuses(client_ca: &Ca, lists: [(&str, String); 2], revoked: u64) -> usize {
+    let refused =
+        client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(revoked));
+    let admitted = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
+    let [(a, first), (b, second)] = lists;
+    let bundles = [
+        (format!("{a} first"), format!("{first}{second}")),
+        (format!("{b} first"), format!("{second}{first}")),
+    ];
     let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
     for (what, bundle) in bundles {
         let (_certs, _crl_file, proxy) =
             mtls_proxy(upstream.addr, &ca, &client_ca.pem(), &bundle).await;
-        let get_with = |leaf: &Leaf| {
-            let c = connector(&ca, &[], Some(leaf));
-            async move { try_get(&c, proxy.addr, "/m/crl2").await }
-        };
-        let got = get_with(refused).await;
+        let get_with = |leaf: &Leaf| get_as(&ca, leaf, proxy.addr, "/m/crl2");
+        let got = get_with(&refused).await;
         assert!(got.is_err(), "{what}: revoked certificate let in: {got:?}");
-        let got = get_with(admitted)
+        let got = get_with(&admitted)
             .await
             .unwrap_or_else(|e| panic!("{what}: unlisted certificate refused: {e}"));
         assert_eq!(got.status, StatusCode::OK, "{what}");
@@ -1073,14 +1062,8 @@ async fn mtls_applies_the_newest_of_two_lists_of_one_ca_in_either_order() {
     let client_ca = Ca::new("client ca");
     let older = client_ca.crl(1, &[7]);
     let newer = client_ca.crl(2, &[7, 8]);
-    let revoked_since =
-        client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(8));
-    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
-    let bundles = [
-        ("older first", format!("{older}{newer}")),
-        ("newer first", format!("{newer}{older}")),
-    ];
-    let reached = each_bundle_refuses(&client_ca, bundles, &revoked_since, &other).await;
+    let lists = [("older", older), ("newer", newer)];
+    let reached = either_order_refuses(&client_ca, lists, 8).await;
     assert_eq!(reached, 2, "only the unlisted certificate got through");
 }
 
@@ -1094,13 +1077,8 @@ async fn a_scoped_list_does_not_hide_a_full_lists_revocation_in_either_order() {
     let client_ca = Ca::new("client ca");
     let full = client_ca.crl(2, &[7]);
     let scoped = client_ca.crl_in_scope(3, &[], "http://crl.example/part1.crl");
-    let leaked = client_ca.issue_serial("leaked", ExtendedKeyUsagePurpose::ClientAuth, Some(7));
-    let other = client_ca.issue_serial("ci-bot", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
-    let bundles = [
-        ("full first", format!("{full}{scoped}")),
-        ("scoped first", format!("{scoped}{full}")),
-    ];
-    let reached = each_bundle_refuses(&client_ca, bundles, &leaked, &other).await;
+    let lists = [("full", full), ("scoped", scoped)];
+    let reached = either_order_refuses(&client_ca, lists, 7).await;
     assert_eq!(reached, 2, "only the unlisted certificate got through");
 }
 
@@ -1115,13 +1093,7 @@ async fn a_list_that_cannot_be_read_for_its_number_is_refused_not_applied() {
     let long = rcgen::SerialNumber::from_slice(&[0x51; 24]);
     let older = r.client_ca.crl_with(4, vec![long], 2035, None);
     // The list with a new certificate in the same step (seen served: the step was taken).
-    let next = r.ca.server("keyward-b");
-    r.write_list(older);
-    r.certs.publish(&next.cert_pem, &next.key_pem);
-    eventually("the new certificate served", || async {
-        r.served_now().await == Some(next.der.clone())
-    })
-    .await;
+    r.write_list_and_rotate(older).await;
     assert!(
         r.get_with(&r.leaked).await.is_err(),
         "an older list no one could date let the leaked client in"
@@ -1142,32 +1114,13 @@ async fn a_revoked_issuing_ca_in_client_ca_lets_none_of_its_clients_in() {
     let root = Ca::new("client root");
     let leaked_ca = root.intermediate("leaked issuing ca", 40);
     let kept_ca = root.intermediate("kept issuing ca", 41);
-    let certs = CertDir::new(&ca.server("keyward-a"));
-    let ca_file = certs.write_ca(&(root.pem() + &leaked_ca.pem() + &kept_ca.pem()));
-    let crl_file = certs.path("ca.crl");
+    let client_ca = root.pem() + &leaked_ca.pem() + &kept_ca.pem();
     let lists = root.crl(1, &[40]) + &leaked_ca.crl(1, &[]) + &kept_ca.crl(1, &[]);
-    std::fs::write(&crl_file, lists).unwrap();
-    let yaml = certs.yaml(Some(&ca_file)).replace(
-        "poll_interval: 50ms",
-        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-    );
-    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let (_certs, _crl_file, proxy) = mtls_proxy(upstream.addr, &ca, &client_ca, &lists).await;
     let minted = leaked_ca.issue_serial("minted", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
     let honest = kept_ca.issue_serial("honest", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
     let get_with = |leaf: &Leaf, chain: Option<&Ca>| {
-        let mut config = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots(&ca))
-            .with_client_auth_cert(
-                std::iter::once(leaf.der.clone())
-                    .chain(chain.map(|c| c.cert.der().clone()))
-                    .collect(),
-                PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
-            )
-            .unwrap();
-        config.alpn_protocols = Vec::new();
-        let c = TlsConnector::from(Arc::new(config));
+        let c = chain_connector(&ca, leaf, chain.as_slice());
         async move { try_get(&c, proxy.addr, "/m/anchor").await }
     };
     let got = get_with(&minted, None).await;
@@ -1198,10 +1151,7 @@ async fn a_reload_that_revokes_every_client_ca_refuses_every_client() {
     )
     .await;
     let client = issuing.issue_serial("client", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
-    let get = || {
-        let c = connector(&ca, &[], Some(&client));
-        async move { try_get(&c, proxy.addr, "/m/all-revoked").await }
-    };
+    let get = || get_as(&ca, &client, proxy.addr, "/m/all-revoked");
     assert_eq!(get().await.expect("not revoked yet").status, StatusCode::OK);
     std::fs::write(&crl_file, issuing.crl(2, &[]) + &root.crl(2, &[40])).unwrap();
     eventually("no client let in once its only CA is revoked", || async {
@@ -1223,21 +1173,14 @@ async fn a_client_ca_certificate_whose_revocation_cannot_be_read_is_no_anchor() 
     let root = Ca::new("client root");
     let old = root.intermediate_from("old issuing ca", 41, Some(1960));
     let kept = root.intermediate("kept issuing ca", 42);
-    let certs = CertDir::new(&ca.server("keyward-a"));
-    let ca_file = certs.write_ca(&(root.pem() + &old.pem() + &kept.pem()));
-    let crl_file = certs.path("ca.crl");
+    let client_ca = root.pem() + &old.pem() + &kept.pem();
     let lists = root.crl(1, &[41]) + &old.crl(1, &[]) + &kept.crl(1, &[]);
-    std::fs::write(&crl_file, lists).unwrap();
-    let yaml = certs.yaml(Some(&ca_file)).replace(
-        "poll_interval: 50ms",
-        &format!("client_crl: {}, poll_interval: 50ms", crl_file.display()),
-    );
-    let proxy = spawn_proxy(upstream.addr, &yaml).await;
+    let (_certs, _crl_file, proxy) = mtls_proxy(upstream.addr, &ca, &client_ca, &lists).await;
     let minted = old.issue_serial("minted", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
     let honest = kept.issue_serial("honest", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
-    let got = try_get(&connector(&ca, &[], Some(&minted)), proxy.addr, "/m/old").await;
+    let got = get_as(&ca, &minted, proxy.addr, "/m/old").await;
     assert!(got.is_err(), "a client of the revoked old CA: {got:?}");
-    let got = try_get(&connector(&ca, &[], Some(&honest)), proxy.addr, "/m/old")
+    let got = get_as(&ca, &honest, proxy.addr, "/m/old")
         .await
         .expect("a client of a CA not revoked");
     assert_eq!(got.status, StatusCode::OK);
@@ -1262,10 +1205,7 @@ async fn a_reload_that_loses_an_issuers_list_keeps_the_one_in_force() {
     )
     .await;
     let client = issuing.issue_serial("client", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
-    let get = || {
-        let c = connector(&ca, &[], Some(&client));
-        async move { try_get(&c, proxy.addr, "/m/lost").await }
-    };
+    let get = || get_as(&ca, &client, proxy.addr, "/m/lost");
     assert!(get().await.is_err());
     // The root's list lost, with a new certificate in the same step (seen served: the
     // step was taken).
@@ -1331,10 +1271,7 @@ async fn a_restart_that_lost_the_roots_list_lets_no_client_of_the_ca_it_revoked_
         &(root.crl(1, &[40]) + &issuing.crl(1, &[])),
     );
     let client = issuing.issue_serial("client", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
-    let get = |addr| {
-        let c = connector(&ca, &[], Some(&client));
-        async move { try_get(&c, addr, "/m/restart").await }
-    };
+    let get = |addr| get_as(&ca, &client, addr, "/m/restart");
     let proxy = try_spawn_proxy(upstream.addr, &yaml)
         .await
         .expect("first start");
@@ -1379,10 +1316,7 @@ async fn a_reload_bringing_an_issuing_ca_without_a_list_of_its_issuer_is_refused
     .await;
     let known = root.issue_serial("known", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
     let newcomer = issuing.issue_serial("newcomer", ExtendedKeyUsagePurpose::ClientAuth, Some(9));
-    let get_with = |leaf: &Leaf| {
-        let c = connector(&ca, &[], Some(leaf));
-        async move { try_get(&c, proxy.addr, "/m/unlisted").await }
-    };
+    let get_with = |leaf: &Leaf| get_as(&ca, leaf, proxy.addr, "/m/unlisted");
     assert!(get_with(&known).await.is_ok());
     assert!(get_with(&newcomer).await.is_err());
     // The CA goes into client_ca without its root's list, with a new certificate in the
@@ -1415,20 +1349,7 @@ async fn with_client_certificates_no_session_is_resumed() {
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
         // One client config per listener: it keeps the sessions it is given, as clients do.
         let client = |cert: Option<&Leaf>| {
-            let builder = ClientConfig::builder_with_provider(provider())
-                .with_protocol_versions(&[version])
-                .unwrap()
-                .with_root_certificates(roots(&ca));
-            let config = match cert {
-                None => builder.with_no_client_auth(),
-                Some(leaf) => builder
-                    .with_client_auth_cert(
-                        vec![leaf.der.clone()],
-                        PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
-                    )
-                    .unwrap(),
-            };
-            TlsConnector::from(Arc::new(config))
+            TlsConnector::from(Arc::new(client_config(&ca, &[version], cert, &[])))
         };
         // Two connections; the kind of the second handshake. The first answer is read whole,
         // so a TLS 1.3 ticket sent before it has been taken.
@@ -1477,9 +1398,7 @@ async fn the_decision_listener_is_served_over_tls_with_client_certificates() {
     let client_ca = Ca::new("client ca");
     let certs = CertDir::new(&ca.server("keyward-a"));
     let ca_file = certs.write_ca(&client_ca.pem());
-    let dir = tempfile::tempdir().unwrap();
-    let keys_file = dir.path().join("keys.yaml");
-    std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    let (_dir, keys_file) = demo_keys_dir();
     let config = support::config::ConfigBuilder::new(upstream.addr, &keys_file)
         .extra(&certs.yaml(Some(&ca_file)))
         .set("decision", "{ listen: 127.0.0.1:0 }")
@@ -1523,14 +1442,9 @@ async fn the_decision_listener_is_served_over_tls_with_client_certificates() {
 
 #[tokio::test]
 async fn silent_client_is_dropped_after_the_handshake_timeout() {
-    let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
-    let certs = CertDir::new(&ca.server("keyward-a"));
-    let extra = format!(
-        "{}limits: {{ header_read_timeout: 200ms }}\n",
-        certs.yaml(None)
-    );
-    let proxy = spawn_proxy(upstream.addr, &extra).await;
+    let extra = "limits: { header_read_timeout: 200ms }\n";
+    let (_upstream, _certs, proxy) = tls_proxy(&ca.server("keyward-a"), extra).await;
     let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
     let mut buf = [0u8; 16];
     let closed = tokio::time::timeout(Duration::from_secs(3), tcp.read(&mut buf)).await;
@@ -1543,9 +1457,7 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
 
 #[tokio::test]
 async fn bad_certificate_path_fails_bind_naming_the_field() {
-    let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys.yaml");
-    std::fs::write(&keys, DEMO_KEYS).unwrap();
+    let (dir, keys) = demo_keys_dir();
     let missing = dir.path().join("missing.crt");
     let extra = format!(
         "tls: {{ cert: {}, key: {} }}\n",
@@ -1595,15 +1507,10 @@ async fn one_request(tls: &mut TlsStream<TcpStream>) -> String {
 /// sees a clean end of stream, not a truncation (rustls: `UnexpectedEof`).
 #[tokio::test]
 async fn an_idle_tls_connection_is_closed_with_close_notify() {
-    let upstream = spawn_upstream().await;
     let ca = Ca::new("test ca");
-    let certs = CertDir::new(&ca.server("keyward-a"));
     let connector = connector(&ca, &[b"http/1.1"], None);
-    let extra = format!(
-        "{}limits: {{ idle_timeout: 300ms }}\nshutdown: {{ drain_delay: 0s, grace: 2s }}\n",
-        certs.yaml(None)
-    );
-    let proxy = spawn_proxy(upstream.addr, &extra).await;
+    let extra = "limits: { idle_timeout: 300ms }\nshutdown: { drain_delay: 0s, grace: 2s }\n";
+    let (_upstream, _certs, proxy) = tls_proxy(&ca.server("keyward-a"), extra).await;
 
     // Idle timeout.
     let mut tls = handshake(&connector, proxy.addr).await.unwrap();
@@ -1631,17 +1538,7 @@ async fn an_idle_tls_connection_is_closed_with_close_notify() {
 
 /// A client presenting `leaf` with `chain` after it, trusting `ca` for the server.
 fn chain_connector(ca: &Ca, leaf: &Leaf, chain: &[&Ca]) -> TlsConnector {
-    let config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots(ca))
-        .with_client_auth_cert(
-            std::iter::once(leaf.der.clone())
-                .chain(chain.iter().map(|c| c.cert.der().clone()))
-                .collect(),
-            PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
+    let config = client_config(ca, rustls::DEFAULT_VERSIONS, Some(leaf), chain);
     TlsConnector::from(Arc::new(config))
 }
 
@@ -1745,9 +1642,7 @@ async fn start_and_check_refuse_a_client_verify_depth_out_of_range() {
     let ca = Ca::new("test ca");
     let certs = CertDir::new(&ca.server("keyward-a"));
     let ca_file = certs.write_ca(&Ca::new("client ca").pem());
-    let dir = tempfile::tempdir().unwrap();
-    let keys_file = dir.path().join("keys.yaml");
-    std::fs::write(&keys_file, DEMO_KEYS).unwrap();
+    let (dir, keys_file) = demo_keys_dir();
     for depth in ["0", "9"] {
         let yaml = certs.yaml(Some(&ca_file)).replace(
             "poll_interval",
