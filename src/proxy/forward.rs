@@ -53,6 +53,9 @@ pub enum ProxyError {
     /// The client's request body fell below `limits.body_min_rate`.
     #[error("request body too slow")]
     BodyTooSlow,
+    /// The client's request body came in chunks too small to be anything but a flood.
+    #[error("request body in chunks too small")]
+    BodyFragmented,
     /// The key the request was let in with stopped standing while its body streamed up:
     /// answered as that key would be now.
     #[error("the key stopped standing during the request body")]
@@ -72,6 +75,7 @@ impl ProxyError {
             | ProxyError::RequestBody(_)
             | ProxyError::BodyStalled(_)
             | ProxyError::BodyTooSlow
+            | ProxyError::BodyFragmented
             | ProxyError::KeyGone(_) => UpstreamErrorKind::Other,
         }
     }
@@ -83,6 +87,7 @@ impl ProxyError {
             ProxyError::RequestBody(_)
                 | ProxyError::BodyStalled(_)
                 | ProxyError::BodyTooSlow
+                | ProxyError::BodyFragmented
                 | ProxyError::KeyGone(_)
         )
     }
@@ -90,7 +95,7 @@ impl ProxyError {
     pub fn reject(&self) -> crate::auth::Reject {
         match self {
             ProxyError::Timeout(_) => crate::auth::Reject::UpstreamTimeout,
-            ProxyError::RequestBody(_) => {
+            ProxyError::RequestBody(_) | ProxyError::BodyFragmented => {
                 crate::auth::Reject::BadRequest(crate::auth::reject::BadRequest::Body)
             }
             ProxyError::BodyStalled(_) | ProxyError::BodyTooSlow => {
@@ -447,6 +452,7 @@ fn send_error(e: hyper::Error) -> ProxyError {
         Some(UploadError::TooSlow(_)) => ProxyError::BodyTooSlow,
         Some(UploadError::KeyGone(reject)) => ProxyError::KeyGone(reject.clone()),
         Some(UploadError::Client(_)) => ProxyError::RequestBody(e),
+        Some(UploadError::Fragmented) => ProxyError::BodyFragmented,
         Some(UploadError::Overload) => ProxyError::Exchange(e),
         None => ProxyError::Exchange(e),
     }

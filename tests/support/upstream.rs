@@ -65,6 +65,8 @@ pub struct Seen {
     pub target: String,
     pub headers: HeaderMap,
     pub body_len: usize,
+    /// How many data frames the body came in (hyper's: about one per chunk, or per read).
+    pub body_frames: usize,
     /// The upstream connection it came on (keyward's side of it).
     pub peer: SocketAddr,
 }
@@ -154,6 +156,7 @@ async fn handle(
             target,
             headers,
             body_len: 0,
+            body_frames: 0,
             peer,
         });
         tokio::spawn(echo(on));
@@ -166,11 +169,12 @@ async fn handle(
         return Ok(resp);
     }
     // Stream the body through, counting it, without holding it all.
-    let mut body_len = 0;
+    let (mut body_len, mut body_frames) = (0, 0);
     let mut body = req.into_body();
     while let Some(Ok(frame)) = body.frame().await {
         if let Some(d) = frame.data_ref() {
             body_len += d.len();
+            body_frames += 1;
         }
     }
     seen.lock().unwrap().push(Seen {
@@ -178,6 +182,7 @@ async fn handle(
         target,
         headers,
         body_len,
+        body_frames,
         peer,
     });
     let body = match reply {
