@@ -4,12 +4,15 @@
 use tracing::level_filters::LevelFilter;
 use tracing::Subscriber;
 use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+
+mod json;
 
 /// The filter in force, and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,11 +281,12 @@ where
         .with_writer(writer)
         .log_internal_errors(false);
     match format {
+        // The stock JSON formatter's line (`json().flatten_event(true)
+        // .with_current_span(false)`), written for a fraction of its cost ([`json`]).
         LogFormat::Json => Box::new(
             builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
+                .fmt_fields(JsonFields::new())
+                .event_format(json::JsonLine)
                 .finish()
                 .with(dependency_cap()),
         ),
@@ -299,6 +303,13 @@ where
 
 /// How many log lines wait for stderr at most; past it a line is dropped, not waited for.
 const LOG_QUEUE_LINES: usize = 16 * 1024;
+
+/// How many bytes of lines the writer thread gathers into one `write` to stderr. It writes
+/// what it has whenever the queue is empty, so a line still reaches stderr at once when
+/// there is no other; under load one system call carries many lines instead of one each.
+/// No more than `PIPE_BUF`: a write to a pipe that size or smaller is never interleaved
+/// with another process's (or a panic message's) write to it.
+const LOG_BATCH_BYTES: usize = 4096;
 
 /// What [`init`] leaves running: the filter it chose, and the thread that writes the lines
 /// to stderr (what is queued is written when this is dropped).
@@ -319,7 +330,10 @@ pub fn init(format: LogFormat, level: &str) -> Logging {
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .lossy(true)
         .thread_name("keyward-log")
-        .finish(std::io::stderr());
+        .finish(std::io::BufWriter::with_capacity(
+            LOG_BATCH_BYTES,
+            std::io::stderr(),
+        ));
     let _ = subscriber(format, &choice.directives, writer.clone()).try_init();
     for (variable, value) in &choice.ignored {
         let value = shown_value(value);
@@ -366,8 +380,15 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
+    /// What a subscriber under test wrote.
     #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    pub(super) struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Buffer {
+        pub(super) fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
 
     impl std::io::Write for Buffer {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
