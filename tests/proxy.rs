@@ -857,26 +857,31 @@ async fn spellings_of_a_credential_header_never_reach_the_app() {
 }
 
 /// With `forward_credential: true` the app gets the credential headers as sent: a second
-/// key in one (another scheme's value, a bare word, a `Basic` user) beside the key checked
-/// reached it unchecked, under the identity headers of the first (an app reading its key
-/// from `Authorization` acted as that key, revoked or another's). Refused as two keys are:
-/// 401 `invalid_auth_header`. The same key twice, or a `Basic` login that is no key, pass.
+/// key in one (another scheme's value, a bare word, a `Basic` user or password, as lenient
+/// base64 decoders read it too) beside the key checked reached it unchecked, under the
+/// identity headers of the first (an app reading its key from `Authorization` acted as
+/// that key, revoked or another's). Refused as two keys are: 401 `invalid_auth_header`.
+/// The same key twice, or a `Basic` login that is no key, pass.
 #[tokio::test]
 async fn a_second_key_in_a_credential_header_is_never_forwarded_unchecked() {
     use base64::Engine as _;
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "forward_credential: true\n").await;
-    let basic = |user: &str| {
-        let login = base64::engine::general_purpose::STANDARD.encode(format!("{user}:pw"));
-        format!("Basic {login}")
-    };
+    let encode = |login: &str| base64::engine::general_purpose::STANDARD.encode(login);
+    let basic = |login: &str| format!("Basic {}", encode(login));
+    // What lenient decoders (Python's, Node's) read the same: a stray space or `!`.
+    let hidden = encode(&format!("u:{DISABLED_KEY}"));
     let unknown = "sta_not_in_the_snapshot_0123456789ab";
     for authorization in [
         PERSONAL_KEY.to_string(),
         format!("ApiKey {PERSONAL_KEY}"),
         format!("ApiKey {DISABLED_KEY}"),
         format!("ApiKey {unknown}"),
-        basic(PERSONAL_KEY),
+        format!("Digest username=\"{DISABLED_KEY}\", realm=\"app\""),
+        basic(&format!("{PERSONAL_KEY}:pw")),
+        basic(&format!("u:{DISABLED_KEY}")),
+        format!("Basic {} {}", &hidden[..20], &hidden[20..]),
+        format!("Basic !{hidden}"),
     ] {
         let headers = [
             ("x-api-key", SERVICE_KEY),
@@ -886,7 +891,14 @@ async fn a_second_key_in_a_credential_header_is_never_forwarded_unchecked() {
         assert_eq!(r.status, 401, "{authorization}: {}", r.text());
         assert_eq!(r.code(), "invalid_auth_header", "{authorization}");
     }
-    for authorization in [format!("ApiKey {SERVICE_KEY}"), basic("alice")] {
+    // The same key twice is one key; a login that is no key is the app's, even one with a
+    // prefix inside a word.
+    for authorization in [
+        format!("ApiKey {SERVICE_KEY}"),
+        basic("alice:pw"),
+        basic("costa_rica:secret"),
+        basic("alice:compat_mode1"),
+    ] {
         let headers = [
             ("x-api-key", SERVICE_KEY),
             ("authorization", &authorization),

@@ -51,11 +51,13 @@ pub fn extract<'a>(
 }
 
 /// Whether a header that a scheme source reads carries, besides the credential, a value
-/// that `is_key` takes for a key: the value of another scheme (`ApiKey K`, `Basic` with
-/// the user and password it encodes) or a bare word, which [`extract`] leaves alone as
-/// not its own. Forwarded (`forward_credential: true`), such a value is a second key
-/// keyward never checked, beside the identity of the one it did: an app reading its key
-/// from `Authorization` acts as a key that may be revoked, expired or another's.
+/// that `is_key` takes for a key: in the value of another scheme (`ApiKey K`, `Digest
+/// username="K"`, `Basic` with the user and password it encodes) or a bare word, which
+/// [`extract`] leaves alone as not its own. Forwarded (`forward_credential: true`), such a
+/// value is a second key keyward never checked, beside the identity of the one it did: an
+/// app reading its key from `Authorization` acts as a key that may be revoked, expired or
+/// another's. `is_key` is asked of every token an app might read there
+/// ([`unread_tokens`]).
 pub fn carries_unread_key(
     headers: &HeaderMap,
     sources: &[CredentialSource],
@@ -89,22 +91,73 @@ fn has_scheme(value: &[u8], scheme: &str) -> bool {
     value.len() > n && value[..n].eq_ignore_ascii_case(scheme.as_bytes()) && value[n] == b' '
 }
 
-/// What an app may take for a key in a value no configured scheme reads: a bare word, or
-/// the part after the scheme word and, for `Basic`, the user and the password it encodes.
-fn unread_tokens(value: &[u8]) -> Vec<Cow<'_, [u8]>> {
-    use base64::Engine as _;
-    let Some(space) = value.iter().position(|b| *b == b' ') else {
-        return vec![Cow::Borrowed(value)];
+/// What an app may take for a key in a value no configured scheme reads: after the scheme
+/// word (or the whole value, one word), each whitespace- or comma-separated piece and each
+/// part of it between `:`, `=`, `;` and quotes (`username="K"`), and the same of what the
+/// pieces, and all of them together, decode to as base64 as lenient decoders read it
+/// (Python's and Node's skip characters outside the alphabet, padding is optional, and a
+/// URL-safe alphabet decodes too): `Basic` hides its user and password so, and a key
+/// behind a stray `!`, `.` or space in it still reached the app.
+fn unread_tokens(value: &[u8]) -> Vec<Vec<u8>> {
+    let rest = match value.iter().position(|b| *b == b' ') {
+        Some(space) => value[space..].trim_ascii(),
+        None => value,
     };
-    let (scheme, rest) = (&value[..space], value[space..].trim_ascii());
-    let mut tokens = vec![Cow::Borrowed(rest)];
-    if scheme.eq_ignore_ascii_case(b"basic") {
-        if let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest) {
-            let mut parts = decoded.splitn(2, |b| *b == b':');
-            tokens.extend(parts.by_ref().map(|p| Cow::Owned(p.to_vec())));
+    let pieces: Vec<&[u8]> = rest
+        .split(|b| b.is_ascii_whitespace() || *b == b',')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mut tokens = Vec::new();
+    for piece in &pieces {
+        push_parts(&mut tokens, piece);
+    }
+    for encoded in pieces.iter().copied().chain([rest]) {
+        for decoded in lenient_base64(encoded) {
+            push_parts(&mut tokens, &decoded);
         }
     }
     tokens
+}
+
+/// `text` and its parts between `:`, `=`, `;`, quotes and whitespace, each trimmed.
+fn push_parts(tokens: &mut Vec<Vec<u8>>, text: &[u8]) {
+    tokens.push(text.to_vec());
+    let separator =
+        |b: &u8| matches!(b, b':' | b'=' | b';' | b'"' | b'\'') || b.is_ascii_whitespace();
+    tokens.extend(
+        text.split(separator)
+            .filter(|p| !p.is_empty() && p.len() < text.len())
+            .map(<[u8]>::to_vec),
+    );
+}
+
+/// `text` decoded as base64 by a decoder that skips what is not in its alphabet, takes any
+/// padding or none, and ignores trailing bits: with the standard alphabet and the URL-safe
+/// one (each only when `text` holds something of it).
+fn lenient_base64(text: &[u8]) -> Vec<Vec<u8>> {
+    use base64::alphabet::{STANDARD, URL_SAFE};
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::Engine as _;
+    let config = GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(DecodePaddingMode::RequireNone);
+    let mut out = Vec::new();
+    for (alphabet, extra) in [(&STANDARD, [b'+', b'/']), (&URL_SAFE, [b'-', b'_'])] {
+        let kept: Vec<u8> = text
+            .iter()
+            .copied()
+            .filter(|b| b.is_ascii_alphanumeric() || extra.contains(b))
+            .collect();
+        // A length of 1 mod 4 is no base64: the last character alone decodes to nothing.
+        let usable = kept.len() - usize::from(kept.len() % 4 == 1);
+        let kept = &kept[..usable];
+        if let Ok(decoded) = GeneralPurpose::new(alphabet, config).decode(kept) {
+            if !decoded.is_empty() {
+                out.push(decoded);
+            }
+        }
+    }
+    out
 }
 
 enum Candidate<'a> {
@@ -515,7 +568,8 @@ mod tests {
     use http::HeaderValue;
 
     /// The values a configured scheme does not read are offered as keys, each token an app
-    /// may take for one; a header read by some configured scheme offers nothing.
+    /// may take for one (lenient base64 decoders' included); a header read by some
+    /// configured scheme offers nothing.
     #[test]
     fn unread_values_of_a_scheme_header_are_offered_as_keys() {
         let sources = [
@@ -539,13 +593,18 @@ mod tests {
             seen
         };
         assert_eq!(offered("token K1"), Vec::<String>::new());
-        assert_eq!(offered("K2"), ["K2"]);
-        assert_eq!(offered("ApiKey  K2 "), ["K2"]);
-        // `Basic dXNlcjpLMg==` is `user:K2`.
-        assert_eq!(
-            offered("Basic dXNlcjpLMg=="),
-            ["dXNlcjpLMg==", "user", "K2"]
-        );
+        // `dXNlcjpLMg==` is `user:K2`, however a lenient decoder is handed it.
+        for value in [
+            "K2",
+            "ApiKey  K2 ",
+            "Digest username=\"K2\", realm=\"r\"",
+            "Basic dXNlcjpLMg==",
+            "Basic dXNlcj pLMg",
+            "Basic !dXNl.cjpLMg====",
+            "Basic YTpi dXNlcjpLMg==",
+        ] {
+            assert!(offered(value).contains(&"K2".to_string()), "{value}");
+        }
     }
 
     /// PHP decodes a name escape by escape: an escape that is no escape does not stop the

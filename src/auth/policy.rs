@@ -473,7 +473,14 @@ impl Policy {
     }
 
     /// Does `value` hold one of the configured key prefixes anywhere?
-    pub fn holds_prefix(&self, value: &[u8]) -> bool {
+    /// Does `value` start with a configured key prefix?
+    pub fn starts_with_prefix(&self, value: &[u8]) -> bool {
+        self.prefixes
+            .iter()
+            .any(|(p, _)| !p.is_empty() && value.starts_with(p.as_bytes()))
+    }
+
+    fn holds_prefix(&self, value: &[u8]) -> bool {
         self.prefixes.iter().any(|(p, _)| {
             let p = p.as_bytes();
             !p.is_empty() && value.windows(p.len()).any(|w| w == p)
