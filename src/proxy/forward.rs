@@ -266,6 +266,9 @@ impl Upstream {
         busy: impl FnOnce() -> Option<super::upload::Place>,
         body_watch: impl FnOnce() -> Option<KeyWatch>,
     ) -> Result<(Response<UpstreamBody>, Duration), ProxyError> {
+        // An HTTP/1.x body of no stated length is chunked: its chunks are judged (`Upload`).
+        let chunked = req.version() < Version::HTTP_2
+            && http_body::Body::size_hint(req.body()).exact().is_none();
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST) {
             req.headers_mut().insert(header::HOST, self.host.clone());
@@ -298,7 +301,8 @@ impl Upstream {
                 }
                 let req = req.map(|body| match (body, &progress) {
                     (http_body_util::Either::Left(body), Some(progress)) => OutBody::Left(
-                        Upload::new(body, self.body_pace, progress.clone(), body_watch()),
+                        Upload::new(body, self.body_pace, progress.clone(), body_watch())
+                            .judging_chunks(chunked),
                     ),
                     _ => OutBody::Right(http_body_util::Empty::new()),
                 });

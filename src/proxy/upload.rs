@@ -43,8 +43,8 @@ pub enum UploadError {
     /// The key the request was let in with stopped standing while its body streamed.
     #[error("the key this request was let in with no longer stands")]
     KeyGone(crate::auth::Reject),
-    /// The body came in frames (chunks) too small to be anything but a flood of them.
-    #[error("request body in chunks averaging under {FRAGMENT_MIN_AVERAGE} bytes")]
+    /// The body came in chunks too small to be anything but a flood of them.
+    #[error("request body in more than {FRAGMENT_DEBT_MAX} chunks beyond its bytes")]
     Fragmented,
     /// Answered, the body of a request without a key would take a slot of its own past
     /// the half of `limits.max_in_flight` such requests may hold: it is not sent on.
@@ -184,8 +184,9 @@ pub struct Upload {
     /// What the client's body yielded after data was gathered: a frame of trailers, an
     /// error or its end (`None`), handed on at the next poll.
     held: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
-    /// Frames the client's body came in: see [`FRAGMENT_MIN_AVERAGE`].
-    frames: u64,
+    /// Frames the client's body owes, in [`FRAGMENT_BYTES`]ths of a frame (see
+    /// [`FRAGMENT_DEBT_MAX`]); `None` when it is not judged.
+    owed: Option<u64>,
     /// The client's data not sent on yet: see [`Gathered`].
     gathered: Gathered,
     /// When data gathered under [`GATHER_EARLY`] goes on if no more comes (made the
@@ -194,13 +195,18 @@ pub struct Upload {
     holding: bool,
 }
 
-/// A body whose first [`FRAGMENT_JUDGED_AFTER`] data frames (or any count past it) average
-/// under [`FRAGMENT_MIN_AVERAGE`] bytes is cut: each chunk costs keyward a frame through
-/// hyper's decoder and its channel (~0.6 µs) for six bytes of the sender's (`1\r\na\r\n`),
-/// and four connections sending them at ~140 Mbit/s took both cores, on a public route.
-/// No client streams a body sixteen bytes at a time; a chunk size line alone is three.
-const FRAGMENT_JUDGED_AFTER: u64 = 1024;
-const FRAGMENT_MIN_AVERAGE: u64 = 16;
+/// A chunked HTTP/1.x body owes a frame for every piece hyper's decoder hands on (a chunk,
+/// or the part of one a read holds) and pays [`FRAGMENT_BYTES`] of data for each; past
+/// [`FRAGMENT_DEBT_MAX`] frames owed it is cut. Each piece costs keyward a pass through the
+/// decoder and its channel (~0.6 µs) for as little as six bytes of the sender's
+/// (`1\r\na\r\n`, many to a read): four connections of one-byte chunks at ~140 Mbit/s
+/// took both cores, on a route that needs no key. Owed, not averaged: a body that opened
+/// with 16 MB bought no flood after it, and chunks split across reads (two pieces each)
+/// or a large chunk after small ones are not cut. Bodies of a stated length and HTTP/2
+/// ones are not judged: each of their frames costs the sender a read's worth of sending
+/// (and h2 bounds its own frames).
+const FRAGMENT_BYTES: u64 = 8;
+const FRAGMENT_DEBT_MAX: u64 = 1024;
 
 /// Most data one frame sent upstream gathers from the client's.
 const GATHER_MAX: usize = 64 * 1024;
@@ -278,7 +284,7 @@ impl Upload {
             progress,
             watch,
             held: None,
-            frames: 0,
+            owed: None,
             gathered: Gathered::default(),
             hold: None,
             holding: false,
@@ -300,10 +306,16 @@ impl Upload {
         self.progress.ended();
     }
 
-    /// Has the body come in frames too small for anything but a flood of them?
+    /// Judge the body's chunks ([`FRAGMENT_DEBT_MAX`]): for a chunked HTTP/1.x body.
+    pub fn judging_chunks(mut self, chunked: bool) -> Self {
+        self.owed = chunked.then_some(0);
+        self
+    }
+
+    /// Has the body come in chunks too small for anything but a flood of them?
     fn fragmented(&self) -> bool {
-        self.frames >= FRAGMENT_JUDGED_AFTER
-            && self.received < self.frames.saturating_mul(FRAGMENT_MIN_AVERAGE)
+        self.owed
+            .is_some_and(|owed| owed > FRAGMENT_DEBT_MAX * FRAGMENT_BYTES)
     }
 
     /// Whether the data held has waited [`GATHER_WAIT`] (the timer is set on the first
@@ -323,7 +335,9 @@ impl Upload {
     /// `len` bytes (or a frame without data) came from the client: its deadlines move.
     fn moved(&mut self, len: usize) {
         self.progress.touch();
-        self.frames += 1;
+        if let Some(owed) = &mut self.owed {
+            *owed = (*owed + FRAGMENT_BYTES).saturating_sub(len as u64);
+        }
         self.received = self.received.saturating_add(len as u64);
         let (at, for_rate) = self
             .pace
