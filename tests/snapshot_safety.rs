@@ -290,6 +290,33 @@ async fn control_source_guarded_push_is_409_and_leaves_the_state_file_and_force_
     kw.shutdown().await;
 }
 
+/// A refusal under the window names the version in force now as `version_in_force`, and
+/// the version its counts are of (the one in force when the window began) as
+/// `since_version`. Before, `version_in_force` named the window's (1 with 3 in force).
+#[tokio::test]
+async fn a_refusal_under_the_window_names_the_version_in_force() {
+    let up = spawn_upstream().await;
+    let versioned = |v: u64, ids: std::ops::Range<usize>| {
+        snapshot(&format!("version: {v}\n"), ids, |_| String::new())
+    };
+    let kw = spawn_control(up.addr, Some(&versioned(1, 0..20)), "").await;
+    for (v, ids) in [(2, 0..20), (3, 0..10)] {
+        let r = admin(&kw, "PUT", "/v1/snapshot", &versioned(v, ids)).await;
+        assert_eq!(r.status, 200, "{v}: {}", r.text());
+    }
+    let r = admin(&kw, "PUT", "/v1/snapshot", &versioned(4, 0..6)).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["code"], "snapshot_guard");
+    assert_eq!(body["version_in_force"], 3, "{body}");
+    assert_eq!(body["version"], 4, "{body}");
+    assert!(
+        body["since_version"].as_u64().is_some_and(|v| v < 3),
+        "{body}"
+    );
+    kw.shutdown().await;
+}
+
 /// Pushes within the guard's window are judged together: adding a hundred new keys, then
 /// keeping only those, removed every key clients used in two steps that each removed less
 /// than half of the keys then in force. The second is refused (and so is its dry run),

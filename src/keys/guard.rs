@@ -61,6 +61,10 @@ pub struct Verdict {
     /// another replaced this many seconds ago, rather than the one in force now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since_secs: Option<u64>,
+    /// With `since_secs`: the version of that snapshot, the one the counts are of
+    /// (`version_in_force` stays the version in force now).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since_version: Option<u64>,
 }
 
 /// A new snapshot is also judged against the one in force this long ago (when another has
@@ -123,15 +127,17 @@ pub fn judge(d: &SnapshotDiff, cfg: &GuardConfig) -> Verdict {
         limit: cfg.max_removed_fraction,
         min_keys: cfg.min_keys,
         since_secs: None,
+        since_version: None,
     }
 }
 
 /// `Ok` unless `new` removes, disables or locks out too large a share of the keys usable in
 /// `baseline`, the snapshot in force `age` ago when this window's changes began (only the
-/// fraction rule: the others are for the snapshot `new` replaces).
+/// fraction rule: the others are for the snapshot `new` replaces, `current`).
 pub fn admit_since(
     baseline: &Snapshot,
     age: std::time::Duration,
+    current: Option<&Snapshot>,
     new: &Snapshot,
     cfg: &GuardConfig,
     here: Here<'_>,
@@ -141,6 +147,8 @@ pub fn admit_since(
         return Ok(());
     }
     verdict.since_secs = Some(age.as_secs());
+    verdict.since_version = baseline.version;
+    verdict.sides.version_in_force = current.and_then(|c| c.version);
     Err(Box::new(verdict))
 }
 

@@ -247,7 +247,8 @@ pub fn window_verdict(host: &impl Host, new: &Snapshot) -> Option<Box<super::gua
         revoked: Some(&also),
         ..here
     };
-    super::guard::admit_since(&baseline, age, new, &host.keys_config().guard, here).err()
+    let guard = &host.keys_config().guard;
+    super::guard::admit_since(&baseline, age, current.as_deref(), new, guard, here).err()
 }
 
 /// The keys disabled through the API since a baseline was replaced, refused there as the
