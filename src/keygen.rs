@@ -85,6 +85,9 @@ pub enum EntryError {
     /// The entry would be refused by a snapshot load (a bad `expires_at`, say).
     #[error(transparent)]
     Refused(crate::keys::SnapshotError),
+    /// `expires_at` is past: the key would be refused (401 `expired_api_key`) from issue.
+    #[error("expires_at: already past; the key would be expired from the start")]
+    AlreadyExpired,
 }
 
 /// The snapshot entry for a generated key: a YAML list item, indented to go under the
@@ -115,8 +118,15 @@ pub fn entry_yaml(raw: &str, new: &NewKey) -> Result<String, EntryError> {
         item.push_str(line);
         item.push('\n');
     }
-    crate::keys::Snapshot::parse(&format!("keys:\n{item}"), crate::keys::Source::File)
+    let parsed = crate::keys::Snapshot::parse(&format!("keys:\n{item}"), crate::keys::Source::File)
         .map_err(EntryError::Refused)?;
+    let now = std::time::SystemTime::now();
+    if parsed
+        .keys()
+        .any(|k| k.expires_at.is_some_and(|at| at <= now))
+    {
+        return Err(EntryError::AlreadyExpired);
+    }
     Ok(item)
 }
 
@@ -197,11 +207,17 @@ mod tests {
         );
         let bad = NewKey {
             expires_at: Some("soon".into()),
-            ..new
+            ..new.clone()
         };
         assert!(entry_yaml(&raw, &bad)
             .unwrap_err()
             .to_string()
             .contains("expires_at"));
+        let expired = NewKey {
+            expires_at: Some("1970-01-01T00:00:00Z".into()),
+            ..new
+        };
+        let e = entry_yaml(&raw, &expired).unwrap_err().to_string();
+        assert!(e.contains("expires_at: already past"), "{e}");
     }
 }

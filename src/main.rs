@@ -492,7 +492,7 @@ fn check(path: &Path) -> Result<(), CliError> {
         .map_err(CliError::Output)?;
     }
     if let Some(c) = &config.cluster {
-        cluster::check_url(&c.redis)?;
+        cluster::check_url(c)?;
     }
     if demo::is_demo_token(config.admin.token_sha256.as_deref()) {
         say!(

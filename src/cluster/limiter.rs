@@ -343,6 +343,7 @@ mod tests {
             prefix: "kw:".into(),
             timeout: std::time::Duration::from_millis(50),
             on_error: OnError::Local,
+            redis_from_env: false,
         };
         let cluster = Arc::new(Cluster::new(&config, &prometheus::Registry::new()).unwrap());
         let Limiter::Redis(r) = Limiter::new(Some(&cluster)) else {

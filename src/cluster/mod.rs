@@ -138,19 +138,21 @@ pub struct Cluster {
 /// Why the cluster cannot be set up at start. Never repeats the URL: it may hold a password.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("cluster.redis: not a usable Redis URL ({0:?})")]
-    Url(redis::ErrorKind),
-    #[error("cluster.redis: {0:?}")]
-    Client(redis::ErrorKind),
+    /// The field (or the environment variable) that set the URL, and why it is refused.
+    #[error("{0}: not a usable Redis URL ({1:?})")]
+    Url(&'static str, redis::ErrorKind),
+    #[error("{0}: {1:?}")]
+    Client(&'static str, redis::ErrorKind),
     #[error("metrics: {0}")]
     Metrics(#[source] prometheus::Error),
 }
 
-/// Check a Redis URL without connecting (`keyward check`). The error never repeats the URL.
-pub fn check_url(url: &str) -> Result<(), SetupError> {
-    redis::Client::open(url)
+/// Check `config`'s Redis URL without connecting (`keyward check`). The error names where
+/// the URL was set and never repeats it.
+pub fn check_url(config: &ClusterConfig) -> Result<(), SetupError> {
+    redis::Client::open(config.redis.as_str())
         .map(|_| ())
-        .map_err(|e| SetupError::Url(e.kind()))
+        .map_err(|e| SetupError::Url(config.redis_field(), e.kind()))
 }
 
 impl Cluster {
@@ -158,9 +160,9 @@ impl Cluster {
         config: &ClusterConfig,
         registry: &prometheus::Registry,
     ) -> Result<Self, SetupError> {
-        check_url(&config.redis)?;
-        let client =
-            redis::Client::open(config.redis.as_str()).map_err(|e| SetupError::Client(e.kind()))?;
+        check_url(config)?;
+        let client = redis::Client::open(config.redis.as_str())
+            .map_err(|e| SetupError::Client(config.redis_field(), e.kind()))?;
         let metrics = ClusterMetrics::new(registry).map_err(SetupError::Metrics)?;
         Ok(Self {
             config: config.clone(),
@@ -475,9 +477,20 @@ mod tests {
 
     #[test]
     fn bad_urls_are_refused_without_echoing_them() {
-        assert!(check_url("redis://127.0.0.1:6379/0").is_ok());
-        assert!(check_url("rediss://:secret@example.com:6380").is_ok());
-        let e = check_url("redis://:secret@[::1").unwrap_err().to_string();
+        let at = |url: &str| crate::config::ClusterConfig::with_url(url.into());
+        assert!(check_url(&at("redis://127.0.0.1:6379/0")).is_ok());
+        assert!(check_url(&at("rediss://:secret@example.com:6380")).is_ok());
+        let e = check_url(&at("redis://:secret@[::1"))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("secret"), "{e}");
+        assert!(e.starts_with("cluster.redis: "), "{e}");
+        let from_env = crate::config::ClusterConfig {
+            redis_from_env: true,
+            ..at("redis://u:secret@host:99999")
+        };
+        let e = check_url(&from_env).unwrap_err().to_string();
+        assert!(e.starts_with("KEYWARD_REDIS_URL (cluster.redis): "), "{e}");
         assert!(!e.contains("secret"), "{e}");
     }
 
@@ -488,6 +501,7 @@ mod tests {
             prefix: "t:".into(),
             timeout: Duration::from_millis(50),
             on_error: crate::config::OnError::Local,
+            redis_from_env: false,
         };
         let c = Cluster::new(&config, &prometheus::Registry::new()).unwrap();
         let r = c

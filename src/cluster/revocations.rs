@@ -1367,6 +1367,7 @@ mod tests {
             prefix: "t:".into(),
             timeout: Duration::from_millis(50),
             on_error: crate::config::OnError::Local,
+            redis_from_env: false,
         };
         let c = Arc::new(Cluster::new(&config, &prometheus::Registry::new()).unwrap());
         let r = Revocations::new(Some(&c), Arc::default());

@@ -235,6 +235,7 @@ mod tests {
             prefix: "t:".into(),
             timeout: Duration::from_millis(50),
             on_error: crate::config::OnError::Local,
+            redis_from_env: false,
         };
         let cluster = Arc::new(Cluster::new(&config, &prometheus::Registry::new()).unwrap());
         let conns = ThreadConns::new(&cluster);

@@ -21,15 +21,27 @@ pub struct ClusterConfig {
     pub timeout: Duration,
     #[serde(default)]
     pub on_error: OnError,
+    /// `redis` came from `KEYWARD_REDIS_URL`: what its errors name ([`Self::redis_field`]).
+    #[serde(skip)]
+    pub redis_from_env: bool,
 }
 
 impl ClusterConfig {
-    pub(super) fn with_url(redis: String) -> Self {
+    pub fn with_url(redis: String) -> Self {
         Self {
             redis,
             prefix: default_cluster_prefix(),
             timeout: default_cluster_timeout(),
             on_error: OnError::default(),
+            redis_from_env: false,
+        }
+    }
+
+    /// Where `redis` was set, as an error about it names it.
+    pub fn redis_field(&self) -> &'static str {
+        match self.redis_from_env {
+            true => "KEYWARD_REDIS_URL (cluster.redis)",
+            false => "cluster.redis",
         }
     }
 }

@@ -123,6 +123,12 @@ impl Default for Shutdown {
 /// The most header fields `limits.max_headers` may allow (a head of `max_header_bytes`
 /// holds fewer in practice).
 const MAX_HEADERS: usize = 10_000;
+/// The most bytes `limits.max_header_bytes` may allow (Envoy's ceiling).
+const MAX_HEADER_BYTES: usize = 8 * 1024 * 1024;
+/// The most `max_connections`, `max_in_flight` and the HTTP/2 stream counts may allow: a
+/// million is past what one process serves; a count of `usize::MAX` is no limit at all
+/// and sizes nothing well.
+const MAX_COUNT: usize = 1_000_000;
 /// The fewest: `Host`, a credential, and what clients send with them (`User-Agent`,
 /// `Accept`, a content type, a correlation id).
 const MIN_HEADERS: usize = 8;
@@ -152,22 +158,31 @@ impl Limits {
                 return Err(invalid(field, "must be greater than zero"));
             }
         }
-        if l.max_header_bytes < 1024 {
-            return Err(invalid("limits.max_header_bytes", "must be at least 1024"));
+        // Envoy's ceiling for a request head is 8 MiB, nginx's buffers a few KiB: a head of
+        // `usize::MAX` bytes was read whole (3 MB of one header answered 401, not 431).
+        if !(1024..=MAX_HEADER_BYTES).contains(&l.max_header_bytes) {
+            return Err(invalid(
+                "limits.max_header_bytes",
+                "must be from 1024 to 8388608 (8 MiB)",
+            ));
         }
         let counts = [
-            ("limits.max_headers", l.max_headers),
-            ("limits.max_connections", l.max_connections),
-            ("limits.max_in_flight", l.max_in_flight),
-            ("limits.h2_max_streams", l.h2_max_streams),
+            ("limits.max_headers", l.max_headers, usize::MAX),
+            ("limits.max_connections", l.max_connections, MAX_COUNT),
+            ("limits.max_in_flight", l.max_in_flight, MAX_COUNT),
+            ("limits.h2_max_streams", l.h2_max_streams, MAX_COUNT),
             (
                 "limits.h2_max_concurrent_streams",
                 l.h2_max_concurrent_streams as usize,
+                MAX_COUNT,
             ),
         ];
-        for (field, n) in counts {
+        for (field, n, most) in counts {
             if n == 0 {
                 return Err(invalid(field, "must be greater than zero"));
+            }
+            if n > most {
+                return Err(invalid(field, "must be at most 1000000"));
             }
         }
         // hyper sizes its header list by it: `usize::MAX` overflowed on the first body. And

@@ -198,10 +198,11 @@ impl Config {
         let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
             return Ok(());
         };
-        match &mut self.cluster {
-            Some(c) => c.redis = url,
-            None => self.cluster = Some(ClusterConfig::with_url(url)),
-        }
+        let cluster = self
+            .cluster
+            .get_or_insert_with(|| ClusterConfig::with_url(String::new()));
+        cluster.redis = url;
+        cluster.redis_from_env = true;
         // The value came from the environment, not the file: say so.
         self.validate_cluster().map_err(|e| match e {
             ConfigError::Invalid { field, reason } if field == "cluster.redis" => {

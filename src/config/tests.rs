@@ -48,10 +48,7 @@ fn bad_duration_names_field() {
     let e = err("limits: { max_connections: -3 }\n");
     assert!(e.starts_with("limits.max_connections: invalid type"), "{e}");
     let e = err("log: { bogus: 1 }\n");
-    assert!(
-        e.starts_with("log.bogus: log: unknown field `bogus`"),
-        "{e}"
-    );
+    assert!(e.starts_with("log.bogus: unknown field `bogus`"), "{e}");
     assert_eq!(
         Config::from_yaml(&format!("{MINIMAL}shutdown: {{ drain_delay: 250ms }}\n"))
             .unwrap()
@@ -765,6 +762,42 @@ fn durations_and_header_counts_past_their_bounds_name_the_field() {
             "{n}: {e}"
         );
     }
+    // A head of `usize::MAX` bytes was read whole (3 MB of one header answered 401, not 431).
+    let e = err("limits: { max_header_bytes: 18446744073709551615 }\n");
+    assert!(
+        e.starts_with("limits.max_header_bytes: must be from 1024 to 8388608"),
+        "{e}"
+    );
+    for field in [
+        "max_connections",
+        "max_in_flight",
+        "h2_max_streams",
+        "h2_max_concurrent_streams",
+    ] {
+        let e = err(&format!("limits: {{ {field}: 1000001 }}\n"));
+        assert!(
+            e.starts_with(&format!("limits.{field}: must be at most 1000000")),
+            "{e}"
+        );
+    }
+}
+
+/// A byte order mark before the document is YAML's, and taken: it made the first field
+/// another name (`missing field environment` for a config that has it on line 3).
+#[test]
+fn a_byte_order_mark_is_taken() {
+    let c = Config::from_yaml(&format!("\u{feff}{MINIMAL}")).unwrap();
+    assert_eq!(c.environment, "test");
+}
+
+/// A field of a section refused for its value is named once, whole: serde_yaml's own
+/// message names the section (`limits.upstream_timeout: limits: ...` before).
+#[test]
+fn a_refused_duration_names_its_field_once() {
+    let e = err("limits: { upstream_timeout: 10 s }\n");
+    assert!(e.starts_with("limits.upstream_timeout: "), "{e}");
+    assert!(!e.contains("limits: "), "{e}");
+    assert!(e.contains("like 10s, 250ms or 90m"), "{e}");
 }
 
 /// `MINIMAL` with `environment: test` replaced by `environment`'s line, then `extra`.

@@ -40,6 +40,9 @@ impl std::error::Error for YamlError {
 
 /// Deserialize YAML (JSON is a subset) reporting the dotted path of a failing field.
 pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
+    // YAML allows a byte order mark at the start, and editors on Windows write one; parsed
+    // as text, it made the first field name another ("missing field `environment`").
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| YamlError {
         path: e.path().to_string(),
@@ -48,8 +51,8 @@ pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
 }
 
 /// An error message led by where in the document it is (`keys[3].scopes: ...`), once:
-/// serde_yaml's own message often starts with the same path already. Where its path is
-/// shorter (custom errors, unknown fields), the exact one goes first.
+/// serde_yaml's own message often starts with the same path already, or a shorter one
+/// (custom errors, unknown fields): the exact one takes its place.
 pub fn located(path: &serde_path_to_error::Path, e: &impl std::fmt::Display) -> String {
     locate(&path.to_string(), e.to_string())
 }
@@ -62,9 +65,13 @@ pub(crate) fn locate(path: &str, message: String) -> String {
     if path.is_empty() || path == "." || named {
         return message;
     }
-    // serde_yaml names a list (`a.b`) where the exact path has the item (`a.b[1]`).
+    // serde_yaml names a list (`a.b`) where the exact path has the item (`a.b[1]`), or a
+    // section (`limits`) where it has the field (`limits.upstream_timeout`).
     if let Some((head, rest)) = split {
-        if path.strip_prefix(head).is_some_and(|i| i.starts_with('[')) {
+        if path
+            .strip_prefix(head)
+            .is_some_and(|i| i.starts_with(['[', '.']))
+        {
             return format!("{path}: {rest}");
         }
     }
@@ -75,13 +82,13 @@ pub(super) fn one_second() -> Duration {
     Duration::from_secs(1)
 }
 
-/// `10s`, `250ms`, `1m 30s`.
 /// A duration as the config writes them: whole numbers, each with a unit of `ms`, `s`, `m`,
 /// `h` or `d`, one after the other (`10s`, `250ms`, `1h30m`). Nothing else: a general parser
 /// read `90M` as 90 months (a `keys.max_age` that never fails closed) and `1y` as a year.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad =
-        || format!("{s:?} is not a duration like 10s, 250ms or 1h30m (units: ms, s, m, h, d)");
+    let bad = || {
+        format!("{s:?} is not a duration: whole numbers with units ms, s, m, h or d, like 10s, 250ms or 90m")
+    };
     let text = s.trim();
     let mut rest = text;
     let mut total = Duration::ZERO;
