@@ -83,6 +83,8 @@ pub struct Metrics {
     max_age: Gauge,
     ready: IntGauge,
     connections_refused: IntCounter,
+    /// HTTP/2 connections closed for control frames past their budget (`proxy::h2_guard`).
+    h2_floods: IntCounter,
     /// `evicted` and `refused`, resolved once.
     admin_closed: [IntCounter; 2],
 }
@@ -143,6 +145,10 @@ impl Metrics {
             "keyward_connections_refused_total",
             "Connections closed at accept because limits.max_connections were open (both traffic listeners).",
         )?;
+        let h2_floods = IntCounter::new(
+            "keyward_h2_floods_total",
+            "HTTP/2 connections closed because their client sent WINDOW_UPDATE, PRIORITY, PRIORITY_UPDATE, SETTINGS, PING or unknown-type frames past their budget (both traffic listeners).",
+        )?;
         let admin_closed = IntCounterVec::new(
             Opts::new(
                 "keyward_admin_connections_closed_total",
@@ -188,6 +194,7 @@ impl Metrics {
         registry.register(Box::new(max_age.clone()))?;
         registry.register(Box::new(ready.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
+        registry.register(Box::new(h2_floods.clone()))?;
         registry.register(Box::new(admin_closed.clone()))?;
         if let Some(k) = &key_expiry {
             registry.register(Box::new(k.clone()))?;
@@ -224,6 +231,7 @@ impl Metrics {
             max_age,
             ready,
             connections_refused,
+            h2_floods,
             admin_closed: ADMIN_CLOSED.map(|why| admin_closed.with_label_values(&[why])),
         })
     }
@@ -231,6 +239,11 @@ impl Metrics {
     /// The counter the accept loops count refused connections in.
     pub fn connections_refused(&self) -> IntCounter {
         self.connections_refused.clone()
+    }
+
+    /// The counter HTTP/2 connections closed for a flood of control frames count in.
+    pub fn h2_floods(&self) -> IntCounter {
+        self.h2_floods.clone()
     }
 
     /// An admin connection closed to keep the admin listener's bounds: `why` is one of

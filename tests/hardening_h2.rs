@@ -2,6 +2,7 @@
 //! zero flow-control window, HTTP/1.1 unread sockets), connections that are only ever
 //! refused, and what reaches the upstream of forwarding, override, Host and framing headers.
 
+mod decision_support;
 mod support;
 use support::*;
 
@@ -1611,5 +1612,136 @@ async fn http2_streams_are_granted_from_one_budget() {
     // A granted connection serves as before.
     let got = get_h2c(&kw.url("/after"), &[("x-api-key", KEY)]).await;
     assert_eq!(got.status, 200, "{}", got.text());
+    kw.shutdown().await;
+}
+
+/// Frames a flooding client sends between two PINGs: keyward has read every frame before
+/// the PING's ACK comes back, so the frame that closes the connection is known to a batch.
+const FLOOD_BATCH: usize = 100;
+
+/// Open an h2c connection to `addr` and send `frame` over and over, a PING after every
+/// [`FLOOD_BATCH`], waiting for each ACK. The frames sent before keyward closed the
+/// connection, or `None` if it had not after `most`.
+async fn flood_frames(addr: SocketAddr, frame: &[u8], most: usize) -> Option<usize> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[]));
+    s.write_all(&hello).await.unwrap();
+    let batch = frame.repeat(FLOOD_BATCH);
+    let mut sent = 0;
+    while sent < most {
+        let ping = h2_frame(0x6, 0, 0, &(sent as u64).to_be_bytes());
+        let written = async {
+            s.write_all(&batch).await?;
+            s.write_all(&ping).await
+        };
+        if written.await.is_err() || !ping_acked(&mut s, sent as u64).await {
+            return Some(sent);
+        }
+        sent += FLOOD_BATCH;
+    }
+    None
+}
+
+/// Read frames until the ACK of the PING carrying `id`: `false` if the connection ends first.
+async fn ping_acked(s: &mut TcpStream, id: u64) -> bool {
+    let mut header = [0u8; 9];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut header))
+            .await
+            .expect("a frame or the end within 5 s");
+        if read.is_err() {
+            return false;
+        }
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        if s.read_exact(&mut payload).await.is_err() {
+            return false;
+        }
+        if header[3] == 0x6 && header[4] & 0x1 == 1 && payload == id.to_be_bytes() {
+            return true;
+        }
+    }
+}
+
+/// The frames of the floods keyward bounds: WINDOW_UPDATE of 1 on the connection,
+/// PRIORITY on an idle stream, PRIORITY_UPDATE, and a frame of an unknown type.
+fn flood_kinds() -> [(&'static str, Vec<u8>); 4] {
+    [
+        ("WINDOW_UPDATE", h2_frame(0x8, 0, 0, &[0, 0, 0, 1])),
+        ("PRIORITY", h2_frame(0x2, 0, 3, &[0, 0, 0, 0, 16])),
+        ("PRIORITY_UPDATE", h2_frame(0x10, 0, 0, &[0, 0, 0, 5, b'u'])),
+        ("unknown type 0x77", h2_frame(0x77, 0, 0, &[1, 2, 3])),
+    ]
+}
+
+/// A client that opens an HTTP/2 connection and sends only frames that ask for work and
+/// carry no request (WINDOW_UPDATE, PRIORITY, PRIORITY_UPDATE, unknown types) has it
+/// closed after about a thousand, and counted. Before, keyward parsed all it was sent (89 M
+/// WINDOW_UPDATEs in 11 s, a core) until `header_read_timeout`. Ordinary clients are
+/// untouched: a request, and a long download whose client sends a WINDOW_UPDATE for each
+/// of its 1,024 DATA frames or more (the budget before any DATA is 1,000). The PINGs that
+/// pace the flood count with the control frames: those floods end after 900 frames.
+#[tokio::test]
+async fn an_h2_control_frame_flood_closes_its_connection_and_downloads_go_on() {
+    let up = upstream()
+        .route("/big", Reply::Bytes(16 << 20))
+        .spawn()
+        .await;
+    let kw = spawn_proxy(up.addr, "").await;
+    for (n, (kind, frame)) in flood_kinds().into_iter().enumerate() {
+        let sent = flood_frames(kw.addr, &frame, 20_000).await;
+        let sent = sent.unwrap_or_else(|| panic!("a {kind} flood left open"));
+        assert!((900..=1100).contains(&sent), "{kind}: closed after {sent}");
+        assert_eq!(kw.app.metrics.h2_floods().get(), n as u64 + 1, "{kind}");
+    }
+    let r = get_h2c(&kw.url("/v1/items"), &[("x-api-key", KEY)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(long_download(kw.addr, "/big").await, 16 << 20);
+    assert_eq!(metric_value(&kw, "keyward_h2_floods_total").await, 4.0);
+    kw.shutdown().await;
+}
+
+/// GET `path` with the test key over an h2c client whose stream window (16 KiB, one DATA
+/// frame) makes it send a WINDOW_UPDATE after every DATA frame, and more for the
+/// connection; the body's length.
+async fn long_download(addr: SocketAddr, path: &str) -> usize {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(16_384)
+        .initial_connection_window_size(16_384)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .header("x-api-key", KEY)
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).expect("send");
+    let resp = resp.await.expect("response head");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut len = 0;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("the whole body");
+        len += chunk.len();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+    }
+    drop((client, body));
+    conn.abort();
+    len
+}
+
+/// The decision listener's HTTP/2 connections are bounded alike.
+#[tokio::test]
+async fn the_decision_listener_closes_an_h2_control_frame_flood() {
+    let kw = decision_support::spawn_decider(None, "").await;
+    let (kind, frame) = &flood_kinds()[0];
+    let sent = flood_frames(kw.decision, frame, 20_000).await;
+    let sent = sent.unwrap_or_else(|| panic!("a {kind} flood left open"));
+    assert!((900..=1100).contains(&sent), "{kind}: closed after {sent}");
+    assert_eq!(kw.app.metrics.h2_floods().get(), 1);
     kw.shutdown().await;
 }

@@ -6,13 +6,14 @@
 //! builds what is forwarded, `forward` talks to the upstream over `pool`'s connections
 //! (`upstream_target`: TCP or a Unix socket; `tunnel` for upgrades; `h1`, keyward's own
 //! HTTP/1.1 client for requests without a body, hyper's for the rest), `respond` writes
-//! keyward's own answers, `writing` bounds a stalled client, `streams` the HTTP/2 streams held, `worker` is what one worker
+//! keyward's own answers, `writing` bounds a stalled client, `streams` the HTTP/2 streams held, `h2_guard` the control frames an HTTP/2 client may send, `worker` is what one worker
 //! thread owns (its pool, its metrics shard).
 
 pub mod balance;
 pub mod conn;
 pub mod forward;
 pub mod h1;
+pub mod h2_guard;
 pub mod handler;
 pub mod head;
 pub mod headers;

@@ -132,8 +132,13 @@ pub fn http1_builder(limits: &Limits) -> hyper::server::conn::http1::Builder {
     builder
 }
 
-/// Both of hyper's servers, for a listener.
-pub fn hyper_servers(limits: &Limits, streams: StreamBudget) -> h1::server::Hyper {
+/// Both of hyper's servers, for a listener. `floods` counts the HTTP/2 connections closed
+/// for their control frames (`keyward_h2_floods_total`).
+pub fn hyper_servers(
+    limits: &Limits,
+    streams: StreamBudget,
+    floods: prometheus::IntCounter,
+) -> h1::server::Hyper {
     let shares = super::streams::shares(limits.h2_max_concurrent_streams);
     let http2 = shares
         .iter()
@@ -148,6 +153,7 @@ pub fn hyper_servers(limits: &Limits, streams: StreamBudget) -> h1::server::Hype
         http2,
         shares,
         streams,
+        floods,
     }
 }
 
@@ -169,7 +175,11 @@ pub async fn serve<D, F>(
     D: Fn(Arc<Serving>, Request<RequestBody>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<super::Body>, std::convert::Infallible>> + Send + 'static,
 {
-    let hyper = Arc::new(hyper_servers(&app.config.limits, app.h2_streams.clone()));
+    let hyper = Arc::new(hyper_servers(
+        &app.config.limits,
+        app.h2_streams.clone(),
+        app.metrics.h2_floods(),
+    ));
     let fast = fast_server(&app.config).map(Arc::new);
     // Every connection task (and tunnel) holds a receiver: `drain_tx.closed()` resolves
     // when all are gone.

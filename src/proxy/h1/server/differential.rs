@@ -127,6 +127,7 @@ async fn run(case: &Case, fast: bool) -> Vec<u8> {
         let builder = crate::proxy::server::hyper_servers(
             &Limits::default(),
             crate::proxy::streams::StreamBudget::new(4096),
+            prometheus::IntCounter::new("h2_floods", "unregistered").expect("a valid name"),
         );
         let settings = settings();
         let fast = fast.then_some(&settings);

@@ -38,6 +38,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use super::codec::may_end_head;
+use crate::proxy::h2_guard::H2Guard;
 use crate::proxy::streams::Holder;
 use crate::proxy::RequestBody;
 use request::Parsed;
@@ -127,6 +128,8 @@ pub struct Hyper {
     pub shares: Vec<u32>,
     /// What the shares are granted from, every listener's.
     pub streams: crate::proxy::streams::StreamBudget,
+    /// `keyward_h2_floods_total`: HTTP/2 connections closed by their [`H2Guard`].
+    pub floods: prometheus::IntCounter,
 }
 
 /// The protocol a connection's TLS handshake agreed on (ALPN). Once agreed, the
@@ -198,7 +201,9 @@ where
         // Its streams, granted for as long as it is open.
         let (i, _share) = hyper.streams.grant(&hyper.shares, holder);
         // Not `auto`'s upgradeable connection, which reads the protocol from the bytes
-        // whatever it is limited to. HTTP/2 has no upgrades to serve.
+        // whatever it is limited to. HTTP/2 has no upgrades to serve. Its control frames
+        // are counted (HTTP/1.1 pays nothing for it).
+        let io = H2Guard::new(io, hyper.floods.clone());
         let conn = hyper.http2[i].serve_connection(TokioIo::new(io), to_hyper);
         tokio::select! {
             biased;
