@@ -676,3 +676,55 @@ async fn the_admin_log_bounds_what_the_caller_chose_and_never_echoes_an_unknown_
         "the pasted key was logged"
     );
 }
+
+/// A client that gives up on an allowed request is counted as gone (499
+/// `client_closed_request`, decision `allowed`) and its line names the key it came with,
+/// whether it left while the upstream was slow or in the middle of its body. Before, a
+/// body broken off by the client's close was a `denied` 400 `bad_request`, and a request
+/// left waiting on the upstream was logged without its key.
+#[tokio::test]
+async fn a_request_its_client_gives_up_is_a_499_naming_its_key() {
+    use tokio::io::AsyncWriteExt;
+    let up = upstream()
+        .route("/slow", Reply::After(std::time::Duration::from_secs(3)))
+        .spawn()
+        .await;
+    let bin = start(up.addr, "log: { format: json, level: info }\n", &[]).await;
+    let in_flight = || async {
+        scrape(&bin.admin_url("/metrics"))
+            .await
+            .get("keyward_in_flight_requests", &[])
+    };
+    let heads = [
+        format!("GET /slow HTTP/1.1\r\nhost: x\r\nx-api-key: {SERVICE_KEY}\r\n\r\n"),
+        format!(
+            "POST /v1/up HTTP/1.1\r\nhost: x\r\nx-api-key: {SERVICE_KEY}\r\ncontent-length: 1000\r\n\r\n0123456789"
+        ),
+    ];
+    for head in heads {
+        let mut client = tokio::net::TcpStream::connect(bin.addr()).await.unwrap();
+        client.write_all(head.as_bytes()).await.unwrap();
+        eventually("the request is under way", || async {
+            in_flight().await == 1.0
+        })
+        .await;
+        drop(client);
+        eventually("the request is over", || async { in_flight().await == 0.0 }).await;
+    }
+    let s = scrape(&bin.admin_url("/metrics")).await;
+    let gone = [("code", "client_closed_request"), ("decision", "allowed")];
+    assert_eq!(s.get("keyward_requests_total", &gone), 2.0, "{}", s.text);
+    let refused = [("code", "bad_request"), ("decision", "denied")];
+    assert_eq!(s.get("keyward_requests_total", &refused), 0.0, "{}", s.text);
+    let (_, stderr, _) = bin.terminate().await;
+    let logs = json_lines(&stderr);
+    let gone: Vec<_> = logs
+        .iter()
+        .filter(|l| l["target"] == "keyward::access" && l["status"] == 499)
+        .collect();
+    assert_eq!(gone.len(), 2, "{logs:?}");
+    for line in gone {
+        assert_eq!(line["code"], "client_closed_request", "{line}");
+        assert_eq!(line["key_id"], "key_demo_service", "{line}");
+    }
+}

@@ -121,6 +121,9 @@ pub enum Reject {
     BadRequest(BadRequest),
     /// The request head is larger than `limits.max_header_bytes` (431; not in SPEC 6).
     HeadersTooLarge,
+    /// The client went away while its request was under way (its body broke off at the
+    /// connection's end): nothing reaches it; counted and logged as nginx's 499.
+    ClientGone,
 }
 
 /// What made a request a 400.
@@ -229,6 +232,7 @@ impl Reject {
             Reject::AuthUnavailable => Code::AuthUnavailable,
             Reject::BadRequest(_) => Code::BadRequest,
             Reject::HeadersTooLarge => Code::HeadersTooLarge,
+            Reject::ClientGone => Code::ClientClosed,
         }
     }
 
@@ -258,6 +262,7 @@ impl Reject {
             Reject::BadRequest(BadRequest::DelegateHeader) => "Malformed x-delegate-account-id",
             Reject::BadRequest(BadRequest::Host) => "Malformed request head",
             Reject::HeadersTooLarge => "Request header fields too large",
+            Reject::ClientGone => "Client closed the request",
             Reject::BadRequest(BadRequest::Body) => "Malformed or incomplete request body",
             Reject::BadRequest(BadRequest::BodyStalled) => "Request body stalled",
             Reject::BadRequest(BadRequest::Connect) => "Method not proxied",

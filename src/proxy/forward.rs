@@ -53,6 +53,9 @@ pub enum ProxyError {
     /// The client's request body fell below `limits.body_min_rate`.
     #[error("request body too slow")]
     BodyTooSlow,
+    /// The client went away mid-body (its connection closed or reset).
+    #[error("the client went away during its request body")]
+    ClientGone,
     /// The client's request body came in chunks too small to be anything but a flood.
     #[error("request body in chunks too small")]
     BodyFragmented,
@@ -76,6 +79,7 @@ impl ProxyError {
             | ProxyError::BodyStalled(_)
             | ProxyError::BodyTooSlow
             | ProxyError::BodyFragmented
+            | ProxyError::ClientGone
             | ProxyError::KeyGone(_) => UpstreamErrorKind::Other,
         }
     }
@@ -88,6 +92,7 @@ impl ProxyError {
                 | ProxyError::BodyStalled(_)
                 | ProxyError::BodyTooSlow
                 | ProxyError::BodyFragmented
+                | ProxyError::ClientGone
                 | ProxyError::KeyGone(_)
         )
     }
@@ -102,6 +107,7 @@ impl ProxyError {
                 crate::auth::Reject::BadRequest(crate::auth::reject::BadRequest::BodyStalled)
             }
             ProxyError::KeyGone(reject) => reject.clone(),
+            ProxyError::ClientGone => crate::auth::Reject::ClientGone,
             _ => crate::auth::Reject::UpstreamUnavailable,
         }
     }
@@ -455,11 +461,29 @@ fn send_error(e: hyper::Error) -> ProxyError {
         Some(UploadError::Stalled(gap)) => ProxyError::BodyStalled(*gap),
         Some(UploadError::TooSlow(_)) => ProxyError::BodyTooSlow,
         Some(UploadError::KeyGone(reject)) => ProxyError::KeyGone(reject.clone()),
+        Some(UploadError::Client(inner)) if client_went_away(inner) => ProxyError::ClientGone,
         Some(UploadError::Client(_)) => ProxyError::RequestBody(e),
         Some(UploadError::Fragmented) => ProxyError::BodyFragmented,
         Some(UploadError::Overload) => ProxyError::Exchange(e),
         None => ProxyError::Exchange(e),
     }
+}
+
+/// Did the client's body break off because its connection ended (closed or reset), rather
+/// than for its framing? Then the client is gone, not wrong: 499, not a `denied` 400.
+fn client_went_away(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind as K;
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = src {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
+            );
+        }
+        src = err.source();
+    }
+    e.is_incomplete_message() || e.is_canceled()
 }
 
 /// The request body's own error, if that is why hyper failed the exchange (every body sent

@@ -99,8 +99,8 @@ pub async fn handle(
     let target = req.uri().clone();
     let logged = app.policy.logged_method(&method);
     let mut unanswered = Unanswered::new(worker, &app.policy, &cid, logged, &target, start);
-    let mut trace = Trace::default();
-    let (mut resp, code) = match proxy(&serving, req, &target, &cid, &mut trace).await {
+    let trace = &mut unanswered.trace;
+    let (mut resp, code) = match proxy(&serving, req, &target, &cid, trace).await {
         Ok(resp) => (resp, Code::Ok),
         Err(reject) => (refusal(&reject, &cid, http2), reject.code()),
     };
@@ -110,7 +110,14 @@ pub async fn handle(
     unanswered.answered();
     let elapsed = start.elapsed();
     worker.metrics().record_request(code, elapsed);
-    access_log(&cid, logged, resp.status(), code, &trace, elapsed);
+    access_log(
+        &cid,
+        logged,
+        resp.status(),
+        code,
+        &unanswered.trace,
+        elapsed,
+    );
     Ok(resp)
 }
 
@@ -128,6 +135,9 @@ pub struct Unanswered<'a> {
     policy: &'a crate::auth::Policy,
     start: Instant,
     armed: bool,
+    /// What the phases learnt of the request (its path, its key): the line of a request
+    /// given up after its key was identified names the key, as an answered one does.
+    pub trace: Trace<'a>,
 }
 
 impl<'a> Unanswered<'a> {
@@ -147,6 +157,7 @@ impl<'a> Unanswered<'a> {
             policy,
             start,
             armed: true,
+            trace: Trace::default(),
         }
     }
 
@@ -165,12 +176,12 @@ impl Drop for Unanswered<'_> {
         self.worker
             .metrics()
             .record_request(Code::ClientClosed, elapsed);
-        let path = self.target.path();
-        let trace = Trace {
-            logged: loggable(self.policy, path, None, &[]),
-            path: Some(Cow::Borrowed(path)),
-            ..Trace::default()
-        };
+        let mut trace = std::mem::take(&mut self.trace);
+        if trace.path.is_none() {
+            let path = self.target.path();
+            trace.logged = loggable(self.policy, path, None, &[]);
+            trace.path = Some(Cow::Borrowed(path));
+        }
         let code = Code::ClientClosed;
         access_log(self.cid, self.method, code.status(), code, &trace, elapsed);
     }
