@@ -76,6 +76,50 @@ fn digest_segments(path: &str) -> u64 {
     })
 }
 
+/// The segments of `path` that key material split over several segments runs across
+/// (`/` is a symbol of standard base64, and a client may split what it pastes): a run of
+/// whole segments whose joined text holds a digest or a generated key ([`digest_shaped`],
+/// `/` kept), each of its segments long enough to hold a real part of it
+/// ([`SPLIT_PIECE`]). Shorter ones stay: `/v1` beside a digest is no part of it.
+fn spanning_digest_segments(path: &str) -> u64 {
+    if path.len() < BASE64_RUN {
+        return 0;
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    let material = |s: &str| {
+        !s.is_empty()
+            && s.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(b, b'_' | b'-' | b'+' | b'=' | b'%' | b':' | b'.')
+            })
+    };
+    let mut doomed = 0;
+    let mut start = 0;
+    while start < segments.len() {
+        let end = (start..segments.len())
+            .find(|&i| !material(segments[i]))
+            .unwrap_or(segments.len());
+        let run = &segments[start..end];
+        if run.len() >= 2 {
+            let joined = run.join("/");
+            if joined.len() >= BASE64_RUN
+                && digest_shaped(crate::path::as_decoded(&joined).as_bytes())
+            {
+                for (i, s) in run.iter().enumerate() {
+                    if s.len() >= SPLIT_PIECE {
+                        doomed |= bit(start + i);
+                    }
+                }
+            }
+        }
+        start = end + 1;
+    }
+    doomed
+}
+
+/// The shortest segment [`spanning_digest_segments`] redacts.
+const SPLIT_PIECE: usize = 8;
+
 /// The bits of the segments of `path` that `doomed` picks.
 fn segment_bits(path: &str, doomed: impl Fn(&str) -> bool) -> u64 {
     path.split('/')
@@ -95,17 +139,31 @@ const HEX_RUN: usize = 64;
 /// generated key? Such a run is key material whether or not its key is in the snapshot or
 /// the request: it is never logged or echoed (a correlation id, a path segment). A base64
 /// run must look random ([`random_looking`]): a long slug (`How-To-Upgrade-To-Version2-In-10-Minutes`)
-/// or a W3C `traceparent` is none; UUIDs and ULIDs are shorter. Not caught, as a path's
-/// own segments look the same: a digest split across path segments (a standard base64
-/// digest's `/`), or in an encoding of fewer symbols (base32).
+/// or a W3C `traceparent` is none; UUIDs and ULIDs are shorter. A standard base64 digest
+/// may hold `/`; base32 (52 symbols of one case) is caught too.
 pub fn digest_shaped(v: &[u8]) -> bool {
-    let hex_group = |b: &u8| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'-');
-    let base64 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+' | b'=');
+    let hex_group = |b: &u8| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'-' | b'/');
+    let base64 =
+        |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'+' | b'=' | b'/');
     v.split(|b| !hex_group(b))
         .any(|run| run.iter().filter(|b| b.is_ascii_hexdigit()).count() >= HEX_RUN)
         || v.split(|b| !base64(b))
             .any(|run| run.len() >= BASE64_RUN && random_looking(run))
+        || v.split(|b| !b.is_ascii_alphanumeric()).any(base32_digest)
 }
+
+/// A SHA-256 digest in base32 (RFC 4648): 52 symbols or more of one case, letters and the
+/// digits 2 to 7, several of each (no word is written so).
+fn base32_digest(run: &[u8]) -> bool {
+    let symbol = |b: &u8, letter: fn(&u8) -> bool| letter(b) || (b'2'..=b'7').contains(b);
+    let upper = run.iter().all(|b| symbol(b, u8::is_ascii_uppercase));
+    let lower = run.iter().all(|b| symbol(b, u8::is_ascii_lowercase));
+    let digits = run.iter().filter(|b| b.is_ascii_digit()).count();
+    run.len() >= BASE32_RUN && (upper || lower) && digits >= 4 && run.len() - digits >= 26
+}
+
+/// A SHA-256 digest in unpadded base32.
+const BASE32_RUN: usize = 52;
 
 /// Does `run` look like random base64: upper case, lower case and digits (43 random
 /// characters all but surely hold each: one in a thousand has no digit), and either a
@@ -117,7 +175,7 @@ fn random_looking(run: &[u8]) -> bool {
         && run.iter().any(u8::is_ascii_lowercase)
         && run.iter().any(u8::is_ascii_digit);
     let longest_word = run
-        .split(|b| matches!(b, b'-' | b'_'))
+        .split(|b| matches!(b, b'-' | b'_' | b'/'))
         .map(<[u8]>::len)
         .max()
         .unwrap_or(0);
@@ -418,7 +476,8 @@ impl Policy {
             // headers are gone): every segment long enough to be one.
             segment_bits(&path, long)
         } | self.assigning_segments(&path)
-            | digest_segments(&path);
+            | digest_segments(&path)
+            | spanning_digest_segments(&path);
         if doomed == 0 {
             return path;
         }
@@ -721,6 +780,44 @@ mod tests {
             (
                 "/t/00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                 "/t/00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            // Split across segments (a client's, or standard base64's own `/`), or base32.
+            (
+                &*format!("/d/{}/{}", &HEX[..32], &HEX[32..]),
+                "/d/[redacted]/[redacted]",
+            ),
+            (
+                &*format!("/d/{}/{}/{}/x", &HEX[..20], &HEX[20..40], &HEX[40..]),
+                "/d/[redacted]/[redacted]/[redacted]/x",
+            ),
+            (
+                "/d/xv/LMCl6Fy9WR3m83PfUc5TqFKcfzAeNhXNh3GWov34=",
+                "/d/xv/[redacted]",
+            ),
+            (
+                "/d/xv%2FLMCl6Fy9WR3m83PfUc5TqFKcfzAeNhXNh3GWov34=",
+                "/d/[redacted]",
+            ),
+            (
+                "/d/Y374WMBJPILS6VSHPG6NZ56UOOKOUFFHD7GAPDMFONQ5YZNIX57A",
+                "/d/[redacted]",
+            ),
+            (
+                "/d/wyO241cBfvGm8IVnayeRy/NrZEbjxiPkceo0dYANV6G4",
+                "/d/[redacted]/[redacted]",
+            ),
+            (
+                "/d/sta_wyO241cB/fvGm8IVnayeRyNrZEbjxiPkceo0dYANV6G4",
+                "/d/[redacted]/[redacted]",
+            ),
+            // Ordinary segments side by side are kept.
+            (
+                "/api/v1/organizations/Acme2024/projects/Proj9x/repositories/Repo42",
+                "/api/v1/organizations/Acme2024/projects/Proj9x/repositories/Repo42",
+            ),
+            (
+                "/objects/5f8d0a1b2c3d4e5f6a7b8c9d/children/5f8d0a1b2c3d4e5f6a7b8c9e",
+                "/objects/5f8d0a1b2c3d4e5f6a7b8c9d/children/5f8d0a1b2c3d4e5f6a7b8c9e",
             ),
         ] {
             assert_eq!(screened(path), logged, "{path}");
