@@ -271,7 +271,7 @@ impl Cluster {
 
     /// A call of `op` failed with `err`: counted, and Redis marked down when `err` says it
     /// cannot serve (see [`ClusterError::is_unreachable`]).
-    pub fn failed(&self, op: Op, err: &ClusterError) {
+    fn failed(&self, op: Op, err: &ClusterError) {
         // A connection dropped under us is made again by the caller, not a failed call
         // (an idle timeout in Redis would otherwise count errors steadily).
         if !err.is_dropped() {

@@ -52,7 +52,13 @@ enum State {
         retry_at: Instant,
         failures: u32,
     },
-    Connecting,
+    /// A connect is under way; `waited_out` once a caller waited for it to its deadline:
+    /// the callers after it do not wait for the same connect (a Redis that takes
+    /// connections and answers nothing made every limited request wait its whole deadline,
+    /// for as long as each connect took, 500 ms).
+    Connecting {
+        waited_out: bool,
+    },
     Up(MultiplexedConnection),
 }
 
@@ -73,12 +79,13 @@ impl Slot {
         let mut state = self.lock();
         let failures = match &*state {
             State::Up(c) => return Next::Use(c.clone()),
-            State::Connecting => return Next::Wait,
+            State::Connecting { waited_out: false } => return Next::Wait,
+            State::Connecting { waited_out: true } => return Next::GiveUp,
             State::Backoff { retry_at, .. } if now < *retry_at => return Next::GiveUp,
             State::Backoff { failures, .. } => *failures,
             State::Idle => 0,
         };
-        *state = State::Connecting;
+        *state = State::Connecting { waited_out: false };
         Next::Connect(failures)
     }
 }
@@ -86,10 +93,11 @@ impl Slot {
 /// Why [`ThreadConns::get`] gave no connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoConnection {
-    /// The last connect failed; the next is not due yet. Not waited for.
+    /// The last connect failed and the next is not due yet, or a caller already waited the
+    /// connect under way out. Not waited for.
     BackingOff,
-    /// A connect did not end within the caller's deadline: a Redis that takes connections
-    /// but answers nothing (stopped, hung), which cost the request its whole deadline.
+    /// A connect did not end within the caller's deadline (a Redis that takes connections
+    /// but answers nothing, or a thread too busy to finish it): this caller waited it out.
     TimedOut,
 }
 
@@ -130,9 +138,12 @@ impl ThreadConns {
                     tokio::spawn(connect(slot.clone(), self.cluster.clone(), failures));
                 }
             }
-            tokio::time::timeout_at(deadline, changed)
-                .await
-                .map_err(|_| NoConnection::TimedOut)?;
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                if let State::Connecting { waited_out } = &mut *slot.lock() {
+                    *waited_out = true;
+                }
+                return Err(NoConnection::TimedOut);
+            }
         }
     }
 
@@ -212,6 +223,11 @@ mod tests {
         assert!(
             matches!(slot.next(now), Next::Wait),
             "one connect at a time"
+        );
+        *slot.lock() = State::Connecting { waited_out: true };
+        assert!(
+            matches!(slot.next(now), Next::GiveUp),
+            "a connect one caller waited out is not waited for again"
         );
         *slot.lock() = State::Backoff {
             retry_at: now + backoff(1),
