@@ -157,6 +157,25 @@ async fn a_body_in_small_chunks_is_forwarded_in_large_ones_and_a_flood_of_tiny_o
     }
 }
 
+/// A client that half-closes mid-body (it sends no more, but reads) is gone as far as its
+/// request goes (499), and the status line it reads says so: `Client Closed Request`, not
+/// hyper's `<none>` for a status without a standard reason.
+#[tokio::test]
+async fn a_client_that_half_closes_mid_body_reads_a_named_499() {
+    let up = spawn_upstream().await;
+    let kw = spawn_proxy(up.addr, "").await;
+    let req = head("POST", "/v1/half", "Content-Length: 100\r\n") + &"a".repeat(50);
+    let mut s = TcpStream::connect(kw.addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.shutdown().await.unwrap();
+    let r = Reply::until_closed(&mut s, Vec::new()).await;
+    assert!(
+        r.text.starts_with("HTTP/1.1 499 Client Closed Request\r\n"),
+        "{}",
+        r.text
+    );
+}
+
 /// A length the client spelled with leading zeros (`005`, valid) reaches the app as the
 /// number keyward framed the body by: an app whose parser reads it otherwise, or refuses
 /// it, would frame the body differently.

@@ -856,32 +856,29 @@ async fn spellings_of_a_credential_header_never_reach_the_app() {
     }
 }
 
-/// With `forward_credential: true` the app gets the credential headers as sent: a second
-/// key in one (another scheme's value, a bare word, a `Basic` user or password, as lenient
-/// base64 decoders read it too) beside the key checked reached it unchecked, under the
-/// identity headers of the first (an app reading its key from `Authorization` acted as
-/// that key, revoked or another's). Refused as two keys are: 401 `invalid_auth_header`.
-/// The same key twice, or a `Basic` login that is no key, pass.
+/// With `forward_credential: true` the app gets the credential headers as sent: a value in
+/// one that no configured scheme reads (a bare word, another scheme's, `Basic`, `Digest`)
+/// reached it beside the identity of the key checked, and an app reading its key from
+/// `Authorization` acted as whatever key that value held (revoked, another's, a key
+/// without a prefix, or one behind an encoding). No scan of the value tells a key in it
+/// (and one cost ~50 times a request's CPU), so any such value is refused as ambiguous:
+/// 401 `invalid_auth_header`. The key checked, sent twice, passes.
 #[tokio::test]
 async fn a_second_key_in_a_credential_header_is_never_forwarded_unchecked() {
     use base64::Engine as _;
     let up = spawn_upstream().await;
     let kw = spawn_proxy(up.addr, "forward_credential: true\n").await;
-    let encode = |login: &str| base64::engine::general_purpose::STANDARD.encode(login);
-    let basic = |login: &str| format!("Basic {}", encode(login));
-    // What lenient decoders (Python's, Node's) read the same: a stray space or `!`.
-    let hidden = encode(&format!("u:{DISABLED_KEY}"));
-    let unknown = "sta_not_in_the_snapshot_0123456789ab";
+    let basic = |login: &str| {
+        let login = base64::engine::general_purpose::STANDARD.encode(login);
+        format!("Basic {login}")
+    };
     for authorization in [
         PERSONAL_KEY.to_string(),
-        format!("ApiKey {PERSONAL_KEY}"),
         format!("ApiKey {DISABLED_KEY}"),
-        format!("ApiKey {unknown}"),
         format!("Digest username=\"{DISABLED_KEY}\", realm=\"app\""),
-        basic(&format!("{PERSONAL_KEY}:pw")),
         basic(&format!("u:{DISABLED_KEY}")),
-        format!("Basic {} {}", &hidden[..20], &hidden[20..]),
-        format!("Basic !{hidden}"),
+        basic("alice:pw"),
+        format!("AWS4-HMAC-SHA256 Credential={DISABLED_KEY}/20240101/us-east-1/s3/aws4_request"),
     ] {
         let headers = [
             ("x-api-key", SERVICE_KEY),
@@ -891,22 +888,11 @@ async fn a_second_key_in_a_credential_header_is_never_forwarded_unchecked() {
         assert_eq!(r.status, 401, "{authorization}: {}", r.text());
         assert_eq!(r.code(), "invalid_auth_header", "{authorization}");
     }
-    // The same key twice is one key; a login that is no key is the app's, even one with a
-    // prefix inside a word.
-    for authorization in [
-        format!("ApiKey {SERVICE_KEY}"),
-        basic("alice:pw"),
-        basic("costa_rica:secret"),
-        basic("alice:compat_mode1"),
-    ] {
-        let headers = [
-            ("x-api-key", SERVICE_KEY),
-            ("authorization", &authorization),
-        ];
-        let r = get(&kw.url("/x"), &headers).await;
-        assert_eq!(r.status, 200, "{authorization}: {}", r.text());
-        assert_eq!(up.last().headers["authorization"], authorization.as_str());
-    }
+    let same = format!("Token {SERVICE_KEY}");
+    let headers = [("x-api-key", SERVICE_KEY), ("authorization", &same)];
+    let r = get(&kw.url("/x"), &headers).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.last().headers["authorization"], same.as_str());
     kw.shutdown().await;
 }
 

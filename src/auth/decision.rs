@@ -89,9 +89,11 @@ fn identify<'s>(
             missing: e == CredentialError::Missing,
         }
     })?;
-    // Forwarded, a second key in a credential header (another scheme's value) reaches the
-    // app unchecked beside the identity of the one checked: ambiguous, as two keys are.
-    if policy.forward_credential && second_key_in_a_credential_header(req, snapshot, policy, &raw) {
+    // Forwarded, a credential header's value keyward did not read (another scheme's) would
+    // reach the app beside the identity of the key checked: ambiguous, as two keys are.
+    if policy.forward_credential
+        && credential::carries_unread_value(req.headers, &policy.credentials)
+    {
         return Err(Reject::InvalidAuthHeader { missing: false });
     }
     let prefix = policy.prefix_rule(&raw);
@@ -108,32 +110,6 @@ fn identify<'s>(
         }
     }
     Ok(key)
-}
-
-/// Most tokens of an unread credential value looked up in the snapshot: past it the value
-/// is refused unlooked (a header of that many tokens is no one's credential).
-const MAX_UNREAD_LOOKUPS: usize = 64;
-
-/// Does a credential header carry, in a value keyward does not read, a key other than
-/// `raw`: a token that starts with a configured prefix (at its start: `costa_rica` is no
-/// `sta_` key) or is a key of the snapshot ([`credential::carries_unread_key`])?
-fn second_key_in_a_credential_header(
-    req: &AuthRequest<'_>,
-    snapshot: &Snapshot,
-    policy: &Policy,
-    raw: &[u8],
-) -> bool {
-    let mut lookups = 0;
-    credential::carries_unread_key(req.headers, &policy.credentials, |t| {
-        if t == raw || !(credential::MIN_KEY_LEN..=credential::MAX_KEY_LEN).contains(&t.len()) {
-            return false;
-        }
-        if policy.starts_with_prefix(t) {
-            return true;
-        }
-        lookups += 1;
-        lookups > MAX_UNREAD_LOOKUPS || snapshot.lookup(&keys::digest(t)).is_some()
-    })
 }
 
 /// What a known key may do here: state, time window, environment, delegation, scope.

@@ -532,13 +532,6 @@ impl Policy {
     }
 
     /// Does `value` hold one of the configured key prefixes anywhere?
-    /// Does `value` start with a configured key prefix?
-    pub fn starts_with_prefix(&self, value: &[u8]) -> bool {
-        self.prefixes
-            .iter()
-            .any(|(p, _)| !p.is_empty() && value.starts_with(p.as_bytes()))
-    }
-
     fn holds_prefix(&self, value: &[u8]) -> bool {
         self.prefixes.iter().any(|(p, _)| {
             let p = p.as_bytes();

@@ -149,7 +149,11 @@ fn canonical_length(req: &mut Request<RequestBody>) {
     }
     if let Some(n) = http_body::Body::size_hint(req.body()).exact() {
         let canonical = HeaderValue::from(n);
-        if req.headers().get(header::CONTENT_LENGTH) != Some(&canonical) {
+        let mut sent = req.headers().get_all(header::CONTENT_LENGTH).iter();
+        // Repeated with one value (HTTP/2 lets a client send that): one line, as an
+        // HTTP/1.1 client's is; strict apps (Node) refuse two.
+        let (first, repeated) = (sent.next(), sent.next().is_some());
+        if repeated || first != Some(&canonical) {
             req.headers_mut().insert(header::CONTENT_LENGTH, canonical);
         }
     }
@@ -483,7 +487,7 @@ fn client_went_away(e: &hyper::Error) -> bool {
         }
         src = err.source();
     }
-    e.is_incomplete_message() || e.is_canceled()
+    false
 }
 
 /// The request body's own error, if that is why hyper failed the exchange (every body sent
