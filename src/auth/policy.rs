@@ -85,7 +85,6 @@ fn spanning_digest_segments(path: &str) -> u64 {
     if path.len() < BASE64_RUN {
         return 0;
     }
-    let segments: Vec<&str> = path.split('/').collect();
     let material = |s: &str| {
         !s.is_empty()
             && s.bytes().all(|b| {
@@ -93,26 +92,30 @@ fn spanning_digest_segments(path: &str) -> u64 {
                     || matches!(b, b'_' | b'-' | b'+' | b'=' | b'%' | b':' | b'.')
             })
     };
+    // Each run of whole segments is a slice of the path itself: nothing is built for it.
     let mut doomed = 0;
-    let mut start = 0;
-    while start < segments.len() {
-        let end = (start..segments.len())
-            .find(|&i| !material(segments[i]))
-            .unwrap_or(segments.len());
-        let run = &segments[start..end];
-        if run.len() >= 2 {
-            let joined = run.join("/");
-            if joined.len() >= BASE64_RUN
-                && digest_shaped(crate::path::as_decoded(&joined).as_bytes())
-            {
-                for (i, s) in run.iter().enumerate() {
-                    if s.len() >= SPLIT_PIECE {
-                        doomed |= bit(start + i);
+    let mut run: Option<(usize, usize)> = None; // (first segment, its byte offset)
+    let mut offset = 0;
+    let segments = path.split('/').chain(std::iter::once("/"));
+    for (i, segment) in segments.enumerate() {
+        match (material(segment), run) {
+            (true, None) => run = Some((i, offset)),
+            (false, Some((first, from))) => {
+                run = None;
+                let joined = &path[from..offset.saturating_sub(1).max(from)];
+                if i - first >= 2
+                    && joined.len() >= BASE64_RUN
+                    && digest_shaped(crate::path::as_decoded(joined).as_bytes())
+                {
+                    let pieces = joined.split('/').enumerate();
+                    for (j, _) in pieces.filter(|(_, p)| p.len() >= SPLIT_PIECE) {
+                        doomed |= bit(first + j);
                     }
                 }
             }
+            _ => {}
         }
-        start = end + 1;
+        offset += segment.len() + 1;
     }
     doomed
 }
