@@ -1747,8 +1747,8 @@ async fn an_h2_control_frame_flood_closes_its_connection_and_downloads_go_on() {
 }
 
 /// After one request (stream 1, no key: answered 401 and closed), RST_STREAMs on that
-/// stream and bare HEADERS frames on it (which open nothing) are control frames: closed
-/// after about a thousand. h2 drops both without a word, so they went uncounted (52 M
+/// stream and bare HEADERS frames on it (which open nothing), and GOAWAYs while a stream
+/// is held open, are control frames: closed after about a thousand. h2 drops both without a word, so they went uncounted (52 M
 /// resets in 8 s took 6.9 s of keyward's CPU), and each bare HEADERS earned a hundred PINGs.
 #[tokio::test]
 async fn resets_and_bare_headers_on_a_closed_stream_are_a_flood_too() {
@@ -1776,6 +1776,16 @@ async fn resets_and_bare_headers_on_a_closed_stream_are_a_flood_too() {
     }
     // The resets by the budget (h2 may end a bare-HEADERS flood itself first).
     assert!(kw.app.metrics.h2_floods().get() >= 1);
+    // GOAWAY while the 401's body is held back by a zero window, so the stream stays in
+    // flight and h2 keeps the connection: 198 M in 30 s took a core, with no key.
+    let floods = kw.app.metrics.h2_floods().get();
+    let zero_window = h2_frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]);
+    let held = [zero_window, request].concat();
+    let goaway = h2_frame(0x7, 0, 0, &[0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+    let sent = flood_after(kw.addr, &held, &goaway, 20_000).await;
+    let sent = sent.unwrap_or_else(|| panic!("a GOAWAY flood left open"));
+    assert!(sent <= 1100, "GOAWAY: closed after {sent}");
+    assert_eq!(kw.app.metrics.h2_floods().get(), floods + 1);
     kw.shutdown().await;
 }
 

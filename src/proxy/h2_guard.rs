@@ -34,6 +34,7 @@ const PRIORITY: u8 = 0x2;
 const SETTINGS: u8 = 0x4;
 const RST_STREAM: u8 = 0x3;
 const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
 const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 const PRIORITY_UPDATE: u8 = 0x10;
@@ -54,8 +55,8 @@ pub const WINDOW_UPDATES_BASE: u64 = 1000;
 /// keyward decodes and decides, dearer than the ten updates it earns.
 pub const WINDOW_UPDATES_PER_FRAME: u64 = 10;
 
-/// `PRIORITY`, `PRIORITY_UPDATE`, `SETTINGS`, `PING`, `RST_STREAM`, unknown-type frames and
-/// HEADERS that open no stream any connection may send: h2 ignores a reset of a stream it
+/// `PRIORITY`, `PRIORITY_UPDATE`, `SETTINGS`, `PING`, `RST_STREAM`, `GOAWAY`, unknown-type
+/// frames and HEADERS that open no stream any connection may send: h2 ignores a reset of a stream it
 /// closed, and 52 M `RST_STREAM`s on one took 6.9 s of CPU in 8 s. Browsers send a handful of each on opening (Firefox's priority tree is five
 /// `PRIORITY` frames), gRPC a `PING` per window-size probe.
 pub const CONTROL_BASE: u64 = 1000;
@@ -197,6 +198,10 @@ impl Budget {
             // Trailers, or a stream h2 already closed (it drops those without a word):
             // 2.2 M empty HEADERS on one stream went by uncounted, each earning PINGs.
             HEADERS | RST_STREAM => return self.control_frame(),
+            // A client says it once or twice. While a stream is in flight (one the client
+            // holds open with a zero window, say) h2 reads each and keeps the connection:
+            // 198 M in 30 s took a core, with no key.
+            GOAWAY => return self.control_frame(),
             WINDOW_UPDATE => {
                 self.window_updates += 1;
                 if self.window_updates > self.window_updates_allowed() {
@@ -206,8 +211,9 @@ impl Budget {
             PRIORITY | SETTINGS | PING => return self.control_frame(),
             // Unknown types, ALTSVC and ORIGIN among them, which a server ignores.
             k if k > CONTINUATION => return self.control_frame(),
-            // DATA, PUSH_PROMISE, GOAWAY, CONTINUATION: bounded by h2 itself (flow
-            // control, empty-frame and CONTINUATION limits) or ending the connection.
+            // DATA, PUSH_PROMISE, CONTINUATION: bounded by h2 itself (flow control,
+            // empty-frame and CONTINUATION limits, a client's PUSH_PROMISE ends the
+            // connection).
             _ => {}
         }
         Ok(())
@@ -543,7 +549,7 @@ mod tests {
     #[test]
     fn frames_that_h2_bounds_itself_are_not_counted() {
         let mut budget = Budget::new(Instant::now());
-        for kind in [DATA, 0x5, 0x7, CONTINUATION] {
+        for kind in [DATA, 0x5, CONTINUATION] {
             flood(&mut budget, kind, 10 * CONTROL_BASE).unwrap();
         }
     }
@@ -552,7 +558,7 @@ mod tests {
     /// frames: h2 drops them without a word, and they earn nothing.
     #[test]
     fn resets_and_headers_opening_no_stream_are_control_frames() {
-        for (kind, stream) in [(RST_STREAM, 1), (HEADERS, 1)] {
+        for (kind, stream) in [(RST_STREAM, 1), (HEADERS, 1), (GOAWAY, 0)] {
             let mut budget = Budget::new(Instant::now());
             budget.received(HEADERS, 1).unwrap();
             let allowed = CONTROL_BASE + CONTROL_PER_HEADERS;
