@@ -92,6 +92,15 @@ impl Code {
             Code::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
         }
     }
+
+    /// The reason phrase of a status with no standard one (hyper writes `<none>` for it),
+    /// for a client still reading one: 499 to a client that only half-closed.
+    pub fn reason_phrase(self) -> Option<&'static [u8]> {
+        match self {
+            Code::ClientClosed => Some(b"Client Closed Request"),
+            _ => None,
+        }
+    }
 }
 
 /// A request keyward answers itself, with the reason.

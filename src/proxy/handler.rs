@@ -242,14 +242,6 @@ fn refusal(reject: &Reject, cid: &HeaderValue, http2: bool) -> Response<Body> {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if *reject == Reject::ClientGone {
-        // 499 has no standard reason: hyper writes `<none>` to a client still reading (one
-        // that only half-closed).
-        resp.extensions_mut()
-            .insert(hyper::ext::ReasonPhrase::from_static(
-                b"Client Closed Request",
-            ));
-    }
     resp
 }
 

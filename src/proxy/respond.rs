@@ -80,6 +80,10 @@ pub fn without_body(resp: &mut Response<Body>) {
 pub fn error(reject: &Reject, correlation_id: &str) -> Response<Body> {
     let mut resp = json(reject.status(), &reject.body(correlation_id));
     resp.extensions_mut().insert(Refused);
+    if let Some(reason) = reject.code().reason_phrase() {
+        resp.extensions_mut()
+            .insert(hyper::ext::ReasonPhrase::from_static(reason));
+    }
     let h = resp.headers_mut();
     if let Some(challenge) = reject.www_authenticate() {
         h.insert(header::WWW_AUTHENTICATE, challenge);
