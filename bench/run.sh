@@ -40,7 +40,9 @@ Usage: bench/run.sh [options]
   -h, --help       this text
 
 Environment: KEYWARD_BIN (default target/release/keyward; built with
-`cargo build --release --locked` when missing). Missing tools are installed (apt-get,
+`cargo build --release --locked` when missing); KEYWARD_IDENTITY_INCLUDE: keyward's
+`identity_headers.include` (e.g. `subject-id`, the one header the nginx and HAProxy peers
+add; default all twelve, as shipped). Missing tools are installed (apt-get,
 cargo install oha, pip install matplotlib) unless --no-install.
 
 Ports used on 127.0.0.1: 18000 upstream (= direct), 18010 nginx, 18020 haproxy,
@@ -420,6 +422,7 @@ introspection_path: /auth
 identity_headers:
   prefix: x-auth-
   echo_to_client: false
+${KEYWARD_IDENTITY_INCLUDE:+  include: [$KEYWARD_IDENTITY_INCLUDE]}
 admin:
   token_sha256: 3f9967c81c5db39ca184a821f85aec50cb0d3ef30ecf1de704d001f48f998d35
 limits:
@@ -672,7 +675,10 @@ fi
   echo "- upstream: $upstream_desc"
   tools=$(IFS=';'; echo "${versions[*]}")
   echo "- tools: ${tools//;/; }"
-  echo "- command: bench/run.sh${ORIG_ARGS:+ $ORIG_ARGS}"
+  echo "- command: ${KEYWARD_IDENTITY_INCLUDE:+KEYWARD_IDENTITY_INCLUDE=$KEYWARD_IDENTITY_INCLUDE }bench/run.sh${ORIG_ARGS:+ $ORIG_ARGS}"
+  if [[ -n ${KEYWARD_IDENTITY_INCLUDE:-} ]]; then
+    echo "- keyward sends only the identity headers [$KEYWARD_IDENTITY_INCLUDE] (\`identity_headers.include\`), not all twelve"
+  fi
   echo "- raw rounds: $NAME-data/ (charts redrawn by: python3 bench/plot.py ${DATA_DIR#"$REPO_DIR"/})"
   echo
   python3 "$LIB" report "$DATA_DIR"

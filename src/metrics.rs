@@ -56,9 +56,11 @@ pub fn decision_label(code: Code) -> &'static str {
     match code {
         // A client gone before its answer was waiting on the upstream (or a shared rate
         // limit): it was let through.
-        Code::Ok | Code::UpstreamUnavailable | Code::UpstreamTimeout | Code::ClientClosed => {
-            "allowed"
-        }
+        Code::Ok
+        | Code::UpstreamUnavailable
+        | Code::UpstreamTimeout
+        | Code::ClientClosed
+        | Code::CutAtShutdown => "allowed",
         _ => "denied",
     }
 }

@@ -636,6 +636,53 @@ async fn sigterm_drains_and_finishes_in_flight_requests() {
     );
 }
 
+/// A request still in flight when `grace` runs out is cut off by keyward: counted and
+/// logged as that (444 `cut_at_shutdown`), not as a client that gave up (499
+/// `client_closed_request`, review 70), or a shutdown cutting requests off looks like
+/// clients leaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_off_when_grace_runs_out_is_logged_as_keywards_doing() {
+    let up = upstream()
+        .route("/slow", Reply::After(Duration::from_secs(8)))
+        .spawn()
+        .await;
+    let p = process(up.addr, |c| {
+        c.shutdown("0s", "500ms").set_in("log", "level", "info")
+    })
+    .await;
+    let listen = p.addr();
+    let slow = tokio::spawn(async move {
+        get(
+            &format!("http://{listen}/slow"),
+            &[("x-api-key", SERVICE_KEY)],
+        )
+        .await
+    });
+    eventually("slow request reached upstream", || async {
+        up.count() >= 1
+    })
+    .await;
+    p.signal("-TERM");
+    let (status, stderr, stdout) = p.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{stderr:?}");
+    let lines: Vec<&String> = stderr
+        .iter()
+        .chain(&stdout)
+        .filter(|l| l.contains("/slow"))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(r#""status":444"#) && l.contains(r#""code":"cut_at_shutdown""#)),
+        "{lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("client_closed_request")),
+        "{lines:?}"
+    );
+    let _ = slow.await;
+}
+
 /// Review 42: after the traffic's grace, the admin listener waited up to 5 s of its own for
 /// its requests (one whose head never ends, here), and the last usage flush after it: a
 /// stopping process took `drain_delay + grace` and 5 s more, past what a deployment gives

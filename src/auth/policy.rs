@@ -452,10 +452,11 @@ impl Policy {
     /// The path as it may be logged (SPEC 11: no raw key in any log line): a segment that
     /// could hold a key is replaced by [`REDACTED`]. With `prefixes` configured every valid
     /// key starts with one, so a segment holding one (escaped or not) is screened whether
-    /// or not the request carried a credential (`/bot<key>/getMe`, `/verify/<key>`);
-    /// without them a key has no shape, and a segment is screened when it shares a run of
-    /// [`MIN_KEY_LEN`] bytes with a credential the request carries (`headers` is `None`
-    /// where they are gone: then every segment that long is). `path` is what will be
+    /// or not the request carried a credential (`/bot<key>/getMe`, `/verify/<key>`). With
+    /// or without them, a segment is screened when it shares a run of [`MIN_KEY_LEN`]
+    /// bytes with a credential the request carries: the key without its prefix, which is
+    /// public, is the whole secret (`headers` is `None` where they are gone: then, without
+    /// prefixes to tell a key by, every segment that long is). `path` is what will be
     /// logged, already cut to its logged length: the cost of screening it is bounded by it.
     pub fn loggable_path<'a>(
         &self,
@@ -464,21 +465,27 @@ impl Policy {
         queries: &[&str],
     ) -> Cow<'a, str> {
         let long = |s: &str| s.len() >= MIN_KEY_LEN;
+        let prefixed = !self.prefixes.is_empty();
         // Most paths have nothing to screen: one pass, nothing built.
-        let doomed: u64 = if !self.prefixes.is_empty() {
+        let by_prefix = if prefixed {
             // As an app reads it: escapes decoded, fullwidth `ｓｔａ＿` as `sta_`.
             segment_bits(&path, |s| {
                 long(s) && self.holds_prefix(crate::path::as_decoded(s).as_bytes())
             })
-        } else if !path.split('/').any(long) {
-            0
-        } else if let Some(headers) = headers {
-            self.overlapping_segments(&path, headers, queries)
         } else {
+            0
+        };
+        let by_credential = match headers {
+            _ if !path.split('/').any(long) => 0,
+            Some(headers) => self.overlapping_segments(&path, headers, queries),
             // Nothing to tell a key by (a request its client abandoned, logged once its
             // headers are gone): every segment long enough to be one.
-            segment_bits(&path, long)
-        } | self.assigning_segments(&path)
+            None if !prefixed => segment_bits(&path, long),
+            None => 0,
+        };
+        let doomed: u64 = by_prefix
+            | by_credential
+            | self.assigning_segments(&path)
             | digest_segments(&path)
             | spanning_digest_segments(&path);
         if doomed == 0 {
@@ -822,6 +829,21 @@ mod tests {
             p.loggable_path(Cow::Borrowed("/v1/items"), None, &[]),
             Cow::Borrowed(_)
         ));
+        // With prefixes too, the request's own key without its prefix (which is public),
+        // or a run of 8 of its bytes, is screened (review 70: logged as sent).
+        let mut carried = http::HeaderMap::new();
+        carried.insert("x-api-key", key.parse().unwrap());
+        for (path, logged) in [
+            (format!("/x/{}", &key[4..]), "/x/[redacted]"),
+            (format!("/x/{}/y", &key[10..30]), "/x/[redacted]/y"),
+            ("/v1/customers/orders".to_owned(), "/v1/customers/orders"),
+        ] {
+            assert_eq!(
+                p.loggable_path(Cow::Borrowed(&path), Some(&carried), &[]),
+                logged,
+                "{path}"
+            );
+        }
 
         let yaml = include_str!("../../config/keyward.yaml");
         let yaml = yaml

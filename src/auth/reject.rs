@@ -25,11 +25,15 @@ pub enum Code {
     /// The client went away before its answer was ready (nginx's 499): no response was
     /// sent, but the request is counted and logged.
     ClientClosed,
+    /// keyward closed the connection unanswered: the request was still in flight when
+    /// `shutdown.grace` ran out (nginx's 444). Counted and logged apart from the client's
+    /// own 499, or a shutdown that cut requests off looked like clients giving up.
+    CutAtShutdown,
 }
 
 impl Code {
     /// Every code, in a fixed order (metrics pre-create one series each).
-    pub const ALL: [Code; 15] = [
+    pub const ALL: [Code; 16] = [
         Code::Ok,
         Code::InvalidAuthHeader,
         Code::InvalidApiKey,
@@ -45,6 +49,7 @@ impl Code {
         Code::BadRequest,
         Code::HeadersTooLarge,
         Code::ClientClosed,
+        Code::CutAtShutdown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -64,6 +69,7 @@ impl Code {
             Code::BadRequest => "bad_request",
             Code::HeadersTooLarge => "request_header_fields_too_large",
             Code::ClientClosed => "client_closed_request",
+            Code::CutAtShutdown => "cut_at_shutdown",
         }
     }
 
@@ -72,7 +78,7 @@ impl Code {
         self as usize
     }
 
-    /// The status the code is answered (or, `ClientClosed`, logged) with.
+    /// The status the code is answered (or, `ClientClosed` and `CutAtShutdown`, logged) with.
     pub fn status(self) -> StatusCode {
         match self {
             Code::Ok => StatusCode::OK,
@@ -90,6 +96,10 @@ impl Code {
             Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             // nginx's: no answer was sent.
             Code::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            // nginx's "closed without a response".
+            Code::CutAtShutdown => {
+                StatusCode::from_u16(444).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
         }
     }
 

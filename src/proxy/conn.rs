@@ -43,6 +43,9 @@ pub struct Serving {
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// Whose upstream connections this connection's requests without a key use: its own
+    /// (`Worker::next_conn_owner`).
+    pub owner: super::pool::ConnOwner,
     /// The peer's address as the `X-Forwarded-For` value: formatted once per connection,
     /// not once per request.
     pub peer_ip: HeaderValue,
@@ -54,12 +57,13 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+    pub fn new(peer: SocketAddr, tls: bool, owner: super::pool::ConnOwner) -> Self {
         let peer_ip = HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Self {
             peer,
             tls,
+            owner,
             peer_ip,
             slot: None,
             aged_at: None,

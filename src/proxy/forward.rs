@@ -271,14 +271,14 @@ impl Upstream {
         &self,
         pool: &Pool,
         mut req: Request<RequestBody>,
-        identity: Option<Identity<'_>>,
+        (identity, conn): (Option<Identity<'_>>, super::pool::ConnOwner),
         upgrade: bool,
         busy: impl FnOnce() -> Option<super::upload::Place>,
         body_watch: impl FnOnce() -> Option<KeyWatch>,
     ) -> Result<(Response<UpstreamBody>, Duration), ProxyError> {
         // An HTTP/1.x body of no stated length is chunked: its chunks are judged (`Upload`).
-        let chunked = req.version() < Version::HTTP_2
-            && http_body::Body::size_hint(req.body()).exact().is_none();
+        let http2 = req.version() == Version::HTTP_2;
+        let chunked = !http2 && http_body::Body::size_hint(req.body()).exact().is_none();
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST) {
             req.headers_mut().insert(header::HOST, self.host.clone());
@@ -286,7 +286,7 @@ impl Upstream {
         canonical_length(&mut req);
         let owner = self
             .pool
-            .owner(identity.as_ref().map(|i| i.key.id.as_str()));
+            .owner(identity.as_ref().map(|i| i.key.id.as_str()), conn);
         let start = Instant::now();
         let fast = self.client == UpstreamClient::Fast && !upgrade && h1::fits(&req);
         let reuse = !may_leave_bytes_behind(&req, self.reuse_after_body);
@@ -351,9 +351,18 @@ impl Upstream {
             Some(Ok(mut resp)) => {
                 if let Some(progress) = &progress {
                     progress.answered(busy);
-                    if let (false, Some(stream)) = (progress.has_ended(), take_used()) {
-                        let gap = self.body_pace.gap;
-                        tokio::spawn(upload::watch_stall(progress.clone(), gap, stream));
+                    if !progress.has_ended() {
+                        if let Some(stream) = take_used() {
+                            let gap = self.body_pace.gap;
+                            tokio::spawn(upload::watch_stall(progress.clone(), gap, stream));
+                        }
+                        // An HTTP/1.1 client's connection closes after an answer that left
+                        // its body unread; an HTTP/2 client's stream is reset once the
+                        // answer is delivered (`downstream_response`).
+                        if http2 {
+                            let ends = upload::AnswerEnds::new(progress.clone());
+                            resp.extensions_mut().insert(ends);
+                        }
                     }
                 }
                 // keyward answers its client in its own HTTP version, whatever the
@@ -468,7 +477,7 @@ fn send_error(e: hyper::Error) -> ProxyError {
         Some(UploadError::Client(inner)) if client_went_away(inner) => ProxyError::ClientGone,
         Some(UploadError::Client(_)) => ProxyError::RequestBody(e),
         Some(UploadError::Fragmented) => ProxyError::BodyFragmented,
-        Some(UploadError::Overload) => ProxyError::Exchange(e),
+        Some(UploadError::Overload | UploadError::AnswerDelivered) => ProxyError::Exchange(e),
         None => ProxyError::Exchange(e),
     }
 }
@@ -636,9 +645,10 @@ pub fn downstream_response(
     // An upgrade keeps `Upgrade` and gets `Connection: upgrade` back.
     super::headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     let place = parts.extensions.remove::<super::worker::Keyless>();
+    let upload = parts.extensions.remove::<upload::AnswerEnds>();
     Response::from_parts(
         parts,
-        http_body_util::Either::Left(Guarded::new(body, watch, place)),
+        http_body_util::Either::Left(Guarded::new(body, watch, place, upload)),
     )
 }
 

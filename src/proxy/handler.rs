@@ -69,6 +69,8 @@ struct UpstreamRequest {
     /// keeps and when its connection ages (boxed: upgrades are rare, and this travels with
     /// every request).
     upgrade: Option<Box<Upgrade>>,
+    /// The client connection's [`crate::proxy::pool::ConnOwner`].
+    owner: crate::proxy::pool::ConnOwner,
 }
 
 /// See [`UpstreamRequest::upgrade`].
@@ -173,16 +175,17 @@ impl Drop for Unanswered<'_> {
             return;
         }
         let elapsed = self.start.elapsed();
-        self.worker
-            .metrics()
-            .record_request(Code::ClientClosed, elapsed);
+        let code = match self.worker.was_cut_off() {
+            true => Code::CutAtShutdown,
+            false => Code::ClientClosed,
+        };
+        self.worker.metrics().record_request(code, elapsed);
         let mut trace = std::mem::take(&mut self.trace);
         if trace.path.is_none() {
             let path = self.target.path();
             trace.logged = loggable(self.policy, path, None, &[]);
             trace.path = Some(Cow::Borrowed(path));
         }
-        let code = Code::ClientClosed;
         access_log(self.cid, self.method, code.status(), code, &trace, elapsed);
     }
 }
@@ -644,6 +647,7 @@ fn upstream_request(
     Ok(UpstreamRequest {
         req,
         upgrade: downstream_upgrade,
+        owner: conn.owner,
     })
 }
 
@@ -657,7 +661,11 @@ async fn send_upstream(
     cid: &HeaderValue,
     key_watch: impl Fn() -> Option<KeyWatch>,
 ) -> Result<Response<UpstreamBody>, Reject> {
-    let UpstreamRequest { req, upgrade } = out;
+    let UpstreamRequest {
+        req,
+        upgrade,
+        owner,
+    } = out;
     // A place in the budget: a keyed request's share, or a place in the keyless half.
     let admitted = match identity {
         Some(_) => (!worker.over_in_flight_cap()).then_some(None),
@@ -673,7 +681,7 @@ async fn send_upstream(
         .send(
             worker.pool(),
             req,
-            identity,
+            (identity, owner),
             upgrade.is_some(),
             // The body after the answer: a slot of its own, for a request without a key
             // only within its half of the budget (else it counted twice and such requests

@@ -536,7 +536,7 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("forwarded", "for=1.2.3.4"),
         ]);
-        let conn = ConnInfo::new("10.0.0.9:5555".parse().unwrap(), false);
+        let conn = ConnInfo::new("10.0.0.9:5555".parse().unwrap(), false, 1);
         set_forwarded(&mut h, &conn, Some(HeaderValue::from_static("app")), &[]);
         assert_eq!(h["x-forwarded-for"], "10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -591,7 +591,7 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        let conn = ConnInfo::new("10.0.0.9:5555".parse().unwrap(), false);
+        let conn = ConnInfo::new("10.0.0.9:5555".parse().unwrap(), false, 1);
         let trusted = [Cidr::try_from("10.0.0.0/8".to_string()).unwrap()];
         set_forwarded(&mut h, &conn, None, &trusted);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");

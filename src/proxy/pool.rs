@@ -43,20 +43,29 @@ pub struct PoolConfig {
     owners: std::hash::RandomState,
 }
 
-/// Whose requests a pooled connection carries: a key's (its id, hashed), or only requests
-/// without a key (0). A connection is handed out again only for its owner's requests, so a
-/// stray answer (one the app wrote late to an earlier request) reaches the owner's next
-/// request, never another key's or a keyless client's.
+/// Whose requests a pooled connection carries: a key's (its id, hashed, top bit set), or
+/// the requests without a key of one client connection (its [`ConnOwner`], top bit
+/// clear). A connection is handed out again only for its owner's requests, so a stray
+/// answer (one the app wrote late to an earlier request) reaches the owner's next request,
+/// never another key's or another client's. (One owner for every request without a key
+/// let a client spraying a public route hand its stray answers, and the answers they
+/// displaced, to other anonymous clients: a login page's `Set-Cookie` among them.)
 pub type Owner = u64;
 
+/// The owner of a client connection's requests without a key: unique on its worker (whose
+/// pool it is), below 2^63.
+pub type ConnOwner = u64;
+
+const KEY_OWNER: Owner = 1 << 63;
+
 impl PoolConfig {
-    /// The owner of a request made with `key` (a key id), or without one.
-    pub fn owner(&self, key: Option<&str>) -> Owner {
+    /// The owner of a request made with `key` (a key id), or, without one, on the client
+    /// connection `conn`.
+    pub fn owner(&self, key: Option<&str>, conn: ConnOwner) -> Owner {
         match key {
             _ if self.across_keys => 0,
-            None => 0,
-            // 0 is the keyless owner's: a key whose id hashed to it takes 1.
-            Some(id) => std::hash::BuildHasher::hash_one(&self.owners, id).max(1),
+            None => conn & !KEY_OWNER,
+            Some(id) => std::hash::BuildHasher::hash_one(&self.owners, id) | KEY_OWNER,
         }
     }
 }
@@ -508,14 +517,28 @@ mod tests {
             UpstreamTarget::Tcp("127.0.0.1:1".into()),
             &crate::config::Limits::default(),
         );
-        assert_eq!(cfg.owner(None), 0);
-        assert_ne!(cfg.owner(Some("key_a")), 0);
-        assert_ne!(cfg.owner(Some("key_a")), cfg.owner(Some("key_b")));
+        assert_eq!(cfg.owner(None, 7), 7);
+        assert_ne!(
+            cfg.owner(None, 7),
+            cfg.owner(None, 8),
+            "each client connection"
+        );
+        assert!(
+            cfg.owner(Some("key_a"), 7) >= 1 << 63,
+            "never a connection's"
+        );
+        assert_ne!(cfg.owner(Some("key_a"), 7), cfg.owner(Some("key_b"), 7));
+        assert_eq!(cfg.owner(Some("key_a"), 7), cfg.owner(Some("key_a"), 8));
         let shared = PoolConfig {
             across_keys: true,
             ..cfg
         };
-        assert_eq!(shared.owner(Some("key_a")), 0, "upstream_reuse_across_keys");
+        assert_eq!(
+            shared.owner(Some("key_a"), 7),
+            0,
+            "upstream_reuse_across_keys"
+        );
+        assert_eq!(shared.owner(None, 7), 0);
     }
 
     #[tokio::test]

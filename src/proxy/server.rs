@@ -212,13 +212,14 @@ pub async fn serve<D, F>(
         let tls = tls.clone();
         let door = door.clone();
         let worker = worker.clone();
+        let owner = worker.next_conn_owner();
         tokio::spawn(async move {
             // The slot and the worker's open count go with the last copy of the
             // connection's `ConnInfo` (a WebSocket tunnel holds one).
             let peer = admitted.peer;
             match tls {
                 None => {
-                    let conn = ConnInfo::new(peer, false).holding(
+                    let conn = ConnInfo::new(peer, false, owner).holding(
                         admitted,
                         drain.clone(),
                         app.h2_streams.proof(),
@@ -232,7 +233,7 @@ pub async fn serve<D, F>(
                 }
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
-                        let conn = ConnInfo::new(peer, true).holding(
+                        let conn = ConnInfo::new(peer, true, owner).holding(
                             admitted,
                             drain.clone(),
                             app.h2_streams.proof(),
@@ -257,7 +258,10 @@ pub async fn serve<D, F>(
     let _ = drain_tx.send(Phase::Closing);
     tokio::select! {
         () = drain_tx.closed() => info!("all connections finished"),
-        () = tokio::time::sleep(grace) => warn!(?grace, "grace period over; closing remaining connections"),
+        () = tokio::time::sleep(grace) => {
+            worker.cut_off();
+            warn!(?grace, "grace period over; closing remaining connections");
+        }
     }
 }
 

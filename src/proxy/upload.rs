@@ -50,6 +50,10 @@ pub enum UploadError {
     /// the half of `limits.max_in_flight` such requests may hold: it is not sent on.
     #[error("request body cut after the answer: no slot left for requests without a key")]
     Overload,
+    /// An HTTP/2 client's answer reached it whole before its body ended: the rest of the
+    /// body goes nowhere ([`Progress::answer_delivered`]).
+    #[error("request body given up: the answer reached the client first")]
+    AnswerDelivered,
 }
 
 /// How a body must keep moving: a byte at least every `gap`, and after the first `gap` on
@@ -94,6 +98,13 @@ pub struct Progress {
     held: std::sync::Mutex<(bool, Option<Place>)>,
     /// The answer came and no slot could be taken for the rest of the body: cut it.
     cut: std::sync::atomic::AtomicBool,
+    /// The client's body while the upload forwards it, where the answer's end can reach
+    /// it: hyper polls an upload only while it can write to the app, so an app that
+    /// answered and stopped reading leaves it unpolled in hyper's connection. See
+    /// [`Self::answer_delivered`].
+    body: std::sync::Mutex<Option<Incoming>>,
+    /// Wakes [`watch_stall`] when the answer was delivered with the body still pending.
+    delivered: tokio::sync::Notify,
 }
 
 impl Progress {
@@ -103,7 +114,28 @@ impl Progress {
             last_ms: AtomicU64::new(0),
             held: std::sync::Mutex::new((false, None)),
             cut: std::sync::atomic::AtomicBool::new(false),
+            body: std::sync::Mutex::new(None),
+            delivered: tokio::sync::Notify::new(),
         })
+    }
+
+    fn body(&self) -> std::sync::MutexGuard<'_, Option<Incoming>> {
+        self.body.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An HTTP/2 client's answer reached it whole (its body was dropped by the server after
+    /// its end) while its request body was still being forwarded: the client's body is
+    /// dropped, which has h2 reset the stream with `NO_ERROR` (RFC 9113 8.1: stop sending,
+    /// keep the answer), and the upstream connection, which has nothing left to carry, is
+    /// cut. Before, an app that answered without reading the body left the client's stream
+    /// open, its window never granted again, for as long as the app kept its socket (review
+    /// 71: past 75 s, the client spinning).
+    pub fn answer_delivered(&self) {
+        let body = self.body().take();
+        if body.is_some() {
+            drop(body);
+            self.delivered.notify_one();
+        }
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, (bool, Option<Place>)> {
@@ -149,6 +181,31 @@ impl Progress {
     }
 }
 
+/// Held with an HTTP/2 client's answer, whose upload was still going when the answer came:
+/// dropped with the answer's body, after the server sent its end, it gives the upload up
+/// ([`Progress::answer_delivered`]). It travels in the response's extensions, which
+/// must be `Clone`: the last copy dropped gives the upload up.
+#[derive(Clone)]
+pub struct AnswerEnds {
+    _delivered: Arc<Delivered>,
+}
+
+struct Delivered(Arc<Progress>);
+
+impl AnswerEnds {
+    pub fn new(progress: Arc<Progress>) -> Self {
+        Self {
+            _delivered: Arc::new(Delivered(progress)),
+        }
+    }
+}
+
+impl Drop for Delivered {
+    fn drop(&mut self) {
+        self.0.answer_delivered();
+    }
+}
+
 /// Cut the upstream connection of an upload answered before its end once the body has not
 /// moved for `gap`. hyper polls a request body only while it can write to the app, so the
 /// upload's own stall bound is never looked at when the app answered and then stopped
@@ -157,7 +214,13 @@ impl Progress {
 /// body (looked at once a `gap`).
 pub async fn watch_stall(progress: Arc<Progress>, gap: Duration, stream: Weak<UpstreamStream>) {
     loop {
-        tokio::time::sleep_until(progress.last() + gap).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(progress.last() + gap) => {}
+            () = progress.delivered.notified() => {
+                UpstreamStream::abort_watched(&stream);
+                return;
+            }
+        }
         if progress.has_ended() {
             return;
         }
@@ -168,9 +231,11 @@ pub async fn watch_stall(progress: Arc<Progress>, gap: Duration, stream: Weak<Up
     }
 }
 
+/// A frame of the client's body, as hyper's server hands it on.
+type ClientFrame = Result<Frame<Bytes>, hyper::Error>;
+
 /// The client's body, forwarded: see the module doc.
 pub struct Upload {
-    inner: Incoming,
     pace: BodyPace,
     start: Instant,
     received: u64,
@@ -183,7 +248,7 @@ pub struct Upload {
     watch: Option<KeyWatch>,
     /// What the client's body yielded after data was gathered: a frame of trailers, an
     /// error or its end (`None`), handed on at the next poll.
-    held: Option<Option<Result<Frame<Bytes>, hyper::Error>>>,
+    held: Option<Option<ClientFrame>>,
     /// Frames the client's body owes, in [`FRAGMENT_BYTES`]ths of a frame (see
     /// [`FRAGMENT_DEBT_MAX`]); `None` when it is not judged.
     owed: Option<u64>,
@@ -274,8 +339,8 @@ impl Upload {
         watch: Option<KeyWatch>,
     ) -> Self {
         let start = Instant::now();
+        *progress.body() = Some(inner);
         Self {
-            inner,
             pace,
             start,
             received: 0,
@@ -291,14 +356,15 @@ impl Upload {
         }
     }
 
-    /// The client's next frame: the one held back while data was gathered, else its body's.
+    /// The client's next frame: the one held back while data was gathered, else its body's;
+    /// `None` once the body was given up ([`Progress::answer_delivered`]).
     fn next_frame(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Option<Poll<Option<ClientFrame>>> {
         match self.held.take() {
-            Some(held) => Poll::Ready(held),
-            None => Pin::new(&mut self.inner).poll_frame(cx),
+            Some(held) => Some(Poll::Ready(held)),
+            None => Some(Pin::new(self.progress.body().as_mut()?).poll_frame(cx)),
         }
     }
 
@@ -367,7 +433,10 @@ impl Body for Upload {
             return Poll::Ready(Some(Err(UploadError::Overload)));
         }
         loop {
-            let next = this.next_frame(cx);
+            let Some(next) = this.next_frame(cx) else {
+                this.ended();
+                return Poll::Ready(Some(Err(UploadError::AnswerDelivered)));
+            };
             if !this.gathered.is_empty()
                 && !matches!(next, Poll::Ready(Some(Ok(ref f))) if f.is_data())
             {
@@ -439,12 +508,19 @@ impl Body for Upload {
         }
         match &self.held {
             Some(held) => held.is_none(),
-            None => self.inner.is_end_stream(),
+            None => self
+                .progress
+                .body()
+                .as_ref()
+                .is_some_and(Body::is_end_stream),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.progress
+            .body()
+            .as_ref()
+            .map_or_else(SizeHint::default, Body::size_hint)
     }
 }
 

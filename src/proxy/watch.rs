@@ -217,15 +217,23 @@ pin_project_lite::pin_project! {
         watch: Option<KeyWatch>,
         // A request without a key: its place in that half of the budget, to the body's end.
         place: Option<super::worker::Keyless>,
+        // An HTTP/2 client's upload still going: given up when this body is dropped.
+        upload: Option<super::upload::AnswerEnds>,
     }
 }
 
 impl<B> Guarded<B> {
-    pub fn new(inner: B, watch: Option<KeyWatch>, place: Option<super::worker::Keyless>) -> Self {
+    pub fn new(
+        inner: B,
+        watch: Option<KeyWatch>,
+        place: Option<super::worker::Keyless>,
+        upload: Option<super::upload::AnswerEnds>,
+    ) -> Self {
         Self {
             inner,
             watch,
             place,
+            upload,
         }
     }
 }

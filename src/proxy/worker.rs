@@ -30,6 +30,12 @@ struct Owned {
     /// Of those, requests without a key (and their bodies after the answer): at most half
     /// the share, whatever keyed requests hold.
     keyless: ThreadCount,
+    /// Client connections accepted so far: each one's requests without a key own the
+    /// upstream connections they use ([`super::pool::ConnOwner`]).
+    conns: ThreadCount,
+    /// Set when `shutdown.grace` ran out: the requests still in flight are being cut off,
+    /// not given up by their clients ([`crate::auth::Code::CutAtShutdown`]).
+    cut: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
@@ -42,6 +48,8 @@ impl Worker {
             in_flight_cap,
             busy: ThreadCount::default(),
             keyless: ThreadCount::default(),
+            conns: ThreadCount::default(),
+            cut: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -74,6 +82,24 @@ impl Worker {
         Some(Keyless {
             _place: Arc::new(KeylessPlace(self.clone())),
         })
+    }
+
+    /// The owner of a new client connection's requests without a key, on this worker's
+    /// pool: never one before it (a stray answer to an earlier client's request stays
+    /// that client's).
+    pub fn next_conn_owner(&self) -> super::pool::ConnOwner {
+        self.0.conns.add(1);
+        self.0.conns.get()
+    }
+
+    /// `shutdown.grace` ran out: what is still in flight is cut off by keyward.
+    pub fn cut_off(&self) {
+        self.0.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Was what is still in flight cut off by keyward ([`Self::cut_off`])?
+    pub fn was_cut_off(&self) -> bool {
+        self.0.cut.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The thread's place among every traffic thread.
