@@ -603,13 +603,14 @@ async fn sighup_with_a_control_source_is_ignored_and_says_so() {
     assert_eq!(ok.status, 200, "still serving");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_and_finishes_in_flight_requests() {
-    let up = upstream()
-        .route("/slow", Reply::After(Duration::from_millis(1500)))
-        .spawn()
-        .await;
-    let p = process(up.addr, |c| c.shutdown("300ms", "10s")).await;
+/// keyward (`tweak`ed) in front of an app that answers `/slow` after `after`: a keyed
+/// request to it is in flight at the app when SIGTERM is sent.
+async fn slow_request_then_term(
+    after: Duration,
+    tweak: impl Fn(config::ConfigBuilder) -> config::ConfigBuilder,
+) -> (Keyward, tokio::task::JoinHandle<Got>, Upstream) {
+    let up = upstream().route("/slow", Reply::After(after)).spawn().await;
+    let p = process(up.addr, tweak).await;
     let listen = p.addr();
     let slow = tokio::spawn(async move {
         get(
@@ -623,6 +624,13 @@ async fn sigterm_drains_and_finishes_in_flight_requests() {
     })
     .await;
     p.signal("-TERM");
+    (p, slow, up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_finishes_in_flight_requests() {
+    let (p, slow, _up) =
+        slow_request_then_term(Duration::from_millis(1500), |c| c.shutdown("300ms", "10s")).await;
     eventually("readyz fails at once", || async {
         p.readyz().await == Some(503)
     })
@@ -642,27 +650,10 @@ async fn sigterm_drains_and_finishes_in_flight_requests() {
 /// clients leaving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cut_off_when_grace_runs_out_is_logged_as_keywards_doing() {
-    let up = upstream()
-        .route("/slow", Reply::After(Duration::from_secs(8)))
-        .spawn()
-        .await;
-    let p = process(up.addr, |c| {
+    let (p, slow, _up) = slow_request_then_term(Duration::from_secs(8), |c| {
         c.shutdown("0s", "500ms").set_in("log", "level", "info")
     })
     .await;
-    let listen = p.addr();
-    let slow = tokio::spawn(async move {
-        get(
-            &format!("http://{listen}/slow"),
-            &[("x-api-key", SERVICE_KEY)],
-        )
-        .await
-    });
-    eventually("slow request reached upstream", || async {
-        up.count() >= 1
-    })
-    .await;
-    p.signal("-TERM");
     let (status, stderr, stdout) = p.wait_exit().await;
     assert!(status.success(), "{status:?}\n{stderr:?}");
     let lines: Vec<&String> = stderr

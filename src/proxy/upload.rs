@@ -358,10 +358,7 @@ impl Upload {
 
     /// The client's next frame: the one held back while data was gathered, else its body's;
     /// `None` once the body was given up ([`Progress::answer_delivered`]).
-    fn next_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Option<Poll<Option<ClientFrame>>> {
+    fn next_frame(&mut self, cx: &mut Context<'_>) -> Option<Poll<Option<ClientFrame>>> {
         match self.held.take() {
             Some(held) => Some(Poll::Ready(held)),
             None => Some(Pin::new(self.progress.body().as_mut()?).poll_frame(cx)),
