@@ -500,14 +500,10 @@ fn check(path: &Path) -> Result<(), CliError> {
              publishes: set your own (keyward keys hash < token)"
         );
     }
-    // As a start refuses it, in its words (the kept file implied beside keys.file never
-    // refuses a start: one that cannot be kept is said at warn).
+    // As a start refuses it, in its words.
     if let Some(source) = keyward::keys::source::KeySource::from_config(&config.keys) {
-        match (source.state_file(), &source) {
-            (_, keyward::keys::source::KeySource::File { implied: true, .. }) | (None, _) => {}
-            (Some((state_file, field)), _) => {
-                StateLock::usable(state_file, field).map_err(StartError::from)?
-            }
+        if let Some((state_file, field)) = source.state_file() {
+            StateLock::usable(state_file, field).map_err(StartError::from)?;
         }
     }
     let mut files = Vec::new();
@@ -517,8 +513,8 @@ fn check(path: &Path) -> Result<(), CliError> {
         }
     }
     // The file source's kept snapshot: what a start loads when keys.file is refused.
-    if let Some(kept) = config.keys.state_file.named().filter(|k| k.exists()) {
-        files.push((kept.to_owned(), Source::File));
+    if let Some(kept) = config.keys.state_file.as_ref().filter(|k| k.exists()) {
+        files.push((kept.clone(), Source::File));
     }
     if let Some(f) = &config.keys.file {
         files.push((f.clone(), Source::File));

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::config::Config;
-use crate::keys::source::{claim_state, KeyLoader, KeySource};
+use crate::keys::source::{KeyLoader, KeySource, StateLock};
 use crate::proxy::server::Phase;
 use crate::StartError;
 use crate::{admin, decision, keys, proxy, tls};
@@ -71,7 +71,9 @@ impl Keyward {
         };
         let mut app = App::new(config)?;
         // Claimed before anything reads or writes the state file (the first load follows).
-        app.state_lock = claim_state(&mut app.key_source).await?;
+        if let Some((state_file, field)) = app.key_source.state_file() {
+            app.state_lock = Some(StateLock::take(state_file, field).await?);
+        }
         let own = [
             listener.as_ref(),
             decision.as_ref(),

@@ -333,30 +333,15 @@ fn kept_key(i: usize) -> String {
 /// left the pod with no snapshot.
 #[tokio::test]
 async fn a_file_source_with_a_state_file_starts_on_what_it_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state").join("kept.yaml");
-    starts_on_what_it_accepted(dir, Some(&state)).await;
-}
-
-/// SPEC 5 holds with `keys.state_file` left out, as a config written from SPEC 2 leaves it:
-/// the snapshot is kept beside `keys.file` (`<keys.file>.kept`). Before, nothing was kept:
-/// a broken file at the next start left every protected route answering 503, and one
-/// the guard held back went live.
-#[tokio::test]
-async fn a_file_source_keeps_what_it_accepted_beside_its_file_by_default() {
-    starts_on_what_it_accepted(tempfile::tempdir().unwrap(), None).await;
-}
-
-async fn starts_on_what_it_accepted(dir: tempfile::TempDir, named: Option<&std::path::Path>) {
     let up = spawn_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.yaml");
-    let state = named.map_or_else(|| dir.path().join("keys.yaml.kept"), |s| s.to_owned());
+    let state = dir.path().join("state").join("kept.yaml");
     let start_on = || {
-        let mut config = config::ConfigBuilder::new(up.addr, &keys);
-        if let Some(named) = named {
-            config = config.set_in("keys", "state_file", &named.display().to_string());
-        }
-        start(config.config(), tempfile::tempdir().unwrap())
+        let config = config::ConfigBuilder::new(up.addr, &keys)
+            .set_in("keys", "state_file", &state.display().to_string())
+            .config();
+        start(config, tempfile::tempdir().unwrap())
     };
     std::fs::write(&keys, kept_keys(0, 12, 1)).unwrap();
     let kw = start_on().await;
@@ -403,35 +388,4 @@ async fn starts_on_what_it_accepted(dir: tempfile::TempDir, named: Option<&std::
         std::fs::read(&keys).unwrap()
     );
     kw.shutdown().await;
-}
-
-/// The kept file implied beside `keys.file` is one instance's: a second keyward reading
-/// the same file (two on one host, a test fixture) starts at once and keeps nothing,
-/// where a named `keys.state_file` held by another waits for it and then refuses.
-#[tokio::test]
-async fn a_second_instance_on_the_same_key_file_starts_without_waiting() {
-    let up = spawn_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys.yaml");
-    std::fs::write(&keys, kept_keys(0, 12, 1)).unwrap();
-    let first = start(
-        config::ConfigBuilder::new(up.addr, &keys).config(),
-        tempfile::tempdir().unwrap(),
-    )
-    .await;
-    let began = std::time::Instant::now();
-    let second = start(
-        config::ConfigBuilder::new(up.addr, &keys).config(),
-        tempfile::tempdir().unwrap(),
-    )
-    .await;
-    assert!(
-        began.elapsed() < std::time::Duration::from_secs(10),
-        "waited {:?} for the first one's kept file",
-        began.elapsed()
-    );
-    assert_eq!(status_with(&second, &kept_key(5)).await, 200);
-    assert_eq!(status_with(&first, &kept_key(5)).await, 200);
-    second.shutdown().await;
-    first.shutdown().await;
 }

@@ -676,7 +676,7 @@ fn keys_state_file_is_the_file_source_s_and_not_the_file_itself() {
     ))
     .unwrap();
     assert_eq!(
-        c.keys.state_file.named(),
+        c.keys.state_file.as_deref(),
         Some(std::path::Path::new("/var/lib/keyward/kept.yaml"))
     );
     for keys in [

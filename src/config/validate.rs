@@ -52,7 +52,7 @@ impl Config {
                 "set `file` or `control.state_file` (or both) so keys can be loaded",
             ));
         }
-        if let Some(state) = self.keys.state_file.named() {
+        if let Some(state) = &self.keys.state_file {
             if self.keys.control.is_some() {
                 return Err(invalid(
                     "keys.state_file",

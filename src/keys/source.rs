@@ -20,7 +20,6 @@ use super::read::{file_digest, read_file_as};
 use super::snapshot::{Snapshot, Source};
 pub use super::spool::{persist, Spool, StateLock, StateLockError};
 use super::store::KeyStore;
-use crate::config::keys::{kept_beside, StateFileSetting};
 use crate::config::KeysConfig;
 use crate::file_watch::{self, Taken, Watch, Watched, SETTLE};
 
@@ -273,9 +272,6 @@ pub enum KeySource {
     File {
         path: PathBuf,
         state_file: Option<PathBuf>,
-        /// `keys.state_file` was left out and `state_file` is `<keys.file>.kept`: kept
-        /// where it can be, never a reason to refuse a start ([`claim_state`]).
-        implied: bool,
     },
     /// `keys.control.state_file`; `seed` (`keys.file`) is read only when no state exists yet.
     Control {
@@ -305,37 +301,9 @@ impl KeySource {
             }),
             (None, Some(f)) => Some(Self::File {
                 path: f.clone(),
-                state_file: match &keys.state_file {
-                    StateFileSetting::At(path) => Some(path.clone()),
-                    StateFileSetting::BesideFile => Some(kept_beside(f)),
-                    StateFileSetting::Off => None,
-                },
-                implied: keys.state_file == StateFileSetting::BesideFile,
+                state_file: keys.state_file.clone(),
             }),
             (None, None) => None,
-        }
-    }
-}
-
-/// Claim the source's state file for this process ([`StateLock`]). One the config names
-/// is waited for and refuses the start when it cannot be had; the one implied beside
-/// `keys.file` is taken only when free and usable at once (a read-only Secret mount,
-/// another instance reading the same file), else this process keeps nothing, said at warn.
-pub async fn claim_state(source: &mut KeySource) -> Result<Option<StateLock>, StateLockError> {
-    let Some((state_file, field)) = source.state_file() else {
-        return Ok(None);
-    };
-    let KeySource::File { implied: true, .. } = source else {
-        return StateLock::take(state_file, field).await.map(Some);
-    };
-    match StateLock::take_within(state_file, field, Duration::ZERO).await {
-        Ok(lock) => Ok(Some(lock)),
-        Err(e) => {
-            warn!(error = %e, "keys.state_file is left out and the snapshot cannot be kept beside keys.file: a restart loads keys.file as it is then (a broken one leaves no snapshot); name a writable path in keys.state_file, or null");
-            if let KeySource::File { state_file, .. } = source {
-                *state_file = None;
-            }
-            Ok(None)
         }
     }
 }
@@ -416,7 +384,6 @@ pub fn load_initial(host: &impl Host) {
         KeySource::File {
             path,
             state_file: Some(state_file),
-            ..
         } => load_file_over_kept(host, path, state_file),
         KeySource::File { path, .. } => load_key_file(host, path),
         KeySource::Control { state_file, seed } => {
@@ -507,7 +474,6 @@ fn keep_accepted(host: &impl Host, path: &Path, installed: &Snapshot) {
     let KeySource::File {
         path: file,
         state_file: Some(state_file),
-        ..
     } = host.key_source()
     else {
         return;

@@ -477,15 +477,6 @@ impl StateLock {
         if !busy {
             return Ok(StateLock { _held: held });
         }
-        if wait.is_zero() {
-            return Err(StateLockError::Held {
-                field,
-                state_file: state_file.to_owned(),
-                dir: dir_path,
-                lock,
-                waited_s: 0,
-            });
-        }
         tracing::warn!(
             state_file = %state_file.display(),
             wait_s = wait.as_secs(),
