@@ -1474,3 +1474,42 @@ async fn an_h2_upload_the_app_answered_unread_is_reset_with_no_error() {
         .unwrap();
     assert_eq!(reset.unwrap(), h2::Reason::NO_ERROR);
 }
+
+/// A client connection's own upstream connections (those its requests without a key
+/// used) close with it: a client with no key opening one connection after another left
+/// one idle upstream connection each in the pool until its idle timeout, and 256 of them
+/// held every worker of an app that serves 256 connections (review 72: keyed requests got
+/// 504).
+#[tokio::test]
+async fn a_keyless_client_connection_takes_its_upstream_connections_with_it() {
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = app.local_addr().unwrap();
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = open.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            let open = counted.clone();
+            open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                while read_head(&mut s).await.is_some() {
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        break;
+                    }
+                }
+                open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    let kw = spawn_proxy(addr, "workers: 1\n").await;
+    for i in 0..40 {
+        let req = format!("GET /public/{i} HTTP/1.1\r\nhost: app\r\nconnection: close\r\n\r\n");
+        assert_eq!(raw(kw.addr, &req, false).await.status, 200);
+    }
+    eventually(
+        "the app's connections close with their clients'",
+        || async { open.load(std::sync::atomic::Ordering::SeqCst) <= 2 },
+    )
+    .await;
+    kw.shutdown().await;
+}

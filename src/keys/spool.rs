@@ -544,6 +544,11 @@ impl StateLock {
 /// directory's lock then guards alone): `flock` needs no write access, and a start that
 /// refused there turned a state file it can read into a crash loop. Pushes then fail
 /// with `persist_failed`, as they do when the volume turns read-only while keyward runs.
+///
+/// Never through a symlink (`O_NOFOLLOW`): the lock file is created with keyward's rights,
+/// and a link another user planted there, in a shared directory where the kernel's
+/// `protected_symlinks` is off, made a root keyward create an empty file wherever the link
+/// pointed (review 72). A link there refuses the start, naming it.
 fn open_lock_file(lock: &Path) -> std::io::Result<Option<File>> {
     let writable = std::fs::OpenOptions::new()
         .read(true)
@@ -551,12 +556,17 @@ fn open_lock_file(lock: &Path) -> std::io::Result<Option<File>> {
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(lock);
     match writable {
         Ok(file) => Ok(Some(file)),
         Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
             tracing::warn!(lock = %lock.display(), "the state file's volume is read-only: the snapshot there loads, pushes and revokes cannot be persisted");
-            match File::open(lock) {
+            let read_only = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(lock);
+            match read_only {
                 Ok(file) => Ok(Some(file)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e),
@@ -832,6 +842,21 @@ mod tests {
             "and a recent one: under the state lock, no other process writes one"
         );
         assert!(other.exists(), "another file's spool is not ours");
+    }
+
+    /// The lock file is never opened through a symlink: one planted there (by another
+    /// user, in a shared directory) made keyward create its target (review 72).
+    #[tokio::test]
+    async fn the_lock_file_is_never_opened_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("snap.yaml");
+        let elsewhere = dir.path().join("created-through-the-link");
+        std::os::unix::fs::symlink(&elsewhere, StateLock::path(&state)).unwrap();
+        let taken =
+            StateLock::take_within(&state, "keys.control.state_file", Duration::from_millis(50))
+                .await;
+        assert!(matches!(taken, Err(StateLockError::Io { .. })), "{taken:?}");
+        assert!(!elsewhere.exists(), "created through the link");
     }
 
     #[tokio::test]

@@ -252,6 +252,11 @@ impl Upstream {
         });
     }
 
+    /// A client connection ended: see [`Pool::forget`].
+    pub fn forget_conn(&self, pool: &Pool, conn: super::pool::ConnOwner) {
+        pool.forget(&self.pool, conn);
+    }
+
     /// The origin-form target sent upstream: the normalized path + query.
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
         let pq = match query {

@@ -328,6 +328,22 @@ impl Pool {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A client connection ended: the idle connections its requests without a key owned
+    /// go (closed), since no other request may use them until they are lent. Kept until
+    /// their idle timeout, a client with no key that opened one connection after another
+    /// left one upstream connection each in the pool (review 72: 256 sequential requests
+    /// held every worker of an app that serves 256 connections, and keyed requests got
+    /// 504).
+    pub fn forget(&self, cfg: &PoolConfig, conn: ConnOwner) {
+        if cfg.across_keys {
+            return;
+        }
+        let owner = cfg.owner(None, conn);
+        let mut lists = self.lists();
+        lists.hyper.conns.retain(|c| c.owner != owner);
+        lists.fast.conns.retain(|c| c.owner != owner);
+    }
+
     /// A ready connection, if one is idle. `now` is the caller's clock reading (one per
     /// request is enough).
     pub fn checkout(&self, cfg: &PoolConfig, now: Instant, owner: Owner) -> Option<HyperConn> {

@@ -214,6 +214,12 @@ pub async fn serve<D, F>(
         let worker = worker.clone();
         let owner = worker.next_conn_owner();
         tokio::spawn(async move {
+            // Whatever way the connection ends, its own upstream connections go with it.
+            let _forget = Forget {
+                app: app.clone(),
+                worker: worker.clone(),
+                owner,
+            };
             // The slot and the worker's open count go with the last copy of the
             // connection's `ConnInfo` (a WebSocket tunnel holds one).
             let peer = admitted.peer;
@@ -262,6 +268,22 @@ pub async fn serve<D, F>(
             worker.cut_off();
             warn!(?grace, "grace period over; closing remaining connections");
         }
+    }
+}
+
+/// Drops a client connection's own idle upstream connections when its task ends
+/// ([`crate::proxy::pool::Pool::forget`]).
+struct Forget {
+    app: Arc<App>,
+    worker: Worker,
+    owner: super::pool::ConnOwner,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        self.app
+            .upstream
+            .forget_conn(self.worker.pool(), self.owner);
     }
 }
 
