@@ -216,8 +216,12 @@ pub async fn watch_stall(progress: Arc<Progress>, gap: Duration, stream: Weak<Up
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(progress.last() + gap) => {}
+            // A body that ended meanwhile leaves a connection hyper may pool and hand to
+            // another request: only one still owed a body is cut.
             () = progress.delivered.notified() => {
-                UpstreamStream::abort_watched(&stream);
+                if !progress.has_ended() {
+                    UpstreamStream::abort_watched(&stream);
+                }
                 return;
             }
         }
